@@ -1,0 +1,16 @@
+"""Blindpost's client SDK: end-to-end encryption on python-axolotl and PyNaCl.
+
+Importing ``e2ee`` first makes python-axolotl 0.2.3 load on the current protobuf
+runtime (fast upb backend) and applies our hardening patches; see
+:mod:`e2ee._axolotl_compat` and :mod:`e2ee.core.hardening`.
+"""
+
+from e2ee import _axolotl_compat
+
+_axolotl_compat.install()
+
+from e2ee.core import hardening as _hardening  # noqa: E402  (needs the compat modules)
+
+_hardening.apply()
+
+__all__: list[str] = []

@@ -1,0 +1,717 @@
+"""The protocol engine: account keys, 1:1 sessions and group Sender Keys.
+
+Invariants:
+
+* No I/O but the :class:`~e2ee.store.protocols.ProtocolStore` it is given; no
+  network, no clock or randomness beyond ``now_ms`` and python-axolotl's
+  ``os.urandom`` key generation.
+* Compute on a copy, commit once: every operation runs python-axolotl against a
+  :class:`~e2ee.core.staging.StagedStore` and commits one
+  :class:`~e2ee.store.protocols.Changes` only after it succeeded -- for a decrypt,
+  only after the message authenticated. A failed or hostile decrypt leaves the
+  store byte-identical.
+* Operations on one peer (1:1 address, or group+sender) are serialized by a
+  per-key lock held from load to commit; different peers run in parallel.
+  Session setups from a prekey message additionally share one lock, so a
+  one-time prekey is consumed by at most one session.
+* Only :mod:`e2ee.errors` types escape (see :func:`_translate`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from axolotl.axolotladdress import AxolotlAddress
+from axolotl.duplicatemessagexception import DuplicateMessageException
+from axolotl.groups.groupcipher import GroupCipher
+from axolotl.groups.groupsessionbuilder import GroupSessionBuilder
+from axolotl.groups.senderkeyname import SenderKeyName
+from axolotl.identitykeypair import IdentityKeyPair
+from axolotl.invalidkeyexception import InvalidKeyException
+from axolotl.invalidkeyidexception import InvalidKeyIdException
+from axolotl.invalidmessageexception import InvalidMessageException
+from axolotl.invalidversionexception import InvalidVersionException
+from axolotl.legacymessageexception import LegacyMessageException
+from axolotl.nosessionexception import NoSessionException
+from axolotl.protocol.ciphertextmessage import CiphertextMessage
+from axolotl.sessionbuilder import SessionBuilder
+from axolotl.sessioncipher import SessionCipher
+from axolotl.state.signedprekeyrecord import SignedPreKeyRecord
+from axolotl.untrustedidentityexception import UntrustedIdentityException
+from google.protobuf.message import DecodeError
+
+from e2ee.core import wire
+from e2ee.core.keys import (
+    MAX_PREKEY_ID,
+    PREKEY_BATCH,
+    KeyUpload,
+    OneTimePreKey,
+    PreKeyBundle,
+    SignedPreKey,
+    generate_identity,
+    generate_prekeys,
+    generate_signed_prekey,
+)
+from e2ee.core.locks import KeyedLocks
+from e2ee.core.staging import IdentityChange, StagedStore
+from e2ee.errors import (
+    DuplicateMessage,
+    E2EEError,
+    InvalidBundle,
+    InvalidKey,
+    InvalidMessage,
+    MissingKey,
+    NoSession,
+    SenderKeyJumpTooLarge,
+    UntrustedIdentity,
+    UsageError,
+)
+from e2ee.store.protocols import (
+    AccountRecord,
+    Address,
+    Changes,
+    IdentityRecord,
+    ProtocolStore,
+    SenderKeyId,
+    SignedPreKeyRow,
+    TrustLevel,
+)
+
+__all__ = [
+    "DAY_MS",
+    "MAX_SENDER_KEY_JUMP",
+    "AppRows",
+    "Ciphertext",
+    "Decrypted",
+    "KeyPolicy",
+    "ProtocolEngine",
+]
+
+DAY_MS = 86_400_000
+#: How far ahead of its chain a Sender Key message may claim to be (defect 1).
+MAX_SENDER_KEY_JUMP = 25_000
+
+#: Rows the caller wants committed together with a decrypt: (table, row) pairs.
+AppRows = Sequence[tuple[str, Mapping[str, Any]]]
+
+_META_NEXT_PREKEY = "next_prekey_id"
+_META_NEXT_SIGNED = "next_signed_prekey_id"
+_META_CURRENT_SIGNED = "current_signed_prekey_id"
+_META_BASE_KEY = "seen_base_key:"
+
+_AXOLOTL_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidMessageException,
+    InvalidKeyException,
+    InvalidKeyIdException,
+    InvalidVersionException,
+    LegacyMessageException,
+    DuplicateMessageException,
+    NoSessionException,
+    UntrustedIdentityException,
+    DecodeError,
+    ValueError,
+    TypeError,
+    IndexError,
+    KeyError,
+    AssertionError,
+    OverflowError,
+)
+
+
+def _system_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """Schedules and sizes for account key maintenance (all configurable).
+
+    Attributes:
+        signed_prekey_rotation_ms: age after which a new signed prekey is made.
+        signed_prekey_grace_ms: how long a replaced signed prekey is kept, so
+            sessions set up from a bundle fetched before the rotation still work.
+        prekey_batch: one-time prekeys generated per batch.
+        prekey_low_water: replenish when the relay holds fewer than this.
+        max_local_prekeys: unused one-time prekeys kept locally at most; the
+            oldest are dropped beyond it.
+    """
+
+    signed_prekey_rotation_ms: int = 7 * DAY_MS
+    signed_prekey_grace_ms: int = 14 * DAY_MS
+    prekey_batch: int = PREKEY_BATCH
+    prekey_low_water: int = 25
+    max_local_prekeys: int = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class Ciphertext:
+    """An encrypted 1:1 message. ``kind`` travels in the envelope, in clear."""
+
+    kind: Literal["prekey", "message"]
+    body: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return f"Ciphertext(kind={self.kind!r}, size={len(self.body)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Decrypted:
+    """The result of a successful, committed decrypt.
+
+    Attributes:
+        plaintext: the decrypted bytes (hidden from repr).
+        sender: who sent it.
+        identity_change: set when this message carried an identity key we had
+            not seen for the sender (first contact, or a changed key: then it is
+            stored as untrusted and sending to the sender is held).
+    """
+
+    plaintext: bytes = field(repr=False)
+    sender: Address
+    identity_change: IdentityChange | None = None
+
+    def __repr__(self) -> str:
+        return f"Decrypted(sender={self.sender}, size={len(self.plaintext)})"
+
+
+def _translate(exc: BaseException, who: str) -> E2EEError:
+    """Map python-axolotl / protobuf / C-library errors onto e2ee's hierarchy."""
+    if isinstance(exc, DuplicateMessageException):
+        return DuplicateMessage(f"{who}: message already received")
+    if isinstance(exc, NoSessionException):
+        return NoSession(who)
+    if isinstance(exc, UntrustedIdentityException):
+        return UntrustedIdentity(who)
+    if isinstance(exc, InvalidKeyIdException):
+        return MissingKey(f"{who}: message names a key we do not hold")
+    if isinstance(exc, InvalidKeyException):
+        return InvalidKey(f"{who}: invalid key")
+    return InvalidMessage(f"{who}: {type(exc).__name__}")
+
+
+@contextmanager
+def _axolotl_errors(who: object) -> Iterator[None]:
+    try:
+        yield
+    except E2EEError:
+        raise
+    except _AXOLOTL_ERRORS as exc:
+        raise _translate(exc, str(who)) from exc
+
+
+class ProtocolEngine:
+    """Signal-protocol operations for one local account over one store.
+
+    Args:
+        store: where keys and sessions live; every write is one ``commit``.
+        now_ms: the clock (milliseconds since the epoch); tests pass a fixed one.
+        trust_on_first_use: trust a peer's first identity key without
+            verification (default). When False, new keys are stored as
+            ``untrusted`` and encrypting to them raises :class:`UntrustedIdentity`
+            until :meth:`set_trust` marks them trusted (strict mode).
+        policy: key rotation and replenishment settings.
+    """
+
+    def __init__(
+        self,
+        store: ProtocolStore,
+        *,
+        now_ms: Callable[[], int] = _system_ms,
+        trust_on_first_use: bool = True,
+        policy: KeyPolicy | None = None,
+    ) -> None:
+        self._store = store
+        self._now_ms = now_ms
+        self._tofu = trust_on_first_use
+        self.policy = policy or KeyPolicy()
+        self._locks = KeyedLocks()
+        self._setup_lock = threading.Lock()
+        self._account_cache: AccountRecord | None = None
+
+    def __repr__(self) -> str:
+        account = self._store.load_account()
+        who = f"{account.name}.{account.device_id}" if account else "no account"
+        return f"ProtocolEngine({who})"
+
+    # -- account ---------------------------------------------------------------------
+
+    @property
+    def store(self) -> ProtocolStore:
+        return self._store
+
+    def has_account(self) -> bool:
+        return self._store.load_account() is not None
+
+    def create_account(self, name: str, device_id: int) -> AccountRecord:
+        """Generate identity, registration id, a signed prekey and a prekey batch.
+
+        Raises:
+            UsageError: an account already exists, or bad name/device id.
+        """
+        if not name or not 1 <= device_id <= 0x7FFFFFFF:
+            raise UsageError("account needs a name and a positive device id")
+        with self._locks.hold("account"):
+            if self._store.load_account() is not None:
+                raise UsageError("this store already holds an account")
+            now = self._now_ms()
+            identity, registration_id = generate_identity()
+            account = AccountRecord(
+                name=name,
+                device_id=device_id,
+                registration_id=registration_id,
+                identity_key_pair=bytes(identity.serialize()),
+                created_at_ms=now,
+            )
+            signed = generate_signed_prekey(identity, 1, now)
+            prekeys = generate_prekeys(1, self.policy.prekey_batch)
+            self._store.commit(
+                Changes(
+                    account=account,
+                    signed_prekeys_put={1: SignedPreKeyRow(1, bytes(signed.serialize()), now)},
+                    prekeys_put={p.getId(): bytes(p.serialize()) for p in prekeys},
+                    meta_put={
+                        _META_NEXT_SIGNED: "2",
+                        _META_CURRENT_SIGNED: "1",
+                        _META_NEXT_PREKEY: str(prekeys[-1].getId() % MAX_PREKEY_ID + 1),
+                    },
+                )
+            )
+            self._account_cache = account
+            return account
+
+    def _account(self) -> AccountRecord:
+        if self._account_cache is None:
+            account = self._store.load_account()
+            if account is None:
+                raise UsageError("no account in this store; call create_account first")
+            self._account_cache = account
+        return self._account_cache
+
+    @property
+    def address(self) -> Address:
+        """This device's own address."""
+        account = self._account()
+        return Address(account.name, account.device_id)
+
+    @property
+    def identity_key(self) -> bytes:
+        """This account's serialized identity public key (33 bytes)."""
+        pair = IdentityKeyPair(serialized=self._account().identity_key_pair)
+        return bytes(pair.getPublicKey().serialize())
+
+    def _current_signed(self) -> SignedPreKey:
+        current = self._store.get_meta(_META_CURRENT_SIGNED)
+        row = self._store.load_signed_prekey(int(current)) if current else None
+        if row is None:
+            raise UsageError("no current signed prekey")
+        record = SignedPreKeyRecord(serialized=row.record)
+        return SignedPreKey(
+            record.getId(),
+            bytes(record.getKeyPair().getPublicKey().serialize()),
+            bytes(record.getSignature()),
+        )
+
+    def _public_prekeys(self, ids: Sequence[int]) -> list[OneTimePreKey]:
+        from axolotl.state.prekeyrecord import PreKeyRecord
+
+        keys = []
+        for pid in ids:
+            data = self._store.load_prekey(pid)
+            if data is not None:
+                record = PreKeyRecord(serialized=data)
+                keys.append(OneTimePreKey(pid, bytes(record.getKeyPair().getPublicKey().serialize())))
+        return keys
+
+    def key_upload(self) -> KeyUpload:
+        """Everything to publish on registration: identity, current signed prekey,
+        and every one-time prekey held (upload at most 100 per request)."""
+        account = self._account()
+        return KeyUpload(
+            identity_key=self.identity_key,
+            registration_id=account.registration_id,
+            signed_prekey=self._current_signed(),
+            one_time_prekeys=tuple(self._public_prekeys(self._store.prekey_ids())),
+        )
+
+    def local_bundle(self, prekey_id: int | None = None) -> PreKeyBundle:
+        """This device's bundle as the relay would hand it out (for tests and tools)."""
+        account = self._account()
+        otpk = self._public_prekeys([prekey_id]) if prekey_id is not None else []
+        return PreKeyBundle(
+            device_id=account.device_id,
+            registration_id=account.registration_id,
+            identity_key=self.identity_key,
+            signed_prekey=self._current_signed(),
+            one_time_prekey=otpk[0] if otpk else None,
+        )
+
+    def maintain_keys(self, relay_prekey_count: int | None = None) -> KeyUpload | None:
+        """Rotate the signed prekey on schedule and replenish one-time prekeys.
+
+        Args:
+            relay_prekey_count: how many one-time prekeys the relay still holds for
+                this device, or None if unknown (then only rotation is checked).
+
+        Returns:
+            What to upload (a new signed prekey and/or new one-time prekeys), or
+            None when nothing changed.
+        """
+        with self._locks.hold("account"):
+            account = self._account()
+            identity = IdentityKeyPair(serialized=account.identity_key_pair)
+            now = self._now_ms()
+            policy = self.policy
+            changes = Changes()
+            new_signed: SignedPreKey | None = None
+            rows = self._store.signed_prekeys()
+            current_id = int(self._store.get_meta(_META_CURRENT_SIGNED) or "0")
+            current = next((r for r in rows if r.prekey_id == current_id), None)
+            if current is None or now - current.created_at_ms >= policy.signed_prekey_rotation_ms:
+                next_id = int(self._store.get_meta(_META_NEXT_SIGNED) or "1")
+                record = generate_signed_prekey(identity, next_id, now)
+                row = SignedPreKeyRow(next_id, bytes(record.serialize()), now)
+                changes = replace(
+                    changes,
+                    signed_prekeys_put={next_id: row},
+                    meta_put={
+                        _META_CURRENT_SIGNED: str(next_id),
+                        _META_NEXT_SIGNED: str(next_id % MAX_PREKEY_ID + 1),
+                    },
+                )
+                new_signed = SignedPreKey(
+                    next_id,
+                    bytes(record.getKeyPair().getPublicKey().serialize()),
+                    bytes(record.getSignature()),
+                )
+                rows = [*rows, row]
+            # A replaced key is dropped once its successor is older than the grace.
+            expired = frozenset(
+                older.prekey_id
+                for older, newer in zip(rows, rows[1:], strict=False)
+                if now - newer.created_at_ms >= policy.signed_prekey_grace_ms
+            )
+            new_prekeys: list[OneTimePreKey] = []
+            if relay_prekey_count is not None and relay_prekey_count < policy.prekey_low_water:
+                first = int(self._store.get_meta(_META_NEXT_PREKEY) or "1")
+                batch = generate_prekeys(first, policy.prekey_batch)
+                held = self._store.prekey_ids()
+                overflow = len(held) + len(batch) - policy.max_local_prekeys
+                # Oldest in allocation order: ids at or after `first` were allocated
+                # before the last wrap-around, so they come first.
+                by_age = sorted(held, key=lambda pid: (pid < first, pid))
+                dropped = frozenset(by_age[: max(overflow, 0)])
+                changes = replace(
+                    changes,
+                    prekeys_put={p.getId(): bytes(p.serialize()) for p in batch},
+                    prekeys_delete=dropped,
+                    meta_put={
+                        **changes.meta_put,
+                        _META_NEXT_PREKEY: str(batch[-1].getId() % MAX_PREKEY_ID + 1),
+                    },
+                )
+                new_prekeys = [
+                    OneTimePreKey(p.getId(), bytes(p.getKeyPair().getPublicKey().serialize()))
+                    for p in batch
+                ]
+            changes = replace(changes, signed_prekeys_delete=expired)
+            if changes.is_empty():
+                return None
+            self._store.commit(changes)
+            if new_signed is None and not new_prekeys:
+                return None
+            return KeyUpload(
+                identity_key=bytes(identity.getPublicKey().serialize()),
+                registration_id=account.registration_id,
+                signed_prekey=new_signed,
+                one_time_prekeys=tuple(new_prekeys),
+            )
+
+    # -- trust -------------------------------------------------------------------------
+
+    def identity(self, address: Address) -> IdentityRecord | None:
+        """The identity key and trust recorded for a peer device, or None."""
+        return self._store.load_identity(address)
+
+    def set_trust(self, address: Address, identity_key: bytes, trust: str) -> None:
+        """Record ``identity_key`` for ``address`` with the given trust level.
+
+        Accepting a changed key is ``set_trust(addr, new_key, TrustLevel.TOFU)``;
+        marking it verified uses ``TrustLevel.VERIFIED``.
+
+        Raises:
+            UsageError: unknown trust level or malformed key.
+        """
+        if trust not in TrustLevel.ALL:
+            raise UsageError(f"unknown trust level {trust!r}")
+        try:
+            wire.check_public_key(identity_key, "identity key")
+        except InvalidKey as exc:
+            raise UsageError(str(exc)) from exc
+        with self._locks.hold(address):
+            self._store.commit(
+                Changes(identities_put={address: IdentityRecord(identity_key, trust, self._now_ms())})
+            )
+
+    # -- 1:1 sessions ------------------------------------------------------------------
+
+    def _staged(self, device_id: int, *, receiving: bool) -> StagedStore:
+        return StagedStore(
+            self._store,
+            self._account(),
+            device_id,
+            self._now_ms,
+            trust_new_identity=self._tofu,
+            accept_changed_identity=receiving,
+        )
+
+    def has_session(self, address: Address) -> bool:
+        """True when a session with this device exists."""
+        return self._store.load_session(address) is not None
+
+    def session_devices(self, name: str) -> list[int]:
+        """Device ids of ``name`` we hold sessions with."""
+        return self._store.session_devices(name)
+
+    def process_bundle(self, name: str, bundle: PreKeyBundle) -> None:
+        """Start a session (X3DH-style) with one device from its prekey bundle.
+
+        Raises:
+            InvalidBundle: the bundle does not verify (checked again here).
+            UntrustedIdentity: the bundle's identity differs from the trusted one.
+        """
+        bundle.verify()
+        address = Address(name, bundle.device_id)
+        with self._locks.hold(address):
+            staged = self._staged(bundle.device_id, receiving=False)
+            builder = SessionBuilder(staged, staged, staged, staged, name, bundle.device_id)
+            with _axolotl_errors(address):
+                try:
+                    builder.processPreKeyBundle(bundle.to_axolotl())
+                except InvalidKeyException as exc:
+                    raise InvalidBundle(f"{address}: bundle rejected") from exc
+            self._store.commit(staged.changes(sender_keys=False))
+
+    def encrypt(self, address: Address, plaintext: bytes) -> Ciphertext:
+        """Encrypt for one device and advance the sending chain (committed).
+
+        Raises:
+            NoSession: no session with ``address`` (fetch its bundle first).
+            UntrustedIdentity: the peer's key changed and was not accepted yet.
+            UsageError: ``plaintext`` is not bytes.
+        """
+        if not isinstance(plaintext, bytes):
+            raise UsageError("plaintext must be bytes")
+        with self._locks.hold(address):
+            known = self._store.load_identity(address)
+            if known is not None and known.trust == TrustLevel.UNTRUSTED:
+                raise UntrustedIdentity(str(address))
+            if self._store.load_session(address) is None:
+                raise NoSession(str(address))
+            staged = self._staged(address.device_id, receiving=False)
+            cipher = SessionCipher(staged, staged, staged, staged, address.name, address.device_id)
+            with _axolotl_errors(address):
+                message = cipher.encrypt(plaintext)
+            self._store.commit(staged.changes(sender_keys=False))
+        kind: Literal["prekey", "message"] = (
+            "prekey" if message.getType() == CiphertextMessage.PREKEY_TYPE else "message"
+        )
+        return Ciphertext(kind, bytes(message.serialize()))
+
+    def decrypt(
+        self,
+        sender: Address,
+        ciphertext: Ciphertext,
+        on_plaintext: Callable[[bytes], AppRows] | None = None,
+    ) -> Decrypted:
+        """Authenticate and decrypt a 1:1 message, then commit everything at once.
+
+        Args:
+            sender: the sending device (from the relay envelope).
+            ciphertext: kind and body from the envelope.
+            on_plaintext: called with the plaintext before the commit; the rows it
+                returns (e.g. the history row) are committed in the same
+                transaction as the session state. If it raises, nothing is
+                committed and its exception propagates.
+
+        Raises:
+            InvalidMessage: malformed, forged or undecryptable (store unchanged).
+            DuplicateMessage: already decrypted once (store unchanged).
+            MissingKey: names a prekey we no longer hold.
+            NoSession: a normal message without a session.
+            UntrustedIdentity: strict mode refused an unknown identity.
+        """
+        if ciphertext.kind == "prekey":
+            message: Any = wire.parse_prekey_message(ciphertext.body)
+        elif ciphertext.kind == "message":
+            message = wire.parse_whisper_message(ciphertext.body)
+        else:
+            raise UsageError(f"unknown ciphertext kind {ciphertext.kind!r}")
+        with self._locks.hold(sender):
+            if ciphertext.kind == "prekey":
+                with self._setup_lock:
+                    return self._decrypt_prekey(sender, message, on_plaintext)
+            staged = self._staged(sender.device_id, receiving=True)
+            cipher = SessionCipher(staged, staged, staged, staged, sender.name, sender.device_id)
+            with _axolotl_errors(sender):
+                if not staged.containsSession(sender.name, sender.device_id):
+                    raise NoSession(str(sender))
+                plaintext = bytes(cipher.decryptMsg(message))
+            return self._commit_decrypt(staged, sender, plaintext, on_plaintext)
+
+    def _decrypt_prekey(
+        self,
+        sender: Address,
+        message: Any,
+        on_plaintext: Callable[[bytes], AppRows] | None,
+    ) -> Decrypted:
+        staged = self._staged(sender.device_id, receiving=True)
+        base_key = bytes(message.getBaseKey().serialize())
+        seen_key = _META_BASE_KEY + wire.key_digest(base_key)
+        record = staged.loadSession(sender.name, sender.device_id)
+        if staged.get_meta(seen_key) is not None and not record.hasSessionState(
+            message.getMessageVersion(), base_key
+        ):
+            # The session this message set up is gone; processing it again would
+            # replay it into a fresh session (defect 4).
+            raise DuplicateMessage(f"{sender}: session setup message replayed")
+        cipher = SessionCipher(staged, staged, staged, staged, sender.name, sender.device_id)
+        with _axolotl_errors(sender):
+            plaintext = bytes(cipher.decryptPkmsg(message))
+        staged.put_meta(seen_key, str(message.getSignedPreKeyId()))
+        return self._commit_decrypt(staged, sender, plaintext, on_plaintext)
+
+    def _commit_decrypt(
+        self,
+        staged: StagedStore,
+        sender: Address,
+        plaintext: bytes,
+        on_plaintext: Callable[[bytes], AppRows] | None,
+    ) -> Decrypted:
+        rows = tuple(on_plaintext(plaintext)) if on_plaintext else ()
+        self._store.commit(replace(staged.changes(sender_keys=False), app_rows=rows))
+        change = staged.identity_changes[-1] if staged.identity_changes else None
+        return Decrypted(plaintext, sender, change)
+
+    # -- groups (Sender Keys) ------------------------------------------------------------
+
+    def _sender_key_name(self, group_id: str, sender: Address) -> SenderKeyName:
+        if not group_id:
+            raise UsageError("group id must not be empty")
+        return SenderKeyName(group_id, AxolotlAddress(sender.name, sender.device_id))
+
+    def group_distribution(self, group_id: str) -> bytes:
+        """Our Sender Key distribution message for a group, creating the key if needed.
+
+        Send it to every member device over 1:1 sessions (pairwise encrypted).
+        """
+        me = self.address
+        name = self._sender_key_name(group_id, me)
+        with self._locks.hold(SenderKeyId(group_id, me)):
+            staged = self._staged(me.device_id, receiving=False)
+            with _axolotl_errors(group_id):
+                message = GroupSessionBuilder(staged).create(name)
+            self._store.commit(staged.changes(sessions=False))
+        return bytes(message.serialize())
+
+    def group_rotate(self, group_id: str) -> None:
+        """Forget our Sender Key for a group; the next distribution makes a new one.
+
+        Call when a member is removed or leaves, before sending again, so they
+        cannot read what follows.
+        """
+        me = self.address
+        key_id = SenderKeyId(group_id, me)
+        with self._locks.hold(key_id):
+            self._store.commit(Changes(sender_keys_delete=frozenset({key_id})))
+
+    def group_forget_sender(self, group_id: str, sender: Address) -> None:
+        """Drop a sender's key for a group (they left or were removed)."""
+        key_id = SenderKeyId(group_id, sender)
+        with self._locks.hold(key_id):
+            self._store.commit(Changes(sender_keys_delete=frozenset({key_id})))
+
+    def group_process_distribution(self, group_id: str, sender: Address, data: bytes) -> None:
+        """Store a sender's Sender Key from their distribution message.
+
+        Receiving the same distribution again changes nothing (so a replayed
+        distribution cannot rewind the chain and re-open old messages).
+
+        Raises:
+            InvalidMessage: malformed, or reuses a key id with a different signing key.
+        """
+        message = wire.parse_distribution_message(data)
+        name = self._sender_key_name(group_id, sender)
+        key_id = SenderKeyId(group_id, sender)
+        with self._locks.hold(key_id):
+            staged = self._staged(sender.device_id, receiving=True)
+            record = staged.loadSenderKey(name)
+            signing = bytes(message.getSignatureKey().serialize())
+            for state in record.senderKeyStates:
+                if state.getKeyId() == message.getId():
+                    if bytes(state.getSigningKeyPublic().serialize()) != signing:
+                        raise InvalidMessage(f"{sender}: sender key id reused with another key")
+                    return
+            with _axolotl_errors(sender):
+                GroupSessionBuilder(staged).process(name, message)
+            self._store.commit(staged.changes(sessions=False))
+
+    def group_encrypt(self, group_id: str, plaintext: bytes) -> bytes:
+        """Encrypt once for every member holding our Sender Key (committed).
+
+        Raises:
+            NoSession: no Sender Key yet (call :meth:`group_distribution`).
+        """
+        if not isinstance(plaintext, bytes):
+            raise UsageError("plaintext must be bytes")
+        me = self.address
+        name = self._sender_key_name(group_id, me)
+        with self._locks.hold(SenderKeyId(group_id, me)):
+            staged = self._staged(me.device_id, receiving=False)
+            if staged.loadSenderKey(name).isEmpty():
+                raise NoSession(f"{group_id}:{me}")
+            with _axolotl_errors(group_id):
+                body = bytes(GroupCipher(staged, name).encrypt(plaintext))
+            self._store.commit(staged.changes(sessions=False))
+        return body
+
+    def group_decrypt(
+        self,
+        group_id: str,
+        sender: Address,
+        data: bytes,
+        on_plaintext: Callable[[bytes], AppRows] | None = None,
+    ) -> bytes:
+        """Verify and decrypt a group message, then commit (see :meth:`decrypt`).
+
+        Raises:
+            NoSession: no Sender Key from this sender for this group.
+            MissingKey: the message names a Sender Key state we do not hold.
+            SenderKeyJumpTooLarge: more than 25,000 iterations ahead (rejected
+                before any key is derived).
+            DuplicateMessage, InvalidMessage: replayed or forged (store unchanged).
+        """
+        message = wire.parse_sender_key_message(data)
+        name = self._sender_key_name(group_id, sender)
+        key_id = SenderKeyId(group_id, sender)
+        with self._locks.hold(key_id):
+            staged = self._staged(sender.device_id, receiving=True)
+            record = staged.loadSenderKey(name)
+            if record.isEmpty():
+                raise NoSession(f"{group_id}:{sender}")
+            with _axolotl_errors(sender):
+                state = record.getSenderKeyState(message.getKeyId())
+                current = state.getSenderChainKey().getIteration()
+                message.verifySignature(state.getSigningKeyPublic())
+            jump = message.getIteration() - current
+            if jump > MAX_SENDER_KEY_JUMP:
+                raise SenderKeyJumpTooLarge(str(sender), jump, MAX_SENDER_KEY_JUMP)
+            with _axolotl_errors(sender):
+                plaintext = bytes(GroupCipher(staged, name).decrypt(data))
+            rows = tuple(on_plaintext(plaintext)) if on_plaintext else ()
+            self._store.commit(replace(staged.changes(sessions=False), app_rows=rows))
+        return plaintext

@@ -1,0 +1,53 @@
+"""Hardening patches applied to python-axolotl's classes when e2ee is imported.
+
+Invariant: every patch replaces a python-axolotl method with one of ours that
+keeps its contract (same arguments, same exceptions) and closes one documented
+defect. The originals stay reachable in :data:`ORIGINALS` so regression tests can
+show the defect against bare python-axolotl. Defects that can be closed from the
+outside (parsing, limits, trust, compute-then-commit) are closed in our own
+wrappers instead; see ``docs/hardening.md``.
+
+Patched:
+
+* ``WhisperMessage.verifyMac`` compared MACs with ``!=``, which can return early
+  on the first differing byte. Ours compares with :func:`hmac.compare_digest`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from axolotl.invalidmessageexception import InvalidMessageException
+from axolotl.protocol.whispermessage import WhisperMessage
+
+__all__ = ["ORIGINALS", "apply"]
+
+ORIGINALS: dict[str, Callable[..., Any]] = {}
+
+
+def _verify_mac_constant_time(
+    self: Any,
+    messageVersion: int,
+    senderIdentityKey: Any,
+    receiverIdentityKey: Any,
+    macKey: bytes,
+) -> None:
+    serialized = bytes(self.serialized)
+    mac_length = WhisperMessage.MAC_LENGTH
+    if len(serialized) <= mac_length:
+        raise InvalidMessageException("Bad Mac!")
+    body, their_mac = serialized[:-mac_length], serialized[-mac_length:]
+    our_mac = bytes(
+        self.getMac(messageVersion, senderIdentityKey, receiverIdentityKey, macKey, body)
+    )
+    if not hmac.compare_digest(our_mac, their_mac):
+        raise InvalidMessageException("Bad Mac!")
+
+
+def apply() -> None:
+    """Install the patches; idempotent."""
+    if "WhisperMessage.verifyMac" not in ORIGINALS:
+        ORIGINALS["WhisperMessage.verifyMac"] = WhisperMessage.verifyMac
+        WhisperMessage.verifyMac = _verify_mac_constant_time

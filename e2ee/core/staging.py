@@ -1,0 +1,283 @@
+"""A copy-on-write view of a :class:`ProtocolStore` for one python-axolotl operation.
+
+Invariant (compute on a copy, commit once): python-axolotl writes as it goes --
+it saves the peer's identity before the message authenticates, removes prekeys
+and stores ratchet state mid-operation. Here every one of those writes lands in
+this object's overlay only. The engine turns the overlay into one
+:class:`~e2ee.store.protocols.Changes` after the operation succeeded and commits
+it; on any failure the overlay is dropped and the store is untouched.
+
+The overlay also enforces our bounds before anything is written:
+
+* at most :data:`MAX_SKIPPED_KEYS` skipped message keys per 1:1 receiving chain
+  and per Sender Key state (oldest evicted) -- python-axolotl caps only the size
+  of one jump, so repeated jumps grow a session without bound (defect 2);
+* at most :data:`MAX_SENDER_KEY_STATES` Sender Key states per sender and group
+  (python-axolotl keeps every state it was ever sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from axolotl.axolotladdress import AxolotlAddress
+from axolotl.groups.senderkeyname import SenderKeyName
+from axolotl.groups.state.senderkeyrecord import SenderKeyRecord
+from axolotl.identitykey import IdentityKey
+from axolotl.identitykeypair import IdentityKeyPair
+from axolotl.invalidkeyidexception import InvalidKeyIdException
+from axolotl.state.prekeyrecord import PreKeyRecord
+from axolotl.state.sessionrecord import SessionRecord
+from axolotl.state.signedprekeyrecord import SignedPreKeyRecord
+
+from e2ee.store.protocols import (
+    AccountRecord,
+    Address,
+    Changes,
+    IdentityRecord,
+    ProtocolStore,
+    SenderKeyId,
+    TrustLevel,
+)
+
+__all__ = ["MAX_SENDER_KEY_STATES", "MAX_SKIPPED_KEYS", "IdentityChange", "StagedStore"]
+
+MAX_SKIPPED_KEYS = 2000
+MAX_SENDER_KEY_STATES = 5
+
+
+class IdentityChange:
+    """Records that an operation met a new identity key for an address."""
+
+    __slots__ = ("address", "first_use", "new_key", "old_key")
+
+    def __init__(self, address: Address, old_key: bytes | None, new_key: bytes) -> None:
+        self.address = address
+        self.old_key = old_key
+        self.new_key = new_key
+        self.first_use = old_key is None
+
+
+class StagedStore:
+    """python-axolotl's four store interfaces plus SenderKeyStore, over an overlay.
+
+    Args:
+        base: the committed store (only read).
+        account: the local account (identity key pair, registration id).
+        device_id: the device whose identity python-axolotl's name-only identity
+            calls refer to (python-axolotl keys identities by name alone).
+        now_ms: clock for identity timestamps.
+        trust_new_identity: python-axolotl asks ``isTrustedIdentity`` before it
+            uses a key. For a peer we have never seen: trusted when this is True
+            (TOFU) and stored as ``tofu``; otherwise stored as ``untrusted``.
+        accept_changed_identity: when True (receiving), a key that differs from
+            the stored one is accepted for this operation and recorded as
+            ``untrusted`` (the application must accept it before we send); when
+            False (sending), a changed or untrusted key is refused.
+    """
+
+    def __init__(
+        self,
+        base: ProtocolStore,
+        account: AccountRecord,
+        device_id: int,
+        now_ms: Callable[[], int],
+        *,
+        trust_new_identity: bool = True,
+        accept_changed_identity: bool = False,
+    ) -> None:
+        self._base = base
+        self._account = account
+        self._device_id = device_id
+        self._now_ms = now_ms
+        self._trust_new = trust_new_identity
+        self._accept_changed = accept_changed_identity
+        self._identity_pair: IdentityKeyPair | None = None
+        self._sessions: dict[Address, SessionRecord] = {}
+        self._sessions_deleted: set[Address] = set()
+        self._prekeys_deleted: set[int] = set()
+        self._identities: dict[Address, IdentityRecord] = {}
+        self._sender_keys: dict[SenderKeyId, SenderKeyRecord] = {}
+        self._meta: dict[str, str] = {}
+        self.identity_changes: list[IdentityChange] = []
+
+    def __repr__(self) -> str:
+        return f"StagedStore(sessions={len(self._sessions)}, sender_keys={len(self._sender_keys)})"
+
+    # -- IdentityKeyStore -------------------------------------------------------------
+
+    def getIdentityKeyPair(self) -> IdentityKeyPair:
+        if self._identity_pair is None:
+            self._identity_pair = IdentityKeyPair(serialized=self._account.identity_key_pair)
+        return self._identity_pair
+
+    def getLocalRegistrationId(self) -> int:
+        return self._account.registration_id
+
+    def _address(self, name: str) -> Address:
+        return Address(name, self._device_id)
+
+    def _identity(self, address: Address) -> IdentityRecord | None:
+        if address in self._identities:
+            return self._identities[address]
+        return self._base.load_identity(address)
+
+    def isTrustedIdentity(self, recepientId: str, identityKey: IdentityKey) -> bool:
+        stored = self._identity(self._address(recepientId))
+        key = bytes(identityKey.serialize())
+        if stored is None:
+            return self._trust_new or self._accept_changed
+        if stored.identity_key == key:
+            return stored.trust != TrustLevel.UNTRUSTED or self._accept_changed
+        return self._accept_changed
+
+    def saveIdentity(self, recepientId: str, identityKey: IdentityKey) -> None:
+        address = self._address(recepientId)
+        stored = self._identity(address)
+        key = bytes(identityKey.serialize())
+        if stored is not None and stored.identity_key == key:
+            return
+        if stored is None:
+            trust = TrustLevel.TOFU if self._trust_new else TrustLevel.UNTRUSTED
+        else:
+            trust = TrustLevel.UNTRUSTED
+        self._identities[address] = IdentityRecord(key, trust, self._now_ms())
+        self.identity_changes.append(
+            IdentityChange(address, stored.identity_key if stored else None, key)
+        )
+
+    # -- PreKeyStore ---------------------------------------------------------------------
+
+    def loadPreKey(self, preKeyId: int) -> PreKeyRecord:
+        data = None if preKeyId in self._prekeys_deleted else self._base.load_prekey(preKeyId)
+        if data is None:
+            raise InvalidKeyIdException(f"No such prekey: {preKeyId}")
+        return PreKeyRecord(serialized=data)
+
+    def containsPreKey(self, preKeyId: int) -> bool:
+        return preKeyId not in self._prekeys_deleted and self._base.load_prekey(preKeyId) is not None
+
+    def removePreKey(self, preKeyId: int) -> None:
+        self._prekeys_deleted.add(preKeyId)
+
+    def storePreKey(self, preKeyId: int, preKeyRecord: PreKeyRecord) -> None:
+        raise NotImplementedError("prekeys are generated by e2ee.core.account, not here")
+
+    # -- SignedPreKeyStore ---------------------------------------------------------------
+
+    def loadSignedPreKey(self, signedPreKeyId: int) -> SignedPreKeyRecord:
+        row = self._base.load_signed_prekey(signedPreKeyId)
+        if row is None:
+            raise InvalidKeyIdException(f"No such signed prekey: {signedPreKeyId}")
+        return SignedPreKeyRecord(serialized=row.record)
+
+    def containsSignedPreKey(self, signedPreKeyId: int) -> bool:
+        return self._base.load_signed_prekey(signedPreKeyId) is not None
+
+    # -- SessionStore --------------------------------------------------------------------
+
+    def loadSession(self, recepientId: str, deviceId: int) -> SessionRecord:
+        address = Address(recepientId, deviceId)
+        record = self._sessions.get(address)
+        if record is None:
+            data = None if address in self._sessions_deleted else self._base.load_session(address)
+            record = SessionRecord(serialized=data) if data else SessionRecord()
+            self._sessions[address] = record
+        return record
+
+    def containsSession(self, recepientId: str, deviceId: int) -> bool:
+        address = Address(recepientId, deviceId)
+        if address in self._sessions:
+            return bool(self._sessions[address].getSessionState().hasSenderChain())
+        if address in self._sessions_deleted:
+            return False
+        return self._base.load_session(address) is not None
+
+    def storeSession(self, recepientId: str, deviceId: int, sessionRecord: SessionRecord) -> None:
+        address = Address(recepientId, deviceId)
+        self._sessions[address] = sessionRecord
+        self._sessions_deleted.discard(address)
+
+    def deleteSession(self, recepientId: str, deviceId: int) -> None:
+        address = Address(recepientId, deviceId)
+        self._sessions.pop(address, None)
+        self._sessions_deleted.add(address)
+
+    # -- SenderKeyStore ------------------------------------------------------------------
+
+    @staticmethod
+    def sender_key_id(name: SenderKeyName) -> SenderKeyId:
+        sender: AxolotlAddress = name.getSender()
+        return SenderKeyId(name.getGroupId(), Address(sender.getName(), sender.getDeviceId()))
+
+    def loadSenderKey(self, senderKeyName: SenderKeyName) -> SenderKeyRecord:
+        key_id = self.sender_key_id(senderKeyName)
+        record = self._sender_keys.get(key_id)
+        if record is None:
+            data = self._base.load_sender_key(key_id)
+            record = SenderKeyRecord(serialized=data) if data else SenderKeyRecord()
+            self._sender_keys[key_id] = record
+        return record
+
+    def storeSenderKey(self, senderKeyName: SenderKeyName, senderKeyRecord: SenderKeyRecord) -> None:
+        self._sender_keys[self.sender_key_id(senderKeyName)] = senderKeyRecord
+
+    # -- ours ----------------------------------------------------------------------------
+
+    def put_meta(self, key: str, value: str) -> None:
+        self._meta[key] = value
+
+    def get_meta(self, key: str) -> str | None:
+        return self._meta[key] if key in self._meta else self._base.get_meta(key)
+
+    def touched_sessions(self) -> dict[Address, SessionRecord]:
+        return dict(self._sessions)
+
+    def changes(self, *, sessions: bool = True, sender_keys: bool = True) -> Changes:
+        """Everything this operation wrote, bounded, as one :class:`Changes`.
+
+        Loaded-but-unchanged records are written too (python-axolotl gives no dirty
+        flag); callers only stage records they mean to write.
+        """
+        session_blobs = (
+            {a: _bounded_session(r) for a, r in self._sessions.items()} if sessions else {}
+        )
+        sender_blobs = (
+            {k: _bounded_sender_key(r) for k, r in self._sender_keys.items()}
+            if sender_keys
+            else {}
+        )
+        return replace(
+            Changes(),
+            prekeys_delete=frozenset(self._prekeys_deleted),
+            identities_put=dict(self._identities),
+            sessions_put=session_blobs,
+            sessions_delete=frozenset(self._sessions_deleted),
+            sender_keys_put=sender_blobs,
+            meta_put=dict(self._meta),
+        )
+
+
+def _trim(repeated: Any, keep: int) -> None:
+    excess = len(repeated) - keep
+    if excess > 0:
+        del repeated[:excess]
+
+
+def _bounded_session(record: SessionRecord) -> bytes:
+    states = [record.getSessionState(), *record.getPreviousSessionStates()]
+    for state in states:
+        for chain in state.sessionStructure.receiverChains:
+            _trim(chain.messageKeys, MAX_SKIPPED_KEYS)
+    return bytes(record.serialize())
+
+
+def _bounded_sender_key(record: SenderKeyRecord) -> bytes:
+    states = record.senderKeyStates
+    if len(states) > MAX_SENDER_KEY_STATES:
+        del states[: len(states) - MAX_SENDER_KEY_STATES]
+    for state in states:
+        _trim(state.senderKeyStateStructure.senderMessageKeys, MAX_SKIPPED_KEYS)
+    return bytes(record.serialize())

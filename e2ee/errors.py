@@ -1,0 +1,137 @@
+"""Every error the e2ee SDK raises, split by who is at fault.
+
+Invariant: nothing outside this hierarchy escapes a public e2ee function.
+python-axolotl's exceptions (plain ``Exception`` subclasses), protobuf's
+``DecodeError`` and the C curve library's ``ValueError``/``TypeError`` are caught
+at the boundary and re-raised as one of these, chained with ``from`` so the
+cause stays available for debugging.  Messages never contain key material or
+plaintext: at most ids, addresses, counters and sizes.
+
+Who is at fault:
+
+* :class:`UsageError` -- the calling program (bad argument, wrong state).
+* :class:`PeerError` -- the other party or the network delivered something bad
+  (malformed, replayed or forged ciphertext, an unverifiable bundle).
+* :class:`StorageError` -- the local store (wrong passphrase, corruption).
+* :class:`TransportError` -- the relay or the connection to it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DuplicateMessage",
+    "E2EEError",
+    "FingerprintVersionMismatch",
+    "InvalidBundle",
+    "InvalidKey",
+    "InvalidMessage",
+    "MissingKey",
+    "NoSession",
+    "PeerError",
+    "SenderKeyJumpTooLarge",
+    "StorageError",
+    "StoreCorrupt",
+    "TransportError",
+    "UntrustedIdentity",
+    "UsageError",
+    "WrongPassphrase",
+]
+
+
+class E2EEError(Exception):
+    """Root of every error raised by the e2ee package."""
+
+
+# -- caller misuse -----------------------------------------------------------------
+
+
+class UsageError(E2EEError, ValueError):
+    """The calling program passed a bad argument or called in the wrong state."""
+
+
+# -- the peer or the network ---------------------------------------------------------
+
+
+class PeerError(E2EEError):
+    """Data from a peer (or forged by someone on the path) cannot be accepted."""
+
+
+class InvalidMessage(PeerError):
+    """A ciphertext or protocol message is malformed, forged or undecryptable."""
+
+
+class InvalidKey(InvalidMessage):
+    """A public key in peer data is malformed or not canonically encoded."""
+
+
+class DuplicateMessage(InvalidMessage):
+    """The message was already decrypted once; a replay or a duplicate delivery."""
+
+
+class MissingKey(InvalidMessage):
+    """The message names a prekey or sender-key id we do not (or no longer) hold."""
+
+
+class NoSession(PeerError):
+    """There is no session (1:1) or sender key (group) for this sender yet."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"no session for {address}")
+        self.address = address
+
+
+class SenderKeyJumpTooLarge(InvalidMessage):
+    """A Sender Key message claims an iteration too far ahead of the chain."""
+
+    def __init__(self, sender: str, jump: int, limit: int) -> None:
+        super().__init__(f"sender key message from {sender} jumps {jump} > {limit} iterations")
+        self.sender = sender
+        self.jump = jump
+        self.limit = limit
+
+
+class InvalidBundle(PeerError):
+    """A prekey bundle is malformed or its signed-prekey signature does not verify."""
+
+
+class UntrustedIdentity(PeerError):
+    """The peer's identity key differs from the one we trust for this address.
+
+    Nothing was decrypted or stored. The application decides whether to accept
+    the new key (see the SDK's trust API) and then retries.
+    """
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"identity key of {address} changed and is not trusted")
+        self.address = address
+
+
+class FingerprintVersionMismatch(PeerError):
+    """A scanned safety-number payload uses a different fingerprint version."""
+
+    def __init__(self, ours: int, theirs: int) -> None:
+        super().__init__(f"fingerprint version {theirs}, expected {ours}")
+        self.ours = ours
+        self.theirs = theirs
+
+
+# -- local storage ---------------------------------------------------------------------
+
+
+class StorageError(E2EEError):
+    """The local store failed, or its content cannot be read."""
+
+
+class WrongPassphrase(StorageError):
+    """The passphrase does not open the local key store. Nothing was changed."""
+
+
+class StoreCorrupt(StorageError):
+    """Stored data failed authentication or does not parse."""
+
+
+# -- the relay -----------------------------------------------------------------------
+
+
+class TransportError(E2EEError):
+    """The relay could not be reached or answered with an error."""

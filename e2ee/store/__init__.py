@@ -1,0 +1,25 @@
+"""Storage behind small typed interfaces: the contract, an in-memory twin, SQLite."""
+
+from e2ee.store.memory import MemoryProtocolStore
+from e2ee.store.protocols import (
+    AccountRecord,
+    Address,
+    Changes,
+    IdentityRecord,
+    ProtocolStore,
+    SenderKeyId,
+    SignedPreKeyRow,
+    TrustLevel,
+)
+
+__all__ = [
+    "AccountRecord",
+    "Address",
+    "Changes",
+    "IdentityRecord",
+    "MemoryProtocolStore",
+    "ProtocolStore",
+    "SenderKeyId",
+    "SignedPreKeyRow",
+    "TrustLevel",
+]

@@ -1,0 +1,1 @@
+"""Blindpost terminal client (Textual) and the ``blindpost`` command line."""
