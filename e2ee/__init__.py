@@ -9,8 +9,10 @@ from e2ee import _axolotl_compat
 
 _axolotl_compat.install()
 
-from e2ee.core import hardening as _hardening  # noqa: E402  (needs the compat modules)
+from e2ee.core import fastpath as _fastpath  # noqa: E402  (needs the compat modules)
+from e2ee.core import hardening as _hardening  # noqa: E402
 
 _hardening.apply()
+_fastpath.apply()
 
 __all__: list[str] = []

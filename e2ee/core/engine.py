@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -324,7 +325,9 @@ class ProtocolEngine:
             data = self._store.load_prekey(pid)
             if data is not None:
                 record = PreKeyRecord(serialized=data)
-                keys.append(OneTimePreKey(pid, bytes(record.getKeyPair().getPublicKey().serialize())))
+                keys.append(
+                    OneTimePreKey(pid, bytes(record.getKeyPair().getPublicKey().serialize()))
+                )
         return keys
 
     def key_upload(self) -> KeyUpload:
@@ -392,7 +395,7 @@ class ProtocolEngine:
             # A replaced key is dropped once its successor is older than the grace.
             expired = frozenset(
                 older.prekey_id
-                for older, newer in zip(rows, rows[1:], strict=False)
+                for older, newer in itertools.pairwise(rows)
                 if now - newer.created_at_ms >= policy.signed_prekey_grace_ms
             )
             new_prekeys: list[OneTimePreKey] = []
@@ -454,7 +457,9 @@ class ProtocolEngine:
             raise UsageError(str(exc)) from exc
         with self._locks.hold(address):
             self._store.commit(
-                Changes(identities_put={address: IdentityRecord(identity_key, trust, self._now_ms())})
+                Changes(
+                    identities_put={address: IdentityRecord(identity_key, trust, self._now_ms())}
+                )
             )
 
     # -- 1:1 sessions ------------------------------------------------------------------

@@ -263,5 +263,7 @@ def generate_signed_prekey(
 ) -> SignedPreKeyRecord:
     """A signed prekey, signed by ``identity``, stamped with ``now_ms``."""
     key_pair = Curve.generateKeyPair()
-    signature = Curve.calculateSignature(identity.getPrivateKey(), key_pair.getPublicKey().serialize())
+    signature = Curve.calculateSignature(
+        identity.getPrivateKey(), key_pair.getPublicKey().serialize()
+    )
     return SignedPreKeyRecord(prekey_id, now_ms, key_pair, signature)

@@ -69,9 +69,8 @@ class StagedStore:
         device_id: the device whose identity python-axolotl's name-only identity
             calls refer to (python-axolotl keys identities by name alone).
         now_ms: clock for identity timestamps.
-        trust_new_identity: python-axolotl asks ``isTrustedIdentity`` before it
-            uses a key. For a peer we have never seen: trusted when this is True
-            (TOFU) and stored as ``tofu``; otherwise stored as ``untrusted``.
+        trust_new_identity: how a peer's first identity key is recorded: ``tofu``
+            when True, ``untrusted`` (sending held until verified) when False.
         accept_changed_identity: when True (receiving), a key that differs from
             the stored one is accepted for this operation and recorded as
             ``untrusted`` (the application must accept it before we send); when
@@ -127,10 +126,10 @@ class StagedStore:
     def isTrustedIdentity(self, recepientId: str, identityKey: IdentityKey) -> bool:
         stored = self._identity(self._address(recepientId))
         key = bytes(identityKey.serialize())
-        if stored is None:
-            return self._trust_new or self._accept_changed
-        if stored.identity_key == key:
-            return stored.trust != TrustLevel.UNTRUSTED or self._accept_changed
+        # A first or unchanged key may be used to build a session; whether we may
+        # *send* on it is the engine's check of the stored trust level.
+        if stored is None or stored.identity_key == key:
+            return True
         return self._accept_changed
 
     def saveIdentity(self, recepientId: str, identityKey: IdentityKey) -> None:
@@ -157,7 +156,9 @@ class StagedStore:
         return PreKeyRecord(serialized=data)
 
     def containsPreKey(self, preKeyId: int) -> bool:
-        return preKeyId not in self._prekeys_deleted and self._base.load_prekey(preKeyId) is not None
+        return (
+            preKeyId not in self._prekeys_deleted and self._base.load_prekey(preKeyId) is not None
+        )
 
     def removePreKey(self, preKeyId: int) -> None:
         self._prekeys_deleted.add(preKeyId)
@@ -221,7 +222,9 @@ class StagedStore:
             self._sender_keys[key_id] = record
         return record
 
-    def storeSenderKey(self, senderKeyName: SenderKeyName, senderKeyRecord: SenderKeyRecord) -> None:
+    def storeSenderKey(
+        self, senderKeyName: SenderKeyName, senderKeyRecord: SenderKeyRecord
+    ) -> None:
         self._sender_keys[self.sender_key_id(senderKeyName)] = senderKeyRecord
 
     # -- ours ----------------------------------------------------------------------------
@@ -245,9 +248,7 @@ class StagedStore:
             {a: _bounded_session(r) for a, r in self._sessions.items()} if sessions else {}
         )
         sender_blobs = (
-            {k: _bounded_sender_key(r) for k, r in self._sender_keys.items()}
-            if sender_keys
-            else {}
+            {k: _bounded_sender_key(r) for k, r in self._sender_keys.items()} if sender_keys else {}
         )
         return replace(
             Changes(),

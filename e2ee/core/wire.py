@@ -18,11 +18,11 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from axolotl.protocol import whisperprotos_pb2 as _pb
 from axolotl.protocol.prekeywhispermessage import PreKeyWhisperMessage
 from axolotl.protocol.senderkeydistributionmessage import SenderKeyDistributionMessage
 from axolotl.protocol.senderkeymessage import SenderKeyMessage
 from axolotl.protocol.whispermessage import WhisperMessage
-from axolotl.protocol import whisperprotos_pb2 as _pb
 from google.protobuf.message import DecodeError
 
 from e2ee.errors import InvalidKey, InvalidMessage
@@ -110,7 +110,7 @@ def parse_whisper_message(body: bytes) -> WhisperMessage:
     _check_ciphertext(proto.ciphertext, "message")
     try:
         return WhisperMessage(serialized=body)
-    except Exception as exc:  # noqa: BLE001  python-axolotl raises bare Exception subclasses
+    except Exception as exc:
         raise InvalidMessage("message: rejected by parser") from exc
 
 
@@ -134,7 +134,7 @@ def parse_prekey_message(body: bytes) -> PreKeyWhisperMessage:
     parse_whisper_message(proto.message)
     try:
         message = PreKeyWhisperMessage(serialized=body)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InvalidMessage("prekey message: rejected by parser") from exc
     if not proto.HasField("preKeyId"):
         message.preKeyId = None
@@ -156,7 +156,7 @@ def parse_sender_key_message(body: bytes) -> SenderKeyMessage:
     _check_ciphertext(proto.ciphertext, "sender key message")
     try:
         return SenderKeyMessage(serialized=body)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InvalidMessage("sender key message: rejected by parser") from exc
 
 
@@ -177,5 +177,5 @@ def parse_distribution_message(body: bytes) -> SenderKeyDistributionMessage:
     check_public_key(proto.signingKey, "signing key")
     try:
         return SenderKeyDistributionMessage(serialized=body)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InvalidMessage("distribution message: rejected by parser") from exc

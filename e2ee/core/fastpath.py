@@ -1,0 +1,82 @@
+"""Faster equivalents of a few python-axolotl hot spots, installed on import.
+
+Invariant: each replacement returns exactly what the original returns for every
+input the original accepts (differential tests in ``tests/core/test_fastpath.py``
+compare them on random inputs), except that :func:`_decode_point` refuses keys
+shorter than 32 bytes, which the original silently accepted. No primitive is
+implemented here: HKDF comes from ``cryptography`` (already python-axolotl's
+dependency), the rest is bookkeeping.
+
+Why: the 1:1 ratchet spent most of its time in per-call imports inside
+``Curve.decodePoint`` (about 20 calls per message), byte juggling in
+``DjbECPublicKey.serialize`` and a Python-level HKDF.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from axolotl.ecc.curve import Curve
+from axolotl.ecc.djbec import DjbECPublicKey
+from axolotl.invalidkeyexception import InvalidKeyException
+from axolotl.kdf.hkdfv3 import HKDFv3
+from axolotl.state.sessionstate import SessionState
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = ["ORIGINALS", "apply"]
+
+ORIGINALS: dict[str, Callable[..., Any]] = {}
+
+_DJB_TYPE = Curve.DJB_TYPE
+_TYPE_BYTE = bytes([_DJB_TYPE])
+_ZERO_SALT = bytes(32)
+_SHA256 = hashes.SHA256()
+
+
+def _decode_point(_bytes: Any, offset: int = 0) -> DjbECPublicKey:
+    if len(_bytes) < offset + 33 or _bytes[0] != _DJB_TYPE or _bytes[offset] != _DJB_TYPE:
+        raise InvalidKeyException("Bad key encoding")
+    return DjbECPublicKey(bytes(_bytes[offset + 1 : offset + 33]))
+
+
+def _serialize(self: DjbECPublicKey) -> bytes:
+    return _TYPE_BYTE + bytes(self.publicKey)
+
+
+def _derive_secrets(
+    self: HKDFv3, inputKeyMaterial: Any, info: Any, outputLength: int, salt: Any = None
+) -> bytes:
+    kdf = HKDF(
+        algorithm=_SHA256,
+        length=outputLength,
+        salt=bytes(salt) if salt else _ZERO_SALT,
+        info=bytes(info) if info is not None else None,
+    )
+    return kdf.derive(bytes(inputKeyMaterial))
+
+
+def _get_receiver_chain(self: SessionState, ECPublickKey_senderEphemeral: Any) -> Any:
+    wanted = ECPublickKey_senderEphemeral.getPublicKey()
+    for index, chain in enumerate(self.sessionStructure.receiverChains):
+        if chain.senderRatchetKey[1:33] == wanted:
+            return (chain, index)
+    return None
+
+
+_PATCHES: tuple[tuple[str, Any, str, Any], ...] = (
+    ("Curve.decodePoint", Curve, "decodePoint", staticmethod(_decode_point)),
+    ("DjbECPublicKey.serialize", DjbECPublicKey, "serialize", _serialize),
+    ("HKDFv3.deriveSecrets", HKDFv3, "deriveSecrets", _derive_secrets),
+    ("SessionState.getReceiverChain", SessionState, "getReceiverChain", _get_receiver_chain),
+)
+
+
+def apply() -> None:
+    """Install the replacements; idempotent."""
+    for name, owner, attr, replacement in _PATCHES:
+        if name not in ORIGINALS:
+            ORIGINALS[name] = inspect.getattr_static(owner, attr)
+            setattr(owner, attr, replacement)

@@ -1,0 +1,140 @@
+# Invariant: every error the relay reports to a client is a RelayError carrying its HTTP status
+# and a stable machine-readable code; the message text never contains bodies or key material.
+"""Typed relay errors, each mapped to an HTTP status and a JSON error code."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "AuthError",
+    "BadRequest",
+    "Conflict",
+    "MailboxFull",
+    "MismatchedDevices",
+    "NotFound",
+    "RateLimited",
+    "RelayError",
+    "StorageError",
+    "TooLarge",
+]
+
+
+class RelayError(Exception):
+    """Root of every error the relay reports to a client.
+
+    Attributes:
+        status: HTTP status code.
+        code: stable machine-readable error code (the ``error`` field of the JSON body).
+        message: human-readable text (never contains secrets or message bodies).
+        extra: additional JSON fields merged into the error body.
+    """
+
+    status = 500
+    default_code = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.extra: dict[str, Any] = dict(extra or {})
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON error body ``{"error": code, "message": ..., **extra}``."""
+        body: dict[str, Any] = {"error": self.code, "message": self.message}
+        body.update(self.extra)
+        return body
+
+
+class BadRequest(RelayError):
+    """The client sent something malformed (400)."""
+
+    status = 400
+    default_code = "invalid_request"
+
+
+class AuthError(RelayError):
+    """Missing, stale, replayed or invalid request signature (401)."""
+
+    status = 401
+    default_code = "auth_invalid"
+
+
+class NotFound(RelayError):
+    """The named user, device, or blob does not exist (404)."""
+
+    status = 404
+    default_code = "not_found"
+
+
+class Conflict(RelayError):
+    """The request conflicts with stored state (409)."""
+
+    status = 409
+    default_code = "conflict"
+
+
+class MismatchedDevices(Conflict):
+    """A send named a device list that does not match the recipients' current devices (409)."""
+
+    default_code = "mismatched_devices"
+
+    def __init__(
+        self,
+        unknown_users: list[str],
+        missing: dict[str, list[int]],
+        stale: dict[str, list[int]],
+    ) -> None:
+        super().__init__(
+            "recipient device list does not match the registered devices",
+            extra={
+                "unknown_users": sorted(unknown_users),
+                "missing_devices": {u: sorted(d) for u, d in sorted(missing.items())},
+                "stale_devices": {u: sorted(d) for u, d in sorted(stale.items())},
+            },
+        )
+
+
+class TooLarge(RelayError):
+    """A body, message, or blob exceeds its configured limit (413)."""
+
+    status = 413
+    default_code = "too_large"
+
+
+class RateLimited(RelayError):
+    """A rate limit was hit (429); ``retry_after`` is in whole seconds (>= 1)."""
+
+    status = 429
+    default_code = "rate_limited"
+
+    def __init__(self, retry_after: int, message: str = "rate limit exceeded") -> None:
+        super().__init__(message, extra={"retry_after": retry_after})
+        self.retry_after = retry_after
+
+
+class MailboxFull(RelayError):
+    """A recipient mailbox is at its quota; nothing was stored (507)."""
+
+    status = 507
+    default_code = "mailbox_full"
+
+    def __init__(self, full: list[tuple[str, int]]) -> None:
+        super().__init__(
+            "recipient mailbox is full",
+            extra={"full": [{"user": u, "device": d} for u, d in full]},
+        )
+
+
+class StorageError(RelayError):
+    """The store failed to commit; the request had no effect (503)."""
+
+    status = 503
+    default_code = "storage_unavailable"

@@ -1,0 +1,87 @@
+"""python-axolotl 0.2.3 on the current protobuf runtime, fast backend."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import google.protobuf
+
+import e2ee  # noqa: F401
+
+
+def test_protobuf_runs_on_upb_without_environment_override() -> None:
+    from google.protobuf.internal import api_implementation
+
+    assert "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION" not in os.environ
+    assert api_implementation.Type() == "upb"
+    assert int(google.protobuf.__version__.split(".")[0]) >= 5
+
+
+def test_fresh_interpreter_imports_e2ee_on_upb() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
+    code = (
+        "import e2ee, axolotl.sessioncipher\n"
+        "from google.protobuf.internal import api_implementation as a\n"
+        "print(a.Type())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "upb"
+
+
+def test_bare_python_axolotl_fails_on_current_protobuf() -> None:
+    """The reason the shim exists: python-axolotl's own modules do not import."""
+    env = {k: v for k, v in os.environ.items() if k != "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import axolotl.state.sessionrecord"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode != 0
+    assert "Descriptors cannot be created directly" in out.stderr
+
+
+def test_python_axolotl_bundled_suite_passes() -> None:
+    import axolotl
+
+    suite = Path(axolotl.__file__).parent / "tests"
+    # A fresh interpreter that imports e2ee first, exactly as a program would.
+    code = (
+        "import e2ee, sys, pytest\n"
+        f"sys.exit(pytest.main([{str(suite)!r}, '-q', '-p', 'no:cacheprovider']))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+def test_shim_builds_the_message_classes_python_axolotl_expects() -> None:
+    from axolotl.protocol import whisperprotos_pb2 as wire
+    from axolotl.state import storageprotos_pb2 as storage
+
+    for name in (
+        "SessionStructure",
+        "RecordStructure",
+        "PreKeyRecordStructure",
+        "SignedPreKeyRecordStructure",
+        "IdentityKeyPairStructure",
+        "SenderKeyStateStructure",
+        "SenderKeyRecordStructure",
+    ):
+        assert hasattr(storage, name)
+    chain = storage.SessionStructure.Chain()
+    chain.chainKey.index = 3
+    assert storage.SessionStructure.Chain.FromString(chain.SerializeToString()).chainKey.index == 3
+    for name in (
+        "WhisperMessage",
+        "PreKeyWhisperMessage",
+        "KeyExchangeMessage",
+        "SenderKeyMessage",
+        "SenderKeyDistributionMessage",
+    ):
+        assert hasattr(wire, name)
