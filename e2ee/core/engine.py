@@ -22,8 +22,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -195,14 +194,21 @@ def _translate(exc: BaseException, who: str) -> E2EEError:
     return InvalidMessage(f"{who}: {type(exc).__name__}")
 
 
-@contextmanager
-def _axolotl_errors(who: object) -> Iterator[None]:
-    try:
-        yield
-    except E2EEError:
-        raise
-    except _AXOLOTL_ERRORS as exc:
-        raise _translate(exc, str(who)) from exc
+class _axolotl_errors:  # noqa: N801  (used like a function: `with _axolotl_errors(who):`)
+    """Translate python-axolotl's exceptions raised in the ``with`` block."""
+
+    __slots__ = ("_who",)
+
+    def __init__(self, who: object) -> None:
+        self._who = who
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> Literal[False]:
+        if exc is None or isinstance(exc, E2EEError) or not isinstance(exc, _AXOLOTL_ERRORS):
+            return False
+        raise _translate(exc, str(self._who)) from exc
 
 
 class ProtocolEngine:
@@ -598,7 +604,7 @@ class ProtocolEngine:
         on_plaintext: Callable[[bytes], AppRows] | None,
     ) -> Decrypted:
         rows = tuple(on_plaintext(plaintext)) if on_plaintext else ()
-        self._store.commit(replace(staged.changes(sender_keys=False), app_rows=rows))
+        self._store.commit(staged.changes(sender_keys=False, app_rows=rows))
         change = staged.identity_changes[-1] if staged.identity_changes else None
         return Decrypted(plaintext, sender, change)
 
@@ -718,5 +724,5 @@ class ProtocolEngine:
             with _axolotl_errors(sender):
                 plaintext = bytes(GroupCipher(staged, name).decrypt(data))
             rows = tuple(on_plaintext(plaintext)) if on_plaintext else ()
-            self._store.commit(replace(staged.changes(sessions=False), app_rows=rows))
+            self._store.commit(staged.changes(sessions=False, app_rows=rows))
         return plaintext

@@ -21,6 +21,7 @@ from typing import Any
 from axolotl.ecc.curve import Curve
 from axolotl.ecc.djbec import DjbECPublicKey
 from axolotl.invalidkeyexception import InvalidKeyException
+from axolotl.kdf.hkdf import HKDF as HKDF_BASE
 from axolotl.kdf.hkdfv3 import HKDFv3
 from axolotl.state.sessionstate import SessionState
 from cryptography.hazmat.primitives import hashes
@@ -58,6 +59,18 @@ def _derive_secrets(
     return kdf.derive(bytes(inputKeyMaterial))
 
 
+_HKDF_V3 = HKDFv3()
+
+
+def _create_for(messageVersion: int) -> Any:
+    # python-axolotl imports two modules and builds a new (stateless) object on
+    # every call; version 3 is the only one we accept, so reuse one instance.
+    if messageVersion == 3:
+        return _HKDF_V3
+    original: Any = ORIGINALS["HKDF.createFor"]
+    return original.__func__(messageVersion)
+
+
 def _get_receiver_chain(self: SessionState, ECPublickKey_senderEphemeral: Any) -> Any:
     wanted = ECPublickKey_senderEphemeral.getPublicKey()
     for index, chain in enumerate(self.sessionStructure.receiverChains):
@@ -70,6 +83,7 @@ _PATCHES: tuple[tuple[str, Any, str, Any], ...] = (
     ("Curve.decodePoint", Curve, "decodePoint", staticmethod(_decode_point)),
     ("DjbECPublicKey.serialize", DjbECPublicKey, "serialize", _serialize),
     ("HKDFv3.deriveSecrets", HKDFv3, "deriveSecrets", _derive_secrets),
+    ("HKDF.createFor", HKDF_BASE, "createFor", staticmethod(_create_for)),
     ("SessionState.getReceiverChain", SessionState, "getReceiverChain", _get_receiver_chain),
 )
 

@@ -10,8 +10,7 @@ when the SDK runs decrypts in worker threads.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Hashable
 
 __all__ = ["KeyedLocks"]
 
@@ -31,22 +30,42 @@ class KeyedLocks:
         with self._guard:
             return len(self._locks)
 
-    @contextmanager
-    def hold(self, key: Hashable) -> Iterator[None]:
-        """Hold the lock for ``key`` for the duration of the ``with`` block."""
+    def hold(self, key: Hashable) -> _Held:
+        """A context manager holding the lock for ``key`` for its ``with`` block."""
+        return _Held(self, key)
+
+    def _acquire(self, key: Hashable) -> threading.Lock:
         with self._guard:
             lock, users = self._locks.get(key, (None, 0))
             if lock is None:
                 lock = threading.Lock()
             self._locks[key] = (lock, users + 1)
         lock.acquire()
-        try:
-            yield
-        finally:
-            lock.release()
-            with self._guard:
-                _, users = self._locks[key]
-                if users == 1:
-                    del self._locks[key]
-                else:
-                    self._locks[key] = (lock, users - 1)
+        return lock
+
+    def _release(self, key: Hashable, lock: threading.Lock) -> None:
+        lock.release()
+        with self._guard:
+            _, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class _Held:
+    """Context manager for one hold (a class: cheaper than @contextmanager)."""
+
+    __slots__ = ("_key", "_lock", "_owner")
+
+    def __init__(self, owner: KeyedLocks, key: Hashable) -> None:
+        self._owner = owner
+        self._key = key
+        self._lock: threading.Lock | None = None
+
+    def __enter__(self) -> None:
+        self._lock = self._owner._acquire(self._key)
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._lock is not None
+        self._owner._release(self._key, self._lock)

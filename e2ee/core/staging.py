@@ -19,7 +19,6 @@ The overlay also enforces our bounds before anything is written:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from axolotl.axolotladdress import AxolotlAddress
@@ -238,7 +237,13 @@ class StagedStore:
     def touched_sessions(self) -> dict[Address, SessionRecord]:
         return dict(self._sessions)
 
-    def changes(self, *, sessions: bool = True, sender_keys: bool = True) -> Changes:
+    def changes(
+        self,
+        *,
+        sessions: bool = True,
+        sender_keys: bool = True,
+        app_rows: tuple[tuple[str, Any], ...] = (),
+    ) -> Changes:
         """Everything this operation wrote, bounded, as one :class:`Changes`.
 
         Loaded-but-unchanged records are written too (python-axolotl gives no dirty
@@ -250,14 +255,14 @@ class StagedStore:
         sender_blobs = (
             {k: _bounded_sender_key(r) for k, r in self._sender_keys.items()} if sender_keys else {}
         )
-        return replace(
-            Changes(),
+        return Changes(
             prekeys_delete=frozenset(self._prekeys_deleted),
-            identities_put=dict(self._identities),
+            identities_put=self._identities,
             sessions_put=session_blobs,
             sessions_delete=frozenset(self._sessions_deleted),
             sender_keys_put=sender_blobs,
-            meta_put=dict(self._meta),
+            meta_put=self._meta,
+            app_rows=app_rows,
         )
 
 
@@ -268,10 +273,11 @@ def _trim(repeated: Any, keep: int) -> None:
 
 
 def _bounded_session(record: SessionRecord) -> bytes:
-    states = [record.getSessionState(), *record.getPreviousSessionStates()]
-    for state in states:
-        for chain in state.sessionStructure.receiverChains:
-            _trim(chain.messageKeys, MAX_SKIPPED_KEYS)
+    # Only the current state can have grown: python-axolotl decrypts with an
+    # archived state only after promoting it to current, and archived states were
+    # trimmed while they were current.
+    for chain in record.getSessionState().sessionStructure.receiverChains:
+        _trim(chain.messageKeys, MAX_SKIPPED_KEYS)
     return bytes(record.serialize())
 
 

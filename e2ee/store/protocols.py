@@ -22,7 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from types import MappingProxyType
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+#: Shared read-only empty mapping: the default of every :class:`Changes` field.
+_EMPTY: Mapping[Any, Any] = MappingProxyType({})
+
+
+def _empty() -> Mapping[Any, Any]:
+    return _EMPTY
+
 
 __all__ = [
     "AccountRecord",
@@ -36,9 +45,12 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Address:
-    """One device of one user: python-axolotl's (recipientId, deviceId)."""
+class Address(NamedTuple):
+    """One device of one user: python-axolotl's (recipientId, deviceId).
+
+    A named tuple rather than a dataclass: addresses key every dictionary on the
+    message hot path, and tuple hashing is done in C.
+    """
 
     name: str
     device_id: int
@@ -47,8 +59,7 @@ class Address:
         return f"{self.name}.{self.device_id}"
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class SenderKeyId:
+class SenderKeyId(NamedTuple):
     """A sender's key for one group: python-axolotl's SenderKeyName."""
 
     group_id: str
@@ -114,16 +125,16 @@ class Changes:
     """
 
     account: AccountRecord | None = None
-    prekeys_put: Mapping[int, bytes] = field(default_factory=dict, repr=False)
+    prekeys_put: Mapping[int, bytes] = field(default_factory=_empty, repr=False)
     prekeys_delete: frozenset[int] = frozenset()
-    signed_prekeys_put: Mapping[int, SignedPreKeyRow] = field(default_factory=dict, repr=False)
+    signed_prekeys_put: Mapping[int, SignedPreKeyRow] = field(default_factory=_empty, repr=False)
     signed_prekeys_delete: frozenset[int] = frozenset()
-    identities_put: Mapping[Address, IdentityRecord] = field(default_factory=dict)
-    sessions_put: Mapping[Address, bytes] = field(default_factory=dict, repr=False)
+    identities_put: Mapping[Address, IdentityRecord] = field(default_factory=_empty)
+    sessions_put: Mapping[Address, bytes] = field(default_factory=_empty, repr=False)
     sessions_delete: frozenset[Address] = frozenset()
-    sender_keys_put: Mapping[SenderKeyId, bytes] = field(default_factory=dict, repr=False)
+    sender_keys_put: Mapping[SenderKeyId, bytes] = field(default_factory=_empty, repr=False)
     sender_keys_delete: frozenset[SenderKeyId] = frozenset()
-    meta_put: Mapping[str, str] = field(default_factory=dict)
+    meta_put: Mapping[str, str] = field(default_factory=_empty)
     app_rows: tuple[tuple[str, Mapping[str, Any]], ...] = ()
 
     def is_empty(self) -> bool:

@@ -1,0 +1,173 @@
+"""Protocol-core benchmark: e2ee against stock python-axolotl, in one run.
+
+Prints microseconds per message (100-byte plaintext) for:
+
+* 1:1 encrypt+decrypt on the same chain,
+* 1:1 ping-pong (a DH ratchet step every message),
+* session setup (bundle -> first message decrypted -> first reply decrypted),
+* group encrypt+decrypt (Sender Keys),
+* the same 1:1 same-chain figure on the SQLite store (one committed, fsynced
+  transaction per encrypt and per decrypt),
+* the rejection time of a Sender Key message claiming a 2^32-1 jump,
+
+and the same figures for stock python-axolotl 0.2.3 on pure-Python protobuf 3.20
+(its own in-memory stores), measured in a subprocess from a separate virtualenv
+(``bench/.refenv``, created on first use), with the ratio.
+
+    python bench/core_bench.py [--count N] [--no-reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import e2ee  # noqa: F401
+from e2ee.core import ProtocolEngine
+from e2ee.errors import SenderKeyJumpTooLarge
+from e2ee.store import Address, MemoryProtocolStore, ProtocolStore
+
+PLAINTEXT = b"x" * 100
+ALICE, BOB = Address("alice", 1), Address("bob", 1)
+HERE = Path(__file__).resolve().parent
+REFENV = HERE / ".refenv"
+TARGETS = {"same_chain_us": 150, "ping_pong_us": 700, "group_us": 500, "sqlite_same_chain_us": 1000}
+
+
+def per_message(fn: Callable[[int], None], count: int) -> float:
+    fn(max(count // 10, 1))  # warm up
+    start = time.perf_counter()
+    fn(count)
+    return (time.perf_counter() - start) / count * 1e6
+
+
+def pair(make_store: Callable[[str], ProtocolStore]) -> tuple[ProtocolEngine, ProtocolEngine]:
+    alice, bob = ProtocolEngine(make_store("alice")), ProtocolEngine(make_store("bob"))
+    alice.create_account("alice", 1)
+    bob.create_account("bob", 1)
+    alice.process_bundle("bob", bob.local_bundle(1))
+    bob.decrypt(ALICE, alice.encrypt(BOB, b"hello"))
+    alice.decrypt(BOB, bob.encrypt(ALICE, b"hi"))
+    return alice, bob
+
+
+def measure_ours(count: int) -> dict[str, float]:
+    alice, bob = pair(lambda _: MemoryProtocolStore())
+
+    def same_chain(n: int) -> None:
+        for _ in range(n):
+            bob.decrypt(ALICE, alice.encrypt(BOB, PLAINTEXT))
+
+    def ping_pong(n: int) -> None:
+        for _ in range(n // 2):
+            bob.decrypt(ALICE, alice.encrypt(BOB, PLAINTEXT))
+            alice.decrypt(BOB, bob.encrypt(ALICE, PLAINTEXT))
+
+    def session_setup(n: int) -> None:
+        for _ in range(n):
+            pair(lambda _: MemoryProtocolStore())
+
+    bob.group_process_distribution("g", ALICE, alice.group_distribution("g"))
+
+    def group(n: int) -> None:
+        for _ in range(n):
+            bob.group_decrypt("g", ALICE, alice.group_encrypt("g", PLAINTEXT))
+
+    results = {
+        "same_chain_us": per_message(same_chain, count),
+        "ping_pong_us": per_message(ping_pong, count),
+        "session_setup_us": per_message(session_setup, max(count // 20, 10)),
+        "group_us": per_message(group, count),
+    }
+    results["jump_reject_us"] = measure_jump_rejection(alice, bob)
+    results["sqlite_same_chain_us"] = measure_sqlite(count)
+    return results
+
+
+def measure_jump_rejection(alice: ProtocolEngine, bob: ProtocolEngine) -> float:
+    from axolotl.groups.state.senderkeyrecord import SenderKeyRecord
+    from axolotl.protocol.senderkeymessage import SenderKeyMessage
+
+    from e2ee.store import SenderKeyId
+
+    state = SenderKeyRecord(
+        serialized=alice.store.load_sender_key(SenderKeyId("g", ALICE))
+    ).getSenderKeyState()
+    hostile = bytes(
+        SenderKeyMessage(state.getKeyId(), 2**32 - 1, bytes(16), state.getSigningKeyPrivate()).serialize()
+    )
+    start = time.perf_counter()
+    try:
+        bob.group_decrypt("g", ALICE, hostile)
+    except SenderKeyJumpTooLarge:
+        pass
+    return (time.perf_counter() - start) * 1e6
+
+
+def measure_sqlite(count: int) -> float:
+    try:
+        from e2ee.store.sqlite import SQLiteProtocolStore
+    except ImportError:
+        return float("nan")
+    with tempfile.TemporaryDirectory() as tmp:
+        alice, bob = pair(lambda name: SQLiteProtocolStore.open(Path(tmp) / f"{name}.db"))
+
+        def same_chain(n: int) -> None:
+            for _ in range(n):
+                bob.decrypt(ALICE, alice.encrypt(BOB, PLAINTEXT))
+
+        # Each iteration is two transactions (sender and receiver): report per transaction
+        # pair, i.e. per message end to end, like the in-memory figure.
+        return per_message(same_chain, max(count // 4, 50))
+
+
+def measure_reference(count: int) -> dict[str, float] | None:
+    python = REFENV / "bin" / "python"
+    if not python.exists():
+        print("creating the reference virtualenv (stock python-axolotl, protobuf 3.20) ...")
+        subprocess.run([sys.executable, "-m", "venv", str(REFENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "python-axolotl==0.2.3", "protobuf==3.20.3"],
+            check=True,
+        )
+    out = subprocess.run(
+        [str(python), str(HERE / "_axolotl_reference.py"), str(count)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),  # never import this checkout's packages
+    )
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count", type=int, default=2000, help="messages per figure")
+    parser.add_argument("--no-reference", action="store_true", help="skip stock python-axolotl")
+    args = parser.parse_args()
+    from google.protobuf.internal import api_implementation
+
+    ours = measure_ours(args.count)
+    reference = None if args.no_reference else measure_reference(args.count)
+    print(f"e2ee on protobuf backend {api_implementation.Type()!r}; per message, 100-byte plaintext")
+    if reference:
+        print(f"reference: stock python-axolotl on protobuf backend {reference['protobuf_backend']!r}")
+    print(f"{'figure':28} {'e2ee us':>10} {'stock us':>10} {'speed-up':>9} {'target us':>10}")
+    for key, value in ours.items():
+        ref = reference.get(key) if reference else None
+        target = TARGETS.get(key)
+        print(
+            f"{key:28} {value:10.1f} {ref if ref is not None else float('nan'):10.1f} "
+            f"{(ref / value) if ref else float('nan'):9.2f} "
+            f"{target if target else '':>10} {'' if not target else ('ok' if value <= target else 'MISSED')}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,859 @@
+"""The SQLite protocol store: one file holds the keys, the sessions and the SDK's rows.
+
+Invariants:
+
+* Same semantics as :class:`e2ee.store.memory.MemoryProtocolStore`; the
+  conformance test in ``tests/store`` runs both. Where SQLite cannot hold what
+  the in-memory twin accepts (see :func:`check_app_row`), the commit is refused
+  with :class:`~e2ee.errors.StorageError` before anything is written; values are
+  never silently converted.
+* Every write is one :meth:`SQLiteProtocolStore.commit`: ``BEGIN IMMEDIATE`` ...
+  ``COMMIT`` on one connection, rolled back on any error, so a commit is applied
+  whole or not at all, also across a crash (WAL, ``synchronous=FULL``).
+* Every secret blob (the identity key pair, prekeys, signed prekeys, sessions,
+  sender keys) is sealed by :class:`~e2ee.store.sealing.Sealer` with the row's
+  table and primary key as associated data; a blob moved to another row fails
+  with :class:`~e2ee.errors.StoreCorrupt`. Identities, metadata and app rows are
+  stored in clear.
+* Opening never writes before the passphrase is checked: a wrong passphrase
+  leaves the file byte for byte as it was. Migrations run after that, in one
+  transaction, so the keyring table's layout must stay readable by every version.
+* One connection guarded by one re-entrant lock: safe to call from several
+  threads (the SDK calls from ``asyncio.to_thread`` workers).
+* Nothing untyped escapes: sqlite3, sqlite-utils and binding errors become
+  :class:`~e2ee.errors.StorageError` (:class:`~e2ee.errors.StoreCorrupt` for a
+  damaged file). Messages name tables and operations, never stored values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Final
+
+import sqlite_utils
+
+from e2ee.errors import E2EEError, StorageError, StoreCorrupt, UsageError
+from e2ee.store.memory import validate_changes
+from e2ee.store.protocols import (
+    AccountRecord,
+    Address,
+    Changes,
+    IdentityRecord,
+    SenderKeyId,
+    SignedPreKeyRow,
+    TrustLevel,
+)
+from e2ee.store.sealing import (
+    KDF_MODERATE,
+    KdfLimits,
+    Sealer,
+    WrappedKey,
+    create_key,
+    seal_context,
+    unlock,
+)
+
+__all__ = [
+    "APP_TABLE_PREFIX",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Migration",
+    "SQLiteProtocolStore",
+    "check_app_row",
+]
+
+#: App tables live under this prefix, so an SDK table can never collide with
+#: the store's own tables (``sessions``, ``meta``...) or SQLite's ``sqlite_*``.
+APP_TABLE_PREFIX: Final = "app_"
+
+_BUSY_TIMEOUT_S: Final = 5.0
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
+# Lower-case ASCII only: SQLite compares table and column names case-insensitively
+# ("History" and "history" are one table), the in-memory twin does not.
+_APP_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,59}")
+_APP_VALUE_TYPES: Final = (type(None), int, float, str, bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema step: brings a store from ``version - 1`` to ``version``.
+
+    ``apply`` runs inside the opening transaction, after the passphrase was
+    checked, with the store's sealer (for steps that must reseal blobs).
+    """
+
+    version: int
+    summary: str
+    apply: Callable[[sqlite3.Connection, Sealer], None]
+
+
+_V1_SCHEMA: Final = (
+    """CREATE TABLE schema_version (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    ) STRICT""",
+    # The keyring is read before migrations run (to check the passphrase first);
+    # later versions must keep this layout readable. One row.
+    """CREATE TABLE keyring (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        salt BLOB NOT NULL,
+        opslimit INTEGER NOT NULL,
+        memlimit INTEGER NOT NULL,
+        payload BLOB NOT NULL
+    ) STRICT""",
+    """CREATE TABLE account (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        name TEXT NOT NULL,
+        device_id INTEGER NOT NULL,
+        registration_id INTEGER NOT NULL,
+        identity_key_pair BLOB NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    ) STRICT""",
+    """CREATE TABLE prekeys (
+        prekey_id INTEGER PRIMARY KEY,
+        record BLOB NOT NULL
+    ) STRICT""",
+    """CREATE TABLE signed_prekeys (
+        prekey_id INTEGER PRIMARY KEY,
+        record BLOB NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    ) STRICT""",
+    # No CHECK on trust: validate_changes guards it, and a new trust level should
+    # not need a table rebuild (SQLite cannot alter a CHECK in place).
+    """CREATE TABLE identities (
+        name TEXT NOT NULL,
+        device_id INTEGER NOT NULL,
+        identity_key BLOB NOT NULL,
+        trust TEXT NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (name, device_id)
+    ) STRICT, WITHOUT ROWID""",
+    """CREATE TABLE sessions (
+        name TEXT NOT NULL,
+        device_id INTEGER NOT NULL,
+        record BLOB NOT NULL,
+        PRIMARY KEY (name, device_id)
+    ) STRICT, WITHOUT ROWID""",
+    """CREATE TABLE sender_keys (
+        group_id TEXT NOT NULL,
+        sender_name TEXT NOT NULL,
+        sender_device_id INTEGER NOT NULL,
+        record BLOB NOT NULL,
+        PRIMARY KEY (group_id, sender_name, sender_device_id)
+    ) STRICT, WITHOUT ROWID""",
+    """CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) STRICT, WITHOUT ROWID""",
+)
+
+
+def _migrate_v1(conn: sqlite3.Connection, sealer: Sealer) -> None:
+    del sealer  # the initial schema has nothing to reseal
+    for statement in _V1_SCHEMA:
+        conn.execute(statement)
+
+
+#: Every schema step, in order; ``MIGRATIONS[i].version == i + 1``. Append only:
+#: a store at version ``n`` is brought up to date by running the steps after ``n``.
+MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _migrate_v1),)
+#: The schema version this build writes.
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+class SQLiteProtocolStore:
+    """A :class:`~e2ee.store.protocols.ProtocolStore` in one SQLite file.
+
+    Create or open one with :meth:`open`; close it with :meth:`close` or use it
+    as a context manager.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, sealer: Sealer, path: str) -> None:
+        """Use :meth:`open`; this wraps an already configured and migrated connection."""
+        self._conn: sqlite3.Connection | None = conn
+        # recursive_triggers and plugins: nothing of ours needs them, and plugins
+        # would run foreign code on a connection that holds secrets.
+        self._db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+        self._sealer = sealer
+        self._path = path
+        self._lock = threading.RLock()
+        self._transactions = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        passphrase: str | None = None,
+        *,
+        kdf_limits: KdfLimits = KDF_MODERATE,
+    ) -> SQLiteProtocolStore:
+        """Open the store at ``path``, creating it (mode 0600) if it does not exist.
+
+        Args:
+            path: the database file. Its ``-wal`` and ``-shm`` companions live
+                next to it.
+            passphrase: protects the data key. None stores the key unprotected in
+                the file, so only file permissions protect the secrets.
+            kdf_limits: Argon2id cost used when this call creates the key. An
+                existing store uses the limits stored with its key.
+
+        Returns:
+            The open store, migrated to :data:`SCHEMA_VERSION`.
+
+        Raises:
+            WrongPassphrase: the passphrase does not open the store (or one was
+                given for an unprotected store, or none for a protected one).
+                The file is not changed.
+            StoreCorrupt: the file is not a database, or its keyring is damaged.
+            StorageError: the file cannot be opened, belongs to something else,
+                was written by a newer version, or another error occurred.
+            UsageError: ``path`` is ``":memory:"`` or empty, or the passphrase is empty.
+        """
+        where = os.fspath(path)
+        if where in ("", ":memory:"):
+            raise UsageError("give a file path; use MemoryProtocolStore for a store in memory")
+        if passphrase == "":
+            raise UsageError("the passphrase is empty; pass None to store the key unprotected")
+        with _storage_errors("open the store"):
+            _create_private_file(where)
+            conn = sqlite3.connect(
+                where, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        try:
+            with _storage_errors("open the store"):
+                sealer = _unlock_or_create(conn, passphrase, kdf_limits)
+            return cls(conn, sealer, where)
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection. Idempotent; later calls raise :class:`StorageError`."""
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                with _storage_errors("close the store"):
+                    conn.close()
+
+    def __enter__(self) -> SQLiteProtocolStore:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else "open"
+        return f"SQLiteProtocolStore(path={self._path!r}, {state})"
+
+    @property
+    def path(self) -> str:
+        """The database file."""
+        return self._path
+
+    @property
+    def transaction_count(self) -> int:
+        """Write transactions committed by :meth:`commit` through this object."""
+        return self._transactions
+
+    # -- reads --------------------------------------------------------------------------
+
+    def load_account(self) -> AccountRecord | None:
+        """The local account, or None before one was created.
+
+        Raises:
+            StoreCorrupt: the sealed key pair does not open.
+            StorageError: the store is closed or cannot be read.
+        """
+        row = self._one(
+            "SELECT name, device_id, registration_id, identity_key_pair, created_at_ms "
+            "FROM account WHERE id = 1"
+        )
+        if row is None:
+            return None
+        name, device_id, registration_id, sealed, created_at_ms = row
+        return AccountRecord(
+            name=name,
+            device_id=device_id,
+            registration_id=registration_id,
+            identity_key_pair=self._unseal(sealed, "account", 1),
+            created_at_ms=created_at_ms,
+        )
+
+    def load_prekey(self, prekey_id: int) -> bytes | None:
+        """A one-time prekey record, or None if unknown or used.
+
+        Raises:
+            StoreCorrupt: the sealed record does not open.
+            StorageError: the store is closed or cannot be read.
+        """
+        row = self._one("SELECT record FROM prekeys WHERE prekey_id = ?", (prekey_id,))
+        return None if row is None else self._unseal(row[0], "prekeys", prekey_id)
+
+    def prekey_ids(self) -> list[int]:
+        """Ids of the one-time prekeys still held, ascending.
+
+        Raises:
+            StorageError: the store is closed or cannot be read.
+        """
+        return [r[0] for r in self._all("SELECT prekey_id FROM prekeys ORDER BY prekey_id")]
+
+    def load_signed_prekey(self, prekey_id: int) -> SignedPreKeyRow | None:
+        """A signed prekey row, or None.
+
+        Raises:
+            StoreCorrupt: the sealed record does not open.
+            StorageError: the store is closed or cannot be read.
+        """
+        row = self._one(
+            "SELECT prekey_id, record, created_at_ms FROM signed_prekeys WHERE prekey_id = ?",
+            (prekey_id,),
+        )
+        return None if row is None else self._signed_row(row)
+
+    def signed_prekeys(self) -> list[SignedPreKeyRow]:
+        """All signed prekeys held, oldest first (by ``created_at_ms``, then id).
+
+        Raises:
+            StoreCorrupt: a sealed record does not open.
+            StorageError: the store is closed or cannot be read.
+        """
+        rows = self._all(
+            "SELECT prekey_id, record, created_at_ms FROM signed_prekeys "
+            "ORDER BY created_at_ms, prekey_id"
+        )
+        return [self._signed_row(r) for r in rows]
+
+    def load_identity(self, address: Address) -> IdentityRecord | None:
+        """The identity recorded for a remote device, or None.
+
+        Raises:
+            StoreCorrupt: the stored trust level is unknown.
+            StorageError: the store is closed or cannot be read.
+        """
+        row = self._one(
+            "SELECT identity_key, trust, updated_at_ms FROM identities "
+            "WHERE name = ? AND device_id = ?",
+            (address.name, address.device_id),
+        )
+        return None if row is None else _identity(row)
+
+    def identities(self, name: str) -> dict[Address, IdentityRecord]:
+        """All identities recorded for one user's devices.
+
+        Raises:
+            StoreCorrupt: a stored trust level is unknown.
+            StorageError: the store is closed or cannot be read.
+        """
+        rows = self._all(
+            "SELECT device_id, identity_key, trust, updated_at_ms FROM identities "
+            "WHERE name = ? ORDER BY device_id",
+            (name,),
+        )
+        return {Address(name, r[0]): _identity(r[1:]) for r in rows}
+
+    def load_session(self, address: Address) -> bytes | None:
+        """A session record, or None.
+
+        Raises:
+            StoreCorrupt: the sealed record does not open.
+            StorageError: the store is closed or cannot be read.
+        """
+        row = self._one(
+            "SELECT record FROM sessions WHERE name = ? AND device_id = ?",
+            (address.name, address.device_id),
+        )
+        if row is None:
+            return None
+        return self._unseal(row[0], "sessions", address.name, address.device_id)
+
+    def session_devices(self, name: str) -> list[int]:
+        """Device ids of ``name`` with a stored session, ascending.
+
+        Raises:
+            StorageError: the store is closed or cannot be read.
+        """
+        rows = self._all(
+            "SELECT device_id FROM sessions WHERE name = ? ORDER BY device_id", (name,)
+        )
+        return [r[0] for r in rows]
+
+    def load_sender_key(self, key_id: SenderKeyId) -> bytes | None:
+        """A sender key record, or None.
+
+        Raises:
+            StoreCorrupt: the sealed record does not open.
+            StorageError: the store is closed or cannot be read.
+        """
+        parts = (key_id.group_id, key_id.sender.name, key_id.sender.device_id)
+        row = self._one(
+            "SELECT record FROM sender_keys "
+            "WHERE group_id = ? AND sender_name = ? AND sender_device_id = ?",
+            parts,
+        )
+        return None if row is None else self._unseal(row[0], "sender_keys", *parts)
+
+    def get_meta(self, key: str) -> str | None:
+        """A small metadata value, or None.
+
+        Raises:
+            StorageError: the store is closed or cannot be read.
+        """
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else str(row[0])
+
+    def load_app_row(self, table: str, row_id: str) -> Mapping[str, Any] | None:
+        """A row written through :attr:`Changes.app_rows`, or None.
+
+        Every column of the table is present; a column the row was not written
+        with reads as None (see :func:`check_app_row`).
+
+        Raises:
+            StorageError: the store is closed or cannot be read.
+        """
+        if not isinstance(table, str) or not _APP_NAME.fullmatch(table):
+            return None  # no such table can have been written
+        name = APP_TABLE_PREFIX + table
+        with self._lock, _storage_errors("read an app row"):
+            conn = self._connection()
+            if not self._db.table(name).exists():
+                return None
+            cursor = conn.execute(
+                f"SELECT * FROM {_quote(name)} WHERE id = ?",  # noqa: S608  (checked name)
+                (row_id,),
+            )
+            found = cursor.fetchone()
+            if found is None:
+                return None
+            return {d[0]: v for d, v in zip(cursor.description, found, strict=True)}
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def commit(self, changes: Changes) -> None:
+        """Apply ``changes`` in one transaction: all of it or, on any error, none of it.
+
+        Args:
+            changes: what to write; checked by
+                :func:`~e2ee.store.memory.validate_changes` and
+                :func:`check_app_row` before anything is written.
+
+        Raises:
+            StorageError: the changes are malformed or cannot be stored, the store
+                is closed, or the write failed. Nothing was changed.
+        """
+        validate_changes(changes)
+        if changes.is_empty():
+            with self._lock:
+                self._connection()
+            return
+        with _storage_errors("prepare the commit"):
+            statements = self._statements(changes)
+            app_rows = [check_app_row(table, row) for table, row in changes.app_rows]
+        with self._lock, _storage_errors("commit"):
+            conn = self._connection()
+            with _transaction(conn):
+                for sql, params in statements:
+                    conn.executemany(sql, params)
+                for table, row in app_rows:
+                    self._put_app_row(table, row)
+            self._transactions += 1
+
+    def change_passphrase(
+        self, old: str | None, new: str | None, *, kdf_limits: KdfLimits = KDF_MODERATE
+    ) -> None:
+        """Add, change or remove the passphrase. Only the data key is rewrapped.
+
+        Args:
+            old: the current passphrase, or None if the store has none.
+            new: the new passphrase, or None to store the key unprotected.
+            kdf_limits: Argon2id cost for the new wrap.
+
+        Raises:
+            WrongPassphrase: ``old`` does not open the store. Nothing was changed.
+            StoreCorrupt: the stored key is not the one this store was opened with.
+            StorageError: the store is closed, the keyring changed meanwhile, or
+                the write failed. Nothing was changed.
+            UsageError: a passphrase is empty.
+        """
+        if new == "":
+            raise UsageError("the passphrase is empty; pass None to store the key unprotected")
+        with self._lock, _storage_errors("read the keyring"):
+            stored = _read_keyring(self._connection())
+        if stored is None:
+            raise StoreCorrupt("the store has no keyring")
+        # Argon2 runs without the lock, so other threads keep using the store.
+        if not unlock(stored, old).same_key(self._sealer):
+            raise StoreCorrupt("the keyring holds another key than the one in use")
+        wrapped = self._sealer.wrap_key(new, kdf_limits)
+        with self._lock, _storage_errors("change the passphrase"):
+            conn = self._connection()
+            with _transaction(conn):
+                if _read_keyring(conn) != stored:
+                    raise StorageError("the keyring changed meanwhile; try again")
+                _write_keyring(conn, wrapped)
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError("the store is closed")
+        return self._conn
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        with self._lock, _storage_errors("read"):
+            row: tuple[Any, ...] | None = self._connection().execute(sql, params).fetchone()
+            return row
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock, _storage_errors("read"):
+            rows: list[tuple[Any, ...]] = self._connection().execute(sql, params).fetchall()
+            return rows
+
+    def _seal(self, data: bytes, table: str, *key: str | int) -> bytes:
+        if not isinstance(data, bytes):
+            raise StorageError(f"a {table} record must be bytes")
+        try:
+            return self._sealer.seal(data, seal_context(table, *key))
+        except UsageError as exc:
+            raise StorageError(f"a {table} key cannot be stored") from exc
+
+    def _unseal(self, blob: object, table: str, *key: str | int) -> bytes:
+        if not isinstance(blob, bytes):
+            raise StoreCorrupt(f"a {table} record is not a sealed blob")
+        try:
+            return self._sealer.open(blob, seal_context(table, *key))
+        except StoreCorrupt as exc:
+            where = ", ".join(str(k) for k in key)
+            raise StoreCorrupt(f"sealed {table} record ({where}) does not open") from exc
+        except UsageError as exc:
+            raise StoreCorrupt(f"a {table} key cannot be read") from exc
+
+    def _signed_row(self, row: tuple[Any, ...]) -> SignedPreKeyRow:
+        prekey_id, sealed, created_at_ms = row
+        return SignedPreKeyRow(
+            prekey_id=prekey_id,
+            record=self._unseal(sealed, "signed_prekeys", prekey_id),
+            created_at_ms=created_at_ms,
+        )
+
+    def _statements(self, changes: Changes) -> list[tuple[str, list[tuple[Any, ...]]]]:
+        """Seal everything up front, so the write lock is held only for SQL.
+
+        Order per kind is put, then delete, as in the in-memory twin.
+        """
+        out: list[tuple[str, list[tuple[Any, ...]]]] = []
+
+        def add(sql: str, params: Iterable[tuple[Any, ...]]) -> None:
+            rows = list(params)
+            if rows:
+                out.append((sql, rows))
+
+        account = changes.account
+        if account is not None:
+            add(
+                "INSERT OR REPLACE INTO account (id, name, device_id, registration_id, "
+                "identity_key_pair, created_at_ms) VALUES (1, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        account.name,
+                        account.device_id,
+                        account.registration_id,
+                        self._seal(account.identity_key_pair, "account", 1),
+                        account.created_at_ms,
+                    )
+                ],
+            )
+        add(
+            "INSERT OR REPLACE INTO prekeys (prekey_id, record) VALUES (?, ?)",
+            ((pid, self._seal(rec, "prekeys", pid)) for pid, rec in changes.prekeys_put.items()),
+        )
+        add("DELETE FROM prekeys WHERE prekey_id = ?", ((pid,) for pid in changes.prekeys_delete))
+        for pid, signed in changes.signed_prekeys_put.items():
+            if signed.prekey_id != pid:
+                raise StorageError(f"signed prekey {pid} is filed under another id")
+        add(
+            "INSERT OR REPLACE INTO signed_prekeys (prekey_id, record, created_at_ms) "
+            "VALUES (?, ?, ?)",
+            (
+                (pid, self._seal(row.record, "signed_prekeys", pid), row.created_at_ms)
+                for pid, row in changes.signed_prekeys_put.items()
+            ),
+        )
+        add(
+            "DELETE FROM signed_prekeys WHERE prekey_id = ?",
+            ((pid,) for pid in changes.signed_prekeys_delete),
+        )
+        add(
+            "INSERT OR REPLACE INTO identities "
+            "(name, device_id, identity_key, trust, updated_at_ms) VALUES (?, ?, ?, ?, ?)",
+            (
+                (a.name, a.device_id, r.identity_key, r.trust, r.updated_at_ms)
+                for a, r in changes.identities_put.items()
+            ),
+        )
+        add(
+            "INSERT OR REPLACE INTO sessions (name, device_id, record) VALUES (?, ?, ?)",
+            (
+                (a.name, a.device_id, self._seal(rec, "sessions", a.name, a.device_id))
+                for a, rec in changes.sessions_put.items()
+            ),
+        )
+        add(
+            "DELETE FROM sessions WHERE name = ? AND device_id = ?",
+            ((a.name, a.device_id) for a in changes.sessions_delete),
+        )
+        add(
+            "INSERT OR REPLACE INTO sender_keys "
+            "(group_id, sender_name, sender_device_id, record) VALUES (?, ?, ?, ?)",
+            (
+                (
+                    k.group_id,
+                    k.sender.name,
+                    k.sender.device_id,
+                    self._seal(rec, "sender_keys", k.group_id, k.sender.name, k.sender.device_id),
+                )
+                for k, rec in changes.sender_keys_put.items()
+            ),
+        )
+        add(
+            "DELETE FROM sender_keys "
+            "WHERE group_id = ? AND sender_name = ? AND sender_device_id = ?",
+            ((k.group_id, k.sender.name, k.sender.device_id) for k in changes.sender_keys_delete),
+        )
+        add(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            changes.meta_put.items(),
+        )
+        return out
+
+    def _put_app_row(self, table: str, row: dict[str, Any]) -> None:
+        # The table and its columns are made here rather than by upsert(alter=True):
+        # sqlite-utils would type a new column from its first value, and SQLite's
+        # type affinity would then convert later values ("007" into 7 in an
+        # INTEGER column). STRICT with ANY columns keeps every value as written.
+        target = self._db.table(APP_TABLE_PREFIX + table)
+        if not target.exists():
+            target.create({"id": str}, pk="id", strict=True)
+        columns = set(target.columns_dict)
+        for column in row:
+            if column not in columns:
+                target.add_column(column, "ANY")
+        # Replace, not merge, as in the in-memory twin: columns the row leaves out
+        # are cleared.
+        target.upsert({**dict.fromkeys(columns), **row}, pk="id")
+
+
+def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Check one app row can be stored and read back exactly; return a plain copy.
+
+    What SQLite holds exactly, and so what this accepts: table and column names
+    that are lower-case ASCII identifiers (at most 60 characters); a ``str``
+    ``id``; values that are None, ``int`` (64-bit), ``float`` (not NaN), ``str``
+    or ``bytes``. ``bool``, containers and other objects are refused rather than
+    converted. A row replaces the stored row with its id; the table's other
+    columns read back as None.
+
+    Args:
+        table: the app table name (stored as ``app_<table>``).
+        row: the row, with an ``id``.
+
+    Returns:
+        ``(table, row)`` with the row copied into a plain dict.
+
+    Raises:
+        StorageError: the row cannot be stored exactly.
+    """
+    if not isinstance(table, str) or not _APP_NAME.fullmatch(table):
+        raise StorageError("an app table name is a lower-case ASCII identifier")
+    try:
+        copy = dict(row.items())
+    except Exception as exc:  # a caller's Mapping may raise anything; keep it typed
+        raise StorageError(f"app row for {table!r} cannot be read") from exc
+    for column, value in copy.items():
+        if not isinstance(column, str) or not _APP_NAME.fullmatch(column):
+            raise StorageError(f"app table {table!r}: a column name is a lower-case identifier")
+        if type(value) not in _APP_VALUE_TYPES:
+            raise StorageError(
+                f"app table {table!r}, column {column!r}: "
+                f"{type(value).__name__} values are not stored"
+            )
+        if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
+            raise StorageError(f"app table {table!r}, column {column!r}: int exceeds 64 bits")
+        if type(value) is float and math.isnan(value):
+            raise StorageError(f"app table {table!r}, column {column!r}: NaN is not stored")
+    if not isinstance(copy.get("id"), str):
+        raise StorageError(f"app row for {table!r} needs a str 'id'")
+    return table, copy
+
+
+# -- opening ------------------------------------------------------------------------------
+
+
+def _create_private_file(path: str) -> None:
+    """Create an empty database file readable by its owner only.
+
+    SQLite gives the -wal and -shm files the database file's permissions.
+    """
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+def _unlock_or_create(
+    conn: sqlite3.Connection, passphrase: str | None, limits: KdfLimits
+) -> Sealer:
+    version, stored = _probe(conn)
+    # The passphrase is checked (or the key made) before anything is written, and
+    # without holding a write lock while Argon2 runs.
+    if stored is None:
+        sealer, wrapped = create_key(passphrase, limits)
+    else:
+        sealer, wrapped = unlock(stored, passphrase), stored
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+    if mode is None or str(mode[0]).lower() != "wal":
+        raise StorageError("the file system does not support SQLite's WAL mode")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    # Overwrite deleted rows (used prekeys, old ratchet states) instead of leaving
+    # their sealed bytes in free pages.
+    conn.execute("PRAGMA secure_delete = ON")
+    with _transaction(conn):
+        again, now_stored = _probe(conn)
+        if (again, now_stored) != (version, stored):
+            raise StorageError("the store was changed by another process while opening")
+        for migration in MIGRATIONS[version:]:
+            migration.apply(conn, sealer)
+        if version < len(MIGRATIONS):
+            conn.execute(
+                "INSERT INTO schema_version (id, version) VALUES (1, ?) "
+                "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
+                (len(MIGRATIONS),),
+            )
+        if stored is None:
+            _write_keyring(conn, wrapped)
+    return sealer
+
+
+def _probe(conn: sqlite3.Connection) -> tuple[int, WrappedKey | None]:
+    """Read the schema version and the keyring without writing anything."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "schema_version" not in tables:
+        if tables:
+            raise StorageError("the file is an SQLite database, but not a Blindpost store")
+        return 0, None
+    row = conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
+    if row is None or not isinstance(row[0], int) or row[0] < 1:
+        raise StoreCorrupt("the store has no valid schema version")
+    version: int = row[0]
+    if version > len(MIGRATIONS):
+        raise StorageError(
+            f"the store has schema version {version}; this build reads up to {len(MIGRATIONS)}"
+        )
+    stored = _read_keyring(conn)
+    if stored is None:
+        # Never make a fresh key here: every sealed blob would become unreadable.
+        raise StoreCorrupt("the store has no keyring")
+    return version, stored
+
+
+def _read_keyring(conn: sqlite3.Connection) -> WrappedKey | None:
+    row = conn.execute(
+        "SELECT version, method, salt, opslimit, memlimit, payload FROM keyring WHERE id = 1"
+    ).fetchone()
+    if row is None:
+        return None
+    version, method, salt, opslimit, memlimit, payload = row
+    return WrappedKey(version, method, salt, opslimit, memlimit, payload)
+
+
+def _write_keyring(conn: sqlite3.Connection, wrapped: WrappedKey) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO keyring (id, version, method, salt, opslimit, memlimit, payload) "
+        "VALUES (1, ?, ?, ?, ?, ?, ?)",
+        (
+            wrapped.version,
+            wrapped.method,
+            wrapped.salt,
+            wrapped.opslimit,
+            wrapped.memlimit,
+            wrapped.payload,
+        ),
+    )
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _identity(row: Sequence[Any]) -> IdentityRecord:
+    identity_key, trust, updated_at_ms = row
+    if trust not in TrustLevel.ALL:
+        raise StoreCorrupt("a stored identity has an unknown trust level")
+    return IdentityRecord(identity_key=identity_key, trust=trust, updated_at_ms=updated_at_ms)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``; ``ROLLBACK`` on any exception, then re-raise.
+
+    IMMEDIATE takes the write lock up front, so a transaction never fails halfway
+    because another connection wrote first.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        # Some errors (SQLITE_FULL, SQLITE_IOERR) already rolled back.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+_CORRUPT_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+@contextlib.contextmanager
+def _storage_errors(action: str) -> Iterator[None]:
+    """Turn everything but our own errors into :class:`StorageError`.
+
+    SQLite's messages name tables, columns and constraints but never bound
+    values, so they are kept. Other exceptions (binding a lone surrogate, a
+    sqlite-utils complaint) may quote a value, so only their type is named;
+    the original stays chained for debugging.
+    """
+    try:
+        yield
+    except E2EEError:
+        raise
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code in _CORRUPT_CODES:
+            raise StoreCorrupt(f"cannot {action}: {exc}") from exc
+        raise StorageError(f"cannot {action}: {exc}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot {action}: {exc.strerror or type(exc).__name__}") from exc
+    except Exception as exc:
+        raise StorageError(f"cannot {action}: {type(exc).__name__}") from exc

@@ -1,0 +1,209 @@
+# Invariant: a RelayConfig is immutable and fully validated; precedence is
+# defaults < TOML file < environment (BLINDPOST_RELAY_<NAME>) < command-line flags.
+"""Relay settings: one frozen dataclass, loadable from TOML, environment and flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ENV_PREFIX", "SETTING_HELP", "ConfigError", "RelayConfig", "default_data_dir"]
+
+ENV_PREFIX = "BLINDPOST_RELAY_"
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has an invalid value."""
+
+
+def default_data_dir() -> Path:
+    """Return ``$XDG_DATA_HOME/blindpost-relay`` if XDG_DATA_HOME is set, else
+    ``./blindpost-relay-data``."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    if xdg:
+        return Path(xdg) / "blindpost-relay"
+    return Path("blindpost-relay-data")
+
+
+SETTING_HELP: dict[str, str] = {
+    "host": "address to listen on",
+    "port": "TCP port (0 picks a free one; the log line shows it)",
+    "data_dir": "directory for the SQLite database and blobs",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "auth_window_seconds": "max age/skew of a signed request timestamp",
+    "max_request_bytes": "max HTTP request body (blobs excepted) -> 413",
+    "max_message_bytes": "max message body -> 413",
+    "max_recipients": "max recipient devices per message",
+    "max_devices_per_user": "max devices per user",
+    "max_one_time_prekeys": "max one-time prekeys stored per device",
+    "max_blob_bytes": "max blob upload -> 413",
+    "mailbox_max_messages": "per-mailbox message quota -> 507",
+    "mailbox_max_bytes": "per-mailbox byte quota -> 507",
+    "message_ttl_seconds": "unacknowledged messages are deleted after this",
+    "blob_ttl_seconds": "blobs are deleted this long after their last upload",
+    "dedupe_window_seconds": "how long a message id is remembered for idempotent retries",
+    "sweep_interval_seconds": "how often the retention sweeper runs",
+    "ws_max_frame_bytes": "max client WebSocket frame -> close 1009",
+    "ws_max_outbound_bytes": "max unsent bytes per WebSocket -> close 4002",
+    "ws_heartbeat_seconds": "ping interval (0 disables); no pong within half -> disconnect",
+    "ws_idle_timeout_seconds": "nothing received for this long -> close 4004",
+    "header_timeout_seconds": "time allowed to send complete request headers",
+    "keepalive_timeout_seconds": "idle HTTP keep-alive connections are closed after this",
+    "shutdown_timeout_seconds": "grace period for in-flight requests on SIGTERM",
+    "registration_rate": "registrations per second per client IP (token refill)",
+    "registration_burst": "registration burst per client IP",
+    "send_rate": "messages per second per sending device",
+    "send_burst": "message burst per sending device",
+    "prekey_fetch_rate": "bundle fetches per second per (requester, target user)",
+    "prekey_fetch_burst": "bundle fetch burst per (requester, target user)",
+    "write_batch_max": "max write operations committed in one transaction",
+    "nonce_cache_max": "max remembered nonces (requests are refused with 503 beyond)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """All relay settings. See ``SETTING_HELP`` and docs/self-hosting.md."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = field(default_factory=default_data_dir)
+    log_level: str = "INFO"
+    auth_window_seconds: float = 60.0
+    max_request_bytes: int = 1024 * 1024
+    max_message_bytes: int = 256 * 1024
+    max_recipients: int = 2000
+    max_devices_per_user: int = 127
+    max_one_time_prekeys: int = 1000
+    max_blob_bytes: int = 100 * 1024 * 1024
+    mailbox_max_messages: int = 10_000
+    mailbox_max_bytes: int = 256 * 1024 * 1024
+    message_ttl_seconds: float = 30 * 86400.0
+    blob_ttl_seconds: float = 30 * 86400.0
+    dedupe_window_seconds: float = 86400.0
+    sweep_interval_seconds: float = 60.0
+    ws_max_frame_bytes: int = 1024 * 1024
+    ws_max_outbound_bytes: int = 1024 * 1024
+    ws_heartbeat_seconds: float = 30.0
+    ws_idle_timeout_seconds: float = 300.0
+    header_timeout_seconds: float = 10.0
+    keepalive_timeout_seconds: float = 75.0
+    shutdown_timeout_seconds: float = 10.0
+    registration_rate: float = 0.2
+    registration_burst: float = 20.0
+    send_rate: float = 2000.0
+    send_burst: float = 4000.0
+    prekey_fetch_rate: float = 0.2
+    prekey_fetch_burst: float = 10.0
+    write_batch_max: int = 2000
+    nonce_cache_max: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise ConfigError(f"{f.name} must not be negative")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port must be 0..65535")
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")
+        for name in (
+            "max_request_bytes",
+            "max_message_bytes",
+            "max_recipients",
+            "ws_max_frame_bytes",
+            "write_batch_max",
+            "auth_window_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+
+    def replace(self, **changes: Any) -> RelayConfig:
+        """Return a copy with ``changes`` applied (values are coerced and validated).
+
+        Raises:
+            ConfigError: unknown setting or bad value.
+        """
+        return dataclasses.replace(self, **_coerce_all(changes))
+
+    @classmethod
+    def load(
+        cls,
+        toml_path: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> RelayConfig:
+        """Build a config from defaults, a TOML file, the environment and explicit overrides.
+
+        Args:
+            toml_path: optional TOML file with top-level ``name = value`` settings (a
+                ``[relay]`` table is also accepted).
+            env: environment mapping (``BLINDPOST_RELAY_<NAME>``); ``os.environ`` if None.
+            overrides: highest-precedence values (command-line flags); None values are skipped.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ConfigError: unknown setting, unreadable file, or bad value.
+        """
+        values: dict[str, Any] = {}
+        if toml_path is not None:
+            try:
+                with open(toml_path, "rb") as fh:
+                    doc = tomllib.load(fh)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"cannot read config file {toml_path}: {exc}") from exc
+            table = doc.get("relay", doc)
+            if not isinstance(table, dict):
+                raise ConfigError("[relay] must be a table")
+            values.update(table)
+        env_map = os.environ if env is None else env
+        names = {f.name for f in fields(cls)}
+        for name in names:
+            raw = env_map.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = raw
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        return cls(**_coerce_all(values))
+
+
+_FIELD_TYPES: dict[str, Any] = {}
+
+
+def _coerce_all(values: Mapping[str, Any]) -> dict[str, Any]:
+    if not _FIELD_TYPES:
+        defaults = RelayConfig()
+        for f in fields(RelayConfig):
+            _FIELD_TYPES[f.name] = type(getattr(defaults, f.name))
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        kind = _FIELD_TYPES.get(key)
+        if kind is None:
+            raise ConfigError(f"unknown setting {key!r}")
+        out[key] = _coerce(key, kind, value)
+    return out
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    try:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: booleans are not accepted")
+        if issubclass(kind, Path):
+            return Path(str(value))
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ConfigError(f"{name} must be an integer")
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: invalid value {value!r}") from exc

@@ -1,0 +1,180 @@
+# Invariants:
+# * At most one registered connection per device; registering a new one evicts the old (4001).
+# * Live pushes never await: a frame is written to the transport at once, or the connection
+#   is closed as too slow (4002) when its unsent bytes exceed the bound. A slow reader
+#   therefore costs others nothing, and there is no per-connection task or queue.
+# * A connection receives DELIVER frames in strictly increasing seq: pushes are skipped while
+#   it drains its backlog (they are in the store) and any seq <= last sent is dropped.
+"""Registry of live WebSocket connections and the live-delivery fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from relay.metrics import Metrics
+from relay.store.base import Address, Delivery
+from relay.wire import encode_deliver
+
+__all__ = [
+    "CLOSE_DEVICE_REMOVED",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_IDLE",
+    "CLOSE_REPLACED",
+    "CLOSE_TOO_SLOW",
+    "Connection",
+    "Hub",
+    "frame_bytes",
+]
+
+log = logging.getLogger("relay.hub")
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_REPLACED = 4001
+CLOSE_TOO_SLOW = 4002
+CLOSE_DEVICE_REMOVED = 4003
+CLOSE_IDLE = 4004
+
+OPCODE_TEXT = 0x1
+OPCODE_BINARY = 0x2
+_CLOSE_TIMEOUT = 2.0
+
+
+def frame_bytes(opcode: int, payload: bytes) -> bytes:
+    """Encode one unmasked, unfragmented server-to-client WebSocket frame (RFC 6455 5.2)."""
+    n = len(payload)
+    first = 0x80 | opcode
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return struct.pack(">BBH", first, 126, n) + payload
+    return struct.pack(">BBQ", first, 127, n) + payload
+
+
+class Connection:
+    """The tiny per-socket state kept while a device is connected."""
+
+    __slots__ = ("addr", "closing", "last_seq", "live", "pending_max", "transport", "ws")
+
+    def __init__(self, addr: Address, ws: web.WebSocketResponse, transport: asyncio.Transport):
+        self.addr = addr
+        self.ws = ws
+        self.transport = transport
+        self.live = False
+        self.closing = False
+        self.last_seq = 0
+        self.pending_max = 0
+
+
+class Hub:
+    """Maps devices to their live connection and pushes committed messages.
+
+    Args:
+        metrics: counters to update.
+        max_outbound_bytes: unsent bytes above which a socket is closed with 4002.
+    """
+
+    def __init__(self, metrics: Metrics, max_outbound_bytes: int) -> None:
+        self._conns: dict[Address, Connection] = {}
+        self._metrics = metrics
+        self._max_outbound = max_outbound_bytes
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def attach(self, conn: Connection) -> None:
+        """Register ``conn`` as its device's live connection, evicting an older one (4001)."""
+        old = self._conns.get(conn.addr)
+        self._conns[conn.addr] = conn
+        self._metrics.ws_connections = len(self._conns)
+        if old is not None:
+            self.kick(old, CLOSE_REPLACED, "replaced by a newer connection")
+
+    def detach(self, conn: Connection) -> None:
+        """Unregister ``conn`` if it is still its device's registered connection."""
+        if self._conns.get(conn.addr) is conn:
+            del self._conns[conn.addr]
+            self._metrics.ws_connections = len(self._conns)
+
+    def get(self, addr: Address) -> Connection | None:
+        """Return the device's live connection, if any."""
+        return self._conns.get(addr)
+
+    def write(self, conn: Connection, opcode: int, payload: bytes) -> bool:
+        """Write one frame now, or close the connection as too slow.
+
+        Returns:
+            True if the frame was written.
+        """
+        if conn.closing:
+            return False
+        transport = conn.transport
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > self._max_outbound:
+            self._metrics.ws_slow_disconnects += 1
+            log.info("closing slow connection user=%s device=%d", conn.addr.user, conn.addr.device)
+            self.kick(conn, CLOSE_TOO_SLOW, "outbound buffer full")
+            return False
+        transport.write(frame_bytes(opcode, payload))
+        return True
+
+    def write_text(self, conn: Connection, text: str) -> bool:
+        """Write a text frame (see ``write``)."""
+        return self.write(conn, OPCODE_TEXT, text.encode("utf-8"))
+
+    def deliver(self, deliveries: Sequence[Delivery]) -> None:
+        """Push committed messages to live connections (called on the loop, commit order)."""
+        conns = self._conns
+        delivered = 0
+        for d in deliveries:
+            conn = conns.get(d.recipient)
+            if conn is None:
+                continue
+            seq = d.message.seq
+            if not conn.live:
+                if seq > conn.pending_max:
+                    conn.pending_max = seq
+                continue
+            if seq <= conn.last_seq:
+                continue
+            if self.write(conn, OPCODE_BINARY, encode_deliver(d.message)):
+                conn.last_seq = seq
+                delivered += 1
+        self._metrics.delivered += delivered
+
+    def kick(self, conn: Connection, code: int, reason: str) -> None:
+        """Close a connection with ``code`` in the background and unregister it."""
+        if conn.closing:
+            return
+        conn.closing = True
+        self.detach(conn)
+        task = asyncio.get_running_loop().create_task(self._close(conn, code, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def kick_device(self, addr: Address, code: int, reason: str) -> None:
+        """Close the device's live connection, if any."""
+        conn = self._conns.get(addr)
+        if conn is not None:
+            self.kick(conn, code, reason)
+
+    async def _close(self, conn: Connection, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(
+                conn.ws.close(code=code, message=reason.encode()), _CLOSE_TIMEOUT
+            )
+        except (TimeoutError, ConnectionError, RuntimeError):
+            conn.transport.abort()
+
+    async def close_all(self, code: int = CLOSE_GOING_AWAY) -> None:
+        """Close every connection with ``code`` (shutdown) and wait for the closes."""
+        for conn in list(self._conns.values()):
+            self.kick(conn, code, "relay shutting down")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

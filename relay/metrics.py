@@ -1,0 +1,56 @@
+# Invariant: metrics hold counts and sizes only, never identifiers, keys or bodies.
+"""Process-wide counters rendered in the Prometheus text exposition format."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from relay.store.base import StoreStats
+
+__all__ = ["Metrics"]
+
+
+@dataclass(slots=True)
+class Metrics:
+    """Mutable counters owned by the event loop thread."""
+
+    ws_connections: int = 0
+    delivered: int = 0
+    ws_slow_disconnects: int = 0
+    http_responses: Counter[int] = field(default_factory=Counter)
+
+    def render(self, stats: StoreStats) -> str:
+        """Return the Prometheus text for these counters plus the store's.
+
+        Args:
+            stats: current store counters.
+
+        Returns:
+            Text in the Prometheus exposition format (version 0.0.4).
+        """
+        lines = [
+            "# HELP blindpost_relay_ws_connections Live authenticated WebSocket connections.",
+            "# TYPE blindpost_relay_ws_connections gauge",
+            f"blindpost_relay_ws_connections {self.ws_connections}",
+            "# HELP blindpost_relay_messages_queued Mailbox entries waiting for an ack.",
+            "# TYPE blindpost_relay_messages_queued gauge",
+            f"blindpost_relay_messages_queued {stats.queued}",
+            "# HELP blindpost_relay_messages_accepted_total Messages durably accepted.",
+            "# TYPE blindpost_relay_messages_accepted_total counter",
+            f"blindpost_relay_messages_accepted_total {stats.accepted}",
+            "# HELP blindpost_relay_messages_delivered_total Message frames written to sockets.",
+            "# TYPE blindpost_relay_messages_delivered_total counter",
+            f"blindpost_relay_messages_delivered_total {self.delivered}",
+            "# HELP blindpost_relay_ws_slow_disconnects_total Sockets closed for not reading.",
+            "# TYPE blindpost_relay_ws_slow_disconnects_total counter",
+            f"blindpost_relay_ws_slow_disconnects_total {self.ws_slow_disconnects}",
+            "# HELP blindpost_relay_blob_bytes Bytes of stored blobs.",
+            "# TYPE blindpost_relay_blob_bytes gauge",
+            f"blindpost_relay_blob_bytes {stats.blob_bytes}",
+            "# HELP blindpost_relay_http_responses_total HTTP responses by status.",
+            "# TYPE blindpost_relay_http_responses_total counter",
+        ]
+        for status, n in sorted(self.http_responses.items()):
+            lines.append(f'blindpost_relay_http_responses_total{{status="{status}"}} {n}')
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,57 @@
+# Invariants: a bucket never holds more than ``burst`` tokens; memory is bounded by
+# ``max_keys`` (idle, full buckets are the first forgotten, which loses nothing since a full
+# bucket is the state of an unknown key). Time is passed in, never read here.
+"""Keyed token-bucket rate limiting with Retry-After computation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+from relay.errors import RateLimited
+
+__all__ = ["RateLimiter"]
+
+
+class RateLimiter:
+    """Token buckets keyed by any hashable (IP, device, (requester, target), ...).
+
+    Args:
+        rate: tokens refilled per second (0 disables the limiter).
+        burst: bucket capacity.
+        max_keys: bound on tracked keys.
+    """
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000) -> None:
+        self._rate = rate
+        self._burst = max(burst, 1.0)
+        self._max_keys = max_keys
+        self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def take(self, key: Hashable, now: float, cost: float = 1.0) -> None:
+        """Consume ``cost`` tokens for ``key`` at monotonic time ``now`` (seconds).
+
+        Raises:
+            RateLimited: not enough tokens; ``retry_after`` says when enough will be there.
+        """
+        if self._rate <= 0:
+            return
+        tokens, at = self._buckets.get(key, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - at) * self._rate)
+        if tokens < cost:
+            self._buckets[key] = (tokens, now)
+            wait = (cost - tokens) / self._rate
+            raise RateLimited(max(1, math.ceil(wait)))
+        if len(self._buckets) >= self._max_keys and key not in self._buckets:
+            self._prune(now)
+        self._buckets[key] = (tokens - cost, now)
+
+    def _prune(self, now: float) -> None:
+        full_after = self._burst / self._rate
+        stale = [k for k, (_, at) in self._buckets.items() if now - at >= full_after]
+        for k in stale:
+            del self._buckets[k]
+        if len(self._buckets) >= self._max_keys:
+            # Still full of active keys: forget the oldest half (they get a fresh burst).
+            for k in list(self._buckets)[: self._max_keys // 2]:
+                del self._buckets[k]

@@ -1,0 +1,260 @@
+# Invariants: the store holds only opaque bytes (ciphertext bodies, public keys); a write
+# method's awaitable resolves only after its transaction is durably committed; a failed write
+# changed nothing. Handlers depend on RelayStore alone, never on a concrete backend.
+"""The relay's storage contract (``RelayStore``) and the immutable values it exchanges."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "Address",
+    "Delivery",
+    "DeviceBundle",
+    "DeviceInfo",
+    "Envelope",
+    "KeyUpload",
+    "OneTimePrekey",
+    "RelayStore",
+    "SendReceipt",
+    "SignedPrekey",
+    "StoreStats",
+    "StoredMessage",
+    "SweepReport",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A device address: username and device id."""
+
+    user: str
+    device: int
+
+
+@dataclass(frozen=True, slots=True)
+class SignedPrekey:
+    """A signed prekey as uploaded (opaque to the relay)."""
+
+    id: int
+    public_key: bytes
+    signature: bytes
+
+    def __repr__(self) -> str:
+        return f"SignedPrekey(id={self.id})"
+
+
+@dataclass(frozen=True, slots=True)
+class OneTimePrekey:
+    """A one-time prekey as uploaded (opaque to the relay)."""
+
+    id: int
+    public_key: bytes
+
+    def __repr__(self) -> str:
+        return f"OneTimePrekey(id={self.id})"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyUpload:
+    """A validated ``PUT /v1/keys`` request."""
+
+    identity_key: bytes
+    registration_id: int
+    signed_prekey: SignedPrekey | None
+    one_time_prekeys: tuple[OneTimePrekey, ...]
+
+    def __repr__(self) -> str:
+        return f"KeyUpload(otpks={len(self.one_time_prekeys)})"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBundle:
+    """One device's prekey bundle as handed out to a requester."""
+
+    device_id: int
+    registration_id: int
+    identity_key: bytes
+    signed_prekey: SignedPrekey
+    one_time_prekey: OneTimePrekey | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """A registered device as listed to its own user."""
+
+    device_id: int
+    created_at: int
+    has_keys: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A validated send request: 16-byte message id, recipient devices, opaque body."""
+
+    message_id: bytes
+    recipients: tuple[Address, ...]
+    body: bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"Envelope(id={self.message_id.hex()}, recipients={len(self.recipients)}, "
+            f"size={len(self.body)})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SendReceipt:
+    """The result of an accepted (or deduplicated) send; identical on every retry."""
+
+    message_id: bytes
+    recipients: int
+    stored_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as it sits in one mailbox."""
+
+    seq: int
+    message_id: bytes
+    sender: Address
+    stored_at: int
+    body: bytes
+
+    def __repr__(self) -> str:
+        return f"StoredMessage(seq={self.seq}, id={self.message_id.hex()}, size={len(self.body)})"
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A committed message for one recipient device, handed to the live-delivery listener."""
+
+    recipient: Address
+    message: StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What one retention sweep removed."""
+
+    messages: int
+    blobs: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Cheap counters for /metrics."""
+
+    queued: int
+    accepted: int
+    blob_bytes: int
+
+
+DeliveryListener = Callable[[Sequence[Delivery]], None]
+
+
+class RelayStore(Protocol):
+    """Async storage for accounts, prekeys, mailboxes and blob metadata.
+
+    Write methods resolve after a durable commit. Every method raises only ``RelayError``
+    subclasses (``StorageError`` when the backend fails).
+    """
+
+    def set_delivery_listener(self, listener: DeliveryListener | None) -> None:
+        """Register the callback that receives committed deliveries, on the event loop.
+
+        Args:
+            listener: called with each committed batch's deliveries, in commit order.
+        """
+
+    async def open(self) -> None:
+        """Open the backend (create the schema if needed)."""
+
+    async def close(self) -> None:
+        """Commit every write already submitted, then release resources."""
+
+    def stats(self) -> StoreStats:
+        """Return current counters (no I/O)."""
+
+    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        """Register ``addr.user`` with its first device.
+
+        Raises:
+            Conflict: ``username_taken``.
+        """
+
+    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        """Add a device to an existing user.
+
+        Raises:
+            NotFound: ``unknown_user``.
+            Conflict: ``device_exists`` or ``too_many_devices``.
+        """
+
+    async def list_devices(self, user: str) -> list[DeviceInfo]:
+        """List a user's devices sorted by id (empty for an unknown user)."""
+
+    async def remove_device(self, addr: Address) -> None:
+        """Remove a device with its mailbox and keys.
+
+        Raises:
+            NotFound: ``unknown_device``.
+        """
+
+    async def auth_key(self, addr: Address) -> bytes | None:
+        """Return the device's Ed25519 public auth key, or None if it is not registered."""
+
+    async def upload_keys(self, addr: Address, upload: KeyUpload) -> int:
+        """Store prekeys for a device and return its one-time prekey count.
+
+        Raises:
+            BadRequest: first upload without a signed prekey.
+            Conflict: ``identity_mismatch`` or ``prekey_pool_full``.
+            NotFound: the device vanished.
+        """
+
+    async def prekey_count(self, addr: Address) -> int:
+        """Return the number of one-time prekeys stored for a device."""
+
+    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+        """Hand out bundles; each one-time prekey is removed as it is handed out.
+
+        Raises:
+            NotFound: ``unknown_user`` or (for one device) ``unknown_device``.
+        """
+
+    def submit_send(
+        self, sender: Address, envelope: Envelope, now_ms: int
+    ) -> asyncio.Future[SendReceipt]:
+        """Store a message once for all recipients; the future resolves after commit.
+
+        Raises (through the future):
+            MismatchedDevices, Conflict (``message_id_conflict``), MailboxFull, StorageError.
+        """
+
+    async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
+        """Remove acknowledged messages from the device's own mailbox; return rows removed."""
+
+    async def fetch_mailbox(
+        self, addr: Address, after_seq: int, limit: int, max_bytes: int
+    ) -> list[StoredMessage]:
+        """Return up to ``limit`` messages with seq > ``after_seq`` in seq order.
+
+        At least one message is returned when any is waiting, even if it exceeds ``max_bytes``.
+        """
+
+    async def mailbox_count(self, addr: Address) -> int:
+        """Return the number of messages waiting in a device's mailbox."""
+
+    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+        """Record (or refresh) blob metadata; return True when the blob is new."""
+
+    async def blob_exists(self, blob_id: str) -> bool:
+        """Return True when the blob's metadata is stored."""
+
+    async def sweep(self, now_ms: int) -> SweepReport:
+        """Delete expired messages, tombstones and blob metadata (bounded work per call)."""

@@ -1,0 +1,816 @@
+# Invariants:
+# * One writer thread owns the only write connection. Concurrent write requests are queued and
+#   committed together in one transaction (group commit); each caller's future resolves only
+#   after COMMIT returned with synchronous=FULL in WAL mode, i.e. after fsync.
+# * The writer's in-memory caches (directory, mailbox quotas, sequence counters) are exact
+#   because no other connection writes; any unexpected failure clears them (they reload lazily).
+# * A write operation validates everything before its first statement that changes data, so a
+#   typed error (409, 507, ...) leaves the batch's transaction untouched.
+# * Reads use separate read-only connections on a small thread pool; WAL lets them run beside
+#   the writer and see every transaction committed before they start.
+# * Only opaque bytes are stored: ciphertext bodies and public keys.
+"""SQLite implementation of ``RelayStore`` with a single group-committing writer thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.errors import (
+    BadRequest,
+    Conflict,
+    MailboxFull,
+    MismatchedDevices,
+    NotFound,
+    RelayError,
+    StorageError,
+)
+from relay.store.base import (
+    Address,
+    Delivery,
+    DeliveryListener,
+    DeviceBundle,
+    DeviceInfo,
+    Envelope,
+    KeyUpload,
+    OneTimePrekey,
+    SendReceipt,
+    SignedPrekey,
+    StoredMessage,
+    StoreStats,
+    SweepReport,
+)
+
+__all__ = ["SCHEMA_VERSION", "SqliteLimits", "SqliteRelayStore"]
+
+log = logging.getLogger("relay.store")
+
+SCHEMA_VERSION = 1
+_SWEEP_CHUNK = 5000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS users(
+    pk INTEGER PRIMARY KEY, username TEXT NOT NULL UNIQUE, created_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS devices(
+    pk INTEGER PRIMARY KEY, user_pk INTEGER NOT NULL, device_id INTEGER NOT NULL,
+    auth_key BLOB NOT NULL, created_ms INTEGER NOT NULL,
+    registration_id INTEGER, identity_key BLOB, spk_id INTEGER, spk_pub BLOB, spk_sig BLOB,
+    UNIQUE(user_pk, device_id));
+CREATE TABLE IF NOT EXISTS otpks(
+    device_pk INTEGER NOT NULL, key_id INTEGER NOT NULL, public_key BLOB NOT NULL,
+    PRIMARY KEY(device_pk, key_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS messages(
+    pk INTEGER PRIMARY KEY, msg_id BLOB NOT NULL UNIQUE, sender TEXT NOT NULL,
+    sender_device INTEGER NOT NULL, stored_ms INTEGER NOT NULL, n_recipients INTEGER NOT NULL,
+    remaining INTEGER NOT NULL, size INTEGER NOT NULL, body BLOB);
+CREATE INDEX IF NOT EXISTS messages_stored ON messages(stored_ms);
+CREATE TABLE IF NOT EXISTS mailbox(
+    device_pk INTEGER NOT NULL, seq INTEGER NOT NULL, msg_pk INTEGER NOT NULL,
+    PRIMARY KEY(device_pk, seq)) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS mailbox_msg ON mailbox(msg_pk, device_pk);
+CREATE TABLE IF NOT EXISTS blobs(
+    id TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_ms INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
+"""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteLimits:
+    """Quotas and retention enforced by the store."""
+
+    max_devices_per_user: int = 127
+    max_one_time_prekeys: int = 1000
+    mailbox_max_messages: int = 10_000
+    mailbox_max_bytes: int = 256 * 1024 * 1024
+    message_ttl_ms: int = 30 * 86400 * 1000
+    blob_ttl_ms: int = 30 * 86400 * 1000
+    dedupe_window_ms: int = 86400 * 1000
+    write_batch_max: int = 2000
+
+
+def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    if readonly:
+        conn.execute("PRAGMA query_only=1")
+    else:
+        conn.execute("PRAGMA wal_autocheckpoint=4000")
+    return conn
+
+
+@dataclass(slots=True)
+class _UserEntry:
+    pk: int
+    devices: dict[int, int] = field(default_factory=dict)  # device_id -> device pk
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+
+
+class _WriterState:
+    """Everything the writer thread owns: the connection and exact caches."""
+
+    def __init__(self, conn: sqlite3.Connection, limits: SqliteLimits) -> None:
+        self.conn = conn
+        self.limits = limits
+        self.users: dict[str, _UserEntry] = {}
+        self.quota: dict[int, list[int]] = {}  # device pk -> [count, bytes]
+        self.deliveries: list[Delivery] = []
+        row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
+        self.seq = int(row[0]) if row else 0
+        self.seq_dirty = False
+        row = conn.execute("SELECT max(pk) FROM messages").fetchone()
+        self.next_msg_pk = int(row[0] or 0) + 1
+        self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
+        self.accepted = 0
+        self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
+
+    def reset_caches(self) -> None:
+        self.users.clear()
+        self.quota.clear()
+        self.deliveries.clear()
+        conn = self.conn
+        self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
+        self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
+        row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
+        self.seq = max(self.seq, int(row[0]) if row else 0)
+        row = conn.execute("SELECT max(pk) FROM messages").fetchone()
+        self.next_msg_pk = max(self.next_msg_pk, int(row[0] or 0) + 1)
+
+    # -- caches --------------------------------------------------------------------------
+
+    def user(self, username: str) -> _UserEntry | None:
+        entry = self.users.get(username)
+        if entry is not None:
+            return entry
+        row = self.conn.execute("SELECT pk FROM users WHERE username=?", (username,)).fetchone()
+        if row is None:
+            return None
+        entry = _UserEntry(int(row[0]))
+        for dev_id, dev_pk in self.conn.execute(
+            "SELECT device_id, pk FROM devices WHERE user_pk=?", (entry.pk,)
+        ):
+            entry.devices[int(dev_id)] = int(dev_pk)
+        if len(self.users) > 200_000:
+            self.users.clear()
+        self.users[username] = entry
+        return entry
+
+    def device_pk(self, addr: Address) -> int | None:
+        entry = self.user(addr.user)
+        return None if entry is None else entry.devices.get(addr.device)
+
+    def mailbox_usage(self, device_pk: int) -> list[int]:
+        usage = self.quota.get(device_pk)
+        if usage is None:
+            row = self.conn.execute(
+                "SELECT count(*), coalesce(sum(m.size),0) FROM mailbox mb "
+                "JOIN messages m ON m.pk = mb.msg_pk WHERE mb.device_pk=?",
+                (device_pk,),
+            ).fetchone()
+            usage = [int(row[0]), int(row[1])]
+            if len(self.quota) > 200_000:
+                self.quota.clear()
+            self.quota[device_pk] = usage
+        return usage
+
+    # -- accounts ------------------------------------------------------------------------
+
+    def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        if self.user(addr.user) is not None:
+            raise Conflict("username is taken", code="username_taken")
+        cur = self.conn.execute(
+            "INSERT INTO users(username, created_ms) VALUES (?, ?)", (addr.user, now_ms)
+        )
+        user_pk = int(cur.lastrowid or 0)
+        cur = self.conn.execute(
+            "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) VALUES (?,?,?,?)",
+            (user_pk, addr.device, auth_key, now_ms),
+        )
+        self.users[addr.user] = _UserEntry(user_pk, {addr.device: int(cur.lastrowid or 0)})
+
+    def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        entry = self.user(addr.user)
+        if entry is None:
+            raise NotFound("unknown user", code="unknown_user")
+        if addr.device in entry.devices:
+            raise Conflict("device id already registered", code="device_exists")
+        if len(entry.devices) >= self.limits.max_devices_per_user:
+            raise Conflict("too many devices", code="too_many_devices")
+        cur = self.conn.execute(
+            "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) VALUES (?,?,?,?)",
+            (entry.pk, addr.device, auth_key, now_ms),
+        )
+        entry.devices[addr.device] = int(cur.lastrowid or 0)
+
+    def remove_device(self, addr: Address) -> None:
+        entry = self.user(addr.user)
+        dev_pk = None if entry is None else entry.devices.get(addr.device)
+        if entry is None or dev_pk is None:
+            raise NotFound("unknown device", code="unknown_device")
+        conn = self.conn
+        msg_pks = [
+            (int(r[0]),)
+            for r in conn.execute("SELECT msg_pk FROM mailbox WHERE device_pk=?", (dev_pk,))
+        ]
+        conn.executemany(
+            "UPDATE messages SET remaining = remaining - 1, "
+            "body = CASE WHEN remaining <= 1 THEN NULL ELSE body END WHERE pk=?",
+            msg_pks,
+        )
+        conn.execute("DELETE FROM mailbox WHERE device_pk=?", (dev_pk,))
+        conn.execute("DELETE FROM otpks WHERE device_pk=?", (dev_pk,))
+        conn.execute("DELETE FROM devices WHERE pk=?", (dev_pk,))
+        del entry.devices[addr.device]
+        self.quota.pop(dev_pk, None)
+        self.queued -= len(msg_pks)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def upload_keys(self, addr: Address, upload: KeyUpload) -> int:
+        dev_pk = self.device_pk(addr)
+        if dev_pk is None:
+            raise NotFound("unknown device", code="unknown_device")
+        conn = self.conn
+        row = conn.execute(
+            "SELECT identity_key, spk_id FROM devices WHERE pk=?", (dev_pk,)
+        ).fetchone()
+        stored_identity, spk_id = row
+        if stored_identity is not None and bytes(stored_identity) != upload.identity_key:
+            raise Conflict("a different identity key is registered", code="identity_mismatch")
+        if spk_id is None and upload.signed_prekey is None:
+            raise BadRequest("the first upload must include signed_prekey")
+        existing = int(
+            conn.execute("SELECT count(*) FROM otpks WHERE device_pk=?", (dev_pk,)).fetchone()[0]
+        )
+        new_ids = {k.id for k in upload.one_time_prekeys}
+        if new_ids:
+            marks = ",".join("?" * len(new_ids))
+            already = int(
+                conn.execute(
+                    f"SELECT count(*) FROM otpks WHERE device_pk=? AND key_id IN ({marks})",  # noqa: S608
+                    (dev_pk, *new_ids),
+                ).fetchone()[0]
+            )
+        else:
+            already = 0
+        total = existing + len(new_ids) - already
+        if total > self.limits.max_one_time_prekeys:
+            raise Conflict("too many one-time prekeys stored", code="prekey_pool_full")
+        conn.execute(
+            "UPDATE devices SET identity_key=?, registration_id=? WHERE pk=?",
+            (upload.identity_key, upload.registration_id, dev_pk),
+        )
+        spk = upload.signed_prekey
+        if spk is not None:
+            conn.execute(
+                "UPDATE devices SET spk_id=?, spk_pub=?, spk_sig=? WHERE pk=?",
+                (spk.id, spk.public_key, spk.signature, dev_pk),
+            )
+        conn.executemany(
+            "INSERT OR REPLACE INTO otpks(device_pk, key_id, public_key) VALUES (?,?,?)",
+            [(dev_pk, k.id, k.public_key) for k in upload.one_time_prekeys],
+        )
+        return total
+
+    def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+        entry = self.user(user)
+        if entry is None:
+            raise NotFound("unknown user", code="unknown_user")
+        if device is not None:
+            dev_pk = entry.devices.get(device)
+            targets = [] if dev_pk is None else [(device, dev_pk)]
+        else:
+            targets = sorted(entry.devices.items())
+        conn = self.conn
+        bundles: list[DeviceBundle] = []
+        for dev_id, dev_pk in targets:
+            row = conn.execute(
+                "SELECT registration_id, identity_key, spk_id, spk_pub, spk_sig "
+                "FROM devices WHERE pk=?",
+                (dev_pk,),
+            ).fetchone()
+            if row is None or row[1] is None or row[2] is None:
+                continue
+            otpk_row = conn.execute(
+                "SELECT key_id, public_key FROM otpks WHERE device_pk=? ORDER BY key_id LIMIT 1",
+                (dev_pk,),
+            ).fetchone()
+            otpk = None
+            if otpk_row is not None:
+                conn.execute(
+                    "DELETE FROM otpks WHERE device_pk=? AND key_id=?", (dev_pk, otpk_row[0])
+                )
+                otpk = OneTimePrekey(int(otpk_row[0]), bytes(otpk_row[1]))
+            bundles.append(
+                DeviceBundle(
+                    device_id=dev_id,
+                    registration_id=int(row[0]),
+                    identity_key=bytes(row[1]),
+                    signed_prekey=SignedPrekey(int(row[2]), bytes(row[3]), bytes(row[4])),
+                    one_time_prekey=otpk,
+                )
+            )
+        if device is not None and not bundles:
+            raise NotFound("unknown device or no keys uploaded", code="unknown_device")
+        return bundles
+
+    # -- messages ------------------------------------------------------------------------
+
+    def send(self, sender: Address, env: Envelope, now_ms: int) -> SendReceipt:
+        conn = self.conn
+        row = conn.execute(
+            "SELECT sender, sender_device, n_recipients, stored_ms FROM messages WHERE msg_id=?",
+            (env.message_id,),
+        ).fetchone()
+        if row is not None:
+            if row[0] != sender.user or int(row[1]) != sender.device:
+                raise Conflict("message id used by another sender", code="message_id_conflict")
+            return SendReceipt(env.message_id, int(row[2]), int(row[3]))
+        # Validate the device lists, user by user.
+        wanted: dict[str, set[int]] = {}
+        for r in env.recipients:
+            wanted.setdefault(r.user, set()).add(r.device)
+        unknown: list[str] = []
+        missing: dict[str, list[int]] = {}
+        stale: dict[str, list[int]] = {}
+        targets: list[tuple[Address, int]] = []
+        for user, devs in wanted.items():
+            entry = self.user(user)
+            if entry is None:
+                unknown.append(user)
+                continue
+            registered = set(entry.devices)
+            if user == sender.user:
+                registered.discard(sender.device)
+            if devs != registered:
+                if registered - devs:
+                    missing[user] = sorted(registered - devs)
+                if devs - registered:
+                    stale[user] = sorted(devs - registered)
+                continue
+            for d in devs:
+                targets.append((Address(user, d), entry.devices[d]))
+        if unknown or missing or stale:
+            raise MismatchedDevices(unknown, missing, stale)
+        size = len(env.body)
+        lim = self.limits
+        full = []
+        for addr, dev_pk in targets:
+            usage = self.mailbox_usage(dev_pk)
+            if usage[0] + 1 > lim.mailbox_max_messages or usage[1] + size > lim.mailbox_max_bytes:
+                full.append((addr.user, addr.device))
+        if full:
+            raise MailboxFull(sorted(full))
+        msg_pk = self.next_msg_pk
+        conn.execute(
+            "INSERT INTO messages(pk, msg_id, sender, sender_device, stored_ms, n_recipients, "
+            "remaining, size, body) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                msg_pk,
+                env.message_id,
+                sender.user,
+                sender.device,
+                now_ms,
+                len(targets),
+                len(targets),
+                size,
+                env.body,
+            ),
+        )
+        self.next_msg_pk = msg_pk + 1
+        rows = []
+        seq = self.seq
+        for addr, dev_pk in targets:
+            seq += 1
+            rows.append((dev_pk, seq, msg_pk))
+            usage = self.quota[dev_pk]
+            usage[0] += 1
+            usage[1] += size
+            self.deliveries.append(
+                Delivery(addr, StoredMessage(seq, env.message_id, sender, now_ms, env.body))
+            )
+        conn.executemany("INSERT INTO mailbox(device_pk, seq, msg_pk) VALUES (?,?,?)", rows)
+        self.seq = seq
+        self.seq_dirty = True
+        self.queued += len(targets)
+        self.accepted += 1
+        return SendReceipt(env.message_id, len(targets), now_ms)
+
+    def ack(self, addr: Address, ids: Sequence[bytes]) -> int:
+        dev_pk = self.device_pk(addr)
+        if dev_pk is None:
+            return 0
+        conn = self.conn
+        removed = 0
+        usage = self.quota.get(dev_pk)
+        for mid in ids:
+            row = conn.execute("SELECT pk, size FROM messages WHERE msg_id=?", (mid,)).fetchone()
+            if row is None:
+                continue
+            cur = conn.execute(
+                "DELETE FROM mailbox WHERE msg_pk=? AND device_pk=?", (row[0], dev_pk)
+            )
+            if cur.rowcount:
+                conn.execute(
+                    "UPDATE messages SET remaining = remaining - 1, "
+                    "body = CASE WHEN remaining <= 1 THEN NULL ELSE body END WHERE pk=?",
+                    (row[0],),
+                )
+                removed += 1
+                if usage is not None:
+                    usage[0] -= 1
+                    usage[1] -= int(row[1])
+        self.queued -= removed
+        return removed
+
+    # -- blobs and retention -------------------------------------------------------------
+
+    def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+        cur = self.conn.execute("UPDATE blobs SET stored_ms=? WHERE id=?", (now_ms, blob_id))
+        if cur.rowcount:
+            return False
+        self.conn.execute(
+            "INSERT INTO blobs(id, size, stored_ms) VALUES (?,?,?)", (blob_id, size, now_ms)
+        )
+        self.blob_bytes += size
+        return True
+
+    def sweep(self, now_ms: int) -> SweepReport:
+        conn = self.conn
+        lim = self.limits
+        cutoff = now_ms - lim.message_ttl_ms
+        expired = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT pk FROM messages WHERE stored_ms < ? ORDER BY stored_ms LIMIT ?",
+                (cutoff, _SWEEP_CHUNK),
+            )
+        ]
+        removed_rows = 0
+        for pk in expired:
+            removed_rows += conn.execute("DELETE FROM mailbox WHERE msg_pk=?", (pk,)).rowcount
+        conn.executemany("DELETE FROM messages WHERE pk=?", [(pk,) for pk in expired])
+        tomb_cutoff = now_ms - lim.dedupe_window_ms
+        conn.execute(
+            "DELETE FROM messages WHERE pk IN (SELECT pk FROM messages WHERE stored_ms < ? "
+            "AND remaining <= 0 LIMIT ?)",
+            (tomb_cutoff, _SWEEP_CHUNK),
+        )
+        blob_rows = conn.execute(
+            "SELECT id, size FROM blobs WHERE stored_ms < ? LIMIT ?",
+            (now_ms - lim.blob_ttl_ms, _SWEEP_CHUNK),
+        ).fetchall()
+        conn.executemany("DELETE FROM blobs WHERE id=?", [(r[0],) for r in blob_rows])
+        self.blob_bytes -= sum(int(r[1]) for r in blob_rows)
+        if removed_rows:
+            self.quota.clear()
+            self.queued -= removed_rows
+        return SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows))
+
+
+class SqliteRelayStore:
+    """``RelayStore`` on SQLite (WAL, synchronous=FULL) with group commit.
+
+    Args:
+        path: database file (created with its directory if missing).
+        limits: quotas and retention.
+        read_threads: size of the read connection pool.
+    """
+
+    def __init__(self, path: Path, limits: SqliteLimits | None = None, read_threads: int = 2):
+        self._path = Path(path)
+        self._limits = limits or SqliteLimits()
+        self._read_threads = read_threads
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._state: _WriterState | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: DeliveryListener | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader_lock = threading.Lock()
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def set_delivery_listener(self, listener: DeliveryListener | None) -> None:
+        """Register the live-delivery callback (see ``RelayStore``)."""
+        self._listener = listener
+
+    async def open(self) -> None:
+        """Create the schema and start the writer thread.
+
+        Raises:
+            StorageError: the database cannot be opened or has a newer schema.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = _connect(self._path, readonly=False)
+            conn.executescript(_SCHEMA)
+            row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO meta(k, v) VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StorageError(f"database schema {row[0]} is newer than {SCHEMA_VERSION}")
+            conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('seq', 0)")
+            self._state = _WriterState(conn, self._limits)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open database: {exc}") from exc
+        self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="relay-read")
+        self._thread = threading.Thread(target=self._run_writer, name="relay-writer", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        """Commit all submitted writes, stop the writer and close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+        with self._reader_lock:
+            for conn in self._reader_conns:
+                conn.close()
+            self._reader_conns.clear()
+        if self._state is not None:
+            try:
+                self._state.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                log.warning("checkpoint at close failed")
+            self._state.conn.close()
+
+    def stats(self) -> StoreStats:
+        """Return current counters (read without locking; values are ints)."""
+        st = self._state
+        if st is None:
+            return StoreStats(0, 0, 0)
+        return StoreStats(st.queued, st.accepted, st.blob_bytes)
+
+    # -- writer machinery ----------------------------------------------------------------
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        if self._closed or self._loop is None:
+            raise StorageError("store is closed")
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Op(fn, args, fut))
+        return fut
+
+    def _run_writer(self) -> None:
+        st = self._state
+        assert st is not None
+        max_batch = self._limits.write_batch_max
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(st, batch)
+
+    def _run_batch(self, st: _WriterState, batch: list[_Op]) -> None:
+        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            st.conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                try:
+                    results.append((op.future, True, op.fn(*op.args)))
+                except RelayError as exc:
+                    results.append((op.future, False, exc))
+            if st.seq_dirty:
+                st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
+                st.seq_dirty = False
+            st.conn.execute("COMMIT")
+        except Exception:
+            log.exception("write batch of %d failed; retrying one by one", len(batch))
+            self._rollback(st)
+            if len(batch) > 1:
+                for op in batch:
+                    self._run_batch(st, [op])
+                return
+            results = [(batch[0].future, False, StorageError("storage failure"))]
+        deliveries = st.deliveries
+        st.deliveries = []
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._complete, results, deliveries)
+        except RuntimeError:
+            log.warning("event loop closed before results were delivered")
+
+    def _rollback(self, st: _WriterState) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            st.conn.execute("ROLLBACK")
+        st.seq_dirty = False
+        st.reset_caches()
+
+    def _complete(
+        self, results: list[tuple[asyncio.Future[Any], bool, Any]], deliveries: list[Delivery]
+    ) -> None:
+        if deliveries and self._listener is not None:
+            try:
+                self._listener(deliveries)
+            except Exception:
+                log.exception("delivery listener failed")
+        for fut, ok, value in results:
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    # -- reader machinery ----------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self._path, readonly=True)
+            self._local.conn = conn
+            with self._reader_lock:
+                self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._readers is None or self._closed:
+            raise StorageError("store is closed")
+
+        def run() -> T:
+            try:
+                return fn(self._reader())
+            except sqlite3.Error as exc:
+                raise StorageError(f"read failed: {type(exc).__name__}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._readers, run)
+
+    # -- RelayStore API ------------------------------------------------------------------
+
+    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        """See ``RelayStore.create_account``."""
+        assert self._state is not None
+        await self._submit(self._state.create_account, addr, auth_key, now_ms)
+
+    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        """See ``RelayStore.add_device``."""
+        assert self._state is not None
+        await self._submit(self._state.add_device, addr, auth_key, now_ms)
+
+    async def remove_device(self, addr: Address) -> None:
+        """See ``RelayStore.remove_device``."""
+        assert self._state is not None
+        await self._submit(self._state.remove_device, addr)
+
+    async def list_devices(self, user: str) -> list[DeviceInfo]:
+        """See ``RelayStore.list_devices``."""
+
+        def q(conn: sqlite3.Connection) -> list[DeviceInfo]:
+            return [
+                DeviceInfo(int(r[0]), int(r[1]), r[2] is not None)
+                for r in conn.execute(
+                    "SELECT d.device_id, d.created_ms, d.spk_id FROM devices d "
+                    "JOIN users u ON u.pk = d.user_pk WHERE u.username=? ORDER BY d.device_id",
+                    (user,),
+                )
+            ]
+
+        return await self._read(q)
+
+    async def auth_key(self, addr: Address) -> bytes | None:
+        """See ``RelayStore.auth_key``."""
+
+        def q(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT d.auth_key FROM devices d JOIN users u ON u.pk = d.user_pk "
+                "WHERE u.username=? AND d.device_id=?",
+                (addr.user, addr.device),
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._read(q)
+
+    async def upload_keys(self, addr: Address, upload: KeyUpload) -> int:
+        """See ``RelayStore.upload_keys``."""
+        assert self._state is not None
+        return await self._submit(self._state.upload_keys, addr, upload)
+
+    async def prekey_count(self, addr: Address) -> int:
+        """See ``RelayStore.prekey_count``."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM otpks WHERE device_pk = (SELECT d.pk FROM devices d "
+                "JOIN users u ON u.pk = d.user_pk WHERE u.username=? AND d.device_id=?)",
+                (addr.user, addr.device),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._read(q)
+
+    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+        """See ``RelayStore.fetch_bundles``."""
+        assert self._state is not None
+        return await self._submit(self._state.fetch_bundles, user, device)
+
+    def submit_send(
+        self, sender: Address, envelope: Envelope, now_ms: int
+    ) -> asyncio.Future[SendReceipt]:
+        """See ``RelayStore.submit_send``."""
+        assert self._state is not None
+        return self._submit(self._state.send, sender, envelope, now_ms)
+
+    async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
+        """See ``RelayStore.ack``."""
+        assert self._state is not None
+        return await self._submit(self._state.ack, addr, tuple(message_ids))
+
+    async def fetch_mailbox(
+        self, addr: Address, after_seq: int, limit: int, max_bytes: int
+    ) -> list[StoredMessage]:
+        """See ``RelayStore.fetch_mailbox``."""
+
+        def q(conn: sqlite3.Connection) -> list[StoredMessage]:
+            out: list[StoredMessage] = []
+            total = 0
+            for seq, mid, sender, sdev, stored, body in conn.execute(
+                "SELECT mb.seq, m.msg_id, m.sender, m.sender_device, m.stored_ms, m.body "
+                "FROM mailbox mb JOIN messages m ON m.pk = mb.msg_pk "
+                "WHERE mb.device_pk = (SELECT d.pk FROM devices d JOIN users u "
+                "ON u.pk = d.user_pk WHERE u.username=? AND d.device_id=?) AND mb.seq > ? "
+                "ORDER BY mb.seq LIMIT ?",
+                (addr.user, addr.device, after_seq, limit),
+            ):
+                data = bytes(body) if body is not None else b""
+                if out and total + len(data) > max_bytes:
+                    break
+                total += len(data)
+                out.append(
+                    StoredMessage(
+                        int(seq), bytes(mid), Address(sender, int(sdev)), int(stored), data
+                    )
+                )
+            return out
+
+        return await self._read(q)
+
+    async def mailbox_count(self, addr: Address) -> int:
+        """See ``RelayStore.mailbox_count``."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM mailbox WHERE device_pk = (SELECT d.pk FROM devices d "
+                "JOIN users u ON u.pk = d.user_pk WHERE u.username=? AND d.device_id=?)",
+                (addr.user, addr.device),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._read(q)
+
+    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+        """See ``RelayStore.put_blob``."""
+        assert self._state is not None
+        return await self._submit(self._state.put_blob, blob_id, size, now_ms)
+
+    async def blob_exists(self, blob_id: str) -> bool:
+        """See ``RelayStore.blob_exists``."""
+
+        def q(conn: sqlite3.Connection) -> bool:
+            return conn.execute("SELECT 1 FROM blobs WHERE id=?", (blob_id,)).fetchone() is not None
+
+        return await self._read(q)
+
+    async def sweep(self, now_ms: int) -> SweepReport:
+        """See ``RelayStore.sweep``."""
+        assert self._state is not None
+        return await self._submit(self._state.sweep, now_ms)
