@@ -31,6 +31,7 @@ __all__ = [
     "OP_DELIVER",
     "OP_SEND",
     "PUBLIC_KEY_LEN",
+    "RESERVED_USERNAMES",
     "SIGNATURE_LEN",
     "USERNAME_RE",
     "b64d",
@@ -97,6 +98,9 @@ def parse_username(value: Any, what: str = "username") -> str:
     if not isinstance(value, str) or USERNAME_RE.fullmatch(value) is None:
         raise BadRequest(f"{what} must match ^[a-z0-9_]{{3,32}}$", code="invalid_username")
     return value
+
+
+RESERVED_USERNAMES = frozenset({"count"})
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:

@@ -28,6 +28,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import re
@@ -139,19 +140,21 @@ _V1_SCHEMA: Final = (
         updated_at_ms INTEGER NOT NULL,
         PRIMARY KEY (name, device_id)
     ) STRICT, WITHOUT ROWID""",
+    # Sessions and sender keys are rowid tables: their 1-3 KB records are too big
+    # for WITHOUT ROWID's clustered layout to pay off.
     """CREATE TABLE sessions (
         name TEXT NOT NULL,
         device_id INTEGER NOT NULL,
         record BLOB NOT NULL,
         PRIMARY KEY (name, device_id)
-    ) STRICT, WITHOUT ROWID""",
+    ) STRICT""",
     """CREATE TABLE sender_keys (
         group_id TEXT NOT NULL,
         sender_name TEXT NOT NULL,
         sender_device_id INTEGER NOT NULL,
         record BLOB NOT NULL,
         PRIMARY KEY (group_id, sender_name, sender_device_id)
-    ) STRICT, WITHOUT ROWID""",
+    ) STRICT""",
     """CREATE TABLE meta (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -189,6 +192,10 @@ class SQLiteProtocolStore:
         self._path = path
         self._lock = threading.RLock()
         self._transactions = 0
+        # Column names of app tables as last committed, valid while SQLite's
+        # schema cookie is unchanged (another connection could alter a table).
+        self._app_columns: dict[str, tuple[str, ...]] = {}
+        self._schema_cookie = -1
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -433,7 +440,10 @@ class SQLiteProtocolStore:
         name = APP_TABLE_PREFIX + table
         with self._lock, _storage_errors("read an app row"):
             conn = self._connection()
-            if not self._db.table(name).exists():
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+            ).fetchone()
+            if exists is None:
                 return None
             cursor = conn.execute(
                 f"SELECT * FROM {_quote(name)} WHERE id = ?",  # noqa: S608  (checked name)
@@ -468,11 +478,17 @@ class SQLiteProtocolStore:
             app_rows = [check_app_row(table, row) for table, row in changes.app_rows]
         with self._lock, _storage_errors("commit"):
             conn = self._connection()
+            touched: dict[str, tuple[str, ...]] = {}
             with _transaction(conn):
                 for sql, params in statements:
                     conn.executemany(sql, params)
-                for table, row in app_rows:
-                    self._put_app_row(table, row)
+                if app_rows:
+                    self._check_schema_cookie(conn)
+                    for table, row in app_rows:
+                        self._put_app_row(conn, table, row, touched)
+                    self._schema_cookie = _schema_cookie(conn)
+            # Only now: a rolled-back transaction also rolled back its ALTERs.
+            self._app_columns.update(touched)
             self._transactions += 1
 
     def change_passphrase(
@@ -510,6 +526,12 @@ class SQLiteProtocolStore:
                 _write_keyring(conn, wrapped)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _check_schema_cookie(self, conn: sqlite3.Connection) -> None:
+        cookie = _schema_cookie(conn)
+        if cookie != self._schema_cookie:
+            self._app_columns.clear()
+            self._schema_cookie = cookie
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -643,21 +665,36 @@ class SQLiteProtocolStore:
         )
         return out
 
-    def _put_app_row(self, table: str, row: dict[str, Any]) -> None:
-        # The table and its columns are made here rather than by upsert(alter=True):
-        # sqlite-utils would type a new column from its first value, and SQLite's
-        # type affinity would then convert later values ("007" into 7 in an
-        # INTEGER column). STRICT with ANY columns keeps every value as written.
-        target = self._db.table(APP_TABLE_PREFIX + table)
-        if not target.exists():
-            target.create({"id": str}, pk="id", strict=True)
-        columns = set(target.columns_dict)
-        for column in row:
-            if column not in columns:
-                target.add_column(column, "ANY")
+    def _put_app_row(
+        self,
+        conn: sqlite3.Connection,
+        table: str,
+        row: dict[str, Any],
+        touched: dict[str, tuple[str, ...]],
+    ) -> None:
+        # sqlite-utils makes the table and its columns; upsert(alter=True) is not
+        # used for two reasons. It types a new column from its first value, and
+        # SQLite's type affinity then converts later values ("007" becomes 7 in an
+        # INTEGER column); STRICT tables with ANY columns keep every value as
+        # written. And its per-call introspection cost about 0.3 ms a row, a third
+        # of the per-message budget; the statement below is cached per column set.
+        name = APP_TABLE_PREFIX + table
+        columns = touched.get(table) or self._app_columns.get(table)
+        if columns is None:
+            columns = tuple(
+                r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (name,))
+            )
+        if not columns:
+            self._db.table(name).create({"id": str}, pk="id", strict=True)
+            columns = ("id",)
+        missing = tuple(c for c in row if c not in columns)
+        for column in missing:
+            self._db.table(name).add_column(column, "ANY")
+        columns += missing
+        touched[table] = columns
         # Replace, not merge, as in the in-memory twin: columns the row leaves out
         # are cleared.
-        target.upsert({**dict.fromkeys(columns), **row}, pk="id")
+        conn.execute(_upsert_sql(name, columns), [row.get(c) for c in columns])
 
 
 def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -812,6 +849,23 @@ def _identity(row: Sequence[Any]) -> IdentityRecord:
 
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _schema_cookie(conn: sqlite3.Connection) -> int:
+    row = conn.execute("PRAGMA schema_version").fetchone()
+    return int(row[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _upsert_sql(table: str, columns: tuple[str, ...]) -> str:
+    names = ", ".join(_quote(c) for c in columns)
+    marks = ", ".join("?" for _ in columns)
+    updates = ", ".join(f"{_quote(c)} = excluded.{_quote(c)}" for c in columns if c != "id")
+    action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+    return (
+        f"INSERT INTO {_quote(table)} ({names}) VALUES ({marks}) "  # noqa: S608  (checked names)
+        f'ON CONFLICT ("id") {action}'
+    )
 
 
 @contextlib.contextmanager

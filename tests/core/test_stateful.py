@@ -169,13 +169,14 @@ class OneToOne(RuleBasedStateMachine):
         if letter is not None:
             self.in_flight.append(letter)
 
-    @rule(first=st.sampled_from(["alice", "bob"]))
-    def round_trip(self, first: str) -> None:
-        """A prompt message and a prompt answer: moves the DH ratchet a step on each side."""
-        for sender in (first, "bob" if first == "alice" else "alice"):
-            letter = self._send(sender)
-            if letter is not None:
-                self._deliver(letter)
+    @rule(first=st.sampled_from(["alice", "bob"]), turns=st.integers(1, RECEIVER_CHAINS + 1))
+    def chat(self, first: str, turns: int) -> None:
+        """Prompt messages and prompt answers: each turn moves the DH ratchet on both sides."""
+        for _ in range(turns):
+            for sender in (first, "bob" if first == "alice" else "alice"):
+                letter = self._send(sender)
+                if letter is not None:
+                    self._deliver(letter)
 
     @precondition(lambda self: self.in_flight)
     @rule(index=INDEX)
@@ -184,6 +185,14 @@ class OneToOne(RuleBasedStateMachine):
         if any(other.number < self.in_flight[position].number for other in self.in_flight):
             event("1:1 delivered ahead of an older message")
         self._deliver(self.in_flight.pop(position))
+
+    @precondition(lambda self: len(self.in_flight) > 1)
+    @rule(data=st.data())
+    def flush(self, data: st.DataObject) -> None:
+        """The network hands over everything it holds, in any order."""
+        letters, self.in_flight = self.in_flight, []
+        for position in data.draw(st.permutations(range(len(letters)))):
+            self._deliver(letters[position])
 
     @precondition(lambda self: self.in_flight)
     @rule(index=INDEX)
@@ -259,7 +268,7 @@ class Group(RuleBasedStateMachine):
             self._distribute(sender)
         if not in_flight:
             for parcel in list(self.in_flight):
-                self.deliver(self.in_flight.index(parcel))
+                self._deliver(parcel)
 
     def _post(self, sender: str, body: bytes, plaintext: bytes | None) -> None:
         for receiver in MEMBERS:
@@ -326,18 +335,15 @@ class Group(RuleBasedStateMachine):
         self._post(sender, self.peers[sender].engine.group_encrypt(GROUP, plaintext), plaintext)
 
     @precondition(lambda self: min(self.generation.values()) < MAX_ROTATIONS)
-    @rule(sender=st.sampled_from(MEMBERS))
-    def rotate(self, sender: str) -> None:
-        if self.generation[sender] >= MAX_ROTATIONS:
-            return
+    @rule(data=st.data())
+    def rotate(self, data: st.DataObject) -> None:
+        """A member left: the sender forgets its key and distributes a new one."""
+        sender = data.draw(st.sampled_from([m for m in MEMBERS if self.generation[m] < MAX_ROTATIONS]))
         self.peers[sender].engine.group_rotate(GROUP)
         self.generation[sender] += 1
         self._distribute(sender)
 
-    @precondition(lambda self: self.in_flight)
-    @rule(index=INDEX)
-    def deliver(self, index: int) -> None:
-        parcel = self.in_flight[index % len(self.in_flight)]
+    def _deliver(self, parcel: Parcel) -> None:
         held = self.held[parcel.receiver][parcel.sender]
         if parcel.plaintext is None:
             self._attempt(parcel, None)
@@ -356,6 +362,19 @@ class Group(RuleBasedStateMachine):
             event("group message decrypted")
         self.in_flight.remove(parcel)
         self.delivered.append(parcel)
+
+    @precondition(lambda self: self.in_flight)
+    @rule(index=INDEX)
+    def deliver(self, index: int) -> None:
+        self._deliver(self.in_flight[index % len(self.in_flight)])
+
+    @precondition(lambda self: len(self.in_flight) > 1)
+    @rule(data=st.data())
+    def flush(self, data: st.DataObject) -> None:
+        """The network hands over everything it holds, in any order."""
+        parcels = list(self.in_flight)
+        for position in data.draw(st.permutations(range(len(parcels)))):
+            self._deliver(parcels[position])
 
     @precondition(lambda self: self.in_flight)
     @rule(index=INDEX)
