@@ -1,0 +1,94 @@
+"""Our faster replacements return exactly what python-axolotl's originals return."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from axolotl.ecc.curve import Curve
+from axolotl.ecc.djbec import DjbECPublicKey
+from axolotl.invalidkeyexception import InvalidKeyException
+from axolotl.kdf.hkdfv3 import HKDFv3
+from axolotl.state.sessionrecord import SessionRecord
+from axolotl.state.sessionstate import SessionState
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import e2ee  # noqa: F401
+from e2ee.core import fastpath
+
+ORIGINAL = fastpath.ORIGINALS
+
+
+def original(name: str) -> Any:
+    value = ORIGINAL[name]
+    return value.__func__ if isinstance(value, staticmethod) else value
+
+
+def test_every_replacement_is_installed() -> None:
+    assert set(ORIGINAL) == {
+        "Curve.decodePoint",
+        "DjbECPublicKey.serialize",
+        "HKDFv3.deriveSecrets",
+        "HKDF.createFor",
+        "SessionState.getReceiverChain",
+    }
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=32, max_size=32), st.integers(0, 3), st.binary(max_size=4))
+def test_decode_point_matches_original(key: bytes, offset: int, tail: bytes) -> None:
+    data = bytes([5] * (offset + 1)) + key + tail
+    ours = Curve.decodePoint(bytearray(data), offset)
+    theirs = original("Curve.decodePoint")(bytearray(data), offset)
+    assert ours.getPublicKey() == theirs.getPublicKey()
+    assert ours.serialize() == original("DjbECPublicKey.serialize")(theirs)
+
+
+@given(st.binary(max_size=40))
+def test_decode_point_refuses_what_cannot_be_a_key(data: bytes) -> None:
+    if len(data) >= 33 and data[0] == 5:
+        return
+    with pytest.raises((InvalidKeyException, IndexError)):
+        Curve.decodePoint(bytearray(data), 0)
+
+
+@settings(max_examples=300)
+@given(
+    st.binary(min_size=1, max_size=64),
+    st.binary(max_size=40),
+    st.integers(1, 255),
+    st.one_of(st.none(), st.binary(min_size=1, max_size=32)),
+)
+def test_hkdf_matches_original(ikm: bytes, info: bytes, length: int, salt: bytes | None) -> None:
+    kdf = HKDFv3()
+    ours = kdf.deriveSecrets(bytearray(ikm), bytearray(info), length, salt)
+    theirs = original("HKDFv3.deriveSecrets")(kdf, bytearray(ikm), bytearray(info), length, salt)
+    assert ours == theirs
+
+
+def test_receiver_chain_lookup_matches_original() -> None:
+    from e2ee.core.engine import ProtocolEngine
+    from e2ee.store import Address, MemoryProtocolStore
+
+    alice, bob = ProtocolEngine(MemoryProtocolStore()), ProtocolEngine(MemoryProtocolStore())
+    alice.create_account("alice", 1)
+    bob.create_account("bob", 1)
+    alice.process_bundle("bob", bob.local_bundle(1))
+    a, b = Address("alice", 1), Address("bob", 1)
+    for _ in range(4):  # several DH steps: several receiver chains
+        bob.decrypt(a, alice.encrypt(b, b"x"))
+        alice.decrypt(b, bob.encrypt(a, b"y"))
+    state: SessionState = SessionRecord(serialized=bob.store.load_session(a)).getSessionState()
+    chains = list(state.sessionStructure.receiverChains)
+    assert len(chains) >= 2
+    for chain in chains:
+        key = Curve.decodePoint(bytearray(chain.senderRatchetKey), 0)
+        ours, theirs = (
+            state.getReceiverChain(key),
+            original("SessionState.getReceiverChain")(state, key),
+        )
+        assert ours is not None and theirs is not None and ours[1] == theirs[1]
+    stranger = DjbECPublicKey(bytes(32))
+    assert state.getReceiverChain(stranger) is None
+    assert original("SessionState.getReceiverChain")(state, stranger) is None
