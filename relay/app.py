@@ -189,10 +189,10 @@ async def _errors(
         if exc.status < 400:
             raise
         code = _HTTP_ERRORS.get(exc.status, "http_error")
+        keep = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
         resp = web.json_response(
-            {"error": code, "message": exc.reason}, status=exc.status, headers=exc.headers
+            {"error": code, "message": exc.reason}, status=exc.status, headers=keep
         )
-        resp.headers["Content-Type"] = "application/json; charset=utf-8"
     except (asyncio.CancelledError, ConnectionError):
         raise
     except Exception:

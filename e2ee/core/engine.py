@@ -44,6 +44,7 @@ from axolotl.sessioncipher import SessionCipher
 from axolotl.state.signedprekeyrecord import SignedPreKeyRecord
 from axolotl.untrustedidentityexception import UntrustedIdentityException
 from google.protobuf.message import DecodeError
+from nacl.exceptions import CryptoError
 
 from e2ee.core import wire
 from e2ee.core.keys import (
@@ -114,6 +115,7 @@ _AXOLOTL_ERRORS: tuple[type[BaseException], ...] = (
     NoSessionException,
     UntrustedIdentityException,
     DecodeError,
+    CryptoError,
     ValueError,
     TypeError,
     IndexError,
@@ -189,7 +191,7 @@ def _translate(exc: BaseException, who: str) -> E2EEError:
         return UntrustedIdentity(who)
     if isinstance(exc, InvalidKeyIdException):
         return MissingKey(f"{who}: message names a key we do not hold")
-    if isinstance(exc, InvalidKeyException):
+    if isinstance(exc, InvalidKeyException | CryptoError):
         return InvalidKey(f"{who}: invalid key")
     return InvalidMessage(f"{who}: {type(exc).__name__}")
 
@@ -521,9 +523,9 @@ class ProtocolEngine:
             known = self._store.load_identity(address)
             if known is not None and known.trust == TrustLevel.UNTRUSTED:
                 raise UntrustedIdentity(str(address))
-            if self._store.load_session(address) is None:
-                raise NoSession(str(address))
             staged = self._staged(address.device_id, receiving=False)
+            if not staged.containsSession(address.name, address.device_id):
+                raise NoSession(str(address))
             cipher = SessionCipher(staged, staged, staged, staged, address.name, address.device_id)
             with _axolotl_errors(address):
                 message = cipher.encrypt(plaintext)
@@ -717,7 +719,8 @@ class ProtocolEngine:
             with _axolotl_errors(sender):
                 state = record.getSenderKeyState(message.getKeyId())
                 current = state.getSenderChainKey().getIteration()
-                message.verifySignature(state.getSigningKeyPublic())
+            # Checked before python-axolotl verifies the signature and derives keys:
+            # a hostile claim costs nothing, whoever signed it.
             jump = message.getIteration() - current
             if jump > MAX_SENDER_KEY_JUMP:
                 raise SenderKeyJumpTooLarge(str(sender), jump, MAX_SENDER_KEY_JUMP)

@@ -189,11 +189,13 @@ class StagedStore:
 
     def containsSession(self, recepientId: str, deviceId: int) -> bool:
         address = Address(recepientId, deviceId)
-        if address in self._sessions:
-            return bool(self._sessions[address].getSessionState().hasSenderChain())
-        if address in self._sessions_deleted:
-            return False
-        return self._base.load_session(address) is not None
+        if address not in self._sessions:
+            data = None if address in self._sessions_deleted else self._base.load_session(address)
+            if data is None:
+                return False
+            # Keep the parsed record: python-axolotl loads it right after asking.
+            self._sessions[address] = SessionRecord(serialized=data)
+        return bool(self._sessions[address].getSessionState().hasSenderChain())
 
     def storeSession(self, recepientId: str, deviceId: int, sessionRecord: SessionRecord) -> None:
         address = Address(recepientId, deviceId)

@@ -139,7 +139,7 @@ class RelayRejected(TransportError):
 
 
 class InvalidRequest(RelayRejected):
-    """400: the relay considers the request malformed (``invalid_request``, ``digest_mismatch``...)."""
+    """400: the relay found the request malformed (``invalid_request``, ``digest_mismatch``)."""
 
 
 class AuthFailed(RelayRejected):
@@ -244,9 +244,7 @@ def _device_map(value: object) -> dict[str, tuple[int, ...]]:
         return out
     for user, devices in value.items():
         if isinstance(user, str) and isinstance(devices, list):
-            out[user] = tuple(
-                d for d in devices if isinstance(d, int) and not isinstance(d, bool)
-            )
+            out[user] = tuple(d for d in devices if isinstance(d, int) and not isinstance(d, bool))
     return out
 
 

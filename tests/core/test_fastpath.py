@@ -27,6 +27,8 @@ def original(name: str) -> Any:
 
 def test_every_replacement_is_installed() -> None:
     assert set(ORIGINAL) == {
+        "Curve.generatePublicKey",
+        "Curve.calculateAgreement",
         "Curve.decodePoint",
         "DjbECPublicKey.serialize",
         "HKDFv3.deriveSecrets",
@@ -92,3 +94,27 @@ def test_receiver_chain_lookup_matches_original() -> None:
     stranger = DjbECPublicKey(bytes(32))
     assert state.getReceiverChain(stranger) is None
     assert original("SessionState.getReceiverChain")(state, stranger) is None
+
+
+@settings(max_examples=200)
+@given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32))
+def test_x25519_matches_python_axolotl_curve25519(private_seed: bytes, peer_seed: bytes) -> None:
+    import axolotl_curve25519 as donna
+    from axolotl.ecc.djbec import DjbECPrivateKey
+
+    peer_public = donna.generatePublicKey(donna.generatePrivateKey(peer_seed))
+    for private in (donna.generatePrivateKey(private_seed), private_seed):  # clamped or not
+        assert Curve.generatePublicKey(private) == donna.generatePublicKey(private)
+        ours = Curve.calculateAgreement(DjbECPublicKey(peer_public), DjbECPrivateKey(private))
+        assert ours == donna.calculateAgreement(private, peer_public)
+
+
+def test_low_order_point_is_an_invalid_key() -> None:
+    from axolotl.ecc.djbec import DjbECPrivateKey
+
+    from e2ee.core.engine import _axolotl_errors
+    from e2ee.errors import InvalidKey
+
+    private = DjbECPrivateKey(bytes([8]) + bytes(30) + bytes([64]))
+    with pytest.raises(InvalidKey), _axolotl_errors("peer"):
+        Curve.calculateAgreement(DjbECPublicKey(bytes(32)), private)

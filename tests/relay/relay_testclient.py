@@ -188,3 +188,30 @@ class RelayClient:
         headers["Content-Type"] = "application/octet-stream"
         async with self.session.post(self.base + "/v1/blobs", data=data, headers=headers) as resp:
             return Reply(resp.status, dict(resp.headers), await resp.read())
+
+
+async def next_frame(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> Any:
+    """Return the next data frame: a dict for text, a StoredMessage for DELIVER frames, or the
+    raw aiohttp message for close/error."""
+    from relay.wire import decode_deliver
+
+    msg = await ws.receive(timeout=timeout)
+    if msg.type == aiohttp.WSMsgType.TEXT:
+        return json.loads(msg.data)
+    if msg.type == aiohttp.WSMsgType.BINARY:
+        return decode_deliver(msg.data)
+    return msg
+
+
+async def drain_until_empty(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> list[Any]:
+    """Read the hint, the backlog and the empty marker; return the delivered messages."""
+    hint = await next_frame(ws, timeout)
+    assert isinstance(hint, dict) and hint["type"] == "hint", hint
+    out = []
+    for _ in range(100_000):
+        f = await next_frame(ws, timeout)
+        if isinstance(f, dict) and f.get("type") == "empty":
+            return out
+        assert not isinstance(f, dict), f
+        out.append(f)
+    raise AssertionError("no empty marker")

@@ -1,0 +1,541 @@
+"""WebSocket frames of docs/relay-api.md sections 4-5: binary SEND/DELIVER, JSON control frames.
+
+Invariants:
+
+* Pure: bytes and text in, frozen dataclasses out (and back). No I/O, no aiohttp.
+* Decoders accept any input and either return a fully validated frame or raise
+  :class:`~e2ee.transport.errors.MalformedFrame` (data from the relay is at fault);
+  encoders raise :class:`~e2ee.errors.UsageError` for bad arguments (the caller is at
+  fault). Nothing else escapes: no ``struct.error``, ``IndexError``, ``UnicodeError``,
+  ``json.JSONDecodeError``.
+* Binary layouts are big-endian and versioned by their first byte (the op):
+  ``0x01`` DELIVER (relay -> client), ``0x02`` SEND (client -> relay, also the binary
+  body of ``PUT /v1/messages``).
+* Message ids are exactly 16 bytes everywhere; in JSON they are padded standard base64.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from e2ee.errors import UsageError
+from e2ee.transport.auth import check_device_id, check_username
+from e2ee.transport.errors import MalformedFrame, RelayRejected, error_from_response
+
+__all__ = [
+    "MAX_ACK_IDS",
+    "MAX_ACK_REF_LEN",
+    "MAX_RECIPIENTS",
+    "MESSAGE_ID_LEN",
+    "OP_DELIVER",
+    "OP_SEND",
+    "Acked",
+    "ControlFrame",
+    "Delivery",
+    "Hint",
+    "QueueEmpty",
+    "SendFrame",
+    "SendResult",
+    "ServerError",
+    "ServerFrame",
+    "UnknownControl",
+    "b64d",
+    "b64e",
+    "check_message_id",
+    "check_recipients",
+    "decode_control",
+    "decode_deliver",
+    "decode_send",
+    "decode_server_frame",
+    "encode_ack",
+    "encode_control",
+    "encode_deliver",
+    "encode_send",
+]
+
+OP_DELIVER = 0x01
+OP_SEND = 0x02
+MESSAGE_ID_LEN = 16
+MAX_RECIPIENTS = 0xFFFF  # the u16 count field; the relay's configured limit is usually lower
+MAX_ACK_IDS = 1000
+MAX_ACK_REF_LEN = 64
+_U64_MAX = (1 << 64) - 1
+
+_DELIVER_HEAD = struct.Struct(">BQ16sQ")  # op, seq, id, stored_at
+_SEND_HEAD = struct.Struct(">B16sH")  # op, id, recipient count
+_USERNAME_RE = re.compile(rb"[a-z0-9_]{3,32}")
+
+
+# -- base64 helpers ----------------------------------------------------------------------
+
+
+def b64e(data: bytes) -> str:
+    """Encode bytes as padded standard base64 text (the relay's only base64 flavour)."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64d(value: object, what: str, length: int | None = None) -> bytes:
+    """Decode relay-supplied padded standard base64, optionally of an exact length.
+
+    Args:
+        value: the JSON value.
+        what: field name for the error message.
+        length: required decoded length, if any.
+
+    Returns:
+        The decoded bytes.
+
+    Raises:
+        MalformedFrame: not a string, not strict base64, or the wrong length.
+    """
+    if not isinstance(value, str):
+        raise MalformedFrame(f"{what} is not a base64 string")
+    try:
+        data = base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, ValueError, UnicodeError) as exc:
+        raise MalformedFrame(f"{what} is not valid base64") from exc
+    if length is not None and len(data) != length:
+        raise MalformedFrame(f"{what} must decode to {length} bytes, got {len(data)}")
+    return data
+
+
+# -- frame types ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A DELIVER frame (op 0x01): one message from the caller's mailbox.
+
+    Attributes:
+        seq: the mailbox sequence number (increasing per recipient device).
+        id: the 16-byte message id chosen by the sender.
+        sender: the sender's username.
+        device: the sender's device id.
+        stored_at: unix ms when the relay committed the message.
+        body: the opaque ciphertext.
+    """
+
+    seq: int
+    id: bytes
+    sender: str
+    device: int
+    stored_at: int
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SendFrame:
+    """A SEND frame (op 0x02) as decoded; mostly useful to tests and fake relays."""
+
+    id: bytes
+    recipients: tuple[tuple[str, int], ...]
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Hint:
+    """``{"type":"hint","waiting":N}``: always the first frame; N messages are queued."""
+
+    waiting: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEmpty:
+    """``{"type":"empty"}``: the backlog present at connect time has been delivered."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    """``{"type":"send_result",...}``: the relay's answer to one SEND frame.
+
+    For status 200, ``recipients`` and ``stored_at`` are set. Otherwise ``error`` and
+    ``message`` (and ``retry_after`` for 429); :meth:`exception` builds the same typed
+    error the HTTP path raises.
+
+    Attributes:
+        id: the message id this answers.
+        status: HTTP-equivalent status.
+        recipients: number of recipient devices (200 only).
+        stored_at: commit time in unix ms (200 only).
+        error: the relay's error code (non-200).
+        message: the relay's human text (non-200).
+        retry_after: seconds (429).
+        fields: the whole JSON object, for error details such as ``missing_devices``.
+    """
+
+    id: bytes
+    status: int
+    recipients: int | None = None
+    stored_at: int | None = None
+    error: str | None = None
+    message: str | None = None
+    retry_after: int | None = None
+    fields: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when the message was stored (status 200)."""
+        return self.status == 200
+
+    def exception(self) -> RelayRejected | None:
+        """Return the typed error for a non-200 result, or None when it succeeded.
+
+        Returns:
+            e.g. :class:`~e2ee.transport.errors.MismatchedDevices` for a 409
+            ``mismatched_devices``; None for 200.
+        """
+        if self.ok:
+            return None
+        return error_from_response(self.status, self.fields)
+
+
+@dataclass(frozen=True, slots=True)
+class Acked:
+    """``{"type":"acked","ref":...,"count":n}``: an ack frame with this ref is committed."""
+
+    ref: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerError:
+    """``{"type":"error",...}``: a frame we sent was malformed; the connection stays open."""
+
+    error: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownControl:
+    """A well-formed JSON control frame of a type this client does not know (ignored)."""
+
+    type: str
+
+
+ControlFrame: TypeAlias = Hint | QueueEmpty | SendResult | Acked | ServerError | UnknownControl
+ServerFrame: TypeAlias = Delivery | ControlFrame
+
+
+# -- argument checks ------------------------------------------------------------------------
+
+
+def check_message_id(message_id: bytes) -> bytes:
+    """Validate a caller-supplied message id (exactly 16 bytes).
+
+    Raises:
+        UsageError: not 16 bytes.
+    """
+    if not isinstance(message_id, bytes | bytearray) or len(message_id) != MESSAGE_ID_LEN:
+        raise UsageError("a message id is exactly 16 bytes")
+    return bytes(message_id)
+
+
+def check_recipients(recipients: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """Validate a recipient list: 1..65535 distinct (username, device id) pairs.
+
+    Raises:
+        UsageError: empty, too long, duplicated, or a bad username / device id.
+    """
+    out: list[tuple[str, int]] = []
+    seen: set[tuple[str, int]] = set()
+    for item in recipients:
+        if not isinstance(item, tuple) or len(item) != 2:
+            raise UsageError("recipients are (username, device id) pairs")
+        user, device = check_username(item[0]), check_device_id(item[1])
+        if (user, device) in seen:
+            raise UsageError("recipients contain a duplicate (username, device) pair")
+        seen.add((user, device))
+        out.append((user, device))
+    if not 1 <= len(out) <= MAX_RECIPIENTS:
+        raise UsageError(f"a message needs 1..{MAX_RECIPIENTS} recipients")
+    return tuple(out)
+
+
+def _check_body(body: bytes) -> bytes:
+    if not isinstance(body, bytes | bytearray | memoryview):
+        raise UsageError("the message body must be bytes")
+    return bytes(body)
+
+
+# -- binary frames ----------------------------------------------------------------------------
+
+
+def encode_send(message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes) -> bytes:
+    """Encode a SEND frame (op 0x02), also the ``application/vnd.blindpost.send`` HTTP body.
+
+    Args:
+        message_id: 16 bytes chosen by the sender (reuse it on retries).
+        recipients: distinct (username, device id) pairs.
+        body: the opaque ciphertext.
+
+    Returns:
+        The frame bytes.
+
+    Raises:
+        UsageError: bad id, recipients or body type.
+    """
+    mid = check_message_id(message_id)
+    checked = check_recipients(recipients)
+    payload = _check_body(body)
+    parts = [_SEND_HEAD.pack(OP_SEND, mid, len(checked))]
+    for user, device in checked:
+        name = user.encode("ascii")
+        parts.append(bytes((len(name),)) + name + bytes((device,)))
+    parts.append(payload)
+    return b"".join(parts)
+
+
+def _read_address(frame: bytes, pos: int, what: str) -> tuple[str, int, int]:
+    """Read ``u8 len, name, u8 device`` at ``pos``; return (name, device, new pos)."""
+    if pos >= len(frame):
+        raise MalformedFrame(f"truncated {what}")
+    n = frame[pos]
+    end = pos + 1 + n
+    if end + 1 > len(frame):
+        raise MalformedFrame(f"truncated {what}")
+    raw = frame[pos + 1 : end]
+    if _USERNAME_RE.fullmatch(raw) is None:
+        raise MalformedFrame(f"{what} username is not a valid username")
+    device = frame[end]
+    if not 1 <= device <= 127:
+        raise MalformedFrame(f"{what} device id {device} is outside 1..127")
+    return raw.decode("ascii"), device, end + 1
+
+
+def decode_send(frame: bytes) -> SendFrame:
+    """Decode a SEND frame (op 0x02).
+
+    Args:
+        frame: the frame bytes.
+
+    Returns:
+        The decoded frame.
+
+    Raises:
+        MalformedFrame: wrong op, truncated, zero or duplicate recipients, bad names.
+    """
+    data = bytes(frame)
+    if len(data) < _SEND_HEAD.size:
+        raise MalformedFrame("truncated send frame")
+    op, mid, count = _SEND_HEAD.unpack_from(data, 0)
+    if op != OP_SEND:
+        raise MalformedFrame(f"expected op 0x02, got 0x{op:02x}")
+    if count == 0:
+        raise MalformedFrame("send frame lists no recipients")
+    pos = _SEND_HEAD.size
+    recipients: list[tuple[str, int]] = []
+    for _ in range(count):
+        user, device, pos = _read_address(data, pos, "send recipient")
+        recipients.append((user, device))
+    if len(set(recipients)) != len(recipients):
+        raise MalformedFrame("send frame lists a recipient twice")
+    return SendFrame(bytes(mid), tuple(recipients), data[pos:])
+
+
+def encode_deliver(delivery: Delivery) -> bytes:
+    """Encode a DELIVER frame (op 0x01); the relay's side, used by tests and fakes.
+
+    Args:
+        delivery: the message.
+
+    Returns:
+        The frame bytes.
+
+    Raises:
+        UsageError: a field is out of range.
+    """
+    mid = check_message_id(delivery.id)
+    for value, what in ((delivery.seq, "seq"), (delivery.stored_at, "stored_at")):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U64_MAX:
+            raise UsageError(f"{what} must be an unsigned 64-bit integer")
+    name = check_username(delivery.sender).encode("ascii")
+    device = check_device_id(delivery.device)
+    return b"".join(
+        (
+            _DELIVER_HEAD.pack(OP_DELIVER, delivery.seq, mid, delivery.stored_at),
+            bytes((len(name),)),
+            name,
+            bytes((device,)),
+            _check_body(delivery.body),
+        )
+    )
+
+
+def decode_deliver(frame: bytes) -> Delivery:
+    """Decode a DELIVER frame (op 0x01).
+
+    Args:
+        frame: the binary WebSocket message.
+
+    Returns:
+        The delivery.
+
+    Raises:
+        MalformedFrame: wrong op, truncated, or a bad sender name / device id.
+    """
+    data = bytes(frame)
+    if len(data) < _DELIVER_HEAD.size:
+        raise MalformedFrame("truncated deliver frame")
+    op, seq, mid, stored_at = _DELIVER_HEAD.unpack_from(data, 0)
+    if op != OP_DELIVER:
+        raise MalformedFrame(f"expected op 0x01, got 0x{op:02x}")
+    user, device, pos = _read_address(data, _DELIVER_HEAD.size, "deliver sender")
+    return Delivery(seq, bytes(mid), user, device, stored_at, data[pos:])
+
+
+# -- JSON control frames -----------------------------------------------------------------------
+
+
+def _field_int(doc: Mapping[str, Any], key: str, lo: int = 0, hi: int = _U64_MAX) -> int:
+    value = doc.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise MalformedFrame(f"control frame field {key!r} must be an integer {lo}..{hi}")
+    return value
+
+
+def _opt_int(doc: Mapping[str, Any], key: str) -> int | None:
+    return None if doc.get(key) is None else _field_int(doc, key)
+
+
+def _opt_str(doc: Mapping[str, Any], key: str) -> str | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise MalformedFrame(f"control frame field {key!r} must be a string")
+    return value
+
+
+def decode_control(text: str | bytes) -> ControlFrame:
+    """Decode a JSON control frame (a text WebSocket message) from the relay.
+
+    Args:
+        text: the message text (bytes are decoded as UTF-8).
+
+    Returns:
+        The typed frame; :class:`UnknownControl` for a well-formed frame of another type.
+
+    Raises:
+        MalformedFrame: not UTF-8, not a JSON object, no string ``type``, or a known type
+            with missing or ill-typed fields.
+    """
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeError, RecursionError) as exc:
+        raise MalformedFrame("control frame is not valid JSON") from exc
+    if not isinstance(doc, dict):
+        raise MalformedFrame("control frame is not a JSON object")
+    kind = doc.get("type")
+    if not isinstance(kind, str):
+        raise MalformedFrame("control frame has no string 'type'")
+    if kind == "hint":
+        return Hint(_field_int(doc, "waiting"))
+    if kind == "empty":
+        return QueueEmpty()
+    if kind == "send_result":
+        status = _field_int(doc, "status", 100, 599)
+        result = SendResult(
+            id=b64d(doc.get("id"), "send_result id", MESSAGE_ID_LEN),
+            status=status,
+            recipients=_opt_int(doc, "recipients"),
+            stored_at=_opt_int(doc, "stored_at"),
+            error=_opt_str(doc, "error"),
+            message=_opt_str(doc, "message"),
+            retry_after=_opt_int(doc, "retry_after"),
+            fields=doc,
+        )
+        if status == 200 and (result.recipients is None or result.stored_at is None):
+            raise MalformedFrame("successful send_result lacks recipients or stored_at")
+        return result
+    if kind == "acked":
+        ref = _opt_str(doc, "ref")
+        if ref is None:
+            raise MalformedFrame("acked frame has no ref")
+        return Acked(ref, _field_int(doc, "count"))
+    if kind == "error":
+        return ServerError(_opt_str(doc, "error") or "unknown", _opt_str(doc, "message") or "")
+    return UnknownControl(kind)
+
+
+def decode_server_frame(data: str | bytes, *, binary: bool) -> ServerFrame:
+    """Decode any relay -> client WebSocket message.
+
+    Args:
+        data: the message payload.
+        binary: True for a binary WebSocket message (DELIVER), False for text (control).
+
+    Returns:
+        The typed frame.
+
+    Raises:
+        MalformedFrame: see :func:`decode_deliver` and :func:`decode_control`.
+    """
+    if binary:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise MalformedFrame("binary frame payload is not bytes")
+        return decode_deliver(bytes(data))
+    return decode_control(data)
+
+
+def encode_ack(ids: Iterable[bytes], ref: str | None = None) -> str:
+    """Encode a client ack frame ``{"type":"ack","ids":[...],"ref":...}``.
+
+    Args:
+        ids: 1..1000 message ids (16 bytes each).
+        ref: optional correlation string (<= 64 characters) echoed by the ``acked`` answer.
+
+    Returns:
+        The JSON text.
+
+    Raises:
+        UsageError: no ids, too many, a bad id, or a bad ref.
+    """
+    checked = [b64e(check_message_id(i)) for i in ids]
+    if not 1 <= len(checked) <= MAX_ACK_IDS:
+        raise UsageError(f"an ack carries 1..{MAX_ACK_IDS} message ids")
+    doc: dict[str, Any] = {"type": "ack", "ids": checked}
+    if ref is not None:
+        if not isinstance(ref, str) or not 1 <= len(ref) <= MAX_ACK_REF_LEN:
+            raise UsageError(f"an ack ref is a string of 1..{MAX_ACK_REF_LEN} characters")
+        doc["ref"] = ref
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def encode_control(frame: ControlFrame) -> str:
+    """Encode a relay -> client control frame (the relay's side; for tests and fakes).
+
+    Args:
+        frame: the frame.
+
+    Returns:
+        The JSON text.
+
+    Raises:
+        UsageError: :class:`UnknownControl` cannot be encoded.
+    """
+    doc: dict[str, Any]
+    if isinstance(frame, Hint):
+        doc = {"type": "hint", "waiting": frame.waiting}
+    elif isinstance(frame, QueueEmpty):
+        doc = {"type": "empty"}
+    elif isinstance(frame, SendResult):
+        doc = {k: v for k, v in frame.fields.items() if k not in ("type", "id", "status")}
+        doc.update({"type": "send_result", "id": b64e(frame.id), "status": frame.status})
+        for key in ("recipients", "stored_at", "error", "message", "retry_after"):
+            value = getattr(frame, key)
+            if value is not None:
+                doc[key] = value
+    elif isinstance(frame, Acked):
+        doc = {"type": "acked", "ref": frame.ref, "count": frame.count}
+    elif isinstance(frame, ServerError):
+        doc = {"type": "error", "error": frame.error, "message": frame.message}
+    else:
+        raise UsageError("unknown control frames cannot be encoded")
+    return json.dumps(doc, separators=(",", ":"))

@@ -1,0 +1,164 @@
+"""Delivery over the WebSocket: hint, ordered backlog, empty marker, live pushes, acks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+from relay_testclient import RelayClient, b64, drain_until_empty, new_mid, next_frame
+
+from relay.store.base import Address, Envelope
+from relay.wire import encode_send
+
+
+async def test_hint_backlog_in_order_then_empty_then_live(client: RelayClient) -> None:
+    alice = await client.new_device()
+    bob = await client.new_device()
+    mids = [new_mid() for _ in range(20)]
+    for i, mid in enumerate(mids):
+        assert (await client.send(alice, [bob], b"m%d" % i, mid)).status == 200
+    ws = await client.ws(bob)
+    hint = await next_frame(ws)
+    assert hint == {"type": "hint", "waiting": 20}
+    backlog = []
+    for _ in range(20):
+        backlog.append(await next_frame(ws))
+    assert [m.message_id for m in backlog] == mids
+    assert [m.body for m in backlog] == [b"m%d" % i for i in range(20)]
+    assert all(a.seq < b.seq for a, b in zip(backlog, backlog[1:], strict=False))
+    assert backlog[0].sender == Address(alice.user, 1)
+    assert await next_frame(ws) == {"type": "empty"}
+    live_mid = new_mid()
+    await client.send(alice, [bob], b"live", live_mid)
+    live = await next_frame(ws)
+    assert live.message_id == live_mid and live.seq > backlog[-1].seq
+    await ws.close()
+
+
+async def test_disconnect_mid_drain_redelivers_unacked_in_order(client: RelayClient) -> None:
+    alice = await client.new_device()
+    bob = await client.new_device()
+    mids = [new_mid() for _ in range(10)]
+    for mid in mids:
+        await client.send(alice, [bob], b"x", mid)
+    ws = await client.ws(bob)
+    await next_frame(ws)  # hint
+    first = [await next_frame(ws) for _ in range(4)]
+    # Ack two of them over the socket (with a ref so we know it committed), then drop.
+    await ws.send_str(json.dumps({"type": "ack", "ids": [b64(m.message_id) for m in first[:2]],
+                                  "ref": "a1"}))
+    for _ in range(20):
+        f = await next_frame(ws)
+        if isinstance(f, dict) and f.get("type") == "acked":
+            assert f == {"type": "acked", "ref": "a1", "count": 2}
+            break
+    await ws.close()
+    ws2 = await client.ws(bob)
+    again = await drain_until_empty(ws2)
+    assert [m.message_id for m in again] == mids[2:]
+    await ws2.close()
+
+
+async def test_one_connection_per_device_old_one_closed_4001(client: RelayClient) -> None:
+    bob = await client.new_device()
+    ws1 = await client.ws(bob)
+    await drain_until_empty(ws1)
+    ws2 = await client.ws(bob)
+    await drain_until_empty(ws2)
+    closed = await ws1.receive(timeout=5)
+    assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 4001
+    # The new connection gets live pushes.
+    alice = await client.new_device()
+    mid = new_mid()
+    await client.send(alice, [bob], b"to new", mid)
+    assert (await next_frame(ws2)).message_id == mid
+    await ws1.close()
+    await ws2.close()
+
+
+async def test_send_over_websocket_pipelined(client: RelayClient) -> None:
+    alice = await client.new_device()
+    bob = await client.new_device()
+    ws_a = await client.ws(alice)
+    await drain_until_empty(ws_a)
+    ws_b = await client.ws(bob)
+    await drain_until_empty(ws_b)
+    mids = [new_mid() for _ in range(50)]
+    for i, mid in enumerate(mids):
+        await ws_a.send_bytes(encode_send(Envelope(mid, (bob.addr,), b"w%d" % i)))
+    results = [await next_frame(ws_a) for _ in mids]
+    assert {r["id"] for r in results} == {b64(m) for m in mids}
+    assert all(r["type"] == "send_result" and r["status"] == 200 for r in results)
+    got = [await next_frame(ws_b) for _ in mids]
+    # Pipelined sends from one socket are committed and delivered in send order.
+    assert [m.message_id for m in got] == mids
+    # Errors come back as send_result with the HTTP error body; bad frames as error frames.
+    ghost = Address(bob.user, 99)
+    await ws_a.send_bytes(encode_send(Envelope(new_mid(), (ghost,), b"x")))
+    r = await next_frame(ws_a)
+    assert r["status"] == 409 and r["error"] == "mismatched_devices"
+    await ws_a.send_bytes(b"\x07junk")
+    assert (await next_frame(ws_a))["type"] == "error"
+    await ws_a.send_str("{not json")
+    assert (await next_frame(ws_a))["type"] == "error"
+    await ws_a.close()
+    await ws_b.close()
+
+
+async def test_websocket_auth_rejected_before_upgrade(client: RelayClient) -> None:
+    bob = await client.new_device()
+    headers = client.sign(bob, "GET", "/v1/ws")
+    headers["X-Blindpost-Nonce"] = "AAAAAAAAAAAAAAAAAAAAAA=="  # not what was signed
+    try:
+        await client.session.ws_connect(client.base + "/v1/ws", headers=headers)
+    except aiohttp.WSServerHandshakeError as exc:
+        assert exc.status == 401
+    else:
+        raise AssertionError("upgrade should be refused")
+
+
+async def test_removed_device_socket_closed_4003(client: RelayClient) -> None:
+    bob1 = await client.new_device()
+    bob2 = await client.add_device(bob1, 2)
+    ws = await client.ws(bob2)
+    await drain_until_empty(ws)
+    assert (await client.request(bob1, "DELETE", "/v1/devices/2")).status == 200
+    closed = await ws.receive(timeout=5)
+    assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 4003
+    await ws.close()
+
+
+async def test_concurrent_sends_during_drain_lose_nothing(client: RelayClient) -> None:
+    alice = await client.new_device()
+    bob = await client.new_device()
+    for _ in range(300):
+        await client.send_binary(alice, [bob], b"pre")
+    ws = await client.ws(bob)
+
+    async def sender() -> list[bytes]:
+        sent = []
+        for _ in range(100):
+            mid = new_mid()
+            assert (await client.send_binary(alice, [bob], b"during", mid)).status == 200
+            sent.append(mid)
+        return sent
+
+    task = asyncio.ensure_future(sender())
+    seen = []
+    empty_seen = False
+    for _ in range(1000):
+        f = await next_frame(ws)
+        if isinstance(f, dict):
+            if f["type"] == "empty":
+                empty_seen = True
+            continue
+        seen.append(f)
+        if len(seen) == 400:
+            break
+    sent = await task
+    assert empty_seen
+    seqs = [m.seq for m in seen]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 400
+    assert [m.message_id for m in seen if m.body == b"during"] == sent
+    await ws.close()
