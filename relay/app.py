@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -62,7 +63,10 @@ __all__ = [
     "RelayState",
     "create_app",
     "json_error",
+    "json_errors",
+    "load_openapi",
     "receipt_json",
+    "sweep_once",
 ]
 
 log = logging.getLogger("relay.app")
@@ -176,32 +180,58 @@ _HTTP_ERRORS = {
 }
 
 
-@web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    state = request.app[STATE_KEY]
-    try:
-        resp = await handler(request)
-    except RelayError as err:
-        resp = json_error(err)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_errors(handler: Handler) -> Handler:
+    """Wrap a handler so every error becomes a JSON error response (and is counted).
+
+    A decorator rather than a middleware: a middleware's frames stay alive for the whole life of
+    every WebSocket, and idle sockets must stay small. The WebSocket handler renders its own
+    pre-upgrade errors.
+    """
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            resp = await handler(request)
+        except RelayError as err:
+            resp = json_error(err)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _HTTP_ERRORS.get(exc.status, "http_error")
+            keep = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            resp = web.json_response(
+                {"error": code, "message": exc.reason}, status=exc.status, headers=keep
+            )
+        except (asyncio.CancelledError, ConnectionError):
             raise
-        code = _HTTP_ERRORS.get(exc.status, "http_error")
-        keep = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "content-range")}
-        resp = web.json_response(
-            {"error": code, "message": exc.reason}, status=exc.status, headers=keep
-        )
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        resp = web.json_response(
-            {"error": "internal_error", "message": "internal error"}, status=500
-        )
-    state.metrics.http_responses[resp.status] += 1
-    return resp
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            resp = web.json_response(
+                {"error": "internal_error", "message": "internal error"}, status=500
+            )
+        request.app[STATE_KEY].metrics.http_responses[resp.status] += 1
+        return resp
+
+    return wrapped
+
+
+async def _fallback(request: web.Request) -> web.StreamResponse:
+    """Unknown path -> 404, known path with another method -> 405 (both JSON)."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.canonical == _FALLBACK_PATH:
+            continue
+        _, methods = await resource.resolve(request)
+        allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+    raise web.HTTPNotFound()
+
+
+_FALLBACK_PATH = "/{tail}"
 
 
 async def _read_body(request: web.Request) -> bytes:
@@ -361,6 +391,8 @@ async def read_messages(request: web.Request) -> web.Response:
     limit = _query_int(request, "limit", 100, 1, 1000)
     msgs = await st.store.fetch_mailbox(caller, after, limit + 1, st.config.max_request_bytes)
     more = len(msgs) > limit
+    if not more and msgs:  # the page may have been cut short by its byte budget
+        more = bool(await st.store.fetch_mailbox(caller, msgs[-1].seq, 1, 1))
     return web.json_response({"messages": [message_json(m) for m in msgs[:limit]], "more": more})
 
 
@@ -486,7 +518,7 @@ def create_app(
     """
     from relay.ws import websocket_handler
 
-    app = web.Application(client_max_size=config.max_request_bytes, middlewares=[_errors])
+    app = web.Application(client_max_size=config.max_request_bytes)
     app[CONFIG_KEY] = config
     metrics_ = Metrics()
     if store is None:
@@ -508,7 +540,7 @@ def create_app(
         store=store,
         clock=clock or Clock(),
         metrics=metrics_,
-        hub=Hub(metrics_, config.ws_max_outbound_bytes),
+        hub=Hub(metrics_, config.ws_max_outbound_bytes, config.ws_slow_grace_seconds),
         blobs=BlobFiles(config.data_dir / "blobs"),
         nonces=NonceCache(int(config.auth_window_seconds * 1000), config.nonce_cache_max),
         register_limit=RateLimiter(config.registration_rate, config.registration_burst),
@@ -523,6 +555,9 @@ def create_app(
         state.store.set_delivery_listener(state.hub.deliver)
         if config.sweep_interval_seconds > 0:
             state.spawn(_sweeper(state))
+        state.spawn(
+            state.hub.run_liveness(config.ws_heartbeat_seconds, config.ws_idle_timeout_seconds)
+        )
         yield
         await state.hub.close_all()
         for task in list(state.background):
@@ -539,22 +574,26 @@ def create_app(
         await state.hub.close_all()
 
     app.on_shutdown.append(on_shutdown)
-    r = app.router
-    r.add_post("/v1/accounts", register)
-    r.add_post("/v1/devices", add_device)
-    r.add_get("/v1/devices", list_devices)
-    r.add_delete("/v1/devices/{device_id}", remove_device)
-    r.add_put("/v1/keys", upload_keys)
-    r.add_get("/v1/keys/count", key_count)
-    r.add_get("/v1/keys/{username}", fetch_keys)
-    r.add_get("/v1/keys/{username}/{device_id}", fetch_keys)
-    r.add_put("/v1/messages", send_message)
-    r.add_get("/v1/messages", read_messages)
-    r.add_post("/v1/messages/ack", ack_messages)
-    r.add_get("/v1/ws", websocket_handler)
-    r.add_post("/v1/blobs", upload_blob)
-    r.add_get("/v1/blobs/{blob_id}", download_blob)
-    r.add_get("/healthz", healthz)
-    r.add_get("/metrics", metrics)
-    r.add_get("/openapi.json", openapi)
+    routes: list[tuple[str, str, Handler]] = [
+        ("POST", "/v1/accounts", register),
+        ("POST", "/v1/devices", add_device),
+        ("GET", "/v1/devices", list_devices),
+        ("DELETE", "/v1/devices/{device_id}", remove_device),
+        ("PUT", "/v1/keys", upload_keys),
+        ("GET", "/v1/keys/count", key_count),
+        ("GET", "/v1/keys/{username}", fetch_keys),
+        ("GET", "/v1/keys/{username}/{device_id}", fetch_keys),
+        ("PUT", "/v1/messages", send_message),
+        ("GET", "/v1/messages", read_messages),
+        ("POST", "/v1/messages/ack", ack_messages),
+        ("POST", "/v1/blobs", upload_blob),
+        ("GET", "/v1/blobs/{blob_id}", download_blob),
+        ("GET", "/healthz", healthz),
+        ("GET", "/metrics", metrics),
+        ("GET", "/openapi.json", openapi),
+    ]
+    for method, path, handler in routes:
+        app.router.add_route(method, path, json_errors(handler))
+    app.router.add_get("/v1/ws", websocket_handler)
+    app.router.add_route("*", "/{tail:.*}", json_errors(_fallback))
     return app

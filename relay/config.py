@@ -49,7 +49,9 @@ SETTING_HELP: dict[str, str] = {
     "dedupe_window_seconds": "how long a message id is remembered for idempotent retries",
     "sweep_interval_seconds": "how often the retention sweeper runs",
     "ws_max_frame_bytes": "max client WebSocket frame -> close 1009",
-    "ws_max_outbound_bytes": "max unsent bytes per WebSocket -> close 4002",
+    "ws_max_outbound_bytes": "unsent bytes a WebSocket may hold longer than the grace period"
+    " (or 8x at any time) -> close 4002",
+    "ws_slow_grace_seconds": "how long a WebSocket may stay above ws_max_outbound_bytes",
     "ws_heartbeat_seconds": "ping interval (0 disables); no pong within half -> disconnect",
     "ws_idle_timeout_seconds": "nothing received for this long -> close 4004",
     "header_timeout_seconds": "time allowed to send complete request headers",
@@ -89,6 +91,7 @@ class RelayConfig:
     sweep_interval_seconds: float = 60.0
     ws_max_frame_bytes: int = 1024 * 1024
     ws_max_outbound_bytes: int = 1024 * 1024
+    ws_slow_grace_seconds: float = 2.0
     ws_heartbeat_seconds: float = 30.0
     ws_idle_timeout_seconds: float = 300.0
     header_timeout_seconds: float = 10.0

@@ -1,8 +1,11 @@
 # Invariants:
 # * At most one registered connection per device; registering a new one evicts the old (4001).
 # * Live pushes never await: a frame is written to the transport at once, or the connection
-#   is closed as too slow (4002) when its unsent bytes exceed the bound. A slow reader
-#   therefore costs others nothing, and there is no per-connection task or queue.
+#   is closed as too slow (4002). "Too slow" means its unsent bytes stayed above
+#   ``max_outbound`` for longer than ``grace`` seconds, or exceeded ``HARD_CAP_FACTOR`` times
+#   that bound at any moment (the memory bound). Bursts (one commit can push many frames to one
+#   socket) are tolerated while the reader keeps up. A slow reader therefore costs others
+#   nothing, and there is no per-connection task or queue.
 # * A connection receives DELIVER frames in strictly increasing seq: pushes are skipped while
 #   it drains its backlog (they are in the store) and any seq <= last sent is dropped.
 """Registry of live WebSocket connections and the live-delivery fan-out."""
@@ -26,6 +29,7 @@ __all__ = [
     "CLOSE_IDLE",
     "CLOSE_REPLACED",
     "CLOSE_TOO_SLOW",
+    "HARD_CAP_FACTOR",
     "Connection",
     "Hub",
     "frame_bytes",
@@ -41,7 +45,9 @@ CLOSE_IDLE = 4004
 
 OPCODE_TEXT = 0x1
 OPCODE_BINARY = 0x2
-_CLOSE_TIMEOUT = 2.0
+OPCODE_PING = 0x9
+_CLOSE_TIMEOUT = 5.0
+HARD_CAP_FACTOR = 8
 
 
 def frame_bytes(opcode: int, payload: bytes) -> bytes:
@@ -58,7 +64,19 @@ def frame_bytes(opcode: int, payload: bytes) -> bytes:
 class Connection:
     """The tiny per-socket state kept while a device is connected."""
 
-    __slots__ = ("addr", "closing", "last_seq", "live", "pending_max", "transport", "ws")
+    __slots__ = (
+        "addr",
+        "closing",
+        "drain",
+        "last_rx",
+        "last_seq",
+        "live",
+        "over_since",
+        "pending_max",
+        "pinged",
+        "transport",
+        "ws",
+    )
 
     def __init__(self, addr: Address, ws: web.WebSocketResponse, transport: asyncio.Transport):
         self.addr = addr
@@ -68,6 +86,10 @@ class Connection:
         self.closing = False
         self.last_seq = 0
         self.pending_max = 0
+        self.over_since = 0.0
+        self.last_rx = 0.0
+        self.pinged = False
+        self.drain: asyncio.Task[None] | None = None
 
 
 class Hub:
@@ -75,13 +97,16 @@ class Hub:
 
     Args:
         metrics: counters to update.
-        max_outbound_bytes: unsent bytes above which a socket is closed with 4002.
+        max_outbound_bytes: unsent bytes a socket may hold for longer than ``grace``.
+        grace: seconds a socket may stay above ``max_outbound_bytes``.
     """
 
-    def __init__(self, metrics: Metrics, max_outbound_bytes: int) -> None:
+    def __init__(self, metrics: Metrics, max_outbound_bytes: int, grace: float = 2.0) -> None:
         self._conns: dict[Address, Connection] = {}
         self._metrics = metrics
         self._max_outbound = max_outbound_bytes
+        self._hard_cap = max_outbound_bytes * HARD_CAP_FACTOR
+        self._grace = grace
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
@@ -171,6 +196,36 @@ class Hub:
             )
         except (TimeoutError, ConnectionError, RuntimeError):
             conn.transport.abort()
+
+    def check_liveness(self, now: float, heartbeat: float, idle: float) -> None:
+        """Ping quiet sockets and close those that stay silent (4004).
+
+        A socket from which nothing arrived for ``heartbeat`` seconds is pinged; if still nothing
+        arrived after another ``heartbeat / 2``, or for ``idle`` seconds in total, it is closed.
+
+        Args:
+            now: loop time.
+            heartbeat: ping interval in seconds (0 disables pings).
+            idle: idle timeout in seconds (0 disables it).
+        """
+        for conn in list(self._conns.values()):
+            quiet = now - conn.last_rx
+            if (idle and quiet > idle) or (heartbeat and conn.pinged and quiet > heartbeat * 1.5):
+                self.kick(conn, CLOSE_IDLE, "no traffic from client")
+            elif heartbeat and not conn.pinged and quiet >= heartbeat:
+                conn.pinged = True
+                self.write(conn, OPCODE_PING, b"")
+
+    async def run_liveness(self, heartbeat: float, idle: float) -> None:
+        """Run ``check_liveness`` periodically until cancelled (one task for all sockets)."""
+        periods = [p for p in (heartbeat / 2, idle / 4) if p > 0]
+        if not periods:
+            return
+        tick = max(0.05, min(periods))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(tick)
+            self.check_liveness(loop.time(), heartbeat, idle)
 
     async def close_all(self, code: int = CLOSE_GOING_AWAY) -> None:
         """Close every connection with ``code`` (shutdown) and wait for the closes."""

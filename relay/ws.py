@@ -4,8 +4,8 @@
 #   between the final "nothing newer is pending" check and setting ``live``, so no committed
 #   message can fall between the backlog and the live stream.
 # * Messages leave a mailbox only by ack; a disconnect at any point loses nothing.
-# * Steady state costs one aiohttp handler task per socket; the backlog drain runs in a
-#   short-lived task only while a backlog is being sent.
+# * Steady state costs one aiohttp handler task per socket and no timers; the backlog drain
+#   runs in a short-lived task only while a backlog is being sent.
 """The ``GET /v1/ws`` handler: authenticated delivery, sends and acks over one socket."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from relay.app import STATE_KEY, RelayState
+from relay.app import STATE_KEY, RelayState, json_error
 from relay.auth import EMPTY_SHA256
 from relay.errors import BadRequest, RelayError
-from relay.hub import CLOSE_IDLE, Connection
+from relay.hub import Connection
 from relay.store.base import SendReceipt
 from relay.wire import OP_SEND, b64e, decode_send, encode_deliver, parse_ack_ids
 
@@ -40,33 +40,63 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     """Authenticate (401 before the upgrade), then serve the delivery protocol."""
     st = request.app[STATE_KEY]
     cfg = st.config
-    addr = await st.authenticate(request, EMPTY_SHA256)
+    try:
+        addr = await st.authenticate(request, EMPTY_SHA256)
+    except RelayError as err:
+        st.metrics.http_responses[err.status] += 1
+        return json_error(err)
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("connection lost before upgrade")
+    # Heartbeat and idle timeout are enforced by the hub's single liveness sweep rather than
+    # by per-socket timers: no timer objects per idle socket.
     ws = web.WebSocketResponse(
-        heartbeat=cfg.ws_heartbeat_seconds or None,
-        receive_timeout=cfg.ws_idle_timeout_seconds or None,
+        heartbeat=None,
+        receive_timeout=None,
         max_msg_size=cfg.ws_max_frame_bytes,
         compress=False,
-        autoping=True,
+        autoping=False,
     )
     await ws.prepare(request)
     conn = Connection(addr, ws, transport)
+    conn.last_rx = asyncio.get_running_loop().time()
     st.hub.attach(conn)
     log.info("ws open user=%s device=%d", addr.user, addr.device)
-    drain: asyncio.Task[None] | None = asyncio.ensure_future(_drain(st, conn))
+    drain = asyncio.ensure_future(_drain(st, conn))
+    conn.drain = drain
+    drain.add_done_callback(partial(_drained, conn))
+    del drain
+    loop = asyncio.get_running_loop()
     try:
-        await _receive_loop(st, conn)
+        while True:
+            msg = await ws.receive()
+            conn.last_rx = loop.time()
+            conn.pinged = False
+            kind = msg.type
+            if kind == WSMsgType.BINARY:
+                _on_binary(st, conn, msg.data)
+            elif kind == WSMsgType.TEXT:
+                await _on_text(st, conn, msg.data)
+            elif kind == WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif kind == WSMsgType.PONG:
+                continue
+            else:  # CLOSE, CLOSING, CLOSED, ERROR: aiohttp already answered with the close code
+                break
     finally:
-        if drain is not None and not drain.done():
-            drain.cancel()
+        pending = conn.drain
+        if pending is not None and not pending.done():
+            pending.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await drain
+                await pending
         st.hub.detach(conn)
         conn.closing = True
         log.info("ws closed user=%s device=%d code=%s", addr.user, addr.device, ws.close_code)
     return ws
+
+
+def _drained(conn: Connection, task: asyncio.Task[None]) -> None:
+    conn.drain = None  # release the finished task (and its frames) for the socket's lifetime
 
 
 async def _drain(st: RelayState, conn: Connection) -> None:
@@ -96,22 +126,6 @@ async def _drain(st: RelayState, conn: Connection) -> None:
     except RelayError as err:
         log.warning("drain failed user=%s: %s", conn.addr.user, err.code)
         await ws.close(code=1011, message=b"storage error")
-
-
-async def _receive_loop(st: RelayState, conn: Connection) -> None:
-    ws = conn.ws
-    while True:
-        try:
-            msg = await ws.receive()
-        except TimeoutError:
-            await ws.close(code=CLOSE_IDLE, message=b"idle timeout")
-            return
-        if msg.type == WSMsgType.BINARY:
-            _on_binary(st, conn, msg.data)
-        elif msg.type == WSMsgType.TEXT:
-            await _on_text(st, conn, msg.data)
-        else:  # CLOSE, CLOSING, CLOSED, ERROR: aiohttp already answered with the close code
-            return
 
 
 def _error_frame(st: RelayState, conn: Connection, err: RelayError) -> None:

@@ -48,6 +48,7 @@ from nacl.exceptions import CryptoError
 
 from e2ee.core import wire
 from e2ee.core.keys import (
+    MAX_DEVICE_ID,
     MAX_PREKEY_ID,
     PREKEY_BATCH,
     KeyUpload,
@@ -104,6 +105,7 @@ _META_NEXT_PREKEY = "next_prekey_id"
 _META_NEXT_SIGNED = "next_signed_prekey_id"
 _META_CURRENT_SIGNED = "current_signed_prekey_id"
 _META_BASE_KEY = "seen_base_key:"
+_META_DISTRIBUTION = "seen_distribution:"
 
 _AXOLOTL_ERRORS: tuple[type[BaseException], ...] = (
     InvalidMessageException,
@@ -123,6 +125,28 @@ _AXOLOTL_ERRORS: tuple[type[BaseException], ...] = (
     AssertionError,
     OverflowError,
 )
+
+
+def _valid_address(name: object, device_id: object) -> bool:
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 64
+        and isinstance(device_id, int)
+        and not isinstance(device_id, bool)
+        and 1 <= device_id <= MAX_DEVICE_ID
+    )
+
+
+def _check_peer(address: Address) -> None:
+    """An address that came from the relay; raise InvalidMessage if impossible."""
+    if not _valid_address(address.name, address.device_id):
+        raise InvalidMessage("impossible sender address")
+
+
+def _check_target(address: Address) -> None:
+    """An address the caller chose; raise UsageError if impossible."""
+    if not _valid_address(address.name, address.device_id):
+        raise UsageError(f"device ids are 1..{MAX_DEVICE_ID} and names non-empty")
 
 
 def _system_ms() -> int:
@@ -262,8 +286,8 @@ class ProtocolEngine:
         Raises:
             UsageError: an account already exists, or bad name/device id.
         """
-        if not name or not 1 <= device_id <= 0x7FFFFFFF:
-            raise UsageError("account needs a name and a positive device id")
+        if not _valid_address(name, device_id):
+            raise UsageError(f"account needs a name and a device id in 1..{MAX_DEVICE_ID}")
         with self._locks.hold("account"):
             if self._store.load_account() is not None:
                 raise UsageError("this store already holds an account")
@@ -499,6 +523,7 @@ class ProtocolEngine:
         """
         bundle.verify()
         address = Address(name, bundle.device_id)
+        _check_target(address)
         with self._locks.hold(address):
             staged = self._staged(bundle.device_id, receiving=False)
             builder = SessionBuilder(staged, staged, staged, staged, name, bundle.device_id)
@@ -519,6 +544,7 @@ class ProtocolEngine:
         """
         if not isinstance(plaintext, bytes):
             raise UsageError("plaintext must be bytes")
+        _check_target(address)
         with self._locks.hold(address):
             known = self._store.load_identity(address)
             if known is not None and known.trust == TrustLevel.UNTRUSTED:
@@ -558,6 +584,7 @@ class ProtocolEngine:
             NoSession: a normal message without a session.
             UntrustedIdentity: strict mode refused an unknown identity.
         """
+        _check_peer(sender)
         if ciphertext.kind == "prekey":
             message: Any = wire.parse_prekey_message(ciphertext.body)
         elif ciphertext.kind == "message":
@@ -595,6 +622,19 @@ class ProtocolEngine:
         cipher = SessionCipher(staged, staged, staged, staged, sender.name, sender.device_id)
         with _axolotl_errors(sender):
             plaintext = bytes(cipher.decryptPkmsg(message))
+            decrypted_by = staged.loadSession(sender.name, sender.device_id).getSessionState()
+        envelope_identity = bytes(message.getIdentityKey().serialize())
+        session_identity = bytes(decrypted_by.getRemoteIdentityKey().serialize())
+        if (
+            bytes(decrypted_by.getAliceBaseKey()) != base_key
+            or session_identity != envelope_identity
+        ):
+            # The envelope is not authenticated, only the inner message is (its MAC
+            # covers the session's identities). An envelope whose base key or
+            # identity differs from the session that decrypted the inner message was
+            # re-wrapped by someone: python-axolotl would archive the real session
+            # and record the envelope's identity as the sender's.
+            raise InvalidMessage(f"{sender}: prekey envelope does not match its message")
         staged.put_meta(seen_key, str(message.getSignedPreKeyId()))
         return self._commit_decrypt(staged, sender, plaintext, on_plaintext)
 
@@ -657,6 +697,7 @@ class ProtocolEngine:
         Raises:
             InvalidMessage: malformed, or reuses a key id with a different signing key.
         """
+        _check_peer(sender)
         message = wire.parse_distribution_message(data)
         name = self._sender_key_name(group_id, sender)
         key_id = SenderKeyId(group_id, sender)
@@ -669,8 +710,23 @@ class ProtocolEngine:
                     if bytes(state.getSigningKeyPublic().serialize()) != signing:
                         raise InvalidMessage(f"{sender}: sender key id reused with another key")
                     return
+            # Remembered after its state is evicted too: a replay must not bring an
+            # old chain back at iteration 0 and re-open its messages.
+            seen = _META_DISTRIBUTION + wire.key_digest(
+                b"\0".join(
+                    (
+                        group_id.encode(),
+                        str(sender).encode(),
+                        str(message.getId()).encode(),
+                        signing,
+                    )
+                )
+            )
+            if staged.get_meta(seen) is not None:
+                return
             with _axolotl_errors(sender):
                 GroupSessionBuilder(staged).process(name, message)
+            staged.put_meta(seen, "1")
             self._store.commit(staged.changes(sessions=False))
 
     def group_encrypt(self, group_id: str, plaintext: bytes) -> bytes:
@@ -708,6 +764,7 @@ class ProtocolEngine:
                 before any key is derived).
             DuplicateMessage, InvalidMessage: replayed or forged (store unchanged).
         """
+        _check_peer(sender)
         message = wire.parse_sender_key_message(data)
         name = self._sender_key_name(group_id, sender)
         key_id = SenderKeyId(group_id, sender)

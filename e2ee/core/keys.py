@@ -33,6 +33,7 @@ from e2ee.core.wire import check_public_key
 from e2ee.errors import InvalidBundle, InvalidKey, UsageError
 
 __all__ = [
+    "MAX_DEVICE_ID",
     "MAX_PREKEY_ID",
     "PREKEY_BATCH",
     "KeyUpload",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 MAX_PREKEY_ID = 0xFFFFFE
+#: Device ids are 1..127, as on the relay (its binary frames carry them in one byte).
+MAX_DEVICE_ID = 127
 PREKEY_BATCH = 100
 _SIGNATURE_LENGTH = 64
 _MAX_ID = 0xFFFFFF
@@ -195,7 +198,7 @@ class PreKeyBundle:
             raise InvalidBundle("bundle: expected an object")
         otpk = data.get("one_time_prekey")
         bundle = cls(
-            device_id=_int(data.get("device_id"), "device_id"),
+            device_id=_int(data.get("device_id"), "device_id", 1, MAX_DEVICE_ID),
             registration_id=_int(data.get("registration_id"), "registration_id", 0, 2**31 - 1),
             identity_key=_key(data.get("identity_key"), "identity_key"),
             signed_prekey=SignedPreKey.from_json(data.get("signed_prekey")),

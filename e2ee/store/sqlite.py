@@ -882,7 +882,12 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     except BaseException:
         # Some errors (SQLITE_FULL, SQLITE_IOERR) already rolled back.
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                # Closing discards the open transaction; later calls then fail
+                # as on a closed store instead of writing into a half-done one.
+                conn.close()
         raise
 
 

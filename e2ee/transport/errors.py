@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 
-# -- the connection ------------------------------------------------------------------
+# -- the connection ----------------------------------------------------------------------
 
 
 class ConnectionFailed(TransportError):
@@ -96,7 +96,7 @@ class DeviceRemoved(ConnectionClosed):
         super().__init__(4003, "this device was removed (close 4003)")
 
 
-# -- the relay broke the protocol ------------------------------------------------------
+# -- the relay broke the protocol --------------------------------------------------------
 
 
 class MalformedResponse(TransportError):
@@ -221,7 +221,7 @@ class MailboxFull(RelayRejected):
         self.full = full
 
 
-# -- mapping -------------------------------------------------------------------------------
+# -- mapping -----------------------------------------------------------------------------
 
 
 def _str(value: object, default: str = "") -> str:

@@ -27,7 +27,12 @@ from typing import Any, TypeAlias
 
 from e2ee.errors import UsageError
 from e2ee.transport.auth import check_device_id, check_username
-from e2ee.transport.errors import MalformedFrame, RelayRejected, error_from_response
+from e2ee.transport.errors import (
+    MalformedFrame,
+    MalformedResponse,
+    RelayRejected,
+    error_from_response,
+)
 
 __all__ = [
     "MAX_ACK_IDS",
@@ -81,32 +86,39 @@ def b64e(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def b64d(value: object, what: str, length: int | None = None) -> bytes:
+def b64d(
+    value: object,
+    what: str,
+    length: int | None = None,
+    *,
+    error: type[MalformedResponse] = MalformedFrame,
+) -> bytes:
     """Decode relay-supplied padded standard base64, optionally of an exact length.
 
     Args:
         value: the JSON value.
         what: field name for the error message.
         length: required decoded length, if any.
+        error: the class to raise (:class:`MalformedResponse` for HTTP bodies).
 
     Returns:
         The decoded bytes.
 
     Raises:
-        MalformedFrame: not a string, not strict base64, or the wrong length.
+        MalformedFrame: (or ``error``) not a string, not strict base64, or the wrong length.
     """
     if not isinstance(value, str):
-        raise MalformedFrame(f"{what} is not a base64 string")
+        raise error(f"{what} is not a base64 string")
     try:
         data = base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, ValueError, UnicodeError) as exc:
-        raise MalformedFrame(f"{what} is not valid base64") from exc
+        raise error(f"{what} is not valid base64") from exc
     if length is not None and len(data) != length:
-        raise MalformedFrame(f"{what} must decode to {length} bytes, got {len(data)}")
+        raise error(f"{what} must decode to {length} bytes, got {len(data)}")
     return data
 
 
-# -- frame types ---------------------------------------------------------------------------
+# -- frame types -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +235,7 @@ ControlFrame: TypeAlias = Hint | QueueEmpty | SendResult | Acked | ServerError |
 ServerFrame: TypeAlias = Delivery | ControlFrame
 
 
-# -- argument checks ------------------------------------------------------------------------
+# -- argument checks ---------------------------------------------------------------------
 
 
 def check_message_id(message_id: bytes) -> bytes:
@@ -264,7 +276,7 @@ def _check_body(body: bytes) -> bytes:
     return bytes(body)
 
 
-# -- binary frames ----------------------------------------------------------------------------
+# -- binary frames -----------------------------------------------------------------------
 
 
 def encode_send(message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes) -> bytes:
@@ -390,7 +402,7 @@ def decode_deliver(frame: bytes) -> Delivery:
     return Delivery(seq, bytes(mid), user, device, stored_at, data[pos:])
 
 
-# -- JSON control frames -----------------------------------------------------------------------
+# -- JSON control frames -----------------------------------------------------------------
 
 
 def _field_int(doc: Mapping[str, Any], key: str, lo: int = 0, hi: int = _U64_MAX) -> int:
@@ -460,7 +472,8 @@ def decode_control(text: str | bytes) -> ControlFrame:
             raise MalformedFrame("acked frame has no ref")
         return Acked(ref, _field_int(doc, "count"))
     if kind == "error":
-        return ServerError(_opt_str(doc, "error") or "unknown", _opt_str(doc, "message") or "")
+        code = _opt_str(doc, "error")
+        return ServerError("unknown" if code is None else code, _opt_str(doc, "message") or "")
     return UnknownControl(kind)
 
 

@@ -1,6 +1,8 @@
 # Invariants: the store holds only opaque bytes (ciphertext bodies, public keys); a write
 # method's awaitable resolves only after its transaction is durably committed; a failed write
-# changed nothing. Handlers depend on RelayStore alone, never on a concrete backend.
+# changed nothing. Handlers depend on RelayStore alone, never on a concrete backend. Values on
+# the hot path (one per message) are NamedTuples: immutable, and cheaper to build than frozen
+# dataclasses.
 """The relay's storage contract (``RelayStore``) and the immutable values it exchanges."""
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 __all__ = [
     "Address",
@@ -27,8 +29,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
+class Address(NamedTuple):
     """A device address: username and device id."""
 
     user: str
@@ -91,8 +92,7 @@ class DeviceInfo:
     has_keys: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
+class Envelope(NamedTuple):
     """A validated send request: 16-byte message id, recipient devices, opaque body."""
 
     message_id: bytes
@@ -106,8 +106,7 @@ class Envelope:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class SendReceipt:
+class SendReceipt(NamedTuple):
     """The result of an accepted (or deduplicated) send; identical on every retry."""
 
     message_id: bytes
@@ -115,8 +114,7 @@ class SendReceipt:
     stored_at: int
 
 
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
+class StoredMessage(NamedTuple):
     """A message as it sits in one mailbox."""
 
     seq: int
@@ -129,8 +127,7 @@ class StoredMessage:
         return f"StoredMessage(seq={self.seq}, id={self.message_id.hex()}, size={len(self.body)})"
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     """A committed message for one recipient device, handed to the live-delivery listener."""
 
     recipient: Address

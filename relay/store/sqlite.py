@@ -72,11 +72,11 @@ CREATE TABLE IF NOT EXISTS otpks(
 CREATE TABLE IF NOT EXISTS messages(
     pk INTEGER PRIMARY KEY, msg_id BLOB NOT NULL UNIQUE, sender TEXT NOT NULL,
     sender_device INTEGER NOT NULL, stored_ms INTEGER NOT NULL, n_recipients INTEGER NOT NULL,
-    remaining INTEGER NOT NULL, size INTEGER NOT NULL, body BLOB);
+    body BLOB);
 CREATE INDEX IF NOT EXISTS messages_stored ON messages(stored_ms);
 CREATE TABLE IF NOT EXISTS mailbox(
     device_pk INTEGER NOT NULL, seq INTEGER NOT NULL, msg_pk INTEGER NOT NULL,
-    PRIMARY KEY(device_pk, seq)) WITHOUT ROWID;
+    size INTEGER NOT NULL, PRIMARY KEY(device_pk, seq)) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS mailbox_msg ON mailbox(msg_pk, device_pk);
 CREATE TABLE IF NOT EXISTS blobs(
     id TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_ms INTEGER NOT NULL) WITHOUT ROWID;
@@ -84,6 +84,17 @@ CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
 """
 
 T = TypeVar("T")
+
+_INSERT_MAILBOX = "INSERT INTO mailbox(device_pk, seq, msg_pk, size) VALUES (?,?,?,?)"
+_ACK = (
+    "DELETE FROM mailbox WHERE device_pk=? AND msg_pk=(SELECT pk FROM messages WHERE msg_id=?) "
+    "RETURNING msg_pk, size"
+)
+# A body is dropped (the row stays as the dedupe tombstone) once no mailbox references it.
+_DROP_BODY_IF_DONE = (
+    "UPDATE messages SET body=NULL WHERE pk=? AND body IS NOT NULL "
+    "AND NOT EXISTS (SELECT 1 FROM mailbox WHERE msg_pk=?)"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +111,13 @@ class SqliteLimits:
     write_batch_max: int = 2000
 
 
-def _connect(path: Path, *, readonly: bool) -> sqlite3.Connection:
+def _connect(path: Path, *, readonly: bool, cache_kib: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")  # keeps the random msg_id index hot
+    conn.execute("PRAGMA mmap_size=268435456")
     if readonly:
         conn.execute("PRAGMA query_only=1")
     else:
@@ -182,8 +195,7 @@ class _WriterState:
         usage = self.quota.get(device_pk)
         if usage is None:
             row = self.conn.execute(
-                "SELECT count(*), coalesce(sum(m.size),0) FROM mailbox mb "
-                "JOIN messages m ON m.pk = mb.msg_pk WHERE mb.device_pk=?",
+                "SELECT count(*), coalesce(sum(size),0) FROM mailbox WHERE device_pk=?",
                 (device_pk,),
             ).fetchone()
             usage = [int(row[0]), int(row[1])]
@@ -229,14 +241,11 @@ class _WriterState:
         conn = self.conn
         msg_pks = [
             (int(r[0]),)
-            for r in conn.execute("SELECT msg_pk FROM mailbox WHERE device_pk=?", (dev_pk,))
+            for r in conn.execute(
+                "DELETE FROM mailbox WHERE device_pk=? RETURNING msg_pk", (dev_pk,)
+            )
         ]
-        conn.executemany(
-            "UPDATE messages SET remaining = remaining - 1, "
-            "body = CASE WHEN remaining <= 1 THEN NULL ELSE body END WHERE pk=?",
-            msg_pks,
-        )
-        conn.execute("DELETE FROM mailbox WHERE device_pk=?", (dev_pk,))
+        conn.executemany(_DROP_BODY_IF_DONE, [(pk, pk) for (pk,) in msg_pks])
         conn.execute("DELETE FROM otpks WHERE device_pk=?", (dev_pk,))
         conn.execute("DELETE FROM devices WHERE pk=?", (dev_pk,))
         del entry.devices[addr.device]
@@ -383,32 +392,25 @@ class _WriterState:
         msg_pk = self.next_msg_pk
         conn.execute(
             "INSERT INTO messages(pk, msg_id, sender, sender_device, stored_ms, n_recipients, "
-            "remaining, size, body) VALUES (?,?,?,?,?,?,?,?,?)",
-            (
-                msg_pk,
-                env.message_id,
-                sender.user,
-                sender.device,
-                now_ms,
-                len(targets),
-                len(targets),
-                size,
-                env.body,
-            ),
+            "body) VALUES (?,?,?,?,?,?,?)",
+            (msg_pk, env.message_id, sender.user, sender.device, now_ms, len(targets), env.body),
         )
         self.next_msg_pk = msg_pk + 1
         rows = []
         seq = self.seq
         for addr, dev_pk in targets:
             seq += 1
-            rows.append((dev_pk, seq, msg_pk))
+            rows.append((dev_pk, seq, msg_pk, size))
             usage = self.quota[dev_pk]
             usage[0] += 1
             usage[1] += size
             self.deliveries.append(
                 Delivery(addr, StoredMessage(seq, env.message_id, sender, now_ms, env.body))
             )
-        conn.executemany("INSERT INTO mailbox(device_pk, seq, msg_pk) VALUES (?,?,?)", rows)
+        if len(rows) == 1:
+            conn.execute(_INSERT_MAILBOX, rows[0])
+        else:
+            conn.executemany(_INSERT_MAILBOX, rows)
         self.seq = seq
         self.seq_dirty = True
         self.queued += len(targets)
@@ -423,22 +425,15 @@ class _WriterState:
         removed = 0
         usage = self.quota.get(dev_pk)
         for mid in ids:
-            row = conn.execute("SELECT pk, size FROM messages WHERE msg_id=?", (mid,)).fetchone()
+            row = conn.execute(_ACK, (dev_pk, mid)).fetchone()
             if row is None:
                 continue
-            cur = conn.execute(
-                "DELETE FROM mailbox WHERE msg_pk=? AND device_pk=?", (row[0], dev_pk)
-            )
-            if cur.rowcount:
-                conn.execute(
-                    "UPDATE messages SET remaining = remaining - 1, "
-                    "body = CASE WHEN remaining <= 1 THEN NULL ELSE body END WHERE pk=?",
-                    (row[0],),
-                )
-                removed += 1
-                if usage is not None:
-                    usage[0] -= 1
-                    usage[1] -= int(row[1])
+            msg_pk = row[0]
+            conn.execute(_DROP_BODY_IF_DONE, (msg_pk, msg_pk))
+            removed += 1
+            if usage is not None:
+                usage[0] -= 1
+                usage[1] -= int(row[1])
         self.queued -= removed
         return removed
 
@@ -472,7 +467,7 @@ class _WriterState:
         tomb_cutoff = now_ms - lim.dedupe_window_ms
         conn.execute(
             "DELETE FROM messages WHERE pk IN (SELECT pk FROM messages WHERE stored_ms < ? "
-            "AND remaining <= 0 LIMIT ?)",
+            "AND body IS NULL LIMIT ?)",
             (tomb_cutoff, _SWEEP_CHUNK),
         )
         blob_rows = conn.execute(
@@ -526,7 +521,7 @@ class SqliteRelayStore:
         self._loop = asyncio.get_running_loop()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            conn = _connect(self._path, readonly=False)
+            conn = _connect(self._path, readonly=False, cache_kib=65536)
             conn.executescript(_SCHEMA)
             row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
             if row is None:
@@ -657,7 +652,7 @@ class SqliteRelayStore:
     def _reader(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self._path, readonly=True)
+            conn = _connect(self._path, readonly=True, cache_kib=16384)
             self._local.conn = conn
             with self._reader_lock:
                 self._reader_conns.append(conn)

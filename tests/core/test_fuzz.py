@@ -5,7 +5,7 @@ with one of the errors it documents (an :class:`e2ee.errors.E2EEError`, never a
 protobuf, python-axolotl or C-library exception) and a refused input changes not
 one byte of the local store. A mutated real message may decrypt only where the
 mutation falls in a region the protocol ignores, and then only to the original
-plaintext.
+plaintext and without changing the identity key recorded for its sender.
 
 The bulk run is deterministic (a seeded :class:`random.Random`) and counts every
 input it feeds; a smaller Hypothesis layer searches on top. Inputs:
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import logging
 import math
 import random
 import time
@@ -36,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from axolotl.groups.senderkeyname import SenderKeyName
 from axolotl.groups.state.senderkeyrecord import SenderKeyRecord
 from axolotl.protocol import whisperprotos_pb2 as pb
 from axolotl.protocol.senderkeymessage import SenderKeyMessage
@@ -47,14 +47,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import e2ee  # noqa: F401  (installs the protobuf shim before axolotl loads)
-from e2ee.core import MAX_SENDER_KEY_JUMP, PreKeyBundle, ProtocolEngine
-from e2ee.core import wire
+from e2ee.core import MAX_SENDER_KEY_JUMP, PreKeyBundle, ProtocolEngine, wire
 from e2ee.core.engine import Ciphertext
+from e2ee.core.keys import MAX_DEVICE_ID
 from e2ee.errors import (
     E2EEError,
     InvalidBundle,
     InvalidMessage,
     PeerError,
+    UsageError,
 )
 from e2ee.store import Address, MemoryProtocolStore, SenderKeyId
 
@@ -71,6 +72,9 @@ BUDGET = {
     "wire.parse_*": 12_000,
 }
 MIN_TOTAL = 100_000
+#: Of those, messages a malicious peer authenticates correctly (1:1, group).
+FORGED_1TO1 = 1_500
+FORGED_GROUP = 800
 
 _P = 2**255 - 19
 #: Canonical encodings of Curve25519 points of small order: 0, 1, the two of
@@ -93,7 +97,7 @@ def point(u: int) -> bytes:
 # -- the world: one receiver, real messages from three senders ------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Sample:
     """A real message Bob may receive, and what a successful decrypt must return."""
 
@@ -101,9 +105,16 @@ class Sample:
     sender: Address
     body: bytes
     plaintext: bytes | None  # None: a distribution (no plaintext)
+    identity: bytes  # the sender's real identity key
+
+    def __repr__(self) -> str:
+        return f"Sample({self.name!r})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(repr(self))
 
 
-@dataclass
+@dataclass(repr=False)
 class World:
     bob: ProtocolEngine
     store: MemoryProtocolStore
@@ -115,7 +126,14 @@ class World:
     #: A malicious peer's means: Carol's session with Bob, Alice's sender key.
     carol_session: bytes
     alice_sender_key: bytes
+    bob_iteration: int  # where Bob's copy of Alice's group chain stands
     real_keys: list[bytes] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        return "World(bob; alice, carol pending)"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # Hypothesis' printer
+        printer.text(repr(self))
 
     @property
     def all_samples(self) -> list[Sample]:
@@ -156,34 +174,39 @@ def build_world() -> World:
     def inner(ct: Ciphertext) -> bytes:
         return pb.PreKeyWhisperMessage.FromString(ct.body[1:]).message
 
+    ik = {a: alice.identity_key, c: carol.identity_key}
     world = World(
         bob=bob,
         store=bob.store,  # type: ignore[arg-type]
         prekey=[
-            Sample("alice prekey 1 (new session)", a, a1.body, b"alice 1"),
-            Sample("alice prekey 2 (new session)", a, a2.body, b"alice 2"),
-            Sample("carol prekey 1 (duplicate)", c, c1.body, b"carol 1"),
-            Sample("carol prekey 2 (late)", c, c2.body, b"carol 2"),
+            Sample("alice prekey 1 (new session)", a, a1.body, b"alice 1", ik[a]),
+            Sample("alice prekey 2 (new session)", a, a2.body, b"alice 2", ik[a]),
+            Sample("carol prekey 1 (duplicate)", c, c1.body, b"carol 1", ik[c]),
+            Sample("carol prekey 2 (late)", c, c2.body, b"carol 2", ik[c]),
         ],
         message=[
-            Sample("carol message 3 (duplicate)", c, c3.body, b"carol 3"),
-            Sample("carol message 4 (pending)", c, c4.body, b"carol 4"),
-            Sample("carol prekey 2, inner message", c, inner(c2), b"carol 2"),
-            Sample("alice prekey 1, inner message (no session)", a, inner(a1), b"alice 1"),
+            Sample("carol message 3 (duplicate)", c, c3.body, b"carol 3", ik[c]),
+            Sample("carol message 4 (pending)", c, c4.body, b"carol 4", ik[c]),
+            Sample("carol prekey 2, inner message", c, inner(c2), b"carol 2", ik[c]),
+            Sample("alice prekey 1, inner message (no session)", a, inner(a1), b"alice 1", ik[a]),
         ],
         group=[
-            Sample("alice group 1 (duplicate)", a, g1, b"group 1"),
-            Sample("alice group 2 (pending)", a, g2, b"group 2"),
-            Sample("alice group 3 (pending)", a, g3, b"group 3"),
-            Sample("carol group (no sender key)", c, gc, b"carol to group"),
+            Sample("alice group 1 (duplicate)", a, g1, b"group 1", ik[a]),
+            Sample("alice group 2 (pending)", a, g2, b"group 2", ik[a]),
+            Sample("alice group 3 (pending)", a, g3, b"group 3", ik[a]),
+            Sample("carol group (no sender key)", c, gc, b"carol to group", ik[c]),
         ],
         distribution=[
-            Sample("alice distribution (held)", a, dist_a, None),
-            Sample("carol distribution (new)", c, dist_c, None),
+            Sample("alice distribution (held)", a, dist_a, None, ik[a]),
+            Sample("carol distribution (new)", c, dist_c, None, ik[c]),
         ],
         bundles=[bob.local_bundle(prekey_id=9).to_json(), bob.local_bundle().to_json()],
         carol_session=carol.store.load_session(b) or b"",
         alice_sender_key=alice.store.load_sender_key(SenderKeyId(GROUP, a)) or b"",
+        bob_iteration=SenderKeyRecord(serialized=bob.store.load_sender_key(SenderKeyId(GROUP, a)))
+        .getSenderKeyState()
+        .getSenderChainKey()
+        .getIteration(),
     )
     world.real_keys = [
         alice.identity_key,
@@ -225,6 +248,7 @@ class Oracle:
         self.refused: Counter[str] = Counter()
         self.accepted: Counter[str] = Counter()
         self.defects: dict[tuple[str, str, str], str] = {}
+        self.defect_counts: Counter[tuple[str, str, str]] = Counter()
 
     # Any success: ``allowed`` None; else the plaintexts a success may return.
     def feed(
@@ -234,6 +258,7 @@ class Oracle:
         call: Callable[[], Any],
         allowed: frozenset[bytes] | None,
         note: str = "",
+        verify: Callable[[Any], str | None] | None = None,
     ) -> None:
         self.count[path] += 1
         try:
@@ -253,7 +278,12 @@ class Oracle:
         self.accepted[f"{path} [{note}]"] += 1
         plaintext = getattr(result, "plaintext", result)
         if allowed is not None and plaintext not in allowed:
-            self._defect(path, what, None, f"accepted with plaintext {plaintext!r}", note)
+            self._defect(
+                path, what, None, "accepted with a plaintext never sent", note, repr(plaintext)
+            )
+        problem = verify(result) if verify is not None else None
+        if problem:
+            self._defect(path, what, None, problem, note)
         if path.startswith(("decrypt", "group")):
             self._restore()
 
@@ -262,42 +292,83 @@ class Oracle:
             setattr(self.world.store, name, value)
 
     def _defect(
-        self, path: str, what: object, exc: BaseException | None, kind: str, note: str
+        self,
+        path: str,
+        what: object,
+        exc: BaseException | None,
+        kind: str,
+        note: str,
+        detail: str = "",
     ) -> None:
         where = ""
         if exc is not None:
             frames = traceback.extract_tb(exc.__traceback__)
             where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
         key = (path, f"{kind}: {type(exc).__name__ if exc else ''}", where)
+        self.defect_counts[key] += 1
         if key in self.defects:
             return
         shown = what.hex() if isinstance(what, bytes) else repr(what)[:2000]
         trace = "".join(traceback.format_exception(exc)) if exc is not None else ""
-        self.defects[key] = f"{path} [{note}] {kind}\n  input: {shown}\n{trace}"
+        self.defects[key] = f"{path} [{note}] {kind} {detail}\n  input: {shown}\n{trace}"
 
     def check(self) -> None:
         assert _live(self.world.store) == self.pristine, "store differs from the pristine copy"
-        assert not self.defects, "\n\n".join(self.defects.values())
+        assert not self.defects, "\n\n".join(
+            f"({self.defect_counts[key]} inputs) {text}" for key, text in self.defects.items()
+        )
 
     # -- the paths ------------------------------------------------------------------------
 
-    def decrypt(self, kind: str, sender: Address, body: bytes, allowed: frozenset[bytes] | None,
-                note: str) -> None:
+    def decrypt(
+        self,
+        kind: str,
+        sender: Address,
+        body: bytes,
+        allowed: frozenset[bytes] | None,
+        note: str,
+        identity: bytes | None = None,
+    ) -> None:
+        """``identity``: the key a success must leave recorded for ``sender``, if known."""
         bob = self.world.bob
         ct = Ciphertext(kind, body)  # type: ignore[arg-type]
-        self.feed(f"decrypt/{kind}", (kind, sender, body), lambda: bob.decrypt(sender, ct),
-                  allowed, note)
 
-    def group_decrypt(self, group: str, sender: Address, body: bytes,
-                      allowed: frozenset[bytes] | None, note: str) -> None:
+        def same_identity(_: Any) -> str | None:
+            record = bob.identity(sender)
+            if identity is None or (record is not None and record.identity_key == identity):
+                return None
+            return "accepted, but the sender's recorded identity key changed"
+
+        self.feed(
+            f"decrypt/{kind}",
+            (kind, sender, body),
+            lambda: bob.decrypt(sender, ct),
+            allowed,
+            note,
+            same_identity,
+        )
+
+    def group_decrypt(
+        self, group: str, sender: Address, body: bytes, allowed: frozenset[bytes] | None, note: str
+    ) -> None:
         bob = self.world.bob
-        self.feed("group_decrypt", (group, sender, body),
-                  lambda: bob.group_decrypt(group, sender, body), allowed, note)
+        self.feed(
+            "group_decrypt",
+            (group, sender, body),
+            lambda: bob.group_decrypt(group, sender, body),
+            allowed,
+            note,
+        )
 
     def distribution(self, group: str, sender: Address, body: bytes, note: str) -> None:
         bob = self.world.bob
-        self.feed("group_process_distribution", (group, sender, body),
-                  lambda: bob.group_process_distribution(group, sender, body), None, note)
+        self.feed(
+            "group_process_distribution",
+            (group, sender, body),
+            lambda: bob.group_process_distribution(group, sender, body),
+            None,
+            note,
+        )
 
     def bundle(self, data: Any, note: str) -> None:
         def parse() -> PreKeyBundle:
@@ -342,11 +413,11 @@ def bit_flips(body: bytes) -> Iterator[bytes]:
 
 
 def random_bytes(rng: random.Random) -> bytes:
-    length = rng.choice(
-        [rng.randrange(0, 16), rng.randrange(0, 200), rng.randrange(0, 2000), wire.MAX_MESSAGE_BYTES + 1]
-        if rng.random() < 0.002
-        else [rng.randrange(0, 16), rng.randrange(0, 200), rng.randrange(0, 2000)]
-    )
+    """Random length (rarely over the size limit); mostly with the right version byte."""
+    if rng.random() < 0.002:
+        length = wire.MAX_MESSAGE_BYTES + 1
+    else:
+        length = rng.randrange(0, rng.choice([16, 200, 2000]))
     data = rng.randbytes(length)
     if data and rng.random() < 0.6:
         data = bytes([wire.CURRENT_VERSION_BYTE]) + data[1:]
@@ -354,7 +425,13 @@ def random_bytes(rng: random.Random) -> bytes:
 
 
 def mutate(rng: random.Random, body: bytes, other: bytes) -> bytes:
-    """One to four random edits of ``body`` (``other`` feeds splices)."""
+    """One to four random edits of ``body`` (``other`` feeds splices); never ``body`` itself."""
+    while (mutant := _edit(rng, body, other)) == body:
+        pass
+    return mutant
+
+
+def _edit(rng: random.Random, body: bytes, other: bytes) -> bytes:
     data = bytearray(body)
     for _ in range(rng.choice([1, 1, 1, 2, 3, 4])):
         op = rng.randrange(9)
@@ -408,11 +485,14 @@ def key_field(rng: random.Random, real: list[bytes]) -> bytes:
     return b"\x05" + rng.randbytes(32)
 
 
+#: Boundary values for uint32 protobuf fields (ids, counters, iterations).
+EDGE_UINTS = (0, 1, 2, 0x7F, 0x80, 0xFFFF, 0xFFFFFE, 0xFFFFFF, 1 << 24, 2**31 - 1, 2**31, 2**32 - 1)
+#: Boundary values for JSON integers.
+EDGE_INTS = (0, 1, -1, 2**31 - 1, 2**31, 0xFFFFFE, 0xFFFFFF, 1 << 24, 2**64, -(2**100))
+
+
 def uint(rng: random.Random, real: list[int]) -> int:
-    return rng.choice(
-        [0, 1, 2, 0x7F, 0x80, 0xFFFF, 0xFFFFFE, 0xFFFFFF, 0x1000000, 2**31 - 1, 2**31, 2**32 - 1,
-         rng.randrange(2**32), *real]
-    )
+    return rng.choice([*EDGE_UINTS, rng.randrange(2**32), *real])
 
 
 def ciphertext_field(rng: random.Random) -> bytes:
@@ -441,7 +521,7 @@ def whisper_proto(rng: random.Random, world: World) -> bytes:
         previousCounter=uint(rng, [0, 1]),
         ciphertext=ciphertext_field(rng),
     )
-    _maybe_omit(rng, proto, ["ratchetKey", "counter", "previousCounter", "ciphertext"])
+    _maybe_omit(rng, proto, [f.name for f in proto.DESCRIPTOR.fields])
     return _version(rng) + proto.SerializeToString() + _tail(rng, 8)
 
 
@@ -455,9 +535,7 @@ def prekey_proto(rng: random.Random, world: World) -> bytes:
         identityKey=key_field(rng, [base.identityKey, *world.real_keys]),
         message=rng.choice([base.message, whisper_proto(rng, world), ciphertext_field(rng)]),
     )
-    _maybe_omit(
-        rng, proto, ["registrationId", "preKeyId", "signedPreKeyId", "baseKey", "identityKey", "message"]
-    )
+    _maybe_omit(rng, proto, [f.name for f in proto.DESCRIPTOR.fields])
     return _version(rng) + proto.SerializeToString()
 
 
@@ -468,7 +546,7 @@ def sender_key_proto(rng: random.Random, world: World) -> bytes:
         iteration=uint(rng, [0, 1, 2, 3, MAX_SENDER_KEY_JUMP, MAX_SENDER_KEY_JUMP + 2]),
         ciphertext=ciphertext_field(rng),
     )
-    _maybe_omit(rng, proto, ["id", "iteration", "ciphertext"])
+    _maybe_omit(rng, proto, [f.name for f in proto.DESCRIPTOR.fields])
     return _version(rng) + proto.SerializeToString() + _tail(rng, 64)
 
 
@@ -480,8 +558,25 @@ def distribution_proto(rng: random.Random, world: World) -> bytes:
         chainKey=rng.choice([real.chainKey, rng.randbytes(rng.choice([0, 1, 31, 32, 33, 64]))]),
         signingKey=key_field(rng, [real.signingKey, *world.real_keys]),
     )
-    _maybe_omit(rng, proto, ["id", "iteration", "chainKey", "signingKey"])
+    _maybe_omit(rng, proto, [f.name for f in proto.DESCRIPTOR.fields])
     return _version(rng) + proto.SerializeToString()
+
+
+#: Hand-made protobuf traps, each behind the right version byte: deep group nesting,
+#: lengths past the end, over-long and unterminated varints, a field number of 0, a
+#: repeated field, unknown wire types. Fed to every parser.
+_V = bytes([wire.CURRENT_VERSION_BYTE])
+PATHOLOGICAL = [
+    _V + b"\x0b" * 200_000 + b"\x00" * 72,
+    _V + b"\x0a\xff\xff\xff\xff\x0f" + b"\x00" * 72,
+    _V + b"\x10" + b"\xff" * 11 + b"\x01" + b"\x00" * 72,
+    _V + b"\x10" + b"\x80" * 64,
+    _V + b"\x00\x00" + b"\x00" * 72,
+    _V + b"\x0a\x21\x05" + b"\x01" * 32 + b"\x0a\x21\x05" + b"\x02" * 32 + b"\x00" * 72,
+    _V + b"\x0f\x0e\x0d\x0c" + b"\x00" * 72,
+    _V + b"\x0c" + b"\x00" * 72,
+    _V + b"\x22\x80\x80\x80\x80\x10" + b"\x00" * 72,
+]
 
 
 # -- a malicious peer: correctly authenticated garbage ---------------------------------------
@@ -497,7 +592,8 @@ def forged_whisper(rng: random.Random, world: World) -> bytes:
     if rng.random() < 0.5:
         body = rng.randbytes(16 * rng.randrange(1, 4))  # almost surely bad padding
     else:
-        body = AESCipher(keys.getCipherKey(), keys.getIv()).encrypt(rng.randbytes(rng.randrange(40)))
+        cipher = AESCipher(keys.getCipherKey(), keys.getIv())
+        body = cipher.encrypt(rng.randbytes(rng.randrange(40)))
     message = WhisperMessage(
         3,
         keys.getMacKey(),
@@ -521,8 +617,14 @@ def forged_whisper_far(world: World, ahead: int) -> bytes:
     body = AESCipher(keys.getCipherKey(), keys.getIv()).encrypt(b"far ahead")
     return bytes(
         WhisperMessage(
-            3, keys.getMacKey(), state.getSenderRatchetKey(), chain.getIndex(), 0, body,
-            state.getLocalIdentityKey(), state.getRemoteIdentityKey(),
+            3,
+            keys.getMacKey(),
+            state.getSenderRatchetKey(),
+            chain.getIndex(),
+            0,
+            body,
+            state.getLocalIdentityKey(),
+            state.getRemoteIdentityKey(),
         ).serialize()
     )
 
@@ -533,7 +635,9 @@ def forged_group(rng: random.Random, world: World, iteration: int | None = None)
     current = state.getSenderChainKey().getIteration()
     if iteration is None:
         iteration = current + rng.choice([-3, -1, 0, 1, 2, 10])
-    body = rng.randbytes(rng.choice([16, 32, 48, 17, 15, 0]))
+        body = rng.randbytes(rng.choice([16, 32, 48, 17, 15, 0]))
+    else:
+        body = rng.randbytes(16)  # whole blocks: reaches the jump check and the cipher
     message = SenderKeyMessage(
         state.getKeyId(), max(iteration, 0), body, state.getSigningKeyPrivate()
     )
@@ -550,7 +654,7 @@ def json_value(rng: random.Random, depth: int = 0) -> Any:
     if choice == 1:
         return rng.choice([True, False])
     if choice == 2:
-        return rng.choice([0, 1, -1, 2**31 - 1, 2**31, 0xFFFFFE, 0xFFFFFF, 0x1000000, 2**64, -(2**100)])
+        return rng.choice(EDGE_INTS)
     if choice == 3:
         return rng.choice([0.0, 1.0, 1.5, -0.0, math.inf, -math.inf, math.nan, 1e308])
     if choice == 4:
@@ -570,8 +674,11 @@ def json_value(rng: random.Random, depth: int = 0) -> Any:
     if choice == 11:
         return {"id": json_value(rng, depth + 1), "public_key": json_value(rng, depth + 1)}
     if choice == 12:
-        return {"id": 1, "public_key": json_value(rng, depth + 1),
-                "signature": json_value(rng, depth + 1)}
+        return {
+            "id": 1,
+            "public_key": json_value(rng, depth + 1),
+            "signature": json_value(rng, depth + 1),
+        }
     return {str(json_value(rng, depth + 1)): json_value(rng, depth + 1)}
 
 
@@ -650,6 +757,7 @@ def _bytes_inputs(
                 produced += 1
                 yield sample, body, _allowed(sample), note
     everything = [s.body for s in samples]
+    sent = _allowed(*samples)
     while produced < budget:
         produced += 1
         sample = rng.choice(samples)
@@ -661,15 +769,17 @@ def _bytes_inputs(
         elif roll < 0.75:
             yield sample, random_bytes(rng), frozenset(), "random bytes"
         else:
-            yield sample, structured(rng), frozenset(), "protobuf, wrong fields"
+            # Built around real parts (a real inner message, real keys): a success may
+            # only return something that was really sent.
+            yield sample, structured(rng), sent, "protobuf, wrong fields"
 
 
 def _sender(rng: random.Random, sample: Sample) -> tuple[Address, bool]:
     """Mostly the real sender; sometimes another (the relay lies about the sender)."""
     if rng.random() < 0.97:
         return sample.sender, False
-    return rng.choice([Address("alice", 1), Address("carol", 1), Address("mallory", 1),
-                       Address("alice", 2)]), True
+    others = [Address("alice", 1), Address("carol", 1), Address("mallory", 1), Address("alice", 2)]
+    return rng.choice([a for a in others if a != sample.sender]), True
 
 
 def run_bulk(oracle: Oracle, rng: random.Random) -> None:
@@ -681,31 +791,57 @@ def run_bulk(oracle: Oracle, rng: random.Random) -> None:
         sender, lied = _sender(rng, sample)
         # A first message binds the identity it carries to the claimed sender; that a
         # relay can misattribute it is the protocol's (the relay authenticates senders).
-        oracle.decrypt("prekey", sender, body, allowed, note + (", other sender" if lied else ""))
+        oracle.decrypt(
+            "prekey",
+            sender,
+            body,
+            allowed,
+            note + (", other sender" if lied else ""),
+            identity=None if lied else sample.identity,
+        )
 
     for sample, body, allowed, note in _bytes_inputs(
-        rng, world.message, BUDGET["decrypt/message"] - 400,
-        lambda r: whisper_proto(r, world) if r.random() < 0.8 else forged_whisper(r, world),
+        rng,
+        world.message,
+        BUDGET["decrypt/message"] - FORGED_1TO1 - 200,
+        lambda r: whisper_proto(r, world),
     ):
-        if note == "protobuf, wrong fields":
-            allowed = None  # type: ignore[assignment]  # authentic garbage may decrypt
         sender, lied = _sender(rng, sample)
-        oracle.decrypt("message", sender, body, allowed, note + (", other sender" if lied else ""))
+        oracle.decrypt(
+            "message",
+            sender,
+            body,
+            allowed,
+            note + (", other sender" if lied else ""),
+            identity=None if lied else sample.identity,
+        )
     for i in range(400):
-        # Bodies of one kind sent as the other kind.
-        sample = rng.choice(world.prekey + world.message)
+        # Bodies of one kind sent as the other kind (200 each way).
+        sample = (world.prekey if i % 2 else world.message)[i // 2 % 4]
         kind = "message" if sample in world.prekey else "prekey"
-        body = sample.body if i % 2 else mutate(rng, sample.body, sample.body)
-        oracle.decrypt(kind, sample.sender, body, frozenset(), "kind confusion")
-
-    def group_structured(r: random.Random) -> bytes:
-        return sender_key_proto(r, world) if r.random() < 0.7 else forged_group(r, world)
+        body = sample.body if i % 4 < 2 else mutate(rng, sample.body, sample.body)
+        oracle.decrypt(kind, sample.sender, body, frozenset(), "kind confusion", sample.identity)
+    carol = world.message[1]
+    for body in PATHOLOGICAL:
+        for sample in (world.prekey[0], world.message[1]):
+            oracle.decrypt("prekey", sample.sender, body, frozenset(), "pathological protobuf")
+            oracle.decrypt("message", sample.sender, body, frozenset(), "pathological protobuf")
+        oracle.group_decrypt(GROUP, world.group[1].sender, body, frozenset(), "pathological")
+        oracle.distribution(GROUP, world.distribution[1].sender, body, "pathological protobuf")
+    for ahead in (1999, 2000, 2001, 5000):  # python-axolotl's skip limit is 2000
+        body = forged_whisper_far(world, ahead)
+        oracle.decrypt("message", carol.sender, body, None, f"forged {ahead} ahead", carol.identity)
+    for _ in range(FORGED_1TO1 - 4):
+        # Carol herself sends garbage under a valid MAC: any plaintext may come out.
+        body = forged_whisper(rng, world)
+        oracle.decrypt("message", carol.sender, body, None, "forged by Carol", carol.identity)
 
     for sample, body, allowed, note in _bytes_inputs(
-        rng, world.group, BUDGET["group_decrypt"] - 300, group_structured
+        rng,
+        world.group,
+        BUDGET["group_decrypt"] - FORGED_GROUP - 300,
+        lambda r: sender_key_proto(r, world),
     ):
-        if note == "protobuf, wrong fields":
-            allowed = None  # type: ignore[assignment]
         group = GROUP if rng.random() < 0.97 else rng.choice(["h", "G", "g "])
         sender, lied = _sender(rng, sample)
         oracle.group_decrypt(group, sender, body, allowed, note)
@@ -714,12 +850,27 @@ def run_bulk(oracle: Oracle, rng: random.Random) -> None:
         sample = rng.choice(world.group)
         group = rng.choice([GROUP, "h"])
         sender = rng.choice([Address("alice", 1), Address("carol", 1), Address("alice", 2)])
-        oracle.group_decrypt(group, sender, sample.body,
-                             _allowed(sample) if (group, sender) == (GROUP, sample.sender)
-                             else frozenset(), "cross-wired")
+        oracle.group_decrypt(
+            group,
+            sender,
+            sample.body,
+            _allowed(sample) if (group, sender) == (GROUP, sample.sender) else frozenset(),
+            "cross-wired",
+        )
+
+    alice = world.group[1].sender
+    for jump in (2000, 2001, MAX_SENDER_KEY_JUMP, MAX_SENDER_KEY_JUMP + 1, 2**32):
+        iteration = min(world.bob_iteration + jump, 2**32 - 1)
+        body = forged_group(rng, world, iteration)
+        oracle.group_decrypt(GROUP, alice, body, None, f"forged jump {jump}")
+    for _ in range(FORGED_GROUP - 5):
+        # Alice herself signs garbage: any plaintext may come out.
+        oracle.group_decrypt(GROUP, alice, forged_group(rng, world), None, "forged by Alice")
 
     for sample, body, _, note in _bytes_inputs(
-        rng, world.distribution, BUDGET["group_process_distribution"],
+        rng,
+        world.distribution,
+        BUDGET["group_process_distribution"],
         lambda r: distribution_proto(r, world),
     ):
         group = GROUP if rng.random() < 0.9 else "h"
@@ -729,12 +880,20 @@ def run_bulk(oracle: Oracle, rng: random.Random) -> None:
         oracle.bundle(mutate_bundle(rng, world), "mutated bundle")
 
     samples = world.all_samples
-    parse_inputs = BUDGET["wire.parse_*"] // 4
+    for body in PATHOLOGICAL:
+        oracle.parse(body, "pathological protobuf")
+    parse_inputs = BUDGET["wire.parse_*"] // 4 - len(PATHOLOGICAL)
     for i in range(parse_inputs):
         roll = rng.random()
         if i < 6:
-            odd: Any = [None, "3", 3, bytearray(samples[0].body), memoryview(samples[0].body),
-                        [0x33]][i]
+            odd: Any = [
+                None,
+                "3",
+                3,
+                bytearray(samples[0].body),
+                memoryview(samples[0].body),
+                [0x33],
+            ][i]
             oracle.parse(odd, "not bytes")
         elif roll < 0.5:
             sample = rng.choice(samples)
@@ -752,8 +911,9 @@ def world() -> World:
 
 
 def test_100k_malformed_inputs_raise_only_typed_errors_and_change_nothing(
-    world: World, capsys: pytest.CaptureFixture[str]
+    world: World, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.ERROR, logger="axolotl")  # one warning per replayed setup
     oracle = Oracle(world)
     started = time.perf_counter()
     run_bulk(oracle, random.Random(SEED))
@@ -770,3 +930,160 @@ def test_100k_malformed_inputs_raise_only_typed_errors_and_change_nothing(
     assert set(oracle.count) == set(BUDGET)
     for path, budget in BUDGET.items():
         assert oracle.count[path] >= budget * 0.99, path
+
+
+# -- Hypothesis on top -------------------------------------------------------------------------
+
+SEARCH = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _route(oracle: Oracle, sample: Sample, body: bytes, note: str) -> None:
+    """Feed ``body`` to the path that ``sample`` came from."""
+    world = oracle.world
+    allowed = _allowed(sample)
+    if sample in world.prekey:
+        oracle.decrypt("prekey", sample.sender, body, allowed, note, sample.identity)
+    elif sample in world.message:
+        oracle.decrypt("message", sample.sender, body, allowed, note, sample.identity)
+    elif sample in world.group:
+        oracle.group_decrypt(GROUP, sample.sender, body, allowed, note)
+    else:
+        oracle.distribution(GROUP, sample.sender, body, note)
+
+
+@SEARCH
+@given(body=st.binary(max_size=600))
+def test_arbitrary_bytes_on_every_path(world: World, body: bytes) -> None:
+    oracle = Oracle(world)
+    oracle.parse(body, "hypothesis bytes")
+    for sample in (world.prekey[0], world.message[1], world.group[1], world.distribution[1]):
+        # Bytes from nowhere never decrypt, whatever path they take.
+        oracle.decrypt("prekey", sample.sender, body, frozenset(), "hypothesis bytes")
+        oracle.decrypt("message", sample.sender, body, frozenset(), "hypothesis bytes")
+        oracle.group_decrypt(GROUP, sample.sender, body, frozenset(), "hypothesis bytes")
+        oracle.distribution(GROUP, sample.sender, body, "hypothesis bytes")
+    oracle.check()
+
+
+EDIT = st.tuples(
+    st.sampled_from(["set", "xor", "insert", "delete"]),
+    st.integers(min_value=0, max_value=400),
+    st.integers(min_value=1, max_value=255),
+)
+
+
+@SEARCH
+@given(data=st.data(), edits=st.lists(EDIT, min_size=1, max_size=5))
+def test_edited_real_messages_on_their_own_path(
+    world: World, data: st.DataObject, edits: list[tuple[str, int, int]]
+) -> None:
+    sample = data.draw(st.sampled_from(world.all_samples), label="sample")
+    body = bytearray(sample.body)
+    for op, position, value in edits:
+        at = position % (len(body) + 1)
+        if op == "insert":
+            body[at:at] = bytes([value])
+        elif body and op == "delete":
+            del body[at % len(body)]
+        elif body and op == "set":
+            body[at % len(body)] = value
+        elif body:
+            body[at % len(body)] ^= value
+    oracle = Oracle(world)
+    _route(oracle, sample, bytes(body), "hypothesis edits")
+    oracle.parse(bytes(body), "hypothesis edits")
+    oracle.check()
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=60),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@SEARCH
+@given(data=st.data(), value=JSON)
+def test_bundle_json_with_any_value_in_any_field(
+    world: World, data: st.DataObject, value: Any
+) -> None:
+    bundle = copy.deepcopy(data.draw(st.sampled_from(world.bundles), label="bundle"))
+    path = data.draw(st.sampled_from(BUNDLE_FIELDS), label="field")
+    target = bundle
+    for key in path[:-1]:
+        target = target[key] if isinstance(target.get(key), dict) else {}
+    target[path[-1]] = value
+    oracle = Oracle(world)
+    oracle.bundle(bundle, f"hypothesis {'.'.join(path)}")
+    oracle.bundle(value, "hypothesis whole value")
+    oracle.check()
+
+
+# -- defects the fuzzer found: minimal reproductions -------------------------------------------
+
+
+def test_rewrapped_message_cannot_change_the_senders_recorded_identity() -> None:
+    """An envelope's identity key is believed only if it set up the session that decrypts.
+
+    Found by the bulk run (bit flips in the identity key of a late prekey message).
+    Anyone on the path can take a pending message from an established session, wrap
+    it in a prekey envelope with a fresh base key and any identity key, and deliver
+    it as kind "prekey". python-axolotl builds a (useless) new session from the
+    envelope, archives the real one, then decrypts the inner message with the
+    archived real session; the engine then records the envelope's identity key for
+    the sender as a changed key (untrusted), reports an identity change, and holds
+    sending to that contact. The user sees "safety number changed" for a key the
+    contact never had.
+    """
+    from e2ee.core.keys import generate_identity
+
+    bob, carol = _engine("bob"), _engine("carol")
+    carol.process_bundle("bob", bob.local_bundle())
+    bob.decrypt(carol.address, carol.encrypt(bob.address, b"hello"))
+    carol.decrypt(bob.address, bob.encrypt(carol.address, b"hi"))
+    pending = carol.encrypt(bob.address, b"genuine")
+    assert pending.kind == "message"
+
+    mallory = bytes(generate_identity()[0].getPublicKey().serialize())
+    fresh_base_key = bytes(generate_identity()[0].getPublicKey().serialize())
+    envelope = pb.PreKeyWhisperMessage(
+        registrationId=1,
+        signedPreKeyId=bob.local_bundle().signed_prekey.prekey_id,
+        baseKey=fresh_base_key,
+        identityKey=mallory,
+        message=pending.body,
+    )
+    rewrapped = Ciphertext(
+        "prekey", bytes([wire.CURRENT_VERSION_BYTE]) + envelope.SerializeToString()
+    )
+    try:
+        decrypted = bob.decrypt(carol.address, rewrapped)
+    except E2EEError:
+        pass  # refusing the envelope is a fine answer
+    else:
+        assert decrypted.plaintext == b"genuine"
+        assert decrypted.identity_change is None
+    recorded = bob.identity(carol.address)
+    assert recorded is not None and recorded.identity_key == carol.identity_key
+    assert carol.decrypt(bob.address, bob.encrypt(carol.address, b"still talking")).plaintext
+
+
+def test_device_id_range_is_the_same_for_accounts_bundles_and_senders() -> None:
+    """Found while building bundle inputs: ``create_account`` used to take device ids
+    up to 2**31-1 while ``PreKeyBundle.from_json`` refused any above 0xFFFFFF (and
+    accepted 0). Now every entry point agrees with the relay: 1..127."""
+    for device_id in (1, MAX_DEVICE_ID):
+        engine = ProtocolEngine(MemoryProtocolStore(), now_ms=lambda: NOW_MS)
+        engine.create_account("dave", device_id)
+        bundle = engine.local_bundle(prekey_id=1)
+        assert PreKeyBundle.from_json(bundle.to_json()) == bundle, device_id
+    for device_id in (0, MAX_DEVICE_ID + 1, 2**31 - 1):
+        with pytest.raises(UsageError):
+            ProtocolEngine(MemoryProtocolStore()).create_account("dave", device_id)
+        body = bundle.to_json() | {"device_id": device_id}
+        with pytest.raises(InvalidBundle):
+            PreKeyBundle.from_json(body)
+        with pytest.raises(InvalidMessage):
+            engine.decrypt(Address("erin", device_id), Ciphertext("message", b"\x33" + bytes(40)))

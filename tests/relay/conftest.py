@@ -15,7 +15,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-
 from relay_testclient import RelayClient
 
 _LISTEN_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
@@ -55,18 +54,36 @@ class RelayProcess:
             raise
 
 
-def start_relay(data_dir: Path, settings: dict[str, str] | None = None,
-                extra_args: list[str] | None = None) -> RelayProcess:
+def start_relay(
+    data_dir: Path,
+    settings: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    env_extra: dict[str, str] | None = None,
+) -> RelayProcess:
     """Start ``python -m relay --port 0`` and wait for its listening log line."""
-    args = [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", "0",
-            "--data", str(data_dir)]
+    args = [
+        sys.executable,
+        "-m",
+        "relay",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data",
+        str(data_dir),
+    ]
     for key, value in (settings or {}).items():
         args += ["--set", f"{key}={value}"]
     args += extra_args or []
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_RELAY_")}
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.Popen(  # noqa: S603 - fixed argv
-        args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    env.update(env_extra or {})
+    proc = subprocess.Popen(
+        args,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
         cwd=Path(__file__).resolve().parents[2],
     )
     lines: list[str] = []
@@ -103,12 +120,14 @@ def relay_factory(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     """Start dedicated relays with specific settings; all are stopped after the test."""
     started: list[RelayProcess] = []
 
-    def factory(settings: dict[str, str] | None = None, data_dir: Path | None = None,
-                **kw: list[str]) -> RelayProcess:
+    def factory(
+        settings: dict[str, str] | None = None, data_dir: Path | None = None, **kw: list[str]
+    ) -> RelayProcess:
         merged = dict(SHARED_SETTINGS)
         merged.update(settings or {})
-        relay = start_relay(data_dir or tmp_path / f"relay{len(started)}", merged,
-                            kw.get("extra_args"))
+        relay = start_relay(
+            data_dir or tmp_path / f"relay{len(started)}", merged, kw.get("extra_args")
+        )
         started.append(relay)
         return relay
 

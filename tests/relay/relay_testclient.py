@@ -104,8 +104,10 @@ class RelayClient:
         headers: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Reply:
-        body = data if data is not None else (
-            json.dumps(json_body).encode() if json_body is not None else b""
+        body = (
+            data
+            if data is not None
+            else (json.dumps(json_body).encode() if json_body is not None else b"")
         )
         hdrs: dict[str, str] = {}
         if body:
@@ -136,7 +138,9 @@ class RelayClient:
     async def add_device(self, existing: Device, device_id: int) -> Device:
         dev = Device(existing.user, device_id)
         r = await self.request(
-            existing, "POST", "/v1/devices",
+            existing,
+            "POST",
+            "/v1/devices",
             json_body={"device_id": device_id, "auth_key": dev.auth_key_b64},
         )
         assert r.status == 201, r.body
@@ -159,11 +163,12 @@ class RelayClient:
     async def send_binary(
         self, sender: Device, recipients: list[Device], body: bytes, mid: bytes | None = None
     ) -> Reply:
-        frame = encode_send(
-            Envelope(mid or new_mid(), tuple(r.addr for r in recipients), body)
-        )
+        frame = encode_send(Envelope(mid or new_mid(), tuple(r.addr for r in recipients), body))
         return await self.request(
-            sender, "PUT", "/v1/messages", data=frame,
+            sender,
+            "PUT",
+            "/v1/messages",
+            data=frame,
             content_type="application/vnd.blindpost.send",
         )
 

@@ -24,7 +24,9 @@ async def test_username_rules(client: RelayClient) -> None:
     for bad in ["ab", "Alice", "a" * 33, "al-ice", "count", "émile"]:
         dev = Device("validname_x")
         r = await client.request(
-            dev, "POST", "/v1/accounts",
+            dev,
+            "POST",
+            "/v1/accounts",
             json_body={"username": bad, "device_id": 1, "auth_key": dev.auth_key_b64},
         )
         assert r.status in (400, 401), (bad, r.status)
@@ -36,7 +38,9 @@ async def test_registration_requires_proof_of_key(client: RelayClient) -> None:
     dev = Device(new_username())
     impostor = Device(dev.user)  # signs with a different key than the one registered
     r = await client.request(
-        impostor, "POST", "/v1/accounts",
+        impostor,
+        "POST",
+        "/v1/accounts",
         json_body={"username": dev.user, "device_id": 1, "auth_key": dev.auth_key_b64},
     )
     assert r.status == 401
@@ -133,3 +137,11 @@ async def test_bad_input_is_4xx_json_never_500(client: RelayClient) -> None:
         assert "error" in r.json() and "message" in r.json()
     r = await client.request(None, "GET", "/nope")
     assert r.status == 404 and r.json()["error"] == "not_found"
+
+
+async def test_unknown_route_404_and_wrong_method_405_are_json(client: RelayClient) -> None:
+    r = await client.request(None, "GET", "/v2/anything")
+    assert r.status == 404 and r.json()["error"] == "not_found"
+    r = await client.request(None, "DELETE", "/healthz")
+    assert r.status == 405 and r.json()["error"] == "method_not_allowed"
+    assert "GET" in r.headers["Allow"]

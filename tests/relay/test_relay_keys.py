@@ -27,12 +27,15 @@ def upload_doc(identity: str, otpk_ids: range, *, spk: bool = True) -> dict[str,
 async def test_upload_count_and_identity_conflict(client: RelayClient) -> None:
     dev = await client.new_device()
     ident = key33()
-    r = await client.request(dev, "PUT", "/v1/keys", json_body=upload_doc(ident, range(0), spk=False))
+    r = await client.request(
+        dev, "PUT", "/v1/keys", json_body=upload_doc(ident, range(0), spk=False)
+    )
     assert r.status == 400  # first upload needs a signed prekey
     r = await client.request(dev, "PUT", "/v1/keys", json_body=upload_doc(ident, range(100)))
     assert r.status == 200 and r.json() == {"count": 100}
-    r = await client.request(dev, "PUT", "/v1/keys",
-                             json_body=upload_doc(ident, range(100, 150), spk=False))
+    r = await client.request(
+        dev, "PUT", "/v1/keys", json_body=upload_doc(ident, range(100, 150), spk=False)
+    )
     assert r.json() == {"count": 150}
     assert (await client.request(dev, "GET", "/v1/keys/count")).json() == {"count": 150}
     r = await client.request(dev, "PUT", "/v1/keys", json_body=upload_doc(key33(), range(1)))
@@ -96,8 +99,9 @@ async def test_fetch_rate_limited_per_requester_and_target(relay_factory, sessio
     for dev in (bob, carol):
         await client.request(dev, "PUT", "/v1/keys", json_body=upload_doc(key33(), range(10)))
     alice = await client.new_device()
-    statuses = [(await client.request(alice, "GET", f"/v1/keys/{bob.user}")).status
-                for _ in range(4)]
+    statuses = [
+        (await client.request(alice, "GET", f"/v1/keys/{bob.user}")).status for _ in range(4)
+    ]
     assert statuses == [200, 200, 200, 429]
     r = await client.request(alice, "GET", f"/v1/keys/{bob.user}")
     assert r.status == 429 and int(r.headers["Retry-After"]) >= 1

@@ -101,15 +101,18 @@ async def test_group_body_stored_once_and_deleted_after_last_ack(
     mid = new_mid()
     r = await client.send(sender, recipients, b"G" * 1000, mid)
     assert r.status == 200 and r.json()["recipients"] == 5
-    rows = db_rows(shared_relay, "SELECT length(body), remaining FROM messages WHERE msg_id=?",
-                   mid)
-    assert rows == [(1000, 5)]
-    assert db_rows(shared_relay, "SELECT count(*) FROM mailbox mb JOIN messages m "
-                   "ON m.pk = mb.msg_pk WHERE m.msg_id=?", mid) == [(5,)]
+    rows = db_rows(shared_relay, "SELECT length(body) FROM messages WHERE msg_id=?", mid)
+    assert rows == [(1000,)]
+    assert db_rows(
+        shared_relay,
+        "SELECT count(*) FROM mailbox mb JOIN messages m ON m.pk = mb.msg_pk WHERE m.msg_id=?",
+        mid,
+    ) == [(5,)]
     for i, dev in enumerate(recipients):
         assert (await client.ack(dev, [mid])).json() == {"acked": 1}
-        body_len = db_rows(shared_relay, "SELECT length(body) FROM messages WHERE msg_id=?",
-                           mid)[0][0]
+        body_len = db_rows(shared_relay, "SELECT length(body) FROM messages WHERE msg_id=?", mid)[
+            0
+        ][0]
         assert body_len == (None if i == 4 else 1000)
 
 
@@ -133,7 +136,11 @@ async def test_removing_a_device_deletes_its_mailbox(
     mid = new_mid()
     assert (await client.send(alice, [bob1, bob2], b"x", mid)).status == 200
     assert (await client.request(bob1, "DELETE", "/v1/devices/2")).status == 200
-    assert db_rows(shared_relay, "SELECT remaining FROM messages WHERE msg_id=?", mid) == [(1,)]
+    assert db_rows(
+        shared_relay,
+        "SELECT count(*) FROM mailbox mb JOIN messages m ON m.pk = mb.msg_pk WHERE m.msg_id=?",
+        mid,
+    ) == [(1,)]
     # bob now has one device: a send must name exactly it.
     r = await client.send(alice, [bob1, bob2], b"y")
     assert r.status == 409 and r.json()["stale_devices"] == {bob1.user: [2]}
@@ -153,3 +160,47 @@ async def test_logs_never_contain_bodies(client: RelayClient, shared_relay: Rela
 
 def test_db_path_is_in_data_dir(shared_relay: RelayProcess) -> None:
     assert Path(shared_relay.data_dir / "relay.sqlite3").exists()
+
+
+async def test_thousand_recipient_group_message(client: RelayClient) -> None:
+    import asyncio
+    import time
+
+    sender = await client.new_device("grp")
+    owners = [await client.new_device("grp") for _ in range(8)]
+    devices = []
+    for owner in owners:
+        devices.append(owner)
+        devices += await asyncio.gather(*(client.add_device(owner, d) for d in range(2, 126)))
+    assert len(devices) == 1000
+    timings = []
+    for _i in range(3):
+        mid = new_mid()
+        started = time.perf_counter()
+        r = await client.send_binary(sender, devices, b"g" * 200, mid)
+        timings.append(time.perf_counter() - started)
+        assert r.status == 200 and r.json()["recipients"] == 1000, r.body
+    # The target is 50 ms on an idle 2-core machine; allow for a shared, busy test machine.
+    print("group send timings", timings)
+    assert min(timings) < 0.5, timings
+    last = devices[-1]
+    assert len((await client.read(last)).json()["messages"]) == 3
+
+
+async def test_http_paging_covers_everything_once(client: RelayClient) -> None:
+    alice = await client.new_device()
+    bob = await client.new_device()
+    mids = [new_mid() for _ in range(7)]
+    for mid in mids:
+        r = await client.send_binary(alice, [bob], b"p" * 250_000, mid)  # pages are byte-bounded
+        assert r.status == 200
+    seen: list[bytes] = []
+    after = 0
+    for _ in range(20):
+        page = (await client.read(bob, after=after, limit=10)).json()
+        assert len(page["messages"]) <= 4
+        seen += [unb64(m["id"]) for m in page["messages"]]
+        if not page["more"]:
+            break
+        after = page["messages"][-1]["seq"]
+    assert seen == mids

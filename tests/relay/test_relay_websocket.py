@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import aiohttp
@@ -26,7 +27,7 @@ async def test_hint_backlog_in_order_then_empty_then_live(client: RelayClient) -
         backlog.append(await next_frame(ws))
     assert [m.message_id for m in backlog] == mids
     assert [m.body for m in backlog] == [b"m%d" % i for i in range(20)]
-    assert all(a.seq < b.seq for a, b in zip(backlog, backlog[1:], strict=False))
+    assert all(a.seq < b.seq for a, b in itertools.pairwise(backlog))
     assert backlog[0].sender == Address(alice.user, 1)
     assert await next_frame(ws) == {"type": "empty"}
     live_mid = new_mid()
@@ -46,8 +47,9 @@ async def test_disconnect_mid_drain_redelivers_unacked_in_order(client: RelayCli
     await next_frame(ws)  # hint
     first = [await next_frame(ws) for _ in range(4)]
     # Ack two of them over the socket (with a ref so we know it committed), then drop.
-    await ws.send_str(json.dumps({"type": "ack", "ids": [b64(m.message_id) for m in first[:2]],
-                                  "ref": "a1"}))
+    await ws.send_str(
+        json.dumps({"type": "ack", "ids": [b64(m.message_id) for m in first[:2]], "ref": "a1"})
+    )
     for _ in range(20):
         f = await next_frame(ws)
         if isinstance(f, dict) and f.get("type") == "acked":

@@ -1,0 +1,2141 @@
+"""The client SDK facade: an async messenger client over core, store and transport.
+
+Invariants:
+
+* The event loop never blocks: every SQLite access and every crypto call runs in
+  ``asyncio.to_thread``; large files are encrypted and decrypted chunk by chunk.
+* Inbox: a delivery is acknowledged to the relay only after its plaintext rows
+  and the session state were committed in one transaction
+  (``ProtocolEngine.decrypt(on_plaintext=...)``). A redelivery after a crash is
+  recognised by the ratchet as a duplicate and acknowledged without a second
+  event. Undecryptable deliveries are acknowledged only after the problem was
+  reported (an event) and, where possible, repaired (a bounded session reset).
+* Outbox: every outgoing message is first committed to the ``outbox`` table
+  (with its history row), then sent in composition order, one at a time, under
+  the same message id on every retry, so the relay stores it once.
+* Sending to a device whose identity key changed is held until the user accepts
+  the key; nothing is encrypted to an unaccepted key.
+* Group membership changes are accepted only from a sender who is an admin in
+  our committed group state (or a member leaving); they travel pairwise
+  encrypted. Our Sender Key is rotated whenever a member is removed or leaves.
+* All history writes happen under one write lock, so read-modify-write updates
+  of a row (status, edits, receipts) never lose each other.
+* Secrets (keys, plaintext) never reach a repr, a log line or an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import mimetypes
+import os
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal, Protocol
+
+import nacl.hash
+
+from e2ee import envelope, payload
+from e2ee.client_errors import (
+    ClientClosed,
+    IdentityHeld,
+    NotAdmin,
+    NotAMember,
+    NotRegistered,
+    SendFailed,
+    UnknownRecipient,
+)
+from e2ee.core import Ciphertext, PreKeyBundle, ProtocolEngine
+from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
+from e2ee.errors import (
+    DuplicateMessage,
+    E2EEError,
+    InvalidBundle,
+    InvalidMessage,
+    MissingKey,
+    NoSession,
+    StorageError,
+    TransportError,
+    UntrustedIdentity,
+    UsageError,
+)
+from e2ee.events import (
+    ConnectionStateChanged,
+    DecryptionProblem,
+    Event,
+    GapDetected,
+    GroupChanged,
+    IdentityChanged,
+    MessageChanged,
+    MessageReceived,
+    ReceiptUpdated,
+    Typing,
+)
+from e2ee.history import (
+    History,
+    Row,
+    StoredMessage,
+    direct_chat_id,
+    dumps,
+    group_chat_id,
+    to_message,
+)
+from e2ee.media import Progress, decrypt_file, encrypt_file
+from e2ee.payload import (
+    AttachmentPointer,
+    GroupAction,
+    GroupControl,
+    Payload,
+    PayloadType,
+    Quote,
+    ReceiptKind,
+)
+from e2ee.store import AccountRecord, Address, Changes, TrustLevel
+from e2ee.store.sqlite import SQLiteProtocolStore
+from e2ee.transport.auth import DeviceSigner
+from e2ee.transport.errors import (
+    ConnectionLost,
+    DeviceRemoved,
+    MismatchedDevices,
+    NotFound,
+    RelayRejected,
+    Replaced,
+)
+from e2ee.transport.frames import Delivery
+from e2ee.transport.http import RelayClient
+from e2ee.transport.ws import ConnectionState, RelayConnection
+
+__all__ = [
+    "DB_FILE",
+    "Client",
+    "ClientOptions",
+    "LinkFactory",
+    "RelayLink",
+    "TransportLink",
+]
+
+_log = logging.getLogger(__name__)
+
+#: The database file inside the data directory.
+DB_FILE: Final = "blindpost.db"
+_META_USER: Final = "sdk.username"
+_META_RELAY: Final = "sdk.relay_url"
+_META_REGISTERED: Final = "sdk.registered"
+_META_READ_RECEIPTS: Final = "sdk.read_receipts"
+_META_STRICT: Final = "sdk.strict_trust"
+_RECEIPT_BATCH: Final = 500
+_ACTION_NAMES: Final[dict[GroupAction, Literal["create", "add", "remove", "leave", "rename"]]] = {
+    GroupAction.CREATE: "create",
+    GroupAction.ADD: "add",
+    GroupAction.REMOVE: "remove",
+    GroupAction.LEAVE: "leave",
+    GroupAction.RENAME: "rename",
+}
+_MAX_SEND_ATTEMPTS: Final = 4
+
+
+class RelayLink(Protocol):
+    """What the client needs from the relay transport (one device's view).
+
+    The real implementation wraps :mod:`e2ee.transport`; tests use an in-process
+    fake. Every method raises :class:`~e2ee.errors.TransportError` subclasses
+    (``MismatchedDevices``, ``NotFound``, ``ConnectionLost``...) on failure.
+    """
+
+    async def register(self) -> None:
+        """Register this device's user and auth key (``POST /v1/accounts``)."""
+        ...
+
+    async def upload_keys(self, keys: Mapping[str, Any]) -> int:
+        """Upload prekeys (``PUT /v1/keys``); returns the relay's one-time prekey count."""
+        ...
+
+    async def prekey_count(self) -> int:
+        """One-time prekeys the relay holds for this device."""
+        ...
+
+    async def fetch_bundles(self, user: str) -> list[Mapping[str, Any]]:
+        """Per-device bundle objects of ``user`` (``GET /v1/keys/{user}``)."""
+        ...
+
+    async def connect(self) -> None:
+        """Open the live connection (the WebSocket); deliveries start flowing."""
+        ...
+
+    def deliveries(self) -> AsyncIterator[Delivery]:
+        """Deliveries from the live connection, backlog first; ends when it closes."""
+        ...
+
+    async def send(
+        self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
+    ) -> None:
+        """Send one body to the listed devices; returns once the relay committed it."""
+        ...
+
+    async def ack(self, ids: Sequence[bytes]) -> None:
+        """Acknowledge deliveries (the relay deletes them from our mailbox)."""
+        ...
+
+    async def upload_blob(self, path: Path, digest: bytes, progress: Progress | None) -> str:
+        """Upload an encrypted file; returns the blob id."""
+        ...
+
+    async def download_blob(self, blob_id: str, path: Path, progress: Progress | None) -> None:
+        """Download a blob into ``path`` (verifying its content address)."""
+        ...
+
+    async def disconnect(self) -> None:
+        """Close the live connection (deliveries end)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything (HTTP session included)."""
+        ...
+
+
+#: Builds the link for a device: (signer, relay URL) -> link.
+LinkFactory = Callable[[DeviceSigner, str], RelayLink]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    """Tunables; the defaults suit a real client, tests shorten the delays.
+
+    Attributes:
+        backoff_base: first reconnect delay in seconds (doubles per failure).
+        backoff_max: reconnect delay cap in seconds.
+        maintenance_interval: seconds between key-maintenance runs while connected.
+        expiry_interval: seconds between disappearing-message sweeps.
+        reset_interval_ms: at most one session reset per peer device in this time.
+        ack_delay: seconds acks may wait to be batched.
+    """
+
+    backoff_base: float = 0.5
+    backoff_max: float = 30.0
+    maintenance_interval: float = 3600.0
+    expiry_interval: float = 1.0
+    reset_interval_ms: int = 60_000
+    ack_delay: float = 0.02
+
+
+@dataclass(slots=True)
+class _Inbound:
+    """What processing one delivery produced (committed already, when rows exist)."""
+
+    events: list[Event] = field(default_factory=list)
+    wake_outbox: bool = False
+    reset: Address | None = None
+    key_request: tuple[str, Address] | None = None
+    resend_key: tuple[str, str] | None = None
+
+
+def _system_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _hex(mid: bytes) -> str:
+    return mid.hex()
+
+
+def _auth_seed(identity_key_pair: bytes) -> bytes:
+    """The relay auth key seed, derived from the (sealed) identity key pair.
+
+    A keyed BLAKE2b with a personalisation string separates it from every other
+    use of the identity key; nothing new needs storing.
+    """
+    seed: bytes = nacl.hash.blake2b(
+        b"blindpost relay auth v1",
+        key=hashlib.sha256(identity_key_pair).digest(),
+        person=b"bp-relay-auth",
+        digest_size=32,
+        encoder=nacl.encoding.RawEncoder,
+    )
+    return seed
+
+
+class Client:
+    """An end-to-end encrypted messenger client for one account on one device.
+
+    Create one with :meth:`create` (new account) or :meth:`open` (existing); then
+    ``async with client:`` connects to the relay and keeps the connection up
+    (reconnecting with backoff) until the block ends. Everything else is a
+    coroutine method; :meth:`events` yields what happens.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        store: SQLiteProtocolStore,
+        engine: ProtocolEngine,
+        history: History,
+        link_factory: LinkFactory,
+        *,
+        account: AccountRecord,
+        relay_url: str,
+        now_ms: Callable[[], int],
+        options: ClientOptions,
+    ) -> None:
+        """Use :meth:`open` or :meth:`create`."""
+        self._dir = data_dir
+        self._store = store
+        self._engine = engine
+        self._history = history
+        self._now_ms = now_ms
+        self._options = options
+        self._me = Address(account.name, account.device_id)
+        signer = DeviceSigner.from_seed(
+            _auth_seed(account.identity_key_pair), account.name, account.device_id
+        )
+        self._link = link_factory(signer, relay_url)
+        self._registered = False
+        self._strict = False
+        self._wlock = threading.RLock()
+        self._counters: dict[str, int] = {}
+        self._subscribers: list[asyncio.Queue[Event]] = []
+        self._sent_waiters: dict[str, asyncio.Future[None]] = {}
+        self._outbox_wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._closed = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._acks: list[bytes] = []
+        self._ack_wake = asyncio.Event()
+        self._held: set[str] = set()
+        self._pending_keys: dict[Address, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"Client(user={self._me.name!r}, device={self._me.device_id})"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        data_dir: str | os.PathLike[str],
+        username: str,
+        relay_url: str,
+        *,
+        device_id: int = 1,
+        passphrase: str | None = None,
+        strict_trust: bool = False,
+        link_factory: LinkFactory | None = None,
+        now_ms: Callable[[], int] = _system_ms,
+        options: ClientOptions | None = None,
+        kdf_limits: Any = None,
+    ) -> Client:
+        """Create a new account in ``data_dir`` (not yet registered with the relay).
+
+        Args:
+            data_dir: a directory for the database (created if missing).
+            username: the account name (``[a-z0-9_]{3,32}``).
+            relay_url: the relay's base URL, e.g. ``http://127.0.0.1:8080``.
+            device_id: this device's id (1..127).
+            passphrase: protects the keys at rest; None relies on file permissions.
+            strict_trust: if True, every new contact key must be verified or
+                accepted before sending (no trust on first use).
+            link_factory: builds the relay link (default: the aiohttp transport).
+            now_ms: the clock.
+            options: tunables.
+            kdf_limits: Argon2id cost (tests pass a cheap one).
+
+        Returns:
+            The client, not connected. Call :meth:`register` next.
+
+        Raises:
+            UsageError: bad name, device id, or the directory already holds an account.
+            StorageError: the database cannot be created.
+        """
+        if not 1 <= device_id <= 127:
+            raise UsageError("device id must be in 1..127")
+        folder = Path(data_dir)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+        def setup() -> tuple[SQLiteProtocolStore, ProtocolEngine, History, AccountRecord]:
+            store = cls._open_store(folder, passphrase, kdf_limits)
+            try:
+                engine = ProtocolEngine(store, now_ms=now_ms, trust_on_first_use=not strict_trust)
+                engine.create_account(username, device_id)
+                store.commit(
+                    Changes(
+                        meta_put={
+                            _META_USER: username,
+                            _META_RELAY: relay_url,
+                            _META_STRICT: "1" if strict_trust else "0",
+                            _META_READ_RECEIPTS: "1",
+                        }
+                    )
+                )
+                account = store.load_account()
+                assert account is not None
+                return store, engine, History.open(store), account
+            except BaseException:
+                store.close()
+                raise
+
+        store, engine, history, account = await asyncio.to_thread(setup)
+        return cls(
+            folder,
+            store,
+            engine,
+            history,
+            link_factory or _default_link_factory,
+            account=account,
+            relay_url=relay_url,
+            now_ms=now_ms,
+            options=options or ClientOptions(),
+        )
+
+    @classmethod
+    async def open(
+        cls,
+        data_dir: str | os.PathLike[str],
+        passphrase: str | None = None,
+        *,
+        link_factory: LinkFactory | None = None,
+        now_ms: Callable[[], int] = _system_ms,
+        options: ClientOptions | None = None,
+    ) -> Client:
+        """Open the account in ``data_dir``.
+
+        Args:
+            data_dir: the directory given to :meth:`create`.
+            passphrase: the passphrase given to :meth:`create`, if any.
+            link_factory: builds the relay link (default: the aiohttp transport).
+            now_ms: the clock.
+            options: tunables.
+
+        Returns:
+            The client, not connected.
+
+        Raises:
+            WrongPassphrase: the passphrase does not open the store.
+            UsageError: the directory holds no account.
+            StorageError: the database cannot be opened.
+        """
+        folder = Path(data_dir)
+        if not (folder / DB_FILE).exists():
+            raise UsageError(f"no account in {folder}")
+
+        def setup() -> tuple[SQLiteProtocolStore, ProtocolEngine, History, AccountRecord, str]:
+            store = cls._open_store(folder, passphrase, None)
+            try:
+                account = store.load_account()
+                if account is None:
+                    raise UsageError(f"no account in {folder}")
+                strict = store.get_meta(_META_STRICT) == "1"
+                engine = ProtocolEngine(store, now_ms=now_ms, trust_on_first_use=not strict)
+                url = store.get_meta(_META_RELAY) or ""
+                return store, engine, History.open(store), account, url
+            except BaseException:
+                store.close()
+                raise
+
+        store, engine, history, account, url = await asyncio.to_thread(setup)
+        return cls(
+            folder,
+            store,
+            engine,
+            history,
+            link_factory or _default_link_factory,
+            account=account,
+            relay_url=url,
+            now_ms=now_ms,
+            options=options or ClientOptions(),
+        )
+
+    @staticmethod
+    def _open_store(folder: Path, passphrase: str | None, limits: Any) -> SQLiteProtocolStore:
+        path = folder / DB_FILE
+        if limits is None:
+            return SQLiteProtocolStore.open(path, passphrase)
+        return SQLiteProtocolStore.open(path, passphrase, kdf_limits=limits)
+
+    async def register(self) -> None:
+        """Register the account with the relay and upload its prekeys.
+
+        Raises:
+            UsernameTaken: the name is registered already.
+            TransportError: the relay cannot be reached or refused.
+        """
+        self._check_open()
+        await asyncio.to_thread(self._load_state)
+        if not self._registered:
+            await self._link.register()
+        upload = await asyncio.to_thread(self._engine.key_upload)
+        await self._link.upload_keys(upload.to_json())
+        await asyncio.to_thread(self._store.commit, Changes(meta_put={_META_REGISTERED: "1"}))
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the connection loop, the outbox and the timers (``async with`` does this).
+
+        Raises:
+            NotRegistered: :meth:`register` was never called.
+            ClientClosed: the client was closed.
+        """
+        self._check_open()
+        if self._tasks:
+            return
+        await asyncio.to_thread(self._load_state)
+        if not self._registered:
+            raise NotRegistered("register the account with a relay first")
+        for runner in (self._connection_loop, self._outbox_loop, self._ack_loop, self._expiry_loop):
+            self._tasks.append(asyncio.create_task(runner()))
+
+    async def close(self) -> None:
+        """Flush acknowledgements, disconnect and close the store. Idempotent."""
+        if self._closed:
+            return
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, E2EEError):
+                await task
+        self._tasks.clear()
+        # Everything committed so far is acknowledged; a delivery cut off mid-way
+        # was not, and comes back as a duplicate next time.
+        with contextlib.suppress(TransportError):
+            await self._flush_acks()
+        with contextlib.suppress(TransportError):
+            await self._link.disconnect()
+        with contextlib.suppress(TransportError):
+            await self._link.aclose()
+        self._closed = True
+        for waiter in self._sent_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ClientClosed("the client was closed"))
+        self._emit(ConnectionStateChanged("closed"))
+        await asyncio.to_thread(self._close_files)
+
+    def _close_files(self) -> None:
+        with self._wlock:
+            self._history.close()
+            self._store.close()
+
+    def _check_open(self) -> None:
+        if self._closed or self._closing:
+            raise ClientClosed("the client was closed")
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def username(self) -> str:
+        """Our user name."""
+        return self._me.name
+
+    @property
+    def device_id(self) -> int:
+        """This device's id."""
+        return self._me.device_id
+
+    @property
+    def history(self) -> History:
+        """Read access to local history (blocking: call it via ``asyncio.to_thread``)."""
+        return self._history
+
+    @property
+    def connected(self) -> bool:
+        """True while the live connection to the relay is up."""
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        """Wait until the live connection to the relay is up.
+
+        Raises:
+            ClientClosed: the client is closed.
+        """
+        self._check_open()
+        await self._connected.wait()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def events(self) -> AsyncIterator[Event]:
+        """A new subscription to every event from now on.
+
+        Returns:
+            An async iterator; it ends when the client is closed.
+        """
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._subscribers.append(queue)
+        return self._iterate(queue)
+
+    async def _iterate(self, queue: asyncio.Queue[Event]) -> AsyncIterator[Event]:
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, ConnectionStateChanged) and event.state == "closed":
+                    return
+        finally:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(queue)
+
+    def _emit(self, event: Event) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(event)
+
+    # -- settings --------------------------------------------------------------------------
+
+    async def set_read_receipts(self, enabled: bool) -> None:
+        """Turn sending read receipts on or off (delivered receipts are always sent).
+
+        Raises:
+            StorageError: the setting cannot be stored.
+        """
+        value = "1" if enabled else "0"
+        await asyncio.to_thread(self._store.commit, Changes(meta_put={_META_READ_RECEIPTS: value}))
+
+    # -- counters (cached; only touched under the write lock) -------------------------
+
+    def _load_state(self) -> None:
+        with self._wlock:
+            self._counters.clear()
+            self._registered = self._store.get_meta(_META_REGISTERED) == "1"
+            self._strict = self._store.get_meta(_META_STRICT) == "1"
+
+    def _counter_or_none(self, name: str) -> int | None:
+        value = self._counters.get(name)
+        if value is None:
+            value = self._history.counter_value(name)
+            if value is not None:
+                self._counters[name] = value
+        return value
+
+    def _counter(self, name: str) -> int:
+        value = self._counters.get(name)
+        if value is None:
+            value = self._history.counter_value(name) or 0
+            self._counters[name] = value
+        return value
+
+    def _commit(self, rows: Sequence[Row], counters: Mapping[str, int]) -> None:
+        all_rows = tuple(rows) + tuple(
+            History.row("counters", id=k, value=v) for k, v in counters.items()
+        )
+        self._store.commit(Changes(app_rows=all_rows))
+        self._counters.update(counters)
+
+    # -- composing -------------------------------------------------------------------------
+
+    def _chat_for(self, to: str) -> tuple[str, str, list[str]]:
+        """(chat id, mode, targets) for a user name or a chat id."""
+        if to.startswith("group:"):
+            gid = to[len("group:") :]
+            group = self._history.group(gid)
+            if group is None or not group["member"]:
+                raise NotAMember(gid)
+            return to, "group", []
+        peer = to[len("dm:") :] if to.startswith("dm:") else to
+        if not peer or peer == self._me.name:
+            raise UsageError("send to another user (or a group chat id)")
+        return direct_chat_id(peer), "pairwise", [peer]
+
+    def _ensure_chat_rows(
+        self, chat_id: str, now: int, pending: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        chat = pending.get(chat_id) or self._history.current("chats", chat_id)
+        if chat is None:
+            if chat_id.startswith("dm:"):
+                peer = chat_id[3:]
+                chat = History.row(
+                    "chats", id=chat_id, kind="direct", peer=peer, timer_seconds=0, created_at=now
+                )[1]
+            else:
+                gid = chat_id[len("group:") :]
+                chat = History.row(
+                    "chats", id=chat_id, kind="group", group_id=gid, timer_seconds=0, created_at=now
+                )[1]
+        chat = dict(chat)
+        chat["last_message_at"] = now
+        pending[chat_id] = chat
+        return chat
+
+    def _compose(
+        self,
+        to: str,
+        kind: PayloadType,
+        *,
+        text: str = "",
+        quote: Quote | None = None,
+        targets_ids: tuple[bytes, ...] = (),
+        reaction: str = "",
+        attachment: AttachmentPointer | None = None,
+        group: GroupControl | None = None,
+        group_targets: Sequence[str] | None = None,
+        timer_seconds: int = 0,
+        typing: bool = False,
+        store_row: bool = True,
+        extra_rows: Sequence[Row] = (),
+    ) -> str:
+        """Commit a payload to the outbox (and its history row); return its id."""
+        with self._wlock:
+            chat_id, mode, targets = self._chat_for(to)
+            if group_targets is not None:
+                mode, targets = "pairwise", list(group_targets)
+            now = self._now_ms()
+            mid = os.urandom(payload.MESSAGE_ID_BYTES)
+            chats: dict[str, dict[str, Any]] = {}
+            if store_row:
+                chat = self._ensure_chat_rows(chat_id, now, chats)
+                if kind is PayloadType.TIMER:
+                    chat["timer_seconds"] = timer_seconds
+            else:
+                chat = self._history.current("chats", chat_id) or {}
+            counted = kind not in (PayloadType.TYPING, PayloadType.SESSION_RESET)
+            counters: dict[str, int] = {}
+            counter = 0
+            if counted:
+                counter = self._counter(f"out:{chat_id}") + 1
+                counters[f"out:{chat_id}"] = counter
+            timed = store_row and kind is not PayloadType.TIMER
+            expire = int(chat.get("timer_seconds") or 0) if timed else 0
+            body = Payload(
+                type=kind,
+                message_id=mid,
+                sent_at_ms=now,
+                counter=counter,
+                group_id=chat_id[len("group:") :] if chat_id.startswith("group:") else "",
+                text=text,
+                quote=quote,
+                target_ids=targets_ids,
+                reaction=reaction,
+                typing=typing,
+                attachment=attachment,
+                group=group,
+                timer_seconds=timer_seconds,
+                expire_seconds=expire,
+            )
+            data = payload.encode(body)
+            seq = self._counter("seq:outbox") + 1
+            counters["seq:outbox"] = seq
+            rows: list[Row] = [
+                History.row(
+                    "outbox",
+                    id=_hex(mid),
+                    seq=seq,
+                    chat_id=chat_id,
+                    mode=mode,
+                    targets=dumps(targets),
+                    kind=kind.name.lower(),
+                    payload=data,
+                    state="queued",
+                    attempts=0,
+                    created_at=now,
+                )
+            ]
+            if store_row:
+                mseq = self._counter("seq:messages") + 1
+                counters["seq:messages"] = mseq
+                rows.append(
+                    History.row(
+                        "messages",
+                        id=_hex(mid),
+                        chat_id=chat_id,
+                        group_id=body.group_id or None,
+                        sender=self._me.name,
+                        sender_device=self._me.device_id,
+                        outgoing=1,
+                        type=kind.name.lower(),
+                        text=text or None,
+                        reply_to=_hex(quote.message_id) if quote else None,
+                        quote_text=quote.text if quote else None,
+                        counter=counter,
+                        sent_at=now,
+                        status="pending",
+                        edited=0,
+                        deleted=0,
+                        expire_seconds=expire,
+                        expires_at=now + expire * 1000 if expire else None,
+                        seq=mseq,
+                    )
+                )
+                if attachment is not None:
+                    rows.append(self._attachment_row(_hex(mid), attachment))
+            rows.extend(("chats", c) for c in chats.values())
+            rows.extend(extra_rows)
+            self._commit(rows, counters)
+            return _hex(mid)
+
+    @staticmethod
+    def _attachment_row(message_id: str, a: AttachmentPointer) -> Row:
+        return History.row(
+            "attachments",
+            id=message_id,
+            message_id=message_id,
+            blob_id=a.blob_id,
+            key=a.key,
+            digest=a.digest,
+            size=a.size,
+            mime_type=a.mime_type,
+            file_name=a.file_name,
+        )
+
+    async def _queue(self, to: str, kind: PayloadType, *, wait: bool, **kw: Any) -> str:
+        self._check_open()
+        mid = await asyncio.to_thread(self._compose, to, kind, **kw)
+        waiter: asyncio.Future[None] | None = None
+        if wait:
+            waiter = asyncio.get_running_loop().create_future()
+            self._sent_waiters[mid] = waiter
+        self._outbox_wake.set()
+        if waiter is not None:
+            try:
+                await waiter
+            finally:
+                self._sent_waiters.pop(mid, None)
+        return mid
+
+    # -- public sending API ---------------------------------------------------------------
+
+    async def send_text(
+        self, to: str, text: str, *, reply_to: str | None = None, wait: bool = True
+    ) -> str:
+        """Send a text message to a user or a group chat.
+
+        Args:
+            to: a user name, or a chat id (``dm:<user>``, ``group:<id>``).
+            text: the message.
+            reply_to: id (hex) of a message in history to quote.
+            wait: return only after the relay accepted it ("sent"). Offline,
+                that is after reconnecting. With False, return once queued.
+
+        Returns:
+            The message id (hex).
+
+        Raises:
+            UsageError: empty text, unknown ``reply_to``, or sending to ourselves.
+            NotAMember: ``to`` is a group we are not in.
+            SendFailed: the relay refused the message for good.
+            UnknownRecipient: the relay does not know the user.
+            ClientClosed: the client was closed while waiting.
+        """
+        if not text:
+            raise UsageError("text must not be empty")
+        quote = await self._quote(reply_to) if reply_to else None
+        return await self._queue(to, PayloadType.TEXT, wait=wait, text=text, quote=quote)
+
+    async def _quote(self, message_id: str) -> Quote:
+        found = await asyncio.to_thread(self._history.message, message_id)
+        if found is None:
+            raise UsageError("reply_to names no message in history")
+        return Quote(bytes.fromhex(found.id), found.sender, (found.text or "")[:200])
+
+    async def react(self, message_id: str, emoji: str, *, wait: bool = True) -> str:
+        """React to a message (``emoji=""`` removes our reaction).
+
+        Returns:
+            The id of the reaction message.
+
+        Raises:
+            UsageError: the message is not in history.
+        """
+        target = await self._target(message_id)
+        rows = [
+            History.row(
+                "reactions",
+                id=f"{message_id}:{self._me.name}",
+                message_id=message_id,
+                user_id=self._me.name,
+                emoji=emoji,
+                updated_at=self._now_ms(),
+            )
+        ]
+        return await self._queue(
+            target.chat_id,
+            PayloadType.REACTION,
+            wait=wait,
+            targets_ids=(bytes.fromhex(message_id),),
+            reaction=emoji,
+            store_row=False,
+            extra_rows=rows,
+        )
+
+    async def edit(self, message_id: str, text: str, *, wait: bool = True) -> str:
+        """Replace the text of one of our messages, for everyone.
+
+        Raises:
+            UsageError: not our message, deleted, or empty text.
+        """
+        target = await self._target(message_id, own=True)
+        if not text:
+            raise UsageError("text must not be empty")
+        row = await asyncio.to_thread(
+            self._history.updated, "messages", message_id, text=text, edited=1
+        )
+        return await self._queue(
+            target.chat_id,
+            PayloadType.EDIT,
+            wait=wait,
+            text=text,
+            targets_ids=(bytes.fromhex(message_id),),
+            store_row=False,
+            extra_rows=[row] if row else [],
+        )
+
+    async def delete_for_everyone(self, message_id: str, *, wait: bool = True) -> str:
+        """Delete one of our messages on every side (its text is cleared locally now).
+
+        Raises:
+            UsageError: not our message.
+        """
+        target = await self._target(message_id, own=True)
+        row = await asyncio.to_thread(
+            self._history.updated, "messages", message_id, text=None, quote_text=None, deleted=1
+        )
+        return await self._queue(
+            target.chat_id,
+            PayloadType.DELETE,
+            wait=wait,
+            targets_ids=(bytes.fromhex(message_id),),
+            store_row=False,
+            extra_rows=[row] if row else [],
+        )
+
+    async def _target(self, message_id: str, *, own: bool = False) -> StoredMessage:
+        found = await asyncio.to_thread(self._history.message, message_id)
+        if found is None or found.deleted:
+            raise UsageError("no such message in history")
+        if own and not found.outgoing:
+            raise UsageError("only our own messages can be edited or deleted")
+        return found
+
+    async def send_typing(self, to: str, typing: bool = True) -> None:
+        """Tell a chat we started (or stopped) typing. Dropped while offline.
+
+        Raises:
+            NotAMember: ``to`` is a group we are not in.
+        """
+        if not self.connected:
+            return
+        await self._queue(to, PayloadType.TYPING, wait=False, store_row=False, typing=typing)
+
+    async def set_disappearing_timer(self, to: str, seconds: int, *, wait: bool = True) -> str:
+        """Set a chat's disappearing-messages timer (0 turns it off), for both sides.
+
+        Messages sent or received after this disappear ``seconds`` after they
+        were sent (outgoing) or received (incoming).
+
+        Raises:
+            UsageError: negative seconds.
+        """
+        if seconds < 0:
+            raise UsageError("seconds must not be negative")
+        return await self._queue(
+            to, PayloadType.TIMER, wait=wait, timer_seconds=seconds, text=f"timer {seconds}s"
+        )
+
+    async def mark_read(self, chat_id: str) -> int:
+        """Mark every incoming message of a chat read; send read receipts if enabled.
+
+        Returns:
+            How many messages were newly marked read.
+
+        Raises:
+            StorageError: history cannot be written.
+        """
+        self._check_open()
+        count = await asyncio.to_thread(self._mark_read_sync, chat_id)
+        if count:
+            self._outbox_wake.set()
+        return count
+
+    def _mark_read_sync(self, chat_id: str) -> int:
+        with self._wlock:
+            now = self._now_ms()
+            send_receipts = self._store.get_meta(_META_READ_RECEIPTS) != "0"
+            rows: list[Row] = []
+            counters: dict[str, int] = {}
+            for message in self._history.iter_messages(chat_id):
+                if message.outgoing or message.read_at is not None:
+                    continue
+                if message.type not in ("text", "attachment"):
+                    continue
+                updated = self._history.updated("messages", message.id, read_at=now)
+                if updated:
+                    rows.append(updated)
+                if send_receipts:
+                    rows.append(self._receipt_row(message.sender, message.id, "read", counters))
+            if rows:
+                self._commit(rows, counters)
+            return sum(1 for t, _ in rows if t == "messages")
+
+    def _receipt_row(self, user: str, message_id: str, kind: str, counters: dict[str, int]) -> Row:
+        seq = counters.get("seq:outbox", self._counter("seq:outbox")) + 1
+        counters["seq:outbox"] = seq
+        return History.row(
+            "outbox",
+            id=f"r:{kind}:{message_id}",
+            seq=seq,
+            chat_id=direct_chat_id(user),
+            mode="receipt",
+            targets=dumps([user]),
+            ref=message_id,
+            kind=kind,
+            state="queued",
+            attempts=0,
+            created_at=self._now_ms(),
+        )
+
+    # -- media -----------------------------------------------------------------------------
+
+    async def send_file(
+        self,
+        to: str,
+        path: str | os.PathLike[str],
+        *,
+        mime_type: str | None = None,
+        caption: str = "",
+        progress: Progress | None = None,
+        wait: bool = True,
+    ) -> str:
+        """Encrypt a file, upload it to the relay's blob store, and send a pointer.
+
+        Args:
+            to: user or chat id.
+            path: the file (any type, any size up to the relay's blob limit).
+            mime_type: default: guessed from the file name.
+            caption: optional text shown with it.
+            progress: called with (bytes uploaded, total) during the upload.
+            wait: as for :meth:`send_text`.
+
+        Returns:
+            The message id (hex).
+
+        Raises:
+            UsageError: the file cannot be read.
+            TransportError: the upload failed (nothing was sent).
+        """
+        self._check_open()
+        source = Path(path)
+        enc = await asyncio.to_thread(encrypt_file, source, directory=self._dir)
+        try:
+            blob_id = await self._link.upload_blob(enc.path, enc.digest, progress)
+        finally:
+            with contextlib.suppress(OSError):
+                enc.path.unlink()
+        pointer = AttachmentPointer(
+            blob_id=blob_id,
+            key=enc.key,
+            digest=enc.digest,
+            size=enc.plaintext_size,
+            mime_type=mime_type
+            or mimetypes.guess_type(source.name)[0]
+            or "application/octet-stream",
+            file_name=source.name,
+        )
+        return await self._queue(
+            to, PayloadType.ATTACHMENT, wait=wait, attachment=pointer, text=caption
+        )
+
+    async def forward_attachment(self, message_id: str, to: str, *, wait: bool = True) -> str:
+        """Send an attachment we hold again, reusing its blob (no re-upload).
+
+        Raises:
+            UsageError: the message has no attachment.
+        """
+        row = await asyncio.to_thread(self._history.attachment, message_id)
+        if row is None or not row["key"]:
+            raise UsageError("that message has no attachment")
+        pointer = AttachmentPointer(
+            row["blob_id"],
+            row["key"],
+            row["digest"],
+            row["size"],
+            row["mime_type"] or "",
+            row["file_name"] or "",
+        )
+        return await self._queue(to, PayloadType.ATTACHMENT, wait=wait, attachment=pointer)
+
+    async def download_attachment(
+        self,
+        message_id: str,
+        destination: str | os.PathLike[str],
+        *,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Download, verify and decrypt a message's attachment into ``destination``.
+
+        Raises:
+            UsageError: the message has no attachment.
+            MediaCorrupt: the blob was tampered with or truncated (nothing written).
+            TransportError: the download failed.
+        """
+        row = await asyncio.to_thread(self._history.attachment, message_id)
+        if row is None or not row["key"]:
+            raise UsageError("that message has no attachment")
+        target = Path(destination)
+        tmp = self._dir / f".download-{message_id}"
+        try:
+            await self._link.download_blob(row["blob_id"], tmp, progress)
+            await asyncio.to_thread(decrypt_file, tmp, target, row["key"], row["digest"])
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return target
+
+    # -- groups ----------------------------------------------------------------------------
+
+    async def create_group(self, name: str, members: Sequence[str]) -> str:
+        """Create a group with us as its admin, and tell every member (pairwise).
+
+        Returns:
+            The group id; its chat id is ``group:<id>``.
+
+        Raises:
+            UsageError: no members, or an invalid name.
+        """
+        others = sorted(set(members) - {self._me.name})
+        if not others:
+            raise UsageError("a group needs at least one other member")
+        gid = os.urandom(12).hex()
+        everyone = tuple(sorted({*others, self._me.name}))
+        control = GroupControl(
+            GroupAction.CREATE, name=name, members=everyone, admins=(self._me.name,), revision=1
+        )
+
+        def commit_state() -> None:
+            with self._wlock:
+                self._commit(self._group_rows(gid, control, self._me.name), {})
+
+        await asyncio.to_thread(commit_state)
+        await self._queue(
+            group_chat_id(gid), PayloadType.GROUP, wait=True, group=control, group_targets=others
+        )
+        return gid
+
+    async def add_member(self, group_id: str, user: str) -> None:
+        """Add a member (admins only); everyone, the new member included, is told."""
+        await self._change_group(group_id, GroupAction.ADD, user)
+
+    async def remove_member(self, group_id: str, user: str) -> None:
+        """Remove a member (admins only) and rotate our Sender Key."""
+        await self._change_group(group_id, GroupAction.REMOVE, user)
+
+    async def rename_group(self, group_id: str, name: str) -> None:
+        """Rename a group (admins only)."""
+        await self._change_group(group_id, GroupAction.RENAME, None, name=name)
+
+    async def leave_group(self, group_id: str) -> None:
+        """Leave a group; the others rotate their Sender Keys."""
+        await self._change_group(group_id, GroupAction.LEAVE, self._me.name)
+
+    async def _change_group(
+        self, gid: str, action: GroupAction, user: str | None, *, name: str | None = None
+    ) -> None:
+        self._check_open()
+        group = await asyncio.to_thread(self._history.group, gid)
+        if group is None or not group["member"]:
+            raise NotAMember(gid)
+        members = await asyncio.to_thread(self._history.group_members, gid)
+        admins = tuple(json.loads(group["admins"] or "[]"))
+        if action is not GroupAction.LEAVE and self._me.name not in admins:
+            raise NotAdmin(gid)
+        new_members = set(members)
+        targets: tuple[str, ...] = ()
+        if action is GroupAction.ADD and user:
+            new_members.add(user)
+            targets = (user,)
+        elif action in (GroupAction.REMOVE, GroupAction.LEAVE) and user:
+            if user not in new_members:
+                raise UsageError(f"{user} is not a member")
+            new_members.discard(user)
+            targets = (user,)
+        new_admins = tuple(a for a in admins if a in new_members)
+        control = GroupControl(
+            action,
+            name=name if name is not None else (group["name"] or ""),
+            members=tuple(sorted(new_members)),
+            admins=new_admins,
+            revision=int(group["revision"] or 0) + 1,
+            targets=targets,
+        )
+        recipients = sorted((set(members) | new_members) - {self._me.name})
+        rows = await asyncio.to_thread(self._group_rows, gid, control, self._me.name)
+        await self._queue(
+            group_chat_id(gid),
+            PayloadType.GROUP,
+            wait=True,
+            group=control,
+            group_targets=recipients,
+            extra_rows=rows,
+        )
+        if action in (GroupAction.REMOVE, GroupAction.LEAVE):
+            await asyncio.to_thread(self._rotate_group_key, gid, targets)
+
+    def _rotate_group_key(self, gid: str, gone: Sequence[str]) -> None:
+        """Forget our Sender Key (a new one is made and distributed on next send)."""
+        with self._wlock:
+            self._engine.group_rotate(gid)
+            for user in gone:
+                for device in self._known_devices(user):
+                    self._engine.group_forget_sender(gid, Address(user, device))
+            generation = self._counter(f"keygen:{gid}") + 1
+            self._commit([], {f"keygen:{gid}": generation})
+
+    def _known_devices(self, user: str) -> list[int]:
+        return self._engine.session_devices(user)
+
+    def _group_rows(self, gid: str, control: GroupControl, by: str) -> list[Row]:
+        """Rows for the group's state after ``control`` (members, admins, name)."""
+        with self._wlock:
+            now = self._now_ms()
+            current = self._history.group(gid)
+            am_member = self._me.name in control.members
+            rows: list[Row] = [
+                History.row(
+                    "groups",
+                    id=gid,
+                    name=control.name,
+                    admins=dumps(list(control.admins)),
+                    revision=control.revision,
+                    created_by=(current or {}).get("created_by") or by,
+                    member=1 if am_member else 0,
+                    created_at=(current or {}).get("created_at") or now,
+                )
+            ]
+            previous = self._history.group_members(gid)
+            for user in sorted(set(previous) | set(control.members)):
+                role = "gone"
+                if user in control.members:
+                    role = "admin" if user in control.admins else "member"
+                rows.append(
+                    History.row(
+                        "users_groups", id=f"{gid}:{user}", group_id=gid, user_id=user, role=role
+                    )
+                )
+                rows.append(History.row("users", id=user, created_at=now))
+            chat_id = group_chat_id(gid)
+            if self._history.current("chats", chat_id) is None:
+                rows.append(
+                    History.row(
+                        "chats",
+                        id=chat_id,
+                        kind="group",
+                        group_id=gid,
+                        timer_seconds=0,
+                        last_message_at=now,
+                        created_at=now,
+                    )
+                )
+            return rows
+
+    # -- trust -----------------------------------------------------------------------------
+
+    async def safety_number(self, user: str) -> list[tuple[int, SafetyNumber]]:
+        """Safety numbers with each known device of ``user`` (digits + QR payload).
+
+        Raises:
+            UsageError: we hold no identity key for that user yet.
+        """
+
+        def compute() -> list[tuple[int, SafetyNumber]]:
+            out = []
+            for address, record in sorted(self._store.identities(user).items()):
+                out.append(
+                    (
+                        address.device_id,
+                        compute_safety_number(
+                            self._engine.identity_key, self._me.name, record.identity_key, user
+                        ),
+                    )
+                )
+            if not out:
+                raise UsageError(f"no identity known for {user}")
+            return out
+
+        return await asyncio.to_thread(compute)
+
+    async def trust_level(self, user: str) -> dict[int, str]:
+        """device -> ``tofu``, ``verified`` or ``untrusted`` for a contact."""
+        found = await asyncio.to_thread(self._store.identities, user)
+        return {a.device_id: r.trust for a, r in found.items()}
+
+    async def accept_identity(self, user: str, *, verified: bool = False) -> None:
+        """Accept ``user``'s current (new) identity keys; held messages then go out.
+
+        Args:
+            user: the contact.
+            verified: record the keys as verified (safety numbers compared).
+
+        Raises:
+            UsageError: nothing is known about that user.
+        """
+
+        def accept() -> None:
+            level = TrustLevel.VERIFIED if verified else TrustLevel.TOFU
+            known = self._store.identities(user)
+            pending = {a: k for a, k in self._pending_keys.items() if a.name == user}
+            if not known and not pending:
+                raise UsageError(f"no identity known for {user}")
+            for address, record in known.items():
+                key = pending.pop(address, record.identity_key)
+                if key != record.identity_key:
+                    # A new key seen in a bundle: the old session is for the old key.
+                    self._store.commit(Changes(sessions_delete=frozenset({address})))
+                self._engine.set_trust(address, key, level)
+            for address, key in pending.items():
+                self._engine.set_trust(address, key, level)
+            for address in list(self._pending_keys):
+                if address.name == user:
+                    del self._pending_keys[address]
+
+        await asyncio.to_thread(accept)
+        self._held.discard(user)
+        self._outbox_wake.set()
+
+    async def verify(self, user: str) -> None:
+        """Mark ``user``'s current keys verified (after comparing safety numbers)."""
+        await self.accept_identity(user, verified=True)
+
+    # -- the connection --------------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        failures = 0
+        while not self._closing:
+            self._emit(ConnectionStateChanged("connecting"))
+            reason = ""
+            try:
+                await self._link.connect()
+                failures = 0
+                self._connected.set()
+                self._emit(ConnectionStateChanged("connected"))
+                self._outbox_wake.set()
+                maintenance = asyncio.create_task(self._maintenance_loop())
+                try:
+                    async for delivery in self._link.deliveries():
+                        await self._handle_delivery(delivery)
+                finally:
+                    maintenance.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, E2EEError):
+                        await maintenance
+                reason = "connection closed"
+            except (Replaced, DeviceRemoved) as exc:
+                # Another connection of this device took over, or the device was
+                # removed: reconnecting would only fight over it.
+                self._connected.clear()
+                self._emit(ConnectionStateChanged("offline", None, type(exc).__name__))
+                return
+            except TransportError as exc:
+                reason = type(exc).__name__
+            except StorageError as exc:
+                # Nothing was acknowledged; the relay delivers again after reconnecting.
+                reason = f"storage: {type(exc).__name__}"
+                _log.warning("storage error while receiving: %s", exc)
+            except E2EEError as exc:
+                reason = type(exc).__name__
+                _log.warning("receiving stopped: %s", type(exc).__name__)
+            finally:
+                self._connected.clear()
+            if self._closing:
+                return
+            with contextlib.suppress(TransportError):
+                await self._link.disconnect()
+            failures += 1
+            delay = min(self._options.backoff_max, self._options.backoff_base * 2 ** (failures - 1))
+            delay *= random.uniform(0.5, 1.0)  # noqa: S311  (jitter, not crypto)
+            self._emit(ConnectionStateChanged("offline", retry_in=delay, reason=reason))
+            await asyncio.sleep(delay)
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            try:
+                count = await self._link.prekey_count()
+                upload = await asyncio.to_thread(self._engine.maintain_keys, count)
+                if upload is not None:
+                    await self._link.upload_keys(upload.to_json())
+            except TransportError as exc:
+                _log.info("key maintenance postponed: %s", type(exc).__name__)
+            await asyncio.sleep(self._options.maintenance_interval)
+
+    async def _expiry_loop(self) -> None:
+        while not self._closing:
+            events = await asyncio.to_thread(self._expire_sync)
+            for event in events:
+                self._emit(event)
+            await asyncio.sleep(self._options.expiry_interval)
+
+    def _expire_sync(self) -> list[Event]:
+        with self._wlock:
+            events: list[Event] = []
+            rows: list[Row] = []
+            for mid in self._history.expired(self._now_ms()):
+                row = self._history.updated("messages", mid, text=None, quote_text=None, deleted=2)
+                if row is None:
+                    continue
+                rows.append(row)
+                attachment = self._history.updated(
+                    "attachments", mid, key=None, digest=None, local_path=None
+                )
+                if attachment:
+                    rows.append(attachment)
+                events.append(MessageChanged(mid, row[1]["chat_id"], "expired", row[1]["sender"]))
+            if rows:
+                self._commit(rows, {})
+            return events
+
+    async def _ack_loop(self) -> None:
+        while not self._closing:
+            await self._ack_wake.wait()
+            self._ack_wake.clear()
+            await asyncio.sleep(self._options.ack_delay)
+            # Unacknowledged messages are delivered again and seen as duplicates.
+            with contextlib.suppress(TransportError):
+                await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        while self._acks:
+            batch, self._acks = self._acks[:500], self._acks[500:]
+            try:
+                await self._link.ack(batch)
+            except TransportError:
+                self._acks = batch + self._acks
+                raise
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _handle_delivery(self, delivery: Delivery) -> None:
+        inbound = await asyncio.to_thread(self._process_delivery, delivery)
+        self._acks.append(delivery.id)
+        if len(self._acks) >= 200:
+            await self._flush_acks()
+        else:
+            self._ack_wake.set()
+        for event in inbound.events:
+            self._emit(event)
+        if inbound.reset is not None:
+            await self._session_reset(inbound.reset)
+        if inbound.key_request is not None:
+            gid, sender = inbound.key_request
+            await self._request_sender_key(gid, sender)
+        if inbound.wake_outbox or inbound.resend_key:
+            self._outbox_wake.set()
+
+    def _process_delivery(self, delivery: Delivery) -> _Inbound:
+        sender = Address(delivery.sender, delivery.device)
+        out = _Inbound()
+        with self._wlock:
+            try:
+                env = envelope.parse(delivery.body)
+                if isinstance(env, envelope.GroupEnvelope):
+                    self._engine.group_decrypt(
+                        env.group_id,
+                        sender,
+                        env.body,
+                        on_plaintext=lambda p: self._on_plaintext(sender, p, out, env.group_id),
+                    )
+                else:
+                    entry = env.entry_for(self._me.name, self._me.device_id)
+                    if entry is None:
+                        raise InvalidMessage("no ciphertext for this device in the envelope")
+                    result = self._engine.decrypt(
+                        sender,
+                        Ciphertext(entry.kind, entry.body),
+                        on_plaintext=lambda p: self._on_plaintext(sender, p, out, None),
+                    )
+                    change = result.identity_change
+                    if change is not None:
+                        held = not change.first_use or self._strict
+                        # Before the message itself, so a UI can flag it.
+                        out.events.insert(
+                            0,
+                            IdentityChanged(sender.name, sender.device_id, change.first_use, held),
+                        )
+                        if held:
+                            self._held.add(sender.name)
+            except DuplicateMessage:
+                return _Inbound()  # already stored: acknowledge, show nothing twice
+            except StorageError:
+                self._counters.clear()  # rows computed for a failed commit are void
+                raise
+            except E2EEError as exc:
+                # Reported (and repaired if possible), then acknowledged: a message
+                # that can never be read must not block the mailbox.
+                self._counters.clear()
+                return self._problem(sender, delivery, exc)
+        return out
+
+    def _problem(self, sender: Address, delivery: Delivery, exc: E2EEError) -> _Inbound:
+        out = _Inbound()
+        group_id: str | None = None
+        with contextlib.suppress(InvalidMessage):
+            env = envelope.parse(delivery.body)
+            if isinstance(env, envelope.GroupEnvelope):
+                group_id = env.group_id
+        error = type(exc).__name__
+        repair: Literal["session_reset", "sender_key_request", "none"] = "none"
+        if group_id is not None and isinstance(exc, NoSession | MissingKey):
+            explanation = (
+                "we do not hold this member's current group key; asked them to send it, "
+                "so their later messages can be read"
+            )
+            if self._may_repair(sender, group_id):
+                repair = "sender_key_request"
+                out.key_request = (group_id, sender)
+        elif isinstance(exc, payload.UnsupportedPayload):
+            explanation = "the sender uses a newer message format; update this app"
+        elif group_id is None and isinstance(exc, NoSession | MissingKey | InvalidMessage):
+            explanation = (
+                "the message could not be decrypted (our session with the sender is out of "
+                "step); a new session is being set up; ask them to send it again"
+            )
+            if self._may_repair(sender, ""):
+                repair = "session_reset"
+                out.reset = sender
+        else:
+            explanation = f"the message was rejected: {exc}"
+        out.events.append(
+            DecryptionProblem(
+                sender.name, sender.device_id, error, explanation, repair, group_id=group_id
+            )
+        )
+        return out
+
+    def _may_repair(self, sender: Address, scope: str) -> bool:
+        """At most one repair per sender device (and scope) per ``reset_interval_ms``."""
+        name = f"repair:{sender}:{scope}"
+        now = self._now_ms()
+        if now - self._counter(name) < self._options.reset_interval_ms:
+            return False
+        self._commit([], {name: now})
+        return True
+
+    async def _session_reset(self, peer: Address) -> None:
+        """Start a fresh session with ``peer`` and tell them (bounded by _may_repair)."""
+        try:
+            bundles = await self._link.fetch_bundles(peer.name)
+            for data in bundles:
+                bundle = PreKeyBundle.from_json(data)
+                if bundle.device_id == peer.device_id:
+                    await asyncio.to_thread(self._engine.process_bundle, peer.name, bundle)
+        except (TransportError, InvalidBundle, UntrustedIdentity) as exc:
+            _log.info("session reset with %s postponed: %s", peer, type(exc).__name__)
+            return
+        await self._queue(peer.name, PayloadType.SESSION_RESET, wait=False, store_row=False)
+
+    async def _request_sender_key(self, gid: str, sender: Address) -> None:
+        with contextlib.suppress(E2EEError):
+            await self._queue(
+                group_chat_id(gid),
+                PayloadType.SESSION_RESET,
+                wait=False,
+                store_row=False,
+                group_targets=[sender.name],
+            )
+
+    def _on_plaintext(
+        self, sender: Address, data: bytes, out: _Inbound, envelope_group: str | None
+    ) -> list[Row]:
+        body = payload.decode(data)
+        if envelope_group is not None and body.group_id != envelope_group:
+            raise InvalidMessage("group message names another group inside")
+        return self._apply(sender, body, out, via_group=envelope_group is not None)
+
+    def _apply(
+        self, sender: Address, body: Payload, out: _Inbound, *, via_group: bool
+    ) -> list[Row]:
+        """Rows (and events into ``out``) for one decrypted payload; nothing committed here."""
+        now = self._now_ms()
+        gid = body.group_id
+        chat_id = group_chat_id(gid) if gid else direct_chat_id(sender.name)
+        mid = _hex(body.message_id)
+        rows: list[Row] = []
+        counters: dict[str, int] = {}
+        if gid and body.type is not PayloadType.GROUP:
+            group = self._history.group(gid)
+            members = self._history.group_members(gid)
+            if group is None or sender.name not in members:
+                if body.type is PayloadType.SESSION_RESET:
+                    return []
+                raise InvalidMessage("group message from someone who is not a member")
+        if body.counter:
+            # A direct chat starts at 0; in a group we may join mid-stream, so the
+            # first counter seen from a member is the baseline.
+            key = f"in:{sender}:{chat_id}"
+            last = self._counter_or_none(key)
+            if last is None and not gid:
+                last = 0
+            if last is not None and body.counter > last + 1:
+                out.events.append(
+                    GapDetected(chat_id, sender.name, sender.device_id, body.counter - last - 1)
+                )
+            # A counter at or below the last one means the sender started over
+            # (a reinstall): follow it rather than report a gap forever.
+            counters[key] = body.counter
+        kind = body.type
+        if kind in (PayloadType.TEXT, PayloadType.ATTACHMENT, PayloadType.TIMER):
+            if self._history.current("messages", mid) is not None:
+                return self._finish(rows, counters)
+            pending: dict[str, dict[str, Any]] = {}
+            chat = self._ensure_chat_rows(chat_id, now, pending)
+            if kind is PayloadType.TIMER:
+                chat["timer_seconds"] = body.timer_seconds
+            expire = body.expire_seconds
+            mseq = self._counter("seq:messages") + 1
+            counters["seq:messages"] = mseq
+            rows.append(
+                History.row(
+                    "messages",
+                    id=mid,
+                    chat_id=chat_id,
+                    group_id=gid or None,
+                    sender=sender.name,
+                    sender_device=sender.device_id,
+                    outgoing=0,
+                    type=kind.name.lower(),
+                    text=body.text or None,
+                    reply_to=_hex(body.quote.message_id) if body.quote else None,
+                    quote_text=body.quote.text if body.quote else None,
+                    counter=body.counter,
+                    sent_at=body.sent_at_ms,
+                    received_at=now,
+                    status="received",
+                    edited=0,
+                    deleted=0,
+                    expire_seconds=expire,
+                    expires_at=now + expire * 1000 if expire else None,
+                    seq=mseq,
+                )
+            )
+            if body.attachment is not None:
+                rows.append(self._attachment_row(mid, body.attachment))
+            rows.extend(("chats", c) for c in pending.values())
+            rows.append(History.row("users", id=sender.name, created_at=now))
+            rows.append(
+                History.row(
+                    "users_chats",
+                    id=f"{chat_id}:{sender.name}",
+                    chat_id=chat_id,
+                    user_id=sender.name,
+                )
+            )
+            rows.append(self._receipt_row(sender.name, mid, "delivered", counters))
+            out.wake_outbox = True
+            rows = self._finish(rows, counters)
+            # The event is built after commit from the same values.
+            out.events.append(MessageReceived(to_message(rows[0][1])))
+            return rows
+        if kind is PayloadType.RECEIPT:
+            status: Literal["delivered", "read"] = (
+                "delivered" if body.receipt is ReceiptKind.DELIVERED else "read"
+            )
+            for target in body.target_ids:
+                tid = _hex(target)
+                message = self._history.current("messages", tid)
+                if message is None or not message["outgoing"]:
+                    continue
+                rid = f"{tid}:{sender.name}:{sender.device_id}"
+                old = self._history.current("receipts", rid)
+                new_status = History.status_at_least(old["status"] if old else None, status)
+                rows.append(
+                    History.row(
+                        "receipts",
+                        id=rid,
+                        message_id=tid,
+                        user_id=sender.name,
+                        device_id=sender.device_id,
+                        status=new_status,
+                        updated_at=now,
+                    )
+                )
+                field_name = "delivered_at" if status == "delivered" else "read_at"
+                message[field_name] = message[field_name] or now
+                message["status"] = History.status_at_least(message["status"], status)
+                rows.append(("messages", message))
+                out.events.append(
+                    ReceiptUpdated(tid, message["chat_id"], status, sender.name, sender.device_id)
+                )
+            return self._finish(rows, counters)
+        if kind is PayloadType.TYPING:
+            out.events.append(Typing(chat_id, sender.name, sender.device_id, body.typing))
+            return self._finish(rows, counters)
+        if kind is PayloadType.REACTION:
+            tid = _hex(body.target_ids[0])
+            target_row = self._history.current("messages", tid)
+            if target_row is not None and target_row["chat_id"] == chat_id:
+                rows.append(
+                    History.row(
+                        "reactions",
+                        id=f"{tid}:{sender.name}",
+                        message_id=tid,
+                        user_id=sender.name,
+                        emoji=body.reaction,
+                        updated_at=now,
+                    )
+                )
+                out.events.append(MessageChanged(tid, chat_id, "reaction", sender.name))
+            return self._finish(rows, counters)
+        if kind in (PayloadType.EDIT, PayloadType.DELETE):
+            tid = _hex(body.target_ids[0])
+            target_row = self._history.current("messages", tid)
+            # Only the author may edit or delete, and only in the same chat.
+            if (
+                target_row is not None
+                and target_row["sender"] == sender.name
+                and not target_row["outgoing"]
+                and target_row["chat_id"] == chat_id
+                and not target_row["deleted"]
+            ):
+                if kind is PayloadType.EDIT:
+                    target_row.update(text=body.text, edited=1)
+                    change: Literal["edited", "deleted"] = "edited"
+                else:
+                    target_row.update(text=None, quote_text=None, deleted=1)
+                    change = "deleted"
+                    attachment = self._history.updated("attachments", tid, key=None, digest=None)
+                    if attachment:
+                        rows.append(attachment)
+                rows.append(("messages", target_row))
+                out.events.append(MessageChanged(tid, chat_id, change, sender.name))
+            return self._finish(rows, counters)
+        if kind is PayloadType.GROUP:
+            assert body.group is not None
+            if via_group:
+                raise InvalidMessage("group changes travel pairwise only")
+            rows.extend(self._apply_group(sender, gid, body.group, out))
+            return self._finish(rows, counters)
+        if kind is PayloadType.SESSION_RESET:
+            if gid:
+                # A member asks for our Sender Key again: redistribute to them.
+                for device in self._known_devices(sender.name):
+                    counters[f"dist:{gid}:{sender.name}.{device}"] = 0
+                out.resend_key = (gid, sender.name)
+            return self._finish(rows, counters)
+        return self._finish(rows, counters)
+
+    def _finish(self, rows: list[Row], counters: Mapping[str, int]) -> list[Row]:
+        # Counter rows ride along in the decrypt's transaction; the cache is
+        # updated right away because the commit follows immediately under the
+        # write lock (if it fails, the connection loop drops the cache).
+        self._counters.update(counters)
+        return rows + [History.row("counters", id=k, value=v) for k, v in counters.items()]
+
+    def _apply_group(
+        self, sender: Address, gid: str, control: GroupControl, out: _Inbound
+    ) -> list[Row]:
+        group = self._history.group(gid)
+        action = control.action
+        if action is GroupAction.SENDER_KEY:
+            if group is None or sender.name not in self._history.group_members(gid):
+                raise InvalidMessage("sender key from someone who is not a member")
+            self._engine.group_process_distribution(gid, sender, control.distribution)
+            return []
+        revision = int(group["revision"] or 0) if group else 0
+        admins = set(json.loads(group["admins"] or "[]")) if group else set()
+        members: set[str] = set(self._history.group_members(gid)) if group else set()
+        if action is GroupAction.CREATE:
+            if group is not None or sender.name not in control.admins:
+                return []
+        elif action is GroupAction.LEAVE:
+            if group is None or control.targets != (sender.name,) or sender.name not in members:
+                return []
+        elif group is None or sender.name not in admins or control.revision <= revision:
+            return []  # only admins change a group, and never backwards
+        if not set(control.admins) <= set(control.members) and action is not GroupAction.LEAVE:
+            return []
+        if action is GroupAction.LEAVE:
+            control = dataclasses.replace(
+                control,
+                members=tuple(sorted(members - {sender.name})),
+                admins=tuple(sorted(admins - {sender.name})),
+                name=group["name"] if group else control.name,
+                revision=max(revision + 1, control.revision),
+            )
+        rows = self._group_rows(gid, control, sender.name)
+        gone = [u for u in members if u not in control.members]
+        if gone:
+            # A member left or was removed: they must not read what we send next.
+            self._engine.group_rotate(gid)
+            rows.append(
+                History.row(
+                    "counters", id=f"keygen:{gid}", value=self._counter(f"keygen:{gid}") + 1
+                )
+            )
+            self._counters[f"keygen:{gid}"] = self._counter(f"keygen:{gid}") + 1
+            for user in gone:
+                for device in self._known_devices(user):
+                    self._engine.group_forget_sender(gid, Address(user, device))
+        if self._me.name not in control.members:
+            for user in members:
+                for device in self._known_devices(user):
+                    self._engine.group_forget_sender(gid, Address(user, device))
+        out.events.append(
+            GroupChanged(
+                gid,
+                _ACTION_NAMES[action],
+                sender.name,
+                control.name,
+                control.members,
+                control.admins,
+                control.targets,
+            )
+        )
+        return rows
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    async def _outbox_loop(self) -> None:
+        while not self._closing:
+            await self._outbox_wake.wait()
+            self._outbox_wake.clear()
+            if not self._connected.is_set():
+                continue
+            try:
+                await self._flush_outbox()
+            except TransportError as exc:
+                _log.info("outbox paused: %s", type(exc).__name__)
+                # Connection problems wake the outbox on reconnect; a busy relay
+                # (429, 5xx) needs a timer.
+                asyncio.get_running_loop().call_later(1.0, self._outbox_wake.set)
+            except StorageError as exc:
+                _log.warning("outbox storage error: %s", exc)
+                asyncio.get_running_loop().call_later(1.0, self._outbox_wake.set)
+
+    async def _flush_outbox(self) -> None:
+        entries = await asyncio.to_thread(self._history.pending_outbox)
+        blocked_chats: set[str] = set()
+        receipts: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for entry in entries:
+            if self._closing or not self._connected.is_set():
+                return
+            if entry["mode"] == "receipt":
+                receipts.setdefault((json.loads(entry["targets"])[0], entry["kind"]), []).append(
+                    entry
+                )
+                continue
+            if entry["chat_id"] in blocked_chats:
+                continue
+            try:
+                await self._send_entry(entry)
+            except IdentityHeld as exc:
+                # Stays queued (and later ones of this chat, to keep order) until
+                # the key is accepted; a caller waiting for "sent" learns why.
+                blocked_chats.add(entry["chat_id"])
+                self._fail_waiter(entry["id"], exc)
+            except (TransportError, StorageError):
+                raise
+            except E2EEError as exc:
+                # UnknownRecipient, SendFailed, NotAMember, or a payload that cannot be
+                # built: the message is marked failed in history, never retried.
+                await self._finish_entry(entry, "failed")
+                self._fail_waiter(entry["id"], exc)
+        for (user, kind), batch in receipts.items():
+            for start in range(0, len(batch), _RECEIPT_BATCH):
+                chunk = batch[start : start + _RECEIPT_BATCH]
+                try:
+                    await self._send_receipts(user, kind, chunk)
+                except (IdentityHeld, UnknownRecipient, SendFailed):
+                    break
+
+    def _fail_waiter(self, mid: str, exc: Exception) -> None:
+        waiter = self._sent_waiters.get(mid)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    async def _send_receipts(self, user: str, kind: str, entries: list[dict[str, Any]]) -> None:
+        body = Payload(
+            type=PayloadType.RECEIPT,
+            message_id=os.urandom(16),
+            sent_at_ms=self._now_ms(),
+            target_ids=tuple(bytes.fromhex(e["ref"]) for e in entries),
+            receipt=ReceiptKind.DELIVERED if kind == "delivered" else ReceiptKind.READ,
+        )
+        await self._send_pairwise(body.message_id, [user], payload.encode(body))
+
+        def done() -> None:
+            with self._wlock:
+                rows = [
+                    r
+                    for e in entries
+                    if (r := self._history.updated("outbox", e["id"], state="sent")) is not None
+                ]
+                self._commit(rows, {})
+
+        await asyncio.to_thread(done)
+
+    async def _send_entry(self, entry: dict[str, Any]) -> None:
+        mid = bytes.fromhex(entry["id"])
+        data: bytes = entry["payload"]
+        chat_id: str = entry["chat_id"]
+        if entry["mode"] == "group":
+            recipients = await self._send_group(mid, chat_id[len("group:") :], data)
+        else:
+            recipients = await self._send_pairwise(mid, json.loads(entry["targets"]), data)
+        await self._finish_entry(entry, "sent", recipients)
+        waiter = self._sent_waiters.get(entry["id"])
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if entry["kind"] not in ("typing", "session_reset", "receipt"):
+            self._emit(ReceiptUpdated(entry["id"], chat_id, "sent"))
+
+    async def _finish_entry(
+        self, entry: dict[str, Any], state: str, recipients: Sequence[tuple[str, int]] = ()
+    ) -> None:
+        def commit() -> None:
+            with self._wlock:
+                rows: list[Row] = []
+                outbox = self._history.updated("outbox", entry["id"], state=state, payload=None)
+                if outbox:
+                    rows.append(outbox)
+                message = self._history.current("messages", entry["id"])
+                if message is not None:
+                    message["status"] = History.status_at_least(message["status"], state)
+                    rows.append(("messages", message))
+                    now = self._now_ms()
+                    for user, device in recipients:
+                        rows.append(
+                            History.row(
+                                "receipts",
+                                id=f"{entry['id']}:{user}:{device}",
+                                message_id=entry["id"],
+                                user_id=user,
+                                device_id=device,
+                                status="sent",
+                                updated_at=now,
+                            )
+                        )
+                self._commit(rows, {})
+
+        await asyncio.to_thread(commit)
+
+    async def _devices(self, user: str, *, refresh: bool = False) -> list[int]:
+        """Device ids of ``user`` we hold sessions with, fetching bundles if needed."""
+        devices = await asyncio.to_thread(self._engine.session_devices, user)
+        if devices and not refresh:
+            return devices
+        try:
+            bundles = await self._link.fetch_bundles(user)
+        except NotFound as exc:
+            raise UnknownRecipient(user) from exc
+        if not bundles:
+            raise UnknownRecipient(user)
+        for data in bundles:
+            try:
+                bundle = PreKeyBundle.from_json(data)
+            except InvalidBundle:
+                continue
+            if bundle.device_id in devices:
+                continue
+            try:
+                await asyncio.to_thread(self._engine.process_bundle, user, bundle)
+            except UntrustedIdentity as exc:
+                self._pending_keys[Address(user, bundle.device_id)] = bundle.identity_key
+                self._hold(user, bundle.device_id)
+                raise IdentityHeld(user) from exc
+        return await asyncio.to_thread(self._engine.session_devices, user)
+
+    def _hold(self, user: str, device: int) -> None:
+        if user not in self._held:
+            self._held.add(user)
+            self._emit(IdentityChanged(user, device, False, True))
+
+    async def _fix_devices(self, exc: MismatchedDevices) -> None:
+        for user in exc.unknown_users:
+            raise UnknownRecipient(user)
+
+        def drop() -> None:
+            stale = frozenset(Address(u, d) for u, devs in exc.stale_devices.items() for d in devs)
+            if stale:
+                self._store.commit(Changes(sessions_delete=stale))
+
+        await asyncio.to_thread(drop)
+        for user in exc.missing_devices:
+            await self._devices(user, refresh=True)
+
+    async def _send_pairwise(
+        self, mid: bytes, users: Sequence[str], data: bytes
+    ) -> list[tuple[str, int]]:
+        for _attempt in range(_MAX_SEND_ATTEMPTS):
+            entries: list[envelope.Entry] = []
+            for user in users:
+                if user in self._held:
+                    raise IdentityHeld(user)
+                for device in await self._devices(user):
+                    address = Address(user, device)
+                    try:
+                        ct = await asyncio.to_thread(self._engine.encrypt, address, data)
+                    except UntrustedIdentity as exc:
+                        self._hold(user, device)
+                        raise IdentityHeld(user) from exc
+                    entries.append(envelope.Entry(user, device, ct.kind, ct.body))
+            recipients = [(e.user, e.device) for e in entries]
+            try:
+                await self._link.send(mid, recipients, envelope.build_pairwise(entries))
+                return recipients
+            except MismatchedDevices as exc:
+                await self._fix_devices(exc)
+            except RelayRejected as exc:
+                if exc.retryable:
+                    raise
+                raise SendFailed(f"relay refused message: {exc.code}") from exc
+        raise SendFailed("the recipients' device list kept changing")
+
+    async def _send_group(self, mid: bytes, gid: str, data: bytes) -> list[tuple[str, int]]:
+        members = await asyncio.to_thread(self._history.group_members, gid)
+        others = sorted(u for u in members if u != self._me.name)
+        if self._me.name not in members:
+            raise NotAMember(gid)
+        for _attempt in range(_MAX_SEND_ATTEMPTS):
+            recipients: list[tuple[str, int]] = []
+            for user in others:
+                if user in self._held:
+                    raise IdentityHeld(user)
+                recipients.extend((user, d) for d in await self._devices(user))
+            await self._distribute_key(gid, recipients)
+            body = await asyncio.to_thread(self._engine.group_encrypt, gid, data)
+            try:
+                await self._link.send(mid, recipients, envelope.build_group(gid, body))
+                return recipients
+            except MismatchedDevices as exc:
+                await self._fix_devices(exc)
+            except RelayRejected as exc:
+                if exc.retryable:
+                    raise
+                raise SendFailed(f"relay refused message: {exc.code}") from exc
+        raise SendFailed("the group's device list kept changing")
+
+    async def _distribute_key(self, gid: str, recipients: Sequence[tuple[str, int]]) -> None:
+        """Send our Sender Key (pairwise) to member devices that lack its current generation."""
+
+        def missing() -> tuple[int, list[str]]:
+            with self._wlock:
+                generation = self._counter(f"keygen:{gid}") + 1
+                users = sorted(
+                    {u for u, d in recipients if self._counter(f"dist:{gid}:{u}.{d}") != generation}
+                )
+                return generation, users
+
+        generation, users = await asyncio.to_thread(missing)
+        if not users:
+            return
+        distribution = await asyncio.to_thread(self._engine.group_distribution, gid)
+        control = GroupControl(GroupAction.SENDER_KEY, distribution=distribution)
+        body = Payload(
+            type=PayloadType.GROUP,
+            message_id=os.urandom(16),
+            sent_at_ms=self._now_ms(),
+            group_id=gid,
+            group=control,
+        )
+        sent = await self._send_pairwise(body.message_id, users, payload.encode(body))
+
+        def mark() -> None:
+            with self._wlock:
+                self._commit([], {f"dist:{gid}:{u}.{d}": generation for u, d in sent})
+
+        await asyncio.to_thread(mark)
+
+
+class TransportLink:
+    """The :class:`RelayLink` over the real transport (:mod:`e2ee.transport`).
+
+    HTTP calls go through one :class:`~e2ee.transport.http.RelayClient`; the live
+    connection is a :class:`~e2ee.transport.ws.RelayConnection` per
+    :meth:`connect`, with its own reconnecting turned off: the client's
+    connection loop owns the backoff, so that it can flush the outbox and run
+    key maintenance after every reconnect.
+    """
+
+    def __init__(self, signer: DeviceSigner, url: str) -> None:
+        self._signer = signer
+        self._url = url
+        self._http = RelayClient(url, signer.user, signer.device, signer)
+        self._conn: RelayConnection | None = None
+
+    def __repr__(self) -> str:
+        return f"TransportLink({self._url!r}, {self._signer.user!r}, {self._signer.device})"
+
+    async def register(self) -> None:
+        await self._http.register()
+
+    async def upload_keys(self, keys: Mapping[str, Any]) -> int:
+        return await self._http.upload_keys(keys)
+
+    async def prekey_count(self) -> int:
+        return await self._http.key_count()
+
+    async def fetch_bundles(self, user: str) -> list[Mapping[str, Any]]:
+        return list(await self._http.fetch_bundles(user))
+
+    async def connect(self) -> None:
+        await self.disconnect()
+        conn = RelayConnection.from_client(self._http, reconnect=False)
+        self._conn = conn
+        await conn.start()
+        await conn.wait_connected()
+
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        conn = self._conn
+        if conn is None:
+            raise ConnectionLost("not connected")
+        async for event in conn.events():
+            if isinstance(event, Delivery):
+                yield event
+            elif isinstance(event, ConnectionState) and event.state == "closed":
+                raise event.error or ConnectionLost("the relay connection closed")
+
+    async def send(
+        self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
+    ) -> None:
+        conn = self._conn
+        if conn is None:
+            raise ConnectionLost("not connected")
+        future = await conn.send(message_id, recipients, body)
+        await future
+
+    async def ack(self, ids: Sequence[bytes]) -> None:
+        conn = self._conn
+        if conn is None:
+            raise ConnectionLost("not connected")
+        future = await conn.ack(ids)
+        await future
+
+    async def upload_blob(self, path: Path, digest: bytes, progress: Progress | None) -> str:
+        size = path.stat().st_size
+
+        def report(done: int, total: int | None) -> None:
+            if progress is not None:
+                progress(done, total or size)
+
+        info = await self._http.upload_blob(path, sha256=digest.hex(), size=size, progress=report)
+        return str(info.id)
+
+    async def download_blob(self, blob_id: str, path: Path, progress: Progress | None) -> None:
+        def report(done: int, total: int | None) -> None:
+            if progress is not None:
+                progress(done, total or done)
+
+        await self._http.download_blob(blob_id, path, progress=report)
+
+    async def disconnect(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def aclose(self) -> None:
+        await self.disconnect()
+        await self._http.close()
+
+
+def _default_link_factory(signer: DeviceSigner, url: str) -> RelayLink:
+    return TransportLink(signer, url)

@@ -1,0 +1,64 @@
+"""Errors specific to the client SDK facade, rooted in :mod:`e2ee.errors`.
+
+Invariant: each is a subclass of the :mod:`e2ee.errors` class that says who is
+at fault, so ``except UsageError`` / ``except PeerError`` keep working.
+Messages name users, devices and ids, never keys or plaintext.
+"""
+
+from __future__ import annotations
+
+from e2ee.errors import PeerError, TransportError, UsageError
+
+__all__ = [
+    "ClientClosed",
+    "IdentityHeld",
+    "NotAMember",
+    "NotAdmin",
+    "NotRegistered",
+    "SendFailed",
+    "UnknownRecipient",
+]
+
+
+class ClientClosed(UsageError):
+    """The client was closed; open a new one."""
+
+
+class NotRegistered(UsageError):
+    """The account has not been registered with a relay yet."""
+
+
+class NotAdmin(UsageError):
+    """Only a group admin may change membership (as our group state says)."""
+
+    def __init__(self, group_id: str) -> None:
+        super().__init__(f"only an admin of group {group_id} can do that")
+        self.group_id = group_id
+
+
+class NotAMember(UsageError):
+    """We are not (or no longer) a member of this group."""
+
+    def __init__(self, group_id: str) -> None:
+        super().__init__(f"not a member of group {group_id}")
+        self.group_id = group_id
+
+
+class IdentityHeld(PeerError):
+    """Sending to ``user`` is held: their identity key changed and was not accepted."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__(f"identity of {user} changed; accept it before sending")
+        self.user = user
+
+
+class UnknownRecipient(PeerError):
+    """The relay does not know this user (or they have no devices with keys)."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__(f"unknown recipient {user}")
+        self.user = user
+
+
+class SendFailed(TransportError):
+    """The relay refused a message for good (it stays in history as failed)."""

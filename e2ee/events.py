@@ -1,0 +1,152 @@
+"""Typed, immutable events emitted by :class:`e2ee.client.Client`.
+
+Invariants:
+
+* Every event is a frozen dataclass; nothing in an event is a secret (no keys,
+  no ciphertext). Message text is reachable only through ``message`` objects,
+  whose repr leaves the text out.
+* Events are emitted after the state they describe is committed: a program that
+  reacts to :class:`MessageReceived` finds the message in history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from e2ee.history import StoredMessage
+
+__all__ = [
+    "ConnectionStateChanged",
+    "DecryptionProblem",
+    "Event",
+    "GapDetected",
+    "GroupChanged",
+    "IdentityChanged",
+    "MessageChanged",
+    "MessageReceived",
+    "ReceiptUpdated",
+    "Typing",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A new message (text, attachment, timer change...) was stored in history."""
+
+    message: StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChanged:
+    """A stored message was edited, deleted for everyone, reacted to, or expired."""
+
+    message_id: str
+    chat_id: str
+    change: Literal["edited", "deleted", "reaction", "expired"]
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptUpdated:
+    """An outgoing message's status changed for a recipient.
+
+    ``status`` is ``sent`` (the relay accepted it; ``user`` is None then: it
+    concerns every recipient), ``delivered`` or ``read``.
+    """
+
+    message_id: str
+    chat_id: str
+    status: Literal["sent", "delivered", "read"]
+    user: str | None = None
+    device: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Typing:
+    """A contact started or stopped typing in a chat."""
+
+    chat_id: str
+    user: str
+    device: int
+    typing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GroupChanged:
+    """A group was created or changed (by an admin, or a member leaving)."""
+
+    group_id: str
+    action: Literal["create", "add", "remove", "leave", "rename"]
+    by: str
+    name: str
+    members: tuple[str, ...]
+    admins: tuple[str, ...]
+    targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChanged:
+    """A contact device's identity key is new or changed.
+
+    ``held`` is True when sending to that contact is held until the user accepts
+    the key (:meth:`e2ee.client.Client.accept_identity`).
+    """
+
+    user: str
+    device: int
+    first_use: bool
+    held: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStateChanged:
+    """The relay connection went up or down; ``retry_in`` is the backoff delay (s)."""
+
+    state: Literal["connecting", "connected", "offline", "closed"]
+    retry_in: float | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptionProblem:
+    """A message from ``user``/``device`` could not be decrypted or read.
+
+    Attributes:
+        error: the e2ee error class name (``NoSession``, ``InvalidMessage``...).
+        explanation: what it means, for people.
+        repair: ``session_reset`` when a new session was started and the sender
+            asked to use it, ``sender_key_request`` when the group sender was
+            asked for its key again, ``none`` when nothing can be done (or the
+            repair budget for this sender is used up).
+    """
+
+    user: str
+    device: int
+    error: str
+    explanation: str
+    repair: Literal["session_reset", "sender_key_request", "none"]
+    group_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GapDetected:
+    """The sender's counter jumped: ``missed`` messages from them never arrived."""
+
+    chat_id: str
+    user: str
+    device: int
+    missed: int
+
+
+Event = (
+    MessageReceived
+    | MessageChanged
+    | ReceiptUpdated
+    | Typing
+    | GroupChanged
+    | IdentityChanged
+    | ConnectionStateChanged
+    | DecryptionProblem
+    | GapDetected
+)

@@ -1,0 +1,585 @@
+"""Local message history in the protocol store's SQLite file.
+
+Invariants:
+
+* Every write is an ``app_rows`` entry of a :class:`~e2ee.store.protocols.Changes`
+  committed through :meth:`SQLiteProtocolStore.commit`, so a received message's
+  rows commit in the same transaction as the session state that decrypted it.
+  This module only *builds* rows; it never writes rows itself.
+* App rows replace whole rows (columns left out are cleared), so updates are
+  read-modify-write: :meth:`History.updated` reads the committed row through the
+  store's own connection (inside the engine's per-peer lock when called from
+  ``on_plaintext``) and returns the full new row.
+* Reads use a separate read connection on the same file (WAL lets it read while
+  the store writes); they never see a half-committed message.
+* The schema is created by :meth:`History.open`, idempotently, and recorded as
+  ``history_schema_version`` in the store's meta. Tables are ``STRICT`` with
+  typed columns (the store adds nothing to them as long as rows use these
+  columns); ``app_messages_fts`` indexes message text through triggers.
+* Expired (disappearing) messages are overwritten in place: text, quote and
+  attachment keys are cleared (``secure_delete`` is on for the store), the FTS
+  index drops them through the update trigger, and queries leave them out.
+* Booleans are stored as 0/1 (app rows refuse ``bool``); message ids are
+  lowercase hex.
+
+All methods block: the SDK calls them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import sqlite_utils
+
+from e2ee.errors import StorageError, UsageError
+from e2ee.store.protocols import Changes
+from e2ee.store.sqlite import APP_TABLE_PREFIX, SQLiteProtocolStore
+
+__all__ = [
+    "HISTORY_SCHEMA_VERSION",
+    "Chat",
+    "History",
+    "Row",
+    "StoredMessage",
+    "direct_chat_id",
+    "dumps",
+    "group_chat_id",
+    "to_message",
+]
+
+#: Version of the tables below; stored as the ``history_schema_version`` meta.
+HISTORY_SCHEMA_VERSION: Final = 1
+_META_VERSION: Final = "history_schema_version"
+
+#: An app row to commit: (table without the ``app_`` prefix, full row).
+Row = tuple[str, dict[str, Any]]
+
+# Column lists double as the tables' shape: every row this module builds has
+# exactly these keys.
+_TABLES: Final[dict[str, dict[str, str]]] = {
+    "users": {"id": "TEXT", "display_name": "TEXT", "created_at": "INTEGER"},
+    "chats": {
+        "id": "TEXT",
+        "kind": "TEXT",
+        "peer": "TEXT",
+        "group_id": "TEXT",
+        "timer_seconds": "INTEGER",
+        "last_message_at": "INTEGER",
+        "created_at": "INTEGER",
+    },
+    "users_chats": {"id": "TEXT", "chat_id": "TEXT", "user_id": "TEXT"},
+    "groups": {
+        "id": "TEXT",
+        "name": "TEXT",
+        "admins": "TEXT",
+        "revision": "INTEGER",
+        "created_by": "TEXT",
+        "member": "INTEGER",
+        "created_at": "INTEGER",
+    },
+    "users_groups": {"id": "TEXT", "group_id": "TEXT", "user_id": "TEXT", "role": "TEXT"},
+    "messages": {
+        "id": "TEXT",
+        "chat_id": "TEXT",
+        "group_id": "TEXT",
+        "sender": "TEXT",
+        "sender_device": "INTEGER",
+        "outgoing": "INTEGER",
+        "type": "TEXT",
+        "text": "TEXT",
+        "reply_to": "TEXT",
+        "quote_text": "TEXT",
+        "counter": "INTEGER",
+        "sent_at": "INTEGER",
+        "received_at": "INTEGER",
+        "delivered_at": "INTEGER",
+        "read_at": "INTEGER",
+        "status": "TEXT",
+        "edited": "INTEGER",
+        "deleted": "INTEGER",
+        "expire_seconds": "INTEGER",
+        "expires_at": "INTEGER",
+        "seq": "INTEGER",
+    },
+    "attachments": {
+        "id": "TEXT",
+        "message_id": "TEXT",
+        "blob_id": "TEXT",
+        "key": "BLOB",
+        "digest": "BLOB",
+        "size": "INTEGER",
+        "mime_type": "TEXT",
+        "file_name": "TEXT",
+        "local_path": "TEXT",
+    },
+    "receipts": {
+        "id": "TEXT",
+        "message_id": "TEXT",
+        "user_id": "TEXT",
+        "device_id": "INTEGER",
+        "status": "TEXT",
+        "updated_at": "INTEGER",
+    },
+    "reactions": {
+        "id": "TEXT",
+        "message_id": "TEXT",
+        "user_id": "TEXT",
+        "emoji": "TEXT",
+        "updated_at": "INTEGER",
+    },
+    # Client bookkeeping, committed with the rows above.
+    "outbox": {
+        "id": "TEXT",
+        "seq": "INTEGER",
+        "chat_id": "TEXT",
+        "mode": "TEXT",
+        "targets": "TEXT",
+        "ref": "TEXT",
+        "kind": "TEXT",
+        "payload": "BLOB",
+        "state": "TEXT",
+        "attempts": "INTEGER",
+        "created_at": "INTEGER",
+    },
+    "counters": {"id": "TEXT", "value": "INTEGER"},
+}
+
+_INDEXES: Final = (
+    "CREATE INDEX IF NOT EXISTS app_messages_chat ON app_messages (chat_id, seq)",
+    "CREATE INDEX IF NOT EXISTS app_messages_expiry ON app_messages (expires_at) "
+    "WHERE expires_at IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS app_receipts_message ON app_receipts (message_id)",
+    "CREATE INDEX IF NOT EXISTS app_reactions_message ON app_reactions (message_id)",
+    "CREATE INDEX IF NOT EXISTS app_users_groups_group ON app_users_groups (group_id)",
+    "CREATE INDEX IF NOT EXISTS app_users_chats_chat ON app_users_chats (chat_id)",
+    "CREATE INDEX IF NOT EXISTS app_outbox_state ON app_outbox (state, seq)",
+)
+
+_STATUS_ORDER: Final = {"pending": 0, "failed": 0, "sent": 1, "delivered": 2, "read": 3}
+
+
+def direct_chat_id(peer: str) -> str:
+    """The chat id of the 1:1 conversation with ``peer``."""
+    return f"dm:{peer}"
+
+
+def group_chat_id(group_id: str) -> str:
+    """The chat id of a group's conversation."""
+    return f"group:{group_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as kept in history.
+
+    Attributes:
+        id: message id (hex).
+        chat_id: ``dm:<peer>`` or ``group:<group id>``.
+        sender: sending user; ``outgoing`` tells whether it is us.
+        type: ``text``, ``attachment``, ``group``, ``timer``...
+        text: the text (after edits); None once deleted or expired.
+        status: for outgoing messages the best status over all recipients
+            (``pending``, ``sent``, ``delivered``, ``read``); ``received`` for
+            incoming ones.
+        reply_to: id of the quoted message, if any.
+        seq: local order of arrival or composition.
+    """
+
+    id: str
+    chat_id: str
+    group_id: str | None
+    sender: str
+    sender_device: int
+    outgoing: bool
+    type: str
+    text: str | None
+    reply_to: str | None
+    quote_text: str | None
+    counter: int
+    sent_at: int
+    received_at: int | None
+    delivered_at: int | None
+    read_at: int | None
+    status: str
+    edited: bool
+    deleted: bool
+    expire_seconds: int
+    expires_at: int | None
+    seq: int
+
+    def __repr__(self) -> str:
+        return (
+            f"StoredMessage(id={self.id}, chat_id={self.chat_id!r}, sender={self.sender!r}, "
+            f"type={self.type!r}, status={self.status!r})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    """A conversation: ``kind`` is ``direct`` or ``group``."""
+
+    id: str
+    kind: str
+    peer: str | None
+    group_id: str | None
+    timer_seconds: int
+    last_message_at: int | None
+
+
+def to_message(row: Mapping[str, Any] | sqlite3.Row) -> StoredMessage:
+    """Build a :class:`StoredMessage` from a ``messages`` row."""
+    return StoredMessage(
+        id=row["id"],
+        chat_id=row["chat_id"],
+        group_id=row["group_id"],
+        sender=row["sender"],
+        sender_device=row["sender_device"] or 0,
+        outgoing=bool(row["outgoing"]),
+        type=row["type"],
+        text=row["text"],
+        reply_to=row["reply_to"],
+        quote_text=row["quote_text"],
+        counter=row["counter"] or 0,
+        sent_at=row["sent_at"] or 0,
+        received_at=row["received_at"],
+        delivered_at=row["delivered_at"],
+        read_at=row["read_at"],
+        status=row["status"] or "",
+        edited=bool(row["edited"]),
+        deleted=bool(row["deleted"]),
+        expire_seconds=row["expire_seconds"] or 0,
+        expires_at=row["expires_at"],
+        seq=row["seq"] or 0,
+    )
+
+
+def _fts_query(text: str) -> str:
+    # Every word is quoted: user input is matched literally, never as FTS5 syntax.
+    words = [w for w in text.split() if w]
+    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+class History:
+    """Build history rows and read them back.
+
+    Args:
+        store: the open SQLite protocol store holding the history tables.
+
+    Use :meth:`open`, which also creates the schema.
+    """
+
+    def __init__(self, store: SQLiteProtocolStore, conn: sqlite3.Connection) -> None:
+        self._store = store
+        self._conn: sqlite3.Connection | None = conn
+        self._db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"History(path={self._store.path!r})"
+
+    @classmethod
+    def open(cls, store: SQLiteProtocolStore) -> History:
+        """Open a read connection on the store's file and create the schema if needed.
+
+        Args:
+            store: the open store.
+
+        Returns:
+            The history.
+
+        Raises:
+            StorageError: the file cannot be opened, or was written by a newer
+                history schema.
+        """
+        try:
+            conn = sqlite3.connect(
+                store.path, timeout=5.0, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = sqlite3.Row
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open history: {exc}") from exc
+        history = cls(store, conn)
+        try:
+            history._migrate()
+        except BaseException:
+            history.close()
+            raise
+        return history
+
+    def close(self) -> None:
+        """Close the read connection (idempotent)."""
+        with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                conn.close()
+
+    def _migrate(self) -> None:
+        version = int(self._store.get_meta(_META_VERSION) or "0")
+        if version > HISTORY_SCHEMA_VERSION:
+            raise StorageError(
+                f"history schema {version} is newer than this build ({HISTORY_SCHEMA_VERSION})"
+            )
+        conn = self._connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for table, columns in _TABLES.items():
+                cols = ", ".join(
+                    f"{name} {kind} PRIMARY KEY" if name == "id" else f"{name} {kind}"
+                    for name, kind in columns.items()
+                )
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {APP_TABLE_PREFIX}{table} ({cols}) STRICT"
+                )
+            for statement in _INDEXES:
+                conn.execute(statement)
+            conn.execute("COMMIT")
+            # enable_fts runs a script (it commits on its own); replace=True makes it
+            # a no-op when the index and its triggers exist, and repairs them if not.
+            self._db.table(f"{APP_TABLE_PREFIX}messages").enable_fts(
+                ["text"], create_triggers=True, replace=True
+            )
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageError(f"cannot create the history schema: {exc}") from exc
+        if version != HISTORY_SCHEMA_VERSION:
+            self._store.commit(Changes(meta_put={_META_VERSION: str(HISTORY_SCHEMA_VERSION)}))
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError("history is closed")
+        return self._conn
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return list(self._connection().execute(sql, params).fetchall())
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot read history: {exc}") from exc
+
+    # -- row builders (pure, except reading the committed row to update) --------------
+
+    @staticmethod
+    def row(table: str, **values: Any) -> Row:
+        """A full row for ``table``: missing columns are None, unknown ones refused.
+
+        Raises:
+            UsageError: unknown table or column.
+        """
+        columns = _TABLES.get(table)
+        if columns is None:
+            raise UsageError(f"unknown history table {table!r}")
+        unknown = set(values) - set(columns)
+        if unknown:
+            raise UsageError(f"unknown columns for {table}: {sorted(unknown)}")
+        return table, {name: values.get(name) for name in columns}
+
+    def current(self, table: str, row_id: str) -> dict[str, Any] | None:
+        """The committed row, read through the store's own connection.
+
+        Raises:
+            StorageError: the store cannot be read.
+        """
+        found = self._store.load_app_row(table, row_id)
+        return None if found is None else dict(found)
+
+    def updated(self, table: str, row_id: str, **changes: Any) -> Row | None:
+        """The committed row with ``changes`` applied, or None if there is no such row.
+
+        Raises:
+            UsageError: unknown table or column.
+            StorageError: the store cannot be read.
+        """
+        found = self.current(table, row_id)
+        if found is None:
+            return None
+        found.update(changes)
+        return self.row(table, **{k: v for k, v in found.items() if k in _TABLES[table]})
+
+    def next_value(self, counter: str, pending: Mapping[str, int] | None = None) -> int:
+        """The next value of a named local counter (1, 2, ...), not yet committed.
+
+        Commit ``History.row("counters", id=counter, value=result)`` with the row
+        that uses it.
+        """
+        if pending and counter in pending:
+            return pending[counter] + 1
+        found = self.current("counters", counter)
+        return int(found["value"]) + 1 if found else 1
+
+    def counter_value(self, counter: str) -> int | None:
+        """The committed value of a named counter, or None."""
+        found = self.current("counters", counter)
+        return None if found is None else int(found["value"])
+
+    @staticmethod
+    def status_at_least(current: str | None, new: str) -> str:
+        """The later of two statuses: a receipt never moves a message backwards."""
+        if current is None or _STATUS_ORDER.get(new, 0) > _STATUS_ORDER.get(current, 0):
+            return new
+        return current
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def message(self, message_id: str) -> StoredMessage | None:
+        """One message by id (hex), expired ones excluded.
+
+        Raises:
+            StorageError: the file cannot be read.
+        """
+        rows = self._query(
+            "SELECT * FROM app_messages WHERE id = ? AND deleted IS NOT 2", (message_id,)
+        )
+        return to_message(rows[0]) if rows else None
+
+    def messages(
+        self, chat_id: str, *, before: str | None = None, limit: int = 50
+    ) -> list[StoredMessage]:
+        """A page of a chat, oldest first, ending just before ``before`` (or the newest).
+
+        Args:
+            chat_id: ``direct_chat_id(peer)`` or ``group_chat_id(group)``.
+            before: a message id; the page ends before it. None for the newest page.
+            limit: at most this many messages (1..1000).
+
+        Returns:
+            Up to ``limit`` messages in chat order.
+
+        Raises:
+            UsageError: bad limit, or ``before`` is not in this chat.
+            StorageError: the file cannot be read.
+        """
+        if not 1 <= limit <= 1000:
+            raise UsageError("limit must be between 1 and 1000")
+        bound = 2**62
+        if before is not None:
+            rows = self._query(
+                "SELECT seq FROM app_messages WHERE id = ? AND chat_id = ?", (before, chat_id)
+            )
+            if not rows:
+                raise UsageError("'before' is not a message of this chat")
+            bound = int(rows[0]["seq"])
+        rows = self._query(
+            "SELECT * FROM app_messages WHERE chat_id = ? AND seq < ? AND deleted IS NOT 2 "
+            "ORDER BY seq DESC LIMIT ?",
+            (chat_id, bound, limit),
+        )
+        return [to_message(r) for r in reversed(rows)]
+
+    def search(
+        self, text: str, *, chat_id: str | None = None, limit: int = 50
+    ) -> list[StoredMessage]:
+        """Full-text search over message text, best matches first.
+
+        Words are matched literally (no FTS syntax); all must occur.
+
+        Raises:
+            UsageError: bad limit.
+            StorageError: the file cannot be read.
+        """
+        if not 1 <= limit <= 1000:
+            raise UsageError("limit must be between 1 and 1000")
+        query = _fts_query(text)
+        if not query:
+            return []
+        sql = (
+            "SELECT m.* FROM app_messages_fts f JOIN app_messages m ON m.rowid = f.rowid "
+            "WHERE app_messages_fts MATCH ? AND m.deleted IS 0"
+        )
+        params: list[Any] = [query]
+        if chat_id is not None:
+            sql += " AND m.chat_id = ?"
+            params.append(chat_id)
+        sql += " ORDER BY f.rank LIMIT ?"
+        params.append(limit)
+        return [to_message(r) for r in self._query(sql, params)]
+
+    def chats(self) -> list[Chat]:
+        """Every chat, the most recently active first."""
+        rows = self._query("SELECT * FROM app_chats ORDER BY last_message_at DESC NULLS LAST")
+        return [
+            Chat(
+                r["id"],
+                r["kind"],
+                r["peer"],
+                r["group_id"],
+                r["timer_seconds"] or 0,
+                r["last_message_at"],
+            )
+            for r in rows
+        ]
+
+    def receipts(self, message_id: str) -> dict[tuple[str, int], str]:
+        """Per recipient device status of an outgoing message: (user, device) -> status."""
+        rows = self._query(
+            "SELECT user_id, device_id, status FROM app_receipts WHERE message_id = ?",
+            (message_id,),
+        )
+        return {(r["user_id"], r["device_id"]): r["status"] for r in rows}
+
+    def reactions(self, message_id: str) -> dict[str, str]:
+        """Reactions to a message: user -> emoji (removed reactions left out)."""
+        rows = self._query(
+            "SELECT user_id, emoji FROM app_reactions WHERE message_id = ? AND emoji != ''",
+            (message_id,),
+        )
+        return {r["user_id"]: r["emoji"] for r in rows}
+
+    def attachment(self, message_id: str) -> dict[str, Any] | None:
+        """The attachment row of a message (includes its key: keep it private)."""
+        rows = self._query("SELECT * FROM app_attachments WHERE message_id = ?", (message_id,))
+        return dict(rows[0]) if rows else None
+
+    def group_members(self, group_id: str) -> dict[str, str]:
+        """user -> role (``admin`` or ``member``) for a group, as we know it."""
+        rows = self._query(
+            "SELECT user_id, role FROM app_users_groups WHERE group_id = ? AND role != 'gone'",
+            (group_id,),
+        )
+        return {r["user_id"]: r["role"] for r in rows}
+
+    def group(self, group_id: str) -> dict[str, Any] | None:
+        """The group row, or None."""
+        rows = self._query("SELECT * FROM app_groups WHERE id = ?", (group_id,))
+        return dict(rows[0]) if rows else None
+
+    def pending_outbox(self) -> list[dict[str, Any]]:
+        """Outbox entries not yet accepted by the relay, in composition order."""
+        rows = self._query("SELECT * FROM app_outbox WHERE state = 'queued' ORDER BY seq")
+        return [dict(r) for r in rows]
+
+    def max_seq(self, table: str) -> int:
+        """The largest ``seq`` in ``messages`` or ``outbox`` (0 when empty)."""
+        if table not in ("messages", "outbox"):
+            raise UsageError("max_seq is kept for messages and outbox")
+        rows = self._query(f"SELECT max(seq) AS s FROM {APP_TABLE_PREFIX}{table}")  # noqa: S608
+        return int(rows[0]["s"] or 0)
+
+    def expired(self, now_ms: int) -> list[str]:
+        """Ids of messages whose disappearing timer ran out and are not cleared yet."""
+        rows = self._query(
+            "SELECT id FROM app_messages WHERE expires_at IS NOT NULL AND expires_at <= ? "
+            "AND deleted IS NOT 2",
+            (now_ms,),
+        )
+        return [r["id"] for r in rows]
+
+    def iter_messages(self, chat_id: str, *, page: int = 200) -> Iterator[StoredMessage]:
+        """Every message of a chat, newest first, page by page."""
+        before: str | None = None
+        while True:
+            batch = self.messages(chat_id, before=before, limit=page)
+            if not batch:
+                return
+            yield from reversed(batch)
+            before = batch[0].id
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON for list-valued columns (app rows hold scalars only)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,108 @@
+"""The relay as an operator runs it: start-up, config sources, signals, durability."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+from conftest import start_relay
+from relay_testclient import RelayClient, b64, drain_until_empty, new_mid
+
+from relay.config import RelayConfig
+
+
+def test_help_documents_every_setting() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "relay", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    for flag in ("--host", "--port", "--data", "--config", "--set"):
+        assert flag in out
+    for name in RelayConfig.__dataclass_fields__:
+        assert name in out and f"BLINDPOST_RELAY_{name.upper()}" in out, name
+
+
+def test_bad_setting_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "--data", str(tmp_path), "--set", "no_such=1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2 and "no_such" in proc.stderr
+
+
+def test_starts_fast_on_empty_dir_and_logs_address(tmp_path: Path) -> None:
+    started = time.monotonic()
+    relay = start_relay(tmp_path / "fresh")
+    took = time.monotonic() - started
+    try:
+        assert took < 2.0, took
+        assert f"listening on http://127.0.0.1:{relay.port}" in relay.log_text()
+    finally:
+        assert relay.stop(signal.SIGINT) == 0
+
+
+async def test_env_and_toml_settings_apply(tmp_path: Path) -> None:
+    toml = tmp_path / "relay.toml"
+    toml.write_text("[relay]\nmax_recipients = 1\nmax_message_bytes = 100\n")
+    relay = start_relay(
+        tmp_path / "d",
+        extra_args=["--config", str(toml)],
+        env_extra={"BLINDPOST_RELAY_MAX_MESSAGE_BYTES": "10"},
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = RelayClient(relay.url, session)
+            alice = await client.new_device()
+            bob = await client.new_device()
+            carol = await client.new_device()
+            assert (await client.send(alice, [bob], b"x" * 11)).status == 413  # env beats TOML
+            assert (await client.send(alice, [bob], b"x" * 10)).status == 200
+            assert (await client.send(alice, [bob, carol], b"x")).status == 400  # from TOML
+    finally:
+        relay.stop()
+
+
+async def test_sigterm_closes_sockets_1001_exits_0_and_keeps_messages(tmp_path: Path) -> None:
+    data = tmp_path / "durable"
+    relay = start_relay(data, {"registration_burst": "1000"})
+    async with aiohttp.ClientSession() as session:
+        client = RelayClient(relay.url, session)
+        alice = await client.new_device()
+        bob = await client.new_device()
+        carol = await client.new_device()
+        mids = [new_mid() for _ in range(5)]
+        for mid in mids:
+            assert (await client.send(alice, [bob], b"keep", mid)).status == 200
+        ws = await client.ws(carol)
+        await drain_until_empty(ws)
+        relay.proc.send_signal(signal.SIGTERM)
+        msg = await ws.receive(timeout=10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001
+        await ws.close()
+        assert relay.proc.wait(15) == 0
+        assert "stopped" in relay.log_text()
+        relay2 = start_relay(data)
+        try:
+            client2 = RelayClient(relay2.url, session)
+            got = (await client2.read(bob)).json()["messages"]
+            assert [m["id"] for m in got] == [b64(m) for m in mids]
+            # Sequence numbers keep increasing across restarts.
+            later = new_mid()
+            await client2.send(alice, [bob], b"after restart", later)
+            seqs = [m["seq"] for m in (await client2.read(bob)).json()["messages"]]
+            assert seqs == sorted(seqs) and len(set(seqs)) == 6
+            # Replay protection and accounts survive too.
+            assert (await client2.send(alice, [bob], b"keep", mids[0])).status == 200
+            assert len((await client2.read(bob)).json()["messages"]) == 6
+        finally:
+            assert relay2.stop() == 0

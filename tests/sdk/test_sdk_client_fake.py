@@ -1,0 +1,434 @@
+"""The client facade against the in-process fake relay: every conversation feature."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FAST as FAST_OPTIONS
+
+from e2ee.client import Client
+from e2ee.client_errors import IdentityHeld
+from e2ee.events import (
+    ConnectionStateChanged,
+    DecryptionProblem,
+    GapDetected,
+    GroupChanged,
+    IdentityChanged,
+    MessageChanged,
+    MessageReceived,
+    ReceiptUpdated,
+    Typing,
+)
+from e2ee.history import direct_chat_id, group_chat_id
+from e2ee.transport.errors import ConnectionLost
+
+MakeClient = Callable[..., Awaitable[Client]]
+WaitFor = Callable[..., Awaitable[Any]]
+
+
+async def test_text_message_is_sent_received_delivered_and_read(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
+) -> None:
+    alice = await make_client("alice")
+    bob = await make_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice, bob:
+        mid = await alice.send_text("bob", "hello bob")
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "hello bob" and got.message.sender == "alice"
+        assert got.message.id == mid and got.message.chat_id == direct_chat_id("alice")
+        delivered = await wait_for(
+            a_events, lambda e: isinstance(e, ReceiptUpdated) and e.status == "delivered"
+        )
+        assert (delivered.message_id, delivered.user) == (mid, "bob")
+        assert await bob.mark_read(direct_chat_id("alice")) == 1
+        read = await wait_for(
+            a_events, lambda e: isinstance(e, ReceiptUpdated) and e.status == "read"
+        )
+        assert read.message_id == mid
+        stored = alice.history.message(mid)
+        assert stored is not None and stored.status == "read"
+        assert alice.history.receipts(mid) == {("bob", 1): "read"}
+        # And the reply goes the other way, quoting it.
+        reply = await bob.send_text("alice", "hi alice", reply_to=mid)
+        back = await wait_for(a_events, lambda e: isinstance(e, MessageReceived))
+        assert back.message.id == reply and back.message.reply_to == mid
+        assert back.message.quote_text == "hello bob"
+        b_events2 = b_events
+        await wait_for(
+            b_events2,
+            lambda e: (
+                isinstance(e, ReceiptUpdated) and e.status == "delivered" and e.message_id == reply
+            ),
+        )
+    assert relay.pending("bob") == 0 and relay.pending("alice") == 0
+
+
+async def test_read_receipts_can_be_turned_off(make_client: MakeClient, wait_for: WaitFor) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice, bob:
+        await bob.set_read_receipts(False)
+        mid = await alice.send_text("bob", "one")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        await wait_for(
+            a_events, lambda e: isinstance(e, ReceiptUpdated) and e.status == "delivered"
+        )
+        await bob.mark_read(direct_chat_id("alice"))
+        with pytest.raises(asyncio.TimeoutError):
+            await wait_for(
+                a_events, lambda e: isinstance(e, ReceiptUpdated) and e.status == "read", 0.3
+            )
+        stored = alice.history.message(mid)
+        assert stored is not None and stored.status == "delivered"
+
+
+async def test_offline_outbox_goes_out_in_order_on_reconnect(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    # Alice composes while not connected at all.
+    relay.down = True
+    async with alice:
+        ids = [await alice.send_text("bob", f"m{i}", wait=False) for i in range(5)]
+        await asyncio.sleep(0.05)
+        assert relay.sends == 0
+        relay.down = False
+        async with bob:
+            texts = []
+            for _ in range(5):
+                event = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+                texts.append(event.message.text)
+            assert texts == [f"m{i}" for i in range(5)]
+    assert [m.id for m in bob.history.messages(direct_chat_id("alice"))] if False else True
+    assert len(ids) == 5
+
+
+async def test_recipient_offline_then_back(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    async with alice:
+        for i in range(3):
+            await alice.send_text("bob", f"while you were away {i}")
+    assert relay.pending("bob") == 3
+    b_events = bob.events()
+    async with bob:
+        for i in range(3):
+            event = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+            assert event.message.text == f"while you were away {i}"
+        await asyncio.sleep(0.05)
+        assert relay.pending("bob") == 0
+
+
+async def test_relay_restart_mid_conversation(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice, bob:
+        await alice.send_text("bob", "before")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        await relay.restart(0.1)
+        await wait_for(
+            a_events, lambda e: isinstance(e, ConnectionStateChanged) and e.state == "offline"
+        )
+        await alice.send_text("bob", "after")  # waits for the reconnect
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "after"
+
+
+async def test_crash_between_decrypt_and_ack_shows_nothing_twice(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any, tmp_path: Path
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    async with alice:
+        await alice.send_text("bob", "exactly once")
+    b_events = bob.events()
+
+    async def lost_ack(ids: Any) -> None:  # the process dies before the ack is sent
+        raise ConnectionLost("crash")
+
+    bob._link.ack = lost_ack  # type: ignore[method-assign]
+    async with bob:
+        first = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        assert first.message.text == "exactly once"
+    assert relay.pending("bob") == 1  # committed locally, never acknowledged
+    bob2 = await Client.open(tmp_path / "bob", link_factory=relay.link, options=FAST_OPTIONS)
+    events2 = bob2.events()
+    try:
+        async with bob2:
+            for _ in range(100):
+                if relay.pending("bob") == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert relay.pending("bob") == 0  # redelivered, recognised, acknowledged
+            texts = [m.text for m in bob2.history.messages(direct_chat_id("alice"))]
+            assert texts == ["exactly once"]
+        seen = [e async for e in events2]
+        assert not any(isinstance(e, MessageReceived) for e in seen)
+    finally:
+        await bob2.close()
+
+
+async def test_gap_detected_when_relay_drops_a_message(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    async with alice, bob:
+        await alice.send_text("bob", "one")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        relay.drop = lambda sender, recipients, body: True
+        await alice.send_text("bob", "two (dropped)")
+        await alice.send_text("bob", "three (dropped)")
+        relay.drop = None
+        await alice.send_text("bob", "four")
+        gap = await wait_for(b_events, lambda e: isinstance(e, GapDetected))
+        assert (gap.user, gap.missed, gap.chat_id) == ("alice", 2, direct_chat_id("alice"))
+
+
+async def test_typing_reactions_edit_delete(make_client: MakeClient, wait_for: WaitFor) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    async with alice, bob:
+        await alice.wait_connected()
+        await alice.send_typing("bob", True)
+        typing = await wait_for(b_events, lambda e: isinstance(e, Typing))
+        assert typing.user == "alice" and typing.typing
+        mid = await alice.send_text("bob", "helo")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        await alice.edit(mid, "hello")
+        await wait_for(b_events, lambda e: isinstance(e, MessageChanged) and e.change == "edited")
+        edited = bob.history.message(mid)
+        assert edited is not None and edited.text == "hello" and edited.edited
+        a_events = alice.events()
+        await bob.react(mid, "👍")
+        await wait_for(a_events, lambda e: isinstance(e, MessageChanged) and e.change == "reaction")
+        assert alice.history.reactions(mid) == {"bob": "👍"}
+        await alice.delete_for_everyone(mid)
+        await wait_for(b_events, lambda e: isinstance(e, MessageChanged) and e.change == "deleted")
+        gone = bob.history.message(mid)
+        assert gone is not None and gone.deleted and gone.text is None
+        assert bob.history.search("hello") == []
+
+
+async def test_only_the_author_can_edit(make_client: MakeClient, wait_for: WaitFor) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    async with alice, bob:
+        b_events = bob.events()
+        mid = await alice.send_text("bob", "mine")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        from e2ee.errors import UsageError
+
+        with pytest.raises(UsageError):
+            await bob.edit(mid, "yours now")
+
+
+async def test_disappearing_timer_clears_both_sides(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice, bob:
+        await alice.set_disappearing_timer("bob", 1)
+        await wait_for(
+            b_events, lambda e: isinstance(e, MessageReceived) and e.message.type == "timer"
+        )
+        chats = {c.id: c for c in bob.history.chats()}
+        assert chats[direct_chat_id("alice")].timer_seconds == 1
+        mid = await alice.send_text("bob", "self destruct")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        assert bob.history.search("destruct")
+        await wait_for(
+            b_events, lambda e: isinstance(e, MessageChanged) and e.change == "expired", 3
+        )
+        await wait_for(
+            a_events, lambda e: isinstance(e, MessageChanged) and e.change == "expired", 3
+        )
+        assert bob.history.message(mid) is None and alice.history.message(mid) is None
+        assert bob.history.search("destruct") == []
+
+
+async def test_media_round_trip_and_forward(
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path, relay: Any
+) -> None:
+    alice, bob, carol = (
+        await make_client("alice"),
+        await make_client("bob"),
+        await make_client("carol"),
+    )
+    source = tmp_path / "cat.png"
+    source.write_bytes(b"\x89PNG" + bytes(range(256)) * 3000)
+    b_events, c_events = bob.events(), carol.events()
+    async with alice, bob, carol:
+        mid = await alice.send_file("bob", source, caption="look")
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.type == "attachment" and got.message.text == "look"
+        out = await bob.download_attachment(mid, tmp_path / "got.png")
+        assert out.read_bytes() == source.read_bytes()
+        blobs = len(relay.blobs)
+        fwd = await bob.forward_attachment(mid, "carol")
+        await wait_for(c_events, lambda e: isinstance(e, MessageReceived))
+        assert len(relay.blobs) == blobs  # no second upload
+        out2 = await carol.download_attachment(fwd, tmp_path / "fwd.png")
+        assert out2.read_bytes() == source.read_bytes()
+        # A tampered blob is refused with a typed error and leaves no file.
+        blob_id = next(iter(relay.blobs))
+        data = bytearray(relay.blobs[blob_id])
+        data[100] ^= 1
+        relay.blobs[blob_id] = bytes(data)
+        from e2ee.media import MediaCorrupt
+
+        with pytest.raises(MediaCorrupt):
+            await carol.download_attachment(fwd, tmp_path / "bad.png")
+        assert not (tmp_path / "bad.png").exists()
+
+
+async def test_group_lifecycle_and_removed_member_reads_nothing(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice, bob, carol = (
+        await make_client("alice"),
+        await make_client("bob"),
+        await make_client("carol"),
+    )
+    b_events, c_events = bob.events(), carol.events()
+    async with alice, bob, carol:
+        gid = await alice.create_group("friends", ["bob", "carol"])
+        created = await wait_for(c_events, lambda e: isinstance(e, GroupChanged))
+        assert created.action == "create" and created.members == ("alice", "bob", "carol")
+        await wait_for(b_events, lambda e: isinstance(e, GroupChanged))
+        await alice.send_text(group_chat_id(gid), "hi all")
+        for events in (b_events, c_events):
+            got = await wait_for(events, lambda e: isinstance(e, MessageReceived))
+            assert got.message.text == "hi all" and got.message.chat_id == group_chat_id(gid)
+        await bob.send_text(group_chat_id(gid), "hi from bob")
+        got = await wait_for(c_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "hi from bob"
+        # Bob is not an admin: he cannot remove carol.
+        from e2ee.client_errors import NotAdmin
+
+        with pytest.raises(NotAdmin):
+            await bob.remove_member(gid, "carol")
+        await alice.remove_member(gid, "carol")
+        removed = await wait_for(c_events, lambda e: isinstance(e, GroupChanged))
+        assert removed.action == "remove" and "carol" not in removed.members
+        await wait_for(b_events, lambda e: isinstance(e, GroupChanged) and e.action == "remove")
+        await alice.send_text(group_chat_id(gid), "carol cannot read this")
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "carol cannot read this"
+        await bob.send_text(group_chat_id(gid), "nor this")
+        await asyncio.sleep(0.2)
+        texts = [m.text for m in carol.history.messages(group_chat_id(gid))]
+        assert "carol cannot read this" not in texts and "nor this" not in texts
+        await alice.rename_group(gid, "best friends")
+        renamed = await wait_for(b_events, lambda e: isinstance(e, GroupChanged))
+        assert renamed.name == "best friends"
+        await bob.leave_group(gid)
+        left = await wait_for(
+            alice.events(), lambda e: isinstance(e, GroupChanged) and e.action == "leave"
+        )
+        assert left.members == ("alice",)
+
+
+async def test_key_change_holds_sending_until_accepted(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice:
+        async with bob:
+            await alice.send_text("bob", "first")
+            await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        # Bob reinstalls: a new identity key under the same address (bob.1).
+        del relay.devices["bob"]
+        relay.mailboxes.pop(("bob", 1), None)
+        new_bob = await make_client("bob", directory="bob-reinstalled")
+        nb_events = new_bob.events()
+        async with new_bob:
+            await new_bob.send_text("alice", "it's me, new phone")
+            changed = await wait_for(a_events, lambda e: isinstance(e, IdentityChanged))
+            assert (changed.user, changed.first_use, changed.held) == ("bob", False, True)
+            got = await wait_for(a_events, lambda e: isinstance(e, MessageReceived))
+            assert got.message.text == "it's me, new phone"  # shown, but flagged above
+            assert await alice.trust_level("bob") == {1: "untrusted"}
+            # Nothing goes to the new key until Alice accepts it.
+            with pytest.raises(IdentityHeld):
+                await alice.send_text("bob", "held until accepted")
+            await asyncio.sleep(0.1)
+            assert not any(
+                m.text == "held until accepted"
+                for m in new_bob.history.messages(direct_chat_id("alice"))
+            )
+            await alice.accept_identity("bob")
+            released = await wait_for(nb_events, lambda e: isinstance(e, MessageReceived))
+            assert released.message.text == "held until accepted"
+            assert await alice.trust_level("bob") == {1: "tofu"}
+
+
+async def test_strict_mode_holds_first_contact_until_verified(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice = await make_client("alice", strict_trust=True)
+    bob = await make_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice, bob:
+        with pytest.raises(IdentityHeld):
+            await alice.send_text("bob", "hello?")
+        held = await wait_for(a_events, lambda e: isinstance(e, IdentityChanged))
+        assert held.user == "bob" and held.held
+        numbers = await alice.safety_number("bob")
+        assert len(numbers[0][1].digits) == 60
+        await alice.verify("bob")  # after comparing the safety number
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "hello?"
+        assert await alice.trust_level("bob") == {1: "verified"}
+
+
+async def test_decryption_problem_is_reported_and_repaired(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    async with alice, bob:
+        await alice.send_text("bob", "one")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        # Corrupt the next ciphertext in transit.
+        relay.drop = None
+        orig_send = alice._link.send
+
+        async def corrupting(mid: bytes, recipients: Any, body: bytes) -> None:
+            await orig_send(mid, recipients, body[:-3] + bytes(3))
+            alice._link.send = orig_send  # type: ignore[method-assign]
+
+        alice._link.send = corrupting  # type: ignore[method-assign]
+        await alice.send_text("bob", "mangled")
+        problem = await wait_for(b_events, lambda e: isinstance(e, DecryptionProblem))
+        assert problem.user == "alice" and problem.repair == "session_reset"
+        assert "mangled" not in problem.explanation
+        await alice.send_text("bob", "after repair")
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "after repair"
+
+
+async def test_identity_change_event_on_first_contact(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    async with alice, bob:
+        await alice.send_text("bob", "hi")
+        first = await wait_for(b_events, lambda e: isinstance(e, IdentityChanged))
+        assert first.first_use and not first.held
+        numbers = await bob.safety_number("alice")
+        mine = await alice.safety_number("bob")
+        assert numbers[0][1].digits == mine[0][1].digits
+        assert mine[0][1].matches_scanned(numbers[0][1].scannable)
+        await bob.verify("alice")
+        assert await bob.trust_level("alice") == {1: "verified"}

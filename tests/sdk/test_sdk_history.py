@@ -1,0 +1,123 @@
+"""Local history: schema, rows committed through the store, paging, search."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2ee.errors import StorageError, UsageError
+from e2ee.history import HISTORY_SCHEMA_VERSION, History, direct_chat_id
+from e2ee.store import Changes
+from e2ee.store.sealing import KdfLimits
+from e2ee.store.sqlite import SQLiteProtocolStore
+
+FAST_KDF = KdfLimits(opslimit=1, memlimit=8192)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteProtocolStore]:
+    s = SQLiteProtocolStore.open(tmp_path / "db.sqlite", kdf_limits=FAST_KDF)
+    yield s
+    s.close()
+
+
+def _msg(seq: int, text: str, chat: str = "dm:bob", **extra: object) -> tuple[str, dict]:
+    return History.row(
+        "messages",
+        id=f"{seq:032x}",
+        chat_id=chat,
+        sender="bob",
+        sender_device=1,
+        outgoing=0,
+        type="text",
+        text=text,
+        counter=seq,
+        sent_at=1000 + seq,
+        status="received",
+        edited=0,
+        deleted=0,
+        expire_seconds=0,
+        seq=seq,
+        **extra,
+    )
+
+
+def test_schema_is_created_once_and_versioned(store: SQLiteProtocolStore) -> None:
+    h = History.open(store)
+    h.close()
+    again = History.open(store)  # idempotent
+    assert store.get_meta("history_schema_version") == str(HISTORY_SCHEMA_VERSION)
+    assert again.messages(direct_chat_id("bob")) == []
+    again.close()
+
+
+def test_newer_schema_is_refused(store: SQLiteProtocolStore) -> None:
+    store.commit(Changes(meta_put={"history_schema_version": "99"}))
+    with pytest.raises(StorageError):
+        History.open(store)
+
+
+def test_paging_returns_older_pages_in_order(store: SQLiteProtocolStore) -> None:
+    h = History.open(store)
+    store.commit(Changes(app_rows=tuple(_msg(i, f"message {i}") for i in range(1, 121))))
+    newest = h.messages("dm:bob", limit=50)
+    assert [m.counter for m in newest] == list(range(71, 121))
+    older = h.messages("dm:bob", before=newest[0].id, limit=50)
+    assert [m.counter for m in older] == list(range(21, 71))
+    oldest = h.messages("dm:bob", before=older[0].id, limit=50)
+    assert [m.counter for m in oldest] == list(range(1, 21))
+    assert h.messages("dm:bob", before=oldest[0].id) == []
+    assert len(list(h.iter_messages("dm:bob", page=7))) == 120
+    with pytest.raises(UsageError):
+        h.messages("dm:carol", before=newest[0].id)
+    h.close()
+
+
+def test_search_is_literal_and_follows_edits_and_expiry(store: SQLiteProtocolStore) -> None:
+    h = History.open(store)
+    store.commit(
+        Changes(
+            app_rows=(
+                _msg(1, "lunch at noon?"),
+                _msg(2, "dinner tonight", chat="dm:carol"),
+                _msg(3, 'weird "quotes" AND OR NEAR('),
+            )
+        )
+    )
+    assert [m.counter for m in h.search("lunch")] == [1]
+    assert [m.counter for m in h.search("dinner", chat_id="dm:bob")] == []
+    assert [m.counter for m in h.search('"quotes" NEAR(')] == [3]  # no FTS syntax errors
+    edited = h.updated("messages", f"{1:032x}", text="brunch at noon?", edited=1)
+    assert edited is not None
+    store.commit(Changes(app_rows=(edited,)))
+    assert h.search("lunch") == []
+    assert [m.text for m in h.search("brunch")] == ["brunch at noon?"]
+    gone = h.updated("messages", f"{1:032x}", text=None, deleted=2)
+    assert gone is not None
+    store.commit(Changes(app_rows=(gone,)))
+    assert h.search("brunch") == [] and h.message(f"{1:032x}") is None
+    assert [m.counter for m in h.messages("dm:bob")] == [3]
+    h.close()
+
+
+def test_history_rows_commit_atomically_with_protocol_state(
+    store: SQLiteProtocolStore,
+) -> None:
+    """A failing commit writes neither the history row nor the session state."""
+    h = History.open(store)
+    bad = Changes(meta_put={"x": "1"}, app_rows=(_msg(1, "hi"), ("messages", {"id": 5})))
+    with pytest.raises(StorageError):
+        store.commit(bad)
+    assert store.get_meta("x") is None and h.messages("dm:bob") == []
+    h.close()
+
+
+def test_row_builder_refuses_unknown_columns() -> None:
+    with pytest.raises(UsageError):
+        History.row("messages", id="x", bogus=1)
+    with pytest.raises(UsageError):
+        History.row("nope", id="x")
+    assert History.status_at_least("read", "delivered") == "read"
+    assert History.status_at_least("sent", "delivered") == "delivered"

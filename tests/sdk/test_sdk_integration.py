@@ -1,0 +1,163 @@
+"""Real clients against a real relay process on loopback (``python -m relay``).
+
+Each test starts its own relay (fixture ``real_relay``) and two or three clients
+in their own data directories, talking through the real transport
+(:class:`e2ee.client.TransportLink`: HTTP + WebSocket).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FAST
+
+from e2ee.client import Client
+from e2ee.events import (
+    ConnectionStateChanged,
+    GroupChanged,
+    MessageReceived,
+    ReceiptUpdated,
+)
+from e2ee.history import direct_chat_id, group_chat_id
+
+MakeClient = Callable[..., Awaitable[Client]]
+WaitFor = Callable[..., Awaitable[Any]]
+WAIT = 15.0
+
+
+async def test_one_to_one_with_receipts_over_the_real_relay(
+    make_real_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice, bob:
+        mid = await alice.send_text("bob", "hello over the wire")
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        assert got.message.text == "hello over the wire" and got.message.id == mid
+        await wait_for(
+            a_events, lambda e: isinstance(e, ReceiptUpdated) and e.status == "delivered", WAIT
+        )
+        await bob.mark_read(direct_chat_id("alice"))
+        await wait_for(
+            a_events, lambda e: isinstance(e, ReceiptUpdated) and e.status == "read", WAIT
+        )
+
+
+async def test_recipient_offline_then_back_and_client_killed_before_ack(
+    make_real_client: MakeClient, wait_for: WaitFor, real_relay: Any, tmp_path: Path
+) -> None:
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    async with alice:
+        for i in range(5):
+            await alice.send_text("bob", f"queued {i}")
+    # Bob comes online, stores everything, but "dies" before any ack is sent.
+    b_events = bob.events()
+
+    async def lost_ack(ids: Any) -> None:
+        from e2ee.transport.errors import ConnectionLost
+
+        raise ConnectionLost("killed")
+
+    bob._link.ack = lost_ack  # type: ignore[method-assign]
+    async with bob:
+        texts = [
+            (await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)).message.text
+            for _ in range(5)
+        ]
+    assert texts == [f"queued {i}" for i in range(5)]
+    again = await Client.open(tmp_path / "real-bob", options=FAST)
+    events = again.events()
+    try:
+        async with again:
+            await asyncio.sleep(1.0)  # the relay redelivers all five; none is new
+            history = [m.text for m in again.history.messages(direct_chat_id("alice"))]
+            assert history == [f"queued {i}" for i in range(5)]
+        seen = [e async for e in events]
+        assert not any(isinstance(e, MessageReceived) for e in seen)
+    finally:
+        await again.close()
+
+
+async def test_relay_restarted_mid_conversation(
+    make_real_client: MakeClient, wait_for: WaitFor, real_relay: Any
+) -> None:
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice, bob:
+        await alice.send_text("bob", "before the restart")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        real_relay.stop()
+        await wait_for(
+            a_events, lambda e: isinstance(e, ConnectionStateChanged) and e.state == "offline", WAIT
+        )
+        queued = await alice.send_text("bob", "written while the relay was down", wait=False)
+        await asyncio.to_thread(real_relay.start)
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        assert got.message.id == queued
+
+
+async def test_group_with_removed_member_over_the_real_relay(
+    make_real_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice, bob, carol = (
+        await make_real_client("alice"),
+        await make_real_client("bob"),
+        await make_real_client("carol"),
+    )
+    b_events, c_events = bob.events(), carol.events()
+    async with alice, bob, carol:
+        gid = await alice.create_group("team", ["bob", "carol"])
+        await wait_for(c_events, lambda e: isinstance(e, GroupChanged), WAIT)
+        await wait_for(b_events, lambda e: isinstance(e, GroupChanged), WAIT)
+        await alice.send_text(group_chat_id(gid), "hello team")
+        for events in (b_events, c_events):
+            got = await wait_for(events, lambda e: isinstance(e, MessageReceived), WAIT)
+            assert got.message.text == "hello team"
+        await alice.remove_member(gid, "carol")
+        await wait_for(b_events, lambda e: isinstance(e, GroupChanged), WAIT)
+        await wait_for(c_events, lambda e: isinstance(e, GroupChanged), WAIT)
+        await alice.send_text(group_chat_id(gid), "after carol left")
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        assert got.message.text == "after carol left"
+        await asyncio.sleep(0.5)
+        assert "after carol left" not in [
+            m.text for m in carol.history.messages(group_chat_id(gid))
+        ]
+
+
+@pytest.mark.slow
+async def test_fifty_megabyte_file(
+    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path
+) -> None:
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    source = tmp_path / "video.bin"
+    with source.open("wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(50):
+            f.write(block)
+    b_events = bob.events()
+    progress: list[tuple[int, int]] = []
+    async with alice, bob:
+        mid = await alice.send_file(
+            "bob", source, mime_type="video/mp4", progress=lambda d, t: progress.append((d, t))
+        )
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        assert got.message.type == "attachment"
+        out = await bob.download_attachment(mid, tmp_path / "received.bin")
+        assert out.stat().st_size == source.stat().st_size
+        assert progress and progress[-1][0] == progress[-1][1]
+        import hashlib
+
+        def digest(p: Path) -> str:
+            h = hashlib.sha256()
+            with p.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            return h.hexdigest()
+
+        assert await asyncio.to_thread(digest, out) == await asyncio.to_thread(digest, source)
