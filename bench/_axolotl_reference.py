@@ -11,11 +11,11 @@ import json
 import sys
 import time
 
+from axolotl.axolotladdress import AxolotlAddress
 from axolotl.ecc.curve import Curve
 from axolotl.groups.groupcipher import GroupCipher
 from axolotl.groups.groupsessionbuilder import GroupSessionBuilder
 from axolotl.groups.senderkeyname import SenderKeyName
-from axolotl.axolotladdress import AxolotlAddress
 from axolotl.protocol.prekeywhispermessage import PreKeyWhisperMessage
 from axolotl.protocol.senderkeydistributionmessage import SenderKeyDistributionMessage
 from axolotl.protocol.whispermessage import WhisperMessage
@@ -40,9 +40,16 @@ def peer():
 def bundle(store, signed, prekey_id):
     pair = Curve.generateKeyPair()
     store.storePreKey(prekey_id, PreKeyRecord(prekey_id, pair))
-    return PreKeyBundle(store.getLocalRegistrationId(), 1, prekey_id, pair.getPublicKey(), 1,
-                        signed.getKeyPair().getPublicKey(), signed.getSignature(),
-                        store.getIdentityKeyPair().getPublicKey())
+    return PreKeyBundle(
+        store.getLocalRegistrationId(),
+        1,
+        prekey_id,
+        pair.getPublicKey(),
+        1,
+        signed.getKeyPair().getPublicKey(),
+        signed.getSignature(),
+        store.getIdentityKeyPair().getPublicKey(),
+    )
 
 
 def setup(prekey_id=1):
@@ -90,13 +97,17 @@ def main():
 
     from google.protobuf.internal import api_implementation
 
-    print(json.dumps({
-        "protobuf_backend": api_implementation.Type(),
-        "same_chain_us": per_message(same_chain, count),
-        "ping_pong_us": per_message(ping_pong, count),
-        "session_setup_us": per_message(session_setup, max(count // 20, 10)),
-        "group_us": per_message(group, count),
-    }))
+    print(
+        json.dumps(
+            {
+                "protobuf_backend": api_implementation.Type(),
+                "same_chain_us": per_message(same_chain, count),
+                "ping_pong_us": per_message(ping_pong, count),
+                "session_setup_us": per_message(session_setup, max(count // 20, 10)),
+                "group_us": per_message(group, count),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
