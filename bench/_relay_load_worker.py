@@ -29,11 +29,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import aiohttp  # noqa: E402
-from nacl.signing import SigningKey  # noqa: E402
+import aiohttp
+from nacl.signing import SigningKey
 
-from e2ee.transport.auth import DeviceSigner  # noqa: E402
-from e2ee.transport.frames import encode_ack, encode_send  # noqa: E402
+from e2ee.transport.auth import DeviceSigner
+from e2ee.transport.frames import encode_ack, encode_send
 
 _T = struct.Struct(">Q")
 _DELIVER_FIXED = 33  # op(1) seq(8) id(16) stored_at(8)
@@ -292,10 +292,9 @@ async def run(cfg: dict[str, Any]) -> None:
                 await asyncio.sleep(0.001)
             await traffic(cfg, conns, stats, t0)
             await asyncio.sleep(float(cfg.get("drain", 3.0)))
-        elif mode in ("idle", "recipients"):
+        elif mode in ("idle", "recipients") and cmd != "close":
             # Idle until told to close; "recipients" receive and ack fan-out messages.
-            if cmd != "close":
-                await read_command()
+            await read_command()
     finally:
         stop.set()
         acker.cancel()

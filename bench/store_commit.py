@@ -4,7 +4,8 @@ A typical commit, as the engine makes it per message: one session blob put (2 Ki
 by default) and one history row in the same transaction. Prints median, p90,
 p99 and mean per commit with ``synchronous=FULL`` (what the store uses), then
 with ``synchronous=NORMAL`` for comparison, then the same without the history
-row (to show what the sqlite-utils app-row path adds).
+row (what the app-row path adds), then a bare sqlite3 upsert of one blob with the
+same journal settings (the floor this disk allows).
 
 Run: python bench/store_commit.py [--commits 2000] [--dir DIR] [--session-bytes 2048]
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import statistics
 import tempfile
 import time
@@ -37,6 +39,25 @@ def measure(
         start = time.perf_counter_ns()
         store.commit(changes)
         out.append((time.perf_counter_ns() - start) / 1000)
+    return out
+
+
+def bare_sqlite(path: str, sync: str, commits: int, size: int) -> list[float]:
+    """The floor: one 2 KiB row upserted by plain sqlite3, same journal settings."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {sync}")
+    conn.execute("CREATE TABLE s (k INTEGER PRIMARY KEY, v BLOB NOT NULL)")
+    out = []
+    for i in range(commits + 50):
+        blob = os.urandom(size)
+        start = time.perf_counter_ns()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR REPLACE INTO s VALUES (?, ?)", (i % 20, blob))
+        conn.execute("COMMIT")
+        if i >= 50:
+            out.append((time.perf_counter_ns() - start) / 1000)
+    conn.close()
     return out
 
 
@@ -87,6 +108,10 @@ def main() -> None:
                 store._connection().execute(f"PRAGMA synchronous = {sync}")
                 report(f"session + history row, {sync}", measure(store, args.commits, with_history))
                 report(f"session only, {sync}", measure(store, args.commits, session_only))
+            floor = bare_sqlite(
+                os.path.join(tmp, f"bare-{sync}.db"), sync, args.commits, args.session_bytes
+            )
+            report(f"bare sqlite3 blob upsert, {sync}", floor)
 
 
 if __name__ == "__main__":

@@ -300,6 +300,10 @@ class Client:
         self._strict = False
         self._wlock = threading.RLock()
         self._counters: dict[str, int] = {}
+        self._chats: dict[str, dict[str, Any]] = {}
+        self._known_links: set[str] = set()
+        self._wake_pending = False
+        self._inflight: asyncio.Future[_Inbound] | None = None
         self._subscribers: list[asyncio.Queue[Event]] = []
         self._sent_waiters: dict[str, asyncio.Future[None]] = {}
         self._outbox_wake = asyncio.Event()
@@ -513,6 +517,10 @@ class Client:
             with contextlib.suppress(asyncio.CancelledError, E2EEError):
                 await task
         self._tasks.clear()
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            with contextlib.suppress(E2EEError):
+                await inflight
         # Everything committed so far is acknowledged; a delivery cut off mid-way
         # was not, and comes back as a duplicate next time.
         with contextlib.suppress(TransportError):
@@ -610,9 +618,15 @@ class Client:
 
     def _load_state(self) -> None:
         with self._wlock:
-            self._counters.clear()
+            self._drop_caches()
             self._registered = self._store.get_meta(_META_REGISTERED) == "1"
             self._strict = self._store.get_meta(_META_STRICT) == "1"
+
+    def _drop_caches(self) -> None:
+        """Forget cached rows: they may describe a commit that failed."""
+        self._counters.clear()
+        self._chats.clear()
+        self._known_links.clear()
 
     def _counter_or_none(self, name: str) -> int | None:
         value = self._counters.get(name)
@@ -633,7 +647,11 @@ class Client:
         all_rows = tuple(rows) + tuple(
             History.row("counters", id=k, value=v) for k, v in counters.items()
         )
-        self._store.commit(Changes(app_rows=all_rows))
+        try:
+            self._store.commit(Changes(app_rows=all_rows))
+        except BaseException:
+            self._drop_caches()  # cached chat rows may describe this failed write
+            raise
         self._counters.update(counters)
 
     # -- composing -------------------------------------------------------------------------
@@ -654,7 +672,9 @@ class Client:
     def _ensure_chat_rows(
         self, chat_id: str, now: int, pending: dict[str, dict[str, Any]]
     ) -> dict[str, Any]:
-        chat = pending.get(chat_id) or self._history.current("chats", chat_id)
+        chat = pending.get(chat_id) or self._chats.get(chat_id)
+        if chat is None:
+            chat = self._history.current("chats", chat_id)
         if chat is None:
             if chat_id.startswith("dm:"):
                 peer = chat_id[3:]
@@ -669,6 +689,7 @@ class Client:
         chat = dict(chat)
         chat["last_message_at"] = now
         pending[chat_id] = chat
+        self._chats[chat_id] = chat  # written under the write lock; dropped on failure
         return chat
 
     def _compose(
@@ -966,16 +987,12 @@ class Client:
             send_receipts = self._store.get_meta(_META_READ_RECEIPTS) != "0"
             rows: list[Row] = []
             counters: dict[str, int] = {}
-            for message in self._history.iter_messages(chat_id):
-                if message.outgoing or message.read_at is not None:
-                    continue
-                if message.type not in ("text", "attachment"):
-                    continue
-                updated = self._history.updated("messages", message.id, read_at=now)
+            for message_id, sender in self._history.unread(chat_id):
+                updated = self._history.updated("messages", message_id, read_at=now)
                 if updated:
                     rows.append(updated)
                 if send_receipts:
-                    rows.append(self._receipt_row(message.sender, message.id, "read", counters))
+                    rows.append(self._receipt_row(sender, message_id, "read", counters))
             if rows:
                 self._commit(rows, counters)
             return sum(1 for t, _ in rows if t == "messages")
@@ -1415,21 +1432,33 @@ class Client:
     # -- receiving -------------------------------------------------------------------------
 
     async def _handle_delivery(self, delivery: Delivery) -> None:
-        inbound = await asyncio.to_thread(self._process_delivery, delivery)
-        self._acks.append(delivery.id)
+        # Shielded: if the client is closed meanwhile, the delivery still finishes
+        # (commit, ack queued, events emitted) and close() waits for it.
+        task = asyncio.ensure_future(self._receive_one(delivery))
+        self._inflight = task
+        inbound = await asyncio.shield(task)
         if len(self._acks) >= 200:
             await self._flush_acks()
         else:
             self._ack_wake.set()
-        for event in inbound.events:
-            self._emit(event)
         if inbound.reset is not None:
             await self._session_reset(inbound.reset)
         if inbound.key_request is not None:
             gid, sender = inbound.key_request
             await self._request_sender_key(gid, sender)
-        if inbound.wake_outbox or inbound.resend_key:
+        if inbound.resend_key:
             self._outbox_wake.set()
+        elif inbound.wake_outbox and not self._wake_pending:
+            # Receipts for a burst of deliveries go out together, a moment later.
+            self._wake_pending = True
+            asyncio.get_running_loop().call_later(0.05, self._deferred_wake)
+
+    async def _receive_one(self, delivery: Delivery) -> _Inbound:
+        inbound = await asyncio.to_thread(self._process_delivery, delivery)
+        self._acks.append(delivery.id)
+        for event in inbound.events:
+            self._emit(event)
+        return inbound
 
     def _process_delivery(self, delivery: Delivery) -> _Inbound:
         sender = Address(delivery.sender, delivery.device)
@@ -1466,12 +1495,12 @@ class Client:
             except DuplicateMessage:
                 return _Inbound()  # already stored: acknowledge, show nothing twice
             except StorageError:
-                self._counters.clear()  # rows computed for a failed commit are void
+                self._drop_caches()  # rows computed for a failed commit are void
                 raise
             except E2EEError as exc:
                 # Reported (and repaired if possible), then acknowledged: a message
                 # that can never be read must not block the mailbox.
-                self._counters.clear()
+                self._drop_caches()
                 return self._problem(sender, delivery, exc)
         return out
 
@@ -1620,16 +1649,15 @@ class Client:
             if body.attachment is not None:
                 rows.append(self._attachment_row(mid, body.attachment))
             rows.extend(("chats", c) for c in pending.values())
-            rows.append(History.row("users", id=sender.name, created_at=now))
-            rows.append(
-                History.row(
-                    "users_chats",
-                    id=f"{chat_id}:{sender.name}",
-                    chat_id=chat_id,
-                    user_id=sender.name,
+            link_id = f"{chat_id}:{sender.name}"
+            if link_id not in self._known_links:
+                rows.append(History.row("users", id=sender.name, created_at=now))
+                rows.append(
+                    History.row("users_chats", id=link_id, chat_id=chat_id, user_id=sender.name)
                 )
-            )
-            rows.append(self._receipt_row(sender.name, mid, "delivered", counters))
+                self._known_links.add(link_id)
+            # The delivered receipt needs no row of its own: every incoming message
+            # above the "receipts sent" watermark gets one (see _flush_delivered).
             out.wake_outbox = True
             rows = self._finish(rows, counters)
             # The event is built after commit from the same values.
@@ -1743,13 +1771,20 @@ class Client:
         revision = int(group["revision"] or 0) if group else 0
         admins = set(json.loads(group["admins"] or "[]")) if group else set()
         members: set[str] = set(self._history.group_members(gid)) if group else set()
-        if action is GroupAction.CREATE:
-            if group is not None or sender.name not in control.admins:
+        if group is None:
+            # We learn about a group by being created into it or added to it; the
+            # sender must be an admin of the state it sends.
+            joining = action in (GroupAction.CREATE, GroupAction.ADD)
+            if not joining or sender.name not in control.admins:
                 return []
+            if self._me.name not in control.members:
+                return []
+        elif action is GroupAction.CREATE:
+            return []  # a group id is created once
         elif action is GroupAction.LEAVE:
-            if group is None or control.targets != (sender.name,) or sender.name not in members:
+            if control.targets != (sender.name,) or sender.name not in members:
                 return []
-        elif group is None or sender.name not in admins or control.revision <= revision:
+        elif sender.name not in admins or control.revision <= revision:
             return []  # only admins change a group, and never backwards
         if not set(control.admins) <= set(control.members) and action is not GroupAction.LEAVE:
             return []
@@ -1846,6 +1881,65 @@ class Client:
                     await self._send_receipts(user, kind, chunk)
                 except (IdentityHeld, UnknownRecipient, SendFailed):
                     break
+        await self._flush_delivered()
+
+    async def _flush_delivered(self) -> None:
+        """Send delivered receipts for incoming messages above the watermark.
+
+        The watermark (a counter row) moves only after the relay accepted the
+        receipts; a crash in between sends some receipts twice, which is harmless.
+        """
+        while not self._closing and self._connected.is_set():
+            mark = await asyncio.to_thread(self._locked_counter, "rcpt:delivered")
+            pending = await asyncio.to_thread(self._history.undelivered, mark, 2000)
+            if not pending:
+                return
+            by_sender: dict[str, list[tuple[str, int]]] = {}
+            for mid, sender, seq in pending:
+                by_sender.setdefault(sender, []).append((mid, seq))
+            stop = pending[-1][2]
+            for sender, items in by_sender.items():
+                for start in range(0, len(items), _RECEIPT_BATCH):
+                    chunk = items[start : start + _RECEIPT_BATCH]
+                    try:
+                        await self._send_receipt_payload(
+                            sender, ReceiptKind.DELIVERED, [m for m, _ in chunk]
+                        )
+                    except (IdentityHeld, UnknownRecipient, SendFailed):
+                        stop = min(stop, chunk[0][1] - 1)
+                        break
+            if stop <= mark:
+                return
+
+            def advance(value: int = stop) -> None:
+                with self._wlock:
+                    self._commit(
+                        [], {"rcpt:delivered": max(value, self._counter("rcpt:delivered"))}
+                    )
+
+            await asyncio.to_thread(advance)
+            if len(pending) < 2000:
+                return
+
+    def _locked_counter(self, name: str) -> int:
+        with self._wlock:
+            return self._counter(name)
+
+    async def _send_receipt_payload(
+        self, user: str, kind: ReceiptKind, message_ids: Sequence[str]
+    ) -> None:
+        body = Payload(
+            type=PayloadType.RECEIPT,
+            message_id=os.urandom(16),
+            sent_at_ms=self._now_ms(),
+            target_ids=tuple(bytes.fromhex(m) for m in message_ids),
+            receipt=kind,
+        )
+        await self._send_pairwise(body.message_id, [user], payload.encode(body))
+
+    def _deferred_wake(self) -> None:
+        self._wake_pending = False
+        self._outbox_wake.set()
 
     def _fail_waiter(self, mid: str, exc: Exception) -> None:
         waiter = self._sent_waiters.get(mid)
@@ -1853,14 +1947,8 @@ class Client:
             waiter.set_exception(exc)
 
     async def _send_receipts(self, user: str, kind: str, entries: list[dict[str, Any]]) -> None:
-        body = Payload(
-            type=PayloadType.RECEIPT,
-            message_id=os.urandom(16),
-            sent_at_ms=self._now_ms(),
-            target_ids=tuple(bytes.fromhex(e["ref"]) for e in entries),
-            receipt=ReceiptKind.DELIVERED if kind == "delivered" else ReceiptKind.READ,
-        )
-        await self._send_pairwise(body.message_id, [user], payload.encode(body))
+        receipt = ReceiptKind.DELIVERED if kind == "delivered" else ReceiptKind.READ
+        await self._send_receipt_payload(user, receipt, [e["ref"] for e in entries])
 
         def done() -> None:
             with self._wlock:

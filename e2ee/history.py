@@ -151,6 +151,7 @@ _TABLES: Final[dict[str, dict[str, str]]] = {
 
 _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS app_messages_chat ON app_messages (chat_id, seq)",
+    "CREATE INDEX IF NOT EXISTS app_messages_seq ON app_messages (seq)",
     "CREATE INDEX IF NOT EXISTS app_messages_expiry ON app_messages (expires_at) "
     "WHERE expires_at IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS app_receipts_message ON app_receipts (message_id)",
@@ -552,6 +553,29 @@ class History:
         """Outbox entries not yet accepted by the relay, in composition order."""
         rows = self._query("SELECT * FROM app_outbox WHERE state = 'queued' ORDER BY seq")
         return [dict(r) for r in rows]
+
+    def unread(self, chat_id: str) -> list[tuple[str, str]]:
+        """Incoming text/attachment messages of a chat not marked read: (id, sender)."""
+        rows = self._query(
+            "SELECT id, sender FROM app_messages WHERE chat_id = ? AND outgoing = 0 "
+            "AND read_at IS NULL AND deleted = 0 AND type IN ('text', 'attachment') "
+            "ORDER BY seq",
+            (chat_id,),
+        )
+        return [(r["id"], r["sender"]) for r in rows]
+
+    def undelivered(self, after_seq: int, limit: int) -> list[tuple[str, str, int]]:
+        """Incoming messages above ``after_seq`` that get a delivered receipt.
+
+        Returns:
+            (message id, sender, seq) in ``seq`` order, at most ``limit``.
+        """
+        rows = self._query(
+            "SELECT id, sender, seq FROM app_messages WHERE seq > ? AND outgoing = 0 "
+            "AND type IN ('text', 'attachment', 'timer') ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [(r["id"], r["sender"], int(r["seq"])) for r in rows]
 
     def max_seq(self, table: str) -> int:
         """The largest ``seq`` in ``messages`` or ``outbox`` (0 when empty)."""

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections import deque
 from collections.abc import Mapping
@@ -209,8 +210,17 @@ class NonceCache:
     def __init__(self, window_ms: int, max_entries: int) -> None:
         self._window_ms = window_ms
         self._max = max_entries
-        self._seen: set[tuple[str, int, str]] = set()
-        self._order: deque[tuple[int, tuple[str, int, str]]] = deque()
+        # Entries are 64-bit keyed digests of (user, device, nonce), not the strings: a few
+        # dozen bytes each. The key is random per process, so nobody can aim for a collision;
+        # an accidental one (about n / 2**64) would only refuse a fresh request.
+        self._salt = os.urandom(16)
+        self._seen: set[int] = set()
+        self._order: deque[tuple[int, int]] = deque()
+
+    def _digest(self, sh: SignedHeaders) -> int:
+        h = hashlib.blake2b(digest_size=8, key=self._salt)
+        h.update(f"{sh.user}\n{sh.device}\n{sh.nonce}".encode())
+        return int.from_bytes(h.digest(), "big")
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -231,7 +241,7 @@ class NonceCache:
             AuthError: ``auth_replay``. RelayError (503): the cache is full.
         """
         self._expire(now_ms)
-        key = (sh.user, sh.device, sh.nonce)
+        key = self._digest(sh)
         if key in self._seen:
             raise AuthError("nonce already used", code="auth_replay")
         if len(self._seen) >= self._max:

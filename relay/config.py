@@ -65,6 +65,8 @@ SETTING_HELP: dict[str, str] = {
     "prekey_fetch_burst": "bundle fetch burst per (requester, target user)",
     "write_batch_max": "max write operations committed in one transaction",
     "nonce_cache_max": "max remembered nonces (requests are refused with 503 beyond)",
+    "switch_interval_ms": "Python thread switch interval; small values stop the event loop"
+    " from starving the SQLite writer thread",
 }
 
 
@@ -105,6 +107,7 @@ class RelayConfig:
     prekey_fetch_burst: float = 10.0
     write_batch_max: int = 2000
     nonce_cache_max: int = 1_000_000
+    switch_interval_ms: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):

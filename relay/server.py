@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from collections.abc import Callable
 
 from aiohttp import web
@@ -108,6 +109,10 @@ async def serve(
     """
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
+    if config.switch_interval_ms > 0:
+        # The writer thread gives up the GIL inside every SQLite step and must win it back from
+        # the busy event loop; with the default 5 ms interval each step can wait that long.
+        sys.setswitchinterval(config.switch_interval_ms / 1000)
     app = create_app(config)
     access_log = logging.getLogger("relay.access")
     runner = web.AppRunner(

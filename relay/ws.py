@@ -62,6 +62,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     conn.last_rx = asyncio.get_running_loop().time()
     st.hub.attach(conn)
     log.info("ws open user=%s device=%d", addr.user, addr.device)
+    # The hint goes out before any client frame is read, so it is always the first frame.
+    try:
+        waiting = await st.store.mailbox_count(addr)
+        await ws.send_str(f'{{"type":"hint","waiting":{waiting}}}')
+    except (RelayError, ConnectionError) as exc:
+        log.warning("ws setup failed user=%s: %s", addr.user, type(exc).__name__)
+        st.hub.detach(conn)
+        conn.closing = True
+        await ws.close(code=1011, message=b"storage error")
+        return ws
     drain = asyncio.ensure_future(_drain(st, conn))
     conn.drain = drain
     drain.add_done_callback(partial(_drained, conn))
@@ -103,10 +113,6 @@ async def _drain(st: RelayState, conn: Connection) -> None:
     ws = conn.ws
     store = st.store
     try:
-        waiting = await store.mailbox_count(conn.addr)
-        if conn.closing:
-            return
-        await ws.send_str(f'{{"type":"hint","waiting":{waiting}}}')
         for _ in range(_MAX_DRAIN_PAGES):
             msgs = await store.fetch_mailbox(conn.addr, conn.last_seq, _PAGE, _PAGE_BYTES)
             if conn.closing:
@@ -191,7 +197,7 @@ async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
             raise BadRequest("ref must be a string of at most 64 characters")
         ids = parse_ack_ids(doc)
         count = await st.store.ack(conn.addr, ids)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         _error_frame(st, conn, BadRequest("frame is not valid JSON"))
         return
     except RelayError as err:

@@ -48,6 +48,7 @@ __all__ = [
     "METHOD_ARGON2ID",
     "METHOD_UNPROTECTED",
     "SEALED_VERSION",
+    "WRAP_VERSION",
     "KdfLimits",
     "Sealer",
     "WrappedKey",

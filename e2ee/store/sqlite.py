@@ -34,7 +34,7 @@ import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
@@ -76,6 +76,7 @@ __all__ = [
 APP_TABLE_PREFIX: Final = "app_"
 
 _BUSY_TIMEOUT_S: Final = 5.0
+_MIN_SQLITE: Final = (3, 37, 0)
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 # Lower-case ASCII only: SQLite compares table and column names case-insensitively
@@ -175,6 +176,60 @@ MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _migrate_v1)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
+# (sql, kinds): the parameters' types, checked by _check_kinds before any write.
+# Upserts update in place; INSERT OR REPLACE would delete and reinsert the row,
+# which costs twice as much for a 2 KB session record.
+_PUT_ACCOUNT: Final = (
+    "INSERT INTO account (id, name, device_id, registration_id, identity_key_pair, "
+    "created_at_ms) VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+    "name = excluded.name, device_id = excluded.device_id, "
+    "registration_id = excluded.registration_id, "
+    "identity_key_pair = excluded.identity_key_pair, created_at_ms = excluded.created_at_ms",
+    "siibi",
+)
+_PUT_PREKEY: Final = (
+    "INSERT INTO prekeys (prekey_id, record) VALUES (?, ?) "
+    "ON CONFLICT (prekey_id) DO UPDATE SET record = excluded.record",
+    "ib",
+)
+_DELETE_PREKEY: Final = ("DELETE FROM prekeys WHERE prekey_id = ?", "i")
+_PUT_SIGNED: Final = (
+    "INSERT INTO signed_prekeys (prekey_id, record, created_at_ms) VALUES (?, ?, ?) "
+    "ON CONFLICT (prekey_id) DO UPDATE SET "
+    "record = excluded.record, created_at_ms = excluded.created_at_ms",
+    "ibi",
+)
+_DELETE_SIGNED: Final = ("DELETE FROM signed_prekeys WHERE prekey_id = ?", "i")
+_PUT_IDENTITY: Final = (
+    "INSERT INTO identities (name, device_id, identity_key, trust, updated_at_ms) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name, device_id) DO UPDATE SET "
+    "identity_key = excluded.identity_key, trust = excluded.trust, "
+    "updated_at_ms = excluded.updated_at_ms",
+    "sibsi",
+)
+_PUT_SESSION: Final = (
+    "INSERT INTO sessions (name, device_id, record) VALUES (?, ?, ?) "
+    "ON CONFLICT (name, device_id) DO UPDATE SET record = excluded.record",
+    "sib",
+)
+_DELETE_SESSION: Final = ("DELETE FROM sessions WHERE name = ? AND device_id = ?", "si")
+_PUT_SENDER_KEY: Final = (
+    "INSERT INTO sender_keys (group_id, sender_name, sender_device_id, record) "
+    "VALUES (?, ?, ?, ?) ON CONFLICT (group_id, sender_name, sender_device_id) "
+    "DO UPDATE SET record = excluded.record",
+    "ssib",
+)
+_DELETE_SENDER_KEY: Final = (
+    "DELETE FROM sender_keys WHERE group_id = ? AND sender_name = ? AND sender_device_id = ?",
+    "ssi",
+)
+_PUT_META: Final = (
+    "INSERT INTO meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "ss",
+)
+
+
 class SQLiteProtocolStore:
     """A :class:`~e2ee.store.protocols.ProtocolStore` in one SQLite file.
 
@@ -226,7 +281,8 @@ class SQLiteProtocolStore:
                 The file is not changed.
             StoreCorrupt: the file is not a database, or its keyring is damaged.
             StorageError: the file cannot be opened, belongs to something else,
-                was written by a newer version, or another error occurred.
+                was written by a newer version, Python's SQLite is older than
+                3.37, or another error occurred.
             UsageError: ``path`` is ``":memory:"`` or empty, or the passphrase is empty.
         """
         where = os.fspath(path)
@@ -234,6 +290,10 @@ class SQLiteProtocolStore:
             raise UsageError("give a file path; use MemoryProtocolStore for a store in memory")
         if passphrase == "":
             raise UsageError("the passphrase is empty; pass None to store the key unprotected")
+        if sqlite3.sqlite_version_info < _MIN_SQLITE:
+            raise StorageError(
+                f"SQLite {sqlite3.sqlite_version} is too old: STRICT tables need 3.37 or newer"
+            )
         with _storage_errors("open the store"):
             _create_private_file(where)
             conn = sqlite3.connect(
@@ -241,8 +301,7 @@ class SQLiteProtocolStore:
             )
         try:
             with _storage_errors("open the store"):
-                sealer = _unlock_or_create(conn, passphrase, kdf_limits)
-            return cls(conn, sealer, where)
+                return cls(conn, _unlock_or_create(conn, passphrase, kdf_limits), where)
         except BaseException:
             conn.close()
             raise
@@ -468,12 +527,12 @@ class SQLiteProtocolStore:
             StorageError: the changes are malformed or cannot be stored, the store
                 is closed, or the write failed. Nothing was changed.
         """
-        validate_changes(changes)
-        if changes.is_empty():
-            with self._lock:
-                self._connection()
-            return
         with _storage_errors("prepare the commit"):
+            validate_changes(changes)
+            if changes.is_empty():
+                with self._lock:
+                    self._connection()
+                return
             statements = self._statements(changes)
             app_rows = [check_app_row(table, row) for table, row in changes.app_rows]
         with self._lock, _storage_errors("commit"):
@@ -576,93 +635,93 @@ class SQLiteProtocolStore:
         )
 
     def _statements(self, changes: Changes) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """Seal everything up front, so the write lock is held only for SQL.
+        """Check and seal everything up front, so the write lock is held only for SQL.
 
         Order per kind is put, then delete, as in the in-memory twin.
         """
         out: list[tuple[str, list[tuple[Any, ...]]]] = []
 
-        def add(sql: str, params: Iterable[tuple[Any, ...]]) -> None:
-            rows = list(params)
-            if rows:
-                out.append((sql, rows))
+        def add(statement: tuple[str, str], rows: list[tuple[Any, ...]]) -> None:
+            sql, kinds = statement
+            for row in rows:
+                _check_kinds(kinds, row)
+            out.append((sql, rows))
 
-        account = changes.account
-        if account is not None:
+        seal = self._seal
+        if (account := changes.account) is not None:
             add(
-                "INSERT OR REPLACE INTO account (id, name, device_id, registration_id, "
-                "identity_key_pair, created_at_ms) VALUES (1, ?, ?, ?, ?, ?)",
+                _PUT_ACCOUNT,
                 [
                     (
                         account.name,
                         account.device_id,
                         account.registration_id,
-                        self._seal(account.identity_key_pair, "account", 1),
+                        seal(account.identity_key_pair, "account", 1),
                         account.created_at_ms,
                     )
                 ],
             )
-        add(
-            "INSERT OR REPLACE INTO prekeys (prekey_id, record) VALUES (?, ?)",
-            ((pid, self._seal(rec, "prekeys", pid)) for pid, rec in changes.prekeys_put.items()),
-        )
-        add("DELETE FROM prekeys WHERE prekey_id = ?", ((pid,) for pid in changes.prekeys_delete))
-        for pid, signed in changes.signed_prekeys_put.items():
-            if signed.prekey_id != pid:
-                raise StorageError(f"signed prekey {pid} is filed under another id")
-        add(
-            "INSERT OR REPLACE INTO signed_prekeys (prekey_id, record, created_at_ms) "
-            "VALUES (?, ?, ?)",
-            (
-                (pid, self._seal(row.record, "signed_prekeys", pid), row.created_at_ms)
-                for pid, row in changes.signed_prekeys_put.items()
-            ),
-        )
-        add(
-            "DELETE FROM signed_prekeys WHERE prekey_id = ?",
-            ((pid,) for pid in changes.signed_prekeys_delete),
-        )
-        add(
-            "INSERT OR REPLACE INTO identities "
-            "(name, device_id, identity_key, trust, updated_at_ms) VALUES (?, ?, ?, ?, ?)",
-            (
-                (a.name, a.device_id, r.identity_key, r.trust, r.updated_at_ms)
-                for a, r in changes.identities_put.items()
-            ),
-        )
-        add(
-            "INSERT OR REPLACE INTO sessions (name, device_id, record) VALUES (?, ?, ?)",
-            (
-                (a.name, a.device_id, self._seal(rec, "sessions", a.name, a.device_id))
-                for a, rec in changes.sessions_put.items()
-            ),
-        )
-        add(
-            "DELETE FROM sessions WHERE name = ? AND device_id = ?",
-            ((a.name, a.device_id) for a in changes.sessions_delete),
-        )
-        add(
-            "INSERT OR REPLACE INTO sender_keys "
-            "(group_id, sender_name, sender_device_id, record) VALUES (?, ?, ?, ?)",
-            (
-                (
-                    k.group_id,
-                    k.sender.name,
-                    k.sender.device_id,
-                    self._seal(rec, "sender_keys", k.group_id, k.sender.name, k.sender.device_id),
-                )
-                for k, rec in changes.sender_keys_put.items()
-            ),
-        )
-        add(
-            "DELETE FROM sender_keys "
-            "WHERE group_id = ? AND sender_name = ? AND sender_device_id = ?",
-            ((k.group_id, k.sender.name, k.sender.device_id) for k in changes.sender_keys_delete),
-        )
-        add(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-            changes.meta_put.items(),
-        )
+        if changes.prekeys_put:
+            add(
+                _PUT_PREKEY,
+                [(i, seal(r, "prekeys", i)) for i, r in changes.prekeys_put.items()],
+            )
+        if changes.prekeys_delete:
+            add(_DELETE_PREKEY, [(i,) for i in changes.prekeys_delete])
+        if changes.signed_prekeys_put:
+            for i, row in changes.signed_prekeys_put.items():
+                if row.prekey_id != i:
+                    raise StorageError(f"signed prekey {i} is filed under another id")
+            add(
+                _PUT_SIGNED,
+                [
+                    (i, seal(row.record, "signed_prekeys", i), row.created_at_ms)
+                    for i, row in changes.signed_prekeys_put.items()
+                ],
+            )
+        if changes.signed_prekeys_delete:
+            add(_DELETE_SIGNED, [(i,) for i in changes.signed_prekeys_delete])
+        if changes.identities_put:
+            add(
+                _PUT_IDENTITY,
+                [
+                    (a.name, a.device_id, r.identity_key, r.trust, r.updated_at_ms)
+                    for a, r in changes.identities_put.items()
+                ],
+            )
+        if changes.sessions_put:
+            add(
+                _PUT_SESSION,
+                [
+                    (a.name, a.device_id, seal(r, "sessions", a.name, a.device_id))
+                    for a, r in changes.sessions_put.items()
+                ],
+            )
+        if changes.sessions_delete:
+            add(_DELETE_SESSION, [(a.name, a.device_id) for a in changes.sessions_delete])
+        if changes.sender_keys_put:
+            add(
+                _PUT_SENDER_KEY,
+                [
+                    (
+                        k.group_id,
+                        k.sender.name,
+                        k.sender.device_id,
+                        seal(r, "sender_keys", k.group_id, k.sender.name, k.sender.device_id),
+                    )
+                    for k, r in changes.sender_keys_put.items()
+                ],
+            )
+        if changes.sender_keys_delete:
+            add(
+                _DELETE_SENDER_KEY,
+                [
+                    (k.group_id, k.sender.name, k.sender.device_id)
+                    for k in changes.sender_keys_delete
+                ],
+            )
+        if changes.meta_put:
+            add(_PUT_META, list(changes.meta_put.items()))
         return out
 
     def _put_app_row(
@@ -824,8 +883,10 @@ def _read_keyring(conn: sqlite3.Connection) -> WrappedKey | None:
 
 def _write_keyring(conn: sqlite3.Connection, wrapped: WrappedKey) -> None:
     conn.execute(
-        "INSERT OR REPLACE INTO keyring (id, version, method, salt, opslimit, memlimit, payload) "
-        "VALUES (1, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO keyring (id, version, method, salt, opslimit, memlimit, payload) "
+        "VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+        "version = excluded.version, method = excluded.method, salt = excluded.salt, "
+        "opslimit = excluded.opslimit, memlimit = excluded.memlimit, payload = excluded.payload",
         (
             wrapped.version,
             wrapped.method,
@@ -845,6 +906,22 @@ def _identity(row: Sequence[Any]) -> IdentityRecord:
     if trust not in TrustLevel.ALL:
         raise StoreCorrupt("a stored identity has an unknown trust level")
     return IdentityRecord(identity_key=identity_key, trust=trust, updated_at_ms=updated_at_ms)
+
+
+_KINDS: Final = {"s": (str, "text"), "i": (int, "an int"), "b": (bytes, "bytes")}
+
+
+def _check_kinds(kinds: str, row: tuple[Any, ...]) -> None:
+    """Refuse what a STRICT column would convert (an int into TEXT, "5" into INTEGER).
+
+    A converted key would also no longer match the context its blob was sealed for.
+    """
+    for kind, value in zip(kinds, row, strict=True):
+        expected, label = _KINDS[kind]
+        if type(value) is not expected:
+            raise StorageError(f"expected {label}, got {type(value).__name__}")
+        if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+            raise StorageError("an int exceeds 64 bits")
 
 
 def _quote(name: str) -> str:

@@ -5,7 +5,9 @@
 # * The writer's in-memory caches (directory, mailbox quotas, sequence counters) are exact
 #   because no other connection writes; any unexpected failure clears them (they reload lazily).
 # * A write operation validates everything before its first statement that changes data, so a
-#   typed error (409, 507, ...) leaves the batch's transaction untouched.
+#   typed error (409, 507, ...) leaves the batch's transaction untouched. Sends defer their
+#   INSERTs to one executemany per table per batch; every other operation, and COMMIT, first
+#   flushes them, so no statement ever sees the batch without its earlier sends.
 # * Reads use separate read-only connections on a small thread pool; WAL lets them run beside
 #   the writer and see every transaction committed before they start.
 # * Only opaque bytes are stored: ciphertext bodies and public keys.
@@ -86,9 +88,10 @@ CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
 T = TypeVar("T")
 
 _INSERT_MAILBOX = "INSERT INTO mailbox(device_pk, seq, msg_pk, size) VALUES (?,?,?,?)"
-_ACK = (
-    "DELETE FROM mailbox WHERE device_pk=? AND msg_pk=(SELECT pk FROM messages WHERE msg_id=?) "
-    "RETURNING msg_pk, size"
+_DEDUPE = "SELECT sender, sender_device, n_recipients, stored_ms FROM messages WHERE msg_id=?"
+_INSERT_MESSAGE = (
+    "INSERT INTO messages(pk, msg_id, sender, sender_device, stored_ms, n_recipients, body) "
+    "VALUES (?,?,?,?,?,?,?)"
 )
 # A body is dropped (the row stays as the dedupe tombstone) once no mailbox references it.
 _DROP_BODY_IF_DONE = (
@@ -117,7 +120,6 @@ def _connect(path: Path, *, readonly: bool, cache_kib: int) -> sqlite3.Connectio
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")  # keeps the random msg_id index hot
-    conn.execute("PRAGMA mmap_size=268435456")
     if readonly:
         conn.execute("PRAGMA query_only=1")
     else:
@@ -136,6 +138,7 @@ class _Op:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
+    deferred_ok: bool = False  # True: may run while earlier sends' rows are still unflushed
 
 
 class _WriterState:
@@ -147,6 +150,9 @@ class _WriterState:
         self.users: dict[str, _UserEntry] = {}
         self.quota: dict[int, list[int]] = {}  # device pk -> [count, bytes]
         self.deliveries: list[Delivery] = []
+        self.pending_msgs: list[tuple[Any, ...]] = []
+        self.pending_mailbox: list[tuple[int, int, int, int]] = []
+        self.batch_ids: dict[bytes, tuple[str, int, int, int]] = {}
         row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
         self.seq = int(row[0]) if row else 0
         self.seq_dirty = False
@@ -157,6 +163,9 @@ class _WriterState:
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
 
     def reset_caches(self) -> None:
+        self.pending_msgs = []
+        self.pending_mailbox = []
+        self.batch_ids = {}
         self.users.clear()
         self.quota.clear()
         self.deliveries.clear()
@@ -213,11 +222,12 @@ class _WriterState:
             "INSERT INTO users(username, created_ms) VALUES (?, ?)", (addr.user, now_ms)
         )
         user_pk = int(cur.lastrowid or 0)
-        cur = self.conn.execute(
+        self.conn.execute(
             "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) VALUES (?,?,?,?)",
             (user_pk, addr.device, auth_key, now_ms),
         )
-        self.users[addr.user] = _UserEntry(user_pk, {addr.device: int(cur.lastrowid or 0)})
+        # Not cached here: the directory cache fills on first use (sends), so accounts that
+        # only connect cost no writer memory.
 
     def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         entry = self.user(addr.user)
@@ -346,10 +356,13 @@ class _WriterState:
 
     def send(self, sender: Address, env: Envelope, now_ms: int) -> SendReceipt:
         conn = self.conn
-        row = conn.execute(
-            "SELECT sender, sender_device, n_recipients, stored_ms FROM messages WHERE msg_id=?",
-            (env.message_id,),
-        ).fetchone()
+        row = (
+            self.batch_ids.get(env.message_id)
+            or conn.execute(
+                _DEDUPE,
+                (env.message_id,),
+            ).fetchone()
+        )
         if row is not None:
             if row[0] != sender.user or int(row[1]) != sender.device:
                 raise Conflict("message id used by another sender", code="message_id_conflict")
@@ -390,13 +403,13 @@ class _WriterState:
         if full:
             raise MailboxFull(sorted(full))
         msg_pk = self.next_msg_pk
-        conn.execute(
-            "INSERT INTO messages(pk, msg_id, sender, sender_device, stored_ms, n_recipients, "
-            "body) VALUES (?,?,?,?,?,?,?)",
-            (msg_pk, env.message_id, sender.user, sender.device, now_ms, len(targets), env.body),
+        # Rows are written by flush() with one executemany per table for the whole batch.
+        self.pending_msgs.append(
+            (msg_pk, env.message_id, sender.user, sender.device, now_ms, len(targets), env.body)
         )
+        self.batch_ids[env.message_id] = (sender.user, sender.device, len(targets), now_ms)
         self.next_msg_pk = msg_pk + 1
-        rows = []
+        rows = self.pending_mailbox
         seq = self.seq
         for addr, dev_pk in targets:
             seq += 1
@@ -407,15 +420,20 @@ class _WriterState:
             self.deliveries.append(
                 Delivery(addr, StoredMessage(seq, env.message_id, sender, now_ms, env.body))
             )
-        if len(rows) == 1:
-            conn.execute(_INSERT_MAILBOX, rows[0])
-        else:
-            conn.executemany(_INSERT_MAILBOX, rows)
         self.seq = seq
         self.seq_dirty = True
         self.queued += len(targets)
         self.accepted += 1
         return SendReceipt(env.message_id, len(targets), now_ms)
+
+    def flush(self) -> None:
+        """Write the rows of the sends deferred in this batch (before any other statement)."""
+        if self.pending_msgs:
+            self.conn.executemany(_INSERT_MESSAGE, self.pending_msgs)
+            self.conn.executemany(_INSERT_MAILBOX, self.pending_mailbox)
+        self.pending_msgs = []
+        self.pending_mailbox = []
+        self.batch_ids = {}
 
     def ack(self, addr: Address, ids: Sequence[bytes]) -> int:
         dev_pk = self.device_pk(addr)
@@ -424,16 +442,22 @@ class _WriterState:
         conn = self.conn
         removed = 0
         usage = self.quota.get(dev_pk)
-        for mid in ids:
-            row = conn.execute(_ACK, (dev_pk, mid)).fetchone()
-            if row is None:
+        unique = list(dict.fromkeys(ids))
+        for start in range(0, len(unique), 500):  # stay far below SQLite's variable limit
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                "DELETE FROM mailbox WHERE device_pk=? AND msg_pk IN "  # noqa: S608
+                f"(SELECT pk FROM messages WHERE msg_id IN ({marks})) RETURNING msg_pk, size",
+                (dev_pk, *chunk),
+            ).fetchall()
+            if not rows:
                 continue
-            msg_pk = row[0]
-            conn.execute(_DROP_BODY_IF_DONE, (msg_pk, msg_pk))
-            removed += 1
+            conn.executemany(_DROP_BODY_IF_DONE, [(r[0], r[0]) for r in rows])
+            removed += len(rows)
             if usage is not None:
-                usage[0] -= 1
-                usage[1] -= int(row[1])
+                usage[0] -= len(rows)
+                usage[1] -= sum(int(r[1]) for r in rows)
         self.queued -= removed
         return removed
 
@@ -568,11 +592,13 @@ class SqliteRelayStore:
 
     # -- writer machinery ----------------------------------------------------------------
 
-    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    def _submit(
+        self, fn: Callable[..., T], *args: Any, deferred_ok: bool = False
+    ) -> asyncio.Future[T]:
         if self._closed or self._loop is None:
             raise StorageError("store is closed")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Op(fn, args, fut))
+        self._queue.put(_Op(fn, args, fut, deferred_ok))
         return fut
 
     def _run_writer(self) -> None:
@@ -601,10 +627,13 @@ class SqliteRelayStore:
         try:
             st.conn.execute("BEGIN IMMEDIATE")
             for op in batch:
+                if not op.deferred_ok:
+                    st.flush()
                 try:
                     results.append((op.future, True, op.fn(*op.args)))
                 except RelayError as exc:
                     results.append((op.future, False, exc))
+            st.flush()
             if st.seq_dirty:
                 st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
                 st.seq_dirty = False
@@ -743,7 +772,7 @@ class SqliteRelayStore:
     ) -> asyncio.Future[SendReceipt]:
         """See ``RelayStore.submit_send``."""
         assert self._state is not None
-        return self._submit(self._state.send, sender, envelope, now_ms)
+        return self._submit(self._state.send, sender, envelope, now_ms, deferred_ok=True)
 
     async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
         """See ``RelayStore.ack``."""

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import json
 import os
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -113,11 +114,12 @@ def test_http_api_fuzzed_from_openapi_never_5xx(fuzz_relay: RelayProcess, mode: 
     register(url, "fz_" + os.urandom(5).hex())
     schema = schemathesis.openapi.from_url(url + "/openapi.json", timeout=10)
     session = requests.Session()
-    session.auth = SignRequests(me)
+    auth = SignRequests(me)
     failures: list[str] = []
     statuses: Counter[int] = Counter()
     generation = (
-        schemathesis.GenerationMode.POSITIVE if mode == "positive"
+        schemathesis.GenerationMode.POSITIVE
+        if mode == "positive"
         else schemathesis.GenerationMode.NEGATIVE
     )
 
@@ -132,14 +134,20 @@ def test_http_api_fuzzed_from_openapi_never_5xx(fuzz_relay: RelayProcess, mode: 
     def run(case: schemathesis.Case) -> None:
         if case.operation.path == "/v1/ws":
             return  # the upgrade is fuzzed below, over a real WebSocket
+        # Generated X-Blindpost-* values fuzz the auth parser; three cases in four are signed
+        # properly instead, so that they reach the handlers behind the signature check.
+        signed = zlib.crc32(repr(sorted((case.headers or {}).items())).encode()) % 4 != 0
+        if signed and case.headers:
+            for name in [h for h in case.headers if h.lower().startswith("x-blindpost-")]:
+                del case.headers[name]
         try:
-            response = case.call(base_url=url, session=session, timeout=10)
+            response = case.call(
+                base_url=url, session=session, timeout=10, auth=auth if signed else None
+            )
         except requests.RequestException as exc:
             failures.append(f"{case.method} {case.formatted_path}: transport error {exc!r}")
             return
         statuses[response.status_code] += 1
-        if response.status_code == 401 and os.environ.get("FUZZ_DEBUG"):
-            print(case.method, case.formatted_path, case.headers, response.text[:150])
         if response.status_code >= 500:
             failures.append(
                 f"{case.method} {case.formatted_path} -> {response.status_code}"
@@ -164,8 +172,9 @@ def _json_values() -> st.SearchStrategy[Any]:
     scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
     return st.recursive(
         scalars,
-        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                  max_size=4),
+        lambda inner: (
+            st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+        ),
         max_leaves=12,
     )
 
@@ -174,14 +183,20 @@ def ws_frames(recipient: str) -> st.SearchStrategy[tuple[str, bytes | str]]:
     valid = st.binary(max_size=64).map(lambda b: _send_frame(recipient, b))
     truncated = st.tuples(valid, st.integers(0, 60)).map(lambda t: t[0][: t[1]])
     flipped = st.tuples(valid, st.integers(0, 40), st.integers(1, 255)).map(
-        lambda t: t[0][: t[1]] + bytes([t[0][t[1]] ^ t[2]]) + t[0][t[1] + 1 :]
-        if t[1] < len(t[0]) else t[0]
+        lambda t: (
+            t[0][: t[1]] + bytes([t[0][t[1]] ^ t[2]]) + t[0][t[1] + 1 :]
+            if t[1] < len(t[0])
+            else t[0]
+        )
     )
     send_prefix = st.binary(max_size=80).map(lambda b: b"\x02" + b)
     binary = st.one_of(st.binary(max_size=200), valid, truncated, flipped, send_prefix)
     ack_ids = st.lists(
-        st.one_of(st.binary(min_size=16, max_size=16).map(lambda b: base64.b64encode(b).decode()),
-                  st.text(max_size=30), st.integers()),
+        st.one_of(
+            st.binary(min_size=16, max_size=16).map(lambda b: base64.b64encode(b).decode()),
+            st.text(max_size=30),
+            st.integers(),
+        ),
         max_size=5,
     )
     text = st.one_of(
@@ -197,14 +212,16 @@ def ws_frames(recipient: str) -> st.SearchStrategy[tuple[str, bytes | str]]:
     return st.one_of(binary.map(lambda b: ("binary", b)), text.map(lambda t: ("text", t)))
 
 
-async def _exercise_ws(url: str, me: DeviceSigner, frames: list[tuple[str, bytes | str]]
-                       ) -> tuple[list[str], Counter[str]]:
+async def _exercise_ws(
+    url: str, me: DeviceSigner, frames: list[tuple[str, bytes | str]]
+) -> tuple[list[str], Counter[str]]:
     """Send the frames, then prove the socket still works with a ref'd ack; return problems."""
     problems: list[str] = []
     seen: Counter[str] = Counter()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
-        ws = await http.ws_connect(url + "/v1/ws", headers=me.sign_headers("GET", "/v1/ws"),
-                                   autoclose=False)
+        ws = await http.ws_connect(
+            url + "/v1/ws", headers=me.sign_headers("GET", "/v1/ws"), autoclose=False
+        )
         for kind, payload in frames:
             if kind == "binary":
                 assert isinstance(payload, bytes)
@@ -212,8 +229,7 @@ async def _exercise_ws(url: str, me: DeviceSigner, frames: list[tuple[str, bytes
             else:
                 assert isinstance(payload, str)
                 await ws.send_str(payload)
-        probe = {"type": "ack", "ids": [base64.b64encode(os.urandom(16)).decode()],
-                 "ref": "probe"}
+        probe = {"type": "ack", "ids": [base64.b64encode(os.urandom(16)).decode()], "ref": "probe"}
         await ws.send_str(json.dumps(probe))
         while True:
             msg = await ws.receive(timeout=10)
@@ -221,8 +237,10 @@ async def _exercise_ws(url: str, me: DeviceSigner, frames: list[tuple[str, bytes
                 seen["deliver"] += 1
                 continue
             if msg.type != aiohttp.WSMsgType.TEXT:
-                problems.append(f"socket ended before the probe was answered: {msg.type!r}"
-                                f" close code {ws.close_code}")
+                problems.append(
+                    f"socket ended before the probe was answered: {msg.type!r}"
+                    f" close code {ws.close_code}"
+                )
                 break
             doc = json.loads(msg.data)
             seen[str(doc.get("type"))] += 1
@@ -309,3 +327,30 @@ def test_signing_hook_matches_relay_canonical_string(fuzz_relay: RelayProcess) -
     assert r.status_code == 201, r.text
     assert r.json()["id"] == hashlib.sha256(data).hexdigest()
     assert H_CONTENT_SHA256 in r.request.headers
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="relay defect: the hint is sent by the drain task after a store read, while the "
+    "receive loop already answers frames; a client that talks first can get an error or "
+    "send_result before the hint (docs/relay-api.md section 5 says the hint is always first)",
+)
+def test_hint_is_the_first_frame_even_when_the_client_talks_first(
+    fuzz_relay: RelayProcess,
+) -> None:
+    me = register(fuzz_relay.url, "fh_" + os.urandom(5).hex())
+
+    async def first_frames() -> Counter[str]:
+        kinds: Counter[str] = Counter()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+            for _ in range(20):
+                ws = await http.ws_connect(
+                    fuzz_relay.url + "/v1/ws", headers=me.sign_headers("GET", "/v1/ws")
+                )
+                await ws.send_bytes(b"\x09")  # answered at once with an error frame
+                msg = await ws.receive(timeout=10)
+                kinds[json.loads(msg.data)["type"]] += 1
+                await ws.close()
+        return kinds
+
+    assert asyncio.run(first_frames()) == {"hint": 20}

@@ -139,3 +139,17 @@ async def test_sweeper_deletes_expired_blob_files(tmp_path: Path) -> None:
         assert not path.exists()
         assert (await client.request(dev, "GET", f"/v1/blobs/{blob_id}")).status == 404
         assert app[STATE_KEY].store.stats().blob_bytes == 0
+
+
+async def test_same_id_twice_in_one_batch_is_stored_once(store: SqliteRelayStore) -> None:
+    e = env()
+    other_sender = Envelope(e.message_id, (A,), b"y")
+    first, second, clash = await asyncio.gather(
+        store.submit_send(A, e, 5),
+        store.submit_send(A, e, 6),
+        store.submit_send(B, other_sender, 7),
+        return_exceptions=True,
+    )
+    assert first == second and first.stored_at == 5  # type: ignore[union-attr]
+    assert getattr(clash, "code", None) == "message_id_conflict"
+    assert await store.mailbox_count(B) == 1 and await store.mailbox_count(A) == 0

@@ -164,3 +164,22 @@ async def test_concurrent_sends_during_drain_lose_nothing(client: RelayClient) -
     assert seqs == sorted(seqs) and len(set(seqs)) == 400
     assert [m.message_id for m in seen if m.body == b"during"] == sent
     await ws.close()
+
+
+async def test_hint_is_first_even_if_client_talks_first_and_deep_json_is_an_error(
+    client: RelayClient,
+) -> None:
+    bob = await client.new_device()
+    ws = await client.ws(bob)
+    await ws.send_str("[" * 100_000)  # before reading anything
+    assert (await next_frame(ws))["type"] == "hint"
+    frames = [await next_frame(ws) for _ in range(2)]
+    assert sorted(f["type"] for f in frames) == ["empty", "error"]
+    # The socket still works.
+    alice = await client.new_device()
+    mid = new_mid()
+    await client.send(alice, [bob], b"after", mid)
+    assert (await next_frame(ws)).message_id == mid
+    await ws.close()
+    r = await client.request(bob, "POST", "/v1/messages/ack", data=b"[" * 100_000)
+    assert r.status == 400 and r.json()["error"] == "invalid_request"

@@ -298,7 +298,7 @@ async def test_group_lifecycle_and_removed_member_reads_nothing(
         await make_client("bob"),
         await make_client("carol"),
     )
-    b_events, c_events = bob.events(), carol.events()
+    a_events, b_events, c_events = alice.events(), bob.events(), carol.events()
     async with alice, bob, carol:
         gid = await alice.create_group("friends", ["bob", "carol"])
         created = await wait_for(c_events, lambda e: isinstance(e, GroupChanged))
@@ -332,7 +332,7 @@ async def test_group_lifecycle_and_removed_member_reads_nothing(
         assert renamed.name == "best friends"
         await bob.leave_group(gid)
         left = await wait_for(
-            alice.events(), lambda e: isinstance(e, GroupChanged) and e.action == "leave"
+            a_events, lambda e: isinstance(e, GroupChanged) and e.action == "leave"
         )
         assert left.members == ("alice",)
 
@@ -432,3 +432,51 @@ async def test_identity_change_event_on_first_contact(
         assert mine[0][1].matches_scanned(numbers[0][1].scannable)
         await bob.verify("alice")
         assert await bob.trust_level("alice") == {1: "verified"}
+
+
+async def test_added_member_joins_and_reads_new_messages(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice, bob, carol = (
+        await make_client("alice"),
+        await make_client("bob"),
+        await make_client("carol"),
+    )
+    b_events, c_events = bob.events(), carol.events()
+    async with alice, bob, carol:
+        gid = await alice.create_group("pair", ["bob"])
+        await wait_for(b_events, lambda e: isinstance(e, GroupChanged))
+        await alice.send_text(group_chat_id(gid), "before carol")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        await alice.add_member(gid, "carol")
+        joined = await wait_for(c_events, lambda e: isinstance(e, GroupChanged))
+        assert joined.action == "add" and joined.members == ("alice", "bob", "carol")
+        await wait_for(b_events, lambda e: isinstance(e, GroupChanged) and e.action == "add")
+        await bob.send_text(group_chat_id(gid), "welcome carol")
+        got = await wait_for(c_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "welcome carol" and got.message.sender == "bob"
+        assert [m.text for m in carol.history.messages(group_chat_id(gid))] == ["welcome carol"]
+        # A non-admin's forged change is ignored by everyone.
+        from e2ee.payload import GroupAction, GroupControl, PayloadType
+
+        forged = GroupControl(
+            GroupAction.REMOVE,
+            name="pair",
+            members=("bob", "carol"),
+            admins=("bob",),
+            revision=99,
+            targets=("alice",),
+        )
+        await bob._queue(
+            group_chat_id(gid),
+            PayloadType.GROUP,
+            wait=True,
+            group=forged,
+            group_targets=["alice", "carol"],
+        )
+        await asyncio.sleep(0.2)
+        assert carol.history.group_members(gid) == {
+            "alice": "admin",
+            "bob": "member",
+            "carol": "member",
+        }

@@ -161,3 +161,36 @@ async def test_fifty_megabyte_file(
             return h.hexdigest()
 
         assert await asyncio.to_thread(digest, out) == await asyncio.to_thread(digest, source)
+
+
+async def test_typing_reaction_edit_delete_and_timer_over_the_real_relay(
+    make_real_client: MakeClient, wait_for: WaitFor
+) -> None:
+    from e2ee.events import MessageChanged, Typing
+
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    a_events, b_events = alice.events(), bob.events()
+    async with alice, bob:
+        await alice.wait_connected()
+        await alice.send_typing("bob")
+        assert (await wait_for(b_events, lambda e: isinstance(e, Typing), WAIT)).typing
+        mid = await alice.send_text("bob", "typo heer")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        await bob.react(mid, "🎉")
+        await wait_for(a_events, lambda e: isinstance(e, MessageChanged), WAIT)
+        assert alice.history.reactions(mid) == {"bob": "🎉"}
+        await alice.edit(mid, "typo here")
+        await wait_for(b_events, lambda e: isinstance(e, MessageChanged), WAIT)
+        assert bob.history.search("here")[0].id == mid
+        await alice.delete_for_everyone(mid)
+        await wait_for(b_events, lambda e: isinstance(e, MessageChanged), WAIT)
+        deleted = bob.history.message(mid)
+        assert deleted is not None and deleted.deleted and deleted.text is None
+        await bob.set_disappearing_timer("alice", 1)
+        await wait_for(a_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        short = await bob.send_text("alice", "gone soon")
+        await wait_for(a_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        await wait_for(
+            a_events, lambda e: isinstance(e, MessageChanged) and e.change == "expired", WAIT
+        )
+        assert alice.history.message(short) is None

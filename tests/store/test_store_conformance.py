@@ -410,7 +410,7 @@ app_values = st.one_of(
 @st.composite
 def app_rows(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     table = draw(st.sampled_from(sorted(APP_TABLES)))
-    row = {"id": draw(st.sampled_from(APP_IDS))}
+    row: dict[str, Any] = {"id": draw(st.sampled_from(APP_IDS))}
     row.update({column: draw(app_values) for column in APP_TABLES[table]})
     return table, row
 

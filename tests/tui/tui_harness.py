@@ -1,0 +1,51 @@
+"""Helpers for Pilot tests (imported by the test modules; not a test file)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from textual.pilot import Pilot
+
+from e2ee.events import Event
+
+T = TypeVar("T")
+WAIT = 15.0
+
+
+async def until(pilot: Pilot[Any], check: Callable[[], T], timeout: float = WAIT) -> T:
+    """Let the app run until ``check()`` is truthy; return its value.
+
+    Real relay round trips take an unknown time; the app is driven (``pause``)
+    between checks instead of sleeping blind.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await pilot.pause(0.05)
+
+
+async def next_event(
+    events: AsyncIterator[Event], match: Callable[[Event], bool], timeout: float = WAIT
+) -> Any:
+    """The first event from an SDK subscription that matches."""
+
+    async def scan() -> Event:
+        async for event in events:
+            if match(event):
+                return event
+        raise AssertionError("the event stream ended")
+
+    return await asyncio.wait_for(scan(), timeout)
+
+
+async def type_text(pilot: Pilot[Any], text: str) -> None:
+    """Type ``text`` key by key (spaces included)."""
+    for ch in text:
+        await pilot.press("space" if ch == " " else ch)

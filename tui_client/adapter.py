@@ -1,0 +1,870 @@
+# The only module of the terminal client that imports e2ee.
+#
+# Invariants:
+# * Widgets and screens see the plain, immutable view types and the ``Backend``
+#   protocol defined here, never an e2ee object: swapping the SDK (or using the
+#   in-memory fake the snapshot tests use) changes nothing above this line.
+# * Every method is a coroutine that never blocks the event loop: history reads
+#   go through ``asyncio.to_thread``; everything else is an SDK coroutine, which
+#   does its own blocking work off the loop.
+# * ``updates()`` turns SDK events into past-tense ``Update`` values, enriched
+#   with what the screen needs (the message as stored), so widgets never query
+#   the SDK in reaction to an event.
+# * Errors the user can act on leave as ``BackendError`` with a readable text;
+#   nothing secret (keys, plaintext) is ever put into one.
+"""Adapter between the Textual client and the :mod:`e2ee` SDK facade."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from e2ee.client import DB_FILE, Client, ClientOptions
+from e2ee.errors import E2EEError, UsageError, WrongPassphrase
+from e2ee.events import (
+    ConnectionStateChanged,
+    DecryptionProblem,
+    Event,
+    GapDetected,
+    GroupChanged,
+    IdentityChanged,
+    MessageChanged,
+    MessageReceived,
+    ReceiptUpdated,
+    Typing,
+)
+from e2ee.history import StoredMessage, direct_chat_id, group_chat_id
+from e2ee.qr import qr_terminal
+
+__all__ = [
+    "DEFAULT_RELAY_URL",
+    "PAGE_SIZE",
+    "AttachmentInfo",
+    "Backend",
+    "BackendError",
+    "ChatSummary",
+    "ChatUpdated",
+    "ConnectionChanged",
+    "ContactInfo",
+    "GroupInfo",
+    "KeyChanged",
+    "MessageChanged_",
+    "MessageView",
+    "Messenger",
+    "NewMessage",
+    "Notice",
+    "Opener",
+    "PassphraseRequired",
+    "Progress",
+    "ReceiptChanged",
+    "TypingChanged",
+    "Update",
+    "account_exists",
+    "default_data_dir",
+]
+
+#: The relay of the README quick start.
+DEFAULT_RELAY_URL = "http://127.0.0.1:8080"
+#: Messages per history page (the newest page is what opening a chat shows).
+PAGE_SIZE = 60
+# Unread counts are exact up to this many messages back; beyond it the list shows "N+".
+_UNREAD_SCAN = 200
+
+Progress = Callable[[int, int], None]
+
+
+class BackendError(Exception):
+    """An operation failed in a way the user should be told about."""
+
+
+class PassphraseRequired(BackendError):
+    """The account is protected by a passphrase (or the one given is wrong)."""
+
+
+# -- view types ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentInfo:
+    """What the screen shows of an attachment (its key stays in the SDK)."""
+
+    file_name: str
+    size: int
+    mime_type: str
+    local_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    """One history entry as the conversation shows it."""
+
+    id: str
+    chat_id: str
+    sender: str
+    outgoing: bool
+    kind: str
+    text: str | None
+    sent_at: int
+    status: str
+    edited: bool = False
+    deleted: bool = False
+    reply_to: str | None = None
+    quote_text: str | None = None
+    quote_sender: str | None = None
+    reactions: tuple[tuple[str, str], ...] = ()
+    attachment: AttachmentInfo | None = None
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChatSummary:
+    """One row of the chat list."""
+
+    chat_id: str
+    kind: Literal["direct", "group"]
+    title: str
+    unread: int
+    unread_capped: bool
+    last_text: str
+    last_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """A group as we know it."""
+
+    chat_id: str
+    group_id: str
+    name: str
+    members: tuple[str, ...]
+    admins: tuple[str, ...]
+    am_admin: bool
+    am_member: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ContactInfo:
+    """A contact's trust state and safety numbers (one per device)."""
+
+    user: str
+    trust: tuple[tuple[int, str], ...]
+    safety_numbers: tuple[tuple[int, str], ...]
+    qr: str
+
+
+# -- updates (past tense: they describe what already happened) ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message was stored (received, or sent from this device)."""
+
+    message: MessageView
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChanged_:  # noqa: N801  (the SDK's MessageChanged is imported here too)
+    """A stored message was edited, deleted or reacted to; ``message`` is its new state."""
+
+    message: MessageView
+    change: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptChanged:
+    """An outgoing message's best status changed."""
+
+    chat_id: str
+    message_id: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class TypingChanged:
+    """A contact started or stopped typing."""
+
+    chat_id: str
+    user: str
+    typing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChatUpdated:
+    """A chat's title or membership changed (groups)."""
+
+    chat_id: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChanged:
+    """A contact's identity key is new or changed; ``held`` means sending waits."""
+
+    user: str
+    chat_id: str
+    held: bool
+    first_use: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionChanged:
+    """The relay connection changed; ``queued`` messages wait to be sent."""
+
+    state: Literal["connecting", "connected", "offline", "closed"]
+    queued: int
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the user should see inline (missed messages, undecryptable ones)."""
+
+    chat_id: str | None
+    text: str
+
+
+Update = (
+    NewMessage
+    | MessageChanged_
+    | ReceiptChanged
+    | TypingChanged
+    | ChatUpdated
+    | KeyChanged
+    | ConnectionChanged
+    | Notice
+)
+
+
+class Backend(Protocol):
+    """What the screens may ask of the messenger (implemented by :class:`Messenger`)."""
+
+    @property
+    def username(self) -> str: ...
+
+    @property
+    def relay_url(self) -> str: ...
+
+    def updates(self) -> AsyncIterator[Update]: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def chats(self) -> list[ChatSummary]: ...
+
+    async def chat_summary(self, chat_id: str) -> ChatSummary: ...
+
+    async def messages(
+        self, chat_id: str, before: str | None = None, limit: int = PAGE_SIZE
+    ) -> list[MessageView]: ...
+
+    async def message(self, message_id: str) -> MessageView | None: ...
+
+    async def search(self, text: str) -> list[MessageView]: ...
+
+    async def send_text(self, chat_id: str, text: str, reply_to: str | None = None) -> str: ...
+
+    async def edit(self, message_id: str, text: str) -> None: ...
+
+    async def delete(self, message_id: str) -> None: ...
+
+    async def react(self, message_id: str, emoji: str) -> None: ...
+
+    async def send_typing(self, chat_id: str, typing: bool) -> None: ...
+
+    async def mark_read(self, chat_id: str) -> int: ...
+
+    async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str: ...
+
+    async def save_attachment(
+        self, message_id: str, destination: Path, progress: Progress | None
+    ) -> Path: ...
+
+    async def create_group(self, name: str, members: Sequence[str]) -> str: ...
+
+    async def group_info(self, chat_id: str) -> GroupInfo | None: ...
+
+    async def rename_group(self, chat_id: str, name: str) -> None: ...
+
+    async def add_member(self, chat_id: str, user: str) -> None: ...
+
+    async def remove_member(self, chat_id: str, user: str) -> None: ...
+
+    async def leave_group(self, chat_id: str) -> None: ...
+
+    async def contact_info(self, user: str) -> ContactInfo: ...
+
+    async def accept_key(self, user: str, verified: bool) -> None: ...
+
+    async def held_users(self) -> set[str]: ...
+
+    async def queued_count(self) -> int: ...
+
+    def is_connected(self) -> bool: ...
+
+
+def default_data_dir() -> Path:
+    """``$BLINDPOST_HOME``, else ``$XDG_DATA_HOME/blindpost``, else ``~/.local/share/blindpost``."""
+    home = os.environ.get("BLINDPOST_HOME")
+    if home:
+        return Path(home)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "blindpost"
+
+
+def account_exists(data_dir: Path) -> bool:
+    """True if ``data_dir`` holds an account database."""
+    return (data_dir / DB_FILE).exists()
+
+
+def _peer_of(chat_id: str) -> str | None:
+    return chat_id[3:] if chat_id.startswith("dm:") else None
+
+
+def _group_of(chat_id: str) -> str:
+    if not chat_id.startswith("group:"):
+        raise BackendError(f"{chat_id} is not a group chat")
+    return chat_id[len("group:") :]
+
+
+def _system_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Messenger:
+    """The :class:`Backend` over a real :class:`e2ee.client.Client`.
+
+    Use :meth:`create` (first run: create and register) or :meth:`open`.
+    """
+
+    def __init__(self, client: Client, relay_url: str) -> None:
+        self._client = client
+        self._relay_url = relay_url
+        self._held: set[str] = set()
+        # Updates are read from one SDK subscription taken at construction, so
+        # nothing emitted between start() and the first updates() call is lost.
+        self._events = client.events()
+
+    def __repr__(self) -> str:
+        return f"Messenger({self._client!r})"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        data_dir: Path,
+        username: str,
+        relay_url: str,
+        passphrase: str | None,
+        *,
+        now_ms: Callable[[], int] = _system_ms,
+        options: ClientOptions | None = None,
+        kdf_limits: object = None,
+        strict_trust: bool = False,
+    ) -> Messenger:
+        """Create an account in ``data_dir`` and register it with the relay.
+
+        Raises:
+            BackendError: bad name, name taken, relay unreachable.
+        """
+        try:
+            client = await Client.create(
+                data_dir,
+                username,
+                relay_url,
+                passphrase=passphrase or None,
+                strict_trust=strict_trust,
+                now_ms=now_ms,
+                options=options,
+                kdf_limits=kdf_limits,
+            )
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+        try:
+            await client.register()
+        except E2EEError as exc:
+            await client.close()
+            # The account exists locally now but is unregistered; remove it so the
+            # user can retry with another name or relay.
+            for name in os.listdir(data_dir):
+                if name.startswith(DB_FILE):
+                    (data_dir / name).unlink()
+            raise BackendError(f"registration failed: {exc}") from exc
+        return cls(client, relay_url)
+
+    @classmethod
+    async def open(
+        cls,
+        data_dir: Path,
+        passphrase: str | None = None,
+        *,
+        now_ms: Callable[[], int] = _system_ms,
+        options: ClientOptions | None = None,
+    ) -> Messenger:
+        """Open the account in ``data_dir``.
+
+        Raises:
+            PassphraseRequired: a passphrase is needed, or the one given is wrong.
+            BackendError: the account cannot be opened.
+        """
+        try:
+            client = await Client.open(data_dir, passphrase or None, now_ms=now_ms, options=options)
+        except WrongPassphrase as exc:
+            raise PassphraseRequired(str(exc)) from exc
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+        # The SDK keeps the relay URL in its store but does not expose it (NOTES-tui.md).
+        return cls(client, "")
+
+    async def start(self) -> None:
+        """Connect to the relay (in the background; returns at once)."""
+        try:
+            await self._client.start()
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def close(self) -> None:
+        """Disconnect and close the store."""
+        await self._client.close()
+
+    @property
+    def username(self) -> str:
+        """Our user name."""
+        return self._client.username
+
+    @property
+    def relay_url(self) -> str:
+        """The relay URL, when known."""
+        return self._relay_url
+
+    def is_connected(self) -> bool:
+        """True while the relay connection is up."""
+        return self._client.connected
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _view(self, m: StoredMessage) -> MessageView:
+        """Blocking: the view of a stored message (reactions, attachment, quote)."""
+        history = self._client.history
+        reactions = tuple(sorted(history.reactions(m.id).items()))
+        attachment = None
+        if m.type == "attachment":
+            row = history.attachment(m.id)
+            if row is not None:
+                attachment = AttachmentInfo(
+                    row["file_name"] or "file",
+                    int(row["size"] or 0),
+                    row["mime_type"] or "",
+                    row["local_path"],
+                )
+        quote_sender = None
+        if m.reply_to:
+            quoted = history.message(m.reply_to)
+            quote_sender = quoted.sender if quoted else None
+        return MessageView(
+            id=m.id,
+            chat_id=m.chat_id,
+            sender=m.sender,
+            outgoing=m.outgoing,
+            kind=m.type,
+            text=m.text,
+            sent_at=m.sent_at,
+            status=m.status,
+            edited=m.edited,
+            deleted=m.deleted,
+            reply_to=m.reply_to,
+            quote_text=m.quote_text,
+            quote_sender=quote_sender,
+            reactions=reactions,
+            attachment=attachment,
+            seq=m.seq,
+        )
+
+    def _title(self, chat_id: str) -> str:
+        peer = _peer_of(chat_id)
+        if peer is not None:
+            return peer
+        group = self._client.history.group(chat_id[len("group:") :])
+        return str(group["name"]) if group and group.get("name") else "group"
+
+    def _summary(self, chat_id: str, kind: str, last_at: int | None) -> ChatSummary:
+        # History has no unread counter or last-message column (NOTES-tui.md), so both
+        # come from the newest page; that keeps it O(page) even for huge chats.
+        page = self._client.history.messages(chat_id, limit=_UNREAD_SCAN)
+        unread = sum(1 for m in page if not m.outgoing and m.read_at is None and _counts(m))
+        capped = unread == len(page) == _UNREAD_SCAN
+        shown = [m for m in page if m.type in ("text", "attachment")]
+        last = shown[-1] if shown else None
+        if last is None:
+            text = ""
+        elif last.deleted:
+            text = "message deleted"
+        elif last.type == "attachment":
+            text = "📎 " + (last.text or "attachment")
+        else:
+            text = last.text or ""
+        if last is not None and last.outgoing:
+            text = "you: " + text
+        return ChatSummary(
+            chat_id=chat_id,
+            kind="group" if kind == "group" else "direct",
+            title=self._title(chat_id),
+            unread=unread,
+            unread_capped=capped,
+            last_text=text.replace("\n", " "),
+            last_at=last_at,
+        )
+
+    async def chats(self) -> list[ChatSummary]:
+        """Every chat, most recently active first."""
+
+        def read() -> list[ChatSummary]:
+            out = []
+            for chat in self._client.history.chats():
+                if chat.kind == "group" and chat.group_id:
+                    group = self._client.history.group(chat.group_id)
+                    if group is not None and not group["member"]:
+                        continue
+                out.append(self._summary(chat.id, chat.kind, chat.last_message_at))
+            return out
+
+        return await asyncio.to_thread(read)
+
+    async def chat_summary(self, chat_id: str) -> ChatSummary:
+        """One chat's row (also for a chat with no history yet)."""
+
+        def read() -> ChatSummary:
+            for chat in self._client.history.chats():
+                if chat.id == chat_id:
+                    return self._summary(chat.id, chat.kind, chat.last_message_at)
+            kind = "direct" if chat_id.startswith("dm:") else "group"
+            return self._summary(chat_id, kind, None)
+
+        return await asyncio.to_thread(read)
+
+    async def messages(
+        self, chat_id: str, before: str | None = None, limit: int = PAGE_SIZE
+    ) -> list[MessageView]:
+        """A page of a chat, oldest first, ending before ``before`` (or the newest)."""
+
+        def read() -> list[MessageView]:
+            try:
+                page = self._client.history.messages(chat_id, before=before, limit=limit)
+            except UsageError:
+                return []
+            return [self._view(m) for m in page]
+
+        return await asyncio.to_thread(read)
+
+    async def message(self, message_id: str) -> MessageView | None:
+        """One message, or None."""
+
+        def read() -> MessageView | None:
+            found = self._client.history.message(message_id)
+            return None if found is None else self._view(found)
+
+        return await asyncio.to_thread(read)
+
+    async def search(self, text: str) -> list[MessageView]:
+        """Full-text search over every chat, best matches first."""
+
+        def read() -> list[MessageView]:
+            return [self._view(m) for m in self._client.history.search(text, limit=100)]
+
+        return await asyncio.to_thread(read)
+
+    async def queued_count(self) -> int:
+        """Messages composed but not yet accepted by the relay (receipts left out)."""
+
+        def read() -> int:
+            entries = self._client.history.pending_outbox()
+            return sum(1 for e in entries if e["mode"] != "receipt" and e["kind"] != "typing")
+
+        return await asyncio.to_thread(read)
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def send_text(self, chat_id: str, text: str, reply_to: str | None = None) -> str:
+        """Queue a text message; returns its id once it is in history (not yet sent).
+
+        Raises:
+            BackendError: empty text, not a member, unknown reply.
+        """
+        try:
+            return await self._client.send_text(chat_id, text, reply_to=reply_to, wait=False)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def edit(self, message_id: str, text: str) -> None:
+        """Edit one of our messages for everyone."""
+        try:
+            await self._client.edit(message_id, text, wait=False)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def delete(self, message_id: str) -> None:
+        """Delete one of our messages for everyone."""
+        try:
+            await self._client.delete_for_everyone(message_id, wait=False)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def react(self, message_id: str, emoji: str) -> None:
+        """React to a message (an empty emoji removes our reaction)."""
+        try:
+            await self._client.react(message_id, emoji, wait=False)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def send_typing(self, chat_id: str, typing: bool) -> None:
+        """Tell the chat we are typing; failures are irrelevant and dropped."""
+        try:
+            await self._client.send_typing(chat_id, typing)
+        except E2EEError:
+            return
+
+    async def mark_read(self, chat_id: str) -> int:
+        """Mark a chat read (sends read receipts)."""
+        try:
+            return await self._client.mark_read(chat_id)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str:
+        """Encrypt and upload a file, then send it; ``progress(done, total)`` while uploading.
+
+        Raises:
+            BackendError: unreadable file, upload failed.
+        """
+        if not path.is_file():
+            raise BackendError(f"not a file: {path}")
+        try:
+            return await self._client.send_file(chat_id, path, progress=progress, wait=False)
+        except (E2EEError, OSError) as exc:
+            raise BackendError(f"could not send {path.name}: {exc}") from exc
+
+    async def save_attachment(
+        self, message_id: str, destination: Path, progress: Progress | None
+    ) -> Path:
+        """Download and decrypt an attachment into ``destination`` (a file or a folder)."""
+        if destination.is_dir():
+            found = await self.message(message_id)
+            name = found.attachment.file_name if found and found.attachment else message_id
+            destination = destination / Path(name).name
+        try:
+            return await self._client.download_attachment(
+                message_id, destination, progress=progress
+            )
+        except (E2EEError, OSError) as exc:
+            raise BackendError(f"could not save the attachment: {exc}") from exc
+
+    # -- groups -------------------------------------------------------------------------
+
+    async def create_group(self, name: str, members: Sequence[str]) -> str:
+        """Create a group; returns its chat id."""
+        try:
+            gid = await self._client.create_group(name, members)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+        return group_chat_id(gid)
+
+    async def group_info(self, chat_id: str) -> GroupInfo | None:
+        """The group behind a chat, or None."""
+        gid = _group_of(chat_id)
+
+        def read() -> GroupInfo | None:
+            history = self._client.history
+            group = history.group(gid)
+            if group is None:
+                return None
+            members = history.group_members(gid)
+            admins = tuple(sorted(u for u, role in members.items() if role == "admin"))
+            return GroupInfo(
+                chat_id=chat_id,
+                group_id=gid,
+                name=str(group["name"] or ""),
+                members=tuple(sorted(members)),
+                admins=admins,
+                am_admin=self.username in admins,
+                am_member=bool(group["member"]),
+            )
+
+        return await asyncio.to_thread(read)
+
+    async def _group_call(self, call: Callable[[], object]) -> None:
+        try:
+            result = call()
+            if asyncio.iscoroutine(result):
+                await result
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+
+    async def rename_group(self, chat_id: str, name: str) -> None:
+        """Rename a group (admins)."""
+        await self._group_call(lambda: self._client.rename_group(_group_of(chat_id), name))
+
+    async def add_member(self, chat_id: str, user: str) -> None:
+        """Add a member (admins)."""
+        await self._group_call(lambda: self._client.add_member(_group_of(chat_id), user))
+
+    async def remove_member(self, chat_id: str, user: str) -> None:
+        """Remove a member (admins)."""
+        await self._group_call(lambda: self._client.remove_member(_group_of(chat_id), user))
+
+    async def leave_group(self, chat_id: str) -> None:
+        """Leave a group."""
+        await self._group_call(lambda: self._client.leave_group(_group_of(chat_id)))
+
+    # -- trust --------------------------------------------------------------------------
+
+    async def contact_info(self, user: str) -> ContactInfo:
+        """Trust levels, safety numbers and the QR code (of the first device).
+
+        Raises:
+            BackendError: no key known for that user yet (no message exchanged).
+        """
+        try:
+            numbers = await self._client.safety_number(user)
+            trust = await self._client.trust_level(user)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+        qr = await asyncio.to_thread(qr_terminal, numbers[0][1].scannable) if numbers else ""
+        return ContactInfo(
+            user=user,
+            trust=tuple(sorted(trust.items())),
+            safety_numbers=tuple((d, n.digits) for d, n in numbers),
+            qr=qr,
+        )
+
+    async def accept_key(self, user: str, verified: bool) -> None:
+        """Accept (and optionally verify) a contact's current keys; held messages go out."""
+        try:
+            await self._client.accept_identity(user, verified=verified)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
+        self._held.discard(user)
+
+    async def held_users(self) -> set[str]:
+        """Contacts whose changed key holds our messages until accepted."""
+        return set(self._held)
+
+    # -- updates ------------------------------------------------------------------------
+
+    async def updates(self) -> AsyncIterator[Update]:
+        """SDK events as :data:`Update` values; ends when the client closes."""
+        async for event in self._events:
+            update = await self._translate(event)
+            if update is not None:
+                yield update
+
+    async def _translate(self, event: Event) -> Update | None:
+        match event:
+            case MessageReceived(message=m):
+                return NewMessage(await asyncio.to_thread(self._view, m))
+            case MessageChanged(message_id=mid, change=change):
+                found = await self.message(mid)
+                return None if found is None else MessageChanged_(found, change)
+            case ReceiptUpdated(message_id=mid, chat_id=chat_id):
+                found = await self.message(mid)
+                status = found.status if found else event.status
+                return ReceiptChanged(chat_id, mid, status)
+            case Typing(chat_id=chat_id, user=user, typing=typing):
+                return TypingChanged(chat_id, user, typing)
+            case GroupChanged(group_id=gid, action=action, by=by, name=name, targets=targets):
+                who = ", ".join(targets)
+                text = {
+                    "create": f"{by} created the group {name!r}",
+                    "add": f"{by} added {who}",
+                    "remove": f"{by} removed {who}",
+                    "leave": f"{by} left",
+                    "rename": f"{by} renamed the group to {name!r}",
+                }[action]
+                return ChatUpdated(group_chat_id(gid), text)
+            case IdentityChanged(user=user, held=held, first_use=first_use):
+                if held:
+                    self._held.add(user)
+                return KeyChanged(user, direct_chat_id(user), held, first_use)
+            case ConnectionStateChanged(state=state, retry_in=retry_in):
+                if state == "closed":
+                    return ConnectionChanged(state, 0, None)
+                return ConnectionChanged(state, await self.queued_count(), retry_in)
+            case GapDetected(chat_id=chat_id, user=user, missed=missed):
+                plural = "s" if missed != 1 else ""
+                return Notice(chat_id, f"{missed} message{plural} from {user} never arrived")
+            case DecryptionProblem(user=user, explanation=explanation, group_id=gid):
+                chat_id = group_chat_id(gid) if gid else direct_chat_id(user)
+                return Notice(chat_id, f"a message from {user} could not be read: {explanation}")
+        return None
+
+
+def _counts(m: StoredMessage) -> bool:
+    return m.type in ("text", "attachment")
+
+
+class Opener:
+    """Creates or opens the account of one data directory (the first-run and unlock screens).
+
+    Args:
+        data_dir: the account's directory.
+        now_ms: the clock given to the SDK.
+        options: SDK tunables (tests shorten the reconnect delays).
+        kdf_limits: passphrase KDF cost (tests pass a cheap one).
+        strict_trust: new accounts hold sending to every new key until accepted.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        now_ms: Callable[[], int] = _system_ms,
+        options: ClientOptions | None = None,
+        kdf_limits: object = None,
+        strict_trust: bool = False,
+    ) -> None:
+        self.data_dir = data_dir
+        self._now_ms = now_ms
+        self._options = options
+        self._kdf_limits = kdf_limits
+        self._strict = strict_trust
+
+    def __repr__(self) -> str:
+        return f"Opener({str(self.data_dir)!r})"
+
+    def exists(self) -> bool:
+        """True once an account was created here."""
+        return account_exists(self.data_dir)
+
+    async def create(self, username: str, relay_url: str, passphrase: str | None) -> Messenger:
+        """First run: create and register the account.
+
+        Raises:
+            BackendError: bad name, name taken, relay unreachable.
+        """
+        return await Messenger.create(
+            self.data_dir,
+            username,
+            relay_url,
+            passphrase,
+            now_ms=self._now_ms,
+            options=self._options,
+            kdf_limits=self._kdf_limits,
+            strict_trust=self._strict,
+        )
+
+    async def open(self, passphrase: str | None) -> Messenger:
+        """Open the account.
+
+        Raises:
+            PassphraseRequired: a (different) passphrase is needed.
+            BackendError: the account cannot be opened.
+        """
+        return await Messenger.open(
+            self.data_dir, passphrase, now_ms=self._now_ms, options=self._options
+        )

@@ -1,0 +1,154 @@
+# The Textual application: picks the first screen (first run, unlock or the
+# chats), owns the backend's lifetime, the themes and the command palette.
+#
+# Invariants:
+# * The app talks to e2ee only through tui_client.adapter (a Backend).
+# * Opening, creating and closing the account happen in workers; a screen is
+#   pushed when the worker's ``Opened`` message arrives.
+# * The clock and the time zone are parameters, so tests render the same
+#   screen every time.
+"""The Blindpost terminal client application."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime, tzinfo
+from pathlib import Path
+from typing import ClassVar
+
+from textual import on, work
+from textual.app import App, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+
+from tui_client.adapter import (
+    Backend,
+    BackendError,
+    Opener,
+    PassphraseRequired,
+    default_data_dir,
+)
+from tui_client.screens.main import MainScreen
+from tui_client.screens.setup import AccountCardScreen, FirstRunScreen, Opened, UnlockScreen
+
+__all__ = ["BlindpostApp", "run"]
+
+
+def _system_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _local_tz() -> tzinfo:
+    found = datetime.now().astimezone().tzinfo
+    assert found is not None
+    return found
+
+
+class BlindpostApp(App[int]):
+    """The terminal client.
+
+    Args:
+        opener: creates or opens the account (first run / unlock / open).
+        backend: an already open backend (tests); skips the account screens.
+        clock: milliseconds since the epoch (times and day separators).
+        tz: time zone for displayed times (default: local).
+    """
+
+    CSS_PATH = "app.tcss"
+    TITLE = "Blindpost"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding("ctrl+t", "toggle_dark", "Theme", show=False),
+    ]
+
+    def __init__(
+        self,
+        opener: Opener | None = None,
+        *,
+        backend: Backend | None = None,
+        clock: Callable[[], int] = _system_ms,
+        tz: tzinfo | None = None,
+    ) -> None:
+        super().__init__()
+        self.opener = opener
+        self.backend: Backend | None = backend
+        self.clock = clock
+        self.tz = tz or _local_tz()
+
+    def on_mount(self) -> None:
+        if self.backend is not None:
+            self._start(self.backend, created=False)
+        elif self.opener is None or not self.opener.exists():
+            assert self.opener is not None, "an opener or a backend is required"
+            self.push_screen(FirstRunScreen(self.opener))
+        else:
+            self._open_without_passphrase()
+
+    @work(exclusive=True, group="open")
+    async def _open_without_passphrase(self) -> None:
+        assert self.opener is not None
+        try:
+            backend = await self.opener.open(None)
+        except PassphraseRequired:
+            self.push_screen(UnlockScreen(self.opener))
+            return
+        except BackendError as exc:
+            self.exit(1, message=f"cannot open the account: {exc}")
+            return
+        self.post_message(Opened(backend, created=False))
+
+    @on(Opened)
+    def _opened(self, message: Opened) -> None:
+        self._start(message.backend, message.created)
+
+    def _start(self, backend: Backend, created: bool) -> None:
+        self.backend = backend
+        self._start_backend(backend)
+        main = MainScreen(backend, self.clock, self.tz)
+        # Replace the account screens (if any) so Esc never leads back to them.
+        while len(self.screen_stack) > 1:
+            self.pop_screen()
+        self.push_screen(main)
+        if created:
+            self.push_screen(AccountCardScreen(backend.username, backend.relay_url))
+
+    @work(group="backend")
+    async def _start_backend(self, backend: Backend) -> None:
+        try:
+            await backend.start()
+        except BackendError as exc:
+            self.notify(str(exc), severity="error", title="Cannot connect")
+
+    async def action_quit(self) -> None:
+        if self.backend is not None:
+            await self.backend.close()
+        self.exit(0)
+
+    def action_toggle_dark(self) -> None:
+        """Switch between the light and the dark theme."""
+        self.theme = "textual-light" if self.theme == "textual-dark" else "textual-dark"
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Toggle light/dark theme", "Switch the theme", self.action_toggle_dark)
+        if isinstance(screen, MainScreen):
+            yield SystemCommand("New chat", "Chat with a username", screen.action_new_chat)
+            yield SystemCommand("New group", "Create a group", screen.action_new_group)
+            yield SystemCommand("Search messages", "Search the history", screen.action_search)
+            yield SystemCommand("Attach a file", "Send a file here", screen.action_attach)
+            yield SystemCommand(
+                "Chat info", "Contact or group info, safety number", screen.action_info
+            )
+
+
+def run(data_dir: Path | None) -> int:
+    """Run the terminal client on ``data_dir`` (default: :func:`default_data_dir`).
+
+    Returns:
+        The process exit status.
+    """
+    folder = data_dir or default_data_dir()
+    app = BlindpostApp(Opener(folder))
+    result = app.run()
+    return int(result or 0) if app.return_code is None else app.return_code

@@ -1,0 +1,421 @@
+# Modal dialogs: prompts, reactions, new group, group info, contact info, file
+# picker and search.
+#
+# Invariants: a dialog returns what the user chose through ``dismiss``; the
+# dialogs that act on their own (group info, contact info, search) call the
+# backend only in workers and show the result when the worker's message arrives.
+"""Modal dialogs of the terminal client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import ModalScreen
+from textual.widgets import (
+    Button,
+    DirectoryTree,
+    Input,
+    Label,
+    OptionList,
+    SelectionList,
+    Static,
+)
+from textual.widgets.option_list import Option
+
+from tui_client.adapter import Backend, BackendError, ContactInfo, GroupInfo, MessageView
+
+__all__ = [
+    "REACTIONS",
+    "AttachScreen",
+    "ContactInfoScreen",
+    "GroupInfoScreen",
+    "NewGroup",
+    "NewGroupScreen",
+    "PromptScreen",
+    "ReactScreen",
+    "SearchScreen",
+]
+
+#: The quick reactions offered (an empty string removes ours).
+REACTIONS = ("👍", "❤", "😂", "😮", "😢", "🙏")
+
+
+class PromptScreen(ModalScreen[str | None]):
+    """Ask for one line of text."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, title: str, placeholder: str = "", value: str = "") -> None:
+        super().__init__()
+        self._title = title
+        self._placeholder = placeholder
+        self._value = value
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label(self._title, classes="dialog-title")
+            yield Input(value=self._value, placeholder=self._placeholder, id="prompt-input")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("OK", variant="primary", id="prompt-ok")
+                yield Button("Cancel", id="prompt-cancel")
+
+    @on(Input.Submitted, "#prompt-input")
+    @on(Button.Pressed, "#prompt-ok")
+    def _ok(self) -> None:
+        value = self.query_one("#prompt-input", Input).value.strip()
+        self.dismiss(value or None)
+
+    @on(Button.Pressed, "#prompt-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class ReactScreen(ModalScreen[str | None]):
+    """Pick a reaction (or remove ours)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("React with", classes="dialog-title")
+            options = [Option(f"{e}  {e}", id=f"r{i}") for i, e in enumerate(REACTIONS)]
+            options.append(Option("remove my reaction", id="remove"))
+            yield OptionList(*options, id="react-options")
+
+    @on(OptionList.OptionSelected, "#react-options")
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        option_id = event.option.id or ""
+        self.dismiss("" if option_id == "remove" else REACTIONS[int(option_id[1:])])
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass(frozen=True, slots=True)
+class NewGroup:
+    """A group to create."""
+
+    name: str
+    members: tuple[str, ...]
+
+
+class NewGroupScreen(ModalScreen[NewGroup | None]):
+    """Name a group and pick its members (known contacts, or typed names)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, contacts: list[str]) -> None:
+        super().__init__()
+        self._contacts = contacts
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("New group", classes="dialog-title")
+            yield Input(placeholder="group name", id="group-name")
+            yield SelectionList[str](*[(c, c) for c in self._contacts], id="group-members")
+            yield Input(placeholder="more members: name1, name2", id="group-extra")
+            yield Static("", id="group-error", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Create", variant="primary", id="group-create")
+                yield Button("Cancel", id="group-cancel")
+
+    @on(Button.Pressed, "#group-create")
+    @on(Input.Submitted)
+    def _create(self) -> None:
+        name = self.query_one("#group-name", Input).value.strip()
+        picked = list(self.query_one("#group-members", SelectionList).selected)
+        extra = self.query_one("#group-extra", Input).value
+        picked += [p.strip() for p in extra.replace(" ", ",").split(",") if p.strip()]
+        members = tuple(sorted(set(picked)))
+        error = self.query_one("#group-error", Static)
+        if not name:
+            error.update("give the group a name")
+        elif not members:
+            error.update("pick at least one member")
+        else:
+            self.dismiss(NewGroup(name, members))
+
+    @on(Button.Pressed, "#group-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class _Loaded(Message):
+    """A worker finished loading what a dialog shows."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__()
+        self.value = value
+
+
+class _Failed(Message):
+    """A worker's backend call failed; ``text`` says why."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class GroupInfoScreen(ModalScreen[str | None]):
+    """Group info: rename, add or remove members, leave.
+
+    Dismisses with ``"left"`` after leaving, else None.
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
+
+    def __init__(self, backend: Backend, chat_id: str) -> None:
+        super().__init__()
+        self._backend = backend
+        self._chat_id = chat_id
+        self._info: GroupInfo | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Group", classes="dialog-title", id="group-title")
+            yield OptionList(id="group-member-list")
+            with Horizontal(classes="dialog-row"):
+                yield Input(placeholder="new name", id="group-rename")
+                yield Button("Rename", id="group-rename-btn", compact=True)
+            with Horizontal(classes="dialog-row"):
+                yield Input(placeholder="add member", id="group-add")
+                yield Button("Add", id="group-add-btn", compact=True)
+            yield Static("", id="group-status", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Remove selected", id="group-remove-btn")
+                yield Button("Leave group", variant="error", id="group-leave-btn")
+                yield Button("Close", id="group-close")
+
+    def on_mount(self) -> None:
+        self._load()
+
+    @work(group="group-info")
+    async def _load(self) -> None:
+        self.post_message(_Loaded(await self._backend.group_info(self._chat_id)))
+
+    def on__loaded(self, message: _Loaded) -> None:
+        info = message.value
+        if not isinstance(info, GroupInfo):
+            return
+        self._info = info
+        self.query_one("#group-title", Label).update(f"Group {info.name}")
+        members = self.query_one("#group-member-list", OptionList)
+        members.set_options(
+            Option(f"{m} (admin)" if m in info.admins else m, id=m) for m in info.members
+        )
+
+    def on__failed(self, message: _Failed) -> None:
+        self.query_one("#group-status", Static).update(message.text)
+
+    @work(group="group-change")
+    async def _change(self, what: str, value: str) -> None:
+        try:
+            if what == "rename":
+                await self._backend.rename_group(self._chat_id, value)
+            elif what == "add":
+                await self._backend.add_member(self._chat_id, value)
+            elif what == "remove":
+                await self._backend.remove_member(self._chat_id, value)
+            elif what == "leave":
+                await self._backend.leave_group(self._chat_id)
+        except BackendError as exc:
+            self.post_message(_Failed(str(exc)))
+            return
+        if what == "leave":
+            self.dismiss("left")
+            return
+        self.post_message(_Failed(f"done: {what} {value}".strip()))
+        self._load()
+
+    @on(Button.Pressed, "#group-rename-btn")
+    @on(Input.Submitted, "#group-rename")
+    def _rename(self) -> None:
+        name = self.query_one("#group-rename", Input).value.strip()
+        if name:
+            self._change("rename", name)
+
+    @on(Button.Pressed, "#group-add-btn")
+    @on(Input.Submitted, "#group-add")
+    def _add(self) -> None:
+        user = self.query_one("#group-add", Input).value.strip()
+        if user:
+            self._change("add", user)
+
+    @on(Button.Pressed, "#group-remove-btn")
+    def _remove(self) -> None:
+        members = self.query_one("#group-member-list", OptionList)
+        option = members.highlighted_option
+        if option is not None and option.id:
+            self._change("remove", option.id)
+
+    @on(Button.Pressed, "#group-leave-btn")
+    def _leave(self) -> None:
+        self._change("leave", "")
+
+    @on(Button.Pressed, "#group-close")
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class ContactInfoScreen(ModalScreen[bool]):
+    """Safety number, QR code and trust of a contact; mark verified.
+
+    Dismisses with True when the contact was marked verified.
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "close", "Close"),
+        Binding("v", "verify", "Mark verified"),
+    ]
+
+    def __init__(self, backend: Backend, user: str) -> None:
+        super().__init__()
+        self._backend = backend
+        self._user = user
+        self._verified = False
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog", id="contact-dialog"):
+            yield Label(f"Contact {self._user}", classes="dialog-title")
+            yield Static("loading…", id="contact-trust")
+            yield Static("", id="contact-number")
+            yield Static("", id="contact-qr")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Mark verified", variant="success", id="contact-verify")
+                yield Button("Close", id="contact-close")
+
+    def on_mount(self) -> None:
+        self._load()
+
+    @work(group="contact-info")
+    async def _load(self) -> None:
+        try:
+            info = await self._backend.contact_info(self._user)
+        except BackendError as exc:
+            self.post_message(_Failed(str(exc)))
+            return
+        self.post_message(_Loaded(info))
+
+    def on__loaded(self, message: _Loaded) -> None:
+        info = message.value
+        if not isinstance(info, ContactInfo):
+            return
+        trust = ", ".join(f"device {d}: {level}" for d, level in info.trust)
+        self.query_one("#contact-trust", Static).update(f"Trust: {trust}")
+        numbers = []
+        for device, digits in info.safety_numbers:
+            groups = [digits[i : i + 5] for i in range(0, len(digits), 5)]
+            rows = [" ".join(groups[i : i + 6]) for i in range(0, len(groups), 6)]
+            numbers.append(f"Safety number (device {device}):\n" + "\n".join(rows))
+        self.query_one("#contact-number", Static).update("\n".join(numbers))
+        self.query_one("#contact-qr", Static).update(info.qr)
+
+    def on__failed(self, message: _Failed) -> None:
+        self.query_one("#contact-trust", Static).update(message.text)
+
+    @work(group="contact-verify")
+    async def action_verify(self) -> None:
+        try:
+            await self._backend.accept_key(self._user, verified=True)
+        except BackendError as exc:
+            self.post_message(_Failed(str(exc)))
+            return
+        self._verified = True
+        self.notify(f"{self._user} marked verified")
+        self._load()
+
+    @on(Button.Pressed, "#contact-verify")
+    def _verify_pressed(self) -> None:
+        self.action_verify()
+
+    @on(Button.Pressed, "#contact-close")
+    def action_close(self) -> None:
+        self.dismiss(self._verified)
+
+
+class AttachScreen(ModalScreen[Path | None]):
+    """Pick a file to send: browse, or type a path."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, start: Path) -> None:
+        super().__init__()
+        self._start = start
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="attach-dialog"):
+            yield Label("Attach a file", classes="dialog-title")
+            yield Input(placeholder="path to a file", id="attach-path")
+            yield DirectoryTree(self._start, id="attach-tree")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Send", variant="primary", id="attach-send")
+                yield Button("Cancel", id="attach-cancel")
+
+    @on(DirectoryTree.FileSelected)
+    def _file(self, event: DirectoryTree.FileSelected) -> None:
+        self.query_one("#attach-path", Input).value = str(event.path)
+
+    @on(Input.Submitted, "#attach-path")
+    @on(Button.Pressed, "#attach-send")
+    def _send(self) -> None:
+        raw = self.query_one("#attach-path", Input).value.strip()
+        if raw:
+            self.dismiss(Path(raw).expanduser())
+
+    @on(Button.Pressed, "#attach-cancel")
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class SearchScreen(ModalScreen[MessageView | None]):
+    """Search across the history; choosing a result opens its chat."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, backend: Backend) -> None:
+        super().__init__()
+        self._backend = backend
+        self._results: dict[str, MessageView] = {}
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="search-dialog"):
+            yield Label("Search messages", classes="dialog-title")
+            yield Input(placeholder="words to find", id="search-input")
+            yield OptionList(id="search-results")
+
+    @on(Input.Changed, "#search-input")
+    def _changed(self, event: Input.Changed) -> None:
+        self._search(event.value)
+
+    @work(exclusive=True, group="search")
+    async def _search(self, text: str) -> None:
+        results = await self._backend.search(text) if text.strip() else []
+        self.post_message(_Loaded(results))
+
+    def on__loaded(self, message: _Loaded) -> None:
+        results = message.value
+        if not isinstance(results, list):
+            return
+        self._results = {m.id: m for m in results}
+        self.query_one("#search-results", OptionList).set_options(
+            Option(f"{m.chat_id} · {m.sender}: {(m.text or '').replace(chr(10), ' ')}", id=m.id)
+            for m in results
+        )
+
+    @on(Input.Submitted, "#search-input")
+    def _to_results(self) -> None:
+        self.query_one("#search-results", OptionList).focus()
+
+    @on(OptionList.OptionSelected, "#search-results")
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(self._results.get(event.option.id or ""))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

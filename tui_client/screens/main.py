@@ -1,0 +1,692 @@
+# The main view: the chat list beside the open conversation.
+#
+# Invariants:
+# * Every backend call runs in a worker (``@work``); the worker posts a
+#   past-tense message (``PageLoaded``, ``MessageSent``, ``ChatRefreshed``...) and
+#   the handler updates widgets. No handler awaits the backend, so a slow relay
+#   or a slow disk never freezes the screen.
+# * Backend updates arrive through one long-running worker (``_pump``) that
+#   re-posts them as ``UpdateArrived``; chat-list rows touched by updates are
+#   refreshed in batches (``_dirty`` + a short timer), so a burst of incoming
+#   messages costs one list refresh per tick, not one per message.
+# * The open chat's id is ``self.chat_id``; every page or update for another
+#   chat is ignored by the conversation (the user may have moved on).
+"""The main screen."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from datetime import tzinfo
+from pathlib import Path
+from typing import ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, ProgressBar, Static, TextArea
+
+from tui_client.adapter import (
+    PAGE_SIZE,
+    Backend,
+    BackendError,
+    ChatSummary,
+    ChatUpdated,
+    ConnectionChanged,
+    KeyChanged,
+    MessageChanged_,
+    MessageView,
+    NewMessage,
+    Notice,
+    ReceiptChanged,
+    TypingChanged,
+    Update,
+)
+from tui_client.screens.dialogs import (
+    AttachScreen,
+    ContactInfoScreen,
+    GroupInfoScreen,
+    NewGroup,
+    NewGroupScreen,
+    PromptScreen,
+    ReactScreen,
+    SearchScreen,
+)
+from tui_client.widgets.chat_list import ChatList
+from tui_client.widgets.conversation import ComposeArea, MessageList
+from tui_client.widgets.status import ConnectionIndicator, KeyBanner
+
+__all__ = [
+    "ChatRefreshed",
+    "ChatsLoaded",
+    "MainScreen",
+    "MessageSent",
+    "PageLoaded",
+    "UpdateArrived",
+]
+
+_TYPING_EVERY = 4.0  # seconds between "typing" pings while composing
+_TYPING_SHOWN = 6.0  # a typing indicator without a refresh disappears after this
+_REFRESH_TICK = 0.25  # chat-list refresh batching
+_MARK_READ_DELAY = 0.5
+
+
+class UpdateArrived(Message):
+    """The backend reported something that already happened."""
+
+    def __init__(self, update: Update) -> None:
+        super().__init__()
+        self.update = update
+
+
+class ChatsLoaded(Message):
+    """The chat list was read."""
+
+    def __init__(self, chats: list[ChatSummary]) -> None:
+        super().__init__()
+        self.chats = chats
+
+
+class ChatRefreshed(Message):
+    """One chat's row was re-read."""
+
+    def __init__(self, chat: ChatSummary) -> None:
+        super().__init__()
+        self.chat = chat
+
+
+class PageLoaded(Message):
+    """A page of a chat was read; ``older`` pages go above what is shown."""
+
+    def __init__(self, chat_id: str, page: list[MessageView], older: bool) -> None:
+        super().__init__()
+        self.chat_id = chat_id
+        self.page = page
+        self.older = older
+
+
+class MessageSent(Message):
+    """A message we composed is in history (queued or sent)."""
+
+    def __init__(self, message: MessageView) -> None:
+        super().__init__()
+        self.message = message
+
+
+class ActionFailed(Message):
+    """A backend call failed; ``text`` is for the user."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class UploadProgress(Message):
+    """``done`` of ``total`` bytes of an attachment were uploaded (total 0: finished)."""
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__()
+        self.done = done
+        self.total = total
+
+
+class KeyAccepted(Message):
+    """A contact's new key was accepted."""
+
+    def __init__(self, user: str) -> None:
+        super().__init__()
+        self.user = user
+
+
+class MainScreen(Screen[None]):
+    """Chat list + conversation + compose."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("ctrl+n", "new_chat", "New chat"),
+        Binding("ctrl+g", "new_group", "New group"),
+        Binding("f2", "info", "Info"),
+        Binding("ctrl+o", "attach", "Attach"),
+        Binding("ctrl+f", "search", "Search"),
+        Binding("ctrl+l", "focus_chats", "Chats", show=False),
+        Binding("escape", "cancel_compose", "Cancel", show=False),
+    ]
+
+    def __init__(self, backend: Backend, clock: Callable[[], int], tz: tzinfo) -> None:
+        super().__init__()
+        self.backend = backend
+        self._clock = clock
+        self._tz = tz
+        self.chat_id: str | None = None
+        self._reply_to: MessageView | None = None
+        self._editing: MessageView | None = None
+        self._dirty: set[str] = set()
+        self._last_typing = 0.0
+        self._typing: dict[str, float] = {}
+        self._key_changed: dict[str, bool] = {}
+        self._uploading = 0
+
+    # -- layout -------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        now = self._clock()
+        with Horizontal(id="topbar"):
+            yield Static(f"Blindpost · {self.backend.username}", id="whoami")
+            yield ConnectionIndicator(id="connection")
+        with Horizontal(id="body"):
+            yield ChatList(now, self._tz, id="chat-list")
+            with Vertical(id="conversation"):
+                yield Static("No chat open: pick one, or Ctrl+N for a new chat", id="chat-title")
+                yield KeyBanner(id="key-banner")
+                yield MessageList(now, self._tz, id="messages")
+                yield Static("", id="typing")
+                yield Static("", id="compose-context")
+                yield ProgressBar(id="upload-progress", show_eta=False)
+                yield ComposeArea(id="compose", soft_wrap=True, show_line_numbers=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(KeyBanner).hide()
+        self.query_one("#upload-progress", ProgressBar).display = False
+        self.query_one("#compose-context", Static).display = False
+        self.query_one(ConnectionIndicator).state = (
+            "connected" if self.backend.is_connected() else "connecting"
+        )
+        self._load_chats()
+        self._pump()
+        self.set_interval(_REFRESH_TICK, self._flush_dirty)
+        self.set_interval(1.0, self._expire_typing)
+        self.query_one("#chat-options").focus()
+
+    @property
+    def messages(self) -> MessageList:
+        return self.query_one(MessageList)
+
+    @property
+    def chat_list(self) -> ChatList:
+        return self.query_one(ChatList)
+
+    @property
+    def compose_area(self) -> ComposeArea:
+        return self.query_one(ComposeArea)
+
+    # -- workers ------------------------------------------------------------------------
+
+    @work(group="updates", exit_on_error=False)
+    async def _pump(self) -> None:
+        async for update in self.backend.updates():
+            self.post_message(UpdateArrived(update))
+
+    @work(group="chats", exclusive=True)
+    async def _load_chats(self) -> None:
+        self.post_message(ChatsLoaded(await self.backend.chats()))
+
+    @work(group="refresh")
+    async def _refresh_chat(self, chat_id: str) -> None:
+        self.post_message(ChatRefreshed(await self.backend.chat_summary(chat_id)))
+
+    @work(group="page", exclusive=True)
+    async def _load_page(self, chat_id: str, before: str | None) -> None:
+        page = await self.backend.messages(chat_id, before=before, limit=PAGE_SIZE)
+        self.post_message(PageLoaded(chat_id, page, older=before is not None))
+
+    @work(group="mark-read", exclusive=True)
+    async def _mark_read(self, chat_id: str) -> None:
+        await asyncio.sleep(_MARK_READ_DELAY)
+        try:
+            if await self.backend.mark_read(chat_id):
+                self.post_message(ChatRefreshed(await self.backend.chat_summary(chat_id)))
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+
+    @work(group="send")
+    async def _send(self, chat_id: str, text: str, reply_to: str | None) -> None:
+        try:
+            mid = await self.backend.send_text(chat_id, text, reply_to=reply_to)
+            found = await self.backend.message(mid)
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+            return
+        if found is not None:
+            self.post_message(MessageSent(found))
+        self.post_message(
+            UpdateArrived(
+                ConnectionChanged(
+                    "connected" if self.backend.is_connected() else "offline",
+                    await self.backend.queued_count(),
+                )
+            )
+        )
+
+    @work(group="act")
+    async def _act(self, action: str, message_id: str, value: str = "") -> None:
+        try:
+            if action == "edit":
+                await self.backend.edit(message_id, value)
+            elif action == "delete":
+                await self.backend.delete(message_id)
+            elif action == "react":
+                await self.backend.react(message_id, value)
+            found = await self.backend.message(message_id)
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+            return
+        if found is not None:
+            self.post_message(UpdateArrived(MessageChanged_(found, action)))
+
+    @work(group="typing")
+    async def _send_typing(self, chat_id: str) -> None:
+        await self.backend.send_typing(chat_id, True)
+
+    @work(group="upload")
+    async def _upload(self, chat_id: str, path: Path) -> None:
+        def progress(done: int, total: int) -> None:
+            self.post_message(UploadProgress(done, total))
+
+        self.post_message(UploadProgress(0, max(1, path.stat().st_size if path.exists() else 1)))
+        try:
+            mid = await self.backend.send_file(chat_id, path, progress)
+            found = await self.backend.message(mid)
+        except BackendError as exc:
+            self.post_message(UploadProgress(0, 0))
+            self.post_message(ActionFailed(str(exc)))
+            return
+        self.post_message(UploadProgress(0, 0))
+        if found is not None:
+            self.post_message(MessageSent(found))
+
+    @work(group="download")
+    async def _download(self, message_id: str, destination: Path, open_after: bool) -> None:
+        try:
+            path = await self.backend.save_attachment(message_id, destination, None)
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+            return
+        self.notify(f"saved to {path}")
+        if open_after:
+            opener = "open" if sys.platform == "darwin" else "xdg-open"
+            if shutil.which(opener) is None:
+                self.notify(f"no {opener} here; the file is at {path}", severity="warning")
+                return
+            proc = await asyncio.create_subprocess_exec(
+                opener,
+                str(path),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            await proc.wait()
+
+    @work(group="group")
+    async def _create_group(self, group: NewGroup) -> None:
+        try:
+            chat_id = await self.backend.create_group(group.name, group.members)
+            summary = await self.backend.chat_summary(chat_id)
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+            return
+        self.post_message(ChatRefreshed(summary))
+        self.post_message(ChatList.ChatChosen(chat_id))
+
+    @work(group="accept")
+    async def _accept(self, user: str) -> None:
+        try:
+            await self.backend.accept_key(user, verified=False)
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+            return
+        self.post_message(KeyAccepted(user))
+
+    # -- handlers for worker results ------------------------------------------------------
+
+    @on(ChatsLoaded)
+    def _chats_loaded(self, message: ChatsLoaded) -> None:
+        self.chat_list.set_clock(self._clock())
+        self.chat_list.set_chats(message.chats)
+
+    @on(ChatRefreshed)
+    def _chat_refreshed(self, message: ChatRefreshed) -> None:
+        self.chat_list.set_clock(self._clock())
+        self.chat_list.upsert(message.chat)
+        if message.chat.chat_id == self.chat_id:
+            self._set_title(message.chat)
+
+    @on(PageLoaded)
+    def _page_loaded(self, message: PageLoaded) -> None:
+        if message.chat_id != self.chat_id:
+            return
+        has_older = len(message.page) >= PAGE_SIZE
+        if message.older:
+            self.messages.prepend(message.page, has_older)
+        else:
+            self.messages.set_clock(self._clock())
+            self.messages.show(message.chat_id, message.page, has_older)
+
+    @on(MessageSent)
+    def _message_sent(self, message: MessageSent) -> None:
+        if message.message.chat_id == self.chat_id:
+            self.messages.append(message.message)
+        self._dirty.add(message.message.chat_id)
+
+    @on(ActionFailed)
+    def _action_failed(self, message: ActionFailed) -> None:
+        self.notify(message.text, severity="error", title="Blindpost")
+
+    @on(UploadProgress)
+    def _upload_progress(self, message: UploadProgress) -> None:
+        bar = self.query_one("#upload-progress", ProgressBar)
+        if message.total == 0:
+            bar.display = False
+            return
+        bar.display = True
+        bar.update(total=message.total, progress=message.done)
+
+    @on(KeyAccepted)
+    def _key_accepted(self, message: KeyAccepted) -> None:
+        self._key_changed.pop(message.user, None)
+        self.query_one(KeyBanner).hide()
+        self.notify(f"accepted {message.user}'s new key")
+
+    # -- backend updates ------------------------------------------------------------------
+
+    @on(UpdateArrived)
+    def _update(self, message: UpdateArrived) -> None:
+        update = message.update
+        open_chat = self.chat_id
+        match update:
+            case NewMessage(message=m):
+                self._dirty.add(m.chat_id)
+                if m.chat_id == open_chat:
+                    self._typing.pop(m.sender, None)
+                    self._render_typing()
+                    self.messages.append(m)
+                    if not m.outgoing:
+                        self._mark_read(m.chat_id)
+                elif not m.outgoing and m.kind in ("text", "attachment"):
+                    title = self.chat_list.get(m.chat_id)
+                    where = title.title if title else m.chat_id
+                    body = m.text or (m.attachment.file_name if m.attachment else "")
+                    self.notify(f"{m.sender}: {body}", title=where, timeout=4)
+                    self.app.bell()
+            case MessageChanged_(message=m):
+                self._dirty.add(m.chat_id)
+                if m.chat_id == open_chat:
+                    self.messages.update_message(m)
+            case ReceiptChanged(chat_id=chat_id, message_id=mid, status=status):
+                if chat_id == open_chat:
+                    self.messages.set_status(mid, status)
+            case TypingChanged(chat_id=chat_id, user=user, typing=typing):
+                if chat_id == open_chat:
+                    if typing:
+                        self._typing[user] = time.monotonic()
+                    else:
+                        self._typing.pop(user, None)
+                    self._render_typing()
+            case ChatUpdated(chat_id=chat_id, text=text):
+                self._dirty.add(chat_id)
+                if chat_id == open_chat:
+                    self.messages.add_notice(text)
+                else:
+                    self.notify(text, title="Group")
+            case KeyChanged(user=user, chat_id=chat_id, held=held, first_use=first_use):
+                if first_use and not held:
+                    return
+                self._key_changed[user] = held
+                if chat_id == open_chat:
+                    self.messages.add_notice(f"{user}'s safety number changed")
+                    self.query_one(KeyBanner).show_for(user, held)
+                else:
+                    self.notify(f"{user}'s safety number changed", severity="warning")
+            case ConnectionChanged(state=state, queued=queued):
+                indicator = self.query_one(ConnectionIndicator)
+                indicator.state = state
+                indicator.queued = queued
+            case Notice(chat_id=chat_id, text=text):
+                if chat_id is not None and chat_id == open_chat:
+                    self.messages.add_notice(text)
+                else:
+                    self.notify(text, severity="warning")
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for chat_id in dirty:
+            self._refresh_chat(chat_id)
+
+    def _render_typing(self) -> None:
+        names = sorted(self._typing)
+        text = ""
+        if len(names) == 1:
+            text = f"{names[0]} is typing…"
+        elif names:
+            text = f"{', '.join(names)} are typing…"
+        self.query_one("#typing", Static).update(text)
+
+    def _expire_typing(self) -> None:
+        now = time.monotonic()
+        stale = [u for u, t in self._typing.items() if now - t > _TYPING_SHOWN]
+        if stale:
+            for user in stale:
+                del self._typing[user]
+            self._render_typing()
+
+    # -- opening a chat -------------------------------------------------------------------
+
+    def open_chat(self, chat_id: str) -> None:
+        """Show a chat: its newest page loads in a worker."""
+        self.chat_id = chat_id
+        self.chat_list.open_chat = chat_id
+        self._typing.clear()
+        self._render_typing()
+        self._cancel_context()
+        summary = self.chat_list.get(chat_id)
+        self._set_title(summary, chat_id)
+        peer = chat_id[3:] if chat_id.startswith("dm:") else None
+        banner = self.query_one(KeyBanner)
+        if peer is not None and peer in self._key_changed:
+            banner.show_for(peer, self._key_changed[peer])
+        else:
+            banner.hide()
+        self.messages.show(chat_id, [], has_older=False)
+        self._load_page(chat_id, None)
+        self._mark_read(chat_id)
+        self.compose_area.focus()
+
+    def _set_title(self, summary: ChatSummary | None, chat_id: str | None = None) -> None:
+        chat_id = chat_id or (summary.chat_id if summary else "")
+        if summary is not None:
+            marker = "#" if summary.kind == "group" else "@"
+            title = f"{marker}{summary.title}"
+        else:
+            title = chat_id.replace("dm:", "@").replace("group:", "#")
+        self.query_one("#chat-title", Static).update(f"{title}   (F2: info)")
+
+    @on(ChatList.ChatChosen)
+    def _chat_chosen(self, message: ChatList.ChatChosen) -> None:
+        self.open_chat(message.chat_id)
+
+    @on(MessageList.NeedOlder)
+    def _need_older(self, message: MessageList.NeedOlder) -> None:
+        if message.chat_id == self.chat_id:
+            self._load_page(message.chat_id, message.before)
+
+    # -- composing ------------------------------------------------------------------------
+
+    @on(ComposeArea.Submitted)
+    def _submitted(self, message: ComposeArea.Submitted) -> None:
+        text = message.text.strip("\n")
+        if not text.strip() or self.chat_id is None:
+            return
+        self.compose_area.set_text("")
+        if self._editing is not None:
+            self._act("edit", self._editing.id, text)
+        else:
+            self._send(self.chat_id, text, self._reply_to.id if self._reply_to else None)
+        self._cancel_context()
+
+    @on(TextArea.Changed, "#compose")
+    def _composing(self, event: TextArea.Changed) -> None:
+        if self.chat_id is None or not event.text_area.text:
+            return
+        now = time.monotonic()
+        if now - self._last_typing > _TYPING_EVERY:
+            self._last_typing = now
+            self._send_typing(self.chat_id)
+
+    def _set_context(self, text: str) -> None:
+        context = self.query_one("#compose-context", Static)
+        context.update(text + "   (Esc: cancel)")
+        context.display = True
+
+    def _cancel_context(self) -> None:
+        self._reply_to = None
+        self._editing = None
+        self.query_one("#compose-context", Static).display = False
+
+    def action_cancel_compose(self) -> None:
+        if self._reply_to is not None or self._editing is not None:
+            self._cancel_context()
+            self.compose_area.set_text("")
+
+    @on(MessageList.Act)
+    def _message_action(self, message: MessageList.Act) -> None:
+        m = message.message
+        if message.action == "reply":
+            self._editing = None
+            self._reply_to = m
+            snippet = (m.text or "").replace("\n", " ")[:50]
+            self._set_context(f"↳ replying to {m.sender}: {snippet}")
+            self.compose_area.focus()
+        elif message.action == "edit":
+            if not m.outgoing or m.deleted:
+                self.notify("only your own messages can be edited", severity="warning")
+                return
+            self._reply_to = None
+            self._editing = m
+            self._set_context("✎ editing your message")
+            self.compose_area.set_text(m.text or "")
+            self.compose_area.focus()
+        elif message.action == "delete":
+            if not m.outgoing or m.deleted:
+                self.notify("only your own messages can be deleted", severity="warning")
+                return
+            self._act("delete", m.id)
+        elif message.action == "react":
+
+            def react(emoji: str | None) -> None:
+                if emoji is not None:
+                    self._act("react", m.id, emoji)
+
+            self.app.push_screen(ReactScreen(), react)
+        elif message.action in ("save", "open"):
+            if m.attachment is None:
+                self.notify("that message has no file", severity="warning")
+                return
+            if message.action == "open":
+                folder = Path.home() / "Downloads"
+                self._download(m.id, folder if folder.is_dir() else Path.cwd(), True)
+                return
+
+            def save(path: str | None) -> None:
+                if path:
+                    self._download(m.id, Path(path).expanduser(), False)
+
+            default = Path.home() / "Downloads" / m.attachment.file_name
+            self.app.push_screen(PromptScreen("Save file to", value=str(default)), save)
+
+    # -- actions --------------------------------------------------------------------------
+
+    def action_new_chat(self) -> None:
+        """Start a chat with a username."""
+
+        def start(user: str | None) -> None:
+            if not user:
+                return
+            chat_id = f"dm:{user.lstrip('@')}"
+            if self.chat_list.get(chat_id) is None:
+                self.chat_list.upsert(
+                    ChatSummary(chat_id, "direct", user.lstrip("@"), 0, False, "", None)
+                )
+            self.open_chat(chat_id)
+
+        self.app.push_screen(PromptScreen("New chat with", placeholder="username"), start)
+
+    def action_new_group(self) -> None:
+        """Create a group (pick members)."""
+        contacts = sorted(c[3:] for c in self.chat_list.chat_ids() if c.startswith("dm:"))
+
+        def create(group: NewGroup | None) -> None:
+            if group is not None:
+                self._create_group(group)
+
+        self.app.push_screen(NewGroupScreen(contacts), create)
+
+    def action_info(self) -> None:
+        """Contact info (safety number, QR, verify) or group info."""
+        if self.chat_id is None:
+            return
+        if self.chat_id.startswith("group:"):
+            chat_id = self.chat_id
+
+            def closed(result: str | None) -> None:
+                if result == "left":
+                    self.chat_list.remove_chat(chat_id)
+                    self.chat_id = None
+                    self.messages.show("", [], has_older=False)
+                    self.query_one("#chat-title", Static).update("You left the group")
+                else:
+                    self._dirty.add(chat_id)
+
+            self.app.push_screen(GroupInfoScreen(self.backend, chat_id), closed)
+        else:
+            user = self.chat_id[3:]
+
+            def verified(done: bool | None) -> None:
+                if done:
+                    self._key_changed.pop(user, None)
+                    self.query_one(KeyBanner).hide()
+
+            self.app.push_screen(ContactInfoScreen(self.backend, user), verified)
+
+    def action_attach(self) -> None:
+        """Send a file (picker or path)."""
+        chat_id = self.chat_id
+        if chat_id is None:
+            self.notify("open a chat first", severity="warning")
+            return
+
+        def send(path: Path | None) -> None:
+            if path is not None:
+                self._upload(chat_id, path)
+
+        self.app.push_screen(AttachScreen(Path.home()), send)
+
+    def action_search(self) -> None:
+        """Search across the history."""
+
+        def found(message: MessageView | None) -> None:
+            if message is not None:
+                self.open_chat(message.chat_id)
+
+        self.app.push_screen(SearchScreen(self.backend), found)
+
+    def action_focus_chats(self) -> None:
+        self.query_one("#chat-filter").focus()
+
+    @on(KeyBanner.Accept)
+    def _banner_accept(self, message: KeyBanner.Accept) -> None:
+        self._accept(message.user)
+
+    @on(KeyBanner.Verify)
+    def _banner_verify(self, message: KeyBanner.Verify) -> None:
+        user = message.user
+
+        def verified(done: bool | None) -> None:
+            if done:
+                self._key_changed.pop(user, None)
+                self.query_one(KeyBanner).hide()
+
+        self.app.push_screen(ContactInfoScreen(self.backend, user), verified)

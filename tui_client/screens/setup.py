@@ -1,0 +1,158 @@
+# First run (create + register), unlock (passphrase) and the account card.
+#
+# Invariant: creating and opening run in workers; the screens stay responsive
+# while the KDF and the relay round trips happen, and report errors inline.
+"""Account screens: first run, unlock, account card."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Center, Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Input, Label, Static
+
+from tui_client.adapter import DEFAULT_RELAY_URL, Backend, BackendError, Opener
+
+__all__ = ["AccountCardScreen", "FirstRunScreen", "Opened", "UnlockScreen"]
+
+
+class Opened(Message):
+    """An account was created or unlocked; ``backend`` is ready to start."""
+
+    def __init__(self, backend: Backend, created: bool) -> None:
+        super().__init__()
+        self.backend = backend
+        self.created = created
+
+
+class _Failed(Message):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
+class FirstRunScreen(Screen[None]):
+    """Choose a username, the relay and an optional passphrase; register."""
+
+    def __init__(self, opener: Opener) -> None:
+        super().__init__()
+        self._opener = opener
+
+    def compose(self) -> ComposeResult:
+        with Center(), Vertical(classes="setup-box"):
+            yield Label("Welcome to Blindpost", classes="dialog-title")
+            yield Static("Create your account. Only your username is known to the relay.")
+            yield Input(placeholder="username (a-z, 0-9, _)", id="setup-username")
+            yield Input(value=DEFAULT_RELAY_URL, placeholder="relay URL", id="setup-relay")
+            yield Input(placeholder="passphrase (optional)", password=True, id="setup-pass")
+            yield Input(placeholder="passphrase again", password=True, id="setup-pass2")
+            yield Static("", id="setup-error", classes="dialog-error")
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Create account", variant="primary", id="setup-create")
+        yield Footer()
+
+    @on(Button.Pressed, "#setup-create")
+    @on(Input.Submitted, "#setup-pass2")
+    def _create(self) -> None:
+        username = self.query_one("#setup-username", Input).value.strip()
+        relay = self.query_one("#setup-relay", Input).value.strip() or DEFAULT_RELAY_URL
+        passphrase = self.query_one("#setup-pass", Input).value
+        again = self.query_one("#setup-pass2", Input).value
+        error = self.query_one("#setup-error", Static)
+        if not username:
+            error.update("choose a username")
+            return
+        if passphrase != again:
+            error.update("the passphrases differ")
+            return
+        error.update("creating keys and registering…")
+        self.query_one("#setup-create", Button).disabled = True
+        self._register(username, relay, passphrase or None)
+
+    @on(Input.Submitted, "#setup-username")
+    @on(Input.Submitted, "#setup-relay")
+    @on(Input.Submitted, "#setup-pass")
+    def _next_field(self) -> None:
+        self.focus_next()
+
+    @work(exclusive=True, group="setup")
+    async def _register(self, username: str, relay: str, passphrase: str | None) -> None:
+        try:
+            backend = await self._opener.create(username, relay, passphrase)
+        except BackendError as exc:
+            self.post_message(_Failed(str(exc)))
+            return
+        self.app.post_message(Opened(backend, created=True))
+
+    @on(_Failed)
+    def _failed(self, message: _Failed) -> None:
+        self.query_one("#setup-error", Static).update(message.text)
+        self.query_one("#setup-create", Button).disabled = False
+
+
+class UnlockScreen(Screen[None]):
+    """Ask for the passphrase and open the account."""
+
+    def __init__(self, opener: Opener) -> None:
+        super().__init__()
+        self._opener = opener
+
+    def compose(self) -> ComposeResult:
+        with Center(), Vertical(classes="setup-box"):
+            yield Label("Unlock Blindpost", classes="dialog-title")
+            yield Input(placeholder="passphrase", password=True, id="unlock-pass")
+            yield Static("", id="unlock-error", classes="dialog-error")
+        yield Footer()
+
+    @on(Input.Submitted, "#unlock-pass")
+    def _submit(self, event: Input.Submitted) -> None:
+        self.query_one("#unlock-error", Static).update("unlocking…")
+        self._unlock(event.value)
+
+    @work(exclusive=True, group="unlock")
+    async def _unlock(self, passphrase: str) -> None:
+        try:
+            backend = await self._opener.open(passphrase)
+        except BackendError as exc:
+            self.post_message(_Failed(str(exc)))
+            return
+        self.app.post_message(Opened(backend, created=False))
+
+    @on(_Failed)
+    def _failed(self, message: _Failed) -> None:
+        self.query_one("#unlock-error", Static).update(message.text)
+        self.query_one("#unlock-pass", Input).value = ""
+
+
+class AccountCardScreen(Screen[None]):
+    """Shown once after registering: who you are, and how contacts verify you."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter,escape", "done", "Continue")]
+
+    def __init__(self, username: str, relay_url: str) -> None:
+        super().__init__()
+        self._username = username
+        self._relay = relay_url
+
+    def compose(self) -> ComposeResult:
+        with Center(), Vertical(classes="setup-box", id="account-card"):
+            yield Label("Your account is ready", classes="dialog-title")
+            yield Static(f"Username: {self._username}\nRelay:    {self._relay}")
+            yield Static(
+                "Your safety number is per contact: open a chat, press F2 (contact info) "
+                "and compare the 60 digits or scan the QR code with them. When they "
+                "match, mark the contact verified.",
+                id="account-card-help",
+            )
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Start chatting", variant="primary", id="card-done")
+        yield Footer()
+
+    @on(Button.Pressed, "#card-done")
+    def action_done(self) -> None:
+        self.dismiss(None)

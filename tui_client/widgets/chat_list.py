@@ -1,0 +1,163 @@
+# The chat list: one option per chat, most recently active first, filtered by
+# the text typed into its search box.
+#
+# Invariant: the list is rebuilt from ``self._chats`` (the source of truth) and
+# the filter; the highlighted chat is kept by id across rebuilds, so updates that
+# reorder the list never move the user's cursor to another chat.
+"""Chat list widget."""
+
+from __future__ import annotations
+
+from datetime import tzinfo
+from typing import ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import Input, OptionList
+from textual.widgets.option_list import Option, OptionDoesNotExist
+
+from tui_client.adapter import ChatSummary
+from tui_client.widgets.fmt import short_time
+
+__all__ = ["ChatList", "ChatOptions"]
+
+
+class ChatOptions(OptionList):
+    """The options part of the chat list (styled through its component classes)."""
+
+    COMPONENT_CLASSES: ClassVar[set[str]] = {
+        "chat-options--title",
+        "chat-options--time",
+        "chat-options--preview",
+        "chat-options--unread",
+    }
+
+
+class ChatList(Vertical):
+    """A filter box over the list of chats."""
+
+    class ChatChosen(Message):
+        """The user opened a chat."""
+
+        def __init__(self, chat_id: str) -> None:
+            super().__init__()
+            self.chat_id = chat_id
+
+    def __init__(self, now_ms: int, tz: tzinfo, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._chats: dict[str, ChatSummary] = {}
+        self._now_ms = now_ms
+        self._tz = tz
+        self._filter = ""
+        self.open_chat: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Input(placeholder="filter chats", id="chat-filter")
+        yield ChatOptions(id="chat-options")
+
+    @property
+    def options(self) -> ChatOptions:
+        return self.query_one(ChatOptions)
+
+    def set_clock(self, now_ms: int) -> None:
+        """Times are shown relative to ``now_ms`` (today -> HH:MM)."""
+        self._now_ms = now_ms
+
+    def set_chats(self, chats: list[ChatSummary]) -> None:
+        """Replace every chat."""
+        self._chats = {c.chat_id: c for c in chats}
+        self._rebuild()
+
+    def upsert(self, chat: ChatSummary) -> None:
+        """Add or replace one chat (its activity time decides its place)."""
+        self._chats[chat.chat_id] = chat
+        self._rebuild()
+
+    def remove_chat(self, chat_id: str) -> None:
+        """Drop a chat (e.g. a group we left)."""
+        self._chats.pop(chat_id, None)
+        self._rebuild()
+
+    def get(self, chat_id: str) -> ChatSummary | None:
+        """The chat's row, if listed."""
+        return self._chats.get(chat_id)
+
+    def chat_ids(self) -> list[str]:
+        """Chat ids in display order (after the filter)."""
+        return [c.chat_id for c in self._visible()]
+
+    def _visible(self) -> list[ChatSummary]:
+        needle = self._filter.lower()
+        chats = sorted(self._chats.values(), key=lambda c: (-(c.last_at or 0), c.title))
+        if needle:
+            chats = [c for c in chats if needle in c.title.lower() or needle in c.chat_id]
+        return chats
+
+    def _prompt(self, chat: ChatSummary, width: int) -> Text:
+        opts = self.options
+        when = short_time(chat.last_at, self._now_ms, self._tz)
+        marker = "#" if chat.kind == "group" else "@"
+        title = f"{marker}{chat.title}"
+        room = max(4, width - len(when) - 1)
+        if len(title) > room:
+            title = title[: room - 1] + "…"
+        head = Text(title, style=opts.get_component_rich_style("chat-options--title"))
+        head.pad_right(max(1, width - len(title) - len(when)))
+        head.append(when, style=opts.get_component_rich_style("chat-options--time"))
+        badge = ""
+        if chat.unread:
+            badge = f" {chat.unread}{'+' if chat.unread_capped else ''} "
+        preview_room = max(4, width - len(badge) - 1)
+        preview = chat.last_text
+        if len(preview) > preview_room:
+            preview = preview[: preview_room - 1] + "…"
+        line = Text(preview, style=opts.get_component_rich_style("chat-options--preview"))
+        if badge:
+            line.pad_right(max(1, width - len(preview) - len(badge)))
+            line.append(badge, style=opts.get_component_rich_style("chat-options--unread"))
+        return Text("\n").join([head, line])
+
+    def _rebuild(self) -> None:
+        if not self.is_mounted:
+            return
+        opts = self.options
+        keep = None
+        if opts.highlighted is not None and opts.highlighted < opts.option_count:
+            keep = opts.get_option_at_index(opts.highlighted).id
+        width = max(12, (opts.scrollable_content_region.width or 24) - 1)
+        visible = self._visible()
+        opts.set_options(Option(self._prompt(c, width), id=c.chat_id) for c in visible)
+        target = keep or self.open_chat
+        if target is not None and target in self._chats:
+            try:
+                opts.highlighted = opts.get_option_index(target)
+            except OptionDoesNotExist:  # filtered out: highlight the first one
+                opts.highlighted = 0 if visible else None
+        elif visible:
+            opts.highlighted = 0
+
+    def on_mount(self) -> None:
+        self._rebuild()
+
+    def on_resize(self) -> None:
+        self._rebuild()
+
+    @on(Input.Changed, "#chat-filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self._filter = event.value.strip()
+        self._rebuild()
+
+    @on(Input.Submitted, "#chat-filter")
+    def _filter_submitted(self, event: Input.Submitted) -> None:
+        visible = self._visible()
+        if visible:
+            self.post_message(self.ChatChosen(visible[0].chat_id))
+
+    @on(OptionList.OptionSelected, "#chat-options")
+    def _selected(self, event: OptionList.OptionSelected) -> None:
+        event.stop()
+        if event.option.id is not None:
+            self.post_message(self.ChatChosen(event.option.id))

@@ -1,0 +1,86 @@
+# Small status widgets: the connection indicator and the key-change banner.
+#
+# Invariant: they render state handed to them; they never ask the backend.
+"""Connection indicator and key-change banner."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Button, Static
+
+__all__ = ["ConnectionIndicator", "KeyBanner"]
+
+
+class ConnectionIndicator(Static):
+    """``● connected``, ``◌ reconnecting``, ``○ offline · 3 queued``."""
+
+    state: reactive[str] = reactive("connecting")
+    queued: reactive[int] = reactive(0)
+
+    def render(self) -> str:
+        if self.state == "connected":
+            text = "● connected"
+        elif self.state == "connecting":
+            text = "◌ reconnecting"
+        else:
+            text = "○ offline"
+        if self.queued:
+            text += f" · {self.queued} queued"
+        return text
+
+    def watch_state(self, old: str, new: str) -> None:
+        self.remove_class(f"-{old}")
+        self.add_class(f"-{new}")
+
+
+class KeyBanner(Horizontal):
+    """Shown when a contact's key changed: accept it, or open contact info to verify."""
+
+    class Accept(Message):
+        """The user accepted ``user``'s new key."""
+
+        def __init__(self, user: str) -> None:
+            super().__init__()
+            self.user = user
+
+    class Verify(Message):
+        """The user wants to compare safety numbers with ``user``."""
+
+        def __init__(self, user: str) -> None:
+            super().__init__()
+            self.user = user
+
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self.user: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="key-banner-text")
+        yield Button("Accept", id="key-accept", variant="warning", compact=True)
+        yield Button("Verify", id="key-verify", variant="primary", compact=True)
+
+    def show_for(self, user: str, held: bool) -> None:
+        """Show the banner for ``user``."""
+        self.user = user
+        text = f"⚠ {user}'s safety number changed."
+        if held:
+            text += " Messages to them wait until you accept."
+        self.query_one("#key-banner-text", Static).update(text)
+        self.display = True
+
+    def hide(self) -> None:
+        """Hide the banner."""
+        self.user = None
+        self.display = False
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        if self.user is None:
+            return
+        if event.button.id == "key-accept":
+            self.post_message(self.Accept(self.user))
+        elif event.button.id == "key-verify":
+            self.post_message(self.Verify(self.user))
