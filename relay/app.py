@@ -100,7 +100,7 @@ class RelayState:
     send_limit: RateLimiter
     fetch_limit: RateLimiter
     keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
-    background: set[asyncio.Task[None]] = field(default_factory=set)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     async def authenticate(
         self, request: web.Request, body_sha256: str, *, register_key: bytes | None = None

@@ -68,6 +68,7 @@ class Connection:
         "addr",
         "closing",
         "drain",
+        "inflight_acks",
         "last_rx",
         "last_seq",
         "live",
@@ -89,6 +90,7 @@ class Connection:
         self.over_since = 0.0
         self.last_rx = 0.0
         self.pinged = False
+        self.inflight_acks = 0
         self.drain: asyncio.Task[None] | None = None
 
 

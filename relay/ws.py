@@ -34,6 +34,7 @@ _PAGE = 256
 _PAGE_BYTES = 1024 * 1024
 _EMPTY_FRAME = '{"type":"empty"}'
 _MAX_DRAIN_PAGES = 1_000_000
+_MAX_INFLIGHT_ACKS = 16
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -196,12 +197,33 @@ async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
         if ref is not None and (not isinstance(ref, str) or len(ref) > 64):
             raise BadRequest("ref must be a string of at most 64 characters")
         ids = parse_ack_ids(doc)
-        count = await st.store.ack(conn.addr, ids)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         _error_frame(st, conn, BadRequest("frame is not valid JSON"))
         return
     except RelayError as err:
         _error_frame(st, conn, err)
         return
-    if ref is not None:
-        st.hub.write_text(conn, json.dumps({"type": "acked", "ref": ref, "count": count}))
+    # Acks do not hold up the socket's reading (sends behind them keep flowing) unless too many
+    # are already waiting for a commit: then this socket waits, which bounds its memory.
+    task = asyncio.ensure_future(st.store.ack(conn.addr, ids))
+    st.background.add(task)  # a strong reference until it is done
+    conn.inflight_acks += 1
+    task.add_done_callback(partial(_ack_done, st, conn, ref))
+    if conn.inflight_acks > _MAX_INFLIGHT_ACKS:
+        with contextlib.suppress(Exception):
+            await task
+
+
+def _ack_done(st: RelayState, conn: Connection, ref: str | None, task: asyncio.Task[int]) -> None:
+    conn.inflight_acks -= 1
+    st.background.discard(task)
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, RelayError):
+        _error_frame(st, conn, exc)
+    elif exc is not None:
+        log.error("ack failed with %s", type(exc).__name__)
+        _error_frame(st, conn, RelayError("internal error"))
+    elif ref is not None:
+        st.hub.write_text(conn, json.dumps({"type": "acked", "ref": ref, "count": task.result()}))

@@ -121,9 +121,14 @@ class BlindpostApp(App[int]):
             self.notify(str(exc), severity="error", title="Cannot connect")
 
     async def action_quit(self) -> None:
-        if self.backend is not None:
-            await self.backend.close()
         self.exit(0)
+
+    async def on_unmount(self) -> None:
+        # Close the account on every way out (quit, Ctrl+C, a test ending), so
+        # acknowledgements are flushed and the store is closed cleanly.
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            await backend.close()
 
     def action_toggle_dark(self) -> None:
         """Switch between the light and the dark theme."""

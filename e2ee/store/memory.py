@@ -12,7 +12,6 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from e2ee.errors import StorageError
 from e2ee.store.protocols import (
     AccountRecord,
     Address,
@@ -20,10 +19,12 @@ from e2ee.store.protocols import (
     IdentityRecord,
     SenderKeyId,
     SignedPreKeyRow,
-    TrustLevel,
 )
+from e2ee.store.rows import validate_changes
 
 __all__ = ["MemoryProtocolStore", "validate_changes"]
+
+# Re-exported: the shared checks live in e2ee.store.rows.
 
 
 class MemoryProtocolStore:
@@ -39,6 +40,7 @@ class MemoryProtocolStore:
         self._sender_keys: dict[SenderKeyId, bytes] = {}
         self._meta: dict[str, str] = {}
         self._app: dict[str, dict[str, dict[str, Any]]] = {}
+        self._app_columns: dict[str, list[str]] = {}
 
     def __repr__(self) -> str:
         return f"MemoryProtocolStore(sessions={len(self._sessions)}, prekeys={len(self._prekeys)})"
@@ -82,11 +84,15 @@ class MemoryProtocolStore:
         return self._meta.get(key)
 
     def load_app_row(self, table: str, row_id: str) -> Mapping[str, Any] | None:
-        row = self._app.get(table, {}).get(row_id)
-        return dict(row) if row is not None else None
+        with self._lock:
+            row = self._app.get(table, {}).get(row_id)
+            if row is None:
+                return None
+            # Like SQLite: every column the table ever had, None where unset.
+            return {column: row.get(column) for column in self._app_columns[table]}
 
     def commit(self, changes: Changes) -> None:
-        validate_changes(changes)
+        app_rows = validate_changes(changes)  # everything checked and copied first
         with self._lock:
             if changes.account is not None:
                 self._account = changes.account
@@ -104,15 +110,9 @@ class MemoryProtocolStore:
             for kid in changes.sender_keys_delete:
                 self._sender_keys.pop(kid, None)
             self._meta.update(changes.meta_put)
-            for table, row in changes.app_rows:
-                self._app.setdefault(table, {})[str(row["id"])] = dict(row)
-
-
-def validate_changes(changes: Changes) -> None:
-    """Reject a malformed commit before anything is applied (shared with SQLite)."""
-    for record in changes.identities_put.values():
-        if record.trust not in TrustLevel.ALL:
-            raise StorageError(f"unknown trust level {record.trust!r}")
-    for table, row in changes.app_rows:
-        if not table.isidentifier() or "id" not in row:
-            raise StorageError(f"app row for {table!r} needs an identifier table and an 'id'")
+            for table, row in app_rows:
+                columns = self._app_columns.setdefault(table, ["id"])
+                columns.extend(c for c in row if c not in columns)
+                self._app.setdefault(table, {})[row["id"]] = row
+            for table, row_id in changes.app_rows_delete:
+                self._app.get(table, {}).pop(row_id, None)

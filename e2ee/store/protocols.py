@@ -120,8 +120,10 @@ class Changes:
     """One atomic write. Empty by default; build with :func:`dataclasses.replace`.
 
     ``app_rows`` lets the layer above (the SDK's history) put rows into its own
-    tables in the same transaction: ``(table, row)`` pairs upserted by primary key
-    (the table's ``id`` column), applied in order.
+    tables in the same transaction: ``(table, row)`` pairs, each replacing the
+    row with the same ``id`` (a str), applied in order; columns a row leaves out
+    read back as None. ``app_rows_delete`` removes ``(table, id)`` rows, after
+    the puts. The rules for names and values are in :mod:`e2ee.store.rows`.
     """
 
     account: AccountRecord | None = None
@@ -136,6 +138,7 @@ class Changes:
     sender_keys_delete: frozenset[SenderKeyId] = frozenset()
     meta_put: Mapping[str, str] = field(default_factory=_empty)
     app_rows: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    app_rows_delete: frozenset[tuple[str, str]] = frozenset()
 
     def is_empty(self) -> bool:
         """True when committing this would write nothing."""
@@ -152,6 +155,7 @@ class Changes:
             or self.sender_keys_delete
             or self.meta_put
             or self.app_rows
+            or self.app_rows_delete
         )
 
 

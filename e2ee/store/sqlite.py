@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
-import re
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -42,7 +40,6 @@ from typing import Any, Final
 import sqlite_utils
 
 from e2ee.errors import E2EEError, StorageError, StoreCorrupt, UsageError
-from e2ee.store.memory import validate_changes
 from e2ee.store.protocols import (
     AccountRecord,
     Address,
@@ -52,6 +49,10 @@ from e2ee.store.protocols import (
     SignedPreKeyRow,
     TrustLevel,
 )
+from e2ee.store.rows import APP_NAME as _APP_NAME
+from e2ee.store.rows import INT64_MAX as _INT64_MAX
+from e2ee.store.rows import INT64_MIN as _INT64_MIN
+from e2ee.store.rows import check_app_row, validate_changes
 from e2ee.store.sealing import (
     KDF_MODERATE,
     KdfLimits,
@@ -77,12 +78,8 @@ APP_TABLE_PREFIX: Final = "app_"
 
 _BUSY_TIMEOUT_S: Final = 5.0
 _MIN_SQLITE: Final = (3, 37, 0)
-_INT64_MIN: Final = -(2**63)
-_INT64_MAX: Final = 2**63 - 1
 # Lower-case ASCII only: SQLite compares table and column names case-insensitively
 # ("History" and "history" are one table), the in-memory twin does not.
-_APP_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,59}")
-_APP_VALUE_TYPES: Final = (type(None), int, float, str, bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,10 +496,7 @@ class SQLiteProtocolStore:
         name = APP_TABLE_PREFIX + table
         with self._lock, _storage_errors("read an app row"):
             conn = self._connection()
-            exists = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
-            ).fetchone()
-            if exists is None:
+            if not self._app_table_exists(conn, table):
                 return None
             cursor = conn.execute(
                 f"SELECT * FROM {_quote(name)} WHERE id = ?",  # noqa: S608  (checked name)
@@ -512,6 +506,14 @@ class SQLiteProtocolStore:
             if found is None:
                 return None
             return {d[0]: v for d, v in zip(cursor.description, found, strict=True)}
+
+    @staticmethod
+    def _app_table_exists(conn: sqlite3.Connection, table: str) -> bool:
+        found = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+            (APP_TABLE_PREFIX + table,),
+        ).fetchone()
+        return found is not None
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -528,13 +530,12 @@ class SQLiteProtocolStore:
                 is closed, or the write failed. Nothing was changed.
         """
         with _storage_errors("prepare the commit"):
-            validate_changes(changes)
+            app_rows = validate_changes(changes)
             if changes.is_empty():
                 with self._lock:
                     self._connection()
                 return
             statements = self._statements(changes)
-            app_rows = [check_app_row(table, row) for table, row in changes.app_rows]
         with self._lock, _storage_errors("commit"):
             conn = self._connection()
             touched: dict[str, tuple[str, ...]] = {}
@@ -546,6 +547,12 @@ class SQLiteProtocolStore:
                     for table, row in app_rows:
                         self._put_app_row(conn, table, row, touched)
                     self._schema_cookie = _schema_cookie(conn)
+                for table, row_id in sorted(changes.app_rows_delete):
+                    if self._app_table_exists(conn, table):
+                        conn.execute(
+                            f"DELETE FROM {_quote(APP_TABLE_PREFIX + table)} WHERE id = ?",  # noqa: S608
+                            (row_id,),
+                        )
             # Only now: a rolled-back transaction also rolled back its ALTERs.
             self._app_columns.update(touched)
             self._transactions += 1
@@ -754,49 +761,6 @@ class SQLiteProtocolStore:
         # Replace, not merge, as in the in-memory twin: columns the row leaves out
         # are cleared.
         conn.execute(_upsert_sql(name, columns), [row.get(c) for c in columns])
-
-
-def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Check one app row can be stored and read back exactly; return a plain copy.
-
-    What SQLite holds exactly, and so what this accepts: table and column names
-    that are lower-case ASCII identifiers (at most 60 characters); a ``str``
-    ``id``; values that are None, ``int`` (64-bit), ``float`` (not NaN), ``str``
-    or ``bytes``. ``bool``, containers and other objects are refused rather than
-    converted. A row replaces the stored row with its id; the table's other
-    columns read back as None.
-
-    Args:
-        table: the app table name (stored as ``app_<table>``).
-        row: the row, with an ``id``.
-
-    Returns:
-        ``(table, row)`` with the row copied into a plain dict.
-
-    Raises:
-        StorageError: the row cannot be stored exactly.
-    """
-    if not isinstance(table, str) or not _APP_NAME.fullmatch(table):
-        raise StorageError("an app table name is a lower-case ASCII identifier")
-    try:
-        copy = dict(row.items())
-    except Exception as exc:  # a caller's Mapping may raise anything; keep it typed
-        raise StorageError(f"app row for {table!r} cannot be read") from exc
-    for column, value in copy.items():
-        if not isinstance(column, str) or not _APP_NAME.fullmatch(column):
-            raise StorageError(f"app table {table!r}: a column name is a lower-case identifier")
-        if type(value) not in _APP_VALUE_TYPES:
-            raise StorageError(
-                f"app table {table!r}, column {column!r}: "
-                f"{type(value).__name__} values are not stored"
-            )
-        if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
-            raise StorageError(f"app table {table!r}, column {column!r}: int exceeds 64 bits")
-        if type(value) is float and math.isnan(value):
-            raise StorageError(f"app table {table!r}, column {column!r}: NaN is not stored")
-    if not isinstance(copy.get("id"), str):
-        raise StorageError(f"app row for {table!r} needs a str 'id'")
-    return table, copy
 
 
 # -- opening ------------------------------------------------------------------------------

@@ -194,3 +194,55 @@ async def test_typing_reaction_edit_delete_and_timer_over_the_real_relay(
             a_events, lambda e: isinstance(e, MessageChanged) and e.change == "expired", WAIT
         )
         assert alice.history.message(short) is None
+
+
+KILLED_CHILD = """
+import asyncio, os, sys
+from e2ee.client import Client, ClientOptions
+
+async def main():
+    client = await Client.open(sys.argv[1], options=ClientOptions(ack_delay=0.2))
+    async def die(ids):
+        os._exit(9)  # killed after the commit, before the ack leaves
+    client._link.ack = die
+    async with client:
+        await asyncio.sleep(30)
+
+asyncio.run(main())
+"""
+
+
+async def test_client_process_killed_between_commit_and_ack(
+    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    await bob.close()  # bob's process is not running
+    async with alice:
+        for i in range(4):
+            await alice.send_text("bob", f"survives {i}")
+    script = tmp_path / "child.py"
+    script.write_text(KILLED_CHILD)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(tmp_path / "real-bob")
+    )
+    assert await asyncio.wait_for(child.wait(), 60) == 9
+    again = await Client.open(tmp_path / "real-bob", options=FAST)
+    before = {m.id for m in again.history.messages(direct_chat_id("alice"))}
+    assert before  # the child committed at least one message before it died
+    events = again.events()
+    try:
+        async with again:
+            fresh = []
+            while len(before) + len(fresh) < 4:
+                event = await wait_for(events, lambda e: isinstance(e, MessageReceived), WAIT)
+                fresh.append(event.message.id)
+            await asyncio.sleep(0.5)  # redelivered duplicates are acknowledged silently
+            texts = [m.text for m in again.history.messages(direct_chat_id("alice"))]
+        assert texts == [f"survives {i}" for i in range(4)]  # nothing lost, nothing twice
+        assert not before & set(fresh)  # nothing shown twice
+    finally:
+        await again.close()
+    del subprocess

@@ -334,26 +334,13 @@ def test_a_commit_failing_validation_changes_nothing(
 
 
 class _Unprintable:
-    """An app-row id whose ``str()`` fails: an error found only while applying."""
+    """An app-row id whose ``str()`` fails: a value no store may half-apply."""
 
     def __str__(self) -> str:
         raise ValueError("no text for this id")
 
 
-def test_a_commit_failing_while_applied_changes_nothing(
-    store: ProtocolStore, request: pytest.FixtureRequest
-) -> None:
-    if isinstance(store, MemoryProtocolStore):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "MemoryProtocolStore.commit converts app rows (str(row['id'])) while "
-                    "applying, after the other changes; the error is untyped and the "
-                    "earlier changes stay. Fix belongs in e2ee/store/memory.py."
-                ),
-            )
-        )
+def test_a_commit_failing_while_applied_changes_nothing(store: ProtocolStore) -> None:
     store.commit(everything())
     before = read_all(store)
     spoiled = replace(
@@ -513,3 +500,20 @@ def test_exact_tells_floats_and_ints_apart() -> None:
     assert exact({"v": 1}) != exact({"v": 1.0})
     assert exact({"v": 0.0}) != exact({"v": -0.0})
     assert exact({"v": math.inf}) == exact({"v": math.inf})
+
+
+def test_app_rows_can_be_deleted_with_the_rest_of_a_commit(store: ProtocolStore) -> None:
+    store.commit(
+        Changes(
+            app_rows=(
+                ("messages", {"id": "m1", "text": "hi"}),
+                ("messages", {"id": "m2", "text": "there"}),
+            )
+        )
+    )
+    store.commit(Changes(app_rows_delete=frozenset({("messages", "m1"), ("nothing", "x")})))
+    assert store.load_app_row("messages", "m1") is None
+    assert store.load_app_row("messages", "m2") == {"id": "m2", "text": "there"}
+    with pytest.raises(StorageError):
+        store.commit(Changes(app_rows_delete=frozenset({("Bad-Name", "m2")})))
+    assert store.load_app_row("messages", "m2") is not None

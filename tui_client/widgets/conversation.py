@@ -90,6 +90,7 @@ class MessageList(OptionList):
         self._rows: list[MessageView | str] = []
         self._by_id: dict[str, MessageView] = {}
         self._notices = 0
+        self._rebuilding = False
 
     # -- content ------------------------------------------------------------------------
 
@@ -225,13 +226,19 @@ class MessageList(OptionList):
                 options.append(self._day_option(row.sent_at))
                 last_day = day
             options.append(Option(self._prompt(row), id=row.id))
-        self.set_options(options)
-        if keep is not None:
-            try:
-                self.highlighted = self.get_option_index(keep)
-            except OptionDoesNotExist:
-                return
-            self.scroll_to_highlight()
+        # set_options resets the scroll position to the top; that must not read as
+        # "the user scrolled up" and load yet another page.
+        self._rebuilding = True
+        try:
+            self.set_options(options)
+            if keep is not None:
+                try:
+                    self.highlighted = self.get_option_index(keep)
+                except OptionDoesNotExist:
+                    return
+                self.scroll_to_highlight()
+        finally:
+            self._rebuilding = False
 
     def _prompt(self, m: MessageView) -> Text:
         if m.kind not in ("text", "attachment"):
@@ -286,6 +293,8 @@ class MessageList(OptionList):
 
     def _maybe_need_older(self) -> None:
         oldest = self.oldest_id()
+        if self._rebuilding:
+            return
         if self.has_older and not self.loading_older and self.chat_id and oldest:
             self.loading_older = True
             self.post_message(self.NeedOlder(self.chat_id, oldest))

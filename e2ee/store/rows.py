@@ -1,0 +1,87 @@
+"""Validation shared by every :class:`~e2ee.store.protocols.ProtocolStore` implementation.
+
+Invariant: a :class:`~e2ee.store.protocols.Changes` value either passes
+:func:`validate_changes` and then commits the same way in every implementation,
+or is refused with :class:`~e2ee.errors.StorageError` before anything is written.
+The rules are what SQLite can hold exactly (the strictest implementation), so
+code tested against the in-memory twin cannot fail only on SQLite.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from e2ee.errors import StorageError
+from e2ee.store.protocols import Changes, TrustLevel
+
+__all__ = ["APP_NAME", "INT64_MAX", "INT64_MIN", "check_app_row", "validate_changes"]
+
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+#: App table and column names: lower-case ASCII identifiers of at most 60 characters.
+APP_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,59}")
+_APP_VALUE_TYPES: Final = (type(None), int, float, str, bytes)
+
+
+def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Check one app row can be stored and read back exactly; return a plain copy.
+
+    What SQLite holds exactly, and so what this accepts: table and column names
+    that are lower-case ASCII identifiers (at most 60 characters); a ``str``
+    ``id``; values that are None, ``int`` (64-bit), ``float`` (not NaN), ``str``
+    or ``bytes``. ``bool``, containers and other objects are refused rather than
+    converted. A row replaces the stored row with its id; the table's other
+    columns read back as None.
+
+    Args:
+        table: the app table name (stored as ``app_<table>``).
+        row: the row, with an ``id``.
+
+    Returns:
+        ``(table, row)`` with the row copied into a plain dict.
+
+    Raises:
+        StorageError: the row cannot be stored exactly.
+    """
+    if not isinstance(table, str) or not APP_NAME.fullmatch(table):
+        raise StorageError("an app table name is a lower-case ASCII identifier")
+    try:
+        copy = dict(row.items())
+    except Exception as exc:  # a caller's Mapping may raise anything; keep it typed
+        raise StorageError(f"app row for {table!r} cannot be read") from exc
+    for column, value in copy.items():
+        if not isinstance(column, str) or not APP_NAME.fullmatch(column):
+            raise StorageError(f"app table {table!r}: a column name is a lower-case identifier")
+        if type(value) not in _APP_VALUE_TYPES:
+            raise StorageError(
+                f"app table {table!r}, column {column!r}: "
+                f"{type(value).__name__} values are not stored"
+            )
+        if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
+            raise StorageError(f"app table {table!r}, column {column!r}: int exceeds 64 bits")
+        if type(value) is float and math.isnan(value):
+            raise StorageError(f"app table {table!r}, column {column!r}: NaN is not stored")
+    if not isinstance(copy.get("id"), str):
+        raise StorageError(f"app row for {table!r} needs a str 'id'")
+    return table, copy
+
+
+def validate_changes(changes: Changes) -> list[tuple[str, dict[str, Any]]]:
+    """Check a commit before anything is applied; return its app rows as plain dicts.
+
+    Raises:
+        StorageError: an unknown trust level, an app row that cannot be stored
+            exactly, or a malformed app row deletion.
+    """
+    for record in changes.identities_put.values():
+        if record.trust not in TrustLevel.ALL:
+            raise StorageError(f"unknown trust level {record.trust!r}")
+    for table, row_id in changes.app_rows_delete:
+        if not isinstance(table, str) or not APP_NAME.fullmatch(table):
+            raise StorageError("an app table name is a lower-case ASCII identifier")
+        if not isinstance(row_id, str):
+            raise StorageError(f"app row deletion in {table!r} needs a str id")
+    return [check_app_row(table, row) for table, row in changes.app_rows]

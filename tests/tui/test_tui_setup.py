@@ -1,0 +1,94 @@
+"""First run and unlock, through the real app, against a real relay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tui_harness import until
+
+from tui_client.adapter import Opener
+from tui_client.app import BlindpostApp
+from tui_client.screens.main import MainScreen
+from tui_client.screens.setup import AccountCardScreen, FirstRunScreen, UnlockScreen
+from tui_client.widgets.status import ConnectionIndicator
+
+MakeOpener = Callable[..., Opener]
+
+
+async def test_first_run_registers_then_later_runs_ask_for_the_passphrase(
+    tui_opener: MakeOpener, tui_relay: Any
+) -> None:
+    opener = tui_opener("alice")
+    app = BlindpostApp(opener)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, FirstRunScreen))
+        screen = app.screen
+        relay_input = screen.query_one("#setup-relay")
+        assert relay_input.value == "http://127.0.0.1:8080"  # the README quick start
+        screen.query_one("#setup-username").value = "alice"
+        relay_input.value = tui_relay.url
+        screen.query_one("#setup-pass").value = "correct horse"
+        screen.query_one("#setup-pass2").value = "correct horsE"
+        await pilot.click("#setup-create")
+        await until(pilot, lambda: "differ" in str(screen.query_one("#setup-error").render()))
+        screen.query_one("#setup-pass2").value = "correct horse"
+        await pilot.click("#setup-create")
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, AccountCardScreen)
+            or print(screen.query_one("#setup-error").render()),
+        )
+        assert "alice" in str(app.screen.query_one("Static").render())
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, MainScreen))
+        indicator = app.screen.query_one(ConnectionIndicator)
+        await until(pilot, lambda: indicator.state == "connected")
+    assert opener.exists()
+
+    again = BlindpostApp(opener)
+    async with again.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(again.screen, UnlockScreen))
+        field = again.screen.query_one("#unlock-pass")
+        field.value = "wrong"
+        field.focus()
+        await pilot.press("enter")
+        error = again.screen.query_one("#unlock-error")
+        await until(pilot, lambda: "passphrase" in str(error.render()))
+        assert isinstance(again.screen, UnlockScreen)
+        field.value = "correct horse"
+        field.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(again.screen, MainScreen))
+
+
+async def test_taken_username_is_reported_and_can_be_changed(
+    tui_opener: MakeOpener, tui_relay: Any
+) -> None:
+    first = await tui_opener("first").create("alice", tui_relay.url, None)
+    await first.close()
+    opener = tui_opener("second")
+    app = BlindpostApp(opener)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, FirstRunScreen))
+        screen = app.screen
+        screen.query_one("#setup-username").value = "alice"
+        screen.query_one("#setup-relay").value = tui_relay.url
+        await pilot.click("#setup-create")
+        error = screen.query_one("#setup-error")
+        await until(pilot, lambda: "registration failed" in str(error.render()))
+        assert not opener.exists(), "a failed registration leaves no half account behind"
+        screen.query_one("#setup-username").value = "alice2"
+        await pilot.click("#setup-create")
+        await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
+
+
+async def test_without_passphrase_later_runs_open_straight_into_the_chats(
+    tui_opener: MakeOpener, tui_relay: Any
+) -> None:
+    opener = tui_opener("alice")
+    backend = await opener.create("alice", tui_relay.url, None)
+    await backend.close()
+    app = BlindpostApp(opener)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, MainScreen))
