@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -52,6 +53,7 @@ from e2ee.client_errors import (
     NotAMember,
     NotRegistered,
     SendFailed,
+    StoreLocked,
     UnknownRecipient,
 )
 from e2ee.core import Ciphertext, PreKeyBundle, ProtocolEngine
@@ -69,6 +71,7 @@ from e2ee.errors import (
     UsageError,
 )
 from e2ee.events import (
+    BacklogDrained,
     ConnectionStateChanged,
     DecryptionProblem,
     Event,
@@ -81,6 +84,7 @@ from e2ee.events import (
     Typing,
 )
 from e2ee.history import (
+    GroupInfo,
     History,
     Row,
     StoredMessage,
@@ -99,7 +103,8 @@ from e2ee.payload import (
     Quote,
     ReceiptKind,
 )
-from e2ee.store import AccountRecord, Address, Changes, TrustLevel
+from e2ee.store import AccountRecord, Address, Changes, IdentityRecord, TrustLevel
+from e2ee.store.sealing import KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
 from e2ee.transport.auth import DeviceSigner
 from e2ee.transport.errors import (
@@ -110,12 +115,13 @@ from e2ee.transport.errors import (
     RelayRejected,
     Replaced,
 )
-from e2ee.transport.frames import Delivery
+from e2ee.transport.frames import Delivery, QueueEmpty
 from e2ee.transport.http import RelayClient
 from e2ee.transport.ws import ConnectionState, RelayConnection
 
 __all__ = [
     "DB_FILE",
+    "LOCK_FILE",
     "Client",
     "ClientOptions",
     "LinkFactory",
@@ -127,12 +133,17 @@ _log = logging.getLogger(__name__)
 
 #: The database file inside the data directory.
 DB_FILE: Final = "blindpost.db"
+#: Held (``flock``) while a process has the data directory open.
+LOCK_FILE: Final = "blindpost.lock"
 _META_USER: Final = "sdk.username"
 _META_RELAY: Final = "sdk.relay_url"
 _META_REGISTERED: Final = "sdk.registered"
+_META_ACCOUNT_CREATED: Final = "sdk.account_created"
 _META_READ_RECEIPTS: Final = "sdk.read_receipts"
 _META_STRICT: Final = "sdk.strict_trust"
 _RECEIPT_BATCH: Final = 500
+#: A typing indicator not sent within this time is dropped, not sent late.
+_TYPING_TTL_MS: Final = 10_000
 _ACTION_NAMES: Final[dict[GroupAction, Literal["create", "add", "remove", "leave", "rename"]]] = {
     GroupAction.CREATE: "create",
     GroupAction.ADD: "add",
@@ -171,8 +182,11 @@ class RelayLink(Protocol):
         """Open the live connection (the WebSocket); deliveries start flowing."""
         ...
 
-    def deliveries(self) -> AsyncIterator[Delivery]:
-        """Deliveries from the live connection, backlog first; ends when it closes."""
+    def deliveries(self) -> AsyncIterator[Delivery | QueueEmpty]:
+        """Deliveries from the live connection, backlog first; ends when it closes.
+
+        A :class:`QueueEmpty` marks the end of the backlog present at connect time.
+        """
         ...
 
     async def send(
@@ -238,6 +252,91 @@ class _Inbound:
     resend_key: tuple[str, str] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """Everything opening a data directory produced (built in a worker thread)."""
+
+    folder: Path
+    store: SQLiteProtocolStore
+    engine: ProtocolEngine
+    history: History
+    account: AccountRecord
+    relay_url: str
+    registered: bool
+    identity_key: bytes
+    fingerprint: str
+    lock_fd: int
+
+
+def _lock_dir(folder: Path) -> int:
+    """Take the data directory's exclusive lock (one process per directory).
+
+    Raises:
+        StoreLocked: another process holds it.
+        StorageError: the lock file cannot be created.
+    """
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot create the lock file: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise StoreLocked(f"{folder} is in use by another process") from exc
+    return fd
+
+
+def _open_dir(
+    folder: Path,
+    passphrase: str | None,
+    kdf_limits: KdfLimits | None,
+    now_ms: Callable[[], int],
+    init: Callable[[SQLiteProtocolStore], None] | None,
+) -> _Opened:
+    """Lock the directory, open (and with ``init``, initialise) the store and history."""
+    lock_fd = _lock_dir(folder)
+    store: SQLiteProtocolStore | None = None
+    try:
+        path = folder / DB_FILE
+        if kdf_limits is None:
+            store = SQLiteProtocolStore.open(path, passphrase)
+        else:
+            store = SQLiteProtocolStore.open(path, passphrase, kdf_limits=kdf_limits)
+        if init is not None:
+            init(store)
+        account = store.load_account()
+        if account is None:
+            raise UsageError(f"no account in {folder}")
+        strict = store.get_meta(_META_STRICT) == "1"
+        engine = ProtocolEngine(store, now_ms=now_ms, trust_on_first_use=not strict)
+        key = engine.identity_key
+        own = compute_safety_number(key, account.name, key, account.name).digits[:30]
+        return _Opened(
+            folder=folder,
+            store=store,
+            engine=engine,
+            history=History.open(store),
+            account=account,
+            relay_url=store.get_meta(_META_RELAY) or "",
+            registered=store.get_meta(_META_REGISTERED) == "1",
+            identity_key=key,
+            fingerprint=own,
+            lock_fd=lock_fd,
+        )
+    except BaseException:
+        if store is not None:
+            store.close()
+        os.close(lock_fd)
+        raise
+
+
+def _close_opened(opened: _Opened) -> None:
+    opened.history.close()
+    opened.store.close()
+    os.close(opened.lock_fd)
+
+
 def _system_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -273,37 +372,42 @@ class Client:
 
     def __init__(
         self,
-        data_dir: Path,
-        store: SQLiteProtocolStore,
-        engine: ProtocolEngine,
-        history: History,
+        opened: _Opened,
         link_factory: LinkFactory,
         *,
-        account: AccountRecord,
-        relay_url: str,
         now_ms: Callable[[], int],
         options: ClientOptions,
     ) -> None:
         """Use :meth:`open` or :meth:`create`."""
-        self._dir = data_dir
-        self._store = store
-        self._engine = engine
-        self._history = history
+        self._dir = opened.folder
+        self._store = opened.store
+        self._engine = opened.engine
+        self._history = opened.history
         self._now_ms = now_ms
         self._options = options
+        account = opened.account
+        relay_url = opened.relay_url
         self._me = Address(account.name, account.device_id)
         signer = DeviceSigner.from_seed(
             _auth_seed(account.identity_key_pair), account.name, account.device_id
         )
         self._link = link_factory(signer, relay_url)
-        self._registered = False
         self._strict = False
+        self._store_meta_cache: dict[str, str] = {}
+        self._relay_url = relay_url
+        self._lock_fd: int | None = opened.lock_fd
+        self._identity_key = opened.identity_key
+        self._fingerprint = opened.fingerprint
+        self._registered = opened.registered
         self._wlock = threading.RLock()
         self._counters: dict[str, int] = {}
         self._chats: dict[str, dict[str, Any]] = {}
         self._known_links: set[str] = set()
         self._wake_pending = False
         self._inflight: asyncio.Future[_Inbound] | None = None
+        self._flush_started = 0
+        self._flush_done = 0
+        self._flush_cond = asyncio.Condition()
         self._subscribers: list[asyncio.Queue[Event]] = []
         self._sent_waiters: dict[str, asyncio.Future[None]] = {}
         self._outbox_wake = asyncio.Event()
@@ -314,7 +418,6 @@ class Client:
         self._acks: list[bytes] = []
         self._ack_wake = asyncio.Event()
         self._held: set[str] = set()
-        self._pending_keys: dict[Address, bytes] = {}
 
     def __repr__(self) -> str:
         return f"Client(user={self._me.name!r}, device={self._me.device_id})"
@@ -334,7 +437,7 @@ class Client:
         link_factory: LinkFactory | None = None,
         now_ms: Callable[[], int] = _system_ms,
         options: ClientOptions | None = None,
-        kdf_limits: Any = None,
+        kdf_limits: KdfLimits | None = None,
     ) -> Client:
         """Create a new account in ``data_dir`` (not yet registered with the relay).
 
@@ -361,11 +464,14 @@ class Client:
         if not 1 <= device_id <= 127:
             raise UsageError("device id must be in 1..127")
         folder = Path(data_dir)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-        def setup() -> tuple[SQLiteProtocolStore, ProtocolEngine, History, AccountRecord]:
-            store = cls._open_store(folder, passphrase, kdf_limits)
+        def setup() -> _Opened:
             try:
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                raise StorageError(f"cannot create {folder}: {exc.strerror}") from exc
+
+            def init(store: SQLiteProtocolStore) -> None:
                 engine = ProtocolEngine(store, now_ms=now_ms, trust_on_first_use=not strict_trust)
                 engine.create_account(username, device_id)
                 store.commit(
@@ -378,25 +484,11 @@ class Client:
                         }
                     )
                 )
-                account = store.load_account()
-                assert account is not None
-                return store, engine, History.open(store), account
-            except BaseException:
-                store.close()
-                raise
 
-        store, engine, history, account = await asyncio.to_thread(setup)
-        return cls(
-            folder,
-            store,
-            engine,
-            history,
-            link_factory or _default_link_factory,
-            account=account,
-            relay_url=relay_url,
-            now_ms=now_ms,
-            options=options or ClientOptions(),
-        )
+            return _open_dir(folder, passphrase, kdf_limits, now_ms, init)
+
+        opened = await asyncio.to_thread(setup)
+        return await cls._build(opened, link_factory, now_ms, options)
 
     @classmethod
     async def open(
@@ -426,42 +518,33 @@ class Client:
             StorageError: the database cannot be opened.
         """
         folder = Path(data_dir)
-        if not (folder / DB_FILE).exists():
-            raise UsageError(f"no account in {folder}")
 
-        def setup() -> tuple[SQLiteProtocolStore, ProtocolEngine, History, AccountRecord, str]:
-            store = cls._open_store(folder, passphrase, None)
-            try:
-                account = store.load_account()
-                if account is None:
-                    raise UsageError(f"no account in {folder}")
-                strict = store.get_meta(_META_STRICT) == "1"
-                engine = ProtocolEngine(store, now_ms=now_ms, trust_on_first_use=not strict)
-                url = store.get_meta(_META_RELAY) or ""
-                return store, engine, History.open(store), account, url
-            except BaseException:
-                store.close()
-                raise
+        def setup() -> _Opened:
+            if not (folder / DB_FILE).exists():
+                raise UsageError(f"no account in {folder}")
+            return _open_dir(folder, passphrase, None, now_ms, None)
 
-        store, engine, history, account, url = await asyncio.to_thread(setup)
-        return cls(
-            folder,
-            store,
-            engine,
-            history,
-            link_factory or _default_link_factory,
-            account=account,
-            relay_url=url,
-            now_ms=now_ms,
-            options=options or ClientOptions(),
-        )
+        opened = await asyncio.to_thread(setup)
+        return await cls._build(opened, link_factory, now_ms, options)
 
-    @staticmethod
-    def _open_store(folder: Path, passphrase: str | None, limits: Any) -> SQLiteProtocolStore:
-        path = folder / DB_FILE
-        if limits is None:
-            return SQLiteProtocolStore.open(path, passphrase)
-        return SQLiteProtocolStore.open(path, passphrase, kdf_limits=limits)
+    @classmethod
+    async def _build(
+        cls,
+        opened: _Opened,
+        link_factory: LinkFactory | None,
+        now_ms: Callable[[], int],
+        options: ClientOptions | None,
+    ) -> Client:
+        try:
+            return cls(
+                opened,
+                link_factory or _default_link_factory,
+                now_ms=now_ms,
+                options=options or ClientOptions(),
+            )
+        except BaseException:
+            await asyncio.to_thread(_close_opened, opened)
+            raise
 
     async def register(self) -> None:
         """Register the account with the relay and upload its prekeys.
@@ -472,11 +555,17 @@ class Client:
         """
         self._check_open()
         await asyncio.to_thread(self._load_state)
-        if not self._registered:
+        if not self._registered and self._store_meta_cache.get(_META_ACCOUNT_CREATED) != "1":
             await self._link.register()
+            # Recorded at once: names are never reused, so a retry after a failed
+            # key upload must not register (and lose) the name again.
+            await asyncio.to_thread(
+                self._store.commit, Changes(meta_put={_META_ACCOUNT_CREATED: "1"})
+            )
         upload = await asyncio.to_thread(self._engine.key_upload)
         await self._link.upload_keys(upload.to_json())
         await asyncio.to_thread(self._store.commit, Changes(meta_put={_META_REGISTERED: "1"}))
+        self._registered = True
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -507,7 +596,10 @@ class Client:
             self._tasks.append(asyncio.create_task(runner()))
 
     async def close(self) -> None:
-        """Flush acknowledgements, disconnect and close the store. Idempotent."""
+        """Finish the delivery in progress, flush acknowledgements, disconnect, close files.
+
+        Idempotent. Messages still in the outbox stay there for the next start.
+        """
         if self._closed:
             return
         self._closing = True
@@ -540,6 +632,9 @@ class Client:
         with self._wlock:
             self._history.close()
             self._store.close()
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the directory lock
+                self._lock_fd = None
 
     def _check_open(self) -> None:
         if self._closed or self._closing:
@@ -556,6 +651,26 @@ class Client:
     def device_id(self) -> int:
         """This device's id."""
         return self._me.device_id
+
+    @property
+    def relay_url(self) -> str:
+        """The relay this account registers with."""
+        return self._relay_url
+
+    @property
+    def is_registered(self) -> bool:
+        """True once :meth:`register` completed (account created and keys uploaded)."""
+        return self._registered
+
+    @property
+    def identity_key(self) -> bytes:
+        """Our identity public key (33 bytes; public, safe to show)."""
+        return self._identity_key
+
+    @property
+    def fingerprint(self) -> str:
+        """Our 30 digits: our half of every safety number with us."""
+        return self._fingerprint
 
     @property
     def history(self) -> History:
@@ -620,6 +735,9 @@ class Client:
         with self._wlock:
             self._drop_caches()
             self._registered = self._store.get_meta(_META_REGISTERED) == "1"
+            self._store_meta_cache = {
+                _META_ACCOUNT_CREATED: self._store.get_meta(_META_ACCOUNT_CREATED) or ""
+            }
             self._strict = self._store.get_meta(_META_STRICT) == "1"
 
     def _drop_caches(self) -> None:
@@ -1142,19 +1260,48 @@ class Client:
         return gid
 
     async def add_member(self, group_id: str, user: str) -> None:
-        """Add a member (admins only); everyone, the new member included, is told."""
+        """Add a member (admins only); everyone, the new member included, is told.
+
+        Args:
+            group_id: the group.
+            user: the user to add.
+
+        Raises:
+            NotAMember: we are not in the group.
+            NotAdmin: we are not an admin of it.
+            IdentityHeld: a member's key changed and is not accepted (the change
+                stays queued).
+        """
         await self._change_group(group_id, GroupAction.ADD, user)
 
     async def remove_member(self, group_id: str, user: str) -> None:
-        """Remove a member (admins only) and rotate our Sender Key."""
+        """Remove a member (admins only) and rotate our Sender Key.
+
+        Every remaining member rotates theirs when the change reaches them, so
+        the removed member cannot read anything sent afterwards.
+
+        Raises:
+            NotAMember: we are not in the group.
+            NotAdmin: we are not an admin of it.
+            UsageError: ``user`` is not a member.
+        """
         await self._change_group(group_id, GroupAction.REMOVE, user)
 
     async def rename_group(self, group_id: str, name: str) -> None:
-        """Rename a group (admins only)."""
+        """Rename a group (admins only).
+
+        Raises:
+            NotAMember: we are not in the group.
+            NotAdmin: we are not an admin of it.
+        """
         await self._change_group(group_id, GroupAction.RENAME, None, name=name)
 
     async def leave_group(self, group_id: str) -> None:
-        """Leave a group; the others rotate their Sender Keys."""
+        """Leave a group; the others rotate their Sender Keys.
+
+        Raises:
+            NotAMember: we are not in the group.
+        """
         await self._change_group(group_id, GroupAction.LEAVE, self._me.name)
 
     async def _change_group(
@@ -1283,8 +1430,43 @@ class Client:
 
         return await asyncio.to_thread(compute)
 
+    async def groups(self) -> list[GroupInfo]:
+        """Every group we know (``member`` is False for groups we left or were removed from).
+
+        Raises:
+            StorageError: history cannot be read.
+        """
+        return await asyncio.to_thread(self._history.groups)
+
+    async def contacts(self) -> dict[str, dict[int, str]]:
+        """Everyone we have a chat, a group or a key with: user -> device -> trust level.
+
+        A user we never exchanged keys with maps to an empty dict.
+
+        Raises:
+            StorageError: the store or history cannot be read.
+        """
+
+        def collect() -> dict[str, dict[int, str]]:
+            out: dict[str, dict[int, str]] = {}
+            for user in self._history.users():
+                if user == self._me.name:
+                    continue
+                found = self._store.identities(user)
+                out[user] = {a.device_id: r.trust for a, r in sorted(found.items())}
+            return out
+
+        return await asyncio.to_thread(collect)
+
     async def trust_level(self, user: str) -> dict[int, str]:
-        """device -> ``tofu``, ``verified`` or ``untrusted`` for a contact."""
+        """How far each known device of a contact is trusted.
+
+        Returns:
+            device id -> ``tofu``, ``verified`` or ``untrusted`` (empty if unknown).
+
+        Raises:
+            StorageError: the store cannot be read.
+        """
         found = await asyncio.to_thread(self._store.identities, user)
         return {a.device_id: r.trust for a, r in found.items()}
 
@@ -1302,27 +1484,22 @@ class Client:
         def accept() -> None:
             level = TrustLevel.VERIFIED if verified else TrustLevel.TOFU
             known = self._store.identities(user)
-            pending = {a: k for a, k in self._pending_keys.items() if a.name == user}
-            if not known and not pending:
+            if not known:
                 raise UsageError(f"no identity known for {user}")
-            for address, record in known.items():
-                key = pending.pop(address, record.identity_key)
-                if key != record.identity_key:
-                    # A new key seen in a bundle: the old session is for the old key.
-                    self._store.commit(Changes(sessions_delete=frozenset({address})))
-                self._engine.set_trust(address, key, level)
-            for address, key in pending.items():
-                self._engine.set_trust(address, key, level)
-            for address in list(self._pending_keys):
-                if address.name == user:
-                    del self._pending_keys[address]
+            with self._wlock:
+                for address, record in known.items():
+                    self._engine.set_trust(address, record.identity_key, level)
 
         await asyncio.to_thread(accept)
         self._held.discard(user)
         self._outbox_wake.set()
 
     async def verify(self, user: str) -> None:
-        """Mark ``user``'s current keys verified (after comparing safety numbers)."""
+        """Mark ``user``'s current keys verified (after comparing safety numbers).
+
+        Raises:
+            UsageError: nothing is known about that user.
+        """
         await self.accept_identity(user, verified=True)
 
     # -- the connection --------------------------------------------------------------------
@@ -1340,8 +1517,13 @@ class Client:
                 self._outbox_wake.set()
                 maintenance = asyncio.create_task(self._maintenance_loop())
                 try:
+                    processed = 0
                     async for delivery in self._link.deliveries():
+                        if isinstance(delivery, QueueEmpty):
+                            self._emit(BacklogDrained(processed))
+                            continue
                         await self._handle_delivery(delivery)
+                        processed += 1
                 finally:
                     maintenance.cancel()
                     with contextlib.suppress(asyncio.CancelledError, E2EEError):
@@ -1829,12 +2011,41 @@ class Client:
 
     # -- the outbox ------------------------------------------------------------------------
 
+    async def flush(self, timeout: float | None = None) -> int:
+        """Wait until every outbox entry that can be sent now was sent.
+
+        Held chats (an identity key to accept) and failed entries do not count.
+        Offline, this waits for the connection (bounded by ``timeout``).
+
+        Args:
+            timeout: seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            How many outbox entries are still queued (held, or not sent in time).
+
+        Raises:
+            ClientClosed: the client is closed.
+        """
+        self._check_open()
+        target = self._flush_started + 1
+        self._outbox_wake.set()
+
+        async def done() -> None:
+            async with self._flush_cond:
+                await self._flush_cond.wait_for(lambda: self._flush_done >= target)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done(), timeout)
+        pending = await asyncio.to_thread(self._history.pending_outbox)
+        return len(pending)
+
     async def _outbox_loop(self) -> None:
         while not self._closing:
             await self._outbox_wake.wait()
             self._outbox_wake.clear()
             if not self._connected.is_set():
                 continue
+            self._flush_started += 1
             try:
                 await self._flush_outbox()
             except TransportError as exc:
@@ -1845,10 +2056,14 @@ class Client:
             except StorageError as exc:
                 _log.warning("outbox storage error: %s", exc)
                 asyncio.get_running_loop().call_later(1.0, self._outbox_wake.set)
+            finally:
+                async with self._flush_cond:
+                    self._flush_done += 1
+                    self._flush_cond.notify_all()
 
     async def _flush_outbox(self) -> None:
         entries = await asyncio.to_thread(self._history.pending_outbox)
-        blocked_chats: set[str] = set()
+        blocked_chats: dict[str, str] = {}  # chat id -> the held user
         receipts: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for entry in entries:
             if self._closing or not self._connected.is_set():
@@ -1859,20 +2074,29 @@ class Client:
                 )
                 continue
             if entry["chat_id"] in blocked_chats:
+                held = blocked_chats[entry["chat_id"]]
+                self._fail_waiter(entry["id"], IdentityHeld(held, entry["id"]))
+                continue
+            if entry["kind"] == "typing" and self._now_ms() - entry["created_at"] > _TYPING_TTL_MS:
+                await self._finish_entry(entry, "dropped")  # stale after an outage
                 continue
             try:
                 await self._send_entry(entry)
             except IdentityHeld as exc:
                 # Stays queued (and later ones of this chat, to keep order) until
                 # the key is accepted; a caller waiting for "sent" learns why.
-                blocked_chats.add(entry["chat_id"])
-                self._fail_waiter(entry["id"], exc)
+                blocked_chats[entry["chat_id"]] = exc.user
+                self._fail_waiter(entry["id"], IdentityHeld(exc.user, entry["id"]))
             except (TransportError, StorageError):
                 raise
             except E2EEError as exc:
                 # UnknownRecipient, SendFailed, NotAMember, or a payload that cannot be
                 # built: the message is marked failed in history, never retried.
                 await self._finish_entry(entry, "failed")
+                if isinstance(exc, UnknownRecipient):
+                    exc = UnknownRecipient(exc.user, entry["id"])
+                elif isinstance(exc, SendFailed):
+                    exc = SendFailed(str(exc), entry["id"])
                 self._fail_waiter(entry["id"], exc)
         for (user, kind), batch in receipts.items():
             for start in range(0, len(batch), _RECEIPT_BATCH):
@@ -2027,10 +2251,25 @@ class Client:
             try:
                 await asyncio.to_thread(self._engine.process_bundle, user, bundle)
             except UntrustedIdentity as exc:
-                self._pending_keys[Address(user, bundle.device_id)] = bundle.identity_key
+                # The bundle names a new key: record it as untrusted (kept across
+                # restarts) and drop the session made for the old key, so nothing
+                # is encrypted to either until the user decides.
+                address = Address(user, bundle.device_id)
+                await asyncio.to_thread(self._record_untrusted, address, bundle.identity_key)
                 self._hold(user, bundle.device_id)
                 raise IdentityHeld(user) from exc
         return await asyncio.to_thread(self._engine.session_devices, user)
+
+    def _record_untrusted(self, address: Address, key: bytes) -> None:
+        with self._wlock:
+            self._store.commit(
+                Changes(
+                    identities_put={
+                        address: IdentityRecord(key, TrustLevel.UNTRUSTED, self._now_ms())
+                    },
+                    sessions_delete=frozenset({address}),
+                )
+            )
 
     def _hold(self, user: str, device: int) -> None:
         if user not in self._held:
@@ -2154,30 +2393,39 @@ class TransportLink:
         return f"TransportLink({self._url!r}, {self._signer.user!r}, {self._signer.device})"
 
     async def register(self) -> None:
+        """``POST /v1/accounts`` (see :meth:`RelayLink.register`)."""
         await self._http.register()
 
     async def upload_keys(self, keys: Mapping[str, Any]) -> int:
+        """``PUT /v1/keys``; returns the one-time prekey count."""
         return await self._http.upload_keys(keys)
 
     async def prekey_count(self) -> int:
+        """``GET /v1/keys/count``."""
         return await self._http.key_count()
 
     async def fetch_bundles(self, user: str) -> list[Mapping[str, Any]]:
+        """``GET /v1/keys/{user}``: one raw bundle object per device."""
         return list(await self._http.fetch_bundles(user))
 
     async def connect(self) -> None:
+        """Open a fresh WebSocket and wait until it is up (see :meth:`RelayLink.connect`)."""
         await self.disconnect()
         conn = RelayConnection.from_client(self._http, reconnect=False)
         self._conn = conn
         await conn.start()
         await conn.wait_connected()
 
-    async def deliveries(self) -> AsyncIterator[Delivery]:
+    async def deliveries(self) -> AsyncIterator[Delivery | QueueEmpty]:
+        """Deliveries (and the end-of-backlog marker) of the open WebSocket.
+
+        Raises the error that closed it.
+        """
         conn = self._conn
         if conn is None:
             raise ConnectionLost("not connected")
         async for event in conn.events():
-            if isinstance(event, Delivery):
+            if isinstance(event, Delivery | QueueEmpty):
                 yield event
             elif isinstance(event, ConnectionState) and event.state == "closed":
                 raise event.error or ConnectionLost("the relay connection closed")
@@ -2185,6 +2433,7 @@ class TransportLink:
     async def send(
         self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
     ) -> None:
+        """Send over the WebSocket and wait for the relay's ``send_result``."""
         conn = self._conn
         if conn is None:
             raise ConnectionLost("not connected")
@@ -2192,6 +2441,7 @@ class TransportLink:
         await future
 
     async def ack(self, ids: Sequence[bytes]) -> None:
+        """Acknowledge over the WebSocket and wait until the relay committed it."""
         conn = self._conn
         if conn is None:
             raise ConnectionLost("not connected")
@@ -2199,6 +2449,7 @@ class TransportLink:
         await future
 
     async def upload_blob(self, path: Path, digest: bytes, progress: Progress | None) -> str:
+        """Stream an encrypted file to ``POST /v1/blobs``; returns the blob id."""
         size = path.stat().st_size
 
         def report(done: int, total: int | None) -> None:
@@ -2209,6 +2460,8 @@ class TransportLink:
         return str(info.id)
 
     async def download_blob(self, blob_id: str, path: Path, progress: Progress | None) -> None:
+        """Stream a blob to ``path`` (resuming a partial file, verifying its address)."""
+
         def report(done: int, total: int | None) -> None:
             if progress is not None:
                 progress(done, total or done)
@@ -2216,11 +2469,13 @@ class TransportLink:
         await self._http.download_blob(blob_id, path, progress=report)
 
     async def disconnect(self) -> None:
+        """Close the WebSocket, if open."""
         conn, self._conn = self._conn, None
         if conn is not None:
             await conn.close()
 
     async def aclose(self) -> None:
+        """Close the WebSocket and the HTTP session."""
         await self.disconnect()
         await self._http.close()
 

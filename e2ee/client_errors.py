@@ -7,7 +7,7 @@ Messages name users, devices and ids, never keys or plaintext.
 
 from __future__ import annotations
 
-from e2ee.errors import PeerError, TransportError, UsageError
+from e2ee.errors import PeerError, StorageError, TransportError, UsageError
 
 __all__ = [
     "ClientClosed",
@@ -16,6 +16,7 @@ __all__ = [
     "NotAdmin",
     "NotRegistered",
     "SendFailed",
+    "StoreLocked",
     "UnknownRecipient",
 ]
 
@@ -45,20 +46,44 @@ class NotAMember(UsageError):
 
 
 class IdentityHeld(PeerError):
-    """Sending to ``user`` is held: their identity key changed and was not accepted."""
+    """Sending to ``user`` is held: their identity key changed and was not accepted.
 
-    def __init__(self, user: str) -> None:
+    Attributes:
+        user: the contact.
+        message_id: the held message (hex), when raised for one.
+    """
+
+    def __init__(self, user: str, message_id: str | None = None) -> None:
         super().__init__(f"identity of {user} changed; accept it before sending")
         self.user = user
+        self.message_id = message_id
 
 
 class UnknownRecipient(PeerError):
-    """The relay does not know this user (or they have no devices with keys)."""
+    """The relay does not know this user (or they have no devices with keys).
 
-    def __init__(self, user: str) -> None:
+    Attributes:
+        user: the user.
+        message_id: the failed message (hex), when raised for one.
+    """
+
+    def __init__(self, user: str, message_id: str | None = None) -> None:
         super().__init__(f"unknown recipient {user}")
         self.user = user
+        self.message_id = message_id
 
 
 class SendFailed(TransportError):
-    """The relay refused a message for good (it stays in history as failed)."""
+    """The relay refused a message for good (it stays in history as failed).
+
+    Attributes:
+        message_id: the failed message (hex), when raised for one.
+    """
+
+    def __init__(self, message: str, message_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+
+
+class StoreLocked(StorageError):
+    """Another process has this data directory open (one process per directory)."""

@@ -17,6 +17,7 @@ from typing import Literal
 from e2ee.history import StoredMessage
 
 __all__ = [
+    "BacklogDrained",
     "ConnectionStateChanged",
     "DecryptionProblem",
     "Event",
@@ -109,6 +110,17 @@ class ConnectionStateChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class BacklogDrained:
+    """Every message waiting at the relay when we connected was processed.
+
+    Processed means committed, its events emitted and its acknowledgement queued.
+    Emitted once per connection, after ``ConnectionStateChanged("connected")``.
+    """
+
+    processed: int
+
+
+@dataclass(frozen=True, slots=True)
 class DecryptionProblem:
     """A message from ``user``/``device`` could not be decrypted or read.
 
@@ -140,7 +152,8 @@ class GapDetected:
 
 
 Event = (
-    MessageReceived
+    BacklogDrained
+    | MessageReceived
     | MessageChanged
     | ReceiptUpdated
     | Typing

@@ -42,7 +42,9 @@ from e2ee.store.sqlite import APP_TABLE_PREFIX, SQLiteProtocolStore
 
 __all__ = [
     "HISTORY_SCHEMA_VERSION",
+    "AttachmentInfo",
     "Chat",
+    "GroupInfo",
     "History",
     "Row",
     "StoredMessage",
@@ -218,6 +220,29 @@ class StoredMessage:
             f"StoredMessage(id={self.id}, chat_id={self.chat_id!r}, sender={self.sender!r}, "
             f"type={self.type!r}, status={self.status!r})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """A group as our committed state knows it; ``member`` is False once we left."""
+
+    id: str
+    name: str
+    members: tuple[str, ...]
+    admins: tuple[str, ...]
+    revision: int
+    member: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentInfo:
+    """What can be shown about an attachment (no key, no digest)."""
+
+    message_id: str
+    file_name: str
+    size: int
+    mime_type: str
+    available: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -543,6 +568,49 @@ class History:
             (group_id,),
         )
         return {r["user_id"]: r["role"] for r in rows}
+
+    def groups(self) -> list[GroupInfo]:
+        """Every group we know, by name."""
+        out = []
+        for row in self._query("SELECT * FROM app_groups ORDER BY name, id"):
+            members = self.group_members(row["id"])
+            out.append(
+                GroupInfo(
+                    id=row["id"],
+                    name=row["name"] or "",
+                    members=tuple(sorted(members)),
+                    admins=tuple(json.loads(row["admins"] or "[]")),
+                    revision=int(row["revision"] or 0),
+                    member=bool(row["member"]),
+                )
+            )
+        return out
+
+    def users(self) -> list[str]:
+        """Every user we have a chat or a group with, sorted."""
+        rows = self._query(
+            "SELECT id FROM app_users UNION SELECT peer FROM app_chats WHERE peer IS NOT NULL "
+            "ORDER BY 1"
+        )
+        return [r[0] for r in rows]
+
+    def attachment_info(self, message_id: str) -> AttachmentInfo | None:
+        """Name, size and type of a message's attachment, without its key."""
+        rows = self._query(
+            "SELECT file_name, size, mime_type, key IS NOT NULL AS available "
+            "FROM app_attachments WHERE message_id = ?",
+            (message_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return AttachmentInfo(
+            message_id,
+            r["file_name"] or "",
+            int(r["size"] or 0),
+            r["mime_type"] or "",
+            bool(r["available"]),
+        )
 
     def group(self, group_id: str) -> dict[str, Any] | None:
         """The group row, or None."""

@@ -309,13 +309,18 @@ class Backend(Protocol):
 
 
 def default_data_dir() -> Path:
-    """``$BLINDPOST_HOME``, else ``$XDG_DATA_HOME/blindpost``, else ``~/.local/share/blindpost``."""
-    home = os.environ.get("BLINDPOST_HOME")
+    """The account directory used when none is given (the same rule as the ``blindpost`` CLI).
+
+    ``$BLINDPOST_DATA``, else ``$XDG_DATA_HOME/blindpost`` (if absolute), else
+    ``~/.local/share/blindpost``.
+    """
+    home = os.environ.get("BLINDPOST_DATA")
     if home:
-        return Path(home)
+        return Path(home).expanduser()
     xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return base / "blindpost"
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "blindpost"
+    return Path.home() / ".local" / "share" / "blindpost"
 
 
 def account_exists(data_dir: Path) -> bool:

@@ -1,14 +1,13 @@
 # Invariants:
-# * The command line is an adapter over the SDK facade (e2ee.client.Client) only; the one
-#   exception is _own_fingerprint, a marked stop-gap until the SDK offers it (NOTES-cli.md R4).
+# * The command line is an adapter over the SDK facade (e2ee.client.Client) only.
 # * Every network wait is bounded (--network-timeout; transfers: without progress for that
 #   long), so no command blocks forever. Commands that need nothing from the relay
 #   (history, contacts, safety-number, group list) never connect.
 # * stdout carries results only (human text, or one JSON object per line with --json);
 #   a failure is one line `blindpost: error: ...` on stderr and a documented exit status
 #   (docs/cli.md). Keys, passphrases and ciphertext are never printed.
-# * One process per data directory: every command holds an exclusive lock on
-#   <data>/blindpost.lock while it has the account open.
+# * One process per data directory: the SDK locks it while the account is open
+#   (StoreLocked -> exit status 10).
 """The ``blindpost`` command: the TUI without arguments, scriptable subcommands with."""
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -39,19 +37,19 @@ from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
 import e2ee  # noqa: F401  (installs the python-axolotl compatibility layer first)
-from e2ee import events as sdk_events
 from e2ee.client import DB_FILE, Client, ClientOptions
 from e2ee.client_errors import (
     ClientClosed,
     IdentityHeld,
     NotAdmin,
     NotAMember,
-    NotRegistered,
     SendFailed,
+    StoreLocked,
     UnknownRecipient,
 )
 from e2ee.errors import E2EEError, StorageError, TransportError, UsageError, WrongPassphrase
 from e2ee.events import (
+    BacklogDrained,
     ConnectionStateChanged,
     DecryptionProblem,
     Event,
@@ -62,7 +60,7 @@ from e2ee.events import (
     MessageReceived,
     ReceiptUpdated,
 )
-from e2ee.history import History, StoredMessage, direct_chat_id, group_chat_id
+from e2ee.history import GroupInfo, History, StoredMessage, direct_chat_id, group_chat_id
 from e2ee.transport.errors import (
     AuthFailed,
     ConnectionFailed,
@@ -131,17 +129,11 @@ EXIT_INTERRUPTED: Final = 130  # Ctrl-C
 PROG: Final = "blindpost"
 ENV_DATA: Final = "BLINDPOST_DATA"
 ENV_PASSPHRASE: Final = "BLINDPOST_PASSPHRASE"  # noqa: S105  (a variable name)
-LOCK_FILE: Final = "blindpost.lock"
 CURSOR_FILE: Final = "cli-state.json"
 DEFAULT_NETWORK_TIMEOUT: Final = 30.0
 _USERNAME_RE: Final = re.compile(r"^[a-z0-9_]{3,32}$")
 _GROUP_RE: Final = re.compile(r"^[0-9a-f]{24}$")
 _MESSAGE_RE: Final = re.compile(r"^[0-9a-f]{32}$")
-# Stop-gap for the missing "backlog drained" event (NOTES-cli.md R1): this long without
-# any event after connecting counts as drained.
-_QUIET_SECONDS: Final = 0.5
-# The outbox counts as stuck (held contacts) when it did not shrink for this long.
-_OUTBOX_STALL_SECONDS: Final = 1.0
 _POLL_SECONDS: Final = 0.05
 # A command-line client reconnects sooner than the TUI's defaults: it has a deadline.
 _OPTIONS: Final = ClientOptions(backoff_base=0.2, backoff_max=2.0)
@@ -430,30 +422,6 @@ def _read_passphrase(args: argparse.Namespace) -> str | None:
 # -- the data directory ------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _dir_lock(folder: Path) -> Iterator[None]:
-    """Hold ``<folder>/blindpost.lock`` exclusively (see NOTES-cli.md R6)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, as before
-        yield
-        return
-    path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CliError(
-                EXIT_BUSY,
-                f"{folder} is in use by another blindpost process (the TUI or a command); "
-                "try again when it is done",
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
 def _read_cursor(folder: Path) -> int | None:
     """The ``seq`` up to which ``receive`` printed incoming messages (None: never set)."""
     try:
@@ -521,8 +489,6 @@ class _Session:
         self._fatal = asyncio.Event()
         self._fatal_reason = ""
         self._offline_reason = ""
-        self.held: dict[str, int] = {}
-        self._held_event = asyncio.Event()
         self._pump = asyncio.create_task(self._run_pump(client.events()))
         self._started = False
 
@@ -542,9 +508,6 @@ class _Session:
                         self._fatal_reason = event.reason or "offline"
                         self._fatal.set()
                 continue
-            if isinstance(event, IdentityChanged) and event.held:
-                self.held[event.user] = event.device
-                self._held_event.set()
             self.queue.put_nowait(event)
 
     def _fatal_error(self) -> CliError:
@@ -595,23 +558,16 @@ class _Session:
             )
 
     async def bounded(
-        self,
-        work: Awaitable[T],
-        what: str,
-        *,
-        held: str | bool = False,
-        activity: _Activity | None = None,
+        self, work: Awaitable[T], what: str, *, activity: _Activity | None = None
     ) -> T:
         """Await ``work`` with the network timeout, stopping early when it cannot succeed.
 
         Args:
             work: the SDK call.
             what: for the timeout message ("waiting for <what>").
-            held: a user (or True: anyone) whose held identity makes ``work`` hang.
             activity: a transfer's progress: the timeout counts from its last progress.
 
         Raises:
-            IdentityHeld: a watched user's identity key changed.
             CliError: timeout (3) or a fatal connection state.
         """
         task = asyncio.ensure_future(work)
@@ -619,26 +575,16 @@ class _Session:
         limit = self.settings.network_timeout
         try:
             while True:
-                held_wait = asyncio.ensure_future(self._held_event.wait()) if held else None
-                waiting: set[asyncio.Future[Any]] = {task, fatal}
-                if held_wait is not None:
-                    waiting.add(held_wait)
                 left = limit if activity is None else activity.last + limit - time.monotonic()
                 done, _ = await asyncio.wait(
-                    waiting, timeout=max(left, _POLL_SECONDS), return_when=asyncio.FIRST_COMPLETED
+                    {task, fatal},
+                    timeout=max(left, _POLL_SECONDS),
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
-                if held_wait is not None:
-                    held_wait.cancel()
                 if task in done:
                     return task.result()
                 if fatal in done:
                     raise self._fatal_error()
-                if held_wait is not None and held_wait in done:
-                    users = [u for u in self.held if held is True or u == held]
-                    if users:
-                        raise IdentityHeld(users[0])
-                    self._held_event.clear()
-                    continue
                 if activity is not None and time.monotonic() - activity.last < limit:
                     continue
                 raise CliError(EXIT_UNREACHABLE, f"timed out after {limit:g} s waiting for {what}")
@@ -678,29 +624,10 @@ class _Session:
             return None
 
     async def flush_outbox(self) -> int:
-        """Wait (bounded) until the outbox is empty; return what stays queued.
-
-        Stop-gap for ``Client.flush`` (NOTES-cli.md R3): polls the outbox, and gives up
-        when it stops shrinking (held contacts) or the network timeout passes.
-        """
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        last_count = -1
-        last_change = start
-        while True:
-            count = len(await asyncio.to_thread(self.history.pending_outbox))
-            now = loop.time()
-            if count == 0:
-                return 0
-            if count != last_count:
-                last_count, last_change = count, now
-            if (
-                now - last_change >= _OUTBOX_STALL_SECONDS
-                or now - start >= self.settings.network_timeout
-                or self._fatal.is_set()
-            ):
-                return count
-            await asyncio.sleep(_POLL_SECONDS)
+        """Wait (bounded) until the outbox sent what it can; return what stays queued."""
+        if self._fatal.is_set():
+            return len(await asyncio.to_thread(self.history.pending_outbox))
+        return await self.client.flush(timeout=self.settings.network_timeout)
 
     async def close(self) -> None:
         await self.client.close()
@@ -712,14 +639,11 @@ class _Session:
     async def attachment(self, message: StoredMessage) -> AttachmentInfo | None:
         if message.type != "attachment":
             return None
-        row = await asyncio.to_thread(self.history.attachment, message.id)
-        if row is None:
+        found = await asyncio.to_thread(self.history.attachment_info, message.id)
+        if found is None:
             return None
         return AttachmentInfo(
-            message.id,
-            str(row.get("file_name") or ""),
-            int(row.get("size") or 0),
-            str(row.get("mime_type") or "application/octet-stream"),
+            message.id, found.file_name, found.size, found.mime_type or "application/octet-stream"
         )
 
     async def group_name(self, group_id: str | None) -> str | None:
@@ -735,8 +659,8 @@ class _Session:
             message_record(message, attachment), human_message(message, attachment, name)
         )
 
-    async def held_message(self, chat_id: str, user: str) -> CliError:
-        """The error for a held send, naming the queued message (NOTES-cli.md R2)."""
+    async def held_error(self, chat_id: str, exc: IdentityHeld) -> CliError:
+        """The error for a held send, naming the queued message."""
 
         def newest_pending() -> str | None:
             for message in reversed(self.history.messages(chat_id, limit=50)):
@@ -744,12 +668,12 @@ class _Session:
                     return message.id
             return None
 
-        mid = await asyncio.to_thread(newest_pending)
+        mid = exc.message_id or await asyncio.to_thread(newest_pending)
         which = f"message {mid} is" if mid else "the message is"
         return CliError(
             EXIT_HELD,
-            f"the identity key of {user} changed: {which} held until you run "
-            f"'blindpost trust {user}' (or 'blindpost verify {user}' after comparing "
+            f"the identity key of {exc.user} changed: {which} held until you run "
+            f"'blindpost trust {exc.user}' (or 'blindpost verify {exc.user}' after comparing "
             "safety numbers)",
         )
 
@@ -764,16 +688,15 @@ async def _account(settings: _Settings, *, connect: bool) -> AsyncIterator[_Sess
             f"no account in {folder}: run 'blindpost --data {folder} init USERNAME "
             "--relay URL' first",
         )
-    with _dir_lock(folder):
-        client = await Client.open(folder, settings.passphrase, options=_OPTIONS)
-        session = _Session(settings, client)
-        try:
-            if connect:
-                await _ensure_cursor(session)
-                await session.connect()
-            yield session
-        finally:
-            await session.close()
+    client = await Client.open(folder, settings.passphrase, options=_OPTIONS)
+    session = _Session(settings, client)
+    try:
+        if connect:
+            await _ensure_cursor(session)
+            await session.connect()
+        yield session
+    finally:
+        await session.close()
 
 
 async def _ensure_cursor(session: _Session) -> None:
@@ -787,39 +710,10 @@ async def _ensure_cursor(session: _Session) -> None:
 # -- commands -----------------------------------------------------------------------------
 
 
-def _own_fingerprint(client: Client) -> str | None:
-    """Our 30 digits of every safety number (blocking).
-
-    Stop-gap (NOTES-cli.md R4): uses ``Client.fingerprint`` once the SDK has it; until
-    then it reads the identity public key through the client's engine. This is the only
-    private access in the CLI.
-    """
-    public = getattr(client, "fingerprint", None)
-    if isinstance(public, str):
-        return public
-    from e2ee.core.fingerprint import compute_safety_number
-
-    engine = getattr(client, "_engine", None)
-    key = getattr(engine, "identity_key", None)
-    if not isinstance(key, bytes):
-        return None
-    number = compute_safety_number(key, client.username, key, client.username)
-    return number.digits[:30]
-
-
 def _remove_account_files(folder: Path) -> None:
     for name in (DB_FILE, f"{DB_FILE}-wal", f"{DB_FILE}-shm", f"{DB_FILE}-journal", CURSOR_FILE):
         with contextlib.suppress(FileNotFoundError):
             (folder / name).unlink()
-
-
-async def _is_registered(client: Client) -> bool:
-    """Stop-gap for ``Client.is_registered`` (NOTES-cli.md R9): ``start`` refuses if not."""
-    try:
-        await client.start()
-    except NotRegistered:
-        return False
-    return True
 
 
 async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
@@ -832,51 +726,51 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise CliError(EXIT_ERROR, f"cannot create {folder}: {exc.strerror}") from exc
-    with _dir_lock(folder):
-        fresh = not (folder / DB_FILE).exists()
-        if fresh:
-            client = await Client.create(
-                folder,
-                user,
-                relay,
-                passphrase=settings.passphrase,
-                strict_trust=args.strict_trust,
-                options=_OPTIONS,
-            )
-        else:
-            client = await Client.open(folder, settings.passphrase, options=_OPTIONS)
-            if client.username != user:
-                await client.close()
-                raise CliError(
-                    EXIT_USAGE, f"{folder} already holds the account {client.username!r}"
-                )
-        taken = False
-        try:
-            fingerprint = await asyncio.to_thread(_own_fingerprint, client)
-            if fresh or not await _is_registered(client):
-                try:
-                    await asyncio.wait_for(client.register(), settings.network_timeout)
-                except UsernameTaken:
-                    taken = fresh
-                    raise CliError(
-                        EXIT_TAKEN,
-                        f"the username {user!r} is already registered at {relay}; "
-                        "choose another (names are never reused)",
-                    ) from None
-                except (TimeoutError, TransportError) as exc:
-                    reason = "no answer" if isinstance(exc, TimeoutError) else str(exc)
-                    code = EXIT_REFUSED if isinstance(exc, RelayRejected) else EXIT_UNREACHABLE
-                    raise CliError(
-                        code,
-                        f"cannot register at {relay} ({reason}); the keys are kept: run the "
-                        "same 'init' again to finish",
-                    ) from None
-            seq = await asyncio.to_thread(client.history.max_seq, "messages")
-            await asyncio.to_thread(_write_cursor, folder, seq)
-        finally:
+    fresh = not (folder / DB_FILE).exists()
+    if fresh:
+        client = await Client.create(
+            folder,
+            user,
+            relay,
+            passphrase=settings.passphrase,
+            strict_trust=args.strict_trust,
+            options=_OPTIONS,
+        )
+    else:
+        client = await Client.open(folder, settings.passphrase, options=_OPTIONS)
+        if client.username != user or client.relay_url.rstrip("/") != relay:
             await client.close()
-            if taken:
-                _remove_account_files(folder)
+            raise CliError(
+                EXIT_USAGE,
+                f"{folder} already holds the account {client.username!r} at {client.relay_url}",
+            )
+    taken = False
+    try:
+        if not client.is_registered:
+            try:
+                await asyncio.wait_for(client.register(), settings.network_timeout)
+            except UsernameTaken:
+                taken = fresh
+                raise CliError(
+                    EXIT_TAKEN,
+                    f"the username {user!r} is already registered at {relay}; "
+                    "choose another (names are never reused)",
+                ) from None
+            except (TimeoutError, TransportError) as exc:
+                reason = "no answer" if isinstance(exc, TimeoutError) else str(exc)
+                code = EXIT_REFUSED if isinstance(exc, RelayRejected) else EXIT_UNREACHABLE
+                raise CliError(
+                    code,
+                    f"cannot register at {relay} ({reason}); the keys are kept: run the "
+                    "same 'init' again to finish",
+                ) from None
+        seq = await asyncio.to_thread(client.history.max_seq, "messages")
+        await asyncio.to_thread(_write_cursor, folder, seq)
+    finally:
+        await client.close()
+        if taken:
+            _remove_account_files(folder)
+    fingerprint = client.fingerprint
     record = {
         "type": "account",
         "username": user,
@@ -886,15 +780,15 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
         "fingerprint": fingerprint,
         "passphrase": settings.passphrase is not None,
     }
-    lines = [f"registered {user} (device {client.device_id}) at {relay}", f"data: {folder}"]
-    if fingerprint:
-        groups = [fingerprint[i : i + 5] for i in range(0, 30, 5)]
-        lines += [
-            "your safety-number card (your half of every safety number with you):",
-            "    " + " ".join(groups[:3]),
-            "    " + " ".join(groups[3:]),
-            "contacts compare the full number with 'blindpost safety-number " + user + "'",
-        ]
+    groups = [fingerprint[i : i + 5] for i in range(0, len(fingerprint), 5)]
+    lines = [
+        f"registered {user} (device {client.device_id}) at {relay}",
+        f"data: {folder}",
+        "your safety-number card (your half of every safety number with you):",
+        "    " + " ".join(groups[:3]),
+        "    " + " ".join(groups[3:]),
+        f"contacts compare the full number with 'blindpost safety-number {user}'",
+    ]
     if settings.passphrase is None:
         lines.append(
             "note: no passphrase; the keys are protected by file permissions only "
@@ -902,13 +796,6 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
         )
     settings.out.emit(record, "\n".join(lines))
     return EXIT_OK
-
-
-async def _check_group(session: _Session, gid: str) -> dict[str, Any]:
-    row = await asyncio.to_thread(session.history.group, gid)
-    if row is None:
-        raise CliError(EXIT_NOT_FOUND, f"unknown group {gid}")
-    return row
 
 
 def _sent_record(mid: str, target: _Target) -> dict[str, Any]:
@@ -930,15 +817,14 @@ async def cmd_send(settings: _Settings, args: argparse.Namespace) -> int:
         raise CliError(EXIT_USAGE, "the message text is empty")
     async with _account(settings, connect=True) as session:
         if target.group:
-            await _check_group(session, target.group)
+            await _find_group(session, target.group)
         try:
             mid = await session.bounded(
                 session.client.send_text(target.to, text),
                 "the relay to accept the message",
-                held=target.user or True,
             )
         except IdentityHeld as exc:
-            raise await session.held_message(target.chat_id, exc.user) from None
+            raise await session.held_error(target.chat_id, exc) from None
     settings.out.emit(_sent_record(mid, target), f"sent to {target.label}: {mid}")
     return EXIT_OK
 
@@ -950,7 +836,7 @@ async def cmd_send_file(settings: _Settings, args: argparse.Namespace) -> int:
         raise CliError(EXIT_NOT_FOUND, f"no such file: {path}")
     async with _account(settings, connect=True) as session:
         if target.group:
-            await _check_group(session, target.group)
+            await _find_group(session, target.group)
         activity = _Activity()
         try:
             mid = await session.bounded(
@@ -958,11 +844,10 @@ async def cmd_send_file(settings: _Settings, args: argparse.Namespace) -> int:
                     target.to, path, mime_type=args.mime, caption=args.caption, progress=activity
                 ),
                 "the relay to accept the file",
-                held=target.user or True,
                 activity=activity,
             )
         except IdentityHeld as exc:
-            raise await session.held_message(target.chat_id, exc.user) from None
+            raise await session.held_error(target.chat_id, exc) from None
     record = _sent_record(mid, target) | {"file": path.name, "size": path.stat().st_size}
     settings.out.emit(record, f"sent {path.name} to {target.label}: {mid}")
     return EXIT_OK
@@ -1034,31 +919,32 @@ async def cmd_receive(settings: _Settings, args: argparse.Namespace) -> int:
 
 
 async def _receive_loop(session: _Session, timeout: float | None) -> int:
-    """Print events until the backlog is drained and then ``timeout`` passed."""
-    drained_type: Any = getattr(sdk_events, "BacklogDrained", None)  # NOTES-cli.md R1
+    """Print events until the backlog is drained and then ``timeout`` passed.
+
+    The backlog ends with :class:`BacklogDrained`. Should it never come (the
+    connection keeps dropping), the network timeout without any event ends it.
+    """
     loop = asyncio.get_running_loop()
+    idle = session.settings.network_timeout
     printed = 0
     drained = False
-    end = 0.0
-    quiet_until = loop.time() + (
-        _QUIET_SECONDS if drained_type is None else session.settings.network_timeout
-    )
+    deadline = loop.time() + idle  # before draining: inactivity; after: the end
     while True:
         now = loop.time()
-        if not drained and now >= quiet_until:
-            drained, end = True, now + (timeout or 0.0)
-        if drained and now >= end:
-            return printed
-        event = await session.next_event((end if drained else quiet_until) - now)
+        if now >= deadline:
+            if drained:
+                return printed
+            drained, deadline = True, now + (timeout or 0.0)
+            continue
+        event = await session.next_event(deadline - now)
         if event is None:
             continue
-        if drained_type is not None and isinstance(event, drained_type):
-            quiet_until = loop.time()
+        if isinstance(event, BacklogDrained):
+            if not drained:
+                drained, deadline = True, loop.time() + (timeout or 0.0)
             continue
         if not drained:
-            quiet_until = loop.time() + (
-                _QUIET_SECONDS if drained_type is None else session.settings.network_timeout
-            )
+            deadline = loop.time() + idle
         seq = await _show_event(session, event)
         printed = max(printed, seq or 0)
 
@@ -1069,9 +955,11 @@ async def cmd_download(settings: _Settings, args: argparse.Namespace) -> int:
         message = await asyncio.to_thread(session.history.message, mid)
         if message is None:
             raise CliError(EXIT_NOT_FOUND, f"no message {mid} in this account's history")
-        info = await session.attachment(message)
-        if info is None:
-            raise CliError(EXIT_NOT_FOUND, f"message {mid} has no file")
+        found = await asyncio.to_thread(session.history.attachment_info, mid)
+        if found is None or not found.available:
+            what = "has no file" if found is None else "no longer has its file (deleted)"
+            raise CliError(EXIT_NOT_FOUND, f"message {mid} {what}")
+        info = AttachmentInfo(mid, found.file_name, found.size, found.mime_type)
         out: Path = args.out
         if out.is_dir():
             out = out / _safe_file_name(info.name, mid)
@@ -1105,7 +993,7 @@ async def cmd_read(settings: _Settings, args: argparse.Namespace) -> int:
     target = _target(args.group, args.user)
     async with _account(settings, connect=False) as session:
         if target.group:
-            await _check_group(session, target.group)
+            await _find_group(session, target.group)
         count = await session.client.mark_read(target.chat_id)
         queued = 0
         if count:
@@ -1134,7 +1022,7 @@ async def cmd_history(settings: _Settings, args: argparse.Namespace) -> int:
         raise CliError(EXIT_USAGE, "--limit must be between 1 and 1000")
     async with _account(settings, connect=False) as session:
         if target.group:
-            await _check_group(session, target.group)
+            await _find_group(session, target.group)
         history = session.history
 
         def load() -> list[tuple[StoredMessage, dict[str, str]]]:
@@ -1160,21 +1048,22 @@ async def cmd_history(settings: _Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _group_record(session: _Session, gid: str) -> dict[str, Any]:
-    def load() -> tuple[dict[str, Any] | None, dict[str, str]]:
-        return session.history.group(gid), session.history.group_members(gid)
-
-    row, members = await asyncio.to_thread(load)
-    row = row or {}
+def _group_record(group: GroupInfo) -> dict[str, Any]:
     return {
         "type": "group_info",
-        "group": gid,
-        "name": row.get("name") or "",
-        "members": sorted(members),
-        "admins": sorted(u for u, role in members.items() if role == "admin"),
-        "member": bool(row.get("member")),
-        "created_by": row.get("created_by"),
+        "group": group.id,
+        "name": group.name,
+        "members": list(group.members),
+        "admins": list(group.admins),
+        "member": group.member,
     }
+
+
+async def _find_group(session: _Session, gid: str) -> GroupInfo:
+    for group in await session.client.groups():
+        if group.id == gid:
+            return group
+    raise CliError(EXIT_NOT_FOUND, f"unknown group {gid}")
 
 
 def _human_group(record: Mapping[str, Any]) -> str:
@@ -1190,12 +1079,11 @@ async def cmd_group(settings: _Settings, args: argparse.Namespace) -> int:
     out = settings.out
     if action == "list":
         async with _account(settings, connect=False) as session:
-            chats = await asyncio.to_thread(session.history.chats)
-            gids = [c.group_id for c in chats if c.kind == "group" and c.group_id]
-            for gid in gids:
-                record = await _group_record(session, gid)
+            groups = await session.client.groups()
+            for group in groups:
+                record = _group_record(group)
                 out.emit(record, _human_group(record))
-            if not gids and not out.as_json:
+            if not groups and not out.as_json:
                 out.emit({}, "no groups")
         return EXIT_OK
     if action == "create":
@@ -1208,7 +1096,6 @@ async def cmd_group(settings: _Settings, args: argparse.Namespace) -> int:
                 gid = await session.bounded(
                     session.client.create_group(name, members),
                     "the relay to accept the group",
-                    held=True,
                 )
             except IdentityHeld as exc:
                 raise CliError(
@@ -1216,7 +1103,7 @@ async def cmd_group(settings: _Settings, args: argparse.Namespace) -> int:
                     f"the identity key of {exc.user} changed: the group is created but "
                     f"{exc.user} is told only after 'blindpost trust {exc.user}'",
                 ) from None
-            record = await _group_record(session, gid)
+            record = _group_record(await _find_group(session, gid))
         out.emit(
             record | {"type": "group", "action": "create", "by": session.client.username},
             f'created group "{clean(name, newlines=False)}" with {", ".join(record["members"])}: '
@@ -1225,7 +1112,7 @@ async def cmd_group(settings: _Settings, args: argparse.Namespace) -> int:
         return EXIT_OK
     gid = _group_id(args.group_id)
     async with _account(settings, connect=True) as session:
-        await _check_group(session, gid)
+        await _find_group(session, gid)
         client = session.client
         if action == "add":
             user = _username(args.username)
@@ -1239,14 +1126,14 @@ async def cmd_group(settings: _Settings, args: argparse.Namespace) -> int:
             work = client.leave_group(gid)
             human = f"left group {gid}"
         try:
-            await session.bounded(work, "the relay to accept the group change", held=True)
+            await session.bounded(work, "the relay to accept the group change")
         except IdentityHeld as exc:
             raise CliError(
                 EXIT_HELD,
                 f"the identity key of {exc.user} changed: the change is queued until "
                 f"'blindpost trust {exc.user}'",
             ) from None
-        record = await _group_record(session, gid)
+        record = _group_record(await _find_group(session, gid))
     out.emit(record | {"type": "group", "action": action, "by": client.username}, human)
     return EXIT_OK
 
@@ -1344,34 +1231,20 @@ async def cmd_verify(settings: _Settings, args: argparse.Namespace) -> int:
 
 async def cmd_contacts(settings: _Settings, args: argparse.Namespace) -> int:
     async with _account(settings, connect=False) as session:
-        history = session.history
-        me = session.client.username
-
-        def users() -> list[str]:
-            # Stop-gap for Client.contacts() (NOTES-cli.md R5).
-            found: set[str] = set()
-            for chat in history.chats():
-                if chat.kind == "direct" and chat.peer:
-                    found.add(chat.peer)
-                elif chat.group_id:
-                    found.update(history.group_members(chat.group_id))
-            found.discard(me)
-            return sorted(found)
-
-        for user in await asyncio.to_thread(users):
-            levels = await session.client.trust_level(user)
-            trust = _overall_trust(levels)
-            devices = ", ".join(f"device {d}: {t}" for d, t in sorted(levels.items()))
-            note = " (key changed: sending held until 'trust')" if trust == "untrusted" else ""
-            settings.out.emit(
-                {
-                    "type": "contact",
-                    "user": user,
-                    "trust": trust,
-                    "devices": {str(d): t for d, t in sorted(levels.items())},
-                },
-                f"{user:<32} {trust}{note}" + (f"  [{devices}]" if devices else ""),
-            )
+        contacts = await session.client.contacts()
+    for user, levels in sorted(contacts.items()):
+        trust = _overall_trust(levels)
+        devices = ", ".join(f"device {d}: {t}" for d, t in sorted(levels.items()))
+        note = " (key changed: sending held until 'trust')" if trust == "untrusted" else ""
+        settings.out.emit(
+            {
+                "type": "contact",
+                "user": user,
+                "trust": trust,
+                "devices": {str(d): t for d, t in sorted(levels.items())},
+            },
+            f"{user:<32} {trust}{note}" + (f"  [{devices}]" if devices else ""),
+        )
     return EXIT_OK
 
 
@@ -1403,6 +1276,10 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_HELD, f"{text} (run 'blindpost trust {exc.user}')"
     if isinstance(exc, UnknownRecipient | NotFound):
         return EXIT_NOT_FOUND, text
+    if isinstance(exc, StoreLocked):
+        return EXIT_BUSY, (
+            f"{text} (the TUI or another blindpost command); try again when it is done"
+        )
     if isinstance(exc, NotAdmin | NotAMember):
         return EXIT_FORBIDDEN, text
     if isinstance(exc, WrongPassphrase):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import queue
 import sqlite3
@@ -87,11 +88,13 @@ CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
 
 T = TypeVar("T")
 
-_INSERT_MAILBOX = "INSERT INTO mailbox(device_pk, seq, msg_pk, size) VALUES (?,?,?,?)"
-_DEDUPE = "SELECT sender, sender_device, n_recipients, stored_ms FROM messages WHERE msg_id=?"
+_OTHER, _SEND, _ACK = 0, 1, 2
+_MAX_VARS = 30000  # below SQLite's default SQLITE_MAX_VARIABLE_NUMBER (32766)
+
+_INSERT_MAILBOX = "INSERT INTO mailbox(device_pk, seq, msg_pk, size) VALUES "
 _INSERT_MESSAGE = (
     "INSERT INTO messages(pk, msg_id, sender, sender_device, stored_ms, n_recipients, body) "
-    "VALUES (?,?,?,?,?,?,?)"
+    "VALUES "
 )
 # A body is dropped (the row stays as the dedupe tombstone) once no mailbox references it.
 _DROP_BODY_IF_DONE = (
@@ -138,7 +141,7 @@ class _Op:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
-    deferred_ok: bool = False  # True: may run while earlier sends' rows are still unflushed
+    kind: int = 0  # _OTHER, _SEND (rows deferred to flush) or _ACK (run together at the end)
 
 
 class _WriterState:
@@ -153,6 +156,7 @@ class _WriterState:
         self.pending_msgs: list[tuple[Any, ...]] = []
         self.pending_mailbox: list[tuple[int, int, int, int]] = []
         self.batch_ids: dict[bytes, tuple[str, int, int, int]] = {}
+        self.known: dict[bytes, tuple[str, int, int, int]] = {}
         row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
         self.seq = int(row[0]) if row else 0
         self.seq_dirty = False
@@ -355,14 +359,7 @@ class _WriterState:
     # -- messages ------------------------------------------------------------------------
 
     def send(self, sender: Address, env: Envelope, now_ms: int) -> SendReceipt:
-        conn = self.conn
-        row = (
-            self.batch_ids.get(env.message_id)
-            or conn.execute(
-                _DEDUPE,
-                (env.message_id,),
-            ).fetchone()
-        )
+        row = self.batch_ids.get(env.message_id) or self.known.get(env.message_id)
         if row is not None:
             if row[0] != sender.user or int(row[1]) != sender.device:
                 raise Conflict("message id used by another sender", code="message_id_conflict")
@@ -429,37 +426,96 @@ class _WriterState:
     def flush(self) -> None:
         """Write the rows of the sends deferred in this batch (before any other statement)."""
         if self.pending_msgs:
-            self.conn.executemany(_INSERT_MESSAGE, self.pending_msgs)
-            self.conn.executemany(_INSERT_MAILBOX, self.pending_mailbox)
+            self._insert_rows(_INSERT_MESSAGE, 7, self.pending_msgs)
+            self._insert_rows(_INSERT_MAILBOX, 4, self.pending_mailbox)
         self.pending_msgs = []
         self.pending_mailbox = []
         self.batch_ids = {}
 
-    def ack(self, addr: Address, ids: Sequence[bytes]) -> int:
-        dev_pk = self.device_pk(addr)
-        if dev_pk is None:
-            return 0
+    def _insert_rows(self, prefix: str, ncols: int, rows: Sequence[tuple[Any, ...]]) -> None:
+        """One multi-row INSERT (one SQLite step) per chunk of rows."""
+        per = _MAX_VARS // ncols
+        one = "(" + ",".join("?" * ncols) + ")"
+        for start in range(0, len(rows), per):
+            part = rows[start : start + per]
+            params = [v for row in part for v in row]
+            self.conn.execute(prefix + ",".join([one] * len(part)), params)
+
+    def prefetch_known(self, ids: Sequence[bytes]) -> None:
+        """Load the stored (sender, device, recipients, stored_at) of any of ``ids``, in one
+        step per chunk, for deduplicating this batch's sends."""
+        self.known = {}
+        per = _MAX_VARS
+        for start in range(0, len(ids), per):
+            part = ids[start : start + per]
+            marks = ",".join("?" * len(part))
+            (doc,) = self.conn.execute(
+                "SELECT json_group_array(json_array(hex(msg_id), sender, sender_device, "  # noqa: S608
+                f"n_recipients, stored_ms)) FROM messages WHERE msg_id IN ({marks})",
+                part,
+            ).fetchone()
+            for hexid, user, dev, n, stored in json.loads(doc):
+                self.known[bytes.fromhex(hexid)] = (user, dev, n, stored)
+
+    def ack_many(self, requests: Sequence[tuple[Address, Sequence[bytes]]]) -> list[int]:
+        """Apply several devices' acks in three statements; return rows removed per request.
+
+        An id acknowledged twice in one batch counts for the first request only.
+        """
+        counts = [0] * len(requests)
+        pairs: list[tuple[int, int, bytes]] = []
+        for i, (addr, ids) in enumerate(requests):
+            dev_pk = self.device_pk(addr)
+            if dev_pk is not None:
+                pairs.extend((i, dev_pk, mid) for mid in ids)
+        if not pairs:
+            return counts
         conn = self.conn
-        removed = 0
-        usage = self.quota.get(dev_pk)
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), 500):  # stay far below SQLite's variable limit
-            chunk = unique[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = conn.execute(
-                "DELETE FROM mailbox WHERE device_pk=? AND msg_pk IN "  # noqa: S608
-                f"(SELECT pk FROM messages WHERE msg_id IN ({marks})) RETURNING msg_pk, size",
-                (dev_pk, *chunk),
-            ).fetchall()
-            if not rows:
-                continue
-            conn.executemany(_DROP_BODY_IF_DONE, [(r[0], r[0]) for r in rows])
-            removed += len(rows)
+        matched: dict[tuple[int, int], tuple[int, int]] = {}  # (device, msg) -> (request, size)
+        per = _MAX_VARS // 3
+        for start in range(0, len(pairs), per):
+            part = pairs[start : start + per]
+            values = ",".join(["(?,?,?)"] * len(part))
+            (doc,) = conn.execute(
+                f"WITH req(i, d, mid) AS (VALUES {values}) "  # noqa: S608
+                "SELECT json_group_array(json_array(req.i, mb.device_pk, mb.msg_pk, mb.size)) "
+                "FROM req JOIN messages m ON m.msg_id = req.mid "
+                "JOIN mailbox mb ON mb.msg_pk = m.pk AND mb.device_pk = req.d",
+                [v for pair in part for v in pair],
+            ).fetchone()
+            for i, dev_pk, msg_pk, size in json.loads(doc):
+                matched[(dev_pk, msg_pk)] = (i, size)
+        if not matched:
+            return counts
+        keys = list(matched)
+        per = _MAX_VARS // 2
+        for start in range(0, len(keys), per):
+            key_part = keys[start : start + per]
+            values = ",".join(["(?,?)"] * len(key_part))
+            conn.execute(
+                f"DELETE FROM mailbox WHERE (device_pk, msg_pk) IN (VALUES {values})",  # noqa: S608
+                [v for key in key_part for v in key],
+            )
+        msg_pks = list({msg_pk for _, msg_pk in keys})
+        for start in range(0, len(msg_pks), _MAX_VARS):
+            pk_part = msg_pks[start : start + _MAX_VARS]
+            marks = ",".join("?" * len(pk_part))
+            conn.execute(
+                f"UPDATE messages SET body=NULL WHERE pk IN ({marks}) AND body IS NOT NULL "  # noqa: S608
+                "AND NOT EXISTS (SELECT 1 FROM mailbox WHERE msg_pk = messages.pk)",
+                pk_part,
+            )
+        for (dev_pk, _), (i, size) in matched.items():
+            counts[i] += 1
+            usage = self.quota.get(dev_pk)
             if usage is not None:
-                usage[0] -= len(rows)
-                usage[1] -= sum(int(r[1]) for r in rows)
-        self.queued -= removed
-        return removed
+                usage[0] -= 1
+                usage[1] -= int(size)
+        self.queued -= len(matched)
+        return counts
+
+    def ack(self, addr: Address, ids: Sequence[bytes]) -> int:
+        return self.ack_many([(addr, ids)])[0]
 
     # -- blobs and retention -------------------------------------------------------------
 
@@ -592,13 +648,11 @@ class SqliteRelayStore:
 
     # -- writer machinery ----------------------------------------------------------------
 
-    def _submit(
-        self, fn: Callable[..., T], *args: Any, deferred_ok: bool = False
-    ) -> asyncio.Future[T]:
+    def _submit(self, fn: Callable[..., T], *args: Any, kind: int = 0) -> asyncio.Future[T]:
         if self._closed or self._loop is None:
             raise StorageError("store is closed")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Op(fn, args, fut, deferred_ok))
+        self._queue.put(_Op(fn, args, fut, kind))
         return fut
 
     def _run_writer(self) -> None:
@@ -623,17 +677,29 @@ class SqliteRelayStore:
             self._run_batch(st, batch)
 
     def _run_batch(self, st: _WriterState, batch: list[_Op]) -> None:
+        # Every SQLite step releases the GIL, and winning it back from a busy event loop can
+        # take a whole switch interval; so a batch costs a handful of statements, not a few per
+        # message: one dedupe lookup, one multi-row INSERT per table, three statements for all
+        # acks together, BEGIN and COMMIT.
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        acks: list[_Op] = []
         try:
             st.conn.execute("BEGIN IMMEDIATE")
+            st.prefetch_known([op.args[1].message_id for op in batch if op.kind == _SEND])
             for op in batch:
-                if not op.deferred_ok:
+                if op.kind == _ACK:
+                    acks.append(op)
+                    continue
+                if op.kind != _SEND:
                     st.flush()
                 try:
                     results.append((op.future, True, op.fn(*op.args)))
                 except RelayError as exc:
                     results.append((op.future, False, exc))
             st.flush()
+            if acks:
+                counts = st.ack_many([(op.args[0], op.args[1]) for op in acks])
+                results.extend((op.future, True, n) for op, n in zip(acks, counts, strict=True))
             if st.seq_dirty:
                 st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
                 st.seq_dirty = False
@@ -772,12 +838,12 @@ class SqliteRelayStore:
     ) -> asyncio.Future[SendReceipt]:
         """See ``RelayStore.submit_send``."""
         assert self._state is not None
-        return self._submit(self._state.send, sender, envelope, now_ms, deferred_ok=True)
+        return self._submit(self._state.send, sender, envelope, now_ms, kind=_SEND)
 
     async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
         """See ``RelayStore.ack``."""
         assert self._state is not None
-        return await self._submit(self._state.ack, addr, tuple(message_ids))
+        return await self._submit(self._state.ack, addr, tuple(message_ids), kind=_ACK)
 
     async def fetch_mailbox(
         self, addr: Address, after_seq: int, limit: int, max_bytes: int

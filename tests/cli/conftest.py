@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,9 +105,9 @@ class Relay:
                 (user_pk,) = db.execute(
                     "SELECT pk FROM users WHERE username = ?", (username,)
                 ).fetchone()
-                devices = [r[0] for r in db.execute(
-                    "SELECT pk FROM devices WHERE user_pk = ?", (user_pk,)
-                )]
+                devices = [
+                    r[0] for r in db.execute("SELECT pk FROM devices WHERE user_pk = ?", (user_pk,))
+                ]
                 for pk in devices:
                     db.execute("DELETE FROM otpks WHERE device_pk = ?", (pk,))
                     db.execute("DELETE FROM mailbox WHERE device_pk = ?", (pk,))
@@ -192,7 +193,10 @@ class Cli:
         self, name: str | None, *args: str, ok: bool = True, env: dict[str, str] | None = None
     ) -> Result:
         """Run ``blindpost --data <home>/<name> ARGS``; with ``ok``, require status 0."""
+        began = time.monotonic()
         result = self.finish(self.start(name, *args, env=env), args)
+        if os.environ.get("CLI_TEST_TIMES"):
+            print(f"{time.monotonic() - began:5.2f}s {name} {' '.join(args)}")
         if ok:
             assert result.code == 0, str(result)
             assert result.stderr == "", str(result)

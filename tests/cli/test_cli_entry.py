@@ -70,3 +70,20 @@ def test_peer_text_cannot_steer_the_terminal() -> None:
     import json
 
     assert json.loads(line)["text"] == hostile
+
+
+def test_argument_errors_exit_2_before_touching_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    nowhere = str(tmp_path / "nowhere")
+    assert cli.main(["--data", nowhere, "history", "bob"]) == 2  # no account there
+    assert "init USERNAME" in capsys.readouterr().err
+    assert cli.main(["--data", nowhere, "init", "Not A Name", "--relay", "http://x"]) == 2
+    assert cli.main(["--data", nowhere, "init", "carol", "--relay", "ftp://x"]) == 2
+    assert cli.main(["--data", nowhere, "send", "bob"]) == 2  # no text
+    assert cli.main(["--data", nowhere, "send", "--group", "xyz", "hi"]) == 2
+    assert cli.main(["--data", nowhere, "read", "bob", "--group", "ab" * 12]) == 2
+    assert cli.main(["--data", nowhere, "frobnicate"]) == 2
+    assert not (tmp_path / "nowhere").exists()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 6 and all(line.startswith("blindpost: error: ") for line in err)

@@ -37,7 +37,7 @@ from e2ee.transport.errors import (
     NotFound,
     UsernameTaken,
 )
-from e2ee.transport.frames import Delivery
+from e2ee.transport.frames import Delivery, QueueEmpty
 
 FAST_KDF = KdfLimits(opslimit=1, memlimit=8192)
 FAST = ClientOptions(backoff_base=0.02, backoff_max=0.1, expiry_interval=0.05, ack_delay=0.005)
@@ -78,7 +78,7 @@ class FakeLink(RelayLink):
         self.relay = relay
         self.user = user
         self.device = device
-        self.queue: asyncio.Queue[Delivery | None] | None = None
+        self.queue: asyncio.Queue[Delivery | QueueEmpty | None] | None = None
 
     @property
     def me(self) -> tuple[str, int]:
@@ -132,6 +132,7 @@ class FakeLink(RelayLink):
         self.relay.live[self.me] = self
         for delivery in self.relay.mailboxes.get(self.me, []):
             self.queue.put_nowait(delivery)
+        self.queue.put_nowait(QueueEmpty())
 
     def kill(self) -> None:
         if self.queue is not None:
@@ -140,7 +141,7 @@ class FakeLink(RelayLink):
         if self.relay.live.get(self.me) is self:
             del self.relay.live[self.me]
 
-    async def deliveries(self) -> AsyncIterator[Delivery]:  # type: ignore[override]
+    async def deliveries(self) -> AsyncIterator[Delivery | QueueEmpty]:  # type: ignore[override]
         queue = self.queue
         if queue is None:
             raise NotConnected("not connected")

@@ -480,3 +480,123 @@ async def test_added_member_joins_and_reads_new_messages(
             "bob": "member",
             "carol": "member",
         }
+
+
+async def test_prekeys_replenished_on_connect_without_user_action(
+    make_client: MakeClient, relay: Any
+) -> None:
+    bob = await make_client("bob")
+    pool = relay.devices["bob"][1]["prekeys"]
+    for prekey_id in sorted(pool)[:-3]:  # others used up all but three
+        del pool[prekey_id]
+    async with bob:
+        await bob.wait_connected()
+        for _ in range(200):
+            if len(pool) > 3:
+                break
+            await asyncio.sleep(0.01)
+    assert len(pool) >= 100  # a new batch was generated and uploaded
+
+
+async def test_one_process_per_data_directory(
+    make_client: MakeClient, tmp_path: Path, relay: Any
+) -> None:
+    from e2ee.client_errors import StoreLocked
+
+    alice = await make_client("alice")
+    with pytest.raises(StoreLocked):
+        await Client.open(tmp_path / "alice", link_factory=relay.link)
+    await alice.close()
+    # The lock went with the first client.
+    again = await Client.open(tmp_path / "alice", link_factory=relay.link)
+    assert again.username == "alice" and again.is_registered
+    assert again.relay_url == "fake://relay"
+    await again.close()
+
+
+async def test_every_held_message_fails_its_waiter_with_its_id(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice = await make_client("alice", strict_trust=True)
+    await make_client("bob")
+    async with alice:
+        with pytest.raises(IdentityHeld) as first:
+            await alice.send_text("bob", "one")
+        with pytest.raises(IdentityHeld) as second:
+            await alice.send_text("bob", "two")  # queued behind the first: also told
+        assert first.value.message_id != second.value.message_id
+        assert {first.value.user, second.value.user} == {"bob"}
+        pending = [m.text for m in alice.history.messages(direct_chat_id("bob"))]
+        assert pending == ["one", "two"]
+
+
+async def test_own_fingerprint_is_our_half_of_every_safety_number(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    async with alice, bob:
+        await alice.send_text("bob", "hi")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        [(_, number)] = await bob.safety_number("alice")
+        assert alice.fingerprint in (number.digits[:30], number.digits[30:])
+        assert bob.fingerprint in (number.digits[:30], number.digits[30:])
+        assert alice.fingerprint != bob.fingerprint and len(alice.identity_key) == 33
+
+
+async def test_failed_open_releases_the_directory(make_client: MakeClient, tmp_path: Path) -> None:
+    from e2ee.errors import UsageError
+
+    alice = await make_client("alice")
+    await alice.close()
+    with pytest.raises(UsageError):  # no transport for a "fake://" URL
+        await Client.open(tmp_path / "alice")
+    with pytest.raises(UsageError):  # again: not StoreLocked, nothing leaked
+        await Client.open(tmp_path / "alice")
+
+
+async def test_backlog_drained_and_flush(
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
+) -> None:
+    from e2ee.events import BacklogDrained
+
+    alice, bob = await make_client("alice"), await make_client("bob")
+    async with alice:
+        for i in range(3):
+            await alice.send_text("bob", f"backlog {i}", wait=False)
+        assert await alice.flush(timeout=5) == 0  # all three accepted by the relay
+    b_events = bob.events()
+    async with bob:
+        drained = await wait_for(b_events, lambda e: isinstance(e, BacklogDrained))
+        assert drained.processed == 3
+        assert len(bob.history.messages(direct_chat_id("alice"))) == 3
+        assert await bob.flush(timeout=5) == 0  # delivered receipts went out
+    assert 1 <= relay.pending("alice") <= 3  # delivered receipts, batched
+
+
+async def test_groups_contacts_and_attachment_info_listings(
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    source = tmp_path / "notes.txt"
+    source.write_text("secret notes")
+    async with alice, bob:
+        gid = await alice.create_group("duo", ["bob"])
+        await wait_for(b_events, lambda e: isinstance(e, GroupChanged))
+        mid = await alice.send_file("bob", source)
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        [group] = await bob.groups()
+        assert (group.id, group.name, group.members, group.admins, group.member) == (
+            gid,
+            "duo",
+            ("alice", "bob"),
+            ("alice",),
+            True,
+        )
+        contacts = await bob.contacts()
+        assert contacts == {"alice": {1: "tofu"}}
+        info = bob.history.attachment_info(mid)
+        assert info is not None and info.file_name == "notes.txt" and info.size == 12
+        assert info.mime_type == "text/plain" and info.available
+        assert "key" not in repr(info).lower()

@@ -142,6 +142,16 @@ async def test_fifty_megabyte_file(
             f.write(block)
     b_events = bob.events()
     progress: list[tuple[int, int]] = []
+    lags: list[float] = []
+
+    async def watch_loop() -> None:  # the event loop must stay responsive throughout
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - start - 0.01)
+
+    watcher = asyncio.create_task(watch_loop())
     async with alice, bob:
         mid = await alice.send_file(
             "bob", source, mime_type="video/mp4", progress=lambda d, t: progress.append((d, t))
@@ -161,6 +171,8 @@ async def test_fifty_megabyte_file(
             return h.hexdigest()
 
         assert await asyncio.to_thread(digest, out) == await asyncio.to_thread(digest, source)
+    watcher.cancel()
+    assert max(lags) < 0.2, f"event loop blocked for {max(lags):.3f} s"
 
 
 async def test_typing_reaction_edit_delete_and_timer_over_the_real_relay(

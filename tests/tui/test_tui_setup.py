@@ -32,14 +32,12 @@ async def test_first_run_registers_then_later_runs_ask_for_the_passphrase(
         screen.query_one("#setup-pass2").value = "correct horsE"
         await pilot.click("#setup-create")
         await until(pilot, lambda: "differ" in str(screen.query_one("#setup-error").render()))
+        # The keyboard path this time: Enter in the last field submits.
         screen.query_one("#setup-pass2").value = "correct horse"
-        await pilot.click("#setup-create")
-        await until(
-            pilot,
-            lambda: isinstance(app.screen, AccountCardScreen)
-            or print(screen.query_one("#setup-error").render()),
-        )
-        assert "alice" in str(app.screen.query_one("Static").render())
+        screen.query_one("#setup-pass2").focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
+        assert "alice" in str(app.screen.query_one("#account-card-info").render())
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
         indicator = app.screen.query_one(ConnectionIndicator)
@@ -79,7 +77,8 @@ async def test_taken_username_is_reported_and_can_be_changed(
         await until(pilot, lambda: "registration failed" in str(error.render()))
         assert not opener.exists(), "a failed registration leaves no half account behind"
         screen.query_one("#setup-username").value = "alice2"
-        await pilot.click("#setup-create")
+        screen.query_one("#setup-pass2").focus()
+        await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
 
 

@@ -142,7 +142,9 @@ class AccountCardScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         with Center(), Vertical(classes="setup-box", id="account-card"):
             yield Label("Your account is ready", classes="dialog-title")
-            yield Static(f"Username: {self._username}\nRelay:    {self._relay}")
+            yield Static(
+                f"Username: {self._username}\nRelay:    {self._relay}", id="account-card-info"
+            )
             yield Static(
                 "Your safety number is per contact: open a chat, press F2 (contact info) "
                 "and compare the 60 digits or scan the QR code with them. When they "

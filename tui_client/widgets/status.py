@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from textual.app import ComposeResult
-from textual.containers import Horizontal
+from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Button, Static
@@ -36,7 +36,7 @@ class ConnectionIndicator(Static):
         self.add_class(f"-{new}")
 
 
-class KeyBanner(Horizontal):
+class KeyBanner(Vertical):
     """Shown when a contact's key changed: accept it, or open contact info to verify."""
 
     class Accept(Message):
@@ -59,15 +59,16 @@ class KeyBanner(Horizontal):
 
     def compose(self) -> ComposeResult:
         yield Static("", id="key-banner-text")
-        yield Button("Accept", id="key-accept", variant="warning", compact=True)
-        yield Button("Verify", id="key-verify", variant="primary", compact=True)
+        with Horizontal(id="key-banner-buttons"):
+            yield Button("Accept new key", id="key-accept", variant="warning", compact=True)
+            yield Button("Verify…", id="key-verify", variant="primary", compact=True)
 
     def show_for(self, user: str, held: bool) -> None:
         """Show the banner for ``user``."""
         self.user = user
-        text = f"⚠ {user}'s safety number changed."
+        text = f"⚠ {user}'s safety number changed"
         if held:
-            text += " Messages to them wait until you accept."
+            text += "; your messages wait until you accept"
         self.query_one("#key-banner-text", Static).update(text)
         self.display = True
 

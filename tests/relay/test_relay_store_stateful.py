@@ -1,0 +1,143 @@
+"""Hypothesis stateful test of the SQLite store against a plain model.
+
+Random batches of concurrent sends (with reused message ids, from several senders), acks,
+reads and restarts; after every step each mailbox must hold exactly the model's messages, in
+order, once each. Sends submitted together usually share one group-commit batch, which is
+where deduplication and the deferred multi-row inserts could go wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from relay.errors import Conflict, RelayError
+from relay.store.base import Address, Envelope
+from relay.store.sqlite import SqliteRelayStore
+
+USERS = {"alice": [1], "bob": [1, 2], "carol": [1]}
+DEVICES = [Address(u, d) for u, ds in USERS.items() for d in ds]
+MIDS = [bytes([i]) * 16 for i in range(12)]
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.dir = Path(tempfile.mkdtemp(prefix="relay-stateful-"))
+        self.store = self._open()
+        for addr in DEVICES:
+            if addr.device == 1:
+                self.run(self.store.create_account(addr, b"k" * 32, 0))
+            else:
+                self.run(self.store.add_device(addr, b"k" * 32, 0))
+        self.owner: dict[bytes, Address] = {}  # message id -> sender
+        self.receipts: dict[bytes, object] = {}
+        self.mailbox: dict[Address, list[tuple[bytes, bytes]]] = {a: [] for a in DEVICES}
+        self.clock = 1
+
+    def _open(self) -> SqliteRelayStore:
+        store = SqliteRelayStore(self.dir / "db.sqlite3")
+        self.loop.run_until_complete(store.open())
+        return store
+
+    def run(self, coro):  # type: ignore[no-untyped-def]
+        return self.loop.run_until_complete(coro)
+
+    def targets(self, sender: Address, users: list[str]) -> tuple[Address, ...]:
+        return tuple(a for a in DEVICES if a.user in users and a != sender)
+
+    @rule(
+        sends=st.lists(
+            st.tuples(
+                st.sampled_from(DEVICES),
+                st.sets(st.sampled_from(list(USERS)), min_size=1),
+                st.sampled_from(MIDS),
+                st.binary(max_size=20),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    def send_batch(self, sends: list[tuple[Address, set[str], bytes, bytes]]) -> None:
+        envs = []
+        for sender, users, mid, body in sends:
+            rcpts = self.targets(sender, sorted(users))
+            if not rcpts:
+                continue
+            envs.append((sender, Envelope(mid, rcpts, body)))
+        if not envs:
+            return
+        self.clock += 1
+
+        async def go() -> list[object]:
+            futs = [self.store.submit_send(s, e, self.clock) for s, e in envs]
+            return await asyncio.gather(*futs, return_exceptions=True)
+
+        results = self.run(go())
+        for (sender, env), result in zip(envs, results, strict=True):
+            owner = self.owner.get(env.message_id)
+            if owner is None:
+                assert not isinstance(result, BaseException), result
+                self.owner[env.message_id] = sender
+                self.receipts[env.message_id] = result
+                for r in env.recipients:
+                    self.mailbox[r].append((env.message_id, env.body))
+            elif owner == sender:
+                assert result == self.receipts[env.message_id]  # deduplicated, same answer
+            else:
+                assert isinstance(result, Conflict) and result.code == "message_id_conflict"
+
+    @rule(
+        acks=st.lists(
+            st.tuples(st.sampled_from(DEVICES), st.sets(st.sampled_from(MIDS), min_size=1)),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    def ack_batch(self, acks: list[tuple[Address, set[bytes]]]) -> None:
+        async def go() -> list[int]:
+            return list(await asyncio.gather(*(self.store.ack(d, sorted(p)) for d, p in acks)))
+
+        removed = self.run(go())
+        for (dev, picks), n in zip(acks, removed, strict=True):
+            before = len(self.mailbox[dev])
+            self.mailbox[dev] = [(m, b) for m, b in self.mailbox[dev] if m not in picks]
+            assert n == before - len(self.mailbox[dev])
+
+    @rule()
+    def restart(self) -> None:
+        self.run(self.store.close())
+        self.store = self._open()
+
+    @invariant()
+    def mailboxes_match(self) -> None:
+        for dev in DEVICES:
+            got = self.run(self.store.fetch_mailbox(dev, 0, 1000, 10**9))
+            assert [(m.message_id, m.body) for m in got] == self.mailbox[dev]
+            seqs = [m.seq for m in got]
+            assert seqs == sorted(set(seqs))
+        assert self.store.stats().queued == sum(len(v) for v in self.mailbox.values())
+
+    def teardown(self) -> None:
+        with contextlib.suppress(RelayError):
+            self.run(self.store.close())
+        self.loop.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=25,
+    stateful_step_count=20,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestStoreMachine = StoreMachine.TestCase
