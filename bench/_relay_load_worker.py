@@ -33,7 +33,7 @@ import aiohttp
 from nacl.signing import SigningKey
 
 from e2ee.transport.auth import DeviceSigner
-from e2ee.transport.frames import encode_ack, encode_send
+from e2ee.transport.frames import b64e, encode_ack, encode_send
 
 _T = struct.Struct(">Q")
 _DELIVER_FIXED = 33  # op(1) seq(8) id(16) stored_at(8)
@@ -131,7 +131,7 @@ class Conn:
         t_send = _T.unpack_from(data, body_at)[0]
         st.delivered += 1
         lat_us = (now - t_send) // 1000
-        if st.fanout is not None and data[body_at + 8 : body_at + 9] == b"G":
+        if data[body_at + 8 : body_at + 9] == b"G":  # a group-fanout message
             entry = st.fanout.setdefault(t_send, [0, 0])
             entry[0] += 1
             entry[1] = max(entry[1], lat_us)
@@ -163,7 +163,7 @@ class Conn:
         mid = os.urandom(16)
         t = time.monotonic_ns()
         frame = encode_send(mid, ((recipient, 1),), _T.pack(t) + body_pad)
-        self.pending[_b64(mid)] = t
+        self.pending[b64e(mid)] = t
         st = self.stats
         st.sent += 1
         if st.in_window(t):
@@ -186,12 +186,6 @@ class Conn:
             self.reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self.reader
-
-
-def _b64(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(data).decode("ascii")
 
 
 async def read_command() -> str:

@@ -43,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, Protocol
 
+import nacl.encoding
 import nacl.hash
 
 from e2ee import envelope, payload
@@ -1619,10 +1620,9 @@ class Client:
         task = asyncio.ensure_future(self._receive_one(delivery))
         self._inflight = task
         inbound = await asyncio.shield(task)
-        if len(self._acks) >= 200:
-            await self._flush_acks()
-        else:
-            self._ack_wake.set()
+        # Acks go out from _ack_loop in batches; processing never waits for the
+        # relay to commit them.
+        self._ack_wake.set()
         if inbound.reset is not None:
             await self._session_reset(inbound.reset)
         if inbound.key_request is not None:

@@ -40,6 +40,7 @@ from e2ee.events import (
 )
 from e2ee.history import StoredMessage, direct_chat_id, group_chat_id
 from e2ee.qr import qr_terminal
+from e2ee.store.sealing import KdfLimits
 
 __all__ = [
     "DEFAULT_RELAY_URL",
@@ -371,7 +372,7 @@ class Messenger:
         *,
         now_ms: Callable[[], int] = _system_ms,
         options: ClientOptions | None = None,
-        kdf_limits: object = None,
+        kdf_limits: KdfLimits | None = None,
         strict_trust: bool = False,
     ) -> Messenger:
         """Create an account in ``data_dir`` and register it with the relay.
@@ -830,7 +831,7 @@ class Opener:
         *,
         now_ms: Callable[[], int] = _system_ms,
         options: ClientOptions | None = None,
-        kdf_limits: object = None,
+        kdf_limits: KdfLimits | None = None,
         strict_trust: bool = False,
     ) -> None:
         self.data_dir = data_dir

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
-import e2ee  # noqa: F401  (installs the python-axolotl compatibility layer first)
 from e2ee.client import DB_FILE, Client, ClientOptions
 from e2ee.client_errors import (
     ClientClosed,
@@ -490,7 +489,8 @@ class _Session:
         self._fatal_reason = ""
         self._offline_reason = ""
         self._pump = asyncio.create_task(self._run_pump(client.events()))
-        self._started = False
+        #: The highest history ``seq`` of a message printed (for ``receive``'s cursor).
+        self.printed_seq = 0
 
     @property
     def history(self) -> History:
@@ -535,7 +535,6 @@ class _Session:
             CliError: unreachable (3), refused (9), or taken over (10).
         """
         await self.client.start()
-        self._started = True
         up = asyncio.ensure_future(self._connected.wait())
         fatal = asyncio.ensure_future(self._fatal.wait())
         try:
@@ -556,6 +555,18 @@ class _Session:
                 f"cannot reach the relay within {self.settings.network_timeout:g} s "
                 f"(last error: {last})",
             )
+
+    async def start(self) -> None:
+        """Connect for a command (see :meth:`connect`), after noting ``receive``'s cursor.
+
+        Whatever the relay delivers to this connection is stored but not printed;
+        ``receive`` prints it later (its cursor marks where it stopped).
+        """
+        folder = self.settings.data_dir
+        if _read_cursor(folder) is None:
+            seq = await asyncio.to_thread(self.history.max_seq, "messages")
+            await asyncio.to_thread(_write_cursor, folder, seq)
+        await self.connect()
 
     async def bounded(
         self, work: Awaitable[T], what: str, *, activity: _Activity | None = None
@@ -658,6 +669,7 @@ class _Session:
         self.settings.out.emit(
             message_record(message, attachment), human_message(message, attachment, name)
         )
+        self.printed_seq = max(self.printed_seq, message.seq)
 
     async def held_error(self, chat_id: str, exc: IdentityHeld) -> CliError:
         """The error for a held send, naming the queued message."""
@@ -692,22 +704,10 @@ async def _account(settings: _Settings, *, connect: bool) -> AsyncIterator[_Sess
     session = _Session(settings, client)
     try:
         if connect:
-            await _ensure_cursor(session)
-            await session.connect()
+            await session.start()
         yield session
     finally:
         await session.close()
-
-
-async def _ensure_cursor(session: _Session) -> None:
-    """Before connecting: remember which messages ``receive`` has not printed yet."""
-    folder = session.settings.data_dir
-    if _read_cursor(folder) is None:
-        seq = await asyncio.to_thread(session.history.max_seq, "messages")
-        await asyncio.to_thread(_write_cursor, folder, seq)
-
-
-# -- commands -----------------------------------------------------------------------------
 
 
 def _remove_account_files(folder: Path) -> None:
@@ -815,9 +815,10 @@ async def cmd_send(settings: _Settings, args: argparse.Namespace) -> int:
         text = sys.stdin.read().removesuffix("\n")
     if not text:
         raise CliError(EXIT_USAGE, "the message text is empty")
-    async with _account(settings, connect=True) as session:
+    async with _account(settings, connect=False) as session:
         if target.group:
             await _find_group(session, target.group)
+        await session.start()
         try:
             mid = await session.bounded(
                 session.client.send_text(target.to, text),
@@ -834,9 +835,10 @@ async def cmd_send_file(settings: _Settings, args: argparse.Namespace) -> int:
     path = Path(name)
     if not path.is_file():
         raise CliError(EXIT_NOT_FOUND, f"no such file: {path}")
-    async with _account(settings, connect=True) as session:
+    async with _account(settings, connect=False) as session:
         if target.group:
             await _find_group(session, target.group)
+        await session.start()
         activity = _Activity()
         try:
             mid = await session.bounded(
@@ -853,13 +855,12 @@ async def cmd_send_file(settings: _Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _show_event(session: _Session, event: Event) -> int | None:
-    """Print one event (receipts are batched); returns the seq of a shown message."""
+async def _show_event(session: _Session, event: Event) -> None:
+    """Print one event (receipts that arrived together are one record)."""
     out = session.settings.out
     if isinstance(event, MessageReceived):
         await session.show_message(event.message)
-        return event.message.seq
-    if isinstance(event, ReceiptUpdated):
+    elif isinstance(event, ReceiptUpdated):
         ids = [event.message_id]
         while (more := session.take_ready()) is not None:
             if isinstance(more, ReceiptUpdated) and (
@@ -887,7 +888,6 @@ async def _show_event(session: _Session, event: Event) -> int | None:
     elif isinstance(event, MessageChanged):
         out.emit(change_record(event), human_change(event))
     # Typing and connection states are not printed.
-    return None
 
 
 async def cmd_receive(settings: _Settings, args: argparse.Namespace) -> int:
@@ -899,26 +899,24 @@ async def cmd_receive(settings: _Settings, args: argparse.Namespace) -> int:
         cursor = _read_cursor(folder)
         if cursor is None:
             cursor = await asyncio.to_thread(session.history.max_seq, "messages")
-        printed = cursor
+        session.printed_seq = cursor
         try:
             # Messages that arrived while another command was connected come first.
             for message in await asyncio.to_thread(_messages_after, session.history, cursor):
                 await session.show_message(message)
-                printed = max(printed, message.seq)
             await session.connect()
-            printed = max(printed, await _receive_loop(session, timeout))
+            await _receive_loop(session, timeout)
             await session.flush_outbox()  # delivered receipts for what we just printed
-            await session.close()
-            # Whatever was committed until the close is acknowledged: print it too.
             while (event := session.take_ready()) is not None:
-                seq = await _show_event(session, event)
-                printed = max(printed, seq or 0)
+                await _show_event(session, event)
+            # A message stored after this point is acknowledged but not printed: its
+            # seq is above the cursor, so the next `receive` prints it first.
         finally:
-            await asyncio.to_thread(_write_cursor, folder, printed)
+            await asyncio.to_thread(_write_cursor, folder, session.printed_seq)
     return EXIT_OK
 
 
-async def _receive_loop(session: _Session, timeout: float | None) -> int:
+async def _receive_loop(session: _Session, timeout: float | None) -> None:
     """Print events until the backlog is drained and then ``timeout`` passed.
 
     The backlog ends with :class:`BacklogDrained`. Should it never come (the
@@ -926,14 +924,13 @@ async def _receive_loop(session: _Session, timeout: float | None) -> int:
     """
     loop = asyncio.get_running_loop()
     idle = session.settings.network_timeout
-    printed = 0
     drained = False
     deadline = loop.time() + idle  # before draining: inactivity; after: the end
     while True:
         now = loop.time()
         if now >= deadline:
             if drained:
-                return printed
+                return
             drained, deadline = True, now + (timeout or 0.0)
             continue
         event = await session.next_event(deadline - now)
@@ -945,8 +942,7 @@ async def _receive_loop(session: _Session, timeout: float | None) -> int:
             continue
         if not drained:
             deadline = loop.time() + idle
-        seq = await _show_event(session, event)
-        printed = max(printed, seq or 0)
+        await _show_event(session, event)
 
 
 async def cmd_download(settings: _Settings, args: argparse.Namespace) -> int:
@@ -997,9 +993,8 @@ async def cmd_read(settings: _Settings, args: argparse.Namespace) -> int:
         count = await session.client.mark_read(target.chat_id)
         queued = 0
         if count:
-            await _ensure_cursor(session)
             try:
-                await session.connect()
+                await session.start()
             except CliError as exc:
                 raise CliError(
                     exc.code,
@@ -1111,8 +1106,9 @@ async def cmd_group(settings: _Settings, args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     gid = _group_id(args.group_id)
-    async with _account(settings, connect=True) as session:
+    async with _account(settings, connect=False) as session:
         await _find_group(session, gid)
+        await session.start()
         client = session.client
         if action == "add":
             user = _username(args.username)
@@ -1200,9 +1196,8 @@ async def _accept(settings: _Settings, user: str, *, verified: bool) -> int:
         queued = len(await asyncio.to_thread(session.history.pending_outbox))
         still = 0
         if queued:
-            await _ensure_cursor(session)
             try:
-                await session.connect()
+                await session.start()
             except CliError as exc:
                 raise CliError(
                     exc.code,

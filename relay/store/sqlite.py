@@ -93,8 +93,7 @@ _MAX_VARS = 30000  # below SQLite's default SQLITE_MAX_VARIABLE_NUMBER (32766)
 
 _INSERT_MAILBOX = "INSERT INTO mailbox(device_pk, seq, msg_pk, size) VALUES "
 _INSERT_MESSAGE = (
-    "INSERT INTO messages(pk, msg_id, sender, sender_device, stored_ms, n_recipients, body) "
-    "VALUES "
+    "INSERT INTO messages(pk, msg_id, sender, sender_device, stored_ms, n_recipients, body) VALUES "
 )
 # A body is dropped (the row stays as the dedupe tombstone) once no mailbox references it.
 _DROP_BODY_IF_DONE = (
@@ -484,7 +483,7 @@ class _WriterState:
                 [v for pair in part for v in pair],
             ).fetchone()
             for i, dev_pk, msg_pk, size in json.loads(doc):
-                matched[(dev_pk, msg_pk)] = (i, size)
+                matched.setdefault((dev_pk, msg_pk), (i, size))
         if not matched:
             return counts
         keys = list(matched)
@@ -729,11 +728,6 @@ class SqliteRelayStore:
     def _complete(
         self, results: list[tuple[asyncio.Future[Any], bool, Any]], deliveries: list[Delivery]
     ) -> None:
-        if deliveries and self._listener is not None:
-            try:
-                self._listener(deliveries)
-            except Exception:
-                log.exception("delivery listener failed")
         for fut, ok, value in results:
             if fut.done():
                 continue
@@ -741,6 +735,21 @@ class SqliteRelayStore:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
+        # The futures' callbacks (send results) were queued first; the fan-out follows them, so
+        # a sender is answered before a large group message is pushed. Batches keep commit
+        # order because the loop runs callbacks first in, first out.
+        if deliveries and self._listener is not None:
+            assert self._loop is not None
+            self._loop.call_soon(self._deliver, deliveries)
+
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            listener(deliveries)
+        except Exception:
+            log.exception("delivery listener failed")
 
     # -- reader machinery ----------------------------------------------------------------
 

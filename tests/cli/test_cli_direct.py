@@ -129,18 +129,40 @@ def test_messages_consumed_by_other_commands_are_printed_by_receive(
     assert cli("alice", "receive", "--json").of_type("message") == []
 
 
+def _wait_until_locked(folder: Path, timeout: float = 20.0) -> None:
+    """Until another process holds the data directory's lock (the SDK's flock).
+
+    Reads /proc/locks rather than probing with flock, which could itself make the
+    other process find the directory busy.
+    """
+    inode = (folder / "blindpost.lock").stat().st_ino
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and any(f.endswith(f":{inode}") for f in fields):
+                return
+        time.sleep(0.05)
+    raise AssertionError("the listener never opened its data directory")
+
+
 def test_receive_timeout_keeps_listening_after_the_queue_is_drained(
-    cli: Cli, accounts: Any
+    cli: Cli, accounts: Any, one_line_error: Any
 ) -> None:
+    listener = cli.start("bob", "receive", "--json", "--timeout", "6")
+    _wait_until_locked(cli.data("bob"))
     began = time.monotonic()
-    listener = cli.start("bob", "receive", "--json", "--timeout", "3")
-    time.sleep(1.0)  # the listener drains its queue ("crossing", from the test above) first
-    mid = cli("alice", "send", "bob", "live").last_word
+    # While it listens, alice sends; and a second process on bob's data directory is
+    # turned away at once (one process per data directory).
+    sending, busy = cli.many(("alice", "send", "bob", "live"), ("bob", "contacts"), ok=False)
+    assert sending.code == 0, str(sending)
+    one_line_error(busy, 10)
     result = cli.finish(listener, ("receive",))
     assert result.code == 0, str(result)
+    # "crossing" (from the test above) was waiting; "live" came while listening.
     assert [m["text"] for m in result.of_type("message")] == ["crossing", "live"]
-    assert result.of_type("message")[-1]["id"] == mid
-    assert time.monotonic() - began >= 3
+    assert result.of_type("message")[-1]["id"] == sending.last_word
+    assert time.monotonic() - began >= 6
 
 
 def test_errors_are_one_line_with_distinct_statuses(

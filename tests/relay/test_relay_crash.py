@@ -33,14 +33,17 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
-from conftest import RelayProcess
-from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_username
+from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_username, unb64
 
 from relay.store.base import Envelope
 from relay.wire import decode_deliver, encode_send
+
+if TYPE_CHECKING:  # conftest is imported by pytest; importing it by name is ambiguous
+    from conftest import RelayProcess
 
 SEED = 20261128
 N_CLIENTS = 20
@@ -170,7 +173,7 @@ class Chaos:
                     doc = json.loads(msg.data)
                     kind = doc.get("type")
                     if kind == "send_result":
-                        mid = b64decode(doc["id"])
+                        mid = unb64(doc["id"])
                         inflight.pop(mid, None)
                         window.release()
                         if doc["status"] == 200:
@@ -280,12 +283,6 @@ class Chaos:
         retry, undelivered, _ = self.outstanding()
         acks_pending = any(p.to_ack or p.refs for p in self.peers)
         return retry == 0 and undelivered == 0 and not acks_pending
-
-
-def b64decode(text: str) -> bytes:
-    import base64
-
-    return base64.b64decode(text)
 
 
 async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -139,5 +139,7 @@ StoreMachine.TestCase.settings = settings(
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow],
+    # No explain phase: its tracing makes shrinking a failure take minutes.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
 )
 TestStoreMachine = StoreMachine.TestCase

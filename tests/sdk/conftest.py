@@ -222,6 +222,12 @@ class FakeLink(RelayLink):
 
 
 @pytest.fixture
+def fast_options() -> ClientOptions:
+    """Client options with short delays, for clients a test opens itself."""
+    return FAST
+
+
+@pytest.fixture
 def relay() -> FakeRelay:
     return FakeRelay()
 
@@ -350,10 +356,12 @@ async def make_real_client(
 ) -> AsyncIterator[Callable[..., Awaitable[Client]]]:
     clients: list[Client] = []
 
-    async def make(name: str, *, register: bool = True, **kw: Any) -> Client:
+    async def make(
+        name: str, *, register: bool = True, directory: str | None = None, **kw: Any
+    ) -> Client:
         kw.setdefault("options", FAST)
         client = await Client.create(
-            tmp_path / f"real-{name}", name, real_relay.url, kdf_limits=FAST_KDF, **kw
+            tmp_path / f"real-{directory or name}", name, real_relay.url, kdf_limits=FAST_KDF, **kw
         )
         if register:
             await client.register()

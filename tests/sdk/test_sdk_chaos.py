@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST
 
 from e2ee.client import Client
 from e2ee.events import GapDetected, MessageReceived
@@ -26,7 +25,7 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 @pytest.mark.parametrize("seed", list(range(1, 9)))
 async def test_every_message_once_and_in_order_through_chaos(
-    make_client: MakeClient, relay: Any, tmp_path: Path, seed: int
+    make_client: MakeClient, relay: Any, tmp_path: Path, seed: int, fast_options: Any
 ) -> None:
     rng = random.Random(seed)
     alice, bob = await make_client("alice"), await make_client("bob")
@@ -65,7 +64,9 @@ async def test_every_message_once_and_in_order_through_chaos(
                 # The receiving process dies and starts again from its files.
                 await current.close()
                 await collector
-                current = await Client.open(tmp_path / "bob", link_factory=relay.link, options=FAST)
+                current = await Client.open(
+                    tmp_path / "bob", link_factory=relay.link, options=fast_options
+                )
                 flaky(current)
                 collector = asyncio.create_task(collect(current))
                 await current.start()

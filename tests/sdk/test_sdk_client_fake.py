@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST as FAST_OPTIONS
 
 from e2ee.client import Client
 from e2ee.client_errors import IdentityHeld
@@ -144,7 +143,7 @@ async def test_relay_restart_mid_conversation(
 
 
 async def test_crash_between_decrypt_and_ack_shows_nothing_twice(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any, tmp_path: Path
+    make_client: MakeClient, wait_for: WaitFor, relay: Any, tmp_path: Path, fast_options: Any
 ) -> None:
     alice, bob = await make_client("alice"), await make_client("bob")
     async with alice:
@@ -159,7 +158,7 @@ async def test_crash_between_decrypt_and_ack_shows_nothing_twice(
         first = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
         assert first.message.text == "exactly once"
     assert relay.pending("bob") == 1  # committed locally, never acknowledged
-    bob2 = await Client.open(tmp_path / "bob", link_factory=relay.link, options=FAST_OPTIONS)
+    bob2 = await Client.open(tmp_path / "bob", link_factory=relay.link, options=fast_options)
     events2 = bob2.events()
     try:
         async with bob2:

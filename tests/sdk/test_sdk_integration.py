@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAST
 
 from e2ee.client import Client
 from e2ee.events import (
@@ -49,7 +48,11 @@ async def test_one_to_one_with_receipts_over_the_real_relay(
 
 
 async def test_recipient_offline_then_back_and_client_killed_before_ack(
-    make_real_client: MakeClient, wait_for: WaitFor, real_relay: Any, tmp_path: Path
+    make_real_client: MakeClient,
+    wait_for: WaitFor,
+    real_relay: Any,
+    tmp_path: Path,
+    fast_options: Any,
 ) -> None:
     alice, bob = await make_real_client("alice"), await make_real_client("bob")
     async with alice:
@@ -70,7 +73,7 @@ async def test_recipient_offline_then_back_and_client_killed_before_ack(
             for _ in range(5)
         ]
     assert texts == [f"queued {i}" for i in range(5)]
-    again = await Client.open(tmp_path / "real-bob", options=FAST)
+    again = await Client.open(tmp_path / "real-bob", options=fast_options)
     events = again.events()
     try:
         async with again:
@@ -225,7 +228,7 @@ asyncio.run(main())
 
 
 async def test_client_process_killed_between_commit_and_ack(
-    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path
+    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
 ) -> None:
     import subprocess
     import sys
@@ -241,7 +244,7 @@ async def test_client_process_killed_between_commit_and_ack(
         sys.executable, str(script), str(tmp_path / "real-bob")
     )
     assert await asyncio.wait_for(child.wait(), 60) == 9
-    again = await Client.open(tmp_path / "real-bob", options=FAST)
+    again = await Client.open(tmp_path / "real-bob", options=fast_options)
     before = {m.id for m in again.history.messages(direct_chat_id("alice"))}
     assert before  # the child committed at least one message before it died
     events = again.events()
@@ -258,3 +261,45 @@ async def test_client_process_killed_between_commit_and_ack(
     finally:
         await again.close()
     del subprocess
+
+
+async def test_key_change_over_the_real_relay_holds_until_accepted(
+    make_real_client: MakeClient, wait_for: WaitFor, real_relay: Any
+) -> None:
+    """Bob reinstalls device 1 (new identity key, same address); Alice is told and holds."""
+    from e2ee.client_errors import IdentityHeld
+    from e2ee.events import IdentityChanged
+    from e2ee.store import Changes
+    from e2ee.transport.auth import DeviceSigner
+    from e2ee.transport.http import RelayClient
+
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    a_events = alice.events()
+    async with alice:
+        async with bob:
+            await alice.send_text("bob", "before the reinstall")
+            # The relay side of a reinstall, done with the transport directly (the SDK
+            # has no device-linking API yet): a helper device 2 re-adds device 1 with
+            # the new installation's auth key, then removes itself.
+            helper_signer = DeviceSigner.from_seed(os.urandom(32), "bob", 2)
+            await bob._link._http.add_device(2, helper_signer.public_key)  # type: ignore[attr-defined]
+        new_bob = await make_real_client("bob", register=False, directory="bob-reinstalled")
+        async with RelayClient(real_relay.url, "bob", 2, helper_signer) as helper:
+            await helper.remove_device(1)
+            await helper.add_device(1, new_bob._link._signer.public_key)  # type: ignore[attr-defined]
+            await helper.remove_device(2)
+        await asyncio.to_thread(
+            new_bob._store.commit, Changes(meta_put={"sdk.account_created": "1"})
+        )
+        await new_bob.register()  # uploads the new installation's keys
+        nb_events = new_bob.events()
+        async with new_bob:
+            await new_bob.send_text("alice", "new phone, same me")
+            changed = await wait_for(a_events, lambda e: isinstance(e, IdentityChanged), WAIT)
+            assert (changed.user, changed.first_use, changed.held) == ("bob", False, True)
+            with pytest.raises(IdentityHeld):
+                await alice.send_text("bob", "held until accepted")
+            assert await alice.trust_level("bob") == {1: "untrusted"}
+            await alice.accept_identity("bob")
+            got = await wait_for(nb_events, lambda e: isinstance(e, MessageReceived), WAIT)
+            assert got.message.text == "held until accepted"

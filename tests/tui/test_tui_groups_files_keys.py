@@ -146,8 +146,13 @@ async def test_attach_a_file_with_progress_and_save_a_received_one(
         back = tmp_path / "photo.png"
         back.write_bytes(b"\x89PNG fake image bytes" * 100)
         await bob.send_file("alice", back)
-        await until(pilot, lambda: listed.messages()[-1].attachment is not None
-                    and listed.messages()[-1].sender == "bob")
+        await until(
+            pilot,
+            lambda: (
+                listed.messages()[-1].attachment is not None
+                and listed.messages()[-1].sender == "bob"
+            ),
+        )
         listed.focus()
         await pilot.press("end")
         await pilot.press("s")

@@ -197,22 +197,26 @@ async def test_older_history_loads_when_scrolling_up(
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
         screen = app.screen
         assert isinstance(screen, MainScreen)
-        for i in range(130):
+        for i in range(300):
             await bob.send_text("alice", f"line {i}", wait=False)
         await until(
             pilot,
-            lambda: (c := screen.query_one(ChatList).get(direct_chat_id("bob")))
-            and c.last_text == "line 129",
+            lambda: (
+                (c := screen.query_one(ChatList).get(direct_chat_id("bob")))
+                and c.last_text == "line 299"
+            ),
             timeout=60,
         )
         screen.open_chat(direct_chat_id("bob"))
         listed = screen.query_one(MessageList)
         await until(pilot, lambda: len(listed.messages()) == 60)
-        assert listed.messages()[-1].text == "line 129"
+        assert listed.messages()[-1].text == "line 299"
         listed.focus()
         await pilot.press("home")
-        await until(pilot, lambda: len(listed.messages()) == 120)
+        # Older pages are 200 messages: the newest 60, then 200 more, then the last 40.
+        await until(pilot, lambda: len(listed.messages()) == 260)
+        assert listed.selected is not None and listed.selected.text == "line 240"
         await pilot.press("home")
-        await until(pilot, lambda: len(listed.messages()) == 130)
-        assert [m.text for m in listed.messages()] == [f"line {i}" for i in range(130)]
+        await until(pilot, lambda: len(listed.messages()) == 300)
+        assert [m.text for m in listed.messages()] == [f"line {i}" for i in range(300)]
         assert not listed.has_older

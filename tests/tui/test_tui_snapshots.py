@@ -25,6 +25,9 @@ def _app(backend: FakeBackend | None = None) -> BlindpostApp:
 
 
 async def _settle(pilot: Any) -> None:
+    # A blinking cursor would make the picture depend on the moment it is taken.
+    for widget in pilot.app.screen.query("Input, TextArea"):
+        widget.cursor_blink = False
     await pilot.pause(0.1)
     await pilot.wait_for_scheduled_animations()
     await pilot.pause(0.1)

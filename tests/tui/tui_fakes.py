@@ -38,7 +38,13 @@ def fixed_clock() -> int:
 
 
 def _m(
-    n: int, chat: str, sender: str, text: str | None, at: int, status: str = "received", **kw: object
+    n: int,
+    chat: str,
+    sender: str,
+    text: str | None,
+    at: int,
+    status: str = "received",
+    **kw: object,
 ) -> MessageView:
     return MessageView(
         id=f"{n:032x}",
@@ -67,7 +73,7 @@ def sample_messages() -> dict[str, list[MessageView]]:
                 4,
                 bob,
                 "bob",
-                "budget.pdf",
+                None,
                 t,
                 attachment=AttachmentInfo("budget.pdf", 48_213, "application/pdf"),
             ),
@@ -250,7 +256,9 @@ class FakeBackend:
     async def contact_info(self, user: str) -> ContactInfo:
         digits = "".join(str((i * 7 + 3) % 10) for i in range(60))
         trust = "verified" if user in self.verified else "tofu"
-        return ContactInfo(user, ((1, trust),), ((1, digits),), qr_terminal(b"\x00" + digits.encode()))
+        return ContactInfo(
+            user, ((1, trust),), ((1, digits),), qr_terminal(b"\x00" + digits.encode())
+        )
 
     async def accept_key(self, user: str, verified: bool) -> None:
         if verified:

@@ -73,8 +73,12 @@ __all__ = [
 
 _TYPING_EVERY = 4.0  # seconds between "typing" pings while composing
 _TYPING_SHOWN = 6.0  # a typing indicator without a refresh disappears after this
-_REFRESH_TICK = 0.25  # chat-list refresh batching
+_REFRESH_TICK = 0.5  # chat-list refresh batching
+_APPEND_TICK = 0.1  # new messages of the open chat are added to the list in batches
 _MARK_READ_DELAY = 0.5
+# Older history comes in larger pages than the first one: each page means one
+# list rebuild, so fewer, bigger pages keep scrolling back through a long chat smooth.
+_OLDER_PAGE = 200
 
 
 class UpdateArrived(Message):
@@ -169,7 +173,7 @@ class MainScreen(Screen[None]):
         self._last_typing = 0.0
         self._typing: dict[str, float] = {}
         self._key_changed: dict[str, bool] = {}
-        self._uploading = 0
+        self._incoming: list[MessageView] = []
 
     # -- layout -------------------------------------------------------------------------
 
@@ -200,6 +204,7 @@ class MainScreen(Screen[None]):
         self._load_chats()
         self._pump()
         self.set_interval(_REFRESH_TICK, self._flush_dirty)
+        self.set_interval(_APPEND_TICK, self._flush_incoming)
         self.set_interval(1.0, self._expire_typing)
         self.query_one("#chat-options").focus()
 
@@ -232,7 +237,8 @@ class MainScreen(Screen[None]):
 
     @work(group="page", exclusive=True)
     async def _load_page(self, chat_id: str, before: str | None) -> None:
-        page = await self.backend.messages(chat_id, before=before, limit=PAGE_SIZE)
+        limit = PAGE_SIZE if before is None else _OLDER_PAGE
+        page = await self.backend.messages(chat_id, before=before, limit=limit)
         self.post_message(PageLoaded(chat_id, page, older=before is not None))
 
     @work(group="mark-read", exclusive=True)
@@ -359,7 +365,7 @@ class MainScreen(Screen[None]):
     def _page_loaded(self, message: PageLoaded) -> None:
         if message.chat_id != self.chat_id:
             return
-        has_older = len(message.page) >= PAGE_SIZE
+        has_older = len(message.page) >= (_OLDER_PAGE if message.older else PAGE_SIZE)
         if message.older:
             self.messages.prepend(message.page, has_older)
         else:
@@ -369,6 +375,7 @@ class MainScreen(Screen[None]):
     @on(MessageSent)
     def _message_sent(self, message: MessageSent) -> None:
         if message.message.chat_id == self.chat_id:
+            self._flush_incoming()
             self.messages.append(message.message)
         self._dirty.add(message.message.chat_id)
 
@@ -401,9 +408,11 @@ class MainScreen(Screen[None]):
             case NewMessage(message=m):
                 self._dirty.add(m.chat_id)
                 if m.chat_id == open_chat:
-                    self._typing.pop(m.sender, None)
-                    self._render_typing()
-                    self.messages.append(m)
+                    if self._typing.pop(m.sender, None) is not None:
+                        self._render_typing()
+                    # Batched: at 50 messages/s one list update per tick keeps
+                    # rendering off the keystrokes' path.
+                    self._incoming.append(m)
                     if not m.outgoing:
                         self._mark_read(m.chat_id)
                 elif not m.outgoing and m.kind in ("text", "attachment"):
@@ -415,9 +424,11 @@ class MainScreen(Screen[None]):
             case MessageChanged_(message=m):
                 self._dirty.add(m.chat_id)
                 if m.chat_id == open_chat:
+                    self._flush_incoming()
                     self.messages.update_message(m)
             case ReceiptChanged(chat_id=chat_id, message_id=mid, status=status):
                 if chat_id == open_chat:
+                    self._flush_incoming()
                     self.messages.set_status(mid, status)
             case TypingChanged(chat_id=chat_id, user=user, typing=typing):
                 if chat_id == open_chat:
@@ -451,6 +462,12 @@ class MainScreen(Screen[None]):
                 else:
                     self.notify(text, severity="warning")
 
+    def _flush_incoming(self) -> None:
+        batch, self._incoming = self._incoming, []
+        batch = [m for m in batch if m.chat_id == self.chat_id]
+        if batch:
+            self.messages.extend(batch)
+
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
         for chat_id in dirty:
@@ -480,6 +497,7 @@ class MainScreen(Screen[None]):
         self.chat_id = chat_id
         self.chat_list.open_chat = chat_id
         self._typing.clear()
+        self._incoming.clear()
         self._render_typing()
         self._cancel_context()
         summary = self.chat_list.get(chat_id)

@@ -73,7 +73,17 @@ class ChatList(Vertical):
 
     def upsert(self, chat: ChatSummary) -> None:
         """Add or replace one chat (its activity time decides its place)."""
+        old = self._chats.get(chat.chat_id)
+        if old == chat:
+            return
+        before = self.chat_ids()
         self._chats[chat.chat_id] = chat
+        if old is not None and self.is_mounted and self.chat_ids() == before:
+            # Same place in the list: re-render that row only (no list rebuild).
+            opts = self.options
+            width = max(12, (opts.scrollable_content_region.width or 24) - 1)
+            opts.replace_option_prompt(chat.chat_id, self._prompt(chat, width))
+            return
         self._rebuild()
 
     def remove_chat(self, chat_id: str) -> None:
@@ -140,7 +150,12 @@ class ChatList(Vertical):
             opts.highlighted = 0
 
     def on_mount(self) -> None:
+        # Prompts carry resolved colours; a theme switch must re-render them.
+        self.watch(self.app, "theme", self._theme_changed, init=False)
         self._rebuild()
+
+    def _theme_changed(self) -> None:
+        self.call_after_refresh(self._rebuild)
 
     def on_resize(self) -> None:
         self._rebuild()

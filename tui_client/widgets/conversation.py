@@ -91,6 +91,22 @@ class MessageList(OptionList):
         self._by_id: dict[str, MessageView] = {}
         self._notices = 0
         self._rebuilding = False
+        # Rendered prompts by message id, and resolved component styles: a page
+        # prepend or a theme switch re-uses them instead of re-rendering every row.
+        self._prompts: dict[str, Text] = {}
+        self._styles: dict[str, Style] = {}
+
+    def on_mount(self) -> None:
+        # Prompts carry resolved colours; a theme switch must re-render them.
+        self.watch(self.app, "theme", self._theme_changed, init=False)
+
+    def _theme_changed(self) -> None:
+        self.call_after_refresh(self._restyle)
+
+    def _restyle(self) -> None:
+        self._styles.clear()
+        self._prompts.clear()
+        self._rebuild(keep=self.selected.id if self.selected else None)
 
     # -- content ------------------------------------------------------------------------
 
@@ -105,6 +121,7 @@ class MessageList(OptionList):
         self.loading_older = False
         self._rows = list(page)
         self._by_id = {m.id: m for m in page}
+        self._prompts.clear()
         self._rebuild(keep=None)
         self.action_last()
 
@@ -122,17 +139,27 @@ class MessageList(OptionList):
 
     def append(self, message: MessageView) -> None:
         """Add a new message at the bottom (follows it if the cursor was at the end)."""
-        if message.id in self._by_id:
-            self.update_message(message)
-            return
+        self.extend([message])
+
+    def extend(self, messages: list[MessageView]) -> None:
+        """Add new messages at the bottom in one update (one re-layout, one scroll)."""
         at_end = self.highlighted is None or self.highlighted >= self.option_count - 1
-        last = self._last_message()
         new: list[Option] = []
-        if last is None or day_key(last.sent_at, self._tz) != day_key(message.sent_at, self._tz):
-            new.append(self._day_option(message.sent_at))
-        self._rows.append(message)
-        self._by_id[message.id] = message
-        new.append(Option(self._prompt(message), id=message.id))
+        last = self._last_message()
+        for message in messages:
+            if message.id in self._by_id:
+                self.update_message(message)
+                continue
+            if last is None or day_key(last.sent_at, self._tz) != day_key(
+                message.sent_at, self._tz
+            ):
+                new.append(self._day_option(message.sent_at))
+            self._rows.append(message)
+            self._by_id[message.id] = message
+            new.append(Option(self._cached_prompt(message), id=message.id))
+            last = message
+        if not new:
+            return
         self.add_options(new)
         if at_end:
             self.action_last()
@@ -152,11 +179,12 @@ class MessageList(OptionList):
         if message.id not in self._by_id:
             return
         self._by_id[message.id] = message
+        self._prompts.pop(message.id, None)
         self._rows = [
             message if isinstance(r, MessageView) and r.id == message.id else r for r in self._rows
         ]
         try:
-            self.replace_option_prompt(message.id, self._prompt(message))
+            self.replace_option_prompt(message.id, self._cached_prompt(message))
         except OptionDoesNotExist:
             return
 
@@ -199,7 +227,16 @@ class MessageList(OptionList):
         return None
 
     def _style(self, name: str) -> Style:
-        return self.get_component_rich_style(f"message-list--{name}")
+        style = self._styles.get(name)
+        if style is None:
+            style = self._styles[name] = self.get_component_rich_style(f"message-list--{name}")
+        return style
+
+    def _cached_prompt(self, message: MessageView) -> Text:
+        prompt = self._prompts.get(message.id)
+        if prompt is None:
+            prompt = self._prompts[message.id] = self._prompt(message)
+        return prompt
 
     def _day_option(self, ms: int) -> Option:
         label = f" {day_label(ms, self._now_ms, self._tz)} "
@@ -225,7 +262,7 @@ class MessageList(OptionList):
             if day != last_day:
                 options.append(self._day_option(row.sent_at))
                 last_day = day
-            options.append(Option(self._prompt(row), id=row.id))
+            options.append(Option(self._cached_prompt(row), id=row.id))
         # set_options resets the scroll position to the top; that must not read as
         # "the user scrolled up" and load yet another page.
         self._rebuilding = True
