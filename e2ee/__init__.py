@@ -15,4 +15,14 @@ from e2ee.core import hardening as _hardening  # noqa: E402
 _hardening.apply()
 _fastpath.apply()
 
-__all__: list[str] = []
+__all__ = ["Client", "ClientOptions"]
+
+
+def __getattr__(name: str) -> object:
+    # `e2ee.Client` without making `import e2ee` pull in aiohttp and SQLite: the
+    # protocol core stays importable on its own.
+    if name in ("Client", "ClientOptions"):
+        from e2ee import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'e2ee' has no attribute {name!r}")

@@ -9,112 +9,11 @@ tests never touch a real user's data.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import signal
-import sqlite3
-import subprocess
-import sys
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-BLINDPOST = Path(sys.executable).parent / "blindpost"
-_LISTEN_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
-RELAY_SETTINGS = {
-    "registration_burst": "100000",
-    "prekey_fetch_burst": "100000",
-    "ws_heartbeat_seconds": "0",
-    "sweep_interval_seconds": "0",
-}
-#: Upper bound for one CLI run; commands bound their own network waits well below it.
-RUN_TIMEOUT = 60.0
-
-
-@dataclass
-class Relay:
-    """A relay subprocess that can be stopped and started again on the same port."""
-
-    data_dir: Path
-    port: int = 0
-    proc: subprocess.Popen[str] | None = None
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        args = [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", str(self.port)]
-        args += ["--data", str(self.data_dir)]
-        for key, value in RELAY_SETTINGS.items():
-            args += ["--set", f"{key}={value}"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_")}
-        env["PYTHONUNBUFFERED"] = "1"
-        proc = subprocess.Popen(
-            args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
-        )
-        ready = threading.Event()
-        ports: list[int] = []
-
-        def pump() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                self.lines.append(line)
-                match = _LISTEN_RE.search(line)
-                if match and not ports:
-                    ports.append(int(match.group(1)))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(15) or not ports:
-            proc.kill()
-            raise RuntimeError("relay did not start:\n" + "".join(self.lines))
-        self.port = ports[0]
-        self.proc = proc
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def forget_user(self, username: str) -> None:
-        """Delete an account from the stopped relay's database.
-
-        Stands in for what the relay API never allows (names are never reused): an
-        operator resetting an account, or a malicious relay swapping a user's keys,
-        which is exactly what safety numbers and held sending protect against.
-        """
-        assert self.proc is None, "stop the relay first"
-        db = sqlite3.connect(self.data_dir / "relay.sqlite3")
-        try:
-            with db:
-                (user_pk,) = db.execute(
-                    "SELECT pk FROM users WHERE username = ?", (username,)
-                ).fetchone()
-                devices = [
-                    r[0] for r in db.execute("SELECT pk FROM devices WHERE user_pk = ?", (user_pk,))
-                ]
-                for pk in devices:
-                    db.execute("DELETE FROM otpks WHERE device_pk = ?", (pk,))
-                    db.execute("DELETE FROM mailbox WHERE device_pk = ?", (pk,))
-                db.execute("DELETE FROM devices WHERE user_pk = ?", (user_pk,))
-                db.execute("DELETE FROM users WHERE pk = ?", (user_pk,))
-        finally:
-            db.close()
+from cli_harness import Cli, Relay, assert_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -126,101 +25,9 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Relay]:
     server.stop()
 
 
-@dataclass
-class Result:
-    """A finished ``blindpost`` run."""
-
-    args: Sequence[str]
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def records(self) -> list[dict[str, Any]]:
-        """The JSON objects printed (one per line)."""
-        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
-
-    @property
-    def last_word(self) -> str:
-        return self.stdout.split()[-1]
-
-    def of_type(self, kind: str) -> list[dict[str, Any]]:
-        return [r for r in self.records if r.get("type") == kind]
-
-    def __str__(self) -> str:
-        return f"blindpost {' '.join(self.args)} -> {self.code}\n{self.stdout}\n{self.stderr}"
-
-
-class Cli:
-    """Runs the installed ``blindpost`` command in a scrubbed environment."""
-
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_")}
-        env.pop("XDG_DATA_HOME", None)
-        env["HOME"] = str(home)
-        env["PYTHONUNBUFFERED"] = "1"
-        self.env = env
-
-    def data(self, name: str) -> Path:
-        return self.home / name
-
-    def start(
-        self, name: str | None, *args: str, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[str]:
-        argv = [str(BLINDPOST)] + (["--data", str(self.data(name))] if name else []) + list(args)
-        return subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env | (env or {}),
-            cwd=self.home,
-        )
-
-    @staticmethod
-    def finish(proc: subprocess.Popen[str], args: Sequence[str]) -> Result:
-        try:
-            out, err = proc.communicate(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-            raise AssertionError(f"blindpost {' '.join(args)} hung:\n{out}\n{err}") from None
-        return Result(args, proc.returncode, out, err)
-
-    def __call__(
-        self, name: str | None, *args: str, ok: bool = True, env: dict[str, str] | None = None
-    ) -> Result:
-        """Run ``blindpost --data <home>/<name> ARGS``; with ``ok``, require status 0."""
-        began = time.monotonic()
-        result = self.finish(self.start(name, *args, env=env), args)
-        if os.environ.get("CLI_TEST_TIMES"):
-            print(f"{time.monotonic() - began:5.2f}s {name} {' '.join(args)}")
-        if ok:
-            assert result.code == 0, str(result)
-            assert result.stderr == "", str(result)
-        return result
-
-    def many(self, *runs: tuple[str, ...], ok: bool = True) -> list[Result]:
-        """Run several commands concurrently (each tuple: data name, then arguments)."""
-        procs = [(self.start(run[0], *run[1:]), run[1:]) for run in runs]
-        results = [self.finish(proc, args) for proc, args in procs]
-        for result in results:
-            assert result.code == 0 or not ok, str(result)
-        return results
-
-
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory) -> Cli:
     return Cli(tmp_path_factory.mktemp("cli-home"))
-
-
-def assert_one_line_error(result: Result, code: int) -> None:
-    """A failure: the documented status and exactly one ``blindpost: error:`` line."""
-    assert result.code == code, str(result)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("blindpost: error: "), str(result)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Cli, Relay
+from cli_harness import Cli, Relay
 
 pytestmark = pytest.mark.timeout(120)
 

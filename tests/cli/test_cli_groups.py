@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Cli, Relay
+from cli_harness import Cli, Relay
 
 pytestmark = pytest.mark.timeout(120)
 

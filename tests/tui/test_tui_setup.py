@@ -22,7 +22,10 @@ async def test_first_run_registers_then_later_runs_ask_for_the_passphrase(
     opener = tui_opener("alice")
     app = BlindpostApp(opener)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: isinstance(app.screen, FirstRunScreen))
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, FirstRunScreen) and app.screen.query("#setup-create"),
+        )
         screen = app.screen
         relay_input = screen.query_one("#setup-relay")
         assert relay_input.value == "http://127.0.0.1:8080"  # the README quick start
@@ -46,7 +49,10 @@ async def test_first_run_registers_then_later_runs_ask_for_the_passphrase(
 
     again = BlindpostApp(opener)
     async with again.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: isinstance(again.screen, UnlockScreen))
+        await until(
+            pilot,
+            lambda: isinstance(again.screen, UnlockScreen) and again.screen.query("#unlock-pass"),
+        )
         field = again.screen.query_one("#unlock-pass")
         field.value = "wrong"
         field.focus()
@@ -68,7 +74,10 @@ async def test_taken_username_is_reported_and_can_be_changed(
     opener = tui_opener("second")
     app = BlindpostApp(opener)
     async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: isinstance(app.screen, FirstRunScreen))
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, FirstRunScreen) and app.screen.query("#setup-create"),
+        )
         screen = app.screen
         screen.query_one("#setup-username").value = "alice"
         screen.query_one("#setup-relay").value = tui_relay.url

@@ -79,6 +79,8 @@ class ChatList(Vertical):
         before = self.chat_ids()
         self._chats[chat.chat_id] = chat
         if old is not None and self.is_mounted and self.chat_ids() == before:
+            if chat.chat_id not in before:
+                return  # filtered out: nothing on screen changes
             # Same place in the list: re-render that row only (no list rebuild).
             opts = self.options
             width = max(12, (opts.scrollable_content_region.width or 24) - 1)

@@ -1,6 +1,6 @@
 """SDK benchmarks against a real relay process on loopback; prints figures.
 
-Run: ``python tests/sdk/sdk_bench.py [--messages 10000] [--members 100] [--file-mb 100]``
+Run: ``python bench/sdk_bench.py [--messages 10000] [--members 100] [--file-mb 100]``
 
 Not a test (pytest does not collect it): it prints what it measured, for
 docs/sdk.md. Three figures, as issue 4 asks:
@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import e2ee  # noqa: E402, F401
