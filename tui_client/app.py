@@ -94,7 +94,7 @@ class BlindpostApp(App[int]):
             self.push_screen(UnlockScreen(self.opener))
             return
         except BackendError as exc:
-            self.exit(1, message=f"cannot open the account: {exc}")
+            self.exit(1, return_code=1, message=f"cannot open the account: {exc}")
             return
         self.post_message(Opened(backend, created=False))
 
@@ -155,5 +155,5 @@ def run(data_dir: Path | None) -> int:
     """
     folder = data_dir or default_data_dir()
     app = BlindpostApp(Opener(folder))
-    result = app.run()
-    return int(result or 0) if app.return_code is None else app.return_code
+    app.run()
+    return app.return_code or 0

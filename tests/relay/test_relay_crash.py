@@ -43,7 +43,7 @@ from relay.store.base import Envelope
 from relay.wire import decode_deliver, encode_send
 
 if TYPE_CHECKING:  # conftest is imported by pytest; importing it by name is ambiguous
-    from conftest import RelayProcess
+    from relay_process import RelayProcess
 
 SEED = 20261128
 N_CLIENTS = 20

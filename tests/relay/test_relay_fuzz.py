@@ -39,7 +39,7 @@ from e2ee.transport.auth import H_CONTENT_SHA256, DeviceSigner
 from e2ee.transport.frames import encode_send
 
 if TYPE_CHECKING:  # conftest is imported by pytest; importing it by name is ambiguous
-    from conftest import RelayProcess
+    from relay_process import RelayProcess
 
 HTTP_EXAMPLES = 40  # per generation mode, across all operations
 WS_EXAMPLES = 60

@@ -220,3 +220,33 @@ async def test_older_history_loads_when_scrolling_up(
         await until(pilot, lambda: len(listed.messages()) == 300)
         assert [m.text for m in listed.messages()] == [f"line {i}" for i in range(300)]
         assert not listed.has_older
+
+
+async def test_connection_indicator_counts_queued_messages_while_offline(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob = await sdk_client("bob")
+    bob_events = bob.events()
+    opener = tui_opener("alice")
+    opener.relay_url = tui_relay.url  # type: ignore[attr-defined]
+    app = await _app_for(opener, "alice")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, MainScreen))
+        screen = await _open_chat_with(pilot, "bob")
+        await _send(pilot, screen, "while online")
+        await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
+        indicator = screen.query_one(ConnectionIndicator)
+        tui_relay.stop()
+        await until(pilot, lambda: indicator.state in ("offline", "connecting"))
+        await _send(pilot, screen, "written offline")
+        await until(pilot, lambda: indicator.queued == 1)
+        assert "1 queued" in str(indicator.render())
+        listed = screen.query_one(MessageList)
+        assert listed.messages()[-1].status == "pending"
+        tui_relay.start()
+        got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived), timeout=30)
+        assert got.message.text == "written offline"
+        await until(pilot, lambda: indicator.state == "connected")
+        await until(pilot, lambda: listed.messages()[-1].status in ("sent", "delivered"))
+        await until(pilot, lambda: indicator.queued == 0)
+        assert str(indicator.render()) == "● connected"

@@ -285,6 +285,12 @@ class MainScreen(Screen[None]):
         if found is not None:
             self.post_message(UpdateArrived(MessageChanged_(found, action)))
 
+    @work(group="queued", exclusive=True)
+    async def _refresh_queued(self) -> None:
+        state = "connected" if self.backend.is_connected() else "offline"
+        queued = await self.backend.queued_count()
+        self.post_message(UpdateArrived(ConnectionChanged(state, queued)))
+
     @work(group="typing")
     async def _send_typing(self, chat_id: str) -> None:
         await self.backend.send_typing(chat_id, True)
@@ -427,6 +433,8 @@ class MainScreen(Screen[None]):
                     self._flush_incoming()
                     self.messages.update_message(m)
             case ReceiptChanged(chat_id=chat_id, message_id=mid, status=status):
+                if self.query_one(ConnectionIndicator).queued:
+                    self._refresh_queued()
                 if chat_id == open_chat:
                     self._flush_incoming()
                     self.messages.set_status(mid, status)
