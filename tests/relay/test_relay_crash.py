@@ -33,17 +33,14 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from relay_process import RelayProcess
 from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_username, unb64
 
 from relay.store.base import Envelope
 from relay.wire import decode_deliver, encode_send
-
-if TYPE_CHECKING:  # conftest is imported by pytest; importing it by name is ambiguous
-    from relay_process import RelayProcess
 
 SEED = 20261128
 N_CLIENTS = 20

@@ -25,7 +25,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 import pytest
@@ -34,12 +34,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
+from relay_process import RelayProcess
 
 from e2ee.transport.auth import H_CONTENT_SHA256, DeviceSigner
 from e2ee.transport.frames import encode_send
-
-if TYPE_CHECKING:  # conftest is imported by pytest; importing it by name is ambiguous
-    from relay_process import RelayProcess
 
 HTTP_EXAMPLES = 40  # per generation mode, across all operations
 WS_EXAMPLES = 60

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from datetime import tzinfo
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -287,8 +287,10 @@ class MainScreen(Screen[None]):
 
     @work(group="queued", exclusive=True)
     async def _refresh_queued(self) -> None:
-        state = "connected" if self.backend.is_connected() else "offline"
         queued = await self.backend.queued_count()
+        state: Literal["connected", "offline"] = (
+            "connected" if self.backend.is_connected() else "offline"
+        )
         self.post_message(UpdateArrived(ConnectionChanged(state, queued)))
 
     @work(group="typing")
