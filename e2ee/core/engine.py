@@ -267,8 +267,8 @@ class ProtocolEngine:
         self._account_cache: AccountRecord | None = None
 
     def __repr__(self) -> str:
-        account = self._store.load_account()
-        who = f"{account.name}.{account.device_id}" if account else "no account"
+        account = self._account_cache  # no store read (or unsealing) for a repr
+        who = f"{account.name}.{account.device_id}" if account else "account not loaded"
         return f"ProtocolEngine({who})"
 
     # -- account ---------------------------------------------------------------------
