@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -309,16 +309,17 @@ class Backend(Protocol):
     def is_connected(self) -> bool: ...
 
 
-def default_data_dir() -> Path:
-    """The account directory used when none is given (the same rule as the ``blindpost`` CLI).
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The account directory used when none is given, by the app and the CLI alike.
 
     ``$BLINDPOST_DATA``, else ``$XDG_DATA_HOME/blindpost`` (if absolute), else
     ``~/.local/share/blindpost``.
     """
-    home = os.environ.get("BLINDPOST_DATA")
+    env = os.environ if environ is None else environ
+    home = env.get("BLINDPOST_DATA")
     if home:
         return Path(home).expanduser()
-    xdg = os.environ.get("XDG_DATA_HOME")
+    xdg = env.get("XDG_DATA_HOME")
     if xdg and Path(xdg).is_absolute():
         return Path(xdg) / "blindpost"
     return Path.home() / ".local" / "share" / "blindpost"

@@ -69,6 +69,7 @@ from e2ee.transport.errors import (
     RelayRejected,
     UsernameTaken,
 )
+from tui_client.adapter import default_data_dir
 from tui_client.cli_output import (
     AttachmentInfo,
     Output,
@@ -155,21 +156,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise CliError(EXIT_USAGE, f"{message} (see '{self.prog} --help')")
-
-
-def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """The data directory used without ``--data`` (the TUI uses the same one).
-
-    ``$BLINDPOST_DATA`` if set, else ``$XDG_DATA_HOME/blindpost``, else
-    ``~/.local/share/blindpost``.
-    """
-    env = os.environ if environ is None else environ
-    if env.get(ENV_DATA):
-        return Path(env[ENV_DATA]).expanduser()
-    xdg = env.get("XDG_DATA_HOME")
-    if xdg and Path(xdg).is_absolute():
-        return Path(xdg) / "blindpost"
-    return Path.home() / ".local" / "share" / "blindpost"
 
 
 def _common_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
