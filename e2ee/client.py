@@ -1240,10 +1240,20 @@ class Client:
 
         Raises:
             UsageError: no members, or an invalid name.
+            UnknownRecipient: a member does not exist on the relay (checked when
+                the relay can be reached); nothing was created.
         """
         others = sorted(set(members) - {self._me.name})
         if not others:
             raise UsageError("a group needs at least one other member")
+        # Resolve every member first, so a group never holds a user that does not
+        # exist. If the relay cannot be reached, the creation is queued as before and
+        # the members are resolved when it is sent.
+        for user in others:
+            try:
+                await self._devices(user)
+            except TransportError:
+                break
         gid = os.urandom(12).hex()
         everyone = tuple(sorted({*others, self._me.name}))
         control = GroupControl(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from e2ee.client import Client
-from e2ee.client_errors import IdentityHeld
+from e2ee.client_errors import IdentityHeld, UnknownRecipient
 from e2ee.events import (
     ConnectionStateChanged,
     DecryptionProblem,
@@ -599,3 +599,11 @@ async def test_groups_contacts_and_attachment_info_listings(
         assert info is not None and info.file_name == "notes.txt" and info.size == 12
         assert info.mime_type == "text/plain" and info.available
         assert "key" not in repr(info).lower()
+
+
+async def test_group_with_an_unknown_member_is_not_created(make_client: MakeClient) -> None:
+    alice, _bob = await make_client("alice"), await make_client("bob")
+    async with alice:
+        with pytest.raises(UnknownRecipient):
+            await alice.create_group("team", ["bob", "nosuchuser"])
+        assert await alice.groups() == []
