@@ -16,6 +16,18 @@ from dataclasses import dataclass
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from blindpost_wire.auth import (
+    AUTH_VERSION,
+    EMPTY_SHA256,
+    H_CONTENT_SHA256,
+    H_DEVICE,
+    H_NONCE,
+    H_SIGNATURE,
+    H_TIMESTAMP,
+    H_USER,
+    NONCE_PATTERN,
+    canonical_string,
+)
 from relay.errors import AuthError, BadRequest, RelayError
 from relay.wire import USERNAME_RE, b64d, b64e, parse_device_id
 
@@ -37,16 +49,8 @@ __all__ = [
     "verify_signature",
 ]
 
-AUTH_VERSION = "BLINDPOST-AUTH-V1"
-H_USER = "X-Blindpost-User"
-H_DEVICE = "X-Blindpost-Device"
-H_TIMESTAMP = "X-Blindpost-Timestamp"
-H_NONCE = "X-Blindpost-Nonce"
-H_SIGNATURE = "X-Blindpost-Signature"
-H_CONTENT_SHA256 = "X-Blindpost-Content-SHA256"
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
-_NONCE_RE = re.compile(r"[A-Za-z0-9+/=_-]{16,64}")
+_NONCE_RE = re.compile(NONCE_PATTERN)
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -59,43 +63,6 @@ class SignedHeaders:
     timestamp_ms: int
     nonce: str
     signature: bytes
-
-
-def canonical_string(
-    method: str,
-    target: str,
-    user: str,
-    device: int,
-    timestamp_ms: int,
-    nonce: str,
-    body_sha256: str,
-) -> bytes:
-    """Build the exact bytes that are signed (docs/relay-api.md section 1).
-
-    Args:
-        method: HTTP method (upper-cased here).
-        target: raw request target (path plus ``?query`` when present).
-        user: username.
-        device: device id.
-        timestamp_ms: unix milliseconds.
-        nonce: the nonce header value.
-        body_sha256: lowercase hex SHA-256 of the body.
-
-    Returns:
-        UTF-8 bytes of the canonical string.
-    """
-    return "\n".join(
-        (
-            AUTH_VERSION,
-            method.upper(),
-            target,
-            user,
-            str(device),
-            str(timestamp_ms),
-            nonce,
-            body_sha256,
-        )
-    ).encode("utf-8")
 
 
 def sign_request(

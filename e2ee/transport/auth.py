@@ -23,6 +23,18 @@ from typing import NoReturn
 
 from nacl.signing import SigningKey
 
+from blindpost_wire.auth import (
+    AUTH_VERSION,
+    EMPTY_SHA256,
+    H_CONTENT_SHA256,
+    H_DEVICE,
+    H_NONCE,
+    H_SIGNATURE,
+    H_TIMESTAMP,
+    H_USER,
+    NONCE_PATTERN,
+)
+from blindpost_wire.auth import canonical_string as _canonical_string
 from e2ee.errors import UsageError
 
 __all__ = [
@@ -41,17 +53,9 @@ __all__ = [
     "new_nonce",
 ]
 
-AUTH_VERSION = "BLINDPOST-AUTH-V1"
-H_USER = "X-Blindpost-User"
-H_DEVICE = "X-Blindpost-Device"
-H_TIMESTAMP = "X-Blindpost-Timestamp"
-H_NONCE = "X-Blindpost-Nonce"
-H_SIGNATURE = "X-Blindpost-Signature"
-H_CONTENT_SHA256 = "X-Blindpost-Content-SHA256"
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 _USERNAME_RE = re.compile(r"[a-z0-9_]{3,32}")
-_NONCE_RE = re.compile(r"[A-Za-z0-9+/=_-]{16,64}")
+_NONCE_RE = re.compile(NONCE_PATTERN)
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}")
 SEED_LEN = 32
@@ -143,18 +147,7 @@ def canonical_string(
         raise UsageError("nonce must be 16..64 characters of [A-Za-z0-9+/=_-]")
     if not isinstance(body_sha256, str) or _HEX64_RE.fullmatch(body_sha256) is None:
         raise UsageError("body digest must be 64 lowercase hex characters")
-    return "\n".join(
-        (
-            AUTH_VERSION,
-            method,
-            target,
-            user,
-            str(device),
-            str(timestamp_ms),
-            nonce,
-            body_sha256,
-        )
-    ).encode("utf-8")
+    return _canonical_string(method, target, user, device, timestamp_ms, nonce, body_sha256)
 
 
 class DeviceSigner:

