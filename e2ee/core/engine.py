@@ -60,7 +60,7 @@ from e2ee.core.keys import (
     generate_signed_prekey,
 )
 from e2ee.core.locks import KeyedLocks
-from e2ee.core.staging import IdentityChange, StagedStore
+from e2ee.core.staging import IdentityChange, SessionCache, StagedStore
 from e2ee.errors import (
     DuplicateMessage,
     E2EEError,
@@ -265,6 +265,7 @@ class ProtocolEngine:
         self._locks = KeyedLocks()
         self._setup_lock = threading.Lock()
         self._account_cache: AccountRecord | None = None
+        self._parsed_sessions = SessionCache()
 
     def __repr__(self) -> str:
         account = self._account_cache  # no store read (or unsealing) for a repr
@@ -504,6 +505,7 @@ class ProtocolEngine:
             self._now_ms,
             trust_new_identity=self._tofu,
             accept_changed_identity=receiving,
+            parsed_sessions=self._parsed_sessions,
         )
 
     def has_session(self, address: Address) -> bool:
@@ -532,7 +534,7 @@ class ProtocolEngine:
                     builder.processPreKeyBundle(bundle.to_axolotl())
                 except InvalidKeyException as exc:
                     raise InvalidBundle(f"{address}: bundle rejected") from exc
-            self._store.commit(staged.changes(sender_keys=False))
+            self._commit_sessions(staged)
 
     def encrypt(self, address: Address, plaintext: bytes) -> Ciphertext:
         """Encrypt for one device and advance the sending chain (committed).
@@ -555,7 +557,7 @@ class ProtocolEngine:
             cipher = SessionCipher(staged, staged, staged, staged, address.name, address.device_id)
             with _axolotl_errors(address):
                 message = cipher.encrypt(plaintext)
-            self._store.commit(staged.changes(sender_keys=False))
+            self._commit_sessions(staged)
         kind: Literal["prekey", "message"] = (
             "prekey" if message.getType() == CiphertextMessage.PREKEY_TYPE else "message"
         )
@@ -646,9 +648,14 @@ class ProtocolEngine:
         on_plaintext: Callable[[bytes], AppRows] | None,
     ) -> Decrypted:
         rows = tuple(on_plaintext(plaintext)) if on_plaintext else ()
-        self._store.commit(staged.changes(sender_keys=False, app_rows=rows))
+        self._commit_sessions(staged, rows)
         change = staged.identity_changes[-1] if staged.identity_changes else None
         return Decrypted(plaintext, sender, change)
+
+    def _commit_sessions(self, staged: StagedStore, rows: AppRows = ()) -> None:
+        changes = staged.changes(sender_keys=False, app_rows=tuple(rows))
+        self._store.commit(changes)
+        staged.committed(changes)
 
     # -- groups (Sender Keys) ------------------------------------------------------------
 

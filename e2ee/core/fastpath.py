@@ -17,6 +17,7 @@ XEdDSA signatures stay python-axolotl-curve25519's.
 
 from __future__ import annotations
 
+import hmac
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -26,8 +27,13 @@ from axolotl.ecc.djbec import DjbECPublicKey
 from axolotl.invalidkeyexception import InvalidKeyException
 from axolotl.kdf.hkdf import HKDF as HKDF_BASE
 from axolotl.kdf.hkdfv3 import HKDFv3
+from axolotl.kdf.messagekeys import MessageKeys
+from axolotl.protocol.whispermessage import WhisperMessage
+from axolotl.ratchet.chainkey import ChainKey
+from axolotl.sessioncipher import AESCipher
 from axolotl.state.sessionstate import SessionState
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
@@ -115,6 +121,52 @@ def _get_receiver_chain(self: SessionState, ECPublickKey_senderEphemeral: Any) -
     return None
 
 
+def _base_material(self: ChainKey, seedBytes: Any) -> bytes:
+    # One C call (OpenSSL's one-shot HMAC) instead of python-axolotl's
+    # new/update/digest sequence through the pure-Python ``hmac.HMAC`` class.
+    return hmac.digest(bytes(self.key), bytes(seedBytes), "sha256")
+
+
+_MESSAGE_KEY_SEED = bytes(ChainKey.MESSAGE_KEY_SEED)
+_MESSAGE_KEYS_INFO = b"WhisperMessageKeys"
+
+
+def _message_keys(self: ChainKey) -> MessageKeys:
+    # python-axolotl's steps (HMAC seed 0x01, HKDF "WhisperMessageKeys" to 80
+    # bytes, split 32/32/16) without its intermediate objects.
+    material = self.kdf.deriveSecrets(
+        hmac.digest(bytes(self.key), _MESSAGE_KEY_SEED, "sha256"), _MESSAGE_KEYS_INFO, 80
+    )
+    return MessageKeys(material[:32], material[32:64], material[64:80], self.index)
+
+
+def _get_mac(
+    self: WhisperMessage,
+    messageVersion: int,
+    senderIdentityKey: Any,
+    receiverIdentityKey: Any,
+    macKey: Any,
+    serialized: Any,
+) -> bytes:
+    if messageVersion >= 3:
+        data = (
+            bytes(senderIdentityKey.getPublicKey().serialize())
+            + bytes(receiverIdentityKey.getPublicKey().serialize())
+            + bytes(serialized)
+        )
+    else:
+        data = bytes(serialized)
+    return hmac.digest(bytes(macKey), data, "sha256")[: WhisperMessage.MAC_LENGTH]
+
+
+def _aes_cipher_init(self: AESCipher, key: Any, iv: Any) -> None:
+    # python-axolotl asks for cryptography's default_backend() on every message;
+    # the argument is ignored by current cryptography releases.
+    self.key = key
+    self.iv = iv
+    self.cipher = Cipher(algorithms.AES(key), modes.CBC(iv))
+
+
 _PATCHES: tuple[tuple[str, Any, str, Any], ...] = (
     ("Curve.generatePublicKey", Curve, "generatePublicKey", staticmethod(_generate_public_key)),
     ("Curve.calculateAgreement", Curve, "calculateAgreement", staticmethod(_calculate_agreement)),
@@ -123,6 +175,10 @@ _PATCHES: tuple[tuple[str, Any, str, Any], ...] = (
     ("HKDFv3.deriveSecrets", HKDFv3, "deriveSecrets", _derive_secrets),
     ("HKDF.createFor", HKDF_BASE, "createFor", staticmethod(_create_for)),
     ("SessionState.getReceiverChain", SessionState, "getReceiverChain", _get_receiver_chain),
+    ("ChainKey.getBaseMaterial", ChainKey, "getBaseMaterial", _base_material),
+    ("ChainKey.getMessageKeys", ChainKey, "getMessageKeys", _message_keys),
+    ("WhisperMessage.getMac", WhisperMessage, "getMac", _get_mac),
+    ("AESCipher.__init__", AESCipher, "__init__", _aes_cipher_init),
 )
 
 

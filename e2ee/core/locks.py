@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
+from typing import Any
 
 __all__ = ["KeyedLocks"]
 
@@ -20,7 +21,7 @@ class KeyedLocks:
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
-        self._locks: dict[Hashable, tuple[threading.Lock, int]] = {}
+        self._locks: dict[Hashable, list[Any]] = {}
 
     def __repr__(self) -> str:
         return f"KeyedLocks(active={len(self._locks)})"
@@ -34,38 +35,36 @@ class KeyedLocks:
         """A context manager holding the lock for ``key`` for its ``with`` block."""
         return _Held(self, key)
 
-    def _acquire(self, key: Hashable) -> threading.Lock:
-        with self._guard:
-            lock, users = self._locks.get(key, (None, 0))
-            if lock is None:
-                lock = threading.Lock()
-            self._locks[key] = (lock, users + 1)
-        lock.acquire()
-        return lock
-
-    def _release(self, key: Hashable, lock: threading.Lock) -> None:
-        lock.release()
-        with self._guard:
-            _, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
 
 class _Held:
-    """Context manager for one hold (a class: cheaper than @contextmanager)."""
+    """Context manager for one hold (a class: cheaper than @contextmanager).
 
-    __slots__ = ("_key", "_lock", "_owner")
+    The table maps a key to ``[lock, users]``; ``users`` counts holders and
+    waiters, and the entry goes when it drops to zero.
+    """
+
+    __slots__ = ("_entry", "_key", "_owner")
 
     def __init__(self, owner: KeyedLocks, key: Hashable) -> None:
         self._owner = owner
         self._key = key
-        self._lock: threading.Lock | None = None
 
     def __enter__(self) -> None:
-        self._lock = self._owner._acquire(self._key)
+        owner = self._owner
+        with owner._guard:
+            entry = owner._locks.get(self._key)
+            if entry is None:
+                entry = owner._locks[self._key] = [threading.Lock(), 1]
+            else:
+                entry[1] += 1
+        self._entry = entry
+        entry[0].acquire()
 
     def __exit__(self, *exc: object) -> None:
-        assert self._lock is not None
-        self._owner._release(self._key, self._lock)
+        entry = self._entry
+        entry[0].release()
+        owner = self._owner
+        with owner._guard:
+            entry[1] -= 1
+            if not entry[1]:
+                del owner._locks[self._key]

@@ -41,10 +41,65 @@ from e2ee.store.protocols import (
     TrustLevel,
 )
 
-__all__ = ["MAX_SENDER_KEY_STATES", "MAX_SKIPPED_KEYS", "IdentityChange", "StagedStore"]
+__all__ = [
+    "MAX_SENDER_KEY_STATES",
+    "MAX_SKIPPED_KEYS",
+    "IdentityChange",
+    "SessionCache",
+    "StagedStore",
+]
 
 MAX_SKIPPED_KEYS = 2000
 MAX_SENDER_KEY_STATES = 5
+
+
+_NONE: frozenset[Any] = frozenset()
+
+
+class SessionCache:
+    """Parsed session records of recent operations, keyed by the bytes stored.
+
+    Parsing a session record is a large part of a same-chain message. After a
+    commit the engine keeps the record python-axolotl worked on together with
+    the blob that was stored for it; the next operation on that address reuses
+    it only if the store still holds exactly that blob (so a change made by
+    anyone else, or a restart, simply misses).
+
+    Invariant: an entry is *taken out* when used, and put back only after the
+    operation committed. A failed or hostile operation, which may have mutated
+    the record, therefore never leaves it behind. The engine holds the peer's
+    lock around take and put, so one record is never used by two operations.
+    """
+
+    __slots__ = ("_entries", "_limit")
+
+    def __init__(self, limit: int = 256) -> None:
+        self._entries: dict[Address, tuple[bytes, SessionRecord]] = {}
+        self._limit = limit
+
+    def __repr__(self) -> str:
+        return f"SessionCache(entries={len(self._entries)})"
+
+    def take(self, address: Address, stored: bytes) -> SessionRecord | None:
+        """The cached record for ``address`` if it was parsed from ``stored``."""
+        entry = self._entries.pop(address, None)
+        if entry is None or entry[0] != stored:
+            return None
+        return entry[1]
+
+    def put(self, address: Address, stored: bytes, record: SessionRecord) -> None:
+        """Remember ``record``, whose serialization ``stored`` was committed."""
+        # What SessionRecord(serialized=stored) would say; a record made fresh in
+        # this operation is no longer fresh once stored.
+        record.fresh = False
+        entries = self._entries
+        entries.pop(address, None)
+        entries[address] = (stored, record)
+        while len(entries) > self._limit:
+            try:
+                del entries[next(iter(entries))]
+            except (StopIteration, KeyError, RuntimeError):  # raced with another peer
+                break
 
 
 class IdentityChange:
@@ -73,7 +128,10 @@ class StagedStore:
         accept_changed_identity: when True (receiving), a key that differs from
             the stored one is accepted for this operation and recorded as
             ``untrusted`` (the application must accept it before we send); when
-            False (sending), a changed or untrusted key is refused.
+            False (sending), a changed or untrusted key is refused. Receiving
+            operations are also the only ones that can add skipped message keys,
+            so only their sessions are trimmed.
+        parsed_sessions: the engine's :class:`SessionCache`, or None.
     """
 
     def __init__(
@@ -85,8 +143,10 @@ class StagedStore:
         *,
         trust_new_identity: bool = True,
         accept_changed_identity: bool = False,
+        parsed_sessions: SessionCache | None = None,
     ) -> None:
         self._base = base
+        self._parsed = parsed_sessions
         self._account = account
         self._device_id = device_id
         self._now_ms = now_ms
@@ -178,24 +238,38 @@ class StagedStore:
 
     # -- SessionStore --------------------------------------------------------------------
 
+    def _stored_session(self, address: Address) -> SessionRecord | None:
+        if address in self._sessions_deleted:
+            return None
+        data = self._base.load_session(address)
+        if not data:
+            if self._parsed is not None:
+                self._parsed.take(address, b"")
+            return None
+        if self._parsed is not None:
+            cached = self._parsed.take(address, data)
+            if cached is not None:
+                return cached
+        return SessionRecord(serialized=data)
+
     def loadSession(self, recepientId: str, deviceId: int) -> SessionRecord:
         address = Address(recepientId, deviceId)
         record = self._sessions.get(address)
         if record is None:
-            data = None if address in self._sessions_deleted else self._base.load_session(address)
-            record = SessionRecord(serialized=data) if data else SessionRecord()
+            record = self._stored_session(address) or SessionRecord()
             self._sessions[address] = record
         return record
 
     def containsSession(self, recepientId: str, deviceId: int) -> bool:
         address = Address(recepientId, deviceId)
-        if address not in self._sessions:
-            data = None if address in self._sessions_deleted else self._base.load_session(address)
-            if data is None:
+        record = self._sessions.get(address)
+        if record is None:
+            record = self._stored_session(address)
+            if record is None:
                 return False
             # Keep the parsed record: python-axolotl loads it right after asking.
-            self._sessions[address] = SessionRecord(serialized=data)
-        return bool(self._sessions[address].getSessionState().hasSenderChain())
+            self._sessions[address] = record
+        return bool(record.getSessionState().hasSenderChain())
 
     def storeSession(self, recepientId: str, deviceId: int, sessionRecord: SessionRecord) -> None:
         address = Address(recepientId, deviceId)
@@ -251,21 +325,32 @@ class StagedStore:
         Loaded-but-unchanged records are written too (python-axolotl gives no dirty
         flag); callers only stage records they mean to write.
         """
-        session_blobs = (
-            {a: _bounded_session(r) for a, r in self._sessions.items()} if sessions else {}
-        )
+        if sessions:
+            trim = self._accept_changed
+            session_blobs = {a: _bounded_session(r, trim) for a, r in self._sessions.items()}
+        else:
+            session_blobs = {}
         sender_blobs = (
             {k: _bounded_sender_key(r) for k, r in self._sender_keys.items()} if sender_keys else {}
         )
         return Changes(
-            prekeys_delete=frozenset(self._prekeys_deleted),
+            prekeys_delete=frozenset(self._prekeys_deleted) if self._prekeys_deleted else _NONE,
             identities_put=self._identities,
             sessions_put=session_blobs,
-            sessions_delete=frozenset(self._sessions_deleted),
+            sessions_delete=(
+                frozenset(self._sessions_deleted) if self._sessions_deleted else _NONE
+            ),
             sender_keys_put=sender_blobs,
             meta_put=self._meta,
             app_rows=app_rows,
         )
+
+    def committed(self, changes: Changes) -> None:
+        """Tell the engine's cache that ``changes`` (from :meth:`changes`) are stored."""
+        if self._parsed is None:
+            return
+        for address, blob in changes.sessions_put.items():
+            self._parsed.put(address, blob, self._sessions[address])
 
 
 def _trim(repeated: Any, keep: int) -> None:
@@ -274,12 +359,14 @@ def _trim(repeated: Any, keep: int) -> None:
         del repeated[:excess]
 
 
-def _bounded_session(record: SessionRecord) -> bytes:
-    # Only the current state can have grown: python-axolotl decrypts with an
-    # archived state only after promoting it to current, and archived states were
-    # trimmed while they were current.
-    for chain in record.getSessionState().sessionStructure.receiverChains:
-        _trim(chain.messageKeys, MAX_SKIPPED_KEYS)
+def _bounded_session(record: SessionRecord, trim: bool) -> bytes:
+    # Only the current state can have grown, and only while receiving:
+    # python-axolotl decrypts with an archived state only after promoting it to
+    # current, archived states were trimmed while they were current, and sending
+    # (encrypt, bundle processing) never adds skipped message keys.
+    if trim:
+        for chain in record.getSessionState().sessionStructure.receiverChains:
+            _trim(chain.messageKeys, MAX_SKIPPED_KEYS)
     return bytes(record.serialize())
 
 

@@ -16,8 +16,9 @@ bytes, so the protocol engine runs unchanged on validated input.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, cast
 
+from axolotl.ecc.djbec import DjbECPublicKey
 from axolotl.protocol import whisperprotos_pb2 as _pb
 from axolotl.protocol.prekeywhispermessage import PreKeyWhisperMessage
 from axolotl.protocol.senderkeydistributionmessage import SenderKeyDistributionMessage
@@ -108,10 +109,24 @@ def parse_whisper_message(body: bytes) -> WhisperMessage:
             raise InvalidMessage(f"message: missing {name}")
     check_public_key(proto.ratchetKey, "ratchet key")
     _check_ciphertext(proto.ciphertext, "message")
-    try:
-        return WhisperMessage(serialized=body)
-    except Exception as exc:
-        raise InvalidMessage("message: rejected by parser") from exc
+    return _whisper_message(body, proto)
+
+
+def _whisper_message(body: bytes, proto: Any) -> WhisperMessage:
+    """python-axolotl's ``WhisperMessage(serialized=body)``, from our own parse.
+
+    Its constructor would parse the same bytes a second time; for input that
+    passed the checks above it sets exactly these attributes (a differential
+    test in ``tests/core/test_fastpath.py`` compares them).
+    """
+    message: Any = WhisperMessage.__new__(WhisperMessage)
+    message.serialized = body
+    message.senderRatchetKey = DjbECPublicKey(proto.ratchetKey[1:])
+    message.messageVersion = CURRENT_VERSION_BYTE >> 4
+    message.counter = proto.counter
+    message.previousCounter = proto.previousCounter
+    message.ciphertext = proto.ciphertext
+    return cast(WhisperMessage, message)
 
 
 def parse_prekey_message(body: bytes) -> PreKeyWhisperMessage:
