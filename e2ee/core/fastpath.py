@@ -31,6 +31,7 @@ from axolotl.kdf.messagekeys import MessageKeys
 from axolotl.protocol.whispermessage import WhisperMessage
 from axolotl.ratchet.chainkey import ChainKey
 from axolotl.sessioncipher import AESCipher
+from axolotl.state.sessionrecord import SessionRecord
 from axolotl.state.sessionstate import SessionState
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -167,6 +168,27 @@ def _aes_cipher_init(self: AESCipher, key: Any, iv: Any) -> None:
     self.cipher = Cipher(algorithms.AES(key), modes.CBC(iv))
 
 
+def _length_delimited(tag: int, payload: bytes) -> bytes:
+    size = len(payload)
+    header = bytearray((tag,))
+    while size > 0x7F:
+        header.append((size & 0x7F) | 0x80)
+        size >>= 7
+    header.append(size)
+    return bytes(header) + payload
+
+
+def _serialize_record(self: SessionRecord) -> bytes:
+    # python-axolotl copies every state into a new RecordStructure message (a deep
+    # MergeFrom) only to serialize it. A RecordStructure is field 1 (the current
+    # session) then field 2 repeated (previous sessions), each length-delimited:
+    # the same bytes from the states' own serializations, without the copy.
+    parts = [_length_delimited(0x0A, self.sessionState.getStructure().SerializeToString())]
+    for state in self.previousStates:
+        parts.append(_length_delimited(0x12, state.getStructure().SerializeToString()))
+    return b"".join(parts)
+
+
 _PATCHES: tuple[tuple[str, Any, str, Any], ...] = (
     ("Curve.generatePublicKey", Curve, "generatePublicKey", staticmethod(_generate_public_key)),
     ("Curve.calculateAgreement", Curve, "calculateAgreement", staticmethod(_calculate_agreement)),
@@ -179,6 +201,7 @@ _PATCHES: tuple[tuple[str, Any, str, Any], ...] = (
     ("ChainKey.getMessageKeys", ChainKey, "getMessageKeys", _message_keys),
     ("WhisperMessage.getMac", WhisperMessage, "getMac", _get_mac),
     ("AESCipher.__init__", AESCipher, "__init__", _aes_cipher_init),
+    ("SessionRecord.serialize", SessionRecord, "serialize", _serialize_record),
 )
 
 

@@ -38,6 +38,7 @@ def test_every_replacement_is_installed() -> None:
         "ChainKey.getMessageKeys",
         "WhisperMessage.getMac",
         "AESCipher.__init__",
+        "SessionRecord.serialize",
     }
 
 
@@ -217,3 +218,49 @@ def test_parsed_message_matches_python_axolotls_parse(
             assert mine.serialize() == value.serialize()
         else:
             assert mine == value and type(mine) is type(value), name
+
+
+def _conversation_records() -> list[SessionRecord]:
+    """Session records of a real conversation: several chains, archived states."""
+    from e2ee.core.engine import ProtocolEngine
+    from e2ee.store import Address, MemoryProtocolStore
+
+    alice, bob = ProtocolEngine(MemoryProtocolStore()), ProtocolEngine(MemoryProtocolStore())
+    alice.create_account("alice", 1)
+    bob.create_account("bob", 1)
+    a, b = Address("alice", 1), Address("bob", 1)
+    records = [SessionRecord(), SessionRecord(sessionState=SessionState())]
+    for setup in range(3):  # each new setup archives the previous state
+        alice.process_bundle("bob", bob.local_bundle(setup + 1))
+        for _ in range(3):
+            bob.decrypt(a, alice.encrypt(b, b"x" * 200))
+            alice.decrypt(b, bob.encrypt(a, b"y"))
+            for engine, peer in ((alice, b), (bob, a)):
+                records.append(SessionRecord(serialized=engine.store.load_session(peer)))
+    return records
+
+
+def test_record_serialization_matches_original_byte_for_byte() -> None:
+    records = _conversation_records()
+    assert max(len(r.getPreviousSessionStates()) for r in records) >= 2
+    for record in records:
+        ours = record.serialize()
+        assert ours == original("SessionRecord.serialize")(record)
+        again = SessionRecord(serialized=ours)
+        assert len(again.getPreviousSessionStates()) == len(record.getPreviousSessionStates())
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=20_000), st.lists(st.binary(max_size=300), max_size=4))
+def test_record_serialization_matches_original_for_any_size(
+    root_key: bytes, previous_keys: list[bytes]
+) -> None:
+    """Covers one-, two- and three-byte length prefixes."""
+    current = SessionState()
+    current.getStructure().rootKey = root_key
+    record = SessionRecord(sessionState=current)
+    for key in previous_keys:
+        state = SessionState()
+        state.getStructure().rootKey = key
+        record.previousStates.append(state)
+    assert record.serialize() == original("SessionRecord.serialize")(record)
