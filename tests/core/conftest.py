@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from store_state import memory_data
 
 import e2ee  # noqa: F401  (installs the protobuf shim before axolotl loads)
 from e2ee.core import PreKeyBundle, ProtocolEngine
@@ -57,7 +58,7 @@ def snapshot(store: ProtocolStore) -> object:
     dumping every table of its file through a separate read-only connection.
     """
     if isinstance(store, MemoryProtocolStore):
-        return copy.deepcopy({k: v for k, v in vars(store).items() if k != "_lock"})
+        return copy.deepcopy(memory_data(store))
     if not isinstance(store, SQLiteProtocolStore):
         raise TypeError(f"cannot snapshot a {type(store).__name__}")
     uri = f"{Path(store.path).resolve().as_uri()}?mode=ro"

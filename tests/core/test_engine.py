@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import pytest
+from store_state import memory_data
 
 import e2ee  # noqa: F401
 from e2ee.core import KeyPolicy, PreKeyBundle
@@ -34,7 +35,7 @@ class Clock:
 
 
 def snapshot(store: MemoryProtocolStore) -> dict[str, Any]:
-    return copy.deepcopy({k: v for k, v in vars(store).items() if k != "_lock"})
+    return copy.deepcopy(memory_data(store))
 
 
 def engine(name: str, **kwargs: Any) -> ProtocolEngine:

@@ -45,6 +45,7 @@ from axolotl.sessioncipher import AESCipher
 from axolotl.state.sessionrecord import SessionRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_state import memory_data
 
 import e2ee  # noqa: F401  (installs the protobuf shim before axolotl loads)
 from e2ee.core import MAX_SENDER_KEY_JUMP, PreKeyBundle, ProtocolEngine, wire
@@ -231,7 +232,7 @@ DOCUMENTED: dict[str, type[E2EEError]] = {
 
 
 def _live(store: MemoryProtocolStore) -> dict[str, Any]:
-    return {k: v for k, v in vars(store).items() if k != "_lock"}
+    return memory_data(store)
 
 
 class Oracle:
