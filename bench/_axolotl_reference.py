@@ -62,10 +62,16 @@ def setup(prekey_id=1):
     return ac, bc
 
 
-def per_message(fn, count):
-    start = time.perf_counter()
-    fn(count)
-    return (time.perf_counter() - start) / count * 1e6
+def per_message(fn, count, rounds=5):
+    # The best of `rounds` rounds, as bench/core_bench.py measures e2ee.
+    fn(max(count // 10, 1))  # warm up
+    size = max(count // rounds, 1)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn(size)
+        best = min(best, (time.perf_counter() - start) / size)
+    return best * 1e6
 
 
 def main():

@@ -46,11 +46,23 @@ TARGETS = {
 }
 
 
+ROUNDS = 5
+
+
 def per_message(fn: Callable[[int], None], count: int) -> float:
+    """Microseconds per message: the best of ROUNDS rounds of count/ROUNDS messages.
+
+    The best round, as ``timeit`` reports, is the figure least disturbed by other
+    processes on the machine; the reference is measured the same way.
+    """
     fn(max(count // 10, 1))  # warm up
-    start = time.perf_counter()
-    fn(count)
-    return (time.perf_counter() - start) / count * 1e6
+    size = max(count // ROUNDS, 1)
+    best = float("inf")
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        fn(size)
+        best = min(best, (time.perf_counter() - start) / size)
+    return best * 1e6
 
 
 def pair(make_store: Callable[[str], ProtocolStore]) -> tuple[ProtocolEngine, ProtocolEngine]:
