@@ -552,10 +552,10 @@ class ProtocolEngine:
             if known is not None and known.trust == TrustLevel.UNTRUSTED:
                 raise UntrustedIdentity(str(address))
             staged = self._staged(address.device_id, receiving=False)
-            if not staged.containsSession(address.name, address.device_id):
-                raise NoSession(str(address))
             cipher = SessionCipher(staged, staged, staged, staged, address.name, address.device_id)
             with _axolotl_errors(address):
+                if not staged.containsSession(address.name, address.device_id):
+                    raise NoSession(str(address))
                 message = cipher.encrypt(plaintext)
             self._commit_sessions(staged)
         kind: Literal["prekey", "message"] = (

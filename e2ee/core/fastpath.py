@@ -24,6 +24,7 @@ from typing import Any
 
 from axolotl.ecc.curve import Curve
 from axolotl.ecc.djbec import DjbECPublicKey
+from axolotl.identitykey import IdentityKey
 from axolotl.invalidkeyexception import InvalidKeyException
 from axolotl.kdf.hkdf import HKDF as HKDF_BASE
 from axolotl.kdf.hkdfv3 import HKDFv3
@@ -168,6 +169,41 @@ def _aes_cipher_init(self: AESCipher, key: Any, iv: Any) -> None:
     self.cipher = Cipher(algorithms.AES(key), modes.CBC(iv))
 
 
+def _aes_encrypt(self: AESCipher, raw: Any) -> bytes:
+    # PKCS#7 padding to the 16-byte block, as cryptography's PKCS7(128) padder
+    # writes it, without building a padder object per message. (Decryption keeps
+    # cryptography's unpadder, which checks the padding in constant time.)
+    data = bytes(raw)
+    pad = 16 - len(data) % 16
+    encryptor = self.cipher.encryptor()
+    return bytes(encryptor.update(data + bytes((pad,)) * pad) + encryptor.finalize())
+
+
+#: Identity keys by their serialization: python-axolotl decodes the session's two
+#: identity keys from bytes for every message (for the MAC). IdentityKey objects
+#: are never modified after construction, so one object per key can be shared.
+_IDENTITY_KEYS: dict[bytes, IdentityKey] = {}
+_IDENTITY_KEYS_MAX = 1024
+
+
+def _identity_key(serialized: bytes) -> IdentityKey:
+    key = _IDENTITY_KEYS.get(serialized)
+    if key is None:
+        key = IdentityKey(serialized, 0)  # raises as python-axolotl would
+        if len(_IDENTITY_KEYS) >= _IDENTITY_KEYS_MAX:
+            _IDENTITY_KEYS.clear()
+        _IDENTITY_KEYS[bytes(serialized)] = key
+    return key
+
+
+def _remote_identity_key(self: SessionState) -> IdentityKey:
+    return _identity_key(self.sessionStructure.remoteIdentityPublic)
+
+
+def _local_identity_key(self: SessionState) -> IdentityKey:
+    return _identity_key(self.sessionStructure.localIdentityPublic)
+
+
 def _length_delimited(tag: int, payload: bytes) -> bytes:
     size = len(payload)
     header = bytearray((tag,))
@@ -202,6 +238,14 @@ _PATCHES: tuple[tuple[str, Any, str, Any], ...] = (
     ("WhisperMessage.getMac", WhisperMessage, "getMac", _get_mac),
     ("AESCipher.__init__", AESCipher, "__init__", _aes_cipher_init),
     ("SessionRecord.serialize", SessionRecord, "serialize", _serialize_record),
+    ("AESCipher.encrypt", AESCipher, "encrypt", _aes_encrypt),
+    (
+        "SessionState.getRemoteIdentityKey",
+        SessionState,
+        "getRemoteIdentityKey",
+        _remote_identity_key,
+    ),
+    ("SessionState.getLocalIdentityKey", SessionState, "getLocalIdentityKey", _local_identity_key),
 )
 
 
