@@ -4,12 +4,18 @@ Invariants:
 
 * The event loop never blocks: every SQLite access and every crypto call runs in
   ``asyncio.to_thread``; large files are encrypted and decrypted chunk by chunk.
-* Inbox: a delivery is acknowledged to the relay only after its plaintext rows
-  and the session state were committed in one transaction
-  (``ProtocolEngine.decrypt(on_plaintext=...)``). A redelivery after a crash is
+* Inbox: a delivery is acknowledged to the relay, and its events emitted, only
+  after its plaintext rows and the session state were committed together
+  (``ProtocolEngine.decrypt(on_plaintext=...)``). Deliveries waiting together are
+  committed in one transaction (group commit, ``SQLiteProtocolStore.batch()``),
+  acknowledged only once that transaction stands. A redelivery after a crash is
   recognised by the ratchet as a duplicate and acknowledged without a second
   event. Undecryptable deliveries are acknowledged only after the problem was
   reported (an event) and, where possible, repaired (a bounded session reset).
+* Lock order: the write lock, then the engine's per-peer locks, then the store's
+  lock. Every engine call that takes a per-peer lock runs under the write lock
+  (``_locked``), because a receive transaction holds the store's lock across
+  several decrypts.
 * Outbox: every outgoing message is first committed to the ``outbox`` table
   (with its history row), then sent in composition order, one at a time, under
   the same message id on every retry, so the relay stores it once.
@@ -37,11 +43,12 @@ import os
 import random
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar
 
 import nacl.encoding
 import nacl.hash
@@ -81,6 +88,7 @@ from e2ee.events import (
     IdentityChanged,
     MessageChanged,
     MessageReceived,
+    MessageStored,
     ReceiptUpdated,
     Typing,
 )
@@ -117,8 +125,10 @@ from e2ee.transport.errors import (
     Replaced,
 )
 from e2ee.transport.frames import Delivery, QueueEmpty
-from e2ee.transport.http import RelayClient
-from e2ee.transport.ws import ConnectionState, RelayConnection
+
+if TYPE_CHECKING:
+    from e2ee.transport.http import RelayClient
+    from e2ee.transport.ws import RelayConnection
 
 __all__ = [
     "DB_FILE",
@@ -131,6 +141,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 #: The database file inside the data directory.
 DB_FILE: Final = "blindpost.db"
@@ -143,6 +155,9 @@ _META_ACCOUNT_CREATED: Final = "sdk.account_created"
 _META_READ_RECEIPTS: Final = "sdk.read_receipts"
 _META_STRICT: Final = "sdk.strict_trust"
 _RECEIPT_BATCH: Final = 500
+#: At most this many deliveries share one store transaction (one fsync). The
+#: write lock is held meanwhile, so this also bounds how long a send waits.
+_INBOX_BATCH: Final = 200
 #: A typing indicator not sent within this time is dropped, not sent late.
 _TYPING_TTL_MS: Final = 10_000
 _ACTION_NAMES: Final[dict[GroupAction, Literal["create", "add", "remove", "leave", "rename"]]] = {
@@ -193,7 +208,10 @@ class RelayLink(Protocol):
     async def send(
         self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
     ) -> None:
-        """Send one body to the listed devices; returns once the relay committed it."""
+        """Send one body to the listed devices; returns once the relay committed it.
+
+        Works without :meth:`connect` too (a send-only client).
+        """
         ...
 
     async def ack(self, ids: Sequence[bytes]) -> None:
@@ -251,6 +269,8 @@ class _Inbound:
     reset: Address | None = None
     key_request: tuple[str, Address] | None = None
     resend_key: tuple[str, str] | None = None
+    #: Ends the group-commit transaction after this delivery (it changed group state).
+    barrier: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,7 +425,7 @@ class Client:
         self._chats: dict[str, dict[str, Any]] = {}
         self._known_links: set[str] = set()
         self._wake_pending = False
-        self._inflight: asyncio.Future[_Inbound] | None = None
+        self._inflight: asyncio.Future[list[_Inbound]] | None = None
         self._flush_started = 0
         self._flush_done = 0
         self._flush_cond = asyncio.Condition()
@@ -419,6 +439,10 @@ class Client:
         self._acks: list[bytes] = []
         self._ack_wake = asyncio.Event()
         self._held: set[str] = set()
+        self._receive = True
+        # Inside a receive transaction: counter and chat rows, written once at its
+        # end instead of with every message (they change with every message).
+        self._deferred: dict[tuple[str, str], dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"Client(user={self._me.name!r}, device={self._me.device_id})"
@@ -563,7 +587,7 @@ class Client:
             await asyncio.to_thread(
                 self._store.commit, Changes(meta_put={_META_ACCOUNT_CREATED: "1"})
             )
-        upload = await asyncio.to_thread(self._engine.key_upload)
+        upload = await asyncio.to_thread(self._locked, self._engine.key_upload)
         await self._link.upload_keys(upload.to_json())
         await asyncio.to_thread(self._store.commit, Changes(meta_put={_META_REGISTERED: "1"}))
         self._registered = True
@@ -580,8 +604,17 @@ class Client:
     ) -> None:
         await self.close()
 
-    async def start(self) -> None:
+    async def start(self, *, receive: bool = True) -> None:
         """Start the connection loop, the outbox and the timers (``async with`` does this).
+
+        Args:
+            receive: False makes a send-only client, for one-shot programs (a
+                command that sends a message and exits): it opens no live
+                connection and takes nothing from the mailbox, so deliveries,
+                receipts and group changes wait on the relay for the next
+                receiving client. Sends (and receipts from :meth:`mark_read`) go
+                out over HTTP; "connected" then means the relay answered and
+                accepted our credentials.
 
         Raises:
             NotRegistered: :meth:`register` was never called.
@@ -590,6 +623,7 @@ class Client:
         self._check_open()
         if self._tasks:
             return
+        self._receive = receive
         await asyncio.to_thread(self._load_state)
         if not self._registered:
             raise NotRegistered("register the account with a relay first")
@@ -742,10 +776,30 @@ class Client:
             self._strict = self._store.get_meta(_META_STRICT) == "1"
 
     def _drop_caches(self) -> None:
-        """Forget cached rows: they may describe a commit that failed."""
+        """Forget cached rows: they may describe a commit that failed.
+
+        Rows deferred to the end of the current receive transaction stand (their
+        messages committed), so the cache keeps them: the store has not seen them yet.
+        """
         self._counters.clear()
         self._chats.clear()
         self._known_links.clear()
+        for (table, key), row in (self._deferred or {}).items():
+            if table == "counters":
+                self._counters[key] = row["value"]
+            else:
+                self._chats[key] = row
+
+    def _locked(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run an engine call under the write lock (blocking; use via ``to_thread``).
+
+        Every engine call that takes one of the engine's per-peer locks runs under
+        the write lock: a receive batch holds the write lock and the store's
+        transaction while it decrypts, so an engine call holding a peer lock while
+        waiting for the store would deadlock with it.
+        """
+        with self._wlock:
+            return call(*args, **kwargs)
 
     def _counter_or_none(self, name: str) -> int | None:
         value = self._counters.get(name)
@@ -827,8 +881,8 @@ class Client:
         typing: bool = False,
         store_row: bool = True,
         extra_rows: Sequence[Row] = (),
-    ) -> str:
-        """Commit a payload to the outbox (and its history row); return its id."""
+    ) -> tuple[str, StoredMessage | None]:
+        """Commit a payload to the outbox (and its history row); return its id and row."""
         with self._wlock:
             chat_id, mode, targets = self._chat_for(to)
             if group_targets is not None:
@@ -915,7 +969,8 @@ class Client:
             rows.extend(("chats", c) for c in chats.values())
             rows.extend(extra_rows)
             self._commit(rows, counters)
-            return _hex(mid)
+            stored = to_message(rows[1][1]) if store_row else None
+            return _hex(mid), stored
 
     @staticmethod
     def _attachment_row(message_id: str, a: AttachmentPointer) -> Row:
@@ -933,7 +988,9 @@ class Client:
 
     async def _queue(self, to: str, kind: PayloadType, *, wait: bool, **kw: Any) -> str:
         self._check_open()
-        mid = await asyncio.to_thread(self._compose, to, kind, **kw)
+        mid, stored = await asyncio.to_thread(self._compose, to, kind, **kw)
+        if stored is not None:
+            self._emit(MessageStored(stored))
         waiter: asyncio.Future[None] | None = None
         if wait:
             waiter = asyncio.get_running_loop().create_future()
@@ -1152,7 +1209,9 @@ class Client:
             path: the file (any type, any size up to the relay's blob limit).
             mime_type: default: guessed from the file name.
             caption: optional text shown with it.
-            progress: called with (bytes uploaded, total) during the upload.
+            progress: called with (bytes uploaded, total) during the upload, on
+                the event loop's thread (never from a worker thread); it must not
+                block.
             wait: as for :meth:`send_text`.
 
         Returns:
@@ -1211,6 +1270,12 @@ class Client:
         progress: Progress | None = None,
     ) -> Path:
         """Download, verify and decrypt a message's attachment into ``destination``.
+
+        Args:
+            message_id: the message (hex) whose attachment to fetch.
+            destination: the file to write.
+            progress: called with (bytes downloaded, total) on the event loop's
+                thread (never from a worker thread); it must not block.
 
         Raises:
             UsageError: the message has no attachment.
@@ -1481,6 +1546,36 @@ class Client:
         found = await asyncio.to_thread(self._store.identities, user)
         return {a.device_id: r.trust for a, r in found.items()}
 
+    async def held_users(self) -> set[str]:
+        """Contacts whose identity key changed and was not accepted yet (sending is held).
+
+        Read from the store (keys recorded as ``untrusted``), so it survives
+        restarts; :meth:`accept_identity` or :meth:`verify` releases a user.
+
+        Raises:
+            StorageError: the store or history cannot be read.
+        """
+
+        def collect() -> set[str]:
+            held = set(self._held)
+            for user in self._history.users():
+                found = self._store.identities(user)
+                if any(r.trust == TrustLevel.UNTRUSTED for r in found.values()):
+                    held.add(user)
+            return held - {self._me.name}
+
+        return await asyncio.to_thread(collect)
+
+    async def queued_count(self) -> int:
+        """Messages composed but not yet accepted by the relay (held ones included).
+
+        Receipts, typing indicators and session resets are not counted.
+
+        Raises:
+            StorageError: history cannot be read.
+        """
+        return await asyncio.to_thread(self._history.queued_count)
+
     async def accept_identity(self, user: str, *, verified: bool = False) -> None:
         """Accept ``user``'s current (new) identity keys; held messages then go out.
 
@@ -1521,20 +1616,23 @@ class Client:
             self._emit(ConnectionStateChanged("connecting"))
             reason = ""
             try:
-                await self._link.connect()
+                if self._receive:
+                    await self._link.connect()
+                else:
+                    # The relay is reachable and accepts our credentials.
+                    await self._link.prekey_count()
                 failures = 0
                 self._connected.set()
                 self._emit(ConnectionStateChanged("connected"))
                 self._outbox_wake.set()
                 maintenance = asyncio.create_task(self._maintenance_loop())
                 try:
-                    processed = 0
-                    async for delivery in self._link.deliveries():
-                        if isinstance(delivery, QueueEmpty):
-                            self._emit(BacklogDrained(processed))
-                            continue
-                        await self._handle_delivery(delivery)
-                        processed += 1
+                    if self._receive:
+                        await self._receive_deliveries()
+                    else:
+                        # Send-only: nothing is taken from the mailbox; sends go over
+                        # HTTP until close() cancels this wait.
+                        await asyncio.Event().wait()
                 finally:
                     maintenance.cancel()
                     with contextlib.suppress(asyncio.CancelledError, E2EEError):
@@ -1571,7 +1669,7 @@ class Client:
         while True:
             try:
                 count = await self._link.prekey_count()
-                upload = await asyncio.to_thread(self._engine.maintain_keys, count)
+                upload = await asyncio.to_thread(self._locked, self._engine.maintain_keys, count)
                 if upload is not None:
                     await self._link.upload_keys(upload.to_json())
             except TransportError as exc:
@@ -1624,33 +1722,141 @@ class Client:
 
     # -- receiving -------------------------------------------------------------------------
 
-    async def _handle_delivery(self, delivery: Delivery) -> None:
-        # Shielded: if the client is closed meanwhile, the delivery still finishes
-        # (commit, ack queued, events emitted) and close() waits for it.
-        task = asyncio.ensure_future(self._receive_one(delivery))
+    async def _receive_deliveries(self) -> None:
+        """Process the live connection's deliveries in batches until it closes.
+
+        A reader task moves deliveries into a queue; each round takes what is
+        waiting (up to ``_INBOX_BATCH``), so a backlog is processed in large
+        batches (one transaction each) and a live message alone, without delay.
+
+        Raises:
+            TransportError: the connection failed (after what arrived before
+                the failure was processed).
+        """
+        queue: asyncio.Queue[Delivery | QueueEmpty | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for item in self._link.deliveries():
+                    queue.put_nowait(item)
+            finally:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            processed = 0
+            ended = False
+            while not ended:
+                batch: list[Delivery] = []
+                drained = False
+                item = await queue.get()
+                while True:
+                    if item is None:
+                        ended = True
+                        break
+                    if isinstance(item, QueueEmpty):
+                        drained = True
+                        break
+                    batch.append(item)
+                    if len(batch) >= _INBOX_BATCH or queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    await self._handle_batch(batch)
+                    processed += len(batch)
+                if drained:
+                    self._emit(BacklogDrained(processed))
+            await reader  # re-raises what ended the connection
+        finally:
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TransportError):
+                    await reader
+
+    async def _handle_batch(self, batch: Sequence[Delivery]) -> None:
+        # Shielded: if the client is closed meanwhile, the batch still finishes
+        # (commit, acks queued, events emitted) and close() waits for it.
+        task = asyncio.ensure_future(self._receive_batch(batch))
         self._inflight = task
-        inbound = await asyncio.shield(task)
+        inbounds = await asyncio.shield(task)
         # Acks go out from _ack_loop in batches; processing never waits for the
         # relay to commit them.
         self._ack_wake.set()
-        if inbound.reset is not None:
-            await self._session_reset(inbound.reset)
-        if inbound.key_request is not None:
-            gid, sender = inbound.key_request
-            await self._request_sender_key(gid, sender)
-        if inbound.resend_key:
-            self._outbox_wake.set()
-        elif inbound.wake_outbox and not self._wake_pending:
+        wake = False
+        for inbound in inbounds:
+            if inbound.reset is not None:
+                await self._session_reset(inbound.reset)
+            if inbound.key_request is not None:
+                gid, sender = inbound.key_request
+                await self._request_sender_key(gid, sender)
+            if inbound.resend_key:
+                self._outbox_wake.set()
+            wake = wake or inbound.wake_outbox
+        if wake and not self._wake_pending:
             # Receipts for a burst of deliveries go out together, a moment later.
             self._wake_pending = True
             asyncio.get_running_loop().call_later(0.05, self._deferred_wake)
 
-    async def _receive_one(self, delivery: Delivery) -> _Inbound:
-        inbound = await asyncio.to_thread(self._process_delivery, delivery)
-        self._acks.append(delivery.id)
-        for event in inbound.events:
-            self._emit(event)
-        return inbound
+    async def _receive_batch(self, batch: Sequence[Delivery]) -> list[_Inbound]:
+        """Process a batch; acknowledge and show what was committed.
+
+        Raises:
+            StorageError: a transaction failed; the deliveries from it on were
+                neither acknowledged nor shown (the relay delivers them again).
+        """
+        inbounds, error = await asyncio.to_thread(self._process_batch, batch)
+        # Committed: only now acknowledged, and only now shown.
+        self._acks.extend(d.id for d in batch[: len(inbounds)])
+        for inbound in inbounds:
+            for event in inbound.events:
+                self._emit(event)
+        if error is not None:
+            if inbounds:
+                self._ack_wake.set()
+            raise error
+        return [i for i in inbounds if i.reset or i.key_request or i.resend_key or i.wake_outbox]
+
+    def _process_batch(
+        self, batch: Sequence[Delivery]
+    ) -> tuple[list[_Inbound], StorageError | None]:
+        """Decrypt and store deliveries in group-commit transactions.
+
+        The deliveries share store transactions (one fsync per transaction instead
+        of one per message). A transaction ends early after a group change,
+        because group state is read through History's own connection, which sees
+        only committed rows.
+
+        Returns:
+            What the committed deliveries produced (a prefix of ``batch``, all of
+            it unless a transaction failed), and the error that stopped the rest.
+        """
+        done: list[_Inbound] = []
+        with self._wlock:
+            while len(done) < len(batch):
+                pending: list[_Inbound] = []
+                self._deferred = {}
+                try:
+                    with self._store.batch():
+                        for delivery in batch[len(done) :]:
+                            pending.append(self._process_delivery(delivery))
+                            if pending[-1].barrier:
+                                break
+                        if self._deferred:
+                            # In the same transaction as the messages that moved them.
+                            rows = tuple((t, row) for (t, _), row in self._deferred.items())
+                            self._store.commit(Changes(app_rows=rows))
+                except StorageError as exc:
+                    # Nothing of this transaction stands; the relay delivers it again.
+                    self._deferred = None
+                    self._drop_caches()  # cached rows may describe the rolled-back rows
+                    return done, exc
+                except BaseException:
+                    self._deferred = None
+                    self._drop_caches()
+                    raise
+                self._deferred = None
+                done.extend(pending)
+        return done, None
 
     def _process_delivery(self, delivery: Delivery) -> _Inbound:
         sender = Address(delivery.sender, delivery.device)
@@ -1748,7 +1954,9 @@ class Client:
             for data in bundles:
                 bundle = PreKeyBundle.from_json(data)
                 if bundle.device_id == peer.device_id:
-                    await asyncio.to_thread(self._engine.process_bundle, peer.name, bundle)
+                    await asyncio.to_thread(
+                        self._locked, self._engine.process_bundle, peer.name, bundle
+                    )
         except (TransportError, InvalidBundle, UntrustedIdentity) as exc:
             _log.info("session reset with %s postponed: %s", peer, type(exc).__name__)
             return
@@ -1840,7 +2048,7 @@ class Client:
             )
             if body.attachment is not None:
                 rows.append(self._attachment_row(mid, body.attachment))
-            rows.extend(("chats", c) for c in pending.values())
+            self._defer_or_add(rows, [("chats", c) for c in pending.values()])
             link_id = f"{chat_id}:{sender.name}"
             if link_id not in self._known_links:
                 rows.append(History.row("users", id=sender.name, created_at=now))
@@ -1932,6 +2140,7 @@ class Client:
             assert body.group is not None
             if via_group:
                 raise InvalidMessage("group changes travel pairwise only")
+            out.barrier = True
             rows.extend(self._apply_group(sender, gid, body.group, out))
             return self._finish(rows, counters)
         if kind is PayloadType.SESSION_RESET:
@@ -1944,11 +2153,27 @@ class Client:
         return self._finish(rows, counters)
 
     def _finish(self, rows: list[Row], counters: Mapping[str, int]) -> list[Row]:
-        # Counter rows ride along in the decrypt's transaction; the cache is
-        # updated right away because the commit follows immediately under the
-        # write lock (if it fails, the connection loop drops the cache).
+        # Counter rows ride along in the decrypt's transaction (or are deferred to
+        # its end); the cache is updated right away because the commit follows
+        # immediately under the write lock (if it fails, the cache is dropped).
         self._counters.update(counters)
-        return rows + [History.row("counters", id=k, value=v) for k, v in counters.items()]
+        self._defer_or_add(
+            rows, [History.row("counters", id=k, value=v) for k, v in counters.items()]
+        )
+        return rows
+
+    def _defer_or_add(self, rows: list[Row], more: Sequence[Row]) -> None:
+        """Add ``more`` to ``rows``, or inside a receive transaction defer them to its end.
+
+        Only rows that every later message overwrites (counters, a chat's
+        ``last_message_at``) are deferred: the transaction commits all or nothing,
+        so they still stand exactly when the messages that moved them do.
+        """
+        if self._deferred is None:
+            rows.extend(more)
+            return
+        for table, row in more:
+            self._deferred[(table, row["id"])] = row
 
     def _apply_group(
         self, sender: Address, gid: str, control: GroupControl, out: _Inbound
@@ -2259,7 +2484,7 @@ class Client:
             if bundle.device_id in devices:
                 continue
             try:
-                await asyncio.to_thread(self._engine.process_bundle, user, bundle)
+                await asyncio.to_thread(self._locked, self._engine.process_bundle, user, bundle)
             except UntrustedIdentity as exc:
                 # The bundle names a new key: record it as untrusted (kept across
                 # restarts) and drop the session made for the old key, so nothing
@@ -2310,7 +2535,9 @@ class Client:
                 for device in await self._devices(user):
                     address = Address(user, device)
                     try:
-                        ct = await asyncio.to_thread(self._engine.encrypt, address, data)
+                        ct = await asyncio.to_thread(
+                            self._locked, self._engine.encrypt, address, data
+                        )
                     except UntrustedIdentity as exc:
                         self._hold(user, device)
                         raise IdentityHeld(user) from exc
@@ -2339,7 +2566,7 @@ class Client:
                     raise IdentityHeld(user)
                 recipients.extend((user, d) for d in await self._devices(user))
             await self._distribute_key(gid, recipients)
-            body = await asyncio.to_thread(self._engine.group_encrypt, gid, data)
+            body = await asyncio.to_thread(self._locked, self._engine.group_encrypt, gid, data)
             try:
                 await self._link.send(mid, recipients, envelope.build_group(gid, body))
                 return recipients
@@ -2365,7 +2592,7 @@ class Client:
         generation, users = await asyncio.to_thread(missing)
         if not users:
             return
-        distribution = await asyncio.to_thread(self._engine.group_distribution, gid)
+        distribution = await asyncio.to_thread(self._locked, self._engine.group_distribution, gid)
         control = GroupControl(GroupAction.SENDER_KEY, distribution=distribution)
         body = Payload(
             type=PayloadType.GROUP,
@@ -2394,10 +2621,31 @@ class TransportLink:
     """
 
     def __init__(self, signer: DeviceSigner, url: str) -> None:
+        """Check the URL now (the HTTP client itself is made on first use).
+
+        Raises:
+            UsageError: not an http(s) URL with a host and no path.
+        """
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError("the relay URL must be an http:// or https:// URL with a host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise UsageError("the relay URL must be the relay's root (no path or query)")
         self._signer = signer
         self._url = url
-        self._http = RelayClient(url, signer.user, signer.device, signer)
+        self._http_client: RelayClient | None = None
         self._conn: RelayConnection | None = None
+
+    @property
+    def _http(self) -> RelayClient:
+        # Made on first use: aiohttp costs about a third of a second to import, and
+        # a program that only reads local history never needs it.
+        if self._http_client is None:
+            from e2ee.transport.http import RelayClient
+
+            signer = self._signer
+            self._http_client = RelayClient(self._url, signer.user, signer.device, signer)
+        return self._http_client
 
     def __repr__(self) -> str:
         return f"TransportLink({self._url!r}, {self._signer.user!r}, {self._signer.device})"
@@ -2420,6 +2668,8 @@ class TransportLink:
 
     async def connect(self) -> None:
         """Open a fresh WebSocket and wait until it is up (see :meth:`RelayLink.connect`)."""
+        from e2ee.transport.ws import RelayConnection
+
         await self.disconnect()
         conn = RelayConnection.from_client(self._http, reconnect=False)
         self._conn = conn
@@ -2431,6 +2681,8 @@ class TransportLink:
 
         Raises the error that closed it.
         """
+        from e2ee.transport.ws import ConnectionState
+
         conn = self._conn
         if conn is None:
             raise ConnectionLost("not connected")
@@ -2443,10 +2695,14 @@ class TransportLink:
     async def send(
         self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
     ) -> None:
-        """Send over the WebSocket and wait for the relay's ``send_result``."""
+        """Send over the WebSocket and wait for the relay's ``send_result``.
+
+        Without a live connection (a send-only client), ``PUT /v1/messages``.
+        """
         conn = self._conn
         if conn is None:
-            raise ConnectionLost("not connected")
+            await self._http.send(message_id, recipients, body)
+            return
         future = await conn.send(message_id, recipients, body)
         await future
 
@@ -2487,7 +2743,8 @@ class TransportLink:
     async def aclose(self) -> None:
         """Close the WebSocket and the HTTP session."""
         await self.disconnect()
-        await self._http.close()
+        if self._http_client is not None:
+            await self._http_client.close()
 
 
 def _default_link_factory(signer: DeviceSigner, url: str) -> RelayLink:

@@ -26,6 +26,7 @@ __all__ = [
     "IdentityChanged",
     "MessageChanged",
     "MessageReceived",
+    "MessageStored",
     "ReceiptUpdated",
     "Typing",
 ]
@@ -34,6 +35,18 @@ __all__ = [
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
     """A new message (text, attachment, timer change...) was stored in history."""
+
+    message: StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStored:
+    """One of our own messages was stored in history and queued for sending.
+
+    Emitted by every ``send_*`` call (and group changes) once the row is
+    committed, before the relay accepted it (``status`` is ``pending``); the
+    ``ReceiptUpdated`` events that follow move its status on.
+    """
 
     message: StoredMessage
 
@@ -154,6 +167,7 @@ class GapDetected:
 Event = (
     BacklogDrained
     | MessageReceived
+    | MessageStored
     | MessageChanged
     | ReceiptUpdated
     | Typing

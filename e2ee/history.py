@@ -34,8 +34,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import sqlite_utils
-
 from e2ee.errors import StorageError, UsageError
 from e2ee.store.protocols import Changes
 from e2ee.store.sqlite import APP_TABLE_PREFIX, SQLiteProtocolStore
@@ -44,6 +42,7 @@ __all__ = [
     "HISTORY_SCHEMA_VERSION",
     "AttachmentInfo",
     "Chat",
+    "ChatSummary",
     "GroupInfo",
     "History",
     "Row",
@@ -151,6 +150,10 @@ _TABLES: Final[dict[str, dict[str, str]]] = {
     "counters": {"id": "TEXT", "value": "INTEGER"},
 }
 
+#: Incoming text/attachment messages not marked read (the partial index's WHERE).
+_UNREAD: Final = (
+    "outgoing = 0 AND read_at IS NULL AND deleted = 0 AND type IN ('text', 'attachment')"
+)
 _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS app_messages_chat ON app_messages (chat_id, seq)",
     "CREATE INDEX IF NOT EXISTS app_messages_seq ON app_messages (seq)",
@@ -161,6 +164,11 @@ _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS app_users_groups_group ON app_users_groups (group_id)",
     "CREATE INDEX IF NOT EXISTS app_users_chats_chat ON app_users_chats (chat_id)",
     "CREATE INDEX IF NOT EXISTS app_outbox_state ON app_outbox (state, seq)",
+    # Unread incoming messages only: chat summaries count them and mark_read finds
+    # them without scanning a chat. Queries repeat this WHERE exactly (_UNREAD), so
+    # SQLite can use the partial index.
+    f"CREATE INDEX IF NOT EXISTS app_messages_unread ON app_messages (chat_id, seq) "
+    f"WHERE {_UNREAD}",
 )
 
 _STATUS_ORDER: Final = {"pending": 0, "failed": 0, "sent": 1, "delivered": 2, "read": 3}
@@ -257,6 +265,15 @@ class Chat:
     last_message_at: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class ChatSummary:
+    """A chat for a chat list: its unread count and its newest message (if any)."""
+
+    chat: Chat
+    unread: int
+    last_message: StoredMessage | None
+
+
 def to_message(row: Mapping[str, Any] | sqlite3.Row) -> StoredMessage:
     """Build a :class:`StoredMessage` from a ``messages`` row."""
     return StoredMessage(
@@ -302,7 +319,6 @@ class History:
     def __init__(self, store: SQLiteProtocolStore, conn: sqlite3.Connection) -> None:
         self._store = store
         self._conn: sqlite3.Connection | None = conn
-        self._db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -364,17 +380,40 @@ class History:
             for statement in _INDEXES:
                 conn.execute(statement)
             conn.execute("COMMIT")
-            # enable_fts runs a script (it commits on its own); replace=True makes it
-            # a no-op when the index and its triggers exist, and repairs them if not.
-            self._db.table(f"{APP_TABLE_PREFIX}messages").enable_fts(
-                ["text"], create_triggers=True, replace=True
-            )
+            if not self._fts_complete(conn):
+                # enable_fts runs a script (it commits on its own); replace=True
+                # repairs a partial index. sqlite-utils is imported only here: it
+                # costs a tenth of a second that opening an account rarely needs.
+                import sqlite_utils
+
+                db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+                db.table(f"{APP_TABLE_PREFIX}messages").enable_fts(
+                    ["text"], create_triggers=True, replace=True
+                )
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StorageError(f"cannot create the history schema: {exc}") from exc
         if version != HISTORY_SCHEMA_VERSION:
             self._store.commit(Changes(meta_put={_META_VERSION: str(HISTORY_SCHEMA_VERSION)}))
+
+    @staticmethod
+    def _fts_complete(conn: sqlite3.Connection) -> bool:
+        """True when the full-text index and its three triggers exist."""
+        fts = f"{APP_TABLE_PREFIX}messages_fts"
+        names = {
+            r[0]
+            for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE name IN (?, ?, ?, ?)",
+                (
+                    fts,
+                    f"{APP_TABLE_PREFIX}messages_ai",
+                    f"{APP_TABLE_PREFIX}messages_ad",
+                    f"{APP_TABLE_PREFIX}messages_au",
+                ),
+            )
+        }
+        return len(names) == 4
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -464,38 +503,101 @@ class History:
         return to_message(rows[0]) if rows else None
 
     def messages(
-        self, chat_id: str, *, before: str | None = None, limit: int = 50
+        self,
+        chat_id: str,
+        *,
+        before: str | None = None,
+        after: str | None = None,
+        around: str | None = None,
+        limit: int = 50,
     ) -> list[StoredMessage]:
-        """A page of a chat, oldest first, ending just before ``before`` (or the newest).
+        """A page of a chat, oldest first.
+
+        Without ``after``/``around``: the page ending just before ``before`` (or
+        the newest page). With ``after``: the page starting just after that
+        message. With ``around``: that message in the middle of the page (for
+        opening a chat at a search hit).
 
         Args:
             chat_id: ``direct_chat_id(peer)`` or ``group_chat_id(group)``.
             before: a message id; the page ends before it. None for the newest page.
+            after: a message id; the page starts after it.
+            around: a message id; the page holds it and up to ``limit // 2``
+                messages before it.
             limit: at most this many messages (1..1000).
 
         Returns:
             Up to ``limit`` messages in chat order.
 
         Raises:
-            UsageError: bad limit, or ``before`` is not in this chat.
+            UsageError: bad limit, more than one of before/after/around, or the
+                named message is not in this chat.
             StorageError: the file cannot be read.
         """
         if not 1 <= limit <= 1000:
             raise UsageError("limit must be between 1 and 1000")
-        bound = 2**62
-        if before is not None:
-            rows = self._query(
-                "SELECT seq FROM app_messages WHERE id = ? AND chat_id = ?", (before, chat_id)
-            )
-            if not rows:
-                raise UsageError("'before' is not a message of this chat")
-            bound = int(rows[0]["seq"])
+        anchors = [a for a in (before, after, around) if a is not None]
+        if len(anchors) > 1:
+            raise UsageError("give at most one of before, after and around")
+        if after is not None:
+            return self._page_after(chat_id, self._seq_in(chat_id, after, "after"), limit)
+        if around is not None:
+            seq = self._seq_in(chat_id, around, "around")
+            older = self._page_before(chat_id, seq, limit // 2) if limit > 1 else []
+            return older + self._page_after(chat_id, seq - 1, limit - len(older))
+        bound = 2**62 if before is None else self._seq_in(chat_id, before, "before")
+        return self._page_before(chat_id, bound, limit)
+
+    def _seq_in(self, chat_id: str, message_id: str, what: str) -> int:
+        rows = self._query(
+            "SELECT seq FROM app_messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)
+        )
+        if not rows:
+            raise UsageError(f"'{what}' is not a message of this chat")
+        return int(rows[0]["seq"])
+
+    def _page_before(self, chat_id: str, seq: int, limit: int) -> list[StoredMessage]:
         rows = self._query(
             "SELECT * FROM app_messages WHERE chat_id = ? AND seq < ? AND deleted IS NOT 2 "
             "ORDER BY seq DESC LIMIT ?",
-            (chat_id, bound, limit),
+            (chat_id, seq, limit),
         )
         return [to_message(r) for r in reversed(rows)]
+
+    def _page_after(self, chat_id: str, seq: int, limit: int) -> list[StoredMessage]:
+        rows = self._query(
+            "SELECT * FROM app_messages WHERE chat_id = ? AND seq > ? AND deleted IS NOT 2 "
+            "ORDER BY seq LIMIT ?",
+            (chat_id, seq, limit),
+        )
+        return [to_message(r) for r in rows]
+
+    def messages_since(
+        self, seq: int, *, incoming_only: bool = True, limit: int = 500
+    ) -> list[StoredMessage]:
+        """Messages of every chat stored after ``seq`` (local order), oldest first.
+
+        For a program that prints what arrived since it last looked: remember the
+        largest ``seq`` seen and pass it next time. Expired messages are left out.
+
+        Args:
+            seq: the last ``seq`` already seen (0 for everything).
+            incoming_only: leave out our own messages.
+            limit: at most this many (1..1000); call again from the last ``seq``.
+
+        Raises:
+            UsageError: bad limit.
+            StorageError: the file cannot be read.
+        """
+        if not 1 <= limit <= 1000:
+            raise UsageError("limit must be between 1 and 1000")
+        mine = " AND outgoing = 0" if incoming_only else ""
+        rows = self._query(
+            f"SELECT * FROM app_messages WHERE seq > ? AND deleted IS NOT 2{mine} "  # noqa: S608
+            "ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+        return [to_message(r) for r in rows]
 
     def search(
         self, text: str, *, chat_id: str | None = None, limit: int = 50
@@ -539,6 +641,47 @@ class History:
             )
             for r in rows
         ]
+
+    def chat_summaries(self) -> list[ChatSummary]:
+        """Every chat with its unread count and newest message, most recent first.
+
+        One query: the unread counts come from a partial index of unread rows,
+        the newest message from the ``(chat_id, seq)`` index.
+
+        Raises:
+            StorageError: the file cannot be read.
+        """
+        rows = self._query(
+            "SELECT c.id AS c_id, c.kind AS c_kind, c.peer AS c_peer, c.group_id AS c_group, "  # noqa: S608  (_UNREAD is a constant)
+            "c.timer_seconds AS c_timer, c.last_message_at AS c_last, "
+            f"(SELECT count(*) FROM app_messages u WHERE u.chat_id = c.id AND {_UNREAD}) "
+            "AS c_unread, m.* FROM app_chats c LEFT JOIN app_messages m ON m.rowid = ("
+            "SELECT l.rowid FROM app_messages l WHERE l.chat_id = c.id AND l.deleted IS NOT 2 "
+            "ORDER BY l.seq DESC LIMIT 1) ORDER BY c.last_message_at DESC NULLS LAST"
+        )
+        return [
+            ChatSummary(
+                Chat(
+                    r["c_id"],
+                    r["c_kind"],
+                    r["c_peer"],
+                    r["c_group"],
+                    r["c_timer"] or 0,
+                    r["c_last"],
+                ),
+                int(r["c_unread"]),
+                to_message(r) if r["id"] is not None else None,
+            )
+            for r in rows
+        ]
+
+    def queued_count(self) -> int:
+        """Messages waiting in the outbox (receipts, typing and session resets not counted)."""
+        rows = self._query(
+            "SELECT count(*) AS n FROM app_outbox WHERE state = 'queued' AND mode != 'receipt' "
+            "AND kind NOT IN ('typing', 'session_reset')"
+        )
+        return int(rows[0]["n"])
 
     def receipts(self, message_id: str) -> dict[tuple[str, int], str]:
         """Per recipient device status of an outgoing message: (user, device) -> status."""
@@ -625,9 +768,7 @@ class History:
     def unread(self, chat_id: str) -> list[tuple[str, str]]:
         """Incoming text/attachment messages of a chat not marked read: (id, sender)."""
         rows = self._query(
-            "SELECT id, sender FROM app_messages WHERE chat_id = ? AND outgoing = 0 "
-            "AND read_at IS NULL AND deleted = 0 AND type IN ('text', 'attachment') "
-            "ORDER BY seq",
+            f"SELECT id, sender FROM app_messages WHERE chat_id = ? AND {_UNREAD} ORDER BY seq",  # noqa: S608
             (chat_id,),
         )
         return [(r["id"], r["sender"]) for r in rows]

@@ -2,7 +2,8 @@
 # * The command line is an adapter over the SDK facade (e2ee.client.Client) only.
 # * Every network wait is bounded (--network-timeout; transfers: without progress for that
 #   long), so no command blocks forever. Commands that need nothing from the relay
-#   (history, contacts, safety-number, group list) never connect.
+#   (history, contacts, safety-number, group list) never connect; the others connect
+#   send-only (no deliveries taken), except `receive`, the only command that receives.
 # * stdout carries results only (human text, or one JSON object per line with --json);
 #   a failure is one line `blindpost: error: ...` on stderr and a documented exit status
 #   (docs/cli.md). Keys, passphrases and ciphertext are never printed.
@@ -69,7 +70,6 @@ from e2ee.transport.errors import (
     RelayRejected,
     UsernameTaken,
 )
-from tui_client.adapter import default_data_dir
 from tui_client.cli_output import (
     AttachmentInfo,
     Output,
@@ -318,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """The data directory when ``--data`` is not given (the TUI's rule, shared).
+
+    Imported from the TUI's adapter only when needed: it pulls in modules (QR
+    drawing among them) that a command given ``--data`` never uses.
+    """
+    from tui_client.adapter import default_data_dir as rule
+
+    return rule(environ)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -429,15 +440,11 @@ def _write_cursor(folder: Path, seq: int) -> None:
 
 
 def _messages_after(history: History, seq: int) -> list[StoredMessage]:
-    """Incoming messages stored after ``seq`` (arrived while another command was connected)."""
+    """Incoming messages stored after ``seq`` (by another program, e.g. the TUI)."""
     found: list[StoredMessage] = []
-    for chat in history.chats():
-        for message in history.iter_messages(chat.id):
-            if message.seq <= seq:
-                break
-            if not message.outgoing and message.type in _RECEIVED_KINDS:
-                found.append(message)
-    found.sort(key=lambda m: m.seq)
+    while batch := history.messages_since(seq, limit=500):
+        found.extend(m for m in batch if m.type in _RECEIVED_KINDS)
+        seq = batch[-1].seq
     return found
 
 
@@ -514,13 +521,19 @@ class _Session:
             )
         return CliError(EXIT_UNREACHABLE, f"the relay connection ended: {reason}")
 
-    async def connect(self) -> None:
-        """Start the client and wait (bounded) until the relay connection is up.
+    async def connect(self, *, receive: bool = False) -> None:
+        """Start the client and wait (bounded) until the relay answered.
+
+        Args:
+            receive: take deliveries (only ``receive`` does). One-shot commands
+                connect send-only: what arrives for this account meanwhile stays
+                on the relay for the next ``receive``, receipts and group changes
+                included.
 
         Raises:
             CliError: unreachable (3), refused (9), or taken over (10).
         """
-        await self.client.start()
+        await self.client.start(receive=receive)
         up = asyncio.ensure_future(self._connected.wait())
         fatal = asyncio.ensure_future(self._fatal.wait())
         try:
@@ -543,16 +556,8 @@ class _Session:
             )
 
     async def start(self) -> None:
-        """Connect for a command (see :meth:`connect`), after noting ``receive``'s cursor.
-
-        Whatever the relay delivers to this connection is stored but not printed;
-        ``receive`` prints it later (its cursor marks where it stopped).
-        """
-        folder = self.settings.data_dir
-        if _read_cursor(folder) is None:
-            seq = await asyncio.to_thread(self.history.max_seq, "messages")
-            await asyncio.to_thread(_write_cursor, folder, seq)
-        await self.connect()
+        """Connect send-only for a one-shot command (see :meth:`connect`)."""
+        await self.connect(receive=False)
 
     async def bounded(
         self, work: Awaitable[T], what: str, *, activity: _Activity | None = None
@@ -887,16 +892,18 @@ async def cmd_receive(settings: _Settings, args: argparse.Namespace) -> int:
             cursor = await asyncio.to_thread(session.history.max_seq, "messages")
         session.printed_seq = cursor
         try:
-            # Messages that arrived while another command was connected come first.
+            # Incoming messages stored by another program (the TUI) since the last
+            # `receive` come first; one-shot commands take no deliveries.
             for message in await asyncio.to_thread(_messages_after, session.history, cursor):
                 await session.show_message(message)
-            await session.connect()
+            await session.connect(receive=True)
             await _receive_loop(session, timeout)
             await session.flush_outbox()  # delivered receipts for what we just printed
+            # Closing finishes a batch in progress; its events are queued before the
+            # "closed" state, so everything stored is printed here.
+            await session.close()
             while (event := session.take_ready()) is not None:
                 await _show_event(session, event)
-            # A message stored after this point is acknowledged but not printed: its
-            # seq is above the cursor, so the next `receive` prints it first.
         finally:
             await asyncio.to_thread(_write_cursor, folder, session.printed_seq)
     return EXIT_OK

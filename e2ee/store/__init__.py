@@ -4,6 +4,7 @@ from e2ee.store.memory import MemoryProtocolStore
 from e2ee.store.protocols import (
     AccountRecord,
     Address,
+    BatchingStore,
     Changes,
     IdentityRecord,
     ProtocolStore,
@@ -15,6 +16,7 @@ from e2ee.store.protocols import (
 __all__ = [
     "AccountRecord",
     "Address",
+    "BatchingStore",
     "Changes",
     "IdentityRecord",
     "MemoryProtocolStore",

@@ -20,6 +20,7 @@ conformance test in ``tests/store`` runs against every implementation.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -36,6 +37,7 @@ def _empty() -> Mapping[Any, Any]:
 __all__ = [
     "AccountRecord",
     "Address",
+    "BatchingStore",
     "Changes",
     "IdentityRecord",
     "ProtocolStore",
@@ -115,9 +117,13 @@ class IdentityRecord:
     updated_at_ms: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Changes:
     """One atomic write. Empty by default; build with :func:`dataclasses.replace`.
+
+    Treat it as immutable: stores only read it. (It is not ``frozen`` because a
+    frozen dataclass pays one ``object.__setattr__`` per field on construction,
+    and the protocol engine builds one per message: see docs/performance.md.)
 
     ``app_rows`` lets the layer above (the SDK's history) put rows into its own
     tables in the same transaction: ``(table, row)`` pairs, each replacing the
@@ -217,4 +223,27 @@ class ProtocolStore(Protocol):
 
     def commit(self, changes: Changes) -> None:
         """Apply ``changes`` atomically: all of it or, on any error, none of it."""
+        ...
+
+
+@runtime_checkable
+class BatchingStore(ProtocolStore, Protocol):
+    """A :class:`ProtocolStore` that can group several commits into one durable write.
+
+    The SDK's inbox uses it to decrypt a backlog in batches: many engine commits,
+    one transaction and one fsync, acknowledged to the relay only after the batch
+    stands. The core itself never needs it.
+    """
+
+    @property
+    def in_batch(self) -> bool:
+        """True inside :meth:`batch` (on the thread that holds it)."""
+        ...
+
+    def batch(self) -> contextlib.AbstractContextManager[None]:
+        """A block whose commits all stand together when it ends, or none if it raises.
+
+        Inside it, each :meth:`commit` is still all or nothing on its own and is
+        visible to reads; other threads wait until the block ends.
+        """
         ...

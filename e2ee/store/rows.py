@@ -9,15 +9,24 @@ code tested against the in-memory twin cannot fail only on SQLite.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from e2ee.errors import StorageError
 from e2ee.store.protocols import Changes, TrustLevel
 
-__all__ = ["APP_NAME", "INT64_MAX", "INT64_MIN", "check_app_row", "validate_changes"]
+__all__ = [
+    "APP_NAME",
+    "INT64_MAX",
+    "INT64_MIN",
+    "BatchDepth",
+    "check_app_row",
+    "validate_changes",
+]
 
 INT64_MIN: Final = -(2**63)
 INT64_MAX: Final = 2**63 - 1
@@ -85,3 +94,24 @@ def validate_changes(changes: Changes) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(row_id, str):
             raise StorageError(f"app row deletion in {table!r} needs a str id")
     return [check_app_row(table, row) for table, row in changes.app_rows]
+
+
+@dataclass(slots=True)
+class BatchDepth:
+    """How deep the lock holder is in a store's ``batch()`` blocks (0: in none).
+
+    Shared by the store implementations: an inner block joins the outer one, so
+    only the outermost block begins and ends the batch. Compares by value, so two
+    idle stores compare alike (tests compare store internals).
+    """
+
+    depth: int = 0
+
+    @contextlib.contextmanager
+    def level(self) -> Iterator[None]:
+        """One more level for the duration of the block."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1

@@ -10,6 +10,12 @@ Invariants:
 * Every write is one :meth:`SQLiteProtocolStore.commit`: ``BEGIN IMMEDIATE`` ...
   ``COMMIT`` on one connection, rolled back on any error, so a commit is applied
   whole or not at all, also across a crash (WAL, ``synchronous=FULL``).
+* Group commit: inside :meth:`SQLiteProtocolStore.batch`, each commit is a
+  savepoint of one shared transaction (still all or nothing on its own); the
+  batch becomes durable with one ``COMMIT`` (one fsync) when the block ends, and
+  a block that raises leaves none of its commits. A commit returns before it is
+  durable only inside a batch the caller opened; the lock is held for the whole
+  block, so no other thread's commit joins or waits inside someone else's batch.
 * Every secret blob (the identity key pair, prekeys, signed prekeys, sessions,
   sender keys) is sealed by :class:`~e2ee.store.sealing.Sealer` with the row's
   table and primary key as associated data; a blob moved to another row fails
@@ -35,9 +41,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import sqlite_utils
+if TYPE_CHECKING:
+    import sqlite_utils
 
 from e2ee.errors import E2EEError, StorageError, StoreCorrupt, UsageError
 from e2ee.store.protocols import (
@@ -52,7 +59,7 @@ from e2ee.store.protocols import (
 from e2ee.store.rows import APP_NAME as _APP_NAME
 from e2ee.store.rows import INT64_MAX as _INT64_MAX
 from e2ee.store.rows import INT64_MIN as _INT64_MIN
-from e2ee.store.rows import check_app_row, validate_changes
+from e2ee.store.rows import BatchDepth, check_app_row, validate_changes
 from e2ee.store.sealing import (
     KDF_MODERATE,
     KdfLimits,
@@ -237,13 +244,19 @@ class SQLiteProtocolStore:
     def __init__(self, conn: sqlite3.Connection, sealer: Sealer, path: str) -> None:
         """Use :meth:`open`; this wraps an already configured and migrated connection."""
         self._conn: sqlite3.Connection | None = conn
-        # recursive_triggers and plugins: nothing of ours needs them, and plugins
-        # would run foreign code on a connection that holds secrets.
-        self._db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+        self._db_helper: sqlite_utils.Database | None = None
         self._sealer = sealer
         self._path = path
         self._lock = threading.RLock()
         self._transactions = 0
+        # Open batch (group commit): nesting depth, commits made in it, and the app
+        # columns its savepoints added (published to _app_columns only at COMMIT).
+        self._batch = BatchDepth()
+        self._batch_commits = 0
+        self._batch_columns: dict[str, tuple[str, ...]] = {}
+        self._batch_checked = False
+        # Session and sender-key records committed in the open batch (None: deleted).
+        self._batch_records: dict[tuple[str, object], bytes | None] = {}
         # Column names of app tables as last committed, valid while SQLite's
         # schema cookie is unchanged (another connection could alter a table).
         self._app_columns: dict[str, tuple[str, ...]] = {}
@@ -333,8 +346,58 @@ class SQLiteProtocolStore:
 
     @property
     def transaction_count(self) -> int:
-        """Write transactions committed by :meth:`commit` through this object."""
+        """Write transactions committed through this object (a whole batch counts once)."""
         return self._transactions
+
+    @property
+    def in_batch(self) -> bool:
+        """True inside :meth:`batch` (on the thread that holds it)."""
+        return self._batch.depth > 0
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group commits: every :meth:`commit` inside the block shares one transaction.
+
+        Each commit inside stays all or nothing on its own (a savepoint): a failing
+        commit is rolled back alone, raises as usual, and the batch goes on if the
+        caller catches the error. Reads inside the block see the batch's commits.
+        Nothing of the batch is durable before the block ends; then one ``COMMIT``
+        (one fsync) makes all of it durable together. If the block raises, or the
+        final ``COMMIT`` fails, every commit made in the block is rolled back.
+
+        The store's lock is held for the whole block: other threads' reads and
+        commits wait until it ends, so callers keep blocks short (a bounded number
+        of commits) and must not wait inside one for a thread that uses the store.
+        A nested :meth:`batch` joins the outer one.
+
+        Raises:
+            StorageError: the store is closed, or the transaction cannot be begun
+                or committed (then nothing of the batch was written).
+        """
+        with self._lock, self._batch.level():
+            if self._batch.depth > 1:
+                yield  # joins the outer batch
+                return
+            with _storage_errors("begin a batch"):
+                conn = self._connection()
+                conn.execute("BEGIN IMMEDIATE")
+            self._batch_commits, self._batch_columns, self._batch_checked = 0, {}, False
+            try:
+                yield
+                with _storage_errors("commit a batch"):
+                    if not conn.in_transaction:
+                        raise StorageError("the batch was rolled back by an earlier error")
+                    conn.execute("COMMIT")
+            except BaseException:
+                _rollback(conn)
+                raise
+            finally:
+                columns, self._batch_columns = self._batch_columns, {}
+                self._batch_records.clear()
+            # Only after COMMIT: a rolled-back batch also rolled back its ALTERs.
+            self._app_columns.update(columns)
+            if self._batch_commits:
+                self._transactions += 1
 
     # -- reads --------------------------------------------------------------------------
 
@@ -439,10 +502,13 @@ class SQLiteProtocolStore:
             StoreCorrupt: the sealed record does not open.
             StorageError: the store is closed or cannot be read.
         """
-        row = self._one(
-            "SELECT record FROM sessions WHERE name = ? AND device_id = ?",
-            (address.name, address.device_id),
-        )
+        with self._lock:
+            if self._batch.depth and ("sessions", address) in self._batch_records:
+                return self._batch_records["sessions", address]
+            row = self._one(
+                "SELECT record FROM sessions WHERE name = ? AND device_id = ?",
+                (address.name, address.device_id),
+            )
         if row is None:
             return None
         return self._unseal(row[0], "sessions", address.name, address.device_id)
@@ -466,11 +532,14 @@ class SQLiteProtocolStore:
             StorageError: the store is closed or cannot be read.
         """
         parts = (key_id.group_id, key_id.sender.name, key_id.sender.device_id)
-        row = self._one(
-            "SELECT record FROM sender_keys "
-            "WHERE group_id = ? AND sender_name = ? AND sender_device_id = ?",
-            parts,
-        )
+        with self._lock:
+            if self._batch.depth and ("sender_keys", key_id) in self._batch_records:
+                return self._batch_records["sender_keys", key_id]
+            row = self._one(
+                "SELECT record FROM sender_keys "
+                "WHERE group_id = ? AND sender_name = ? AND sender_device_id = ?",
+                parts,
+            )
         return None if row is None else self._unseal(row[0], "sender_keys", *parts)
 
     def get_meta(self, key: str) -> str | None:
@@ -496,7 +565,9 @@ class SQLiteProtocolStore:
         name = APP_TABLE_PREFIX + table
         with self._lock, _storage_errors("read an app row"):
             conn = self._connection()
-            if not self._app_table_exists(conn, table):
+            # App tables are never dropped: one known to this connection exists.
+            known = table in self._app_columns or table in self._batch_columns
+            if not known and not self._app_table_exists(conn, table):
                 return None
             cursor = conn.execute(
                 f"SELECT * FROM {_quote(name)} WHERE id = ?",  # noqa: S608  (checked name)
@@ -538,24 +609,71 @@ class SQLiteProtocolStore:
             statements = self._statements(changes)
         with self._lock, _storage_errors("commit"):
             conn = self._connection()
-            touched: dict[str, tuple[str, ...]] = {}
+            if self._batch.depth:
+                if not conn.in_transaction:
+                    # SQLite rolled the whole batch back (SQLITE_FULL, SQLITE_IOERR): a
+                    # savepoint now would begin (and commit) a transaction of its own.
+                    raise StorageError("the batch was rolled back by an earlier error")
+                # Columns added earlier in the batch are not published yet.
+                touched = dict(self._batch_columns)
+                with _savepoint(conn):
+                    self._write(conn, changes, statements, app_rows, touched)
+                self._batch_columns = touched
+                self._batch_commits += 1
+                self._remember_records(changes)
+                return
+            touched = {}
             with _transaction(conn):
-                for sql, params in statements:
-                    conn.executemany(sql, params)
-                if app_rows:
-                    self._check_schema_cookie(conn)
-                    for table, row in app_rows:
-                        self._put_app_row(conn, table, row, touched)
-                    self._schema_cookie = _schema_cookie(conn)
-                for table, row_id in sorted(changes.app_rows_delete):
-                    if self._app_table_exists(conn, table):
-                        conn.execute(
-                            f"DELETE FROM {_quote(APP_TABLE_PREFIX + table)} WHERE id = ?",  # noqa: S608
-                            (row_id,),
-                        )
+                self._write(conn, changes, statements, app_rows, touched)
             # Only now: a rolled-back transaction also rolled back its ALTERs.
             self._app_columns.update(touched)
             self._transactions += 1
+
+    def _remember_records(self, changes: Changes) -> None:
+        """Keep a batch's committed session and sender-key records for its own reads.
+
+        The next decrypt from the same peer reads the record this one wrote; inside
+        a batch it comes from here instead of being selected and unsealed again.
+        Puts first, then deletes, as the commit applied them.
+        """
+        records = self._batch_records
+        for address, record in changes.sessions_put.items():
+            records["sessions", address] = record
+        for address in changes.sessions_delete:
+            records["sessions", address] = None
+        for key_id, record in changes.sender_keys_put.items():
+            records["sender_keys", key_id] = record
+        for key_id in changes.sender_keys_delete:
+            records["sender_keys", key_id] = None
+
+    def _write(
+        self,
+        conn: sqlite3.Connection,
+        changes: Changes,
+        statements: list[tuple[str, list[tuple[Any, ...]]]],
+        app_rows: Sequence[tuple[str, dict[str, Any]]],
+        touched: dict[str, tuple[str, ...]],
+    ) -> None:
+        """The SQL of one commit, inside a transaction or savepoint the caller opened."""
+        for sql, params in statements:
+            conn.executemany(sql, params)
+        if app_rows:
+            # Inside a batch the schema cannot change under us after the first
+            # check: this connection holds the write lock until the batch ends.
+            if not self._batch.depth or not self._batch_checked:
+                self._check_schema_cookie(conn)
+                self._batch_checked = bool(self._batch.depth)
+            altered = False
+            for table, row in app_rows:
+                altered = self._put_app_row(conn, table, row, touched) or altered
+            if altered:
+                self._schema_cookie = _schema_cookie(conn)
+        for table, row_id in sorted(changes.app_rows_delete):
+            if self._app_table_exists(conn, table):
+                conn.execute(
+                    f"DELETE FROM {_quote(APP_TABLE_PREFIX + table)} WHERE id = ?",  # noqa: S608
+                    (row_id,),
+                )
 
     def change_passphrase(
         self, old: str | None, new: str | None, *, kdf_limits: KdfLimits = KDF_MODERATE
@@ -592,6 +710,20 @@ class SQLiteProtocolStore:
                 _write_keyring(conn, wrapped)
 
     # -- internals --------------------------------------------------------------------------
+
+    @property
+    def _db(self) -> sqlite_utils.Database:
+        # sqlite-utils only creates app tables and columns; imported on first use, as
+        # it costs a tenth of a second that reading a store does not need.
+        if self._db_helper is None:
+            import sqlite_utils
+
+            # recursive_triggers and plugins: nothing of ours needs them, and plugins
+            # would run foreign code on a connection that holds secrets.
+            self._db_helper = sqlite_utils.Database(
+                self._connection(), recursive_triggers=False, execute_plugins=False
+            )
+        return self._db_helper
 
     def _check_schema_cookie(self, conn: sqlite3.Connection) -> None:
         cookie = _schema_cookie(conn)
@@ -737,7 +869,8 @@ class SQLiteProtocolStore:
         table: str,
         row: dict[str, Any],
         touched: dict[str, tuple[str, ...]],
-    ) -> None:
+    ) -> bool:
+        """Upsert one app row; True if a table or column had to be added."""
         # sqlite-utils makes the table and its columns; upsert(alter=True) is not
         # used for two reasons. It types a new column from its first value, and
         # SQLite's type affinity then converts later values ("007" becomes 7 in an
@@ -750,7 +883,8 @@ class SQLiteProtocolStore:
             columns = tuple(
                 r[0] for r in conn.execute("SELECT name FROM pragma_table_info(?)", (name,))
             )
-        if not columns:
+        created = not columns
+        if created:
             self._db.table(name).create({"id": str}, pk="id", strict=True)
             columns = ("id",)
         missing = tuple(c for c in row if c not in columns)
@@ -761,6 +895,7 @@ class SQLiteProtocolStore:
         # Replace, not merge, as in the in-memory twin: columns the row leaves out
         # are cleared.
         conn.execute(_upsert_sql(name, columns), [row.get(c) for c in columns])
+        return created or bool(missing)
 
 
 # -- opening ------------------------------------------------------------------------------
@@ -921,14 +1056,37 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         yield
         conn.execute("COMMIT")
     except BaseException:
-        # Some errors (SQLITE_FULL, SQLITE_IOERR) already rolled back.
+        _rollback(conn)
+        raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any (part of error handling: never raises)."""
+    # Some errors (SQLITE_FULL, SQLITE_IOERR) already rolled back.
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            # Closing discards the open transaction; later calls then fail
+            # as on a closed store instead of writing into a half-done one.
+            conn.close()
+
+
+@contextlib.contextmanager
+def _savepoint(conn: sqlite3.Connection) -> Iterator[None]:
+    """One commit inside a batch: all of it or, on any exception, none of it."""
+    conn.execute("SAVEPOINT bp_commit")
+    try:
+        yield
+        conn.execute("RELEASE bp_commit")
+    except BaseException:
         if conn.in_transaction:
             try:
-                conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK TO bp_commit")
+                conn.execute("RELEASE bp_commit")
             except sqlite3.Error:
-                # Closing discards the open transaction; later calls then fail
-                # as on a closed store instead of writing into a half-done one.
-                conn.close()
+                # The batch's transaction is gone or broken: fail the batch.
+                _rollback(conn)
         raise
 
 

@@ -6,11 +6,16 @@ Invariants:
   :mod:`~e2ee.transport.requests` and :mod:`~e2ee.transport.errors` are pure (no I/O,
   no aiohttp); only :mod:`~e2ee.transport.http` and :mod:`~e2ee.transport.ws` touch
   the network or the disk.
+* Importing the package loads only the pure modules; :mod:`~e2ee.transport.http` and
+  :mod:`~e2ee.transport.ws` (and aiohttp) load when one of their names is first used.
 * This package implements the client side of docs/relay-api.md itself and never imports
   ``relay`` (an import-linter contract).
 * Every failure is an :class:`e2ee.errors.TransportError` subclass (relay or connection at
   fault) or an :class:`e2ee.errors.UsageError` (bad argument, nothing sent).
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any, Final
 
 from e2ee.transport.auth import DeviceSigner, canonical_string, new_nonce
 from e2ee.transport.errors import (
@@ -48,7 +53,6 @@ from e2ee.transport.frames import (
     encode_ack,
     encode_send,
 )
-from e2ee.transport.http import ProgressCallback, RelayClient
 from e2ee.transport.requests import (
     BlobInfo,
     DeviceInfo,
@@ -58,7 +62,31 @@ from e2ee.transport.requests import (
     Response,
     SendReceipt,
 )
-from e2ee.transport.ws import Backoff, ConnectionState, Event, RelayConnection
+
+if TYPE_CHECKING:
+    from e2ee.transport.http import ProgressCallback, RelayClient
+    from e2ee.transport.ws import Backoff, ConnectionState, Event, RelayConnection
+
+# The aiohttp adapters load on first use: importing the pure modules (errors, frames,
+# requests) must not cost aiohttp's import time (an offline command needs none of it).
+_LAZY: Final = {
+    "ProgressCallback": "e2ee.transport.http",
+    "RelayClient": "e2ee.transport.http",
+    "Backoff": "e2ee.transport.ws",
+    "ConnectionState": "e2ee.transport.ws",
+    "Event": "e2ee.transport.ws",
+    "RelayConnection": "e2ee.transport.ws",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'e2ee.transport' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Acked",

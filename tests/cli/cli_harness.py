@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -31,6 +32,21 @@ RELAY_SETTINGS = {
 }
 #: Upper bound for one CLI run; commands bound their own network waits well below it.
 RUN_TIMEOUT = 60.0
+#: Bytecode cache of the subprocesses (outside the repository; see _python_env).
+PYCACHE = Path(tempfile.gettempdir()) / f"blindpost-cli-tests-pycache-{os.getuid()}"
+
+
+def _python_env(env: dict[str, str]) -> dict[str, str]:
+    """Let the many short ``blindpost`` runs reuse compiled bytecode.
+
+    With PYTHONDONTWRITEBYTECODE set (as in some CI shells), every run compiled the
+    SDK's modules again, about a fifth of a second each time. The cache goes to a
+    directory outside the source tree, shared by this test session's processes.
+    """
+    env = dict(env)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.setdefault("PYTHONPYCACHEPREFIX", str(PYCACHE))
+    return env
 
 
 @dataclass
@@ -51,7 +67,7 @@ class Relay:
         args += ["--data", str(self.data_dir)]
         for key, value in RELAY_SETTINGS.items():
             args += ["--set", f"{key}={value}"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_")}
+        env = _python_env({k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_")})
         env["PYTHONUNBUFFERED"] = "1"
         proc = subprocess.Popen(
             args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
@@ -146,7 +162,7 @@ class Cli:
         env.pop("XDG_DATA_HOME", None)
         env["HOME"] = str(home)
         env["PYTHONUNBUFFERED"] = "1"
-        self.env = env
+        self.env = _python_env(env)
 
     def data(self, name: str) -> Path:
         return self.home / name

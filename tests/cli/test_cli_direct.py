@@ -122,7 +122,7 @@ def test_messages_consumed_by_other_commands_are_printed_by_receive(
     cli: Cli, accounts: Any
 ) -> None:
     reply = cli("bob", "send", "alice", "reply from bob").last_word
-    # Alice's send connects too: the relay hands it bob's reply, which it stores.
+    # Alice's send connects send-only: bob's reply waits on the relay for receive.
     cli("alice", "send", "bob", "crossing")
     texts = [(m["id"], m["text"]) for m in cli("alice", "receive", "--json").of_type("message")]
     assert texts == [(reply, "reply from bob")]
@@ -196,3 +196,21 @@ def test_passphrase_from_environment_or_file(
     right = tmp_path / "right"
     right.write_text("correct horse battery staple\n")
     cli("dave", "contacts", "--passphrase-file", str(right))
+
+
+def test_receipts_and_group_events_wait_for_the_next_receive(cli: Cli, accounts: Any) -> None:
+    mid = cli("alice", "send", "bob", "are you there").last_word
+    printed = cli("bob", "receive", "--json")  # prints it and sends the delivered receipt
+    assert mid in [m["id"] for m in printed.of_type("message")]
+    gid = cli("bob", "group", "create", "crossing", "alice").last_word
+    # The receipt and the group change wait in alice's mailbox while she runs
+    # other commands; one-shot commands connect send-only and take nothing.
+    cli("alice", "send", "bob", "meanwhile")
+    cli("alice", "read", "bob")
+    out = cli("alice", "receive", "--json")
+    assert any(
+        r["status"] == "delivered" and mid in r["message_ids"] for r in out.of_type("receipt")
+    ), str(out)
+    assert [g["action"] for g in out.of_type("group") if g["group"] == gid] == ["create"]
+    again = cli("alice", "receive", "--json")
+    assert again.of_type("group") == [] and again.of_type("message") == []

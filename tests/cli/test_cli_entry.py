@@ -87,3 +87,19 @@ def test_argument_errors_exit_2_before_touching_anything(
     assert not (tmp_path / "nowhere").exists()
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 6 and all(line.startswith("blindpost: error: ") for line in err)
+
+
+def test_offline_commands_load_no_network_stack() -> None:
+    """R12: aiohttp, the transport adapters and sqlite-utils load only when needed."""
+    import subprocess
+
+    heavy = ("aiohttp", "e2ee.transport.http", "e2ee.transport.ws", "sqlite_utils", "segno")
+    probe = (
+        "import sys\n"
+        "import tui_client.cli\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

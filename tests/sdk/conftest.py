@@ -100,6 +100,8 @@ class FakeLink(RelayLink):
         return len(entry["prekeys"])
 
     async def prekey_count(self) -> int:
+        if self.relay.down:
+            raise ConnectionFailed("relay down")
         return len(self.relay.devices[self.user][self.device]["prekeys"])
 
     async def fetch_bundles(self, user: str) -> list[Mapping[str, Any]]:
@@ -154,8 +156,8 @@ class FakeLink(RelayLink):
     async def send(
         self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
     ) -> None:
-        if self.queue is None or self.relay.down:
-            raise ConnectionLost("not connected")
+        if self.relay.down:  # no live connection needed: a send-only client sends too
+            raise ConnectionLost("relay down")
         await asyncio.sleep(0)
         relay = self.relay
         named = {u for u, _ in recipients}

@@ -121,3 +121,86 @@ def test_row_builder_refuses_unknown_columns() -> None:
         History.row("nope", id="x")
     assert History.status_at_least("read", "delivered") == "read"
     assert History.status_at_least("sent", "delivered") == "delivered"
+
+
+def test_unread_rows_are_found_through_their_own_index(store: SQLiteProtocolStore) -> None:
+    """mark_read and chat summaries touch the unread rows only, not the whole chat."""
+    h = History.open(store)
+    read = [_msg(i, f"old {i}", read_at=5) for i in range(1, 2001)]
+    unread = [_msg(i, f"new {i}") for i in range(2001, 2004)]
+    chat = History.row("chats", id="dm:bob", kind="direct", peer="bob", last_message_at=1)
+    store.commit(Changes(app_rows=(*read, *unread, chat)))
+    assert [mid for mid, _ in h.unread("dm:bob")] == [f"{i:032x}" for i in range(2001, 2004)]
+    [summary] = h.chat_summaries()
+    assert summary.unread == 3
+    assert summary.last_message is not None and summary.last_message.counter == 2003
+    conn = h._connection()
+    for sql in (
+        "SELECT id, sender FROM app_messages WHERE chat_id = ? AND "
+        "outgoing = 0 AND read_at IS NULL AND deleted = 0 AND type IN ('text', 'attachment') "
+        "ORDER BY seq",
+        "SELECT count(*) FROM app_messages u WHERE u.chat_id = ? AND "
+        "outgoing = 0 AND read_at IS NULL AND deleted = 0 AND type IN ('text', 'attachment')",
+    ):
+        plan = " ".join(str(r[3]) for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", ("dm:bob",)))
+        assert "app_messages_unread" in plan, plan
+    h.close()
+
+
+def test_messages_since_a_seq_across_chats(store: SQLiteProtocolStore) -> None:
+    h = History.open(store)
+    store.commit(
+        Changes(
+            app_rows=(
+                _msg(1, "one"),
+                _msg(2, "two", chat="dm:carol"),
+                ("messages", {**_msg(3, "mine")[1], "outgoing": 1, "sender": "me"}),
+                _msg(4, "four"),
+            )
+        )
+    )
+    assert [m.text for m in h.messages_since(0)] == ["one", "two", "four"]
+    assert [m.text for m in h.messages_since(1, limit=1)] == ["two"]
+    assert [m.text for m in h.messages_since(2, incoming_only=False)] == ["mine", "four"]
+    assert h.messages_since(4) == []
+    with pytest.raises(UsageError):
+        h.messages_since(0, limit=0)
+    h.close()
+
+
+def test_opening_an_account_loads_no_network_stack(tmp_path: Path) -> None:
+    """Reading local history (an offline command) never imports aiohttp or sqlite-utils."""
+    import subprocess
+    import sys
+
+    folder = str(tmp_path / "a")
+    create = f"""
+import asyncio
+from e2ee.client import Client
+from e2ee.store.sealing import KdfLimits
+
+async def main():
+    made = await Client.create({folder!r}, "alice", "http://127.0.0.1:9",
+                               kdf_limits=KdfLimits(1, 8192))
+    await made.close()
+
+asyncio.run(main())
+"""
+    read = f"""
+import asyncio, sys
+from e2ee.client import Client
+
+async def main():
+    client = await Client.open({folder!r})
+    client.history.messages("dm:bob")
+    await client.contacts()
+    await client.close()
+    print(sorted(m for m in ("aiohttp", "sqlite_utils") if m in sys.modules))
+
+asyncio.run(main())
+"""
+    for probe in (create, read):
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+        )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

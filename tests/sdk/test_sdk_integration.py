@@ -303,3 +303,109 @@ async def test_key_change_over_the_real_relay_holds_until_accepted(
             await alice.accept_identity("bob")
             got = await wait_for(nb_events, lambda e: isinstance(e, MessageReceived), WAIT)
             assert got.message.text == "held until accepted"
+
+
+BATCH_CHILD = """
+import asyncio, sys
+from e2ee.client import Client
+from e2ee.events import MessageReceived
+
+async def main():
+    client = await Client.open(sys.argv[1])
+    events = client.events()
+    async with client:
+        async for event in events:
+            if isinstance(event, MessageReceived):
+                print(event.message.id, flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_client_process_killed_while_a_backlog_is_processed_in_batches(
+    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
+) -> None:
+    """SIGKILL lands inside the batched drain of a backlog: nothing lost, nothing twice."""
+    import signal
+    import sys
+
+    total = 60
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    await bob.close()
+    async with alice:
+        for i in range(total):
+            await alice.send_text("bob", f"backlog {i:02d}", wait=i == total - 1)
+        await alice.flush(WAIT)
+    script = tmp_path / "batch_child.py"
+    script.write_text(BATCH_CHILD)
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), str(tmp_path / "real-bob"), stdout=asyncio.subprocess.PIPE
+    )
+    assert child.stdout is not None
+    shown = [(await asyncio.wait_for(child.stdout.readline(), WAIT)).decode().strip()]
+    child.send_signal(signal.SIGKILL)  # somewhere in the middle of the drain
+    rest, _ = await asyncio.wait_for(child.communicate(), WAIT)
+    shown += rest.decode().split()
+    again = await Client.open(tmp_path / "real-bob", options=fast_options)
+    before = {m.id for m in again.history.messages(direct_chat_id("alice"), limit=100)}
+    assert set(shown) <= before  # shown only once committed
+    events = again.events()
+    try:
+        async with again:
+            fresh: list[str] = []
+            while len(before) + len(fresh) < total:
+                event = await wait_for(events, lambda e: isinstance(e, MessageReceived), WAIT)
+                fresh.append(event.message.id)
+            await asyncio.sleep(0.3)  # redelivered duplicates are acknowledged silently
+            texts = [m.text for m in again.history.messages(direct_chat_id("alice"), limit=100)]
+        assert texts == [f"backlog {i:02d}" for i in range(total)]  # nothing lost or twice
+        assert not before & set(fresh)  # nothing shown twice
+    finally:
+        await again.close()
+
+
+async def test_send_only_client_sends_over_http_and_takes_nothing(
+    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
+) -> None:
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    b_events = bob.events()
+    async with bob:
+        waiting = await bob.send_text("alice", "stays in alice's mailbox")
+        await alice.start(receive=False)  # no WebSocket: PUT /v1/messages
+        mid = await alice.send_text("bob", "from a one-shot sender")
+        got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        assert got.message.id == mid
+        await alice.close()
+    again = await Client.open(tmp_path / "real-alice", options=fast_options)
+    events = again.events()
+    try:
+        async with again:
+            got = await wait_for(events, lambda e: isinstance(e, MessageReceived), WAIT)
+            assert got.message.id == waiting
+    finally:
+        await again.close()
+
+
+async def test_transfer_progress_is_reported_on_the_event_loop_thread(
+    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path
+) -> None:
+    import threading
+
+    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    source = tmp_path / "note.bin"
+    source.write_bytes(os.urandom(300_000))
+    loop_thread = threading.get_ident()
+    threads: set[int] = set()
+    b_events = bob.events()
+    async with alice, bob:
+        mid = await alice.send_file(
+            "bob", source, progress=lambda done, total: threads.add(threading.get_ident())
+        )
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+        await bob.download_attachment(
+            mid,
+            tmp_path / "got.bin",
+            progress=lambda done, total: threads.add(threading.get_ident()),
+        )
+    assert threads == {loop_thread}  # documented: never called from a worker thread
+    assert (tmp_path / "got.bin").read_bytes() == source.read_bytes()

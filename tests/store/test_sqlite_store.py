@@ -345,22 +345,27 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_a_process_killed_mid_commit_leaves_only_whole_commits(db: Path, tmp_path: Path) -> None:
+def kill_child_when_ready(source: str, db: Path, tmp_path: Path, round_: int) -> None:
+    """Run ``source`` on ``db`` until it prints "ready", then SIGKILL it a moment later."""
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(source)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(db)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.003 * round_)  # land the kill at a different point each round
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+def test_a_process_killed_mid_commit_leaves_only_whole_commits(db: Path, tmp_path: Path) -> None:
     seen = 0
     for round_ in range(3):
-        child = subprocess.Popen(
-            [sys.executable, str(script), str(db)], stdout=subprocess.PIPE, env=env, text=True
-        )
-        try:
-            assert child.stdout is not None
-            assert child.stdout.readline().strip() == "ready"
-            time.sleep(0.003 * round_)  # land the kill at a different point each round
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait()
+        kill_child_when_ready(CHILD, db, tmp_path, round_)
         with SQLiteProtocolStore.open(db, "kill") as store:
             n = int(store.get_meta("n") or 0)
             assert n >= seen + 5
@@ -373,6 +378,53 @@ def test_a_process_killed_mid_commit_leaves_only_whole_commits(db: Path, tmp_pat
                 assert store.load_app_row("messages", f"{n}.{p}") == {"id": f"{n}.{p}", "n": n}
             assert store.load_app_row("messages", f"{n + 1}.0") is None
             seen = n
+
+
+BATCH_CHILD = textwrap.dedent(
+    """
+    import sys
+    from e2ee.store.protocols import Address, Changes
+    from e2ee.store.sealing import KDF_MINIMUM
+    from e2ee.store.sqlite import SQLiteProtocolStore
+
+    store = SQLiteProtocolStore.open(sys.argv[1], "kill", kdf_limits=KDF_MINIMUM)
+    start = batch = int(store.get_meta("batch") or 0)
+    while True:
+        batch += 1
+        with store.batch():
+            for i in range(10):
+                store.commit(Changes(
+                    sessions_put={Address("peer", 1): f"{batch}.{i}".encode()},
+                    meta_put={"batch": str(batch), "step": str(i)},
+                    app_rows=(("messages", {"id": f"{batch}.{i}", "batch": batch}),),
+                ))
+        if batch == start + 3:
+            print("ready", flush=True)
+    """
+)
+
+
+def test_a_process_killed_mid_batch_leaves_only_whole_batches(db: Path, tmp_path: Path) -> None:
+    for round_ in range(3):
+        kill_child_when_ready(BATCH_CHILD, db, tmp_path, round_)
+        with SQLiteProtocolStore.open(db, "kill") as store:
+            batch = int(store.get_meta("batch") or 0)
+            assert batch >= 3
+            assert store.get_meta("step") == "9"  # never part of a batch
+            assert store.load_session(Address("peer", 1)) == f"{batch}.9".encode()
+            for i in range(10):
+                assert store.load_app_row("messages", f"{batch}.{i}") is not None
+            assert store.load_app_row("messages", f"{batch + 1}.0") is None
+
+
+def test_a_batch_is_one_transaction(store: SQLiteProtocolStore) -> None:
+    with store.batch():
+        for i in range(5):
+            store.commit(Changes(meta_put={"i": str(i)}))
+    assert store.transaction_count == 1
+    with store.batch():
+        pass  # nothing committed: no transaction counted
+    assert store.transaction_count == 1
 
 
 # -- atomicity inside SQLite -------------------------------------------------------------------

@@ -11,6 +11,7 @@ the same columns, since SQLite reads columns a row left out as None.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from e2ee.store.memory import MemoryProtocolStore
 from e2ee.store.protocols import (
     AccountRecord,
     Address,
+    BatchingStore,
     Changes,
     IdentityRecord,
     ProtocolStore,
@@ -45,7 +47,7 @@ BOB1, BOB2, BOB7 = Address("bob", 1), Address("bob", 2), Address("bob", 7)
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ProtocolStore]:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BatchingStore]:
     if request.param == "memory":
         yield MemoryProtocolStore()
         return
@@ -105,6 +107,7 @@ def read_all(store: ProtocolStore) -> dict[str, object]:
 
 
 def test_implements_the_protocol(store: ProtocolStore) -> None:
+    assert isinstance(store, BatchingStore)
     assert isinstance(store, ProtocolStore)
 
 
@@ -340,15 +343,19 @@ class _Unprintable:
         raise ValueError("no text for this id")
 
 
-def test_a_commit_failing_while_applied_changes_nothing(store: ProtocolStore) -> None:
-    store.commit(everything())
-    before = read_all(store)
-    spoiled = replace(
+def fails_while_applied() -> Changes:
+    """:func:`overwrite_everything` plus an app row no store can write."""
+    return replace(
         overwrite_everything(),
         app_rows=(*overwrite_everything().app_rows, ("messages", {"id": _Unprintable()})),
     )
+
+
+def test_a_commit_failing_while_applied_changes_nothing(store: ProtocolStore) -> None:
+    store.commit(everything())
+    before = read_all(store)
     with pytest.raises(StorageError):
-        store.commit(spoiled)
+        store.commit(fails_while_applied())
     assert read_all(store) == before
 
 
@@ -374,6 +381,81 @@ def test_concurrent_commits_and_reads_from_threads(store: ProtocolStore) -> None
         assert exact(store.load_app_row("threads", f"{n}-29")) == exact(
             {"id": f"{n}-29", "title": "29"}
         )
+
+
+# -- group commit (batch) ---------------------------------------------------------------------
+
+
+def test_commits_in_a_batch_are_read_inside_it_and_all_stand_after(store: BatchingStore) -> None:
+    store.commit(everything())
+    assert not store.in_batch
+    with store.batch():
+        assert store.in_batch
+        commit(
+            store, sessions_put={BOB1: b"s1"}, app_rows=(("threads", {"id": "t", "title": "a"}),)
+        )
+        assert store.load_session(BOB1) == b"s1"  # the batch reads its own commits
+        commit(store, sessions_put={BOB1: b"s2"}, prekeys_delete=frozenset({1}))
+        with store.batch():  # a nested batch joins the outer one
+            commit(store, meta_put={"k": "nested"})
+        assert store.load_session(BOB1) == b"s2"
+    assert not store.in_batch
+    assert store.load_session(BOB1) == b"s2"
+    assert store.prekey_ids() == [2]
+    assert store.get_meta("k") == "nested"
+    assert exact(store.load_app_row("threads", "t")) == exact({"id": "t", "title": "a"})
+
+
+def test_a_batch_that_raises_leaves_none_of_its_commits(store: BatchingStore) -> None:
+    store.commit(everything())
+    before = read_all(store)
+    with pytest.raises(RuntimeError), store.batch():
+        store.commit(overwrite_everything())
+        commit(store, app_rows=(("threads", {"id": "t", "title": "new table"}),))
+        assert store.load_app_row("threads", "t") is not None
+        raise RuntimeError("the caller failed after two commits")
+    assert read_all(store) == before
+    assert store.load_app_row("threads", "t") is None
+    # The store is usable again, and a new column of a rolled-back batch is gone.
+    commit(store, app_rows=(("messages", {"id": "2", "body": "x", "sent_at_ms": 1, "raw": None}),))
+    assert store.load_app_row("messages", "2") is not None
+
+
+def test_a_failing_commit_inside_a_batch_is_undone_alone(store: BatchingStore) -> None:
+    store.commit(everything())
+    with store.batch():
+        commit(store, meta_put={"k": "kept"})
+        before = read_all(store)
+        with pytest.raises(StorageError):
+            store.commit(fails_while_applied())
+        assert read_all(store) == before
+        commit(store, sessions_put={BOB2: b"after"})
+    assert store.get_meta("k") == "kept"
+    assert store.load_session(BOB2) == b"after"
+    assert store.load_session(BOB1) == b"session"  # the failed commit left nothing
+
+
+def test_other_threads_wait_for_a_batch_and_keep_their_commits(store: BatchingStore) -> None:
+    import threading
+
+    seen: list[bytes | None] = []
+
+    def other() -> None:
+        seen.append(store.load_session(BOB1))  # never the batch's uncommitted state
+        commit(store, meta_put={"other": "yes"})
+
+    thread = threading.Thread(target=other)
+    with pytest.raises(RuntimeError), store.batch():
+        commit(store, sessions_put={BOB1: b"uncommitted"})
+        thread.start()
+        thread.join(0.2)
+        assert thread.is_alive()  # blocked until the batch ends
+        raise RuntimeError("roll the batch back")
+    thread.join(10)
+    assert not thread.is_alive()
+    assert seen == [None]
+    assert store.get_meta("other") == "yes"  # not rolled back with the batch
+    assert store.load_session(BOB1) is None
 
 
 # -- model-based: memory and SQLite agree on every read, step after step ----------------------
@@ -449,6 +531,10 @@ spoilers = st.sampled_from(
 )
 
 
+class _Abort(Exception):
+    """Raised inside a batch to roll it back."""
+
+
 class MemoryVersusSQLite(RuleBasedStateMachine):
     """The in-memory twin is the model; the SQLite store must read exactly the same."""
 
@@ -471,6 +557,17 @@ class MemoryVersusSQLite(RuleBasedStateMachine):
             with pytest.raises(StorageError):
                 store.commit(spoil(change))
         assert read_all(self.sqlite) == before
+
+    @rule(batch=st.lists(changes, min_size=1, max_size=3), fail=st.booleans())
+    def batch_both(self, batch: list[Changes], fail: bool) -> None:
+        with contextlib.suppress(_Abort), self.memory.batch(), self.sqlite.batch():
+            for change in batch:
+                self.memory.commit(change)
+                self.sqlite.commit(change)
+                # Reads inside the batch see its commits, the same way in both.
+                assert read_all(self.sqlite) == read_all(self.memory)
+            if fail:
+                raise _Abort
 
     @rule()
     def reopen(self) -> None:
