@@ -85,8 +85,11 @@ class Stats:
 class Conn:
     """One authenticated WebSocket of one load device."""
 
-    def __init__(self, signer: DeviceSigner, stats: Stats, ack: bool) -> None:
+    def __init__(
+        self, signer: DeviceSigner, stats: Stats, ack: bool, frame_auth: bool = False
+    ) -> None:
         self.signer = signer
+        self.frame_auth = frame_auth
         self.stats = stats
         self.ack = ack
         self.ws: aiohttp.ClientWebSocketResponse | None = None
@@ -97,9 +100,16 @@ class Conn:
 
     async def connect(self, session: aiohttp.ClientSession, url: str) -> None:
         headers = self.signer.sign_headers("GET", "/v1/ws")
-        self.ws = await session.ws_connect(
-            url + "/v1/ws", headers=headers, autoclose=False, autoping=True, max_msg_size=0
-        )
+        if self.frame_auth:  # docs/relay-api.md section 5: the same fields as the first frame
+            self.ws = await session.ws_connect(
+                url + "/v1/ws", autoclose=False, autoping=True, max_msg_size=0
+            )
+            doc = {k.removeprefix("X-Blindpost-").lower(): v for k, v in headers.items()}
+            await self.ws.send_str(json.dumps({"type": "auth", **doc}))
+        else:
+            self.ws = await session.ws_connect(
+                url + "/v1/ws", headers=headers, autoclose=False, autoping=True, max_msg_size=0
+            )
         self.reader = asyncio.ensure_future(self.read_loop())
         await asyncio.wait_for(self.live.wait(), CONNECT_TIMEOUT)
 
@@ -209,7 +219,8 @@ async def open_all(cfg: dict[str, Any], stats: Stats, ack: bool) -> list[Conn]:
             )
         )
     conns = [
-        Conn(device_signer(cfg["seed"], cfg["prefix"], i), stats, ack) for i in range(first, stop)
+        Conn(device_signer(cfg["seed"], cfg["prefix"], i), stats, ack, bool(cfg.get("frame_auth")))
+        for i in range(first, stop)
     ]
     sem = asyncio.Semaphore(int(cfg.get("connect_concurrency", 200)))
     failed: Counter[str] = Counter()
@@ -231,6 +242,9 @@ async def open_all(cfg: dict[str, Any], stats: Stats, ack: bool) -> list[Conn]:
     )
     cfg["_sessions"] = sessions
     return conns
+
+
+SEND_BURST = 200
 
 
 async def ack_loop(conns: list[Conn], stop: asyncio.Event) -> None:
@@ -259,7 +273,9 @@ async def traffic(cfg: dict[str, Any], conns: list[Conn], stats: Stats, t0: int)
         now = time.monotonic_ns()
         if now >= end:
             break
-        due = int((now - t0) * rate / 1e9) - sent
+        # At most SEND_BURST per round: a sender that fell behind (the relay pushes back on
+        # pipelined sends) must not catch up in one burst that starves this process's readers.
+        due = min(int((now - t0) * rate / 1e9) - sent, SEND_BURST)
         for _ in range(due):
             i = live[k % len(live)]
             k += 1

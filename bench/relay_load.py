@@ -13,6 +13,7 @@ Examples (the commands behind docs/performance-relay.md)::
     python bench/relay_load.py throughput --rate 10000 --duration 20
     python bench/relay_load.py latency --rate 5000 --duration 20
     python bench/relay_load.py idle-connections --connections 19900
+    python bench/relay_load.py idle-connections --connections 19900 --frame-auth
     python bench/relay_load.py group-fanout --recipients 1000 --messages 50
 """
 
@@ -451,6 +452,7 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
                     "prefix": prefix,
                     "mode": "idle",
                     "indices": [n, n + warm],
+                    "frame_auth": args.frame_auth,
                     "source_addrs": source_addrs(1),
                 }
             ],
@@ -473,6 +475,7 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
                 "indices": list(r),
                 "connect_concurrency": 100,
                 "source_addrs": addrs[i :: len(ranges)] or addrs,
+                "frame_auth": args.frame_auth,
             }
             for i, r in enumerate(ranges)
         ]
@@ -669,6 +672,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--source-addrs", type=int, default=4)
     sp.add_argument("--settle", type=float, default=5.0)
     sp.add_argument("--connect-timeout", type=float, default=300.0)
+    sp.add_argument(
+        "--frame-auth",
+        action="store_true",
+        help="authenticate by a first auth frame instead of upgrade headers (smaller request)",
+    )
     sp = sub.add_parser("group-fanout", help="1,000-recipient message accepted in <= 50 ms")
     sp.add_argument("--recipients", type=int, default=1000)
     sp.add_argument("--messages", type=int, default=50)

@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import importlib.resources
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -34,11 +34,12 @@ from relay.auth import (
 from relay.blobs import CHUNK_SIZE, BlobFiles
 from relay.config import RelayConfig
 from relay.errors import AuthError, BadRequest, NotFound, RelayError, TooLarge
+from relay.guard import request_started, response_finished
 from relay.hub import CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimiter
-from relay.store.base import Address, RelayStore
-from relay.store.sqlite import SqliteLimits, SqliteRelayStore
+from relay.store.base import Address, RelayStore, StoreLimits
+from relay.store.sqlite import SqliteRelayStore
 from relay.wire import (
     AUTH_KEY_LEN,
     RESERVED_USERNAMES,
@@ -119,12 +120,41 @@ class RelayState:
             AuthError: missing, stale, replayed or invalid signature.
         """
         sh = parse_signed_headers(request.headers)
-        now = self.clock.now_ms()
-        self.nonces.check_fresh(sh, now)
-        addr = Address(sh.user, sh.device)
+        self.nonces.check_fresh(sh, self.clock.now_ms())
         declared = body_digest_header(request.headers)
         if declared is not None and declared != body_sha256:
             raise AuthError("body does not match X-Blindpost-Content-SHA256", code="auth_invalid")
+        return await self.authenticate_signed(
+            sh, request.method, request.raw_path, body_sha256, register_key=register_key
+        )
+
+    async def authenticate_signed(
+        self,
+        sh: SignedHeaders,
+        method: str,
+        target: str,
+        body_sha256: str,
+        *,
+        register_key: bytes | None = None,
+    ) -> Address:
+        """Authenticate parsed auth fields (from headers or a WebSocket auth frame).
+
+        Args:
+            sh: the parsed, unverified auth fields.
+            method: request method that was signed.
+            target: raw request target that was signed.
+            body_sha256: hex SHA-256 of the body.
+            register_key: for registration, the auth key being registered.
+
+        Returns:
+            The authenticated device address.
+
+        Raises:
+            AuthError: stale, replayed or invalid signature, unknown device.
+        """
+        now = self.clock.now_ms()
+        self.nonces.check_fresh(sh, now)
+        addr = Address(sh.user, sh.device)
         if register_key is not None:
             key_bytes = register_key
         else:
@@ -132,17 +162,13 @@ class RelayState:
             if found is None:
                 raise AuthError("unknown device", code="auth_invalid")
             key_bytes = found
-        self._verify(key_bytes, sh, request, body_sha256)
+        verify_signature(key_bytes, sh, method, target, body_sha256)
         self.nonces.remember(sh, now)
         if register_key is None and addr not in self.keys:
             if len(self.keys) > 200_000:
                 self.keys.clear()
             self.keys[addr] = key_bytes
         return addr
-
-    @staticmethod
-    def _verify(key: bytes, sh: SignedHeaders, request: web.Request, digest: str) -> None:
-        verify_signature(key, sh, request.method, request.raw_path, digest)
 
     def spawn(self, coro: Awaitable[None]) -> None:
         """Run a background coroutine that is cancelled at shutdown."""
@@ -191,6 +217,7 @@ def json_errors(handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def wrapped(request: web.Request) -> web.StreamResponse:
+        request_started(request)  # the slowloris guard's clock stops: headers are complete
         try:
             resp = await handler(request)
         except RelayError as err:
@@ -210,6 +237,8 @@ def json_errors(handler: Handler) -> Handler:
             resp = web.json_response(
                 {"error": "internal_error", "message": "internal error"}, status=500
             )
+        finally:
+            response_finished(request)  # the next byte on this connection starts its clock
         request.app[STATE_KEY].metrics.http_responses[resp.status] += 1
         return resp
 
@@ -468,7 +497,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 def load_openapi() -> bytes:
     """Return the packaged OpenAPI document (relay/openapi.json)."""
-    return importlib.resources.files("relay").joinpath("openapi.json").read_bytes()
+    # Located next to this module, not through ``importlib.resources.files("relay")``: under
+    # pytest's rootdir imports the name ``relay`` can resolve to the tests/relay namespace.
+    return (Path(__file__).resolve().parent / "openapi.json").read_bytes()
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -522,7 +553,7 @@ def create_app(
     if store is None:
         store = SqliteRelayStore(
             config.data_dir / "relay.sqlite3",
-            SqliteLimits(
+            StoreLimits(
                 max_devices_per_user=config.max_devices_per_user,
                 max_one_time_prekeys=config.max_one_time_prekeys,
                 mailbox_max_messages=config.mailbox_max_messages,

@@ -51,6 +51,8 @@ SETTING_HELP: dict[str, str] = {
     "ws_max_frame_bytes": "max client WebSocket frame -> close 1009",
     "ws_max_outbound_bytes": "unsent bytes a WebSocket may hold longer than the grace period"
     " (or 8x at any time) -> close 4002",
+    "ws_max_inflight_sends": "SEND frames a WebSocket may have awaiting their commit; beyond it the"
+    " relay stops reading that socket until half are answered (back-pressure)",
     "ws_slow_grace_seconds": "how long a WebSocket may stay above ws_max_outbound_bytes",
     "ws_heartbeat_seconds": "ping interval (0 disables); no pong within half -> disconnect",
     "ws_idle_timeout_seconds": "nothing received for this long -> close 4004",
@@ -93,6 +95,7 @@ class RelayConfig:
     sweep_interval_seconds: float = 60.0
     ws_max_frame_bytes: int = 1024 * 1024
     ws_max_outbound_bytes: int = 1024 * 1024
+    ws_max_inflight_sends: int = 64
     ws_slow_grace_seconds: float = 2.0
     ws_heartbeat_seconds: float = 30.0
     ws_idle_timeout_seconds: float = 300.0
@@ -123,6 +126,7 @@ class RelayConfig:
             "max_message_bytes",
             "max_recipients",
             "ws_max_frame_bytes",
+            "ws_max_inflight_sends",
             "write_batch_max",
             "auth_window_seconds",
         ):

@@ -29,6 +29,7 @@ __all__ = [
     "CLOSE_IDLE",
     "CLOSE_REPLACED",
     "CLOSE_TOO_SLOW",
+    "CLOSE_UNAUTHENTICATED",
     "HARD_CAP_FACTOR",
     "Connection",
     "Hub",
@@ -42,6 +43,7 @@ CLOSE_REPLACED = 4001
 CLOSE_TOO_SLOW = 4002
 CLOSE_DEVICE_REMOVED = 4003
 CLOSE_IDLE = 4004
+CLOSE_UNAUTHENTICATED = 4401
 
 OPCODE_TEXT = 0x1
 OPCODE_BINARY = 0x2
@@ -69,12 +71,14 @@ class Connection:
         "closing",
         "drain",
         "inflight_acks",
+        "inflight_sends",
         "last_rx",
         "last_seq",
         "live",
         "over_since",
         "pending_max",
         "pinged",
+        "resume",
         "transport",
         "ws",
     )
@@ -91,6 +95,8 @@ class Connection:
         self.last_rx = 0.0
         self.pinged = False
         self.inflight_acks = 0
+        self.inflight_sends = 0
+        self.resume: asyncio.Future[None] | None = None  # set while reading is paused
         self.drain: asyncio.Task[None] | None = None
 
 

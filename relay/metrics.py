@@ -18,6 +18,9 @@ class Metrics:
     ws_connections: int = 0
     delivered: int = 0
     ws_slow_disconnects: int = 0
+    sends_in_flight: int = 0
+    sends_in_flight_peak: int = 0
+    ws_read_pauses: int = 0
     http_responses: Counter[int] = field(default_factory=Counter)
 
     def render(self, stats: StoreStats) -> str:
@@ -45,6 +48,16 @@ class Metrics:
             "# HELP blindpost_relay_ws_slow_disconnects_total Sockets closed for not reading.",
             "# TYPE blindpost_relay_ws_slow_disconnects_total counter",
             f"blindpost_relay_ws_slow_disconnects_total {self.ws_slow_disconnects}",
+            "# HELP blindpost_relay_sends_in_flight WebSocket sends waiting for their commit.",
+            "# TYPE blindpost_relay_sends_in_flight gauge",
+            f"blindpost_relay_sends_in_flight {self.sends_in_flight}",
+            "# HELP blindpost_relay_sends_in_flight_peak Highest sends_in_flight since start.",
+            "# TYPE blindpost_relay_sends_in_flight_peak gauge",
+            f"blindpost_relay_sends_in_flight_peak {self.sends_in_flight_peak}",
+            "# HELP blindpost_relay_ws_read_pauses_total Times a socket was not read because"
+            " it had ws_max_inflight_sends sends waiting (back-pressure).",
+            "# TYPE blindpost_relay_ws_read_pauses_total counter",
+            f"blindpost_relay_ws_read_pauses_total {self.ws_read_pauses}",
             "# HELP blindpost_relay_blob_bytes Bytes of stored blobs.",
             "# TYPE blindpost_relay_blob_bytes gauge",
             f"blindpost_relay_blob_bytes {stats.blob_bytes}",

@@ -1,8 +1,8 @@
 # Invariants: the listening socket is closed before anything else on shutdown; WebSockets are
 # closed with 1001; in-flight requests get ``shutdown_timeout_seconds``; the store's cleanup
-# commits every write already submitted before the process exits. A connection that has not
-# delivered complete request headers within ``header_timeout_seconds`` is aborted.
-"""Run the relay: listening socket, slow-header guard, signals and graceful shutdown."""
+# commits every write already submitted before the process exits. Every accepted connection
+# is wrapped in relay.guard.HeaderTimeoutProtocol (slowloris guard).
+"""Run the relay: listening socket, signals and graceful shutdown."""
 
 from __future__ import annotations
 
@@ -16,78 +16,11 @@ from aiohttp import web
 
 from relay.app import STATE_KEY, create_app
 from relay.config import RelayConfig
+from relay.guard import HeaderTimeoutProtocol
 
-__all__ = ["HeaderTimeoutProtocol", "serve"]
+__all__ = ["serve"]
 
 log = logging.getLogger("relay.server")
-
-ProtocolFactory = Callable[[], asyncio.BaseProtocol]
-
-
-class HeaderTimeoutProtocol(asyncio.Protocol):
-    """Wraps aiohttp's protocol and aborts connections whose first request headers are slow.
-
-    aiohttp has no header-read timeout, so a slowloris client could hold a connection forever by
-    trickling header bytes. This proxy arms a timer at accept time and disarms it once the
-    blank line ending the headers (``\\r\\n\\r\\n``) has arrived; every call is forwarded to
-    the wrapped protocol unchanged. Later requests on a keep-alive connection are bounded by
-    aiohttp's keep-alive timeout only.
-
-    Args:
-        inner: the aiohttp request handler protocol.
-        timeout: seconds allowed for the first request's headers.
-        loop: the running loop.
-    """
-
-    __slots__ = ("_inner", "_loop", "_tail", "_timeout", "_timer", "_transport")
-
-    def __init__(
-        self, inner: asyncio.Protocol, timeout: float, loop: asyncio.AbstractEventLoop
-    ) -> None:
-        self._inner = inner
-        self._timeout = timeout
-        self._loop = loop
-        self._timer: asyncio.TimerHandle | None = None
-        self._tail = b""
-        self._transport: asyncio.BaseTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        if self._timeout > 0:
-            self._timer = self._loop.call_later(self._timeout, self._expired)
-        self._inner.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self._timer is not None:
-            buf = self._tail + data
-            if b"\r\n\r\n" in buf:
-                self._timer.cancel()
-                self._timer = None
-                self._tail = b""
-            else:
-                self._tail = buf[-3:]
-        self._inner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._inner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._inner.resume_writing()
-
-    def _expired(self) -> None:
-        self._timer = None
-        if isinstance(self._transport, asyncio.Transport):
-            log.info("closing connection: request headers not received in %.1fs", self._timeout)
-            self._transport.abort()
 
 
 async def serve(

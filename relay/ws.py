@@ -4,6 +4,9 @@
 #   between the final "nothing newer is pending" check and setting ``live``, so no committed
 #   message can fall between the backlog and the live stream.
 # * Messages leave a mailbox only by ack; a disconnect at any point loses nothing.
+# * Back-pressure: a socket has at most ``ws_max_inflight_sends`` SENDs waiting for their commit;
+#   at the bound the handler stops reading it until half of them are answered (ack frames have
+#   their own bound, ``_MAX_INFLIGHT_ACKS``), so pipelining cannot grow relay memory.
 # * Steady state costs one aiohttp handler task per socket and no timers; the backlog drain
 #   runs in a short-lived task only while a backlog is being sent.
 """The ``GET /v1/ws`` handler: authenticated delivery, sends and acks over one socket."""
@@ -20,10 +23,19 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from relay.app import STATE_KEY, RelayState, json_error
-from relay.auth import EMPTY_SHA256
-from relay.errors import BadRequest, RelayError
-from relay.hub import Connection
-from relay.store.base import SendReceipt
+from relay.auth import (
+    EMPTY_SHA256,
+    H_DEVICE,
+    H_NONCE,
+    H_SIGNATURE,
+    H_TIMESTAMP,
+    H_USER,
+    parse_signed_headers,
+)
+from relay.errors import AuthError, BadRequest, RelayError
+from relay.guard import HeaderTimeoutProtocol
+from relay.hub import CLOSE_UNAUTHENTICATED, Connection
+from relay.store.base import Address, SendReceipt
 from relay.wire import OP_SEND, b64e, decode_send, encode_deliver, parse_ack_ids
 
 __all__ = ["websocket_handler"]
@@ -35,30 +47,53 @@ _PAGE_BYTES = 1024 * 1024
 _EMPTY_FRAME = '{"type":"empty"}'
 _MAX_DRAIN_PAGES = 1_000_000
 _MAX_INFLIGHT_ACKS = 16
+_AUTH_FIELDS = (
+    ("user", H_USER),
+    ("device", H_DEVICE),
+    ("timestamp", H_TIMESTAMP),
+    ("nonce", H_NONCE),
+    ("signature", H_SIGNATURE),
+)
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
-    """Authenticate (401 before the upgrade), then serve the delivery protocol."""
+    """Authenticate (401 before the upgrade, or by a first auth frame), then serve the delivery
+    protocol."""
     st = request.app[STATE_KEY]
     cfg = st.config
-    try:
-        addr = await st.authenticate(request, EMPTY_SHA256)
-    except RelayError as err:
-        st.metrics.http_responses[err.status] += 1
-        return json_error(err)
-    transport = request.transport
-    if transport is None:
-        raise ConnectionResetError("connection lost before upgrade")
-    # Heartbeat and idle timeout are enforced by the hub's single liveness sweep rather than
-    # by per-socket timers: no timer objects per idle socket.
     ws = web.WebSocketResponse(
-        heartbeat=None,
-        receive_timeout=None,
+        heartbeat=None,  # heartbeat and idle timeout: the hub's single liveness sweep, so
+        receive_timeout=None,  # there are no timer objects per idle socket
         max_msg_size=cfg.ws_max_frame_bytes,
         compress=False,
         autoping=False,
     )
+    addr: Address | None = None
+    # Without auth headers a WebSocket upgrade authenticates by its first frame; any other
+    # request gets the usual 401.
+    if H_USER in request.headers or not ws.can_prepare(request).ok:
+        try:
+            addr = await st.authenticate(request, EMPTY_SHA256)
+        except RelayError as err:
+            st.metrics.http_responses[err.status] += 1
+            return json_error(err)
+    transport = request.transport
+    if transport is None:
+        raise ConnectionResetError("connection lost before upgrade")
     await ws.prepare(request)
+    # Upgraded: no more HTTP requests on this connection, so the header-timeout proxy steps out
+    # of the data path (one call and one object less per frame and per socket).
+    HeaderTimeoutProtocol.unwrap(transport)
+    # aiohttp keeps the upgrade request alive for the socket's life (its handler task holds
+    # it); its memo of derived values (URL, host, path strings...) is not needed any more.
+    # A private attribute, hence the guard: on an aiohttp without it this does nothing.
+    memo = getattr(request, "_cache", None)
+    if isinstance(memo, dict):
+        memo.clear()
+    if addr is None:
+        addr = await _frame_auth(st, ws)
+        if addr is None:
+            return ws
     conn = Connection(addr, ws, transport)
     conn.last_rx = asyncio.get_running_loop().time()
     st.hub.attach(conn)
@@ -78,6 +113,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     drain.add_done_callback(partial(_drained, conn))
     del drain
     loop = asyncio.get_running_loop()
+    max_inflight = cfg.ws_max_inflight_sends
     try:
         while True:
             msg = await ws.receive()
@@ -86,6 +122,8 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             kind = msg.type
             if kind == WSMsgType.BINARY:
                 _on_binary(st, conn, msg.data)
+                if conn.inflight_sends >= max_inflight:
+                    await _wait_for_commits(st, conn)
             elif kind == WSMsgType.TEXT:
                 await _on_text(st, conn, msg.data)
             elif kind == WSMsgType.PING:
@@ -104,6 +142,62 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         conn.closing = True
         log.info("ws closed user=%s device=%d code=%s", addr.user, addr.device, ws.close_code)
     return ws
+
+
+async def _wait_for_commits(st: RelayState, conn: Connection) -> None:
+    """Back-pressure: stop reading this socket until half of its pending sends are answered.
+
+    While nothing calls ``receive()``, aiohttp's frame queue fills and then pauses reading the
+    transport, so the kernel's receive buffer and finally the client's send buffer fill: a client
+    that pipelines faster than the store commits is slowed down, and costs at most
+    ``ws_max_inflight_sends`` queued sends plus aiohttp's bounded read buffer.
+    """
+    st.metrics.ws_read_pauses += 1
+    resume: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    conn.resume = resume
+    try:
+        await resume
+    finally:
+        conn.resume = None
+
+
+async def _frame_auth(st: RelayState, ws: web.WebSocketResponse) -> Address | None:
+    """Authenticate by the first frame of an upgrade that carried no auth headers.
+
+    The frame is ``{"type":"auth", "user", "device", "timestamp", "nonce", "signature"}``: the
+    values of the auth headers, signed exactly as a header-authenticated ``GET /v1/ws`` (docs/
+    relay-api.md section 5). It must arrive within ``header_timeout_seconds``; anything else
+    closes the socket with 4401 (nothing is read before the auth frame is verified).
+
+    Returns:
+        The device address, or None after closing the socket.
+    """
+    timeout = st.config.header_timeout_seconds or st.config.auth_window_seconds
+    try:
+        msg = await asyncio.wait_for(ws.receive(), timeout)
+        if msg.type != WSMsgType.TEXT:
+            raise AuthError("the first frame must be the auth frame", code="auth_missing")
+        try:
+            doc = json.loads(msg.data)
+        except (ValueError, RecursionError) as exc:
+            raise AuthError("auth frame is not valid JSON", code="auth_missing") from exc
+        if not isinstance(doc, dict) or doc.get("type") != "auth":
+            raise AuthError("the first frame must be the auth frame", code="auth_missing")
+        fields = {
+            header: str(doc[key]) if isinstance(doc.get(key), str | int) else ""
+            for key, header in _AUTH_FIELDS
+        }
+        sh = parse_signed_headers(fields)
+        return await st.authenticate_signed(sh, "GET", "/v1/ws", EMPTY_SHA256)
+    except TimeoutError:
+        reason = "no auth frame in time"
+    except RelayError as err:
+        reason = err.code
+    st.metrics.http_responses[401] += 1
+    log.info("ws auth failed: %s", reason)
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.close(code=CLOSE_UNAUTHENTICATED, message=reason.encode())
+    return None
 
 
 def _drained(conn: Connection, task: asyncio.Task[None]) -> None:
@@ -153,6 +247,11 @@ def _on_binary(st: RelayState, conn: Connection, data: bytes) -> None:
     except RelayError as err:
         _send_result_error(st, conn, mid, err)
         return
+    conn.inflight_sends += 1
+    metrics = st.metrics
+    metrics.sends_in_flight += 1
+    if metrics.sends_in_flight > metrics.sends_in_flight_peak:
+        metrics.sends_in_flight_peak = metrics.sends_in_flight
     fut.add_done_callback(partial(_send_done, st, conn, env.message_id))
 
 
@@ -171,6 +270,15 @@ def _send_result_error(
 def _send_done(
     st: RelayState, conn: Connection, mid: bytes, fut: asyncio.Future[SendReceipt]
 ) -> None:
+    conn.inflight_sends -= 1
+    st.metrics.sends_in_flight -= 1
+    resume = conn.resume
+    if (
+        resume is not None
+        and conn.inflight_sends <= st.config.ws_max_inflight_sends // 2
+        and not resume.done()
+    ):
+        resume.set_result(None)
     if fut.cancelled():
         return
     exc = fut.exception()
@@ -205,25 +313,27 @@ async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
         return
     # Acks do not hold up the socket's reading (sends behind them keep flowing) unless too many
     # are already waiting for a commit: then this socket waits, which bounds its memory.
-    task = asyncio.ensure_future(st.store.ack(conn.addr, ids))
-    st.background.add(task)  # a strong reference until it is done
+    try:
+        fut = st.store.submit_ack(conn.addr, ids)
+    except RelayError as err:  # the store is closing
+        _error_frame(st, conn, err)
+        return
     conn.inflight_acks += 1
-    task.add_done_callback(partial(_ack_done, st, conn, ref))
+    fut.add_done_callback(partial(_ack_done, st, conn, ref))
     if conn.inflight_acks > _MAX_INFLIGHT_ACKS:
         with contextlib.suppress(Exception):
-            await task
+            await fut
 
 
-def _ack_done(st: RelayState, conn: Connection, ref: str | None, task: asyncio.Task[int]) -> None:
+def _ack_done(st: RelayState, conn: Connection, ref: str | None, fut: asyncio.Future[int]) -> None:
     conn.inflight_acks -= 1
-    st.background.discard(task)
-    if task.cancelled():
+    if fut.cancelled():
         return
-    exc = task.exception()
+    exc = fut.exception()
     if isinstance(exc, RelayError):
         _error_frame(st, conn, exc)
     elif exc is not None:
         log.error("ack failed with %s", type(exc).__name__)
         _error_frame(st, conn, RelayError("internal error"))
     elif ref is not None:
-        st.hub.write_text(conn, json.dumps({"type": "acked", "ref": ref, "count": task.result()}))
+        st.hub.write_text(conn, json.dumps({"type": "acked", "ref": ref, "count": fut.result()}))

@@ -23,6 +23,7 @@ __all__ = [
     "RelayStore",
     "SendReceipt",
     "SignedPrekey",
+    "StoreLimits",
     "StoreStats",
     "StoredMessage",
     "SweepReport",
@@ -143,6 +144,20 @@ class SweepReport:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """Quotas and retention every backend enforces (``write_batch_max``: batching backends)."""
+
+    max_devices_per_user: int = 127
+    max_one_time_prekeys: int = 1000
+    mailbox_max_messages: int = 10_000
+    mailbox_max_bytes: int = 256 * 1024 * 1024
+    message_ttl_ms: int = 30 * 86400 * 1000
+    blob_ttl_ms: int = 30 * 86400 * 1000
+    dedupe_window_ms: int = 86400 * 1000
+    write_batch_max: int = 2000
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     """Cheap counters for /metrics."""
 
@@ -235,6 +250,13 @@ class RelayStore(Protocol):
 
     async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
         """Remove acknowledged messages from the device's own mailbox; return rows removed."""
+
+    def submit_ack(self, addr: Address, message_ids: Sequence[bytes]) -> asyncio.Future[int]:
+        """``ack`` as a future that resolves after commit (no task per ack on the hot path).
+
+        Raises (through the future):
+            StorageError.
+        """
 
     async def fetch_mailbox(
         self, addr: Address, after_seq: int, limit: int, max_bytes: int

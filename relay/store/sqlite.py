@@ -2,8 +2,11 @@
 # * One writer thread owns the only write connection. Concurrent write requests are queued and
 #   committed together in one transaction (group commit); each caller's future resolves only
 #   after COMMIT returned with synchronous=FULL in WAL mode, i.e. after fsync.
-# * The writer's in-memory caches (directory, mailbox quotas, sequence counters) are exact
-#   because no other connection writes; any unexpected failure clears them (they reload lazily).
+# * The writer's in-memory caches (directory, mailbox quotas, sequence counters) are exact while
+#   no other connection writes; each batch starts, under the write lock, by checking
+#   ``PRAGMA data_version`` and reloading them if another writer (another process sharing the
+#   file) committed since, so seqs stay increasing in commit order across writers. Any
+#   unexpected failure clears them too (they reload lazily).
 # * A write operation validates everything before its first statement that changes data, so a
 #   typed error (409, 507, ...) leaves the batch's transaction untouched. Sends defer their
 #   INSERTs to one executemany per table per batch; every other operation, and COMMIT, first
@@ -31,8 +34,6 @@ from typing import Any, TypeVar
 from relay.errors import (
     BadRequest,
     Conflict,
-    MailboxFull,
-    MismatchedDevices,
     NotFound,
     RelayError,
     StorageError,
@@ -49,11 +50,13 @@ from relay.store.base import (
     SendReceipt,
     SignedPrekey,
     StoredMessage,
+    StoreLimits,
     StoreStats,
     SweepReport,
 )
+from relay.store.rules import check_quota, resolve_recipients
 
-__all__ = ["SCHEMA_VERSION", "SqliteLimits", "SqliteRelayStore"]
+__all__ = ["SCHEMA_VERSION", "SqliteRelayStore"]
 
 log = logging.getLogger("relay.store")
 
@@ -102,20 +105,6 @@ _DROP_BODY_IF_DONE = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class SqliteLimits:
-    """Quotas and retention enforced by the store."""
-
-    max_devices_per_user: int = 127
-    max_one_time_prekeys: int = 1000
-    mailbox_max_messages: int = 10_000
-    mailbox_max_bytes: int = 256 * 1024 * 1024
-    message_ttl_ms: int = 30 * 86400 * 1000
-    blob_ttl_ms: int = 30 * 86400 * 1000
-    dedupe_window_ms: int = 86400 * 1000
-    write_batch_max: int = 2000
-
-
 def _connect(path: Path, *, readonly: bool, cache_kib: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")
@@ -146,7 +135,7 @@ class _Op:
 class _WriterState:
     """Everything the writer thread owns: the connection and exact caches."""
 
-    def __init__(self, conn: sqlite3.Connection, limits: SqliteLimits) -> None:
+    def __init__(self, conn: sqlite3.Connection, limits: StoreLimits) -> None:
         self.conn = conn
         self.limits = limits
         self.users: dict[str, _UserEntry] = {}
@@ -164,6 +153,18 @@ class _WriterState:
         self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
         self.accepted = 0
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
+        self.data_version = self._data_version()
+
+    def _data_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def sync_with_other_writers(self) -> None:
+        """Inside a write transaction: drop the caches if another connection committed since
+        this one last looked (``PRAGMA data_version`` changes only for others' commits)."""
+        version = self._data_version()
+        if version != self.data_version:
+            self.data_version = version
+            self.reset_caches()
 
     def reset_caches(self) -> None:
         self.pending_msgs = []
@@ -198,6 +199,10 @@ class _WriterState:
             self.users.clear()
         self.users[username] = entry
         return entry
+
+    def _devices_of(self, username: str) -> dict[int, int] | None:
+        entry = self.user(username)
+        return None if entry is None else entry.devices
 
     def device_pk(self, addr: Address) -> int | None:
         entry = self.user(addr.user)
@@ -363,41 +368,12 @@ class _WriterState:
             if row[0] != sender.user or int(row[1]) != sender.device:
                 raise Conflict("message id used by another sender", code="message_id_conflict")
             return SendReceipt(env.message_id, int(row[2]), int(row[3]))
-        # Validate the device lists, user by user.
-        wanted: dict[str, set[int]] = {}
-        for r in env.recipients:
-            wanted.setdefault(r.user, set()).add(r.device)
-        unknown: list[str] = []
-        missing: dict[str, list[int]] = {}
-        stale: dict[str, list[int]] = {}
-        targets: list[tuple[Address, int]] = []
-        for user, devs in wanted.items():
-            entry = self.user(user)
-            if entry is None:
-                unknown.append(user)
-                continue
-            registered = set(entry.devices)
-            if user == sender.user:
-                registered.discard(sender.device)
-            if devs != registered:
-                if registered - devs:
-                    missing[user] = sorted(registered - devs)
-                if devs - registered:
-                    stale[user] = sorted(devs - registered)
-                continue
-            for d in devs:
-                targets.append((Address(user, d), entry.devices[d]))
-        if unknown or missing or stale:
-            raise MismatchedDevices(unknown, missing, stale)
+        targets = resolve_recipients(sender, env.recipients, self._devices_of)
         size = len(env.body)
         lim = self.limits
-        full = []
-        for addr, dev_pk in targets:
-            usage = self.mailbox_usage(dev_pk)
-            if usage[0] + 1 > lim.mailbox_max_messages or usage[1] + size > lim.mailbox_max_bytes:
-                full.append((addr.user, addr.device))
-        if full:
-            raise MailboxFull(sorted(full))
+        check_quota(
+            targets, self.mailbox_usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
+        )
         msg_pk = self.next_msg_pk
         # Rows are written by flush() with one executemany per table for the whole batch.
         self.pending_msgs.append(
@@ -570,9 +546,9 @@ class SqliteRelayStore:
         read_threads: size of the read connection pool.
     """
 
-    def __init__(self, path: Path, limits: SqliteLimits | None = None, read_threads: int = 2):
+    def __init__(self, path: Path, limits: StoreLimits | None = None, read_threads: int = 2):
         self._path = Path(path)
-        self._limits = limits or SqliteLimits()
+        self._limits = limits or StoreLimits()
         self._read_threads = read_threads
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -684,6 +660,7 @@ class SqliteRelayStore:
         acks: list[_Op] = []
         try:
             st.conn.execute("BEGIN IMMEDIATE")
+            st.sync_with_other_writers()
             st.prefetch_known([op.args[1].message_id for op in batch if op.kind == _SEND])
             for op in batch:
                 if op.kind == _ACK:
@@ -851,8 +828,12 @@ class SqliteRelayStore:
 
     async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
         """See ``RelayStore.ack``."""
+        return await self.submit_ack(addr, message_ids)
+
+    def submit_ack(self, addr: Address, message_ids: Sequence[bytes]) -> asyncio.Future[int]:
+        """See ``RelayStore.submit_ack``."""
         assert self._state is not None
-        return await self._submit(self._state.ack, addr, tuple(message_ids), kind=_ACK)
+        return self._submit(self._state.ack, addr, tuple(message_ids), kind=_ACK)
 
     async def fetch_mailbox(
         self, addr: Address, after_seq: int, limit: int, max_bytes: int

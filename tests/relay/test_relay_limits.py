@@ -90,10 +90,21 @@ async def test_heartbeat_drops_client_that_never_pongs(relay_factory, session) -
     await ok.close()
 
 
-def _slow_headers(port: int, interval: float, limit: float) -> tuple[bool, float]:
-    """Trickle header lines; return (closed_by_server, seconds until closed)."""
-    start = time.monotonic()
+def _slow_headers(
+    port: int, interval: float, limit: float, first: bytes = b""
+) -> tuple[bool, float]:
+    """Send ``first`` (complete requests) and read their responses, then trickle header lines;
+    return (closed_by_server, seconds from the first trickled byte until closed)."""
     with socket.create_connection(("127.0.0.1", port), timeout=limit) as sock:
+        if first:
+            sock.sendall(first)
+            got = b""
+            while got.count(b"HTTP/1.1 200") < first.count(b"GET "):
+                chunk = sock.recv(65536)
+                assert chunk, "closed before answering the keep-alive requests"
+                got += chunk
+            time.sleep(interval)  # idle between requests: that alone must not count
+        start = time.monotonic()
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         while time.monotonic() - start < limit:
             try:
@@ -115,6 +126,15 @@ async def test_slowloris_headers_are_cut_off(relay_factory, session) -> None:
     assert closed and 0.8 < took < 3.0
     async with session.get(relay.url + "/healthz") as resp:  # normal clients unaffected
         assert resp.status == 200
+
+
+async def test_slowloris_on_a_later_keepalive_request_is_cut_off(relay_factory) -> None:
+    relay = relay_factory({"header_timeout_seconds": "1"})
+    # Two quick requests on one keep-alive connection, a pause longer than the header timeout
+    # (idle keep-alive is not slowloris), then a third request whose headers trickle.
+    quick = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2
+    closed, took = await asyncio.to_thread(_slow_headers, relay.port, 1.3, 6.0, quick)
+    assert closed and 0.8 < took < 3.0
 
 
 async def test_registration_and_send_rate_limits(relay_factory, session) -> None:
@@ -213,4 +233,51 @@ async def test_slow_reader_is_disconnected_4002_and_others_unaffected(
     r = await client.read(slow, limit=1000)
     assert len(json.loads(r.body)["messages"]) >= 1
     for ws in (ws_slow, ws_fast, ws_a):
+        await ws.close()
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"metric {name} missing")
+
+
+async def test_pipelined_sends_are_back_pressured(relay_factory, session) -> None:
+    """A client that pipelines far more sends than the store commits at once never has more
+    than ws_max_inflight_sends of them queued in the relay; every one is still answered, in
+    order, and delivered."""
+    relay = relay_factory({"ws_max_inflight_sends": "4", "send_burst": "100000"})
+    client = RelayClient(relay.url, session)
+    alice = await client.new_device()
+    bob = await client.new_device()
+    ws_a = await client.ws(alice)
+    await drain_until_empty(ws_a)
+    n = 1500
+    mids = [new_mid() for _ in range(n)]
+    frames = [encode_send(Envelope(m, (bob.addr,), b"p" * 200)) for m in mids]
+
+    async def pipeline() -> None:
+        for f in frames:  # no waiting for answers: the relay must push back on its own
+            await ws_a.send_bytes(f)
+
+    async def answers() -> list[str]:
+        got = []
+        for _ in range(n):
+            res = await next_frame(ws_a, timeout=30)
+            assert res["type"] == "send_result" and res["status"] == 200, res
+            got.append(res["id"])
+        return got
+
+    _, answered = await asyncio.wait_for(asyncio.gather(pipeline(), answers()), 60)
+    assert answered == [b64(m) for m in mids]
+    async with session.get(relay.url + "/metrics") as resp:
+        text = await resp.text()
+    assert 1 <= _metric(text, "blindpost_relay_sends_in_flight_peak") <= 4
+    assert _metric(text, "blindpost_relay_ws_read_pauses_total") >= 1
+    assert _metric(text, "blindpost_relay_sends_in_flight") == 0
+    ws_b = await client.ws(bob)
+    got = await drain_until_empty(ws_b, timeout=30)
+    assert [m.message_id for m in got[:n]] == mids
+    for ws in (ws_a, ws_b):
         await ws.close()

@@ -1,4 +1,5 @@
-"""The SQLite store in-process with a fixed clock: retention, tombstones, quotas, restart."""
+"""RelayStore conformance, run against every backend (SQLite and the in-memory twin) with a
+fixed clock: retention, tombstones, quotas, batching, restart."""
 
 from __future__ import annotations
 
@@ -11,31 +12,36 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from relay_testclient import Device, RelayClient
+from store_backends import BACKENDS, Backend
 
 from relay.app import STATE_KEY, Clock, create_app, sweep_once
 from relay.config import RelayConfig
 from relay.errors import MailboxFull, MismatchedDevices
-from relay.store.base import Address, Delivery, Envelope
-from relay.store.sqlite import SqliteLimits, SqliteRelayStore
+from relay.store.base import Address, Delivery, Envelope, RelayStore, StoreLimits
+from relay.store.sqlite import SqliteRelayStore
 
 DAY = 86_400_000
 A = Address("alice", 1)
 B = Address("bob", 1)
 
 
+LIMITS = StoreLimits(
+    message_ttl_ms=30 * DAY,
+    blob_ttl_ms=30 * DAY,
+    dedupe_window_ms=DAY,
+    mailbox_max_messages=5,
+    mailbox_max_bytes=1000,
+)
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return request.param  # type: ignore[no-any-return]
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteRelayStore]:
-    s = SqliteRelayStore(
-        tmp_path / "db.sqlite3",
-        SqliteLimits(
-            message_ttl_ms=30 * DAY,
-            blob_ttl_ms=30 * DAY,
-            dedupe_window_ms=DAY,
-            mailbox_max_messages=5,
-            mailbox_max_bytes=1000,
-        ),
-    )
-    await s.open()
+async def store(backend: Backend, tmp_path: Path) -> AsyncIterator[RelayStore]:
+    s = await backend.open(tmp_path, LIMITS)
     await s.create_account(A, b"a" * 32, 0)
     await s.create_account(B, b"b" * 32, 0)
     yield s
@@ -46,7 +52,7 @@ def env(body: bytes = b"x", to: Address = B) -> Envelope:
     return Envelope(os.urandom(16), (to,), body)
 
 
-async def test_unacked_messages_expire_after_ttl(store: SqliteRelayStore) -> None:
+async def test_unacked_messages_expire_after_ttl(store: RelayStore) -> None:
     e = env()
     await store.submit_send(A, e, 0)
     assert (await store.sweep(30 * DAY - 1)).messages == 0
@@ -56,7 +62,7 @@ async def test_unacked_messages_expire_after_ttl(store: SqliteRelayStore) -> Non
     assert store.stats().queued == 0
 
 
-async def test_tombstone_dedupes_until_window_then_goes(store: SqliteRelayStore) -> None:
+async def test_tombstone_dedupes_until_window_then_goes(store: RelayStore) -> None:
     e = env()
     first = await store.submit_send(A, e, 0)
     assert await store.ack(B, [e.message_id]) == 1
@@ -67,7 +73,7 @@ async def test_tombstone_dedupes_until_window_then_goes(store: SqliteRelayStore)
     assert again.stored_at == DAY + 2 and await store.mailbox_count(B) == 1
 
 
-async def test_quota_counts_and_bytes(store: SqliteRelayStore) -> None:
+async def test_quota_counts_and_bytes(store: RelayStore) -> None:
     for _ in range(5):
         await store.submit_send(A, env(), 0)
     with pytest.raises(MailboxFull):
@@ -80,7 +86,7 @@ async def test_quota_counts_and_bytes(store: SqliteRelayStore) -> None:
 
 
 async def test_failed_send_changes_nothing_and_batch_neighbours_commit(
-    store: SqliteRelayStore,
+    store: RelayStore,
 ) -> None:
     delivered: list[Delivery] = []
     store.set_delivery_listener(delivered.extend)
@@ -93,16 +99,12 @@ async def test_failed_send_changes_nothing_and_batch_neighbours_commit(
     assert len(delivered) == 4 and await store.mailbox_count(B) == 4
 
 
-async def test_reopen_keeps_state_and_seq(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite3"
-    s = SqliteRelayStore(path)
-    await s.open()
+async def test_reopen_keeps_state_and_seq(backend: Backend, tmp_path: Path) -> None:
+    s = await backend.open(tmp_path)
     await s.create_account(A, b"a" * 32, 0)
     await s.create_account(B, b"b" * 32, 0)
     await s.submit_send(A, env(), 0)
-    await s.close()
-    s2 = SqliteRelayStore(path)
-    await s2.open()
+    s2 = await backend.restart(s, tmp_path)
     try:
         await s2.submit_send(A, env(), 0)
         seqs = [m.seq for m in await s2.fetch_mailbox(B, 0, 10, 10**6)]
@@ -120,12 +122,13 @@ class FixedClock(Clock):
         return self.now
 
 
-async def test_sweeper_deletes_expired_blob_files(tmp_path: Path) -> None:
+async def test_sweeper_deletes_expired_blob_files(backend: Backend, tmp_path: Path) -> None:
     clock = FixedClock()
     cfg = RelayConfig(
         data_dir=tmp_path, sweep_interval_seconds=0, blob_ttl_seconds=10, auth_window_seconds=10**9
     )
-    app: web.Application = create_app(cfg, clock=clock)
+    store = backend.make(tmp_path, StoreLimits(blob_ttl_ms=10_000))
+    app: web.Application = create_app(cfg, clock=clock, store=store)
     async with TestClient(TestServer(app)) as tc:
         client = RelayClient(str(tc.make_url("")).rstrip("/"), tc.session)
         dev = Device("blobber")
@@ -141,7 +144,7 @@ async def test_sweeper_deletes_expired_blob_files(tmp_path: Path) -> None:
         assert app[STATE_KEY].store.stats().blob_bytes == 0
 
 
-async def test_same_id_twice_in_one_batch_is_stored_once(store: SqliteRelayStore) -> None:
+async def test_same_id_twice_in_one_batch_is_stored_once(store: RelayStore) -> None:
     e = env()
     other_sender = Envelope(e.message_id, (A,), b"y")
     first, second, clash = await asyncio.gather(
@@ -153,3 +156,34 @@ async def test_same_id_twice_in_one_batch_is_stored_once(store: SqliteRelayStore
     assert first == second and first.stored_at == 5  # type: ignore[union-attr]
     assert getattr(clash, "code", None) == "message_id_conflict"
     assert await store.mailbox_count(B) == 1 and await store.mailbox_count(A) == 0
+
+
+async def test_two_sqlite_writers_on_one_file_stay_consistent(tmp_path: Path) -> None:
+    """Two stores (as two relay processes would) sharing one database: each sees the other's
+    commits in its caches: seqs keep increasing, quotas count both, devices and dedupe agree."""
+    path = tmp_path / "db.sqlite3"
+    lim = StoreLimits(mailbox_max_messages=3)
+    one, two = SqliteRelayStore(path, lim), SqliteRelayStore(path, lim)
+    await one.open()
+    await two.open()
+    try:
+        await one.create_account(A, b"a" * 32, 0)
+        await one.create_account(B, b"b" * 32, 0)
+        first = env()
+        await one.submit_send(A, first, 1)  # fills one's caches for B
+        await two.submit_send(A, env(), 2)
+        await one.submit_send(A, env(), 3)
+        with pytest.raises(MailboxFull):  # one's quota cache saw two's message
+            await two.submit_send(A, env(), 4)
+        with pytest.raises(MailboxFull):
+            await one.submit_send(A, env(), 4)
+        assert (await two.submit_send(A, first, 5)).stored_at == 1  # deduplicated across
+        seqs = [m.seq for m in await two.fetch_mailbox(B, 0, 10, 10**6)]
+        assert len(seqs) == 3 and seqs == sorted(set(seqs))
+        await two.add_device(Address("bob", 2), b"c" * 32, 6)
+        assert await one.ack(B, [first.message_id]) == 1
+        with pytest.raises(MismatchedDevices):  # one's directory cache saw the new device
+            await one.submit_send(A, env(), 7)
+    finally:
+        await one.close()
+        await two.close()

@@ -1,4 +1,5 @@
-"""Hypothesis stateful test of the SQLite store against a plain model.
+"""Hypothesis stateful test of every RelayStore backend (SQLite, in-memory twin) against a plain
+model.
 
 Random batches of concurrent sends (with reused message ids, from several senders), acks,
 reads and restarts; after every step each mailbox must hold exactly the model's messages, in
@@ -17,10 +18,10 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from store_backends import BACKENDS, Backend
 
 from relay.errors import Conflict, RelayError
 from relay.store.base import Address, Envelope
-from relay.store.sqlite import SqliteRelayStore
 
 USERS = {"alice": [1], "bob": [1, 2], "carol": [1]}
 DEVICES = [Address(u, d) for u, ds in USERS.items() for d in ds]
@@ -28,11 +29,13 @@ MIDS = [bytes([i]) * 16 for i in range(12)]
 
 
 class StoreMachine(RuleBasedStateMachine):
+    backend: Backend
+
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.dir = Path(tempfile.mkdtemp(prefix="relay-stateful-"))
-        self.store = self._open()
+        self.store = self.run(self.backend.open(self.dir))
         for addr in DEVICES:
             if addr.device == 1:
                 self.run(self.store.create_account(addr, b"k" * 32, 0))
@@ -42,11 +45,6 @@ class StoreMachine(RuleBasedStateMachine):
         self.receipts: dict[bytes, object] = {}
         self.mailbox: dict[Address, list[tuple[bytes, bytes]]] = {a: [] for a in DEVICES}
         self.clock = 1
-
-    def _open(self) -> SqliteRelayStore:
-        store = SqliteRelayStore(self.dir / "db.sqlite3")
-        self.loop.run_until_complete(store.open())
-        return store
 
     def run(self, coro):  # type: ignore[no-untyped-def]
         return self.loop.run_until_complete(coro)
@@ -114,8 +112,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
-        self.run(self.store.close())
-        self.store = self._open()
+        self.store = self.run(self.backend.restart(self.store, self.dir))
 
     @invariant()
     def mailboxes_match(self) -> None:
@@ -133,7 +130,7 @@ class StoreMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-StoreMachine.TestCase.settings = settings(
+SETTINGS = settings(
     max_examples=25,
     stateful_step_count=20,
     deadline=None,
@@ -142,4 +139,13 @@ StoreMachine.TestCase.settings = settings(
     # No explain phase: its tracing makes shrinking a failure take minutes.
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
 )
-TestStoreMachine = StoreMachine.TestCase
+
+
+def _machine(backend: Backend) -> type[StoreMachine]:
+    cls = type(f"StoreMachine_{backend.name}", (StoreMachine,), {"backend": backend})
+    cls.TestCase.settings = SETTINGS
+    return cls
+
+
+TestSqliteStoreMachine = _machine(BACKENDS[0]).TestCase
+TestMemoryStoreMachine = _machine(BACKENDS[1]).TestCase

@@ -7,7 +7,7 @@ import itertools
 import json
 
 import aiohttp
-from relay_testclient import RelayClient, b64, drain_until_empty, new_mid, next_frame
+from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_mid, next_frame
 
 from relay.store.base import Address, Envelope
 from relay.wire import encode_send
@@ -183,3 +183,67 @@ async def test_hint_is_first_even_if_client_talks_first_and_deep_json_is_an_erro
     await ws.close()
     r = await client.request(bob, "POST", "/v1/messages/ack", data=b"[" * 100_000)
     assert r.status == 400 and r.json()["error"] == "invalid_request"
+
+
+def _auth_frame(client: RelayClient, dev: Device, **override: object) -> str:
+    """The signed upgrade headers as a first-frame auth document (docs/relay-api.md 5)."""
+    headers = client.sign(dev, "GET", "/v1/ws")
+    doc: dict[str, object] = {"type": "auth"}
+    doc.update({k.removeprefix("X-Blindpost-").lower(): v for k, v in headers.items()})
+    doc.update(override)
+    return json.dumps(doc)
+
+
+async def _bare_ws(client: RelayClient) -> aiohttp.ClientWebSocketResponse:
+    return await client.session.ws_connect(client.base + "/v1/ws", autoclose=False)
+
+
+async def test_first_frame_auth_delivers_like_header_auth(client: RelayClient) -> None:
+    alice = await client.new_device()
+    bob = await client.new_device()
+    waiting = new_mid()
+    assert (await client.send(alice, [bob], b"queued", waiting)).status == 200
+    ws = await _bare_ws(client)
+    await ws.send_str(_auth_frame(client, bob))
+    backlog = await drain_until_empty(ws)
+    assert [m.message_id for m in backlog] == [waiting]
+    live = new_mid()
+    assert (await client.send(alice, [bob], b"live", live)).status == 200
+    assert (await next_frame(ws)).message_id == live
+    await ws.close()
+
+
+async def test_first_frame_auth_refuses_bad_replayed_or_missing_auth(client: RelayClient) -> None:
+    dev = await client.new_device()
+    other = await client.new_device()
+    good = _auth_frame(client, dev)
+    cases = [
+        _auth_frame(client, dev, signature=json.loads(_auth_frame(client, other))["signature"]),
+        _auth_frame(client, dev, user=other.user),
+        '{"type":"ack","ids":[]}',
+        "not json",
+    ]
+    for frame in cases:
+        ws = await _bare_ws(client)
+        await ws.send_str(frame)
+        msg = await ws.receive(timeout=5)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401, (frame, msg)
+        await ws.close()
+    ws = await _bare_ws(client)
+    await ws.send_str(good)
+    assert (await next_frame(ws))["type"] == "hint"
+    await ws.close()
+    replay = await _bare_ws(client)
+    await replay.send_str(good)  # the same nonce again
+    msg = await replay.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401
+    await replay.close()
+
+
+async def test_no_auth_frame_in_time_closes_4401(relay_factory, session) -> None:
+    relay = relay_factory({"header_timeout_seconds": "1"})
+    client = RelayClient(relay.url, session)
+    ws = await _bare_ws(client)
+    msg = await ws.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401
+    await ws.close()

@@ -1,0 +1,369 @@
+# Invariants:
+# * Same contract as SqliteRelayStore (one conformance suite runs against both): every write is
+#   validated completely (relay.store.rules) before anything changes, so a failed write changed
+#   nothing; futures resolve before the delivery listener runs, in commit order.
+# * "Durable" means "in this object": data survives close()/open() of the same instance (a
+#   restart in tests) and is lost with the object. For tests and for trying the relay; not for
+#   production (docs/architecture.md).
+# * Only opaque bytes are kept, as in every backend.
+"""In-memory twin of the relay store: ``MemoryRelayStore``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from relay.errors import BadRequest, Conflict, NotFound, RelayError, StorageError
+from relay.store.base import (
+    Address,
+    Delivery,
+    DeliveryListener,
+    DeviceBundle,
+    DeviceInfo,
+    Envelope,
+    KeyUpload,
+    OneTimePrekey,
+    SendReceipt,
+    SignedPrekey,
+    StoredMessage,
+    StoreLimits,
+    StoreStats,
+    SweepReport,
+)
+from relay.store.rules import check_quota, resolve_recipients
+
+__all__ = ["MemoryRelayStore"]
+
+_SWEEP_CHUNK = 5000
+
+
+@dataclass(slots=True)
+class _Device:
+    auth_key: bytes
+    created_ms: int
+    registration_id: int | None = None
+    identity_key: bytes | None = None
+    signed_prekey: SignedPrekey | None = None
+    otpks: dict[int, bytes] = field(default_factory=dict)
+    mailbox: dict[int, bytes] = field(default_factory=dict)  # seq -> message id, seq order
+    seq_of: dict[bytes, int] = field(default_factory=dict)  # message id -> seq
+    usage: list[int] = field(default_factory=lambda: [0, 0])  # [count, bytes]
+
+
+@dataclass(slots=True)
+class _Message:
+    message_id: bytes
+    sender: Address
+    stored_ms: int
+    n_recipients: int
+    body: bytes | None  # None once every recipient acked: a dedupe tombstone
+    holders: set[Address] = field(default_factory=set)
+
+
+class MemoryRelayStore:
+    """``RelayStore`` held in dicts, for tests and experiments.
+
+    Args:
+        limits: quotas and retention (``write_batch_max`` is ignored: nothing is batched).
+    """
+
+    def __init__(self, limits: StoreLimits | None = None) -> None:
+        self._limits = limits or StoreLimits()
+        self._users: dict[str, dict[int, _Device]] = {}
+        self._messages: dict[bytes, _Message] = {}
+        self._blobs: dict[str, tuple[int, int]] = {}  # id -> (size, stored_ms)
+        self._seq = 0
+        self._queued = 0
+        self._accepted = 0
+        self._blob_bytes = 0
+        self._listener: DeliveryListener | None = None
+        self._open = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def set_delivery_listener(self, listener: DeliveryListener | None) -> None:
+        """See ``RelayStore.set_delivery_listener``."""
+        self._listener = listener
+
+    async def open(self) -> None:
+        """See ``RelayStore.open`` (reopening keeps the data)."""
+        self._open = True
+
+    async def close(self) -> None:
+        """See ``RelayStore.close``."""
+        self._open = False
+
+    def stats(self) -> StoreStats:
+        """See ``RelayStore.stats``."""
+        return StoreStats(self._queued, self._accepted, self._blob_bytes)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise StorageError("store is closed")
+
+    def _device(self, addr: Address) -> _Device | None:
+        devices = self._users.get(addr.user)
+        return None if devices is None else devices.get(addr.device)
+
+    # -- accounts ------------------------------------------------------------------------
+
+    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        """See ``RelayStore.create_account``."""
+        self._check_open()
+        if addr.user in self._users:
+            raise Conflict("username is taken", code="username_taken")
+        self._users[addr.user] = {addr.device: _Device(auth_key, now_ms)}
+
+    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        """See ``RelayStore.add_device``."""
+        self._check_open()
+        devices = self._users.get(addr.user)
+        if devices is None:
+            raise NotFound("unknown user", code="unknown_user")
+        if addr.device in devices:
+            raise Conflict("device id already registered", code="device_exists")
+        if len(devices) >= self._limits.max_devices_per_user:
+            raise Conflict("too many devices", code="too_many_devices")
+        devices[addr.device] = _Device(auth_key, now_ms)
+
+    async def list_devices(self, user: str) -> list[DeviceInfo]:
+        """See ``RelayStore.list_devices``."""
+        self._check_open()
+        devices = self._users.get(user, {})
+        return [
+            DeviceInfo(dev_id, d.created_ms, d.signed_prekey is not None)
+            for dev_id, d in sorted(devices.items())
+        ]
+
+    async def remove_device(self, addr: Address) -> None:
+        """See ``RelayStore.remove_device``."""
+        self._check_open()
+        dev = self._device(addr)
+        if dev is None:
+            raise NotFound("unknown device", code="unknown_device")
+        self._drop_entries(addr, dev, list(dev.mailbox.values()))
+        del self._users[addr.user][addr.device]
+
+    async def auth_key(self, addr: Address) -> bytes | None:
+        """See ``RelayStore.auth_key``."""
+        self._check_open()
+        dev = self._device(addr)
+        return None if dev is None else dev.auth_key
+
+    # -- keys ----------------------------------------------------------------------------
+
+    async def upload_keys(self, addr: Address, upload: KeyUpload) -> int:
+        """See ``RelayStore.upload_keys``."""
+        self._check_open()
+        dev = self._device(addr)
+        if dev is None:
+            raise NotFound("unknown device", code="unknown_device")
+        if dev.identity_key is not None and dev.identity_key != upload.identity_key:
+            raise Conflict("a different identity key is registered", code="identity_mismatch")
+        if dev.signed_prekey is None and upload.signed_prekey is None:
+            raise BadRequest("the first upload must include signed_prekey")
+        new_ids = {k.id for k in upload.one_time_prekeys}
+        total = len(dev.otpks) + len(new_ids - set(dev.otpks))
+        if total > self._limits.max_one_time_prekeys:
+            raise Conflict("too many one-time prekeys stored", code="prekey_pool_full")
+        dev.identity_key = upload.identity_key
+        dev.registration_id = upload.registration_id
+        if upload.signed_prekey is not None:
+            dev.signed_prekey = upload.signed_prekey
+        for k in upload.one_time_prekeys:
+            dev.otpks[k.id] = k.public_key
+        return total
+
+    async def prekey_count(self, addr: Address) -> int:
+        """See ``RelayStore.prekey_count``."""
+        self._check_open()
+        dev = self._device(addr)
+        return 0 if dev is None else len(dev.otpks)
+
+    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+        """See ``RelayStore.fetch_bundles``."""
+        self._check_open()
+        devices = self._users.get(user)
+        if devices is None:
+            raise NotFound("unknown user", code="unknown_user")
+        if device is not None:
+            targets = [(device, devices[device])] if device in devices else []
+        else:
+            targets = sorted(devices.items())
+        bundles: list[DeviceBundle] = []
+        for dev_id, dev in targets:
+            spk = dev.signed_prekey
+            if dev.identity_key is None or spk is None:
+                continue
+            otpk = None
+            if dev.otpks:
+                key_id = min(dev.otpks)
+                otpk = OneTimePrekey(key_id, dev.otpks.pop(key_id))
+            bundles.append(
+                DeviceBundle(dev_id, dev.registration_id or 0, dev.identity_key, spk, otpk)
+            )
+        if device is not None and not bundles:
+            raise NotFound("unknown device or no keys uploaded", code="unknown_device")
+        return bundles
+
+    # -- messages ------------------------------------------------------------------------
+
+    def submit_send(
+        self, sender: Address, envelope: Envelope, now_ms: int
+    ) -> asyncio.Future[SendReceipt]:
+        """See ``RelayStore.submit_send``."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[SendReceipt] = loop.create_future()
+        try:
+            receipt, deliveries = self._send(sender, envelope, now_ms)
+        except RelayError as exc:  # MismatchedDevices, Conflict, MailboxFull
+            fut.set_exception(exc)
+            return fut
+        fut.set_result(receipt)
+        if deliveries and self._listener is not None:
+            loop.call_soon(self._deliver, deliveries)  # after the future's callbacks
+        return fut
+
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        if self._listener is not None:
+            self._listener(deliveries)
+
+    def _send(
+        self, sender: Address, env: Envelope, now_ms: int
+    ) -> tuple[SendReceipt, list[Delivery]]:
+        known = self._messages.get(env.message_id)
+        if known is not None:
+            if known.sender != sender:
+                raise Conflict("message id used by another sender", code="message_id_conflict")
+            return SendReceipt(env.message_id, known.n_recipients, known.stored_ms), []
+        targets = resolve_recipients(sender, env.recipients, self._users.get)
+        size = len(env.body)
+        lim = self._limits
+        check_quota(
+            targets, lambda d: d.usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
+        )
+        msg = _Message(env.message_id, sender, now_ms, len(targets), env.body)
+        self._messages[env.message_id] = msg
+        deliveries = []
+        for addr, dev in targets:
+            self._seq += 1
+            dev.mailbox[self._seq] = env.message_id
+            dev.seq_of[env.message_id] = self._seq
+            msg.holders.add(addr)
+            dev.usage[0] += 1
+            dev.usage[1] += size
+            stored = StoredMessage(self._seq, env.message_id, sender, now_ms, env.body)
+            deliveries.append(Delivery(addr, stored))
+        self._queued += len(targets)
+        self._accepted += 1
+        return SendReceipt(env.message_id, len(targets), now_ms), deliveries
+
+    def _drop_entries(self, addr: Address, dev: _Device, message_ids: Sequence[bytes]) -> int:
+        """Remove mailbox entries (ack, device removal, expiry); drop bodies nobody holds."""
+        removed = 0
+        for mid in message_ids:
+            seq = dev.seq_of.pop(mid, None)
+            if seq is None:
+                continue
+            del dev.mailbox[seq]
+            removed += 1
+            msg = self._messages[mid]
+            dev.usage[0] -= 1
+            dev.usage[1] -= len(msg.body or b"")
+            msg.holders.discard(addr)
+            if not msg.holders:
+                msg.body = None
+        self._queued -= removed
+        return removed
+
+    async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
+        """See ``RelayStore.ack``."""
+        self._check_open()
+        dev = self._device(addr)
+        if dev is None:
+            return 0
+        return self._drop_entries(addr, dev, list(dict.fromkeys(message_ids)))
+
+    def submit_ack(self, addr: Address, message_ids: Sequence[bytes]) -> asyncio.Future[int]:
+        """See ``RelayStore.submit_ack``."""
+        self._check_open()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        dev = self._device(addr)
+        unique = list(dict.fromkeys(message_ids))
+        fut.set_result(0 if dev is None else self._drop_entries(addr, dev, unique))
+        return fut
+
+    async def fetch_mailbox(
+        self, addr: Address, after_seq: int, limit: int, max_bytes: int
+    ) -> list[StoredMessage]:
+        """See ``RelayStore.fetch_mailbox``."""
+        self._check_open()
+        dev = self._device(addr)
+        out: list[StoredMessage] = []
+        if dev is None:
+            return out
+        total = 0
+        for seq, mid in dev.mailbox.items():
+            if seq <= after_seq:
+                continue
+            if len(out) >= limit:
+                break
+            msg = self._messages[mid]
+            body = msg.body or b""
+            if out and total + len(body) > max_bytes:
+                break
+            total += len(body)
+            out.append(StoredMessage(seq, mid, msg.sender, msg.stored_ms, body))
+        return out
+
+    async def mailbox_count(self, addr: Address) -> int:
+        """See ``RelayStore.mailbox_count``."""
+        self._check_open()
+        dev = self._device(addr)
+        return 0 if dev is None else len(dev.mailbox)
+
+    # -- blobs and retention -------------------------------------------------------------
+
+    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+        """See ``RelayStore.put_blob``."""
+        self._check_open()
+        old = self._blobs.get(blob_id)
+        self._blobs[blob_id] = (size if old is None else old[0], now_ms)
+        if old is None:
+            self._blob_bytes += size
+        return old is None
+
+    async def blob_exists(self, blob_id: str) -> bool:
+        """See ``RelayStore.blob_exists``."""
+        self._check_open()
+        return blob_id in self._blobs
+
+    async def sweep(self, now_ms: int) -> SweepReport:
+        """See ``RelayStore.sweep`` (the same bounded chunks as the SQLite store)."""
+        self._check_open()
+        lim = self._limits
+        cutoff = now_ms - lim.message_ttl_ms
+        expired = sorted(
+            (m for m in self._messages.values() if m.stored_ms < cutoff),
+            key=lambda m: m.stored_ms,
+        )[:_SWEEP_CHUNK]
+        for msg in expired:
+            for holder in list(msg.holders):
+                dev = self._device(holder)
+                if dev is not None:
+                    self._drop_entries(holder, dev, [msg.message_id])
+            del self._messages[msg.message_id]
+        tomb_cutoff = now_ms - lim.dedupe_window_ms
+        tombs = [
+            mid for mid, m in self._messages.items() if m.body is None and m.stored_ms < tomb_cutoff
+        ][:_SWEEP_CHUNK]
+        for mid in tombs:
+            del self._messages[mid]
+        blob_cutoff = now_ms - lim.blob_ttl_ms
+        blobs = [b for b, (_, stored) in self._blobs.items() if stored < blob_cutoff]
+        blobs = blobs[:_SWEEP_CHUNK]
+        for blob_id in blobs:
+            self._blob_bytes -= self._blobs.pop(blob_id)[0]
+        return SweepReport(len(expired), tuple(blobs))
