@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ from e2ee.events import (
     ReceiptUpdated,
     Typing,
 )
+from e2ee.history import ChatSummary as SdkChatSummary
 from e2ee.history import StoredMessage, direct_chat_id, group_chat_id
 from e2ee.qr import qr_terminal
 from e2ee.store.sealing import KdfLimits
@@ -73,8 +76,6 @@ __all__ = [
 DEFAULT_RELAY_URL = "http://127.0.0.1:8080"
 #: Messages per history page (the newest page is what opening a chat shows).
 PAGE_SIZE = 60
-# Unread counts are exact up to this many messages back; beyond it the list shows "N+".
-_UNREAD_SCAN = 200
 
 Progress = Callable[[int, int], None]
 
@@ -130,7 +131,6 @@ class ChatSummary:
     kind: Literal["direct", "group"]
     title: str
     unread: int
-    unread_capped: bool
     last_text: str
     last_at: int | None
 
@@ -286,6 +286,8 @@ class Backend(Protocol):
         self, message_id: str, destination: Path, progress: Progress | None
     ) -> Path: ...
 
+    async def attachment_bytes(self, message_id: str, limit: int) -> bytes: ...
+
     async def create_group(self, name: str, members: Sequence[str]) -> str: ...
 
     async def group_info(self, chat_id: str) -> GroupInfo | None: ...
@@ -325,6 +327,14 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path.home() / ".local" / "share" / "blindpost"
 
 
+def _read_bounded(path: Path, limit: int) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path.name} is larger than {limit} bytes")
+    return data
+
+
 def account_exists(data_dir: Path) -> bool:
     """True if ``data_dir`` holds an account database."""
     return (data_dir / DB_FILE).exists()
@@ -353,7 +363,6 @@ class Messenger:
     def __init__(self, client: Client, relay_url: str) -> None:
         self._client = client
         self._relay_url = relay_url
-        self._held: set[str] = set()
         # Updates are read from one SDK subscription taken at construction, so
         # nothing emitted between start() and the first updates() call is lost.
         self._events = client.events()
@@ -427,8 +436,7 @@ class Messenger:
             raise PassphraseRequired(str(exc)) from exc
         except E2EEError as exc:
             raise BackendError(str(exc)) from exc
-        # The SDK keeps the relay URL in its store but does not expose it (NOTES-tui.md).
-        return cls(client, "")
+        return cls(client, client.relay_url)
 
     async def start(self) -> None:
         """Connect to the relay (in the background; returns at once)."""
@@ -501,15 +509,9 @@ class Messenger:
         group = self._client.history.group(chat_id[len("group:") :])
         return str(group["name"]) if group and group.get("name") else "group"
 
-    def _summary(self, chat_id: str, kind: str, last_at: int | None) -> ChatSummary:
-        # History has no unread counter or last-message column (NOTES-tui.md), so both
-        # come from the newest page; that keeps it O(page) even for huge chats.
-        page = self._client.history.messages(chat_id, limit=_UNREAD_SCAN)
-        unread = sum(1 for m in page if not m.outgoing and m.read_at is None and _counts(m))
-        capped = unread == len(page) == _UNREAD_SCAN
-        shown = [m for m in page if m.type in ("text", "attachment")]
-        last = shown[-1] if shown else None
-        if last is None:
+    def _summary(self, found: SdkChatSummary) -> ChatSummary:
+        chat, last = found.chat, found.last_message
+        if last is None or last.type not in ("text", "attachment"):
             text = ""
         elif last.deleted:
             text = "message deleted"
@@ -517,42 +519,43 @@ class Messenger:
             text = "📎 " + (last.text or "attachment")
         else:
             text = last.text or ""
-        if last is not None and last.outgoing:
+        if last is not None and last.outgoing and text:
             text = "you: " + text
         return ChatSummary(
-            chat_id=chat_id,
-            kind="group" if kind == "group" else "direct",
-            title=self._title(chat_id),
-            unread=unread,
-            unread_capped=capped,
+            chat_id=chat.id,
+            kind="group" if chat.kind == "group" else "direct",
+            title=self._title(chat.id),
+            unread=found.unread,
             last_text=text.replace("\n", " "),
-            last_at=last_at,
+            last_at=chat.last_message_at,
         )
+
+    def _summaries(self) -> list[ChatSummary]:
+        # One query for every chat's unread count and newest message (the SDK's
+        # chat_summaries); groups we left are not listed.
+        out = []
+        for found in self._client.history.chat_summaries():
+            chat = found.chat
+            if chat.kind == "group" and chat.group_id:
+                group = self._client.history.group(chat.group_id)
+                if group is not None and not group["member"]:
+                    continue
+            out.append(self._summary(found))
+        return out
 
     async def chats(self) -> list[ChatSummary]:
         """Every chat, most recently active first."""
-
-        def read() -> list[ChatSummary]:
-            out = []
-            for chat in self._client.history.chats():
-                if chat.kind == "group" and chat.group_id:
-                    group = self._client.history.group(chat.group_id)
-                    if group is not None and not group["member"]:
-                        continue
-                out.append(self._summary(chat.id, chat.kind, chat.last_message_at))
-            return out
-
-        return await asyncio.to_thread(read)
+        return await asyncio.to_thread(self._summaries)
 
     async def chat_summary(self, chat_id: str) -> ChatSummary:
         """One chat's row (also for a chat with no history yet)."""
 
         def read() -> ChatSummary:
-            for chat in self._client.history.chats():
-                if chat.id == chat_id:
-                    return self._summary(chat.id, chat.kind, chat.last_message_at)
-            kind = "direct" if chat_id.startswith("dm:") else "group"
-            return self._summary(chat_id, kind, None)
+            for found in self._client.history.chat_summaries():
+                if found.chat.id == chat_id:
+                    return self._summary(found)
+            kind: Literal["direct", "group"] = "direct" if chat_id.startswith("dm:") else "group"
+            return ChatSummary(chat_id, kind, self._title(chat_id), 0, "", None)
 
         return await asyncio.to_thread(read)
 
@@ -590,11 +593,10 @@ class Messenger:
     async def queued_count(self) -> int:
         """Messages composed but not yet accepted by the relay (receipts left out)."""
 
-        def read() -> int:
-            entries = self._client.history.pending_outbox()
-            return sum(1 for e in entries if e["mode"] != "receipt" and e["kind"] != "typing")
-
-        return await asyncio.to_thread(read)
+        try:
+            return await self._client.queued_count()
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
 
     # -- sending ------------------------------------------------------------------------
 
@@ -671,6 +673,33 @@ class Messenger:
             )
         except (E2EEError, OSError) as exc:
             raise BackendError(f"could not save the attachment: {exc}") from exc
+
+    async def attachment_bytes(self, message_id: str, limit: int) -> bytes:
+        """The decrypted content of an attachment of at most ``limit`` bytes (for previews).
+
+        A saved copy (``local_path``) is read if it is still there; otherwise the
+        attachment is downloaded and decrypted into a private temporary folder that is
+        removed before returning, so no plaintext copy is left on disk.
+
+        Raises:
+            BackendError: no such attachment, larger than ``limit``, download or
+                decryption failed.
+        """
+        found = await self.message(message_id)
+        if found is None or found.attachment is None:
+            raise BackendError("that message has no attachment")
+        if found.attachment.size > limit:
+            raise BackendError("the attachment is too large to preview")
+        saved = found.attachment.local_path
+        if saved:
+            with contextlib.suppress(OSError):
+                return await asyncio.to_thread(_read_bounded, Path(saved), limit)
+        with tempfile.TemporaryDirectory(prefix="blindpost-preview-") as folder:
+            try:
+                path = await self._client.download_attachment(message_id, Path(folder) / "file")
+                return await asyncio.to_thread(_read_bounded, path, limit)
+            except (E2EEError, OSError) as exc:
+                raise BackendError(f"could not fetch the attachment: {exc}") from exc
 
     # -- groups -------------------------------------------------------------------------
 
@@ -756,11 +785,13 @@ class Messenger:
             await self._client.accept_identity(user, verified=verified)
         except E2EEError as exc:
             raise BackendError(str(exc)) from exc
-        self._held.discard(user)
 
     async def held_users(self) -> set[str]:
-        """Contacts whose changed key holds our messages until accepted."""
-        return set(self._held)
+        """Contacts whose changed key holds our messages until accepted (also after a restart)."""
+        try:
+            return await self._client.held_users()
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
 
     # -- updates ------------------------------------------------------------------------
 
@@ -795,8 +826,6 @@ class Messenger:
                 }[action]
                 return ChatUpdated(group_chat_id(gid), text)
             case IdentityChanged(user=user, held=held, first_use=first_use):
-                if held:
-                    self._held.add(user)
                 return KeyChanged(user, direct_chat_id(user), held, first_use)
             case ConnectionStateChanged(state=state, retry_in=retry_in):
                 if state == "closed":
@@ -809,10 +838,6 @@ class Messenger:
                 chat_id = group_chat_id(gid) if gid else direct_chat_id(user)
                 return Notice(chat_id, f"a message from {user} could not be read: {explanation}")
         return None
-
-
-def _counts(m: StoredMessage) -> bool:
-    return m.type in ("text", "attachment")
 
 
 class Opener:

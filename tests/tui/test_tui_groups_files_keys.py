@@ -104,6 +104,19 @@ async def test_create_a_group_talk_in_it_and_rename_it(
         assert removed.members == ("alice", "bob")
         await until(pilot, lambda: members.option_count == 2)
 
+        # Leave: bob is told, the group leaves the chat list and the conversation.
+        group_id = screen.chat_id
+        assert group_id is not None
+        info.query_one("#group-leave-btn").press()
+        left = await next_event(
+            bob_events, lambda e: isinstance(e, GroupChanged) and e.action == "leave"
+        )
+        assert left.by == "alice"
+        await until(pilot, lambda: isinstance(app.screen, MainScreen))
+        await until(pilot, lambda: screen.chat_list.get(group_id) is None)
+        assert screen.chat_id is None and not listed.messages()
+        assert "You left the group" in str(screen.query_one("#chat-title").render())
+
 
 async def test_attach_a_file_with_progress_and_save_a_received_one(
     tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any, tmp_path: Path
@@ -181,6 +194,13 @@ async def test_key_change_banner_holds_sending_until_accepted(
         screen = await _main(pilot)
         screen.open_chat(direct_chat_id("bob"))
         await _send(pilot, screen, "hello?")
+        banner = screen.query_one(KeyBanner)
+        await until(pilot, lambda: banner.display and banner.user == "bob")
+    # After a restart the SDK still holds bob's key: the banner comes back.
+    app = BlindpostApp(opener=tui_opener("alice", strict_trust=True))
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _main(pilot)
+        screen.open_chat(direct_chat_id("bob"))
         banner = screen.query_one(KeyBanner)
         await until(pilot, lambda: banner.display and banner.user == "bob")
         text = str(banner.query_one("#key-banner-text").render())

@@ -9,14 +9,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tui_harness import next_event, until
+from textual.widgets import OptionList
+from tui_harness import next_event, type_text, until
 
 from e2ee.client import Client
 from e2ee.events import MessageReceived, ReceiptUpdated
 from e2ee.history import direct_chat_id
 from tui_client.adapter import Opener
 from tui_client.app import BlindpostApp
-from tui_client.screens.dialogs import PromptScreen, ReactScreen
+from tui_client.screens.dialogs import PromptScreen, ReactScreen, SearchScreen
 from tui_client.screens.main import MainScreen
 from tui_client.widgets.chat_list import ChatList
 from tui_client.widgets.conversation import ComposeArea, MessageList
@@ -250,3 +251,31 @@ async def test_connection_indicator_counts_queued_messages_while_offline(
         await until(pilot, lambda: listed.messages()[-1].status in ("sent", "delivered"))
         await until(pilot, lambda: indicator.queued == 0)
         assert str(indicator.render()) == "● connected"
+
+
+async def test_search_across_the_history_and_open_the_result(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: isinstance(app.screen, MainScreen))
+        screen = await _open_chat_with(pilot, "carol")
+        await bob.send_text("alice", "the pineapple plan is on")
+        await carol.send_text("alice", "nothing to see here")
+        await bob.send_text("alice", "and lunch at noon")
+        await until(pilot, lambda: "nothing to see here" in _shown(screen))
+        await until(pilot, lambda: screen.chat_list.get(direct_chat_id("bob")))
+        await pilot.press("ctrl+f")
+        await until(pilot, lambda: isinstance(app.screen, SearchScreen))
+        dialog = app.screen
+        await type_text(pilot, "pineapple")
+        results = dialog.query_one("#search-results", OptionList)
+        await until(pilot, lambda: results.option_count == 1)
+        assert "bob: the pineapple plan is on" in str(results.get_option_at_index(0).prompt)
+        await pilot.press("enter")  # from the input to the results
+        await pilot.press("enter")  # open the highlighted result
+        await until(pilot, lambda: isinstance(app.screen, MainScreen))
+        await until(pilot, lambda: screen.chat_id == direct_chat_id("bob"))
+        await until(pilot, lambda: "the pineapple plan is on" in _shown(screen))

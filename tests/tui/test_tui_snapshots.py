@@ -6,10 +6,12 @@ and review the SVGs under ``tests/tui/__snapshots__``.
 
 from __future__ import annotations
 
+import io
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, ImageDraw
 from tui_fakes import FakeBackend, fixed_clock
 
 from tui_client.adapter import KeyChanged, Opener, TypingChanged
@@ -97,3 +99,34 @@ def test_new_group_dialog(snap_compare: Any) -> None:
         await _settle(pilot)
 
     assert snap_compare(_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def _sunset_png() -> bytes:
+    """A small drawn picture: a sky gradient, a sun and the sea."""
+    im = Image.new("RGB", (96, 48))
+    draw = ImageDraw.Draw(im)
+    for y in range(32):
+        draw.line([(0, y), (95, y)], fill=(40 + y * 6, 60 + y * 3, 160 - y * 3))
+    draw.ellipse([36, 16, 60, 40], fill=(250, 200, 40))
+    draw.rectangle([0, 32, 95, 47], fill=(20, 70, 140))
+    out = io.BytesIO()
+    im.save(out, "PNG")
+    return out.getvalue()
+
+
+def test_conversation_with_an_image_preview_and_a_corrupt_image(snap_compare: Any) -> None:
+    backend = FakeBackend()
+    picture = _sunset_png()
+    backend.add_image("dm:erin", "sunset.png", picture)
+    backend.add_image("dm:erin", "broken.png", picture[:120])
+
+    async def run_before(pilot: Any) -> None:
+        screen = await _open(pilot, "dm:erin")
+        listed = screen.query_one(MessageList)
+        for _ in range(200):  # the previews are decoded in a worker: at most 10 s
+            if all(listed.preview(m.id) is not None for m in listed.messages() if m.attachment):
+                break
+            await pilot.pause(0.05)
+        await _settle(pilot)
+
+    assert snap_compare(_app(backend), terminal_size=(80, 30), run_before=run_before)

@@ -123,6 +123,7 @@ class FakeBackend:
         self._updates.put_nowait(ConnectionChanged(connected, queued))  # type: ignore[arg-type]
         self._next = 1000
         self.verified: set[str] = set()
+        self.files: dict[str, bytes] = {}
 
     @property
     def username(self) -> str:
@@ -161,7 +162,6 @@ class FakeBackend:
             "group" if chat_id.startswith("group:") else "direct",
             self.titles.get(chat_id, chat_id[3:]),
             self.unread.get(chat_id, 0),
-            False,
             text,
             last.sent_at if last else None,
         )
@@ -232,6 +232,20 @@ class FakeBackend:
         self, message_id: str, destination: Path, progress: Progress | None
     ) -> Path:
         raise BackendError("the fake backend has no files")
+
+    async def attachment_bytes(self, message_id: str, limit: int) -> bytes:
+        if message_id not in self.files:
+            raise BackendError("the fake backend has no such file")
+        return self.files[message_id][:limit]
+
+    def add_image(self, chat_id: str, name: str, data: bytes) -> MessageView:
+        """Bob sends ``data`` as an image attachment in ``chat_id`` (one minute ago)."""
+        self._next += 1
+        info = AttachmentInfo(name, len(data), "image/png")
+        m = _m(self._next, chat_id, "bob", None, NOW_MS - MINUTE, attachment=info)
+        self.msgs.setdefault(chat_id, []).append(m)
+        self.files[m.id] = data
+        return m
 
     async def create_group(self, name: str, members: Sequence[str]) -> str:
         raise BackendError("the fake backend makes no groups")

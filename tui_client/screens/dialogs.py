@@ -411,7 +411,11 @@ class SearchScreen(ModalScreen[MessageView | None]):
 
     @on(Input.Submitted, "#search-input")
     def _to_results(self) -> None:
-        self.query_one("#search-results", OptionList).focus()
+        results = self.query_one("#search-results", OptionList)
+        results.focus()
+        # Enter again opens the best match, without an arrow key first.
+        if results.option_count and results.highlighted is None:
+            results.highlighted = 0
 
     @on(OptionList.OptionSelected, "#search-results")
     def _chosen(self, event: OptionList.OptionSelected) -> None:

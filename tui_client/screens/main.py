@@ -24,6 +24,7 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
@@ -59,7 +60,8 @@ from tui_client.screens.dialogs import (
     SearchScreen,
 )
 from tui_client.widgets.chat_list import ChatList
-from tui_client.widgets.conversation import ComposeArea, MessageList
+from tui_client.widgets.conversation import PREVIEW_COLS, PREVIEW_ROWS, ComposeArea, MessageList
+from tui_client.widgets.image_preview import MAX_BYTES, PreviewError, render_preview
 from tui_client.widgets.status import ConnectionIndicator, KeyBanner
 
 __all__ = [
@@ -92,9 +94,10 @@ class UpdateArrived(Message):
 class ChatsLoaded(Message):
     """The chat list was read."""
 
-    def __init__(self, chats: list[ChatSummary]) -> None:
+    def __init__(self, chats: list[ChatSummary], held: set[str] | None = None) -> None:
         super().__init__()
         self.chats = chats
+        self.held = held or set()
 
 
 class ChatRefreshed(Message):
@@ -140,6 +143,15 @@ class UploadProgress(Message):
         self.total = total
 
 
+class PreviewReady(Message):
+    """An image preview was drawn (``preview`` is a rendering or why there is none)."""
+
+    def __init__(self, message_id: str, preview: Text | str) -> None:
+        super().__init__()
+        self.message_id = message_id
+        self.preview = preview
+
+
 class KeyAccepted(Message):
     """A contact's new key was accepted."""
 
@@ -174,6 +186,8 @@ class MainScreen(Screen[None]):
         self._typing: dict[str, float] = {}
         self._key_changed: dict[str, bool] = {}
         self._incoming: list[MessageView] = []
+        # At most two previews are fetched and decoded at a time.
+        self._previewing = asyncio.Semaphore(2)
 
     # -- layout -------------------------------------------------------------------------
 
@@ -229,7 +243,12 @@ class MainScreen(Screen[None]):
 
     @work(group="chats", exclusive=True)
     async def _load_chats(self) -> None:
-        self.post_message(ChatsLoaded(await self.backend.chats()))
+        chats = await self.backend.chats()
+        try:
+            held = await self.backend.held_users()
+        except BackendError:
+            held = set()
+        self.post_message(ChatsLoaded(chats, held))
 
     @work(group="refresh")
     async def _refresh_chat(self, chat_id: str) -> None:
@@ -335,6 +354,21 @@ class MainScreen(Screen[None]):
             )
             await proc.wait()
 
+    @work(group="preview")
+    async def _preview(self, message_id: str) -> None:
+        async with self._previewing:
+            try:
+                data = await self.backend.attachment_bytes(message_id, MAX_BYTES)
+                # Decoding is CPU work on untrusted bytes: never on the UI thread.
+                preview: Text | str = await asyncio.to_thread(
+                    render_preview, data, PREVIEW_COLS, PREVIEW_ROWS
+                )
+            except BackendError as exc:
+                preview = str(exc)
+            except PreviewError as exc:
+                preview = f"{exc} (the file can still be saved)"
+        self.post_message(PreviewReady(message_id, preview))
+
     @work(group="group")
     async def _create_group(self, group: NewGroup) -> None:
         try:
@@ -361,6 +395,11 @@ class MainScreen(Screen[None]):
     def _chats_loaded(self, message: ChatsLoaded) -> None:
         self.chat_list.set_clock(self._clock())
         self.chat_list.set_chats(message.chats)
+        # Keys held from an earlier run (the SDK keeps them): the banner comes back.
+        for user in message.held - self._key_changed.keys():
+            self._key_changed[user] = True
+            if self.chat_id == f"dm:{user}":
+                self.query_one(KeyBanner).show_for(user, True)
 
     @on(ChatRefreshed)
     def _chat_refreshed(self, message: ChatRefreshed) -> None:
@@ -399,6 +438,10 @@ class MainScreen(Screen[None]):
             return
         bar.display = True
         bar.update(total=message.total, progress=message.done)
+
+    @on(PreviewReady)
+    def _preview_ready(self, message: PreviewReady) -> None:
+        self.messages.set_preview(message.message_id, message.preview)
 
     @on(KeyAccepted)
     def _key_accepted(self, message: KeyAccepted) -> None:
@@ -536,6 +579,10 @@ class MainScreen(Screen[None]):
     def _chat_chosen(self, message: ChatList.ChatChosen) -> None:
         self.open_chat(message.chat_id)
 
+    @on(MessageList.NeedPreview)
+    def _need_preview(self, message: MessageList.NeedPreview) -> None:
+        self._preview(message.message_id)
+
     @on(MessageList.NeedOlder)
     def _need_older(self, message: MessageList.NeedOlder) -> None:
         if message.chat_id == self.chat_id:
@@ -635,9 +682,7 @@ class MainScreen(Screen[None]):
                 return
             chat_id = f"dm:{user.lstrip('@')}"
             if self.chat_list.get(chat_id) is None:
-                self.chat_list.upsert(
-                    ChatSummary(chat_id, "direct", user.lstrip("@"), 0, False, "", None)
-                )
+                self.chat_list.upsert(ChatSummary(chat_id, "direct", user.lstrip("@"), 0, "", None))
             self.open_chat(chat_id)
 
         self.app.push_screen(PromptScreen("New chat with", placeholder="username"), start)

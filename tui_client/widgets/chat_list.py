@@ -121,7 +121,7 @@ class ChatList(Vertical):
         head.append(when, style=opts.get_component_rich_style("chat-options--time"))
         badge = ""
         if chat.unread:
-            badge = f" {chat.unread}{'+' if chat.unread_capped else ''} "
+            badge = f" {chat.unread} "
         preview_room = max(4, width - len(badge) - 1)
         preview = chat.last_text
         if len(preview) > preview_room:

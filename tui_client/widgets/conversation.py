@@ -8,6 +8,9 @@
 # * Day separators and notices are disabled options, so the cursor (the
 #   "selected message" that reply/react/edit/delete act on) only lands on messages.
 # * Colours come from component classes styled in app.tcss, not from code.
+# * Image previews are asked for (``NeedPreview``, once per message) when a row is
+#   first rendered and drawn when the screen hands them back (``set_preview``);
+#   the list itself never decodes or fetches anything.
 """Conversation widgets."""
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from tui_client.adapter import MessageView
 from tui_client.widgets.fmt import day_key, day_label, human_size, short_time, tick_for
+from tui_client.widgets.image_preview import is_previewable
 
 __all__ = ["ComposeArea", "MessageList"]
 
 _NOTICE_PREFIX = "notice:"
 _DAY_PREFIX = "day:"
+#: Size of an inline image preview, in cells (half blocks: two pixels per row).
+PREVIEW_COLS = 32
+PREVIEW_ROWS = 8
 
 
 class MessageList(OptionList):
@@ -48,6 +55,7 @@ class MessageList(OptionList):
         "message-list--system",
         "message-list--day",
         "message-list--notice",
+        "message-list--preview-note",
         "message-list--tick-pending",
         "message-list--tick-failed",
         "message-list--tick-sent",
@@ -72,6 +80,13 @@ class MessageList(OptionList):
             self.chat_id = chat_id
             self.before = before
 
+    class NeedPreview(Message):
+        """An image attachment is on screen without a preview yet."""
+
+        def __init__(self, message_id: str) -> None:
+            super().__init__()
+            self.message_id = message_id
+
     class Act(Message):
         """The user asked for an action on a message (reply, react, edit, ...)."""
 
@@ -95,6 +110,10 @@ class MessageList(OptionList):
         # prepend or a theme switch re-uses them instead of re-rendering every row.
         self._prompts: dict[str, Text] = {}
         self._styles: dict[str, Style] = {}
+        # Image previews (or the reason there is none) by message id; they survive
+        # switching chats, so each image is fetched and decoded once per session.
+        self._previews: dict[str, Text | str] = {}
+        self._preview_asked: set[str] = set()
 
     def on_mount(self) -> None:
         # Prompts carry resolved colours; a theme switch must re-render them.
@@ -187,6 +206,21 @@ class MessageList(OptionList):
             self.replace_option_prompt(message.id, self._cached_prompt(message))
         except OptionDoesNotExist:
             return
+
+    def set_preview(self, message_id: str, preview: Text | str) -> None:
+        """Show an image preview (a rendering, or a placeholder explaining its absence)."""
+        self._previews[message_id] = preview
+        found = self._by_id.get(message_id)
+        if found is not None:
+            at_end = self.highlighted is not None and self.highlighted >= self.option_count - 1
+            self.update_message(found)
+            if at_end:
+                # The row grew by the picture: keep the newest message in view.
+                self.call_after_refresh(self.scroll_to_highlight)
+
+    def preview(self, message_id: str) -> Text | str | None:
+        """The preview of a message's image, once it is known."""
+        return self._previews.get(message_id)
 
     def set_status(self, message_id: str, status: str) -> None:
         """A receipt arrived: re-render the ticks of one message."""
@@ -306,6 +340,8 @@ class MessageList(OptionList):
                 if a.local_path:
                     label += " saved"
                 lines.append(Text(label, style=self._style("attachment")))
+                if is_previewable(a.mime_type, a.size):
+                    lines.append(self._preview_lines(m.id))
             if m.text:
                 body = Text(m.text)
                 if m.edited:
@@ -319,6 +355,17 @@ class MessageList(OptionList):
                 )
             )
         return Text("\n").join(lines)
+
+    def _preview_lines(self, message_id: str) -> Text:
+        preview = self._previews.get(message_id)
+        if isinstance(preview, Text):
+            return preview
+        if preview is not None:
+            return Text(f"▨ no preview: {preview}", style=self._style("preview-note"))
+        if message_id not in self._preview_asked:
+            self._preview_asked.add(message_id)
+            self.post_message(self.NeedPreview(message_id))
+        return Text("▨ loading preview…", style=self._style("preview-note"))
 
     # -- interaction --------------------------------------------------------------------
 
