@@ -11,6 +11,7 @@ import hashlib
 from typing import Final
 
 __all__ = [
+    "AUTH_FRAME_FIELDS",
     "AUTH_VERSION",
     "EMPTY_SHA256",
     "H_CONTENT_SHA256",
@@ -30,6 +31,16 @@ H_TIMESTAMP: Final = "X-Blindpost-Timestamp"
 H_NONCE: Final = "X-Blindpost-Nonce"
 H_SIGNATURE: Final = "X-Blindpost-Signature"
 H_CONTENT_SHA256: Final = "X-Blindpost-Content-SHA256"
+#: The WebSocket auth frame (docs/relay-api.md, "First frame"): its JSON keys and the
+#: auth header whose value each carries, signed exactly as a header-authenticated
+#: ``GET /v1/ws``. The frame is ``{"type": "auth", key: value, ...}``.
+AUTH_FRAME_FIELDS: Final = (
+    ("user", H_USER),
+    ("device", H_DEVICE),
+    ("timestamp", H_TIMESTAMP),
+    ("nonce", H_NONCE),
+    ("signature", H_SIGNATURE),
+)
 #: SHA-256 of an empty body, the digest line of every body-less request.
 EMPTY_SHA256: Final = hashlib.sha256(b"").hexdigest()
 #: What a nonce header may hold.

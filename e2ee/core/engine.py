@@ -600,8 +600,8 @@ class ProtocolEngine:
             staged = self._staged(sender.device_id, receiving=True)
             cipher = SessionCipher(staged, staged, staged, staged, sender.name, sender.device_id)
             with _axolotl_errors(sender):
-                if not staged.containsSession(sender.name, sender.device_id):
-                    raise NoSession(str(sender))
+                # python-axolotl checks for a session first (NoSessionException,
+                # mapped to NoSession by _axolotl_errors).
                 plaintext = bytes(cipher.decryptMsg(message))
             return self._commit_decrypt(staged, sender, plaintext, on_plaintext)
 

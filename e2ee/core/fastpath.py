@@ -204,14 +204,77 @@ def _local_identity_key(self: SessionState) -> IdentityKey:
     return _identity_key(self.sessionStructure.localIdentityPublic)
 
 
+def _varint(tag: int, value: int) -> bytes:
+    # A protobuf field key (one byte for the field numbers used here) and a varint.
+    out = bytearray((tag,))
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def _length_delimited(tag: int, payload: bytes) -> bytes:
-    size = len(payload)
-    header = bytearray((tag,))
-    while size > 0x7F:
-        header.append((size & 0x7F) | 0x80)
-        size >>= 7
-    header.append(size)
-    return bytes(header) + payload
+    return _varint(tag, len(payload)) + payload
+
+
+_UINT32_LIMIT = 1 << 32
+_CURRENT_VERSION = WhisperMessage.CURRENT_VERSION
+
+
+def _whisper_message_init(
+    self: WhisperMessage,
+    messageVersion: Any = None,
+    macKey: Any = None,
+    ECPublicKey_senderRatchetKey: Any = None,
+    counter: Any = None,
+    previousCounter: Any = None,
+    ciphertext: Any = None,
+    senderIdentityKey: Any = None,
+    receiverIdentityKey: Any = None,
+    serialized: Any = None,
+) -> None:
+    # python-axolotl builds a protobuf message only to serialize it. WhisperMessage
+    # is ratchetKey (1, bytes), counter (2, uint32), previousCounter (3, uint32),
+    # ciphertext (4, bytes), all set, written in field order: the same bytes
+    # framed by hand. Parsing, and any argument outside what the fast path
+    # covers, keeps the original.
+    if (
+        serialized
+        or type(messageVersion) is not int
+        or type(counter) is not int
+        or type(previousCounter) is not int
+        or not 0 <= counter < _UINT32_LIMIT
+        or not 0 <= previousCounter < _UINT32_LIMIT
+        or type(ciphertext) is not bytes
+    ):
+        ORIGINALS["WhisperMessage.__init__"](
+            self,
+            messageVersion,
+            macKey,
+            ECPublicKey_senderRatchetKey,
+            counter,
+            previousCounter,
+            ciphertext,
+            senderIdentityKey,
+            receiverIdentityKey,
+            serialized,
+        )
+        return
+    body = (
+        bytes((((messageVersion << 4) | _CURRENT_VERSION) & 0xFF,))
+        + _length_delimited(0x0A, bytes(ECPublicKey_senderRatchetKey.serialize()))
+        + _varint(0x10, counter)
+        + _varint(0x18, previousCounter)
+        + _length_delimited(0x22, ciphertext)
+    )
+    mac = self.getMac(messageVersion, senderIdentityKey, receiverIdentityKey, macKey, body)
+    self.serialized = body + bytes(mac)
+    self.senderRatchetKey = ECPublicKey_senderRatchetKey
+    self.counter = counter
+    self.previousCounter = previousCounter
+    self.ciphertext = ciphertext
+    self.messageVersion = messageVersion
 
 
 def _serialize_record(self: SessionRecord) -> bytes:
@@ -246,6 +309,7 @@ _PATCHES: tuple[tuple[str, Any, str, Any], ...] = (
         _remote_identity_key,
     ),
     ("SessionState.getLocalIdentityKey", SessionState, "getLocalIdentityKey", _local_identity_key),
+    ("WhisperMessage.__init__", WhisperMessage, "__init__", _whisper_message_init),
 )
 
 

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import logging
 import random as _random
 import time
@@ -39,6 +40,7 @@ from types import TracebackType
 from typing import Any, Final, Literal, TypeAlias
 
 import aiohttp
+from blindpost_wire.auth import AUTH_FRAME_FIELDS
 from yarl import URL
 
 from e2ee.errors import TransportError, UsageError
@@ -95,6 +97,8 @@ CLOSED: Final = "closed"
 
 CLOSE_REPLACED = 4001
 CLOSE_REMOVED = 4003
+#: The relay closes a socket whose first-frame authentication failed with this code.
+CLOSE_UNAUTHENTICATED = 4401
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,10 @@ class RelayConnection:
         stable_after: seconds a connection must last to reset the backoff.
         max_attempts: give up (``closed``) after this many failed reconnects (None: never).
         reconnect: False to stop at the first disconnect.
+        frame_auth: authenticate with the first frame after the upgrade (the default;
+            the relay keeps less memory per idle socket) instead of signed upgrade
+            headers. Both are docs/relay-api.md section 5; a refused auth frame is
+            :class:`AuthFailed` either way.
 
     Raises:
         UsageError: bad URL or backoff settings.
@@ -207,6 +215,7 @@ class RelayConnection:
         stable_after: float = 10.0,
         max_attempts: int | None = None,
         reconnect: bool = True,
+        frame_auth: bool = True,
     ) -> None:
         if not isinstance(signer, DeviceSigner):
             raise UsageError("signer must be a DeviceSigner")
@@ -224,6 +233,10 @@ class RelayConnection:
         self._stable_after = stable_after
         self._max_attempts = max_attempts
         self._reconnect = reconnect
+        self._frame_auth = frame_auth
+        #: The first frame after an auth frame (read to learn whether auth passed),
+        #: handed to :meth:`_serve` to dispatch before the rest.
+        self._first: aiohttp.WSMessage | None = None
 
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._state = ConnectionState(CONNECTING)
@@ -532,20 +545,23 @@ class RelayConnection:
     async def _connect(self) -> aiohttp.ClientWebSocketResponse:
         """Open the socket with a freshly signed upgrade request."""
         req = rq.websocket_upgrade()
-        headers = req.auth_headers(self._signer, now_ms=self._clock_ms())
+        signed = req.auth_headers(self._signer, now_ms=self._clock_ms())
         session = self._session
         if session is None or session.closed:
             raise ConnectionFailed("the aiohttp session is closed")
         try:
             async with asyncio.timeout(self._connect_timeout):
-                return await session.ws_connect(
+                ws = await session.ws_connect(
                     self._url,
-                    headers=headers,
+                    headers=None if self._frame_auth else signed,
                     heartbeat=self._heartbeat,
                     autoping=True,
                     max_msg_size=self._max_frame,
                     compress=0,
                 )
+                if self._frame_auth:
+                    self._first = await self._authenticate(ws, signed)
+                return ws
         except aiohttp.WSServerHandshakeError as exc:
             status = exc.status
             if status == 401:
@@ -561,6 +577,31 @@ class RelayConnection:
         except aiohttp.ClientError as exc:
             raise ConnectionFailed(f"GET /v1/ws: {type(exc).__name__}") from exc
 
+    async def _authenticate(
+        self, ws: aiohttp.ClientWebSocketResponse, signed: dict[str, str]
+    ) -> aiohttp.WSMessage:
+        """Send the auth frame; return the relay's first frame once it is accepted.
+
+        Raises:
+            AuthFailed: the relay closed the socket with 4401.
+            ConnectionFailed: the socket closed or failed otherwise.
+        """
+        frame = {"type": "auth"} | {key: signed[header] for key, header in AUTH_FRAME_FIELDS}
+        try:
+            await ws.send_str(json.dumps(frame, separators=(",", ":")))
+            first = await ws.receive()
+        except BaseException:
+            with contextlib.suppress(aiohttp.ClientError, OSError, RuntimeError):
+                await ws.close()
+            raise
+        if first.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            return first
+        with contextlib.suppress(aiohttp.ClientError, OSError, RuntimeError):
+            await ws.close()
+        if ws.close_code == CLOSE_UNAUTHENTICATED:
+            raise AuthFailed(401, "auth_failed", "websocket auth frame refused")
+        raise ConnectionFailed(f"websocket closed during auth (code {ws.close_code})")
+
     async def _serve(
         self, ws: aiohttp.ClientWebSocketResponse
     ) -> tuple[int | None, TransportError | None]:
@@ -568,6 +609,11 @@ class RelayConnection:
         self._ws = ws
         self._set_state(ConnectionState(CONNECTED))
         error: TransportError | None = None
+        first, self._first = self._first, None
+        if first is not None and first.type == aiohttp.WSMsgType.BINARY:
+            self._dispatch_binary(first.data)
+        elif first is not None:
+            self._dispatch_text(first.data)
         try:
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.BINARY:

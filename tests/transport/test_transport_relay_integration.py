@@ -246,17 +246,37 @@ async def test_stale_timestamp_is_auth_failed(device: Factory, new_user: Callabl
         with pytest.raises(AuthFailed) as exc:
             await skewed.key_count()
         assert exc.value.status == 401 and exc.value.code == "auth_stale" and exc.value.stale
-        # The WebSocket gives up on a refused upgrade instead of retrying forever.
-        conn = RelayConnection(good.base_url, good.signer, clock_ms=ten_minutes_ago)
-        async with conn:
-            closed = await until_state(conn, "closed")
-        assert isinstance(closed.error, AuthFailed)
+        # The WebSocket gives up on refused auth instead of retrying forever: a refused
+        # auth frame (close 4401, the default) and a refused signed upgrade (401) alike.
+        for frame_auth in (True, False):
+            conn = RelayConnection(
+                good.base_url, good.signer, clock_ms=ten_minutes_ago, frame_auth=frame_auth
+            )
+            async with conn:
+                closed = await until_state(conn, "closed")
+            assert isinstance(closed.error, AuthFailed), frame_auth
+            assert closed.error.status == 401
     finally:
         await skewed.close()
     unknown = device(new_user())  # never registered
     with pytest.raises(AuthFailed) as exc2:
         await unknown.key_count()
     assert exc2.value.code == "auth_invalid"
+
+
+@pytest.mark.parametrize("frame_auth", [True, False], ids=["auth-frame", "auth-headers"])
+async def test_both_auth_modes_get_hint_backlog_and_live_pushes(
+    pair: tuple[RelayClient, RelayClient], frame_auth: bool
+) -> None:
+    alice, bob = pair
+    await alice.send(os.urandom(16), [(bob.username, 1)], b"queued")
+    conn = RelayConnection(bob.base_url, bob.signer, frame_auth=frame_auth)
+    async with conn:
+        assert await next_of(conn, Hint) == Hint(1)  # the relay's first frame, in both modes
+        assert (await next_of(conn, Delivery)).body == b"queued"
+        assert isinstance(await next_of(conn, QueueEmpty), QueueEmpty)
+        await alice.send(os.urandom(16), [(bob.username, 1)], b"live")
+        assert (await next_of(conn, Delivery)).body == b"live"
 
 
 async def test_second_connection_replaces_first(pair: tuple[RelayClient, RelayClient]) -> None:

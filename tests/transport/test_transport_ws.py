@@ -97,6 +97,9 @@ def conn_for(fake: FakeRelay, **kw: Any) -> RelayConnection:
     kw.setdefault("sleep", Sleeps())
     kw.setdefault("random", lambda: 0.5)
     kw.setdefault("heartbeat", None)
+    # The scripted relay checks the signed upgrade headers; first-frame auth is
+    # exercised against the real relay (test_transport_relay_integration.py).
+    kw.setdefault("frame_auth", False)
     return RelayConnection(fake.url, signer(), **kw)
 
 
