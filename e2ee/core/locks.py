@@ -58,11 +58,18 @@ class _Held:
             else:
                 entry[1] += 1
         self._entry = entry
-        entry[0].acquire()
+        try:
+            entry[0].acquire()
+        except BaseException:  # e.g. KeyboardInterrupt while waiting: we never held it
+            self._leave(entry)
+            raise
 
     def __exit__(self, *exc: object) -> None:
         entry = self._entry
         entry[0].release()
+        self._leave(entry)
+
+    def _leave(self, entry: list[Any]) -> None:
         owner = self._owner
         with owner._guard:
             entry[1] -= 1

@@ -40,9 +40,9 @@ from types import TracebackType
 from typing import Any, Final, Literal, TypeAlias
 
 import aiohttp
-from blindpost_wire.auth import AUTH_FRAME_FIELDS
 from yarl import URL
 
+from blindpost_wire.auth import AUTH_FRAME_FIELDS
 from e2ee.errors import TransportError, UsageError
 from e2ee.transport import requests as rq
 from e2ee.transport.auth import DeviceSigner
