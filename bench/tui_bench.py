@@ -8,7 +8,10 @@ What is measured (headless Textual, 80x24, the real app over the real SDK):
 1. open:   a chat holding N messages is opened; time until the newest page is in
            the message list and the screen has refreshed (target <= 300 ms).
 2. scroll: PageUp pressed repeatedly from the bottom, loading older pages as the
-           top is reached; per-key latency (key processed and screen refreshed).
+           top of the render window is reached (and dropping newer ones), then
+           PageDown as many times back (loading the newer pages again); per-key
+           latency until the cursor moved, and how late a 10 ms timer fires
+           meanwhile (the delay any input would see on top).
 3. typing: a second SDK client (a separate process) sends ``--rate`` messages/s
            over a real relay to the open chat while keys are typed into the
            compose box; per-key latency until the character is in the box and
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import statistics
 import subprocess
@@ -112,12 +116,60 @@ async def seed(folder: Path, count: int) -> str:
     return chat
 
 
-async def _loop_lag(lags: list[float]) -> None:
-    """How late a 10 ms timer fires: the delay any input would see on top."""
+class GcPauses:
+    """Durations of the full (generation 2) garbage collections while measuring."""
+
+    def __init__(self) -> None:
+        self.ms: list[float] = []
+        self._start = 0.0
+
+    def start(self) -> GcPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def stop(self) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms.append((time.perf_counter() - self._start) * 1000)
+
+    def line(self, what: str) -> str:
+        if not self.ms:
+            return f"full GC pauses {what}: none"
+        return _summary(f"full GC pauses {what}", self.ms)
+
+
+async def _loop_lag(lags: list[float], cpu: list[tuple[float, float]] | None = None) -> None:
+    """How late a 10 ms timer fires: the delay any input would see on top.
+
+    ``cpu`` gets (main-thread CPU ms, whole-process CPU ms) for each tick: a late
+    tick with little CPU time in the main thread was waiting, for a CPU if the
+    process used little either, for the GIL if other threads of it ran.
+    """
     while True:
-        start = time.perf_counter()
+        start, start_cpu, start_all = time.perf_counter(), time.thread_time(), time.process_time()
         await asyncio.sleep(0.01)
         lags.append((time.perf_counter() - start) * 1000 - 10)
+        if cpu is not None:
+            cpu.append(
+                (
+                    (time.thread_time() - start_cpu) * 1000,
+                    (time.process_time() - start_all) * 1000,
+                )
+            )
+
+
+def _worst_ticks(lags: list[float], cpu: list[tuple[float, float]]) -> str:
+    """The five latest ticks, each with the CPU time used during it."""
+    worst = sorted(range(len(lags)), key=lambda i: -lags[i])[:5]
+    return "worst ticks (ms late / main-thread CPU / process CPU): " + ", ".join(
+        f"{lags[i]:.0f}/{cpu[i][0]:.0f}/{cpu[i][1]:.0f}" for i in worst
+    )
 
 
 async def _refreshed(pilot: Any) -> None:
@@ -151,28 +203,42 @@ async def bench_open_and_scroll(count: int, scroll_keys: int) -> list[str]:
             out.append(_summary(f"open chat of {count} messages (newest page shown)", opens))
             listed.focus()
             await pilot.pause(0.2)
-            keys = []
-            lags: list[float] = []
-            ticker = asyncio.create_task(_loop_lag(lags))
             driver = app._driver
             assert driver is not None
-            for _ in range(scroll_keys):
-                before = listed.highlighted
-                event = events.Key("pageup", None)
-                event.set_sender(app)
-                start = time.perf_counter()
-                driver.send_message(event)
-                # Handled when the cursor moved (at the top: when the older page is in).
-                while listed.highlighted == before and time.perf_counter() - start < 2:
-                    await asyncio.sleep(0)
-                keys.append((time.perf_counter() - start) * 1000)
-                await asyncio.sleep(0.03)  # a fast key repeat rate
-            ticker.cancel()
-            await pilot.pause(0.5)
-            out.append(
-                _summary(f"scroll: PageUp x{scroll_keys} (loaded {len(listed.messages())})", keys)
-            )
-            out.append(_summary("event-loop lag (10 ms ticks) while scrolling", lags))
+            for key in ("pageup", "pagedown"):
+                keys: list[float] = []
+                lags: list[float] = []
+                cpu: list[tuple[float, float]] = []
+                widest = 0
+                ticker = asyncio.create_task(_loop_lag(lags, cpu))
+                pauses = GcPauses().start()
+                for _ in range(scroll_keys):
+                    newest = listed.messages()[-1] if listed.messages() else None
+                    if key == "pagedown" and not listed.has_newer and listed.selected == newest:
+                        break  # at the newest message: nothing more to scroll
+                    before = (listed.highlighted, listed.selected)
+                    event = events.Key(key, None)
+                    event.set_sender(app)
+                    start = time.perf_counter()
+                    driver.send_message(event)
+                    # Handled when the cursor moved (at an end of the window: when
+                    # the next page is in and the cursor is back on its message).
+                    while (listed.highlighted, listed.selected) == before:
+                        if time.perf_counter() - start > 2:
+                            break
+                        await asyncio.sleep(0)
+                    keys.append((time.perf_counter() - start) * 1000)
+                    widest = max(widest, len(listed.messages()))
+                    await asyncio.sleep(0.03)  # a fast key repeat rate
+                ticker.cancel()
+                pauses.stop()
+                await pilot.pause(0.5)
+                shown = listed.messages()
+                where = f"window {shown[0].seq}-{shown[-1].seq}, at most {widest} rows"
+                out.append(_summary(f"scroll: {key} x{len(keys)} ({where})", keys))
+                out.append(_summary(f"event-loop lag (10 ms ticks) during {key}", lags))
+                out.append("  " + _worst_ticks(lags, cpu))
+                out.append(pauses.line(f"during {key}"))
     return out
 
 
@@ -261,7 +327,9 @@ async def bench_typing(rate: float, seconds: float) -> list[str]:
                 await pilot.pause(1.0)
                 keys = []
                 lags: list[float] = []
-                ticker = asyncio.create_task(_loop_lag(lags))
+                cpu: list[tuple[float, float]] = []
+                ticker = asyncio.create_task(_loop_lag(lags, cpu))
+                pauses = GcPauses().start()
                 end = time.monotonic() + seconds - 1.5
                 typed = 0
                 driver = app._driver
@@ -281,10 +349,14 @@ async def bench_typing(rate: float, seconds: float) -> list[str]:
                         area.load_text("")
                     await asyncio.sleep(0.02)
                 ticker.cancel()
+                pauses.stop()
                 await pilot.pause(2.5)
-                received = len([m for m in listed.messages() if m.sender == "bob"])
-            out.append(_summary(f"keypress while {rate:g} msg/s arrive ({received} shown)", keys))
+                # The list is a bounded window: the newest message tells how many came.
+                newest = listed.messages()[-1].text if listed.messages() else ""
+            out.append(_summary(f"keypress while {rate:g} msg/s arrive (last: {newest!r})", keys))
             out.append(_summary("event-loop lag (10 ms ticks) meanwhile", lags))
+            out.append("  " + _worst_ticks(lags, cpu))
+            out.append(pauses.line("meanwhile"))
         finally:
             if sender is not None:
                 sender.wait(30)
@@ -305,11 +377,17 @@ def main() -> None:
         folder, url, rate, seconds = args.sender
         asyncio.run(sender_main(folder, url, float(rate), float(seconds)))
         return
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {_load()}")
     for line in asyncio.run(bench_open_and_scroll(args.messages, args.scroll_keys)):
-        print(line)
+        print(line, flush=True)
     for line in asyncio.run(bench_typing(args.rate, args.seconds)):
-        print(line)
+        print(line, flush=True)
+    print(f"done, {_load()}")
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from e2ee.events import (
     IdentityChanged,
     MessageChanged,
     MessageReceived,
+    MessageStored,
     ReceiptUpdated,
     Typing,
 )
@@ -250,6 +251,9 @@ class Backend(Protocol):
     @property
     def relay_url(self) -> str: ...
 
+    @property
+    def fingerprint(self) -> str: ...
+
     def updates(self) -> AsyncIterator[Update]: ...
 
     async def start(self) -> None: ...
@@ -261,7 +265,13 @@ class Backend(Protocol):
     async def chat_summary(self, chat_id: str) -> ChatSummary: ...
 
     async def messages(
-        self, chat_id: str, before: str | None = None, limit: int = PAGE_SIZE
+        self,
+        chat_id: str,
+        before: str | None = None,
+        limit: int = PAGE_SIZE,
+        *,
+        after: str | None = None,
+        around: str | None = None,
     ) -> list[MessageView]: ...
 
     async def message(self, message_id: str) -> MessageView | None: ...
@@ -459,6 +469,11 @@ class Messenger:
         """The relay URL, when known."""
         return self._relay_url
 
+    @property
+    def fingerprint(self) -> str:
+        """Our own safety-number half: 30 digits, the same for every contact."""
+        return self._client.fingerprint
+
     def is_connected(self) -> bool:
         """True while the relay connection is up."""
         return self._client.connected
@@ -560,13 +575,26 @@ class Messenger:
         return await asyncio.to_thread(read)
 
     async def messages(
-        self, chat_id: str, before: str | None = None, limit: int = PAGE_SIZE
+        self,
+        chat_id: str,
+        before: str | None = None,
+        limit: int = PAGE_SIZE,
+        *,
+        after: str | None = None,
+        around: str | None = None,
     ) -> list[MessageView]:
-        """A page of a chat, oldest first, ending before ``before`` (or the newest)."""
+        """A page of a chat, oldest first.
+
+        The page ending before ``before`` (or the newest page), the page starting
+        after ``after``, or the page holding ``around`` with up to ``limit // 2``
+        messages before it. A message id that is not in the chat gives ``[]``.
+        """
 
         def read() -> list[MessageView]:
             try:
-                page = self._client.history.messages(chat_id, before=before, limit=limit)
+                page = self._client.history.messages(
+                    chat_id, before=before, after=after, around=around, limit=limit
+                )
             except UsageError:
                 return []
             return [self._view(m) for m in page]
@@ -804,7 +832,7 @@ class Messenger:
 
     async def _translate(self, event: Event) -> Update | None:
         match event:
-            case MessageReceived(message=m):
+            case MessageReceived(message=m) | MessageStored(message=m):
                 return NewMessage(await asyncio.to_thread(self._view, m))
             case MessageChanged(message_id=mid, change=change):
                 found = await self.message(mid)

@@ -7,17 +7,20 @@
 #   pushed when the worker's ``Opened`` message arrives.
 # * The clock and the time zone are parameters, so tests render the same
 #   screen every time.
+# * Once the main screen is up, the objects alive then are frozen out of the
+#   garbage collector (``gc.freeze``): full collections stop walking them.
 """The Blindpost terminal client application."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import ClassVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
@@ -37,6 +40,14 @@ __all__ = ["BlindpostApp", "run"]
 
 def _system_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+#: A full garbage collection waits until input has been quiet this long (seconds).
+GC_IDLE = 1.0
+#: ... and is looked for this often.
+GC_EVERY = 2.0
+#: Under unbroken input a full collection still runs after this long (bounds memory).
+GC_AT_LEAST = 30.0
 
 
 def _local_tz() -> tzinfo:
@@ -75,6 +86,9 @@ class BlindpostApp(App[int]):
         self.backend: Backend | None = backend
         self.clock = clock
         self.tz = tz or _local_tz()
+        self._gc_threshold: tuple[int, int, int] | None = None
+        self._last_input = 0.0
+        self._last_gc = time.monotonic()
 
     def on_mount(self) -> None:
         if self.backend is not None:
@@ -110,8 +124,43 @@ class BlindpostApp(App[int]):
         while len(self.screen_stack) > 1:
             self.pop_screen()
         self.push_screen(main)
+        self.call_after_refresh(self._tune_gc)
         if created:
-            self.push_screen(AccountCardScreen(backend.username, backend.relay_url))
+            self.push_screen(
+                AccountCardScreen(backend.username, backend.relay_url, backend.fingerprint)
+            )
+
+    def _tune_gc(self) -> None:
+        """Keep full garbage collections off the keystrokes' path.
+
+        A full (generation 2) collection walks every tracked object: with
+        Textual, Rich, the SDK and the widgets that is some 80,000 objects and
+        took 35-190 ms on a loaded 2-CPU machine, a stall seen as a late key
+        (docs/tui.md, Performance). So what exists once the main screen is up
+        (it lives as long as the app) is frozen out of the scans, and full
+        collections run from a timer when input has been quiet for
+        ``GC_IDLE`` seconds (or, under unbroken input, every ``GC_AT_LEAST``
+        seconds) instead of whenever the allocator's counters say. Young
+        generations are still collected automatically (they are small).
+        """
+        if self._gc_threshold is not None:
+            return
+        self._gc_threshold = gc.get_threshold()
+        gc.freeze()
+        young, middle, _ = self._gc_threshold
+        gc.set_threshold(young, middle, 1_000_000)
+        self.set_interval(GC_EVERY, self._collect_when_idle)
+
+    def _collect_when_idle(self) -> None:
+        now = time.monotonic()
+        if now - self._last_input >= GC_IDLE or now - self._last_gc >= GC_AT_LEAST:
+            self._last_gc = now
+            gc.collect()
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key | events.MouseEvent):
+            self._last_input = time.monotonic()
+        await super().on_event(event)
 
     @work(group="backend")
     async def _start_backend(self, backend: Backend) -> None:
@@ -129,6 +178,10 @@ class BlindpostApp(App[int]):
         backend, self.backend = self.backend, None
         if backend is not None:
             await backend.close()
+        if self._gc_threshold is not None:  # the process may live on (tests)
+            gc.set_threshold(*self._gc_threshold)
+            gc.unfreeze()
+            self._gc_threshold = None
 
     def action_toggle_dark(self) -> None:
         """Switch between the light and the dark theme."""
@@ -144,6 +197,9 @@ class BlindpostApp(App[int]):
             yield SystemCommand("Attach a file", "Send a file here", screen.action_attach)
             yield SystemCommand(
                 "Chat info", "Contact or group info, safety number", screen.action_info
+            )
+            yield SystemCommand(
+                "Your account", "Your username, relay and key digits", screen.action_account
             )
 
 

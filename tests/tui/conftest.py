@@ -1,6 +1,7 @@
 """Fixtures for the terminal client tests: a real relay process and SDK clients.
 
-* ``tui_relay`` -- ``python -m relay`` on 127.0.0.1 (free port, temp data dir).
+* ``tui_relay`` -- ``python -m relay`` on 127.0.0.1 (free port, temp data dir);
+  ``@pytest.mark.relay_settings(name=value, ...)`` adds relay settings.
 * ``sdk_client(name)`` -- a registered :class:`e2ee.client.Client` (the other side),
   started; closed at the end of the test.
 * ``tui_opener(name, **kw)`` -- an :class:`tui_client.adapter.Opener` with fast
@@ -31,19 +32,21 @@ FAST = ClientOptions(backoff_base=0.05, backoff_max=0.2, expiry_interval=0.2, ac
 class TuiRelay:
     """A relay subprocess on loopback."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, settings: dict[str, str] | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = int(s.getsockname()[1])
         self.data = data
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.settings = {"registration_burst": "100000", "prekey_fetch_burst": "100000"}
+        self.settings.update(settings or {})
 
     def start(self) -> None:
         self.data.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", str(self.port)]
         args += ["--data", str(self.data)]
-        for key, value in (("registration_burst", "100000"), ("prekey_fetch_burst", "100000")):
+        for key, value in self.settings.items():
             args += ["--set", f"{key}={value}"]
         with (self.data / "relay.log").open("ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -58,6 +61,10 @@ class TuiRelay:
         self.stop()
         pytest.fail("the relay did not start:\n" + (self.data / "relay.log").read_text()[-2000:])
 
+    def log(self) -> str:
+        """What the relay logged so far."""
+        return (self.data / "relay.log").read_text(errors="replace")
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -68,9 +75,17 @@ class TuiRelay:
                 self.proc.wait(5)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "relay_settings(**kw): extra --set options for the tui_relay process"
+    )
+
+
 @pytest.fixture
-def tui_relay(tmp_path: Path) -> Iterator[TuiRelay]:
-    relay = TuiRelay(tmp_path / "relay-data")
+def tui_relay(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TuiRelay]:
+    marker = request.node.get_closest_marker("relay_settings")
+    settings = {k: str(v) for k, v in marker.kwargs.items()} if marker else None
+    relay = TuiRelay(tmp_path / "relay-data", settings)
     relay.start()
     yield relay
     relay.stop()

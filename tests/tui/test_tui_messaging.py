@@ -214,11 +214,13 @@ async def test_older_history_loads_when_scrolling_up(
         assert listed.messages()[-1].text == "line 299"
         listed.focus()
         await pilot.press("home")
-        # Older pages are 200 messages: the newest 60, then 200 more, then the last 40.
-        await until(pilot, lambda: len(listed.messages()) == 260)
+        # Older pages are 50 messages: the newest 60, then 50 at a time, the
+        # cursor staying on the message it was on while each page comes in.
+        await until(pilot, lambda: len(listed.messages()) == 110)
         assert listed.selected is not None and listed.selected.text == "line 240"
-        await pilot.press("home")
-        await until(pilot, lambda: len(listed.messages()) == 300)
+        for count in (160, 210, 260, 300):
+            await pilot.press("home")
+            await until(pilot, lambda count=count: len(listed.messages()) == count)
         assert [m.text for m in listed.messages()] == [f"line {i}" for i in range(300)]
         assert not listed.has_older
 

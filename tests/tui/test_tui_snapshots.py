@@ -130,3 +130,12 @@ def test_conversation_with_an_image_preview_and_a_corrupt_image(snap_compare: An
         await _settle(pilot)
 
     assert snap_compare(_app(backend), terminal_size=(80, 30), run_before=run_before)
+
+
+def test_own_account_card_from_the_main_view(snap_compare: Any) -> None:
+    async def run_before(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press("f3")
+        await _settle(pilot)
+
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=run_before)

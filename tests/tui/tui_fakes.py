@@ -133,6 +133,10 @@ class FakeBackend:
     def relay_url(self) -> str:
         return "http://127.0.0.1:8080"
 
+    @property
+    def fingerprint(self) -> str:
+        return "".join(str(i % 10) for i in range(30))
+
     def push(self, update: Update) -> None:
         self._updates.put_nowait(update)
 
@@ -174,12 +178,24 @@ class FakeBackend:
         return self._summary(chat_id)
 
     async def messages(
-        self, chat_id: str, before: str | None = None, limit: int = PAGE_SIZE
+        self,
+        chat_id: str,
+        before: str | None = None,
+        limit: int = PAGE_SIZE,
+        *,
+        after: str | None = None,
+        around: str | None = None,
     ) -> list[MessageView]:
         msgs = self.msgs.get(chat_id, [])
+        ids = [m.id for m in msgs]
+        if after is not None:
+            return msgs[ids.index(after) + 1 :][:limit]
+        if around is not None:
+            idx = ids.index(around)
+            older = msgs[max(0, idx - limit // 2) : idx]
+            return older + msgs[idx:][: limit - len(older)]
         if before is not None:
-            idx = next(i for i, m in enumerate(msgs) if m.id == before)
-            msgs = msgs[:idx]
+            msgs = msgs[: ids.index(before)]
         return msgs[-limit:]
 
     async def message(self, message_id: str) -> MessageView | None:

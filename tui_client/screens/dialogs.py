@@ -361,6 +361,8 @@ class AttachScreen(ModalScreen[Path | None]):
     @on(DirectoryTree.FileSelected)
     def _file(self, event: DirectoryTree.FileSelected) -> None:
         self.query_one("#attach-path", Input).value = str(event.path)
+        # Enter picked the file; a second Enter sends it.
+        self.query_one("#attach-send", Button).focus()
 
     @on(Input.Submitted, "#attach-path")
     @on(Button.Pressed, "#attach-send")

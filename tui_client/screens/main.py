@@ -6,9 +6,15 @@
 #   the handler updates widgets. No handler awaits the backend, so a slow relay
 #   or a slow disk never freezes the screen.
 # * Backend updates arrive through one long-running worker (``_pump``) that
-#   re-posts them as ``UpdateArrived``; chat-list rows touched by updates are
-#   refreshed in batches (``_dirty`` + a short timer), so a burst of incoming
-#   messages costs one list refresh per tick, not one per message.
+#   re-posts them as ``UpdateArrived``. New messages of the open chat are added
+#   to the list in batches (``_incoming``, one list update per 100 ms tick, and
+#   one ``mark_read`` per batch); chat-list rows touched by updates are
+#   refreshed in batches (``_dirty`` + a short timer). So a burst of incoming
+#   messages costs a few list updates per second, not one per message.
+# * Pages of the open chat are read in workers: the first one (newest, or around
+#   a search hit) in an exclusive worker, the next ones (older / newer, asked for
+#   by the MessageList's render window) in plain ones whose result is dropped if
+#   the window moved meanwhile.
 # * The open chat's id is ``self.chat_id``; every page or update for another
 #   chat is ignored by the conversation (the user may have moved on).
 """The main screen."""
@@ -59,6 +65,7 @@ from tui_client.screens.dialogs import (
     ReactScreen,
     SearchScreen,
 )
+from tui_client.screens.setup import AccountCardScreen
 from tui_client.widgets.chat_list import ChatList
 from tui_client.widgets.conversation import PREVIEW_COLS, PREVIEW_ROWS, ComposeArea, MessageList
 from tui_client.widgets.image_preview import MAX_BYTES, PreviewError, render_preview
@@ -78,9 +85,11 @@ _TYPING_SHOWN = 6.0  # a typing indicator without a refresh disappears after thi
 _REFRESH_TICK = 0.5  # chat-list refresh batching
 _APPEND_TICK = 0.1  # new messages of the open chat are added to the list in batches
 _MARK_READ_DELAY = 0.5
-# Older history comes in larger pages than the first one: each page means one
-# list rebuild, so fewer, bigger pages keep scrolling back through a long chat smooth.
-_OLDER_PAGE = 200
+# Pages read when the window moves (older or newer). Each costs one re-window of
+# the list, most of it Textual wrapping and measuring the new rows (~0.3 ms a
+# row on the bench machine), so the page is sized to keep that one frame's work
+# small: a 200-message page was 50+ ms of main-thread CPU, 50 is a quarter.
+_OLDER_PAGE = 50
 
 
 class UpdateArrived(Message):
@@ -108,14 +117,31 @@ class ChatRefreshed(Message):
         self.chat = chat
 
 
-class PageLoaded(Message):
-    """A page of a chat was read; ``older`` pages go above what is shown."""
+PageKind = Literal["newest", "older", "newer", "around"]
 
-    def __init__(self, chat_id: str, page: list[MessageView], older: bool) -> None:
+
+class PageLoaded(Message):
+    """A page of a chat was read.
+
+    ``kind``: the ``newest`` page (opening a chat), the page before the window
+    (``older``), after it (``newer``), or the page ``around`` the message ``anchor``
+    (a search hit); ``limit`` is how many were asked for (fewer means the end).
+    """
+
+    def __init__(
+        self,
+        chat_id: str,
+        page: list[MessageView],
+        kind: PageKind,
+        limit: int,
+        anchor: str | None = None,
+    ) -> None:
         super().__init__()
         self.chat_id = chat_id
         self.page = page
-        self.older = older
+        self.kind = kind
+        self.limit = limit
+        self.anchor = anchor
 
 
 class MessageSent(Message):
@@ -167,6 +193,7 @@ class MainScreen(Screen[None]):
         Binding("ctrl+n", "new_chat", "New chat"),
         Binding("ctrl+g", "new_group", "New group"),
         Binding("f2", "info", "Info"),
+        Binding("f3", "account", "Me", show=False),
         Binding("ctrl+o", "attach", "Attach"),
         Binding("ctrl+f", "search", "Search"),
         Binding("ctrl+l", "focus_chats", "Chats", show=False),
@@ -254,11 +281,38 @@ class MainScreen(Screen[None]):
     async def _refresh_chat(self, chat_id: str) -> None:
         self.post_message(ChatRefreshed(await self.backend.chat_summary(chat_id)))
 
+    def _load_page(self, chat_id: str, kind: PageKind, anchor: str | None = None) -> None:
+        if kind in ("newest", "around"):
+            self._load_first_page(chat_id, kind, anchor)
+        else:
+            self._load_next_page(chat_id, kind, anchor)
+
     @work(group="page", exclusive=True)
-    async def _load_page(self, chat_id: str, before: str | None) -> None:
-        limit = PAGE_SIZE if before is None else _OLDER_PAGE
-        page = await self.backend.messages(chat_id, before=before, limit=limit)
-        self.post_message(PageLoaded(chat_id, page, older=before is not None))
+    async def _load_first_page(self, chat_id: str, kind: PageKind, anchor: str | None) -> None:
+        await self._read_page(chat_id, kind, anchor)
+
+    # Not exclusive: cancelling a page read would leave the list waiting for it.
+    # A result that no longer fits the window is dropped in ``_page_loaded``.
+    @work(group="page-next")
+    async def _load_next_page(self, chat_id: str, kind: PageKind, anchor: str | None) -> None:
+        await self._read_page(chat_id, kind, anchor)
+
+    async def _read_page(self, chat_id: str, kind: PageKind, anchor: str | None) -> None:
+        # The history is read in a thread by the backend; only the result comes back.
+        limit = PAGE_SIZE if kind in ("newest", "around") else _OLDER_PAGE
+        try:
+            if kind == "older":
+                page = await self.backend.messages(chat_id, before=anchor, limit=limit)
+            elif kind == "newer":
+                page = await self.backend.messages(chat_id, after=anchor, limit=limit)
+            elif kind == "around":
+                page = await self.backend.messages(chat_id, around=anchor, limit=limit)
+            else:
+                page = await self.backend.messages(chat_id, limit=limit)
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+            return
+        self.post_message(PageLoaded(chat_id, page, kind, limit, anchor))
 
     @work(group="mark-read", exclusive=True)
     async def _mark_read(self, chat_id: str) -> None:
@@ -412,15 +466,34 @@ class MainScreen(Screen[None]):
     def _page_loaded(self, message: PageLoaded) -> None:
         if message.chat_id != self.chat_id:
             return
-        has_older = len(message.page) >= (_OLDER_PAGE if message.older else PAGE_SIZE)
-        if message.older:
-            self.messages.prepend(message.page, has_older)
+        page, full = message.page, len(message.page) >= message.limit
+        listed = self.messages
+        if message.kind == "older":
+            if message.anchor == listed.oldest_id():
+                listed.prepend(page, full)
+            else:  # the window moved meanwhile: the next move asks again
+                listed.loading_older = False
+        elif message.kind == "newer":
+            if message.anchor == listed.newest_id():
+                listed.append_newer(page, full)
+            else:
+                listed.loading_newer = False
+        elif message.kind == "around" and message.anchor is not None:
+            # The SDK puts up to limit // 2 messages before the anchor.
+            ids = [m.id for m in page]
+            before = ids.index(message.anchor) if message.anchor in ids else 0
+            self.messages.set_clock(self._clock())
+            self.messages.show_around(
+                message.chat_id, page, message.anchor, before >= message.limit // 2, full
+            )
         else:
             self.messages.set_clock(self._clock())
-            self.messages.show(message.chat_id, message.page, has_older)
+            self.messages.show(message.chat_id, page, full)
 
     @on(MessageSent)
     def _message_sent(self, message: MessageSent) -> None:
+        # Usually the SDK's MessageStored got it on screen first; extend() skips
+        # what is already shown.
         if message.message.chat_id == self.chat_id:
             self._flush_incoming()
             self.messages.append(message.message)
@@ -462,10 +535,11 @@ class MainScreen(Screen[None]):
                     if self._typing.pop(m.sender, None) is not None:
                         self._render_typing()
                     # Batched: at 50 messages/s one list update per tick keeps
-                    # rendering off the keystrokes' path.
+                    # rendering off the keystrokes' path. Our own messages are
+                    # shown at once (the user just pressed Enter).
                     self._incoming.append(m)
-                    if not m.outgoing:
-                        self._mark_read(m.chat_id)
+                    if m.outgoing:
+                        self._flush_incoming()
                 elif not m.outgoing and m.kind in ("text", "attachment"):
                     title = self.chat_list.get(m.chat_id)
                     where = title.title if title else m.chat_id
@@ -493,6 +567,7 @@ class MainScreen(Screen[None]):
             case ChatUpdated(chat_id=chat_id, text=text):
                 self._dirty.add(chat_id)
                 if chat_id == open_chat:
+                    self._flush_incoming()
                     self.messages.add_notice(text)
                 else:
                     self.notify(text, title="Group")
@@ -501,6 +576,7 @@ class MainScreen(Screen[None]):
                     return
                 self._key_changed[user] = held
                 if chat_id == open_chat:
+                    self._flush_incoming()
                     self.messages.add_notice(f"{user}'s safety number changed")
                     self.query_one(KeyBanner).show_for(user, held)
                 else:
@@ -511,6 +587,8 @@ class MainScreen(Screen[None]):
                 indicator.queued = queued
             case Notice(chat_id=chat_id, text=text):
                 if chat_id is not None and chat_id == open_chat:
+                    # Notices sit after the messages that came before them.
+                    self._flush_incoming()
                     self.messages.add_notice(text)
                 else:
                     self.notify(text, severity="warning")
@@ -520,6 +598,8 @@ class MainScreen(Screen[None]):
         batch = [m for m in batch if m.chat_id == self.chat_id]
         if batch:
             self.messages.extend(batch)
+            if any(not m.outgoing for m in batch) and self.chat_id is not None:
+                self._mark_read(self.chat_id)  # once per batch, not once per message
 
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
@@ -545,8 +625,8 @@ class MainScreen(Screen[None]):
 
     # -- opening a chat -------------------------------------------------------------------
 
-    def open_chat(self, chat_id: str) -> None:
-        """Show a chat: its newest page loads in a worker."""
+    def open_chat(self, chat_id: str, around: str | None = None) -> None:
+        """Show a chat: its newest page (or the page ``around`` a message) loads in a worker."""
         self.chat_id = chat_id
         self.chat_list.open_chat = chat_id
         self._typing.clear()
@@ -561,8 +641,11 @@ class MainScreen(Screen[None]):
             banner.show_for(peer, self._key_changed[peer])
         else:
             banner.hide()
-        self.messages.show(chat_id, [], has_older=False)
-        self._load_page(chat_id, None)
+        self.messages.clear(chat_id)
+        if around is not None:
+            self._load_page(chat_id, "around", around)
+        else:
+            self._load_page(chat_id, "newest")
         self._mark_read(chat_id)
         self.compose_area.focus()
 
@@ -586,7 +669,12 @@ class MainScreen(Screen[None]):
     @on(MessageList.NeedOlder)
     def _need_older(self, message: MessageList.NeedOlder) -> None:
         if message.chat_id == self.chat_id:
-            self._load_page(message.chat_id, message.before)
+            self._load_page(message.chat_id, "older", message.before)
+
+    @on(MessageList.NeedNewer)
+    def _need_newer(self, message: MessageList.NeedNewer) -> None:
+        if message.chat_id == self.chat_id:
+            self._load_page(message.chat_id, "newer", message.after)
 
     # -- composing ------------------------------------------------------------------------
 
@@ -708,7 +796,7 @@ class MainScreen(Screen[None]):
                 if result == "left":
                     self.chat_list.remove_chat(chat_id)
                     self.chat_id = None
-                    self.messages.show("", [], has_older=False)
+                    self.messages.clear("")
                     self.query_one("#chat-title", Static).update("You left the group")
                 else:
                     self._dirty.add(chat_id)
@@ -723,6 +811,15 @@ class MainScreen(Screen[None]):
                     self.query_one(KeyBanner).hide()
 
             self.app.push_screen(ContactInfoScreen(self.backend, user), verified)
+
+    def action_account(self) -> None:
+        """Our own account card: username, relay and our key's 30 digits."""
+        backend = self.backend
+        self.app.push_screen(
+            AccountCardScreen(
+                backend.username, backend.relay_url, backend.fingerprint, first_run=False
+            )
+        )
 
     def action_attach(self) -> None:
         """Send a file (picker or path)."""
@@ -742,7 +839,8 @@ class MainScreen(Screen[None]):
 
         def found(message: MessageView | None) -> None:
             if message is not None:
-                self.open_chat(message.chat_id)
+                # The chat opens at the hit, with the messages around it.
+                self.open_chat(message.chat_id, around=message.id)
 
         self.app.push_screen(SearchScreen(self.backend), found)
 

@@ -130,29 +130,39 @@ class UnlockScreen(Screen[None]):
 
 
 class AccountCardScreen(Screen[None]):
-    """Shown once after registering: who you are, and how contacts verify you."""
+    """Who you are and how contacts verify you: after registering, and on F3."""
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("enter,escape", "done", "Continue")]
 
-    def __init__(self, username: str, relay_url: str) -> None:
+    def __init__(
+        self, username: str, relay_url: str, fingerprint: str = "", *, first_run: bool = True
+    ) -> None:
         super().__init__()
         self._username = username
         self._relay = relay_url
+        self._fingerprint = fingerprint
+        self._first_run = first_run
 
     def compose(self) -> ComposeResult:
+        title = "Your account is ready" if self._first_run else "Your account"
+        digits = self._fingerprint
+        # Grouped like the contact card's 60 digits: 5 at a time.
+        grouped = " ".join(digits[i : i + 5] for i in range(0, len(digits), 5))
         with Center(), Vertical(classes="setup-box", id="account-card"):
-            yield Label("Your account is ready", classes="dialog-title")
+            yield Label(title, classes="dialog-title")
+            info = f"Username: {self._username}\nRelay:    {self._relay}"
+            if grouped:
+                info += f"\nYour key: {grouped}"
+            yield Static(info, id="account-card-info")
             yield Static(
-                f"Username: {self._username}\nRelay:    {self._relay}", id="account-card-info"
-            )
-            yield Static(
-                "Your safety number is per contact: open a chat, press F2 (contact info) "
-                "and compare the 60 digits or scan the QR code with them. When they "
-                "match, mark the contact verified.",
+                "Your key is your half of every safety number: a contact sees these "
+                "30 digits in theirs. To verify a contact, open the chat, press F2 "
+                "and compare all 60 digits (or scan the QR code) with them.",
                 id="account-card-help",
             )
             with Horizontal(classes="dialog-buttons"):
-                yield Button("Start chatting", variant="primary", id="card-done")
+                label = "Start chatting" if self._first_run else "Close"
+                yield Button(label, variant="primary", id="card-done")
         yield Footer()
 
     @on(Button.Pressed, "#card-done")

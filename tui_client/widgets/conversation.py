@@ -2,9 +2,16 @@
 # line, the reply/edit bar, the upload progress and the compose box.
 #
 # Invariants:
-# * ``MessageList`` holds one page window of the chat (newest page first, older
-#   pages prepended on demand), never the whole history: opening a chat of
-#   100,000 messages renders one page.
+# * ``MessageList`` is a bounded window onto the chat: at most WINDOW messages
+#   are options at a time, whichever part of the history is shown. Opening a
+#   chat of 100,000 messages renders one page; scrolling past either end of the
+#   window loads the next page in a screen worker and drops as many rows from the
+#   far end, so no re-layout grows with how far the user has scrolled.
+# * Options are cached per message id while the message is in the window, so a
+#   re-window re-uses each row's rendering and measured height.
+# * Inline notices (missed or unreadable messages, key changes) are kept for the
+#   session with the ``seq`` of the message they follow, so they come back in
+#   place when the window returns to them.
 # * Day separators and notices are disabled options, so the cursor (the
 #   "selected message" that reply/react/edit/delete act on) only lands on messages.
 # * Colours come from component classes styled in app.tcss, not from code.
@@ -38,10 +45,21 @@ _DAY_PREFIX = "day:"
 #: Size of an inline image preview, in cells (half blocks: two pixels per row).
 PREVIEW_COLS = 32
 PREVIEW_ROWS = 8
+#: At most this many messages are rows of the list at a time (the render window).
+WINDOW = 300
+#: New messages may push the window this far past WINDOW before its top is dropped.
+TRIM_SLACK = 100
 
 
 class MessageList(OptionList):
-    """The messages of one chat, oldest at the top."""
+    """A window onto the messages of one chat, oldest at the top.
+
+    The window holds at most :data:`WINDOW` messages (plus their day separators and
+    notices). Moving past its top asks for the page before it (``NeedOlder``) and
+    drops messages from the bottom; moving past its bottom asks for the page after
+    it (``NeedNewer``) and drops messages from the top. So however far the user
+    scrolls, the list re-lays out a bounded number of rows.
+    """
 
     COMPONENT_CLASSES: ClassVar[set[str]] = {
         "message-list--sender",
@@ -80,6 +98,14 @@ class MessageList(OptionList):
             self.chat_id = chat_id
             self.before = before
 
+    class NeedNewer(Message):
+        """The user reached the bottom of a window that is not the newest page."""
+
+        def __init__(self, chat_id: str, after: str) -> None:
+            super().__init__()
+            self.chat_id = chat_id
+            self.after = after
+
     class NeedPreview(Message):
         """An image attachment is on screen without a preview yet."""
 
@@ -99,16 +125,24 @@ class MessageList(OptionList):
         super().__init__(id=id)
         self.chat_id: str | None = None
         self.has_older = False
+        self.has_newer = False
         self.loading_older = False
+        self.loading_newer = False
         self._now_ms = now_ms
         self._tz = tz
-        self._rows: list[MessageView | str] = []
+        # The window: messages in chat order, and the chat's inline notices (for
+        # the session), each placed after the message whose ``seq`` it names.
+        self._msgs: list[MessageView] = []
         self._by_id: dict[str, MessageView] = {}
-        self._notices = 0
+        self._notices: list[tuple[int, int, str]] = []
+        self._notices_by_chat: dict[str, list[tuple[int, int, str]]] = {}
+        self._newest_seq = 0
+        # Messages that arrived while the window is scrolled back in history.
+        self._live: list[MessageView] = []
         self._rebuilding = False
-        # Rendered prompts by message id, and resolved component styles: a page
-        # prepend or a theme switch re-uses them instead of re-rendering every row.
-        self._prompts: dict[str, Text] = {}
+        # Options by message id and resolved component styles: a re-window re-uses
+        # an option (and its measured height) instead of re-rendering the row.
+        self._row_options: dict[str, Option] = {}
         self._styles: dict[str, Style] = {}
         # Image previews (or the reason there is none) by message id; they survive
         # switching chats, so each image is fetched and decoded once per session.
@@ -124,7 +158,7 @@ class MessageList(OptionList):
 
     def _restyle(self) -> None:
         self._styles.clear()
-        self._prompts.clear()
+        self._row_options.clear()
         self._rebuild(keep=self.selected.id if self.selected else None)
 
     # -- content ------------------------------------------------------------------------
@@ -133,27 +167,90 @@ class MessageList(OptionList):
         """Day labels are relative to ``now_ms``."""
         self._now_ms = now_ms
 
-    def show(self, chat_id: str, page: list[MessageView], has_older: bool) -> None:
-        """Show the newest page of a chat, the cursor on the newest message."""
+    def clear(self, chat_id: str) -> None:
+        """Forget what is shown and start on ``chat_id`` (its first page is on the way)."""
         self.chat_id = chat_id
+        self.has_older = self.has_newer = False
+        self.loading_older = self.loading_newer = False
+        self._msgs = []
+        self._by_id = {}
+        self._notices = self._notices_by_chat.setdefault(chat_id, []) if chat_id else []
+        self._newest_seq = 0
+        self._live = []
+        self._row_options.clear()
+        self._rebuild(keep=None)
+
+    def show(self, chat_id: str, page: list[MessageView], has_older: bool) -> None:
+        """Show the newest page of a chat, the cursor on the newest message.
+
+        Messages of the same chat that arrived while the page was read (and are
+        newer than it) stay.
+        """
+        if chat_id != self.chat_id:
+            self.clear(chat_id)
+        last_seq = page[-1].seq if page else 0
+        arrived = [m for m in self._msgs + self._live if m.seq > last_seq]
+        self._set_window(page + _unique(arrived, {m.id for m in page}))
         self.has_older = has_older
+        self.has_newer = False
         self.loading_older = False
-        self._rows = list(page)
-        self._by_id = {m.id: m for m in page}
-        self._prompts.clear()
+        self._live = []
         self._rebuild(keep=None)
         self.action_last()
 
+    def show_around(
+        self, chat_id: str, page: list[MessageView], anchor: str, has_older: bool, has_newer: bool
+    ) -> None:
+        """Show a page from the middle of a chat with the cursor on ``anchor``."""
+        if chat_id != self.chat_id:
+            self.clear(chat_id)
+        self._set_window(page)
+        self.has_older, self.has_newer = has_older, has_newer
+        self.loading_older = self.loading_newer = False
+        self._rebuild(keep=anchor, top=True)
+
     def prepend(self, page: list[MessageView], has_older: bool) -> None:
-        """Put an older page above what is shown, keeping the cursor on its message."""
+        """Put an older page above the window, keeping the cursor on its message.
+
+        If the window grows past :data:`WINDOW`, the newest messages leave it (they
+        come back through ``NeedNewer``).
+        """
         self.loading_older = False
         self.has_older = has_older
-        fresh = [m for m in page if m.id not in self._by_id]
+        first = self._msgs[0].seq if self._msgs else 2**62
+        fresh = [m for m in page if m.id not in self._by_id and m.seq < first]
         if not fresh:
             return
         keep = self.selected.id if self.selected else None
-        self._rows[:0] = fresh
-        self._by_id.update((m.id, m) for m in fresh)
+        msgs = fresh + self._msgs
+        if len(msgs) > WINDOW:
+            msgs = msgs[:WINDOW]
+            self.has_newer = True
+        self._set_window(msgs)
+        self._rebuild(keep=keep)
+
+    def append_newer(self, page: list[MessageView], has_newer: bool) -> None:
+        """Put a newer page below the window (the user scrolled down in history).
+
+        If the window grows past :data:`WINDOW`, the oldest messages leave it.
+        """
+        self.loading_newer = False
+        last = self._msgs[-1].seq if self._msgs else 0
+        fresh = [m for m in page if m.id not in self._by_id and m.seq > last]
+        self.has_newer = has_newer
+        if not has_newer:
+            # The window reached the newest message: what arrived meanwhile joins it.
+            newest = fresh[-1].seq if fresh else last
+            fresh += _unique([m for m in self._live if m.seq > newest], {m.id for m in fresh})
+            self._live = []
+        if not fresh:
+            return
+        keep = self.selected.id if self.selected else None
+        msgs = self._msgs + fresh
+        if len(msgs) > WINDOW:
+            msgs = msgs[-WINDOW:]
+            self.has_older = True
+        self._set_window(msgs)
         self._rebuild(keep=keep)
 
     def append(self, message: MessageView) -> None:
@@ -161,58 +258,88 @@ class MessageList(OptionList):
         self.extend([message])
 
     def extend(self, messages: list[MessageView]) -> None:
-        """Add new messages at the bottom in one update (one re-layout, one scroll)."""
-        at_end = self.highlighted is None or self.highlighted >= self.option_count - 1
-        new: list[Option] = []
-        last = self._last_message()
+        """Add new messages at the bottom in one update (one re-layout, one scroll).
+
+        With the cursor on the newest message the list follows them, dropping its
+        oldest rows when the window is full. Otherwise the user is reading: once
+        the window is full, new messages are only remembered (``has_newer``) and
+        come in when the user moves down to them, so the rows being read never move.
+        """
+        at_end = self._at_end()
+        fresh: list[MessageView] = []
         for message in messages:
+            self._newest_seq = max(self._newest_seq, message.seq)
             if message.id in self._by_id:
                 self.update_message(message)
-                continue
+            elif self.has_newer or (not at_end and len(self._msgs) + len(fresh) >= WINDOW):
+                self.has_newer = True
+                self._live.append(message)
+            else:
+                fresh.append(message)
+        if len(self._live) > WINDOW:
+            # The store has them too: a page read (``NeedNewer``) brings them back.
+            del self._live[:-WINDOW]
+        if not fresh:
+            return
+        new: list[Option] = []
+        last = self._msgs[-1] if self._msgs else None
+        for message in fresh:
             if last is None or day_key(last.sent_at, self._tz) != day_key(
                 message.sent_at, self._tz
             ):
                 new.append(self._day_option(message.sent_at))
-            self._rows.append(message)
+            self._msgs.append(message)
             self._by_id[message.id] = message
-            new.append(Option(self._cached_prompt(message), id=message.id))
+            new.append(self._option(message))
             last = message
-        if not new:
-            return
-        self.add_options(new)
+        if len(self._msgs) > WINDOW + TRIM_SLACK:
+            # Following new messages pushed the window over: drop its oldest rows
+            # in one go (a bounded re-layout every TRIM_SLACK messages, not one per
+            # message).
+            self._set_window(self._msgs[-WINDOW:])
+            self.has_older = True
+            self._rebuild(keep=None)
+        else:
+            self.add_options(new)
         if at_end:
             self.action_last()
 
     def add_notice(self, text: str) -> None:
-        """An inline notice (missed messages, key changes) at the bottom."""
-        self._notices += 1
-        row = f"{_NOTICE_PREFIX}{self._notices}:{text}"
-        self._rows.append(row)
-        at_end = self.highlighted is None or self.highlighted >= self.option_count - 1
-        self.add_option(self._notice_option(row))
+        """An inline notice (missed messages, key changes) after the newest message."""
+        number = len(self._notices) + 1
+        self._notices.append((self._newest_seq, number, text))
+        if self.has_newer:
+            return  # below the window; shown when the user scrolls down to it
+        at_end = self._at_end()
+        self.add_option(self._notice_option(number, text))
         if at_end:
             self.scroll_end(animate=False)
 
     def update_message(self, message: MessageView) -> None:
         """Re-render a message that changed (status, edit, delete, reaction)."""
         if message.id not in self._by_id:
+            self._live = [message if m.id == message.id else m for m in self._live]
             return
         self._by_id[message.id] = message
-        self._prompts.pop(message.id, None)
-        self._rows = [
-            message if isinstance(r, MessageView) and r.id == message.id else r for r in self._rows
-        ]
-        try:
-            self.replace_option_prompt(message.id, self._cached_prompt(message))
-        except OptionDoesNotExist:
+        for i, m in enumerate(self._msgs):
+            if m.id == message.id:
+                self._msgs[i] = message
+                break
+        option = self._row_options.get(message.id)
+        if option is None:
             return
+        try:
+            # The option object is shared with the cache, so the cache follows.
+            self.replace_option_prompt(message.id, self._prompt(message))
+        except OptionDoesNotExist:
+            self._row_options.pop(message.id, None)
 
     def set_preview(self, message_id: str, preview: Text | str) -> None:
         """Show an image preview (a rendering, or a placeholder explaining its absence)."""
         self._previews[message_id] = preview
         found = self._by_id.get(message_id)
         if found is not None:
-            at_end = self.highlighted is not None and self.highlighted >= self.option_count - 1
+            at_end = self.highlighted is not None and self._at_end()
             self.update_message(found)
             if at_end:
                 # The row grew by the picture: keep the newest message in view.
@@ -230,12 +357,12 @@ class MessageList(OptionList):
         self.update_message(replace(found, status=status))
 
     def message(self, message_id: str) -> MessageView | None:
-        """A shown message by id."""
+        """A message in the window, by id."""
         return self._by_id.get(message_id)
 
     def messages(self) -> list[MessageView]:
-        """The shown messages, oldest first."""
-        return [r for r in self._rows if isinstance(r, MessageView)]
+        """The messages in the window, oldest first."""
+        return list(self._msgs)
 
     @property
     def selected(self) -> MessageView | None:
@@ -246,19 +373,34 @@ class MessageList(OptionList):
         return self._by_id.get(option_id or "")
 
     def oldest_id(self) -> str | None:
-        """The id of the oldest shown message."""
-        for row in self._rows:
-            if isinstance(row, MessageView):
-                return row.id
-        return None
+        """The id of the oldest message in the window."""
+        return self._msgs[0].id if self._msgs else None
+
+    def newest_id(self) -> str | None:
+        """The id of the newest message in the window."""
+        return self._msgs[-1].id if self._msgs else None
 
     # -- rendering ----------------------------------------------------------------------
 
-    def _last_message(self) -> MessageView | None:
-        for row in reversed(self._rows):
-            if isinstance(row, MessageView):
-                return row
-        return None
+    def _at_end(self) -> bool:
+        """True if the cursor is on the newest message of the window (or nowhere).
+
+        Rows after it (notices) are disabled, so the cursor cannot be on them.
+        """
+        if self.highlighted is None or not self._msgs:
+            return True
+        try:
+            return self.highlighted >= self.get_option_index(self._msgs[-1].id)
+        except OptionDoesNotExist:
+            return True
+
+    def _set_window(self, msgs: list[MessageView]) -> None:
+        self._msgs = msgs
+        self._by_id = {m.id: m for m in msgs}
+        self._newest_seq = max(self._newest_seq, msgs[-1].seq if msgs else 0)
+        # Options of messages that left the window are dropped with them.
+        for gone in self._row_options.keys() - self._by_id.keys():
+            del self._row_options[gone]
 
     def _style(self, name: str) -> Style:
         style = self._styles.get(name)
@@ -266,37 +408,47 @@ class MessageList(OptionList):
             style = self._styles[name] = self.get_component_rich_style(f"message-list--{name}")
         return style
 
-    def _cached_prompt(self, message: MessageView) -> Text:
-        prompt = self._prompts.get(message.id)
-        if prompt is None:
-            prompt = self._prompts[message.id] = self._prompt(message)
-        return prompt
+    def _option(self, message: MessageView) -> Option:
+        option = self._row_options.get(message.id)
+        if option is None:
+            option = self._row_options[message.id] = Option(self._prompt(message), id=message.id)
+        return option
 
     def _day_option(self, ms: int) -> Option:
         label = f" {day_label(ms, self._now_ms, self._tz)} "
         text = Text(label.center(max(len(label), 30), "─"), style=self._style("day"))
         return Option(text, id=f"{_DAY_PREFIX}{day_key(ms, self._tz)}", disabled=True)
 
-    def _notice_option(self, row: str) -> Option:
-        _, number, text = row.split(":", 2)
+    def _notice_option(self, number: int, text: str) -> Option:
         return Option(
             Text(f"ⓘ {text}", style=self._style("notice")),
             id=f"{_NOTICE_PREFIX}{number}",
             disabled=True,
         )
 
-    def _rebuild(self, keep: str | None) -> None:
+    def _rebuild(self, keep: str | None, *, top: bool = False) -> None:
         options: list[Option] = []
+        msgs = self._msgs
+        # A notice is shown after the message it follows; notices outside the
+        # window's range are shown when the window reaches them.
+        low = msgs[0].seq if msgs and self.has_older else -1
+        high = msgs[-1].seq if msgs and self.has_newer else 2**62
+        notices = [n for n in self._notices if low <= n[0] <= high]
+        pending = iter(notices)
+        nxt = next(pending, None)
         last_day = None
-        for row in self._rows:
-            if isinstance(row, str):
-                options.append(self._notice_option(row))
-                continue
+        for row in msgs:
+            while nxt is not None and nxt[0] < row.seq:
+                options.append(self._notice_option(nxt[1], nxt[2]))
+                nxt = next(pending, None)
             day = day_key(row.sent_at, self._tz)
             if day != last_day:
                 options.append(self._day_option(row.sent_at))
                 last_day = day
-            options.append(Option(self._cached_prompt(row), id=row.id))
+            options.append(self._option(row))
+        while nxt is not None:
+            options.append(self._notice_option(nxt[1], nxt[2]))
+            nxt = next(pending, None)
         # set_options resets the scroll position to the top; that must not read as
         # "the user scrolled up" and load yet another page.
         self._rebuilding = True
@@ -307,7 +459,7 @@ class MessageList(OptionList):
                     self.highlighted = self.get_option_index(keep)
                 except OptionDoesNotExist:
                     return
-                self.scroll_to_highlight()
+                self.scroll_to_highlight(top=top)
         finally:
             self._rebuilding = False
 
@@ -376,22 +528,46 @@ class MessageList(OptionList):
             self.post_message(self.Act(action, selected))
 
     def _maybe_need_older(self) -> None:
-        oldest = self.oldest_id()
         if self._rebuilding:
             return
+        oldest = self.oldest_id()
         if self.has_older and not self.loading_older and self.chat_id and oldest:
             self.loading_older = True
             self.post_message(self.NeedOlder(self.chat_id, oldest))
 
+    def _maybe_need_newer(self) -> None:
+        if self._rebuilding:
+            return
+        newest = self.newest_id()
+        if self.has_newer and not self.loading_newer and self.chat_id and newest:
+            self.loading_newer = True
+            self.post_message(self.NeedNewer(self.chat_id, newest))
+
     def watch_highlighted(self, highlighted: int | None) -> None:
         super().watch_highlighted(highlighted)
-        if highlighted is not None and highlighted <= 2:
+        if highlighted is None:
+            return
+        if highlighted <= 2:
             self._maybe_need_older()
+        if highlighted >= self.option_count - 3:
+            self._maybe_need_newer()
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_y(old_value, new_value)
-        if new_value <= 0 and old_value > 0:
+        if new_value <= 0 < old_value:
             self._maybe_need_older()
+        if new_value >= self.max_scroll_y and new_value > old_value:
+            self._maybe_need_newer()
+
+
+def _unique(messages: list[MessageView], seen: set[str]) -> list[MessageView]:
+    """``messages`` without the ids in ``seen`` (nor repeats), in order."""
+    out = []
+    for m in messages:
+        if m.id not in seen:
+            seen.add(m.id)
+            out.append(m)
+    return out
 
 
 class ComposeArea(TextArea):
