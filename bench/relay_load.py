@@ -14,6 +14,7 @@ Examples (the commands behind docs/performance-relay.md)::
     python bench/relay_load.py latency --rate 5000 --duration 20
     python bench/relay_load.py idle-connections --connections 19900
     python bench/relay_load.py idle-connections --connections 19900 --frame-auth
+    python bench/relay_load.py --relay-set workers=2 idle-connections --connections 20400
     python bench/relay_load.py group-fanout --recipients 1000 --messages 50
 """
 
@@ -84,15 +85,35 @@ class Relay:
     data_dir: Path | None = None
     log_path: Path | None = None
 
+    def processes(self) -> list[int]:
+        """The relay's serving processes: its workers with ``workers`` > 1, else itself."""
+        if not self.pid:
+            return []
+        return child_pids(self.pid) or [self.pid]
+
     def rss_kb(self) -> int | None:
-        return read_status(self.pid, "VmRSS") if self.pid else None
+        """VmRSS summed over the serving processes (a supervisor holds no connections)."""
+        per = self.rss_by_process()
+        return sum(per.values()) if per else None
+
+    def rss_by_process(self) -> dict[int, int]:
+        out = {}
+        for pid in self.processes():
+            rss = read_status(pid, "VmRSS")
+            if rss is not None:
+                out[pid] = rss
+        return out
 
     def cpu_seconds(self) -> float | None:
+        """CPU of the relay and of its workers (with ``workers`` > 1)."""
         if not self.pid:
             return None
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0.0
+        for pid in {self.pid, *self.processes()}:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def tracebacks(self) -> int:
         if self.log_path is None or not self.log_path.exists():
@@ -108,6 +129,18 @@ def read_status(pid: int, key: str) -> int | None:
     return None
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid`` (a ``workers=N`` relay's worker processes)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return sorted(out)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -120,8 +153,11 @@ def _raise_child_fd_limit() -> None:  # runs in the relay child between fork and
 
 
 @contextlib.contextmanager
-def relay_process(settings: dict[str, str], keep: bool = False) -> Iterator[Relay]:
+def relay_process(
+    settings: dict[str, str], keep: bool = False, extra_settings: dict[str, str] | None = None
+) -> Iterator[Relay]:
     """Start ``python -m relay`` on 127.0.0.1 with a fresh data dir; stop it afterwards."""
+    extra_settings = extra_settings or {}
     data_dir = Path(tempfile.mkdtemp(prefix="blindpost-load-"))
     port = free_port()
     args = [
@@ -135,7 +171,7 @@ def relay_process(settings: dict[str, str], keep: bool = False) -> Iterator[Rela
         "--data",
         str(data_dir / "relay"),
     ]
-    for k, v in {**BENCH_SETTINGS, **settings}.items():
+    for k, v in {**BENCH_SETTINGS, **settings, **extra_settings}.items():
         args += ["--set", f"{k}={v}"]
     log_path = data_dir / "relay.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_RELAY_")}
@@ -181,7 +217,8 @@ def target_relay(args: argparse.Namespace, settings: dict[str, str]) -> Iterator
     if args.url:
         yield Relay(args.url.rstrip("/"), args.relay_pid)
     else:
-        with relay_process(settings, keep=args.keep) as relay:
+        extra = dict(item.split("=", 1) for item in args.relay_set)
+        with relay_process(settings, keep=args.keep, extra_settings=extra) as relay:
             yield relay
 
 
@@ -329,8 +366,10 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         # The relay's CPU share is sampled over the measured window only.
         await asyncio.sleep(0.5 + args.warmup)
         cpu_w0 = relay.cpu_seconds()
+        commits_w0 = await store_commits(relay.url)
         await asyncio.sleep(args.duration)
         cpu_w1 = relay.cpu_seconds()
+        commits_w1 = await store_commits(relay.url)
         total = args.warmup + args.duration + args.drain + 60
         results = await asyncio.gather(*(w.event(total) for w in workers))
         for w in workers:
@@ -385,6 +424,9 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         ),
         "loadavg_1min": os.getloadavg()[0],
         "relay_rss_mb_after": (rss / 1024) if rss else None,
+        "store_commits_per_s": (commits_w1[0] - commits_w0[0]) / d,
+        "store_ops_per_commit": (commits_w1[1] - commits_w0[1])
+        / max(1.0, commits_w1[0] - commits_w0[0]),
     }
     print(
         f"== {name}: {args.clients} clients, 1:1, {args.body_bytes}-byte bodies, offered "
@@ -411,6 +453,10 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
             f" and ack); load workers {out['workers_cpu_pct']:.0f}%; machine load average"
             f" {out['loadavg_1min']:.1f}"
         )
+    print(
+        f"  store: {out['store_commits_per_s']:.0f} commits/s, {out['store_ops_per_commit']:.1f}"
+        " write operations (sends, acks) per commit (from /metrics; one worker's with workers > 1)"
+    )
     if name == "throughput":
         ok = (
             out["accepted_per_s"] >= TARGETS["throughput_msgs"]
@@ -463,7 +509,8 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
             await w.event(60)
             await w.finish()
         await asyncio.sleep(1.0)
-        before = relay.rss_kb()
+        before_by = relay.rss_by_process()
+        before = sum(before_by.values()) if before_by else None
         ranges = split(n, args.workers)
         addrs = source_addrs(args.source_addrs)
         cfgs = [
@@ -483,14 +530,17 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
         workers = await start_workers(cfgs, args.connect_timeout)
         dt = time.monotonic() - t
         await asyncio.sleep(args.settle)
-        after = relay.rss_kb()
-        metrics = await fetch_text(relay.url + "/metrics")
+        after_by = relay.rss_by_process()
+        after = sum(after_by.values()) if after_by else None
+        by_worker = await fetch_metrics_by_worker(relay.url, max(1, len(after_by)))
         for w in workers:
             await w.command("close")
         results = await asyncio.gather(*(w.event(120) for w in workers))
         for w in workers:
             await w.finish()
-    live = _metric(metrics, "blindpost_relay_ws_connections")
+    # With workers=N every worker answers /metrics for itself: sum them.
+    per_worker = {w: _metric(t, "blindpost_relay_ws_connections") for w, t in by_worker.items()}
+    live = sum(per_worker.values())
     closes: Counter[str] = Counter()
     for r in results:
         closes.update(r["closes"])
@@ -505,12 +555,25 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
         f"== idle-connections: {n} authenticated WebSockets requested, relay reports {live:.0f}"
         f" open (opened in {dt:.1f} s)"
     )
+    if len(after_by) > 1:
+        out["per_worker_connections"] = per_worker
+        out["per_process_rss_kb"] = {p: (before_by.get(p), after_by[p]) for p in after_by}
+        print(f"  connections per worker (from each worker's /metrics): {per_worker}")
+        for p in sorted(after_by):
+            b = before_by.get(p)
+            print(
+                f"  worker pid {p}: VmRSS {(b or 0) / 1024:.1f} MB -> {after_by[p] / 1024:.1f} MB"
+            )
+        if set(before_by) != set(after_by):
+            print("  a worker restarted during the run: RSS figures are not comparable")
+            before = after = None
     if before and after and live:
         per = (after - before) * 1024 / live
         out["bytes_per_conn"] = per
         print(
             f"  relay VmRSS {before / 1024:.1f} MB -> {after / 1024:.1f} MB after {args.settle:.0f}"
             f" s: {per / 1024:.2f} KB per idle authenticated WebSocket"
+            + (f" (summed over {len(after_by)} workers)" if len(after_by) > 1 else "")
         )
         ok = per <= TARGETS["idle_bytes_per_conn"] and live >= TARGETS["idle_connections"]
         print(
@@ -536,6 +599,28 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+async def fetch_metrics_by_worker(url: str, expected: int, attempts: int = 400) -> dict[str, str]:
+    """``/metrics`` of each worker: new connections until ``expected`` distinct workers (named by
+    the X-Blindpost-Worker header; "-" for a single-process relay) have answered."""
+    out: dict[str, str] = {}
+    for _ in range(attempts):
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as s, s.get(url + "/metrics") as r:
+            out[r.headers.get("X-Blindpost-Worker", "-")] = await r.text()
+        if len(out) >= expected:
+            break
+    return out
+
+
+async def store_commits(url: str) -> tuple[float, float]:
+    """(commits, operations committed) so far, from ``/metrics`` (zeros if not exported)."""
+    text = await fetch_text(url + "/metrics")
+    return (
+        _metric(text, "blindpost_relay_store_commits_total"),
+        _metric(text, "blindpost_relay_store_committed_ops_total"),
+    )
 
 
 async def fetch_text(url: str) -> str:
@@ -649,6 +734,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="target a running relay instead of starting one (loopback!)")
     p.add_argument("--relay-pid", type=int, help="with --url: the relay's pid, for RSS and CPU")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and log")
+    p.add_argument(
+        "--relay-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra setting for the started relay, e.g. workers=2 (repeatable)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     sub = p.add_subparsers(dest="scenario", required=True)
 

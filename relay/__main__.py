@@ -11,6 +11,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from relay.cluster import run_supervisor
 from relay.config import ENV_PREFIX, SETTING_HELP, ConfigError, RelayConfig
 from relay.errors import StorageError
 from relay.server import serve
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments (``sys.argv[1:]`` if None).
 
     Returns:
-        Process exit status: 0 after a clean shutdown, 2 for bad settings, 1 if it cannot start.
+        Process exit status: 0 after a clean shutdown (with ``workers`` > 1: of every worker),
+        2 for bad settings, 1 if it cannot start or a worker did not stop cleanly.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -80,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        asyncio.run(serve(config))
+        if config.workers > 1:
+            return run_supervisor(config)
+        asyncio.run(serve(config))  # workers=1: one process, no supervisor
     except (OSError, StorageError) as exc:
         logging.getLogger("relay").error("cannot start: %s", exc)
         return 1

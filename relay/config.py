@@ -12,9 +12,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_PREFIX", "SETTING_HELP", "ConfigError", "RelayConfig", "default_data_dir"]
+__all__ = [
+    "ENV_PREFIX",
+    "SETTING_HELP",
+    "WORKERS_MAX",
+    "ConfigError",
+    "RelayConfig",
+    "default_data_dir",
+]
 
 ENV_PREFIX = "BLINDPOST_RELAY_"
+# Each worker pushes from the store after every commit of any worker (docs/architecture.md,
+# "Scale-out"), so reads grow with N; beyond a few dozen workers that amplification, not CPU,
+# would dominate. A hard bound keeps a typo (workers=1000) from forking a thousand processes.
+WORKERS_MAX = 64
 
 
 class ConfigError(ValueError):
@@ -66,9 +77,17 @@ SETTING_HELP: dict[str, str] = {
     "prekey_fetch_rate": "bundle fetches per second per (requester, target user)",
     "prekey_fetch_burst": "bundle fetch burst per (requester, target user)",
     "write_batch_max": "max write operations committed in one transaction",
+    "write_batch_interval_ms": "while writes keep arriving, start a new transaction at most this"
+    " often (a write after an idle period commits at once; 0 = commit as fast as possible)",
     "nonce_cache_max": "max remembered nonces (requests are refused with 503 beyond)",
     "switch_interval_ms": "Python thread switch interval; small values stop the event loop"
     " from starving the SQLite writer thread",
+    "workers": f"worker processes sharing the listening socket and the database (1..{WORKERS_MAX});"
+    " 1 = one process, no supervisor",
+    "worker_restart_max_backoff_seconds": "with workers > 1: the longest wait before a crashed"
+    " worker is restarted (the wait doubles per crash from 0.1 s)",
+    "worker_poll_seconds": "with workers > 1: how often a worker also looks for commits no peer"
+    " signalled (a lost datagram delays a push by at most this)",
 }
 
 
@@ -109,8 +128,12 @@ class RelayConfig:
     prekey_fetch_rate: float = 0.2
     prekey_fetch_burst: float = 10.0
     write_batch_max: int = 2000
+    write_batch_interval_ms: float = 2.0
     nonce_cache_max: int = 1_000_000
     switch_interval_ms: float = 0.5
+    workers: int = 1
+    worker_restart_max_backoff_seconds: float = 10.0
+    worker_poll_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -132,6 +155,13 @@ class RelayConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if not 1 <= self.workers <= WORKERS_MAX:
+            raise ConfigError(
+                f"workers must be 1..{WORKERS_MAX} (got {self.workers}); each worker is a"
+                " process with its own database connections"
+            )
+        if self.workers > 1 and self.worker_poll_seconds <= 0:
+            raise ConfigError("worker_poll_seconds must be positive when workers > 1")
 
     def replace(self, **changes: Any) -> RelayConfig:
         """Return a copy with ``changes`` applied (values are coerced and validated).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -116,6 +116,9 @@ class Hub:
         self._hard_cap = max_outbound_bytes * HARD_CAP_FACTOR
         self._grace = grace
         self._tasks: set[asyncio.Task[None]] = set()
+        # Scale-out hook (relay.cluster): told of every attach, to evict the device's older
+        # connection on other workers. None in a single process.
+        self.attach_listener: Callable[[Connection], None] | None = None
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -127,6 +130,8 @@ class Hub:
         self._metrics.ws_connections = len(self._conns)
         if old is not None:
             self.kick(old, CLOSE_REPLACED, "replaced by a newer connection")
+        if self.attach_listener is not None:
+            self.attach_listener(conn)
 
     def detach(self, conn: Connection) -> None:
         """Unregister ``conn`` if it is still its device's registered connection."""
@@ -144,6 +149,15 @@ class Hub:
         Returns:
             True if the frame was written.
         """
+        return self.write_raw(conn, frame_bytes(opcode, payload))
+
+    def write_raw(self, conn: Connection, frames: bytes) -> bool:
+        """Write already framed bytes (one or more whole frames) now, or close the connection
+        as too slow (the same rule as ``write``).
+
+        Returns:
+            True if the bytes were written.
+        """
         if conn.closing:
             return False
         transport = conn.transport
@@ -154,7 +168,7 @@ class Hub:
             log.info("closing slow connection user=%s device=%d", conn.addr.user, conn.addr.device)
             self.kick(conn, CLOSE_TOO_SLOW, "outbound buffer full")
             return False
-        transport.write(frame_bytes(opcode, payload))
+        transport.write(frames)
         return True
 
     def write_text(self, conn: Connection, text: str) -> bool:
@@ -162,9 +176,16 @@ class Hub:
         return self.write(conn, OPCODE_TEXT, text.encode("utf-8"))
 
     def deliver(self, deliveries: Sequence[Delivery]) -> None:
-        """Push committed messages to live connections (called on the loop, commit order)."""
+        """Push committed messages to live connections (called on the loop, commit order).
+
+        A committed batch's frames for one connection leave in one ``transport.write`` (one
+        ``send()`` instead of one per frame: under load a batch carries several messages per
+        socket). A connection whose write is refused (closing, or too slow and now being
+        closed) never receives again, so advancing its ``last_seq`` first loses nothing: the
+        messages stay in the mailbox for the next connection.
+        """
         conns = self._conns
-        delivered = 0
+        out: dict[Connection, list[bytes]] = {}
         for d in deliveries:
             conn = conns.get(d.recipient)
             if conn is None:
@@ -176,9 +197,17 @@ class Hub:
                 continue
             if seq <= conn.last_seq:
                 continue
-            if self.write(conn, OPCODE_BINARY, encode_deliver(d.message)):
-                conn.last_seq = seq
-                delivered += 1
+            conn.last_seq = seq
+            frame = frame_bytes(OPCODE_BINARY, encode_deliver(d.message))
+            frames = out.get(conn)
+            if frames is None:
+                out[conn] = [frame]
+            else:
+                frames.append(frame)
+        delivered = 0
+        for conn, frames in out.items():
+            if self.write_raw(conn, frames[0] if len(frames) == 1 else b"".join(frames)):
+                delivered += len(frames)
         self._metrics.delivered += delivered
 
     def kick(self, conn: Connection, code: int, reason: str) -> None:

@@ -58,6 +58,14 @@ class Metrics:
             " it had ws_max_inflight_sends sends waiting (back-pressure).",
             "# TYPE blindpost_relay_ws_read_pauses_total counter",
             f"blindpost_relay_ws_read_pauses_total {self.ws_read_pauses}",
+            "# HELP blindpost_relay_store_commits_total Write transactions committed (group"
+            " commits).",
+            "# TYPE blindpost_relay_store_commits_total counter",
+            f"blindpost_relay_store_commits_total {stats.commits}",
+            "# HELP blindpost_relay_store_committed_ops_total Write operations (sends, acks, ...)"
+            " in those commits; divided by the commits: the mean batch size.",
+            "# TYPE blindpost_relay_store_committed_ops_total counter",
+            f"blindpost_relay_store_committed_ops_total {stats.committed_ops}",
             "# HELP blindpost_relay_blob_bytes Bytes of stored blobs.",
             "# TYPE blindpost_relay_blob_bytes gauge",
             f"blindpost_relay_blob_bytes {stats.blob_bytes}",

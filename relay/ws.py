@@ -22,16 +22,9 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from blindpost_wire.auth import AUTH_FRAME_FIELDS
 from relay.app import STATE_KEY, RelayState, json_error
-from relay.auth import (
-    EMPTY_SHA256,
-    H_DEVICE,
-    H_NONCE,
-    H_SIGNATURE,
-    H_TIMESTAMP,
-    H_USER,
-    parse_signed_headers,
-)
+from relay.auth import EMPTY_SHA256, H_USER, parse_signed_headers
 from relay.errors import AuthError, BadRequest, RelayError
 from relay.guard import HeaderTimeoutProtocol
 from relay.hub import CLOSE_UNAUTHENTICATED, Connection
@@ -47,13 +40,6 @@ _PAGE_BYTES = 1024 * 1024
 _EMPTY_FRAME = '{"type":"empty"}'
 _MAX_DRAIN_PAGES = 1_000_000
 _MAX_INFLIGHT_ACKS = 16
-_AUTH_FIELDS = (
-    ("user", H_USER),
-    ("device", H_DEVICE),
-    ("timestamp", H_TIMESTAMP),
-    ("nonce", H_NONCE),
-    ("signature", H_SIGNATURE),
-)
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -185,7 +171,7 @@ async def _frame_auth(st: RelayState, ws: web.WebSocketResponse) -> Address | No
             raise AuthError("the first frame must be the auth frame", code="auth_missing")
         fields = {
             header: str(doc[key]) if isinstance(doc.get(key), str | int) else ""
-            for key, header in _AUTH_FIELDS
+            for key, header in AUTH_FRAME_FIELDS
         }
         sh = parse_signed_headers(fields)
         return await st.authenticate_signed(sh, "GET", "/v1/ws", EMPTY_SHA256)

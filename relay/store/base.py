@@ -145,7 +145,16 @@ class SweepReport:
 
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
-    """Quotas and retention every backend enforces (``write_batch_max``: batching backends)."""
+    """Quotas and retention every backend enforces.
+
+    ``write_batch_max`` and ``write_batch_interval_ms`` concern batching backends only: at most
+    that many write operations per transaction, and at least that many milliseconds between the
+    starts of two transactions while writes keep arriving (a writer that has been idle for the
+    interval commits at once). The interval trades at most that much latency for fewer, larger
+    commits: each commit costs a fixed ~170 us of CPU (fsync included) plus one page write per
+    table and index touched, so at a few thousand messages per second small commits would cost
+    more than the messages themselves (docs/performance-relay.md, third session).
+    """
 
     max_devices_per_user: int = 127
     max_one_time_prekeys: int = 1000
@@ -155,15 +164,18 @@ class StoreLimits:
     blob_ttl_ms: int = 30 * 86400 * 1000
     dedupe_window_ms: int = 86400 * 1000
     write_batch_max: int = 2000
+    write_batch_interval_ms: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
 class StoreStats:
-    """Cheap counters for /metrics."""
+    """Cheap counters for /metrics (``commits``/``committed_ops``: batching backends)."""
 
     queued: int
     accepted: int
     blob_bytes: int
+    commits: int = 0
+    committed_ops: int = 0
 
 
 DeliveryListener = Callable[[Sequence[Delivery]], None]

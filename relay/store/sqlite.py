@@ -25,6 +25,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -105,6 +106,22 @@ _DROP_BODY_IF_DONE = (
 )
 
 
+def _ack_delete_sql(n: int) -> str:
+    """DELETE of ``n`` mailbox rows given as ``n`` msg_pks, then ``n`` (device_pk, msg_pk) pairs.
+
+    The ``msg_pk IN (...)`` term is what lets SQLite find the rows through ``mailbox_msg``: with
+    the row-value ``IN (VALUES ...)`` alone it scans the whole mailbox table once per batch of
+    acks, so every ack batch cost time proportional to all queued messages (14-17 ms for 217
+    acks against 50,000 queued rows, instead of 2 ms).
+    """
+    marks = ",".join("?" * n)
+    pairs = ",".join(["(?,?)"] * n)
+    return (
+        f"DELETE FROM mailbox WHERE msg_pk IN ({marks}) "  # noqa: S608
+        f"AND (device_pk, msg_pk) IN (VALUES {pairs})"
+    )
+
+
 def _connect(path: Path, *, readonly: bool, cache_kib: int) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=10000")
@@ -152,6 +169,8 @@ class _WriterState:
         self.next_msg_pk = int(row[0] or 0) + 1
         self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
         self.accepted = 0
+        self.commits = 0
+        self.committed_ops = 0
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
         self.data_version = self._data_version()
 
@@ -463,13 +482,12 @@ class _WriterState:
         if not matched:
             return counts
         keys = list(matched)
-        per = _MAX_VARS // 2
+        per = _MAX_VARS // 3
         for start in range(0, len(keys), per):
             key_part = keys[start : start + per]
-            values = ",".join(["(?,?)"] * len(key_part))
             conn.execute(
-                f"DELETE FROM mailbox WHERE (device_pk, msg_pk) IN (VALUES {values})",  # noqa: S608
-                [v for key in key_part for v in key],
+                _ack_delete_sql(len(key_part)),
+                [key[1] for key in key_part] + [v for key in key_part for v in key],
             )
         msg_pks = list({msg_pk for _, msg_pk in keys})
         for start in range(0, len(msg_pks), _MAX_VARS):
@@ -561,6 +579,11 @@ class SqliteRelayStore:
         self._reader_lock = threading.Lock()
         self._closed = False
 
+    @property
+    def limits(self) -> StoreLimits:
+        """The quotas, retention and batching this store was opened with."""
+        return self._limits
+
     # -- lifecycle -----------------------------------------------------------------------
 
     def set_delivery_listener(self, listener: DeliveryListener | None) -> None:
@@ -619,7 +642,7 @@ class SqliteRelayStore:
         st = self._state
         if st is None:
             return StoreStats(0, 0, 0)
-        return StoreStats(st.queued, st.accepted, st.blob_bytes)
+        return StoreStats(st.queued, st.accepted, st.blob_bytes, st.commits, st.committed_ops)
 
     # -- writer machinery ----------------------------------------------------------------
 
@@ -634,11 +657,20 @@ class SqliteRelayStore:
         st = self._state
         assert st is not None
         max_batch = self._limits.write_batch_max
+        interval = self._limits.write_batch_interval_ms / 1000
+        last_start = -interval
         stop = False
         while not stop:
             first = self._queue.get()
             if first is None:
                 break
+            # Commit pacing: while writes keep arriving, transactions start at most once per
+            # interval, so their fixed cost (fsync, one page per table and index touched) is
+            # shared by more operations. After an idle interval the first write goes at once.
+            wait = last_start + interval - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            last_start = time.monotonic()
             batch = [first]
             while len(batch) < max_batch:
                 try:
@@ -680,6 +712,8 @@ class SqliteRelayStore:
                 st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
                 st.seq_dirty = False
             st.conn.execute("COMMIT")
+            st.commits += 1
+            st.committed_ops += len(batch)
         except Exception:
             log.exception("write batch of %d failed; retrying one by one", len(batch))
             self._rollback(st)
@@ -894,3 +928,83 @@ class SqliteRelayStore:
         """See ``RelayStore.sweep``."""
         assert self._state is not None
         return await self._submit(self._state.sweep, now_ms)
+
+    # -- scale-out hooks (relay.cluster; used only with workers > 1) ---------------------
+
+    async def ensure_seq_index(self) -> None:
+        """Create the ``mailbox(seq)`` index that ``fetch_committed_after`` scans (idempotent,
+        under the write lock, so workers starting together create it once)."""
+        assert self._state is not None
+        await self._submit(_create_seq_index, self._state.conn)
+
+    async def committed_seq(self) -> int:
+        """Return the highest seq committed by any writer of this file."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._read(q)
+
+    async def fetch_committed_after(
+        self, after_seq: int, limit: int, max_bytes: int, wanted: Callable[[Address], bool]
+    ) -> tuple[int, bool, list[Delivery]]:
+        """Read committed mailbox rows with ``seq > after_seq`` in seq order, from one snapshot.
+
+        Seqs are assigned under the database write lock, so a snapshot holds every seq up to its
+        highest one: reading ``seq > cursor`` never skips a committed row. Bodies are read only
+        for rows whose recipient ``wanted`` accepts (called on the reader thread; it must be a
+        plain lookup).
+
+        Args:
+            after_seq: the caller's cursor.
+            limit: max rows scanned.
+            max_bytes: body budget for the page (at least one row is always returned).
+            wanted: whether a recipient device is connected to this worker.
+
+        Returns:
+            (new cursor, whether more rows may follow, deliveries in seq order). The cursor
+            covers every row scanned up to the byte budget; rows after it are read next time.
+        """
+
+        def q(conn: sqlite3.Connection) -> tuple[int, bool, list[Delivery]]:
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    "SELECT mb.seq, mb.msg_pk, u.username, d.device_id "
+                    "FROM mailbox mb INDEXED BY mailbox_seq "
+                    "JOIN devices d ON d.pk = mb.device_pk JOIN users u ON u.pk = d.user_pk "
+                    "WHERE mb.seq > ? ORDER BY mb.seq LIMIT ?",
+                    (after_seq, limit),
+                ).fetchall()
+                out: list[Delivery] = []
+                cursor = after_seq
+                total = 0
+                msgs: dict[int, tuple[bytes, Address, int, bytes]] = {}
+                for seq, msg_pk, user, device in rows:
+                    addr = Address(user, int(device))
+                    if wanted(addr):
+                        m = msgs.get(msg_pk)
+                        if m is None:
+                            r = conn.execute(
+                                "SELECT msg_id, sender, sender_device, stored_ms, body "
+                                "FROM messages WHERE pk=?",
+                                (msg_pk,),
+                            ).fetchone()
+                            body = bytes(r[4]) if r[4] is not None else b""
+                            m = (bytes(r[0]), Address(r[1], int(r[2])), int(r[3]), body)
+                            msgs[msg_pk] = m
+                        if out and total + len(m[3]) > max_bytes:
+                            return cursor, True, out
+                        total += len(m[3])
+                        out.append(Delivery(addr, StoredMessage(int(seq), m[0], m[1], m[2], m[3])))
+                    cursor = int(seq)
+                return cursor, len(rows) == limit, out
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._read(q)
+
+
+def _create_seq_index(conn: sqlite3.Connection) -> None:
+    conn.execute("CREATE INDEX IF NOT EXISTS mailbox_seq ON mailbox(seq)")

@@ -1,0 +1,285 @@
+"""Per-batch work in the relay: commit pacing, the ack DELETE's query plan, one socket write per
+connection per committed batch, the store's commit counters in /metrics, and the serving
+process's GC settings (docs/performance-relay.md, third session)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from relay_testclient import Device, RelayClient
+
+from relay.app import GC_THRESHOLDS, STATE_KEY, create_app
+from relay.config import ConfigError, RelayConfig
+from relay.hub import OPCODE_BINARY, Connection, Hub
+from relay.metrics import Metrics
+from relay.store.base import Address, Delivery, Envelope, StoredMessage, StoreLimits
+from relay.store.sqlite import SqliteRelayStore, _ack_delete_sql
+from relay.wire import decode_deliver
+
+A = Address("alice", 1)
+B = Address("bob", 1)
+
+
+async def _store(tmp_path: Path, interval_ms: float) -> SqliteRelayStore:
+    store = SqliteRelayStore(
+        tmp_path / "db.sqlite3", StoreLimits(write_batch_interval_ms=interval_ms)
+    )
+    await store.open()
+    await store.create_account(A, b"a" * 32, 0)
+    await store.create_account(B, b"b" * 32, 0)
+    return store
+
+
+def _env(to: Address = B) -> Envelope:
+    return Envelope(os.urandom(16), (to,), b"ciphertext")
+
+
+# -- commit pacing ------------------------------------------------------------------------
+
+
+async def test_writes_arriving_within_the_interval_share_one_commit(tmp_path: Path) -> None:
+    store = await _store(tmp_path, interval_ms=1500)
+    try:
+        await store.submit_send(A, _env(), 0)  # the writer was idle: commits at once
+        before = store.stats()
+        futs = []
+        for _ in range(10):  # all submitted well inside the 1.5 s since that commit started
+            futs.append(store.submit_send(A, _env(), 0))
+            await asyncio.sleep(0.01)
+        receipts = await asyncio.gather(*futs)
+        after = store.stats()
+        assert [r.recipients for r in receipts] == [1] * 10
+        assert after.commits - before.commits == 1
+        assert after.committed_ops - before.committed_ops == 10
+        assert await store.mailbox_count(B) == 11
+    finally:
+        await store.close()
+
+
+async def test_an_idle_writer_commits_without_waiting_for_the_interval(tmp_path: Path) -> None:
+    store = await _store(tmp_path, interval_ms=1000)
+    try:
+        await asyncio.sleep(1.2)  # no commit started during the last interval
+        t = time.monotonic()
+        await store.submit_send(A, _env(), 0)
+        # Pacing only spaces commits while writes keep coming; a write after an idle interval
+        # is not held back (held back, it would wait the whole second).
+        assert time.monotonic() - t < 0.8
+    finally:
+        await store.close()
+
+
+async def test_without_pacing_each_awaited_write_is_its_own_commit(tmp_path: Path) -> None:
+    store = await _store(tmp_path, interval_ms=0)
+    try:
+        before = store.stats().commits
+        for _ in range(5):
+            await store.submit_send(A, _env(), 0)
+        assert store.stats().commits - before == 5
+    finally:
+        await store.close()
+
+
+# -- acks -----------------------------------------------------------------------------------
+
+
+async def test_ack_delete_finds_rows_by_index_not_by_scanning_the_mailbox(tmp_path: Path) -> None:
+    store = await _store(tmp_path, interval_ms=0)
+    await store.close()
+    conn = sqlite3.connect(tmp_path / "db.sqlite3")
+    try:
+        plan = [
+            row[3]
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN " + _ack_delete_sql(3), [1, 2, 3, 7, 1, 7, 2, 7, 3]
+            )
+        ]
+    finally:
+        conn.close()
+    assert any("SEARCH mailbox" in step for step in plan), plan
+    assert not any(step.startswith("SCAN mailbox") for step in plan), plan
+
+
+async def test_acks_in_one_batch_remove_exactly_their_rows(tmp_path: Path) -> None:
+    store = await _store(tmp_path, interval_ms=0)
+    try:
+        c = Address("carol", 1)
+        await store.create_account(c, b"c" * 32, 0)
+        group = Envelope(os.urandom(16), (B, c), b"group")
+        ones = [_env() for _ in range(30)]
+        for e in (group, *ones):
+            await store.submit_send(A, e, 0)
+        # One batch: both recipients ack the group message, bob acks half of his 1:1 messages
+        # (one of them twice), and an ack for an unknown id.
+        futs = [
+            store.submit_ack(B, [group.message_id]),
+            store.submit_ack(c, [group.message_id]),
+            store.submit_ack(B, [e.message_id for e in ones[:15]]),
+            store.submit_ack(B, [ones[0].message_id, os.urandom(16)]),
+        ]
+        assert await asyncio.gather(*futs) == [1, 1, 15, 0]
+        assert await store.mailbox_count(B) == 15
+        assert await store.mailbox_count(c) == 0
+        left = await store.fetch_mailbox(B, 0, 100, 1 << 20)
+        assert [m.message_id for m in left] == [e.message_id for e in ones[15:]]
+    finally:
+        await store.close()
+
+
+# -- pushes -----------------------------------------------------------------------------------
+
+
+class _Transport:
+    def __init__(self, buffered: int = 0) -> None:
+        self.writes: list[bytes] = []
+        self.buffered = buffered
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class _Ws:
+    async def close(self, code: int = 1000, message: bytes = b"") -> bool:
+        return True
+
+
+def _conn(addr: Address, transport: _Transport) -> Connection:
+    conn = Connection(addr, _Ws(), transport)  # type: ignore[arg-type]
+    conn.live = True
+    return conn
+
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        opcode, n = data[pos] & 0x0F, data[pos + 1]
+        pos += 2
+        if n == 126:
+            n = int.from_bytes(data[pos : pos + 2], "big")
+            pos += 2
+        out.append((opcode, data[pos : pos + n]))
+        pos += n
+    return out
+
+
+def _delivery(to: Address, seq: int) -> Delivery:
+    return Delivery(to, StoredMessage(seq, os.urandom(16), A, 5, b"body-%d" % seq))
+
+
+async def test_a_batch_reaches_each_socket_in_one_write_in_seq_order() -> None:
+    metrics = Metrics()
+    hub = Hub(metrics, max_outbound_bytes=1 << 20)
+    tb, tc = _Transport(), _Transport()
+    c_addr = Address("carol", 1)
+    hub.attach(_conn(B, tb))
+    carol = _conn(c_addr, tc)
+    hub.attach(carol)
+    carol.last_seq = 4  # already sent up to 4 (e.g. by its backlog)
+    hub.deliver(
+        [
+            _delivery(B, 3),
+            _delivery(c_addr, 4),  # not newer than what carol has: dropped
+            _delivery(B, 5),
+            _delivery(c_addr, 6),
+            _delivery(B, 7),
+            _delivery(Address("nobody", 1), 8),
+        ]
+    )
+    assert len(tb.writes) == 1 and len(tc.writes) == 1
+    got_b = [(op, decode_deliver(p).seq) for op, p in _frames(tb.writes[0])]
+    assert got_b == [(OPCODE_BINARY, 3), (OPCODE_BINARY, 5), (OPCODE_BINARY, 7)]
+    assert [decode_deliver(p).body for _, p in _frames(tc.writes[0])] == [b"body-6"]
+    assert metrics.delivered == 4
+    assert carol.last_seq == 6
+
+
+async def test_a_socket_over_its_outbound_bound_is_closed_not_written() -> None:
+    metrics = Metrics()
+    hub = Hub(metrics, max_outbound_bytes=1000)
+    slow, fast = _Transport(buffered=5000), _Transport()
+    slow_conn = _conn(B, slow)
+    hub.attach(slow_conn)
+    hub.attach(_conn(A, fast))
+    hub.deliver([_delivery(B, 1), _delivery(A, 2), _delivery(B, 3)])
+    assert slow.writes == [] and len(fast.writes) == 1
+    assert slow_conn.closing and hub.get(B) is None
+    assert metrics.ws_slow_disconnects == 1 and metrics.delivered == 1
+    await hub.close_all()
+
+
+# -- observability and process settings -------------------------------------------------
+
+
+async def _app_client(tmp_path: Path) -> TestClient[Any, Any]:
+    cfg = RelayConfig(data_dir=tmp_path, sweep_interval_seconds=0, ws_heartbeat_seconds=0)
+    return TestClient(TestServer(create_app(cfg)))
+
+
+async def test_metrics_count_commits_and_the_operations_in_them(tmp_path: Path) -> None:
+    async with await _app_client(tmp_path) as tc:
+        client = RelayClient(str(tc.make_url("")).rstrip("/"), tc.session)
+        alice, bob = Device("alice_m"), Device("bob_m")
+        for d in (alice, bob):
+            assert (await client.register(d)).status == 201
+        for _ in range(3):
+            assert (await client.send(alice, [bob], b"x")).status == 200
+        text = (await client.request(None, "GET", "/metrics")).body.decode()
+    values = {
+        line.split()[0]: int(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("blindpost_relay_store_")
+    }
+    assert values["blindpost_relay_store_commits_total"] >= 1
+    assert values["blindpost_relay_store_committed_ops_total"] >= 5  # 2 accounts + 3 sends
+    assert (
+        values["blindpost_relay_store_committed_ops_total"]
+        >= values["blindpost_relay_store_commits_total"]
+    )
+
+
+async def test_serving_tunes_the_collector_and_restores_it_after(tmp_path: Path) -> None:
+    before = gc.get_threshold()
+    assert before != GC_THRESHOLDS
+    async with await _app_client(tmp_path):
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("n", [1, 7])
+def test_ack_delete_sql_has_one_placeholder_per_value(n: int) -> None:
+    assert _ack_delete_sql(n).count("?") == 3 * n
+
+
+def test_commit_pacing_is_an_operator_setting(tmp_path: Path) -> None:
+    config = RelayConfig.load(
+        env={"BLINDPOST_RELAY_WRITE_BATCH_INTERVAL_MS": "7.5"},
+        overrides={"data_dir": tmp_path},
+    )
+    assert config.write_batch_interval_ms == 7.5
+    app = create_app(config)
+    store = app[STATE_KEY].store
+    assert isinstance(store, SqliteRelayStore)
+    assert store.limits.write_batch_interval_ms == 7.5
+    with pytest.raises(ConfigError):
+        RelayConfig.load(env={}, overrides={"write_batch_interval_ms": -1})
