@@ -102,7 +102,7 @@ from e2ee.history import (
     group_chat_id,
     to_message,
 )
-from e2ee.media import Progress, decrypt_file, encrypt_file
+from e2ee.media import MediaCorrupt, Progress, decrypt_file, encrypt_file
 from e2ee.payload import (
     AttachmentPointer,
     GroupAction,
@@ -117,6 +117,7 @@ from e2ee.store.sealing import KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
 from e2ee.transport.auth import DeviceSigner
 from e2ee.transport.errors import (
+    BlobDigestMismatch,
     ConnectionLost,
     DeviceRemoved,
     MismatchedDevices,
@@ -1288,7 +1289,12 @@ class Client:
         target = Path(destination)
         tmp = self._dir / f".download-{message_id}"
         try:
-            await self._link.download_blob(row["blob_id"], tmp, progress)
+            try:
+                await self._link.download_blob(row["blob_id"], tmp, progress)
+            except BlobDigestMismatch as exc:
+                # The transport checks the content address first: a blob changed on
+                # the relay (or in transit) fails there, before it is decrypted.
+                raise MediaCorrupt("the blob was tampered with or truncated") from exc
             await asyncio.to_thread(decrypt_file, tmp, target, row["key"], row["digest"])
         finally:
             with contextlib.suppress(OSError):

@@ -13,9 +13,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from aiohttp import web
 
@@ -119,6 +121,11 @@ class Hub:
         # Scale-out hook (relay.cluster): told of every attach, to evict the device's older
         # connection on other workers. None in a single process.
         self.attach_listener: Callable[[Connection], None] | None = None
+        #: Upgraded sockets not attached yet (waiting for their auth frame, or for the
+        #: hint's store read): shutdown closes these too.
+        self._unattached: set[Any] = set()
+        #: Set by :meth:`close_all`; no connection is attached after it.
+        self.shutting_down = False
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -264,9 +271,31 @@ class Hub:
             await asyncio.sleep(tick)
             self.check_liveness(loop.time(), heartbeat, idle)
 
+    def upgraded(self, ws: Any) -> None:
+        """Track an upgraded socket until :meth:`attached_or_gone` (shutdown closes it)."""
+        self._unattached.add(ws)
+
+    def attached_or_gone(self, ws: Any) -> None:
+        """The socket was attached, or will never be."""
+        self._unattached.discard(ws)
+
     async def close_all(self, code: int = CLOSE_GOING_AWAY) -> None:
-        """Close every connection with ``code`` (shutdown) and wait for the closes."""
+        """Close every connection with ``code`` (shutdown) and wait for the closes.
+
+        Sockets still authenticating are closed too (a pending auth-frame read returns at
+        once), and nothing is attached afterwards.
+        """
+        self.shutting_down = True
+        for ws in list(self._unattached):
+            task = asyncio.ensure_future(_close_quietly(ws, code))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         for conn in list(self._conns.values()):
             self.kick(conn, code, "relay shutting down")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _close_quietly(ws: Any, code: int) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await ws.close(code=code, message=b"relay shutting down")

@@ -27,7 +27,7 @@ from relay.app import STATE_KEY, RelayState, json_error
 from relay.auth import EMPTY_SHA256, H_USER, parse_signed_headers
 from relay.errors import AuthError, BadRequest, RelayError
 from relay.guard import HeaderTimeoutProtocol
-from relay.hub import CLOSE_UNAUTHENTICATED, Connection
+from relay.hub import CLOSE_GOING_AWAY, CLOSE_UNAUTHENTICATED, Connection
 from relay.store.base import Address, SendReceipt
 from relay.wire import OP_SEND, b64e, decode_send, encode_deliver, parse_ack_ids
 
@@ -76,10 +76,18 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     memo = getattr(request, "_cache", None)
     if isinstance(memo, dict):
         memo.clear()
-    if addr is None:
-        addr = await _frame_auth(st, ws)
+    st.hub.upgraded(ws)
+    try:
         if addr is None:
+            addr = await _frame_auth(st, ws)
+            if addr is None:
+                return ws
+        if st.hub.shutting_down:  # authenticated while the relay began to stop
+            if not ws.closed:
+                await ws.close(code=CLOSE_GOING_AWAY, message=b"relay shutting down")
             return ws
+    finally:
+        st.hub.attached_or_gone(ws)
     conn = Connection(addr, ws, transport)
     conn.last_rx = asyncio.get_running_loop().time()
     st.hub.attach(conn)

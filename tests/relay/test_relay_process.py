@@ -106,3 +106,19 @@ async def test_sigterm_closes_sockets_1001_exits_0_and_keeps_messages(tmp_path: 
             assert len((await client2.read(bob)).json()["messages"]) == 6
         finally:
             assert relay2.stop() == 0
+
+
+async def test_sigterm_closes_a_socket_still_waiting_for_its_auth_frame(tmp_path: Path) -> None:
+    relay = start_relay(tmp_path / "data")
+    async with aiohttp.ClientSession() as session:
+        # Upgraded without auth headers: the relay waits (up to header_timeout_seconds, 10 s)
+        # for the auth frame. Shutdown must not wait for it.
+        ws = await session.ws_connect(relay.url + "/v1/ws")
+        time.sleep(0.2)  # the relay is now inside its auth-frame read
+        started = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        msg = await ws.receive(timeout=10)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001
+        await ws.close()
+        assert relay.proc.wait(15) == 0
+        assert time.monotonic() - started < 5

@@ -1,8 +1,14 @@
-"""Delivery guarantees under a flaky relay and client restarts (in-process fake relay).
+"""Delivery guarantees under a flaky relay and client restarts (real relay process).
 
-A seeded schedule drops connections, loses acknowledgements and restarts the
-receiving client while messages flow; at the end every message is in history
-exactly once, in the order sent, and no event showed any of them twice.
+A seeded schedule crashes and restarts the relay process, loses acknowledgements
+and restarts the receiving client while messages flow; at the end every message is
+in history exactly once, in the order sent, and no event showed any of them twice.
+
+The relay is killed (SIGKILL), not stopped gracefully: a crash is the harder case
+for delivery, and a graceful stop that lands while a client is still
+authenticating its WebSocket (first-frame auth) currently keeps the relay from
+exiting for 10-20 s (a relay bug, reported to the relay's owner), which would only
+make this test slow. Graceful restarts are covered in test_sdk_client.py.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sdk_relay import Relay
 
 from e2ee.client import Client
 from e2ee.events import GapDetected, MessageReceived
@@ -25,7 +32,7 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 @pytest.mark.parametrize("seed", list(range(1, 9)))
 async def test_every_message_once_and_in_order_through_chaos(
-    make_client: MakeClient, relay: Any, tmp_path: Path, seed: int, fast_options: Any
+    make_client: MakeClient, relay: Relay, tmp_path: Path, seed: int, fast_options: Any
 ) -> None:
     rng = random.Random(seed)
     alice, bob = await make_client("alice"), await make_client("bob")
@@ -59,14 +66,13 @@ async def test_every_message_once_and_in_order_through_chaos(
             await alice.send_text("bob", f"m{i:02d}", wait=False)
             roll = rng.random()
             if roll < 0.15:
-                await relay.restart(rng.uniform(0.01, 0.05))
+                # The relay process crashes and is started again (same port and data).
+                await asyncio.to_thread(relay.restart, crash=True)
             elif roll < 0.25:
                 # The receiving process dies and starts again from its files.
                 await current.close()
                 await collector
-                current = await Client.open(
-                    tmp_path / "bob", link_factory=relay.link, options=fast_options
-                )
+                current = await Client.open(tmp_path / "bob", options=fast_options)
                 flaky(current)
                 collector = asyncio.create_task(collect(current))
                 await current.start()

@@ -19,10 +19,10 @@ def _example(name: str) -> str:
     return match.group(1)
 
 
-def test_quickstart_runs(real_relay: Any, tmp_path: Path) -> None:
+def test_quickstart_runs(relay: Any, tmp_path: Path) -> None:
     script = tmp_path / "quickstart.py"
     script.write_text(_example("quickstart"))
-    env = {**os.environ, "BLINDPOST_RELAY": real_relay.url}
+    env = {**os.environ, "BLINDPOST_RELAY": relay.url}
     result = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
     )

@@ -1,6 +1,6 @@
 """Real clients against a real relay process on loopback (``python -m relay``).
 
-Each test starts its own relay (fixture ``real_relay``) and two or three clients
+Each test starts its own relay (fixture ``relay``) and two or three clients
 in their own data directories, talking through the real transport
 (:class:`e2ee.client.TransportLink`: HTTP + WebSocket).
 """
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sdk_relay import Relay, reinstall_device
 
 from e2ee.client import Client
 from e2ee.events import (
@@ -30,9 +33,9 @@ WAIT = 15.0
 
 
 async def test_one_to_one_with_receipts_over_the_real_relay(
-    make_real_client: MakeClient, wait_for: WaitFor
+    make_client: MakeClient, wait_for: WaitFor
 ) -> None:
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     a_events, b_events = alice.events(), bob.events()
     async with alice, bob:
         mid = await alice.send_text("bob", "hello over the wire")
@@ -48,13 +51,13 @@ async def test_one_to_one_with_receipts_over_the_real_relay(
 
 
 async def test_recipient_offline_then_back_and_client_killed_before_ack(
-    make_real_client: MakeClient,
+    make_client: MakeClient,
     wait_for: WaitFor,
-    real_relay: Any,
+    relay: Any,
     tmp_path: Path,
     fast_options: Any,
 ) -> None:
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     async with alice:
         for i in range(5):
             await alice.send_text("bob", f"queued {i}")
@@ -73,7 +76,7 @@ async def test_recipient_offline_then_back_and_client_killed_before_ack(
             for _ in range(5)
         ]
     assert texts == [f"queued {i}" for i in range(5)]
-    again = await Client.open(tmp_path / "real-bob", options=fast_options)
+    again = await Client.open(tmp_path / "bob", options=fast_options)
     events = again.events()
     try:
         async with again:
@@ -87,30 +90,30 @@ async def test_recipient_offline_then_back_and_client_killed_before_ack(
 
 
 async def test_relay_restarted_mid_conversation(
-    make_real_client: MakeClient, wait_for: WaitFor, real_relay: Any
+    make_client: MakeClient, wait_for: WaitFor, relay: Any
 ) -> None:
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     a_events, b_events = alice.events(), bob.events()
     async with alice, bob:
         await alice.send_text("bob", "before the restart")
         await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
-        real_relay.stop()
+        await asyncio.to_thread(relay.stop)
         await wait_for(
             a_events, lambda e: isinstance(e, ConnectionStateChanged) and e.state == "offline", WAIT
         )
         queued = await alice.send_text("bob", "written while the relay was down", wait=False)
-        await asyncio.to_thread(real_relay.start)
+        await asyncio.to_thread(relay.start)
         got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
         assert got.message.id == queued
 
 
 async def test_group_with_removed_member_over_the_real_relay(
-    make_real_client: MakeClient, wait_for: WaitFor
+    make_client: MakeClient, wait_for: WaitFor
 ) -> None:
     alice, bob, carol = (
-        await make_real_client("alice"),
-        await make_real_client("bob"),
-        await make_real_client("carol"),
+        await make_client("alice"),
+        await make_client("bob"),
+        await make_client("carol"),
     )
     b_events, c_events = bob.events(), carol.events()
     async with alice, bob, carol:
@@ -135,9 +138,9 @@ async def test_group_with_removed_member_over_the_real_relay(
 
 @pytest.mark.slow
 async def test_fifty_megabyte_file(
-    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path
 ) -> None:
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     source = tmp_path / "video.bin"
     with source.open("wb") as f:
         block = os.urandom(1 << 20)
@@ -179,11 +182,11 @@ async def test_fifty_megabyte_file(
 
 
 async def test_typing_reaction_edit_delete_and_timer_over_the_real_relay(
-    make_real_client: MakeClient, wait_for: WaitFor
+    make_client: MakeClient, wait_for: WaitFor
 ) -> None:
     from e2ee.events import MessageChanged, Typing
 
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     a_events, b_events = alice.events(), bob.events()
     async with alice, bob:
         await alice.wait_connected()
@@ -228,23 +231,21 @@ asyncio.run(main())
 
 
 async def test_client_process_killed_between_commit_and_ack(
-    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
 ) -> None:
     import subprocess
     import sys
 
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     await bob.close()  # bob's process is not running
     async with alice:
         for i in range(4):
             await alice.send_text("bob", f"survives {i}")
     script = tmp_path / "child.py"
     script.write_text(KILLED_CHILD)
-    child = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), str(tmp_path / "real-bob")
-    )
+    child = await asyncio.create_subprocess_exec(sys.executable, str(script), str(tmp_path / "bob"))
     assert await asyncio.wait_for(child.wait(), 60) == 9
-    again = await Client.open(tmp_path / "real-bob", options=fast_options)
+    again = await Client.open(tmp_path / "bob", options=fast_options)
     before = {m.id for m in again.history.messages(direct_chat_id("alice"))}
     assert before  # the child committed at least one message before it died
     events = again.events()
@@ -264,30 +265,21 @@ async def test_client_process_killed_between_commit_and_ack(
 
 
 async def test_key_change_over_the_real_relay_holds_until_accepted(
-    make_real_client: MakeClient, wait_for: WaitFor, real_relay: Any
+    make_client: MakeClient, wait_for: WaitFor, relay: Relay, signers: Any
 ) -> None:
     """Bob reinstalls device 1 (new identity key, same address); Alice is told and holds."""
     from e2ee.client_errors import IdentityHeld
     from e2ee.events import IdentityChanged
     from e2ee.store import Changes
-    from e2ee.transport.auth import DeviceSigner
-    from e2ee.transport.http import RelayClient
 
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     a_events = alice.events()
     async with alice:
         async with bob:
             await alice.send_text("bob", "before the reinstall")
-            # The relay side of a reinstall, done with the transport directly (the SDK
-            # has no device-linking API yet): a helper device 2 re-adds device 1 with
-            # the new installation's auth key, then removes itself.
-            helper_signer = DeviceSigner.from_seed(os.urandom(32), "bob", 2)
-            await bob._link._http.add_device(2, helper_signer.public_key)  # type: ignore[attr-defined]
-        new_bob = await make_real_client("bob", register=False, directory="bob-reinstalled")
-        async with RelayClient(real_relay.url, "bob", 2, helper_signer) as helper:
-            await helper.remove_device(1)
-            await helper.add_device(1, new_bob._link._signer.public_key)  # type: ignore[attr-defined]
-            await helper.remove_device(2)
+        old_bob = signers["bob", 1]
+        new_bob = await make_client("bob", register=False, directory="bob-reinstalled")
+        await reinstall_device(relay, old_bob, signers["bob", 1].public_key)
         await asyncio.to_thread(
             new_bob._store.commit, Changes(meta_put={"sdk.account_created": "1"})
         )
@@ -323,14 +315,14 @@ asyncio.run(main())
 
 
 async def test_client_process_killed_while_a_backlog_is_processed_in_batches(
-    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
 ) -> None:
     """SIGKILL lands inside the batched drain of a backlog: nothing lost, nothing twice."""
     import signal
     import sys
 
     total = 60
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     await bob.close()
     async with alice:
         for i in range(total):
@@ -339,14 +331,14 @@ async def test_client_process_killed_while_a_backlog_is_processed_in_batches(
     script = tmp_path / "batch_child.py"
     script.write_text(BATCH_CHILD)
     child = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), str(tmp_path / "real-bob"), stdout=asyncio.subprocess.PIPE
+        sys.executable, str(script), str(tmp_path / "bob"), stdout=asyncio.subprocess.PIPE
     )
     assert child.stdout is not None
     shown = [(await asyncio.wait_for(child.stdout.readline(), WAIT)).decode().strip()]
     child.send_signal(signal.SIGKILL)  # somewhere in the middle of the drain
     rest, _ = await asyncio.wait_for(child.communicate(), WAIT)
     shown += rest.decode().split()
-    again = await Client.open(tmp_path / "real-bob", options=fast_options)
+    again = await Client.open(tmp_path / "bob", options=fast_options)
     before = {m.id for m in again.history.messages(direct_chat_id("alice"), limit=100)}
     assert set(shown) <= before  # shown only once committed
     events = again.events()
@@ -365,9 +357,9 @@ async def test_client_process_killed_while_a_backlog_is_processed_in_batches(
 
 
 async def test_send_only_client_sends_over_http_and_takes_nothing(
-    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
 ) -> None:
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     b_events = bob.events()
     async with bob:
         waiting = await bob.send_text("alice", "stays in alice's mailbox")
@@ -376,7 +368,7 @@ async def test_send_only_client_sends_over_http_and_takes_nothing(
         got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
         assert got.message.id == mid
         await alice.close()
-    again = await Client.open(tmp_path / "real-alice", options=fast_options)
+    again = await Client.open(tmp_path / "alice", options=fast_options)
     events = again.events()
     try:
         async with again:
@@ -387,11 +379,11 @@ async def test_send_only_client_sends_over_http_and_takes_nothing(
 
 
 async def test_transfer_progress_is_reported_on_the_event_loop_thread(
-    make_real_client: MakeClient, wait_for: WaitFor, tmp_path: Path
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path
 ) -> None:
     import threading
 
-    alice, bob = await make_real_client("alice"), await make_real_client("bob")
+    alice, bob = await make_client("alice"), await make_client("bob")
     source = tmp_path / "note.bin"
     source.write_bytes(os.urandom(300_000))
     loop_thread = threading.get_ident()
@@ -409,3 +401,115 @@ async def test_transfer_progress_is_reported_on_the_event_loop_thread(
         )
     assert threads == {loop_thread}  # documented: never called from a worker thread
     assert (tmp_path / "got.bin").read_bytes() == source.read_bytes()
+
+
+class DiskFillsUp:
+    """Bob's SQLite connection on a disk that fills up in the middle of a backlog.
+
+    Inbox transactions (:meth:`SQLiteProtocolStore.batch`) commit normally up to
+    and including the one that stores the group change (a transaction ends after
+    a group change); from the next one on, ``COMMIT`` fails as SQLite reports a
+    full disk, until the process restarts. The first inbox commit is slow (0.3 s),
+    so the rest of the backlog is waiting when the next batch is taken and the
+    failing transaction is the second one of that batch.
+
+    Failure injection at the one place the OS would inject it (the COMMIT, where
+    SQLite writes and syncs); everything above it -- the store's rollback, the
+    client's handling, the relay -- is the real thing.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, store: Any) -> None:
+        self._conn = conn
+        self._store = store
+        self.commits = 0
+        self.full = False
+        self.failed = 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self._store.in_batch:
+            self.commits += 1
+            if self.commits == 1:
+                time.sleep(0.3)
+            if self.full:
+                self.failed += 1
+                raise sqlite3.OperationalError("database or disk is full")
+            self.full = self._groups() > 0  # this transaction stores the group change
+        return self._conn.execute(sql, *args)
+
+    def _groups(self) -> int:
+        try:
+            return int(self._conn.execute("SELECT count(*) FROM app_groups").fetchone()[0])
+        except sqlite3.OperationalError:  # no such table yet
+            return 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def test_inbox_transaction_that_fails_to_commit_loses_nothing_and_shows_nothing_twice(
+    make_client: MakeClient,
+    wait_for: WaitFor,
+    mailbox: Any,
+    tmp_path: Path,
+    fast_options: Any,
+) -> None:
+    """A backlog is stored in batches (group commit: acked only after its commit).
+
+    The disk fills up during the second transaction of a batch: what the first one
+    committed is shown once and acknowledged; nothing of the failed one is shown or
+    acknowledged, so the relay keeps it and delivers it again after the restart,
+    where it is shown once. History ends with every message once, in order.
+    """
+    alice, bob = await make_client("alice"), await make_client("bob")
+    async with alice:
+        before = [await alice.send_text("bob", f"m{i:03d}", wait=False) for i in range(100)]
+        gid = await alice.create_group("pair", ["bob"])  # ends a transaction on bob's side
+        after = [await alice.send_text("bob", f"m{i:03d}", wait=False) for i in range(100, 150)]
+        assert await alice.flush(WAIT) == 0
+    disk = DiskFillsUp(bob._store._conn, bob._store)
+    bob._store._conn = disk
+    events = bob.events()
+    shown: list[str] = []
+    groups: list[GroupChanged] = []
+    await bob.start()
+    while True:
+        event = await wait_for(
+            events,
+            lambda e: (
+                isinstance(e, MessageReceived | GroupChanged)
+                or (isinstance(e, ConnectionStateChanged) and e.reason.startswith("storage"))
+            ),
+        )
+        if isinstance(event, ConnectionStateChanged):
+            break  # the failed transaction: the client let go of the connection
+        if isinstance(event, GroupChanged):
+            groups.append(event)
+        else:
+            shown.append(event.message.id)
+    # Close while connected again (the relay delivered the rest again, and the disk
+    # is still full), so close() flushes every acknowledgement the client holds.
+    await wait_for(
+        events, lambda e: isinstance(e, ConnectionStateChanged) and e.state == "connected"
+    )
+    await bob.close()
+    assert disk.failed >= 1
+    assert shown == before and [g.group_id for g in groups] == [gid]  # each once, in order
+    # Acknowledged: exactly what was committed; the failed transaction's stay queued.
+    assert [d.id for d in await mailbox("bob")] == [bytes.fromhex(m) for m in after]
+
+    again = await Client.open(tmp_path / "bob", options=fast_options)
+    assert [m.id for m in again.history.messages(direct_chat_id("alice"), limit=300)] == before
+    events = again.events()
+    fresh: list[str] = []
+    try:
+        async with again:
+            while len(fresh) < len(after):
+                event = await wait_for(events, lambda e: isinstance(e, MessageReceived))
+                fresh.append(event.message.id)
+            history = again.history.messages(direct_chat_id("alice"), limit=300)
+            assert [g.id for g in await again.groups()] == [gid]
+        assert fresh == after  # the failed transaction's messages came again, shown once
+        assert [m.text for m in history] == [f"m{i:03d}" for i in range(150)]
+        assert await mailbox("bob") == []
+    finally:
+        await again.close()

@@ -1,4 +1,4 @@
-"""What the CLI and the TUI asked of the facade (NOTES-cli.md, NOTES-tui.md), fake relay."""
+"""What the CLI and the TUI asked of the facade (NOTES-cli.md, NOTES-tui.md), real relay."""
 
 from __future__ import annotations
 
@@ -13,34 +13,37 @@ from e2ee.client_errors import IdentityHeld
 from e2ee.errors import UsageError
 from e2ee.events import GroupChanged, MessageReceived, MessageStored, ReceiptUpdated
 from e2ee.history import direct_chat_id
+from e2ee.transport.frames import Delivery
 
 MakeClient = Callable[..., Awaitable[Client]]
 WaitFor = Callable[..., Awaitable[Any]]
+Mailbox = Callable[..., Awaitable[list[Delivery]]]
 
 
 async def test_a_send_only_client_sends_and_leaves_deliveries_on_the_relay(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any, tmp_path: Path, fast_options: Any
+    make_client: MakeClient, wait_for: WaitFor, mailbox: Mailbox, tmp_path: Path, fast_options: Any
 ) -> None:
     alice, bob = await make_client("alice"), await make_client("bob")
     async with bob:
         first = await bob.send_text("alice", "for alice's receiver")
         gid = await bob.create_group("team", ["alice"])
-    assert relay.pending("alice") == 2  # a message and a group change wait for alice
+    waiting = await mailbox("alice")
+    assert len(waiting) == 2  # a message and a group change wait for alice
     await alice.start(receive=False)
     await alice.wait_connected()
     mid = await alice.send_text("bob", "sent by a one-shot command")
     assert await alice.flush(timeout=5) == 0
     await alice.close()
-    assert relay.pending("alice") == 2  # nothing taken from alice's mailbox
+    assert await mailbox("alice") == waiting  # nothing taken from alice's mailbox
     assert alice_history_is_empty(tmp_path)
-    bob2 = await Client.open(tmp_path / "bob", link_factory=relay.link, options=fast_options)
+    bob2 = await Client.open(tmp_path / "bob", options=fast_options)
     b_events = bob2.events()
     async with bob2:
         got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.id == mid
         await bob2.flush(timeout=5)  # the delivered receipt goes to alice's mailbox
     # The next receiving client gets everything, receipts for alice's message included.
-    again = await Client.open(tmp_path / "alice", link_factory=relay.link, options=fast_options)
+    again = await Client.open(tmp_path / "alice", options=fast_options)
     events = again.events()
     async with again:
         received = await wait_for(events, lambda e: isinstance(e, MessageReceived))
@@ -87,7 +90,7 @@ async def test_chat_summaries_count_unread_and_show_the_newest_message(
 
 
 async def test_held_users_survive_a_restart_until_accepted(
-    make_client: MakeClient, relay: Any, tmp_path: Path, fast_options: Any
+    make_client: MakeClient, tmp_path: Path, fast_options: Any
 ) -> None:
     alice = await make_client("alice", strict_trust=True)
     await make_client("bob")
@@ -96,7 +99,7 @@ async def test_held_users_survive_a_restart_until_accepted(
             await alice.send_text("bob", "held: bob's key is not accepted yet")
         assert await alice.held_users() == {"bob"}
         assert await alice.queued_count() == 1
-    again = await Client.open(tmp_path / "alice", link_factory=relay.link, options=fast_options)
+    again = await Client.open(tmp_path / "alice", options=fast_options)
     try:
         assert await again.held_users() == {"bob"}  # read from the store, not memory
         await again.accept_identity("bob")

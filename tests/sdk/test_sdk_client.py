@@ -1,4 +1,11 @@
-"""The client facade against the in-process fake relay: every conversation feature."""
+"""The client facade against a real relay process: every conversation feature.
+
+Real clients (own data directories, real SQLite files, the real transport) talk
+through ``python -m relay`` on loopback, one relay per test. What the relay holds is
+read the way a device would read it (its mailbox, with its own key); a restart is a
+real stop and start of the process; a message the relay "loses" is one taken out of
+the recipient's mailbox with the recipient's own key while its client is off.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sdk_relay import Relay, eventually, http_as, reinstall_device
 
 from e2ee.client import Client
 from e2ee.client_errors import IdentityHeld, UnknownRecipient
@@ -23,14 +31,18 @@ from e2ee.events import (
     Typing,
 )
 from e2ee.history import direct_chat_id, group_chat_id
+from e2ee.transport.auth import DeviceSigner
 from e2ee.transport.errors import ConnectionLost
+from e2ee.transport.frames import Delivery
 
 MakeClient = Callable[..., Awaitable[Client]]
 WaitFor = Callable[..., Awaitable[Any]]
+Mailbox = Callable[..., Awaitable[list[Delivery]]]
+Signers = dict[tuple[str, int], DeviceSigner]
 
 
 async def test_text_message_is_sent_received_delivered_and_read(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any
+    make_client: MakeClient, wait_for: WaitFor, mailbox: Mailbox
 ) -> None:
     alice = await make_client("alice")
     bob = await make_client("bob")
@@ -64,7 +76,7 @@ async def test_text_message_is_sent_received_delivered_and_read(
                 isinstance(e, ReceiptUpdated) and e.status == "delivered" and e.message_id == reply
             ),
         )
-    assert relay.pending("bob") == 0 and relay.pending("alice") == 0
+    assert await mailbox("bob") == [] and await mailbox("alice") == []
 
 
 async def test_read_receipts_can_be_turned_off(make_client: MakeClient, wait_for: WaitFor) -> None:
@@ -87,53 +99,58 @@ async def test_read_receipts_can_be_turned_off(make_client: MakeClient, wait_for
 
 
 async def test_offline_outbox_goes_out_in_order_on_reconnect(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any
+    make_client: MakeClient, wait_for: WaitFor, relay: Relay
 ) -> None:
     alice, bob = await make_client("alice"), await make_client("bob")
     b_events = bob.events()
-    # Alice composes while not connected at all.
-    relay.down = True
+    # Alice composes while not connected at all: the relay is down.
+    await asyncio.to_thread(relay.stop)
     async with alice:
         ids = [await alice.send_text("bob", f"m{i}", wait=False) for i in range(5)]
         await asyncio.sleep(0.05)
-        assert relay.sends == 0
-        relay.down = False
+        assert await alice.queued_count() == 5  # none accepted, none lost
+        statuses = [m.status for m in alice.history.messages(direct_chat_id("bob"))]
+        assert statuses == ["pending"] * 5
+        await asyncio.to_thread(relay.start)
         async with bob:
             texts = []
             for _ in range(5):
                 event = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
                 texts.append(event.message.text)
             assert texts == [f"m{i}" for i in range(5)]
-    assert [m.id for m in bob.history.messages(direct_chat_id("alice"))] if False else True
-    assert len(ids) == 5
+            assert [m.id for m in bob.history.messages(direct_chat_id("alice"))] == ids
+        assert await alice.queued_count() == 0
 
 
 async def test_recipient_offline_then_back(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any
+    make_client: MakeClient, wait_for: WaitFor, mailbox: Mailbox
 ) -> None:
     alice, bob = await make_client("alice"), await make_client("bob")
     async with alice:
-        for i in range(3):
-            await alice.send_text("bob", f"while you were away {i}")
-    assert relay.pending("bob") == 3
+        sent = [await alice.send_text("bob", f"while you were away {i}") for i in range(3)]
+    assert [d.id for d in await mailbox("bob")] == [bytes.fromhex(m) for m in sent]
     b_events = bob.events()
     async with bob:
         for i in range(3):
             event = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
             assert event.message.text == f"while you were away {i}"
-        await asyncio.sleep(0.05)
-        assert relay.pending("bob") == 0
+
+        async def acknowledged() -> bool:
+            return await mailbox("bob") == []
+
+        assert await eventually(acknowledged)  # while still connected, not only at close
 
 
+@pytest.mark.parametrize("crash", [False, True], ids=["sigterm", "sigkill"])
 async def test_relay_restart_mid_conversation(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any
+    make_client: MakeClient, wait_for: WaitFor, relay: Relay, crash: bool
 ) -> None:
     alice, bob = await make_client("alice"), await make_client("bob")
     a_events, b_events = alice.events(), bob.events()
     async with alice, bob:
         await alice.send_text("bob", "before")
         await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
-        await relay.restart(0.1)
+        await asyncio.to_thread(relay.restart, crash=crash)  # same port, same data
         await wait_for(
             a_events, lambda e: isinstance(e, ConnectionStateChanged) and e.state == "offline"
         )
@@ -143,11 +160,15 @@ async def test_relay_restart_mid_conversation(
 
 
 async def test_crash_between_decrypt_and_ack_shows_nothing_twice(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any, tmp_path: Path, fast_options: Any
+    make_client: MakeClient,
+    wait_for: WaitFor,
+    mailbox: Mailbox,
+    tmp_path: Path,
+    fast_options: Any,
 ) -> None:
     alice, bob = await make_client("alice"), await make_client("bob")
     async with alice:
-        await alice.send_text("bob", "exactly once")
+        mid = await alice.send_text("bob", "exactly once")
     b_events = bob.events()
 
     async def lost_ack(ids: Any) -> None:  # the process dies before the ack is sent
@@ -157,16 +178,17 @@ async def test_crash_between_decrypt_and_ack_shows_nothing_twice(
     async with bob:
         first = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
         assert first.message.text == "exactly once"
-    assert relay.pending("bob") == 1  # committed locally, never acknowledged
-    bob2 = await Client.open(tmp_path / "bob", link_factory=relay.link, options=fast_options)
+    # Committed locally, never acknowledged: the relay still holds it.
+    assert [d.id for d in await mailbox("bob")] == [bytes.fromhex(mid)]
+    bob2 = await Client.open(tmp_path / "bob", options=fast_options)
     events2 = bob2.events()
+
+    async def acknowledged() -> bool:
+        return await mailbox("bob") == []
+
     try:
         async with bob2:
-            for _ in range(100):
-                if relay.pending("bob") == 0:
-                    break
-                await asyncio.sleep(0.01)
-            assert relay.pending("bob") == 0  # redelivered, recognised, acknowledged
+            assert await eventually(acknowledged)  # redelivered, recognised, acknowledged
             texts = [m.text for m in bob2.history.messages(direct_chat_id("alice"))]
             assert texts == ["exactly once"]
         seen = [e async for e in events2]
@@ -176,20 +198,41 @@ async def test_crash_between_decrypt_and_ack_shows_nothing_twice(
 
 
 async def test_gap_detected_when_relay_drops_a_message(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any
+    make_client: MakeClient,
+    wait_for: WaitFor,
+    relay: Relay,
+    signers: Signers,
+    tmp_path: Path,
+    fast_options: Any,
 ) -> None:
     alice, bob = await make_client("alice"), await make_client("bob")
     b_events = bob.events()
-    async with alice, bob:
-        await alice.send_text("bob", "one")
-        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
-        relay.drop = lambda sender, recipients, body: True
-        await alice.send_text("bob", "two (dropped)")
-        await alice.send_text("bob", "three (dropped)")
-        relay.drop = None
+    async with alice:
+        async with bob:
+            await alice.send_text("bob", "one")
+            await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        # While Bob's client is off, the relay loses the next two messages: they are
+        # taken out of his mailbox (read and acknowledged with his device's key), so
+        # the relay never delivers them, exactly as if it had dropped them.
+        dropped = [
+            await alice.send_text("bob", "two (dropped)"),
+            await alice.send_text("bob", "three (dropped)"),
+        ]
+        async with http_as(relay, signers["bob", 1]) as as_bob:
+            waiting = [d.id async for d in as_bob.fetch_all_messages()]
+            assert waiting == [bytes.fromhex(m) for m in dropped]
+            assert await as_bob.ack(waiting) == 2
         await alice.send_text("bob", "four")
-        gap = await wait_for(b_events, lambda e: isinstance(e, GapDetected))
-        assert (gap.user, gap.missed, gap.chat_id) == ("alice", 2, direct_chat_id("alice"))
+    bob2 = await Client.open(tmp_path / "bob", options=fast_options)
+    events = bob2.events()
+    try:
+        async with bob2:
+            gap = await wait_for(events, lambda e: isinstance(e, GapDetected))
+            assert (gap.user, gap.missed, gap.chat_id) == ("alice", 2, direct_chat_id("alice"))
+            texts = [m.text for m in bob2.history.messages(direct_chat_id("alice"))]
+            assert texts == ["one", "four"]
+    finally:
+        await bob2.close()
 
 
 async def test_typing_reactions_edit_delete(make_client: MakeClient, wait_for: WaitFor) -> None:
@@ -255,7 +298,7 @@ async def test_disappearing_timer_clears_both_sides(
 
 
 async def test_media_round_trip_and_forward(
-    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path, relay: Any
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path, relay: Relay
 ) -> None:
     alice, bob, carol = (
         await make_client("alice"),
@@ -271,17 +314,21 @@ async def test_media_round_trip_and_forward(
         assert got.message.type == "attachment" and got.message.text == "look"
         out = await bob.download_attachment(mid, tmp_path / "got.png")
         assert out.read_bytes() == source.read_bytes()
-        blobs = len(relay.blobs)
+        blobs = relay.blob_files()
+        stored = relay.metrics()["blindpost_relay_blob_bytes"]
+        assert len(blobs) == 1
         fwd = await bob.forward_attachment(mid, "carol")
         await wait_for(c_events, lambda e: isinstance(e, MessageReceived))
-        assert len(relay.blobs) == blobs  # no second upload
+        assert relay.blob_files() == blobs  # no second upload
+        assert relay.metrics()["blindpost_relay_blob_bytes"] == stored
         out2 = await carol.download_attachment(fwd, tmp_path / "fwd.png")
         assert out2.read_bytes() == source.read_bytes()
-        # A tampered blob is refused with a typed error and leaves no file.
-        blob_id = next(iter(relay.blobs))
-        data = bytearray(relay.blobs[blob_id])
+        # A blob tampered with on the relay's disk is refused with a typed error and
+        # leaves no file.
+        [blob] = blobs
+        data = bytearray(blob.read_bytes())
         data[100] ^= 1
-        relay.blobs[blob_id] = bytes(data)
+        blob.write_bytes(bytes(data))
         from e2ee.media import MediaCorrupt
 
         with pytest.raises(MediaCorrupt):
@@ -337,8 +384,10 @@ async def test_group_lifecycle_and_removed_member_reads_nothing(
 
 
 async def test_key_change_holds_sending_until_accepted(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any
+    make_client: MakeClient, wait_for: WaitFor, relay: Relay, signers: Signers
 ) -> None:
+    from e2ee.store import Changes
+
     alice, bob = await make_client("alice"), await make_client("bob")
     a_events, b_events = alice.events(), bob.events()
     async with alice:
@@ -346,9 +395,14 @@ async def test_key_change_holds_sending_until_accepted(
             await alice.send_text("bob", "first")
             await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
         # Bob reinstalls: a new identity key under the same address (bob.1).
-        del relay.devices["bob"]
-        relay.mailboxes.pop(("bob", 1), None)
-        new_bob = await make_client("bob", directory="bob-reinstalled")
+        old_bob = signers["bob", 1]
+        new_bob = await make_client("bob", register=False, directory="bob-reinstalled")
+        await reinstall_device(relay, old_bob, signers["bob", 1].public_key)
+        # The name is Bob's already: the new installation only uploads its keys.
+        await asyncio.to_thread(
+            new_bob._store.commit, Changes(meta_put={"sdk.account_created": "1"})
+        )
+        await new_bob.register()
         nb_events = new_bob.events()
         async with new_bob:
             await new_bob.send_text("alice", "it's me, new phone")
@@ -391,15 +445,14 @@ async def test_strict_mode_holds_first_contact_until_verified(
 
 
 async def test_decryption_problem_is_reported_and_repaired(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any
+    make_client: MakeClient, wait_for: WaitFor
 ) -> None:
     alice, bob = await make_client("alice"), await make_client("bob")
     b_events = bob.events()
     async with alice, bob:
         await alice.send_text("bob", "one")
         await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
-        # Corrupt the next ciphertext in transit.
-        relay.drop = None
+        # Corrupt the next ciphertext in transit (the relay stores and delivers it as is).
         orig_send = alice._link.send
 
         async def corrupting(mid: bytes, recipients: Any, body: bytes) -> None:
@@ -482,34 +535,40 @@ async def test_added_member_joins_and_reads_new_messages(
 
 
 async def test_prekeys_replenished_on_connect_without_user_action(
-    make_client: MakeClient, relay: Any
+    make_client: MakeClient, relay: Relay, signers: Signers
 ) -> None:
+    await make_client("alice")
     bob = await make_client("bob")
-    pool = relay.devices["bob"][1]["prekeys"]
-    for prekey_id in sorted(pool)[:-3]:  # others used up all but three
-        del pool[prekey_id]
-    async with bob:
-        await bob.wait_connected()
-        for _ in range(200):
-            if len(pool) > 3:
-                break
-            await asyncio.sleep(0.01)
-    assert len(pool) >= 100  # a new batch was generated and uploaded
+    async with http_as(relay, signers["bob", 1]) as as_bob:
+        # Others started sessions with Bob and used up all but three of his one-time
+        # prekeys (each bundle fetch hands one out, once).
+        async with http_as(relay, signers["alice", 1]) as as_alice:
+            for _ in range(await as_bob.key_count() - 3):
+                await as_alice.fetch_bundles("bob")
+        assert await as_bob.key_count() == 3
+
+        async def replenished() -> bool:
+            return await as_bob.key_count() > 3
+
+        async with bob:
+            await bob.wait_connected()
+            assert await eventually(replenished)
+        assert await as_bob.key_count() >= 100  # a new batch was generated and uploaded
 
 
 async def test_one_process_per_data_directory(
-    make_client: MakeClient, tmp_path: Path, relay: Any
+    make_client: MakeClient, tmp_path: Path, relay: Relay
 ) -> None:
     from e2ee.client_errors import StoreLocked
 
     alice = await make_client("alice")
     with pytest.raises(StoreLocked):
-        await Client.open(tmp_path / "alice", link_factory=relay.link)
+        await Client.open(tmp_path / "alice")
     await alice.close()
     # The lock went with the first client.
-    again = await Client.open(tmp_path / "alice", link_factory=relay.link)
+    again = await Client.open(tmp_path / "alice")
     assert again.username == "alice" and again.is_registered
-    assert again.relay_url == "fake://relay"
+    assert again.relay_url == relay.url
     await again.close()
 
 
@@ -543,19 +602,23 @@ async def test_own_fingerprint_is_our_half_of_every_safety_number(
         assert alice.fingerprint != bob.fingerprint and len(alice.identity_key) == 33
 
 
-async def test_failed_open_releases_the_directory(make_client: MakeClient, tmp_path: Path) -> None:
+async def test_failed_open_releases_the_directory(tmp_path: Path) -> None:
     from e2ee.errors import UsageError
+    from e2ee.store.sealing import KdfLimits
 
-    alice = await make_client("alice")
-    await alice.close()
-    with pytest.raises(UsageError):  # no transport for a "fake://" URL
+    # An account saved with a relay URL the transport refuses (not the relay's root):
+    # creating it, and every later open, fails after the directory was locked.
+    bad_url = "http://127.0.0.1:1/api"
+    with pytest.raises(UsageError, match="relay's root"):
+        await Client.create(tmp_path / "alice", "alice", bad_url, kdf_limits=KdfLimits(1, 8192))
+    with pytest.raises(UsageError, match="relay's root"):  # not StoreLocked: create let go
         await Client.open(tmp_path / "alice")
-    with pytest.raises(UsageError):  # again: not StoreLocked, nothing leaked
+    with pytest.raises(UsageError, match="relay's root"):  # again: nothing leaked
         await Client.open(tmp_path / "alice")
 
 
 async def test_backlog_drained_and_flush(
-    make_client: MakeClient, wait_for: WaitFor, relay: Any
+    make_client: MakeClient, wait_for: WaitFor, mailbox: Mailbox
 ) -> None:
     from e2ee.events import BacklogDrained
 
@@ -570,7 +633,7 @@ async def test_backlog_drained_and_flush(
         assert drained.processed == 3
         assert len(bob.history.messages(direct_chat_id("alice"))) == 3
         assert await bob.flush(timeout=5) == 0  # delivered receipts went out
-    assert 1 <= relay.pending("alice") <= 3  # delivered receipts, batched
+    assert 1 <= len(await mailbox("alice")) <= 3  # delivered receipts, batched
 
 
 async def test_groups_contacts_and_attachment_info_listings(
