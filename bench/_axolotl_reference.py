@@ -62,10 +62,13 @@ def setup(prekey_id=1):
     return ac, bc
 
 
-def per_message(fn, count, rounds=5):
-    # The best of `rounds` rounds, as bench/core_bench.py measures e2ee.
-    fn(max(count // 10, 1))  # warm up
+def per_message(fn, count, rounds=5, warmup_seconds=1.0):
+    # The best of `rounds` rounds after a timed warm-up, as bench/core_bench.py measures e2ee.
     size = max(count // rounds, 1)
+    deadline = time.perf_counter() + warmup_seconds
+    fn(max(count // 10, 1))
+    while time.perf_counter() < deadline:
+        fn(max(size // 4, 1))
     best = float("inf")
     for _ in range(rounds):
         start = time.perf_counter()
