@@ -866,6 +866,53 @@ class Client:
         self._chats[chat_id] = chat  # written under the write lock; dropped on failure
         return chat
 
+    def _notice_rows(
+        self,
+        rows: list[Row],
+        chat_id: str,
+        sender: Address,
+        notice_id: str,
+        kind: str,
+        text: str,
+        now: int,
+    ) -> StoredMessage:
+        """Append a notice row (see ``NOTICE_TYPES``) and its chat's rows to ``rows``.
+
+        The notice takes the next ``seq``, so it stands before whatever this
+        operation stores after it. Called under the write lock; the caller commits.
+        """
+        existing = self._history.current("messages", notice_id)
+        if existing is not None:  # the same delivery processed again after a crash
+            return to_message(existing)
+        pending: dict[str, dict[str, Any]] = {}
+        self._ensure_chat_rows(chat_id, now, pending)
+        seq = self._counter("seq:messages") + 1
+        self._counters["seq:messages"] = seq  # committed with ``rows`` (or dropped)
+        table, row = History.row(
+            "messages",
+            id=notice_id,
+            chat_id=chat_id,
+            group_id=chat_id[len("group:") :] if chat_id.startswith("group:") else None,
+            sender=sender.name,
+            sender_device=sender.device_id,
+            outgoing=0,
+            type=kind,
+            text=text,
+            counter=0,
+            sent_at=now,
+            received_at=now,
+            read_at=now,
+            status="received",
+            edited=0,
+            deleted=0,
+            expire_seconds=0,
+            seq=seq,
+        )
+        rows.append((table, row))
+        self._defer_or_add(rows, [("chats", c) for c in pending.values()])
+        self._defer_or_add(rows, [History.row("counters", id="seq:messages", value=seq)])
+        return to_message(row)
+
     def _compose(
         self,
         to: str,
@@ -1937,9 +1984,34 @@ class Client:
                 out.reset = sender
         else:
             explanation = f"the message was rejected: {exc}"
+        notice: StoredMessage | None = None
+        if group_id is None or self._history.group(group_id) is not None:
+            # Recorded in its chat (in this delivery's transaction), so every client
+            # shows it where it happened, also after a restart.
+            chat_id = group_chat_id(group_id) if group_id else direct_chat_id(sender.name)
+            rows: list[Row] = []
+            notice = self._notice_rows(
+                rows,
+                chat_id,
+                sender,
+                f"{_hex(delivery.id)}.undecryptable",
+                "undecryptable",
+                f"a message from {sender.name} could not be read: {explanation}",
+                self._now_ms(),
+            )
+            if rows:  # a new notice (not the same delivery again after a crash)
+                unreadable_key = f"unreadable:{sender}:{chat_id}"
+                unreadable = (self._counter_or_none(unreadable_key) or 0) + 1
+                self._commit(rows, {unreadable_key: unreadable})
         out.events.append(
             DecryptionProblem(
-                sender.name, sender.device_id, error, explanation, repair, group_id=group_id
+                sender.name,
+                sender.device_id,
+                error,
+                explanation,
+                repair,
+                group_id=group_id,
+                notice=notice,
             )
         )
         return out
@@ -2010,9 +2082,26 @@ class Client:
             last = self._counter_or_none(key)
             if last is None and not gid:
                 last = 0
-            if last is not None and body.counter > last + 1:
+            # Messages that arrived but could not be read were reported as such
+            # (``undecryptable``); they are not also "never arrived".
+            unreadable_key = f"unreadable:{sender}:{chat_id}"
+            unreadable = self._counter_or_none(unreadable_key) or 0
+            if unreadable:
+                counters[unreadable_key] = 0
+            if last is not None and body.counter > last + 1 + unreadable:
+                missed = body.counter - last - 1 - unreadable
+                plural = "s" if missed != 1 else ""
+                notice = self._notice_rows(
+                    rows,
+                    chat_id,
+                    sender,
+                    f"{mid}.gap",
+                    "gap",
+                    f"{missed} message{plural} from {sender.name} never arrived",
+                    now,
+                )
                 out.events.append(
-                    GapDetected(chat_id, sender.name, sender.device_id, body.counter - last - 1)
+                    GapDetected(chat_id, sender.name, sender.device_id, missed, notice)
                 )
             # A counter at or below the last one means the sender started over
             # (a reinstall): follow it rather than report a gap forever.
@@ -2028,6 +2117,7 @@ class Client:
             expire = body.expire_seconds
             mseq = self._counter("seq:messages") + 1
             counters["seq:messages"] = mseq
+            first = len(rows)  # the message's row (a gap notice may come before it)
             rows.append(
                 History.row(
                     "messages",
@@ -2067,7 +2157,7 @@ class Client:
             out.wake_outbox = True
             rows = self._finish(rows, counters)
             # The event is built after commit from the same values.
-            out.events.append(MessageReceived(to_message(rows[0][1])))
+            out.events.append(MessageReceived(to_message(rows[first][1])))
             return rows
         if kind is PayloadType.RECEIPT:
             status: Literal["delivered", "read"] = (

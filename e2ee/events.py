@@ -144,6 +144,9 @@ class DecryptionProblem:
             asked to use it, ``sender_key_request`` when the group sender was
             asked for its key again, ``none`` when nothing can be done (or the
             repair budget for this sender is used up).
+        notice: the history row that records it in its chat (type
+            ``undecryptable``, see :data:`e2ee.history.NOTICE_TYPES`), or None when
+            the chat is unknown (a group we are not in).
     """
 
     user: str
@@ -152,16 +155,22 @@ class DecryptionProblem:
     explanation: str
     repair: Literal["session_reset", "sender_key_request", "none"]
     group_id: str | None = None
+    notice: StoredMessage | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GapDetected:
-    """The sender's counter jumped: ``missed`` messages from them never arrived."""
+    """The sender's counter jumped: ``missed`` messages from them never arrived.
+
+    ``notice`` is the history row that records it (type ``gap``), stored just
+    before the message that revealed the gap, in the same transaction.
+    """
 
     chat_id: str
     user: str
     device: int
     missed: int
+    notice: StoredMessage | None = None
 
 
 Event = (

@@ -40,6 +40,7 @@ from e2ee.store.sqlite import APP_TABLE_PREFIX, SQLiteProtocolStore
 
 __all__ = [
     "HISTORY_SCHEMA_VERSION",
+    "NOTICE_TYPES",
     "AttachmentInfo",
     "Chat",
     "ChatSummary",
@@ -150,6 +151,13 @@ _TABLES: Final[dict[str, dict[str, str]]] = {
     "counters": {"id": "TEXT", "value": "INTEGER"},
 }
 
+#: ``messages`` rows that are notices about the conversation, not messages: ``gap``
+#: (messages from the sender never arrived) and ``undecryptable`` (one could not be
+#: read). Their ``text`` is a sentence for people; they are stored read, get no
+#: receipts and are never the chat's unread or preview message.
+NOTICE_TYPES: Final = ("gap", "undecryptable")
+_NOTICE_SQL: Final = "('gap', 'undecryptable')"
+
 #: Incoming text/attachment messages not marked read (the partial index's WHERE).
 _UNREAD: Final = (
     "outgoing = 0 AND read_at IS NULL AND deleted = 0 AND type IN ('text', 'attachment')"
@@ -192,7 +200,8 @@ class StoredMessage:
         id: message id (hex).
         chat_id: ``dm:<peer>`` or ``group:<group id>``.
         sender: sending user; ``outgoing`` tells whether it is us.
-        type: ``text``, ``attachment``, ``group``, ``timer``...
+        type: ``text``, ``attachment``, ``group``, ``timer``, or one of the
+            :data:`NOTICE_TYPES`...
         text: the text (after edits); None once deleted or expired.
         status: for outgoing messages the best status over all recipients
             (``pending``, ``sent``, ``delivered``, ``read``); ``received`` for
@@ -657,6 +666,7 @@ class History:
             f"(SELECT count(*) FROM app_messages u WHERE u.chat_id = c.id AND {_UNREAD}) "
             "AS c_unread, m.* FROM app_chats c LEFT JOIN app_messages m ON m.rowid = ("
             "SELECT l.rowid FROM app_messages l WHERE l.chat_id = c.id AND l.deleted IS NOT 2 "
+            f"AND l.type NOT IN {_NOTICE_SQL} "
             "ORDER BY l.seq DESC LIMIT 1) ORDER BY c.last_message_at DESC NULLS LAST"
         )
         return [

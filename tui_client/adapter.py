@@ -41,8 +41,8 @@ from e2ee.events import (
     ReceiptUpdated,
     Typing,
 )
+from e2ee.history import NOTICE_TYPES, StoredMessage, direct_chat_id, group_chat_id
 from e2ee.history import ChatSummary as SdkChatSummary
-from e2ee.history import StoredMessage, direct_chat_id, group_chat_id
 from e2ee.qr import qr_terminal
 from e2ee.store.sealing import KdfLimits
 
@@ -123,6 +123,11 @@ class MessageView:
     attachment: AttachmentInfo | None = None
     seq: int = 0
 
+    @property
+    def is_notice(self) -> bool:
+        """A notice kept in history (missed or unreadable messages), not a message."""
+        return self.kind in NOTICE_TYPES
+
 
 @dataclass(frozen=True, slots=True)
 class ChatSummary:
@@ -134,6 +139,8 @@ class ChatSummary:
     unread: int
     last_text: str
     last_at: int | None
+    #: A group we are no longer a member of (we left or were removed): not listed.
+    left: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,6 +543,10 @@ class Messenger:
             text = last.text or ""
         if last is not None and last.outgoing and text:
             text = "you: " + text
+        left = False
+        if chat.kind == "group" and chat.group_id:
+            group = self._client.history.group(chat.group_id)
+            left = group is not None and not group["member"]
         return ChatSummary(
             chat_id=chat.id,
             kind="group" if chat.kind == "group" else "direct",
@@ -543,20 +554,17 @@ class Messenger:
             unread=found.unread,
             last_text=text.replace("\n", " "),
             last_at=chat.last_message_at,
+            left=left,
         )
 
     def _summaries(self) -> list[ChatSummary]:
         # One query for every chat's unread count and newest message (the SDK's
         # chat_summaries); groups we left are not listed.
-        out = []
-        for found in self._client.history.chat_summaries():
-            chat = found.chat
-            if chat.kind == "group" and chat.group_id:
-                group = self._client.history.group(chat.group_id)
-                if group is not None and not group["member"]:
-                    continue
-            out.append(self._summary(found))
-        return out
+        return [
+            summary
+            for summary in map(self._summary, self._client.history.chat_summaries())
+            if not summary.left
+        ]
 
     async def chats(self) -> list[ChatSummary]:
         """Every chat, most recently active first."""
@@ -859,6 +867,13 @@ class Messenger:
                 if state == "closed":
                     return ConnectionChanged(state, 0, None)
                 return ConnectionChanged(state, await self.queued_count(), retry_in)
+            case (
+                GapDetected(notice=StoredMessage() as notice)
+                | DecryptionProblem(notice=StoredMessage() as notice)
+            ):
+                # Kept in history by the SDK: shown in place like a message, and
+                # again whenever that part of the chat is loaded (also after a restart).
+                return NewMessage(await asyncio.to_thread(self._view, notice))
             case GapDetected(chat_id=chat_id, user=user, missed=missed):
                 plural = "s" if missed != 1 else ""
                 return Notice(chat_id, f"{missed} message{plural} from {user} never arrived")

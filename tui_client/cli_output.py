@@ -20,7 +20,7 @@ from e2ee.events import (
     IdentityChanged,
     MessageChanged,
 )
-from e2ee.history import StoredMessage
+from e2ee.history import NOTICE_TYPES, StoredMessage
 
 __all__ = [
     "AttachmentInfo",
@@ -213,6 +213,8 @@ def human_message(
         parts.append("(group change)")
     elif message.type == "timer":
         parts.append(f"(disappearing-message timer set to {message.text or '?'})")
+    elif message.type in NOTICE_TYPES:
+        parts.append("(notice)")
     if attachment is not None:
         parts.append(
             f"[file {clean(attachment.name, newlines=False)}, {attachment.size} bytes, "

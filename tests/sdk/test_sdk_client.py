@@ -229,10 +229,27 @@ async def test_gap_detected_when_relay_drops_a_message(
         async with bob2:
             gap = await wait_for(events, lambda e: isinstance(e, GapDetected))
             assert (gap.user, gap.missed, gap.chat_id) == ("alice", 2, direct_chat_id("alice"))
-            texts = [m.text for m in bob2.history.messages(direct_chat_id("alice"))]
-            assert texts == ["one", "four"]
+            await wait_for(events, lambda e: isinstance(e, MessageReceived))
     finally:
         await bob2.close()
+    # The gap is recorded in the chat, just before the message that revealed it, and it
+    # is still there when the app opens the data directory again.
+    bob3 = await Client.open(tmp_path / "bob", options=fast_options)
+    try:
+        shown = [(m.type, m.text) for m in bob3.history.messages(direct_chat_id("alice"))]
+        assert shown == [
+            ("text", "one"),
+            ("gap", "2 messages from alice never arrived"),
+            ("text", "four"),
+        ]
+        assert gap.notice is not None and gap.notice.type == "gap"
+        assert bob3.history.message(gap.notice.id) == gap.notice
+        # A notice is neither unread nor the chat's preview.
+        (summary,) = bob3.history.chat_summaries()
+        assert summary.unread == 2 and summary.last_message is not None
+        assert summary.last_message.text == "four"
+    finally:
+        await bob3.close()
 
 
 async def test_typing_reactions_edit_delete(make_client: MakeClient, wait_for: WaitFor) -> None:
@@ -467,6 +484,16 @@ async def test_decryption_problem_is_reported_and_repaired(
         await alice.send_text("bob", "after repair")
         got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.text == "after repair"
+        # Recorded in the chat where it happened, between the two readable messages.
+        shown = [(m.type, m.text) for m in bob.history.messages(direct_chat_id("alice"))]
+        assert problem.notice is not None
+        assert shown == [
+            ("text", "one"),
+            ("undecryptable", problem.notice.text),
+            ("text", "after repair"),
+        ]
+        assert problem.notice.text is not None and "could not be read" in problem.notice.text
+        assert "mangled" not in problem.notice.text
 
 
 async def test_identity_change_event_on_first_contact(

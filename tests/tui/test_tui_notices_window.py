@@ -48,7 +48,10 @@ def _rows(listed: MessageList) -> list[str]:
         if option.id is None or option.id.startswith("day:"):
             continue
         found = listed.message(option.id)
-        out.append(found.text or "" if found is not None else str(option.prompt))
+        if found is None or found.is_notice:  # a notice (stored in history, or the session's)
+            out.append(str(option.prompt))
+        else:
+            out.append(found.text or "")
     return out
 
 
@@ -79,6 +82,15 @@ async def test_a_message_lost_at_the_relay_shows_a_missed_message_notice(
         screen.open_chat("dm:nobody")
         await until(pilot, lambda: listed.chat_id == "dm:nobody")
         screen.open_chat(direct_chat_id("bob"))
+        await until(pilot, lambda: "after the gap" in _rows(listed))
+        assert _rows(listed) == ["ⓘ 1 message from bob never arrived", "after the gap"]
+    # The notice is kept in history: after a restart of the app it is still in place.
+    backend = await tui_opener("alice").open(None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await _main(pilot)
+        screen.open_chat(direct_chat_id("bob"))
+        listed = screen.query_one(MessageList)
         await until(pilot, lambda: "after the gap" in _rows(listed))
         assert _rows(listed) == ["ⓘ 1 message from bob never arrived", "after the gap"]
 

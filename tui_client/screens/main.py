@@ -457,6 +457,11 @@ class MainScreen(Screen[None]):
 
     @on(ChatRefreshed)
     def _chat_refreshed(self, message: ChatRefreshed) -> None:
+        if message.chat.left and message.chat.chat_id != self.chat_id:
+            # A refresh queued before we left must not bring the group back (one we
+            # were removed from stays listed while it is open, as on the open screen).
+            self.chat_list.remove_chat(message.chat.chat_id)
+            return
         self.chat_list.set_clock(self._clock())
         self.chat_list.upsert(message.chat)
         if message.chat.chat_id == self.chat_id:
@@ -540,6 +545,8 @@ class MainScreen(Screen[None]):
                     self._incoming.append(m)
                     if m.outgoing:
                         self._flush_incoming()
+                elif m.is_notice:
+                    self.notify(m.text or "", severity="warning")
                 elif not m.outgoing and m.kind in ("text", "attachment"):
                     title = self.chat_list.get(m.chat_id)
                     where = title.title if title else m.chat_id

@@ -411,7 +411,10 @@ class MessageList(OptionList):
     def _option(self, message: MessageView) -> Option:
         option = self._row_options.get(message.id)
         if option is None:
-            option = self._row_options[message.id] = Option(self._prompt(message), id=message.id)
+            # A stored notice is shown like the session's notices: not selectable.
+            option = self._row_options[message.id] = Option(
+                self._prompt(message), id=message.id, disabled=message.is_notice
+            )
         return option
 
     def _day_option(self, ms: int) -> Option:
@@ -464,6 +467,8 @@ class MessageList(OptionList):
             self._rebuilding = False
 
     def _prompt(self, m: MessageView) -> Text:
+        if m.is_notice:
+            return Text(f"ⓘ {m.text or ''}", style=self._style("notice"))
         if m.kind not in ("text", "attachment"):
             label = {"group": "group updated", "timer": "timer changed"}.get(m.kind, m.kind)
             return Text(f"· {m.sender}: {m.text or label}", style=self._style("system"))
