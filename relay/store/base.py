@@ -151,9 +151,10 @@ class StoreLimits:
     that many write operations per transaction, and at least that many milliseconds between the
     starts of two transactions while writes keep arriving (a writer that has been idle for the
     interval commits at once). The interval trades at most that much latency for fewer, larger
-    commits: each commit costs a fixed ~170 us of CPU (fsync included) plus one page write per
-    table and index touched, so at a few thousand messages per second small commits would cost
-    more than the messages themselves (docs/performance-relay.md, third session).
+    commits. The default 0 needs no pacing: the writer already groups every write that arrives
+    while the previous transaction commits, so batches grow with the load by themselves; pacing
+    only pays off where a commit's fixed cost is large against the CPU left for the messages
+    (a slow disk). Measured both ways in docs/performance-relay.md (fourth session).
     """
 
     max_devices_per_user: int = 127
@@ -164,7 +165,7 @@ class StoreLimits:
     blob_ttl_ms: int = 30 * 86400 * 1000
     dedupe_window_ms: int = 86400 * 1000
     write_batch_max: int = 2000
-    write_batch_interval_ms: float = 2.0
+    write_batch_interval_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,7 @@ log = logging.getLogger("relay.store")
 
 SCHEMA_VERSION = 1
 _SWEEP_CHUNK = 5000
+_STATEMENT_CACHE = 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
@@ -123,7 +124,11 @@ def _ack_delete_sql(n: int) -> str:
 
 
 def _connect(path: Path, *, readonly: bool, cache_kib: int) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # Batches bind a variable number of rows, so each statement family has one SQL text per row
+    # count; a large statement cache keeps all of them prepared instead of re-parsing them.
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, cached_statements=_STATEMENT_CACHE
+    )
     conn.execute("PRAGMA busy_timeout=10000")
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
