@@ -35,9 +35,9 @@ from typing import Any, Literal
 from aiohttp import web
 
 from relay.app import RelayState
-from relay.config import WORKERS_MAX, RelayConfig
+from relay.config import WORKER_DATAGRAM_BYTES_MAX, WORKERS_MAX, RelayConfig
 from relay.errors import RelayError, StorageError
-from relay.hub import CLOSE_DEVICE_REMOVED, CLOSE_REPLACED, Connection
+from relay.hub import CLOSE_DEVICE_REMOVED, CLOSE_REPLACED, CLOSE_RESYNC, Connection
 from relay.store.base import Address, Delivery
 from relay.store.sqlite import SqliteRelayStore
 
@@ -55,14 +55,10 @@ __all__ = [
 log = logging.getLogger("relay.cluster")
 
 WORKER_HEADER = "X-Blindpost-Worker"  # names the worker on every response, the 101 included
-_LISTEN_BACKLOG = 4096
-_FIRST_BACKOFF = 0.1  # seconds before the first restart of a crashed worker; doubles per crash
-_STABLE_AFTER = 30.0  # a worker that ran this long before crashing restarts with the first backoff
-_STOP_GRACE = 15.0  # beyond shutdown_timeout_seconds, before stuck workers are killed
-_PUMP_ROWS = 1000  # mailbox rows scanned per read of the delivery pump
-_PUMP_BYTES = 4 * 1024 * 1024  # bodies read per page of the delivery pump
-_DATAGRAM_BYTES = 16 * 1024  # lines packed into one datagram
-_OUTBOX_MAX_LINES = 100_000  # per peer; beyond it (a peer not reading) the oldest are dropped
+# The limits and timers an operator may tune are RelayConfig settings (listen_backlog and
+# worker_*). This one is not: it only spaces retries to a peer whose socket queue is full, the
+# queue it refills is bounded by worker_outbox_max_lines, and the peer's own safety poll
+# (worker_poll_seconds) bounds how late it learns of a commit whatever the retry interval.
 _RETRY_SEND = 0.01  # seconds before retrying a datagram to a peer whose queue was full
 _SUN_PATH_MAX = 107  # bytes of a Unix socket path (Linux sun_path, minus the NUL)
 _PR_SET_PDEATHSIG = 1
@@ -83,7 +79,8 @@ def worker_socket_path(run_dir: Path, index: int) -> Path:
 
 
 def bind_listener(config: RelayConfig) -> socket.socket:
-    """Bind and listen on ``config.host:config.port`` (port 0 picks a free one).
+    """Bind and listen on ``config.host:config.port`` (port 0 picks a free one), with an accept
+    queue of ``config.listen_backlog``.
 
     Raises:
         OSError: the address cannot be resolved or bound.
@@ -96,7 +93,7 @@ def bind_listener(config: RelayConfig) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(addr)
-        sock.listen(_LISTEN_BACKLOG)
+        sock.listen(config.listen_backlog)
     except OSError:
         sock.close()
         raise
@@ -246,7 +243,7 @@ def run_supervisor(config: RelayConfig) -> int:
                         log.info("shutting down %d workers", count)
                         stopping = True
                         stop_deadline = time.monotonic() + config.shutdown_timeout_seconds
-                        stop_deadline += _STOP_GRACE
+                        stop_deadline += config.worker_stop_grace_seconds
                     forward(sig)
             while True:
                 try:
@@ -272,15 +269,15 @@ def run_supervisor(config: RelayConfig) -> int:
                     status = 1
                     stopping = True
                     stop_deadline = time.monotonic() + config.shutdown_timeout_seconds
-                    stop_deadline += _STOP_GRACE
+                    stop_deadline += config.worker_stop_grace_seconds
                     forward(signal.SIGTERM)
                     continue
                 now = time.monotonic()
-                if now - child.started >= _STABLE_AFTER:
+                if now - child.started >= config.worker_restart_reset_seconds:
                     child.crashes = 0
                 delay = min(
                     config.worker_restart_max_backoff_seconds,
-                    _FIRST_BACKOFF * (2**child.crashes),
+                    config.worker_restart_first_backoff_seconds * (2**child.crashes),
                 )
                 child.crashes = min(child.crashes + 1, 30)
                 child.restart_at = now + delay
@@ -424,17 +421,27 @@ class WorkerLink:
     Args:
         state: the worker's relay state (its store must be a ``SqliteRelayStore``).
         ident: this worker's identity.
-        poll_seconds: safety-poll interval of the delivery pump.
+        config: the settings it reads: ``worker_poll_seconds`` (safety-poll interval of the
+            delivery pump), ``worker_pump_rows`` and ``worker_pump_bytes`` (page size of the
+            pump's reads), ``worker_datagram_bytes`` (datagram size) and
+            ``worker_outbox_max_lines`` (lines queued per peer).
+
+    Raises:
+        relay.errors.StorageError: the store is not a ``SqliteRelayStore``.
     """
 
-    def __init__(self, state: RelayState, ident: WorkerIdentity, poll_seconds: float) -> None:
+    def __init__(self, state: RelayState, ident: WorkerIdentity, config: RelayConfig) -> None:
         store = state.store
         if not isinstance(store, SqliteRelayStore):
             raise StorageError("workers > 1 need the SQLite store")
         self._state = state
         self._store = store
         self._ident = ident
-        self._poll_seconds = poll_seconds
+        self._poll_seconds = config.worker_poll_seconds
+        self._pump_rows = config.worker_pump_rows
+        self._pump_bytes = config.worker_pump_bytes
+        self._datagram_bytes = config.worker_datagram_bytes
+        self._outbox_max_lines = config.worker_outbox_max_lines
         self._cursor = 0
         self._wanted = False
         self._closing = False
@@ -546,7 +553,7 @@ class WorkerLink:
             try:
                 while more:
                     cursor, more, deliveries = await self._store.fetch_committed_after(
-                        self._cursor, _PUMP_ROWS, _PUMP_BYTES, wanted
+                        self._cursor, self._pump_rows, self._pump_bytes, wanted
                     )
                     if cursor > self._cursor:
                         self._cursor = cursor
@@ -595,6 +602,16 @@ class WorkerLink:
         self._state.keys.pop(addr, None)
         self._state.hub.kick_device(addr, CLOSE_DEVICE_REMOVED, "device removed")
 
+    def _on_resync(self) -> None:
+        # A peer had to drop lines queued for this worker (the outbox cap), so an ``A`` or an
+        # ``R`` may be among them: forget every cached auth key (a removed device's included)
+        # and close every socket (an older connection of a device that moved is among them);
+        # the clients reconnect and authenticate against the database.
+        self._state.keys.clear()
+        closed = self._state.hub.kick_all(CLOSE_RESYNC, "worker resync")
+        log.warning("worker %d resynchronised: %d sockets closed", self._ident.index, closed)
+        self.wake()
+
     # -- datagrams -----------------------------------------------------------------------
 
     def _on_readable(self) -> None:
@@ -603,7 +620,9 @@ class WorkerLink:
             return
         for _ in range(256):
             try:
-                data = sock.recv(65536)
+                # The largest datagram any worker may send (all are forked with one config, but
+                # a short read would cut a line and could misname a device in an ``A`` line).
+                data = sock.recv(WORKER_DATAGRAM_BYTES_MAX)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -623,6 +642,8 @@ class WorkerLink:
                 self._on_remote_attach(int(parts[1]), int(parts[2]), addr)
             elif kind == "R" and len(parts) == 3:
                 self._on_remote_removed(Address(parts[2], int(parts[1])))
+            elif kind == "X" and len(parts) == 1:
+                self._on_resync()
         except ValueError:
             log.warning("ignored a malformed worker datagram line (%d bytes)", len(line))
 
@@ -630,11 +651,13 @@ class WorkerLink:
         for peer in self._peers:
             box = self._outbox[peer]
             box.append(line)
-            if len(box) > _OUTBOX_MAX_LINES:
-                del box[: len(box) - _OUTBOX_MAX_LINES]
+            if len(box) > self._outbox_max_lines:
+                # Attach and removal lines must not vanish silently (the peer would keep a
+                # removed device's key or a replaced socket): they become one resync order.
+                box[:] = ["X"]
                 self._dropped_lines += 1
                 if self._dropped_lines == 1:
-                    log.warning("worker %d is not reading its datagrams; dropping", peer)
+                    log.warning("worker %d is not reading its datagrams; it will resync", peer)
         self._schedule_flush()
 
     def _schedule_flush(self, delay: float = 0.0) -> None:
@@ -663,7 +686,7 @@ class WorkerLink:
                 chunk: list[str] = []
                 size = 0
                 for line in box:
-                    if chunk and size + len(line) + 1 > _DATAGRAM_BYTES:
+                    if chunk and size + len(line) + 1 > self._datagram_bytes:
                         break
                     chunk.append(line)
                     size += len(line) + 1

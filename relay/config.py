@@ -14,8 +14,11 @@ from typing import Any
 
 __all__ = [
     "ENV_PREFIX",
+    "LISTEN_BACKLOG_MAX",
     "SETTING_HELP",
     "WORKERS_MAX",
+    "WORKER_DATAGRAM_BYTES_MAX",
+    "WORKER_DATAGRAM_BYTES_MIN",
     "ConfigError",
     "RelayConfig",
     "default_data_dir",
@@ -26,6 +29,12 @@ ENV_PREFIX = "BLINDPOST_RELAY_"
 # "Scale-out"), so reads grow with N; beyond a few dozen workers that amplification, not CPU,
 # would dominate. A hard bound keeps a typo (workers=1000) from forking a thousand processes.
 WORKERS_MAX = 64
+# A worker datagram carries whole lines of ids and numbers (each under 100 bytes: usernames are
+# at most 32 characters), so 1 KiB always fits one; 64 KiB stays well under the kernel's
+# AF_UNIX send buffer, and every worker receives with a buffer of the maximum.
+WORKER_DATAGRAM_BYTES_MIN = 1024
+WORKER_DATAGRAM_BYTES_MAX = 65536
+LISTEN_BACKLOG_MAX = 65535  # the kernel silently caps it further at net.core.somaxconn
 
 
 class ConfigError(ValueError):
@@ -85,9 +94,24 @@ SETTING_HELP: dict[str, str] = {
     "workers": f"worker processes sharing the listening socket and the database (1..{WORKERS_MAX});"
     " 1 = one process, no supervisor",
     "worker_restart_max_backoff_seconds": "with workers > 1: the longest wait before a crashed"
-    " worker is restarted (the wait doubles per crash from 0.1 s)",
+    " worker is restarted (the wait doubles per crash from worker_restart_first_backoff_seconds)",
+    "worker_restart_first_backoff_seconds": "with workers > 1: the wait before a crashed worker"
+    " is first restarted",
+    "worker_restart_reset_seconds": "with workers > 1: a worker that ran this long before"
+    " crashing restarts after the first backoff again",
+    "worker_stop_grace_seconds": "with workers > 1: on SIGTERM, workers still running"
+    " shutdown_timeout_seconds + this later are killed (exit status 1)",
     "worker_poll_seconds": "with workers > 1: how often a worker also looks for commits no peer"
     " signalled (a lost datagram delays a push by at most this)",
+    "worker_pump_rows": "with workers > 1: mailbox rows a worker's delivery pump scans per read",
+    "worker_pump_bytes": "with workers > 1: message bodies a delivery pump reads per page"
+    " (at least one message per page)",
+    "worker_datagram_bytes": "with workers > 1: max size of one datagram between workers"
+    f" ({WORKER_DATAGRAM_BYTES_MIN}..{WORKER_DATAGRAM_BYTES_MAX})",
+    "worker_outbox_max_lines": "with workers > 1: datagram lines queued per peer that is not"
+    " reading; beyond it they become one resync order (that worker closes its sockets, 1012)",
+    "listen_backlog": f"TCP accept queue length (1..{LISTEN_BACKLOG_MAX}; the kernel caps it"
+    " at net.core.somaxconn)",
 }
 
 
@@ -133,7 +157,15 @@ class RelayConfig:
     switch_interval_ms: float = 0.5
     workers: int = 1
     worker_restart_max_backoff_seconds: float = 10.0
+    worker_restart_first_backoff_seconds: float = 0.1
+    worker_restart_reset_seconds: float = 30.0
+    worker_stop_grace_seconds: float = 15.0
     worker_poll_seconds: float = 1.0
+    worker_pump_rows: int = 1000
+    worker_pump_bytes: int = 4 * 1024 * 1024
+    worker_datagram_bytes: int = 16 * 1024
+    worker_outbox_max_lines: int = 100_000
+    listen_backlog: int = 4096
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -152,13 +184,32 @@ class RelayConfig:
             "ws_max_inflight_sends",
             "write_batch_max",
             "auth_window_seconds",
+            # Checked whatever ``workers`` is, so a bad value fails now, not when N is raised.
+            # Zero would mean a pump that reads nothing, crashed workers restarted in a tight
+            # loop (no first wait, or never any doubling), workers killed the moment the
+            # shutdown timeout ends, or an outbox that drops every line.
+            "worker_restart_first_backoff_seconds",
+            "worker_restart_reset_seconds",
+            "worker_stop_grace_seconds",
+            "worker_pump_rows",
+            "worker_pump_bytes",
+            "worker_outbox_max_lines",
         ):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive")
+                raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
         if not 1 <= self.workers <= WORKERS_MAX:
             raise ConfigError(
                 f"workers must be 1..{WORKERS_MAX} (got {self.workers}); each worker is a"
                 " process with its own database connections"
+            )
+        if not WORKER_DATAGRAM_BYTES_MIN <= self.worker_datagram_bytes <= WORKER_DATAGRAM_BYTES_MAX:
+            raise ConfigError(
+                f"worker_datagram_bytes must be {WORKER_DATAGRAM_BYTES_MIN}.."
+                f"{WORKER_DATAGRAM_BYTES_MAX} (got {self.worker_datagram_bytes})"
+            )
+        if not 1 <= self.listen_backlog <= LISTEN_BACKLOG_MAX:
+            raise ConfigError(
+                f"listen_backlog must be 1..{LISTEN_BACKLOG_MAX} (got {self.listen_backlog})"
             )
         if self.workers > 1 and self.worker_poll_seconds <= 0:
             raise ConfigError("worker_poll_seconds must be positive when workers > 1")
@@ -245,5 +296,7 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
         if kind is float:
             return float(value)
         return str(value)
+    except ConfigError:  # a ValueError too: keep its specific message
+        raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: invalid value {value!r}") from exc

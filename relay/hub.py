@@ -41,6 +41,7 @@ __all__ = [
 log = logging.getLogger("relay.hub")
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_RESYNC = 1012  # "service restart": this worker lost track of its peers; reconnect
 CLOSE_REPLACED = 4001
 CLOSE_TOO_SLOW = 4002
 CLOSE_DEVICE_REMOVED = 4003
@@ -226,6 +227,13 @@ class Hub:
         task = asyncio.get_running_loop().create_task(self._close(conn, code, reason))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def kick_all(self, code: int, reason: str) -> int:
+        """Close every live connection; return how many."""
+        conns = list(self._conns.values())
+        for conn in conns:
+            self.kick(conn, code, reason)
+        return len(conns)
 
     def kick_device(self, addr: Address, code: int, reason: str) -> None:
         """Close the device's live connection, if any."""

@@ -71,7 +71,7 @@ async def serve(
     await runner.setup()
     link: WorkerLink | None = None
     if worker is not None:
-        link = WorkerLink(app[STATE_KEY], worker, config.worker_poll_seconds)
+        link = WorkerLink(app[STATE_KEY], worker, config)
         try:
             await link.start()
         except BaseException:
@@ -87,10 +87,10 @@ async def serve(
 
     try:
         if sock is not None:
-            listener = await loop.create_server(factory, sock=sock, backlog=4096)
+            listener = await loop.create_server(factory, sock=sock, backlog=config.listen_backlog)
         else:
             listener = await loop.create_server(
-                factory, config.host, config.port, reuse_address=True, backlog=4096
+                factory, config.host, config.port, reuse_address=True, backlog=config.listen_backlog
             )
     except OSError:
         if link is not None:

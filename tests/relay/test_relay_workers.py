@@ -17,10 +17,12 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,9 +31,23 @@ import pytest
 from relay_process import RelayProcess, wait_until
 from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_mid, next_frame, unb64
 
-from relay.cluster import WORKER_HEADER, ProcessSharedLock
-from relay.config import WORKERS_MAX
-from relay.store.base import Envelope, StoredMessage
+from relay.app import STATE_KEY, create_app
+from relay.cluster import (
+    WORKER_HEADER,
+    ProcessSharedLock,
+    WorkerIdentity,
+    WorkerLink,
+    worker_socket_path,
+)
+from relay.config import (
+    LISTEN_BACKLOG_MAX,
+    WORKER_DATAGRAM_BYTES_MAX,
+    WORKER_DATAGRAM_BYTES_MIN,
+    WORKERS_MAX,
+    ConfigError,
+    RelayConfig,
+)
+from relay.store.base import Address, Envelope, StoredMessage
 from relay.wire import decode_deliver, encode_send
 
 CONNECT_ATTEMPTS = 200  # reconnects until the kernel hands the socket to the wanted worker
@@ -223,6 +239,52 @@ async def test_removed_device_is_closed_and_refused_on_every_worker(
     finally:
         for c in on:
             await c.session.close()
+
+
+async def test_resync_order_forgets_cached_keys_and_closes_sockets(
+    relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
+) -> None:
+    """A worker told to resync (``X``, what a peer sends when it had to drop lines queued for
+    it) closes every socket with 1012 and forgets every cached auth key, so a removal whose
+    ``R`` line it never got takes effect there too."""
+    relay = workers_relay(relay_factory)
+    on1 = await pinned_client(relay.url, 1)
+    try:
+        owner = await on1.new_device("owner")
+        second = await on1.add_device(owner, 2)
+        r = await on1.request(second, "GET", "/v1/keys/count")  # worker 1 caches the key
+        assert (r.status, r.headers[WORKER_HEADER]) == (200, "1")
+        ws = await ws_on(RelayClient(relay.url, session), second, 1)
+        await drain_until_empty(ws)
+        # Worker 1's datagram socket is moved away while worker 0 removes the device: the
+        # ``R`` line is lost, and worker 1 still takes the removed device's cached key.
+        sock_path = worker_socket_path(relay.data_dir / "run", 1)
+        away = sock_path.with_name("away.sock")
+        sock_path.rename(away)
+        on0 = await pinned_client(relay.url, 0)
+        try:
+            r = await on0.request(owner, "DELETE", "/v1/devices/2")
+            assert (r.status, r.headers[WORKER_HEADER]) == (200, "0")
+            await asyncio.sleep(0.5)  # worker 0 sends the line soon after answering
+        finally:
+            await on0.session.close()
+            away.rename(sock_path)
+        r = await on1.request(second, "GET", "/v1/keys/count")
+        assert (r.status, r.headers[WORKER_HEADER]) == (200, "1")  # the gap the order closes
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            peer.sendto(b"X", os.fspath(sock_path))
+        finally:
+            peer.close()
+        closed = await ws.receive(timeout=5)
+        assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 1012
+        r = await on1.request(second, "GET", "/v1/keys/count")
+        assert (r.status, r.headers[WORKER_HEADER]) == (401, "1")
+        r = await on1.request(owner, "GET", "/v1/keys/count")  # others authenticate again
+        assert (r.status, r.headers[WORKER_HEADER]) == (200, "1")
+        await ws.close()
+    finally:
+        await on1.session.close()
 
 
 async def test_blob_uploaded_on_one_worker_downloads_on_the_other(
@@ -435,26 +497,36 @@ def test_workers_exit_when_the_supervisor_is_killed(
 
 
 @pytest.mark.parametrize(
-    ("how", "value", "expect"),
+    ("how", "name", "value", "expect"),
     [
-        ("flag", "0", f"workers must be 1..{WORKERS_MAX}"),
-        ("flag", str(WORKERS_MAX + 1), f"workers must be 1..{WORKERS_MAX}"),
-        ("env", "0", f"workers must be 1..{WORKERS_MAX}"),
-        ("toml", "1000", f"workers must be 1..{WORKERS_MAX}"),
-        ("flag", "two", "workers: invalid value 'two'"),
+        ("flag", "workers", "0", f"workers must be 1..{WORKERS_MAX}"),
+        ("flag", "workers", str(WORKERS_MAX + 1), f"workers must be 1..{WORKERS_MAX}"),
+        ("env", "workers", "0", f"workers must be 1..{WORKERS_MAX}"),
+        ("toml", "workers", "1000", f"workers must be 1..{WORKERS_MAX}"),
+        ("flag", "workers", "two", "workers: invalid value 'two'"),
+        (
+            "flag",
+            "worker_datagram_bytes",
+            "100",
+            "worker_datagram_bytes must be 1024..65536 (got 100)",
+        ),
+        ("env", "worker_pump_rows", "0", "worker_pump_rows must be positive (got 0)"),
+        ("toml", "worker_outbox_max_lines", "0", "worker_outbox_max_lines must be positive"),
+        ("flag", "listen_backlog", "0", "listen_backlog must be 1..65535 (got 0)"),
     ],
 )
-def test_bad_workers_setting_is_refused_clearly(
-    tmp_path: Path, how: str, value: str, expect: str
+def test_bad_worker_setting_is_refused_clearly(
+    tmp_path: Path, how: str, name: str, value: str, expect: str
 ) -> None:
     args = [sys.executable, "-m", "relay", "--port", "0", "--data", str(tmp_path / "d")]
+    args += ["--set", "workers=2"] if name != "workers" else []
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_RELAY_")}
     if how == "flag":
-        args += ["--set", f"workers={value}"]
+        args += ["--set", f"{name}={value}"]
     elif how == "env":
-        env["BLINDPOST_RELAY_WORKERS"] = value
+        env[f"BLINDPOST_RELAY_{name.upper()}"] = value
     else:
-        (tmp_path / "relay.toml").write_text(f"[relay]\nworkers = {value}\n")
+        (tmp_path / "relay.toml").write_text(f"[relay]\n{name} = {value}\n")
         args += ["--config", str(tmp_path / "relay.toml")]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 2
@@ -462,12 +534,257 @@ def test_bad_workers_setting_is_refused_clearly(
     assert not (tmp_path / "d").exists()  # refused before anything was created
 
 
+@pytest.mark.parametrize(
+    ("changes", "expect"),
+    [
+        ({"worker_pump_rows": 0}, "worker_pump_rows must be positive"),
+        ({"worker_pump_bytes": 0}, "worker_pump_bytes must be positive"),
+        ({"worker_datagram_bytes": WORKER_DATAGRAM_BYTES_MIN - 1}, "worker_datagram_bytes must"),
+        ({"worker_datagram_bytes": WORKER_DATAGRAM_BYTES_MAX + 1}, "worker_datagram_bytes must"),
+        ({"worker_outbox_max_lines": 0}, "worker_outbox_max_lines must be positive"),
+        ({"worker_stop_grace_seconds": 0}, "worker_stop_grace_seconds must be positive"),
+        ({"worker_restart_first_backoff_seconds": 0}, "first_backoff_seconds must be positive"),
+        ({"worker_restart_reset_seconds": 0}, "worker_restart_reset_seconds must be positive"),
+        ({"worker_pump_bytes": -1}, "worker_pump_bytes must not be negative"),
+        ({"listen_backlog": 0}, "listen_backlog must be 1..65535"),
+        ({"listen_backlog": LISTEN_BACKLOG_MAX + 1}, "listen_backlog must be 1..65535"),
+        ({"worker_pump_rows": 1.5}, "worker_pump_rows must be an integer"),
+    ],
+)
+def test_worker_limits_are_validated(changes: dict[str, object], expect: str) -> None:
+    # Checked with workers=1 too: a bad value fails at once, not when workers is raised later.
+    for workers in (1, 2):
+        with pytest.raises(ConfigError, match=re.escape(expect)):
+            RelayConfig(workers=workers).replace(**changes)
+
+
+def test_worker_limit_bounds_are_accepted() -> None:
+    low = RelayConfig().replace(
+        worker_pump_rows=1,
+        worker_pump_bytes=1,
+        worker_datagram_bytes=WORKER_DATAGRAM_BYTES_MIN,
+        worker_outbox_max_lines=1,
+        listen_backlog=1,
+    )
+    assert (low.worker_pump_rows, low.worker_datagram_bytes, low.listen_backlog) == (1, 1024, 1)
+    high = RelayConfig().replace(
+        worker_datagram_bytes=WORKER_DATAGRAM_BYTES_MAX, listen_backlog=LISTEN_BACKLOG_MAX
+    )
+    assert (high.worker_datagram_bytes, high.listen_backlog) == (65536, 65535)
+    defaults = RelayConfig()  # the values the relay used before these were settings
+    assert (
+        defaults.worker_pump_rows,
+        defaults.worker_pump_bytes,
+        defaults.worker_datagram_bytes,
+        defaults.worker_outbox_max_lines,
+        defaults.worker_stop_grace_seconds,
+        defaults.worker_restart_first_backoff_seconds,
+        defaults.worker_restart_reset_seconds,
+        defaults.listen_backlog,
+    ) == (1000, 4 * 1024 * 1024, 16 * 1024, 100_000, 15.0, 0.1, 30.0, 4096)
+
+
 def test_help_documents_workers() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "relay", "--help"], capture_output=True, text=True, timeout=30
     ).stdout
-    for name in ("workers", "worker_restart_max_backoff_seconds", "worker_poll_seconds"):
+    names = [n for n in RelayConfig.__dataclass_fields__ if n.startswith("worker")]
+    assert len(names) >= 10
+    for name in [*names, "listen_backlog"]:
         assert f"BLINDPOST_RELAY_{name.upper()}" in out
+
+
+async def send_all(ws: aiohttp.ClientWebSocketResponse, envelopes: list[Envelope]) -> None:
+    """Send ``envelopes`` pipelined over one socket; every one must be answered 200."""
+    for env in envelopes:
+        await ws.send_bytes(encode_send(env))
+    waiting = {b64(env.message_id) for env in envelopes}
+    while waiting:
+        f = await next_frame(ws, timeout=10)
+        if isinstance(f, dict) and f.get("type") == "send_result":
+            assert f["status"] == 200, f
+            waiting.discard(str(f["id"]))
+
+
+async def test_small_pump_pages_push_a_burst_completely_and_in_order(
+    relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
+) -> None:
+    """With the pump reading 2 rows and 1 body per page, a burst committed on worker 0 reaches a
+    device on worker 1 whole, in order, once, past rows of an offline device in between; the
+    offline device then gets its backlog and live pushes the same way."""
+    relay = relay_factory(
+        {
+            "workers": "2",
+            "worker_poll_seconds": "30",  # pushes come from datagram wake-ups, not the poll
+            "worker_pump_rows": "2",
+            "worker_pump_bytes": "1",
+        }
+    )
+    client = RelayClient(relay.url, session)
+    alice = await client.new_device("alice")
+    bob = await client.new_device("bob")
+    carol = await client.new_device("carol")
+    ws_a = await ws_on(client, alice, 0)
+    ws_b = await ws_on(client, bob, 1)
+    assert await drain_until_empty(ws_a) == []
+    assert await drain_until_empty(ws_b) == []
+
+    to = [(carol,), (bob,), (bob, carol)]
+    burst = [
+        Envelope(new_mid(), tuple(d.addr for d in to[i % 3]), b"m%d-" % i + b"x" * (i * 7))
+        for i in range(45)
+    ]
+    await send_all(ws_a, burst)
+    for_bob = [e.message_id for e in burst if bob.addr in e.recipients]
+    for_carol = [e.message_id for e in burst if carol.addr in e.recipients]
+    got = await receive_messages(ws_b, len(for_bob))
+    assert [m.message_id for m in got] == for_bob
+    assert [m.seq for m in got] == sorted({m.seq for m in got})
+    assert [m.body for m in got] == [e.body for e in burst if bob.addr in e.recipients]
+    with pytest.raises(asyncio.TimeoutError):
+        await ws_b.receive(timeout=0.5)  # nothing more: no duplicate pushes
+
+    ws_c = await ws_on(client, carol, 1)
+    assert [m.message_id for m in await drain_until_empty(ws_c)] == for_carol
+    live = [Envelope(new_mid(), (carol.addr,), b"live%d" % i) for i in range(6)]
+    await send_all(ws_a, live)
+    got = await receive_messages(ws_c, len(live))
+    assert [m.message_id for m in got] == [e.message_id for e in live]
+    for ws in (ws_a, ws_b, ws_c):
+        await ws.close()
+
+
+async def test_safety_poll_pushes_when_datagrams_are_lost(
+    relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
+) -> None:
+    """Worker 1's datagram socket is unlinked, so worker 0's "committed" signals never reach it:
+    with worker_poll_seconds=0.2 its safety poll still pushes every message, in order (with the
+    30 s poll the other tests use, this would time out)."""
+    relay = relay_factory(
+        {
+            "workers": "2",
+            "worker_poll_seconds": "0.2",
+            "worker_outbox_max_lines": "1",
+            "worker_datagram_bytes": str(WORKER_DATAGRAM_BYTES_MIN),
+        }
+    )
+    client = RelayClient(relay.url, session)
+    alice = await client.new_device("alice")
+    bob = await client.new_device("bob")
+    ws_a = await ws_on(client, alice, 0)
+    ws_b = await ws_on(client, bob, 1)
+    assert await drain_until_empty(ws_a) == []
+    assert await drain_until_empty(ws_b) == []
+    worker_socket_path(relay.data_dir / "run", 1).unlink()
+    for round_ in range(2):
+        burst = [Envelope(new_mid(), (bob.addr,), b"r%d-%d" % (round_, i)) for i in range(20)]
+        started = time.monotonic()
+        await send_all(ws_a, burst)
+        got = await receive_messages(ws_b, len(burst))
+        assert [m.message_id for m in got] == [e.message_id for e in burst]
+        assert time.monotonic() - started < 5
+    with pytest.raises(asyncio.TimeoutError):
+        await ws_b.receive(timeout=0.5)
+    for ws in (ws_a, ws_b):
+        await ws.close()
+
+
+async def test_datagrams_respect_their_size_and_the_outbox_cap(tmp_path: Path) -> None:
+    """One worker's link, in process: lines queued for a peer that is not reading are capped at
+    worker_outbox_max_lines; on overflow they are replaced by one resync order ``X`` (attach and
+    removal lines must not vanish silently), and what follows it is sent packed in datagrams of
+    at most worker_datagram_bytes, whole lines each, in order."""
+    config = RelayConfig(
+        data_dir=tmp_path / "d",
+        workers=2,
+        worker_datagram_bytes=WORKER_DATAGRAM_BYTES_MIN,
+        worker_outbox_max_lines=40,
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    state = create_app(config)[STATE_KEY]
+    await state.store.open()
+    link = WorkerLink(state, WorkerIdentity(0, 2, run_dir), config)
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        peer.bind(os.fspath(worker_socket_path(run_dir, 1)))
+        peer.setblocking(False)
+        await link.start()
+        removed = state.device_removed_listener
+        assert removed is not None
+        users = [f"user_{i:027d}" for i in range(120)]  # 32 characters, the longest username
+        for user in users:  # synchronously: the flush runs only after all are queued
+            removed(Address(user, 7))
+        await asyncio.sleep(0.05)
+        datagrams: list[bytes] = []
+        with pytest.raises(BlockingIOError):
+            while True:
+                datagrams.append(peer.recv(WORKER_DATAGRAM_BYTES_MAX))
+        assert len(datagrams) >= 2
+        assert all(len(d) <= WORKER_DATAGRAM_BYTES_MIN for d in datagrams)
+        lines = b"\n".join(datagrams).decode().split("\n")
+        # 40 lines fill the box, the 41st turns it into ["X"], 39 more fill it to 40, the 81st
+        # resets it again: the peer gets the order and the 39 lines queued after it.
+        assert lines == ["X"] + [f"R 7 {u}" for u in users[81:]]
+    finally:
+        await link.close()
+        await state.store.close()
+        if isinstance(state.blobs.lock, ProcessSharedLock):
+            state.blobs.lock.close()
+        peer.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_listen_backlog_sizes_the_accept_queue(
+    relay_factory: Callable[..., RelayProcess], workers: int
+) -> None:
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2) to read a listening socket's backlog")
+    relay = relay_factory({"workers": str(workers), "listen_backlog": "17"})
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{relay.port}"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.split()
+    assert out[0] == "LISTEN" and out[2] == "17", out  # Send-Q of a listener is its backlog
+
+
+def test_restart_backoff_and_stop_grace_settings_apply(
+    relay_factory: Callable[..., RelayProcess],
+) -> None:
+    """A crashed worker waits worker_restart_first_backoff_seconds, doubling per crash until it
+    has run worker_restart_reset_seconds; on SIGTERM a stuck worker is killed
+    worker_stop_grace_seconds after shutdown_timeout_seconds (not the default 15 s)."""
+    relay = relay_factory(
+        {
+            "workers": "2",
+            "worker_restart_first_backoff_seconds": "0.3",
+            "worker_restart_reset_seconds": "3",
+            "shutdown_timeout_seconds": "0.5",
+            "worker_stop_grace_seconds": "0.5",
+        }
+    )
+
+    def crash_worker_1(times_ready: int) -> None:
+        os.kill(worker_pids(relay)[1], signal.SIGKILL)
+        assert wait_until(lambda: relay.log_text().count("worker 1 ready") >= times_ready, 10)
+
+    crash_worker_1(1)
+    crash_worker_1(2)  # ran well under 3 s: the wait doubles
+    time.sleep(3.5)  # ran longer than worker_restart_reset_seconds: the first wait again
+    crash_worker_1(3)
+    delays = re.findall(
+        r"worker 1 pid=\d+ exited with -9; restarting in ([\d.]+) s", relay.log_text()
+    )
+    assert delays == ["0.3", "0.6", "0.3"]
+
+    os.kill(worker_pids(relay)[0], signal.SIGSTOP)  # stuck: cannot handle SIGTERM
+    started = time.monotonic()
+    assert relay.stop(signal.SIGTERM) == 1
+    assert time.monotonic() - started < 8
+    assert "workers did not stop in time; killing them" in relay.log_text()
 
 
 async def test_blob_lock_excludes_other_processes(tmp_path: Path) -> None:
