@@ -1,35 +1,27 @@
 """Harness for the CLI tests: a real relay process and the installed ``blindpost``.
 
 Shared by the test modules through this module (not conftest, whose name is not
-unique across test folders).
+unique across test folders). The relay is :class:`relay_harness.RelayProcess`;
+what is the CLI's own is running ``blindpost`` and editing a stopped relay's database.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from relay_harness import QUIET, RelayProcess
+
 BLINDPOST = Path(sys.executable).parent / "blindpost"
-_LISTEN_RE = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
-RELAY_SETTINGS = {
-    "registration_burst": "100000",
-    "prekey_fetch_burst": "100000",
-    "ws_heartbeat_seconds": "0",
-    "sweep_interval_seconds": "0",
-}
 #: Upper bound for one CLI run; commands bound their own network waits well below it.
 RUN_TIMEOUT = 60.0
 #: Bytecode cache of the subprocesses (outside the repository; see _python_env).
@@ -49,58 +41,14 @@ def _python_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-@dataclass
-class Relay:
-    """A relay subprocess that can be stopped and started again on the same port."""
+class Relay(RelayProcess):
+    """The shared relay process (quiet settings), in the environment ``blindpost`` runs in."""
 
-    data_dir: Path
-    port: int = 0
-    proc: subprocess.Popen[str] | None = None
-    lines: list[str] = field(default_factory=list)
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir, QUIET)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        args = [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", str(self.port)]
-        args += ["--data", str(self.data_dir)]
-        for key, value in RELAY_SETTINGS.items():
-            args += ["--set", f"{key}={value}"]
-        env = _python_env({k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_")})
-        env["PYTHONUNBUFFERED"] = "1"
-        proc = subprocess.Popen(
-            args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
-        )
-        ready = threading.Event()
-        ports: list[int] = []
-
-        def pump() -> None:
-            assert proc.stderr is not None
-            for line in proc.stderr:
-                self.lines.append(line)
-                match = _LISTEN_RE.search(line)
-                if match and not ports:
-                    ports.append(int(match.group(1)))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(15) or not ports:
-            proc.kill()
-            raise RuntimeError("relay did not start:\n" + "".join(self.lines))
-        self.port = ports[0]
-        self.proc = proc
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
+    def environment(self) -> dict[str, str]:
+        return _python_env(super().environment())
 
     def forget_user(self, username: str) -> None:
         """Delete an account from the stopped relay's database.
@@ -109,7 +57,7 @@ class Relay:
         operator resetting an account, or a malicious relay swapping a user's keys,
         which is exactly what safety numbers and held sending protect against.
         """
-        assert self.proc is None, "stop the relay first"
+        assert not self.running, "stop the relay first"
         db = sqlite3.connect(self.data_dir / "relay.sqlite3")
         try:
             with db:

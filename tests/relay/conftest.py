@@ -7,14 +7,14 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from relay_process import SHARED_SETTINGS, RelayProcess, start_relay
+from relay_harness import QUIET, RelayProcess, start_relay
 from relay_testclient import RelayClient
 
 
 @pytest.fixture(scope="session")
 def shared_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
     """One relay for the whole session (unique usernames keep tests independent)."""
-    relay = start_relay(tmp_path_factory.mktemp("relay-shared"), SHARED_SETTINGS)
+    relay = start_relay(tmp_path_factory.mktemp("relay-shared"), QUIET)
     yield relay
     relay.stop()
 
@@ -27,18 +27,17 @@ def relay_factory(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     def factory(
         settings: dict[str, str] | None = None, data_dir: Path | None = None, **kw: list[str]
     ) -> RelayProcess:
-        merged = dict(SHARED_SETTINGS)
-        merged.update(settings or {})
         relay = start_relay(
-            data_dir or tmp_path / f"relay{len(started)}", merged, kw.get("extra_args")
+            data_dir or tmp_path / f"relay{len(started)}",
+            {**QUIET, **(settings or {})},
+            extra_args=kw.get("extra_args", ()),
         )
         started.append(relay)
         return relay
 
     yield factory
     for relay in started:
-        if relay.proc.poll() is None:
-            relay.stop()
+        relay.stop()
 
 
 @pytest.fixture

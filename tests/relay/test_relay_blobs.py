@@ -7,7 +7,7 @@ import os
 from collections.abc import AsyncIterator
 
 import aiohttp
-from relay_process import RelayProcess
+from relay_harness import RelayProcess
 from relay_testclient import RelayClient
 
 from relay.auth import H_CONTENT_SHA256

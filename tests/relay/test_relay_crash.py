@@ -36,7 +36,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from relay_process import RelayProcess
+from relay_harness import RelayProcess
 from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_username, unb64
 
 from relay.store.base import Envelope

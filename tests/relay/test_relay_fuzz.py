@@ -34,7 +34,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
-from relay_process import RelayProcess
+from relay_harness import RelayProcess
 
 from e2ee.transport.auth import H_CONTENT_SHA256, DeviceSigner
 from e2ee.transport.frames import encode_send

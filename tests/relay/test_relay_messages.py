@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from relay_process import RelayProcess
+from relay_harness import RelayProcess
 from relay_testclient import RelayClient, b64, new_mid, unb64
 
 

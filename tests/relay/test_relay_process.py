@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from relay_process import start_relay
+from relay_harness import start_relay
 from relay_testclient import RelayClient, b64, drain_until_empty, new_mid
 
 from relay.config import RelayConfig

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from relay_process import RelayProcess, wait_until
+from relay_harness import RelayProcess, wait_until
 from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_mid, next_frame, unb64
 
 from relay.app import STATE_KEY, create_app
@@ -114,10 +114,16 @@ async def receive_messages(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[
     return out
 
 
-async def test_clients_on_different_workers_exchange_messages(
-    relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
-) -> None:
-    relay = workers_relay(relay_factory)
+WS = aiohttp.ClientWebSocketResponse
+
+
+async def alice_on_0_bob_on_1(
+    relay: RelayProcess, session: aiohttp.ClientSession
+) -> tuple[
+    RelayClient, Device, Device, aiohttp.ClientWebSocketResponse, aiohttp.ClientWebSocketResponse
+]:
+    """Register alice and bob; open alice's socket on worker 0 and bob's on worker 1, both
+    drained (nothing queued)."""
     client = RelayClient(relay.url, session)
     alice = await client.new_device("alice")
     bob = await client.new_device("bob")
@@ -125,6 +131,14 @@ async def test_clients_on_different_workers_exchange_messages(
     ws_b = await ws_on(client, bob, 1)
     assert await drain_until_empty(ws_a) == []
     assert await drain_until_empty(ws_b) == []
+    return client, alice, bob, ws_a, ws_b
+
+
+async def test_clients_on_different_workers_exchange_messages(
+    relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
+) -> None:
+    relay = workers_relay(relay_factory)
+    client, alice, bob, ws_a, ws_b = await alice_on_0_bob_on_1(relay, session)
 
     # Live, both directions: each push crosses from the committing worker to the other one.
     mid = new_mid()
@@ -620,14 +634,8 @@ async def test_small_pump_pages_push_a_burst_completely_and_in_order(
             "worker_pump_bytes": "1",
         }
     )
-    client = RelayClient(relay.url, session)
-    alice = await client.new_device("alice")
-    bob = await client.new_device("bob")
+    client, _alice, bob, ws_a, ws_b = await alice_on_0_bob_on_1(relay, session)
     carol = await client.new_device("carol")
-    ws_a = await ws_on(client, alice, 0)
-    ws_b = await ws_on(client, bob, 1)
-    assert await drain_until_empty(ws_a) == []
-    assert await drain_until_empty(ws_b) == []
 
     to = [(carol,), (bob,), (bob, carol)]
     burst = [
@@ -668,13 +676,7 @@ async def test_safety_poll_pushes_when_datagrams_are_lost(
             "worker_datagram_bytes": str(WORKER_DATAGRAM_BYTES_MIN),
         }
     )
-    client = RelayClient(relay.url, session)
-    alice = await client.new_device("alice")
-    bob = await client.new_device("bob")
-    ws_a = await ws_on(client, alice, 0)
-    ws_b = await ws_on(client, bob, 1)
-    assert await drain_until_empty(ws_a) == []
-    assert await drain_until_empty(ws_b) == []
+    _client, _alice, bob, ws_a, ws_b = await alice_on_0_bob_on_1(relay, session)
     worker_socket_path(relay.data_dir / "run", 1).unlink()
     for round_ in range(2):
         burst = [Envelope(new_mid(), (bob.addr,), b"r%d-%d" % (round_, i)) for i in range(20)]

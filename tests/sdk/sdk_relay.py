@@ -3,13 +3,12 @@
 Imported by the SDK test modules as ``sdk_relay`` (a unique module name: pytest puts
 each test folder on ``sys.path``, and conftest modules cannot be imported).
 
-The process itself is started by ``tests/relay/relay_process.py`` (shared with the
-relay's own tests, not changed here). What this module adds is what the SDK tests
-need of a real relay:
+The process itself is :class:`relay_harness.RelayProcess` (shared by every test
+folder): :meth:`~relay_harness.RelayProcess.restart` stops it (SIGTERM, or SIGKILL
+for a crash) and starts it again on the same port with the same data directory, so
+clients reconnect to the same URL and find their mailboxes as the relay left them.
+What this module adds is what the SDK tests need of a real relay:
 
-* :meth:`Relay.restart` stops the process (SIGTERM, or SIGKILL for a crash) and
-  starts it again on the same port with the same data directory, so clients
-  reconnect to the same URL and find their mailboxes as the relay left them;
 * :func:`mailbox` reads a device's mailbox over the relay's HTTP API, signed with
   that device's own key, which is how a test sees what the relay holds for it;
 * :meth:`Relay.metrics` and :meth:`Relay.blob_files` read what the relay exposes
@@ -23,86 +22,23 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import importlib.util
 import os
-import signal
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+
+from relay_harness import LOOSE_LIMITS, RelayProcess
 
 from e2ee.transport.auth import DeviceSigner
 from e2ee.transport.frames import Delivery
 from e2ee.transport.http import RelayClient
 
-#: Loose limits: every test registers several accounts and fetches many bundles.
-SETTINGS = {
-    "registration_burst": "100000",
-    "prekey_fetch_burst": "100000",
-}
 
+class Relay(RelayProcess):
+    """A relay process with loose rate limits, plus what its operator can see."""
 
-def _relay_process() -> ModuleType:
-    """``tests/relay/relay_process.py``, loaded once under its usual module name."""
-    name = "relay_process"
-    if name in sys.modules:  # tests/relay's conftest imported it already
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "relay" / "relay_process.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-class Relay:
-    """A relay process on 127.0.0.1 whose port and data directory survive restarts."""
-
-    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None) -> None:
-        self.data_dir = data_dir
-        self.settings = dict(SETTINGS if settings is None else settings)
-        self.port = 0  # chosen by the first start, then kept
-        self._proc: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.proc.poll() is None
-
-    def start(self) -> None:
-        """Start the process (blocking until it listens): the first time on a free port."""
-        assert not self.running, "the relay is running already"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # relay_process starts with --port 0; a later --port wins (argparse), and the
-        # relay binds with SO_REUSEADDR, so the old port is free again at once.
-        extra = ["--port", str(self.port)] if self.port else []
-        self._proc = _relay_process().start_relay(self.data_dir, self.settings, extra_args=extra)
-        self.port = self._proc.port
-
-    def stop(self, *, crash: bool = False) -> None:
-        """SIGTERM (a graceful shutdown: WebSockets closed with 1001) or SIGKILL (a crash)."""
-        if self.running:
-            try:
-                self._proc.stop(signal.SIGKILL if crash else signal.SIGTERM)
-            except subprocess.TimeoutExpired:  # killed by relay_process; say why
-                raise AssertionError(
-                    "the relay did not stop on SIGTERM:\n" + self.log_text()[-3000:]
-                ) from None
-
-    def restart(self, *, crash: bool = False) -> None:
-        """Stop and start again on the same port and data directory."""
-        self.stop(crash=crash)
-        self.start()
-
-    def log_text(self) -> str:
-        return "" if self._proc is None else str(self._proc.log_text())
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir, LOOSE_LIMITS)
 
     def metrics(self) -> dict[str, float]:
         """``GET /metrics``, as {sample name with labels: value}."""

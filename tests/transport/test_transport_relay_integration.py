@@ -330,7 +330,7 @@ async def test_relay_restart_reconnects_and_replays_backlog(
             await asyncio.to_thread(relay.stop)  # graceful shutdown closes with 1001
             state = await until_state(conn, "reconnecting")
             assert state.close_code == 1001 and state.attempt == 1 and state.delay == 0.5
-            relay2 = await asyncio.to_thread(start_relay_at, start_relay, relay)
+            await asyncio.to_thread(relay.start)  # same port, same data directory
             mid = os.urandom(16)
             await alice.send(mid, [(b, 1)], b"while-away")
             restarted.set()
@@ -338,13 +338,7 @@ async def test_relay_restart_reconnects_and_replays_backlog(
             assert await next_of(conn, Hint) == Hint(1)
             assert (await next_of(conn, Delivery)).id == mid
         assert delays == [0.5]
-        relay2.stop()
-
-
-def start_relay_at(start_relay: Callable[..., Any], old: Any) -> Any:
-    """Restart a relay on the same port and data directory."""
-    port = int(old.url.rsplit(":", 1)[1])
-    return start_relay(_port=str(port), _data=str(old.log_path.parent))
+        relay.stop()
 
 
 # -- blobs --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Fixtures for the terminal client tests: a real relay process and SDK clients.
 
-* ``tui_relay`` -- ``python -m relay`` on 127.0.0.1 (free port, temp data dir);
+* ``tui_relay`` -- a :class:`relay_harness.RelayProcess` (free port, temp data dir);
   ``@pytest.mark.relay_settings(name=value, ...)`` adds relay settings.
 * ``sdk_client(name)`` -- a registered :class:`e2ee.client.Client` (the other side),
   started; closed at the end of the test.
@@ -10,16 +10,12 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from relay_harness import LOOSE_LIMITS, RelayProcess, start_relay
 
 from e2ee.client import Client, ClientOptions
 from e2ee.store.sealing import KdfLimits
@@ -29,52 +25,6 @@ FAST_KDF = KdfLimits(opslimit=1, memlimit=8192)
 FAST = ClientOptions(backoff_base=0.05, backoff_max=0.2, expiry_interval=0.2, ack_delay=0.005)
 
 
-class TuiRelay:
-    """A relay subprocess on loopback."""
-
-    def __init__(self, data: Path, settings: dict[str, str] | None = None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.data = data
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.settings = {"registration_burst": "100000", "prekey_fetch_burst": "100000"}
-        self.settings.update(settings or {})
-
-    def start(self) -> None:
-        self.data.mkdir(parents=True, exist_ok=True)
-        args = [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", str(self.port)]
-        args += ["--data", str(self.data)]
-        for key, value in self.settings.items():
-            args += ["--set", f"{key}={value}"]
-        with (self.data / "relay.log").open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        pytest.fail("the relay did not start:\n" + (self.data / "relay.log").read_text()[-2000:])
-
-    def log(self) -> str:
-        """What the relay logged so far."""
-        return (self.data / "relay.log").read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "relay_settings(**kw): extra --set options for the tui_relay process"
@@ -82,18 +32,17 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def tui_relay(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[TuiRelay]:
+def tui_relay(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[RelayProcess]:
     marker = request.node.get_closest_marker("relay_settings")
-    settings = {k: str(v) for k, v in marker.kwargs.items()} if marker else None
-    relay = TuiRelay(tmp_path / "relay-data", settings)
-    relay.start()
+    settings = {k: str(v) for k, v in marker.kwargs.items()} if marker else {}
+    relay = start_relay(tmp_path / "relay-data", {**LOOSE_LIMITS, **settings})
     yield relay
     relay.stop()
 
 
 @pytest.fixture
 async def sdk_client(
-    tui_relay: TuiRelay, tmp_path: Path
+    tui_relay: RelayProcess, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[Client]]]:
     clients: list[Client] = []
 

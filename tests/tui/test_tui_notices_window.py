@@ -12,10 +12,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from conftest import FAST, FAST_KDF, TuiRelay
+from conftest import FAST, FAST_KDF
+from relay_harness import RelayProcess
 from tui_harness import next_event, type_text, until
 
 from e2ee.client import Client, TransportLink
@@ -57,7 +58,7 @@ def _rows(listed: MessageList) -> list[str]:
 
 @pytest.mark.relay_settings(message_ttl_seconds=1, sweep_interval_seconds=0.2)
 async def test_a_message_lost_at_the_relay_shows_a_missed_message_notice(
-    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: TuiRelay
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: RelayProcess
 ) -> None:
     bob = await sdk_client("bob")
     backend = await tui_opener("alice").create("alice", tui_relay.url, None)
@@ -65,7 +66,7 @@ async def test_a_message_lost_at_the_relay_shows_a_missed_message_notice(
     # her mailbox, is not fetched within the relay's retention time, and is swept.
     await bob.send_text("alice", "this one is lost")
     deadline = time.monotonic() + 20
-    while "sweeper removed 1 expired messages" not in tui_relay.log():
+    while "sweeper removed 1 expired messages" not in tui_relay.log_text():
         assert time.monotonic() < deadline, "the relay never expired the message"
         await asyncio.sleep(0.05)  # polling the relay's log: no event to await
     app = BlindpostApp(backend=backend)
@@ -96,21 +97,25 @@ async def test_a_message_lost_at_the_relay_shows_a_missed_message_notice(
 
 
 class TamperingLink(TransportLink):
-    """The real transport, except that the next body sent has one byte flipped."""
+    """The real transport, except that the next message sent has one byte flipped, in its
+    first attempt and in every retry of it (a retry under load must not send it intact)."""
 
     corrupt_next = False
+    corrupted: ClassVar[set[bytes]] = set()
 
     async def send(
         self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
     ) -> None:
         if TamperingLink.corrupt_next:
             TamperingLink.corrupt_next = False
+            TamperingLink.corrupted.add(message_id)
+        if message_id in TamperingLink.corrupted:
             body = body[:-1] + bytes([body[-1] ^ 0x40])
         await super().send(message_id, recipients, body)
 
 
 async def test_a_message_altered_in_transit_shows_an_unreadable_message_notice(
-    tui_opener: MakeOpener, tui_relay: TuiRelay, tmp_path: Path
+    tui_opener: MakeOpener, tui_relay: RelayProcess, tmp_path: Path
 ) -> None:
     def tampering(signer: DeviceSigner, url: str) -> TamperingLink:
         return TamperingLink(signer, url)
@@ -136,8 +141,18 @@ async def test_a_message_altered_in_transit_shows_an_unreadable_message_notice(
             await bob.send_text("alice", "readable")
             await until(pilot, lambda: "readable" in _rows(listed))
             # Once alice's receipt is back, bob's session is confirmed and his next
-            # message is an ordinary ratchet message (not a session-opening one).
-            await next_event(bob_events, lambda e: isinstance(e, ReceiptUpdated))
+            # message is an ordinary ratchet message (not a session-opening one). The relay's
+            # "sent" comes first and proves nothing: a session-opening message's last bytes
+            # are its signed-prekey id, which a session that already exists ignores, so that
+            # flip would go unnoticed while the content stays authenticated.
+            await next_event(
+                bob_events,
+                lambda e: (
+                    isinstance(e, ReceiptUpdated)
+                    and e.status in ("delivered", "read")
+                    and e.user == "alice"
+                ),
+            )
             TamperingLink.corrupt_next = True
             await bob.send_text("alice", "garbled on the way")
             await until(pilot, lambda: len(_rows(listed)) == 2)
@@ -148,13 +163,14 @@ async def test_a_message_altered_in_transit_shows_an_unreadable_message_notice(
             assert "garbled on the way" not in " ".join(rows)
     finally:
         TamperingLink.corrupt_next = False
+        TamperingLink.corrupted.clear()
         await bob.close()
 
 
 async def test_attach_a_file_through_the_picker(
     tui_opener: MakeOpener,
     sdk_client: MakeClient,
-    tui_relay: TuiRelay,
+    tui_relay: RelayProcess,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -194,7 +210,7 @@ async def test_attach_a_file_through_the_picker(
 
 
 async def test_the_render_window_scrolls_through_a_long_chat_and_back(
-    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: TuiRelay
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: RelayProcess
 ) -> None:
     total = WINDOW + 150
     bob = await sdk_client("bob")
