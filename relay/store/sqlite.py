@@ -89,6 +89,14 @@ CREATE UNIQUE INDEX IF NOT EXISTS mailbox_msg ON mailbox(msg_pk, device_pk);
 CREATE TABLE IF NOT EXISTS blobs(
     id TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
+-- A body is dropped (the row stays as the dedupe tombstone) once no mailbox row references it.
+-- Inside SQLite, per deleted row: no statement of its own in the writer's batch (each statement
+-- costs the writer a GIL hand-off; see _run_batch).
+CREATE TRIGGER IF NOT EXISTS mailbox_drop_body AFTER DELETE ON mailbox
+BEGIN
+    UPDATE messages SET body=NULL WHERE pk=OLD.msg_pk AND body IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM mailbox WHERE msg_pk=OLD.msg_pk);
+END;
 """
 
 T = TypeVar("T")
@@ -99,11 +107,6 @@ _MAX_VARS = 30000  # below SQLite's default SQLITE_MAX_VARIABLE_NUMBER (32766)
 _INSERT_MAILBOX = "INSERT INTO mailbox(device_pk, seq, msg_pk, size) VALUES "
 _INSERT_MESSAGE = (
     "INSERT INTO messages(pk, msg_id, sender, sender_device, stored_ms, n_recipients, body) VALUES "
-)
-# A body is dropped (the row stays as the dedupe tombstone) once no mailbox references it.
-_DROP_BODY_IF_DONE = (
-    "UPDATE messages SET body=NULL WHERE pk=? AND body IS NOT NULL "
-    "AND NOT EXISTS (SELECT 1 FROM mailbox WHERE msg_pk=?)"
 )
 
 
@@ -281,18 +284,12 @@ class _WriterState:
         if entry is None or dev_pk is None:
             raise NotFound("unknown device", code="unknown_device")
         conn = self.conn
-        msg_pks = [
-            (int(r[0]),)
-            for r in conn.execute(
-                "DELETE FROM mailbox WHERE device_pk=? RETURNING msg_pk", (dev_pk,)
-            )
-        ]
-        conn.executemany(_DROP_BODY_IF_DONE, [(pk, pk) for (pk,) in msg_pks])
+        removed = conn.execute("DELETE FROM mailbox WHERE device_pk=?", (dev_pk,)).rowcount
         conn.execute("DELETE FROM otpks WHERE device_pk=?", (dev_pk,))
         conn.execute("DELETE FROM devices WHERE pk=?", (dev_pk,))
         del entry.devices[addr.device]
         self.quota.pop(dev_pk, None)
-        self.queued -= len(msg_pks)
+        self.queued -= removed
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -457,7 +454,9 @@ class _WriterState:
                 self.known[bytes.fromhex(hexid)] = (user, dev, n, stored)
 
     def ack_many(self, requests: Sequence[tuple[Address, Sequence[bytes]]]) -> list[int]:
-        """Apply several devices' acks in three statements; return rows removed per request.
+        """Apply several devices' acks in two statements, a lookup and a DELETE (the
+        ``mailbox_drop_body`` trigger drops bodies no longer referenced); return rows removed
+        per request.
 
         An id acknowledged twice in one batch counts for the first request only.
         """
@@ -493,15 +492,6 @@ class _WriterState:
             conn.execute(
                 _ack_delete_sql(len(key_part)),
                 [key[1] for key in key_part] + [v for key in key_part for v in key],
-            )
-        msg_pks = list({msg_pk for _, msg_pk in keys})
-        for start in range(0, len(msg_pks), _MAX_VARS):
-            pk_part = msg_pks[start : start + _MAX_VARS]
-            marks = ",".join("?" * len(pk_part))
-            conn.execute(
-                f"UPDATE messages SET body=NULL WHERE pk IN ({marks}) AND body IS NOT NULL "  # noqa: S608
-                "AND NOT EXISTS (SELECT 1 FROM mailbox WHERE msg_pk = messages.pk)",
-                pk_part,
             )
         for (dev_pk, _), (i, size) in matched.items():
             counts[i] += 1
@@ -691,7 +681,7 @@ class SqliteRelayStore:
     def _run_batch(self, st: _WriterState, batch: list[_Op]) -> None:
         # Every SQLite step releases the GIL, and winning it back from a busy event loop can
         # take a whole switch interval; so a batch costs a handful of statements, not a few per
-        # message: one dedupe lookup, one multi-row INSERT per table, three statements for all
+        # message: one dedupe lookup, one multi-row INSERT per table, two statements for all
         # acks together, BEGIN and COMMIT.
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
         acks: list[_Op] = []

@@ -4,7 +4,9 @@ fixed clock: retention, tombstones, quotas, batching, restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -187,3 +189,42 @@ async def test_two_sqlite_writers_on_one_file_stay_consistent(tmp_path: Path) ->
     finally:
         await one.close()
         await two.close()
+
+
+async def test_sqlite_drops_a_body_once_every_recipient_acked_or_left(tmp_path: Path) -> None:
+    """Ciphertext stays on disk only while a mailbox still holds it: after the last ack, or
+    after the last recipient device is removed, only the dedupe tombstone (no body) remains;
+    a database created before the trigger existed gets it when opened."""
+    path = tmp_path / "db.sqlite3"
+    carol = Address("carol", 1)
+    store = SqliteRelayStore(path, LIMITS)
+    await store.open()
+    await store.create_account(A, b"a" * 32, 0)
+    await store.create_account(B, b"b" * 32, 0)
+    await store.create_account(carol, b"c" * 32, 0)
+    await store.close()
+    with sqlite3.connect(path) as conn:  # as an older relay would have left it
+        conn.execute("DROP TRIGGER mailbox_drop_body")
+    conn.close()
+
+    def bodies() -> dict[bytes, bytes | None]:
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            return {bytes(m): b for m, b in c.execute("SELECT msg_id, body FROM messages")}
+
+    store = SqliteRelayStore(path, LIMITS)
+    await store.open()
+    try:
+        both = Envelope(os.urandom(16), (B, carol), b"to bob and carol")
+        to_carol = Envelope(os.urandom(16), (carol,), b"to carol")
+        await store.submit_send(A, both, 1)
+        await store.submit_send(A, to_carol, 2)
+        assert await store.ack(B, [both.message_id]) == 1
+        assert bodies()[both.message_id] == b"to bob and carol"  # carol has not acked yet
+        assert await store.ack(carol, [both.message_id]) == 1
+        assert bodies()[both.message_id] is None
+        assert (await store.submit_send(A, both, 3)).stored_at == 1  # the tombstone dedupes
+        assert bodies()[to_carol.message_id] == b"to carol"
+        await store.remove_device(carol)
+        assert bodies() == {both.message_id: None, to_carol.message_id: None}
+    finally:
+        await store.close()
