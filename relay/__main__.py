@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from dataclasses import fields
@@ -14,6 +13,7 @@ from pathlib import Path
 from relay.cluster import run_supervisor
 from relay.config import ENV_PREFIX, SETTING_HELP, ConfigError, RelayConfig
 from relay.errors import StorageError
+from relay.loop import run as loop_run
 from relay.server import serve
 
 __all__ = ["build_parser", "main"]
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if config.workers > 1:
             return run_supervisor(config)
-        asyncio.run(serve(config))  # workers=1: one process, no supervisor
+        loop_run(config.event_loop, serve(config))  # workers=1: one process, no supervisor
     except (OSError, StorageError) as exc:
         logging.getLogger("relay").error("cannot start: %s", exc)
         return 1

@@ -38,6 +38,7 @@ from relay.app import RelayState
 from relay.config import WORKER_DATAGRAM_BYTES_MAX, WORKERS_MAX, RelayConfig
 from relay.errors import RelayError, StorageError
 from relay.hub import CLOSE_DEVICE_REMOVED, CLOSE_REPLACED, CLOSE_RESYNC, Connection
+from relay.loop import run as loop_run
 from relay.store.base import Address, Delivery
 from relay.store.sqlite import SqliteRelayStore
 
@@ -364,7 +365,10 @@ def _worker_main(
         os.close(ready_w)
 
     try:
-        asyncio.run(serve(config, sock=listener, worker=ident, on_listening=on_listening))
+        loop_run(
+            config.event_loop,
+            serve(config, sock=listener, worker=ident, on_listening=on_listening),
+        )
     except (OSError, StorageError) as exc:
         log.error("cannot start: %s", exc)
         return 1

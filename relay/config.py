@@ -5,12 +5,15 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from relay.loop import EVENT_LOOPS
 
 __all__ = [
     "ENV_PREFIX",
@@ -110,6 +113,7 @@ SETTING_HELP: dict[str, str] = {
     f" ({WORKER_DATAGRAM_BYTES_MIN}..{WORKER_DATAGRAM_BYTES_MAX})",
     "worker_outbox_max_lines": "with workers > 1: datagram lines queued per peer that is not"
     " reading; beyond it they become one resync order (that worker closes its sockets, 1012)",
+    "event_loop": "auto (uvloop where installed, else asyncio), uvloop or asyncio",
     "listen_backlog": f"TCP accept queue length (1..{LISTEN_BACKLOG_MAX}; the kernel caps it"
     " at net.core.somaxconn)",
 }
@@ -166,6 +170,7 @@ class RelayConfig:
     worker_datagram_bytes: int = 16 * 1024
     worker_outbox_max_lines: int = 100_000
     listen_backlog: int = 4096
+    event_loop: str = "auto"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -207,6 +212,12 @@ class RelayConfig:
                 f"worker_datagram_bytes must be {WORKER_DATAGRAM_BYTES_MIN}.."
                 f"{WORKER_DATAGRAM_BYTES_MAX} (got {self.worker_datagram_bytes})"
             )
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(
+                f"event_loop must be auto, uvloop or asyncio (got {self.event_loop!r})"
+            )
+        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise ConfigError("event_loop = uvloop, but uvloop is not installed")
         if not 1 <= self.listen_backlog <= LISTEN_BACKLOG_MAX:
             raise ConfigError(
                 f"listen_backlog must be 1..{LISTEN_BACKLOG_MAX} (got {self.listen_backlog})"

@@ -109,9 +109,12 @@ class HeaderTimeoutProtocol(asyncio.Protocol):
 
     def _expired(self) -> None:
         self._timer = None
-        if isinstance(self._transport, asyncio.Transport):
+        # A stream transport; not isinstance-checked: uvloop's are not asyncio.Transport
+        # subclasses.
+        abort = getattr(self._transport, "abort", None)
+        if abort is not None:
             log.info("closing connection: request headers not received in %.1fs", self._timeout)
-            self._transport.abort()
+            abort()
 
 
 def _guard_of(request: web.Request) -> HeaderTimeoutProtocol | None:

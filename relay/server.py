@@ -100,6 +100,7 @@ async def serve(
     host, port = listener.sockets[0].getsockname()[:2]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    log.info("event loop: %s", type(loop).__module__.split(".")[0])
     if worker is None:
         log.info("blindpost-relay listening on http://%s:%d", host, port)
     else:

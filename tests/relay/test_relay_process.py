@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -9,10 +10,14 @@ import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 from relay_harness import start_relay
-from relay_testclient import RelayClient, b64, drain_until_empty, new_mid
+from relay_testclient import RelayClient, b64, drain_until_empty, new_mid, next_frame
 
 from relay.config import RelayConfig
+from relay.store.base import StoredMessage
+
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
 
 
 def test_help_documents_every_setting() -> None:
@@ -49,6 +54,46 @@ def test_starts_fast_on_empty_dir_and_logs_address(tmp_path: Path) -> None:
         assert f"listening on http://127.0.0.1:{relay.port}" in relay.log_text()
     finally:
         assert relay.stop(signal.SIGINT) == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [("auto", "uvloop" if HAVE_UVLOOP else "asyncio"), ("asyncio", "asyncio")]
+    + ([("uvloop", "uvloop")] if HAVE_UVLOOP else []),
+)
+async def test_event_loop_setting_selects_the_loop(
+    tmp_path: Path, setting: str, expected: str
+) -> None:
+    """Either loop serves the whole path: register, a send, its push, the ack, SIGTERM exit 0."""
+    relay = start_relay(tmp_path / "d", {"event_loop": setting})
+    try:
+        assert f"event loop: {expected}" in relay.log_text()
+        async with aiohttp.ClientSession() as session:
+            client = RelayClient(relay.url, session)
+            alice = await client.new_device()
+            bob = await client.new_device()
+            ws = await client.ws(bob)
+            assert await drain_until_empty(ws) == []
+            mid = new_mid()
+            assert (await client.send(alice, [bob], b"over " + setting.encode(), mid)).status == 200
+            frame = await next_frame(ws)
+            assert isinstance(frame, StoredMessage) and frame.message_id == mid
+            await ws.send_json({"type": "ack", "ids": [b64(mid)], "ref": "r"})
+            assert (await next_frame(ws)) == {"type": "acked", "ref": "r", "count": 1}
+            await ws.close()
+    finally:
+        assert relay.stop() == 0
+
+
+def test_unknown_event_loop_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "--data", str(tmp_path), "--set", "event_loop=trio"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == 2 and "event_loop must be auto, uvloop or asyncio" in proc.stderr
 
 
 async def test_env_and_toml_settings_apply(tmp_path: Path) -> None:
