@@ -160,6 +160,37 @@ async def test_same_id_twice_in_one_batch_is_stored_once(store: RelayStore) -> N
     assert await store.mailbox_count(B) == 1 and await store.mailbox_count(A) == 0
 
 
+async def test_a_batch_mixing_stored_ids_and_new_ones(store: RelayStore) -> None:
+    """A reconnecting client resends what it never saw confirmed, next to new sends, in one
+    batch: each resend answers with its first receipt and is stored once, another sender's
+    reuse of a stored id is refused, the new sends are stored, in order; nothing is counted
+    twice."""
+    old = [env(bytes([i])) for i in range(3)]  # the mailbox quota here is 5 messages
+    receipts = [await store.submit_send(A, e, 10 + i) for i, e in enumerate(old)]
+    accepted = store.stats().accepted
+    new = [env(b"n%d" % i) for i in range(2)]
+    clash = Envelope(old[0].message_id, (A,), b"other sender")
+    got = await asyncio.gather(
+        store.submit_send(A, new[0], 20),
+        store.submit_send(A, old[1], 21),
+        store.submit_send(B, clash, 22),
+        store.submit_send(A, new[1], 23),
+        store.submit_send(A, old[2], 24),
+        return_exceptions=True,
+    )
+    assert got[1] == receipts[1] and got[4] == receipts[2]
+    assert getattr(got[2], "code", None) == "message_id_conflict"
+    assert [r.stored_at for r in (got[0], got[3])] == [20, 23]  # type: ignore[union-attr]
+    box = await store.fetch_mailbox(B, 0, 100, 10**6)
+    assert [m.message_id for m in box] == [e.message_id for e in old + new]
+    assert [m.body for m in box] == [e.body for e in old + new]
+    assert store.stats().accepted == accepted + 2
+    assert store.stats().queued == 5
+    again = Envelope(new[0].message_id, (B,), new[0].body)  # and later, alone
+    assert await store.submit_send(A, again, 30) == got[0]
+    assert await store.mailbox_count(B) == 5
+
+
 async def test_two_sqlite_writers_on_one_file_stay_consistent(tmp_path: Path) -> None:
     """Two stores (as two relay processes would) sharing one database: each sees the other's
     commits in its caches: seqs keep increasing, quotas count both, devices and dedupe agree."""
