@@ -1,7 +1,8 @@
 """Stock python-axolotl 0.2.3 on pure-Python protobuf 3.20: the reference figures.
 
-Run by ``bench/core_bench.py`` inside its own virtualenv (``bench/.refenv``) so
-that nothing of e2ee is imported: this is python-axolotl as its README uses it.
+Run by ``bench/core_bench.py`` inside its own virtualenv
+(``~/.cache/blindpost/axolotl-reference``) so that nothing of e2ee is imported: this is
+python-axolotl as its README uses it.
 Prints one JSON object of microseconds per message.
 """
 

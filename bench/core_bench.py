@@ -13,7 +13,8 @@ Prints microseconds per message (100-byte plaintext) for:
 
 and the same figures for stock python-axolotl 0.2.3 on pure-Python protobuf 3.20
 (its own in-memory stores), measured in a subprocess from a separate virtualenv
-(``bench/.refenv``, created on first use), with the ratio.
+(``$XDG_CACHE_HOME/blindpost/axolotl-reference``, default ``~/.cache``; created on first
+use, outside the checkout so the project tree holds no second protobuf), with the ratio.
 
     python bench/core_bench.py [--count N] [--no-reference]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,7 +39,11 @@ from e2ee.store import Address, MemoryProtocolStore, ProtocolStore
 PLAINTEXT = b"x" * 100
 ALICE, BOB = Address("alice", 1), Address("bob", 1)
 HERE = Path(__file__).resolve().parent
-REFENV = HERE / ".refenv"
+REFENV = (
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    / "blindpost"
+    / "axolotl-reference"
+)
 TARGETS = {
     "same_chain_us": 150,
     "ping_pong_us": 700,
@@ -193,6 +199,7 @@ def measure_reference(count: int) -> dict[str, float] | None:
     python = REFENV / "bin" / "python"
     if not python.exists():
         print("creating the reference virtualenv (stock python-axolotl, protobuf 3.20) ...")
+        REFENV.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "venv", str(REFENV)], check=True)
         subprocess.run(
             [
