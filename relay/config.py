@@ -214,7 +214,7 @@ class RelayConfig:
             )
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(
-                f"event_loop must be auto, uvloop or asyncio (got {self.event_loop!r})"
+                f"event_loop must be one of {', '.join(EVENT_LOOPS)} (got {self.event_loop!r})"
             )
         if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
             raise ConfigError("event_loop = uvloop, but uvloop is not installed")

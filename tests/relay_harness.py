@@ -179,10 +179,6 @@ class RelayProcess:
                 self._pump.join(5)  # the last lines it wrote
         return code
 
-    def kill(self) -> int:
-        """SIGKILL: a crash, with no chance to clean up. Returns the exit status."""
-        return self.stop(signal.SIGKILL)
-
     def restart(self, *, crash: bool = False) -> None:
         """Stop (SIGTERM, or SIGKILL with ``crash``) and start on the same port and data."""
         if self.running:

@@ -38,7 +38,7 @@ def test_help_documents_every_setting() -> None:
     ("setting", "message"),
     [
         ("no_such=1", "no_such"),
-        ("event_loop=trio", "event_loop must be auto, uvloop or asyncio"),
+        ("event_loop=trio", "event_loop must be one of auto, uvloop, asyncio"),
     ],
 )
 def test_bad_setting_exits_2(tmp_path: Path, setting: str, message: str) -> None:
