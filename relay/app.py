@@ -593,6 +593,7 @@ def create_app(
                 dedupe_window_ms=int(config.dedupe_window_seconds * 1000),
                 write_batch_max=config.write_batch_max,
                 write_batch_interval_ms=config.write_batch_interval_ms,
+                checkpoint_commits=config.wal_checkpoint_commits,
             ),
         )
     state = RelayState(

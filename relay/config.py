@@ -91,6 +91,9 @@ SETTING_HELP: dict[str, str] = {
     "write_batch_max": "max write operations committed in one transaction",
     "write_batch_interval_ms": "while writes keep arriving, start a new transaction at most this"
     " often (a write after an idle period commits at once; 0 = commit as fast as possible)",
+    "wal_checkpoint_commits": "every this many commits a background thread checkpoints the"
+    " SQLite write-ahead log (the writer never waits for the copy); smaller keeps the log file"
+    " smaller, larger does fewer copies",
     "nonce_cache_max": "max remembered nonces (requests are refused with 503 beyond)",
     "switch_interval_ms": "Python thread switch interval; small values stop the event loop"
     " from starving the SQLite writer thread",
@@ -157,6 +160,7 @@ class RelayConfig:
     prekey_fetch_burst: float = 10.0
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
+    wal_checkpoint_commits: int = 128
     nonce_cache_max: int = 1_000_000
     switch_interval_ms: float = 0.5
     workers: int = 1
@@ -188,6 +192,7 @@ class RelayConfig:
             "ws_max_frame_bytes",
             "ws_max_inflight_sends",
             "write_batch_max",
+            "wal_checkpoint_commits",
             "auth_window_seconds",
             # Checked whatever ``workers`` is, so a bad value fails now, not when N is raised.
             # Zero would mean a pump that reads nothing, crashed workers restarted in a tight

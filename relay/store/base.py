@@ -155,6 +155,11 @@ class StoreLimits:
     while the previous transaction commits, so batches grow with the load by themselves; pacing
     only pays off where a commit's fixed cost is large against the CPU left for the messages
     (a slow disk). Measured both ways in docs/performance-relay.md (fourth session).
+
+    ``checkpoint_commits`` (SQLite): every that many commits a background thread copies the
+    write-ahead log into the database file, so the writer never pauses for that copy and its
+    fsync; the writer then only copies the few pages committed meanwhile, and the log starts
+    over (docs/performance-relay.md, fifth session).
     """
 
     max_devices_per_user: int = 127
@@ -166,6 +171,7 @@ class StoreLimits:
     dedupe_window_ms: int = 86400 * 1000
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
+    checkpoint_commits: int = 128
 
 
 @dataclass(frozen=True, slots=True)

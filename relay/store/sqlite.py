@@ -13,6 +13,9 @@
 #   flushes them, so no statement ever sees the batch without its earlier sends.
 # * Reads use separate read-only connections on a small thread pool; WAL lets them run beside
 #   the writer and see every transaction committed before they start.
+# * Checkpoints never run inside a COMMIT: a checkpoint thread copies the log in the background
+#   (PASSIVE, blocking nobody) and the writer finishes the copy between two transactions, so the
+#   log starts over; if the thread stops finishing, the writer checkpoints on its own.
 # * Only opaque bytes are stored: ciphertext bodies and public keys.
 """SQLite implementation of ``RelayStore`` with a single group-committing writer thread."""
 
@@ -64,6 +67,11 @@ log = logging.getLogger("relay.store")
 SCHEMA_VERSION = 1
 _SWEEP_CHUNK = 5000
 _STATEMENT_CACHE = 1024
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024  # a log file that grew past this shrinks when it starts over
+# Without a background checkpoint finishing for this many times ``checkpoint_commits`` commits
+# (its thread failed, or readers held it back), the writer checkpoints itself, so the log stays
+# bounded whatever happens.
+_CHECKPOINT_FALLBACK_FACTOR = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
@@ -139,7 +147,10 @@ def _connect(path: Path, *, readonly: bool, cache_kib: int) -> sqlite3.Connectio
     if readonly:
         conn.execute("PRAGMA query_only=1")
     else:
-        conn.execute("PRAGMA wal_autocheckpoint=4000")
+        # Checkpoints are explicit (see _Checkpointer): an automatic one would run inside the
+        # writer's COMMIT and hold every write behind it for the copy and its fsync.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
     return conn
 
 
@@ -179,8 +190,18 @@ class _WriterState:
         self.accepted = 0
         self.commits = 0
         self.committed_ops = 0
+        self.checkpointed_at = 0  # self.commits when the log was last fully checkpointed
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
         self.data_version = self._data_version()
+
+    def checkpoint(self) -> None:
+        """Copy the rest of the write-ahead log into the database file (outside a transaction);
+        the next transaction then starts the log over from its beginning."""
+        try:
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("checkpoint failed: %s", type(exc).__name__)
+        self.checkpointed_at = self.commits
 
     def _data_version(self) -> int:
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
@@ -550,6 +571,51 @@ class _WriterState:
         return SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows))
 
 
+class _Checkpointer:
+    """Copies the write-ahead log into the database file on its own thread and connection.
+
+    A checkpoint is the relay's largest single piece of disk work (every page changed since the
+    last one is written to the database file, then fsync'd). Run inside the writer's COMMIT, as
+    SQLite's automatic checkpoint does, it held every write behind it: 7-11 ms every ~300 ms at
+    5,000 msg/s (docs/performance-relay.md, fifth session). Here it runs beside the writer; a
+    PASSIVE checkpoint never blocks writers or readers. When a pass has finished (``finished``),
+    the writer copies the few pages committed meanwhile itself, between two transactions, and
+    its next transaction starts the log over, so the log file does not grow.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._conn = _connect(path, readonly=False, cache_kib=2048)
+        self._wake = threading.Event()
+        self._stopping = False
+        self.finished = False  # set here after a pass; read and cleared by the writer thread
+        self._thread = threading.Thread(target=self._run, name="relay-checkpoint", daemon=True)
+        self._thread.start()
+
+    def request(self) -> None:
+        """Start a pass (called by the writer; a pass already asked for is not repeated)."""
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the thread (after a pass in progress) and close its connection."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self._conn.close()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:
+                log.warning("background checkpoint failed: %s", type(exc).__name__)
+                continue
+            self.finished = True
+
+
 class SqliteRelayStore:
     """``RelayStore`` on SQLite (WAL, synchronous=FULL) with group commit.
 
@@ -566,6 +632,7 @@ class SqliteRelayStore:
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._state: _WriterState | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: DeliveryListener | None = None
         self._readers: ThreadPoolExecutor | None = None
@@ -605,6 +672,7 @@ class SqliteRelayStore:
                 raise StorageError(f"database schema {row[0]} is newer than {SCHEMA_VERSION}")
             conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('seq', 0)")
             self._state = _WriterState(conn, self._limits)
+            self._checkpointer = _Checkpointer(self._path)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database: {exc}") from exc
         self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="relay-read")
@@ -619,6 +687,8 @@ class SqliteRelayStore:
         if self._thread is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self._checkpointer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.close)
         if self._readers is not None:
             self._readers.shutdown(wait=True)
         with self._reader_lock:
@@ -650,7 +720,10 @@ class SqliteRelayStore:
 
     def _run_writer(self) -> None:
         st = self._state
-        assert st is not None
+        checkpointer = self._checkpointer
+        assert st is not None and checkpointer is not None
+        every = self._limits.checkpoint_commits
+        requested = False
         max_batch = self._limits.write_batch_max
         interval = self._limits.write_batch_interval_ms / 1000
         last_start = -interval
@@ -677,6 +750,17 @@ class SqliteRelayStore:
                     break
                 batch.append(nxt)
             self._run_batch(st, batch)
+            # Between transactions (the batch's results are already on their way): finish a
+            # background checkpoint, or ask for one.
+            since = st.commits - st.checkpointed_at
+            if checkpointer.finished:
+                checkpointer.finished = requested = False
+                st.checkpoint()
+            elif since >= every * _CHECKPOINT_FALLBACK_FACTOR:
+                st.checkpoint()
+            elif since >= every and not requested:
+                requested = True
+                checkpointer.request()
 
     def _run_batch(self, st: _WriterState, batch: list[_Op]) -> None:
         # Every SQLite step releases the GIL, and winning it back from a busy event loop can
