@@ -116,6 +116,29 @@ async def test_reopen_keeps_state_and_seq(backend: Backend, tmp_path: Path) -> N
         await s2.close()
 
 
+async def test_seqs_never_repeat_after_everything_was_acked_and_the_store_reopened(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """The mailbox is empty when the store closes, so only the stored high-water mark tells the
+    reopened store where seqs stand; a repeated seq would make a device's delivery order
+    ambiguous (and, with several workers, hide commits from their cursors)."""
+    s = await backend.open(tmp_path)
+    await s.create_account(A, b"a" * 32, 0)
+    await s.create_account(B, b"b" * 32, 0)
+    sent = [env() for _ in range(3)]
+    for e in sent:
+        await s.submit_send(A, e, 0)
+    first = [m.seq for m in await s.fetch_mailbox(B, 0, 10, 10**6)]
+    assert await s.ack(B, [e.message_id for e in sent]) == 3
+    s2 = await backend.restart(s, tmp_path)
+    try:
+        await s2.submit_send(A, env(), 0)
+        (later,) = [m.seq for m in await s2.fetch_mailbox(B, 0, 10, 10**6)]
+        assert later > max(first)
+    finally:
+        await s2.close()
+
+
 class FixedClock(Clock):
     def __init__(self) -> None:
         self.now = 1_700_000_000_000
