@@ -28,9 +28,12 @@ A = Address("alice", 1)
 B = Address("bob", 1)
 
 
-async def _store(tmp_path: Path, interval_ms: float) -> SqliteRelayStore:
+async def _store(
+    tmp_path: Path, interval_ms: float, checkpoint_commits: int = 128
+) -> SqliteRelayStore:
     store = SqliteRelayStore(
-        tmp_path / "db.sqlite3", StoreLimits(write_batch_interval_ms=interval_ms)
+        tmp_path / "db.sqlite3",
+        StoreLimits(write_batch_interval_ms=interval_ms, checkpoint_commits=checkpoint_commits),
     )
     await store.open()
     await store.create_account(A, b"a" * 32, 0)
@@ -289,10 +292,12 @@ def test_commit_pacing_is_an_operator_setting(tmp_path: Path) -> None:
 # -- checkpoints beside the writer --------------------------------------------------------
 
 
-async def _commit_one_by_one(store: SqliteRelayStore, n: int) -> list[bytes]:
+async def _commit_one_by_one(
+    store: SqliteRelayStore, n: int, body: bytes = b"ciphertext"
+) -> list[bytes]:
     ids = []
     for _ in range(n):
-        env = _env()
+        env = Envelope(os.urandom(16), (B,), body)
         await store.submit_send(A, env, 0)  # awaited: each send is its own commit
         ids.append(env.message_id)
     return ids
@@ -318,20 +323,12 @@ async def test_the_write_ahead_log_starts_over_instead_of_growing(
     with a checkpoint every 4 commits it starts over and stays a few pages long. If the
     background thread is gone, the writer's own fallback (every 32 commits) still bounds it."""
     db = tmp_path / "db.sqlite3"
-    store = SqliteRelayStore(db, StoreLimits(checkpoint_commits=4))
-    await store.open()
+    store = await _store(tmp_path, interval_ms=0, checkpoint_commits=4)
     try:
-        await store.create_account(A, b"a" * 32, 0)
-        await store.create_account(B, b"b" * 32, 0)
         if not background_thread_alive:
             assert store._checkpointer is not None
             store._checkpointer.close()
-        body = os.urandom(16 * 1024)
-        ids = []
-        for _ in range(400):
-            env = Envelope(os.urandom(16), (B,), body)
-            await store.submit_send(A, env, 0)
-            ids.append(env.message_id)
+        ids = await _commit_one_by_one(store, 400, os.urandom(16 * 1024))
         assert store.stats().commits >= 400
         assert _wal_bytes(db) < 2 * 1024 * 1024
         # Everything committed is readable from a fresh connection, in order.
@@ -353,11 +350,8 @@ async def test_the_background_checkpoint_copies_the_log_into_the_database(
     """The checkpoint thread does the copy: after a request, pages committed so far are in the
     database file itself (a second reader that ignores the log would see them)."""
     db = tmp_path / "db.sqlite3"
-    store = SqliteRelayStore(db, StoreLimits(checkpoint_commits=1_000_000))
-    await store.open()
+    store = await _store(tmp_path, interval_ms=0, checkpoint_commits=1_000_000)
     try:
-        await store.create_account(A, b"a" * 32, 0)
-        await store.create_account(B, b"b" * 32, 0)
         await _commit_one_by_one(store, 20)
         size_before = db.stat().st_size
         checkpointer = store._checkpointer
