@@ -9,12 +9,17 @@
 # * Latency is measured from the CLOCK_MONOTONIC time the sender wrote into the first 8 bytes
 #   of the (opaque) body to the moment the DELIVER frame was read; CLOCK_MONOTONIC is shared
 #   by every process on the machine.
+# * The worker's own pauses must not show up as relay latency: once its sockets are open, what
+#   is alive is frozen out of the cyclic collector's sight and collections are rare (the same
+#   tuning as the relay's serving process, relay.app.GC_THRESHOLDS), so no full collection of
+#   tens of ms lands inside the measured window.
 """Load-generator worker for bench/relay_load.py (not meant to be run by hand)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -34,6 +39,7 @@ from nacl.signing import SigningKey
 
 from e2ee.transport.auth import DeviceSigner
 from e2ee.transport.frames import b64e, encode_ack, encode_send
+from relay.app import GC_THRESHOLDS
 
 _T = struct.Struct(">Q")
 _DELIVER_FIXED = 33  # op(1) seq(8) id(16) stored_at(8)
@@ -289,6 +295,9 @@ async def run(cfg: dict[str, Any]) -> None:
     stats = Stats()
     mode = cfg["mode"]
     conns = await open_all(cfg, stats, ack=bool(cfg.get("ack", True)))
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     stop = asyncio.Event()
     acker = asyncio.ensure_future(ack_loop(conns, stop))
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
