@@ -766,6 +766,9 @@ class SqliteRelayStore:
                 checkpointer.finished = requested = False
                 st.checkpoint()
             elif since >= every * _CHECKPOINT_FALLBACK_FACTOR:
+                log.warning(
+                    "no background checkpoint finished in %d commits; the writer checkpoints", since
+                )
                 st.checkpoint()
             elif since >= every and not requested:
                 requested = True

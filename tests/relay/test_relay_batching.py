@@ -317,7 +317,7 @@ async def _wait_for(cond: Any, timeout: float = 10.0) -> None:
 
 @pytest.mark.parametrize("background_thread_alive", [True, False])
 async def test_the_write_ahead_log_starts_over_instead_of_growing(
-    tmp_path: Path, background_thread_alive: bool
+    tmp_path: Path, background_thread_alive: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """400 commits of 16 KiB bodies: without checkpoints the log would hold them all (6+ MiB);
     with a checkpoint every 4 commits it starts over and stays a few pages long. If the
@@ -330,6 +330,8 @@ async def test_the_write_ahead_log_starts_over_instead_of_growing(
             store._checkpointer.close()
         ids = await _commit_one_by_one(store, 400, os.urandom(16 * 1024))
         assert store.stats().commits >= 400
+        if not background_thread_alive:  # the operator is told why the writer pauses
+            assert "no background checkpoint finished" in caplog.text
         assert _wal_bytes(db) < 2 * 1024 * 1024
         # Everything committed is readable from a fresh connection, in order.
         got = await store.fetch_mailbox(B, 0, 1000, 1 << 30)
