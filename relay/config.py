@@ -160,7 +160,7 @@ class RelayConfig:
     prekey_fetch_burst: float = 10.0
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
-    wal_checkpoint_commits: int = 128
+    wal_checkpoint_commits: int = 512
     nonce_cache_max: int = 1_000_000
     switch_interval_ms: float = 0.5
     workers: int = 1

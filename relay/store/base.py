@@ -171,7 +171,7 @@ class StoreLimits:
     dedupe_window_ms: int = 86400 * 1000
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
-    checkpoint_commits: int = 128
+    checkpoint_commits: int = 512
 
 
 @dataclass(frozen=True, slots=True)

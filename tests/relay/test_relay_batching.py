@@ -29,7 +29,7 @@ B = Address("bob", 1)
 
 
 async def _store(
-    tmp_path: Path, interval_ms: float, checkpoint_commits: int = 128
+    tmp_path: Path, interval_ms: float, checkpoint_commits: int = 512
 ) -> SqliteRelayStore:
     store = SqliteRelayStore(
         tmp_path / "db.sqlite3",
