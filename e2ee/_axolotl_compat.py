@@ -19,9 +19,11 @@ import ast
 import importlib.util
 import sys
 import types
+import warnings
 from pathlib import Path
 
 from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.internal import api_implementation
 
 __all__ = ["install"]
 
@@ -76,9 +78,21 @@ def _build_module(name: str, path: Path) -> types.ModuleType:
 
 
 def install() -> None:
-    """Register python-axolotl's protobuf modules; idempotent."""
+    """Register python-axolotl's protobuf modules; idempotent.
+
+    Warns (``RuntimeWarning``) if protobuf runs on its pure-Python backend: that only happens
+    when something outside e2ee selected it (``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python``
+    in the environment); e2ee still works there, several times slower.
+    """
     if all(name in sys.modules for name in _GENERATED):
         return
+    if api_implementation.Type() == "python":
+        warnings.warn(
+            "protobuf runs on its pure-Python backend (PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION is"
+            " set to 'python'); e2ee needs no such setting and is several times faster without it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     spec = importlib.util.find_spec("axolotl")
     if spec is None or not spec.submodule_search_locations:
         raise AxolotlCompatError("python-axolotl is not installed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,14 +19,43 @@ def test_protobuf_runs_on_upb() -> None:
     assert int(google.protobuf.__version__.split(".")[0]) >= 5
 
 
-def test_fresh_interpreter_imports_e2ee_on_upb() -> None:
-    code = (
-        "import e2ee, axolotl.sessioncipher\n"
-        "from google.protobuf.internal import api_implementation as a\n"
-        "print(a.Type())"
+_BACKEND_VARIABLE = "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"
+_SHOW_BACKEND = (
+    "import e2ee, axolotl.sessioncipher\n"
+    "from google.protobuf.internal import api_implementation as a\n"
+    "print(a.Type())"
+)
+
+
+def _env_without_backend_variable(**extra: str) -> dict[str, str]:
+    """The environment of a program that sets nothing about protobuf's backend."""
+    env = {k: v for k, v in os.environ.items() if k != _BACKEND_VARIABLE}
+    env.update(extra)
+    return env
+
+
+def test_fresh_interpreter_imports_e2ee_on_upb_without_any_backend_variable() -> None:
+    out = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-c", _SHOW_BACKEND],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_env_without_backend_variable(),
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "upb"
+
+
+def test_a_backend_forced_to_pure_python_from_outside_is_reported() -> None:
+    """e2ee still works there, but the user is told why it is slow."""
+    out = subprocess.run(
+        [sys.executable, "-c", _SHOW_BACKEND],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_env_without_backend_variable(**{_BACKEND_VARIABLE: "python"}),
+    )
+    assert out.stdout.strip() == "python"
+    assert "RuntimeWarning" in out.stderr and _BACKEND_VARIABLE in out.stderr
 
 
 def test_bare_python_axolotl_fails_on_current_protobuf() -> None:
@@ -34,6 +64,7 @@ def test_bare_python_axolotl_fails_on_current_protobuf() -> None:
         [sys.executable, "-c", "import axolotl.state.sessionrecord"],
         capture_output=True,
         text=True,
+        env=_env_without_backend_variable(),
     )
     assert out.returncode != 0
     assert "Descriptors cannot be created directly" in out.stderr
@@ -48,7 +79,12 @@ def test_python_axolotl_bundled_suite_passes() -> None:
         "import e2ee, sys, pytest\n"
         f"sys.exit(pytest.main([{str(suite)!r}, '-q', '-p', 'no:cacheprovider']))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env_without_backend_variable(),
+    )
     assert out.returncode == 0, out.stdout[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
 
