@@ -441,11 +441,7 @@ class WorkerLink:
         self._state = state
         self._store = store
         self._ident = ident
-        self._poll_seconds = config.worker_poll_seconds
-        self._pump_rows = config.worker_pump_rows
-        self._pump_bytes = config.worker_pump_bytes
-        self._datagram_bytes = config.worker_datagram_bytes
-        self._outbox_max_lines = config.worker_outbox_max_lines
+        self._config = config
         self._cursor = 0
         self._wanted = False
         self._closing = False
@@ -557,7 +553,10 @@ class WorkerLink:
             try:
                 while more:
                     cursor, more, deliveries = await self._store.fetch_committed_after(
-                        self._cursor, self._pump_rows, self._pump_bytes, wanted
+                        self._cursor,
+                        self._config.worker_pump_rows,
+                        self._config.worker_pump_bytes,
+                        wanted,
                     )
                     if cursor > self._cursor:
                         self._cursor = cursor
@@ -569,7 +568,7 @@ class WorkerLink:
 
     async def _poll(self) -> None:
         while True:
-            await asyncio.sleep(self._poll_seconds)
+            await asyncio.sleep(self._config.worker_poll_seconds)
             self.wake()
 
     # -- one connection per device -----------------------------------------------------
@@ -655,7 +654,7 @@ class WorkerLink:
         for peer in self._peers:
             box = self._outbox[peer]
             box.append(line)
-            if len(box) > self._outbox_max_lines:
+            if len(box) > self._config.worker_outbox_max_lines:
                 # Attach and removal lines must not vanish silently (the peer would keep a
                 # removed device's key or a replaced socket): they become one resync order.
                 box[:] = ["X"]
@@ -690,7 +689,7 @@ class WorkerLink:
                 chunk: list[str] = []
                 size = 0
                 for line in box:
-                    if chunk and size + len(line) + 1 > self._datagram_bytes:
+                    if chunk and size + len(line) + 1 > self._config.worker_datagram_bytes:
                         break
                     chunk.append(line)
                     size += len(line) + 1

@@ -466,31 +466,21 @@ class _WriterState:
         busy event loop costs the writer more than the step itself.
         """
         self.known = {}
-        part = send_ids[:_MAX_VARS]
-        marks = ",".join("?" * len(part))
-        version, doc = self.conn.execute(
-            "SELECT (SELECT data_version FROM pragma_data_version), "  # noqa: S608
-            "json_group_array(json_array(hex(msg_id), sender, sender_device, n_recipients, "
-            f"stored_ms)) FROM messages WHERE msg_id IN ({marks})",
-            part,
-        ).fetchone()
-        if int(version) != self.data_version:
-            self.data_version = int(version)
-            self.reset_caches()
-        self._load_known(doc)
-        for start in range(_MAX_VARS, len(send_ids), _MAX_VARS):
+        for start in range(0, max(len(send_ids), 1), _MAX_VARS):
             part = send_ids[start : start + _MAX_VARS]
             marks = ",".join("?" * len(part))
-            (doc,) = self.conn.execute(
-                "SELECT json_group_array(json_array(hex(msg_id), sender, sender_device, "  # noqa: S608
-                f"n_recipients, stored_ms)) FROM messages WHERE msg_id IN ({marks})",
+            # The first chunk (the only one but for huge batches) also reads data_version.
+            version_sql = "(SELECT data_version FROM pragma_data_version)" if start == 0 else "0"
+            version, doc = self.conn.execute(
+                f"SELECT {version_sql}, json_group_array(json_array(hex(msg_id), sender, "  # noqa: S608
+                f"sender_device, n_recipients, stored_ms)) FROM messages WHERE msg_id IN ({marks})",
                 part,
             ).fetchone()
-            self._load_known(doc)
-
-    def _load_known(self, doc: str) -> None:
-        for hexid, user, dev, n, stored in json.loads(doc):
-            self.known[bytes.fromhex(hexid)] = (user, dev, n, stored)
+            if start == 0 and int(version) != self.data_version:
+                self.data_version = int(version)
+                self.reset_caches()
+            for hexid, user, dev, n, stored in json.loads(doc):
+                self.known[bytes.fromhex(hexid)] = (user, dev, n, stored)
 
     def ack_many(self, requests: Sequence[tuple[Address, Sequence[bytes]]]) -> list[int]:
         """Apply several devices' acks in one statement, a DELETE that returns the rows it
