@@ -544,7 +544,7 @@ async def sweep_once(st: RelayState, max_rounds: int = 100) -> int:
 # traversing the messages in flight, and full ones every object alive: 8.4 s of a 30 s run,
 # pauses up to 435 ms. So everything alive after startup (modules, the app) is frozen out of
 # the collector's sight, and collections are rarer: 0.5 s in the same run, and twice the
-# messages accepted (docs/performance-relay.md, third session). Process-wide, hence restored
+# messages accepted (docs/performance-relay-journal.md, third session). Process-wide, hence restored
 # when the app is cleaned up.
 GC_THRESHOLDS = (50_000, 20, 100)
 

@@ -20,7 +20,7 @@ def run(setting: str, main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` to completion on a new loop of the selected kind (like ``asyncio.run``).
 
     uvloop's transports and callbacks cost the relay about 10 % less CPU per message at
-    5,000 msg/s (docs/performance-relay.md, fourth session). ``serve`` logs which loop runs.
+    5,000 msg/s (docs/performance-relay-journal.md, fourth session). ``serve`` logs which loop runs.
     """
     if setting != "asyncio" and importlib.util.find_spec("uvloop") is not None:
         import uvloop

@@ -154,12 +154,12 @@ class StoreLimits:
     commits. The default 0 needs no pacing: the writer already groups every write that arrives
     while the previous transaction commits, so batches grow with the load by themselves; pacing
     only pays off where a commit's fixed cost is large against the CPU left for the messages
-    (a slow disk). Measured both ways in docs/performance-relay.md (fourth session).
+    (a slow disk). Measured both ways in docs/performance-relay-journal.md (fourth session).
 
     ``checkpoint_commits`` (SQLite): every that many commits a background thread copies the
     write-ahead log into the database file, so the writer never pauses for that copy and its
     fsync; the writer then only copies the few pages committed meanwhile, and the log starts
-    over (docs/performance-relay.md, fifth session).
+    over (docs/performance-relay-journal.md, fifth session).
     """
 
     max_devices_per_user: int = 127

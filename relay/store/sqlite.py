@@ -566,7 +566,7 @@ class _Checkpointer:
     A checkpoint is the relay's largest single piece of disk work (every page changed since the
     last one is written to the database file, then fsync'd). Run inside the writer's COMMIT, as
     SQLite's automatic checkpoint does, it held every write behind it: 7-11 ms every ~300 ms at
-    5,000 msg/s (docs/performance-relay.md, fifth session). Here it runs beside the writer; a
+    5,000 msg/s (docs/performance-relay-journal.md, fifth). Here it runs beside the writer; a
     PASSIVE checkpoint never blocks writers or readers. When a pass has finished (``finished``),
     the writer copies the few pages committed meanwhile itself, between two transactions, and
     its next transaction starts the log over, so the log file does not grow.

@@ -1,6 +1,6 @@
 """Per-batch work in the relay: commit pacing, the ack DELETE's query plan, one socket write per
 connection per committed batch, the store's commit counters in /metrics, and the serving
-process's GC settings (docs/performance-relay.md, third session)."""
+process's GC settings (docs/performance-relay-journal.md, third session)."""
 
 from __future__ import annotations
 
