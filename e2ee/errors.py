@@ -19,6 +19,7 @@ Who is at fault:
 from __future__ import annotations
 
 __all__ = [
+    "DecryptBudgetExceeded",
     "DuplicateMessage",
     "E2EEError",
     "FingerprintVersionMismatch",
@@ -135,3 +136,32 @@ class StoreCorrupt(StorageError):
 
 class TransportError(E2EEError):
     """The relay could not be reached or answered with an error."""
+
+
+# -- the peer's work budget (appended leaf) --------------------------------------------
+
+
+class DecryptBudgetExceeded(PeerError):
+    """A peer's messages used up its decrypt work budget; nothing was stored.
+
+    The message itself may be genuine: retry it after ``retry_after_ms`` (the
+    budget refills with time). ``retry_after_ms`` is None when the message needs
+    more work than a full budget allows; retrying it will not help.
+
+    Attributes:
+        peer: the remote user name the work is charged to.
+        needed: work units the message needs at least.
+        available: units left in the peer's budget (negative while in debt).
+        retry_after_ms: when to retry, or None (never).
+    """
+
+    def __init__(self, peer: str, needed: int, available: int, retry_after_ms: int | None) -> None:
+        when = "never" if retry_after_ms is None else f"in {retry_after_ms} ms"
+        super().__init__(
+            f"messages from {peer} are over their decrypt work budget "
+            f"(needs {needed} units, {available} left); retry {when}"
+        )
+        self.peer = peer
+        self.needed = needed
+        self.available = available
+        self.retry_after_ms = retry_after_ms

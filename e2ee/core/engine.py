@@ -14,6 +14,12 @@ Invariants:
   per-key lock held from load to commit; different peers run in parallel.
   Session setups from a prekey message additionally share one lock, so a
   one-time prekey is consumed by at most one session.
+* Bounded work: every received message is charged to its peer's work budget
+  (:mod:`e2ee.core.budget`); a peer over budget is refused before any crypto with
+  :class:`~e2ee.errors.DecryptBudgetExceeded`, and an admitted message is stopped
+  as soon as its work would overdraw the budget. Messages of other peers are never
+  affected. Replay records are bounded per peer device and per group sender
+  (``_decrypt_setup``, :meth:`ProtocolEngine.group_process_distribution`).
 * Only :mod:`e2ee.errors` types escape (see :func:`_translate`).
 """
 
@@ -47,6 +53,18 @@ from google.protobuf.message import DecodeError
 from nacl.exceptions import CryptoError
 
 from e2ee.core import wire
+from e2ee.core.budget import (
+    ALLOWANCE_GROUP,
+    ALLOWANCE_MESSAGE,
+    ALLOWANCE_SETUP,
+    AXOLOTL_MAX_JUMP,
+    DERIVATION,
+    DH_STEP,
+    MAX_SENDER_KEY_JUMP,
+    DecryptLimits,
+    PeerBudgets,
+    WorkMeter,
+)
 from e2ee.core.keys import (
     MAX_DEVICE_ID,
     MAX_PREKEY_ID,
@@ -89,14 +107,13 @@ __all__ = [
     "MAX_SENDER_KEY_JUMP",
     "AppRows",
     "Ciphertext",
+    "DecryptLimits",
     "Decrypted",
     "KeyPolicy",
     "ProtocolEngine",
 ]
 
 DAY_MS = 86_400_000
-#: How far ahead of its chain a Sender Key message may claim to be (defect 1).
-MAX_SENDER_KEY_JUMP = 25_000
 
 #: Rows the caller wants committed together with a decrypt: (table, row) pairs.
 AppRows = Sequence[tuple[str, Mapping[str, Any]]]
@@ -104,8 +121,14 @@ AppRows = Sequence[tuple[str, Mapping[str, Any]]]
 _META_NEXT_PREKEY = "next_prekey_id"
 _META_NEXT_SIGNED = "next_signed_prekey_id"
 _META_CURRENT_SIGNED = "current_signed_prekey_id"
+#: Legacy replay records, one row per accepted setup / distribution (written
+#: before the per-peer lists below; still honoured, no longer written).
 _META_BASE_KEY = "seen_base_key:"
 _META_DISTRIBUTION = "seen_distribution:"
+#: Replay records, one row per peer device / per group sender, holding at most
+#: ``DecryptLimits.max_seen_*`` entries (newest last).
+_META_BASE_KEYS = "seen_base_keys:"
+_META_DISTRIBUTIONS = "seen_distributions:"
 
 _AXOLOTL_ERRORS: tuple[type[BaseException], ...] = (
     InvalidMessageException,
@@ -151,6 +174,33 @@ def _check_target(address: Address) -> None:
 
 def _system_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _entries(value: str | None) -> list[str]:
+    """The entries of a per-peer replay record (comma-separated, newest last)."""
+    return value.split(",") if value else []
+
+
+def _first_trial_units(state: Any, message: Any) -> int:
+    """Work python-axolotl surely spends trying ``message`` with the current state.
+
+    ``SessionCipher.decryptWithSessionState``: a known ratchet key derives the keys
+    from its chain's index up to the counter; a new one costs a DH ratchet step
+    first and starts at 0. A counter more than 2,000 ahead is refused before any
+    derivation, an old one is a lookup.
+    """
+    if not state.hasSenderChain() or message.getMessageVersion() != state.getSessionVersion():
+        return 0
+    counter: int = message.getCounter()
+    found = state.getReceiverChain(message.getSenderRatchetKey())
+    if found is not None:
+        index: int = found[0].chainKey.index
+        if counter < index or counter - index > AXOLOTL_MAX_JUMP:
+            return 0
+        return (counter - index + 1) * DERIVATION
+    if counter > AXOLOTL_MAX_JUMP:
+        return DH_STEP
+    return DH_STEP + (counter + 1) * DERIVATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +298,11 @@ class ProtocolEngine:
             ``untrusted`` and encrypting to them raises :class:`UntrustedIdentity`
             until :meth:`set_trust` marks them trusted (strict mode).
         policy: key rotation and replenishment settings.
+        limits: per-peer bounds on decrypt work and state (defaults: see
+            :class:`~e2ee.core.budget.DecryptLimits`).
+
+    Raises:
+        UsageError: ``limits`` is not a :class:`DecryptLimits`.
     """
 
     def __init__(
@@ -257,11 +312,16 @@ class ProtocolEngine:
         now_ms: Callable[[], int] = _system_ms,
         trust_on_first_use: bool = True,
         policy: KeyPolicy | None = None,
+        limits: DecryptLimits | None = None,
     ) -> None:
+        if limits is not None and not isinstance(limits, DecryptLimits):
+            raise UsageError("limits must be a DecryptLimits")
         self._store = store
         self._now_ms = now_ms
         self._tofu = trust_on_first_use
         self.policy = policy or KeyPolicy()
+        self.limits = limits or DecryptLimits()
+        self.budgets = PeerBudgets(self.limits)
         self._locks = KeyedLocks()
         self._setup_lock = threading.Lock()
         self._account_cache: AccountRecord | None = None
@@ -506,6 +566,7 @@ class ProtocolEngine:
             trust_new_identity=self._tofu,
             accept_changed_identity=receiving,
             parsed_sessions=self._parsed_sessions,
+            max_skipped_keys=self.limits.max_skipped_keys,
         )
 
     def has_session(self, address: Address) -> bool:
@@ -585,6 +646,8 @@ class ProtocolEngine:
             MissingKey: names a prekey we no longer hold.
             NoSession: a normal message without a session.
             UntrustedIdentity: strict mode refused an unknown identity.
+            DecryptBudgetExceeded: the sender's work budget does not cover this
+                message now (store unchanged; retry after ``retry_after_ms``).
         """
         _check_peer(sender)
         if ciphertext.kind == "prekey":
@@ -598,12 +661,25 @@ class ProtocolEngine:
                 with self._setup_lock:
                     return self._decrypt_prekey(sender, message, on_plaintext)
             staged = self._staged(sender.device_id, receiving=True)
+            record = staged.loadSession(sender.name, sender.device_id)
+            work = self.budgets.admit(
+                sender.name,
+                self._now_ms(),
+                ALLOWANCE_MESSAGE,
+                _first_trial_units(record.getSessionState(), message) - ALLOWANCE_MESSAGE,
+            )
             cipher = SessionCipher(staged, staged, staged, staged, sender.name, sender.device_id)
-            with _axolotl_errors(sender):
-                # python-axolotl checks for a session first (NoSessionException,
-                # mapped to NoSession by _axolotl_errors).
-                plaintext = bytes(cipher.decryptMsg(message))
-            return self._commit_decrypt(staged, sender, plaintext, on_plaintext)
+            try:
+                with _axolotl_errors(sender), work:
+                    # python-axolotl checks for a session first (NoSessionException,
+                    # mapped to NoSession by _axolotl_errors).
+                    plaintext = bytes(cipher.decryptMsg(message))
+                result = self._commit_decrypt(staged, sender, plaintext, on_plaintext)
+            except BaseException:
+                self.budgets.settle(work, succeeded=False)
+                raise
+            self.budgets.settle(work, succeeded=True)
+            return result
 
     def _decrypt_prekey(
         self,
@@ -613,16 +689,43 @@ class ProtocolEngine:
     ) -> Decrypted:
         staged = self._staged(sender.device_id, receiving=True)
         base_key = bytes(message.getBaseKey().serialize())
-        seen_key = _META_BASE_KEY + wire.key_digest(base_key)
+        digest = wire.key_digest(base_key)
+        seen_key = _META_BASE_KEYS + wire.key_digest(str(sender).encode())
+        seen = _entries(staged.get_meta(seen_key))
         record = staged.loadSession(sender.name, sender.device_id)
-        if staged.get_meta(seen_key) is not None and not record.hasSessionState(
-            message.getMessageVersion(), base_key
+        known = record.hasSessionState(message.getMessageVersion(), base_key)
+        if not known and (
+            any(entry.endswith(":" + digest) for entry in seen)
+            or staged.get_meta(_META_BASE_KEY + digest) is not None
         ):
             # The session this message set up is gone; processing it again would
             # replay it into a fresh session (defect 4).
             raise DuplicateMessage(f"{sender}: session setup message replayed")
+        inner = message.getWhisperMessage()
+        # A new session's receiving chain starts at 0: the counter is the jump.
+        jump = inner.getCounter() if not known and inner.getCounter() <= AXOLOTL_MAX_JUMP else 0
+        work = self.budgets.admit(sender.name, self._now_ms(), ALLOWANCE_SETUP, jump * DERIVATION)
+        try:
+            plaintext = self._decrypt_setup(staged, sender, message, base_key, work, seen_key, seen)
+            result = self._commit_decrypt(staged, sender, plaintext, on_plaintext)
+        except BaseException:
+            self.budgets.settle(work, succeeded=False)
+            raise
+        self.budgets.settle(work, succeeded=True)
+        return result
+
+    def _decrypt_setup(
+        self,
+        staged: StagedStore,
+        sender: Address,
+        message: Any,
+        base_key: bytes,
+        work: WorkMeter,
+        seen_key: str,
+        seen: list[str],
+    ) -> bytes:
         cipher = SessionCipher(staged, staged, staged, staged, sender.name, sender.device_id)
-        with _axolotl_errors(sender):
+        with _axolotl_errors(sender), work:
             plaintext = bytes(cipher.decryptPkmsg(message))
             decrypted_by = staged.loadSession(sender.name, sender.device_id).getSessionState()
         envelope_identity = bytes(message.getIdentityKey().serialize())
@@ -637,8 +740,19 @@ class ProtocolEngine:
             # re-wrapped by someone: python-axolotl would archive the real session
             # and record the envelope's identity as the sender's.
             raise InvalidMessage(f"{sender}: prekey envelope does not match its message")
-        staged.put_meta(seen_key, str(message.getSignedPreKeyId()))
-        return self._commit_decrypt(staged, sender, plaintext, on_plaintext)
+        entry = f"{message.getSignedPreKeyId()}:{wire.key_digest(base_key)}"
+        if entry not in seen:
+            # Only needed while the signed prekey exists: without it a replay fails
+            # with MissingKey anyway, so records of deleted signed prekeys expire.
+            alive: dict[str, bool] = {}
+            for old in seen:
+                spk = old.partition(":")[0]
+                if spk not in alive:
+                    alive[spk] = spk.isdigit() and staged.containsSignedPreKey(int(spk))
+            kept = [old for old in seen if alive[old.partition(":")[0]]]
+            kept.append(entry)
+            staged.put_meta(seen_key, ",".join(kept[-self.limits.max_seen_base_keys :]))
+        return plaintext
 
     def _commit_decrypt(
         self,
@@ -718,8 +832,14 @@ class ProtocolEngine:
                         raise InvalidMessage(f"{sender}: sender key id reused with another key")
                     return
             # Remembered after its state is evicted too: a replay must not bring an
-            # old chain back at iteration 0 and re-open its messages.
-            seen = _META_DISTRIBUTION + wire.key_digest(
+            # old chain back at iteration 0 and re-open its messages. One record per
+            # sender and group, holding the newest max_seen_distributions entries.
+            seen_key = _META_DISTRIBUTIONS + wire.key_digest(
+                b"\0".join((group_id.encode(), str(sender).encode()))
+            )
+            seen = _entries(staged.get_meta(seen_key))
+            entry = wire.key_digest(str(message.getId()).encode() + b"\0" + signing)
+            legacy = _META_DISTRIBUTION + wire.key_digest(
                 b"\0".join(
                     (
                         group_id.encode(),
@@ -729,11 +849,12 @@ class ProtocolEngine:
                     )
                 )
             )
-            if staged.get_meta(seen) is not None:
+            if entry in seen or staged.get_meta(legacy) is not None:
                 return
             with _axolotl_errors(sender):
                 GroupSessionBuilder(staged).process(name, message)
-            staged.put_meta(seen, "1")
+            seen.append(entry)
+            staged.put_meta(seen_key, ",".join(seen[-self.limits.max_seen_distributions :]))
             self._store.commit(staged.changes(sessions=False))
 
     def group_encrypt(self, group_id: str, plaintext: bytes) -> bytes:
@@ -767,8 +888,10 @@ class ProtocolEngine:
         Raises:
             NoSession: no Sender Key from this sender for this group.
             MissingKey: the message names a Sender Key state we do not hold.
-            SenderKeyJumpTooLarge: more than 25,000 iterations ahead (rejected
-                before any key is derived).
+            SenderKeyJumpTooLarge: more than ``limits.max_sender_key_jump``
+                iterations ahead (rejected before any key is derived).
+            DecryptBudgetExceeded: the sender's work budget does not cover this
+                message now (store unchanged; retry after ``retry_after_ms``).
             DuplicateMessage, InvalidMessage: replayed or forged (store unchanged).
         """
         _check_peer(sender)
@@ -786,10 +909,22 @@ class ProtocolEngine:
             # Checked before python-axolotl verifies the signature and derives keys:
             # a hostile claim costs nothing, whoever signed it.
             jump = message.getIteration() - current
-            if jump > MAX_SENDER_KEY_JUMP:
-                raise SenderKeyJumpTooLarge(str(sender), jump, MAX_SENDER_KEY_JUMP)
-            with _axolotl_errors(sender):
-                plaintext = bytes(GroupCipher(staged, name).decrypt(data))
-            rows = tuple(on_plaintext(plaintext)) if on_plaintext else ()
-            self._store.commit(staged.changes(sessions=False, app_rows=rows))
+            limit = self.limits.max_sender_key_jump
+            if jump > limit:
+                raise SenderKeyJumpTooLarge(str(sender), jump, limit)
+            # Beyond the allowance (the signature and the message's own key), the
+            # claimed jump must fit in what is left, also checked before any work;
+            # what was actually done (only the signature, if it fails) is charged.
+            work = self.budgets.admit(
+                sender.name, self._now_ms(), ALLOWANCE_GROUP, max(jump, 0) * DERIVATION
+            )
+            try:
+                with _axolotl_errors(sender), work:
+                    plaintext = bytes(GroupCipher(staged, name).decrypt(data))
+                rows = tuple(on_plaintext(plaintext)) if on_plaintext else ()
+                self._store.commit(staged.changes(sessions=False, app_rows=rows))
+            except BaseException:
+                self.budgets.settle(work, succeeded=False)
+                raise
+            self.budgets.settle(work, succeeded=True)
         return plaintext

@@ -11,6 +11,11 @@ Patched:
 
 * ``WhisperMessage.verifyMac`` compared MACs with ``!=``, which can return early
   on the first differing byte. Ours compares with :func:`hmac.compare_digest`.
+* The primitives whose calls a hostile message can multiply (message-key
+  derivations, key agreements, key generation, signature checks) are wrapped by
+  :mod:`e2ee.core.budget`'s work meters, which charge each call to the peer whose
+  message is being decrypted. The meters wrap whatever is installed, so
+  :func:`apply` installs the fast paths (:mod:`e2ee.core.fastpath`) first.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import Any
 
 from axolotl.invalidmessageexception import InvalidMessageException
 from axolotl.protocol.whispermessage import WhisperMessage
+
+from e2ee.core import budget, fastpath
 
 __all__ = ["ORIGINALS", "apply"]
 
@@ -47,7 +54,9 @@ def _verify_mac_constant_time(
 
 
 def apply() -> None:
-    """Install the patches; idempotent."""
+    """Install the patches, the fast paths and then the work meters; idempotent."""
     if "WhisperMessage.verifyMac" not in ORIGINALS:
         ORIGINALS["WhisperMessage.verifyMac"] = WhisperMessage.verifyMac
         WhisperMessage.verifyMac = _verify_mac_constant_time
+    fastpath.apply()
+    budget.install()

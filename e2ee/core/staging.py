@@ -9,9 +9,12 @@ it; on any failure the overlay is dropped and the store is untouched.
 
 The overlay also enforces our bounds before anything is written:
 
-* at most :data:`MAX_SKIPPED_KEYS` skipped message keys per 1:1 receiving chain
-  and per Sender Key state (oldest evicted) -- python-axolotl caps only the size
-  of one jump, so repeated jumps grow a session without bound (defect 2);
+* at most ``max_skipped_keys`` (default :data:`MAX_SKIPPED_KEYS`) skipped message
+  keys per peer record, counted over every receiving chain of every state of a
+  1:1 session (current and archived), and over every state of a sender's Sender
+  Key record; the oldest are pruned first. python-axolotl caps only the size of
+  one jump, so repeated jumps (defect 2), or setups each arriving with 2,000
+  skipped keys into up to 41 states (defect 8), grow a record without bound;
 * at most :data:`MAX_SENDER_KEY_STATES` Sender Key states per sender and group
   (python-axolotl keeps every state it was ever sent).
 """
@@ -31,6 +34,7 @@ from axolotl.state.prekeyrecord import PreKeyRecord
 from axolotl.state.sessionrecord import SessionRecord
 from axolotl.state.signedprekeyrecord import SignedPreKeyRecord
 
+from e2ee.core.budget import MAX_SKIPPED_KEYS
 from e2ee.store.protocols import (
     AccountRecord,
     Address,
@@ -49,7 +53,6 @@ __all__ = [
     "StagedStore",
 ]
 
-MAX_SKIPPED_KEYS = 2000
 MAX_SENDER_KEY_STATES = 5
 
 
@@ -132,6 +135,8 @@ class StagedStore:
             operations are also the only ones that can add skipped message keys,
             so only their sessions are trimmed.
         parsed_sessions: the engine's :class:`SessionCache`, or None.
+        max_skipped_keys: skipped message keys kept per record, all chains and
+            states together (oldest pruned first).
     """
 
     def __init__(
@@ -144,8 +149,10 @@ class StagedStore:
         trust_new_identity: bool = True,
         accept_changed_identity: bool = False,
         parsed_sessions: SessionCache | None = None,
+        max_skipped_keys: int = MAX_SKIPPED_KEYS,
     ) -> None:
         self._base = base
+        self._max_keys = max_skipped_keys
         self._parsed = parsed_sessions
         self._account = account
         self._device_id = device_id
@@ -326,12 +333,14 @@ class StagedStore:
         flag); callers only stage records they mean to write.
         """
         if sessions:
-            trim = self._accept_changed
-            session_blobs = {a: _bounded_session(r, trim) for a, r in self._sessions.items()}
+            keep = self._max_keys if self._accept_changed else None
+            session_blobs = {a: _bounded_session(r, keep) for a, r in self._sessions.items()}
         else:
             session_blobs = {}
         sender_blobs = (
-            {k: _bounded_sender_key(r) for k, r in self._sender_keys.items()} if sender_keys else {}
+            {k: _bounded_sender_key(r, self._max_keys) for k, r in self._sender_keys.items()}
+            if sender_keys
+            else {}
         )
         return Changes(
             prekeys_delete=frozenset(self._prekeys_deleted) if self._prekeys_deleted else _NONE,
@@ -353,27 +362,42 @@ class StagedStore:
             self._parsed.put(address, blob, self._sessions[address])
 
 
-def _trim(repeated: Any, keep: int) -> None:
-    excess = len(repeated) - keep
-    if excess > 0:
-        del repeated[:excess]
+def _keep_newest(chains_newest_first: Any, keep: int) -> None:
+    """Prune skipped keys so at most ``keep`` remain, oldest chain and key first.
+
+    ``chains_newest_first`` yields the repeated ``messageKeys``-like fields from
+    the newest chain to the oldest; within one, keys are in arrival order
+    (python-axolotl appends), so the newest are at the end.
+    """
+    for keys in chains_newest_first:
+        held = len(keys)
+        if held <= keep:
+            keep -= held
+        else:
+            del keys[: held - keep]
+            keep = 0
 
 
-def _bounded_session(record: SessionRecord, trim: bool) -> bytes:
-    # Only the current state can have grown, and only while receiving:
-    # python-axolotl decrypts with an archived state only after promoting it to
-    # current, archived states were trimmed while they were current, and sending
-    # (encrypt, bundle processing) never adds skipped message keys.
-    if trim:
-        for chain in record.getSessionState().sessionStructure.receiverChains:
-            _trim(chain.messageKeys, MAX_SKIPPED_KEYS)
+def _session_chains(record: SessionRecord) -> Any:
+    # Newest first: the current state, then archived ones (python-axolotl inserts
+    # the latest at index 0); within a state the last receiving chain is the newest.
+    for state in (record.getSessionState(), *record.getPreviousSessionStates()):
+        for chain in reversed(state.sessionStructure.receiverChains):
+            yield chain.messageKeys
+
+
+def _bounded_session(record: SessionRecord, keep: int | None) -> bytes:
+    # Only receiving can add skipped message keys (sending, bundle processing
+    # never do), so only receiving operations prune (keep is None otherwise).
+    if keep is not None:
+        _keep_newest(_session_chains(record), keep)
     return bytes(record.serialize())
 
 
-def _bounded_sender_key(record: SenderKeyRecord) -> bytes:
+def _bounded_sender_key(record: SenderKeyRecord, keep: int) -> bytes:
     states = record.senderKeyStates
     if len(states) > MAX_SENDER_KEY_STATES:
         del states[: len(states) - MAX_SENDER_KEY_STATES]
-    for state in states:
-        _trim(state.senderKeyStateStructure.senderMessageKeys, MAX_SKIPPED_KEYS)
+    # States are appended as distributions arrive: the last is the newest.
+    _keep_newest((s.senderKeyStateStructure.senderMessageKeys for s in reversed(states)), keep)
     return bytes(record.serialize())

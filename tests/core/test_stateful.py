@@ -22,8 +22,8 @@ The models track just enough protocol state to predict each outcome:
   more than ``MAX_SENDER_KEY_STATES`` keys per sender: what eviction does to a
   replayed distribution is pinned by its own test at the end of this file.
 
-Sequences stay far below the 2,000 skipped-key cap and the 25,000-iteration jump
-limit, which have their own tests.
+Sequences stay far below the 2,000 skipped-key cap, the 2,000-iteration jump
+limit and the per-peer work budget, which have their own tests (test_bounds.py).
 """
 
 from __future__ import annotations
