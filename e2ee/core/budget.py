@@ -236,6 +236,19 @@ class PeerBudgets:
             return None
         return max(1, math.ceil((needed - level) / self._per_ms))
 
+    def check(self, peer: str, now_ms: int) -> None:
+        """Refuse at once if ``peer``'s bucket is empty (before loading any state).
+
+        Raises:
+            DecryptBudgetExceeded: the bucket is empty or in debt.
+        """
+        if peer not in self._buckets:  # never charged, or dropped: full
+            return
+        with self._lock:
+            level = self._level(peer, now_ms)
+        if level <= 0:
+            raise DecryptBudgetExceeded(peer, 1, int(level), self._retry_after_ms(1, level))
+
     def admit(self, peer: str, now_ms: int, allowance: int, expected: int = 0) -> WorkMeter:
         """A meter for one message of ``peer``, or a refusal before any work.
 

@@ -657,6 +657,8 @@ class ProtocolEngine:
         else:
             raise UsageError(f"unknown ciphertext kind {ciphertext.kind!r}")
         with self._locks.hold(sender):
+            # A peer in debt is refused before its session is even loaded.
+            self.budgets.check(sender.name, self._now_ms())
             if ciphertext.kind == "prekey":
                 with self._setup_lock:
                     return self._decrypt_prekey(sender, message, on_plaintext)
@@ -899,6 +901,7 @@ class ProtocolEngine:
         name = self._sender_key_name(group_id, sender)
         key_id = SenderKeyId(group_id, sender)
         with self._locks.hold(key_id):
+            self.budgets.check(sender.name, self._now_ms())
             staged = self._staged(sender.device_id, receiving=True)
             record = staged.loadSenderKey(name)
             if record.isEmpty():
