@@ -80,6 +80,7 @@ from e2ee.core.keys import (
 from e2ee.core.locks import KeyedLocks
 from e2ee.core.staging import IdentityChange, SessionCache, StagedStore
 from e2ee.errors import (
+    DecryptBudgetExceeded,
     DuplicateMessage,
     E2EEError,
     InvalidBundle,
@@ -664,12 +665,16 @@ class ProtocolEngine:
                     return self._decrypt_prekey(sender, message, on_plaintext)
             staged = self._staged(sender.device_id, receiving=True)
             record = staged.loadSession(sender.name, sender.device_id)
-            work = self.budgets.admit(
-                sender.name,
-                self._now_ms(),
-                ALLOWANCE_MESSAGE,
-                _first_trial_units(record.getSessionState(), message) - ALLOWANCE_MESSAGE,
-            )
+            try:
+                work = self.budgets.admit(
+                    sender.name,
+                    self._now_ms(),
+                    ALLOWANCE_MESSAGE,
+                    _first_trial_units(record.getSessionState(), message) - ALLOWANCE_MESSAGE,
+                )
+            except DecryptBudgetExceeded:
+                staged.give_back()  # only read: a refused flood keeps the cache warm
+                raise
             cipher = SessionCipher(staged, staged, staged, staged, sender.name, sender.device_id)
             try:
                 with _axolotl_errors(sender), work:

@@ -166,6 +166,7 @@ class StagedStore:
         self._identities: dict[Address, IdentityRecord] = {}
         self._sender_keys: dict[SenderKeyId, SenderKeyRecord] = {}
         self._meta: dict[str, str] = {}
+        self._loaded: dict[Address, bytes] = {}
         self.identity_changes: list[IdentityChange] = []
 
     def __repr__(self) -> str:
@@ -253,6 +254,7 @@ class StagedStore:
             if self._parsed is not None:
                 self._parsed.take(address, b"")
             return None
+        self._loaded[address] = data
         if self._parsed is not None:
             cached = self._parsed.take(address, data)
             if cached is not None:
@@ -353,6 +355,21 @@ class StagedStore:
             meta_put=self._meta,
             app_rows=app_rows,
         )
+
+    def give_back(self) -> None:
+        """Return the session records loaded, unchanged, to the engine's cache.
+
+        Only for an operation refused after reading its records and before
+        python-axolotl saw them (a refusal for the peer's work budget): the
+        records are exactly what was parsed from the stored bytes, so the cache
+        stays warm for the peer's next, genuine message.
+        """
+        if self._parsed is None:
+            return
+        for address, data in self._loaded.items():
+            record = self._sessions.get(address)
+            if record is not None:
+                self._parsed.put(address, data, record)
 
     def committed(self, changes: Changes) -> None:
         """Tell the engine's cache that ``changes`` (from :meth:`changes`) are stored."""
