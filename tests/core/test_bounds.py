@@ -20,7 +20,7 @@ of ``conftest.Clock`` and moves it explicitly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -574,3 +574,24 @@ def test_addresses_of_one_peer_share_its_budget() -> None:
             bob.decrypt(e.address, forged(undelivered(e, bob), 2_000))
     with pytest.raises(DecryptBudgetExceeded):
         bob.decrypt(phone.address, phone.encrypt(bob.address, b"t"))
+
+
+def test_refused_message_leaves_either_store_unchanged(
+    make_peer: Callable[..., Any],
+    store_kind: str,
+    store_snapshot: Callable[[Any], object],
+) -> None:
+    alice, bob = make_peer("alice", kind=store_kind), make_peer("bob", kind=store_kind)
+    connect(alice.engine, bob.engine)
+    template = undelivered(alice.engine, bob.engine)
+    for _ in range(2):
+        with pytest.raises(InvalidMessage):
+            bob.engine.decrypt(alice.address, forged(template, 2_000))
+    genuine = alice.engine.encrypt(bob.address, b"kept")
+    before = store_snapshot(bob.store)
+    with pytest.raises(DecryptBudgetExceeded) as refused:
+        bob.engine.decrypt(alice.address, genuine)
+    assert store_snapshot(bob.store) == before
+    assert refused.value.retry_after_ms is not None
+    bob.clock.now_ms += refused.value.retry_after_ms
+    assert bob.engine.decrypt(alice.address, genuine).plaintext == b"kept"
