@@ -5,8 +5,11 @@ test stores, no e2ee wrapper), then shows it closed through e2ee. Defect 6 (only
 typed errors on malformed input) is covered by ``test_fuzz.py``.
 
 Note: importing e2ee installs our method replacements (``e2ee.core.hardening``,
-``e2ee.core.fastpath``) into python-axolotl's classes. None of them touches the
-code paths of defects 1-5; defect 7 calls the saved original explicitly.
+``e2ee.core.fastpath``) into python-axolotl's classes. None of them changes the
+behaviour on the code paths of defects 1-5: the work meters of ``e2ee.core.budget``
+wrap primitives there but only call through outside an engine's decrypt (the
+bounds they enforce have their own tests in ``test_bounds.py``); defect 7 calls the
+saved original explicitly.
 """
 
 from __future__ import annotations
