@@ -316,6 +316,12 @@ def _fts_query(text: str) -> str:
     return " ".join('"' + w.replace('"', '""') + '"' for w in words)
 
 
+def _fts_prefix_query(text: str) -> str:
+    # Each word quoted (literal, never FTS5 syntax) and marked as a prefix with '*'.
+    words = [w for w in text.split() if w]
+    return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+
+
 class History:
     """Build history rows and read them back.
 
@@ -633,6 +639,58 @@ class History:
             sql += " AND m.chat_id = ?"
             params.append(chat_id)
         sql += " ORDER BY f.rank LIMIT ?"
+        params.append(limit)
+        return [to_message(r) for r in self._query(sql, params)]
+
+    def search_newest(
+        self,
+        text: str,
+        *,
+        chat_id: str | None = None,
+        before: str | None = None,
+        limit: int = 50,
+    ) -> list[StoredMessage]:
+        """Prefix search over message text, newest first, one page at a time.
+
+        Every word of ``text`` must start a word of the message (``histo`` finds
+        ``history``); words are matched literally, never as FTS syntax. Pages
+        follow local order (``seq``): pass the last message of a page as
+        ``before`` to get the next, older page.
+
+        Args:
+            text: the words to look for (empty or blank finds nothing).
+            chat_id: only this chat (``direct_chat_id``/``group_chat_id``).
+            before: a message id; only hits stored before it (any chat).
+            limit: at most this many (1..1000).
+
+        Returns:
+            Up to ``limit`` matching messages, newest first; deleted and expired
+            messages are left out.
+
+        Raises:
+            UsageError: bad limit, or ``before`` names no stored message.
+            StorageError: the file cannot be read.
+        """
+        if not 1 <= limit <= 1000:
+            raise UsageError("limit must be between 1 and 1000")
+        query = _fts_prefix_query(text)
+        if not query:
+            return []
+        sql = (
+            "SELECT m.* FROM app_messages_fts f JOIN app_messages m ON m.rowid = f.rowid "
+            "WHERE app_messages_fts MATCH ? AND m.deleted IS 0"
+        )
+        params: list[Any] = [query]
+        if chat_id is not None:
+            sql += " AND m.chat_id = ?"
+            params.append(chat_id)
+        if before is not None:
+            rows = self._query("SELECT seq FROM app_messages WHERE id = ?", (before,))
+            if not rows:
+                raise UsageError("'before' names no stored message")
+            sql += " AND m.seq < ?"
+            params.append(int(rows[0]["seq"]))
+        sql += " ORDER BY m.seq DESC LIMIT ?"
         params.append(limit)
         return [to_message(r) for r in self._query(sql, params)]
 
