@@ -287,6 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     _target_args(p, "show")
     p.add_argument("user", nargs="?", metavar="USERNAME")
     p.add_argument("--limit", type=int, default=50, metavar="N", help="newest N (1..1000) [50]")
+    page = p.add_mutually_exclusive_group()
+    page.add_argument(
+        "--before", metavar="MESSAGE_ID", help="the N messages just before this one (older page)"
+    )
+    page.add_argument(
+        "--after", metavar="MESSAGE_ID", help="the N messages just after this one (newer page)"
+    )
+
+    p = command("search", "find messages whose words start with TEXT's words, newest first")
+    p.add_argument("text", metavar="TEXT", help="words to look for ('histo' finds 'history')")
+    p.add_argument("--user", metavar="USERNAME", help="only the chat with this user")
+    p.add_argument("--group", metavar="GROUP_ID", help="only this group")
+    p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (1..1000) [50]")
+    p.add_argument(
+        "--before",
+        metavar="MESSAGE_ID",
+        help="only hits older than this message (the next page: the last id shown)",
+    )
 
     p = command("group", "create, change, leave and list groups")
     gsub = p.add_subparsers(dest="group_command", metavar="ACTION", parser_class=_Parser)
@@ -315,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("username", metavar="USERNAME")
 
     command("contacts", "known users and their trust state")
+
+    from tui_client.daemon import add_arguments as daemon_arguments
+
+    p = command(
+        "daemon",
+        "keep the account open and serve JSON-RPC 2.0 (one object per line) on stdin/stdout, "
+        "or on --socket / --tcp; events become 'receive' notifications (docs/cli.md)",
+    )
+    daemon_arguments(p)
     return parser
 
 
@@ -655,11 +682,8 @@ class _Session:
         return None if row is None else str(row.get("name") or "")
 
     async def show_message(self, message: StoredMessage) -> None:
-        attachment = await self.attachment(message)
-        name = await self.group_name(message.group_id)
-        self.settings.out.emit(
-            message_record(message, attachment), human_message(message, attachment, name)
-        )
+        shown = await message_output(self, message)
+        self.settings.out.emit(shown.record, shown.human)
         self.printed_seq = max(self.printed_seq, message.seq)
 
     async def held_error(self, chat_id: str, exc: IdentityHeld) -> CliError:
@@ -682,7 +706,9 @@ class _Session:
 
 
 @contextlib.asynccontextmanager
-async def _account(settings: _Settings, *, connect: bool) -> AsyncIterator[_Session]:
+async def _account(
+    settings: _Settings, *, connect: bool, options: ClientOptions = _OPTIONS
+) -> AsyncIterator[_Session]:
     """Lock the data directory, open the account, optionally connect; close on exit."""
     folder = settings.data_dir
     if not (folder / DB_FILE).exists():
@@ -691,7 +717,7 @@ async def _account(settings: _Settings, *, connect: bool) -> AsyncIterator[_Sess
             f"no account in {folder}: run 'blindpost --data {folder} init USERNAME "
             "--relay URL' first",
         )
-    client = await Client.open(folder, settings.passphrase, options=_OPTIONS)
+    client = await Client.open(folder, settings.passphrase, options=options)
     session = _Session(settings, client)
     try:
         if connect:
@@ -846,12 +872,38 @@ async def cmd_send_file(settings: _Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _show_event(session: _Session, event: Event) -> None:
-    """Print one event (receipts that arrived together are one record)."""
-    out = session.settings.out
+@dataclass(frozen=True, slots=True)
+class EventOutput:
+    """What ``receive`` prints for an event: the JSON record and the human line.
+
+    ``seq`` is the history position of a message record (0 for other records),
+    for the cursor of incoming messages already reported.
+    """
+
+    record: dict[str, Any]
+    human: str
+    seq: int = 0
+
+
+async def message_output(session: _Session, message: StoredMessage) -> EventOutput:
+    """The ``message`` record ``receive`` prints for a stored message."""
+    attachment = await session.attachment(message)
+    name = await session.group_name(message.group_id)
+    return EventOutput(
+        message_record(message, attachment), human_message(message, attachment, name), message.seq
+    )
+
+
+async def event_output(session: _Session, event: Event) -> EventOutput | None:
+    """The record ``receive --json`` prints for an event (None: not printed).
+
+    The one serializer of events: ``receive`` and ``blindpost daemon`` both use it.
+    Receipts already waiting in the session's queue for the same sender, status and
+    chat are taken along into one record.
+    """
     if isinstance(event, MessageReceived):
-        await session.show_message(event.message)
-    elif isinstance(event, ReceiptUpdated):
+        return await message_output(session, event.message)
+    if isinstance(event, ReceiptUpdated):
         ids = [event.message_id]
         while (more := session.take_ready()) is not None:
             if isinstance(more, ReceiptUpdated) and (
@@ -864,21 +916,29 @@ async def _show_event(session: _Session, event: Event) -> None:
                 continue
             session.push_back(more)
             break
-        out.emit(
+        return EventOutput(
             receipt_record(event.status, ids, event.user, event.device, event.chat_id),
             human_receipt(event.status, ids, event.user),
         )
-    elif isinstance(event, GroupChanged):
-        out.emit(group_event_record(event), human_group_event(event))
-    elif isinstance(event, IdentityChanged):
-        out.emit(identity_record(event), human_identity(event))
-    elif isinstance(event, GapDetected):
-        out.emit(gap_record(event), human_gap(event))
-    elif isinstance(event, DecryptionProblem):
-        out.emit(error_record(event), human_error(event))
-    elif isinstance(event, MessageChanged):
-        out.emit(change_record(event), human_change(event))
-    # Typing and connection states are not printed.
+    if isinstance(event, GroupChanged):
+        return EventOutput(group_event_record(event), human_group_event(event))
+    if isinstance(event, IdentityChanged):
+        return EventOutput(identity_record(event), human_identity(event))
+    if isinstance(event, GapDetected):
+        return EventOutput(gap_record(event), human_gap(event))
+    if isinstance(event, DecryptionProblem):
+        return EventOutput(error_record(event), human_error(event))
+    if isinstance(event, MessageChanged):
+        return EventOutput(change_record(event), human_change(event))
+    return None  # typing, our own stored messages, backlog and connection states
+
+
+async def _show_event(session: _Session, event: Event) -> None:
+    """Print one event (receipts that arrived together are one record)."""
+    shown = await event_output(session, event)
+    if shown is not None:
+        session.settings.out.emit(shown.record, shown.human)
+        session.printed_seq = max(session.printed_seq, shown.seq)
 
 
 async def cmd_receive(settings: _Settings, args: argparse.Namespace) -> int:
@@ -1003,36 +1063,142 @@ async def cmd_read(settings: _Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_history(settings: _Settings, args: argparse.Namespace) -> int:
-    target = _target(args.group, args.user)
-    limit: int = args.limit
-    if not 1 <= limit <= 1000:
+def _limit(value: int) -> int:
+    if not 1 <= value <= 1000:
         raise CliError(EXIT_USAGE, "--limit must be between 1 and 1000")
-    async with _account(settings, connect=False) as session:
-        if target.group:
-            await _find_group(session, target.group)
-        history = session.history
+    return value
 
-        def load() -> list[tuple[StoredMessage, dict[str, str]]]:
-            rows = []
-            for message in history.messages(target.chat_id, limit=limit):
-                best: dict[str, str] = {}
-                if message.outgoing:
-                    for (user, _device), status in history.receipts(message.id).items():
-                        best[user] = History.status_at_least(best.get(user), status)
-                rows.append((message, best))
-            return rows
 
+def _with_receipts(
+    history: History, messages: Sequence[StoredMessage]
+) -> list[tuple[StoredMessage, dict[str, str]]]:
+    """Each message with its best status per recipient (outgoing ones; blocking)."""
+    rows = []
+    for message in messages:
+        best: dict[str, str] = {}
+        if message.outgoing:
+            for (user, _device), status in history.receipts(message.id).items():
+                best[user] = History.status_at_least(best.get(user), status)
+        rows.append((message, best))
+    return rows
+
+
+async def history_page(
+    session: _Session,
+    target: _Target,
+    *,
+    limit: int,
+    before: str | None = None,
+    after: str | None = None,
+) -> list[tuple[dict[str, Any], str]]:
+    """One page of a chat, oldest first, as (JSON record, human line) pairs.
+
+    Raises:
+        CliError: bad limit or id (2), unknown group, or an anchor not in the chat (5).
+    """
+    _limit(limit)
+    anchor_before = None if before is None else _message_id(before)
+    anchor_after = None if after is None else _message_id(after)
+    if target.group:
+        await _find_group(session, target.group)
+    history = session.history
+
+    def load() -> list[tuple[StoredMessage, dict[str, str]]]:
+        page = history.messages(
+            target.chat_id, before=anchor_before, after=anchor_after, limit=limit
+        )
+        return _with_receipts(history, page)
+
+    try:
         rows = await asyncio.to_thread(load)
-        name = await session.group_name(target.group)
-        for message, receipts in rows:
-            attachment = await session.attachment(message)
-            settings.out.emit(
+    except UsageError:
+        anchor = anchor_before or anchor_after
+        raise CliError(
+            EXIT_NOT_FOUND, f"message {anchor} is not in the chat with {target.label}"
+        ) from None
+    name = await session.group_name(target.group)
+    out = []
+    for message, receipts in rows:
+        attachment = await session.attachment(message)
+        out.append(
+            (
                 message_record(message, attachment, receipts=receipts),
                 human_message(message, attachment, name, with_status=True),
             )
+        )
+    return out
+
+
+async def search_page(
+    session: _Session,
+    text: str,
+    *,
+    target: _Target | None = None,
+    limit: int = 50,
+    before: str | None = None,
+) -> list[tuple[dict[str, Any], str]]:
+    """Messages whose words start with ``text``'s words, newest first, as output pairs.
+
+    Raises:
+        CliError: bad limit or id (2), unknown group, or ``before`` unknown (5).
+    """
+    _limit(limit)
+    if not text.strip():
+        raise CliError(EXIT_USAGE, "the search text is empty")
+    anchor = None if before is None else _message_id(before)
+    if target is not None and target.group:
+        await _find_group(session, target.group)
+    history = session.history
+    chat = None if target is None else target.chat_id
+
+    def load() -> list[tuple[StoredMessage, dict[str, str]]]:
+        found = history.search_newest(text, chat_id=chat, before=anchor, limit=limit)
+        return _with_receipts(history, found)
+
+    try:
+        rows = await asyncio.to_thread(load)
+    except UsageError:
+        raise CliError(EXIT_NOT_FOUND, f"no message {anchor} in this account's history") from None
+    out = []
+    for message, receipts in rows:
+        attachment = await session.attachment(message)
+        name = await session.group_name(message.group_id)
+        out.append(
+            (
+                message_record(message, attachment, receipts=receipts),
+                human_message(message, attachment, name, with_status=True),
+            )
+        )
+    return out
+
+
+async def cmd_history(settings: _Settings, args: argparse.Namespace) -> int:
+    target = _target(args.group, args.user)
+    _limit(args.limit)
+    async with _account(settings, connect=False) as session:
+        rows = await history_page(
+            session, target, limit=args.limit, before=args.before, after=args.after
+        )
+        for record, human in rows:
+            settings.out.emit(record, human)
         if not rows and not settings.out.as_json:
             settings.out.emit({}, f"no messages with {target.label}")
+    return EXIT_OK
+
+
+async def cmd_search(settings: _Settings, args: argparse.Namespace) -> int:
+    target = None
+    if args.user is not None or args.group is not None:
+        target = _target(args.group, args.user)
+    _limit(args.limit)
+    async with _account(settings, connect=False) as session:
+        rows = await search_page(
+            session, args.text, target=target, limit=args.limit, before=args.before
+        )
+        for record, human in rows:
+            settings.out.emit(record, human)
+        if not rows and not settings.out.as_json:
+            settings.out.emit({}, f"no messages match {clean(args.text, newlines=False)!r}")
     return EXIT_OK
 
 
@@ -1236,6 +1402,12 @@ async def cmd_contacts(settings: _Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_daemon(settings: _Settings, args: argparse.Namespace) -> int:
+    from tui_client.daemon import cmd_daemon as serve
+
+    return await serve(settings, args)
+
+
 _COMMANDS: Final[dict[str, Callable[[_Settings, argparse.Namespace], Coroutine[Any, Any, int]]]] = {
     "init": cmd_init,
     "send": cmd_send,
@@ -1244,11 +1416,13 @@ _COMMANDS: Final[dict[str, Callable[[_Settings, argparse.Namespace], Coroutine[A
     "download": cmd_download,
     "read": cmd_read,
     "history": cmd_history,
+    "search": cmd_search,
     "group": cmd_group,
     "safety-number": cmd_safety_number,
     "trust": cmd_trust,
     "verify": cmd_verify,
     "contacts": cmd_contacts,
+    "daemon": cmd_daemon,
 }
 
 
