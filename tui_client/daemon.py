@@ -136,7 +136,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_EVENT_BUFFER,
         metavar="N",
-        help="events kept while no client is subscribed; past it the oldest are dropped "
+        help="events kept until a subscriber confirms them (and the most sent to an 'ack' "
+        "subscriber unacknowledged); past it the oldest are dropped "
         f"({_EVENT_BUFFER_RANGE[0]}..{_EVENT_BUFFER_RANGE[1]}) [{DEFAULT_EVENT_BUFFER}]",
     )
     parser.add_argument(
@@ -847,7 +848,9 @@ class Daemon:
             if connection.tasks:
                 await asyncio.wait(set(connection.tasks), timeout=self.timeout)
         finally:
-            if connection.name != "stdio":
+            # At shutdown the connection stays: the answers to the requests still
+            # running and the last events go out before _shutdown closes it.
+            if connection.name != "stdio" and not self._stop.is_set():
                 connection.subscribed = False
                 self.connections.discard(connection)
                 connection.sink.close()
@@ -973,6 +976,8 @@ async def _unsubscribe(daemon: Daemon, connection: _Connection, params: _Params)
 async def _ack(daemon: Daemon, connection: _Connection, params: _Params) -> Any:
     count = params.integer("count", -1)
     params.done()
+    if count == -1:
+        raise RpcError(INVALID_PARAMS, "missing parameter 'count' (an integer)")
     if not (connection.subscribed and connection.ack):
         raise RpcError(INVALID_PARAMS, "not subscribed with ack")
     more = count - connection.acked
