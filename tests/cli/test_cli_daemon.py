@@ -310,3 +310,43 @@ def test_search_and_group_methods(cli: Cli, accounts: Any) -> None:
         daemon.close_stdin()
         code, err = daemon.wait()
     assert code == 0, err
+
+
+def test_shutdown_answers_a_request_still_waiting_for_the_relay(
+    cli: Cli, relay: Relay, accounts: Any, tmp_path: Path
+) -> None:
+    # Last in the module: it stops the shared relay for a while.
+    path = socket_path(tmp_path)
+    daemon = SocketDaemon(cli, "ddave", "--socket", str(path), "--network-timeout", "5")
+    try:
+        client = daemon.connect()
+        client.call("contacts")  # the daemon answers: the account is open
+        relay.stop()
+        try:
+            waiting = client.request("send", {"to": "dbob", "text": "queued at shutdown"})
+            client.until(
+                lambda: any(
+                    m["text"] == "queued at shutdown" and m["status"] == "pending"
+                    for m in client.call("history", {"user": "dbob"})
+                ),
+                "the message in the outbox",
+            )
+            daemon.proc.send_signal(signal.SIGTERM)
+            answer = client.response(waiting)
+            assert answer["error"]["code"] == 1003, answer
+            assert answer["error"]["data"]["exit_status"] == 3
+            assert daemon.proc.wait(timeout=60) == 0
+        finally:
+            relay.start()
+    finally:
+        daemon.kill()
+    # The message stayed queued, and goes out with the next command that connects.
+    (pending,) = [
+        m
+        for m in cli("ddave", "history", "dbob", "--json").records
+        if m["text"] == "queued at shutdown"
+    ]
+    assert pending["status"] == "pending"
+    cli("ddave", "receive")
+    got = cli("dbob", "receive", "--json").of_type("message")
+    assert [m["text"] for m in got if m["id"] == pending["id"]] == ["queued at shutdown"]
