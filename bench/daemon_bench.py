@@ -10,8 +10,9 @@ same pace, side by side:
 
 * ``sdk``: the SDK alone, in this process: ``Client.send_text`` (returns once the relay
   accepted the message), the same account, the same recipient;
-* ``daemon``: ``blindpost daemon --socket`` in its own process; one client writes JSON-RPC
-  ``send`` requests at the pace and times each until its answer.
+* ``daemon``: ``blindpost daemon --socket`` in its own process; one subscribed client
+  writes JSON-RPC ``send`` requests at the pace and times each until its answer (it also
+  reads the ``sent`` notification of each message, as a bot does).
 
 Latency counts from the moment a call is made (a call waits for a free slot of
 ``--window`` first; how far the run fell behind its pace is printed as the achieved
@@ -134,7 +135,13 @@ async def run_daemon(data: Path, sock: Path, calls: int, rate: float, window: in
             if future is not None:
                 future.set_result(message)
 
+    async def drain_stderr() -> None:
+        assert proc.stderr is not None
+        while await proc.stderr.readline():
+            pass
+
     reading = asyncio.create_task(answers())
+    draining = asyncio.create_task(drain_stderr())
     ids = itertools.count(1)
 
     async def send(text: str) -> None:
@@ -149,6 +156,8 @@ async def run_daemon(data: Path, sock: Path, calls: int, rate: float, window: in
             raise SystemExit(f"send failed: {answer}")
 
     try:
+        # Subscribed, as a bot is: the daemon also sends a "sent" notification per call.
+        writer.write(b'{"jsonrpc": "2.0", "id": 0, "method": "subscribe"}\n')
         await send("warm-up")
         cpu_before = cpu_seconds(proc.pid)
 
@@ -162,6 +171,7 @@ async def run_daemon(data: Path, sock: Path, calls: int, rate: float, window: in
         proc.terminate()
         await proc.wait()
         reading.cancel()
+        draining.cancel()
     report("daemon", latencies, elapsed, f"; daemon CPU {cpu / calls * 1000:.2f} s per 1,000")
     return latencies
 

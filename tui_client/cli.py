@@ -2,8 +2,10 @@
 # * The command line is an adapter over the SDK facade (e2ee.client.Client) only.
 # * Every network wait is bounded (--network-timeout; transfers: without progress for that
 #   long), so no command blocks forever. Commands that need nothing from the relay
-#   (history, contacts, safety-number, group list) never connect; the others connect
-#   send-only (no deliveries taken), except `receive`, the only command that receives.
+#   (history, search, contacts, safety-number, group list) never connect; the others connect
+#   send-only (no deliveries taken), except `receive` and `daemon`, which receive.
+# * Events have one serializer, event_output: `receive` prints its records, and `daemon`
+#   (tui_client/daemon/) sends the same records as JSON-RPC notifications.
 # * stdout carries results only (human text, or one JSON object per line with --json);
 #   a failure is one line `blindpost: error: ...` on stderr and a documented exit status
 #   (docs/cli.md). Keys, passphrases and ciphertext are never printed.
@@ -104,9 +106,14 @@ __all__ = [
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "CliError",
+    "EventOutput",
     "build_parser",
     "default_data_dir",
+    "event_output",
+    "history_page",
     "main",
+    "message_output",
+    "search_page",
 ]
 
 T = TypeVar("T")

@@ -85,6 +85,7 @@ _MAX_INFLIGHT_RANGE: Final = (1, 100_000)
 _MAX_CLIENTS_RANGE: Final = (1, 10_000)
 _READ_CHUNK: Final = 65536
 _DELIVERY_BATCH: Final = 256
+_PUMP_POLL: Final = 0.5  # seconds: how soon the pump notices the session was closed
 _CURSOR_EVERY: Final = 1.0  # seconds between writes of the receive cursor
 # A daemon waits for the relay longer between retries than a one-shot command.
 DAEMON_OPTIONS: Final = ClientOptions(backoff_base=0.5, backoff_max=15.0)
@@ -302,6 +303,7 @@ class Daemon:
         self._cursor = 0
         self._cursor_written = 0
         self._cursor_at = 0.0
+        self._session_closed = False
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -356,18 +358,15 @@ class Daemon:
             for task in late:
                 task.cancel()
             await asyncio.gather(*requests, return_exceptions=True)
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError, CliError):
-            await pump
         with contextlib.suppress(E2EEError, CliError):
             await self.session.flush_outbox()  # delivered receipts for what was stored
         # Closing finishes the delivery in progress; its events are queued before the
-        # "closed" state, so everything acknowledged to the relay is passed on here.
+        # "closed" state, and the pump, told the session is closed, takes what is left
+        # and ends: everything acknowledged to the relay is passed on.
         await self.session.close()
-        while (event := self.session.take_ready()) is not None:
-            shown = await cli.event_output(self.session, event)
-            if shown is not None:
-                self.events.put(shown)
+        self._session_closed = True
+        with contextlib.suppress(CliError):
+            await pump
         delivery.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await delivery
@@ -383,12 +382,20 @@ class Daemon:
     # -- events ------------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        """Turn SDK events into records, in order, into the event queue."""
+        """Turn SDK events into records, in order, into the event queue.
+
+        Runs until the session was closed and every event it queued was taken.
+        """
         try:
             while True:
-                event = await self.session.next_event(3600.0)
-                if event is None:
-                    continue
+                if self._session_closed:
+                    event = self.session.take_ready()
+                    if event is None:
+                        return
+                else:
+                    event = await self.session.next_event(_PUMP_POLL)
+                    if event is None:
+                        continue
                 shown = await cli.event_output(self.session, event)
                 if shown is not None:
                     self.events.put(shown)
