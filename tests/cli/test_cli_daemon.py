@@ -2,7 +2,8 @@
 
 Each test runs real ``blindpost`` processes (daemons and one-shot commands) against
 the module's relay process. Notifications are compared with what ``receive --json``
-prints, field by field.
+prints, field by field. The tests share the module's accounts and run in order (the
+group made in the second is used by later ones), as in test_cli_direct.py.
 """
 
 from __future__ import annotations
@@ -282,7 +283,8 @@ def test_too_many_clients_and_bad_options(
     try:
         assert daemon.address is not None and daemon.address[1].startswith("127.0.0.1:")
         first = daemon.connect()
-        assert first.call("group", {"action": "list"})[0]["name"] == "crew"
+        groups = first.call("group", {"action": "list"})
+        assert [(g["type"], g["name"]) for g in groups] == [("group_info", "crew")]
         second = daemon.connect()
         second.until(lambda: second.closed, "the refusal")
         assert second.responses[None]["error"]["code"] == 1010
