@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from e2ee.history import StoredMessage
+from e2ee.messaging.rows import StoredMessage
 
 __all__ = [
     "BacklogDrained",

@@ -10,8 +10,9 @@ Invariants:
   holding a peer lock while waiting for the store would deadlock with it.
 * Lock order: the write lock, then the engine's per-peer locks, then the
   store's lock.
-* The counter and chat caches only ever hold committed values or values of the
-  transaction in progress; a failed commit drops them (:meth:`drop_caches`).
+* There is no cache: rules read through :meth:`ClientContext.view`, which
+  reads the store's own connection, plus (inside a receive batch) the rows the
+  batch will write at its end (``pending``, dropped if the batch fails).
 * Events reach every subscriber in the order they were emitted, on the event
   loop's thread.
 """
@@ -27,12 +28,15 @@ from typing import Any, ParamSpec, TypeVar
 
 from e2ee.client.datadir import META_REGISTERED, META_STRICT, Opened
 from e2ee.client.link import RelayLink
+from e2ee.core import ProtocolEngine
 from e2ee.errors import UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import History, Row
+from e2ee.messaging.outcome import Outcome
+from e2ee.messaging.rows import row as make_row
 from e2ee.store import Address, Changes
 
-__all__ = ["ClientContext", "ClientOptions"]
+__all__ = ["ClientContext", "ClientOptions", "StoreView"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -104,12 +108,9 @@ class ClientContext:
         self.connected = asyncio.Event()
         self.closing = False
         self._subscribers: list[asyncio.Queue[Event]] = []
-        self._counters: dict[str, int] = {}
-        self.chats: dict[str, dict[str, Any]] = {}
-        self.known_links: set[str] = set()
-        # Inside a receive transaction: counter and chat rows, written once at its
-        # end instead of with every message (they change with every message).
-        self.deferred: dict[tuple[str, str], dict[str, Any]] | None = None
+        # Inside a receive batch: counter and chat rows, written once at its end
+        # instead of with every message (they change with every message).
+        self.pending: dict[tuple[str, str], dict[str, Any]] | None = None
 
     def __repr__(self) -> str:
         return f"ClientContext(user={self.me.name!r}, device={self.me.device_id})"
@@ -143,55 +144,26 @@ class ClientContext:
     def load_state(self) -> None:
         """Re-read the settings that other processes or calls may have changed."""
         with self.wlock:
-            self.drop_caches()
             self.registered = self.store.get_meta(META_REGISTERED) == "1"
             self.strict = self.store.get_meta(META_STRICT) == "1"
 
-    def drop_caches(self) -> None:
-        """Forget cached rows: they may describe a commit that failed.
-
-        Rows deferred to the end of the current receive transaction stand (their
-        messages committed), so the cache keeps them: the store has not seen them yet.
-        """
-        self._counters.clear()
-        self.chats.clear()
-        self.known_links.clear()
-        for (table, key), row in (self.deferred or {}).items():
-            if table == "counters":
-                self._counters[key] = row["value"]
-            else:
-                self.chats[key] = row
+    def view(self) -> StoreView:
+        """History as it stands for the caller (inside a receive batch: with its rows)."""
+        return StoreView(self.history, self.engine, self.pending)
 
     def locked(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run an engine call under the write lock (blocking; use via ``to_thread``)."""
         with self.wlock:
             return call(*args, **kwargs)
 
-    def counter_or_none(self, name: str) -> int | None:
-        """A named counter's value (cached), or None if it was never written."""
-        value = self._counters.get(name)
-        if value is None:
-            value = self.history.counter_value(name)
-            if value is not None:
-                self._counters[name] = value
-        return value
-
     def counter(self, name: str) -> int:
-        """A named counter's value (cached), 0 if it was never written."""
-        value = self._counters.get(name)
-        if value is None:
-            value = self.history.counter_value(name) or 0
-            self._counters[name] = value
-        return value
+        """A named counter's committed value, 0 if it was never written."""
+        return self.view().counter(name) or 0
 
     def locked_counter(self, name: str) -> int:
         """:meth:`counter` under the write lock."""
         with self.wlock:
             return self.counter(name)
-
-    def set_counters(self, counters: Mapping[str, int]) -> None:
-        """Cache counter values that are being committed (dropped if that fails)."""
-        self._counters.update(counters)
 
     def commit(self, rows: Sequence[Row], counters: Mapping[str, int]) -> None:
         """Commit history rows and counters in one transaction (under the write lock).
@@ -200,28 +172,82 @@ class ClientContext:
             StorageError: nothing was written.
         """
         all_rows = tuple(rows) + tuple(
-            History.row("counters", id=k, value=v) for k, v in counters.items()
+            make_row("counters", id=k, value=v) for k, v in counters.items()
         )
-        try:
-            self.store.commit(Changes(app_rows=all_rows))
-        except BaseException:
-            self.drop_caches()  # cached chat rows may describe this failed write
-            raise
-        self._counters.update(counters)
+        self.store.commit(Changes(app_rows=all_rows))
 
-    def defer_or_add(self, rows: list[Row], more: Sequence[Row]) -> None:
-        """Add ``more`` to ``rows``, or inside a receive transaction defer them to its end.
+    def commit_outcome(self, out: Outcome) -> None:
+        """Commit what a messaging rule produced (inside a receive batch: see :meth:`stage`).
 
-        Only rows that every later message overwrites (counters, a chat's
-        ``last_message_at``) are deferred: the transaction commits all or nothing,
-        so they still stand exactly when the messages that moved them do.
+        Raises:
+            StorageError: nothing was written.
         """
-        if self.deferred is None:
-            rows.extend(more)
+        if self.pending is None:
+            self.store.commit(Changes(app_rows=tuple(out.all_rows())))
             return
-        for table, row in more:
-            self.deferred[(table, row["id"])] = row
+        if out.rows:
+            self.store.commit(Changes(app_rows=tuple(out.rows)))
+        self.stage(out)
+
+    def stage(self, out: Outcome) -> None:
+        """Keep an outcome's counters and chat rows for the end of the receive batch.
+
+        Called once the outcome's rows were committed (in the batch): every later
+        message overwrites these rows, so the batch writes them once, in the same
+        transaction as the messages that moved them.
+        """
+        pending = self.pending
+        if pending is None:
+            raise RuntimeError("stage() outside a receive batch")
+        for chat_id, chat in out.chats.items():
+            pending["chats", chat_id] = chat
+        for name, value in out.counters.items():
+            pending["counters", name] = {"id": name, "value": value}
 
     def known_devices(self, user: str) -> list[int]:
         """Device ids of ``user`` we hold a session with."""
         return self.engine.session_devices(user)
+
+
+class StoreView:
+    """The :class:`~e2ee.messaging.view.HistoryView` over the store.
+
+    Reads go through the store's own connection (``History.current``), so inside
+    a receive batch they see the batch's commits; ``pending`` adds the rows the
+    batch writes at its end.
+    """
+
+    def __init__(
+        self,
+        history: History,
+        engine: ProtocolEngine,
+        pending: Mapping[tuple[str, str], Mapping[str, Any]] | None,
+    ) -> None:
+        self._history = history
+        self._engine = engine
+        self._pending = pending or {}
+
+    def __repr__(self) -> str:
+        return f"StoreView({len(self._pending)} pending rows)"
+
+    def current(self, table: str, row_id: str) -> dict[str, Any] | None:
+        """A copy of the row, pending rows first."""
+        found = self._pending.get((table, row_id))
+        if found is not None:
+            return dict(found)
+        return self._history.current(table, row_id)
+
+    def counter(self, name: str) -> int | None:
+        """A counter's value, pending first."""
+        found = self._pending.get(("counters", name))
+        if found is not None:
+            return int(found["value"])
+        return self._history.counter_value(name)
+
+    def group_members(self, group_id: str) -> dict[str, str]:
+        """A group's members (committed state)."""
+        return self._history.group_members(group_id)
+
+    def devices(self, user: str) -> list[int]:
+        """Device ids of ``user`` we hold a session with."""
+        return self._engine.session_devices(user)

@@ -438,7 +438,7 @@ class Client:
             target.chat_id,
             PayloadType.REACTION,
             wait=wait,
-            targets_ids=(bytes.fromhex(message_id),),
+            target_ids=(bytes.fromhex(message_id),),
             reaction=emoji,
             store_row=False,
             extra_rows=rows,
@@ -461,7 +461,7 @@ class Client:
             PayloadType.EDIT,
             wait=wait,
             text=text,
-            targets_ids=(bytes.fromhex(message_id),),
+            target_ids=(bytes.fromhex(message_id),),
             store_row=False,
             extra_rows=[row] if row else [],
         )
@@ -480,7 +480,7 @@ class Client:
             target.chat_id,
             PayloadType.DELETE,
             wait=wait,
-            targets_ids=(bytes.fromhex(message_id),),
+            target_ids=(bytes.fromhex(message_id),),
             store_row=False,
             extra_rows=[row] if row else [],
         )

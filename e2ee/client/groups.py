@@ -2,9 +2,9 @@
 
 Invariants:
 
-* Only an admin in our committed group state changes a group (a member may
-  always leave); the new state is committed with the outgoing change, which
-  travels pairwise to everyone in the old and the new member list.
+* The rules (who may change what, the new state) live in
+  :mod:`e2ee.messaging.groups`; the new state is committed with the outgoing
+  change, which travels pairwise to everyone in the old and the new member list.
 * Our Sender Key is rotated whenever a member is removed or leaves, so they
   cannot read what we send afterwards.
 """
@@ -12,15 +12,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 
-from e2ee.client.compose import group_rows
 from e2ee.client.context import ClientContext
 from e2ee.client.outbox import Outbox
-from e2ee.client_errors import NotAdmin, NotAMember
 from e2ee.errors import TransportError, UsageError
-from e2ee.history import group_chat_id
+from e2ee.messaging import keys
+from e2ee.messaging.groups import GroupChange, group_rows, plan_group_change
+from e2ee.messaging.rows import Row, group_chat_id
 from e2ee.payload import GroupAction, GroupControl, PayloadType
 from e2ee.store import Address
 
@@ -51,7 +50,7 @@ async def create_group(
 
     def commit_state() -> None:
         with ctx.wlock:
-            ctx.commit(group_rows(ctx, gid, control, me), {})
+            ctx.commit(group_rows(ctx.view(), me, gid, control, me, ctx.now_ms()), {})
 
     await asyncio.to_thread(commit_state)
     await outbox.queue(
@@ -77,44 +76,26 @@ async def change_group(
         UsageError: ``user`` is not a member (remove, leave).
     """
     me = ctx.me.name
-    group = await asyncio.to_thread(ctx.history.group, gid)
-    if group is None or not group["member"]:
-        raise NotAMember(gid)
-    members = await asyncio.to_thread(ctx.history.group_members, gid)
-    admins = tuple(json.loads(group["admins"] or "[]"))
-    if action is not GroupAction.LEAVE and me not in admins:
-        raise NotAdmin(gid)
-    new_members = set(members)
-    targets: tuple[str, ...] = ()
-    if action is GroupAction.ADD and user:
-        new_members.add(user)
-        targets = (user,)
-    elif action in (GroupAction.REMOVE, GroupAction.LEAVE) and user:
-        if user not in new_members:
-            raise UsageError(f"{user} is not a member")
-        new_members.discard(user)
-        targets = (user,)
-    new_admins = tuple(a for a in admins if a in new_members)
-    control = GroupControl(
-        action,
-        name=name if name is not None else (group["name"] or ""),
-        members=tuple(sorted(new_members)),
-        admins=new_admins,
-        revision=int(group["revision"] or 0) + 1,
-        targets=targets,
-    )
-    recipients = sorted((set(members) | new_members) - {me})
-    rows = await asyncio.to_thread(group_rows, ctx, gid, control, me)
+
+    def plan() -> tuple[GroupChange, list[Row]]:
+        with ctx.wlock:
+            view = ctx.view()
+            change = plan_group_change(
+                view.current("groups", gid), view.group_members(gid), me, gid, action, user, name
+            )
+            return change, group_rows(view, me, gid, change.control, me, ctx.now_ms())
+
+    change, rows = await asyncio.to_thread(plan)
     await outbox.queue(
         group_chat_id(gid),
         PayloadType.GROUP,
         wait=True,
-        group=control,
-        group_targets=recipients,
+        group=change.control,
+        group_targets=change.recipients,
         extra_rows=rows,
     )
-    if action in (GroupAction.REMOVE, GroupAction.LEAVE):
-        await asyncio.to_thread(_rotate_group_key, ctx, gid, targets)
+    if change.gone:
+        await asyncio.to_thread(_rotate_group_key, ctx, gid, change.gone)
 
 
 def _rotate_group_key(ctx: ClientContext, gid: str, gone: Sequence[str]) -> None:
@@ -124,5 +105,5 @@ def _rotate_group_key(ctx: ClientContext, gid: str, gone: Sequence[str]) -> None
         for user in gone:
             for device in ctx.known_devices(user):
                 ctx.engine.group_forget_sender(gid, Address(user, device))
-        generation = ctx.counter(f"keygen:{gid}") + 1
-        ctx.commit([], {f"keygen:{gid}": generation})
+        generation = keys.key_generation(gid)
+        ctx.commit([], {generation: ctx.counter(generation) + 1})

@@ -45,6 +45,7 @@ from e2ee.errors import (
 )
 from e2ee.events import IdentityChanged, MessageStored, ReceiptUpdated
 from e2ee.history import History, Row
+from e2ee.messaging import keys
 from e2ee.payload import GroupAction, GroupControl, Payload, PayloadType, ReceiptKind
 from e2ee.store import Address, Changes, IdentityRecord, TrustLevel
 from e2ee.transport.errors import MismatchedDevices, NotFound, RelayRejected
@@ -213,7 +214,7 @@ class Outbox:
         receipts; a crash in between sends some receipts twice, which is harmless.
         """
         while not self._ctx.closing and self._ctx.connected.is_set():
-            mark = await asyncio.to_thread(self._ctx.locked_counter, "rcpt:delivered")
+            mark = await asyncio.to_thread(self._ctx.locked_counter, keys.DELIVERED_RECEIPTS)
             pending = await asyncio.to_thread(self._ctx.history.undelivered, mark, 2000)
             if not pending:
                 return
@@ -237,7 +238,12 @@ class Outbox:
             def advance(value: int = stop) -> None:
                 with self._ctx.wlock:
                     self._ctx.commit(
-                        [], {"rcpt:delivered": max(value, self._ctx.counter("rcpt:delivered"))}
+                        [],
+                        {
+                            keys.DELIVERED_RECEIPTS: max(
+                                value, self._ctx.counter(keys.DELIVERED_RECEIPTS)
+                            )
+                        },
                     )
 
             await asyncio.to_thread(advance)
@@ -463,12 +469,12 @@ class Outbox:
 
         def missing() -> tuple[int, list[str]]:
             with self._ctx.wlock:
-                generation = self._ctx.counter(f"keygen:{gid}") + 1
+                generation = self._ctx.counter(keys.key_generation(gid)) + 1
                 users = sorted(
                     {
                         u
                         for u, d in recipients
-                        if self._ctx.counter(f"dist:{gid}:{u}.{d}") != generation
+                        if self._ctx.counter(keys.distributed(gid, u, d)) != generation
                     }
                 )
                 return generation, users
@@ -491,6 +497,6 @@ class Outbox:
 
         def mark() -> None:
             with self._ctx.wlock:
-                self._ctx.commit([], {f"dist:{gid}:{u}.{d}": generation for u, d in sent})
+                self._ctx.commit([], {keys.distributed(gid, u, d): generation for u, d in sent})
 
         await asyncio.to_thread(mark)
