@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from e2ee import payload
@@ -20,7 +21,7 @@ from e2ee.events import Event, MessageChanged
 from e2ee.messaging.compose import Draft, receipt_entry
 from e2ee.messaging.compose import compose as compose_rule
 from e2ee.messaging.outcome import Outcome
-from e2ee.messaging.rows import Row, StoredMessage
+from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, StoredMessage
 from e2ee.payload import AttachmentPointer, GroupControl, PayloadType, Quote
 
 __all__ = ["compose", "expire_sync", "mark_read_sync"]
@@ -41,7 +42,7 @@ def compose(
     timer_seconds: int = 0,
     typing: bool = False,
     store_row: bool = True,
-    extra_rows: Sequence[Row] = (),
+    extra_rows: Sequence[AppRow] = (),
 ) -> tuple[str, StoredMessage | None]:
     """Commit a payload to the outbox (and its history row); return its id and row.
 
@@ -88,10 +89,9 @@ def mark_read_sync(ctx: ClientContext, chat_id: str) -> int:
         out = Outcome()
         marked = 0
         for message_id, sender in ctx.history.unread(chat_id):
-            message = view.current("messages", message_id)
+            message = view.get(MessageRow, message_id)
             if message is not None:
-                message["read_at"] = now
-                out.rows.append(("messages", message))
+                out.rows.append(dataclasses.replace(message, read_at=now))
                 marked += 1
             if send_receipts:
                 receipt_entry(view, out, sender, message_id, "read", now)
@@ -114,16 +114,16 @@ def expire_sync(ctx: ClientContext) -> list[Event]:
         view = ctx.view()
         out = Outcome()
         for mid in ctx.history.expired(ctx.now_ms()):
-            message = view.current("messages", mid)
+            message = view.get(MessageRow, mid)
             if message is None:
                 continue
-            message.update(text=None, quote_text=None, deleted=2)
-            out.rows.append(("messages", message))
-            attachment = view.current("attachments", mid)
+            out.rows.append(dataclasses.replace(message, text=None, quote_text=None, deleted=2))
+            attachment = view.get(AttachmentRow, mid)
             if attachment is not None:
-                attachment.update(key=None, digest=None, local_path=None)
-                out.rows.append(("attachments", attachment))
-            events.append(MessageChanged(mid, message["chat_id"], "expired", message["sender"]))
+                out.rows.append(
+                    dataclasses.replace(attachment, key=None, digest=None, local_path=None)
+                )
+            events.append(MessageChanged(mid, message.chat_id, "expired", message.sender))
         if out.rows:
             ctx.commit_outcome(out)
         return events

@@ -24,22 +24,23 @@ import contextlib
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar
 
 from e2ee.client.datadir import META_REGISTERED, META_STRICT, Opened
 from e2ee.client.link import RelayLink
 from e2ee.core import ProtocolEngine
 from e2ee.errors import UsageError
 from e2ee.events import ConnectionStateChanged, Event
-from e2ee.history import History, Row
+from e2ee.history import History
 from e2ee.messaging.outcome import Outcome
-from e2ee.messaging.rows import row as make_row
+from e2ee.messaging.rows import AppRow, ChatRow, CounterRow, as_row, from_columns
 from e2ee.store import Address, Changes
 
 __all__ = ["ClientContext", "ClientOptions", "StoreView"]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
+_R = TypeVar("_R", bound=AppRow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ class ClientContext:
         self._subscribers: list[asyncio.Queue[Event]] = []
         # Inside a receive batch: counter and chat rows, written once at its end
         # instead of with every message (they change with every message).
-        self.pending: dict[tuple[str, str], dict[str, Any]] | None = None
+        self.pending: dict[tuple[str, str], AppRow] | None = None
 
     def __repr__(self) -> str:
         return f"ClientContext(user={self.me.name!r}, device={self.me.device_id})"
@@ -165,16 +166,14 @@ class ClientContext:
         with self.wlock:
             return self.counter(name)
 
-    def commit(self, rows: Sequence[Row], counters: Mapping[str, int]) -> None:
+    def commit(self, rows: Sequence[AppRow], counters: Mapping[str, int]) -> None:
         """Commit history rows and counters in one transaction (under the write lock).
 
         Raises:
             StorageError: nothing was written.
         """
-        all_rows = tuple(rows) + tuple(
-            make_row("counters", id=k, value=v) for k, v in counters.items()
-        )
-        self.store.commit(Changes(app_rows=all_rows))
+        typed = [*rows, *(CounterRow(k, v) for k, v in counters.items())]
+        self.store.commit(Changes(app_rows=tuple(as_row(r) for r in typed)))
 
     def commit_outcome(self, out: Outcome) -> None:
         """Commit what a messaging rule produced (inside a receive batch: see :meth:`stage`).
@@ -186,7 +185,7 @@ class ClientContext:
             self.store.commit(Changes(app_rows=tuple(out.all_rows())))
             return
         if out.rows:
-            self.store.commit(Changes(app_rows=tuple(out.rows)))
+            self.store.commit(Changes(app_rows=tuple(as_row(r) for r in out.rows)))
         self.stage(out)
 
     def stage(self, out: Outcome) -> None:
@@ -199,10 +198,10 @@ class ClientContext:
         pending = self.pending
         if pending is None:
             raise RuntimeError("stage() outside a receive batch")
-        for chat_id, chat in out.chats.items():
-            pending["chats", chat_id] = chat
+        for chat in out.chats.values():
+            pending[ChatRow.TABLE, chat.id] = chat
         for name, value in out.counters.items():
-            pending["counters", name] = {"id": name, "value": value}
+            pending[CounterRow.TABLE, name] = CounterRow(name, value)
 
     def known_devices(self, user: str) -> list[int]:
         """Device ids of ``user`` we hold a session with."""
@@ -221,7 +220,7 @@ class StoreView:
         self,
         history: History,
         engine: ProtocolEngine,
-        pending: Mapping[tuple[str, str], Mapping[str, Any]] | None,
+        pending: Mapping[tuple[str, str], AppRow] | None,
     ) -> None:
         self._history = history
         self._engine = engine
@@ -230,19 +229,18 @@ class StoreView:
     def __repr__(self) -> str:
         return f"StoreView({len(self._pending)} pending rows)"
 
-    def current(self, table: str, row_id: str) -> dict[str, Any] | None:
-        """A copy of the row, pending rows first."""
-        found = self._pending.get((table, row_id))
-        if found is not None:
-            return dict(found)
-        return self._history.current(table, row_id)
+    def get(self, kind: type[_R], row_id: str) -> _R | None:
+        """The typed row, pending rows first."""
+        found = self._pending.get((kind.TABLE, row_id))
+        if isinstance(found, kind):
+            return found
+        stored = self._history.current(kind.TABLE, row_id)
+        return None if stored is None else from_columns(kind, stored)
 
     def counter(self, name: str) -> int | None:
         """A counter's value, pending first."""
-        found = self._pending.get(("counters", name))
-        if found is not None:
-            return int(found["value"])
-        return self._history.counter_value(name)
+        found = self.get(CounterRow, name)
+        return None if found is None else found.value
 
     def group_members(self, group_id: str) -> dict[str, str]:
         """A group's members (committed state)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import mimetypes
 import os
 import random
@@ -48,6 +49,7 @@ from e2ee.errors import E2EEError, TransportError, UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import GroupInfo, History, StoredMessage
 from e2ee.media import MediaCorrupt, Progress, decrypt_file, encrypt_file
+from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, ReactionRow
 from e2ee.payload import AttachmentPointer, GroupAction, PayloadType, Quote
 from e2ee.store import Changes, TrustLevel
 from e2ee.store.sealing import KdfLimits
@@ -424,16 +426,8 @@ class Client:
             UsageError: the message is not in history.
         """
         target = await self._target(message_id)
-        rows = [
-            History.row(
-                "reactions",
-                id=f"{message_id}:{self._ctx.me.name}",
-                message_id=message_id,
-                user_id=self._ctx.me.name,
-                emoji=emoji,
-                updated_at=self._ctx.now_ms(),
-            )
-        ]
+        me = self._ctx.me.name
+        rows = [ReactionRow(f"{message_id}:{me}", message_id, me, emoji, self._ctx.now_ms())]
         return await self._outbox.queue(
             target.chat_id,
             PayloadType.REACTION,
@@ -453,8 +447,8 @@ class Client:
         target = await self._target(message_id, own=True)
         if not text:
             raise UsageError("text must not be empty")
-        row = await asyncio.to_thread(
-            self._ctx.history.updated, "messages", message_id, text=text, edited=1
+        rows = await asyncio.to_thread(
+            self._changed, message_id, lambda m: dataclasses.replace(m, text=text, edited=1)
         )
         return await self._outbox.queue(
             target.chat_id,
@@ -463,7 +457,7 @@ class Client:
             text=text,
             target_ids=(bytes.fromhex(message_id),),
             store_row=False,
-            extra_rows=[row] if row else [],
+            extra_rows=rows,
         )
 
     async def delete_for_everyone(self, message_id: str, *, wait: bool = True) -> str:
@@ -473,8 +467,10 @@ class Client:
             UsageError: not our message.
         """
         target = await self._target(message_id, own=True)
-        row = await asyncio.to_thread(
-            self._ctx.history.updated, "messages", message_id, text=None, quote_text=None, deleted=1
+        rows = await asyncio.to_thread(
+            self._changed,
+            message_id,
+            lambda m: dataclasses.replace(m, text=None, quote_text=None, deleted=1),
         )
         return await self._outbox.queue(
             target.chat_id,
@@ -482,8 +478,12 @@ class Client:
             wait=wait,
             target_ids=(bytes.fromhex(message_id),),
             store_row=False,
-            extra_rows=[row] if row else [],
+            extra_rows=rows,
         )
+
+    def _changed(self, message_id: str, change: Callable[[MessageRow], MessageRow]) -> list[AppRow]:
+        found = self._ctx.view().get(MessageRow, message_id)
+        return [] if found is None else [change(found)]
 
     async def _target(self, message_id: str, *, own: bool = False) -> StoredMessage:
         found = await asyncio.to_thread(self._ctx.history.message, message_id)
@@ -590,16 +590,16 @@ class Client:
         Raises:
             UsageError: the message has no attachment.
         """
-        row = await asyncio.to_thread(self._ctx.history.attachment, message_id)
-        if row is None or not row["key"]:
+        row = await asyncio.to_thread(self._ctx.view().get, AttachmentRow, message_id)
+        if row is None or not row.key or not row.digest:
             raise UsageError("that message has no attachment")
         pointer = AttachmentPointer(
-            row["blob_id"],
-            row["key"],
-            row["digest"],
-            row["size"],
-            row["mime_type"] or "",
-            row["file_name"] or "",
+            row.blob_id or "",
+            row.key,
+            row.digest,
+            row.size or 0,
+            row.mime_type or "",
+            row.file_name or "",
         )
         return await self._outbox.queue(to, PayloadType.ATTACHMENT, wait=wait, attachment=pointer)
 
@@ -623,19 +623,20 @@ class Client:
             MediaCorrupt: the blob was tampered with or truncated (nothing written).
             TransportError: the download failed.
         """
-        row = await asyncio.to_thread(self._ctx.history.attachment, message_id)
-        if row is None or not row["key"]:
+        row = await asyncio.to_thread(self._ctx.view().get, AttachmentRow, message_id)
+        if row is None or not row.key or not row.digest:
             raise UsageError("that message has no attachment")
+        key, digest = row.key, row.digest
         target = Path(destination)
         tmp = self._ctx.folder / f".download-{message_id}"
         try:
             try:
-                await self._ctx.link.download_blob(row["blob_id"], tmp, progress)
+                await self._ctx.link.download_blob(row.blob_id or "", tmp, progress)
             except BlobDigestMismatch as exc:
                 # The transport checks the content address first: a blob changed on
                 # the relay (or in transit) fails there, before it is decrypted.
                 raise MediaCorrupt("the blob was tampered with or truncated") from exc
-            await asyncio.to_thread(decrypt_file, tmp, target, row["key"], row["digest"])
+            await asyncio.to_thread(decrypt_file, tmp, target, key, digest)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -19,7 +19,7 @@ from e2ee.client.outbox import Outbox
 from e2ee.errors import TransportError, UsageError
 from e2ee.messaging import keys
 from e2ee.messaging.groups import GroupChange, group_rows, plan_group_change
-from e2ee.messaging.rows import Row, group_chat_id
+from e2ee.messaging.rows import AppRow, GroupRow, group_chat_id
 from e2ee.payload import GroupAction, GroupControl, PayloadType
 from e2ee.store import Address
 
@@ -77,11 +77,11 @@ async def change_group(
     """
     me = ctx.me.name
 
-    def plan() -> tuple[GroupChange, list[Row]]:
+    def plan() -> tuple[GroupChange, list[AppRow]]:
         with ctx.wlock:
             view = ctx.view()
             change = plan_group_change(
-                view.current("groups", gid), view.group_members(gid), me, gid, action, user, name
+                view.get(GroupRow, gid), view.group_members(gid), me, gid, action, user, name
             )
             return change, group_rows(view, me, gid, change.control, me, ctx.now_ms())
 

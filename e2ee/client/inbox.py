@@ -55,7 +55,7 @@ from e2ee.messaging.outcome import (
     RotateGroupKey,
     WakeOutbox,
 )
-from e2ee.messaging.rows import Row, group_chat_id
+from e2ee.messaging.rows import Row, as_row, group_chat_id
 from e2ee.payload import PayloadType
 from e2ee.store import Address, Changes
 from e2ee.transport.frames import Delivery, QueueEmpty
@@ -253,7 +253,7 @@ class Inbox:
                                 break
                         if ctx.pending:
                             # In the same transaction as the messages that moved them.
-                            rows = tuple((t, row) for (t, _), row in ctx.pending.items())
+                            rows = tuple(as_row(row) for row in ctx.pending.values())
                             ctx.store.commit(Changes(app_rows=rows))
                 except StorageError as exc:
                     # Nothing of this transaction stands; the relay delivers it again.
@@ -389,4 +389,4 @@ class Inbox:
         result.events.extend(out.events)
         result.follow_ups.extend(out.follow_ups)
         result.barrier = body.type is PayloadType.GROUP
-        return list(out.rows)
+        return [as_row(r) for r in out.rows]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -44,8 +45,15 @@ from e2ee.errors import (
     UntrustedIdentity,
 )
 from e2ee.events import IdentityChanged, MessageStored, ReceiptUpdated
-from e2ee.history import History, Row
 from e2ee.messaging import keys
+from e2ee.messaging.rows import (
+    AppRow,
+    MessageRow,
+    OutboxRow,
+    ReceiptRow,
+    from_columns,
+    status_at_least,
+)
 from e2ee.payload import GroupAction, GroupControl, Payload, PayloadType, ReceiptKind
 from e2ee.store import Address, Changes, IdentityRecord, TrustLevel
 from e2ee.transport.errors import MismatchedDevices, NotFound, RelayRejected
@@ -159,24 +167,23 @@ class Outbox:
                     self._flush_cond.notify_all()
 
     async def _flush_outbox(self) -> None:
-        entries = await asyncio.to_thread(self._ctx.history.pending_outbox)
+        pending = await asyncio.to_thread(self._ctx.history.pending_outbox)
+        entries = [from_columns(OutboxRow, found) for found in pending]
         blocked_chats: dict[str, str] = {}  # chat id -> the held user
-        receipts: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        receipts: dict[tuple[str, str], list[OutboxRow]] = {}
         for entry in entries:
             if self._ctx.closing or not self._ctx.connected.is_set():
                 return
-            if entry["mode"] == "receipt":
-                receipts.setdefault((json.loads(entry["targets"])[0], entry["kind"]), []).append(
-                    entry
-                )
+            if entry.mode == "receipt":
+                receipts.setdefault((json.loads(entry.targets)[0], entry.kind), []).append(entry)
                 continue
-            if entry["chat_id"] in blocked_chats:
-                held = blocked_chats[entry["chat_id"]]
-                self.fail_waiter(entry["id"], IdentityHeld(held, entry["id"]))
+            if entry.chat_id in blocked_chats:
+                held = blocked_chats[entry.chat_id]
+                self.fail_waiter(entry.id, IdentityHeld(held, entry.id))
                 continue
             if (
-                entry["kind"] == "typing"
-                and self._ctx.now_ms() - entry["created_at"] > _TYPING_TTL_MS
+                entry.kind == "typing"
+                and self._ctx.now_ms() - (entry.created_at or 0) > _TYPING_TTL_MS
             ):
                 await self._finish_entry(entry, "dropped")  # stale after an outage
                 continue
@@ -185,8 +192,8 @@ class Outbox:
             except IdentityHeld as exc:
                 # Stays queued (and later ones of this chat, to keep order) until
                 # the key is accepted; a caller waiting for "sent" learns why.
-                blocked_chats[entry["chat_id"]] = exc.user
-                self.fail_waiter(entry["id"], IdentityHeld(exc.user, entry["id"]))
+                blocked_chats[entry.chat_id] = exc.user
+                self.fail_waiter(entry.id, IdentityHeld(exc.user, entry.id))
             except (TransportError, StorageError):
                 raise
             except E2EEError as exc:
@@ -194,10 +201,10 @@ class Outbox:
                 # built: the message is marked failed in history, never retried.
                 await self._finish_entry(entry, "failed")
                 if isinstance(exc, UnknownRecipient):
-                    exc = UnknownRecipient(exc.user, entry["id"])
+                    exc = UnknownRecipient(exc.user, entry.id)
                 elif isinstance(exc, SendFailed):
-                    exc = SendFailed(str(exc), entry["id"])
-                self.fail_waiter(entry["id"], exc)
+                    exc = SendFailed(str(exc), entry.id)
+                self.fail_waiter(entry.id, exc)
         for (user, kind), batch in receipts.items():
             for start in range(0, len(batch), _RECEIPT_BATCH):
                 chunk = batch[start : start + _RECEIPT_BATCH]
@@ -287,62 +294,58 @@ class Outbox:
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc)
 
-    async def _send_receipts(self, user: str, kind: str, entries: list[dict[str, Any]]) -> None:
+    async def _send_receipts(self, user: str, kind: str, entries: list[OutboxRow]) -> None:
         receipt = ReceiptKind.DELIVERED if kind == "delivered" else ReceiptKind.READ
-        await self._send_receipt_payload(user, receipt, [e["ref"] for e in entries])
+        await self._send_receipt_payload(user, receipt, [e.ref or "" for e in entries])
 
         def done() -> None:
             with self._ctx.wlock:
+                view = self._ctx.view()
                 rows = [
-                    r
+                    dataclasses.replace(r, state="sent")
                     for e in entries
-                    if (r := self._ctx.history.updated("outbox", e["id"], state="sent")) is not None
+                    if (r := view.get(OutboxRow, e.id)) is not None
                 ]
                 self._ctx.commit(rows, {})
 
         await asyncio.to_thread(done)
 
-    async def _send_entry(self, entry: dict[str, Any]) -> None:
-        mid = bytes.fromhex(entry["id"])
-        data: bytes = entry["payload"]
-        chat_id: str = entry["chat_id"]
-        if entry["mode"] == "group":
+    async def _send_entry(self, entry: OutboxRow) -> None:
+        mid = bytes.fromhex(entry.id)
+        data = entry.payload or b""
+        chat_id = entry.chat_id
+        if entry.mode == "group":
             recipients = await self._send_group(mid, chat_id[len("group:") :], data)
         else:
-            recipients = await self.send_pairwise(mid, json.loads(entry["targets"]), data)
+            recipients = await self.send_pairwise(mid, json.loads(entry.targets), data)
         await self._finish_entry(entry, "sent", recipients)
-        waiter = self._sent_waiters.get(entry["id"])
+        waiter = self._sent_waiters.get(entry.id)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if entry["kind"] not in ("typing", "session_reset", "receipt"):
-            self._ctx.emit(ReceiptUpdated(entry["id"], chat_id, "sent"))
+        if entry.kind not in ("typing", "session_reset", "receipt"):
+            self._ctx.emit(ReceiptUpdated(entry.id, chat_id, "sent"))
 
     async def _finish_entry(
-        self, entry: dict[str, Any], state: str, recipients: Sequence[tuple[str, int]] = ()
+        self, entry: OutboxRow, state: str, recipients: Sequence[tuple[str, int]] = ()
     ) -> None:
         def commit() -> None:
             with self._ctx.wlock:
-                rows: list[Row] = []
-                outbox = self._ctx.history.updated("outbox", entry["id"], state=state, payload=None)
-                if outbox:
-                    rows.append(outbox)
-                message = self._ctx.history.current("messages", entry["id"])
+                view = self._ctx.view()
+                rows: list[AppRow] = []
+                outbox = view.get(OutboxRow, entry.id)
+                if outbox is not None:
+                    rows.append(dataclasses.replace(outbox, state=state, payload=None))
+                message = view.get(MessageRow, entry.id)
                 if message is not None:
-                    message["status"] = History.status_at_least(message["status"], state)
-                    rows.append(("messages", message))
+                    status = status_at_least(message.status, state)
+                    rows.append(dataclasses.replace(message, status=status))
                     now = self._ctx.now_ms()
-                    for user, device in recipients:
-                        rows.append(
-                            History.row(
-                                "receipts",
-                                id=f"{entry['id']}:{user}:{device}",
-                                message_id=entry["id"],
-                                user_id=user,
-                                device_id=device,
-                                status="sent",
-                                updated_at=now,
-                            )
+                    rows.extend(
+                        ReceiptRow(
+                            f"{entry.id}:{user}:{device}", entry.id, user, device, "sent", now
                         )
+                        for user, device in recipients
+                    )
                 self._ctx.commit(rows, {})
 
         await asyncio.to_thread(commit)

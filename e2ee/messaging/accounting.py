@@ -25,7 +25,7 @@ from e2ee.events import DecryptionProblem, GapDetected
 from e2ee.messaging import keys
 from e2ee.messaging.chats import add_notice
 from e2ee.messaging.outcome import Outcome, RequestSenderKey, ResetSession
-from e2ee.messaging.rows import direct_chat_id, group_chat_id
+from e2ee.messaging.rows import GroupRow, direct_chat_id, group_chat_id
 from e2ee.messaging.view import HistoryView
 from e2ee.store.protocols import Address
 
@@ -126,7 +126,7 @@ def undecryptable(
     else:
         explanation = f"the message was rejected: {error}"
     notice = None
-    if group_id is None or view.current("groups", group_id) is not None:
+    if group_id is None or view.get(GroupRow, group_id) is not None:
         # Recorded in its chat (in this delivery's transaction), so every client
         # shows it where it happened, also after a restart.
         chat_id = group_chat_id(group_id) if group_id else direct_chat_id(sender.name)

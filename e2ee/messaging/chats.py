@@ -12,15 +12,15 @@ Invariants:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 from e2ee.messaging import keys
 from e2ee.messaging.outcome import Outcome
-from e2ee.messaging.rows import StoredMessage, row, to_message
+from e2ee.messaging.rows import ChatRow, MessageRow, StoredMessage, as_row, to_message
 from e2ee.messaging.view import HistoryView
 from e2ee.store.protocols import Address
 
-__all__ = ["add_notice", "group_id_of", "touch_chat"]
+__all__ = ["add_notice", "group_id_of", "stored", "touch_chat"]
 
 
 def group_id_of(chat_id: str) -> str | None:
@@ -28,30 +28,28 @@ def group_id_of(chat_id: str) -> str | None:
     return chat_id[len("group:") :] if chat_id.startswith("group:") else None
 
 
-def touch_chat(view: HistoryView, out: Outcome, chat_id: str, now: int) -> dict[str, Any]:
-    """The chat's row (made if new) with ``last_message_at = now``, put into ``out``."""
+def stored(message: MessageRow) -> StoredMessage:
+    """The public shape of a message row."""
+    return to_message(as_row(message)[1])
+
+
+def touch_chat(
+    view: HistoryView, out: Outcome, chat_id: str, now: int, *, timer_seconds: int | None = None
+) -> ChatRow:
+    """The chat's row (made if new) with ``last_message_at = now``, put into ``out``.
+
+    Args:
+        timer_seconds: a new disappearing-messages timer for the chat, if set.
+    """
     chat = out.chat(view, chat_id)
     if chat is None:
         if chat_id.startswith("dm:"):
-            chat = row(
-                "chats",
-                id=chat_id,
-                kind="direct",
-                peer=chat_id[3:],
-                timer_seconds=0,
-                created_at=now,
-            )[1]
+            chat = ChatRow(chat_id, "direct", peer=chat_id[3:], created_at=now)
         else:
-            chat = row(
-                "chats",
-                id=chat_id,
-                kind="group",
-                group_id=group_id_of(chat_id),
-                timer_seconds=0,
-                created_at=now,
-            )[1]
-    chat = dict(chat)
-    chat["last_message_at"] = now
+            chat = ChatRow(chat_id, "group", group_id=group_id_of(chat_id), created_at=now)
+    chat = dataclasses.replace(chat, last_message_at=now)
+    if timer_seconds is not None:
+        chat = dataclasses.replace(chat, timer_seconds=timer_seconds)
     out.chats[chat_id] = chat
     return chat
 
@@ -71,13 +69,11 @@ def add_notice(
     Returns:
         The notice, and False if it was stored already (nothing was added).
     """
-    existing = view.current("messages", notice_id)
+    existing = view.get(MessageRow, notice_id)
     if existing is not None:  # the same delivery processed again after a crash
-        return to_message(existing), False
+        return stored(existing), False
     touch_chat(view, out, chat_id, now)
-    seq = out.next_seq(view, keys.SEQ_MESSAGES)
-    _, notice = row(
-        "messages",
+    notice = MessageRow(
         id=notice_id,
         chat_id=chat_id,
         group_id=group_id_of(chat_id),
@@ -94,7 +90,7 @@ def add_notice(
         edited=0,
         deleted=0,
         expire_seconds=0,
-        seq=seq,
+        seq=out.next_seq(view, keys.SEQ_MESSAGES),
     )
-    out.rows.append(("messages", notice))
-    return to_message(notice), True
+    out.rows.append(notice)
+    return stored(notice), True

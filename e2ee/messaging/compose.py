@@ -22,9 +22,19 @@ from e2ee.client_errors import NotAMember
 from e2ee.errors import UsageError
 from e2ee.messaging import keys
 from e2ee.messaging.chats import group_id_of, touch_chat
+from e2ee.messaging.chats import stored as stored_message
 from e2ee.messaging.inbound import attachment_row
 from e2ee.messaging.outcome import Outcome
-from e2ee.messaging.rows import Row, StoredMessage, direct_chat_id, dumps, row, to_message
+from e2ee.messaging.rows import (
+    AppRow,
+    ChatRow,
+    GroupRow,
+    MessageRow,
+    OutboxRow,
+    StoredMessage,
+    direct_chat_id,
+    dumps,
+)
 from e2ee.messaging.view import HistoryView
 from e2ee.payload import AttachmentPointer, GroupControl, Payload, PayloadType, Quote
 from e2ee.store.protocols import Address
@@ -43,6 +53,7 @@ class Draft:
             members (group changes, Sender Key requests).
         store_row: also store a ``messages`` row (what people see).
         extra_rows: rows committed with it (an edit's new text, a reaction).
+        timer_seconds: the new timer of a TIMER payload.
     """
 
     to: str
@@ -57,7 +68,7 @@ class Draft:
     timer_seconds: int = 0
     typing: bool = False
     store_row: bool = True
-    extra_rows: Sequence[Row] = field(default_factory=tuple)
+    extra_rows: Sequence[AppRow] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +89,8 @@ def resolve_chat(view: HistoryView, me: str, to: str) -> tuple[str, str, list[st
     """
     if to.startswith("group:"):
         gid = to[len("group:") :]
-        group = view.current("groups", gid)
-        if group is None or not group["member"]:
+        group = view.get(GroupRow, gid)
+        if group is None or not group.member:
             raise NotAMember(gid)
         return to, "group", []
     peer = to[len("dm:") :] if to.startswith("dm:") else to
@@ -107,17 +118,17 @@ def compose(view: HistoryView, me: Address, draft: Draft, now: int, new_id: byte
     if draft.group_targets is not None:
         mode, targets = "pairwise", list(draft.group_targets)
     out = Outcome()
+    chat: ChatRow | None
     if draft.store_row:
-        chat = touch_chat(view, out, chat_id, now)
-        if kind is PayloadType.TIMER:
-            chat["timer_seconds"] = draft.timer_seconds
+        timer = draft.timer_seconds if kind is PayloadType.TIMER else None
+        chat = touch_chat(view, out, chat_id, now, timer_seconds=timer)
     else:
-        chat = view.current("chats", chat_id) or {}
+        chat = view.get(ChatRow, chat_id)
     counter = 0
     if kind not in (PayloadType.TYPING, PayloadType.SESSION_RESET):
         counter = out.next_seq(view, keys.outgoing(chat_id))
     timed = draft.store_row and kind is not PayloadType.TIMER
-    expire = int(chat.get("timer_seconds") or 0) if timed else 0
+    expire = (chat.timer_seconds or 0) if timed and chat is not None else 0
     mid = new_id.hex()
     body = Payload(
         type=kind,
@@ -136,8 +147,7 @@ def compose(view: HistoryView, me: Address, draft: Draft, now: int, new_id: byte
         expire_seconds=expire,
     )
     out.rows.append(
-        row(
-            "outbox",
+        OutboxRow(
             id=mid,
             seq=out.next_seq(view, keys.SEQ_OUTBOX),
             chat_id=chat_id,
@@ -153,8 +163,7 @@ def compose(view: HistoryView, me: Address, draft: Draft, now: int, new_id: byte
     stored = None
     if draft.store_row:
         quote = draft.quote
-        _, message = row(
-            "messages",
+        message = MessageRow(
             id=mid,
             chat_id=chat_id,
             group_id=body.group_id or None,
@@ -174,8 +183,8 @@ def compose(view: HistoryView, me: Address, draft: Draft, now: int, new_id: byte
             expires_at=now + expire * 1000 if expire else None,
             seq=out.next_seq(view, keys.SEQ_MESSAGES),
         )
-        out.rows.append(("messages", message))
-        stored = to_message(message)
+        out.rows.append(message)
+        stored = stored_message(message)
         if draft.attachment is not None:
             out.rows.append(attachment_row(mid, draft.attachment))
     out.rows.extend(draft.extra_rows)
@@ -187,8 +196,7 @@ def receipt_entry(
 ) -> None:
     """Queue a read (or delivered) receipt for ``message_id`` to ``user`` in ``out``."""
     out.rows.append(
-        row(
-            "outbox",
+        OutboxRow(
             id=f"r:{kind}:{message_id}",
             seq=out.next_seq(view, keys.SEQ_OUTBOX),
             chat_id=direct_chat_id(user),

@@ -19,14 +19,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 from e2ee.client_errors import NotAdmin, NotAMember
 from e2ee.errors import InvalidMessage, UsageError
 from e2ee.events import GroupChanged
 from e2ee.messaging import keys
 from e2ee.messaging.outcome import ForgetSenders, Outcome, ProcessSenderKey, RotateGroupKey
-from e2ee.messaging.rows import Row, dumps, group_chat_id, row
+from e2ee.messaging.rows import (
+    AppRow,
+    ChatRow,
+    GroupRow,
+    MemberRow,
+    UserRow,
+    dumps,
+    group_chat_id,
+)
 from e2ee.messaging.view import HistoryView
 from e2ee.payload import GroupAction, GroupControl
 from e2ee.store.protocols import Address
@@ -44,19 +52,18 @@ _ACTION_NAMES: Final[dict[GroupAction, Literal["create", "add", "remove", "leave
 
 def group_rows(
     view: HistoryView, me: str, gid: str, control: GroupControl, by: str, now: int
-) -> list[Row]:
+) -> list[AppRow]:
     """Rows for the group's state after ``control`` (group, roles, users, its chat)."""
-    current = view.current("groups", gid) or {}
-    rows: list[Row] = [
-        row(
-            "groups",
-            id=gid,
+    current = view.get(GroupRow, gid)
+    rows: list[AppRow] = [
+        GroupRow(
+            gid,
             name=control.name,
             admins=dumps(list(control.admins)),
             revision=control.revision,
-            created_by=current.get("created_by") or by,
+            created_by=(current.created_by if current else None) or by,
             member=1 if me in control.members else 0,
-            created_at=current.get("created_at") or now,
+            created_at=(current.created_at if current else None) or now,
         )
     ]
     previous = view.group_members(gid)
@@ -64,21 +71,11 @@ def group_rows(
         role = "gone"
         if user in control.members:
             role = "admin" if user in control.admins else "member"
-        rows.append(row("users_groups", id=f"{gid}:{user}", group_id=gid, user_id=user, role=role))
-        rows.append(row("users", id=user, created_at=now))
+        rows.append(MemberRow(f"{gid}:{user}", gid, user, role))
+        rows.append(UserRow(user, created_at=now))
     chat_id = group_chat_id(gid)
-    if view.current("chats", chat_id) is None:
-        rows.append(
-            row(
-                "chats",
-                id=chat_id,
-                kind="group",
-                group_id=gid,
-                timer_seconds=0,
-                last_message_at=now,
-                created_at=now,
-            )
-        )
+    if view.get(ChatRow, chat_id) is None:
+        rows.append(ChatRow(chat_id, "group", group_id=gid, last_message_at=now, created_at=now))
     return rows
 
 
@@ -92,7 +89,7 @@ class GroupChange:
 
 
 def plan_group_change(
-    group: dict[str, Any] | None,
+    group: GroupRow | None,
     members: dict[str, str],
     me: str,
     gid: str,
@@ -107,9 +104,9 @@ def plan_group_change(
         NotAdmin: we are not an admin of it (and are not leaving).
         UsageError: ``user`` is not a member (remove, leave).
     """
-    if group is None or not group["member"]:
+    if group is None or not group.member:
         raise NotAMember(gid)
-    admins = tuple(json.loads(group["admins"] or "[]"))
+    admins = tuple(json.loads(group.admins or "[]"))
     if action is not GroupAction.LEAVE and me not in admins:
         raise NotAdmin(gid)
     new_members = set(members)
@@ -124,10 +121,10 @@ def plan_group_change(
         targets = (user,)
     control = GroupControl(
         action,
-        name=name if name is not None else (group["name"] or ""),
+        name=name if name is not None else (group.name or ""),
         members=tuple(sorted(new_members)),
         admins=tuple(a for a in admins if a in new_members),
-        revision=int(group["revision"] or 0) + 1,
+        revision=(group.revision or 0) + 1,
         targets=targets,
     )
     recipients = tuple(sorted((set(members) | new_members) - {me}))
@@ -154,15 +151,15 @@ def apply_group_control(
     Raises:
         InvalidMessage: a Sender Key from someone who is not a member.
     """
-    group = view.current("groups", gid)
+    group = view.get(GroupRow, gid)
     action = control.action
     if action is GroupAction.SENDER_KEY:
         if group is None or sender.name not in view.group_members(gid):
             raise InvalidMessage("sender key from someone who is not a member")
         out.follow_ups.append(ProcessSenderKey(gid, sender, control.distribution))
         return
-    revision = int(group["revision"] or 0) if group else 0
-    admins = set(json.loads(group["admins"] or "[]")) if group else set()
+    revision = (group.revision or 0) if group else 0
+    admins = set(json.loads(group.admins or "[]")) if group else set()
     members: set[str] = set(view.group_members(gid)) if group else set()
     if group is None:
         # We learn about a group by being created into it or added to it; the
@@ -184,7 +181,7 @@ def apply_group_control(
             control,
             members=tuple(sorted(members - {sender.name})),
             admins=tuple(sorted(admins - {sender.name})),
-            name=group["name"] if group else control.name,
+            name=(group.name or "") if group else control.name,
             revision=max(revision + 1, control.revision),
         )
     out.rows.extend(group_rows(view, me, gid, control, sender.name, now))

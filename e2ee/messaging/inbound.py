@@ -18,6 +18,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -27,16 +28,20 @@ from e2ee.errors import InvalidMessage
 from e2ee.events import MessageChanged, MessageReceived, ReceiptUpdated, Typing
 from e2ee.messaging import keys
 from e2ee.messaging.accounting import count_inbound
-from e2ee.messaging.chats import touch_chat
+from e2ee.messaging.chats import stored, touch_chat
 from e2ee.messaging.groups import apply_group_control
 from e2ee.messaging.outcome import Outcome, ResendSenderKey, WakeOutbox
 from e2ee.messaging.rows import (
-    Row,
+    AttachmentRow,
+    GroupRow,
+    MessageRow,
+    ReactionRow,
+    ReceiptRow,
+    UserChatRow,
+    UserRow,
     direct_chat_id,
     group_chat_id,
-    row,
     status_at_least,
-    to_message,
 )
 from e2ee.messaging.view import HistoryView
 from e2ee.payload import AttachmentPointer, Payload, PayloadType, ReceiptKind
@@ -71,10 +76,9 @@ class Inbound:
 Handler = Callable[[HistoryView, Inbound, Outcome], None]
 
 
-def attachment_row(message_id: str, a: AttachmentPointer) -> Row:
+def attachment_row(message_id: str, a: AttachmentPointer) -> AttachmentRow:
     """The ``attachments`` row of a message's attachment."""
-    return row(
-        "attachments",
+    return AttachmentRow(
         id=message_id,
         message_id=message_id,
         blob_id=a.blob_id,
@@ -110,7 +114,7 @@ def apply_payload(
     chat_id = group_chat_id(gid) if gid else direct_chat_id(sender.name)
     out = Outcome()
     if gid and body.type is not PayloadType.GROUP:
-        group = view.current("groups", gid)
+        group = view.get(GroupRow, gid)
         if group is None or sender.name not in view.group_members(gid):
             if body.type is PayloadType.SESSION_RESET:
                 return out
@@ -133,14 +137,12 @@ def apply_payload(
 def _message(view: HistoryView, p: Inbound, out: Outcome) -> None:
     """TEXT, ATTACHMENT, TIMER: store the message (once)."""
     body = p.body
-    if view.current("messages", p.message_id) is not None:
+    if view.get(MessageRow, p.message_id) is not None:
         return
-    chat = touch_chat(view, out, p.chat_id, p.now)
-    if body.type is PayloadType.TIMER:
-        chat["timer_seconds"] = body.timer_seconds
+    timer = body.timer_seconds if body.type is PayloadType.TIMER else None
+    touch_chat(view, out, p.chat_id, p.now, timer_seconds=timer)
     expire = body.expire_seconds
-    _, message = row(
-        "messages",
+    message = MessageRow(
         id=p.message_id,
         chat_id=p.chat_id,
         group_id=body.group_id or None,
@@ -161,17 +163,17 @@ def _message(view: HistoryView, p: Inbound, out: Outcome) -> None:
         expires_at=p.now + expire * 1000 if expire else None,
         seq=out.next_seq(view, keys.SEQ_MESSAGES),
     )
-    out.rows.append(("messages", message))
+    out.rows.append(message)
     if body.attachment is not None:
         out.rows.append(attachment_row(p.message_id, body.attachment))
     link_id = f"{p.chat_id}:{p.sender.name}"
-    if view.current("users_chats", link_id) is None:
-        out.rows.append(row("users", id=p.sender.name, created_at=p.now))
-        out.rows.append(row("users_chats", id=link_id, chat_id=p.chat_id, user_id=p.sender.name))
+    if view.get(UserChatRow, link_id) is None:
+        out.rows.append(UserRow(p.sender.name, created_at=p.now))
+        out.rows.append(UserChatRow(link_id, p.chat_id, p.sender.name))
     # The delivered receipt needs no row of its own: every incoming message
     # above the "receipts sent" watermark gets one (the outbox sends them).
     out.follow_ups.append(WakeOutbox())
-    out.events.append(MessageReceived(to_message(message)))
+    out.events.append(MessageReceived(stored(message)))
 
 
 def _receipt(view: HistoryView, p: Inbound, out: Outcome) -> None:
@@ -182,28 +184,29 @@ def _receipt(view: HistoryView, p: Inbound, out: Outcome) -> None:
     sender = p.sender
     for target in p.body.target_ids:
         tid = target.hex()
-        message = view.current("messages", tid)
-        if message is None or not message["outgoing"]:
+        message = view.get(MessageRow, tid)
+        if message is None or not message.outgoing:
             continue
         rid = f"{tid}:{sender.name}:{sender.device_id}"
-        old = view.current("receipts", rid)
+        old = view.get(ReceiptRow, rid)
         out.rows.append(
-            row(
-                "receipts",
-                id=rid,
-                message_id=tid,
-                user_id=sender.name,
-                device_id=sender.device_id,
-                status=status_at_least(old["status"] if old else None, status),
+            ReceiptRow(
+                rid,
+                tid,
+                sender.name,
+                sender.device_id,
+                status_at_least(old.status if old else None, status),
                 updated_at=p.now,
             )
         )
-        field_name = "delivered_at" if status == "delivered" else "read_at"
-        message[field_name] = message[field_name] or p.now
-        message["status"] = status_at_least(message["status"], status)
-        out.rows.append(("messages", message))
+        if status == "delivered":
+            message = dataclasses.replace(message, delivered_at=message.delivered_at or p.now)
+        else:
+            message = dataclasses.replace(message, read_at=message.read_at or p.now)
+        message = dataclasses.replace(message, status=status_at_least(message.status, status))
+        out.rows.append(message)
         out.events.append(
-            ReceiptUpdated(tid, message["chat_id"], status, sender.name, sender.device_id)
+            ReceiptUpdated(tid, message.chat_id, status, sender.name, sender.device_id)
         )
 
 
@@ -215,18 +218,11 @@ def _typing(view: HistoryView, p: Inbound, out: Outcome) -> None:
 def _reaction(view: HistoryView, p: Inbound, out: Outcome) -> None:
     """REACTION: the sender's one reaction to a message of the same chat."""
     tid = p.body.target_ids[0].hex()
-    target = view.current("messages", tid)
-    if target is None or target["chat_id"] != p.chat_id:
+    target = view.get(MessageRow, tid)
+    if target is None or target.chat_id != p.chat_id:
         return
     out.rows.append(
-        row(
-            "reactions",
-            id=f"{tid}:{p.sender.name}",
-            message_id=tid,
-            user_id=p.sender.name,
-            emoji=p.body.reaction,
-            updated_at=p.now,
-        )
+        ReactionRow(f"{tid}:{p.sender.name}", tid, p.sender.name, p.body.reaction, p.now)
     )
     out.events.append(MessageChanged(tid, p.chat_id, "reaction", p.sender.name))
 
@@ -234,27 +230,26 @@ def _reaction(view: HistoryView, p: Inbound, out: Outcome) -> None:
 def _edit_or_delete(view: HistoryView, p: Inbound, out: Outcome) -> None:
     """EDIT, DELETE: only the author, in the same chat, of a message not deleted."""
     tid = p.body.target_ids[0].hex()
-    target = view.current("messages", tid)
+    target = view.get(MessageRow, tid)
     if (
         target is None
-        or target["sender"] != p.sender.name
-        or target["outgoing"]
-        or target["chat_id"] != p.chat_id
-        or target["deleted"]
+        or target.sender != p.sender.name
+        or target.outgoing
+        or target.chat_id != p.chat_id
+        or target.deleted
     ):
         return
     change: Literal["edited", "deleted"]
     if p.body.type is PayloadType.EDIT:
-        target.update(text=p.body.text, edited=1)
+        target = dataclasses.replace(target, text=p.body.text, edited=1)
         change = "edited"
     else:
-        target.update(text=None, quote_text=None, deleted=1)
+        target = dataclasses.replace(target, text=None, quote_text=None, deleted=1)
         change = "deleted"
-        attachment = view.current("attachments", tid)
+        attachment = view.get(AttachmentRow, tid)
         if attachment is not None:
-            attachment.update(key=None, digest=None)
-            out.rows.append(("attachments", attachment))
-    out.rows.append(("messages", target))
+            out.rows.append(dataclasses.replace(attachment, key=None, digest=None))
+    out.rows.append(target)
     out.events.append(MessageChanged(tid, p.chat_id, change, p.sender.name))
 
 

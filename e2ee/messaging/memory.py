@@ -12,12 +12,14 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from e2ee.messaging.outcome import Outcome
-from e2ee.messaging.rows import TABLES, Row, StoredMessage, to_message
+from e2ee.messaging.rows import TABLES, AppRow, Row, StoredMessage, as_row, from_columns, to_message
 
 __all__ = ["MemoryHistory"]
+
+_R = TypeVar("_R", bound=AppRow)
 
 
 class MemoryHistory:
@@ -36,10 +38,10 @@ class MemoryHistory:
 
     # -- HistoryView ---------------------------------------------------------------------
 
-    def current(self, table: str, row_id: str) -> dict[str, Any] | None:
-        """A copy of the row, or None."""
-        found = self._tables.get(table, {}).get(row_id)
-        return None if found is None else dict(found)
+    def get(self, kind: type[_R], row_id: str) -> _R | None:
+        """The typed row, or None."""
+        found = self._tables[kind.TABLE].get(row_id)
+        return None if found is None else from_columns(kind, found)
 
     def counter(self, name: str) -> int | None:
         """A counter's value, or None."""
@@ -68,9 +70,10 @@ class MemoryHistory:
         """Apply an outcome's rows, chat rows and counters."""
         self.put(outcome.all_rows())
 
-    def put(self, rows: Iterable[Row]) -> None:
+    def put(self, rows: Iterable[AppRow | Row]) -> None:
         """Write full rows (replacing rows with the same id)."""
-        for table, values in rows:
+        for item in rows:
+            table, values = item if isinstance(item, tuple) else as_row(item)
             self._tables[table][values["id"]] = dict(values)
 
     def messages(self, chat_id: str | None = None) -> list[StoredMessage]:

@@ -13,10 +13,9 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from e2ee.events import Event
-from e2ee.messaging.rows import Row
+from e2ee.messaging.rows import AppRow, ChatRow, CounterRow, Row, as_row
 from e2ee.messaging.view import HistoryView
 from e2ee.store.protocols import Address
 
@@ -110,9 +109,9 @@ class Outcome:
             :class:`ForgetSenders` belong to the same transaction).
     """
 
-    rows: list[Row] = field(default_factory=list)
+    rows: list[AppRow] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
-    chats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    chats: dict[str, ChatRow] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     follow_ups: list[FollowUp] = field(default_factory=list)
 
@@ -122,11 +121,11 @@ class Outcome:
             return self.counters[name]
         return view.counter(name)
 
-    def chat(self, view: HistoryView, chat_id: str) -> dict[str, Any] | None:
+    def chat(self, view: HistoryView, chat_id: str) -> ChatRow | None:
         """A chat row as this outcome leaves it (its own writes first)."""
         if chat_id in self.chats:
             return self.chats[chat_id]
-        return view.current("chats", chat_id)
+        return view.get(ChatRow, chat_id)
 
     def next_seq(self, view: HistoryView, name: str) -> int:
         """Take the next value of a sequence counter (``seq:messages``, ``seq:outbox``)."""
@@ -134,9 +133,13 @@ class Outcome:
         self.counters[name] = value
         return value
 
-    def all_rows(self) -> list[Row]:
+    def typed_rows(self) -> list[AppRow]:
         """``rows``, then the chat rows, then the counter rows."""
         out = list(self.rows)
-        out.extend(("chats", chat) for chat in self.chats.values())
-        out.extend(("counters", {"id": k, "value": v}) for k, v in self.counters.items())
+        out.extend(self.chats.values())
+        out.extend(CounterRow(k, v) for k, v in self.counters.items())
         return out
+
+    def all_rows(self) -> list[Row]:
+        """:meth:`typed_rows` as the (table, row) pairs the store commits."""
+        return [as_row(r) for r in self.typed_rows()]

@@ -2,9 +2,10 @@
 
 Invariants:
 
-* A row is ``(table, full row)``: every column of the table is present (missing
-  ones are None) and unknown columns are refused (:func:`row`), so a row built
-  here replaces the stored one whole.
+* Rules build typed rows (one frozen dataclass per table, :data:`ROW_TYPES`);
+  the store takes ``(table, full row)`` pairs (:func:`as_row`): every column
+  of the table is present (missing ones are None) and unknown columns are
+  refused (:func:`row`), so a row built here replaces the stored one whole.
 * Booleans are stored as 0/1; message ids are lowercase hex.
 * Pure: no I/O. :mod:`e2ee.history` creates these tables and reads them back.
 """
@@ -12,19 +13,35 @@ Invariants:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Final, Protocol, TypeVar
 
 from e2ee.errors import UsageError
 
 __all__ = [
     "NOTICE_TYPES",
+    "ROW_TYPES",
     "TABLES",
+    "AppRow",
+    "AttachmentRow",
+    "ChatRow",
     "Columns",
+    "CounterRow",
+    "GroupRow",
+    "MemberRow",
+    "MessageRow",
+    "OutboxRow",
+    "ReactionRow",
+    "ReceiptRow",
     "Row",
     "StoredMessage",
+    "UserChatRow",
+    "UserRow",
+    "as_row",
     "direct_chat_id",
     "dumps",
+    "from_columns",
     "group_chat_id",
     "row",
     "status_at_least",
@@ -249,3 +266,209 @@ def status_at_least(current: str | None, new: str) -> str:
 def dumps(value: Any) -> str:
     """Compact JSON for list-valued columns (app rows hold scalars only)."""
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+# -- typed rows ---------------------------------------------------------------------------
+#
+# One frozen dataclass per table, fields in the table's column order (a test
+# holds them to TABLES). Rules read and build these; mypy catches a misspelt
+# column. ``as_row`` turns one into the (table, full row) pair the store takes.
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    """A user we have a chat or a group with."""
+
+    TABLE: ClassVar[str] = "users"
+    id: str
+    display_name: str | None = None
+    created_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRow:
+    """A conversation: ``kind`` is ``direct`` (``peer``) or ``group`` (``group_id``)."""
+
+    TABLE: ClassVar[str] = "chats"
+    id: str
+    kind: str
+    peer: str | None = None
+    group_id: str | None = None
+    timer_seconds: int | None = 0
+    last_message_at: int | None = None
+    created_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UserChatRow:
+    """A user takes part in a chat (id ``<chat id>:<user>``)."""
+
+    TABLE: ClassVar[str] = "users_chats"
+    id: str
+    chat_id: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRow:
+    """A group as our committed state knows it (``admins`` is a JSON list)."""
+
+    TABLE: ClassVar[str] = "groups"
+    id: str
+    name: str | None = None
+    admins: str | None = None
+    revision: int | None = 0
+    created_by: str | None = None
+    member: int | None = 0
+    created_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRow:
+    """A user's role in a group: ``admin``, ``member`` or ``gone``."""
+
+    TABLE: ClassVar[str] = "users_groups"
+    id: str
+    group_id: str
+    user_id: str
+    role: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    """A message or notice as stored (see :class:`StoredMessage` for the public shape)."""
+
+    TABLE: ClassVar[str] = "messages"
+    id: str
+    chat_id: str
+    group_id: str | None = None
+    sender: str = ""
+    sender_device: int | None = None
+    outgoing: int = 0
+    type: str = "text"
+    text: str | None = None
+    reply_to: str | None = None
+    quote_text: str | None = None
+    counter: int | None = 0
+    sent_at: int | None = None
+    received_at: int | None = None
+    delivered_at: int | None = None
+    read_at: int | None = None
+    status: str | None = None
+    edited: int | None = 0
+    deleted: int | None = 0
+    expire_seconds: int | None = 0
+    expires_at: int | None = None
+    seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRow:
+    """A message's attachment (holds its key: never shown or logged)."""
+
+    TABLE: ClassVar[str] = "attachments"
+    id: str
+    message_id: str
+    blob_id: str | None = None
+    key: bytes | None = field(default=None, repr=False)
+    digest: bytes | None = field(default=None, repr=False)
+    size: int | None = None
+    mime_type: str | None = None
+    file_name: str | None = None
+    local_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiptRow:
+    """One recipient device's status of one of our messages."""
+
+    TABLE: ClassVar[str] = "receipts"
+    id: str
+    message_id: str
+    user_id: str
+    device_id: int
+    status: str
+    updated_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReactionRow:
+    """A user's reaction to a message (``emoji == ""``: removed)."""
+
+    TABLE: ClassVar[str] = "reactions"
+    id: str
+    message_id: str
+    user_id: str
+    emoji: str
+    updated_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """Something to send: a payload (``mode`` pairwise/group) or a receipt."""
+
+    TABLE: ClassVar[str] = "outbox"
+    id: str
+    seq: int
+    chat_id: str
+    mode: str
+    targets: str
+    ref: str | None = None
+    kind: str = ""
+    payload: bytes | None = field(default=None, repr=False)
+    state: str = "queued"
+    attempts: int | None = 0
+    created_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRow:
+    """A named counter (names: :mod:`e2ee.messaging.keys`)."""
+
+    TABLE: ClassVar[str] = "counters"
+    id: str
+    value: int
+
+
+AppRow = (
+    UserRow
+    | ChatRow
+    | UserChatRow
+    | GroupRow
+    | MemberRow
+    | MessageRow
+    | AttachmentRow
+    | ReceiptRow
+    | ReactionRow
+    | OutboxRow
+    | CounterRow
+)
+#: Every typed row class, by table.
+ROW_TYPES: Final[dict[str, type[AppRow]]] = {
+    cls.TABLE: cls
+    for cls in (
+        UserRow,
+        ChatRow,
+        UserChatRow,
+        GroupRow,
+        MemberRow,
+        MessageRow,
+        AttachmentRow,
+        ReceiptRow,
+        ReactionRow,
+        OutboxRow,
+        CounterRow,
+    )
+}
+_R = TypeVar("_R", bound=AppRow)
+
+
+def as_row(value: AppRow) -> Row:
+    """The (table, full row) pair the store commits."""
+    return value.TABLE, {f.name: getattr(value, f.name) for f in fields(value)}
+
+
+def from_columns(kind: type[_R], found: Mapping[str, Any]) -> _R:
+    """A typed row from a stored row (columns the class does not know are ignored)."""
+    values: dict[str, Any] = {f.name: found.get(f.name) for f in fields(kind)}
+    return kind(**values)

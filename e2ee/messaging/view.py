@@ -7,21 +7,25 @@ Invariants:
 * A view answers with what stands *for the caller*: committed rows plus the
   rows of the transaction in progress (a receive batch), so a rule never
   decides from a stale row.
-* Rows come back as fresh copies: a rule may change its copy freely.
+* Rows come back typed and frozen; a rule changes one with ``dataclasses.replace``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
+
+from e2ee.messaging.rows import AppRow
 
 __all__ = ["HistoryView"]
+
+_R = TypeVar("_R", bound=AppRow)
 
 
 class HistoryView(Protocol):
     """Read access to history, counters and the session list (blocking, no writes)."""
 
-    def current(self, table: str, row_id: str) -> dict[str, Any] | None:
-        """A copy of the row ``row_id`` of ``table``, or None."""
+    def get(self, kind: type[_R], row_id: str) -> _R | None:
+        """The row ``row_id`` of the table of ``kind`` (e.g. ``MessageRow``), or None."""
         ...
 
     def counter(self, name: str) -> int | None:

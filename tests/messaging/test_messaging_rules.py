@@ -7,6 +7,7 @@ and inbox would after encrypting and decrypting it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -21,6 +22,7 @@ from e2ee.messaging.groups import group_rows, plan_group_change
 from e2ee.messaging.inbound import HANDLERS, apply_payload
 from e2ee.messaging.memory import MemoryHistory
 from e2ee.messaging.outcome import ForgetSenders, Outcome, ResetSession, RotateGroupKey
+from e2ee.messaging.rows import ROW_TYPES, TABLES, GroupRow, OutboxRow
 from e2ee.payload import GroupAction, GroupControl, Payload, PayloadType
 from e2ee.store.protocols import Address
 
@@ -38,8 +40,9 @@ def send(history: MemoryHistory, me: Address, draft: Draft, now: int = 1000) -> 
     """Compose on the sender's side, commit it there, return what goes on the wire."""
     composed = compose(history, me, draft, now, new_id())
     history.commit(composed.outcome)
-    outbox = next(r for t, r in composed.outcome.rows if t == "outbox")
-    return payload.decode(outbox["payload"])
+    outbox = next(r for r in composed.outcome.rows if isinstance(r, OutboxRow))
+    assert outbox.payload is not None
+    return payload.decode(outbox.payload)
 
 
 def receive(
@@ -52,6 +55,12 @@ def receive(
 
 def test_every_payload_type_has_exactly_one_handler() -> None:
     assert set(HANDLERS) == set(PayloadType)
+
+
+def test_typed_rows_have_exactly_the_columns_of_their_tables() -> None:
+    assert set(ROW_TYPES) == set(TABLES)
+    for table, kind in ROW_TYPES.items():
+        assert [f.name for f in dataclasses.fields(kind)] == list(TABLES[table])
 
 
 def test_a_message_arrives_once_and_counts_in_order() -> None:
@@ -131,7 +140,7 @@ def test_a_non_admin_cannot_change_a_group_and_removal_rotates_the_key() -> None
     _group(bob, "bob", "g1", ("alice",), ("alice", "bob", "carol"))
     with pytest.raises(NotAdmin):
         plan_group_change(
-            bob.current("groups", "g1"),
+            bob.get(GroupRow, "g1"),
             bob.group_members("g1"),
             "bob",
             "g1",
