@@ -310,6 +310,18 @@ class History:
         found = self.current("counters", counter)
         return int(found["value"]) + 1 if found else 1
 
+    def current_members(self, group_id: str) -> dict[str, str]:
+        """A group's members (user -> role, gone ones left out), read like :meth:`current`.
+
+        Read through the store's own connection, so inside a receive batch it
+        sees the batch's commits (:meth:`group_members` sees committed rows only).
+
+        Raises:
+            StorageError: the store cannot be read.
+        """
+        rows = self._store.load_app_rows("users_groups", "group_id", group_id)
+        return {r["user_id"]: r["role"] for r in rows if r["role"] != "gone"}
+
     def counter_value(self, counter: str) -> int | None:
         """The committed value of a named counter, or None."""
         found = self.current("counters", counter)

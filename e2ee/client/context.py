@@ -28,7 +28,6 @@ from typing import ParamSpec, TypeVar
 
 from e2ee.client.datadir import META_REGISTERED, META_STRICT, Opened
 from e2ee.client.link import RelayLink
-from e2ee.core import ProtocolEngine
 from e2ee.errors import UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import History
@@ -150,7 +149,7 @@ class ClientContext:
 
     def view(self) -> StoreView:
         """History as it stands for the caller (inside a receive batch: with its rows)."""
-        return StoreView(self.history, self.engine, self.pending)
+        return StoreView(self.history, self.engine.session_devices, self.pending)
 
     def locked(self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
         """Run an engine call under the write lock (blocking; use via ``to_thread``)."""
@@ -211,19 +210,26 @@ class ClientContext:
 class StoreView:
     """The :class:`~e2ee.messaging.view.HistoryView` over the store.
 
-    Reads go through the store's own connection (``History.current``), so inside
-    a receive batch they see the batch's commits; ``pending`` adds the rows the
-    batch writes at its end.
+    Reads go through the store's own connection (``History.current`` and
+    ``History.current_members``), so inside a receive batch they see the batch's
+    commits; ``pending`` adds the rows the batch writes at its end. ``devices``
+    is the engine's session list. :class:`~e2ee.messaging.memory.MemoryHistory`
+    is its in-memory twin (one conformance suite: tests/messaging).
+
+    Args:
+        history: the history over the store.
+        devices: user -> device ids we hold a session with.
+        pending: rows a receive batch writes at its end, by (table, id).
     """
 
     def __init__(
         self,
         history: History,
-        engine: ProtocolEngine,
-        pending: Mapping[tuple[str, str], AppRow] | None,
+        devices: Callable[[str], list[int]],
+        pending: Mapping[tuple[str, str], AppRow] | None = None,
     ) -> None:
         self._history = history
-        self._engine = engine
+        self._devices = devices
         self._pending = pending or {}
 
     def __repr__(self) -> str:
@@ -243,9 +249,9 @@ class StoreView:
         return None if found is None else found.value
 
     def group_members(self, group_id: str) -> dict[str, str]:
-        """A group's members (committed state)."""
-        return self._history.group_members(group_id)
+        """A group's members, read on the store's connection (inside the open batch)."""
+        return self._history.current_members(group_id)
 
     def devices(self, user: str) -> list[int]:
         """Device ids of ``user`` we hold a session with."""
-        return self._engine.session_devices(user)
+        return self._devices(user)

@@ -76,8 +76,6 @@ class _Inbound:
     follow_ups: list[FollowUp] = field(default_factory=list)
     #: The applied payload's outcome; its counters and chat rows go to the batch's end.
     outcome: Outcome | None = None
-    #: Ends the group-commit transaction after this delivery (it changed group state).
-    barrier: bool = False
 
 
 class Inbox:
@@ -228,40 +226,35 @@ class Inbox:
     def _process_batch(
         self, batch: Sequence[Delivery]
     ) -> tuple[list[_Inbound], StorageError | None]:
-        """Decrypt and store deliveries in group-commit transactions.
+        """Decrypt and store deliveries in one group-commit transaction.
 
-        The deliveries share store transactions (one fsync per transaction instead
-        of one per message). A transaction ends early after a group change,
-        because group membership is read through History's own connection, which
-        sees only committed rows.
+        The deliveries share one store transaction (one fsync instead of one per
+        message). Every read of the rules goes through the store's own
+        connection (``ctx.view()``), so a delivery sees what earlier deliveries of
+        the same transaction wrote, group changes included.
 
         Returns:
-            What the committed deliveries produced (a prefix of ``batch``, all of
-            it unless a transaction failed), and the error that stopped the rest.
+            What the deliveries produced (none if the transaction failed), and the
+            error that stopped it.
         """
         ctx = self._ctx
-        done: list[_Inbound] = []
         with ctx.wlock:
-            while len(done) < len(batch):
-                processed: list[_Inbound] = []
-                ctx.pending = {}
-                try:
-                    with ctx.store.batch():
-                        for delivery in batch[len(done) :]:
-                            processed.append(self._process_delivery(delivery))
-                            if processed[-1].barrier:
-                                break
-                        if ctx.pending:
-                            # In the same transaction as the messages that moved them.
-                            rows = tuple(as_row(row) for row in ctx.pending.values())
-                            ctx.store.commit(Changes(app_rows=rows))
-                except StorageError as exc:
-                    # Nothing of this transaction stands; the relay delivers it again.
-                    return done, exc
-                finally:
-                    ctx.pending = None
-                done.extend(processed)
-        return done, None
+            processed: list[_Inbound] = []
+            ctx.pending = {}
+            try:
+                with ctx.store.batch():
+                    for delivery in batch:
+                        processed.append(self._process_delivery(delivery))
+                    if ctx.pending:
+                        # In the same transaction as the messages that moved them.
+                        rows = tuple(as_row(row) for row in ctx.pending.values())
+                        ctx.store.commit(Changes(app_rows=rows))
+            except StorageError as exc:
+                # Nothing of this transaction stands; the relay delivers it again.
+                return [], exc
+            finally:
+                ctx.pending = None
+        return processed, None
 
     def _process_delivery(self, delivery: Delivery) -> _Inbound:
         """Decrypt, apply and commit one delivery (inside the batch's transaction).
@@ -388,5 +381,4 @@ class Inbox:
         result.outcome = out
         result.events.extend(out.events)
         result.follow_ups.extend(out.follow_ups)
-        result.barrier = body.type is PayloadType.GROUP
         return [as_row(r) for r in out.rows]

@@ -578,6 +578,35 @@ class SQLiteProtocolStore:
                 return None
             return {d[0]: v for d, v in zip(cursor.description, found, strict=True)}
 
+    def load_app_rows(self, table: str, column: str, value: str | int) -> list[Mapping[str, Any]]:
+        """Every row of ``table`` whose ``column`` equals ``value``, ordered by id.
+
+        Read on the store's own connection: inside :meth:`batch` it sees the
+        batch's commits.
+
+        Raises:
+            StorageError: the store is closed or cannot be read.
+        """
+        if not isinstance(table, str) or not _APP_NAME.fullmatch(table):
+            return []
+        if not isinstance(column, str) or not _APP_NAME.fullmatch(column):
+            return []
+        name = APP_TABLE_PREFIX + table
+        with self._lock, _storage_errors("read app rows"):
+            conn = self._connection()
+            known = table in self._app_columns or table in self._batch_columns
+            if not known and not self._app_table_exists(conn, table):
+                return []
+            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({_quote(name)})")]
+            if column not in columns:
+                return []
+            cursor = conn.execute(
+                f"SELECT * FROM {_quote(name)} WHERE {_quote(column)} = ? ORDER BY id",  # noqa: S608
+                (value,),
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, found, strict=True)) for found in cursor.fetchall()]
+
     @staticmethod
     def _app_table_exists(conn: sqlite3.Connection, table: str) -> bool:
         found = conn.execute(
