@@ -8,7 +8,7 @@ Invariants:
 * A group payload (other than a group change) is accepted only from a member
   of the group in our state; a group change travels pairwise only.
 * A message is stored once: a payload whose message id is stored already
-  changes nothing but the sender's counter.
+  changes nothing (not even the sender's counter).
 * Only the author may edit or delete a message, only in the same chat, and
   not once it was deleted. Deleting also clears the attachment's key.
 * Pure: reads through the view, returns an :class:`Outcome`; nothing is
@@ -74,6 +74,8 @@ class Inbound:
 
 
 Handler = Callable[[HistoryView, Inbound, Outcome], None]
+#: Payload types that become a ``messages`` row.
+_STORED: Final = frozenset({PayloadType.TEXT, PayloadType.ATTACHMENT, PayloadType.TIMER})
 
 
 def attachment_row(message_id: str, a: AttachmentPointer) -> AttachmentRow:
@@ -120,6 +122,10 @@ def apply_payload(
                 return out
             raise InvalidMessage("group message from someone who is not a member")
     inbound = Inbound(me, sender, body, via_group, chat_id, body.message_id.hex(), now)
+    if body.type in _STORED and view.get(MessageRow, inbound.message_id) is not None:
+        # Stored already (the ratchet normally stops a duplicate before this): a
+        # second copy changes nothing, the sender's counter included.
+        return out
     count_inbound(
         view,
         out,
@@ -135,10 +141,8 @@ def apply_payload(
 
 
 def _message(view: HistoryView, p: Inbound, out: Outcome) -> None:
-    """TEXT, ATTACHMENT, TIMER: store the message (once)."""
+    """TEXT, ATTACHMENT, TIMER: store the message (once, see :func:`apply_payload`)."""
     body = p.body
-    if view.get(MessageRow, p.message_id) is not None:
-        return
     timer = body.timer_seconds if body.type is PayloadType.TIMER else None
     touch_chat(view, out, p.chat_id, p.now, timer_seconds=timer)
     expire = body.expire_seconds
