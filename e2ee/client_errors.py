@@ -15,6 +15,7 @@ __all__ = [
     "NotAMember",
     "NotAdmin",
     "NotRegistered",
+    "RecipientMailboxFull",
     "SendFailed",
     "StoreLocked",
     "UnknownRecipient",
@@ -83,6 +84,27 @@ class SendFailed(TransportError):
     def __init__(self, message: str, message_id: str | None = None) -> None:
         super().__init__(message)
         self.message_id = message_id
+
+
+class RecipientMailboxFull(SendFailed):
+    """The relay refused the message: a recipient's mailbox is full (relay status 507).
+
+    Nothing was stored on the relay; the message is marked failed in history.
+    The recipient has to receive (empty their mailbox) before more can reach them.
+
+    Attributes:
+        full: the (user, device) mailboxes the relay reported full.
+        message_id: the failed message (hex), when raised for one.
+    """
+
+    def __init__(self, full: tuple[tuple[str, int], ...], message_id: str | None = None) -> None:
+        users = ", ".join(sorted({user for user, _ in full})) or "a recipient"
+        super().__init__(
+            f"the mailbox of {users} is full on the relay; nothing was sent "
+            "(it empties when they receive)",
+            message_id,
+        )
+        self.full = full
 
 
 class StoreLocked(StorageError):

@@ -322,6 +322,14 @@ class History:
         rows = self._store.load_app_rows("users_groups", "group_id", group_id)
         return {r["user_id"]: r["role"] for r in rows if r["role"] != "gone"}
 
+    def current_replies(self, message_id: str) -> list[dict[str, Any]]:
+        """The ``messages`` rows quoting ``message_id``, read like :meth:`current`.
+
+        Raises:
+            StorageError: the store cannot be read.
+        """
+        return [dict(r) for r in self._store.load_app_rows("messages", "reply_to", message_id)]
+
     def counter_value(self, counter: str) -> int | None:
         """The committed value of a named counter, or None."""
         found = self.current("counters", counter)

@@ -32,7 +32,7 @@ from e2ee.errors import UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import History
 from e2ee.messaging.outcome import Outcome
-from e2ee.messaging.rows import AppRow, ChatRow, CounterRow, as_row, from_columns
+from e2ee.messaging.rows import AppRow, ChatRow, CounterRow, MessageRow, as_row, from_columns
 from e2ee.store import Address, Changes
 
 __all__ = ["ClientContext", "ClientOptions", "StoreView"]
@@ -242,6 +242,10 @@ class StoreView:
             return found
         stored = self._history.current(kind.TABLE, row_id)
         return None if stored is None else from_columns(kind, stored)
+
+    def replies(self, message_id: str) -> list[MessageRow]:
+        """The messages quoting ``message_id`` (store connection), by id."""
+        return [from_columns(MessageRow, r) for r in self._history.current_replies(message_id)]
 
     def counter(self, name: str) -> int | None:
         """A counter's value, pending first."""

@@ -43,12 +43,14 @@ from e2ee.client.groups import change_group, create_group
 from e2ee.client.inbox import Inbox
 from e2ee.client.link import LinkFactory, default_link_factory
 from e2ee.client.outbox import Outbox
+from e2ee.client.trust import accept_identity
 from e2ee.client_errors import ClientClosed, NotRegistered
 from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
 from e2ee.errors import E2EEError, TransportError, UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import GroupInfo, History, StoredMessage
 from e2ee.media import MediaCorrupt, Progress, decrypt_file, encrypt_file
+from e2ee.messaging.compose import delete_own
 from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, ReactionRow
 from e2ee.payload import AttachmentPointer, GroupAction, PayloadType, Quote
 from e2ee.store import Changes, TrustLevel
@@ -463,22 +465,23 @@ class Client:
     async def delete_for_everyone(self, message_id: str, *, wait: bool = True) -> str:
         """Delete one of our messages on every side (its text is cleared locally now).
 
+        Its text also goes from every message quoting it, here and on the other
+        devices (a ``MessageChanged("quote_deleted")`` event for each).
+
         Raises:
             UsageError: not our message.
         """
         target = await self._target(message_id, own=True)
-        rows = await asyncio.to_thread(
-            self._changed,
-            message_id,
-            lambda m: dataclasses.replace(m, text=None, quote_text=None, deleted=1),
-        )
+        me = self._ctx.me.name
+        local = await asyncio.to_thread(lambda: delete_own(self._ctx.view(), me, message_id))
         return await self._outbox.queue(
             target.chat_id,
             PayloadType.DELETE,
             wait=wait,
             target_ids=(bytes.fromhex(message_id),),
             store_row=False,
-            extra_rows=rows,
+            extra_rows=local.rows,
+            events=local.events,
         )
 
     def _changed(self, message_id: str, change: Callable[[MessageRow], MessageRow]) -> list[AppRow]:
@@ -801,6 +804,9 @@ class Client:
     async def accept_identity(self, user: str, *, verified: bool = False) -> None:
         """Accept ``user``'s current (new) identity keys; held messages then go out.
 
+        Accepting a changed key (a reinstall) restarts our message counters to
+        them, so their new installation reports no gap.
+
         Args:
             user: the contact.
             verified: record the keys as verified (safety numbers compared).
@@ -809,16 +815,8 @@ class Client:
             UsageError: nothing is known about that user.
         """
 
-        def accept() -> None:
-            level = TrustLevel.VERIFIED if verified else TrustLevel.TOFU
-            known = self._ctx.store.identities(user)
-            if not known:
-                raise UsageError(f"no identity known for {user}")
-            with self._ctx.wlock:
-                for address, record in known.items():
-                    self._ctx.engine.set_trust(address, record.identity_key, level)
-
-        await asyncio.to_thread(accept)
+        self._check_open()
+        await asyncio.to_thread(accept_identity, self._ctx, user, verified=verified)
         self._ctx.held.discard(user)
         self._outbox.wake()
 

@@ -33,6 +33,7 @@ from e2ee.client_errors import (
     ClientClosed,
     IdentityHeld,
     NotAMember,
+    RecipientMailboxFull,
     SendFailed,
     UnknownRecipient,
 )
@@ -44,7 +45,7 @@ from e2ee.errors import (
     TransportError,
     UntrustedIdentity,
 )
-from e2ee.events import IdentityChanged, MessageStored, ReceiptUpdated
+from e2ee.events import Event, IdentityChanged, MessageStored, ReceiptUpdated
 from e2ee.messaging import keys
 from e2ee.messaging.rows import (
     AppRow,
@@ -56,7 +57,7 @@ from e2ee.messaging.rows import (
 )
 from e2ee.payload import GroupAction, GroupControl, Payload, PayloadType, ReceiptKind
 from e2ee.store import Address, Changes, IdentityRecord, TrustLevel
-from e2ee.transport.errors import MismatchedDevices, NotFound, RelayRejected
+from e2ee.transport.errors import MailboxFull, MismatchedDevices, NotFound, RelayRejected
 
 __all__ = ["Outbox"]
 
@@ -86,13 +87,22 @@ class Outbox:
     def __repr__(self) -> str:
         return f"Outbox({self._ctx.me})"
 
-    async def queue(self, to: str, kind: PayloadType, *, wait: bool, **kw: Any) -> str:
+    async def queue(
+        self,
+        to: str,
+        kind: PayloadType,
+        *,
+        wait: bool,
+        events: Sequence[Event] = (),
+        **kw: Any,
+    ) -> str:
         """Commit a payload to the outbox (see :func:`compose`) and wake the sender.
 
         Args:
             to: a user name or chat id.
             kind: the payload type.
             wait: return only once the relay accepted it.
+            events: events of local changes committed with it (``extra_rows``).
             kw: passed to :func:`~e2ee.client.compose.compose`.
 
         Returns:
@@ -104,6 +114,8 @@ class Outbox:
         mid, stored = await asyncio.to_thread(compose, self._ctx, to, kind, **kw)
         if stored is not None:
             self._ctx.emit(MessageStored(stored))
+        for event in events:  # local changes committed with it
+            self._ctx.emit(event)
         waiter: asyncio.Future[None] | None = None
         if wait:
             waiter = asyncio.get_running_loop().create_future()
@@ -194,17 +206,18 @@ class Outbox:
                 # the key is accepted; a caller waiting for "sent" learns why.
                 blocked_chats[entry.chat_id] = exc.user
                 self.fail_waiter(entry.id, IdentityHeld(exc.user, entry.id))
-            except (TransportError, StorageError):
-                raise
-            except E2EEError as exc:
-                # UnknownRecipient, SendFailed, NotAMember, or a payload that cannot be
-                # built: the message is marked failed in history, never retried.
+            except (TransportError, StorageError) as exc:
+                if not isinstance(exc, SendFailed):
+                    raise  # the connection or the disk: retried, the entry stays queued
+                # The relay refused it for good (a full mailbox, a 4xx): failed, never
+                # retried (SendFailed is a TransportError, so it is caught here first).
                 await self._finish_entry(entry, "failed")
-                if isinstance(exc, UnknownRecipient):
-                    exc = UnknownRecipient(exc.user, entry.id)
-                elif isinstance(exc, SendFailed):
-                    exc = SendFailed(str(exc), entry.id)
-                self.fail_waiter(entry.id, exc)
+                self.fail_waiter(entry.id, _for_message(exc, entry.id))
+            except E2EEError as exc:
+                # UnknownRecipient, NotAMember, or a payload that cannot be built: the
+                # message is marked failed in history, never retried.
+                await self._finish_entry(entry, "failed")
+                self.fail_waiter(entry.id, _for_message(exc, entry.id))
         for (user, kind), batch in receipts.items():
             for start in range(0, len(batch), _RECEIPT_BATCH):
                 chunk = batch[start : start + _RECEIPT_BATCH]
@@ -337,7 +350,10 @@ class Outbox:
                     rows.append(dataclasses.replace(outbox, state=state, payload=None))
                 message = view.get(MessageRow, entry.id)
                 if message is not None:
-                    status = status_at_least(message.status, state)
+                    # "failed" ranks with "pending" (a receipt may still move it
+                    # on), so it is set, not merged.
+                    failed = state == "failed" and message.status == "pending"
+                    status = state if failed else status_at_least(message.status, state)
                     rows.append(dataclasses.replace(message, status=status))
                     now = self._ctx.now_ms()
                     rows.extend(
@@ -435,6 +451,9 @@ class Outbox:
                 return recipients
             except MismatchedDevices as exc:
                 await self._fix_devices(exc)
+            except MailboxFull as exc:
+                # Not retried: a full mailbox stays full until its owner receives.
+                raise RecipientMailboxFull(exc.full) from exc
             except RelayRejected as exc:
                 if exc.retryable:
                     raise
@@ -461,6 +480,8 @@ class Outbox:
                 return recipients
             except MismatchedDevices as exc:
                 await self._fix_devices(exc)
+            except MailboxFull as exc:
+                raise RecipientMailboxFull(exc.full) from exc
             except RelayRejected as exc:
                 if exc.retryable:
                     raise
@@ -503,3 +524,14 @@ class Outbox:
                 self._ctx.commit([], {keys.distributed(gid, u, d): generation for u, d in sent})
 
         await asyncio.to_thread(mark)
+
+
+def _for_message(exc: E2EEError, message_id: str) -> E2EEError:
+    """The error a caller waiting for ``message_id`` gets: the same, naming the message."""
+    if isinstance(exc, UnknownRecipient):
+        return UnknownRecipient(exc.user, message_id)
+    if isinstance(exc, RecipientMailboxFull):
+        return RecipientMailboxFull(exc.full, message_id)
+    if isinstance(exc, SendFailed):
+        return SendFailed(str(exc), message_id)
+    return exc

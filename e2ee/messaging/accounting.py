@@ -12,11 +12,15 @@ Invariants:
   reinstall): it is followed, not reported as a gap forever.
 * At most one repair (session reset or sender-key request) per sender device
   and scope per ``interval_ms``.
+* Our counters to a contact restart when we accept their new identity key
+  (their new installation starts from nothing), see :func:`restart_counters`.
 * Pure: reads through the view, writes into the outcome.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from typing import Literal
 
 from e2ee import payload
@@ -25,11 +29,11 @@ from e2ee.events import DecryptionProblem, GapDetected
 from e2ee.messaging import keys
 from e2ee.messaging.chats import add_notice
 from e2ee.messaging.outcome import Outcome, RequestSenderKey, ResetSession
-from e2ee.messaging.rows import GroupRow, direct_chat_id, group_chat_id
+from e2ee.messaging.rows import GroupRow, MessageRow, OutboxRow, direct_chat_id, group_chat_id
 from e2ee.messaging.view import HistoryView
 from e2ee.store.protocols import Address
 
-__all__ = ["count_inbound", "repair_allowed", "undecryptable"]
+__all__ = ["count_inbound", "repair_allowed", "restart_counters", "undecryptable"]
 
 
 def count_inbound(
@@ -154,4 +158,35 @@ def undecryptable(
             notice=notice,
         )
     )
+    return out
+
+
+def restart_counters(view: HistoryView, chat_id: str, queued: Sequence[OutboxRow]) -> Outcome:
+    """Our counters to a contact start over with their new session (a reinstall).
+
+    Their new installation has no record of our old counters: continuing at
+    N would make it report N messages that "never arrived". Counted entries of
+    the chat still queued (held while the new key was not accepted, so never
+    sent) are renumbered from 1 in their order, with their history rows.
+
+    Args:
+        view: history.
+        chat_id: the direct chat with the contact.
+        queued: the outbox entries not yet sent, in sending order.
+    """
+    out = Outcome()
+    counter = 0
+    for entry in queued:
+        if entry.chat_id != chat_id or entry.mode != "pairwise" or entry.payload is None:
+            continue
+        body = payload.decode(entry.payload)
+        if not body.counter:
+            continue  # typing indicators and session resets are not counted
+        counter += 1
+        renumbered = dataclasses.replace(body, counter=counter)
+        out.rows.append(dataclasses.replace(entry, payload=payload.encode(renumbered)))
+        message = view.get(MessageRow, entry.id)
+        if message is not None:
+            out.rows.append(dataclasses.replace(message, counter=counter))
+    out.counters[keys.outgoing(chat_id)] = counter
     return out

@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from e2ee.errors import UsageError
 from e2ee.messaging import keys
 from e2ee.messaging.chats import group_id_of, touch_chat
 from e2ee.messaging.chats import stored as stored_message
-from e2ee.messaging.inbound import attachment_row
+from e2ee.messaging.inbound import attachment_row, clear_quotes
 from e2ee.messaging.outcome import Outcome
 from e2ee.messaging.rows import (
     AppRow,
@@ -39,7 +40,7 @@ from e2ee.messaging.view import HistoryView
 from e2ee.payload import AttachmentPointer, GroupControl, Payload, PayloadType, Quote
 from e2ee.store.protocols import Address
 
-__all__ = ["Composed", "Draft", "compose", "receipt_entry", "resolve_chat"]
+__all__ = ["Composed", "Draft", "compose", "delete_own", "receipt_entry", "resolve_chat"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,3 +210,19 @@ def receipt_entry(
             created_at=now,
         )
     )
+
+
+def delete_own(view: HistoryView, me: str, message_id: str) -> Outcome:
+    """The local side of deleting one of our messages for everyone.
+
+    Its text and quote are cleared now, and so is the deleted text in every
+    message quoting it (a ``quote_deleted`` event each); the DELETE payload
+    carrying it to the others is composed with these rows.
+    """
+    out = Outcome()
+    target = view.get(MessageRow, message_id)
+    if target is None:
+        return out
+    out.rows.append(dataclasses.replace(target, text=None, quote_text=None, deleted=1))
+    clear_quotes(view, out, message_id, me)
+    return out

@@ -10,7 +10,9 @@ Invariants:
 * A message is stored once: a payload whose message id is stored already
   changes nothing (not even the sender's counter).
 * Only the author may edit or delete a message, only in the same chat, and
-  not once it was deleted. Deleting also clears the attachment's key.
+  not once it was deleted. Deleting also clears the attachment's key and the
+  deleted text from every message quoting it (``quote_text``), also from a
+  reply that arrives later.
 * Pure: reads through the view, returns an :class:`Outcome`; nothing is
   written before the caller commits it (with the session state that
   decrypted the payload, in one transaction).
@@ -47,7 +49,7 @@ from e2ee.messaging.view import HistoryView
 from e2ee.payload import AttachmentPointer, Payload, PayloadType, ReceiptKind
 from e2ee.store.protocols import Address
 
-__all__ = ["HANDLERS", "Inbound", "apply_payload", "attachment_row"]
+__all__ = ["HANDLERS", "Inbound", "apply_payload", "attachment_row", "clear_quotes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +158,7 @@ def _message(view: HistoryView, p: Inbound, out: Outcome) -> None:
         type=body.type.name.lower(),
         text=body.text or None,
         reply_to=body.quote.message_id.hex() if body.quote else None,
-        quote_text=body.quote.text if body.quote else None,
+        quote_text=_quote_text(view, body),
         counter=body.counter,
         sent_at=body.sent_at_ms,
         received_at=p.now,
@@ -178,6 +180,16 @@ def _message(view: HistoryView, p: Inbound, out: Outcome) -> None:
     # above the "receipts sent" watermark gets one (the outbox sends them).
     out.follow_ups.append(WakeOutbox())
     out.events.append(MessageReceived(stored(message)))
+
+
+def _quote_text(view: HistoryView, body: Payload) -> str | None:
+    """The quoted text to keep: none if the quoted message was deleted already."""
+    if body.quote is None:
+        return None
+    quoted = view.get(MessageRow, body.quote.message_id.hex())
+    if quoted is not None and quoted.deleted:
+        return None  # a late reply must not bring back what its author deleted
+    return body.quote.text
 
 
 def _receipt(view: HistoryView, p: Inbound, out: Outcome) -> None:
@@ -255,6 +267,16 @@ def _edit_or_delete(view: HistoryView, p: Inbound, out: Outcome) -> None:
             out.rows.append(dataclasses.replace(attachment, key=None, digest=None))
     out.rows.append(target)
     out.events.append(MessageChanged(tid, p.chat_id, change, p.sender.name))
+    if change == "deleted":
+        clear_quotes(view, out, tid, p.sender.name)
+
+
+def clear_quotes(view: HistoryView, out: Outcome, message_id: str, by: str) -> None:
+    """A deleted message's text goes from every message quoting it, too."""
+    for reply in view.replies(message_id):
+        if reply.quote_text is not None:
+            out.rows.append(dataclasses.replace(reply, quote_text=None))
+            out.events.append(MessageChanged(reply.id, reply.chat_id, "quote_deleted", by))
 
 
 def _group(view: HistoryView, p: Inbound, out: Outcome) -> None:

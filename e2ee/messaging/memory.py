@@ -15,7 +15,16 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from e2ee.messaging.outcome import Outcome
-from e2ee.messaging.rows import TABLES, AppRow, Row, StoredMessage, as_row, from_columns, to_message
+from e2ee.messaging.rows import (
+    TABLES,
+    AppRow,
+    MessageRow,
+    Row,
+    StoredMessage,
+    as_row,
+    from_columns,
+    to_message,
+)
 
 __all__ = ["MemoryHistory"]
 
@@ -42,6 +51,15 @@ class MemoryHistory:
         """The typed row, or None."""
         found = self._tables[kind.TABLE].get(row_id)
         return None if found is None else from_columns(kind, found)
+
+    def replies(self, message_id: str) -> list[MessageRow]:
+        """The messages quoting ``message_id``, by id."""
+        rows = self._tables["messages"]
+        return [
+            from_columns(MessageRow, rows[k])
+            for k in sorted(rows)
+            if rows[k]["reply_to"] == message_id
+        ]
 
     def counter(self, name: str) -> int | None:
         """A counter's value, or None."""

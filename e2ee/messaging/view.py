@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Protocol, TypeVar
 
-from e2ee.messaging.rows import AppRow
+from e2ee.messaging.rows import AppRow, MessageRow
 
 __all__ = ["HistoryView"]
 
@@ -26,6 +26,10 @@ class HistoryView(Protocol):
 
     def get(self, kind: type[_R], row_id: str) -> _R | None:
         """The row ``row_id`` of the table of ``kind`` (e.g. ``MessageRow``), or None."""
+        ...
+
+    def replies(self, message_id: str) -> list[MessageRow]:
+        """The messages quoting ``message_id`` (their ``reply_to``), by id."""
         ...
 
     def counter(self, name: str) -> int | None:
