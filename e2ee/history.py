@@ -7,11 +7,15 @@ Invariants:
   rows commit in the same transaction as the session state that decrypted it.
   This module only *builds* rows; it never writes rows itself.
 * App rows replace whole rows (columns left out are cleared), so updates are
-  read-modify-write: :meth:`History.updated` reads the committed row through the
-  store's own connection (inside the engine's per-peer lock when called from
-  ``on_plaintext``) and returns the full new row.
-* Reads use a separate read connection on the same file (WAL lets it read while
-  the store writes); they never see a half-committed message.
+  read-modify-write. The reads the messaging rules decide from
+  (:meth:`History.current`, :meth:`History.current_members`,
+  :meth:`History.current_replies`, :meth:`History.counter_value`) go through the
+  store's own connection, so inside a receive batch they see the batch's
+  commits (see ``e2ee.client.context.StoreView``).
+* Every other read (pages, search, summaries) uses a separate read connection
+  on the same file (WAL lets it read while the store writes); it never sees a
+  half-committed message.
+* Table shapes and typed rows live in :mod:`e2ee.messaging.rows`.
 * The schema is created by :meth:`History.open`, idempotently, and recorded as
   ``history_schema_version`` in the store's meta. Tables are ``STRICT`` with
   typed columns (the store adds nothing to them as long as rows use these
