@@ -131,7 +131,7 @@ async def bench_inbox(root: Path, url: str, count: int) -> None:
                 received += 1
                 if received == count:
                     break
-        await bob._flush_acks()
+        await bob._inbox.flush_acks()
         elapsed = time.perf_counter() - start
         transactions = bob._store.transaction_count - transactions
     print(

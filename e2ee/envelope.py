@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from e2ee.errors import InvalidMessage, UsageError
+from e2ee.errors import InvalidMessage, UnsupportedEnvelope, UsageError
 
 __all__ = [
     "ENVELOPE_VERSION",
@@ -45,14 +45,6 @@ _GROUP: Final = 2
 _KINDS: Final = {"prekey": 1, "message": 2}
 _KIND_NAMES: Final = frozenset({1, 2})
 _MAX_ENTRIES: Final = 4096
-
-
-class UnsupportedEnvelope(InvalidMessage):
-    """The envelope was written by a newer version of the format."""
-
-    def __init__(self, version: int) -> None:
-        super().__init__(f"envelope version {version} is not supported (this build reads 1)")
-        self.version = version
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,25 +14,41 @@ Who is at fault:
   (malformed, replayed or forged ciphertext, an unverifiable bundle).
 * :class:`StorageError` -- the local store (wrong passphrase, corruption).
 * :class:`TransportError` -- the relay or the connection to it.
+
+Every leaf the SDK defines lives here (the relay transport's HTTP/WebSocket
+leaves, all :class:`TransportError`, are in :mod:`e2ee.transport.errors`);
+:mod:`e2ee.client_errors` re-exports the facade's for old imports.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ClientClosed",
     "DecryptBudgetExceeded",
     "DuplicateMessage",
     "E2EEError",
     "FingerprintVersionMismatch",
+    "IdentityHeld",
     "InvalidBundle",
     "InvalidKey",
     "InvalidMessage",
+    "MediaCorrupt",
     "MissingKey",
     "NoSession",
+    "NotAMember",
+    "NotAdmin",
+    "NotRegistered",
     "PeerError",
+    "RecipientMailboxFull",
+    "SendFailed",
     "SenderKeyJumpTooLarge",
     "StorageError",
     "StoreCorrupt",
+    "StoreLocked",
     "TransportError",
+    "UnknownRecipient",
+    "UnsupportedEnvelope",
+    "UnsupportedPayload",
     "UntrustedIdentity",
     "UsageError",
     "WrongPassphrase",
@@ -48,6 +64,50 @@ class E2EEError(Exception):
 
 class UsageError(E2EEError, ValueError):
     """The calling program passed a bad argument or called in the wrong state."""
+
+
+# -- the client facade (caller misuse and local holds) --------------------------------
+
+
+class ClientClosed(UsageError):
+    """The client was closed; open a new one."""
+
+
+class NotRegistered(UsageError):
+    """The account has not been registered with a relay yet."""
+
+
+class NotAdmin(UsageError):
+    """Only a group admin may change membership (as our group state says)."""
+
+    def __init__(self, group_id: str) -> None:
+        super().__init__(f"only an admin of group {group_id} can do that")
+        self.group_id = group_id
+
+
+class NotAMember(UsageError):
+    """We are not (or no longer) a member of this group."""
+
+    def __init__(self, group_id: str) -> None:
+        super().__init__(f"not a member of group {group_id}")
+        self.group_id = group_id
+
+
+class IdentityHeld(UsageError):
+    """Sending to ``user`` is held: their identity key changed and was not accepted.
+
+    A local hold, not a fault of the peer: the user decides (accept or verify
+    the new key) and the held messages then go out.
+
+    Attributes:
+        user: the contact.
+        message_id: the held message (hex), when raised for one.
+    """
+
+    def __init__(self, user: str, message_id: str | None = None) -> None:
+        super().__init__(f"identity of {user} changed; accept it before sending")
+        self.user = user
+        self.message_id = message_id
 
 
 # -- the peer or the network ---------------------------------------------------------
@@ -91,6 +151,66 @@ class SenderKeyJumpTooLarge(InvalidMessage):
         self.limit = limit
 
 
+class DecryptBudgetExceeded(PeerError):
+    """A peer's messages used up its decrypt work budget; nothing was stored.
+
+    The message itself may be genuine: retry it after ``retry_after_ms`` (the
+    budget refills with time). ``retry_after_ms`` is None when the message needs
+    more work than a full budget allows; retrying it will not help.
+
+    Attributes:
+        peer: the remote user name the work is charged to.
+        needed: work units the message needs at least.
+        available: units left in the peer's budget (negative while in debt).
+        retry_after_ms: when to retry, or None (never).
+    """
+
+    def __init__(self, peer: str, needed: int, available: int, retry_after_ms: int | None) -> None:
+        when = "never" if retry_after_ms is None else f"in {retry_after_ms} ms"
+        super().__init__(
+            f"messages from {peer} are over their decrypt work budget "
+            f"(needs {needed} units, {available} left); retry {when}"
+        )
+        self.peer = peer
+        self.needed = needed
+        self.available = available
+        self.retry_after_ms = retry_after_ms
+
+
+class UnknownRecipient(PeerError):
+    """The relay does not know this user (or they have no devices with keys).
+
+    Attributes:
+        user: the user.
+        message_id: the failed message (hex), when raised for one.
+    """
+
+    def __init__(self, user: str, message_id: str | None = None) -> None:
+        super().__init__(f"unknown recipient {user}")
+        self.user = user
+        self.message_id = message_id
+
+
+class UnsupportedEnvelope(InvalidMessage):
+    """The envelope was written by a newer version of the format."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"envelope version {version} is not supported (this build reads 1)")
+        self.version = version
+
+
+class UnsupportedPayload(InvalidMessage):
+    """The payload was written by a version of the format this build cannot read."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"payload version {version} is not supported (this build reads 1)")
+        self.version = version
+
+
+class MediaCorrupt(InvalidMessage):
+    """An encrypted file is tampered with, truncated, or does not match its digest."""
+
+
 class InvalidBundle(PeerError):
     """A prekey bundle is malformed or its signed-prekey signature does not verify."""
 
@@ -131,6 +251,10 @@ class StoreCorrupt(StorageError):
     """Stored data failed authentication or does not parse."""
 
 
+class StoreLocked(StorageError):
+    """Another process has this data directory open (one process per directory)."""
+
+
 # -- the relay -----------------------------------------------------------------------
 
 
@@ -138,30 +262,34 @@ class TransportError(E2EEError):
     """The relay could not be reached or answered with an error."""
 
 
-# -- the peer's work budget (appended leaf) --------------------------------------------
-
-
-class DecryptBudgetExceeded(PeerError):
-    """A peer's messages used up its decrypt work budget; nothing was stored.
-
-    The message itself may be genuine: retry it after ``retry_after_ms`` (the
-    budget refills with time). ``retry_after_ms`` is None when the message needs
-    more work than a full budget allows; retrying it will not help.
+class SendFailed(TransportError):
+    """The relay refused a message for good (it stays in history as failed).
 
     Attributes:
-        peer: the remote user name the work is charged to.
-        needed: work units the message needs at least.
-        available: units left in the peer's budget (negative while in debt).
-        retry_after_ms: when to retry, or None (never).
+        message_id: the failed message (hex), when raised for one.
     """
 
-    def __init__(self, peer: str, needed: int, available: int, retry_after_ms: int | None) -> None:
-        when = "never" if retry_after_ms is None else f"in {retry_after_ms} ms"
+    def __init__(self, message: str, message_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+
+
+class RecipientMailboxFull(SendFailed):
+    """The relay refused the message: a recipient's mailbox is full (relay status 507).
+
+    Nothing was stored on the relay; the message is marked failed in history.
+    The recipient has to receive (empty their mailbox) before more can reach them.
+
+    Attributes:
+        full: the (user, device) mailboxes the relay reported full.
+        message_id: the failed message (hex), when raised for one.
+    """
+
+    def __init__(self, full: tuple[tuple[str, int], ...], message_id: str | None = None) -> None:
+        users = ", ".join(sorted({user for user, _ in full})) or "a recipient"
         super().__init__(
-            f"messages from {peer} are over their decrypt work budget "
-            f"(needs {needed} units, {available} left); retry {when}"
+            f"the mailbox of {users} is full on the relay; nothing was sent "
+            "(it empties when they receive)",
+            message_id,
         )
-        self.peer = peer
-        self.needed = needed
-        self.available = available
-        self.retry_after_ms = retry_after_ms
+        self.full = full

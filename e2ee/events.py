@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from e2ee.history import StoredMessage
+from e2ee.messaging.rows import StoredMessage
 
 __all__ = [
     "BacklogDrained",
@@ -53,11 +53,15 @@ class MessageStored:
 
 @dataclass(frozen=True, slots=True)
 class MessageChanged:
-    """A stored message was edited, deleted for everyone, reacted to, or expired."""
+    """A stored message was edited, deleted for everyone, reacted to, or expired.
+
+    ``quote_deleted``: the message it quotes was deleted for everyone, so its
+    copy of the quoted text (``quote_text``) was cleared.
+    """
 
     message_id: str
     chat_id: str
-    change: Literal["edited", "deleted", "reaction", "expired"]
+    change: Literal["edited", "deleted", "reaction", "expired", "quote_deleted"]
     by: str
 
 

@@ -7,11 +7,15 @@ Invariants:
   rows commit in the same transaction as the session state that decrypted it.
   This module only *builds* rows; it never writes rows itself.
 * App rows replace whole rows (columns left out are cleared), so updates are
-  read-modify-write: :meth:`History.updated` reads the committed row through the
-  store's own connection (inside the engine's per-peer lock when called from
-  ``on_plaintext``) and returns the full new row.
-* Reads use a separate read connection on the same file (WAL lets it read while
-  the store writes); they never see a half-committed message.
+  read-modify-write. The reads the messaging rules decide from
+  (:meth:`History.current`, :meth:`History.current_members`,
+  :meth:`History.current_replies`, :meth:`History.counter_value`) go through the
+  store's own connection, so inside a receive batch they see the batch's
+  commits (see ``e2ee.client.context.StoreView``).
+* Every other read (pages, search, summaries) uses a separate read connection
+  on the same file (WAL lets it read while the store writes); it never sees a
+  half-committed message.
+* Table shapes and typed rows live in :mod:`e2ee.messaging.rows`.
 * The schema is created by :meth:`History.open`, idempotently, and recorded as
   ``history_schema_version`` in the store's meta. Tables are ``STRICT`` with
   typed columns (the store adds nothing to them as long as rows use these
@@ -35,6 +39,20 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from e2ee.errors import StorageError, UsageError
+from e2ee.messaging.rows import (
+    NOTICE_TYPES,
+    TABLES,
+    Row,
+    StoredMessage,
+    direct_chat_id,
+    dumps,
+    group_chat_id,
+    status_at_least,
+    to_message,
+)
+from e2ee.messaging.rows import (
+    row as make_row,
+)
 from e2ee.store.protocols import Changes
 from e2ee.store.sqlite import APP_TABLE_PREFIX, SQLiteProtocolStore
 
@@ -58,104 +76,6 @@ __all__ = [
 HISTORY_SCHEMA_VERSION: Final = 1
 _META_VERSION: Final = "history_schema_version"
 
-#: An app row to commit: (table without the ``app_`` prefix, full row).
-Row = tuple[str, dict[str, Any]]
-
-# Column lists double as the tables' shape: every row this module builds has
-# exactly these keys.
-_TABLES: Final[dict[str, dict[str, str]]] = {
-    "users": {"id": "TEXT", "display_name": "TEXT", "created_at": "INTEGER"},
-    "chats": {
-        "id": "TEXT",
-        "kind": "TEXT",
-        "peer": "TEXT",
-        "group_id": "TEXT",
-        "timer_seconds": "INTEGER",
-        "last_message_at": "INTEGER",
-        "created_at": "INTEGER",
-    },
-    "users_chats": {"id": "TEXT", "chat_id": "TEXT", "user_id": "TEXT"},
-    "groups": {
-        "id": "TEXT",
-        "name": "TEXT",
-        "admins": "TEXT",
-        "revision": "INTEGER",
-        "created_by": "TEXT",
-        "member": "INTEGER",
-        "created_at": "INTEGER",
-    },
-    "users_groups": {"id": "TEXT", "group_id": "TEXT", "user_id": "TEXT", "role": "TEXT"},
-    "messages": {
-        "id": "TEXT",
-        "chat_id": "TEXT",
-        "group_id": "TEXT",
-        "sender": "TEXT",
-        "sender_device": "INTEGER",
-        "outgoing": "INTEGER",
-        "type": "TEXT",
-        "text": "TEXT",
-        "reply_to": "TEXT",
-        "quote_text": "TEXT",
-        "counter": "INTEGER",
-        "sent_at": "INTEGER",
-        "received_at": "INTEGER",
-        "delivered_at": "INTEGER",
-        "read_at": "INTEGER",
-        "status": "TEXT",
-        "edited": "INTEGER",
-        "deleted": "INTEGER",
-        "expire_seconds": "INTEGER",
-        "expires_at": "INTEGER",
-        "seq": "INTEGER",
-    },
-    "attachments": {
-        "id": "TEXT",
-        "message_id": "TEXT",
-        "blob_id": "TEXT",
-        "key": "BLOB",
-        "digest": "BLOB",
-        "size": "INTEGER",
-        "mime_type": "TEXT",
-        "file_name": "TEXT",
-        "local_path": "TEXT",
-    },
-    "receipts": {
-        "id": "TEXT",
-        "message_id": "TEXT",
-        "user_id": "TEXT",
-        "device_id": "INTEGER",
-        "status": "TEXT",
-        "updated_at": "INTEGER",
-    },
-    "reactions": {
-        "id": "TEXT",
-        "message_id": "TEXT",
-        "user_id": "TEXT",
-        "emoji": "TEXT",
-        "updated_at": "INTEGER",
-    },
-    # Client bookkeeping, committed with the rows above.
-    "outbox": {
-        "id": "TEXT",
-        "seq": "INTEGER",
-        "chat_id": "TEXT",
-        "mode": "TEXT",
-        "targets": "TEXT",
-        "ref": "TEXT",
-        "kind": "TEXT",
-        "payload": "BLOB",
-        "state": "TEXT",
-        "attempts": "INTEGER",
-        "created_at": "INTEGER",
-    },
-    "counters": {"id": "TEXT", "value": "INTEGER"},
-}
-
-#: ``messages`` rows that are notices about the conversation, not messages: ``gap``
-#: (messages from the sender never arrived) and ``undecryptable`` (one could not be
-#: read). Their ``text`` is a sentence for people; they are stored read, get no
-#: receipts and are never the chat's unread or preview message.
-NOTICE_TYPES: Final = ("gap", "undecryptable")
 _NOTICE_SQL: Final = "('gap', 'undecryptable')"
 
 #: Incoming text/attachment messages not marked read (the partial index's WHERE).
@@ -178,65 +98,6 @@ _INDEXES: Final = (
     f"CREATE INDEX IF NOT EXISTS app_messages_unread ON app_messages (chat_id, seq) "
     f"WHERE {_UNREAD}",
 )
-
-_STATUS_ORDER: Final = {"pending": 0, "failed": 0, "sent": 1, "delivered": 2, "read": 3}
-
-
-def direct_chat_id(peer: str) -> str:
-    """The chat id of the 1:1 conversation with ``peer``."""
-    return f"dm:{peer}"
-
-
-def group_chat_id(group_id: str) -> str:
-    """The chat id of a group's conversation."""
-    return f"group:{group_id}"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    """A message as kept in history.
-
-    Attributes:
-        id: message id (hex).
-        chat_id: ``dm:<peer>`` or ``group:<group id>``.
-        sender: sending user; ``outgoing`` tells whether it is us.
-        type: ``text``, ``attachment``, ``group``, ``timer``, or one of the
-            :data:`NOTICE_TYPES`...
-        text: the text (after edits); None once deleted or expired.
-        status: for outgoing messages the best status over all recipients
-            (``pending``, ``sent``, ``delivered``, ``read``); ``received`` for
-            incoming ones.
-        reply_to: id of the quoted message, if any.
-        seq: local order of arrival or composition.
-    """
-
-    id: str
-    chat_id: str
-    group_id: str | None
-    sender: str
-    sender_device: int
-    outgoing: bool
-    type: str
-    text: str | None
-    reply_to: str | None
-    quote_text: str | None
-    counter: int
-    sent_at: int
-    received_at: int | None
-    delivered_at: int | None
-    read_at: int | None
-    status: str
-    edited: bool
-    deleted: bool
-    expire_seconds: int
-    expires_at: int | None
-    seq: int
-
-    def __repr__(self) -> str:
-        return (
-            f"StoredMessage(id={self.id}, chat_id={self.chat_id!r}, sender={self.sender!r}, "
-            f"type={self.type!r}, status={self.status!r})"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,33 +142,6 @@ class ChatSummary:
     chat: Chat
     unread: int
     last_message: StoredMessage | None
-
-
-def to_message(row: Mapping[str, Any] | sqlite3.Row) -> StoredMessage:
-    """Build a :class:`StoredMessage` from a ``messages`` row."""
-    return StoredMessage(
-        id=row["id"],
-        chat_id=row["chat_id"],
-        group_id=row["group_id"],
-        sender=row["sender"],
-        sender_device=row["sender_device"] or 0,
-        outgoing=bool(row["outgoing"]),
-        type=row["type"],
-        text=row["text"],
-        reply_to=row["reply_to"],
-        quote_text=row["quote_text"],
-        counter=row["counter"] or 0,
-        sent_at=row["sent_at"] or 0,
-        received_at=row["received_at"],
-        delivered_at=row["delivered_at"],
-        read_at=row["read_at"],
-        status=row["status"] or "",
-        edited=bool(row["edited"]),
-        deleted=bool(row["deleted"]),
-        expire_seconds=row["expire_seconds"] or 0,
-        expires_at=row["expires_at"],
-        seq=row["seq"] or 0,
-    )
 
 
 def _fts_query(text: str) -> str:
@@ -384,7 +218,7 @@ class History:
         conn = self._connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for table, columns in _TABLES.items():
+            for table, columns in TABLES.items():
                 cols = ", ".join(
                     f"{name} {kind} PRIMARY KEY" if name == "id" else f"{name} {kind}"
                     for name, kind in columns.items()
@@ -446,18 +280,12 @@ class History:
 
     @staticmethod
     def row(table: str, **values: Any) -> Row:
-        """A full row for ``table``: missing columns are None, unknown ones refused.
+        """A full row for ``table`` (see :func:`e2ee.messaging.rows.row`).
 
         Raises:
             UsageError: unknown table or column.
         """
-        columns = _TABLES.get(table)
-        if columns is None:
-            raise UsageError(f"unknown history table {table!r}")
-        unknown = set(values) - set(columns)
-        if unknown:
-            raise UsageError(f"unknown columns for {table}: {sorted(unknown)}")
-        return table, {name: values.get(name) for name in columns}
+        return make_row(table, **values)
 
     def current(self, table: str, row_id: str) -> dict[str, Any] | None:
         """The committed row, read through the store's own connection.
@@ -479,7 +307,7 @@ class History:
         if found is None:
             return None
         found.update(changes)
-        return self.row(table, **{k: v for k, v in found.items() if k in _TABLES[table]})
+        return self.row(table, **{k: v for k, v in found.items() if k in TABLES[table]})
 
     def next_value(self, counter: str, pending: Mapping[str, int] | None = None) -> int:
         """The next value of a named local counter (1, 2, ...), not yet committed.
@@ -492,6 +320,26 @@ class History:
         found = self.current("counters", counter)
         return int(found["value"]) + 1 if found else 1
 
+    def current_members(self, group_id: str) -> dict[str, str]:
+        """A group's members (user -> role, gone ones left out), read like :meth:`current`.
+
+        Read through the store's own connection, so inside a receive batch it
+        sees the batch's commits (:meth:`group_members` sees committed rows only).
+
+        Raises:
+            StorageError: the store cannot be read.
+        """
+        rows = self._store.load_app_rows("users_groups", "group_id", group_id)
+        return {r["user_id"]: r["role"] for r in rows if r["role"] != "gone"}
+
+    def current_replies(self, message_id: str) -> list[dict[str, Any]]:
+        """The ``messages`` rows quoting ``message_id``, read like :meth:`current`.
+
+        Raises:
+            StorageError: the store cannot be read.
+        """
+        return [dict(r) for r in self._store.load_app_rows("messages", "reply_to", message_id)]
+
     def counter_value(self, counter: str) -> int | None:
         """The committed value of a named counter, or None."""
         found = self.current("counters", counter)
@@ -500,9 +348,7 @@ class History:
     @staticmethod
     def status_at_least(current: str | None, new: str) -> str:
         """The later of two statuses: a receipt never moves a message backwards."""
-        if current is None or _STATUS_ORDER.get(new, 0) > _STATUS_ORDER.get(current, 0):
-            return new
-        return current
+        return status_at_least(current, new)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -879,8 +725,3 @@ class History:
                 return
             yield from reversed(batch)
             before = batch[0].id
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON for list-valued columns (app rows hold scalars only)."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)

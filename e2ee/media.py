@@ -36,7 +36,7 @@ from typing import BinaryIO, Final
 import nacl.bindings as sodium
 import nacl.exceptions
 
-from e2ee.errors import InvalidMessage, UsageError
+from e2ee.errors import MediaCorrupt, UsageError
 
 __all__ = [
     "CHUNK_SIZE",
@@ -62,10 +62,6 @@ _TAG_FINAL: Final = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 
 #: Called with (bytes done, bytes total) after every chunk.
 Progress = Callable[[int, int], None]
-
-
-class MediaCorrupt(InvalidMessage):
-    """An encrypted file is tampered with, truncated, or does not match its digest."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from typing import Any, Final
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
-from e2ee.errors import InvalidMessage, UsageError
+from e2ee.errors import InvalidMessage, UnsupportedPayload, UsageError
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
@@ -65,14 +65,6 @@ _MAX_U32: Final = 2**32 - 1
 _MAX_NAME: Final = 256
 _MAX_MEMBERS: Final = 1000
 _PAD_MARK: Final = 0x80
-
-
-class UnsupportedPayload(InvalidMessage):
-    """The payload was written by a version of the format this build cannot read."""
-
-    def __init__(self, version: int) -> None:
-        super().__init__(f"payload version {version} is not supported (this build reads 1)")
-        self.version = version
 
 
 class PayloadType(enum.IntEnum):

@@ -21,7 +21,7 @@ import contextlib
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -83,6 +83,20 @@ Progress = Callable[[int, int], None]
 
 class BackendError(Exception):
     """An operation failed in a way the user should be told about."""
+
+
+@contextlib.contextmanager
+def _backend_errors() -> Iterator[None]:
+    """The one place an SDK error becomes the :class:`BackendError` screens show.
+
+    Raises:
+        BackendError: the block raised an :class:`~e2ee.errors.E2EEError`
+            (chained, so the SDK's type stays available).
+    """
+    try:
+        yield
+    except E2EEError as exc:
+        raise BackendError(str(exc)) from exc
 
 
 class PassphraseRequired(BackendError):
@@ -407,7 +421,7 @@ class Messenger:
         Raises:
             BackendError: bad name, name taken, relay unreachable.
         """
-        try:
+        with _backend_errors():
             client = await Client.create(
                 data_dir,
                 username,
@@ -418,8 +432,6 @@ class Messenger:
                 options=options,
                 kdf_limits=kdf_limits,
             )
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
         try:
             await client.register()
         except E2EEError as exc:
@@ -447,20 +459,19 @@ class Messenger:
             PassphraseRequired: a passphrase is needed, or the one given is wrong.
             BackendError: the account cannot be opened.
         """
-        try:
-            client = await Client.open(data_dir, passphrase or None, now_ms=now_ms, options=options)
-        except WrongPassphrase as exc:
-            raise PassphraseRequired(str(exc)) from exc
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
+        with _backend_errors():
+            try:
+                client = await Client.open(
+                    data_dir, passphrase or None, now_ms=now_ms, options=options
+                )
+            except WrongPassphrase as exc:
+                raise PassphraseRequired(str(exc)) from exc
         return cls(client, client.relay_url)
 
     async def start(self) -> None:
         """Connect to the relay (in the background; returns at once)."""
-        try:
+        with _backend_errors():
             await self._client.start()
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     async def close(self) -> None:
         """Disconnect and close the store."""
@@ -629,10 +640,8 @@ class Messenger:
     async def queued_count(self) -> int:
         """Messages composed but not yet accepted by the relay (receipts left out)."""
 
-        try:
+        with _backend_errors():
             return await self._client.queued_count()
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     # -- sending ------------------------------------------------------------------------
 
@@ -642,31 +651,23 @@ class Messenger:
         Raises:
             BackendError: empty text, not a member, unknown reply.
         """
-        try:
+        with _backend_errors():
             return await self._client.send_text(chat_id, text, reply_to=reply_to, wait=False)
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     async def edit(self, message_id: str, text: str) -> None:
         """Edit one of our messages for everyone."""
-        try:
+        with _backend_errors():
             await self._client.edit(message_id, text, wait=False)
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     async def delete(self, message_id: str) -> None:
         """Delete one of our messages for everyone."""
-        try:
+        with _backend_errors():
             await self._client.delete_for_everyone(message_id, wait=False)
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     async def react(self, message_id: str, emoji: str) -> None:
         """React to a message (an empty emoji removes our reaction)."""
-        try:
+        with _backend_errors():
             await self._client.react(message_id, emoji, wait=False)
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     async def send_typing(self, chat_id: str, typing: bool) -> None:
         """Tell the chat we are typing; failures are irrelevant and dropped."""
@@ -677,10 +678,8 @@ class Messenger:
 
     async def mark_read(self, chat_id: str) -> int:
         """Mark a chat read (sends read receipts)."""
-        try:
+        with _backend_errors():
             return await self._client.mark_read(chat_id)
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str:
         """Encrypt and upload a file, then send it; ``progress(done, total)`` while uploading.
@@ -741,10 +740,8 @@ class Messenger:
 
     async def create_group(self, name: str, members: Sequence[str]) -> str:
         """Create a group; returns its chat id."""
-        try:
+        with _backend_errors():
             gid = await self._client.create_group(name, members)
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
         return group_chat_id(gid)
 
     async def group_info(self, chat_id: str) -> GroupInfo | None:
@@ -771,12 +768,10 @@ class Messenger:
         return await asyncio.to_thread(read)
 
     async def _group_call(self, call: Callable[[], object]) -> None:
-        try:
+        with _backend_errors():
             result = call()
             if asyncio.iscoroutine(result):
                 await result
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     async def rename_group(self, chat_id: str, name: str) -> None:
         """Rename a group (admins)."""
@@ -802,11 +797,9 @@ class Messenger:
         Raises:
             BackendError: no key known for that user yet (no message exchanged).
         """
-        try:
+        with _backend_errors():
             numbers = await self._client.safety_number(user)
             trust = await self._client.trust_level(user)
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
         qr = await asyncio.to_thread(qr_terminal, numbers[0][1].scannable) if numbers else ""
         return ContactInfo(
             user=user,
@@ -817,17 +810,13 @@ class Messenger:
 
     async def accept_key(self, user: str, verified: bool) -> None:
         """Accept (and optionally verify) a contact's current keys; held messages go out."""
-        try:
+        with _backend_errors():
             await self._client.accept_identity(user, verified=verified)
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     async def held_users(self) -> set[str]:
         """Contacts whose changed key holds our messages until accepted (also after a restart)."""
-        try:
+        with _backend_errors():
             return await self._client.held_users()
-        except E2EEError as exc:
-            raise BackendError(str(exc)) from exc
 
     # -- updates ------------------------------------------------------------------------
 

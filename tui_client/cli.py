@@ -129,7 +129,7 @@ EXIT_NOT_FOUND: Final = 5  # unknown user, group, message, attachment, file or i
 EXIT_PASSPHRASE: Final = 6  # wrong or missing passphrase
 EXIT_TAKEN: Final = 7  # `init`: the username is registered already
 EXIT_FORBIDDEN: Final = 8  # not a member / not an admin of the group
-EXIT_REFUSED: Final = 9  # the relay refused the request (size, rate, credentials)
+EXIT_REFUSED: Final = 9  # the relay refused the request (size, rate, credentials, full mailbox)
 EXIT_BUSY: Final = 10  # another process uses this data directory
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C
 
@@ -137,6 +137,8 @@ PROG: Final = "blindpost"
 ENV_DATA: Final = "BLINDPOST_DATA"
 ENV_PASSPHRASE: Final = "BLINDPOST_PASSPHRASE"  # noqa: S105  (a variable name)
 CURSOR_FILE: Final = "cli-state.json"
+#: `receive` saves its position at least every this many printed messages.
+CHECKPOINT_EVERY: Final = 200
 DEFAULT_NETWORK_TIMEOUT: Final = 30.0
 _USERNAME_RE: Final = re.compile(r"^[a-z0-9_]{3,32}$")
 _GROUP_RE: Final = re.compile(r"^[0-9a-f]{24}$")
@@ -958,13 +960,15 @@ async def cmd_receive(settings: _Settings, args: argparse.Namespace) -> int:
         if cursor is None:
             cursor = await asyncio.to_thread(session.history.max_seq, "messages")
         session.printed_seq = cursor
+        checkpoint = _Checkpoint(folder, cursor)
         try:
             # Incoming messages stored by another program (the TUI) since the last
             # `receive` come first; one-shot commands take no deliveries.
             for message in await asyncio.to_thread(_messages_after, session.history, cursor):
                 await session.show_message(message)
+            await checkpoint.save(session.printed_seq)
             await session.connect(receive=True)
-            await _receive_loop(session, timeout)
+            await _receive_loop(session, timeout, checkpoint)
             await session.flush_outbox()  # delivered receipts for what we just printed
             # Closing finishes a batch in progress; its events are queued before the
             # "closed" state, so everything stored is printed here.
@@ -976,11 +980,37 @@ async def cmd_receive(settings: _Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _receive_loop(session: _Session, timeout: float | None) -> None:
+class _Checkpoint:
+    """Saves ``receive``'s position after each printed batch, not only at exit.
+
+    A ``receive`` killed mid-way (SIGKILL) then prints again at most what it
+    printed since the last save: one batch (``CHECKPOINT_EVERY`` messages, or
+    what arrived together). Output is flushed per record before a save.
+    """
+
+    def __init__(self, folder: Path, saved: int) -> None:
+        self._folder = folder
+        self._saved = saved
+        self._printed = 0
+
+    async def save(self, seq: int) -> None:
+        if seq != self._saved:
+            await asyncio.to_thread(_write_cursor, self._folder, seq)
+            self._saved = seq
+        self._printed = 0
+
+    async def printed(self, seq: int) -> None:
+        self._printed += 1
+        if self._printed >= CHECKPOINT_EVERY:
+            await self.save(seq)
+
+
+async def _receive_loop(session: _Session, timeout: float | None, checkpoint: _Checkpoint) -> None:
     """Print events until the backlog is drained and then ``timeout`` passed.
 
     The backlog ends with :class:`BacklogDrained`. Should it never come (the
     connection keeps dropping), the network timeout without any event ends it.
+    The position is saved whenever nothing more is waiting to be printed.
     """
     loop = asyncio.get_running_loop()
     idle = session.settings.network_timeout
@@ -993,7 +1023,10 @@ async def _receive_loop(session: _Session, timeout: float | None) -> None:
                 return
             drained, deadline = True, now + (timeout or 0.0)
             continue
-        event = await session.next_event(deadline - now)
+        event = session.take_ready()
+        if event is None:
+            await checkpoint.save(session.printed_seq)  # caught up with what arrived
+            event = await session.next_event(deadline - now)
         if event is None:
             continue
         if isinstance(event, BacklogDrained):
@@ -1003,6 +1036,7 @@ async def _receive_loop(session: _Session, timeout: float | None) -> None:
         if not drained:
             deadline = loop.time() + idle
         await _show_event(session, event)
+        await checkpoint.printed(session.printed_seq)
 
 
 async def cmd_download(settings: _Settings, args: argparse.Namespace) -> int:

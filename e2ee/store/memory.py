@@ -102,6 +102,14 @@ class MemoryProtocolStore:
             # Like SQLite: every column the table ever had, None where unset.
             return {column: row.get(column) for column in self._app_columns[table]}
 
+    def load_app_rows(self, table: str, column: str, value: str | int) -> list[Mapping[str, Any]]:
+        with self._lock:
+            columns = self._app_columns.get(table, [])
+            if column not in columns:
+                return []
+            found = [r for r in self._app.get(table, {}).values() if r.get(column) == value]
+            return [{c: r.get(c) for c in columns} for r in sorted(found, key=lambda r: r["id"])]
+
     @property
     def in_batch(self) -> bool:
         """True inside :meth:`batch` (on the thread that holds it)."""

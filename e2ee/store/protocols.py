@@ -221,6 +221,10 @@ class ProtocolStore(Protocol):
         """A row written through :attr:`Changes.app_rows`, or None."""
         ...
 
+    def load_app_rows(self, table: str, column: str, value: str | int) -> list[Mapping[str, Any]]:
+        """Every row of ``table`` whose ``column`` equals ``value``, by id (empty if none)."""
+        ...
+
     def commit(self, changes: Changes) -> None:
         """Apply ``changes`` atomically: all of it or, on any error, none of it."""
         ...

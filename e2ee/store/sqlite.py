@@ -34,19 +34,17 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     import sqlite_utils
 
-from e2ee.errors import E2EEError, StorageError, StoreCorrupt, UsageError
+from e2ee.errors import StorageError, StoreCorrupt, UsageError
 from e2ee.store.protocols import (
     AccountRecord,
     Address,
@@ -54,20 +52,59 @@ from e2ee.store.protocols import (
     IdentityRecord,
     SenderKeyId,
     SignedPreKeyRow,
-    TrustLevel,
 )
 from e2ee.store.rows import APP_NAME as _APP_NAME
-from e2ee.store.rows import INT64_MAX as _INT64_MAX
-from e2ee.store.rows import INT64_MIN as _INT64_MIN
 from e2ee.store.rows import BatchDepth, check_app_row, validate_changes
 from e2ee.store.sealing import (
     KDF_MODERATE,
     KdfLimits,
     Sealer,
-    WrappedKey,
-    create_key,
     seal_context,
     unlock,
+)
+from e2ee.store.sqlite_schema import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Migration,
+)
+from e2ee.store.sqlite_schema import (
+    create_private_file as _create_private_file,
+)
+from e2ee.store.sqlite_schema import (
+    read_keyring as _read_keyring,
+)
+from e2ee.store.sqlite_schema import (
+    unlock_or_create as _unlock_or_create,
+)
+from e2ee.store.sqlite_schema import (
+    write_keyring as _write_keyring,
+)
+from e2ee.store.sqlite_sql import (
+    check_kinds as _check_kinds,
+)
+from e2ee.store.sqlite_sql import (
+    identity as _identity,
+)
+from e2ee.store.sqlite_sql import (
+    quote as _quote,
+)
+from e2ee.store.sqlite_sql import (
+    rollback as _rollback,
+)
+from e2ee.store.sqlite_sql import (
+    savepoint as _savepoint,
+)
+from e2ee.store.sqlite_sql import (
+    schema_cookie as _schema_cookie,
+)
+from e2ee.store.sqlite_sql import (
+    storage_errors as _storage_errors,
+)
+from e2ee.store.sqlite_sql import (
+    transaction as _transaction,
+)
+from e2ee.store.sqlite_sql import (
+    upsert_sql as _upsert_sql,
 )
 
 __all__ = [
@@ -87,97 +124,6 @@ _BUSY_TIMEOUT_S: Final = 5.0
 _MIN_SQLITE: Final = (3, 37, 0)
 # Lower-case ASCII only: SQLite compares table and column names case-insensitively
 # ("History" and "history" are one table), the in-memory twin does not.
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    """One schema step: brings a store from ``version - 1`` to ``version``.
-
-    ``apply`` runs inside the opening transaction, after the passphrase was
-    checked, with the store's sealer (for steps that must reseal blobs).
-    """
-
-    version: int
-    summary: str
-    apply: Callable[[sqlite3.Connection, Sealer], None]
-
-
-_V1_SCHEMA: Final = (
-    """CREATE TABLE schema_version (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        version INTEGER NOT NULL
-    ) STRICT""",
-    # The keyring is read before migrations run (to check the passphrase first);
-    # later versions must keep this layout readable. One row.
-    """CREATE TABLE keyring (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        version INTEGER NOT NULL,
-        method TEXT NOT NULL,
-        salt BLOB NOT NULL,
-        opslimit INTEGER NOT NULL,
-        memlimit INTEGER NOT NULL,
-        payload BLOB NOT NULL
-    ) STRICT""",
-    """CREATE TABLE account (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        name TEXT NOT NULL,
-        device_id INTEGER NOT NULL,
-        registration_id INTEGER NOT NULL,
-        identity_key_pair BLOB NOT NULL,
-        created_at_ms INTEGER NOT NULL
-    ) STRICT""",
-    """CREATE TABLE prekeys (
-        prekey_id INTEGER PRIMARY KEY,
-        record BLOB NOT NULL
-    ) STRICT""",
-    """CREATE TABLE signed_prekeys (
-        prekey_id INTEGER PRIMARY KEY,
-        record BLOB NOT NULL,
-        created_at_ms INTEGER NOT NULL
-    ) STRICT""",
-    # No CHECK on trust: validate_changes guards it, and a new trust level should
-    # not need a table rebuild (SQLite cannot alter a CHECK in place).
-    """CREATE TABLE identities (
-        name TEXT NOT NULL,
-        device_id INTEGER NOT NULL,
-        identity_key BLOB NOT NULL,
-        trust TEXT NOT NULL,
-        updated_at_ms INTEGER NOT NULL,
-        PRIMARY KEY (name, device_id)
-    ) STRICT, WITHOUT ROWID""",
-    # Sessions and sender keys are rowid tables: their 1-3 KB records are too big
-    # for WITHOUT ROWID's clustered layout to pay off.
-    """CREATE TABLE sessions (
-        name TEXT NOT NULL,
-        device_id INTEGER NOT NULL,
-        record BLOB NOT NULL,
-        PRIMARY KEY (name, device_id)
-    ) STRICT""",
-    """CREATE TABLE sender_keys (
-        group_id TEXT NOT NULL,
-        sender_name TEXT NOT NULL,
-        sender_device_id INTEGER NOT NULL,
-        record BLOB NOT NULL,
-        PRIMARY KEY (group_id, sender_name, sender_device_id)
-    ) STRICT""",
-    """CREATE TABLE meta (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    ) STRICT, WITHOUT ROWID""",
-)
-
-
-def _migrate_v1(conn: sqlite3.Connection, sealer: Sealer) -> None:
-    del sealer  # the initial schema has nothing to reseal
-    for statement in _V1_SCHEMA:
-        conn.execute(statement)
-
-
-#: Every schema step, in order; ``MIGRATIONS[i].version == i + 1``. Append only:
-#: a store at version ``n`` is brought up to date by running the steps after ``n``.
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "initial schema", _migrate_v1),)
-#: The schema version this build writes.
-SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
 # (sql, kinds): the parameters' types, checked by _check_kinds before any write.
@@ -311,7 +257,9 @@ class SQLiteProtocolStore:
             )
         try:
             with _storage_errors("open the store"):
-                return cls(conn, _unlock_or_create(conn, passphrase, kdf_limits), where)
+                # MIGRATIONS is looked up here, at call time: one module-level list.
+                sealer = _unlock_or_create(conn, passphrase, kdf_limits, MIGRATIONS)
+                return cls(conn, sealer, where)
         except BaseException:
             conn.close()
             raise
@@ -577,6 +525,35 @@ class SQLiteProtocolStore:
             if found is None:
                 return None
             return {d[0]: v for d, v in zip(cursor.description, found, strict=True)}
+
+    def load_app_rows(self, table: str, column: str, value: str | int) -> list[Mapping[str, Any]]:
+        """Every row of ``table`` whose ``column`` equals ``value``, ordered by id.
+
+        Read on the store's own connection: inside :meth:`batch` it sees the
+        batch's commits.
+
+        Raises:
+            StorageError: the store is closed or cannot be read.
+        """
+        if not isinstance(table, str) or not _APP_NAME.fullmatch(table):
+            return []
+        if not isinstance(column, str) or not _APP_NAME.fullmatch(column):
+            return []
+        name = APP_TABLE_PREFIX + table
+        with self._lock, _storage_errors("read app rows"):
+            conn = self._connection()
+            known = table in self._app_columns or table in self._batch_columns
+            if not known and not self._app_table_exists(conn, table):
+                return []
+            columns = [r[1] for r in conn.execute(f"PRAGMA table_info({_quote(name)})")]
+            if column not in columns:
+                return []
+            cursor = conn.execute(
+                f"SELECT * FROM {_quote(name)} WHERE {_quote(column)} = ? ORDER BY id",  # noqa: S608
+                (value,),
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, found, strict=True)) for found in cursor.fetchall()]
 
     @staticmethod
     def _app_table_exists(conn: sqlite3.Connection, table: str) -> bool:
@@ -899,219 +876,3 @@ class SQLiteProtocolStore:
 
 
 # -- opening ------------------------------------------------------------------------------
-
-
-def _create_private_file(path: str) -> None:
-    """Create an empty database file readable by its owner only.
-
-    SQLite gives the -wal and -shm files the database file's permissions.
-    """
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
-
-
-def _unlock_or_create(
-    conn: sqlite3.Connection, passphrase: str | None, limits: KdfLimits
-) -> Sealer:
-    version, stored = _probe(conn)
-    # The passphrase is checked (or the key made) before anything is written, and
-    # without holding a write lock while Argon2 runs.
-    if stored is None:
-        sealer, wrapped = create_key(passphrase, limits)
-    else:
-        sealer, wrapped = unlock(stored, passphrase), stored
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-    if mode is None or str(mode[0]).lower() != "wal":
-        raise StorageError("the file system does not support SQLite's WAL mode")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    # Overwrite deleted rows (used prekeys, old ratchet states) instead of leaving
-    # their sealed bytes in free pages.
-    conn.execute("PRAGMA secure_delete = ON")
-    with _transaction(conn):
-        again, now_stored = _probe(conn)
-        if (again, now_stored) != (version, stored):
-            raise StorageError("the store was changed by another process while opening")
-        for migration in MIGRATIONS[version:]:
-            migration.apply(conn, sealer)
-        if version < len(MIGRATIONS):
-            conn.execute(
-                "INSERT INTO schema_version (id, version) VALUES (1, ?) "
-                "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
-                (len(MIGRATIONS),),
-            )
-        if stored is None:
-            _write_keyring(conn, wrapped)
-    return sealer
-
-
-def _probe(conn: sqlite3.Connection) -> tuple[int, WrappedKey | None]:
-    """Read the schema version and the keyring without writing anything."""
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if "schema_version" not in tables:
-        if tables:
-            raise StorageError("the file is an SQLite database, but not a Blindpost store")
-        return 0, None
-    row = conn.execute("SELECT version FROM schema_version WHERE id = 1").fetchone()
-    if row is None or not isinstance(row[0], int) or row[0] < 1:
-        raise StoreCorrupt("the store has no valid schema version")
-    version: int = row[0]
-    if version > len(MIGRATIONS):
-        raise StorageError(
-            f"the store has schema version {version}; this build reads up to {len(MIGRATIONS)}"
-        )
-    stored = _read_keyring(conn)
-    if stored is None:
-        # Never make a fresh key here: every sealed blob would become unreadable.
-        raise StoreCorrupt("the store has no keyring")
-    return version, stored
-
-
-def _read_keyring(conn: sqlite3.Connection) -> WrappedKey | None:
-    row = conn.execute(
-        "SELECT version, method, salt, opslimit, memlimit, payload FROM keyring WHERE id = 1"
-    ).fetchone()
-    if row is None:
-        return None
-    version, method, salt, opslimit, memlimit, payload = row
-    return WrappedKey(version, method, salt, opslimit, memlimit, payload)
-
-
-def _write_keyring(conn: sqlite3.Connection, wrapped: WrappedKey) -> None:
-    conn.execute(
-        "INSERT INTO keyring (id, version, method, salt, opslimit, memlimit, payload) "
-        "VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-        "version = excluded.version, method = excluded.method, salt = excluded.salt, "
-        "opslimit = excluded.opslimit, memlimit = excluded.memlimit, payload = excluded.payload",
-        (
-            wrapped.version,
-            wrapped.method,
-            wrapped.salt,
-            wrapped.opslimit,
-            wrapped.memlimit,
-            wrapped.payload,
-        ),
-    )
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def _identity(row: Sequence[Any]) -> IdentityRecord:
-    identity_key, trust, updated_at_ms = row
-    if trust not in TrustLevel.ALL:
-        raise StoreCorrupt("a stored identity has an unknown trust level")
-    return IdentityRecord(identity_key=identity_key, trust=trust, updated_at_ms=updated_at_ms)
-
-
-_KINDS: Final = {"s": (str, "text"), "i": (int, "an int"), "b": (bytes, "bytes")}
-
-
-def _check_kinds(kinds: str, row: tuple[Any, ...]) -> None:
-    """Refuse what a STRICT column would convert (an int into TEXT, "5" into INTEGER).
-
-    A converted key would also no longer match the context its blob was sealed for.
-    """
-    for kind, value in zip(kinds, row, strict=True):
-        expected, label = _KINDS[kind]
-        if type(value) is not expected:
-            raise StorageError(f"expected {label}, got {type(value).__name__}")
-        if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
-            raise StorageError("an int exceeds 64 bits")
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _schema_cookie(conn: sqlite3.Connection) -> int:
-    row = conn.execute("PRAGMA schema_version").fetchone()
-    return int(row[0])
-
-
-@functools.lru_cache(maxsize=256)
-def _upsert_sql(table: str, columns: tuple[str, ...]) -> str:
-    names = ", ".join(_quote(c) for c in columns)
-    marks = ", ".join("?" for _ in columns)
-    updates = ", ".join(f"{_quote(c)} = excluded.{_quote(c)}" for c in columns if c != "id")
-    action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
-    return (
-        f"INSERT INTO {_quote(table)} ({names}) VALUES ({marks}) "  # noqa: S608  (checked names)
-        f'ON CONFLICT ("id") {action}'
-    )
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``; ``ROLLBACK`` on any exception, then re-raise.
-
-    IMMEDIATE takes the write lock up front, so a transaction never fails halfway
-    because another connection wrote first.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    """Roll back the open transaction, if any (part of error handling: never raises)."""
-    # Some errors (SQLITE_FULL, SQLITE_IOERR) already rolled back.
-    if conn.in_transaction:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            # Closing discards the open transaction; later calls then fail
-            # as on a closed store instead of writing into a half-done one.
-            conn.close()
-
-
-@contextlib.contextmanager
-def _savepoint(conn: sqlite3.Connection) -> Iterator[None]:
-    """One commit inside a batch: all of it or, on any exception, none of it."""
-    conn.execute("SAVEPOINT bp_commit")
-    try:
-        yield
-        conn.execute("RELEASE bp_commit")
-    except BaseException:
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK TO bp_commit")
-                conn.execute("RELEASE bp_commit")
-            except sqlite3.Error:
-                # The batch's transaction is gone or broken: fail the batch.
-                _rollback(conn)
-        raise
-
-
-_CORRUPT_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
-
-
-@contextlib.contextmanager
-def _storage_errors(action: str) -> Iterator[None]:
-    """Turn everything but our own errors into :class:`StorageError`.
-
-    SQLite's messages name tables, columns and constraints but never bound
-    values, so they are kept. Other exceptions (binding a lone surrogate, a
-    sqlite-utils complaint) may quote a value, so only their type is named;
-    the original stays chained for debugging.
-    """
-    try:
-        yield
-    except E2EEError:
-        raise
-    except sqlite3.Error as exc:
-        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
-        if code in _CORRUPT_CODES:
-            raise StoreCorrupt(f"cannot {action}: {exc}") from exc
-        raise StorageError(f"cannot {action}: {exc}") from exc
-    except OSError as exc:
-        raise StorageError(f"cannot {action}: {exc.strerror or type(exc).__name__}") from exc
-    except Exception as exc:
-        raise StorageError(f"cannot {action}: {type(exc).__name__}") from exc

@@ -546,7 +546,7 @@ async def test_added_member_joins_and_reads_new_messages(
             revision=99,
             targets=("alice",),
         )
-        await bob._queue(
+        await bob._outbox.queue(
             group_chat_id(gid),
             PayloadType.GROUP,
             wait=True,

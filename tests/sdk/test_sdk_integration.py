@@ -406,12 +406,11 @@ async def test_transfer_progress_is_reported_on_the_event_loop_thread(
 class DiskFillsUp:
     """Bob's SQLite connection on a disk that fills up in the middle of a backlog.
 
-    Inbox transactions (:meth:`SQLiteProtocolStore.batch`) commit normally up to
-    and including the one that stores the group change (a transaction ends after
-    a group change); from the next one on, ``COMMIT`` fails as SQLite reports a
-    full disk, until the process restarts. The first inbox commit is slow (0.3 s),
-    so the rest of the backlog is waiting when the next batch is taken and the
-    failing transaction is the second one of that batch.
+    The first inbox transaction (:meth:`SQLiteProtocolStore.batch`, at most
+    ``_INBOX_BATCH`` = 200 deliveries) commits normally, slowly (0.3 s), so the
+    rest of the backlog is waiting when the next batch is taken; from the next
+    one on, ``COMMIT`` fails as SQLite reports a full disk, until the process
+    restarts.
 
     Failure injection at the one place the OS would inject it (the COMMIT, where
     SQLite writes and syncs); everything above it -- the store's rollback, the
@@ -433,14 +432,8 @@ class DiskFillsUp:
             if self.full:
                 self.failed += 1
                 raise sqlite3.OperationalError("database or disk is full")
-            self.full = self._groups() > 0  # this transaction stores the group change
+            self.full = True
         return self._conn.execute(sql, *args)
-
-    def _groups(self) -> int:
-        try:
-            return int(self._conn.execute("SELECT count(*) FROM app_groups").fetchone()[0])
-        except sqlite3.OperationalError:  # no such table yet
-            return 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._conn, name)
@@ -455,16 +448,19 @@ async def test_inbox_transaction_that_fails_to_commit_loses_nothing_and_shows_no
 ) -> None:
     """A backlog is stored in batches (group commit: acked only after its commit).
 
-    The disk fills up during the second transaction of a batch: what the first one
-    committed is shown once and acknowledged; nothing of the failed one is shown or
-    acknowledged, so the relay keeps it and delivers it again after the restart,
-    where it is shown once. History ends with every message once, in order.
+    The disk fills up after the first transaction: what it committed is shown
+    once and acknowledged; nothing of the failed ones is shown or acknowledged
+    (the group change among them), so the relay keeps them and delivers them
+    again after the restart, where they are shown once. History ends with every
+    message once, in order.
     """
     alice, bob = await make_client("alice"), await make_client("bob")
     async with alice:
-        before = [await alice.send_text("bob", f"m{i:03d}", wait=False) for i in range(100)]
-        gid = await alice.create_group("pair", ["bob"])  # ends a transaction on bob's side
-        after = [await alice.send_text("bob", f"m{i:03d}", wait=False) for i in range(100, 150)]
+        # More than one batch (200) before the group change: the first transaction
+        # holds only messages from here.
+        before = [await alice.send_text("bob", f"m{i:03d}", wait=False) for i in range(250)]
+        gid = await alice.create_group("pair", ["bob"])
+        after = [await alice.send_text("bob", f"m{i:03d}", wait=False) for i in range(250, 300)]
         assert await alice.flush(WAIT) == 0
     disk = DiskFillsUp(bob._store._conn, bob._store)
     bob._store._conn = disk
@@ -493,23 +489,28 @@ async def test_inbox_transaction_that_fails_to_commit_loses_nothing_and_shows_no
     )
     await bob.close()
     assert disk.failed >= 1
-    assert shown == before and [g.group_id for g in groups] == [gid]  # each once, in order
-    # Acknowledged: exactly what was committed; the failed transaction's stay queued.
-    assert [d.id for d in await mailbox("bob")] == [bytes.fromhex(m) for m in after]
+    committed = len(shown)
+    assert 1 <= committed <= 200 and shown == before[:committed]  # each once, in order
+    assert groups == []
+    # Acknowledged: exactly what was committed; the failed transactions' stay queued.
+    rest = before[committed:] + after
+    queued = [d.id.hex() for d in await mailbox("bob")]
+    assert [m for m in queued if m in set(rest)] == rest
+    assert len(queued) == len(rest) + 1  # and the group change
 
     again = await Client.open(tmp_path / "bob", options=fast_options)
-    assert [m.id for m in again.history.messages(direct_chat_id("alice"), limit=300)] == before
+    assert [m.id for m in again.history.messages(direct_chat_id("alice"), limit=400)] == shown
     events = again.events()
     fresh: list[str] = []
     try:
         async with again:
-            while len(fresh) < len(after):
+            while len(fresh) < len(rest):
                 event = await wait_for(events, lambda e: isinstance(e, MessageReceived))
                 fresh.append(event.message.id)
-            history = again.history.messages(direct_chat_id("alice"), limit=300)
+            history = again.history.messages(direct_chat_id("alice"), limit=400)
             assert [g.id for g in await again.groups()] == [gid]
-        assert fresh == after  # the failed transaction's messages came again, shown once
-        assert [m.text for m in history] == [f"m{i:03d}" for i in range(150)]
+        assert fresh == rest  # the failed transactions' messages came again, shown once
+        assert [m.text for m in history] == [f"m{i:03d}" for i in range(300)]
         assert await mailbox("bob") == []
     finally:
         await again.close()

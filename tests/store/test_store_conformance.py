@@ -271,6 +271,25 @@ def test_app_rows_round_trip_and_are_replaced_in_order(store: ProtocolStore) -> 
     assert store.load_app_row("nothing", "m1") is None
 
 
+def test_app_rows_are_found_by_a_column_value(store: ProtocolStore) -> None:
+    rows = (
+        ("members", {"id": "g:b", "group_id": "g", "role": "admin"}),
+        ("members", {"id": "g:a", "group_id": "g", "role": "member"}),
+        ("members", {"id": "h:a", "group_id": "h", "role": "member"}),
+    )
+    commit(store, app_rows=rows)
+    found = store.load_app_rows("members", "group_id", "g")
+    assert [exact(r) for r in found] == [exact(rows[1][1]), exact(rows[0][1])]  # by id
+    assert store.load_app_rows("members", "group_id", "x") == []
+    assert store.load_app_rows("members", "no_such_column", "g") == []
+    assert store.load_app_rows("nothing", "group_id", "g") == []
+    if isinstance(store, BatchingStore):
+        with store.batch():
+            commit(store, app_rows=(("members", {"id": "g:c", "group_id": "g", "role": "x"}),))
+            inside = store.load_app_rows("members", "group_id", "g")
+            assert [r["id"] for r in inside] == ["g:a", "g:b", "g:c"]  # the batch's own rows
+
+
 def test_app_rows_read_back_as_copies(store: ProtocolStore) -> None:
     commit(store, app_rows=(("threads", {"id": "t", "title": "a"}),))
     loaded = store.load_app_row("threads", "t")

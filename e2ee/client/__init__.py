@@ -1,0 +1,30 @@
+"""The client SDK: :class:`Client`, an async messenger client for one account.
+
+Where each part lives (every module opens with its invariants):
+
+* :mod:`e2ee.client.facade` -- :class:`Client`, the public API; it delegates.
+* :mod:`e2ee.client.datadir` -- the data directory and its one-process lock.
+* :mod:`e2ee.client.account` -- creating an account and registering it.
+* :mod:`e2ee.client.context` -- the state the parts share; :class:`ClientOptions`.
+* :mod:`e2ee.client.compose` -- rows for what we send or record.
+* :mod:`e2ee.client.inbox` -- receiving: decrypt, apply, commit, acknowledge.
+* :mod:`e2ee.client.outbox` -- sending: in order, once, held on a changed key.
+* :mod:`e2ee.client.groups` -- group changes started here.
+* :mod:`e2ee.client.connection` -- the relay connection (one backoff) and timers.
+* :mod:`e2ee.client.link` -- :class:`RelayLink` and the real :class:`TransportLink`.
+"""
+
+from e2ee.client.context import ClientOptions
+from e2ee.client.datadir import DB_FILE, LOCK_FILE
+from e2ee.client.facade import Client
+from e2ee.client.link import LinkFactory, RelayLink, TransportLink
+
+__all__ = [
+    "DB_FILE",
+    "LOCK_FILE",
+    "Client",
+    "ClientOptions",
+    "LinkFactory",
+    "RelayLink",
+    "TransportLink",
+]

@@ -1,0 +1,98 @@
+"""Account creation and registration with the relay.
+
+Invariants:
+
+* Creating an account writes the identity keys and the SDK's settings to a new
+  store in one go (:func:`create_account_dir`); nothing reaches the relay then.
+* Registration is resumable: the relay's account is created once (recorded as
+  ``sdk.account_created`` at once, because names are never reused), the prekey
+  upload may be retried, and ``sdk.registered`` is recorded only after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from e2ee.client.context import ClientContext
+from e2ee.client.datadir import (
+    META_ACCOUNT_CREATED,
+    META_READ_RECEIPTS,
+    META_REGISTERED,
+    META_RELAY,
+    META_STRICT,
+    META_USER,
+    Opened,
+    open_dir,
+)
+from e2ee.core import ProtocolEngine
+from e2ee.errors import StorageError, UsageError
+from e2ee.store import Changes
+from e2ee.store.sealing import KdfLimits
+from e2ee.store.sqlite import SQLiteProtocolStore
+
+__all__ = ["create_account_dir", "register_account"]
+
+
+def create_account_dir(
+    folder: Path,
+    username: str,
+    relay_url: str,
+    *,
+    device_id: int,
+    passphrase: str | None,
+    strict_trust: bool,
+    now_ms: Callable[[], int],
+    kdf_limits: KdfLimits | None,
+) -> Opened:
+    """Create the directory and a new account in it (blocking; run in a thread).
+
+    Raises:
+        UsageError: bad name or device id, or the directory already holds an account.
+        StoreLocked: another process has the directory open.
+        StorageError: the directory or database cannot be created.
+    """
+    if not 1 <= device_id <= 127:
+        raise UsageError("device id must be in 1..127")
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StorageError(f"cannot create {folder}: {exc.strerror}") from exc
+
+    def init(store: SQLiteProtocolStore) -> None:
+        engine = ProtocolEngine(store, now_ms=now_ms, trust_on_first_use=not strict_trust)
+        engine.create_account(username, device_id)
+        store.commit(
+            Changes(
+                meta_put={
+                    META_USER: username,
+                    META_RELAY: relay_url,
+                    META_STRICT: "1" if strict_trust else "0",
+                    META_READ_RECEIPTS: "1",
+                }
+            )
+        )
+
+    return open_dir(folder, passphrase, kdf_limits, now_ms, init)
+
+
+async def register_account(ctx: ClientContext) -> None:
+    """Create the account on the relay (once) and upload the prekeys.
+
+    Raises:
+        UsernameTaken: the name is registered already.
+        TransportError: the relay cannot be reached or refused.
+        StorageError: the store cannot be written.
+    """
+    await asyncio.to_thread(ctx.load_state)
+    created = await asyncio.to_thread(ctx.store.get_meta, META_ACCOUNT_CREATED)
+    if not ctx.registered and created != "1":
+        await ctx.link.register()
+        # Recorded at once: names are never reused, so a retry after a failed
+        # key upload must not register (and lose) the name again.
+        await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_ACCOUNT_CREATED: "1"}))
+    upload = await asyncio.to_thread(ctx.locked, ctx.engine.key_upload)
+    await ctx.link.upload_keys(upload.to_json())
+    await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_REGISTERED: "1"}))
+    ctx.registered = True

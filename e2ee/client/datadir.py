@@ -1,0 +1,172 @@
+"""The data directory: one account's database, held by one process at a time.
+
+Invariants:
+
+* A directory is open in at most one process: :func:`lock_dir` takes an
+  exclusive ``flock`` on :data:`LOCK_FILE` before the database is opened, and
+  the lock is released only when the files are closed (:func:`close_opened`).
+* Opening either yields a complete :class:`Opened` (store, engine, history,
+  account) or closes whatever it opened and releases the lock.
+* Nothing here talks to the relay.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import nacl.encoding
+import nacl.hash
+
+from e2ee.client_errors import StoreLocked
+from e2ee.core import ProtocolEngine
+from e2ee.core.fingerprint import compute_safety_number
+from e2ee.errors import StorageError, UsageError
+from e2ee.history import History
+from e2ee.store import AccountRecord
+from e2ee.store.sealing import KdfLimits
+from e2ee.store.sqlite import SQLiteProtocolStore
+
+__all__ = [
+    "DB_FILE",
+    "LOCK_FILE",
+    "META_ACCOUNT_CREATED",
+    "META_READ_RECEIPTS",
+    "META_REGISTERED",
+    "META_RELAY",
+    "META_STRICT",
+    "META_USER",
+    "Opened",
+    "auth_seed",
+    "close_opened",
+    "lock_dir",
+    "open_dir",
+]
+
+#: The database file inside the data directory.
+DB_FILE: Final = "blindpost.db"
+#: Held (``flock``) while a process has the data directory open.
+LOCK_FILE: Final = "blindpost.lock"
+META_USER: Final = "sdk.username"
+META_RELAY: Final = "sdk.relay_url"
+META_REGISTERED: Final = "sdk.registered"
+META_ACCOUNT_CREATED: Final = "sdk.account_created"
+META_READ_RECEIPTS: Final = "sdk.read_receipts"
+META_STRICT: Final = "sdk.strict_trust"
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """Everything opening a data directory produced (built in a worker thread)."""
+
+    folder: Path
+    store: SQLiteProtocolStore
+    engine: ProtocolEngine
+    history: History
+    account: AccountRecord
+    relay_url: str
+    registered: bool
+    identity_key: bytes
+    fingerprint: str
+    lock_fd: int
+
+
+def lock_dir(folder: Path) -> int:
+    """Take the data directory's exclusive lock (one process per directory).
+
+    Returns:
+        The lock file's descriptor; closing it releases the lock.
+
+    Raises:
+        StoreLocked: another process holds it.
+        StorageError: the lock file cannot be created.
+    """
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot create the lock file: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        raise StoreLocked(f"{folder} is in use by another process") from exc
+    return fd
+
+
+def open_dir(
+    folder: Path,
+    passphrase: str | None,
+    kdf_limits: KdfLimits | None,
+    now_ms: Callable[[], int],
+    init: Callable[[SQLiteProtocolStore], None] | None,
+) -> Opened:
+    """Lock the directory, open (and with ``init``, initialise) the store and history.
+
+    Raises:
+        StoreLocked: another process has the directory open.
+        WrongPassphrase: the passphrase does not open the store.
+        UsageError: the store holds no account.
+        StorageError: the database cannot be opened.
+    """
+    lock_fd = lock_dir(folder)
+    store: SQLiteProtocolStore | None = None
+    try:
+        path = folder / DB_FILE
+        if kdf_limits is None:
+            store = SQLiteProtocolStore.open(path, passphrase)
+        else:
+            store = SQLiteProtocolStore.open(path, passphrase, kdf_limits=kdf_limits)
+        if init is not None:
+            init(store)
+        account = store.load_account()
+        if account is None:
+            raise UsageError(f"no account in {folder}")
+        strict = store.get_meta(META_STRICT) == "1"
+        engine = ProtocolEngine(store, now_ms=now_ms, trust_on_first_use=not strict)
+        key = engine.identity_key
+        own = compute_safety_number(key, account.name, key, account.name).digits[:30]
+        return Opened(
+            folder=folder,
+            store=store,
+            engine=engine,
+            history=History.open(store),
+            account=account,
+            relay_url=store.get_meta(META_RELAY) or "",
+            registered=store.get_meta(META_REGISTERED) == "1",
+            identity_key=key,
+            fingerprint=own,
+            lock_fd=lock_fd,
+        )
+    except BaseException:
+        if store is not None:
+            store.close()
+        os.close(lock_fd)
+        raise
+
+
+def close_opened(opened: Opened) -> None:
+    """Close the history and the store, then release the directory lock."""
+    opened.history.close()
+    opened.store.close()
+    os.close(opened.lock_fd)
+
+
+def auth_seed(identity_key_pair: bytes) -> bytes:
+    """The relay auth key seed, derived from the (sealed) identity key pair.
+
+    A keyed BLAKE2b with a personalisation string separates it from every other
+    use of the identity key; nothing new needs storing.
+    """
+    seed: bytes = nacl.hash.blake2b(
+        b"blindpost relay auth v1",
+        key=hashlib.sha256(identity_key_pair).digest(),
+        person=b"bp-relay-auth",
+        digest_size=32,
+        encoder=nacl.encoding.RawEncoder,
+    )
+    return seed

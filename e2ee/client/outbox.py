@@ -1,0 +1,537 @@
+"""The outbox: sending what was composed, in order, until the relay accepted it.
+
+Invariants:
+
+* Every outgoing message was committed to the ``outbox`` table (with its
+  history row) before this module sees it; entries are sent in composition
+  order, one at a time, under the same message id on every retry, so the relay
+  stores each once.
+* Sending to a device whose identity key changed is held until the user
+  accepts the key; nothing is encrypted to an unaccepted key. A held entry
+  stays queued, and so do the later entries of its chat (order is kept).
+* A message the relay refuses for good is marked ``failed`` in history and
+  never retried; connection problems leave the entry queued.
+* Delivered receipts are sent for every incoming message above a watermark
+  counter, which moves only after the relay accepted them (a crash in between
+  sends some twice, which is harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, Final
+
+from e2ee import envelope, payload
+from e2ee.client.compose import compose
+from e2ee.client.context import ClientContext
+from e2ee.client_errors import (
+    ClientClosed,
+    IdentityHeld,
+    NotAMember,
+    RecipientMailboxFull,
+    SendFailed,
+    UnknownRecipient,
+)
+from e2ee.core import PreKeyBundle
+from e2ee.errors import (
+    E2EEError,
+    InvalidBundle,
+    StorageError,
+    TransportError,
+    UntrustedIdentity,
+)
+from e2ee.events import Event, IdentityChanged, MessageStored, ReceiptUpdated
+from e2ee.messaging import keys
+from e2ee.messaging.rows import (
+    AppRow,
+    MessageRow,
+    OutboxRow,
+    ReceiptRow,
+    from_columns,
+    status_at_least,
+)
+from e2ee.payload import GroupAction, GroupControl, Payload, PayloadType, ReceiptKind
+from e2ee.store import Address, Changes, IdentityRecord, TrustLevel
+from e2ee.transport.errors import MailboxFull, MismatchedDevices, NotFound, RelayRejected
+
+__all__ = ["Outbox"]
+
+_log = logging.getLogger(__name__)
+_RECEIPT_BATCH: Final = 500
+#: A typing indicator not sent within this time is dropped, not sent late.
+_TYPING_TTL_MS: Final = 10_000
+_MAX_SEND_ATTEMPTS: Final = 4
+
+
+class Outbox:
+    """Sends the outbox's entries and the receipts; wakes on :meth:`wake`.
+
+    Args:
+        ctx: the client's shared state.
+    """
+
+    def __init__(self, ctx: ClientContext) -> None:
+        self._ctx = ctx
+        self._wake = asyncio.Event()
+        self._wake_pending = False
+        self._sent_waiters: dict[str, asyncio.Future[None]] = {}
+        self._flush_started = 0
+        self._flush_done = 0
+        self._flush_cond = asyncio.Condition()
+
+    def __repr__(self) -> str:
+        return f"Outbox({self._ctx.me})"
+
+    async def queue(
+        self,
+        to: str,
+        kind: PayloadType,
+        *,
+        wait: bool,
+        events: Sequence[Event] = (),
+        **kw: Any,
+    ) -> str:
+        """Commit a payload to the outbox (see :func:`compose`) and wake the sender.
+
+        Args:
+            to: a user name or chat id.
+            kind: the payload type.
+            wait: return only once the relay accepted it.
+            events: events of local changes committed with it (``extra_rows``).
+            kw: passed to :func:`~e2ee.client.compose.compose`.
+
+        Returns:
+            The message id (hex).
+
+        Raises:
+            E2EEError: what composing or (with ``wait``) sending raised.
+        """
+        mid, stored = await asyncio.to_thread(compose, self._ctx, to, kind, **kw)
+        if stored is not None:
+            self._ctx.emit(MessageStored(stored))
+        for event in events:  # local changes committed with it
+            self._ctx.emit(event)
+        waiter: asyncio.Future[None] | None = None
+        if wait:
+            waiter = asyncio.get_running_loop().create_future()
+            self._sent_waiters[mid] = waiter
+        self._wake.set()
+        if waiter is not None:
+            try:
+                await waiter
+            finally:
+                self._sent_waiters.pop(mid, None)
+        return mid
+
+    async def flush(self, timeout: float | None = None) -> int:
+        """Wait until every outbox entry that can be sent now was sent.
+
+        Held chats (an identity key to accept) and failed entries do not count.
+        Offline, this waits for the connection (bounded by ``timeout``).
+
+        Args:
+            timeout: seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            How many outbox entries are still queued (held, or not sent in time).
+
+        Raises:
+            ClientClosed: the client is closed.
+        """
+        target = self._flush_started + 1
+        self._wake.set()
+
+        async def done() -> None:
+            async with self._flush_cond:
+                await self._flush_cond.wait_for(lambda: self._flush_done >= target)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done(), timeout)
+        pending = await asyncio.to_thread(self._ctx.history.pending_outbox)
+        return len(pending)
+
+    async def run(self) -> None:
+        """Send what the outbox holds whenever woken, until the client closes."""
+        while not self._ctx.closing:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._ctx.connected.is_set():
+                continue
+            self._flush_started += 1
+            try:
+                await self._flush_outbox()
+            except TransportError as exc:
+                _log.info("outbox paused: %s", type(exc).__name__)
+                # Connection problems wake the outbox on reconnect; a busy relay
+                # (429, 5xx) needs a timer.
+                asyncio.get_running_loop().call_later(1.0, self._wake.set)
+            except StorageError as exc:
+                _log.warning("outbox storage error: %s", exc)
+                asyncio.get_running_loop().call_later(1.0, self._wake.set)
+            finally:
+                async with self._flush_cond:
+                    self._flush_done += 1
+                    self._flush_cond.notify_all()
+
+    async def _flush_outbox(self) -> None:
+        pending = await asyncio.to_thread(self._ctx.history.pending_outbox)
+        entries = [from_columns(OutboxRow, found) for found in pending]
+        blocked_chats: dict[str, str] = {}  # chat id -> the held user
+        receipts: dict[tuple[str, str], list[OutboxRow]] = {}
+        for entry in entries:
+            if self._ctx.closing or not self._ctx.connected.is_set():
+                return
+            if entry.mode == "receipt":
+                receipts.setdefault((json.loads(entry.targets)[0], entry.kind), []).append(entry)
+                continue
+            if entry.chat_id in blocked_chats:
+                held = blocked_chats[entry.chat_id]
+                self.fail_waiter(entry.id, IdentityHeld(held, entry.id))
+                continue
+            if (
+                entry.kind == "typing"
+                and self._ctx.now_ms() - (entry.created_at or 0) > _TYPING_TTL_MS
+            ):
+                await self._finish_entry(entry, "dropped")  # stale after an outage
+                continue
+            try:
+                await self._send_entry(entry)
+            except IdentityHeld as exc:
+                # Stays queued (and later ones of this chat, to keep order) until
+                # the key is accepted; a caller waiting for "sent" learns why.
+                blocked_chats[entry.chat_id] = exc.user
+                self.fail_waiter(entry.id, IdentityHeld(exc.user, entry.id))
+            except (TransportError, StorageError) as exc:
+                if not isinstance(exc, SendFailed):
+                    raise  # the connection or the disk: retried, the entry stays queued
+                # The relay refused it for good (a full mailbox, a 4xx): failed, never
+                # retried (SendFailed is a TransportError, so it is caught here first).
+                await self._finish_entry(entry, "failed")
+                self.fail_waiter(entry.id, _for_message(exc, entry.id))
+            except E2EEError as exc:
+                # UnknownRecipient, NotAMember, or a payload that cannot be built: the
+                # message is marked failed in history, never retried.
+                await self._finish_entry(entry, "failed")
+                self.fail_waiter(entry.id, _for_message(exc, entry.id))
+        for (user, kind), batch in receipts.items():
+            for start in range(0, len(batch), _RECEIPT_BATCH):
+                chunk = batch[start : start + _RECEIPT_BATCH]
+                try:
+                    await self._send_receipts(user, kind, chunk)
+                except (IdentityHeld, UnknownRecipient, SendFailed):
+                    break
+        await self._flush_delivered()
+
+    async def _flush_delivered(self) -> None:
+        """Send delivered receipts for incoming messages above the watermark.
+
+        The watermark (a counter row) moves only after the relay accepted the
+        receipts; a crash in between sends some receipts twice, which is harmless.
+        """
+        while not self._ctx.closing and self._ctx.connected.is_set():
+            mark = await asyncio.to_thread(self._ctx.locked_counter, keys.DELIVERED_RECEIPTS)
+            pending = await asyncio.to_thread(self._ctx.history.undelivered, mark, 2000)
+            if not pending:
+                return
+            by_sender: dict[str, list[tuple[str, int]]] = {}
+            for mid, sender, seq in pending:
+                by_sender.setdefault(sender, []).append((mid, seq))
+            stop = pending[-1][2]
+            for sender, items in by_sender.items():
+                for start in range(0, len(items), _RECEIPT_BATCH):
+                    chunk = items[start : start + _RECEIPT_BATCH]
+                    try:
+                        await self._send_receipt_payload(
+                            sender, ReceiptKind.DELIVERED, [m for m, _ in chunk]
+                        )
+                    except (IdentityHeld, UnknownRecipient, SendFailed):
+                        stop = min(stop, chunk[0][1] - 1)
+                        break
+            if stop <= mark:
+                return
+
+            def advance(value: int = stop) -> None:
+                with self._ctx.wlock:
+                    self._ctx.commit(
+                        [],
+                        {
+                            keys.DELIVERED_RECEIPTS: max(
+                                value, self._ctx.counter(keys.DELIVERED_RECEIPTS)
+                            )
+                        },
+                    )
+
+            await asyncio.to_thread(advance)
+            if len(pending) < 2000:
+                return
+
+    async def _send_receipt_payload(
+        self, user: str, kind: ReceiptKind, message_ids: Sequence[str]
+    ) -> None:
+        body = Payload(
+            type=PayloadType.RECEIPT,
+            message_id=self._ctx.random_bytes(16),
+            sent_at_ms=self._ctx.now_ms(),
+            target_ids=tuple(bytes.fromhex(m) for m in message_ids),
+            receipt=kind,
+        )
+        await self.send_pairwise(body.message_id, [user], payload.encode(body))
+
+    def wake(self) -> None:
+        """Look at the outbox now (something was queued, or the connection came up)."""
+        self._wake.set()
+
+    def wake_soon(self) -> None:
+        """Look at the outbox a moment from now: receipts for a burst go out together."""
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_later(0.05, self._woken)
+
+    def _woken(self) -> None:
+        self._wake_pending = False
+        self._wake.set()
+
+    def close(self) -> None:
+        """Fail every caller still waiting for a send: the client was closed."""
+        for waiter in self._sent_waiters.values():
+            if not waiter.done():
+                waiter.set_exception(ClientClosed("the client was closed"))
+
+    def fail_waiter(self, mid: str, exc: Exception) -> None:
+        waiter = self._sent_waiters.get(mid)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    async def _send_receipts(self, user: str, kind: str, entries: list[OutboxRow]) -> None:
+        receipt = ReceiptKind.DELIVERED if kind == "delivered" else ReceiptKind.READ
+        await self._send_receipt_payload(user, receipt, [e.ref or "" for e in entries])
+
+        def done() -> None:
+            with self._ctx.wlock:
+                view = self._ctx.view()
+                rows = [
+                    dataclasses.replace(r, state="sent")
+                    for e in entries
+                    if (r := view.get(OutboxRow, e.id)) is not None
+                ]
+                self._ctx.commit(rows, {})
+
+        await asyncio.to_thread(done)
+
+    async def _send_entry(self, entry: OutboxRow) -> None:
+        mid = bytes.fromhex(entry.id)
+        data = entry.payload or b""
+        chat_id = entry.chat_id
+        if entry.mode == "group":
+            recipients = await self._send_group(mid, chat_id[len("group:") :], data)
+        else:
+            recipients = await self.send_pairwise(mid, json.loads(entry.targets), data)
+        await self._finish_entry(entry, "sent", recipients)
+        waiter = self._sent_waiters.get(entry.id)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if entry.kind not in ("typing", "session_reset", "receipt"):
+            self._ctx.emit(ReceiptUpdated(entry.id, chat_id, "sent"))
+
+    async def _finish_entry(
+        self, entry: OutboxRow, state: str, recipients: Sequence[tuple[str, int]] = ()
+    ) -> None:
+        def commit() -> None:
+            with self._ctx.wlock:
+                view = self._ctx.view()
+                rows: list[AppRow] = []
+                outbox = view.get(OutboxRow, entry.id)
+                if outbox is not None:
+                    rows.append(dataclasses.replace(outbox, state=state, payload=None))
+                message = view.get(MessageRow, entry.id)
+                if message is not None:
+                    # "failed" ranks with "pending" (a receipt may still move it
+                    # on), so it is set, not merged.
+                    failed = state == "failed" and message.status == "pending"
+                    status = state if failed else status_at_least(message.status, state)
+                    rows.append(dataclasses.replace(message, status=status))
+                    now = self._ctx.now_ms()
+                    rows.extend(
+                        ReceiptRow(
+                            f"{entry.id}:{user}:{device}", entry.id, user, device, "sent", now
+                        )
+                        for user, device in recipients
+                    )
+                self._ctx.commit(rows, {})
+
+        await asyncio.to_thread(commit)
+
+    async def devices(self, user: str, *, refresh: bool = False) -> list[int]:
+        """Device ids of ``user`` we hold sessions with, fetching bundles if needed."""
+        devices = await asyncio.to_thread(self._ctx.engine.session_devices, user)
+        if devices and not refresh:
+            return devices
+        try:
+            bundles = await self._ctx.link.fetch_bundles(user)
+        except NotFound as exc:
+            raise UnknownRecipient(user) from exc
+        if not bundles:
+            raise UnknownRecipient(user)
+        for data in bundles:
+            try:
+                bundle = PreKeyBundle.from_json(data)
+            except InvalidBundle:
+                continue
+            if bundle.device_id in devices:
+                continue
+            try:
+                await asyncio.to_thread(
+                    self._ctx.locked, self._ctx.engine.process_bundle, user, bundle
+                )
+            except UntrustedIdentity as exc:
+                # The bundle names a new key: record it as untrusted (kept across
+                # restarts) and drop the session made for the old key, so nothing
+                # is encrypted to either until the user decides.
+                address = Address(user, bundle.device_id)
+                await asyncio.to_thread(self._record_untrusted, address, bundle.identity_key)
+                self._hold(user, bundle.device_id)
+                raise IdentityHeld(user) from exc
+        return await asyncio.to_thread(self._ctx.engine.session_devices, user)
+
+    def _record_untrusted(self, address: Address, key: bytes) -> None:
+        with self._ctx.wlock:
+            self._ctx.store.commit(
+                Changes(
+                    identities_put={
+                        address: IdentityRecord(key, TrustLevel.UNTRUSTED, self._ctx.now_ms())
+                    },
+                    sessions_delete=frozenset({address}),
+                )
+            )
+
+    def _hold(self, user: str, device: int) -> None:
+        if user not in self._ctx.held:
+            self._ctx.held.add(user)
+            self._ctx.emit(IdentityChanged(user, device, False, True))
+
+    async def _fix_devices(self, exc: MismatchedDevices) -> None:
+        for user in exc.unknown_users:
+            raise UnknownRecipient(user)
+
+        def drop() -> None:
+            stale = frozenset(Address(u, d) for u, devs in exc.stale_devices.items() for d in devs)
+            if stale:
+                self._ctx.store.commit(Changes(sessions_delete=stale))
+
+        await asyncio.to_thread(drop)
+        for user in exc.missing_devices:
+            await self.devices(user, refresh=True)
+
+    async def send_pairwise(
+        self, mid: bytes, users: Sequence[str], data: bytes
+    ) -> list[tuple[str, int]]:
+        for _attempt in range(_MAX_SEND_ATTEMPTS):
+            entries: list[envelope.Entry] = []
+            for user in users:
+                if user in self._ctx.held:
+                    raise IdentityHeld(user)
+                for device in await self.devices(user):
+                    address = Address(user, device)
+                    try:
+                        ct = await asyncio.to_thread(
+                            self._ctx.locked, self._ctx.engine.encrypt, address, data
+                        )
+                    except UntrustedIdentity as exc:
+                        self._hold(user, device)
+                        raise IdentityHeld(user) from exc
+                    entries.append(envelope.Entry(user, device, ct.kind, ct.body))
+            recipients = [(e.user, e.device) for e in entries]
+            try:
+                await self._ctx.link.send(mid, recipients, envelope.build_pairwise(entries))
+                return recipients
+            except MismatchedDevices as exc:
+                await self._fix_devices(exc)
+            except MailboxFull as exc:
+                # Not retried: a full mailbox stays full until its owner receives.
+                raise RecipientMailboxFull(exc.full) from exc
+            except RelayRejected as exc:
+                if exc.retryable:
+                    raise
+                raise SendFailed(f"relay refused message: {exc.code}") from exc
+        raise SendFailed("the recipients' device list kept changing")
+
+    async def _send_group(self, mid: bytes, gid: str, data: bytes) -> list[tuple[str, int]]:
+        members = await asyncio.to_thread(self._ctx.history.group_members, gid)
+        others = sorted(u for u in members if u != self._ctx.me.name)
+        if self._ctx.me.name not in members:
+            raise NotAMember(gid)
+        for _attempt in range(_MAX_SEND_ATTEMPTS):
+            recipients: list[tuple[str, int]] = []
+            for user in others:
+                if user in self._ctx.held:
+                    raise IdentityHeld(user)
+                recipients.extend((user, d) for d in await self.devices(user))
+            await self._distribute_key(gid, recipients)
+            body = await asyncio.to_thread(
+                self._ctx.locked, self._ctx.engine.group_encrypt, gid, data
+            )
+            try:
+                await self._ctx.link.send(mid, recipients, envelope.build_group(gid, body))
+                return recipients
+            except MismatchedDevices as exc:
+                await self._fix_devices(exc)
+            except MailboxFull as exc:
+                raise RecipientMailboxFull(exc.full) from exc
+            except RelayRejected as exc:
+                if exc.retryable:
+                    raise
+                raise SendFailed(f"relay refused message: {exc.code}") from exc
+        raise SendFailed("the group's device list kept changing")
+
+    async def _distribute_key(self, gid: str, recipients: Sequence[tuple[str, int]]) -> None:
+        """Send our Sender Key (pairwise) to member devices that lack its current generation."""
+
+        def missing() -> tuple[int, list[str]]:
+            with self._ctx.wlock:
+                generation = self._ctx.counter(keys.key_generation(gid)) + 1
+                users = sorted(
+                    {
+                        u
+                        for u, d in recipients
+                        if self._ctx.counter(keys.distributed(gid, u, d)) != generation
+                    }
+                )
+                return generation, users
+
+        generation, users = await asyncio.to_thread(missing)
+        if not users:
+            return
+        distribution = await asyncio.to_thread(
+            self._ctx.locked, self._ctx.engine.group_distribution, gid
+        )
+        control = GroupControl(GroupAction.SENDER_KEY, distribution=distribution)
+        body = Payload(
+            type=PayloadType.GROUP,
+            message_id=self._ctx.random_bytes(16),
+            sent_at_ms=self._ctx.now_ms(),
+            group_id=gid,
+            group=control,
+        )
+        sent = await self.send_pairwise(body.message_id, users, payload.encode(body))
+
+        def mark() -> None:
+            with self._ctx.wlock:
+                self._ctx.commit([], {keys.distributed(gid, u, d): generation for u, d in sent})
+
+        await asyncio.to_thread(mark)
+
+
+def _for_message(exc: E2EEError, message_id: str) -> E2EEError:
+    """The error a caller waiting for ``message_id`` gets: the same, naming the message."""
+    if isinstance(exc, UnknownRecipient):
+        return UnknownRecipient(exc.user, message_id)
+    if isinstance(exc, RecipientMailboxFull):
+        return RecipientMailboxFull(exc.full, message_id)
+    if isinstance(exc, SendFailed):
+        return SendFailed(str(exc), message_id)
+    return exc

@@ -1,0 +1,42 @@
+"""Trust decisions: accepting or verifying a contact's identity keys.
+
+Invariants:
+
+* Nothing is encrypted to a key the user has not accepted (the outbox holds
+  it); accepting records the keys (``tofu`` or ``verified``) under the write
+  lock, and only then is the outbox woken.
+* Accepting a *changed* key (one recorded ``untrusted``) restarts our
+  counters to that contact with the new session, in the same call
+  (:func:`e2ee.messaging.accounting.restart_counters`), so their new
+  installation reports no gap for messages it never could have had.
+"""
+
+from __future__ import annotations
+
+from e2ee.client.context import ClientContext
+from e2ee.errors import UsageError
+from e2ee.messaging.accounting import restart_counters
+from e2ee.messaging.rows import OutboxRow, direct_chat_id, from_columns
+from e2ee.store import TrustLevel
+
+__all__ = ["accept_identity"]
+
+
+def accept_identity(ctx: ClientContext, user: str, *, verified: bool) -> None:
+    """Accept ``user``'s current identity keys (blocking; run in a thread).
+
+    Raises:
+        UsageError: nothing is known about that user.
+        StorageError: nothing was changed.
+    """
+    level = TrustLevel.VERIFIED if verified else TrustLevel.TOFU
+    with ctx.wlock:
+        known = ctx.store.identities(user)
+        if not known:
+            raise UsageError(f"no identity known for {user}")
+        changed = any(r.trust == TrustLevel.UNTRUSTED for r in known.values())
+        for address, record in known.items():
+            ctx.engine.set_trust(address, record.identity_key, level)
+        if changed:
+            queued = [from_columns(OutboxRow, e) for e in ctx.history.pending_outbox()]
+            ctx.commit_outcome(restart_counters(ctx.view(), direct_chat_id(user), queued))
