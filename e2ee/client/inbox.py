@@ -12,6 +12,11 @@ Invariants:
 * Undecryptable deliveries are acknowledged only after the problem was
   reported (an event and a notice row) and, where possible, repaired (a
   bounded session reset or sender-key request).
+* A delivery refused because its sender is over their decrypt work budget
+  (``DecryptBudgetExceeded`` with a retry time) may be genuine: it is neither
+  acknowledged nor reported, and is tried again once the budget has refilled
+  (or redelivered by the relay after a reconnect). Only a message that needs
+  more than a whole budget is reported as undecryptable.
 * What a payload does is decided in :mod:`e2ee.messaging` (a pure function of
   the payload and a view of history); this module decrypts, asks, commits the
   outcome with the session state in one transaction, and carries out its
@@ -24,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -33,6 +38,7 @@ from e2ee.client.context import ClientContext
 from e2ee.client.outbox import Outbox
 from e2ee.core import Ciphertext, PreKeyBundle
 from e2ee.errors import (
+    DecryptBudgetExceeded,
     DuplicateMessage,
     E2EEError,
     InvalidBundle,
@@ -68,6 +74,10 @@ _log = logging.getLogger(__name__)
 _INBOX_BATCH: Final = 200
 
 
+#: A batch's follow-ups, and its deferred deliveries with their retry delay (ms).
+_BatchResult = tuple[list[FollowUp], list[tuple[Delivery, int]]]
+
+
 @dataclass(slots=True)
 class _Inbound:
     """What processing one delivery produced (committed already, when rows exist)."""
@@ -76,6 +86,8 @@ class _Inbound:
     follow_ups: list[FollowUp] = field(default_factory=list)
     #: The applied payload's outcome; its counters and chat rows go to the batch's end.
     outcome: Outcome | None = None
+    #: Set when the delivery was deferred (sender over budget): try again after this.
+    retry_after_ms: int | None = None
 
 
 class Inbox:
@@ -91,7 +103,7 @@ class Inbox:
         self._outbox = outbox
         self._acks: list[bytes] = []
         self._ack_wake = asyncio.Event()
-        self._inflight: asyncio.Future[list[FollowUp]] | None = None
+        self._inflight: asyncio.Future[_BatchResult] | None = None
 
     def __repr__(self) -> str:
         return f"Inbox({self._ctx.me})"
@@ -167,7 +179,7 @@ class Inbox:
                         break
                     item = queue.get_nowait()
                 if batch:
-                    await self._handle_batch(batch)
+                    await self._handle_batch(batch, queue.put_nowait)
                     processed += len(batch)
                 if drained:
                     self._ctx.emit(BacklogDrained(processed))
@@ -178,12 +190,19 @@ class Inbox:
                 with contextlib.suppress(asyncio.CancelledError, TransportError):
                     await reader
 
-    async def _handle_batch(self, batch: Sequence[Delivery]) -> None:
+    async def _handle_batch(
+        self, batch: Sequence[Delivery], requeue: Callable[[Delivery], None]
+    ) -> None:
         # Shielded: if the client is closed meanwhile, the batch still finishes
         # (commit, acks queued, events emitted) and close() waits for it.
         task = asyncio.ensure_future(self._receive_batch(batch))
         self._inflight = task
-        follow_ups = await asyncio.shield(task)
+        follow_ups, deferred = await asyncio.shield(task)
+        loop = asyncio.get_running_loop()
+        for delivery, retry_after_ms in deferred:
+            # Back into this connection's queue once the sender's budget has refilled;
+            # if the connection ends first, the relay delivers it again (never acked).
+            loop.call_later(retry_after_ms / 1000, requeue, delivery)
         # Acks go out from run_acks in batches; processing never waits for the
         # relay to commit them.
         self._ack_wake.set()
@@ -201,11 +220,12 @@ class Inbox:
             # Receipts for a burst of deliveries go out together, a moment later.
             self._outbox.wake_soon()
 
-    async def _receive_batch(self, batch: Sequence[Delivery]) -> list[FollowUp]:
+    async def _receive_batch(self, batch: Sequence[Delivery]) -> _BatchResult:
         """Process a batch; acknowledge and show what was committed.
 
         Returns:
-            The follow-ups (repairs, outbox wake-ups) of the committed deliveries.
+            The follow-ups (repairs, outbox wake-ups) of the committed deliveries,
+            and the deliveries deferred (not acknowledged) with when to retry them.
 
         Raises:
             StorageError: a transaction failed; the deliveries from it on were
@@ -213,7 +233,9 @@ class Inbox:
         """
         inbounds, error = await asyncio.to_thread(self._process_batch, batch)
         # Committed: only now acknowledged, and only now shown.
-        self._acks.extend(d.id for d in batch[: len(inbounds)])
+        done = list(zip(batch, inbounds, strict=False))
+        self._acks.extend(d.id for d, i in done if i.retry_after_ms is None)
+        deferred = [(d, i.retry_after_ms) for d, i in done if i.retry_after_ms is not None]
         for inbound in inbounds:
             for event in inbound.events:
                 self._ctx.emit(event)
@@ -221,7 +243,7 @@ class Inbox:
             if inbounds:
                 self._ack_wake.set()
             raise error
-        return [f for inbound in inbounds for f in inbound.follow_ups]
+        return [f for inbound in inbounds for f in inbound.follow_ups], deferred
 
     def _process_batch(
         self, batch: Sequence[Delivery]
@@ -299,6 +321,11 @@ class Inbox:
                 return _Inbound()  # already stored: acknowledge, show nothing twice
             except StorageError:
                 raise
+            except DecryptBudgetExceeded as exc:
+                if exc.retry_after_ms is None:  # more than a whole budget: never readable
+                    return self._problem(sender, delivery, exc)
+                # Possibly genuine; nothing was stored. Not acknowledged: tried again later.
+                return _Inbound(retry_after_ms=exc.retry_after_ms)
             except E2EEError as exc:
                 # Reported (and repaired if possible), then acknowledged: a message
                 # that can never be read must not block the mailbox.

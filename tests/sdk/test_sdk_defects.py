@@ -5,6 +5,8 @@
 2. A full recipient mailbox (relay 507) made ``send`` retry until the caller's
    timeout; it now fails at once with a typed error.
 3. Delete-for-everyone left the deleted text in replies quoting it.
+4. A genuine message refused for its sender's decrypt work budget was
+   acknowledged as unreadable (lost); it is now deferred and decrypted later.
 """
 
 from __future__ import annotations
@@ -128,3 +130,33 @@ async def test_delete_for_everyone_clears_the_quoted_text_on_both_sides(
                 assert found.reply_to == secret  # still a reply, without the text
             hits = await asyncio.to_thread(client.history.search, "secret")
             assert hits == []
+
+
+async def test_a_message_refused_for_its_senders_work_budget_arrives_later(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    """A genuine message from a peer in debt (the core's decrypt work budget,
+    issue 19) is not acknowledged as unreadable: it is decrypted once the
+    budget has refilled, shown once, and no notice says it was lost."""
+    alice, bob = await make_client("alice"), await make_client("bob")
+    async with alice, bob:
+        b_events = bob.events()
+        await alice.send_text("bob", "first")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived))
+        # Put alice about one second of refill into debt on bob's side, as forged
+        # messages in her name (from a hostile relay) would.
+        engine = bob._ctx.engine
+        now = bob._ctx.now_ms()
+        meter = engine.budgets.admit("alice", now, 0)
+        meter.used = int(engine.budgets.available("alice", now)) + engine.limits.work_refill_per_s
+        engine.budgets.settle(meter, succeeded=False)
+        assert engine.budgets.available("alice", now) < 0
+        await alice.send_text("bob", "sent while in debt")
+        got = await wait_for(
+            b_events, lambda e: isinstance(e, MessageReceived | GapDetected), timeout=90
+        )
+        assert isinstance(got, MessageReceived), got
+        assert got.message.text == "sent while in debt"
+        chat = await asyncio.to_thread(bob.history.messages, direct_chat_id("alice"))
+        assert [m.text for m in chat] == ["first", "sent while in debt"]
+        assert all(m.type == "text" for m in chat)  # no undecryptable notice row
