@@ -186,10 +186,10 @@ STATE_KEY = web.AppKey("state", RelayState)
 
 
 def json_error(err: RelayError) -> web.Response:
-    """Render a RelayError as its JSON response (with Retry-After for 429)."""
+    """Render a RelayError as its JSON response (with Retry-After for 429 and 503)."""
     headers = {}
     retry = err.extra.get("retry_after")
-    if err.status == 429 and isinstance(retry, int):
+    if err.status in (429, 503) and isinstance(retry, int):
         headers["Retry-After"] = str(retry)
     return web.json_response(err.to_json(), status=err.status, headers=headers)
 

@@ -119,6 +119,20 @@ SETTING_HELP: dict[str, str] = {
     "event_loop": "auto (uvloop where installed, else asyncio), uvloop or asyncio",
     "listen_backlog": f"TCP accept queue length (1..{LISTEN_BACKLOG_MAX}; the kernel caps it"
     " at net.core.somaxconn)",
+    "redis_url": "Redis for cross-node delivery, e.g. redis://127.0.0.1:6379/0 (empty = one node,"
+    " no Redis); several relay nodes sharing one store and one Redis form a cluster",
+    "redis_prefix": "prefix of every Redis key and channel this relay uses (several relays or"
+    " test runs can share one Redis)",
+    "redis_heartbeat_seconds": "with redis_url: how often a node pings Redis and refreshes the"
+    " presence of its connected devices",
+    "redis_presence_ttl_seconds": "with redis_url: a device's presence expires this long after"
+    " its node's last refresh (must exceed redis_heartbeat_seconds)",
+    "redis_poll_seconds": "with redis_url: safety poll; a lost wake-up delays a push by at most"
+    " this long (every live socket's mailbox is re-read this often)",
+    "redis_timeout_seconds": "with redis_url: a Redis command that takes longer fails, and the"
+    " node becomes not-ready",
+    "redis_retry_after_seconds": "with redis_url: the Retry-After of the 503 answered while Redis"
+    " is unreachable",
 }
 
 
@@ -174,6 +188,13 @@ class RelayConfig:
     worker_datagram_bytes: int = 16 * 1024
     worker_outbox_max_lines: int = 100_000
     listen_backlog: int = 4096
+    redis_url: str = field(default="", repr=False)  # may hold a password
+    redis_prefix: str = "blindpost:"
+    redis_heartbeat_seconds: float = 5.0
+    redis_presence_ttl_seconds: float = 20.0
+    redis_poll_seconds: float = 10.0
+    redis_timeout_seconds: float = 2.0
+    redis_retry_after_seconds: int = 2
     event_loop: str = "auto"
 
     def __post_init__(self) -> None:
@@ -227,6 +248,23 @@ class RelayConfig:
             raise ConfigError(
                 f"listen_backlog must be 1..{LISTEN_BACKLOG_MAX} (got {self.listen_backlog})"
             )
+        for name in (
+            "redis_heartbeat_seconds",
+            "redis_poll_seconds",
+            "redis_timeout_seconds",
+            "redis_retry_after_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.redis_presence_ttl_seconds <= self.redis_heartbeat_seconds:
+            raise ConfigError(
+                "redis_presence_ttl_seconds must exceed redis_heartbeat_seconds (got"
+                f" {self.redis_presence_ttl_seconds} <= {self.redis_heartbeat_seconds})"
+            )
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis_url must start with redis://, rediss:// or unix://")
+        if self.redis_url and self.workers > 1:
+            raise ConfigError("redis_url and workers > 1 exclude each other: run several nodes")
         if self.workers > 1 and self.worker_poll_seconds <= 0:
             raise ConfigError("worker_poll_seconds must be positive when workers > 1")
 
