@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -70,6 +70,9 @@ __all__ = [
     "sweep_once",
 ]
 
+if TYPE_CHECKING:
+    from relay.nodes.link import NodeLink
+
 log = logging.getLogger("relay.app")
 
 BINARY_SEND_TYPE = "application/vnd.blindpost.send"
@@ -106,6 +109,18 @@ class RelayState:
     # Scale-out hook (relay.cluster): told of a removed device so other workers drop its cached
     # auth key and close its socket. None in a single process.
     device_removed_listener: Callable[[Address], None] | None = None
+    # Set while this relay is one of several nodes linked through Redis (redis_url).
+    node: NodeLink | None = None
+
+    def require_node_ready(self) -> None:
+        """Refuse what needs Redis while a relay node cannot reach it.
+
+        Raises:
+            Unavailable: 503 with Retry-After.
+        """
+        node = self.node
+        if node is not None:
+            node.require_ready()
 
     async def authenticate(
         self, request: web.Request, body_sha256: str, *, register_key: bytes | None = None
@@ -168,6 +183,10 @@ class RelayState:
             key_bytes = found
         verify_signature(key_bytes, sh, method, target, body_sha256)
         self.nonces.remember(sh, now)
+        if self.node is not None:  # replays on other nodes too (relay.nodes.state)
+            await self.node.claim_nonce(
+                sh.user, sh.device, sh.nonce, sh.timestamp_ms + self.nonces.window_ms
+            )
         if register_key is None and addr not in self.keys:
             if len(self.keys) > 200_000:
                 self.keys.clear()
@@ -353,9 +372,12 @@ async def remove_device(request: web.Request) -> web.Response:
     target_raw = request.match_info["device_id"]
     caller = await _auth(request)
     target = Address(caller.user, parse_device_id(target_raw))
+    st.require_node_ready()  # every node must hear of it
     await st.store.remove_device(target)
     st.keys.pop(target, None)
     st.hub.kick_device(target, CLOSE_DEVICE_REMOVED, "device removed")
+    if st.node is not None:
+        await st.node.publish_removed(target)
     if st.device_removed_listener is not None:
         st.device_removed_listener(target)
     log.info("removed device user=%s device=%d", target.user, target.device)
@@ -410,6 +432,7 @@ async def send_message(request: web.Request) -> web.Response:
             _json(body), max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes
         )
     st.send_limit.take(caller, st.clock.monotonic())
+    st.require_node_ready()  # other nodes' recipients are woken through Redis
     receipt = await st.store.submit_send(caller, env, st.clock.now_ms())
     return web.json_response(
         receipt_json(receipt.message_id, receipt.recipients, receipt.stored_at)
@@ -615,6 +638,12 @@ def create_app(
         await state.store.open()
         gc_before = _tune_gc()
         state.store.set_delivery_listener(state.hub.deliver)
+        link: NodeLink | None = None
+        if config.redis_url:
+            from relay.nodes.link import NodeLink
+
+            link = NodeLink(state, config)
+            await link.start()  # takes over the delivery listener
         if config.sweep_interval_seconds > 0:
             state.spawn(_sweeper(state))
         state.spawn(
@@ -627,8 +656,12 @@ def create_app(
         for task in list(state.background):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if link is not None:
+            link.stop_pushing()
+        await state.store.close()  # its last commits still reach the link's listener
         state.store.set_delivery_listener(None)
-        await state.store.close()
+        if link is not None:
+            await link.close()  # wakes other nodes for those commits, releases presence
         _restore_gc(gc_before)
 
     app.cleanup_ctx.append(lifecycle)
