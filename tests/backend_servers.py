@@ -205,26 +205,29 @@ def start_postgres(workdir: Path, port: int | None = None, bindir: Path = POSTGR
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1"
-    subprocess.run(
-        [
-            *prefix,
-            str(pg_ctl),
-            "-D",
-            str(data),
-            "-l",
-            str(data / "server.log"),
-            "-o",
-            options,
-            "-w",
-            "start",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    # In the configuration file, so a restart (postgres_ctl) keeps the port and address.
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(
+            f"\nport = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{data}'\n"
+        )
+    postgres_ctl(workdir, "start", bindir)
     dsn = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     _wait(lambda: postgres_answers(dsn, 2), "the throwaway PostgreSQL")
     return dsn
+
+
+def postgres_ctl(workdir: Path, action: str, bindir: Path = POSTGRES_BIN) -> None:
+    """``pg_ctl stop`` (fast) or ``start`` a server made by ``start_postgres``, keeping its data
+    and port (tests of a database that goes away and comes back)."""
+    data = Path((workdir / "postgres-data").read_text())
+    args = ["-m", "fast", "stop"] if action == "stop" else ["-w", "start"]
+    if action == "start":
+        args = ["-l", str(data / "server.log"), *args]
+    subprocess.run(
+        [*_as_postgres_user(), str(bindir / "pg_ctl"), "-D", str(data), *args],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def stop_postgres(workdir: Path, bindir: Path = POSTGRES_BIN) -> None:
