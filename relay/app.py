@@ -32,6 +32,7 @@ from relay.auth import (
     parse_signed_headers,
     verify_signature,
 )
+from relay.backends import make_store
 from relay.blobs import CHUNK_SIZE, BlobFiles
 from relay.config import RelayConfig
 from relay.errors import AuthError, BadRequest, NotFound, RelayError, TooLarge
@@ -39,8 +40,7 @@ from relay.guard import request_started, response_finished
 from relay.hub import CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimiter
-from relay.store.base import Address, RelayStore, StoreLimits
-from relay.store.sqlite import SqliteRelayStore
+from relay.store.base import Address, RelayStore
 from relay.wire import (
     AUTH_KEY_LEN,
     RESERVED_USERNAMES,
@@ -592,7 +592,8 @@ def create_app(
 
     Args:
         config: settings.
-        store: storage backend; a ``SqliteRelayStore`` in ``config.data_dir`` by default.
+        store: storage backend; by default the one ``config.store`` names
+            (relay.backends.make_store).
         clock: time source (tests pass a fixed one).
 
     Returns:
@@ -604,21 +605,7 @@ def create_app(
     app[CONFIG_KEY] = config
     metrics_ = Metrics()
     if store is None:
-        store = SqliteRelayStore(
-            config.data_dir / "relay.sqlite3",
-            StoreLimits(
-                max_devices_per_user=config.max_devices_per_user,
-                max_one_time_prekeys=config.max_one_time_prekeys,
-                mailbox_max_messages=config.mailbox_max_messages,
-                mailbox_max_bytes=config.mailbox_max_bytes,
-                message_ttl_ms=int(config.message_ttl_seconds * 1000),
-                blob_ttl_ms=int(config.blob_ttl_seconds * 1000),
-                dedupe_window_ms=int(config.dedupe_window_seconds * 1000),
-                write_batch_max=config.write_batch_max,
-                write_batch_interval_ms=config.write_batch_interval_ms,
-                checkpoint_commits=config.wal_checkpoint_commits,
-            ),
-        )
+        store = make_store(config)
     state = RelayState(
         config=config,
         store=store,

@@ -7,8 +7,8 @@ device closes its socket on every node; a signed request is accepted once by the
 a lost wake-up only delays a push by the safety poll; a node that loses Redis refuses what needs
 Redis with 503 + Retry-After and recovers by itself.
 
-Until the PostgreSQL store is merged, the nodes share one SQLite file (each node is an
-independent process with its own store connections, as nodes on PostgreSQL would be).
+The nodes are separate relay processes on one PostgreSQL database (a fresh one per test) and
+one Redis (a fresh key prefix per test).
 """
 
 from __future__ import annotations
@@ -35,17 +35,19 @@ NodeFactory = Callable[..., list[RelayProcess]]
 
 
 @pytest.fixture
-def start_nodes(tmp_path: Path) -> Iterator[NodeFactory]:
-    """Start ``n`` relay nodes on one data directory and one Redis prefix."""
+def start_nodes(tmp_path: Path, postgres_database: str) -> Iterator[NodeFactory]:
+    """Start ``n`` relay nodes on one PostgreSQL database and one Redis prefix."""
     started: list[RelayProcess] = []
 
     def factory(n: int, prefix: str, url: str = REDIS_URL, **settings: str) -> list[RelayProcess]:
         nodes = []
         for _ in range(n):
             relay = start_relay(
-                tmp_path / "shared",
+                tmp_path / f"node{len(started)}",
                 {
                     **QUIET,
+                    "store": "postgres",
+                    "postgres_dsn": postgres_database,
                     "redis_url": url,
                     "redis_prefix": prefix,
                     "redis_heartbeat_seconds": "0.5",
