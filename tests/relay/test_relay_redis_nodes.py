@@ -14,6 +14,8 @@ one Redis (a fresh key prefix per test).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import re
 import signal
 import time
@@ -25,9 +27,10 @@ import pytest
 from redis.asyncio import Redis
 from redis_support import REDIS_URL, ThrowawayRedis
 from relay_harness import QUIET, RelayProcess, start_relay
-from relay_testclient import RelayClient, drain_until_empty, new_mid, next_frame
+from relay_testclient import RelayClient, b64, drain_until_empty, new_mid, next_frame, unb64
 
-from relay.store.base import StoredMessage
+from relay.store.base import Envelope, StoredMessage
+from relay.wire import decode_deliver, encode_send
 
 _NODE_RE = re.compile(r"relay node ([0-9a-f]+) linked")
 
@@ -377,3 +380,173 @@ async def test_redis_restarted_mid_stream_503_then_recovery_without_restart(
     assert (await c1.send(alice, [bob], b"again", mid)).status == 200
     assert [m.message_id for m in await receive_messages(ws, 1)] == [mid]
     await ws.close()
+
+
+async def test_group_fan_out_reaches_members_on_all_three_nodes_in_order_once(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    nodes = start_nodes(3, redis_prefix)
+    c = [RelayClient(n.url, session) for n in nodes]
+    sender = await c[0].new_device("sender")
+    members = [await c[i % 3].new_device(f"m{i}") for i in range(6)]
+    offline = await c[1].new_device("offline")
+    sockets = []
+    for i, member in enumerate(members):  # two members on each node, one beside the sender
+        ws = await c[i % 3].ws(member)
+        assert await drain_until_empty(ws) == []
+        sockets.append(ws)
+    mids = [new_mid() for _ in range(30)]
+    for i, mid in enumerate(mids):
+        r = await c[i % 3].send(sender, [*members, offline], b"group %d" % i, mid)
+        assert r.status == 200 and r.json()["recipients"] == 7
+    for ws in sockets:
+        got = await receive_messages(ws, len(mids))
+        assert [m.message_id for m in got] == mids
+        assert [m.body for m in got] == [b"group %d" % i for i in range(30)]
+    for ws in sockets:
+        await assert_quiet(ws)
+    # The offline member comes back on a node other than where it registered.
+    back = await c[2].ws(offline)
+    assert [m.message_id for m in await drain_until_empty(back)] == mids
+    for ws in [*sockets, back]:
+        await ws.close()
+
+
+async def test_sigkill_of_the_recipients_node_five_times_loses_and_duplicates_nothing(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    """2,000 messages from alice to bob while bob's node is SIGKILLed 5 times (and restarted):
+    bob's client moves to a surviving node each time (the test client: the SDK takes one relay
+    URL today). Every send answered 200 reaches bob; none is delivered again after its ack was
+    confirmed; none is stored twice (a retried id keeps its one seq); each connection receives
+    in increasing seq."""
+    total, kills = 2000, 5
+    nodes = start_nodes(3, redis_prefix)
+    clients = [RelayClient(n.url, session) for n in nodes]
+    alice = await clients[0].new_device("alice")
+    bob = await clients[0].new_device("bob")
+    bodies: dict[bytes, bytes] = {}
+    confirmed: set[bytes] = set()
+    seen: dict[bytes, int] = {}  # id -> seq over every connection of bob
+    ack_confirmed: set[bytes] = set()
+    violations: list[str] = []
+    bob_node = 2
+    bob_sockets: list[int] = []  # the node of each socket bob opened
+    done_sending = asyncio.Event()
+
+    async def bob_session(node: int) -> bool:
+        """Receive and ack until the socket dies (False) or, once sending is done, until the
+        backlog is drained and every confirmed id was seen (True)."""
+        try:
+            ws = await clients[node].ws(bob)
+        except aiohttp.ClientError:
+            return False
+        bob_sockets.append(node)
+        last, n, drained = 0, 0, False
+        pending: dict[str, bytes] = {}
+        try:
+            while True:
+                if done_sending.is_set() and drained and confirmed <= seen.keys():
+                    return True
+                try:
+                    msg = await ws.receive(timeout=2)
+                except TimeoutError:
+                    continue
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    m = decode_deliver(msg.data)
+                    if m.seq <= last:
+                        violations.append(f"seq {m.seq} after {last}")
+                    last = m.seq
+                    if bodies.get(m.message_id) != m.body:
+                        violations.append("unknown or corrupted delivery")
+                    if m.message_id in ack_confirmed:
+                        violations.append(f"{b64(m.message_id)} delivered after its ack")
+                    if seen.setdefault(m.message_id, m.seq) != m.seq:
+                        violations.append(f"{b64(m.message_id)} stored twice")
+                    n += 1
+                    pending[f"r{n}"] = m.message_id
+                    await ws.send_str(
+                        json.dumps({"type": "ack", "ids": [b64(m.message_id)], "ref": f"r{n}"})
+                    )
+                elif msg.type == aiohttp.WSMsgType.TEXT:
+                    doc = json.loads(msg.data)
+                    if doc["type"] == "acked":
+                        ack_confirmed.add(pending.pop(doc["ref"]))
+                    drained = drained or doc["type"] == "empty"
+                else:
+                    return False  # the node died under us
+        except (aiohttp.ClientError, ConnectionError):
+            return False
+        finally:
+            await ws.close()
+
+    async def bob_loop() -> None:
+        nonlocal bob_node
+        while not await bob_session(bob_node):
+            # Move to another node that runs (the killed one is being restarted).
+            for step in (1, 2, 3):
+                candidate = (bob_node + step) % 3
+                if nodes[candidate].running:
+                    bob_node = candidate
+                    break
+            await asyncio.sleep(0.05)
+
+    async def alice_sends(node: int, mids: list[bytes]) -> list[bytes]:
+        """Send ``mids`` pipelined over one socket; return those not answered 200."""
+        unanswered = dict.fromkeys(mids)
+        try:
+            ws = await clients[node].ws(alice)
+        except aiohttp.ClientError:
+            return mids
+        try:
+            for mid in mids:
+                frame = encode_send(Envelope(mid, (bob.addr,), bodies[mid]))
+                await ws.send_bytes(frame)
+            while unanswered:
+                msg = await ws.receive(timeout=15)
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                doc = json.loads(msg.data)
+                if doc.get("type") == "send_result" and doc["status"] == 200:
+                    mid = unb64(doc["id"])
+                    unanswered.pop(mid, None)
+                    confirmed.add(mid)
+        except (aiohttp.ClientError, ConnectionError):
+            pass
+        finally:
+            await ws.close()
+        return list(unanswered)
+
+    async def kill_and_restart(node: int) -> None:
+        nodes[node].stop(signal.SIGKILL)
+        await asyncio.to_thread(nodes[node].start)
+
+    receiver = asyncio.ensure_future(bob_loop())
+    restarts: list[asyncio.Task[None]] = []
+    mids = [new_mid() for _ in range(total)]
+    for i, mid in enumerate(mids):
+        bodies[mid] = b"msg %d" % i
+    chunk = 50
+    next_kill = total // (kills + 1)
+    for start in range(0, total, chunk):
+        todo = mids[start : start + chunk]
+        while todo:
+            sender_node = next(
+                i for i in ((bob_node + 1) % 3, (bob_node + 2) % 3, bob_node) if nodes[i].running
+            )
+            todo = await alice_sends(sender_node, todo)
+        if len(restarts) < kills and len(confirmed) >= next_kill:
+            next_kill += total // (kills + 1)
+            while not ack_confirmed:  # bob is receiving on his node
+                await asyncio.sleep(0.01)
+            restarts.append(asyncio.ensure_future(kill_and_restart(bob_node)))
+    await asyncio.gather(*restarts)
+    assert len(restarts) == kills
+    assert confirmed == set(mids)
+    done_sending.set()
+    await asyncio.wait_for(receiver, 120)
+    assert violations == []
+    assert set(seen) == confirmed
+    # Bob's socket was on the killed node each time, and moved to another one.
+    assert len(bob_sockets) >= kills + 1
+    assert all(a != b for a, b in itertools.pairwise(bob_sockets))
