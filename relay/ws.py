@@ -64,7 +64,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         except RelayError as err:
             st.metrics.http_responses[err.status] += 1
             return json_error(err)
-    if st.node is not None and not st.node.ready:  # a relay node without Redis takes no socket
+    if st.node is not None and not st.node.is_ready:  # a relay node without Redis takes no socket
         st.metrics.http_responses[503] += 1
         return json_error(st.node.unavailable())
     transport = request.transport

@@ -170,24 +170,28 @@ class NodeLink:
     # -- lifecycle -----------------------------------------------------------------------
 
     @property
-    def ready(self) -> bool:
-        """True while Redis answers and this node is subscribed to its channels."""
+    def is_ready(self) -> bool:
+        """True while Redis answers and this node is subscribed to its channels (no I/O)."""
         return self._commands_ok and self._subscribed and not self._closing
 
-    async def ready_check(self) -> bool:
-        """Readiness check for ``/healthz/ready``: Redis answers a PING now.
+    async def ready(self) -> str | None:
+        """Readiness check for ``/healthz/ready`` (relay.health's ``SupportsReady``): Redis
+        answers a PING now and this node is subscribed.
 
         Returns:
-            True if ready.
+            None when ready, else a short reason (no URL: it may hold a password).
         """
-        if not self.ready:
-            return False
+        if self._closing:
+            return "shutting down"
+        if not self._subscribed:
+            return "not subscribed to Redis"
         try:
             await asyncio.wait_for(self.redis.ping(), self._timeout)
         except _REDIS_ERRORS:
             self._set_commands_ok(False)
-            return False
-        return True
+            return "Redis does not answer"
+        self._set_commands_ok(True)
+        return None
 
     def unavailable(self) -> Unavailable:
         """The 503 this node answers while it is not ready."""
@@ -199,7 +203,7 @@ class NodeLink:
         Raises:
             Unavailable: Redis is unreachable.
         """
-        if not self.ready:
+        if not self.is_ready:
             raise self.unavailable()
 
     async def start(self) -> None:
