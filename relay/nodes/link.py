@@ -1,7 +1,8 @@
 # Invariants (docs/architecture.md, "Relay nodes"):
 # * The store is the truth, Redis only signals. A node pushes a live message only after reading
-#   it from the store, per device, after the socket's last pushed seq: so a connection receives
-#   every message in seq order whichever node committed it, and a lost signal costs a delay
+#   it from the store, per device, after the socket's last pushed seq (or, for its own commit,
+#   when it is exactly the socket's next seq): so a connection receives every message in seq
+#   order whichever node committed it, and a lost signal costs a delay
 #   (the next wake, the resync after a reconnect, or the safety poll of ``redis_poll_seconds``),
 #   never a message.
 # * Presence: ``<prefix>presence:<device>:<user>`` holds "<node> <connection token>" with a TTL
@@ -344,15 +345,29 @@ class NodeLink:
 
     def _on_commit(self, deliveries: Sequence[Delivery]) -> None:
         # The store's listener: this node committed these (increasing seq).
-        get = self._state.hub.get
+        # A local socket whose next seq this is gets it at once: no seq can be missing in
+        # between, so no other node's commit can still be on its way (the common case on one
+        # node, and what keeps it as fast as a single relay). Anything else is read from the
+        # store after the socket's last pushed seq.
+        hub = self._state.hub
+        get = hub.get
         outgoing = self._outgoing
+        direct: list[Delivery] = []
+        expect: dict[Address, int] = {}
         for d in deliveries:
             addr = d.recipient
             seq = d.message.seq
-            if get(addr) is not None:
-                self._mark(addr, seq)
+            conn = get(addr)
+            if conn is not None:
+                if conn.live and seq == expect.get(addr, conn.last_seq + 1):
+                    direct.append(d)
+                    expect[addr] = seq + 1
+                else:
+                    self._mark(addr, seq)
             elif seq > outgoing.get(addr, 0):
                 outgoing[addr] = seq
+        if direct:
+            hub.deliver(direct)
         if outgoing and (self._wake_task is None or self._wake_task.done()):
             self._wake_task = asyncio.get_running_loop().create_task(self._waker())
 
