@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -106,7 +106,7 @@ class ThrowawayRedis:
 
 
 @pytest.fixture
-def throwaway_redis(tmp_path: Path) -> AsyncIterator[ThrowawayRedis]:  # type: ignore[misc]
+def throwaway_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
     server = ThrowawayRedis(tmp_path)
     server.start()
     yield server
