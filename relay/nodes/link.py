@@ -223,7 +223,7 @@ class NodeLink:
             loop.create_task(self._heartbeat()),
             loop.create_task(self._poll()),
         ]
-        log.info("relay node %s linked through Redis (prefix %r)", self.node_id, self._channel)
+        log.info("relay node %s linked through Redis (channel %r)", self.node_id, self._channel)
 
     def stop_pushing(self) -> None:
         """Shutdown, before the store closes: stop reading it and stop the link's tasks."""
