@@ -150,6 +150,8 @@ SETTING_HELP: dict[str, str] = {
     f" can share one Redis (1..{REDIS_PREFIX_MAX} characters, no whitespace)",
     "listen_backlog": f"TCP accept queue length (1..{LISTEN_BACKLOG_MAX}; the kernel caps it"
     " at net.core.somaxconn)",
+    "reuse_port": "1 = bind with SO_REUSEPORT, so several relay nodes on one host share the port"
+    " (the kernel spreads connections over them); 0 = a port of its own",
     "redis_heartbeat_seconds": "with redis_url: how often a node pings Redis and refreshes the"
     " presence of its connected devices",
     "redis_presence_ttl_seconds": "with redis_url: a device's presence expires this long after"
@@ -215,6 +217,7 @@ class RelayConfig:
     worker_datagram_bytes: int = 16 * 1024
     worker_outbox_max_lines: int = 100_000
     listen_backlog: int = 4096
+    reuse_port: int = 0
     event_loop: str = "auto"
     store: str = "sqlite"
     # Secrets (a password may be in the URL): kept out of repr, and so out of every log line
@@ -296,6 +299,10 @@ class RelayConfig:
                 "redis_presence_ttl_seconds must exceed redis_heartbeat_seconds (got"
                 f" {self.redis_presence_ttl_seconds} <= {self.redis_heartbeat_seconds})"
             )
+        if self.reuse_port not in (0, 1):
+            raise ConfigError(f"reuse_port must be 0 or 1 (got {self.reuse_port})")
+        if self.reuse_port and self.workers > 1:
+            raise ConfigError("reuse_port and workers > 1 exclude each other")
         if self.redis_url and self.workers > 1:
             raise ConfigError("redis_url and workers > 1 exclude each other: run several nodes")
         if self.workers > 1 and self.worker_poll_seconds <= 0:

@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 from redis_support import REDIS_URL, ThrowawayRedis
-from relay_harness import QUIET, RelayProcess, start_relay
+from relay_harness import QUIET, RelayProcess
 from relay_testclient import RelayClient, b64, drain_until_empty, new_mid, next_frame, unb64
 
 from relay.store.base import Envelope, StoredMessage
@@ -42,10 +42,12 @@ def start_nodes(tmp_path: Path, postgres_database: str) -> Iterator[NodeFactory]
     """Start ``n`` relay nodes on one PostgreSQL database and one Redis prefix."""
     started: list[RelayProcess] = []
 
-    def factory(n: int, prefix: str, url: str = REDIS_URL, **settings: str) -> list[RelayProcess]:
-        nodes = []
+    def factory(
+        n: int, prefix: str, url: str = REDIS_URL, *, same_port: bool = False, **settings: str
+    ) -> list[RelayProcess]:
+        nodes: list[RelayProcess] = []
         for _ in range(n):
-            relay = start_relay(
+            relay = RelayProcess(
                 tmp_path / f"node{len(started)}",
                 {
                     **QUIET,
@@ -59,6 +61,9 @@ def start_nodes(tmp_path: Path, postgres_database: str) -> Iterator[NodeFactory]
                     **settings,
                 },
             )
+            if same_port and nodes:
+                relay.port = nodes[0].port
+            relay.start()
             started.append(relay)
             nodes.append(relay)
         return nodes
@@ -553,3 +558,34 @@ async def test_sigkill_of_the_recipients_node_five_times_loses_and_duplicates_no
     # Bob's socket was on the killed node each time, and moved to another one.
     assert len(bob_sockets) >= kills + 1
     assert all(a != b for a, b in itertools.pairwise(bob_sockets))
+
+
+async def test_nodes_on_one_host_share_one_port_with_reuse_port(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    """More cores on one host = more nodes: with reuse_port=1 two nodes listen on one port, the
+    kernel spreads connections over them, and messages reach every device whichever node holds
+    its socket."""
+    n0, n1 = start_nodes(2, redis_prefix, same_port=True, reuse_port="1")
+    assert n0.port == n1.port and n0.running and n1.running
+    client = RelayClient(n0.url, session)
+    alice = await client.new_device("alice")
+    devices = [await client.new_device(f"d{i}") for i in range(16)]
+    sockets = []
+    for dev in devices:  # each WebSocket is a new TCP connection: the kernel picks a node
+        ws = await client.ws(dev)
+        assert await drain_until_empty(ws) == []
+        sockets.append(ws)
+
+    def holders(relay: RelayProcess) -> set[str]:
+        return set(re.findall(r"ws open user=(\w+) ", relay.log_text()))
+
+    held = [holders(n0), holders(n1)]
+    assert held[0] and held[1], "the kernel gave every socket to one node"  # p = 2**-15
+    assert held[0] | held[1] == {d.user for d in devices}
+    mid = new_mid()
+    r = await client.send(alice, devices, b"to both nodes", mid)
+    assert r.status == 200 and r.json()["recipients"] == 16
+    for ws in sockets:
+        assert [m.message_id for m in await receive_messages(ws, 1)] == [mid]
+        await ws.close()
