@@ -135,10 +135,6 @@ SELECT count(*) FROM del
 """
 
 
-class _Retry(Exception):
-    """The locked directory no longer matches what the batch read: compute it again."""
-
-
 @dataclass(slots=True)
 class _Op:
     kind: int
@@ -338,7 +334,7 @@ class PostgresRelayStore:
                     try:
                         async with conn.transaction():
                             return await self._batch_statements(conn, ops)
-                    except (_Retry, *_RETRYABLE) as exc:
+                    except _RETRYABLE as exc:
                         if attempt == _ATTEMPTS:
                             raise StorageError("write batch kept conflicting") from exc
                         log.info("write batch retried (%s)", type(exc).__name__)

@@ -20,7 +20,7 @@ import asyncpg
 import backend_servers
 import pytest
 from relay_harness import QUIET, start_relay
-from relay_testclient import RelayClient, next_frame
+from relay_testclient import RelayClient, b64, next_frame
 from store_backends import pg_settings
 
 from relay.errors import MailboxFull, StorageError
@@ -283,3 +283,49 @@ async def test_a_relay_process_on_postgres_sends_and_delivers(
         assert not list((tmp_path / "relay").glob("*.sqlite3"))
     finally:
         relay.stop()
+
+
+async def test_two_relay_nodes_on_one_database_share_blobs_and_mailboxes(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    """Two relay processes on one PostgreSQL (blob_store defaults to postgres there): a blob
+    uploaded via node one downloads via node two, whole and by ranges; a message sent
+    via node one is read and acknowledged via node two; nothing is stored on either's disk."""
+    env_extra = {"BLINDPOST_RELAY_POSTGRES_DSN": postgres_database}
+    settings = {**QUIET, "store": "postgres"}
+    one = start_relay(tmp_path / "one", settings, env_extra=env_extra)
+    two = start_relay(tmp_path / "two", settings, env_extra=env_extra)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            via_one, via_two = RelayClient(one.url, session), RelayClient(two.url, session)
+            alice = await via_one.new_device("alice")
+            bob = await via_two.new_device("bob")
+            data = os.urandom(700_000)  # several chunks
+            up = await via_one.upload_blob(alice, data)
+            assert up.status == 201
+            blob_id = up.json()["id"]
+            assert (await via_two.upload_blob(bob, data)).status == 200  # known on node two
+            target = f"/v1/blobs/{blob_id}"
+            full = await via_two.request(bob, "GET", target)
+            assert full.status == 200 and full.body == data
+            part = await via_two.request(bob, "GET", target, headers={"Range": "bytes=300000-"})
+            assert part.status == 206 and part.body == data[300000:]
+            assert part.headers["Content-Range"] == f"bytes 300000-{len(data) - 1}/{len(data)}"
+            tail = await via_two.request(bob, "GET", target, headers={"Range": "bytes=-10"})
+            assert tail.status == 206 and tail.body == data[-10:]
+            bad = await via_two.request(bob, "GET", target, headers={"Range": "bytes=900000-"})
+            assert bad.status == 416
+            missing = await via_two.request(bob, "GET", "/v1/blobs/" + "0" * 64)
+            assert missing.status == 404 and missing.json()["error"] == "unknown_blob"
+            mid = os.urandom(16)
+            assert (await via_one.send(alice, [bob], b"cross-node", mid)).status == 200
+            page = (await via_two.read(bob)).json()
+            assert [m["body"] for m in page["messages"]] == [b64(b"cross-node")]
+            assert (await via_two.ack(bob, [mid])).json() == {"acked": 1}
+            assert (await via_one.read(bob)).json()["messages"] == []
+        for node in (one, two):
+            stored = [p for p in (node.data_dir / "blobs").rglob("*") if p.is_file()]
+            assert stored == [] and not list(node.data_dir.glob("*.sqlite3"))
+    finally:
+        one.stop()
+        two.stop()
