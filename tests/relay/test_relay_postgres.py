@@ -19,10 +19,13 @@ import aiohttp
 import asyncpg
 import backend_servers
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from relay_harness import QUIET, start_relay
 from relay_testclient import RelayClient, b64, next_frame
 from store_backends import pg_settings
 
+from relay.app import STATE_KEY, Clock, create_app, sweep_once
+from relay.config import RelayConfig
 from relay.errors import MailboxFull, StorageError
 from relay.store.base import (
     Address,
@@ -329,3 +332,46 @@ async def test_two_relay_nodes_on_one_database_share_blobs_and_mailboxes(
     finally:
         one.stop()
         two.stop()
+
+
+class FixedClock(Clock):
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000
+
+    def now_ms(self) -> int:
+        return self.now
+
+
+async def test_the_sweeper_expires_blobs_stored_in_postgres(postgres_database: str) -> None:
+    """The app built from ``store = postgres`` keeps blob contents in PostgreSQL; once a blob's
+    TTL is over, a sweep removes its metadata and its chunks, and downloads answer 404."""
+    clock = FixedClock()
+    cfg = RelayConfig(
+        store="postgres",
+        postgres_dsn=postgres_database,
+        sweep_interval_seconds=0,
+        blob_ttl_seconds=10,
+        auth_window_seconds=10**9,
+        postgres_pool_size=3,
+    )
+    app = create_app(cfg, clock=clock)
+    async with TestClient(TestServer(app)) as tc:
+        client = RelayClient(str(tc.make_url("")).rstrip("/"), tc.session)
+        dev = await client.new_device("blobber")
+        data = os.urandom(300_000)
+        blob_id = (await client.upload_blob(dev, data)).json()["id"]
+        got = await client.request(dev, "GET", f"/v1/blobs/{blob_id}")
+        assert got.status == 200 and got.body == data
+        conn = await asyncpg.connect(postgres_database)
+        try:
+            assert (
+                await conn.fetchval("SELECT count(*) FROM blob_chunks WHERE id = $1", blob_id) == 2
+            )
+            clock.now += 11_000
+            await sweep_once(app[STATE_KEY])
+            assert await conn.fetchval("SELECT count(*) FROM blob_chunks") == 0
+            assert await conn.fetchval("SELECT count(*) FROM blob_content") == 0
+        finally:
+            await conn.close()
+        assert (await client.request(dev, "GET", f"/v1/blobs/{blob_id}")).status == 404
+        assert app[STATE_KEY].store.stats().blob_bytes == 0
