@@ -375,3 +375,39 @@ async def test_the_sweeper_expires_blobs_stored_in_postgres(postgres_database: s
             await conn.close()
         assert (await client.request(dev, "GET", f"/v1/blobs/{blob_id}")).status == 404
         assert app[STATE_KEY].store.stats().blob_bytes == 0
+
+
+async def test_pipelined_sends_commit_and_reach_the_listener_in_submission_order(
+    tmp_path: Path,
+) -> None:
+    """Sends submitted one after another without waiting (a WebSocket client pipelining) land
+    in many batches, several in flight at once: each device's mailbox and the delivery
+    listener still see them in submission order, and receipts resolve before the fan-out."""
+    store = PostgresRelayStore(pg_settings(tmp_path), write_connections=3)
+    await store.open()
+    carol = Address("carol", 1)
+    try:
+        for addr in (A, B, carol):
+            await store.create_account(addr, b"k" * 32, 0)
+        delivered: list[tuple[Address, int, bytes]] = []
+        store.set_delivery_listener(
+            lambda ds: delivered.extend((d.recipient, d.message.seq, d.message.body) for d in ds)
+        )
+        futures = []
+        bodies = []
+        for i in range(60):
+            to = (B,) if i % 3 else (B, carol)
+            bodies.append((to, b"%d" % i))
+            futures.append(store.submit_send(A, Envelope(os.urandom(16), to, b"%d" % i), i))
+            if i % 4 == 0:
+                await asyncio.sleep(0)  # let a batch start with what is queued so far
+        await asyncio.gather(*futures)
+        for dev in (B, carol):
+            want = [body for to, body in bodies if dev in to]
+            box = await store.fetch_mailbox(dev, 0, 1000, 10**9)
+            assert [m.body for m in box] == want
+            pushed = [(seq, body) for rcpt, seq, body in delivered if rcpt == dev]
+            assert pushed == [(m.seq, m.body) for m in box]
+        assert store.stats().commits > 1
+    finally:
+        await store.close()
