@@ -185,6 +185,7 @@ class PostgresRelayStore:
         self._listener: DeliveryListener | None = None
         self._pending: list[_Op] = []
         self._inflight: list[_Batch] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Event | None = None
         self._closing = False
         self._queued = 0
@@ -280,7 +281,9 @@ class PostgresRelayStore:
             waits = [b.done for b in self._inflight if b.users & users]
             batch = _Batch(ops, users, self._loop.create_future())
             self._inflight.append(batch)
-            self._loop.create_task(self._run_batch(batch, waits))
+            task = self._loop.create_task(self._run_batch(batch, waits))
+            self._tasks.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._tasks.discard)
         if not self._pending and not self._inflight:
             self._idle.set()
 
