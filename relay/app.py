@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -32,15 +32,16 @@ from relay.auth import (
     parse_signed_headers,
     verify_signature,
 )
-from relay.blobs import CHUNK_SIZE, BlobFiles
+from relay.backends import make_blob_store, make_store
+from relay.blob_http import blob_response
+from relay.blobs import CHUNK_SIZE, BlobStore
 from relay.config import RelayConfig
 from relay.errors import AuthError, BadRequest, NotFound, RelayError, TooLarge
 from relay.guard import request_started, response_finished
 from relay.hub import CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimiter
-from relay.store.base import Address, RelayStore, StoreLimits
-from relay.store.sqlite import SqliteRelayStore
+from relay.store.base import Address, RelayStore
 from relay.wire import (
     AUTH_KEY_LEN,
     RESERVED_USERNAMES,
@@ -70,6 +71,9 @@ __all__ = [
     "sweep_once",
 ]
 
+if TYPE_CHECKING:
+    from relay.nodes.link import NodeLink
+
 log = logging.getLogger("relay.app")
 
 BINARY_SEND_TYPE = "application/vnd.blindpost.send"
@@ -96,7 +100,7 @@ class RelayState:
     clock: Clock
     metrics: Metrics
     hub: Hub
-    blobs: BlobFiles
+    blobs: BlobStore
     nonces: NonceCache
     register_limit: RateLimiter
     send_limit: RateLimiter
@@ -106,6 +110,18 @@ class RelayState:
     # Scale-out hook (relay.cluster): told of a removed device so other workers drop its cached
     # auth key and close its socket. None in a single process.
     device_removed_listener: Callable[[Address], None] | None = None
+    # Set while this relay is one of several nodes linked through Redis (redis_url).
+    node: NodeLink | None = None
+
+    def require_node_ready(self) -> None:
+        """Refuse what needs Redis while a relay node cannot reach it.
+
+        Raises:
+            Unavailable: 503 with Retry-After.
+        """
+        node = self.node
+        if node is not None:
+            node.require_ready()
 
     async def authenticate(
         self, request: web.Request, body_sha256: str, *, register_key: bytes | None = None
@@ -168,6 +184,10 @@ class RelayState:
             key_bytes = found
         verify_signature(key_bytes, sh, method, target, body_sha256)
         self.nonces.remember(sh, now)
+        if self.node is not None:  # replays on other nodes too (relay.nodes.state)
+            await self.node.claim_nonce(
+                sh.user, sh.device, sh.nonce, sh.timestamp_ms + self.nonces.window_ms
+            )
         if register_key is None and addr not in self.keys:
             if len(self.keys) > 200_000:
                 self.keys.clear()
@@ -186,10 +206,10 @@ STATE_KEY = web.AppKey("state", RelayState)
 
 
 def json_error(err: RelayError) -> web.Response:
-    """Render a RelayError as its JSON response (with Retry-After for 429)."""
+    """Render a RelayError as its JSON response (with Retry-After for 429 and 503)."""
     headers = {}
     retry = err.extra.get("retry_after")
-    if err.status == 429 and isinstance(retry, int):
+    if err.status in (429, 503) and isinstance(retry, int):
         headers["Retry-After"] = str(retry)
     return web.json_response(err.to_json(), status=err.status, headers=headers)
 
@@ -353,9 +373,12 @@ async def remove_device(request: web.Request) -> web.Response:
     target_raw = request.match_info["device_id"]
     caller = await _auth(request)
     target = Address(caller.user, parse_device_id(target_raw))
+    st.require_node_ready()  # every node must hear of it
     await st.store.remove_device(target)
     st.keys.pop(target, None)
     st.hub.kick_device(target, CLOSE_DEVICE_REMOVED, "device removed")
+    if st.node is not None:
+        await st.node.publish_removed(target)
     if st.device_removed_listener is not None:
         st.device_removed_listener(target)
     log.info("removed device user=%s device=%d", target.user, target.device)
@@ -410,6 +433,7 @@ async def send_message(request: web.Request) -> web.Response:
             _json(body), max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes
         )
     st.send_limit.take(caller, st.clock.monotonic())
+    st.require_node_ready()  # other nodes' recipients are woken through Redis
     receipt = await st.store.submit_send(caller, env, st.clock.now_ms())
     return web.json_response(
         receipt_json(receipt.message_id, receipt.recipients, receipt.stored_at)
@@ -451,7 +475,8 @@ async def ack_messages(request: web.Request) -> web.Response:
 
 
 async def upload_blob(request: web.Request) -> web.Response:
-    """``POST /v1/blobs``: stream an encrypted blob to disk; content-addressed by SHA-256."""
+    """``POST /v1/blobs``: stream an encrypted blob to the blob store; content-addressed by
+    SHA-256."""
     st = request.app[STATE_KEY]
     cfg = st.config
     declared = body_digest_header(request.headers)
@@ -465,10 +490,10 @@ async def upload_blob(request: web.Request) -> web.Response:
     )
     try:
         async with st.blobs.lock:
-            st.blobs.finalize(upload)
+            await st.blobs.finalize(upload)
             new = await st.store.put_blob(upload.blob_id, upload.size, st.clock.now_ms())
     finally:
-        upload.tmp_path.unlink(missing_ok=True)
+        await st.blobs.discard(upload)
     log.info("blob stored id=%s size=%d new=%s", upload.blob_id, upload.size, new)
     return web.json_response(
         {"id": upload.blob_id, "size": upload.size}, status=201 if new else 200
@@ -479,10 +504,14 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     """``GET|HEAD /v1/blobs/{id}``: download a blob, with Range support (206)."""
     st = request.app[STATE_KEY]
     await _auth(request)
-    path = st.blobs.path_for(request.match_info["blob_id"])
-    if not path.is_file():
+    blob_id = request.match_info["blob_id"]
+    path = st.blobs.local_path(blob_id)
+    if path is not None:
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    reader = await st.blobs.open_read(blob_id)
+    if reader is None:
         raise NotFound("unknown blob", code="unknown_blob")
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    return await blob_response(request, reader)
 
 
 # -- operations --------------------------------------------------------------------------
@@ -529,7 +558,7 @@ async def sweep_once(st: RelayState, max_rounds: int = 100) -> int:
     for _ in range(max_rounds):
         async with st.blobs.lock:
             report = await st.store.sweep(st.clock.now_ms())
-            st.blobs.delete(report.blobs)
+            await st.blobs.delete(report.blobs)
         removed += report.messages
         if report.messages < 5000 and len(report.blobs) < 5000:
             break
@@ -569,7 +598,8 @@ def create_app(
 
     Args:
         config: settings.
-        store: storage backend; a ``SqliteRelayStore`` in ``config.data_dir`` by default.
+        store: storage backend; by default the one ``config.store`` names
+            (relay.backends.make_store).
         clock: time source (tests pass a fixed one).
 
     Returns:
@@ -581,28 +611,14 @@ def create_app(
     app[CONFIG_KEY] = config
     metrics_ = Metrics()
     if store is None:
-        store = SqliteRelayStore(
-            config.data_dir / "relay.sqlite3",
-            StoreLimits(
-                max_devices_per_user=config.max_devices_per_user,
-                max_one_time_prekeys=config.max_one_time_prekeys,
-                mailbox_max_messages=config.mailbox_max_messages,
-                mailbox_max_bytes=config.mailbox_max_bytes,
-                message_ttl_ms=int(config.message_ttl_seconds * 1000),
-                blob_ttl_ms=int(config.blob_ttl_seconds * 1000),
-                dedupe_window_ms=int(config.dedupe_window_seconds * 1000),
-                write_batch_max=config.write_batch_max,
-                write_batch_interval_ms=config.write_batch_interval_ms,
-                checkpoint_commits=config.wal_checkpoint_commits,
-            ),
-        )
+        store = make_store(config)
     state = RelayState(
         config=config,
         store=store,
         clock=clock or Clock(),
         metrics=metrics_,
         hub=Hub(metrics_, config.ws_max_outbound_bytes, config.ws_slow_grace_seconds),
-        blobs=BlobFiles(config.data_dir / "blobs"),
+        blobs=make_blob_store(config),
         nonces=NonceCache(int(config.auth_window_seconds * 1000), config.nonce_cache_max),
         register_limit=RateLimiter(config.registration_rate, config.registration_burst),
         send_limit=RateLimiter(config.send_rate, config.send_burst),
@@ -611,10 +627,20 @@ def create_app(
     app[STATE_KEY] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        state.blobs.prepare()
-        await state.store.open()
+        await state.blobs.open()
+        try:
+            await state.store.open()
+        except BaseException:
+            await state.blobs.close()
+            raise
         gc_before = _tune_gc()
         state.store.set_delivery_listener(state.hub.deliver)
+        link: NodeLink | None = None
+        if config.redis_url:
+            from relay.nodes.link import NodeLink
+
+            link = NodeLink(state, config)
+            await link.start()  # takes over the delivery listener
         if config.sweep_interval_seconds > 0:
             state.spawn(_sweeper(state))
         state.spawn(
@@ -627,8 +653,13 @@ def create_app(
         for task in list(state.background):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if link is not None:
+            link.stop_pushing()
+        await state.store.close()  # its last commits still reach the link's listener
         state.store.set_delivery_listener(None)
-        await state.store.close()
+        await state.blobs.close()
+        if link is not None:
+            await link.close()  # wakes other nodes for those commits, releases presence
         _restore_gc(gc_before)
 
     app.cleanup_ctx.append(lifecycle)

@@ -192,6 +192,11 @@ class NonceCache:
     def __len__(self) -> int:
         return len(self._seen)
 
+    @property
+    def window_ms(self) -> int:
+        """The auth window in milliseconds."""
+        return self._window_ms
+
     def check_fresh(self, sh: SignedHeaders, now_ms: int) -> None:
         """Reject a timestamp outside the window.
 

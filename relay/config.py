@@ -16,9 +16,14 @@ from typing import Any
 from relay.loop import EVENT_LOOPS
 
 __all__ = [
+    "BLOB_STORES",
     "ENV_PREFIX",
     "LISTEN_BACKLOG_MAX",
+    "POSTGRES_POOL_MAX",
+    "POSTGRES_POOL_MIN",
+    "REDIS_PREFIX_MAX",
     "SETTING_HELP",
+    "STORES",
     "WORKERS_MAX",
     "WORKER_DATAGRAM_BYTES_MAX",
     "WORKER_DATAGRAM_BYTES_MIN",
@@ -38,6 +43,17 @@ WORKERS_MAX = 64
 WORKER_DATAGRAM_BYTES_MIN = 1024
 WORKER_DATAGRAM_BYTES_MAX = 65536
 LISTEN_BACKLOG_MAX = 65535  # the kernel silently caps it further at net.core.somaxconn
+STORES = ("sqlite", "postgres")
+BLOB_STORES = ("auto", "fs", "postgres")
+# The store's pool holds the group-commit writers and the readers (the PostgreSQL blob store has
+# a pool of the same size): fewer than 2 leaves nothing for reads; PostgreSQL's own default
+# max_connections is 100 for every node together, so a typo of 10,000 would only fail later and
+# less clearly.
+POSTGRES_POOL_MIN = 2
+POSTGRES_POOL_MAX = 1000
+REDIS_PREFIX_MAX = 64
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class ConfigError(ValueError):
@@ -56,7 +72,7 @@ def default_data_dir() -> Path:
 SETTING_HELP: dict[str, str] = {
     "host": "address to listen on",
     "port": "TCP port (0 picks a free one; the log line shows it)",
-    "data_dir": "directory for the SQLite database and blobs",
+    "data_dir": "directory for the SQLite database and blob files",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "auth_window_seconds": "max age/skew of a signed request timestamp",
     "max_request_bytes": "max HTTP request body (blobs excepted) -> 413",
@@ -117,8 +133,37 @@ SETTING_HELP: dict[str, str] = {
     "worker_outbox_max_lines": "with workers > 1: datagram lines queued per peer that is not"
     " reading; beyond it they become one resync order (that worker closes its sockets, 1012)",
     "event_loop": "auto (uvloop where installed, else asyncio), uvloop or asyncio",
+    "store": "where accounts, keys and mailboxes live: sqlite (embedded, in data_dir) or postgres"
+    " (postgres_dsn; several relay nodes may share it)",
+    "postgres_dsn": "with store = postgres: postgresql://user:password@host:port/database"
+    " (never logged; prefer BLINDPOST_RELAY_POSTGRES_DSN or the TOML file over a flag, which"
+    " other local users can read in the process list)",
+    "postgres_pool_size": f"with store = postgres: the store's connections per relay process"
+    f" ({POSTGRES_POOL_MIN}..{POSTGRES_POOL_MAX}); with blob_store = postgres the blob store"
+    " opens as many again",
+    "postgres_write_connections": "with store = postgres: group-commit transactions in flight at"
+    " once (1..postgres_pool_size-1; batches naming the same user still commit in turn)",
+    "postgres_timeout_seconds": "with store = postgres: connect and statement timeout; a"
+    " server that stops answering turns into 503 after this long",
+    "blob_store": "where blob contents live: fs (data_dir/blobs), postgres (store = postgres"
+    " only; any node serves any blob) or auto (postgres with store = postgres, else fs)",
+    "redis_url": "redis://[:password@]host:port/db for cross-node delivery (never logged)",
+    "redis_prefix": f"prefix of every Redis key and channel, so several relays or test runs"
+    f" can share one Redis (1..{REDIS_PREFIX_MAX} characters, no whitespace)",
     "listen_backlog": f"TCP accept queue length (1..{LISTEN_BACKLOG_MAX}; the kernel caps it"
     " at net.core.somaxconn)",
+    "reuse_port": "1 = bind with SO_REUSEPORT, so several relay nodes on one host share the port"
+    " (the kernel spreads connections over them); 0 = a port of its own",
+    "redis_heartbeat_seconds": "with redis_url: how often a node pings Redis and refreshes the"
+    " presence of its connected devices",
+    "redis_presence_ttl_seconds": "with redis_url: a device's presence expires this long after"
+    " its node's last refresh (must exceed redis_heartbeat_seconds)",
+    "redis_poll_seconds": "with redis_url: safety poll; a lost wake-up delays a push by at most"
+    " this long (every live socket's mailbox is re-read this often)",
+    "redis_timeout_seconds": "with redis_url: a Redis command that takes longer fails, and the"
+    " node becomes not-ready",
+    "redis_retry_after_seconds": "with redis_url: the Retry-After of the 503 answered while Redis"
+    " is unreachable",
 }
 
 
@@ -174,7 +219,23 @@ class RelayConfig:
     worker_datagram_bytes: int = 16 * 1024
     worker_outbox_max_lines: int = 100_000
     listen_backlog: int = 4096
+    reuse_port: int = 0
     event_loop: str = "auto"
+    store: str = "sqlite"
+    # Secrets (a password may be in the URL): kept out of repr, and so out of every log line
+    # and traceback that shows a config.
+    postgres_dsn: str = field(default="", repr=False)
+    postgres_pool_size: int = 10
+    postgres_write_connections: int = 2
+    postgres_timeout_seconds: float = 10.0
+    blob_store: str = "auto"
+    redis_url: str = field(default="", repr=False)
+    redis_prefix: str = "blindpost:"
+    redis_heartbeat_seconds: float = 5.0
+    redis_presence_ttl_seconds: float = 20.0
+    redis_poll_seconds: float = 10.0
+    redis_timeout_seconds: float = 2.0
+    redis_retry_after_seconds: int = 2
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -227,8 +288,78 @@ class RelayConfig:
             raise ConfigError(
                 f"listen_backlog must be 1..{LISTEN_BACKLOG_MAX} (got {self.listen_backlog})"
             )
+        for name in (
+            "redis_heartbeat_seconds",
+            "redis_poll_seconds",
+            "redis_timeout_seconds",
+            "redis_retry_after_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.redis_presence_ttl_seconds <= self.redis_heartbeat_seconds:
+            raise ConfigError(
+                "redis_presence_ttl_seconds must exceed redis_heartbeat_seconds (got"
+                f" {self.redis_presence_ttl_seconds} <= {self.redis_heartbeat_seconds})"
+            )
+        if self.reuse_port not in (0, 1):
+            raise ConfigError(f"reuse_port must be 0 or 1 (got {self.reuse_port})")
+        if self.reuse_port and self.workers > 1:
+            raise ConfigError("reuse_port and workers > 1 exclude each other")
+        if self.redis_url and self.workers > 1:
+            raise ConfigError("redis_url and workers > 1 exclude each other: run several nodes")
         if self.workers > 1 and self.worker_poll_seconds <= 0:
             raise ConfigError("worker_poll_seconds must be positive when workers > 1")
+        self._check_backends()
+
+    def _check_backends(self) -> None:
+        # Messages never quote a DSN or URL: they may hold a password.
+        if self.store not in STORES:
+            raise ConfigError(f"store must be one of {', '.join(STORES)} (got {self.store!r})")
+        if self.blob_store not in BLOB_STORES:
+            raise ConfigError(
+                f"blob_store must be one of {', '.join(BLOB_STORES)} (got {self.blob_store!r})"
+            )
+        if self.postgres_dsn and _scheme(self.postgres_dsn) not in _POSTGRES_SCHEMES:
+            raise ConfigError("postgres_dsn must be a postgresql:// URL")
+        if self.store == "postgres":
+            if not self.postgres_dsn:
+                raise ConfigError("store = postgres needs postgres_dsn")
+            if self.workers > 1:
+                raise ConfigError(
+                    "workers > 1 shares one SQLite file; with store = postgres run several"
+                    " relay nodes instead (docs/self-hosting.md)"
+                )
+        elif self.blob_store == "postgres":
+            raise ConfigError("blob_store = postgres needs store = postgres")
+        if not POSTGRES_POOL_MIN <= self.postgres_pool_size <= POSTGRES_POOL_MAX:
+            raise ConfigError(
+                f"postgres_pool_size must be {POSTGRES_POOL_MIN}..{POSTGRES_POOL_MAX}"
+                f" (got {self.postgres_pool_size})"
+            )
+        if not 1 <= self.postgres_write_connections < self.postgres_pool_size:
+            raise ConfigError(
+                "postgres_write_connections must be 1..postgres_pool_size-1"
+                f" (got {self.postgres_write_connections})"
+            )
+        if self.postgres_timeout_seconds <= 0:
+            raise ConfigError("postgres_timeout_seconds must be positive")
+        if self.redis_url and _scheme(self.redis_url) not in _REDIS_SCHEMES:
+            raise ConfigError("redis_url must be a redis://, rediss:// or unix:// URL")
+        prefix = self.redis_prefix
+        if not 1 <= len(prefix) <= REDIS_PREFIX_MAX or any(
+            c.isspace() or not c.isprintable() for c in prefix
+        ):
+            raise ConfigError(
+                f"redis_prefix must be 1..{REDIS_PREFIX_MAX} printable characters without"
+                " whitespace"
+            )
+
+    @property
+    def effective_blob_store(self) -> str:
+        """``blob_store`` with ``auto`` resolved: ``postgres`` with store = postgres, else fs."""
+        if self.blob_store == "auto":
+            return "postgres" if self.store == "postgres" else "fs"
+        return self.blob_store
 
     def replace(self, **changes: Any) -> RelayConfig:
         """Return a copy with ``changes`` applied (values are coerced and validated).
@@ -280,6 +411,10 @@ class RelayConfig:
             if value is not None:
                 values[key] = value
         return cls(**_coerce_all(values))
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower() if "://" in url else ""
 
 
 _FIELD_TYPES: dict[str, Any] = {}

@@ -18,6 +18,7 @@ __all__ = [
     "RelayError",
     "StorageError",
     "TooLarge",
+    "Unavailable",
 ]
 
 
@@ -138,3 +139,15 @@ class StorageError(RelayError):
 
     status = 503
     default_code = "storage_unavailable"
+
+
+class Unavailable(RelayError):
+    """A service this request needs (Redis, for a relay node) is unreachable; nothing was done
+    (503 with ``retry_after`` in whole seconds, also sent as the Retry-After header)."""
+
+    status = 503
+    default_code = "unavailable"
+
+    def __init__(self, retry_after: int, message: str = "temporarily unavailable") -> None:
+        super().__init__(message, extra={"retry_after": max(1, retry_after)})
+        self.retry_after = max(1, retry_after)

@@ -82,6 +82,7 @@ class Connection:
         "pending_max",
         "pinged",
         "resume",
+        "token",
         "transport",
         "ws",
     )
@@ -101,6 +102,8 @@ class Connection:
         self.inflight_sends = 0
         self.resume: asyncio.Future[None] | None = None  # set while reading is paused
         self.drain: asyncio.Task[None] | None = None
+        #: Names this connection across relay nodes (relay.nodes); empty on a single node.
+        self.token = ""
 
 
 class Hub:
@@ -122,6 +125,9 @@ class Hub:
         # Scale-out hook (relay.cluster): told of every attach, to evict the device's older
         # connection on other workers. None in a single process.
         self.attach_listener: Callable[[Connection], None] | None = None
+        # Relay nodes hook (relay.nodes.link): told when a connection stops being its device's
+        # registered one, to release the device's presence. None on a single node.
+        self.detach_listener: Callable[[Connection], None] | None = None
         #: Upgraded sockets not attached yet (waiting for their auth frame, or for the
         #: hint's store read): shutdown closes these too.
         self._unattached: set[Any] = set()
@@ -146,6 +152,12 @@ class Hub:
         if self._conns.get(conn.addr) is conn:
             del self._conns[conn.addr]
             self._metrics.ws_connections = len(self._conns)
+            if self.detach_listener is not None:
+                self.detach_listener(conn)
+
+    def connections(self) -> list[Connection]:
+        """Return the registered connections (a copy)."""
+        return list(self._conns.values())
 
     def get(self, addr: Address) -> Connection | None:
         """Return the device's live connection, if any."""

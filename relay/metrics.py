@@ -21,6 +21,9 @@ class Metrics:
     sends_in_flight: int = 0
     sends_in_flight_peak: int = 0
     ws_read_pauses: int = 0
+    redis_wake_calls: int = 0
+    redis_woken_devices: int = 0
+    redis_resyncs: int = 0
     http_responses: Counter[int] = field(default_factory=Counter)
 
     def render(self, stats: StoreStats) -> str:
@@ -69,6 +72,17 @@ class Metrics:
             "# HELP blindpost_relay_blob_bytes Bytes of stored blobs.",
             "# TYPE blindpost_relay_blob_bytes gauge",
             f"blindpost_relay_blob_bytes {stats.blob_bytes}",
+            "# HELP blindpost_relay_redis_wake_calls_total Redis calls (round trips) made to wake"
+            " other relay nodes after commits (0 on a single node).",
+            "# TYPE blindpost_relay_redis_wake_calls_total counter",
+            f"blindpost_relay_redis_wake_calls_total {self.redis_wake_calls}",
+            "# HELP blindpost_relay_redis_woken_devices_total Recipient devices those calls named.",
+            "# TYPE blindpost_relay_redis_woken_devices_total counter",
+            f"blindpost_relay_redis_woken_devices_total {self.redis_woken_devices}",
+            "# HELP blindpost_relay_redis_resyncs_total Times this node re-subscribed to Redis"
+            " and re-read every live socket's mailbox.",
+            "# TYPE blindpost_relay_redis_resyncs_total counter",
+            f"blindpost_relay_redis_resyncs_total {self.redis_resyncs}",
             "# HELP blindpost_relay_http_responses_total HTTP responses by status.",
             "# TYPE blindpost_relay_http_responses_total counter",
         ]

@@ -90,7 +90,12 @@ async def serve(
             listener = await loop.create_server(factory, sock=sock, backlog=config.listen_backlog)
         else:
             listener = await loop.create_server(
-                factory, config.host, config.port, reuse_address=True, backlog=config.listen_backlog
+                factory,
+                config.host,
+                config.port,
+                reuse_address=True,
+                reuse_port=bool(config.reuse_port),
+                backlog=config.listen_backlog,
             )
     except OSError:
         if link is not None:

@@ -40,6 +40,7 @@ _PAGE_BYTES = 1024 * 1024
 _EMPTY_FRAME = '{"type":"empty"}'
 _MAX_DRAIN_PAGES = 1_000_000
 _MAX_INFLIGHT_ACKS = 16
+CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -63,6 +64,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         except RelayError as err:
             st.metrics.http_responses[err.status] += 1
             return json_error(err)
+    if st.node is not None and not st.node.is_ready:  # a relay node without Redis takes no socket
+        st.metrics.http_responses[503] += 1
+        return json_error(st.node.unavailable())
     transport = request.transport
     if transport is None:
         raise ConnectionResetError("connection lost before upgrade")
@@ -91,6 +95,16 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     conn = Connection(addr, ws, transport)
     conn.last_rx = asyncio.get_running_loop().time()
     st.hub.attach(conn)
+    if st.node is not None:
+        # Registered across nodes before the backlog is read: a commit elsewhere either finds
+        # this presence (and wakes us) or came before it (and the drain reads it).
+        try:
+            await st.node.attach(conn)
+        except RelayError:
+            st.hub.detach(conn)
+            conn.closing = True
+            await ws.close(code=CLOSE_TRY_AGAIN_LATER, message=b"relay node lost Redis")
+            return ws
     log.info("ws open user=%s device=%d", addr.user, addr.device)
     # The hint goes out before any client frame is read, so it is always the first frame.
     try:
@@ -237,6 +251,7 @@ def _on_binary(st: RelayState, conn: Connection, data: bytes) -> None:
     try:
         env = decode_send(data, max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes)
         st.send_limit.take(conn.addr, st.clock.monotonic())
+        st.require_node_ready()
         fut = st.store.submit_send(conn.addr, env, st.clock.now_ms())
     except RelayError as err:
         _send_result_error(st, conn, mid, err)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from redis_support import redis_prefix, throwaway_redis  # noqa: F401  (fixtures)
 from relay_harness import QUIET, RelayProcess, start_relay
 from relay_testclient import RelayClient
 

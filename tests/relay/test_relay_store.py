@@ -1,5 +1,5 @@
-"""RelayStore conformance, run against every backend (SQLite and the in-memory twin) with a
-fixed clock: retention, tombstones, quotas, batching, restart."""
+"""RelayStore conformance, run against every backend (SQLite, PostgreSQL and the in-memory twin)
+with a fixed clock: retention, tombstones, quotas, batching, restart."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ LIMITS = StoreLimits(
 
 @pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
 def backend(request: pytest.FixtureRequest) -> Backend:
-    return request.param  # type: ignore[no-any-return]
+    b: Backend = request.param
+    b.prepare(request)
+    return b
 
 
 @pytest.fixture

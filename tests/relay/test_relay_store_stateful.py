@@ -1,5 +1,5 @@
-"""Hypothesis stateful test of every RelayStore backend (SQLite, in-memory twin) against a plain
-model.
+"""Hypothesis stateful test of every RelayStore backend (SQLite, PostgreSQL, in-memory twin)
+against a plain model.
 
 Random batches of concurrent sends (with reused message ids, from several senders), acks,
 reads and restarts; after every step each mailbox must hold exactly the model's messages, in
@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -149,3 +150,7 @@ def _machine(backend: Backend) -> type[StoreMachine]:
 
 TestSqliteStoreMachine = _machine(BACKENDS[0]).TestCase
 TestMemoryStoreMachine = _machine(BACKENDS[1]).TestCase
+# Each example's store works in a schema of its own inside the session's database.
+TestPostgresStoreMachine = pytest.mark.usefixtures("postgres_test_dsn")(
+    _machine(BACKENDS[2]).TestCase
+)

@@ -1,0 +1,266 @@
+# Invariants:
+# * Nothing here, nor anything built on it, lets an asyncpg or socket exception out: callers
+#   wrap every database call in ``storage_errors`` and see only ``StorageError``.
+# * A DSN is never logged, put in an exception or a repr: ``redact_dsn`` gives the form that may
+#   be shown (no user, no password, no query string).
+# * The schema changes only through ``MIGRATIONS``: numbered steps, each applied once, in order,
+#   inside one transaction that holds an advisory lock, so nodes starting together apply each
+#   step exactly once; a database whose schema is newer than this code is refused.
+"""What the PostgreSQL relay store and blob store share: pool, schema migrations, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from relay.errors import StorageError
+
+__all__ = [
+    "DB_ERRORS",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "PgSettings",
+    "create_pool",
+    "lock_key",
+    "migrate",
+    "redact_dsn",
+    "storage_errors",
+]
+
+log = logging.getLogger("relay.store")
+
+# Everything the driver or the network can raise while PostgreSQL is down, restarting or
+# refusing a statement. asyncpg's PostgresError covers server errors, InterfaceError covers a
+# connection that closed under us; OSError covers refused or reset sockets.
+DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True, slots=True)
+class PgSettings:
+    """How to reach PostgreSQL.
+
+    Attributes:
+        dsn: ``postgresql://user:password@host:port/database`` (never shown: see ``redact_dsn``).
+        pool_size: connections per process (writers, readers and the blob store's own pool).
+        timeout_seconds: connect and statement timeout; a server that stops answering turns
+            into ``StorageError`` after this long instead of hanging a request.
+        schema: the PostgreSQL schema the tables live in (tests give each store its own);
+            created if missing.
+    """
+
+    dsn: str
+    pool_size: int = 10
+    timeout_seconds: float = 10.0
+    schema: str = "public"
+
+    def __post_init__(self) -> None:
+        if _SCHEMA_RE.fullmatch(self.schema) is None:
+            raise ValueError("schema must be a lowercase identifier (a-z, 0-9, _)")
+
+    def __repr__(self) -> str:
+        return (
+            f"PgSettings(dsn={redact_dsn(self.dsn)!r}, pool_size={self.pool_size}, "
+            f"schema={self.schema!r})"
+        )
+
+
+def redact_dsn(dsn: str) -> str:
+    """Return ``host:port/database`` of a DSN: what a log line may show.
+
+    Args:
+        dsn: a ``postgresql://`` or ``redis://`` URL.
+
+    Returns:
+        The URL without scheme credentials or query string (``?`` if it cannot be parsed).
+    """
+    try:
+        parts = urlsplit(dsn)
+        host = parts.hostname or "localhost"
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "?"
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn any database or connection failure into ``StorageError`` (the cause is logged by
+    type only: server messages can quote the values of a statement).
+
+    Args:
+        what: a few words naming the operation, for the message and the log.
+
+    Raises:
+        StorageError: the body raised a database or connection error.
+    """
+    try:
+        yield
+    except DB_ERRORS as exc:
+        log.warning("postgres: %s failed: %s", what, type(exc).__name__)
+        raise StorageError(f"{what} failed: {type(exc).__name__}") from exc
+
+
+def lock_key(schema: str, name: str) -> int:
+    """A 63-bit advisory lock key for ``name`` in ``schema`` (stores sharing a database in
+    different schemas never contend)."""
+    digest = hashlib.blake2b(f"{schema}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def create_pool(settings: PgSettings) -> asyncpg.Pool:
+    """Open a connection pool whose sessions commit durably and use ``settings.schema``.
+
+    Raises:
+        StorageError: PostgreSQL cannot be reached or refuses the login.
+    """
+    server_settings = {
+        # A commit returns only once its WAL record is flushed (and, with synchronous
+        # standbys configured on the server, replicated): a 200 means durably stored.
+        "synchronous_commit": "on",
+        "search_path": settings.schema,
+        "application_name": "blindpost-relay",
+    }
+    with storage_errors(f"connect to {redact_dsn(settings.dsn)}"):
+        pool = await asyncpg.create_pool(
+            settings.dsn,
+            min_size=1,
+            max_size=settings.pool_size,
+            timeout=settings.timeout_seconds,
+            command_timeout=settings.timeout_seconds,
+            server_settings=server_settings,
+            # Statements are prepared once per connection and reused (asyncpg's cache).
+            statement_cache_size=256,
+        )
+    assert pool is not None
+    return pool
+
+
+# Each step: (version, SQL). Never edit a step once released; add a new one.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE TABLE users(
+            pk bigserial PRIMARY KEY,
+            username text NOT NULL UNIQUE,
+            created_ms bigint NOT NULL);
+        CREATE TABLE devices(
+            pk bigserial PRIMARY KEY,
+            user_pk bigint NOT NULL REFERENCES users(pk),
+            device_id integer NOT NULL,
+            auth_key bytea NOT NULL,
+            created_ms bigint NOT NULL,
+            registration_id integer, identity_key bytea,
+            spk_id integer, spk_pub bytea, spk_sig bytea,
+            -- Per-device mailbox sequence and quota counters, changed only by a transaction
+            -- that holds this row's lock: seqs follow commit order (docs/architecture.md).
+            last_seq bigint NOT NULL DEFAULT 0,
+            msg_count bigint NOT NULL DEFAULT 0,
+            msg_bytes bigint NOT NULL DEFAULT 0,
+            UNIQUE(user_pk, device_id));
+        CREATE TABLE otpks(
+            device_pk bigint NOT NULL REFERENCES devices(pk) ON DELETE CASCADE,
+            key_id integer NOT NULL,
+            public_key bytea NOT NULL,
+            PRIMARY KEY(device_pk, key_id));
+        CREATE TABLE messages(
+            msg_id bytea PRIMARY KEY,
+            sender text NOT NULL,
+            sender_device integer NOT NULL,
+            stored_ms bigint NOT NULL,
+            n_recipients integer NOT NULL,
+            -- Mailbox rows still holding the body; at 0 the body is dropped and the row stays
+            -- as the dedupe tombstone until the dedupe window ends.
+            holders integer NOT NULL,
+            body bytea);
+        CREATE INDEX messages_stored ON messages(stored_ms);
+        -- No foreign keys on the hot tables (one check per row): rows go with their device
+        -- or message through explicit statements in the same transaction.
+        CREATE TABLE mailbox(
+            device_pk bigint NOT NULL,
+            seq bigint NOT NULL,
+            msg_id bytea NOT NULL,
+            size integer NOT NULL,
+            PRIMARY KEY(device_pk, seq));
+        CREATE UNIQUE INDEX mailbox_msg ON mailbox(msg_id, device_pk);
+        CREATE TABLE blobs(
+            id text PRIMARY KEY,
+            size bigint NOT NULL,
+            stored_ms bigint NOT NULL);
+        CREATE INDEX blobs_stored ON blobs(stored_ms);
+        """,
+    ),
+    (
+        2,
+        """
+        -- The PostgreSQL blob store (relay.blobs_postgres): content in chunks of at most
+        -- relay.blobs.CHUNK_SIZE bytes; uploads in progress are staged under an upload id
+        -- and renamed to their content address in the transaction that finalizes them.
+        CREATE TABLE blob_content(
+            id text PRIMARY KEY,
+            size bigint NOT NULL,
+            chunks integer NOT NULL);
+        CREATE TABLE blob_chunks(
+            id text NOT NULL,
+            n integer NOT NULL,
+            data bytea NOT NULL,
+            PRIMARY KEY(id, n));
+        CREATE TABLE blob_uploads(
+            upload_id text PRIMARY KEY,
+            started_ms bigint NOT NULL);
+        """,
+    ),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+async def migrate(pool: asyncpg.Pool, schema: str) -> int:
+    """Bring the schema up to ``SCHEMA_VERSION`` (idempotent, safe with nodes starting together).
+
+    Args:
+        pool: an open pool whose sessions use ``schema``.
+        schema: the schema to create and migrate.
+
+    Returns:
+        The number of steps applied (0 when already current).
+
+    Raises:
+        StorageError: the database is unreachable, or its schema is newer than this code.
+    """
+    applied = 0
+    with storage_errors("schema migration"):
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", lock_key(schema, "migrate"))
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations("
+                "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            if current > SCHEMA_VERSION:
+                raise StorageError(
+                    f"database schema {current} is newer than this relay's {SCHEMA_VERSION}"
+                )
+            for version, sql in MIGRATIONS:
+                if version <= current:
+                    continue
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations(version) VALUES ($1)", version)
+                applied += 1
+    if applied:
+        log.info("postgres schema migrated to version %d (%d steps)", SCHEMA_VERSION, applied)
+    return applied

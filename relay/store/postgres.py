@@ -1,0 +1,847 @@
+# Invariants:
+# * Same contract as every RelayStore (one conformance suite and one state machine run against
+#   all backends): a write's future resolves only after COMMIT returned with
+#   synchronous_commit = on; a failed write changed nothing; only opaque bytes are stored.
+# * Sends and acks are group-committed: every one submitted while a batch commits joins the
+#   next batch, one transaction with a fixed number of statements whatever its size. Up to
+#   ``write_connections`` batches run at once, but a batch that names a user (recipient, acking
+#   device) of a batch still in flight starts only after that one finished, so on one node
+#   batches touching a device commit, answer and reach the delivery listener in submission
+#   order.
+# * A device's mailbox seqs, message count and bytes live in its ``devices`` row and change
+#   only in a transaction holding that row's lock (taken by every batch, in pk order, before
+#   any write). Two transactions writing one mailbox therefore commit one after the other, and
+#   the later one reads the earlier one's last_seq: per-device seqs increase in commit order
+#   whichever node commits (docs/architecture.md, "PostgreSQL backend").
+# * Deadlocks and unique-key races between nodes abort a whole batch, which is then computed
+#   again from the database (up to ``_ATTEMPTS`` times); nothing is applied locally before
+#   COMMIT returned.
+# * Every driver or connection failure surfaces as StorageError (relay.store.pg_common).
+"""PostgreSQL implementation of ``RelayStore`` (asyncpg), for relays running as several nodes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from relay.errors import BadRequest, Conflict, NotFound, RelayError, StorageError
+from relay.store.base import (
+    Address,
+    Delivery,
+    DeliveryListener,
+    DeviceBundle,
+    DeviceInfo,
+    Envelope,
+    KeyUpload,
+    OneTimePrekey,
+    SendReceipt,
+    SignedPrekey,
+    StoredMessage,
+    StoreLimits,
+    StoreStats,
+    SweepReport,
+)
+from relay.store.pg_common import (
+    DB_ERRORS,
+    PgSettings,
+    create_pool,
+    lock_key,
+    migrate,
+    redact_dsn,
+    storage_errors,
+)
+from relay.store.rules import check_quota, resolve_recipients
+
+__all__ = ["PostgresRelayStore"]
+
+log = logging.getLogger("relay.store")
+
+_SWEEP_CHUNK = 5000
+_ATTEMPTS = 5
+_SEND, _ACK = 1, 2
+# Aborts that say "another transaction got there first", not "this batch is wrong".
+_RETRYABLE = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.UniqueViolationError,
+)
+
+# A batch is four round trips whatever its size: BEGIN, _BATCH_READ, _BATCH_WRITE, COMMIT.
+#
+# _BATCH_READ: the directory of the users the batch names, with the lock on each of their
+# devices taken in pk order (every writer locks devices in that order, so writers never wait on
+# each other in a cycle; under READ COMMITTED a row another transaction changed meanwhile is
+# read again once its lock is free, so last_seq and the counters are the committed ones); every
+# named user (kind 1, so a user with no device left is told from an unknown one); and the stored
+# messages among the batch's message ids (kind 2, for deduplication).
+_BATCH_READ = """
+WITH locked AS (
+    SELECT u.username, d.device_id, d.pk, d.last_seq, d.msg_count, d.msg_bytes
+    FROM devices d JOIN users u ON u.pk = d.user_pk WHERE u.username = ANY($1::text[])
+    ORDER BY d.pk FOR UPDATE OF d)
+SELECT 0 AS kind, username, device_id, pk, last_seq, msg_count, msg_bytes, NULL::bytea AS mid
+FROM locked
+UNION ALL
+SELECT 1, username, NULL, NULL, NULL, NULL, NULL, NULL FROM users
+WHERE username = ANY($1::text[])
+UNION ALL
+SELECT 2, sender, sender_device, n_recipients, stored_ms, NULL, NULL, msg_id FROM messages
+WHERE msg_id = ANY($2::bytea[])
+"""
+# _BATCH_WRITE: the batch's new messages and mailbox rows, its acks (deleted rows drop their
+# message's body once no mailbox holds it), and each touched device's seq and counters, in one
+# statement. The sends' seqs and counter deltas were computed from the locked rows; the acks'
+# deltas come from the rows actually deleted. Acks see the mailbox as it was before the batch's
+# own sends (one statement, one snapshot), as on SQLite where a batch's acks run last.
+_BATCH_WRITE = """
+WITH m AS (
+    INSERT INTO messages(msg_id, sender, sender_device, stored_ms, n_recipients, holders, body)
+    SELECT * FROM unnest($1::bytea[], $2::text[], $3::int[], $4::bigint[], $5::int[],
+                         $5::int[], $6::bytea[])),
+mb AS (
+    INSERT INTO mailbox(device_pk, seq, msg_id, size)
+    SELECT * FROM unnest($7::bigint[], $8::bigint[], $9::bytea[], $10::int[])),
+del AS (
+    DELETE FROM mailbox x USING unnest($15::bigint[], $16::bytea[]) AS r(d, mid)
+    WHERE x.device_pk = r.d AND x.msg_id = r.mid
+    RETURNING x.device_pk, x.msg_id, x.size),
+gone AS (
+    UPDATE messages g SET holders = g.holders - a.n,
+        body = CASE WHEN g.holders = a.n THEN NULL ELSE g.body END
+    FROM (SELECT msg_id, count(*)::int AS n FROM del GROUP BY msg_id) a
+    WHERE g.msg_id = a.msg_id),
+sd AS (
+    SELECT * FROM unnest($11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[])
+    AS v(pk, seq, c, b)),
+ad AS (
+    SELECT device_pk AS pk, count(*) AS n, sum(size) AS b FROM del GROUP BY device_pk),
+dev AS (
+    UPDATE devices d SET last_seq = coalesce(t.seq, d.last_seq),
+        msg_count = d.msg_count + coalesce(t.c, 0) - coalesce(t.n, 0),
+        msg_bytes = d.msg_bytes + coalesce(t.b, 0) - coalesce(t.ab, 0)
+    FROM (SELECT coalesce(sd.pk, ad.pk) AS pk, sd.seq, sd.c, sd.b, ad.n, ad.b AS ab
+          FROM sd FULL JOIN ad ON sd.pk = ad.pk) t
+    WHERE d.pk = t.pk)
+SELECT device_pk, msg_id, size FROM del
+"""
+_DEVICE_PK = (
+    "SELECT d.pk FROM devices d JOIN users u ON u.pk = d.user_pk "
+    "WHERE u.username = $1 AND d.device_id = $2"
+)
+# Mailbox rows leave with their holders' count on the message (body dropped at 0) and their
+# device's counters; the device rows must be locked (pk order) by the caller.
+_DROP_MAILBOX_ROWS = """
+WITH del AS (
+    DELETE FROM mailbox WHERE {where} RETURNING device_pk, msg_id, size),
+msg AS (
+    UPDATE messages m SET holders = m.holders - g.n,
+        body = CASE WHEN m.holders = g.n THEN NULL ELSE m.body END
+    FROM (SELECT msg_id, count(*)::int AS n FROM del GROUP BY msg_id) g
+    WHERE m.msg_id = g.msg_id),
+dev AS (
+    UPDATE devices d SET msg_count = d.msg_count - g.n, msg_bytes = d.msg_bytes - g.b
+    FROM (SELECT device_pk, count(*) AS n, sum(size) AS b FROM del GROUP BY device_pk) g
+    WHERE d.pk = g.device_pk)
+SELECT count(*) FROM del
+"""
+
+
+@dataclass(slots=True)
+class _Op:
+    kind: int
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+
+
+@dataclass(slots=True)
+class _Batch:
+    ops: list[_Op]
+    users: frozenset[str]
+    done: asyncio.Future[None]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What a batch did, applied to the store's counters and futures only after COMMIT."""
+
+    results: list[tuple[asyncio.Future[Any], bool, Any]] = field(default_factory=list)
+    deliveries: list[Delivery] = field(default_factory=list)
+    accepted: int = 0
+    queued: int = 0
+
+
+class PostgresRelayStore:
+    """``RelayStore`` on PostgreSQL with group commit; several relay nodes may share one database.
+
+    Args:
+        settings: how to reach PostgreSQL (the DSN is never logged).
+        limits: quotas, retention and batching (``write_batch_max``).
+        write_connections: batches that may commit at the same time (each holds a connection).
+    """
+
+    def __init__(
+        self,
+        settings: PgSettings,
+        limits: StoreLimits | None = None,
+        *,
+        write_connections: int = 2,
+    ) -> None:
+        if write_connections < 1 or write_connections >= settings.pool_size:
+            raise ValueError("write_connections must be 1..pool_size-1")
+        self._settings = settings
+        self._limits = limits or StoreLimits()
+        self._writers = write_connections
+        self._pool: asyncpg.Pool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: DeliveryListener | None = None
+        self._pending: list[_Op] = []
+        self._inflight: list[_Batch] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: asyncio.Event | None = None
+        self._closing = False
+        self._queued = 0
+        self._accepted = 0
+        self._blob_bytes = 0
+        self._commits = 0
+        self._committed_ops = 0
+        self._sweep_key = lock_key(settings.schema, "sweep")
+
+    def __repr__(self) -> str:
+        where = redact_dsn(self._settings.dsn)
+        return f"PostgresRelayStore({where}, schema={self._settings.schema})"
+
+    @property
+    def limits(self) -> StoreLimits:
+        """The quotas, retention and batching this store was opened with."""
+        return self._limits
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def set_delivery_listener(self, listener: DeliveryListener | None) -> None:
+        """See ``RelayStore.set_delivery_listener``."""
+        self._listener = listener
+
+    async def open(self) -> None:
+        """Connect, migrate the schema and load the counters.
+
+        Raises:
+            StorageError: PostgreSQL is unreachable, or its schema is newer than this code.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        pool = await create_pool(self._settings)
+        try:
+            await migrate(pool, self._settings.schema)
+            with storage_errors("load counters"):
+                row = await pool.fetchrow(
+                    "SELECT (SELECT count(*) FROM mailbox), "
+                    "(SELECT coalesce(sum(size), 0) FROM blobs)"
+                )
+        except BaseException:
+            await pool.close()
+            raise
+        assert row is not None
+        self._queued, self._blob_bytes = int(row[0]), int(row[1])
+        self._pool = pool
+        log.info("store: postgres %s", redact_dsn(self._settings.dsn))
+
+    async def close(self) -> None:
+        """Commit every write already submitted, then close the connections."""
+        self._closing = True
+        if self._idle is not None:
+            await self._idle.wait()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), self._settings.timeout_seconds)
+            except DB_ERRORS:
+                pool.terminate()
+
+    def stats(self) -> StoreStats:
+        """See ``RelayStore.stats``: counted at open, then kept by this node's own commits
+        (another node's commits show after a restart)."""
+        return StoreStats(
+            self._queued, self._accepted, self._blob_bytes, self._commits, self._committed_ops
+        )
+
+    def _pool_or_fail(self) -> asyncpg.Pool:
+        if self._pool is None or self._closing:
+            raise StorageError("store is closed")
+        return self._pool
+
+    # -- group commit ----------------------------------------------------------------------
+
+    def _submit(self, kind: int, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        self._pool_or_fail()
+        assert self._loop is not None and self._idle is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._pending.append(_Op(kind, args, fut))
+        self._idle.clear()
+        if len(self._pending) == 1:
+            self._loop.call_soon(self._start_batches)
+        return fut
+
+    def _start_batches(self) -> None:
+        assert self._loop is not None and self._idle is not None
+        while self._pending and len(self._inflight) < self._writers:
+            ops = self._pending[: self._limits.write_batch_max]
+            del self._pending[: len(ops)]
+            users = frozenset(_users_of(ops))
+            waits = [b.done for b in self._inflight if b.users & users]
+            batch = _Batch(ops, users, self._loop.create_future())
+            self._inflight.append(batch)
+            task = self._loop.create_task(self._run_batch(batch, waits))
+            self._tasks.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._tasks.discard)
+        if not self._pending and not self._inflight:
+            self._idle.set()
+
+    async def _run_batch(self, batch: _Batch, waits: list[asyncio.Future[None]]) -> None:
+        try:
+            for fut in waits:
+                await asyncio.shield(fut)
+            outcome = await self._commit_batch(batch.ops)
+        except Exception as exc:
+            if not isinstance(exc, RelayError):
+                log.exception("write batch of %d failed", len(batch.ops))
+                exc = StorageError("storage failure")
+            outcome = _Outcome(results=[(op.future, False, exc) for op in batch.ops])
+        else:
+            self._commits += 1
+            self._committed_ops += len(batch.ops)
+            self._accepted += outcome.accepted
+            self._queued += outcome.queued
+        for fut, ok, value in outcome.results:
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+        # The futures' callbacks (send results) run first; the fan-out follows them, in the
+        # order batches finish (batches sharing a user finish in submission order).
+        if outcome.deliveries and self._listener is not None:
+            assert self._loop is not None
+            self._loop.call_soon(self._deliver, outcome.deliveries)
+        self._inflight.remove(batch)
+        batch.done.set_result(None)
+        self._start_batches()
+
+    def _deliver(self, deliveries: list[Delivery]) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        try:
+            listener(deliveries)
+        except Exception:
+            log.exception("delivery listener failed")
+
+    async def _commit_batch(self, ops: list[_Op]) -> _Outcome:
+        pool = self._pool
+        if pool is None:
+            raise StorageError("store is closed")
+        with storage_errors("write batch"):
+            async with pool.acquire() as conn:
+                for attempt in range(1, _ATTEMPTS + 1):
+                    try:
+                        async with conn.transaction():
+                            return await self._batch_statements(conn, ops)
+                    except _RETRYABLE as exc:
+                        if attempt == _ATTEMPTS:
+                            raise StorageError("write batch kept conflicting") from exc
+                        log.info("write batch retried (%s)", type(exc).__name__)
+        raise AssertionError("unreachable")
+
+    async def _batch_statements(self, conn: asyncpg.Connection, ops: list[_Op]) -> _Outcome:
+        """Run one batch's statements inside its transaction; change nothing outside it."""
+        out = _Outcome()
+        sends = [op for op in ops if op.kind == _SEND]
+        acks = [op for op in ops if op.kind == _ACK]
+        known: dict[bytes, tuple[str, int, int, int]] = {}
+        directory: dict[str, dict[int, int]] = {}
+        last_seq: dict[int, int] = {}
+        usage: dict[int, list[int]] = {}
+        rows = await conn.fetch(
+            _BATCH_READ, sorted(_users_of(ops)), [op.args[1].message_id for op in sends]
+        )
+        for kind, name, dev_id, pk, seq_or_ms, count, size, mid in rows:
+            if kind == 0:
+                directory.setdefault(name, {})[int(dev_id)] = int(pk)
+                last_seq[int(pk)] = int(seq_or_ms)
+                usage[int(pk)] = [int(count), int(size)]
+            elif kind == 1:
+                directory.setdefault(name, {})
+            else:
+                known[bytes(mid)] = (name, int(dev_id), int(pk), int(seq_or_ms))
+        added: dict[int, list[int]] = {}  # device pk -> [rows, bytes] this batch's sends add
+        msgs: list[tuple[bytes, str, int, int, int, bytes | None]] = []
+        rows_mb: list[tuple[int, int, bytes, int]] = []
+        in_batch: dict[bytes, tuple[str, int, int, int]] = {}
+        lim = self._limits
+        for op in sends:
+            sender, env, now_ms = op.args
+            try:
+                prior = in_batch.get(env.message_id) or known.get(env.message_id)
+                if prior is not None:
+                    if prior[0] != sender.user or prior[1] != sender.device:
+                        raise Conflict(
+                            "message id used by another sender", code="message_id_conflict"
+                        )
+                    out.results.append(
+                        (op.future, True, SendReceipt(env.message_id, prior[2], prior[3]))
+                    )
+                    continue
+                targets = resolve_recipients(sender, env.recipients, directory.get)
+                size = len(env.body)
+                check_quota(
+                    targets,
+                    usage.__getitem__,
+                    size,
+                    lim.mailbox_max_messages,
+                    lim.mailbox_max_bytes,
+                )
+            except RelayError as exc:
+                out.results.append((op.future, False, exc))
+                continue
+            msgs.append(
+                (
+                    env.message_id,
+                    sender.user,
+                    sender.device,
+                    now_ms,
+                    len(targets),
+                    env.body if targets else None,
+                )
+            )
+            in_batch[env.message_id] = (sender.user, sender.device, len(targets), now_ms)
+            for addr, dev_pk in targets:
+                seq = last_seq[dev_pk] + 1
+                last_seq[dev_pk] = seq
+                use = usage[dev_pk]
+                use[0] += 1
+                use[1] += size
+                delta = added.setdefault(dev_pk, [0, 0])
+                delta[0] += 1
+                delta[1] += size
+                rows_mb.append((dev_pk, seq, env.message_id, size))
+                out.deliveries.append(
+                    Delivery(addr, StoredMessage(seq, env.message_id, sender, now_ms, env.body))
+                )
+            out.queued += len(targets)
+            out.accepted += 1
+            out.results.append((op.future, True, SendReceipt(env.message_id, len(targets), now_ms)))
+        # An id acknowledged twice in one batch counts for the first request only.
+        owner: dict[tuple[int, bytes], int] = {}
+        for i, op in enumerate(acks):
+            addr, ids = op.args
+            acker = directory.get(addr.user, {}).get(addr.device)
+            if acker is not None:
+                for mid in ids:
+                    owner.setdefault((acker, mid), i)
+        counts = [0] * len(acks)
+        if msgs or owner:
+            pks = sorted(added)
+            keys = list(owner)
+            deleted = await conn.fetch(
+                _BATCH_WRITE,
+                [m[0] for m in msgs],
+                [m[1] for m in msgs],
+                [m[2] for m in msgs],
+                [m[3] for m in msgs],
+                [m[4] for m in msgs],
+                [m[5] for m in msgs],
+                [r[0] for r in rows_mb],
+                [r[1] for r in rows_mb],
+                [r[2] for r in rows_mb],
+                [r[3] for r in rows_mb],
+                pks,
+                [last_seq[pk] for pk in pks],
+                [added[pk][0] for pk in pks],
+                [added[pk][1] for pk in pks],
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            )
+            for dev_pk, mid, _size in deleted:
+                counts[owner[(int(dev_pk), bytes(mid))]] += 1
+            out.queued -= len(deleted)
+        out.results.extend((op.future, True, n) for op, n in zip(acks, counts, strict=True))
+        return out
+
+    # -- accounts ------------------------------------------------------------------------
+
+    async def _transaction(self, what: str, fn: Callable[[asyncpg.Connection], Any]) -> Any:
+        """Run ``fn`` in its own transaction (retried on a deadlock or serialization failure)."""
+        pool = self._pool_or_fail()
+        with storage_errors(what):
+            async with pool.acquire() as conn:
+                for attempt in range(1, _ATTEMPTS + 1):
+                    try:
+                        async with conn.transaction():
+                            return await fn(conn)
+                    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                        if attempt == _ATTEMPTS:
+                            raise
+        raise AssertionError("unreachable")
+
+    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        """See ``RelayStore.create_account``."""
+
+        async def tx(conn: asyncpg.Connection) -> None:
+            user_pk = await conn.fetchval(
+                "INSERT INTO users(username, created_ms) VALUES ($1, $2) "
+                "ON CONFLICT (username) DO NOTHING RETURNING pk",
+                addr.user,
+                now_ms,
+            )
+            if user_pk is None:
+                raise Conflict("username is taken", code="username_taken")
+            await conn.execute(
+                "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) "
+                "VALUES ($1, $2, $3, $4)",
+                user_pk,
+                addr.device,
+                auth_key,
+                now_ms,
+            )
+
+        await self._transaction("create account", tx)
+
+    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+        """See ``RelayStore.add_device``."""
+
+        async def tx(conn: asyncpg.Connection) -> None:
+            # The user row's lock serializes device changes of one user across nodes, so the
+            # device limit holds.
+            user_pk = await conn.fetchval(
+                "SELECT pk FROM users WHERE username = $1 FOR UPDATE", addr.user
+            )
+            if user_pk is None:
+                raise NotFound("unknown user", code="unknown_user")
+            ids = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT device_id FROM devices WHERE user_pk = $1", user_pk
+                )
+            ]
+            if addr.device in ids:
+                raise Conflict("device id already registered", code="device_exists")
+            if len(ids) >= self._limits.max_devices_per_user:
+                raise Conflict("too many devices", code="too_many_devices")
+            await conn.execute(
+                "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) "
+                "VALUES ($1, $2, $3, $4)",
+                user_pk,
+                addr.device,
+                auth_key,
+                now_ms,
+            )
+
+        await self._transaction("add device", tx)
+
+    async def list_devices(self, user: str) -> list[DeviceInfo]:
+        """See ``RelayStore.list_devices``."""
+        pool = self._pool_or_fail()
+        with storage_errors("list devices"):
+            rows = await pool.fetch(
+                "SELECT d.device_id, d.created_ms, d.spk_id IS NOT NULL FROM devices d "
+                "JOIN users u ON u.pk = d.user_pk WHERE u.username = $1 ORDER BY d.device_id",
+                user,
+            )
+        return [DeviceInfo(int(r[0]), int(r[1]), bool(r[2])) for r in rows]
+
+    async def remove_device(self, addr: Address) -> None:
+        """See ``RelayStore.remove_device``."""
+
+        async def tx(conn: asyncpg.Connection) -> int:
+            await conn.execute("SELECT 1 FROM users WHERE username = $1 FOR UPDATE", addr.user)
+            dev_pk = await conn.fetchval(_DEVICE_PK + " FOR UPDATE OF d", addr.user, addr.device)
+            if dev_pk is None:
+                raise NotFound("unknown device", code="unknown_device")
+            removed = int(
+                await conn.fetchval(_DROP_MAILBOX_ROWS.format(where="device_pk = $1"), dev_pk)
+            )
+            await conn.execute("DELETE FROM otpks WHERE device_pk = $1", dev_pk)
+            await conn.execute("DELETE FROM devices WHERE pk = $1", dev_pk)
+            return removed
+
+        self._queued -= await self._transaction("remove device", tx)
+
+    async def auth_key(self, addr: Address) -> bytes | None:
+        """See ``RelayStore.auth_key``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read auth key"):
+            key = await pool.fetchval(
+                "SELECT d.auth_key FROM devices d JOIN users u ON u.pk = d.user_pk "
+                "WHERE u.username = $1 AND d.device_id = $2",
+                addr.user,
+                addr.device,
+            )
+        return None if key is None else bytes(key)
+
+    # -- keys ----------------------------------------------------------------------------
+
+    async def upload_keys(self, addr: Address, upload: KeyUpload) -> int:
+        """See ``RelayStore.upload_keys``."""
+
+        async def tx(conn: asyncpg.Connection) -> int:
+            row = await conn.fetchrow(
+                "SELECT d.pk, d.identity_key, d.spk_id FROM devices d "
+                "JOIN users u ON u.pk = d.user_pk WHERE u.username = $1 AND d.device_id = $2 "
+                "FOR UPDATE OF d",
+                addr.user,
+                addr.device,
+            )
+            if row is None:
+                raise NotFound("unknown device", code="unknown_device")
+            dev_pk, stored_identity, spk_id = row
+            if stored_identity is not None and bytes(stored_identity) != upload.identity_key:
+                raise Conflict("a different identity key is registered", code="identity_mismatch")
+            if spk_id is None and upload.signed_prekey is None:
+                raise BadRequest("the first upload must include signed_prekey")
+            new_ids = sorted({k.id for k in upload.one_time_prekeys})
+            existing, already = await conn.fetchrow(
+                "SELECT count(*), count(*) FILTER (WHERE key_id = ANY($2::int[])) "
+                "FROM otpks WHERE device_pk = $1",
+                dev_pk,
+                new_ids,
+            )
+            total = int(existing) + len(new_ids) - int(already)
+            if total > self._limits.max_one_time_prekeys:
+                raise Conflict("too many one-time prekeys stored", code="prekey_pool_full")
+            spk = upload.signed_prekey
+            await conn.execute(
+                "UPDATE devices SET identity_key = $2, registration_id = $3, "
+                "spk_id = coalesce($4, spk_id), spk_pub = coalesce($5, spk_pub), "
+                "spk_sig = coalesce($6, spk_sig) WHERE pk = $1",
+                dev_pk,
+                upload.identity_key,
+                upload.registration_id,
+                None if spk is None else spk.id,
+                None if spk is None else spk.public_key,
+                None if spk is None else spk.signature,
+            )
+            if upload.one_time_prekeys:
+                await conn.execute(
+                    "INSERT INTO otpks(device_pk, key_id, public_key) "
+                    "SELECT $1, k, p FROM unnest($2::int[], $3::bytea[]) AS v(k, p) "
+                    "ON CONFLICT (device_pk, key_id) "
+                    "DO UPDATE SET public_key = excluded.public_key",
+                    dev_pk,
+                    [k.id for k in _last_per_id(upload.one_time_prekeys)],
+                    [k.public_key for k in _last_per_id(upload.one_time_prekeys)],
+                )
+            return total
+
+        result: int = await self._transaction("upload keys", tx)
+        return result
+
+    async def prekey_count(self, addr: Address) -> int:
+        """See ``RelayStore.prekey_count``."""
+        pool = self._pool_or_fail()
+        with storage_errors("count prekeys"):
+            n = await pool.fetchval(
+                f"SELECT count(*) FROM otpks WHERE device_pk = ({_DEVICE_PK})",  # noqa: S608
+                addr.user,
+                addr.device,
+            )
+        return int(n)
+
+    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+        """See ``RelayStore.fetch_bundles`` (each one-time prekey is handed out once, whichever
+        node hands it out)."""
+
+        async def tx(conn: asyncpg.Connection) -> list[DeviceBundle]:
+            user_pk = await conn.fetchval("SELECT pk FROM users WHERE username = $1", user)
+            if user_pk is None:
+                raise NotFound("unknown user", code="unknown_user")
+            rows = await conn.fetch(
+                "SELECT pk, device_id, registration_id, identity_key, spk_id, spk_pub, spk_sig "
+                "FROM devices WHERE user_pk = $1 AND ($2::int IS NULL OR device_id = $2) "
+                "AND identity_key IS NOT NULL AND spk_id IS NOT NULL ORDER BY device_id",
+                user_pk,
+                device,
+            )
+            bundles: list[DeviceBundle] = []
+            for dev_pk, dev_id, reg_id, identity, spk_id, spk_pub, spk_sig in rows:
+                otpk_row = await conn.fetchrow(
+                    "DELETE FROM otpks WHERE (device_pk, key_id) = (SELECT device_pk, key_id "
+                    "FROM otpks WHERE device_pk = $1 ORDER BY key_id LIMIT 1 "
+                    "FOR UPDATE SKIP LOCKED) RETURNING key_id, public_key",
+                    dev_pk,
+                )
+                otpk = (
+                    None
+                    if otpk_row is None
+                    else OneTimePrekey(int(otpk_row[0]), bytes(otpk_row[1]))
+                )
+                bundles.append(
+                    DeviceBundle(
+                        device_id=int(dev_id),
+                        registration_id=int(reg_id),
+                        identity_key=bytes(identity),
+                        signed_prekey=SignedPrekey(int(spk_id), bytes(spk_pub), bytes(spk_sig)),
+                        one_time_prekey=otpk,
+                    )
+                )
+            if device is not None and not bundles:
+                raise NotFound("unknown device or no keys uploaded", code="unknown_device")
+            return bundles
+
+        result: list[DeviceBundle] = await self._transaction("fetch bundles", tx)
+        return result
+
+    # -- messages ------------------------------------------------------------------------
+
+    def submit_send(
+        self, sender: Address, envelope: Envelope, now_ms: int
+    ) -> asyncio.Future[SendReceipt]:
+        """See ``RelayStore.submit_send``."""
+        return self._submit(_SEND, (sender, envelope, now_ms))
+
+    async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
+        """See ``RelayStore.ack``."""
+        return await self.submit_ack(addr, message_ids)
+
+    def submit_ack(self, addr: Address, message_ids: Sequence[bytes]) -> asyncio.Future[int]:
+        """See ``RelayStore.submit_ack``."""
+        return self._submit(_ACK, (addr, tuple(dict.fromkeys(message_ids))))
+
+    async def fetch_mailbox(
+        self, addr: Address, after_seq: int, limit: int, max_bytes: int
+    ) -> list[StoredMessage]:
+        """See ``RelayStore.fetch_mailbox``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read mailbox"):
+            rows = await pool.fetch(
+                "SELECT mb.seq, m.msg_id, m.sender, m.sender_device, m.stored_ms, m.body "  # noqa: S608
+                "FROM mailbox mb JOIN messages m ON m.msg_id = mb.msg_id "
+                f"WHERE mb.device_pk = ({_DEVICE_PK}) AND mb.seq > $3 "
+                "ORDER BY mb.seq LIMIT $4",
+                addr.user,
+                addr.device,
+                after_seq,
+                limit,
+            )
+        out: list[StoredMessage] = []
+        total = 0
+        for seq, mid, sender, sdev, stored, body in rows:
+            data = bytes(body) if body is not None else b""
+            if out and total + len(data) > max_bytes:
+                break
+            total += len(data)
+            out.append(
+                StoredMessage(int(seq), bytes(mid), Address(sender, int(sdev)), int(stored), data)
+            )
+        return out
+
+    async def mailbox_count(self, addr: Address) -> int:
+        """See ``RelayStore.mailbox_count``."""
+        pool = self._pool_or_fail()
+        with storage_errors("count mailbox"):
+            n = await pool.fetchval(
+                f"SELECT count(*) FROM mailbox WHERE device_pk = ({_DEVICE_PK})",  # noqa: S608
+                addr.user,
+                addr.device,
+            )
+        return int(n)
+
+    # -- blobs and retention -------------------------------------------------------------
+
+    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+        """See ``RelayStore.put_blob``."""
+        pool = self._pool_or_fail()
+        with storage_errors("record blob"):
+            # xmax = 0 only on a freshly inserted row version, not on an updated one.
+            new = bool(
+                await pool.fetchval(
+                    "INSERT INTO blobs(id, size, stored_ms) VALUES ($1, $2, $3) "
+                    "ON CONFLICT (id) DO UPDATE SET stored_ms = excluded.stored_ms "
+                    "RETURNING xmax = 0",
+                    blob_id,
+                    size,
+                    now_ms,
+                )
+            )
+        if new:
+            self._blob_bytes += size
+        return new
+
+    async def blob_exists(self, blob_id: str) -> bool:
+        """See ``RelayStore.blob_exists``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read blob"):
+            found = await pool.fetchval("SELECT 1 FROM blobs WHERE id = $1", blob_id)
+        return found is not None
+
+    async def sweep(self, now_ms: int) -> SweepReport:
+        """See ``RelayStore.sweep``. One node sweeps at a time: a node that finds the sweep
+        lock (a transaction-level advisory lock) taken sweeps nothing and reports nothing."""
+        lim = self._limits
+
+        async def tx(conn: asyncpg.Connection) -> tuple[SweepReport, int, int]:
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._sweep_key):
+                return SweepReport(0, ()), 0, 0
+            expired = [
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT msg_id FROM messages WHERE stored_ms < $1 ORDER BY stored_ms LIMIT $2",
+                    now_ms - lim.message_ttl_ms,
+                    _SWEEP_CHUNK,
+                )
+            ]
+            removed = 0
+            if expired:
+                await conn.execute(
+                    "SELECT 1 FROM devices WHERE pk IN (SELECT device_pk FROM mailbox "
+                    "WHERE msg_id = ANY($1::bytea[])) ORDER BY pk FOR UPDATE",
+                    expired,
+                )
+                removed = int(
+                    await conn.fetchval(
+                        _DROP_MAILBOX_ROWS.format(where="msg_id = ANY($1::bytea[])"), expired
+                    )
+                )
+                await conn.execute("DELETE FROM messages WHERE msg_id = ANY($1::bytea[])", expired)
+            await conn.execute(
+                "DELETE FROM messages WHERE msg_id IN (SELECT msg_id FROM messages "
+                "WHERE stored_ms < $1 AND body IS NULL LIMIT $2)",
+                now_ms - lim.dedupe_window_ms,
+                _SWEEP_CHUNK,
+            )
+            blob_rows = await conn.fetch(
+                "DELETE FROM blobs WHERE id IN (SELECT id FROM blobs WHERE stored_ms < $1 "
+                "LIMIT $2) RETURNING id, size",
+                now_ms - lim.blob_ttl_ms,
+                _SWEEP_CHUNK,
+            )
+            blob_bytes = sum(int(r[1]) for r in blob_rows)
+            report = SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows))
+            return report, removed, blob_bytes
+
+        report, removed, blob_bytes = await self._transaction("sweep", tx)
+        self._queued -= removed
+        self._blob_bytes -= blob_bytes
+        return report  # type: ignore[no-any-return]
+
+
+def _users_of(ops: Sequence[_Op]) -> set[str]:
+    """The users a batch's operations name: recipients of sends, the acking device's user."""
+    users: set[str] = set()
+    for op in ops:
+        if op.kind == _SEND:
+            users.update(r.user for r in op.args[1].recipients)
+        else:
+            users.add(op.args[0].user)
+    return users
+
+
+def _last_per_id(keys: Sequence[OneTimePrekey]) -> list[OneTimePrekey]:
+    """One key per id, the last one given (as ``INSERT OR REPLACE`` row by row would keep)."""
+    return list({k.id: k for k in keys}.values())
