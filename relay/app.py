@@ -50,6 +50,7 @@ from relay.wire import (
     decode_send,
     message_json,
     parse_ack_ids,
+    parse_ascii_uint,
     parse_device_id,
     parse_json_send,
     parse_key_upload,
@@ -433,9 +434,13 @@ def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) 
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 19 or not lo <= int(raw) <= hi:
+    try:
+        value = parse_ascii_uint(raw, name, 19)
+    except BadRequest:
+        value = -1
+    if not lo <= value <= hi:
         raise BadRequest(f"{name} must be an integer {lo}..{hi}")
-    return int(raw)
+    return value
 
 
 async def ack_messages(request: web.Request) -> web.Response:

@@ -29,7 +29,7 @@ from blindpost_wire.auth import (
     canonical_string,
 )
 from relay.errors import AuthError, BadRequest, RelayError
-from relay.wire import USERNAME_RE, b64d, b64e, parse_device_id
+from relay.wire import USERNAME_RE, b64d, b64e, parse_ascii_uint, parse_device_id
 
 __all__ = [
     "AUTH_VERSION",
@@ -122,14 +122,13 @@ def parse_signed_headers(headers: Mapping[str, str]) -> SignedHeaders:
         if USERNAME_RE.fullmatch(user) is None:
             raise BadRequest("bad user")
         device = parse_device_id(device_raw)
-        if not ts_raw.isdigit() or len(ts_raw) > 15:
-            raise BadRequest("bad timestamp")
+        timestamp_ms = parse_ascii_uint(ts_raw, "timestamp", 15)
         if _NONCE_RE.fullmatch(nonce) is None:
             raise BadRequest("bad nonce")
         signature = b64d(sig_raw, "signature", 64)
     except BadRequest as exc:
         raise AuthError(f"malformed auth headers: {exc.message}", code="auth_missing") from exc
-    return SignedHeaders(user, device, int(ts_raw), nonce, signature)
+    return SignedHeaders(user, device, timestamp_ms, nonce, signature)
 
 
 def body_digest_header(headers: Mapping[str, str]) -> str | None:
