@@ -26,9 +26,9 @@ from aiohttp import web
 
 from relay.auth import (
     H_CONTENT_SHA256,
-    NonceCache,
     SignedHeaders,
     body_digest_header,
+    check_fresh,
     parse_signed_headers,
     verify_signature,
 )
@@ -39,6 +39,14 @@ from relay.guard import request_started, response_finished
 from relay.hub import CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimiter
+from relay.replay import (
+    ManagedReplayGuard,
+    MemoryReplayGuard,
+    ReplayGuard,
+    SqliteReplayGuard,
+    load_replay_secret,
+    replay_key,
+)
 from relay.store.base import Address, RelayStore, StoreLimits
 from relay.store.sqlite import SqliteRelayStore
 from relay.wire import (
@@ -68,6 +76,7 @@ __all__ = [
     "json_errors",
     "load_openapi",
     "receipt_json",
+    "replay_secret_path",
     "sweep_once",
 ]
 
@@ -98,11 +107,13 @@ class RelayState:
     metrics: Metrics
     hub: Hub
     blobs: BlobFiles
-    nonces: NonceCache
+    replay: ReplayGuard
     register_limit: RateLimiter
     send_limit: RateLimiter
     fetch_limit: RateLimiter
     keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
+    # The key of the replay digests (relay.replay.replay_key); loaded when the app starts.
+    replay_secret: bytes = b""
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     # Scale-out hook (relay.cluster): told of a removed device so other workers drop its cached
     # auth key and close its socket. None in a single process.
@@ -125,7 +136,7 @@ class RelayState:
             AuthError: missing, stale, replayed or invalid signature.
         """
         sh = parse_signed_headers(request.headers)
-        self.nonces.check_fresh(sh, self.clock.now_ms())
+        check_fresh(sh, self.clock.now_ms(), self.window_ms)
         declared = body_digest_header(request.headers)
         if declared is not None and declared != body_sha256:
             raise AuthError("body does not match X-Blindpost-Content-SHA256", code="auth_invalid")
@@ -158,7 +169,7 @@ class RelayState:
             AuthError: stale, replayed or invalid signature, unknown device.
         """
         now = self.clock.now_ms()
-        self.nonces.check_fresh(sh, now)
+        check_fresh(sh, now, self.window_ms)
         addr = Address(sh.user, sh.device)
         if register_key is not None:
             key_bytes = register_key
@@ -168,12 +179,29 @@ class RelayState:
                 raise AuthError("unknown device", code="auth_invalid")
             key_bytes = found
         verify_signature(key_bytes, sh, method, target, body_sha256)
-        self.nonces.remember(sh, now)
+        await self.claim_nonce(sh, now)
         if register_key is None and addr not in self.keys:
             if len(self.keys) > 200_000:
                 self.keys.clear()
             self.keys[addr] = key_bytes
         return addr
+
+    @property
+    def window_ms(self) -> int:
+        """The auth window in milliseconds."""
+        return int(self.config.auth_window_seconds * 1000)
+
+    async def claim_nonce(self, sh: SignedHeaders, now_ms: int) -> None:
+        """Record a verified request's nonce in the replay guard (durably, for the SQLite one).
+
+        Raises:
+            AuthError: ``auth_replay``, the nonce was accepted before inside the window.
+            RelayError: 503 when the guard is full or unavailable.
+        """
+        key = replay_key(self.replay_secret, sh.user, sh.device, sh.nonce)
+        # A key lives until its own timestamp leaves the window: a replay after that is stale.
+        if not await self.replay.claim(key, sh.timestamp_ms + self.window_ms, now_ms):
+            raise AuthError("nonce already used", code="auth_replay")
 
     def spawn(self, coro: Awaitable[None]) -> None:
         """Run a background coroutine that is cancelled at shutdown."""
@@ -567,8 +595,25 @@ def _restore_gc(before: tuple[int, int, int]) -> None:
     gc.set_threshold(*before)
 
 
+def replay_secret_path(config: RelayConfig) -> Path:
+    """Where the replay secret lives: ``replay_secret_file``, or ``data_dir/replay.key``."""
+    if config.replay_secret_file:
+        return Path(config.replay_secret_file)
+    return config.data_dir / "replay.key"
+
+
+def _default_replay_guard(config: RelayConfig) -> ReplayGuard:
+    if config.replay_guard == "memory":
+        return MemoryReplayGuard(config.nonce_cache_max)
+    return SqliteReplayGuard(config.data_dir / "replay.sqlite3", config.nonce_cache_max)
+
+
 def create_app(
-    config: RelayConfig, *, store: RelayStore | None = None, clock: Clock | None = None
+    config: RelayConfig,
+    *,
+    store: RelayStore | None = None,
+    clock: Clock | None = None,
+    replay: ReplayGuard | None = None,
 ) -> web.Application:
     """Build the relay application.
 
@@ -576,6 +621,9 @@ def create_app(
         config: settings.
         store: storage backend; a ``SqliteRelayStore`` in ``config.data_dir`` by default.
         clock: time source (tests pass a fixed one).
+        replay: replay guard; by default the one ``config.replay_guard`` names (the SQLite one
+            is ``data_dir/replay.sqlite3``). A guard with ``open``/``close`` is opened with the
+            app and closed after it.
 
     Returns:
         The aiohttp application; its cleanup context opens and closes the store.
@@ -608,7 +656,7 @@ def create_app(
         metrics=metrics_,
         hub=Hub(metrics_, config.ws_max_outbound_bytes, config.ws_slow_grace_seconds),
         blobs=BlobFiles(config.data_dir / "blobs"),
-        nonces=NonceCache(int(config.auth_window_seconds * 1000), config.nonce_cache_max),
+        replay=replay or _default_replay_guard(config),
         register_limit=RateLimiter(config.registration_rate, config.registration_burst),
         send_limit=RateLimiter(config.send_rate, config.send_burst),
         fetch_limit=RateLimiter(config.prekey_fetch_rate, config.prekey_fetch_burst),
@@ -617,6 +665,10 @@ def create_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state.blobs.prepare()
+        state.replay_secret = load_replay_secret(replay_secret_path(config))
+        guard = state.replay
+        if isinstance(guard, ManagedReplayGuard):
+            await guard.open()
         await state.store.open()
         gc_before = _tune_gc()
         state.store.set_delivery_listener(state.hub.deliver)
@@ -634,6 +686,8 @@ def create_app(
                 await task
         state.store.set_delivery_listener(None)
         await state.store.close()
+        if isinstance(guard, ManagedReplayGuard):
+            await guard.close()
         _restore_gc(gc_before)
 
     app.cleanup_ctx.append(lifecycle)

@@ -18,6 +18,7 @@ from relay.loop import EVENT_LOOPS
 __all__ = [
     "ENV_PREFIX",
     "LISTEN_BACKLOG_MAX",
+    "REPLAY_GUARDS",
     "SETTING_HELP",
     "WORKERS_MAX",
     "WORKER_DATAGRAM_BYTES_MAX",
@@ -37,6 +38,7 @@ WORKERS_MAX = 64
 # AF_UNIX send buffer, and every worker receives with a buffer of the maximum.
 WORKER_DATAGRAM_BYTES_MIN = 1024
 WORKER_DATAGRAM_BYTES_MAX = 65536
+REPLAY_GUARDS = ("sqlite", "memory")
 LISTEN_BACKLOG_MAX = 65535  # the kernel silently caps it further at net.core.somaxconn
 
 
@@ -94,7 +96,13 @@ SETTING_HELP: dict[str, str] = {
     "wal_checkpoint_commits": "every this many commits a background thread checkpoints the"
     " SQLite write-ahead log (the writer never waits for the copy); smaller keeps the log file"
     " smaller, larger does fewer copies",
-    "nonce_cache_max": "max remembered nonces (requests are refused with 503 beyond)",
+    "nonce_cache_max": "max nonces the replay guard holds at once (requests are refused with 503"
+    " beyond)",
+    "replay_guard": "where accepted nonces are recorded: sqlite (data_dir/replay.sqlite3, shared"
+    " by every worker, survives restarts) or memory (one process, forgotten at restart: a"
+    " captured request can be replayed after a restart inside auth_window_seconds)",
+    "replay_secret_file": "file holding the key of the nonce digests (created if missing);"
+    " empty = data_dir/replay.key. Nodes sharing one replay guard must share this file",
     "switch_interval_ms": "Python thread switch interval; small values stop the event loop"
     " from starving the SQLite writer thread",
     "workers": f"worker processes sharing the listening socket and the database (1..{WORKERS_MAX});"
@@ -162,6 +170,8 @@ class RelayConfig:
     write_batch_interval_ms: float = 0.0
     wal_checkpoint_commits: int = 512
     nonce_cache_max: int = 1_000_000
+    replay_guard: str = "sqlite"
+    replay_secret_file: str = ""
     switch_interval_ms: float = 0.5
     workers: int = 1
     worker_restart_max_backoff_seconds: float = 10.0
@@ -216,6 +226,11 @@ class RelayConfig:
             raise ConfigError(
                 f"worker_datagram_bytes must be {WORKER_DATAGRAM_BYTES_MIN}.."
                 f"{WORKER_DATAGRAM_BYTES_MAX} (got {self.worker_datagram_bytes})"
+            )
+        if self.replay_guard not in REPLAY_GUARDS:
+            raise ConfigError(
+                f"replay_guard must be one of {', '.join(REPLAY_GUARDS)}"
+                f" (got {self.replay_guard!r})"
             )
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(
