@@ -32,7 +32,8 @@ from relay.auth import (
     parse_signed_headers,
     verify_signature,
 )
-from relay.blobs import CHUNK_SIZE, BlobFiles
+from relay.blobs import BlobFiles
+from relay.body import BodyLimits, BodySlots, read_body, timed_chunks
 from relay.config import RelayConfig
 from relay.errors import AuthError, BadRequest, NotFound, RelayError, TooLarge
 from relay.guard import request_started, response_finished
@@ -111,6 +112,7 @@ class RelayState:
     register_limit: RateLimiter
     send_limit: RateLimiter
     fetch_limit: RateLimiter
+    body_slots: BodySlots
     keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
     # The key of the replay digests (relay.replay.replay_key); loaded when the app starts.
     replay_secret: bytes = b""
@@ -168,36 +170,101 @@ class RelayState:
         Raises:
             AuthError: stale, replayed or invalid signature, unknown device.
         """
-        now = self.clock.now_ms()
-        check_fresh(sh, now, self.window_ms)
+        check_fresh(sh, self.clock.now_ms(), self.window_ms)
         addr = Address(sh.user, sh.device)
-        if register_key is not None:
-            key_bytes = register_key
-        else:
-            found = self.keys.get(addr) or await self.store.auth_key(addr)
-            if found is None:
-                raise AuthError("unknown device", code="auth_invalid")
-            key_bytes = found
+        key_bytes = register_key if register_key is not None else await self.device_key(addr)
         verify_signature(key_bytes, sh, method, target, body_sha256)
-        await self.claim_nonce(sh, now)
-        if register_key is None and addr not in self.keys:
+        await self.claim_nonce(sh)
+        if register_key is None:
+            self._remember_key(addr, key_bytes)
+        return addr
+
+    async def device_key(self, addr: Address) -> bytes:
+        """The registered auth key of ``addr`` (cached).
+
+        Raises:
+            AuthError: ``auth_invalid``, no such device.
+        """
+        found = self.keys.get(addr) or await self.store.auth_key(addr)
+        if found is None:
+            raise AuthError("unknown device", code="auth_invalid")
+        return found
+
+    def _remember_key(self, addr: Address, key: bytes) -> None:
+        if addr not in self.keys:
             if len(self.keys) > 200_000:
                 self.keys.clear()
-            self.keys[addr] = key_bytes
-        return addr
+            self.keys[addr] = key
+
+    async def read_signed_body(self, request: web.Request) -> tuple[bytes, Address]:
+        """Read and authenticate a signed request with a body, checking first all that can be
+        checked without it.
+
+        Before a byte of the body is read: the auth headers parse, the timestamp is inside the
+        window, the declared length is within ``max_request_bytes`` and the device exists; when
+        the client sent ``X-Blindpost-Content-SHA256`` the signature is verified too. A body
+        whose signature cannot be verified before it arrives holds one of its client address's
+        ``unauthenticated_bodies_per_address`` slots while it is read. Every body is read under
+        the ``body_timeout_seconds`` / ``body_min_bytes_per_second`` deadline (relay.body).
+
+        Returns:
+            (body, authenticated device address).
+
+        Raises:
+            AuthError: missing, stale, replayed or invalid signature, unknown device.
+            TooLarge: over ``max_request_bytes``.
+            RateLimited: the client address has too many unauthenticated bodies in flight.
+            relay.body.BodyTimeout: the body was too slow (the connection is closed).
+            relay.body.BodyAbandoned: the client stopped sending.
+        """
+        sh = parse_signed_headers(request.headers)
+        check_fresh(sh, self.clock.now_ms(), self.window_ms)
+        declared = body_digest_header(request.headers)
+        limits = self.body_limits(self.config.max_request_bytes)
+        length = request.content_length
+        if length is not None and length > limits.max_bytes:
+            raise TooLarge(f"request body exceeds {limits.max_bytes} bytes")
+        addr = Address(sh.user, sh.device)
+        key = await self.device_key(addr)
+        method, target = request.method, request.raw_path
+        if declared is not None:
+            verify_signature(key, sh, method, target, declared)  # authenticated before the body
+            body = await read_body(request, limits)
+            if _sha(body) != declared:
+                raise AuthError(
+                    "body does not match X-Blindpost-Content-SHA256", code="auth_invalid"
+                )
+        else:
+            with self.body_slots.hold(request.remote or "?"):
+                body = await read_body(request, limits)
+            verify_signature(key, sh, method, target, _sha(body))
+        await self.claim_nonce(sh)
+        self._remember_key(addr, key)
+        return body, addr
+
+    def body_limits(self, max_bytes: int) -> BodyLimits:
+        """The body deadline settings, with ``max_bytes``."""
+        cfg = self.config
+        return BodyLimits(cfg.body_timeout_seconds, cfg.body_min_bytes_per_second, max_bytes)
 
     @property
     def window_ms(self) -> int:
         """The auth window in milliseconds."""
         return int(self.config.auth_window_seconds * 1000)
 
-    async def claim_nonce(self, sh: SignedHeaders, now_ms: int) -> None:
+    async def claim_nonce(self, sh: SignedHeaders) -> None:
         """Record a verified request's nonce in the replay guard (durably, for the SQLite one).
 
+        Freshness is checked again here, at claim time: a request whose body took long must not
+        claim a key that has already expired (a replay could then claim it a second time).
+
         Raises:
-            AuthError: ``auth_replay``, the nonce was accepted before inside the window.
+            AuthError: ``auth_stale``, or ``auth_replay``: the nonce was accepted before inside
+                the window.
             RelayError: 503 when the guard is full or unavailable.
         """
+        now_ms = self.clock.now_ms()
+        check_fresh(sh, now_ms, self.window_ms)
         key = replay_key(self.replay_secret, sh.user, sh.device, sh.nonce)
         # A key lives until its own timestamp leaves the window: a replay after that is stale.
         if not await self.replay.claim(key, sh.timestamp_ms + self.window_ms, now_ms):
@@ -255,6 +322,8 @@ def json_errors(handler: Handler) -> Handler:
             resp = await handler(request)
         except RelayError as err:
             resp = json_error(err)
+            if getattr(err, "close_connection", False):
+                await _send_and_close(request, resp)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -278,6 +347,17 @@ def json_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+async def _send_and_close(request: web.Request, resp: web.StreamResponse) -> None:
+    """Write ``resp`` now, then close the connection without reading the rest of the body."""
+    resp.force_close()
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await resp.prepare(request)
+        await resp.write_eof()
+    force_close = getattr(request.protocol, "force_close", None)
+    if force_close is not None:
+        force_close()
+
+
 async def _fallback(request: web.Request) -> web.StreamResponse:
     """Unknown path -> 404, known path with another method -> 405 (both JSON)."""
     allowed: set[str] = set()
@@ -292,16 +372,6 @@ async def _fallback(request: web.Request) -> web.StreamResponse:
 
 
 _FALLBACK_PATH = "/{tail}"
-
-
-async def _read_body(request: web.Request) -> bytes:
-    cfg = request.app[STATE_KEY].config
-    if request.content_length is not None and request.content_length > cfg.max_request_bytes:
-        raise TooLarge(f"request body exceeds {cfg.max_request_bytes} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise TooLarge(f"request body exceeds {cfg.max_request_bytes} bytes") from exc
 
 
 def _json(body: bytes) -> Any:
@@ -327,7 +397,10 @@ async def register(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     peer = request.remote or "?"
     st.register_limit.take(peer, st.clock.monotonic())
-    body = await _read_body(request)
+    sh = parse_signed_headers(request.headers)  # everything checkable before the body
+    check_fresh(sh, st.clock.now_ms(), st.window_ms)
+    with st.body_slots.hold(peer):
+        body = await read_body(request, st.body_limits(st.config.max_request_bytes))
     doc = _json(body)
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
@@ -336,7 +409,6 @@ async def register(request: web.Request) -> web.Response:
         raise BadRequest("this username is reserved", code="invalid_username")
     device = parse_device_id(doc.get("device_id"))
     auth_key = b64d(doc.get("auth_key"), "auth_key", AUTH_KEY_LEN)
-    sh = parse_signed_headers(request.headers)
     if sh.user != username or sh.device != device:
         raise AuthError("auth headers must name the account being registered")
     addr = await st.authenticate(request, _sha(body), register_key=auth_key)
@@ -348,8 +420,7 @@ async def register(request: web.Request) -> web.Response:
 async def add_device(request: web.Request) -> web.Response:
     """``POST /v1/devices``: add a device to the caller's user."""
     st = request.app[STATE_KEY]
-    body = await _read_body(request)
-    caller = await _auth(request, body)
+    body, caller = await st.read_signed_body(request)
     doc = _json(body)
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
@@ -397,8 +468,7 @@ async def remove_device(request: web.Request) -> web.Response:
 async def upload_keys(request: web.Request) -> web.Response:
     """``PUT /v1/keys``: upload the caller's identity, signed and one-time prekeys."""
     st = request.app[STATE_KEY]
-    body = await _read_body(request)
-    caller = await _auth(request, body)
+    body, caller = await st.read_signed_body(request)
     upload = parse_key_upload(_json(body))
     count = await st.store.upload_keys(caller, upload)
     return web.json_response({"count": count})
@@ -430,8 +500,7 @@ async def send_message(request: web.Request) -> web.Response:
     """``PUT /v1/messages``: store one message for its recipient devices (JSON or binary)."""
     st = request.app[STATE_KEY]
     cfg = st.config
-    body = await _read_body(request)
-    caller = await _auth(request, body)
+    body, caller = await st.read_signed_body(request)
     if request.content_type == BINARY_SEND_TYPE:
         env = decode_send(body, max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes)
     else:
@@ -474,8 +543,7 @@ def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) 
 async def ack_messages(request: web.Request) -> web.Response:
     """``POST /v1/messages/ack``: acknowledge messages of the caller's own mailbox."""
     st = request.app[STATE_KEY]
-    body = await _read_body(request)
-    caller = await _auth(request, body)
+    body, caller = await st.read_signed_body(request)
     ids = parse_ack_ids(_json(body))
     return web.json_response({"acked": await st.store.ack(caller, ids)})
 
@@ -494,7 +562,7 @@ async def upload_blob(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > cfg.max_blob_bytes:
         raise TooLarge(f"blob exceeds {cfg.max_blob_bytes} bytes")
     upload = await st.blobs.receive(
-        request.content.iter_chunked(CHUNK_SIZE), cfg.max_blob_bytes, declared
+        timed_chunks(request, st.body_limits(cfg.max_blob_bytes)), cfg.max_blob_bytes, declared
     )
     try:
         async with st.blobs.lock:
@@ -660,6 +728,7 @@ def create_app(
         register_limit=RateLimiter(config.registration_rate, config.registration_burst),
         send_limit=RateLimiter(config.send_rate, config.send_burst),
         fetch_limit=RateLimiter(config.prekey_fetch_rate, config.prekey_fetch_burst),
+        body_slots=BodySlots(config.unauthenticated_bodies_per_address),
     )
     app[STATE_KEY] = state
 

@@ -82,6 +82,14 @@ SETTING_HELP: dict[str, str] = {
     "ws_heartbeat_seconds": "ping interval (0 disables); no pong within half -> disconnect",
     "ws_idle_timeout_seconds": "nothing received for this long -> close 4004",
     "header_timeout_seconds": "time allowed to send complete request headers",
+    "body_timeout_seconds": "time allowed for a request body's first byte; byte n must arrive"
+    " within this + n / body_min_bytes_per_second, else 408 and the connection is closed"
+    " (bodies refused before they are read are drained for at most min(10, this) seconds)",
+    "body_min_bytes_per_second": "the slowest rate a request body (blobs included) may arrive at"
+    " after body_timeout_seconds",
+    "unauthenticated_bodies_per_address": "request bodies one client address may have in flight"
+    " before their request is authenticated (registration, and signed bodies without"
+    " X-Blindpost-Content-SHA256); beyond -> 429 before the body is read",
     "keepalive_timeout_seconds": "idle HTTP keep-alive connections are closed after this",
     "shutdown_timeout_seconds": "grace period for in-flight requests on SIGTERM",
     "registration_rate": "registrations per second per client IP (token refill)",
@@ -158,6 +166,9 @@ class RelayConfig:
     ws_heartbeat_seconds: float = 30.0
     ws_idle_timeout_seconds: float = 300.0
     header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    body_min_bytes_per_second: float = 8192.0
+    unauthenticated_bodies_per_address: int = 16
     keepalive_timeout_seconds: float = 75.0
     shutdown_timeout_seconds: float = 10.0
     registration_rate: float = 0.2
@@ -204,6 +215,9 @@ class RelayConfig:
             "write_batch_max",
             "wal_checkpoint_commits",
             "auth_window_seconds",
+            "body_timeout_seconds",
+            "body_min_bytes_per_second",
+            "unauthenticated_bodies_per_address",
             # Checked whatever ``workers`` is, so a bad value fails now, not when N is raised.
             # Zero would mean a pump that reads nothing, crashed workers restarted in a tight
             # loop (no first wait, or never any doubling), workers killed the moment the
