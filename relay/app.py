@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,8 +36,9 @@ from relay.auth import (
 from relay.blobs import BlobFiles
 from relay.body import BodyLimits, BodySlots, read_body, timed_chunks
 from relay.config import RelayConfig
-from relay.errors import AuthError, BadRequest, NotFound, RelayError, TooLarge
+from relay.errors import AuthError, BadRequest, NotFound, RelayError, StorageError, TooLarge
 from relay.guard import request_started, response_finished
+from relay.health import Readiness
 from relay.hub import CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimiter
@@ -70,6 +72,7 @@ __all__ = [
     "BINARY_SEND_TYPE",
     "CONFIG_KEY",
     "STATE_KEY",
+    "BlobHealth",
     "Clock",
     "RelayState",
     "create_app",
@@ -98,6 +101,52 @@ class Clock:
         return time.monotonic()
 
 
+_PROBE_BYTES = 4 * 1024 * 1024  # a blob probe writes (and removes) this much
+
+
+@dataclass(slots=True)
+class BlobHealth:
+    """Whether blob files can be written: the last write failure, until a write succeeds."""
+
+    directory: Path
+    write_error: str | None = None
+
+    def failed(self, exc: OSError, what: str) -> StorageError:
+        """Record and log a failed blob write; return the error to answer with (503)."""
+        self.write_error = f"{type(exc).__name__} errno={exc.errno}: {exc.strerror}"
+        log.error("blob storage failure during %s: %s", what, self.write_error)
+        return StorageError("blob storage failure")
+
+    def succeeded(self) -> None:
+        """A blob write went through."""
+        if self.write_error is not None:
+            log.warning("blob writes succeed again")
+            self.write_error = None
+
+    async def ready(self) -> str | None:
+        """None when blob files can be written; after a failure, probes with a 4 MiB file."""
+        if self.write_error is None:
+            return None
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _probe_directory, self.directory)
+        except OSError as exc:
+            return f"blob writes fail: {type(exc).__name__} errno={exc.errno}: {exc.strerror}"
+        self.succeeded()
+        return None
+
+
+def _probe_directory(directory: Path) -> None:
+    path = directory / f"probe-{os.getpid()}"
+    try:
+        with open(path, "wb") as fh:
+            fh.write(bytes(_PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 @dataclass(slots=True)
 class RelayState:
     """Everything the handlers share, stored in the app under ``STATE_KEY``."""
@@ -113,6 +162,8 @@ class RelayState:
     send_limit: RateLimiter
     fetch_limit: RateLimiter
     body_slots: BodySlots
+    blob_health: BlobHealth
+    readiness: Readiness = field(default_factory=Readiness)
     keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
     # The key of the replay digests (relay.replay.replay_key); loaded when the app starts.
     replay_secret: bytes = b""
@@ -282,10 +333,10 @@ STATE_KEY = web.AppKey("state", RelayState)
 
 
 def json_error(err: RelayError) -> web.Response:
-    """Render a RelayError as its JSON response (with Retry-After for 429)."""
+    """Render a RelayError as its JSON response (with Retry-After for 429 and 503)."""
     headers = {}
     retry = err.extra.get("retry_after")
-    if err.status == 429 and isinstance(retry, int):
+    if err.status in (429, 503) and isinstance(retry, int):
         headers["Retry-After"] = str(retry)
     return web.json_response(err.to_json(), status=err.status, headers=headers)
 
@@ -561,15 +612,23 @@ async def upload_blob(request: web.Request) -> web.Response:
     await st.authenticate(request, declared)
     if request.content_length is not None and request.content_length > cfg.max_blob_bytes:
         raise TooLarge(f"blob exceeds {cfg.max_blob_bytes} bytes")
-    upload = await st.blobs.receive(
-        timed_chunks(request, st.body_limits(cfg.max_blob_bytes)), cfg.max_blob_bytes, declared
-    )
+    try:
+        upload = await st.blobs.receive(
+            timed_chunks(request, st.body_limits(cfg.max_blob_bytes)), cfg.max_blob_bytes, declared
+        )
+    except OSError as exc:  # disk full, quota, file size limit, I/O error: 503, not a 500
+        raise st.blob_health.failed(exc, "blob upload") from None
     try:
         async with st.blobs.lock:
-            st.blobs.finalize(upload)
+            try:
+                st.blobs.finalize(upload)
+            except OSError as exc:
+                raise st.blob_health.failed(exc, "blob finalize") from None
             new = await st.store.put_blob(upload.blob_id, upload.size, st.clock.now_ms())
     finally:
-        upload.tmp_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            upload.tmp_path.unlink(missing_ok=True)
+    st.blob_health.succeeded()
     log.info("blob stored id=%s size=%d new=%s", upload.blob_id, upload.size, new)
     return web.json_response(
         {"id": upload.blob_id, "size": upload.size}, status=201 if new else 200
@@ -589,9 +648,17 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
 # -- operations --------------------------------------------------------------------------
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``."""
+async def healthz_live(request: web.Request) -> web.Response:
+    """``GET /healthz/live``: the process answers (restart it if this fails)."""
     return web.json_response({"status": "ok"})
+
+
+async def healthz_ready(request: web.Request) -> web.Response:
+    """``GET /healthz/ready`` (and ``GET /healthz``): 200 when every readiness check passes,
+    else 503 ``{"status": "unavailable", "checks": {name: reason}}``."""
+    ready, checks = await request.app[STATE_KEY].readiness.run()
+    doc = {"status": "ok" if ready else "unavailable", "checks": checks}
+    return web.json_response(doc, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -716,6 +783,7 @@ def create_app(
                 write_batch_interval_ms=config.write_batch_interval_ms,
                 checkpoint_commits=config.wal_checkpoint_commits,
             ),
+            probe_bytes=config.max_message_bytes,
         )
     state = RelayState(
         config=config,
@@ -729,7 +797,11 @@ def create_app(
         send_limit=RateLimiter(config.send_rate, config.send_burst),
         fetch_limit=RateLimiter(config.prekey_fetch_rate, config.prekey_fetch_burst),
         body_slots=BodySlots(config.unauthenticated_bodies_per_address),
+        blob_health=BlobHealth(config.data_dir / "blobs" / "tmp"),
     )
+    state.readiness.add_component("storage", state.store)
+    state.readiness.add_component("replay_guard", state.replay)
+    state.readiness.add("blobs", state.blob_health.ready)
     app[STATE_KEY] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -779,7 +851,9 @@ def create_app(
         ("POST", "/v1/messages/ack", ack_messages),
         ("POST", "/v1/blobs", upload_blob),
         ("GET", "/v1/blobs/{blob_id}", download_blob),
-        ("GET", "/healthz", healthz),
+        ("GET", "/healthz", healthz_ready),
+        ("GET", "/healthz/live", healthz_live),
+        ("GET", "/healthz/ready", healthz_ready),
         ("GET", "/metrics", metrics),
         ("GET", "/openapi.json", openapi),
     ]

@@ -22,6 +22,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,8 @@ class SqliteReplayGuard:
         self._count = 0
         self._next_sweep = 0
         self._next_recount = 0
+        # Why the last commit failed (disk full, I/O error), until one succeeds again.
+        self.failing: str | None = None
 
     async def open(self) -> None:
         """Open (and create) the file and start the writer thread.
@@ -255,6 +258,16 @@ class SqliteReplayGuard:
         fut: asyncio.Future[bool] = self._loop.create_future()
         self._queue.put(_Claim(key, expires_at_ms, now_ms, fut))
         return await fut
+
+    async def ready(self) -> str | None:
+        """Readiness: None when claims commit, else why not (a failing guard is probed with a
+        throwaway claim, so it turns ready again once the disk has room)."""
+        if self.failing is None:
+            return None
+        with contextlib.suppress(StorageError):
+            now = int(time.time() * 1000)
+            await self.claim(os.urandom(REPLAY_KEY_LEN), now, now)
+        return None if self.failing is None else f"replay guard writes fail: {self.failing}"
 
     def _run(self) -> None:
         while True:
@@ -303,8 +316,13 @@ class SqliteReplayGuard:
             log.error("replay guard commit of %d claims failed: %s", len(batch), exc)
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            err = StorageError("replay guard unavailable", extra={"retry_after": 1})
+            self.failing = f"{type(exc).__name__}: {exc}"
+            err = StorageError("replay guard unavailable")
             results = [(c.future, err) for c in batch]
+        else:
+            if self.failing is not None:
+                log.warning("replay guard writes succeed again")
+                self.failing = None
         with contextlib.suppress(RuntimeError):  # the loop closed first
             self._loop.call_soon_threadsafe(_resolve, results)
 
