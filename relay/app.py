@@ -40,6 +40,7 @@ from relay.errors import AuthError, BadRequest, NotFound, RelayError, StorageErr
 from relay.guard import request_started, response_finished
 from relay.health import Readiness
 from relay.hub import CLOSE_DEVICE_REMOVED, Hub
+from relay.integrity import DB_NAME, HWM_NAME
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimiter
 from relay.replay import (
@@ -770,7 +771,7 @@ def create_app(
     metrics_ = Metrics()
     if store is None:
         store = SqliteRelayStore(
-            config.data_dir / "relay.sqlite3",
+            config.data_dir / DB_NAME,
             StoreLimits(
                 max_devices_per_user=config.max_devices_per_user,
                 max_one_time_prekeys=config.max_one_time_prekeys,
@@ -784,6 +785,7 @@ def create_app(
                 checkpoint_commits=config.wal_checkpoint_commits,
             ),
             probe_bytes=config.max_message_bytes,
+            high_water=config.data_dir / HWM_NAME,
         )
     state = RelayState(
         config=config,

@@ -104,6 +104,9 @@ SETTING_HELP: dict[str, str] = {
     "wal_checkpoint_commits": "every this many commits a background thread checkpoints the"
     " SQLite write-ahead log (the writer never waits for the copy); smaller keeps the log file"
     " smaller, larger does fewer copies",
+    "startup_check_seconds": "time bound of the SQLite quick_check run before the relay serves"
+    " (0 skips it; missing acknowledged messages are always checked); a damaged database or"
+    " missing acknowledged messages refuse the start unless --accept-data-loss is given",
     "nonce_cache_max": "max nonces the replay guard holds at once (requests are refused with 503"
     " beyond)",
     "replay_guard": "where accepted nonces are recorded: sqlite (data_dir/replay.sqlite3, shared"
@@ -180,6 +183,7 @@ class RelayConfig:
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
     wal_checkpoint_commits: int = 512
+    startup_check_seconds: float = 60.0
     nonce_cache_max: int = 1_000_000
     replay_guard: str = "sqlite"
     replay_secret_file: str = ""

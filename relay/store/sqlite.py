@@ -42,6 +42,7 @@ from relay.errors import (
     RelayError,
     StorageError,
 )
+from relay.integrity import HighWaterMark
 from relay.store.base import (
     Address,
     Delivery,
@@ -672,6 +673,8 @@ class SqliteRelayStore:
         read_threads: size of the read connection pool.
         probe_bytes: size of the readiness probe's write after a failed write (the relay
             passes ``max_message_bytes``).
+        high_water: the acknowledged-messages mark file (relay.integrity) kept up to date after
+            every commit; None keeps none.
     """
 
     def __init__(
@@ -681,8 +684,10 @@ class SqliteRelayStore:
         read_threads: int = 2,
         *,
         probe_bytes: int = 256 * 1024,
+        high_water: Path | None = None,
     ):
         self._probe_bytes = probe_bytes
+        self._hwm = HighWaterMark(high_water) if high_water is not None else None
         self._path = Path(path)
         self._limits = limits or StoreLimits()
         self._read_threads = read_threads
@@ -731,6 +736,8 @@ class SqliteRelayStore:
             conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('seq', 0)")
             self._state = _WriterState(conn, self._limits)
             self._checkpointer = _Checkpointer(self._path)
+            if self._hwm is not None:
+                self._hwm.start(self._state.seq)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database: {exc}") from exc
         self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="relay-read")
@@ -747,6 +754,8 @@ class SqliteRelayStore:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         if self._checkpointer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.close)
+        if self._hwm is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._hwm.close)
         if self._readers is not None:
             self._readers.shutdown(wait=True)
         with self._reader_lock:
@@ -882,6 +891,8 @@ class SqliteRelayStore:
             st.conn.execute("COMMIT")
             st.commits += 1
             st.committed_ops += len(batch)
+            if self._hwm is not None:
+                self._hwm.note(st.seq)
         except Exception as exc:
             self._rollback(st)
             kind = _error_class(exc)
