@@ -157,3 +157,24 @@ async def test_everything_checkable_is_checked_before_the_body(
     # With the body's digest declared, a wrong signature is refused before the body too.
     declared = request_head(client, dev, 1000, **{"X-Blindpost-Content-SHA256": "0" * 64})
     assert await status_before_body(port, declared) == 401
+
+
+def test_new_settings_are_validated() -> None:
+    from relay.config import ConfigError, RelayConfig
+
+    for bad in (
+        {"body_timeout_seconds": "0"},
+        {"body_min_bytes_per_second": "0"},
+        {"unauthenticated_bodies_per_address": "0"},
+        {"startup_check_seconds": "-1"},
+        {"replay_guard": "nowhere"},
+        {"nonce_cache_max": "-5"},
+    ):
+        try:
+            RelayConfig.load(env={}, overrides=bad)
+        except ConfigError as exc:
+            assert next(iter(bad)) in str(exc)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+    ok = RelayConfig.load(env={}, overrides={"replay_guard": "memory", "startup_check_seconds": 0})
+    assert ok.replay_guard == "memory" and ok.startup_check_seconds == 0
