@@ -804,6 +804,11 @@ def create_app(
     state.readiness.add_component("storage", state.store)
     state.readiness.add_component("replay_guard", state.replay)
     state.readiness.add("blobs", state.blob_health.ready)
+
+    async def accepting() -> str | None:
+        return "shutting down" if state.hub.shutting_down else None
+
+    state.readiness.add("accepting", accepting)
     app[STATE_KEY] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -16,11 +16,16 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp.test_utils import TestClient, TestServer
 from relay_harness import RelayProcess
 from relay_testclient import RelayClient
+
+from relay.app import STATE_KEY, create_app
+from relay.config import RelayConfig
 
 LIMIT = 1024 * 1024  # bytes: the WAL, a few 200 KB messages in, passes it
 CEILING = 60.0
@@ -88,3 +93,15 @@ async def test_disk_full_is_503_with_retry_after_not_ready_then_recovers(
     log = relay.log_text()
     assert "storage failure" in log and "blob storage failure" in log
     assert "Traceback" not in log
+
+
+async def test_not_ready_once_shutting_down(tmp_path: Path) -> None:
+    app = create_app(RelayConfig(data_dir=tmp_path, sweep_interval_seconds=0))
+    async with TestClient(TestServer(app)) as tc:
+        resp = await tc.get("/healthz/ready")
+        assert resp.status == 200
+        await app[STATE_KEY].hub.close_all()  # what SIGTERM does first
+        resp = await tc.get("/healthz/ready")
+        assert resp.status == 503
+        assert (await resp.json())["checks"]["accepting"] == "shutting down"
+        assert (await tc.get("/healthz/live")).status == 200
