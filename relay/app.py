@@ -254,7 +254,8 @@ class RelayState:
 
         Before a byte of the body is read: the auth headers parse, the timestamp is inside the
         window, the declared length is within ``max_request_bytes`` and the device exists; when
-        the client sent ``X-Blindpost-Content-SHA256`` the signature is verified too. A body
+        the client sent ``X-Blindpost-Content-SHA256`` the signature is verified and the nonce
+        claimed too (a body that then fails leaves the nonce used: retries sign anew). A body
         whose signature cannot be verified before it arrives holds one of its client address's
         ``unauthenticated_bodies_per_address`` slots while it is read. Every body is read under
         the ``body_timeout_seconds`` / ``body_min_bytes_per_second`` deadline (relay.body).
@@ -280,7 +281,10 @@ class RelayState:
         key = await self.device_key(addr)
         method, target = request.method, request.raw_path
         if declared is not None:
-            verify_signature(key, sh, method, target, declared)  # authenticated before the body
+            # Authenticated before the body, nonce included: a replay of captured headers is
+            # refused here, so it cannot hold connections outside the per-address bound.
+            verify_signature(key, sh, method, target, declared)
+            await self.claim_nonce(sh)
             body = await read_body(request, limits)
             if _sha(body) != declared:
                 raise AuthError(
@@ -290,7 +294,7 @@ class RelayState:
             with self.body_slots.hold(request.remote or "?"):
                 body = await read_body(request, limits)
             verify_signature(key, sh, method, target, _sha(body))
-        await self.claim_nonce(sh)
+            await self.claim_nonce(sh)
         self._remember_key(addr, key)
         return body, addr
 

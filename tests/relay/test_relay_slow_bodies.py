@@ -11,12 +11,14 @@ traceback. Run against a real relay process with small settings; the 1,000-socke
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import time
 from collections.abc import Callable
 
 import aiohttp
 from relay_harness import RelayProcess
-from relay_testclient import Device, RelayClient
+from relay_testclient import Device, RelayClient, b64, new_mid
 
 SLOW = {
     "body_timeout_seconds": "1",
@@ -178,3 +180,24 @@ def test_new_settings_are_validated() -> None:
             raise AssertionError(f"{bad} was accepted")
     ok = RelayConfig.load(env={}, overrides={"replay_guard": "memory", "startup_check_seconds": 0})
     assert ok.replay_guard == "memory" and ok.startup_check_seconds == 0
+
+
+async def test_replayed_headers_with_a_declared_digest_are_refused_before_the_body(
+    relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
+) -> None:
+    relay = relay_factory(SLOW)
+    client = RelayClient(relay.url, session)
+    dev = await client.new_device("replayer")
+    body = json.dumps({"ids": [b64(new_mid())]}).encode()
+    digest = hashlib.sha256(body).hexdigest()
+    headers = client.sign(dev, "POST", "/v1/messages/ack", body_sha256=digest)
+    headers["X-Blindpost-Content-SHA256"] = digest
+    headers["Content-Type"] = "application/json"
+    async with session.post(relay.url + "/v1/messages/ack", data=body, headers=headers) as resp:
+        assert resp.status == 200
+    # The captured headers again, as many times as the attacker likes: each is refused from the
+    # headers alone (no body byte sent), so none of them holds a connection.
+    lines = ["POST /v1/messages/ack HTTP/1.1", "Host: 127.0.0.1", "Content-Length: 1000"]
+    head = ("\r\n".join(lines + [f"{k}: {v}" for k, v in headers.items()]) + "\r\n\r\n").encode()
+    for _ in range(20):
+        assert await status_before_body(relay.port, head) == 401
