@@ -16,6 +16,11 @@
 # * Checkpoints never run inside a COMMIT: a checkpoint thread copies the log in the background
 #   (PASSIVE, blocking nobody) and the writer finishes the copy between two transactions, so the
 #   log starts over; if the thread stops finishing, the writer checkpoints on its own.
+# * Storage failures are typed and never silent: a disk-full or I/O error fails its whole batch
+#   once (503, one log line) and makes ``ready()`` false until a probe write of realistic size
+#   commits; a corruption error (read or write) marks the store damaged for good: every later
+#   write is refused. After each commit the seq reached is handed to the high-water mark
+#   (relay.integrity), off the write path.
 # * Only opaque bytes are stored: ciphertext bodies and public keys.
 """SQLite implementation of ``RelayStore`` with a single group-committing writer thread."""
 
@@ -199,10 +204,10 @@ class StorageHealth:
     """What the store knows about its file (read by the readiness check).
 
     Attributes:
-        write_error: why the last write transaction failed (disk full, I/O error); cleared by
-            the next successful commit.
-        damaged: why the file is considered damaged (a corruption error or a failed
-            ``quick_check``); never cleared while the store is open: writes are refused.
+        write_error: why the last write transaction failed (disk full, I/O error); cleared
+            when a readiness probe write (``ready()``) commits.
+        damaged: why the file is considered damaged (a corruption error met by a read or a
+            write); never cleared while the store is open: writes are refused.
     """
 
     write_error: str | None = None
