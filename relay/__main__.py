@@ -1,5 +1,7 @@
-# Invariant: every setting can come from defaults, a TOML file, BLINDPOST_RELAY_* environment
+# Invariants: every setting can come from defaults, a TOML file, BLINDPOST_RELAY_* environment
 # variables or flags, in that order of increasing precedence; bad settings exit with status 2.
+# A first argument naming a command group (``COMMAND_GROUPS``: ``admin`` ...) runs that group's
+# operator command instead of the relay.
 """Command line entry point: ``blindpost-relay``."""
 
 from __future__ import annotations
@@ -10,13 +12,22 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from relay import admin
+from relay.admin import Registrar, run_group
 from relay.cluster import run_supervisor
 from relay.config import ENV_PREFIX, SETTING_HELP, ConfigError, RelayConfig
 from relay.errors import StorageError
+from relay.integrity import startup_check
 from relay.loop import run as loop_run
 from relay.server import serve
 
-__all__ = ["build_parser", "main"]
+__all__ = ["COMMAND_GROUPS", "build_parser", "main"]
+
+#: Operator command groups: ``blindpost-relay GROUP COMMAND ...``. Each module of a group adds
+#: its subcommands with its ``register`` (relay.admin's docstring says how).
+COMMAND_GROUPS: dict[str, list[Registrar]] = {
+    "admin": [admin.register],
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser = argparse.ArgumentParser(
         prog="blindpost-relay",
-        description="Blindpost blind relay: stores and forwards ciphertext it cannot read.",
+        description="Blindpost blind relay: stores and forwards ciphertext it cannot read."
+        f" Operator commands: {', '.join(f'{g} COMMAND' for g in COMMAND_GROUPS)}"
+        " (see blindpost-relay admin --help).",
         epilog="\n".join(lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -43,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, help="TCP port, 0 = any free port [8080]")
     parser.add_argument("--data", type=Path, help="data directory [./blindpost-relay-data]")
     parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument(
+        "--accept-data-loss",
+        action="store_true",
+        help="start even though the start-up check found a damaged database or missing"
+        " acknowledged messages (serves what is left; resets the high-water mark)",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -63,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         Process exit status: 0 after a clean shutdown (with ``workers`` > 1: of every worker),
         2 for bad settings, 1 if it cannot start or a worker did not stop cleanly.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMAND_GROUPS:
+        return run_group(f"blindpost-relay {argv[0]}", argv[1:], COMMAND_GROUPS[argv[0]])
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides: dict[str, object] = {"host": args.host, "port": args.port, "data_dir": args.data}
@@ -82,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if config.store == "sqlite":  # PostgreSQL vouches for its own durability
+            startup_check(
+                config.data_dir,
+                check_seconds=config.startup_check_seconds,
+                accept_data_loss=args.accept_data_loss,
+            )
         if config.workers > 1:
             return run_supervisor(config)
         loop_run(config.event_loop, serve(config))  # workers=1: one process, no supervisor

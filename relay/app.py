@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,21 +27,31 @@ from aiohttp import web
 
 from relay.auth import (
     H_CONTENT_SHA256,
-    NonceCache,
     SignedHeaders,
     body_digest_header,
+    check_fresh,
     parse_signed_headers,
     verify_signature,
 )
 from relay.backends import make_blob_store, make_store
 from relay.blob_http import blob_response
-from relay.blobs import CHUNK_SIZE, BlobStore
+from relay.blobs import BlobStore
+from relay.body import BodyLimits, BodySlots, read_body, timed_chunks
 from relay.config import RelayConfig
-from relay.errors import AuthError, BadRequest, NotFound, RelayError, TooLarge
+from relay.errors import AuthError, BadRequest, NotFound, RelayError, StorageError, TooLarge
 from relay.guard import request_started, response_finished
+from relay.health import Readiness
 from relay.hub import CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimiter
+from relay.replay import (
+    ManagedReplayGuard,
+    ReplayGuard,
+    SharedReplayGuard,
+    load_replay_secret,
+    make_replay_guard,
+    replay_key,
+)
 from relay.store.base import Address, RelayStore
 from relay.wire import (
     AUTH_KEY_LEN,
@@ -51,6 +62,7 @@ from relay.wire import (
     decode_send,
     message_json,
     parse_ack_ids,
+    parse_ascii_uint,
     parse_device_id,
     parse_json_send,
     parse_key_upload,
@@ -61,6 +73,7 @@ __all__ = [
     "BINARY_SEND_TYPE",
     "CONFIG_KEY",
     "STATE_KEY",
+    "BlobHealth",
     "Clock",
     "RelayState",
     "create_app",
@@ -68,6 +81,7 @@ __all__ = [
     "json_errors",
     "load_openapi",
     "receipt_json",
+    "replay_secret_path",
     "sweep_once",
 ]
 
@@ -91,6 +105,52 @@ class Clock:
         return time.monotonic()
 
 
+_PROBE_BYTES = 4 * 1024 * 1024  # a blob probe writes (and removes) this much
+
+
+@dataclass(slots=True)
+class BlobHealth:
+    """Whether blob files can be written: the last write failure, until a write succeeds."""
+
+    directory: Path
+    write_error: str | None = None
+
+    def failed(self, exc: OSError, what: str) -> StorageError:
+        """Record and log a failed blob write; return the error to answer with (503)."""
+        self.write_error = f"{type(exc).__name__} errno={exc.errno}: {exc.strerror}"
+        log.error("blob storage failure during %s: %s", what, self.write_error)
+        return StorageError("blob storage failure")
+
+    def succeeded(self) -> None:
+        """A blob write went through."""
+        if self.write_error is not None:
+            log.warning("blob writes succeed again")
+            self.write_error = None
+
+    async def ready(self) -> str | None:
+        """None when blob files can be written; after a failure, probes with a 4 MiB file."""
+        if self.write_error is None:
+            return None
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, _probe_directory, self.directory)
+        except OSError as exc:
+            return f"blob writes fail: {type(exc).__name__} errno={exc.errno}: {exc.strerror}"
+        self.succeeded()
+        return None
+
+
+def _probe_directory(directory: Path) -> None:
+    path = directory / f"probe-{os.getpid()}"
+    try:
+        with open(path, "wb") as fh:
+            fh.write(bytes(_PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 @dataclass(slots=True)
 class RelayState:
     """Everything the handlers share, stored in the app under ``STATE_KEY``."""
@@ -101,11 +161,16 @@ class RelayState:
     metrics: Metrics
     hub: Hub
     blobs: BlobStore
-    nonces: NonceCache
+    replay: ReplayGuard
     register_limit: RateLimiter
     send_limit: RateLimiter
     fetch_limit: RateLimiter
+    body_slots: BodySlots
+    blob_health: BlobHealth
+    readiness: Readiness = field(default_factory=Readiness)
     keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
+    # The key of the replay digests (relay.replay.replay_key); loaded when the app starts.
+    replay_secret: bytes = b""
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     # Scale-out hook (relay.cluster): told of a removed device so other workers drop its cached
     # auth key and close its socket. None in a single process.
@@ -140,7 +205,7 @@ class RelayState:
             AuthError: missing, stale, replayed or invalid signature.
         """
         sh = parse_signed_headers(request.headers)
-        self.nonces.check_fresh(sh, self.clock.now_ms())
+        check_fresh(sh, self.clock.now_ms(), self.window_ms)
         declared = body_digest_header(request.headers)
         if declared is not None and declared != body_sha256:
             raise AuthError("body does not match X-Blindpost-Content-SHA256", code="auth_invalid")
@@ -172,27 +237,109 @@ class RelayState:
         Raises:
             AuthError: stale, replayed or invalid signature, unknown device.
         """
-        now = self.clock.now_ms()
-        self.nonces.check_fresh(sh, now)
+        check_fresh(sh, self.clock.now_ms(), self.window_ms)
         addr = Address(sh.user, sh.device)
-        if register_key is not None:
-            key_bytes = register_key
-        else:
-            found = self.keys.get(addr) or await self.store.auth_key(addr)
-            if found is None:
-                raise AuthError("unknown device", code="auth_invalid")
-            key_bytes = found
+        key_bytes = register_key if register_key is not None else await self.device_key(addr)
         verify_signature(key_bytes, sh, method, target, body_sha256)
-        self.nonces.remember(sh, now)
-        if self.node is not None:  # replays on other nodes too (relay.nodes.state)
-            await self.node.claim_nonce(
-                sh.user, sh.device, sh.nonce, sh.timestamp_ms + self.nonces.window_ms
-            )
-        if register_key is None and addr not in self.keys:
+        await self.claim_nonce(sh)
+        if register_key is None:
+            self._remember_key(addr, key_bytes)
+        return addr
+
+    async def device_key(self, addr: Address) -> bytes:
+        """The registered auth key of ``addr`` (cached).
+
+        Raises:
+            AuthError: ``auth_invalid``, no such device.
+        """
+        found = self.keys.get(addr) or await self.store.auth_key(addr)
+        if found is None:
+            raise AuthError("unknown device", code="auth_invalid")
+        return found
+
+    def _remember_key(self, addr: Address, key: bytes) -> None:
+        if addr not in self.keys:
             if len(self.keys) > 200_000:
                 self.keys.clear()
-            self.keys[addr] = key_bytes
-        return addr
+            self.keys[addr] = key
+
+    async def read_signed_body(self, request: web.Request) -> tuple[bytes, Address]:
+        """Read and authenticate a signed request with a body, checking first all that can be
+        checked without it.
+
+        Before a byte of the body is read: the auth headers parse, the timestamp is inside the
+        window, the declared length is within ``max_request_bytes`` and the device exists; when
+        the client sent ``X-Blindpost-Content-SHA256`` the signature is verified and the nonce
+        claimed too (a body that then fails leaves the nonce used: retries sign anew). A body
+        whose signature cannot be verified before it arrives holds one of its client address's
+        ``unauthenticated_bodies_per_address`` slots while it is read. Every body is read under
+        the ``body_timeout_seconds`` / ``body_min_bytes_per_second`` deadline (relay.body).
+
+        Returns:
+            (body, authenticated device address).
+
+        Raises:
+            AuthError: missing, stale, replayed or invalid signature, unknown device.
+            TooLarge: over ``max_request_bytes``.
+            RateLimited: the client address has too many unauthenticated bodies in flight.
+            relay.body.BodyTimeout: the body was too slow (the connection is closed).
+            relay.body.BodyAbandoned: the client stopped sending.
+        """
+        sh = parse_signed_headers(request.headers)
+        check_fresh(sh, self.clock.now_ms(), self.window_ms)
+        declared = body_digest_header(request.headers)
+        limits = self.body_limits(self.config.max_request_bytes)
+        length = request.content_length
+        if length is not None and length > limits.max_bytes:
+            raise TooLarge(f"request body exceeds {limits.max_bytes} bytes")
+        addr = Address(sh.user, sh.device)
+        key = await self.device_key(addr)
+        method, target = request.method, request.raw_path
+        if declared is not None:
+            # Authenticated before the body, nonce included: a replay of captured headers is
+            # refused here, so it cannot hold connections outside the per-address bound.
+            verify_signature(key, sh, method, target, declared)
+            await self.claim_nonce(sh)
+            body = await read_body(request, limits)
+            if _sha(body) != declared:
+                raise AuthError(
+                    "body does not match X-Blindpost-Content-SHA256", code="auth_invalid"
+                )
+        else:
+            with self.body_slots.hold(request.remote or "?"):
+                body = await read_body(request, limits)
+            verify_signature(key, sh, method, target, _sha(body))
+            await self.claim_nonce(sh)
+        self._remember_key(addr, key)
+        return body, addr
+
+    def body_limits(self, max_bytes: int) -> BodyLimits:
+        """The body deadline settings, with ``max_bytes``."""
+        cfg = self.config
+        return BodyLimits(cfg.body_timeout_seconds, cfg.body_min_bytes_per_second, max_bytes)
+
+    @property
+    def window_ms(self) -> int:
+        """The auth window in milliseconds."""
+        return int(self.config.auth_window_seconds * 1000)
+
+    async def claim_nonce(self, sh: SignedHeaders) -> None:
+        """Record a verified request's nonce in the replay guard (durably, for the SQLite one).
+
+        Freshness is checked again here, at claim time: a request whose body took long must not
+        claim a key that has already expired (a replay could then claim it a second time).
+
+        Raises:
+            AuthError: ``auth_stale``, or ``auth_replay``: the nonce was accepted before inside
+                the window.
+            RelayError: 503 when the guard is full or unavailable.
+        """
+        now_ms = self.clock.now_ms()
+        check_fresh(sh, now_ms, self.window_ms)
+        key = replay_key(self.replay_secret, sh.user, sh.device, sh.nonce)
+        # A key lives until its own timestamp leaves the window: a replay after that is stale.
+        if not await self.replay.claim(key, sh.timestamp_ms + self.window_ms, now_ms):
+            raise AuthError("nonce already used", code="auth_replay")
 
     def spawn(self, coro: Awaitable[None]) -> None:
         """Run a background coroutine that is cancelled at shutdown."""
@@ -246,6 +393,8 @@ def json_errors(handler: Handler) -> Handler:
             resp = await handler(request)
         except RelayError as err:
             resp = json_error(err)
+            if getattr(err, "close_connection", False):
+                await _send_and_close(request, resp)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -269,6 +418,17 @@ def json_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+async def _send_and_close(request: web.Request, resp: web.StreamResponse) -> None:
+    """Write ``resp`` now, then close the connection without reading the rest of the body."""
+    resp.force_close()
+    with contextlib.suppress(ConnectionError, RuntimeError):
+        await resp.prepare(request)
+        await resp.write_eof()
+    force_close = getattr(request.protocol, "force_close", None)
+    if force_close is not None:
+        force_close()
+
+
 async def _fallback(request: web.Request) -> web.StreamResponse:
     """Unknown path -> 404, known path with another method -> 405 (both JSON)."""
     allowed: set[str] = set()
@@ -283,16 +443,6 @@ async def _fallback(request: web.Request) -> web.StreamResponse:
 
 
 _FALLBACK_PATH = "/{tail}"
-
-
-async def _read_body(request: web.Request) -> bytes:
-    cfg = request.app[STATE_KEY].config
-    if request.content_length is not None and request.content_length > cfg.max_request_bytes:
-        raise TooLarge(f"request body exceeds {cfg.max_request_bytes} bytes")
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise TooLarge(f"request body exceeds {cfg.max_request_bytes} bytes") from exc
 
 
 def _json(body: bytes) -> Any:
@@ -318,7 +468,10 @@ async def register(request: web.Request) -> web.Response:
     st = request.app[STATE_KEY]
     peer = request.remote or "?"
     st.register_limit.take(peer, st.clock.monotonic())
-    body = await _read_body(request)
+    sh = parse_signed_headers(request.headers)  # everything checkable before the body
+    check_fresh(sh, st.clock.now_ms(), st.window_ms)
+    with st.body_slots.hold(peer):
+        body = await read_body(request, st.body_limits(st.config.max_request_bytes))
     doc = _json(body)
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
@@ -327,7 +480,6 @@ async def register(request: web.Request) -> web.Response:
         raise BadRequest("this username is reserved", code="invalid_username")
     device = parse_device_id(doc.get("device_id"))
     auth_key = b64d(doc.get("auth_key"), "auth_key", AUTH_KEY_LEN)
-    sh = parse_signed_headers(request.headers)
     if sh.user != username or sh.device != device:
         raise AuthError("auth headers must name the account being registered")
     addr = await st.authenticate(request, _sha(body), register_key=auth_key)
@@ -339,8 +491,7 @@ async def register(request: web.Request) -> web.Response:
 async def add_device(request: web.Request) -> web.Response:
     """``POST /v1/devices``: add a device to the caller's user."""
     st = request.app[STATE_KEY]
-    body = await _read_body(request)
-    caller = await _auth(request, body)
+    body, caller = await st.read_signed_body(request)
     doc = _json(body)
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
@@ -391,8 +542,7 @@ async def remove_device(request: web.Request) -> web.Response:
 async def upload_keys(request: web.Request) -> web.Response:
     """``PUT /v1/keys``: upload the caller's identity, signed and one-time prekeys."""
     st = request.app[STATE_KEY]
-    body = await _read_body(request)
-    caller = await _auth(request, body)
+    body, caller = await st.read_signed_body(request)
     upload = parse_key_upload(_json(body))
     count = await st.store.upload_keys(caller, upload)
     return web.json_response({"count": count})
@@ -424,8 +574,7 @@ async def send_message(request: web.Request) -> web.Response:
     """``PUT /v1/messages``: store one message for its recipient devices (JSON or binary)."""
     st = request.app[STATE_KEY]
     cfg = st.config
-    body = await _read_body(request)
-    caller = await _auth(request, body)
+    body, caller = await st.read_signed_body(request)
     if request.content_type == BINARY_SEND_TYPE:
         env = decode_send(body, max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes)
     else:
@@ -457,16 +606,19 @@ def _query_int(request: web.Request, name: str, default: int, lo: int, hi: int) 
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 19 or not lo <= int(raw) <= hi:
+    try:
+        value = parse_ascii_uint(raw, name, 19)
+    except BadRequest:
+        value = -1
+    if not lo <= value <= hi:
         raise BadRequest(f"{name} must be an integer {lo}..{hi}")
-    return int(raw)
+    return value
 
 
 async def ack_messages(request: web.Request) -> web.Response:
     """``POST /v1/messages/ack``: acknowledge messages of the caller's own mailbox."""
     st = request.app[STATE_KEY]
-    body = await _read_body(request)
-    caller = await _auth(request, body)
+    body, caller = await st.read_signed_body(request)
     ids = parse_ack_ids(_json(body))
     return web.json_response({"acked": await st.store.ack(caller, ids)})
 
@@ -485,15 +637,23 @@ async def upload_blob(request: web.Request) -> web.Response:
     await st.authenticate(request, declared)
     if request.content_length is not None and request.content_length > cfg.max_blob_bytes:
         raise TooLarge(f"blob exceeds {cfg.max_blob_bytes} bytes")
-    upload = await st.blobs.receive(
-        request.content.iter_chunked(CHUNK_SIZE), cfg.max_blob_bytes, declared
-    )
+    try:
+        upload = await st.blobs.receive(
+            timed_chunks(request, st.body_limits(cfg.max_blob_bytes)), cfg.max_blob_bytes, declared
+        )
+    except OSError as exc:  # disk full, quota, file size limit, I/O error: 503, not a 500
+        raise st.blob_health.failed(exc, "blob upload") from None
     try:
         async with st.blobs.lock:
-            await st.blobs.finalize(upload)
+            try:
+                await st.blobs.finalize(upload)
+            except OSError as exc:
+                raise st.blob_health.failed(exc, "blob finalize") from None
             new = await st.store.put_blob(upload.blob_id, upload.size, st.clock.now_ms())
     finally:
-        await st.blobs.discard(upload)
+        with contextlib.suppress(OSError):
+            await st.blobs.discard(upload)
+    st.blob_health.succeeded()
     log.info("blob stored id=%s size=%d new=%s", upload.blob_id, upload.size, new)
     return web.json_response(
         {"id": upload.blob_id, "size": upload.size}, status=201 if new else 200
@@ -517,9 +677,17 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
 # -- operations --------------------------------------------------------------------------
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``."""
+async def healthz_live(request: web.Request) -> web.Response:
+    """``GET /healthz/live``: the process answers (restart it if this fails)."""
     return web.json_response({"status": "ok"})
+
+
+async def healthz_ready(request: web.Request) -> web.Response:
+    """``GET /healthz/ready`` (and ``GET /healthz``): 200 when every readiness check passes,
+    else 503 ``{"status": "unavailable", "checks": {name: reason}}``."""
+    ready, checks = await request.app[STATE_KEY].readiness.run()
+    doc = {"status": "ok" if ready else "unavailable", "checks": checks}
+    return web.json_response(doc, status=200 if ready else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -591,8 +759,27 @@ def _restore_gc(before: tuple[int, int, int]) -> None:
     gc.set_threshold(*before)
 
 
+def replay_secret_path(config: RelayConfig) -> Path:
+    """Where the replay secret lives: ``replay_secret_file``, or ``data_dir/replay.key``."""
+    if config.replay_secret_file:
+        return Path(config.replay_secret_file)
+    return config.data_dir / "replay.key"
+
+
+async def _replay_secret(config: RelayConfig, guard: ReplayGuard) -> bytes:
+    """The key of the nonce digests: kept by a guard that several nodes share (every node must
+    digest alike), else in the replay secret file."""
+    if isinstance(guard, SharedReplayGuard):
+        return await guard.shared_secret()
+    return load_replay_secret(replay_secret_path(config))
+
+
 def create_app(
-    config: RelayConfig, *, store: RelayStore | None = None, clock: Clock | None = None
+    config: RelayConfig,
+    *,
+    store: RelayStore | None = None,
+    clock: Clock | None = None,
+    replay: ReplayGuard | None = None,
 ) -> web.Application:
     """Build the relay application.
 
@@ -601,6 +788,9 @@ def create_app(
         store: storage backend; by default the one ``config.store`` names
             (relay.backends.make_store).
         clock: time source (tests pass a fixed one).
+        replay: replay guard; by default the one ``config.replay_guard`` names (the SQLite one
+            is ``data_dir/replay.sqlite3``). A guard with ``open``/``close`` is opened with the
+            app and closed after it.
 
     Returns:
         The aiohttp application; its cleanup context opens and closes the store.
@@ -619,18 +809,41 @@ def create_app(
         metrics=metrics_,
         hub=Hub(metrics_, config.ws_max_outbound_bytes, config.ws_slow_grace_seconds),
         blobs=make_blob_store(config),
-        nonces=NonceCache(int(config.auth_window_seconds * 1000), config.nonce_cache_max),
+        replay=replay or make_replay_guard(config),
         register_limit=RateLimiter(config.registration_rate, config.registration_burst),
         send_limit=RateLimiter(config.send_rate, config.send_burst),
         fetch_limit=RateLimiter(config.prekey_fetch_rate, config.prekey_fetch_burst),
+        body_slots=BodySlots(config.unauthenticated_bodies_per_address),
+        blob_health=BlobHealth(config.data_dir / "blobs" / "tmp"),
     )
+    state.readiness.add_component("storage", state.store)
+    state.readiness.add_component("replay_guard", state.replay)
+    state.readiness.add("blobs", state.blob_health.ready)
+
+    async def accepting() -> str | None:
+        return "shutting down" if state.hub.shutting_down else None
+
+    state.readiness.add("accepting", accepting)
+    if config.redis_url:
+
+        async def redis_ready() -> str | None:
+            node = state.node  # set once the lifecycle has linked this node
+            return "not linked to Redis yet" if node is None else await node.ready()
+
+        state.readiness.add("redis", redis_ready)
     app[STATE_KEY] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await state.blobs.open()
+        guard = state.replay
         try:
+            if isinstance(guard, ManagedReplayGuard):
+                await guard.open()
+            state.replay_secret = await _replay_secret(config, guard)
             await state.store.open()
         except BaseException:
+            if isinstance(guard, ManagedReplayGuard):
+                await guard.close()
             await state.blobs.close()
             raise
         gc_before = _tune_gc()
@@ -658,6 +871,8 @@ def create_app(
         await state.store.close()  # its last commits still reach the link's listener
         state.store.set_delivery_listener(None)
         await state.blobs.close()
+        if isinstance(guard, ManagedReplayGuard):
+            await guard.close()
         if link is not None:
             await link.close()  # wakes other nodes for those commits, releases presence
         _restore_gc(gc_before)
@@ -682,7 +897,9 @@ def create_app(
         ("POST", "/v1/messages/ack", ack_messages),
         ("POST", "/v1/blobs", upload_blob),
         ("GET", "/v1/blobs/{blob_id}", download_blob),
-        ("GET", "/healthz", healthz),
+        ("GET", "/healthz", healthz_ready),
+        ("GET", "/healthz/live", healthz_live),
+        ("GET", "/healthz/ready", healthz_ready),
         ("GET", "/metrics", metrics),
         ("GET", "/openapi.json", openapi),
     ]

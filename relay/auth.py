@@ -1,15 +1,14 @@
 # Invariants: a request is authenticated only if its timestamp is inside the window, its
 # signature verifies against the registered Ed25519 key over the canonical string of
-# docs/relay-api.md section 1, and its nonce was not accepted before inside the window. A nonce
-# is remembered only after its signature verified, so forged requests cannot fill the cache.
-"""Signed-request authentication: canonical string, verification and replay protection."""
+# docs/relay-api.md section 1, and its nonce was not accepted before inside the window (the
+# nonce record is relay.replay's ReplayGuard; relay.app claims a nonce only after its signature
+# verified, so forged requests cannot fill it).
+"""Signed-request authentication: header parsing, canonical string, freshness and verification."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,8 +27,8 @@ from blindpost_wire.auth import (
     NONCE_PATTERN,
     canonical_string,
 )
-from relay.errors import AuthError, BadRequest, RelayError
-from relay.wire import USERNAME_RE, b64d, b64e, parse_device_id
+from relay.errors import AuthError, BadRequest
+from relay.wire import USERNAME_RE, b64d, b64e, parse_ascii_uint, parse_device_id
 
 __all__ = [
     "AUTH_VERSION",
@@ -40,10 +39,10 @@ __all__ = [
     "H_SIGNATURE",
     "H_TIMESTAMP",
     "H_USER",
-    "NonceCache",
     "SignedHeaders",
     "body_digest_header",
     "canonical_string",
+    "check_fresh",
     "parse_signed_headers",
     "sign_request",
     "verify_signature",
@@ -122,14 +121,13 @@ def parse_signed_headers(headers: Mapping[str, str]) -> SignedHeaders:
         if USERNAME_RE.fullmatch(user) is None:
             raise BadRequest("bad user")
         device = parse_device_id(device_raw)
-        if not ts_raw.isdigit() or len(ts_raw) > 15:
-            raise BadRequest("bad timestamp")
+        timestamp_ms = parse_ascii_uint(ts_raw, "timestamp", 15)
         if _NONCE_RE.fullmatch(nonce) is None:
             raise BadRequest("bad nonce")
         signature = b64d(sig_raw, "signature", 64)
     except BadRequest as exc:
         raise AuthError(f"malformed auth headers: {exc.message}", code="auth_missing") from exc
-    return SignedHeaders(user, device, int(ts_raw), nonce, signature)
+    return SignedHeaders(user, device, timestamp_ms, nonce, signature)
 
 
 def body_digest_header(headers: Mapping[str, str]) -> str | None:
@@ -163,70 +161,11 @@ def verify_signature(
         raise AuthError("signature does not verify", code="auth_invalid") from exc
 
 
-class NonceCache:
-    """Remembers accepted (user, device, nonce) triples until their timestamp leaves the window.
+def check_fresh(sh: SignedHeaders, now_ms: int, window_ms: int) -> None:
+    """Reject a timestamp more than ``window_ms`` away from ``now_ms``.
 
-    Memory is bounded by ``max_entries``; when full, new requests are refused (503) rather than
-    risking an accepted replay.
-
-    Args:
-        window_ms: the auth window; entries expire ``window_ms`` after their timestamp.
-        max_entries: hard bound on remembered nonces.
+    Raises:
+        AuthError: ``auth_stale``.
     """
-
-    def __init__(self, window_ms: int, max_entries: int) -> None:
-        self._window_ms = window_ms
-        self._max = max_entries
-        # Entries are 64-bit keyed digests of (user, device, nonce), not the strings: a few
-        # dozen bytes each. The key is random per process, so nobody can aim for a collision;
-        # an accidental one (about n / 2**64) would only refuse a fresh request.
-        self._salt = os.urandom(16)
-        self._seen: set[int] = set()
-        self._order: deque[tuple[int, int]] = deque()
-
-    def _digest(self, sh: SignedHeaders) -> int:
-        h = hashlib.blake2b(digest_size=8, key=self._salt)
-        h.update(f"{sh.user}\n{sh.device}\n{sh.nonce}".encode())
-        return int.from_bytes(h.digest(), "big")
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    @property
-    def window_ms(self) -> int:
-        """The auth window in milliseconds."""
-        return self._window_ms
-
-    def check_fresh(self, sh: SignedHeaders, now_ms: int) -> None:
-        """Reject a timestamp outside the window.
-
-        Raises:
-            AuthError: ``auth_stale``.
-        """
-        if abs(now_ms - sh.timestamp_ms) > self._window_ms:
-            raise AuthError("request timestamp outside the allowed window", code="auth_stale")
-
-    def remember(self, sh: SignedHeaders, now_ms: int) -> None:
-        """Record a verified request's nonce, rejecting a replay.
-
-        Raises:
-            AuthError: ``auth_replay``. RelayError (503): the cache is full.
-        """
-        self._expire(now_ms)
-        key = self._digest(sh)
-        if key in self._seen:
-            raise AuthError("nonce already used", code="auth_replay")
-        if len(self._seen) >= self._max:
-            err = RelayError("too many requests in the auth window", code="busy")
-            err.status = 503
-            raise err
-        self._seen.add(key)
-        # Expiry order follows timestamps only roughly; an entry is dropped at the earliest
-        # once now passes its own timestamp + window, so no replay can slip through.
-        self._order.append((sh.timestamp_ms + self._window_ms, key))
-
-    def _expire(self, now_ms: int) -> None:
-        order = self._order
-        while order and order[0][0] < now_ms:
-            _, key = order.popleft()
-            self._seen.discard(key)
+    if abs(now_ms - sh.timestamp_ms) > window_ms:
+        raise AuthError("request timestamp outside the allowed window", code="auth_stale")

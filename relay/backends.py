@@ -60,9 +60,15 @@ def make_store(config: RelayConfig) -> RelayStore:
         return PostgresRelayStore(
             pg_settings(config), limits, write_connections=config.postgres_write_connections
         )
+    from relay.integrity import DB_NAME, HWM_NAME
     from relay.store.sqlite import SqliteRelayStore
 
-    return SqliteRelayStore(config.data_dir / "relay.sqlite3", limits)
+    return SqliteRelayStore(
+        config.data_dir / DB_NAME,
+        limits,
+        probe_bytes=config.max_message_bytes,
+        high_water=config.data_dir / HWM_NAME,
+    )
 
 
 def make_blob_store(config: RelayConfig) -> BlobStore:

@@ -22,6 +22,7 @@ __all__ = [
     "POSTGRES_POOL_MAX",
     "POSTGRES_POOL_MIN",
     "REDIS_PREFIX_MAX",
+    "REPLAY_GUARDS",
     "SETTING_HELP",
     "STORES",
     "WORKERS_MAX",
@@ -42,6 +43,7 @@ WORKERS_MAX = 64
 # AF_UNIX send buffer, and every worker receives with a buffer of the maximum.
 WORKER_DATAGRAM_BYTES_MIN = 1024
 WORKER_DATAGRAM_BYTES_MAX = 65536
+REPLAY_GUARDS = ("auto", "sqlite", "memory", "redis", "postgres")
 LISTEN_BACKLOG_MAX = 65535  # the kernel silently caps it further at net.core.somaxconn
 STORES = ("sqlite", "postgres")
 BLOB_STORES = ("auto", "fs", "postgres")
@@ -96,6 +98,14 @@ SETTING_HELP: dict[str, str] = {
     "ws_heartbeat_seconds": "ping interval (0 disables); no pong within half -> disconnect",
     "ws_idle_timeout_seconds": "nothing received for this long -> close 4004",
     "header_timeout_seconds": "time allowed to send complete request headers",
+    "body_timeout_seconds": "time allowed for a request body's first byte; byte n must arrive"
+    " within this + n / body_min_bytes_per_second, else 408 and the connection is closed"
+    " (bodies refused before they are read are drained for at most min(10, this) seconds)",
+    "body_min_bytes_per_second": "the slowest rate a request body (blobs included) may arrive at"
+    " after body_timeout_seconds",
+    "unauthenticated_bodies_per_address": "request bodies one client address may have in flight"
+    " before their request is authenticated (registration, and signed bodies without"
+    " X-Blindpost-Content-SHA256); beyond -> 429 before the body is read",
     "keepalive_timeout_seconds": "idle HTTP keep-alive connections are closed after this",
     "shutdown_timeout_seconds": "grace period for in-flight requests on SIGTERM",
     "registration_rate": "registrations per second per client IP (token refill)",
@@ -110,7 +120,19 @@ SETTING_HELP: dict[str, str] = {
     "wal_checkpoint_commits": "every this many commits a background thread checkpoints the"
     " SQLite write-ahead log (the writer never waits for the copy); smaller keeps the log file"
     " smaller, larger does fewer copies",
-    "nonce_cache_max": "max remembered nonces (requests are refused with 503 beyond)",
+    "startup_check_seconds": "time bound of the SQLite quick_check run before the relay serves"
+    " (0 skips it; missing acknowledged messages are always checked); a damaged database or"
+    " missing acknowledged messages refuse the start unless --accept-data-loss is given",
+    "nonce_cache_max": "max nonces the replay guard holds at once (requests are refused with 503"
+    " beyond)",
+    "replay_guard": "where accepted nonces are recorded: auto (sqlite with store = sqlite; with"
+    " store = postgres, redis if redis_url is set, else postgres), sqlite"
+    " (data_dir/replay.sqlite3, shared by every worker, survives restarts), redis or postgres"
+    " (shared by every node, survive restarts) or memory (one process, forgotten at restart: a"
+    " captured request can be replayed after a restart inside auth_window_seconds)",
+    "replay_secret_file": "file holding the key of the nonce digests of the sqlite and memory"
+    " guards (created if missing); empty = data_dir/replay.key. The redis and postgres guards"
+    " keep their key themselves, shared by every node",
     "switch_interval_ms": "Python thread switch interval; small values stop the event loop"
     " from starving the SQLite writer thread",
     "workers": f"worker processes sharing the listening socket and the database (1..{WORKERS_MAX});"
@@ -195,6 +217,9 @@ class RelayConfig:
     ws_heartbeat_seconds: float = 30.0
     ws_idle_timeout_seconds: float = 300.0
     header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    body_min_bytes_per_second: float = 8192.0
+    unauthenticated_bodies_per_address: int = 16
     keepalive_timeout_seconds: float = 75.0
     shutdown_timeout_seconds: float = 10.0
     registration_rate: float = 0.2
@@ -206,7 +231,10 @@ class RelayConfig:
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
     wal_checkpoint_commits: int = 512
+    startup_check_seconds: float = 60.0
     nonce_cache_max: int = 1_000_000
+    replay_guard: str = "auto"
+    replay_secret_file: str = ""
     switch_interval_ms: float = 0.5
     workers: int = 1
     worker_restart_max_backoff_seconds: float = 10.0
@@ -255,6 +283,9 @@ class RelayConfig:
             "write_batch_max",
             "wal_checkpoint_commits",
             "auth_window_seconds",
+            "body_timeout_seconds",
+            "body_min_bytes_per_second",
+            "unauthenticated_bodies_per_address",
             # Checked whatever ``workers`` is, so a bad value fails now, not when N is raised.
             # Zero would mean a pump that reads nothing, crashed workers restarted in a tight
             # loop (no first wait, or never any doubling), workers killed the moment the
@@ -277,6 +308,11 @@ class RelayConfig:
             raise ConfigError(
                 f"worker_datagram_bytes must be {WORKER_DATAGRAM_BYTES_MIN}.."
                 f"{WORKER_DATAGRAM_BYTES_MAX} (got {self.worker_datagram_bytes})"
+            )
+        if self.replay_guard not in REPLAY_GUARDS:
+            raise ConfigError(
+                f"replay_guard must be one of {', '.join(REPLAY_GUARDS)}"
+                f" (got {self.replay_guard!r})"
             )
         if self.event_loop not in EVENT_LOOPS:
             raise ConfigError(
@@ -305,6 +341,10 @@ class RelayConfig:
             raise ConfigError(f"reuse_port must be 0 or 1 (got {self.reuse_port})")
         if self.reuse_port and self.workers > 1:
             raise ConfigError("reuse_port and workers > 1 exclude each other")
+        if self.replay_guard == "redis" and not self.redis_url:
+            raise ConfigError("replay_guard = redis needs redis_url")
+        if self.replay_guard == "postgres" and self.store != "postgres":
+            raise ConfigError("replay_guard = postgres needs store = postgres")
         if self.redis_url and self.workers > 1:
             raise ConfigError("redis_url and workers > 1 exclude each other: run several nodes")
         if self.workers > 1 and self.worker_poll_seconds <= 0:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "STORAGE_RETRY_AFTER_SECONDS",
     "AuthError",
     "BadRequest",
     "Conflict",
@@ -134,11 +135,29 @@ class MailboxFull(RelayError):
         )
 
 
+#: Seconds a client is asked to wait (``Retry-After``) after a storage failure.
+STORAGE_RETRY_AFTER_SECONDS = 5
+
+
 class StorageError(RelayError):
-    """The store failed to commit; the request had no effect (503)."""
+    """The store failed (disk full, I/O error, damaged file, closed); the request had no effect
+    (503 ``storage_unavailable`` with ``Retry-After``)."""
 
     status = 503
     default_code = "storage_unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            code=code,
+            extra={"retry_after": STORAGE_RETRY_AFTER_SECONDS, **(extra or {})},
+        )
 
 
 class Unavailable(RelayError):

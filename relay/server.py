@@ -27,6 +27,8 @@ __all__ = ["serve"]
 
 log = logging.getLogger("relay.server")
 
+_LINGER_MAX_SECONDS = 10.0  # aiohttp's default
+
 
 async def serve(
     config: RelayConfig,
@@ -67,6 +69,10 @@ async def serve(
         access_log_format='%a "%r" %s %b %Tf',
         keepalive_timeout=config.keepalive_timeout_seconds,
         shutdown_timeout=config.shutdown_timeout_seconds,
+        # After a response sent before its request's body was read (a 401, 413 or 429 refused
+        # up front) aiohttp reads and drops the rest for this long, so the client can read the
+        # response; bounded by the body deadline too, so a trickling peer is not held longer.
+        lingering_time=min(_LINGER_MAX_SECONDS, config.body_timeout_seconds),
     )
     await runner.setup()
     link: WorkerLink | None = None

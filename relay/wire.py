@@ -42,6 +42,7 @@ __all__ = [
     "encode_send",
     "message_json",
     "parse_ack_ids",
+    "parse_ascii_uint",
     "parse_device_id",
     "parse_json_send",
     "parse_key_upload",
@@ -110,16 +111,45 @@ def _int(value: Any, what: str, lo: int, hi: int) -> int:
     return value
 
 
+_ASCII_DIGITS = frozenset("0123456789")
+
+
+def parse_ascii_uint(text: str, what: str, max_digits: int) -> int:
+    """Parse a non-negative decimal integer written in ASCII digits only.
+
+    ``str.isdigit()`` and ``int()`` accept every Unicode decimal (``"\u0663"``, fullwidth
+    digits) and ``isdigit()`` even superscripts that ``int()`` then refuses, so every number the
+    relay reads from a header, query or frame goes through here instead.
+
+    Args:
+        text: the raw text.
+        what: the field name, for the error message.
+        max_digits: longest accepted text (bounds ``int()``'s work).
+
+    Returns:
+        The integer.
+
+    Raises:
+        BadRequest: empty, too long, or any character outside ``0-9``.
+    """
+    if not 0 < len(text) <= max_digits or not _ASCII_DIGITS.issuperset(text):
+        raise BadRequest(f"{what} must be at most {max_digits} ASCII digits")
+    return int(text)
+
+
 def parse_device_id(value: Any, what: str = "device_id") -> int:
-    """Validate a device id (1..127), accepting ints or decimal strings.
+    """Validate a device id (1..127), accepting ints or ASCII decimal strings.
 
     Raises:
         BadRequest: not an integer in range.
     """
     if isinstance(value, str):
-        if not value.isdigit() or len(value) > 3 or (len(value) > 1 and value[0] == "0"):
+        if len(value) > 1 and value[0] == "0":
             raise BadRequest(f"{what} must be an integer 1..{MAX_DEVICE_ID}")
-        value = int(value)
+        try:
+            value = parse_ascii_uint(value, what, 3)
+        except BadRequest:
+            raise BadRequest(f"{what} must be an integer 1..{MAX_DEVICE_ID}") from None
     return _int(value, what, 1, MAX_DEVICE_ID)
 
 

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import secrets
-import time
 from collections.abc import Sequence
 
 from redis.asyncio import Redis
@@ -37,9 +35,9 @@ from redis.exceptions import RedisError
 
 from relay.app import RelayState
 from relay.config import RelayConfig
-from relay.errors import AuthError, RelayError, Unavailable
+from relay.errors import RelayError, Unavailable
 from relay.hub import CLOSE_DEVICE_REMOVED, CLOSE_REPLACED, Connection
-from relay.nodes.state import RedisReplayGuard, connect
+from relay.nodes.state import connect
 from relay.store.base import Address, Delivery
 
 __all__ = ["NodeLink"]
@@ -151,9 +149,6 @@ class NodeLink:
         self._refresh_script = self.redis.register_script(_REFRESH)
         self._release_script = self.redis.register_script(_RELEASE)
         self._wake_script = self.redis.register_script(_WAKE)
-        self._replay = RedisReplayGuard(
-            self.redis, prefix, retry_after=config.redis_retry_after_seconds
-        )
         self._serial = 0
         self._commands_ok = False
         self._subscribed = False
@@ -513,20 +508,6 @@ class NodeLink:
                     self._state.hub.kick_device(addr, CLOSE_DEVICE_REMOVED, "device removed")
             except ValueError:
                 log.warning("ignored a malformed node message line (%d bytes)", len(line))
-
-    # -- replay guard ------------------------------------------------------------------------
-
-    async def claim_nonce(self, user: str, device: int, nonce: str, expires_at_ms: int) -> None:
-        """Refuse a signed request already accepted by any node inside its auth window.
-
-        Raises:
-            AuthError: ``auth_replay``.
-            Unavailable: Redis did not answer.
-        """
-        key = hashlib.sha256(f"{user}\n{device}\n{nonce}".encode()).digest()[:16]
-        now_ms = time.time_ns() // 1_000_000
-        if not await self._replay.claim(key, expires_at_ms, now_ms):
-            raise AuthError("nonce already used", code="auth_replay")
 
     # -- device removal ------------------------------------------------------------------------
 

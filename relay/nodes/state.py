@@ -11,7 +11,8 @@
 from __future__ import annotations
 
 import math
-from typing import Protocol
+import os
+from typing import TYPE_CHECKING, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -19,8 +20,12 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from relay.errors import RateLimited, Unavailable
+from relay.replay import REPLAY_SECRET_LEN
 
-__all__ = ["Limiter", "RedisLimiter", "RedisReplayGuard", "ReplayGuard", "connect"]
+if TYPE_CHECKING:
+    from relay.config import RelayConfig
+
+__all__ = ["Limiter", "RedisLimiter", "RedisReplayGuard", "connect"]
 
 #: Connections a node opens to Redis for commands; more concurrent commands wait for one
 #: (pipelined scripts keep the count of commands per message small, docs/architecture.md).
@@ -54,14 +59,6 @@ def connect(url: str, timeout: float, *, subscriber: bool = False) -> Redis:
     return Redis(connection_pool=pool)
 
 
-class ReplayGuard(Protocol):
-    """Remembers signed-request keys for their auth window (the same Protocol as relay.replay)."""
-
-    async def claim(self, key: bytes, expires_at_ms: int, now_ms: int) -> bool:
-        """Record ``key`` until ``expires_at_ms``; return False when it is already recorded (a
-        replay)."""
-
-
 class Limiter(Protocol):
     """A keyed token-bucket limiter (the same Protocol as relay.ratelimit)."""
 
@@ -71,7 +68,8 @@ class Limiter(Protocol):
 
 
 class RedisReplayGuard:
-    """``ReplayGuard`` on Redis: ``SET <prefix>replay:<key> 1 NX PXAT <expiry + margin>``.
+    """``relay.replay.ReplayGuard`` on Redis: ``SET <prefix>replay:<key> 1 NX PXAT <expiry +
+    margin>``; also a ``SharedReplayGuard`` (the digest key is ``<prefix>replay-secret``).
 
     Args:
         redis: the client.
@@ -86,8 +84,46 @@ class RedisReplayGuard:
     ) -> None:
         self._redis = redis
         self._prefix = (prefix + "replay:").encode()
+        self._secret_key = prefix + "replay-secret"
         self._margin = clock_margin_ms
         self._retry_after = retry_after
+
+    @classmethod
+    def from_config(cls, config: RelayConfig) -> RedisReplayGuard:
+        """A guard with a Redis client of its own (``redis_url``, ``redis_prefix``,
+        ``redis_timeout_seconds``, ``redis_retry_after_seconds``); no I/O until used."""
+        redis = connect(config.redis_url, config.redis_timeout_seconds)
+        return cls(redis, config.redis_prefix, retry_after=config.redis_retry_after_seconds)
+
+    async def open(self) -> None:
+        """Nothing to do: the client connects on its first command."""
+
+    async def close(self) -> None:
+        """Close the client's connections."""
+        await self._redis.aclose()
+
+    async def shared_secret(self) -> bytes:
+        """The replay secret every node digests with (``SET NX``: the first node's wins).
+
+        Raises:
+            Unavailable: Redis did not answer.
+        """
+        try:
+            await self._redis.set(self._secret_key, os.urandom(REPLAY_SECRET_LEN), nx=True)
+            secret = await self._redis.get(self._secret_key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise Unavailable(self._retry_after, "replay guard unavailable") from exc
+        if not isinstance(secret, bytes) or len(secret) != REPLAY_SECRET_LEN:
+            raise Unavailable(self._retry_after, "replay secret in Redis is damaged")
+        return secret
+
+    async def ready(self) -> str | None:
+        """None when Redis answers a PING, else why not."""
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError, TimeoutError):
+            return "Redis does not answer"
+        return None
 
     async def claim(self, key: bytes, expires_at_ms: int, now_ms: int) -> bool:
         """Record ``key`` until ``expires_at_ms`` (on every node sharing this Redis).

@@ -224,6 +224,20 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             started_ms bigint NOT NULL);
         """,
     ),
+    (
+        3,
+        """
+        -- The shared replay guard (relay.replay.PgReplayGuard), used with store = postgres
+        -- when no Redis is configured: one row per live nonce digest, and the digest key.
+        CREATE TABLE replay_keys(
+            key bytea PRIMARY KEY,
+            exp bigint NOT NULL);
+        CREATE INDEX replay_keys_exp ON replay_keys(exp);
+        CREATE TABLE replay_secret(
+            id integer PRIMARY KEY CHECK (id = 1),
+            secret bytea NOT NULL);
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -252,6 +252,23 @@ class PostgresRelayStore:
         self._pool = pool
         log.info("store: postgres %s", redact_dsn(self._settings.dsn))
 
+    async def ready(self) -> str | None:
+        """Readiness (``/healthz/ready``): None when PostgreSQL answers a ``SELECT 1`` now.
+
+        PostgreSQL vouches for its own durability (WAL, ``synchronous_commit = on``), so there
+        is no damage latch or acknowledged-messages mark here as on SQLite: a lost connection
+        is what makes this store not ready, and it turns ready again once the server answers.
+        """
+        pool = self._pool
+        if pool is None or self._closing:
+            return "store is closed"
+        try:
+            async with pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            return f"PostgreSQL does not answer: {type(exc).__name__}"
+        return None
+
     async def close(self) -> None:
         """Commit every write already submitted, then close the connections."""
         self._closing = True

@@ -16,6 +16,11 @@
 # * Checkpoints never run inside a COMMIT: a checkpoint thread copies the log in the background
 #   (PASSIVE, blocking nobody) and the writer finishes the copy between two transactions, so the
 #   log starts over; if the thread stops finishing, the writer checkpoints on its own.
+# * Storage failures are typed and never silent: a disk-full or I/O error fails its whole batch
+#   once (503, one log line) and makes ``ready()`` false until a probe write of realistic size
+#   commits; a corruption error (read or write) marks the store damaged for good: every later
+#   write is refused. After each commit the seq reached is handed to the high-water mark
+#   (relay.integrity), off the write path.
 # * Only opaque bytes are stored: ciphertext bodies and public keys.
 """SQLite implementation of ``RelayStore`` with a single group-committing writer thread."""
 
@@ -42,6 +47,7 @@ from relay.errors import (
     RelayError,
     StorageError,
 )
+from relay.integrity import HighWaterMark
 from relay.store.base import (
     Address,
     Delivery,
@@ -60,7 +66,7 @@ from relay.store.base import (
 )
 from relay.store.rules import check_quota, resolve_recipients
 
-__all__ = ["SCHEMA_VERSION", "SqliteRelayStore"]
+__all__ = ["SCHEMA_VERSION", "SqliteRelayStore", "StorageHealth"]
 
 log = logging.getLogger("relay.store")
 
@@ -76,9 +82,12 @@ _CHECKPOINT_FALLBACK_FACTOR = 8
 # were committed during its previous pass.
 _CHECKPOINT_PASSES = 4
 _CHECKPOINT_CLOSE_FRAMES = 64
+_PROBE_MIN_BYTES = 64 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+-- One row, rewritten by the readiness probe after a failed write (see ready()).
+CREATE TABLE IF NOT EXISTS probe(k INTEGER PRIMARY KEY, b BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS users(
     pk INTEGER PRIMARY KEY, username TEXT NOT NULL UNIQUE, created_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS devices(
@@ -158,6 +167,51 @@ def _connect(path: Path, *, readonly: bool, cache_kib: int) -> sqlite3.Connectio
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
     return conn
+
+
+# SQLite primary result codes (sqlite3.Error.sqlite_errorcode & 0xff).
+_SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_FULL = 13
+_SQLITE_CANTOPEN = 14
+_SQLITE_NOTADB = 26
+_CORRUPTION = frozenset({_SQLITE_CORRUPT, _SQLITE_NOTADB})
+_ENVIRONMENT = frozenset({_SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN})
+
+
+def _error_class(exc: BaseException) -> str | None:
+    """``"corrupt"`` for a damaged file, ``"io"`` for disk full / I/O failure, else None."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    if not isinstance(code, int):
+        return None
+    primary = code & 0xFF
+    if primary in _CORRUPTION:
+        return "corrupt"
+    if primary in _ENVIRONMENT:
+        return "io"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+    return f"{name}: {exc}"
+
+
+@dataclass(slots=True)
+class StorageHealth:
+    """What the store knows about its file (read by the readiness check).
+
+    Attributes:
+        write_error: why the last write transaction failed (disk full, I/O error); cleared
+            when a readiness probe write (``ready()``) commits.
+        damaged: why the file is considered damaged (a corruption error met by a read or a
+            write); never cleared while the store is open: writes are refused.
+    """
+
+    write_error: str | None = None
+    damaged: str | None = None
 
 
 @dataclass(slots=True)
@@ -622,9 +676,23 @@ class SqliteRelayStore:
         path: database file (created with its directory if missing).
         limits: quotas and retention.
         read_threads: size of the read connection pool.
+        probe_bytes: size of the readiness probe's write after a failed write (the relay
+            passes ``max_message_bytes``).
+        high_water: the acknowledged-messages mark file (relay.integrity) kept up to date after
+            every commit; None keeps none.
     """
 
-    def __init__(self, path: Path, limits: StoreLimits | None = None, read_threads: int = 2):
+    def __init__(
+        self,
+        path: Path,
+        limits: StoreLimits | None = None,
+        read_threads: int = 2,
+        *,
+        probe_bytes: int = 256 * 1024,
+        high_water: Path | None = None,
+    ):
+        self._probe_bytes = probe_bytes
+        self._hwm = HighWaterMark(high_water) if high_water is not None else None
         self._path = Path(path)
         self._limits = limits or StoreLimits()
         self._read_threads = read_threads
@@ -639,6 +707,7 @@ class SqliteRelayStore:
         self._reader_conns: list[sqlite3.Connection] = []
         self._reader_lock = threading.Lock()
         self._closed = False
+        self.health = StorageHealth()
 
     @property
     def limits(self) -> StoreLimits:
@@ -672,6 +741,8 @@ class SqliteRelayStore:
             conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('seq', 0)")
             self._state = _WriterState(conn, self._limits)
             self._checkpointer = _Checkpointer(self._path)
+            if self._hwm is not None:
+                self._hwm.start(self._state.seq)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database: {exc}") from exc
         self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="relay-read")
@@ -688,6 +759,8 @@ class SqliteRelayStore:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         if self._checkpointer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.close)
+        if self._hwm is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._hwm.close)
         if self._readers is not None:
             self._readers.shutdown(wait=True)
         with self._reader_lock:
@@ -701,6 +774,32 @@ class SqliteRelayStore:
                 log.warning("checkpoint at close failed")
             self._state.conn.close()
 
+    async def ready(self) -> str | None:
+        """Readiness: None when writes commit, else why not.
+
+        A damaged store is never ready again while open. After a failed write the store is
+        probed with a one-row write, so it turns ready again once the disk has room.
+        """
+        health = self.health
+        if health.damaged is not None:
+            return f"storage damaged: {health.damaged}"
+        if health.write_error is not None and not self._closed and self._state is not None:
+            # Small writes may well succeed on a full disk (into pages the log already has), so
+            # the probe writes as much as the largest message; only it clears the failure.
+            size = max(_PROBE_MIN_BYTES, self._probe_bytes)
+            try:
+                await self._submit(_probe_write, self._state.conn, size)
+            except StorageError:
+                pass
+            else:
+                log.warning("storage writes succeed again (a %d-byte probe committed)", size)
+                health.write_error = None
+        if health.damaged is not None:
+            return f"storage damaged: {health.damaged}"
+        if health.write_error is not None:
+            return f"storage writes fail: {health.write_error}"
+        return None
+
     def stats(self) -> StoreStats:
         """Return current counters (read without locking; values are ints)."""
         st = self._state
@@ -713,6 +812,8 @@ class SqliteRelayStore:
     def _submit(self, fn: Callable[..., T], *args: Any, kind: int = 0) -> asyncio.Future[T]:
         if self._closed or self._loop is None:
             raise StorageError("store is closed")
+        if self.health.damaged is not None:
+            raise StorageError("storage is damaged; writes are refused")
         fut: asyncio.Future[T] = self._loop.create_future()
         self._queue.put(_Op(fn, args, fut, kind))
         return fut
@@ -795,14 +896,25 @@ class SqliteRelayStore:
             st.conn.execute("COMMIT")
             st.commits += 1
             st.committed_ops += len(batch)
-        except Exception:
-            log.exception("write batch of %d failed; retrying one by one", len(batch))
+            if self._hwm is not None:
+                self._hwm.note(st.seq)
+        except Exception as exc:
             self._rollback(st)
-            if len(batch) > 1:
-                for op in batch:
-                    self._run_batch(st, [op])
-                return
-            results = [(batch[0].future, False, StorageError("storage failure"))]
+            kind = _error_class(exc)
+            if kind is not None:
+                # The file or the disk failed, not one operation: retrying each would fail the
+                # same way (and log as many times). Every operation of the batch fails.
+                self._note_failure(kind, exc, f"write batch of {len(batch)} operations")
+                err = StorageError("storage is damaged" if kind == "corrupt" else "storage failure")
+                results = [(op.future, False, err) for op in batch]
+            else:
+                log.exception("write batch of %d failed; retrying one by one", len(batch))
+                if len(batch) > 1:
+                    for op in batch:
+                        self._run_batch(st, [op])
+                    return
+                results = [(batch[0].future, False, StorageError("storage failure"))]
+
         deliveries = st.deliveries
         st.deliveries = []
         assert self._loop is not None
@@ -815,7 +927,27 @@ class SqliteRelayStore:
         with contextlib.suppress(sqlite3.Error):
             st.conn.execute("ROLLBACK")
         st.seq_dirty = False
-        st.reset_caches()
+        with contextlib.suppress(sqlite3.Error):  # a damaged file may fail these reads too
+            st.reset_caches()
+
+    def _note_failure(self, kind: str, exc: BaseException, what: str) -> None:
+        """Log a storage failure loudly (no bodies: SQLite's messages name no row data) and
+        record it for the readiness check; after a corruption error writes are refused."""
+        reason = _describe(exc)
+        if kind == "corrupt":
+            if self.health.damaged is None:
+                log.critical(
+                    "storage DAMAGED (%s) during %s: writes are refused and the relay reports"
+                    " not ready; stop it and run `blindpost-relay admin check --data DIR`",
+                    reason,
+                    what,
+                )
+            else:
+                log.error("storage damaged (%s) during %s", reason, what)
+            self.health.damaged = reason
+        else:
+            log.error("storage failure (%s) during %s", reason, what)
+            self.health.write_error = reason
 
     def _complete(
         self, results: list[tuple[asyncio.Future[Any], bool, Any]], deliveries: list[Delivery]
@@ -862,6 +994,8 @@ class SqliteRelayStore:
             try:
                 return fn(self._reader())
             except sqlite3.Error as exc:
+                kind = _error_class(exc) or "io"
+                self._note_failure(kind, exc, f"read {getattr(fn, '__qualname__', 'query')}")
                 raise StorageError(f"read failed: {type(exc).__name__}") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._readers, run)
@@ -1085,6 +1219,10 @@ class SqliteRelayStore:
                 conn.execute("COMMIT")
 
         return await self._read(q)
+
+
+def _probe_write(conn: sqlite3.Connection, size: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO probe(k, b) VALUES (1, zeroblob(?))", (size,))
 
 
 def _create_seq_index(conn: sqlite3.Connection) -> None:
