@@ -67,6 +67,15 @@ SETTING_HELP: dict[str, str] = {
     "max_blob_bytes": "max blob upload -> 413",
     "mailbox_max_messages": "per-mailbox message quota -> 507",
     "mailbox_max_bytes": "per-mailbox byte quota -> 507",
+    "mailbox_sender_max_messages": "messages one sending account may hold in one recipient"
+    " device's mailbox when the recipient's account has ever sent to it -> 507"
+    " sender_share_exceeded",
+    "mailbox_sender_max_bytes": "bytes one sending account may hold in one recipient device's"
+    " mailbox when the recipient's account has ever sent to it -> 507 sender_share_exceeded",
+    "mailbox_stranger_max_messages": "as mailbox_sender_max_messages for a sender the recipient"
+    " never sent to (at most mailbox_sender_max_messages)",
+    "mailbox_stranger_max_bytes": "as mailbox_sender_max_bytes for a sender the recipient never"
+    " sent to (at most mailbox_sender_max_bytes)",
     "message_ttl_seconds": "unacknowledged messages are deleted after this",
     "blob_ttl_seconds": "blobs are deleted this long after their last upload",
     "dedupe_window_seconds": "how long a message id is remembered for idempotent retries",
@@ -139,6 +148,10 @@ class RelayConfig:
     max_blob_bytes: int = 100 * 1024 * 1024
     mailbox_max_messages: int = 10_000
     mailbox_max_bytes: int = 256 * 1024 * 1024
+    mailbox_sender_max_messages: int = 2500
+    mailbox_sender_max_bytes: int = 64 * 1024 * 1024
+    mailbox_stranger_max_messages: int = 1000
+    mailbox_stranger_max_bytes: int = 32 * 1024 * 1024
     message_ttl_seconds: float = 30 * 86400.0
     blob_ttl_seconds: float = 30 * 86400.0
     dedupe_window_seconds: float = 86400.0
@@ -194,6 +207,10 @@ class RelayConfig:
             "write_batch_max",
             "wal_checkpoint_commits",
             "auth_window_seconds",
+            "mailbox_sender_max_messages",
+            "mailbox_sender_max_bytes",
+            "mailbox_stranger_max_messages",
+            "mailbox_stranger_max_bytes",
             # Checked whatever ``workers`` is, so a bad value fails now, not when N is raised.
             # Zero would mean a pump that reads nothing, crashed workers restarted in a tight
             # loop (no first wait, or never any doubling), workers killed the moment the
@@ -227,6 +244,14 @@ class RelayConfig:
             raise ConfigError(
                 f"listen_backlog must be 1..{LISTEN_BACKLOG_MAX} (got {self.listen_backlog})"
             )
+        for kind in ("messages", "bytes"):
+            if getattr(self, f"mailbox_stranger_max_{kind}") > getattr(
+                self, f"mailbox_sender_max_{kind}"
+            ):
+                raise ConfigError(
+                    f"mailbox_stranger_max_{kind} must not exceed mailbox_sender_max_{kind}"
+                    " (a sender the recipient never answered gets the smaller share)"
+                )
         if self.workers > 1 and self.worker_poll_seconds <= 0:
             raise ConfigError("worker_poll_seconds must be positive when workers > 1")
 

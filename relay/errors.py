@@ -16,6 +16,7 @@ __all__ = [
     "NotFound",
     "RateLimited",
     "RelayError",
+    "SenderShareExceeded",
     "StorageError",
     "TooLarge",
 ]
@@ -130,6 +131,23 @@ class MailboxFull(RelayError):
         super().__init__(
             "recipient mailbox is full",
             extra={"full": [{"user": u, "device": d} for u, d in full]},
+        )
+
+
+class SenderShareExceeded(RelayError):
+    """The sender holds its whole share of some recipient mailbox; nothing was stored (507).
+
+    507 like ``mailbox_full`` (a storage quota, freed when the recipient reads, at no time a
+    Retry-After could promise), with its own code: other senders still get through.
+    """
+
+    status = 507
+    default_code = "sender_share_exceeded"
+
+    def __init__(self, over: list[tuple[str, int]]) -> None:
+        super().__init__(
+            "your share of the recipient mailbox is used up until the recipient reads it",
+            extra={"full": [{"user": u, "device": d} for u, d in over]},
         )
 
 

@@ -37,6 +37,7 @@ from e2ee.transport.errors import (
     RelayRejected,
     RelayTimeout,
     Replaced,
+    SenderShareExceeded,
     TooLarge,
     UsernameTaken,
 )
@@ -126,6 +127,7 @@ __all__ = [
     "Response",
     "SendReceipt",
     "SendResult",
+    "SenderShareExceeded",
     "ServerError",
     "TooLarge",
     "UsernameTaken",

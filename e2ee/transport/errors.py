@@ -41,6 +41,7 @@ __all__ = [
     "RelayRejected",
     "RelayTimeout",
     "Replaced",
+    "SenderShareExceeded",
     "TooLarge",
     "UsernameTaken",
     "error_from_response",
@@ -221,6 +222,14 @@ class MailboxFull(RelayRejected):
         self.full = full
 
 
+class SenderShareExceeded(MailboxFull):
+    """507 ``sender_share_exceeded``: this account holds its whole share of some recipient
+    mailbox (a smaller one until the recipient has ever written back); nothing was stored.
+
+    Other senders still get through. Retry later, once the recipient has read its mailbox.
+    """
+
+
 # -- mapping -----------------------------------------------------------------------------
 
 
@@ -308,5 +317,6 @@ def error_from_response(
                     user, device = item.get("user"), item.get("device")
                     if isinstance(user, str) and isinstance(device, int):
                         full.append((user, device))
-        return MailboxFull(status, code, detail, full=tuple(full))
+        kind = SenderShareExceeded if code == "sender_share_exceeded" else MailboxFull
+        return kind(status, code, detail, full=tuple(full))
     return RelayRejected(status, code, detail)

@@ -147,6 +147,11 @@ class SweepReport:
 class StoreLimits:
     """Quotas and retention every backend enforces.
 
+    ``sender_max_*`` / ``stranger_max_*``: the most one sending account may hold of one
+    recipient device's mailbox (pending messages, bytes): ``sender_*`` when the recipient's
+    account has ever sent to the sender's account, ``stranger_*`` otherwise (see
+    ``rules.check_sender_share``).
+
     ``write_batch_max`` and ``write_batch_interval_ms`` concern batching backends only: at most
     that many write operations per transaction, and at least that many milliseconds between the
     starts of two transactions while writes keep arriving (a writer that has been idle for the
@@ -166,6 +171,10 @@ class StoreLimits:
     max_one_time_prekeys: int = 1000
     mailbox_max_messages: int = 10_000
     mailbox_max_bytes: int = 256 * 1024 * 1024
+    sender_max_messages: int = 2500
+    sender_max_bytes: int = 64 * 1024 * 1024
+    stranger_max_messages: int = 1000
+    stranger_max_bytes: int = 32 * 1024 * 1024
     message_ttl_ms: int = 30 * 86400 * 1000
     blob_ttl_ms: int = 30 * 86400 * 1000
     dedupe_window_ms: int = 86400 * 1000
@@ -263,8 +272,12 @@ class RelayStore(Protocol):
     ) -> asyncio.Future[SendReceipt]:
         """Store a message once for all recipients; the future resolves after commit.
 
+        A send also records that ``sender.user`` has written to each other recipient user
+        (the "answered" relation ``rules.check_sender_share`` reads).
+
         Raises (through the future):
-            MismatchedDevices, Conflict (``message_id_conflict``), MailboxFull, StorageError.
+            MismatchedDevices, Conflict (``message_id_conflict``), SenderShareExceeded,
+            MailboxFull, StorageError.
         """
 
     async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:

@@ -31,7 +31,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
-from relay.store.rules import check_quota, resolve_recipients
+from relay.store.rules import check_quota, check_sender_share, resolve_recipients
 
 __all__ = ["MemoryRelayStore"]
 
@@ -49,6 +49,7 @@ class _Device:
     mailbox: dict[int, bytes] = field(default_factory=dict)  # seq -> message id, seq order
     seq_of: dict[bytes, int] = field(default_factory=dict)  # message id -> seq
     usage: list[int] = field(default_factory=lambda: [0, 0])  # [count, bytes]
+    by_sender: dict[str, list[int]] = field(default_factory=dict)  # sender -> [count, bytes]
 
 
 @dataclass(slots=True)
@@ -73,6 +74,7 @@ class MemoryRelayStore:
         self._users: dict[str, dict[int, _Device]] = {}
         self._messages: dict[bytes, _Message] = {}
         self._blobs: dict[str, tuple[int, int]] = {}  # id -> (size, stored_ms)
+        self._wrote_to: set[tuple[str, str]] = set()  # (user, peer): user has sent to peer
         self._seq = 0
         self._queued = 0
         self._accepted = 0
@@ -241,9 +243,21 @@ class MemoryRelayStore:
         targets = resolve_recipients(sender, env.recipients, self._users.get)
         size = len(env.body)
         lim = self._limits
+        user = sender.user
+        check_sender_share(
+            user,
+            targets,
+            lambda d: d.by_sender.get(user, (0, 0)),
+            lambda peer: (peer, user) in self._wrote_to,
+            size,
+            lim,
+        )
         check_quota(
             targets, lambda d: d.usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
         )
+        for addr, _ in targets:
+            if addr.user != user:
+                self._wrote_to.add((user, addr.user))
         msg = _Message(env.message_id, sender, now_ms, len(targets), env.body)
         self._messages[env.message_id] = msg
         deliveries = []
@@ -254,6 +268,9 @@ class MemoryRelayStore:
             msg.holders.add(addr)
             dev.usage[0] += 1
             dev.usage[1] += size
+            share = dev.by_sender.setdefault(user, [0, 0])
+            share[0] += 1
+            share[1] += size
             stored = StoredMessage(self._seq, env.message_id, sender, now_ms, env.body)
             deliveries.append(Delivery(addr, stored))
         self._queued += len(targets)
@@ -272,6 +289,11 @@ class MemoryRelayStore:
             msg = self._messages[mid]
             dev.usage[0] -= 1
             dev.usage[1] -= len(msg.body or b"")
+            share = dev.by_sender[msg.sender.user]
+            share[0] -= 1
+            share[1] -= len(msg.body or b"")
+            if not share[0]:
+                del dev.by_sender[msg.sender.user]
             msg.holders.discard(addr)
             if not msg.holders:
                 msg.body = None

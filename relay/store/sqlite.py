@@ -58,7 +58,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
-from relay.store.rules import check_quota, resolve_recipients
+from relay.store.rules import check_quota, check_sender_share, resolve_recipients
 
 __all__ = ["SCHEMA_VERSION", "SqliteRelayStore"]
 
@@ -101,6 +101,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS mailbox_msg ON mailbox(msg_pk, device_pk);
 CREATE TABLE IF NOT EXISTS blobs(
     id TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
+-- user_pk has sent at least one message to peer_pk: the "answered" relation of the per-sender
+-- mailbox share (relay.store.rules.check_sender_share).
+CREATE TABLE IF NOT EXISTS wrote_to(
+    user_pk INTEGER NOT NULL, peer_pk INTEGER NOT NULL, PRIMARY KEY(user_pk, peer_pk))
+    WITHOUT ROWID;
 -- A body is dropped (the row stays as the dedupe tombstone) once no mailbox row references it.
 -- Inside SQLite, per deleted row: no statement of its own in the writer's batch (each statement
 -- costs the writer a GIL hand-off; see _run_batch).
@@ -124,7 +129,7 @@ _INSERT_MESSAGE = (
 
 def _ack_delete_sql(n: int) -> str:
     """DELETE of the mailbox rows named by ``n`` (device pk, message id) pairs, returning each
-    removed row's (device pk, size, message id).
+    removed row's (device pk, size, message id, sender).
 
     SQLite finds the rows through the ``mailbox_msg`` index (msg_pk, device_pk): the row values
     are listed in that order, so every acked id costs one index search, whatever the number of
@@ -136,7 +141,8 @@ def _ack_delete_sql(n: int) -> str:
         f"WITH req(d, mid) AS (VALUES {pairs}) "  # noqa: S608
         "DELETE FROM mailbox WHERE (msg_pk, device_pk) IN "
         "(SELECT m.pk, req.d FROM req JOIN messages m ON m.msg_id = req.mid) "
-        "RETURNING device_pk, size, (SELECT msg_id FROM messages WHERE pk = msg_pk)"
+        "RETURNING device_pk, size, (SELECT msg_id FROM messages WHERE pk = msg_pk), "
+        "(SELECT sender FROM messages WHERE pk = msg_pk)"
     )
 
 
@@ -164,6 +170,7 @@ def _connect(path: Path, *, readonly: bool, cache_kib: int) -> sqlite3.Connectio
 class _UserEntry:
     pk: int
     devices: dict[int, int] = field(default_factory=dict)  # device_id -> device pk
+    wrote_to: set[int] | None = None  # user pks this user has sent to; loaded on first use
 
 
 @dataclass(slots=True)
@@ -182,6 +189,9 @@ class _WriterState:
         self.limits = limits
         self.users: dict[str, _UserEntry] = {}
         self.quota: dict[int, list[int]] = {}  # device pk -> [count, bytes]
+        # device pk -> sender username -> [count, bytes]; loaded with ``quota``, kept exact
+        self.shares: dict[int, dict[str, list[int]]] = {}
+        self.pending_wrote: list[tuple[int, int]] = []
         self.deliveries: list[Delivery] = []
         self.pending_msgs: list[tuple[Any, ...]] = []
         self.pending_mailbox: list[tuple[int, int, int, int]] = []
@@ -215,9 +225,11 @@ class _WriterState:
     def reset_caches(self) -> None:
         self.pending_msgs = []
         self.pending_mailbox = []
+        self.pending_wrote = []
         self.batch_ids = {}
         self.users.clear()
         self.quota.clear()
+        self.shares.clear()
         self.deliveries.clear()
         conn = self.conn
         self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
@@ -257,15 +269,42 @@ class _WriterState:
     def mailbox_usage(self, device_pk: int) -> list[int]:
         usage = self.quota.get(device_pk)
         if usage is None:
-            row = self.conn.execute(
-                "SELECT count(*), coalesce(sum(size),0) FROM mailbox WHERE device_pk=?",
+            # One statement loads the mailbox's total and every sender's share of it.
+            shares: dict[str, list[int]] = {}
+            usage = [0, 0]
+            for sender, count, size in self.conn.execute(
+                "SELECT m.sender, count(*), sum(mb.size) FROM mailbox mb "
+                "JOIN messages m ON m.pk = mb.msg_pk WHERE mb.device_pk=? GROUP BY m.sender",
                 (device_pk,),
-            ).fetchone()
-            usage = [int(row[0]), int(row[1])]
+            ):
+                shares[str(sender)] = [int(count), int(size)]
+                usage[0] += int(count)
+                usage[1] += int(size)
             if len(self.quota) > 200_000:
                 self.quota.clear()
+                self.shares.clear()
             self.quota[device_pk] = usage
+            self.shares[device_pk] = shares
         return usage
+
+    def sender_share(self, device_pk: int, sender: str) -> Sequence[int]:
+        self.mailbox_usage(device_pk)
+        return self.shares[device_pk].get(sender, (0, 0))
+
+    def wrote_to(self, entry: _UserEntry) -> set[int]:
+        peers = entry.wrote_to
+        if peers is None:
+            peers = entry.wrote_to = {
+                int(r[0])
+                for r in self.conn.execute(
+                    "SELECT peer_pk FROM wrote_to WHERE user_pk=?", (entry.pk,)
+                )
+            }
+        return peers
+
+    def answered(self, recipient: str, sender: _UserEntry) -> bool:
+        entry = self.user(recipient)
+        return entry is not None and sender.pk in self.wrote_to(entry)
 
     # -- accounts ------------------------------------------------------------------------
 
@@ -308,6 +347,7 @@ class _WriterState:
         conn.execute("DELETE FROM devices WHERE pk=?", (dev_pk,))
         del entry.devices[addr.device]
         self.quota.pop(dev_pk, None)
+        self.shares.pop(dev_pk, None)
         self.queued -= removed
 
     # -- keys ----------------------------------------------------------------------------
@@ -411,9 +451,27 @@ class _WriterState:
         targets = resolve_recipients(sender, env.recipients, self._devices_of)
         size = len(env.body)
         lim = self.limits
+        user = sender.user
+        me = self.user(user)
+        assert me is not None  # the sender authenticated: its user exists
+        check_sender_share(
+            user,
+            targets,
+            lambda dev_pk: self.sender_share(dev_pk, user),
+            lambda peer: self.answered(peer, me),
+            size,
+            lim,
+        )
         check_quota(
             targets, self.mailbox_usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
         )
+        mine = self.wrote_to(me)
+        for addr, _ in targets:
+            if addr.user != user:
+                peer = self.user(addr.user)
+                if peer is not None and peer.pk not in mine:
+                    mine.add(peer.pk)
+                    self.pending_wrote.append((me.pk, peer.pk))
         msg_pk = self.next_msg_pk
         # Rows are written by flush() with one executemany per table for the whole batch.
         self.pending_msgs.append(
@@ -429,6 +487,13 @@ class _WriterState:
             usage = self.quota[dev_pk]
             usage[0] += 1
             usage[1] += size
+            shares = self.shares[dev_pk]
+            share = shares.get(user)
+            if share is None:
+                shares[user] = [1, size]
+            else:
+                share[0] += 1
+                share[1] += size
             self.deliveries.append(
                 Delivery(addr, StoredMessage(seq, env.message_id, sender, now_ms, env.body))
             )
@@ -443,8 +508,14 @@ class _WriterState:
         if self.pending_msgs:
             self._insert_rows(_INSERT_MESSAGE, 7, self.pending_msgs)
             self._insert_rows(_INSERT_MAILBOX, 4, self.pending_mailbox)
+        if self.pending_wrote:
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO wrote_to(user_pk, peer_pk) VALUES (?,?)",
+                self.pending_wrote,
+            )
         self.pending_msgs = []
         self.pending_mailbox = []
+        self.pending_wrote = []
         self.batch_ids = {}
 
     def _insert_rows(self, prefix: str, ncols: int, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -500,7 +571,7 @@ class _WriterState:
         removed = 0
         for start in range(0, len(keys), _MAX_VARS // 2):
             part = keys[start : start + _MAX_VARS // 2]
-            for dev_pk, size, mid in self.conn.execute(
+            for dev_pk, size, mid, sender in self.conn.execute(
                 _ack_delete_sql(len(part)), [v for key in part for v in key]
             ).fetchall():
                 counts[owner[(dev_pk, bytes(mid))]] += 1
@@ -509,6 +580,13 @@ class _WriterState:
                 if usage is not None:
                     usage[0] -= 1
                     usage[1] -= int(size)
+                    shares = self.shares[dev_pk]
+                    share = shares.get(sender)
+                    if share is not None:
+                        share[0] -= 1
+                        share[1] -= int(size)
+                        if share[0] <= 0:
+                            del shares[sender]
         self.queued -= removed
         return counts
 
@@ -556,6 +634,7 @@ class _WriterState:
         self.blob_bytes -= sum(int(r[1]) for r in blob_rows)
         if removed_rows:
             self.quota.clear()
+            self.shares.clear()
             self.queued -= removed_rows
         return SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows))
 

@@ -18,7 +18,7 @@ from store_backends import BACKENDS, Backend
 
 from relay.app import STATE_KEY, Clock, create_app, sweep_once
 from relay.config import RelayConfig
-from relay.errors import MailboxFull, MismatchedDevices
+from relay.errors import MailboxFull, MismatchedDevices, SenderShareExceeded
 from relay.store.base import Address, Delivery, Envelope, RelayStore, StoreLimits
 from relay.store.sqlite import SqliteRelayStore
 
@@ -282,3 +282,72 @@ async def test_sqlite_drops_a_body_once_every_recipient_acked_or_left(tmp_path: 
         assert bodies() == {both.message_id: None, to_carol.message_id: None}
     finally:
         await store.close()
+
+
+SHARE_LIMITS = StoreLimits(
+    mailbox_max_messages=10,
+    mailbox_max_bytes=10_000,
+    sender_max_messages=4,
+    sender_max_bytes=400,
+    stranger_max_messages=2,
+    stranger_max_bytes=200,
+)
+
+
+async def test_one_sender_cannot_fill_a_mailbox_others_still_get_through(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """The mailbox-flood attack at store level: a stranger stops at its small share of bob's
+    mailbox with sender_share_exceeded (nothing stored) while carol's messages are accepted;
+    once bob has written to alice she gets the larger share; acks and a restart keep the
+    shares exact."""
+    carol = Address("carol", 1)
+    s = await backend.open(tmp_path, SHARE_LIMITS)
+    try:
+        for addr in (A, B, carol):
+            await s.create_account(addr, addr.user[0].encode() * 32, 0)
+        flood = [env() for _ in range(2)]
+        for e in flood:
+            await s.submit_send(A, e, 1)
+        with pytest.raises(SenderShareExceeded) as info:
+            await s.submit_send(A, env(), 2)
+        assert info.value.status == 507 and info.value.code == "sender_share_exceeded"
+        assert info.value.to_json()["full"] == [{"user": "bob", "device": 1}]
+        with pytest.raises(SenderShareExceeded):  # bytes count too: 150 + 60 > 200
+            await s.submit_send(carol, env(b"c" * 150), 2)
+            await s.submit_send(carol, env(b"c" * 60), 2)
+        assert await s.mailbox_count(B) == 3  # alice's 2 and carol's first one
+        await s.submit_send(B, env(to=A), 3)  # bob answers alice: her share is 4 now
+        s = await backend.restart(s, tmp_path, SHARE_LIMITS)
+        await s.submit_send(A, env(), 4)
+        await s.submit_send(A, env(), 4)
+        with pytest.raises(SenderShareExceeded):
+            await s.submit_send(A, env(), 5)
+        assert await s.ack(B, [flood[0].message_id]) == 1
+        await s.submit_send(A, env(), 6)  # the ack freed one message of alice's share
+        with pytest.raises(SenderShareExceeded):
+            await s.submit_send(A, env(), 6)
+        # Carol is still a stranger to bob: bob answering alice changed nothing for her.
+        await s.submit_send(carol, env(b"c"), 7)
+        with pytest.raises(SenderShareExceeded):
+            await s.submit_send(carol, env(b"c"), 7)
+        assert await s.mailbox_count(B) == 6
+    finally:
+        await s.close()
+
+
+async def test_own_devices_are_exempt_from_the_sender_share(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Self-sync to an account's other devices is bounded by the mailbox quota only."""
+    s = await backend.open(tmp_path, SHARE_LIMITS)
+    try:
+        await s.create_account(A, b"a" * 32, 0)
+        a2 = Address("alice", 2)
+        await s.add_device(a2, b"c" * 32, 0)
+        for _ in range(10):
+            await s.submit_send(A, env(to=a2), 1)
+        with pytest.raises(MailboxFull):
+            await s.submit_send(A, env(to=a2), 1)
+    finally:
+        await s.close()
