@@ -179,8 +179,9 @@ class RelayLink(Protocol):
     (``MismatchedDevices``, ``NotFound``, ``ConnectionLost``...) on failure.
     """
 
-    async def register(self) -> None:
-        """Register this device's user and auth key (``POST /v1/accounts``)."""
+    async def register(self, invite: str | None = None) -> None:
+        """Register this device's user and auth key (``POST /v1/accounts``), with an invite
+        code when given (the transport handles the relay's registration mode)."""
         ...
 
     async def upload_keys(self, keys: Mapping[str, Any]) -> int:
@@ -572,17 +573,21 @@ class Client:
             await asyncio.to_thread(_close_opened, opened)
             raise
 
-    async def register(self) -> None:
+    async def register(self, *, invite: str | None = None) -> None:
         """Register the account with the relay and upload its prekeys.
+
+        Args:
+            invite: an invite code from the relay's operator (invite-only relays).
 
         Raises:
             UsernameTaken: the name is registered already.
+            RegistrationRefused: closed relay, invite required or invalid (its subclasses).
             TransportError: the relay cannot be reached or refused.
         """
         self._check_open()
         await asyncio.to_thread(self._load_state)
         if not self._registered and self._store_meta_cache.get(_META_ACCOUNT_CREATED) != "1":
-            await self._link.register()
+            await self._link.register(invite)
             # Recorded at once: names are never reused, so a retry after a failed
             # key upload must not register (and lose) the name again.
             await asyncio.to_thread(
@@ -2746,9 +2751,9 @@ class TransportLink:
     def __repr__(self) -> str:
         return f"TransportLink({self._url!r}, {self._signer.user!r}, {self._signer.device})"
 
-    async def register(self) -> None:
+    async def register(self, invite: str | None = None) -> None:
         """``POST /v1/accounts`` (see :meth:`RelayLink.register`)."""
-        await self._http.register()
+        await self._http.register(invite)
 
     async def upload_keys(self, keys: Mapping[str, Any]) -> int:
         """``PUT /v1/keys``; returns the one-time prekey count."""

@@ -63,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         Process exit status: 0 after a clean shutdown (with ``workers`` > 1: of every worker),
         2 for bad settings, 1 if it cannot start or a worker did not stop cleanly.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["invite"], ["admin"]):
+        from relay.admin_accounts import main as admin_main
+
+        return admin_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     overrides: dict[str, object] = {"host": args.host, "port": args.port, "data_dir": args.data}

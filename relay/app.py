@@ -3,7 +3,8 @@
 #   is a RelayError rendered as {"error", "message"} JSON; unexpected ones become a logged 500
 #   whose body reveals nothing.
 # * Every /v1 route authenticates with a signed request before touching the store (the
-#   registration route verifies against the key it is registering).
+#   registration route verifies against the key it is registering), except
+#   ``GET /v1/registration``, which only tells the mode and issues a stateless challenge.
 # * Nothing here logs or echoes a message body or key material.
 """The aiohttp application: ``create_app(config)`` and the HTTP handlers."""
 
@@ -34,12 +35,23 @@ from relay.auth import (
 )
 from relay.blobs import CHUNK_SIZE, BlobFiles
 from relay.config import RelayConfig
-from relay.errors import AuthError, BadRequest, NotFound, RelayError, TooLarge
+from relay.errors import (
+    AuthError,
+    BadRequest,
+    Forbidden,
+    MismatchedDevices,
+    NotFound,
+    RateLimited,
+    RelayError,
+    StorageError,
+    TooLarge,
+)
 from relay.guard import request_started, response_finished
-from relay.hub import CLOSE_DEVICE_REMOVED, Hub
+from relay.hub import CLOSE_BANNED, CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
-from relay.ratelimit import RateLimiter
-from relay.store.base import Address, RelayStore, StoreLimits
+from relay.ratelimit import Limiter, RateLimiter
+from relay.registration import RegistrationGate, invite_hash, load_or_create_key
+from relay.store.base import Address, Envelope, RelayStore, StoreLimits
 from relay.store.sqlite import SqliteRelayStore
 from relay.wire import (
     AUTH_KEY_LEN,
@@ -62,11 +74,14 @@ __all__ = [
     "STATE_KEY",
     "Clock",
     "RelayState",
+    "charge_lookups",
+    "check_recipient_users",
     "create_app",
     "json_error",
     "json_errors",
     "load_openapi",
     "receipt_json",
+    "refresh_bans",
     "sweep_once",
 ]
 
@@ -98,14 +113,40 @@ class RelayState:
     hub: Hub
     blobs: BlobFiles
     nonces: NonceCache
-    register_limit: RateLimiter
-    send_limit: RateLimiter
-    fetch_limit: RateLimiter
+    register_limit: Limiter
+    send_limit: RateLimiter  # synchronous: checked per WebSocket frame (``take_now``)
+    fetch_limit: Limiter  # per (requesting account, target user)
+    fetch_account_limit: Limiter  # per requesting account
+    prekey_target_limit: Limiter  # one-time prekeys handed out per target user
+    device_add_limit: Limiter  # per account
+    lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
     keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     # Scale-out hook (relay.cluster): told of a removed device so other workers drop its cached
     # auth key and close its socket. None in a single process.
     device_removed_listener: Callable[[Address], None] | None = None
+    _gate: RegistrationGate | None = None
+    banned: frozenset[str] = frozenset()  # reread every ban_refresh_seconds
+
+    def gate(self) -> RegistrationGate:
+        """The proof-of-work gate, its key loaded (or created) on first use.
+
+        Raises:
+            StorageError: the key file cannot be read or created.
+        """
+        if self._gate is None:
+            cfg = self.config
+            try:
+                key = load_or_create_key(cfg.data_dir)
+            except OSError as exc:
+                log.error("registration key unavailable: %s", exc)
+                raise StorageError("registration key unavailable") from exc
+            self._gate = RegistrationGate(
+                key,
+                cfg.registration_pow_difficulty,
+                int(cfg.registration_challenge_ttl_seconds * 1000),
+            )
+        return self._gate
 
     async def authenticate(
         self, request: web.Request, body_sha256: str, *, register_key: bytes | None = None
@@ -155,6 +196,7 @@ class RelayState:
 
         Raises:
             AuthError: stale, replayed or invalid signature, unknown device.
+            Forbidden: ``account_banned``.
         """
         now = self.clock.now_ms()
         self.nonces.check_fresh(sh, now)
@@ -167,6 +209,8 @@ class RelayState:
                 raise AuthError("unknown device", code="auth_invalid")
             key_bytes = found
         verify_signature(key_bytes, sh, method, target, body_sha256)
+        if addr.user in self.banned:
+            raise Forbidden("this account is banned by the relay's operator", code="account_banned")
         self.nonces.remember(sh, now)
         if register_key is None and addr not in self.keys:
             if len(self.keys) > 200_000:
@@ -293,11 +337,32 @@ async def _auth(request: web.Request, body: bytes = b"") -> Address:
 # -- accounts ----------------------------------------------------------------------------
 
 
+_MAX_INVITE_LEN = 100
+
+
+async def registration_info(request: web.Request) -> web.Response:
+    """``GET /v1/registration``: the registration mode, and for ``pow`` a fresh challenge."""
+    st = request.app[STATE_KEY]
+    mode = st.config.registration
+    doc: dict[str, Any] = {"mode": mode}
+    if mode == "pow":
+        challenge = st.gate().issue(st.clock.now_ms())
+        doc.update(
+            challenge=challenge.text,
+            difficulty=challenge.difficulty,
+            expires_at=challenge.expires_at,
+        )
+    return web.json_response(doc, headers={"Cache-Control": "no-store"})
+
+
 async def register(request: web.Request) -> web.Response:
     """``POST /v1/accounts``: register a username with its first device."""
     st = request.app[STATE_KEY]
+    mode = st.config.registration
     peer = request.remote or "?"
-    st.register_limit.take(peer, st.clock.monotonic())
+    await st.register_limit.take(peer, st.clock.monotonic())
+    if mode == "closed":
+        raise Forbidden("registration is closed on this relay", code="registration_closed")
     body = await _read_body(request)
     doc = _json(body)
     if not isinstance(doc, dict):
@@ -307,12 +372,22 @@ async def register(request: web.Request) -> web.Response:
         raise BadRequest("this username is reserved", code="invalid_username")
     device = parse_device_id(doc.get("device_id"))
     auth_key = b64d(doc.get("auth_key"), "auth_key", AUTH_KEY_LEN)
+    invite = doc.get("invite")
+    if invite is not None and (not isinstance(invite, str) or len(invite) > _MAX_INVITE_LEN):
+        raise BadRequest(f"invite must be a string of at most {_MAX_INVITE_LEN} characters")
     sh = parse_signed_headers(request.headers)
     if sh.user != username or sh.device != device:
         raise AuthError("auth headers must name the account being registered")
     addr = await st.authenticate(request, _sha(body), register_key=auth_key)
-    await st.store.create_account(addr, auth_key, st.clock.now_ms())
-    log.info("registered user=%s device=%d", addr.user, addr.device)
+    now = st.clock.now_ms()
+    # An invite, when given, is always checked and consumed; it stands in for the work.
+    if invite is None and mode == "invite":
+        raise Forbidden("this relay registers by invitation only", code="invite_required")
+    if invite is None and mode == "pow":
+        st.gate().verify(doc.get("pow"), username, now)
+    code = None if invite is None else invite_hash(invite)
+    await st.store.create_account(addr, auth_key, now, code)
+    log.info("registered user=%s device=%d invite=%s", addr.user, addr.device, code is not None)
     return web.json_response({"username": addr.user, "device_id": addr.device}, status=201)
 
 
@@ -326,6 +401,7 @@ async def add_device(request: web.Request) -> web.Response:
         raise BadRequest("body must be a JSON object")
     new = Address(caller.user, parse_device_id(doc.get("device_id")))
     auth_key = b64d(doc.get("auth_key"), "auth_key", AUTH_KEY_LEN)
+    await st.device_add_limit.take(caller.user, st.clock.monotonic())
     await st.store.add_device(new, auth_key, st.clock.now_ms())
     log.info("added device user=%s device=%d", new.user, new.device)
     return web.json_response({"username": new.user, "device_id": new.device}, status=201)
@@ -389,8 +465,21 @@ async def fetch_keys(request: web.Request) -> web.Response:
     target = parse_username(request.match_info["username"])
     raw_device = request.match_info.get("device_id")
     device = None if raw_device is None else parse_device_id(raw_device)
-    st.fetch_limit.take((caller, target), st.clock.monotonic())
-    bundles = await st.store.fetch_bundles(target, device)
+    now = st.clock.monotonic()
+    # All devices of an account share its budgets: more devices do not mean more fetches.
+    await st.fetch_account_limit.take(caller.user, now)
+    await st.fetch_limit.take(f"{caller.user}\n{target}", now)
+    try:
+        await st.prekey_target_limit.take(target, now)
+        one_time = True
+    except RateLimited:  # the target's pool is being drained: hand out no one-time prekey
+        one_time = False
+    try:
+        bundles = await st.store.fetch_bundles(target, device, one_time)
+    except NotFound as exc:
+        if exc.code == "unknown_user":
+            await st.lookup_limit.take(caller.user, now)  # 429 once the budget is spent
+        raise
     return web.json_response({"username": target, "devices": [bundle_json(b) for b in bundles]})
 
 
@@ -409,11 +498,47 @@ async def send_message(request: web.Request) -> web.Response:
         env = parse_json_send(
             _json(body), max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes
         )
-    st.send_limit.take(caller, st.clock.monotonic())
-    receipt = await st.store.submit_send(caller, env, st.clock.now_ms())
+    check_recipient_users(env, cfg.max_recipient_users)
+    st.send_limit.take_now(caller, st.clock.monotonic())
+    try:
+        receipt = await st.store.submit_send(caller, env, st.clock.now_ms())
+    except MismatchedDevices as exc:
+        raise await charge_lookups(st, caller, exc) from None
     return web.json_response(
         receipt_json(receipt.message_id, receipt.recipients, receipt.stored_at)
     )
+
+
+def check_recipient_users(env: Envelope, max_users: int) -> None:
+    """Refuse a send naming more than ``max_users`` distinct users.
+
+    Raises:
+        BadRequest: ``too_many_recipients``.
+    """
+    if len({r.user for r in env.recipients}) > max_users:
+        raise BadRequest(
+            f"a message may name at most {max_users} users", code="too_many_recipients"
+        )
+
+
+async def charge_lookups(
+    st: RelayState, caller: Address, exc: MismatchedDevices
+) -> MismatchedDevices:
+    """Charge a 409's users (unknown, or with a device mismatch) to the caller's lookup budget.
+
+    A 409 tells which names exist and their device ids; the budget bounds how fast anyone
+    learns that through sends. An answer about more users than ``lookup_burst`` names only
+    that many (``"truncated": true``).
+
+    Returns:
+        The 409 to give.
+
+    Raises:
+        RateLimited: the budget is spent (no 409 is given).
+    """
+    answer = exc.limited(max(1, int(st.config.lookup_burst)))
+    await st.lookup_limit.take(caller.user, st.clock.monotonic(), answer.users_named)
+    return answer
 
 
 async def read_messages(request: web.Request) -> web.Response:
@@ -516,6 +641,25 @@ async def openapi(request: web.Request) -> web.Response:
 # -- factory -----------------------------------------------------------------------------
 
 
+async def refresh_bans(st: RelayState) -> None:
+    """Reread the banned users; close the live sockets of newly banned ones (4403)."""
+    banned = await st.store.banned_users()
+    new = banned - st.banned
+    st.banned = banned
+    if new:
+        closed = st.hub.kick_users(new, CLOSE_BANNED, "account_banned")
+        log.info("bans: %d account(s) newly banned, %d socket(s) closed", len(new), closed)
+
+
+async def _ban_refresher(st: RelayState) -> None:
+    while True:
+        await asyncio.sleep(st.config.ban_refresh_seconds)
+        try:
+            await refresh_bans(st)
+        except RelayError as exc:
+            log.warning("bans: reread failed: %s", exc.code)
+
+
 async def _sweeper(st: RelayState) -> None:
     interval = st.config.sweep_interval_seconds
     while True:
@@ -611,12 +755,21 @@ def create_app(
         register_limit=RateLimiter(config.registration_rate, config.registration_burst),
         send_limit=RateLimiter(config.send_rate, config.send_burst),
         fetch_limit=RateLimiter(config.prekey_fetch_rate, config.prekey_fetch_burst),
+        fetch_account_limit=RateLimiter(
+            config.prekey_fetch_account_rate, config.prekey_fetch_account_burst
+        ),
+        prekey_target_limit=RateLimiter(config.prekey_target_rate, config.prekey_target_burst),
+        device_add_limit=RateLimiter(config.device_add_rate, config.device_add_burst),
+        lookup_limit=RateLimiter(config.lookup_rate, config.lookup_burst),
     )
     app[STATE_KEY] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state.blobs.prepare()
         await state.store.open()
+        await refresh_bans(state)
+        if config.ban_refresh_seconds > 0:
+            state.spawn(_ban_refresher(state))
         gc_before = _tune_gc()
         state.store.set_delivery_listener(state.hub.deliver)
         if config.sweep_interval_seconds > 0:
@@ -642,6 +795,7 @@ def create_app(
 
     app.on_shutdown.append(on_shutdown)
     routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/v1/registration", registration_info),
         ("POST", "/v1/accounts", register),
         ("POST", "/v1/devices", add_device),
         ("GET", "/v1/devices", list_devices),

@@ -11,6 +11,7 @@ __all__ = [
     "AuthError",
     "BadRequest",
     "Conflict",
+    "Forbidden",
     "MailboxFull",
     "MismatchedDevices",
     "NotFound",
@@ -68,6 +69,14 @@ class AuthError(RelayError):
     default_code = "auth_invalid"
 
 
+class Forbidden(RelayError):
+    """Authenticated (or unauthenticated registration) but not allowed (403): registration
+    closed, invite or proof of work missing or invalid, account banned."""
+
+    status = 403
+    default_code = "forbidden"
+
+
 class NotFound(RelayError):
     """The named user, device, or blob does not exist (404)."""
 
@@ -92,14 +101,34 @@ class MismatchedDevices(Conflict):
         unknown_users: list[str],
         missing: dict[str, list[int]],
         stale: dict[str, list[int]],
+        *,
+        truncated: bool = False,
     ) -> None:
+        self._parts = (list(unknown_users), dict(missing), dict(stale))
+        self.users_named = len(set(unknown_users) | set(missing) | set(stale))
+        more = {"truncated": True} if truncated else {}
         super().__init__(
             "recipient device list does not match the registered devices",
             extra={
                 "unknown_users": sorted(unknown_users),
                 "missing_devices": {u: sorted(d) for u, d in sorted(missing.items())},
                 "stale_devices": {u: sorted(d) for u, d in sorted(stale.items())},
+                **more,
             },
+        )
+
+    def limited(self, max_users: int) -> MismatchedDevices:
+        """The same answer about the first ``max_users`` users (by name) only, marked
+        ``"truncated": true`` when some were left out (the client fixes those and resends)."""
+        if self.users_named <= max_users:
+            return self
+        unknown, missing, stale = self._parts
+        keep = set(sorted(set(unknown) | set(missing) | set(stale))[:max_users])
+        return MismatchedDevices(
+            [u for u in unknown if u in keep],
+            {u: d for u, d in missing.items() if u in keep},
+            {u: d for u, d in stale.items() if u in keep},
+            truncated=True,
         )
 
 

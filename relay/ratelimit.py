@@ -1,20 +1,36 @@
 # Invariants: a bucket never holds more than ``burst`` tokens; memory is bounded by
 # ``max_keys`` (idle, full buckets are the first forgotten, which loses nothing since a full
-# bucket is the state of an unknown key). Time is passed in, never read here.
+# bucket is the state of an unknown key). Time is passed in, never read here. Every limiter
+# the handlers use is a ``Limiter``, so another backend (shared between processes or nodes)
+# can replace the in-memory one without touching a handler.
 """Keyed token-bucket rate limiting with Retry-After computation."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import Protocol
 
 from relay.errors import RateLimited
 
-__all__ = ["RateLimiter"]
+__all__ = ["Limiter", "RateLimiter"]
+
+
+class Limiter(Protocol):
+    """A keyed rate limit (token buckets, or anything that behaves like them)."""
+
+    async def take(self, key: str, now: float, cost: float = 1.0) -> None:
+        """Consume ``cost`` tokens for ``key`` at monotonic ``now``.
+
+        Raises:
+            RateLimited: not enough tokens (``retry_after``: whole seconds until there are).
+        """
 
 
 class RateLimiter:
-    """Token buckets keyed by any hashable (IP, device, (requester, target), ...).
+    """In-memory token buckets keyed by strings (or, for ``take_now``, any hashable).
+
+    Implements ``Limiter``. Callers keep ``cost`` <= ``burst`` (a larger cost never fits).
 
     Args:
         rate: tokens refilled per second (0 disables the limiter).
@@ -28,8 +44,19 @@ class RateLimiter:
         self._max_keys = max_keys
         self._buckets: dict[Hashable, tuple[float, float]] = {}  # key -> (tokens, at)
 
-    def take(self, key: Hashable, now: float, cost: float = 1.0) -> None:
-        """Consume ``cost`` tokens for ``key`` at monotonic time ``now`` (seconds).
+    def __repr__(self) -> str:
+        return f"RateLimiter(rate={self._rate}, burst={self._burst})"
+
+    async def take(self, key: str, now: float, cost: float = 1.0) -> None:
+        """See ``Limiter.take``.
+
+        Raises:
+            RateLimited: not enough tokens; ``retry_after`` says when enough will be there.
+        """
+        self.take_now(key, now, cost)
+
+    def take_now(self, key: Hashable, now: float, cost: float = 1.0) -> None:
+        """``take`` without a coroutine, for synchronous hot paths (WebSocket frames).
 
         Raises:
             RateLimited: not enough tokens; ``retry_after`` says when enough will be there.

@@ -18,6 +18,7 @@ __all__ = [
     "DeviceBundle",
     "DeviceInfo",
     "Envelope",
+    "Invite",
     "KeyUpload",
     "OneTimePrekey",
     "RelayStore",
@@ -136,6 +137,20 @@ class Delivery(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class Invite:
+    """An invite code as the operator lists it (the code itself is never stored).
+
+    ``id`` is the first 12 hex digits of the code's SHA-256.
+    """
+
+    id: str
+    created_at: int
+    expires_at: int
+    used_by: str | None
+    used_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class SweepReport:
     """What one retention sweep removed."""
 
@@ -220,12 +235,33 @@ class RelayStore(Protocol):
     def stats(self) -> StoreStats:
         """Return current counters (no I/O)."""
 
-    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
         """Register ``addr.user`` with its first device.
+
+        Args:
+            addr: the user and its first device.
+            auth_key: the device's Ed25519 public key.
+            now_ms: unix ms.
+            invite: SHA-256 of an invite code, consumed in the same transaction.
 
         Raises:
             Conflict: ``username_taken``.
+            Forbidden: ``invite_invalid`` (unknown, used or expired; nothing changed).
         """
+
+    async def set_banned(self, user: str, banned: bool, now_ms: int) -> bool:
+        """Ban or unban a user; return False when the user does not exist."""
+
+    async def banned_users(self) -> frozenset[str]:
+        """Every banned username."""
+
+    async def create_invite(self, code_hash: bytes, now_ms: int, expires_ms: int) -> None:
+        """Store a new single-use invite (its code's SHA-256)."""
+
+    async def list_invites(self) -> list[Invite]:
+        """Every stored invite, oldest first."""
 
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """Add a device to an existing user.
@@ -260,8 +296,13 @@ class RelayStore(Protocol):
     async def prekey_count(self, addr: Address) -> int:
         """Return the number of one-time prekeys stored for a device."""
 
-    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    async def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         """Hand out bundles; each one-time prekey is removed as it is handed out.
+
+        With ``one_time`` False the bundles carry no one-time prekey and the pool is left
+        as it is (the target's one-time prekey budget is spent).
 
         Raises:
             NotFound: ``unknown_user`` or (for one device) ``unknown_device``.

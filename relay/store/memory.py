@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from relay.errors import BadRequest, Conflict, NotFound, RelayError, StorageError
+from relay.errors import BadRequest, Conflict, Forbidden, NotFound, RelayError, StorageError
 from relay.store.base import (
     Address,
     Delivery,
@@ -22,6 +22,7 @@ from relay.store.base import (
     DeviceBundle,
     DeviceInfo,
     Envelope,
+    Invite,
     KeyUpload,
     OneTimePrekey,
     SendReceipt,
@@ -75,6 +76,9 @@ class MemoryRelayStore:
         self._messages: dict[bytes, _Message] = {}
         self._blobs: dict[str, tuple[int, int]] = {}  # id -> (size, stored_ms)
         self._wrote_to: set[tuple[str, str]] = set()  # (user, peer): user has sent to peer
+        # code hash -> [created_ms, expires_ms, used_by, used_ms]
+        self._invites: dict[bytes, list[int | str | None]] = {}
+        self._banned: set[str] = set()
         self._seq = 0
         self._queued = 0
         self._accepted = 0
@@ -110,12 +114,55 @@ class MemoryRelayStore:
 
     # -- accounts ------------------------------------------------------------------------
 
-    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
         """See ``RelayStore.create_account``."""
         self._check_open()
         if addr.user in self._users:
             raise Conflict("username is taken", code="username_taken")
+        if invite is not None:
+            row = self._invites.get(invite)
+            if row is None or row[2] is not None or int(row[1] or 0) < now_ms:
+                raise Forbidden("unknown, used or expired invite code", code="invite_invalid")
+            row[2], row[3] = addr.user, now_ms
         self._users[addr.user] = {addr.device: _Device(auth_key, now_ms)}
+
+    async def set_banned(self, user: str, banned: bool, now_ms: int) -> bool:
+        """See ``RelayStore.set_banned``."""
+        self._check_open()
+        if user not in self._users:
+            return False
+        if banned:
+            self._banned.add(user)
+        else:
+            self._banned.discard(user)
+        return True
+
+    async def banned_users(self) -> frozenset[str]:
+        """See ``RelayStore.banned_users``."""
+        self._check_open()
+        return frozenset(self._banned)
+
+    async def create_invite(self, code_hash: bytes, now_ms: int, expires_ms: int) -> None:
+        """See ``RelayStore.create_invite``."""
+        self._check_open()
+        self._invites[code_hash] = [now_ms, expires_ms, None, None]
+
+    async def list_invites(self) -> list[Invite]:
+        """See ``RelayStore.list_invites``."""
+        self._check_open()
+        out = [
+            Invite(
+                h.hex()[:12],
+                int(r[0] or 0),
+                int(r[1] or 0),
+                None if r[2] is None else str(r[2]),
+                None if r[3] is None else int(r[3]),
+            )
+            for h, r in self._invites.items()
+        ]
+        return sorted(out, key=lambda i: (i.created_at, i.id))
 
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """See ``RelayStore.add_device``."""
@@ -183,7 +230,9 @@ class MemoryRelayStore:
         dev = self._device(addr)
         return 0 if dev is None else len(dev.otpks)
 
-    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    async def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         """See ``RelayStore.fetch_bundles``."""
         self._check_open()
         devices = self._users.get(user)
@@ -199,7 +248,7 @@ class MemoryRelayStore:
             if dev.identity_key is None or spk is None:
                 continue
             otpk = None
-            if dev.otpks:
+            if one_time and dev.otpks:
                 key_id = min(dev.otpks)
                 otpk = OneTimePrekey(key_id, dev.otpks.pop(key_id))
             bundles.append(

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from relay.errors import (
     BadRequest,
     Conflict,
+    Forbidden,
     NotFound,
     RelayError,
     StorageError,
@@ -49,6 +50,7 @@ from relay.store.base import (
     DeviceBundle,
     DeviceInfo,
     Envelope,
+    Invite,
     KeyUpload,
     OneTimePrekey,
     SendReceipt,
@@ -106,6 +108,12 @@ CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
 CREATE TABLE IF NOT EXISTS wrote_to(
     user_pk INTEGER NOT NULL, peer_pk INTEGER NOT NULL, PRIMARY KEY(user_pk, peer_pk))
     WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bans(username TEXT PRIMARY KEY, banned_ms INTEGER NOT NULL)
+    WITHOUT ROWID;
+-- Invite codes by SHA-256 (the codes themselves are never stored); single-use.
+CREATE TABLE IF NOT EXISTS invites(
+    code_hash BLOB PRIMARY KEY, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+    used_by TEXT, used_ms INTEGER) WITHOUT ROWID;
 -- A body is dropped (the row stays as the dedupe tombstone) once no mailbox row references it.
 -- Inside SQLite, per deleted row: no statement of its own in the writer's batch (each statement
 -- costs the writer a GIL hand-off; see _run_batch).
@@ -308,9 +316,19 @@ class _WriterState:
 
     # -- accounts ------------------------------------------------------------------------
 
-    def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
         if self.user(addr.user) is not None:
             raise Conflict("username is taken", code="username_taken")
+        if invite is not None:
+            used = self.conn.execute(
+                "UPDATE invites SET used_by=?, used_ms=? "
+                "WHERE code_hash=? AND used_by IS NULL AND expires_ms >= ?",
+                (addr.user, now_ms, invite, now_ms),
+            ).rowcount
+            if not used:
+                raise Forbidden("unknown, used or expired invite code", code="invite_invalid")
         cur = self.conn.execute(
             "INSERT INTO users(username, created_ms) VALUES (?, ?)", (addr.user, now_ms)
         )
@@ -398,7 +416,9 @@ class _WriterState:
         )
         return total
 
-    def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         entry = self.user(user)
         if entry is None:
             raise NotFound("unknown user", code="unknown_user")
@@ -417,10 +437,15 @@ class _WriterState:
             ).fetchone()
             if row is None or row[1] is None or row[2] is None:
                 continue
-            otpk_row = conn.execute(
-                "SELECT key_id, public_key FROM otpks WHERE device_pk=? ORDER BY key_id LIMIT 1",
-                (dev_pk,),
-            ).fetchone()
+            otpk_row = (
+                conn.execute(
+                    "SELECT key_id, public_key FROM otpks WHERE device_pk=? "
+                    "ORDER BY key_id LIMIT 1",
+                    (dev_pk,),
+                ).fetchone()
+                if one_time
+                else None
+            )
             otpk = None
             if otpk_row is not None:
                 conn.execute(
@@ -947,10 +972,50 @@ class SqliteRelayStore:
 
     # -- RelayStore API ------------------------------------------------------------------
 
-    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
         """See ``RelayStore.create_account``."""
         assert self._state is not None
-        await self._submit(self._state.create_account, addr, auth_key, now_ms)
+        await self._submit(self._state.create_account, addr, auth_key, now_ms, invite)
+
+    async def set_banned(self, user: str, banned: bool, now_ms: int) -> bool:
+        """See ``RelayStore.set_banned``."""
+        assert self._state is not None
+        return await self._submit(_set_banned, self._state.conn, user, banned, now_ms)
+
+    async def banned_users(self) -> frozenset[str]:
+        """See ``RelayStore.banned_users``."""
+
+        def q(conn: sqlite3.Connection) -> frozenset[str]:
+            return frozenset(str(r[0]) for r in conn.execute("SELECT username FROM bans"))
+
+        return await self._read(q)
+
+    async def create_invite(self, code_hash: bytes, now_ms: int, expires_ms: int) -> None:
+        """See ``RelayStore.create_invite``."""
+        assert self._state is not None
+        await self._submit(_insert_invite, self._state.conn, code_hash, now_ms, expires_ms)
+
+    async def list_invites(self) -> list[Invite]:
+        """See ``RelayStore.list_invites``."""
+
+        def q(conn: sqlite3.Connection) -> list[Invite]:
+            return [
+                Invite(
+                    bytes(r[0]).hex()[:12],
+                    int(r[1]),
+                    int(r[2]),
+                    r[3],
+                    None if r[4] is None else int(r[4]),
+                )
+                for r in conn.execute(
+                    "SELECT code_hash, created_ms, expires_ms, used_by, used_ms FROM invites "
+                    "ORDER BY created_ms, code_hash"
+                )
+            ]
+
+        return await self._read(q)
 
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """See ``RelayStore.add_device``."""
@@ -1008,10 +1073,12 @@ class SqliteRelayStore:
 
         return await self._read(q)
 
-    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    async def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         """See ``RelayStore.fetch_bundles``."""
         assert self._state is not None
-        return await self._submit(self._state.fetch_bundles, user, device)
+        return await self._submit(self._state.fetch_bundles, user, device, one_time)
 
     def submit_send(
         self, sender: Address, envelope: Envelope, now_ms: int
@@ -1168,3 +1235,22 @@ class SqliteRelayStore:
 
 def _create_seq_index(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS mailbox_seq ON mailbox(seq)")
+
+
+def _insert_invite(
+    conn: sqlite3.Connection, code_hash: bytes, now_ms: int, expires_ms: int
+) -> None:
+    conn.execute(
+        "INSERT INTO invites(code_hash, created_ms, expires_ms) VALUES (?,?,?)",
+        (code_hash, now_ms, expires_ms),
+    )
+
+
+def _set_banned(conn: sqlite3.Connection, user: str, banned: bool, now_ms: int) -> bool:
+    if conn.execute("SELECT 1 FROM users WHERE username=?", (user,)).fetchone() is None:
+        return False
+    if banned:
+        conn.execute("INSERT OR IGNORE INTO bans(username, banned_ms) VALUES (?,?)", (user, now_ms))
+    else:
+        conn.execute("DELETE FROM bans WHERE username=?", (user,))
+    return True
