@@ -36,6 +36,7 @@ from relay.auth import (
 from relay.blobs import CHUNK_SIZE, BlobFiles
 from relay.config import RelayConfig
 from relay.errors import (
+    AccountQuotaExceeded,
     AuthError,
     BadRequest,
     Forbidden,
@@ -120,6 +121,7 @@ class RelayState:
     prekey_target_limit: Limiter  # one-time prekeys handed out per target user
     device_add_limit: Limiter  # per account
     lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
+    upload_limit: RateLimiter  # bytes per account; synchronous for WebSocket sends
     keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     # Scale-out hook (relay.cluster): told of a removed device so other workers drop its cached
@@ -499,7 +501,9 @@ async def send_message(request: web.Request) -> web.Response:
             _json(body), max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes
         )
     check_recipient_users(env, cfg.max_recipient_users)
-    st.send_limit.take_now(caller, st.clock.monotonic())
+    now = st.clock.monotonic()
+    st.send_limit.take_now(caller, now)
+    st.upload_limit.take_now(caller.user, now, len(env.body))
     try:
         receipt = await st.store.submit_send(caller, env, st.clock.now_ms())
     except MismatchedDevices as exc:
@@ -582,16 +586,33 @@ async def upload_blob(request: web.Request) -> web.Response:
     declared = body_digest_header(request.headers)
     if declared is None:
         raise AuthError(f"{H_CONTENT_SHA256} is required for blob uploads", code="auth_missing")
-    await st.authenticate(request, declared)
-    if request.content_length is not None and request.content_length > cfg.max_blob_bytes:
+    caller = await st.authenticate(request, declared)
+    length = request.content_length
+    if length is not None and length > cfg.max_blob_bytes:
         raise TooLarge(f"blob exceeds {cfg.max_blob_bytes} bytes")
+    # Everything that can be refused is refused before the body is read: the byte rate is
+    # charged for the declared length, the quota checked against it.
+    if length is not None:
+        await st.upload_limit.take(caller.user, st.clock.monotonic(), length)
+        if await st.store.account_usage(caller.user) + length > cfg.account_max_bytes:
+            raise AccountQuotaExceeded(cfg.account_max_bytes)
     upload = await st.blobs.receive(
         request.content.iter_chunked(CHUNK_SIZE), cfg.max_blob_bytes, declared
     )
     try:
+        if length is None:  # chunked: charged once its size is known
+            await st.upload_limit.take(caller.user, st.clock.monotonic(), upload.size)
         async with st.blobs.lock:
+            existed = await st.store.blob_exists(upload.blob_id)
             st.blobs.finalize(upload)
-            new = await st.store.put_blob(upload.blob_id, upload.size, st.clock.now_ms())
+            try:
+                new = await st.store.put_blob(
+                    upload.blob_id, upload.size, st.clock.now_ms(), caller.user
+                )
+            except AccountQuotaExceeded:
+                if not existed:
+                    st.blobs.delete([upload.blob_id])
+                raise
     finally:
         upload.tmp_path.unlink(missing_ok=True)
     log.info("blob stored id=%s size=%d new=%s", upload.blob_id, upload.size, new)
@@ -608,6 +629,21 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     if not path.is_file():
         raise NotFound("unknown blob", code="unknown_blob")
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    """``DELETE /v1/blobs/{id}``: drop the caller's hold on a blob it uploaded; the file goes
+    when nobody holds it any more."""
+    st = request.app[STATE_KEY]
+    caller = await _auth(request)
+    blob_id = request.match_info["blob_id"]
+    st.blobs.path_for(blob_id)  # validates the id
+    async with st.blobs.lock:
+        gone = await st.store.delete_blob(blob_id, caller.user)
+        if gone:
+            st.blobs.delete([blob_id])
+    log.info("blob released id=%s user=%s deleted=%s", blob_id, caller.user, gone)
+    return web.json_response({"deleted": True})
 
 
 # -- operations --------------------------------------------------------------------------
@@ -736,6 +772,7 @@ def create_app(
                 sender_max_bytes=config.mailbox_sender_max_bytes,
                 stranger_max_messages=config.mailbox_stranger_max_messages,
                 stranger_max_bytes=config.mailbox_stranger_max_bytes,
+                account_max_bytes=config.account_max_bytes,
                 message_ttl_ms=int(config.message_ttl_seconds * 1000),
                 blob_ttl_ms=int(config.blob_ttl_seconds * 1000),
                 dedupe_window_ms=int(config.dedupe_window_seconds * 1000),
@@ -761,6 +798,7 @@ def create_app(
         prekey_target_limit=RateLimiter(config.prekey_target_rate, config.prekey_target_burst),
         device_add_limit=RateLimiter(config.device_add_rate, config.device_add_burst),
         lookup_limit=RateLimiter(config.lookup_rate, config.lookup_burst),
+        upload_limit=RateLimiter(config.upload_bytes_rate, config.upload_bytes_burst),
     )
     app[STATE_KEY] = state
 
@@ -809,6 +847,7 @@ def create_app(
         ("POST", "/v1/messages/ack", ack_messages),
         ("POST", "/v1/blobs", upload_blob),
         ("GET", "/v1/blobs/{blob_id}", download_blob),
+        ("DELETE", "/v1/blobs/{blob_id}", delete_blob),
         ("GET", "/healthz", healthz),
         ("GET", "/metrics", metrics),
         ("GET", "/openapi.json", openapi),

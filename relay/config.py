@@ -74,6 +74,13 @@ SETTING_HELP: dict[str, str] = {
     " sender_share_exceeded",
     "mailbox_sender_max_bytes": "bytes one sending account may hold in one recipient device's"
     " mailbox when the recipient's account has ever sent to it -> 507 sender_share_exceeded",
+    "account_max_bytes": "bytes one account may keep stored: bodies of its messages not yet read"
+    " by every recipient (each body once) plus the blobs it uploaded -> 507"
+    " account_quota_exceeded",
+    "upload_bytes_rate": "bytes per second one account may upload (message bodies and blobs"
+    " together) -> 429",
+    "upload_bytes_burst": "upload byte burst per account (at least max_blob_bytes, so one"
+    " blob always fits)",
     "mailbox_stranger_max_messages": "as mailbox_sender_max_messages for a sender the recipient"
     " never sent to (at most mailbox_sender_max_messages)",
     "mailbox_stranger_max_bytes": "as mailbox_sender_max_bytes for a sender the recipient never"
@@ -177,6 +184,9 @@ class RelayConfig:
     mailbox_sender_max_bytes: int = 64 * 1024 * 1024
     mailbox_stranger_max_messages: int = 1000
     mailbox_stranger_max_bytes: int = 32 * 1024 * 1024
+    account_max_bytes: int = 1024 * 1024 * 1024
+    upload_bytes_rate: float = 1024 * 1024.0
+    upload_bytes_burst: float = 200 * 1024 * 1024.0
     message_ttl_seconds: float = 30 * 86400.0
     blob_ttl_seconds: float = 30 * 86400.0
     dedupe_window_seconds: float = 86400.0
@@ -249,6 +259,7 @@ class RelayConfig:
             "mailbox_sender_max_bytes",
             "mailbox_stranger_max_messages",
             "mailbox_stranger_max_bytes",
+            "account_max_bytes",
             # Checked whatever ``workers`` is, so a bad value fails now, not when N is raised.
             # Zero would mean a pump that reads nothing, crashed workers restarted in a tight
             # loop (no first wait, or never any doubling), workers killed the moment the
@@ -290,6 +301,11 @@ class RelayConfig:
                     f"mailbox_stranger_max_{kind} must not exceed mailbox_sender_max_{kind}"
                     " (a sender the recipient never answered gets the smaller share)"
                 )
+        if self.upload_bytes_rate > 0 and self.upload_bytes_burst < self.max_blob_bytes:
+            raise ConfigError(
+                f"upload_bytes_burst must be at least max_blob_bytes ({self.max_blob_bytes}):"
+                " a blob larger than the burst could never be uploaded"
+            )
         if self.registration not in REGISTRATION_MODES:
             raise ConfigError(
                 f"registration must be one of {', '.join(REGISTRATION_MODES)}"

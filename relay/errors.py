@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "AccountQuotaExceeded",
     "AuthError",
     "BadRequest",
     "Conflict",
@@ -177,6 +178,21 @@ class SenderShareExceeded(RelayError):
         super().__init__(
             "your share of the recipient mailbox is used up until the recipient reads it",
             extra={"full": [{"user": u, "device": d} for u, d in over]},
+        )
+
+
+class AccountQuotaExceeded(RelayError):
+    """The account's stored bytes (pending messages it sent + blobs it holds) would exceed
+    ``account_max_bytes``; nothing was stored (507)."""
+
+    status = 507
+    default_code = "account_quota_exceeded"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            "your account's storage quota is used up until recipients read your messages"
+            " or you delete blobs",
+            extra={"limit": limit},
         )
 
 

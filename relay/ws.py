@@ -238,7 +238,9 @@ def _on_binary(st: RelayState, conn: Connection, data: bytes) -> None:
     try:
         env = decode_send(data, max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes)
         check_recipient_users(env, cfg.max_recipient_users)
-        st.send_limit.take_now(conn.addr, st.clock.monotonic())
+        now = st.clock.monotonic()
+        st.send_limit.take_now(conn.addr, now)
+        st.upload_limit.take_now(conn.addr.user, now, len(env.body))
         fut = st.store.submit_send(conn.addr, env, st.clock.now_ms())
     except RelayError as err:
         _send_result_error(st, conn, mid, err)

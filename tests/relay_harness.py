@@ -46,6 +46,7 @@ LOOSE_LIMITS = {
     "prekey_fetch_account_burst": "100000",
     "prekey_target_burst": "100000",
     "lookup_burst": "100000",
+    "upload_bytes_burst": "100000000000",
 }
 #: Loose limits and no background timers (WebSocket heartbeats, the expiry sweeper).
 QUIET = {

@@ -604,6 +604,19 @@ class RelayClient:
         finally:
             await asyncio.to_thread(fh.close)
 
+    async def delete_blob(self, blob_id: str) -> bool:
+        """Delete a blob this account uploaded (``DELETE /v1/blobs/{id}``): it frees the
+        account's storage quota; the relay deletes the file once nobody holds it.
+
+        Returns:
+            True.
+
+        Raises:
+            NotFound: this account holds no such blob. UsageError: malformed id.
+            ConnectionFailed, RelayRejected: as :meth:`execute`.
+        """
+        return await self.execute(rq.delete_blob(blob_id))
+
     async def download_blob(
         self,
         blob_id: str,

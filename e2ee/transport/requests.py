@@ -55,6 +55,7 @@ __all__ = [
     "SendReceipt",
     "ack_messages",
     "add_device",
+    "delete_blob",
     "download_blob",
     "fetch_bundles",
     "fetch_messages",
@@ -796,6 +797,27 @@ def _make_range_parser(start: int) -> Callable[[Response], BlobRange]:
         return BlobRange(206, first, last - first + 1, total)
 
     return parse
+
+
+def _deleted(response: Response) -> bool:
+    return _json_object(response).get("deleted") is True
+
+
+def delete_blob(blob_id: str) -> Request[bool]:
+    """``DELETE /v1/blobs/{id}``: drop this account's hold on a blob it uploaded (the relay
+    deletes the blob once nobody holds it).
+
+    Args:
+        blob_id: the blob's content address.
+
+    Returns:
+        The request; its result is True. Errors: ``NotFound`` (``unknown_blob``: this account
+        holds no such blob).
+
+    Raises:
+        UsageError: malformed id.
+    """
+    return Request("DELETE", f"/v1/blobs/{_check_blob_id(blob_id)}", _deleted)
 
 
 def download_blob(blob_id: str, *, start: int = 0, method: str = "GET") -> Request[BlobRange]:

@@ -162,6 +162,10 @@ class SweepReport:
 class StoreLimits:
     """Quotas and retention every backend enforces.
 
+    ``account_max_bytes``: what one account may keep stored: the bodies of its messages still
+    waiting in some mailbox (each body once, whatever the number of recipients) plus the
+    blobs it holds (``put_blob`` owner).
+
     ``sender_max_*`` / ``stranger_max_*``: the most one sending account may hold of one
     recipient device's mailbox (pending messages, bytes): ``sender_*`` when the recipient's
     account has ever sent to the sender's account, ``stranger_*`` otherwise (see
@@ -190,6 +194,7 @@ class StoreLimits:
     sender_max_bytes: int = 64 * 1024 * 1024
     stranger_max_messages: int = 1000
     stranger_max_bytes: int = 32 * 1024 * 1024
+    account_max_bytes: int = 1024 * 1024 * 1024
     message_ttl_ms: int = 30 * 86400 * 1000
     blob_ttl_ms: int = 30 * 86400 * 1000
     dedupe_window_ms: int = 86400 * 1000
@@ -318,7 +323,7 @@ class RelayStore(Protocol):
 
         Raises (through the future):
             MismatchedDevices, Conflict (``message_id_conflict``), SenderShareExceeded,
-            MailboxFull, StorageError.
+            MailboxFull, AccountQuotaExceeded, StorageError.
         """
 
     async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
@@ -342,8 +347,28 @@ class RelayStore(Protocol):
     async def mailbox_count(self, addr: Address) -> int:
         """Return the number of messages waiting in a device's mailbox."""
 
-    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
-        """Record (or refresh) blob metadata; return True when the blob is new."""
+    async def put_blob(
+        self, blob_id: str, size: int, now_ms: int, owner: str | None = None
+    ) -> bool:
+        """Record (or refresh) blob metadata; return True when the blob is new.
+
+        ``owner`` (the uploading user) then holds the blob: it counts against the owner's
+        ``account_max_bytes`` and the owner may delete it. Several users may hold one blob.
+
+        Raises:
+            AccountQuotaExceeded: the owner does not hold it yet and it would not fit.
+        """
+
+    async def delete_blob(self, blob_id: str, owner: str) -> bool:
+        """Drop ``owner``'s hold on a blob; return True when nobody holds it any more (its
+        metadata is gone: the caller deletes the file).
+
+        Raises:
+            NotFound: ``unknown_blob`` (``owner`` does not hold it).
+        """
+
+    async def account_usage(self, user: str) -> int:
+        """Bytes stored for ``user``: pending bodies it sent plus the blobs it holds."""
 
     async def blob_exists(self, blob_id: str) -> bool:
         """Return True when the blob's metadata is stored."""

@@ -14,7 +14,15 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from relay.errors import BadRequest, Conflict, Forbidden, NotFound, RelayError, StorageError
+from relay.errors import (
+    AccountQuotaExceeded,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    RelayError,
+    StorageError,
+)
 from relay.store.base import (
     Address,
     Delivery,
@@ -79,6 +87,9 @@ class MemoryRelayStore:
         # code hash -> [created_ms, expires_ms, used_by, used_ms]
         self._invites: dict[bytes, list[int | str | None]] = {}
         self._banned: set[str] = set()
+        self._blob_owners: dict[str, dict[str, int]] = {}  # blob id -> {user: size}
+        self._sent_bytes: dict[str, int] = {}  # user -> pending bodies it sent
+        self._held_bytes: dict[str, int] = {}  # user -> blobs it holds
         self._seq = 0
         self._queued = 0
         self._accepted = 0
@@ -304,6 +315,9 @@ class MemoryRelayStore:
         check_quota(
             targets, lambda d: d.usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
         )
+        if self._usage(user) + size > lim.account_max_bytes:
+            raise AccountQuotaExceeded(lim.account_max_bytes)
+        self._sent_bytes[user] = self._sent_bytes.get(user, 0) + size
         for addr, _ in targets:
             if addr.user != user:
                 self._wrote_to.add((user, addr.user))
@@ -345,6 +359,7 @@ class MemoryRelayStore:
                 del dev.by_sender[msg.sender.user]
             msg.holders.discard(addr)
             if not msg.holders:
+                self._sent_bytes[msg.sender.user] -= len(msg.body or b"")
                 msg.body = None
         self._queued -= removed
         return removed
@@ -397,10 +412,31 @@ class MemoryRelayStore:
 
     # -- blobs and retention -------------------------------------------------------------
 
-    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+    def _usage(self, user: str) -> int:
+        return self._sent_bytes.get(user, 0) + self._held_bytes.get(user, 0)
+
+    async def account_usage(self, user: str) -> int:
+        """See ``RelayStore.account_usage``."""
+        self._check_open()
+        return self._usage(user)
+
+    async def put_blob(
+        self, blob_id: str, size: int, now_ms: int, owner: str | None = None
+    ) -> bool:
         """See ``RelayStore.put_blob``."""
         self._check_open()
         old = self._blobs.get(blob_id)
+        held = size if old is None else old[0]
+        if owner is not None:
+            owners = self._blob_owners.setdefault(blob_id, {})
+            if owner not in owners:
+                limit = self._limits.account_max_bytes
+                if self._usage(owner) + held > limit:
+                    if not owners:
+                        del self._blob_owners[blob_id]
+                    raise AccountQuotaExceeded(limit)
+                owners[owner] = held
+                self._held_bytes[owner] = self._held_bytes.get(owner, 0) + held
         self._blobs[blob_id] = (size if old is None else old[0], now_ms)
         if old is None:
             self._blob_bytes += size
@@ -410,6 +446,19 @@ class MemoryRelayStore:
         """See ``RelayStore.blob_exists``."""
         self._check_open()
         return blob_id in self._blobs
+
+    async def delete_blob(self, blob_id: str, owner: str) -> bool:
+        """See ``RelayStore.delete_blob``."""
+        self._check_open()
+        owners = self._blob_owners.get(blob_id, {})
+        if owner not in owners:
+            raise NotFound("unknown blob", code="unknown_blob")
+        self._held_bytes[owner] -= owners.pop(owner)
+        if owners:
+            return False
+        del self._blob_owners[blob_id]
+        self._blob_bytes -= self._blobs.pop(blob_id)[0]
+        return True
 
     async def sweep(self, now_ms: int) -> SweepReport:
         """See ``RelayStore.sweep`` (the same bounded chunks as the SQLite store)."""
@@ -437,4 +486,6 @@ class MemoryRelayStore:
         blobs = blobs[:_SWEEP_CHUNK]
         for blob_id in blobs:
             self._blob_bytes -= self._blobs.pop(blob_id)[0]
+            for user, held in self._blob_owners.pop(blob_id, {}).items():
+                self._held_bytes[user] -= held
         return SweepReport(len(expired), tuple(blobs))

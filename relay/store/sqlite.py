@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.errors import (
+    AccountQuotaExceeded,
     BadRequest,
     Conflict,
     Forbidden,
@@ -108,6 +109,41 @@ CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
 CREATE TABLE IF NOT EXISTS wrote_to(
     user_pk INTEGER NOT NULL, peer_pk INTEGER NOT NULL, PRIMARY KEY(user_pk, peer_pk))
     WITHOUT ROWID;
+-- Who holds which blob (the uploaders; several users may upload the same content).
+CREATE TABLE IF NOT EXISTS blob_owners(
+    blob_id TEXT NOT NULL, username TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY(blob_id, username)) WITHOUT ROWID;
+-- Bytes stored per account (account_max_bytes): bodies of its messages still waiting in some
+-- mailbox (kept by the triggers below as bodies are stored, dropped or expire) and blobs it
+-- holds.
+CREATE TABLE IF NOT EXISTS account_bytes(
+    username TEXT PRIMARY KEY, sent INTEGER NOT NULL DEFAULT 0,
+    blobs INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS account_sent_insert AFTER INSERT ON messages
+WHEN NEW.body IS NOT NULL
+BEGIN
+    INSERT INTO account_bytes(username, sent) VALUES (NEW.sender, length(NEW.body))
+    ON CONFLICT(username) DO UPDATE SET sent = sent + length(NEW.body);
+END;
+CREATE TRIGGER IF NOT EXISTS account_sent_dropped AFTER UPDATE OF body ON messages
+WHEN OLD.body IS NOT NULL AND NEW.body IS NULL
+BEGIN
+    UPDATE account_bytes SET sent = sent - length(OLD.body) WHERE username = OLD.sender;
+END;
+CREATE TRIGGER IF NOT EXISTS account_sent_deleted AFTER DELETE ON messages
+WHEN OLD.body IS NOT NULL
+BEGIN
+    UPDATE account_bytes SET sent = sent - length(OLD.body) WHERE username = OLD.sender;
+END;
+CREATE TRIGGER IF NOT EXISTS account_blob_held AFTER INSERT ON blob_owners
+BEGIN
+    INSERT INTO account_bytes(username, blobs) VALUES (NEW.username, NEW.size)
+    ON CONFLICT(username) DO UPDATE SET blobs = blobs + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS account_blob_released AFTER DELETE ON blob_owners
+BEGIN
+    UPDATE account_bytes SET blobs = blobs - OLD.size WHERE username = OLD.username;
+END;
 CREATE TABLE IF NOT EXISTS bans(username TEXT PRIMARY KEY, banned_ms INTEGER NOT NULL)
     WITHOUT ROWID;
 -- Invite codes by SHA-256 (the codes themselves are never stored); single-use.
@@ -200,6 +236,10 @@ class _WriterState:
         # device pk -> sender username -> [count, bytes]; loaded with ``quota``, kept exact
         self.shares: dict[int, dict[str, list[int]]] = {}
         self.pending_wrote: list[tuple[int, int]] = []
+        # user -> stored bytes, never below the truth (sends add; drops happen in SQLite
+        # triggers, so an entry is reread exactly before it refuses anything)
+        self.account: dict[str, int] = {}
+        self.batch_sent: dict[str, int] = {}  # bytes of this batch's sends not yet flushed
         self.deliveries: list[Delivery] = []
         self.pending_msgs: list[tuple[Any, ...]] = []
         self.pending_mailbox: list[tuple[int, int, int, int]] = []
@@ -238,6 +278,8 @@ class _WriterState:
         self.users.clear()
         self.quota.clear()
         self.shares.clear()
+        self.account.clear()
+        self.batch_sent = {}
         self.deliveries.clear()
         conn = self.conn
         self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
@@ -309,6 +351,30 @@ class _WriterState:
                 )
             }
         return peers
+
+    def stored_bytes(self, user: str) -> int:
+        """Exact bytes stored for ``user``, this batch's unflushed sends included."""
+        row = self.conn.execute(
+            "SELECT sent + blobs FROM account_bytes WHERE username=?", (user,)
+        ).fetchone()
+        return (0 if row is None else int(row[0])) + self.batch_sent.get(user, 0)
+
+    def charge_account(self, user: str, size: int) -> None:
+        """Count ``size`` more bytes for ``user``, or refuse.
+
+        Raises:
+            AccountQuotaExceeded: it would not fit.
+        """
+        limit = self.limits.account_max_bytes
+        used = self.account.get(user)
+        if used is None or used + size > limit:
+            used = self.stored_bytes(user)
+            if used + size > limit:
+                self.account[user] = used
+                raise AccountQuotaExceeded(limit)
+        if len(self.account) > 200_000:
+            self.account.clear()
+        self.account[user] = used + size
 
     def answered(self, recipient: str, sender: _UserEntry) -> bool:
         entry = self.user(recipient)
@@ -490,6 +556,8 @@ class _WriterState:
         check_quota(
             targets, self.mailbox_usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
         )
+        self.charge_account(user, size)
+        self.batch_sent[user] = self.batch_sent.get(user, 0) + size
         mine = self.wrote_to(me)
         for addr, _ in targets:
             if addr.user != user:
@@ -541,6 +609,7 @@ class _WriterState:
         self.pending_msgs = []
         self.pending_mailbox = []
         self.pending_wrote = []
+        self.batch_sent = {}
         self.batch_ids = {}
 
     def _insert_rows(self, prefix: str, ncols: int, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -620,7 +689,23 @@ class _WriterState:
 
     # -- blobs and retention -------------------------------------------------------------
 
-    def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+    def put_blob(self, blob_id: str, size: int, now_ms: int, owner: str | None) -> bool:
+        conn = self.conn
+        row = conn.execute("SELECT size FROM blobs WHERE id=?", (blob_id,)).fetchone()
+        held = size if row is None else int(row[0])
+        if owner is not None:
+            known = conn.execute(
+                "SELECT 1 FROM blob_owners WHERE blob_id=? AND username=?", (blob_id, owner)
+            ).fetchone()
+            if known is None:
+                limit = self.limits.account_max_bytes
+                if self.stored_bytes(owner) + held > limit:
+                    raise AccountQuotaExceeded(limit)
+                conn.execute(
+                    "INSERT INTO blob_owners(blob_id, username, size) VALUES (?,?,?)",
+                    (blob_id, owner, held),
+                )
+                self.account.pop(owner, None)
         cur = self.conn.execute("UPDATE blobs SET stored_ms=? WHERE id=?", (now_ms, blob_id))
         if cur.rowcount:
             return False
@@ -628,6 +713,20 @@ class _WriterState:
             "INSERT INTO blobs(id, size, stored_ms) VALUES (?,?,?)", (blob_id, size, now_ms)
         )
         self.blob_bytes += size
+        return True
+
+    def delete_blob(self, blob_id: str, owner: str) -> bool:
+        conn = self.conn
+        if not conn.execute(
+            "DELETE FROM blob_owners WHERE blob_id=? AND username=?", (blob_id, owner)
+        ).rowcount:
+            raise NotFound("unknown blob", code="unknown_blob")
+        self.account.pop(owner, None)
+        if conn.execute("SELECT 1 FROM blob_owners WHERE blob_id=?", (blob_id,)).fetchone():
+            return False
+        row = conn.execute("DELETE FROM blobs WHERE id=? RETURNING size", (blob_id,)).fetchone()
+        if row is not None:
+            self.blob_bytes -= int(row[0])
         return True
 
     def sweep(self, now_ms: int) -> SweepReport:
@@ -656,10 +755,14 @@ class _WriterState:
             (now_ms - lim.blob_ttl_ms, _SWEEP_CHUNK),
         ).fetchall()
         conn.executemany("DELETE FROM blobs WHERE id=?", [(r[0],) for r in blob_rows])
+        conn.executemany("DELETE FROM blob_owners WHERE blob_id=?", [(r[0],) for r in blob_rows])
+        if blob_rows:
+            self.account.clear()
         self.blob_bytes -= sum(int(r[1]) for r in blob_rows)
         if removed_rows:
             self.quota.clear()
             self.shares.clear()
+            self.account.clear()
             self.queued -= removed_rows
         return SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows))
 
@@ -765,7 +868,13 @@ class SqliteRelayStore:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = _connect(self._path, readonly=False, cache_kib=65536)
+            had_accounting = _has_table(conn, "account_bytes")
             conn.executescript(_SCHEMA)
+            if not had_accounting:  # a database from before per-account quotas
+                conn.execute(
+                    "INSERT OR IGNORE INTO account_bytes(username, sent) SELECT sender, "
+                    "sum(length(body)) FROM messages WHERE body IS NOT NULL GROUP BY sender"
+                )
             row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
             if row is None:
                 conn.execute(
@@ -1138,10 +1247,28 @@ class SqliteRelayStore:
 
         return await self._read(q)
 
-    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+    async def put_blob(
+        self, blob_id: str, size: int, now_ms: int, owner: str | None = None
+    ) -> bool:
         """See ``RelayStore.put_blob``."""
         assert self._state is not None
-        return await self._submit(self._state.put_blob, blob_id, size, now_ms)
+        return await self._submit(self._state.put_blob, blob_id, size, now_ms, owner)
+
+    async def delete_blob(self, blob_id: str, owner: str) -> bool:
+        """See ``RelayStore.delete_blob``."""
+        assert self._state is not None
+        return await self._submit(self._state.delete_blob, blob_id, owner)
+
+    async def account_usage(self, user: str) -> int:
+        """See ``RelayStore.account_usage``."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT sent + blobs FROM account_bytes WHERE username=?", (user,)
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._read(q)
 
     async def blob_exists(self, blob_id: str) -> bool:
         """See ``RelayStore.blob_exists``."""
@@ -1254,3 +1381,8 @@ def _set_banned(conn: sqlite3.Connection, user: str, banned: bool, now_ms: int) 
     else:
         conn.execute("DELETE FROM bans WHERE username=?", (user,))
     return True
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+    return row.fetchone() is not None

@@ -3,6 +3,8 @@ mailbox flood, prekey drain, user enumeration, disk use."""
 
 from __future__ import annotations
 
+import os
+
 from relay_testclient import Device, RelayClient, Reply, b64, drain_until_empty, new_mid, next_frame
 from test_relay_keys import key33, upload_doc
 
@@ -208,3 +210,51 @@ async def test_user_enumeration_is_budgeted_per_account(relay_factory, session) 
     r = await send_to(eve, [known[0].user])
     assert r.status == 409 and r.json()["missing_devices"] == {known[0].user: [2]}
     assert "truncated" not in r.json()
+
+
+async def test_disk_quota_blob_deletion_and_upload_rate(relay_factory, session) -> None:
+    """Issue 13's attack: one account stores blobs and messages to its own second device
+    without bound. Now its stored bytes stop at account_max_bytes (507
+    account_quota_exceeded, before the body is read), it can free them by deleting what it
+    uploaded (only the uploader can), and its upload byte rate is bounded (429)."""
+    relay = relay_factory(
+        {
+            "account_max_bytes": "10000",
+            "max_blob_bytes": "6000",
+            "upload_bytes_rate": "1",
+            "upload_bytes_burst": "30000",
+        }
+    )
+    client = RelayClient(relay.url, session)
+    hog = await client.new_device("hog")
+    hog2 = await client.add_device(hog, 2)
+    other = await client.new_device("other")
+    first = os.urandom(6000)
+    r = await client.upload_blob(hog, first)
+    assert r.status == 201, r.body
+    blob_id = r.json()["id"]
+    r = await client.upload_blob(hog, os.urandom(6000))
+    assert r.status == 507 and r.json()["error"] == "account_quota_exceeded"
+    statuses = [(await client.send(hog, [hog2], b"m" * 1000)).status for _ in range(5)]
+    assert statuses == [200, 200, 200, 200, 507]
+    # Only the uploader can delete; for anyone else the blob does not exist.
+    r = await client.request(other, "DELETE", f"/v1/blobs/{blob_id}")
+    assert r.status == 404 and r.json()["error"] == "unknown_blob"
+    r = await client.request(hog, "DELETE", f"/v1/blobs/{blob_id}")
+    assert r.status == 200 and r.json() == {"deleted": True}
+    r = await client.request(hog, "GET", f"/v1/blobs/{blob_id}")
+    assert r.status == 404
+    r = await client.request(hog, "DELETE", f"/v1/blobs/{blob_id}")
+    assert r.status == 404
+    assert (await client.send(hog, [hog2], b"m" * 1000)).status == 200  # space freed
+    # 6000 (blob) + 5000 (messages) + 6000 + 5000... the burst of 30000 bytes is spent now.
+    spent = 0
+    for _ in range(10):
+        r = await client.upload_blob(other, os.urandom(5000))
+        if r.status == 429:
+            break
+        assert r.status == 201, r.body
+        spent += 1
+        await client.request(other, "DELETE", f"/v1/blobs/{r.json()['id']}")
+    assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
+    assert spent == 6

@@ -18,7 +18,13 @@ from store_backends import BACKENDS, Backend
 
 from relay.app import STATE_KEY, Clock, create_app, sweep_once
 from relay.config import RelayConfig
-from relay.errors import MailboxFull, MismatchedDevices, SenderShareExceeded
+from relay.errors import (
+    AccountQuotaExceeded,
+    MailboxFull,
+    MismatchedDevices,
+    NotFound,
+    SenderShareExceeded,
+)
 from relay.store.base import Address, Delivery, Envelope, RelayStore, StoreLimits
 from relay.store.sqlite import SqliteRelayStore
 
@@ -351,3 +357,79 @@ async def test_own_devices_are_exempt_from_the_sender_share(
             await s.submit_send(A, env(to=a2), 1)
     finally:
         await s.close()
+
+
+QUOTA_LIMITS = StoreLimits(account_max_bytes=1000, mailbox_max_bytes=10_000)
+
+
+async def test_account_quota_counts_pending_bodies_and_held_blobs(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """An account's stored bytes (bodies still waiting in a mailbox, once each, plus the blobs
+    it holds) stay under account_max_bytes; reads, acks, deletes and restarts keep the count
+    exact."""
+    s = await backend.open(tmp_path, QUOTA_LIMITS)
+    carol = Address("carol", 1)
+    try:
+        for addr in (A, B, carol):
+            await s.create_account(addr, addr.user[0].encode() * 32, 0)
+        group = Envelope(os.urandom(16), (B, carol), b"g" * 400)  # stored once: 400 bytes
+        await s.submit_send(A, group, 1)
+        assert await s.account_usage("alice") == 400
+        assert await s.put_blob("a" * 64, 500, 1, "alice") is True
+        assert await s.account_usage("alice") == 900
+        with pytest.raises(AccountQuotaExceeded) as info:
+            await s.submit_send(A, env(b"x" * 101), 2)
+        assert info.value.status == 507 and info.value.code == "account_quota_exceeded"
+        with pytest.raises(AccountQuotaExceeded):
+            await s.put_blob("b" * 64, 101, 2, "alice")
+        assert not await s.blob_exists("b" * 64)
+        await s.submit_send(A, env(b"x" * 100), 2)  # exactly fits
+        s = await backend.restart(s, tmp_path, QUOTA_LIMITS)
+        assert await s.account_usage("alice") == 1000
+        assert await s.ack(B, [group.message_id]) == 1
+        assert await s.account_usage("alice") == 1000  # carol has not read it yet
+        assert await s.ack(carol, [group.message_id]) == 1
+        assert await s.account_usage("alice") == 600
+        # Bob uploads the same content: both hold it; alice's delete keeps the blob for bob.
+        assert await s.put_blob("a" * 64, 500, 3, "bob") is False
+        with pytest.raises(NotFound):
+            await s.delete_blob("a" * 64, "carol")
+        assert await s.delete_blob("a" * 64, "alice") is False
+        assert await s.blob_exists("a" * 64)
+        assert await s.account_usage("alice") == 100
+        with pytest.raises(NotFound):
+            await s.delete_blob("a" * 64, "alice")
+        assert await s.delete_blob("a" * 64, "bob") is True
+        assert not await s.blob_exists("a" * 64)
+        assert await s.account_usage("bob") == 0
+        await s.submit_send(A, env(b"x" * 900), 4)
+        assert await s.account_usage("alice") == 1000
+    finally:
+        await s.close()
+
+
+async def test_sqlite_counts_pending_bodies_of_a_database_from_before_quotas(
+    tmp_path: Path,
+) -> None:
+    """A database written before per-account accounting existed gets its pending bodies
+    counted when opened, so the quota holds from the first start of the new relay."""
+    path = tmp_path / "db.sqlite3"
+    store = SqliteRelayStore(path, QUOTA_LIMITS)
+    await store.open()
+    await store.create_account(A, b"a" * 32, 0)
+    await store.create_account(B, b"b" * 32, 0)
+    await store.submit_send(A, env(b"x" * 300), 1)
+    await store.close()
+    with sqlite3.connect(path) as conn:  # as an older relay would have left it
+        for trigger in ("insert", "dropped", "deleted"):
+            conn.execute(f"DROP TRIGGER account_sent_{trigger}")
+        conn.execute("DROP TABLE account_bytes")
+    store = SqliteRelayStore(path, QUOTA_LIMITS)
+    await store.open()
+    try:
+        assert await store.account_usage("alice") == 300
+        with pytest.raises(AccountQuotaExceeded):
+            await store.submit_send(A, env(b"x" * 701), 2)
+    finally:
+        await store.close()

@@ -1,5 +1,5 @@
-"""The SDK's registration against real relays in each mode (issue 13 item 6): it solves the
-proof of work by itself, and every refusal is its own typed error."""
+"""The SDK against the relay's abuse limits (issue 13): registration in each mode (it solves
+the proof of work by itself; every refusal is its own typed error) and blob deletion."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from e2ee.transport.errors import (
     InviteInvalid,
     InviteRequired,
+    NotFound,
     RegistrationClosed,
     RegistrationRefused,
 )
@@ -66,3 +67,19 @@ async def test_invite_and_closed_modes_raise_typed_errors(
         await device(new_user(), url=closed.url).register()
     with pytest.raises(RegistrationClosed):  # an invite does not open a closed relay
         await device(new_user(), url=closed.url).register(invite=code)
+
+
+async def test_an_uploader_deletes_its_blob(
+    device: Factory, new_user: Callable[[], str], tmp_path: Path
+) -> None:
+    owner, other = device(new_user()), device(new_user())
+    await owner.register()
+    await other.register()
+    src = tmp_path / "blob.bin"
+    src.write_bytes(b"z" * 5000)
+    info = await owner.upload_blob(src)
+    with pytest.raises(NotFound):
+        await other.delete_blob(info.id)
+    assert await owner.delete_blob(info.id) is True
+    with pytest.raises(NotFound):
+        await owner.download_blob(info.id, tmp_path / "back")
