@@ -4,6 +4,8 @@ processes, with the operator's ``blindpost-relay invite`` commands run as real p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from relay_testclient import Device, RelayClient, drain_until_empty, new_usernam
 
 from blindpost_wire.auth import AUTH_FRAME_FIELDS
 from blindpost_wire.registration import pow_digest, pow_ok, solve_pow
+from relay.config import SETTING_HELP, ConfigError, RelayConfig
 from relay.errors import Forbidden
 from relay.registration import RegistrationGate, load_or_create_key
 
@@ -184,3 +187,28 @@ async def test_ban_and_unban_on_a_running_relay(relay_factory, session, tmp_path
         await asyncio.sleep(0.1)
     assert r.status == 200
     assert (await client.send(mallory, [alice], b"sorry")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("changes", "expect"),
+    [
+        ({"registration": "maybe"}, "registration must be one of open, pow, invite, closed"),
+        ({"registration_pow_difficulty": 41}, "registration_pow_difficulty must be 0..40"),
+        ({"registration_challenge_ttl_seconds": 0}, "registration_challenge_ttl_seconds must"),
+        ({"invite_ttl_seconds": 0}, "invite_ttl_seconds must be positive"),
+        ({"max_devices_per_user": 128}, "max_devices_per_user must be 1..127"),
+        ({"max_recipient_users": 0}, "max_recipient_users must be positive"),
+        ({"mailbox_stranger_max_messages": 3000}, "must not exceed mailbox_sender_max_messages"),
+        ({"mailbox_sender_max_bytes": 0}, "mailbox_sender_max_bytes must be positive"),
+        ({"account_max_bytes": 0}, "account_max_bytes must be positive"),
+        ({"upload_bytes_burst": 1000}, "upload_bytes_burst must be at least max_blob_bytes"),
+        ({"lookup_rate": -1}, "lookup_rate must not be negative"),
+    ],
+)
+def test_abuse_limit_settings_are_validated(changes: dict[str, object], expect: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(expect)):
+        RelayConfig().replace(**changes)
+
+
+def test_every_setting_has_help() -> None:
+    assert {f.name for f in dataclasses.fields(RelayConfig)} <= set(SETTING_HELP)

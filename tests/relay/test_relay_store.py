@@ -20,6 +20,8 @@ from relay.app import STATE_KEY, Clock, create_app, sweep_once
 from relay.config import RelayConfig
 from relay.errors import (
     AccountQuotaExceeded,
+    Conflict,
+    Forbidden,
     MailboxFull,
     MismatchedDevices,
     NotFound,
@@ -433,3 +435,48 @@ async def test_sqlite_counts_pending_bodies_of_a_database_from_before_quotas(
             await store.submit_send(A, env(b"x" * 701), 2)
     finally:
         await store.close()
+
+
+async def test_invites_are_single_use_expire_and_survive_restarts(
+    backend: Backend, tmp_path: Path
+) -> None:
+    s = await backend.open(tmp_path)
+    code, old = b"\x01" * 32, b"\x02" * 32
+    try:
+        await s.create_invite(code, 10, 1000)
+        await s.create_invite(old, 20, 30)
+        s = await backend.restart(s, tmp_path)
+        with pytest.raises(Forbidden) as info:
+            await s.create_account(A, b"a" * 32, 40, invite=old)  # expired at 30
+        assert info.value.code == "invite_invalid"
+        with pytest.raises(Forbidden):
+            await s.create_account(A, b"a" * 32, 40, invite=b"\x03" * 32)  # unknown
+        assert await s.list_devices("alice") == []  # nothing was created
+        await s.create_account(A, b"a" * 32, 50, invite=code)
+        with pytest.raises(Forbidden):
+            await s.create_account(B, b"b" * 32, 60, invite=code)  # used
+        with pytest.raises(Conflict):  # a taken name does not spend the invite's check
+            await s.create_account(A, b"a" * 32, 60, invite=code)
+        listed = await s.list_invites()
+        assert [(i.id, i.created_at, i.expires_at, i.used_by, i.used_at) for i in listed] == [
+            ("01" * 6, 10, 1000, "alice", 50),
+            ("02" * 6, 20, 30, None, None),
+        ]
+    finally:
+        await s.close()
+
+
+async def test_bans_are_stored_per_existing_user(backend: Backend, tmp_path: Path) -> None:
+    s = await backend.open(tmp_path)
+    try:
+        await s.create_account(A, b"a" * 32, 0)
+        await s.create_account(B, b"b" * 32, 0)
+        assert await s.set_banned("alice", True, 1) is True
+        assert await s.set_banned("alice", True, 2) is True  # idempotent
+        assert await s.set_banned("nobody", True, 1) is False
+        s = await backend.restart(s, tmp_path)
+        assert await s.banned_users() == frozenset({"alice"})
+        assert await s.set_banned("alice", False, 3) is True
+        assert await s.banned_users() == frozenset()
+    finally:
+        await s.close()
