@@ -591,10 +591,13 @@ async def upload_blob(request: web.Request) -> web.Response:
     if length is not None and length > cfg.max_blob_bytes:
         raise TooLarge(f"blob exceeds {cfg.max_blob_bytes} bytes")
     # Everything that can be refused is refused before the body is read: the byte rate is
-    # charged for the declared length, the quota checked against it.
+    # charged for the declared length, the quota checked against it (for a blob already
+    # stored, which the caller may hold already, the store decides after the upload).
     if length is not None:
         await st.upload_limit.take(caller.user, st.clock.monotonic(), length)
-        if await st.store.account_usage(caller.user) + length > cfg.account_max_bytes:
+        if await st.store.account_usage(
+            caller.user
+        ) + length > cfg.account_max_bytes and not await st.store.blob_exists(declared):
             raise AccountQuotaExceeded(cfg.account_max_bytes)
     upload = await st.blobs.receive(
         request.content.iter_chunked(CHUNK_SIZE), cfg.max_blob_bytes, declared

@@ -237,17 +237,25 @@ async def test_disk_quota_blob_deletion_and_upload_rate(relay_factory, session) 
     assert r.status == 507 and r.json()["error"] == "account_quota_exceeded"
     statuses = [(await client.send(hog, [hog2], b"m" * 1000)).status for _ in range(5)]
     assert statuses == [200, 200, 200, 200, 507]
-    # Only the uploader can delete; for anyone else the blob does not exist.
+    r = await client.upload_blob(hog, first)  # at its quota, it still refreshes what it holds
+    assert r.status == 200 and r.json()["id"] == blob_id
+    # Only an uploader can delete; for anyone else the blob does not exist.
     r = await client.request(other, "DELETE", f"/v1/blobs/{blob_id}")
     assert r.status == 404 and r.json()["error"] == "unknown_blob"
+    r = await client.upload_blob(other, first)  # now other holds the same content too
+    assert r.status == 200
     r = await client.request(hog, "DELETE", f"/v1/blobs/{blob_id}")
     assert r.status == 200 and r.json() == {"deleted": True}
-    r = await client.request(hog, "GET", f"/v1/blobs/{blob_id}")
-    assert r.status == 404
+    r = await client.request(other, "GET", f"/v1/blobs/{blob_id}")
+    assert r.status == 200 and r.body == first  # other still holds it
     r = await client.request(hog, "DELETE", f"/v1/blobs/{blob_id}")
     assert r.status == 404
+    r = await client.request(other, "DELETE", f"/v1/blobs/{blob_id}")
+    assert r.status == 200
+    r = await client.request(hog, "GET", f"/v1/blobs/{blob_id}")
+    assert r.status == 404
     assert (await client.send(hog, [hog2], b"m" * 1000)).status == 200  # space freed
-    # 6000 (blob) + 5000 (messages) + 6000 + 5000... the burst of 30000 bytes is spent now.
+    # Other spent 6000 of its 30000-byte burst on `first`: four 5000-byte uploads fit.
     spent = 0
     for _ in range(10):
         r = await client.upload_blob(other, os.urandom(5000))
@@ -257,4 +265,4 @@ async def test_disk_quota_blob_deletion_and_upload_rate(relay_factory, session) 
         spent += 1
         await client.request(other, "DELETE", f"/v1/blobs/{r.json()['id']}")
     assert r.status == 429 and int(r.headers["Retry-After"]) >= 1
-    assert spent == 6
+    assert spent == 4
