@@ -56,6 +56,13 @@ def start_relay(data: Path) -> tuple[subprocess.Popen[bytes], str]:
         "send_burst=1000000",
         "send_rate=1000000",
         "mailbox_max_messages=100000",
+        # Not what is measured: accounts without a proof of work, one sender's queue of
+        # 10,000 messages to one stranger, bundle fetches of a 100-member group.
+        "registration=open",
+        "mailbox_sender_max_messages=100000",
+        "mailbox_stranger_max_messages=100000",
+        "prekey_fetch_account_burst=100000",
+        "prekey_target_burst=100000",
     ):
         args += ["--set", setting]
     log = (data / "relay.log").open("wb")

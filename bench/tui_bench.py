@@ -257,7 +257,7 @@ def _start_relay(data: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     args = [sys.executable, "-m", "relay", "--host", "127.0.0.1", "--port", str(port)]
-    args += ["--data", str(data), "--set", "registration_burst=1000"]
+    args += ["--data", str(data), "--set", "registration_burst=1000", "--set", "registration=open"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from relay import admin
+from relay import admin, admin_accounts
 from relay.admin import Registrar, run_group
 from relay.cluster import run_supervisor
 from relay.config import ENV_PREFIX, SETTING_HELP, ConfigError, RelayConfig
@@ -26,7 +26,8 @@ __all__ = ["COMMAND_GROUPS", "build_parser", "main"]
 #: Operator command groups: ``blindpost-relay GROUP COMMAND ...``. Each module of a group adds
 #: its subcommands with its ``register`` (relay.admin's docstring says how).
 COMMAND_GROUPS: dict[str, list[Registrar]] = {
-    "admin": [admin.register],
+    "admin": [admin.register, admin_accounts.register_admin],
+    "invite": [admin_accounts.register_invite],
 }
 
 

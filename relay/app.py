@@ -3,7 +3,8 @@
 #   is a RelayError rendered as {"error", "message"} JSON; unexpected ones become a logged 500
 #   whose body reveals nothing.
 # * Every /v1 route authenticates with a signed request before touching the store (the
-#   registration route verifies against the key it is registering).
+#   registration route verifies against the key it is registering), except
+#   ``GET /v1/registration``, which only tells the mode and issues a stateless challenge.
 # * Nothing here logs or echoes a message body or key material.
 """The aiohttp application: ``create_app(config)`` and the HTTP handlers."""
 
@@ -35,15 +36,27 @@ from relay.auth import (
 )
 from relay.backends import make_blob_store, make_store
 from relay.blob_http import blob_response
-from relay.blobs import BlobStore
+from relay.blobs import BlobStore, check_blob_id
 from relay.body import BodyLimits, BodySlots, read_body, timed_chunks
 from relay.config import RelayConfig
-from relay.errors import AuthError, BadRequest, NotFound, RelayError, StorageError, TooLarge
+from relay.errors import (
+    AccountQuotaExceeded,
+    AuthError,
+    BadRequest,
+    Forbidden,
+    MismatchedDevices,
+    NotFound,
+    RateLimited,
+    RelayError,
+    StorageError,
+    TooLarge,
+)
 from relay.guard import request_started, response_finished
 from relay.health import Readiness
-from relay.hub import CLOSE_DEVICE_REMOVED, Hub
+from relay.hub import CLOSE_BANNED, CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
-from relay.ratelimit import RateLimiter
+from relay.ratelimit import Limiter, RateLimiter, make_limiter
+from relay.registration import RegistrationGate, invite_hash, load_or_create_key
 from relay.replay import (
     ManagedReplayGuard,
     ReplayGuard,
@@ -52,7 +65,7 @@ from relay.replay import (
     make_replay_guard,
     replay_key,
 )
-from relay.store.base import Address, RelayStore
+from relay.store.base import Address, Envelope, RelayStore
 from relay.wire import (
     AUTH_KEY_LEN,
     RESERVED_USERNAMES,
@@ -76,11 +89,14 @@ __all__ = [
     "BlobHealth",
     "Clock",
     "RelayState",
+    "charge_lookups",
+    "check_recipient_users",
     "create_app",
     "json_error",
     "json_errors",
     "load_openapi",
     "receipt_json",
+    "refresh_bans",
     "replay_secret_path",
     "sweep_once",
 ]
@@ -162,9 +178,16 @@ class RelayState:
     hub: Hub
     blobs: BlobStore
     replay: ReplayGuard
-    register_limit: RateLimiter
+    register_limit: Limiter
+    # Node-local and synchronous: checked per WebSocket frame (``take_now``); docs/architecture.md
+    # ("Rate limits") says why these two never go to Redis.
     send_limit: RateLimiter
-    fetch_limit: RateLimiter
+    fetch_limit: Limiter  # per (requesting account, target user)
+    fetch_account_limit: Limiter  # per requesting account
+    prekey_target_limit: Limiter  # one-time prekeys handed out per target user
+    device_add_limit: Limiter  # per account
+    lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
+    upload_limit: RateLimiter  # bytes per account; node-local like send_limit
     body_slots: BodySlots
     blob_health: BlobHealth
     readiness: Readiness = field(default_factory=Readiness)
@@ -187,6 +210,29 @@ class RelayState:
         node = self.node
         if node is not None:
             node.require_ready()
+
+    _gate: RegistrationGate | None = None
+    banned: frozenset[str] = frozenset()  # reread every ban_refresh_seconds
+
+    def gate(self) -> RegistrationGate:
+        """The proof-of-work gate, its key loaded (or created) on first use.
+
+        Raises:
+            StorageError: the key file cannot be read or created.
+        """
+        if self._gate is None:
+            cfg = self.config
+            try:
+                key = load_or_create_key(cfg.data_dir)
+            except OSError as exc:
+                log.error("registration key unavailable: %s", exc)
+                raise StorageError("registration key unavailable") from exc
+            self._gate = RegistrationGate(
+                key,
+                cfg.registration_pow_difficulty,
+                int(cfg.registration_challenge_ttl_seconds * 1000),
+            )
+        return self._gate
 
     async def authenticate(
         self, request: web.Request, body_sha256: str, *, register_key: bytes | None = None
@@ -236,11 +282,14 @@ class RelayState:
 
         Raises:
             AuthError: stale, replayed or invalid signature, unknown device.
+            Forbidden: ``account_banned``.
         """
         check_fresh(sh, self.clock.now_ms(), self.window_ms)
         addr = Address(sh.user, sh.device)
         key_bytes = register_key if register_key is not None else await self.device_key(addr)
         verify_signature(key_bytes, sh, method, target, body_sha256)
+        if addr.user in self.banned:
+            raise Forbidden("this account is banned by the relay's operator", code="account_banned")
         await self.claim_nonce(sh)
         if register_key is None:
             self._remember_key(addr, key_bytes)
@@ -294,6 +343,8 @@ class RelayState:
             raise TooLarge(f"request body exceeds {limits.max_bytes} bytes")
         addr = Address(sh.user, sh.device)
         key = await self.device_key(addr)
+        if addr.user in self.banned:
+            raise Forbidden("this account is banned by the relay's operator", code="account_banned")
         method, target = request.method, request.raw_path
         if declared is not None:
             # Authenticated before the body, nonce included: a replay of captured headers is
@@ -463,11 +514,32 @@ async def _auth(request: web.Request, body: bytes = b"") -> Address:
 # -- accounts ----------------------------------------------------------------------------
 
 
+_MAX_INVITE_LEN = 100
+
+
+async def registration_info(request: web.Request) -> web.Response:
+    """``GET /v1/registration``: the registration mode, and for ``pow`` a fresh challenge."""
+    st = request.app[STATE_KEY]
+    mode = st.config.registration
+    doc: dict[str, Any] = {"mode": mode}
+    if mode == "pow":
+        challenge = st.gate().issue(st.clock.now_ms())
+        doc.update(
+            challenge=challenge.text,
+            difficulty=challenge.difficulty,
+            expires_at=challenge.expires_at,
+        )
+    return web.json_response(doc, headers={"Cache-Control": "no-store"})
+
+
 async def register(request: web.Request) -> web.Response:
     """``POST /v1/accounts``: register a username with its first device."""
     st = request.app[STATE_KEY]
+    mode = st.config.registration
     peer = request.remote or "?"
-    st.register_limit.take(peer, st.clock.monotonic())
+    await st.register_limit.take(peer, st.clock.monotonic())
+    if mode == "closed":
+        raise Forbidden("registration is closed on this relay", code="registration_closed")
     sh = parse_signed_headers(request.headers)  # everything checkable before the body
     check_fresh(sh, st.clock.now_ms(), st.window_ms)
     with st.body_slots.hold(peer):
@@ -480,11 +552,21 @@ async def register(request: web.Request) -> web.Response:
         raise BadRequest("this username is reserved", code="invalid_username")
     device = parse_device_id(doc.get("device_id"))
     auth_key = b64d(doc.get("auth_key"), "auth_key", AUTH_KEY_LEN)
+    invite = doc.get("invite")
+    if invite is not None and (not isinstance(invite, str) or len(invite) > _MAX_INVITE_LEN):
+        raise BadRequest(f"invite must be a string of at most {_MAX_INVITE_LEN} characters")
     if sh.user != username or sh.device != device:
         raise AuthError("auth headers must name the account being registered")
     addr = await st.authenticate(request, _sha(body), register_key=auth_key)
-    await st.store.create_account(addr, auth_key, st.clock.now_ms())
-    log.info("registered user=%s device=%d", addr.user, addr.device)
+    now = st.clock.now_ms()
+    # An invite, when given, is always checked and consumed; it stands in for the work.
+    if invite is None and mode == "invite":
+        raise Forbidden("this relay registers by invitation only", code="invite_required")
+    if invite is None and mode == "pow":
+        st.gate().verify(doc.get("pow"), username, now)
+    code = None if invite is None else invite_hash(invite)
+    await st.store.create_account(addr, auth_key, now, code)
+    log.info("registered user=%s device=%d invite=%s", addr.user, addr.device, code is not None)
     return web.json_response({"username": addr.user, "device_id": addr.device}, status=201)
 
 
@@ -497,6 +579,7 @@ async def add_device(request: web.Request) -> web.Response:
         raise BadRequest("body must be a JSON object")
     new = Address(caller.user, parse_device_id(doc.get("device_id")))
     auth_key = b64d(doc.get("auth_key"), "auth_key", AUTH_KEY_LEN)
+    await st.device_add_limit.take(caller.user, st.clock.monotonic())
     await st.store.add_device(new, auth_key, st.clock.now_ms())
     log.info("added device user=%s device=%d", new.user, new.device)
     return web.json_response({"username": new.user, "device_id": new.device}, status=201)
@@ -562,8 +645,21 @@ async def fetch_keys(request: web.Request) -> web.Response:
     target = parse_username(request.match_info["username"])
     raw_device = request.match_info.get("device_id")
     device = None if raw_device is None else parse_device_id(raw_device)
-    st.fetch_limit.take((caller, target), st.clock.monotonic())
-    bundles = await st.store.fetch_bundles(target, device)
+    now = st.clock.monotonic()
+    # All devices of an account share its budgets: more devices do not mean more fetches.
+    await st.fetch_account_limit.take(caller.user, now)
+    await st.fetch_limit.take(f"{caller.user}\n{target}", now)
+    try:
+        await st.prekey_target_limit.take(target, now)
+        one_time = True
+    except RateLimited:  # the target's pool is being drained: hand out no one-time prekey
+        one_time = False
+    try:
+        bundles = await st.store.fetch_bundles(target, device, one_time)
+    except NotFound as exc:
+        if exc.code == "unknown_user":
+            await st.lookup_limit.take(caller.user, now)  # 429 once the budget is spent
+        raise
     return web.json_response({"username": target, "devices": [bundle_json(b) for b in bundles]})
 
 
@@ -581,12 +677,50 @@ async def send_message(request: web.Request) -> web.Response:
         env = parse_json_send(
             _json(body), max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes
         )
-    st.send_limit.take(caller, st.clock.monotonic())
+    check_recipient_users(env, cfg.max_recipient_users)
+    now = st.clock.monotonic()
+    st.send_limit.take_now(caller, now)
+    st.upload_limit.take_now(caller.user, now, len(env.body))
     st.require_node_ready()  # other nodes' recipients are woken through Redis
-    receipt = await st.store.submit_send(caller, env, st.clock.now_ms())
+    try:
+        receipt = await st.store.submit_send(caller, env, st.clock.now_ms())
+    except MismatchedDevices as exc:
+        raise await charge_lookups(st, caller, exc) from None
     return web.json_response(
         receipt_json(receipt.message_id, receipt.recipients, receipt.stored_at)
     )
+
+
+def check_recipient_users(env: Envelope, max_users: int) -> None:
+    """Refuse a send naming more than ``max_users`` distinct users.
+
+    Raises:
+        BadRequest: ``too_many_recipients``.
+    """
+    if len({r.user for r in env.recipients}) > max_users:
+        raise BadRequest(
+            f"a message may name at most {max_users} users", code="too_many_recipients"
+        )
+
+
+async def charge_lookups(
+    st: RelayState, caller: Address, exc: MismatchedDevices
+) -> MismatchedDevices:
+    """Charge a 409's users (unknown, or with a device mismatch) to the caller's lookup budget.
+
+    A 409 tells which names exist and their device ids; the budget bounds how fast anyone
+    learns that through sends. An answer about more users than ``lookup_burst`` names only
+    that many (``"truncated": true``).
+
+    Returns:
+        The 409 to give.
+
+    Raises:
+        RateLimited: the budget is spent (no 409 is given).
+    """
+    answer = exc.limited(max(1, int(st.config.lookup_burst)))
+    await st.lookup_limit.take(caller.user, st.clock.monotonic(), answer.users_named)
+    return answer
 
 
 async def read_messages(request: web.Request) -> web.Response:
@@ -634,9 +768,19 @@ async def upload_blob(request: web.Request) -> web.Response:
     declared = body_digest_header(request.headers)
     if declared is None:
         raise AuthError(f"{H_CONTENT_SHA256} is required for blob uploads", code="auth_missing")
-    await st.authenticate(request, declared)
-    if request.content_length is not None and request.content_length > cfg.max_blob_bytes:
+    caller = await st.authenticate(request, declared)
+    length = request.content_length
+    if length is not None and length > cfg.max_blob_bytes:
         raise TooLarge(f"blob exceeds {cfg.max_blob_bytes} bytes")
+    # Everything that can be refused is refused before the body is read: the byte rate is
+    # charged for the declared length, the quota checked against it (for a blob already
+    # stored, which the caller may hold already, the store decides after the upload).
+    if length is not None:
+        await st.upload_limit.take(caller.user, st.clock.monotonic(), length)
+        if await st.store.account_usage(
+            caller.user
+        ) + length > cfg.account_max_bytes and not await st.store.blob_exists(declared):
+            raise AccountQuotaExceeded(cfg.account_max_bytes)
     try:
         upload = await st.blobs.receive(
             timed_chunks(request, st.body_limits(cfg.max_blob_bytes)), cfg.max_blob_bytes, declared
@@ -644,12 +788,22 @@ async def upload_blob(request: web.Request) -> web.Response:
     except OSError as exc:  # disk full, quota, file size limit, I/O error: 503, not a 500
         raise st.blob_health.failed(exc, "blob upload") from None
     try:
+        if length is None:  # chunked: charged once its size is known
+            await st.upload_limit.take(caller.user, st.clock.monotonic(), upload.size)
         async with st.blobs.lock:
+            existed = await st.store.blob_exists(upload.blob_id)
             try:
                 await st.blobs.finalize(upload)
             except OSError as exc:
                 raise st.blob_health.failed(exc, "blob finalize") from None
-            new = await st.store.put_blob(upload.blob_id, upload.size, st.clock.now_ms())
+            try:
+                new = await st.store.put_blob(
+                    upload.blob_id, upload.size, st.clock.now_ms(), caller.user
+                )
+            except AccountQuotaExceeded:
+                if not existed:
+                    await st.blobs.delete([upload.blob_id])
+                raise
     finally:
         with contextlib.suppress(OSError):
             await st.blobs.discard(upload)
@@ -672,6 +826,21 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     if reader is None:
         raise NotFound("unknown blob", code="unknown_blob")
     return await blob_response(request, reader)
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    """``DELETE /v1/blobs/{id}``: drop the caller's hold on a blob it uploaded; the file goes
+    when nobody holds it any more."""
+    st = request.app[STATE_KEY]
+    caller = await _auth(request)
+    blob_id = request.match_info["blob_id"]
+    check_blob_id(blob_id)
+    async with st.blobs.lock:
+        gone = await st.store.delete_blob(blob_id, caller.user)
+        if gone:
+            await st.blobs.delete([blob_id])
+    log.info("blob released id=%s user=%s deleted=%s", blob_id, caller.user, gone)
+    return web.json_response({"deleted": True})
 
 
 # -- operations --------------------------------------------------------------------------
@@ -711,6 +880,25 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 # -- factory -----------------------------------------------------------------------------
+
+
+async def refresh_bans(st: RelayState) -> None:
+    """Reread the banned users; close the live sockets of newly banned ones (4403)."""
+    banned = await st.store.banned_users()
+    new = banned - st.banned
+    st.banned = banned
+    if new:
+        closed = st.hub.kick_users(new, CLOSE_BANNED, "account_banned")
+        log.info("bans: %d account(s) newly banned, %d socket(s) closed", len(new), closed)
+
+
+async def _ban_refresher(st: RelayState) -> None:
+    while True:
+        await asyncio.sleep(st.config.ban_refresh_seconds)
+        try:
+            await refresh_bans(st)
+        except RelayError as exc:
+            log.warning("bans: reread failed: %s", exc.code)
 
 
 async def _sweeper(st: RelayState) -> None:
@@ -802,6 +990,8 @@ def create_app(
     metrics_ = Metrics()
     if store is None:
         store = make_store(config)
+    limiters = make_limiter(config)
+    limiter = limiters.limiter
     state = RelayState(
         config=config,
         store=store,
@@ -810,9 +1000,18 @@ def create_app(
         hub=Hub(metrics_, config.ws_max_outbound_bytes, config.ws_slow_grace_seconds),
         blobs=make_blob_store(config),
         replay=replay or make_replay_guard(config),
-        register_limit=RateLimiter(config.registration_rate, config.registration_burst),
+        register_limit=limiter("register", config.registration_rate, config.registration_burst),
         send_limit=RateLimiter(config.send_rate, config.send_burst),
-        fetch_limit=RateLimiter(config.prekey_fetch_rate, config.prekey_fetch_burst),
+        fetch_limit=limiter("fetch", config.prekey_fetch_rate, config.prekey_fetch_burst),
+        fetch_account_limit=limiter(
+            "fetch_account", config.prekey_fetch_account_rate, config.prekey_fetch_account_burst
+        ),
+        prekey_target_limit=limiter(
+            "prekey_target", config.prekey_target_rate, config.prekey_target_burst
+        ),
+        device_add_limit=limiter("device_add", config.device_add_rate, config.device_add_burst),
+        lookup_limit=limiter("lookup", config.lookup_rate, config.lookup_burst),
+        upload_limit=RateLimiter(config.upload_bytes_rate, config.upload_bytes_burst),
         body_slots=BodySlots(config.unauthenticated_bodies_per_address),
         blob_health=BlobHealth(config.data_dir / "blobs" / "tmp"),
     )
@@ -846,6 +1045,9 @@ def create_app(
                 await guard.close()
             await state.blobs.close()
             raise
+        await refresh_bans(state)
+        if config.ban_refresh_seconds > 0:
+            state.spawn(_ban_refresher(state))
         gc_before = _tune_gc()
         state.store.set_delivery_listener(state.hub.deliver)
         link: NodeLink | None = None
@@ -875,6 +1077,7 @@ def create_app(
             await guard.close()
         if link is not None:
             await link.close()  # wakes other nodes for those commits, releases presence
+        await limiters.close()
         _restore_gc(gc_before)
 
     app.cleanup_ctx.append(lifecycle)
@@ -884,6 +1087,7 @@ def create_app(
 
     app.on_shutdown.append(on_shutdown)
     routes: list[tuple[str, str, Handler]] = [
+        ("GET", "/v1/registration", registration_info),
         ("POST", "/v1/accounts", register),
         ("POST", "/v1/devices", add_device),
         ("GET", "/v1/devices", list_devices),
@@ -897,6 +1101,7 @@ def create_app(
         ("POST", "/v1/messages/ack", ack_messages),
         ("POST", "/v1/blobs", upload_blob),
         ("GET", "/v1/blobs/{blob_id}", download_blob),
+        ("DELETE", "/v1/blobs/{blob_id}", delete_blob),
         ("GET", "/healthz", healthz_ready),
         ("GET", "/healthz/live", healthz_live),
         ("GET", "/healthz/ready", healthz_ready),

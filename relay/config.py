@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from blindpost_wire.registration import MAX_POW_DIFFICULTY, REGISTRATION_MODES
 from relay.loop import EVENT_LOOPS
 
 __all__ = [
@@ -80,11 +81,28 @@ SETTING_HELP: dict[str, str] = {
     "max_request_bytes": "max HTTP request body (blobs excepted) -> 413",
     "max_message_bytes": "max message body -> 413",
     "max_recipients": "max recipient devices per message",
-    "max_devices_per_user": "max devices per user",
+    "max_devices_per_user": "max devices per user (1..127) -> 409 too_many_devices",
+    "max_recipient_users": "max distinct recipient users per message -> 400",
     "max_one_time_prekeys": "max one-time prekeys stored per device",
     "max_blob_bytes": "max blob upload -> 413",
     "mailbox_max_messages": "per-mailbox message quota -> 507",
     "mailbox_max_bytes": "per-mailbox byte quota -> 507",
+    "mailbox_sender_max_messages": "messages one sending account may hold in one recipient"
+    " device's mailbox when the recipient's account has ever sent to it -> 507"
+    " sender_share_exceeded",
+    "mailbox_sender_max_bytes": "bytes one sending account may hold in one recipient device's"
+    " mailbox when the recipient's account has ever sent to it -> 507 sender_share_exceeded",
+    "account_max_bytes": "bytes one account may keep stored: bodies of its messages not yet read"
+    " by every recipient (each body once) plus the blobs it uploaded -> 507"
+    " account_quota_exceeded",
+    "upload_bytes_rate": "bytes per second one account may upload (message bodies and blobs"
+    " together) -> 429",
+    "upload_bytes_burst": "upload byte burst per account (at least max_blob_bytes, so one"
+    " blob always fits)",
+    "mailbox_stranger_max_messages": "as mailbox_sender_max_messages for a sender the recipient"
+    " never sent to (at most mailbox_sender_max_messages)",
+    "mailbox_stranger_max_bytes": "as mailbox_sender_max_bytes for a sender the recipient never"
+    " sent to (at most mailbox_sender_max_bytes)",
     "message_ttl_seconds": "unacknowledged messages are deleted after this",
     "blob_ttl_seconds": "blobs are deleted this long after their last upload",
     "dedupe_window_seconds": "how long a message id is remembered for idempotent retries",
@@ -108,12 +126,34 @@ SETTING_HELP: dict[str, str] = {
     " X-Blindpost-Content-SHA256); beyond -> 429 before the body is read",
     "keepalive_timeout_seconds": "idle HTTP keep-alive connections are closed after this",
     "shutdown_timeout_seconds": "grace period for in-flight requests on SIGTERM",
+    "registration": "who may register: open, pow (a proof of work per account, solved by the"
+    " SDK), invite (a code from `blindpost-relay invite create`) or closed",
+    "registration_pow_difficulty": "with registration = pow: leading zero bits of SHA-256 a"
+    f" client must find (0..{MAX_POW_DIFFICULTY}); each bit doubles the cost (20: about a"
+    " second of one core)",
+    "registration_challenge_ttl_seconds": "a proof-of-work challenge expires this long after"
+    " GET /v1/registration issued it",
+    "invite_ttl_seconds": "default lifetime of a code made by `blindpost-relay invite create`",
     "registration_rate": "registrations per second per client IP (token refill)",
     "registration_burst": "registration burst per client IP",
     "send_rate": "messages per second per sending device",
     "send_burst": "message burst per sending device",
-    "prekey_fetch_rate": "bundle fetches per second per (requester, target user)",
-    "prekey_fetch_burst": "bundle fetch burst per (requester, target user)",
+    "prekey_fetch_rate": "bundle fetches per second per (requesting account, all its devices"
+    " together; target user) -> 429",
+    "prekey_fetch_burst": "bundle fetch burst per (requesting account, target user)",
+    "prekey_fetch_account_rate": "bundle fetches per second per requesting account, all"
+    " targets together -> 429",
+    "prekey_fetch_account_burst": "bundle fetch burst per requesting account, all targets",
+    "prekey_target_rate": "one-time prekeys handed out per second per target user, all"
+    " requesters together; beyond, bundles come without one (the pool is not drained)",
+    "prekey_target_burst": "one-time prekey burst per target user",
+    "device_add_rate": "device additions per second per account -> 429",
+    "device_add_burst": "device addition burst per account",
+    "ban_refresh_seconds": "how often the relay rereads the bans that `blindpost-relay admin"
+    " ban|unban` wrote (a running relay applies a ban within this time; 0 = only at start)",
+    "lookup_rate": "per account: users per second that a send may report as unknown or"
+    " with a device mismatch (409), and key fetches of unknown users (404) -> 429",
+    "lookup_burst": "per account: burst of such lookups",
     "write_batch_max": "max write operations committed in one transaction",
     "write_batch_interval_ms": "while writes keep arriving, start a new transaction at most this"
     " often (a write after an idle period commits at once; 0 = commit as fast as possible)",
@@ -201,11 +241,19 @@ class RelayConfig:
     max_request_bytes: int = 1024 * 1024
     max_message_bytes: int = 256 * 1024
     max_recipients: int = 2000
-    max_devices_per_user: int = 127
+    max_devices_per_user: int = 16
+    max_recipient_users: int = 1000
     max_one_time_prekeys: int = 1000
     max_blob_bytes: int = 100 * 1024 * 1024
     mailbox_max_messages: int = 10_000
     mailbox_max_bytes: int = 256 * 1024 * 1024
+    mailbox_sender_max_messages: int = 2500
+    mailbox_sender_max_bytes: int = 64 * 1024 * 1024
+    mailbox_stranger_max_messages: int = 1000
+    mailbox_stranger_max_bytes: int = 32 * 1024 * 1024
+    account_max_bytes: int = 1024 * 1024 * 1024
+    upload_bytes_rate: float = 1024 * 1024.0
+    upload_bytes_burst: float = 200 * 1024 * 1024.0
     message_ttl_seconds: float = 30 * 86400.0
     blob_ttl_seconds: float = 30 * 86400.0
     dedupe_window_seconds: float = 86400.0
@@ -222,12 +270,25 @@ class RelayConfig:
     unauthenticated_bodies_per_address: int = 16
     keepalive_timeout_seconds: float = 75.0
     shutdown_timeout_seconds: float = 10.0
+    registration: str = "pow"
+    registration_pow_difficulty: int = 20
+    registration_challenge_ttl_seconds: float = 300.0
+    invite_ttl_seconds: float = 7 * 86400.0
     registration_rate: float = 0.2
     registration_burst: float = 20.0
     send_rate: float = 2000.0
     send_burst: float = 4000.0
     prekey_fetch_rate: float = 0.2
     prekey_fetch_burst: float = 10.0
+    prekey_fetch_account_rate: float = 1.0
+    prekey_fetch_account_burst: float = 200.0
+    prekey_target_rate: float = 0.5
+    prekey_target_burst: float = 100.0
+    device_add_rate: float = 0.01
+    device_add_burst: float = 5.0
+    ban_refresh_seconds: float = 5.0
+    lookup_rate: float = 0.5
+    lookup_burst: float = 100.0
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
     wal_checkpoint_commits: int = 512
@@ -286,6 +347,11 @@ class RelayConfig:
             "body_timeout_seconds",
             "body_min_bytes_per_second",
             "unauthenticated_bodies_per_address",
+            "mailbox_sender_max_messages",
+            "mailbox_sender_max_bytes",
+            "mailbox_stranger_max_messages",
+            "mailbox_stranger_max_bytes",
+            "account_max_bytes",
             # Checked whatever ``workers`` is, so a bad value fails now, not when N is raised.
             # Zero would mean a pump that reads nothing, crashed workers restarted in a tight
             # loop (no first wait, or never any doubling), workers killed the moment the
@@ -347,6 +413,38 @@ class RelayConfig:
             raise ConfigError("replay_guard = postgres needs store = postgres")
         if self.redis_url and self.workers > 1:
             raise ConfigError("redis_url and workers > 1 exclude each other: run several nodes")
+        for kind in ("messages", "bytes"):
+            if getattr(self, f"mailbox_stranger_max_{kind}") > getattr(
+                self, f"mailbox_sender_max_{kind}"
+            ):
+                raise ConfigError(
+                    f"mailbox_stranger_max_{kind} must not exceed mailbox_sender_max_{kind}"
+                    " (a sender the recipient never answered gets the smaller share)"
+                )
+        if self.upload_bytes_rate > 0 and self.upload_bytes_burst < self.max_blob_bytes:
+            raise ConfigError(
+                f"upload_bytes_burst must be at least max_blob_bytes ({self.max_blob_bytes}):"
+                " a blob larger than the burst could never be uploaded"
+            )
+        if self.registration not in REGISTRATION_MODES:
+            raise ConfigError(
+                f"registration must be one of {', '.join(REGISTRATION_MODES)}"
+                f" (got {self.registration!r})"
+            )
+        if self.registration_pow_difficulty > MAX_POW_DIFFICULTY:
+            raise ConfigError(
+                f"registration_pow_difficulty must be 0..{MAX_POW_DIFFICULTY}"
+                f" (got {self.registration_pow_difficulty})"
+            )
+        for name in ("registration_challenge_ttl_seconds", "invite_ttl_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+        if not 1 <= self.max_devices_per_user <= 127:
+            raise ConfigError(
+                f"max_devices_per_user must be 1..127 (got {self.max_devices_per_user})"
+            )
+        if self.max_recipient_users < 1:
+            raise ConfigError("max_recipient_users must be positive")
         if self.workers > 1 and self.worker_poll_seconds <= 0:
             raise ConfigError("worker_poll_seconds must be positive when workers > 1")
         self._check_backends()

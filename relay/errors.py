@@ -9,14 +9,17 @@ from typing import Any
 
 __all__ = [
     "STORAGE_RETRY_AFTER_SECONDS",
+    "AccountQuotaExceeded",
     "AuthError",
     "BadRequest",
     "Conflict",
+    "Forbidden",
     "MailboxFull",
     "MismatchedDevices",
     "NotFound",
     "RateLimited",
     "RelayError",
+    "SenderShareExceeded",
     "StorageError",
     "TooLarge",
     "Unavailable",
@@ -69,6 +72,14 @@ class AuthError(RelayError):
     default_code = "auth_invalid"
 
 
+class Forbidden(RelayError):
+    """Authenticated (or unauthenticated registration) but not allowed (403): registration
+    closed, invite or proof of work missing or invalid, account banned."""
+
+    status = 403
+    default_code = "forbidden"
+
+
 class NotFound(RelayError):
     """The named user, device, or blob does not exist (404)."""
 
@@ -93,14 +104,34 @@ class MismatchedDevices(Conflict):
         unknown_users: list[str],
         missing: dict[str, list[int]],
         stale: dict[str, list[int]],
+        *,
+        truncated: bool = False,
     ) -> None:
+        self._parts = (list(unknown_users), dict(missing), dict(stale))
+        self.users_named = len(set(unknown_users) | set(missing) | set(stale))
+        more = {"truncated": True} if truncated else {}
         super().__init__(
             "recipient device list does not match the registered devices",
             extra={
                 "unknown_users": sorted(unknown_users),
                 "missing_devices": {u: sorted(d) for u, d in sorted(missing.items())},
                 "stale_devices": {u: sorted(d) for u, d in sorted(stale.items())},
+                **more,
             },
+        )
+
+    def limited(self, max_users: int) -> MismatchedDevices:
+        """The same answer about the first ``max_users`` users (by name) only, marked
+        ``"truncated": true`` when some were left out (the client fixes those and resends)."""
+        if self.users_named <= max_users:
+            return self
+        unknown, missing, stale = self._parts
+        keep = set(sorted(set(unknown) | set(missing) | set(stale))[:max_users])
+        return MismatchedDevices(
+            [u for u in unknown if u in keep],
+            {u: d for u, d in missing.items() if u in keep},
+            {u: d for u, d in stale.items() if u in keep},
+            truncated=True,
         )
 
 
@@ -137,6 +168,38 @@ class MailboxFull(RelayError):
 
 #: Seconds a client is asked to wait (``Retry-After``) after a storage failure.
 STORAGE_RETRY_AFTER_SECONDS = 5
+
+
+class SenderShareExceeded(RelayError):
+    """The sender holds its whole share of some recipient mailbox; nothing was stored (507).
+
+    507 like ``mailbox_full`` (a storage quota, freed when the recipient reads, at no time a
+    Retry-After could promise), with its own code: other senders still get through.
+    """
+
+    status = 507
+    default_code = "sender_share_exceeded"
+
+    def __init__(self, over: list[tuple[str, int]]) -> None:
+        super().__init__(
+            "your share of the recipient mailbox is used up until the recipient reads it",
+            extra={"full": [{"user": u, "device": d} for u, d in over]},
+        )
+
+
+class AccountQuotaExceeded(RelayError):
+    """The account's stored bytes (pending messages it sent + blobs it holds) would exceed
+    ``account_max_bytes``; nothing was stored (507)."""
+
+    status = 507
+    default_code = "account_quota_exceeded"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            "your account's storage quota is used up until recipients read your messages"
+            " or you delete blobs",
+            extra={"limit": limit},
+        )
 
 
 class StorageError(RelayError):

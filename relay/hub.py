@@ -26,6 +26,7 @@ from relay.store.base import Address, Delivery
 from relay.wire import encode_deliver
 
 __all__ = [
+    "CLOSE_BANNED",
     "CLOSE_DEVICE_REMOVED",
     "CLOSE_GOING_AWAY",
     "CLOSE_IDLE",
@@ -46,6 +47,7 @@ CLOSE_REPLACED = 4001
 CLOSE_TOO_SLOW = 4002
 CLOSE_DEVICE_REMOVED = 4003
 CLOSE_IDLE = 4004
+CLOSE_BANNED = 4403  # the operator banned the account (`blindpost-relay admin ban`)
 CLOSE_UNAUTHENTICATED = 4401
 
 OPCODE_TEXT = 0x1
@@ -243,6 +245,13 @@ class Hub:
     def kick_all(self, code: int, reason: str) -> int:
         """Close every live connection; return how many."""
         conns = list(self._conns.values())
+        for conn in conns:
+            self.kick(conn, code, reason)
+        return len(conns)
+
+    def kick_users(self, users: frozenset[str], code: int, reason: str) -> int:
+        """Close every live connection of these users; return how many."""
+        conns = [c for a, c in self._conns.items() if a.user in users]
         for conn in conns:
             self.kick(conn, code, reason)
         return len(conns)

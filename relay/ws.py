@@ -23,11 +23,11 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from blindpost_wire.auth import AUTH_FRAME_FIELDS
-from relay.app import STATE_KEY, RelayState, json_error
+from relay.app import STATE_KEY, RelayState, charge_lookups, check_recipient_users, json_error
 from relay.auth import EMPTY_SHA256, H_USER, parse_signed_headers
-from relay.errors import AuthError, BadRequest, RelayError
+from relay.errors import AuthError, BadRequest, MismatchedDevices, RelayError
 from relay.guard import HeaderTimeoutProtocol
-from relay.hub import CLOSE_GOING_AWAY, CLOSE_UNAUTHENTICATED, Connection
+from relay.hub import CLOSE_BANNED, CLOSE_GOING_AWAY, CLOSE_UNAUTHENTICATED, Connection
 from relay.store.base import Address, SendReceipt
 from relay.wire import OP_SEND, b64e, decode_send, encode_deliver, parse_ack_ids
 
@@ -201,10 +201,11 @@ async def _frame_auth(st: RelayState, ws: web.WebSocketResponse) -> Address | No
         reason = "no auth frame in time"
     except RelayError as err:
         reason = err.code
-    st.metrics.http_responses[401] += 1
+    code = CLOSE_BANNED if reason == "account_banned" else CLOSE_UNAUTHENTICATED
+    st.metrics.http_responses[403 if code == CLOSE_BANNED else 401] += 1
     log.info("ws auth failed: %s", reason)
     with contextlib.suppress(ConnectionError, RuntimeError):
-        await ws.close(code=CLOSE_UNAUTHENTICATED, message=reason.encode())
+        await ws.close(code=code, message=reason.encode())
     return None
 
 
@@ -250,7 +251,10 @@ def _on_binary(st: RelayState, conn: Connection, data: bytes) -> None:
     mid = data[1:17] if len(data) >= 17 else None
     try:
         env = decode_send(data, max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes)
-        st.send_limit.take(conn.addr, st.clock.monotonic())
+        check_recipient_users(env, cfg.max_recipient_users)
+        now = st.clock.monotonic()
+        st.send_limit.take_now(conn.addr, now)
+        st.upload_limit.take_now(conn.addr.user, now, len(env.body))
         st.require_node_ready()
         fut = st.store.submit_send(conn.addr, env, st.clock.now_ms())
     except RelayError as err:
@@ -298,11 +302,27 @@ def _send_done(
             f'{{"type":"send_result","id":"{b64e(mid)}","status":200,'
             f'"recipients":{r.recipients},"stored_at":{r.stored_at}}}',
         )
+    elif isinstance(exc, MismatchedDevices):
+        st.spawn(_answer_mismatch(st, conn, mid, exc))
     elif isinstance(exc, RelayError):
         _send_result_error(st, conn, mid, exc)
     else:
         log.error("send failed with %s", type(exc).__name__)
         _send_result_error(st, conn, mid, RelayError("internal error"))
+
+
+async def _answer_mismatch(
+    st: RelayState, conn: Connection, mid: bytes, exc: MismatchedDevices
+) -> None:
+    """The 409 of a WebSocket send, once its users are charged to the lookup budget (429 when
+    it is spent), as over HTTP."""
+    err: RelayError
+    try:
+        err = await charge_lookups(st, conn.addr, exc)
+    except RelayError as limited:
+        err = limited
+    if not conn.closing:
+        _send_result_error(st, conn, mid, err)
 
 
 async def _on_text(st: RelayState, conn: Connection, text: str) -> None:

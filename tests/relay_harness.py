@@ -39,6 +39,14 @@ STOP_TIMEOUT = 15.0
 LOOSE_LIMITS = {
     "registration_burst": "100000",
     "prekey_fetch_burst": "100000",
+    # Registration stays in its default mode (pow), so every test that registers solves a
+    # real proof of work, at a tiny difficulty (16 hashes on average).
+    "registration_pow_difficulty": "4",
+    "device_add_burst": "100000",
+    "prekey_fetch_account_burst": "100000",
+    "prekey_target_burst": "100000",
+    "lookup_burst": "100000",
+    "upload_bytes_burst": "100000000000",
 }
 #: Loose limits and no background timers (WebSocket heartbeats, the expiry sweeper).
 QUIET = {

@@ -45,6 +45,7 @@ from e2ee.history import NOTICE_TYPES, StoredMessage, direct_chat_id, group_chat
 from e2ee.history import ChatSummary as SdkChatSummary
 from e2ee.qr import qr_terminal
 from e2ee.store.sealing import KdfLimits
+from e2ee.transport.errors import InviteInvalid, InviteRequired, RegistrationClosed
 
 __all__ = [
     "DEFAULT_RELAY_URL",
@@ -57,6 +58,7 @@ __all__ = [
     "ConnectionChanged",
     "ContactInfo",
     "GroupInfo",
+    "InviteNeeded",
     "KeyChanged",
     "MessageChanged_",
     "MessageView",
@@ -101,6 +103,22 @@ def _backend_errors() -> Iterator[None]:
 
 class PassphraseRequired(BackendError):
     """The account is protected by a passphrase (or the one given is wrong)."""
+
+
+class InviteNeeded(BackendError):
+    """The relay registers by invitation only and no code, or a refused one, was given."""
+
+
+def _registration_error(exc: E2EEError) -> BackendError:
+    if isinstance(exc, InviteRequired):
+        return InviteNeeded(
+            "this relay registers by invitation only: enter the invite code from its operator"
+        )
+    if isinstance(exc, InviteInvalid):
+        return InviteNeeded("the relay refused the invite code (unknown, already used or expired)")
+    if isinstance(exc, RegistrationClosed):
+        return BackendError("this relay does not accept new accounts (registration is closed)")
+    return BackendError(f"registration failed: {exc}")
 
 
 # -- view types ---------------------------------------------------------------------------
@@ -415,10 +433,14 @@ class Messenger:
         options: ClientOptions | None = None,
         kdf_limits: KdfLimits | None = None,
         strict_trust: bool = False,
+        invite: str | None = None,
     ) -> Messenger:
         """Create an account in ``data_dir`` and register it with the relay.
 
+        ``invite``: a code from the relay's operator (invite-only relays).
+
         Raises:
+            InviteNeeded: invite-only relay and no code, or a refused one.
             BackendError: bad name, name taken, relay unreachable.
         """
         with _backend_errors():
@@ -433,7 +455,7 @@ class Messenger:
                 kdf_limits=kdf_limits,
             )
         try:
-            await client.register()
+            await client.register(invite=invite)
         except E2EEError as exc:
             await client.close()
             # The account exists locally now but is unregistered; remove it so the
@@ -441,7 +463,7 @@ class Messenger:
             for name in os.listdir(data_dir):
                 if name.startswith(DB_FILE):
                     (data_dir / name).unlink()
-            raise BackendError(f"registration failed: {exc}") from exc
+            raise _registration_error(exc) from exc
         return cls(client, relay_url)
 
     @classmethod
@@ -905,10 +927,13 @@ class Opener:
         """True once an account was created here."""
         return account_exists(self.data_dir)
 
-    async def create(self, username: str, relay_url: str, passphrase: str | None) -> Messenger:
+    async def create(
+        self, username: str, relay_url: str, passphrase: str | None, invite: str | None = None
+    ) -> Messenger:
         """First run: create and register the account.
 
         Raises:
+            InviteNeeded: invite-only relay and no code, or a refused one.
             BackendError: bad name, name taken, relay unreachable.
         """
         return await Messenger.create(
@@ -920,6 +945,7 @@ class Opener:
             options=self._options,
             kdf_limits=self._kdf_limits,
             strict_trust=self._strict,
+            invite=invite,
         )
 
     async def open(self, passphrase: str | None) -> Messenger:

@@ -67,8 +67,12 @@ from e2ee.transport.errors import (
     AuthFailed,
     ConnectionFailed,
     ConnectionLost,
+    InviteInvalid,
+    InviteRequired,
     NotConnected,
     NotFound,
+    RegistrationClosed,
+    RegistrationRefused,
     RelayRejected,
     UsernameTaken,
 )
@@ -242,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("init", "create the account keys and register USERNAME at a relay")
     p.add_argument("username", metavar="USERNAME")
     p.add_argument("--relay", required=True, metavar="URL", help="relay base URL (http[s]://)")
+    p.add_argument(
+        "--invite",
+        metavar="CODE",
+        help="invite code from the relay's operator (relays that register by invitation)",
+    )
     p.add_argument(
         "--strict-trust",
         action="store_true",
@@ -742,6 +751,22 @@ def _remove_account_files(folder: Path) -> None:
             (folder / name).unlink()
 
 
+def _registration_refused(exc: RegistrationRefused, user: str, relay: str) -> str:
+    if isinstance(exc, RegistrationClosed):
+        return f"the relay at {relay} does not accept new accounts (registration is closed)"
+    if isinstance(exc, InviteRequired):
+        return (
+            f"the relay at {relay} registers by invitation only: ask its operator for a code,"
+            f" then run 'init {user} --relay {relay} --invite CODE'"
+        )
+    if isinstance(exc, InviteInvalid):
+        return (
+            f"the relay at {relay} refused the invite code (unknown, already used or expired);"
+            " ask its operator for a new one"
+        )
+    return f"the relay at {relay} refused the registration ({exc}); run the same 'init' again"
+
+
 async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
     user = _username(args.username)
     relay: str = args.relay.rstrip("/")
@@ -774,7 +799,13 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
     try:
         if not client.is_registered:
             try:
-                await asyncio.wait_for(client.register(), settings.network_timeout)
+                # The timeout also covers the proof of work the SDK solves in pow mode
+                # (about a second at the relay's default difficulty).
+                await asyncio.wait_for(
+                    client.register(invite=args.invite), settings.network_timeout
+                )
+            except RegistrationRefused as exc:
+                raise CliError(EXIT_REFUSED, _registration_refused(exc, user, relay)) from None
             except UsernameTaken:
                 taken = fresh
                 raise CliError(

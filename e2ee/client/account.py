@@ -77,18 +77,23 @@ def create_account_dir(
     return open_dir(folder, passphrase, kdf_limits, now_ms, init)
 
 
-async def register_account(ctx: ClientContext) -> None:
+async def register_account(ctx: ClientContext, invite: str | None = None) -> None:
     """Create the account on the relay (once) and upload the prekeys.
+
+    Args:
+        ctx: the client's context.
+        invite: an invite code from the relay's operator (invite-only relays).
 
     Raises:
         UsernameTaken: the name is registered already.
+        RegistrationRefused: closed relay, invite required or invalid (its subclasses).
         TransportError: the relay cannot be reached or refused.
         StorageError: the store cannot be written.
     """
     await asyncio.to_thread(ctx.load_state)
     created = await asyncio.to_thread(ctx.store.get_meta, META_ACCOUNT_CREATED)
     if not ctx.registered and created != "1":
-        await ctx.link.register()
+        await ctx.link.register(invite)
         # Recorded at once: names are never reused, so a retry after a failed
         # key upload must not register (and lose) the name again.
         await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_ACCOUNT_CREATED: "1"}))

@@ -224,15 +224,19 @@ class Client:
             await asyncio.to_thread(close_opened, opened)
             raise
 
-    async def register(self) -> None:
+    async def register(self, *, invite: str | None = None) -> None:
         """Register the account with the relay and upload its prekeys.
+
+        Args:
+            invite: an invite code from the relay's operator (invite-only relays).
 
         Raises:
             UsernameTaken: the name is registered already.
+            RegistrationRefused: closed relay, invite required or invalid (its subclasses).
             TransportError: the relay cannot be reached or refused.
         """
         self._check_open()
-        await register_account(self._ctx)
+        await register_account(self._ctx, invite)
 
     async def __aenter__(self) -> Client:
         await self.start()

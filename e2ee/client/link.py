@@ -38,8 +38,9 @@ class RelayLink(Protocol):
     (``MismatchedDevices``, ``NotFound``, ``ConnectionLost``...) on failure.
     """
 
-    async def register(self) -> None:
-        """Register this device's user and auth key (``POST /v1/accounts``)."""
+    async def register(self, invite: str | None = None) -> None:
+        """Register this device's user and auth key (``POST /v1/accounts``), with an invite
+        code when given (the transport handles the relay's registration mode)."""
         ...
 
     async def upload_keys(self, keys: Mapping[str, Any]) -> int:
@@ -139,9 +140,9 @@ class TransportLink:
     def __repr__(self) -> str:
         return f"TransportLink({self._url!r}, {self._signer.user!r}, {self._signer.device})"
 
-    async def register(self) -> None:
+    async def register(self, invite: str | None = None) -> None:
         """``POST /v1/accounts`` (see :meth:`RelayLink.register`)."""
-        await self._http.register()
+        await self._http.register(invite)
 
     async def upload_keys(self, keys: Mapping[str, Any]) -> int:
         """``PUT /v1/keys``; returns the one-time prekey count."""

@@ -23,13 +23,17 @@ from typing import Any
 from e2ee.errors import TransportError
 
 __all__ = [
+    "AccountBanned",
     "AuthFailed",
     "BlobDigestMismatch",
     "ConnectionClosed",
     "ConnectionFailed",
     "ConnectionLost",
     "DeviceRemoved",
+    "Forbidden",
     "InvalidRequest",
+    "InviteInvalid",
+    "InviteRequired",
     "MailboxFull",
     "MalformedFrame",
     "MalformedResponse",
@@ -38,9 +42,12 @@ __all__ = [
     "NotFound",
     "RangeNotSatisfiable",
     "RateLimited",
+    "RegistrationClosed",
+    "RegistrationRefused",
     "RelayRejected",
     "RelayTimeout",
     "Replaced",
+    "SenderShareExceeded",
     "TooLarge",
     "UsernameTaken",
     "error_from_response",
@@ -155,6 +162,41 @@ class NotFound(RelayRejected):
     """404: ``unknown_user``, ``unknown_device``, ``unknown_blob``..."""
 
 
+class Forbidden(RelayRejected):
+    """403: the relay understood and authenticated the request but does not allow it."""
+
+
+class AccountBanned(Forbidden):
+    """403 ``account_banned``: the relay's operator banned this account."""
+
+
+class RegistrationRefused(Forbidden):
+    """403 on registration: see the subclasses; ``pow_required``/``pow_invalid`` (the proof of
+    work was missing, expired or wrong: registering again fetches a fresh challenge)."""
+
+
+class RegistrationClosed(RegistrationRefused):
+    """403 ``registration_closed``: this relay registers nobody."""
+
+
+class InviteRequired(RegistrationRefused):
+    """403 ``invite_required``: this relay registers by invitation only; ask its operator."""
+
+
+class InviteInvalid(RegistrationRefused):
+    """403 ``invite_invalid``: the invite code is unknown, already used or expired."""
+
+
+_FORBIDDEN: dict[str, type[Forbidden]] = {
+    "account_banned": AccountBanned,
+    "registration_closed": RegistrationClosed,
+    "invite_required": InviteRequired,
+    "invite_invalid": InviteInvalid,
+    "pow_required": RegistrationRefused,
+    "pow_invalid": RegistrationRefused,
+}
+
+
 class UsernameTaken(RelayRejected):
     """409 ``username_taken``: the name is registered (names are never reused)."""
 
@@ -221,6 +263,14 @@ class MailboxFull(RelayRejected):
         self.full = full
 
 
+class SenderShareExceeded(MailboxFull):
+    """507 ``sender_share_exceeded``: this account holds its whole share of some recipient
+    mailbox (a smaller one until the recipient has ever written back); nothing was stored.
+
+    Other senders still get through. Retry later, once the recipient has read its mailbox.
+    """
+
+
 # -- mapping -----------------------------------------------------------------------------
 
 
@@ -271,6 +321,8 @@ def error_from_response(
         return InvalidRequest(status, code, detail)
     if status == 401:
         return AuthFailed(status, code, detail)
+    if status == 403:
+        return _FORBIDDEN.get(code, Forbidden)(status, code, detail)
     if status == 404:
         return NotFound(status, code, detail)
     if status == 409 and code == "mismatched_devices":
@@ -308,5 +360,6 @@ def error_from_response(
                     user, device = item.get("user"), item.get("device")
                     if isinstance(user, str) and isinstance(device, int):
                         full.append((user, device))
-        return MailboxFull(status, code, detail, full=tuple(full))
+        kind = SenderShareExceeded if code == "sender_share_exceeded" else MailboxFull
+        return kind(status, code, detail, full=tuple(full))
     return RelayRejected(status, code, detail)

@@ -36,14 +36,18 @@ from typing import IO, Any, Literal, TypeVar
 import aiohttp
 from yarl import URL
 
+from blindpost_wire.registration import solve_pow
 from e2ee.errors import StorageError, UsageError
 from e2ee.transport import requests as rq
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
 from e2ee.transport.errors import (
     BlobDigestMismatch,
     ConnectionFailed,
+    InviteRequired,
     MalformedResponse,
+    NotFound,
     RangeNotSatisfiable,
+    RegistrationClosed,
     RelayTimeout,
 )
 from e2ee.transport.frames import Delivery
@@ -300,18 +304,51 @@ class RelayClient:
         """
         return await self.execute(rq.healthz())
 
-    async def register(self) -> Registered:
+    async def registration_info(self) -> rq.RegistrationInfo:
+        """``GET /v1/registration``; a relay without the endpoint (404) counts as ``open``.
+
+        Raises:
+            ConnectionFailed, RelayRejected, MalformedResponse: as :meth:`execute`.
+        """
+        try:
+            return await self.execute(rq.registration_info())
+        except NotFound:
+            return rq.RegistrationInfo("open")
+
+    async def register(self, invite: str | None = None) -> Registered:
         """Register ``username`` with this device as its first device (auth key = signer's).
+
+        Asks the relay for its registration mode first. In ``pow`` mode (without an invite)
+        it solves the relay's proof of work in a worker thread (about a second of one core at
+        the default difficulty); an invite is sent whenever one is given.
+
+        Args:
+            invite: an invite code from the relay's operator (required in ``invite`` mode).
 
         Returns:
             The registered (username, device id).
 
         Raises:
-            UsernameTaken: the name exists. RateLimited, InvalidRequest, AuthFailed,
-            ConnectionFailed: as :meth:`execute`.
+            RegistrationClosed: the relay registers nobody. InviteRequired: invite-only and
+            no code given. InviteInvalid: the code is unknown, used or expired.
+            RegistrationRefused: the proof of work was refused. UsernameTaken: the name
+            exists. RateLimited, InvalidRequest, AuthFailed, ConnectionFailed: as
+            :meth:`execute`.
         """
+        info = await self.registration_info()
+        if info.mode == "closed":
+            raise RegistrationClosed(403, "registration_closed", "this relay is closed")
+        if info.mode == "invite" and invite is None:
+            raise InviteRequired(403, "invite_required", "this relay is invite-only")
+        work = None
+        if info.mode == "pow" and invite is None and info.challenge is not None:
+            challenge = info.challenge
+            nonce = await asyncio.to_thread(solve_pow, challenge, self.username, info.difficulty)
+            work = (challenge, nonce)
         return await self.execute(
-            rq.register(self.username, self.device_id, self._signer.public_key)
+            rq.register(
+                self.username, self.device_id, self._signer.public_key, pow=work, invite=invite
+            )
         )
 
     async def add_device(self, device_id: int, auth_key: bytes) -> Registered:
@@ -566,6 +603,19 @@ class RelayClient:
                 yield chunk
         finally:
             await asyncio.to_thread(fh.close)
+
+    async def delete_blob(self, blob_id: str) -> bool:
+        """Delete a blob this account uploaded (``DELETE /v1/blobs/{id}``): it frees the
+        account's storage quota; the relay deletes the file once nobody holds it.
+
+        Returns:
+            True.
+
+        Raises:
+            NotFound: this account holds no such blob. UsageError: malformed id.
+            ConnectionFailed, RelayRejected: as :meth:`execute`.
+        """
+        return await self.execute(rq.delete_blob(blob_id))
 
     async def download_blob(
         self,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from blindpost_wire.registration import MAX_POW_DIFFICULTY, REGISTRATION_MODES
 from e2ee.errors import UsageError
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
 from e2ee.transport.errors import MalformedResponse, RelayRejected, error_from_response
@@ -48,11 +49,13 @@ __all__ = [
     "DeviceInfo",
     "MessagePage",
     "Registered",
+    "RegistrationInfo",
     "Request",
     "Response",
     "SendReceipt",
     "ack_messages",
     "add_device",
+    "delete_blob",
     "download_blob",
     "fetch_bundles",
     "fetch_messages",
@@ -61,6 +64,7 @@ __all__ = [
     "list_devices",
     "parse_content_range",
     "register",
+    "registration_info",
     "rejection",
     "remove_device",
     "send_message",
@@ -255,6 +259,16 @@ class BlobRange:
     total: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class RegistrationInfo:
+    """``GET /v1/registration``: the relay's registration mode (``open``, ``pow``,
+    ``invite`` or ``closed``) and, for ``pow``, a challenge with its difficulty (bits)."""
+
+    mode: str
+    challenge: str | None = None
+    difficulty: int = 0
+
+
 # -- JSON helpers ------------------------------------------------------------------------
 
 
@@ -310,7 +324,41 @@ def _auth_key(auth_key: bytes) -> str:
 # -- accounts and devices ----------------------------------------------------------------
 
 
-def register(username: str, device_id: int, auth_key: bytes) -> Request[Registered]:
+_REGISTRATION_MODES = frozenset(REGISTRATION_MODES)
+
+
+def _registration_info(response: Response) -> RegistrationInfo:
+    doc = _json_object(response)
+    mode = doc.get("mode")
+    if mode not in _REGISTRATION_MODES:
+        raise MalformedResponse("response field 'mode' is not a registration mode")
+    if mode != "pow":
+        return RegistrationInfo(str(mode))
+    challenge = _str_field(doc, "challenge")
+    if not challenge.isascii() or len(challenge) > 200:
+        raise MalformedResponse("response field 'challenge' is not a challenge")
+    return RegistrationInfo("pow", challenge, _int_field(doc, "difficulty", 0, MAX_POW_DIFFICULTY))
+
+
+def registration_info() -> Request[RegistrationInfo]:
+    """``GET /v1/registration`` (public, unsigned): the registration mode.
+
+    A relay older than registration modes answers 404; treat that as ``open``.
+
+    Returns:
+        The request; its result is :class:`RegistrationInfo`.
+    """
+    return Request("GET", "/v1/registration", _registration_info, signed=False)
+
+
+def register(
+    username: str,
+    device_id: int,
+    auth_key: bytes,
+    *,
+    pow: tuple[str, int] | None = None,
+    invite: str | None = None,
+) -> Request[Registered]:
     """``POST /v1/accounts``: register a username with its first device.
 
     Sign it with the signer whose public key is ``auth_key`` (proof of possession).
@@ -319,21 +367,30 @@ def register(username: str, device_id: int, auth_key: bytes) -> Request[Register
         username: the new name.
         device_id: the first device's id (1..127).
         auth_key: that device's 32-byte Ed25519 public key.
+        pow: (challenge, nonce) solving the relay's challenge for ``username``
+            (:func:`blindpost_wire.registration.solve_pow`).
+        invite: an invite code from the relay's operator.
 
     Returns:
         The request; its result is :class:`Registered`. Errors: ``UsernameTaken`` (409),
-        ``InvalidRequest`` (400), ``AuthFailed``, ``RateLimited``.
+        ``InvalidRequest`` (400), ``RegistrationRefused`` and its subclasses (403),
+        ``AuthFailed``, ``RateLimited``.
 
     Raises:
-        UsageError: bad username, device id or key length.
+        UsageError: bad username, device id, key length or invite.
     """
-    body = _json_body(
-        {
-            "username": check_username(username),
-            "device_id": check_device_id(device_id),
-            "auth_key": _auth_key(auth_key),
-        }
-    )
+    doc: dict[str, Any] = {
+        "username": check_username(username),
+        "device_id": check_device_id(device_id),
+        "auth_key": _auth_key(auth_key),
+    }
+    if invite is not None:
+        if not isinstance(invite, str) or not invite.strip() or len(invite.strip()) > 100:
+            raise UsageError("an invite code is a non-empty string of at most 100 characters")
+        doc["invite"] = invite.strip()
+    if pow is not None:
+        doc["pow"] = {"challenge": pow[0], "nonce": pow[1]}
+    body = _json_body(doc)
     return Request(
         "POST",
         "/v1/accounts",
@@ -740,6 +797,27 @@ def _make_range_parser(start: int) -> Callable[[Response], BlobRange]:
         return BlobRange(206, first, last - first + 1, total)
 
     return parse
+
+
+def _deleted(response: Response) -> bool:
+    return _json_object(response).get("deleted") is True
+
+
+def delete_blob(blob_id: str) -> Request[bool]:
+    """``DELETE /v1/blobs/{id}``: drop this account's hold on a blob it uploaded (the relay
+    deletes the blob once nobody holds it).
+
+    Args:
+        blob_id: the blob's content address.
+
+    Returns:
+        The request; its result is True. Errors: ``NotFound`` (``unknown_blob``: this account
+        holds no such blob).
+
+    Raises:
+        UsageError: malformed id.
+    """
+    return Request("DELETE", f"/v1/blobs/{_check_blob_id(blob_id)}", _deleted)
 
 
 def download_blob(blob_id: str, *, start: int = 0, method: str = "GET") -> Request[BlobRange]:

@@ -13,8 +13,9 @@ Invariants:
 * Reconnect policy: exponential backoff with full jitter,
   ``delay = random() * min(cap, base * 2 ** (attempt - 1))``; the attempt counter resets
   only after a connection stayed up ``stable_after`` seconds (a flapping relay still backs
-  off). Close 4001 (replaced) and 4003 (device removed), a 4xx on the upgrade (401:
-  unknown device or bad clock) and :meth:`RelayConnection.close` end the connection for
+  off). Close 4001 (replaced), 4003 (device removed) and 4403 (account banned), a 4xx on
+  the upgrade (401: unknown device or bad clock; 403) and :meth:`RelayConnection.close` end
+  the connection for
   good; everything else (1001 relay shutdown, 1006, 4002, 4004, 1011, network errors,
   5xx, 429) reconnects.
 * Time and randomness are injectable (``random``, ``sleep``, ``monotonic``, ``clock_ms``),
@@ -47,6 +48,7 @@ from e2ee.errors import TransportError, UsageError
 from e2ee.transport import requests as rq
 from e2ee.transport.auth import DeviceSigner
 from e2ee.transport.errors import (
+    AccountBanned,
     AuthFailed,
     ConnectionClosed,
     ConnectionFailed,
@@ -99,6 +101,7 @@ CLOSE_REPLACED = 4001
 CLOSE_REMOVED = 4003
 #: The relay closes a socket whose first-frame authentication failed with this code.
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_BANNED = 4403
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,6 +516,9 @@ class RelayConnection:
                             ConnectionState(CLOSED, close_code=code, error=DeviceRemoved())
                         )
                         return
+                    if code == CLOSE_BANNED:
+                        self._finish(ConnectionState(CLOSED, close_code=code, error=_banned()))
+                        return
                 if not self._reconnect or (
                     self._max_attempts is not None and attempt >= self._max_attempts
                 ):
@@ -600,6 +606,8 @@ class RelayConnection:
             await ws.close()
         if ws.close_code == CLOSE_UNAUTHENTICATED:
             raise AuthFailed(401, "auth_failed", "websocket auth frame refused")
+        if ws.close_code == CLOSE_BANNED:
+            raise _banned()
         raise ConnectionFailed(f"websocket closed during auth (code {ws.close_code})")
 
     async def _serve(
@@ -676,3 +684,7 @@ class RelayConnection:
             fut.set_exception(error)
         elif result.recipients is not None and result.stored_at is not None:
             fut.set_result(SendReceipt(result.id, result.recipients, result.stored_at))
+
+
+def _banned() -> AccountBanned:
+    return AccountBanned(403, "account_banned", "the relay's operator banned this account (4403)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -25,7 +25,7 @@ from relay.replay import REPLAY_SECRET_LEN
 if TYPE_CHECKING:
     from relay.config import RelayConfig
 
-__all__ = ["Limiter", "RedisLimiter", "RedisReplayGuard", "connect"]
+__all__ = ["RedisLimiter", "RedisReplayGuard", "connect"]
 
 #: Connections a node opens to Redis for commands; more concurrent commands wait for one
 #: (pipelined scripts keep the count of commands per message small, docs/architecture.md).
@@ -57,14 +57,6 @@ def connect(url: str, timeout: float, *, subscriber: bool = False) -> Redis:
         retry=Retry(NoBackoff(), 0) if subscriber else Retry(NoBackoff(), 1),
     )
     return Redis(connection_pool=pool)
-
-
-class Limiter(Protocol):
-    """A keyed token-bucket limiter (the same Protocol as relay.ratelimit)."""
-
-    async def take(self, key: str, now: float, cost: float = 1.0) -> None:
-        """Consume ``cost`` tokens for ``key`` at monotonic ``now``; raise
-        RateLimited(retry_after)."""
 
 
 class RedisReplayGuard:
@@ -181,7 +173,8 @@ return wait
 
 
 class RedisLimiter:
-    """``Limiter`` on Redis: one atomic Lua token bucket per key, timed by Redis's clock.
+    """``relay.ratelimit.Limiter`` on Redis: one atomic Lua token bucket per key, timed by
+    Redis's clock.
 
     Args:
         redis: the client.

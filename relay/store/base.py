@@ -18,6 +18,7 @@ __all__ = [
     "DeviceBundle",
     "DeviceInfo",
     "Envelope",
+    "Invite",
     "KeyUpload",
     "OneTimePrekey",
     "RelayStore",
@@ -136,6 +137,20 @@ class Delivery(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class Invite:
+    """An invite code as the operator lists it (the code itself is never stored).
+
+    ``id`` is the first 12 hex digits of the code's SHA-256.
+    """
+
+    id: str
+    created_at: int
+    expires_at: int
+    used_by: str | None
+    used_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class SweepReport:
     """What one retention sweep removed."""
 
@@ -146,6 +161,15 @@ class SweepReport:
 @dataclass(frozen=True, slots=True)
 class StoreLimits:
     """Quotas and retention every backend enforces.
+
+    ``account_max_bytes``: what one account may keep stored: the bodies of its messages still
+    waiting in some mailbox (each body once, whatever the number of recipients) plus the
+    blobs it holds (``put_blob`` owner).
+
+    ``sender_max_*`` / ``stranger_max_*``: the most one sending account may hold of one
+    recipient device's mailbox (pending messages, bytes): ``sender_*`` when the recipient's
+    account has ever sent to the sender's account, ``stranger_*`` otherwise (see
+    ``rules.check_sender_share``).
 
     ``write_batch_max`` and ``write_batch_interval_ms`` concern batching backends only: at most
     that many write operations per transaction, and at least that many milliseconds between the
@@ -166,6 +190,11 @@ class StoreLimits:
     max_one_time_prekeys: int = 1000
     mailbox_max_messages: int = 10_000
     mailbox_max_bytes: int = 256 * 1024 * 1024
+    sender_max_messages: int = 2500
+    sender_max_bytes: int = 64 * 1024 * 1024
+    stranger_max_messages: int = 1000
+    stranger_max_bytes: int = 32 * 1024 * 1024
+    account_max_bytes: int = 1024 * 1024 * 1024
     message_ttl_ms: int = 30 * 86400 * 1000
     blob_ttl_ms: int = 30 * 86400 * 1000
     dedupe_window_ms: int = 86400 * 1000
@@ -211,12 +240,33 @@ class RelayStore(Protocol):
     def stats(self) -> StoreStats:
         """Return current counters (no I/O)."""
 
-    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
         """Register ``addr.user`` with its first device.
+
+        Args:
+            addr: the user and its first device.
+            auth_key: the device's Ed25519 public key.
+            now_ms: unix ms.
+            invite: SHA-256 of an invite code, consumed in the same transaction.
 
         Raises:
             Conflict: ``username_taken``.
+            Forbidden: ``invite_invalid`` (unknown, used or expired; nothing changed).
         """
+
+    async def set_banned(self, user: str, banned: bool, now_ms: int) -> bool:
+        """Ban or unban a user; return False when the user does not exist."""
+
+    async def banned_users(self) -> frozenset[str]:
+        """Every banned username."""
+
+    async def create_invite(self, code_hash: bytes, now_ms: int, expires_ms: int) -> None:
+        """Store a new single-use invite (its code's SHA-256)."""
+
+    async def list_invites(self) -> list[Invite]:
+        """Every stored invite, oldest first."""
 
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """Add a device to an existing user.
@@ -251,8 +301,13 @@ class RelayStore(Protocol):
     async def prekey_count(self, addr: Address) -> int:
         """Return the number of one-time prekeys stored for a device."""
 
-    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    async def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         """Hand out bundles; each one-time prekey is removed as it is handed out.
+
+        With ``one_time`` False the bundles carry no one-time prekey and the pool is left
+        as it is (the target's one-time prekey budget is spent).
 
         Raises:
             NotFound: ``unknown_user`` or (for one device) ``unknown_device``.
@@ -263,8 +318,12 @@ class RelayStore(Protocol):
     ) -> asyncio.Future[SendReceipt]:
         """Store a message once for all recipients; the future resolves after commit.
 
+        A send also records that ``sender.user`` has written to each other recipient user
+        (the "answered" relation ``rules.check_sender_share`` reads).
+
         Raises (through the future):
-            MismatchedDevices, Conflict (``message_id_conflict``), MailboxFull, StorageError.
+            MismatchedDevices, Conflict (``message_id_conflict``), SenderShareExceeded,
+            MailboxFull, AccountQuotaExceeded, StorageError.
         """
 
     async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
@@ -288,8 +347,28 @@ class RelayStore(Protocol):
     async def mailbox_count(self, addr: Address) -> int:
         """Return the number of messages waiting in a device's mailbox."""
 
-    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
-        """Record (or refresh) blob metadata; return True when the blob is new."""
+    async def put_blob(
+        self, blob_id: str, size: int, now_ms: int, owner: str | None = None
+    ) -> bool:
+        """Record (or refresh) blob metadata; return True when the blob is new.
+
+        ``owner`` (the uploading user) then holds the blob: it counts against the owner's
+        ``account_max_bytes`` and the owner may delete it. Several users may hold one blob.
+
+        Raises:
+            AccountQuotaExceeded: the owner does not hold it yet and it would not fit.
+        """
+
+    async def delete_blob(self, blob_id: str, owner: str) -> bool:
+        """Drop ``owner``'s hold on a blob; return True when nobody holds it any more (its
+        metadata is gone: the caller deletes the file).
+
+        Raises:
+            NotFound: ``unknown_blob`` (``owner`` does not hold it).
+        """
+
+    async def account_usage(self, user: str) -> int:
+        """Bytes stored for ``user``: pending bodies it sent plus the blobs it holds."""
 
     async def blob_exists(self, blob_id: str) -> bool:
         """Return True when the blob's metadata is stored."""

@@ -14,7 +14,15 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from relay.errors import BadRequest, Conflict, NotFound, RelayError, StorageError
+from relay.errors import (
+    AccountQuotaExceeded,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    RelayError,
+    StorageError,
+)
 from relay.store.base import (
     Address,
     Delivery,
@@ -22,6 +30,7 @@ from relay.store.base import (
     DeviceBundle,
     DeviceInfo,
     Envelope,
+    Invite,
     KeyUpload,
     OneTimePrekey,
     SendReceipt,
@@ -31,7 +40,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
-from relay.store.rules import check_quota, resolve_recipients
+from relay.store.rules import check_quota, check_sender_share, resolve_recipients
 
 __all__ = ["MemoryRelayStore"]
 
@@ -49,6 +58,7 @@ class _Device:
     mailbox: dict[int, bytes] = field(default_factory=dict)  # seq -> message id, seq order
     seq_of: dict[bytes, int] = field(default_factory=dict)  # message id -> seq
     usage: list[int] = field(default_factory=lambda: [0, 0])  # [count, bytes]
+    by_sender: dict[str, list[int]] = field(default_factory=dict)  # sender -> [count, bytes]
 
 
 @dataclass(slots=True)
@@ -73,6 +83,13 @@ class MemoryRelayStore:
         self._users: dict[str, dict[int, _Device]] = {}
         self._messages: dict[bytes, _Message] = {}
         self._blobs: dict[str, tuple[int, int]] = {}  # id -> (size, stored_ms)
+        self._wrote_to: set[tuple[str, str]] = set()  # (user, peer): user has sent to peer
+        # code hash -> [created_ms, expires_ms, used_by, used_ms]
+        self._invites: dict[bytes, list[int | str | None]] = {}
+        self._banned: set[str] = set()
+        self._blob_owners: dict[str, dict[str, int]] = {}  # blob id -> {user: size}
+        self._sent_bytes: dict[str, int] = {}  # user -> pending bodies it sent
+        self._held_bytes: dict[str, int] = {}  # user -> blobs it holds
         self._seq = 0
         self._queued = 0
         self._accepted = 0
@@ -108,12 +125,55 @@ class MemoryRelayStore:
 
     # -- accounts ------------------------------------------------------------------------
 
-    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
         """See ``RelayStore.create_account``."""
         self._check_open()
         if addr.user in self._users:
             raise Conflict("username is taken", code="username_taken")
+        if invite is not None:
+            row = self._invites.get(invite)
+            if row is None or row[2] is not None or int(row[1] or 0) < now_ms:
+                raise Forbidden("unknown, used or expired invite code", code="invite_invalid")
+            row[2], row[3] = addr.user, now_ms
         self._users[addr.user] = {addr.device: _Device(auth_key, now_ms)}
+
+    async def set_banned(self, user: str, banned: bool, now_ms: int) -> bool:
+        """See ``RelayStore.set_banned``."""
+        self._check_open()
+        if user not in self._users:
+            return False
+        if banned:
+            self._banned.add(user)
+        else:
+            self._banned.discard(user)
+        return True
+
+    async def banned_users(self) -> frozenset[str]:
+        """See ``RelayStore.banned_users``."""
+        self._check_open()
+        return frozenset(self._banned)
+
+    async def create_invite(self, code_hash: bytes, now_ms: int, expires_ms: int) -> None:
+        """See ``RelayStore.create_invite``."""
+        self._check_open()
+        self._invites[code_hash] = [now_ms, expires_ms, None, None]
+
+    async def list_invites(self) -> list[Invite]:
+        """See ``RelayStore.list_invites``."""
+        self._check_open()
+        out = [
+            Invite(
+                h.hex()[:12],
+                int(r[0] or 0),
+                int(r[1] or 0),
+                None if r[2] is None else str(r[2]),
+                None if r[3] is None else int(r[3]),
+            )
+            for h, r in self._invites.items()
+        ]
+        return sorted(out, key=lambda i: (i.created_at, i.id))
 
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """See ``RelayStore.add_device``."""
@@ -181,7 +241,9 @@ class MemoryRelayStore:
         dev = self._device(addr)
         return 0 if dev is None else len(dev.otpks)
 
-    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    async def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         """See ``RelayStore.fetch_bundles``."""
         self._check_open()
         devices = self._users.get(user)
@@ -197,7 +259,7 @@ class MemoryRelayStore:
             if dev.identity_key is None or spk is None:
                 continue
             otpk = None
-            if dev.otpks:
+            if one_time and dev.otpks:
                 key_id = min(dev.otpks)
                 otpk = OneTimePrekey(key_id, dev.otpks.pop(key_id))
             bundles.append(
@@ -241,9 +303,24 @@ class MemoryRelayStore:
         targets = resolve_recipients(sender, env.recipients, self._users.get)
         size = len(env.body)
         lim = self._limits
+        user = sender.user
+        check_sender_share(
+            user,
+            targets,
+            lambda d: d.by_sender.get(user, (0, 0)),
+            lambda peer: (peer, user) in self._wrote_to,
+            size,
+            lim,
+        )
         check_quota(
             targets, lambda d: d.usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
         )
+        if self._usage(user) + size > lim.account_max_bytes:
+            raise AccountQuotaExceeded(lim.account_max_bytes)
+        self._sent_bytes[user] = self._sent_bytes.get(user, 0) + size
+        for addr, _ in targets:
+            if addr.user != user:
+                self._wrote_to.add((user, addr.user))
         msg = _Message(env.message_id, sender, now_ms, len(targets), env.body)
         self._messages[env.message_id] = msg
         deliveries = []
@@ -254,6 +331,9 @@ class MemoryRelayStore:
             msg.holders.add(addr)
             dev.usage[0] += 1
             dev.usage[1] += size
+            share = dev.by_sender.setdefault(user, [0, 0])
+            share[0] += 1
+            share[1] += size
             stored = StoredMessage(self._seq, env.message_id, sender, now_ms, env.body)
             deliveries.append(Delivery(addr, stored))
         self._queued += len(targets)
@@ -272,8 +352,14 @@ class MemoryRelayStore:
             msg = self._messages[mid]
             dev.usage[0] -= 1
             dev.usage[1] -= len(msg.body or b"")
+            share = dev.by_sender[msg.sender.user]
+            share[0] -= 1
+            share[1] -= len(msg.body or b"")
+            if not share[0]:
+                del dev.by_sender[msg.sender.user]
             msg.holders.discard(addr)
             if not msg.holders:
+                self._sent_bytes[msg.sender.user] -= len(msg.body or b"")
                 msg.body = None
         self._queued -= removed
         return removed
@@ -326,10 +412,31 @@ class MemoryRelayStore:
 
     # -- blobs and retention -------------------------------------------------------------
 
-    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+    def _usage(self, user: str) -> int:
+        return self._sent_bytes.get(user, 0) + self._held_bytes.get(user, 0)
+
+    async def account_usage(self, user: str) -> int:
+        """See ``RelayStore.account_usage``."""
+        self._check_open()
+        return self._usage(user)
+
+    async def put_blob(
+        self, blob_id: str, size: int, now_ms: int, owner: str | None = None
+    ) -> bool:
         """See ``RelayStore.put_blob``."""
         self._check_open()
         old = self._blobs.get(blob_id)
+        held = size if old is None else old[0]
+        if owner is not None:
+            owners = self._blob_owners.setdefault(blob_id, {})
+            if owner not in owners:
+                limit = self._limits.account_max_bytes
+                if self._usage(owner) + held > limit:
+                    if not owners:
+                        del self._blob_owners[blob_id]
+                    raise AccountQuotaExceeded(limit)
+                owners[owner] = held
+                self._held_bytes[owner] = self._held_bytes.get(owner, 0) + held
         self._blobs[blob_id] = (size if old is None else old[0], now_ms)
         if old is None:
             self._blob_bytes += size
@@ -339,6 +446,19 @@ class MemoryRelayStore:
         """See ``RelayStore.blob_exists``."""
         self._check_open()
         return blob_id in self._blobs
+
+    async def delete_blob(self, blob_id: str, owner: str) -> bool:
+        """See ``RelayStore.delete_blob``."""
+        self._check_open()
+        owners = self._blob_owners.get(blob_id, {})
+        if owner not in owners:
+            raise NotFound("unknown blob", code="unknown_blob")
+        self._held_bytes[owner] -= owners.pop(owner)
+        if owners:
+            return False
+        del self._blob_owners[blob_id]
+        self._blob_bytes -= self._blobs.pop(blob_id)[0]
+        return True
 
     async def sweep(self, now_ms: int) -> SweepReport:
         """See ``RelayStore.sweep`` (the same bounded chunks as the SQLite store)."""
@@ -366,4 +486,6 @@ class MemoryRelayStore:
         blobs = blobs[:_SWEEP_CHUNK]
         for blob_id in blobs:
             self._blob_bytes -= self._blobs.pop(blob_id)[0]
+            for user, held in self._blob_owners.pop(blob_id, {}).items():
+                self._held_bytes[user] -= held
         return SweepReport(len(expired), tuple(blobs))

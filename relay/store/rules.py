@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from relay.errors import MailboxFull, MismatchedDevices
-from relay.store.base import Address
+from relay.errors import MailboxFull, MismatchedDevices, SenderShareExceeded
+from relay.store.base import Address, StoreLimits
 
-__all__ = ["check_quota", "resolve_recipients"]
+__all__ = ["check_quota", "check_sender_share", "resolve_recipients"]
 
 K = TypeVar("K")
 
@@ -89,3 +89,48 @@ def check_quota(
             full.append((addr.user, addr.device))
     if full:
         raise MailboxFull(sorted(full))
+
+
+def check_sender_share(
+    sender: str,
+    targets: Sequence[tuple[Address, K]],
+    share_of: Callable[[K], Sequence[int]],
+    answered: Callable[[str], bool],
+    size: int,
+    limits: StoreLimits,
+) -> None:
+    """Refuse a send that would take the sender past its share of any recipient's mailbox.
+
+    A sender may hold at most ``sender_max_messages`` / ``sender_max_bytes`` of one mailbox
+    if the recipient's account has ever sent to the sender's account ("answered"), else the
+    stricter ``stranger_max_*``. The sender's own devices (self-sync) are exempt: an account
+    filling its own mailboxes harms nobody else.
+
+    Args:
+        sender: the sending username.
+        targets: as returned by ``resolve_recipients``.
+        share_of: the sender's current (message count, bytes) in a mailbox.
+        answered: whether a recipient user has ever sent to ``sender``.
+        size: the body size.
+        limits: the store's limits.
+
+    Raises:
+        SenderShareExceeded: listing every such recipient device, sorted.
+    """
+    over = []
+    verdict: dict[str, bool] = {}
+    for addr, key in targets:
+        if addr.user == sender:
+            continue
+        known = verdict.get(addr.user)
+        if known is None:
+            known = verdict[addr.user] = answered(addr.user)
+        if known:
+            max_messages, max_bytes = limits.sender_max_messages, limits.sender_max_bytes
+        else:
+            max_messages, max_bytes = limits.stranger_max_messages, limits.stranger_max_bytes
+        count, used = share_of(key)[:2]
+        if count + 1 > max_messages or used + size > max_bytes:
+            over.append((addr.user, addr.device))
+    if over:
+        raise SenderShareExceeded(sorted(over))

@@ -41,8 +41,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.errors import (
+    AccountQuotaExceeded,
     BadRequest,
     Conflict,
+    Forbidden,
     NotFound,
     RelayError,
     StorageError,
@@ -55,6 +57,7 @@ from relay.store.base import (
     DeviceBundle,
     DeviceInfo,
     Envelope,
+    Invite,
     KeyUpload,
     OneTimePrekey,
     SendReceipt,
@@ -64,7 +67,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
-from relay.store.rules import check_quota, resolve_recipients
+from relay.store.rules import check_quota, check_sender_share, resolve_recipients
 
 __all__ = ["SCHEMA_VERSION", "SqliteRelayStore", "StorageHealth"]
 
@@ -110,6 +113,52 @@ CREATE UNIQUE INDEX IF NOT EXISTS mailbox_msg ON mailbox(msg_pk, device_pk);
 CREATE TABLE IF NOT EXISTS blobs(
     id TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_ms INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_stored ON blobs(stored_ms);
+-- user_pk has sent at least one message to peer_pk: the "answered" relation of the per-sender
+-- mailbox share (relay.store.rules.check_sender_share).
+CREATE TABLE IF NOT EXISTS wrote_to(
+    user_pk INTEGER NOT NULL, peer_pk INTEGER NOT NULL, PRIMARY KEY(user_pk, peer_pk))
+    WITHOUT ROWID;
+-- Who holds which blob (the uploaders; several users may upload the same content).
+CREATE TABLE IF NOT EXISTS blob_owners(
+    blob_id TEXT NOT NULL, username TEXT NOT NULL, size INTEGER NOT NULL,
+    PRIMARY KEY(blob_id, username)) WITHOUT ROWID;
+-- Bytes stored per account (account_max_bytes): bodies of its messages still waiting in some
+-- mailbox (kept by the triggers below as bodies are stored, dropped or expire) and blobs it
+-- holds.
+CREATE TABLE IF NOT EXISTS account_bytes(
+    username TEXT PRIMARY KEY, sent INTEGER NOT NULL DEFAULT 0,
+    blobs INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS account_sent_insert AFTER INSERT ON messages
+WHEN NEW.body IS NOT NULL
+BEGIN
+    INSERT INTO account_bytes(username, sent) VALUES (NEW.sender, length(NEW.body))
+    ON CONFLICT(username) DO UPDATE SET sent = sent + length(NEW.body);
+END;
+CREATE TRIGGER IF NOT EXISTS account_sent_dropped AFTER UPDATE OF body ON messages
+WHEN OLD.body IS NOT NULL AND NEW.body IS NULL
+BEGIN
+    UPDATE account_bytes SET sent = sent - length(OLD.body) WHERE username = OLD.sender;
+END;
+CREATE TRIGGER IF NOT EXISTS account_sent_deleted AFTER DELETE ON messages
+WHEN OLD.body IS NOT NULL
+BEGIN
+    UPDATE account_bytes SET sent = sent - length(OLD.body) WHERE username = OLD.sender;
+END;
+CREATE TRIGGER IF NOT EXISTS account_blob_held AFTER INSERT ON blob_owners
+BEGIN
+    INSERT INTO account_bytes(username, blobs) VALUES (NEW.username, NEW.size)
+    ON CONFLICT(username) DO UPDATE SET blobs = blobs + NEW.size;
+END;
+CREATE TRIGGER IF NOT EXISTS account_blob_released AFTER DELETE ON blob_owners
+BEGIN
+    UPDATE account_bytes SET blobs = blobs - OLD.size WHERE username = OLD.username;
+END;
+CREATE TABLE IF NOT EXISTS bans(username TEXT PRIMARY KEY, banned_ms INTEGER NOT NULL)
+    WITHOUT ROWID;
+-- Invite codes by SHA-256 (the codes themselves are never stored); single-use.
+CREATE TABLE IF NOT EXISTS invites(
+    code_hash BLOB PRIMARY KEY, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+    used_by TEXT, used_ms INTEGER) WITHOUT ROWID;
 -- A body is dropped (the row stays as the dedupe tombstone) once no mailbox row references it.
 -- Inside SQLite, per deleted row: no statement of its own in the writer's batch (each statement
 -- costs the writer a GIL hand-off; see _run_batch).
@@ -133,7 +182,7 @@ _INSERT_MESSAGE = (
 
 def _ack_delete_sql(n: int) -> str:
     """DELETE of the mailbox rows named by ``n`` (device pk, message id) pairs, returning each
-    removed row's (device pk, size, message id).
+    removed row's (device pk, size, message id, sender).
 
     SQLite finds the rows through the ``mailbox_msg`` index (msg_pk, device_pk): the row values
     are listed in that order, so every acked id costs one index search, whatever the number of
@@ -145,7 +194,8 @@ def _ack_delete_sql(n: int) -> str:
         f"WITH req(d, mid) AS (VALUES {pairs}) "  # noqa: S608
         "DELETE FROM mailbox WHERE (msg_pk, device_pk) IN "
         "(SELECT m.pk, req.d FROM req JOIN messages m ON m.msg_id = req.mid) "
-        "RETURNING device_pk, size, (SELECT msg_id FROM messages WHERE pk = msg_pk)"
+        "RETURNING device_pk, size, (SELECT msg_id FROM messages WHERE pk = msg_pk), "
+        "(SELECT sender FROM messages WHERE pk = msg_pk)"
     )
 
 
@@ -218,6 +268,7 @@ class StorageHealth:
 class _UserEntry:
     pk: int
     devices: dict[int, int] = field(default_factory=dict)  # device_id -> device pk
+    wrote_to: set[int] | None = None  # user pks this user has sent to; loaded on first use
 
 
 @dataclass(slots=True)
@@ -236,6 +287,13 @@ class _WriterState:
         self.limits = limits
         self.users: dict[str, _UserEntry] = {}
         self.quota: dict[int, list[int]] = {}  # device pk -> [count, bytes]
+        # device pk -> sender username -> [count, bytes]; loaded with ``quota``, kept exact
+        self.shares: dict[int, dict[str, list[int]]] = {}
+        self.pending_wrote: list[tuple[int, int]] = []
+        # user -> stored bytes, never below the truth (sends add; drops happen in SQLite
+        # triggers, so an entry is reread exactly before it refuses anything)
+        self.account: dict[str, int] = {}
+        self.batch_sent: dict[str, int] = {}  # bytes of this batch's sends not yet flushed
         self.deliveries: list[Delivery] = []
         self.pending_msgs: list[tuple[Any, ...]] = []
         self.pending_mailbox: list[tuple[int, int, int, int]] = []
@@ -269,9 +327,13 @@ class _WriterState:
     def reset_caches(self) -> None:
         self.pending_msgs = []
         self.pending_mailbox = []
+        self.pending_wrote = []
         self.batch_ids = {}
         self.users.clear()
         self.quota.clear()
+        self.shares.clear()
+        self.account.clear()
+        self.batch_sent = {}
         self.deliveries.clear()
         conn = self.conn
         self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
@@ -311,21 +373,82 @@ class _WriterState:
     def mailbox_usage(self, device_pk: int) -> list[int]:
         usage = self.quota.get(device_pk)
         if usage is None:
-            row = self.conn.execute(
-                "SELECT count(*), coalesce(sum(size),0) FROM mailbox WHERE device_pk=?",
+            # One statement loads the mailbox's total and every sender's share of it.
+            shares: dict[str, list[int]] = {}
+            usage = [0, 0]
+            for sender, count, size in self.conn.execute(
+                "SELECT m.sender, count(*), sum(mb.size) FROM mailbox mb "
+                "JOIN messages m ON m.pk = mb.msg_pk WHERE mb.device_pk=? GROUP BY m.sender",
                 (device_pk,),
-            ).fetchone()
-            usage = [int(row[0]), int(row[1])]
+            ):
+                shares[str(sender)] = [int(count), int(size)]
+                usage[0] += int(count)
+                usage[1] += int(size)
             if len(self.quota) > 200_000:
                 self.quota.clear()
+                self.shares.clear()
             self.quota[device_pk] = usage
+            self.shares[device_pk] = shares
         return usage
+
+    def sender_share(self, device_pk: int, sender: str) -> Sequence[int]:
+        self.mailbox_usage(device_pk)
+        return self.shares[device_pk].get(sender, (0, 0))
+
+    def wrote_to(self, entry: _UserEntry) -> set[int]:
+        peers = entry.wrote_to
+        if peers is None:
+            peers = entry.wrote_to = {
+                int(r[0])
+                for r in self.conn.execute(
+                    "SELECT peer_pk FROM wrote_to WHERE user_pk=?", (entry.pk,)
+                )
+            }
+        return peers
+
+    def stored_bytes(self, user: str) -> int:
+        """Exact bytes stored for ``user``, this batch's unflushed sends included."""
+        row = self.conn.execute(
+            "SELECT sent + blobs FROM account_bytes WHERE username=?", (user,)
+        ).fetchone()
+        return (0 if row is None else int(row[0])) + self.batch_sent.get(user, 0)
+
+    def charge_account(self, user: str, size: int) -> None:
+        """Count ``size`` more bytes for ``user``, or refuse.
+
+        Raises:
+            AccountQuotaExceeded: it would not fit.
+        """
+        limit = self.limits.account_max_bytes
+        used = self.account.get(user)
+        if used is None or used + size > limit:
+            used = self.stored_bytes(user)
+            if used + size > limit:
+                self.account[user] = used
+                raise AccountQuotaExceeded(limit)
+        if len(self.account) > 200_000:
+            self.account.clear()
+        self.account[user] = used + size
+
+    def answered(self, recipient: str, sender: _UserEntry) -> bool:
+        entry = self.user(recipient)
+        return entry is not None and sender.pk in self.wrote_to(entry)
 
     # -- accounts ------------------------------------------------------------------------
 
-    def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
         if self.user(addr.user) is not None:
             raise Conflict("username is taken", code="username_taken")
+        if invite is not None:
+            used = self.conn.execute(
+                "UPDATE invites SET used_by=?, used_ms=? "
+                "WHERE code_hash=? AND used_by IS NULL AND expires_ms >= ?",
+                (addr.user, now_ms, invite, now_ms),
+            ).rowcount
+            if not used:
+                raise Forbidden("unknown, used or expired invite code", code="invite_invalid")
         cur = self.conn.execute(
             "INSERT INTO users(username, created_ms) VALUES (?, ?)", (addr.user, now_ms)
         )
@@ -362,6 +485,7 @@ class _WriterState:
         conn.execute("DELETE FROM devices WHERE pk=?", (dev_pk,))
         del entry.devices[addr.device]
         self.quota.pop(dev_pk, None)
+        self.shares.pop(dev_pk, None)
         self.queued -= removed
 
     # -- keys ----------------------------------------------------------------------------
@@ -412,7 +536,9 @@ class _WriterState:
         )
         return total
 
-    def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         entry = self.user(user)
         if entry is None:
             raise NotFound("unknown user", code="unknown_user")
@@ -431,10 +557,15 @@ class _WriterState:
             ).fetchone()
             if row is None or row[1] is None or row[2] is None:
                 continue
-            otpk_row = conn.execute(
-                "SELECT key_id, public_key FROM otpks WHERE device_pk=? ORDER BY key_id LIMIT 1",
-                (dev_pk,),
-            ).fetchone()
+            otpk_row = (
+                conn.execute(
+                    "SELECT key_id, public_key FROM otpks WHERE device_pk=? "
+                    "ORDER BY key_id LIMIT 1",
+                    (dev_pk,),
+                ).fetchone()
+                if one_time
+                else None
+            )
             otpk = None
             if otpk_row is not None:
                 conn.execute(
@@ -465,9 +596,29 @@ class _WriterState:
         targets = resolve_recipients(sender, env.recipients, self._devices_of)
         size = len(env.body)
         lim = self.limits
+        user = sender.user
+        me = self.user(user)
+        assert me is not None  # the sender authenticated: its user exists
+        check_sender_share(
+            user,
+            targets,
+            lambda dev_pk: self.sender_share(dev_pk, user),
+            lambda peer: self.answered(peer, me),
+            size,
+            lim,
+        )
         check_quota(
             targets, self.mailbox_usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
         )
+        self.charge_account(user, size)
+        self.batch_sent[user] = self.batch_sent.get(user, 0) + size
+        mine = self.wrote_to(me)
+        for addr, _ in targets:
+            if addr.user != user:
+                peer = self.user(addr.user)
+                if peer is not None and peer.pk not in mine:
+                    mine.add(peer.pk)
+                    self.pending_wrote.append((me.pk, peer.pk))
         msg_pk = self.next_msg_pk
         # Rows are written by flush() with one executemany per table for the whole batch.
         self.pending_msgs.append(
@@ -483,6 +634,13 @@ class _WriterState:
             usage = self.quota[dev_pk]
             usage[0] += 1
             usage[1] += size
+            shares = self.shares[dev_pk]
+            share = shares.get(user)
+            if share is None:
+                shares[user] = [1, size]
+            else:
+                share[0] += 1
+                share[1] += size
             self.deliveries.append(
                 Delivery(addr, StoredMessage(seq, env.message_id, sender, now_ms, env.body))
             )
@@ -497,8 +655,15 @@ class _WriterState:
         if self.pending_msgs:
             self._insert_rows(_INSERT_MESSAGE, 7, self.pending_msgs)
             self._insert_rows(_INSERT_MAILBOX, 4, self.pending_mailbox)
+        if self.pending_wrote:
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO wrote_to(user_pk, peer_pk) VALUES (?,?)",
+                self.pending_wrote,
+            )
         self.pending_msgs = []
         self.pending_mailbox = []
+        self.pending_wrote = []
+        self.batch_sent = {}
         self.batch_ids = {}
 
     def _insert_rows(self, prefix: str, ncols: int, rows: Sequence[tuple[Any, ...]]) -> None:
@@ -554,7 +719,7 @@ class _WriterState:
         removed = 0
         for start in range(0, len(keys), _MAX_VARS // 2):
             part = keys[start : start + _MAX_VARS // 2]
-            for dev_pk, size, mid in self.conn.execute(
+            for dev_pk, size, mid, sender in self.conn.execute(
                 _ack_delete_sql(len(part)), [v for key in part for v in key]
             ).fetchall():
                 counts[owner[(dev_pk, bytes(mid))]] += 1
@@ -563,6 +728,13 @@ class _WriterState:
                 if usage is not None:
                     usage[0] -= 1
                     usage[1] -= int(size)
+                    shares = self.shares[dev_pk]
+                    share = shares.get(sender)
+                    if share is not None:
+                        share[0] -= 1
+                        share[1] -= int(size)
+                        if share[0] <= 0:
+                            del shares[sender]
         self.queued -= removed
         return counts
 
@@ -571,7 +743,23 @@ class _WriterState:
 
     # -- blobs and retention -------------------------------------------------------------
 
-    def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+    def put_blob(self, blob_id: str, size: int, now_ms: int, owner: str | None) -> bool:
+        conn = self.conn
+        row = conn.execute("SELECT size FROM blobs WHERE id=?", (blob_id,)).fetchone()
+        held = size if row is None else int(row[0])
+        if owner is not None:
+            known = conn.execute(
+                "SELECT 1 FROM blob_owners WHERE blob_id=? AND username=?", (blob_id, owner)
+            ).fetchone()
+            if known is None:
+                limit = self.limits.account_max_bytes
+                if self.stored_bytes(owner) + held > limit:
+                    raise AccountQuotaExceeded(limit)
+                conn.execute(
+                    "INSERT INTO blob_owners(blob_id, username, size) VALUES (?,?,?)",
+                    (blob_id, owner, held),
+                )
+                self.account.pop(owner, None)
         cur = self.conn.execute("UPDATE blobs SET stored_ms=? WHERE id=?", (now_ms, blob_id))
         if cur.rowcount:
             return False
@@ -579,6 +767,20 @@ class _WriterState:
             "INSERT INTO blobs(id, size, stored_ms) VALUES (?,?,?)", (blob_id, size, now_ms)
         )
         self.blob_bytes += size
+        return True
+
+    def delete_blob(self, blob_id: str, owner: str) -> bool:
+        conn = self.conn
+        if not conn.execute(
+            "DELETE FROM blob_owners WHERE blob_id=? AND username=?", (blob_id, owner)
+        ).rowcount:
+            raise NotFound("unknown blob", code="unknown_blob")
+        self.account.pop(owner, None)
+        if conn.execute("SELECT 1 FROM blob_owners WHERE blob_id=?", (blob_id,)).fetchone():
+            return False
+        row = conn.execute("DELETE FROM blobs WHERE id=? RETURNING size", (blob_id,)).fetchone()
+        if row is not None:
+            self.blob_bytes -= int(row[0])
         return True
 
     def sweep(self, now_ms: int) -> SweepReport:
@@ -607,9 +809,14 @@ class _WriterState:
             (now_ms - lim.blob_ttl_ms, _SWEEP_CHUNK),
         ).fetchall()
         conn.executemany("DELETE FROM blobs WHERE id=?", [(r[0],) for r in blob_rows])
+        conn.executemany("DELETE FROM blob_owners WHERE blob_id=?", [(r[0],) for r in blob_rows])
+        if blob_rows:
+            self.account.clear()
         self.blob_bytes -= sum(int(r[1]) for r in blob_rows)
         if removed_rows:
             self.quota.clear()
+            self.shares.clear()
+            self.account.clear()
             self.queued -= removed_rows
         return SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows))
 
@@ -730,7 +937,13 @@ class SqliteRelayStore:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = _connect(self._path, readonly=False, cache_kib=65536)
+            had_accounting = _has_table(conn, "account_bytes")
             conn.executescript(_SCHEMA)
+            if not had_accounting:  # a database from before per-account quotas
+                conn.execute(
+                    "INSERT OR IGNORE INTO account_bytes(username, sent) SELECT sender, "
+                    "sum(length(body)) FROM messages WHERE body IS NOT NULL GROUP BY sender"
+                )
             row = conn.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()
             if row is None:
                 conn.execute(
@@ -1002,10 +1215,50 @@ class SqliteRelayStore:
 
     # -- RelayStore API ------------------------------------------------------------------
 
-    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
         """See ``RelayStore.create_account``."""
         assert self._state is not None
-        await self._submit(self._state.create_account, addr, auth_key, now_ms)
+        await self._submit(self._state.create_account, addr, auth_key, now_ms, invite)
+
+    async def set_banned(self, user: str, banned: bool, now_ms: int) -> bool:
+        """See ``RelayStore.set_banned``."""
+        assert self._state is not None
+        return await self._submit(_set_banned, self._state.conn, user, banned, now_ms)
+
+    async def banned_users(self) -> frozenset[str]:
+        """See ``RelayStore.banned_users``."""
+
+        def q(conn: sqlite3.Connection) -> frozenset[str]:
+            return frozenset(str(r[0]) for r in conn.execute("SELECT username FROM bans"))
+
+        return await self._read(q)
+
+    async def create_invite(self, code_hash: bytes, now_ms: int, expires_ms: int) -> None:
+        """See ``RelayStore.create_invite``."""
+        assert self._state is not None
+        await self._submit(_insert_invite, self._state.conn, code_hash, now_ms, expires_ms)
+
+    async def list_invites(self) -> list[Invite]:
+        """See ``RelayStore.list_invites``."""
+
+        def q(conn: sqlite3.Connection) -> list[Invite]:
+            return [
+                Invite(
+                    bytes(r[0]).hex()[:12],
+                    int(r[1]),
+                    int(r[2]),
+                    r[3],
+                    None if r[4] is None else int(r[4]),
+                )
+                for r in conn.execute(
+                    "SELECT code_hash, created_ms, expires_ms, used_by, used_ms FROM invites "
+                    "ORDER BY created_ms, code_hash"
+                )
+            ]
+
+        return await self._read(q)
 
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """See ``RelayStore.add_device``."""
@@ -1063,10 +1316,12 @@ class SqliteRelayStore:
 
         return await self._read(q)
 
-    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    async def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         """See ``RelayStore.fetch_bundles``."""
         assert self._state is not None
-        return await self._submit(self._state.fetch_bundles, user, device)
+        return await self._submit(self._state.fetch_bundles, user, device, one_time)
 
     def submit_send(
         self, sender: Address, envelope: Envelope, now_ms: int
@@ -1126,10 +1381,28 @@ class SqliteRelayStore:
 
         return await self._read(q)
 
-    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
+    async def put_blob(
+        self, blob_id: str, size: int, now_ms: int, owner: str | None = None
+    ) -> bool:
         """See ``RelayStore.put_blob``."""
         assert self._state is not None
-        return await self._submit(self._state.put_blob, blob_id, size, now_ms)
+        return await self._submit(self._state.put_blob, blob_id, size, now_ms, owner)
+
+    async def delete_blob(self, blob_id: str, owner: str) -> bool:
+        """See ``RelayStore.delete_blob``."""
+        assert self._state is not None
+        return await self._submit(self._state.delete_blob, blob_id, owner)
+
+    async def account_usage(self, user: str) -> int:
+        """See ``RelayStore.account_usage``."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT sent + blobs FROM account_bytes WHERE username=?", (user,)
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._read(q)
 
     async def blob_exists(self, blob_id: str) -> bool:
         """See ``RelayStore.blob_exists``."""
@@ -1227,3 +1500,27 @@ def _probe_write(conn: sqlite3.Connection, size: int) -> None:
 
 def _create_seq_index(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS mailbox_seq ON mailbox(seq)")
+
+
+def _insert_invite(
+    conn: sqlite3.Connection, code_hash: bytes, now_ms: int, expires_ms: int
+) -> None:
+    conn.execute(
+        "INSERT INTO invites(code_hash, created_ms, expires_ms) VALUES (?,?,?)",
+        (code_hash, now_ms, expires_ms),
+    )
+
+
+def _set_banned(conn: sqlite3.Connection, user: str, banned: bool, now_ms: int) -> bool:
+    if conn.execute("SELECT 1 FROM users WHERE username=?", (user,)).fetchone() is None:
+        return False
+    if banned:
+        conn.execute("INSERT OR IGNORE INTO bans(username, banned_ms) VALUES (?,?)", (user, now_ms))
+    else:
+        conn.execute("DELETE FROM bans WHERE username=?", (user,))
+    return True
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+    return row.fetchone() is not None

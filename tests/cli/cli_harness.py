@@ -44,8 +44,8 @@ def _python_env(env: dict[str, str]) -> dict[str, str]:
 class Relay(RelayProcess):
     """The shared relay process (quiet settings), in the environment ``blindpost`` runs in."""
 
-    def __init__(self, data_dir: Path) -> None:
-        super().__init__(data_dir, QUIET)
+    def __init__(self, data_dir: Path, settings: dict[str, str] | None = None) -> None:
+        super().__init__(data_dir, {**QUIET, **(settings or {})})
 
     def environment(self) -> dict[str, str]:
         return _python_env(super().environment())

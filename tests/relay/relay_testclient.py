@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 from nacl.signing import SigningKey
 
+from blindpost_wire.registration import solve_pow
 from relay.auth import H_CONTENT_SHA256, sign_request
 from relay.store.base import Address, Envelope
 from relay.wire import encode_send
@@ -121,13 +122,31 @@ class RelayClient:
             raw = await resp.read()
             return Reply(resp.status, dict(resp.headers), raw)
 
-    async def register(self, dev: Device) -> Reply:
-        return await self.request(
-            dev,
-            "POST",
-            "/v1/accounts",
-            json_body={"username": dev.user, "device_id": dev.device, "auth_key": dev.auth_key_b64},
-        )
+    async def registration(self) -> dict[str, Any]:
+        async with self.session.get(self.base + "/v1/registration") as resp:
+            assert resp.status == 200
+            doc: dict[str, Any] = await resp.json()
+            return doc
+
+    async def register(
+        self, dev: Device, *, invite: str | None = None, pow: dict[str, Any] | None = None
+    ) -> Reply:
+        """Register ``dev`` (solving the relay's proof of work when it asks for one)."""
+        body: dict[str, Any] = {
+            "username": dev.user,
+            "device_id": dev.device,
+            "auth_key": dev.auth_key_b64,
+        }
+        if invite is not None:
+            body["invite"] = invite
+        elif pow is not None:
+            body["pow"] = pow
+        else:
+            info = await self.registration()
+            if info["mode"] == "pow":
+                nonce = solve_pow(info["challenge"], dev.user, info["difficulty"])
+                body["pow"] = {"challenge": info["challenge"], "nonce": nonce}
+        return await self.request(dev, "POST", "/v1/accounts", json_body=body)
 
     async def new_device(self, prefix: str = "u") -> Device:
         dev = Device(new_username(prefix))

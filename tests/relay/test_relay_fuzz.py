@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 from relay_harness import RelayProcess
 
+from blindpost_wire.registration import solve_pow
 from e2ee.transport.auth import H_CONTENT_SHA256, DeviceSigner
 from e2ee.transport.frames import encode_send
 
@@ -60,7 +61,16 @@ def fuzz_relay(relay_factory: Callable[..., RelayProcess]) -> RelayProcess:
 
 def register(url: str, user: str, device: int = 1) -> DeviceSigner:
     signer = DeviceSigner(SigningKey.generate(), user, device)
-    body = json.dumps({"username": user, "device_id": device, "auth_key": signer.public_key_b64})
+    info = requests.get(url + "/v1/registration", timeout=10).json()
+    work = solve_pow(info["challenge"], user, info["difficulty"])
+    body = json.dumps(
+        {
+            "username": user,
+            "device_id": device,
+            "auth_key": signer.public_key_b64,
+            "pow": {"challenge": info["challenge"], "nonce": work},
+        }
+    )
     headers = signer.sign_headers("POST", "/v1/accounts", body.encode())
     headers["Content-Type"] = "application/json"
     r = requests.post(url + "/v1/accounts", data=body, headers=headers, timeout=10)

@@ -15,6 +15,9 @@ from relay_testclient import RelayClient, b64, drain_until_empty, new_mid, next_
 from relay.store.base import Envelope
 from relay.wire import encode_send
 
+# For tests that leave thousands of one stranger's messages unread (over the default share).
+BIG_SHARES = {"mailbox_sender_max_messages": "10000", "mailbox_stranger_max_messages": "10000"}
+
 
 async def test_request_body_and_message_size_limits(relay_factory, session) -> None:
     relay = relay_factory({"max_request_bytes": "20000", "max_message_bytes": "1000"})
@@ -183,7 +186,13 @@ async def test_mailbox_quota_is_507_and_nothing_is_dropped(relay_factory, sessio
 async def test_slow_reader_is_disconnected_4002_and_others_unaffected(
     relay_factory, session
 ) -> None:
-    relay = relay_factory({"ws_max_outbound_bytes": "262144", "ws_slow_grace_seconds": "1"})
+    relay = relay_factory(
+        {
+            "ws_max_outbound_bytes": "262144",
+            "ws_slow_grace_seconds": "1",
+            **BIG_SHARES,
+        }
+    )
     client = RelayClient(relay.url, session)
     alice = await client.new_device()
     slow = await client.new_device()
@@ -247,7 +256,7 @@ async def test_pipelined_sends_are_back_pressured(relay_factory, session) -> Non
     """A client that pipelines far more sends than the store commits at once never has more
     than ws_max_inflight_sends of them queued in the relay; every one is still answered, in
     order, and delivered."""
-    relay = relay_factory({"ws_max_inflight_sends": "4", "send_burst": "100000"})
+    relay = relay_factory({"ws_max_inflight_sends": "4", "send_burst": "100000", **BIG_SHARES})
     client = RelayClient(relay.url, session)
     alice = await client.new_device()
     bob = await client.new_device()

@@ -167,11 +167,13 @@ async def test_thousand_recipient_group_message(client: RelayClient) -> None:
     import time
 
     sender = await client.new_device("grp")
-    owners = [await client.new_device("grp") for _ in range(8)]
+    # 62 users with 16 devices (the default cap) and one with 8: 1000 devices.
+    owners = [await client.new_device("grp") for _ in range(63)]
     devices = []
-    for owner in owners:
+    for n, owner in enumerate(owners):
         devices.append(owner)
-        devices += await asyncio.gather(*(client.add_device(owner, d) for d in range(2, 126)))
+        last = 17 if n < 62 else 9
+        devices += await asyncio.gather(*(client.add_device(owner, d) for d in range(2, last)))
     assert len(devices) == 1000
     timings = []
     for _i in range(3):

@@ -18,7 +18,15 @@ from store_backends import BACKENDS, Backend
 
 from relay.app import STATE_KEY, Clock, create_app, sweep_once
 from relay.config import RelayConfig
-from relay.errors import MailboxFull, MismatchedDevices
+from relay.errors import (
+    AccountQuotaExceeded,
+    Conflict,
+    Forbidden,
+    MailboxFull,
+    MismatchedDevices,
+    NotFound,
+    SenderShareExceeded,
+)
 from relay.store.base import Address, Delivery, Envelope, RelayStore, StoreLimits
 from relay.store.sqlite import SqliteRelayStore
 
@@ -284,3 +292,193 @@ async def test_sqlite_drops_a_body_once_every_recipient_acked_or_left(tmp_path: 
         assert bodies() == {both.message_id: None, to_carol.message_id: None}
     finally:
         await store.close()
+
+
+SHARE_LIMITS = StoreLimits(
+    mailbox_max_messages=10,
+    mailbox_max_bytes=10_000,
+    sender_max_messages=4,
+    sender_max_bytes=400,
+    stranger_max_messages=2,
+    stranger_max_bytes=200,
+)
+
+
+async def test_one_sender_cannot_fill_a_mailbox_others_still_get_through(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """The mailbox-flood attack at store level: a stranger stops at its small share of bob's
+    mailbox with sender_share_exceeded (nothing stored) while carol's messages are accepted;
+    once bob has written to alice she gets the larger share; acks and a restart keep the
+    shares exact."""
+    carol = Address("carol", 1)
+    s = await backend.open(tmp_path, SHARE_LIMITS)
+    try:
+        for addr in (A, B, carol):
+            await s.create_account(addr, addr.user[0].encode() * 32, 0)
+        flood = [env() for _ in range(2)]
+        for e in flood:
+            await s.submit_send(A, e, 1)
+        with pytest.raises(SenderShareExceeded) as info:
+            await s.submit_send(A, env(), 2)
+        assert info.value.status == 507 and info.value.code == "sender_share_exceeded"
+        assert info.value.to_json()["full"] == [{"user": "bob", "device": 1}]
+        with pytest.raises(SenderShareExceeded):  # bytes count too: 150 + 60 > 200
+            await s.submit_send(carol, env(b"c" * 150), 2)
+            await s.submit_send(carol, env(b"c" * 60), 2)
+        assert await s.mailbox_count(B) == 3  # alice's 2 and carol's first one
+        await s.submit_send(B, env(to=A), 3)  # bob answers alice: her share is 4 now
+        s = await backend.restart(s, tmp_path, SHARE_LIMITS)
+        await s.submit_send(A, env(), 4)
+        await s.submit_send(A, env(), 4)
+        with pytest.raises(SenderShareExceeded):
+            await s.submit_send(A, env(), 5)
+        assert await s.ack(B, [flood[0].message_id]) == 1
+        await s.submit_send(A, env(), 6)  # the ack freed one message of alice's share
+        with pytest.raises(SenderShareExceeded):
+            await s.submit_send(A, env(), 6)
+        # Carol is still a stranger to bob: bob answering alice changed nothing for her.
+        await s.submit_send(carol, env(b"c"), 7)
+        with pytest.raises(SenderShareExceeded):
+            await s.submit_send(carol, env(b"c"), 7)
+        assert await s.mailbox_count(B) == 6
+    finally:
+        await s.close()
+
+
+async def test_own_devices_are_exempt_from_the_sender_share(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Self-sync to an account's other devices is bounded by the mailbox quota only."""
+    s = await backend.open(tmp_path, SHARE_LIMITS)
+    try:
+        await s.create_account(A, b"a" * 32, 0)
+        a2 = Address("alice", 2)
+        await s.add_device(a2, b"c" * 32, 0)
+        for _ in range(10):
+            await s.submit_send(A, env(to=a2), 1)
+        with pytest.raises(MailboxFull):
+            await s.submit_send(A, env(to=a2), 1)
+    finally:
+        await s.close()
+
+
+QUOTA_LIMITS = StoreLimits(account_max_bytes=1000, mailbox_max_bytes=10_000)
+
+
+async def test_account_quota_counts_pending_bodies_and_held_blobs(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """An account's stored bytes (bodies still waiting in a mailbox, once each, plus the blobs
+    it holds) stay under account_max_bytes; reads, acks, deletes and restarts keep the count
+    exact."""
+    s = await backend.open(tmp_path, QUOTA_LIMITS)
+    carol = Address("carol", 1)
+    try:
+        for addr in (A, B, carol):
+            await s.create_account(addr, addr.user[0].encode() * 32, 0)
+        group = Envelope(os.urandom(16), (B, carol), b"g" * 400)  # stored once: 400 bytes
+        await s.submit_send(A, group, 1)
+        assert await s.account_usage("alice") == 400
+        assert await s.put_blob("a" * 64, 500, 1, "alice") is True
+        assert await s.account_usage("alice") == 900
+        with pytest.raises(AccountQuotaExceeded) as info:
+            await s.submit_send(A, env(b"x" * 101), 2)
+        assert info.value.status == 507 and info.value.code == "account_quota_exceeded"
+        with pytest.raises(AccountQuotaExceeded):
+            await s.put_blob("b" * 64, 101, 2, "alice")
+        assert not await s.blob_exists("b" * 64)
+        await s.submit_send(A, env(b"x" * 100), 2)  # exactly fits
+        s = await backend.restart(s, tmp_path, QUOTA_LIMITS)
+        assert await s.account_usage("alice") == 1000
+        assert await s.ack(B, [group.message_id]) == 1
+        assert await s.account_usage("alice") == 1000  # carol has not read it yet
+        assert await s.ack(carol, [group.message_id]) == 1
+        assert await s.account_usage("alice") == 600
+        # Bob uploads the same content: both hold it; alice's delete keeps the blob for bob.
+        assert await s.put_blob("a" * 64, 500, 3, "bob") is False
+        with pytest.raises(NotFound):
+            await s.delete_blob("a" * 64, "carol")
+        assert await s.delete_blob("a" * 64, "alice") is False
+        assert await s.blob_exists("a" * 64)
+        assert await s.account_usage("alice") == 100
+        with pytest.raises(NotFound):
+            await s.delete_blob("a" * 64, "alice")
+        assert await s.delete_blob("a" * 64, "bob") is True
+        assert not await s.blob_exists("a" * 64)
+        assert await s.account_usage("bob") == 0
+        await s.submit_send(A, env(b"x" * 900), 4)
+        assert await s.account_usage("alice") == 1000
+    finally:
+        await s.close()
+
+
+async def test_sqlite_counts_pending_bodies_of_a_database_from_before_quotas(
+    tmp_path: Path,
+) -> None:
+    """A database written before per-account accounting existed gets its pending bodies
+    counted when opened, so the quota holds from the first start of the new relay."""
+    path = tmp_path / "db.sqlite3"
+    store = SqliteRelayStore(path, QUOTA_LIMITS)
+    await store.open()
+    await store.create_account(A, b"a" * 32, 0)
+    await store.create_account(B, b"b" * 32, 0)
+    await store.submit_send(A, env(b"x" * 300), 1)
+    await store.close()
+    with sqlite3.connect(path) as conn:  # as an older relay would have left it
+        for trigger in ("insert", "dropped", "deleted"):
+            conn.execute(f"DROP TRIGGER account_sent_{trigger}")
+        conn.execute("DROP TABLE account_bytes")
+    store = SqliteRelayStore(path, QUOTA_LIMITS)
+    await store.open()
+    try:
+        assert await store.account_usage("alice") == 300
+        with pytest.raises(AccountQuotaExceeded):
+            await store.submit_send(A, env(b"x" * 701), 2)
+    finally:
+        await store.close()
+
+
+async def test_invites_are_single_use_expire_and_survive_restarts(
+    backend: Backend, tmp_path: Path
+) -> None:
+    s = await backend.open(tmp_path)
+    code, old = b"\x01" * 32, b"\x02" * 32
+    try:
+        await s.create_invite(code, 10, 1000)
+        await s.create_invite(old, 20, 30)
+        s = await backend.restart(s, tmp_path)
+        with pytest.raises(Forbidden) as info:
+            await s.create_account(A, b"a" * 32, 40, invite=old)  # expired at 30
+        assert info.value.code == "invite_invalid"
+        with pytest.raises(Forbidden):
+            await s.create_account(A, b"a" * 32, 40, invite=b"\x03" * 32)  # unknown
+        assert await s.list_devices("alice") == []  # nothing was created
+        await s.create_account(A, b"a" * 32, 50, invite=code)
+        with pytest.raises(Forbidden):
+            await s.create_account(B, b"b" * 32, 60, invite=code)  # used
+        with pytest.raises(Conflict):  # a taken name does not spend the invite's check
+            await s.create_account(A, b"a" * 32, 60, invite=code)
+        listed = await s.list_invites()
+        assert [(i.id, i.created_at, i.expires_at, i.used_by, i.used_at) for i in listed] == [
+            ("01" * 6, 10, 1000, "alice", 50),
+            ("02" * 6, 20, 30, None, None),
+        ]
+    finally:
+        await s.close()
+
+
+async def test_bans_are_stored_per_existing_user(backend: Backend, tmp_path: Path) -> None:
+    s = await backend.open(tmp_path)
+    try:
+        await s.create_account(A, b"a" * 32, 0)
+        await s.create_account(B, b"b" * 32, 0)
+        assert await s.set_banned("alice", True, 1) is True
+        assert await s.set_banned("alice", True, 2) is True  # idempotent
+        assert await s.set_banned("nobody", True, 1) is False
+        s = await backend.restart(s, tmp_path)
+        assert await s.banned_users() == frozenset({"alice"})
+        assert await s.set_banned("alice", False, 3) is True
+        assert await s.banned_users() == frozenset()
+    finally:
+        await s.close()

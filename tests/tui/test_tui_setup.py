@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import pytest
 from tui_harness import until
 
 from tui_client.adapter import Opener
@@ -100,3 +104,43 @@ async def test_without_passphrase_later_runs_open_straight_into_the_chats(
     app = BlindpostApp(opener)
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
+
+
+@pytest.mark.relay_settings(registration="invite")
+async def test_first_run_asks_for_an_invite_when_the_relay_is_invite_only(
+    tui_opener: MakeOpener, tui_relay: Any
+) -> None:
+    """The invite field appears only once the relay says it registers by invitation; a
+    refused code says so; the operator's code registers the account."""
+    opener = tui_opener("alice")
+    app = BlindpostApp(opener)
+    async with app.run_test(size=(80, 30)) as pilot:
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, FirstRunScreen) and app.screen.query("#setup-create"),
+        )
+        screen = app.screen
+        invite = screen.query_one("#setup-invite")
+        assert not invite.display
+        screen.query_one("#setup-username").value = "alice"
+        screen.query_one("#setup-relay").value = tui_relay.url
+        await pilot.click("#setup-create")
+        error = screen.query_one("#setup-error")
+        await until(pilot, lambda: "invitation only" in str(error.render()))
+        assert invite.display and invite.has_focus
+        invite.value = "not-a-code"
+        await pilot.press("enter")
+        await until(pilot, lambda: "refused the invite code" in str(error.render()))
+        made = subprocess.run(
+            [sys.executable, "-m", "relay", "invite", "create", "--data", str(tui_relay.data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        invite.value = made.stdout.strip()
+        invite.focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
+    assert opener.exists()

@@ -16,7 +16,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static
 
-from tui_client.adapter import DEFAULT_RELAY_URL, Backend, BackendError, Opener
+from tui_client.adapter import DEFAULT_RELAY_URL, Backend, BackendError, InviteNeeded, Opener
 
 __all__ = ["AccountCardScreen", "FirstRunScreen", "Opened", "UnlockScreen"]
 
@@ -31,9 +31,10 @@ class Opened(Message):
 
 
 class _Failed(Message):
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, invite: bool = False) -> None:
         super().__init__()
         self.text = text
+        self.invite = invite  # the relay wants an invite code: show its field
 
 
 class FirstRunScreen(Screen[None]):
@@ -51,6 +52,8 @@ class FirstRunScreen(Screen[None]):
             yield Input(value=DEFAULT_RELAY_URL, placeholder="relay URL", id="setup-relay")
             yield Input(placeholder="passphrase (optional)", password=True, id="setup-pass")
             yield Input(placeholder="passphrase again", password=True, id="setup-pass2")
+            # Shown only once the relay says it registers by invitation.
+            yield Input(placeholder="invite code", id="setup-invite", classes="hidden")
             yield Static("", id="setup-error", classes="dialog-error")
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Create account", variant="primary", id="setup-create")
@@ -63,6 +66,7 @@ class FirstRunScreen(Screen[None]):
         relay = self.query_one("#setup-relay", Input).value.strip() or DEFAULT_RELAY_URL
         passphrase = self.query_one("#setup-pass", Input).value
         again = self.query_one("#setup-pass2", Input).value
+        invite = self.query_one("#setup-invite", Input).value.strip() or None
         error = self.query_one("#setup-error", Static)
         if not username:
             error.update("choose a username")
@@ -72,7 +76,11 @@ class FirstRunScreen(Screen[None]):
             return
         error.update("creating keys and registering…")
         self.query_one("#setup-create", Button).disabled = True
-        self._register(username, relay, passphrase or None)
+        self._register(username, relay, passphrase or None, invite)
+
+    @on(Input.Submitted, "#setup-invite")
+    def _create_with_invite(self) -> None:
+        self._create()
 
     @on(Input.Submitted, "#setup-username")
     @on(Input.Submitted, "#setup-relay")
@@ -81,11 +89,13 @@ class FirstRunScreen(Screen[None]):
         self.focus_next()
 
     @work(exclusive=True, group="setup")
-    async def _register(self, username: str, relay: str, passphrase: str | None) -> None:
+    async def _register(
+        self, username: str, relay: str, passphrase: str | None, invite: str | None
+    ) -> None:
         try:
-            backend = await self._opener.create(username, relay, passphrase)
+            backend = await self._opener.create(username, relay, passphrase, invite)
         except BackendError as exc:
-            self.post_message(_Failed(str(exc)))
+            self.post_message(_Failed(str(exc), invite=isinstance(exc, InviteNeeded)))
             return
         self.app.post_message(Opened(backend, created=True))
 
@@ -93,6 +103,10 @@ class FirstRunScreen(Screen[None]):
     def _failed(self, message: _Failed) -> None:
         self.query_one("#setup-error", Static).update(message.text)
         self.query_one("#setup-create", Button).disabled = False
+        if message.invite:
+            field = self.query_one("#setup-invite", Input)
+            field.remove_class("hidden")
+            field.focus()
 
 
 class UnlockScreen(Screen[None]):
