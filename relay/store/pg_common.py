@@ -238,6 +238,79 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             secret bytea NOT NULL);
         """,
     ),
+    (
+        4,
+        """
+        -- Abuse limits (relay.store.base.RelayStore: invites, bans, per-sender mailbox shares,
+        -- per-account storage quota, blob owners).
+        -- writer has sent at least one message to peer: the "answered" relation of the
+        -- per-sender mailbox share (relay.store.rules.check_sender_share).
+        CREATE TABLE wrote_to(
+            writer text NOT NULL,
+            peer text NOT NULL,
+            PRIMARY KEY(writer, peer));
+        -- Who holds which blob (the uploaders; several users may upload the same content).
+        CREATE TABLE blob_owners(
+            blob_id text NOT NULL,
+            username text NOT NULL,
+            size bigint NOT NULL,
+            PRIMARY KEY(blob_id, username));
+        CREATE INDEX blob_owners_user ON blob_owners(username);
+        -- Bytes stored per account (account_max_bytes): bodies of its messages still waiting
+        -- in some mailbox, and the blobs it holds; kept by the triggers below, in the
+        -- transaction that changes them, whatever statement does.
+        CREATE TABLE account_bytes(
+            username text PRIMARY KEY,
+            sent bigint NOT NULL DEFAULT 0,
+            blobs bigint NOT NULL DEFAULT 0);
+        INSERT INTO account_bytes(username, sent)
+            SELECT sender, sum(octet_length(body)) FROM messages
+            WHERE body IS NOT NULL GROUP BY sender;
+        CREATE FUNCTION account_sent_bytes() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                IF NEW.body IS NOT NULL THEN
+                    INSERT INTO account_bytes(username, sent)
+                    VALUES (NEW.sender, octet_length(NEW.body))
+                    ON CONFLICT (username)
+                    DO UPDATE SET sent = account_bytes.sent + EXCLUDED.sent;
+                END IF;
+            ELSIF OLD.body IS NOT NULL AND (TG_OP = 'DELETE' OR NEW.body IS NULL) THEN
+                UPDATE account_bytes SET sent = sent - octet_length(OLD.body)
+                WHERE username = OLD.sender;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER messages_account_bytes
+            AFTER INSERT OR UPDATE OF body OR DELETE ON messages
+            FOR EACH ROW EXECUTE FUNCTION account_sent_bytes();
+        CREATE FUNCTION account_blob_bytes() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                INSERT INTO account_bytes(username, blobs) VALUES (NEW.username, NEW.size)
+                ON CONFLICT (username)
+                DO UPDATE SET blobs = account_bytes.blobs + EXCLUDED.blobs;
+            ELSE
+                UPDATE account_bytes SET blobs = blobs - OLD.size
+                WHERE username = OLD.username;
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER blob_owners_account_bytes
+            AFTER INSERT OR DELETE ON blob_owners
+            FOR EACH ROW EXECUTE FUNCTION account_blob_bytes();
+        CREATE TABLE bans(
+            username text PRIMARY KEY,
+            banned_ms bigint NOT NULL);
+        -- Invite codes by SHA-256 (the codes themselves are never stored); single-use.
+        CREATE TABLE invites(
+            code_hash bytea PRIMARY KEY,
+            created_ms bigint NOT NULL,
+            expires_ms bigint NOT NULL,
+            used_by text,
+            used_ms bigint);
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

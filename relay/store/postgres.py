@@ -29,7 +29,15 @@ from typing import Any
 
 import asyncpg
 
-from relay.errors import BadRequest, Conflict, NotFound, RelayError, StorageError
+from relay.errors import (
+    AccountQuotaExceeded,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    RelayError,
+    StorageError,
+)
 from relay.store.base import (
     Address,
     Delivery,
@@ -37,6 +45,7 @@ from relay.store.base import (
     DeviceBundle,
     DeviceInfo,
     Envelope,
+    Invite,
     KeyUpload,
     OneTimePrekey,
     SendReceipt,
@@ -55,7 +64,7 @@ from relay.store.pg_common import (
     redact_dsn,
     storage_errors,
 )
-from relay.store.rules import check_quota, resolve_recipients
+from relay.store.rules import check_quota, check_sender_share, resolve_recipients
 
 __all__ = ["PostgresRelayStore"]
 
@@ -78,20 +87,38 @@ _RETRYABLE = (
 # each other in a cycle; under READ COMMITTED a row another transaction changed meanwhile is
 # read again once its lock is free, so last_seq and the counters are the committed ones); every
 # named user (kind 1, so a user with no device left is told from an unknown one); and the stored
-# messages among the batch's message ids (kind 2, for deduplication).
+# messages among the batch's message ids (kind 2, for deduplication). For the abuse limits
+# ($3: the batch's senders): each sender's stored bytes (kind 3, account_max_bytes), each
+# sender's share of each locked mailbox (kind 4), and which named users have written to which
+# sender (kind 5, the "answered" relation). Kinds 3 to 5 are read in the statement's snapshot,
+# not re-read after the device locks like kind 0: a batch committed by another node while this
+# one waited for a lock is not counted in them, so across nodes a sender share or an account
+# quota can be overrun by what one concurrent batch added (the mailbox quota stays exact).
 _BATCH_READ = """
 WITH locked AS (
     SELECT u.username, d.device_id, d.pk, d.last_seq, d.msg_count, d.msg_bytes
     FROM devices d JOIN users u ON u.pk = d.user_pk WHERE u.username = ANY($1::text[])
     ORDER BY d.pk FOR UPDATE OF d)
-SELECT 0 AS kind, username, device_id, pk, last_seq, msg_count, msg_bytes, NULL::bytea AS mid
+SELECT 0 AS kind, username, device_id, pk, last_seq, msg_count, msg_bytes, NULL::bytea AS mid,
+    NULL::text AS other
 FROM locked
 UNION ALL
-SELECT 1, username, NULL, NULL, NULL, NULL, NULL, NULL FROM users
+SELECT 1, username, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM users
 WHERE username = ANY($1::text[])
 UNION ALL
-SELECT 2, sender, sender_device, n_recipients, stored_ms, NULL, NULL, msg_id FROM messages
+SELECT 2, sender, sender_device, n_recipients, stored_ms, NULL, NULL, msg_id, NULL FROM messages
 WHERE msg_id = ANY($2::bytea[])
+UNION ALL
+SELECT 3, username, NULL, NULL, sent + blobs, NULL, NULL, NULL, NULL FROM account_bytes
+WHERE username = ANY($3::text[])
+UNION ALL
+SELECT 4, m.sender, NULL, mb.device_pk, count(*), sum(mb.size), NULL, NULL, NULL
+FROM mailbox mb JOIN messages m ON m.msg_id = mb.msg_id
+WHERE mb.device_pk IN (SELECT pk FROM locked) AND m.sender = ANY($3::text[])
+GROUP BY m.sender, mb.device_pk
+UNION ALL
+SELECT 5, writer, NULL, NULL, NULL, NULL, NULL, NULL, peer FROM wrote_to
+WHERE writer = ANY($1::text[]) AND peer = ANY($3::text[])
 """
 # _BATCH_WRITE: the batch's new messages and mailbox rows, its acks (deleted rows drop their
 # message's body once no mailbox holds it), and each touched device's seq and counters, in one
@@ -120,6 +147,9 @@ sd AS (
     AS v(pk, seq, c, b)),
 ad AS (
     SELECT device_pk AS pk, count(*) AS n, sum(size) AS b FROM del GROUP BY device_pk),
+wt AS (
+    INSERT INTO wrote_to(writer, peer) SELECT * FROM unnest($17::text[], $18::text[])
+    ON CONFLICT DO NOTHING),
 dev AS (
     UPDATE devices d SET last_seq = coalesce(t.seq, d.last_seq),
         msg_count = d.msg_count + coalesce(t.c, 0) - coalesce(t.n, 0),
@@ -385,18 +415,29 @@ class PostgresRelayStore:
         directory: dict[str, dict[int, int]] = {}
         last_seq: dict[int, int] = {}
         usage: dict[int, list[int]] = {}
+        senders = sorted({op.args[0].user for op in sends})
+        account: dict[str, int] = {}  # sender -> stored bytes
+        shares: dict[tuple[int, str], list[int]] = {}  # (device pk, sender) -> [rows, bytes]
+        wrote: set[tuple[str, str]] = set()  # (writer, peer)
         rows = await conn.fetch(
-            _BATCH_READ, sorted(_users_of(ops)), [op.args[1].message_id for op in sends]
+            _BATCH_READ, sorted(_users_of(ops)), [op.args[1].message_id for op in sends], senders
         )
-        for kind, name, dev_id, pk, seq_or_ms, count, size, mid in rows:
+        for kind, name, dev_id, pk, seq_or_ms, count, size, mid, other in rows:
             if kind == 0:
                 directory.setdefault(name, {})[int(dev_id)] = int(pk)
                 last_seq[int(pk)] = int(seq_or_ms)
                 usage[int(pk)] = [int(count), int(size)]
             elif kind == 1:
                 directory.setdefault(name, {})
-            else:
+            elif kind == 2:
                 known[bytes(mid)] = (name, int(dev_id), int(pk), int(seq_or_ms))
+            elif kind == 3:
+                account[name] = int(seq_or_ms)
+            elif kind == 4:
+                shares[(int(pk), name)] = [int(seq_or_ms), int(count)]
+            else:
+                wrote.add((name, other))
+        new_wrote: list[tuple[str, str]] = []
         added: dict[int, list[int]] = {}  # device pk -> [rows, bytes] this batch's sends add
         msgs: list[tuple[bytes, str, int, int, int, bytes | None]] = []
         rows_mb: list[tuple[int, int, bytes, int]] = []
@@ -417,6 +458,15 @@ class PostgresRelayStore:
                     continue
                 targets = resolve_recipients(sender, env.recipients, directory.get)
                 size = len(env.body)
+                user = sender.user
+                check_sender_share(
+                    user,
+                    targets,
+                    lambda pk, user=user: shares.get((pk, user), (0, 0)),  # type: ignore[misc]
+                    lambda peer, user=user: (peer, user) in wrote,  # type: ignore[misc]
+                    size,
+                    lim,
+                )
                 check_quota(
                     targets,
                     usage.__getitem__,
@@ -424,6 +474,9 @@ class PostgresRelayStore:
                     lim.mailbox_max_messages,
                     lim.mailbox_max_bytes,
                 )
+                used = account.get(user, 0)
+                if used + size > lim.account_max_bytes:
+                    raise AccountQuotaExceeded(lim.account_max_bytes)
             except RelayError as exc:
                 out.results.append((op.future, False, exc))
                 continue
@@ -438,7 +491,15 @@ class PostgresRelayStore:
                 )
             )
             in_batch[env.message_id] = (sender.user, sender.device, len(targets), now_ms)
+            account[user] = used + size
             for addr, dev_pk in targets:
+                if addr.user != user:
+                    share = shares.setdefault((dev_pk, user), [0, 0])
+                    share[0] += 1
+                    share[1] += size
+                    if (user, addr.user) not in wrote:
+                        wrote.add((user, addr.user))
+                        new_wrote.append((user, addr.user))
                 seq = last_seq[dev_pk] + 1
                 last_seq[dev_pk] = seq
                 use = usage[dev_pk]
@@ -484,6 +545,8 @@ class PostgresRelayStore:
                 [added[pk][1] for pk in pks],
                 [k[0] for k in keys],
                 [k[1] for k in keys],
+                [w[0] for w in new_wrote],
+                [w[1] for w in new_wrote],
             )
             for dev_pk, mid, _size in deleted:
                 counts[owner[(int(dev_pk), bytes(mid))]] += 1
@@ -507,8 +570,11 @@ class PostgresRelayStore:
                             raise
         raise AssertionError("unreachable")
 
-    async def create_account(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
-        """See ``RelayStore.create_account``."""
+    async def create_account(
+        self, addr: Address, auth_key: bytes, now_ms: int, invite: bytes | None = None
+    ) -> None:
+        """See ``RelayStore.create_account`` (the invite is consumed in the same transaction:
+        of two nodes registering with one code, exactly one succeeds)."""
 
         async def tx(conn: asyncpg.Connection) -> None:
             user_pk = await conn.fetchval(
@@ -519,6 +585,16 @@ class PostgresRelayStore:
             )
             if user_pk is None:
                 raise Conflict("username is taken", code="username_taken")
+            if invite is not None:
+                used = await conn.fetchval(
+                    "UPDATE invites SET used_by = $1, used_ms = $2 WHERE code_hash = $3 "
+                    "AND used_by IS NULL AND expires_ms >= $2 RETURNING 1",
+                    addr.user,
+                    now_ms,
+                    invite,
+                )
+                if used is None:  # raising rolls the user row back
+                    raise Forbidden("unknown, used or expired invite code", code="invite_invalid")
             await conn.execute(
                 "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) "
                 "VALUES ($1, $2, $3, $4)",
@@ -529,6 +605,63 @@ class PostgresRelayStore:
             )
 
         await self._transaction("create account", tx)
+
+    async def set_banned(self, user: str, banned: bool, now_ms: int) -> bool:
+        """See ``RelayStore.set_banned``."""
+
+        async def tx(conn: asyncpg.Connection) -> bool:
+            if await conn.fetchval("SELECT 1 FROM users WHERE username = $1", user) is None:
+                return False
+            if banned:
+                await conn.execute(
+                    "INSERT INTO bans(username, banned_ms) VALUES ($1, $2) "
+                    "ON CONFLICT (username) DO NOTHING",
+                    user,
+                    now_ms,
+                )
+            else:
+                await conn.execute("DELETE FROM bans WHERE username = $1", user)
+            return True
+
+        result: bool = await self._transaction("set ban", tx)
+        return result
+
+    async def banned_users(self) -> frozenset[str]:
+        """See ``RelayStore.banned_users``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read bans"):
+            rows = await pool.fetch("SELECT username FROM bans")
+        return frozenset(str(r[0]) for r in rows)
+
+    async def create_invite(self, code_hash: bytes, now_ms: int, expires_ms: int) -> None:
+        """See ``RelayStore.create_invite``."""
+        pool = self._pool_or_fail()
+        with storage_errors("create invite"):
+            await pool.execute(
+                "INSERT INTO invites(code_hash, created_ms, expires_ms) VALUES ($1, $2, $3)",
+                code_hash,
+                now_ms,
+                expires_ms,
+            )
+
+    async def list_invites(self) -> list[Invite]:
+        """See ``RelayStore.list_invites``."""
+        pool = self._pool_or_fail()
+        with storage_errors("list invites"):
+            rows = await pool.fetch(
+                "SELECT code_hash, created_ms, expires_ms, used_by, used_ms FROM invites "
+                "ORDER BY created_ms, code_hash"
+            )
+        return [
+            Invite(
+                bytes(r[0]).hex()[:12],
+                int(r[1]),
+                int(r[2]),
+                r[3],
+                None if r[4] is None else int(r[4]),
+            )
+            for r in rows
+        ]
 
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """See ``RelayStore.add_device``."""
@@ -670,7 +803,9 @@ class PostgresRelayStore:
             )
         return int(n)
 
-    async def fetch_bundles(self, user: str, device: int | None) -> list[DeviceBundle]:
+    async def fetch_bundles(
+        self, user: str, device: int | None, one_time: bool = True
+    ) -> list[DeviceBundle]:
         """See ``RelayStore.fetch_bundles`` (each one-time prekey is handed out once, whichever
         node hands it out)."""
 
@@ -687,11 +822,15 @@ class PostgresRelayStore:
             )
             bundles: list[DeviceBundle] = []
             for dev_pk, dev_id, reg_id, identity, spk_id, spk_pub, spk_sig in rows:
-                otpk_row = await conn.fetchrow(
-                    "DELETE FROM otpks WHERE (device_pk, key_id) = (SELECT device_pk, key_id "
-                    "FROM otpks WHERE device_pk = $1 ORDER BY key_id LIMIT 1 "
-                    "FOR UPDATE SKIP LOCKED) RETURNING key_id, public_key",
-                    dev_pk,
+                otpk_row = (
+                    await conn.fetchrow(
+                        "DELETE FROM otpks WHERE (device_pk, key_id) = (SELECT device_pk, key_id "
+                        "FROM otpks WHERE device_pk = $1 ORDER BY key_id LIMIT 1 "
+                        "FOR UPDATE SKIP LOCKED) RETURNING key_id, public_key",
+                        dev_pk,
+                    )
+                    if one_time
+                    else None
                 )
                 otpk = (
                     None
@@ -771,13 +910,45 @@ class PostgresRelayStore:
 
     # -- blobs and retention -------------------------------------------------------------
 
-    async def put_blob(self, blob_id: str, size: int, now_ms: int) -> bool:
-        """See ``RelayStore.put_blob``."""
-        pool = self._pool_or_fail()
-        with storage_errors("record blob"):
+    async def put_blob(
+        self, blob_id: str, size: int, now_ms: int, owner: str | None = None
+    ) -> bool:
+        """See ``RelayStore.put_blob`` (the owner's quota is checked under the lock of its
+        ``account_bytes`` row, so it holds across nodes)."""
+        limit = self._limits.account_max_bytes
+
+        async def tx(conn: asyncpg.Connection) -> bool:
+            held = await conn.fetchval("SELECT size FROM blobs WHERE id = $1", blob_id)
+            held = size if held is None else int(held)
+            if owner is not None and (
+                await conn.fetchval(
+                    "SELECT 1 FROM blob_owners WHERE blob_id = $1 AND username = $2",
+                    blob_id,
+                    owner,
+                )
+                is None
+            ):
+                await conn.execute(
+                    "INSERT INTO account_bytes(username) VALUES ($1) "
+                    "ON CONFLICT (username) DO NOTHING",
+                    owner,
+                )
+                used = await conn.fetchval(
+                    "SELECT sent + blobs FROM account_bytes WHERE username = $1 FOR UPDATE",
+                    owner,
+                )
+                if int(used) + held > limit:
+                    raise AccountQuotaExceeded(limit)
+                await conn.execute(
+                    "INSERT INTO blob_owners(blob_id, username, size) VALUES ($1, $2, $3) "
+                    "ON CONFLICT DO NOTHING",
+                    blob_id,
+                    owner,
+                    held,
+                )
             # xmax = 0 only on a freshly inserted row version, not on an updated one.
-            new = bool(
-                await pool.fetchval(
+            return bool(
+                await conn.fetchval(
                     "INSERT INTO blobs(id, size, stored_ms) VALUES ($1, $2, $3) "
                     "ON CONFLICT (id) DO UPDATE SET stored_ms = excluded.stored_ms "
                     "RETURNING xmax = 0",
@@ -786,9 +957,44 @@ class PostgresRelayStore:
                     now_ms,
                 )
             )
+
+        new: bool = await self._transaction("record blob", tx)
         if new:
             self._blob_bytes += size
         return new
+
+    async def delete_blob(self, blob_id: str, owner: str) -> bool:
+        """See ``RelayStore.delete_blob``."""
+
+        async def tx(conn: asyncpg.Connection) -> int | None:
+            if (
+                await conn.fetchval(
+                    "DELETE FROM blob_owners WHERE blob_id = $1 AND username = $2 RETURNING 1",
+                    blob_id,
+                    owner,
+                )
+                is None
+            ):
+                raise NotFound("unknown blob", code="unknown_blob")
+            if await conn.fetchval("SELECT 1 FROM blob_owners WHERE blob_id = $1", blob_id):
+                return None
+            gone = await conn.fetchval("DELETE FROM blobs WHERE id = $1 RETURNING size", blob_id)
+            return 0 if gone is None else int(gone)
+
+        freed: int | None = await self._transaction("delete blob", tx)
+        if freed is None:
+            return False
+        self._blob_bytes -= freed
+        return True
+
+    async def account_usage(self, user: str) -> int:
+        """See ``RelayStore.account_usage``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read account usage"):
+            used = await pool.fetchval(
+                "SELECT sent + blobs FROM account_bytes WHERE username = $1", user
+            )
+        return 0 if used is None else int(used)
 
     async def blob_exists(self, blob_id: str) -> bool:
         """See ``RelayStore.blob_exists``."""
@@ -838,6 +1044,11 @@ class PostgresRelayStore:
                 now_ms - lim.blob_ttl_ms,
                 _SWEEP_CHUNK,
             )
+            if blob_rows:
+                await conn.execute(
+                    "DELETE FROM blob_owners WHERE blob_id = ANY($1::text[])",
+                    [str(r[0]) for r in blob_rows],
+                )
             blob_bytes = sum(int(r[1]) for r in blob_rows)
             report = SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows))
             return report, removed, blob_bytes
