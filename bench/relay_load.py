@@ -16,6 +16,14 @@ Examples (the commands behind docs/performance-relay.md)::
     python bench/relay_load.py idle-connections --connections 19900 --frame-auth
     python bench/relay_load.py --relay-set workers=2 idle-connections --connections 20400
     python bench/relay_load.py group-fanout --recipients 1000 --messages 50
+    python bench/relay_load.py --store postgres throughput --rate 6000 --duration 20
+    python bench/relay_load.py --store both throughput --rate 6000 --duration 20
+
+With ``--store postgres`` the started relay runs on PostgreSQL (``--postgres-dsn``, default the
+local server): each run gets a database of its own (``blindpost_bench_<random>``, dropped at the
+end), and the figures add the CPU of the PostgreSQL backends serving the relay. ``--store both``
+runs the scenario on SQLite, then on PostgreSQL, and prints the relay CPU per message of each and
+their ratio (issue 14's target: PostgreSQL at most 1.5x SQLite's, >= 5,000 durable msg/s).
 """
 
 from __future__ import annotations
@@ -35,9 +43,11 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,6 +73,7 @@ BENCH_SETTINGS = {
 
 TARGETS = {
     "throughput_msgs": 10_000.0,
+    "throughput_msgs_postgres": 5_000.0,  # one node on PostgreSQL (issue 14)
     "latency_p99_ms": 10.0,
     "idle_bytes_per_conn": 16 * 1024,
     "idle_connections": 20_000,
@@ -84,6 +95,11 @@ class Relay:
     proc: subprocess.Popen[bytes] | None = None
     data_dir: Path | None = None
     log_path: Path | None = None
+    postgres_dsn: str | None = None  # with --store postgres: the run's database
+
+    def postgres_cpu_seconds(self) -> float | None:
+        """CPU of the PostgreSQL backends serving this relay (``--store postgres`` only)."""
+        return None if self.postgres_dsn is None else postgres_backend_cpu(self.postgres_dsn)
 
     def processes(self) -> list[int]:
         """The relay's serving processes: its workers with ``workers`` > 1, else itself."""
@@ -154,7 +170,10 @@ def _raise_child_fd_limit() -> None:  # runs in the relay child between fork and
 
 @contextlib.contextmanager
 def relay_process(
-    settings: dict[str, str], keep: bool = False, extra_settings: dict[str, str] | None = None
+    settings: dict[str, str],
+    keep: bool = False,
+    extra_settings: dict[str, str] | None = None,
+    env_extra: dict[str, str] | None = None,
 ) -> Iterator[Relay]:
     """Start ``python -m relay`` on 127.0.0.1 with a fresh data dir; stop it afterwards."""
     extra_settings = extra_settings or {}
@@ -175,6 +194,7 @@ def relay_process(
         args += ["--set", f"{k}={v}"]
     log_path = data_dir / "relay.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_RELAY_")}
+    env.update(env_extra or {})  # the PostgreSQL DSN goes here, never on the command line
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             args,
@@ -212,13 +232,73 @@ def relay_process(
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def _in_own_loop(coro: Any) -> Any:
+    """Run a coroutine on a fresh loop in a thread (callers may be inside the main loop)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+@contextlib.contextmanager
+def bench_database(server_dsn: str) -> Iterator[str]:
+    """An empty database ``blindpost_bench_<random>`` on ``server_dsn``, dropped afterwards."""
+    import asyncpg
+
+    name = "blindpost_bench_" + secrets.token_hex(6)
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(server_dsn, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _in_own_loop(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield urlunsplit(urlsplit(server_dsn)._replace(path="/" + name))
+    finally:
+        _in_own_loop(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def postgres_backend_cpu(dsn: str) -> float | None:
+    """CPU seconds of the PostgreSQL backends serving the relay on ``dsn``'s database (None when
+    they are not readable here: the server runs elsewhere or as another user without access)."""
+    import asyncpg
+
+    async def pids() -> list[int]:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            rows = await conn.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND application_name = 'blindpost-relay'"
+            )
+            return [int(r[0]) for r in rows]
+        finally:
+            await conn.close()
+
+    total, seen = 0.0, False
+    for pid in _in_own_loop(pids()):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            seen = True
+    return total if seen else None
+
+
 @contextlib.contextmanager
 def target_relay(args: argparse.Namespace, settings: dict[str, str]) -> Iterator[Relay]:
     if args.url:
         yield Relay(args.url.rstrip("/"), args.relay_pid)
-    else:
-        extra = dict(item.split("=", 1) for item in args.relay_set)
+        return
+    extra = dict(item.split("=", 1) for item in args.relay_set)
+    if args.store != "postgres":
         with relay_process(settings, keep=args.keep, extra_settings=extra) as relay:
+            yield relay
+        return
+    with bench_database(args.postgres_dsn) as dsn:
+        env = {"BLINDPOST_RELAY_POSTGRES_DSN": dsn}
+        extra = {"store": "postgres", **extra}
+        with relay_process(settings, keep=args.keep, extra_settings=extra, env_extra=env) as relay:
+            relay.postgres_dsn = dsn
             yield relay
 
 
@@ -366,9 +446,11 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         # The relay's CPU share is sampled over the measured window only.
         await asyncio.sleep(0.5 + args.warmup)
         cpu_w0 = relay.cpu_seconds()
+        pg_w0 = relay.postgres_cpu_seconds()
         commits_w0 = await store_commits(relay.url)
         await asyncio.sleep(args.duration)
         cpu_w1 = relay.cpu_seconds()
+        pg_w1 = relay.postgres_cpu_seconds()
         commits_w1 = await store_commits(relay.url)
         total = args.warmup + args.duration + args.drain + 60
         results = await asyncio.gather(*(w.event(total) for w in workers))
@@ -397,8 +479,14 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         worker_cpu += r["cpu_seconds"]
     lat.sort()
     d = args.duration
+    pg_us = (
+        1e6 * (pg_w1 - pg_w0) / max(1, agg["accepted_in_window"])
+        if pg_w0 is not None and pg_w1 is not None
+        else None
+    )
     out = {
         "scenario": name,
+        "store": "url" if args.url else args.store,
         "offered_msgs_per_s": args.rate,
         "clients": args.clients,
         "accepted_per_s": agg["accepted_in_window"] / d,
@@ -422,6 +510,7 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
             if cpu_w0 is not None
             else None
         ),
+        "postgres_cpu_us_per_msg": pg_us,
         "loadavg_1min": os.getloadavg()[0],
         "relay_rss_mb_after": (rss / 1024) if rss else None,
         "store_commits_per_s": (commits_w1[0] - commits_w0[0]) / d,
@@ -429,7 +518,8 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         / max(1.0, commits_w1[0] - commits_w0[0]),
     }
     print(
-        f"== {name}: {args.clients} clients, 1:1, {args.body_bytes}-byte bodies, offered "
+        f"== {name} ({out['store']}): {args.clients} clients, 1:1, {args.body_bytes}-byte bodies,"
+        " offered "
         f"{args.rate:.0f} msg/s for {d:.0f} s (+{args.warmup:.0f} s warm-up)"
     )
     print(
@@ -453,19 +543,17 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
             f" and ack); load workers {out['workers_cpu_pct']:.0f}%; machine load average"
             f" {out['loadavg_1min']:.1f}"
         )
+    if pg_us is not None:
+        print(f"  PostgreSQL backends serving the relay: {pg_us:.0f} us CPU per accepted message")
     print(
         f"  store: {out['store_commits_per_s']:.0f} commits/s, {out['store_ops_per_commit']:.1f}"
         " write operations (sends, acks) per commit (from /metrics; one worker's with workers > 1)"
     )
     if name == "throughput":
-        ok = (
-            out["accepted_per_s"] >= TARGETS["throughput_msgs"]
-            and out["delivered_per_s"] >= TARGETS["throughput_msgs"]
-        )
-        print(
-            f"  target: >= {TARGETS['throughput_msgs']:.0f} durable msg/s accepted and delivered"
-            f" -> {verdict(ok)}"
-        )
+        key = "throughput_msgs_postgres" if out["store"] == "postgres" else "throughput_msgs"
+        target = TARGETS[key]
+        ok = out["accepted_per_s"] >= target and out["delivered_per_s"] >= target
+        print(f"  target: >= {target:.0f} durable msg/s accepted and delivered -> {verdict(ok)}")
     else:
         ok = (
             out["p99_ms"] <= TARGETS["latency_p99_ms"] and out["accepted_per_s"] >= 0.99 * args.rate
@@ -741,6 +829,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra setting for the started relay, e.g. workers=2 (repeatable)",
     )
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "postgres", "both"),
+        default="sqlite",
+        help="the started relay's store; both = the scenario on each, then the CPU ratio",
+    )
+    p.add_argument(
+        "--postgres-dsn",
+        default=os.environ.get("BLINDPOST_BENCH_POSTGRES_DSN")
+        or "postgresql://postgres@127.0.0.1:5432/postgres",
+        help="PostgreSQL server for --store postgres (a database is created and dropped on it)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures as JSON to this file")
     sub = p.add_subparsers(dest="scenario", required=True)
 
@@ -780,6 +880,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
+    if args.store == "both" and not args.url:
+        runs = {}
+        for store in ("sqlite", "postgres"):
+            runs[store] = await amain(argparse.Namespace(**{**vars(args), "store": store}))
+        cpu = {k: v.get("relay_cpu_us_per_msg") for k, v in runs.items()}
+        if cpu["sqlite"] and cpu["postgres"]:
+            ratio = cpu["postgres"] / cpu["sqlite"]
+            print(
+                f"== relay CPU per message: postgres {cpu['postgres']:.0f} us / sqlite"
+                f" {cpu['sqlite']:.0f} us = {ratio:.2f}x (target <= 1.5x)"
+                f" -> {verdict(ratio <= 1.5)}"
+            )
+            runs["cpu_ratio_postgres_to_sqlite"] = ratio  # type: ignore[assignment]
+        return runs
     if args.scenario in ("throughput", "latency"):
         return await traffic_scenario(args, args.scenario)
     if args.scenario == "idle-connections":

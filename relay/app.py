@@ -32,8 +32,9 @@ from relay.auth import (
     parse_signed_headers,
     verify_signature,
 )
-from relay.backends import make_store
-from relay.blobs import CHUNK_SIZE, BlobFiles
+from relay.backends import make_blob_store, make_store
+from relay.blob_http import blob_response
+from relay.blobs import CHUNK_SIZE, BlobStore
 from relay.config import RelayConfig
 from relay.errors import AuthError, BadRequest, NotFound, RelayError, TooLarge
 from relay.guard import request_started, response_finished
@@ -99,7 +100,7 @@ class RelayState:
     clock: Clock
     metrics: Metrics
     hub: Hub
-    blobs: BlobFiles
+    blobs: BlobStore
     nonces: NonceCache
     register_limit: RateLimiter
     send_limit: RateLimiter
@@ -474,7 +475,8 @@ async def ack_messages(request: web.Request) -> web.Response:
 
 
 async def upload_blob(request: web.Request) -> web.Response:
-    """``POST /v1/blobs``: stream an encrypted blob to disk; content-addressed by SHA-256."""
+    """``POST /v1/blobs``: stream an encrypted blob to the blob store; content-addressed by
+    SHA-256."""
     st = request.app[STATE_KEY]
     cfg = st.config
     declared = body_digest_header(request.headers)
@@ -488,10 +490,10 @@ async def upload_blob(request: web.Request) -> web.Response:
     )
     try:
         async with st.blobs.lock:
-            st.blobs.finalize(upload)
+            await st.blobs.finalize(upload)
             new = await st.store.put_blob(upload.blob_id, upload.size, st.clock.now_ms())
     finally:
-        upload.tmp_path.unlink(missing_ok=True)
+        await st.blobs.discard(upload)
     log.info("blob stored id=%s size=%d new=%s", upload.blob_id, upload.size, new)
     return web.json_response(
         {"id": upload.blob_id, "size": upload.size}, status=201 if new else 200
@@ -502,10 +504,14 @@ async def download_blob(request: web.Request) -> web.StreamResponse:
     """``GET|HEAD /v1/blobs/{id}``: download a blob, with Range support (206)."""
     st = request.app[STATE_KEY]
     await _auth(request)
-    path = st.blobs.path_for(request.match_info["blob_id"])
-    if not path.is_file():
+    blob_id = request.match_info["blob_id"]
+    path = st.blobs.local_path(blob_id)
+    if path is not None:
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    reader = await st.blobs.open_read(blob_id)
+    if reader is None:
         raise NotFound("unknown blob", code="unknown_blob")
-    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+    return await blob_response(request, reader)
 
 
 # -- operations --------------------------------------------------------------------------
@@ -552,7 +558,7 @@ async def sweep_once(st: RelayState, max_rounds: int = 100) -> int:
     for _ in range(max_rounds):
         async with st.blobs.lock:
             report = await st.store.sweep(st.clock.now_ms())
-            st.blobs.delete(report.blobs)
+            await st.blobs.delete(report.blobs)
         removed += report.messages
         if report.messages < 5000 and len(report.blobs) < 5000:
             break
@@ -612,7 +618,7 @@ def create_app(
         clock=clock or Clock(),
         metrics=metrics_,
         hub=Hub(metrics_, config.ws_max_outbound_bytes, config.ws_slow_grace_seconds),
-        blobs=BlobFiles(config.data_dir / "blobs"),
+        blobs=make_blob_store(config),
         nonces=NonceCache(int(config.auth_window_seconds * 1000), config.nonce_cache_max),
         register_limit=RateLimiter(config.registration_rate, config.registration_burst),
         send_limit=RateLimiter(config.send_rate, config.send_burst),
@@ -621,8 +627,12 @@ def create_app(
     app[STATE_KEY] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        state.blobs.prepare()
-        await state.store.open()
+        await state.blobs.open()
+        try:
+            await state.store.open()
+        except BaseException:
+            await state.blobs.close()
+            raise
         gc_before = _tune_gc()
         state.store.set_delivery_listener(state.hub.deliver)
         link: NodeLink | None = None
@@ -647,6 +657,7 @@ def create_app(
             link.stop_pushing()
         await state.store.close()  # its last commits still reach the link's listener
         state.store.set_delivery_listener(None)
+        await state.blobs.close()
         if link is not None:
             await link.close()  # wakes other nodes for those commits, releases presence
         _restore_gc(gc_before)

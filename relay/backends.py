@@ -1,18 +1,19 @@
 # Invariant: the only place that turns settings into storage backends; handlers and the server
 # see the RelayStore and BlobStore protocols, never which backend was chosen.
-"""Construct the configured relay store (and blob store) from a ``RelayConfig``."""
+"""Construct the configured relay store and blob store from a ``RelayConfig``."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from relay.blobs import BlobStore, FsBlobStore
 from relay.config import RelayConfig
 from relay.store.base import RelayStore, StoreLimits
 
 if TYPE_CHECKING:
     from relay.store.pg_common import PgSettings
 
-__all__ = ["make_store", "pg_settings", "store_limits"]
+__all__ = ["make_blob_store", "make_store", "pg_settings", "store_limits"]
 
 
 def store_limits(config: RelayConfig) -> StoreLimits:
@@ -62,3 +63,19 @@ def make_store(config: RelayConfig) -> RelayStore:
     from relay.store.sqlite import SqliteRelayStore
 
     return SqliteRelayStore(config.data_dir / "relay.sqlite3", limits)
+
+
+def make_blob_store(config: RelayConfig) -> BlobStore:
+    """The blob store ``config.effective_blob_store`` names (not opened yet).
+
+    Args:
+        config: settings (``blob_store``, ``store``, ``data_dir``, ``postgres_*``).
+
+    Returns:
+        An ``FsBlobStore`` in ``data_dir/blobs`` or a ``PgBlobStore``.
+    """
+    if config.effective_blob_store == "postgres":
+        from relay.blobs_postgres import PgBlobStore
+
+        return PgBlobStore(pg_settings(config))
+    return FsBlobStore(config.data_dir / "blobs")

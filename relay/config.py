@@ -45,9 +45,10 @@ WORKER_DATAGRAM_BYTES_MAX = 65536
 LISTEN_BACKLOG_MAX = 65535  # the kernel silently caps it further at net.core.somaxconn
 STORES = ("sqlite", "postgres")
 BLOB_STORES = ("auto", "fs", "postgres")
-# The pool holds the group-commit writers, the readers and the blob store's connections: fewer
-# than 2 leaves nothing for reads; PostgreSQL's own default max_connections is 100 for every
-# node together, so a typo of 10,000 would only fail later and less clearly.
+# The store's pool holds the group-commit writers and the readers (the PostgreSQL blob store has
+# a pool of the same size): fewer than 2 leaves nothing for reads; PostgreSQL's own default
+# max_connections is 100 for every node together, so a typo of 10,000 would only fail later and
+# less clearly.
 POSTGRES_POOL_MIN = 2
 POSTGRES_POOL_MAX = 1000
 REDIS_PREFIX_MAX = 64
@@ -137,8 +138,9 @@ SETTING_HELP: dict[str, str] = {
     "postgres_dsn": "with store = postgres: postgresql://user:password@host:port/database"
     " (never logged; prefer BLINDPOST_RELAY_POSTGRES_DSN or the TOML file over a flag, which"
     " other local users can read in the process list)",
-    "postgres_pool_size": f"with store = postgres: connections per relay process"
-    f" ({POSTGRES_POOL_MIN}..{POSTGRES_POOL_MAX}), the blob store's included",
+    "postgres_pool_size": f"with store = postgres: the store's connections per relay process"
+    f" ({POSTGRES_POOL_MIN}..{POSTGRES_POOL_MAX}); with blob_store = postgres the blob store"
+    " opens as many again",
     "postgres_write_connections": "with store = postgres: group-commit transactions in flight at"
     " once (1..postgres_pool_size-1; batches naming the same user still commit in turn)",
     "postgres_timeout_seconds": "with store = postgres: connect and statement timeout; a"

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import secrets
 import shutil
@@ -28,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -41,6 +43,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 POSTGRES_BIN = Path(os.environ.get("BLINDPOST_TEST_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 INSTALL_HINT = "sudo apt-get install postgresql-15 redis-server"
 START_TIMEOUT = 60.0
+T = TypeVar("T")
 
 #: The session's database (set by the ``postgres_test_dsn`` fixture while it is alive).
 SESSION_DATABASE: str | None = None
@@ -84,6 +87,13 @@ def require(available: bool, what: str) -> None:
 # -- probes ------------------------------------------------------------------------------
 
 
+def _run(coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion on a loop of its own, in a thread of its own: these helpers
+    are called from fixtures that may run inside a test's event loop."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(coro())).result()
+
+
 def postgres_answers(dsn: str, timeout: float = 5.0) -> bool:
     """True when a PostgreSQL server accepts a login at ``dsn``."""
 
@@ -95,7 +105,7 @@ def postgres_answers(dsn: str, timeout: float = 5.0) -> bool:
         await conn.close()
         return True
 
-    return asyncio.run(probe())
+    return _run(probe)
 
 
 def redis_answers(url: str, timeout: float = 5.0) -> bool:
@@ -131,7 +141,7 @@ def create_database(server_dsn: str) -> str:
         finally:
             await conn.close()
 
-    asyncio.run(create())
+    _run(create)
     return with_database(server_dsn, name)
 
 
@@ -147,7 +157,7 @@ def drop_database(server_dsn: str, database_dsn: str) -> None:
         finally:
             await conn.close()
 
-    asyncio.run(drop())
+    _run(drop)
 
 
 # -- throwaway servers ---------------------------------------------------------------------

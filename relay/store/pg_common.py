@@ -134,7 +134,7 @@ async def create_pool(settings: PgSettings) -> asyncpg.Pool:
         "search_path": settings.schema,
         "application_name": "blindpost-relay",
     }
-    with storage_errors("connect to postgres"):
+    with storage_errors(f"connect to {redact_dsn(settings.dsn)}"):
         pool = await asyncpg.create_pool(
             settings.dsn,
             min_size=1,

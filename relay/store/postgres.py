@@ -71,47 +71,63 @@ _RETRYABLE = (
     asyncpg.UniqueViolationError,
 )
 
-_DEDUPE = (
-    "SELECT msg_id, sender, sender_device, n_recipients, stored_ms FROM messages "
-    "WHERE msg_id = ANY($1::bytea[])"
-)
-# The directory of the users a batch names, and the lock on each of their devices, in pk order
-# (every writer locks devices in that order, so writers never wait on each other in a cycle).
-# Under READ COMMITTED a row another transaction changed meanwhile is read again once its lock
-# is free, so last_seq and the counters are the committed ones.
-_LOCK_DEVICES = (
-    "SELECT u.username, d.device_id, d.pk, d.last_seq, d.msg_count, d.msg_bytes "
-    "FROM devices d JOIN users u ON u.pk = d.user_pk WHERE u.username = ANY($1::text[]) "
-    "ORDER BY d.pk FOR UPDATE OF d"
-)
-_USERS_EXIST = "SELECT username FROM users WHERE username = ANY($1::text[])"
-_ACK_SQL = """
-WITH del AS (
-    DELETE FROM mailbox mb USING unnest($1::bigint[], $2::bytea[]) AS r(d, mid)
-    WHERE mb.device_pk = r.d AND mb.msg_id = r.mid
-    RETURNING mb.device_pk, mb.msg_id, mb.size),
-gone AS (
-    UPDATE messages m SET holders = m.holders - g.n,
-        body = CASE WHEN m.holders = g.n THEN NULL ELSE m.body END
-    FROM (SELECT msg_id, count(*)::int AS n FROM del GROUP BY msg_id) g
-    WHERE m.msg_id = g.msg_id)
-SELECT device_pk, msg_id, size FROM del
+# A batch is four round trips whatever its size: BEGIN, _BATCH_READ, _BATCH_WRITE, COMMIT.
+#
+# _BATCH_READ: the directory of the users the batch names, with the lock on each of their
+# devices taken in pk order (every writer locks devices in that order, so writers never wait on
+# each other in a cycle; under READ COMMITTED a row another transaction changed meanwhile is
+# read again once its lock is free, so last_seq and the counters are the committed ones); every
+# named user (kind 1, so a user with no device left is told from an unknown one); and the stored
+# messages among the batch's message ids (kind 2, for deduplication).
+_BATCH_READ = """
+WITH locked AS (
+    SELECT u.username, d.device_id, d.pk, d.last_seq, d.msg_count, d.msg_bytes
+    FROM devices d JOIN users u ON u.pk = d.user_pk WHERE u.username = ANY($1::text[])
+    ORDER BY d.pk FOR UPDATE OF d)
+SELECT 0 AS kind, username, device_id, pk, last_seq, msg_count, msg_bytes, NULL::bytea AS mid
+FROM locked
+UNION ALL
+SELECT 1, username, NULL, NULL, NULL, NULL, NULL, NULL FROM users
+WHERE username = ANY($1::text[])
+UNION ALL
+SELECT 2, sender, sender_device, n_recipients, stored_ms, NULL, NULL, msg_id FROM messages
+WHERE msg_id = ANY($2::bytea[])
 """
-_WRITE_SENDS = """
+# _BATCH_WRITE: the batch's new messages and mailbox rows, its acks (deleted rows drop their
+# message's body once no mailbox holds it), and each touched device's seq and counters, in one
+# statement. The sends' seqs and counter deltas were computed from the locked rows; the acks'
+# deltas come from the rows actually deleted. Acks see the mailbox as it was before the batch's
+# own sends (one statement, one snapshot), as on SQLite where a batch's acks run last.
+_BATCH_WRITE = """
 WITH m AS (
     INSERT INTO messages(msg_id, sender, sender_device, stored_ms, n_recipients, holders, body)
     SELECT * FROM unnest($1::bytea[], $2::text[], $3::int[], $4::bigint[], $5::int[],
                          $5::int[], $6::bytea[])),
 mb AS (
     INSERT INTO mailbox(device_pk, seq, msg_id, size)
-    SELECT * FROM unnest($7::bigint[], $8::bigint[], $9::bytea[], $10::int[]))
-UPDATE devices d SET last_seq = v.seq, msg_count = v.c, msg_bytes = v.b
-FROM unnest($11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[]) AS v(pk, seq, c, b)
-WHERE d.pk = v.pk
-"""
-_WRITE_COUNTERS = """
-UPDATE devices d SET msg_count = v.c, msg_bytes = v.b
-FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS v(pk, c, b) WHERE d.pk = v.pk
+    SELECT * FROM unnest($7::bigint[], $8::bigint[], $9::bytea[], $10::int[])),
+del AS (
+    DELETE FROM mailbox x USING unnest($15::bigint[], $16::bytea[]) AS r(d, mid)
+    WHERE x.device_pk = r.d AND x.msg_id = r.mid
+    RETURNING x.device_pk, x.msg_id, x.size),
+gone AS (
+    UPDATE messages g SET holders = g.holders - a.n,
+        body = CASE WHEN g.holders = a.n THEN NULL ELSE g.body END
+    FROM (SELECT msg_id, count(*)::int AS n FROM del GROUP BY msg_id) a
+    WHERE g.msg_id = a.msg_id),
+sd AS (
+    SELECT * FROM unnest($11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[])
+    AS v(pk, seq, c, b)),
+ad AS (
+    SELECT device_pk AS pk, count(*) AS n, sum(size) AS b FROM del GROUP BY device_pk),
+dev AS (
+    UPDATE devices d SET last_seq = coalesce(t.seq, d.last_seq),
+        msg_count = d.msg_count + coalesce(t.c, 0) - coalesce(t.n, 0),
+        msg_bytes = d.msg_bytes + coalesce(t.b, 0) - coalesce(t.ab, 0)
+    FROM (SELECT coalesce(sd.pk, ad.pk) AS pk, sd.seq, sd.c, sd.b, ad.n, ad.b AS ab
+          FROM sd FULL JOIN ad ON sd.pk = ad.pk) t
+    WHERE d.pk = t.pk)
+SELECT device_pk, msg_id, size FROM del
 """
 _DEVICE_PK = (
     "SELECT d.pk FROM devices d JOIN users u ON u.pk = d.user_pk "
@@ -133,10 +149,6 @@ dev AS (
     WHERE d.pk = g.device_pk)
 SELECT count(*) FROM del
 """
-
-
-class _Retry(Exception):
-    """The locked directory no longer matches what the batch read: compute it again."""
 
 
 @dataclass(slots=True)
@@ -189,6 +201,7 @@ class PostgresRelayStore:
         self._listener: DeliveryListener | None = None
         self._pending: list[_Op] = []
         self._inflight: list[_Batch] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle: asyncio.Event | None = None
         self._closing = False
         self._queued = 0
@@ -284,7 +297,9 @@ class PostgresRelayStore:
             waits = [b.done for b in self._inflight if b.users & users]
             batch = _Batch(ops, users, self._loop.create_future())
             self._inflight.append(batch)
-            self._loop.create_task(self._run_batch(batch, waits))
+            task = self._loop.create_task(self._run_batch(batch, waits))
+            self._tasks.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._tasks.discard)
         if not self._pending and not self._inflight:
             self._idle.set()
 
@@ -338,7 +353,7 @@ class PostgresRelayStore:
                     try:
                         async with conn.transaction():
                             return await self._batch_statements(conn, ops)
-                    except (_Retry, *_RETRYABLE) as exc:
+                    except _RETRYABLE as exc:
                         if attempt == _ATTEMPTS:
                             raise StorageError("write batch kept conflicting") from exc
                         log.info("write batch retried (%s)", type(exc).__name__)
@@ -350,44 +365,22 @@ class PostgresRelayStore:
         sends = [op for op in ops if op.kind == _SEND]
         acks = [op for op in ops if op.kind == _ACK]
         known: dict[bytes, tuple[str, int, int, int]] = {}
-        if sends:
-            for r in await conn.fetch(_DEDUPE, [op.args[1].message_id for op in sends]):
-                known[bytes(r[0])] = (r[1], r[2], r[3], r[4])
-        users = sorted(_users_of(ops))
         directory: dict[str, dict[int, int]] = {}
         last_seq: dict[int, int] = {}
         usage: dict[int, list[int]] = {}
-        for r in await conn.fetch(_LOCK_DEVICES, users):
-            pk = int(r[2])
-            directory.setdefault(r[0], {})[int(r[1])] = pk
-            last_seq[pk] = int(r[3])
-            usage[pk] = [int(r[4]), int(r[5])]
-        missing = [u for u in users if u not in directory]
-        if missing:  # users with no device left, or unknown
-            for r in await conn.fetch(_USERS_EXIST, missing):
-                directory[r[0]] = {}
-        touched: set[int] = set()
-        # Acks first: their rows are known only once deleted.
-        if acks:
-            counts = [0] * len(acks)
-            owner: dict[tuple[int, bytes], int] = {}
-            for i, op in enumerate(acks):
-                addr, ids = op.args
-                dev_pk = directory.get(addr.user, {}).get(addr.device)
-                if dev_pk is not None:
-                    for mid in ids:
-                        owner.setdefault((dev_pk, mid), i)
-            if owner:
-                keys = list(owner)
-                rows = await conn.fetch(_ACK_SQL, [k[0] for k in keys], [k[1] for k in keys])
-                for dev_pk, mid, size in rows:
-                    counts[owner[(int(dev_pk), bytes(mid))]] += 1
-                    use = usage[int(dev_pk)]
-                    use[0] -= 1
-                    use[1] -= int(size)
-                    touched.add(int(dev_pk))
-                out.queued -= len(rows)
-            out.results.extend((op.future, True, n) for op, n in zip(acks, counts, strict=True))
+        rows = await conn.fetch(
+            _BATCH_READ, sorted(_users_of(ops)), [op.args[1].message_id for op in sends]
+        )
+        for kind, name, dev_id, pk, seq_or_ms, count, size, mid in rows:
+            if kind == 0:
+                directory.setdefault(name, {})[int(dev_id)] = int(pk)
+                last_seq[int(pk)] = int(seq_or_ms)
+                usage[int(pk)] = [int(count), int(size)]
+            elif kind == 1:
+                directory.setdefault(name, {})
+            else:
+                known[bytes(mid)] = (name, int(dev_id), int(pk), int(seq_or_ms))
+        added: dict[int, list[int]] = {}  # device pk -> [rows, bytes] this batch's sends add
         msgs: list[tuple[bytes, str, int, int, int, bytes | None]] = []
         rows_mb: list[tuple[int, int, bytes, int]] = []
         in_batch: dict[bytes, tuple[str, int, int, int]] = {}
@@ -434,7 +427,9 @@ class PostgresRelayStore:
                 use = usage[dev_pk]
                 use[0] += 1
                 use[1] += size
-                touched.add(dev_pk)
+                delta = added.setdefault(dev_pk, [0, 0])
+                delta[0] += 1
+                delta[1] += size
                 rows_mb.append((dev_pk, seq, env.message_id, size))
                 out.deliveries.append(
                     Delivery(addr, StoredMessage(seq, env.message_id, sender, now_ms, env.body))
@@ -442,10 +437,20 @@ class PostgresRelayStore:
             out.queued += len(targets)
             out.accepted += 1
             out.results.append((op.future, True, SendReceipt(env.message_id, len(targets), now_ms)))
-        pks = sorted(touched)
-        if msgs:
-            await conn.execute(
-                _WRITE_SENDS,
+        # An id acknowledged twice in one batch counts for the first request only.
+        owner: dict[tuple[int, bytes], int] = {}
+        for i, op in enumerate(acks):
+            addr, ids = op.args
+            acker = directory.get(addr.user, {}).get(addr.device)
+            if acker is not None:
+                for mid in ids:
+                    owner.setdefault((acker, mid), i)
+        counts = [0] * len(acks)
+        if msgs or owner:
+            pks = sorted(added)
+            keys = list(owner)
+            deleted = await conn.fetch(
+                _BATCH_WRITE,
                 [m[0] for m in msgs],
                 [m[1] for m in msgs],
                 [m[2] for m in msgs],
@@ -458,13 +463,15 @@ class PostgresRelayStore:
                 [r[3] for r in rows_mb],
                 pks,
                 [last_seq[pk] for pk in pks],
-                [usage[pk][0] for pk in pks],
-                [usage[pk][1] for pk in pks],
+                [added[pk][0] for pk in pks],
+                [added[pk][1] for pk in pks],
+                [k[0] for k in keys],
+                [k[1] for k in keys],
             )
-        elif pks:
-            await conn.execute(
-                _WRITE_COUNTERS, pks, [usage[pk][0] for pk in pks], [usage[pk][1] for pk in pks]
-            )
+            for dev_pk, mid, _size in deleted:
+                counts[owner[(int(dev_pk), bytes(mid))]] += 1
+            out.queued -= len(deleted)
+        out.results.extend((op.future, True, n) for op, n in zip(acks, counts, strict=True))
         return out
 
     # -- accounts ------------------------------------------------------------------------

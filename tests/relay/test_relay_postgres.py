@@ -19,10 +19,13 @@ import aiohttp
 import asyncpg
 import backend_servers
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from relay_harness import QUIET, start_relay
-from relay_testclient import RelayClient, next_frame
+from relay_testclient import RelayClient, b64, next_frame
 from store_backends import pg_settings
 
+from relay.app import STATE_KEY, Clock, create_app, sweep_once
+from relay.config import RelayConfig
 from relay.errors import MailboxFull, StorageError
 from relay.store.base import (
     Address,
@@ -283,3 +286,128 @@ async def test_a_relay_process_on_postgres_sends_and_delivers(
         assert not list((tmp_path / "relay").glob("*.sqlite3"))
     finally:
         relay.stop()
+
+
+async def test_two_relay_nodes_on_one_database_share_blobs_and_mailboxes(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    """Two relay processes on one PostgreSQL (blob_store defaults to postgres there): a blob
+    uploaded via node one downloads via node two, whole and by ranges; a message sent
+    via node one is read and acknowledged via node two; nothing is stored on either's disk."""
+    env_extra = {"BLINDPOST_RELAY_POSTGRES_DSN": postgres_database}
+    settings = {**QUIET, "store": "postgres"}
+    one = start_relay(tmp_path / "one", settings, env_extra=env_extra)
+    two = start_relay(tmp_path / "two", settings, env_extra=env_extra)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            via_one, via_two = RelayClient(one.url, session), RelayClient(two.url, session)
+            alice = await via_one.new_device("alice")
+            bob = await via_two.new_device("bob")
+            data = os.urandom(700_000)  # several chunks
+            up = await via_one.upload_blob(alice, data)
+            assert up.status == 201
+            blob_id = up.json()["id"]
+            assert (await via_two.upload_blob(bob, data)).status == 200  # known on node two
+            target = f"/v1/blobs/{blob_id}"
+            full = await via_two.request(bob, "GET", target)
+            assert full.status == 200 and full.body == data
+            part = await via_two.request(bob, "GET", target, headers={"Range": "bytes=300000-"})
+            assert part.status == 206 and part.body == data[300000:]
+            assert part.headers["Content-Range"] == f"bytes 300000-{len(data) - 1}/{len(data)}"
+            tail = await via_two.request(bob, "GET", target, headers={"Range": "bytes=-10"})
+            assert tail.status == 206 and tail.body == data[-10:]
+            bad = await via_two.request(bob, "GET", target, headers={"Range": "bytes=900000-"})
+            assert bad.status == 416
+            missing = await via_two.request(bob, "GET", "/v1/blobs/" + "0" * 64)
+            assert missing.status == 404 and missing.json()["error"] == "unknown_blob"
+            mid = os.urandom(16)
+            assert (await via_one.send(alice, [bob], b"cross-node", mid)).status == 200
+            page = (await via_two.read(bob)).json()
+            assert [m["body"] for m in page["messages"]] == [b64(b"cross-node")]
+            assert (await via_two.ack(bob, [mid])).json() == {"acked": 1}
+            assert (await via_one.read(bob)).json()["messages"] == []
+        for node in (one, two):
+            stored = [p for p in (node.data_dir / "blobs").rglob("*") if p.is_file()]
+            assert stored == [] and not list(node.data_dir.glob("*.sqlite3"))
+    finally:
+        one.stop()
+        two.stop()
+
+
+class FixedClock(Clock):
+    def __init__(self) -> None:
+        self.now = 1_700_000_000_000
+
+    def now_ms(self) -> int:
+        return self.now
+
+
+async def test_the_sweeper_expires_blobs_stored_in_postgres(postgres_database: str) -> None:
+    """The app built from ``store = postgres`` keeps blob contents in PostgreSQL; once a blob's
+    TTL is over, a sweep removes its metadata and its chunks, and downloads answer 404."""
+    clock = FixedClock()
+    cfg = RelayConfig(
+        store="postgres",
+        postgres_dsn=postgres_database,
+        sweep_interval_seconds=0,
+        blob_ttl_seconds=10,
+        auth_window_seconds=10**9,
+        postgres_pool_size=3,
+    )
+    app = create_app(cfg, clock=clock)
+    async with TestClient(TestServer(app)) as tc:
+        client = RelayClient(str(tc.make_url("")).rstrip("/"), tc.session)
+        dev = await client.new_device("blobber")
+        data = os.urandom(300_000)
+        blob_id = (await client.upload_blob(dev, data)).json()["id"]
+        got = await client.request(dev, "GET", f"/v1/blobs/{blob_id}")
+        assert got.status == 200 and got.body == data
+        conn = await asyncpg.connect(postgres_database)
+        try:
+            assert (
+                await conn.fetchval("SELECT count(*) FROM blob_chunks WHERE id = $1", blob_id) == 2
+            )
+            clock.now += 11_000
+            await sweep_once(app[STATE_KEY])
+            assert await conn.fetchval("SELECT count(*) FROM blob_chunks") == 0
+            assert await conn.fetchval("SELECT count(*) FROM blob_content") == 0
+        finally:
+            await conn.close()
+        assert (await client.request(dev, "GET", f"/v1/blobs/{blob_id}")).status == 404
+        assert app[STATE_KEY].store.stats().blob_bytes == 0
+
+
+async def test_pipelined_sends_commit_and_reach_the_listener_in_submission_order(
+    tmp_path: Path,
+) -> None:
+    """Sends submitted one after another without waiting (a WebSocket client pipelining) land
+    in many batches, several in flight at once: each device's mailbox and the delivery
+    listener still see them in submission order, and receipts resolve before the fan-out."""
+    store = PostgresRelayStore(pg_settings(tmp_path), write_connections=3)
+    await store.open()
+    carol = Address("carol", 1)
+    try:
+        for addr in (A, B, carol):
+            await store.create_account(addr, b"k" * 32, 0)
+        delivered: list[tuple[Address, int, bytes]] = []
+        store.set_delivery_listener(
+            lambda ds: delivered.extend((d.recipient, d.message.seq, d.message.body) for d in ds)
+        )
+        futures = []
+        bodies = []
+        for i in range(60):
+            to = (B,) if i % 3 else (B, carol)
+            bodies.append((to, b"%d" % i))
+            futures.append(store.submit_send(A, Envelope(os.urandom(16), to, b"%d" % i), i))
+            if i % 4 == 0:
+                await asyncio.sleep(0)  # let a batch start with what is queued so far
+        await asyncio.gather(*futures)
+        for dev in (B, carol):
+            want = [body for to, body in bodies if dev in to]
+            box = await store.fetch_mailbox(dev, 0, 1000, 10**9)
+            assert [m.body for m in box] == want
+            pushed = [(seq, body) for rcpt, seq, body in delivered if rcpt == dev]
+            assert pushed == [(m.seq, m.body) for m in box]
+        assert store.stats().commits > 1
+    finally:
+        await store.close()

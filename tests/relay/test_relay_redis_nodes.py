@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import re
 import signal
 import time
@@ -589,3 +590,17 @@ async def test_nodes_on_one_host_share_one_port_with_reuse_port(
     for ws in sockets:
         assert [m.message_id for m in await receive_messages(ws, 1)] == [mid]
         await ws.close()
+
+
+async def test_a_blob_uploaded_via_one_node_downloads_via_another(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    n0, n1 = start_nodes(2, redis_prefix)
+    c0, c1 = RelayClient(n0.url, session), RelayClient(n1.url, session)
+    alice = await c0.new_device("alice")
+    data = os.urandom(300_000)
+    up = await c0.upload_blob(alice, data)
+    assert up.status == 201, up.body
+    blob_id = up.json()["id"]
+    down = await c1.request(alice, "GET", f"/v1/blobs/{blob_id}")
+    assert down.status == 200 and down.body == data
