@@ -95,6 +95,7 @@ def recipe(tmp_path: Path) -> Iterator[dict[str, Any]]:
         topology: dict[str, Any] = json.loads(up.stdout)
         yield topology
     finally:
+        # ``up`` records what it starts as it goes: ``down`` cleans up after a failed ``up`` too.
         recorded = json.loads((state_dir / "topology.json").read_text())
         logs = _logs(state_dir, tail=0)
         down = _run("down", str(state_dir))
