@@ -56,7 +56,12 @@ from relay.health import Readiness
 from relay.hub import CLOSE_BANNED, CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import Limiter, RateLimiter, make_limiter
-from relay.registration import RegistrationGate, invite_hash, load_or_create_key
+from relay.registration import (
+    RegistrationGate,
+    invite_hash,
+    load_or_create_key,
+    shared_registration_key,
+)
 from relay.replay import (
     ManagedReplayGuard,
     ReplayGuard,
@@ -222,11 +227,16 @@ class RelayState:
         """
         if self._gate is None:
             cfg = self.config
-            try:
-                key = load_or_create_key(cfg.data_dir)
-            except OSError as exc:
-                log.error("registration key unavailable: %s", exc)
-                raise StorageError("registration key unavailable") from exc
+            if isinstance(self.replay, SharedReplayGuard):
+                # Nodes behind one load balancer must verify each other's challenges: the key
+                # is derived from the secret their shared replay guard keeps for all of them.
+                key = shared_registration_key(self.replay_secret)
+            else:
+                try:
+                    key = load_or_create_key(cfg.data_dir)
+                except OSError as exc:
+                    log.error("registration key unavailable: %s", exc)
+                    raise StorageError("registration key unavailable") from exc
             self._gate = RegistrationGate(
                 key,
                 cfg.registration_pow_difficulty,

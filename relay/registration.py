@@ -3,7 +3,9 @@
 #   not expired, and it asks at least the currently configured difficulty; it carries no state
 #   on the relay (any worker or restarted process with the same key file verifies it).
 # * The key lives in ``<data_dir>/registration.key`` (32 random bytes, mode 0600), created once,
-#   atomically: processes starting together all end up with the same key.
+#   atomically: processes starting together all end up with the same key. Relay nodes that
+#   share a replay guard (Redis, PostgreSQL) derive it from that guard's shared secret instead
+#   (``shared_registration_key``), so a challenge one node issued verifies on every node.
 # * Invite codes are never stored: only their SHA-256 (a leaked database grants no invite).
 """Registration gate: modes, proof-of-work challenges and invite codes (relay side)."""
 
@@ -28,6 +30,7 @@ __all__ = [
     "invite_hash",
     "load_or_create_key",
     "new_invite_code",
+    "shared_registration_key",
 ]
 
 KEY_FILE = "registration.key"
@@ -60,6 +63,21 @@ def load_or_create_key(data_dir: Path) -> bytes:
     finally:
         tmp.unlink(missing_ok=True)
     return _read_key(path)
+
+
+def shared_registration_key(shared_secret: bytes) -> bytes:
+    """The registration MAC key of nodes sharing a replay guard: a keyed BLAKE2b of a fixed
+    label under the guard's shared secret (domain-separated from the nonce digests).
+
+    Args:
+        shared_secret: ``relay.replay.SharedReplayGuard.shared_secret()``.
+
+    Returns:
+        The key (as long as a key file's).
+    """
+    return hashlib.blake2b(
+        b"registration MAC key", digest_size=_KEY_LEN, key=shared_secret, person=b"blindpost-regkey"
+    ).digest()
 
 
 def _read_key(path: Path) -> bytes:

@@ -21,9 +21,10 @@ import backend_servers
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from relay_harness import QUIET, start_relay
-from relay_testclient import RelayClient, b64, next_frame
+from relay_testclient import Device, RelayClient, b64, new_username, next_frame
 from store_backends import pg_settings
 
+from blindpost_wire.registration import solve_pow
 from relay.app import STATE_KEY, Clock, create_app, sweep_once
 from relay.config import RelayConfig
 from relay.errors import MailboxFull, StorageError
@@ -329,6 +330,50 @@ async def test_two_relay_nodes_on_one_database_share_blobs_and_mailboxes(
         for node in (one, two):
             stored = [p for p in (node.data_dir / "blobs").rglob("*") if p.is_file()]
             assert stored == [] and not list(node.data_dir.glob("*.sqlite3"))
+    finally:
+        one.stop()
+        two.stop()
+
+
+async def test_nodes_without_redis_share_the_replay_guard_and_registration_key(
+    tmp_path: Path, postgres_database: str
+) -> None:
+    """Two relay processes on one PostgreSQL and no Redis (replay_guard = auto: postgres): a
+    signed request accepted by node one is a replay on node two and after node one restarts;
+    a proof-of-work challenge issued by node one registers through node two; neither node
+    keeps a replay or registration key on its own disk."""
+    env_extra = {"BLINDPOST_RELAY_POSTGRES_DSN": postgres_database}
+    settings = {
+        **QUIET,
+        "store": "postgres",
+        "registration": "pow",
+        "registration_pow_difficulty": "4",
+    }
+    one = start_relay(tmp_path / "one", settings, env_extra=env_extra)
+    two = start_relay(tmp_path / "two", settings, env_extra=env_extra)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            via_one, via_two = RelayClient(one.url, session), RelayClient(two.url, session)
+            info = await via_one.registration()
+            assert info["mode"] == "pow"
+            alice = Device(new_username("alice"))
+            nonce = solve_pow(info["challenge"], alice.user, info["difficulty"])
+            pow_doc = {"challenge": info["challenge"], "nonce": nonce}
+            assert (await via_two.register(alice, pow=pow_doc)).status == 201
+            headers = via_one.sign(alice, "GET", "/v1/devices")
+            async with session.get(one.url + "/v1/devices", headers=headers) as resp:
+                assert resp.status == 200
+            async with session.get(two.url + "/v1/devices", headers=headers) as resp:
+                assert resp.status == 401
+                assert (await resp.json())["error"] == "auth_replay"
+            one.stop()
+            one.start()
+            async with session.get(one.url + "/v1/devices", headers=headers) as resp:
+                assert resp.status == 401
+                assert (await resp.json())["error"] == "auth_replay"
+        for node in (one, two):
+            kept = {p.name for p in node.data_dir.iterdir()} if node.data_dir.exists() else set()
+            assert not kept & {"replay.key", "replay.sqlite3", "registration.key"}
     finally:
         one.stop()
         two.stop()

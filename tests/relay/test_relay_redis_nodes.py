@@ -28,8 +28,18 @@ import pytest
 from redis.asyncio import Redis
 from redis_support import REDIS_URL, ThrowawayRedis
 from relay_harness import QUIET, RelayProcess
-from relay_testclient import RelayClient, b64, drain_until_empty, new_mid, next_frame, unb64
+from relay_testclient import (
+    Device,
+    RelayClient,
+    b64,
+    drain_until_empty,
+    new_mid,
+    new_username,
+    next_frame,
+    unb64,
+)
 
+from blindpost_wire.registration import solve_pow
 from relay.store.base import Envelope, StoredMessage
 from relay.wire import decode_deliver, encode_send
 
@@ -300,6 +310,20 @@ async def test_a_signed_request_is_accepted_once_by_the_whole_cluster(
         assert resp.status == 401
         assert (await resp.json())["error"] == "auth_replay"
     assert (await c1.request(alice, "GET", "/v1/devices")).status == 200
+
+
+async def test_a_challenge_from_one_node_registers_through_another(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    """Behind a load balancer, GET /v1/registration and POST /v1/accounts may reach different
+    nodes: the registration key comes from the secret the nodes' Redis replay guard shares."""
+    n0, n1 = start_nodes(2, redis_prefix, registration="pow", registration_pow_difficulty="4")
+    c0, c1 = RelayClient(n0.url, session), RelayClient(n1.url, session)
+    info = await c0.registration()
+    dev = Device(new_username("carol"))
+    nonce = solve_pow(info["challenge"], dev.user, info["difficulty"])
+    reply = await c1.register(dev, pow={"challenge": info["challenge"], "nonce": nonce})
+    assert reply.status == 201, reply.body
 
 
 async def test_a_lost_wake_up_is_pushed_by_the_safety_poll(
