@@ -12,7 +12,9 @@ from redis.asyncio import Redis
 from redis_support import REDIS_URL, free_port
 
 from relay.errors import RateLimited, Unavailable
-from relay.nodes.state import Limiter, RedisLimiter, RedisReplayGuard, ReplayGuard, connect
+from relay.nodes.state import RedisLimiter, RedisReplayGuard, connect
+from relay.ratelimit import Limiter
+from relay.replay import ReplayGuard
 
 
 @pytest.fixture
@@ -162,3 +164,14 @@ async def test_unreachable_redis_is_unavailable_never_allowed() -> None:
             await RedisLimiter(dead, "p:", "send", 1.0, 1.0).take("k", 0.0)
     finally:
         await dead.aclose()
+
+
+async def test_nodes_share_one_replay_secret_made_by_the_first(
+    two_clients: tuple[Redis, Redis], redis_prefix: str
+) -> None:
+    a, b = two_clients
+    g1, g2 = RedisReplayGuard(a, redis_prefix), RedisReplayGuard(b, redis_prefix)
+    first, second = await asyncio.gather(g1.shared_secret(), g2.shared_secret())
+    assert first == second and len(first) == 32
+    assert await RedisReplayGuard(a, redis_prefix + "other:").shared_secret() != first
+    assert await g1.ready() is None

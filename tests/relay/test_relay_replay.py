@@ -18,12 +18,15 @@ import aiohttp
 import pytest
 from relay_harness import RelayProcess
 from relay_testclient import Device, RelayClient
+from store_backends import pg_settings
 from test_relay_workers import pinned_client
 
 from relay.errors import StorageError
 from relay.replay import (
     REPLAY_KEY_LEN,
+    REPLAY_SECRET_LEN,
     MemoryReplayGuard,
+    PgReplayGuard,
     ReplayGuard,
     ReplayGuardFull,
     SqliteReplayGuard,
@@ -34,15 +37,42 @@ from relay.replay import (
 K1, K2, K3 = (bytes([i]) * REPLAY_KEY_LEN for i in (1, 2, 3))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def guard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ReplayGuard]:
-    if request.param == "memory":
-        yield MemoryReplayGuard(max_entries=3)
-        return
-    g = SqliteReplayGuard(tmp_path / "replay.sqlite3", max_entries=3)
+async def _open_guard(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> MemoryReplayGuard | SqliteReplayGuard | PgReplayGuard:
+    if kind == "memory":
+        return MemoryReplayGuard(max_entries=3)
+    if kind == "sqlite":
+        g: SqliteReplayGuard | PgReplayGuard = SqliteReplayGuard(
+            tmp_path / "replay.sqlite3", max_entries=3
+        )
+    else:
+        request.getfixturevalue("postgres_test_dsn")
+        g = PgReplayGuard(pg_settings(tmp_path))
     await g.open()
+    return g
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def guard(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ReplayGuard]:
+    """Every guard that takes the caller's clock (the Redis one uses Redis's own expiry:
+    tests/relay/test_relay_redis_state.py)."""
+    g = await _open_guard(request.param, request, tmp_path)
     yield g
-    await g.close()
+    if not isinstance(g, MemoryReplayGuard):
+        await g.close()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def bounded_guard(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[ReplayGuard]:
+    """The guards that bound their entries (``nonce_cache_max``); PostgreSQL's disk bounds the
+    shared one."""
+    g = await _open_guard(request.param, request, tmp_path)
+    yield g
+    if not isinstance(g, MemoryReplayGuard):
+        await g.close()
 
 
 async def test_a_key_is_claimed_once_until_it_expires(guard: ReplayGuard) -> None:
@@ -57,7 +87,8 @@ async def test_concurrent_claims_of_one_key_let_exactly_one_through(guard: Repla
     assert results.count(True) == 1
 
 
-async def test_a_full_guard_refuses_rather_than_forgets(guard: ReplayGuard) -> None:
+async def test_a_full_guard_refuses_rather_than_forgets(bounded_guard: ReplayGuard) -> None:
+    guard = bounded_guard
     for key in (K1, K2, K3):
         assert await guard.claim(key, 1000, 0)
     with pytest.raises(ReplayGuardFull) as err:
@@ -66,6 +97,24 @@ async def test_a_full_guard_refuses_rather_than_forgets(guard: ReplayGuard) -> N
     assert not await guard.claim(K1, 1000, 10)  # nothing was dropped to make room
     # Once the keys expire there is room again (the SQLite guard sweeps at most once a second).
     assert await guard.claim(b"\x04" * REPLAY_KEY_LEN, 9000, 2000)
+
+
+async def test_postgres_guard_is_shared_by_nodes_with_one_secret(
+    postgres_test_dsn: str, tmp_path: Path
+) -> None:
+    a, b = PgReplayGuard(pg_settings(tmp_path)), PgReplayGuard(pg_settings(tmp_path))
+    await a.open()
+    await b.open()
+    try:
+        assert await a.claim(K1, 5000, 0)
+        assert not await b.claim(K1, 5000, 10)  # claimed through another node
+        first, second = await asyncio.gather(a.shared_secret(), b.shared_secret())
+        assert first == second and len(first) == REPLAY_SECRET_LEN
+        assert await a.ready() is None
+    finally:
+        await a.close()
+        await b.close()
+    assert await a.ready() == "replay guard is closed"
 
 
 async def test_sqlite_guard_is_shared_by_connections_and_survives_reopening(
