@@ -206,7 +206,6 @@ async def test_older_history_loads_when_scrolling_up(
                 (c := screen.query_one(ChatList).get(direct_chat_id("bob")))
                 and c.last_text == "line 299"
             ),
-            timeout=60,
         )
         screen.open_chat(direct_chat_id("bob"))
         listed = screen.query_one(MessageList)
@@ -247,7 +246,7 @@ async def test_connection_indicator_counts_queued_messages_while_offline(
         listed = screen.query_one(MessageList)
         assert listed.messages()[-1].status == "pending"
         tui_relay.start()
-        got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived), timeout=30)
+        got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.text == "written offline"
         await until(pilot, lambda: indicator.state == "connected")
         await until(pilot, lambda: listed.messages()[-1].status in ("sent", "delivered"))

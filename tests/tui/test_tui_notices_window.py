@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 from conftest import FAST, FAST_KDF
 from relay_harness import RelayProcess
-from tui_harness import next_event, type_text, until
+from tui_harness import WAIT, next_event, type_text, until
 
 from e2ee.client import Client, TransportLink
 from e2ee.events import MessageReceived, ReceiptUpdated
@@ -65,7 +65,7 @@ async def test_a_message_lost_at_the_relay_shows_a_missed_message_notice(
     # Alice is offline (the app is not running): bob's first message waits in
     # her mailbox, is not fetched within the relay's retention time, and is swept.
     await bob.send_text("alice", "this one is lost")
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + WAIT
     while "sweeper removed 1 expired messages" not in tui_relay.log_text():
         assert time.monotonic() < deadline, "the relay never expired the message"
         await asyncio.sleep(0.05)  # polling the relay's log: no event to await
@@ -224,7 +224,6 @@ async def test_the_render_window_scrolls_through_a_long_chat_and_back(
         await until(
             pilot,
             lambda: (c := chats.get(direct_chat_id("bob"))) and c.last_text == f"line {total - 1}",
-            timeout=90,
         )
         screen.open_chat(direct_chat_id("bob"))
         listed = screen.query_one(MessageList)

@@ -7,12 +7,17 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from textual.app import App
 from textual.pilot import Pilot
 
 from e2ee.events import Event
 
 T = TypeVar("T")
-WAIT = 15.0
+#: The ceiling of a condition wait. Generous on purpose: on a loaded 2-CPU
+#: machine a relay round trip plus a Textual refresh took more than 15 s once
+#: (issue 18); a wait returns as soon as its condition holds, so a high ceiling
+#: costs nothing when things are quick and only decides when a test gives up.
+WAIT = 90.0
 
 
 async def until(pilot: Pilot[Any], check: Callable[[], T], timeout: float = WAIT) -> T:
@@ -49,3 +54,9 @@ async def type_text(pilot: Pilot[Any], text: str) -> None:
     """Type ``text`` key by key (spaces included)."""
     for ch in text:
         await pilot.press("space" if ch == " " else ch)
+
+
+def screen_text(app: App[Any]) -> str:
+    """What the terminal shows now: the plain text of the screen's lines."""
+    strips = app.screen._compositor.render_strips()
+    return "\n".join("".join(segment.text for segment in strip) for strip in strips)
