@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from textual.widgets import OptionList
-from tui_harness import next_event, type_text, until
+from tui_harness import next_event, screen_text, type_text, until
 
 from e2ee.client import Client
 from e2ee.events import MessageReceived, ReceiptUpdated
@@ -243,6 +243,11 @@ async def test_connection_indicator_counts_queued_messages_while_offline(
         await _send(pilot, screen, "written offline")
         await until(pilot, lambda: indicator.queued == 1)
         assert "1 queued" in str(indicator.render())
+        # The whole text is on screen: the width follows the text (it was clipped
+        # to the width of "● connected").
+        shown = str(indicator.render())
+        await until(pilot, lambda: indicator.content_region.width >= len(shown))
+        assert "1 queued" in screen_text(app)
         listed = screen.query_one(MessageList)
         assert listed.messages()[-1].status == "pending"
         tui_relay.start()
