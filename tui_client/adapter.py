@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from e2ee.client import DB_FILE, Client, ClientOptions
-from e2ee.errors import E2EEError, UsageError, WrongPassphrase
+from e2ee.errors import E2EEError, TransportError, UsageError, WrongPassphrase
 from e2ee.events import (
     ConnectionStateChanged,
     DecryptionProblem,
@@ -45,6 +45,9 @@ from e2ee.history import NOTICE_TYPES, StoredMessage, direct_chat_id, group_chat
 from e2ee.history import ChatSummary as SdkChatSummary
 from e2ee.qr import qr_terminal
 from e2ee.store.sealing import KdfLimits
+from e2ee.transport.auth import check_username
+from e2ee.transport.errors import ConnectionFailed, RelayRejected, RelayTimeout
+from e2ee.transport.http import origin_of
 
 __all__ = [
     "DEFAULT_RELAY_URL",
@@ -70,7 +73,9 @@ __all__ = [
     "TypingChanged",
     "Update",
     "account_exists",
+    "check_new_account",
     "default_data_dir",
+    "relay_error",
 ]
 
 #: The relay of the README quick start.
@@ -357,6 +362,65 @@ def account_exists(data_dir: Path) -> bool:
     return (data_dir / DB_FILE).exists()
 
 
+def check_new_account(username: str, relay_url: str) -> None:
+    """Check a first-run form before anything is created.
+
+    Raises:
+        BackendError: the name or the relay URL cannot be used (the text says why).
+    """
+    if not username:
+        raise BackendError("choose a username")
+    try:
+        check_username(username)
+    except UsageError:
+        raise BackendError(
+            "a username is 3 to 32 characters: lower-case letters a-z, digits 0-9 and _"
+        ) from None
+    if not relay_url:
+        raise BackendError(f"enter the relay's URL (the README's local one is {DEFAULT_RELAY_URL})")
+    try:
+        origin_of(relay_url)
+    except UsageError:
+        raise BackendError(
+            "the relay URL is http:// or https:// and a host (and port), "
+            f"with no path: e.g. {DEFAULT_RELAY_URL}"
+        ) from None
+
+
+def relay_error(exc: E2EEError, relay_url: str, username: str = "") -> str:
+    """A sentence for a failed relay call (never a Python class name).
+
+    Args:
+        exc: what the SDK raised.
+        relay_url: the relay it talked to.
+        username: the name being registered, if any.
+    """
+    if isinstance(exc, RelayTimeout):
+        return f"the relay at {relay_url} did not answer in time; try again"
+    if isinstance(exc, ConnectionFailed):
+        return f"cannot reach the relay at {relay_url}: is the URL right and the relay running?"
+    if isinstance(exc, RelayRejected):
+        if exc.status == 409 and username:
+            return f"the username {username} is taken on this relay; choose another"
+        return f"the relay refused: {exc.detail or exc.code} (HTTP {exc.status})"
+    if isinstance(exc, TransportError):
+        return f"the relay at {relay_url} answered something unexpected: {exc}"
+    return str(exc)
+
+
+def _remove_account(data_dir: Path, existed: bool) -> None:
+    """Remove the database files a failed creation left (and the folder if it made it)."""
+    if not data_dir.is_dir():
+        return
+    for name in os.listdir(data_dir):
+        if name.startswith(DB_FILE) or name.endswith(".lock"):
+            with contextlib.suppress(OSError):
+                (data_dir / name).unlink()
+    if not existed:
+        with contextlib.suppress(OSError):
+            data_dir.rmdir()
+
+
 def _peer_of(chat_id: str) -> str | None:
     return chat_id[3:] if chat_id.startswith("dm:") else None
 
@@ -404,9 +468,15 @@ class Messenger:
     ) -> Messenger:
         """Create an account in ``data_dir`` and register it with the relay.
 
+        The name and the relay URL are checked before anything is written, and a
+        failed creation or registration removes what it wrote: a failed first run
+        leaves no account behind (the next launch shows the first-run form again).
+
         Raises:
-            BackendError: bad name, name taken, relay unreachable.
+            BackendError: bad name or URL, name taken, relay unreachable.
         """
+        check_new_account(username, relay_url)
+        existed = data_dir.exists()
         try:
             client = await Client.create(
                 data_dir,
@@ -419,6 +489,7 @@ class Messenger:
                 kdf_limits=kdf_limits,
             )
         except E2EEError as exc:
+            _remove_account(data_dir, existed)
             raise BackendError(str(exc)) from exc
         try:
             await client.register()
@@ -426,10 +497,8 @@ class Messenger:
             await client.close()
             # The account exists locally now but is unregistered; remove it so the
             # user can retry with another name or relay.
-            for name in os.listdir(data_dir):
-                if name.startswith(DB_FILE):
-                    (data_dir / name).unlink()
-            raise BackendError(f"registration failed: {exc}") from exc
+            _remove_account(data_dir, existed)
+            raise BackendError(relay_error(exc, relay_url, username)) from exc
         return cls(client, relay_url)
 
     @classmethod
