@@ -35,7 +35,7 @@ from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from tui_client.adapter import MessageView
-from tui_client.widgets.fmt import day_key, day_label, human_size, short_time, tick_for
+from tui_client.widgets.fmt import clock_time, day_key, day_label, human_size, tick_for
 from tui_client.widgets.image_preview import is_previewable
 
 __all__ = ["ComposeArea", "MessageList"]
@@ -476,7 +476,7 @@ class MessageList(OptionList):
         who = "own" if m.outgoing else "sender"
         head.append("you" if m.outgoing else m.sender, style=self._style(who))
         head.append("  ")
-        head.append(short_time(m.sent_at, self._now_ms, self._tz), style=self._style("time"))
+        head.append(clock_time(m.sent_at, self._tz), style=self._style("time"))
         if m.outgoing:
             glyph, suffix = tick_for(m.status)
             head.append("  ")
