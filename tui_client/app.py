@@ -17,10 +17,12 @@ import gc
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
+from enum import StrEnum
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from textual import events, on, work
+from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
@@ -35,7 +37,7 @@ from tui_client.adapter import (
 from tui_client.screens.main import MainScreen
 from tui_client.screens.setup import AccountCardScreen, FirstRunScreen, Opened, UnlockScreen
 
-__all__ = ["BlindpostApp", "run"]
+__all__ = ["TERMINAL_KEYS", "BlindpostApp", "run", "teach_terminal_keys"]
 
 
 def _system_ms() -> int:
@@ -48,6 +50,27 @@ GC_IDLE = 1.0
 GC_EVERY = 2.0
 #: Under unbroken input a full collection still runs after this long (bounds memory).
 GC_AT_LEAST = 30.0
+
+
+class _TerminalKey(StrEnum):
+    """Keys Textual's input table does not name (stand-ins for its ``Keys`` values)."""
+
+    ALT_ENTER = "alt+enter"
+
+
+#: Byte sequences terminals send for keys Textual's table lacks. A terminal sends
+#: Alt+Enter as ESC CR; Textual's parser drops the Alt of a key it finds in its
+#: table, so ESC CR read as a plain Enter, and the compose box sent the
+#: half-written message (issue 18). Added to Textual's table before the app
+#: reads any input; keys already in the table are left alone.
+TERMINAL_KEYS: dict[str, tuple[_TerminalKey, ...]] = {"\x1b\r": (_TerminalKey.ALT_ENTER,)}
+
+
+def teach_terminal_keys() -> None:
+    """Add :data:`TERMINAL_KEYS` to Textual's escape-sequence table (idempotent)."""
+    table = cast(dict[str, object], ANSI_SEQUENCES_KEYS)
+    for sequence, keys in TERMINAL_KEYS.items():
+        table.setdefault(sequence, keys)
 
 
 def _local_tz() -> tzinfo:
@@ -82,6 +105,7 @@ class BlindpostApp(App[int]):
         tz: tzinfo | None = None,
     ) -> None:
         super().__init__()
+        teach_terminal_keys()
         self.opener = opener
         self.backend: Backend | None = backend
         self.clock = clock

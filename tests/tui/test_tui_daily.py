@@ -11,14 +11,26 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from tui_harness import main_screen, screen_text, shown, until
+from textual._xterm_parser import XTermParser
+from textual.events import Key
+from tui_harness import (
+    main_screen,
+    next_event,
+    open_chat_with,
+    screen_text,
+    send,
+    shown,
+    type_text,
+    until,
+)
 
 from e2ee.client import Client
+from e2ee.events import MessageReceived, ReceiptUpdated
 from e2ee.history import direct_chat_id
 from tui_client.adapter import Opener
-from tui_client.app import BlindpostApp
+from tui_client.app import BlindpostApp, teach_terminal_keys
 from tui_client.widgets.chat_list import ChatList
-from tui_client.widgets.conversation import MessageList
+from tui_client.widgets.conversation import ComposeArea, MessageList
 
 MakeClient = Callable[..., Awaitable[Client]]
 MakeOpener = Callable[..., Opener]
@@ -52,3 +64,33 @@ async def test_yesterdays_messages_keep_their_time_and_the_list_says_yesterday(
         assert hhmm in row, "a message older than today keeps its time of day"
         separator = [str(o.prompt) for o in listed._options if (o.id or "").startswith("day:")]
         assert separator and "Yesterday" in separator[0]
+
+
+def test_the_terminals_alt_enter_bytes_read_as_alt_enter() -> None:
+    teach_terminal_keys()
+    parser = XTermParser()
+    keys = [e.key for e in [*parser.feed("hi\x1b\r"), *parser.feed("x\r")] if isinstance(e, Key)]
+    assert keys == ["h", "i", "alt+enter", "x", "enter"]
+
+
+async def test_alt_enter_starts_a_new_line_and_enter_sends_both(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob = await sdk_client("bob")
+    bob_events = bob.events()
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_chat_with(pilot, "bob")
+        area = screen.query_one(ComposeArea)
+        area.focus()
+        await type_text(pilot, "first line")
+        await pilot.press("alt+enter")
+        # The keys typed after it land in the box, on the second line.
+        await type_text(pilot, "second")
+        assert area.text == "first line\nsecond"
+        assert shown(screen) == [], "nothing was sent"
+        await pilot.press("enter")
+        got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "first line\nsecond"
+        await until(pilot, lambda: area.text == "")
