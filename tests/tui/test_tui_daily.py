@@ -94,3 +94,33 @@ async def test_alt_enter_starts_a_new_line_and_enter_sends_both(
         got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.text == "first line\nsecond"
         await until(pilot, lambda: area.text == "")
+
+
+async def test_end_jumps_from_the_top_of_a_long_chat_to_the_newest_message(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob = await sdk_client("bob")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        for i in range(500):
+            await bob.send_text("alice", f"line {i}", wait=False)
+        chats = screen.query_one(ChatList)
+        await until(
+            pilot, lambda: (c := chats.get(direct_chat_id("bob"))) and c.last_text == "line 499"
+        )
+        first = (await backend.messages(direct_chat_id("bob"), limit=500))[0]
+        assert first.text == "line 0"
+        # At the top of the chat (as a search hit opens it): older rows only.
+        screen.open_chat(direct_chat_id("bob"), around=first.id)
+        listed = screen.query_one(MessageList)
+        await until(pilot, lambda: listed.selected is not None and listed.selected.text == "line 0")
+        assert listed.has_newer
+        listed.focus()
+        await pilot.press("end")  # one press, not one per 50-message page
+        await until(
+            pilot, lambda: listed.selected is not None and listed.selected.text == "line 499"
+        )
+        assert not listed.has_newer
+        assert shown(screen)[-1] == "line 499"

@@ -678,6 +678,11 @@ class MainScreen(Screen[None]):
         if message.chat_id == self.chat_id:
             self._load_page(message.chat_id, "older", message.before)
 
+    @on(MessageList.NeedLatest)
+    def _need_latest(self, message: MessageList.NeedLatest) -> None:
+        if message.chat_id == self.chat_id:
+            self._load_page(message.chat_id, "newest")
+
     @on(MessageList.NeedNewer)
     def _need_newer(self, message: MessageList.NeedNewer) -> None:
         if message.chat_id == self.chat_id:

@@ -106,6 +106,13 @@ class MessageList(OptionList):
             self.chat_id = chat_id
             self.after = after
 
+    class NeedLatest(Message):
+        """The user asked for the newest message while the window is back in history."""
+
+        def __init__(self, chat_id: str) -> None:
+            super().__init__()
+            self.chat_id = chat_id
+
     class NeedPreview(Message):
         """An image attachment is on screen without a preview yet."""
 
@@ -193,7 +200,7 @@ class MessageList(OptionList):
         self._set_window(page + _unique(arrived, {m.id for m in page}))
         self.has_older = has_older
         self.has_newer = False
-        self.loading_older = False
+        self.loading_older = self.loading_newer = False
         self._live = []
         self._rebuild(keep=None)
         self.action_last()
@@ -525,6 +532,17 @@ class MessageList(OptionList):
         return Text("▨ loading preview…", style=self._style("preview-note"))
 
     # -- interaction --------------------------------------------------------------------
+
+    def action_last(self) -> None:
+        """End: the newest message of the chat, in one press.
+
+        If the window is back in history, the chat's newest page replaces it
+        (``NeedLatest``) instead of walking down one page per press.
+        """
+        if self.has_newer and self.chat_id:
+            self.post_message(self.NeedLatest(self.chat_id))
+            return
+        super().action_last()
 
     def action_act(self, action: str) -> None:
         """Ask the screen to run ``action`` on the selected message."""
