@@ -146,6 +146,8 @@ class ChatSummary:
     last_at: int | None
     #: A group we are no longer a member of (we left or were removed): not listed.
     left: bool = False
+    #: A contact whose every known device was marked verified (safety number compared).
+    verified: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -600,22 +602,34 @@ class Messenger:
         group = self._client.history.group(chat_id[len("group:") :])
         return str(group["name"]) if group and group.get("name") else "group"
 
-    def _summary(self, found: SdkChatSummary) -> ChatSummary:
+    def _summary(
+        self, found: SdkChatSummary, verified: frozenset[str] = frozenset()
+    ) -> ChatSummary:
         chat, last = found.chat, found.last_message
-        if last is None or last.type not in ("text", "attachment"):
+        history = self._client.history
+        if last is None:
             text = ""
         elif last.deleted:
             text = "message deleted"
         elif last.type == "attachment":
-            text = "📎 " + (last.text or "attachment")
-        else:
+            row = history.attachment(last.id)
+            name = (row["file_name"] if row else None) or "file"
+            text = "📎 " + name + (f" {last.text}" if last.text else "")
+        elif last.type == "text":
             text = last.text or ""
-        if last is not None and last.outgoing and text:
+        else:  # a group change, a timer change or a notice: what happened, not blank
+            text = self._describe(last)
+        if last is not None and last.outgoing and text and last.type in ("text", "attachment"):
             text = "you: " + text
         left = False
         if chat.kind == "group" and chat.group_id:
-            group = self._client.history.group(chat.group_id)
+            group = history.group(chat.group_id)
             left = group is not None and not group["member"]
+            if not text and group is not None:
+                # Joined, nothing said yet: the SDK keeps no row for the creation.
+                by = group.get("created_by") or "someone"
+                text = "you created the group" if by == self.username else f"{by} created the group"
+        peer = _peer_of(chat.id)
         return ChatSummary(
             chat_id=chat.id,
             kind="group" if chat.kind == "group" else "direct",
@@ -624,28 +638,48 @@ class Messenger:
             last_text=text.replace("\n", " "),
             last_at=chat.last_message_at,
             left=left,
+            verified=peer is not None and peer in verified,
         )
 
-    def _summaries(self) -> list[ChatSummary]:
+    def _describe(self, m: StoredMessage) -> str:
+        """One line for a history row that is not a text or a file."""
+        if m.type == "group":
+            return m.text or f"{'you' if m.outgoing else m.sender} changed the group"
+        if m.type == "timer":
+            return m.text or "disappearing messages changed"
+        return m.text or m.type
+
+    async def _verified_users(self) -> frozenset[str]:
+        """Contacts whose every known device is marked verified."""
+        try:
+            contacts = await self._client.contacts()
+        except E2EEError:
+            return frozenset()
+        return frozenset(
+            user
+            for user, devices in contacts.items()
+            if devices and all(level == "verified" for level in devices.values())
+        )
+
+    def _summaries(self, verified: frozenset[str]) -> list[ChatSummary]:
         # One query for every chat's unread count and newest message (the SDK's
         # chat_summaries); groups we left are not listed.
-        return [
-            summary
-            for summary in map(self._summary, self._client.history.chat_summaries())
-            if not summary.left
-        ]
+        found = self._client.history.chat_summaries()
+        return [s for s in (self._summary(f, verified) for f in found) if not s.left]
 
     async def chats(self) -> list[ChatSummary]:
         """Every chat, most recently active first."""
-        return await asyncio.to_thread(self._summaries)
+        return await asyncio.to_thread(self._summaries, await self._verified_users())
 
     async def chat_summary(self, chat_id: str) -> ChatSummary:
         """One chat's row (also for a chat with no history yet)."""
 
+        verified = await self._verified_users()
+
         def read() -> ChatSummary:
             for found in self._client.history.chat_summaries():
                 if found.chat.id == chat_id:
-                    return self._summary(found)
+                    return self._summary(found, verified)
             kind: Literal["direct", "group"] = "direct" if chat_id.startswith("dm:") else "group"
             return ChatSummary(chat_id, kind, self._title(chat_id), 0, "", None)
 

@@ -12,23 +12,29 @@ from datetime import UTC, datetime
 from typing import Any
 
 from textual._xterm_parser import XTermParser
+from textual.color import Color
 from textual.events import Key
+from textual.widgets import OptionList
 from tui_harness import (
     main_screen,
     next_event,
     open_chat_with,
     screen_text,
-    send,
     shown,
     type_text,
     until,
 )
 
 from e2ee.client import Client
-from e2ee.events import MessageReceived, ReceiptUpdated
+from e2ee.events import MessageReceived
 from e2ee.history import direct_chat_id
 from tui_client.adapter import Opener
 from tui_client.app import BlindpostApp, teach_terminal_keys
+from tui_client.screens.dialogs import (
+    ContactInfoScreen,
+    GroupInfoScreen,
+    ReactScreen,
+)
 from tui_client.widgets.chat_list import ChatList
 from tui_client.widgets.conversation import ComposeArea, MessageList
 
@@ -124,3 +130,120 @@ async def test_end_jumps_from_the_top_of_a_long_chat_to_the_newest_message(
         )
         assert not listed.has_newer
         assert shown(screen)[-1] == "line 499"
+
+
+def _luminance(color: Color) -> float:
+    def channel(value: int) -> float:
+        c = value / 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    return 0.2126 * channel(color.r) + 0.7152 * channel(color.g) + 0.0722 * channel(color.b)
+
+
+def _contrast(a: Color, b: Color) -> float:
+    light, dark = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def _row_strips(listed: MessageList, needle: str) -> list[Any]:
+    """The rendered lines of the list that show ``needle``."""
+    found = []
+    for y in range(listed.size.height):
+        strip = listed.render_line(y)
+        if needle in "".join(segment.text for segment in strip):
+            found.append(strip)
+    return found
+
+
+async def test_cosmetics_names_readable_highlight_whole_row_toasts_and_reactions(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_chat_with(pilot, "bob")
+        await bob.send_text("alice", "hello from bob")
+        listed = screen.query_one(MessageList)
+        await until(pilot, lambda: "hello from bob" in shown(screen))
+        # The sender's name is readable on the list's background (WCAG AA: 4.5).
+        name = listed._style("sender").color
+        background = listed.styles.background
+        assert name is not None
+        assert _contrast(Color.from_rich_color(name), background) >= 4.5
+        # The cursor's highlight covers the whole row, styled spans included.
+        listed.focus()
+        await pilot.press("end")
+        await until(pilot, lambda: listed.selected is not None)
+        strips = _row_strips(listed, "bob")
+        assert strips
+        colours = {s.style.bgcolor for s in strips[0] if s.text.strip() and s.style}
+        assert len(colours) == 1, f"the highlighted row has gaps: {colours}"
+        # The reaction picker names each emoji once, with a word.
+        await pilot.press("plus")
+        await until(pilot, lambda: isinstance(app.screen, ReactScreen))
+        options = app.screen.query_one("#react-options", OptionList)
+        first = str(options.get_option_at_index(0).prompt)
+        assert first.count("👍") == 1 and "thumbs up" in first
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is screen)
+        # A message in another chat: the toast is titled with the sender's name.
+        await carol.send_text("alice", "psst")
+        await until(pilot, lambda: any(n.message.endswith("psst") for n in app._notifications))
+        toast = next(n for n in app._notifications if n.message.endswith("psst"))
+        assert toast.title == "carol"
+
+
+async def test_chat_list_previews_files_and_groups_and_badges_verified_contacts(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any, tmp_path: Any
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    report = tmp_path / "report.pdf"
+    report.write_bytes(b"%PDF-1.4 not really\n" * 10)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        chats = screen.query_one(ChatList)
+        await bob.send_file("alice", report)
+        await until(pilot, lambda: (c := chats.get(direct_chat_id("bob"))) and c.last_text)
+        assert "report.pdf" in chats.get(direct_chat_id("bob")).last_text  # type: ignore[union-attr]
+        # A group with nothing but its creation: its row says what happened.
+        gid = await carol.create_group("lunch", ["alice"])
+        await until(pilot, lambda: chats.get(f"group:{gid}") is not None)
+        await until(pilot, lambda: chats.get(f"group:{gid}").last_text != "")  # type: ignore[union-attr]
+        # Verify bob: his row and the chat title carry the badge.
+        screen.open_chat(direct_chat_id("bob"))
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, ContactInfoScreen))
+        trust = app.screen.query_one("#contact-trust")
+        await until(pilot, lambda: "tofu" in str(trust.render()))
+        await pilot.press("v")
+        await until(pilot, lambda: "verified" in str(trust.render()))
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is screen)
+        await until(pilot, lambda: chats.get(direct_chat_id("bob")).verified)  # type: ignore[union-attr]
+        await until(pilot, lambda: "@bob ✓" in screen_text(app))
+        assert "✓ verified" in str(screen.query_one("#chat-title").render())
+
+
+async def test_group_info_reports_success_in_the_success_colour(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    await sdk_client("bob")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        chat_id = await backend.create_group("team", ["bob"])
+        screen.open_chat(chat_id)
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, GroupInfoScreen))
+        dialog = app.screen
+        dialog.query_one("#group-rename").value = "team two"
+        dialog.query_one("#group-rename").focus()
+        await pilot.press("enter")
+        status = dialog.query_one("#group-status")
+        await until(pilot, lambda: "renamed to team two" in str(status.render()))
+        assert status.has_class("dialog-ok") and not status.has_class("dialog-error")
+        assert status.styles.color != dialog.query_one("#group-status").app.current_theme.error

@@ -43,8 +43,9 @@ __all__ = [
     "SearchScreen",
 ]
 
-#: The quick reactions offered (an empty string removes ours).
+#: The quick reactions offered (an empty string removes ours), with their names.
 REACTIONS = ("👍", "❤", "😂", "😮", "😢", "🙏")
+REACTION_NAMES = ("thumbs up", "heart", "laughing", "surprised", "sad", "thanks")
 
 
 class PromptScreen(ModalScreen[str | None]):
@@ -85,7 +86,10 @@ class ReactScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("React with", classes="dialog-title")
-            options = [Option(f"{e}  {e}", id=f"r{i}") for i, e in enumerate(REACTIONS)]
+            options = [
+                Option(f"{e}  {name}", id=f"r{i}")
+                for i, (e, name) in enumerate(zip(REACTIONS, REACTION_NAMES, strict=True))
+            ]
             options.append(Option("remove my reaction", id="remove"))
             yield OptionList(*options, id="react-options")
 
@@ -163,6 +167,14 @@ class _Failed(Message):
         self.text = text
 
 
+class _Done(Message):
+    """A worker's change succeeded; ``text`` says what was done."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
 class GroupInfoScreen(ModalScreen[str | None]):
     """Group info: rename, add or remove members, leave.
 
@@ -187,7 +199,7 @@ class GroupInfoScreen(ModalScreen[str | None]):
             with Horizontal(classes="dialog-row"):
                 yield Input(placeholder="add member", id="group-add")
                 yield Button("Add", id="group-add-btn", compact=True)
-            yield Static("", id="group-status", classes="dialog-error")
+            yield Static("", id="group-status", classes="dialog-ok", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Remove selected", id="group-remove-btn")
                 yield Button("Leave group", variant="error", id="group-leave-btn")
@@ -212,7 +224,15 @@ class GroupInfoScreen(ModalScreen[str | None]):
         )
 
     def on__failed(self, message: _Failed) -> None:
-        self.query_one("#group-status", Static).update(message.text)
+        status = self.query_one("#group-status", Static)
+        status.set_classes("dialog-error")
+        status.update(message.text)
+
+    def on__done(self, message: _Done) -> None:
+        # Success reads in the success colour, not the error red.
+        status = self.query_one("#group-status", Static)
+        status.set_classes("dialog-ok")
+        status.update(message.text)
 
     @work(group="group-change")
     async def _change(self, what: str, value: str) -> None:
@@ -231,7 +251,12 @@ class GroupInfoScreen(ModalScreen[str | None]):
         if what == "leave":
             self.dismiss("left")
             return
-        self.post_message(_Failed(f"done: {what} {value}".strip()))
+        done = {
+            "rename": f"renamed to {value}",
+            "add": f"added {value}",
+            "remove": f"removed {value}",
+        }
+        self.post_message(_Done(done.get(what, what)))
         self._load()
 
     @on(Button.Pressed, "#group-rename-btn")

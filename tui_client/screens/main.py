@@ -548,8 +548,7 @@ class MainScreen(Screen[None]):
                 elif m.is_notice:
                     self.notify(m.text or "", severity="warning")
                 elif not m.outgoing and m.kind in ("text", "attachment"):
-                    title = self.chat_list.get(m.chat_id)
-                    where = title.title if title else m.chat_id
+                    where = self._chat_name(m.chat_id)
                     body = m.text or (m.attachment.file_name if m.attachment else "")
                     self.notify(f"{m.sender}: {body}", title=where, timeout=4)
                     self.app.bell()
@@ -577,7 +576,7 @@ class MainScreen(Screen[None]):
                     self._flush_incoming()
                     self.messages.add_notice(text)
                 else:
-                    self.notify(text, title="Group")
+                    self.notify(text, title=self._chat_name(chat_id))
             case KeyChanged(user=user, chat_id=chat_id, held=held, first_use=first_use):
                 if first_use and not held:
                     return
@@ -656,11 +655,18 @@ class MainScreen(Screen[None]):
         self._mark_read(chat_id)
         self.compose_area.focus()
 
+    def _chat_name(self, chat_id: str) -> str:
+        """A chat's name for people (``bob``, a group's name), never its id."""
+        summary = self.chat_list.get(chat_id)
+        if summary is not None:
+            return summary.title
+        return chat_id[3:] if chat_id.startswith("dm:") else "a group"
+
     def _set_title(self, summary: ChatSummary | None, chat_id: str | None = None) -> None:
         chat_id = chat_id or (summary.chat_id if summary else "")
         if summary is not None:
             marker = "#" if summary.kind == "group" else "@"
-            title = f"{marker}{summary.title}"
+            title = f"{marker}{summary.title}" + ("  ✓ verified" if summary.verified else "")
         else:
             title = chat_id.replace("dm:", "@").replace("group:", "#")
         self.query_one("#chat-title", Static).update(f"{title}   (F2: info)")
@@ -818,9 +824,7 @@ class MainScreen(Screen[None]):
             user = self.chat_id[3:]
 
             def verified(done: bool | None) -> None:
-                if done:
-                    self._key_changed.pop(user, None)
-                    self.query_one(KeyBanner).hide()
+                self._contact_checked(user, bool(done))
 
             self.app.push_screen(ContactInfoScreen(self.backend, user), verified)
 
@@ -868,8 +872,13 @@ class MainScreen(Screen[None]):
         user = message.user
 
         def verified(done: bool | None) -> None:
-            if done:
-                self._key_changed.pop(user, None)
-                self.query_one(KeyBanner).hide()
+            self._contact_checked(user, bool(done))
 
         self.app.push_screen(ContactInfoScreen(self.backend, user), verified)
+
+    def _contact_checked(self, user: str, verified: bool) -> None:
+        """Contact info closed: the banner goes if verified; the row shows the badge."""
+        if verified:
+            self._key_changed.pop(user, None)
+            self.query_one(KeyBanner).hide()
+        self._dirty.add(f"dm:{user}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import tzinfo
 from typing import ClassVar
 
+from rich.style import Style
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
@@ -33,6 +34,7 @@ class ChatOptions(OptionList):
         "chat-options--time",
         "chat-options--preview",
         "chat-options--unread",
+        "chat-options--verified",
     }
 
 
@@ -108,17 +110,26 @@ class ChatList(Vertical):
             chats = [c for c in chats if needle in c.title.lower() or needle in c.chat_id]
         return chats
 
+    def _style(self, name: str) -> Style:
+        # partial: only what the component class sets (colour, bold), no
+        # background of its own, so the highlighted row's background shows
+        # behind every part of the text instead of stopping at each styled span.
+        return self.options.get_component_rich_style(f"chat-options--{name}", partial=True)
+
     def _prompt(self, chat: ChatSummary, width: int) -> Text:
-        opts = self.options
         when = short_time(chat.last_at, self._now_ms, self._tz)
         marker = "#" if chat.kind == "group" else "@"
+        # The badge a verified contact carries (safety number compared, ``v``).
+        badge_text = " ✓" if chat.verified else ""
         title = f"{marker}{chat.title}"
-        room = max(4, width - len(when) - 1)
+        room = max(4, width - len(when) - len(badge_text) - 1)
         if len(title) > room:
             title = title[: room - 1] + "…"
-        head = Text(title, style=opts.get_component_rich_style("chat-options--title"))
-        head.pad_right(max(1, width - len(title) - len(when)))
-        head.append(when, style=opts.get_component_rich_style("chat-options--time"))
+        head = Text(title, style=self._style("title"))
+        if badge_text:
+            head.append(badge_text, style=self._style("verified"))
+        head.pad_right(max(1, width - len(title) - len(badge_text) - len(when)))
+        head.append(when, style=self._style("time"))
         badge = ""
         if chat.unread:
             badge = f" {chat.unread} "
@@ -126,10 +137,10 @@ class ChatList(Vertical):
         preview = chat.last_text
         if len(preview) > preview_room:
             preview = preview[: preview_room - 1] + "…"
-        line = Text(preview, style=opts.get_component_rich_style("chat-options--preview"))
+        line = Text(preview, style=self._style("preview"))
         if badge:
             line.pad_right(max(1, width - len(preview) - len(badge)))
-            line.append(badge, style=opts.get_component_rich_style("chat-options--unread"))
+            line.append(badge, style=self._style("unread"))
         return Text("\n").join([head, line])
 
     def _rebuild(self) -> None:

@@ -412,7 +412,12 @@ class MessageList(OptionList):
     def _style(self, name: str) -> Style:
         style = self._styles.get(name)
         if style is None:
-            style = self._styles[name] = self.get_component_rich_style(f"message-list--{name}")
+            # partial: the component's colour and text style only, no background
+            # of its own, so the cursor's highlight covers the whole row (a full
+            # style painted the list's background over it, span by span).
+            style = self._styles[name] = self.get_component_rich_style(
+                f"message-list--{name}", partial=True
+            )
         return style
 
     def _option(self, message: MessageView) -> Option:
