@@ -14,12 +14,13 @@ from typing import Any
 from textual._xterm_parser import XTermParser
 from textual.color import Color
 from textual.events import Key
-from textual.widgets import OptionList
+from textual.widgets import Input, OptionList
 from tui_harness import (
     main_screen,
     next_event,
     open_chat_with,
     screen_text,
+    send,
     shown,
     type_text,
     until,
@@ -31,8 +32,10 @@ from e2ee.history import direct_chat_id
 from tui_client.adapter import Opener
 from tui_client.app import BlindpostApp, teach_terminal_keys
 from tui_client.screens.dialogs import (
+    ConfirmScreen,
     ContactInfoScreen,
     GroupInfoScreen,
+    PromptScreen,
     ReactScreen,
 )
 from tui_client.widgets.chat_list import ChatList
@@ -247,3 +250,108 @@ async def test_group_info_reports_success_in_the_success_colour(
         await until(pilot, lambda: "renamed to team two" in str(status.render()))
         assert status.has_class("dialog-ok") and not status.has_class("dialog-error")
         assert status.styles.color != dialog.query_one("#group-status").app.current_theme.error
+
+
+async def test_the_chat_filter_goes_once_a_chat_is_opened(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        await bob.send_text("alice", "hi")
+        await carol.send_text("alice", "hello")
+        chats = screen.query_one(ChatList)
+        await until(pilot, lambda: len(chats.chat_ids()) == 2)
+        await pilot.press("ctrl+l")
+        await type_text(pilot, "bo")
+        await until(pilot, lambda: chats.chat_ids() == [direct_chat_id("bob")])
+        await pilot.press("enter")
+        await until(pilot, lambda: screen.chat_id == direct_chat_id("bob"))
+        # Carol writes again: her chat is listed, not hidden by the old filter.
+        await carol.send_text("alice", "still there?")
+        await until(pilot, lambda: (c := chats.get(direct_chat_id("carol"))) and c.unread == 2)
+        assert direct_chat_id("carol") in chats.chat_ids()
+        assert chats.query_one("#chat-filter", Input).value == ""
+
+
+async def test_delete_for_everyone_and_overwriting_a_file_ask_first(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any, tmp_path: Any
+) -> None:
+    bob = await sdk_client("bob")
+    bob_events = bob.events()
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("bob's notes\n")
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_chat_with(pilot, "bob")
+        await send(pilot, screen, "oops")
+        await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
+        listed = screen.query_one(MessageList)
+        listed.focus()
+        await pilot.press("end")
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("escape")  # changed my mind
+        await until(pilot, lambda: app.screen is screen)
+        assert not listed.messages()[-1].deleted
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        changed = await next_event(bob_events, lambda e: type(e).__name__ == "MessageChanged")
+        assert changed.change == "deleted"
+        await until(pilot, lambda: listed.messages()[-1].deleted)
+
+        # Saving a file over an existing one asks; "no" keeps the old file.
+        await bob.send_file("alice", notes)
+        await until(pilot, lambda: listed.messages()[-1].attachment is not None)
+        target = tmp_path / "mine.txt"
+        target.write_text("my own file\n")
+        await pilot.press("end")
+        await pilot.press("s")
+        await until(pilot, lambda: isinstance(app.screen, PromptScreen))
+        app.screen.query_one("#prompt-input", Input).value = str(target)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        assert str(target) in str(app.screen.query_one("#confirm-question").render())
+        await pilot.press("n")
+        await until(pilot, lambda: app.screen is screen)
+        assert target.read_text() == "my own file\n"
+        await pilot.press("s")
+        await until(pilot, lambda: isinstance(app.screen, PromptScreen))
+        app.screen.query_one("#prompt-input", Input).value = str(target)
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: target.read_text() == "bob's notes\n")
+
+
+async def test_leaving_a_group_asks_first(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    await sdk_client("bob")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        chat_id = await backend.create_group("team", ["bob"])
+        screen.open_chat(chat_id)
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, GroupInfoScreen))
+        dialog = app.screen
+        await until(pilot, lambda: dialog._info is not None)
+        await pilot.click("#group-leave-btn")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is dialog)
+        info = await backend.group_info(chat_id)
+        assert info is not None and info.am_member, "cancelling leaves nothing changed"
+        dialog.query_one("#group-leave-btn").focus()
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: app.screen is screen)
+        info = await backend.group_info(chat_id)
+        assert info is not None and not info.am_member

@@ -17,7 +17,7 @@ from e2ee.events import MessageReceived, ReceiptUpdated
 from e2ee.history import direct_chat_id
 from tui_client.adapter import Opener
 from tui_client.app import BlindpostApp
-from tui_client.screens.dialogs import PromptScreen, ReactScreen, SearchScreen
+from tui_client.screens.dialogs import ConfirmScreen, PromptScreen, ReactScreen, SearchScreen
 from tui_client.screens.main import MainScreen
 from tui_client.widgets.chat_list import ChatList
 from tui_client.widgets.conversation import ComposeArea, MessageList
@@ -151,6 +151,8 @@ async def test_reply_react_edit_delete_from_the_keyboard(
         listed.focus()
         listed.highlighted = listed.get_option_index(listed.messages()[0].id)
         await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
         deleted = await next_event(bob_events, lambda e: type(e).__name__ == "MessageChanged")
         assert deleted.change == "deleted"
         await until(pilot, lambda: listed.messages()[0].deleted)

@@ -34,6 +34,7 @@ from tui_client.adapter import Backend, BackendError, ContactInfo, GroupInfo, Me
 __all__ = [
     "REACTIONS",
     "AttachScreen",
+    "ConfirmScreen",
     "ContactInfoScreen",
     "GroupInfoScreen",
     "NewGroup",
@@ -46,6 +47,47 @@ __all__ = [
 #: The quick reactions offered (an empty string removes ours), with their names.
 REACTIONS = ("👍", "❤", "😂", "😮", "😢", "🙏")
 REACTION_NAMES = ("thumbs up", "heart", "laughing", "surprised", "sad", "thanks")
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Ask before something that cannot be undone; dismisses with True to go ahead.
+
+    Enter or ``y`` confirms; Esc or ``n`` cancels (the safe choice has the focus).
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,n", "answer(False)", "Cancel"),
+        Binding("y", "answer(True)", "Yes"),
+    ]
+
+    def __init__(self, question: str, yes: str = "Yes") -> None:
+        super().__init__()
+        self._question = question
+        self._yes = yes
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="confirm-dialog"):
+            yield Static(
+                self._question, classes="dialog-title", id="confirm-question", markup=False
+            )
+            with Horizontal(classes="dialog-buttons"):
+                yield Button(self._yes, variant="error", id="confirm-yes")
+                yield Button("Cancel", id="confirm-no")
+
+    def on_mount(self) -> None:
+        self.query_one("#confirm-no", Button).focus()
+
+    @on(Button.Pressed, "#confirm-yes")
+    def _yes_pressed(self) -> None:
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#confirm-no")
+    def _no_pressed(self) -> None:
+        self.dismiss(False)
+
+    def action_answer(self, answer: bool) -> None:
+        """Answer the question."""
+        self.dismiss(answer)
 
 
 class PromptScreen(ModalScreen[str | None]):
@@ -282,7 +324,16 @@ class GroupInfoScreen(ModalScreen[str | None]):
 
     @on(Button.Pressed, "#group-leave-btn")
     def _leave(self) -> None:
-        self._change("leave", "")
+        name = self._info.name if self._info else "this group"
+
+        def answered(leave: bool | None) -> None:
+            if leave:
+                self._change("leave", "")
+
+        self.app.push_screen(
+            ConfirmScreen(f"Leave {name}? You stop receiving its messages.", "Leave group"),
+            answered,
+        )
 
     @on(Button.Pressed, "#group-close")
     def action_close(self) -> None:

@@ -57,6 +57,7 @@ from tui_client.adapter import (
 )
 from tui_client.screens.dialogs import (
     AttachScreen,
+    ConfirmScreen,
     ContactInfoScreen,
     GroupInfoScreen,
     NewGroup,
@@ -754,7 +755,14 @@ class MainScreen(Screen[None]):
             if not m.outgoing or m.deleted:
                 self.notify("only your own messages can be deleted", severity="warning")
                 return
-            self._act("delete", m.id)
+
+            def delete(sure: bool | None) -> None:
+                if sure:
+                    self._act("delete", m.id)
+
+            self.app.push_screen(
+                ConfirmScreen("Delete this message for everyone in the chat?", "Delete"), delete
+            )
         elif message.action == "react":
 
             def react(emoji: str | None) -> None:
@@ -771,9 +779,24 @@ class MainScreen(Screen[None]):
                 self._download(m.id, folder if folder.is_dir() else Path.cwd(), True)
                 return
 
+            name = Path(m.attachment.file_name).name or m.id
+
             def save(path: str | None) -> None:
-                if path:
-                    self._download(m.id, Path(path).expanduser(), False)
+                if not path:
+                    return
+                target = Path(path).expanduser()
+                final = target / name if target.is_dir() else target
+                if not final.exists():
+                    self._download(m.id, final, False)
+                    return
+
+                def replace(sure: bool | None) -> None:
+                    if sure:
+                        self._download(m.id, final, False)
+
+                self.app.push_screen(
+                    ConfirmScreen(f"{final} exists. Replace it?", "Replace"), replace
+                )
 
             default = Path.home() / "Downloads" / m.attachment.file_name
             self.app.push_screen(PromptScreen("Save file to", value=str(default)), save)

@@ -182,10 +182,23 @@ class ChatList(Vertical):
     def _filter_submitted(self, event: Input.Submitted) -> None:
         visible = self._visible()
         if visible:
-            self.post_message(self.ChatChosen(visible[0].chat_id))
+            self._choose(visible[0].chat_id)
 
     @on(OptionList.OptionSelected, "#chat-options")
     def _selected(self, event: OptionList.OptionSelected) -> None:
         event.stop()
         if event.option.id is not None:
-            self.post_message(self.ChatChosen(event.option.id))
+            self._choose(event.option.id)
+
+    def _choose(self, chat_id: str) -> None:
+        # The filter found the chat; it goes once the chat is open, so a chat that
+        # receives messages later is never hidden behind a forgotten filter.
+        if self._filter:
+            self.clear_filter()
+        self.post_message(self.ChatChosen(chat_id))
+
+    def clear_filter(self) -> None:
+        """List every chat again."""
+        self._filter = ""
+        self.query_one("#chat-filter", Input).value = ""
+        self._rebuild()
