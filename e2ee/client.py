@@ -115,7 +115,7 @@ from e2ee.payload import (
 from e2ee.store import AccountRecord, Address, Changes, IdentityRecord, TrustLevel
 from e2ee.store.sealing import KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
-from e2ee.transport.auth import DeviceSigner
+from e2ee.transport.auth import DeviceSigner, check_username
 from e2ee.transport.errors import (
     BlobDigestMismatch,
     ConnectionLost,
@@ -1618,6 +1618,32 @@ class Client:
             return held - {self._me.name}
 
         return await asyncio.to_thread(collect)
+
+    async def user_exists(self, user: str) -> bool:
+        """Whether the relay knows ``user`` (asks it when no session exists yet).
+
+        Fetching their prekey bundles also sets up the session, as the first
+        message to them would. A user whose changed key is held exists.
+
+        Args:
+            user: the user name.
+
+        Returns:
+            False if the relay has no such user.
+
+        Raises:
+            UsageError: not a valid user name.
+            TransportError: the relay cannot be reached.
+        """
+        self._check_open()
+        check_username(user)
+        try:
+            await self._devices(user)
+        except UnknownRecipient:
+            return False
+        except IdentityHeld:
+            return True
+        return True
 
     async def queued_count(self) -> int:
         """Messages composed but not yet accepted by the relay (held ones included).

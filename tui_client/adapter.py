@@ -70,6 +70,7 @@ __all__ = [
     "PassphraseRequired",
     "Progress",
     "ReceiptChanged",
+    "RelayUnavailable",
     "TypingChanged",
     "Update",
     "account_exists",
@@ -92,6 +93,10 @@ class BackendError(Exception):
 
 class PassphraseRequired(BackendError):
     """The account is protected by a passphrase (or the one given is wrong)."""
+
+
+class RelayUnavailable(BackendError):
+    """The relay could not be asked (offline); the answer is not known."""
 
 
 # -- view types ---------------------------------------------------------------------------
@@ -329,6 +334,8 @@ class Backend(Protocol):
     async def accept_key(self, user: str, verified: bool) -> None: ...
 
     async def held_users(self) -> set[str]: ...
+
+    async def user_exists(self, user: str) -> bool: ...
 
     async def queued_count(self) -> int: ...
 
@@ -908,6 +915,10 @@ class Messenger:
         try:
             numbers = await self._client.safety_number(user)
             trust = await self._client.trust_level(user)
+        except UsageError as exc:
+            raise BackendError(
+                f"no key of {user} yet: it comes with the first message either of you sends"
+            ) from exc
         except E2EEError as exc:
             raise BackendError(str(exc)) from exc
         qr = await asyncio.to_thread(qr_terminal, numbers[0][1].scannable) if numbers else ""
@@ -917,6 +928,26 @@ class Messenger:
             safety_numbers=tuple((d, n.digits) for d, n in numbers),
             qr=qr,
         )
+
+    async def user_exists(self, user: str) -> bool:
+        """Whether the relay knows ``user`` (checked before a new chat opens).
+
+        Raises:
+            BackendError: not a valid name (the text says why).
+            RelayUnavailable: the relay cannot be reached now.
+        """
+        try:
+            check_username(user)
+        except UsageError:
+            raise BackendError(f"{user!r} is not a username: 3 to 32 of a-z, 0-9 and _") from None
+        if user == self.username:
+            raise BackendError("that is you: pick someone else")
+        try:
+            return await self._client.user_exists(user)
+        except TransportError as exc:
+            raise RelayUnavailable(relay_error(exc, self._relay_url)) from exc
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
 
     async def accept_key(self, user: str, verified: bool) -> None:
         """Accept (and optionally verify) a contact's current keys; held messages go out."""

@@ -355,3 +355,29 @@ async def test_leaving_a_group_asks_first(
         await until(pilot, lambda: app.screen is screen)
         info = await backend.group_info(chat_id)
         assert info is not None and not info.am_member
+
+
+async def test_a_new_chat_with_a_name_the_relay_does_not_know_is_refused_at_once(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    await sdk_client("bob")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        await pilot.press("ctrl+n")
+        await until(pilot, lambda: isinstance(app.screen, PromptScreen))
+        app.screen.query_one("#prompt-input", Input).value = "nobody_here"
+        await pilot.press("enter")
+        await until(
+            pilot, lambda: any("no such user: nobody_here" in n.message for n in app._notifications)
+        )
+        assert screen.chat_id is None
+        assert screen.query_one(ChatList).get(direct_chat_id("nobody_here")) is None
+        # A real contact opens, and their safety number is there at once (the
+        # relay handed over their key when the chat was checked).
+        await open_chat_with(pilot, "bob")
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, ContactInfoScreen))
+        number = app.screen.query_one("#contact-number")
+        await until(pilot, lambda: "Safety number" in str(number.render()))

@@ -297,5 +297,8 @@ class FakeBackend:
     async def held_users(self) -> set[str]:
         return set()
 
+    async def user_exists(self, user: str) -> bool:
+        return True
+
     async def queued_count(self) -> int:
         return 0

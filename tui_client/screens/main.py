@@ -52,6 +52,7 @@ from tui_client.adapter import (
     NewMessage,
     Notice,
     ReceiptChanged,
+    RelayUnavailable,
     TypingChanged,
     Update,
 )
@@ -143,6 +144,15 @@ class PageLoaded(Message):
         self.kind = kind
         self.limit = limit
         self.anchor = anchor
+
+
+class ChatStarted(Message):
+    """A new chat with ``user`` may open (the relay knows them)."""
+
+    def __init__(self, chat_id: str, user: str) -> None:
+        super().__init__()
+        self.chat_id = chat_id
+        self.user = user
 
 
 class MessageSent(Message):
@@ -505,9 +515,16 @@ class MainScreen(Screen[None]):
             self.messages.append(message.message)
         self._dirty.add(message.message.chat_id)
 
+    @on(ChatStarted)
+    def _chat_started(self, message: ChatStarted) -> None:
+        if self.chat_list.get(message.chat_id) is None:
+            self.chat_list.upsert(ChatSummary(message.chat_id, "direct", message.user, 0, "", None))
+        self.open_chat(message.chat_id)
+
     @on(ActionFailed)
     def _action_failed(self, message: ActionFailed) -> None:
-        self.notify(message.text, severity="error", title="Blindpost")
+        # markup=False: error texts may hold brackets ([a-z0-9_]) that are not markup.
+        self.notify(message.text, severity="error", title="Blindpost", markup=False)
 
     @on(UploadProgress)
     def _upload_progress(self, message: UploadProgress) -> None:
@@ -809,12 +826,30 @@ class MainScreen(Screen[None]):
         def start(user: str | None) -> None:
             if not user:
                 return
-            chat_id = f"dm:{user.lstrip('@')}"
-            if self.chat_list.get(chat_id) is None:
-                self.chat_list.upsert(ChatSummary(chat_id, "direct", user.lstrip("@"), 0, "", None))
-            self.open_chat(chat_id)
+            user = user.lstrip("@")
+            chat_id = f"dm:{user}"
+            if self.chat_list.get(chat_id) is not None:
+                self.open_chat(chat_id)
+            else:
+                self._start_chat(user)  # asks the relay first: no chat with nobody
 
         self.app.push_screen(PromptScreen("New chat with", placeholder="username"), start)
+
+    @work(group="new-chat", exclusive=True)
+    async def _start_chat(self, user: str) -> None:
+        try:
+            exists = await self.backend.user_exists(user)
+        except RelayUnavailable as exc:
+            # Offline: the chat opens; the SDK checks the name when it sends.
+            self.post_message(ActionFailed(f"{exc} (could not check {user}; sent when online)"))
+            exists = True
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+            return
+        if not exists:
+            self.post_message(ActionFailed(f"no such user: {user} (not known to this relay)"))
+            return
+        self.post_message(ChatStarted(f"dm:{user}", user))
 
     def action_new_group(self) -> None:
         """Create a group (pick members)."""
