@@ -310,10 +310,12 @@ def to_message(row: Mapping[str, Any] | sqlite3.Row) -> StoredMessage:
     )
 
 
-def _fts_query(text: str) -> str:
+def _fts_query(text: str, prefix: bool = False) -> str:
     # Every word is quoted: user input is matched literally, never as FTS5 syntax.
+    # With ``prefix`` each quoted word is a prefix query ("histo"* finds history).
+    star = "*" if prefix else ""
     words = [w for w in text.split() if w]
-    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
+    return " ".join('"' + w.replace('"', '""') + '"' + star for w in words)
 
 
 class History:
@@ -609,11 +611,28 @@ class History:
         return [to_message(r) for r in rows]
 
     def search(
-        self, text: str, *, chat_id: str | None = None, limit: int = 50
+        self,
+        text: str,
+        *,
+        chat_id: str | None = None,
+        limit: int = 50,
+        prefix: bool = False,
+        newest_first: bool = False,
+        before_seq: int | None = None,
     ) -> list[StoredMessage]:
         """Full-text search over message text, best matches first.
 
         Words are matched literally (no FTS syntax); all must occur.
+
+        Args:
+            text: the words to find.
+            chat_id: only this chat.
+            limit: at most this many (1..1000).
+            prefix: each word matches the words it begins (``histo`` finds
+                ``history``).
+            newest_first: order by arrival, newest first, instead of by rank.
+            before_seq: only messages stored before this ``seq`` (the next
+                page of a newest-first search: the last ``seq`` seen).
 
         Raises:
             UsageError: bad limit.
@@ -621,7 +640,7 @@ class History:
         """
         if not 1 <= limit <= 1000:
             raise UsageError("limit must be between 1 and 1000")
-        query = _fts_query(text)
+        query = _fts_query(text, prefix)
         if not query:
             return []
         sql = (
@@ -632,7 +651,10 @@ class History:
         if chat_id is not None:
             sql += " AND m.chat_id = ?"
             params.append(chat_id)
-        sql += " ORDER BY f.rank LIMIT ?"
+        if before_seq is not None:
+            sql += " AND m.seq < ?"
+            params.append(before_seq)
+        sql += " ORDER BY m.seq DESC LIMIT ?" if newest_first else " ORDER BY f.rank LIMIT ?"
         params.append(limit)
         return [to_message(r) for r in self._query(sql, params)]
 

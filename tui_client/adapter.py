@@ -52,6 +52,7 @@ from e2ee.transport.http import origin_of
 __all__ = [
     "DEFAULT_RELAY_URL",
     "PAGE_SIZE",
+    "SEARCH_PAGE",
     "AttachmentInfo",
     "Backend",
     "BackendError",
@@ -71,6 +72,7 @@ __all__ = [
     "Progress",
     "ReceiptChanged",
     "RelayUnavailable",
+    "SearchHit",
     "TypingChanged",
     "Update",
     "account_exists",
@@ -83,6 +85,8 @@ __all__ = [
 DEFAULT_RELAY_URL = "http://127.0.0.1:8080"
 #: Messages per history page (the newest page is what opening a chat shows).
 PAGE_SIZE = 60
+#: Search hits per page (the search dialog reads the next page as you scroll).
+SEARCH_PAGE = 50
 
 Progress = Callable[[int, int], None]
 
@@ -153,6 +157,14 @@ class ChatSummary:
     left: bool = False
     #: A contact whose every known device was marked verified (safety number compared).
     verified: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A search result: the message and the name of its chat (never a raw id)."""
+
+    message: MessageView
+    chat_title: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +307,9 @@ class Backend(Protocol):
 
     async def message(self, message_id: str) -> MessageView | None: ...
 
-    async def search(self, text: str) -> list[MessageView]: ...
+    async def search(
+        self, text: str, *, before_seq: int | None = None, limit: int = SEARCH_PAGE
+    ) -> list[SearchHit]: ...
 
     async def send_text(self, chat_id: str, text: str, reply_to: str | None = None) -> str: ...
 
@@ -728,13 +742,37 @@ class Messenger:
 
         return await asyncio.to_thread(read)
 
-    async def search(self, text: str) -> list[MessageView]:
-        """Full-text search over every chat, best matches first."""
+    async def search(
+        self, text: str, *, before_seq: int | None = None, limit: int = SEARCH_PAGE
+    ) -> list[SearchHit]:
+        """Search every chat: each word matches the words it begins, newest first.
 
-        def read() -> list[MessageView]:
-            return [self._view(m) for m in self._client.history.search(text, limit=100)]
+        Args:
+            text: the words (``histo`` finds ``history``).
+            before_seq: the next page: hits stored before this ``seq`` (the
+                last hit's ``seq`` of the page before).
+            limit: hits per page.
 
-        return await asyncio.to_thread(read)
+        Raises:
+            BackendError: the history cannot be read.
+        """
+
+        def read() -> list[SearchHit]:
+            found = self._client.history.search(
+                text, limit=limit, prefix=True, newest_first=True, before_seq=before_seq
+            )
+            titles: dict[str, str] = {}
+            hits = []
+            for m in found:
+                if m.chat_id not in titles:
+                    titles[m.chat_id] = self._title(m.chat_id)
+                hits.append(SearchHit(self._view(m), titles[m.chat_id]))
+            return hits
+
+        try:
+            return await asyncio.to_thread(read)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
 
     async def queued_count(self) -> int:
         """Messages composed but not yet accepted by the relay (receipts left out)."""

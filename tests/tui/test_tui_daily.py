@@ -29,7 +29,7 @@ from tui_harness import (
 from e2ee.client import Client
 from e2ee.events import MessageReceived
 from e2ee.history import direct_chat_id
-from tui_client.adapter import Opener
+from tui_client.adapter import SEARCH_PAGE, Opener
 from tui_client.app import BlindpostApp, teach_terminal_keys
 from tui_client.screens.dialogs import (
     ConfirmScreen,
@@ -37,6 +37,7 @@ from tui_client.screens.dialogs import (
     GroupInfoScreen,
     PromptScreen,
     ReactScreen,
+    SearchScreen,
 )
 from tui_client.widgets.chat_list import ChatList
 from tui_client.widgets.conversation import ComposeArea, MessageList
@@ -381,3 +382,52 @@ async def test_a_new_chat_with_a_name_the_relay_does_not_know_is_refused_at_once
         await until(pilot, lambda: isinstance(app.screen, ContactInfoScreen))
         number = app.screen.query_one("#contact-number")
         await until(pilot, lambda: "Safety number" in str(number.render()))
+
+
+async def test_search_matches_word_beginnings_newest_first_with_names_and_pages(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_chat_with(pilot, "bob")
+        await send(pilot, screen, "a history lesson")
+        await until(pilot, lambda: "a history lesson" in shown(screen))
+        await bob.send_text("alice", "histogram ready")
+        await until(pilot, lambda: "histogram ready" in shown(screen))
+        gid = await carol.create_group("study", ["alice"])
+        await carol.send_text(f"group:{gid}", "history again")
+        chats = screen.query_one(ChatList)
+        await until(pilot, lambda: (c := chats.get(f"group:{gid}")) and c.unread == 1)
+        await pilot.press("ctrl+f")
+        await until(pilot, lambda: isinstance(app.screen, SearchScreen))
+        results = app.screen.query_one("#search-results", OptionList)
+        await type_text(pilot, "histo")
+
+        def hits() -> list[str]:
+            return [str(results.get_option_at_index(i).prompt) for i in range(results.option_count)]
+
+        await until(pilot, lambda: len(hits()) == 3)
+        first, second, third = hits()
+        assert first.startswith("#study · carol · ") and first.endswith(": history again")
+        assert second.startswith("@bob · bob · ") and second.endswith(": histogram ready")
+        assert third.startswith("@bob · you · ") and third.endswith(": a history lesson")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen is screen)
+
+        # More hits than a page: the next page comes when the cursor nears the end.
+        for i in range(SEARCH_PAGE + 10):
+            await bob.send_text("alice", f"needle {i}", wait=False)
+        await until(pilot, lambda: shown(screen)[-1] == f"needle {SEARCH_PAGE + 9}")
+        await pilot.press("ctrl+f")
+        await until(pilot, lambda: isinstance(app.screen, SearchScreen))
+        results = app.screen.query_one("#search-results", OptionList)
+        await type_text(pilot, "need")
+        await until(pilot, lambda: len(hits()) == SEARCH_PAGE)
+        assert hits()[0].endswith(f": needle {SEARCH_PAGE + 9}")
+        await pilot.press("enter")  # to the results
+        await pilot.press("end")
+        await until(pilot, lambda: len(hits()) == SEARCH_PAGE + 10)
+        numbers = [int(h.rsplit(" ", 1)[1]) for h in hits()]
+        assert numbers == list(range(SEARCH_PAGE + 9, -1, -1))

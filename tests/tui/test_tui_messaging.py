@@ -281,7 +281,8 @@ async def test_search_across_the_history_and_open_the_result(
         await type_text(pilot, "pineapple")
         results = dialog.query_one("#search-results", OptionList)
         await until(pilot, lambda: results.option_count == 1)
-        assert "bob: the pineapple plan is on" in str(results.get_option_at_index(0).prompt)
+        hit = str(results.get_option_at_index(0).prompt)
+        assert hit.startswith("@bob · bob · ") and hit.endswith(": the pineapple plan is on")
         await pilot.press("enter")  # from the input to the results
         await pilot.press("enter")  # open the highlighted result
         await until(pilot, lambda: isinstance(app.screen, MainScreen))

@@ -253,9 +253,10 @@ async def test_the_render_window_scrolls_through_a_long_chat_and_back(
         # Rows are bounded too: messages, one day separator per day, nothing else.
         assert listed.option_count <= WINDOW + 2
 
-        # And back down to the newest: the dropped pages are read again.
+        # And back down to the newest, a page at a time: the dropped pages are
+        # read again (End would jump straight to the newest page).
         while listed.has_newer:
-            await pilot.press("end")
+            await pilot.press("pagedown")
             await pilot.pause(0.05)
             assert len(listed.messages()) <= WINDOW
             assert contiguous()
@@ -287,8 +288,20 @@ async def test_the_render_window_scrolls_through_a_long_chat_and_back(
         await until(pilot, lambda: isinstance(app.screen, SearchScreen))
         await type_text(pilot, "17")
         results = app.screen.query_one("#search-results")
-        await until(pilot, lambda: results.option_count == 1)
-        await pilot.press("enter")
+        # Words match by their beginning (17, 170, 171...): pick "line 17".
+        await until(
+            pilot,
+            lambda: any(
+                str(results.get_option_at_index(i).prompt).endswith(": line 17")
+                for i in range(results.option_count)
+            ),
+        )
+        await pilot.press("enter")  # from the input to the results
+        results.highlighted = next(
+            i
+            for i in range(results.option_count)
+            if str(results.get_option_at_index(i).prompt).endswith(": line 17")
+        )
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
         await until(pilot, lambda: "line 17" in texts())
@@ -298,6 +311,6 @@ async def test_the_render_window_scrolls_through_a_long_chat_and_back(
         # Moving down from the hit reads the newer pages.
         listed.focus()
         while listed.has_newer:
-            await pilot.press("end")
+            await pilot.press("pagedown")
             await pilot.pause(0.05)
         assert texts()[-1] == f"line {total}" and contiguous()

@@ -24,6 +24,7 @@ from tui_client.adapter import (
     GroupInfo,
     MessageView,
     Progress,
+    SearchHit,
     Update,
 )
 
@@ -205,9 +206,11 @@ class FakeBackend:
                     return m
         return None
 
-    async def search(self, text: str) -> list[MessageView]:
+    async def search(
+        self, text: str, *, before_seq: int | None = None, limit: int = 50
+    ) -> list[SearchHit]:
         return [
-            m
+            SearchHit(m, m.chat_id.split(":", 1)[1])
             for msgs in self.msgs.values()
             for m in msgs
             if m.text and text.lower() in m.text.lower()

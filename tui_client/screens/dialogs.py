@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,7 +30,16 @@ from textual.widgets import (
 )
 from textual.widgets.option_list import Option
 
-from tui_client.adapter import Backend, BackendError, ContactInfo, GroupInfo, MessageView
+from tui_client.adapter import (
+    SEARCH_PAGE,
+    Backend,
+    BackendError,
+    ContactInfo,
+    GroupInfo,
+    MessageView,
+    SearchHit,
+)
+from tui_client.widgets.fmt import short_time
 
 __all__ = [
     "REACTIONS",
@@ -453,39 +463,81 @@ class AttachScreen(ModalScreen[Path | None]):
 
 
 class SearchScreen(ModalScreen[MessageView | None]):
-    """Search across the history; choosing a result opens its chat."""
+    """Search across the history; choosing a result opens its chat.
+
+    Each word matches the words it begins (``histo`` finds ``history``); hits
+    come newest first, a page at a time: moving to the end of the list reads
+    the next page.
+    """
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, now_ms: int = 0, tz: tzinfo | None = None) -> None:
         super().__init__()
         self._backend = backend
+        self._now_ms = now_ms
+        self._tz = tz or UTC
         self._results: dict[str, MessageView] = {}
+        self._text = ""
+        self._more = False  # the last page was full: there may be older hits
+        self._loading = False
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="search-dialog"):
             yield Label("Search messages", classes="dialog-title")
-            yield Input(placeholder="words to find", id="search-input")
+            yield Input(placeholder="words to find (beginnings are enough)", id="search-input")
             yield OptionList(id="search-results")
 
     @on(Input.Changed, "#search-input")
     def _changed(self, event: Input.Changed) -> None:
-        self._search(event.value)
+        self._text = event.value
+        self._search(event.value, None)
 
     @work(exclusive=True, group="search")
-    async def _search(self, text: str) -> None:
-        results = await self._backend.search(text) if text.strip() else []
-        self.post_message(_Loaded(results))
+    async def _search(self, text: str, before_seq: int | None) -> None:
+        try:
+            hits = await self._backend.search(text, before_seq=before_seq) if text.strip() else []
+        except BackendError as exc:
+            self.post_message(_Failed(str(exc)))
+            return
+        self.post_message(_Loaded((text, before_seq, hits)))
+
+    def _label(self, hit: SearchHit) -> str:
+        m = hit.message
+        where = ("@" if m.chat_id.startswith("dm:") else "#") + hit.chat_title
+        who = "you" if m.outgoing else m.sender
+        when = short_time(m.sent_at, self._now_ms, self._tz)
+        return f"{where} · {who} · {when}: {(m.text or '').replace(chr(10), ' ')}"
 
     def on__loaded(self, message: _Loaded) -> None:
-        results = message.value
-        if not isinstance(results, list):
+        value = message.value
+        if not isinstance(value, tuple):
             return
-        self._results = {m.id: m for m in results}
-        self.query_one("#search-results", OptionList).set_options(
-            Option(f"{m.chat_id} · {m.sender}: {(m.text or '').replace(chr(10), ' ')}", id=m.id)
-            for m in results
-        )
+        text, before_seq, hits = value
+        if text != self._text:
+            return  # typed on meanwhile
+        results = self.query_one("#search-results", OptionList)
+        if before_seq is None:
+            self._results = {}
+            results.clear_options()
+        self._loading = False
+        self._more = len(hits) >= SEARCH_PAGE
+        fresh = [h for h in hits if h.message.id not in self._results]
+        for hit in fresh:
+            self._results[hit.message.id] = hit.message
+        results.add_options(Option(self._label(h), id=h.message.id) for h in fresh)
+
+    def on__failed(self, message: _Failed) -> None:
+        self._loading = False
+        self.notify(message.text, severity="error", markup=False)
+
+    @on(OptionList.OptionHighlighted, "#search-results")
+    def _near_end(self, event: OptionList.OptionHighlighted) -> None:
+        results = self.query_one("#search-results", OptionList)
+        if self._more and not self._loading and event.option_index >= results.option_count - 3:
+            oldest = min(m.seq for m in self._results.values())
+            self._loading = True
+            self._search(self._text, oldest)
 
     @on(Input.Submitted, "#search-input")
     def _to_results(self) -> None:

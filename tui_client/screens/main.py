@@ -916,7 +916,7 @@ class MainScreen(Screen[None]):
                 # The chat opens at the hit, with the messages around it.
                 self.open_chat(message.chat_id, around=message.id)
 
-        self.app.push_screen(SearchScreen(self.backend), found)
+        self.app.push_screen(SearchScreen(self.backend, self._clock(), self._tz), found)
 
     def action_focus_chats(self) -> None:
         self.query_one("#chat-filter").focus()
