@@ -136,6 +136,8 @@ class MessageView:
     reactions: tuple[tuple[str, str], ...] = ()
     attachment: AttachmentInfo | None = None
     seq: int = 0
+    #: An incoming message already marked read (always True for our own).
+    read: bool = True
 
     @property
     def is_notice(self) -> bool:
@@ -614,6 +616,7 @@ class Messenger:
             reactions=reactions,
             attachment=attachment,
             seq=m.seq,
+            read=m.outgoing or m.read_at is not None,
         )
 
     def _title(self, chat_id: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from textual._xterm_parser import XTermParser
 from textual.color import Color
-from textual.events import Key
+from textual.events import AppBlur, AppFocus, Key
 from textual.widgets import Input, OptionList
 from tui_harness import (
     main_screen,
@@ -27,7 +27,7 @@ from tui_harness import (
 )
 
 from e2ee.client import Client
-from e2ee.events import MessageReceived
+from e2ee.events import MessageReceived, ReceiptUpdated
 from e2ee.history import direct_chat_id
 from tui_client.adapter import SEARCH_PAGE, Opener
 from tui_client.app import BlindpostApp, teach_terminal_keys
@@ -40,7 +40,7 @@ from tui_client.screens.dialogs import (
     SearchScreen,
 )
 from tui_client.widgets.chat_list import ChatList
-from tui_client.widgets.conversation import ComposeArea, MessageList
+from tui_client.widgets.conversation import NEW_MARKER, ComposeArea, MessageList
 
 MakeClient = Callable[..., Awaitable[Client]]
 MakeOpener = Callable[..., Opener]
@@ -431,3 +431,69 @@ async def test_search_matches_word_beginnings_newest_first_with_names_and_pages(
         await until(pilot, lambda: len(hits()) == SEARCH_PAGE + 10)
         numbers = [int(h.rsplit(" ", 1)[1]) for h in hits()]
         assert numbers == list(range(SEARCH_PAGE + 9, -1, -1))
+
+
+async def _mark_read_settled(pilot: Any, screen: Any) -> None:
+    """Wait until no mark-read worker of the screen is pending or running."""
+    await until(
+        pilot,
+        lambda: not [w for w in screen.workers if w.group == "mark-read" and not w.is_finished],
+    )
+
+
+async def test_messages_count_as_read_only_when_shown_in_a_focused_window(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob = await sdk_client("bob")
+    bob_events = bob.events()
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    chat = direct_chat_id("bob")
+    app = BlindpostApp(backend=backend)
+
+    async def read_by_alice(message_id: str) -> None:
+        await next_event(
+            bob_events,
+            lambda e: (
+                isinstance(e, ReceiptUpdated) and e.message_id == message_id and e.status == "read"
+            ),
+        )
+
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await open_chat_with(pilot, "bob")
+        listed = screen.query_one(MessageList)
+        # More than a screenful, so rows can be below what is shown.
+        for i in range(12):
+            await bob.send_text("alice", f"line {i}", wait=False)
+        for text in ("one", "two", "three"):
+            await bob.send_text("alice", text)
+        await until(pilot, lambda: shown(screen)[-3:] == ["one", "two", "three"])
+        # On screen, in a focused window: read.
+        await read_by_alice(listed.messages()[-1].id)
+        assert (await backend.chat_summary(chat)).unread == 0
+
+        # The cursor two rows up: four new messages are below it, not read.
+        listed.focus()
+        await pilot.press("up", "up")
+        assert not listed.shows_newest()
+        ids = [await bob.send_text("alice", f"new {i}") for i in range(4)]
+        await until(pilot, lambda: shown(screen)[-1] == "new 3")
+        await _mark_read_settled(pilot, screen)
+        assert (await backend.chat_summary(chat)).unread == 4
+        rows = [o.id for o in listed._options]
+        assert rows.index(NEW_MARKER) == rows.index(ids[0]) - 1, "the line is above them"
+        assert "new messages" in str(listed.get_option(NEW_MARKER).prompt)
+        # Moving down to them reads them; the line shows where they start.
+        await pilot.press("end")
+        await until(pilot, lambda: "new messages" in screen_text(app))
+        await read_by_alice(ids[-1])
+        await until(pilot, lambda: screen.query_one(ChatList).get(chat).unread == 0)  # type: ignore[union-attr]
+
+        # The terminal loses the focus: what arrives meanwhile waits for it.
+        app.post_message(AppBlur())
+        await until(pilot, lambda: not app.app_focus)
+        away = await bob.send_text("alice", "while you were away")
+        await until(pilot, lambda: shown(screen)[-1] == "while you were away")
+        await _mark_read_settled(pilot, screen)
+        assert (await backend.chat_summary(chat)).unread == 1
+        app.post_message(AppFocus())
+        await read_by_alice(away)

@@ -258,6 +258,7 @@ class MainScreen(Screen[None]):
         self.set_interval(_REFRESH_TICK, self._flush_dirty)
         self.set_interval(_APPEND_TICK, self._flush_incoming)
         self.set_interval(1.0, self._expire_typing)
+        self.watch(self.app, "app_focus", self._app_focus_changed, init=False)
         self.query_one("#chat-options").focus()
 
     @property
@@ -325,9 +326,31 @@ class MainScreen(Screen[None]):
             return
         self.post_message(PageLoaded(chat_id, page, kind, limit, anchor))
 
+    def _can_mark_read(self, in_view: bool = False) -> bool:
+        """Read means displayed in a focused window (issue 18).
+
+        The terminal has the focus (focus reporting), this screen is on top (no
+        dialog over it), and the chat's newest message is in view (``in_view``:
+        the list says so; otherwise its cursor is on the newest message).
+        """
+        return (
+            self.app.app_focus
+            and self.app.screen is self
+            and self.chat_id is not None
+            and (in_view or self.messages.shows_newest())
+        )
+
+    def _read_if_seen(self, in_view: bool = False) -> None:
+        if self.messages.unseen and self.chat_id is not None and self._can_mark_read(in_view):
+            self._mark_read(self.chat_id, in_view)
+
     @work(group="mark-read", exclusive=True)
-    async def _mark_read(self, chat_id: str) -> None:
+    async def _mark_read(self, chat_id: str, in_view: bool = False) -> None:
         await asyncio.sleep(_MARK_READ_DELAY)
+        # Still true after the debounce? (The user may have moved up or left.)
+        if chat_id != self.chat_id or not self._can_mark_read(in_view):
+            return
+        self.messages.unseen = False
         try:
             if await self.backend.mark_read(chat_id):
                 self.post_message(ChatRefreshed(await self.backend.chat_summary(chat_id)))
@@ -505,6 +528,7 @@ class MainScreen(Screen[None]):
         else:
             self.messages.set_clock(self._clock())
             self.messages.show(message.chat_id, page, full)
+            self._read_if_seen()
 
     @on(MessageSent)
     def _message_sent(self, message: MessageSent) -> None:
@@ -621,8 +645,11 @@ class MainScreen(Screen[None]):
         batch, self._incoming = self._incoming, []
         batch = [m for m in batch if m.chat_id == self.chat_id]
         if batch:
-            self.messages.extend(batch)
-            if any(not m.outgoing for m in batch) and self.chat_id is not None:
+            # Seen only if the list follows them into view in a focused window;
+            # otherwise a "new messages" line marks where they start.
+            seen = self._can_mark_read()
+            self.messages.extend(batch, unseen=not seen)
+            if seen and any(not m.outgoing for m in batch) and self.chat_id is not None:
                 self._mark_read(self.chat_id)  # once per batch, not once per message
 
     def _flush_dirty(self) -> None:
@@ -670,7 +697,6 @@ class MainScreen(Screen[None]):
             self._load_page(chat_id, "around", around)
         else:
             self._load_page(chat_id, "newest")
-        self._mark_read(chat_id)
         self.compose_area.focus()
 
     def _chat_name(self, chat_id: str) -> str:
@@ -701,6 +727,19 @@ class MainScreen(Screen[None]):
     def _need_older(self, message: MessageList.NeedOlder) -> None:
         if message.chat_id == self.chat_id:
             self._load_page(message.chat_id, "older", message.before)
+
+    @on(MessageList.ReachedNewest)
+    def _reached_newest(self, message: MessageList.ReachedNewest) -> None:
+        if message.chat_id == self.chat_id:
+            self._read_if_seen(in_view=True)
+
+    def _app_focus_changed(self, focused: bool) -> None:
+        if focused:
+            self._read_if_seen()
+
+    def on_screen_resume(self) -> None:
+        # A dialog closed over the chat: what is in view now counts as seen.
+        self._read_if_seen()
 
     @on(MessageList.NeedLatest)
     def _need_latest(self, message: MessageList.NeedLatest) -> None:

@@ -42,6 +42,8 @@ __all__ = ["ComposeArea", "MessageList"]
 
 _NOTICE_PREFIX = "notice:"
 _DAY_PREFIX = "day:"
+#: The id of the "new messages" marker row (one per chat view at most).
+NEW_MARKER = "new:marker"
 #: Size of an inline image preview, in cells (half blocks: two pixels per row).
 PREVIEW_COLS = 32
 PREVIEW_ROWS = 8
@@ -73,6 +75,7 @@ class MessageList(OptionList):
         "message-list--system",
         "message-list--day",
         "message-list--notice",
+        "message-list--new",
         "message-list--preview-note",
         "message-list--tick-pending",
         "message-list--tick-failed",
@@ -105,6 +108,13 @@ class MessageList(OptionList):
             super().__init__()
             self.chat_id = chat_id
             self.after = after
+
+    class ReachedNewest(Message):
+        """The newest message of the chat came into view (the user moved to it)."""
+
+        def __init__(self, chat_id: str) -> None:
+            super().__init__()
+            self.chat_id = chat_id
 
     class NeedLatest(Message):
         """The user asked for the newest message while the window is back in history."""
@@ -155,6 +165,11 @@ class MessageList(OptionList):
         # switching chats, so each image is fetched and decoded once per session.
         self._previews: dict[str, Text | str] = {}
         self._preview_asked: set[str] = set()
+        # The first message the user had not seen when it was shown: the
+        # "new messages" line goes above it (kept until another chat opens).
+        self._new_marker: str | None = None
+        #: Incoming messages are shown that were not seen yet (not marked read).
+        self.unseen = False
 
     def on_mount(self) -> None:
         # Prompts carry resolved colours; a theme switch must re-render them.
@@ -184,6 +199,8 @@ class MessageList(OptionList):
         self._notices = self._notices_by_chat.setdefault(chat_id, []) if chat_id else []
         self._newest_seq = 0
         self._live = []
+        self._new_marker = None
+        self.unseen = False
         self._row_options.clear()
         self._rebuild(keep=None)
 
@@ -198,6 +215,10 @@ class MessageList(OptionList):
         last_seq = page[-1].seq if page else 0
         arrived = [m for m in self._msgs + self._live if m.seq > last_seq]
         self._set_window(page + _unique(arrived, {m.id for m in page}))
+        first_unread = next((m for m in self._msgs if _is_unread(m)), None)
+        if first_unread is not None:
+            self._new_marker = first_unread.id
+            self.unseen = True
         self.has_older = has_older
         self.has_newer = False
         self.loading_older = self.loading_newer = False
@@ -212,6 +233,10 @@ class MessageList(OptionList):
         if chat_id != self.chat_id:
             self.clear(chat_id)
         self._set_window(page)
+        first_unread = next((m for m in page if _is_unread(m)), None)
+        if first_unread is not None:
+            self._new_marker = first_unread.id
+            self.unseen = True
         self.has_older, self.has_newer = has_older, has_newer
         self.loading_older = self.loading_newer = False
         self._rebuild(keep=anchor, top=True)
@@ -264,13 +289,17 @@ class MessageList(OptionList):
         """Add a new message at the bottom (follows it if the cursor was at the end)."""
         self.extend([message])
 
-    def extend(self, messages: list[MessageView]) -> None:
+    def extend(self, messages: list[MessageView], *, unseen: bool = False) -> None:
         """Add new messages at the bottom in one update (one re-layout, one scroll).
 
         With the cursor on the newest message the list follows them, dropping its
         oldest rows when the window is full. Otherwise the user is reading: once
         the window is full, new messages are only remembered (``has_newer``) and
         come in when the user moves down to them, so the rows being read never move.
+
+        ``unseen``: the user cannot see them now (reading further up, or the
+        terminal is not focused): a "new messages" line goes above the first
+        incoming one (unless one is shown already) and ``unseen`` is set.
         """
         at_end = self._at_end()
         fresh: list[MessageView] = []
@@ -295,6 +324,11 @@ class MessageList(OptionList):
                 message.sent_at, self._tz
             ):
                 new.append(self._day_option(message.sent_at))
+            if unseen and _is_unread(message):
+                self.unseen = True
+                if self._new_marker is None:
+                    self._new_marker = message.id
+                    new.append(self._marker_option())
             self._msgs.append(message)
             self._by_id[message.id] = message
             new.append(self._option(message))
@@ -434,6 +468,19 @@ class MessageList(OptionList):
         text = Text(label.center(max(len(label), 30), "─"), style=self._style("day"))
         return Option(text, id=f"{_DAY_PREFIX}{day_key(ms, self._tz)}", disabled=True)
 
+    def _marker_option(self) -> Option:
+        text = Text(" new messages ".center(30, "─"), style=self._style("new"))
+        return Option(text, id=NEW_MARKER, disabled=True)
+
+    def shows_newest(self) -> bool:
+        """True if the chat's newest message is in view and new ones follow into view.
+
+        The window holds the newest page and the cursor is on its last message
+        (the list follows new messages then). With the cursor further up, new
+        messages land below what is being read, so they do not count as seen.
+        """
+        return not self.has_newer and self._at_end()
+
     def _notice_option(self, number: int, text: str) -> Option:
         return Option(
             Text(f"ⓘ {text}", style=self._style("notice")),
@@ -460,6 +507,8 @@ class MessageList(OptionList):
             if day != last_day:
                 options.append(self._day_option(row.sent_at))
                 last_day = day
+            if row.id == self._new_marker:
+                options.append(self._marker_option())
             options.append(self._option(row))
         while nxt is not None:
             options.append(self._notice_option(nxt[1], nxt[2]))
@@ -579,6 +628,7 @@ class MessageList(OptionList):
             self._maybe_need_older()
         if highlighted >= self.option_count - 3:
             self._maybe_need_newer()
+        self._maybe_reached_newest()
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_y(old_value, new_value)
@@ -586,6 +636,18 @@ class MessageList(OptionList):
             self._maybe_need_older()
         if new_value >= self.max_scroll_y and new_value > old_value:
             self._maybe_need_newer()
+            # Scrolled (wheel, PageDown) to the bottom: the newest rows are in view.
+            self._maybe_reached_newest(scrolled=True)
+
+    def _maybe_reached_newest(self, scrolled: bool = False) -> None:
+        if not self.unseen or self._rebuilding or not self.chat_id or self.has_newer:
+            return
+        if scrolled or self._at_end():
+            self.post_message(self.ReachedNewest(self.chat_id))
+
+
+def _is_unread(m: MessageView) -> bool:
+    return not m.outgoing and not m.read and m.kind in ("text", "attachment")
 
 
 def _unique(messages: list[MessageView], seen: set[str]) -> list[MessageView]:
