@@ -230,10 +230,15 @@ class TypingChanged:
 
 @dataclass(frozen=True, slots=True)
 class ChatUpdated:
-    """A chat's title or membership changed (groups)."""
+    """A chat's title or membership changed (groups): ``text`` says what and who.
+
+    ``after_seq``: the chat's newest message when it happened (the notice
+    belongs after it).
+    """
 
     chat_id: str
     text: str
+    after_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +477,13 @@ class Messenger:
         # Updates are read from one SDK subscription taken at construction, so
         # nothing emitted between start() and the first updates() call is lost.
         self._events = client.events()
+        # What our own group changes did, for their history rows: the SDK stores
+        # such a row without a text. Descriptions wait per chat ("" for a group
+        # being created) until the row's MessageStored event names its id; they
+        # last for the session (after a restart the row reads "you changed the
+        # group").
+        self._pending_group: dict[str, list[str]] = {}
+        self._group_texts: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Messenger({self._client!r})"
@@ -605,7 +617,7 @@ class Messenger:
             sender=m.sender,
             outgoing=m.outgoing,
             kind=m.type,
-            text=m.text,
+            text=m.text or self._group_texts.get(m.id),
             sent_at=m.sent_at,
             status=m.status,
             edited=m.edited,
@@ -892,11 +904,19 @@ class Messenger:
 
     async def create_group(self, name: str, members: Sequence[str]) -> str:
         """Create a group; returns its chat id."""
+        text = f"you created the group {name!r}"
+        self._pending_group.setdefault("", []).append(text)
         try:
             gid = await self._client.create_group(name, members)
         except E2EEError as exc:
+            self._unpend("", text)
             raise BackendError(str(exc)) from exc
         return group_chat_id(gid)
+
+    def _unpend(self, chat_id: str, text: str) -> None:
+        waiting = self._pending_group.get(chat_id, [])
+        if text in waiting:
+            waiting.remove(text)
 
     async def group_info(self, chat_id: str) -> GroupInfo | None:
         """The group behind a chat, or None."""
@@ -921,29 +941,40 @@ class Messenger:
 
         return await asyncio.to_thread(read)
 
-    async def _group_call(self, call: Callable[[], object]) -> None:
+    async def _group_call(self, chat_id: str, text: str, call: Callable[[], object]) -> None:
+        self._pending_group.setdefault(chat_id, []).append(text)
         try:
             result = call()
             if asyncio.iscoroutine(result):
                 await result
         except E2EEError as exc:
+            self._unpend(chat_id, text)
             raise BackendError(str(exc)) from exc
 
     async def rename_group(self, chat_id: str, name: str) -> None:
         """Rename a group (admins)."""
-        await self._group_call(lambda: self._client.rename_group(_group_of(chat_id), name))
+        gid = _group_of(chat_id)
+        text = f"you renamed the group to {name!r}"
+        await self._group_call(chat_id, text, lambda: self._client.rename_group(gid, name))
 
     async def add_member(self, chat_id: str, user: str) -> None:
         """Add a member (admins)."""
-        await self._group_call(lambda: self._client.add_member(_group_of(chat_id), user))
+        gid = _group_of(chat_id)
+        await self._group_call(
+            chat_id, f"you added {user}", lambda: self._client.add_member(gid, user)
+        )
 
     async def remove_member(self, chat_id: str, user: str) -> None:
         """Remove a member (admins)."""
-        await self._group_call(lambda: self._client.remove_member(_group_of(chat_id), user))
+        gid = _group_of(chat_id)
+        await self._group_call(
+            chat_id, f"you removed {user}", lambda: self._client.remove_member(gid, user)
+        )
 
     async def leave_group(self, chat_id: str) -> None:
         """Leave a group."""
-        await self._group_call(lambda: self._client.leave_group(_group_of(chat_id)))
+        gid = _group_of(chat_id)
+        await self._group_call(chat_id, "you left the group", lambda: self._client.leave_group(gid))
 
     # -- trust --------------------------------------------------------------------------
 
@@ -1016,6 +1047,10 @@ class Messenger:
     async def _translate(self, event: Event) -> Update | None:
         match event:
             case MessageReceived(message=m) | MessageStored(message=m):
+                if m.type == "group" and m.outgoing and not m.text:
+                    waiting = self._pending_group.get(m.chat_id) or self._pending_group.get("")
+                    if waiting:
+                        self._group_texts[m.id] = waiting.pop(0)
                 return NewMessage(await asyncio.to_thread(self._view, m))
             case MessageChanged(message_id=mid, change=change):
                 found = await self.message(mid)
@@ -1027,6 +1062,8 @@ class Messenger:
             case Typing(chat_id=chat_id, user=user, typing=typing):
                 return TypingChanged(chat_id, user, typing)
             case GroupChanged(group_id=gid, action=action, by=by, name=name, targets=targets):
+                chat_id = group_chat_id(gid)
+                newest = await self.messages(chat_id, limit=1)
                 who = ", ".join(targets)
                 text = {
                     "create": f"{by} created the group {name!r}",
@@ -1035,7 +1072,7 @@ class Messenger:
                     "leave": f"{by} left",
                     "rename": f"{by} renamed the group to {name!r}",
                 }[action]
-                return ChatUpdated(group_chat_id(gid), text)
+                return ChatUpdated(chat_id, text, newest[-1].seq if newest else 0)
             case IdentityChanged(user=user, held=held, first_use=first_use):
                 return KeyChanged(user, direct_chat_id(user), held, first_use)
             case ConnectionStateChanged(state=state, retry_in=retry_in):

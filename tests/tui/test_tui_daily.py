@@ -497,3 +497,51 @@ async def test_messages_count_as_read_only_when_shown_in_a_focused_window(
         assert (await backend.chat_summary(chat)).unread == 1
         app.post_message(AppFocus())
         await read_by_alice(away)
+
+
+def _rows(listed: MessageList) -> list[str]:
+    return [str(o.prompt) for o in listed._options]
+
+
+async def test_group_rows_say_what_changed_and_who_did_it(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    bob_events = bob.events()
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        chat_id = await backend.create_group("team", ["bob", "carol"])
+        gid = chat_id.split(":", 1)[1]
+        screen.open_chat(chat_id)
+        listed = screen.query_one(MessageList)
+        await until(pilot, lambda: any("you created the group 'team'" in r for r in _rows(listed)))
+        # Our rename, through group info: the row says so.
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, GroupInfoScreen))
+        app.screen.query_one("#group-rename", Input).value = "dream team"
+        app.screen.query_one("#group-rename", Input).focus()
+        await pilot.press("enter")
+        await next_event(bob_events, lambda e: getattr(e, "action", None) == "rename")
+        await pilot.press("escape")
+        await until(
+            pilot, lambda: any("you renamed the group to 'dream team'" in r for r in _rows(listed))
+        )
+        assert not any("group updated" in r for r in _rows(listed))
+        # Bob leaves while the group is open: a row, not only a toast.
+        await bob.leave_group(gid)
+        await until(pilot, lambda: any("bob left" in r for r in _rows(listed)))
+        # Carol leaves while another chat is open: a toast titled with the
+        # group's name now, and the row is there when the group is opened.
+        await open_chat_with(pilot, "bob")
+        await carol.leave_group(gid)
+        await until(pilot, lambda: any(n.message == "carol left" for n in app._notifications))
+        toast = next(n for n in app._notifications if n.message == "carol left")
+        assert toast.title == "dream team"
+        screen.open_chat(chat_id)
+        await until(pilot, lambda: any("carol left" in r for r in _rows(listed)))
+        rows = _rows(listed)
+        assert rows.index(next(r for r in rows if "bob left" in r)) < rows.index(
+            next(r for r in rows if "carol left" in r)
+        )

@@ -612,12 +612,14 @@ class MainScreen(Screen[None]):
                     else:
                         self._typing.pop(user, None)
                     self._render_typing()
-            case ChatUpdated(chat_id=chat_id, text=text):
+            case ChatUpdated(chat_id=chat_id, text=text, after_seq=after_seq):
                 self._dirty.add(chat_id)
                 if chat_id == open_chat:
                     self._flush_incoming()
                     self.messages.add_notice(text)
                 else:
+                    # A toast now, and a row in the chat when it is opened.
+                    self.messages.remember_notice(chat_id, after_seq, text)
                     self.notify(text, title=self._chat_name(chat_id))
             case KeyChanged(user=user, chat_id=chat_id, held=held, first_use=first_use):
                 if first_use and not held:

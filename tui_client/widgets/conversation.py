@@ -356,6 +356,17 @@ class MessageList(OptionList):
         if at_end:
             self.scroll_end(animate=False)
 
+    def remember_notice(self, chat_id: str, after_seq: int, text: str) -> None:
+        """A notice for a chat that is not shown now: a row there once it opens.
+
+        ``after_seq``: the chat's newest message when it happened.
+        """
+        if chat_id == self.chat_id:
+            self.add_notice(text)
+            return
+        notices = self._notices_by_chat.setdefault(chat_id, [])
+        notices.append((after_seq, len(notices) + 1, text))
+
     def update_message(self, message: MessageView) -> None:
         """Re-render a message that changed (status, edit, delete, reaction)."""
         if message.id not in self._by_id:
@@ -531,8 +542,15 @@ class MessageList(OptionList):
         if m.is_notice:
             return Text(f"ⓘ {m.text or ''}", style=self._style("notice"))
         if m.kind not in ("text", "attachment"):
-            label = {"group": "group updated", "timer": "timer changed"}.get(m.kind, m.kind)
-            return Text(f"· {m.sender}: {m.text or label}", style=self._style("system"))
+            who = "you" if m.outgoing else m.sender
+            if m.kind == "group":
+                # The text says what changed and who did it ("you renamed the
+                # group to 'x'"); a row from before a restart has none.
+                return Text(
+                    f"· {m.text or who + ' changed the group'}", style=self._style("system")
+                )
+            label = {"timer": "changed the disappearing-message timer"}.get(m.kind, m.kind)
+            return Text(f"· {who}: {m.text or label}", style=self._style("system"))
         head = Text()
         who = "own" if m.outgoing else "sender"
         head.append("you" if m.outgoing else m.sender, style=self._style(who))
