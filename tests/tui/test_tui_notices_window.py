@@ -28,7 +28,7 @@ from tui_client.app import BlindpostApp
 from tui_client.screens.dialogs import AttachScreen, SearchScreen
 from tui_client.screens.main import MainScreen
 from tui_client.widgets.chat_list import ChatList
-from tui_client.widgets.conversation import WINDOW, MessageList
+from tui_client.widgets.conversation import NEW_MARKER, WINDOW, MessageList
 
 MakeClient = Callable[..., Awaitable[Client]]
 MakeOpener = Callable[..., Opener]
@@ -43,10 +43,13 @@ async def _main(pilot: Any) -> MainScreen:
 
 
 def _rows(listed: MessageList) -> list[str]:
-    """What the list shows, top to bottom: message texts and ``ⓘ`` notices."""
+    """What the list shows, top to bottom: message texts and ``ⓘ`` notices.
+
+    Day separators and the "new messages" line are left out.
+    """
     out = []
     for option in listed.options:
-        if option.id is None or option.id.startswith("day:"):
+        if option.id is None or option.id.startswith("day:") or option.id == NEW_MARKER:
             continue
         found = listed.message(option.id)
         if found is None or found.is_notice:  # a notice (stored in history, or the session's)

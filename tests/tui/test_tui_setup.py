@@ -39,7 +39,10 @@ async def test_first_run_registers_then_later_runs_ask_for_the_passphrase(
         screen.query_one("#setup-pass2").value = "correct horse"
         screen.query_one("#setup-pass2").focus()
         await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, AccountCardScreen) and app.screen.query("#card-done"),
+        )
         assert "alice" in str(app.screen.query_one("#account-card-info").render())
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
@@ -88,7 +91,7 @@ async def test_taken_username_is_reported_and_can_be_changed(
         screen.query_one("#setup-username").value = "alice2"
         screen.query_one("#setup-pass2").focus()
         await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
+        await _through_the_card(pilot)
 
 
 async def test_without_passphrase_later_runs_open_straight_into_the_chats(
@@ -100,6 +103,17 @@ async def test_without_passphrase_later_runs_open_straight_into_the_chats(
     app = BlindpostApp(opener)
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
+
+
+async def _through_the_card(pilot: Any) -> None:
+    """The account card comes up; Enter leads on to the chats (fully shown)."""
+    app = pilot.app
+    await until(
+        pilot,
+        lambda: isinstance(app.screen, AccountCardScreen) and app.screen.query("#card-done"),
+    )
+    await pilot.press("enter")
+    await until(pilot, lambda: isinstance(app.screen, MainScreen) and app.screen.query("KeyBanner"))
 
 
 async def _first_run_form(pilot: Any) -> Any:
@@ -142,7 +156,7 @@ async def test_a_bad_username_is_refused_before_anything_is_created(
         screen.query_one("#setup-username").value = "alice"
         screen.query_one("#setup-relay").value = tui_relay.url
         await pilot.click("#setup-create")
-        await until(pilot, lambda: isinstance(again.screen, AccountCardScreen))
+        await _through_the_card(pilot)
     assert again.return_code in (None, 0)
 
 
@@ -178,4 +192,4 @@ async def test_first_run_relay_problems_are_explained_and_leave_nothing_behind(
         # The relay comes up: the same form now works.
         tui_relay.start()
         await _submit(pilot, screen)
-        await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
+        await _through_the_card(pilot)
