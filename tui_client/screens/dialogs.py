@@ -13,7 +13,7 @@ from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import ClassVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -39,6 +39,7 @@ from tui_client.adapter import (
     MessageView,
     SearchHit,
 )
+from tui_client.config import KEY_ACTIONS, TuiConfig, config_path
 from tui_client.widgets.fmt import short_time
 
 __all__ = [
@@ -47,11 +48,14 @@ __all__ = [
     "ConfirmScreen",
     "ContactInfoScreen",
     "GroupInfoScreen",
+    "HelpScreen",
     "NewGroup",
     "NewGroupScreen",
     "PromptScreen",
     "ReactScreen",
     "SearchScreen",
+    "SwitcherScreen",
+    "fuzzy_score",
 ]
 
 #: The quick reactions offered (an empty string removes ours), with their names.
@@ -98,6 +102,130 @@ class ConfirmScreen(ModalScreen[bool]):
     def action_answer(self, answer: bool) -> None:
         """Answer the question."""
         self.dismiss(answer)
+
+
+def fuzzy_score(query: str, text: str) -> int | None:
+    """How well ``query`` matches ``text`` as a subsequence (lower is better); None: no match.
+
+    A prefix match beats a match inside the text, which beats scattered letters.
+    """
+    q, t = query.lower(), text.lower()
+    if not q:
+        return 0
+    if t.startswith(q):
+        return 0
+    found = t.find(q)
+    if found >= 0:
+        return 100 + found
+    score, at = 1000, 0
+    for ch in q:
+        nxt = t.find(ch, at)
+        if nxt < 0:
+            return None
+        score += nxt - at
+        at = nxt + 1
+    return score
+
+
+class SwitcherScreen(ModalScreen[str | None]):
+    """Ctrl+K: type part of a chat's name; Enter opens the best match (or the highlighted)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, chats: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self._chats = chats  # (chat id, title), most recent first
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="switcher-dialog"):
+            yield Label("Go to chat", classes="dialog-title")
+            yield Input(placeholder="part of a name", id="switcher-input")
+            yield OptionList(id="switcher-results")
+
+    def on_mount(self) -> None:
+        self._show("")
+
+    def matches(self, query: str) -> list[tuple[str, str]]:
+        """The chats matching ``query``, best first (ties: most recent first)."""
+        scored = [
+            (fuzzy_score(query, title), i, c, title) for i, (c, title) in enumerate(self._chats)
+        ]
+        return [(c, title) for s, _, c, title in sorted(x for x in scored if x[0] is not None)]
+
+    def _show(self, query: str) -> None:
+        results = self.query_one("#switcher-results", OptionList)
+        results.set_options(
+            Option(("#" if c.startswith("group:") else "@") + title, id=c)
+            for c, title in self.matches(query)
+        )
+        if results.option_count:
+            results.highlighted = 0
+
+    @on(Input.Changed, "#switcher-input")
+    def _changed(self, event: Input.Changed) -> None:
+        self._show(event.value)
+
+    @on(Input.Submitted, "#switcher-input")
+    def _submitted(self) -> None:
+        results = self.query_one("#switcher-results", OptionList)
+        option = results.highlighted_option
+        if option is not None:
+            self.dismiss(option.id)
+
+    def on_key(self, event: events.Key) -> None:
+        # Up / Down move through the results while typing goes on in the input.
+        if event.key in ("up", "down"):
+            results = self.query_one("#switcher-results", OptionList)
+            if event.key == "down":
+                results.action_cursor_down()
+            else:
+                results.action_cursor_up()
+            event.stop()
+
+    @on(OptionList.OptionSelected, "#switcher-results")
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class HelpScreen(ModalScreen[None]):
+    """F1: every key of the main view, as the settings file left them."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,f1,q", "close", "Close")]
+
+    def __init__(self, key_map: dict[str, str], config: TuiConfig) -> None:
+        super().__init__()
+        self._keys = key_map
+        self._config = config
+
+    def compose(self) -> ComposeResult:
+        width = max(len(k) for k in self._keys.values()) + 2
+        lines = [
+            f"{keys.replace(',', ' / '):<{width}} {KEY_ACTIONS[name][1]}  [{name}]"
+            for name, keys in self._keys.items()
+        ]
+        lines += [
+            f"{'Enter':<{width}} send (compose box)",
+            f"{'Alt+Enter':<{width}} new line (also Ctrl+J)",
+            f"{'Alt+1..9':<{width}} the chat at that place in the list",
+        ]
+        if self._config.vi_keys:
+            lines.append(f"{'j / k / g / G':<{width}} down / up / first / last in the lists")
+        where = self._config.path or config_path()
+        source = "read from" if self._config.path else "none yet; create"
+        with VerticalScroll(classes="dialog", id="help-dialog"):
+            yield Label("Keys", classes="dialog-title")
+            yield Static("\n".join(lines), id="help-keys", markup=False)
+            yield Static(
+                f"Settings file ({source}): {where}\nlayout: {self._config.layout}",
+                id="help-config",
+                markup=False,
+            )
+
+    def action_close(self) -> None:
+        self.dismiss(None)
 
 
 class PromptScreen(ModalScreen[str | None]):

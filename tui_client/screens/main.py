@@ -56,16 +56,19 @@ from tui_client.adapter import (
     TypingChanged,
     Update,
 )
+from tui_client.config import TuiConfig
 from tui_client.screens.dialogs import (
     AttachScreen,
     ConfirmScreen,
     ContactInfoScreen,
     GroupInfoScreen,
+    HelpScreen,
     NewGroup,
     NewGroupScreen,
     PromptScreen,
     ReactScreen,
     SearchScreen,
+    SwitcherScreen,
 )
 from tui_client.screens.setup import AccountCardScreen
 from tui_client.widgets.chat_list import ChatList
@@ -201,18 +204,32 @@ class MainScreen(Screen[None]):
     """Chat list + conversation + compose."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("ctrl+n", "new_chat", "New chat"),
-        Binding("ctrl+g", "new_group", "New group"),
-        Binding("f2", "info", "Info"),
-        Binding("f3", "account", "Me", show=False),
-        Binding("ctrl+o", "attach", "Attach"),
-        Binding("ctrl+f", "search", "Search"),
-        Binding("ctrl+l", "focus_chats", "Chats", show=False),
+        # Ids are the [keys] names of the settings file (tui_client.config).
+        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+g", "new_group", "New group", id="new_group"),
+        # priority: Ctrl+K is the switcher even while typing (the compose box
+        # would take it as "delete to the end of the line").
+        Binding("ctrl+k", "switch_chat", "Switch", id="switch_chat", priority=True),
+        Binding("alt+u", "next_unread", "Unread", show=False, id="next_unread"),
+        Binding("f1", "help", "Help", id="help"),
+        Binding("f2", "info", "Info", id="info"),
+        Binding("f3", "account", "Me", show=False, id="account"),
+        Binding("ctrl+o", "attach", "Attach", id="attach"),
+        Binding("ctrl+f", "search", "Search", id="search"),
+        Binding("ctrl+l", "focus_chats", "Chats", show=False, id="focus_chats"),
         Binding("escape", "cancel_compose", "Cancel", show=False),
+        *[Binding(f"alt+{n}", f"chat_number({n})", f"Chat {n}", show=False) for n in range(1, 10)],
     ]
 
-    def __init__(self, backend: Backend, clock: Callable[[], int], tz: tzinfo) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        clock: Callable[[], int],
+        tz: tzinfo,
+        config: TuiConfig | None = None,
+    ) -> None:
         super().__init__()
+        self.config = config or TuiConfig()
         self.backend = backend
         self._clock = clock
         self._tz = tz
@@ -258,6 +275,7 @@ class MainScreen(Screen[None]):
         self.set_interval(_REFRESH_TICK, self._flush_dirty)
         self.set_interval(_APPEND_TICK, self._flush_incoming)
         self.set_interval(1.0, self._expire_typing)
+        self.messages.compact = self.config.layout == "compact"
         self.watch(self.app, "app_focus", self._app_focus_changed, init=False)
         self.query_one("#chat-options").focus()
 
@@ -442,6 +460,31 @@ class MainScreen(Screen[None]):
             )
             await proc.wait()
 
+    @work(group="desktop-notify")
+    async def _desktop_notify(self, title: str, body: str) -> None:
+        """A desktop notification through ``notify-send``, where it exists.
+
+        The text goes as arguments (no shell); failures are ignored: the toast
+        and the bell have already told the user.
+        """
+        program = shutil.which("notify-send")
+        if program is None:
+            return
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                program,
+                "--app-name=Blindpost",
+                "--",
+                title,
+                body[:200],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            await proc.wait()
+        except OSError:
+            return
+
     @work(group="preview")
     async def _preview(self, message_id: str) -> None:
         async with self._previewing:
@@ -592,8 +635,11 @@ class MainScreen(Screen[None]):
                 elif not m.outgoing and m.kind in ("text", "attachment"):
                     where = self._chat_name(m.chat_id)
                     body = m.text or (m.attachment.file_name if m.attachment else "")
-                    self.notify(f"{m.sender}: {body}", title=where, timeout=4)
-                    self.app.bell()
+                    self.notify(f"{m.sender}: {body}", title=where, timeout=4, markup=False)
+                    if self.config.bell:
+                        self.app.bell()
+                    if self.config.desktop_notifications:
+                        self._desktop_notify(where, f"{m.sender}: {body}")
             case MessageChanged_(message=m):
                 self._dirty.add(m.chat_id)
                 if m.chat_id == open_chat:
@@ -833,8 +879,7 @@ class MainScreen(Screen[None]):
                 self.notify("that message has no file", severity="warning")
                 return
             if message.action == "open":
-                folder = Path.home() / "Downloads"
-                self._download(m.id, folder if folder.is_dir() else Path.cwd(), True)
+                self._download(m.id, self.config.downloads(), True)
                 return
 
             name = Path(m.attachment.file_name).name or m.id
@@ -856,7 +901,7 @@ class MainScreen(Screen[None]):
                     ConfirmScreen(f"{final} exists. Replace it?", "Replace"), replace
                 )
 
-            default = Path.home() / "Downloads" / m.attachment.file_name
+            default = self.config.downloads() / name
             self.app.push_screen(PromptScreen("Save file to", value=str(default)), save)
 
     # -- actions --------------------------------------------------------------------------
@@ -958,6 +1003,37 @@ class MainScreen(Screen[None]):
                 self.open_chat(message.chat_id, around=message.id)
 
         self.app.push_screen(SearchScreen(self.backend, self._clock(), self._tz), found)
+
+    def action_help(self) -> None:
+        """Every key, as the settings file left them."""
+        self.app.push_screen(HelpScreen(self.config.key_map(), self.config))
+
+    def action_switch_chat(self) -> None:
+        """Quick switcher: type part of a chat's name, Enter opens the best match."""
+        chats = [(c, s.title) for c in self.chat_list.all_ids() if (s := self.chat_list.get(c))]
+
+        def chosen(chat_id: str | None) -> None:
+            if chat_id is not None:
+                self.open_chat(chat_id)
+
+        self.app.push_screen(SwitcherScreen(chats), chosen)
+
+    def action_next_unread(self) -> None:
+        """Open the next chat (in list order, after the open one) with unread messages."""
+        ids = self.chat_list.all_ids()
+        unread = [c for c in ids if (s := self.chat_list.get(c)) and s.unread]
+        if not unread:
+            self.notify("no unread messages")
+            return
+        after = ids.index(self.chat_id) if self.chat_id in ids else -1
+        later = [c for c in unread if ids.index(c) > after]
+        self.open_chat((later or unread)[0])
+
+    def action_chat_number(self, number: int) -> None:
+        """Alt+1..9: the chat at that place in the list."""
+        ids = self.chat_list.chat_ids()
+        if 0 < number <= len(ids):
+            self.open_chat(ids[number - 1])
 
     def action_focus_chats(self) -> None:
         self.query_one("#chat-filter").focus()

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import tzinfo
 from typing import ClassVar
 
@@ -15,12 +16,14 @@ from rich.style import Style
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
+from textual.binding import BindingType
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, OptionList
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from tui_client.adapter import ChatSummary
+from tui_client.widgets.conversation import VI_BINDINGS, vi_action
 from tui_client.widgets.fmt import short_time
 
 __all__ = ["ChatList", "ChatOptions"]
@@ -29,6 +32,12 @@ __all__ = ["ChatList", "ChatOptions"]
 class ChatOptions(OptionList):
     """The options part of the chat list (styled through its component classes)."""
 
+    BINDINGS: ClassVar[list[BindingType]] = list(VI_BINDINGS)
+
+    def action_vi(self, action: str) -> None:
+        """j / k / g / G (with ``vi_keys``)."""
+        vi_action(self, action)
+
     COMPONENT_CLASSES: ClassVar[set[str]] = {
         "chat-options--title",
         "chat-options--time",
@@ -36,6 +45,11 @@ class ChatOptions(OptionList):
         "chat-options--unread",
         "chat-options--verified",
     }
+
+
+def _ordered(chats: Iterable[ChatSummary]) -> list[ChatSummary]:
+    """Most recently active first."""
+    return sorted(chats, key=lambda c: (-(c.last_at or 0), c.title))
 
 
 class ChatList(Vertical):
@@ -103,9 +117,13 @@ class ChatList(Vertical):
         """Chat ids in display order (after the filter)."""
         return [c.chat_id for c in self._visible()]
 
+    def all_ids(self) -> list[str]:
+        """Every chat id in display order, whatever the filter."""
+        return [c.chat_id for c in _ordered(self._chats.values())]
+
     def _visible(self) -> list[ChatSummary]:
         needle = self._filter.lower()
-        chats = sorted(self._chats.values(), key=lambda c: (-(c.last_at or 0), c.title))
+        chats = _ordered(self._chats.values())
         if needle:
             chats = [c for c in chats if needle in c.title.lower() or needle in c.chat_id]
         return chats

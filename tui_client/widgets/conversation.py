@@ -38,7 +38,7 @@ from tui_client.adapter import MessageView
 from tui_client.widgets.fmt import clock_time, day_key, day_label, human_size, tick_for
 from tui_client.widgets.image_preview import is_previewable
 
-__all__ = ["ComposeArea", "MessageList"]
+__all__ = ["NEW_MARKER", "VI_BINDINGS", "ComposeArea", "MessageList", "vi_action"]
 
 _NOTICE_PREFIX = "notice:"
 _DAY_PREFIX = "day:"
@@ -51,6 +51,22 @@ PREVIEW_ROWS = 8
 WINDOW = 300
 #: New messages may push the window this far past WINDOW before its top is dropped.
 TRIM_SLACK = 100
+
+
+#: vi-style keys in the lists; they act only with ``vi_keys = true`` in the settings.
+VI_BINDINGS: list[BindingType] = [
+    Binding("j", "vi('cursor_down')", show=False),
+    Binding("k", "vi('cursor_up')", show=False),
+    Binding("g", "vi('first')", show=False),
+    Binding("G", "vi('last')", show=False),
+]
+
+
+def vi_action(widget: OptionList, action: str) -> None:
+    """Run a list action for a vi key if the settings ask for vi keys."""
+    config = getattr(widget.app, "config", None)
+    if config is not None and config.vi_keys:
+        getattr(widget, f"action_{action}")()
 
 
 class MessageList(OptionList):
@@ -85,12 +101,15 @@ class MessageList(OptionList):
     }
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("r", "act('reply')", "Reply"),
-        Binding("plus,equals_sign", "act('react')", "React", key_display="+"),
-        Binding("e", "act('edit')", "Edit"),
-        Binding("d", "act('delete')", "Delete"),
-        Binding("s", "act('save')", "Save file"),
-        Binding("o", "act('open')", "Open file", show=False),
+        # Ids are the [keys] names of the settings file (tui_client.config).
+        Binding("r", "act('reply')", "Reply", id="reply"),
+        Binding("plus,equals_sign", "act('react')", "React", key_display="+", id="react"),
+        Binding("e", "act('edit')", "Edit", id="edit"),
+        Binding("d", "act('delete')", "Delete", id="delete"),
+        Binding("s", "act('save')", "Save file", id="save"),
+        Binding("o", "act('open')", "Open file", show=False, id="open"),
+        Binding("end", "last", "Latest", show=False, id="latest"),
+        *VI_BINDINGS,
     ]
 
     class NeedOlder(Message):
@@ -160,6 +179,12 @@ class MessageList(OptionList):
         # Options by message id and resolved component styles: a re-window re-uses
         # an option (and its measured height) instead of re-rendering the row.
         self._row_options: dict[str, Option] = {}
+        # Compact layout: which cached rows are drawn as a continuation (no header).
+        self._continued: dict[str, bool] = {}
+        self._tail_broken = False
+        #: One line per message while the same sender goes on (the default); False
+        #: gives every message its own header line (the "roomy" layout).
+        self.compact = True
         self._styles: dict[str, Style] = {}
         # Image previews (or the reason there is none) by message id; they survive
         # switching chats, so each image is fetched and decoded once per session.
@@ -319,20 +344,24 @@ class MessageList(OptionList):
             return
         new: list[Option] = []
         last = self._msgs[-1] if self._msgs else None
+        broken = self._tail_broken  # a notice row came after the last message
         for message in fresh:
             if last is None or day_key(last.sent_at, self._tz) != day_key(
                 message.sent_at, self._tz
             ):
                 new.append(self._day_option(message.sent_at))
+                broken = True
             if unseen and _is_unread(message):
                 self.unseen = True
                 if self._new_marker is None:
                     self._new_marker = message.id
                     new.append(self._marker_option())
+                    broken = True
             self._msgs.append(message)
             self._by_id[message.id] = message
-            new.append(self._option(message))
-            last = message
+            new.append(self._option(message, self._continues(None if broken else last, message)))
+            last, broken = message, False
+        self._tail_broken = False
         if len(self._msgs) > WINDOW + TRIM_SLACK:
             # Following new messages pushed the window over: drop its oldest rows
             # in one go (a bounded re-layout every TRIM_SLACK messages, not one per
@@ -352,6 +381,7 @@ class MessageList(OptionList):
         if self.has_newer:
             return  # below the window; shown when the user scrolls down to it
         at_end = self._at_end()
+        self._tail_broken = True
         self.add_option(self._notice_option(number, text))
         if at_end:
             self.scroll_end(animate=False)
@@ -382,7 +412,9 @@ class MessageList(OptionList):
             return
         try:
             # The option object is shared with the cache, so the cache follows.
-            self.replace_option_prompt(message.id, self._prompt(message))
+            self.replace_option_prompt(
+                message.id, self._prompt(message, self._continued.get(message.id, False))
+            )
         except OptionDoesNotExist:
             self._row_options.pop(message.id, None)
 
@@ -453,6 +485,7 @@ class MessageList(OptionList):
         # Options of messages that left the window are dropped with them.
         for gone in self._row_options.keys() - self._by_id.keys():
             del self._row_options[gone]
+            self._continued.pop(gone, None)
 
     def _style(self, name: str) -> Style:
         style = self._styles.get(name)
@@ -465,13 +498,25 @@ class MessageList(OptionList):
             )
         return style
 
-    def _option(self, message: MessageView) -> Option:
+    def _continues(self, previous: MessageView | None, m: MessageView) -> bool:
+        """Compact layout: ``m`` goes on without a header (same sender, right below)."""
+        return (
+            self.compact
+            and previous is not None
+            and previous.sender == m.sender
+            and previous.outgoing == m.outgoing
+            and _is_chat(previous)
+            and _is_chat(m)
+        )
+
+    def _option(self, message: MessageView, continued: bool = False) -> Option:
         option = self._row_options.get(message.id)
-        if option is None:
+        if option is None or self._continued.get(message.id, False) != continued:
             # A stored notice is shown like the session's notices: not selectable.
             option = self._row_options[message.id] = Option(
-                self._prompt(message), id=message.id, disabled=message.is_notice
+                self._prompt(message, continued), id=message.id, disabled=message.is_notice
             )
+            self._continued[message.id] = continued
         return option
 
     def _day_option(self, ms: int) -> Option:
@@ -510,17 +555,23 @@ class MessageList(OptionList):
         pending = iter(notices)
         nxt = next(pending, None)
         last_day = None
+        previous: MessageView | None = None  # the message row just above, if adjacent
         for row in msgs:
             while nxt is not None and nxt[0] < row.seq:
                 options.append(self._notice_option(nxt[1], nxt[2]))
                 nxt = next(pending, None)
+                previous = None
             day = day_key(row.sent_at, self._tz)
             if day != last_day:
                 options.append(self._day_option(row.sent_at))
                 last_day = day
+                previous = None
             if row.id == self._new_marker:
                 options.append(self._marker_option())
-            options.append(self._option(row))
+                previous = None
+            options.append(self._option(row, self._continues(previous, row)))
+            previous = row
+        self._tail_broken = nxt is not None
         while nxt is not None:
             options.append(self._notice_option(nxt[1], nxt[2]))
             nxt = next(pending, None)
@@ -538,7 +589,8 @@ class MessageList(OptionList):
         finally:
             self._rebuilding = False
 
-    def _prompt(self, m: MessageView) -> Text:
+    def _prompt(self, m: MessageView, continued: bool = False) -> Text:
+        """A message's row; ``continued``: no header line, the time at the end."""
         if m.is_notice:
             return Text(f"ⓘ {m.text or ''}", style=self._style("notice"))
         if m.kind not in ("text", "attachment"):
@@ -551,16 +603,21 @@ class MessageList(OptionList):
                 )
             label = {"timer": "changed the disappearing-message timer"}.get(m.kind, m.kind)
             return Text(f"· {who}: {m.text or label}", style=self._style("system"))
-        head = Text()
-        who = "own" if m.outgoing else "sender"
-        head.append("you" if m.outgoing else m.sender, style=self._style(who))
-        head.append("  ")
-        head.append(clock_time(m.sent_at, self._tz), style=self._style("time"))
+        stamp = Text()
+        stamp.append(clock_time(m.sent_at, self._tz), style=self._style("time"))
         if m.outgoing:
             glyph, suffix = tick_for(m.status)
+            stamp.append("  ")
+            stamp.append(glyph, style=self._style(f"tick-{suffix}"))
+        lines: list[Text] = []
+        if not continued:
+            head = Text()
+            who = "own" if m.outgoing else "sender"
+            head.append("you" if m.outgoing else m.sender, style=self._style(who))
             head.append("  ")
-            head.append(glyph, style=self._style(f"tick-{suffix}"))
-        lines = [head]
+            head.append_text(stamp)
+            lines.append(head)
+        main = -1  # the line a continued row ends with its time
         if m.quote_text is not None and m.reply_to:
             quote = m.quote_text.replace("\n", " ")
             if len(quote) > 60:
@@ -569,6 +626,7 @@ class MessageList(OptionList):
             lines.append(Text(f"┃ {who}{quote}", style=self._style("quote")))
         if m.deleted:
             lines.append(Text("this message was deleted", style=self._style("deleted")))
+            main = len(lines) - 1
         else:
             if m.attachment is not None:
                 a = m.attachment
@@ -576,6 +634,7 @@ class MessageList(OptionList):
                 if a.local_path:
                     label += " saved"
                 lines.append(Text(label, style=self._style("attachment")))
+                main = len(lines) - 1
                 if is_previewable(a.mime_type, a.size):
                     lines.append(self._preview_lines(m.id))
             if m.text:
@@ -583,6 +642,14 @@ class MessageList(OptionList):
                 if m.edited:
                     body.append(" (edited)", style=self._style("edited"))
                 lines.append(body)
+                main = len(lines) - 1
+        if continued:
+            if main < 0:
+                lines.append(Text())
+                main = len(lines) - 1
+            lines[main] = lines[main].copy()
+            lines[main].append("  ")
+            lines[main].append_text(stamp)
         if m.reactions:
             lines.append(
                 Text(
@@ -615,6 +682,10 @@ class MessageList(OptionList):
             self.post_message(self.NeedLatest(self.chat_id))
             return
         super().action_last()
+
+    def action_vi(self, action: str) -> None:
+        """j / k / g / G (with ``vi_keys``)."""
+        vi_action(self, action)
 
     def action_act(self, action: str) -> None:
         """Ask the screen to run ``action`` on the selected message."""
@@ -662,6 +733,10 @@ class MessageList(OptionList):
             return
         if scrolled or self._at_end():
             self.post_message(self.ReachedNewest(self.chat_id))
+
+
+def _is_chat(m: MessageView) -> bool:
+    return m.kind in ("text", "attachment") and not m.deleted
 
 
 def _is_unread(m: MessageView) -> bool:
