@@ -197,9 +197,14 @@ class ContactInfo:
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
-    """A message was stored (received, or sent from this device)."""
+    """A message was stored (received, or sent from this device).
+
+    ``chat_title``: the chat's name for people (set for received messages, so a
+    toast can name a chat the list does not show yet).
+    """
 
     message: MessageView
+    chat_title: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1051,7 +1056,10 @@ class Messenger:
                     waiting = self._pending_group.get(m.chat_id) or self._pending_group.get("")
                     if waiting:
                         self._group_texts[m.id] = waiting.pop(0)
-                return NewMessage(await asyncio.to_thread(self._view, m))
+                view = await asyncio.to_thread(self._view, m)
+                if m.outgoing:
+                    return NewMessage(view)
+                return NewMessage(view, await asyncio.to_thread(self._title, m.chat_id))
             case MessageChanged(message_id=mid, change=change):
                 found = await self.message(mid)
                 return None if found is None else MessageChanged_(found, change)

@@ -50,6 +50,7 @@ KEY_ACTIONS: dict[str, tuple[str, str]] = {
     "delete": ("d", "delete the selected message for everyone (asks)"),
     "save": ("s", "save the selected message's file"),
     "open": ("o", "open the selected message's file"),
+    "open_link": ("l", "open the first link of the selected message"),
     "latest": ("end", "jump to the newest message"),
     "theme": ("ctrl+t", "light / dark theme"),
     "quit": ("ctrl+q", "quit"),

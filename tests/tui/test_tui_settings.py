@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.text import Text
 from tui_harness import main_screen, open_chat_with, shown, type_text, until
 
 from e2ee.client import Client
@@ -228,3 +229,53 @@ async def test_desktop_notifications_through_notify_send(
         )
         await until(pilot, lambda: any("second try" in n.message for n in app._notifications))
         assert not record.exists()
+
+
+def _recorder(tmp_path: Path, name: str, record: Path) -> Path:
+    """A stand-in for a desktop program (outside the project) recording its arguments."""
+    bin_dir = tmp_path / f"bin-{name}"
+    bin_dir.mkdir()
+    script = bin_dir / name
+    script.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {record}\necho >> {record}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return bin_dir
+
+
+async def test_mentions_stand_out_and_l_opens_the_link(
+    tui_opener: MakeOpener,
+    sdk_client: MakeClient,
+    tui_relay: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened = tmp_path / "opened.txt"
+    bin_dir = _recorder(tmp_path, "xdg-open", opened)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend, config=TuiConfig(desktop_notifications=False))
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await open_chat_with(pilot, "carol")
+        gid = await bob.create_group("lunch", ["alice", "carol"])
+        text = "@alice the plan: https://example.org/plan?day=fri."
+        await bob.send_text(f"group:{gid}", text)
+        # Another chat is open: the toast says who mentioned us, and where.
+        await until(pilot, lambda: any("mentioned you" in n.title for n in app._notifications))
+        toast = next(n for n in app._notifications if "mentioned you" in n.title)
+        assert toast.title == "bob mentioned you in lunch"
+        screen.open_chat(f"group:{gid}")
+        listed = screen.query_one(MessageList)
+        await until(pilot, lambda: text in shown(screen))
+        found = next(m for m in listed.messages() if m.text == text)
+        prompt = listed.get_option(found.id).prompt
+        assert isinstance(prompt, Text)
+        styled = {prompt.plain[s.start : s.end]: s.style for s in prompt.spans}
+        assert styled["@alice"] == listed._style("mention")
+        assert styled["https://example.org/plan?day=fri"] == listed._style("link")
+        listed.focus()
+        await pilot.press("end")
+        await until(pilot, lambda: listed.selected is not None and listed.selected.id == found.id)
+        await pilot.press("l")
+        await until(pilot, lambda: opened.exists() and opened.read_text().strip())
+        assert opened.read_text().splitlines()[0] == "https://example.org/plan?day=fri|"
+        assert carol is not None

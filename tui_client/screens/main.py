@@ -72,7 +72,14 @@ from tui_client.screens.dialogs import (
 )
 from tui_client.screens.setup import AccountCardScreen
 from tui_client.widgets.chat_list import ChatList
-from tui_client.widgets.conversation import PREVIEW_COLS, PREVIEW_ROWS, ComposeArea, MessageList
+from tui_client.widgets.conversation import (
+    PREVIEW_COLS,
+    PREVIEW_ROWS,
+    ComposeArea,
+    MessageList,
+    first_link,
+    mentions,
+)
 from tui_client.widgets.image_preview import MAX_BYTES, PreviewError, render_preview
 from tui_client.widgets.status import ConnectionIndicator, KeyBanner
 
@@ -276,6 +283,7 @@ class MainScreen(Screen[None]):
         self.set_interval(_APPEND_TICK, self._flush_incoming)
         self.set_interval(1.0, self._expire_typing)
         self.messages.compact = self.config.layout == "compact"
+        self.messages.me = self.backend.username
         self.watch(self.app, "app_focus", self._app_focus_changed, init=False)
         self.query_one("#chat-options").focus()
 
@@ -460,6 +468,23 @@ class MainScreen(Screen[None]):
             )
             await proc.wait()
 
+    @work(group="open-link")
+    async def _open_link(self, link: str) -> None:
+        """Hand a link to the desktop's opener (xdg-open / open), as one argument."""
+        opener = shutil.which("open" if sys.platform == "darwin" else "xdg-open")
+        if opener is None:
+            self.notify(f"no xdg-open here; the link is {link}", severity="warning", markup=False)
+            return
+        proc = await asyncio.create_subprocess_exec(
+            opener,
+            link,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await proc.wait()
+        self.notify(f"opened {link}", markup=False)
+
     @work(group="desktop-notify")
     async def _desktop_notify(self, title: str, body: str) -> None:
         """A desktop notification through ``notify-send``, where it exists.
@@ -619,7 +644,7 @@ class MainScreen(Screen[None]):
         update = message.update
         open_chat = self.chat_id
         match update:
-            case NewMessage(message=m):
+            case NewMessage(message=m, chat_title=chat_title):
                 self._dirty.add(m.chat_id)
                 if m.chat_id == open_chat:
                     if self._typing.pop(m.sender, None) is not None:
@@ -633,8 +658,10 @@ class MainScreen(Screen[None]):
                 elif m.is_notice:
                     self.notify(m.text or "", severity="warning")
                 elif not m.outgoing and m.kind in ("text", "attachment"):
-                    where = self._chat_name(m.chat_id)
+                    where = chat_title or self._chat_name(m.chat_id)
                     body = m.text or (m.attachment.file_name if m.attachment else "")
+                    if mentions(m.text, self.backend.username):
+                        where = f"{m.sender} mentioned you in {where}"
                     self.notify(f"{m.sender}: {body}", title=where, timeout=4, markup=False)
                     if self.config.bell:
                         self.app.bell()
@@ -874,6 +901,12 @@ class MainScreen(Screen[None]):
                     self._act("react", m.id, emoji)
 
             self.app.push_screen(ReactScreen(), react)
+        elif message.action == "link":
+            link = first_link(m.text)
+            if link is None:
+                self.notify("no link in that message", severity="warning")
+                return
+            self._open_link(link)
         elif message.action in ("save", "open"):
             if m.attachment is None:
                 self.notify("that message has no file", severity="warning")

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import tzinfo
 from typing import ClassVar
@@ -38,10 +39,40 @@ from tui_client.adapter import MessageView
 from tui_client.widgets.fmt import clock_time, day_key, day_label, human_size, tick_for
 from tui_client.widgets.image_preview import is_previewable
 
-__all__ = ["NEW_MARKER", "VI_BINDINGS", "ComposeArea", "MessageList", "vi_action"]
+__all__ = [
+    "LINK_RE",
+    "NEW_MARKER",
+    "VI_BINDINGS",
+    "ComposeArea",
+    "MessageList",
+    "first_link",
+    "mention_re",
+    "mentions",
+    "vi_action",
+]
 
 _NOTICE_PREFIX = "notice:"
 _DAY_PREFIX = "day:"
+#: A link in a message (what ``l`` opens): http(s) URLs, up to whitespace.
+LINK_RE = r"https?://[^\s<>\"']+[^\s<>\"'.,;:!?)\]]"
+
+
+def mention_re(user: str) -> str:
+    """``@user`` as a whole name (not the start of a longer one)."""
+    return rf"(?<![\w@])@{re.escape(user)}(?![\w])"
+
+
+def first_link(text: str | None) -> str | None:
+    """The first http(s) link in ``text``, if any."""
+    found = re.search(LINK_RE, text or "")
+    return found.group(0) if found else None
+
+
+def mentions(text: str | None, user: str) -> bool:
+    """True if ``text`` mentions ``@user``."""
+    return bool(user) and re.search(mention_re(user), text or "") is not None
+
+
 #: The id of the "new messages" marker row (one per chat view at most).
 NEW_MARKER = "new:marker"
 #: Size of an inline image preview, in cells (half blocks: two pixels per row).
@@ -92,6 +123,8 @@ class MessageList(OptionList):
         "message-list--day",
         "message-list--notice",
         "message-list--new",
+        "message-list--link",
+        "message-list--mention",
         "message-list--preview-note",
         "message-list--tick-pending",
         "message-list--tick-failed",
@@ -108,6 +141,7 @@ class MessageList(OptionList):
         Binding("d", "act('delete')", "Delete", id="delete"),
         Binding("s", "act('save')", "Save file", id="save"),
         Binding("o", "act('open')", "Open file", show=False, id="open"),
+        Binding("l", "act('link')", "Open link", show=False, id="open_link"),
         Binding("end", "last", "Latest", show=False, id="latest"),
         *VI_BINDINGS,
     ]
@@ -182,6 +216,8 @@ class MessageList(OptionList):
         # Compact layout: which cached rows are drawn as a continuation (no header).
         self._continued: dict[str, bool] = {}
         self._tail_broken = False
+        #: Our own user name: ``@name`` in a message is highlighted as a mention.
+        self.me = ""
         #: One line per message while the same sender goes on (the default); False
         #: gives every message its own header line (the "roomy" layout).
         self.compact = True
@@ -639,6 +675,10 @@ class MessageList(OptionList):
                     lines.append(self._preview_lines(m.id))
             if m.text:
                 body = Text(m.text)
+                # Links are underlined (l opens the first); a mention of us stands out.
+                body.highlight_regex(LINK_RE, self._style("link"))
+                if self.me:
+                    body.highlight_regex(mention_re(self.me), self._style("mention"))
                 if m.edited:
                     body.append(" (edited)", style=self._style("edited"))
                 lines.append(body)
