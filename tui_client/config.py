@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -23,10 +24,14 @@ __all__ = [
     "KEY_ACTIONS",
     "LAYOUTS",
     "VI_KEYS",
+    "ChatPrefs",
     "ConfigError",
     "TuiConfig",
     "config_path",
     "load_config",
+    "load_prefs",
+    "prefs_path",
+    "save_prefs",
 ]
 
 LAYOUTS = ("compact", "roomy")
@@ -52,6 +57,8 @@ KEY_ACTIONS: dict[str, tuple[str, str]] = {
     "open": ("o", "open the selected message's file"),
     "open_link": ("l", "open the first link of the selected message"),
     "latest": ("end", "jump to the newest message"),
+    "mute": ("m", "mute / unmute the highlighted chat (chat list)"),
+    "archive": ("a", "archive / unarchive the highlighted chat (chat list)"),
     "theme": ("ctrl+t", "light / dark theme"),
     "quit": ("ctrl+q", "quit"),
 }
@@ -192,3 +199,48 @@ def _parse(data: dict[str, Any], path: Path) -> TuiConfig:
             raise bad(f"keys.{name}", 'must be a key name such as "ctrl+k" (or "a,b")')
     values["keys"] = {name: value.replace(" ", "") for name, value in keys.items()}
     return TuiConfig(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPrefs:
+    """Per-account choices about chats: muted (no toast, bell or desktop
+    notification) and archived (out of the list until a message comes, or the
+    filter finds them). Kept in :func:`prefs_path`."""
+
+    muted: frozenset[str] = frozenset()
+    archived: frozenset[str] = frozenset()
+
+
+def prefs_path(username: str, environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_STATE_HOME/blindpost/chats-<username>.json`` (if absolute), else
+    ``~/.local/state/blindpost/chats-<username>.json``."""
+    env = os.environ if environ is None else environ
+    state = env.get("XDG_STATE_HOME")
+    base = Path(state) if state and Path(state).is_absolute() else Path.home() / ".local" / "state"
+    return base / "blindpost" / f"chats-{username}.json"
+
+
+def load_prefs(path: Path) -> ChatPrefs:
+    """Read the chat choices; missing or unreadable gives none (they are conveniences)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        muted = frozenset(str(c) for c in data.get("muted", []))
+        archived = frozenset(str(c) for c in data.get("archived", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return ChatPrefs()
+    return ChatPrefs(muted, archived)
+
+
+def save_prefs(path: Path, prefs: ChatPrefs) -> None:
+    """Write the chat choices (private to the user; replaced in one rename).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = {"muted": sorted(prefs.muted), "archived": sorted(prefs.archived)}
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)

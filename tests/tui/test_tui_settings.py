@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from rich.text import Text
-from tui_harness import main_screen, open_chat_with, shown, type_text, until
+from tui_harness import main_screen, open_chat_with, screen_text, shown, type_text, until
 
 from e2ee.client import Client
 from e2ee.history import direct_chat_id
@@ -279,3 +279,53 @@ async def test_mentions_stand_out_and_l_opens_the_link(
         await until(pilot, lambda: opened.exists() and opened.read_text().strip())
         assert opened.read_text().splitlines()[0] == "https://example.org/plan?day=fri|"
         assert carol is not None
+
+
+async def test_muted_chats_stay_quiet_and_archived_ones_leave_the_list(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any, tmp_path: Path
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    opener = tui_opener("alice")
+    backend = await opener.create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend, config=TuiConfig(desktop_notifications=False))
+    bells: list[int] = []
+    app.bell = lambda: bells.append(1)  # type: ignore[method-assign]
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await main_screen(pilot)
+        chats = screen.query_one(ChatList)
+        options = chats.options
+        await bob.send_text("alice", "hi from bob")
+        await carol.send_text("alice", "hi from carol")
+        await until(pilot, lambda: len(chats.chat_ids()) == 2)
+        options.focus()
+        options.highlighted = options.get_option_index(direct_chat_id("carol"))
+        await pilot.press("m")
+        await until(pilot, lambda: direct_chat_id("carol") in chats.muted)
+        await until(pilot, lambda: "@carol 🔕" in screen_text(app))
+        # A muted chat counts unread messages but makes no noise.
+        toasts, rung = len(app._notifications), len(bells)
+        await carol.send_text("alice", "psst")
+        await until(pilot, lambda: chats.get(direct_chat_id("carol")).unread == 2)  # type: ignore[union-attr]
+        await bob.send_text("alice", "and me")  # the unmuted one still rings (a sync point)
+        await until(pilot, lambda: len(bells) > rung)
+        assert not any("psst" in n.message for n in list(app._notifications)[toasts:])
+        # Archive bob: out of the list; the filter still finds him.
+        options.highlighted = options.get_option_index(direct_chat_id("bob"))
+        await pilot.press("a")
+        await until(pilot, lambda: chats.chat_ids() == [direct_chat_id("carol")])
+        await pilot.press("ctrl+l")
+        await type_text(pilot, "bo")
+        await until(pilot, lambda: chats.chat_ids() == [direct_chat_id("bob")])
+        assert "(archived)" in screen_text(app)
+        chats.clear_filter()
+        # A new message brings him back.
+        await bob.send_text("alice", "still there?")
+        await until(pilot, lambda: direct_chat_id("bob") in chats.chat_ids())
+        assert direct_chat_id("bob") not in chats.archived
+    # The choices outlive the app.
+    app = BlindpostApp(backend=await opener.open(None))
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await main_screen(pilot)
+        chats = screen.query_one(ChatList)
+        await until(pilot, lambda: direct_chat_id("carol") in chats.muted)
+        assert not chats.archived

@@ -56,7 +56,7 @@ from tui_client.adapter import (
     TypingChanged,
     Update,
 )
-from tui_client.config import TuiConfig
+from tui_client.config import ChatPrefs, TuiConfig, load_prefs, prefs_path, save_prefs
 from tui_client.screens.dialogs import (
     AttachScreen,
     ConfirmScreen,
@@ -71,7 +71,7 @@ from tui_client.screens.dialogs import (
     SwitcherScreen,
 )
 from tui_client.screens.setup import AccountCardScreen
-from tui_client.widgets.chat_list import ChatList
+from tui_client.widgets.chat_list import ChatList, ChatOptions
 from tui_client.widgets.conversation import (
     PREVIEW_COLS,
     PREVIEW_ROWS,
@@ -163,6 +163,14 @@ class ChatStarted(Message):
         super().__init__()
         self.chat_id = chat_id
         self.user = user
+
+
+class PrefsLoaded(Message):
+    """The muted and archived chats were read."""
+
+    def __init__(self, prefs: ChatPrefs) -> None:
+        super().__init__()
+        self.prefs = prefs
 
 
 class MessageSent(Message):
@@ -284,6 +292,9 @@ class MainScreen(Screen[None]):
         self.set_interval(1.0, self._expire_typing)
         self.messages.compact = self.config.layout == "compact"
         self.messages.me = self.backend.username
+        self._prefs = ChatPrefs()
+        self._prefs_path = prefs_path(self.backend.username)
+        self._load_prefs()
         self.watch(self.app, "app_focus", self._app_focus_changed, init=False)
         self.query_one("#chat-options").focus()
 
@@ -485,6 +496,42 @@ class MainScreen(Screen[None]):
         await proc.wait()
         self.notify(f"opened {link}", markup=False)
 
+    @work(group="prefs", exclusive=True)
+    async def _load_prefs(self) -> None:
+        self.post_message(PrefsLoaded(await asyncio.to_thread(load_prefs, self._prefs_path)))
+
+    @work(group="prefs-save")
+    async def _save_prefs(self, prefs: ChatPrefs) -> None:
+        try:
+            await asyncio.to_thread(save_prefs, self._prefs_path, prefs)
+        except OSError as exc:
+            self.post_message(ActionFailed(f"cannot keep the chat settings: {exc.strerror}"))
+
+    def _set_prefs(self, prefs: ChatPrefs) -> None:
+        self._prefs = prefs
+        self.chat_list.set_prefs(prefs.muted, prefs.archived)
+        self._save_prefs(prefs)
+
+    @on(PrefsLoaded)
+    def _prefs_loaded(self, message: PrefsLoaded) -> None:
+        self._prefs = message.prefs
+        self.chat_list.set_prefs(message.prefs.muted, message.prefs.archived)
+
+    @on(ChatOptions.Toggle)
+    def _toggle(self, message: ChatOptions.Toggle) -> None:
+        prefs, chat = self._prefs, message.chat_id
+        name = self._chat_name(chat)
+        if message.what == "mute":
+            muted = prefs.muted ^ {chat}
+            self._set_prefs(ChatPrefs(muted, prefs.archived))
+            self.notify(f"{name} {'muted' if chat in muted else 'unmuted'}", markup=False)
+        else:
+            archived = prefs.archived ^ {chat}
+            self._set_prefs(ChatPrefs(prefs.muted, archived))
+            self.notify(
+                f"{name} {'archived' if chat in archived else 'back in the list'}", markup=False
+            )
+
     @work(group="desktop-notify")
     async def _desktop_notify(self, title: str, body: str) -> None:
         """A desktop notification through ``notify-send``, where it exists.
@@ -660,6 +707,13 @@ class MainScreen(Screen[None]):
                 elif not m.outgoing and m.kind in ("text", "attachment"):
                     where = chat_title or self._chat_name(m.chat_id)
                     body = m.text or (m.attachment.file_name if m.attachment else "")
+                    if m.chat_id in self._prefs.archived:
+                        # A new message brings an archived chat back into the list.
+                        self._set_prefs(
+                            ChatPrefs(self._prefs.muted, self._prefs.archived - {m.chat_id})
+                        )
+                    if m.chat_id in self._prefs.muted:
+                        return  # counted as unread, but no toast, bell or desktop notice
                     if mentions(m.text, self.backend.username):
                         where = f"{m.sender} mentioned you in {where}"
                     self.notify(f"{m.sender}: {body}", title=where, timeout=4, markup=False)

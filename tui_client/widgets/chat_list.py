@@ -12,11 +12,12 @@ from collections.abc import Iterable
 from datetime import tzinfo
 from typing import ClassVar
 
+from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import BindingType
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Input, OptionList
@@ -32,7 +33,26 @@ __all__ = ["ChatList", "ChatOptions"]
 class ChatOptions(OptionList):
     """The options part of the chat list (styled through its component classes)."""
 
-    BINDINGS: ClassVar[list[BindingType]] = list(VI_BINDINGS)
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *VI_BINDINGS,
+        # Ids are the [keys] names of the settings file (tui_client.config).
+        Binding("m", "toggle_chat('mute')", "Mute", id="mute"),
+        Binding("a", "toggle_chat('archive')", "Archive", id="archive"),
+    ]
+
+    class Toggle(Message):
+        """The user asked to mute/unmute or archive/unarchive a chat."""
+
+        def __init__(self, what: str, chat_id: str) -> None:
+            super().__init__()
+            self.what = what
+            self.chat_id = chat_id
+
+    def action_toggle_chat(self, what: str) -> None:
+        """Mute or archive the highlighted chat (again: undo)."""
+        option = self.highlighted_option
+        if option is not None and option.id is not None:
+            self.post_message(self.Toggle(what, option.id))
 
     def action_vi(self, action: str) -> None:
         """j / k / g / G (with ``vi_keys``)."""
@@ -69,6 +89,10 @@ class ChatList(Vertical):
         self._tz = tz
         self._filter = ""
         self.open_chat: str | None = None
+        #: Chats that raise no toast, bell or desktop notification (marked 🔕).
+        self.muted: frozenset[str] = frozenset()
+        #: Chats left out of the list unless the filter finds them.
+        self.archived: frozenset[str] = frozenset()
 
     def compose(self) -> ComposeResult:
         yield Input(placeholder="filter chats", id="chat-filter")
@@ -125,8 +149,14 @@ class ChatList(Vertical):
         needle = self._filter.lower()
         chats = _ordered(self._chats.values())
         if needle:
-            chats = [c for c in chats if needle in c.title.lower() or needle in c.chat_id]
-        return chats
+            # The filter finds archived chats too.
+            return [c for c in chats if needle in c.title.lower() or needle in c.chat_id]
+        return [c for c in chats if c.chat_id not in self.archived or c.chat_id == self.open_chat]
+
+    def set_prefs(self, muted: frozenset[str], archived: frozenset[str]) -> None:
+        """Which chats are muted and archived."""
+        self.muted, self.archived = muted, archived
+        self._rebuild()
 
     def _style(self, name: str) -> Style:
         # partial: only what the component class sets (colour, bold), no
@@ -139,14 +169,18 @@ class ChatList(Vertical):
         marker = "#" if chat.kind == "group" else "@"
         # The badge a verified contact carries (safety number compared, ``v``).
         badge_text = " ✓" if chat.verified else ""
+        if chat.chat_id in self.muted:
+            badge_text += " 🔕"
+        if chat.chat_id in self.archived:
+            badge_text += " (archived)"
         title = f"{marker}{chat.title}"
-        room = max(4, width - len(when) - len(badge_text) - 1)
+        room = max(4, width - len(when) - cell_len(badge_text) - 1)
         if len(title) > room:
             title = title[: room - 1] + "…"
         head = Text(title, style=self._style("title"))
         if badge_text:
             head.append(badge_text, style=self._style("verified"))
-        head.pad_right(max(1, width - len(title) - len(badge_text) - len(when)))
+        head.pad_right(max(1, width - len(title) - cell_len(badge_text) - len(when)))
         head.append(when, style=self._style("time"))
         badge = ""
         if chat.unread:
