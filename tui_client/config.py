@@ -57,6 +57,7 @@ KEY_ACTIONS: dict[str, tuple[str, str]] = {
     "open": ("o", "open the selected message's file"),
     "open_link": ("l", "open the first link of the selected message"),
     "latest": ("end", "jump to the newest message"),
+    "editor": ("alt+e", "write the message in $VISUAL / $EDITOR"),
     "mute": ("m", "mute / unmute the highlighted chat (chat list)"),
     "archive": ("a", "archive / unarchive the highlighted chat (chat list)"),
     "theme": ("ctrl+t", "light / dark theme"),

@@ -9,15 +9,25 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from rich.text import Text
-from tui_harness import main_screen, open_chat_with, screen_text, shown, type_text, until
+from tui_harness import (
+    main_screen,
+    next_event,
+    open_chat_with,
+    screen_text,
+    shown,
+    type_text,
+    until,
+)
 
 from e2ee.client import Client
+from e2ee.events import MessageReceived
 from e2ee.history import direct_chat_id
 from tui_client import app as tui_app
 from tui_client.adapter import Opener
@@ -25,7 +35,7 @@ from tui_client.app import BlindpostApp
 from tui_client.config import ConfigError, TuiConfig, config_path, load_config
 from tui_client.screens.dialogs import HelpScreen, PromptScreen, SwitcherScreen, fuzzy_score
 from tui_client.widgets.chat_list import ChatList
-from tui_client.widgets.conversation import MessageList
+from tui_client.widgets.conversation import ComposeArea, MessageList
 
 MakeClient = Callable[..., Awaitable[Client]]
 MakeOpener = Callable[..., Opener]
@@ -329,3 +339,37 @@ async def test_muted_chats_stay_quiet_and_archived_ones_leave_the_list(
         chats = screen.query_one(ChatList)
         await until(pilot, lambda: direct_chat_id("carol") in chats.muted)
         assert not chats.archived
+
+
+async def test_alt_e_writes_the_message_in_the_editor(
+    tui_opener: MakeOpener,
+    sdk_client: MakeClient,
+    tui_relay: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen = tmp_path / "draft-seen.txt"
+    editor = tmp_path / "my editor"
+    # A stand-in for the user's editor: it keeps what it was given and writes a
+    # two-line message into the file.
+    editor.write_text(
+        f'#!/bin/sh\ncp "$1" "{seen}"\nprintf "written in the editor\\nsecond line\\n" > "$1"\n'
+    )
+    editor.chmod(editor.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("VISUAL", f"'{editor}'")
+    bob = await sdk_client("bob")
+    bob_events = bob.events()
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=(100, 30)) as pilot:
+        screen = await open_chat_with(pilot, "bob")
+        area = screen.query_one(ComposeArea)
+        area.focus()
+        await type_text(pilot, "draft")
+        await pilot.press("alt+e")
+        await until(pilot, lambda: area.text == "written in the editor\nsecond line")
+        assert seen.read_text() == "draft", "the editor starts from the draft"
+        await pilot.press("enter")
+        got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "written in the editor\nsecond line"
+    assert not list(Path(tempfile.gettempdir()).glob("blindpost-compose-*"))

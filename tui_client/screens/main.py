@@ -22,8 +22,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import tzinfo
@@ -32,7 +36,7 @@ from typing import ClassVar, Literal
 
 from rich.text import Text
 from textual import on, work
-from textual.app import ComposeResult
+from textual.app import ComposeResult, SuspendNotSupported
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
@@ -173,6 +177,15 @@ class PrefsLoaded(Message):
         self.prefs = prefs
 
 
+class EditorDone(Message):
+    """The external editor closed; ``text`` is what the file holds now."""
+
+    def __init__(self, text: str | None, error: str = "") -> None:
+        super().__init__()
+        self.text = text
+        self.error = error
+
+
 class MessageSent(Message):
     """A message we composed is in history (queued or sent)."""
 
@@ -233,6 +246,7 @@ class MainScreen(Screen[None]):
         Binding("ctrl+f", "search", "Search", id="search"),
         Binding("ctrl+l", "focus_chats", "Chats", show=False, id="focus_chats"),
         Binding("escape", "cancel_compose", "Cancel", show=False),
+        Binding("alt+e", "editor", "Editor", show=False, id="editor"),
         *[Binding(f"alt+{n}", f"chat_number({n})", f"Chat {n}", show=False) for n in range(1, 10)],
     ]
 
@@ -478,6 +492,45 @@ class MainScreen(Screen[None]):
                 stderr=asyncio.subprocess.DEVNULL,
             )
             await proc.wait()
+
+    def action_editor(self) -> None:
+        """Write the message in $VISUAL / $EDITOR (back in the compose box, not sent)."""
+        if self.chat_id is None:
+            self.notify("open a chat first", severity="warning")
+            return
+        self._run_editor(self.compose_area.text)
+
+    @work(group="editor", exclusive=True)
+    async def _run_editor(self, text: str) -> None:
+        # The draft is written to a private temporary folder (0700, removed when
+        # the editor closes): the editor needs a file.
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        argv = shlex.split(editor)
+        if not argv or shutil.which(argv[0]) is None:
+            self.post_message(EditorDone(None, f"editor not found: {editor}"))
+            return
+        with tempfile.TemporaryDirectory(prefix="blindpost-compose-") as folder:
+            path = Path(folder) / "message.txt"
+            path.write_text(text, encoding="utf-8")
+            try:
+                with self.app.suspend():  # the terminal belongs to the editor meanwhile
+                    code = subprocess.call([*argv, str(path)])  # noqa: S603 (the user's own editor)
+            except SuspendNotSupported:  # no terminal to hand over (headless)
+                code = await asyncio.to_thread(
+                    subprocess.call, [*argv, str(path)], stdin=subprocess.DEVNULL
+                )
+            if code != 0:
+                self.post_message(EditorDone(None, f"the editor exited with status {code}"))
+                return
+            self.post_message(EditorDone(path.read_text(encoding="utf-8")))
+
+    @on(EditorDone)
+    def _editor_done(self, message: EditorDone) -> None:
+        if message.text is None:
+            self.notify(message.error or "nothing changed", severity="warning", markup=False)
+            return
+        self.compose_area.set_text(message.text.rstrip("\n"))
+        self.compose_area.focus()
 
     @work(group="open-link")
     async def _open_link(self, link: str) -> None:
