@@ -17,6 +17,10 @@
 #   the window moved meanwhile.
 # * The open chat's id is ``self.chat_id``; every page or update for another
 #   chat is ignored by the conversation (the user may have moved on).
+# * Read means displayed in a focused window: ``mark_read`` is asked only while
+#   the terminal has the focus, no dialog covers the chat and the newest
+#   message is in view (``_can_mark_read``), and checked again after the
+#   debounce. Read receipts never go out for messages the user could not see.
 """The main screen."""
 
 from __future__ import annotations

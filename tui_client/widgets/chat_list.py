@@ -1,9 +1,10 @@
 # The chat list: one option per chat, most recently active first, filtered by
 # the text typed into its search box.
 #
-# Invariant: the list is rebuilt from ``self._chats`` (the source of truth) and
-# the filter; the highlighted chat is kept by id across rebuilds, so updates that
-# reorder the list never move the user's cursor to another chat.
+# Invariant: the list is rebuilt from ``self._chats`` (the source of truth), the
+# filter and the archived set (an archived chat is listed only when the filter
+# finds it or it is open); the highlighted chat is kept by id across rebuilds, so
+# updates that reorder the list never move the user's cursor to another chat.
 """Chat list widget."""
 
 from __future__ import annotations

@@ -14,7 +14,14 @@
 #   place when the window returns to them.
 # * Day separators and notices are disabled options, so the cursor (the
 #   "selected message" that reply/react/edit/delete act on) only lands on messages.
-# * Colours come from component classes styled in app.tcss, not from code.
+# * Colours come from component classes styled in app.tcss, not from code; rows
+#   use their partial styles (no background), so the cursor highlights whole rows.
+# * Compact layout: a row continues the run above it (no header) only if the
+#   message right above it is by the same sender with no separator, notice or
+#   "new messages" line between; the cached option follows that flag.
+# * The "new messages" line stands above the first message that was shown
+#   unseen (``extend(unseen=True)`` or an unread one in a loaded page) until
+#   another chat opens; ``unseen`` says something shown is not marked read yet.
 # * Image previews are asked for (``NeedPreview``, once per message) when a row is
 #   first rendered and drawn when the screen hands them back (``set_preview``);
 #   the list itself never decodes or fetches anything.
