@@ -190,20 +190,7 @@ def quiet(enabled: bool) -> Iterator[None]:
 class XmppWorker(rl.Worker):
     """The XMPP load worker, driven over the same JSON lines as the relay's."""
 
-    @classmethod
-    async def start(cls, cfg: dict[str, Any]) -> XmppWorker:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(XMPP_WORKER),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=1 << 30,
-            cwd=ROOT,
-        )
-        assert proc.stdin is not None
-        proc.stdin.write((json.dumps(cfg) + "\n").encode())
-        await proc.stdin.drain()
-        return cls(proc)
+    script = XMPP_WORKER
 
 
 async def xmpp_workers(cfgs: list[dict[str, Any]], timeout: float) -> list[XmppWorker]:

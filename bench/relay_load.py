@@ -46,7 +46,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,16 +343,18 @@ async def register_devices(
 
 
 class Worker:
-    """A load-generator subprocess driven over JSON lines."""
+    """A load-generator subprocess driven over JSON lines (``script``: which worker)."""
+
+    script: Path = WORKER
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
 
     @classmethod
-    async def start(cls, cfg: dict[str, Any]) -> Worker:
+    async def start(cls, cfg: dict[str, Any]) -> Self:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(WORKER),
+            str(cls.script),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             limit=1 << 30,

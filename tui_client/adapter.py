@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from e2ee.client import DB_FILE, Client, ClientOptions
-from e2ee.errors import E2EEError, UsageError, WrongPassphrase
+from e2ee.errors import E2EEError, TransportError, UsageError, WrongPassphrase
 from e2ee.events import (
     ConnectionStateChanged,
     DecryptionProblem,
@@ -45,11 +45,21 @@ from e2ee.history import NOTICE_TYPES, StoredMessage, direct_chat_id, group_chat
 from e2ee.history import ChatSummary as SdkChatSummary
 from e2ee.qr import qr_terminal
 from e2ee.store.sealing import KdfLimits
-from e2ee.transport.errors import InviteInvalid, InviteRequired, RegistrationClosed
+from e2ee.transport.auth import check_username
+from e2ee.transport.errors import (
+    ConnectionFailed,
+    InviteInvalid,
+    InviteRequired,
+    RegistrationClosed,
+    RelayRejected,
+    RelayTimeout,
+)
+from e2ee.transport.http import origin_of
 
 __all__ = [
     "DEFAULT_RELAY_URL",
     "PAGE_SIZE",
+    "SEARCH_PAGE",
     "AttachmentInfo",
     "Backend",
     "BackendError",
@@ -69,16 +79,22 @@ __all__ = [
     "PassphraseRequired",
     "Progress",
     "ReceiptChanged",
+    "RelayUnavailable",
+    "SearchHit",
     "TypingChanged",
     "Update",
     "account_exists",
+    "check_new_account",
     "default_data_dir",
+    "relay_error",
 ]
 
 #: The relay of the README quick start.
 DEFAULT_RELAY_URL = "http://127.0.0.1:8080"
 #: Messages per history page (the newest page is what opening a chat shows).
 PAGE_SIZE = 60
+#: Search hits per page (the search dialog reads the next page as you scroll).
+SEARCH_PAGE = 50
 
 Progress = Callable[[int, int], None]
 
@@ -109,7 +125,8 @@ class InviteNeeded(BackendError):
     """The relay registers by invitation only and no code, or a refused one, was given."""
 
 
-def _registration_error(exc: E2EEError) -> BackendError:
+def _registration_error(exc: E2EEError) -> BackendError | None:
+    """The error for a refusal by the relay's registration mode, else None."""
     if isinstance(exc, InviteRequired):
         return InviteNeeded(
             "this relay registers by invitation only: enter the invite code from its operator"
@@ -118,7 +135,11 @@ def _registration_error(exc: E2EEError) -> BackendError:
         return InviteNeeded("the relay refused the invite code (unknown, already used or expired)")
     if isinstance(exc, RegistrationClosed):
         return BackendError("this relay does not accept new accounts (registration is closed)")
-    return BackendError(f"registration failed: {exc}")
+    return None
+
+
+class RelayUnavailable(BackendError):
+    """The relay could not be asked (offline); the answer is not known."""
 
 
 # -- view types ---------------------------------------------------------------------------
@@ -154,6 +175,8 @@ class MessageView:
     reactions: tuple[tuple[str, str], ...] = ()
     attachment: AttachmentInfo | None = None
     seq: int = 0
+    #: An incoming message already marked read (always True for our own).
+    read: bool = True
 
     @property
     def is_notice(self) -> bool:
@@ -173,6 +196,16 @@ class ChatSummary:
     last_at: int | None
     #: A group we are no longer a member of (we left or were removed): not listed.
     left: bool = False
+    #: A contact whose every known device was marked verified (safety number compared).
+    verified: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """A search result: the message and the name of its chat (never a raw id)."""
+
+    message: MessageView
+    chat_title: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,9 +236,14 @@ class ContactInfo:
 
 @dataclass(frozen=True, slots=True)
 class NewMessage:
-    """A message was stored (received, or sent from this device)."""
+    """A message was stored (received, or sent from this device).
+
+    ``chat_title``: the chat's name for people (set for received messages, so a
+    toast can name a chat the list does not show yet).
+    """
 
     message: MessageView
+    chat_title: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,10 +274,15 @@ class TypingChanged:
 
 @dataclass(frozen=True, slots=True)
 class ChatUpdated:
-    """A chat's title or membership changed (groups)."""
+    """A chat's title or membership changed (groups): ``text`` says what and who.
+
+    ``after_seq``: the chat's newest message when it happened (the notice
+    belongs after it).
+    """
 
     chat_id: str
     text: str
+    after_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +358,9 @@ class Backend(Protocol):
 
     async def message(self, message_id: str) -> MessageView | None: ...
 
-    async def search(self, text: str) -> list[MessageView]: ...
+    async def search(
+        self, text: str, *, before: str | None = None, limit: int = SEARCH_PAGE
+    ) -> list[SearchHit]: ...
 
     async def send_text(self, chat_id: str, text: str, reply_to: str | None = None) -> str: ...
 
@@ -355,6 +400,8 @@ class Backend(Protocol):
 
     async def held_users(self) -> set[str]: ...
 
+    async def user_exists(self, user: str) -> bool: ...
+
     async def queued_count(self) -> int: ...
 
     def is_connected(self) -> bool: ...
@@ -389,6 +436,65 @@ def account_exists(data_dir: Path) -> bool:
     return (data_dir / DB_FILE).exists()
 
 
+def check_new_account(username: str, relay_url: str) -> None:
+    """Check a first-run form before anything is created.
+
+    Raises:
+        BackendError: the name or the relay URL cannot be used (the text says why).
+    """
+    if not username:
+        raise BackendError("choose a username")
+    try:
+        check_username(username)
+    except UsageError:
+        raise BackendError(
+            "a username is 3 to 32 characters: lower-case letters a-z, digits 0-9 and _"
+        ) from None
+    if not relay_url:
+        raise BackendError(f"enter the relay's URL (the README's local one is {DEFAULT_RELAY_URL})")
+    try:
+        origin_of(relay_url)
+    except UsageError:
+        raise BackendError(
+            "the relay URL is http:// or https:// and a host (and port), "
+            f"with no path: e.g. {DEFAULT_RELAY_URL}"
+        ) from None
+
+
+def relay_error(exc: E2EEError, relay_url: str, username: str = "") -> str:
+    """A sentence for a failed relay call (never a Python class name).
+
+    Args:
+        exc: what the SDK raised.
+        relay_url: the relay it talked to.
+        username: the name being registered, if any.
+    """
+    if isinstance(exc, RelayTimeout):
+        return f"the relay at {relay_url} did not answer in time; try again"
+    if isinstance(exc, ConnectionFailed):
+        return f"cannot reach the relay at {relay_url}: is the URL right and the relay running?"
+    if isinstance(exc, RelayRejected):
+        if exc.status == 409 and username:
+            return f"the username {username} is taken on this relay; choose another"
+        return f"the relay refused: {exc.detail or exc.code} (HTTP {exc.status})"
+    if isinstance(exc, TransportError):
+        return f"the relay at {relay_url} answered something unexpected: {exc}"
+    return str(exc)
+
+
+def _remove_account(data_dir: Path, existed: bool) -> None:
+    """Remove the database files a failed creation left (and the folder if it made it)."""
+    if not data_dir.is_dir():
+        return
+    for name in os.listdir(data_dir):
+        if name.startswith(DB_FILE) or name.endswith(".lock"):
+            with contextlib.suppress(OSError):
+                (data_dir / name).unlink()
+    if not existed:
+        with contextlib.suppress(OSError):
+            data_dir.rmdir()
+
+
 def _peer_of(chat_id: str) -> str | None:
     return chat_id[3:] if chat_id.startswith("dm:") else None
 
@@ -415,6 +521,13 @@ class Messenger:
         # Updates are read from one SDK subscription taken at construction, so
         # nothing emitted between start() and the first updates() call is lost.
         self._events = client.events()
+        # What our own group changes did, for their history rows: the SDK stores
+        # such a row without a text. Descriptions wait per chat ("" for a group
+        # being created) until the row's MessageStored event names its id; they
+        # last for the session (after a restart the row reads "you changed the
+        # group").
+        self._pending_group: dict[str, list[str]] = {}
+        self._group_texts: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Messenger({self._client!r})"
@@ -437,13 +550,19 @@ class Messenger:
     ) -> Messenger:
         """Create an account in ``data_dir`` and register it with the relay.
 
+        The name and the relay URL are checked before anything is written, and a
+        failed creation or registration removes what it wrote: a failed first run
+        leaves no account behind (the next launch shows the first-run form again).
+
         ``invite``: a code from the relay's operator (invite-only relays).
 
         Raises:
             InviteNeeded: invite-only relay and no code, or a refused one.
-            BackendError: bad name, name taken, relay unreachable.
+            BackendError: bad name or URL, name taken, relay unreachable.
         """
-        with _backend_errors():
+        check_new_account(username, relay_url)
+        existed = data_dir.exists()
+        try:
             client = await Client.create(
                 data_dir,
                 username,
@@ -454,16 +573,20 @@ class Messenger:
                 options=options,
                 kdf_limits=kdf_limits,
             )
+        except E2EEError as exc:
+            _remove_account(data_dir, existed)
+            raise BackendError(str(exc)) from exc
         try:
             await client.register(invite=invite)
         except E2EEError as exc:
             await client.close()
             # The account exists locally now but is unregistered; remove it so the
             # user can retry with another name or relay.
-            for name in os.listdir(data_dir):
-                if name.startswith(DB_FILE):
-                    (data_dir / name).unlink()
-            raise _registration_error(exc) from exc
+            _remove_account(data_dir, existed)
+            refused = _registration_error(exc)
+            if refused is not None:
+                raise refused from exc
+            raise BackendError(relay_error(exc, relay_url, username)) from exc
         return cls(client, relay_url)
 
     @classmethod
@@ -544,7 +667,7 @@ class Messenger:
             sender=m.sender,
             outgoing=m.outgoing,
             kind=m.type,
-            text=m.text,
+            text=m.text or self._group_texts.get(m.id),
             sent_at=m.sent_at,
             status=m.status,
             edited=m.edited,
@@ -555,6 +678,7 @@ class Messenger:
             reactions=reactions,
             attachment=attachment,
             seq=m.seq,
+            read=m.outgoing or m.read_at is not None,
         )
 
     def _title(self, chat_id: str) -> str:
@@ -564,22 +688,34 @@ class Messenger:
         group = self._client.history.group(chat_id[len("group:") :])
         return str(group["name"]) if group and group.get("name") else "group"
 
-    def _summary(self, found: SdkChatSummary) -> ChatSummary:
+    def _summary(
+        self, found: SdkChatSummary, verified: frozenset[str] = frozenset()
+    ) -> ChatSummary:
         chat, last = found.chat, found.last_message
-        if last is None or last.type not in ("text", "attachment"):
+        history = self._client.history
+        if last is None:
             text = ""
         elif last.deleted:
             text = "message deleted"
         elif last.type == "attachment":
-            text = "📎 " + (last.text or "attachment")
-        else:
+            row = history.attachment(last.id)
+            name = (row["file_name"] if row else None) or "file"
+            text = "📎 " + name + (f" {last.text}" if last.text else "")
+        elif last.type == "text":
             text = last.text or ""
-        if last is not None and last.outgoing and text:
+        else:  # a group change, a timer change or a notice: what happened, not blank
+            text = self._describe(last)
+        if last is not None and last.outgoing and text and last.type in ("text", "attachment"):
             text = "you: " + text
         left = False
         if chat.kind == "group" and chat.group_id:
-            group = self._client.history.group(chat.group_id)
+            group = history.group(chat.group_id)
             left = group is not None and not group["member"]
+            if not text and group is not None:
+                # Joined, nothing said yet: the SDK keeps no row for the creation.
+                by = group.get("created_by") or "someone"
+                text = "you created the group" if by == self.username else f"{by} created the group"
+        peer = _peer_of(chat.id)
         return ChatSummary(
             chat_id=chat.id,
             kind="group" if chat.kind == "group" else "direct",
@@ -588,28 +724,48 @@ class Messenger:
             last_text=text.replace("\n", " "),
             last_at=chat.last_message_at,
             left=left,
+            verified=peer is not None and peer in verified,
         )
 
-    def _summaries(self) -> list[ChatSummary]:
+    def _describe(self, m: StoredMessage) -> str:
+        """One line for a history row that is not a text or a file."""
+        if m.type == "group":
+            return m.text or f"{'you' if m.outgoing else m.sender} changed the group"
+        if m.type == "timer":
+            return m.text or "disappearing messages changed"
+        return m.text or m.type
+
+    async def _verified_users(self) -> frozenset[str]:
+        """Contacts whose every known device is marked verified."""
+        try:
+            contacts = await self._client.contacts()
+        except E2EEError:
+            return frozenset()
+        return frozenset(
+            user
+            for user, devices in contacts.items()
+            if devices and all(level == "verified" for level in devices.values())
+        )
+
+    def _summaries(self, verified: frozenset[str]) -> list[ChatSummary]:
         # One query for every chat's unread count and newest message (the SDK's
         # chat_summaries); groups we left are not listed.
-        return [
-            summary
-            for summary in map(self._summary, self._client.history.chat_summaries())
-            if not summary.left
-        ]
+        found = self._client.history.chat_summaries()
+        return [s for s in (self._summary(f, verified) for f in found) if not s.left]
 
     async def chats(self) -> list[ChatSummary]:
         """Every chat, most recently active first."""
-        return await asyncio.to_thread(self._summaries)
+        return await asyncio.to_thread(self._summaries, await self._verified_users())
 
     async def chat_summary(self, chat_id: str) -> ChatSummary:
         """One chat's row (also for a chat with no history yet)."""
 
+        verified = await self._verified_users()
+
         def read() -> ChatSummary:
             for found in self._client.history.chat_summaries():
                 if found.chat.id == chat_id:
-                    return self._summary(found)
+                    return self._summary(found, verified)
             kind: Literal["direct", "group"] = "direct" if chat_id.startswith("dm:") else "group"
             return ChatSummary(chat_id, kind, self._title(chat_id), 0, "", None)
 
@@ -651,13 +807,35 @@ class Messenger:
 
         return await asyncio.to_thread(read)
 
-    async def search(self, text: str) -> list[MessageView]:
-        """Full-text search over every chat, best matches first."""
+    async def search(
+        self, text: str, *, before: str | None = None, limit: int = SEARCH_PAGE
+    ) -> list[SearchHit]:
+        """Search every chat: each word matches the words it begins, newest first.
 
-        def read() -> list[MessageView]:
-            return [self._view(m) for m in self._client.history.search(text, limit=100)]
+        Args:
+            text: the words (``histo`` finds ``history``).
+            before: the next page: hits stored before this message id (the last
+                hit of the page before).
+            limit: hits per page.
 
-        return await asyncio.to_thread(read)
+        Raises:
+            BackendError: the history cannot be read.
+        """
+
+        def read() -> list[SearchHit]:
+            found = self._client.history.search_newest(text, limit=limit, before=before)
+            titles: dict[str, str] = {}
+            hits = []
+            for m in found:
+                if m.chat_id not in titles:
+                    titles[m.chat_id] = self._title(m.chat_id)
+                hits.append(SearchHit(self._view(m), titles[m.chat_id]))
+            return hits
+
+        try:
+            return await asyncio.to_thread(read)
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
 
     async def queued_count(self) -> int:
         """Messages composed but not yet accepted by the relay (receipts left out)."""
@@ -762,9 +940,20 @@ class Messenger:
 
     async def create_group(self, name: str, members: Sequence[str]) -> str:
         """Create a group; returns its chat id."""
-        with _backend_errors():
-            gid = await self._client.create_group(name, members)
+        text = f"you created the group {name!r}"
+        self._pending_group.setdefault("", []).append(text)
+        try:
+            with _backend_errors():
+                gid = await self._client.create_group(name, members)
+        except BackendError:
+            self._unpend("", text)
+            raise
         return group_chat_id(gid)
+
+    def _unpend(self, chat_id: str, text: str) -> None:
+        waiting = self._pending_group.get(chat_id, [])
+        if text in waiting:
+            waiting.remove(text)
 
     async def group_info(self, chat_id: str) -> GroupInfo | None:
         """The group behind a chat, or None."""
@@ -789,27 +978,41 @@ class Messenger:
 
         return await asyncio.to_thread(read)
 
-    async def _group_call(self, call: Callable[[], object]) -> None:
-        with _backend_errors():
-            result = call()
-            if asyncio.iscoroutine(result):
-                await result
+    async def _group_call(self, chat_id: str, text: str, call: Callable[[], object]) -> None:
+        self._pending_group.setdefault(chat_id, []).append(text)
+        try:
+            with _backend_errors():
+                result = call()
+                if asyncio.iscoroutine(result):
+                    await result
+        except BackendError:
+            self._unpend(chat_id, text)
+            raise
 
     async def rename_group(self, chat_id: str, name: str) -> None:
         """Rename a group (admins)."""
-        await self._group_call(lambda: self._client.rename_group(_group_of(chat_id), name))
+        gid = _group_of(chat_id)
+        text = f"you renamed the group to {name!r}"
+        await self._group_call(chat_id, text, lambda: self._client.rename_group(gid, name))
 
     async def add_member(self, chat_id: str, user: str) -> None:
         """Add a member (admins)."""
-        await self._group_call(lambda: self._client.add_member(_group_of(chat_id), user))
+        gid = _group_of(chat_id)
+        await self._group_call(
+            chat_id, f"you added {user}", lambda: self._client.add_member(gid, user)
+        )
 
     async def remove_member(self, chat_id: str, user: str) -> None:
         """Remove a member (admins)."""
-        await self._group_call(lambda: self._client.remove_member(_group_of(chat_id), user))
+        gid = _group_of(chat_id)
+        await self._group_call(
+            chat_id, f"you removed {user}", lambda: self._client.remove_member(gid, user)
+        )
 
     async def leave_group(self, chat_id: str) -> None:
         """Leave a group."""
-        await self._group_call(lambda: self._client.leave_group(_group_of(chat_id)))
+        gid = _group_of(chat_id)
+        await self._group_call(chat_id, "you left the group", lambda: self._client.leave_group(gid))
 
     # -- trust --------------------------------------------------------------------------
 
@@ -819,9 +1022,15 @@ class Messenger:
         Raises:
             BackendError: no key known for that user yet (no message exchanged).
         """
-        with _backend_errors():
+        try:
             numbers = await self._client.safety_number(user)
             trust = await self._client.trust_level(user)
+        except UsageError as exc:
+            raise BackendError(
+                f"no key of {user} yet: it comes with the first message either of you sends"
+            ) from exc
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
         qr = await asyncio.to_thread(qr_terminal, numbers[0][1].scannable) if numbers else ""
         return ContactInfo(
             user=user,
@@ -829,6 +1038,26 @@ class Messenger:
             safety_numbers=tuple((d, n.digits) for d, n in numbers),
             qr=qr,
         )
+
+    async def user_exists(self, user: str) -> bool:
+        """Whether the relay knows ``user`` (checked before a new chat opens).
+
+        Raises:
+            BackendError: not a valid name (the text says why).
+            RelayUnavailable: the relay cannot be reached now.
+        """
+        try:
+            check_username(user)
+        except UsageError:
+            raise BackendError(f"{user!r} is not a username: 3 to 32 of a-z, 0-9 and _") from None
+        if user == self.username:
+            raise BackendError("that is you: pick someone else")
+        try:
+            return await self._client.user_exists(user)
+        except TransportError as exc:
+            raise RelayUnavailable(relay_error(exc, self._relay_url)) from exc
+        except E2EEError as exc:
+            raise BackendError(str(exc)) from exc
 
     async def accept_key(self, user: str, verified: bool) -> None:
         """Accept (and optionally verify) a contact's current keys; held messages go out."""
@@ -852,7 +1081,14 @@ class Messenger:
     async def _translate(self, event: Event) -> Update | None:
         match event:
             case MessageReceived(message=m) | MessageStored(message=m):
-                return NewMessage(await asyncio.to_thread(self._view, m))
+                if m.type == "group" and m.outgoing and not m.text:
+                    waiting = self._pending_group.get(m.chat_id) or self._pending_group.get("")
+                    if waiting:
+                        self._group_texts[m.id] = waiting.pop(0)
+                view = await asyncio.to_thread(self._view, m)
+                if m.outgoing:
+                    return NewMessage(view)
+                return NewMessage(view, await asyncio.to_thread(self._title, m.chat_id))
             case MessageChanged(message_id=mid, change=change):
                 found = await self.message(mid)
                 return None if found is None else MessageChanged_(found, change)
@@ -863,6 +1099,8 @@ class Messenger:
             case Typing(chat_id=chat_id, user=user, typing=typing):
                 return TypingChanged(chat_id, user, typing)
             case GroupChanged(group_id=gid, action=action, by=by, name=name, targets=targets):
+                chat_id = group_chat_id(gid)
+                newest = await self.messages(chat_id, limit=1)
                 who = ", ".join(targets)
                 text = {
                     "create": f"{by} created the group {name!r}",
@@ -871,7 +1109,7 @@ class Messenger:
                     "leave": f"{by} left",
                     "rename": f"{by} renamed the group to {name!r}",
                 }[action]
-                return ChatUpdated(group_chat_id(gid), text)
+                return ChatUpdated(chat_id, text, newest[-1].seq if newest else 0)
             case IdentityChanged(user=user, held=held, first_use=first_use):
                 return KeyChanged(user, direct_chat_id(user), held, first_use)
             case ConnectionStateChanged(state=state, retry_in=retry_in):

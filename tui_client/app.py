@@ -14,13 +14,16 @@
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, tzinfo
+from enum import StrEnum
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from textual import events, on, work
+from textual._ansi_sequences import ANSI_SEQUENCES_KEYS
 from textual.app import App, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
@@ -32,10 +35,11 @@ from tui_client.adapter import (
     PassphraseRequired,
     default_data_dir,
 )
+from tui_client.config import ConfigError, TuiConfig, load_config
 from tui_client.screens.main import MainScreen
 from tui_client.screens.setup import AccountCardScreen, FirstRunScreen, Opened, UnlockScreen
 
-__all__ = ["BlindpostApp", "run"]
+__all__ = ["TERMINAL_KEYS", "BlindpostApp", "run", "teach_terminal_keys"]
 
 
 def _system_ms() -> int:
@@ -48,6 +52,27 @@ GC_IDLE = 1.0
 GC_EVERY = 2.0
 #: Under unbroken input a full collection still runs after this long (bounds memory).
 GC_AT_LEAST = 30.0
+
+
+class _TerminalKey(StrEnum):
+    """Keys Textual's input table does not name (stand-ins for its ``Keys`` values)."""
+
+    ALT_ENTER = "alt+enter"
+
+
+#: Byte sequences terminals send for keys Textual's table lacks. A terminal sends
+#: Alt+Enter as ESC CR; Textual's parser drops the Alt of a key it finds in its
+#: table, so ESC CR read as a plain Enter, and the compose box sent the
+#: half-written message (issue 18). Added to Textual's table before the app
+#: reads any input; keys already in the table are left alone.
+TERMINAL_KEYS: dict[str, tuple[_TerminalKey, ...]] = {"\x1b\r": (_TerminalKey.ALT_ENTER,)}
+
+
+def teach_terminal_keys() -> None:
+    """Add :data:`TERMINAL_KEYS` to Textual's escape-sequence table (idempotent)."""
+    table = cast(dict[str, object], ANSI_SEQUENCES_KEYS)
+    for sequence, keys in TERMINAL_KEYS.items():
+        table.setdefault(sequence, keys)
 
 
 def _local_tz() -> tzinfo:
@@ -69,8 +94,8 @@ class BlindpostApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "Blindpost"
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("ctrl+q", "quit", "Quit", priority=True),
-        Binding("ctrl+t", "toggle_dark", "Theme", show=False),
+        Binding("ctrl+q", "quit", "Quit", priority=True, id="quit"),
+        Binding("ctrl+t", "toggle_dark", "Theme", show=False, id="theme"),
     ]
 
     def __init__(
@@ -80,8 +105,13 @@ class BlindpostApp(App[int]):
         backend: Backend | None = None,
         clock: Callable[[], int] = _system_ms,
         tz: tzinfo | None = None,
+        config: TuiConfig | None = None,
     ) -> None:
         super().__init__()
+        teach_terminal_keys()
+        self.config = config or TuiConfig()
+        # The settings file's [keys] over the default bindings (by binding id).
+        self.set_keymap(dict(self.config.keys))
         self.opener = opener
         self.backend: Backend | None = backend
         self.clock = clock
@@ -91,6 +121,16 @@ class BlindpostApp(App[int]):
         self._last_gc = time.monotonic()
 
     def on_mount(self) -> None:
+        if self.config.theme != self.theme:
+            if self.config.theme in self.available_themes:
+                self.theme = self.config.theme
+            else:
+                known = ", ".join(sorted(self.available_themes))
+                self.notify(
+                    f"theme {self.config.theme!r} is unknown (known: {known})",
+                    severity="error",
+                    markup=False,
+                )
         if self.backend is not None:
             self._start(self.backend, created=False)
         elif self.opener is None or not self.opener.exists():
@@ -119,7 +159,7 @@ class BlindpostApp(App[int]):
     def _start(self, backend: Backend, created: bool) -> None:
         self.backend = backend
         self._start_backend(backend)
-        main = MainScreen(backend, self.clock, self.tz)
+        main = MainScreen(backend, self.clock, self.tz, self.config)
         # Replace the account screens (if any) so Esc never leads back to them.
         while len(self.screen_stack) > 1:
             self.pop_screen()
@@ -206,10 +246,17 @@ class BlindpostApp(App[int]):
 def run(data_dir: Path | None) -> int:
     """Run the terminal client on ``data_dir`` (default: :func:`default_data_dir`).
 
+    The settings come from :func:`tui_client.config.config_path` (TOML).
+
     Returns:
-        The process exit status.
+        The process exit status (2 if the settings file cannot be used).
     """
     folder = data_dir or default_data_dir()
-    app = BlindpostApp(Opener(folder))
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"blindpost: {exc}", file=sys.stderr)
+        return 2
+    app = BlindpostApp(Opener(folder), config=config)
     app.run()
     return app.return_code or 0

@@ -44,7 +44,7 @@ from e2ee.client.inbox import Inbox
 from e2ee.client.link import LinkFactory, default_link_factory
 from e2ee.client.outbox import Outbox
 from e2ee.client.trust import accept_identity
-from e2ee.client_errors import ClientClosed, NotRegistered
+from e2ee.client_errors import ClientClosed, IdentityHeld, NotRegistered, UnknownRecipient
 from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
 from e2ee.errors import E2EEError, TransportError, UsageError
 from e2ee.events import ConnectionStateChanged, Event
@@ -55,7 +55,7 @@ from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, ReactionRow
 from e2ee.payload import AttachmentPointer, GroupAction, PayloadType, Quote
 from e2ee.store import Changes, TrustLevel
 from e2ee.store.sealing import KdfLimits
-from e2ee.transport.auth import DeviceSigner
+from e2ee.transport.auth import DeviceSigner, check_username
 from e2ee.transport.errors import BlobDigestMismatch
 
 __all__ = ["Client"]
@@ -794,6 +794,32 @@ class Client:
             return held - {self._ctx.me.name}
 
         return await asyncio.to_thread(collect)
+
+    async def user_exists(self, user: str) -> bool:
+        """Whether the relay knows ``user`` (asks it when no session exists yet).
+
+        Fetching their prekey bundles also sets up the session, as the first
+        message to them would. A user whose changed key is held exists.
+
+        Args:
+            user: the user name.
+
+        Returns:
+            False if the relay has no such user.
+
+        Raises:
+            UsageError: not a valid user name.
+            TransportError: the relay cannot be reached.
+        """
+        self._check_open()
+        check_username(user)
+        try:
+            await self._outbox.devices(user)
+        except UnknownRecipient:
+            return False
+        except IdentityHeld:
+            return True
+        return True
 
     async def queued_count(self) -> int:
         """Messages composed but not yet accepted by the relay (held ones included).

@@ -1,4 +1,4 @@
-"""What the CLI and the TUI asked of the facade (NOTES-cli.md, NOTES-tui.md), real relay."""
+"""What the CLI and the TUI asked of the facade (design notes in docs/cli.md, docs/tui.md)."""
 
 from __future__ import annotations
 

@@ -67,3 +67,10 @@ def tui_opener(tmp_path: Path) -> Callable[..., Opener]:
         return Opener(tmp_path / f"tui-{name}", options=FAST, kdf_limits=FAST_KDF, **kw)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _private_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings and chat choices of the app stay inside the test's folder."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+    monkeypatch.setenv("BLINDPOST_TUI_CONFIG", str(tmp_path / "no-such-tui.toml"))

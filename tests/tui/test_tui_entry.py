@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+from tui_harness import until
 
 from tui_client import app as tui_app
 from tui_client.adapter import Opener, default_data_dir
@@ -34,5 +35,5 @@ async def test_an_unreadable_account_exits_with_status_1(tmp_path: Path) -> None
     (folder / "blindpost.db").write_bytes(b"this is not sqlite" * 100)
     app = tui_app.BlindpostApp(Opener(folder))
     async with app.run_test() as pilot:
-        await pilot.pause(1.0)
+        await until(pilot, lambda: app.return_code is not None)
     assert app.return_code == 1

@@ -16,6 +16,7 @@ from tui_client.adapter import Opener
 from tui_client.app import BlindpostApp
 from tui_client.screens.dialogs import (
     AttachScreen,
+    ConfirmScreen,
     ContactInfoScreen,
     GroupInfoScreen,
     NewGroupScreen,
@@ -108,6 +109,8 @@ async def test_create_a_group_talk_in_it_and_rename_it(
         group_id = screen.chat_id
         assert group_id is not None
         info.query_one("#group-leave-btn").press()
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
         left = await next_event(
             bob_events, lambda e: isinstance(e, GroupChanged) and e.action == "leave"
         )

@@ -10,14 +10,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from textual.widgets import OptionList
-from tui_harness import next_event, type_text, until
+from tui_harness import next_event, screen_text, type_text, until
 
 from e2ee.client import Client
 from e2ee.events import MessageReceived, ReceiptUpdated
 from e2ee.history import direct_chat_id
 from tui_client.adapter import Opener
 from tui_client.app import BlindpostApp
-from tui_client.screens.dialogs import PromptScreen, ReactScreen, SearchScreen
+from tui_client.screens.dialogs import ConfirmScreen, PromptScreen, ReactScreen, SearchScreen
 from tui_client.screens.main import MainScreen
 from tui_client.widgets.chat_list import ChatList
 from tui_client.widgets.conversation import ComposeArea, MessageList
@@ -151,6 +151,8 @@ async def test_reply_react_edit_delete_from_the_keyboard(
         listed.focus()
         listed.highlighted = listed.get_option_index(listed.messages()[0].id)
         await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
         deleted = await next_event(bob_events, lambda e: type(e).__name__ == "MessageChanged")
         assert deleted.change == "deleted"
         await until(pilot, lambda: listed.messages()[0].deleted)
@@ -206,7 +208,6 @@ async def test_older_history_loads_when_scrolling_up(
                 (c := screen.query_one(ChatList).get(direct_chat_id("bob")))
                 and c.last_text == "line 299"
             ),
-            timeout=60,
         )
         screen.open_chat(direct_chat_id("bob"))
         listed = screen.query_one(MessageList)
@@ -244,10 +245,15 @@ async def test_connection_indicator_counts_queued_messages_while_offline(
         await _send(pilot, screen, "written offline")
         await until(pilot, lambda: indicator.queued == 1)
         assert "1 queued" in str(indicator.render())
+        # The whole text is on screen: the width follows the text (it was clipped
+        # to the width of "● connected").
+        shown = str(indicator.render())
+        await until(pilot, lambda: indicator.content_region.width >= len(shown))
+        assert "1 queued" in screen_text(app)
         listed = screen.query_one(MessageList)
         assert listed.messages()[-1].status == "pending"
         tui_relay.start()
-        got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived), timeout=30)
+        got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.text == "written offline"
         await until(pilot, lambda: indicator.state == "connected")
         await until(pilot, lambda: listed.messages()[-1].status in ("sent", "delivered"))
@@ -275,7 +281,8 @@ async def test_search_across_the_history_and_open_the_result(
         await type_text(pilot, "pineapple")
         results = dialog.query_one("#search-results", OptionList)
         await until(pilot, lambda: results.option_count == 1)
-        assert "bob: the pineapple plan is on" in str(results.get_option_at_index(0).prompt)
+        hit = str(results.get_option_at_index(0).prompt)
+        assert hit.startswith("@bob · bob · ") and hit.endswith(": the pineapple plan is on")
         await pilot.press("enter")  # from the input to the results
         await pilot.press("enter")  # open the highlighted result
         await until(pilot, lambda: isinstance(app.screen, MainScreen))

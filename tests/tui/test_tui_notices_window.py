@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 from conftest import FAST, FAST_KDF
 from relay_harness import RelayProcess
-from tui_harness import next_event, type_text, until
+from tui_harness import WAIT, next_event, type_text, until
 
 from e2ee.client import Client, TransportLink
 from e2ee.events import MessageReceived, ReceiptUpdated
@@ -28,7 +28,7 @@ from tui_client.app import BlindpostApp
 from tui_client.screens.dialogs import AttachScreen, SearchScreen
 from tui_client.screens.main import MainScreen
 from tui_client.widgets.chat_list import ChatList
-from tui_client.widgets.conversation import WINDOW, MessageList
+from tui_client.widgets.conversation import NEW_MARKER, WINDOW, MessageList
 
 MakeClient = Callable[..., Awaitable[Client]]
 MakeOpener = Callable[..., Opener]
@@ -43,10 +43,13 @@ async def _main(pilot: Any) -> MainScreen:
 
 
 def _rows(listed: MessageList) -> list[str]:
-    """What the list shows, top to bottom: message texts and ``ⓘ`` notices."""
+    """What the list shows, top to bottom: message texts and ``ⓘ`` notices.
+
+    Day separators and the "new messages" line are left out.
+    """
     out = []
     for option in listed.options:
-        if option.id is None or option.id.startswith("day:"):
+        if option.id is None or option.id.startswith("day:") or option.id == NEW_MARKER:
             continue
         found = listed.message(option.id)
         if found is None or found.is_notice:  # a notice (stored in history, or the session's)
@@ -65,7 +68,7 @@ async def test_a_message_lost_at_the_relay_shows_a_missed_message_notice(
     # Alice is offline (the app is not running): bob's first message waits in
     # her mailbox, is not fetched within the relay's retention time, and is swept.
     await bob.send_text("alice", "this one is lost")
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + WAIT
     while "sweeper removed 1 expired messages" not in tui_relay.log_text():
         assert time.monotonic() < deadline, "the relay never expired the message"
         await asyncio.sleep(0.05)  # polling the relay's log: no event to await
@@ -224,7 +227,6 @@ async def test_the_render_window_scrolls_through_a_long_chat_and_back(
         await until(
             pilot,
             lambda: (c := chats.get(direct_chat_id("bob"))) and c.last_text == f"line {total - 1}",
-            timeout=90,
         )
         screen.open_chat(direct_chat_id("bob"))
         listed = screen.query_one(MessageList)
@@ -254,9 +256,10 @@ async def test_the_render_window_scrolls_through_a_long_chat_and_back(
         # Rows are bounded too: messages, one day separator per day, nothing else.
         assert listed.option_count <= WINDOW + 2
 
-        # And back down to the newest: the dropped pages are read again.
+        # And back down to the newest, a page at a time: the dropped pages are
+        # read again (End would jump straight to the newest page).
         while listed.has_newer:
-            await pilot.press("end")
+            await pilot.press("pagedown")
             await pilot.pause(0.05)
             assert len(listed.messages()) <= WINDOW
             assert contiguous()
@@ -288,8 +291,20 @@ async def test_the_render_window_scrolls_through_a_long_chat_and_back(
         await until(pilot, lambda: isinstance(app.screen, SearchScreen))
         await type_text(pilot, "17")
         results = app.screen.query_one("#search-results")
-        await until(pilot, lambda: results.option_count == 1)
-        await pilot.press("enter")
+        # Words match by their beginning (17, 170, 171...): pick "line 17".
+        await until(
+            pilot,
+            lambda: any(
+                str(results.get_option_at_index(i).prompt).endswith(": line 17")
+                for i in range(results.option_count)
+            ),
+        )
+        await pilot.press("enter")  # from the input to the results
+        results.highlighted = next(
+            i
+            for i in range(results.option_count)
+            if str(results.get_option_at_index(i).prompt).endswith(": line 17")
+        )
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
         await until(pilot, lambda: "line 17" in texts())
@@ -299,6 +314,6 @@ async def test_the_render_window_scrolls_through_a_long_chat_and_back(
         # Moving down from the hit reads the newer pages.
         listed.focus()
         while listed.has_newer:
-            await pilot.press("end")
+            await pilot.press("pagedown")
             await pilot.pause(0.05)
         assert texts()[-1] == f"line {total}" and contiguous()

@@ -14,7 +14,7 @@ from tui_harness import until
 from tui_client.adapter import Opener
 from tui_client.app import BlindpostApp
 from tui_client.screens.main import MainScreen
-from tui_client.screens.setup import AccountCardScreen, FirstRunScreen, UnlockScreen
+from tui_client.screens.setup import AccountCardScreen, FirstRunScreen, UnlockScreen, _Failed
 from tui_client.widgets.status import ConnectionIndicator
 
 MakeOpener = Callable[..., Opener]
@@ -43,7 +43,10 @@ async def test_first_run_registers_then_later_runs_ask_for_the_passphrase(
         screen.query_one("#setup-pass2").value = "correct horse"
         screen.query_one("#setup-pass2").focus()
         await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, AccountCardScreen) and app.screen.query("#card-done"),
+        )
         assert "alice" in str(app.screen.query_one("#account-card-info").render())
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
@@ -87,12 +90,12 @@ async def test_taken_username_is_reported_and_can_be_changed(
         screen.query_one("#setup-relay").value = tui_relay.url
         await pilot.click("#setup-create")
         error = screen.query_one("#setup-error")
-        await until(pilot, lambda: "registration failed" in str(error.render()))
+        await until(pilot, lambda: "taken" in str(error.render()))
         assert not opener.exists(), "a failed registration leaves no half account behind"
         screen.query_one("#setup-username").value = "alice2"
         screen.query_one("#setup-pass2").focus()
         await pilot.press("enter")
-        await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
+        await _through_the_card(pilot)
 
 
 async def test_without_passphrase_later_runs_open_straight_into_the_chats(
@@ -144,3 +147,93 @@ async def test_first_run_asks_for_an_invite_when_the_relay_is_invite_only(
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, AccountCardScreen))
     assert opener.exists()
+
+
+async def _through_the_card(pilot: Any) -> None:
+    """The account card comes up; Enter leads on to the chats (fully shown)."""
+    app = pilot.app
+    await until(
+        pilot,
+        lambda: isinstance(app.screen, AccountCardScreen) and app.screen.query("#card-done"),
+    )
+    await pilot.press("enter")
+    await until(pilot, lambda: isinstance(app.screen, MainScreen) and app.screen.query("KeyBanner"))
+
+
+async def _first_run_form(pilot: Any) -> Any:
+    app = pilot.app
+    await until(
+        pilot,
+        lambda: isinstance(app.screen, FirstRunScreen) and app.screen.query("#setup-create"),
+    )
+    return app.screen
+
+
+async def _submit(pilot: Any, screen: Any) -> None:
+    # The keyboard path (Enter in the last field): a Button ignores a click that
+    # comes while it still shows the previous click.
+    screen.query_one("#setup-pass2").focus()
+    await pilot.press("enter")
+
+
+async def test_a_bad_username_is_refused_before_anything_is_created(
+    tui_opener: MakeOpener, tui_relay: Any
+) -> None:
+    opener = tui_opener("alice")
+    app = BlindpostApp(opener)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _first_run_form(pilot)
+        screen.query_one("#setup-username").value = "Bad Name"
+        screen.query_one("#setup-relay").value = tui_relay.url
+        await pilot.click("#setup-create")
+        error = screen.query_one("#setup-error")
+        await until(pilot, lambda: "username" in str(error.render()))
+        assert "a-z, digits 0-9 and _" in str(error.render())
+        assert not opener.data_dir.exists(), "nothing is written for a refused name"
+        # An SDK error naming [a-z0-9_] is shown as written, not eaten as markup.
+        screen.post_message(_Failed("must match ^[a-z0-9_]{3,32}$"))
+        await until(pilot, lambda: "[a-z0-9_]" in str(error.render()))
+    # The next launch asks again instead of failing to open a half account.
+    again = BlindpostApp(opener)
+    async with again.run_test(size=(80, 24)) as pilot:
+        screen = await _first_run_form(pilot)
+        screen.query_one("#setup-username").value = "alice"
+        screen.query_one("#setup-relay").value = tui_relay.url
+        await pilot.click("#setup-create")
+        await _through_the_card(pilot)
+    assert again.return_code in (None, 0)
+
+
+async def test_first_run_relay_problems_are_explained_and_leave_nothing_behind(
+    tui_opener: MakeOpener, tui_relay: Any
+) -> None:
+    opener = tui_opener("alice")
+    url = tui_relay.url
+    tui_relay.stop()
+    app = BlindpostApp(opener)
+    async with app.run_test(size=(80, 24)) as pilot:
+        screen = await _first_run_form(pilot)
+        error = screen.query_one("#setup-error")
+        screen.query_one("#setup-username").value = "alice"
+        # An empty relay field is an error, not a silent default.
+        screen.query_one("#setup-relay").value = ""
+        await _submit(pilot, screen)
+        await until(pilot, lambda: "relay's URL" in str(error.render()))
+        assert not opener.data_dir.exists()
+        screen.query_one("#setup-relay").value = "relay.example.org/api"
+        await _submit(pilot, screen)
+        await until(pilot, lambda: "http:// or https://" in str(error.render()))
+
+        assert not opener.data_dir.exists()
+        # Nothing listens at the relay's address now: a sentence, not a class name.
+        screen.query_one("#setup-relay").value = url
+        await _submit(pilot, screen)
+        await until(pilot, lambda: "cannot reach the relay" in str(error.render()))
+        shown = str(error.render())
+        assert url in shown and "ClientConnectorError" not in shown
+        assert not opener.exists(), "a failed registration leaves no account behind"
+        assert not screen.query_one("#setup-create").disabled
+        # The relay comes up: the same form now works.
+        tui_relay.start()
+        await _submit(pilot, screen)
+        await _through_the_card(pilot)

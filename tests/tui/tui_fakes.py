@@ -24,6 +24,7 @@ from tui_client.adapter import (
     GroupInfo,
     MessageView,
     Progress,
+    SearchHit,
     Update,
 )
 
@@ -94,7 +95,7 @@ def sample_messages() -> dict[str, list[MessageView]]:
             _m(10, bob, "alice", "(on my way)", t + 22 * MINUTE, "pending"),
         ],
         "group:f00d": [
-            _m(20, "group:f00d", "alice", "created the group", y, kind="group"),
+            _m(20, "group:f00d", "alice", "you created the group 'team'", y, kind="group"),
             _m(21, "group:f00d", "carol", "Standup moved to 10:00", t),
             _m(22, "group:f00d", "dave", "ok", t + MINUTE),
         ],
@@ -205,9 +206,11 @@ class FakeBackend:
                     return m
         return None
 
-    async def search(self, text: str) -> list[MessageView]:
+    async def search(
+        self, text: str, *, before: str | None = None, limit: int = 50
+    ) -> list[SearchHit]:
         return [
-            m
+            SearchHit(m, m.chat_id.split(":", 1)[1])
             for msgs in self.msgs.values()
             for m in msgs
             if m.text and text.lower() in m.text.lower()
@@ -296,6 +299,9 @@ class FakeBackend:
 
     async def held_users(self) -> set[str]:
         return set()
+
+    async def user_exists(self, user: str) -> bool:
+        return True
 
     async def queued_count(self) -> int:
         return 0

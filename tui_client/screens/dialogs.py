@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, tzinfo
 from pathlib import Path
 from typing import ClassVar
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -29,22 +30,202 @@ from textual.widgets import (
 )
 from textual.widgets.option_list import Option
 
-from tui_client.adapter import Backend, BackendError, ContactInfo, GroupInfo, MessageView
+from tui_client.adapter import (
+    SEARCH_PAGE,
+    Backend,
+    BackendError,
+    ContactInfo,
+    GroupInfo,
+    MessageView,
+    SearchHit,
+)
+from tui_client.config import KEY_ACTIONS, TuiConfig, config_path
+from tui_client.widgets.fmt import short_time
 
 __all__ = [
     "REACTIONS",
     "AttachScreen",
+    "ConfirmScreen",
     "ContactInfoScreen",
     "GroupInfoScreen",
+    "HelpScreen",
     "NewGroup",
     "NewGroupScreen",
     "PromptScreen",
     "ReactScreen",
     "SearchScreen",
+    "SwitcherScreen",
+    "fuzzy_score",
 ]
 
-#: The quick reactions offered (an empty string removes ours).
+#: The quick reactions offered (an empty string removes ours), with their names.
 REACTIONS = ("👍", "❤", "😂", "😮", "😢", "🙏")
+REACTION_NAMES = ("thumbs up", "heart", "laughing", "surprised", "sad", "thanks")
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Ask before something that cannot be undone; dismisses with True to go ahead.
+
+    Enter or ``y`` confirms; Esc or ``n`` cancels (the safe choice has the focus).
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape,n", "answer(False)", "Cancel"),
+        Binding("y", "answer(True)", "Yes"),
+    ]
+
+    def __init__(self, question: str, yes: str = "Yes") -> None:
+        super().__init__()
+        self._question = question
+        self._yes = yes
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="confirm-dialog"):
+            yield Static(
+                self._question, classes="dialog-title", id="confirm-question", markup=False
+            )
+            with Horizontal(classes="dialog-buttons"):
+                yield Button(self._yes, variant="error", id="confirm-yes")
+                yield Button("Cancel", id="confirm-no")
+
+    def on_mount(self) -> None:
+        self.query_one("#confirm-no", Button).focus()
+
+    @on(Button.Pressed, "#confirm-yes")
+    def _yes_pressed(self) -> None:
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#confirm-no")
+    def _no_pressed(self) -> None:
+        self.dismiss(False)
+
+    def action_answer(self, answer: bool) -> None:
+        """Answer the question."""
+        self.dismiss(answer)
+
+
+def fuzzy_score(query: str, text: str) -> int | None:
+    """How well ``query`` matches ``text`` as a subsequence (lower is better); None: no match.
+
+    A prefix match beats a match inside the text, which beats scattered letters.
+    """
+    q, t = query.lower(), text.lower()
+    if not q:
+        return 0
+    if t.startswith(q):
+        return 0
+    found = t.find(q)
+    if found >= 0:
+        return 100 + found
+    score, at = 1000, 0
+    for ch in q:
+        nxt = t.find(ch, at)
+        if nxt < 0:
+            return None
+        score += nxt - at
+        at = nxt + 1
+    return score
+
+
+class SwitcherScreen(ModalScreen[str | None]):
+    """Ctrl+K: type part of a chat's name; Enter opens the best match (or the highlighted)."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, chats: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self._chats = chats  # (chat id, title), most recent first
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="switcher-dialog"):
+            yield Label("Go to chat", classes="dialog-title")
+            yield Input(placeholder="part of a name", id="switcher-input")
+            yield OptionList(id="switcher-results")
+
+    def on_mount(self) -> None:
+        self._show("")
+
+    def matches(self, query: str) -> list[tuple[str, str]]:
+        """The chats matching ``query``, best first (ties: most recent first)."""
+        scored = [
+            (fuzzy_score(query, title), i, c, title) for i, (c, title) in enumerate(self._chats)
+        ]
+        return [(c, title) for s, _, c, title in sorted(x for x in scored if x[0] is not None)]
+
+    def _show(self, query: str) -> None:
+        results = self.query_one("#switcher-results", OptionList)
+        results.set_options(
+            Option(("#" if c.startswith("group:") else "@") + title, id=c)
+            for c, title in self.matches(query)
+        )
+        if results.option_count:
+            results.highlighted = 0
+
+    @on(Input.Changed, "#switcher-input")
+    def _changed(self, event: Input.Changed) -> None:
+        self._show(event.value)
+
+    @on(Input.Submitted, "#switcher-input")
+    def _submitted(self) -> None:
+        results = self.query_one("#switcher-results", OptionList)
+        option = results.highlighted_option
+        if option is not None:
+            self.dismiss(option.id)
+
+    def on_key(self, event: events.Key) -> None:
+        # Up / Down move through the results while typing goes on in the input.
+        if event.key in ("up", "down"):
+            results = self.query_one("#switcher-results", OptionList)
+            if event.key == "down":
+                results.action_cursor_down()
+            else:
+                results.action_cursor_up()
+            event.stop()
+
+    @on(OptionList.OptionSelected, "#switcher-results")
+    def _chosen(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class HelpScreen(ModalScreen[None]):
+    """F1: every key of the main view, as the settings file left them."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,f1,q", "close", "Close")]
+
+    def __init__(self, key_map: dict[str, str], config: TuiConfig) -> None:
+        super().__init__()
+        self._keys = key_map
+        self._config = config
+
+    def compose(self) -> ComposeResult:
+        width = max(len(k) for k in self._keys.values()) + 2
+        lines = [
+            f"{keys.replace(',', ' / '):<{width}} {KEY_ACTIONS[name][1]}  [{name}]"
+            for name, keys in self._keys.items()
+        ]
+        lines += [
+            f"{'Enter':<{width}} send (compose box)",
+            f"{'Alt+Enter':<{width}} new line (also Ctrl+J)",
+            f"{'Alt+1..9':<{width}} the chat at that place in the list",
+        ]
+        if self._config.vi_keys:
+            lines.append(f"{'j / k / g / G':<{width}} down / up / first / last in the lists")
+        where = self._config.path or config_path()
+        source = "read from" if self._config.path else "none yet; create"
+        with VerticalScroll(classes="dialog", id="help-dialog"):
+            yield Label("Keys", classes="dialog-title")
+            yield Static("\n".join(lines), id="help-keys", markup=False)
+            yield Static(
+                f"Settings file ({source}): {where}\nlayout: {self._config.layout}",
+                id="help-config",
+                markup=False,
+            )
+
+    def action_close(self) -> None:
+        self.dismiss(None)
 
 
 class PromptScreen(ModalScreen[str | None]):
@@ -85,7 +266,10 @@ class ReactScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
             yield Label("React with", classes="dialog-title")
-            options = [Option(f"{e}  {e}", id=f"r{i}") for i, e in enumerate(REACTIONS)]
+            options = [
+                Option(f"{e}  {name}", id=f"r{i}")
+                for i, (e, name) in enumerate(zip(REACTIONS, REACTION_NAMES, strict=True))
+            ]
             options.append(Option("remove my reaction", id="remove"))
             yield OptionList(*options, id="react-options")
 
@@ -163,6 +347,14 @@ class _Failed(Message):
         self.text = text
 
 
+class _Done(Message):
+    """A worker's change succeeded; ``text`` says what was done."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
 class GroupInfoScreen(ModalScreen[str | None]):
     """Group info: rename, add or remove members, leave.
 
@@ -187,7 +379,7 @@ class GroupInfoScreen(ModalScreen[str | None]):
             with Horizontal(classes="dialog-row"):
                 yield Input(placeholder="add member", id="group-add")
                 yield Button("Add", id="group-add-btn", compact=True)
-            yield Static("", id="group-status", classes="dialog-error")
+            yield Static("", id="group-status", classes="dialog-ok", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Remove selected", id="group-remove-btn")
                 yield Button("Leave group", variant="error", id="group-leave-btn")
@@ -212,7 +404,15 @@ class GroupInfoScreen(ModalScreen[str | None]):
         )
 
     def on__failed(self, message: _Failed) -> None:
-        self.query_one("#group-status", Static).update(message.text)
+        status = self.query_one("#group-status", Static)
+        status.set_classes("dialog-error")
+        status.update(message.text)
+
+    def on__done(self, message: _Done) -> None:
+        # Success reads in the success colour, not the error red.
+        status = self.query_one("#group-status", Static)
+        status.set_classes("dialog-ok")
+        status.update(message.text)
 
     @work(group="group-change")
     async def _change(self, what: str, value: str) -> None:
@@ -231,7 +431,12 @@ class GroupInfoScreen(ModalScreen[str | None]):
         if what == "leave":
             self.dismiss("left")
             return
-        self.post_message(_Failed(f"done: {what} {value}".strip()))
+        done = {
+            "rename": f"renamed to {value}",
+            "add": f"added {value}",
+            "remove": f"removed {value}",
+        }
+        self.post_message(_Done(done.get(what, what)))
         self._load()
 
     @on(Button.Pressed, "#group-rename-btn")
@@ -257,7 +462,16 @@ class GroupInfoScreen(ModalScreen[str | None]):
 
     @on(Button.Pressed, "#group-leave-btn")
     def _leave(self) -> None:
-        self._change("leave", "")
+        name = self._info.name if self._info else "this group"
+
+        def answered(leave: bool | None) -> None:
+            if leave:
+                self._change("leave", "")
+
+        self.app.push_screen(
+            ConfirmScreen(f"Leave {name}? You stop receiving its messages.", "Leave group"),
+            answered,
+        )
 
     @on(Button.Pressed, "#group-close")
     def action_close(self) -> None:
@@ -377,39 +591,81 @@ class AttachScreen(ModalScreen[Path | None]):
 
 
 class SearchScreen(ModalScreen[MessageView | None]):
-    """Search across the history; choosing a result opens its chat."""
+    """Search across the history; choosing a result opens its chat.
+
+    Each word matches the words it begins (``histo`` finds ``history``); hits
+    come newest first, a page at a time: moving to the end of the list reads
+    the next page.
+    """
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, now_ms: int = 0, tz: tzinfo | None = None) -> None:
         super().__init__()
         self._backend = backend
+        self._now_ms = now_ms
+        self._tz = tz or UTC
         self._results: dict[str, MessageView] = {}
+        self._text = ""
+        self._more = False  # the last page was full: there may be older hits
+        self._loading = False
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog", id="search-dialog"):
             yield Label("Search messages", classes="dialog-title")
-            yield Input(placeholder="words to find", id="search-input")
+            yield Input(placeholder="words to find (beginnings are enough)", id="search-input")
             yield OptionList(id="search-results")
 
     @on(Input.Changed, "#search-input")
     def _changed(self, event: Input.Changed) -> None:
-        self._search(event.value)
+        self._text = event.value
+        self._search(event.value, None)
 
     @work(exclusive=True, group="search")
-    async def _search(self, text: str) -> None:
-        results = await self._backend.search(text) if text.strip() else []
-        self.post_message(_Loaded(results))
+    async def _search(self, text: str, before: str | None) -> None:
+        try:
+            hits = await self._backend.search(text, before=before) if text.strip() else []
+        except BackendError as exc:
+            self.post_message(_Failed(str(exc)))
+            return
+        self.post_message(_Loaded((text, before, hits)))
+
+    def _label(self, hit: SearchHit) -> str:
+        m = hit.message
+        where = ("@" if m.chat_id.startswith("dm:") else "#") + hit.chat_title
+        who = "you" if m.outgoing else m.sender
+        when = short_time(m.sent_at, self._now_ms, self._tz)
+        return f"{where} · {who} · {when}: {(m.text or '').replace(chr(10), ' ')}"
 
     def on__loaded(self, message: _Loaded) -> None:
-        results = message.value
-        if not isinstance(results, list):
+        value = message.value
+        if not isinstance(value, tuple):
             return
-        self._results = {m.id: m for m in results}
-        self.query_one("#search-results", OptionList).set_options(
-            Option(f"{m.chat_id} · {m.sender}: {(m.text or '').replace(chr(10), ' ')}", id=m.id)
-            for m in results
-        )
+        text, before, hits = value
+        if text != self._text:
+            return  # typed on meanwhile
+        results = self.query_one("#search-results", OptionList)
+        if before is None:
+            self._results = {}
+            results.clear_options()
+        self._loading = False
+        self._more = len(hits) >= SEARCH_PAGE
+        fresh = [h for h in hits if h.message.id not in self._results]
+        for hit in fresh:
+            self._results[hit.message.id] = hit.message
+        results.add_options(Option(self._label(h), id=h.message.id) for h in fresh)
+
+    def on__failed(self, message: _Failed) -> None:
+        self._loading = False
+        self.notify(message.text, severity="error", markup=False)
+
+    @on(OptionList.OptionHighlighted, "#search-results")
+    def _near_end(self, event: OptionList.OptionHighlighted) -> None:
+        results = self.query_one("#search-results", OptionList)
+        if self._more and not self._loading and event.option_index >= results.option_count - 3:
+            oldest = min(self._results.values(), key=lambda m: m.seq)
+            self._loading = True
+            self._search(self._text, oldest.id)
 
     @on(Input.Submitted, "#search-input")
     def _to_results(self) -> None:

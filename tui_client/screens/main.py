@@ -17,13 +17,21 @@
 #   the window moved meanwhile.
 # * The open chat's id is ``self.chat_id``; every page or update for another
 #   chat is ignored by the conversation (the user may have moved on).
+# * Read means displayed in a focused window: ``mark_read`` is asked only while
+#   the terminal has the focus, no dialog covers the chat and the newest
+#   message is in view (``_can_mark_read``), and checked again after the
+#   debounce. Read receipts never go out for messages the user could not see.
 """The main screen."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import tzinfo
@@ -32,7 +40,7 @@ from typing import ClassVar, Literal
 
 from rich.text import Text
 from textual import on, work
-from textual.app import ComposeResult
+from textual.app import ComposeResult, SuspendNotSupported
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
@@ -52,22 +60,34 @@ from tui_client.adapter import (
     NewMessage,
     Notice,
     ReceiptChanged,
+    RelayUnavailable,
     TypingChanged,
     Update,
 )
+from tui_client.config import ChatPrefs, TuiConfig, load_prefs, prefs_path, save_prefs
 from tui_client.screens.dialogs import (
     AttachScreen,
+    ConfirmScreen,
     ContactInfoScreen,
     GroupInfoScreen,
+    HelpScreen,
     NewGroup,
     NewGroupScreen,
     PromptScreen,
     ReactScreen,
     SearchScreen,
+    SwitcherScreen,
 )
 from tui_client.screens.setup import AccountCardScreen
-from tui_client.widgets.chat_list import ChatList
-from tui_client.widgets.conversation import PREVIEW_COLS, PREVIEW_ROWS, ComposeArea, MessageList
+from tui_client.widgets.chat_list import ChatList, ChatOptions
+from tui_client.widgets.conversation import (
+    PREVIEW_COLS,
+    PREVIEW_ROWS,
+    ComposeArea,
+    MessageList,
+    first_link,
+    mentions,
+)
 from tui_client.widgets.image_preview import MAX_BYTES, PreviewError, render_preview
 from tui_client.widgets.status import ConnectionIndicator, KeyBanner
 
@@ -144,6 +164,32 @@ class PageLoaded(Message):
         self.anchor = anchor
 
 
+class ChatStarted(Message):
+    """A new chat with ``user`` may open (the relay knows them)."""
+
+    def __init__(self, chat_id: str, user: str) -> None:
+        super().__init__()
+        self.chat_id = chat_id
+        self.user = user
+
+
+class PrefsLoaded(Message):
+    """The muted and archived chats were read."""
+
+    def __init__(self, prefs: ChatPrefs) -> None:
+        super().__init__()
+        self.prefs = prefs
+
+
+class EditorDone(Message):
+    """The external editor closed; ``text`` is what the file holds now."""
+
+    def __init__(self, text: str | None, error: str = "") -> None:
+        super().__init__()
+        self.text = text
+        self.error = error
+
+
 class MessageSent(Message):
     """A message we composed is in history (queued or sent)."""
 
@@ -190,18 +236,33 @@ class MainScreen(Screen[None]):
     """Chat list + conversation + compose."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("ctrl+n", "new_chat", "New chat"),
-        Binding("ctrl+g", "new_group", "New group"),
-        Binding("f2", "info", "Info"),
-        Binding("f3", "account", "Me", show=False),
-        Binding("ctrl+o", "attach", "Attach"),
-        Binding("ctrl+f", "search", "Search"),
-        Binding("ctrl+l", "focus_chats", "Chats", show=False),
+        # Ids are the [keys] names of the settings file (tui_client.config).
+        Binding("ctrl+n", "new_chat", "New chat", id="new_chat"),
+        Binding("ctrl+g", "new_group", "New group", id="new_group"),
+        # priority: Ctrl+K is the switcher even while typing (the compose box
+        # would take it as "delete to the end of the line").
+        Binding("ctrl+k", "switch_chat", "Switch", id="switch_chat", priority=True),
+        Binding("alt+u", "next_unread", "Unread", show=False, id="next_unread"),
+        Binding("f1", "help", "Help", id="help"),
+        Binding("f2", "info", "Info", id="info"),
+        Binding("f3", "account", "Me", show=False, id="account"),
+        Binding("ctrl+o", "attach", "Attach", id="attach"),
+        Binding("ctrl+f", "search", "Search", id="search"),
+        Binding("ctrl+l", "focus_chats", "Chats", show=False, id="focus_chats"),
         Binding("escape", "cancel_compose", "Cancel", show=False),
+        Binding("alt+e", "editor", "Editor", show=False, id="editor"),
+        *[Binding(f"alt+{n}", f"chat_number({n})", f"Chat {n}", show=False) for n in range(1, 10)],
     ]
 
-    def __init__(self, backend: Backend, clock: Callable[[], int], tz: tzinfo) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        clock: Callable[[], int],
+        tz: tzinfo,
+        config: TuiConfig | None = None,
+    ) -> None:
         super().__init__()
+        self.config = config or TuiConfig()
         self.backend = backend
         self._clock = clock
         self._tz = tz
@@ -247,6 +308,12 @@ class MainScreen(Screen[None]):
         self.set_interval(_REFRESH_TICK, self._flush_dirty)
         self.set_interval(_APPEND_TICK, self._flush_incoming)
         self.set_interval(1.0, self._expire_typing)
+        self.messages.compact = self.config.layout == "compact"
+        self.messages.me = self.backend.username
+        self._prefs = ChatPrefs()
+        self._prefs_path = prefs_path(self.backend.username)
+        self._load_prefs()
+        self.watch(self.app, "app_focus", self._app_focus_changed, init=False)
         self.query_one("#chat-options").focus()
 
     @property
@@ -314,9 +381,31 @@ class MainScreen(Screen[None]):
             return
         self.post_message(PageLoaded(chat_id, page, kind, limit, anchor))
 
+    def _can_mark_read(self, in_view: bool = False) -> bool:
+        """Read means displayed in a focused window (issue 18).
+
+        The terminal has the focus (focus reporting), this screen is on top (no
+        dialog over it), and the chat's newest message is in view (``in_view``:
+        the list says so; otherwise its cursor is on the newest message).
+        """
+        return (
+            self.app.app_focus
+            and self.app.screen is self
+            and self.chat_id is not None
+            and (in_view or self.messages.shows_newest())
+        )
+
+    def _read_if_seen(self, in_view: bool = False) -> None:
+        if self.messages.unseen and self.chat_id is not None and self._can_mark_read(in_view):
+            self._mark_read(self.chat_id, in_view)
+
     @work(group="mark-read", exclusive=True)
-    async def _mark_read(self, chat_id: str) -> None:
+    async def _mark_read(self, chat_id: str, in_view: bool = False) -> None:
         await asyncio.sleep(_MARK_READ_DELAY)
+        # Still true after the debounce? (The user may have moved up or left.)
+        if chat_id != self.chat_id or not self._can_mark_read(in_view):
+            return
+        self.messages.unseen = False
         try:
             if await self.backend.mark_read(chat_id):
                 self.post_message(ChatRefreshed(await self.backend.chat_summary(chat_id)))
@@ -408,6 +497,123 @@ class MainScreen(Screen[None]):
             )
             await proc.wait()
 
+    def action_editor(self) -> None:
+        """Write the message in $VISUAL / $EDITOR (back in the compose box, not sent)."""
+        if self.chat_id is None:
+            self.notify("open a chat first", severity="warning")
+            return
+        self._run_editor(self.compose_area.text)
+
+    @work(group="editor", exclusive=True)
+    async def _run_editor(self, text: str) -> None:
+        # The draft is written to a private temporary folder (0700, removed when
+        # the editor closes): the editor needs a file.
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        argv = shlex.split(editor)
+        if not argv or shutil.which(argv[0]) is None:
+            self.post_message(EditorDone(None, f"editor not found: {editor}"))
+            return
+        with tempfile.TemporaryDirectory(prefix="blindpost-compose-") as folder:
+            path = Path(folder) / "message.txt"
+            path.write_text(text, encoding="utf-8")
+            try:
+                with self.app.suspend():  # the terminal belongs to the editor meanwhile
+                    code = subprocess.call([*argv, str(path)])  # noqa: S603 (the user's own editor)
+            except SuspendNotSupported:  # no terminal to hand over (headless)
+                code = await asyncio.to_thread(
+                    subprocess.call, [*argv, str(path)], stdin=subprocess.DEVNULL
+                )
+            if code != 0:
+                self.post_message(EditorDone(None, f"the editor exited with status {code}"))
+                return
+            self.post_message(EditorDone(path.read_text(encoding="utf-8")))
+
+    @on(EditorDone)
+    def _editor_done(self, message: EditorDone) -> None:
+        if message.text is None:
+            self.notify(message.error or "nothing changed", severity="warning", markup=False)
+            return
+        self.compose_area.set_text(message.text.rstrip("\n"))
+        self.compose_area.focus()
+
+    @work(group="open-link")
+    async def _open_link(self, link: str) -> None:
+        """Hand a link to the desktop's opener (xdg-open / open), as one argument."""
+        opener = shutil.which("open" if sys.platform == "darwin" else "xdg-open")
+        if opener is None:
+            self.notify(f"no xdg-open here; the link is {link}", severity="warning", markup=False)
+            return
+        proc = await asyncio.create_subprocess_exec(
+            opener,
+            link,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        await proc.wait()
+        self.notify(f"opened {link}", markup=False)
+
+    @work(group="prefs", exclusive=True)
+    async def _load_prefs(self) -> None:
+        self.post_message(PrefsLoaded(await asyncio.to_thread(load_prefs, self._prefs_path)))
+
+    @work(group="prefs-save")
+    async def _save_prefs(self, prefs: ChatPrefs) -> None:
+        try:
+            await asyncio.to_thread(save_prefs, self._prefs_path, prefs)
+        except OSError as exc:
+            self.post_message(ActionFailed(f"cannot keep the chat settings: {exc.strerror}"))
+
+    def _set_prefs(self, prefs: ChatPrefs) -> None:
+        self._prefs = prefs
+        self.chat_list.set_prefs(prefs.muted, prefs.archived)
+        self._save_prefs(prefs)
+
+    @on(PrefsLoaded)
+    def _prefs_loaded(self, message: PrefsLoaded) -> None:
+        self._prefs = message.prefs
+        self.chat_list.set_prefs(message.prefs.muted, message.prefs.archived)
+
+    @on(ChatOptions.Toggle)
+    def _toggle(self, message: ChatOptions.Toggle) -> None:
+        prefs, chat = self._prefs, message.chat_id
+        name = self._chat_name(chat)
+        if message.what == "mute":
+            muted = prefs.muted ^ {chat}
+            self._set_prefs(ChatPrefs(muted, prefs.archived))
+            self.notify(f"{name} {'muted' if chat in muted else 'unmuted'}", markup=False)
+        else:
+            archived = prefs.archived ^ {chat}
+            self._set_prefs(ChatPrefs(prefs.muted, archived))
+            self.notify(
+                f"{name} {'archived' if chat in archived else 'back in the list'}", markup=False
+            )
+
+    @work(group="desktop-notify")
+    async def _desktop_notify(self, title: str, body: str) -> None:
+        """A desktop notification through ``notify-send``, where it exists.
+
+        The text goes as arguments (no shell); failures are ignored: the toast
+        and the bell have already told the user.
+        """
+        program = shutil.which("notify-send")
+        if program is None:
+            return
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                program,
+                "--app-name=Blindpost",
+                "--",
+                title,
+                body[:200],
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            await proc.wait()
+        except OSError:
+            return
+
     @work(group="preview")
     async def _preview(self, message_id: str) -> None:
         async with self._previewing:
@@ -494,6 +700,7 @@ class MainScreen(Screen[None]):
         else:
             self.messages.set_clock(self._clock())
             self.messages.show(message.chat_id, page, full)
+            self._read_if_seen()
 
     @on(MessageSent)
     def _message_sent(self, message: MessageSent) -> None:
@@ -504,9 +711,16 @@ class MainScreen(Screen[None]):
             self.messages.append(message.message)
         self._dirty.add(message.message.chat_id)
 
+    @on(ChatStarted)
+    def _chat_started(self, message: ChatStarted) -> None:
+        if self.chat_list.get(message.chat_id) is None:
+            self.chat_list.upsert(ChatSummary(message.chat_id, "direct", message.user, 0, "", None))
+        self.open_chat(message.chat_id)
+
     @on(ActionFailed)
     def _action_failed(self, message: ActionFailed) -> None:
-        self.notify(message.text, severity="error", title="Blindpost")
+        # markup=False: error texts may hold brackets ([a-z0-9_]) that are not markup.
+        self.notify(message.text, severity="error", title="Blindpost", markup=False)
 
     @on(UploadProgress)
     def _upload_progress(self, message: UploadProgress) -> None:
@@ -534,7 +748,7 @@ class MainScreen(Screen[None]):
         update = message.update
         open_chat = self.chat_id
         match update:
-            case NewMessage(message=m):
+            case NewMessage(message=m, chat_title=chat_title):
                 self._dirty.add(m.chat_id)
                 if m.chat_id == open_chat:
                     if self._typing.pop(m.sender, None) is not None:
@@ -548,11 +762,22 @@ class MainScreen(Screen[None]):
                 elif m.is_notice:
                     self.notify(m.text or "", severity="warning")
                 elif not m.outgoing and m.kind in ("text", "attachment"):
-                    title = self.chat_list.get(m.chat_id)
-                    where = title.title if title else m.chat_id
+                    where = chat_title or self._chat_name(m.chat_id)
                     body = m.text or (m.attachment.file_name if m.attachment else "")
-                    self.notify(f"{m.sender}: {body}", title=where, timeout=4)
-                    self.app.bell()
+                    if m.chat_id in self._prefs.archived:
+                        # A new message brings an archived chat back into the list.
+                        self._set_prefs(
+                            ChatPrefs(self._prefs.muted, self._prefs.archived - {m.chat_id})
+                        )
+                    if m.chat_id in self._prefs.muted:
+                        return  # counted as unread, but no toast, bell or desktop notice
+                    if mentions(m.text, self.backend.username):
+                        where = f"{m.sender} mentioned you in {where}"
+                    self.notify(f"{m.sender}: {body}", title=where, timeout=4, markup=False)
+                    if self.config.bell:
+                        self.app.bell()
+                    if self.config.desktop_notifications:
+                        self._desktop_notify(where, f"{m.sender}: {body}")
             case MessageChanged_(message=m):
                 self._dirty.add(m.chat_id)
                 if m.chat_id == open_chat:
@@ -571,13 +796,15 @@ class MainScreen(Screen[None]):
                     else:
                         self._typing.pop(user, None)
                     self._render_typing()
-            case ChatUpdated(chat_id=chat_id, text=text):
+            case ChatUpdated(chat_id=chat_id, text=text, after_seq=after_seq):
                 self._dirty.add(chat_id)
                 if chat_id == open_chat:
                     self._flush_incoming()
                     self.messages.add_notice(text)
                 else:
-                    self.notify(text, title="Group")
+                    # A toast now, and a row in the chat when it is opened.
+                    self.messages.remember_notice(chat_id, after_seq, text)
+                    self.notify(text, title=self._chat_name(chat_id))
             case KeyChanged(user=user, chat_id=chat_id, held=held, first_use=first_use):
                 if first_use and not held:
                     return
@@ -604,8 +831,11 @@ class MainScreen(Screen[None]):
         batch, self._incoming = self._incoming, []
         batch = [m for m in batch if m.chat_id == self.chat_id]
         if batch:
-            self.messages.extend(batch)
-            if any(not m.outgoing for m in batch) and self.chat_id is not None:
+            # Seen only if the list follows them into view in a focused window;
+            # otherwise a "new messages" line marks where they start.
+            seen = self._can_mark_read()
+            self.messages.extend(batch, unseen=not seen)
+            if seen and any(not m.outgoing for m in batch) and self.chat_id is not None:
                 self._mark_read(self.chat_id)  # once per batch, not once per message
 
     def _flush_dirty(self) -> None:
@@ -653,14 +883,20 @@ class MainScreen(Screen[None]):
             self._load_page(chat_id, "around", around)
         else:
             self._load_page(chat_id, "newest")
-        self._mark_read(chat_id)
         self.compose_area.focus()
+
+    def _chat_name(self, chat_id: str) -> str:
+        """A chat's name for people (``bob``, a group's name), never its id."""
+        summary = self.chat_list.get(chat_id)
+        if summary is not None:
+            return summary.title
+        return chat_id[3:] if chat_id.startswith("dm:") else "a group"
 
     def _set_title(self, summary: ChatSummary | None, chat_id: str | None = None) -> None:
         chat_id = chat_id or (summary.chat_id if summary else "")
         if summary is not None:
             marker = "#" if summary.kind == "group" else "@"
-            title = f"{marker}{summary.title}"
+            title = f"{marker}{summary.title}" + ("  ✓ verified" if summary.verified else "")
         else:
             title = chat_id.replace("dm:", "@").replace("group:", "#")
         self.query_one("#chat-title", Static).update(f"{title}   (F2: info)")
@@ -677,6 +913,24 @@ class MainScreen(Screen[None]):
     def _need_older(self, message: MessageList.NeedOlder) -> None:
         if message.chat_id == self.chat_id:
             self._load_page(message.chat_id, "older", message.before)
+
+    @on(MessageList.ReachedNewest)
+    def _reached_newest(self, message: MessageList.ReachedNewest) -> None:
+        if message.chat_id == self.chat_id:
+            self._read_if_seen(in_view=True)
+
+    def _app_focus_changed(self, focused: bool) -> None:
+        if focused:
+            self._read_if_seen()
+
+    def on_screen_resume(self) -> None:
+        # A dialog closed over the chat: what is in view now counts as seen.
+        self._read_if_seen()
+
+    @on(MessageList.NeedLatest)
+    def _need_latest(self, message: MessageList.NeedLatest) -> None:
+        if message.chat_id == self.chat_id:
+            self._load_page(message.chat_id, "newest")
 
     @on(MessageList.NeedNewer)
     def _need_newer(self, message: MessageList.NeedNewer) -> None:
@@ -743,7 +997,14 @@ class MainScreen(Screen[None]):
             if not m.outgoing or m.deleted:
                 self.notify("only your own messages can be deleted", severity="warning")
                 return
-            self._act("delete", m.id)
+
+            def delete(sure: bool | None) -> None:
+                if sure:
+                    self._act("delete", m.id)
+
+            self.app.push_screen(
+                ConfirmScreen("Delete this message for everyone in the chat?", "Delete"), delete
+            )
         elif message.action == "react":
 
             def react(emoji: str | None) -> None:
@@ -751,20 +1012,40 @@ class MainScreen(Screen[None]):
                     self._act("react", m.id, emoji)
 
             self.app.push_screen(ReactScreen(), react)
+        elif message.action == "link":
+            link = first_link(m.text)
+            if link is None:
+                self.notify("no link in that message", severity="warning")
+                return
+            self._open_link(link)
         elif message.action in ("save", "open"):
             if m.attachment is None:
                 self.notify("that message has no file", severity="warning")
                 return
             if message.action == "open":
-                folder = Path.home() / "Downloads"
-                self._download(m.id, folder if folder.is_dir() else Path.cwd(), True)
+                self._download(m.id, self.config.downloads(), True)
                 return
 
-            def save(path: str | None) -> None:
-                if path:
-                    self._download(m.id, Path(path).expanduser(), False)
+            name = Path(m.attachment.file_name).name or m.id
 
-            default = Path.home() / "Downloads" / m.attachment.file_name
+            def save(path: str | None) -> None:
+                if not path:
+                    return
+                target = Path(path).expanduser()
+                final = target / name if target.is_dir() else target
+                if not final.exists():
+                    self._download(m.id, final, False)
+                    return
+
+                def replace(sure: bool | None) -> None:
+                    if sure:
+                        self._download(m.id, final, False)
+
+                self.app.push_screen(
+                    ConfirmScreen(f"{final} exists. Replace it?", "Replace"), replace
+                )
+
+            default = self.config.downloads() / name
             self.app.push_screen(PromptScreen("Save file to", value=str(default)), save)
 
     # -- actions --------------------------------------------------------------------------
@@ -775,12 +1056,30 @@ class MainScreen(Screen[None]):
         def start(user: str | None) -> None:
             if not user:
                 return
-            chat_id = f"dm:{user.lstrip('@')}"
-            if self.chat_list.get(chat_id) is None:
-                self.chat_list.upsert(ChatSummary(chat_id, "direct", user.lstrip("@"), 0, "", None))
-            self.open_chat(chat_id)
+            user = user.lstrip("@")
+            chat_id = f"dm:{user}"
+            if self.chat_list.get(chat_id) is not None:
+                self.open_chat(chat_id)
+            else:
+                self._start_chat(user)  # asks the relay first: no chat with nobody
 
         self.app.push_screen(PromptScreen("New chat with", placeholder="username"), start)
+
+    @work(group="new-chat", exclusive=True)
+    async def _start_chat(self, user: str) -> None:
+        try:
+            exists = await self.backend.user_exists(user)
+        except RelayUnavailable as exc:
+            # Offline: the chat opens; the SDK checks the name when it sends.
+            self.post_message(ActionFailed(f"{exc} (could not check {user}; sent when online)"))
+            exists = True
+        except BackendError as exc:
+            self.post_message(ActionFailed(str(exc)))
+            return
+        if not exists:
+            self.post_message(ActionFailed(f"no such user: {user} (not known to this relay)"))
+            return
+        self.post_message(ChatStarted(f"dm:{user}", user))
 
     def action_new_group(self) -> None:
         """Create a group (pick members)."""
@@ -813,9 +1112,7 @@ class MainScreen(Screen[None]):
             user = self.chat_id[3:]
 
             def verified(done: bool | None) -> None:
-                if done:
-                    self._key_changed.pop(user, None)
-                    self.query_one(KeyBanner).hide()
+                self._contact_checked(user, bool(done))
 
             self.app.push_screen(ContactInfoScreen(self.backend, user), verified)
 
@@ -849,7 +1146,38 @@ class MainScreen(Screen[None]):
                 # The chat opens at the hit, with the messages around it.
                 self.open_chat(message.chat_id, around=message.id)
 
-        self.app.push_screen(SearchScreen(self.backend), found)
+        self.app.push_screen(SearchScreen(self.backend, self._clock(), self._tz), found)
+
+    def action_help(self) -> None:
+        """Every key, as the settings file left them."""
+        self.app.push_screen(HelpScreen(self.config.key_map(), self.config))
+
+    def action_switch_chat(self) -> None:
+        """Quick switcher: type part of a chat's name, Enter opens the best match."""
+        chats = [(c, s.title) for c in self.chat_list.all_ids() if (s := self.chat_list.get(c))]
+
+        def chosen(chat_id: str | None) -> None:
+            if chat_id is not None:
+                self.open_chat(chat_id)
+
+        self.app.push_screen(SwitcherScreen(chats), chosen)
+
+    def action_next_unread(self) -> None:
+        """Open the next chat (in list order, after the open one) with unread messages."""
+        ids = self.chat_list.all_ids()
+        unread = [c for c in ids if (s := self.chat_list.get(c)) and s.unread]
+        if not unread:
+            self.notify("no unread messages")
+            return
+        after = ids.index(self.chat_id) if self.chat_id in ids else -1
+        later = [c for c in unread if ids.index(c) > after]
+        self.open_chat((later or unread)[0])
+
+    def action_chat_number(self, number: int) -> None:
+        """Alt+1..9: the chat at that place in the list."""
+        ids = self.chat_list.chat_ids()
+        if 0 < number <= len(ids):
+            self.open_chat(ids[number - 1])
 
     def action_focus_chats(self) -> None:
         self.query_one("#chat-filter").focus()
@@ -863,8 +1191,13 @@ class MainScreen(Screen[None]):
         user = message.user
 
         def verified(done: bool | None) -> None:
-            if done:
-                self._key_changed.pop(user, None)
-                self.query_one(KeyBanner).hide()
+            self._contact_checked(user, bool(done))
 
         self.app.push_screen(ContactInfoScreen(self.backend, user), verified)
+
+    def _contact_checked(self, user: str, verified: bool) -> None:
+        """Contact info closed: the banner goes if verified; the row shows the badge."""
+        if verified:
+            self._key_changed.pop(user, None)
+            self.query_one(KeyBanner).hide()
+        self._dirty.add(f"dm:{user}")

@@ -16,7 +16,14 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Input, Label, Static
 
-from tui_client.adapter import DEFAULT_RELAY_URL, Backend, BackendError, InviteNeeded, Opener
+from tui_client.adapter import (
+    DEFAULT_RELAY_URL,
+    Backend,
+    BackendError,
+    InviteNeeded,
+    Opener,
+    check_new_account,
+)
 
 __all__ = ["AccountCardScreen", "FirstRunScreen", "Opened", "UnlockScreen"]
 
@@ -54,7 +61,9 @@ class FirstRunScreen(Screen[None]):
             yield Input(placeholder="passphrase again", password=True, id="setup-pass2")
             # Shown only once the relay says it registers by invitation.
             yield Input(placeholder="invite code", id="setup-invite", classes="hidden")
-            yield Static("", id="setup-error", classes="dialog-error")
+            # markup=False: an error names characters such as [a-z0-9_], which
+            # Rich markup would eat as a tag.
+            yield Static("", id="setup-error", classes="dialog-error", markup=False)
             with Horizontal(classes="dialog-buttons"):
                 yield Button("Create account", variant="primary", id="setup-create")
         yield Footer()
@@ -63,13 +72,19 @@ class FirstRunScreen(Screen[None]):
     @on(Input.Submitted, "#setup-pass2")
     def _create(self) -> None:
         username = self.query_one("#setup-username", Input).value.strip()
-        relay = self.query_one("#setup-relay", Input).value.strip() or DEFAULT_RELAY_URL
+        # An empty relay field is an error, not a silent default: the form shows
+        # the default as its initial value, so an empty one was cleared on purpose.
+        relay = self.query_one("#setup-relay", Input).value.strip()
         passphrase = self.query_one("#setup-pass", Input).value
         again = self.query_one("#setup-pass2", Input).value
         invite = self.query_one("#setup-invite", Input).value.strip() or None
         error = self.query_one("#setup-error", Static)
-        if not username:
-            error.update("choose a username")
+        try:
+            # Checked before anything is created (a bad name used to leave a
+            # database behind that every later launch refused to open).
+            check_new_account(username, relay)
+        except BackendError as exc:
+            error.update(str(exc))
             return
         if passphrase != again:
             error.update("the passphrases differ")
@@ -120,7 +135,7 @@ class UnlockScreen(Screen[None]):
         with Center(), Vertical(classes="setup-box"):
             yield Label("Unlock Blindpost", classes="dialog-title")
             yield Input(placeholder="passphrase", password=True, id="unlock-pass")
-            yield Static("", id="unlock-error", classes="dialog-error")
+            yield Static("", id="unlock-error", classes="dialog-error", markup=False)
         yield Footer()
 
     @on(Input.Submitted, "#unlock-pass")

@@ -14,7 +14,14 @@
 #   place when the window returns to them.
 # * Day separators and notices are disabled options, so the cursor (the
 #   "selected message" that reply/react/edit/delete act on) only lands on messages.
-# * Colours come from component classes styled in app.tcss, not from code.
+# * Colours come from component classes styled in app.tcss, not from code; rows
+#   use their partial styles (no background), so the cursor highlights whole rows.
+# * Compact layout: a row continues the run above it (no header) only if the
+#   message right above it is by the same sender with no separator, notice or
+#   "new messages" line between; the cached option follows that flag.
+# * The "new messages" line stands above the first message that was shown
+#   unseen (``extend(unseen=True)`` or an unread one in a loaded page) until
+#   another chat opens; ``unseen`` says something shown is not marked read yet.
 # * Image previews are asked for (``NeedPreview``, once per message) when a row is
 #   first rendered and drawn when the screen hands them back (``set_preview``);
 #   the list itself never decodes or fetches anything.
@@ -22,6 +29,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import tzinfo
 from typing import ClassVar
@@ -35,13 +43,45 @@ from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
 from tui_client.adapter import MessageView
-from tui_client.widgets.fmt import day_key, day_label, human_size, short_time, tick_for
+from tui_client.widgets.fmt import clock_time, day_key, day_label, human_size, tick_for
 from tui_client.widgets.image_preview import is_previewable
 
-__all__ = ["ComposeArea", "MessageList"]
+__all__ = [
+    "LINK_RE",
+    "NEW_MARKER",
+    "VI_BINDINGS",
+    "ComposeArea",
+    "MessageList",
+    "first_link",
+    "mention_re",
+    "mentions",
+    "vi_action",
+]
 
 _NOTICE_PREFIX = "notice:"
 _DAY_PREFIX = "day:"
+#: A link in a message (what ``l`` opens): http(s) URLs, up to whitespace.
+LINK_RE = r"https?://[^\s<>\"']+[^\s<>\"'.,;:!?)\]]"
+
+
+def mention_re(user: str) -> str:
+    """``@user`` as a whole name (not the start of a longer one)."""
+    return rf"(?<![\w@])@{re.escape(user)}(?![\w])"
+
+
+def first_link(text: str | None) -> str | None:
+    """The first http(s) link in ``text``, if any."""
+    found = re.search(LINK_RE, text or "")
+    return found.group(0) if found else None
+
+
+def mentions(text: str | None, user: str) -> bool:
+    """True if ``text`` mentions ``@user``."""
+    return bool(user) and re.search(mention_re(user), text or "") is not None
+
+
+#: The id of the "new messages" marker row (one per chat view at most).
+NEW_MARKER = "new:marker"
 #: Size of an inline image preview, in cells (half blocks: two pixels per row).
 PREVIEW_COLS = 32
 PREVIEW_ROWS = 8
@@ -49,6 +89,22 @@ PREVIEW_ROWS = 8
 WINDOW = 300
 #: New messages may push the window this far past WINDOW before its top is dropped.
 TRIM_SLACK = 100
+
+
+#: vi-style keys in the lists; they act only with ``vi_keys = true`` in the settings.
+VI_BINDINGS: list[BindingType] = [
+    Binding("j", "vi('cursor_down')", show=False),
+    Binding("k", "vi('cursor_up')", show=False),
+    Binding("g", "vi('first')", show=False),
+    Binding("G", "vi('last')", show=False),
+]
+
+
+def vi_action(widget: OptionList, action: str) -> None:
+    """Run a list action for a vi key if the settings ask for vi keys."""
+    config = getattr(widget.app, "config", None)
+    if config is not None and config.vi_keys:
+        getattr(widget, f"action_{action}")()
 
 
 class MessageList(OptionList):
@@ -73,6 +129,9 @@ class MessageList(OptionList):
         "message-list--system",
         "message-list--day",
         "message-list--notice",
+        "message-list--new",
+        "message-list--link",
+        "message-list--mention",
         "message-list--preview-note",
         "message-list--tick-pending",
         "message-list--tick-failed",
@@ -82,12 +141,16 @@ class MessageList(OptionList):
     }
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("r", "act('reply')", "Reply"),
-        Binding("plus,equals_sign", "act('react')", "React", key_display="+"),
-        Binding("e", "act('edit')", "Edit"),
-        Binding("d", "act('delete')", "Delete"),
-        Binding("s", "act('save')", "Save file"),
-        Binding("o", "act('open')", "Open file", show=False),
+        # Ids are the [keys] names of the settings file (tui_client.config).
+        Binding("r", "act('reply')", "Reply", id="reply"),
+        Binding("plus,equals_sign", "act('react')", "React", key_display="+", id="react"),
+        Binding("e", "act('edit')", "Edit", id="edit"),
+        Binding("d", "act('delete')", "Delete", id="delete"),
+        Binding("s", "act('save')", "Save file", id="save"),
+        Binding("o", "act('open')", "Open file", show=False, id="open"),
+        Binding("l", "act('link')", "Open link", show=False, id="open_link"),
+        Binding("end", "last", "Latest", show=False, id="latest"),
+        *VI_BINDINGS,
     ]
 
     class NeedOlder(Message):
@@ -105,6 +168,20 @@ class MessageList(OptionList):
             super().__init__()
             self.chat_id = chat_id
             self.after = after
+
+    class ReachedNewest(Message):
+        """The newest message of the chat came into view (the user moved to it)."""
+
+        def __init__(self, chat_id: str) -> None:
+            super().__init__()
+            self.chat_id = chat_id
+
+    class NeedLatest(Message):
+        """The user asked for the newest message while the window is back in history."""
+
+        def __init__(self, chat_id: str) -> None:
+            super().__init__()
+            self.chat_id = chat_id
 
     class NeedPreview(Message):
         """An image attachment is on screen without a preview yet."""
@@ -143,11 +220,24 @@ class MessageList(OptionList):
         # Options by message id and resolved component styles: a re-window re-uses
         # an option (and its measured height) instead of re-rendering the row.
         self._row_options: dict[str, Option] = {}
+        # Compact layout: which cached rows are drawn as a continuation (no header).
+        self._continued: dict[str, bool] = {}
+        self._tail_broken = False
+        #: Our own user name: ``@name`` in a message is highlighted as a mention.
+        self.me = ""
+        #: One line per message while the same sender goes on (the default); False
+        #: gives every message its own header line (the "roomy" layout).
+        self.compact = True
         self._styles: dict[str, Style] = {}
         # Image previews (or the reason there is none) by message id; they survive
         # switching chats, so each image is fetched and decoded once per session.
         self._previews: dict[str, Text | str] = {}
         self._preview_asked: set[str] = set()
+        # The first message the user had not seen when it was shown: the
+        # "new messages" line goes above it (kept until another chat opens).
+        self._new_marker: str | None = None
+        #: Incoming messages are shown that were not seen yet (not marked read).
+        self.unseen = False
 
     def on_mount(self) -> None:
         # Prompts carry resolved colours; a theme switch must re-render them.
@@ -177,6 +267,8 @@ class MessageList(OptionList):
         self._notices = self._notices_by_chat.setdefault(chat_id, []) if chat_id else []
         self._newest_seq = 0
         self._live = []
+        self._new_marker = None
+        self.unseen = False
         self._row_options.clear()
         self._rebuild(keep=None)
 
@@ -191,9 +283,13 @@ class MessageList(OptionList):
         last_seq = page[-1].seq if page else 0
         arrived = [m for m in self._msgs + self._live if m.seq > last_seq]
         self._set_window(page + _unique(arrived, {m.id for m in page}))
+        first_unread = next((m for m in self._msgs if _is_unread(m)), None)
+        if first_unread is not None:
+            self._new_marker = first_unread.id
+            self.unseen = True
         self.has_older = has_older
         self.has_newer = False
-        self.loading_older = False
+        self.loading_older = self.loading_newer = False
         self._live = []
         self._rebuild(keep=None)
         self.action_last()
@@ -205,6 +301,10 @@ class MessageList(OptionList):
         if chat_id != self.chat_id:
             self.clear(chat_id)
         self._set_window(page)
+        first_unread = next((m for m in page if _is_unread(m)), None)
+        if first_unread is not None:
+            self._new_marker = first_unread.id
+            self.unseen = True
         self.has_older, self.has_newer = has_older, has_newer
         self.loading_older = self.loading_newer = False
         self._rebuild(keep=anchor, top=True)
@@ -257,13 +357,17 @@ class MessageList(OptionList):
         """Add a new message at the bottom (follows it if the cursor was at the end)."""
         self.extend([message])
 
-    def extend(self, messages: list[MessageView]) -> None:
+    def extend(self, messages: list[MessageView], *, unseen: bool = False) -> None:
         """Add new messages at the bottom in one update (one re-layout, one scroll).
 
         With the cursor on the newest message the list follows them, dropping its
         oldest rows when the window is full. Otherwise the user is reading: once
         the window is full, new messages are only remembered (``has_newer``) and
         come in when the user moves down to them, so the rows being read never move.
+
+        ``unseen``: the user cannot see them now (reading further up, or the
+        terminal is not focused): a "new messages" line goes above the first
+        incoming one (unless one is shown already) and ``unseen`` is set.
         """
         at_end = self._at_end()
         fresh: list[MessageView] = []
@@ -283,15 +387,24 @@ class MessageList(OptionList):
             return
         new: list[Option] = []
         last = self._msgs[-1] if self._msgs else None
+        broken = self._tail_broken  # a notice row came after the last message
         for message in fresh:
             if last is None or day_key(last.sent_at, self._tz) != day_key(
                 message.sent_at, self._tz
             ):
                 new.append(self._day_option(message.sent_at))
+                broken = True
+            if unseen and _is_unread(message):
+                self.unseen = True
+                if self._new_marker is None:
+                    self._new_marker = message.id
+                    new.append(self._marker_option())
+                    broken = True
             self._msgs.append(message)
             self._by_id[message.id] = message
-            new.append(self._option(message))
-            last = message
+            new.append(self._option(message, self._continues(None if broken else last, message)))
+            last, broken = message, False
+        self._tail_broken = False
         if len(self._msgs) > WINDOW + TRIM_SLACK:
             # Following new messages pushed the window over: drop its oldest rows
             # in one go (a bounded re-layout every TRIM_SLACK messages, not one per
@@ -311,9 +424,21 @@ class MessageList(OptionList):
         if self.has_newer:
             return  # below the window; shown when the user scrolls down to it
         at_end = self._at_end()
+        self._tail_broken = True
         self.add_option(self._notice_option(number, text))
         if at_end:
             self.scroll_end(animate=False)
+
+    def remember_notice(self, chat_id: str, after_seq: int, text: str) -> None:
+        """A notice for a chat that is not shown now: a row there once it opens.
+
+        ``after_seq``: the chat's newest message when it happened.
+        """
+        if chat_id == self.chat_id:
+            self.add_notice(text)
+            return
+        notices = self._notices_by_chat.setdefault(chat_id, [])
+        notices.append((after_seq, len(notices) + 1, text))
 
     def update_message(self, message: MessageView) -> None:
         """Re-render a message that changed (status, edit, delete, reaction)."""
@@ -330,7 +455,9 @@ class MessageList(OptionList):
             return
         try:
             # The option object is shared with the cache, so the cache follows.
-            self.replace_option_prompt(message.id, self._prompt(message))
+            self.replace_option_prompt(
+                message.id, self._prompt(message, self._continued.get(message.id, False))
+            )
         except OptionDoesNotExist:
             self._row_options.pop(message.id, None)
 
@@ -401,26 +528,57 @@ class MessageList(OptionList):
         # Options of messages that left the window are dropped with them.
         for gone in self._row_options.keys() - self._by_id.keys():
             del self._row_options[gone]
+            self._continued.pop(gone, None)
 
     def _style(self, name: str) -> Style:
         style = self._styles.get(name)
         if style is None:
-            style = self._styles[name] = self.get_component_rich_style(f"message-list--{name}")
+            # partial: the component's colour and text style only, no background
+            # of its own, so the cursor's highlight covers the whole row (a full
+            # style painted the list's background over it, span by span).
+            style = self._styles[name] = self.get_component_rich_style(
+                f"message-list--{name}", partial=True
+            )
         return style
 
-    def _option(self, message: MessageView) -> Option:
+    def _continues(self, previous: MessageView | None, m: MessageView) -> bool:
+        """Compact layout: ``m`` goes on without a header (same sender, right below)."""
+        return (
+            self.compact
+            and previous is not None
+            and previous.sender == m.sender
+            and previous.outgoing == m.outgoing
+            and _is_chat(previous)
+            and _is_chat(m)
+        )
+
+    def _option(self, message: MessageView, continued: bool = False) -> Option:
         option = self._row_options.get(message.id)
-        if option is None:
+        if option is None or self._continued.get(message.id, False) != continued:
             # A stored notice is shown like the session's notices: not selectable.
             option = self._row_options[message.id] = Option(
-                self._prompt(message), id=message.id, disabled=message.is_notice
+                self._prompt(message, continued), id=message.id, disabled=message.is_notice
             )
+            self._continued[message.id] = continued
         return option
 
     def _day_option(self, ms: int) -> Option:
         label = f" {day_label(ms, self._now_ms, self._tz)} "
         text = Text(label.center(max(len(label), 30), "─"), style=self._style("day"))
         return Option(text, id=f"{_DAY_PREFIX}{day_key(ms, self._tz)}", disabled=True)
+
+    def _marker_option(self) -> Option:
+        text = Text(" new messages ".center(30, "─"), style=self._style("new"))
+        return Option(text, id=NEW_MARKER, disabled=True)
+
+    def shows_newest(self) -> bool:
+        """True if the chat's newest message is in view and new ones follow into view.
+
+        The window holds the newest page and the cursor is on its last message
+        (the list follows new messages then). With the cursor further up, new
+        messages land below what is being read, so they do not count as seen.
+        """
+        return not self.has_newer and self._at_end()
 
     def _notice_option(self, number: int, text: str) -> Option:
         return Option(
@@ -440,15 +598,23 @@ class MessageList(OptionList):
         pending = iter(notices)
         nxt = next(pending, None)
         last_day = None
+        previous: MessageView | None = None  # the message row just above, if adjacent
         for row in msgs:
             while nxt is not None and nxt[0] < row.seq:
                 options.append(self._notice_option(nxt[1], nxt[2]))
                 nxt = next(pending, None)
+                previous = None
             day = day_key(row.sent_at, self._tz)
             if day != last_day:
                 options.append(self._day_option(row.sent_at))
                 last_day = day
-            options.append(self._option(row))
+                previous = None
+            if row.id == self._new_marker:
+                options.append(self._marker_option())
+                previous = None
+            options.append(self._option(row, self._continues(previous, row)))
+            previous = row
+        self._tail_broken = nxt is not None
         while nxt is not None:
             options.append(self._notice_option(nxt[1], nxt[2]))
             nxt = next(pending, None)
@@ -466,22 +632,35 @@ class MessageList(OptionList):
         finally:
             self._rebuilding = False
 
-    def _prompt(self, m: MessageView) -> Text:
+    def _prompt(self, m: MessageView, continued: bool = False) -> Text:
+        """A message's row; ``continued``: no header line, the time at the end."""
         if m.is_notice:
             return Text(f"ⓘ {m.text or ''}", style=self._style("notice"))
         if m.kind not in ("text", "attachment"):
-            label = {"group": "group updated", "timer": "timer changed"}.get(m.kind, m.kind)
-            return Text(f"· {m.sender}: {m.text or label}", style=self._style("system"))
-        head = Text()
-        who = "own" if m.outgoing else "sender"
-        head.append("you" if m.outgoing else m.sender, style=self._style(who))
-        head.append("  ")
-        head.append(short_time(m.sent_at, self._now_ms, self._tz), style=self._style("time"))
+            who = "you" if m.outgoing else m.sender
+            if m.kind == "group":
+                # The text says what changed and who did it ("you renamed the
+                # group to 'x'"); a row from before a restart has none.
+                return Text(
+                    f"· {m.text or who + ' changed the group'}", style=self._style("system")
+                )
+            label = {"timer": "changed the disappearing-message timer"}.get(m.kind, m.kind)
+            return Text(f"· {who}: {m.text or label}", style=self._style("system"))
+        stamp = Text()
+        stamp.append(clock_time(m.sent_at, self._tz), style=self._style("time"))
         if m.outgoing:
             glyph, suffix = tick_for(m.status)
+            stamp.append("  ")
+            stamp.append(glyph, style=self._style(f"tick-{suffix}"))
+        lines: list[Text] = []
+        if not continued:
+            head = Text()
+            who = "own" if m.outgoing else "sender"
+            head.append("you" if m.outgoing else m.sender, style=self._style(who))
             head.append("  ")
-            head.append(glyph, style=self._style(f"tick-{suffix}"))
-        lines = [head]
+            head.append_text(stamp)
+            lines.append(head)
+        main = -1  # the line a continued row ends with its time
         if m.quote_text is not None and m.reply_to:
             quote = m.quote_text.replace("\n", " ")
             if len(quote) > 60:
@@ -490,6 +669,7 @@ class MessageList(OptionList):
             lines.append(Text(f"┃ {who}{quote}", style=self._style("quote")))
         if m.deleted:
             lines.append(Text("this message was deleted", style=self._style("deleted")))
+            main = len(lines) - 1
         else:
             if m.attachment is not None:
                 a = m.attachment
@@ -497,13 +677,26 @@ class MessageList(OptionList):
                 if a.local_path:
                     label += " saved"
                 lines.append(Text(label, style=self._style("attachment")))
+                main = len(lines) - 1
                 if is_previewable(a.mime_type, a.size):
                     lines.append(self._preview_lines(m.id))
             if m.text:
                 body = Text(m.text)
+                # Links are underlined (l opens the first); a mention of us stands out.
+                body.highlight_regex(LINK_RE, self._style("link"))
+                if self.me:
+                    body.highlight_regex(mention_re(self.me), self._style("mention"))
                 if m.edited:
                     body.append(" (edited)", style=self._style("edited"))
                 lines.append(body)
+                main = len(lines) - 1
+        if continued:
+            if main < 0:
+                lines.append(Text())
+                main = len(lines) - 1
+            lines[main] = lines[main].copy()
+            lines[main].append("  ")
+            lines[main].append_text(stamp)
         if m.reactions:
             lines.append(
                 Text(
@@ -525,6 +718,21 @@ class MessageList(OptionList):
         return Text("▨ loading preview…", style=self._style("preview-note"))
 
     # -- interaction --------------------------------------------------------------------
+
+    def action_last(self) -> None:
+        """End: the newest message of the chat, in one press.
+
+        If the window is back in history, the chat's newest page replaces it
+        (``NeedLatest``) instead of walking down one page per press.
+        """
+        if self.has_newer and self.chat_id:
+            self.post_message(self.NeedLatest(self.chat_id))
+            return
+        super().action_last()
+
+    def action_vi(self, action: str) -> None:
+        """j / k / g / G (with ``vi_keys``)."""
+        vi_action(self, action)
 
     def action_act(self, action: str) -> None:
         """Ask the screen to run ``action`` on the selected message."""
@@ -556,6 +764,7 @@ class MessageList(OptionList):
             self._maybe_need_older()
         if highlighted >= self.option_count - 3:
             self._maybe_need_newer()
+        self._maybe_reached_newest()
 
     def watch_scroll_y(self, old_value: float, new_value: float) -> None:
         super().watch_scroll_y(old_value, new_value)
@@ -563,6 +772,22 @@ class MessageList(OptionList):
             self._maybe_need_older()
         if new_value >= self.max_scroll_y and new_value > old_value:
             self._maybe_need_newer()
+            # Scrolled (wheel, PageDown) to the bottom: the newest rows are in view.
+            self._maybe_reached_newest(scrolled=True)
+
+    def _maybe_reached_newest(self, scrolled: bool = False) -> None:
+        if not self.unseen or self._rebuilding or not self.chat_id or self.has_newer:
+            return
+        if scrolled or self._at_end():
+            self.post_message(self.ReachedNewest(self.chat_id))
+
+
+def _is_chat(m: MessageView) -> bool:
+    return m.kind in ("text", "attachment") and not m.deleted
+
+
+def _is_unread(m: MessageView) -> bool:
+    return not m.outgoing and not m.read and m.kind in ("text", "attachment")
 
 
 def _unique(messages: list[MessageView], seen: set[str]) -> list[MessageView]:

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from datetime import datetime, tzinfo
 
-__all__ = ["TICKS", "day_key", "day_label", "human_size", "short_time", "tick_for"]
+__all__ = [
+    "TICKS",
+    "clock_time",
+    "day_key",
+    "day_label",
+    "human_size",
+    "short_time",
+    "tick_for",
+]
 
 #: Outgoing status -> (glyph, component class suffix). Read and delivered differ
 #: in glyph *and* colour so they are told apart without colour too.
@@ -43,13 +51,30 @@ def day_label(ms: int, now_ms: int, tz: tzinfo) -> str:
 
 
 def short_time(ms: int | None, now_ms: int, tz: tzinfo) -> str:
-    """``HH:MM`` today, ``DD Mon`` otherwise; empty for None."""
+    """When a chat was last active, as the chat list shows it; empty for None.
+
+    ``HH:MM`` today, ``Yesterday``, the weekday (``Mon``) within the last week,
+    ``DD Mon`` earlier this year, ``DD Mon YYYY`` before that.
+    """
     if ms is None:
         return ""
     when = _dt(ms, tz)
-    if when.date() == _dt(now_ms, tz).date():
+    now = _dt(now_ms, tz)
+    delta = (now.date() - when.date()).days
+    if delta <= 0:
         return when.strftime("%H:%M")
-    return when.strftime("%d %b")
+    if delta == 1:
+        return "Yesterday"
+    if delta < 7:
+        return when.strftime("%a")
+    if when.year == now.year:
+        return when.strftime("%d %b")
+    return when.strftime("%d %b %Y")
+
+
+def clock_time(ms: int, tz: tzinfo) -> str:
+    """``HH:MM``: a message's time of day (its day is on the day separator above it)."""
+    return _dt(ms, tz).strftime("%H:%M")
 
 
 def human_size(size: int) -> str:

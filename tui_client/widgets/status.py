@@ -17,8 +17,11 @@ __all__ = ["ConnectionIndicator", "KeyBanner"]
 class ConnectionIndicator(Static):
     """``● connected``, ``◌ reconnecting``, ``○ offline · 3 queued``."""
 
-    state: reactive[str] = reactive("connecting")
-    queued: reactive[int] = reactive(0)
+    # ``layout=True``: the text's length changes with the state and the count, so
+    # the width (``auto``) is measured again; without it "○ offline · 3 queued"
+    # was clipped to the width of the first text shown.
+    state: reactive[str] = reactive("connecting", layout=True)
+    queued: reactive[int] = reactive(0, layout=True)
 
     def render(self) -> str:
         if self.state == "connected":
