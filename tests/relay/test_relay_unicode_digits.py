@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import urllib.parse
+import urllib.request
 
 import aiohttp
 import pytest
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 from relay_harness import RelayProcess
 from relay_testclient import Device, b64
 
+from blindpost_wire.registration import solve_pow
 from relay.auth import parse_signed_headers, sign_request
 from relay.errors import AuthError, BadRequest
 from relay.wire import parse_ascii_uint, parse_device_id
@@ -96,7 +98,13 @@ def raw_status(port: int, method: str, target: str, headers: dict[str, str]) -> 
 @pytest.fixture(scope="module")
 def registered(shared_relay: RelayProcess) -> Device:
     dev = Device(f"digits_{os.urandom(4).hex()}")
-    body = json.dumps({"username": dev.user, "device_id": 1, "auth_key": dev.auth_key_b64}).encode()
+    doc: dict[str, object] = {"username": dev.user, "device_id": 1, "auth_key": dev.auth_key_b64}
+    with urllib.request.urlopen(shared_relay.url + "/v1/registration", timeout=30) as resp:
+        info = json.loads(resp.read())
+    if info["mode"] == "pow":  # the relay's default registration mode
+        nonce = solve_pow(info["challenge"], dev.user, info["difficulty"])
+        doc["pow"] = {"challenge": info["challenge"], "nonce": nonce}
+    body = json.dumps(doc).encode()
     headers = sign_request(
         dev.key,
         "POST",
