@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
@@ -52,13 +54,16 @@ def test_bad_setting_exits_2(tmp_path: Path, setting: str, message: str) -> None
     assert proc.returncode == 2 and message in proc.stderr
 
 
-def test_starts_fast_on_empty_dir_and_logs_address(tmp_path: Path) -> None:
-    started = time.monotonic()
+def test_starts_on_an_empty_dir_logs_its_address_and_is_ready(tmp_path: Path) -> None:
+    """A fresh data directory is enough to start: the relay logs where it listens and
+    answers ready. (How fast it starts is a figure for bench/, not an assertion here: on a
+    loaded machine any bound is either loose enough to be useless or flaky.)"""
     relay = start_relay(tmp_path / "fresh")
-    took = time.monotonic() - started
     try:
-        assert took < 2.0, took
         assert f"listening on http://127.0.0.1:{relay.port}" in relay.log_text()
+        with urllib.request.urlopen(relay.url + "/healthz/ready", timeout=30) as resp:
+            assert resp.status == 200
+            assert json.loads(resp.read())["status"] == "ok"
     finally:
         assert relay.stop(signal.SIGINT) == 0
 
