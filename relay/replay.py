@@ -133,16 +133,23 @@ def load_replay_secret(path: Path) -> bytes:
         ValueError: the file exists with the wrong length.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
+    if not path.exists():
+        # Written whole under a temporary name, then linked into place: workers starting
+        # together never read a file another one has created but not yet written (they
+        # did, and refused to start), and all of them end up with the first one's secret.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, os.urandom(REPLAY_SECRET_LEN))
             os.fsync(fd)
         finally:
             os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
     data = path.read_bytes()
     if len(data) != REPLAY_SECRET_LEN:
         raise ValueError(f"replay secret {path} must hold {REPLAY_SECRET_LEN} bytes")

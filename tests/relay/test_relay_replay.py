@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -134,6 +136,23 @@ async def test_sqlite_guard_is_shared_by_connections_and_survives_reopening(
     await reopened.close()
     with pytest.raises(StorageError):
         await reopened.claim(K2, 1000, 0)
+
+
+def test_processes_starting_together_share_one_whole_secret(tmp_path: Path) -> None:
+    """Workers start together: none may read a secret file another has not written yet."""
+    path = tmp_path / "replay.key"
+    code = (
+        "import sys; from pathlib import Path; from relay.replay import load_replay_secret;"
+        "sys.stdout.write(load_replay_secret(Path(sys.argv[1])).hex())"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE)
+        for _ in range(8)
+    ]
+    secrets = {p.communicate(timeout=60)[0] for p in procs}
+    assert [p.returncode for p in procs] == [0] * 8
+    assert secrets == {load_replay_secret(path).hex().encode()}
+    assert [p.name for p in tmp_path.iterdir()] == ["replay.key"]  # no temporary left
 
 
 def test_keys_are_keyed_digests_not_nonces(tmp_path: Path) -> None:
