@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
+from blindpost_wire.names import is_username
 from e2ee.client import DB_FILE, Client, ClientOptions
 from e2ee.client_errors import (
     ClientClosed,
@@ -140,7 +141,6 @@ CURSOR_FILE: Final = "cli-state.json"
 #: `receive` saves its position at least every this many printed messages.
 CHECKPOINT_EVERY: Final = 200
 DEFAULT_NETWORK_TIMEOUT: Final = 30.0
-_USERNAME_RE: Final = re.compile(r"^[a-z0-9_]{3,32}$")
 _GROUP_RE: Final = re.compile(r"^[0-9a-f]{24}$")
 _MESSAGE_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 _POLL_SECONDS: Final = 0.05
@@ -378,7 +378,7 @@ def _version() -> str:
 
 
 def _username(value: str) -> str:
-    if not _USERNAME_RE.match(value):
+    if not is_username(value):
         raise CliError(EXIT_USAGE, f"invalid username {value!r}: 3 to 32 of a-z, 0-9 and _")
     return value
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from blindpost_wire.names import MAX_DEVICE_ID, RESERVED_USERNAMES
 from e2ee.errors import UsageError
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
 from e2ee.transport.errors import MalformedResponse, RelayRejected, error_from_response
@@ -76,8 +77,8 @@ BLOB_ID_RE = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
 AUTH_KEY_LEN = 32
-#: Names the relay never registers because ``/v1/keys/<name>`` would hit another route.
-RESERVED_USERNAMES = frozenset({"count"})
+# RESERVED_USERNAMES (names the relay never registers because ``/v1/keys/<name>`` would hit
+# another route) is blindpost_wire's, re-exported here.
 
 T = TypeVar("T")
 
@@ -298,7 +299,7 @@ def _user_field(doc: Mapping[str, Any], key: str) -> str:
 
 def _registered(response: Response) -> Registered:
     doc = _json_object(response)
-    return Registered(_user_field(doc, "username"), _int_field(doc, "device_id", 1, 127))
+    return Registered(_user_field(doc, "username"), _int_field(doc, "device_id", 1, MAX_DEVICE_ID))
 
 
 def _auth_key(auth_key: bytes) -> str:
@@ -317,7 +318,7 @@ def register(username: str, device_id: int, auth_key: bytes) -> Request[Register
 
     Args:
         username: the new name.
-        device_id: the first device's id (1..127).
+        device_id: the first device's id (1..MAX_DEVICE_ID).
         auth_key: that device's 32-byte Ed25519 public key.
 
     Returns:
@@ -380,7 +381,7 @@ def _device_list(response: Response) -> tuple[DeviceInfo, ...]:
             raise MalformedResponse("malformed device entry")
         out.append(
             DeviceInfo(
-                _int_field(item, "device_id", 1, 127),
+                _int_field(item, "device_id", 1, MAX_DEVICE_ID),
                 _int_field(item, "created_at"),
                 bool(item["has_keys"]),
             )
@@ -468,7 +469,7 @@ def _bundles(response: Response) -> list[dict[str, Any]]:
     if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
         raise MalformedResponse("response field 'devices' must be a list of objects")
     for d in devices:
-        _int_field(d, "device_id", 1, 127)
+        _int_field(d, "device_id", 1, MAX_DEVICE_ID)
     return list(devices)
 
 
@@ -564,7 +565,7 @@ def _delivery(item: object) -> Delivery:
         seq=_int_field(item, "seq"),
         id=b64d(item.get("id"), "id", MESSAGE_ID_LEN, error=MalformedResponse),
         sender=_user_field(sender, "user"),
-        device=_int_field(sender, "device", 1, 127),
+        device=_int_field(sender, "device", 1, MAX_DEVICE_ID),
         stored_at=_int_field(item, "stored_at"),
         body=b64d(item.get("body"), "body", error=MalformedResponse),
     )
