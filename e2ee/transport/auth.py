@@ -166,7 +166,7 @@ class DeviceSigner:
     Args:
         signing_key: the private Ed25519 key (PyNaCl).
         user: the username the device belongs to (or will be registered under).
-        device: the device id, 1..127.
+        device: the device id, 1..MAX_DEVICE_ID.
 
     Raises:
         UsageError: bad key type, username or device id.
@@ -189,7 +189,7 @@ class DeviceSigner:
         Args:
             seed: 32 secret bytes.
             user: username.
-            device: device id 1..127.
+            device: device id 1..MAX_DEVICE_ID.
 
         Returns:
             The signer.

@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from blindpost_wire.names import MAX_DEVICE_ID, RESERVED_USERNAMES
 from e2ee.errors import UsageError
@@ -60,6 +60,7 @@ __all__ = [
     "healthz",
     "key_count",
     "list_devices",
+    "origin_of",
     "parse_content_range",
     "register",
     "rejection",
@@ -81,6 +82,9 @@ AUTH_KEY_LEN = 32
 # another route) is blindpost_wire's, re-exported here.
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from yarl import URL
 
 
 # -- the request / response pair ---------------------------------------------------------
@@ -789,3 +793,29 @@ def healthz() -> Request[bool]:
         The request; result True when the relay reports ``{"status": "ok"}``.
     """
     return Request("GET", "/healthz", _healthy, signed=False)
+
+
+def origin_of(base_url: str) -> URL:
+    """Validate a relay base URL and return its origin (scheme://host[:port]).
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8080`` (a trailing ``/`` is fine).
+
+    Returns:
+        The origin URL.
+
+    Raises:
+        UsageError: not http(s), no host, or a path/query/fragment (the API lives at the
+            root: a path prefix would change the signed request target).
+    """
+    from yarl import URL
+
+    try:
+        url = URL(base_url)
+    except (TypeError, ValueError) as exc:
+        raise UsageError("base_url is not a URL") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise UsageError("base_url must be an http:// or https:// URL with a host")
+    if url.path not in ("", "/") or url.query_string or url.fragment:
+        raise UsageError("base_url must be the relay's root (no path, query or fragment)")
+    return url.origin()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Final
 
 from blindpost_wire.names import is_username
-from e2ee.history import direct_chat_id, group_chat_id
+from e2ee.client import direct_chat_id, group_chat_id
 from tui_client.cli.exits import ENV_PASSPHRASE, EXIT_USAGE, CliError
 
 _GROUP_RE: Final = re.compile(r"^[0-9a-f]{24}$")

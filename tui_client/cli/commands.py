@@ -24,14 +24,16 @@ from collections.abc import (
 from pathlib import Path
 from typing import Any, Final
 
-from e2ee.client import DB_FILE, Client
-from e2ee.client_errors import IdentityHeld
+from e2ee.client import DB_FILE, Client, GroupInfo, History, StoredMessage
+from e2ee.client_errors import (
+    IdentityHeld,
+    RelayRejected,
+    UsernameTaken,
+)
 from e2ee.errors import TransportError, UsageError
 from e2ee.events import (
     BacklogDrained,
 )
-from e2ee.history import GroupInfo, History, StoredMessage
-from e2ee.transport.errors import RelayRejected, UsernameTaken
 from tui_client.cli.checks import _group_id, _message_id, _split_words, _Target, _target, _username
 from tui_client.cli.events import _show_event
 from tui_client.cli.exits import (

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from e2ee.client import StoredMessage
 from e2ee.events import (
     DecryptionProblem,
     Event,
@@ -17,7 +18,6 @@ from e2ee.events import (
     MessageReceived,
     ReceiptUpdated,
 )
-from e2ee.history import StoredMessage
 from tui_client.cli.output import (
     change_record,
     error_record,

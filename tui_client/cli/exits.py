@@ -10,22 +10,20 @@ from typing import Final
 
 from e2ee.client_errors import (
     ClientClosed,
+    ConnectionFailed,
+    ConnectionLost,
     IdentityHeld,
     NotAdmin,
     NotAMember,
-    SendFailed,
-    StoreLocked,
-    UnknownRecipient,
-)
-from e2ee.errors import E2EEError, StorageError, TransportError, UsageError, WrongPassphrase
-from e2ee.transport.errors import (
-    ConnectionFailed,
-    ConnectionLost,
     NotConnected,
     NotFound,
     RelayRejected,
+    SendFailed,
+    StoreLocked,
+    UnknownRecipient,
     UsernameTaken,
 )
+from e2ee.errors import E2EEError, StorageError, TransportError, UsageError, WrongPassphrase
 
 # -- exit statuses (public: docs/cli.md) ------------------------------------------------
 

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-from e2ee.client import DB_FILE, Client, ClientOptions
-from e2ee.client_errors import IdentityHeld
+from e2ee.client import DB_FILE, Client, ClientOptions, History, StoredMessage
+from e2ee.client_errors import (
+    AuthFailed,
+    IdentityHeld,
+)
 from e2ee.events import (
     ConnectionStateChanged,
     Event,
 )
-from e2ee.history import History, StoredMessage
-from e2ee.transport.errors import AuthFailed
 from tui_client.cli.events import message_output
 from tui_client.cli.exits import (
     EXIT_BUSY,
