@@ -1,6 +1,9 @@
-"""The client facade's errors, re-exported from :mod:`e2ee.errors` (their one home).
+"""The client facade's errors: what :class:`e2ee.client.Client` methods raise.
 
-Kept so ``from e2ee.client_errors import IdentityHeld`` goes on working.
+Re-exported from their one home each: :mod:`e2ee.errors` (the facade's own errors) and
+:mod:`e2ee.transport.errors` (the relay link's failures that reach a caller of ``Client``:
+``send``, ``create``, ``download``, ``connect``...). Programs built on the facade (the TUI
+and the CLI, by an import-linter contract) import them from here, never from the transport.
 """
 
 from __future__ import annotations
@@ -16,15 +19,47 @@ from e2ee.errors import (
     StoreLocked,
     UnknownRecipient,
 )
+from e2ee.transport.errors import (
+    AuthFailed,
+    ConnectionFailed,
+    ConnectionLost,
+    InviteInvalid,
+    InviteRequired,
+    MailboxFull,
+    NotConnected,
+    NotFound,
+    RateLimited,
+    RegistrationClosed,
+    RegistrationRefused,
+    RelayRejected,
+    RelayTimeout,
+    TooLarge,
+    UsernameTaken,
+)
 
 __all__ = [
+    "AuthFailed",
     "ClientClosed",
+    "ConnectionFailed",
+    "ConnectionLost",
     "IdentityHeld",
+    "InviteInvalid",
+    "InviteRequired",
+    "MailboxFull",
     "NotAMember",
     "NotAdmin",
+    "NotConnected",
+    "NotFound",
     "NotRegistered",
+    "RateLimited",
     "RecipientMailboxFull",
+    "RegistrationClosed",
+    "RegistrationRefused",
+    "RelayRejected",
+    "RelayTimeout",
     "SendFailed",
     "StoreLocked",
+    "TooLarge",
     "UnknownRecipient",
+    "UsernameTaken",
 ]

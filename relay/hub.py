@@ -21,6 +21,16 @@ from typing import Any
 
 from aiohttp import web
 
+from blindpost_wire.close import (
+    CLOSE_BANNED,
+    CLOSE_DEVICE_REMOVED,
+    CLOSE_GOING_AWAY,
+    CLOSE_IDLE,
+    CLOSE_REPLACED,
+    CLOSE_RESYNC,
+    CLOSE_TOO_SLOW,
+    CLOSE_UNAUTHENTICATED,
+)
 from relay.metrics import Metrics
 from relay.store.base import Address, Delivery
 from relay.wire import encode_deliver
@@ -31,6 +41,7 @@ __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_IDLE",
     "CLOSE_REPLACED",
+    "CLOSE_RESYNC",
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHENTICATED",
     "HARD_CAP_FACTOR",
@@ -41,14 +52,7 @@ __all__ = [
 
 log = logging.getLogger("relay.hub")
 
-CLOSE_GOING_AWAY = 1001
-CLOSE_RESYNC = 1012  # "service restart": this worker lost track of its peers; reconnect
-CLOSE_REPLACED = 4001
-CLOSE_TOO_SLOW = 4002
-CLOSE_DEVICE_REMOVED = 4003
-CLOSE_IDLE = 4004
-CLOSE_BANNED = 4403  # the operator banned the account (`blindpost-relay admin ban`)
-CLOSE_UNAUTHENTICATED = 4401
+# The CLOSE_* codes are blindpost_wire's (the SDK reads the same ones), re-exported here.
 
 OPCODE_TEXT = 0x1
 OPCODE_BINARY = 0x2

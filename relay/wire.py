@@ -1,16 +1,19 @@
 # Invariants: every parser here either returns a fully validated value or raises BadRequest /
 # TooLarge; nothing here touches storage or the network. Binary layouts are those of
-# docs/relay-api.md (big-endian), versioned by their first (op) byte.
+# docs/relay-api.md (big-endian), versioned by their first (op) byte. The SEND/DELIVER codec,
+# the username rule and MAX_DEVICE_ID are blindpost_wire's (shared with the SDK); this module
+# maps the neutral WireError to BadRequest/TooLarge and keeps its public names for its callers.
 """Wire formats: base64, JSON request validation and the binary SEND/DELIVER frames."""
 
 from __future__ import annotations
 
 import binascii
-import re
-import struct
 from collections.abc import Mapping
 from typing import Any
 
+from blindpost_wire import frames as _frames
+from blindpost_wire.frames import MESSAGE_ID_LEN, OP_DELIVER, OP_SEND, WireError
+from blindpost_wire.names import MAX_DEVICE_ID, RESERVED_USERNAMES, USERNAME_RE
 from relay.errors import BadRequest, TooLarge
 from relay.store.base import (
     Address,
@@ -49,22 +52,15 @@ __all__ = [
     "parse_username",
 ]
 
-USERNAME_RE = re.compile(r"[a-z0-9_]{3,32}")
-MAX_DEVICE_ID = 127
+# USERNAME_RE, MAX_DEVICE_ID, RESERVED_USERNAMES, MESSAGE_ID_LEN and the ops are
+# blindpost_wire's, re-exported here so the relay's modules keep importing them from one place.
 MAX_PREKEY_ID = (1 << 24) - 1
 MAX_REGISTRATION_ID = (1 << 31) - 1
-MESSAGE_ID_LEN = 16
 PUBLIC_KEY_LEN = 33
 SIGNATURE_LEN = 64
 AUTH_KEY_LEN = 32
 MAX_OTPKS_PER_UPLOAD = 100
 MAX_ACK_IDS = 1000
-
-OP_DELIVER = 0x01
-OP_SEND = 0x02
-
-_DELIVER_HEAD = struct.Struct(">BQ16sQ")
-_SEND_HEAD = struct.Struct(">B16sH")
 
 
 def b64e(data: bytes) -> str:
@@ -102,9 +98,6 @@ def parse_username(value: Any, what: str = "username") -> str:
     return value
 
 
-RESERVED_USERNAMES = frozenset({"count"})
-
-
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise BadRequest(f"{what} must be an integer {lo}..{hi}")
@@ -138,7 +131,7 @@ def parse_ascii_uint(text: str, what: str, max_digits: int) -> int:
 
 
 def parse_device_id(value: Any, what: str = "device_id") -> int:
-    """Validate a device id (1..127), accepting ints or ASCII decimal strings.
+    """Validate a device id (1..MAX_DEVICE_ID), accepting ints or decimal strings.
 
     Raises:
         BadRequest: not an integer in range.
@@ -230,14 +223,25 @@ def parse_json_send(doc: Any, *, max_recipients: int, max_body: int) -> Envelope
     return Envelope(mid, _check_recipients(recipients, max_recipients), data)
 
 
+def _relay_error(exc: WireError) -> BadRequest | TooLarge:
+    """Map the neutral codec error to the relay's typed error (same message and code)."""
+    if exc.code == "too_large":
+        return TooLarge(exc.message)
+    if exc.code == "invalid_username":
+        return BadRequest(exc.message, code="invalid_username")
+    return BadRequest(exc.message)
+
+
 def encode_send(env: Envelope) -> bytes:
-    """Encode a SEND frame (op 0x02); the inverse of ``decode_send``."""
-    parts = [_SEND_HEAD.pack(OP_SEND, env.message_id, len(env.recipients))]
-    for r in env.recipients:
-        name = r.user.encode("ascii")
-        parts.append(bytes((len(name),)) + name + bytes((r.device,)))
-    parts.append(env.body)
-    return b"".join(parts)
+    """Encode a SEND frame (op 0x02); the inverse of ``decode_send``.
+
+    Raises:
+        BadRequest: a field does not fit the frame layout.
+    """
+    try:
+        return _frames.encode_send(env.message_id, env.recipients, env.body)
+    except WireError as exc:
+        raise _relay_error(exc) from exc
 
 
 def decode_send(frame: bytes, *, max_recipients: int, max_body: int) -> Envelope:
@@ -246,82 +250,41 @@ def decode_send(frame: bytes, *, max_recipients: int, max_body: int) -> Envelope
     Raises:
         BadRequest: truncated or malformed frame. TooLarge: body over ``max_body``.
     """
-    if len(frame) < _SEND_HEAD.size:
-        raise BadRequest("truncated send frame")
-    op, mid, count = _SEND_HEAD.unpack_from(frame, 0)
-    if op != OP_SEND:
-        raise BadRequest("unknown frame op")
-    if not 1 <= count <= max_recipients:
-        raise BadRequest(f"recipients must list 1..{max_recipients} devices")
-    pos = _SEND_HEAD.size
-    end = len(frame)
-    recipients = []
-    names = _VALID_NAMES
-    for _ in range(count):
-        if pos >= end:
-            raise BadRequest("truncated send frame")
-        n = frame[pos]
-        if pos + 1 + n + 1 > end:
-            raise BadRequest("truncated send frame")
-        raw = bytes(frame[pos + 1 : pos + 1 + n])
-        name = names.get(raw)
-        if name is None:
-            try:
-                name = parse_username(raw.decode("ascii"), "recipient user")
-            except UnicodeDecodeError as exc:
-                raise BadRequest(
-                    "recipient username must be ASCII", code="invalid_username"
-                ) from exc
-            if len(names) >= _VALID_NAMES_MAX:
-                names.clear()
-            names[raw] = name
-        device = frame[pos + 1 + n]
-        if not 1 <= device <= MAX_DEVICE_ID:
-            raise BadRequest(f"recipient device must be an integer 1..{MAX_DEVICE_ID}")
-        recipients.append(Address(name, device))
-        pos += n + 2
-    if end - pos > max_body:
-        raise TooLarge("message body too large")
-    checked = (recipients[0],) if count == 1 else _check_recipients(recipients, max_recipients)
-    return Envelope(bytes(mid), checked, bytes(frame[pos:]))
-
-
-# Usernames already validated by decode_send (bytes as framed -> str): a sender names the same
-# few recipients again and again, and the regex was most of a 1:1 SEND's decoding cost.
-_VALID_NAMES: dict[bytes, str] = {}
-_VALID_NAMES_MAX = 4096
+    try:
+        mid, recipients, body = _frames.decode_send(
+            frame, address=Address, max_recipients=max_recipients, max_body=max_body
+        )
+    except WireError as exc:
+        raise _relay_error(exc) from exc
+    return Envelope(mid, recipients, body)
 
 
 def encode_deliver(msg: StoredMessage) -> bytes:
-    """Encode a DELIVER frame (op 0x01) for one stored message."""
-    name = msg.sender.user.encode("ascii")
-    return b"".join(
-        (
-            _DELIVER_HEAD.pack(OP_DELIVER, msg.seq, msg.message_id, msg.stored_at),
-            bytes((len(name),)),
-            name,
-            bytes((msg.sender.device,)),
-            msg.body,
+    """Encode a DELIVER frame (op 0x01) for one stored message.
+
+    Raises:
+        BadRequest: a field does not fit the frame layout.
+    """
+    sender = msg.sender
+    try:
+        return _frames.encode_deliver(
+            msg.seq, msg.message_id, sender.user, sender.device, msg.stored_at, msg.body
         )
-    )
+    except WireError as exc:
+        raise _relay_error(exc) from exc
 
 
 def decode_deliver(frame: bytes) -> StoredMessage:
     """Decode a DELIVER frame (used by tests and clients).
 
     Raises:
-        BadRequest: truncated or wrong op.
+        BadRequest: truncated, wrong op, or a bad sender.
     """
-    if len(frame) < _DELIVER_HEAD.size + 2 or frame[0] != OP_DELIVER:
-        raise BadRequest("not a deliver frame")
-    _, seq, mid, stored = _DELIVER_HEAD.unpack_from(frame, 0)
-    pos = _DELIVER_HEAD.size
-    n = frame[pos]
-    user = frame[pos + 1 : pos + 1 + n].decode("ascii")
-    device = frame[pos + 1 + n]
-    return StoredMessage(
-        seq, bytes(mid), Address(user, device), stored, bytes(frame[pos + 2 + n :])
-    )
+    try:
+        seq, mid, user, device, stored_at, body = _frames.decode_deliver(frame)
+    except WireError as exc:
+        raise _relay_error(exc) from exc
+    return StoredMessage(seq, mid, Address(user, device), stored_at, body)
 
 
 def parse_ack_ids(doc: Any) -> list[bytes]:

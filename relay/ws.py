@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from blindpost_wire.auth import AUTH_FRAME_FIELDS
+from blindpost_wire.close import CLOSE_TRY_AGAIN_LATER
 from relay.app import STATE_KEY, RelayState, charge_lookups, check_recipient_users, json_error
 from relay.auth import EMPTY_SHA256, H_USER, parse_signed_headers
 from relay.errors import AuthError, BadRequest, MismatchedDevices, RelayError
@@ -40,7 +41,6 @@ _PAGE_BYTES = 1024 * 1024
 _EMPTY_FRAME = '{"type":"empty"}'
 _MAX_DRAIN_PAGES = 1_000_000
 _MAX_INFLIGHT_ACKS = 16
-CLOSE_TRY_AGAIN_LATER = 1013  # RFC 6455 registry: "Try Again Later"
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:

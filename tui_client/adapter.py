@@ -26,7 +26,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
-from e2ee.client import DB_FILE, Client, ClientOptions
+from blindpost_wire.names import is_username
+from e2ee.client import (
+    DB_FILE,
+    NOTICE_TYPES,
+    Client,
+    ClientOptions,
+    KdfLimits,
+    StoredMessage,
+    direct_chat_id,
+    group_chat_id,
+    origin_of,
+)
+from e2ee.client import ChatSummary as SdkChatSummary
+from e2ee.client_errors import (
+    ConnectionFailed,
+    InviteInvalid,
+    InviteRequired,
+    RegistrationClosed,
+    RelayRejected,
+    RelayTimeout,
+)
 from e2ee.errors import E2EEError, TransportError, UsageError, WrongPassphrase
 from e2ee.events import (
     ConnectionStateChanged,
@@ -41,20 +61,7 @@ from e2ee.events import (
     ReceiptUpdated,
     Typing,
 )
-from e2ee.history import NOTICE_TYPES, StoredMessage, direct_chat_id, group_chat_id
-from e2ee.history import ChatSummary as SdkChatSummary
 from e2ee.qr import qr_terminal
-from e2ee.store.sealing import KdfLimits
-from e2ee.transport.auth import check_username
-from e2ee.transport.errors import (
-    ConnectionFailed,
-    InviteInvalid,
-    InviteRequired,
-    RegistrationClosed,
-    RelayRejected,
-    RelayTimeout,
-)
-from e2ee.transport.http import origin_of
 
 __all__ = [
     "DEFAULT_RELAY_URL",
@@ -444,12 +451,10 @@ def check_new_account(username: str, relay_url: str) -> None:
     """
     if not username:
         raise BackendError("choose a username")
-    try:
-        check_username(username)
-    except UsageError:
+    if not is_username(username):
         raise BackendError(
             "a username is 3 to 32 characters: lower-case letters a-z, digits 0-9 and _"
-        ) from None
+        )
     if not relay_url:
         raise BackendError(f"enter the relay's URL (the README's local one is {DEFAULT_RELAY_URL})")
     try:
@@ -1046,10 +1051,8 @@ class Messenger:
             BackendError: not a valid name (the text says why).
             RelayUnavailable: the relay cannot be reached now.
         """
-        try:
-            check_username(user)
-        except UsageError:
-            raise BackendError(f"{user!r} is not a username: 3 to 32 of a-z, 0-9 and _") from None
+        if not is_username(user):
+            raise BackendError(f"{user!r} is not a username: 3 to 32 of a-z, 0-9 and _")
         if user == self.username:
             raise BackendError("that is you: pick someone else")
         try:

@@ -29,6 +29,7 @@ from axolotl.state.prekeyrecord import PreKeyRecord
 from axolotl.state.signedprekeyrecord import SignedPreKeyRecord
 from axolotl.util.keyhelper import KeyHelper
 
+from blindpost_wire.names import MAX_DEVICE_ID
 from e2ee.core.wire import check_public_key
 from e2ee.errors import InvalidBundle, InvalidKey, UsageError
 
@@ -48,8 +49,8 @@ __all__ = [
 ]
 
 MAX_PREKEY_ID = 0xFFFFFE
-#: Device ids are 1..127, as on the relay (its binary frames carry them in one byte).
-MAX_DEVICE_ID = 127
+# MAX_DEVICE_ID (1..127, as on the relay: binary frames carry it in one byte) is
+# blindpost_wire's, re-exported here.
 PREKEY_BATCH = 100
 _SIGNATURE_LENGTH = 64
 _MAX_ID = 0xFFFFFF

@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from e2ee import payload
-from e2ee.client_errors import NotAMember
-from e2ee.errors import UsageError
+from e2ee.errors import NotAMember, UsageError
 from e2ee.messaging import keys
 from e2ee.messaging.chats import group_id_of, touch_chat
 from e2ee.messaging.chats import stored as stored_message

@@ -21,8 +21,7 @@ import dataclasses
 import json
 from typing import Final, Literal
 
-from e2ee.client_errors import NotAdmin, NotAMember
-from e2ee.errors import InvalidMessage, UsageError
+from e2ee.errors import InvalidMessage, NotAdmin, NotAMember, UsageError
 from e2ee.events import GroupChanged
 from e2ee.messaging import keys
 from e2ee.messaging.outcome import ForgetSenders, Outcome, ProcessSenderKey, RotateGroupKey

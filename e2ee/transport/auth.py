@@ -35,6 +35,13 @@ from blindpost_wire.auth import (
     NONCE_PATTERN,
 )
 from blindpost_wire.auth import canonical_string as _canonical_string
+from blindpost_wire.names import (
+    MAX_DEVICE_ID,
+    MIN_DEVICE_ID,
+    USERNAME_PATTERN,
+    is_device_id,
+    is_username,
+)
 from e2ee.errors import UsageError
 
 __all__ = [
@@ -54,7 +61,6 @@ __all__ = [
 ]
 
 
-_USERNAME_RE = re.compile(r"[a-z0-9_]{3,32}")
 _NONCE_RE = re.compile(NONCE_PATTERN)
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _METHOD_RE = re.compile(r"[A-Z]{1,16}")
@@ -73,13 +79,13 @@ def check_username(user: str) -> str:
     Raises:
         UsageError: not a valid username.
     """
-    if not isinstance(user, str) or _USERNAME_RE.fullmatch(user) is None:
-        raise UsageError("username must match ^[a-z0-9_]{3,32}$")
+    if not is_username(user):
+        raise UsageError(f"username must match ^{USERNAME_PATTERN}$")
     return user
 
 
 def check_device_id(device: int) -> int:
-    """Validate a device id (integer 1..127).
+    """Validate a device id (integer ``MIN_DEVICE_ID..MAX_DEVICE_ID``, 1..127).
 
     Args:
         device: the candidate id.
@@ -88,10 +94,10 @@ def check_device_id(device: int) -> int:
         ``device`` unchanged.
 
     Raises:
-        UsageError: not an int in 1..127.
+        UsageError: not an int in range.
     """
-    if not isinstance(device, int) or isinstance(device, bool) or not 1 <= device <= 127:
-        raise UsageError("device id must be an integer 1..127")
+    if not is_device_id(device):
+        raise UsageError(f"device id must be an integer {MIN_DEVICE_ID}..{MAX_DEVICE_ID}")
     return device
 
 
@@ -160,7 +166,7 @@ class DeviceSigner:
     Args:
         signing_key: the private Ed25519 key (PyNaCl).
         user: the username the device belongs to (or will be registered under).
-        device: the device id, 1..127.
+        device: the device id, 1..MAX_DEVICE_ID.
 
     Raises:
         UsageError: bad key type, username or device id.
@@ -183,7 +189,7 @@ class DeviceSigner:
         Args:
             seed: 32 secret bytes.
             user: username.
-            device: device id 1..127.
+            device: device id 1..MAX_DEVICE_ID.
 
         Returns:
             The signer.

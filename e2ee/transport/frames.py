@@ -12,6 +12,9 @@ Invariants:
   ``0x01`` DELIVER (relay -> client), ``0x02`` SEND (client -> relay, also the binary
   body of ``PUT /v1/messages``).
 * Message ids are exactly 16 bytes everywhere; in JSON they are padded standard base64.
+* The binary codec itself is :mod:`blindpost_wire.frames`, shared with the relay byte for
+  byte; this module validates arguments, builds the SDK's dataclasses and maps the neutral
+  :class:`~blindpost_wire.frames.WireError` to :class:`MalformedFrame`.
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from blindpost_wire import frames as _frames
+from blindpost_wire.frames import (
+    MAX_FRAME_RECIPIENTS,
+    MESSAGE_ID_LEN,
+    OP_DELIVER,
+    OP_SEND,
+    WireError,
+)
 from e2ee.errors import UsageError
 from e2ee.transport.auth import check_device_id, check_username
 from e2ee.transport.errors import (
@@ -65,17 +74,11 @@ __all__ = [
     "encode_send",
 ]
 
-OP_DELIVER = 0x01
-OP_SEND = 0x02
-MESSAGE_ID_LEN = 16
-MAX_RECIPIENTS = 0xFFFF  # the u16 count field; the relay's configured limit is usually lower
+# OP_DELIVER, OP_SEND and MESSAGE_ID_LEN are blindpost_wire's (re-exported); the codec too.
+MAX_RECIPIENTS = MAX_FRAME_RECIPIENTS  # the relay's configured limit is usually lower
 MAX_ACK_IDS = 1000
 MAX_ACK_REF_LEN = 64
 _U64_MAX = (1 << 64) - 1
-
-_DELIVER_HEAD = struct.Struct(">BQ16sQ")  # op, seq, id, stored_at
-_SEND_HEAD = struct.Struct(">B16sH")  # op, id, recipient count
-_USERNAME_RE = re.compile(rb"[a-z0-9_]{3,32}")
 
 
 # -- base64 helpers ----------------------------------------------------------------------
@@ -296,29 +299,14 @@ def encode_send(message_id: bytes, recipients: Sequence[tuple[str, int]], body: 
     mid = check_message_id(message_id)
     checked = check_recipients(recipients)
     payload = _check_body(body)
-    parts = [_SEND_HEAD.pack(OP_SEND, mid, len(checked))]
-    for user, device in checked:
-        name = user.encode("ascii")
-        parts.append(bytes((len(name),)) + name + bytes((device,)))
-    parts.append(payload)
-    return b"".join(parts)
+    try:
+        return _frames.encode_send(mid, checked, payload)
+    except WireError as exc:  # unreachable after the checks above; typed all the same
+        raise UsageError(exc.message) from exc
 
 
-def _read_address(frame: bytes, pos: int, what: str) -> tuple[str, int, int]:
-    """Read ``u8 len, name, u8 device`` at ``pos``; return (name, device, new pos)."""
-    if pos >= len(frame):
-        raise MalformedFrame(f"truncated {what}")
-    n = frame[pos]
-    end = pos + 1 + n
-    if end + 1 > len(frame):
-        raise MalformedFrame(f"truncated {what}")
-    raw = frame[pos + 1 : end]
-    if _USERNAME_RE.fullmatch(raw) is None:
-        raise MalformedFrame(f"{what} username is not a valid username")
-    device = frame[end]
-    if not 1 <= device <= 127:
-        raise MalformedFrame(f"{what} device id {device} is outside 1..127")
-    return raw.decode("ascii"), device, end + 1
+def _pair(user: str, device: int) -> tuple[str, int]:
+    return (user, device)
 
 
 def decode_send(frame: bytes) -> SendFrame:
@@ -333,22 +321,11 @@ def decode_send(frame: bytes) -> SendFrame:
     Raises:
         MalformedFrame: wrong op, truncated, zero or duplicate recipients, bad names.
     """
-    data = bytes(frame)
-    if len(data) < _SEND_HEAD.size:
-        raise MalformedFrame("truncated send frame")
-    op, mid, count = _SEND_HEAD.unpack_from(data, 0)
-    if op != OP_SEND:
-        raise MalformedFrame(f"expected op 0x02, got 0x{op:02x}")
-    if count == 0:
-        raise MalformedFrame("send frame lists no recipients")
-    pos = _SEND_HEAD.size
-    recipients: list[tuple[str, int]] = []
-    for _ in range(count):
-        user, device, pos = _read_address(data, pos, "send recipient")
-        recipients.append((user, device))
-    if len(set(recipients)) != len(recipients):
-        raise MalformedFrame("send frame lists a recipient twice")
-    return SendFrame(bytes(mid), tuple(recipients), data[pos:])
+    try:
+        mid, recipients, body = _frames.decode_send(bytes(frame), address=_pair)
+    except WireError as exc:
+        raise MalformedFrame(exc.message) from exc
+    return SendFrame(mid, recipients, body)
 
 
 def encode_deliver(delivery: Delivery) -> bytes:
@@ -367,17 +344,13 @@ def encode_deliver(delivery: Delivery) -> bytes:
     for value, what in ((delivery.seq, "seq"), (delivery.stored_at, "stored_at")):
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _U64_MAX:
             raise UsageError(f"{what} must be an unsigned 64-bit integer")
-    name = check_username(delivery.sender).encode("ascii")
+    user = check_username(delivery.sender)
     device = check_device_id(delivery.device)
-    return b"".join(
-        (
-            _DELIVER_HEAD.pack(OP_DELIVER, delivery.seq, mid, delivery.stored_at),
-            bytes((len(name),)),
-            name,
-            bytes((device,)),
-            _check_body(delivery.body),
-        )
-    )
+    body = _check_body(delivery.body)
+    try:
+        return _frames.encode_deliver(delivery.seq, mid, user, device, delivery.stored_at, body)
+    except WireError as exc:  # unreachable after the checks above; typed all the same
+        raise UsageError(exc.message) from exc
 
 
 def decode_deliver(frame: bytes) -> Delivery:
@@ -392,14 +365,11 @@ def decode_deliver(frame: bytes) -> Delivery:
     Raises:
         MalformedFrame: wrong op, truncated, or a bad sender name / device id.
     """
-    data = bytes(frame)
-    if len(data) < _DELIVER_HEAD.size:
-        raise MalformedFrame("truncated deliver frame")
-    op, seq, mid, stored_at = _DELIVER_HEAD.unpack_from(data, 0)
-    if op != OP_DELIVER:
-        raise MalformedFrame(f"expected op 0x01, got 0x{op:02x}")
-    user, device, pos = _read_address(data, _DELIVER_HEAD.size, "deliver sender")
-    return Delivery(seq, bytes(mid), user, device, stored_at, data[pos:])
+    try:
+        seq, mid, user, device, stored_at, body = _frames.decode_deliver(bytes(frame))
+    except WireError as exc:
+        raise MalformedFrame(exc.message) from exc
+    return Delivery(seq, mid, user, device, stored_at, body)
 
 
 # -- JSON control frames -----------------------------------------------------------------

@@ -59,6 +59,7 @@ from e2ee.transport.requests import (
     Request,
     Response,
     SendReceipt,
+    origin_of,
 )
 
 __all__ = ["ProgressCallback", "RelayClient", "hash_file", "origin_of"]
@@ -72,30 +73,6 @@ ProgressCallback = Callable[[int, int | None], None]
 
 DEFAULT_CHUNK = 256 * 1024
 DEFAULT_WRITE_BUFFER = 1024 * 1024
-
-
-def origin_of(base_url: str) -> URL:
-    """Validate a relay base URL and return its origin (scheme://host[:port]).
-
-    Args:
-        base_url: e.g. ``http://127.0.0.1:8080`` (a trailing ``/`` is fine).
-
-    Returns:
-        The origin URL.
-
-    Raises:
-        UsageError: not http(s), no host, or a path/query/fragment (the API lives at the
-            root: a path prefix would change the signed request target).
-    """
-    try:
-        url = URL(base_url)
-    except (TypeError, ValueError) as exc:
-        raise UsageError("base_url is not a URL") from exc
-    if url.scheme not in ("http", "https") or not url.host:
-        raise UsageError("base_url must be an http:// or https:// URL with a host")
-    if url.path not in ("", "/") or url.query_string or url.fragment:
-        raise UsageError("base_url must be the relay's root (no path, query or fragment)")
-    return url.origin()
 
 
 def hash_file(path: str | os.PathLike[str], chunk_size: int = DEFAULT_CHUNK) -> tuple[str, int]:

@@ -22,8 +22,9 @@ import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
+from blindpost_wire.names import MAX_DEVICE_ID, RESERVED_USERNAMES
 from blindpost_wire.registration import MAX_POW_DIFFICULTY, REGISTRATION_MODES
 from e2ee.errors import UsageError
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
@@ -62,6 +63,7 @@ __all__ = [
     "healthz",
     "key_count",
     "list_devices",
+    "origin_of",
     "parse_content_range",
     "register",
     "registration_info",
@@ -80,10 +82,13 @@ BLOB_ID_RE = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE_RE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE_RE = re.compile(r"bytes \*/(\d+)")
 AUTH_KEY_LEN = 32
-#: Names the relay never registers because ``/v1/keys/<name>`` would hit another route.
-RESERVED_USERNAMES = frozenset({"count"})
+# RESERVED_USERNAMES (names the relay never registers because ``/v1/keys/<name>`` would hit
+# another route) is blindpost_wire's, re-exported here.
 
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from yarl import URL
 
 
 # -- the request / response pair ---------------------------------------------------------
@@ -312,7 +317,7 @@ def _user_field(doc: Mapping[str, Any], key: str) -> str:
 
 def _registered(response: Response) -> Registered:
     doc = _json_object(response)
-    return Registered(_user_field(doc, "username"), _int_field(doc, "device_id", 1, 127))
+    return Registered(_user_field(doc, "username"), _int_field(doc, "device_id", 1, MAX_DEVICE_ID))
 
 
 def _auth_key(auth_key: bytes) -> str:
@@ -365,7 +370,7 @@ def register(
 
     Args:
         username: the new name.
-        device_id: the first device's id (1..127).
+        device_id: the first device's id (1..MAX_DEVICE_ID).
         auth_key: that device's 32-byte Ed25519 public key.
         pow: (challenge, nonce) solving the relay's challenge for ``username``
             (:func:`blindpost_wire.registration.solve_pow`).
@@ -437,7 +442,7 @@ def _device_list(response: Response) -> tuple[DeviceInfo, ...]:
             raise MalformedResponse("malformed device entry")
         out.append(
             DeviceInfo(
-                _int_field(item, "device_id", 1, 127),
+                _int_field(item, "device_id", 1, MAX_DEVICE_ID),
                 _int_field(item, "created_at"),
                 bool(item["has_keys"]),
             )
@@ -525,7 +530,7 @@ def _bundles(response: Response) -> list[dict[str, Any]]:
     if not isinstance(devices, list) or not all(isinstance(d, dict) for d in devices):
         raise MalformedResponse("response field 'devices' must be a list of objects")
     for d in devices:
-        _int_field(d, "device_id", 1, 127)
+        _int_field(d, "device_id", 1, MAX_DEVICE_ID)
     return list(devices)
 
 
@@ -621,7 +626,7 @@ def _delivery(item: object) -> Delivery:
         seq=_int_field(item, "seq"),
         id=b64d(item.get("id"), "id", MESSAGE_ID_LEN, error=MalformedResponse),
         sender=_user_field(sender, "user"),
-        device=_int_field(sender, "device", 1, 127),
+        device=_int_field(sender, "device", 1, MAX_DEVICE_ID),
         stored_at=_int_field(item, "stored_at"),
         body=b64d(item.get("body"), "body", error=MalformedResponse),
     )
@@ -866,3 +871,29 @@ def healthz() -> Request[bool]:
         The request; result True when the relay reports ``{"status": "ok"}``.
     """
     return Request("GET", "/healthz", _healthy, signed=False)
+
+
+def origin_of(base_url: str) -> URL:
+    """Validate a relay base URL and return its origin (scheme://host[:port]).
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8080`` (a trailing ``/`` is fine).
+
+    Returns:
+        The origin URL.
+
+    Raises:
+        UsageError: not http(s), no host, or a path/query/fragment (the API lives at the
+            root: a path prefix would change the signed request target).
+    """
+    from yarl import URL
+
+    try:
+        url = URL(base_url)
+    except (TypeError, ValueError) as exc:
+        raise UsageError("base_url is not a URL") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise UsageError("base_url must be an http:// or https:// URL with a host")
+    if url.path not in ("", "/") or url.query_string or url.fragment:
+        raise UsageError("base_url must be the relay's root (no path, query or fragment)")
+    return url.origin()

@@ -44,6 +44,12 @@ import aiohttp
 from yarl import URL
 
 from blindpost_wire.auth import AUTH_FRAME_FIELDS
+from blindpost_wire.close import (
+    CLOSE_BANNED,
+    CLOSE_DEVICE_REMOVED,
+    CLOSE_REPLACED,
+    CLOSE_UNAUTHENTICATED,
+)
 from e2ee.errors import TransportError, UsageError
 from e2ee.transport import requests as rq
 from e2ee.transport.auth import DeviceSigner
@@ -97,11 +103,8 @@ CONNECTED: Final = "connected"
 RECONNECTING: Final = "reconnecting"
 CLOSED: Final = "closed"
 
-CLOSE_REPLACED = 4001
-CLOSE_REMOVED = 4003
-#: The relay closes a socket whose first-frame authentication failed with this code.
-CLOSE_UNAUTHENTICATED = 4401
-CLOSE_BANNED = 4403
+# The close codes are blindpost_wire's; CLOSE_REMOVED keeps its historical SDK name.
+CLOSE_REMOVED: Final = CLOSE_DEVICE_REMOVED
 
 
 @dataclass(frozen=True, slots=True)

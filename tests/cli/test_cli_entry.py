@@ -60,7 +60,7 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_peer_text_cannot_steer_the_terminal() -> None:
-    from tui_client.cli_output import clean, json_line
+    from tui_client.cli.output import clean, json_line
 
     hostile = "hi\x1b]0;pwned\x07\u202eexe.txt\x9b2J"
     shown = clean(hostile)

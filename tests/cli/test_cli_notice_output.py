@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from e2ee.history import NOTICE_TYPES, StoredMessage
-from tui_client.cli_output import human_message, message_record
+from tui_client.cli.output import human_message, message_record
 
 
 def _notice(kind: str, text: str) -> StoredMessage:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blindpost_wire.names import MAX_DEVICE_ID
 from e2ee.envelope import (
     Entry,
     GroupEnvelope,
@@ -23,7 +24,7 @@ users = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_", min_size=3, ma
 entries = st.builds(
     Entry,
     user=users,
-    device=st.integers(min_value=1, max_value=127),
+    device=st.integers(min_value=1, max_value=MAX_DEVICE_ID),
     kind=st.sampled_from(["prekey", "message"]),
     body=st.binary(min_size=1, max_size=300),
 )

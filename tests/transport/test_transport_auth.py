@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nacl.signing import SigningKey, VerifyKey
 
+from blindpost_wire.names import MAX_DEVICE_ID
 from e2ee.errors import UsageError
 from e2ee.transport.auth import (
     EMPTY_SHA256,
@@ -177,7 +178,7 @@ def test_bad_target_is_usage_error(target: str) -> None:
     body=st.binary(max_size=256),
     now=st.integers(min_value=0, max_value=2**53),
     nonce=st.from_regex(r"[A-Za-z0-9+/=_-]{16,64}", fullmatch=True),
-    device=st.integers(min_value=1, max_value=127),
+    device=st.integers(min_value=1, max_value=MAX_DEVICE_ID),
     user=st.from_regex(r"[a-z0-9_]{3,32}", fullmatch=True),
     method=st.sampled_from(["GET", "PUT", "POST", "DELETE", "HEAD"]),
 )

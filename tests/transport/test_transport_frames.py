@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from blindpost_wire.names import MAX_DEVICE_ID
 from e2ee.errors import TransportError, UsageError
 from e2ee.transport.errors import MalformedFrame, MismatchedDevices, RateLimited
 from e2ee.transport.frames import (
@@ -59,7 +60,7 @@ DELIVER_KAT = bytes.fromhex(
 )
 
 usernames = st.from_regex(r"[a-z0-9_]{3,32}", fullmatch=True)
-devices = st.integers(min_value=1, max_value=127)
+devices = st.integers(min_value=1, max_value=MAX_DEVICE_ID)
 ids = st.binary(min_size=16, max_size=16)
 
 

@@ -18,7 +18,10 @@ from e2ee.client_errors import IdentityHeld
 from e2ee.errors import UsageError
 from tui_client import cli
 from tui_client.cli import EXIT_HELD, EXIT_NOT_FOUND, CliError
-from tui_client.cli_output import AttachmentInfo
+from tui_client.cli import checks as cli_checks
+from tui_client.cli import commands as cli_commands
+from tui_client.cli import session as cli_session
+from tui_client.cli.output import AttachmentInfo
 from tui_client.daemon.protocol import APP_ERROR_BASE, INVALID_PARAMS, Params, RpcError
 
 if TYPE_CHECKING:
@@ -84,7 +87,7 @@ async def _ack(daemon: Daemon, connection: Connection, params: Params) -> Any:
     return {"acknowledged": count}
 
 
-async def _held(daemon: Daemon, target: cli._Target, exc: IdentityHeld) -> RpcError:
+async def _held(daemon: Daemon, target: cli_checks._Target, exc: IdentityHeld) -> RpcError:
     error = await daemon.session.held_error(target.chat_id, exc)
     data: dict[str, Any] = {"exit_status": EXIT_HELD, "error": "IdentityHeld", "user": exc.user}
     if exc.message_id:
@@ -103,8 +106,8 @@ async def _send(daemon: Daemon, connection: Connection, params: Params) -> Any:
         raise RpcError(INVALID_PARAMS, "the message text is empty")
     session = daemon.session
     if target.group:
-        await cli._find_group(session, target.group)
-    quote = None if reply_to is None else cli._message_id(reply_to)
+        await cli_commands._find_group(session, target.group)
+    quote = None if reply_to is None else cli_checks._message_id(reply_to)
     try:
         mid = await session.bounded(
             session.client.send_text(target.to, text, reply_to=quote),
@@ -127,8 +130,8 @@ async def _send_file(daemon: Daemon, connection: Connection, params: Params) -> 
         raise CliError(EXIT_NOT_FOUND, f"no such file: {path}")
     session = daemon.session
     if target.group:
-        await cli._find_group(session, target.group)
-    activity = cli._Activity()
+        await cli_commands._find_group(session, target.group)
+    activity = cli_session._Activity()
     try:
         mid = await session.bounded(
             session.client.send_file(
@@ -144,7 +147,7 @@ async def _send_file(daemon: Daemon, connection: Connection, params: Params) -> 
 
 @method("download")
 async def _download(daemon: Daemon, connection: Connection, params: Params) -> Any:
-    mid = cli._message_id(params.required_text("id"))
+    mid = cli_checks._message_id(params.required_text("id"))
     out = Path(params.required_text("out"))
     force = params.flag("force")
     params.done()
@@ -155,10 +158,10 @@ async def _download(daemon: Daemon, connection: Connection, params: Params) -> A
         raise CliError(EXIT_NOT_FOUND, f"message {mid} {what} (or is not in history)")
     info = AttachmentInfo(mid, found.file_name, found.size, found.mime_type)
     if out.is_dir():
-        out = out / cli._safe_file_name(info.name, mid)
+        out = out / cli_commands._safe_file_name(info.name, mid)
     if out.exists() and not force:
         raise CliError(cli.EXIT_ERROR, f"{out} exists (use force to replace it)")
-    activity = cli._Activity()
+    activity = cli_session._Activity()
     try:
         await session.bounded(
             session.client.download_attachment(mid, out, progress=activity),
@@ -184,7 +187,7 @@ async def _read(daemon: Daemon, connection: Connection, params: Params) -> Any:
     assert target is not None
     session = daemon.session
     if target.group:
-        await cli._find_group(session, target.group)
+        await cli_commands._find_group(session, target.group)
     count = await session.client.mark_read(target.chat_id)
     queued = await session.flush_outbox() if count else 0
     return {"type": "read", "chat": target.chat_id, "marked": count, "queued": queued}
@@ -222,10 +225,10 @@ async def _group(daemon: Daemon, connection: Connection, params: Params) -> Any:
     client = session.client
     if action == "list":
         params.done()
-        return [cli._group_record(g) for g in await client.groups()]
+        return [cli_commands._group_record(g) for g in await client.groups()]
     if action == "create":
         name = params.required_text("name")
-        members = [cli._username(m) for m in params.strings("members")]
+        members = [cli_checks._username(m) for m in params.strings("members")]
         params.done()
         if not name.strip() or not members:
             raise RpcError(INVALID_PARAMS, "a group needs a name and at least one member")
@@ -235,14 +238,14 @@ async def _group(daemon: Daemon, connection: Connection, params: Params) -> Any:
             )
         except IdentityHeld as exc:
             raise _held_group(exc, "the group is created but") from None
-        record = cli._group_record(await cli._find_group(session, gid))
+        record = cli_commands._group_record(await cli_commands._find_group(session, gid))
         return record | {"type": "group", "action": "create", "by": client.username}
     if action not in ("add", "remove", "leave"):
         raise RpcError(INVALID_PARAMS, "action must be create, add, remove, leave or list")
-    gid = cli._group_id(params.required_text("group"))
-    user = cli._username(params.required_text("user")) if action != "leave" else None
+    gid = cli_checks._group_id(params.required_text("group"))
+    user = cli_checks._username(params.required_text("user")) if action != "leave" else None
     params.done()
-    await cli._find_group(session, gid)
+    await cli_commands._find_group(session, gid)
     if action == "add":
         assert user is not None
         work: Awaitable[None] = client.add_member(gid, user)
@@ -255,7 +258,7 @@ async def _group(daemon: Daemon, connection: Connection, params: Params) -> Any:
         await session.bounded(work, "the relay to accept the group change")
     except IdentityHeld as exc:
         raise _held_group(exc, "the change is queued;") from None
-    record = cli._group_record(await cli._find_group(session, gid))
+    record = cli_commands._group_record(await cli_commands._find_group(session, gid))
     return record | {"type": "group", "action": action, "by": client.username}
 
 
@@ -270,10 +273,10 @@ def _held_group(exc: IdentityHeld, what: str) -> RpcError:
 
 @method("safety-number")
 async def _safety_number(daemon: Daemon, connection: Connection, params: Params) -> Any:
-    user = cli._username(params.required_text("user"))
+    user = cli_checks._username(params.required_text("user"))
     params.done()
     client = daemon.session.client
-    levels = await cli._known_levels(daemon.session, user)
+    levels = await cli_commands._known_levels(daemon.session, user)
     return [
         {
             "type": "safety_number",
@@ -288,16 +291,16 @@ async def _safety_number(daemon: Daemon, connection: Connection, params: Params)
 
 
 async def _accept(daemon: Daemon, params: Params, *, verified: bool) -> Any:
-    user = cli._username(params.required_text("user"))
+    user = cli_checks._username(params.required_text("user"))
     params.done()
     session = daemon.session
     client = session.client
-    before = cli._overall_trust(await cli._known_levels(session, user))
+    before = cli_commands._overall_trust(await cli_commands._known_levels(session, user))
     if not verified and before != "untrusted":
         return {"type": "trust", "user": user, "trust": before, "changed": False, "sent": 0}
     queued = len(await asyncio.to_thread(session.history.pending_outbox))
     await client.accept_identity(user, verified=verified)
-    after = cli._overall_trust(await client.trust_level(user))
+    after = cli_commands._overall_trust(await client.trust_level(user))
     still = await session.flush_outbox() if queued else 0
     return {
         "type": "trust",
@@ -327,7 +330,7 @@ async def _contacts(daemon: Daemon, connection: Connection, params: Params) -> A
         {
             "type": "contact",
             "user": user,
-            "trust": cli._overall_trust(levels),
+            "trust": cli_commands._overall_trust(levels),
             "devices": {str(d): t for d, t in sorted(levels.items())},
         }
         for user, levels in sorted(contacts.items())

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-from tui_client import cli
 from tui_client.cli import EXIT_USAGE
-from tui_client.cli_output import json_line
+from tui_client.cli import checks as cli_checks
+from tui_client.cli import exits as cli_exits
+from tui_client.cli.output import json_line
 
 __all__ = [
     "APP_ERROR_BASE",
@@ -116,7 +117,7 @@ def rpc_error(exc: BaseException) -> RpcError:
     """The error response for an exception of the CLI or SDK (the exit-status mapping)."""
     if isinstance(exc, RpcError):
         return exc
-    status, message = cli._classify(exc)
+    status, message = cli_exits._classify(exc)
     message = " ".join(message.split())
     data: dict[str, Any] = {"exit_status": status, "error": type(exc).__name__}
     for attribute in ("user", "message_id", "group_id"):
@@ -172,7 +173,7 @@ class Params:
             raise RpcError(INVALID_PARAMS, f"parameter {name!r} must be a list of strings")
         return list(value)
 
-    def chat(self, *, required: bool = True) -> cli._Target | None:
+    def chat(self, *, required: bool = True) -> cli_checks._Target | None:
         """``to`` (or ``user``) naming a user, or ``group``: exactly one."""
         to = self.text("to")
         user = self.text("user")
@@ -184,7 +185,7 @@ class Params:
             return None
         if (who is None) == (group is None):
             raise RpcError(INVALID_PARAMS, "name either a user ('to' or 'user') or a 'group'")
-        return cli._target(group, who)
+        return cli_checks._target(group, who)
 
     def done(self) -> None:
         unknown = sorted(set(self._raw) - self._seen)

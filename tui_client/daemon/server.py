@@ -1,6 +1,6 @@
 # Invariants:
-# * The server is an adapter over the CLI's own session (tui_client.cli._Session) and the SDK
-#   facade; every event notification's params are exactly the record `receive --json` prints
+# * The server is an adapter over the CLI's own session (tui_client.cli.session._Session) and
+#   the SDK facade; every event notification's params are exactly the record `receive --json` prints
 #   (cli.event_output, the one serializer).
 # * A bad line never ends the connection or the daemon (protocol.py answers it).
 # * Events wait, in order, in one bounded queue (events.py) until a subscriber confirms them:
@@ -38,7 +38,8 @@ from e2ee.client import ClientOptions
 from e2ee.errors import E2EEError
 from tui_client import cli
 from tui_client.cli import EXIT_BUSY, EXIT_OK, EXIT_USAGE, CliError
-from tui_client.cli_output import json_line
+from tui_client.cli import session as cli_session
+from tui_client.cli.output import json_line
 from tui_client.daemon.events import EventQueue
 from tui_client.daemon.methods import METHODS
 from tui_client.daemon.protocol import (
@@ -289,7 +290,7 @@ class Daemon:
         config: where to listen and the limits.
     """
 
-    def __init__(self, session: cli._Session, config: DaemonConfig) -> None:
+    def __init__(self, session: cli_session._Session, config: DaemonConfig) -> None:
         self.session = session
         self.config = config
         self.timeout = session.settings.network_timeout
@@ -318,11 +319,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         folder = self.session.settings.data_dir
         history = self.session.history
-        cursor = cli._read_cursor(folder)
+        cursor = cli_session._read_cursor(folder)
         if cursor is None:
             cursor = await asyncio.to_thread(history.max_seq, "messages")
         self._cursor = self._cursor_written = cursor
-        for message in await asyncio.to_thread(cli._messages_after, history, cursor):
+        for message in await asyncio.to_thread(cli_session._messages_after, history, cursor):
             self.events.put(await cli.message_output(self.session, message))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
@@ -475,7 +476,7 @@ class Daemon:
             return  # the delivery loop comes back within _CURSOR_EVERY
         self._cursor_at = now
         seq = self._cursor
-        await asyncio.to_thread(cli._write_cursor, self.session.settings.data_dir, seq)
+        await asyncio.to_thread(cli_session._write_cursor, self.session.settings.data_dir, seq)
         self._cursor_written = seq
 
     # -- transports --------------------------------------------------------------------
@@ -716,7 +717,7 @@ class Daemon:
 # -- the command -------------------------------------------------------------------------
 
 
-async def cmd_daemon(settings: cli._Settings, args: argparse.Namespace) -> int:
+async def cmd_daemon(settings: cli_session._Settings, args: argparse.Namespace) -> int:
     """``blindpost daemon``: open the account and serve until told to stop.
 
     Returns:
@@ -727,5 +728,5 @@ async def cmd_daemon(settings: cli._Settings, args: argparse.Namespace) -> int:
         CliError: bad options, no account, a socket path in use.
     """
     config = config_from_args(args)
-    async with cli._account(settings, connect=False, options=DAEMON_OPTIONS) as session:
+    async with cli_session._account(settings, connect=False, options=DAEMON_OPTIONS) as session:
         return await Daemon(session, config).run()

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TextIO
 
+from e2ee.client import NOTICE_TYPES, StoredMessage
 from e2ee.events import (
     DecryptionProblem,
     GapDetected,
@@ -20,7 +21,6 @@ from e2ee.events import (
     IdentityChanged,
     MessageChanged,
 )
-from e2ee.history import NOTICE_TYPES, StoredMessage
 
 __all__ = [
     "AttachmentInfo",
