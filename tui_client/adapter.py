@@ -349,6 +349,8 @@ class Backend(Protocol):
 
     async def mark_read(self, chat_id: str) -> int: ...
 
+    async def delete_chat(self, chat_id: str) -> None: ...
+
     async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str: ...
 
     async def save_attachment(
@@ -848,6 +850,15 @@ class Messenger:
         """Mark a chat read (sends read receipts)."""
         with _backend_errors():
             return await self._client.mark_read(chat_id)
+
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat's history on this device (the others keep theirs).
+
+        Raises:
+            BackendError: no such chat, or a group we are still in (leave it first).
+        """
+        with _backend_errors():
+            await self._client.delete_chat(chat_id)
 
     async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str:
         """Encrypt and upload a file, then send it; ``progress(done, total)`` while uploading.

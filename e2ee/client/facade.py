@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from e2ee.client.account import create_account_dir, register_account
+from e2ee.client.chats import delete_chat_sync
 from e2ee.client.compose import mark_read_sync
 from e2ee.client.connection import Connection, run_expiry
 from e2ee.client.context import ClientContext, ClientOptions
@@ -46,7 +47,7 @@ from e2ee.client.outbox import Outbox
 from e2ee.client.trust import accept_identity
 from e2ee.client_errors import ClientClosed, IdentityHeld, NotRegistered, UnknownRecipient
 from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
-from e2ee.errors import E2EEError, TransportError, UsageError
+from e2ee.errors import ChatDeleted, E2EEError, TransportError, UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import GroupInfo, History, StoredMessage
 from e2ee.media import MediaCorrupt, Progress, decrypt_file, encrypt_file
@@ -535,6 +536,23 @@ class Client:
         if count:
             self._outbox.wake()
         return count
+
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat's local history (nothing is sent; the others keep theirs).
+
+        Its messages, attachment keys, receipts, reactions, search entries and
+        unsent messages go in one transaction; a message arriving later starts
+        the chat anew. A caller waiting for one of its messages to be sent gets
+        ``ChatDeleted``.
+
+        Raises:
+            UnknownChat: no such chat in history.
+            StillAMember: a group we are still a member of (leave it first).
+            StorageError: nothing was deleted.
+        """
+        self._check_open()
+        for mid in await asyncio.to_thread(delete_chat_sync, self._ctx, chat_id):
+            self._outbox.fail_waiter(mid, ChatDeleted(chat_id, mid))
 
     async def send_file(
         self,

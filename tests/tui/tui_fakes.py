@@ -244,6 +244,10 @@ class FakeBackend:
     async def mark_read(self, chat_id: str) -> int:
         return 0
 
+    async def delete_chat(self, chat_id: str) -> None:
+        self.msgs.pop(chat_id, None)
+        self.titles.pop(chat_id, None)
+
     async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str:
         raise BackendError("the fake backend sends no files")
 

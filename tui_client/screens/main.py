@@ -578,7 +578,9 @@ class MainScreen(Screen[None]):
     def _toggle(self, message: ChatOptions.Toggle) -> None:
         prefs, chat = self._prefs, message.chat_id
         name = self._chat_name(chat)
-        if message.what == "mute":
+        if message.what == "delete":
+            self._ask_delete_chat(chat, name)
+        elif message.what == "mute":
             muted = prefs.muted ^ {chat}
             self._set_prefs(ChatPrefs(muted, prefs.archived))
             self.notify(f"{name} {'muted' if chat in muted else 'unmuted'}", markup=False)
@@ -588,6 +590,36 @@ class MainScreen(Screen[None]):
             self.notify(
                 f"{name} {'archived' if chat in archived else 'back in the list'}", markup=False
             )
+
+    def _ask_delete_chat(self, chat_id: str, name: str) -> None:
+        def answer(sure: bool | None) -> None:
+            if sure:
+                self._delete_chat(chat_id, name)
+
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Delete the chat with {name} from this device? "
+                "Its messages and files go; the others keep theirs.",
+                "Delete",
+            ),
+            answer,
+        )
+
+    @work(group="delete-chat")
+    async def _delete_chat(self, chat_id: str, name: str) -> None:
+        try:
+            await self.backend.delete_chat(chat_id)
+        except BackendError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        self.chat_list.remove_chat(chat_id)
+        self._dirty.discard(chat_id)
+        if self.chat_id == chat_id:
+            self.chat_id = None
+            self.chat_list.open_chat = None
+            self.messages.clear("")
+            self.query_one("#chat-title", Static).update("")
+        self.notify(f"deleted the chat with {name}", markup=False)
 
     @work(group="desktop-notify")
     async def _desktop_notify(self, title: str, body: str) -> None:

@@ -1,0 +1,76 @@
+"""Chat operations in the TUI against a real relay: deleting a chat, group notices
+kept in history, and updates that need no history read.
+
+The app's own account is created through the adapter; the other side is a real
+:class:`e2ee.client.Client` on the same relay process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tui_harness import main_screen, next_event, until
+
+from e2ee.client import Client
+from e2ee.events import MessageReceived
+from e2ee.history import direct_chat_id
+from tui_client.adapter import Opener
+from tui_client.app import BlindpostApp
+from tui_client.screens.dialogs import ConfirmScreen
+from tui_client.widgets.chat_list import ChatList, ChatOptions
+from tui_client.widgets.conversation import MessageList
+
+MakeClient = Callable[..., Awaitable[Client]]
+MakeOpener = Callable[..., Opener]
+SIZE = (100, 30)
+
+
+async def test_deleting_a_chat_asks_then_forgets_it_and_a_new_message_starts_it_again(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    opener = tui_opener("alice")
+    backend = await opener.create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    bob_chat, carol_chat = direct_chat_id("bob"), direct_chat_id("carol")
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        await bob.send_text("alice", "first from bob")
+        await carol.send_text("alice", "hello from carol")
+        chats = screen.query_one(ChatList)
+        await until(pilot, lambda: set(chats.chat_ids()) == {bob_chat, carol_chat})
+        screen.open_chat(bob_chat)
+        listed = screen.query_one(MessageList)
+        await until(pilot, lambda: [m.text for m in listed.messages()] == ["first from bob"])
+        options = chats.query_one(ChatOptions)
+        options.focus()
+        options.highlighted = chats.chat_ids().index(bob_chat)
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("escape")  # changed my mind: nothing goes
+        await until(pilot, lambda: app.screen is screen)
+        assert bob_chat in chats.chat_ids()
+        assert len(await backend.messages(bob_chat)) == 1
+        options.highlighted = chats.chat_ids().index(bob_chat)
+        await pilot.press("d")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(pilot, lambda: chats.chat_ids() == [carol_chat])
+        assert screen.chat_id is None and listed.messages() == []
+        assert await backend.messages(bob_chat) == []
+        assert [h.message.text for h in await backend.search("first")] == []
+        assert [m.text for m in await backend.messages(carol_chat)] == ["hello from carol"]
+
+        # Bob writes again: the chat comes back as a new one, with only that message.
+        bob_events = bob.events()
+        await bob.send_text("alice", "still there?")
+        await until(pilot, lambda: bob_chat in chats.chat_ids())
+        assert [m.text for m in await backend.messages(bob_chat)] == ["still there?"]
+        row = chats.get(bob_chat)
+        assert row is not None and row.unread == 1
+        # Alice can answer in it.
+        screen.open_chat(bob_chat)
+        await backend.send_text(bob_chat, "yes")
+        got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.text == "yes"
