@@ -92,7 +92,13 @@ class Typing:
 
 @dataclass(frozen=True, slots=True)
 class GroupChanged:
-    """A group was created or changed (by an admin, or a member leaving)."""
+    """A group was created or changed (by an admin, or a member leaving).
+
+    ``notice`` is the history row that records it in the group's chat (type
+    ``group``: ``sender`` is who made the change, ``text`` what changed, e.g.
+    ``renamed the group to 'climbers'``), committed with the change; None when
+    it was stored already.
+    """
 
     group_id: str
     action: Literal["create", "add", "remove", "leave", "rename"]
@@ -101,6 +107,7 @@ class GroupChanged:
     members: tuple[str, ...]
     admins: tuple[str, ...]
     targets: tuple[str, ...] = ()
+    notice: StoredMessage | None = None
 
 
 @dataclass(frozen=True, slots=True)

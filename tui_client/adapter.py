@@ -78,6 +78,7 @@ __all__ = [
     "account_exists",
     "check_new_account",
     "default_data_dir",
+    "group_line",
     "relay_error",
 ]
 
@@ -107,6 +108,15 @@ def _backend_errors() -> Iterator[None]:
         yield
     except E2EEError as exc:
         raise BackendError(str(exc)) from exc
+
+
+def group_line(who: str, what: str | None) -> str:
+    """A group change as people read it: ``who`` (``you`` or a name) and what changed.
+
+    ``what`` is the phrase history keeps (``renamed the group to 'x'``); rows
+    stored before it was kept have none.
+    """
+    return f"{who} {what or 'changed the group'}"
 
 
 class PassphraseRequired(BackendError):
@@ -249,10 +259,12 @@ class TypingChanged:
 
 @dataclass(frozen=True, slots=True)
 class ChatUpdated:
-    """A chat's title or membership changed (groups): ``text`` says what and who.
+    """A chat's title or membership may have changed: refresh its row.
 
-    ``after_seq``: the chat's newest message when it happened (the notice
-    belongs after it).
+    ``text`` (may be empty) says what and who, ``after_seq``: the chat's newest
+    message when it happened (the notice belongs after it). Group changes come
+    as :class:`NewMessage` with their history row; this is for a change whose
+    row was stored already.
     """
 
     chat_id: str
@@ -498,13 +510,6 @@ class Messenger:
         # Updates are read from one SDK subscription taken at construction, so
         # nothing emitted between start() and the first updates() call is lost.
         self._events = client.events()
-        # What our own group changes did, for their history rows: the SDK stores
-        # such a row without a text. Descriptions wait per chat ("" for a group
-        # being created) until the row's MessageStored event names its id; they
-        # last for the session (after a restart the row reads "you changed the
-        # group").
-        self._pending_group: dict[str, list[str]] = {}
-        self._group_texts: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Messenger({self._client!r})"
@@ -637,7 +642,7 @@ class Messenger:
             sender=m.sender,
             outgoing=m.outgoing,
             kind=m.type,
-            text=m.text or self._group_texts.get(m.id),
+            text=m.text,
             sent_at=m.sent_at,
             status=m.status,
             edited=m.edited,
@@ -700,7 +705,7 @@ class Messenger:
     def _describe(self, m: StoredMessage) -> str:
         """One line for a history row that is not a text or a file."""
         if m.type == "group":
-            return m.text or f"{'you' if m.outgoing else m.sender} changed the group"
+            return group_line("you" if m.outgoing else m.sender, m.text)
         if m.type == "timer":
             return m.text or "disappearing messages changed"
         return m.text or m.type
@@ -919,20 +924,9 @@ class Messenger:
 
     async def create_group(self, name: str, members: Sequence[str]) -> str:
         """Create a group; returns its chat id."""
-        text = f"you created the group {name!r}"
-        self._pending_group.setdefault("", []).append(text)
-        try:
-            with _backend_errors():
-                gid = await self._client.create_group(name, members)
-        except BackendError:
-            self._unpend("", text)
-            raise
+        with _backend_errors():
+            gid = await self._client.create_group(name, members)
         return group_chat_id(gid)
-
-    def _unpend(self, chat_id: str, text: str) -> None:
-        waiting = self._pending_group.get(chat_id, [])
-        if text in waiting:
-            waiting.remove(text)
 
     async def group_info(self, chat_id: str) -> GroupInfo | None:
         """The group behind a chat, or None."""
@@ -957,41 +951,27 @@ class Messenger:
 
         return await asyncio.to_thread(read)
 
-    async def _group_call(self, chat_id: str, text: str, call: Callable[[], object]) -> None:
-        self._pending_group.setdefault(chat_id, []).append(text)
-        try:
-            with _backend_errors():
-                result = call()
-                if asyncio.iscoroutine(result):
-                    await result
-        except BackendError:
-            self._unpend(chat_id, text)
-            raise
+    # The SDK keeps what changed and who did it in the group row of history.
 
     async def rename_group(self, chat_id: str, name: str) -> None:
         """Rename a group (admins)."""
-        gid = _group_of(chat_id)
-        text = f"you renamed the group to {name!r}"
-        await self._group_call(chat_id, text, lambda: self._client.rename_group(gid, name))
+        with _backend_errors():
+            await self._client.rename_group(_group_of(chat_id), name)
 
     async def add_member(self, chat_id: str, user: str) -> None:
         """Add a member (admins)."""
-        gid = _group_of(chat_id)
-        await self._group_call(
-            chat_id, f"you added {user}", lambda: self._client.add_member(gid, user)
-        )
+        with _backend_errors():
+            await self._client.add_member(_group_of(chat_id), user)
 
     async def remove_member(self, chat_id: str, user: str) -> None:
         """Remove a member (admins)."""
-        gid = _group_of(chat_id)
-        await self._group_call(
-            chat_id, f"you removed {user}", lambda: self._client.remove_member(gid, user)
-        )
+        with _backend_errors():
+            await self._client.remove_member(_group_of(chat_id), user)
 
     async def leave_group(self, chat_id: str) -> None:
         """Leave a group."""
-        gid = _group_of(chat_id)
-        await self._group_call(chat_id, "you left the group", lambda: self._client.leave_group(gid))
+        with _backend_errors():
+            await self._client.leave_group(_group_of(chat_id))
 
     # -- trust --------------------------------------------------------------------------
 
@@ -1060,10 +1040,6 @@ class Messenger:
     async def _translate(self, event: Event) -> Update | None:
         match event:
             case MessageReceived(message=m) | MessageStored(message=m):
-                if m.type == "group" and m.outgoing and not m.text:
-                    waiting = self._pending_group.get(m.chat_id) or self._pending_group.get("")
-                    if waiting:
-                        self._group_texts[m.id] = waiting.pop(0)
                 view = await asyncio.to_thread(self._view, m)
                 if m.outgoing:
                     return NewMessage(view)
@@ -1077,18 +1053,13 @@ class Messenger:
                 return ReceiptChanged(chat_id, mid, status)
             case Typing(chat_id=chat_id, user=user, typing=typing):
                 return TypingChanged(chat_id, user, typing)
-            case GroupChanged(group_id=gid, action=action, by=by, name=name, targets=targets):
-                chat_id = group_chat_id(gid)
-                newest = await self.messages(chat_id, limit=1)
-                who = ", ".join(targets)
-                text = {
-                    "create": f"{by} created the group {name!r}",
-                    "add": f"{by} added {who}",
-                    "remove": f"{by} removed {who}",
-                    "leave": f"{by} left",
-                    "rename": f"{by} renamed the group to {name!r}",
-                }[action]
-                return ChatUpdated(chat_id, text, newest[-1].seq if newest else 0)
+            case GroupChanged(notice=StoredMessage() as notice):
+                # Kept in history (who and what): shown like a message, also after a restart.
+                view = await asyncio.to_thread(self._view, notice)
+                return NewMessage(view, await asyncio.to_thread(self._title, notice.chat_id))
+            case GroupChanged(group_id=gid):
+                # Stored already (delivered again): only the chat's row may need a refresh.
+                return ChatUpdated(group_chat_id(gid), "")
             case IdentityChanged(user=user, held=held, first_use=first_use):
                 return KeyChanged(user, direct_chat_id(user), held, first_use)
             case ConnectionStateChanged(state=state, retry_in=retry_in):

@@ -74,3 +74,61 @@ async def test_deleting_a_chat_asks_then_forgets_it_and_a_new_message_starts_it_
         await backend.send_text(bob_chat, "yes")
         got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.text == "yes"
+
+
+def _rows(listed: MessageList) -> list[str]:
+    """The message rows shown, day separators left out."""
+    return [p for o in listed._options if not (p := str(o.prompt)).startswith("─")]
+
+
+async def test_group_rows_say_who_changed_what_after_a_restart(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
+) -> None:
+    bob, carol = await sdk_client("bob"), await sdk_client("carol")
+    await sdk_client("dave")
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    expected = [
+        "· bob created the group 'team'",
+        "· bob renamed the group to 'dream team'",
+        "· bob added dave",
+        "· carol left the group",
+        "· bob removed dave",
+        "· you left the group",
+    ]
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        gid = await bob.create_group("team", ["alice", "carol"])
+        chat_id = f"group:{gid}"
+        chats = screen.query_one(ChatList)
+        await until(pilot, lambda: chat_id in chats.chat_ids())
+        screen.open_chat(chat_id)
+        listed = screen.query_one(MessageList)
+        await until(pilot, lambda: _rows(listed) == expected[:1])
+        await bob.rename_group(gid, "dream team")
+        await bob.add_member(gid, "dave")
+        await carol.leave_group(gid)
+        await bob.remove_member(gid, "dave")
+        await until(pilot, lambda: _rows(listed) == expected[:5])
+        # The list's title follows the rename; its preview names who did what.
+        await until(
+            pilot,
+            lambda: (
+                (c := chats.get(chat_id))
+                and (c.title, c.last_text) == ("dream team", "bob removed dave")
+            ),
+        )
+        # A group change of ours: leaving (the group goes from the list).
+        bob_events = bob.events()
+        await backend.leave_group(chat_id)
+        await next_event(bob_events, lambda e: getattr(e, "action", None) == "leave")
+        await until(pilot, lambda: _rows(listed) == expected)
+    # After a restart every row still says who changed what (read from history).
+    backend = await tui_opener("alice").open(None)
+    app = BlindpostApp(backend=backend)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        screen.open_chat(chat_id)  # a group we left: not listed, still kept
+        listed = screen.query_one(MessageList)
+        await until(pilot, lambda: _rows(listed) == expected)
+        assert not any("changed the group" in r for r in _rows(listed))

@@ -95,7 +95,7 @@ def sample_messages() -> dict[str, list[MessageView]]:
             _m(10, bob, "alice", "(on my way)", t + 22 * MINUTE, "pending"),
         ],
         "group:f00d": [
-            _m(20, "group:f00d", "alice", "you created the group 'team'", y, kind="group"),
+            _m(20, "group:f00d", "alice", "created the group 'team'", y, kind="group"),
             _m(21, "group:f00d", "carol", "Standup moved to 10:00", t),
             _m(22, "group:f00d", "dave", "ok", t + MINUTE),
         ],

@@ -63,6 +63,7 @@ from tui_client.adapter import (
     RelayUnavailable,
     TypingChanged,
     Update,
+    group_line,
 )
 from tui_client.config import ChatPrefs, TuiConfig, load_prefs, prefs_path, save_prefs
 from tui_client.screens.dialogs import (
@@ -793,6 +794,11 @@ class MainScreen(Screen[None]):
                         self._flush_incoming()
                 elif m.is_notice:
                     self.notify(m.text or "", severity="warning")
+                elif m.kind == "group" and not m.outgoing:
+                    # A group change in a chat not on screen: a toast now, the
+                    # row (kept in history) when the chat is opened.
+                    title = chat_title or self._chat_name(m.chat_id)
+                    self.notify(group_line(m.sender, m.text), title=title, markup=False)
                 elif not m.outgoing and m.kind in ("text", "attachment"):
                     where = chat_title or self._chat_name(m.chat_id)
                     body = m.text or (m.attachment.file_name if m.attachment else "")
@@ -830,6 +836,8 @@ class MainScreen(Screen[None]):
                     self._render_typing()
             case ChatUpdated(chat_id=chat_id, text=text, after_seq=after_seq):
                 self._dirty.add(chat_id)
+                if not text:
+                    return
                 if chat_id == open_chat:
                     self._flush_incoming()
                     self.messages.add_notice(text)

@@ -42,7 +42,7 @@ from textual.message import Message
 from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
-from tui_client.adapter import MessageView
+from tui_client.adapter import MessageView, group_line
 from tui_client.widgets.fmt import clock_time, day_key, day_label, human_size, tick_for
 from tui_client.widgets.image_preview import is_previewable
 
@@ -639,11 +639,8 @@ class MessageList(OptionList):
         if m.kind not in ("text", "attachment"):
             who = "you" if m.outgoing else m.sender
             if m.kind == "group":
-                # The text says what changed and who did it ("you renamed the
-                # group to 'x'"); a row from before a restart has none.
-                return Text(
-                    f"· {m.text or who + ' changed the group'}", style=self._style("system")
-                )
+                # History keeps who (the sender) and what changed (the text).
+                return Text(f"· {group_line(who, m.text)}", style=self._style("system"))
             label = {"timer": "changed the disappearing-message timer"}.get(m.kind, m.kind)
             return Text(f"· {who}: {m.text or label}", style=self._style("system"))
         stamp = Text()
