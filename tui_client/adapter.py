@@ -233,10 +233,17 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class MessageChanged_:  # noqa: N801  (the SDK's MessageChanged is imported here too)
-    """A stored message was edited, deleted or reacted to; ``message`` is its new state."""
+    """A stored message was edited, deleted or reacted to; ``message`` is its new state.
+
+    ``partial``: built from the SDK event alone (no history read), so
+    ``message`` has no reactions, file or quote author: the screen keeps the
+    ones it shows and applies ``reaction`` (user, emoji; ``""`` removes it).
+    """
 
     message: MessageView
     change: str
+    partial: bool = False
+    reaction: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -636,25 +643,15 @@ class Messenger:
         if m.reply_to:
             quoted = history.message(m.reply_to)
             quote_sender = quoted.sender if quoted else None
-        return MessageView(
-            id=m.id,
-            chat_id=m.chat_id,
-            sender=m.sender,
-            outgoing=m.outgoing,
-            kind=m.type,
-            text=m.text,
-            sent_at=m.sent_at,
-            status=m.status,
-            edited=m.edited,
-            deleted=m.deleted,
-            reply_to=m.reply_to,
-            quote_text=m.quote_text,
-            quote_sender=quote_sender,
-            reactions=reactions,
-            attachment=attachment,
-            seq=m.seq,
-            read=m.outgoing or m.read_at is not None,
-        )
+        return _plain_view(m, reactions, attachment, quote_sender)
+
+    def _stored_view(self, event: MessageStored) -> MessageView:
+        """The view of one of our new messages, from its event alone (no history read)."""
+        found = event.attachment
+        attachment = None
+        if found is not None:
+            attachment = AttachmentInfo(found.file_name or "file", found.size, found.mime_type)
+        return _plain_view(event.message, (), attachment, event.quote_sender)
 
     def _title(self, chat_id: str) -> str:
         peer = _peer_of(chat_id)
@@ -1039,18 +1036,24 @@ class Messenger:
 
     async def _translate(self, event: Event) -> Update | None:
         match event:
-            case MessageReceived(message=m) | MessageStored(message=m):
+            case MessageStored():
+                # Our own message: the event holds all a view needs (new: no reactions).
+                return NewMessage(self._stored_view(event))
+            case MessageReceived(message=m):
                 view = await asyncio.to_thread(self._view, m)
                 if m.outgoing:
                     return NewMessage(view)
                 return NewMessage(view, await asyncio.to_thread(self._title, m.chat_id))
+            case MessageChanged(message=StoredMessage() as m, change=change, by=by):
+                # The committed message comes with the event: no history read.
+                reaction = None if event.reaction is None else (by, event.reaction)
+                view = _plain_view(m, (), None, None)
+                return MessageChanged_(view, change, partial=True, reaction=reaction)
             case MessageChanged(message_id=mid, change=change):
                 found = await self.message(mid)
                 return None if found is None else MessageChanged_(found, change)
             case ReceiptUpdated(message_id=mid, chat_id=chat_id):
-                found = await self.message(mid)
-                status = found.status if found else event.status
-                return ReceiptChanged(chat_id, mid, status)
+                return ReceiptChanged(chat_id, mid, event.message_status or event.status)
             case Typing(chat_id=chat_id, user=user, typing=typing):
                 return TypingChanged(chat_id, user, typing)
             case GroupChanged(notice=StoredMessage() as notice):
@@ -1080,6 +1083,34 @@ class Messenger:
                 chat_id = group_chat_id(gid) if gid else direct_chat_id(user)
                 return Notice(chat_id, f"a message from {user} could not be read: {explanation}")
         return None
+
+
+def _plain_view(
+    m: StoredMessage,
+    reactions: tuple[tuple[str, str], ...],
+    attachment: AttachmentInfo | None,
+    quote_sender: str | None,
+) -> MessageView:
+    """The view of a stored message, given what history holds beside it (pure)."""
+    return MessageView(
+        id=m.id,
+        chat_id=m.chat_id,
+        sender=m.sender,
+        outgoing=m.outgoing,
+        kind=m.type,
+        text=m.text,
+        sent_at=m.sent_at,
+        status=m.status,
+        edited=m.edited,
+        deleted=m.deleted,
+        reply_to=m.reply_to,
+        quote_text=m.quote_text,
+        quote_sender=quote_sender,
+        reactions=reactions,
+        attachment=attachment,
+        seq=m.seq,
+        read=m.outgoing or m.read_at is not None,
+    )
 
 
 class Opener:

@@ -222,7 +222,14 @@ def _receipt(view: HistoryView, p: Inbound, out: Outcome) -> None:
         message = dataclasses.replace(message, status=status_at_least(message.status, status))
         out.rows.append(message)
         out.events.append(
-            ReceiptUpdated(tid, message.chat_id, status, sender.name, sender.device_id)
+            ReceiptUpdated(
+                tid,
+                message.chat_id,
+                status,
+                sender.name,
+                sender.device_id,
+                message_status=message.status,
+            )
         )
 
 
@@ -240,7 +247,16 @@ def _reaction(view: HistoryView, p: Inbound, out: Outcome) -> None:
     out.rows.append(
         ReactionRow(f"{tid}:{p.sender.name}", tid, p.sender.name, p.body.reaction, p.now)
     )
-    out.events.append(MessageChanged(tid, p.chat_id, "reaction", p.sender.name))
+    out.events.append(
+        MessageChanged(
+            tid,
+            p.chat_id,
+            "reaction",
+            p.sender.name,
+            message=stored(target),
+            reaction=p.body.reaction,
+        )
+    )
 
 
 def _edit_or_delete(view: HistoryView, p: Inbound, out: Outcome) -> None:
@@ -266,7 +282,7 @@ def _edit_or_delete(view: HistoryView, p: Inbound, out: Outcome) -> None:
         if attachment is not None:
             out.rows.append(dataclasses.replace(attachment, key=None, digest=None))
     out.rows.append(target)
-    out.events.append(MessageChanged(tid, p.chat_id, change, p.sender.name))
+    out.events.append(MessageChanged(tid, p.chat_id, change, p.sender.name, stored(target)))
     if change == "deleted":
         clear_quotes(view, out, tid, p.sender.name)
 
@@ -275,8 +291,11 @@ def clear_quotes(view: HistoryView, out: Outcome, message_id: str, by: str) -> N
     """A deleted message's text goes from every message quoting it, too."""
     for reply in view.replies(message_id):
         if reply.quote_text is not None:
-            out.rows.append(dataclasses.replace(reply, quote_text=None))
-            out.events.append(MessageChanged(reply.id, reply.chat_id, "quote_deleted", by))
+            cleared = dataclasses.replace(reply, quote_text=None)
+            out.rows.append(cleared)
+            out.events.append(
+                MessageChanged(reply.id, reply.chat_id, "quote_deleted", by, stored(cleared))
+            )
 
 
 def _group(view: HistoryView, p: Inbound, out: Outcome) -> None:

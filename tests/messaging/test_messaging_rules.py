@@ -15,7 +15,13 @@ import pytest
 from e2ee import payload
 from e2ee.client_errors import NotAdmin
 from e2ee.errors import InvalidMessage, NoSession
-from e2ee.events import DecryptionProblem, GapDetected, GroupChanged, MessageChanged
+from e2ee.events import (
+    DecryptionProblem,
+    GapDetected,
+    GroupChanged,
+    MessageChanged,
+    ReceiptUpdated,
+)
 from e2ee.messaging.accounting import undecryptable
 from e2ee.messaging.compose import Draft, compose
 from e2ee.messaging.groups import describe_change, group_rows, plan_group_change
@@ -275,3 +281,46 @@ def test_group_changes_are_kept_in_history_with_who_and_what() -> None:
     # The same change delivered again adds no second row and reports nothing.
     assert receive(bob, "bob", ALICE, body).events == []
     assert bob.messages("group:g1") == before
+
+
+def test_change_and_receipt_events_carry_the_committed_state() -> None:
+    alice, bob = MemoryHistory(), MemoryHistory()
+    msg = send(alice, ALICE, Draft("bob", PayloadType.TEXT, text="hi"))
+    receive(bob, "bob", ALICE, msg)
+    mid = msg.message_id
+    edit = send(
+        alice,
+        ALICE,
+        Draft("bob", PayloadType.EDIT, text="hi!", target_ids=(mid,), store_row=False),
+    )
+    (edited,) = [
+        e for e in receive(bob, "bob", ALICE, edit).events if isinstance(e, MessageChanged)
+    ]
+    assert edited.message is not None and edited.message == bob.messages("dm:alice")[0]
+    assert (edited.message.text, edited.message.edited, edited.reaction) == ("hi!", True, None)
+    # Bob reacts, then takes it back: alice learns who reacted with what.
+    for emoji in ("👍", ""):
+        react = send(
+            bob,
+            BOB,
+            Draft(
+                "alice", PayloadType.REACTION, reaction=emoji, target_ids=(mid,), store_row=False
+            ),
+        )
+        (reacted,) = [
+            e for e in receive(alice, "alice", BOB, react).events if isinstance(e, MessageChanged)
+        ]
+        assert (reacted.change, reacted.by, reacted.reaction) == ("reaction", "bob", emoji)
+        assert reacted.message is not None and reacted.message.id == mid.hex()
+    # A read receipt says the message's best status after it.
+    receipt = Payload(
+        type=PayloadType.RECEIPT,
+        message_id=new_id(),
+        sent_at_ms=1,
+        receipt=payload.ReceiptKind.READ,
+        target_ids=(mid,),
+    )
+    (updated,) = [
+        e for e in receive(alice, "alice", BOB, receipt).events if isinstance(e, ReceiptUpdated)
+    ]
+    assert (updated.status, updated.message_status) == ("read", "read")

@@ -132,3 +132,88 @@ async def test_group_rows_say_who_changed_what_after_a_restart(
         listed = screen.query_one(MessageList)
         await until(pilot, lambda: _rows(listed) == expected)
         assert not any("changed the group" in r for r in _rows(listed))
+
+
+class _CountedReads:
+    """Counts the adapter's message reads from history (a spy on the real adapter).
+
+    ``message`` / ``messages`` are what the screens call, ``_view`` is the one
+    path by which the adapter reads a message's details (reactions, file, quote).
+    """
+
+    NAMES = ("message", "messages", "_view")
+
+    def __init__(self, backend: Any) -> None:
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            setattr(backend, name, self._counted(name, getattr(backend, name)))
+
+    def _counted(self, name: str, read: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return read(*args, **kwargs)
+
+        return counted
+
+
+async def test_changes_receipts_and_own_sends_update_the_screen_without_history_reads(
+    tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any, tmp_path: Any
+) -> None:
+    bob = await sdk_client("bob")
+    bob_events = bob.events()
+    backend = await tui_opener("alice").create("alice", tui_relay.url, None)
+    app = BlindpostApp(backend=backend)
+    bob_chat = direct_chat_id("bob")
+    async with app.run_test(size=SIZE) as pilot:
+        screen = await main_screen(pilot)
+        first = await bob.send_text("alice", "hello alice")
+        chats = screen.query_one(ChatList)
+        await until(pilot, lambda: bob_chat in chats.chat_ids())
+        screen.open_chat(bob_chat)
+        listed = screen.query_one(MessageList)
+        await until(pilot, lambda: [m.text for m in listed.messages()] == ["hello alice"])
+        reads = _CountedReads(backend)  # from here on: none expected
+
+        # Our own sends (a reply and a file) appear from their events, then their ticks move.
+        mine = await backend.send_text(bob_chat, "hi bob", reply_to=first)
+        await until(pilot, lambda: listed.message(mine) is not None)
+        shown = listed.message(mine)
+        assert shown is not None and shown.quote_sender == "bob" and shown.outgoing
+        await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
+        await bob.mark_read(direct_chat_id("alice"))
+        await until(pilot, lambda: (m := listed.message(mine)) is not None and m.status == "read")
+        notes = tmp_path / "notes.txt"
+        notes.write_text("some notes\n")
+        sent_file = await backend.send_file(bob_chat, notes, None)
+        await until(
+            pilot,
+            lambda: (
+                (m := listed.message(sent_file)) is not None
+                and m.attachment is not None
+                and m.attachment.file_name == "notes.txt"
+                and m.status in ("sent", "delivered", "read")
+            ),
+        )
+
+        # Bob's reaction, edit and delete arrive as MessageChanged: applied in place.
+        await bob.react(mine, "👍")
+        await until(
+            pilot,
+            lambda: (m := listed.message(mine)) is not None and m.reactions == (("bob", "👍"),),
+        )
+        await bob.edit(first, "hello, alice")
+        await until(
+            pilot,
+            lambda: (
+                (m := listed.message(first)) is not None and m.edited and m.text == "hello, alice"
+            ),
+        )
+        await bob.react(mine, "")
+        await until(pilot, lambda: (m := listed.message(mine)) is not None and m.reactions == ())
+        await bob.delete_for_everyone(first)
+        await until(pilot, lambda: (m := listed.message(first)) is not None and m.deleted)
+        # The reply quoting it loses the quoted text, keeps its own.
+        await until(pilot, lambda: (m := listed.message(mine)) is not None and m.quote_text is None)
+        after = listed.message(mine)
+        assert after is not None and after.text == "hi bob" and after.quote_sender == "bob"
+        assert reads.calls == [], f"history was read for: {reads.calls}"

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import tzinfo
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -403,6 +404,8 @@ class MainScreen(Screen[None]):
     @work(group="mark-read", exclusive=True)
     async def _mark_read(self, chat_id: str, in_view: bool = False) -> None:
         await asyncio.sleep(_MARK_READ_DELAY)
+        if not self.is_attached:
+            return  # the app quit during the debounce: no widgets left to ask
         # Still true after the debounce? (The user may have moved up or left.)
         if chat_id != self.chat_id or not self._can_mark_read(in_view):
             return
@@ -416,13 +419,11 @@ class MainScreen(Screen[None]):
     @work(group="send")
     async def _send(self, chat_id: str, text: str, reply_to: str | None) -> None:
         try:
-            mid = await self.backend.send_text(chat_id, text, reply_to=reply_to)
-            found = await self.backend.message(mid)
+            # On screen through the SDK's MessageStored event (no history read).
+            await self.backend.send_text(chat_id, text, reply_to=reply_to)
         except BackendError as exc:
             self.post_message(ActionFailed(str(exc)))
             return
-        if found is not None:
-            self.post_message(MessageSent(found))
         self.post_message(
             UpdateArrived(
                 ConnectionChanged(
@@ -441,12 +442,23 @@ class MainScreen(Screen[None]):
                 await self.backend.delete(message_id)
             elif action == "react":
                 await self.backend.react(message_id, value)
-            found = await self.backend.message(message_id)
         except BackendError as exc:
             self.post_message(ActionFailed(str(exc)))
             return
-        if found is not None:
-            self.post_message(UpdateArrived(MessageChanged_(found, action)))
+        shown = self.messages.message(message_id)
+        if shown is None:
+            return
+        # What we just did, applied to the message as shown (no history read).
+        reaction = None
+        if action == "edit":
+            changed = replace(shown, text=value, edited=True)
+        elif action == "delete":
+            changed = replace(shown, text=None, quote_text=None, deleted=True)
+        else:
+            changed, reaction = shown, (self.backend.username, value)
+        self.post_message(
+            UpdateArrived(MessageChanged_(changed, action, partial=True, reaction=reaction))
+        )
 
     @work(group="queued", exclusive=True)
     async def _refresh_queued(self) -> None:
@@ -467,15 +479,13 @@ class MainScreen(Screen[None]):
 
         self.post_message(UploadProgress(0, max(1, path.stat().st_size if path.exists() else 1)))
         try:
-            mid = await self.backend.send_file(chat_id, path, progress)
-            found = await self.backend.message(mid)
+            # On screen through the SDK's MessageStored event (no history read).
+            await self.backend.send_file(chat_id, path, progress)
         except BackendError as exc:
             self.post_message(UploadProgress(0, 0))
             self.post_message(ActionFailed(str(exc)))
             return
         self.post_message(UploadProgress(0, 0))
-        if found is not None:
-            self.post_message(MessageSent(found))
 
     @work(group="download")
     async def _download(self, message_id: str, destination: Path, open_after: bool) -> None:
@@ -816,11 +826,14 @@ class MainScreen(Screen[None]):
                         self.app.bell()
                     if self.config.desktop_notifications:
                         self._desktop_notify(where, f"{m.sender}: {body}")
-            case MessageChanged_(message=m):
+            case MessageChanged_(message=m, partial=partial, reaction=reaction):
                 self._dirty.add(m.chat_id)
                 if m.chat_id == open_chat:
                     self._flush_incoming()
-                    self.messages.update_message(m)
+                    if partial:
+                        self.messages.apply_change(m, reaction)
+                    else:
+                        self.messages.update_message(m)
             case ReceiptChanged(chat_id=chat_id, message_id=mid, status=status):
                 if self.query_one(ConnectionIndicator).queued:
                     self._refresh_queued()

@@ -461,6 +461,34 @@ class MessageList(OptionList):
         except OptionDoesNotExist:
             self._row_options.pop(message.id, None)
 
+    def apply_change(self, change: MessageView, reaction: tuple[str, str] | None) -> None:
+        """A change known from an event alone (no reactions, file or quote author in it).
+
+        Merged into the message as shown: its reactions (with ``reaction``, a
+        ``(user, emoji)`` pair, applied; ``""`` removes it), file and quote author
+        are kept. A message not shown is left alone (its page is read later).
+        """
+        shown = self._by_id.get(change.id) or next(
+            (m for m in self._live if m.id == change.id), None
+        )
+        if shown is None:
+            return
+        reactions = dict(shown.reactions)
+        if reaction is not None:
+            user, emoji = reaction
+            if emoji:
+                reactions[user] = emoji
+            else:
+                reactions.pop(user, None)
+        self.update_message(
+            replace(
+                change,
+                reactions=tuple(sorted(reactions.items())),
+                attachment=shown.attachment,
+                quote_sender=shown.quote_sender,
+            )
+        )
+
     def set_preview(self, message_id: str, preview: Text | str) -> None:
         """Show an image preview (a rendering, or a placeholder explaining its absence)."""
         self._previews[message_id] = preview
