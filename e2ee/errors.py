@@ -23,6 +23,7 @@ leaves, all :class:`TransportError`, are in :mod:`e2ee.transport.errors`);
 from __future__ import annotations
 
 __all__ = [
+    "AttachmentTooLarge",
     "ChatDeleted",
     "ClientClosed",
     "DecryptBudgetExceeded",
@@ -111,6 +112,20 @@ class IdentityHeld(UsageError):
         super().__init__(f"identity of {user} changed; accept it before sending")
         self.user = user
         self.message_id = message_id
+
+
+class AttachmentTooLarge(UsageError):
+    """An attachment is larger than the caller's in-memory limit (nothing was kept).
+
+    Attributes:
+        message_id: the message (hex).
+        limit: the limit asked for, in bytes.
+    """
+
+    def __init__(self, message_id: str, limit: int) -> None:
+        super().__init__(f"the attachment of {message_id} is larger than {limit} bytes")
+        self.message_id = message_id
+        self.limit = limit
 
 
 class UnknownChat(UsageError):

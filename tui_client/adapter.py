@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from e2ee.client import DB_FILE, Client, ClientOptions
-from e2ee.errors import E2EEError, TransportError, UsageError, WrongPassphrase
+from e2ee.errors import AttachmentTooLarge, E2EEError, TransportError, UsageError, WrongPassphrase
 from e2ee.events import (
     ConnectionStateChanged,
     DecryptionProblem,
@@ -417,14 +416,6 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     if xdg and Path(xdg).is_absolute():
         return Path(xdg) / "blindpost"
     return Path.home() / ".local" / "share" / "blindpost"
-
-
-def _read_bounded(path: Path, limit: int) -> bytes:
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(f"{path.name} is larger than {limit} bytes")
-    return data
 
 
 def account_exists(data_dir: Path) -> bool:
@@ -893,29 +884,19 @@ class Messenger:
     async def attachment_bytes(self, message_id: str, limit: int) -> bytes:
         """The decrypted content of an attachment of at most ``limit`` bytes (for previews).
 
-        A saved copy (``local_path``) is read if it is still there; otherwise the
-        attachment is downloaded and decrypted into a private temporary folder that is
-        removed before returning, so no plaintext copy is left on disk.
+        Decrypted in memory by the SDK (:meth:`e2ee.client.Client.attachment_bytes`):
+        no plaintext copy is written to disk.
 
         Raises:
             BackendError: no such attachment, larger than ``limit``, download or
                 decryption failed.
         """
-        found = await self.message(message_id)
-        if found is None or found.attachment is None:
-            raise BackendError("that message has no attachment")
-        if found.attachment.size > limit:
-            raise BackendError("the attachment is too large to preview")
-        saved = found.attachment.local_path
-        if saved:
-            with contextlib.suppress(OSError):
-                return await asyncio.to_thread(_read_bounded, Path(saved), limit)
-        with tempfile.TemporaryDirectory(prefix="blindpost-preview-") as folder:
-            try:
-                path = await self._client.download_attachment(message_id, Path(folder) / "file")
-                return await asyncio.to_thread(_read_bounded, path, limit)
-            except (E2EEError, OSError) as exc:
-                raise BackendError(f"could not fetch the attachment: {exc}") from exc
+        try:
+            return await self._client.attachment_bytes(message_id, limit=limit)
+        except AttachmentTooLarge as exc:
+            raise BackendError("the attachment is too large to preview") from exc
+        except E2EEError as exc:
+            raise BackendError(f"could not fetch the attachment: {exc}") from exc
 
     # -- groups -------------------------------------------------------------------------
 

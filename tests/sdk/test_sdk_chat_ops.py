@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from e2ee.client import Client
-from e2ee.errors import ChatDeleted, StillAMember, UnknownChat, UsageError
+from e2ee.errors import AttachmentTooLarge, ChatDeleted, StillAMember, UnknownChat, UsageError
 from e2ee.events import GapDetected, GroupChanged, MessageReceived, ReceiptUpdated
 from e2ee.history import direct_chat_id, group_chat_id
+from e2ee.media import CHUNK_SIZE, MediaCorrupt, decrypt_to_bytes, encrypt_file
 
 MakeClient = Callable[..., Awaitable[Client]]
 WaitFor = Callable[..., Awaitable[Any]]
@@ -128,3 +129,46 @@ async def test_a_sender_waiting_for_a_deleted_chat_is_told(make_client: MakeClie
     with pytest.raises(ChatDeleted) as deleted:
         await asyncio.wait_for(waiting, 15)
     assert deleted.value.chat_id == "dm:bob"
+
+
+async def test_attachment_bytes_decrypts_in_memory_within_a_limit(
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    content = bytes(range(256)) * 1200  # 307,200 bytes: two chunks of the stream
+    source = tmp_path / "picture.png"
+    source.write_bytes(content)
+    async with alice, bob:
+        mid = await alice.send_file("bob", source)
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived) and e.message.id == mid)
+        before = sorted(p.name for p in bob._ctx.folder.iterdir())
+        assert await bob.attachment_bytes(mid, limit=len(content)) == content
+        # No plaintext (nor the downloaded ciphertext) is left in the account folder.
+        assert sorted(p.name for p in bob._ctx.folder.iterdir()) == before
+        with pytest.raises(AttachmentTooLarge) as large:
+            await bob.attachment_bytes(mid, limit=len(content) - 1)
+        assert large.value.message_id == mid and isinstance(large.value, UsageError)
+        text = await alice.send_text("bob", "no file here")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived) and e.message.id == text)
+        with pytest.raises(UsageError, match="no attachment"):
+            await bob.attachment_bytes(text, limit=1024)
+        for bad in (0, -1, 64 * 1024 * 1024 + 1):
+            with pytest.raises(UsageError, match="limit"):
+                await bob.attachment_bytes(mid, limit=bad)
+
+
+def test_decrypt_to_bytes_stops_at_the_limit_and_refuses_tampering(tmp_path: Path) -> None:
+    source = tmp_path / "plain"
+    content = b"x" * (CHUNK_SIZE * 2 + 10)
+    source.write_bytes(content)
+    encrypted = encrypt_file(source, directory=tmp_path)
+    key, digest, cipher = encrypted.key, encrypted.digest, encrypted.path
+    assert decrypt_to_bytes(cipher, key, digest, limit=len(content)) == content
+    # Over the limit: None (the ciphertext size already says so; the sink is bounded too).
+    assert decrypt_to_bytes(cipher, key, digest, limit=CHUNK_SIZE + 1) is None
+    data = bytearray(cipher.read_bytes())
+    data[100] ^= 1
+    cipher.write_bytes(bytes(data))
+    with pytest.raises(MediaCorrupt):
+        decrypt_to_bytes(cipher, key, digest, limit=len(content))
