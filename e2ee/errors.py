@@ -23,6 +23,8 @@ leaves, all :class:`TransportError`, are in :mod:`e2ee.transport.errors`);
 from __future__ import annotations
 
 __all__ = [
+    "AttachmentTooLarge",
+    "ChatDeleted",
     "ClientClosed",
     "DecryptBudgetExceeded",
     "DuplicateMessage",
@@ -42,10 +44,12 @@ __all__ = [
     "RecipientMailboxFull",
     "SendFailed",
     "SenderKeyJumpTooLarge",
+    "StillAMember",
     "StorageError",
     "StoreCorrupt",
     "StoreLocked",
     "TransportError",
+    "UnknownChat",
     "UnknownRecipient",
     "UnsupportedEnvelope",
     "UnsupportedPayload",
@@ -107,6 +111,50 @@ class IdentityHeld(UsageError):
     def __init__(self, user: str, message_id: str | None = None) -> None:
         super().__init__(f"identity of {user} changed; accept it before sending")
         self.user = user
+        self.message_id = message_id
+
+
+class AttachmentTooLarge(UsageError):
+    """An attachment is larger than the caller's in-memory limit (nothing was kept).
+
+    Attributes:
+        message_id: the message (hex).
+        limit: the limit asked for, in bytes.
+    """
+
+    def __init__(self, message_id: str, limit: int) -> None:
+        super().__init__(f"the attachment of {message_id} is larger than {limit} bytes")
+        self.message_id = message_id
+        self.limit = limit
+
+
+class UnknownChat(UsageError):
+    """No chat with this id is kept in history (never was, or deleted already)."""
+
+    def __init__(self, chat_id: str) -> None:
+        super().__init__(f"no chat {chat_id} in history")
+        self.chat_id = chat_id
+
+
+class StillAMember(UsageError):
+    """A group chat's history cannot be deleted while we are a member: leave first."""
+
+    def __init__(self, group_id: str) -> None:
+        super().__init__(f"still a member of group {group_id}: leave it before deleting the chat")
+        self.group_id = group_id
+
+
+class ChatDeleted(UsageError):
+    """The chat of a message we were waiting to send was deleted (it was not sent).
+
+    Attributes:
+        chat_id: the deleted chat.
+        message_id: the message that will not be sent (hex).
+    """
+
+    def __init__(self, chat_id: str, message_id: str) -> None:
+        super().__init__(f"chat {chat_id} was deleted; message {message_id} was not sent")
+        self.chat_id = chat_id
         self.message_id = message_id
 
 

@@ -17,6 +17,7 @@ from typing import Literal
 from e2ee.messaging.rows import StoredMessage
 
 __all__ = [
+    "AttachmentMeta",
     "BacklogDrained",
     "ConnectionStateChanged",
     "DecryptionProblem",
@@ -33,6 +34,15 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
+class AttachmentMeta:
+    """What can be shown of an attachment we sent (no key, no digest)."""
+
+    file_name: str
+    size: int
+    mime_type: str
+
+
+@dataclass(frozen=True, slots=True)
 class MessageReceived:
     """A new message (text, attachment, timer change...) was stored in history."""
 
@@ -46,9 +56,15 @@ class MessageStored:
     Emitted by every ``send_*`` call (and group changes) once the row is
     committed, before the relay accepted it (``status`` is ``pending``); the
     ``ReceiptUpdated`` events that follow move its status on.
+
+    ``attachment``: the file it carries (name, size, type), if any;
+    ``quote_sender``: the author of the message it replies to, if any. With
+    them a view shows the new message without reading history.
     """
 
     message: StoredMessage
+    attachment: AttachmentMeta | None = None
+    quote_sender: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +73,19 @@ class MessageChanged:
 
     ``quote_deleted``: the message it quotes was deleted for everyone, so its
     copy of the quoted text (``quote_text``) was cleared.
+
+    ``message`` is the message as committed after the change (None only from
+    producers older than this field); ``reaction`` is ``by``'s reaction after a
+    ``reaction`` change (``""``: removed). A view applies them without reading
+    history.
     """
 
     message_id: str
     chat_id: str
     change: Literal["edited", "deleted", "reaction", "expired", "quote_deleted"]
     by: str
+    message: StoredMessage | None = None
+    reaction: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +93,9 @@ class ReceiptUpdated:
     """An outgoing message's status changed for a recipient.
 
     ``status`` is ``sent`` (the relay accepted it; ``user`` is None then: it
-    concerns every recipient), ``delivered`` or ``read``.
+    concerns every recipient), ``delivered`` or ``read``. ``message_status`` is
+    the message's best status over all recipients after this receipt (what a
+    view shows; None when the message is not in history).
     """
 
     message_id: str
@@ -78,6 +103,7 @@ class ReceiptUpdated:
     status: Literal["sent", "delivered", "read"]
     user: str | None = None
     device: int | None = None
+    message_status: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +118,13 @@ class Typing:
 
 @dataclass(frozen=True, slots=True)
 class GroupChanged:
-    """A group was created or changed (by an admin, or a member leaving)."""
+    """A group was created or changed (by an admin, or a member leaving).
+
+    ``notice`` is the history row that records it in the group's chat (type
+    ``group``: ``sender`` is who made the change, ``text`` what changed, e.g.
+    ``renamed the group to 'climbers'``), committed with the change; None when
+    it was stored already.
+    """
 
     group_id: str
     action: Literal["create", "add", "remove", "leave", "rename"]
@@ -101,6 +133,7 @@ class GroupChanged:
     members: tuple[str, ...]
     admins: tuple[str, ...]
     targets: tuple[str, ...] = ()
+    notice: StoredMessage | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -716,6 +716,38 @@ class History:
         )
         return [r["id"] for r in rows]
 
+    def chat_row_ids(self, chat_id: str) -> list[tuple[str, str]]:
+        """Every ``(table, id)`` of a chat's local history (what deleting it removes).
+
+        Its messages, their attachments, receipts and reactions, who takes part
+        in it, its non-receipt outbox entries and the chat row itself. Group
+        state (membership, Sender Keys) and per-sender counters are not in it.
+        """
+        found: list[tuple[str, str]] = []
+        for table, sql in (
+            (
+                "attachments",
+                "SELECT a.id FROM app_attachments a JOIN app_messages m "
+                "ON m.id = a.message_id WHERE m.chat_id = ?",
+            ),
+            (
+                "receipts",
+                "SELECT r.id FROM app_receipts r JOIN app_messages m "
+                "ON m.id = r.message_id WHERE m.chat_id = ?",
+            ),
+            (
+                "reactions",
+                "SELECT r.id FROM app_reactions r JOIN app_messages m "
+                "ON m.id = r.message_id WHERE m.chat_id = ?",
+            ),
+            ("messages", "SELECT id FROM app_messages WHERE chat_id = ?"),
+            ("users_chats", "SELECT id FROM app_users_chats WHERE chat_id = ?"),
+            ("outbox", "SELECT id FROM app_outbox WHERE chat_id = ? AND mode != 'receipt'"),
+            ("chats", "SELECT id FROM app_chats WHERE id = ?"),
+        ):
+            found.extend((table, str(r["id"])) for r in self._query(sql, (chat_id,)))
+        return found
+
     def iter_messages(self, chat_id: str, *, page: int = 200) -> Iterator[StoredMessage]:
         """Every message of a chat, newest first, page by page."""
         before: str | None = None

@@ -26,12 +26,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import io
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Any, BinaryIO, Final
 
 import nacl.bindings as sodium
 import nacl.exceptions
@@ -47,6 +48,7 @@ __all__ = [
     "Progress",
     "ciphertext_size",
     "decrypt_file",
+    "decrypt_to_bytes",
     "encrypt_file",
 ]
 
@@ -227,6 +229,64 @@ def decrypt_file(
             raise UsageError(f"cannot write the decrypted file: {exc.strerror}") from exc
         raise
     return size
+
+
+class _Bounded(io.BytesIO):
+    """An in-memory sink that refuses to grow past ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data: Any, /) -> int:
+        if self.tell() + len(data) > self.limit:
+            raise _TooLarge
+        return super().write(data)
+
+
+class _TooLarge(Exception):
+    """Raised inside :func:`decrypt_to_bytes` when the plaintext passes its limit."""
+
+
+def decrypt_to_bytes(
+    source: str | os.PathLike[str], key: bytes, digest: bytes, *, limit: int
+) -> bytes | None:
+    """Verify and decrypt a ciphertext file into memory, at most ``limit`` bytes.
+
+    Args:
+        source: the downloaded ciphertext file.
+        key: the secret-stream key from the attachment pointer.
+        digest: the expected SHA-256 of the ciphertext.
+        limit: the largest plaintext to hold, in bytes.
+
+    Returns:
+        The plaintext, or None if it is larger than ``limit`` (decryption stops
+        as soon as it passes the limit: memory stays bounded).
+
+    Raises:
+        MediaCorrupt: a chunk does not authenticate, the stream is truncated or
+            has trailing data, or the digest does not match.
+        UsageError: bad key or digest length, or the file cannot be read.
+    """
+    if not isinstance(key, bytes) or len(key) != KEY_BYTES:
+        raise UsageError(f"media key: expected {KEY_BYTES} bytes")
+    if not isinstance(digest, bytes) or len(digest) != hashlib.sha256().digest_size:
+        raise UsageError("media digest: expected 32 bytes")
+    try:
+        total = os.stat(source).st_size
+        src = open(source, "rb")  # noqa: SIM115  (closed below)
+    except OSError as exc:
+        raise UsageError(f"cannot read the downloaded file: {exc.strerror}") from exc
+    if total > ciphertext_size(limit):
+        src.close()
+        return None
+    sink = _Bounded(limit)
+    try:
+        with src:
+            _decrypt_stream(src, sink, key, digest, total, None)
+    except _TooLarge:
+        return None
+    return sink.getvalue()
 
 
 def _decrypt_stream(

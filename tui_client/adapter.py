@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from e2ee.client_errors import (
     RelayRejected,
     RelayTimeout,
 )
-from e2ee.errors import E2EEError, TransportError, UsageError, WrongPassphrase
+from e2ee.errors import AttachmentTooLarge, E2EEError, TransportError, UsageError, WrongPassphrase
 from e2ee.events import (
     ConnectionStateChanged,
     DecryptionProblem,
@@ -93,6 +92,7 @@ __all__ = [
     "account_exists",
     "check_new_account",
     "default_data_dir",
+    "group_line",
     "relay_error",
 ]
 
@@ -122,6 +122,15 @@ def _backend_errors() -> Iterator[None]:
         yield
     except E2EEError as exc:
         raise BackendError(str(exc)) from exc
+
+
+def group_line(who: str, what: str | None) -> str:
+    """A group change as people read it: ``who`` (``you`` or a name) and what changed.
+
+    ``what`` is the phrase history keeps (``renamed the group to 'x'``); rows
+    stored before it was kept have none.
+    """
+    return f"{who} {what or 'changed the group'}"
 
 
 class PassphraseRequired(BackendError):
@@ -255,10 +264,17 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class MessageChanged_:  # noqa: N801  (the SDK's MessageChanged is imported here too)
-    """A stored message was edited, deleted or reacted to; ``message`` is its new state."""
+    """A stored message was edited, deleted or reacted to; ``message`` is its new state.
+
+    ``partial``: built from the SDK event alone (no history read), so
+    ``message`` has no reactions, file or quote author: the screen keeps the
+    ones it shows and applies ``reaction`` (user, emoji; ``""`` removes it).
+    """
 
     message: MessageView
     change: str
+    partial: bool = False
+    reaction: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,10 +297,12 @@ class TypingChanged:
 
 @dataclass(frozen=True, slots=True)
 class ChatUpdated:
-    """A chat's title or membership changed (groups): ``text`` says what and who.
+    """A chat's title or membership may have changed: refresh its row.
 
-    ``after_seq``: the chat's newest message when it happened (the notice
-    belongs after it).
+    ``text`` (may be empty) says what and who, ``after_seq``: the chat's newest
+    message when it happened (the notice belongs after it). Group changes come
+    as :class:`NewMessage` with their history row; this is for a change whose
+    row was stored already.
     """
 
     chat_id: str
@@ -381,6 +399,8 @@ class Backend(Protocol):
 
     async def mark_read(self, chat_id: str) -> int: ...
 
+    async def delete_chat(self, chat_id: str) -> None: ...
+
     async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str: ...
 
     async def save_attachment(
@@ -428,14 +448,6 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     if xdg and Path(xdg).is_absolute():
         return Path(xdg) / "blindpost"
     return Path.home() / ".local" / "share" / "blindpost"
-
-
-def _read_bounded(path: Path, limit: int) -> bytes:
-    with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise OSError(f"{path.name} is larger than {limit} bytes")
-    return data
 
 
 def account_exists(data_dir: Path) -> bool:
@@ -526,13 +538,6 @@ class Messenger:
         # Updates are read from one SDK subscription taken at construction, so
         # nothing emitted between start() and the first updates() call is lost.
         self._events = client.events()
-        # What our own group changes did, for their history rows: the SDK stores
-        # such a row without a text. Descriptions wait per chat ("" for a group
-        # being created) until the row's MessageStored event names its id; they
-        # last for the session (after a restart the row reads "you changed the
-        # group").
-        self._pending_group: dict[str, list[str]] = {}
-        self._group_texts: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"Messenger({self._client!r})"
@@ -666,25 +671,15 @@ class Messenger:
         if m.reply_to:
             quoted = history.message(m.reply_to)
             quote_sender = quoted.sender if quoted else None
-        return MessageView(
-            id=m.id,
-            chat_id=m.chat_id,
-            sender=m.sender,
-            outgoing=m.outgoing,
-            kind=m.type,
-            text=m.text or self._group_texts.get(m.id),
-            sent_at=m.sent_at,
-            status=m.status,
-            edited=m.edited,
-            deleted=m.deleted,
-            reply_to=m.reply_to,
-            quote_text=m.quote_text,
-            quote_sender=quote_sender,
-            reactions=reactions,
-            attachment=attachment,
-            seq=m.seq,
-            read=m.outgoing or m.read_at is not None,
-        )
+        return _plain_view(m, reactions, attachment, quote_sender)
+
+    def _stored_view(self, event: MessageStored) -> MessageView:
+        """The view of one of our new messages, from its event alone (no history read)."""
+        found = event.attachment
+        attachment = None
+        if found is not None:
+            attachment = AttachmentInfo(found.file_name or "file", found.size, found.mime_type)
+        return _plain_view(event.message, (), attachment, event.quote_sender)
 
     def _title(self, chat_id: str) -> str:
         peer = _peer_of(chat_id)
@@ -735,7 +730,7 @@ class Messenger:
     def _describe(self, m: StoredMessage) -> str:
         """One line for a history row that is not a text or a file."""
         if m.type == "group":
-            return m.text or f"{'you' if m.outgoing else m.sender} changed the group"
+            return group_line("you" if m.outgoing else m.sender, m.text)
         if m.type == "timer":
             return m.text or "disappearing messages changed"
         return m.text or m.type
@@ -886,6 +881,15 @@ class Messenger:
         with _backend_errors():
             return await self._client.mark_read(chat_id)
 
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat's history on this device (the others keep theirs).
+
+        Raises:
+            BackendError: no such chat, or a group we are still in (leave it first).
+        """
+        with _backend_errors():
+            await self._client.delete_chat(chat_id)
+
     async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str:
         """Encrypt and upload a file, then send it; ``progress(done, total)`` while uploading.
 
@@ -917,48 +921,27 @@ class Messenger:
     async def attachment_bytes(self, message_id: str, limit: int) -> bytes:
         """The decrypted content of an attachment of at most ``limit`` bytes (for previews).
 
-        A saved copy (``local_path``) is read if it is still there; otherwise the
-        attachment is downloaded and decrypted into a private temporary folder that is
-        removed before returning, so no plaintext copy is left on disk.
+        Decrypted in memory by the SDK (:meth:`e2ee.client.Client.attachment_bytes`):
+        no plaintext copy is written to disk.
 
         Raises:
             BackendError: no such attachment, larger than ``limit``, download or
                 decryption failed.
         """
-        found = await self.message(message_id)
-        if found is None or found.attachment is None:
-            raise BackendError("that message has no attachment")
-        if found.attachment.size > limit:
-            raise BackendError("the attachment is too large to preview")
-        saved = found.attachment.local_path
-        if saved:
-            with contextlib.suppress(OSError):
-                return await asyncio.to_thread(_read_bounded, Path(saved), limit)
-        with tempfile.TemporaryDirectory(prefix="blindpost-preview-") as folder:
-            try:
-                path = await self._client.download_attachment(message_id, Path(folder) / "file")
-                return await asyncio.to_thread(_read_bounded, path, limit)
-            except (E2EEError, OSError) as exc:
-                raise BackendError(f"could not fetch the attachment: {exc}") from exc
+        try:
+            return await self._client.attachment_bytes(message_id, limit=limit)
+        except AttachmentTooLarge as exc:
+            raise BackendError("the attachment is too large to preview") from exc
+        except E2EEError as exc:
+            raise BackendError(f"could not fetch the attachment: {exc}") from exc
 
     # -- groups -------------------------------------------------------------------------
 
     async def create_group(self, name: str, members: Sequence[str]) -> str:
         """Create a group; returns its chat id."""
-        text = f"you created the group {name!r}"
-        self._pending_group.setdefault("", []).append(text)
-        try:
-            with _backend_errors():
-                gid = await self._client.create_group(name, members)
-        except BackendError:
-            self._unpend("", text)
-            raise
+        with _backend_errors():
+            gid = await self._client.create_group(name, members)
         return group_chat_id(gid)
-
-    def _unpend(self, chat_id: str, text: str) -> None:
-        waiting = self._pending_group.get(chat_id, [])
-        if text in waiting:
-            waiting.remove(text)
 
     async def group_info(self, chat_id: str) -> GroupInfo | None:
         """The group behind a chat, or None."""
@@ -983,41 +966,27 @@ class Messenger:
 
         return await asyncio.to_thread(read)
 
-    async def _group_call(self, chat_id: str, text: str, call: Callable[[], object]) -> None:
-        self._pending_group.setdefault(chat_id, []).append(text)
-        try:
-            with _backend_errors():
-                result = call()
-                if asyncio.iscoroutine(result):
-                    await result
-        except BackendError:
-            self._unpend(chat_id, text)
-            raise
+    # The SDK keeps what changed and who did it in the group row of history.
 
     async def rename_group(self, chat_id: str, name: str) -> None:
         """Rename a group (admins)."""
-        gid = _group_of(chat_id)
-        text = f"you renamed the group to {name!r}"
-        await self._group_call(chat_id, text, lambda: self._client.rename_group(gid, name))
+        with _backend_errors():
+            await self._client.rename_group(_group_of(chat_id), name)
 
     async def add_member(self, chat_id: str, user: str) -> None:
         """Add a member (admins)."""
-        gid = _group_of(chat_id)
-        await self._group_call(
-            chat_id, f"you added {user}", lambda: self._client.add_member(gid, user)
-        )
+        with _backend_errors():
+            await self._client.add_member(_group_of(chat_id), user)
 
     async def remove_member(self, chat_id: str, user: str) -> None:
         """Remove a member (admins)."""
-        gid = _group_of(chat_id)
-        await self._group_call(
-            chat_id, f"you removed {user}", lambda: self._client.remove_member(gid, user)
-        )
+        with _backend_errors():
+            await self._client.remove_member(_group_of(chat_id), user)
 
     async def leave_group(self, chat_id: str) -> None:
         """Leave a group."""
-        gid = _group_of(chat_id)
-        await self._group_call(chat_id, "you left the group", lambda: self._client.leave_group(gid))
+        with _backend_errors():
+            await self._client.leave_group(_group_of(chat_id))
 
     # -- trust --------------------------------------------------------------------------
 
@@ -1083,36 +1052,33 @@ class Messenger:
 
     async def _translate(self, event: Event) -> Update | None:
         match event:
-            case MessageReceived(message=m) | MessageStored(message=m):
-                if m.type == "group" and m.outgoing and not m.text:
-                    waiting = self._pending_group.get(m.chat_id) or self._pending_group.get("")
-                    if waiting:
-                        self._group_texts[m.id] = waiting.pop(0)
+            case MessageStored():
+                # Our own message: the event holds all a view needs (new: no reactions).
+                return NewMessage(self._stored_view(event))
+            case MessageReceived(message=m):
                 view = await asyncio.to_thread(self._view, m)
                 if m.outgoing:
                     return NewMessage(view)
                 return NewMessage(view, await asyncio.to_thread(self._title, m.chat_id))
+            case MessageChanged(message=StoredMessage() as m, change=change, by=by):
+                # The committed message comes with the event: no history read.
+                reaction = None if event.reaction is None else (by, event.reaction)
+                view = _plain_view(m, (), None, None)
+                return MessageChanged_(view, change, partial=True, reaction=reaction)
             case MessageChanged(message_id=mid, change=change):
                 found = await self.message(mid)
                 return None if found is None else MessageChanged_(found, change)
             case ReceiptUpdated(message_id=mid, chat_id=chat_id):
-                found = await self.message(mid)
-                status = found.status if found else event.status
-                return ReceiptChanged(chat_id, mid, status)
+                return ReceiptChanged(chat_id, mid, event.message_status or event.status)
             case Typing(chat_id=chat_id, user=user, typing=typing):
                 return TypingChanged(chat_id, user, typing)
-            case GroupChanged(group_id=gid, action=action, by=by, name=name, targets=targets):
-                chat_id = group_chat_id(gid)
-                newest = await self.messages(chat_id, limit=1)
-                who = ", ".join(targets)
-                text = {
-                    "create": f"{by} created the group {name!r}",
-                    "add": f"{by} added {who}",
-                    "remove": f"{by} removed {who}",
-                    "leave": f"{by} left",
-                    "rename": f"{by} renamed the group to {name!r}",
-                }[action]
-                return ChatUpdated(chat_id, text, newest[-1].seq if newest else 0)
+            case GroupChanged(notice=StoredMessage() as notice):
+                # Kept in history (who and what): shown like a message, also after a restart.
+                view = await asyncio.to_thread(self._view, notice)
+                return NewMessage(view, await asyncio.to_thread(self._title, notice.chat_id))
+            case GroupChanged(group_id=gid):
+                # Stored already (delivered again): only the chat's row may need a refresh.
+                return ChatUpdated(group_chat_id(gid), "")
             case IdentityChanged(user=user, held=held, first_use=first_use):
                 return KeyChanged(user, direct_chat_id(user), held, first_use)
             case ConnectionStateChanged(state=state, retry_in=retry_in):
@@ -1133,6 +1099,34 @@ class Messenger:
                 chat_id = group_chat_id(gid) if gid else direct_chat_id(user)
                 return Notice(chat_id, f"a message from {user} could not be read: {explanation}")
         return None
+
+
+def _plain_view(
+    m: StoredMessage,
+    reactions: tuple[tuple[str, str], ...],
+    attachment: AttachmentInfo | None,
+    quote_sender: str | None,
+) -> MessageView:
+    """The view of a stored message, given what history holds beside it (pure)."""
+    return MessageView(
+        id=m.id,
+        chat_id=m.chat_id,
+        sender=m.sender,
+        outgoing=m.outgoing,
+        kind=m.type,
+        text=m.text,
+        sent_at=m.sent_at,
+        status=m.status,
+        edited=m.edited,
+        deleted=m.deleted,
+        reply_to=m.reply_to,
+        quote_text=m.quote_text,
+        quote_sender=quote_sender,
+        reactions=reactions,
+        attachment=attachment,
+        seq=m.seq,
+        read=m.outgoing or m.read_at is not None,
+    )
 
 
 class Opener:

@@ -60,6 +60,7 @@ KEY_ACTIONS: dict[str, tuple[str, str]] = {
     "editor": ("alt+e", "write the message in $VISUAL / $EDITOR"),
     "mute": ("m", "mute / unmute the highlighted chat (chat list)"),
     "archive": ("a", "archive / unarchive the highlighted chat (chat list)"),
+    "delete_chat": ("d", "delete the highlighted chat's history on this device (chat list, asks)"),
     "theme": ("ctrl+t", "light / dark theme"),
     "quit": ("ctrl+q", "quit"),
 }

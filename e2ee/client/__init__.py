@@ -10,6 +10,8 @@ Where each part lives (every module opens with its invariants):
 * :mod:`e2ee.client.inbox` -- receiving: decrypt, apply, commit, acknowledge.
 * :mod:`e2ee.client.outbox` -- sending: in order, once, held on a changed key.
 * :mod:`e2ee.client.groups` -- group changes started here.
+* :mod:`e2ee.client.chats` -- deleting a chat's local history.
+* :mod:`e2ee.client.attachments` -- fetching attachments (file or memory).
 * :mod:`e2ee.client.connection` -- the relay connection (one backoff) and timers.
 * :mod:`e2ee.client.link` -- :class:`RelayLink` and the real :class:`TransportLink`.
 """

@@ -18,6 +18,7 @@ from e2ee import payload
 from e2ee.client.context import ClientContext
 from e2ee.client.datadir import META_READ_RECEIPTS
 from e2ee.events import Event, MessageChanged
+from e2ee.messaging.chats import stored
 from e2ee.messaging.compose import Draft, receipt_entry
 from e2ee.messaging.compose import compose as compose_rule
 from e2ee.messaging.outcome import Outcome
@@ -117,13 +118,16 @@ def expire_sync(ctx: ClientContext) -> list[Event]:
             message = view.get(MessageRow, mid)
             if message is None:
                 continue
-            out.rows.append(dataclasses.replace(message, text=None, quote_text=None, deleted=2))
+            cleared = dataclasses.replace(message, text=None, quote_text=None, deleted=2)
+            out.rows.append(cleared)
             attachment = view.get(AttachmentRow, mid)
             if attachment is not None:
                 out.rows.append(
                     dataclasses.replace(attachment, key=None, digest=None, local_path=None)
                 )
-            events.append(MessageChanged(mid, message.chat_id, "expired", message.sender))
+            events.append(
+                MessageChanged(mid, message.chat_id, "expired", message.sender, stored(cleared))
+            )
         if out.rows:
             ctx.commit_outcome(out)
         return events

@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 
 from e2ee.client.account import create_account_dir, register_account
+from e2ee.client.attachments import attachment_bytes, download_attachment
+from e2ee.client.chats import delete_chat_sync
 from e2ee.client.compose import mark_read_sync
 from e2ee.client.connection import Connection, run_expiry
 from e2ee.client.context import ClientContext, ClientOptions
@@ -46,17 +48,16 @@ from e2ee.client.outbox import Outbox
 from e2ee.client.trust import accept_identity
 from e2ee.client_errors import ClientClosed, IdentityHeld, NotRegistered, UnknownRecipient
 from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
-from e2ee.errors import E2EEError, TransportError, UsageError
+from e2ee.errors import ChatDeleted, E2EEError, TransportError, UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import GroupInfo, History, StoredMessage
-from e2ee.media import MediaCorrupt, Progress, decrypt_file, encrypt_file
+from e2ee.media import Progress, encrypt_file
 from e2ee.messaging.compose import delete_own
 from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, ReactionRow
 from e2ee.payload import AttachmentPointer, GroupAction, PayloadType, Quote
 from e2ee.store import Changes, TrustLevel
 from e2ee.store.sealing import KdfLimits
 from e2ee.transport.auth import DeviceSigner, check_username
-from e2ee.transport.errors import BlobDigestMismatch
 
 __all__ = ["Client"]
 
@@ -540,6 +541,23 @@ class Client:
             self._outbox.wake()
         return count
 
+    async def delete_chat(self, chat_id: str) -> None:
+        """Delete a chat's local history (nothing is sent; the others keep theirs).
+
+        Its messages, attachment keys, receipts, reactions, search entries and
+        unsent messages go in one transaction; a message arriving later starts
+        the chat anew. A caller waiting for one of its messages to be sent gets
+        ``ChatDeleted``.
+
+        Raises:
+            UnknownChat: no such chat in history.
+            StillAMember: a group we are still a member of (leave it first).
+            StorageError: nothing was deleted.
+        """
+        self._check_open()
+        for mid in await asyncio.to_thread(delete_chat_sync, self._ctx, chat_id):
+            self._outbox.fail_waiter(mid, ChatDeleted(chat_id, mid))
+
     async def send_file(
         self,
         to: str,
@@ -630,24 +648,26 @@ class Client:
             MediaCorrupt: the blob was tampered with or truncated (nothing written).
             TransportError: the download failed.
         """
-        row = await asyncio.to_thread(self._ctx.view().get, AttachmentRow, message_id)
-        if row is None or not row.key or not row.digest:
-            raise UsageError("that message has no attachment")
-        key, digest = row.key, row.digest
-        target = Path(destination)
-        tmp = self._ctx.folder / f".download-{message_id}"
-        try:
-            try:
-                await self._ctx.link.download_blob(row.blob_id or "", tmp, progress)
-            except BlobDigestMismatch as exc:
-                # The transport checks the content address first: a blob changed on
-                # the relay (or in transit) fails there, before it is decrypted.
-                raise MediaCorrupt("the blob was tampered with or truncated") from exc
-            await asyncio.to_thread(decrypt_file, tmp, target, key, digest)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        return target
+        return await download_attachment(self._ctx, message_id, Path(destination), progress)
+
+    async def attachment_bytes(self, message_id: str, *, limit: int) -> bytes:
+        """Download, verify and decrypt an attachment into memory (image previews).
+
+        Args:
+            message_id: the message (hex) whose attachment to fetch.
+            limit: the most plaintext bytes to hold (1 .. 64 MiB).
+
+        Returns:
+            The decrypted content; no plaintext copy is written to disk.
+
+        Raises:
+            UsageError: no attachment, or ``limit`` out of range.
+            AttachmentTooLarge: larger than ``limit`` (declared or found).
+            MediaCorrupt: the blob was tampered with or truncated.
+            TransportError: the download failed.
+        """
+        self._check_open()
+        return await attachment_bytes(self._ctx, message_id, limit)
 
     async def create_group(self, name: str, members: Sequence[str]) -> str:
         """Create a group with us as its admin, and tell every member (pairwise).
@@ -796,16 +816,10 @@ class Client:
         return await asyncio.to_thread(collect)
 
     async def user_exists(self, user: str) -> bool:
-        """Whether the relay knows ``user`` (asks it when no session exists yet).
-
-        Fetching their prekey bundles also sets up the session, as the first
-        message to them would. A user whose changed key is held exists.
-
-        Args:
-            user: the user name.
+        """Whether the relay knows ``user`` (fetching their bundles, as a first message would).
 
         Returns:
-            False if the relay has no such user.
+            False if the relay has no such user (a user whose new key is held exists).
 
         Raises:
             UsageError: not a valid user name.
@@ -818,7 +832,7 @@ class Client:
         except UnknownRecipient:
             return False
         except IdentityHeld:
-            return True
+            pass
         return True
 
     async def queued_count(self) -> int:

@@ -45,7 +45,7 @@ from e2ee.errors import (
     TransportError,
     UntrustedIdentity,
 )
-from e2ee.events import Event, IdentityChanged, MessageStored, ReceiptUpdated
+from e2ee.events import AttachmentMeta, Event, IdentityChanged, MessageStored, ReceiptUpdated
 from e2ee.messaging import keys
 from e2ee.messaging.rows import (
     AppRow,
@@ -55,7 +55,15 @@ from e2ee.messaging.rows import (
     from_columns,
     status_at_least,
 )
-from e2ee.payload import GroupAction, GroupControl, Payload, PayloadType, ReceiptKind
+from e2ee.payload import (
+    AttachmentPointer,
+    GroupAction,
+    GroupControl,
+    Payload,
+    PayloadType,
+    Quote,
+    ReceiptKind,
+)
 from e2ee.store import Address, Changes, IdentityRecord, TrustLevel
 from e2ee.transport.errors import MailboxFull, MismatchedDevices, NotFound, RelayRejected
 
@@ -113,7 +121,12 @@ class Outbox:
         """
         mid, stored = await asyncio.to_thread(compose, self._ctx, to, kind, **kw)
         if stored is not None:
-            self._ctx.emit(MessageStored(stored))
+            pointer, quote = kw.get("attachment"), kw.get("quote")
+            meta = None
+            if isinstance(pointer, AttachmentPointer):
+                meta = AttachmentMeta(pointer.file_name, pointer.size, pointer.mime_type)
+            author = quote.author if isinstance(quote, Quote) else None
+            self._ctx.emit(MessageStored(stored, meta, author))
         for event in events:  # local changes committed with it
             self._ctx.emit(event)
         waiter: asyncio.Future[None] | None = None
@@ -331,17 +344,20 @@ class Outbox:
             recipients = await self._send_group(mid, chat_id[len("group:") :], data)
         else:
             recipients = await self.send_pairwise(mid, json.loads(entry.targets), data)
-        await self._finish_entry(entry, "sent", recipients)
+        status = await self._finish_entry(entry, "sent", recipients)
         waiter = self._sent_waiters.get(entry.id)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         if entry.kind not in ("typing", "session_reset", "receipt"):
-            self._ctx.emit(ReceiptUpdated(entry.id, chat_id, "sent"))
+            self._ctx.emit(ReceiptUpdated(entry.id, chat_id, "sent", message_status=status))
 
     async def _finish_entry(
         self, entry: OutboxRow, state: str, recipients: Sequence[tuple[str, int]] = ()
-    ) -> None:
-        def commit() -> None:
+    ) -> str | None:
+        """Commit an entry's new state; returns its message's status (None: no row)."""
+
+        def commit() -> str | None:
+            status: str | None = None
             with self._ctx.wlock:
                 view = self._ctx.view()
                 rows: list[AppRow] = []
@@ -363,8 +379,9 @@ class Outbox:
                         for user, device in recipients
                     )
                 self._ctx.commit(rows, {})
+            return status
 
-        await asyncio.to_thread(commit)
+        return await asyncio.to_thread(commit)
 
     async def devices(self, user: str, *, refresh: bool = False) -> list[int]:
         """Device ids of ``user`` we hold sessions with, fetching bundles if needed."""

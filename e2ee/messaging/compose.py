@@ -23,6 +23,7 @@ from e2ee.errors import NotAMember, UsageError
 from e2ee.messaging import keys
 from e2ee.messaging.chats import group_id_of, touch_chat
 from e2ee.messaging.chats import stored as stored_message
+from e2ee.messaging.groups import describe_change
 from e2ee.messaging.inbound import attachment_row, clear_quotes
 from e2ee.messaging.outcome import Outcome
 from e2ee.messaging.rows import (
@@ -163,6 +164,11 @@ def compose(view: HistoryView, me: Address, draft: Draft, now: int, new_id: byte
     stored = None
     if draft.store_row:
         quote = draft.quote
+        text = draft.text or None
+        if draft.group is not None:
+            # Our own change, kept as the others keep it: we are its sender.
+            control = draft.group
+            text = describe_change(control.action, control.name, control.targets)
         message = MessageRow(
             id=mid,
             chat_id=chat_id,
@@ -171,7 +177,7 @@ def compose(view: HistoryView, me: Address, draft: Draft, now: int, new_id: byte
             sender_device=me.device_id,
             outgoing=1,
             type=kind.name.lower(),
-            text=draft.text or None,
+            text=text,
             reply_to=quote.message_id.hex() if quote else None,
             quote_text=quote.text if quote else None,
             counter=counter,

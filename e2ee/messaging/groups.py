@@ -12,6 +12,9 @@ Invariants:
   when we are no longer a member, every member's Sender Key is dropped.
 * Group changes travel pairwise only; a Sender Key distribution is accepted
   only from a member.
+* Every accepted change (not a Sender Key) is kept in its chat's history as a
+  ``group`` row: ``sender`` is who made it and ``text`` what changed
+  (:func:`describe_change`), so every client can say so after a restart.
 * Pure: reads through the view, writes into the outcome.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Final, Literal
 
 from e2ee.errors import InvalidMessage, NotAdmin, NotAMember, UsageError
@@ -38,7 +42,13 @@ from e2ee.messaging.view import HistoryView
 from e2ee.payload import GroupAction, GroupControl
 from e2ee.store.protocols import Address
 
-__all__ = ["GroupChange", "apply_group_control", "group_rows", "plan_group_change"]
+__all__ = [
+    "GroupChange",
+    "apply_group_control",
+    "describe_change",
+    "group_rows",
+    "plan_group_change",
+]
 
 _ACTION_NAMES: Final[dict[GroupAction, Literal["create", "add", "remove", "leave", "rename"]]] = {
     GroupAction.CREATE: "create",
@@ -47,6 +57,33 @@ _ACTION_NAMES: Final[dict[GroupAction, Literal["create", "add", "remove", "leave
     GroupAction.LEAVE: "leave",
     GroupAction.RENAME: "rename",
 }
+
+
+def describe_change(action: GroupAction, name: str, targets: Sequence[str]) -> str | None:
+    """What a group change did, as its history row says it (who did it is the sender).
+
+    Args:
+        action: the change.
+        name: the group's name after it.
+        targets: the members it added or removed (who left, for a leave).
+
+    Returns:
+        A phrase such as ``renamed the group to 'climbers'`` or ``added bob,
+        carol``; None for a Sender Key, which changes nothing people see.
+    """
+    who = ", ".join(targets) or "nobody"
+    match action:
+        case GroupAction.CREATE:
+            return f"created the group '{name}'"
+        case GroupAction.ADD:
+            return f"added {who}"
+        case GroupAction.REMOVE:
+            return f"removed {who}"
+        case GroupAction.LEAVE:
+            return "left the group"
+        case GroupAction.RENAME:
+            return f"renamed the group to '{name}'"
+    return None
 
 
 def group_rows(
@@ -144,8 +181,12 @@ def apply_group_control(
     gid: str,
     control: GroupControl,
     now: int,
-) -> None:
+) -> GroupChanged | None:
     """Apply a group change (or Sender Key) a member sent us pairwise.
+
+    Returns:
+        The change to report (the caller adds its history row and emits it),
+        or None: a Sender Key, or a change the rules ignore.
 
     Raises:
         InvalidMessage: a Sender Key from someone who is not a member.
@@ -156,7 +197,7 @@ def apply_group_control(
         if group is None or sender.name not in view.group_members(gid):
             raise InvalidMessage("sender key from someone who is not a member")
         out.follow_ups.append(ProcessSenderKey(gid, sender, control.distribution))
-        return
+        return None
     revision = (group.revision or 0) if group else 0
     admins = set(json.loads(group.admins or "[]")) if group else set()
     members: set[str] = set(view.group_members(gid)) if group else set()
@@ -165,16 +206,16 @@ def apply_group_control(
         # sender must be an admin of the state it sends.
         joining = action in (GroupAction.CREATE, GroupAction.ADD)
         if not joining or sender.name not in control.admins or me not in control.members:
-            return
+            return None
     elif action is GroupAction.CREATE:
-        return  # a group id is created once
+        return None  # a group id is created once
     elif action is GroupAction.LEAVE:
         if control.targets != (sender.name,) or sender.name not in members:
-            return
+            return None
     elif sender.name not in admins or control.revision <= revision:
-        return  # only admins change a group, and never backwards
+        return None  # only admins change a group, and never backwards
     if not set(control.admins) <= set(control.members) and action is not GroupAction.LEAVE:
-        return
+        return None
     if action is GroupAction.LEAVE:
         control = dataclasses.replace(
             control,
@@ -193,14 +234,12 @@ def apply_group_control(
         out.follow_ups.append(_forget(view, gid, gone))
     if me not in control.members:
         out.follow_ups.append(_forget(view, gid, members))
-    out.events.append(
-        GroupChanged(
-            gid,
-            _ACTION_NAMES[action],
-            sender.name,
-            control.name,
-            control.members,
-            control.admins,
-            control.targets,
-        )
+    return GroupChanged(
+        gid,
+        _ACTION_NAMES[action],
+        sender.name,
+        control.name,
+        control.members,
+        control.admins,
+        control.targets,
     )

@@ -31,7 +31,7 @@ from e2ee.events import MessageChanged, MessageReceived, ReceiptUpdated, Typing
 from e2ee.messaging import keys
 from e2ee.messaging.accounting import count_inbound
 from e2ee.messaging.chats import stored, touch_chat
-from e2ee.messaging.groups import apply_group_control
+from e2ee.messaging.groups import apply_group_control, describe_change
 from e2ee.messaging.outcome import Outcome, ResendSenderKey, WakeOutbox
 from e2ee.messaging.rows import (
     AttachmentRow,
@@ -222,7 +222,14 @@ def _receipt(view: HistoryView, p: Inbound, out: Outcome) -> None:
         message = dataclasses.replace(message, status=status_at_least(message.status, status))
         out.rows.append(message)
         out.events.append(
-            ReceiptUpdated(tid, message.chat_id, status, sender.name, sender.device_id)
+            ReceiptUpdated(
+                tid,
+                message.chat_id,
+                status,
+                sender.name,
+                sender.device_id,
+                message_status=message.status,
+            )
         )
 
 
@@ -240,7 +247,16 @@ def _reaction(view: HistoryView, p: Inbound, out: Outcome) -> None:
     out.rows.append(
         ReactionRow(f"{tid}:{p.sender.name}", tid, p.sender.name, p.body.reaction, p.now)
     )
-    out.events.append(MessageChanged(tid, p.chat_id, "reaction", p.sender.name))
+    out.events.append(
+        MessageChanged(
+            tid,
+            p.chat_id,
+            "reaction",
+            p.sender.name,
+            message=stored(target),
+            reaction=p.body.reaction,
+        )
+    )
 
 
 def _edit_or_delete(view: HistoryView, p: Inbound, out: Outcome) -> None:
@@ -266,7 +282,7 @@ def _edit_or_delete(view: HistoryView, p: Inbound, out: Outcome) -> None:
         if attachment is not None:
             out.rows.append(dataclasses.replace(attachment, key=None, digest=None))
     out.rows.append(target)
-    out.events.append(MessageChanged(tid, p.chat_id, change, p.sender.name))
+    out.events.append(MessageChanged(tid, p.chat_id, change, p.sender.name, stored(target)))
     if change == "deleted":
         clear_quotes(view, out, tid, p.sender.name)
 
@@ -275,8 +291,11 @@ def clear_quotes(view: HistoryView, out: Outcome, message_id: str, by: str) -> N
     """A deleted message's text goes from every message quoting it, too."""
     for reply in view.replies(message_id):
         if reply.quote_text is not None:
-            out.rows.append(dataclasses.replace(reply, quote_text=None))
-            out.events.append(MessageChanged(reply.id, reply.chat_id, "quote_deleted", by))
+            cleared = dataclasses.replace(reply, quote_text=None)
+            out.rows.append(cleared)
+            out.events.append(
+                MessageChanged(reply.id, reply.chat_id, "quote_deleted", by, stored(cleared))
+            )
 
 
 def _group(view: HistoryView, p: Inbound, out: Outcome) -> None:
@@ -284,7 +303,35 @@ def _group(view: HistoryView, p: Inbound, out: Outcome) -> None:
     assert p.body.group is not None
     if p.via_group:
         raise InvalidMessage("group changes travel pairwise only")
-    apply_group_control(view, out, p.me, p.sender, p.body.group_id, p.body.group, p.now)
+    changed = apply_group_control(view, out, p.me, p.sender, p.body.group_id, p.body.group, p.now)
+    if changed is None:
+        return
+    text = describe_change(p.body.group.action, changed.name, changed.targets)
+    notice = None
+    if text is not None and view.get(MessageRow, p.message_id) is None:
+        # Kept like a message (who changed what), stored read: it gets no receipt.
+        touch_chat(view, out, p.chat_id, p.now)
+        row = MessageRow(
+            id=p.message_id,
+            chat_id=p.chat_id,
+            group_id=p.body.group_id,
+            sender=p.sender.name,
+            sender_device=p.sender.device_id,
+            outgoing=0,
+            type="group",
+            text=text,
+            counter=p.body.counter,
+            sent_at=p.body.sent_at_ms,
+            received_at=p.now,
+            read_at=p.now,
+            status="received",
+            edited=0,
+            deleted=0,
+            seq=out.next_seq(view, keys.SEQ_MESSAGES),
+        )
+        out.rows.append(row)
+        notice = stored(row)
+    out.events.append(dataclasses.replace(changed, notice=notice))
 
 
 def _session_reset(view: HistoryView, p: Inbound, out: Outcome) -> None:

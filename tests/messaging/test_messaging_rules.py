@@ -15,14 +15,20 @@ import pytest
 from e2ee import payload
 from e2ee.client_errors import NotAdmin
 from e2ee.errors import InvalidMessage, NoSession
-from e2ee.events import DecryptionProblem, GapDetected, GroupChanged, MessageChanged
+from e2ee.events import (
+    DecryptionProblem,
+    GapDetected,
+    GroupChanged,
+    MessageChanged,
+    ReceiptUpdated,
+)
 from e2ee.messaging.accounting import undecryptable
 from e2ee.messaging.compose import Draft, compose
-from e2ee.messaging.groups import group_rows, plan_group_change
+from e2ee.messaging.groups import describe_change, group_rows, plan_group_change
 from e2ee.messaging.inbound import HANDLERS, apply_payload
 from e2ee.messaging.memory import MemoryHistory
 from e2ee.messaging.outcome import ForgetSenders, Outcome, ResetSession, RotateGroupKey
-from e2ee.messaging.rows import ROW_TYPES, TABLES, GroupRow, OutboxRow
+from e2ee.messaging.rows import ROW_TYPES, TABLES, GroupRow, MessageRow, OutboxRow
 from e2ee.payload import GroupAction, GroupControl, Payload, PayloadType
 from e2ee.store.protocols import Address
 
@@ -189,3 +195,132 @@ def test_group_changes_travel_pairwise_only() -> None:
     )
     with pytest.raises(InvalidMessage):
         apply_payload(bob, "bob", ALICE, body, via_group=True, now=1)
+
+
+def test_describe_change_says_what_changed() -> None:
+    assert describe_change(GroupAction.CREATE, "crew", ()) == "created the group 'crew'"
+    assert describe_change(GroupAction.ADD, "crew", ("bob", "dave")) == "added bob, dave"
+    assert describe_change(GroupAction.REMOVE, "crew", ("carol",)) == "removed carol"
+    assert describe_change(GroupAction.LEAVE, "crew", ("carol",)) == "left the group"
+    assert describe_change(GroupAction.RENAME, "club", ()) == "renamed the group to 'club'"
+    assert describe_change(GroupAction.SENDER_KEY, "club", ()) is None
+
+
+def _group_payload(control: GroupControl) -> Payload:
+    return Payload(
+        type=PayloadType.GROUP, message_id=new_id(), sent_at_ms=5, group_id="g1", group=control
+    )
+
+
+def test_group_changes_are_kept_in_history_with_who_and_what() -> None:
+    alice, bob = MemoryHistory(), MemoryHistory()
+    _group(bob, "bob", "g1", ("alice",), ("alice", "bob", "carol"))
+    _group(alice, "alice", "g1", ("alice",), ("alice", "bob", "carol"))
+    # Alice renames: her own row says what she did, with her as the sender.
+    plan = plan_group_change(
+        alice.get(GroupRow, "g1"),
+        alice.group_members("g1"),
+        "alice",
+        "g1",
+        GroupAction.RENAME,
+        None,
+        "club",
+    )
+    composed = compose(
+        alice, ALICE, Draft("group:g1", PayloadType.GROUP, group=plan.control), 1000, new_id()
+    )
+    assert composed.stored is not None and composed.stored.type == "group"
+    assert (composed.stored.sender, composed.stored.text) == (
+        "alice",
+        "renamed the group to 'club'",
+    )
+    alice.commit(composed.outcome)
+    outbox = next(r for r in composed.outcome.rows if isinstance(r, OutboxRow))
+    assert outbox.payload is not None
+    body = payload.decode(outbox.payload)
+    assert body.text == ""  # the description is ours to make, never sent
+
+    # Bob keeps the same words, with alice as the sender, stored read, in the chat.
+    out = receive(bob, "bob", ALICE, body)
+    changed = next(e for e in out.events if isinstance(e, GroupChanged))
+    assert changed.notice is not None
+    assert (changed.notice.sender, changed.notice.type) == ("alice", "group")
+    assert changed.notice.text == "renamed the group to 'club'"
+    assert changed.notice.chat_id == "group:g1" and changed.notice.read_at is not None
+    assert bob.get(MessageRow, changed.notice.id) is not None
+
+    # A member leaving is a row too; a change the rules refuse leaves none.
+    leave = _group_payload(
+        GroupControl(
+            GroupAction.LEAVE,
+            name="club",
+            members=("alice", "bob"),
+            admins=("alice",),
+            revision=3,
+            targets=("carol",),
+        )
+    )
+    left = next(e for e in receive(bob, "bob", CAROL, leave).events if isinstance(e, GroupChanged))
+    assert left.notice is not None and (left.notice.sender, left.notice.text) == (
+        "carol",
+        "left the group",
+    )
+    refused = _group_payload(
+        GroupControl(
+            GroupAction.ADD,
+            name="club",
+            members=("alice", "bob", "eve"),
+            admins=("carol",),
+            revision=9,
+            targets=("eve",),
+        )
+    )
+    before = bob.messages("group:g1")
+    assert receive(bob, "bob", CAROL, refused).events == []
+    assert bob.messages("group:g1") == before and len(before) == 2
+    # The same change delivered again adds no second row and reports nothing.
+    assert receive(bob, "bob", ALICE, body).events == []
+    assert bob.messages("group:g1") == before
+
+
+def test_change_and_receipt_events_carry_the_committed_state() -> None:
+    alice, bob = MemoryHistory(), MemoryHistory()
+    msg = send(alice, ALICE, Draft("bob", PayloadType.TEXT, text="hi"))
+    receive(bob, "bob", ALICE, msg)
+    mid = msg.message_id
+    edit = send(
+        alice,
+        ALICE,
+        Draft("bob", PayloadType.EDIT, text="hi!", target_ids=(mid,), store_row=False),
+    )
+    (edited,) = [
+        e for e in receive(bob, "bob", ALICE, edit).events if isinstance(e, MessageChanged)
+    ]
+    assert edited.message is not None and edited.message == bob.messages("dm:alice")[0]
+    assert (edited.message.text, edited.message.edited, edited.reaction) == ("hi!", True, None)
+    # Bob reacts, then takes it back: alice learns who reacted with what.
+    for emoji in ("👍", ""):
+        react = send(
+            bob,
+            BOB,
+            Draft(
+                "alice", PayloadType.REACTION, reaction=emoji, target_ids=(mid,), store_row=False
+            ),
+        )
+        (reacted,) = [
+            e for e in receive(alice, "alice", BOB, react).events if isinstance(e, MessageChanged)
+        ]
+        assert (reacted.change, reacted.by, reacted.reaction) == ("reaction", "bob", emoji)
+        assert reacted.message is not None and reacted.message.id == mid.hex()
+    # A read receipt says the message's best status after it.
+    receipt = Payload(
+        type=PayloadType.RECEIPT,
+        message_id=new_id(),
+        sent_at_ms=1,
+        receipt=payload.ReceiptKind.READ,
+        target_ids=(mid,),
+    )
+    (updated,) = [
+        e for e in receive(alice, "alice", BOB, receipt).events if isinstance(e, ReceiptUpdated)
+    ]
+    assert (updated.status, updated.message_status) == ("read", "read")

@@ -534,7 +534,9 @@ async def test_added_member_joins_and_reads_new_messages(
         await bob.send_text(group_chat_id(gid), "welcome carol")
         got = await wait_for(c_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.text == "welcome carol" and got.message.sender == "bob"
-        assert [m.text for m in carol.history.messages(group_chat_id(gid))] == ["welcome carol"]
+        # Nothing from before she joined; the change that added her is kept (who, what).
+        shown = [(m.type, m.sender, m.text) for m in carol.history.messages(group_chat_id(gid))]
+        assert shown == [("group", "alice", "added carol"), ("text", "bob", "welcome carol")]
         # A non-admin's forged change is ignored by everyone.
         from e2ee.payload import GroupAction, GroupControl, PayloadType
 

@@ -540,8 +540,10 @@ async def test_group_rows_say_what_changed_and_who_did_it(
         # group's name now, and the row is there when the group is opened.
         await open_chat_with(pilot, "bob")
         await carol.leave_group(gid)
-        await until(pilot, lambda: any(n.message == "carol left" for n in app._notifications))
-        toast = next(n for n in app._notifications if n.message == "carol left")
+        await until(
+            pilot, lambda: any(n.message == "carol left the group" for n in app._notifications)
+        )
+        toast = next(n for n in app._notifications if n.message == "carol left the group")
         assert toast.title == "dream team"
         screen.open_chat(chat_id)
         await until(pilot, lambda: any("carol left" in r for r in _rows(listed)))

@@ -95,7 +95,7 @@ def sample_messages() -> dict[str, list[MessageView]]:
             _m(10, bob, "alice", "(on my way)", t + 22 * MINUTE, "pending"),
         ],
         "group:f00d": [
-            _m(20, "group:f00d", "alice", "you created the group 'team'", y, kind="group"),
+            _m(20, "group:f00d", "alice", "created the group 'team'", y, kind="group"),
             _m(21, "group:f00d", "carol", "Standup moved to 10:00", t),
             _m(22, "group:f00d", "dave", "ok", t + MINUTE),
         ],
@@ -243,6 +243,10 @@ class FakeBackend:
 
     async def mark_read(self, chat_id: str) -> int:
         return 0
+
+    async def delete_chat(self, chat_id: str) -> None:
+        self.msgs.pop(chat_id, None)
+        self.titles.pop(chat_id, None)
 
     async def send_file(self, chat_id: str, path: Path, progress: Progress | None) -> str:
         raise BackendError("the fake backend sends no files")

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import tzinfo
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -63,6 +64,7 @@ from tui_client.adapter import (
     RelayUnavailable,
     TypingChanged,
     Update,
+    group_line,
 )
 from tui_client.config import ChatPrefs, TuiConfig, load_prefs, prefs_path, save_prefs
 from tui_client.screens.dialogs import (
@@ -415,13 +417,11 @@ class MainScreen(Screen[None]):
     @work(group="send")
     async def _send(self, chat_id: str, text: str, reply_to: str | None) -> None:
         try:
-            mid = await self.backend.send_text(chat_id, text, reply_to=reply_to)
-            found = await self.backend.message(mid)
+            # On screen through the SDK's MessageStored event (no history read).
+            await self.backend.send_text(chat_id, text, reply_to=reply_to)
         except BackendError as exc:
             self.post_message(ActionFailed(str(exc)))
             return
-        if found is not None:
-            self.post_message(MessageSent(found))
         self.post_message(
             UpdateArrived(
                 ConnectionChanged(
@@ -440,12 +440,23 @@ class MainScreen(Screen[None]):
                 await self.backend.delete(message_id)
             elif action == "react":
                 await self.backend.react(message_id, value)
-            found = await self.backend.message(message_id)
         except BackendError as exc:
             self.post_message(ActionFailed(str(exc)))
             return
-        if found is not None:
-            self.post_message(UpdateArrived(MessageChanged_(found, action)))
+        shown = self.messages.message(message_id)
+        if shown is None:
+            return
+        # What we just did, applied to the message as shown (no history read).
+        reaction = None
+        if action == "edit":
+            changed = replace(shown, text=value, edited=True)
+        elif action == "delete":
+            changed = replace(shown, text=None, quote_text=None, deleted=True)
+        else:
+            changed, reaction = shown, (self.backend.username, value)
+        self.post_message(
+            UpdateArrived(MessageChanged_(changed, action, partial=True, reaction=reaction))
+        )
 
     @work(group="queued", exclusive=True)
     async def _refresh_queued(self) -> None:
@@ -466,15 +477,13 @@ class MainScreen(Screen[None]):
 
         self.post_message(UploadProgress(0, max(1, path.stat().st_size if path.exists() else 1)))
         try:
-            mid = await self.backend.send_file(chat_id, path, progress)
-            found = await self.backend.message(mid)
+            # On screen through the SDK's MessageStored event (no history read).
+            await self.backend.send_file(chat_id, path, progress)
         except BackendError as exc:
             self.post_message(UploadProgress(0, 0))
             self.post_message(ActionFailed(str(exc)))
             return
         self.post_message(UploadProgress(0, 0))
-        if found is not None:
-            self.post_message(MessageSent(found))
 
     @work(group="download")
     async def _download(self, message_id: str, destination: Path, open_after: bool) -> None:
@@ -578,7 +587,9 @@ class MainScreen(Screen[None]):
     def _toggle(self, message: ChatOptions.Toggle) -> None:
         prefs, chat = self._prefs, message.chat_id
         name = self._chat_name(chat)
-        if message.what == "mute":
+        if message.what == "delete":
+            self._ask_delete_chat(chat, name)
+        elif message.what == "mute":
             muted = prefs.muted ^ {chat}
             self._set_prefs(ChatPrefs(muted, prefs.archived))
             self.notify(f"{name} {'muted' if chat in muted else 'unmuted'}", markup=False)
@@ -588,6 +599,36 @@ class MainScreen(Screen[None]):
             self.notify(
                 f"{name} {'archived' if chat in archived else 'back in the list'}", markup=False
             )
+
+    def _ask_delete_chat(self, chat_id: str, name: str) -> None:
+        def answer(sure: bool | None) -> None:
+            if sure:
+                self._delete_chat(chat_id, name)
+
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Delete the chat with {name} from this device? "
+                "Its messages and files go; the others keep theirs.",
+                "Delete",
+            ),
+            answer,
+        )
+
+    @work(group="delete-chat")
+    async def _delete_chat(self, chat_id: str, name: str) -> None:
+        try:
+            await self.backend.delete_chat(chat_id)
+        except BackendError as exc:
+            self.notify(str(exc), severity="error", markup=False)
+            return
+        self.chat_list.remove_chat(chat_id)
+        self._dirty.discard(chat_id)
+        if self.chat_id == chat_id:
+            self.chat_id = None
+            self.chat_list.open_chat = None
+            self.messages.clear("")
+            self.query_one("#chat-title", Static).update("")
+        self.notify(f"deleted the chat with {name}", markup=False)
 
     @work(group="desktop-notify")
     async def _desktop_notify(self, title: str, body: str) -> None:
@@ -761,6 +802,11 @@ class MainScreen(Screen[None]):
                         self._flush_incoming()
                 elif m.is_notice:
                     self.notify(m.text or "", severity="warning")
+                elif m.kind == "group" and not m.outgoing:
+                    # A group change in a chat not on screen: a toast now, the
+                    # row (kept in history) when the chat is opened.
+                    title = chat_title or self._chat_name(m.chat_id)
+                    self.notify(group_line(m.sender, m.text), title=title, markup=False)
                 elif not m.outgoing and m.kind in ("text", "attachment"):
                     where = chat_title or self._chat_name(m.chat_id)
                     body = m.text or (m.attachment.file_name if m.attachment else "")
@@ -778,11 +824,14 @@ class MainScreen(Screen[None]):
                         self.app.bell()
                     if self.config.desktop_notifications:
                         self._desktop_notify(where, f"{m.sender}: {body}")
-            case MessageChanged_(message=m):
+            case MessageChanged_(message=m, partial=partial, reaction=reaction):
                 self._dirty.add(m.chat_id)
                 if m.chat_id == open_chat:
                     self._flush_incoming()
-                    self.messages.update_message(m)
+                    if partial:
+                        self.messages.apply_change(m, reaction)
+                    else:
+                        self.messages.update_message(m)
             case ReceiptChanged(chat_id=chat_id, message_id=mid, status=status):
                 if self.query_one(ConnectionIndicator).queued:
                     self._refresh_queued()
@@ -798,6 +847,8 @@ class MainScreen(Screen[None]):
                     self._render_typing()
             case ChatUpdated(chat_id=chat_id, text=text, after_seq=after_seq):
                 self._dirty.add(chat_id)
+                if not text:
+                    return
                 if chat_id == open_chat:
                     self._flush_incoming()
                     self.messages.add_notice(text)

@@ -39,10 +39,11 @@ class ChatOptions(OptionList):
         # Ids are the [keys] names of the settings file (tui_client.config).
         Binding("m", "toggle_chat('mute')", "Mute", id="mute"),
         Binding("a", "toggle_chat('archive')", "Archive", id="archive"),
+        Binding("d", "toggle_chat('delete')", "Delete", id="delete_chat"),
     ]
 
     class Toggle(Message):
-        """The user asked to mute/unmute or archive/unarchive a chat."""
+        """The user asked to mute/unmute, archive/unarchive or delete a chat."""
 
         def __init__(self, what: str, chat_id: str) -> None:
             super().__init__()
@@ -50,7 +51,7 @@ class ChatOptions(OptionList):
             self.chat_id = chat_id
 
     def action_toggle_chat(self, what: str) -> None:
-        """Mute or archive the highlighted chat (again: undo)."""
+        """Mute, archive (again: undo) or delete the highlighted chat."""
         option = self.highlighted_option
         if option is not None and option.id is not None:
             self.post_message(self.Toggle(what, option.id))

@@ -42,7 +42,7 @@ from textual.message import Message
 from textual.widgets import OptionList, TextArea
 from textual.widgets.option_list import Option, OptionDoesNotExist
 
-from tui_client.adapter import MessageView
+from tui_client.adapter import MessageView, group_line
 from tui_client.widgets.fmt import clock_time, day_key, day_label, human_size, tick_for
 from tui_client.widgets.image_preview import is_previewable
 
@@ -461,6 +461,34 @@ class MessageList(OptionList):
         except OptionDoesNotExist:
             self._row_options.pop(message.id, None)
 
+    def apply_change(self, change: MessageView, reaction: tuple[str, str] | None) -> None:
+        """A change known from an event alone (no reactions, file or quote author in it).
+
+        Merged into the message as shown: its reactions (with ``reaction``, a
+        ``(user, emoji)`` pair, applied; ``""`` removes it), file and quote author
+        are kept. A message not shown is left alone (its page is read later).
+        """
+        shown = self._by_id.get(change.id) or next(
+            (m for m in self._live if m.id == change.id), None
+        )
+        if shown is None:
+            return
+        reactions = dict(shown.reactions)
+        if reaction is not None:
+            user, emoji = reaction
+            if emoji:
+                reactions[user] = emoji
+            else:
+                reactions.pop(user, None)
+        self.update_message(
+            replace(
+                change,
+                reactions=tuple(sorted(reactions.items())),
+                attachment=shown.attachment,
+                quote_sender=shown.quote_sender,
+            )
+        )
+
     def set_preview(self, message_id: str, preview: Text | str) -> None:
         """Show an image preview (a rendering, or a placeholder explaining its absence)."""
         self._previews[message_id] = preview
@@ -639,11 +667,8 @@ class MessageList(OptionList):
         if m.kind not in ("text", "attachment"):
             who = "you" if m.outgoing else m.sender
             if m.kind == "group":
-                # The text says what changed and who did it ("you renamed the
-                # group to 'x'"); a row from before a restart has none.
-                return Text(
-                    f"· {m.text or who + ' changed the group'}", style=self._style("system")
-                )
+                # History keeps who (the sender) and what changed (the text).
+                return Text(f"· {group_line(who, m.text)}", style=self._style("system"))
             label = {"timer": "changed the disappearing-message timer"}.get(m.kind, m.kind)
             return Text(f"· {who}: {m.text or label}", style=self._style("system"))
         stamp = Text()
