@@ -770,6 +770,12 @@ async def ack_messages(request: web.Request) -> web.Response:
 # -- blobs -------------------------------------------------------------------------------
 
 
+# Every stored blob is a sealed attachment (ciphertext plus its tag), never empty; an empty
+# upload can only be a client bug or a probe, and storing it would waste a blob id on nothing.
+def _empty_blob() -> BadRequest:
+    return BadRequest("a blob must not be empty", code="empty_blob")
+
+
 async def upload_blob(request: web.Request) -> web.Response:
     """``POST /v1/blobs``: stream an encrypted blob to the blob store; content-addressed by
     SHA-256."""
@@ -782,6 +788,8 @@ async def upload_blob(request: web.Request) -> web.Response:
     length = request.content_length
     if length is not None and length > cfg.max_blob_bytes:
         raise TooLarge(f"blob exceeds {cfg.max_blob_bytes} bytes")
+    if length == 0:
+        raise _empty_blob()
     # Everything that can be refused is refused before the body is read: the byte rate is
     # charged for the declared length, the quota checked against it (for a blob already
     # stored, which the caller may hold already, the store decides after the upload).
@@ -798,6 +806,8 @@ async def upload_blob(request: web.Request) -> web.Response:
     except OSError as exc:  # disk full, quota, file size limit, I/O error: 503, not a 500
         raise st.blob_health.failed(exc, "blob upload") from None
     try:
+        if upload.size == 0:  # chunked with no data: refused like an empty Content-Length
+            raise _empty_blob()
         if length is None:  # chunked: charged once its size is known
             await st.upload_limit.take(caller.user, st.clock.monotonic(), upload.size)
         async with st.blobs.lock:

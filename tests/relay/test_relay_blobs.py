@@ -94,3 +94,26 @@ async def test_oversize_upload_is_413_and_partial_file_deleted(
     assert [p for p in (relay.data_dir / "blobs").rglob("*") if p.is_file()] == []
     # The relay is still serving.
     assert (await client.request(dev, "GET", "/v1/keys/count")).status == 200
+
+
+async def test_an_empty_blob_is_refused_and_nothing_is_stored(
+    client: RelayClient, shared_relay: RelayProcess
+) -> None:
+    dev = await client.new_device()
+    empty = hashlib.sha256(b"").hexdigest()
+    r = await client.upload_blob(dev, b"")
+    assert r.status == 400 and r.json()["error"] == "empty_blob"
+
+    async def no_bytes() -> AsyncIterator[bytes]:  # chunked, no Content-Length
+        return
+        yield b""
+
+    headers = client.sign(dev, "POST", "/v1/blobs", body_sha256=empty)
+    headers[H_CONTENT_SHA256] = empty
+    async with client.session.post(
+        client.base + "/v1/blobs", data=no_bytes(), headers=headers
+    ) as resp:
+        assert resp.status == 400 and (await resp.json())["error"] == "empty_blob"
+    assert not list((shared_relay.data_dir / "blobs").rglob(empty))
+    missing = await client.request(dev, "GET", f"/v1/blobs/{empty}")
+    assert missing.status == 404
