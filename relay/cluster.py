@@ -39,6 +39,7 @@ from relay.config import WORKER_DATAGRAM_BYTES_MAX, WORKERS_MAX, RelayConfig
 from relay.errors import RelayError, StorageError
 from relay.hub import CLOSE_DEVICE_REMOVED, CLOSE_REPLACED, CLOSE_RESYNC, Connection
 from relay.loop import run as loop_run
+from relay.replay import SqliteReplayGuard, make_replay_guard
 from relay.store.base import Address, Delivery
 from relay.store.sqlite import SqliteRelayStore
 
@@ -326,13 +327,22 @@ def run_supervisor(config: RelayConfig) -> int:
 
 
 async def _prepare_store(config: RelayConfig) -> None:
-    """Create or migrate the schema and the workers' ``mailbox(seq)`` index, then close."""
+    """Create or migrate the schema and the workers' ``mailbox(seq)`` index, then close.
+
+    The replay guard's file is created here too: switching a new SQLite file to WAL needs an
+    exclusive lock, and two workers doing it at once could fail with "database is locked"
+    (seen in a full run); once the file is in WAL mode, opening it again changes nothing.
+    """
     store = SqliteRelayStore(config.data_dir / "relay.sqlite3", read_threads=1)
     await store.open()
     try:
         await store.ensure_seq_index()
     finally:
         await store.close()
+    guard = make_replay_guard(config)
+    if isinstance(guard, SqliteReplayGuard):
+        await guard.open()
+        await guard.close()
 
 
 def _set_parent_death_signal() -> None:

@@ -88,8 +88,12 @@ def _read_key(path: Path) -> bytes:
 
 
 def new_invite_code() -> str:
-    """A fresh invite code: 128 random bits, URL-safe base64 (22 characters)."""
-    return secrets.token_urlsafe(16)
+    """A fresh invite code: 128 random bits as 26 lowercase base32 characters (``a-z2-7``).
+
+    Not URL-safe base64: a code starting with ``-`` is read as an option by a command line
+    (``blindpost init NAME --invite -x2...`` failed), and base32 survives reading aloud.
+    """
+    return base64.b32encode(secrets.token_bytes(16)).decode("ascii").rstrip("=").lower()
 
 
 def invite_hash(code: str) -> bytes:
