@@ -28,7 +28,7 @@ import asyncpg
 
 from relay.blobs import CHUNK_SIZE, BlobReader, Upload, check_blob_id
 from relay.errors import BadRequest, StorageError, TooLarge
-from relay.store.pg_common import PgSettings, create_pool, lock_key, migrate, storage_errors
+from relay.store.pg_common import PgSettings, lock_key, open_pool, storage_errors
 
 __all__ = ["STALE_UPLOAD_MS", "PgBlobStore"]
 
@@ -144,13 +144,7 @@ class PgBlobStore:
         Raises:
             StorageError: PostgreSQL is unreachable.
         """
-        pool = await create_pool(self._settings)
-        try:
-            await migrate(pool, self._settings.schema)
-        except BaseException:
-            await pool.close()
-            raise
-        self._pool = pool
+        self._pool = await open_pool(self._settings)
         await self._drop_stale_uploads()
 
     async def close(self) -> None:

@@ -395,15 +395,9 @@ class PgReplayGuard:
         Raises:
             StorageError: PostgreSQL cannot be reached.
         """
-        from relay.store.pg_common import create_pool, migrate
+        from relay.store.pg_common import open_pool
 
-        pool = await create_pool(self._settings)
-        try:
-            await migrate(pool, self._settings.schema)
-        except BaseException:
-            await pool.close()
-            raise
-        self._pool = pool
+        self._pool = await open_pool(self._settings)
 
     async def close(self) -> None:
         """Close the pool."""
@@ -463,15 +457,10 @@ class PgReplayGuard:
         """None when PostgreSQL answers, else why not."""
         import asyncpg
 
+        from relay.store.pg_common import ping
+
         pool = self._pool
-        if not isinstance(pool, asyncpg.Pool):
-            return "replay guard is closed"
-        try:
-            async with pool.acquire() as conn:
-                await conn.fetchval("SELECT 1")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            return f"replay guard cannot reach PostgreSQL: {type(exc).__name__}"
-        return None
+        return await ping(pool if isinstance(pool, asyncpg.Pool) else None, "replay guard")
 
 
 # A claim inserts, or takes over an expired row; it returns a row only when it now holds it.

@@ -30,6 +30,8 @@ __all__ = [
     "create_pool",
     "lock_key",
     "migrate",
+    "open_pool",
+    "ping",
     "redact_dsn",
     "storage_errors",
 ]
@@ -147,6 +149,38 @@ async def create_pool(settings: PgSettings) -> asyncpg.Pool:
         )
     assert pool is not None
     return pool
+
+
+async def open_pool(settings: PgSettings) -> asyncpg.Pool:
+    """``create_pool``, then ``migrate``; the pool is closed again if the migration fails.
+
+    Raises:
+        StorageError: PostgreSQL cannot be reached, or its schema is newer than this code.
+    """
+    pool = await create_pool(settings)
+    try:
+        await migrate(pool, settings.schema)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
+
+
+async def ping(pool: asyncpg.Pool | None, what: str) -> str | None:
+    """Readiness of a PostgreSQL-backed part: None when ``SELECT 1`` answers now, else why not.
+
+    Args:
+        pool: the part's pool (None when it is closed).
+        what: the part's name, for the reason.
+    """
+    if pool is None:
+        return f"{what} is closed"
+    try:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+    except DB_ERRORS as exc:
+        return f"{what} cannot reach PostgreSQL: {type(exc).__name__}"
+    return None
 
 
 # Each step: (version, SQL). Never edit a step once released; add a new one.

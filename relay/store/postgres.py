@@ -58,9 +58,9 @@ from relay.store.base import (
 from relay.store.pg_common import (
     DB_ERRORS,
     PgSettings,
-    create_pool,
     lock_key,
-    migrate,
+    open_pool,
+    ping,
     redact_dsn,
     storage_errors,
 )
@@ -266,9 +266,8 @@ class PostgresRelayStore:
         self._closing = False
         self._idle = asyncio.Event()
         self._idle.set()
-        pool = await create_pool(self._settings)
+        pool = await open_pool(self._settings)
         try:
-            await migrate(pool, self._settings.schema)
             with storage_errors("load counters"):
                 row = await pool.fetchrow(
                     "SELECT (SELECT count(*) FROM mailbox), "
@@ -289,15 +288,7 @@ class PostgresRelayStore:
         is no damage latch or acknowledged-messages mark here as on SQLite: a lost connection
         is what makes this store not ready, and it turns ready again once the server answers.
         """
-        pool = self._pool
-        if pool is None or self._closing:
-            return "store is closed"
-        try:
-            async with pool.acquire() as conn:
-                await conn.fetchval("SELECT 1")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            return f"PostgreSQL does not answer: {type(exc).__name__}"
-        return None
+        return await ping(None if self._closing else self._pool, "store")
 
     async def close(self) -> None:
         """Commit every write already submitted, then close the connections."""
