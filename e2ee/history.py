@@ -144,16 +144,11 @@ class ChatSummary:
     last_message: StoredMessage | None
 
 
-def _fts_query(text: str) -> str:
-    # Every word is quoted: user input is matched literally, never as FTS5 syntax.
-    words = [w for w in text.split() if w]
-    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
-
-
-def _fts_prefix_query(text: str) -> str:
-    # Each word quoted (literal, never FTS5 syntax) and marked as a prefix with '*'.
-    words = [w for w in text.split() if w]
-    return " ".join('"' + w.replace('"', '""') + '"*' for w in words)
+def _fts_query(text: str, prefix: bool = False) -> str:
+    # Every word is quoted: user input is matched literally, never as FTS5 syntax. With
+    # ``prefix`` each word is also marked as a prefix ('*': "histo" finds "history").
+    star = "*" if prefix else ""
+    return " ".join('"' + w.replace('"', '""') + '"' + star for w in text.split())
 
 
 class History:
@@ -471,11 +466,27 @@ class History:
             UsageError: bad limit.
             StorageError: the file cannot be read.
         """
+        found = self._fts_select(_fts_query(text), chat_id, limit)
+        if found is None:
+            return []
+        sql, params = found
+        sql += " ORDER BY f.rank LIMIT ?"
+        params.append(limit)
+        return [to_message(r) for r in self._query(sql, params)]
+
+    def _fts_select(
+        self, query: str, chat_id: str | None, limit: int
+    ) -> tuple[str, list[Any]] | None:
+        """The search statement both searches share (no ORDER/LIMIT yet), or None when
+        ``query`` is empty.
+
+        Raises:
+            UsageError: bad limit.
+        """
         if not 1 <= limit <= 1000:
             raise UsageError("limit must be between 1 and 1000")
-        query = _fts_query(text)
         if not query:
-            return []
+            return None
         sql = (
             "SELECT m.* FROM app_messages_fts f JOIN app_messages m ON m.rowid = f.rowid "
             "WHERE app_messages_fts MATCH ? AND m.deleted IS 0"
@@ -484,9 +495,7 @@ class History:
         if chat_id is not None:
             sql += " AND m.chat_id = ?"
             params.append(chat_id)
-        sql += " ORDER BY f.rank LIMIT ?"
-        params.append(limit)
-        return [to_message(r) for r in self._query(sql, params)]
+        return sql, params
 
     def search_newest(
         self,
@@ -517,19 +526,10 @@ class History:
             UsageError: bad limit, or ``before`` names no stored message.
             StorageError: the file cannot be read.
         """
-        if not 1 <= limit <= 1000:
-            raise UsageError("limit must be between 1 and 1000")
-        query = _fts_prefix_query(text)
-        if not query:
+        found = self._fts_select(_fts_query(text, prefix=True), chat_id, limit)
+        if found is None:
             return []
-        sql = (
-            "SELECT m.* FROM app_messages_fts f JOIN app_messages m ON m.rowid = f.rowid "
-            "WHERE app_messages_fts MATCH ? AND m.deleted IS 0"
-        )
-        params: list[Any] = [query]
-        if chat_id is not None:
-            sql += " AND m.chat_id = ?"
-            params.append(chat_id)
+        sql, params = found
         if before is not None:
             rows = self._query("SELECT seq FROM app_messages WHERE id = ?", (before,))
             if not rows:
