@@ -330,29 +330,47 @@ async def cmd_download(settings: _Settings, args: argparse.Namespace) -> int:
         message = await asyncio.to_thread(session.history.message, mid)
         if message is None:
             raise CliError(EXIT_NOT_FOUND, f"no message {mid} in this account's history")
-        found = await asyncio.to_thread(session.history.attachment_info, mid)
-        if found is None or not found.available:
-            what = "has no file" if found is None else "no longer has its file (deleted)"
-            raise CliError(EXIT_NOT_FOUND, f"message {mid} {what}")
-        info = AttachmentInfo(mid, found.file_name, found.size, found.mime_type)
-        out: Path = args.out
-        if out.is_dir():
-            out = out / _safe_file_name(info.name, mid)
-        if out.exists() and not args.force:
-            raise CliError(EXIT_ERROR, f"{out} exists (use --force to replace it)")
-        activity = _Activity()
-        try:
-            await session.bounded(
-                session.client.download_attachment(mid, out, progress=activity),
-                "the file download",
-                activity=activity,
-            )
-        except UsageError as exc:
-            # Deleted or expired messages keep their row but lose the file key.
-            raise CliError(EXIT_NOT_FOUND, f"message {mid}: {exc}") from None
-    record = {"type": "download", "id": mid, "path": str(out), "size": out.stat().st_size}
-    settings.out.emit(record | {"name": info.name, "mime": info.mime}, f"saved {out}")
+        record = await _download(session, mid, args.out, args.force, "--force")
+    settings.out.emit(record, f"saved {record['path']}")
     return EXIT_OK
+
+
+async def _download(
+    session: _Session, mid: str, out: Path, force: bool, force_name: str, unknown: str = ""
+) -> dict[str, Any]:
+    """Save message ``mid``'s file to ``out`` (a file, or a folder to put it in); the record
+    ``download`` prints (the daemon's answer too).
+
+    Raises:
+        CliError: no file (EXIT_NOT_FOUND), or ``out`` exists without ``force`` (EXIT_ERROR).
+    """
+    found = await asyncio.to_thread(session.history.attachment_info, mid)
+    if found is None or not found.available:
+        what = "has no file" if found is None else "no longer has its file (deleted)"
+        raise CliError(EXIT_NOT_FOUND, f"message {mid} {what}{unknown}")
+    info = AttachmentInfo(mid, found.file_name, found.size, found.mime_type)
+    if out.is_dir():
+        out = out / _safe_file_name(info.name, mid)
+    if out.exists() and not force:
+        raise CliError(EXIT_ERROR, f"{out} exists (use {force_name} to replace it)")
+    activity = _Activity()
+    try:
+        await session.bounded(
+            session.client.download_attachment(mid, out, progress=activity),
+            "the file download",
+            activity=activity,
+        )
+    except UsageError as exc:
+        # Deleted or expired messages keep their row but lose the file key.
+        raise CliError(EXIT_NOT_FOUND, f"message {mid}: {exc}") from None
+    return {
+        "type": "download",
+        "id": mid,
+        "path": str(out),
+        "size": out.stat().st_size,
+        "name": info.name,
+        "mime": info.mime,
+    }
 
 
 def _safe_file_name(name: str, fallback: str) -> str:

@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from e2ee.client_errors import IdentityHeld
-from e2ee.errors import UsageError
 from tui_client import cli
 from tui_client.cli import EXIT_HELD, EXIT_NOT_FOUND, CliError
 from tui_client.cli import checks as cli_checks
 from tui_client.cli import commands as cli_commands
 from tui_client.cli import session as cli_session
-from tui_client.cli.output import AttachmentInfo
 from tui_client.daemon.protocol import APP_ERROR_BASE, INVALID_PARAMS, Params, RpcError
 
 if TYPE_CHECKING:
@@ -151,33 +149,9 @@ async def _download(daemon: Daemon, connection: Connection, params: Params) -> A
     out = Path(params.required_text("out"))
     force = params.flag("force")
     params.done()
-    session = daemon.session
-    found = await asyncio.to_thread(session.history.attachment_info, mid)
-    if found is None or not found.available:
-        what = "has no file" if found is None else "no longer has its file (deleted)"
-        raise CliError(EXIT_NOT_FOUND, f"message {mid} {what} (or is not in history)")
-    info = AttachmentInfo(mid, found.file_name, found.size, found.mime_type)
-    if out.is_dir():
-        out = out / cli_commands._safe_file_name(info.name, mid)
-    if out.exists() and not force:
-        raise CliError(cli.EXIT_ERROR, f"{out} exists (use force to replace it)")
-    activity = cli_session._Activity()
-    try:
-        await session.bounded(
-            session.client.download_attachment(mid, out, progress=activity),
-            "the file download",
-            activity=activity,
-        )
-    except UsageError as exc:
-        raise CliError(EXIT_NOT_FOUND, f"message {mid}: {exc}") from None
-    return {
-        "type": "download",
-        "id": mid,
-        "path": str(out),
-        "size": out.stat().st_size,
-        "name": info.name,
-        "mime": info.mime,
-    }
+    return await cli_commands._download(
+        daemon.session, mid, out, force, "force", unknown=" (or is not in history)"
+    )
 
 
 @method("read")
