@@ -3,7 +3,8 @@
 #   runs: it holds the highest mailbox seq any process of this data directory committed, written
 #   after the commit (so it never claims more than the database had) and fsync'd; writers
 #   serialise on an flock and keep the larger value. A database whose own seq is below it has
-#   lost acknowledged messages.
+#   lost acknowledged messages. An empty file (killed between creating it and its first
+#   write) holds no mark; any other content that is not a mark is damage.
 # * ``inspect`` only reads: it is safe on a running relay (WAL readers never block the writer)
 #   and on a stopped one; its quick_check is bounded in time when asked.
 # * ``startup_check`` refuses to start on damage or missing acknowledged messages unless the
@@ -60,6 +61,10 @@ def read_high_water(path: Path) -> int | None:
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise StorageError(f"cannot read {path}: {exc}") from exc
+    if not text:
+        # What a kill between creating the file and its first write leaves: the mark was
+        # never stored, so it claims nothing (a later start writes the database's seq).
+        return None
     digits = text.strip().removeprefix(_HWM_PREFIX.strip()).strip()
     if not text.startswith(_HWM_PREFIX) or not digits.isascii() or not digits.isdigit():
         raise StorageError(f"{path} is not a high-water mark file")

@@ -127,6 +127,26 @@ async def test_lost_wal_tail_refuses_start_unless_accepted(
     assert admin("check", "--data", str(data)).returncode == 0
 
 
+async def test_a_kill_before_the_first_mark_write_does_not_block_the_next_start(
+    relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
+) -> None:
+    relay = relay_factory()
+    data = relay.data_dir
+    client = RelayClient(relay.url, session)
+    _, bob = await fill(client, 3, 100)
+    assert relay.stop(signal.SIGKILL) == -signal.SIGKILL
+    # A SIGKILL between creating the mark file and its first write leaves it empty.
+    os.truncate(data / HWM_NAME, 0)
+    assert read_high_water(data / HWM_NAME) is None
+    relay.start()
+    assert len((await RelayClient(relay.url, session).read(bob)).json()["messages"]) == 3
+    await wait_until_async(lambda: read_high_water(data / HWM_NAME) == db_seq(data))
+    # Anything else that is not a mark is still damage.
+    relay.stop()
+    (data / HWM_NAME).write_text("garbage\n")
+    assert "is not a high-water mark file" in refused_start(relay)
+
+
 async def test_overwritten_pages_refuse_start_and_admin_check_says_why(
     relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
 ) -> None:
