@@ -41,6 +41,7 @@ from typing import Any, Final
 from e2ee.errors import StorageError, UsageError
 from e2ee.messaging.rows import (
     NOTICE_TYPES,
+    POS_SCALE,
     TABLES,
     Row,
     StoredMessage,
@@ -73,7 +74,7 @@ __all__ = [
 ]
 
 #: Version of the tables below; stored as the ``history_schema_version`` meta.
-HISTORY_SCHEMA_VERSION: Final = 1
+HISTORY_SCHEMA_VERSION: Final = 2
 _META_VERSION: Final = "history_schema_version"
 
 _NOTICE_SQL: Final = "('gap', 'undecryptable')"
@@ -84,6 +85,7 @@ _UNREAD: Final = (
 )
 _INDEXES: Final = (
     "CREATE INDEX IF NOT EXISTS app_messages_chat ON app_messages (chat_id, seq)",
+    "CREATE INDEX IF NOT EXISTS app_messages_place ON app_messages (chat_id, pos)",
     "CREATE INDEX IF NOT EXISTS app_messages_seq ON app_messages (seq)",
     "CREATE INDEX IF NOT EXISTS app_messages_expiry ON app_messages (expires_at) "
     "WHERE expires_at IS NOT NULL",
@@ -220,6 +222,15 @@ class History:
                 )
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {APP_TABLE_PREFIX}{table} ({cols}) STRICT"
+                )
+            known = {r[1] for r in conn.execute(f"PRAGMA table_info({APP_TABLE_PREFIX}messages)")}
+            if "pos" not in known:
+                # Schema 2 shows a chat in ``pos`` order (late messages in their sender's
+                # order); until then the place of every message was its ``seq``.
+                conn.execute(f"ALTER TABLE {APP_TABLE_PREFIX}messages ADD COLUMN pos INTEGER")
+                conn.execute(
+                    f"UPDATE {APP_TABLE_PREFIX}messages SET pos = seq * ?",  # noqa: S608
+                    (POS_SCALE,),
                 )
             for statement in _INDEXES:
                 conn.execute(statement)
@@ -396,35 +407,35 @@ class History:
         if len(anchors) > 1:
             raise UsageError("give at most one of before, after and around")
         if after is not None:
-            return self._page_after(chat_id, self._seq_in(chat_id, after, "after"), limit)
+            return self._page_after(chat_id, self._pos_in(chat_id, after, "after"), limit)
         if around is not None:
-            seq = self._seq_in(chat_id, around, "around")
-            older = self._page_before(chat_id, seq, limit // 2) if limit > 1 else []
-            return older + self._page_after(chat_id, seq - 1, limit - len(older))
-        bound = 2**62 if before is None else self._seq_in(chat_id, before, "before")
+            pos = self._pos_in(chat_id, around, "around")
+            older = self._page_before(chat_id, pos, limit // 2) if limit > 1 else []
+            return older + self._page_after(chat_id, pos - 1, limit - len(older))
+        bound = 2**62 if before is None else self._pos_in(chat_id, before, "before")
         return self._page_before(chat_id, bound, limit)
 
-    def _seq_in(self, chat_id: str, message_id: str, what: str) -> int:
+    def _pos_in(self, chat_id: str, message_id: str, what: str) -> int:
         rows = self._query(
-            "SELECT seq FROM app_messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)
+            "SELECT pos FROM app_messages WHERE id = ? AND chat_id = ?", (message_id, chat_id)
         )
         if not rows:
             raise UsageError(f"'{what}' is not a message of this chat")
-        return int(rows[0]["seq"])
+        return int(rows[0]["pos"])
 
-    def _page_before(self, chat_id: str, seq: int, limit: int) -> list[StoredMessage]:
+    def _page_before(self, chat_id: str, pos: int, limit: int) -> list[StoredMessage]:
         rows = self._query(
-            "SELECT * FROM app_messages WHERE chat_id = ? AND seq < ? AND deleted IS NOT 2 "
-            "ORDER BY seq DESC LIMIT ?",
-            (chat_id, seq, limit),
+            "SELECT * FROM app_messages WHERE chat_id = ? AND pos < ? AND deleted IS NOT 2 "
+            "ORDER BY pos DESC LIMIT ?",
+            (chat_id, pos, limit),
         )
         return [to_message(r) for r in reversed(rows)]
 
-    def _page_after(self, chat_id: str, seq: int, limit: int) -> list[StoredMessage]:
+    def _page_after(self, chat_id: str, pos: int, limit: int) -> list[StoredMessage]:
         rows = self._query(
-            "SELECT * FROM app_messages WHERE chat_id = ? AND seq > ? AND deleted IS NOT 2 "
-            "ORDER BY seq LIMIT ?",
-            (chat_id, seq, limit),
+            "SELECT * FROM app_messages WHERE chat_id = ? AND pos > ? AND deleted IS NOT 2 "
+            "ORDER BY pos LIMIT ?",
+            (chat_id, pos, limit),
         )
         return [to_message(r) for r in rows]
 

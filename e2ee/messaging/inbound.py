@@ -64,6 +64,8 @@ class Inbound:
         chat_id: the chat it belongs to.
         message_id: its id (hex).
         now: unix ms, the time of arrival.
+        pos: its place in the chat if it arrived late (see
+            :func:`~e2ee.messaging.accounting.count_inbound`), else None.
     """
 
     me: str
@@ -73,6 +75,7 @@ class Inbound:
     chat_id: str
     message_id: str
     now: int
+    pos: int | None = None
 
 
 Handler = Callable[[HistoryView, Inbound, Outcome], None]
@@ -128,7 +131,7 @@ def apply_payload(
         # Stored already (the ratchet normally stops a duplicate before this): a
         # second copy changes nothing, the sender's counter included.
         return out
-    count_inbound(
+    place = count_inbound(
         view,
         out,
         sender,
@@ -138,6 +141,8 @@ def apply_payload(
         message_id=inbound.message_id,
         now=now,
     )
+    if place is not None:
+        inbound = dataclasses.replace(inbound, pos=place)
     HANDLERS[body.type](view, inbound, out)
     return out
 
@@ -168,6 +173,7 @@ def _message(view: HistoryView, p: Inbound, out: Outcome) -> None:
         expire_seconds=expire,
         expires_at=p.now + expire * 1000 if expire else None,
         seq=out.next_seq(view, keys.SEQ_MESSAGES),
+        pos=p.pos,
     )
     out.rows.append(message)
     if body.attachment is not None:

@@ -4,7 +4,8 @@ Invariants:
 
 * Every counter name is made here; nothing else spells one. The names are
   stored, so they never change (the families read ``seq:``, ``out:``, ``in:``,
-  ``unreadable:``, ``rcpt:``, ``repair:``, ``keygen:`` and ``dist:``).
+  ``unreadable:``, ``rcpt:``, ``repair:``, ``keygen:`` and ``dist:``; the
+  ``gaps`` rows read ``gaps:``).
 * Pure: no I/O.
 """
 
@@ -19,6 +20,7 @@ __all__ = [
     "SEQ_MESSAGES",
     "SEQ_OUTBOX",
     "distributed",
+    "gaps",
     "incoming",
     "key_generation",
     "outgoing",
@@ -42,6 +44,11 @@ def outgoing(chat_id: str) -> str:
 def incoming(sender: Address, chat_id: str) -> str:
     """The last counter seen from a sender device in a chat."""
     return f"in:{sender}:{chat_id}"
+
+
+def gaps(sender: Address, chat_id: str) -> str:
+    """The ``gaps`` row of a sender device in a chat (its open gaps)."""
+    return f"gaps:{sender}:{chat_id}"
 
 
 def unreadable(sender: Address, chat_id: str) -> str:

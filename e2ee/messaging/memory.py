@@ -95,10 +95,10 @@ class MemoryHistory:
             self._tables[table][values["id"]] = dict(values)
 
     def messages(self, chat_id: str | None = None) -> list[StoredMessage]:
-        """Stored messages (of one chat, or all), in ``seq`` order."""
+        """Stored messages (of one chat, or all), in chat order (``pos``)."""
         rows = [
             r
             for r in self._tables["messages"].values()
             if chat_id is None or r["chat_id"] == chat_id
         ]
-        return [to_message(r) for r in sorted(rows, key=lambda r: r["seq"] or 0)]
+        return [to_message(r) for r in sorted(rows, key=lambda r: r["pos"] or 0)]

@@ -21,6 +21,7 @@ from e2ee.errors import UsageError
 
 __all__ = [
     "NOTICE_TYPES",
+    "POS_SCALE",
     "ROW_TYPES",
     "TABLES",
     "AppRow",
@@ -28,6 +29,7 @@ __all__ = [
     "ChatRow",
     "Columns",
     "CounterRow",
+    "GapRow",
     "GroupRow",
     "MemberRow",
     "MessageRow",
@@ -104,6 +106,7 @@ TABLES: Final[dict[str, dict[str, str]]] = {
         "expire_seconds": "INTEGER",
         "expires_at": "INTEGER",
         "seq": "INTEGER",
+        "pos": "INTEGER",
     },
     "attachments": {
         "id": "TEXT",
@@ -146,7 +149,14 @@ TABLES: Final[dict[str, dict[str, str]]] = {
         "created_at": "INTEGER",
     },
     "counters": {"id": "TEXT", "value": "INTEGER"},
+    "gaps": {"id": "TEXT", "ranges": "TEXT"},
 }
+
+#: A chat is shown in ``pos`` order: a message's ``pos`` is its ``seq`` times this,
+#: except a message that arrives late (after a later one from its sender revealed
+#: a gap): it takes a place between the gap notice and the message that revealed
+#: it, so every sender's messages show in the sender's order.
+POS_SCALE: Final = 1 << 20
 
 #: ``messages`` rows that are notices about the conversation, not messages: ``gap``
 #: (messages from the sender never arrived) and ``undecryptable`` (one could not be
@@ -253,7 +263,10 @@ def row(table: str, **values: Any) -> Row:
     unknown = set(values) - set(columns)
     if unknown:
         raise UsageError(f"unknown columns for {table}: {sorted(unknown)}")
-    return table, {name: values.get(name) for name in columns}
+    full = {name: values.get(name) for name in columns}
+    if table == "messages" and full["pos"] is None:
+        full["pos"] = (full["seq"] or 0) * POS_SCALE
+    return table, full
 
 
 def status_at_least(current: str | None, new: str) -> str:
@@ -360,6 +373,12 @@ class MessageRow:
     expire_seconds: int | None = 0
     expires_at: int | None = None
     seq: int | None = None
+    #: Place in the chat (see :data:`POS_SCALE`); left out: ``seq * POS_SCALE``.
+    pos: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.pos is None and self.seq is not None:
+            object.__setattr__(self, "pos", self.seq * POS_SCALE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +441,20 @@ class OutboxRow:
 
 
 @dataclass(frozen=True, slots=True)
+class GapRow:
+    """The open gaps of one sender device in one chat (:mod:`e2ee.messaging.accounting`).
+
+    ``ranges`` is JSON: a list of ``[first, last, missing, notice id]``, oldest
+    first: counters ``first..last`` were skipped when a later message
+    arrived, ``missing`` of them have not arrived since.
+    """
+
+    TABLE: ClassVar[str] = "gaps"
+    id: str
+    ranges: str = "[]"
+
+
+@dataclass(frozen=True, slots=True)
 class CounterRow:
     """A named counter (names: :mod:`e2ee.messaging.keys`)."""
 
@@ -442,6 +475,7 @@ AppRow = (
     | ReactionRow
     | OutboxRow
     | CounterRow
+    | GapRow
 )
 #: Every typed row class, by table.
 ROW_TYPES: Final[dict[str, type[AppRow]]] = {
@@ -458,6 +492,7 @@ ROW_TYPES: Final[dict[str, type[AppRow]]] = {
         ReactionRow,
         OutboxRow,
         CounterRow,
+        GapRow,
     )
 }
 _R = TypeVar("_R", bound=AppRow)

@@ -92,6 +92,46 @@ def test_a_missing_message_is_reported_as_a_gap_exactly() -> None:
     assert [m.type for m in bob.messages("dm:alice")] == ["text", "gap", "text"]
 
 
+def test_a_late_message_takes_its_place_and_shrinks_the_gap() -> None:
+    alice, bob = MemoryHistory(), MemoryHistory()
+    sent = [send(alice, ALICE, Draft("bob", PayloadType.TEXT, text=str(i))) for i in range(4)]
+    receive(bob, "bob", ALICE, sent[0])
+    receive(bob, "bob", ALICE, sent[3])  # 2 missing: "1" and "2"
+    out = receive(bob, "bob", ALICE, sent[2])  # "2" arrives late
+    assert not any(isinstance(e, GapDetected) for e in out.events)
+    changed = [e for e in out.events if isinstance(e, MessageChanged)]
+    assert [(c.change, c.message and c.message.text) for c in changed] == [
+        ("edited", "1 message from alice never arrived")
+    ]
+    assert [(m.type, m.text) for m in bob.messages("dm:alice")] == [
+        ("text", "0"),
+        ("gap", "1 message from alice never arrived"),
+        ("text", "2"),
+        ("text", "3"),
+    ]
+    receive(bob, "bob", ALICE, sent[1])  # the last one missing: the notice goes
+    visible = [m.text for m in bob.messages("dm:alice") if not m.deleted]
+    assert visible == ["0", "1", "2", "3"]
+    # The sender's counter was not moved back: the next message is no gap.
+    later = send(alice, ALICE, Draft("bob", PayloadType.TEXT, text="4"))
+    assert not any(isinstance(e, GapDetected) for e in receive(bob, "bob", ALICE, later).events)
+
+
+def test_an_old_counter_outside_any_gap_is_a_fresh_start() -> None:
+    alice, bob = MemoryHistory(), MemoryHistory()
+    sent = [send(alice, ALICE, Draft("bob", PayloadType.TEXT, text=str(i))) for i in range(3)]
+    for body in sent:
+        receive(bob, "bob", ALICE, body)
+    reinstalled = MemoryHistory()  # alice's new installation counts from 1 again
+    fresh = send(reinstalled, ALICE, Draft("bob", PayloadType.TEXT, text="new"))
+    assert fresh.counter == 1
+    receive(bob, "bob", ALICE, fresh)
+    following = send(reinstalled, ALICE, Draft("bob", PayloadType.TEXT, text="next"))
+    out = receive(bob, "bob", ALICE, following)
+    assert not any(isinstance(e, GapDetected) for e in out.events)
+    assert [m.text for m in bob.messages("dm:alice")][-2:] == ["new", "next"]
+
+
 def test_an_undecryptable_message_is_not_also_a_gap() -> None:
     alice, bob = MemoryHistory(), MemoryHistory()
     sent = [send(alice, ALICE, Draft("bob", PayloadType.TEXT, text=str(i))) for i in range(3)]

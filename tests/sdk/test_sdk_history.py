@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from e2ee.errors import StorageError, UsageError
 from e2ee.history import HISTORY_SCHEMA_VERSION, History, direct_chat_id
+from e2ee.messaging.rows import POS_SCALE
 from e2ee.store import Changes
 from e2ee.store.sealing import KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
@@ -73,6 +75,48 @@ def test_paging_returns_older_pages_in_order(store: SQLiteProtocolStore) -> None
     with pytest.raises(UsageError):
         h.messages("dm:carol", before=newest[0].id)
     h.close()
+
+
+def test_a_chat_pages_in_place_order_with_late_messages_in_between(
+    store: SQLiteProtocolStore,
+) -> None:
+    h = History.open(store)
+    rows = [_msg(i, f"message {i}") for i in (1, 3, 4)]
+    # Counter 2 arrived last (seq 5) but belongs between 1 and 3.
+    late = History.row(
+        "messages", **{**_msg(5, "message 2")[1], "counter": 2, "pos": 3 * POS_SCALE - 1}
+    )
+    store.commit(Changes(app_rows=(*rows, late)))
+    assert [m.text for m in h.messages("dm:bob")] == [f"message {i}" for i in (1, 2, 3, 4)]
+    assert [m.text for m in h.messages("dm:bob", before=f"{3:032x}")] == ["message 1", "message 2"]
+    assert [m.text for m in h.messages("dm:bob", after=f"{5:032x}", limit=1)] == ["message 3"]
+    # Arrival order stays what pollers read.
+    assert [m.text for m in h.messages_since(0)][-1] == "message 2"
+    h.close()
+
+
+def test_a_schema_1_history_gets_places_in_arrival_order(store: SQLiteProtocolStore) -> None:
+    h = History.open(store)
+    h.close()
+    conn = sqlite3.connect(store.path)
+    conn.execute("DROP INDEX app_messages_place")
+    conn.execute("ALTER TABLE app_messages DROP COLUMN pos")
+    conn.commit()
+    columns = [c for c in History.row("messages", id="x")[1] if c != "pos"]
+    for i in (2, 1, 3):
+        values = _msg(i, f"message {i}")[1]
+        conn.execute(
+            f"INSERT INTO app_messages ({', '.join(columns)}) "
+            f"VALUES ({', '.join('?' * len(columns))})",
+            [values[c] for c in columns],
+        )
+    conn.commit()
+    conn.close()
+    store.commit(Changes(meta_put={"history_schema_version": "1"}))
+    again = History.open(store)
+    assert store.get_meta("history_schema_version") == str(HISTORY_SCHEMA_VERSION)
+    assert [m.counter for m in again.messages("dm:bob")] == [1, 2, 3]
+    again.close()
 
 
 def test_search_is_literal_and_follows_edits_and_expiry(store: SQLiteProtocolStore) -> None:
