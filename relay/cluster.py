@@ -34,12 +34,12 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from relay.app import RelayState
 from relay.config import WORKER_DATAGRAM_BYTES_MAX, WORKERS_MAX, RelayConfig
 from relay.errors import RelayError, StorageError
 from relay.hub import CLOSE_DEVICE_REMOVED, CLOSE_REPLACED, CLOSE_RESYNC, Connection
 from relay.loop import run as loop_run
 from relay.replay import SqliteReplayGuard, make_replay_guard
+from relay.state import RelayState
 from relay.store.base import Address, Delivery
 from relay.store.sqlite import SqliteRelayStore
 

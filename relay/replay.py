@@ -2,7 +2,7 @@
 # * A key is claimed at most once while it is recorded: ``claim`` returns True for exactly one
 #   caller per key until ``expires_at_ms`` has passed, across every process (and, with a shared
 #   backend, every node) that uses the same guard. A key is recorded only once the signature of
-#   its request verified (relay.app), so forged requests cannot fill a guard.
+#   its request verified (relay.state), so forged requests cannot fill a guard.
 # * Keys are keyed digests of (user, device, nonce) (``replay_key``), never the nonce text; the
 #   key of the digest is one secret per deployment (``load_replay_secret``), so every process and
 #   node that shares a guard must share it too.

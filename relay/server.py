@@ -18,10 +18,11 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from relay.app import STATE_KEY, create_app
+from relay.app import create_app
 from relay.cluster import WorkerIdentity, WorkerLink, add_worker_header
 from relay.config import RelayConfig
 from relay.guard import HeaderTimeoutProtocol
+from relay.state import STATE_KEY
 
 __all__ = ["serve"]
 

@@ -12,9 +12,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis_support import ThrowawayRedis
 
-from relay.app import STATE_KEY, create_app
+from relay.app import create_app
 from relay.config import ConfigError, RelayConfig
 from relay.errors import Unavailable
+from relay.state import STATE_KEY
 from relay.store.memory import MemoryRelayStore
 
 

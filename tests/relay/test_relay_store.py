@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from relay_testclient import Device, RelayClient
 from store_backends import BACKENDS, Backend
 
-from relay.app import STATE_KEY, Clock, create_app, sweep_once
+from relay.app import create_app, sweep_once
 from relay.config import RelayConfig
 from relay.errors import (
     AccountQuotaExceeded,
@@ -27,6 +27,7 @@ from relay.errors import (
     NotFound,
     SenderShareExceeded,
 )
+from relay.state import STATE_KEY, Clock
 from relay.store.base import Address, Delivery, Envelope, RelayStore, StoreLimits
 from relay.store.sqlite import SqliteRelayStore
 

@@ -31,7 +31,7 @@ import pytest
 from relay_harness import RelayProcess, wait_until
 from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_mid, next_frame, unb64
 
-from relay.app import STATE_KEY, create_app
+from relay.app import create_app
 from relay.cluster import (
     WORKER_HEADER,
     ProcessSharedLock,
@@ -47,6 +47,7 @@ from relay.config import (
     ConfigError,
     RelayConfig,
 )
+from relay.state import STATE_KEY
 from relay.store.base import Address, Envelope, StoredMessage
 from relay.wire import decode_deliver, encode_send
 
