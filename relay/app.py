@@ -228,8 +228,6 @@ async def remove_device(request: web.Request) -> web.Response:
     st.hub.kick_device(target, CLOSE_DEVICE_REMOVED, "device removed")
     if st.node is not None:
         await st.node.publish_removed(target)
-    if st.device_removed_listener is not None:
-        st.device_removed_listener(target)
     log.info("removed device user=%s device=%d", target.user, target.device)
     return web.json_response({"removed": True})
 

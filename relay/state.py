@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,9 +135,6 @@ class RelayState:
     # The key of the replay digests (relay.replay.replay_key); loaded when the app starts.
     replay_secret: bytes = b""
     background: set[asyncio.Task[Any]] = field(default_factory=set)
-    # Scale-out hook (relay.cluster): told of a removed device so other workers drop its cached
-    # auth key and close its socket. None in a single process.
-    device_removed_listener: Callable[[Address], None] | None = None
     # Set while this relay is one of several nodes linked through Redis (redis_url).
     node: NodeLink | None = None
 

@@ -132,7 +132,7 @@ async def test_seqs_never_repeat_after_everything_was_acked_and_the_store_reopen
 ) -> None:
     """The mailbox is empty when the store closes, so only the stored high-water mark tells the
     reopened store where seqs stand; a repeated seq would make a device's delivery order
-    ambiguous (and, with several workers, hide commits from their cursors)."""
+    ambiguous."""
     s = await backend.open(tmp_path)
     await s.create_account(A, b"a" * 32, 0)
     await s.create_account(B, b"b" * 32, 0)
@@ -226,8 +226,9 @@ async def test_a_batch_mixing_stored_ids_and_new_ones(store: RelayStore) -> None
 
 
 async def test_two_sqlite_writers_on_one_file_stay_consistent(tmp_path: Path) -> None:
-    """Two stores (as two relay processes would) sharing one database: each sees the other's
-    commits in its caches: seqs keep increasing, quotas count both, devices and dedupe agree."""
+    """Two stores sharing one database (a running relay and an operator command, which opens
+    the file as one more writer): each sees the other's commits in its caches: seqs keep
+    increasing, quotas count both, devices and dedupe agree."""
     path = tmp_path / "db.sqlite3"
     lim = StoreLimits(mailbox_max_messages=3)
     one, two = SqliteRelayStore(path, lim), SqliteRelayStore(path, lim)
