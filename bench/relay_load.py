@@ -14,7 +14,7 @@ Examples (the commands behind docs/performance-relay.md)::
     python bench/relay_load.py latency --rate 5000 --duration 20
     python bench/relay_load.py idle-connections --connections 19900
     python bench/relay_load.py idle-connections --connections 19900 --frame-auth
-    python bench/relay_load.py --relay-set workers=2 idle-connections --connections 20400
+    python bench/relay_load.py --store postgres --nodes 2 idle-connections --connections 20400
     python bench/relay_load.py group-fanout --recipients 1000 --messages 50
     python bench/relay_load.py --store postgres throughput --rate 6000 --duration 20
     python bench/relay_load.py --store both throughput --rate 6000 --duration 20
@@ -24,6 +24,12 @@ local server): each run gets a database of its own (``blindpost_bench_<random>``
 end), and the figures add the CPU of the PostgreSQL backends serving the relay. ``--store both``
 runs the scenario on SQLite, then on PostgreSQL, and prints the relay CPU per message of each and
 their ratio (issue 14's target: PostgreSQL at most 1.5x SQLite's, >= 5,000 durable msg/s).
+
+With ``--nodes N`` (``--store postgres`` only) it starts N relay nodes on that database and one
+Redis (``--redis-url``, default the local server, under a fresh key prefix that is deleted at the
+end), each on a port of its own, and spreads the load processes over them: the way one host
+uses more cores and holds more sockets than one process's file limit allows. Figures (CPU, RSS,
+connections) are then summed over the nodes, per node as well where it matters.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
@@ -101,19 +107,25 @@ class Relay:
     data_dir: Path | None = None
     log_path: Path | None = None
     postgres_dsn: str | None = None  # with --store postgres: the run's database
+    nodes: list[Relay] = field(default_factory=list)  # with --nodes N: every node, this first
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's URL (this relay's alone without --nodes)."""
+        return [node.url for node in self.nodes] or [self.url]
 
     def postgres_cpu_seconds(self) -> float | None:
         """CPU of the PostgreSQL backends serving this relay (``--store postgres`` only)."""
         return None if self.postgres_dsn is None else postgres_backend_cpu(self.postgres_dsn)
 
     def processes(self) -> list[int]:
-        """The relay's serving processes: its workers with ``workers`` > 1, else itself."""
-        if not self.pid:
-            return []
-        return child_pids(self.pid) or [self.pid]
+        """The relay's processes: every node's with --nodes N, else its own."""
+        if self.nodes:
+            return [pid for node in self.nodes for pid in node.processes()]
+        return [self.pid] if self.pid else []
 
     def rss_kb(self) -> int | None:
-        """VmRSS summed over the serving processes (a supervisor holds no connections)."""
+        """VmRSS summed over the relay's processes."""
         per = self.rss_by_process()
         return sum(per.values()) if per else None
 
@@ -126,17 +138,20 @@ class Relay:
         return out
 
     def cpu_seconds(self) -> float | None:
-        """CPU of the relay and of its workers (with ``workers`` > 1)."""
-        if not self.pid:
+        """CPU of the relay's processes (every node's with --nodes N)."""
+        pids = self.processes()
+        if not pids:
             return None
         total = 0.0
-        for pid in {self.pid, *self.processes()}:
+        for pid in pids:
             with contextlib.suppress(OSError):
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
 
     def tracebacks(self) -> int:
+        if self.nodes:
+            return sum(node.tracebacks() for node in self.nodes)
         if self.log_path is None or not self.log_path.exists():
             return 0
         return self.log_path.read_text(errors="replace").count("Traceback")
@@ -151,7 +166,7 @@ def read_status(pid: int, key: str) -> int | None:
 
 
 def child_pids(pid: int) -> list[int]:
-    """Direct children of ``pid`` (a ``workers=N`` relay's worker processes)."""
+    """Direct children of ``pid`` (bench/peer_ejabberd.py counts an Erlang node's helpers)."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -295,6 +310,10 @@ def target_relay(args: argparse.Namespace, settings: dict[str, str]) -> Iterator
         yield Relay(args.url.rstrip("/"), args.relay_pid)
         return
     extra = dict(item.split("=", 1) for item in args.relay_set)
+    if args.nodes > 1:
+        with relay_nodes(args, settings, extra) as relay:
+            yield relay
+        return
     if args.store != "postgres":
         with relay_process(settings, keep=args.keep, extra_settings=extra) as relay:
             yield relay
@@ -305,6 +324,41 @@ def target_relay(args: argparse.Namespace, settings: dict[str, str]) -> Iterator
         with relay_process(settings, keep=args.keep, extra_settings=extra, env_extra=env) as relay:
             relay.postgres_dsn = dsn
             yield relay
+
+
+@contextlib.contextmanager
+def relay_nodes(
+    args: argparse.Namespace, settings: dict[str, str], extra: dict[str, str]
+) -> Iterator[Relay]:
+    """``args.nodes`` relay nodes on one fresh PostgreSQL database and one Redis prefix, each on
+    a port of its own (docs/architecture.md, "One scale-out design: relay nodes")."""
+    prefix = f"blindpost-bench-{secrets.token_hex(4)}:"
+    with bench_database(args.postgres_dsn) as dsn, contextlib.ExitStack() as stack:
+        # Secrets by environment, never on the command line.
+        env = {"BLINDPOST_RELAY_POSTGRES_DSN": dsn, "BLINDPOST_RELAY_REDIS_URL": args.redis_url}
+        node_settings = {"store": "postgres", "redis_prefix": prefix, **extra}
+        stack.callback(_in_own_loop, _delete_redis_keys(args.redis_url, prefix))
+        nodes = [
+            stack.enter_context(
+                relay_process(settings, keep=args.keep, extra_settings=node_settings, env_extra=env)
+            )
+            for _ in range(args.nodes)
+        ]
+        relay = Relay(nodes[0].url, None, postgres_dsn=dsn, nodes=nodes)
+        print(f"  {args.nodes} relay nodes on PostgreSQL + Redis: {', '.join(relay.urls)}")
+        yield relay
+
+
+async def _delete_redis_keys(url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(url)
+    try:
+        keys = [key async for key in redis.scan_iter(match=prefix + "*", count=1000)]
+        for i in range(0, len(keys), 1000):
+            await redis.delete(*keys[i : i + 1000])
+    finally:
+        await redis.aclose()
 
 
 # -- registration ----------------------------------------------------------------------------
@@ -324,12 +378,13 @@ async def register_devices(
             body = json.dumps(
                 {"username": signer.user, "device_id": 1, "auth_key": signer.public_key_b64}
             ).encode()
-            headers = signer.sign_headers("POST", "/v1/accounts", body)
-            headers["Content-Type"] = "application/json"
-            async with sem, session.post(url + "/v1/accounts", data=body, headers=headers) as resp:
-                await resp.read()
-                if resp.status != 201:
-                    failures[resp.status] += 1
+            async with sem:  # signed once its turn comes: a queued request would go stale
+                headers = signer.sign_headers("POST", "/v1/accounts", body)
+                headers["Content-Type"] = "application/json"
+                async with session.post(url + "/v1/accounts", data=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 201:
+                        failures[resp.status] += 1
 
         t = time.monotonic()
         await asyncio.gather(*(one(i) for i in range(count)))
@@ -437,14 +492,16 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
             "ack": not args.no_ack,
         }
         ranges = split(args.clients, args.workers)
+        urls = relay.urls  # with --nodes N the load processes take turns over the nodes
         cfgs = [
             {
                 **base,
+                "url": urls[i % len(urls)],
                 "indices": list(r),
                 "rate": args.rate * (r[1] - r[0]) / args.clients,
                 "source_addrs": source_addrs(1),
             }
-            for r in ranges
+            for i, r in enumerate(ranges)
         ]
         workers = await start_workers(cfgs, 120)
         t0 = time.monotonic_ns() + 500_000_000
@@ -554,7 +611,7 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         print(f"  PostgreSQL backends serving the relay: {pg_us:.0f} us CPU per accepted message")
     print(
         f"  store: {out['store_commits_per_s']:.0f} commits/s, {out['store_ops_per_commit']:.1f}"
-        " write operations (sends, acks) per commit (from /metrics; one worker's with workers > 1)"
+        " write operations (sends, acks) per commit (from /metrics; node 0's with --nodes N)"
     )
     if name == "throughput":
         key = "throughput_msgs_postgres" if out["store"] == "postgres" else "throughput_msgs"
@@ -581,21 +638,23 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
     if n + 64 > soft:
         print(f"  note: RLIMIT_NOFILE hard limit is {soft}; the relay needs one fd per socket")
     with target_relay(args, {}) as relay:
+        urls = relay.urls
         warm = min(200, n)
         await register_devices(relay.url, seed, prefix, n + warm)
-        # Warm-up: open and close a few connections so code paths, caches and allocator
-        # arenas that every connection shares are already paid for in "before".
+        # Warm-up: open and close a few connections on every node so code paths, caches and
+        # allocator arenas that every connection shares are already paid for in "before".
         ws_warm = await start_workers(
             [
                 {
-                    "url": relay.url,
+                    "url": url,
                     "seed": seed,
                     "prefix": prefix,
                     "mode": "idle",
-                    "indices": [n, n + warm],
+                    "indices": [n + a, n + b],
                     "frame_auth": args.frame_auth,
                     "source_addrs": source_addrs(1),
                 }
+                for url, (a, b) in zip(urls, split(warm, len(urls)), strict=True)
             ],
             120,
         )
@@ -606,11 +665,11 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(1.0)
         before_by = relay.rss_by_process()
         before = sum(before_by.values()) if before_by else None
-        ranges = split(n, args.workers)
+        ranges = split(n, max(args.workers, len(urls)))
         addrs = source_addrs(args.source_addrs)
         cfgs = [
             {
-                "url": relay.url,
+                "url": urls[i % len(urls)],
                 "seed": seed,
                 "prefix": prefix,
                 "mode": "idle",
@@ -627,15 +686,16 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(args.settle)
         after_by = relay.rss_by_process()
         after = sum(after_by.values()) if after_by else None
-        by_worker = await fetch_metrics_by_worker(relay.url, max(1, len(after_by)))
+        per_node = {
+            url: _metric(await fetch_text(url + "/metrics"), "blindpost_relay_ws_connections")
+            for url in urls
+        }
         for w in workers:
             await w.command("close")
         results = await asyncio.gather(*(w.event(120) for w in workers))
         for w in workers:
             await w.finish()
-    # With workers=N every worker answers /metrics for itself: sum them.
-    per_worker = {w: _metric(t, "blindpost_relay_ws_connections") for w, t in by_worker.items()}
-    live = sum(per_worker.values())
+    live = sum(per_node.values())  # each node answers /metrics for itself
     closes: Counter[str] = Counter()
     for r in results:
         closes.update(r["closes"])
@@ -650,25 +710,20 @@ async def idle_scenario(args: argparse.Namespace) -> dict[str, Any]:
         f"== idle-connections: {n} authenticated WebSockets requested, relay reports {live:.0f}"
         f" open (opened in {dt:.1f} s)"
     )
-    if len(after_by) > 1:
-        out["per_worker_connections"] = per_worker
+    if len(per_node) > 1:
+        out["per_node_connections"] = per_node
         out["per_process_rss_kb"] = {p: (before_by.get(p), after_by[p]) for p in after_by}
-        print(f"  connections per worker (from each worker's /metrics): {per_worker}")
+        print(f"  connections per node (from each node's /metrics): {per_node}")
         for p in sorted(after_by):
             b = before_by.get(p)
-            print(
-                f"  worker pid {p}: VmRSS {(b or 0) / 1024:.1f} MB -> {after_by[p] / 1024:.1f} MB"
-            )
-        if set(before_by) != set(after_by):
-            print("  a worker restarted during the run: RSS figures are not comparable")
-            before = after = None
+            print(f"  node pid {p}: VmRSS {(b or 0) / 1024:.1f} MB -> {after_by[p] / 1024:.1f} MB")
     if before and after and live:
         per = (after - before) * 1024 / live
         out["bytes_per_conn"] = per
         print(
             f"  relay VmRSS {before / 1024:.1f} MB -> {after / 1024:.1f} MB after {args.settle:.0f}"
             f" s: {per / 1024:.2f} KB per idle authenticated WebSocket"
-            + (f" (summed over {len(after_by)} workers)" if len(after_by) > 1 else "")
+            + (f" (summed over {len(after_by)} nodes)" if len(after_by) > 1 else "")
         )
         ok = per <= TARGETS["idle_bytes_per_conn"] and live >= TARGETS["idle_connections"]
         print(
@@ -696,19 +751,6 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
-async def fetch_metrics_by_worker(url: str, expected: int, attempts: int = 400) -> dict[str, str]:
-    """``/metrics`` of each worker: new connections until ``expected`` distinct workers (named by
-    the X-Blindpost-Worker header; "-" for a single-process relay) have answered."""
-    out: dict[str, str] = {}
-    for _ in range(attempts):
-        connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as s, s.get(url + "/metrics") as r:
-            out[r.headers.get("X-Blindpost-Worker", "-")] = await r.text()
-        if len(out) >= expected:
-            break
-    return out
-
-
 async def store_commits(url: str) -> tuple[float, float]:
     """(commits, operations committed) so far, from ``/metrics`` (zeros if not exported)."""
     text = await fetch_text(url + "/metrics")
@@ -730,16 +772,17 @@ async def fanout_scenario(args: argparse.Namespace) -> dict[str, Any]:
         await register_devices(relay.url, seed, prefix, n + 1)
         workers = []
         if not args.offline:
+            urls = relay.urls
             cfgs = [
                 {
-                    "url": relay.url,
+                    "url": urls[i % len(urls)],
                     "seed": seed,
                     "prefix": prefix,
                     "mode": "recipients",
                     "indices": [1 + a, 1 + b],
                     "source_addrs": source_addrs(1),
                 }
-                for a, b in split(n, args.workers)
+                for i, (a, b) in enumerate(split(n, args.workers))
             ]
             workers = await start_workers(cfgs, 120)
         sender = device_signer(seed, prefix, 0)
@@ -834,7 +877,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra setting for the started relay, e.g. workers=2 (repeatable)",
+        help="extra setting for the started relay, e.g. write_batch_max=500 (repeatable)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="start this many relay nodes on PostgreSQL + Redis (needs --store postgres), each"
+        " on its own port; the load processes take turns over them",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("BLINDPOST_BENCH_REDIS_URL") or "redis://127.0.0.1:6379/0",
+        help="Redis for --nodes (keys under a fresh prefix, deleted at the end)",
     )
     p.add_argument(
         "--store",
@@ -909,7 +964,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.nodes < 1 or (args.nodes > 1 and (args.store != "postgres" or args.url)):
+        parser.error("--nodes N (N > 1) starts relay nodes on PostgreSQL: add --store postgres")
     if args.url and not args.url.startswith(("http://127.", "http://localhost")):
         print("refusing: the load tool only targets loopback relays")
         return 2

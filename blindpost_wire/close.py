@@ -14,7 +14,6 @@ __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_IDLE",
     "CLOSE_REPLACED",
-    "CLOSE_RESYNC",
     "CLOSE_TOO_SLOW",
     "CLOSE_TRY_AGAIN_LATER",
     "CLOSE_UNAUTHENTICATED",
@@ -22,8 +21,6 @@ __all__ = [
 
 #: The relay is shutting down (RFC 6455); reconnect with backoff.
 CLOSE_GOING_AWAY: Final = 1001
-#: "Service restart": a relay worker lost track of its peers; reconnect.
-CLOSE_RESYNC: Final = 1012
 #: The relay cannot serve the socket now (a node lost Redis); reconnect with backoff.
 CLOSE_TRY_AGAIN_LATER: Final = 1013
 #: A newer connection of the same device replaced this one; do not reconnect.

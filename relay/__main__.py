@@ -14,7 +14,6 @@ from pathlib import Path
 
 from relay import admin, admin_accounts
 from relay.admin import Registrar, run_group
-from relay.cluster import run_supervisor
 from relay.config import ENV_PREFIX, SETTING_HELP, ConfigError, RelayConfig
 from relay.errors import StorageError
 from relay.integrity import startup_check
@@ -80,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments (``sys.argv[1:]`` if None).
 
     Returns:
-        Process exit status: 0 after a clean shutdown (with ``workers`` > 1: of every worker),
-        2 for bad settings, 1 if it cannot start or a worker did not stop cleanly.
+        Process exit status: 0 after a clean shutdown, 2 for bad settings (a removed setting
+        such as ``workers`` included), 1 if it cannot start.
     """
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMAND_GROUPS:
@@ -111,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_seconds=config.startup_check_seconds,
                 accept_data_loss=args.accept_data_loss,
             )
-        if config.workers > 1:
-            return run_supervisor(config)
-        loop_run(config.event_loop, serve(config))  # workers=1: one process, no supervisor
+        loop_run(config.event_loop, serve(config))
     except (OSError, StorageError) as exc:
         logging.getLogger("relay").error("cannot start: %s", exc)
         return 1

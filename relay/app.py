@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
-import hashlib
 import json
 import logging
-import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,16 +23,15 @@ from aiohttp import web
 
 from relay.auth import (
     H_CONTENT_SHA256,
-    SignedHeaders,
     body_digest_header,
     check_fresh,
     parse_signed_headers,
-    verify_signature,
+    sha256_hex,
 )
 from relay.backends import make_blob_store, make_store
 from relay.blob_http import blob_response
-from relay.blobs import BlobStore, check_blob_id
-from relay.body import BodyLimits, BodySlots, read_body, timed_chunks
+from relay.blobs import check_blob_id
+from relay.body import BodySlots, read_body, timed_chunks
 from relay.config import RelayConfig
 from relay.errors import (
     AccountQuotaExceeded,
@@ -48,29 +42,23 @@ from relay.errors import (
     NotFound,
     RateLimited,
     RelayError,
-    StorageError,
     TooLarge,
 )
-from relay.guard import request_started, response_finished
-from relay.health import Readiness
+from relay.http_errors import Handler, json_errors
 from relay.hub import CLOSE_BANNED, CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
-from relay.ratelimit import Limiter, RateLimiter, make_limiter
-from relay.registration import (
-    RegistrationGate,
-    invite_hash,
-    load_or_create_key,
-    shared_registration_key,
-)
+from relay.ratelimit import RateLimiter, make_limiter
+from relay.registration import invite_hash
 from relay.replay import (
     ManagedReplayGuard,
     ReplayGuard,
     SharedReplayGuard,
     load_replay_secret,
     make_replay_guard,
-    replay_key,
 )
-from relay.store.base import Address, Envelope, RelayStore
+from relay.sending import charge_lookups, check_recipient_users
+from relay.state import CONFIG_KEY, STATE_KEY, BlobHealth, Clock, RelayState
+from relay.store.base import Address, RelayStore
 from relay.wire import (
     AUTH_KEY_LEN,
     RESERVED_USERNAMES,
@@ -86,19 +74,11 @@ from relay.wire import (
     parse_key_upload,
     parse_username,
 )
+from relay.ws import websocket_handler
 
 __all__ = [
     "BINARY_SEND_TYPE",
-    "CONFIG_KEY",
-    "STATE_KEY",
-    "BlobHealth",
-    "Clock",
-    "RelayState",
-    "charge_lookups",
-    "check_recipient_users",
     "create_app",
-    "json_error",
-    "json_errors",
     "load_openapi",
     "receipt_json",
     "refresh_bans",
@@ -114,380 +94,9 @@ log = logging.getLogger("relay.app")
 BINARY_SEND_TYPE = "application/vnd.blindpost.send"
 
 
-class Clock:
-    """Wall-clock milliseconds and monotonic seconds; replace in tests for a fixed clock."""
-
-    def now_ms(self) -> int:
-        """Return unix time in milliseconds."""
-        return time.time_ns() // 1_000_000
-
-    def monotonic(self) -> float:
-        """Return monotonic seconds (for rate limiting)."""
-        return time.monotonic()
-
-
-_PROBE_BYTES = 4 * 1024 * 1024  # a blob probe writes (and removes) this much
-
-
-@dataclass(slots=True)
-class BlobHealth:
-    """Whether blob files can be written: the last write failure, until a write succeeds."""
-
-    directory: Path
-    write_error: str | None = None
-
-    def failed(self, exc: OSError, what: str) -> StorageError:
-        """Record and log a failed blob write; return the error to answer with (503)."""
-        self.write_error = f"{type(exc).__name__} errno={exc.errno}: {exc.strerror}"
-        log.error("blob storage failure during %s: %s", what, self.write_error)
-        return StorageError("blob storage failure")
-
-    def succeeded(self) -> None:
-        """A blob write went through."""
-        if self.write_error is not None:
-            log.warning("blob writes succeed again")
-            self.write_error = None
-
-    async def ready(self) -> str | None:
-        """None when blob files can be written; after a failure, probes with a 4 MiB file."""
-        if self.write_error is None:
-            return None
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, _probe_directory, self.directory)
-        except OSError as exc:
-            return f"blob writes fail: {type(exc).__name__} errno={exc.errno}: {exc.strerror}"
-        self.succeeded()
-        return None
-
-
-def _probe_directory(directory: Path) -> None:
-    path = directory / f"probe-{os.getpid()}"
-    try:
-        with open(path, "wb") as fh:
-            fh.write(bytes(_PROBE_BYTES))
-            fh.flush()
-            os.fsync(fh.fileno())
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-@dataclass(slots=True)
-class RelayState:
-    """Everything the handlers share, stored in the app under ``STATE_KEY``."""
-
-    config: RelayConfig
-    store: RelayStore
-    clock: Clock
-    metrics: Metrics
-    hub: Hub
-    blobs: BlobStore
-    replay: ReplayGuard
-    register_limit: Limiter
-    # Node-local and synchronous: checked per WebSocket frame (``take_now``); docs/architecture.md
-    # ("Rate limits") says why these two never go to Redis.
-    send_limit: RateLimiter
-    fetch_limit: Limiter  # per (requesting account, target user)
-    fetch_account_limit: Limiter  # per requesting account
-    prekey_target_limit: Limiter  # one-time prekeys handed out per target user
-    device_add_limit: Limiter  # per account
-    lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
-    upload_limit: RateLimiter  # bytes per account; node-local like send_limit
-    body_slots: BodySlots
-    blob_health: BlobHealth
-    readiness: Readiness = field(default_factory=Readiness)
-    keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
-    # The key of the replay digests (relay.replay.replay_key); loaded when the app starts.
-    replay_secret: bytes = b""
-    background: set[asyncio.Task[Any]] = field(default_factory=set)
-    # Scale-out hook (relay.cluster): told of a removed device so other workers drop its cached
-    # auth key and close its socket. None in a single process.
-    device_removed_listener: Callable[[Address], None] | None = None
-    # Set while this relay is one of several nodes linked through Redis (redis_url).
-    node: NodeLink | None = None
-
-    def require_node_ready(self) -> None:
-        """Refuse what needs Redis while a relay node cannot reach it.
-
-        Raises:
-            Unavailable: 503 with Retry-After.
-        """
-        node = self.node
-        if node is not None:
-            node.require_ready()
-
-    _gate: RegistrationGate | None = None
-    banned: frozenset[str] = frozenset()  # reread every ban_refresh_seconds
-
-    def gate(self) -> RegistrationGate:
-        """The proof-of-work gate, its key loaded (or created) on first use.
-
-        Raises:
-            StorageError: the key file cannot be read or created.
-        """
-        if self._gate is None:
-            cfg = self.config
-            if isinstance(self.replay, SharedReplayGuard):
-                # Nodes behind one load balancer must verify each other's challenges: the key
-                # is derived from the secret their shared replay guard keeps for all of them.
-                key = shared_registration_key(self.replay_secret)
-            else:
-                try:
-                    key = load_or_create_key(cfg.data_dir)
-                except OSError as exc:
-                    log.error("registration key unavailable: %s", exc)
-                    raise StorageError("registration key unavailable") from exc
-            self._gate = RegistrationGate(
-                key,
-                cfg.registration_pow_difficulty,
-                int(cfg.registration_challenge_ttl_seconds * 1000),
-            )
-        return self._gate
-
-    async def authenticate(
-        self, request: web.Request, body_sha256: str, *, register_key: bytes | None = None
-    ) -> Address:
-        """Authenticate a signed request (docs/relay-api.md section 1).
-
-        Args:
-            request: the request (headers, method and raw target are used).
-            body_sha256: hex SHA-256 of the body as received (or as declared, for streams).
-            register_key: for registration, the auth key being registered.
-
-        Returns:
-            The authenticated device address.
-
-        Raises:
-            AuthError: missing, stale, replayed or invalid signature.
-        """
-        sh = parse_signed_headers(request.headers)
-        check_fresh(sh, self.clock.now_ms(), self.window_ms)
-        declared = body_digest_header(request.headers)
-        if declared is not None and declared != body_sha256:
-            raise AuthError("body does not match X-Blindpost-Content-SHA256", code="auth_invalid")
-        return await self.authenticate_signed(
-            sh, request.method, request.raw_path, body_sha256, register_key=register_key
-        )
-
-    async def authenticate_signed(
-        self,
-        sh: SignedHeaders,
-        method: str,
-        target: str,
-        body_sha256: str,
-        *,
-        register_key: bytes | None = None,
-    ) -> Address:
-        """Authenticate parsed auth fields (from headers or a WebSocket auth frame).
-
-        Args:
-            sh: the parsed, unverified auth fields.
-            method: request method that was signed.
-            target: raw request target that was signed.
-            body_sha256: hex SHA-256 of the body.
-            register_key: for registration, the auth key being registered.
-
-        Returns:
-            The authenticated device address.
-
-        Raises:
-            AuthError: stale, replayed or invalid signature, unknown device.
-            Forbidden: ``account_banned``.
-        """
-        check_fresh(sh, self.clock.now_ms(), self.window_ms)
-        addr = Address(sh.user, sh.device)
-        key_bytes = register_key if register_key is not None else await self.device_key(addr)
-        verify_signature(key_bytes, sh, method, target, body_sha256)
-        if addr.user in self.banned:
-            raise Forbidden("this account is banned by the relay's operator", code="account_banned")
-        await self.claim_nonce(sh)
-        if register_key is None:
-            self._remember_key(addr, key_bytes)
-        return addr
-
-    async def device_key(self, addr: Address) -> bytes:
-        """The registered auth key of ``addr`` (cached).
-
-        Raises:
-            AuthError: ``auth_invalid``, no such device.
-        """
-        found = self.keys.get(addr) or await self.store.auth_key(addr)
-        if found is None:
-            raise AuthError("unknown device", code="auth_invalid")
-        return found
-
-    def _remember_key(self, addr: Address, key: bytes) -> None:
-        if addr not in self.keys:
-            if len(self.keys) > 200_000:
-                self.keys.clear()
-            self.keys[addr] = key
-
-    async def read_signed_body(self, request: web.Request) -> tuple[bytes, Address]:
-        """Read and authenticate a signed request with a body, checking first all that can be
-        checked without it.
-
-        Before a byte of the body is read: the auth headers parse, the timestamp is inside the
-        window, the declared length is within ``max_request_bytes`` and the device exists; when
-        the client sent ``X-Blindpost-Content-SHA256`` the signature is verified and the nonce
-        claimed too (a body that then fails leaves the nonce used: retries sign anew). A body
-        whose signature cannot be verified before it arrives holds one of its client address's
-        ``unauthenticated_bodies_per_address`` slots while it is read. Every body is read under
-        the ``body_timeout_seconds`` / ``body_min_bytes_per_second`` deadline (relay.body).
-
-        Returns:
-            (body, authenticated device address).
-
-        Raises:
-            AuthError: missing, stale, replayed or invalid signature, unknown device.
-            TooLarge: over ``max_request_bytes``.
-            RateLimited: the client address has too many unauthenticated bodies in flight.
-            relay.body.BodyTimeout: the body was too slow (the connection is closed).
-            relay.body.BodyAbandoned: the client stopped sending.
-        """
-        sh = parse_signed_headers(request.headers)
-        check_fresh(sh, self.clock.now_ms(), self.window_ms)
-        declared = body_digest_header(request.headers)
-        limits = self.body_limits(self.config.max_request_bytes)
-        length = request.content_length
-        if length is not None and length > limits.max_bytes:
-            raise TooLarge(f"request body exceeds {limits.max_bytes} bytes")
-        addr = Address(sh.user, sh.device)
-        key = await self.device_key(addr)
-        if addr.user in self.banned:
-            raise Forbidden("this account is banned by the relay's operator", code="account_banned")
-        method, target = request.method, request.raw_path
-        if declared is not None:
-            # Authenticated before the body, nonce included: a replay of captured headers is
-            # refused here, so it cannot hold connections outside the per-address bound.
-            verify_signature(key, sh, method, target, declared)
-            await self.claim_nonce(sh)
-            body = await read_body(request, limits)
-            if _sha(body) != declared:
-                raise AuthError(
-                    "body does not match X-Blindpost-Content-SHA256", code="auth_invalid"
-                )
-        else:
-            with self.body_slots.hold(request.remote or "?"):
-                body = await read_body(request, limits)
-            verify_signature(key, sh, method, target, _sha(body))
-            await self.claim_nonce(sh)
-        self._remember_key(addr, key)
-        return body, addr
-
-    def body_limits(self, max_bytes: int) -> BodyLimits:
-        """The body deadline settings, with ``max_bytes``."""
-        cfg = self.config
-        return BodyLimits(cfg.body_timeout_seconds, cfg.body_min_bytes_per_second, max_bytes)
-
-    @property
-    def window_ms(self) -> int:
-        """The auth window in milliseconds."""
-        return int(self.config.auth_window_seconds * 1000)
-
-    async def claim_nonce(self, sh: SignedHeaders) -> None:
-        """Record a verified request's nonce in the replay guard (durably, for the SQLite one).
-
-        Freshness is checked again here, at claim time: a request whose body took long must not
-        claim a key that has already expired (a replay could then claim it a second time).
-
-        Raises:
-            AuthError: ``auth_stale``, or ``auth_replay``: the nonce was accepted before inside
-                the window.
-            RelayError: 503 when the guard is full or unavailable.
-        """
-        now_ms = self.clock.now_ms()
-        check_fresh(sh, now_ms, self.window_ms)
-        key = replay_key(self.replay_secret, sh.user, sh.device, sh.nonce)
-        # A key lives until its own timestamp leaves the window: a replay after that is stale.
-        if not await self.replay.claim(key, sh.timestamp_ms + self.window_ms, now_ms):
-            raise AuthError("nonce already used", code="auth_replay")
-
-    def spawn(self, coro: Awaitable[None]) -> None:
-        """Run a background coroutine that is cancelled at shutdown."""
-        task = asyncio.ensure_future(coro)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-
-CONFIG_KEY = web.AppKey("config", RelayConfig)
-STATE_KEY = web.AppKey("state", RelayState)
-
-
-def json_error(err: RelayError) -> web.Response:
-    """Render a RelayError as its JSON response (with Retry-After for 429 and 503)."""
-    headers = {}
-    retry = err.extra.get("retry_after")
-    if err.status in (429, 503) and isinstance(retry, int):
-        headers["Retry-After"] = str(retry)
-    return web.json_response(err.to_json(), status=err.status, headers=headers)
-
-
 def receipt_json(message_id: bytes, recipients: int, stored_at: int) -> dict[str, Any]:
     """The 200 body of a send (also the payload of a WebSocket send_result)."""
     return {"id": b64e(message_id), "recipients": recipients, "stored_at": stored_at}
-
-
-_HTTP_ERRORS = {
-    400: "invalid_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-    416: "range_not_satisfiable",
-}
-
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_errors(handler: Handler) -> Handler:
-    """Wrap a handler so every error becomes a JSON error response (and is counted).
-
-    A decorator rather than a middleware: a middleware's frames stay alive for the whole life of
-    every WebSocket, and idle sockets must stay small. The WebSocket handler renders its own
-    pre-upgrade errors.
-    """
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        request_started(request)  # the slowloris guard's clock stops: headers are complete
-        try:
-            resp = await handler(request)
-        except RelayError as err:
-            resp = json_error(err)
-            if getattr(err, "close_connection", False):
-                await _send_and_close(request, resp)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            code = _HTTP_ERRORS.get(exc.status, "http_error")
-            keep = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-            resp = web.json_response(
-                {"error": code, "message": exc.reason}, status=exc.status, headers=keep
-            )
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            resp = web.json_response(
-                {"error": "internal_error", "message": "internal error"}, status=500
-            )
-        finally:
-            response_finished(request)  # the next byte on this connection starts its clock
-        request.app[STATE_KEY].metrics.http_responses[resp.status] += 1
-        return resp
-
-    return wrapped
-
-
-async def _send_and_close(request: web.Request, resp: web.StreamResponse) -> None:
-    """Write ``resp`` now, then close the connection without reading the rest of the body."""
-    resp.force_close()
-    with contextlib.suppress(ConnectionError, RuntimeError):
-        await resp.prepare(request)
-        await resp.write_eof()
-    force_close = getattr(request.protocol, "force_close", None)
-    if force_close is not None:
-        force_close()
 
 
 async def _fallback(request: web.Request) -> web.StreamResponse:
@@ -513,12 +122,8 @@ def _json(body: bytes) -> Any:
         raise BadRequest("body is not valid JSON") from exc
 
 
-def _sha(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
-
-
 async def _auth(request: web.Request, body: bytes = b"") -> Address:
-    return await request.app[STATE_KEY].authenticate(request, _sha(body))
+    return await request.app[STATE_KEY].authenticate(request, sha256_hex(body))
 
 
 # -- accounts ----------------------------------------------------------------------------
@@ -567,7 +172,7 @@ async def register(request: web.Request) -> web.Response:
         raise BadRequest(f"invite must be a string of at most {_MAX_INVITE_LEN} characters")
     if sh.user != username or sh.device != device:
         raise AuthError("auth headers must name the account being registered")
-    addr = await st.authenticate(request, _sha(body), register_key=auth_key)
+    addr = await st.authenticate(request, sha256_hex(body), register_key=auth_key)
     now = st.clock.now_ms()
     # An invite, when given, is always checked and consumed; it stands in for the work.
     if invite is None and mode == "invite":
@@ -623,8 +228,6 @@ async def remove_device(request: web.Request) -> web.Response:
     st.hub.kick_device(target, CLOSE_DEVICE_REMOVED, "device removed")
     if st.node is not None:
         await st.node.publish_removed(target)
-    if st.device_removed_listener is not None:
-        st.device_removed_listener(target)
     log.info("removed device user=%s device=%d", target.user, target.device)
     return web.json_response({"removed": True})
 
@@ -699,38 +302,6 @@ async def send_message(request: web.Request) -> web.Response:
     return web.json_response(
         receipt_json(receipt.message_id, receipt.recipients, receipt.stored_at)
     )
-
-
-def check_recipient_users(env: Envelope, max_users: int) -> None:
-    """Refuse a send naming more than ``max_users`` distinct users.
-
-    Raises:
-        BadRequest: ``too_many_recipients``.
-    """
-    if len({r.user for r in env.recipients}) > max_users:
-        raise BadRequest(
-            f"a message may name at most {max_users} users", code="too_many_recipients"
-        )
-
-
-async def charge_lookups(
-    st: RelayState, caller: Address, exc: MismatchedDevices
-) -> MismatchedDevices:
-    """Charge a 409's users (unknown, or with a device mismatch) to the caller's lookup budget.
-
-    A 409 tells which names exist and their device ids; the budget bounds how fast anyone
-    learns that through sends. An answer about more users than ``lookup_burst`` names only
-    that many (``"truncated": true``).
-
-    Returns:
-        The 409 to give.
-
-    Raises:
-        RateLimited: the budget is spent (no 409 is given).
-    """
-    answer = exc.limited(max(1, int(st.config.lookup_burst)))
-    await st.lookup_limit.take(caller.user, st.clock.monotonic(), answer.users_named)
-    return answer
 
 
 async def read_messages(request: web.Request) -> web.Response:
@@ -1003,8 +574,6 @@ def create_app(
     Returns:
         The aiohttp application; its cleanup context opens and closes the store.
     """
-    from relay.ws import websocket_handler
-
     app = web.Application(client_max_size=config.max_request_bytes)
     app[CONFIG_KEY] = config
     metrics_ = Metrics()
@@ -1072,6 +641,7 @@ def create_app(
         state.store.set_delivery_listener(state.hub.deliver)
         link: NodeLink | None = None
         if config.redis_url:
+            # Imported here, not at the top: only a relay with redis_url pays for loading redis.
             from relay.nodes.link import NodeLink
 
             link = NodeLink(state, config)

@@ -1,7 +1,7 @@
 # Invariants: a request is authenticated only if its timestamp is inside the window, its
 # signature verifies against the registered Ed25519 key over the canonical string of
 # docs/relay-api.md section 1, and its nonce was not accepted before inside the window (the
-# nonce record is relay.replay's ReplayGuard; relay.app claims a nonce only after its signature
+# nonce record is relay.replay's ReplayGuard; relay.state claims a nonce only after its signature
 # verified, so forged requests cannot fill it).
 """Signed-request authentication: header parsing, canonical string, freshness and verification."""
 
@@ -44,6 +44,7 @@ __all__ = [
     "canonical_string",
     "check_fresh",
     "parse_signed_headers",
+    "sha256_hex",
     "sign_request",
     "verify_signature",
 ]
@@ -51,6 +52,11 @@ __all__ = [
 
 _NONCE_RE = re.compile(NONCE_PATTERN)
 _HEX64_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_hex(body: bytes) -> str:
+    """The hex SHA-256 of a body, as the canonical string signs it."""
+    return hashlib.sha256(body).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +98,7 @@ def sign_request(
     Returns:
         Header name to value.
     """
-    digest = body_sha256 or hashlib.sha256(body).hexdigest()
+    digest = body_sha256 or sha256_hex(body)
     msg = canonical_string(method, target, user, device, timestamp_ms, nonce, digest)
     return {
         H_USER: user,

@@ -185,7 +185,6 @@ class FsBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        # Replaced by relay.cluster with a lock that also excludes the other workers.
         self.lock: contextlib.AbstractAsyncContextManager[Any] = asyncio.Lock()
 
     async def open(self) -> None:

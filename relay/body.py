@@ -36,7 +36,7 @@ class BodyTimeout(RelayError):
 
     status = 408
     default_code = "body_timeout"
-    close_connection = True  # relay.app.json_errors writes the response, then closes
+    close_connection = True  # relay.http_errors.json_errors writes the response, then closes
 
 
 class BodyAbandoned(BadRequest):

@@ -24,26 +24,15 @@ __all__ = [
     "POSTGRES_POOL_MIN",
     "REDIS_PREFIX_MAX",
     "REPLAY_GUARDS",
+    "RETIRED_SETTINGS",
     "SETTING_HELP",
     "STORES",
-    "WORKERS_MAX",
-    "WORKER_DATAGRAM_BYTES_MAX",
-    "WORKER_DATAGRAM_BYTES_MIN",
     "ConfigError",
     "RelayConfig",
     "default_data_dir",
 ]
 
 ENV_PREFIX = "BLINDPOST_RELAY_"
-# Each worker pushes from the store after every commit of any worker (docs/architecture.md,
-# "Scale-out"), so reads grow with N; beyond a few dozen workers that amplification, not CPU,
-# would dominate. A hard bound keeps a typo (workers=1000) from forking a thousand processes.
-WORKERS_MAX = 64
-# A worker datagram carries whole lines of ids and numbers (each under 100 bytes: usernames are
-# at most 32 characters), so 1 KiB always fits one; 64 KiB stays well under the kernel's
-# AF_UNIX send buffer, and every worker receives with a buffer of the maximum.
-WORKER_DATAGRAM_BYTES_MIN = 1024
-WORKER_DATAGRAM_BYTES_MAX = 65536
 REPLAY_GUARDS = ("auto", "sqlite", "memory", "redis", "postgres")
 LISTEN_BACKLOG_MAX = 65535  # the kernel silently caps it further at net.core.somaxconn
 STORES = ("sqlite", "postgres")
@@ -57,6 +46,33 @@ POSTGRES_POOL_MAX = 1000
 REDIS_PREFIX_MAX = 64
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+# Settings that were removed. A configuration that still names one (flag, environment or TOML)
+# is refused with what to do instead, not silently ignored or reported as a typo: ``workers``
+# and its ``worker_*`` settings ran N processes over one SQLite file, retired for the one
+# scale-out design (docs/architecture.md, "One scale-out design: relay nodes").
+_NODES_INSTEAD = (
+    "workers=N over one SQLite file is gone. One relay process uses one core; for more cores"
+    " on one host run several relay nodes on store = postgres with redis_url, sharing one port"
+    " with reuse_port = 1 (or on several ports behind a proxy). See docs/self-hosting.md,"
+    ' "Several relay nodes"'
+)
+RETIRED_SETTINGS: dict[str, str] = dict.fromkeys(
+    (
+        "workers",
+        "worker_restart_max_backoff_seconds",
+        "worker_restart_first_backoff_seconds",
+        "worker_restart_reset_seconds",
+        "worker_stop_grace_seconds",
+        "worker_poll_seconds",
+        "worker_pump_rows",
+        "worker_pump_bytes",
+        "worker_datagram_bytes",
+        "worker_outbox_max_lines",
+    ),
+    _NODES_INSTEAD,
+)
 
 
 class ConfigError(ValueError):
@@ -167,7 +183,7 @@ SETTING_HELP: dict[str, str] = {
     " beyond)",
     "replay_guard": "where accepted nonces are recorded: auto (sqlite with store = sqlite; with"
     " store = postgres, redis if redis_url is set, else postgres), sqlite"
-    " (data_dir/replay.sqlite3, shared by every worker, survives restarts), redis or postgres"
+    " (data_dir/replay.sqlite3, survives restarts), redis or postgres"
     " (shared by every node, survive restarts) or memory (one process, forgotten at restart: a"
     " captured request can be replayed after a restart inside auth_window_seconds)",
     "replay_secret_file": "file holding the key of the nonce digests of the sqlite and memory"
@@ -175,25 +191,6 @@ SETTING_HELP: dict[str, str] = {
     " keep their key themselves, shared by every node",
     "switch_interval_ms": "Python thread switch interval; small values stop the event loop"
     " from starving the SQLite writer thread",
-    "workers": f"worker processes sharing the listening socket and the database (1..{WORKERS_MAX});"
-    " 1 = one process, no supervisor",
-    "worker_restart_max_backoff_seconds": "with workers > 1: the longest wait before a crashed"
-    " worker is restarted (the wait doubles per crash from worker_restart_first_backoff_seconds)",
-    "worker_restart_first_backoff_seconds": "with workers > 1: the wait before a crashed worker"
-    " is first restarted",
-    "worker_restart_reset_seconds": "with workers > 1: a worker that ran this long before"
-    " crashing restarts after the first backoff again",
-    "worker_stop_grace_seconds": "with workers > 1: on SIGTERM, workers still running"
-    " shutdown_timeout_seconds + this later are killed (exit status 1)",
-    "worker_poll_seconds": "with workers > 1: how often a worker also looks for commits no peer"
-    " signalled (a lost datagram delays a push by at most this)",
-    "worker_pump_rows": "with workers > 1: mailbox rows a worker's delivery pump scans per read",
-    "worker_pump_bytes": "with workers > 1: message bodies a delivery pump reads per page"
-    " (at least one message per page)",
-    "worker_datagram_bytes": "with workers > 1: max size of one datagram between workers"
-    f" ({WORKER_DATAGRAM_BYTES_MIN}..{WORKER_DATAGRAM_BYTES_MAX})",
-    "worker_outbox_max_lines": "with workers > 1: datagram lines queued per peer that is not"
-    " reading; beyond it they become one resync order (that worker closes its sockets, 1012)",
     "event_loop": "auto (uvloop where installed, else asyncio), uvloop or asyncio",
     "store": "where accounts, keys and mailboxes live: sqlite (embedded, in data_dir) or postgres"
     " (postgres_dsn; several relay nodes may share it)",
@@ -215,7 +212,8 @@ SETTING_HELP: dict[str, str] = {
     "listen_backlog": f"TCP accept queue length (1..{LISTEN_BACKLOG_MAX}; the kernel caps it"
     " at net.core.somaxconn)",
     "reuse_port": "1 = bind with SO_REUSEPORT, so several relay nodes on one host share the port"
-    " (the kernel spreads connections over them); 0 = a port of its own",
+    " (the kernel spreads connections over them; needs store = postgres and redis_url); 0 = a"
+    " port of its own",
     "redis_heartbeat_seconds": "with redis_url: how often a node pings Redis and refreshes the"
     " presence of its connected devices",
     "redis_presence_ttl_seconds": "with redis_url: a device's presence expires this long after"
@@ -297,16 +295,6 @@ class RelayConfig:
     replay_guard: str = "auto"
     replay_secret_file: str = ""
     switch_interval_ms: float = 0.5
-    workers: int = 1
-    worker_restart_max_backoff_seconds: float = 10.0
-    worker_restart_first_backoff_seconds: float = 0.1
-    worker_restart_reset_seconds: float = 30.0
-    worker_stop_grace_seconds: float = 15.0
-    worker_poll_seconds: float = 1.0
-    worker_pump_rows: int = 1000
-    worker_pump_bytes: int = 4 * 1024 * 1024
-    worker_datagram_bytes: int = 16 * 1024
-    worker_outbox_max_lines: int = 100_000
     listen_backlog: int = 4096
     reuse_port: int = 0
     event_loop: str = "auto"
@@ -352,29 +340,9 @@ class RelayConfig:
             "mailbox_stranger_max_messages",
             "mailbox_stranger_max_bytes",
             "account_max_bytes",
-            # Checked whatever ``workers`` is, so a bad value fails now, not when N is raised.
-            # Zero would mean a pump that reads nothing, crashed workers restarted in a tight
-            # loop (no first wait, or never any doubling), workers killed the moment the
-            # shutdown timeout ends, or an outbox that drops every line.
-            "worker_restart_first_backoff_seconds",
-            "worker_restart_reset_seconds",
-            "worker_stop_grace_seconds",
-            "worker_pump_rows",
-            "worker_pump_bytes",
-            "worker_outbox_max_lines",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
-        if not 1 <= self.workers <= WORKERS_MAX:
-            raise ConfigError(
-                f"workers must be 1..{WORKERS_MAX} (got {self.workers}); each worker is a"
-                " process with its own database connections"
-            )
-        if not WORKER_DATAGRAM_BYTES_MIN <= self.worker_datagram_bytes <= WORKER_DATAGRAM_BYTES_MAX:
-            raise ConfigError(
-                f"worker_datagram_bytes must be {WORKER_DATAGRAM_BYTES_MIN}.."
-                f"{WORKER_DATAGRAM_BYTES_MAX} (got {self.worker_datagram_bytes})"
-            )
         if self.replay_guard not in REPLAY_GUARDS:
             raise ConfigError(
                 f"replay_guard must be one of {', '.join(REPLAY_GUARDS)}"
@@ -405,14 +373,18 @@ class RelayConfig:
             )
         if self.reuse_port not in (0, 1):
             raise ConfigError(f"reuse_port must be 0 or 1 (got {self.reuse_port})")
-        if self.reuse_port and self.workers > 1:
-            raise ConfigError("reuse_port and workers > 1 exclude each other")
+        if self.reuse_port and (self.store != "postgres" or not self.redis_url):
+            # Processes sharing a port get clients at random: without the shared store and the
+            # Redis link a message sent to one would not be pushed by another.
+            raise ConfigError(
+                "reuse_port = 1 needs store = postgres and redis_url: the processes sharing a"
+                " port must be relay nodes linked through Redis (docs/self-hosting.md,"
+                ' "Several relay nodes")'
+            )
         if self.replay_guard == "redis" and not self.redis_url:
             raise ConfigError("replay_guard = redis needs redis_url")
         if self.replay_guard == "postgres" and self.store != "postgres":
             raise ConfigError("replay_guard = postgres needs store = postgres")
-        if self.redis_url and self.workers > 1:
-            raise ConfigError("redis_url and workers > 1 exclude each other: run several nodes")
         for kind in ("messages", "bytes"):
             if getattr(self, f"mailbox_stranger_max_{kind}") > getattr(
                 self, f"mailbox_sender_max_{kind}"
@@ -445,8 +417,6 @@ class RelayConfig:
             )
         if self.max_recipient_users < 1:
             raise ConfigError("max_recipient_users must be positive")
-        if self.workers > 1 and self.worker_poll_seconds <= 0:
-            raise ConfigError("worker_poll_seconds must be positive when workers > 1")
         self._check_backends()
 
     def _check_backends(self) -> None:
@@ -462,11 +432,6 @@ class RelayConfig:
         if self.store == "postgres":
             if not self.postgres_dsn:
                 raise ConfigError("store = postgres needs postgres_dsn")
-            if self.workers > 1:
-                raise ConfigError(
-                    "workers > 1 shares one SQLite file; with store = postgres run several"
-                    " relay nodes instead (docs/self-hosting.md)"
-                )
         elif self.blob_store == "postgres":
             raise ConfigError("blob_store = postgres needs store = postgres")
         if not POSTGRES_POOL_MIN <= self.postgres_pool_size <= POSTGRES_POOL_MAX:
@@ -540,7 +505,7 @@ class RelayConfig:
                 raise ConfigError("[relay] must be a table")
             values.update(table)
         env_map = os.environ if env is None else env
-        names = {f.name for f in fields(cls)}
+        names = {f.name for f in fields(cls)} | RETIRED_SETTINGS.keys()
         for name in names:
             raw = env_map.get(ENV_PREFIX + name.upper())
             if raw is not None:
@@ -567,6 +532,9 @@ def _coerce_all(values: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         kind = _FIELD_TYPES.get(key)
         if kind is None:
+            retired = RETIRED_SETTINGS.get(key)
+            if retired is not None:
+                raise ConfigError(f"setting {key!r} was removed: {retired}")
             raise ConfigError(f"unknown setting {key!r}")
         out[key] = _coerce(key, kind, value)
     return out

@@ -25,8 +25,8 @@ class HeaderTimeoutProtocol(asyncio.Protocol):
     on a keep-alive connection at the first byte after the previous response) and disarms it
     once the blank line ending the headers (``\\r\\n\\r\\n``) has arrived or a handler has
     started; every call is forwarded to the wrapped protocol unchanged. ``request_started`` /
-    ``response_finished`` (called by ``relay.app.json_errors``, which wraps every HTTP route)
-    tell it when a handler runs; a WebSocket upgrade ``unwrap``s it. An idle keep-alive
+    ``response_finished`` (called by ``relay.http_errors.json_errors``, which wraps every HTTP
+    route) tell it when a handler runs; a WebSocket upgrade ``unwrap``s it. An idle keep-alive
     connection (no bytes at all) is left to aiohttp's keep-alive timeout.
 
     Args:

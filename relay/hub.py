@@ -27,7 +27,6 @@ from blindpost_wire.close import (
     CLOSE_GOING_AWAY,
     CLOSE_IDLE,
     CLOSE_REPLACED,
-    CLOSE_RESYNC,
     CLOSE_TOO_SLOW,
     CLOSE_UNAUTHENTICATED,
 )
@@ -41,7 +40,6 @@ __all__ = [
     "CLOSE_GOING_AWAY",
     "CLOSE_IDLE",
     "CLOSE_REPLACED",
-    "CLOSE_RESYNC",
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHENTICATED",
     "HARD_CAP_FACTOR",
@@ -128,9 +126,6 @@ class Hub:
         self._hard_cap = max_outbound_bytes * HARD_CAP_FACTOR
         self._grace = grace
         self._tasks: set[asyncio.Task[None]] = set()
-        # Scale-out hook (relay.cluster): told of every attach, to evict the device's older
-        # connection on other workers. None in a single process.
-        self.attach_listener: Callable[[Connection], None] | None = None
         # Relay nodes hook (relay.nodes.link): told when a connection stops being its device's
         # registered one, to release the device's presence. None on a single node.
         self.detach_listener: Callable[[Connection], None] | None = None
@@ -150,8 +145,6 @@ class Hub:
         self._metrics.ws_connections = len(self._conns)
         if old is not None:
             self.kick(old, CLOSE_REPLACED, "replaced by a newer connection")
-        if self.attach_listener is not None:
-            self.attach_listener(conn)
 
     def detach(self, conn: Connection) -> None:
         """Unregister ``conn`` if it is still its device's registered connection."""

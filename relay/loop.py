@@ -1,4 +1,4 @@
-# Invariant: every relay process (one process, or each worker) runs its event loop through
+# Invariant: every relay process (each relay node) runs its event loop through
 # run(), so the loop implementation is one operator setting (``event_loop``, validated by
 # RelayConfig: ``uvloop`` is refused there when it is not installed).
 """The relay's event loop: uvloop where it is installed (``event_loop = "auto"``), else asyncio."""

@@ -1,7 +1,7 @@
 # Invariants:
 # * A challenge is valid only if its MAC verifies under this relay's registration key, it has
 #   not expired, and it asks at least the currently configured difficulty; it carries no state
-#   on the relay (any worker or restarted process with the same key file verifies it).
+#   on the relay (a restarted process with the same key file verifies it).
 # * The key lives in ``<data_dir>/registration.key`` (32 random bytes, mode 0600), created once,
 #   atomically: processes starting together all end up with the same key. Relay nodes that
 #   share a replay guard (Redis, PostgreSQL) derive it from that guard's shared secret instead

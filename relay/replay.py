@@ -2,7 +2,7 @@
 # * A key is claimed at most once while it is recorded: ``claim`` returns True for exactly one
 #   caller per key until ``expires_at_ms`` has passed, across every process (and, with a shared
 #   backend, every node) that uses the same guard. A key is recorded only once the signature of
-#   its request verified (relay.app), so forged requests cannot fill a guard.
+#   its request verified (relay.state), so forged requests cannot fill a guard.
 # * Keys are keyed digests of (user, device, nonce) (``replay_key``), never the nonce text; the
 #   key of the digest is one secret per deployment (``load_replay_secret``), so every process and
 #   node that shares a guard must share it too.
@@ -134,9 +134,10 @@ def load_replay_secret(path: Path) -> bytes:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        # Written whole under a temporary name, then linked into place: workers starting
-        # together never read a file another one has created but not yet written (they
-        # did, and refused to start), and all of them end up with the first one's secret.
+        # Written whole under a temporary name, then linked into place: processes starting
+        # together on one data directory (the relay and an operator command) never read a
+        # file another one has created but not yet written, and all of them end up with the
+        # first one's secret.
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -214,13 +215,12 @@ class _Claim:
 
 
 class SqliteReplayGuard:
-    """Guard on a SQLite file shared by every process of the relay on this machine.
+    """Guard on a SQLite file in the relay's data directory (it survives restarts).
 
     Claims are group-committed by one writer thread (one fsync per batch, however many requests
     arrive together); each ``claim`` returns after its commit. Every ``_SWEEP_INTERVAL_MS`` a
-    batch also deletes expired rows. The row count is estimated (recounted every
-    ``_RECOUNT_INTERVAL_MS`` plus this process's inserts since), so with several processes the
-    bound can be exceeded by what the others inserted since the last recount.
+    batch also deletes expired rows. The row count is kept in memory (recounted every
+    ``_RECOUNT_INTERVAL_MS`` plus this process's inserts since).
 
     Args:
         path: the database file (created with its directory if missing).

@@ -24,11 +24,13 @@ from aiohttp import WSMsgType, web
 
 from blindpost_wire.auth import AUTH_FRAME_FIELDS
 from blindpost_wire.close import CLOSE_TRY_AGAIN_LATER
-from relay.app import STATE_KEY, RelayState, charge_lookups, check_recipient_users, json_error
 from relay.auth import EMPTY_SHA256, H_USER, parse_signed_headers
 from relay.errors import AuthError, BadRequest, MismatchedDevices, RelayError
 from relay.guard import HeaderTimeoutProtocol
+from relay.http_errors import json_error
 from relay.hub import CLOSE_BANNED, CLOSE_GOING_AWAY, CLOSE_UNAUTHENTICATED, Connection
+from relay.sending import charge_lookups, check_recipient_users
+from relay.state import STATE_KEY, RelayState
 from relay.store.base import Address, SendReceipt
 from relay.wire import OP_SEND, b64e, decode_send, encode_deliver, parse_ack_ids
 

@@ -33,11 +33,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from relay.app import RelayState
 from relay.config import RelayConfig
 from relay.errors import RelayError, Unavailable
 from relay.hub import CLOSE_DEVICE_REMOVED, CLOSE_REPLACED, Connection
 from relay.nodes.state import connect
+from relay.state import RelayState
 from relay.store.base import Address, Delivery
 
 __all__ = ["NodeLink"]

@@ -1417,89 +1417,9 @@ class SqliteRelayStore:
         assert self._state is not None
         return await self._submit(self._state.sweep, now_ms)
 
-    # -- scale-out hooks (relay.cluster; used only with workers > 1) ---------------------
-
-    async def ensure_seq_index(self) -> None:
-        """Create the ``mailbox(seq)`` index that ``fetch_committed_after`` scans (idempotent,
-        under the write lock, so workers starting together create it once)."""
-        assert self._state is not None
-        await self._submit(_create_seq_index, self._state.conn)
-
-    async def committed_seq(self) -> int:
-        """Return the highest seq committed by any writer of this file."""
-
-        def q(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
-            return int(row[0]) if row else 0
-
-        return await self._read(q)
-
-    async def fetch_committed_after(
-        self, after_seq: int, limit: int, max_bytes: int, wanted: Callable[[Address], bool]
-    ) -> tuple[int, bool, list[Delivery]]:
-        """Read committed mailbox rows with ``seq > after_seq`` in seq order, from one snapshot.
-
-        Seqs are assigned under the database write lock, so a snapshot holds every seq up to its
-        highest one: reading ``seq > cursor`` never skips a committed row. Bodies are read only
-        for rows whose recipient ``wanted`` accepts (called on the reader thread; it must be a
-        plain lookup).
-
-        Args:
-            after_seq: the caller's cursor.
-            limit: max rows scanned.
-            max_bytes: body budget for the page (at least one row is always returned).
-            wanted: whether a recipient device is connected to this worker.
-
-        Returns:
-            (new cursor, whether more rows may follow, deliveries in seq order). The cursor
-            covers every row scanned up to the byte budget; rows after it are read next time.
-        """
-
-        def q(conn: sqlite3.Connection) -> tuple[int, bool, list[Delivery]]:
-            conn.execute("BEGIN")
-            try:
-                rows = conn.execute(
-                    "SELECT mb.seq, mb.msg_pk, u.username, d.device_id "
-                    "FROM mailbox mb INDEXED BY mailbox_seq "
-                    "JOIN devices d ON d.pk = mb.device_pk JOIN users u ON u.pk = d.user_pk "
-                    "WHERE mb.seq > ? ORDER BY mb.seq LIMIT ?",
-                    (after_seq, limit),
-                ).fetchall()
-                out: list[Delivery] = []
-                cursor = after_seq
-                total = 0
-                msgs: dict[int, tuple[bytes, Address, int, bytes]] = {}
-                for seq, msg_pk, user, device in rows:
-                    addr = Address(user, int(device))
-                    if wanted(addr):
-                        m = msgs.get(msg_pk)
-                        if m is None:
-                            r = conn.execute(
-                                "SELECT msg_id, sender, sender_device, stored_ms, body "
-                                "FROM messages WHERE pk=?",
-                                (msg_pk,),
-                            ).fetchone()
-                            body = bytes(r[4]) if r[4] is not None else b""
-                            m = (bytes(r[0]), Address(r[1], int(r[2])), int(r[3]), body)
-                            msgs[msg_pk] = m
-                        if out and total + len(m[3]) > max_bytes:
-                            return cursor, True, out
-                        total += len(m[3])
-                        out.append(Delivery(addr, StoredMessage(int(seq), m[0], m[1], m[2], m[3])))
-                    cursor = int(seq)
-                return cursor, len(rows) == limit, out
-            finally:
-                conn.execute("COMMIT")
-
-        return await self._read(q)
-
 
 def _probe_write(conn: sqlite3.Connection, size: int) -> None:
     conn.execute("INSERT OR REPLACE INTO probe(k, b) VALUES (1, zeroblob(?))", (size,))
-
-
-def _create_seq_index(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE INDEX IF NOT EXISTS mailbox_seq ON mailbox(seq)")
 
 
 def _insert_invite(

@@ -16,10 +16,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from relay_testclient import Device, RelayClient
 
-from relay.app import GC_THRESHOLDS, STATE_KEY, create_app
+from relay.app import GC_THRESHOLDS, create_app
 from relay.config import ConfigError, RelayConfig
 from relay.hub import OPCODE_BINARY, Connection, Hub
 from relay.metrics import Metrics
+from relay.state import STATE_KEY
 from relay.store.base import Address, Delivery, Envelope, StoredMessage, StoreLimits
 from relay.store.sqlite import SqliteRelayStore, _ack_delete_sql
 from relay.wire import decode_deliver

@@ -24,8 +24,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from relay_harness import RelayProcess
 from relay_testclient import RelayClient
 
-from relay.app import STATE_KEY, create_app
+from relay.app import create_app
 from relay.config import RelayConfig
+from relay.state import STATE_KEY
 
 LIMIT = 1024 * 1024  # bytes: the WAL, a few 200 KB messages in, passes it
 CEILING = 60.0

@@ -25,9 +25,10 @@ from relay_testclient import Device, RelayClient, b64, new_username, next_frame
 from store_backends import pg_settings
 
 from blindpost_wire.registration import solve_pow
-from relay.app import STATE_KEY, Clock, create_app, sweep_once
+from relay.app import create_app, sweep_once
 from relay.config import RelayConfig
 from relay.errors import MailboxFull, StorageError
+from relay.state import STATE_KEY, Clock
 from relay.store.base import (
     Address,
     Envelope,

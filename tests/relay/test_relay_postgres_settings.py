@@ -61,10 +61,6 @@ def test_every_source_sets_the_store_settings(tmp_path: Path) -> None:
         ({"postgres_dsn": "mysql://u:hunter2@h/db"}, "postgres_dsn must be a postgresql:// URL"),
         ({"blob_store": "s3"}, "blob_store must be one of auto, fs, postgres (got 's3')"),
         ({"blob_store": "postgres"}, "blob_store = postgres needs store = postgres"),
-        (
-            {"store": "postgres", "postgres_dsn": SECRET_DSN, "workers": 2},
-            "with store = postgres run several relay nodes instead",
-        ),
         ({"postgres_pool_size": 1}, "postgres_pool_size must be 2..1000 (got 1)"),
         ({"postgres_pool_size": 1001}, "postgres_pool_size must be 2..1000 (got 1001)"),
         ({"postgres_write_connections": 0}, "postgres_write_connections must be 1..postgres_pool"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -52,6 +53,33 @@ def test_bad_setting_exits_2(tmp_path: Path, setting: str, message: str) -> None
         check=False,
     )
     assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.parametrize("source", ["flag", "environment", "toml"])
+@pytest.mark.parametrize("setting", ["workers", "worker_poll_seconds"])
+def test_a_config_that_still_sets_workers_is_refused_with_what_to_do(
+    tmp_path: Path, source: str, setting: str
+) -> None:
+    """``workers=N`` is gone (docs/architecture.md, "One scale-out design"): an old
+    configuration does not start a relay that silently ignores it, nor fail with a traceback; it
+    exits 2 and says how to use more cores instead."""
+    args = [sys.executable, "-m", "relay", "--data", str(tmp_path / "d")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_RELAY_")}
+    if source == "flag":
+        args += ["--set", f"{setting}=2"]
+    elif source == "environment":
+        env[f"BLINDPOST_RELAY_{setting.upper()}"] = "2"
+    else:
+        toml = tmp_path / "relay.toml"
+        toml.write_text(f"{setting} = 2\n")
+        args += ["--config", str(toml)]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"setting '{setting}' was removed" in proc.stderr
+    for advice in ("several relay nodes", "store = postgres", "redis_url", "reuse_port = 1"):
+        assert advice in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was created
 
 
 def test_starts_on_an_empty_dir_logs_its_address_and_is_ready(tmp_path: Path) -> None:

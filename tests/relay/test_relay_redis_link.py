@@ -12,9 +12,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 from redis_support import ThrowawayRedis
 
-from relay.app import STATE_KEY, create_app
+from relay.app import create_app
 from relay.config import ConfigError, RelayConfig
 from relay.errors import Unavailable
+from relay.state import STATE_KEY
 from relay.store.memory import MemoryRelayStore
 
 
@@ -103,12 +104,16 @@ async def test_a_node_started_without_redis_becomes_ready_when_redis_comes(
             {"redis_heartbeat_seconds": 5, "redis_presence_ttl_seconds": 5},
             "redis_presence_ttl_seconds must exceed redis_heartbeat_seconds",
         ),
-        (
-            {"redis_url": "redis://127.0.0.1:6379/0", "workers": 2},
-            "redis_url and workers > 1 exclude each other",
-        ),
         ({"reuse_port": 2}, "reuse_port must be 0 or 1"),
-        ({"reuse_port": 1, "workers": 2}, "reuse_port and workers > 1 exclude each other"),
+        ({"reuse_port": 1}, "reuse_port = 1 needs store = postgres and redis_url"),
+        (
+            {"reuse_port": 1, "store": "postgres", "postgres_dsn": "postgresql://h/db"},
+            "reuse_port = 1 needs store = postgres and redis_url",
+        ),
+        (
+            {"reuse_port": 1, "redis_url": "redis://127.0.0.1:6379/0"},
+            "reuse_port = 1 needs store = postgres and redis_url",
+        ),
     ],
 )
 def test_node_settings_are_validated(changes: dict[str, object], expect: str) -> None:

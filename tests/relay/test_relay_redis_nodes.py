@@ -588,9 +588,11 @@ async def test_sigkill_of_the_recipients_node_five_times_loses_and_duplicates_no
 async def test_nodes_on_one_host_share_one_port_with_reuse_port(
     start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
 ) -> None:
-    """More cores on one host = more nodes: with reuse_port=1 two nodes listen on one port, the
-    kernel spreads connections over them, and messages reach every device whichever node holds
-    its socket."""
+    """More cores on one host = more nodes (the design that replaced ``workers=N``): with
+    reuse_port=1 two full nodes on PostgreSQL + Redis listen on one port, the kernel spreads
+    connections over them, and clients reach each other whichever node each one landed on:
+    HTTP sends to devices on both nodes, and WebSocket SENDs from a socket on one node to a
+    socket on the other, both ways, in order and once."""
     n0, n1 = start_nodes(2, redis_prefix, same_port=True, reuse_port="1")
     assert n0.port == n1.port and n0.running and n1.running
     client = RelayClient(n0.url, session)
@@ -617,6 +619,23 @@ async def test_nodes_on_one_host_share_one_port_with_reuse_port(
     assert r.status == 200 and r.json()["recipients"] == 16
     for ws in sockets:
         assert [m.message_id for m in await receive_messages(ws, 1)] == [mid]
+    # Socket to socket across the two nodes, both ways: one device held by each node.
+    i0 = next(i for i, d in enumerate(devices) if d.user in held[0])
+    i1 = next(i for i, d in enumerate(devices) if d.user in held[1])
+    for src, dst in ((i0, i1), (i1, i0)):
+        mids = [new_mid() for _ in range(5)]
+        for k, m in enumerate(mids):
+            env = Envelope(m, (devices[dst].addr,), b"over the port %d" % k)
+            await sockets[src].send_bytes(encode_send(env))
+        for m in mids:  # each SEND is answered, in order, on the sender's socket
+            answer = await next_frame(sockets[src], timeout=15)
+            assert answer["type"] == "send_result" and answer["status"] == 200, answer
+            assert unb64(answer["id"]) == m
+        got = await receive_messages(sockets[dst], len(mids))
+        assert [m.message_id for m in got] == mids
+        assert [m.sender for m in got] == [devices[src].addr] * len(mids)
+    for ws in sockets:
+        await assert_quiet(ws)
         await ws.close()
 
 

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from relay_testclient import Device, RelayClient
 from store_backends import BACKENDS, Backend
 
-from relay.app import STATE_KEY, Clock, create_app, sweep_once
+from relay.app import create_app, sweep_once
 from relay.config import RelayConfig
 from relay.errors import (
     AccountQuotaExceeded,
@@ -27,6 +27,7 @@ from relay.errors import (
     NotFound,
     SenderShareExceeded,
 )
+from relay.state import STATE_KEY, Clock
 from relay.store.base import Address, Delivery, Envelope, RelayStore, StoreLimits
 from relay.store.sqlite import SqliteRelayStore
 
@@ -131,7 +132,7 @@ async def test_seqs_never_repeat_after_everything_was_acked_and_the_store_reopen
 ) -> None:
     """The mailbox is empty when the store closes, so only the stored high-water mark tells the
     reopened store where seqs stand; a repeated seq would make a device's delivery order
-    ambiguous (and, with several workers, hide commits from their cursors)."""
+    ambiguous."""
     s = await backend.open(tmp_path)
     await s.create_account(A, b"a" * 32, 0)
     await s.create_account(B, b"b" * 32, 0)
@@ -225,8 +226,9 @@ async def test_a_batch_mixing_stored_ids_and_new_ones(store: RelayStore) -> None
 
 
 async def test_two_sqlite_writers_on_one_file_stay_consistent(tmp_path: Path) -> None:
-    """Two stores (as two relay processes would) sharing one database: each sees the other's
-    commits in its caches: seqs keep increasing, quotas count both, devices and dedupe agree."""
+    """Two stores sharing one database (a running relay and an operator command, which opens
+    the file as one more writer): each sees the other's commits in its caches: seqs keep
+    increasing, quotas count both, devices and dedupe agree."""
     path = tmp_path / "db.sqlite3"
     lim = StoreLimits(mailbox_max_messages=3)
     one, two = SqliteRelayStore(path, lim), SqliteRelayStore(path, lim)
