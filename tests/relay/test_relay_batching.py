@@ -333,7 +333,9 @@ async def test_the_write_ahead_log_starts_over_instead_of_growing(
         assert store.stats().commits >= 400
         if not background_thread_alive:  # the operator is told why the writer pauses
             assert "no background checkpoint finished" in caplog.text
-        assert _wal_bytes(db) < 2 * 1024 * 1024
+        # Well under what 400 bodies take (6.25 MiB); how far the checkpoints lag behind
+        # the writer depends on how busy the machine is.
+        assert _wal_bytes(db) < 400 * 16 * 1024 // 2
         # Everything committed is readable from a fresh connection, in order.
         got = await store.fetch_mailbox(B, 0, 1000, 1 << 30)
         assert [m.message_id for m in got] == ids

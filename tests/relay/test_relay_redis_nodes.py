@@ -572,6 +572,9 @@ async def test_sigkill_of_the_recipients_node_five_times_loses_and_duplicates_no
             next_kill += total // (kills + 1)
             while not ack_confirmed:  # bob is receiving on his node
                 await asyncio.sleep(0.01)
+            # One node down at a time (a slow machine restarts slowly): bob always has
+            # another running node to move to.
+            await asyncio.gather(*restarts)
             restarts.append(asyncio.ensure_future(kill_and_restart(bob_node)))
     await asyncio.gather(*restarts)
     assert len(restarts) == kills
