@@ -322,6 +322,7 @@ def _refused(
     """
     _send_result_error(st, conn, mid, err)
     if isinstance(err, RateLimited):
+        st.metrics.ws_sends_rate_limited += 1
         return asyncio.sleep(min(float(err.retry_after), _REFUSED_PAUSE))
     return None
 
