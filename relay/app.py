@@ -47,7 +47,7 @@ from relay.errors import (
 from relay.http_errors import Handler, json_errors
 from relay.hub import CLOSE_BANNED, CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
-from relay.ratelimit import RateLimiter, make_limiter
+from relay.ratelimit import RateLimiter, SendSlots, make_limiter
 from relay.registration import invite_hash
 from relay.replay import (
     ManagedReplayGuard,
@@ -292,13 +292,17 @@ async def send_message(request: web.Request) -> web.Response:
         )
     check_recipient_users(env, cfg.max_recipient_users)
     now = st.clock.monotonic()
-    st.send_limit.take_now(caller, now)
-    st.upload_limit.take_now(caller.user, now, len(env.body))
-    st.require_node_ready()  # other nodes' recipients are woken through Redis
+    st.send_slots.acquire(caller.user)  # first: a send refused here spends no token
     try:
+        st.send_limit.take_now(caller, now)
+        await st.account_send_limit.take(caller.user, now)
+        st.upload_limit.take_now(caller.user, now, len(env.body))
+        st.require_node_ready()  # other nodes' recipients are woken through Redis
         receipt = await st.store.submit_send(caller, env, st.clock.now_ms())
     except MismatchedDevices as exc:
         raise await charge_lookups(st, caller, exc) from None
+    finally:
+        st.send_slots.release(caller.user)
     return web.json_response(
         receipt_json(receipt.message_id, receipt.recipients, receipt.stored_at)
     )
@@ -601,6 +605,10 @@ def create_app(
         device_add_limit=limiter("device_add", config.device_add_rate, config.device_add_burst),
         lookup_limit=limiter("lookup", config.lookup_rate, config.lookup_burst),
         upload_limit=RateLimiter(config.upload_bytes_rate, config.upload_bytes_burst),
+        account_send_limit=limiters.frame_limiter(
+            "account_send", config.account_send_rate, config.account_send_burst
+        ),
+        send_slots=SendSlots(config.account_max_inflight_sends),
         body_slots=BodySlots(config.unauthenticated_bodies_per_address),
         blob_health=BlobHealth(config.data_dir / "blobs" / "tmp"),
     )

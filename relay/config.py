@@ -154,6 +154,12 @@ SETTING_HELP: dict[str, str] = {
     "registration_burst": "registration burst per client IP",
     "send_rate": "messages per second per sending device",
     "send_burst": "message burst per sending device",
+    "account_send_rate": "messages per second per sending account, all its devices together"
+    " (HTTP and WebSocket; shared by every node through Redis with redis_url) -> 429",
+    "account_send_burst": "message burst per sending account",
+    "account_max_inflight_sends": "sends one account (all its devices) may have awaiting their"
+    " commit on one relay process; beyond -> 429 (Retry-After 1), so one sender's sends"
+    " never fill the shared write queue",
     "prekey_fetch_rate": "bundle fetches per second per (requesting account, all its devices"
     " together; target user) -> 429",
     "prekey_fetch_burst": "bundle fetch burst per (requesting account, target user)",
@@ -276,6 +282,11 @@ class RelayConfig:
     registration_burst: float = 20.0
     send_rate: float = 2000.0
     send_burst: float = 4000.0
+    # A busy bot's pace, far above a human's: the cap that stops one account from taking the
+    # relay's write path (bench/flood_bench.py; docs/threat-model.md).
+    account_send_rate: float = 20.0
+    account_send_burst: float = 600.0
+    account_max_inflight_sends: int = 64
     prekey_fetch_rate: float = 0.2
     prekey_fetch_burst: float = 10.0
     prekey_fetch_account_rate: float = 1.0
@@ -329,6 +340,7 @@ class RelayConfig:
             "max_recipients",
             "ws_max_frame_bytes",
             "ws_max_inflight_sends",
+            "account_max_inflight_sends",
             "write_batch_max",
             "wal_checkpoint_commits",
             "auth_window_seconds",

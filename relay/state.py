@@ -36,7 +36,7 @@ from relay.errors import AuthError, Forbidden, StorageError, TooLarge
 from relay.health import Readiness
 from relay.hub import Hub
 from relay.metrics import Metrics
-from relay.ratelimit import Limiter, RateLimiter
+from relay.ratelimit import FrameLimiter, Limiter, RateLimiter, SendSlots
 from relay.registration import RegistrationGate, load_or_create_key, shared_registration_key
 from relay.replay import ReplayGuard, SharedReplayGuard, replay_key
 from relay.store.base import Address, RelayStore
@@ -128,6 +128,10 @@ class RelayState:
     device_add_limit: Limiter  # per account
     lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
     upload_limit: RateLimiter  # bytes per account; node-local like send_limit
+    # Per account, all devices: cluster-wide with Redis (leased, so a WebSocket send rarely
+    # waits for it); the in-flight bound is node-local, like the write queue it shares out.
+    account_send_limit: FrameLimiter
+    send_slots: SendSlots
     body_slots: BodySlots
     blob_health: BlobHealth
     readiness: Readiness = field(default_factory=Readiness)

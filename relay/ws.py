@@ -6,7 +6,9 @@
 # * Messages leave a mailbox only by ack; a disconnect at any point loses nothing.
 # * Back-pressure: a socket has at most ``ws_max_inflight_sends`` SENDs waiting for their commit;
 #   at the bound the handler stops reading it until half of them are answered (ack frames have
-#   their own bound, ``_MAX_INFLIGHT_ACKS``), so pipelining cannot grow relay memory.
+#   their own bound, ``_MAX_INFLIGHT_ACKS``), so pipelining cannot grow relay memory. After a
+#   SEND answered 429 the socket is not read for up to ``_REFUSED_PAUSE`` seconds, so a client
+#   ignoring Retry-After costs a few refusals per second, not one per frame it can write.
 # * Steady state costs one aiohttp handler task per socket and no timers; the backlog drain
 #   runs in a short-lived task only while a backlog is being sent.
 """The ``GET /v1/ws`` handler: authenticated delivery, sends and acks over one socket."""
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Coroutine
 from functools import partial
 from typing import Any
 
@@ -25,13 +28,13 @@ from aiohttp import WSMsgType, web
 from blindpost_wire.auth import AUTH_FRAME_FIELDS
 from blindpost_wire.close import CLOSE_TRY_AGAIN_LATER
 from relay.auth import EMPTY_SHA256, H_USER, parse_signed_headers
-from relay.errors import AuthError, BadRequest, MismatchedDevices, RelayError
+from relay.errors import AuthError, BadRequest, MismatchedDevices, RateLimited, RelayError
 from relay.guard import HeaderTimeoutProtocol
 from relay.http_errors import json_error
 from relay.hub import CLOSE_BANNED, CLOSE_GOING_AWAY, CLOSE_UNAUTHENTICATED, Connection
 from relay.sending import charge_lookups, check_recipient_users
 from relay.state import STATE_KEY, RelayState
-from relay.store.base import Address, SendReceipt
+from relay.store.base import Address, Envelope, SendReceipt
 from relay.wire import OP_SEND, b64e, decode_send, encode_deliver, parse_ack_ids
 
 __all__ = ["websocket_handler"]
@@ -43,6 +46,8 @@ _PAGE_BYTES = 1024 * 1024
 _EMPTY_FRAME = '{"type":"empty"}'
 _MAX_DRAIN_PAGES = 1_000_000
 _MAX_INFLIGHT_ACKS = 16
+# After a 429 to a SEND the socket is not read for min(Retry-After, this) seconds.
+_REFUSED_PAUSE = 1.0
 
 
 async def websocket_handler(request: web.Request) -> web.StreamResponse:
@@ -131,7 +136,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             conn.pinged = False
             kind = msg.type
             if kind == WSMsgType.BINARY:
-                _on_binary(st, conn, msg.data)
+                later = _on_binary(st, conn, msg.data)
+                if later is not None:
+                    await later
                 if conn.inflight_sends >= max_inflight:
                     await _wait_for_commits(st, conn)
             elif kind == WSMsgType.TEXT:
@@ -245,29 +252,81 @@ def _error_frame(st: RelayState, conn: Connection, err: RelayError) -> None:
     st.hub.write_text(conn, json.dumps(doc))
 
 
-def _on_binary(st: RelayState, conn: Connection, data: bytes) -> None:
+def _on_binary(st: RelayState, conn: Connection, data: bytes) -> Coroutine[Any, Any, None] | None:
+    """Take a SEND frame: checked and queued for its commit, or answered with an error.
+
+    Returns:
+        None, or a coroutine the reading loop awaits before it reads the next frame: a lease of
+        the account's send budget from Redis (then the send is queued), or the pause that
+        follows a 429 (``_REFUSED_PAUSE``).
+    """
     cfg = st.config
     if not data or data[0] != OP_SEND:
         _error_frame(st, conn, BadRequest("unknown binary op", code="unknown_op"))
-        return
+        return None
     mid = data[1:17] if len(data) >= 17 else None
+    user = conn.addr.user
     try:
         env = decode_send(data, max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes)
         check_recipient_users(env, cfg.max_recipient_users)
+        st.send_slots.acquire(user)  # before any token is spent; released by _send_done
+    except RelayError as err:
+        return _refused(st, conn, mid, err)
+    try:
         now = st.clock.monotonic()
         st.send_limit.take_now(conn.addr, now)
-        st.upload_limit.take_now(conn.addr.user, now, len(env.body))
-        st.require_node_ready()
-        fut = st.store.submit_send(conn.addr, env, st.clock.now_ms())
+        if not st.account_send_limit.take_now(user, now):
+            return _send_after_lease(st, conn, env, now)
+        _queue_send(st, conn, env, now)
     except RelayError as err:
-        _send_result_error(st, conn, mid, err)
-        return
+        st.send_slots.release(user)
+        return _refused(st, conn, mid, err)
+    return None
+
+
+def _queue_send(st: RelayState, conn: Connection, env: Envelope, now: float) -> None:
+    """Submit a send whose rate limits passed but the byte rate (its slot is held).
+
+    Raises:
+        RelayError: refused (the upload byte rate, a node without Redis, a closing store).
+    """
+    st.upload_limit.take_now(conn.addr.user, now, len(env.body))
+    st.require_node_ready()
+    fut = st.store.submit_send(conn.addr, env, st.clock.now_ms())
     conn.inflight_sends += 1
     metrics = st.metrics
     metrics.sends_in_flight += 1
     if metrics.sends_in_flight > metrics.sends_in_flight_peak:
         metrics.sends_in_flight_peak = metrics.sends_in_flight
     fut.add_done_callback(partial(_send_done, st, conn, env.message_id))
+
+
+async def _send_after_lease(st: RelayState, conn: Connection, env: Envelope, now: float) -> None:
+    """Take the account's send token from the shared bucket (Redis), then queue the send."""
+    try:
+        await st.account_send_limit.take(conn.addr.user, now)
+        _queue_send(st, conn, env, now)
+    except RelayError as err:
+        st.send_slots.release(conn.addr.user)
+        pause = _refused(st, conn, env.message_id, err)
+        if pause is not None:
+            await pause
+
+
+def _refused(
+    st: RelayState, conn: Connection, mid: bytes | None, err: RelayError
+) -> Coroutine[Any, Any, None] | None:
+    """Answer a refused send; after a 429, the pause before this socket is read again.
+
+    A client that keeps sending after a 429 would otherwise cost a decode and an answer per
+    frame at whatever rate it writes; paused, its frames wait in its own buffers (and the
+    kernel's), so refused sends cost at most a few per second and per socket.
+    """
+    _send_result_error(st, conn, mid, err)
+    if isinstance(err, RateLimited):
+        st.metrics.ws_sends_rate_limited += 1
+        return asyncio.sleep(min(float(err.retry_after), _REFUSED_PAUSE))
+    return None
 
 
 def _send_result_error(
@@ -286,6 +345,7 @@ def _send_done(
     st: RelayState, conn: Connection, mid: bytes, fut: asyncio.Future[SendReceipt]
 ) -> None:
     conn.inflight_sends -= 1
+    st.send_slots.release(conn.addr.user)
     st.metrics.sends_in_flight -= 1
     resume = conn.resume
     if (

@@ -47,6 +47,7 @@ LOOSE_LIMITS = {
     "prekey_target_burst": "100000",
     "lookup_burst": "100000",
     "upload_bytes_burst": "100000000000",
+    "account_send_burst": "100000000",
 }
 #: Loose limits and no background timers (WebSocket heartbeats, the expiry sweeper).
 QUIET = {

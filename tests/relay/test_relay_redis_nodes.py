@@ -654,3 +654,53 @@ async def test_a_blob_uploaded_via_one_node_downloads_via_another(
     blob_id = up.json()["id"]
     down = await c1.request(alice, "GET", f"/v1/blobs/{blob_id}")
     assert down.status == 200 and down.body == data
+
+
+async def test_an_accounts_send_budget_is_shared_by_its_devices_on_every_node(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    """A flooding account whose devices are on two nodes (one pipelining over a WebSocket on
+    node 0, one sending over HTTP to node 1) gets exactly its account burst accepted in all,
+    and 429 for the rest; alice, on node 1, still gets every message through to bob."""
+    burst = 20
+    n0, n1 = start_nodes(
+        2,
+        redis_prefix,
+        account_send_rate="0.001",
+        account_send_burst=str(burst),
+        mailbox_sender_max_messages="10000",
+        mailbox_stranger_max_messages="10000",
+    )
+    c0, c1 = RelayClient(n0.url, session), RelayClient(n1.url, session)
+    bob = await c0.new_device("bob")
+    alice = await c1.new_device("alice")
+    flood = await c0.new_device("flood")
+    second = await c0.add_device(flood, 2)
+    ws = await c0.ws(flood)
+    await drain_until_empty(ws)
+
+    async def over_ws() -> list[int]:
+        mids = [new_mid() for _ in range(15)]
+        for mid in mids:
+            await ws.send_bytes(encode_send(Envelope(mid, (bob.addr,), b"flood")))
+        statuses: dict[str, int] = {}
+        while len(statuses) < len(mids):
+            doc = await next_frame(ws, timeout=30)
+            if isinstance(doc, dict) and doc.get("type") == "send_result":
+                statuses[doc["id"]] = doc["status"]
+        return list(statuses.values())
+
+    async def over_http() -> list[int]:
+        return [(await c1.send_binary(second, [bob], b"flood")).status for _ in range(15)]
+
+    from_ws, from_http = await asyncio.wait_for(asyncio.gather(over_ws(), over_http()), 120)
+    statuses = from_ws + from_http
+    assert statuses.count(200) == burst and statuses.count(429) == 30 - burst
+    for i in range(5):
+        assert (await c1.send(alice, [bob], b"hi %d" % i)).status == 200
+    bob_ws = await c1.ws(bob)
+    got = await drain_until_empty(bob_ws, timeout=30)
+    assert sum(m.sender.user == flood.user for m in got) == burst
+    assert [m.body for m in got if m.sender.user == alice.user] == [b"hi %d" % i for i in range(5)]
+    for sock in (ws, bob_ws):
+        await sock.close()

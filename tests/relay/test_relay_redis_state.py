@@ -13,7 +13,7 @@ from redis_support import REDIS_URL, free_port
 
 from relay.errors import RateLimited, Unavailable
 from relay.nodes.state import RedisLimiter, RedisReplayGuard, connect
-from relay.ratelimit import Limiter
+from relay.ratelimit import LeasedLimiter, Limiter
 from relay.replay import ReplayGuard
 
 
@@ -113,6 +113,39 @@ async def test_token_bucket_is_atomic_across_nodes_under_concurrency(
     # Another key, and another limit name, have buckets of their own.
     await nodes[0].take("bob/1", 0.0)
     await RedisLimiter(a, redis_prefix, "fetch", 0.001, 1).take("alice/1", 0.0)
+
+
+async def test_leased_account_budget_never_exceeds_the_shared_bucket(
+    two_clients: tuple[Redis, Redis], redis_prefix: str
+) -> None:
+    """Two nodes spend one account's send budget in leases of 3 tokens (burst 96): together
+    they admit at most the burst, and at most a lease less one per node fewer; once refused, a
+    node keeps refusing that account for its Retry-After without asking Redis again, while
+    another account is unaffected."""
+    a, b = two_clients
+    burst = 96
+    nodes = [
+        LeasedLimiter(RedisLimiter(c, redis_prefix, "account_send", 0.001, burst), burst)
+        for c in (a, b)
+    ]
+
+    async def take(i: int) -> bool:
+        node = nodes[i % 2]
+        if node.take_now("mallory", 0.0):
+            return True
+        try:
+            await node.take("mallory", 0.0)
+        except RateLimited as err:
+            assert err.retry_after >= 1
+            return False
+        return True
+
+    results = await asyncio.gather(*(take(i) for i in range(400)))
+    assert burst - 2 * (3 - 1) <= results.count(True) <= burst
+    for node in nodes:
+        with pytest.raises(RateLimited):
+            node.take_now("mallory", 0.5)  # remembered: no round trip
+    await nodes[0].take("alice", 0.0)
 
 
 async def test_token_bucket_refills_by_redis_time_and_reports_retry_after(
