@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_support import REDIS_URL
-from relay_harness import QUIET, RelayProcess
+from redis_support import node_settings
+from relay_harness import RelayProcess
 
 from e2ee.client import Client, ClientOptions, KdfLimits, group_chat_id
 from e2ee.events import Event, GroupChanged, MessageReceived
@@ -38,21 +38,10 @@ def nodes(
     tmp_path: Path, postgres_database: str, redis_prefix: str
 ) -> Iterator[list[RelayProcess]]:
     """Two relay nodes on one PostgreSQL database and one Redis prefix."""
-    started = []
-    for i in range(2):
-        node = RelayProcess(
-            tmp_path / f"node{i}",
-            {
-                **QUIET,
-                "store": "postgres",
-                "postgres_dsn": postgres_database,
-                "redis_url": REDIS_URL,
-                "redis_prefix": redis_prefix,
-                "redis_heartbeat_seconds": "0.5",
-                "redis_presence_ttl_seconds": "2",
-            },
-        )
-        started.append(node.start())
+    started = [
+        RelayProcess(tmp_path / f"node{i}", node_settings(postgres_database, redis_prefix)).start()
+        for i in range(2)
+    ]
     yield started
     for node in started:
         if node.running:
@@ -60,16 +49,11 @@ def nodes(
         assert "Traceback" not in node.log_text(), node.log_text()[-3000:]
 
 
-async def _wait_for(
-    events: AsyncIterator[Event], predicate: Callable[[Event], bool], timeout: float = WAIT
-) -> Event:
-    async def scan() -> Event:
-        async for event in events:
-            if predicate(event):
-                return event
-        raise AssertionError("event stream ended")
-
-    return await asyncio.wait_for(scan(), timeout)
+async def _wait_for(events: AsyncIterator[Event], predicate: Callable[[Event], bool]) -> None:
+    """Until an event that ``predicate`` accepts arrives (bounded by WAIT)."""
+    async with asyncio.timeout(WAIT):
+        while not predicate(await anext(events)):
+            pass
 
 
 def _received(text: str) -> Callable[[Event], bool]:
