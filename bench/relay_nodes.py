@@ -180,7 +180,15 @@ class RoundTrips:
         await self._redis.aclose()
 
 
-async def measure(args: argparse.Namespace, urls: list[str], redis_url: str) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    args: argparse.Namespace, urls: list[str], redis_url: str, pids: list[int]
+) -> dict[str, float]:
     tag = secrets.token_hex(4)
     alice = DeviceSigner(SigningKey.generate(), f"bench_a_{tag}", 1)
     bob = DeviceSigner(SigningKey.generate(), f"bench_b_{tag}", 1)
@@ -255,8 +263,10 @@ async def measure(args: argparse.Namespace, urls: list[str], redis_url: str) -> 
         sink = asyncio.ensure_future(drain_sender())
         total = int(args.rate * args.duration)
         wake_before = await metric(session, urls[0], "blindpost_relay_redis_wake_calls_total")
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
         elapsed = await offer(total)
         wakes = await metric(session, urls[0], "blindpost_relay_redis_wake_calls_total")
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
         delivered = len(latencies)
         # Round trips: a separate phase under MONITOR (it slows Redis down a little).
         trips_total = min(args.trip_messages, total) if args.trip_messages > 0 else 0
@@ -290,6 +300,7 @@ async def measure(args: argparse.Namespace, urls: list[str], redis_url: str) -> 
         "round_trips_per_msg": trips / max(1, trip_delivered) if trips_total else float("nan"),
         "trip_messages": float(trip_delivered),
         "wake_calls_per_msg": (wakes - wake_before) / max(1, delivered),
+        "node_cpu_us_per_msg": cpu * 1e6 / max(1, delivered),
         "per_command": per_command,  # type: ignore[dict-item]
     }
 
@@ -480,7 +491,8 @@ async def amain(args: argparse.Namespace) -> int:
                 )
                 fo = await failover(args, cluster)
             else:
-                figures = await measure(args, cluster.urls, redis_url)
+                pids = [proc.pid for proc in cluster.procs]
+                figures = await measure(args, cluster.urls, redis_url, pids)
     finally:
         with contextlib.suppress(Exception):
             await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
@@ -526,6 +538,12 @@ async def amain(args: argparse.Namespace) -> int:
                 figures["p99_ms"] <= TARGET_P99_MS,
             ),
             ("send-to-deliver max", f"{figures['max_ms']:.1f} ms", "", None),
+            (
+                "relay CPU per delivered message, all nodes",
+                f"{figures['node_cpu_us_per_msg']:.0f} us",
+                "",
+                None,
+            ),
             (
                 f"Redis round trips per delivered message ({figures['trip_messages']:.0f} msgs)",
                 f"{figures['round_trips_per_msg']:.3f}",
