@@ -41,6 +41,7 @@ __all__ = [
     "META_REGISTERED",
     "META_RELAY",
     "META_RELAYS",
+    "META_RELAY_LAST",
     "META_STRICT",
     "META_USER",
     "Opened",
@@ -50,6 +51,7 @@ __all__ = [
     "open_dir",
     "read_relay_urls",
     "relay_meta",
+    "starting_at",
 ]
 
 #: The database file inside the data directory.
@@ -63,6 +65,8 @@ META_RELAY: Final = "sdk.relay_url"
 #: All of the relay's URLs, a JSON list (absent in data directories from before: then the
 #: one ``sdk.relay_url`` is the list).
 META_RELAYS: Final = "sdk.relay_urls"
+#: The relay URL that worked last (recorded on close), where the next open starts.
+META_RELAY_LAST: Final = "sdk.relay_last"
 META_REGISTERED: Final = "sdk.registered"
 META_ACCOUNT_CREATED: Final = "sdk.account_created"
 META_READ_RECEIPTS: Final = "sdk.read_receipts"
@@ -79,6 +83,7 @@ class Opened:
     history: History
     account: AccountRecord
     relay_urls: tuple[str, ...]
+    relay_last: str | None
     registered: bool
     identity_key: bytes
     fingerprint: str
@@ -146,6 +151,7 @@ def open_dir(
             history=History.open(store),
             account=account,
             relay_urls=read_relay_urls(store),
+            relay_last=store.get_meta(META_RELAY_LAST),
             registered=store.get_meta(META_REGISTERED) == "1",
             identity_key=key,
             fingerprint=own,
@@ -175,6 +181,14 @@ def read_relay_urls(store: SQLiteProtocolStore) -> tuple[str, ...]:
             return tuple(urls)
     single = store.get_meta(META_RELAY)
     return (single,) if single else ()
+
+
+def starting_at(urls: Sequence[str], first: str | None) -> tuple[str, ...]:
+    """``urls`` in their round-robin order, beginning at ``first`` (if it is one of them)."""
+    if first is None or first not in urls:
+        return tuple(urls)
+    i = list(urls).index(first)
+    return (*urls[i:], *urls[:i])
 
 
 def close_opened(opened: Opened) -> None:

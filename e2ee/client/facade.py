@@ -36,15 +36,17 @@ from e2ee.client.context import ClientContext, ClientOptions
 from e2ee.client.datadir import (
     DB_FILE,
     META_READ_RECEIPTS,
+    META_RELAY_LAST,
     Opened,
     auth_seed,
     close_opened,
     open_dir,
     relay_meta,
+    starting_at,
 )
 from e2ee.client.groups import change_group, create_group
 from e2ee.client.inbox import Inbox
-from e2ee.client.link import LinkFactory, default_link_factory
+from e2ee.client.link import LinkFactory, TransportLink, default_link_factory
 from e2ee.client.outbox import Outbox
 from e2ee.client.trust import accept_identity
 from e2ee.client_errors import ClientClosed, IdentityHeld, NotRegistered, UnknownRecipient
@@ -217,7 +219,9 @@ class Client:
             signer = DeviceSigner.from_seed(
                 auth_seed(account.identity_key_pair), account.name, account.device_id
             )
-            link = (link_factory or default_link_factory)(signer, opened.relay_urls)
+            # Start where the last run ended up: a dead first node costs nothing twice.
+            urls = starting_at(opened.relay_urls, opened.relay_last)
+            link = (link_factory or default_link_factory)(signer, urls)
             ctx = ClientContext(
                 opened,
                 link,
@@ -314,12 +318,20 @@ class Client:
         self._closed = True
         self._outbox.close()
         self._ctx.emit(ConnectionStateChanged("closed"))
-        await asyncio.to_thread(self._close_files)
+        link = self._ctx.link
+        in_use = link.nodes.current if isinstance(link, TransportLink) else None
+        await asyncio.to_thread(self._close_files, in_use)
 
-    def _close_files(self) -> None:
+    def _close_files(self, relay_in_use: str | None = None) -> None:
         with self._ctx.wlock:
             opened, self._opened = self._opened, None
             if opened is not None:
+                started = starting_at(opened.relay_urls, opened.relay_last)
+                if relay_in_use is not None and started and relay_in_use != started[0]:
+                    # The link moved: the next open starts there (best effort: nothing is
+                    # lost if this write fails; a command that stayed put writes nothing).
+                    with contextlib.suppress(E2EEError):
+                        opened.store.commit(Changes(meta_put={META_RELAY_LAST: relay_in_use}))
                 close_opened(opened)  # releases the directory lock last
 
     def _check_open(self) -> None:

@@ -121,8 +121,10 @@ async def test_sdk_commands_move_to_the_other_node_when_theirs_is_killed(
             await _wait_for(c_events, _received("hello team"))
             await _wait_for(b_events, _received("hello team"))
 
-    # Opened again, alice starts at the dead node: every call moves on by itself.
+    # Opened again, alice starts where she ended up (node 1); a new account's first call
+    # starts at the dead node and moves on by itself.
     alice = await Client.open(tmp_path / "alice", options=FAST)
+    assert alice._link.nodes.current == n1.url  # type: ignore[attr-defined]
     bob = await Client.open(tmp_path / "bob", options=FAST)
     a_events, b_events = alice.events(), bob.events()
     async with alice, bob:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from e2ee.client import DB_FILE, Client
+from e2ee.client.datadir import starting_at
 from e2ee.errors import UsageError
 from e2ee.store.sealing import KdfLimits
 
@@ -49,3 +50,9 @@ async def test_a_data_directory_with_one_relay_url_opens_with_that_url(tmp_path:
     client = await Client.open(tmp_path / "acct")
     assert client.relay_urls == (A,) and client.relay_url == A
     await client.close()
+
+
+def test_the_next_open_starts_where_the_last_run_ended_in_round_robin_order() -> None:
+    assert starting_at((A, B, C), B) == (B, C, A)
+    assert starting_at((A, B, C), None) == (A, B, C)
+    assert starting_at((A, B), C) == (A, B)  # a URL no longer listed: the list's own order
