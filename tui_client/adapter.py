@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,14 +29,15 @@ from typing import Literal, Protocol
 from blindpost_wire.names import is_username
 from e2ee.client import (
     DB_FILE,
+    MAX_RELAY_URLS,
     NOTICE_TYPES,
     Client,
     ClientOptions,
     KdfLimits,
     StoredMessage,
+    check_relay_urls,
     direct_chat_id,
     group_chat_id,
-    origin_of,
 )
 from e2ee.client import ChatSummary as SdkChatSummary
 from e2ee.client_errors import (
@@ -455,8 +457,18 @@ def account_exists(data_dir: Path) -> bool:
     return (data_dir / DB_FILE).exists()
 
 
+def split_relay_urls(text: str) -> list[str]:
+    """The URLs typed in the relay field: one, or a relay's nodes separated by commas or
+    spaces (``http://a:8080, http://b:8080``)."""
+    return [part for part in re.split(r"[\s,]+", text.strip()) if part]
+
+
 def check_new_account(username: str, relay_url: str) -> None:
     """Check a first-run form before anything is created.
+
+    Args:
+        username: the name typed.
+        relay_url: the relay field: one URL, or several separated by commas or spaces.
 
     Raises:
         BackendError: the name or the relay URL cannot be used (the text says why).
@@ -467,14 +479,16 @@ def check_new_account(username: str, relay_url: str) -> None:
         raise BackendError(
             "a username is 3 to 32 characters: lower-case letters a-z, digits 0-9 and _"
         )
-    if not relay_url:
+    urls = split_relay_urls(relay_url)
+    if not urls:
         raise BackendError(f"enter the relay's URL (the README's local one is {DEFAULT_RELAY_URL})")
     try:
-        origin_of(relay_url)
+        check_relay_urls(urls)
     except UsageError:
         raise BackendError(
             "the relay URL is http:// or https:// and a host (and port), "
-            f"with no path: e.g. {DEFAULT_RELAY_URL}"
+            f"with no path: e.g. {DEFAULT_RELAY_URL} (a relay of several nodes: "
+            f"up to {MAX_RELAY_URLS} URLs separated by commas)"
         ) from None
 
 
@@ -576,7 +590,7 @@ class Messenger:
             client = await Client.create(
                 data_dir,
                 username,
-                relay_url,
+                split_relay_urls(relay_url),
                 passphrase=passphrase or None,
                 strict_trust=strict_trust,
                 now_ms=now_ms,
@@ -597,7 +611,7 @@ class Messenger:
             if refused is not None:
                 raise refused from exc
             raise BackendError(relay_error(exc, relay_url, username)) from exc
-        return cls(client, relay_url)
+        return cls(client, ", ".join(client.relay_urls))
 
     @classmethod
     async def open(
@@ -621,7 +635,7 @@ class Messenger:
                 )
             except WrongPassphrase as exc:
                 raise PassphraseRequired(str(exc)) from exc
-        return cls(client, client.relay_url)
+        return cls(client, ", ".join(client.relay_urls))
 
     async def start(self) -> None:
         """Connect to the relay (in the background; returns at once)."""
@@ -639,7 +653,7 @@ class Messenger:
 
     @property
     def relay_url(self) -> str:
-        """The relay URL, when known."""
+        """The relay's URL (its nodes' URLs, comma-separated, when it has several)."""
         return self._relay_url
 
     @property

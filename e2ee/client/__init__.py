@@ -24,7 +24,7 @@ from e2ee.client.link import LinkFactory, RelayLink, TransportLink
 # The value types and helpers of the facade's API, re-exported so programs on the facade (the TUI
 # and the CLI: an import-linter contract keeps them off e2ee.core/store/transport/history) name
 # them from here: History (``Client.history``) and its rows, chat ids, the KDF limits of
-# ``Client.create``, and the relay-URL check ``Client.create`` applies.
+# ``Client.create``, and the relay-URL checks ``Client.create`` applies.
 from e2ee.history import NOTICE_TYPES as NOTICE_TYPES
 from e2ee.history import ChatSummary as ChatSummary
 from e2ee.history import GroupInfo as GroupInfo
@@ -33,6 +33,8 @@ from e2ee.history import StoredMessage as StoredMessage
 from e2ee.history import direct_chat_id as direct_chat_id
 from e2ee.history import group_chat_id as group_chat_id
 from e2ee.store.sealing import KdfLimits as KdfLimits
+from e2ee.transport.failover import MAX_RELAY_URLS as MAX_RELAY_URLS
+from e2ee.transport.failover import check_relay_urls as check_relay_urls
 from e2ee.transport.requests import origin_of as origin_of
 
 __all__ = [

@@ -12,7 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from e2ee.client.context import ClientContext
@@ -20,11 +20,11 @@ from e2ee.client.datadir import (
     META_ACCOUNT_CREATED,
     META_READ_RECEIPTS,
     META_REGISTERED,
-    META_RELAY,
     META_STRICT,
     META_USER,
     Opened,
     open_dir,
+    relay_meta,
 )
 from e2ee.core import ProtocolEngine
 from e2ee.errors import StorageError, UsageError
@@ -38,7 +38,7 @@ __all__ = ["create_account_dir", "register_account"]
 def create_account_dir(
     folder: Path,
     username: str,
-    relay_url: str,
+    relay_urls: Sequence[str],
     *,
     device_id: int,
     passphrase: str | None,
@@ -67,7 +67,7 @@ def create_account_dir(
             Changes(
                 meta_put={
                     META_USER: username,
-                    META_RELAY: relay_url,
+                    **relay_meta(relay_urls),
                     META_STRICT: "1" if strict_trust else "0",
                     META_READ_RECEIPTS: "1",
                 }

@@ -2,7 +2,7 @@
 
 Invariants:
 
-* One reconnect policy: :class:`~e2ee.transport.ws.Backoff` (exponential, full
+* One reconnect policy: :class:`~e2ee.transport.backoff.Backoff` (exponential, full
   jitter from the injected ``ctx.jitter``), reset after every successful
   connect. The relay link itself never reconnects.
 * A connection that another connection of this device replaced, or a device
@@ -24,6 +24,7 @@ from e2ee.client.inbox import Inbox
 from e2ee.client.outbox import Outbox
 from e2ee.errors import E2EEError, StorageError, TransportError
 from e2ee.events import ConnectionStateChanged
+from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import DeviceRemoved, Replaced
 
 __all__ = ["Connection"]
@@ -52,9 +53,6 @@ class Connection:
 
     async def run(self) -> None:
         """Connect, receive, and reconnect with backoff until the client closes."""
-        # Imported here: aiohttp loads with it, and only a connecting client needs it.
-        from e2ee.transport.ws import Backoff
-
         options = self._ctx.options
         backoff = Backoff(options.backoff_base, options.backoff_max, random=self._ctx.jitter)
         failures = 0

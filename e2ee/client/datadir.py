@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -39,6 +40,8 @@ __all__ = [
     "META_READ_RECEIPTS",
     "META_REGISTERED",
     "META_RELAY",
+    "META_RELAYS",
+    "META_RELAY_LAST",
     "META_STRICT",
     "META_USER",
     "Opened",
@@ -46,6 +49,9 @@ __all__ = [
     "close_opened",
     "lock_dir",
     "open_dir",
+    "read_relay_urls",
+    "relay_meta",
+    "starting_at",
 ]
 
 #: The database file inside the data directory.
@@ -53,7 +59,14 @@ DB_FILE: Final = "blindpost.db"
 #: Held (``flock``) while a process has the data directory open.
 LOCK_FILE: Final = "blindpost.lock"
 META_USER: Final = "sdk.username"
+#: The relay's first URL (the only one before several were kept; still written for readers
+#: of older versions).
 META_RELAY: Final = "sdk.relay_url"
+#: All of the relay's URLs, a JSON list (absent in data directories from before: then the
+#: one ``sdk.relay_url`` is the list).
+META_RELAYS: Final = "sdk.relay_urls"
+#: The relay URL that worked last (recorded on close), where the next open starts.
+META_RELAY_LAST: Final = "sdk.relay_last"
 META_REGISTERED: Final = "sdk.registered"
 META_ACCOUNT_CREATED: Final = "sdk.account_created"
 META_READ_RECEIPTS: Final = "sdk.read_receipts"
@@ -69,7 +82,8 @@ class Opened:
     engine: ProtocolEngine
     history: History
     account: AccountRecord
-    relay_url: str
+    relay_urls: tuple[str, ...]
+    relay_last: str | None
     registered: bool
     identity_key: bytes
     fingerprint: str
@@ -136,7 +150,8 @@ def open_dir(
             engine=engine,
             history=History.open(store),
             account=account,
-            relay_url=store.get_meta(META_RELAY) or "",
+            relay_urls=read_relay_urls(store),
+            relay_last=store.get_meta(META_RELAY_LAST),
             registered=store.get_meta(META_REGISTERED) == "1",
             identity_key=key,
             fingerprint=own,
@@ -147,6 +162,33 @@ def open_dir(
             store.close()
         os.close(lock_fd)
         raise
+
+
+def relay_meta(urls: Sequence[str]) -> dict[str, str]:
+    """The settings rows that record the relay's URLs (first URL kept on its own too)."""
+    return {META_RELAY: urls[0], META_RELAYS: json.dumps(list(urls))}
+
+
+def read_relay_urls(store: SQLiteProtocolStore) -> tuple[str, ...]:
+    """The relay's URLs as recorded; a data directory from before keeps its one URL."""
+    raw = store.get_meta(META_RELAYS)
+    if raw is not None:
+        try:
+            urls = json.loads(raw)
+        except ValueError:
+            urls = None
+        if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
+            return tuple(urls)
+    single = store.get_meta(META_RELAY)
+    return (single,) if single else ()
+
+
+def starting_at(urls: Sequence[str], first: str | None) -> tuple[str, ...]:
+    """``urls`` in their round-robin order, beginning at ``first`` (if it is one of them)."""
+    if first is None or first not in urls:
+        return tuple(urls)
+    i = list(urls).index(first)
+    return (*urls[i:], *urls[:i])
 
 
 def close_opened(opened: Opened) -> None:

@@ -36,14 +36,17 @@ from e2ee.client.context import ClientContext, ClientOptions
 from e2ee.client.datadir import (
     DB_FILE,
     META_READ_RECEIPTS,
+    META_RELAY_LAST,
     Opened,
     auth_seed,
     close_opened,
     open_dir,
+    relay_meta,
+    starting_at,
 )
 from e2ee.client.groups import change_group, create_group
 from e2ee.client.inbox import Inbox
-from e2ee.client.link import LinkFactory, default_link_factory
+from e2ee.client.link import LinkFactory, TransportLink, default_link_factory
 from e2ee.client.outbox import Outbox
 from e2ee.client.trust import accept_identity
 from e2ee.client_errors import ClientClosed, IdentityHeld, NotRegistered, UnknownRecipient
@@ -58,6 +61,7 @@ from e2ee.payload import AttachmentPointer, GroupAction, PayloadType, Quote
 from e2ee.store import Changes, TrustLevel
 from e2ee.store.sealing import KdfLimits
 from e2ee.transport.auth import DeviceSigner, check_username
+from e2ee.transport.failover import check_relay_urls
 
 __all__ = ["Client"]
 
@@ -82,7 +86,7 @@ class Client:
         self._outbox = Outbox(ctx)
         self._inbox = Inbox(ctx, self._outbox)
         self._opened: Opened | None = opened
-        self._relay_url = opened.relay_url
+        self._relay_urls = opened.relay_urls
         self._identity_key = opened.identity_key
         self._fingerprint = opened.fingerprint
         self._tasks: list[asyncio.Task[None]] = []
@@ -102,7 +106,7 @@ class Client:
         cls,
         data_dir: str | os.PathLike[str],
         username: str,
-        relay_url: str,
+        relay_url: str | Sequence[str],
         *,
         device_id: int = 1,
         passphrase: str | None = None,
@@ -121,7 +125,9 @@ class Client:
         Args:
             data_dir: a directory for the database (created if missing).
             username: the account name (``[a-z0-9_]{3,32}``).
-            relay_url: the relay's base URL, e.g. ``http://127.0.0.1:8080``.
+            relay_url: the relay's base URL, e.g. ``http://127.0.0.1:8080``, or the URLs
+                of its nodes (at most 16): requests go to one node and move to the next
+                when it fails (docs/sdk.md, "Several relay URLs").
             device_id: this device's id (1..127).
             passphrase: protects the keys at rest; None relies on file permissions.
             strict_trust: if True, every new contact key must be verified or
@@ -137,15 +143,17 @@ class Client:
             The client, not connected. Call :meth:`register` next.
 
         Raises:
-            UsageError: bad name, device id, or the directory already holds an account.
+            UsageError: bad name, device id or relay URL, or the directory already holds
+                an account.
             StorageError: the database cannot be created.
         """
         folder = Path(data_dir)
+        urls = check_relay_urls(relay_url)
         opened = await asyncio.to_thread(
             create_account_dir,
             folder,
             username,
-            relay_url,
+            urls,
             device_id=device_id,
             passphrase=passphrase,
             strict_trust=strict_trust,
@@ -211,7 +219,9 @@ class Client:
             signer = DeviceSigner.from_seed(
                 auth_seed(account.identity_key_pair), account.name, account.device_id
             )
-            link = (link_factory or default_link_factory)(signer, opened.relay_url)
+            # Start where the last run ended up: a dead first node costs nothing twice.
+            urls = starting_at(opened.relay_urls, opened.relay_last)
+            link = (link_factory or default_link_factory)(signer, urls)
             ctx = ClientContext(
                 opened,
                 link,
@@ -308,12 +318,20 @@ class Client:
         self._closed = True
         self._outbox.close()
         self._ctx.emit(ConnectionStateChanged("closed"))
-        await asyncio.to_thread(self._close_files)
+        link = self._ctx.link
+        in_use = link.nodes.current if isinstance(link, TransportLink) else None
+        await asyncio.to_thread(self._close_files, in_use)
 
-    def _close_files(self) -> None:
+    def _close_files(self, relay_in_use: str | None = None) -> None:
         with self._ctx.wlock:
             opened, self._opened = self._opened, None
             if opened is not None:
+                started = starting_at(opened.relay_urls, opened.relay_last)
+                if relay_in_use is not None and started and relay_in_use != started[0]:
+                    # The link moved: the next open starts there (best effort: nothing is
+                    # lost if this write fails; a command that stayed put writes nothing).
+                    with contextlib.suppress(E2EEError):
+                        opened.store.commit(Changes(meta_put={META_RELAY_LAST: relay_in_use}))
                 close_opened(opened)  # releases the directory lock last
 
     def _check_open(self) -> None:
@@ -334,8 +352,30 @@ class Client:
 
     @property
     def relay_url(self) -> str:
-        """The relay this account registers with."""
-        return self._relay_url
+        """The relay this account registers with (its first URL)."""
+        return self._relay_urls[0] if self._relay_urls else ""
+
+    @property
+    def relay_urls(self) -> tuple[str, ...]:
+        """All URLs of the relay (its nodes, or one URL), in the order given."""
+        return self._relay_urls
+
+    async def set_relay_urls(self, urls: str | Sequence[str]) -> None:
+        """Replace the relay's URLs, e.g. after its operator added or removed a node.
+
+        They must be URLs of the same relay (the account lives there); they are used
+        from the next :meth:`open` on.
+
+        Args:
+            urls: one URL or several (at most 16).
+
+        Raises:
+            UsageError: a bad URL, none, or too many. StorageError: not written.
+        """
+        self._check_open()
+        checked = check_relay_urls(urls)
+        await asyncio.to_thread(self._ctx.store.commit, Changes(meta_put=relay_meta(checked)))
+        self._relay_urls = checked
 
     @property
     def is_registered(self) -> bool:

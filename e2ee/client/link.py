@@ -8,22 +8,27 @@ Invariants:
   only reads local history never pays for it.
 * The live connection never reconnects on its own: the client's connection
   loop (:mod:`e2ee.client.connection`) owns the one reconnect policy.
+* Several URLs are nodes of one relay: a call that meets a dead node repeats the same
+  request (same message id, same bytes) at the next one (:mod:`e2ee.transport.failover`).
 """
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from e2ee.errors import UsageError
+from e2ee.errors import TransportError
 from e2ee.media import Progress
 from e2ee.transport.auth import DeviceSigner
-from e2ee.transport.errors import ConnectionLost
+from e2ee.transport.backoff import Backoff
+from e2ee.transport.errors import ConnectionLost, RelayRejected, UsernameTaken
+from e2ee.transport.failover import RelayNodes, node_failed
 from e2ee.transport.frames import Delivery, QueueEmpty
 
 if TYPE_CHECKING:
+    import aiohttp
+
     from e2ee.transport.http import RelayClient
     from e2ee.transport.ws import RelayConnection
 
@@ -96,133 +101,234 @@ class RelayLink(Protocol):
         ...
 
 
-#: Builds the link for a device: (signer, relay URL) -> link.
-LinkFactory = Callable[[DeviceSigner, str], RelayLink]
+#: Builds the link for a device: (signer, the relay's URLs) -> link. The URLs are one
+#: relay (one URL, maybe behind a balancer, or the URLs of its nodes), in the account's order.
+LinkFactory = Callable[[DeviceSigner, Sequence[str]], RelayLink]
 
 
 class TransportLink:
     """The :class:`RelayLink` over the real transport (:mod:`e2ee.transport`).
 
-    HTTP calls go through one :class:`~e2ee.transport.http.RelayClient`; the live
-    connection is a :class:`~e2ee.transport.ws.RelayConnection` per
-    :meth:`connect`, with its own reconnecting turned off: the client's
-    connection loop owns the backoff, so that it can flush the outbox and run
-    key maintenance after every reconnect.
+    HTTP calls go through one :class:`~e2ee.transport.http.RelayClient` per relay URL
+    (sharing one session); the live connection is a
+    :class:`~e2ee.transport.ws.RelayConnection` per :meth:`connect`, with its own
+    reconnecting turned off: the client's connection loop owns the backoff, so that it
+    can flush the outbox and run key maintenance after every reconnect.
+
+    Several URLs are the nodes of one relay: every call goes to the node in use and
+    moves to the next one when that node fails (:class:`~e2ee.transport.failover.RelayNodes`:
+    sticky, round robin, the same request again, signed afresh). A send or ack whose socket
+    died goes out at once over HTTP to the next node, with the same message id and body.
+
+    Args:
+        signer: the device's signer.
+        urls: the relay's URL, or the URLs of its nodes.
+        rounds: rounds over all URLs one HTTP call makes before raising (a single URL
+            behind a balancer is tried twice, after a short jittered wait).
+        backoff: the wait between rounds (:class:`~e2ee.transport.backoff.Backoff`).
     """
 
-    def __init__(self, signer: DeviceSigner, url: str) -> None:
-        """Check the URL now (the HTTP client itself is made on first use).
+    def __init__(
+        self,
+        signer: DeviceSigner,
+        urls: str | Sequence[str],
+        *,
+        rounds: int = 2,
+        backoff: Backoff | None = None,
+    ) -> None:
+        """Check the URLs now (the HTTP clients themselves are made on first use).
 
         Raises:
-            UsageError: not an http(s) URL with a host and no path.
+            UsageError: not http(s) URLs with a host and no path, or none, or too many.
         """
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError("the relay URL must be an http:// or https:// URL with a host")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise UsageError("the relay URL must be the relay's root (no path or query)")
         self._signer = signer
-        self._url = url
-        self._http_client: RelayClient | None = None
+        self._nodes = RelayNodes(urls, rounds=rounds, backoff=backoff)
+        self._clients: dict[str, RelayClient] = {}
+        self._session: aiohttp.ClientSession | None = None
         self._conn: RelayConnection | None = None
+        self._conn_url = ""
 
-    @property
-    def _http(self) -> RelayClient:
+    def _http(self, url: str) -> RelayClient:
         # Made on first use: aiohttp costs about a third of a second to import, and
         # a program that only reads local history never needs it.
-        if self._http_client is None:
+        client = self._clients.get(url)
+        if client is None:
+            import aiohttp
+
             from e2ee.transport.http import RelayClient
 
+            if self._session is None or self._session.closed:
+                self._session = aiohttp.ClientSession()
             signer = self._signer
-            self._http_client = RelayClient(self._url, signer.user, signer.device, signer)
-        return self._http_client
+            client = RelayClient(url, signer.user, signer.device, signer, session=self._session)
+            self._clients[url] = client
+        return client
+
+    @property
+    def nodes(self) -> RelayNodes:
+        """The relay's URLs and the one in use."""
+        return self._nodes
 
     def __repr__(self) -> str:
-        return f"TransportLink({self._url!r}, {self._signer.user!r}, {self._signer.device})"
+        return (
+            f"TransportLink({list(self._nodes.urls)!r}, {self._signer.user!r}, "
+            f"{self._signer.device})"
+        )
 
     async def register(self, invite: str | None = None) -> None:
-        """``POST /v1/accounts`` (see :meth:`RelayLink.register`)."""
-        await self._http.register(invite)
+        """``POST /v1/accounts`` (see :meth:`RelayLink.register`).
+
+        A node may commit the account and fail before answering; asked again, the relay
+        says ``username_taken``. The name is ours exactly when this device's key signs
+        for it, so that answer is checked with a signed request before it is raised.
+        """
+        try:
+            await self._nodes.call(lambda url: self._http(url).register(invite))
+        except UsernameTaken as taken:
+            try:
+                await self._nodes.call(lambda url: self._http(url).key_count())
+            except RelayRejected:
+                raise taken from None
 
     async def upload_keys(self, keys: Mapping[str, Any]) -> int:
         """``PUT /v1/keys``; returns the one-time prekey count."""
-        return await self._http.upload_keys(keys)
+        return await self._nodes.call(lambda url: self._http(url).upload_keys(keys))
 
     async def prekey_count(self) -> int:
         """``GET /v1/keys/count``."""
-        return await self._http.key_count()
+        return await self._nodes.call(lambda url: self._http(url).key_count())
 
     async def fetch_bundles(self, user: str) -> list[Mapping[str, Any]]:
         """``GET /v1/keys/{user}``: one raw bundle object per device."""
-        return list(await self._http.fetch_bundles(user))
+        return list(await self._nodes.call(lambda url: self._http(url).fetch_bundles(user)))
 
     async def connect(self) -> None:
-        """Open a fresh WebSocket and wait until it is up (see :meth:`RelayLink.connect`)."""
+        """Open a fresh WebSocket and wait until it is up (see :meth:`RelayLink.connect`).
+
+        Every URL is tried once, from the one in use; the connection loop's backoff
+        decides when to try again.
+        """
         from e2ee.transport.ws import RelayConnection
 
         await self.disconnect()
-        conn = RelayConnection.from_client(self._http, reconnect=False)
-        self._conn = conn
-        await conn.start()
-        await conn.wait_connected()
+
+        async def open_at(url: str) -> RelayConnection:
+            conn = RelayConnection.from_client(self._http(url), reconnect=False)
+            try:
+                await conn.start()
+                await conn.wait_connected()
+            except BaseException:
+                await conn.close()
+                raise
+            return conn
+
+        async def attempt(url: str) -> tuple[str, RelayConnection]:
+            return url, await open_at(url)
+
+        self._conn_url, self._conn = await self._nodes.call(attempt, rounds=1)
 
     async def deliveries(self) -> AsyncIterator[Delivery | QueueEmpty]:
         """Deliveries (and the end-of-backlog marker) of the open WebSocket.
 
-        Raises the error that closed it.
+        Raises the error that closed it; a socket its node dropped moves this link to
+        the next node.
         """
         from e2ee.transport.ws import ConnectionState
 
-        conn = self._conn
+        conn, at = self._conn, self._conn_url
         if conn is None:
             raise ConnectionLost("not connected")
         async for event in conn.events():
             if isinstance(event, Delivery | QueueEmpty):
                 yield event
             elif isinstance(event, ConnectionState) and event.state == "closed":
-                raise event.error or ConnectionLost("the relay connection closed")
+                error = event.error or ConnectionLost("the relay connection closed")
+                if node_failed(error) and conn is self._conn:  # not our own disconnect()
+                    self._nodes.failed(at)
+                raise error
 
     async def send(
         self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
     ) -> None:
         """Send over the WebSocket and wait for the relay's ``send_result``.
 
-        Without a live connection (a send-only client), ``PUT /v1/messages``.
+        Without a live connection (a send-only client), or when its node fails before
+        answering, ``PUT /v1/messages`` at the next node: the same id and body, which
+        the relay stores once.
         """
-        conn = self._conn
-        if conn is None:
-            await self._http.send(message_id, recipients, body)
-            return
-        future = await conn.send(message_id, recipients, body)
-        await future
+        conn, at = self._conn, self._conn_url
+        if conn is not None:
+            try:
+                future = await conn.send(message_id, recipients, body)
+                await future
+                return
+            except TransportError as exc:
+                if not node_failed(exc):
+                    raise
+                self._nodes.failed(at)
+
+        async def put(url: str) -> None:
+            await self._http(url).send(message_id, recipients, body)
+
+        await self._nodes.call(put)
 
     async def ack(self, ids: Sequence[bytes]) -> None:
-        """Acknowledge over the WebSocket and wait until the relay committed it."""
-        conn = self._conn
+        """Acknowledge over the WebSocket and wait until the relay committed it.
+
+        When the socket's node fails first, ``POST /v1/messages/ack`` at the next node
+        (acks are idempotent: a removed id stays removed).
+        """
+        conn, at = self._conn, self._conn_url
         if conn is None:
             raise ConnectionLost("not connected")
-        future = await conn.ack(ids)
-        await future
+        try:
+            future = await conn.ack(ids)
+            await future
+            return
+        except TransportError as exc:
+            if not node_failed(exc):
+                raise
+            self._nodes.failed(at)
+
+        async def post(url: str) -> None:
+            await self._http(url).ack(ids)
+
+        await self._nodes.call(post)
 
     async def upload_blob(self, path: Path, digest: bytes, progress: Progress | None) -> str:
-        """Stream an encrypted file to ``POST /v1/blobs``; returns the blob id."""
+        """Stream an encrypted file to ``POST /v1/blobs``; returns the blob id.
+
+        After a node failure the whole file goes again to the next node (blobs are
+        content-addressed: a second upload of the same bytes is the same blob).
+        """
         size = path.stat().st_size
 
         def report(done: int, total: int | None) -> None:
             if progress is not None:
                 progress(done, total or size)
 
-        info = await self._http.upload_blob(path, sha256=digest.hex(), size=size, progress=report)
-        return str(info.id)
+        async def upload(url: str) -> str:
+            info = await self._http(url).upload_blob(
+                path, sha256=digest.hex(), size=size, progress=report
+            )
+            return str(info.id)
+
+        return await self._nodes.call(upload)
 
     async def download_blob(self, blob_id: str, path: Path, progress: Progress | None) -> None:
-        """Stream a blob to ``path`` (resuming a partial file, verifying its address)."""
+        """Stream a blob to ``path`` (resuming a partial file, verifying its address).
+
+        After a node failure the next node continues from the bytes already written.
+        """
 
         def report(done: int, total: int | None) -> None:
             if progress is not None:
                 progress(done, total or done)
 
-        await self._http.download_blob(blob_id, path, progress=report)
+        async def download(url: str) -> None:
+            await self._http(url).download_blob(blob_id, path, progress=report)
+
+        await self._nodes.call(download)
 
     async def disconnect(self) -> None:
         """Close the WebSocket, if open."""
@@ -233,10 +339,12 @@ class TransportLink:
     async def aclose(self) -> None:
         """Close the WebSocket and the HTTP session."""
         await self.disconnect()
-        if self._http_client is not None:
-            await self._http_client.close()
+        self._clients.clear()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
 
-def default_link_factory(signer: DeviceSigner, url: str) -> RelayLink:
-    """The :class:`TransportLink` for ``signer`` at ``url`` (the default link factory)."""
-    return TransportLink(signer, url)
+def default_link_factory(signer: DeviceSigner, urls: Sequence[str]) -> RelayLink:
+    """The :class:`TransportLink` for ``signer`` at ``urls`` (the default link factory)."""
+    return TransportLink(signer, urls)

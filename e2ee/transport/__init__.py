@@ -3,7 +3,8 @@
 Invariants:
 
 * :mod:`~e2ee.transport.auth`, :mod:`~e2ee.transport.frames`,
-  :mod:`~e2ee.transport.requests` and :mod:`~e2ee.transport.errors` are pure (no I/O,
+  :mod:`~e2ee.transport.requests`, :mod:`~e2ee.transport.errors`,
+  :mod:`~e2ee.transport.backoff` and :mod:`~e2ee.transport.failover` are pure (no I/O,
   no aiohttp); only :mod:`~e2ee.transport.http` and :mod:`~e2ee.transport.ws` touch
   the network or the disk.
 * Importing the package loads only the pure modules; :mod:`~e2ee.transport.http` and
@@ -18,6 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Final
 
 from e2ee.transport.auth import DeviceSigner, canonical_string, new_nonce
+from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import (
     AccountBanned,
     AuthFailed,
@@ -45,8 +47,10 @@ from e2ee.transport.errors import (
     Replaced,
     SenderShareExceeded,
     TooLarge,
+    Unavailable,
     UsernameTaken,
 )
+from e2ee.transport.failover import MAX_RELAY_URLS, RelayNodes, check_relay_urls, node_failed
 from e2ee.transport.frames import (
     Acked,
     Delivery,
@@ -73,14 +77,13 @@ from e2ee.transport.requests import (
 
 if TYPE_CHECKING:
     from e2ee.transport.http import ProgressCallback, RelayClient
-    from e2ee.transport.ws import Backoff, ConnectionState, Event, RelayConnection
+    from e2ee.transport.ws import ConnectionState, Event, RelayConnection
 
 # The aiohttp adapters load on first use: importing the pure modules (errors, frames,
 # requests) must not cost aiohttp's import time (an offline command needs none of it).
 _LAZY: Final = {
     "ProgressCallback": "e2ee.transport.http",
     "RelayClient": "e2ee.transport.http",
-    "Backoff": "e2ee.transport.ws",
     "ConnectionState": "e2ee.transport.ws",
     "Event": "e2ee.transport.ws",
     "RelayConnection": "e2ee.transport.ws",
@@ -97,6 +100,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "MAX_RELAY_URLS",
     "AccountBanned",
     "Acked",
     "AuthFailed",
@@ -134,6 +138,7 @@ __all__ = [
     "RegistrationRefused",
     "RelayClient",
     "RelayConnection",
+    "RelayNodes",
     "RelayRejected",
     "RelayTimeout",
     "Replaced",
@@ -144,12 +149,15 @@ __all__ = [
     "SenderShareExceeded",
     "ServerError",
     "TooLarge",
+    "Unavailable",
     "UsernameTaken",
     "canonical_string",
+    "check_relay_urls",
     "decode_control",
     "decode_deliver",
     "decode_server_frame",
     "encode_ack",
     "encode_send",
     "new_nonce",
+    "node_failed",
 ]

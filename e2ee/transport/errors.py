@@ -49,6 +49,7 @@ __all__ = [
     "Replaced",
     "SenderShareExceeded",
     "TooLarge",
+    "Unavailable",
     "UsernameTaken",
     "error_from_response",
 ]
@@ -249,6 +250,23 @@ class RateLimited(RelayRejected):
         self.retry_after = retry_after
 
 
+class Unavailable(RelayRejected):
+    """502, 503 or 504: this relay node (or the proxy in front of it) cannot serve now.
+
+    Nothing was acknowledged: the outcome of a write is unknown (a node may have committed
+    it before failing to answer), so only an idempotent request is repeated, here or on
+    another node of the same relay (every request the SDK repeats is: sends and acks by
+    message id, key uploads by key id, blobs by content address).
+
+    Attributes:
+        retry_after: seconds the relay asked to wait (``Retry-After``), or None.
+    """
+
+    def __init__(self, status: int, code: str, detail: str, *, retry_after: int | None) -> None:
+        super().__init__(status, code, detail)
+        self.retry_after = retry_after
+
+
 class MailboxFull(RelayRejected):
     """507 ``mailbox_full``: some recipient mailbox is at its quota; nothing was stored.
 
@@ -351,6 +369,11 @@ def error_from_response(
         if retry is None and retry_after_header is not None:
             retry = _int_or_none(retry_after_header)
         return RateLimited(status, code, detail, retry_after=max(1, retry or 1))
+    if status in (502, 503, 504):
+        retry_after = _int_or_none(doc.get("retry_after"))
+        if retry_after is None and retry_after_header is not None:
+            retry_after = _int_or_none(retry_after_header)
+        return Unavailable(status, code, detail, retry_after=retry_after)
     if status == 507:
         full: list[tuple[str, int]] = []
         raw_full = doc.get("full")

@@ -53,6 +53,7 @@ from blindpost_wire.close import (
 from e2ee.errors import TransportError, UsageError
 from e2ee.transport import requests as rq
 from e2ee.transport.auth import DeviceSigner
+from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import (
     AccountBanned,
     AuthFailed,
@@ -128,37 +129,6 @@ class ConnectionState:
 
 
 Event: TypeAlias = ConnectionState | Hint | Delivery | QueueEmpty | SendResult | Acked | ServerError
-
-
-class Backoff:
-    """Exponential backoff with full jitter (pure).
-
-    Args:
-        base: seconds; the first delay is uniform in ``[0, base)``.
-        cap: upper bound of the pre-jitter delay.
-        random: returns a float in ``[0, 1)``.
-
-    Raises:
-        UsageError: non-positive base or cap below base.
-    """
-
-    def __init__(
-        self, base: float = 0.5, cap: float = 30.0, random: Callable[[], float] = _random.random
-    ) -> None:
-        if base <= 0 or cap < base:
-            raise UsageError("backoff needs 0 < base <= cap")
-        self.base = base
-        self.cap = cap
-        self._random = random
-
-    def ceiling(self, attempt: int) -> float:
-        """The pre-jitter delay for ``attempt`` (1-based): ``min(cap, base * 2**(attempt-1))``."""
-        exponent = min(max(attempt, 1) - 1, 62)  # no float overflow on absurd counts
-        return min(self.cap, self.base * (2.0**exponent))
-
-    def delay(self, attempt: int) -> float:
-        """A jittered delay for ``attempt``: uniform in ``[0, ceiling(attempt))``."""
-        return self._random() * self.ceiling(attempt)
 
 
 def _swallow(fut: asyncio.Future[Any]) -> None:

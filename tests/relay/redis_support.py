@@ -18,8 +18,23 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from relay_harness import QUIET
 
 REDIS_URL = os.environ.get("BLINDPOST_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def node_settings(postgres_dsn: str, prefix: str, url: str = REDIS_URL) -> dict[str, str]:
+    """``--set`` options of a relay node on PostgreSQL + Redis in tests: quiet, and a dead
+    node's presence expires within 2 s."""
+    return {
+        **QUIET,
+        "store": "postgres",
+        "postgres_dsn": postgres_dsn,
+        "redis_url": url,
+        "redis_prefix": prefix,
+        "redis_heartbeat_seconds": "0.5",
+        "redis_presence_ttl_seconds": "2",
+    }
 
 
 def unique_prefix() -> str:

@@ -26,8 +26,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from redis.asyncio import Redis
-from redis_support import REDIS_URL, ThrowawayRedis
-from relay_harness import QUIET, RelayProcess
+from redis_support import REDIS_URL, ThrowawayRedis, node_settings
+from relay_harness import RelayProcess
 from relay_testclient import (
     Device,
     RelayClient,
@@ -61,13 +61,7 @@ def start_nodes(tmp_path: Path, postgres_database: str) -> Iterator[NodeFactory]
             relay = RelayProcess(
                 tmp_path / f"node{len(started)}",
                 {
-                    **QUIET,
-                    "store": "postgres",
-                    "postgres_dsn": postgres_database,
-                    "redis_url": url,
-                    "redis_prefix": prefix,
-                    "redis_heartbeat_seconds": "0.5",
-                    "redis_presence_ttl_seconds": "2",
+                    **node_settings(postgres_database, prefix, url),
                     "redis_poll_seconds": "30",  # wake-ups, not the poll, push in these tests
                     **settings,
                 },

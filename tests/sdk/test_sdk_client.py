@@ -635,15 +635,26 @@ async def test_failed_open_releases_the_directory(tmp_path: Path) -> None:
     from e2ee.errors import UsageError
     from e2ee.store.sealing import KdfLimits
 
-    # An account saved with a relay URL the transport refuses (not the relay's root):
-    # creating it, and every later open, fails after the directory was locked.
+    # A relay URL the transport refuses (not the relay's root) is refused before anything
+    # is created.
     bad_url = "http://127.0.0.1:1/api"
     with pytest.raises(UsageError, match="relay's root"):
         await Client.create(tmp_path / "alice", "alice", bad_url, kdf_limits=KdfLimits(1, 8192))
-    with pytest.raises(UsageError, match="relay's root"):  # not StoreLocked: create let go
-        await Client.open(tmp_path / "alice")
-    with pytest.raises(UsageError, match="relay's root"):  # again: nothing leaked
-        await Client.open(tmp_path / "alice")
+    client = await Client.create(
+        tmp_path / "alice", "alice", "http://127.0.0.1:1", kdf_limits=KdfLimits(1, 8192)
+    )
+    await client.close()
+
+    # A link that cannot be built: opening fails after the directory was locked.
+    def refuse(signer: object, urls: object) -> Any:
+        raise UsageError("no link today")
+
+    with pytest.raises(UsageError, match="no link today"):  # not StoreLocked: open let go
+        await Client.open(tmp_path / "alice", link_factory=refuse)
+    with pytest.raises(UsageError, match="no link today"):  # again: nothing leaked
+        await Client.open(tmp_path / "alice", link_factory=refuse)
+    reopened = await Client.open(tmp_path / "alice")
+    await reopened.close()
 
 
 async def test_backlog_drained_and_flush(

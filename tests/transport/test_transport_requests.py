@@ -25,6 +25,7 @@ from e2ee.transport.errors import (
     RelayRejected,
     SenderShareExceeded,
     TooLarge,
+    Unavailable,
     UsernameTaken,
     error_from_response,
 )
@@ -203,7 +204,16 @@ def test_device_list_and_counts() -> None:
             SenderShareExceeded,
             {"full": (("bob", 2),), "code": "sender_share_exceeded", "retryable": True},
         ),
-        (503, None, {}, RelayRejected, {"code": "unknown", "retryable": True}),
+        (503, None, {}, Unavailable, {"code": "unknown", "retryable": True, "retry_after": None}),
+        (
+            503,
+            {"error": "storage_unavailable"},
+            {"retry-after": "2"},
+            Unavailable,
+            {"retry_after": 2},
+        ),
+        (502, None, {}, Unavailable, {"retryable": True}),
+        (500, None, {}, RelayRejected, {"retryable": True}),
     ],
 )
 def test_error_mapping(

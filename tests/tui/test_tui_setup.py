@@ -237,3 +237,32 @@ async def test_first_run_relay_problems_are_explained_and_leave_nothing_behind(
         tui_relay.start()
         await _submit(pilot, screen)
         await _through_the_card(pilot)
+
+
+async def test_first_run_takes_a_relays_nodes_separated_by_commas(
+    tui_opener: MakeOpener, tui_relay: Any
+) -> None:
+    # The first node does not answer (nothing listens on port 9): registering and connecting
+    # move on to the second, and the account keeps both, in order.
+    dead = "http://127.0.0.1:9"
+    opener = tui_opener("nodes")
+    app = BlindpostApp(opener)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, FirstRunScreen) and app.screen.query("#setup-create"),
+        )
+        screen = app.screen
+        screen.query_one("#setup-username").value = "nodes"
+        screen.query_one("#setup-relay").value = f"{dead}/,  {tui_relay.url}"
+        await pilot.click("#setup-create")
+        await until(
+            pilot,
+            lambda: isinstance(app.screen, AccountCardScreen) and app.screen.query("#card-done"),
+        )
+        card = str(app.screen.query_one("#account-card-info").render())
+        assert f"{dead}, {tui_relay.url}" in card
+        await pilot.press("enter")
+        await until(pilot, lambda: isinstance(app.screen, MainScreen))
+        indicator = app.screen.query_one(ConnectionIndicator)
+        await until(pilot, lambda: indicator.state == "connected")

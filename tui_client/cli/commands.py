@@ -24,7 +24,14 @@ from collections.abc import (
 from pathlib import Path
 from typing import Any, Final
 
-from e2ee.client import DB_FILE, Client, GroupInfo, History, StoredMessage
+from e2ee.client import (
+    DB_FILE,
+    Client,
+    GroupInfo,
+    History,
+    StoredMessage,
+    check_relay_urls,
+)
 from e2ee.client_errors import (
     IdentityHeld,
     InviteInvalid,
@@ -74,6 +81,17 @@ from tui_client.cli.session import (
 CHECKPOINT_EVERY: Final = 200
 
 
+def _relay_urls(given: Sequence[str]) -> tuple[str, ...]:
+    """The relay URLs of ``init --relay URL [--relay URL ...]``, checked, in order, once each."""
+    for url in given:
+        if not re.match(r"^https?://[^/\s]+", url.strip()):
+            raise CliError(EXIT_USAGE, f"invalid relay URL {url!r}: use http(s)://host:port")
+    try:
+        return check_relay_urls(given)
+    except UsageError as exc:
+        raise CliError(EXIT_USAGE, f"invalid relay URLs: {exc}") from None
+
+
 def _registration_refused(exc: RegistrationRefused, user: str, relay: str) -> str:
     if isinstance(exc, RegistrationClosed):
         return f"the relay at {relay} does not accept new accounts (registration is closed)"
@@ -92,9 +110,8 @@ def _registration_refused(exc: RegistrationRefused, user: str, relay: str) -> st
 
 async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
     user = _username(args.username)
-    relay: str = args.relay.rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", relay):
-        raise CliError(EXIT_USAGE, f"invalid relay URL {args.relay!r}: use http(s)://host:port")
+    relays = _relay_urls(args.relay)
+    relay = relays[0]
     folder = settings.data_dir
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -105,19 +122,24 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
         client = await Client.create(
             folder,
             user,
-            relay,
+            relays,
             passphrase=settings.passphrase,
             strict_trust=args.strict_trust,
             options=_OPTIONS,
         )
     else:
         client = await Client.open(folder, settings.passphrase, options=_OPTIONS)
-        if client.username != user or client.relay_url.rstrip("/") != relay:
+        # The same account may be given its relay's nodes anew (one added or removed): at
+        # least one URL in common says it is the same relay.
+        if client.username != user or not set(client.relay_urls) & set(relays):
             await client.close()
             raise CliError(
                 EXIT_USAGE,
-                f"{folder} already holds the account {client.username!r} at {client.relay_url}",
+                f"{folder} already holds the account {client.username!r} at "
+                + ", ".join(client.relay_urls),
             )
+        if client.relay_urls != relays:
+            await client.set_relay_urls(relays)
     taken = False
     try:
         if not client.is_registered:
@@ -156,13 +178,15 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
         "username": user,
         "device": client.device_id,
         "relay": relay,
+        "relays": list(relays),
         "data": str(folder),
         "fingerprint": fingerprint,
         "passphrase": settings.passphrase is not None,
     }
     groups = [fingerprint[i : i + 5] for i in range(0, len(fingerprint), 5)]
     lines = [
-        f"registered {user} (device {client.device_id}) at {relay}",
+        f"registered {user} (device {client.device_id}) at {relay}"
+        + (f" (and {', '.join(relays[1:])})" if len(relays) > 1 else ""),
         f"data: {folder}",
         "your safety-number card (your half of every safety number with you):",
         "    " + " ".join(groups[:3]),

@@ -100,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("init", "create the account keys and register USERNAME at a relay")
     p.add_argument("username", metavar="USERNAME")
-    p.add_argument("--relay", required=True, metavar="URL", help="relay base URL (http[s]://)")
+    p.add_argument(
+        "--relay",
+        required=True,
+        action="append",
+        metavar="URL",
+        help="relay base URL (http[s]://); repeat it for each node of a relay with several "
+        "(commands move to the next one when a node fails)",
+    )
     p.add_argument(
         "--invite",
         metavar="CODE",

@@ -56,7 +56,13 @@ class FirstRunScreen(Screen[None]):
             yield Label("Welcome to Blindpost", classes="dialog-title")
             yield Static("Create your account. Only your username is known to the relay.")
             yield Input(placeholder="username (a-z, 0-9, _)", id="setup-username")
-            yield Input(value=DEFAULT_RELAY_URL, placeholder="relay URL", id="setup-relay")
+            # A relay of several nodes: their URLs separated by commas; the client moves
+            # to the next one when its node fails.
+            yield Input(
+                value=DEFAULT_RELAY_URL,
+                placeholder="relay URL (several nodes: separate with commas)",
+                id="setup-relay",
+            )
             yield Input(placeholder="passphrase (optional)", password=True, id="setup-pass")
             yield Input(placeholder="passphrase again", password=True, id="setup-pass2")
             # Shown only once the relay says it registers by invitation.
