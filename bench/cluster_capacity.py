@@ -49,6 +49,9 @@ SETTINGS = [
     "registration_burst=100000",
     "send_rate=1000000",
     "send_burst=1000000",
+    "account_send_rate=1000000",
+    "account_send_burst=1000000",
+    "account_max_inflight_sends=1000000",
     "log_level=WARNING",
     "sweep_interval_seconds=0",
 ]

@@ -49,6 +49,8 @@ RELAY_SETTINGS = {
     **LOOSE_LIMITS,
     "send_burst": "1000000",
     "send_rate": "1000000",
+    "account_send_rate": "1000000",
+    "account_max_inflight_sends": "1000000",
     "mailbox_max_messages": "1000000",
 }
 

@@ -79,6 +79,9 @@ BENCH_SETTINGS = {
     "registration_burst": "1000000",
     "send_rate": "1000000",
     "send_burst": "1000000",
+    "account_send_rate": "1000000",
+    "account_send_burst": "1000000",
+    "account_max_inflight_sends": "1000000",
     "log_level": "WARNING",
 }
 

@@ -55,6 +55,9 @@ def start_relay(data: Path) -> tuple[subprocess.Popen[bytes], str]:
         "prekey_fetch_burst=100000",
         "send_burst=1000000",
         "send_rate=1000000",
+        "account_send_burst=1000000",
+        "account_send_rate=1000000",
+        "account_max_inflight_sends=1000000",
         "mailbox_max_messages=100000",
         # Not what is measured: accounts without a proof of work, one sender's queue of
         # 10,000 messages to one stranger, bundle fetches of a 100-member group.
