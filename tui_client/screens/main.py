@@ -46,7 +46,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, ProgressBar, Static, TextArea
+from textual.widgets import ProgressBar, Static, TextArea
 
 from tui_client.adapter import (
     PAGE_SIZE,
@@ -91,7 +91,7 @@ from tui_client.widgets.conversation import (
     mentions,
 )
 from tui_client.widgets.image_preview import MAX_BYTES, PreviewError, render_preview
-from tui_client.widgets.status import ConnectionIndicator, KeyBanner
+from tui_client.widgets.status import ConnectionIndicator, KeyBanner, KeyFooter
 
 __all__ = [
     "ChatRefreshed",
@@ -296,7 +296,7 @@ class MainScreen(Screen[None]):
                 yield Static("", id="compose-context")
                 yield ProgressBar(id="upload-progress", show_eta=False)
                 yield ComposeArea(id="compose", soft_wrap=True, show_line_numbers=False)
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.query_one(KeyBanner).hide()
