@@ -46,6 +46,8 @@ def _system_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+#: The GIL switch interval of the terminal client's process (seconds; Python's default: 0.005).
+SWITCH_INTERVAL = 0.001
 #: A full garbage collection waits until input has been quiet this long (seconds).
 GC_IDLE = 1.0
 #: ... and is looked for this often.
@@ -257,6 +259,11 @@ def run(data_dir: Path | None) -> int:
     except ConfigError as exc:
         print(f"blindpost: {exc}", file=sys.stderr)
         return 2
+    # The SDK decrypts and stores in a worker thread, holding the GIL while it
+    # runs Python. At the default 5 ms switch interval a keystroke could wait that
+    # long at each thread it passes (Textual's input reader, the event loop, the
+    # output writer) while messages pour in; at 1 ms the worker yields sooner.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     app = BlindpostApp(Opener(folder), config=config)
     app.run()
     return app.return_code or 0
