@@ -99,7 +99,11 @@ class Run:
 
 
 async def paced(calls: int, rate: float, window: int, call: object) -> tuple[list[float], float]:
-    """Make ``calls`` calls at ``rate``/s, at most ``window`` in flight; latencies, elapsed."""
+    """Make ``calls`` calls at ``rate``/s, at most ``window`` in flight; latencies, elapsed.
+
+    A run that falls behind its pace stops making calls when the time the calls were
+    due in is over twice (so a slow path does not make the bench run for minutes).
+    """
     assert callable(call)
     slots = asyncio.Semaphore(window)
     latencies: list[float] = []
@@ -115,6 +119,8 @@ async def paced(calls: int, rate: float, window: int, call: object) -> tuple[lis
 
     tasks = []
     for i in range(calls):
+        if time.perf_counter() - began > 2 * calls / rate:
+            break
         delay = began + i / rate - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
