@@ -415,6 +415,8 @@ class MainScreen(Screen[None]):
     @work(group="mark-read", exclusive=True)
     async def _mark_read(self, chat_id: str, in_view: bool = False) -> None:
         await asyncio.sleep(_MARK_READ_DELAY)
+        if not self.query(MessageList):
+            return  # the app is closing (quit within the debounce): its widgets are gone
         # Still true after the debounce? (The user may have moved up or left.)
         if chat_id != self.chat_id or not self._can_mark_read(in_view):
             return
