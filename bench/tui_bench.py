@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,11 @@ def _app_env(tmp: Path) -> dict[str, str]:
 
 def _pane(lines: list[str]) -> list[str]:
     """The conversation pane: each line right of the chat list's border."""
-    edge = lines[2].find("\u2595")  # "▕", the chat list's right border
+    # "▕", the chat list's right border: where most lines have it (a toast or a
+    # dialog may cover some), so the chat list's previews never count as shown.
+    edges = Counter(line.find("\u2595") for line in lines)
+    edges.pop(-1, None)
+    edge = edges.most_common(1)[0][0] if edges else len(lines[0])
     return [line[edge + 1 :] for line in lines]
 
 
