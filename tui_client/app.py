@@ -46,6 +46,8 @@ def _system_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+#: The GIL switch interval of the terminal client's process (seconds; Python's default: 0.005).
+SWITCH_INTERVAL = 0.001
 #: A full garbage collection waits until input has been quiet this long (seconds).
 GC_IDLE = 1.0
 #: ... and is looked for this often.
@@ -58,21 +60,41 @@ class _TerminalKey(StrEnum):
     """Keys Textual's input table does not name (stand-ins for its ``Keys`` values)."""
 
     ALT_ENTER = "alt+enter"
+    ALT_1 = "alt+1"
+    ALT_2 = "alt+2"
+    ALT_3 = "alt+3"
+    ALT_4 = "alt+4"
+    ALT_5 = "alt+5"
+    ALT_6 = "alt+6"
+    ALT_7 = "alt+7"
+    ALT_8 = "alt+8"
+    ALT_9 = "alt+9"
 
 
 #: Byte sequences terminals send for keys Textual's table lacks. A terminal sends
 #: Alt+Enter as ESC CR; Textual's parser drops the Alt of a key it finds in its
 #: table, so ESC CR read as a plain Enter, and the compose box sent the
-#: half-written message (issue 18). Added to Textual's table before the app
-#: reads any input; keys already in the table are left alone.
-TERMINAL_KEYS: dict[str, tuple[_TerminalKey, ...]] = {"\x1b\r": (_TerminalKey.ALT_ENTER,)}
+#: half-written message (issue 18). Alt+1..9 arrive as ESC and the digit, which
+#: Textual turns into the characters a Mac keyboard's Option key gives (ESC 1 is
+#: "¡"), so the chat-number keys did nothing in a real terminal. Added to
+#: Textual's table before the app reads any input; sequences it reads as keys are
+#: left alone.
+TERMINAL_KEYS: dict[str, tuple[_TerminalKey, ...]] = {
+    "\x1b\r": (_TerminalKey.ALT_ENTER,),
+    **{f"\x1b{n}": (_TerminalKey(f"alt+{n}"),) for n in range(1, 10)},
+}
 
 
 def teach_terminal_keys() -> None:
-    """Add :data:`TERMINAL_KEYS` to Textual's escape-sequence table (idempotent)."""
+    """Add :data:`TERMINAL_KEYS` to Textual's escape-sequence table (idempotent).
+
+    A sequence Textual reads as a key keeps its meaning; one it reads as a
+    character (ESC 1 as "¡") or not at all is taught ours.
+    """
     table = cast(dict[str, object], ANSI_SEQUENCES_KEYS)
     for sequence, keys in TERMINAL_KEYS.items():
-        table.setdefault(sequence, keys)
+        if not isinstance(table.get(sequence), tuple):
+            table[sequence] = keys
 
 
 def _local_tz() -> tzinfo:
@@ -257,6 +279,11 @@ def run(data_dir: Path | None) -> int:
     except ConfigError as exc:
         print(f"blindpost: {exc}", file=sys.stderr)
         return 2
+    # The SDK decrypts and stores in a worker thread, holding the GIL while it
+    # runs Python. At the default 5 ms switch interval a keystroke could wait that
+    # long at each thread it passes (Textual's input reader, the event loop, the
+    # output writer) while messages pour in; at 1 ms the worker yields sooner.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     app = BlindpostApp(Opener(folder), config=config)
     app.run()
     return app.return_code or 0

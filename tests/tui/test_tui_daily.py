@@ -83,6 +83,14 @@ def test_the_terminals_alt_enter_bytes_read_as_alt_enter() -> None:
     assert keys == ["h", "i", "alt+enter", "x", "enter"]
 
 
+def test_the_terminals_alt_digit_bytes_read_as_alt_digits() -> None:
+    # A terminal sends Alt+1..9 (the chat-number keys) as ESC and the digit.
+    teach_terminal_keys()
+    parser = XTermParser()
+    keys = [e.key for e in [*parser.feed("\x1b1\x1b9"), *parser.feed("1")] if isinstance(e, Key)]
+    assert keys == ["alt+1", "alt+9", "1"]
+
+
 async def test_alt_enter_starts_a_new_line_and_enter_sends_both(
     tui_opener: MakeOpener, sdk_client: MakeClient, tui_relay: Any
 ) -> None:

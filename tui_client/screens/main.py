@@ -7,7 +7,8 @@
 #   or a slow disk never freezes the screen.
 # * Backend updates arrive through one long-running worker (``_pump``) that
 #   re-posts them as ``UpdateArrived``. New messages of the open chat are added
-#   to the list in batches (``_incoming``, one list update per 100 ms tick, and
+#   to the list in batches (``_incoming``, one list update per 100 ms tick, every
+#   500 ms while the user types, and
 #   one ``mark_read`` per batch); chat-list rows touched by updates are
 #   refreshed in batches (``_dirty`` + a short timer). So a burst of incoming
 #   messages costs a few list updates per second, not one per message.
@@ -46,7 +47,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, ProgressBar, Static, TextArea
+from textual.widgets import ProgressBar, Static, TextArea
 
 from tui_client.adapter import (
     PAGE_SIZE,
@@ -91,7 +92,7 @@ from tui_client.widgets.conversation import (
     mentions,
 )
 from tui_client.widgets.image_preview import MAX_BYTES, PreviewError, render_preview
-from tui_client.widgets.status import ConnectionIndicator, KeyBanner
+from tui_client.widgets.status import ConnectionIndicator, KeyBanner, KeyFooter
 
 __all__ = [
     "ChatRefreshed",
@@ -105,7 +106,14 @@ __all__ = [
 _TYPING_EVERY = 4.0  # seconds between "typing" pings while composing
 _TYPING_SHOWN = 6.0  # a typing indicator without a refresh disappears after this
 _REFRESH_TICK = 0.5  # chat-list refresh batching
+_REFRESH_WHILE_TYPING = 2.0  # ... while the user types (see _APPEND_WHILE_TYPING)
 _APPEND_TICK = 0.1  # new messages of the open chat are added to the list in batches
+# ... but while the user types (the compose box changed less than _TYPING_QUIET
+# ago) a batch waits up to _APPEND_WHILE_TYPING: adding rows re-renders the whole
+# visible list, the one piece of work a keystroke's frame can queue behind
+# (`python bench/tui_bench.py`, keypress to frame while 50 messages/s arrive).
+_APPEND_WHILE_TYPING = 0.5
+_TYPING_QUIET = 0.3
 _MARK_READ_DELAY = 0.5
 # Pages read when the window moves (older or newer). Each costs one re-window of
 # the list, most of it Textual wrapping and measuring the new rows (~0.3 ms a
@@ -276,6 +284,9 @@ class MainScreen(Screen[None]):
         self._typing: dict[str, float] = {}
         self._key_changed: dict[str, bool] = {}
         self._incoming: list[MessageView] = []
+        self._last_keystroke = 0.0
+        self._last_append = 0.0
+        self._last_refresh = 0.0
         # At most two previews are fetched and decoded at a time.
         self._previewing = asyncio.Semaphore(2)
 
@@ -296,7 +307,7 @@ class MainScreen(Screen[None]):
                 yield Static("", id="compose-context")
                 yield ProgressBar(id="upload-progress", show_eta=False)
                 yield ComposeArea(id="compose", soft_wrap=True, show_line_numbers=False)
-        yield Footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.query_one(KeyBanner).hide()
@@ -308,7 +319,7 @@ class MainScreen(Screen[None]):
         self._load_chats()
         self._pump()
         self.set_interval(_REFRESH_TICK, self._flush_dirty)
-        self.set_interval(_APPEND_TICK, self._flush_incoming)
+        self.set_interval(_APPEND_TICK, self._append_tick)
         self.set_interval(1.0, self._expire_typing)
         self.messages.compact = self.config.layout == "compact"
         self.messages.me = self.backend.username
@@ -404,6 +415,8 @@ class MainScreen(Screen[None]):
     @work(group="mark-read", exclusive=True)
     async def _mark_read(self, chat_id: str, in_view: bool = False) -> None:
         await asyncio.sleep(_MARK_READ_DELAY)
+        if not self.query(MessageList):
+            return  # the app is closing (quit within the debounce): its widgets are gone
         # Still true after the debounce? (The user may have moved up or left.)
         if chat_id != self.chat_id or not self._can_mark_read(in_view):
             return
@@ -878,10 +891,15 @@ class MainScreen(Screen[None]):
                 else:
                     self.notify(text, severity="warning")
 
+    def _append_tick(self) -> None:
+        if not self._typing_now() or time.monotonic() - self._last_append >= _APPEND_WHILE_TYPING:
+            self._flush_incoming()
+
     def _flush_incoming(self) -> None:
         batch, self._incoming = self._incoming, []
         batch = [m for m in batch if m.chat_id == self.chat_id]
         if batch:
+            self._last_append = time.monotonic()
             # Seen only if the list follows them into view in a focused window;
             # otherwise a "new messages" line marks where they start.
             seen = self._can_mark_read()
@@ -889,7 +907,15 @@ class MainScreen(Screen[None]):
             if seen and any(not m.outgoing for m in batch) and self.chat_id is not None:
                 self._mark_read(self.chat_id)  # once per batch, not once per message
 
+    def _typing_now(self) -> bool:
+        """The user is typing: the compose box changed less than _TYPING_QUIET ago."""
+        return time.monotonic() - self._last_keystroke < _TYPING_QUIET
+
     def _flush_dirty(self) -> None:
+        now = time.monotonic()
+        if self._typing_now() and now - self._last_refresh < _REFRESH_WHILE_TYPING:
+            return
+        self._last_refresh = now
         dirty, self._dirty = self._dirty, set()
         for chat_id in dirty:
             self._refresh_chat(chat_id)
@@ -1004,9 +1030,10 @@ class MainScreen(Screen[None]):
 
     @on(TextArea.Changed, "#compose")
     def _composing(self, event: TextArea.Changed) -> None:
+        now = time.monotonic()
+        self._last_keystroke = now
         if self.chat_id is None or not event.text_area.text:
             return
-        now = time.monotonic()
         if now - self._last_typing > _TYPING_EVERY:
             self._last_typing = now
             self._send_typing(self.chat_id)

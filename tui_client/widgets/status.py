@@ -1,17 +1,46 @@
-# Small status widgets: the connection indicator and the key-change banner.
+# Small status widgets: the connection indicator, the key-change banner and the footer.
 #
 # Invariant: they render state handed to them; they never ask the backend.
-"""Connection indicator and key-change banner."""
+"""Connection indicator, key-change banner, and a footer that recomposes only on change."""
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
+from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Button, Static
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Static
 
-__all__ = ["ConnectionIndicator", "KeyBanner"]
+__all__ = ["ConnectionIndicator", "KeyBanner", "KeyFooter"]
+
+
+class KeyFooter(Footer):
+    """Textual's footer, recomposed only when the keys it would show change.
+
+    Textual's own recomposes (unmounts and mounts a widget per key, then styles
+    them) whenever the focused widget's bindings may have changed: every focus
+    move, so every chat opened (the compose box takes the focus) and every dialog
+    closed, even when the keys shown stay the same. While chats were opened from
+    the quick switcher (`python bench/tui_bench.py --only open`, py-spy) that
+    recomposition was 14 % of the main thread's samples, the largest single item
+    after drawing.
+    """
+
+    _shown: tuple[tuple[Binding, str, bool, str], ...] | None = None
+
+    def bindings_changed(self, screen: Screen[object]) -> None:
+        shown = tuple(
+            (binding, self.app.get_key_display(binding), enabled, tooltip)
+            for (_, binding, enabled, tooltip) in screen.active_bindings.values()
+            if binding.show
+        )
+        if shown == self._shown:
+            return
+        if screen.app.app_focus and self.is_attached and screen is self.screen:
+            self._shown = shown  # Footer recomposes only in this case
+        super().bindings_changed(screen)
 
 
 class ConnectionIndicator(Static):
