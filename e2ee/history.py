@@ -14,7 +14,8 @@ Invariants:
   commits (see ``e2ee.client.context.StoreView``).
 * Every other read (pages, search, summaries) uses a separate read connection
   on the same file (WAL lets it read while the store writes); it never sees a
-  half-committed message.
+  half-committed message. The store opens it (:meth:`SQLiteProtocolStore.connect_reader`),
+  keyed like its own when the file is encrypted.
 * Table shapes and typed rows live in :mod:`e2ee.messaging.rows`.
 * The schema is created by :meth:`History.open`, idempotently, and recorded as
   ``history_schema_version`` in the store's meta. Tables are ``STRICT`` with
@@ -56,6 +57,7 @@ from e2ee.messaging.rows import (
 )
 from e2ee.store.protocols import Changes
 from e2ee.store.sqlite import APP_TABLE_PREFIX, SQLiteProtocolStore
+from e2ee.store.sqlite_sql import DB_ERRORS
 
 __all__ = [
     "HISTORY_SCHEMA_VERSION",
@@ -184,13 +186,7 @@ class History:
             StorageError: the file cannot be opened, or was written by a newer
                 history schema.
         """
-        try:
-            conn = sqlite3.connect(
-                store.path, timeout=5.0, isolation_level=None, check_same_thread=False
-            )
-            conn.row_factory = sqlite3.Row
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open history: {exc}") from exc
+        conn = store.connect_reader()  # keyed like the store's own when it is encrypted
         history = cls(store, conn)
         try:
             history._migrate()
@@ -245,7 +241,7 @@ class History:
                 db.table(f"{APP_TABLE_PREFIX}messages").enable_fts(
                     ["text"], create_triggers=True, replace=True
                 )
-        except sqlite3.Error as exc:
+        except DB_ERRORS as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StorageError(f"cannot create the history schema: {exc}") from exc
@@ -279,7 +275,7 @@ class History:
         with self._lock:
             try:
                 return list(self._connection().execute(sql, params).fetchall())
-            except sqlite3.Error as exc:
+            except DB_ERRORS as exc:
                 raise StorageError(f"cannot read history: {exc}") from exc
 
     # -- row builders (pure, except reading the committed row to update) --------------

@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from typing import Final, NoReturn
 
 import nacl.bindings
+import nacl.encoding
 import nacl.exceptions
+import nacl.hash
 import nacl.pwhash.argon2id
 import nacl.utils
 
@@ -74,6 +76,7 @@ _TAG_BYTES: Final = 16
 _SALT_BYTES: Final = 16
 _SEALED_OVERHEAD: Final = 1 + _NONCE_BYTES + _TAG_BYTES
 _WRAP_LABEL: Final = b"blindpost/keywrap"
+_PERSON_BYTES: Final = 16
 
 _encrypt = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt
 _decrypt = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt
@@ -243,6 +246,32 @@ class Sealer:
         return WrappedKey(
             WRAP_VERSION, METHOD_ARGON2ID, salt, limits.opslimit, limits.memlimit, payload
         )
+
+    def subkey(self, purpose: bytes) -> bytes:
+        """A 32-byte key for another use of the data key (e.g. SQLCipher's page key).
+
+        Keyed BLAKE2b with ``purpose`` as personalisation: a subkey reveals nothing
+        about the data key or about the subkeys of other purposes.
+
+        Args:
+            purpose: names the use, 1 to 16 bytes (BLAKE2b's personalisation).
+
+        Returns:
+            The subkey; the caller keeps it out of reprs and logs.
+
+        Raises:
+            UsageError: ``purpose`` is not 1 to 16 bytes.
+        """
+        if not isinstance(purpose, bytes) or not 1 <= len(purpose) <= _PERSON_BYTES:
+            raise UsageError(f"a subkey purpose is 1 to {_PERSON_BYTES} bytes")
+        derived: bytes = nacl.hash.blake2b(
+            b"",
+            key=self.__key,
+            person=purpose,
+            digest_size=KEY_BYTES,
+            encoder=nacl.encoding.RawEncoder,
+        )
+        return derived
 
     def same_key(self, other: Sealer) -> bool:
         """True when both sealers hold the same data key (compared in constant time)."""

@@ -16,11 +16,14 @@ Invariants:
   a block that raises leaves none of its commits. A commit returns before it is
   durable only inside a batch the caller opened; the lock is held for the whole
   block, so no other thread's commit joins or waits inside someone else's batch.
+* With a passphrase the whole file is a SQLCipher database and the wrapped key
+  lives in ``<db>-keyring`` (:mod:`e2ee.store.sqlite_cipher`); without one it is
+  a plain SQLite file holding its own key. Both run the same SQL.
 * Every secret blob (the identity key pair, prekeys, signed prekeys, sessions,
   sender keys) is sealed by :class:`~e2ee.store.sealing.Sealer` with the row's
   table and primary key as associated data; a blob moved to another row fails
   with :class:`~e2ee.errors.StoreCorrupt`. Identities, metadata and app rows are
-  stored in clear.
+  not sealed (in clear unless the whole file is encrypted).
 * Opening never writes before the passphrase is checked: a wrong passphrase
   leaves the file byte for byte as it was. Migrations run after that, in one
   transaction, so the keyring table's layout must stay readable by every version.
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 from e2ee.errors import StorageError, StoreCorrupt, UsageError
+from e2ee.store import sqlite_cipher as _cipher
 from e2ee.store.protocols import (
     AccountRecord,
     Address,
@@ -59,6 +63,8 @@ from e2ee.store.sealing import (
     KDF_MODERATE,
     KdfLimits,
     Sealer,
+    WrappedKey,
+    create_key,
     seal_context,
     unlock,
 )
@@ -69,6 +75,12 @@ from e2ee.store.sqlite_schema import (
 )
 from e2ee.store.sqlite_schema import (
     create_private_file as _create_private_file,
+)
+from e2ee.store.sqlite_schema import (
+    prepare as _prepare,
+)
+from e2ee.store.sqlite_schema import (
+    probe as _probe,
 )
 from e2ee.store.sqlite_schema import (
     read_keyring as _read_keyring,
@@ -187,12 +199,19 @@ class SQLiteProtocolStore:
     as a context manager.
     """
 
-    def __init__(self, conn: sqlite3.Connection, sealer: Sealer, path: str) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        sealer: Sealer,
+        path: str,
+        cipher_key: _cipher.CipherKey | None = None,
+    ) -> None:
         """Use :meth:`open`; this wraps an already configured and migrated connection."""
         self._conn: sqlite3.Connection | None = conn
         self._db_helper: sqlite_utils.Database | None = None
         self._sealer = sealer
         self._path = path
+        self._cipher_key = cipher_key
         self._lock = threading.RLock()
         self._transactions = 0
         # Open batch (group commit): nesting depth, commits made in it, and the app
@@ -220,11 +239,17 @@ class SQLiteProtocolStore:
     ) -> SQLiteProtocolStore:
         """Open the store at ``path``, creating it (mode 0600) if it does not exist.
 
+        With a passphrase the whole file is encrypted (SQLCipher) and the wrapped
+        key is kept in ``<path>-keyring``; a plaintext store whose key is wrapped
+        under a passphrase (made before encryption at rest) is encrypted in place
+        first, crash-safely (see :mod:`e2ee.store.sqlite_cipher`).
+
         Args:
-            path: the database file. Its ``-wal`` and ``-shm`` companions live
-                next to it.
-            passphrase: protects the data key. None stores the key unprotected in
-                the file, so only file permissions protect the secrets.
+            path: the database file. Its ``-wal``, ``-shm`` (and with a passphrase
+                ``-keyring``) companions live next to it.
+            passphrase: protects the data key and encrypts the file. None stores the
+                key unprotected in a plain SQLite file, so only file permissions
+                protect the secrets.
             kdf_limits: Argon2id cost used when this call creates the key. An
                 existing store uses the limits stored with its key.
 
@@ -235,7 +260,8 @@ class SQLiteProtocolStore:
             WrongPassphrase: the passphrase does not open the store (or one was
                 given for an unprotected store, or none for a protected one).
                 The file is not changed.
-            StoreCorrupt: the file is not a database, or its keyring is damaged.
+            StoreCorrupt: the file is not a database, its keyring (row or file) is
+                missing or damaged, or the keyring file is another store's.
             StorageError: the file cannot be opened, belongs to something else,
                 was written by a newer version, Python's SQLite is older than
                 3.37, or another error occurred.
@@ -251,6 +277,43 @@ class SQLiteProtocolStore:
                 f"SQLite {sqlite3.sqlite_version} is too old: STRICT tables need 3.37 or newer"
             )
         with _storage_errors("open the store"):
+            _cipher.finish_pending(where)
+            found = _cipher.layout(where)
+        if found is _cipher.Layout.PLAIN or (found is _cipher.Layout.NEW and passphrase is None):
+            opened = cls._open_plain(where, passphrase, kdf_limits)
+            if isinstance(opened, SQLiteProtocolStore):
+                return opened
+            sealer, wrapped = opened
+            # A plaintext store with a passphrase (made before stores were encrypted,
+            # or given a passphrase since): encrypt it now, crash-safely.
+            with _storage_errors("encrypt the store"):
+                _cipher.encrypt_in_place(where, _cipher.CipherKey(sealer), wrapped)
+        elif found is _cipher.Layout.NEW:
+            sealer, wrapped = create_key(passphrase, kdf_limits)
+            with _storage_errors("create the store"):
+                _cipher.start_encrypted(where, wrapped)
+        else:
+            with _storage_errors("read the keyring file"):
+                wrapped = _cipher.read_keyring_file(where)
+            sealer = unlock(wrapped, passphrase)  # before the database is touched
+        key = _cipher.CipherKey(sealer)
+        with _storage_errors("open the store"):
+            conn = _cipher.connect_encrypted(where, key)
+        try:
+            with _storage_errors("open the store"):
+                version, _ = _probe(conn, MIGRATIONS, keyring_in_db=False)
+                _prepare(conn, sealer, MIGRATIONS, version, None, None, keyring_in_db=False)
+                return cls(conn, sealer, where, key)
+        except BaseException:
+            conn.close()
+            raise
+
+    @classmethod
+    def _open_plain(
+        cls, where: str, passphrase: str | None, kdf_limits: KdfLimits
+    ) -> SQLiteProtocolStore | tuple[Sealer, WrappedKey]:
+        """Open a plaintext store, or unlock one that is to be encrypted (then closed)."""
+        with _storage_errors("open the store"):
             _create_private_file(where)
             conn = sqlite3.connect(
                 where, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
@@ -258,11 +321,17 @@ class SQLiteProtocolStore:
         try:
             with _storage_errors("open the store"):
                 # MIGRATIONS is looked up here, at call time: one module-level list.
-                sealer = _unlock_or_create(conn, passphrase, kdf_limits, MIGRATIONS)
-                return cls(conn, sealer, where)
+                _, stored = _probe(conn, MIGRATIONS)
+                if stored is None or not stored.protected:
+                    sealer = _unlock_or_create(conn, passphrase, kdf_limits, MIGRATIONS)
+                    return cls(conn, sealer, where, None)
+            # Checked before anything is written: a wrong passphrase changes nothing.
+            sealer = unlock(stored, passphrase)
         except BaseException:
             conn.close()
             raise
+        conn.close()
+        return sealer, stored
 
     def close(self) -> None:
         """Close the connection. Idempotent; later calls raise :class:`StorageError`."""
@@ -291,6 +360,34 @@ class SQLiteProtocolStore:
     def path(self) -> str:
         """The database file."""
         return self._path
+
+    @property
+    def encrypted(self) -> bool:
+        """True when the whole file is encrypted (SQLCipher): a store with a passphrase."""
+        return self._cipher_key is not None
+
+    def connect_reader(self) -> sqlite3.Connection:
+        """A new connection on the store's file for reads (the caller closes it).
+
+        It is keyed like the store's own (an encrypted store needs SQLCipher and the
+        key), autocommit, usable from any thread, with rows readable by column name.
+
+        Raises:
+            StorageError: the store is closed or the file cannot be opened.
+        """
+        with self._lock:
+            self._connection()
+        with _storage_errors("open a read connection"):
+            if self._cipher_key is None:
+                conn = sqlite3.connect(
+                    self._path,
+                    timeout=_BUSY_TIMEOUT_S,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                conn.row_factory = sqlite3.Row
+                return conn
+            return _cipher.connect_encrypted(self._path, self._cipher_key, rows_by_name=True)
 
     @property
     def transaction_count(self) -> int:
@@ -657,6 +754,12 @@ class SQLiteProtocolStore:
     ) -> None:
         """Add, change or remove the passphrase. Only the data key is rewrapped.
 
+        An encrypted store keeps its file and its database key: the wrap in its
+        keyring file is replaced atomically (removing the passphrase leaves the
+        file encrypted, with the key unprotected beside it). A plaintext store
+        given a passphrase stores the new wrap in its ``keyring`` table and is
+        encrypted by the next :meth:`open`.
+
         Args:
             old: the current passphrase, or None if the store has none.
             new: the new passphrase, or None to store the key unprotected.
@@ -671,6 +774,9 @@ class SQLiteProtocolStore:
         """
         if new == "":
             raise UsageError("the passphrase is empty; pass None to store the key unprotected")
+        if self._cipher_key is not None:
+            self._change_keyring_file(old, new, kdf_limits)
+            return
         with self._lock, _storage_errors("read the keyring"):
             stored = _read_keyring(self._connection())
         if stored is None:
@@ -685,6 +791,20 @@ class SQLiteProtocolStore:
                 if _read_keyring(conn) != stored:
                     raise StorageError("the keyring changed meanwhile; try again")
                 _write_keyring(conn, wrapped)
+
+    def _change_keyring_file(self, old: str | None, new: str | None, limits: KdfLimits) -> None:
+        """Rewrap the data key of an encrypted store in its keyring file (atomically)."""
+        with self._lock, _storage_errors("read the keyring file"):
+            self._connection()
+            stored = _cipher.read_keyring_file(self._path)
+        if not unlock(stored, old).same_key(self._sealer):
+            raise StoreCorrupt("the keyring holds another key than the one in use")
+        wrapped = self._sealer.wrap_key(new, limits)
+        with self._lock, _storage_errors("change the passphrase"):
+            self._connection()
+            if _cipher.read_keyring_file(self._path) != stored:
+                raise StorageError("the keyring changed meanwhile; try again")
+            _cipher.write_keyring_file(self._path, wrapped)
 
     # -- internals --------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Migration",
     "create_private_file",
+    "prepare",
     "probe",
     "read_keyring",
     "unlock_or_create",
@@ -145,6 +146,8 @@ def unlock_or_create(
 ) -> Sealer:
     """Check the passphrase (or create the keyring), then run the missing migrations.
 
+    For a plaintext store, whose keyring is its own ``keyring`` table.
+
     Raises:
         WrongPassphrase: the passphrase does not open the keyring.
         StorageError: the file is newer than this build, or a step failed.
@@ -156,6 +159,34 @@ def unlock_or_create(
         sealer, wrapped = create_key(passphrase, limits)
     else:
         sealer, wrapped = unlock(stored, passphrase), stored
+    prepare(conn, sealer, migrations, version, stored, None if stored else wrapped)
+    return sealer
+
+
+def prepare(
+    conn: sqlite3.Connection,
+    sealer: Sealer,
+    migrations: Sequence[Migration],
+    version: int,
+    stored: WrappedKey | None,
+    new_wrap: WrappedKey | None,
+    *,
+    keyring_in_db: bool = True,
+) -> None:
+    """Set the connection's pragmas and run the missing migrations in one transaction.
+
+    Args:
+        conn: the store's connection, after the passphrase was checked.
+        sealer: the unlocked data key.
+        migrations: every schema step.
+        version, stored: what :func:`probe` read before the passphrase was checked.
+        new_wrap: the wrap to store in the ``keyring`` table (a new plaintext store).
+        keyring_in_db: False for an encrypted store (its wrap lives in a file).
+
+    Raises:
+        StorageError: the file system has no WAL, the file changed meanwhile, or a
+            step failed (then the file keeps its old version).
+    """
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if mode is None or str(mode[0]).lower() != "wal":
         raise StorageError("the file system does not support SQLite's WAL mode")
@@ -165,7 +196,7 @@ def unlock_or_create(
     # their sealed bytes in free pages.
     conn.execute("PRAGMA secure_delete = ON")
     with transaction(conn):
-        again, now_stored = probe(conn, migrations)
+        again, now_stored = probe(conn, migrations, keyring_in_db=keyring_in_db)
         if (again, now_stored) != (version, stored):
             raise StorageError("the store was changed by another process while opening")
         for migration in migrations[version:]:
@@ -176,15 +207,21 @@ def unlock_or_create(
                 "ON CONFLICT (id) DO UPDATE SET version = excluded.version",
                 (len(migrations),),
             )
-        if stored is None:
-            write_keyring(conn, wrapped)
-    return sealer
+        if new_wrap is not None:
+            write_keyring(conn, new_wrap)
 
 
 def probe(
-    conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS
+    conn: sqlite3.Connection,
+    migrations: Sequence[Migration] = MIGRATIONS,
+    *,
+    keyring_in_db: bool = True,
 ) -> tuple[int, WrappedKey | None]:
-    """Read the schema version and the keyring without writing anything."""
+    """Read the schema version and the keyring without writing anything.
+
+    With ``keyring_in_db`` False (an encrypted store) the keyring is not read and
+    None is returned for it.
+    """
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if "schema_version" not in tables:
         if tables:
@@ -198,6 +235,8 @@ def probe(
         raise StorageError(
             f"the store has schema version {version}; this build reads up to {len(migrations)}"
         )
+    if not keyring_in_db:
+        return version, None
     stored = read_keyring(conn)
     if stored is None:
         # Never make a fresh key here: every sealed blob would become unreadable.

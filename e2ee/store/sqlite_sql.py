@@ -2,9 +2,9 @@
 
 Invariants:
 
-* Nothing untyped escapes: :func:`storage_errors` turns sqlite3 errors into
-  :class:`~e2ee.errors.StorageError` (:class:`~e2ee.errors.StoreCorrupt` for a
-  corrupt file); messages name the action, never a value.
+* Nothing untyped escapes: :func:`storage_errors` turns sqlite3 and sqlcipher3
+  errors into :class:`~e2ee.errors.StorageError` (:class:`~e2ee.errors.StoreCorrupt`
+  for a corrupt file); messages name the action, never a value.
 * :func:`transaction` and :func:`savepoint` commit all or roll back all.
 * Pure helpers of :mod:`e2ee.store.sqlite` (split from it to keep it readable).
 """
@@ -17,12 +17,15 @@ import sqlite3
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
+import sqlcipher3.dbapi2 as _cipher_dbapi
+
 from e2ee.errors import E2EEError, StorageError, StoreCorrupt
 from e2ee.store.protocols import IdentityRecord, TrustLevel
 from e2ee.store.rows import INT64_MAX as _INT64_MAX
 from e2ee.store.rows import INT64_MIN as _INT64_MIN
 
 __all__ = [
+    "DB_ERRORS",
     "check_kinds",
     "identity",
     "quote",
@@ -33,6 +36,11 @@ __all__ = [
     "transaction",
     "upsert_sql",
 ]
+
+
+#: What either driver raises: the stdlib's sqlite3 (plaintext stores) or sqlcipher3
+#: (encrypted stores; the same DB-API with its own exception classes).
+DB_ERRORS: Final[tuple[type[Exception], ...]] = (sqlite3.Error, _cipher_dbapi.Error)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -104,7 +112,7 @@ def rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         try:
             conn.execute("ROLLBACK")
-        except sqlite3.Error:
+        except DB_ERRORS:
             # Closing discards the open transaction; later calls then fail
             # as on a closed store instead of writing into a half-done one.
             conn.close()
@@ -122,7 +130,7 @@ def savepoint(conn: sqlite3.Connection) -> Iterator[None]:
             try:
                 conn.execute("ROLLBACK TO bp_commit")
                 conn.execute("RELEASE bp_commit")
-            except sqlite3.Error:
+            except DB_ERRORS:
                 # The batch's transaction is gone or broken: fail the batch.
                 rollback(conn)
         raise
@@ -144,7 +152,7 @@ def storage_errors(action: str) -> Iterator[None]:
         yield
     except E2EEError:
         raise
-    except sqlite3.Error as exc:
+    except DB_ERRORS as exc:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
         if code in _CORRUPT_CODES:
             raise StoreCorrupt(f"cannot {action}: {exc}") from exc

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import nacl.bindings
+import nacl.encoding
+import nacl.hash
 import nacl.pwhash.argon2id
 import pytest
 from hypothesis import given
@@ -295,3 +297,17 @@ def test_rewrapping_keeps_the_key_so_sealed_blobs_still_open() -> None:
     assert unlock(rewrapped, "new").open(blob, CONTEXT) == b"session"
     removed = unlock(rewrapped, "new").wrap_key(None, KDF_MINIMUM)
     assert unlock(removed, None).open(blob, CONTEXT) == b"session"
+
+
+def test_a_subkey_is_keyed_blake2b_of_the_data_key_per_purpose() -> None:
+    key = bytes(range(32))
+    sealer = Sealer(key)
+    expected = nacl.hash.blake2b(
+        b"", key=key, person=b"bp-sqlcipher-v1", digest_size=32, encoder=nacl.encoding.RawEncoder
+    )
+    assert sealer.subkey(b"bp-sqlcipher-v1") == expected
+    assert sealer.subkey(b"other") != expected
+    assert Sealer(bytes(32)).subkey(b"bp-sqlcipher-v1") != expected
+    for purpose in (b"", b"x" * 17):
+        with pytest.raises(UsageError):
+            sealer.subkey(purpose)

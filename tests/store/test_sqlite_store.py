@@ -27,6 +27,7 @@ import pytest
 
 from e2ee.errors import StorageError, StoreCorrupt, UsageError, WrongPassphrase
 from e2ee.store import sqlite as sqlite_module
+from e2ee.store import sqlite_cipher
 from e2ee.store.protocols import (
     AccountRecord,
     Address,
@@ -36,7 +37,7 @@ from e2ee.store.protocols import (
     SignedPreKeyRow,
     TrustLevel,
 )
-from e2ee.store.sealing import KDF_MINIMUM, KdfLimits, Sealer
+from e2ee.store.sealing import KDF_MINIMUM, KdfLimits, Sealer, unlock
 from e2ee.store.sqlite import SCHEMA_VERSION, Migration, SQLiteProtocolStore
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,7 +90,7 @@ def secret_changes() -> Changes:
 
 
 def file_bytes(db: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in companions(db) if p.exists())
+    return b"".join(p.read_bytes() for p in db.parent.iterdir() if p.name.startswith(db.name))
 
 
 def companions(db: Path) -> list[Path]:
@@ -108,9 +109,20 @@ def fingerprint(db: Path) -> dict[str, str]:
     } | {"shm exists": str(shm.exists())}
 
 
-def raw(db: Path) -> sqlite3.Connection:
-    """A plain connection, playing someone who edits the file behind the store's back."""
-    return sqlite3.connect(db, isolation_level=None)
+def raw(db: Path, passphrase: str | None = "pass") -> sqlite3.Connection:
+    """A connection of its own, playing someone who edits the file behind the store's back.
+
+    An encrypted store (one with a passphrase) opens only with its key: this
+    someone knows the passphrase, to test what the store checks beyond SQLCipher.
+    """
+    if sqlite_cipher.layout(str(db)) is not sqlite_cipher.Layout.ENCRYPTED:
+        return sqlite3.connect(db, isolation_level=None)
+    sealer = unlock(sqlite_cipher.read_keyring_file(str(db)), passphrase)
+    return sqlite_cipher.connect_encrypted(str(db), sqlite_cipher.CipherKey(sealer))
+
+
+def keyring_file(db: Path) -> Path:
+    return db.with_name(db.name + sqlite_cipher.KEYRING_SUFFIX)
 
 
 # -- persistence --------------------------------------------------------------------------
@@ -135,7 +147,7 @@ def test_everything_survives_close_and_reopen(db: Path) -> None:
 
 def test_files_are_private_to_the_owner(db: Path, store: SQLiteProtocolStore) -> None:
     store.commit(secret_changes())
-    for path in companions(db):
+    for path in [*companions(db), keyring_file(db)]:
         assert path.exists()
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path.name
 
@@ -153,7 +165,14 @@ def test_secrets_never_reach_the_files_in_clear(db: Path, passphrase: str | None
     store.close()
     after_close = file_bytes(db)
     for content in (while_open, after_close):
-        assert PUBLIC_IDENTITY in content  # identities are in clear: the scan does see rows
+        if passphrase is None:
+            assert PUBLIC_IDENTITY in content  # identities are in clear: the scan sees rows
+        else:
+            # The whole file is encrypted: not even the clear columns or app rows show.
+            assert PUBLIC_IDENTITY not in content
+            assert b"hello" not in content
+            assert b"next_prekey_id" not in content
+            assert b"SQLite format 3" not in content
         for name, secret in SECRETS.items():
             assert secret not in content, f"{name} found in clear"
             assert secret[:16] not in content, f"part of {name} found in clear"
@@ -220,19 +239,45 @@ def test_passphrase_can_be_changed_added_and_removed(db: Path) -> None:
         open_store(db, None)
     with open_store(db, "three") as store:
         assert store.load_session(BOB) == SECRETS["session"]
-    with raw(db) as conn:
-        assert conn.execute("SELECT opslimit, memlimit FROM keyring").fetchone() == (2, 16384)
+    wrapped = sqlite_cipher.read_keyring_file(str(db))
+    assert (wrapped.opslimit, wrapped.memlimit) == (2, 16384)
+
+
+def test_a_passphrase_added_to_a_plaintext_store_encrypts_it_on_the_next_open(db: Path) -> None:
+    with open_store(db, None) as store:
+        store.commit(secret_changes())
+        store.change_passphrase(None, "new", kdf_limits=KDF_MINIMUM)
+    assert b"hello" in file_bytes(db)  # still plaintext until it is opened again
+    with pytest.raises(WrongPassphrase):
+        open_store(db, None)
+    with open_store(db, "new") as store:
+        assert store.encrypted
+        assert store.load_app_row("messages", "m1") == {"id": "m1", "body": "hello"}
+    assert b"hello" not in file_bytes(db)
 
 
 def test_changing_the_passphrase_rewraps_the_key_only(db: Path, store: SQLiteProtocolStore) -> None:
     store.commit(secret_changes())
     with raw(db) as conn:
         before = conn.execute("SELECT record FROM sessions").fetchall()
-        key_before = conn.execute("SELECT salt, payload FROM keyring").fetchone()
+    files_before = fingerprint(db)
+    key_before = keyring_file(db).read_bytes()
     store.change_passphrase("pass", "new", kdf_limits=KDF_MINIMUM)
-    with raw(db) as conn:
+    assert fingerprint(db) == files_before  # the database itself is not rewritten
+    assert keyring_file(db).read_bytes() != key_before
+    with raw(db, "new") as conn:
         assert conn.execute("SELECT record FROM sessions").fetchall() == before
-        assert conn.execute("SELECT salt, payload FROM keyring").fetchone() != key_before
+
+
+def test_changing_the_passphrase_of_a_plaintext_store_rewraps_in_place(db: Path) -> None:
+    with open_store(db, None) as store:
+        store.commit(secret_changes())
+        with raw(db) as conn:
+            before = conn.execute("SELECT record FROM sessions").fetchall()
+        store.change_passphrase(None, "new", kdf_limits=KDF_MINIMUM)
+        with raw(db) as conn:
+            assert conn.execute("SELECT record FROM sessions").fetchall() == before
+            assert conn.execute("SELECT method FROM keyring").fetchone() == ("argon2id",)
 
 
 def test_changing_the_passphrase_needs_the_old_one(db: Path, store: SQLiteProtocolStore) -> None:
@@ -431,7 +476,7 @@ def test_a_batch_is_one_transaction(store: SQLiteProtocolStore) -> None:
 
 
 def dump(db: Path) -> dict[str, list[tuple[Any, ...]]]:
-    with sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True) as conn:
+    with raw(db) as conn:
         tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         return {
             t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables
@@ -785,11 +830,49 @@ def test_another_programs_database_is_refused_untouched(db: Path) -> None:
 
 
 def test_a_store_without_its_keyring_is_corrupt(db: Path) -> None:
-    open_store(db).close()
+    open_store(db, None).close()
     with raw(db) as conn:
         conn.execute("DELETE FROM keyring")
     with pytest.raises(StoreCorrupt):
+        open_store(db, None)
+
+
+def test_an_encrypted_store_without_its_keyring_file_is_corrupt(db: Path) -> None:
+    with open_store(db) as store:
+        store.commit(secret_changes())
+    keyring_file(db).unlink()
+    before = fingerprint(db)
+    with pytest.raises(StoreCorrupt, match="keyring file"):
         open_store(db)
+    assert fingerprint(db) == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{}", b"not json", b'{"format": 9}', b"[" * 10000],
+    ids=["empty", "fields", "text", "format", "huge"],
+)
+def test_a_damaged_keyring_file_is_corrupt(db: Path, content: bytes) -> None:
+    open_store(db).close()
+    keyring_file(db).write_bytes(content)
+    with pytest.raises(StoreCorrupt):
+        open_store(db)
+
+
+def test_the_keyring_file_of_another_store_does_not_open_it(
+    db: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other.db"
+    open_store(db).close()
+    open_store(other).close()
+    keyring_file(db).write_bytes(keyring_file(other).read_bytes())
+    with pytest.raises(StoreCorrupt, match="does not open") as caught:
+        open_store(db)
+    sealer = unlock(sqlite_cipher.read_keyring_file(str(other)), "pass")
+    key = sqlite_cipher.CipherKey(sealer).literal()[2:-1]
+    chain = [caught.value, caught.value.__cause__, caught.value.__context__]
+    assert all(key not in str(exc) and key not in repr(exc) for exc in chain)
+    assert capfd.readouterr().err == ""  # SQLCipher's own logging stays off
 
 
 def test_unopenable_paths_raise_storage_errors(tmp_path: Path) -> None:
@@ -820,8 +903,10 @@ def test_reprs_hide_the_key(db: Path) -> None:
     store.commit(secret_changes())
     with raw(db) as conn:
         (dek,) = conn.execute("SELECT payload FROM keyring").fetchone()
-    text = repr(store) + repr(store._sealer) + repr(store.load_account())
+    key = sqlite_cipher.CipherKey(store._sealer)
+    text = repr(store) + repr(store._sealer) + repr(store.load_account()) + repr(key)
     assert dek.hex() not in text
+    assert key.literal()[2:-1] not in text
     assert SECRETS["identity_key_pair"].hex() not in text
     assert "secret" in repr(store._sealer)
     store.close()
