@@ -14,7 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -256,16 +256,9 @@ class TransportLink:
         answering, ``PUT /v1/messages`` at the next node: the same id and body, which
         the relay stores once.
         """
-        conn, at = self._conn, self._conn_url
-        if conn is not None:
-            try:
-                future = await conn.send(message_id, recipients, body)
-                await future
-                return
-            except TransportError as exc:
-                if not node_failed(exc):
-                    raise
-                self._nodes.failed(at)
+        conn = self._conn
+        if conn is not None and await self._on_socket(conn.send(message_id, recipients, body)):
+            return
 
         async def put(url: str) -> None:
             await self._http(url).send(message_id, recipients, body)
@@ -278,22 +271,36 @@ class TransportLink:
         When the socket's node fails first, ``POST /v1/messages/ack`` at the next node
         (acks are idempotent: a removed id stays removed).
         """
-        conn, at = self._conn, self._conn_url
+        conn = self._conn
         if conn is None:
             raise ConnectionLost("not connected")
-        try:
-            future = await conn.ack(ids)
-            await future
+        if await self._on_socket(conn.ack(ids)):
             return
-        except TransportError as exc:
-            if not node_failed(exc):
-                raise
-            self._nodes.failed(at)
 
         async def post(url: str) -> None:
             await self._http(url).ack(ids)
 
         await self._nodes.call(post)
+
+    async def _on_socket(self, queued: Awaitable[Awaitable[object]]) -> bool:
+        """Await a frame queued on the live socket, then the relay's answer to it.
+
+        Returns:
+            True when answered; False when the socket's node failed first (it is marked
+            failed; the caller goes over HTTP to the next node).
+
+        Raises:
+            TransportError: any other failure.
+        """
+        at = self._conn_url
+        try:
+            await (await queued)
+        except TransportError as exc:
+            if not node_failed(exc):
+                raise
+            self._nodes.failed(at)
+            return False
+        return True
 
     async def upload_blob(self, path: Path, digest: bytes, progress: Progress | None) -> str:
         """Stream an encrypted file to ``POST /v1/blobs``; returns the blob id.
