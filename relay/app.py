@@ -191,6 +191,8 @@ class RelayState:
     fetch_account_limit: Limiter  # per requesting account
     prekey_target_limit: Limiter  # one-time prekeys handed out per target user
     device_add_limit: Limiter  # per account
+    recovery_limit: Limiter  # recovery attempts per username (relay.recovery)
+    recovery_address_limit: Limiter  # recovery attempts per client address
     lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
     upload_limit: RateLimiter  # bytes per account; node-local like send_limit
     body_slots: BodySlots
@@ -401,6 +403,24 @@ class RelayState:
         # A key lives until its own timestamp leaves the window: a replay after that is stale.
         if not await self.replay.claim(key, sh.timestamp_ms + self.window_ms, now_ms):
             raise AuthError("nonce already used", code="auth_replay")
+
+    async def drop_device(self, target: Address) -> None:
+        """Remove a device with its mailbox and keys, and log it out everywhere: its cached
+        auth key is forgotten and its socket closed on this node and (through Redis or the
+        worker listener) on every other.
+
+        Raises:
+            NotFound: ``unknown_device``.
+            StorageError: the store failed.
+        """
+        await self.store.remove_device(target)
+        self.keys.pop(target, None)
+        self.hub.kick_device(target, CLOSE_DEVICE_REMOVED, "device removed")
+        if self.node is not None:
+            await self.node.publish_removed(target)
+        if self.device_removed_listener is not None:
+            self.device_removed_listener(target)
+        log.info("removed device user=%s device=%d", target.user, target.device)
 
     def spawn(self, coro: Awaitable[None]) -> None:
         """Run a background coroutine that is cancelled at shutdown."""
@@ -618,14 +638,7 @@ async def remove_device(request: web.Request) -> web.Response:
     caller = await _auth(request)
     target = Address(caller.user, parse_device_id(target_raw))
     st.require_node_ready()  # every node must hear of it
-    await st.store.remove_device(target)
-    st.keys.pop(target, None)
-    st.hub.kick_device(target, CLOSE_DEVICE_REMOVED, "device removed")
-    if st.node is not None:
-        await st.node.publish_removed(target)
-    if st.device_removed_listener is not None:
-        st.device_removed_listener(target)
-    log.info("removed device user=%s device=%d", target.user, target.device)
+    await st.drop_device(target)
     return web.json_response({"removed": True})
 
 
@@ -1003,6 +1016,7 @@ def create_app(
     Returns:
         The aiohttp application; its cleanup context opens and closes the store.
     """
+    from relay.recovery import recover, reset_devices, set_recovery
     from relay.ws import websocket_handler
 
     app = web.Application(client_max_size=config.max_request_bytes)
@@ -1030,6 +1044,10 @@ def create_app(
             "prekey_target", config.prekey_target_rate, config.prekey_target_burst
         ),
         device_add_limit=limiter("device_add", config.device_add_rate, config.device_add_burst),
+        recovery_limit=limiter("recovery", config.recovery_rate, config.recovery_burst),
+        recovery_address_limit=limiter(
+            "recovery_address", config.recovery_address_rate, config.recovery_address_burst
+        ),
         lookup_limit=limiter("lookup", config.lookup_rate, config.lookup_burst),
         upload_limit=RateLimiter(config.upload_bytes_rate, config.upload_bytes_burst),
         body_slots=BodySlots(config.unauthenticated_bodies_per_address),
@@ -1112,6 +1130,9 @@ def create_app(
         ("POST", "/v1/devices", add_device),
         ("GET", "/v1/devices", list_devices),
         ("DELETE", "/v1/devices/{device_id}", remove_device),
+        ("POST", "/v1/devices/reset", reset_devices),
+        ("PUT", "/v1/recovery", set_recovery),
+        ("POST", "/v1/recovery", recover),
         ("PUT", "/v1/keys", upload_keys),
         ("GET", "/v1/keys/count", key_count),
         ("GET", "/v1/keys/{username}", fetch_keys),
