@@ -34,6 +34,7 @@ __all__ = [
     "InvalidBundle",
     "InvalidKey",
     "InvalidMessage",
+    "InvalidRecoveryKey",
     "MediaCorrupt",
     "MissingKey",
     "NoSession",
@@ -75,6 +76,11 @@ class UsageError(E2EEError, ValueError):
 
 class ClientClosed(UsageError):
     """The client was closed; open a new one."""
+
+
+class InvalidRecoveryKey(UsageError):
+    """The text is not a recovery key (wrong length or characters, or a typo caught by its
+    checksum). Nothing was sent to the relay."""
 
 
 class NotRegistered(UsageError):

@@ -27,7 +27,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from e2ee.client.account import create_account_dir, register_account
+from e2ee.client.account import (
+    create_account_dir,
+    recover_account,
+    register_account,
+    set_recovery_key,
+)
 from e2ee.client.attachments import attachment_bytes, download_attachment
 from e2ee.client.chats import delete_chat_sync
 from e2ee.client.compose import mark_read_sync
@@ -36,6 +41,7 @@ from e2ee.client.context import ClientContext, ClientOptions
 from e2ee.client.datadir import (
     DB_FILE,
     META_READ_RECEIPTS,
+    META_RECOVERY_SET,
     Opened,
     auth_seed,
     close_opened,
@@ -48,6 +54,7 @@ from e2ee.client.outbox import Outbox
 from e2ee.client.trust import accept_identity
 from e2ee.client_errors import ClientClosed, IdentityHeld, NotRegistered, UnknownRecipient
 from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
+from e2ee.core.recovery import RecoveryKey
 from e2ee.errors import ChatDeleted, E2EEError, TransportError, UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import GroupInfo, History, StoredMessage
@@ -87,6 +94,9 @@ class Client:
         self._fingerprint = opened.fingerprint
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Set by _build: what a one-off link (signed with a recovery key) is made with.
+        self._link_factory: LinkFactory = default_link_factory
+        self._auth_key = b""
         # Kept for programs and tests that reach for them (not public API).
         self._store = ctx.store
         self._engine = ctx.engine
@@ -220,7 +230,10 @@ class Client:
                 jitter=jitter,
                 options=options or ClientOptions(),
             )
-            return cls(ctx, opened)
+            client = cls(ctx, opened)
+            client._link_factory = link_factory or default_link_factory
+            client._auth_key = signer.public_key
+            return client
         except BaseException:
             await asyncio.to_thread(close_opened, opened)
             raise
@@ -238,6 +251,52 @@ class Client:
         """
         self._check_open()
         await register_account(self._ctx, invite)
+
+    async def recover(self, recovery_key: str) -> None:
+        """Re-claim our username with its recovery key instead of :meth:`register`.
+
+        For a new account made with :meth:`create` under the lost account's name: the relay
+        makes this device the name's only device (the old devices are logged out and their
+        undelivered messages dropped), then our prekeys are uploaded. Our identity key is
+        new, so contacts see an identity change (their safety numbers with us change). The
+        old recovery key stays valid until :meth:`new_recovery_key` replaces it.
+
+        Args:
+            recovery_key: the key as the user typed it (case, spaces and dashes ignored).
+
+        Raises:
+            InvalidRecoveryKey: not a recovery key (a typo); nothing was sent.
+            RecoveryRefused: the relay refused the key (wrong, none set, or no such name).
+            RateLimited: too many attempts for this name or from this address.
+            UsageError: this account is registered already.
+            TransportError: the relay cannot be reached or refused.
+        """
+        self._check_open()
+        key = RecoveryKey.parse(recovery_key)
+        await recover_account(self._ctx, key, self._auth_key, self._link_factory)
+
+    async def new_recovery_key(self) -> str:
+        """Make a new recovery key and give the relay its verifier (the earlier key stops
+        working). Show the result to the user once: it is not stored anywhere.
+
+        Returns:
+            The key, ``XXXX-XXXX-XXXX-XXXX-XXXX-XXXX-XXXX-XXXX`` (144 random bits).
+
+        Raises:
+            NotRegistered: :meth:`register` was never called.
+            TransportError: the relay cannot be reached or refused.
+        """
+        self._check_open()
+        if not self._ctx.registered:
+            raise NotRegistered("register the account with a relay first")
+        key = RecoveryKey.generate()
+        await set_recovery_key(self._ctx, key)
+        return key.text()
+
+    @property
+    def has_recovery_key(self) -> bool:
+        """True once the relay holds the verifier of a recovery key made here."""
+        return self._store.get_meta(META_RECOVERY_SET) == "1"
 
     async def __aenter__(self) -> Client:
         await self.start()

@@ -207,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("contacts", "known users and their trust state")
 
+    p = command(
+        "recover",
+        "re-claim USERNAME on a new device with its recovery key (read from "
+        "--recovery-key-file or the first line of standard input); a new identity",
+    )
+    p.add_argument("username", metavar="USERNAME")
+    p.add_argument("--relay", required=True, metavar="URL", help="relay base URL (http[s]://)")
+    p.add_argument(
+        "--recovery-key-file", type=Path, metavar="FILE", help="read the recovery key from FILE"
+    )
+
+    command("recovery-key", "make a new recovery key (the earlier one stops working)")
+
     from tui_client.daemon import add_arguments as daemon_arguments
 
     p = command(
