@@ -9,6 +9,7 @@ and the CLI, by an import-linter contract) import them from here, never from the
 from __future__ import annotations
 
 from e2ee.errors import (
+    BackupCorrupt,
     ClientClosed,
     IdentityHeld,
     InvalidRecoveryKey,
@@ -41,6 +42,7 @@ from e2ee.transport.errors import (
 
 __all__ = [
     "AuthFailed",
+    "BackupCorrupt",
     "ClientClosed",
     "ConnectionFailed",
     "ConnectionLost",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "AttachmentTooLarge",
+    "BackupCorrupt",
     "ChatDeleted",
     "ClientClosed",
     "DecryptBudgetExceeded",
@@ -307,6 +308,11 @@ class StoreCorrupt(StorageError):
 
 class StoreLocked(StorageError):
     """Another process has this data directory open (one process per directory)."""
+
+
+class BackupCorrupt(StorageError):
+    """A backup file is truncated, tampered with, or not a backup of this format; nothing
+    was restored. (A wrong passphrase is :class:`WrongPassphrase`.)"""
 
 
 # -- the relay -----------------------------------------------------------------------

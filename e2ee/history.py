@@ -629,6 +629,13 @@ class History:
         rows = self._query("SELECT * FROM app_attachments WHERE message_id = ?", (message_id,))
         return dict(rows[0]) if rows else None
 
+    def attachment_ids(self) -> list[str]:
+        """Ids of the messages whose attachment can still be fetched (its key is known)."""
+        rows = self._query(
+            "SELECT message_id FROM app_attachments WHERE key IS NOT NULL ORDER BY message_id"
+        )
+        return [r[0] for r in rows]
+
     def group_members(self, group_id: str) -> dict[str, str]:
         """user -> role (``admin`` or ``member``) for a group, as we know it."""
         rows = self._query(

@@ -18,6 +18,7 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+from e2ee.client.backup import META_RESTORED_FROM
 from e2ee.client.context import ClientContext
 from e2ee.client.datadir import (
     META_ACCOUNT_CREATED,
@@ -28,6 +29,7 @@ from e2ee.client.datadir import (
     META_STRICT,
     META_USER,
     Opened,
+    auth_seed,
     open_dir,
 )
 from e2ee.client.link import LinkFactory
@@ -41,6 +43,7 @@ from e2ee.transport.auth import DeviceSigner
 
 __all__ = [
     "create_account_dir",
+    "finish_restore",
     "recover_account",
     "register_account",
     "set_recovery_key",
@@ -158,3 +161,29 @@ async def set_recovery_key(ctx: ClientContext, key: RecoveryKey) -> None:
     """
     await ctx.link.set_recovery(key.verifier())
     await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_RECOVERY_SET: "1"}))
+
+
+async def finish_restore(
+    ctx: ClientContext, old_device: int, auth_key: bytes, link_factory: LinkFactory
+) -> None:
+    """Tell the relay that this restored device replaces the account's devices.
+
+    Signed with the backed-up device's credentials (the auth key derives from the identity
+    key, which the restore kept); repeating it after an interruption is harmless.
+
+    Raises:
+        TransportError: the relay cannot be reached or refused (``AuthFailed`` when the
+            backed-up device is no longer registered: recover with the recovery key).
+        StorageError: the store cannot be written.
+    """
+    account = await asyncio.to_thread(ctx.store.load_account)
+    if account is None:
+        raise UsageError("no account in this store")
+    signer = DeviceSigner.from_seed(auth_seed(account.identity_key_pair), account.name, old_device)
+    relay_url = await asyncio.to_thread(ctx.store.get_meta, META_RELAY)
+    link = link_factory(signer, relay_url or "")
+    try:
+        await link.reset_devices(ctx.me.device_id, auth_key)
+    finally:
+        await link.aclose()
+    await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_RESTORED_FROM: ""}))

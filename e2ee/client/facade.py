@@ -22,6 +22,7 @@ import dataclasses
 import mimetypes
 import os
 import random
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -29,11 +30,13 @@ from types import TracebackType
 
 from e2ee.client.account import (
     create_account_dir,
+    finish_restore,
     recover_account,
     register_account,
     set_recovery_key,
 )
 from e2ee.client.attachments import attachment_bytes, download_attachment
+from e2ee.client.backup import META_RESTORED_FROM, BackupInfo, MediaFile, restore_dir, write_backup
 from e2ee.client.chats import delete_chat_sync
 from e2ee.client.compose import mark_read_sync
 from e2ee.client.connection import Connection, run_expiry
@@ -63,7 +66,7 @@ from e2ee.messaging.compose import delete_own
 from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, ReactionRow
 from e2ee.payload import AttachmentPointer, GroupAction, PayloadType, Quote
 from e2ee.store import Changes, TrustLevel
-from e2ee.store.sealing import KdfLimits
+from e2ee.store.sealing import KDF_MODERATE, KdfLimits
 from e2ee.transport.auth import DeviceSigner, check_username
 
 __all__ = ["Client"]
@@ -250,7 +253,129 @@ class Client:
             TransportError: the relay cannot be reached or refused.
         """
         self._check_open()
+        restored_from = await asyncio.to_thread(self._store.get_meta, META_RESTORED_FROM)
+        if restored_from:
+            await finish_restore(self._ctx, int(restored_from), self._auth_key, self._link_factory)
         await register_account(self._ctx, invite)
+
+    @classmethod
+    async def restore(
+        cls,
+        backup_file: str | os.PathLike[str],
+        data_dir: str | os.PathLike[str],
+        passphrase: str,
+        *,
+        link_factory: LinkFactory | None = None,
+        now_ms: Callable[[], int] = _system_ms,
+        options: ClientOptions | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        jitter: Callable[[], float] = random.random,
+    ) -> Client:
+        """Restore a backup (:meth:`backup`) into a new data directory.
+
+        The account keeps its name, identity key, contacts, trust, groups and history;
+        it becomes a new device of that identity (the backed-up sessions are dropped, see
+        docs/protocol.md). Call :meth:`register` next: it makes this device the account's
+        only device at the relay and uploads fresh prekeys; contacts' next messages set up
+        new sessions. Files from a backup made with media are in ``data_dir/media``.
+
+        Args:
+            backup_file: the backup.
+            data_dir: a directory that does not exist yet (or is empty).
+            passphrase: the backup's passphrase (it also protects the restored store).
+            link_factory, now_ms, options, random_bytes, jitter: as :meth:`open`.
+
+        Returns:
+            The client, not registered and not connected.
+
+        Raises:
+            WrongPassphrase: the passphrase does not open the backup.
+            BackupCorrupt: truncated, tampered, or not a backup.
+            UsageError: ``data_dir`` is not empty, or the passphrase is empty.
+            StorageError: a file cannot be read or written.
+            In every case ``data_dir`` is left as it was.
+        """
+        folder = Path(data_dir)
+        await asyncio.to_thread(restore_dir, Path(backup_file), folder, passphrase, now_ms=now_ms)
+        return await cls.open(
+            folder,
+            passphrase,
+            link_factory=link_factory,
+            now_ms=now_ms,
+            options=options,
+            random_bytes=random_bytes,
+            jitter=jitter,
+        )
+
+    async def backup(
+        self,
+        out: str | os.PathLike[str],
+        passphrase: str,
+        *,
+        with_media: bool = False,
+        kdf_limits: KdfLimits | None = None,
+    ) -> BackupInfo:
+        """Write an encrypted backup of this account to ``out``.
+
+        It holds the identity keys, sessions, groups, contacts, trust and history (and,
+        with ``with_media``, every attachment still on the relay, downloaded now; ones
+        that expired are left out). Streamed: never whole in memory. ``out`` is replaced
+        only once the new backup is complete.
+
+        Args:
+            out: the backup file.
+            passphrase: what the backup is encrypted under (Argon2id, then libsodium's
+                secret stream).
+            with_media: include attachments.
+            kdf_limits: Argon2id cost (default: libsodium's moderate preset).
+
+        Returns:
+            What was written.
+
+        Raises:
+            UsageError: empty passphrase.
+            StorageError: the store cannot be read or ``out`` cannot be written.
+        """
+        self._check_open()
+        target = Path(out)
+        folder = self._ctx.folder
+        staging = folder / f".backup-media-{os.urandom(4).hex()}"
+        media: list[MediaFile] = []
+        try:
+            if with_media:
+                staging.mkdir(mode=0o700)
+                media = await self._fetch_media(staging)
+            manifest = {
+                "username": self.username,
+                "device_id": self.device_id,
+                "relay_url": self._relay_url,
+            }
+            return await asyncio.to_thread(
+                write_backup,
+                self._store,
+                folder,
+                target,
+                passphrase,
+                manifest,
+                media=media,
+                kdf_limits=kdf_limits or KDF_MODERATE,
+                now_ms=self._ctx.now_ms,
+            )
+        finally:
+            if staging.exists():
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    async def _fetch_media(self, staging: Path) -> list[MediaFile]:
+        ids = await asyncio.to_thread(self.history.attachment_ids)
+        media = []
+        for mid in ids:
+            path = staging / mid
+            try:
+                await download_attachment(self._ctx, mid, path, None)
+            except (TransportError, E2EEError):
+                continue  # expired on the relay or damaged: nothing to keep
+            media.append(MediaFile(mid, path))
+        return media
 
     async def recover(self, recovery_key: str) -> None:
         """Re-claim our username with its recovery key instead of :meth:`register`.

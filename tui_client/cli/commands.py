@@ -41,6 +41,7 @@ from e2ee.events import (
 from tui_client.cli.account_cmds import (
     _first_recovery_key,
     _recovery_key_lines,
+    cmd_backup,
     cmd_recover,
     cmd_recovery_key,
 )
@@ -779,4 +780,5 @@ _COMMANDS: Final[dict[str, Callable[[_Settings, argparse.Namespace], Coroutine[A
     "daemon": cmd_daemon,
     "recover": cmd_recover,
     "recovery-key": cmd_recovery_key,
+    "backup": cmd_backup,
 }
