@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cli_harness import Cli, Relay
+from daemon_harness import WAIT, StdioDaemon
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -141,3 +143,30 @@ def test_bad_backups_are_refused_with_nothing_written(
     # The intact backup still restores.
     cli("carol-restored", "--passphrase-file", pw, "backup", "restore", str(backup))
     assert os.stat(cli.data("carol-restored")).st_mode & 0o077 == 0
+
+
+def test_the_daemon_writes_scheduled_backups(cli: Cli, relay: Relay) -> None:
+    pw = _secret(cli, "erin.pw", "scheduled and careful")
+    cli("erin", "--passphrase-file", pw, "init", "erin", "--relay", relay.url)
+    out = cli.home / "erin-scheduled.bpbak"
+    # Every 0.0005 h (1.8 s): the first backup at start (no file yet), then again.
+    daemon = StdioDaemon(
+        cli, "erin", "--passphrase-file", pw, "--backup-every", "0.0005", "--backup-out", str(out)
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        first = None
+        while time.monotonic() < deadline:
+            if out.exists():
+                stamp = out.stat().st_mtime_ns
+                first = first or stamp
+                if stamp != first:
+                    break
+            time.sleep(0.05)  # polling a file written by another process
+        assert first is not None and out.stat().st_mtime_ns != first, "no second backup"
+    finally:
+        daemon.close_stdin()
+        code, err = daemon.wait()
+    assert code == 0, err
+    assert _leftovers(cli.home) == []
+    cli("erin-restored", "--passphrase-file", pw, "backup", "restore", str(out))
