@@ -351,6 +351,15 @@ class History:
         found = self.current("counters", counter)
         return None if found is None else int(found["value"])
 
+    def counter_ids(self, prefix: str) -> list[str]:
+        """Names of the stored counters that start with ``prefix``."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self._query(
+            "SELECT id FROM app_counters WHERE id LIKE ? ESCAPE '\\' ORDER BY id",
+            (escaped + "%",),
+        )
+        return [r[0] for r in rows]
+
     @staticmethod
     def status_at_least(current: str | None, new: str) -> str:
         """The later of two statuses: a receipt never moves a message backwards."""

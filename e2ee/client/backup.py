@@ -49,6 +49,8 @@ from e2ee.client.datadir import (
 )
 from e2ee.core import ProtocolEngine
 from e2ee.errors import BackupCorrupt, StorageError, UsageError, WrongPassphrase
+from e2ee.history import History
+from e2ee.messaging import keys
 from e2ee.store import Changes
 from e2ee.store.sealing import KDF_MODERATE, KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
@@ -467,12 +469,20 @@ def _reset_restored(
         store.drop_ratchet_state()
         engine = ProtocolEngine(store, now_ms=now_ms)
         engine.reset_device(account.device_id % 127 + 1)
+        # Our Sender Keys were dropped: forget which member devices hold them, so the first
+        # group message of the new device sends its new key to every member again.
+        history = History.open(store)
+        try:
+            handed_out = history.counter_ids(keys.DISTRIBUTED_PREFIX)
+        finally:
+            history.close()
         store.commit(
             Changes(
+                app_rows_delete=frozenset(("counters", name) for name in handed_out),
                 meta_put={
                     META_REGISTERED: "0",
                     META_ACCOUNT_CREATED: "1",
                     META_RESTORED_FROM: str(account.device_id),
-                }
+                },
             )
         )

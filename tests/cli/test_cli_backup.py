@@ -46,6 +46,8 @@ def test_backup_then_restore_keeps_the_name_and_chats(cli: Cli, relay: Relay) ->
         ("bob", "init", "bob", "--relay", relay.url),
     )
     cli("alice", "--passphrase-file", pw, "send", "bob", "before the backup")
+    gid = cli("alice", "--passphrase-file", pw, "group", "create", "team", "bob").last_word
+    cli("alice", "--passphrase-file", pw, "send", "--group", gid, "group before")
     source = cli.home / "report.txt"
     source.write_bytes(b"quarterly numbers\n" * 100)
     file_mid = cli("bob", "send-file", "alice", str(source)).last_word
@@ -106,6 +108,14 @@ def test_backup_then_restore_keeps_the_name_and_chats(cli: Cli, relay: Relay) ->
     cli("bob", "send", "alice", "good to have you back")
     got = cli("alice-restored", "--passphrase-file", pw, "receive", "--json")
     assert [m["text"] for m in got.of_type("message")] == ["good to have you back"]
+
+    # The group goes on too: new Sender Keys both ways.
+    cli("alice-restored", "--passphrase-file", pw, "send", "--group", gid, "group after")
+    texts = [m["text"] for m in cli("bob", "receive", "--json").of_type("message")]
+    assert texts == ["group after"]
+    cli("bob", "send", "--group", gid, "group reply")
+    got = cli("alice-restored", "--passphrase-file", pw, "receive", "--json")
+    assert [m["text"] for m in got.of_type("message")] == ["group reply"]
 
 
 def test_bad_backups_are_refused_with_nothing_written(
