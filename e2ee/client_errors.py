@@ -9,8 +9,10 @@ and the CLI, by an import-linter contract) import them from here, never from the
 from __future__ import annotations
 
 from e2ee.errors import (
+    BackupCorrupt,
     ClientClosed,
     IdentityHeld,
+    InvalidRecoveryKey,
     NotAdmin,
     NotAMember,
     NotRegistered,
@@ -29,6 +31,7 @@ from e2ee.transport.errors import (
     NotConnected,
     NotFound,
     RateLimited,
+    RecoveryRefused,
     RegistrationClosed,
     RegistrationRefused,
     RelayRejected,
@@ -39,10 +42,12 @@ from e2ee.transport.errors import (
 
 __all__ = [
     "AuthFailed",
+    "BackupCorrupt",
     "ClientClosed",
     "ConnectionFailed",
     "ConnectionLost",
     "IdentityHeld",
+    "InvalidRecoveryKey",
     "InviteInvalid",
     "InviteRequired",
     "MailboxFull",
@@ -53,6 +58,7 @@ __all__ = [
     "NotRegistered",
     "RateLimited",
     "RecipientMailboxFull",
+    "RecoveryRefused",
     "RegistrationClosed",
     "RegistrationRefused",
     "RelayRejected",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "AttachmentTooLarge",
+    "BackupCorrupt",
     "ChatDeleted",
     "ClientClosed",
     "DecryptBudgetExceeded",
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidBundle",
     "InvalidKey",
     "InvalidMessage",
+    "InvalidRecoveryKey",
     "MediaCorrupt",
     "MissingKey",
     "NoSession",
@@ -75,6 +77,11 @@ class UsageError(E2EEError, ValueError):
 
 class ClientClosed(UsageError):
     """The client was closed; open a new one."""
+
+
+class InvalidRecoveryKey(UsageError):
+    """The text is not a recovery key (wrong length or characters, or a typo caught by its
+    checksum). Nothing was sent to the relay."""
 
 
 class NotRegistered(UsageError):
@@ -301,6 +308,11 @@ class StoreCorrupt(StorageError):
 
 class StoreLocked(StorageError):
     """Another process has this data directory open (one process per directory)."""
+
+
+class BackupCorrupt(StorageError):
+    """A backup file is truncated, tampered with, or not a backup of this format; nothing
+    was restored. (A wrong passphrase is :class:`WrongPassphrase`.)"""
 
 
 # -- the relay -----------------------------------------------------------------------

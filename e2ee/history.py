@@ -347,6 +347,15 @@ class History:
         found = self.current("counters", counter)
         return None if found is None else int(found["value"])
 
+    def counter_ids(self, prefix: str) -> list[str]:
+        """Names of the stored counters that start with ``prefix``."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        rows = self._query(
+            "SELECT id FROM app_counters WHERE id LIKE ? ESCAPE '\\' ORDER BY id",
+            (escaped + "%",),
+        )
+        return [r[0] for r in rows]
+
     @staticmethod
     def status_at_least(current: str | None, new: str) -> str:
         """The later of two statuses: a receipt never moves a message backwards."""
@@ -624,6 +633,13 @@ class History:
         """The attachment row of a message (includes its key: keep it private)."""
         rows = self._query("SELECT * FROM app_attachments WHERE message_id = ?", (message_id,))
         return dict(rows[0]) if rows else None
+
+    def attachment_ids(self) -> list[str]:
+        """Ids of the messages whose attachment can still be fetched (its key is known)."""
+        rows = self._query(
+            "SELECT message_id FROM app_attachments WHERE key IS NOT NULL ORDER BY message_id"
+        )
+        return [r[0] for r in rows]
 
     def group_members(self, group_id: str) -> dict[str, str]:
         """user -> role (``admin`` or ``member``) for a group, as we know it."""

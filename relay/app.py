@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,9 +44,10 @@ from relay.errors import (
     TooLarge,
 )
 from relay.http_errors import Handler, json_errors
-from relay.hub import CLOSE_BANNED, CLOSE_DEVICE_REMOVED, Hub
+from relay.hub import CLOSE_BANNED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import RateLimiter, SendSlots, make_limiter
+from relay.recovery import recover, reset_devices, set_recovery
 from relay.registration import invite_hash
 from relay.replay import (
     ManagedReplayGuard,
@@ -66,6 +66,7 @@ from relay.wire import (
     b64e,
     bundle_json,
     decode_send,
+    json_body,
     message_json,
     parse_ack_ids,
     parse_ascii_uint,
@@ -115,13 +116,6 @@ async def _fallback(request: web.Request) -> web.StreamResponse:
 _FALLBACK_PATH = "/{tail}"
 
 
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise BadRequest("body is not valid JSON") from exc
-
-
 async def _auth(request: web.Request, body: bytes = b"") -> Address:
     return await request.app[STATE_KEY].authenticate(request, sha256_hex(body))
 
@@ -159,7 +153,7 @@ async def register(request: web.Request) -> web.Response:
     check_fresh(sh, st.clock.now_ms(), st.window_ms)
     with st.body_slots.hold(peer):
         body = await read_body(request, st.body_limits(st.config.max_request_bytes))
-    doc = _json(body)
+    doc = json_body(body)
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
     username = parse_username(doc.get("username"))
@@ -189,7 +183,7 @@ async def add_device(request: web.Request) -> web.Response:
     """``POST /v1/devices``: add a device to the caller's user."""
     st = request.app[STATE_KEY]
     body, caller = await st.read_signed_body(request)
-    doc = _json(body)
+    doc = json_body(body)
     if not isinstance(doc, dict):
         raise BadRequest("body must be a JSON object")
     new = Address(caller.user, parse_device_id(doc.get("device_id")))
@@ -223,12 +217,7 @@ async def remove_device(request: web.Request) -> web.Response:
     caller = await _auth(request)
     target = Address(caller.user, parse_device_id(target_raw))
     st.require_node_ready()  # every node must hear of it
-    await st.store.remove_device(target)
-    st.keys.pop(target, None)
-    st.hub.kick_device(target, CLOSE_DEVICE_REMOVED, "device removed")
-    if st.node is not None:
-        await st.node.publish_removed(target)
-    log.info("removed device user=%s device=%d", target.user, target.device)
+    await st.drop_device(target)
     return web.json_response({"removed": True})
 
 
@@ -239,7 +228,7 @@ async def upload_keys(request: web.Request) -> web.Response:
     """``PUT /v1/keys``: upload the caller's identity, signed and one-time prekeys."""
     st = request.app[STATE_KEY]
     body, caller = await st.read_signed_body(request)
-    upload = parse_key_upload(_json(body))
+    upload = parse_key_upload(json_body(body))
     count = await st.store.upload_keys(caller, upload)
     return web.json_response({"count": count})
 
@@ -288,7 +277,7 @@ async def send_message(request: web.Request) -> web.Response:
         env = decode_send(body, max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes)
     else:
         env = parse_json_send(
-            _json(body), max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes
+            json_body(body), max_recipients=cfg.max_recipients, max_body=cfg.max_message_bytes
         )
     check_recipient_users(env, cfg.max_recipient_users)
     now = st.clock.monotonic()
@@ -338,7 +327,7 @@ async def ack_messages(request: web.Request) -> web.Response:
     """``POST /v1/messages/ack``: acknowledge messages of the caller's own mailbox."""
     st = request.app[STATE_KEY]
     body, caller = await st.read_signed_body(request)
-    ids = parse_ack_ids(_json(body))
+    ids = parse_ack_ids(json_body(body))
     return web.json_response({"acked": await st.store.ack(caller, ids)})
 
 
@@ -603,6 +592,10 @@ def create_app(
             "prekey_target", config.prekey_target_rate, config.prekey_target_burst
         ),
         device_add_limit=limiter("device_add", config.device_add_rate, config.device_add_burst),
+        recovery_limit=limiter("recovery", config.recovery_rate, config.recovery_burst),
+        recovery_address_limit=limiter(
+            "recovery_address", config.recovery_address_rate, config.recovery_address_burst
+        ),
         lookup_limit=limiter("lookup", config.lookup_rate, config.lookup_burst),
         upload_limit=RateLimiter(config.upload_bytes_rate, config.upload_bytes_burst),
         account_send_limit=limiters.frame_limiter(
@@ -690,6 +683,9 @@ def create_app(
         ("POST", "/v1/devices", add_device),
         ("GET", "/v1/devices", list_devices),
         ("DELETE", "/v1/devices/{device_id}", remove_device),
+        ("POST", "/v1/devices/reset", reset_devices),
+        ("PUT", "/v1/recovery", set_recovery),
+        ("POST", "/v1/recovery", recover),
         ("PUT", "/v1/keys", upload_keys),
         ("GET", "/v1/keys/count", key_count),
         ("GET", "/v1/keys/{username}", fetch_keys),

@@ -171,6 +171,12 @@ SETTING_HELP: dict[str, str] = {
     "prekey_target_burst": "one-time prekey burst per target user",
     "device_add_rate": "device additions per second per account -> 429",
     "device_add_burst": "device addition burst per account",
+    "recovery_rate": "account recovery attempts (POST /v1/recovery) per second per username,"
+    " right or wrong -> 429",
+    "recovery_burst": "recovery attempt burst per username",
+    "recovery_address_rate": "account recovery attempts per second per client IP, all usernames"
+    " together -> 429",
+    "recovery_address_burst": "recovery attempt burst per client IP",
     "ban_refresh_seconds": "how often the relay rereads the bans that `blindpost-relay admin"
     " ban|unban` wrote (a running relay applies a ban within this time; 0 = only at start)",
     "lookup_rate": "per account: users per second that a send may report as unknown or"
@@ -295,6 +301,12 @@ class RelayConfig:
     prekey_target_burst: float = 100.0
     device_add_rate: float = 0.01
     device_add_burst: float = 5.0
+    # A recovery key has 144 random bits: these bound the relay's work and a user's nuisance
+    # (each attempt verifies one signature), not the guessing odds (docs/threat-model.md).
+    recovery_rate: float = 1 / 3600
+    recovery_burst: float = 5.0
+    recovery_address_rate: float = 1 / 360
+    recovery_address_burst: float = 20.0
     ban_refresh_seconds: float = 5.0
     lookup_rate: float = 0.5
     lookup_burst: float = 100.0

@@ -34,7 +34,7 @@ from relay.body import BodyLimits, BodySlots, read_body
 from relay.config import RelayConfig
 from relay.errors import AuthError, Forbidden, StorageError, TooLarge
 from relay.health import Readiness
-from relay.hub import Hub
+from relay.hub import CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
 from relay.ratelimit import FrameLimiter, Limiter, RateLimiter, SendSlots
 from relay.registration import RegistrationGate, load_or_create_key, shared_registration_key
@@ -126,6 +126,8 @@ class RelayState:
     fetch_account_limit: Limiter  # per requesting account
     prekey_target_limit: Limiter  # one-time prekeys handed out per target user
     device_add_limit: Limiter  # per account
+    recovery_limit: Limiter  # recovery attempts per username (relay.recovery)
+    recovery_address_limit: Limiter  # recovery attempts per client address
     lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
     upload_limit: RateLimiter  # bytes per account; node-local like send_limit
     # Per account, all devices: cluster-wide with Redis (leased, so a WebSocket send rarely
@@ -337,6 +339,22 @@ class RelayState:
         # A key lives until its own timestamp leaves the window: a replay after that is stale.
         if not await self.replay.claim(key, sh.timestamp_ms + self.window_ms, now_ms):
             raise AuthError("nonce already used", code="auth_replay")
+
+    async def drop_device(self, target: Address) -> None:
+        """Remove a device with its mailbox and keys, and log it out everywhere: its cached
+        auth key is forgotten and its socket closed on this node and (through Redis) on
+        every other.
+
+        Raises:
+            NotFound: ``unknown_device``.
+            StorageError: the store failed.
+        """
+        await self.store.remove_device(target)
+        self.keys.pop(target, None)
+        self.hub.kick_device(target, CLOSE_DEVICE_REMOVED, "device removed")
+        if self.node is not None:
+            await self.node.publish_removed(target)
+        log.info("removed device user=%s device=%d", target.user, target.device)
 
     def spawn(self, coro: Awaitable[None]) -> None:
         """Run a background coroutine that is cancelled at shutdown."""

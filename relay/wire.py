@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import binascii
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "decode_send",
     "encode_deliver",
     "encode_send",
+    "json_body",
     "message_json",
     "parse_ack_ids",
     "parse_ascii_uint",
@@ -61,6 +63,18 @@ SIGNATURE_LEN = 64
 AUTH_KEY_LEN = 32
 MAX_OTPKS_PER_UPLOAD = 100
 MAX_ACK_IDS = 1000
+
+
+def json_body(body: bytes) -> Any:
+    """A request body parsed as JSON.
+
+    Raises:
+        BadRequest: not valid JSON (or absurdly deep nesting).
+    """
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise BadRequest("body is not valid JSON") from exc
 
 
 def b64e(data: bytes) -> str:

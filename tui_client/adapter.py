@@ -363,6 +363,8 @@ class Backend(Protocol):
     @property
     def fingerprint(self) -> str: ...
 
+    def take_recovery_key(self) -> str | None: ...
+
     def updates(self) -> AsyncIterator[Update]: ...
 
     async def start(self) -> None: ...
@@ -549,6 +551,7 @@ class Messenger:
     def __init__(self, client: Client, relay_url: str) -> None:
         self._client = client
         self._relay_url = relay_url
+        self._recovery_key: str | None = None  # made at first run, shown once
         # Updates are read from one SDK subscription taken at construction, so
         # nothing emitted between start() and the first updates() call is lost.
         self._events = client.events()
@@ -611,7 +614,16 @@ class Messenger:
             if refused is not None:
                 raise refused from exc
             raise BackendError(relay_error(exc, relay_url, username)) from exc
-        return cls(client, ", ".join(client.relay_urls))
+        messenger = cls(client, ", ".join(client.relay_urls))
+        # The account works without one: `blindpost recovery-key` makes one later.
+        with contextlib.suppress(E2EEError):
+            messenger._recovery_key = await client.new_recovery_key()
+        return messenger
+
+    def take_recovery_key(self) -> str | None:
+        """The recovery key made at first run, once (None afterwards, or if none was made)."""
+        key, self._recovery_key = self._recovery_key, None
+        return key
 
     @classmethod
     async def open(

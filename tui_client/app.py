@@ -189,7 +189,12 @@ class BlindpostApp(App[int]):
         self.call_after_refresh(self._tune_gc)
         if created:
             self.push_screen(
-                AccountCardScreen(backend.username, backend.relay_url, backend.fingerprint)
+                AccountCardScreen(
+                    backend.username,
+                    backend.relay_url,
+                    backend.fingerprint,
+                    recovery_key=backend.take_recovery_key(),
+                )
             )
 
     def _tune_gc(self) -> None:

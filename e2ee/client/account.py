@@ -7,6 +7,9 @@ Invariants:
 * Registration is resumable: the relay's account is created once (recorded as
   ``sdk.account_created`` at once, because names are never reused), the prekey
   upload may be retried, and ``sdk.registered`` is recorded only after it.
+* Recovery is registration with another first step: the relay hands the name to
+  this device when a request signed with the recovery key verifies, then the
+  same resumable key upload follows. The recovery key is never stored.
 """
 
 from __future__ import annotations
@@ -15,24 +18,37 @@ import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from e2ee.client.backup import META_RESTORED_FROM
 from e2ee.client.context import ClientContext
 from e2ee.client.datadir import (
     META_ACCOUNT_CREATED,
     META_READ_RECEIPTS,
+    META_RECOVERY_SET,
     META_REGISTERED,
     META_STRICT,
     META_USER,
     Opened,
+    auth_seed,
     open_dir,
+    read_relay_urls,
     relay_meta,
 )
+from e2ee.client.link import LinkFactory
 from e2ee.core import ProtocolEngine
+from e2ee.core.recovery import RecoveryKey
 from e2ee.errors import StorageError, UsageError
 from e2ee.store import Changes
 from e2ee.store.sealing import KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
+from e2ee.transport.auth import DeviceSigner
 
-__all__ = ["create_account_dir", "register_account"]
+__all__ = [
+    "create_account_dir",
+    "finish_restore",
+    "recover_account",
+    "register_account",
+    "set_recovery_key",
+]
 
 
 def create_account_dir(
@@ -101,3 +117,74 @@ async def register_account(ctx: ClientContext, invite: str | None = None) -> Non
     await ctx.link.upload_keys(upload.to_json())
     await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_REGISTERED: "1"}))
     ctx.registered = True
+
+
+async def recover_account(
+    ctx: ClientContext, key: RecoveryKey, auth_key: bytes, link_factory: LinkFactory
+) -> None:
+    """Re-claim our username at the relay with its recovery key, then upload our prekeys.
+
+    The relay makes this device (our device id, ``auth_key``) the account's only device.
+
+    Args:
+        ctx: the client's context (a new account, not registered yet).
+        key: the account's recovery key.
+        auth_key: this device's Ed25519 public auth key.
+        link_factory: builds the one-off link signed with the recovery key.
+
+    Raises:
+        UsageError: this device is registered already.
+        RecoveryRefused: wrong key, none set, or no such account.
+        RateLimited: too many attempts for this name or from this address.
+        TransportError: the relay cannot be reached or refused.
+        StorageError: the store cannot be written.
+    """
+    await asyncio.to_thread(ctx.load_state)
+    if ctx.registered:
+        raise UsageError("this device is registered already")
+    signer = DeviceSigner.from_seed(key.signing_seed(), ctx.me.name, ctx.me.device_id)
+    urls = await asyncio.to_thread(read_relay_urls, ctx.store)
+    link = link_factory(signer, urls)
+    try:
+        await link.recover(auth_key)
+    finally:
+        await link.aclose()
+    await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_ACCOUNT_CREATED: "1"}))
+    await register_account(ctx)
+
+
+async def set_recovery_key(ctx: ClientContext, key: RecoveryKey) -> None:
+    """Give the relay the verifier of ``key`` (replacing the account's earlier one).
+
+    Raises:
+        TransportError: the relay cannot be reached or refused.
+        StorageError: the store cannot be written.
+    """
+    await ctx.link.set_recovery(key.verifier())
+    await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_RECOVERY_SET: "1"}))
+
+
+async def finish_restore(
+    ctx: ClientContext, old_device: int, auth_key: bytes, link_factory: LinkFactory
+) -> None:
+    """Tell the relay that this restored device replaces the account's devices.
+
+    Signed with the backed-up device's credentials (the auth key derives from the identity
+    key, which the restore kept); repeating it after an interruption is harmless.
+
+    Raises:
+        TransportError: the relay cannot be reached or refused (``AuthFailed`` when the
+            backed-up device is no longer registered: recover with the recovery key).
+        StorageError: the store cannot be written.
+    """
+    account = await asyncio.to_thread(ctx.store.load_account)
+    if account is None:
+        raise UsageError("no account in this store")
+    signer = DeviceSigner.from_seed(auth_seed(account.identity_key_pair), account.name, old_device)
+    urls = await asyncio.to_thread(read_relay_urls, ctx.store)
+    link = link_factory(signer, urls)
+    try:
+        await link.reset_devices(ctx.me.device_id, auth_key)
+    finally:
+        await link.aclose()
+    await asyncio.to_thread(ctx.store.commit, Changes(meta_put={META_RESTORED_FROM: ""}))

@@ -38,6 +38,7 @@ __all__ = [
     "LOCK_FILE",
     "META_ACCOUNT_CREATED",
     "META_READ_RECEIPTS",
+    "META_RECOVERY_SET",
     "META_REGISTERED",
     "META_RELAY",
     "META_RELAYS",
@@ -71,6 +72,8 @@ META_REGISTERED: Final = "sdk.registered"
 META_ACCOUNT_CREATED: Final = "sdk.account_created"
 META_READ_RECEIPTS: Final = "sdk.read_receipts"
 META_STRICT: Final = "sdk.strict_trust"
+#: "1" once the relay holds the verifier of a recovery key shown to the user.
+META_RECOVERY_SET: Final = "sdk.recovery_set"
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,13 +22,21 @@ import dataclasses
 import mimetypes
 import os
 import random
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from e2ee.client.account import create_account_dir, register_account
+from e2ee.client.account import (
+    create_account_dir,
+    finish_restore,
+    recover_account,
+    register_account,
+    set_recovery_key,
+)
 from e2ee.client.attachments import attachment_bytes, download_attachment
+from e2ee.client.backup import META_RESTORED_FROM, BackupInfo, MediaFile, restore_dir, write_backup
 from e2ee.client.chats import delete_chat_sync
 from e2ee.client.compose import mark_read_sync
 from e2ee.client.connection import Connection, run_expiry
@@ -36,6 +44,7 @@ from e2ee.client.context import ClientContext, ClientOptions
 from e2ee.client.datadir import (
     DB_FILE,
     META_READ_RECEIPTS,
+    META_RECOVERY_SET,
     META_RELAY_LAST,
     Opened,
     auth_seed,
@@ -51,6 +60,7 @@ from e2ee.client.outbox import Outbox
 from e2ee.client.trust import accept_identity
 from e2ee.client_errors import ClientClosed, IdentityHeld, NotRegistered, UnknownRecipient
 from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
+from e2ee.core.recovery import RecoveryKey
 from e2ee.errors import ChatDeleted, E2EEError, TransportError, UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import GroupInfo, History, StoredMessage
@@ -59,7 +69,7 @@ from e2ee.messaging.compose import delete_own
 from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, ReactionRow
 from e2ee.payload import AttachmentPointer, GroupAction, PayloadType, Quote
 from e2ee.store import Changes, TrustLevel
-from e2ee.store.sealing import KdfLimits
+from e2ee.store.sealing import KDF_MODERATE, KdfLimits
 from e2ee.transport.auth import DeviceSigner, check_username
 from e2ee.transport.failover import check_relay_urls
 
@@ -91,6 +101,9 @@ class Client:
         self._fingerprint = opened.fingerprint
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Set by _build: what a one-off link (signed with a recovery key) is made with.
+        self._link_factory: LinkFactory = default_link_factory
+        self._auth_key = b""
         # Kept for programs and tests that reach for them (not public API).
         self._store = ctx.store
         self._engine = ctx.engine
@@ -230,7 +243,10 @@ class Client:
                 jitter=jitter,
                 options=options or ClientOptions(),
             )
-            return cls(ctx, opened)
+            client = cls(ctx, opened)
+            client._link_factory = link_factory or default_link_factory
+            client._auth_key = signer.public_key
+            return client
         except BaseException:
             await asyncio.to_thread(close_opened, opened)
             raise
@@ -247,7 +263,176 @@ class Client:
             TransportError: the relay cannot be reached or refused.
         """
         self._check_open()
+        restored_from = await asyncio.to_thread(self._store.get_meta, META_RESTORED_FROM)
+        if restored_from:
+            await finish_restore(self._ctx, int(restored_from), self._auth_key, self._link_factory)
         await register_account(self._ctx, invite)
+
+    @classmethod
+    async def restore(
+        cls,
+        backup_file: str | os.PathLike[str],
+        data_dir: str | os.PathLike[str],
+        passphrase: str,
+        *,
+        link_factory: LinkFactory | None = None,
+        now_ms: Callable[[], int] = _system_ms,
+        options: ClientOptions | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        jitter: Callable[[], float] = random.random,
+    ) -> Client:
+        """Restore a backup (:meth:`backup`) into a new data directory.
+
+        The account keeps its name, identity key, contacts, trust, groups and history;
+        it becomes a new device of that identity (the backed-up sessions are dropped, see
+        docs/protocol.md). Call :meth:`register` next: it makes this device the account's
+        only device at the relay and uploads fresh prekeys; contacts' next messages set up
+        new sessions. Files from a backup made with media are in ``data_dir/media``.
+
+        Args:
+            backup_file: the backup.
+            data_dir: a directory that does not exist yet (or is empty).
+            passphrase: the backup's passphrase (it also protects the restored store).
+            link_factory, now_ms, options, random_bytes, jitter: as :meth:`open`.
+
+        Returns:
+            The client, not registered and not connected.
+
+        Raises:
+            WrongPassphrase: the passphrase does not open the backup.
+            BackupCorrupt: truncated, tampered, or not a backup.
+            UsageError: ``data_dir`` is not empty, or the passphrase is empty.
+            StorageError: a file cannot be read or written.
+            In every case ``data_dir`` is left as it was.
+        """
+        folder = Path(data_dir)
+        await asyncio.to_thread(restore_dir, Path(backup_file), folder, passphrase, now_ms=now_ms)
+        return await cls.open(
+            folder,
+            passphrase,
+            link_factory=link_factory,
+            now_ms=now_ms,
+            options=options,
+            random_bytes=random_bytes,
+            jitter=jitter,
+        )
+
+    async def backup(
+        self,
+        out: str | os.PathLike[str],
+        passphrase: str,
+        *,
+        with_media: bool = False,
+        kdf_limits: KdfLimits | None = None,
+    ) -> BackupInfo:
+        """Write an encrypted backup of this account to ``out``.
+
+        It holds the identity keys, sessions, groups, contacts, trust and history (and,
+        with ``with_media``, every attachment still on the relay, downloaded now; ones
+        that expired are left out). Streamed: never whole in memory. ``out`` is replaced
+        only once the new backup is complete.
+
+        Args:
+            out: the backup file.
+            passphrase: what the backup is encrypted under (Argon2id, then libsodium's
+                secret stream).
+            with_media: include attachments.
+            kdf_limits: Argon2id cost (default: libsodium's moderate preset).
+
+        Returns:
+            What was written.
+
+        Raises:
+            UsageError: empty passphrase.
+            StorageError: the store cannot be read or ``out`` cannot be written.
+        """
+        self._check_open()
+        target = Path(out)
+        folder = self._ctx.folder
+        staging = folder / f".backup-media-{os.urandom(4).hex()}"
+        media: list[MediaFile] = []
+        try:
+            if with_media:
+                staging.mkdir(mode=0o700)
+                media = await self._fetch_media(staging)
+            manifest = {
+                "username": self.username,
+                "device_id": self.device_id,
+                "relay_url": self.relay_url,
+                "relay_urls": list(self.relay_urls),
+            }
+            return await asyncio.to_thread(
+                write_backup,
+                self._store,
+                folder,
+                target,
+                passphrase,
+                manifest,
+                media=media,
+                kdf_limits=kdf_limits or KDF_MODERATE,
+                now_ms=self._ctx.now_ms,
+            )
+        finally:
+            if staging.exists():
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    async def _fetch_media(self, staging: Path) -> list[MediaFile]:
+        ids = await asyncio.to_thread(self.history.attachment_ids)
+        media = []
+        for mid in ids:
+            path = staging / mid
+            try:
+                await download_attachment(self._ctx, mid, path, None)
+            except (TransportError, E2EEError):
+                continue  # expired on the relay or damaged: nothing to keep
+            media.append(MediaFile(mid, path))
+        return media
+
+    async def recover(self, recovery_key: str) -> None:
+        """Re-claim our username with its recovery key instead of :meth:`register`.
+
+        For a new account made with :meth:`create` under the lost account's name: the relay
+        makes this device the name's only device (the old devices are logged out and their
+        undelivered messages dropped), then our prekeys are uploaded. Our identity key is
+        new, so contacts see an identity change (their safety numbers with us change). The
+        old recovery key stays valid until :meth:`new_recovery_key` replaces it.
+
+        Args:
+            recovery_key: the key as the user typed it (case, spaces and dashes ignored).
+
+        Raises:
+            InvalidRecoveryKey: not a recovery key (a typo); nothing was sent.
+            RecoveryRefused: the relay refused the key (wrong, none set, or no such name).
+            RateLimited: too many attempts for this name or from this address.
+            UsageError: this account is registered already.
+            TransportError: the relay cannot be reached or refused.
+        """
+        self._check_open()
+        key = RecoveryKey.parse(recovery_key)
+        await recover_account(self._ctx, key, self._auth_key, self._link_factory)
+
+    async def new_recovery_key(self) -> str:
+        """Make a new recovery key and give the relay its verifier (the earlier key stops
+        working). Show the result to the user once: it is not stored anywhere.
+
+        Returns:
+            The key, ``XXXX-XXXX-XXXX-XXXX-XXXX-XXXX-XXXX-XXXX`` (144 random bits).
+
+        Raises:
+            NotRegistered: :meth:`register` was never called.
+            TransportError: the relay cannot be reached or refused.
+        """
+        self._check_open()
+        if not self._ctx.registered:
+            raise NotRegistered("register the account with a relay first")
+        key = RecoveryKey.generate()
+        await set_recovery_key(self._ctx, key)
+        return key.text()
+
+    @property
+    def has_recovery_key(self) -> bool:
+        """True once the relay holds the verifier of a recovery key made here."""
+        return self._store.get_meta(META_RECOVERY_SET) == "1"
 
     async def __aenter__(self) -> Client:
         await self.start()

@@ -52,6 +52,21 @@ class RelayLink(Protocol):
         """Upload prekeys (``PUT /v1/keys``); returns the relay's one-time prekey count."""
         ...
 
+    async def set_recovery(self, verifier: bytes) -> None:
+        """Store the verifier of the account's recovery key (``PUT /v1/recovery``)."""
+        ...
+
+    async def recover(self, auth_key: bytes) -> None:
+        """Re-claim the signer's username for the device (signer's device id, ``auth_key``)
+        (``POST /v1/recovery``); the link's signer holds the recovery key's signing key.
+        ``RecoveryRefused`` when the key is wrong, ``RateLimited`` after too many tries."""
+        ...
+
+    async def reset_devices(self, device_id: int, auth_key: bytes) -> None:
+        """Make the device (``device_id``, ``auth_key``) the user's only device
+        (``POST /v1/devices/reset``, signed by this device)."""
+        ...
+
     async def prekey_count(self) -> int:
         """One-time prekeys the relay holds for this device."""
         ...
@@ -193,6 +208,18 @@ class TransportLink:
     async def upload_keys(self, keys: Mapping[str, Any]) -> int:
         """``PUT /v1/keys``; returns the one-time prekey count."""
         return await self._nodes.call(lambda url: self._http(url).upload_keys(keys))
+
+    async def set_recovery(self, verifier: bytes) -> None:
+        """``PUT /v1/recovery`` (see :meth:`RelayLink.set_recovery`)."""
+        await self._nodes.call(lambda url: self._http(url).set_recovery(verifier))
+
+    async def recover(self, auth_key: bytes) -> None:
+        """``POST /v1/recovery`` (see :meth:`RelayLink.recover`)."""
+        await self._nodes.call(lambda url: self._http(url).recover(auth_key))
+
+    async def reset_devices(self, device_id: int, auth_key: bytes) -> None:
+        """``POST /v1/devices/reset`` (see :meth:`RelayLink.reset_devices`)."""
+        await self._nodes.call(lambda url: self._http(url).reset_devices(device_id, auth_key))
 
     async def prekey_count(self) -> int:
         """``GET /v1/keys/count``."""

@@ -75,6 +75,7 @@ from e2ee.core.keys import (
     SignedPreKey,
     generate_identity,
     generate_prekeys,
+    generate_registration_id,
     generate_signed_prekey,
 )
 from e2ee.core.locks import KeyedLocks
@@ -372,6 +373,46 @@ class ProtocolEngine:
                     meta_put={
                         _META_NEXT_SIGNED: "2",
                         _META_CURRENT_SIGNED: "1",
+                        _META_NEXT_PREKEY: str(prekeys[-1].getId() % MAX_PREKEY_ID + 1),
+                    },
+                )
+            )
+            self._account_cache = account
+            return account
+
+    def reset_device(self, device_id: int) -> AccountRecord:
+        """Become a new device of the same identity: a new registration id, signed prekey
+        and one-time prekeys, under ``device_id`` (a backup restored on a new machine).
+
+        Call it on a store whose ratchet state was dropped
+        (``SQLiteProtocolStore.drop_ratchet_state``): sessions must start over, so that no
+        message key of the backed-up device is used again. Prekey ids continue from the
+        stored counters, so none is reused either.
+
+        Raises:
+            UsageError: no account, or a bad device id.
+        """
+        if not 1 <= device_id <= MAX_DEVICE_ID:
+            raise UsageError(f"device id must be in 1..{MAX_DEVICE_ID}")
+        with self._locks.hold("account"):
+            old = self._account()
+            identity = IdentityKeyPair(serialized=old.identity_key_pair)
+            now = self._now_ms()
+            account = replace(old, device_id=device_id, registration_id=generate_registration_id())
+            signed_id = int(self._store.get_meta(_META_NEXT_SIGNED) or "1")
+            signed = generate_signed_prekey(identity, signed_id, now)
+            first = int(self._store.get_meta(_META_NEXT_PREKEY) or "1")
+            prekeys = generate_prekeys(first, self.policy.prekey_batch)
+            self._store.commit(
+                Changes(
+                    account=account,
+                    signed_prekeys_put={
+                        signed_id: SignedPreKeyRow(signed_id, bytes(signed.serialize()), now)
+                    },
+                    prekeys_put={p.getId(): bytes(p.serialize()) for p in prekeys},
+                    meta_put={
+                        _META_NEXT_SIGNED: str(signed_id % MAX_PREKEY_ID + 1),
+                        _META_CURRENT_SIGNED: str(signed_id),
                         _META_NEXT_PREKEY: str(prekeys[-1].getId() % MAX_PREKEY_ID + 1),
                     },
                 )

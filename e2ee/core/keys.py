@@ -45,6 +45,7 @@ __all__ = [
     "b64e",
     "generate_identity",
     "generate_prekeys",
+    "generate_registration_id",
     "generate_signed_prekey",
 ]
 
@@ -246,6 +247,12 @@ class KeyUpload:
 def generate_identity() -> tuple[IdentityKeyPair, int]:
     """A new identity key pair and a registration id (python-axolotl, os.urandom)."""
     return KeyHelper.generateIdentityKeyPair(), KeyHelper.generateRegistrationId()
+
+
+def generate_registration_id() -> int:
+    """A new registration id for an existing identity (a restored backup's new device)."""
+    registration_id: int = KeyHelper.generateRegistrationId()
+    return registration_id
 
 
 def generate_prekeys(first_id: int, count: int) -> list[PreKeyRecord]:

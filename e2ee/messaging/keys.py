@@ -17,6 +17,7 @@ from e2ee.store.protocols import Address
 
 __all__ = [
     "DELIVERED_RECEIPTS",
+    "DISTRIBUTED_PREFIX",
     "SEQ_MESSAGES",
     "SEQ_OUTBOX",
     "distributed",
@@ -34,6 +35,8 @@ SEQ_MESSAGES: Final = "seq:messages"
 SEQ_OUTBOX: Final = "seq:outbox"
 #: The ``seq`` up to which delivered receipts were accepted by the relay.
 DELIVERED_RECEIPTS: Final = "rcpt:delivered"
+#: Every :func:`distributed` counter's name starts with this.
+DISTRIBUTED_PREFIX: Final = "dist:"
 
 
 def outgoing(chat_id: str) -> str:
@@ -68,4 +71,4 @@ def key_generation(group_id: str) -> str:
 
 def distributed(group_id: str, user: str, device: int) -> str:
     """The generation of our Sender Key a member device last received."""
-    return f"dist:{group_id}:{user}.{device}"
+    return f"{DISTRIBUTED_PREFIX}{group_id}:{user}.{device}"

@@ -806,6 +806,64 @@ class SQLiteProtocolStore:
                 raise StorageError("the keyring changed meanwhile; try again")
             _cipher.write_keyring_file(self._path, wrapped)
 
+    # -- backup and restore -----------------------------------------------------------------
+
+    def snapshot_to(self, path: str | os.PathLike[str]) -> None:
+        """Copy the whole database, as of one moment, into a new file at ``path`` (mode 0600).
+
+        The one way a backup reads the store (SQLite's online backup API on this store's own
+        connection, so every committed row is in it and no half-written transaction is). The
+        copy holds the same sealed secrets, opened by the same passphrase; a store encrypted
+        at rest is copied encrypted under the same key, with its keyring file beside it
+        (``path`` + :data:`~e2ee.store.sqlite_cipher.KEYRING_SUFFIX`), so no plaintext page
+        is ever written.
+
+        Args:
+            path: a file that does not exist yet.
+
+        Raises:
+            StorageError: the store is closed, ``path`` exists, or the copy failed (the
+                partial files are removed).
+        """
+        where = os.fspath(path)
+        keyring = where + _cipher.KEYRING_SUFFIX
+        with self._lock, _storage_errors("snapshot the store"):
+            conn = self._connection()
+            fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(fd)
+            try:
+                if self._cipher_key is None:
+                    target = sqlite3.connect(where)
+                else:
+                    target = _cipher.connect_encrypted(where, self._cipher_key)
+                    _cipher.write_keyring_file(where, _cipher.read_keyring_file(self._path))
+                try:
+                    conn.backup(target)
+                finally:
+                    target.close()
+            except BaseException:
+                for leftover in (where, keyring):
+                    with contextlib.suppress(OSError):
+                        os.unlink(leftover)
+                raise
+
+    def drop_ratchet_state(self) -> None:
+        """Delete every session, sender key, one-time and signed prekey, in one transaction.
+
+        For a store restored from a backup: its ratchet state may be older than what its
+        contacts hold, and using it could repeat message keys (docs/protocol.md, "Backup
+        and restore"). The identity key, trust, contacts and history stay.
+
+        Raises:
+            StorageError: the store is closed or the write failed (nothing was changed).
+        """
+        with self._lock, _storage_errors("drop the ratchet state"):
+            conn = self._connection()
+            with _transaction(conn):
+                for table in ("sessions", "sender_keys", "prekeys", "signed_prekeys"):
+                    conn.execute(f"DELETE FROM {table}")  # noqa: S608  (fixed names)
+            self._transactions += 1
+
     # -- internals --------------------------------------------------------------------------
 
     @property

@@ -42,6 +42,7 @@ __all__ = [
     "NotFound",
     "RangeNotSatisfiable",
     "RateLimited",
+    "RecoveryRefused",
     "RegistrationClosed",
     "RegistrationRefused",
     "RelayRejected",
@@ -188,7 +189,13 @@ class InviteInvalid(RegistrationRefused):
     """403 ``invite_invalid``: the invite code is unknown, already used or expired."""
 
 
+class RecoveryRefused(Forbidden):
+    """403 ``recovery_refused``: no such account, no recovery key set for it, or the key is
+    wrong (the relay gives one answer for all three). Guesses are rate-limited (429)."""
+
+
 _FORBIDDEN: dict[str, type[Forbidden]] = {
+    "recovery_refused": RecoveryRefused,
     "account_banned": AccountBanned,
     "registration_closed": RegistrationClosed,
     "invite_required": InviteRequired,

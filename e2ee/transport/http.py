@@ -344,6 +344,33 @@ class RelayClient:
         """
         return await self.execute(rq.add_device(device_id, auth_key))
 
+    async def reset_devices(self, device_id: int, auth_key: bytes) -> Registered:
+        """Make a new device this user's only device (signed by this device).
+
+        Raises:
+            UsageError: bad arguments. RateLimited, AuthFailed, ConnectionFailed: as
+            :meth:`execute`.
+        """
+        return await self.execute(rq.reset_devices(device_id, auth_key))
+
+    async def set_recovery(self, verifier: bytes) -> bool:
+        """Store the verifier of this account's recovery key (replacing an earlier one).
+
+        Raises:
+            UsageError: not 32 bytes. AuthFailed, ConnectionFailed: as :meth:`execute`.
+        """
+        return await self.execute(rq.set_recovery(verifier))
+
+    async def recover(self, auth_key: bytes) -> Registered:
+        """Re-claim this client's username for the device (``device_id``, ``auth_key``); this
+        client's signer must hold the recovery key's signing key.
+
+        Raises:
+            RecoveryRefused: wrong key, none set, or no such account. RateLimited: too many
+            attempts. AuthFailed, ConnectionFailed: as :meth:`execute`.
+        """
+        return await self.execute(rq.recover(self.device_id, auth_key))
+
     async def list_devices(self) -> tuple[DeviceInfo, ...]:
         """List this user's devices, sorted by id.
 

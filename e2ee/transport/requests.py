@@ -431,6 +431,72 @@ def add_device(device_id: int, auth_key: bytes) -> Request[Registered]:
     )
 
 
+def reset_devices(device_id: int, auth_key: bytes) -> Request[Registered]:
+    """``POST /v1/devices/reset``: make a new device the user's only device (signed by a
+    device of the user; a backup restored on a new machine).
+
+    Args:
+        device_id: the new device's id.
+        auth_key: the new device's 32-byte Ed25519 public key.
+
+    Returns:
+        The request; result :class:`Registered`. Errors: ``RateLimited``, ``AuthFailed``.
+
+    Raises:
+        UsageError: bad device id or key length.
+    """
+    body = _json_body({"device_id": check_device_id(device_id), "auth_key": _auth_key(auth_key)})
+    return Request(
+        "POST", "/v1/devices/reset", _registered, body=body, headers={"Content-Type": CT_JSON}
+    )
+
+
+def _recovery_set(response: Response) -> bool:
+    if _json_object(response).get("set") is not True:
+        raise MalformedResponse("response field 'set' must be true")
+    return True
+
+
+def set_recovery(verifier: bytes) -> Request[bool]:
+    """``PUT /v1/recovery``: store the verifier of the account's recovery key.
+
+    Args:
+        verifier: the 32-byte Ed25519 public key (:meth:`e2ee.core.recovery.RecoveryKey.verifier`).
+
+    Returns:
+        The request; result True.
+
+    Raises:
+        UsageError: the verifier is not 32 bytes.
+    """
+    body = _json_body({"verifier": _auth_key(verifier)})
+    return Request(
+        "PUT", "/v1/recovery", _recovery_set, body=body, headers={"Content-Type": CT_JSON}
+    )
+
+
+def recover(device_id: int, auth_key: bytes) -> Request[Registered]:
+    """``POST /v1/recovery``: re-claim the signer's username for a new device.
+
+    Sign it with the recovery key's signer bound to (username, ``device_id``).
+
+    Args:
+        device_id: the new device's id.
+        auth_key: the new device's 32-byte Ed25519 public key.
+
+    Returns:
+        The request; result :class:`Registered`. Errors: ``RecoveryRefused`` (403),
+        ``RateLimited`` (429, per username and per client address), ``AuthFailed``.
+
+    Raises:
+        UsageError: bad device id or key length.
+    """
+    body = _json_body({"device_id": check_device_id(device_id), "auth_key": _auth_key(auth_key)})
+    return Request(
+        "POST", "/v1/recovery", _registered, body=body, headers={"Content-Type": CT_JSON}
+    )
+
+
 def _device_list(response: Response) -> tuple[DeviceInfo, ...]:
     doc = _json_object(response)
     items = doc.get("devices")

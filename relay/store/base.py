@@ -268,6 +268,13 @@ class RelayStore(Protocol):
     async def list_invites(self) -> list[Invite]:
         """Every stored invite, oldest first."""
 
+    async def set_recovery_verifier(self, user: str, verifier: bytes) -> bool:
+        """Store (or replace) the verifier of ``user``'s recovery key (an Ed25519 public key;
+        docs/protocol.md, "Account recovery"); return False when the user does not exist."""
+
+    async def recovery_verifier(self, user: str) -> bytes | None:
+        """The stored recovery verifier of ``user``, or None (unknown user, or none set)."""
+
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """Add a device to an existing user.
 

@@ -87,6 +87,7 @@ class MemoryRelayStore:
         # code hash -> [created_ms, expires_ms, used_by, used_ms]
         self._invites: dict[bytes, list[int | str | None]] = {}
         self._banned: set[str] = set()
+        self._recovery: dict[str, bytes] = {}  # user -> recovery verifier
         self._blob_owners: dict[str, dict[str, int]] = {}  # blob id -> {user: size}
         self._sent_bytes: dict[str, int] = {}  # user -> pending bodies it sent
         self._held_bytes: dict[str, int] = {}  # user -> blobs it holds
@@ -174,6 +175,19 @@ class MemoryRelayStore:
             for h, r in self._invites.items()
         ]
         return sorted(out, key=lambda i: (i.created_at, i.id))
+
+    async def set_recovery_verifier(self, user: str, verifier: bytes) -> bool:
+        """See ``RelayStore.set_recovery_verifier``."""
+        self._check_open()
+        if user not in self._users:
+            return False
+        self._recovery[user] = bytes(verifier)
+        return True
+
+    async def recovery_verifier(self, user: str) -> bytes | None:
+        """See ``RelayStore.recovery_verifier``."""
+        self._check_open()
+        return self._recovery.get(user)
 
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """See ``RelayStore.add_device``."""

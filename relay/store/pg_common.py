@@ -345,6 +345,15 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             used_ms bigint);
         """,
     ),
+    (
+        5,
+        """
+        -- The public key that verifies a user's recovery key (never the key itself).
+        CREATE TABLE recovery(
+            username text PRIMARY KEY,
+            verifier bytea NOT NULL);
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

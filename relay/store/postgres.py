@@ -654,6 +654,30 @@ class PostgresRelayStore:
             for r in rows
         ]
 
+    async def set_recovery_verifier(self, user: str, verifier: bytes) -> bool:
+        """See ``RelayStore.set_recovery_verifier``."""
+
+        async def tx(conn: asyncpg.Connection) -> bool:
+            if await conn.fetchval("SELECT 1 FROM users WHERE username = $1", user) is None:
+                return False
+            await conn.execute(
+                "INSERT INTO recovery(username, verifier) VALUES ($1, $2) "
+                "ON CONFLICT (username) DO UPDATE SET verifier = EXCLUDED.verifier",
+                user,
+                verifier,
+            )
+            return True
+
+        result: bool = await self._transaction("set recovery verifier", tx)
+        return result
+
+    async def recovery_verifier(self, user: str) -> bytes | None:
+        """See ``RelayStore.recovery_verifier``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read recovery verifier"):
+            found = await pool.fetchval("SELECT verifier FROM recovery WHERE username = $1", user)
+        return None if found is None else bytes(found)
+
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """See ``RelayStore.add_device``."""
 

@@ -155,6 +155,9 @@ BEGIN
 END;
 CREATE TABLE IF NOT EXISTS bans(username TEXT PRIMARY KEY, banned_ms INTEGER NOT NULL)
     WITHOUT ROWID;
+-- The public key that verifies a user's recovery key (never the key itself).
+CREATE TABLE IF NOT EXISTS recovery(username TEXT PRIMARY KEY, verifier BLOB NOT NULL)
+    WITHOUT ROWID;
 -- Invite codes by SHA-256 (the codes themselves are never stored); single-use.
 CREATE TABLE IF NOT EXISTS invites(
     code_hash BLOB PRIMARY KEY, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
@@ -1260,6 +1263,21 @@ class SqliteRelayStore:
 
         return await self._read(q)
 
+    async def set_recovery_verifier(self, user: str, verifier: bytes) -> bool:
+        """See ``RelayStore.set_recovery_verifier``."""
+        assert self._state is not None
+        return await self._submit(_set_recovery, self._state.conn, user, verifier)
+
+    async def recovery_verifier(self, user: str) -> bytes | None:
+        """See ``RelayStore.recovery_verifier``."""
+
+        def q(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT verifier FROM recovery WHERE username=?", (user,))
+            found = row.fetchone()
+            return None if found is None else bytes(found[0])
+
+        return await self._read(q)
+
     async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
         """See ``RelayStore.add_device``."""
         assert self._state is not None
@@ -1438,6 +1456,17 @@ def _set_banned(conn: sqlite3.Connection, user: str, banned: bool, now_ms: int) 
         conn.execute("INSERT OR IGNORE INTO bans(username, banned_ms) VALUES (?,?)", (user, now_ms))
     else:
         conn.execute("DELETE FROM bans WHERE username=?", (user,))
+    return True
+
+
+def _set_recovery(conn: sqlite3.Connection, user: str, verifier: bytes) -> bool:
+    if conn.execute("SELECT 1 FROM users WHERE username=?", (user,)).fetchone() is None:
+        return False
+    conn.execute(
+        "INSERT INTO recovery(username, verifier) VALUES (?,?) "
+        "ON CONFLICT(username) DO UPDATE SET verifier=excluded.verifier",
+        (user, verifier),
+    )
     return True
 
 

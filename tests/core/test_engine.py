@@ -328,3 +328,27 @@ def test_no_secret_in_repr() -> None:
     assert "top secret" not in joined
     assert account.identity_key_pair.hex() not in joined
     assert repr(account.identity_key_pair)[2:20] not in joined
+
+
+def test_reset_device_keeps_the_identity_with_new_keys_and_fresh_sessions() -> None:
+    alice, bob = connected()
+    before = alice.key_upload()
+    account = alice.reset_device(2)
+    after = alice.key_upload()
+    assert (account.name, account.device_id) == ("alice", 2)
+    assert after.identity_key == before.identity_key  # safety numbers do not change
+    assert after.signed_prekey is not None and before.signed_prekey is not None
+    assert after.signed_prekey.prekey_id != before.signed_prekey.prekey_id
+    # (A restore drops the old prekeys first; here they are still held.) No id is reused:
+    new_ids = {k.prekey_id for k in after.one_time_prekeys} - {
+        k.prekey_id for k in before.one_time_prekeys
+    }
+    assert len(new_ids) == 100
+    with pytest.raises(UsageError):
+        alice.reset_device(0)
+    # bob starts a new session with the new device from its bundle; both ways work.
+    alice2 = Address("alice", 2)
+    first = min(new_ids)
+    bob.process_bundle("alice", PreKeyBundle.from_json(alice.local_bundle(first).to_json()))
+    assert alice.decrypt(BOB, bob.encrypt(alice2, b"welcome back")).plaintext == b"welcome back"
+    assert bob.decrypt(alice2, alice.encrypt(BOB, b"thanks")).plaintext == b"thanks"

@@ -484,3 +484,20 @@ async def test_bans_are_stored_per_existing_user(backend: Backend, tmp_path: Pat
         assert await s.banned_users() == frozenset()
     finally:
         await s.close()
+
+
+async def test_recovery_verifier_is_replaced_and_survives_restarts(
+    backend: Backend, tmp_path: Path
+) -> None:
+    s = await backend.open(tmp_path)
+    try:
+        await s.create_account(A, b"a" * 32, 0)
+        assert await s.recovery_verifier("alice") is None
+        assert await s.set_recovery_verifier("alice", b"1" * 32) is True
+        assert await s.set_recovery_verifier("alice", b"2" * 32) is True  # replaces
+        assert await s.set_recovery_verifier("nobody", b"1" * 32) is False
+        s = await backend.restart(s, tmp_path)
+        assert await s.recovery_verifier("alice") == b"2" * 32
+        assert await s.recovery_verifier("nobody") is None
+    finally:
+        await s.close()

@@ -910,3 +910,36 @@ def test_reprs_hide_the_key(db: Path) -> None:
     assert SECRETS["identity_key_pair"].hex() not in text
     assert "secret" in repr(store._sealer)
     store.close()
+
+
+# -- backup snapshot and restore reset -------------------------------------------------------
+
+
+def test_a_snapshot_holds_every_commit_and_opens_with_the_same_passphrase(
+    db: Path, store: SQLiteProtocolStore, tmp_path: Path
+) -> None:
+    store.commit(secret_changes())
+    copy = tmp_path / "snapshot.db"
+    store.snapshot_to(copy)
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o600
+    with pytest.raises(StorageError):
+        store.snapshot_to(copy)  # never overwrites
+    with open_store(copy) as snap:
+        assert snap.load_session(BOB) == SECRETS["session"]
+        assert snap.load_app_row("messages", "m1") == {"id": "m1", "body": "hello"}
+    with pytest.raises(WrongPassphrase):
+        open_store(copy, "not the passphrase")
+
+
+def test_dropping_ratchet_state_keeps_identity_trust_and_history(
+    store: SQLiteProtocolStore,
+) -> None:
+    store.commit(secret_changes())
+    store.drop_ratchet_state()
+    assert store.load_session(BOB) is None
+    assert store.load_sender_key(GROUP_KEY) is None
+    assert store.load_prekey(7) is None and store.signed_prekeys() == []
+    account = store.load_account()
+    assert account is not None and account.identity_key_pair == SECRETS["identity_key_pair"]
+    assert store.load_identity(BOB) == IdentityRecord(PUBLIC_IDENTITY, TrustLevel.VERIFIED, 3)
+    assert store.load_app_row("messages", "m1") == {"id": "m1", "body": "hello"}

@@ -48,6 +48,8 @@ async def test_first_run_registers_then_later_runs_ask_for_the_passphrase(
             lambda: isinstance(app.screen, AccountCardScreen) and app.screen.query("#card-done"),
         )
         assert "alice" in str(app.screen.query_one("#account-card-info").render())
+        shown = str(app.screen.query_one("#account-card-recovery").render())
+        assert "Recovery key: " in shown and len(shown.split(": ")[1].split()[0]) == 39
         await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
         indicator = app.screen.query_one(ConnectionIndicator)

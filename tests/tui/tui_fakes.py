@@ -138,6 +138,9 @@ class FakeBackend:
     def fingerprint(self) -> str:
         return "".join(str(i % 10) for i in range(30))
 
+    def take_recovery_key(self) -> str | None:
+        return None
+
     def push(self, update: Update) -> None:
         self._updates.put_nowait(update)
 

@@ -45,6 +45,13 @@ from e2ee.errors import TransportError, UsageError
 from e2ee.events import (
     BacklogDrained,
 )
+from tui_client.cli.account_cmds import (
+    _first_recovery_key,
+    _recovery_key_lines,
+    cmd_backup,
+    cmd_recover,
+    cmd_recovery_key,
+)
 from tui_client.cli.checks import _group_id, _message_id, _split_words, _Target, _target, _username
 from tui_client.cli.events import _show_event
 from tui_client.cli.exits import (
@@ -166,6 +173,7 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
                     f"cannot register at {relay} ({reason}); the keys are kept: run the "
                     "same 'init' again to finish",
                 ) from None
+        recovery_key = await _first_recovery_key(client, settings, relay)
         seq = await asyncio.to_thread(client.history.max_seq, "messages")
         await asyncio.to_thread(_write_cursor, folder, seq)
     finally:
@@ -182,6 +190,7 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
         "data": str(folder),
         "fingerprint": fingerprint,
         "passphrase": settings.passphrase is not None,
+        "recovery_key": recovery_key,
     }
     groups = [fingerprint[i : i + 5] for i in range(0, len(fingerprint), 5)]
     lines = [
@@ -193,6 +202,8 @@ async def cmd_init(settings: _Settings, args: argparse.Namespace) -> int:
         "    " + " ".join(groups[3:]),
         f"contacts compare the full number with 'blindpost safety-number {user}'",
     ]
+    if recovery_key is not None:
+        lines += _recovery_key_lines(recovery_key, user)
     if settings.passphrase is None:
         lines.append(
             "note: no passphrase; the keys are protected by file permissions only "
@@ -791,4 +802,7 @@ _COMMANDS: Final[dict[str, Callable[[_Settings, argparse.Namespace], Coroutine[A
     "verify": cmd_verify,
     "contacts": cmd_contacts,
     "daemon": cmd_daemon,
+    "recover": cmd_recover,
+    "recovery-key": cmd_recovery_key,
+    "backup": cmd_backup,
 }

@@ -214,6 +214,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("contacts", "known users and their trust state")
 
+    p = command(
+        "recover",
+        "re-claim USERNAME on a new device with its recovery key (read from "
+        "--recovery-key-file or the first line of standard input); a new identity",
+    )
+    p.add_argument("username", metavar="USERNAME")
+    p.add_argument("--relay", required=True, metavar="URL", help="relay base URL (http[s]://)")
+    p.add_argument(
+        "--recovery-key-file", type=Path, metavar="FILE", help="read the recovery key from FILE"
+    )
+
+    command("recovery-key", "make a new recovery key (the earlier one stops working)")
+
+    p = command("backup", "encrypted backups of this account (a passphrase is required)")
+    bsub = p.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
+    bsub.required = True
+    b = bsub.add_parser(
+        "create",
+        help="write an encrypted backup: keys, contacts, trust, groups, history",
+        parents=[common],
+    )
+    b.add_argument("--out", required=True, type=Path, metavar="FILE", help="the backup file")
+    b.add_argument(
+        "--with-media", action="store_true", help="also the attachments still on the relay"
+    )
+    b.add_argument(
+        "--if-older",
+        type=float,
+        metavar="HOURS",
+        help="do nothing if FILE is younger than HOURS (for a cron job or systemd timer)",
+    )
+    b = bsub.add_parser(
+        "restore",
+        help="restore a backup into a new --data directory (the username is kept)",
+        parents=[common],
+    )
+    b.add_argument("file", type=Path, metavar="FILE", help="the backup file")
+
     from tui_client.daemon import add_arguments as daemon_arguments
 
     p = command(

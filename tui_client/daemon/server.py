@@ -102,6 +102,8 @@ class DaemonConfig:
     max_line: int = DEFAULT_MAX_LINE
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     max_clients: int = DEFAULT_MAX_CLIENTS
+    backup_out: Path | None = None  # scheduled backups: the file, rewritten ...
+    backup_every_hours: float = 0.0  # ... when it is this old
 
     @property
     def stdio(self) -> bool:
@@ -122,6 +124,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="listen on 127.0.0.1:PORT (loopback only, no authentication: any local user "
         "can use the account; prefer --socket). 0 picks a free port",
+    )
+    parser.add_argument(
+        "--backup-every",
+        type=float,
+        metavar="HOURS",
+        help="while running, write an encrypted backup to --backup-out whenever it is "
+        "HOURS old (at start if missing or older); needs the account's passphrase",
+    )
+    parser.add_argument(
+        "--backup-out", type=Path, metavar="FILE", help="the scheduled backup's file"
     )
     parser.add_argument(
         "--event-buffer",
@@ -177,7 +189,14 @@ def config_from_args(args: argparse.Namespace) -> DaemonConfig:
     port: int | None = args.tcp
     if port is not None:
         _in_range("--tcp", port, (0, 65535))
+    every: float | None = args.backup_every
+    if (every is None) != (args.backup_out is None):
+        raise CliError(EXIT_USAGE, "--backup-every and --backup-out go together")
+    if every is not None and not 0 < every <= 24 * 365:
+        raise CliError(EXIT_USAGE, "--backup-every must be 0 < HOURS <= 8760")
     return DaemonConfig(
+        backup_out=args.backup_out,
+        backup_every_hours=every or 0.0,
         socket_path=path,
         tcp_port=port,
         event_buffer=_in_range("--event-buffer", args.event_buffer, _EVENT_BUFFER_RANGE),
@@ -337,8 +356,10 @@ class Daemon:
             await self.session.client.start(receive=True)
             pump = asyncio.create_task(self._pump())
             delivery = asyncio.create_task(self._deliver_loop())
+            backups = asyncio.create_task(self._backup_loop())
             self._wake.set()
             await self._stop.wait()
+            await backups  # ends at once, or after the backup being written
             await self._shutdown(pump, delivery)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -347,6 +368,34 @@ class Daemon:
                 with contextlib.suppress(FileNotFoundError):
                     self.config.socket_path.unlink()
         return self._exit
+
+    async def _backup_loop(self) -> None:
+        """Scheduled backups (``--backup-every``): rewrite the file whenever it is that old.
+
+        A failed backup is logged (kind only) and tried again after at most five minutes;
+        the file is replaced only by a complete new backup.
+        """
+        out, every = self.config.backup_out, self.config.backup_every_hours * 3600
+        passphrase = self.session.settings.passphrase
+        if out is None or passphrase is None:
+            return
+        while not self._stop.is_set():
+            try:
+                age: float | None = time.time() - out.stat().st_mtime
+            except OSError:
+                age = None
+            due = 0.0 if age is None else max(0.0, every - age)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), due)
+                return  # stopping
+            try:
+                info = await self.session.client.backup(out, passphrase)
+            except E2EEError as exc:
+                log.warning("scheduled backup failed: %s", type(exc).__name__)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), min(every, 300.0))
+                continue
+            log.info("scheduled backup written: %d bytes", info.size)
 
     async def _shutdown(self, pump: asyncio.Task[None], delivery: asyncio.Task[None]) -> None:
         for server in self._servers:
@@ -728,5 +777,11 @@ async def cmd_daemon(settings: cli_session._Settings, args: argparse.Namespace) 
         CliError: bad options, no account, a socket path in use.
     """
     config = config_from_args(args)
+    if config.backup_out is not None and settings.passphrase is None:
+        raise CliError(
+            cli.EXIT_PASSPHRASE,
+            "scheduled backups need the account's passphrase (--passphrase-file or "
+            "$BLINDPOST_PASSPHRASE)",
+        )
     async with cli_session._account(settings, connect=False, options=DAEMON_OPTIONS) as session:
         return await Daemon(session, config).run()

@@ -170,9 +170,16 @@ class AccountCardScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("enter,escape", "done", "Continue")]
 
     def __init__(
-        self, username: str, relay_url: str, fingerprint: str = "", *, first_run: bool = True
+        self,
+        username: str,
+        relay_url: str,
+        fingerprint: str = "",
+        *,
+        first_run: bool = True,
+        recovery_key: str | None = None,
     ) -> None:
         super().__init__()
+        self._recovery_key = recovery_key
         self._username = username
         self._relay = relay_url
         self._fingerprint = fingerprint
@@ -195,6 +202,14 @@ class AccountCardScreen(Screen[None]):
                 "and compare all 60 digits (or scan the QR code) with them.",
                 id="account-card-help",
             )
+            if self._recovery_key is not None:
+                yield Static(
+                    f"Recovery key: {self._recovery_key}\nWrite it down now: it is shown only "
+                    "once. It re-claims your username on a new device if you lose every device "
+                    "('blindpost recover').",
+                    id="account-card-recovery",
+                    markup=False,
+                )
             with Horizontal(classes="dialog-buttons"):
                 label = "Start chatting" if self._first_run else "Close"
                 yield Button(label, variant="primary", id="card-done")
