@@ -936,7 +936,7 @@ async def sweep_once(st: RelayState, max_rounds: int = 100) -> int:
             report = await st.store.sweep(st.clock.now_ms())
             await st.blobs.delete(report.blobs)
         removed += report.messages
-        if report.messages < 5000 and len(report.blobs) < 5000:
+        if report.messages < 5000 and len(report.blobs) < 5000 and report.dedupe < 5000:
             break
     if removed:
         log.info("sweeper removed %d expired messages", removed)
