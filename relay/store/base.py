@@ -158,6 +158,7 @@ class SweepReport:
     messages: int
     blobs: tuple[str, ...]
     dedupe: int = 0
+    more: bool = False  # some limit of the call was reached: more may be due now
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +189,8 @@ class StoreLimits:
     neither sender nor time (relay.store.dedupe) answers, until the window (rounded up to a
     tenth of it) has passed. The default covers the SDK's retries (docs/storage.md).
 
-    ``checkpoint_commits`` (SQLite): every that many commits a background thread copies the
+    ``checkpoint_commits`` (SQLite): every that many commits (and at least every 2 s while
+    commits happen, however few: relay.store.sqlite) a background thread copies the
     write-ahead log into the database file, so the writer never pauses for that copy and its
     fsync; the writer then only copies the few pages committed meanwhile, and the log starts
     over (docs/performance-relay-journal.md, fifth session).

@@ -41,7 +41,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
-from relay.store.dedupe import DedupeRules, new_secret
+from relay.store.dedupe import SWEEP_CHUNK, DedupeRules, new_secret
 from relay.store.rules import check_quota, check_sender_share, resolve_recipients
 
 __all__ = ["MemoryRelayStore"]
@@ -497,7 +497,7 @@ class MemoryRelayStore:
             if msg.message_id in self._messages:  # held by no mailbox (no recipients)
                 self._forget(msg)
         due = self._rules.current(now_ms)
-        forgotten = [k for k, (exp, _) in self._delivered.items() if exp <= due][:_SWEEP_CHUNK]
+        forgotten = [k for k, (exp, _) in self._delivered.items() if exp <= due][:SWEEP_CHUNK]
         for key in forgotten:
             del self._delivered[key]
         blob_cutoff = now_ms - lim.blob_ttl_ms
@@ -507,4 +507,5 @@ class MemoryRelayStore:
             self._blob_bytes -= self._blobs.pop(blob_id)[0]
             for user, held in self._blob_owners.pop(blob_id, {}).items():
                 self._held_bytes[user] -= held
-        return SweepReport(len(expired), tuple(blobs), len(forgotten))
+        more = _SWEEP_CHUNK in (len(expired), len(blobs)) or len(forgotten) == SWEEP_CHUNK
+        return SweepReport(len(expired), tuple(blobs), len(forgotten), more)

@@ -57,7 +57,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
-from relay.store.dedupe import DedupeRules, new_secret
+from relay.store.dedupe import SWEEP_CHUNK, DedupeRules, new_secret
 from relay.store.pg_common import (
     DB_ERRORS,
     PgSettings,
@@ -1067,12 +1067,13 @@ class PostgresRelayStore:
                     "WITH d AS (DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe "
                     "WHERE expires <= $1 LIMIT $2) RETURNING 1) SELECT count(*) FROM d",
                     rules.current(now_ms),
-                    _SWEEP_CHUNK,
+                    SWEEP_CHUNK,
                 )
             )
-            # An account whose messages were all delivered and who holds no blob: its row
-            # would only say that it once sent something.
-            await conn.execute("DELETE FROM account_bytes WHERE sent = 0 AND blobs = 0")
+            if forgotten < SWEEP_CHUNK:  # the last call of a sweep (it scans the table)
+                # An account whose messages were all delivered and who holds no blob: its row
+                # would only say that it once sent something.
+                await conn.execute("DELETE FROM account_bytes WHERE sent = 0 AND blobs = 0")
             blob_rows = await conn.fetch(
                 "DELETE FROM blobs WHERE id IN (SELECT id FROM blobs WHERE stored_ms < $1 "
                 "LIMIT $2) RETURNING id, size",
@@ -1085,7 +1086,8 @@ class PostgresRelayStore:
                     [str(r[0]) for r in blob_rows],
                 )
             blob_bytes = sum(int(r[1]) for r in blob_rows)
-            report = SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows), forgotten)
+            more = _SWEEP_CHUNK in (len(expired), len(blob_rows)) or forgotten == SWEEP_CHUNK
+            report = SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows), forgotten, more)
             return report, removed, blob_bytes
 
         report, removed, blob_bytes = await self._transaction("sweep", tx)

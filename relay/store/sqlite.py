@@ -70,7 +70,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
-from relay.store.dedupe import DedupeRules, new_secret
+from relay.store.dedupe import SWEEP_CHUNK, DedupeRules, new_secret
 from relay.store.rules import check_quota, check_sender_share, resolve_recipients
 
 __all__ = ["SCHEMA_VERSION", "SqliteRelayStore", "StorageHealth"]
@@ -92,6 +92,8 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024  # a log file that grew past this shrinks whe
 # (its thread failed, or readers held it back), the writer checkpoints itself, so the log stays
 # bounded whatever happens.
 _CHECKPOINT_FALLBACK_FACTOR = 8
+# ... and at least this often (seconds) while commits happen, however few.
+_CHECKPOINT_SECONDS = 2.0
 # A background checkpoint repeats (up to this many passes) while more than this many log frames
 # were committed during its previous pass.
 _CHECKPOINT_PASSES = 4
@@ -343,6 +345,7 @@ class _WriterState:
         self.commits = 0
         self.committed_ops = 0
         self.checkpointed_at = 0  # self.commits when the log was last fully checkpointed
+        self.checkpointed_time = time.monotonic()  # and when
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
         self.data_version = self._data_version()
 
@@ -354,6 +357,7 @@ class _WriterState:
         except sqlite3.Error as exc:
             log.warning("checkpoint failed: %s", type(exc).__name__)
         self.checkpointed_at = self.commits
+        self.checkpointed_time = time.monotonic()
 
     def _data_version(self) -> int:
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
@@ -860,11 +864,12 @@ class _WriterState:
         conn.executemany("DELETE FROM messages WHERE pk=?", [(pk,) for pk in expired])
         forgotten = conn.execute(
             "DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe WHERE expires <= ? LIMIT ?)",
-            (self.rules.current(now_ms), _SWEEP_CHUNK),
+            (self.rules.current(now_ms), SWEEP_CHUNK),
         ).rowcount
-        # An account whose messages were all delivered and who holds no blob: its row would
-        # only say that it once sent something.
-        conn.execute("DELETE FROM account_bytes WHERE sent = 0 AND blobs = 0")
+        if forgotten < SWEEP_CHUNK:  # the last call of a sweep (it scans the table)
+            # An account whose messages were all delivered and who holds no blob: its row
+            # would only say that it once sent something.
+            conn.execute("DELETE FROM account_bytes WHERE sent = 0 AND blobs = 0")
         blob_rows = conn.execute(
             "SELECT id, size FROM blobs WHERE stored_ms < ? LIMIT ?",
             (now_ms - lim.blob_ttl_ms, _SWEEP_CHUNK),
@@ -881,7 +886,8 @@ class _WriterState:
             self.queued -= removed_rows
         self._vacuum_some()
         self.truncate_log = True
-        return SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows), forgotten)
+        more = _SWEEP_CHUNK in (len(expired), len(blob_rows)) or forgotten == SWEEP_CHUNK
+        return SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows), forgotten, more)
 
     def _vacuum_some(self) -> None:
         """Give free pages back to the file system when they are a large share of the file
@@ -1154,15 +1160,26 @@ class SqliteRelayStore:
             if st.truncate_log and self._queue.empty():
                 st.truncate_log = not _truncate_log(st.conn)
             since = st.commits - st.checkpointed_at
+            # Also by time: when the machine is short of CPU, batches grow to write_batch_max
+            # and commits become rare (1.3/s at 3,000 msg/s on a loaded 2-core box), and 512
+            # of them took minutes while the log grew by gigabytes (docs/performance-relay.md,
+            # "Holding steady").
+            age = time.monotonic() - st.checkpointed_time if since else 0.0
             if checkpointer.finished:
                 checkpointer.finished = requested = False
                 st.checkpoint()
-            elif since >= every * _CHECKPOINT_FALLBACK_FACTOR:
+            elif (
+                since >= every * _CHECKPOINT_FALLBACK_FACTOR
+                or age >= _CHECKPOINT_SECONDS * _CHECKPOINT_FALLBACK_FACTOR
+            ):
                 log.warning(
-                    "no background checkpoint finished in %d commits; the writer checkpoints", since
+                    "no background checkpoint finished in %d commits (%.1f s); the writer"
+                    " checkpoints",
+                    since,
+                    age,
                 )
                 st.checkpoint()
-            elif since >= every and not requested:
+            elif (since >= every or age >= _CHECKPOINT_SECONDS) and not requested:
                 requested = True
                 checkpointer.request()
 
