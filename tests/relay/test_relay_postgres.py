@@ -144,6 +144,39 @@ async def test_delivered_messages_leave_no_row_naming_their_sender(tmp_path: Pat
         await store.close()
 
 
+async def test_a_sweep_vacuums_the_queue_tables(tmp_path: Path) -> None:
+    """Every delivered message leaves dead row versions in messages, mailbox and dedupe; the
+    sweep vacuums those tables itself (the test server runs without autovacuum, as some do)."""
+    settings = pg_settings(tmp_path)
+    store = PostgresRelayStore(settings)
+    await store.open()
+    conn = await asyncpg.connect(settings.dsn)
+
+    async def vacuumed() -> set[str]:
+        rows = await conn.fetch(
+            "SELECT relname FROM pg_stat_user_tables WHERE schemaname = $1 "
+            "AND (last_vacuum IS NOT NULL OR last_autovacuum IS NOT NULL)",
+            settings.schema,
+        )
+        return {str(r[0]) for r in rows}
+
+    try:
+        await store.create_account(A, b"a" * 32, 0)
+        await store.create_account(B, b"b" * 32, 0)
+        envs = [env(b"m") for _ in range(20)]
+        for e in envs:
+            await store.submit_send(A, e, 1)
+        await store.ack(B, [e.message_id for e in envs])
+        await store.sweep(2)
+        deadline = asyncio.get_running_loop().time() + 30
+        while not {"messages", "mailbox", "dedupe"} <= await vacuumed():
+            assert asyncio.get_running_loop().time() < deadline, await vacuumed()
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+        await store.close()
+
+
 async def test_schema_4_tombstones_are_dropped_by_migration_5(tmp_path: Path) -> None:
     """A database of schema 4 keeps delivered messages as body-less rows: migration 5 deletes
     them and keeps queued messages, which are forgotten when acked."""
