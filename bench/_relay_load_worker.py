@@ -83,6 +83,8 @@ class Stats:
     closes: Counter[str] = field(default_factory=Counter)
     latencies_us: list[int] = field(default_factory=list)
     fanout: dict[int, list[int]] = field(default_factory=dict)  # t_send -> [count, max lat us]
+    sample_ns: int = 0  # > 0: latencies also kept per interval of the window (bench/relay_soak)
+    samples: dict[int, list[int]] = field(default_factory=dict)  # interval -> latencies us
 
     def in_window(self, t_ns: int) -> bool:
         return self.window[0] <= t_ns < self.window[1]
@@ -153,7 +155,11 @@ class Conn:
             entry[1] = max(entry[1], lat_us)
         elif st.in_window(t_send):
             st.delivered_in_window += 1
-            st.latencies_us.append(lat_us)
+            if st.sample_ns:
+                k = (t_send - st.window[0]) // st.sample_ns
+                st.samples.setdefault(k, []).append(lat_us)
+            else:
+                st.latencies_us.append(lat_us)
         if self.ack:
             self.to_ack.append(bytes(data[9:25]))
 
@@ -307,6 +313,7 @@ async def run(cfg: dict[str, Any]) -> None:
             t0 = int(cmd.split()[1])
             warm = int(float(cfg["warmup"]) * 1e9)
             stats.window = (t0 + warm, t0 + warm + int(float(cfg["duration"]) * 1e9))
+            stats.sample_ns = int(float(cfg.get("sample_seconds", 0)) * 1e9)
             while time.monotonic_ns() < t0:
                 await asyncio.sleep(0.001)
             await traffic(cfg, conns, stats, t0)
@@ -343,6 +350,7 @@ async def run(cfg: dict[str, Any]) -> None:
             "unanswered_sends": lost_results,
             "latencies_us": stats.latencies_us,
             "fanout": [[t, c, m] for t, (c, m) in stats.fanout.items()],
+            "samples": {str(k): v for k, v in stats.samples.items()},
             "cpu_seconds": cpu,
         }
     )

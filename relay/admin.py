@@ -172,7 +172,7 @@ def collect_stats(root: Path) -> dict[str, Any]:
         "queued_deliveries": "SELECT count(*) FROM mailbox",
         "queued_bytes": "SELECT coalesce(sum(size), 0) FROM mailbox",
         "messages_with_body": "SELECT count(*) FROM messages WHERE body IS NOT NULL",
-        "dedupe_tombstones": "SELECT count(*) FROM messages WHERE body IS NULL",
+        "dedupe_records": "SELECT count(*) FROM dedupe",
         "blobs": "SELECT count(*) FROM blobs",
         "blob_bytes": "SELECT coalesce(sum(size), 0) FROM blobs",
         "seq": "SELECT coalesce((SELECT v FROM meta WHERE k='seq'), 0)",

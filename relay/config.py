@@ -121,7 +121,8 @@ SETTING_HELP: dict[str, str] = {
     " sent to (at most mailbox_sender_max_bytes)",
     "message_ttl_seconds": "unacknowledged messages are deleted after this",
     "blob_ttl_seconds": "blobs are deleted this long after their last upload",
-    "dedupe_window_seconds": "how long a message id is remembered for idempotent retries",
+    "dedupe_window_seconds": "how long after a send a retry of it is still answered as a"
+    " duplicate (after delivery only a keyed digest is kept, see docs/storage.md)",
     "sweep_interval_seconds": "how often the retention sweeper runs",
     "ws_max_frame_bytes": "max client WebSocket frame -> close 1009",
     "ws_max_outbound_bytes": "unsent bytes a WebSocket may hold longer than the grace period"
@@ -266,7 +267,7 @@ class RelayConfig:
     upload_bytes_burst: float = 200 * 1024 * 1024.0
     message_ttl_seconds: float = 30 * 86400.0
     blob_ttl_seconds: float = 30 * 86400.0
-    dedupe_window_seconds: float = 86400.0
+    dedupe_window_seconds: float = 600.0
     sweep_interval_seconds: float = 60.0
     ws_max_frame_bytes: int = 1024 * 1024
     ws_max_outbound_bytes: int = 1024 * 1024

@@ -152,10 +152,13 @@ class Invite:
 
 @dataclass(frozen=True, slots=True)
 class SweepReport:
-    """What one retention sweep removed."""
+    """What one retention sweep removed: expired messages, blob ids, and (``dedupe``) the
+    de-duplication records of delivered messages whose window had passed."""
 
     messages: int
     blobs: tuple[str, ...]
+    dedupe: int = 0
+    more: bool = False  # some limit of the call was reached: more may be due now
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +183,14 @@ class StoreLimits:
     only pays off where a commit's fixed cost is large against the CPU left for the messages
     (a slow disk). Measured both ways in docs/performance-relay-journal.md (fourth session).
 
-    ``checkpoint_commits`` (SQLite): every that many commits a background thread copies the
+    ``dedupe_window_ms``: how long after a message was first stored a retry of it (same
+    sender device, same id) is still answered as a duplicate. While the message is queued its
+    row answers; once every recipient acknowledged it, a de-duplication record that names
+    neither sender nor time (relay.store.dedupe) answers, until the window (rounded up to a
+    tenth of it) has passed. The default covers the SDK's retries (docs/storage.md).
+
+    ``checkpoint_commits`` (SQLite): every that many commits (and at least every 2 s while
+    commits happen, however few: relay.store.sqlite) a background thread copies the
     write-ahead log into the database file, so the writer never pauses for that copy and its
     fsync; the writer then only copies the few pages committed meanwhile, and the log starts
     over (docs/performance-relay-journal.md, fifth session).
@@ -197,7 +207,7 @@ class StoreLimits:
     account_max_bytes: int = 1024 * 1024 * 1024
     message_ttl_ms: int = 30 * 86400 * 1000
     blob_ttl_ms: int = 30 * 86400 * 1000
-    dedupe_window_ms: int = 86400 * 1000
+    dedupe_window_ms: int = 600 * 1000
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
     checkpoint_commits: int = 512
@@ -381,4 +391,5 @@ class RelayStore(Protocol):
         """Return True when the blob's metadata is stored."""
 
     async def sweep(self, now_ms: int) -> SweepReport:
-        """Delete expired messages, tombstones and blob metadata (bounded work per call)."""
+        """Delete expired messages, dedupe records past their window and blob metadata
+        (bounded work per call)."""

@@ -5,7 +5,8 @@
 # * "Durable" means "in this object": data survives close()/open() of the same instance (a
 #   restart in tests) and is lost with the object. For tests and for trying the relay; not for
 #   production (docs/architecture.md).
-# * Only opaque bytes are kept, as in every backend.
+# * Only opaque bytes are kept, as in every backend; a message every recipient acknowledged
+#   leaves only its dedupe record (relay.store.dedupe), as in every backend.
 """In-memory twin of the relay store: ``MemoryRelayStore``."""
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
+from relay.store.dedupe import SWEEP_CHUNK, DedupeRules, new_secret
 from relay.store.rules import check_quota, check_sender_share, resolve_recipients
 
 __all__ = ["MemoryRelayStore"]
@@ -67,7 +69,8 @@ class _Message:
     sender: Address
     stored_ms: int
     n_recipients: int
-    body: bytes | None  # None once every recipient acked: a dedupe tombstone
+    body: bytes
+    dedupe_key: bytes
     holders: set[Address] = field(default_factory=set)
 
 
@@ -82,6 +85,8 @@ class MemoryRelayStore:
         self._limits = limits or StoreLimits()
         self._users: dict[str, dict[int, _Device]] = {}
         self._messages: dict[bytes, _Message] = {}
+        self._rules = DedupeRules(new_secret(), self._limits.dedupe_window_ms)
+        self._delivered: dict[bytes, tuple[int, int]] = {}  # digest -> (expires, recipients)
         self._blobs: dict[str, tuple[int, int]] = {}  # id -> (size, stored_ms)
         self._wrote_to: set[tuple[str, str]] = set()  # (user, peer): user has sent to peer
         # code hash -> [created_ms, expires_ms, used_by, used_ms]
@@ -309,6 +314,10 @@ class MemoryRelayStore:
     def _send(
         self, sender: Address, env: Envelope, now_ms: int
     ) -> tuple[SendReceipt, list[Delivery]]:
+        dkey = self._rules.digest(sender, env.message_id)
+        done = self._delivered.get(dkey)
+        if done is not None:
+            return self._rules.receipt(env.message_id, done[1], done[0]), []
         known = self._messages.get(env.message_id)
         if known is not None:
             if known.sender != sender:
@@ -335,7 +344,7 @@ class MemoryRelayStore:
         for addr, _ in targets:
             if addr.user != user:
                 self._wrote_to.add((user, addr.user))
-        msg = _Message(env.message_id, sender, now_ms, len(targets), env.body)
+        msg = _Message(env.message_id, sender, now_ms, len(targets), env.body, dkey)
         self._messages[env.message_id] = msg
         deliveries = []
         for addr, dev in targets:
@@ -365,18 +374,29 @@ class MemoryRelayStore:
             removed += 1
             msg = self._messages[mid]
             dev.usage[0] -= 1
-            dev.usage[1] -= len(msg.body or b"")
+            dev.usage[1] -= len(msg.body)
             share = dev.by_sender[msg.sender.user]
             share[0] -= 1
-            share[1] -= len(msg.body or b"")
+            share[1] -= len(msg.body)
             if not share[0]:
                 del dev.by_sender[msg.sender.user]
             msg.holders.discard(addr)
             if not msg.holders:
-                self._sent_bytes[msg.sender.user] -= len(msg.body or b"")
-                msg.body = None
+                self._forget(msg)
         self._queued -= removed
         return removed
+
+    def _forget(self, msg: _Message) -> None:
+        """Replace a message no mailbox holds any more by its dedupe record."""
+        user = msg.sender.user
+        left = self._sent_bytes.get(user, 0) - len(msg.body)
+        if left:
+            self._sent_bytes[user] = left
+        else:
+            self._sent_bytes.pop(user, None)
+        del self._messages[msg.message_id]
+        expires = self._rules.expires(msg.stored_ms)
+        self._delivered.setdefault(msg.dedupe_key, (expires, msg.n_recipients))
 
     async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
         """See ``RelayStore.ack``."""
@@ -411,7 +431,7 @@ class MemoryRelayStore:
             if len(out) >= limit:
                 break
             msg = self._messages[mid]
-            body = msg.body or b""
+            body = msg.body
             if out and total + len(body) > max_bytes:
                 break
             total += len(body)
@@ -488,13 +508,12 @@ class MemoryRelayStore:
                 dev = self._device(holder)
                 if dev is not None:
                     self._drop_entries(holder, dev, [msg.message_id])
-            del self._messages[msg.message_id]
-        tomb_cutoff = now_ms - lim.dedupe_window_ms
-        tombs = [
-            mid for mid, m in self._messages.items() if m.body is None and m.stored_ms < tomb_cutoff
-        ][:_SWEEP_CHUNK]
-        for mid in tombs:
-            del self._messages[mid]
+            if msg.message_id in self._messages:  # held by no mailbox (no recipients)
+                self._forget(msg)
+        due = self._rules.current(now_ms)
+        forgotten = [k for k, (exp, _) in self._delivered.items() if exp <= due][:SWEEP_CHUNK]
+        for key in forgotten:
+            del self._delivered[key]
         blob_cutoff = now_ms - lim.blob_ttl_ms
         blobs = [b for b, (_, stored) in self._blobs.items() if stored < blob_cutoff]
         blobs = blobs[:_SWEEP_CHUNK]
@@ -502,4 +521,5 @@ class MemoryRelayStore:
             self._blob_bytes -= self._blobs.pop(blob_id)[0]
             for user, held in self._blob_owners.pop(blob_id, {}).items():
                 self._held_bytes[user] -= held
-        return SweepReport(len(expired), tuple(blobs))
+        more = _SWEEP_CHUNK in (len(expired), len(blobs)) or len(forgotten) == SWEEP_CHUNK
+        return SweepReport(len(expired), tuple(blobs), len(forgotten), more)

@@ -354,6 +354,51 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             verifier bytea NOT NULL);
         """,
     ),
+    (
+        6,
+        """
+        -- A delivered message leaves only a de-duplication record (relay.store.dedupe): a keyed
+        -- digest of (sender, device, message id), the recipient count and a coarse expiry
+        -- bucket. The digest and bucket are computed at send time (the relay knows the key;
+        -- SQL does not) and kept on the message row until the last holder acknowledges.
+        ALTER TABLE messages ADD COLUMN dedupe_key bytea, ADD COLUMN dedupe_exp bigint;
+        -- The body-less rows schemas 4 and 5 kept for the dedupe window named sender and time: gone
+        -- (a retry of one of them is stored again; the recipient's client drops the copy).
+        DELETE FROM messages WHERE holders <= 0;
+        CREATE TABLE dedupe(
+            key bytea PRIMARY KEY,
+            expires bigint NOT NULL,
+            recipients integer NOT NULL);
+        CREATE INDEX dedupe_expires ON dedupe(expires);
+        CREATE TABLE dedupe_secret(
+            id integer PRIMARY KEY CHECK (id = 1),
+            secret bytea NOT NULL);
+        CREATE FUNCTION messages_forget() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.dedupe_key IS NOT NULL THEN
+                INSERT INTO dedupe(key, expires, recipients)
+                VALUES (NEW.dedupe_key, NEW.dedupe_exp, NEW.n_recipients)
+                ON CONFLICT (key) DO NOTHING;
+            END IF;
+            DELETE FROM messages WHERE msg_id = NEW.msg_id;
+            RETURN NULL;
+        END $$;
+        -- The last holder gone (an ack, a removed device, an expiry): the row goes, in the
+        -- transaction that removed the holder, whichever statement did.
+        CREATE TRIGGER messages_forget
+            AFTER UPDATE OF holders ON messages
+            FOR EACH ROW WHEN (NEW.holders <= 0) EXECUTE FUNCTION messages_forget();
+        -- Queue tables churn all the time (every row is inserted, then deleted within
+        -- seconds): vacuum them after 1% dead rows, not the default 20%, so their free space
+        -- is reused at once and they do not bloat (docs/storage.md).
+        ALTER TABLE messages SET (autovacuum_vacuum_scale_factor = 0.01,
+            autovacuum_vacuum_insert_scale_factor = 0.01);
+        ALTER TABLE mailbox SET (autovacuum_vacuum_scale_factor = 0.01,
+            autovacuum_vacuum_insert_scale_factor = 0.01);
+        ALTER TABLE dedupe SET (autovacuum_vacuum_scale_factor = 0.01,
+            autovacuum_vacuum_insert_scale_factor = 0.01);
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -17,11 +17,14 @@
 #   again from the database (up to ``_ATTEMPTS`` times); nothing is applied locally before
 #   COMMIT returned.
 # * Every driver or connection failure surfaces as StorageError (relay.store.pg_common).
+# * A message's row goes in the transaction that removes its last mailbox row (trigger
+#   ``messages_forget``, schema 5); what stays is its dedupe record (relay.store.dedupe).
 """PostgreSQL implementation of ``RelayStore`` (asyncpg), for relays running as several nodes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +58,7 @@ from relay.store.base import (
     StoreStats,
     SweepReport,
 )
+from relay.store.dedupe import SWEEP_CHUNK, DedupeRules, new_secret
 from relay.store.pg_common import (
     DB_ERRORS,
     PgSettings,
@@ -71,6 +75,8 @@ __all__ = ["PostgresRelayStore"]
 log = logging.getLogger("relay.store")
 
 _SWEEP_CHUNK = 5000
+_VACUUM_SECONDS = 60.0
+_VACUUM_TIMEOUT_SECONDS = 300.0
 _ATTEMPTS = 5
 _SEND, _ACK = 1, 2
 # Aborts that say "another transaction got there first", not "this batch is wrong".
@@ -90,10 +96,12 @@ _RETRYABLE = (
 # messages among the batch's message ids (kind 2, for deduplication). For the abuse limits
 # ($3: the batch's senders): each sender's stored bytes (kind 3, account_max_bytes), each
 # sender's share of each locked mailbox (kind 4), and which named users have written to which
-# sender (kind 5, the "answered" relation). Kinds 3 to 5 are read in the statement's snapshot,
-# not re-read after the device locks like kind 0: a batch committed by another node while this
-# one waited for a lock is not counted in them, so across nodes a sender share or an account
-# quota can be overrun by what one concurrent batch added (the mailbox quota stays exact).
+# sender (kind 5, the "answered" relation); and the dedupe records of delivered messages among
+# the batch's (sender, message id) digests ($4; kind 6). Kinds 3 to 5 are read in the
+# statement's snapshot, not re-read after the device locks like kind 0: a batch committed by
+# another node while this one waited for a lock is not counted in them, so across nodes a
+# sender share or an account quota can be overrun by what one concurrent batch added (the
+# mailbox quota stays exact).
 _BATCH_READ = """
 WITH locked AS (
     SELECT u.username, d.device_id, d.pk, d.last_seq, d.msg_count, d.msg_bytes
@@ -119,17 +127,22 @@ GROUP BY m.sender, mb.device_pk
 UNION ALL
 SELECT 5, writer, NULL, NULL, NULL, NULL, NULL, NULL, peer FROM wrote_to
 WHERE writer = ANY($1::text[]) AND peer = ANY($3::text[])
+UNION ALL
+SELECT 6, NULL, NULL, recipients, expires, NULL, NULL, key, NULL FROM dedupe
+WHERE key = ANY($4::bytea[])
 """
-# _BATCH_WRITE: the batch's new messages and mailbox rows, its acks (deleted rows drop their
-# message's body once no mailbox holds it), and each touched device's seq and counters, in one
-# statement. The sends' seqs and counter deltas were computed from the locked rows; the acks'
-# deltas come from the rows actually deleted. Acks see the mailbox as it was before the batch's
-# own sends (one statement, one snapshot), as on SQLite where a batch's acks run last.
+# _BATCH_WRITE: the batch's new messages and mailbox rows, its acks (a message no mailbox
+# holds any more is replaced by its dedupe record: trigger messages_forget), and each touched
+# device's seq and counters, in one statement. The sends' seqs and counter deltas were
+# computed from the locked rows; the acks' deltas come from the rows actually deleted. Acks
+# see the mailbox as it was before the batch's own sends (one statement, one snapshot), as on
+# SQLite where a batch's acks run last.
 _BATCH_WRITE = """
 WITH m AS (
-    INSERT INTO messages(msg_id, sender, sender_device, stored_ms, n_recipients, holders, body)
+    INSERT INTO messages(msg_id, sender, sender_device, stored_ms, n_recipients, holders, body,
+                         dedupe_key, dedupe_exp)
     SELECT * FROM unnest($1::bytea[], $2::text[], $3::int[], $4::bigint[], $5::int[],
-                         $5::int[], $6::bytea[])),
+                         $5::int[], $6::bytea[], $19::bytea[], $20::bigint[])),
 mb AS (
     INSERT INTO mailbox(device_pk, seq, msg_id, size)
     SELECT * FROM unnest($7::bigint[], $8::bigint[], $9::bytea[], $10::int[])),
@@ -138,8 +151,7 @@ del AS (
     WHERE x.device_pk = r.d AND x.msg_id = r.mid
     RETURNING x.device_pk, x.msg_id, x.size),
 gone AS (
-    UPDATE messages g SET holders = g.holders - a.n,
-        body = CASE WHEN g.holders = a.n THEN NULL ELSE g.body END
+    UPDATE messages g SET holders = g.holders - a.n
     FROM (SELECT msg_id, count(*)::int AS n FROM del GROUP BY msg_id) a
     WHERE g.msg_id = a.msg_id),
 sd AS (
@@ -163,14 +175,13 @@ _DEVICE_PK = (
     "SELECT d.pk FROM devices d JOIN users u ON u.pk = d.user_pk "
     "WHERE u.username = $1 AND d.device_id = $2"
 )
-# Mailbox rows leave with their holders' count on the message (body dropped at 0) and their
+# Mailbox rows leave with their holders' count on the message (the row goes at 0) and their
 # device's counters; the device rows must be locked (pk order) by the caller.
 _DROP_MAILBOX_ROWS = """
 WITH del AS (
     DELETE FROM mailbox WHERE {where} RETURNING device_pk, msg_id, size),
 msg AS (
-    UPDATE messages m SET holders = m.holders - g.n,
-        body = CASE WHEN m.holders = g.n THEN NULL ELSE m.body END
+    UPDATE messages m SET holders = m.holders - g.n
     FROM (SELECT msg_id, count(*)::int AS n FROM del GROUP BY msg_id) g
     WHERE m.msg_id = g.msg_id),
 dev AS (
@@ -240,6 +251,8 @@ class PostgresRelayStore:
         self._commits = 0
         self._committed_ops = 0
         self._sweep_key = lock_key(settings.schema, "sweep")
+        self._rules: DedupeRules | None = None
+        self._next_vacuum = 0.0  # event loop time
 
     def __repr__(self) -> str:
         where = redact_dsn(self._settings.dsn)
@@ -273,11 +286,17 @@ class PostgresRelayStore:
                     "SELECT (SELECT count(*) FROM mailbox), "
                     "(SELECT coalesce(sum(size), 0) FROM blobs)"
                 )
+                await pool.execute(
+                    "INSERT INTO dedupe_secret(id, secret) VALUES (1, $1) ON CONFLICT DO NOTHING",
+                    new_secret(),
+                )
+                secret = await pool.fetchval("SELECT secret FROM dedupe_secret WHERE id = 1")
         except BaseException:
             await pool.close()
             raise
         assert row is not None
         self._queued, self._blob_bytes = int(row[0]), int(row[1])
+        self._rules = DedupeRules(bytes(secret), self._limits.dedupe_window_ms)
         self._pool = pool
         log.info("store: postgres %s", redact_dsn(self._settings.dsn))
 
@@ -410,8 +429,16 @@ class PostgresRelayStore:
         account: dict[str, int] = {}  # sender -> stored bytes
         shares: dict[tuple[int, str], list[int]] = {}  # (device pk, sender) -> [rows, bytes]
         wrote: set[tuple[str, str]] = set()  # (writer, peer)
+        rules = self._rules
+        assert rules is not None
+        dkeys = [rules.digest(op.args[0], op.args[1].message_id) for op in sends]
+        delivered: dict[bytes, tuple[int, int]] = {}  # digest -> (expires, recipients)
         rows = await conn.fetch(
-            _BATCH_READ, sorted(_users_of(ops)), [op.args[1].message_id for op in sends], senders
+            _BATCH_READ,
+            sorted(_users_of(ops)),
+            [op.args[1].message_id for op in sends],
+            senders,
+            dkeys,
         )
         for kind, name, dev_id, pk, seq_or_ms, count, size, mid, other in rows:
             if kind == 0:
@@ -426,16 +453,25 @@ class PostgresRelayStore:
                 account[name] = int(seq_or_ms)
             elif kind == 4:
                 shares[(int(pk), name)] = [int(seq_or_ms), int(count)]
+            elif kind == 6:
+                delivered[bytes(mid)] = (int(seq_or_ms), int(pk))
             else:
                 wrote.add((name, other))
         new_wrote: list[tuple[str, str]] = []
         added: dict[int, list[int]] = {}  # device pk -> [rows, bytes] this batch's sends add
-        msgs: list[tuple[bytes, str, int, int, int, bytes | None]] = []
+        msgs: list[tuple[bytes, str, int, int, int, bytes | None, bytes, int]] = []
         rows_mb: list[tuple[int, int, bytes, int]] = []
         in_batch: dict[bytes, tuple[str, int, int, int]] = {}
         lim = self._limits
-        for op in sends:
+        for op, dkey in zip(sends, dkeys, strict=True):
             sender, env, now_ms = op.args
+            done = delivered.get(dkey)
+            if done is not None:  # the sender's own delivered message (checked first: another
+                # sender may since have reused the id)
+                out.results.append(
+                    (op.future, True, rules.receipt(env.message_id, done[1], done[0]))
+                )
+                continue
             try:
                 prior = in_batch.get(env.message_id) or known.get(env.message_id)
                 if prior is not None:
@@ -479,6 +515,8 @@ class PostgresRelayStore:
                     now_ms,
                     len(targets),
                     env.body if targets else None,
+                    dkey,
+                    rules.expires(now_ms),
                 )
             )
             in_batch[env.message_id] = (sender.user, sender.device, len(targets), now_ms)
@@ -538,6 +576,8 @@ class PostgresRelayStore:
                 [k[1] for k in keys],
                 [w[0] for w in new_wrote],
                 [w[1] for w in new_wrote],
+                [m[6] for m in msgs],
+                [m[7] for m in msgs],
             )
             for dev_pk, mid, _size in deleted:
                 counts[owner[(int(dev_pk), bytes(mid))]] += 1
@@ -952,7 +992,8 @@ class PostgresRelayStore:
                     "SELECT sent + blobs FROM account_bytes WHERE username = $1 FOR UPDATE",
                     owner,
                 )
-                if int(used) + held > limit:
+                # No row: the sweeper deleted it (it held 0) after the INSERT above.
+                if int(used or 0) + held > limit:
                     raise AccountQuotaExceeded(limit)
                 await conn.execute(
                     "INSERT INTO blob_owners(blob_id, username, size) VALUES ($1, $2, $3) "
@@ -1022,6 +1063,8 @@ class PostgresRelayStore:
         """See ``RelayStore.sweep``. One node sweeps at a time: a node that finds the sweep
         lock (a transaction-level advisory lock) taken sweeps nothing and reports nothing."""
         lim = self._limits
+        rules = self._rules
+        assert rules is not None
 
         async def tx(conn: asyncpg.Connection) -> tuple[SweepReport, int, int]:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", self._sweep_key):
@@ -1047,12 +1090,18 @@ class PostgresRelayStore:
                     )
                 )
                 await conn.execute("DELETE FROM messages WHERE msg_id = ANY($1::bytea[])", expired)
-            await conn.execute(
-                "DELETE FROM messages WHERE msg_id IN (SELECT msg_id FROM messages "
-                "WHERE stored_ms < $1 AND body IS NULL LIMIT $2)",
-                now_ms - lim.dedupe_window_ms,
-                _SWEEP_CHUNK,
+            forgotten = int(
+                await conn.fetchval(
+                    "WITH d AS (DELETE FROM dedupe WHERE key IN (SELECT key FROM dedupe "
+                    "WHERE expires <= $1 LIMIT $2) RETURNING 1) SELECT count(*) FROM d",
+                    rules.current(now_ms),
+                    SWEEP_CHUNK,
+                )
             )
+            if forgotten < SWEEP_CHUNK:  # the last call of a sweep (it scans the table)
+                # An account whose messages were all delivered and who holds no blob: its row
+                # would only say that it once sent something.
+                await conn.execute("DELETE FROM account_bytes WHERE sent = 0 AND blobs = 0")
             blob_rows = await conn.fetch(
                 "DELETE FROM blobs WHERE id IN (SELECT id FROM blobs WHERE stored_ms < $1 "
                 "LIMIT $2) RETURNING id, size",
@@ -1065,13 +1114,38 @@ class PostgresRelayStore:
                     [str(r[0]) for r in blob_rows],
                 )
             blob_bytes = sum(int(r[1]) for r in blob_rows)
-            report = SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows))
+            more = _SWEEP_CHUNK in (len(expired), len(blob_rows)) or forgotten == SWEEP_CHUNK
+            report = SweepReport(len(expired), tuple(str(r[0]) for r in blob_rows), forgotten, more)
             return report, removed, blob_bytes
 
         report, removed, blob_bytes = await self._transaction("sweep", tx)
         self._queued -= removed
         self._blob_bytes -= blob_bytes
+        if not report.more:
+            await self._vacuum_queue_tables()
         return report  # type: ignore[no-any-return]
+
+    async def _vacuum_queue_tables(self) -> None:
+        """VACUUM the tables whose every row is deleted soon after it is inserted, at most once
+        per ``_VACUUM_SECONDS``, after a sweep's last call.
+
+        Autovacuum does this when it runs (migration 6 makes it act on 1% dead rows), but a
+        server may have it off or behind; then every delivered message left dead row versions
+        and the database grew by about 58 MB a minute at 1,000 msg/s (docs/storage.md). A plain
+        VACUUM blocks no reads or writes; SKIP_LOCKED leaves a table another node (or
+        autovacuum) is vacuuming right now.
+        """
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_vacuum:
+            return
+        self._next_vacuum = loop.time() + _VACUUM_SECONDS
+        pool = self._pool_or_fail()
+        # A failed or slow vacuum is logged (storage_errors) and tried again next time; the
+        # sweep itself has committed.
+        with contextlib.suppress(StorageError), storage_errors("vacuum"):
+            await pool.execute(
+                "VACUUM (SKIP_LOCKED) messages, mailbox, dedupe", timeout=_VACUUM_TIMEOUT_SECONDS
+            )
 
 
 def _users_of(ops: Sequence[_Op]) -> set[str]:

@@ -91,6 +91,146 @@ async def test_migrations_from_an_empty_database_and_again_on_reopen(tmp_path: P
         await newer.open()
 
 
+async def _rows_naming(conn: asyncpg.Connection, schema: str, needle: str) -> dict[str, int]:
+    """Per table of ``schema``: rows whose text form contains ``needle`` (any column)."""
+    tables = [
+        r[0]
+        for r in await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
+        )
+    ]
+    found: dict[str, int] = {}
+    for table in tables:
+        n = await conn.fetchval(
+            f'SELECT count(*) FROM "{schema}"."{table}" t WHERE strpos(t::text, $1) > 0',
+            needle,
+        )
+        if n:
+            found[table] = int(n)
+    return found
+
+
+async def test_delivered_messages_leave_no_row_naming_their_sender(tmp_path: Path) -> None:
+    """After every recipient acked and a sweep ran, no row of any table names the sender but
+    its account row and the (timeless) "has written to" relation of the mailbox shares; no
+    row holds a message id or a body. Queued, the messages did name it."""
+    settings = pg_settings(tmp_path)
+    store = PostgresRelayStore(settings, StoreLimits(dedupe_window_ms=DAY))
+    await store.open()
+    sender, carol = Address("zq-sender-7f3a", 3), Address("carol", 1)
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        for who in (sender, B, carol):
+            await store.create_account(who, b"k" * 32, 0)
+        envs = [env(b"body-%03d" % i, (B, carol)) for i in range(20)]
+        receipts = [await store.submit_send(sender, e, 1000 + i) for i, e in enumerate(envs)]
+        queued = await _rows_naming(conn, settings.schema, sender.user)
+        assert queued.get("messages") == 20 and "account_bytes" in queued
+        await store.ack(B, [e.message_id for e in envs])
+        await store.ack(carol, [e.message_id for e in envs])
+        await store.sweep(2000)
+        assert await _rows_naming(conn, settings.schema, sender.user) == {
+            "users": 1,
+            "wrote_to": 2,
+        }
+        for e in envs:
+            hexid = "\\x" + e.message_id.hex()
+            assert await _rows_naming(conn, settings.schema, hexid) == {}
+        assert await conn.fetchval(f'SELECT count(*) FROM "{settings.schema}".dedupe') == 20
+        retry = await store.submit_send(sender, envs[0], 3000)  # still deduplicated
+        assert retry.recipients == receipts[0].recipients == 2
+        assert await store.mailbox_count(B) == 0
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def test_a_sweep_vacuums_the_queue_tables(tmp_path: Path) -> None:
+    """Every delivered message leaves dead row versions in messages, mailbox and dedupe; the
+    sweep vacuums those tables itself (the test server runs without autovacuum, as some do)."""
+    settings = pg_settings(tmp_path)
+    store = PostgresRelayStore(settings)
+    await store.open()
+    conn = await asyncpg.connect(settings.dsn)
+
+    async def vacuumed() -> set[str]:
+        rows = await conn.fetch(
+            "SELECT relname FROM pg_stat_user_tables WHERE schemaname = $1 "
+            "AND (last_vacuum IS NOT NULL OR last_autovacuum IS NOT NULL)",
+            settings.schema,
+        )
+        return {str(r[0]) for r in rows}
+
+    try:
+        await store.create_account(A, b"a" * 32, 0)
+        await store.create_account(B, b"b" * 32, 0)
+        envs = [env(b"m") for _ in range(20)]
+        for e in envs:
+            await store.submit_send(A, e, 1)
+        await store.ack(B, [e.message_id for e in envs])
+        await store.sweep(2)
+        deadline = asyncio.get_running_loop().time() + 30
+        while not {"messages", "mailbox", "dedupe"} <= await vacuumed():
+            assert asyncio.get_running_loop().time() < deadline, await vacuumed()
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+        await store.close()
+
+
+async def test_schema_4_tombstones_are_dropped_by_the_dedupe_migration(tmp_path: Path) -> None:
+    """A database of schema 4 keeps delivered messages as body-less rows: migration 6 deletes
+    them and keeps queued messages, which are forgotten when acked."""
+    settings = pg_settings(tmp_path)
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{settings.schema}"')
+        await conn.execute(f'SET search_path = "{settings.schema}"')
+        await conn.execute(
+            "CREATE TABLE schema_migrations(version integer PRIMARY KEY, "
+            "applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for version, sql in MIGRATIONS[:4]:
+            await conn.execute(sql)
+            await conn.execute("INSERT INTO schema_migrations(version) VALUES ($1)", version)
+        for i, name in enumerate(("alice", "bob")):
+            await conn.execute("INSERT INTO users(username, created_ms) VALUES ($1, 0)", name)
+            await conn.execute(
+                "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) "
+                "VALUES ($1, 1, $2, 0)",
+                i + 1,
+                b"k" * 32,
+            )
+        tomb, queued = os.urandom(16), os.urandom(16)
+        await conn.execute(
+            "INSERT INTO messages(msg_id, sender, sender_device, stored_ms, n_recipients, "
+            "holders, body) VALUES ($1, 'alice', 1, 5, 1, 0, NULL), "
+            "($2, 'alice', 1, 6, 1, 1, 'queued')",
+            tomb,
+            queued,
+        )
+        await conn.execute(
+            "INSERT INTO mailbox(device_pk, seq, msg_id, size) VALUES (2, 1, $1, 6)", queued
+        )
+        await conn.execute(
+            "UPDATE devices SET last_seq = 1, msg_count = 1, msg_bytes = 6 WHERE pk = 2"
+        )
+        store = PostgresRelayStore(settings)
+        await store.open()
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM messages") == 1
+            assert [m.body for m in await store.fetch_mailbox(B, 0, 10, 10**6)] == [b"queued"]
+            assert await store.ack(B, [queued]) == 1
+            assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+            # The tombstone is gone: the id is free again (the recipient's client drops a copy).
+            again = await store.submit_send(A, Envelope(tomb, (B,), b"again"), 9)
+            assert again.stored_at == 9
+        finally:
+            await store.close()
+    finally:
+        await conn.close()
+
+
 async def test_nodes_starting_together_apply_each_migration_once(tmp_path: Path) -> None:
     stores = [PostgresRelayStore(pg_settings(tmp_path)) for _ in range(3)]
     await asyncio.gather(*(s.open() for s in stores))

@@ -4,9 +4,11 @@ Random batches of sends (reused message ids, several senders, group recipients) 
 split between the two nodes and submitted at once, so the nodes' transactions race: unique-key
 races on one message id, device-row locks on shared mailboxes, deadlocks between acks of one
 group message. After every step each mailbox must hold exactly the messages the model says were
-accepted, once each, in increasing seq; every accepted id has one owner (another sender's reuse
-is refused with ``message_id_conflict``, the owner's resend answers the first receipt); each
-node keeps its own submission order per mailbox; both nodes read the same mailbox.
+accepted, once each, in increasing seq; every queued id has one owner (another sender's reuse
+is refused with ``message_id_conflict``, the owner's resend answers the first receipt); once
+every recipient acked it, the id is remembered for its sender only (its resend answers the same
+id and recipient count, another sender's reuse is a new message); each node keeps its own
+submission order per mailbox; both nodes read the same mailbox.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class TwoNodes(RuleBasedStateMachine):
                 self.run(first.add_device(addr, b"k" * 32, 0))
         self.owner: dict[bytes, Address] = {}
         self.receipt: dict[bytes, SendReceipt] = {}
+        self.delivered: dict[bytes, dict[Address, SendReceipt]] = {}  # id -> {sender: receipt}
         self.mailbox: dict[Address, set[bytes]] = {a: set() for a in DEVICES}
         self.clock = 1
 
@@ -93,6 +96,12 @@ class TwoNodes(RuleBasedStateMachine):
         results = self.run(go())
         won: dict[bytes, Address] = {}
         for (_, sender, env), result in zip(envs, results, strict=True):
+            done = self.delivered.get(env.message_id, {}).get(sender)
+            if done is not None:  # answered from the dedupe record, stored nowhere
+                assert isinstance(result, SendReceipt), result
+                assert (result.message_id, result.recipients) == (done[0], done[1])
+                assert result.stored_at <= done.stored_at
+                continue
             if isinstance(result, SendReceipt):
                 known = self.owner.get(env.message_id) or won.get(env.message_id)
                 assert known in (None, sender), "two owners for one id"
@@ -156,6 +165,10 @@ class TwoNodes(RuleBasedStateMachine):
         for dev, gone in expected.items():
             self.mailbox[dev] -= gone
         assert sum(removed) == sum(len(g) for g in expected.values())
+        held = set().union(*self.mailbox.values())
+        for mid in [m for m in self.owner if m not in held]:  # every recipient acked
+            owner = self.owner.pop(mid)
+            self.delivered.setdefault(mid, {})[owner] = self.receipt.pop(mid)
 
     @rule()
     def restart_both(self) -> None:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -75,15 +75,57 @@ async def test_unacked_messages_expire_after_ttl(store: RelayStore) -> None:
     assert store.stats().queued == 0
 
 
-async def test_tombstone_dedupes_until_window_then_goes(store: RelayStore) -> None:
+async def test_a_delivered_message_dedupes_until_its_window_then_goes(store: RelayStore) -> None:
+    """After every recipient acked, a retry inside the window is answered as a duplicate
+    (same id and recipient count; ``stored_at`` only to within a bucket, the exact time is
+    forgotten) and stored once; after the window (rounded up to a bucket) the record is gone
+    and the same id is stored anew."""
+    bucket = DAY // 10
+    stored = 3 * bucket + 1234  # not on a bucket boundary
     e = env()
-    first = await store.submit_send(A, e, 0)
+    first = await store.submit_send(A, e, stored)
+    assert await store.submit_send(A, e, stored + 5) == first  # queued: the exact receipt
     assert await store.ack(B, [e.message_id]) == 1
-    assert await store.submit_send(A, e, 10) == first  # still deduplicated
+    again = await store.submit_send(A, e, stored + 10)
+    assert (again.message_id, again.recipients) == (first.message_id, first.recipients)
+    assert stored - bucket < again.stored_at <= stored  # coarse
+    assert await store.mailbox_count(B) == 0 and store.stats().queued == 0
+    assert (await store.sweep(stored + DAY)).dedupe == 0  # window not over for its bucket
+    assert (await store.submit_send(A, e, stored + DAY)).stored_at == again.stored_at
     assert await store.mailbox_count(B) == 0
-    await store.sweep(DAY + 1)
-    again = await store.submit_send(A, e, DAY + 2)  # window over: stored anew
-    assert again.stored_at == DAY + 2 and await store.mailbox_count(B) == 1
+    assert (await store.sweep(stored + DAY + bucket)).dedupe == 1
+    late = await store.submit_send(A, e, stored + DAY + bucket + 1)  # window over: stored anew
+    assert late.stored_at == stored + DAY + bucket + 1 and await store.mailbox_count(B) == 1
+
+
+async def test_a_delivered_id_is_remembered_for_its_sender_only(store: RelayStore) -> None:
+    """The record names no sender, so another sender's reuse of a delivered id is a new
+    message; the first sender's retries still find their own record."""
+    carol = Address("carol", 1)
+    await store.create_account(carol, b"c" * 32, 0)
+    e = env()
+    first = await store.submit_send(A, e, 7)
+    with pytest.raises(Conflict):  # queued: the id is taken
+        await store.submit_send(carol, Envelope(e.message_id, (B,), b"squat"), 8)
+    await store.ack(B, [e.message_id])
+    reuse = await store.submit_send(carol, Envelope(e.message_id, (B,), b"carol's"), 9)
+    assert reuse.stored_at == 9
+    retry = await store.submit_send(A, e, 10)
+    assert (retry.message_id, retry.recipients) == (first.message_id, first.recipients)
+    box = await store.fetch_mailbox(B, 0, 10, 10**6)
+    assert [(m.sender, m.body) for m in box] == [(carol, b"carol's")]
+
+
+async def test_an_account_that_sent_leaves_no_row_once_delivered_and_swept(
+    store: RelayStore,
+) -> None:
+    await store.submit_send(A, env(b"12345"), 1)
+    assert await store.account_usage("alice") == 5
+    await store.ack(B, [m.message_id for m in await store.fetch_mailbox(B, 0, 10, 10**6)])
+    await store.sweep(2)
+    assert await store.account_usage("alice") == 0
+    await store.submit_send(A, env(b"abc"), 3)  # and it counts again from zero
+    assert await store.account_usage("alice") == 3
 
 
 async def test_quota_counts_and_bytes(store: RelayStore) -> None:
@@ -257,43 +299,194 @@ async def test_two_sqlite_writers_on_one_file_stay_consistent(tmp_path: Path) ->
         await two.close()
 
 
-async def test_sqlite_drops_a_body_once_every_recipient_acked_or_left(tmp_path: Path) -> None:
-    """Ciphertext stays on disk only while a mailbox still holds it: after the last ack, or
-    after the last recipient device is removed, only the dedupe tombstone (no body) remains;
-    a database created before the trigger existed gets it when opened."""
+def _occurrences(directory: Path, needle: bytes) -> int:
+    """How often ``needle`` occurs in the database file and its log (if any)."""
+    return sum(
+        p.read_bytes().count(needle) for p in directory.iterdir() if p.name.startswith("db.")
+    )
+
+
+async def _wait_for(what: str, check: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_sqlite_file_keeps_no_trace_of_a_delivered_message(tmp_path: Path) -> None:
+    """Once every recipient acked and a sweep ran, the bytes of the database file (free pages
+    included) and of its log hold the sender's username only as often as its account does,
+    and neither the message ids nor the bodies; while the messages were queued they did (the
+    check can see them)."""
+    path = tmp_path / "db.sqlite3"
+    sender, carol = Address("zq-sender-7f3a", 3), Address("carol", 1)
+    name = sender.user.encode()
+    lim = StoreLimits(dedupe_window_ms=DAY)
+    store = SqliteRelayStore(path, lim)
+    await store.open()
+    for who in (sender, B, carol):
+        await store.create_account(who, b"k" * 32, 0)
+    await store.close()
+    account_only = _occurrences(tmp_path, name)
+    assert account_only > 0  # the account itself (users table and its index)
+
+    store = SqliteRelayStore(path, lim)
+    await store.open()
+    envs = [Envelope(os.urandom(16), (B, carol), b"body-%03d-" % i * 40) for i in range(40)]
+    try:
+        for i, e in enumerate(envs):
+            await store.submit_send(sender, e, 1000 + i)
+        await store.ack(B, [e.message_id for e in envs])
+        await store.ack(carol, [e.message_id for e in envs[:-1]])
+    finally:
+        await store.close()
+    assert _occurrences(tmp_path, name) > account_only  # the queued message names it
+    assert _occurrences(tmp_path, envs[-1].message_id) > 0
+
+    store = SqliteRelayStore(path, lim)
+    await store.open()
+    try:
+        await store.ack(carol, [envs[-1].message_id])
+        await store.sweep(2000)
+        # A running relay: the writer empties the log after the sweep while idle.
+        wal = tmp_path / "db.sqlite3-wal"
+        await _wait_for("the log emptied", lambda: not wal.exists() or wal.stat().st_size == 0)
+        assert _occurrences(tmp_path, name) == account_only
+        for e in envs:
+            assert _occurrences(tmp_path, e.message_id) == 0
+            assert _occurrences(tmp_path, e.body[:12]) == 0
+        retry = await store.submit_send(sender, envs[0], 3000)  # still deduplicated
+        assert retry.recipients == 2 and await store.mailbox_count(B) == 0
+    finally:
+        await store.close()
+    assert _occurrences(tmp_path, name) == account_only
+
+
+async def test_sqlite_forgets_a_message_once_every_recipient_acked_or_left(tmp_path: Path) -> None:
+    """Ciphertext, sender and time stay on disk only while a mailbox still holds the message:
+    after the last ack, or after the last recipient device is removed, only the dedupe record
+    remains."""
     path = tmp_path / "db.sqlite3"
     carol = Address("carol", 1)
     store = SqliteRelayStore(path, LIMITS)
     await store.open()
-    await store.create_account(A, b"a" * 32, 0)
-    await store.create_account(B, b"b" * 32, 0)
-    await store.create_account(carol, b"c" * 32, 0)
-    await store.close()
-    with sqlite3.connect(path) as conn:  # as an older relay would have left it
-        conn.execute("DROP TRIGGER mailbox_drop_body")
-    conn.close()
 
-    def bodies() -> dict[bytes, bytes | None]:
+    def rows() -> dict[bytes, tuple[str, bytes]]:
         with contextlib.closing(sqlite3.connect(path)) as c:
-            return {bytes(m): b for m, b in c.execute("SELECT msg_id, body FROM messages")}
+            return {
+                bytes(m): (s, b)
+                for m, s, b in c.execute("SELECT msg_id, sender, body FROM messages")
+            }
 
-    store = SqliteRelayStore(path, LIMITS)
-    await store.open()
+    def records() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            return int(c.execute("SELECT count(*) FROM dedupe").fetchone()[0])
+
     try:
+        for who in (A, B, carol):
+            await store.create_account(who, b"k" * 32, 0)
         both = Envelope(os.urandom(16), (B, carol), b"to bob and carol")
         to_carol = Envelope(os.urandom(16), (carol,), b"to carol")
         await store.submit_send(A, both, 1)
         await store.submit_send(A, to_carol, 2)
         assert await store.ack(B, [both.message_id]) == 1
-        assert bodies()[both.message_id] == b"to bob and carol"  # carol has not acked yet
+        assert rows()[both.message_id] == ("alice", b"to bob and carol")  # carol has not acked
         assert await store.ack(carol, [both.message_id]) == 1
-        assert bodies()[both.message_id] is None
-        assert (await store.submit_send(A, both, 3)).stored_at == 1  # the tombstone dedupes
-        assert bodies()[to_carol.message_id] == b"to carol"
+        assert both.message_id not in rows() and records() == 1
+        assert (await store.submit_send(A, both, 3)).recipients == 2  # the record dedupes
+        assert to_carol.message_id in rows()
         await store.remove_device(carol)
-        assert bodies() == {both.message_id: None, to_carol.message_id: None}
+        assert rows() == {} and records() == 2
     finally:
         await store.close()
+
+
+async def test_sqlite_schema_1_database_migrates(tmp_path: Path) -> None:
+    """A database of schema 1 (body-less rows kept as dedupe tombstones, no auto-vacuum) is
+    migrated at open: tombstones deleted, queued messages kept (and forgotten when acked),
+    incremental auto-vacuum switched on."""
+    path = tmp_path / "db.sqlite3"
+    store = SqliteRelayStore(path, LIMITS)
+    await store.open()
+    await store.create_account(A, b"a" * 32, 0)
+    await store.create_account(B, b"b" * 32, 0)
+    queued, delivered = env(b"queued"), env(b"delivered")
+    await store.submit_send(A, queued, 1)
+    await store.close()
+    with contextlib.closing(
+        sqlite3.connect(path, isolation_level=None)
+    ) as c:  # as schema 1 left it
+        c.execute("DROP TRIGGER mailbox_forget")
+        c.execute("DROP TABLE dedupe")
+        c.execute("DROP TABLE dedupe_secret")
+        c.execute("ALTER TABLE messages DROP COLUMN dkey")
+        c.execute("ALTER TABLE messages DROP COLUMN dexp")
+        c.execute(
+            "CREATE TRIGGER mailbox_drop_body AFTER DELETE ON mailbox BEGIN "
+            "UPDATE messages SET body=NULL WHERE pk=OLD.msg_pk AND body IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM mailbox WHERE msg_pk=OLD.msg_pk); END"
+        )
+        c.execute(
+            "INSERT INTO messages(msg_id, sender, sender_device, stored_ms, n_recipients, body) "
+            "VALUES (?, 'alice', 1, 2, 1, NULL)",
+            (delivered.message_id,),
+        )
+        c.execute("UPDATE meta SET v=1 WHERE k='schema_version'")
+        c.execute("PRAGMA journal_mode=DELETE")
+        c.execute("PRAGMA auto_vacuum=NONE")
+        c.execute("VACUUM")
+        assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    store = SqliteRelayStore(path, LIMITS)
+    await store.open()
+    try:
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+            assert c.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0] == 2
+            assert c.execute("SELECT count(*) FROM messages WHERE body IS NULL").fetchone()[0] == 0
+        assert [m.body for m in await store.fetch_mailbox(B, 0, 10, 10**6)] == [b"queued"]
+        assert await store.ack(B, [queued.message_id]) == 1
+        with contextlib.closing(sqlite3.connect(path)) as c:
+            assert c.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+        # The tombstone is gone: the id is free again (the recipient's client drops a copy).
+        assert (await store.submit_send(A, delivered, 5)).stored_at == 5
+    finally:
+        await store.close()
+
+
+async def test_sqlite_sweep_gives_free_pages_back(tmp_path: Path) -> None:
+    """A drained backlog leaves most pages free: the sweeper returns them to the file system,
+    a bounded number per sweep, until at most an eighth of the file is free."""
+    path = tmp_path / "db.sqlite3"
+    many = 100_000
+    lim = StoreLimits(
+        mailbox_max_messages=many, sender_max_messages=many, stranger_max_messages=many
+    )
+    store = SqliteRelayStore(path, lim)
+    await store.open()
+    try:
+        await store.create_account(A, b"a" * 32, 0)
+        await store.create_account(B, b"b" * 32, 0)
+        envs = [env(os.urandom(2000)) for _ in range(3000)]
+        await asyncio.gather(*(store.submit_send(A, e, 1) for e in envs))
+        await store.ack(B, [e.message_id for e in envs])
+
+        def pages() -> tuple[int, int]:
+            with contextlib.closing(sqlite3.connect(path)) as c:
+                free, total = c.execute(
+                    "SELECT freelist_count, page_count FROM pragma_freelist_count, "
+                    "pragma_page_count"
+                ).fetchone()
+            return int(free), int(total)
+
+        free, before = pages()
+        assert free * 2 > before  # the drained backlog left most of the file free
+        for _ in range(10):
+            await store.sweep(3)
+        free, total = pages()
+        assert free <= max(2048, total // 8) and total < before
+    finally:
+        await store.close()
+    assert path.stat().st_size == total * 4096  # the file itself shrank (checkpointed at close)
 
 
 SHARE_LIMITS = StoreLimits(

@@ -3,7 +3,9 @@ against a plain model.
 
 Random batches of concurrent sends (with reused message ids, from several senders), acks,
 reads and restarts; after every step each mailbox must hold exactly the model's messages, in
-order, once each. Sends submitted together usually share one group-commit batch, which is
+order, once each. A message every recipient acked is remembered for its sender only (its
+dedupe record names nobody): that sender's retry is a duplicate, another sender's reuse of the
+id a new message. Sends submitted together usually share one group-commit batch, which is
 where deduplication and the deferred multi-row inserts could go wrong.
 """
 
@@ -22,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from store_backends import BACKENDS, Backend
 
 from relay.errors import Conflict, RelayError
-from relay.store.base import Address, Envelope
+from relay.store.base import Address, Envelope, SendReceipt
 
 USERS = {"alice": [1], "bob": [1, 2], "carol": [1]}
 DEVICES = [Address(u, d) for u, ds in USERS.items() for d in ds]
@@ -42,8 +44,10 @@ class StoreMachine(RuleBasedStateMachine):
                 self.run(self.store.create_account(addr, b"k" * 32, 0))
             else:
                 self.run(self.store.add_device(addr, b"k" * 32, 0))
-        self.owner: dict[bytes, Address] = {}  # message id -> sender
-        self.receipts: dict[bytes, object] = {}
+        self.owner: dict[bytes, Address] = {}  # message id -> sender, while queued
+        self.receipts: dict[bytes, SendReceipt] = {}
+        # message id -> {sender: receipt} of its delivered messages (dedupe records)
+        self.delivered: dict[bytes, dict[Address, SendReceipt]] = {}
         self.mailbox: dict[Address, list[tuple[bytes, bytes]]] = {a: [] for a in DEVICES}
         self.clock = 1
 
@@ -83,8 +87,13 @@ class StoreMachine(RuleBasedStateMachine):
         results = self.run(go())
         for (sender, env), result in zip(envs, results, strict=True):
             owner = self.owner.get(env.message_id)
-            if owner is None:
-                assert not isinstance(result, BaseException), result
+            done = self.delivered.get(env.message_id, {}).get(sender)
+            if done is not None:  # deduplicated by the record: same id and recipient count
+                assert isinstance(result, SendReceipt), result
+                assert (result.message_id, result.recipients) == (done[0], done[1])
+                assert result.stored_at <= done.stored_at
+            elif owner is None:
+                assert isinstance(result, SendReceipt), result
                 self.owner[env.message_id] = sender
                 self.receipts[env.message_id] = result
                 for r in env.recipients:
@@ -110,6 +119,9 @@ class StoreMachine(RuleBasedStateMachine):
             before = len(self.mailbox[dev])
             self.mailbox[dev] = [(m, b) for m, b in self.mailbox[dev] if m not in picks]
             assert n == before - len(self.mailbox[dev])
+        held = {m for box in self.mailbox.values() for m, _ in box}
+        for mid in [m for m in self.owner if m not in held]:  # every recipient acked
+            self.delivered.setdefault(mid, {})[self.owner.pop(mid)] = self.receipts.pop(mid)
 
     @rule()
     def restart(self) -> None:
