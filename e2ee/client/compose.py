@@ -4,7 +4,8 @@ Invariants:
 
 * The rules live in :mod:`e2ee.messaging.compose`; this module only reads
   (``ctx.view()``), calls them and commits their outcome, under the write
-  lock, in one transaction each.
+  lock, in one transaction each; several composes queued together share one
+  (:func:`compose_many`, a group commit like the inbox's).
 * An outgoing payload is committed to the ``outbox`` (with its history row)
   before anything is sent.
 """
@@ -13,65 +14,72 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 from e2ee import payload
 from e2ee.client.context import ClientContext
 from e2ee.client.datadir import META_READ_RECEIPTS
+from e2ee.errors import E2EEError, StorageError
 from e2ee.events import Event, MessageChanged
 from e2ee.messaging.chats import stored
 from e2ee.messaging.compose import Draft, receipt_entry
 from e2ee.messaging.compose import compose as compose_rule
 from e2ee.messaging.outcome import Outcome
-from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, StoredMessage
-from e2ee.payload import AttachmentPointer, GroupControl, PayloadType, Quote
+from e2ee.messaging.rows import AttachmentRow, MessageRow, StoredMessage, as_row
+from e2ee.payload import PayloadType
+from e2ee.store import Changes
 
-__all__ = ["compose", "expire_sync", "mark_read_sync"]
+__all__ = ["compose_many", "expire_sync", "make_draft", "mark_read_sync"]
 
 
-def compose(
-    ctx: ClientContext,
-    to: str,
-    kind: PayloadType,
-    *,
-    text: str = "",
-    quote: Quote | None = None,
-    target_ids: tuple[bytes, ...] = (),
-    reaction: str = "",
-    attachment: AttachmentPointer | None = None,
-    group: GroupControl | None = None,
-    group_targets: Sequence[str] | None = None,
-    timer_seconds: int = 0,
-    typing: bool = False,
-    store_row: bool = True,
-    extra_rows: Sequence[AppRow] = (),
-) -> tuple[str, StoredMessage | None]:
-    """Commit a payload to the outbox (and its history row); return its id and row.
+def make_draft(to: str, kind: PayloadType, **kw: Any) -> Draft:
+    """A :class:`~e2ee.messaging.compose.Draft` from keyword arguments (its fields)."""
+    return Draft(to, kind, **{**kw, "extra_rows": tuple(kw.get("extra_rows", ()))})
 
-    Raises:
-        NotAMember: ``to`` is a group we are not in.
-        UsageError: sending to ourselves.
-        StorageError: nothing was committed.
+
+def compose_many(
+    ctx: ClientContext, drafts: Sequence[Draft]
+) -> list[tuple[str, StoredMessage | None] | E2EEError]:
+    """Commit several payloads to the outbox in one store transaction (a group commit).
+
+    The drafts are composed in their order, each reading what the earlier ones
+    wrote (the same transaction), so outbox order and per-chat counters are as
+    if each had been committed alone. The chat and counter rows every draft
+    moves are written once, at the end (``ctx.pending``, as a receive batch
+    does). A draft the rules refuse (``UsageError``, ``NotAMember``) gets its
+    error and commits nothing; the others go on. Nothing is durable before the
+    one ``COMMIT`` at the end; if it (or any write) fails, nothing of the batch
+    stands and every draft gets the ``StorageError``.
+
+    Returns:
+        Per draft, in order: its id (hex) and history row (None: no ``messages``
+        row), or its error (``NotAMember``: a group we are not in;
+        ``UsageError``: sending to ourselves; ``StorageError``: nothing was
+        committed).
     """
-    draft = Draft(
-        to,
-        kind,
-        text=text,
-        quote=quote,
-        target_ids=target_ids,
-        reaction=reaction,
-        attachment=attachment,
-        group=group,
-        group_targets=group_targets,
-        timer_seconds=timer_seconds,
-        typing=typing,
-        store_row=store_row,
-        extra_rows=tuple(extra_rows),
-    )
+    results: list[tuple[str, StoredMessage | None] | E2EEError] = []
     with ctx.wlock:
-        new_id = ctx.random_bytes(payload.MESSAGE_ID_BYTES)
-        composed = compose_rule(ctx.view(), ctx.me, draft, ctx.now_ms(), new_id)
-        ctx.commit_outcome(composed.outcome)
-        return composed.message_id, composed.stored
+        ctx.pending = {}
+        try:
+            with ctx.store.batch():
+                for draft in drafts:
+                    new_id = ctx.random_bytes(payload.MESSAGE_ID_BYTES)
+                    try:
+                        composed = compose_rule(ctx.view(), ctx.me, draft, ctx.now_ms(), new_id)
+                    except StorageError:
+                        raise
+                    except E2EEError as exc:  # the rules refused it: nothing to commit
+                        results.append(exc)
+                        continue
+                    ctx.commit_outcome(composed.outcome)
+                    results.append((composed.message_id, composed.stored))
+                if ctx.pending:
+                    ctx.store.commit(Changes(app_rows=tuple(map(as_row, ctx.pending.values()))))
+        except StorageError as exc:
+            return [exc] * len(drafts)
+        finally:
+            ctx.pending = None
+    return results
 
 
 def mark_read_sync(ctx: ClientContext, chat_id: str) -> int:

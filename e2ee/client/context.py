@@ -53,6 +53,9 @@ class ClientOptions:
         expiry_interval: seconds between disappearing-message sweeps.
         reset_interval_ms: at most one session reset per peer device in this time.
         ack_delay: seconds acks may wait to be batched.
+        send_batch: at most this many sends share one store transaction: composes
+            queued together, queued entries encrypted ahead together, and entries
+            marked sent together (1: one each).
     """
 
     backoff_base: float = 0.5
@@ -61,10 +64,13 @@ class ClientOptions:
     expiry_interval: float = 1.0
     reset_interval_ms: int = 60_000
     ack_delay: float = 0.02
+    send_batch: int = 100
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_base <= self.backoff_max:
             raise UsageError("ClientOptions needs 0 < backoff_base <= backoff_max")
+        if self.send_batch < 1:
+            raise UsageError("ClientOptions needs send_batch >= 1")
 
 
 class ClientContext:

@@ -6,6 +6,11 @@ Invariants:
   history row) before this module sees it; entries are sent in composition
   order, one at a time, under the same message id on every retry, so the relay
   stores each once.
+* An entry's "sent" state is committed only after the relay accepted it,
+  several entries per transaction (:meth:`Outbox._mark_sent`); a caller
+  waiting for "sent" is told after that commit. A crash (or failed commit) in
+  between sends those entries again under the same ids, which the relay stores
+  once.
 * Sending to a device whose identity key changed is held until the user
   accepts the key; nothing is encrypted to an unaccepted key. A held entry
   stays queued, and so do the later entries of its chat (order is kept).
@@ -23,11 +28,11 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from e2ee import envelope, payload
-from e2ee.client.compose import compose
+from e2ee.client.compose import compose_many, make_draft
 from e2ee.client.context import ClientContext
 from e2ee.client_errors import (
     ClientClosed,
@@ -47,11 +52,13 @@ from e2ee.errors import (
 )
 from e2ee.events import AttachmentMeta, Event, IdentityChanged, MessageStored, ReceiptUpdated
 from e2ee.messaging import keys
+from e2ee.messaging.compose import Draft
 from e2ee.messaging.rows import (
     AppRow,
     MessageRow,
     OutboxRow,
     ReceiptRow,
+    StoredMessage,
     from_columns,
     status_at_least,
 )
@@ -91,6 +98,15 @@ class Outbox:
         self._flush_started = 0
         self._flush_done = 0
         self._flush_cond = asyncio.Condition()
+        # Composes waiting for the writer; it takes whatever queued while it was busy.
+        self._drafts: list[tuple[Draft, asyncio.Future[tuple[str, StoredMessage | None]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        # Entries the relay accepted whose "sent" state is not committed yet, and
+        # the task committing them (several per transaction).
+        self._accepted: list[tuple[OutboxRow, list[tuple[str, int]]]] = []
+        self._marker: asyncio.Task[None] | None = None
+        # Ciphertexts of queued entries encrypted ahead, by entry id (see _prepare).
+        self._prepared: dict[str, list[envelope.Entry]] = {}
 
     def __repr__(self) -> str:
         return f"Outbox({self._ctx.me})"
@@ -119,7 +135,7 @@ class Outbox:
         Raises:
             E2EEError: what composing or (with ``wait``) sending raised.
         """
-        mid, stored = await asyncio.to_thread(compose, self._ctx, to, kind, **kw)
+        mid, stored = await self._compose(make_draft(to, kind, **kw))
         if stored is not None:
             pointer, quote = kw.get("attachment"), kw.get("quote")
             meta = None
@@ -140,6 +156,44 @@ class Outbox:
             finally:
                 self._sent_waiters.pop(mid, None)
         return mid
+
+    async def _compose(self, draft: Draft) -> tuple[str, StoredMessage | None]:
+        """Commit a draft together with the others queued meanwhile (a group commit).
+
+        One writer task runs at a time: it takes what is queued (up to
+        ``send_batch``, in arrival order) into one transaction, and each caller
+        learns its id only after that transaction committed. No caller waits for
+        a timer: a lone send is written at once, and the ones arriving while the
+        writer is busy share its next transaction.
+        """
+        future: asyncio.Future[tuple[str, StoredMessage | None]]
+        future = asyncio.get_running_loop().create_future()
+        self._drafts.append((draft, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_drafts())
+        return await future
+
+    async def _write_drafts(self) -> None:
+        try:
+            while self._drafts:
+                size = self._ctx.options.send_batch
+                batch, self._drafts = self._drafts[:size], self._drafts[size:]
+                results: Sequence[tuple[str, StoredMessage | None] | Exception]
+                try:
+                    results = await asyncio.to_thread(
+                        compose_many, self._ctx, [draft for draft, _ in batch]
+                    )
+                except Exception as exc:  # noqa: BLE001 -- a bug: every caller must hear of it
+                    results = [exc] * len(batch)
+                for (_, future), result in zip(batch, results, strict=True):
+                    if future.done():  # the caller was cancelled (its row may stand)
+                        continue
+                    if isinstance(result, Exception):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._writer = None
 
     async def flush(self, timeout: float | None = None) -> int:
         """Wait until every outbox entry that can be sent now was sent.
@@ -192,11 +246,25 @@ class Outbox:
                     self._flush_cond.notify_all()
 
     async def _flush_outbox(self) -> None:
+        try:
+            await self._send_pending()
+        finally:
+            # Every accepted entry is marked sent before the pass ends (the next
+            # pass reads the outbox again and must not see them queued).
+            marker, self._marker = self._marker, None
+            self._prepared.clear()  # never sent: re-encrypted next time
+            try:
+                if marker is not None:
+                    await marker
+            finally:
+                self._accepted.clear()  # only after a failed commit: still queued
+
+    async def _send_pending(self) -> None:
         pending = await asyncio.to_thread(self._ctx.history.pending_outbox)
         entries = [from_columns(OutboxRow, found) for found in pending]
         blocked_chats: dict[str, str] = {}  # chat id -> the held user
         receipts: dict[tuple[str, str], list[OutboxRow]] = {}
-        for entry in entries:
+        for index, entry in enumerate(entries):
             if self._ctx.closing or not self._ctx.connected.is_set():
                 return
             if entry.mode == "receipt":
@@ -206,12 +274,12 @@ class Outbox:
                 held = blocked_chats[entry.chat_id]
                 self.fail_waiter(entry.id, IdentityHeld(held, entry.id))
                 continue
-            if (
-                entry.kind == "typing"
-                and self._ctx.now_ms() - (entry.created_at or 0) > _TYPING_TTL_MS
-            ):
+            if self._stale(entry):
                 await self._finish_entry(entry, "dropped")  # stale after an outage
                 continue
+            if entry.mode not in ("group", "receipt") and entry.id not in self._prepared:
+                run = self._pairwise_run(entries[index:], blocked_chats)
+                self._prepared = await asyncio.to_thread(self._prepare, run)
             try:
                 await self._send_entry(entry)
             except IdentityHeld as exc:
@@ -239,6 +307,58 @@ class Outbox:
                 except (IdentityHeld, UnknownRecipient, SendFailed):
                     break
         await self._flush_delivered()
+
+    def _pairwise_run(
+        self, entries: Sequence[OutboxRow], blocked_chats: Mapping[str, str]
+    ) -> list[OutboxRow]:
+        """The pairwise entries at the head of ``entries`` (at most ``send_batch``)."""
+        run: list[OutboxRow] = []
+        for entry in entries[: self._ctx.options.send_batch]:
+            if entry.mode in ("group", "receipt") or entry.chat_id in blocked_chats:
+                break
+            if not self._stale(entry):
+                run.append(entry)
+        return run
+
+    def _stale(self, entry: OutboxRow) -> bool:
+        """A typing indicator too old to send (after an outage): dropped, not sent late."""
+        age = self._ctx.now_ms() - (entry.created_at or 0)
+        return entry.kind == "typing" and age > _TYPING_TTL_MS
+
+    def _prepare(self, entries: Sequence[OutboxRow]) -> dict[str, list[envelope.Entry]]:
+        """Encrypt queued pairwise entries ahead, in one store transaction (blocking).
+
+        One transaction (one fsync) advances the sending chains for all of them,
+        instead of one per message; every ciphertext's session state is
+        committed before it is sent. The run stops at the first entry that
+        needs the slow path (a recipient without a session, a held one); if
+        encrypting fails (an untrusted key, the disk), nothing is kept and each
+        entry takes the one-by-one path. A prepared ciphertext that is not sent
+        (the pass stopped, or a device list changed) is dropped and the entry
+        encrypted again: the peer skips that message key.
+
+        Returns:
+            entry id -> its ciphertexts, for a prefix of ``entries``.
+        """
+        ctx = self._ctx
+        prepared: dict[str, list[envelope.Entry]] = {}
+        with ctx.wlock:
+            try:
+                with ctx.store.batch():
+                    for entry in entries:
+                        users: list[str] = json.loads(entry.targets)
+                        devices = {u: ctx.engine.session_devices(u) for u in users}
+                        if any(u in ctx.held or not d for u, d in devices.items()):
+                            break
+                        sealed: list[envelope.Entry] = []
+                        for user in users:
+                            for device in devices[user]:
+                                ct = ctx.engine.encrypt(Address(user, device), entry.payload or b"")
+                                sealed.append(envelope.Entry(user, device, ct.kind, ct.body))
+                        prepared[entry.id] = sealed
+            except E2EEError:
+                return {}  # rolled back: the one-by-one path meets (and handles) it
+        return prepared
 
     async def _flush_delivered(self) -> None:
         """Send delivered receipts for incoming messages above the watermark.
@@ -343,24 +463,72 @@ class Outbox:
         if entry.mode == "group":
             recipients = await self._send_group(mid, chat_id[len("group:") :], data)
         else:
-            recipients = await self.send_pairwise(mid, json.loads(entry.targets), data)
-        status = await self._finish_entry(entry, "sent", recipients)
-        waiter = self._sent_waiters.get(entry.id)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        if entry.kind not in ("typing", "session_reset", "receipt"):
-            self._ctx.emit(ReceiptUpdated(entry.id, chat_id, "sent", message_status=status))
+            prepared = self._prepared.pop(entry.id, None)
+            recipients = await self.send_pairwise(
+                mid, json.loads(entry.targets), data, prepared=prepared
+            )
+        marker = self._marker
+        if marker is not None and marker.done():
+            self._marker = None
+            marker.result()  # raises what stopped it (a StorageError): the pass stops
+        self._accepted.append((entry, recipients))
+        if self._marker is None:
+            self._marker = asyncio.create_task(self._mark_sent())
 
-    async def _finish_entry(
-        self, entry: OutboxRow, state: str, recipients: Sequence[tuple[str, int]] = ()
-    ) -> str | None:
-        """Commit an entry's new state; returns its message's status (None: no row)."""
+    async def _mark_sent(self) -> None:
+        """Commit the accepted entries' "sent" state, many per transaction (group commit).
 
-        def commit() -> str | None:
-            status: str | None = None
-            with self._ctx.wlock:
-                view = self._ctx.view()
-                rows: list[AppRow] = []
+        Runs beside the sending: the entries accepted while one transaction is
+        being written share the next one (at most ``send_batch`` each). Only after
+        its commit is a waiting caller told and ``ReceiptUpdated("sent")`` emitted.
+        If the commit fails, the entries stay queued and are sent again under the
+        same ids (the relay stores each once), as after a crash right after the
+        relay accepted them.
+        """
+        while self._accepted:
+            size = self._ctx.options.send_batch
+            batch, self._accepted = self._accepted[:size], self._accepted[size:]
+            try:
+                statuses = await asyncio.to_thread(
+                    self._commit_states, [(entry, "sent", sent_to) for entry, sent_to in batch]
+                )
+            except StorageError:
+                self._accepted.clear()  # still queued in the store: sent again
+                raise
+            for (entry, _), status in zip(batch, statuses, strict=True):
+                waiter = self._sent_waiters.get(entry.id)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+                if entry.kind not in ("typing", "session_reset", "receipt"):
+                    self._ctx.emit(
+                        ReceiptUpdated(entry.id, entry.chat_id, "sent", message_status=status)
+                    )
+
+    async def _finish_entry(self, entry: OutboxRow, state: str) -> None:
+        """Commit an entry's new state ("failed", "dropped") alone."""
+        await asyncio.to_thread(self._commit_states, [(entry, state, ())])
+
+    def _commit_states(
+        self, items: Sequence[tuple[OutboxRow, str, Sequence[tuple[str, int]]]]
+    ) -> list[str | None]:
+        """Commit entries' new states in one transaction (blocking).
+
+        Args:
+            items: (entry, new state, the devices it was sent to).
+
+        Returns:
+            Per entry, its message's new status (None: no ``messages`` row).
+
+        Raises:
+            StorageError: nothing was written.
+        """
+        statuses: list[str | None] = []
+        with self._ctx.wlock:
+            view = self._ctx.view()
+            rows: list[AppRow] = []
+            now = self._ctx.now_ms()
+            for entry, state, recipients in items:
+                status: str | None = None
                 outbox = view.get(OutboxRow, entry.id)
                 if outbox is not None:
                     rows.append(dataclasses.replace(outbox, state=state, payload=None))
@@ -371,17 +539,15 @@ class Outbox:
                     failed = state == "failed" and message.status == "pending"
                     status = state if failed else status_at_least(message.status, state)
                     rows.append(dataclasses.replace(message, status=status))
-                    now = self._ctx.now_ms()
                     rows.extend(
                         ReceiptRow(
                             f"{entry.id}:{user}:{device}", entry.id, user, device, "sent", now
                         )
                         for user, device in recipients
                     )
-                self._ctx.commit(rows, {})
-            return status
-
-        return await asyncio.to_thread(commit)
+                statuses.append(status)
+            self._ctx.commit(rows, {})
+        return statuses
 
     async def devices(self, user: str, *, refresh: bool = False) -> list[int]:
         """Device ids of ``user`` we hold sessions with, fetching bundles if needed."""
@@ -445,14 +611,19 @@ class Outbox:
             await self.devices(user, refresh=True)
 
     async def send_pairwise(
-        self, mid: bytes, users: Sequence[str], data: bytes
+        self,
+        mid: bytes,
+        users: Sequence[str],
+        data: bytes,
+        *,
+        prepared: list[envelope.Entry] | None = None,
     ) -> list[tuple[str, int]]:
         for _attempt in range(_MAX_SEND_ATTEMPTS):
-            entries: list[envelope.Entry] = []
+            entries: list[envelope.Entry] = prepared or []
             for user in users:
                 if user in self._ctx.held:
                     raise IdentityHeld(user)
-                for device in await self.devices(user):
+                for device in [] if prepared else await self.devices(user):
                     address = Address(user, device)
                     try:
                         ct = await asyncio.to_thread(
@@ -467,6 +638,8 @@ class Outbox:
                 await self._ctx.link.send(mid, recipients, envelope.build_pairwise(entries))
                 return recipients
             except MismatchedDevices as exc:
+                prepared = None
+                self._prepared.clear()  # encrypted for the old device lists
                 await self._fix_devices(exc)
             except MailboxFull as exc:
                 # Not retried: a full mailbox stays full until its owner receives.

@@ -8,8 +8,10 @@ in their own data directories, talking through the real transport
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,7 +20,8 @@ from typing import Any
 import pytest
 from sdk_relay import Relay, reinstall_device
 
-from e2ee.client import Client
+from e2ee.client import Client, ClientOptions
+from e2ee.errors import StorageError, UsageError
 from e2ee.events import (
     ConnectionStateChanged,
     GroupChanged,
@@ -514,3 +517,166 @@ async def test_inbox_transaction_that_fails_to_commit_loses_nothing_and_shows_no
         assert await mailbox("bob") == []
     finally:
         await again.close()
+
+
+@pytest.mark.parametrize("send_batch", [1, 100])
+async def test_many_concurrent_sends_from_one_client_arrive_once_and_in_order(
+    make_client: MakeClient, wait_for: WaitFor, fast_options: ClientOptions, send_batch: int
+) -> None:
+    """Concurrent sends share compose, encrypt and "sent" transactions (group
+    commits of at most ``send_batch`` sends; 1: one transaction each).
+
+    Each caller still gets its own id, a refused one (to ourselves) fails alone,
+    and every recipient gets its messages once, in sending order, with nothing
+    left queued.
+    """
+    options = dataclasses.replace(fast_options, send_batch=send_batch)
+    alice = await make_client("alice", options=options)
+    bob, carol = await make_client("bob"), await make_client("carol")
+    b_events, c_events = bob.events(), carol.events()
+    async with alice, bob, carol:
+        await alice.send_text("bob", "hello")  # sessions exist: no bundle fetch races
+        await alice.send_text("carol", "hello")
+        targets = ["bob" if i % 3 else "carol" for i in range(150)]
+        calls = [alice.send_text(to, f"m{i:03d}") for i, to in enumerate(targets)]
+        calls.insert(75, alice.send_text("alice", "to myself"))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        refused = results.pop(75)
+        assert isinstance(refused, UsageError)
+        assert all(isinstance(r, str) for r in results)
+        assert len(set(results)) == 150
+        want = {
+            user: [(results[i], f"m{i:03d}") for i, to in enumerate(targets) if to == user]
+            for user in ("bob", "carol")
+        }
+        for user, events in (("bob", b_events), ("carol", c_events)):
+            got = []
+            while len(got) < len(want[user]) + 1:
+                event = await wait_for(events, lambda e: isinstance(e, MessageReceived), WAIT)
+                got.append((event.message.id, event.message.text))
+            assert got[1:] == want[user]  # once each, in sending order
+        for user in ("bob", "carol"):
+            sent = alice.history.messages(direct_chat_id(user), limit=200)
+            assert [(m.id, m.text) for m in sent[1:]] == want[user]
+            assert all(m.status != "pending" for m in sent)
+        assert await alice.flush(WAIT) == 0
+
+
+class FirstCommitHeldNextFails:
+    """Alice's SQLite connection: the first batch ``COMMIT`` waits for :attr:`release`,
+    the second fails as SQLite reports a full disk, later ones pass.
+
+    Failure injection at the one place the OS would inject it; everything above
+    it (the store's rollback, the client, the relay) is the real thing.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, store: Any) -> None:
+        self._conn = conn
+        self._store = store
+        self.release = threading.Event()
+        self.commits = 0
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql == "COMMIT" and self._store.in_batch:
+            self.commits += 1
+            if self.commits == 1:
+                self.release.wait(WAIT)
+            elif self.commits == 2:
+                raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+async def until(check: Callable[[], bool]) -> None:
+    """Wait (generously) until ``check()`` holds."""
+    deadline = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_compose_transaction_that_fails_commits_nothing_and_fails_every_caller(
+    make_client: MakeClient, wait_for: WaitFor
+) -> None:
+    """Sends queued while a compose transaction is written share the next one; if
+    its COMMIT fails, every caller in it gets StorageError, and none of them is
+    stored or sent. The sends before and after it are unaffected."""
+    alice, bob = await make_client("alice"), await make_client("bob")
+    # Not started yet: the sends are only composed (the outbox sends them once started).
+    disk = FirstCommitHeldNextFails(alice._store._conn, alice._store)
+    alice._store._conn = disk
+    first = asyncio.create_task(alice.send_text("bob", "first", wait=False))
+    await until(lambda: disk.commits == 1)  # its transaction is being committed
+    lost = [asyncio.create_task(alice.send_text("bob", f"lost {i}", wait=False)) for i in range(30)]
+    await until(lambda: len(alice._outbox._drafts) == 30)  # all queued behind it
+    disk.release.set()
+    first_id = await first
+    results = await asyncio.gather(*lost, return_exceptions=True)
+    assert disk.commits == 2
+    assert all(isinstance(r, StorageError) for r in results)
+    async with alice:
+        after = await alice.send_text("bob", "after")
+        sent = alice.history.messages(direct_chat_id("bob"), limit=100)
+        assert [m.id for m in sent] == [first_id, after]
+        assert await alice.flush(WAIT) == 0
+    b_events = bob.events()
+    async with bob:
+        got = [
+            (await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)).message.id
+            for _ in range(2)
+        ]
+        assert got == [first_id, after]
+        history = bob.history.messages(direct_chat_id("alice"), limit=100)
+        assert [m.text for m in history] == ["first", "after"]
+
+
+def test_send_batch_must_be_at_least_one() -> None:
+    with pytest.raises(UsageError):
+        ClientOptions(send_batch=0)
+
+
+async def test_queued_sends_encrypted_ahead_go_to_a_device_added_meanwhile(
+    make_client: MakeClient,
+    wait_for: WaitFor,
+    relay: Relay,
+    signers: Any,
+    tmp_path: Path,
+    fast_options: Any,
+) -> None:
+    """Queued sends are encrypted ahead in one transaction for the devices known
+    then; when the relay answers that a device was added, they are encrypted
+    again for every device, and each device gets each message once, in order."""
+    from sdk_relay import http_as
+
+    from e2ee.store import Changes
+
+    alice, bob = await make_client("alice"), await make_client("bob")
+    b_events = bob.events()
+    async with alice, bob:
+        await alice.send_text("bob", "hello")
+        await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+    alice = await Client.open(tmp_path / "alice", options=fast_options)
+    bob = await Client.open(tmp_path / "bob", options=fast_options)
+    try:
+        queued = [await alice.send_text("bob", f"q{i:02d}", wait=False) for i in range(20)]
+        # Bob adds a second device while Alice's messages wait in her outbox.
+        bob2 = await make_client("bob", register=False, directory="bob2", device_id=2)
+        async with http_as(relay, signers["bob", 1]) as http:
+            await http.add_device(2, signers["bob", 2].public_key)
+        await asyncio.to_thread(bob2._store.commit, Changes(meta_put={"sdk.account_created": "1"}))
+        await bob2.register()
+        async with alice:
+            assert await alice.flush(WAIT) == 0
+        for device in (bob, bob2):
+            events = device.events()
+            async with device:
+                got = [
+                    (await wait_for(events, lambda e: isinstance(e, MessageReceived))).message
+                    for _ in range(20)
+                ]
+            assert [(m.id, m.text) for m in got] == [(q, f"q{i:02d}") for i, q in enumerate(queued)]
+    finally:
+        await alice.close()
+        await bob.close()
