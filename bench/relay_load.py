@@ -478,38 +478,51 @@ def pct(sorted_values: Sequence[float], p: float) -> float:
 # -- scenarios -------------------------------------------------------------------------------
 
 
+async def start_traffic(
+    args: argparse.Namespace,
+    urls: list[str],
+    seed: str,
+    prefix: str,
+    extra: dict[str, Any],
+) -> tuple[list[Any], int]:
+    """Start the 1:1 traffic workers (``args.clients`` peers over ``args.workers`` processes,
+    taking turns over ``urls``) and give them one start time; return them and that time (ns).
+
+    ``extra`` adds worker settings (``ack``, ``sample_seconds``).
+    """
+    base = {
+        "seed": seed,
+        "prefix": prefix,
+        "mode": "traffic",
+        "peers": args.clients,
+        "warmup": args.warmup,
+        "duration": args.duration,
+        "body_bytes": args.body_bytes,
+        "drain": args.drain,
+        **extra,
+    }
+    cfgs = [
+        {
+            **base,
+            "url": urls[i % len(urls)],
+            "indices": list(r),
+            "rate": args.rate * (r[1] - r[0]) / args.clients,
+            "source_addrs": source_addrs(1),
+        }
+        for i, r in enumerate(split(args.clients, args.workers))
+    ]
+    workers = await start_workers(cfgs, 120)
+    t0 = time.monotonic_ns() + 500_000_000
+    for w in workers:
+        await w.command(f"go {t0}")
+    return workers, t0
+
+
 async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any]:
     seed, prefix = secrets.token_hex(8), f"lt{secrets.token_hex(3)}_"
     with target_relay(args, {}) as relay:
         await register_devices(relay.url, seed, prefix, args.clients)
-        base = {
-            "url": relay.url,
-            "seed": seed,
-            "prefix": prefix,
-            "mode": "traffic",
-            "peers": args.clients,
-            "warmup": args.warmup,
-            "duration": args.duration,
-            "body_bytes": args.body_bytes,
-            "drain": args.drain,
-            "ack": not args.no_ack,
-        }
-        ranges = split(args.clients, args.workers)
-        urls = relay.urls  # with --nodes N the load processes take turns over the nodes
-        cfgs = [
-            {
-                **base,
-                "url": urls[i % len(urls)],
-                "indices": list(r),
-                "rate": args.rate * (r[1] - r[0]) / args.clients,
-                "source_addrs": source_addrs(1),
-            }
-            for i, r in enumerate(ranges)
-        ]
-        workers = await start_workers(cfgs, 120)
-        t0 = time.monotonic_ns() + 500_000_000
-        for w in workers:
-            await w.command(f"go {t0}")
+        workers, _ = await start_traffic(args, relay.urls, seed, prefix, {"ack": not args.no_ack})
         # The relay's CPU share is sampled over the measured window only.
         await asyncio.sleep(0.5 + args.warmup)
         cpu_w0 = relay.cpu_seconds()

@@ -41,9 +41,7 @@ from relay_load import (  # noqa: E402
     fetch_text,
     pct,
     register_devices,
-    source_addrs,
-    split,
-    start_workers,
+    start_traffic,
     store_commits,
     target_relay,
 )
@@ -143,32 +141,9 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     interval = args.sample_seconds
     with target_relay(args, {}) as relay:
         await register_devices(relay.url, seed, prefix, args.clients)
-        base = {
-            "url": relay.url,
-            "seed": seed,
-            "prefix": prefix,
-            "mode": "traffic",
-            "peers": args.clients,
-            "warmup": args.warmup,
-            "duration": args.duration,
-            "body_bytes": args.body_bytes,
-            "drain": args.drain,
-            "ack": True,
-            "sample_seconds": interval,
-        }
-        cfgs = [
-            {
-                **base,
-                "indices": list(r),
-                "rate": args.rate * (r[1] - r[0]) / args.clients,
-                "source_addrs": source_addrs(1),
-            }
-            for r in split(args.clients, args.workers)
-        ]
-        workers = await start_workers(cfgs, 120)
-        t0 = time.monotonic_ns() + 500_000_000
-        for w in workers:
-            await w.command(f"go {t0}")
+        workers, t0 = await start_traffic(
+            args, [relay.url], seed, prefix, {"ack": True, "sample_seconds": interval}
+        )
         window0 = t0 / 1e9 + args.warmup
         await asyncio.sleep(max(0.0, window0 - time.monotonic()))
         samples = [await sample(relay)]
@@ -340,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.url = None  # always a relay of its own (target_relay's contract)
+    args.url = None  # always a relay of its own, one node (target_relay's contract)
+    args.nodes = 1
     if args.sweep_cost:
         asyncio.run(sweep_cost(args.sweep_cost))
         return 0
