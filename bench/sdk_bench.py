@@ -123,7 +123,7 @@ async def bench_inbox(root: Path, url: str, count: int, passphrase: str | None =
         await asyncio.sleep(0.2)  # the reply arrives: alice's session is confirmed
         engine = alice._engine
         bob_addr = Address("inbox_bob", 1)
-        conn = RelayConnection.from_client(alice._link._http, reconnect=False)  # type: ignore[attr-defined]
+        conn = RelayConnection.from_client(alice._link._http(url), reconnect=False)  # type: ignore[attr-defined]
         await conn.start()
         await conn.wait_connected()
         futures = []
