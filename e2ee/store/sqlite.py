@@ -92,9 +92,6 @@ from e2ee.store.sqlite_schema import (
     write_keyring as _write_keyring,
 )
 from e2ee.store.sqlite_sql import (
-    check_kinds as _check_kinds,
-)
-from e2ee.store.sqlite_sql import (
     identity as _identity,
 )
 from e2ee.store.sqlite_sql import (
@@ -118,6 +115,7 @@ from e2ee.store.sqlite_sql import (
 from e2ee.store.sqlite_sql import (
     upsert_sql as _upsert_sql,
 )
+from e2ee.store.sqlite_sql import write_statements
 
 __all__ = [
     "APP_TABLE_PREFIX",
@@ -136,60 +134,6 @@ _BUSY_TIMEOUT_S: Final = 5.0
 _MIN_SQLITE: Final = (3, 37, 0)
 # Lower-case ASCII only: SQLite compares table and column names case-insensitively
 # ("History" and "history" are one table), the in-memory twin does not.
-
-
-# (sql, kinds): the parameters' types, checked by _check_kinds before any write.
-# Upserts update in place; INSERT OR REPLACE would delete and reinsert the row,
-# which costs twice as much for a 2 KB session record.
-_PUT_ACCOUNT: Final = (
-    "INSERT INTO account (id, name, device_id, registration_id, identity_key_pair, "
-    "created_at_ms) VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-    "name = excluded.name, device_id = excluded.device_id, "
-    "registration_id = excluded.registration_id, "
-    "identity_key_pair = excluded.identity_key_pair, created_at_ms = excluded.created_at_ms",
-    "siibi",
-)
-_PUT_PREKEY: Final = (
-    "INSERT INTO prekeys (prekey_id, record) VALUES (?, ?) "
-    "ON CONFLICT (prekey_id) DO UPDATE SET record = excluded.record",
-    "ib",
-)
-_DELETE_PREKEY: Final = ("DELETE FROM prekeys WHERE prekey_id = ?", "i")
-_PUT_SIGNED: Final = (
-    "INSERT INTO signed_prekeys (prekey_id, record, created_at_ms) VALUES (?, ?, ?) "
-    "ON CONFLICT (prekey_id) DO UPDATE SET "
-    "record = excluded.record, created_at_ms = excluded.created_at_ms",
-    "ibi",
-)
-_DELETE_SIGNED: Final = ("DELETE FROM signed_prekeys WHERE prekey_id = ?", "i")
-_PUT_IDENTITY: Final = (
-    "INSERT INTO identities (name, device_id, identity_key, trust, updated_at_ms) "
-    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name, device_id) DO UPDATE SET "
-    "identity_key = excluded.identity_key, trust = excluded.trust, "
-    "updated_at_ms = excluded.updated_at_ms",
-    "sibsi",
-)
-_PUT_SESSION: Final = (
-    "INSERT INTO sessions (name, device_id, record) VALUES (?, ?, ?) "
-    "ON CONFLICT (name, device_id) DO UPDATE SET record = excluded.record",
-    "sib",
-)
-_DELETE_SESSION: Final = ("DELETE FROM sessions WHERE name = ? AND device_id = ?", "si")
-_PUT_SENDER_KEY: Final = (
-    "INSERT INTO sender_keys (group_id, sender_name, sender_device_id, record) "
-    "VALUES (?, ?, ?, ?) ON CONFLICT (group_id, sender_name, sender_device_id) "
-    "DO UPDATE SET record = excluded.record",
-    "ssib",
-)
-_DELETE_SENDER_KEY: Final = (
-    "DELETE FROM sender_keys WHERE group_id = ? AND sender_name = ? AND sender_device_id = ?",
-    "ssi",
-)
-_PUT_META: Final = (
-    "INSERT INTO meta (key, value) VALUES (?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    "ss",
-)
 
 
 class SQLiteProtocolStore:
@@ -680,7 +624,7 @@ class SQLiteProtocolStore:
                 with self._lock:
                     self._connection()
                 return
-            statements = self._statements(changes)
+            statements = write_statements(changes, self._seal)
         with self._lock, _storage_errors("commit"):
             conn = self._connection()
             if self._batch.depth:
@@ -927,96 +871,6 @@ class SQLiteProtocolStore:
             record=self._unseal(sealed, "signed_prekeys", prekey_id),
             created_at_ms=created_at_ms,
         )
-
-    def _statements(self, changes: Changes) -> list[tuple[str, list[tuple[Any, ...]]]]:
-        """Check and seal everything up front, so the write lock is held only for SQL.
-
-        Order per kind is put, then delete, as in the in-memory twin.
-        """
-        out: list[tuple[str, list[tuple[Any, ...]]]] = []
-
-        def add(statement: tuple[str, str], rows: list[tuple[Any, ...]]) -> None:
-            sql, kinds = statement
-            for row in rows:
-                _check_kinds(kinds, row)
-            out.append((sql, rows))
-
-        seal = self._seal
-        if (account := changes.account) is not None:
-            add(
-                _PUT_ACCOUNT,
-                [
-                    (
-                        account.name,
-                        account.device_id,
-                        account.registration_id,
-                        seal(account.identity_key_pair, "account", 1),
-                        account.created_at_ms,
-                    )
-                ],
-            )
-        if changes.prekeys_put:
-            add(
-                _PUT_PREKEY,
-                [(i, seal(r, "prekeys", i)) for i, r in changes.prekeys_put.items()],
-            )
-        if changes.prekeys_delete:
-            add(_DELETE_PREKEY, [(i,) for i in changes.prekeys_delete])
-        if changes.signed_prekeys_put:
-            for i, row in changes.signed_prekeys_put.items():
-                if row.prekey_id != i:
-                    raise StorageError(f"signed prekey {i} is filed under another id")
-            add(
-                _PUT_SIGNED,
-                [
-                    (i, seal(row.record, "signed_prekeys", i), row.created_at_ms)
-                    for i, row in changes.signed_prekeys_put.items()
-                ],
-            )
-        if changes.signed_prekeys_delete:
-            add(_DELETE_SIGNED, [(i,) for i in changes.signed_prekeys_delete])
-        if changes.identities_put:
-            add(
-                _PUT_IDENTITY,
-                [
-                    (a.name, a.device_id, r.identity_key, r.trust, r.updated_at_ms)
-                    for a, r in changes.identities_put.items()
-                ],
-            )
-        if changes.sessions_put:
-            add(
-                _PUT_SESSION,
-                [
-                    (a.name, a.device_id, seal(r, "sessions", a.name, a.device_id))
-                    for a, r in changes.sessions_put.items()
-                ],
-            )
-        if changes.sessions_delete:
-            add(_DELETE_SESSION, [(a.name, a.device_id) for a in changes.sessions_delete])
-        if changes.sender_keys_put:
-            add(
-                _PUT_SENDER_KEY,
-                [
-                    (
-                        k.group_id,
-                        k.sender.name,
-                        k.sender.device_id,
-                        seal(r, "sender_keys", k.group_id, k.sender.name, k.sender.device_id),
-                    )
-                    for k, r in changes.sender_keys_put.items()
-                ],
-            )
-        if changes.sender_keys_delete:
-            add(
-                _DELETE_SENDER_KEY,
-                [
-                    (k.group_id, k.sender.name, k.sender.device_id)
-                    for k in changes.sender_keys_delete
-                ],
-            )
-        if changes.meta_put:
-            add(_PUT_META, list(changes.meta_put.items()))
-        return out
 
     def _put_app_row(
         self,

@@ -14,13 +14,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import sqlcipher3.dbapi2 as _cipher_dbapi
 
 from e2ee.errors import E2EEError, StorageError, StoreCorrupt
-from e2ee.store.protocols import IdentityRecord, TrustLevel
+from e2ee.store.protocols import Changes, IdentityRecord, TrustLevel
 from e2ee.store.rows import INT64_MAX as _INT64_MAX
 from e2ee.store.rows import INT64_MIN as _INT64_MIN
 
@@ -35,6 +35,7 @@ __all__ = [
     "storage_errors",
     "transaction",
     "upsert_sql",
+    "write_statements",
 ]
 
 
@@ -161,3 +162,152 @@ def storage_errors(action: str) -> Iterator[None]:
         raise StorageError(f"cannot {action}: {exc.strerror or type(exc).__name__}") from exc
     except Exception as exc:
         raise StorageError(f"cannot {action}: {type(exc).__name__}") from exc
+
+
+# -- the protocol tables' writes ----------------------------------------------------------
+
+# (sql, kinds): the parameters' types, checked by check_kinds before any write.
+# Upserts update in place; INSERT OR REPLACE would delete and reinsert the row,
+# which costs twice as much for a 2 KB session record.
+_PUT_ACCOUNT: Final = (
+    "INSERT INTO account (id, name, device_id, registration_id, identity_key_pair, "
+    "created_at_ms) VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+    "name = excluded.name, device_id = excluded.device_id, "
+    "registration_id = excluded.registration_id, "
+    "identity_key_pair = excluded.identity_key_pair, created_at_ms = excluded.created_at_ms",
+    "siibi",
+)
+_PUT_PREKEY: Final = (
+    "INSERT INTO prekeys (prekey_id, record) VALUES (?, ?) "
+    "ON CONFLICT (prekey_id) DO UPDATE SET record = excluded.record",
+    "ib",
+)
+_DELETE_PREKEY: Final = ("DELETE FROM prekeys WHERE prekey_id = ?", "i")
+_PUT_SIGNED: Final = (
+    "INSERT INTO signed_prekeys (prekey_id, record, created_at_ms) VALUES (?, ?, ?) "
+    "ON CONFLICT (prekey_id) DO UPDATE SET "
+    "record = excluded.record, created_at_ms = excluded.created_at_ms",
+    "ibi",
+)
+_DELETE_SIGNED: Final = ("DELETE FROM signed_prekeys WHERE prekey_id = ?", "i")
+_PUT_IDENTITY: Final = (
+    "INSERT INTO identities (name, device_id, identity_key, trust, updated_at_ms) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (name, device_id) DO UPDATE SET "
+    "identity_key = excluded.identity_key, trust = excluded.trust, "
+    "updated_at_ms = excluded.updated_at_ms",
+    "sibsi",
+)
+_PUT_SESSION: Final = (
+    "INSERT INTO sessions (name, device_id, record) VALUES (?, ?, ?) "
+    "ON CONFLICT (name, device_id) DO UPDATE SET record = excluded.record",
+    "sib",
+)
+_DELETE_SESSION: Final = ("DELETE FROM sessions WHERE name = ? AND device_id = ?", "si")
+_PUT_SENDER_KEY: Final = (
+    "INSERT INTO sender_keys (group_id, sender_name, sender_device_id, record) "
+    "VALUES (?, ?, ?, ?) ON CONFLICT (group_id, sender_name, sender_device_id) "
+    "DO UPDATE SET record = excluded.record",
+    "ssib",
+)
+_DELETE_SENDER_KEY: Final = (
+    "DELETE FROM sender_keys WHERE group_id = ? AND sender_name = ? AND sender_device_id = ?",
+    "ssi",
+)
+_PUT_META: Final = (
+    "INSERT INTO meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    "ss",
+)
+
+
+def write_statements(
+    changes: Changes, seal: Callable[..., bytes]
+) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """The statements of ``changes``, checked and sealed up front (``seal(data, table,
+    *key)``), so the write lock is held only for SQL.
+
+    Order per kind is put, then delete, as in the in-memory twin.
+
+    Raises:
+        StorageError: a value of the wrong type, or a signed prekey filed under another id.
+    """
+    out: list[tuple[str, list[tuple[Any, ...]]]] = []
+
+    def add(statement: tuple[str, str], rows: list[tuple[Any, ...]]) -> None:
+        sql, kinds = statement
+        for row in rows:
+            check_kinds(kinds, row)
+        out.append((sql, rows))
+
+    if (account := changes.account) is not None:
+        add(
+            _PUT_ACCOUNT,
+            [
+                (
+                    account.name,
+                    account.device_id,
+                    account.registration_id,
+                    seal(account.identity_key_pair, "account", 1),
+                    account.created_at_ms,
+                )
+            ],
+        )
+    if changes.prekeys_put:
+        add(
+            _PUT_PREKEY,
+            [(i, seal(r, "prekeys", i)) for i, r in changes.prekeys_put.items()],
+        )
+    if changes.prekeys_delete:
+        add(_DELETE_PREKEY, [(i,) for i in changes.prekeys_delete])
+    if changes.signed_prekeys_put:
+        for i, row in changes.signed_prekeys_put.items():
+            if row.prekey_id != i:
+                raise StorageError(f"signed prekey {i} is filed under another id")
+        add(
+            _PUT_SIGNED,
+            [
+                (i, seal(row.record, "signed_prekeys", i), row.created_at_ms)
+                for i, row in changes.signed_prekeys_put.items()
+            ],
+        )
+    if changes.signed_prekeys_delete:
+        add(_DELETE_SIGNED, [(i,) for i in changes.signed_prekeys_delete])
+    if changes.identities_put:
+        add(
+            _PUT_IDENTITY,
+            [
+                (a.name, a.device_id, r.identity_key, r.trust, r.updated_at_ms)
+                for a, r in changes.identities_put.items()
+            ],
+        )
+    if changes.sessions_put:
+        add(
+            _PUT_SESSION,
+            [
+                (a.name, a.device_id, seal(r, "sessions", a.name, a.device_id))
+                for a, r in changes.sessions_put.items()
+            ],
+        )
+    if changes.sessions_delete:
+        add(_DELETE_SESSION, [(a.name, a.device_id) for a in changes.sessions_delete])
+    if changes.sender_keys_put:
+        add(
+            _PUT_SENDER_KEY,
+            [
+                (
+                    k.group_id,
+                    k.sender.name,
+                    k.sender.device_id,
+                    seal(r, "sender_keys", k.group_id, k.sender.name, k.sender.device_id),
+                )
+                for k, r in changes.sender_keys_put.items()
+            ],
+        )
+    if changes.sender_keys_delete:
+        add(
+            _DELETE_SENDER_KEY,
+            [(k.group_id, k.sender.name, k.sender.device_id) for k in changes.sender_keys_delete],
+        )
+    if changes.meta_put:
+        add(_PUT_META, list(changes.meta_put.items()))
+    return out
