@@ -60,7 +60,7 @@ async def run(messages: int, rounds: int) -> bool:
             client = await Client.open(folder, PASSPHRASE)
             try:
                 t0 = time.perf_counter()
-                info = await client.backup(out, PASSPHRASE)
+                info = await client.recovery.backup(out, PASSPHRASE)
                 backup_s = time.perf_counter() - t0
             finally:
                 await client.close()

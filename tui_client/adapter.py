@@ -617,7 +617,7 @@ class Messenger:
         messenger = cls(client, ", ".join(client.relay_urls))
         # The account works without one: `blindpost recovery-key` makes one later.
         with contextlib.suppress(E2EEError):
-            messenger._recovery_key = await client.new_recovery_key()
+            messenger._recovery_key = await client.recovery.new_key()
         return messenger
 
     def take_recovery_key(self) -> str | None:

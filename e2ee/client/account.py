@@ -2,6 +2,8 @@
 
 Invariants:
 
+* A client's context is built here from an opened data directory
+  (:func:`client_context`): the device's auth key and the relay link.
 * Creating an account writes the identity keys and the SDK's settings to a new
   store in one go (:func:`create_account_dir`); nothing reaches the relay then.
 * Registration is resumable: the relay's account is created once (recorded as
@@ -19,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from e2ee.client.backup import META_RESTORED_FROM
-from e2ee.client.context import ClientContext
+from e2ee.client.context import ClientContext, ClientOptions
 from e2ee.client.datadir import (
     META_ACCOUNT_CREATED,
     META_READ_RECEIPTS,
@@ -32,6 +34,7 @@ from e2ee.client.datadir import (
     open_dir,
     read_relay_urls,
     relay_meta,
+    starting_at,
 )
 from e2ee.client.link import LinkFactory
 from e2ee.core import ProtocolEngine
@@ -43,12 +46,38 @@ from e2ee.store.sqlite import SQLiteProtocolStore
 from e2ee.transport.auth import DeviceSigner
 
 __all__ = [
+    "client_context",
     "create_account_dir",
     "finish_restore",
     "recover_account",
     "register_account",
     "set_recovery_key",
 ]
+
+
+def client_context(
+    opened: Opened,
+    link_factory: LinkFactory,
+    *,
+    now_ms: Callable[[], int],
+    options: ClientOptions,
+    random_bytes: Callable[[int], bytes],
+    jitter: Callable[[], float],
+) -> tuple[ClientContext, bytes]:
+    """The context of an opened account with its relay link; and the device's auth key.
+
+    The link starts at the node the last run ended on (a dead first node costs
+    nothing twice).
+    """
+    account = opened.account
+    signer = DeviceSigner.from_seed(
+        auth_seed(account.identity_key_pair), account.name, account.device_id
+    )
+    link = link_factory(signer, starting_at(opened.relay_urls, opened.relay_last))
+    ctx = ClientContext(
+        opened, link, now_ms=now_ms, random_bytes=random_bytes, jitter=jitter, options=options
+    )
+    return ctx, signer.public_key
 
 
 def create_account_dir(

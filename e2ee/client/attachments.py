@@ -1,6 +1,11 @@
-"""Fetching attachments: into a file, or into memory (image previews).
+"""Attachments: uploading a file, re-sending a stored one, and fetching one into a
+file or into memory (image previews).
 
 Invariants:
+
+* A file is encrypted chunk by chunk into a temporary file in the account's
+  folder, uploaded, and the temporary file removed whatever happens; only the
+  pointer (blob id, key, digest) goes into a message.
 
 * A blob is downloaded into a temporary file in the account's folder and
   removed afterwards, whatever happens; the content address is checked by the
@@ -16,19 +21,71 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mimetypes
 from pathlib import Path
 from typing import Final
 
 from e2ee.client.context import ClientContext
 from e2ee.errors import AttachmentTooLarge, UsageError
-from e2ee.media import MediaCorrupt, Progress, decrypt_file, decrypt_to_bytes
+from e2ee.media import MediaCorrupt, Progress, decrypt_file, decrypt_to_bytes, encrypt_file
 from e2ee.messaging.rows import AttachmentRow
+from e2ee.payload import AttachmentPointer
 from e2ee.transport.errors import BlobDigestMismatch
 
-__all__ = ["MAX_IN_MEMORY", "attachment_bytes", "download_attachment"]
+__all__ = [
+    "MAX_IN_MEMORY",
+    "attachment_bytes",
+    "download_attachment",
+    "stored_pointer",
+    "upload_file",
+]
 
 #: The largest ``limit`` :func:`attachment_bytes` accepts (64 MiB).
 MAX_IN_MEMORY: Final = 64 * 1024 * 1024
+
+
+async def upload_file(
+    ctx: ClientContext, source: Path, mime_type: str | None, progress: Progress | None
+) -> AttachmentPointer:
+    """Encrypt ``source``, upload it to the relay's blob store; the pointer to send.
+
+    Raises:
+        UsageError: the file cannot be read.
+        TransportError: the upload failed.
+    """
+    enc = await asyncio.to_thread(encrypt_file, source, directory=ctx.folder)
+    try:
+        blob_id = await ctx.link.upload_blob(enc.path, enc.digest, progress)
+    finally:
+        with contextlib.suppress(OSError):
+            enc.path.unlink()
+    return AttachmentPointer(
+        blob_id=blob_id,
+        key=enc.key,
+        digest=enc.digest,
+        size=enc.plaintext_size,
+        mime_type=mime_type or mimetypes.guess_type(source.name)[0] or "application/octet-stream",
+        file_name=source.name,
+    )
+
+
+def stored_pointer(ctx: ClientContext, message_id: str) -> AttachmentPointer:
+    """The pointer of an attachment we hold, to send again (blocking; no re-upload).
+
+    Raises:
+        UsageError: the message has no attachment.
+    """
+    row = ctx.view().get(AttachmentRow, message_id)
+    if row is None or not row.key or not row.digest:
+        raise UsageError("that message has no attachment")
+    return AttachmentPointer(
+        row.blob_id or "",
+        row.key,
+        row.digest,
+        row.size or 0,
+        row.mime_type or "",
+        row.file_name or "",
+    )
 
 
 async def _row(ctx: ClientContext, message_id: str) -> tuple[AttachmentRow, bytes, bytes]:

@@ -19,17 +19,25 @@ from typing import Any
 from e2ee import payload
 from e2ee.client.context import ClientContext
 from e2ee.client.datadir import META_READ_RECEIPTS
-from e2ee.errors import E2EEError, StorageError
+from e2ee.errors import E2EEError, StorageError, UsageError
 from e2ee.events import Event, MessageChanged
 from e2ee.messaging.chats import stored
 from e2ee.messaging.compose import Draft, receipt_entry
 from e2ee.messaging.compose import compose as compose_rule
 from e2ee.messaging.outcome import Outcome
 from e2ee.messaging.rows import AttachmentRow, MessageRow, StoredMessage, as_row
-from e2ee.payload import PayloadType
+from e2ee.payload import PayloadType, Quote
 from e2ee.store import Changes
 
-__all__ = ["compose_many", "expire_sync", "make_draft", "mark_read_sync"]
+__all__ = [
+    "compose_many",
+    "edited_rows",
+    "expire_sync",
+    "make_draft",
+    "mark_read_sync",
+    "quote_of",
+    "target_message",
+]
 
 
 def make_draft(to: str, kind: PayloadType, **kw: Any) -> Draft:
@@ -139,3 +147,35 @@ def expire_sync(ctx: ClientContext) -> list[Event]:
         if out.rows:
             ctx.commit_outcome(out)
         return events
+
+
+def quote_of(ctx: ClientContext, message_id: str) -> Quote:
+    """The quote of a message in history, for a reply (blocking).
+
+    Raises:
+        UsageError: no such message.
+    """
+    found = ctx.history.message(message_id)
+    if found is None:
+        raise UsageError("reply_to names no message in history")
+    return Quote(bytes.fromhex(found.id), found.sender, (found.text or "")[:200])
+
+
+def target_message(ctx: ClientContext, message_id: str, *, own: bool = False) -> StoredMessage:
+    """The message a reaction, an edit or a delete is about (blocking).
+
+    Raises:
+        UsageError: not in history, deleted, or (``own``) not ours.
+    """
+    found = ctx.history.message(message_id)
+    if found is None or found.deleted:
+        raise UsageError("no such message in history")
+    if own and not found.outgoing:
+        raise UsageError("only our own messages can be edited or deleted")
+    return found
+
+
+def edited_rows(ctx: ClientContext, message_id: str, text: str) -> list[MessageRow]:
+    """Our message's row with its new text, to commit with the edit (blocking)."""
+    found = ctx.view().get(MessageRow, message_id)
+    return [] if found is None else [dataclasses.replace(found, text=text, edited=1)]

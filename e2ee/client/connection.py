@@ -27,7 +27,7 @@ from e2ee.events import ConnectionStateChanged
 from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import DeviceRemoved, Replaced
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "run_expiry", "start_background", "stop_background"]
 
 _log = logging.getLogger(__name__)
 
@@ -129,3 +129,35 @@ async def run_expiry(ctx: ClientContext) -> None:
         for event in events:
             ctx.emit(event)
         await asyncio.sleep(ctx.options.expiry_interval)
+
+
+def start_background(
+    ctx: ClientContext, inbox: Inbox, outbox: Outbox, *, receive: bool
+) -> list[asyncio.Task[None]]:
+    """Start what runs while the client is up: the connection loop, the outbox, the ack
+    flusher and the expiry timer (``receive`` False: a send-only connection)."""
+    connection = Connection(ctx, inbox, outbox, receive=receive)
+    runners = (connection.run(), outbox.run(), inbox.run_acks(), run_expiry(ctx))
+    return [asyncio.create_task(runner) for runner in runners]
+
+
+async def stop_background(
+    ctx: ClientContext, tasks: list[asyncio.Task[None]], inbox: Inbox
+) -> None:
+    """Stop those tasks, finish the delivery in progress, flush acknowledgements, disconnect.
+
+    Everything committed so far is acknowledged; a delivery cut off mid-way was not, and
+    comes back as a duplicate next time.
+    """
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, E2EEError):
+            await task
+    await inbox.finish()
+    with contextlib.suppress(TransportError):
+        await inbox.flush_acks()
+    with contextlib.suppress(TransportError):
+        await ctx.link.disconnect()
+    with contextlib.suppress(TransportError):
+        await ctx.link.aclose()

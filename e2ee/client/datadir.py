@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -27,9 +28,9 @@ import nacl.hash
 from e2ee.client_errors import StoreLocked
 from e2ee.core import ProtocolEngine
 from e2ee.core.fingerprint import compute_safety_number
-from e2ee.errors import StorageError, UsageError
+from e2ee.errors import E2EEError, StorageError, UsageError
 from e2ee.history import History
-from e2ee.store import AccountRecord
+from e2ee.store import AccountRecord, Changes
 from e2ee.store.sealing import KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
 
@@ -194,8 +195,17 @@ def starting_at(urls: Sequence[str], first: str | None) -> tuple[str, ...]:
     return (*urls[i:], *urls[:i])
 
 
-def close_opened(opened: Opened) -> None:
-    """Close the history and the store, then release the directory lock."""
+def close_opened(opened: Opened, relay_in_use: str | None = None) -> None:
+    """Close the history and the store, then release the directory lock.
+
+    ``relay_in_use``: the relay URL the client ended on; if the link moved away from the
+    one it started at, the next open starts there (best effort: nothing is lost if this
+    write fails; a run that stayed put writes nothing).
+    """
+    started = starting_at(opened.relay_urls, opened.relay_last)
+    if relay_in_use is not None and started and relay_in_use != started[0]:
+        with contextlib.suppress(E2EEError):
+            opened.store.commit(Changes(meta_put={META_RELAY_LAST: relay_in_use}))
     opened.history.close()
     opened.store.close()
     os.close(opened.lock_fd)

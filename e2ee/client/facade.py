@@ -7,7 +7,9 @@ Invariants:
   :mod:`e2ee.client.compose`; receiving: :mod:`e2ee.client.inbox`; sending:
   :mod:`e2ee.client.outbox`; groups: :mod:`e2ee.client.groups`; the relay
   connection: :mod:`e2ee.client.connection`; the data directory:
-  :mod:`e2ee.client.datadir`; accounts: :mod:`e2ee.client.account`).
+  :mod:`e2ee.client.datadir`; accounts: :mod:`e2ee.client.account`; trust:
+  :mod:`e2ee.client.trust`; attachments: :mod:`e2ee.client.attachments`;
+  backups and the recovery key: :mod:`e2ee.client.recovery`, ``client.recovery``).
 * The event loop never blocks: every SQLite access and every crypto call runs in
   ``asyncio.to_thread``; large files are encrypted and decrypted chunk by chunk.
 * Time and randomness are parameters (``now_ms``, ``random_bytes``, ``jitter``).
@@ -17,60 +19,55 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
-import mimetypes
 import os
 import random
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from e2ee.client.account import (
+    client_context,
     create_account_dir,
     finish_restore,
-    recover_account,
     register_account,
-    set_recovery_key,
 )
-from e2ee.client.attachments import attachment_bytes, download_attachment
-from e2ee.client.backup import META_RESTORED_FROM, BackupInfo, MediaFile, restore_dir, write_backup
+from e2ee.client.attachments import (
+    attachment_bytes,
+    download_attachment,
+    stored_pointer,
+    upload_file,
+)
+from e2ee.client.backup import META_RESTORED_FROM, restore_dir
 from e2ee.client.chats import delete_chat_sync
-from e2ee.client.compose import mark_read_sync
-from e2ee.client.connection import Connection, run_expiry
+from e2ee.client.compose import edited_rows, mark_read_sync, quote_of, target_message
+from e2ee.client.connection import start_background, stop_background
 from e2ee.client.context import ClientContext, ClientOptions
 from e2ee.client.datadir import (
     DB_FILE,
     META_READ_RECEIPTS,
-    META_RECOVERY_SET,
-    META_RELAY_LAST,
     Opened,
-    auth_seed,
     close_opened,
     open_dir,
     relay_meta,
-    starting_at,
 )
 from e2ee.client.groups import change_group, create_group
 from e2ee.client.inbox import Inbox
 from e2ee.client.link import LinkFactory, TransportLink, default_link_factory
 from e2ee.client.outbox import Outbox
-from e2ee.client.trust import accept_identity
-from e2ee.client_errors import ClientClosed, IdentityHeld, NotRegistered, UnknownRecipient
-from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
-from e2ee.core.recovery import RecoveryKey
-from e2ee.errors import ChatDeleted, E2EEError, TransportError, UsageError
+from e2ee.client.recovery import Recovery
+from e2ee.client.trust import accept_identity, contacts, held_users, safety_numbers
+from e2ee.client_errors import ClientClosed, NotRegistered
+from e2ee.core.fingerprint import SafetyNumber
+from e2ee.errors import ChatDeleted, UsageError
 from e2ee.events import ConnectionStateChanged, Event
-from e2ee.history import GroupInfo, History, StoredMessage
-from e2ee.media import Progress, encrypt_file
+from e2ee.history import GroupInfo, History
+from e2ee.media import Progress
 from e2ee.messaging.compose import delete_own
-from e2ee.messaging.rows import AppRow, AttachmentRow, MessageRow, ReactionRow
-from e2ee.payload import AttachmentPointer, GroupAction, PayloadType, Quote
-from e2ee.store import Changes, TrustLevel
-from e2ee.store.sealing import KDF_MODERATE, KdfLimits
-from e2ee.transport.auth import DeviceSigner, check_username
+from e2ee.messaging.rows import ReactionRow
+from e2ee.payload import GroupAction, PayloadType
+from e2ee.store import Changes
+from e2ee.store.sealing import KdfLimits
 from e2ee.transport.failover import check_relay_urls
 
 __all__ = ["Client"]
@@ -89,7 +86,9 @@ class Client:
     coroutine method; :meth:`events` yields what happens.
     """
 
-    def __init__(self, ctx: ClientContext, opened: Opened) -> None:
+    def __init__(
+        self, ctx: ClientContext, opened: Opened, link_factory: LinkFactory, auth_key: bytes
+    ) -> None:
         """Use :meth:`open` or :meth:`create`."""
         self._ctx = ctx
         # The parts the facade delegates to, sharing ``ctx``.
@@ -101,9 +100,10 @@ class Client:
         self._fingerprint = opened.fingerprint
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        # Set by _build: what a one-off link (signed with a recovery key) is made with.
-        self._link_factory: LinkFactory = default_link_factory
-        self._auth_key = b""
+        # What a one-off link (signed with another key: recovery, restore) is made with.
+        self._link_factory = link_factory
+        self._auth_key = auth_key
+        self._recovery = Recovery(ctx, link_factory, auth_key)
         # Kept for programs and tests that reach for them (not public API).
         self._store = ctx.store
         self._engine = ctx.engine
@@ -227,26 +227,17 @@ class Client:
         random_bytes: Callable[[int], bytes],
         jitter: Callable[[], float],
     ) -> Client:
+        factory = link_factory or default_link_factory
         try:
-            account = opened.account
-            signer = DeviceSigner.from_seed(
-                auth_seed(account.identity_key_pair), account.name, account.device_id
-            )
-            # Start where the last run ended up: a dead first node costs nothing twice.
-            urls = starting_at(opened.relay_urls, opened.relay_last)
-            link = (link_factory or default_link_factory)(signer, urls)
-            ctx = ClientContext(
+            ctx, auth_key = client_context(
                 opened,
-                link,
+                factory,
                 now_ms=now_ms,
+                options=options or ClientOptions(),
                 random_bytes=random_bytes,
                 jitter=jitter,
-                options=options or ClientOptions(),
             )
-            client = cls(ctx, opened)
-            client._link_factory = link_factory or default_link_factory
-            client._auth_key = signer.public_key
-            return client
+            return cls(ctx, opened, factory, auth_key)
         except BaseException:
             await asyncio.to_thread(close_opened, opened)
             raise
@@ -317,122 +308,17 @@ class Client:
             jitter=jitter,
         )
 
-    async def backup(
-        self,
-        out: str | os.PathLike[str],
-        passphrase: str,
-        *,
-        with_media: bool = False,
-        kdf_limits: KdfLimits | None = None,
-    ) -> BackupInfo:
-        """Write an encrypted backup of this account to ``out``.
-
-        It holds the identity keys, sessions, groups, contacts, trust and history (and,
-        with ``with_media``, every attachment still on the relay, downloaded now; ones
-        that expired are left out). Streamed: never whole in memory. ``out`` is replaced
-        only once the new backup is complete.
-
-        Args:
-            out: the backup file.
-            passphrase: what the backup is encrypted under (Argon2id, then libsodium's
-                secret stream).
-            with_media: include attachments.
-            kdf_limits: Argon2id cost (default: libsodium's moderate preset).
-
-        Returns:
-            What was written.
-
-        Raises:
-            UsageError: empty passphrase.
-            StorageError: the store cannot be read or ``out`` cannot be written.
-        """
-        self._check_open()
-        target = Path(out)
-        folder = self._ctx.folder
-        staging = folder / f".backup-media-{os.urandom(4).hex()}"
-        media: list[MediaFile] = []
-        try:
-            if with_media:
-                staging.mkdir(mode=0o700)
-                media = await self._fetch_media(staging)
-            manifest = {
-                "username": self.username,
-                "device_id": self.device_id,
-                "relay_url": self.relay_url,
-                "relay_urls": list(self.relay_urls),
-            }
-            return await asyncio.to_thread(
-                write_backup,
-                self._store,
-                folder,
-                target,
-                passphrase,
-                manifest,
-                media=media,
-                kdf_limits=kdf_limits or KDF_MODERATE,
-                now_ms=self._ctx.now_ms,
-            )
-        finally:
-            if staging.exists():
-                await asyncio.to_thread(shutil.rmtree, staging, True)
-
-    async def _fetch_media(self, staging: Path) -> list[MediaFile]:
-        ids = await asyncio.to_thread(self.history.attachment_ids)
-        media = []
-        for mid in ids:
-            path = staging / mid
-            try:
-                await download_attachment(self._ctx, mid, path, None)
-            except (TransportError, E2EEError):
-                continue  # expired on the relay or damaged: nothing to keep
-            media.append(MediaFile(mid, path))
-        return media
-
-    async def recover(self, recovery_key: str) -> None:
-        """Re-claim our username with its recovery key instead of :meth:`register`.
-
-        For a new account made with :meth:`create` under the lost account's name: the relay
-        makes this device the name's only device (the old devices are logged out and their
-        undelivered messages dropped), then our prekeys are uploaded. Our identity key is
-        new, so contacts see an identity change (their safety numbers with us change). The
-        old recovery key stays valid until :meth:`new_recovery_key` replaces it.
-
-        Args:
-            recovery_key: the key as the user typed it (case, spaces and dashes ignored).
-
-        Raises:
-            InvalidRecoveryKey: not a recovery key (a typo); nothing was sent.
-            RecoveryRefused: the relay refused the key (wrong, none set, or no such name).
-            RateLimited: too many attempts for this name or from this address.
-            UsageError: this account is registered already.
-            TransportError: the relay cannot be reached or refused.
-        """
-        self._check_open()
-        key = RecoveryKey.parse(recovery_key)
-        await recover_account(self._ctx, key, self._auth_key, self._link_factory)
-
-    async def new_recovery_key(self) -> str:
-        """Make a new recovery key and give the relay its verifier (the earlier key stops
-        working). Show the result to the user once: it is not stored anywhere.
-
-        Returns:
-            The key, ``XXXX-XXXX-XXXX-XXXX-XXXX-XXXX-XXXX-XXXX`` (144 random bits).
-
-        Raises:
-            NotRegistered: :meth:`register` was never called.
-            TransportError: the relay cannot be reached or refused.
-        """
-        self._check_open()
-        if not self._ctx.registered:
-            raise NotRegistered("register the account with a relay first")
-        key = RecoveryKey.generate()
-        await set_recovery_key(self._ctx, key)
-        return key.text()
-
     @property
-    def has_recovery_key(self) -> bool:
-        """True once the relay holds the verifier of a recovery key made here."""
-        return self._store.get_meta(META_RECOVERY_SET) == "1"
+    def recovery(self) -> Recovery:
+        """Backups and the recovery key of this account (:class:`~e2ee.client.recovery.Recovery`):
+        ``await client.recovery.backup(out, passphrase)``, ``recover(key)``, ``new_key()``,
+        ``has_key``.
+
+        Raises:
+            ClientClosed: the client was closed.
+        """
+        self._check_open()
+        return self._recovery
 
     async def __aenter__(self) -> Client:
         await self.start()
@@ -468,14 +354,7 @@ class Client:
         await asyncio.to_thread(self._ctx.load_state)
         if not self._ctx.registered:
             raise NotRegistered("register the account with a relay first")
-        connection = Connection(self._ctx, self._inbox, self._outbox, receive=receive)
-        for runner in (
-            connection.run(),
-            self._outbox.run(),
-            self._inbox.run_acks(),
-            run_expiry(self._ctx),
-        ):
-            self._tasks.append(asyncio.create_task(runner))
+        self._tasks = start_background(self._ctx, self._inbox, self._outbox, receive=receive)
 
     async def close(self) -> None:
         """Finish the delivery in progress, flush acknowledgements, disconnect, close files.
@@ -485,21 +364,8 @@ class Client:
         if self._closed:
             return
         self._ctx.closing = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, E2EEError):
-                await task
-        self._tasks.clear()
-        await self._inbox.finish()
-        # Everything committed so far is acknowledged; a delivery cut off mid-way
-        # was not, and comes back as a duplicate next time.
-        with contextlib.suppress(TransportError):
-            await self._inbox.flush_acks()
-        with contextlib.suppress(TransportError):
-            await self._ctx.link.disconnect()
-        with contextlib.suppress(TransportError):
-            await self._ctx.link.aclose()
+        tasks, self._tasks = self._tasks, []
+        await stop_background(self._ctx, tasks, self._inbox)
         self._closed = True
         self._outbox.close()
         self._ctx.emit(ConnectionStateChanged("closed"))
@@ -511,13 +377,7 @@ class Client:
         with self._ctx.wlock:
             opened, self._opened = self._opened, None
             if opened is not None:
-                started = starting_at(opened.relay_urls, opened.relay_last)
-                if relay_in_use is not None and started and relay_in_use != started[0]:
-                    # The link moved: the next open starts there (best effort: nothing is
-                    # lost if this write fails; a command that stayed put writes nothing).
-                    with contextlib.suppress(E2EEError):
-                        opened.store.commit(Changes(meta_put={META_RELAY_LAST: relay_in_use}))
-                close_opened(opened)  # releases the directory lock last
+                close_opened(opened, relay_in_use)
 
     def _check_open(self) -> None:
         if self._closed or self._ctx.closing:
@@ -639,14 +499,8 @@ class Client:
         """
         if not text:
             raise UsageError("text must not be empty")
-        quote = await self._quote(reply_to) if reply_to else None
+        quote = await asyncio.to_thread(quote_of, self._ctx, reply_to) if reply_to else None
         return await self._outbox.queue(to, PayloadType.TEXT, wait=wait, text=text, quote=quote)
-
-    async def _quote(self, message_id: str) -> Quote:
-        found = await asyncio.to_thread(self._ctx.history.message, message_id)
-        if found is None:
-            raise UsageError("reply_to names no message in history")
-        return Quote(bytes.fromhex(found.id), found.sender, (found.text or "")[:200])
 
     async def react(self, message_id: str, emoji: str, *, wait: bool = True) -> str:
         """React to a message (``emoji=""`` removes our reaction).
@@ -657,7 +511,7 @@ class Client:
         Raises:
             UsageError: the message is not in history.
         """
-        target = await self._target(message_id)
+        target = await asyncio.to_thread(target_message, self._ctx, message_id)
         me = self._ctx.me.name
         rows = [ReactionRow(f"{message_id}:{me}", message_id, me, emoji, self._ctx.now_ms())]
         return await self._outbox.queue(
@@ -676,12 +530,10 @@ class Client:
         Raises:
             UsageError: not our message, deleted, or empty text.
         """
-        target = await self._target(message_id, own=True)
+        target = await asyncio.to_thread(target_message, self._ctx, message_id, own=True)
         if not text:
             raise UsageError("text must not be empty")
-        rows = await asyncio.to_thread(
-            self._changed, message_id, lambda m: dataclasses.replace(m, text=text, edited=1)
-        )
+        rows = await asyncio.to_thread(edited_rows, self._ctx, message_id, text)
         return await self._outbox.queue(
             target.chat_id,
             PayloadType.EDIT,
@@ -701,7 +553,7 @@ class Client:
         Raises:
             UsageError: not our message.
         """
-        target = await self._target(message_id, own=True)
+        target = await asyncio.to_thread(target_message, self._ctx, message_id, own=True)
         me = self._ctx.me.name
         local = await asyncio.to_thread(lambda: delete_own(self._ctx.view(), me, message_id))
         return await self._outbox.queue(
@@ -713,18 +565,6 @@ class Client:
             extra_rows=local.rows,
             events=local.events,
         )
-
-    def _changed(self, message_id: str, change: Callable[[MessageRow], MessageRow]) -> list[AppRow]:
-        found = self._ctx.view().get(MessageRow, message_id)
-        return [] if found is None else [change(found)]
-
-    async def _target(self, message_id: str, *, own: bool = False) -> StoredMessage:
-        found = await asyncio.to_thread(self._ctx.history.message, message_id)
-        if found is None or found.deleted:
-            raise UsageError("no such message in history")
-        if own and not found.outgoing:
-            raise UsageError("only our own messages can be edited or deleted")
-        return found
 
     async def send_typing(self, to: str, typing: bool = True) -> None:
         """Tell a chat we started (or stopped) typing. Dropped while offline.
@@ -813,23 +653,7 @@ class Client:
             TransportError: the upload failed (nothing was sent).
         """
         self._check_open()
-        source = Path(path)
-        enc = await asyncio.to_thread(encrypt_file, source, directory=self._ctx.folder)
-        try:
-            blob_id = await self._ctx.link.upload_blob(enc.path, enc.digest, progress)
-        finally:
-            with contextlib.suppress(OSError):
-                enc.path.unlink()
-        pointer = AttachmentPointer(
-            blob_id=blob_id,
-            key=enc.key,
-            digest=enc.digest,
-            size=enc.plaintext_size,
-            mime_type=mime_type
-            or mimetypes.guess_type(source.name)[0]
-            or "application/octet-stream",
-            file_name=source.name,
-        )
+        pointer = await upload_file(self._ctx, Path(path), mime_type, progress)
         return await self._outbox.queue(
             to, PayloadType.ATTACHMENT, wait=wait, attachment=pointer, text=caption
         )
@@ -840,17 +664,7 @@ class Client:
         Raises:
             UsageError: the message has no attachment.
         """
-        row = await asyncio.to_thread(self._ctx.view().get, AttachmentRow, message_id)
-        if row is None or not row.key or not row.digest:
-            raise UsageError("that message has no attachment")
-        pointer = AttachmentPointer(
-            row.blob_id or "",
-            row.key,
-            row.digest,
-            row.size or 0,
-            row.mime_type or "",
-            row.file_name or "",
-        )
+        pointer = await asyncio.to_thread(stored_pointer, self._ctx, message_id)
         return await self._outbox.queue(to, PayloadType.ATTACHMENT, wait=wait, attachment=pointer)
 
     async def download_attachment(
@@ -960,25 +774,7 @@ class Client:
             UsageError: we hold no identity key for that user yet.
         """
 
-        def compute() -> list[tuple[int, SafetyNumber]]:
-            out = []
-            for address, record in sorted(self._ctx.store.identities(user).items()):
-                out.append(
-                    (
-                        address.device_id,
-                        compute_safety_number(
-                            self._ctx.engine.identity_key,
-                            self._ctx.me.name,
-                            record.identity_key,
-                            user,
-                        ),
-                    )
-                )
-            if not out:
-                raise UsageError(f"no identity known for {user}")
-            return out
-
-        return await asyncio.to_thread(compute)
+        return await asyncio.to_thread(safety_numbers, self._ctx, user)
 
     async def groups(self) -> list[GroupInfo]:
         """Every group we know (``member`` is False for groups we left or were removed from).
@@ -997,16 +793,7 @@ class Client:
             StorageError: the store or history cannot be read.
         """
 
-        def collect() -> dict[str, dict[int, str]]:
-            out: dict[str, dict[int, str]] = {}
-            for user in self._ctx.history.users():
-                if user == self._ctx.me.name:
-                    continue
-                found = self._ctx.store.identities(user)
-                out[user] = {a.device_id: r.trust for a, r in sorted(found.items())}
-            return out
-
-        return await asyncio.to_thread(collect)
+        return await asyncio.to_thread(contacts, self._ctx)
 
     async def trust_level(self, user: str) -> dict[int, str]:
         """How far each known device of a contact is trusted.
@@ -1030,15 +817,7 @@ class Client:
             StorageError: the store or history cannot be read.
         """
 
-        def collect() -> set[str]:
-            held = set(self._ctx.held)
-            for user in self._ctx.history.users():
-                found = self._ctx.store.identities(user)
-                if any(r.trust == TrustLevel.UNTRUSTED for r in found.values()):
-                    held.add(user)
-            return held - {self._ctx.me.name}
-
-        return await asyncio.to_thread(collect)
+        return await asyncio.to_thread(held_users, self._ctx)
 
     async def user_exists(self, user: str) -> bool:
         """Whether the relay knows ``user`` (fetching their bundles, as a first message would).
@@ -1051,14 +830,7 @@ class Client:
             TransportError: the relay cannot be reached.
         """
         self._check_open()
-        check_username(user)
-        try:
-            await self._outbox.devices(user)
-        except UnknownRecipient:
-            return False
-        except IdentityHeld:
-            pass
-        return True
+        return await self._outbox.user_exists(user)
 
     async def queued_count(self) -> int:
         """Messages composed but not yet accepted by the relay (held ones included).

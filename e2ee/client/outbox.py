@@ -72,6 +72,7 @@ from e2ee.payload import (
     ReceiptKind,
 )
 from e2ee.store import Address, Changes, IdentityRecord, TrustLevel
+from e2ee.transport.auth import check_username
 from e2ee.transport.errors import MailboxFull, MismatchedDevices, NotFound, RelayRejected
 
 __all__ = ["Outbox"]
@@ -548,6 +549,17 @@ class Outbox:
                 statuses.append(status)
             self._ctx.commit(rows, {})
         return statuses
+
+    async def user_exists(self, user: str) -> bool:
+        """Whether the relay knows ``user`` (fetching bundles, as a first message would)."""
+        check_username(user)
+        try:
+            await self.devices(user)
+        except UnknownRecipient:
+            return False
+        except IdentityHeld:
+            pass  # a user whose new key is held exists
+        return True
 
     async def devices(self, user: str, *, refresh: bool = False) -> list[int]:
         """Device ids of ``user`` we hold sessions with, fetching bundles if needed."""

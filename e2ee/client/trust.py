@@ -14,12 +14,13 @@ Invariants:
 from __future__ import annotations
 
 from e2ee.client.context import ClientContext
+from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
 from e2ee.errors import UsageError
 from e2ee.messaging.accounting import restart_counters
 from e2ee.messaging.rows import OutboxRow, direct_chat_id, from_columns
 from e2ee.store import TrustLevel
 
-__all__ = ["accept_identity"]
+__all__ = ["accept_identity", "contacts", "held_users", "safety_numbers"]
 
 
 def accept_identity(ctx: ClientContext, user: str, *, verified: bool) -> None:
@@ -40,3 +41,41 @@ def accept_identity(ctx: ClientContext, user: str, *, verified: bool) -> None:
         if changed:
             queued = [from_columns(OutboxRow, e) for e in ctx.history.pending_outbox()]
             ctx.commit_outcome(restart_counters(ctx.view(), direct_chat_id(user), queued))
+
+
+def safety_numbers(ctx: ClientContext, user: str) -> list[tuple[int, SafetyNumber]]:
+    """Safety numbers with each known device of ``user`` (blocking; run in a thread).
+
+    Raises:
+        UsageError: we hold no identity key for that user yet.
+    """
+    out = []
+    for address, record in sorted(ctx.store.identities(user).items()):
+        number = compute_safety_number(
+            ctx.engine.identity_key, ctx.me.name, record.identity_key, user
+        )
+        out.append((address.device_id, number))
+    if not out:
+        raise UsageError(f"no identity known for {user}")
+    return out
+
+
+def contacts(ctx: ClientContext) -> dict[str, dict[int, str]]:
+    """user -> device -> trust level for everyone in our history (blocking)."""
+    out: dict[str, dict[int, str]] = {}
+    for user in ctx.history.users():
+        if user == ctx.me.name:
+            continue
+        found = ctx.store.identities(user)
+        out[user] = {a.device_id: r.trust for a, r in sorted(found.items())}
+    return out
+
+
+def held_users(ctx: ClientContext) -> set[str]:
+    """Contacts whose changed identity key is not accepted yet (blocking)."""
+    held = set(ctx.held)
+    for user in ctx.history.users():
+        found = ctx.store.identities(user)
+        if any(r.trust == TrustLevel.UNTRUSTED for r in found.values()):
+            held.add(user)
+    return held - {ctx.me.name}

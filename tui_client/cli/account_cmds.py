@@ -48,10 +48,10 @@ def _recovery_key_lines(key: str, user: str) -> list[str]:
 
 async def _first_recovery_key(client: Client, settings: _Settings, relay: str) -> str | None:
     """A new recovery key for an account that has none yet (None when it has one)."""
-    if client.has_recovery_key:
+    if client.recovery.has_key:
         return None
     try:
-        return await asyncio.wait_for(client.new_recovery_key(), settings.network_timeout)
+        return await asyncio.wait_for(client.recovery.new_key(), settings.network_timeout)
     except (TimeoutError, TransportError) as exc:
         reason = "no answer" if isinstance(exc, TimeoutError) else str(exc)
         raise CliError(
@@ -92,7 +92,7 @@ async def cmd_recover(settings: _Settings, args: argparse.Namespace) -> int:
     done = False
     try:
         try:
-            await asyncio.wait_for(client.recover(key), settings.network_timeout)
+            await asyncio.wait_for(client.recovery.recover(key), settings.network_timeout)
         except InvalidRecoveryKey as exc:
             raise CliError(EXIT_USAGE, str(exc)) from None
         except RecoveryRefused:
@@ -139,7 +139,7 @@ async def cmd_recover(settings: _Settings, args: argparse.Namespace) -> int:
 async def cmd_recovery_key(settings: _Settings, args: argparse.Namespace) -> int:
     async with _account(settings, connect=False) as session:
         client = session.client
-        key = await asyncio.wait_for(client.new_recovery_key(), settings.network_timeout)
+        key = await asyncio.wait_for(client.recovery.new_key(), settings.network_timeout)
         user = client.username
     record = {"type": "recovery_key", "username": user, "recovery_key": key}
     lines = ["the earlier recovery key no longer works", *_recovery_key_lines(key, user)]
@@ -189,7 +189,7 @@ async def _backup_create(settings: _Settings, args: argparse.Namespace) -> int:
         except WrongPassphrase:
             raise CliError(EXIT_PASSPHRASE, "the passphrase does not open this account") from None
     try:
-        info = await client.backup(out, passphrase, with_media=args.with_media)
+        info = await client.recovery.backup(out, passphrase, with_media=args.with_media)
     finally:
         await client.close()
     record = {

@@ -389,7 +389,7 @@ class Daemon:
                 await asyncio.wait_for(self._stop.wait(), due)
                 return  # stopping
             try:
-                info = await self.session.client.backup(out, passphrase)
+                info = await self.session.client.recovery.backup(out, passphrase)
             except E2EEError as exc:
                 log.warning("scheduled backup failed: %s", type(exc).__name__)
                 with contextlib.suppress(TimeoutError):
