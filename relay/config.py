@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from blindpost_wire.names import MAX_DEVICE_ID
 from blindpost_wire.registration import MAX_POW_DIFFICULTY, REGISTRATION_MODES
 from relay.loop import EVENT_LOOPS
 
@@ -436,9 +437,9 @@ class RelayConfig:
         for name in ("registration_challenge_ttl_seconds", "invite_ttl_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
-        if not 1 <= self.max_devices_per_user <= 127:
+        if not 1 <= self.max_devices_per_user <= MAX_DEVICE_ID:
             raise ConfigError(
-                f"max_devices_per_user must be 1..127 (got {self.max_devices_per_user})"
+                f"max_devices_per_user must be 1..{MAX_DEVICE_ID} (got {self.max_devices_per_user})"
             )
         if self.max_recipient_users < 1:
             raise ConfigError("max_recipient_users must be positive")

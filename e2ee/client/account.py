@@ -43,7 +43,7 @@ from e2ee.errors import StorageError, UsageError
 from e2ee.store import Changes
 from e2ee.store.sealing import KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
-from e2ee.transport.auth import DeviceSigner
+from e2ee.transport.auth import DeviceSigner, check_device_id
 
 __all__ = [
     "client_context",
@@ -98,8 +98,7 @@ def create_account_dir(
         StoreLocked: another process has the directory open.
         StorageError: the directory or database cannot be created.
     """
-    if not 1 <= device_id <= 127:
-        raise UsageError("device id must be in 1..127")
+    check_device_id(device_id)
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:

@@ -42,6 +42,7 @@ import nacl.exceptions
 import nacl.pwhash
 import nacl.utils
 
+from blindpost_wire.names import MAX_DEVICE_ID
 from e2ee.client.datadir import (
     DB_FILE,
     META_ACCOUNT_CREATED,
@@ -472,7 +473,7 @@ def _reset_restored(
             raise BackupCorrupt("the backup's database does not hold its account")
         store.drop_ratchet_state()
         engine = ProtocolEngine(store, now_ms=now_ms)
-        engine.reset_device(account.device_id % 127 + 1)
+        engine.reset_device(account.device_id % MAX_DEVICE_ID + 1)
         # Our Sender Keys were dropped: forget which member devices hold them, so the first
         # group message of the new device sends its new key to every member again.
         history = History.open(store)

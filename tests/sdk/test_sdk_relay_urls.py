@@ -40,6 +40,15 @@ async def test_a_bad_url_creates_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "acct" / DB_FILE).exists()
 
 
+@pytest.mark.parametrize("device_id", [0, 128, True])
+async def test_a_device_id_the_relay_would_refuse_creates_nothing(
+    tmp_path: Path, device_id: int
+) -> None:
+    with pytest.raises(UsageError, match="device id"):
+        await Client.create(tmp_path / "acct", "alice", A, device_id=device_id, kdf_limits=FAST_KDF)
+    assert not (tmp_path / "acct" / DB_FILE).exists()
+
+
 async def test_a_data_directory_with_one_relay_url_opens_with_that_url(tmp_path: Path) -> None:
     client = await Client.create(tmp_path / "acct", "alice", A, kdf_limits=FAST_KDF)
     await client.close()
