@@ -211,6 +211,10 @@ def _receipt(view: HistoryView, p: Inbound, out: Outcome) -> None:
             continue
         rid = f"{tid}:{sender.name}:{sender.device_id}"
         old = view.get(ReceiptRow, rid)
+        if old is not None and status_at_least(old.status, status) == old.status:
+            # A receipt that moves nothing (a delivered one overtaken by the read one, or
+            # the same again): no row, no event, so nobody sees a status go back.
+            continue
         out.rows.append(
             ReceiptRow(
                 rid,

@@ -68,8 +68,8 @@ def test_stdio_daemon_sends_and_receives_with_a_cli_user(cli: Cli, accounts: Any
         receipts = cli("dbob", "receive", "--json").of_type("receipt")
         assert all(r["message_ids"] == [reply] for r in receipts)
         # Read, after delivered when both arrive in that order; the delivered receipt goes
-        # out a moment after a message arrives, so a read that overtakes it is all bob sees
-        # (a status never goes back).
+        # out a moment after a message arrives, so a read that overtakes it is all bob sees:
+        # a status never goes back.
         assert [r["status"] for r in receipts] in (["delivered", "read"], ["read"])
         history = daemon.call("history", {"user": "dbob"})
         assert [(m["id"], m["status"]) for m in history] == [

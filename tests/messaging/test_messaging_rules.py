@@ -364,3 +364,8 @@ def test_change_and_receipt_events_carry_the_committed_state() -> None:
         e for e in receive(alice, "alice", BOB, receipt).events if isinstance(e, ReceiptUpdated)
     ]
     assert (updated.status, updated.message_status) == ("read", "read")
+    # A delivered receipt overtaken by the read one moves nothing: no event, no row.
+    late = dataclasses.replace(receipt, message_id=new_id(), receipt=payload.ReceiptKind.DELIVERED)
+    out = receive(alice, "alice", BOB, late)
+    assert out.events == [] and out.rows == []
+    assert alice.messages("dm:bob")[0].status == "read"
