@@ -208,7 +208,10 @@ async def test_key_change_banner_holds_sending_until_accepted(
         await until(pilot, lambda: banner.display and banner.user == "bob")
         text = str(banner.query_one("#key-banner-text").render())
         assert "bob's safety number changed" in text and "wait" in text
-        # Verify opens contact info with the safety number and the QR code.
+        # Verify opens contact info with the safety number and the QR code. (The banner's
+        # buttons are clicked once laid out: a click before lands on nothing.)
+        verify = banner.query_one("#key-verify")
+        await until(pilot, lambda: verify.region.area > 0)
         await pilot.click("#key-verify")
         await until(pilot, lambda: isinstance(app.screen, ContactInfoScreen))
         number = app.screen.query_one("#contact-number")
@@ -218,6 +221,8 @@ async def test_key_change_banner_holds_sending_until_accepted(
         await until(pilot, lambda: isinstance(app.screen, MainScreen))
         assert banner.display
         # Accept: the held message goes out, the banner goes away.
+        accept = banner.query_one("#key-accept")
+        await until(pilot, lambda: accept.region.area > 0)
         await pilot.click("#key-accept")
         got = await next_event(bob_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.text == "hello?"
