@@ -24,6 +24,7 @@ __all__ = [
     "POSTGRES_POOL_MAX",
     "POSTGRES_POOL_MIN",
     "REDIS_PREFIX_MAX",
+    "REDIS_WAKE_BODY_MAX",
     "REPLAY_GUARDS",
     "RETIRED_SETTINGS",
     "SETTING_HELP",
@@ -45,6 +46,7 @@ BLOB_STORES = ("auto", "fs", "postgres")
 POSTGRES_POOL_MIN = 2
 POSTGRES_POOL_MAX = 1000
 REDIS_PREFIX_MAX = 64
+REDIS_WAKE_BODY_MAX = 65536  # a wake-up is one PUBLISH: keep it small
 _POSTGRES_SCHEMES = ("postgresql", "postgres")
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 
@@ -234,6 +236,9 @@ SETTING_HELP: dict[str, str] = {
     " its node's last refresh (must exceed redis_heartbeat_seconds)",
     "redis_poll_seconds": "with redis_url: safety poll; a lost wake-up delays a push by at most"
     " this long (every live socket's mailbox is re-read this often)",
+    "redis_wake_body_bytes": "with redis_url: a wake-up carries a message whose encoded"
+    f" DELIVER frame is at most this many bytes, so the woken node pushes it without reading the"
+    f" store (0..{REDIS_WAKE_BODY_MAX}; 0 = wake-ups carry sequence numbers only)",
     "redis_timeout_seconds": "with redis_url: a Redis command that takes longer fails, and the"
     " node becomes not-ready",
     "redis_retry_after_seconds": "with redis_url: the Retry-After of the 503 answered while Redis"
@@ -336,6 +341,7 @@ class RelayConfig:
     redis_heartbeat_seconds: float = 5.0
     redis_presence_ttl_seconds: float = 20.0
     redis_poll_seconds: float = 10.0
+    redis_wake_body_bytes: int = 4096
     redis_timeout_seconds: float = 2.0
     redis_retry_after_seconds: int = 2
 
@@ -392,6 +398,11 @@ class RelayConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+        if not 0 <= self.redis_wake_body_bytes <= REDIS_WAKE_BODY_MAX:
+            raise ConfigError(
+                f"redis_wake_body_bytes must be 0..{REDIS_WAKE_BODY_MAX}"
+                f" (got {self.redis_wake_body_bytes})"
+            )
         if self.redis_presence_ttl_seconds <= self.redis_heartbeat_seconds:
             raise ConfigError(
                 "redis_presence_ttl_seconds must exceed redis_heartbeat_seconds (got"

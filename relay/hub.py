@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -31,7 +31,7 @@ from blindpost_wire.close import (
     CLOSE_UNAUTHENTICATED,
 )
 from relay.metrics import Metrics
-from relay.store.base import Address, Delivery
+from relay.store.base import Address, Delivery, StoredMessage
 from relay.wire import encode_deliver
 
 __all__ = [
@@ -203,13 +203,24 @@ class Hub:
         closed) never receives again, so advancing its ``last_seq`` first loses nothing: the
         messages stay in the mailbox for the next connection.
         """
+        self._push((d.recipient, d.message.seq, d.message) for d in deliveries)
+
+    def deliver_encoded(self, items: Sequence[tuple[Address, int, bytes]]) -> None:
+        """Push DELIVER payloads encoded elsewhere (another node's wake-up carried them), as
+        :meth:`deliver` pushes stored messages: same order and skipping rules.
+
+        Args:
+            items: (recipient, seq, the encoded DELIVER payload) in increasing seq per device.
+        """
+        self._push(items)
+
+    def _push(self, items: Iterable[tuple[Address, int, StoredMessage | bytes]]) -> None:
         conns = self._conns
         out: dict[Connection, list[bytes]] = {}
-        for d in deliveries:
-            conn = conns.get(d.recipient)
+        for addr, seq, message in items:
+            conn = conns.get(addr)
             if conn is None:
                 continue
-            seq = d.message.seq
             if not conn.live:
                 if seq > conn.pending_max:
                     conn.pending_max = seq
@@ -217,7 +228,8 @@ class Hub:
             if seq <= conn.last_seq:
                 continue
             conn.last_seq = seq
-            frame = frame_bytes(OPCODE_BINARY, encode_deliver(d.message))
+            payload = message if isinstance(message, bytes) else encode_deliver(message)
+            frame = frame_bytes(OPCODE_BINARY, payload)
             frames = out.get(conn)
             if frames is None:
                 out[conn] = [frame]

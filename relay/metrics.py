@@ -25,6 +25,8 @@ class Metrics:
     redis_wake_calls: int = 0
     redis_woken_devices: int = 0
     redis_resyncs: int = 0
+    redis_carried_pushes: int = 0
+    redis_push_reads: int = 0
     http_responses: Counter[int] = field(default_factory=Counter)
 
     def render(self, stats: StoreStats) -> str:
@@ -89,6 +91,15 @@ class Metrics:
             " and re-read every live socket's mailbox.",
             "# TYPE blindpost_relay_redis_resyncs_total counter",
             f"blindpost_relay_redis_resyncs_total {self.redis_resyncs}",
+            "# HELP blindpost_relay_redis_carried_pushes_total Messages pushed straight from"
+            " another node's wake-up, without a store read.",
+            "# TYPE blindpost_relay_redis_carried_pushes_total counter",
+            f"blindpost_relay_redis_carried_pushes_total {self.redis_carried_pushes}",
+            "# HELP blindpost_relay_redis_push_reads_total Mailbox reads made to push messages"
+            " committed by other nodes (wake-ups without a usable carried message, resyncs, the"
+            " safety poll).",
+            "# TYPE blindpost_relay_redis_push_reads_total counter",
+            f"blindpost_relay_redis_push_reads_total {self.redis_push_reads}",
             "# HELP blindpost_relay_http_responses_total HTTP responses by status.",
             "# TYPE blindpost_relay_http_responses_total counter",
         ]

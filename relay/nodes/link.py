@@ -14,7 +14,10 @@
 #   exactly one survives, with no clocks compared. A refresh finding another holder closes the
 #   local socket too, so a lost kick is repaired within one heartbeat.
 # * A commit wakes remote recipients with one script per batch (presence lookup and PUBLISH on
-#   the server): one Redis round trip per commit batch, whatever its size.
+#   the server): one Redis round trip per commit batch, whatever its size. A wake-up carries the
+#   encoded DELIVER of each small message (``redis_wake_body_bytes``); the woken node pushes it
+#   without reading the store only when it is exactly the socket's next seq, else it reads the
+#   store as for a bare wake-up: the same order and exactly-once rule as a node's own commits.
 # * Device removal is broadcast; a node that may have missed it (it re-subscribed) forgets every
 #   cached auth key and re-checks every local socket's device in the store.
 # * A node whose Redis is unreachable is not ready: it refuses what needs Redis (new sockets,
@@ -24,6 +27,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import secrets
@@ -39,6 +44,7 @@ from relay.hub import CLOSE_DEVICE_REMOVED, CLOSE_REPLACED, Connection
 from relay.nodes.state import connect
 from relay.state import RelayState
 from relay.store.base import Address, Delivery
+from relay.wire import encode_deliver
 
 __all__ = ["NodeLink"]
 
@@ -48,6 +54,7 @@ _PAGE = 256  # messages per store read of the push pump
 _PAGE_BYTES = 1024 * 1024
 _PUMP_BATCH = 256  # devices read concurrently by the push pump
 _SCRIPT_KEYS = 500  # presence keys per script call (bounds one script's time on the server)
+_WAKE_CARRIED = 32  # messages per device one wake-up carries at most (more: a bare wake-up)
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 # KEYS[1] presence key. ARGV: value "<node> <token>", ttl ms, node channel prefix, "<dev> <user>".
@@ -91,9 +98,10 @@ end
 return 0
 """
 
-# KEYS presence keys of recipients; ARGV node channel prefix, own node id, then one line
-# "W <seq> <dev> <user>" per key. Publishes, per holding node other than ours, one message of
-# all its lines. Returns the number of nodes woken.
+# KEYS presence keys of recipients; ARGV node channel prefix, own node id, then the lines for
+# each key: "W <seq> <dev> <user>" (read the store up to seq), or one "D <seq> <dev> <user>
+# <base64 DELIVER>" per carried message, joined by newlines. Publishes, per holding node other
+# than ours, one message of all its lines. Returns the number of nodes woken.
 _WAKE = """
 local groups = {}
 local order = {}
@@ -156,12 +164,15 @@ class NodeLink:
         self._tasks: list[asyncio.Task[None]] = []
         self._dirty: set[Address] = set()
         self._pump_task: asyncio.Task[None] | None = None
-        self._outgoing: dict[Address, int] = {}
+        # Remote recipients of this node's commits, for the next wake-up: the highest seq, and
+        # the encoded messages it carries (None once one did not fit: a bare wake-up).
+        self._outgoing: dict[Address, tuple[int, list[tuple[int, bytes]] | None]] = {}
+        self._carry_max = config.redis_wake_body_bytes
         self._wake_task: asyncio.Task[None] | None = None
         self._releases: dict[str, str] = {}
         self._release_task: asyncio.Task[None] | None = None
         self._removals: list[Address] = []
-        self._metrics = state.metrics  # redis_wake_calls, redis_woken_devices, redis_resyncs
+        self._metrics = state.metrics  # the redis_* counters
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -346,7 +357,6 @@ class NodeLink:
         # store after the socket's last pushed seq.
         hub = self._state.hub
         get = hub.get
-        outgoing = self._outgoing
         direct: list[Delivery] = []
         expect: dict[Address, int] = {}
         for d in deliveries:
@@ -359,12 +369,32 @@ class NodeLink:
                     expect[addr] = seq + 1
                 else:
                     self._mark(addr, seq)
-            elif seq > outgoing.get(addr, 0):
-                outgoing[addr] = seq
+            else:
+                self._carry(addr, d)
         if direct:
             hub.deliver(direct)
-        if outgoing and (self._wake_task is None or self._wake_task.done()):
+        if self._outgoing and (self._wake_task is None or self._wake_task.done()):
             self._wake_task = asyncio.get_running_loop().create_task(self._waker())
+
+    def _carry(self, addr: Address, d: Delivery) -> None:
+        # Queue a remote recipient's message for the next wake-up, carrying its encoded DELIVER
+        # when small enough (the woken node then pushes it without a store read).
+        seq = d.message.seq
+        last, carried = self._outgoing.get(addr, (0, []))
+        if seq <= last:
+            return
+        if carried is not None:
+            payload = b""
+            if len(carried) < _WAKE_CARRIED and len(d.message.body) <= self._carry_max:
+                try:
+                    payload = encode_deliver(d.message)
+                except RelayError:
+                    payload = b""
+            if payload and len(payload) <= self._carry_max:
+                carried.append((seq, payload))
+            else:
+                carried = None
+        self._outgoing[addr] = (seq, carried)
 
     async def _waker(self) -> None:
         # Commits made while one call is under way go out together in the next: batches grow
@@ -390,7 +420,7 @@ class NodeLink:
                     args=[
                         self._channel_prefix,
                         self.node_id,
-                        *(f"W {seq} {a.device} {a.user}" for a, seq in batch),
+                        *(_wake_lines(a, seq, carried) for a, (seq, carried) in batch),
                     ],
                 ),
                 self._timeout,
@@ -425,6 +455,7 @@ class NodeLink:
         conn = hub.get(addr)
         if conn is None or not conn.live or conn.closing:
             return
+        self._metrics.redis_push_reads += 1
         try:
             msgs = await self._state.store.fetch_mailbox(addr, conn.last_seq, _PAGE, _PAGE_BYTES)
         except RelayError as err:  # the next wake or the poll retries
@@ -487,11 +518,27 @@ class NodeLink:
         self.push_all()
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
+        hub = self._state.hub
+        direct: list[tuple[Address, int, bytes]] = []
+        expect: dict[Address, int] = {}
         for line in data.decode("ascii", "replace").split("\n"):
             parts = line.split(" ")
             try:
                 kind = parts[0]
-                if kind == "W" and len(parts) == 4:
+                if kind == "D" and len(parts) == 5:
+                    # A carried message: push it now if it is exactly the socket's next seq
+                    # (nothing can be missing before it), else read the store as for "W".
+                    addr = Address(parts[3], int(parts[2]))
+                    seq = int(parts[1])
+                    conn = hub.get(addr)
+                    if conn is None:
+                        continue
+                    if conn.live and seq == expect.get(addr, conn.last_seq + 1):
+                        direct.append((addr, seq, base64.b64decode(parts[4], validate=True)))
+                        expect[addr] = seq + 1
+                    else:
+                        self._mark(addr, seq)
+                elif kind == "W" and len(parts) == 4:
                     self._mark(Address(parts[3], int(parts[2])), int(parts[1]))
                 elif kind == "K" and len(parts) == 4:
                     conn = self._state.hub.get(Address(parts[3], int(parts[2])))
@@ -506,8 +553,11 @@ class NodeLink:
                     addr = Address(parts[2], int(parts[1]))
                     self._state.keys.pop(addr, None)
                     self._state.hub.kick_device(addr, CLOSE_DEVICE_REMOVED, "device removed")
-            except ValueError:
+            except (ValueError, binascii.Error):
                 log.warning("ignored a malformed node message line (%d bytes)", len(line))
+        if direct:
+            self._metrics.redis_carried_pushes += len(direct)
+            hub.deliver_encoded(direct)
 
     # -- device removal ------------------------------------------------------------------------
 
@@ -530,3 +580,13 @@ class NodeLink:
             )
             if self._removals and self._removals[0] == addr:
                 self._removals.pop(0)
+
+
+def _wake_lines(addr: Address, seq: int, carried: list[tuple[int, bytes]] | None) -> str:
+    """The wake-up lines for one recipient device: its carried messages, or a bare wake-up."""
+    if not carried:
+        return f"W {seq} {addr.device} {addr.user}"
+    return "\n".join(
+        f"D {s} {addr.device} {addr.user} {base64.b64encode(payload).decode('ascii')}"
+        for s, payload in carried
+    )

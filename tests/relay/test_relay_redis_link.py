@@ -100,6 +100,7 @@ async def test_a_node_started_without_redis_becomes_ready_when_redis_comes(
         ({"redis_poll_seconds": 0}, "redis_poll_seconds must be positive"),
         ({"redis_timeout_seconds": 0}, "redis_timeout_seconds must be positive"),
         ({"redis_retry_after_seconds": 0}, "redis_retry_after_seconds must be positive"),
+        ({"redis_wake_body_bytes": 65537}, "redis_wake_body_bytes must be 0..65536"),
         (
             {"redis_heartbeat_seconds": 5, "redis_presence_ttl_seconds": 5},
             "redis_presence_ttl_seconds must exceed redis_heartbeat_seconds",

@@ -147,6 +147,9 @@ async def test_messages_cross_nodes_live_in_order_once_with_one_redis_call_each(
     assert 1 <= calls <= len(mids)
     assert await metric(c0, "blindpost_relay_redis_woken_devices_total") == len(mids)
     assert await metric(c1, "blindpost_relay_messages_delivered_total") == len(mids)
+    # Small messages travel in the wake-up: the woken node pushed every one without a store read.
+    assert await metric(c1, "blindpost_relay_redis_carried_pushes_total") == len(mids)
+    assert await metric(c1, "blindpost_relay_redis_push_reads_total") == 0
     # A recipient on the sender's own node costs no Redis call at all.
     ws_a = await c0.ws(alice)
     assert await drain_until_empty(ws_a) == []
@@ -158,6 +161,68 @@ async def test_messages_cross_nodes_live_in_order_once_with_one_redis_call_each(
     assert await metric(c0, "blindpost_relay_redis_wake_calls_total") == calls
     for ws in (ws_a, ws_b):
         await ws.close()
+
+
+@pytest.mark.parametrize("carry", ["0", "64"])
+async def test_messages_too_big_to_carry_are_read_from_the_store_in_order_once(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession, carry: str
+) -> None:
+    # redis_wake_body_bytes = 0: wake-ups carry no message; 64: only the small ones fit, so
+    # carried and read pushes interleave for one socket.
+    n0, n1 = start_nodes(2, redis_prefix, redis_wake_body_bytes=carry)
+    c0, c1 = RelayClient(n0.url, session), RelayClient(n1.url, session)
+    alice = await c0.new_device("alice")
+    bob = await c0.new_device("bob")
+    ws_b = await c1.ws(bob)
+    assert await drain_until_empty(ws_b) == []
+    bodies = [b"s%d" % i if i % 3 else bytes(200) + b"%d" % i for i in range(30)]
+    mids = [new_mid() for _ in bodies]
+    for body, mid in zip(bodies, mids, strict=True):
+        assert (await c0.send(alice, [bob], body, mid)).status == 200
+    got = await receive_messages(ws_b, len(mids))
+    assert [m.message_id for m in got] == mids
+    assert [m.body for m in got] == bodies
+    await assert_quiet(ws_b)
+    carried = await metric(c1, "blindpost_relay_redis_carried_pushes_total")
+    if carry == "0":
+        assert carried == 0
+    else:
+        small = sum(1 for b in bodies if len(b) < 10)
+        assert 0 < carried <= small
+    assert await metric(c1, "blindpost_relay_redis_push_reads_total") >= 1
+    await ws_b.close()
+
+
+async def test_carried_messages_from_two_nodes_reach_a_third_in_seq_order_once(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    # Two senders on two nodes race to one recipient on a third: wake-ups from the two nodes
+    # arrive in any order, so a carried message is pushed only when it is the socket's next
+    # seq; the others are read from the store. Every message arrives once, in seq order.
+    n0, n1, n2 = start_nodes(3, redis_prefix)
+    c = [RelayClient(n.url, session) for n in (n0, n1, n2)]
+    alice = await c[0].new_device("alice")
+    carol = await c[1].new_device("carol")
+    bob = await c[0].new_device("bob")
+    ws_b = await c[2].ws(bob)
+    assert await drain_until_empty(ws_b) == []
+
+    async def burst(client: RelayClient, sender: Device, tag: bytes) -> list[bytes]:
+        mids = [new_mid() for _ in range(25)]
+        for i, mid in enumerate(mids):
+            assert (await client.send(sender, [bob], tag + b"%d" % i, mid)).status == 200
+        return mids
+
+    sent_a, sent_c = await asyncio.gather(burst(c[0], alice, b"a"), burst(c[1], carol, b"c"))
+    got = await receive_messages(ws_b, 50)
+    seqs = [m.seq for m in got]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 50
+    ids = [m.message_id for m in got]
+    assert [i for i in ids if i in set(sent_a)] == sent_a
+    assert [i for i in ids if i in set(sent_c)] == sent_c
+    await assert_quiet(ws_b)
+    assert await metric(c[2], "blindpost_relay_redis_carried_pushes_total") > 0
+    await ws_b.close()
 
 
 async def test_offline_recipient_gets_its_backlog_on_another_node_then_live(
