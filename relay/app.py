@@ -4,7 +4,9 @@
 #   whose body reveals nothing.
 # * Every /v1 route authenticates with a signed request before touching the store (the
 #   registration route verifies against the key it is registering), except
-#   ``GET /v1/registration``, which only tells the mode and issues a stateless challenge.
+#   ``GET /v1/registration``, which only tells the mode and issues a stateless challenge, and
+#   the new device's two provisioning routes (relay.provisioning: rate-limited per address,
+#   small, few and short-lived).
 # * Nothing here logs or echoes a message body or key material.
 """The aiohttp application: ``create_app(config)`` and the HTTP handlers."""
 
@@ -46,6 +48,7 @@ from relay.errors import (
 from relay.http_errors import Handler, json_errors
 from relay.hub import CLOSE_BANNED, Hub
 from relay.metrics import Metrics
+from relay.provisioning import fill_provision, open_provision, read_provision, take_provision
 from relay.ratelimit import RateLimiter, SendSlots, make_limiter
 from relay.recovery import recover, reset_devices, set_recovery
 from relay.registration import invite_hash
@@ -517,6 +520,9 @@ async def sweep_once(
         await asyncio.sleep(pause_seconds)
     if removed:
         log.info("sweeper removed %d expired messages", removed)
+    slots = await st.store.sweep_provisions(st.clock.now_ms())
+    if slots:
+        log.info("sweeper removed %d expired provisioning slots", slots)
     return removed
 
 
@@ -609,6 +615,12 @@ def create_app(
         recovery_address_limit=limiter(
             "recovery_address", config.recovery_address_rate, config.recovery_address_burst
         ),
+        provisioning_limit=limiter(
+            "provisioning", config.provisioning_rate, config.provisioning_burst
+        ),
+        provisioning_poll_limit=limiter(
+            "provisioning_poll", config.provisioning_poll_rate, config.provisioning_poll_burst
+        ),
         lookup_limit=limiter("lookup", config.lookup_rate, config.lookup_burst),
         upload_limit=RateLimiter(config.upload_bytes_rate, config.upload_bytes_burst),
         account_send_limit=limiters.frame_limiter(
@@ -697,6 +709,10 @@ def create_app(
         ("GET", "/v1/devices", list_devices),
         ("DELETE", "/v1/devices/{device_id}", remove_device),
         ("POST", "/v1/devices/reset", reset_devices),
+        ("POST", "/v1/provisioning", open_provision),
+        ("GET", "/v1/provisioning/{slot_id}", read_provision),
+        ("PUT", "/v1/provisioning/{slot_id}", fill_provision),
+        ("POST", "/v1/provisioning/{slot_id}/take", take_provision),
         ("PUT", "/v1/recovery", set_recovery),
         ("POST", "/v1/recovery", recover),
         ("PUT", "/v1/keys", upload_keys),

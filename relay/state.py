@@ -128,6 +128,8 @@ class RelayState:
     device_add_limit: Limiter  # per account
     recovery_limit: Limiter  # recovery attempts per username (relay.recovery)
     recovery_address_limit: Limiter  # recovery attempts per client address
+    provisioning_limit: Limiter  # provisioning slots opened per client address
+    provisioning_poll_limit: Limiter  # provisioning polls per client address
     lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
     upload_limit: RateLimiter  # bytes per account; node-local like send_limit
     # Per account, all devices: cluster-wide with Redis (leased, so a WebSocket send rarely

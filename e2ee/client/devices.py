@@ -25,12 +25,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
+
+import nacl.exceptions
+import nacl.public
 
 from blindpost_wire.names import MAX_DEVICE_ID
 from e2ee.client.context import ClientContext
@@ -49,6 +53,7 @@ from e2ee.client.datadir import (
 )
 from e2ee.core import ProtocolEngine
 from e2ee.errors import (
+    InvalidLinkCode,
     InvalidLinkGrant,
     NotRegistered,
     StorageError,
@@ -59,6 +64,7 @@ from e2ee.store import Changes
 from e2ee.store.sealing import KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
+from e2ee.transport.errors import RelayRejected
 from e2ee.transport.failover import check_relay_urls
 
 __all__ = [
@@ -67,9 +73,12 @@ __all__ = [
     "MAX_DEVICE_NAME",
     "DeviceRecord",
     "Devices",
+    "LinkCode",
     "LinkGrant",
     "NewDeviceKeys",
     "create_linked_dir",
+    "open_grant",
+    "seal_grant",
 ]
 
 #: The first bytes of an encoded grant.
@@ -238,6 +247,93 @@ class NewDeviceKeys:
         """The Ed25519 public auth key the relay will know this device by."""
         return DeviceSigner.from_seed(self.auth_seed, "linking", 1).public_key
 
+    @property
+    def box_public(self) -> bytes:
+        """The X25519 public key a grant is sealed to (it goes in the link code)."""
+        return bytes(nacl.public.PrivateKey(self.box_secret).public_key)
+
+
+#: The link code's version (its first byte).
+CODE_VERSION: Final = 1
+_CODE_BYTES: Final = 1 + 16 + 32 + 2  # version, slot id, X25519 public key, checksum
+
+
+def _code_checksum(body: bytes) -> bytes:
+    return hashlib.blake2b(body, digest_size=2, person=b"bp-link-code").digest()
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCode:
+    """What the new device shows and the approver types or scans: the provisioning slot's id
+    at the relay and the new device's one-use X25519 public key (docs/wire-format.md,
+    "Link code"). Neither is secret on its own; the grant is sealed to that key."""
+
+    slot_id: str
+    box_public: bytes
+
+    def to_bytes(self) -> bytes:
+        """Version, slot id (16 bytes), X25519 public key (32), checksum (2)."""
+        body = bytes([CODE_VERSION]) + bytes.fromhex(self.slot_id) + self.box_public
+        return body + _code_checksum(body)
+
+    def text(self) -> str:
+        """The code as text: RFC 4648 base32, lower case, no padding (82 characters)."""
+        return base64.b32encode(self.to_bytes()).decode("ascii").rstrip("=").lower()
+
+    @classmethod
+    def parse(cls, text: str) -> LinkCode:
+        """Read a code as typed or scanned (case, spaces and dashes ignored).
+
+        Raises:
+            InvalidLinkCode: not a link code (wrong length, characters, version or checksum).
+        """
+        if not isinstance(text, str):
+            raise InvalidLinkCode("a link code is text")
+        cleaned = "".join(text.split()).replace("-", "").upper()
+        cleaned += "=" * (-len(cleaned) % 8)
+        try:
+            raw = base64.b32decode(cleaned)
+        except ValueError:
+            raise InvalidLinkCode("a link code is base32 text") from None
+        if len(raw) != _CODE_BYTES:
+            raise InvalidLinkCode("a link code has the wrong length")
+        if raw[0] != CODE_VERSION:
+            raise InvalidLinkCode("unsupported link code version")
+        if _code_checksum(raw[:-2]) != raw[-2:]:
+            raise InvalidLinkCode("the link code has a typo (its checksum does not match)")
+        return cls(raw[1:17].hex(), raw[17:49])
+
+
+def seal_grant(grant: LinkGrant, box_public: bytes) -> bytes:
+    """Encrypt a grant to the new device's X25519 key (PyNaCl ``SealedBox``: an ephemeral
+    key, X25519 and XSalsa20-Poly1305); only the holder of the private key opens it.
+
+    Raises:
+        UsageError: not a 32-byte public key.
+    """
+    if len(box_public) != 32:
+        raise UsageError("an X25519 public key is 32 bytes")
+    box = nacl.public.SealedBox(nacl.public.PublicKey(box_public))
+    return bytes(box.encrypt(grant.to_bytes()))
+
+
+def open_grant(sealed: bytes, keys: NewDeviceKeys) -> LinkGrant:
+    """Open a sealed grant with the new device's keys and check that it names our auth key.
+
+    Raises:
+        InvalidLinkGrant: it does not decrypt (tampered with, or sealed to another key),
+            does not decode, or names another auth key.
+    """
+    box = nacl.public.SealedBox(nacl.public.PrivateKey(keys.box_secret))
+    try:
+        plain = box.decrypt(sealed)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise InvalidLinkGrant("the link grant does not decrypt") from None
+    grant = LinkGrant.from_bytes(plain)
+    if grant.auth_key != keys.auth_key:
+        raise InvalidLinkGrant("the grant names another device's auth key")
+    return grant
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
@@ -323,6 +419,34 @@ class Devices:
             approver_device=ctx.me.device_id,
             device_name=name,
         )
+
+    async def approve(self, code: str, *, name: str = "") -> LinkGrant:
+        """Approve a new device that shows ``code``: register it at the relay and send it
+        its grant, sealed to the key in the code, through the provisioning slot.
+
+        Args:
+            code: the new device's link code (as typed or scanned).
+            name: a name for the new device.
+
+        Returns:
+            The grant that was sent (its repr hides the identity key).
+
+        Raises:
+            InvalidLinkCode: not a link code (nothing was sent).
+            NotFound: no such slot at the relay (expired, or already used).
+            RelayRejected: the slot holds a grant already (``provisioning_filled``), or
+                ``too_many_devices``.
+            RateLimited, NotRegistered, TransportError: as :meth:`add`.
+        """
+        parsed = LinkCode.parse(code)
+        check_device_name(name)
+        slot = await self._ctx.link.read_provisioning(parsed.slot_id)
+        if slot.filled:
+            raise RelayRejected(409, "provisioning_filled", "this code was approved already")
+        grant = await self.add(slot.auth_key, name=name)
+        sealed = seal_grant(grant, parsed.box_public)
+        await self._ctx.link.fill_provisioning(parsed.slot_id, sealed)
+        return grant
 
     async def remove(self, device_id: int) -> None:
         """Remove a device of our account (this one included) at the relay.

@@ -25,7 +25,7 @@ from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import ConnectionLost, RelayRejected, UsernameTaken
 from e2ee.transport.failover import RelayNodes, node_failed
 from e2ee.transport.frames import Delivery, QueueEmpty
-from e2ee.transport.requests import DeviceInfo
+from e2ee.transport.requests import DeviceInfo, ProvisionInfo, ProvisionOpened
 
 if TYPE_CHECKING:
     import aiohttp
@@ -79,6 +79,24 @@ class RelayLink(Protocol):
 
     async def remove_device(self, device_id: int) -> None:
         """Remove a device of this user (``DELETE /v1/devices/{id}``); ``NotFound``."""
+        ...
+
+    async def open_provisioning(self, auth_key: bytes) -> ProvisionOpened:
+        """Open a provisioning slot for a new device with ``auth_key``
+        (``POST /v1/provisioning``, unsigned)."""
+        ...
+
+    async def read_provisioning(self, slot_id: str) -> ProvisionInfo:
+        """Read a provisioning slot (``GET /v1/provisioning/{id}``); ``NotFound`` when gone."""
+        ...
+
+    async def fill_provisioning(self, slot_id: str, grant: bytes) -> None:
+        """Put an encrypted grant into a slot (``PUT /v1/provisioning/{id}``), once."""
+        ...
+
+    async def take_provisioning(self, slot_id: str, token: bytes) -> bytes | None:
+        """Poll a slot (``POST /v1/provisioning/{id}/take``): the grant once, else None;
+        ``NotFound`` when the slot expired or was taken."""
         ...
 
     async def prekey_count(self) -> int:
@@ -246,6 +264,22 @@ class TransportLink:
     async def remove_device(self, device_id: int) -> None:
         """``DELETE /v1/devices/{id}`` (see :meth:`RelayLink.remove_device`)."""
         await self._nodes.call(lambda url: self._http(url).remove_device(device_id))
+
+    async def open_provisioning(self, auth_key: bytes) -> ProvisionOpened:
+        """``POST /v1/provisioning`` (see :meth:`RelayLink.open_provisioning`)."""
+        return await self._nodes.call(lambda url: self._http(url).open_provisioning(auth_key))
+
+    async def read_provisioning(self, slot_id: str) -> ProvisionInfo:
+        """``GET /v1/provisioning/{id}`` (see :meth:`RelayLink.read_provisioning`)."""
+        return await self._nodes.call(lambda url: self._http(url).read_provisioning(slot_id))
+
+    async def fill_provisioning(self, slot_id: str, grant: bytes) -> None:
+        """``PUT /v1/provisioning/{id}`` (see :meth:`RelayLink.fill_provisioning`)."""
+        await self._nodes.call(lambda url: self._http(url).fill_provisioning(slot_id, grant))
+
+    async def take_provisioning(self, slot_id: str, token: bytes) -> bytes | None:
+        """``POST /v1/provisioning/{id}/take`` (see :meth:`RelayLink.take_provisioning`)."""
+        return await self._nodes.call(lambda url: self._http(url).take_provisioning(slot_id, token))
 
     async def prekey_count(self) -> int:
         """``GET /v1/keys/count``."""

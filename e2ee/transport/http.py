@@ -396,6 +396,25 @@ class RelayClient:
         """
         return await self.execute(rq.remove_device(device_id))
 
+    # -- provisioning (linking a device) --------------------------------------------------
+
+    async def open_provisioning(self, auth_key: bytes) -> rq.ProvisionOpened:
+        """Open a provisioning slot for a new device (unsigned; see
+        :func:`e2ee.transport.requests.open_provisioning`)."""
+        return await self.execute(rq.open_provisioning(auth_key))
+
+    async def read_provisioning(self, slot_id: str) -> rq.ProvisionInfo:
+        """Read a provisioning slot as an approver (signed; ``NotFound`` when gone)."""
+        return await self.execute(rq.read_provisioning(slot_id))
+
+    async def fill_provisioning(self, slot_id: str, grant: bytes) -> bool:
+        """Put the encrypted grant into a slot (signed; once)."""
+        return await self.execute(rq.fill_provisioning(slot_id, grant))
+
+    async def take_provisioning(self, slot_id: str, token: bytes) -> bytes | None:
+        """Poll a slot for its grant (unsigned; the grant once, then ``NotFound``)."""
+        return await self.execute(rq.take_provisioning(slot_id, token))
+
     # -- prekeys --------------------------------------------------------------------------
 
     async def upload_keys(self, keys: Mapping[str, Any]) -> int:

@@ -8,6 +8,7 @@ device reads nothing sent afterwards.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 import pytest
 from sdk_relay import Relay
 
-from e2ee.client import Client, LinkGrant, NewDeviceKeys, TransportLink
-from e2ee.client_errors import AuthFailed
-from e2ee.errors import InvalidLinkGrant
+from e2ee.client import Client, LinkCode, LinkGrant, NewDeviceKeys, PendingLink, TransportLink
+from e2ee.client.devices import seal_grant
+from e2ee.client_errors import AuthFailed, NotFound
+from e2ee.errors import InvalidLinkCode, InvalidLinkGrant, LinkNotApproved
 from e2ee.events import MessageReceived
 from e2ee.store.sealing import KdfLimits
 from e2ee.transport.auth import DeviceSigner
@@ -145,3 +147,93 @@ def test_grant_encoding_is_versioned_and_hides_secrets() -> None:
         with pytest.raises(InvalidLinkGrant):
             LinkGrant.from_bytes(bad)
     assert dataclasses.replace(grant, device_name="x").device_name == "x"
+
+
+# -- the provisioning channel through the relay ------------------------------------------
+
+
+async def test_link_through_the_relay_with_a_code(
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any, relay: Relay
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    pending = await PendingLink.start(relay.url)
+    try:
+        waiting = asyncio.create_task(pending.wait(WAIT, poll_interval=0.1))
+        # Typed with spaces and in upper case, as a person might.
+        typed = " ".join(pending.code.text().upper()[i : i + 6] for i in range(0, 82, 6))
+        sent = await alice.devices.approve(typed, name="laptop")
+        grant = await waiting
+    finally:
+        await pending.aclose()
+    assert grant == sent and grant.device_id == 2 and grant.device_name == "laptop"
+    alice2 = await Client.link_device(
+        tmp_path / "alice2", grant, pending.keys, options=fast_options, kdf_limits=FAST_KDF
+    )
+    try:
+        assert alice2.fingerprint == alice.fingerprint
+        events2 = alice2.events()
+        async with alice2, bob:
+            await bob.send_text("alice", "hello second device")
+            got = await wait_for(events2, lambda e: isinstance(e, MessageReceived), WAIT)
+            assert got.message.text == "hello second device"
+        # The code is used up: approving it again finds no slot.
+        with pytest.raises(NotFound):
+            await alice.devices.approve(pending.code.text())
+    finally:
+        await alice2.close()
+
+
+async def test_link_refused_without_approval(
+    make_client: MakeClient, tmp_path: Path, relay: Relay
+) -> None:
+    alice = await make_client("alice")
+    pending = await PendingLink.start(relay.url)
+    try:
+        with pytest.raises(LinkNotApproved):
+            await pending.wait(1.0, poll_interval=0.1)
+    finally:
+        await pending.aclose()
+    # Nothing was registered for the new device, and nothing was written for it.
+    assert [d.device_id for d in await alice.devices.list()] == [1]
+    assert not (tmp_path / "alice2").exists()
+
+
+async def test_tampered_or_misdirected_grant_is_refused(
+    make_client: MakeClient, relay: Relay, signers: Any
+) -> None:
+    alice = await make_client("alice")
+    grant = await alice.devices.add(NewDeviceKeys.generate().auth_key)
+    for make_sealed in (
+        # Sealed to the right key, then one byte flipped.
+        lambda p: (
+            bytes([seal_grant(grant, p.keys.box_public)[0] ^ 1])
+            + seal_grant(grant, p.keys.box_public)[1:]
+        ),
+        # Sealed to someone else's key.
+        lambda p: seal_grant(grant, NewDeviceKeys.generate().box_public),
+        # A real grant for this key, naming another device's auth key.
+        lambda p: seal_grant(grant, p.keys.box_public),
+    ):
+        pending = await PendingLink.start(relay.url)
+        link = TransportLink(signers["alice", 1], relay.url)
+        try:
+            await link.fill_provisioning(pending.code.slot_id, make_sealed(pending))
+            with pytest.raises(InvalidLinkGrant):
+                await pending.wait(WAIT, poll_interval=0.1)
+        finally:
+            await link.aclose()
+            await pending.aclose()
+
+
+def test_link_code_round_trip_and_typos() -> None:
+    keys = NewDeviceKeys.generate()
+    code = LinkCode("ab" * 16, keys.box_public)
+    text = code.text()
+    assert len(text) == 82 and text == text.lower()
+    assert LinkCode.parse(text) == code
+    assert LinkCode.parse("-".join(text[i : i + 5] for i in range(0, 82, 5)).upper()) == code
+    typo = text[:10] + ("a" if text[10] != "a" else "b") + text[11:]
+    for bad in (typo, text[:-1], text + "a", "", "not a code!"):
+        with pytest.raises(InvalidLinkCode):
+            LinkCode.parse(bad)
+    assert "box_secret" not in repr(keys) and keys.box_secret.hex() not in repr(keys)
