@@ -191,8 +191,11 @@ async def add_device(request: web.Request) -> web.Response:
         raise BadRequest("body must be a JSON object")
     new = Address(caller.user, parse_device_id(doc.get("device_id")))
     auth_key = b64d(doc.get("auth_key"), "auth_key", AUTH_KEY_LEN)
+    name = None if doc.get("name") is None else b64d(doc.get("name"), "name")
+    if name is not None and len(name) > st.config.device_name_max_bytes:
+        raise TooLarge(f"a device name is at most {st.config.device_name_max_bytes} bytes")
     await st.device_add_limit.take(caller.user, st.clock.monotonic())
-    await st.store.add_device(new, auth_key, st.clock.now_ms())
+    await st.store.add_device(new, auth_key, st.clock.now_ms(), name)
     log.info("added device user=%s device=%d", new.user, new.device)
     return web.json_response({"username": new.user, "device_id": new.device}, status=201)
 
@@ -206,7 +209,13 @@ async def list_devices(request: web.Request) -> web.Response:
         {
             "username": caller.user,
             "devices": [
-                {"device_id": d.device_id, "created_at": d.created_at, "has_keys": d.has_keys}
+                {
+                    "device_id": d.device_id,
+                    "created_at": d.created_at,
+                    "has_keys": d.has_keys,
+                    "name": None if d.name is None else b64e(d.name),
+                    "last_seen": d.last_seen,
+                }
                 for d in devices
             ],
         }

@@ -173,6 +173,10 @@ SETTING_HELP: dict[str, str] = {
     "prekey_target_burst": "one-time prekey burst per target user",
     "device_add_rate": "device additions per second per account -> 429",
     "device_add_burst": "device addition burst per account",
+    "device_name_max_bytes": "largest device name (the SDK's ciphertext) POST /v1/devices"
+    " takes -> 413",
+    "device_seen_granularity_seconds": "the relay records a device's last-seen time rounded"
+    " down to this (one write per device per period; 0 = never recorded)",
     "provisioning_ttl_seconds": "how long a device-link provisioning slot (POST"
     " /v1/provisioning) lives, waiting for its grant and then for the new device to fetch it",
     "provisioning_max_live": "provisioning slots alive at once on this relay, all clients"
@@ -315,6 +319,8 @@ class RelayConfig:
     device_add_burst: float = 5.0
     # Device linking (docs/relay-api.md, "Provisioning"): unauthenticated, so bounded per
     # address, in number and size, and short-lived.
+    device_name_max_bytes: int = 512
+    device_seen_granularity_seconds: float = 3600.0
     provisioning_ttl_seconds: float = 600.0
     provisioning_max_live: int = 10_000
     provisioning_max_grant_bytes: int = 16_384

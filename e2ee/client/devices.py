@@ -35,6 +35,7 @@ from typing import Any, Final, TypeVar
 
 import nacl.exceptions
 import nacl.public
+import nacl.secret
 
 from blindpost_wire.names import MAX_DEVICE_ID
 from e2ee.client.context import ClientContext
@@ -337,12 +338,44 @@ def open_grant(sealed: bytes, keys: NewDeviceKeys) -> LinkGrant:
 
 @dataclass(frozen=True, slots=True)
 class DeviceRecord:
-    """One device of our account as the relay lists it (``client.devices.list()``)."""
+    """One device of our account as the relay lists it (``client.devices.list()``).
+
+    ``name`` is the name given when it was linked ("" for none, or one that does not
+    decrypt); ``last_seen`` the relay's coarse time of its last request (None before one).
+    """
 
     device_id: int
     created_at: int
     has_keys: bool
     this_device: bool
+    name: str = ""
+    last_seen: int | None = None
+
+
+def _name_box(identity_key_pair: bytes) -> nacl.secret.SecretBox:
+    key = hashlib.blake2b(
+        b"blindpost device name v1",
+        key=hashlib.sha256(identity_key_pair).digest(),
+        person=b"bp-device-name",
+        digest_size=nacl.secret.SecretBox.KEY_SIZE,
+    ).digest()
+    return nacl.secret.SecretBox(key)
+
+
+def seal_device_name(identity_key_pair: bytes, name: str) -> bytes:
+    """A device name as the relay keeps it: encrypted (XSalsa20-Poly1305) under a key derived
+    from the identity key pair, which every device of the account holds and the relay not."""
+    return bytes(_name_box(identity_key_pair).encrypt(name.encode("utf-8")))
+
+
+def open_device_name(identity_key_pair: bytes, sealed: bytes | None) -> str:
+    """The name :func:`seal_device_name` sealed ("" for None or one that does not open)."""
+    if not sealed:
+        return ""
+    try:
+        return str(_name_box(identity_key_pair).decrypt(sealed).decode("utf-8"))
+    except (nacl.exceptions.CryptoError, ValueError):
+        return ""
 
 
 class Devices:
@@ -365,9 +398,24 @@ class Devices:
         """
         found = await self._ctx.link.list_devices()
         me = self._ctx.me.device_id
+        ikp = await asyncio.to_thread(self._identity_key_pair)
         return [
-            DeviceRecord(d.device_id, d.created_at, d.has_keys, d.device_id == me) for d in found
+            DeviceRecord(
+                d.device_id,
+                d.created_at,
+                d.has_keys,
+                d.device_id == me,
+                open_device_name(ikp, d.name),
+                d.last_seen,
+            )
+            for d in found
         ]
+
+    def _identity_key_pair(self) -> bytes:
+        account = self._ctx.store.load_account()
+        if account is None:
+            raise StorageError("the account is gone from the store")
+        return account.identity_key_pair
 
     async def add(self, auth_key: bytes, *, name: str = "") -> LinkGrant:
         """Register a new device of our account at the relay (signed by this device) and
@@ -405,15 +453,14 @@ class Devices:
         await asyncio.to_thread(
             ctx.store.commit, Changes(meta_put={META_DEVICE_ISSUED: str(device_id)})
         )
-        await ctx.link.add_device(device_id, auth_key)
-        account = await asyncio.to_thread(ctx.store.load_account)
-        if account is None:
-            raise StorageError("the account is gone from the store")
+        ikp = await asyncio.to_thread(self._identity_key_pair)
+        sealed_name = seal_device_name(ikp, name) if name else None
+        await ctx.link.add_device(device_id, auth_key, sealed_name)
         urls = await asyncio.to_thread(read_relay_urls, ctx.store)
         return LinkGrant(
             username=ctx.me.name,
             device_id=device_id,
-            identity_key_pair=account.identity_key_pair,
+            identity_key_pair=ikp,
             relay_urls=urls,
             auth_key=auth_key,
             approver_device=ctx.me.device_id,

@@ -68,8 +68,9 @@ class RelayLink(Protocol):
         (``POST /v1/devices/reset``, signed by this device)."""
         ...
 
-    async def add_device(self, device_id: int, auth_key: bytes) -> None:
-        """Add a device of this user (``POST /v1/devices``, signed by this device);
+    async def add_device(self, device_id: int, auth_key: bytes, name: bytes | None = None) -> None:
+        """Add a device of this user (``POST /v1/devices``, signed by this device), with its
+        name as the relay keeps it (opaque bytes);
         ``RelayRejected`` ``device_exists``/``too_many_devices``, ``RateLimited``."""
         ...
 
@@ -253,9 +254,9 @@ class TransportLink:
         """``POST /v1/devices/reset`` (see :meth:`RelayLink.reset_devices`)."""
         await self._nodes.call(lambda url: self._http(url).reset_devices(device_id, auth_key))
 
-    async def add_device(self, device_id: int, auth_key: bytes) -> None:
+    async def add_device(self, device_id: int, auth_key: bytes, name: bytes | None = None) -> None:
         """``POST /v1/devices`` (see :meth:`RelayLink.add_device`)."""
-        await self._nodes.call(lambda url: self._http(url).add_device(device_id, auth_key))
+        await self._nodes.call(lambda url: self._http(url).add_device(device_id, auth_key, name))
 
     async def list_devices(self) -> tuple[DeviceInfo, ...]:
         """``GET /v1/devices`` (see :meth:`RelayLink.list_devices`)."""

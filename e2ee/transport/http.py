@@ -328,12 +328,15 @@ class RelayClient:
             )
         )
 
-    async def add_device(self, device_id: int, auth_key: bytes) -> Registered:
+    async def add_device(
+        self, device_id: int, auth_key: bytes, name: bytes | None = None
+    ) -> Registered:
         """Add another device to this user (signed by this device).
 
         Args:
             device_id: the new device's id.
             auth_key: the new device's 32-byte Ed25519 public key.
+            name: its name as the relay keeps it (opaque bytes).
 
         Returns:
             The new (username, device id).
@@ -342,7 +345,7 @@ class RelayClient:
             UsageError: bad arguments. RelayRejected: 409 ``device_exists`` /
             ``too_many_devices``. ConnectionFailed: network.
         """
-        return await self.execute(rq.add_device(device_id, auth_key))
+        return await self.execute(rq.add_device(device_id, auth_key, name))
 
     async def reset_devices(self, device_id: int, auth_key: bytes) -> Registered:
         """Make a new device this user's only device (signed by this device).

@@ -220,6 +220,8 @@ class DeviceInfo:
     device_id: int
     created_at: int
     has_keys: bool
+    name: bytes | None = None  # as given when the device was added (the SDK encrypts it)
+    last_seen: int | None = None  # unix ms, rounded down by the relay
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,12 +414,13 @@ def register(
     )
 
 
-def add_device(device_id: int, auth_key: bytes) -> Request[Registered]:
+def add_device(device_id: int, auth_key: bytes, name: bytes | None = None) -> Request[Registered]:
     """``POST /v1/devices``: add a device (signed by an existing device of the same user).
 
     Args:
         device_id: the new device's id.
         auth_key: the new device's 32-byte Ed25519 public key.
+        name: the device's name as the relay keeps it (opaque bytes; the SDK encrypts it).
 
     Returns:
         The request; result :class:`Registered`. Errors: ``RelayRejected`` 409
@@ -426,7 +429,10 @@ def add_device(device_id: int, auth_key: bytes) -> Request[Registered]:
     Raises:
         UsageError: bad device id or key length.
     """
-    body = _json_body({"device_id": check_device_id(device_id), "auth_key": _auth_key(auth_key)})
+    doc: dict[str, Any] = {"device_id": check_device_id(device_id), "auth_key": _auth_key(auth_key)}
+    if name is not None:
+        doc["name"] = b64e(bytes(name))
+    body = _json_body(doc)
     return Request(
         "POST",
         "/v1/devices",
@@ -512,11 +518,15 @@ def _device_list(response: Response) -> tuple[DeviceInfo, ...]:
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("has_keys"), bool):
             raise MalformedResponse("malformed device entry")
+        name = item.get("name")
+        seen = item.get("last_seen")
         out.append(
             DeviceInfo(
                 _int_field(item, "device_id", 1, MAX_DEVICE_ID),
                 _int_field(item, "created_at"),
                 bool(item["has_keys"]),
+                None if name is None else b64d(name, "name", error=MalformedResponse),
+                None if seen is None else _int_field(item, "last_seen"),
             )
         )
     return tuple(out)

@@ -95,6 +95,8 @@ class DeviceInfo:
     device_id: int
     created_at: int
     has_keys: bool
+    name: bytes | None = None  # opaque to the relay (the SDK encrypts it)
+    last_seen: int | None = None  # coarse: see RelayStore.touch_device
 
 
 class Envelope(NamedTuple):
@@ -336,8 +338,14 @@ class RelayStore(Protocol):
     async def sweep_provisions(self, now_ms: int) -> int:
         """Delete expired provisioning slots (with any grant in them); return how many."""
 
-    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
-        """Add a device to an existing user.
+    async def touch_device(self, addr: Address, seen_ms: int) -> None:
+        """Record that the device authenticated at ``seen_ms`` (callers round it down: the
+        relay keeps a coarse last-seen only); nothing for an unknown device."""
+
+    async def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
+        """Add a device to an existing user, with an optional name (opaque bytes).
 
         Raises:
             NotFound: ``unknown_user``.

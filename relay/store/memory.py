@@ -57,6 +57,8 @@ _SWEEP_CHUNK = 5000
 class _Device:
     auth_key: bytes
     created_ms: int
+    name: bytes | None = None
+    seen_ms: int | None = None
     registration_id: int | None = None
     identity_key: bytes | None = None
     signed_prekey: SignedPrekey | None = None
@@ -257,7 +259,16 @@ class MemoryRelayStore:
             del self._provisions[key]
         return len(gone)
 
-    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def touch_device(self, addr: Address, seen_ms: int) -> None:
+        """See ``RelayStore.touch_device``."""
+        self._check_open()
+        device = self._users.get(addr.user, {}).get(addr.device)
+        if device is not None:
+            device.seen_ms = seen_ms
+
+    async def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
         """See ``RelayStore.add_device``."""
         self._check_open()
         devices = self._users.get(addr.user)
@@ -267,14 +278,14 @@ class MemoryRelayStore:
             raise Conflict("device id already registered", code="device_exists")
         if len(devices) >= self._limits.max_devices_per_user:
             raise Conflict("too many devices", code="too_many_devices")
-        devices[addr.device] = _Device(auth_key, now_ms)
+        devices[addr.device] = _Device(auth_key, now_ms, None if name is None else bytes(name))
 
     async def list_devices(self, user: str) -> list[DeviceInfo]:
         """See ``RelayStore.list_devices``."""
         self._check_open()
         devices = self._users.get(user, {})
         return [
-            DeviceInfo(dev_id, d.created_ms, d.signed_prekey is not None)
+            DeviceInfo(dev_id, d.created_ms, d.signed_prekey is not None, d.name, d.seen_ms)
             for dev_id, d in sorted(devices.items())
         ]
 

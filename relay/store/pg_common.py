@@ -411,6 +411,8 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             expires_ms bigint NOT NULL,
             grant_ct bytea);
         CREATE INDEX provisions_expires ON provisions(expires_ms);
+        -- A device's name (opaque: the SDK encrypts it) and a coarse last-seen time.
+        ALTER TABLE devices ADD COLUMN name bytea, ADD COLUMN seen_ms bigint;
         """,
     ),
 )

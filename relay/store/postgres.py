@@ -813,7 +813,21 @@ class PostgresRelayStore:
             status = await pool.execute("DELETE FROM provisions WHERE expires_ms <= $1", now_ms)
         return int(status.split()[-1])
 
-    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def touch_device(self, addr: Address, seen_ms: int) -> None:
+        """See ``RelayStore.touch_device``."""
+        pool = self._pool_or_fail()
+        with storage_errors("touch device"):
+            await pool.execute(
+                "UPDATE devices SET seen_ms = $3 WHERE device_id = $2 AND user_pk = "
+                "(SELECT pk FROM users WHERE username = $1)",
+                addr.user,
+                addr.device,
+                seen_ms,
+            )
+
+    async def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
         """See ``RelayStore.add_device``."""
 
         async def tx(conn: asyncpg.Connection) -> None:
@@ -835,12 +849,13 @@ class PostgresRelayStore:
             if len(ids) >= self._limits.max_devices_per_user:
                 raise Conflict("too many devices", code="too_many_devices")
             await conn.execute(
-                "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) "
-                "VALUES ($1, $2, $3, $4)",
+                "INSERT INTO devices(user_pk, device_id, auth_key, created_ms, name) "
+                "VALUES ($1, $2, $3, $4, $5)",
                 user_pk,
                 addr.device,
                 auth_key,
                 now_ms,
+                name,
             )
 
         await self._transaction("add device", tx)
@@ -850,11 +865,21 @@ class PostgresRelayStore:
         pool = self._pool_or_fail()
         with storage_errors("list devices"):
             rows = await pool.fetch(
-                "SELECT d.device_id, d.created_ms, d.spk_id IS NOT NULL FROM devices d "
-                "JOIN users u ON u.pk = d.user_pk WHERE u.username = $1 ORDER BY d.device_id",
+                "SELECT d.device_id, d.created_ms, d.spk_id IS NOT NULL, d.name, d.seen_ms "
+                "FROM devices d JOIN users u ON u.pk = d.user_pk WHERE u.username = $1 "
+                "ORDER BY d.device_id",
                 user,
             )
-        return [DeviceInfo(int(r[0]), int(r[1]), bool(r[2])) for r in rows]
+        return [
+            DeviceInfo(
+                int(r[0]),
+                int(r[1]),
+                bool(r[2]),
+                None if r[3] is None else bytes(r[3]),
+                None if r[4] is None else int(r[4]),
+            )
+            for r in rows
+        ]
 
     async def remove_device(self, addr: Address) -> None:
         """See ``RelayStore.remove_device``."""

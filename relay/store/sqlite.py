@@ -116,7 +116,7 @@ CREATE TABLE IF NOT EXISTS devices(
     pk INTEGER PRIMARY KEY, user_pk INTEGER NOT NULL, device_id INTEGER NOT NULL,
     auth_key BLOB NOT NULL, created_ms INTEGER NOT NULL,
     registration_id INTEGER, identity_key BLOB, spk_id INTEGER, spk_pub BLOB, spk_sig BLOB,
-    UNIQUE(user_pk, device_id));
+    name BLOB, seen_ms INTEGER, UNIQUE(user_pk, device_id));
 CREATE TABLE IF NOT EXISTS otpks(
     device_pk INTEGER NOT NULL, key_id INTEGER NOT NULL, public_key BLOB NOT NULL,
     PRIMARY KEY(device_pk, key_id)) WITHOUT ROWID;
@@ -511,7 +511,9 @@ class _WriterState:
         # Not cached here: the directory cache fills on first use (sends), so accounts that
         # only connect cost no writer memory.
 
-    def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
         entry = self.user(addr.user)
         if entry is None:
             raise NotFound("unknown user", code="unknown_user")
@@ -520,8 +522,9 @@ class _WriterState:
         if len(entry.devices) >= self.limits.max_devices_per_user:
             raise Conflict("too many devices", code="too_many_devices")
         cur = self.conn.execute(
-            "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) VALUES (?,?,?,?)",
-            (entry.pk, addr.device, auth_key, now_ms),
+            "INSERT INTO devices(user_pk, device_id, auth_key, created_ms, name) "
+            "VALUES (?,?,?,?,?)",
+            (entry.pk, addr.device, auth_key, now_ms, name),
         )
         entry.devices[addr.device] = int(cur.lastrowid or 0)
 
@@ -1036,6 +1039,7 @@ class SqliteRelayStore:
             had_accounting = _has_table(conn, "account_bytes")
             _forget_tombstones(conn)
             conn.executescript(_SCHEMA)
+            _device_columns(conn)
             if not had_accounting:  # a database from before per-account quotas
                 conn.execute(
                     "INSERT OR IGNORE INTO account_bytes(username, sent) SELECT sender, "
@@ -1433,10 +1437,16 @@ class SqliteRelayStore:
             raise StorageError("store is closed")
         return self._state.conn
 
-    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
         """See ``RelayStore.add_device``."""
         assert self._state is not None
-        await self._submit(self._state.add_device, addr, auth_key, now_ms)
+        await self._submit(self._state.add_device, addr, auth_key, now_ms, name)
+
+    async def touch_device(self, addr: Address, seen_ms: int) -> None:
+        """See ``RelayStore.touch_device``."""
+        await self._submit(_touch_device, self._conn(), addr, seen_ms)
 
     async def remove_device(self, addr: Address) -> None:
         """See ``RelayStore.remove_device``."""
@@ -1448,9 +1458,15 @@ class SqliteRelayStore:
 
         def q(conn: sqlite3.Connection) -> list[DeviceInfo]:
             return [
-                DeviceInfo(int(r[0]), int(r[1]), r[2] is not None)
+                DeviceInfo(
+                    int(r[0]),
+                    int(r[1]),
+                    r[2] is not None,
+                    None if r[3] is None else bytes(r[3]),
+                    None if r[4] is None else int(r[4]),
+                )
                 for r in conn.execute(
-                    "SELECT d.device_id, d.created_ms, d.spk_id FROM devices d "
+                    "SELECT d.device_id, d.created_ms, d.spk_id, d.name, d.seen_ms FROM devices d "
                     "JOIN users u ON u.pk = d.user_pk WHERE u.username=? ORDER BY d.device_id",
                     (user,),
                 )
@@ -1629,6 +1645,22 @@ def _set_banned(conn: sqlite3.Connection, user: str, banned: bool, now_ms: int) 
     else:
         conn.execute("DELETE FROM bans WHERE username=?", (user,))
     return True
+
+
+def _touch_device(conn: sqlite3.Connection, addr: Address, seen_ms: int) -> None:
+    conn.execute(
+        "UPDATE devices SET seen_ms=? WHERE device_id=? AND user_pk="
+        "(SELECT pk FROM users WHERE username=?)",
+        (seen_ms, addr.device, addr.user),
+    )
+
+
+def _device_columns(conn: sqlite3.Connection) -> None:
+    """A database from before device names and last-seen gets the two (nullable) columns."""
+    have = {str(r[1]) for r in conn.execute("PRAGMA table_info(devices)")}
+    for column, kind in (("name", "BLOB"), ("seen_ms", "INTEGER")):
+        if column not in have:
+            conn.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
 
 
 def _sweep_provisions(conn: sqlite3.Connection, now_ms: int) -> int:

@@ -734,3 +734,40 @@ async def test_provisioning_slot_hands_its_grant_out_once_and_expires(
         assert await s.open_provision(extra, token, 1000, max_live=2) is True  # room again
     finally:
         await s.close()
+
+
+async def test_device_name_and_last_seen_are_kept(backend: Backend, tmp_path: Path) -> None:
+    s = await backend.open(tmp_path)
+    try:
+        await s.create_account(A, b"a" * 32, 0)
+        await s.add_device(Address("alice", 2), b"b" * 32, 5, b"sealed name")
+        await s.touch_device(Address("alice", 2), 3_600_000)
+        await s.touch_device(Address("alice", 9), 3_600_000)  # unknown: nothing happens
+        s = await backend.restart(s, tmp_path)
+        listed = await s.list_devices("alice")
+        assert [(d.device_id, d.name, d.last_seen) for d in listed] == [
+            (1, None, None),
+            (2, b"sealed name", 3_600_000),
+        ]
+    finally:
+        await s.close()
+
+
+async def test_sqlite_database_from_before_device_names_gets_the_columns(tmp_path: Path) -> None:
+    s = SqliteRelayStore(tmp_path / "relay.sqlite3")
+    await s.open()
+    await s.create_account(A, b"a" * 32, 0)
+    await s.close()
+    conn = sqlite3.connect(tmp_path / "relay.sqlite3")
+    conn.execute("ALTER TABLE devices DROP COLUMN name")
+    conn.execute("ALTER TABLE devices DROP COLUMN seen_ms")
+    conn.commit()
+    conn.close()
+    s = SqliteRelayStore(tmp_path / "relay.sqlite3")
+    await s.open()
+    try:
+        await s.add_device(Address("alice", 2), b"b" * 32, 5, b"n")
+        listed = await s.list_devices("alice")
+        assert [(d.device_id, d.name) for d in listed] == [(1, None), (2, b"n")]
+    finally:
+        await s.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,18 @@ async def test_linked_device_shares_identity_and_receives_alongside(
         assert alice2.identity_key == alice.identity_key
         assert alice2.fingerprint == alice.fingerprint
         listed = await alice.devices.list()
-        assert [(d.device_id, d.has_keys, d.this_device) for d in listed] == [
-            (1, True, True),
-            (2, True, False),
+        assert [(d.device_id, d.has_keys, d.this_device, d.name) for d in listed] == [
+            (1, True, True, ""),
+            (2, True, False, "laptop"),
         ]
+        # Both devices made signed requests: the relay records a coarse last-seen for each
+        # (in the background, so it may land a moment after the answer).
+        deadline = time.monotonic() + WAIT
+        while any(d.last_seen is None for d in listed):
+            assert time.monotonic() < deadline, listed
+            await asyncio.sleep(0.05)
+            listed = await alice.devices.list()
+        assert all(d.last_seen is not None and d.last_seen % 3_600_000 == 0 for d in listed)
         assert [d.this_device for d in await alice2.devices.list()] == [False, True]
 
         events1, events2 = alice.events(), alice2.events()
