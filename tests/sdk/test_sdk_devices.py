@@ -119,13 +119,15 @@ async def test_linked_device_signs_with_its_own_key(
 
     ikp = alice._ctx.store.load_account()
     assert ikp is not None
-    forged = DeviceSigner.from_seed(auth_seed(ikp.identity_key_pair), "alice", 2)
-    link = TransportLink(forged, relay.url)
-    try:
-        with pytest.raises(AuthFailed):
-            await link.list_devices()
-    finally:
-        await link.aclose()
+    # Nor as device 1: an account made now draws device 1's seed at random too.
+    for device in (1, 2):
+        forged = DeviceSigner.from_seed(auth_seed(ikp.identity_key_pair), "alice", device)
+        link = TransportLink(forged, relay.url)
+        try:
+            with pytest.raises(AuthFailed):
+                await link.list_devices()
+        finally:
+            await link.aclose()
     assert keys.auth_key != forged.public_key
 
 
