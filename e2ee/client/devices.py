@@ -12,12 +12,13 @@ Invariants:
   key, so a grant cannot be redirected to a device its approver did not register.
 * A :class:`LinkGrant` holds the identity key pair: its repr hides it, and its byte
   encoding (:meth:`LinkGrant.to_bytes`) travels only encrypted (docs/protocol.md,
-  "Linking a device").
+  "Linked devices").
 * Device ids are never handed out twice by one approver: a new id is above every id the
   relay lists and every id this device issued before (a removed id would otherwise meet
   the sessions other users still hold with the removed device).
-* Creating the new device's data directory writes the account in one commit; nothing
-  reaches the relay until :func:`create_linked_dir` returned.
+* Creating the new device's data directory either completes (the account and its
+  settings, the sealed auth seed among them) or removes the database files it made;
+  nothing reaches the relay until :func:`create_linked_dir` returned.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ Invariants:
 * The slot's token (it takes the grant) and the X25519 private key (it opens the grant)
   never leave this object; the code carries only the slot id and the public key.
 * Waiting polls the relay at ``poll_interval`` (the relay's ``provisioning_poll_rate`` is
-  the bound) until ``timeout``; time is a parameter (``monotonic``, ``sleep``).
+  the bound) until ``timeout``; a poll the relay rate-limits waits its ``Retry-After``, and a
+  relay that cannot be reached for a moment is polled again, both within ``timeout``. Time
+  is a parameter (``monotonic``, ``sleep``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from e2ee.client.devices import LinkCode, LinkGrant, NewDeviceKeys, open_grant
 from e2ee.client.link import LinkFactory, RelayLink, default_link_factory
 from e2ee.errors import LinkNotApproved, UsageError
 from e2ee.transport.auth import DeviceSigner
-from e2ee.transport.errors import NotFound
+from e2ee.transport.errors import ConnectionFailed, NotFound, RelayRejected
 from e2ee.transport.failover import check_relay_urls
 
 __all__ = ["PendingLink"]
@@ -126,16 +128,24 @@ class PendingLink:
             raise UsageError("timeout and poll_interval must be positive")
         deadline = monotonic() + timeout
         while True:
+            pause = poll_interval
             try:
                 sealed = await self._link.take_provisioning(self.code.slot_id, self._token)
             except NotFound:
                 raise LinkNotApproved("the link code expired before it was approved") from None
+            except (ConnectionFailed, RelayRejected) as exc:
+                if isinstance(exc, RelayRejected) and not exc.retryable:
+                    raise
+                # A 429, a node restarting, a 503: poll again while there is time, after the
+                # relay's Retry-After when it gave one.
+                sealed = None
+                pause = max(poll_interval, float(getattr(exc, "retry_after", 0) or 0))
             if sealed is not None:
                 return open_grant(sealed, self.keys)
             left = deadline - monotonic()
             if left <= 0:
                 raise LinkNotApproved(f"the link code was not approved within {timeout:g} s")
-            await sleep(min(poll_interval, left))
+            await sleep(min(pause, left))
 
     async def aclose(self) -> None:
         """Close the relay link (idempotent)."""

@@ -248,3 +248,62 @@ def test_link_code_round_trip_and_typos() -> None:
         with pytest.raises(InvalidLinkCode):
             LinkCode.parse(bad)
     assert "box_secret" not in repr(keys) and keys.box_secret.hex() not in repr(keys)
+
+
+class _Polls:
+    """A relay link that answers ``take_provisioning`` from a script (no I/O)."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+
+    async def take_provisioning(self, slot_id: str, token: bytes) -> bytes | None:
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _pending(answers: list[Any]) -> tuple[PendingLink, list[float], Any, Any]:
+    keys = NewDeviceKeys.generate()
+    code = LinkCode("cd" * 16, keys.box_public)
+    pending = PendingLink(_Polls(answers), keys, code, b"t" * 32, 0, ("http://127.0.0.1:9",))  # type: ignore[arg-type]
+    now = [0.0]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    return pending, slept, (lambda: now[0]), sleep
+
+
+async def test_waiting_rides_out_rate_limits_and_a_relay_blip() -> None:
+    from e2ee.transport.errors import ConnectionFailed, RateLimited, Unavailable
+
+    keys_grant = LinkGrant("alice", 2, b"\x0a" * 70, ("http://127.0.0.1:9",), b"", 1)
+    pending, slept, monotonic, sleep = _pending([])
+    grant = dataclasses.replace(keys_grant, auth_key=pending.keys.auth_key)
+    pending._link.answers = [  # type: ignore[attr-defined]
+        None,
+        RateLimited(429, "rate_limited", "", retry_after=5),
+        ConnectionFailed("relay restarting"),
+        Unavailable(503, "unavailable", "", retry_after=2),
+        seal_grant(grant, pending.keys.box_public),
+    ]
+    got = await pending.wait(60, poll_interval=1.0, monotonic=monotonic, sleep=sleep)
+    assert got == grant
+    assert slept == [1.0, 5.0, 1.0, 2.0]
+
+
+async def test_waiting_gives_up_at_its_timeout_or_when_the_slot_is_gone() -> None:
+    pending, slept, monotonic, sleep = _pending([None] * 100)
+    with pytest.raises(LinkNotApproved):
+        await pending.wait(3.5, poll_interval=1.0, monotonic=monotonic, sleep=sleep)
+    assert slept == [1.0, 1.0, 1.0, 0.5]
+    pending, slept, monotonic, sleep = _pending([None, NotFound(404, "unknown_provisioning")])
+    with pytest.raises(LinkNotApproved):
+        await pending.wait(60, poll_interval=1.0, monotonic=monotonic, sleep=sleep)
+    assert slept == [1.0]
