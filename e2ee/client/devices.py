@@ -26,9 +26,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import re
+import secrets
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,7 @@ import nacl.public
 import nacl.secret
 
 from blindpost_wire.names import MAX_DEVICE_ID
+from e2ee.client.backup import restore_dir, write_backup
 from e2ee.client.context import ClientContext
 from e2ee.client.datadir import (
     DB_FILE,
@@ -55,15 +60,18 @@ from e2ee.client.datadir import (
 )
 from e2ee.core import ProtocolEngine
 from e2ee.errors import (
+    BackupCorrupt,
     InvalidLinkCode,
     InvalidLinkGrant,
     NotRegistered,
     StorageError,
     StoreLocked,
     UsageError,
+    WrongPassphrase,
 )
+from e2ee.media import Progress
 from e2ee.store import Changes
-from e2ee.store.sealing import KdfLimits
+from e2ee.store.sealing import KDF_MODERATE, KdfLimits
 from e2ee.store.sqlite import SQLiteProtocolStore
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
 from e2ee.transport.errors import RelayRejected
@@ -80,6 +88,7 @@ __all__ = [
     "NewDeviceKeys",
     "create_linked_dir",
     "open_grant",
+    "restore_linked_dir",
     "seal_grant",
 ]
 
@@ -94,6 +103,9 @@ META_DEVICE_ISSUED: Final = "sdk.device_issued"
 # An encoded grant is small (an identity key pair, a name, <= 16 URLs); anything larger is
 # not one.
 _MAX_GRANT_BYTES: Final = 8192
+_BLOB_RE: Final = re.compile(r"[0-9a-f]{64}")
+# A history hand-over's key is 256 random bits: Argon2id's work buys nothing, so the cheapest.
+_HANDOVER_KDF: Final = KdfLimits(opslimit=1, memlimit=8192)
 
 
 def _b64(data: bytes) -> str:
@@ -148,12 +160,16 @@ class LinkGrant:
     auth_key: bytes
     approver_device: int
     device_name: str = ""
+    #: An opt-in history hand-over: the blob holding it, and its one-time key (secret).
+    history_blob: str = ""
+    history_key: str = field(default="", repr=False)
 
     def __repr__(self) -> str:  # the identity key pair never reaches a repr
         return (
             f"LinkGrant(username={self.username!r}, device_id={self.device_id}, "
             f"approver_device={self.approver_device}, relay_urls={self.relay_urls!r}, "
-            f"device_name={self.device_name!r}, identity_key_pair=<secret>)"
+            f"device_name={self.device_name!r}, history={bool(self.history_blob)}, "
+            "identity_key_pair=<secret>)"
         )
 
     __str__ = __repr__
@@ -171,6 +187,8 @@ class LinkGrant:
             "approver_device": self.approver_device,
             "device_name": self.device_name,
         }
+        if self.history_blob:
+            doc["history"] = {"blob": self.history_blob, "key": self.history_key}
         return GRANT_MAGIC + bytes([GRANT_VERSION]) + json.dumps(doc).encode("utf-8")
 
     @classmethod
@@ -210,6 +228,14 @@ class LinkGrant:
             raise InvalidLinkGrant("grant field 'identity_key_pair' has a bad length")
         if device_id == approver:
             raise InvalidLinkGrant("a grant names a new device, not its approver")
+        history = doc.get("history")
+        blob, key = "", ""
+        if history is not None:
+            if not isinstance(history, dict):
+                raise InvalidLinkGrant("grant field 'history' must be an object")
+            blob, key = _field(history, "blob", str), _field(history, "key", str)
+            if _BLOB_RE.fullmatch(blob) is None or not 32 <= len(key) <= 128:
+                raise InvalidLinkGrant("grant field 'history' is out of range")
         return cls(
             username=username,
             device_id=device_id,
@@ -218,6 +244,8 @@ class LinkGrant:
             auth_key=_unb64(doc.get("auth_key"), "auth_key", 32),
             approver_device=approver,
             device_name=name,
+            history_blob=blob,
+            history_key=key,
         )
 
 
@@ -468,13 +496,25 @@ class Devices:
             device_name=name,
         )
 
-    async def approve(self, code: str, *, name: str = "") -> LinkGrant:
+    async def approve(
+        self,
+        code: str,
+        *,
+        name: str = "",
+        with_history: bool = False,
+        progress: Progress | None = None,
+    ) -> LinkGrant:
         """Approve a new device that shows ``code``: register it at the relay and send it
         its grant, sealed to the key in the code, through the provisioning slot.
 
         Args:
             code: the new device's link code (as typed or scanned).
             name: a name for the new device.
+            with_history: also hand over this device's history (chats, contacts, trust,
+                groups; no ratchet state): written like a backup under a one-time key that
+                travels in the grant, streamed in chunks to the relay's blob store.
+            progress: called with (bytes uploaded, total) for the history, on the event
+                loop's thread.
 
         Returns:
             The grant that was sent (its repr hides the identity key).
@@ -492,9 +532,41 @@ class Devices:
         if slot.filled:
             raise RelayRejected(409, "provisioning_filled", "this code was approved already")
         grant = await self.add(slot.auth_key, name=name)
+        if with_history:
+            blob, key = await self._upload_history(progress)
+            grant = dataclasses.replace(grant, history_blob=blob, history_key=key)
         sealed = seal_grant(grant, parsed.box_public)
         await self._ctx.link.fill_provisioning(parsed.slot_id, sealed)
         return grant
+
+    async def _upload_history(self, progress: Progress | None) -> tuple[str, str]:
+        from e2ee.transport.http import hash_file  # aiohttp: only when a blob moves
+
+        ctx = self._ctx
+        key = secrets.token_urlsafe(32)
+        path = ctx.folder / f".handover-{secrets.token_hex(4)}"
+        try:
+            urls = await asyncio.to_thread(read_relay_urls, ctx.store)
+            manifest = {
+                "username": ctx.me.name,
+                "device_id": ctx.me.device_id,
+                "relay_urls": list(urls),
+            }
+            await asyncio.to_thread(
+                write_backup,
+                ctx.store,
+                ctx.folder,
+                path,
+                key,
+                manifest,
+                kdf_limits=_HANDOVER_KDF,
+                now_ms=ctx.now_ms,
+            )
+            digest, _size = await asyncio.to_thread(hash_file, path)
+            blob = await ctx.link.upload_blob(path, bytes.fromhex(digest), progress)
+        finally:
+            await asyncio.to_thread(_unlink, path)
+        return blob, key
 
     async def remove(self, device_id: int) -> None:
         """Remove a device of our account (this one included) at the relay.
@@ -527,6 +599,69 @@ def next_device_id(listed: Sequence[int], issued: int, me: int) -> int:
         if candidate not in used:
             return candidate
     raise UsageError("every device id of this account is in use")
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def restore_linked_dir(
+    folder: Path,
+    grant: LinkGrant,
+    keys: NewDeviceKeys,
+    handover: Path,
+    *,
+    passphrase: str | None,
+    now_ms: Callable[[], int],
+    kdf_limits: KdfLimits | None,
+) -> Opened:
+    """Create a linked device's data directory from a history hand-over (blocking).
+
+    As a restored backup (the approver's history, contacts, trust and groups; no ratchet
+    state), but as device ``grant.device_id``, with this device's sealed auth seed, and
+    under ``passphrase`` instead of the hand-over's one-time key.
+
+    Raises:
+        InvalidLinkGrant: the grant names another auth key, or the hand-over does not open
+            with its key or is not this account's (nothing is left in ``folder``).
+        UsageError: ``folder`` is not empty.
+        StorageError: a file cannot be read or written.
+    """
+    if grant.auth_key != keys.auth_key:
+        raise InvalidLinkGrant("the grant names another device's auth key")
+    try:
+        manifest = restore_dir(
+            handover, folder, grant.history_key, now_ms=now_ms, linked_device=grant.device_id
+        )
+    except (WrongPassphrase, BackupCorrupt):
+        raise InvalidLinkGrant("the history hand-over does not open with its key") from None
+    if manifest.get("username") != grant.username:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise InvalidLinkGrant("the history hand-over is another account's")
+
+    def init(store: SQLiteProtocolStore) -> None:
+        account = store.load_account()
+        if account is None or account.identity_key_pair != grant.identity_key_pair:
+            raise InvalidLinkGrant("the history hand-over holds another identity")
+        store.commit(
+            Changes(
+                meta_put={
+                    **relay_meta(grant.relay_urls),
+                    META_ACCOUNT_CREATED: "1",
+                    META_AUTH_SEED: seal_auth_seed(grant.identity_key_pair, keys.auth_seed),
+                }
+            )
+        )
+        store.change_passphrase(
+            grant.history_key, passphrase, kdf_limits=kdf_limits or KDF_MODERATE
+        )
+
+    try:
+        return open_dir(folder, grant.history_key, kdf_limits, now_ms, init)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def create_linked_dir(

@@ -20,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -52,7 +53,13 @@ from e2ee.client.datadir import (
     open_dir,
     relay_meta,
 )
-from e2ee.client.devices import Devices, LinkGrant, NewDeviceKeys, create_linked_dir
+from e2ee.client.devices import (
+    Devices,
+    LinkGrant,
+    NewDeviceKeys,
+    create_linked_dir,
+    restore_linked_dir,
+)
 from e2ee.client.groups import change_group, create_group
 from e2ee.client.inbox import Inbox
 from e2ee.client.link import LinkFactory, TransportLink, default_link_factory
@@ -61,7 +68,7 @@ from e2ee.client.recovery import Recovery
 from e2ee.client.trust import accept_identity, contacts, held_users, safety_numbers
 from e2ee.client_errors import ClientClosed, NotRegistered
 from e2ee.core.fingerprint import SafetyNumber
-from e2ee.errors import ChatDeleted, UsageError
+from e2ee.errors import ChatDeleted, E2EEError, InvalidLinkGrant, UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import GroupInfo, History
 from e2ee.media import Progress
@@ -70,6 +77,7 @@ from e2ee.messaging.rows import ReactionRow
 from e2ee.payload import GroupAction, PayloadType
 from e2ee.store import Changes
 from e2ee.store.sealing import KdfLimits
+from e2ee.transport.auth import DeviceSigner
 from e2ee.transport.failover import check_relay_urls
 
 __all__ = ["Client"]
@@ -77,6 +85,47 @@ __all__ = ["Client"]
 
 def _system_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+async def _linked_with_history(
+    folder: Path,
+    grant: LinkGrant,
+    keys: NewDeviceKeys,
+    factory: LinkFactory,
+    passphrase: str | None,
+    now_ms: Callable[[], int],
+    kdf_limits: KdfLimits | None,
+    progress: Progress | None,
+) -> Opened:
+    """Fetch a history hand-over (signed as the new device, which the relay knows already),
+    set the directory up from it, then delete the blob (best effort) and the download."""
+    if grant.auth_key != keys.auth_key:
+        raise InvalidLinkGrant("the grant names another device's auth key")
+    if (folder / DB_FILE).exists() or (folder.exists() and any(folder.iterdir())):
+        raise UsageError(f"{folder} is not empty: link into a new directory")
+    signer = DeviceSigner.from_seed(keys.auth_seed, grant.username, grant.device_id)
+    link = factory(signer, grant.relay_urls)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    download = folder.parent / f".{folder.name}.handover-{os.urandom(4).hex()}"
+    try:
+        await link.download_blob(grant.history_blob, download, progress)
+        opened = await asyncio.to_thread(
+            restore_linked_dir,
+            folder,
+            grant,
+            keys,
+            download,
+            passphrase=passphrase,
+            now_ms=now_ms,
+            kdf_limits=kdf_limits,
+        )
+        with contextlib.suppress(E2EEError):
+            await link.delete_blob(grant.history_blob)
+        return opened
+    finally:
+        await link.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            download.unlink()
 
 
 class Client:
@@ -325,6 +374,7 @@ class Client:
         kdf_limits: KdfLimits | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
         jitter: Callable[[], float] = random.random,
+        progress: Progress | None = None,
     ) -> Client:
         """Set this machine up as a new device of an existing account, from its grant.
 
@@ -340,6 +390,8 @@ class Client:
             keys: this device's keys, drawn before the grant was asked for.
             passphrase, link_factory, now_ms, options, kdf_limits, random_bytes, jitter:
                 as :meth:`create`.
+            progress: called with (bytes downloaded, total) while a history hand-over
+                (``grant.history_blob``) comes in, on the event loop's thread.
 
         Returns:
             The client, registered, not connected.
@@ -354,15 +406,21 @@ class Client:
             StorageError: the database cannot be created.
         """
         folder = Path(data_dir)
-        opened = await asyncio.to_thread(
-            create_linked_dir,
-            folder,
-            grant,
-            keys,
-            passphrase=passphrase,
-            now_ms=now_ms,
-            kdf_limits=kdf_limits,
-        )
+        factory = link_factory or default_link_factory
+        if grant.history_blob:
+            opened = await _linked_with_history(
+                folder, grant, keys, factory, passphrase, now_ms, kdf_limits, progress
+            )
+        else:
+            opened = await asyncio.to_thread(
+                create_linked_dir,
+                folder,
+                grant,
+                keys,
+                passphrase=passphrase,
+                now_ms=now_ms,
+                kdf_limits=kdf_limits,
+            )
         client = await cls._build(opened, link_factory, now_ms, options, random_bytes, jitter)
         try:
             await client.register()

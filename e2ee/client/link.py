@@ -140,6 +140,10 @@ class RelayLink(Protocol):
         """Download a blob into ``path`` (verifying its content address)."""
         ...
 
+    async def delete_blob(self, blob_id: str) -> None:
+        """Delete a blob this user uploaded (``DELETE /v1/blobs/{id}``)."""
+        ...
+
     async def disconnect(self) -> None:
         """Close the live connection (deliveries end)."""
         ...
@@ -424,6 +428,10 @@ class TransportLink:
             await self._http(url).download_blob(blob_id, path, progress=report)
 
         await self._nodes.call(download)
+
+    async def delete_blob(self, blob_id: str) -> None:
+        """``DELETE /v1/blobs/{id}`` (see :meth:`RelayLink.delete_blob`)."""
+        await self._nodes.call(lambda url: self._http(url).delete_blob(blob_id))
 
     async def disconnect(self) -> None:
         """Close the WebSocket, if open."""

@@ -40,10 +40,12 @@ def _read_code(proc: subprocess.Popen[str], *, as_json: bool) -> str:
     )
 
 
-def _link(cli: Cli, relay: Relay, name: str, approver: str, device_name: str) -> dict[str, Any]:
+def _link(
+    cli: Cli, relay: Relay, name: str, approver: str, device_name: str, *extra: str
+) -> dict[str, Any]:
     proc = cli.start(name, "link", "--relay", relay.url, "--timeout", str(WAIT))
     code = _read_code(proc, as_json=False)
-    approved = cli(approver, "--json", "devices", "add", code, "--name", device_name)
+    approved = cli(approver, "--json", "devices", "add", code, "--name", device_name, *extra)
     (added,) = approved.records
     out, err = proc.communicate(timeout=WAIT)
     assert proc.returncode == 0, (out, err)
@@ -103,3 +105,25 @@ def test_link_never_approved_times_out_with_nothing_registered(
     # A code with a typo is refused locally (its checksum), before anything is sent.
     typo = code["code"][:-1] + ("a" if code["code"][-1] != "a" else "b")
     one_line_error(cli("carol", "devices", "add", typo, ok=False), 2)
+
+
+def test_link_with_history(cli: Cli, relay: Relay) -> None:
+    cli.many(
+        ("erin", "init", "erin", "--relay", relay.url),
+        ("frank", "init", "frank", "--relay", relay.url),
+    )
+    cli("erin", "send", "frank", "from erin's first device")
+    cli("frank", "receive")
+    cli("frank", "send", "erin", "frank answers")
+    cli("erin", "receive")
+    added = _link(cli, relay, "erin-2", "erin", "tablet", "--with-history")
+    assert added["history"] is True
+    got = cli("erin-2", "history", "frank", "--json").of_type("message")
+    assert [(m["text"], m["outgoing"]) for m in got] == [
+        ("from erin's first device", True),
+        ("frank answers", False),
+    ]
+    # The new device talks on its own from here.
+    cli("erin-2", "send", "frank", "from the tablet")
+    texts = [m["text"] for m in cli("frank", "receive", "--json").of_type("message")]
+    assert texts == ["from the tablet"]

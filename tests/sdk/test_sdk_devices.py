@@ -307,3 +307,61 @@ async def test_waiting_gives_up_at_its_timeout_or_when_the_slot_is_gone() -> Non
     with pytest.raises(LinkNotApproved):
         await pending.wait(60, poll_interval=1.0, monotonic=monotonic, sleep=sleep)
     assert slept == [1.0]
+
+
+async def test_history_hand_over_to_the_new_device(
+    make_client: MakeClient,
+    wait_for: WaitFor,
+    tmp_path: Path,
+    fast_options: Any,
+    relay: Relay,
+    signers: Any,
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    events = alice.events()
+    up: list[tuple[int, int]] = []
+    down: list[tuple[int, int]] = []
+    async with alice, bob:
+        await alice.send_text("bob", "before the new laptop")
+        await bob.send_text("alice", "an answer from bob")
+        await wait_for(events, lambda e: isinstance(e, MessageReceived), WAIT)
+        pending = await PendingLink.start(relay.url)
+        try:
+            waiting = asyncio.create_task(pending.wait(WAIT, poll_interval=0.1))
+            sent = await alice.devices.approve(
+                pending.code.text(), with_history=True, progress=lambda d, t: up.append((d, t))
+            )
+            grant = await waiting
+        finally:
+            await pending.aclose()
+        assert grant == sent and grant.history_blob
+        assert grant.history_key not in repr(grant)
+        alice2 = await Client.link_device(
+            tmp_path / "alice2",
+            grant,
+            pending.keys,
+            options=fast_options,
+            kdf_limits=FAST_KDF,
+            progress=lambda d, t: down.append((d, t)),
+        )
+        try:
+            assert up and up[-1][0] == up[-1][1] and down and down[-1][0] == down[-1][1]
+            chat = await asyncio.to_thread(alice2.history.messages, "dm:bob", limit=10)
+            assert [m.text for m in chat] == ["before the new laptop", "an answer from bob"]
+            assert alice2.device_id == 2 and alice2.fingerprint == alice.fingerprint
+            # A device of its own: bob's next message reaches it, over a new session.
+            events2 = alice2.events()
+            async with alice2:
+                await bob.send_text("alice", "after the hand-over")
+                got = await wait_for(events2, lambda e: isinstance(e, MessageReceived), WAIT)
+                assert got.message.text == "after the hand-over"
+            # The download was removed, and so was the one-time blob at the relay.
+            assert not list(tmp_path.glob(".*handover-*"))
+            link = TransportLink(signers["alice", 1], relay.url)
+            try:
+                with pytest.raises(NotFound):
+                    await link.download_blob(grant.history_blob, tmp_path / "again", None)
+            finally:
+                await link.aclose()
+        finally:
+            await alice2.close()

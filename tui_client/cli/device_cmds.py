@@ -105,12 +105,14 @@ async def cmd_link(settings: _Settings, args: argparse.Namespace) -> int:
         "data": str(folder),
         "fingerprint": client.fingerprint,
         "linked": True,
+        "history": bool(grant.history_blob),
     }
     settings.out.emit(
         record,
         f"linked as {grant.username} (device {grant.device_id}) at {grant.relay_urls[0]}\n"
         f"data: {folder}\n"
-        "check the username: it is the account this machine now belongs to",
+        + ("history: handed over from the approving device\n" if grant.history_blob else "")
+        + "check the username: it is the account this machine now belongs to",
     )
     return EXIT_OK
 
@@ -120,14 +122,16 @@ async def cmd_devices(settings: _Settings, args: argparse.Namespace) -> int:
     async with _account(settings, connect=False) as session:
         devices = session.client.devices
         if action == "add":
-            grant = await asyncio.wait_for(
-                devices.approve(args.code, name=args.name or ""), settings.network_timeout
+            # The history hand-over is a transfer: it may take longer than one request.
+            grant = await devices.approve(
+                args.code, name=args.name or "", with_history=args.with_history
             )
             record = {
                 "type": "device_added",
                 "id": grant.device_id,
                 "name": grant.device_name,
                 "username": grant.username,
+                "history": bool(grant.history_blob),
             }
             named = f" ({grant.device_name})" if grant.device_name else ""
             settings.out.emit(

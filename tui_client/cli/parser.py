@@ -259,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("code", metavar="CODE", help="the code the new device printed")
     d.add_argument("--name", metavar="NAME", help="a name for it (kept encrypted at the relay)")
+    d.add_argument(
+        "--with-history",
+        action="store_true",
+        help="also hand it this device's history (chats, contacts, trust, groups), encrypted",
+    )
     d = dsub.add_parser(
         "remove", help="remove a device: it reads nothing sent afterwards", parents=[common]
     )
