@@ -58,9 +58,11 @@ from e2ee.client.datadir import (
     relay_meta,
     seal_auth_seed,
 )
+from e2ee.client.link import LinkFactory
 from e2ee.core import ProtocolEngine
 from e2ee.errors import (
     BackupCorrupt,
+    E2EEError,
     InvalidLinkCode,
     InvalidLinkGrant,
     NotRegistered,
@@ -599,6 +601,54 @@ def next_device_id(listed: Sequence[int], issued: int, me: int) -> int:
         if candidate not in used:
             return candidate
     raise UsageError("every device id of this account is in use")
+
+
+async def link_with_history(
+    folder: Path,
+    grant: LinkGrant,
+    keys: NewDeviceKeys,
+    factory: LinkFactory,
+    passphrase: str | None,
+    now_ms: Callable[[], int],
+    kdf_limits: KdfLimits | None,
+    progress: Progress | None,
+) -> Opened:
+    """Fetch a history hand-over (signed as the new device, which the relay knows already),
+    set the directory up from it, then delete the blob (best effort) and the download.
+
+    Raises:
+        InvalidLinkGrant: as :func:`restore_linked_dir`, or the grant names another auth key.
+        UsageError: ``folder`` is not empty.
+        TransportError: the download failed (nothing was written).
+        StorageError: a file cannot be read or written.
+    """
+    if grant.auth_key != keys.auth_key:
+        raise InvalidLinkGrant("the grant names another device's auth key")
+    if (folder / DB_FILE).exists() or (folder.exists() and any(folder.iterdir())):
+        raise UsageError(f"{folder} is not empty: link into a new directory")
+    signer = DeviceSigner.from_seed(keys.auth_seed, grant.username, grant.device_id)
+    link = factory(signer, grant.relay_urls)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    download = folder.parent / f".{folder.name}.handover-{secrets.token_hex(4)}"
+    try:
+        await link.download_blob(grant.history_blob, download, progress)
+        opened = await asyncio.to_thread(
+            restore_linked_dir,
+            folder,
+            grant,
+            keys,
+            download,
+            passphrase=passphrase,
+            now_ms=now_ms,
+            kdf_limits=kdf_limits,
+        )
+        with contextlib.suppress(E2EEError):
+            await link.delete_blob(grant.history_blob)
+        return opened
+    finally:
+        await link.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            download.unlink()
 
 
 def _unlink(path: Path) -> None:

@@ -20,7 +20,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import time
@@ -58,7 +57,7 @@ from e2ee.client.devices import (
     LinkGrant,
     NewDeviceKeys,
     create_linked_dir,
-    restore_linked_dir,
+    link_with_history,
 )
 from e2ee.client.groups import change_group, create_group
 from e2ee.client.inbox import Inbox
@@ -68,7 +67,7 @@ from e2ee.client.recovery import Recovery
 from e2ee.client.trust import accept_identity, contacts, held_users, safety_numbers
 from e2ee.client_errors import ClientClosed, NotRegistered
 from e2ee.core.fingerprint import SafetyNumber
-from e2ee.errors import ChatDeleted, E2EEError, InvalidLinkGrant, UsageError
+from e2ee.errors import ChatDeleted, UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import GroupInfo, History
 from e2ee.media import Progress
@@ -77,7 +76,6 @@ from e2ee.messaging.rows import ReactionRow
 from e2ee.payload import GroupAction, PayloadType
 from e2ee.store import Changes
 from e2ee.store.sealing import KdfLimits
-from e2ee.transport.auth import DeviceSigner
 from e2ee.transport.failover import check_relay_urls
 
 __all__ = ["Client"]
@@ -85,47 +83,6 @@ __all__ = ["Client"]
 
 def _system_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-async def _linked_with_history(
-    folder: Path,
-    grant: LinkGrant,
-    keys: NewDeviceKeys,
-    factory: LinkFactory,
-    passphrase: str | None,
-    now_ms: Callable[[], int],
-    kdf_limits: KdfLimits | None,
-    progress: Progress | None,
-) -> Opened:
-    """Fetch a history hand-over (signed as the new device, which the relay knows already),
-    set the directory up from it, then delete the blob (best effort) and the download."""
-    if grant.auth_key != keys.auth_key:
-        raise InvalidLinkGrant("the grant names another device's auth key")
-    if (folder / DB_FILE).exists() or (folder.exists() and any(folder.iterdir())):
-        raise UsageError(f"{folder} is not empty: link into a new directory")
-    signer = DeviceSigner.from_seed(keys.auth_seed, grant.username, grant.device_id)
-    link = factory(signer, grant.relay_urls)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    download = folder.parent / f".{folder.name}.handover-{os.urandom(4).hex()}"
-    try:
-        await link.download_blob(grant.history_blob, download, progress)
-        opened = await asyncio.to_thread(
-            restore_linked_dir,
-            folder,
-            grant,
-            keys,
-            download,
-            passphrase=passphrase,
-            now_ms=now_ms,
-            kdf_limits=kdf_limits,
-        )
-        with contextlib.suppress(E2EEError):
-            await link.delete_blob(grant.history_blob)
-        return opened
-    finally:
-        await link.aclose()
-        with contextlib.suppress(FileNotFoundError):
-            download.unlink()
 
 
 class Client:
@@ -408,7 +365,7 @@ class Client:
         folder = Path(data_dir)
         factory = link_factory or default_link_factory
         if grant.history_blob:
-            opened = await _linked_with_history(
+            opened = await link_with_history(
                 folder, grant, keys, factory, passphrase, now_ms, kdf_limits, progress
             )
         else:
