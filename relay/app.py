@@ -4,7 +4,9 @@
 #   whose body reveals nothing.
 # * Every /v1 route authenticates with a signed request before touching the store (the
 #   registration route verifies against the key it is registering), except
-#   ``GET /v1/registration``, which only tells the mode and issues a stateless challenge.
+#   ``GET /v1/registration``, which only tells the mode and issues a stateless challenge, and
+#   the new device's two provisioning routes (relay.provisioning: rate-limited per address,
+#   small, few and short-lived).
 # * Nothing here logs or echoes a message body or key material.
 """The aiohttp application: ``create_app(config)`` and the HTTP handlers."""
 
@@ -46,6 +48,7 @@ from relay.errors import (
 from relay.http_errors import Handler, json_errors
 from relay.hub import CLOSE_BANNED, Hub
 from relay.metrics import Metrics
+from relay.provisioning import fill_provision, open_provision, read_provision, take_provision
 from relay.ratelimit import RateLimiter, SendSlots, make_limiter
 from relay.recovery import recover, reset_devices, set_recovery
 from relay.registration import invite_hash
@@ -188,8 +191,11 @@ async def add_device(request: web.Request) -> web.Response:
         raise BadRequest("body must be a JSON object")
     new = Address(caller.user, parse_device_id(doc.get("device_id")))
     auth_key = b64d(doc.get("auth_key"), "auth_key", AUTH_KEY_LEN)
+    name = None if doc.get("name") is None else b64d(doc.get("name"), "name")
+    if name is not None and len(name) > st.config.device_name_max_bytes:
+        raise TooLarge(f"a device name is at most {st.config.device_name_max_bytes} bytes")
     await st.device_add_limit.take(caller.user, st.clock.monotonic())
-    await st.store.add_device(new, auth_key, st.clock.now_ms())
+    await st.store.add_device(new, auth_key, st.clock.now_ms(), name)
     log.info("added device user=%s device=%d", new.user, new.device)
     return web.json_response({"username": new.user, "device_id": new.device}, status=201)
 
@@ -203,7 +209,13 @@ async def list_devices(request: web.Request) -> web.Response:
         {
             "username": caller.user,
             "devices": [
-                {"device_id": d.device_id, "created_at": d.created_at, "has_keys": d.has_keys}
+                {
+                    "device_id": d.device_id,
+                    "created_at": d.created_at,
+                    "has_keys": d.has_keys,
+                    "name": None if d.name is None else b64e(d.name),
+                    "last_seen": d.last_seen,
+                }
                 for d in devices
             ],
         }
@@ -517,6 +529,9 @@ async def sweep_once(
         await asyncio.sleep(pause_seconds)
     if removed:
         log.info("sweeper removed %d expired messages", removed)
+    slots = await st.store.sweep_provisions(st.clock.now_ms())
+    if slots:
+        log.info("sweeper removed %d expired provisioning slots", slots)
     return removed
 
 
@@ -609,6 +624,12 @@ def create_app(
         recovery_address_limit=limiter(
             "recovery_address", config.recovery_address_rate, config.recovery_address_burst
         ),
+        provisioning_limit=limiter(
+            "provisioning", config.provisioning_rate, config.provisioning_burst
+        ),
+        provisioning_poll_limit=limiter(
+            "provisioning_poll", config.provisioning_poll_rate, config.provisioning_poll_burst
+        ),
         lookup_limit=limiter("lookup", config.lookup_rate, config.lookup_burst),
         upload_limit=RateLimiter(config.upload_bytes_rate, config.upload_bytes_burst),
         account_send_limit=limiters.frame_limiter(
@@ -697,6 +718,10 @@ def create_app(
         ("GET", "/v1/devices", list_devices),
         ("DELETE", "/v1/devices/{device_id}", remove_device),
         ("POST", "/v1/devices/reset", reset_devices),
+        ("POST", "/v1/provisioning", open_provision),
+        ("GET", "/v1/provisioning/{slot_id}", read_provision),
+        ("PUT", "/v1/provisioning/{slot_id}", fill_provision),
+        ("POST", "/v1/provisioning/{slot_id}/take", take_provision),
         ("PUT", "/v1/recovery", set_recovery),
         ("POST", "/v1/recovery", recover),
         ("PUT", "/v1/keys", upload_keys),

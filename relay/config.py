@@ -175,6 +175,20 @@ SETTING_HELP: dict[str, str] = {
     "prekey_target_burst": "one-time prekey burst per target user",
     "device_add_rate": "device additions per second per account -> 429",
     "device_add_burst": "device addition burst per account",
+    "device_name_max_bytes": "largest device name (the SDK's ciphertext) POST /v1/devices"
+    " takes -> 413",
+    "device_seen_granularity_seconds": "the relay records a device's last-seen time rounded"
+    " down to this (one write per device per period; 0 = never recorded)",
+    "provisioning_ttl_seconds": "how long a device-link provisioning slot (POST"
+    " /v1/provisioning) lives, waiting for its grant and then for the new device to fetch it",
+    "provisioning_max_live": "provisioning slots alive at once on this relay, all clients"
+    " together (beyond: 503 busy)",
+    "provisioning_max_grant_bytes": "largest encrypted link grant a provisioning slot holds -> 413",
+    "provisioning_rate": "provisioning slots opened per second per client IP -> 429",
+    "provisioning_burst": "provisioning slot burst per client IP",
+    "provisioning_poll_rate": "polls of a provisioning slot for its grant per second per"
+    " client IP -> 429",
+    "provisioning_poll_burst": "provisioning poll burst per client IP",
     "recovery_rate": "account recovery attempts (POST /v1/recovery) per second per username,"
     " right or wrong -> 429",
     "recovery_burst": "recovery attempt burst per username",
@@ -308,6 +322,17 @@ class RelayConfig:
     prekey_target_burst: float = 100.0
     device_add_rate: float = 0.01
     device_add_burst: float = 5.0
+    # Device linking (docs/relay-api.md, "Provisioning"): unauthenticated, so bounded per
+    # address, in number and size, and short-lived.
+    device_name_max_bytes: int = 512
+    device_seen_granularity_seconds: float = 3600.0
+    provisioning_ttl_seconds: float = 600.0
+    provisioning_max_live: int = 10_000
+    provisioning_max_grant_bytes: int = 16_384
+    provisioning_rate: float = 0.05
+    provisioning_burst: float = 10.0
+    provisioning_poll_rate: float = 2.0
+    provisioning_poll_burst: float = 30.0
     # A recovery key has 144 random bits: these bound the relay's work and a user's nuisance
     # (each attempt verifies one signature), not the guessing odds (docs/threat-model.md).
     recovery_rate: float = 1 / 3600
@@ -445,7 +470,13 @@ class RelayConfig:
                 f"registration_pow_difficulty must be 0..{MAX_POW_DIFFICULTY}"
                 f" (got {self.registration_pow_difficulty})"
             )
-        for name in ("registration_challenge_ttl_seconds", "invite_ttl_seconds"):
+        for name in (
+            "registration_challenge_ttl_seconds",
+            "invite_ttl_seconds",
+            "provisioning_ttl_seconds",
+            "provisioning_max_live",
+            "provisioning_max_grant_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
         if not 1 <= self.max_devices_per_user <= MAX_DEVICE_ID:

@@ -32,7 +32,7 @@ from relay.auth import (
 from relay.blobs import BlobStore
 from relay.body import BodyLimits, BodySlots, read_body
 from relay.config import RelayConfig
-from relay.errors import AuthError, Forbidden, StorageError, TooLarge
+from relay.errors import AuthError, Forbidden, RelayError, StorageError, TooLarge
 from relay.health import Readiness
 from relay.hub import CLOSE_DEVICE_REMOVED, Hub
 from relay.metrics import Metrics
@@ -128,6 +128,8 @@ class RelayState:
     device_add_limit: Limiter  # per account
     recovery_limit: Limiter  # recovery attempts per username (relay.recovery)
     recovery_address_limit: Limiter  # recovery attempts per client address
+    provisioning_limit: Limiter  # provisioning slots opened per client address
+    provisioning_poll_limit: Limiter  # provisioning polls per client address
     lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
     upload_limit: RateLimiter  # bytes per account; node-local like send_limit
     # Per account, all devices: cluster-wide with Redis (leased, so a WebSocket send rarely
@@ -138,6 +140,8 @@ class RelayState:
     blob_health: BlobHealth
     readiness: Readiness = field(default_factory=Readiness)
     keys: dict[Address, bytes] = field(default_factory=dict)  # raw keys: small per device
+    # The coarse last-seen bucket each device was last recorded in (one write per bucket).
+    seen: dict[Address, int] = field(default_factory=dict)
     # The key of the replay digests (relay.replay.replay_key); loaded when the app starts.
     replay_secret: bytes = b""
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -241,7 +245,29 @@ class RelayState:
         await self.claim_nonce(sh)
         if register_key is None:
             self._remember_key(addr, key_bytes)
+            self._note_seen(addr)
         return addr
+
+    def _note_seen(self, addr: Address) -> None:
+        """Record a device's coarse last-seen time, once per ``device_seen_granularity_seconds``
+        bucket (in the background: a failed write only leaves the older time)."""
+        step = int(self.config.device_seen_granularity_seconds * 1000)
+        if step <= 0:
+            return
+        bucket = self.clock.now_ms() // step * step
+        if self.seen.get(addr) == bucket:
+            return
+        if len(self.seen) > 200_000:
+            self.seen.clear()
+        self.seen[addr] = bucket
+
+        async def touch() -> None:
+            try:
+                await self.store.touch_device(addr, bucket)
+            except RelayError:
+                self.seen.pop(addr, None)
+
+        self.spawn(touch())
 
     async def device_key(self, addr: Address) -> bytes:
         """The registered auth key of ``addr`` (cached).
@@ -310,6 +336,7 @@ class RelayState:
             verify_signature(key, sh, method, target, sha256_hex(body))
             await self.claim_nonce(sh)
         self._remember_key(addr, key)
+        self._note_seen(addr)
         return body, addr
 
     def body_limits(self, max_bytes: int) -> BodyLimits:

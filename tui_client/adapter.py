@@ -435,6 +435,8 @@ class Backend(Protocol):
 
     async def queued_count(self) -> int: ...
 
+    async def approve_device(self, code: str, name: str) -> int: ...
+
     def is_connected(self) -> bool: ...
 
 
@@ -1013,6 +1015,21 @@ class Messenger:
         """Leave a group."""
         with _backend_errors():
             await self._client.leave_group(_group_of(chat_id))
+
+    # -- devices ------------------------------------------------------------------------
+
+    async def approve_device(self, code: str, name: str) -> int:
+        """Approve a new device of this account that shows ``code`` (``blindpost link``).
+
+        Returns:
+            The new device's id.
+
+        Raises:
+            BackendError: a code with a typo, an expired or used one, or the relay refused.
+        """
+        with _backend_errors():
+            grant = await self._client.devices.approve(code, name=name)
+        return grant.device_id
 
     # -- trust --------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ KEY_ACTIONS: dict[str, tuple[str, str]] = {
     "next_unread": ("alt+u", "next chat with unread messages"),
     "info": ("f2", "contact or group info"),
     "account": ("f3", "your account card"),
+    "link_device": ("f4", "link a new device: approve the code it shows"),
     "help": ("f1", "this help: every key"),
     "attach": ("ctrl+o", "attach a file"),
     "search": ("ctrl+f", "search the history"),

@@ -13,13 +13,17 @@ Where each part lives (every module opens with its invariants):
 * :mod:`e2ee.client.chats` -- deleting a chat's local history.
 * :mod:`e2ee.client.attachments` -- fetching attachments (file or memory).
 * :mod:`e2ee.client.connection` -- the relay connection (one backoff) and timers.
+* :mod:`e2ee.client.devices` -- linked devices: grants, ``client.devices``.
+* :mod:`e2ee.client.provisioning` -- the new device's side of linking (:class:`PendingLink`).
 * :mod:`e2ee.client.link` -- :class:`RelayLink` and the real :class:`TransportLink`.
 """
 
 from e2ee.client.context import ClientOptions
 from e2ee.client.datadir import DB_FILE, LOCK_FILE
+from e2ee.client.devices import DeviceRecord, Devices, LinkCode, LinkGrant, NewDeviceKeys
 from e2ee.client.facade import Client
 from e2ee.client.link import LinkFactory, RelayLink, TransportLink
+from e2ee.client.provisioning import PendingLink
 
 # The value types and helpers of the facade's API, re-exported so programs on the facade (the TUI
 # and the CLI: an import-linter contract keeps them off e2ee.core/store/transport/history) name
@@ -42,7 +46,13 @@ __all__ = [
     "LOCK_FILE",
     "Client",
     "ClientOptions",
+    "DeviceRecord",
+    "Devices",
+    "LinkCode",
     "LinkFactory",
+    "LinkGrant",
+    "NewDeviceKeys",
+    "PendingLink",
     "RelayLink",
     "TransportLink",
 ]

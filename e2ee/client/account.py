@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -24,16 +25,18 @@ from e2ee.client.backup import META_RESTORED_FROM
 from e2ee.client.context import ClientContext, ClientOptions
 from e2ee.client.datadir import (
     META_ACCOUNT_CREATED,
+    META_AUTH_SEED,
     META_READ_RECEIPTS,
     META_RECOVERY_SET,
     META_REGISTERED,
     META_STRICT,
     META_USER,
     Opened,
-    auth_seed,
+    device_auth_seed,
     open_dir,
     read_relay_urls,
     relay_meta,
+    seal_auth_seed,
     starting_at,
 )
 from e2ee.client.link import LinkFactory
@@ -71,7 +74,7 @@ def client_context(
     """
     account = opened.account
     signer = DeviceSigner.from_seed(
-        auth_seed(account.identity_key_pair), account.name, account.device_id
+        device_auth_seed(opened.store, account), account.name, account.device_id
     )
     link = link_factory(signer, starting_at(opened.relay_urls, opened.relay_last))
     ctx = ClientContext(
@@ -90,8 +93,15 @@ def create_account_dir(
     strict_trust: bool,
     now_ms: Callable[[], int],
     kdf_limits: KdfLimits | None,
+    random_bytes: Callable[[int], bytes] = os.urandom,
 ) -> Opened:
     """Create the directory and a new account in it (blocking; run in a thread).
+
+    The device's relay auth seed (a secret: from the OS, ``random_bytes``, not the
+    client's injectable id source) is kept sealed
+    (:func:`~e2ee.client.datadir.seal_auth_seed`), as on a linked device: a device linked
+    later, and removed later still, knows the identity key but cannot sign as this one.
+    (Accounts made before this keep their identity-derived seed.)
 
     Raises:
         UsageError: bad name or device id, or the directory already holds an account.
@@ -106,10 +116,11 @@ def create_account_dir(
 
     def init(store: SQLiteProtocolStore) -> None:
         engine = ProtocolEngine(store, now_ms=now_ms, trust_on_first_use=not strict_trust)
-        engine.create_account(username, device_id)
+        account = engine.create_account(username, device_id)
         store.commit(
             Changes(
                 meta_put={
+                    META_AUTH_SEED: seal_auth_seed(account.identity_key_pair, random_bytes(32)),
                     META_USER: username,
                     **relay_meta(relay_urls),
                     META_STRICT: "1" if strict_trust else "0",
@@ -208,7 +219,8 @@ async def finish_restore(
     account = await asyncio.to_thread(ctx.store.load_account)
     if account is None:
         raise UsageError("no account in this store")
-    signer = DeviceSigner.from_seed(auth_seed(account.identity_key_pair), account.name, old_device)
+    seed = await asyncio.to_thread(device_auth_seed, ctx.store, account)
+    signer = DeviceSigner.from_seed(seed, account.name, old_device)
     urls = await asyncio.to_thread(read_relay_urls, ctx.store)
     link = link_factory(signer, urls)
     try:

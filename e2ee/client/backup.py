@@ -402,8 +402,13 @@ def restore_dir(
     passphrase: str,
     *,
     now_ms: Callable[[], int],
+    linked_device: int | None = None,
 ) -> dict[str, Any]:
     """Restore ``backup`` into the new directory ``folder`` (blocking; run in a thread).
+
+    With ``linked_device`` (a history hand-over to a linked device, ``e2ee.client.devices``)
+    the restored account becomes that device id and is not marked as replacing the
+    account's devices: the relay added it already.
 
     The restored account keeps its identity key, trust, contacts, groups and history; its
     ratchet state is dropped and it becomes a new device of the same identity (a new
@@ -441,7 +446,7 @@ def restore_dir(
         except OSError as exc:
             raise StorageError(f"cannot read the backup: {exc.strerror or exc}") from exc
         (work / _MANIFEST).unlink()
-        _reset_restored(work / DB_FILE, passphrase, manifest, now_ms)
+        _reset_restored(work / DB_FILE, passphrase, manifest, now_ms, linked_device)
         _fsync_dir(work)
         if folder.exists():
             folder.rmdir()  # empty (checked above); rename needs the name free
@@ -456,7 +461,11 @@ def restore_dir(
 
 
 def _reset_restored(
-    db: Path, passphrase: str, manifest: dict[str, Any], now_ms: Callable[[], int]
+    db: Path,
+    passphrase: str,
+    manifest: dict[str, Any],
+    now_ms: Callable[[], int],
+    linked_device: int | None = None,
 ) -> None:
     try:
         store = SQLiteProtocolStore.open(db, passphrase)
@@ -473,7 +482,10 @@ def _reset_restored(
             raise BackupCorrupt("the backup's database does not hold its account")
         store.drop_ratchet_state()
         engine = ProtocolEngine(store, now_ms=now_ms)
-        engine.reset_device(account.device_id % MAX_DEVICE_ID + 1)
+        if linked_device is None:
+            engine.reset_device(account.device_id % MAX_DEVICE_ID + 1)
+        else:
+            engine.reset_device(linked_device)
         # Our Sender Keys were dropped: forget which member devices hold them, so the first
         # group message of the new device sends its new key to every member again.
         history = History.open(store)
@@ -487,7 +499,7 @@ def _reset_restored(
                 meta_put={
                     META_REGISTERED: "0",
                     META_ACCOUNT_CREATED: "1",
-                    META_RESTORED_FROM: str(account.device_id),
+                    META_RESTORED_FROM: "" if linked_device else str(account.device_id),
                 },
             )
         )

@@ -25,6 +25,7 @@ from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import ConnectionLost, RelayRejected, UsernameTaken
 from e2ee.transport.failover import RelayNodes, node_failed
 from e2ee.transport.frames import Delivery, QueueEmpty
+from e2ee.transport.requests import DeviceInfo, ProvisionInfo, ProvisionOpened
 
 if TYPE_CHECKING:
     import aiohttp
@@ -67,6 +68,38 @@ class RelayLink(Protocol):
         (``POST /v1/devices/reset``, signed by this device)."""
         ...
 
+    async def add_device(self, device_id: int, auth_key: bytes, name: bytes | None = None) -> None:
+        """Add a device of this user (``POST /v1/devices``, signed by this device), with its
+        name as the relay keeps it (opaque bytes);
+        ``RelayRejected`` ``device_exists``/``too_many_devices``, ``RateLimited``."""
+        ...
+
+    async def list_devices(self) -> tuple[DeviceInfo, ...]:
+        """This user's devices at the relay, sorted by id (``GET /v1/devices``)."""
+        ...
+
+    async def remove_device(self, device_id: int) -> None:
+        """Remove a device of this user (``DELETE /v1/devices/{id}``); ``NotFound``."""
+        ...
+
+    async def open_provisioning(self, auth_key: bytes) -> ProvisionOpened:
+        """Open a provisioning slot for a new device with ``auth_key``
+        (``POST /v1/provisioning``, unsigned)."""
+        ...
+
+    async def read_provisioning(self, slot_id: str) -> ProvisionInfo:
+        """Read a provisioning slot (``GET /v1/provisioning/{id}``); ``NotFound`` when gone."""
+        ...
+
+    async def fill_provisioning(self, slot_id: str, grant: bytes) -> None:
+        """Put an encrypted grant into a slot (``PUT /v1/provisioning/{id}``), once."""
+        ...
+
+    async def take_provisioning(self, slot_id: str, token: bytes) -> bytes | None:
+        """Poll a slot (``POST /v1/provisioning/{id}/take``): the grant once, else None;
+        ``NotFound`` when the slot expired or was taken."""
+        ...
+
     async def prekey_count(self) -> int:
         """One-time prekeys the relay holds for this device."""
         ...
@@ -105,6 +138,10 @@ class RelayLink(Protocol):
 
     async def download_blob(self, blob_id: str, path: Path, progress: Progress | None) -> None:
         """Download a blob into ``path`` (verifying its content address)."""
+        ...
+
+    async def delete_blob(self, blob_id: str) -> None:
+        """Delete a blob this user uploaded (``DELETE /v1/blobs/{id}``)."""
         ...
 
     async def disconnect(self) -> None:
@@ -220,6 +257,34 @@ class TransportLink:
     async def reset_devices(self, device_id: int, auth_key: bytes) -> None:
         """``POST /v1/devices/reset`` (see :meth:`RelayLink.reset_devices`)."""
         await self._nodes.call(lambda url: self._http(url).reset_devices(device_id, auth_key))
+
+    async def add_device(self, device_id: int, auth_key: bytes, name: bytes | None = None) -> None:
+        """``POST /v1/devices`` (see :meth:`RelayLink.add_device`)."""
+        await self._nodes.call(lambda url: self._http(url).add_device(device_id, auth_key, name))
+
+    async def list_devices(self) -> tuple[DeviceInfo, ...]:
+        """``GET /v1/devices`` (see :meth:`RelayLink.list_devices`)."""
+        return await self._nodes.call(lambda url: self._http(url).list_devices())
+
+    async def remove_device(self, device_id: int) -> None:
+        """``DELETE /v1/devices/{id}`` (see :meth:`RelayLink.remove_device`)."""
+        await self._nodes.call(lambda url: self._http(url).remove_device(device_id))
+
+    async def open_provisioning(self, auth_key: bytes) -> ProvisionOpened:
+        """``POST /v1/provisioning`` (see :meth:`RelayLink.open_provisioning`)."""
+        return await self._nodes.call(lambda url: self._http(url).open_provisioning(auth_key))
+
+    async def read_provisioning(self, slot_id: str) -> ProvisionInfo:
+        """``GET /v1/provisioning/{id}`` (see :meth:`RelayLink.read_provisioning`)."""
+        return await self._nodes.call(lambda url: self._http(url).read_provisioning(slot_id))
+
+    async def fill_provisioning(self, slot_id: str, grant: bytes) -> None:
+        """``PUT /v1/provisioning/{id}`` (see :meth:`RelayLink.fill_provisioning`)."""
+        await self._nodes.call(lambda url: self._http(url).fill_provisioning(slot_id, grant))
+
+    async def take_provisioning(self, slot_id: str, token: bytes) -> bytes | None:
+        """``POST /v1/provisioning/{id}/take`` (see :meth:`RelayLink.take_provisioning`)."""
+        return await self._nodes.call(lambda url: self._http(url).take_provisioning(slot_id, token))
 
     async def prekey_count(self) -> int:
         """``GET /v1/keys/count``."""
@@ -363,6 +428,10 @@ class TransportLink:
             await self._http(url).download_blob(blob_id, path, progress=report)
 
         await self._nodes.call(download)
+
+    async def delete_blob(self, blob_id: str) -> None:
+        """``DELETE /v1/blobs/{id}`` (see :meth:`RelayLink.delete_blob`)."""
+        await self._nodes.call(lambda url: self._http(url).delete_blob(blob_id))
 
     async def disconnect(self) -> None:
         """Close the WebSocket, if open."""

@@ -328,12 +328,15 @@ class RelayClient:
             )
         )
 
-    async def add_device(self, device_id: int, auth_key: bytes) -> Registered:
+    async def add_device(
+        self, device_id: int, auth_key: bytes, name: bytes | None = None
+    ) -> Registered:
         """Add another device to this user (signed by this device).
 
         Args:
             device_id: the new device's id.
             auth_key: the new device's 32-byte Ed25519 public key.
+            name: its name as the relay keeps it (opaque bytes).
 
         Returns:
             The new (username, device id).
@@ -342,7 +345,7 @@ class RelayClient:
             UsageError: bad arguments. RelayRejected: 409 ``device_exists`` /
             ``too_many_devices``. ConnectionFailed: network.
         """
-        return await self.execute(rq.add_device(device_id, auth_key))
+        return await self.execute(rq.add_device(device_id, auth_key, name))
 
     async def reset_devices(self, device_id: int, auth_key: bytes) -> Registered:
         """Make a new device this user's only device (signed by this device).
@@ -395,6 +398,25 @@ class RelayClient:
             NotFound: no such device. AuthFailed, ConnectionFailed: as :meth:`execute`.
         """
         return await self.execute(rq.remove_device(device_id))
+
+    # -- provisioning (linking a device) --------------------------------------------------
+
+    async def open_provisioning(self, auth_key: bytes) -> rq.ProvisionOpened:
+        """Open a provisioning slot for a new device (unsigned; see
+        :func:`e2ee.transport.requests.open_provisioning`)."""
+        return await self.execute(rq.open_provisioning(auth_key))
+
+    async def read_provisioning(self, slot_id: str) -> rq.ProvisionInfo:
+        """Read a provisioning slot as an approver (signed; ``NotFound`` when gone)."""
+        return await self.execute(rq.read_provisioning(slot_id))
+
+    async def fill_provisioning(self, slot_id: str, grant: bytes) -> bool:
+        """Put the encrypted grant into a slot (signed; once)."""
+        return await self.execute(rq.fill_provisioning(slot_id, grant))
+
+    async def take_provisioning(self, slot_id: str, token: bytes) -> bytes | None:
+        """Poll a slot for its grant (unsigned; the grant once, then ``NotFound``)."""
+        return await self.execute(rq.take_provisioning(slot_id, token))
 
     # -- prekeys --------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 __all__ = [
     "Address",
@@ -21,6 +21,9 @@ __all__ = [
     "Invite",
     "KeyUpload",
     "OneTimePrekey",
+    "ProvisionFill",
+    "ProvisionSlot",
+    "ProvisionTake",
     "RelayStore",
     "SendReceipt",
     "SignedPrekey",
@@ -92,6 +95,8 @@ class DeviceInfo:
     device_id: int
     created_at: int
     has_keys: bool
+    name: bytes | None = None  # opaque to the relay (the SDK encrypts it)
+    last_seen: int | None = None  # coarse: see RelayStore.touch_device
 
 
 class Envelope(NamedTuple):
@@ -148,6 +153,29 @@ class Invite:
     expires_at: int
     used_by: str | None
     used_at: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProvisionSlot:
+    """A device-link provisioning slot (docs/relay-api.md, "Provisioning"): the new device's
+    public auth key, when it expires, and whether an (encrypted) grant waits in it."""
+
+    slot_id: bytes
+    auth_key: bytes
+    expires_ms: int
+    filled: bool
+
+
+#: ``fill_provision``'s outcome: stored, no live slot of that id, or a grant was there already.
+ProvisionFill = Literal["stored", "missing", "filled"]
+
+
+class ProvisionTake(NamedTuple):
+    """``take_provision``'s outcome: ``found`` is False for no live slot with that id and
+    token; ``grant`` is the ciphertext (the slot is gone then), None while none came yet."""
+
+    found: bool
+    grant: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,8 +313,39 @@ class RelayStore(Protocol):
     async def recovery_verifier(self, user: str) -> bytes | None:
         """The stored recovery verifier of ``user``, or None (unknown user, or none set)."""
 
-    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
-        """Add a device to an existing user.
+    async def open_provision(
+        self, slot: ProvisionSlot, token_hash: bytes, now_ms: int, max_live: int
+    ) -> bool:
+        """Create a provisioning slot (``slot.filled`` is False) whose grant only the holder of
+        the token hashing to ``token_hash`` may take. Expired slots are dropped first; returns
+        False (nothing stored) when ``max_live`` live slots exist already.
+
+        Raises:
+            Conflict: a slot with this id exists (ids are random: practically never).
+        """
+
+    async def provision(self, slot_id: bytes, now_ms: int) -> ProvisionSlot | None:
+        """The live (unexpired) slot with this id, or None."""
+
+    async def fill_provision(self, slot_id: bytes, grant: bytes, now_ms: int) -> ProvisionFill:
+        """Put the encrypted grant into a live, empty slot (at most once)."""
+
+    async def take_provision(self, slot_id: bytes, token_hash: bytes, now_ms: int) -> ProvisionTake:
+        """With the slot's token: its grant, deleting the slot in the same transaction (so a
+        grant is handed out once), or None while it waits. An expired slot, an unknown id and a
+        wrong token all read as not found."""
+
+    async def sweep_provisions(self, now_ms: int) -> int:
+        """Delete expired provisioning slots (with any grant in them); return how many."""
+
+    async def touch_device(self, addr: Address, seen_ms: int) -> None:
+        """Record that the device authenticated at ``seen_ms`` (callers round it down: the
+        relay keeps a coarse last-seen only); nothing for an unknown device."""
+
+    async def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
+        """Add a device to an existing user, with an optional name (opaque bytes).
 
         Raises:
             NotFound: ``unknown_user``.

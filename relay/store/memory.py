@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from relay.errors import (
     AccountQuotaExceeded,
@@ -34,6 +35,9 @@ from relay.store.base import (
     Invite,
     KeyUpload,
     OneTimePrekey,
+    ProvisionFill,
+    ProvisionSlot,
+    ProvisionTake,
     SendReceipt,
     SignedPrekey,
     StoredMessage,
@@ -53,6 +57,8 @@ _SWEEP_CHUNK = 5000
 class _Device:
     auth_key: bytes
     created_ms: int
+    name: bytes | None = None
+    seen_ms: int | None = None
     registration_id: int | None = None
     identity_key: bytes | None = None
     signed_prekey: SignedPrekey | None = None
@@ -93,6 +99,8 @@ class MemoryRelayStore:
         self._invites: dict[bytes, list[int | str | None]] = {}
         self._banned: set[str] = set()
         self._recovery: dict[str, bytes] = {}  # user -> recovery verifier
+        # slot id -> [slot, token hash, grant]
+        self._provisions: dict[bytes, tuple[ProvisionSlot, bytes, bytes | None]] = {}
         self._blob_owners: dict[str, dict[str, int]] = {}  # blob id -> {user: size}
         self._sent_bytes: dict[str, int] = {}  # user -> pending bodies it sent
         self._held_bytes: dict[str, int] = {}  # user -> blobs it holds
@@ -194,7 +202,73 @@ class MemoryRelayStore:
         self._check_open()
         return self._recovery.get(user)
 
-    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def open_provision(
+        self, slot: ProvisionSlot, token_hash: bytes, now_ms: int, max_live: int
+    ) -> bool:
+        """See ``RelayStore.open_provision``."""
+        self._check_open()
+        await self.sweep_provisions(now_ms)
+        if len(self._provisions) >= max_live:
+            return False
+        if slot.slot_id in self._provisions:
+            raise Conflict("provisioning slot exists", code="provisioning_exists")
+        self._provisions[slot.slot_id] = (slot, bytes(token_hash), None)
+        return True
+
+    def _live_provision(
+        self, slot_id: bytes, now_ms: int
+    ) -> tuple[ProvisionSlot, bytes, bytes | None] | None:
+        found = self._provisions.get(slot_id)
+        if found is None or found[0].expires_ms <= now_ms:
+            return None
+        return found
+
+    async def provision(self, slot_id: bytes, now_ms: int) -> ProvisionSlot | None:
+        """See ``RelayStore.provision``."""
+        self._check_open()
+        found = self._live_provision(slot_id, now_ms)
+        return None if found is None else replace(found[0], filled=found[2] is not None)
+
+    async def fill_provision(self, slot_id: bytes, grant: bytes, now_ms: int) -> ProvisionFill:
+        """See ``RelayStore.fill_provision``."""
+        self._check_open()
+        found = self._live_provision(slot_id, now_ms)
+        if found is None:
+            return "missing"
+        if found[2] is not None:
+            return "filled"
+        self._provisions[slot_id] = (found[0], found[1], bytes(grant))
+        return "stored"
+
+    async def take_provision(self, slot_id: bytes, token_hash: bytes, now_ms: int) -> ProvisionTake:
+        """See ``RelayStore.take_provision``."""
+        self._check_open()
+        found = self._live_provision(slot_id, now_ms)
+        if found is None or not hmac.compare_digest(found[1], token_hash):
+            return ProvisionTake(False, None)
+        if found[2] is None:
+            return ProvisionTake(True, None)
+        del self._provisions[slot_id]
+        return ProvisionTake(True, found[2])
+
+    async def sweep_provisions(self, now_ms: int) -> int:
+        """See ``RelayStore.sweep_provisions``."""
+        self._check_open()
+        gone = [k for k, v in self._provisions.items() if v[0].expires_ms <= now_ms]
+        for key in gone:
+            del self._provisions[key]
+        return len(gone)
+
+    async def touch_device(self, addr: Address, seen_ms: int) -> None:
+        """See ``RelayStore.touch_device``."""
+        self._check_open()
+        device = self._users.get(addr.user, {}).get(addr.device)
+        if device is not None:
+            device.seen_ms = seen_ms
+
+    async def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
         """See ``RelayStore.add_device``."""
         self._check_open()
         devices = self._users.get(addr.user)
@@ -204,14 +278,14 @@ class MemoryRelayStore:
             raise Conflict("device id already registered", code="device_exists")
         if len(devices) >= self._limits.max_devices_per_user:
             raise Conflict("too many devices", code="too_many_devices")
-        devices[addr.device] = _Device(auth_key, now_ms)
+        devices[addr.device] = _Device(auth_key, now_ms, None if name is None else bytes(name))
 
     async def list_devices(self, user: str) -> list[DeviceInfo]:
         """See ``RelayStore.list_devices``."""
         self._check_open()
         devices = self._users.get(user, {})
         return [
-            DeviceInfo(dev_id, d.created_ms, d.signed_prekey is not None)
+            DeviceInfo(dev_id, d.created_ms, d.signed_prekey is not None, d.name, d.seen_ms)
             for dev_id, d in sorted(devices.items())
         ]
 

@@ -399,6 +399,22 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
             autovacuum_vacuum_insert_scale_factor = 0.01);
         """,
     ),
+    (
+        7,
+        """
+        -- Device-link provisioning slots (docs/relay-api.md, "Provisioning"): the new device's
+        -- public auth key, the SHA-256 of its fetch token, the encrypted grant once put.
+        CREATE TABLE provisions(
+            slot_id bytea PRIMARY KEY,
+            token_hash bytea NOT NULL,
+            auth_key bytea NOT NULL,
+            expires_ms bigint NOT NULL,
+            grant_ct bytea);
+        CREATE INDEX provisions_expires ON provisions(expires_ms);
+        -- A device's name (opaque: the SDK encrypts it) and a coarse last-seen time.
+        ALTER TABLE devices ADD COLUMN name bytea, ADD COLUMN seen_ms bigint;
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

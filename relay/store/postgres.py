@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,6 +52,9 @@ from relay.store.base import (
     Invite,
     KeyUpload,
     OneTimePrekey,
+    ProvisionFill,
+    ProvisionSlot,
+    ProvisionTake,
     SendReceipt,
     SignedPrekey,
     StoredMessage,
@@ -78,6 +82,8 @@ _SWEEP_CHUNK = 5000
 _VACUUM_SECONDS = 60.0
 _VACUUM_TIMEOUT_SECONDS = 300.0
 _ATTEMPTS = 5
+# The advisory lock key that serializes opening provisioning slots (any fixed bigint).
+_PROVISION_LOCK = 0x62705F70726F76  # "bp_prov"
 _SEND, _ACK = 1, 2
 # Aborts that say "another transaction got there first", not "this batch is wrong".
 _RETRYABLE = (
@@ -718,7 +724,110 @@ class PostgresRelayStore:
             found = await pool.fetchval("SELECT verifier FROM recovery WHERE username = $1", user)
         return None if found is None else bytes(found)
 
-    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def open_provision(
+        self, slot: ProvisionSlot, token_hash: bytes, now_ms: int, max_live: int
+    ) -> bool:
+        """See ``RelayStore.open_provision`` (nodes opening slots at once take turns on a
+        transaction-scoped advisory lock, so ``max_live`` holds across nodes)."""
+
+        async def tx(conn: asyncpg.Connection) -> bool:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _PROVISION_LOCK)
+            await conn.execute("DELETE FROM provisions WHERE expires_ms <= $1", now_ms)
+            if await conn.fetchval("SELECT count(*) FROM provisions") >= max_live:
+                return False
+            inserted = await conn.fetchval(
+                "INSERT INTO provisions(slot_id, token_hash, auth_key, expires_ms) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (slot_id) DO NOTHING RETURNING 1",
+                slot.slot_id,
+                token_hash,
+                slot.auth_key,
+                slot.expires_ms,
+            )
+            if inserted is None:
+                raise Conflict("provisioning slot exists", code="provisioning_exists")
+            return True
+
+        result: bool = await self._transaction("open provisioning slot", tx)
+        return result
+
+    async def provision(self, slot_id: bytes, now_ms: int) -> ProvisionSlot | None:
+        """See ``RelayStore.provision``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read provisioning slot"):
+            row = await pool.fetchrow(
+                "SELECT auth_key, expires_ms, grant_ct IS NOT NULL AS filled FROM provisions "
+                "WHERE slot_id = $1 AND expires_ms > $2",
+                slot_id,
+                now_ms,
+            )
+        if row is None:
+            return None
+        return ProvisionSlot(slot_id, bytes(row[0]), int(row[1]), bool(row[2]))
+
+    async def fill_provision(self, slot_id: bytes, grant: bytes, now_ms: int) -> ProvisionFill:
+        """See ``RelayStore.fill_provision``."""
+
+        async def tx(conn: asyncpg.Connection) -> ProvisionFill:
+            filled = await conn.fetchval(
+                "SELECT grant_ct IS NOT NULL FROM provisions "
+                "WHERE slot_id = $1 AND expires_ms > $2 FOR UPDATE",
+                slot_id,
+                now_ms,
+            )
+            if filled is None:
+                return "missing"
+            if filled:
+                return "filled"
+            await conn.execute(
+                "UPDATE provisions SET grant_ct = $2 WHERE slot_id = $1", slot_id, grant
+            )
+            return "stored"
+
+        result: ProvisionFill = await self._transaction("fill provisioning slot", tx)
+        return result
+
+    async def take_provision(self, slot_id: bytes, token_hash: bytes, now_ms: int) -> ProvisionTake:
+        """See ``RelayStore.take_provision``."""
+
+        async def tx(conn: asyncpg.Connection) -> ProvisionTake:
+            row = await conn.fetchrow(
+                "SELECT token_hash, grant_ct FROM provisions "
+                "WHERE slot_id = $1 AND expires_ms > $2 FOR UPDATE",
+                slot_id,
+                now_ms,
+            )
+            if row is None or not hmac.compare_digest(bytes(row[0]), token_hash):
+                return ProvisionTake(False, None)
+            if row[1] is None:
+                return ProvisionTake(True, None)
+            await conn.execute("DELETE FROM provisions WHERE slot_id = $1", slot_id)
+            return ProvisionTake(True, bytes(row[1]))
+
+        result: ProvisionTake = await self._transaction("take provisioning grant", tx)
+        return result
+
+    async def sweep_provisions(self, now_ms: int) -> int:
+        """See ``RelayStore.sweep_provisions``."""
+        pool = self._pool_or_fail()
+        with storage_errors("sweep provisioning slots"):
+            status = await pool.execute("DELETE FROM provisions WHERE expires_ms <= $1", now_ms)
+        return int(status.split()[-1])
+
+    async def touch_device(self, addr: Address, seen_ms: int) -> None:
+        """See ``RelayStore.touch_device``."""
+        pool = self._pool_or_fail()
+        with storage_errors("touch device"):
+            await pool.execute(
+                "UPDATE devices SET seen_ms = $3 WHERE device_id = $2 AND user_pk = "
+                "(SELECT pk FROM users WHERE username = $1)",
+                addr.user,
+                addr.device,
+                seen_ms,
+            )
+
+    async def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
         """See ``RelayStore.add_device``."""
 
         async def tx(conn: asyncpg.Connection) -> None:
@@ -740,12 +849,13 @@ class PostgresRelayStore:
             if len(ids) >= self._limits.max_devices_per_user:
                 raise Conflict("too many devices", code="too_many_devices")
             await conn.execute(
-                "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) "
-                "VALUES ($1, $2, $3, $4)",
+                "INSERT INTO devices(user_pk, device_id, auth_key, created_ms, name) "
+                "VALUES ($1, $2, $3, $4, $5)",
                 user_pk,
                 addr.device,
                 auth_key,
                 now_ms,
+                name,
             )
 
         await self._transaction("add device", tx)
@@ -755,11 +865,21 @@ class PostgresRelayStore:
         pool = self._pool_or_fail()
         with storage_errors("list devices"):
             rows = await pool.fetch(
-                "SELECT d.device_id, d.created_ms, d.spk_id IS NOT NULL FROM devices d "
-                "JOIN users u ON u.pk = d.user_pk WHERE u.username = $1 ORDER BY d.device_id",
+                "SELECT d.device_id, d.created_ms, d.spk_id IS NOT NULL, d.name, d.seen_ms "
+                "FROM devices d JOIN users u ON u.pk = d.user_pk WHERE u.username = $1 "
+                "ORDER BY d.device_id",
                 user,
             )
-        return [DeviceInfo(int(r[0]), int(r[1]), bool(r[2])) for r in rows]
+        return [
+            DeviceInfo(
+                int(r[0]),
+                int(r[1]),
+                bool(r[2]),
+                None if r[3] is None else bytes(r[3]),
+                None if r[4] is None else int(r[4]),
+            )
+            for r in rows
+        ]
 
     async def remove_device(self, addr: Address) -> None:
         """See ``RelayStore.remove_device``."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import queue
@@ -63,6 +64,9 @@ from relay.store.base import (
     Invite,
     KeyUpload,
     OneTimePrekey,
+    ProvisionFill,
+    ProvisionSlot,
+    ProvisionTake,
     SendReceipt,
     SignedPrekey,
     StoredMessage,
@@ -112,7 +116,7 @@ CREATE TABLE IF NOT EXISTS devices(
     pk INTEGER PRIMARY KEY, user_pk INTEGER NOT NULL, device_id INTEGER NOT NULL,
     auth_key BLOB NOT NULL, created_ms INTEGER NOT NULL,
     registration_id INTEGER, identity_key BLOB, spk_id INTEGER, spk_pub BLOB, spk_sig BLOB,
-    UNIQUE(user_pk, device_id));
+    name BLOB, seen_ms INTEGER, UNIQUE(user_pk, device_id));
 CREATE TABLE IF NOT EXISTS otpks(
     device_pk INTEGER NOT NULL, key_id INTEGER NOT NULL, public_key BLOB NOT NULL,
     PRIMARY KEY(device_pk, key_id)) WITHOUT ROWID;
@@ -173,6 +177,12 @@ CREATE TABLE IF NOT EXISTS bans(username TEXT PRIMARY KEY, banned_ms INTEGER NOT
 -- The public key that verifies a user's recovery key (never the key itself).
 CREATE TABLE IF NOT EXISTS recovery(username TEXT PRIMARY KEY, verifier BLOB NOT NULL)
     WITHOUT ROWID;
+-- Device-link provisioning slots (docs/relay-api.md, "Provisioning"): the new device's public
+-- auth key, the SHA-256 of its fetch token, and the encrypted grant once an approver put it.
+CREATE TABLE IF NOT EXISTS provisions(
+    slot_id BLOB PRIMARY KEY, token_hash BLOB NOT NULL, auth_key BLOB NOT NULL,
+    expires_ms INTEGER NOT NULL, grant_ct BLOB) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS provisions_expires ON provisions(expires_ms);
 -- Invite codes by SHA-256 (the codes themselves are never stored); single-use.
 CREATE TABLE IF NOT EXISTS invites(
     code_hash BLOB PRIMARY KEY, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
@@ -501,7 +511,9 @@ class _WriterState:
         # Not cached here: the directory cache fills on first use (sends), so accounts that
         # only connect cost no writer memory.
 
-    def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
         entry = self.user(addr.user)
         if entry is None:
             raise NotFound("unknown user", code="unknown_user")
@@ -510,8 +522,9 @@ class _WriterState:
         if len(entry.devices) >= self.limits.max_devices_per_user:
             raise Conflict("too many devices", code="too_many_devices")
         cur = self.conn.execute(
-            "INSERT INTO devices(user_pk, device_id, auth_key, created_ms) VALUES (?,?,?,?)",
-            (entry.pk, addr.device, auth_key, now_ms),
+            "INSERT INTO devices(user_pk, device_id, auth_key, created_ms, name) "
+            "VALUES (?,?,?,?,?)",
+            (entry.pk, addr.device, auth_key, now_ms, name),
         )
         entry.devices[addr.device] = int(cur.lastrowid or 0)
 
@@ -1026,6 +1039,7 @@ class SqliteRelayStore:
             had_accounting = _has_table(conn, "account_bytes")
             _forget_tombstones(conn)
             conn.executescript(_SCHEMA)
+            _device_columns(conn)
             if not had_accounting:  # a database from before per-account quotas
                 conn.execute(
                     "INSERT OR IGNORE INTO account_bytes(username, sent) SELECT sender, "
@@ -1385,10 +1399,54 @@ class SqliteRelayStore:
 
         return await self._read(q)
 
-    async def add_device(self, addr: Address, auth_key: bytes, now_ms: int) -> None:
+    async def open_provision(
+        self, slot: ProvisionSlot, token_hash: bytes, now_ms: int, max_live: int
+    ) -> bool:
+        """See ``RelayStore.open_provision``."""
+        return await self._submit(_open_provision, self._conn(), slot, token_hash, now_ms, max_live)
+
+    async def provision(self, slot_id: bytes, now_ms: int) -> ProvisionSlot | None:
+        """See ``RelayStore.provision``."""
+
+        def q(conn: sqlite3.Connection) -> ProvisionSlot | None:
+            row = conn.execute(
+                "SELECT auth_key, expires_ms, grant_ct IS NOT NULL FROM provisions "
+                "WHERE slot_id=? AND expires_ms>?",
+                (slot_id, now_ms),
+            ).fetchone()
+            if row is None:
+                return None
+            return ProvisionSlot(slot_id, bytes(row[0]), int(row[1]), bool(row[2]))
+
+        return await self._read(q)
+
+    async def fill_provision(self, slot_id: bytes, grant: bytes, now_ms: int) -> ProvisionFill:
+        """See ``RelayStore.fill_provision``."""
+        return await self._submit(_fill_provision, self._conn(), slot_id, grant, now_ms)
+
+    async def take_provision(self, slot_id: bytes, token_hash: bytes, now_ms: int) -> ProvisionTake:
+        """See ``RelayStore.take_provision``."""
+        return await self._submit(_take_provision, self._conn(), slot_id, token_hash, now_ms)
+
+    async def sweep_provisions(self, now_ms: int) -> int:
+        """See ``RelayStore.sweep_provisions``."""
+        return await self._submit(_sweep_provisions, self._conn(), now_ms)
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._state is None:
+            raise StorageError("store is closed")
+        return self._state.conn
+
+    async def add_device(
+        self, addr: Address, auth_key: bytes, now_ms: int, name: bytes | None = None
+    ) -> None:
         """See ``RelayStore.add_device``."""
         assert self._state is not None
-        await self._submit(self._state.add_device, addr, auth_key, now_ms)
+        await self._submit(self._state.add_device, addr, auth_key, now_ms, name)
+
+    async def touch_device(self, addr: Address, seen_ms: int) -> None:
+        """See ``RelayStore.touch_device``."""
+        await self._submit(_touch_device, self._conn(), addr, seen_ms)
 
     async def remove_device(self, addr: Address) -> None:
         """See ``RelayStore.remove_device``."""
@@ -1400,9 +1458,15 @@ class SqliteRelayStore:
 
         def q(conn: sqlite3.Connection) -> list[DeviceInfo]:
             return [
-                DeviceInfo(int(r[0]), int(r[1]), r[2] is not None)
+                DeviceInfo(
+                    int(r[0]),
+                    int(r[1]),
+                    r[2] is not None,
+                    None if r[3] is None else bytes(r[3]),
+                    None if r[4] is None else int(r[4]),
+                )
                 for r in conn.execute(
-                    "SELECT d.device_id, d.created_ms, d.spk_id FROM devices d "
+                    "SELECT d.device_id, d.created_ms, d.spk_id, d.name, d.seen_ms FROM devices d "
                     "JOIN users u ON u.pk = d.user_pk WHERE u.username=? ORDER BY d.device_id",
                     (user,),
                 )
@@ -1581,6 +1645,72 @@ def _set_banned(conn: sqlite3.Connection, user: str, banned: bool, now_ms: int) 
     else:
         conn.execute("DELETE FROM bans WHERE username=?", (user,))
     return True
+
+
+def _touch_device(conn: sqlite3.Connection, addr: Address, seen_ms: int) -> None:
+    conn.execute(
+        "UPDATE devices SET seen_ms=? WHERE device_id=? AND user_pk="
+        "(SELECT pk FROM users WHERE username=?)",
+        (seen_ms, addr.device, addr.user),
+    )
+
+
+def _device_columns(conn: sqlite3.Connection) -> None:
+    """A database from before device names and last-seen gets the two (nullable) columns."""
+    have = {str(r[1]) for r in conn.execute("PRAGMA table_info(devices)")}
+    for column, kind in (("name", "BLOB"), ("seen_ms", "INTEGER")):
+        if column not in have:
+            conn.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+
+
+def _sweep_provisions(conn: sqlite3.Connection, now_ms: int) -> int:
+    return conn.execute("DELETE FROM provisions WHERE expires_ms<=?", (now_ms,)).rowcount
+
+
+def _open_provision(
+    conn: sqlite3.Connection, slot: ProvisionSlot, token_hash: bytes, now_ms: int, max_live: int
+) -> bool:
+    _sweep_provisions(conn, now_ms)
+    (live,) = conn.execute("SELECT COUNT(*) FROM provisions").fetchone()
+    if live >= max_live:
+        return False
+    if conn.execute("SELECT 1 FROM provisions WHERE slot_id=?", (slot.slot_id,)).fetchone():
+        raise Conflict("provisioning slot exists", code="provisioning_exists")
+    conn.execute(
+        "INSERT INTO provisions(slot_id, token_hash, auth_key, expires_ms) VALUES (?,?,?,?)",
+        (slot.slot_id, token_hash, slot.auth_key, slot.expires_ms),
+    )
+    return True
+
+
+def _fill_provision(
+    conn: sqlite3.Connection, slot_id: bytes, grant: bytes, now_ms: int
+) -> ProvisionFill:
+    row = conn.execute(
+        "SELECT grant_ct IS NOT NULL FROM provisions WHERE slot_id=? AND expires_ms>?",
+        (slot_id, now_ms),
+    ).fetchone()
+    if row is None:
+        return "missing"
+    if row[0]:
+        return "filled"
+    conn.execute("UPDATE provisions SET grant_ct=? WHERE slot_id=?", (grant, slot_id))
+    return "stored"
+
+
+def _take_provision(
+    conn: sqlite3.Connection, slot_id: bytes, token_hash: bytes, now_ms: int
+) -> ProvisionTake:
+    row = conn.execute(
+        "SELECT token_hash, grant_ct FROM provisions WHERE slot_id=? AND expires_ms>?",
+        (slot_id, now_ms),
+    ).fetchone()
+    if row is None or not hmac.compare_digest(bytes(row[0]), token_hash):
+        return ProvisionTake(False, None)
+    if row[1] is None:
+        return ProvisionTake(True, None)
+    conn.execute("DELETE FROM provisions WHERE slot_id=?", (slot_id,))
+    return ProvisionTake(True, bytes(row[1]))
 
 
 def _set_recovery(conn: sqlite3.Connection, user: str, verifier: bytes) -> bool:

@@ -694,3 +694,80 @@ async def test_recovery_verifier_is_replaced_and_survives_restarts(
         assert await s.recovery_verifier("nobody") is None
     finally:
         await s.close()
+
+
+async def test_provisioning_slot_hands_its_grant_out_once_and_expires(
+    backend: Backend, tmp_path: Path
+) -> None:
+    from relay.store.base import ProvisionSlot, ProvisionTake
+
+    s = await backend.open(tmp_path)
+    try:
+        token, other = b"t" * 32, b"u" * 32
+        slot = ProvisionSlot(b"s" * 16, b"k" * 32, expires_ms=1000, filled=False)
+        assert await s.open_provision(slot, token, now_ms=0, max_live=2) is True
+        assert await s.provision(b"s" * 16, 10) == slot
+        assert await s.provision(b"x" * 16, 10) is None
+        # Before a grant: found, nothing to take; a wrong token reads as not found.
+        assert await s.take_provision(b"s" * 16, token, 10) == ProvisionTake(True, None)
+        assert await s.take_provision(b"s" * 16, other, 10) == ProvisionTake(False, None)
+        assert await s.fill_provision(b"x" * 16, b"g", 10) == "missing"
+        assert await s.fill_provision(b"s" * 16, b"grant", 10) == "stored"
+        assert await s.fill_provision(b"s" * 16, b"other", 10) == "filled"
+        s = await backend.restart(s, tmp_path)
+        assert (await s.provision(b"s" * 16, 10)) == ProvisionSlot(b"s" * 16, b"k" * 32, 1000, True)
+        assert await s.take_provision(b"s" * 16, other, 10) == ProvisionTake(False, None)
+        assert await s.take_provision(b"s" * 16, token, 10) == ProvisionTake(True, b"grant")
+        assert await s.take_provision(b"s" * 16, token, 10) == ProvisionTake(False, None)
+        # The live bound, then expiry: an expired slot is gone for every call, grant and all.
+        for i in range(2):
+            live = ProvisionSlot(bytes([i]) * 16, b"k" * 32, 1000, False)
+            assert await s.open_provision(live, token, 20, max_live=2) is True
+        extra = ProvisionSlot(b"e" * 16, b"k" * 32, 1000, False)
+        assert await s.open_provision(extra, token, 20, max_live=2) is False
+        assert await s.fill_provision(b"\0" * 16, b"grant", 30) == "stored"
+        assert await s.provision(b"\0" * 16, 1000) is None
+        assert await s.take_provision(b"\0" * 16, token, 1000) == ProvisionTake(False, None)
+        assert await s.fill_provision(b"\1" * 16, b"grant", 1000) == "missing"
+        assert await s.sweep_provisions(1000) == 2
+        assert await s.sweep_provisions(1000) == 0
+        assert await s.open_provision(extra, token, 1000, max_live=2) is True  # room again
+    finally:
+        await s.close()
+
+
+async def test_device_name_and_last_seen_are_kept(backend: Backend, tmp_path: Path) -> None:
+    s = await backend.open(tmp_path)
+    try:
+        await s.create_account(A, b"a" * 32, 0)
+        await s.add_device(Address("alice", 2), b"b" * 32, 5, b"sealed name")
+        await s.touch_device(Address("alice", 2), 3_600_000)
+        await s.touch_device(Address("alice", 9), 3_600_000)  # unknown: nothing happens
+        s = await backend.restart(s, tmp_path)
+        listed = await s.list_devices("alice")
+        assert [(d.device_id, d.name, d.last_seen) for d in listed] == [
+            (1, None, None),
+            (2, b"sealed name", 3_600_000),
+        ]
+    finally:
+        await s.close()
+
+
+async def test_sqlite_database_from_before_device_names_gets_the_columns(tmp_path: Path) -> None:
+    s = SqliteRelayStore(tmp_path / "relay.sqlite3")
+    await s.open()
+    await s.create_account(A, b"a" * 32, 0)
+    await s.close()
+    conn = sqlite3.connect(tmp_path / "relay.sqlite3")
+    conn.execute("ALTER TABLE devices DROP COLUMN name")
+    conn.execute("ALTER TABLE devices DROP COLUMN seen_ms")
+    conn.commit()
+    conn.close()
+    s = SqliteRelayStore(tmp_path / "relay.sqlite3")
+    await s.open()
+    try:
+        await s.add_device(Address("alice", 2), b"b" * 32, 5, b"n")
+        listed = await s.list_devices("alice")
+        assert [(d.device_id, d.name) for d in listed] == [(1, None), (2, b"n")]
+    finally:
+        await s.close()

@@ -125,6 +125,7 @@ class FakeBackend:
         self._next = 1000
         self.verified: set[str] = set()
         self.files: dict[str, bytes] = {}
+        self.approved: list[tuple[str, str]] = []
 
     @property
     def username(self) -> str:
@@ -312,3 +313,9 @@ class FakeBackend:
 
     async def queued_count(self) -> int:
         return 0
+
+    async def approve_device(self, code: str, name: str) -> int:
+        self.approved.append((code, name))
+        if code == "bad":
+            raise BackendError("a link code is base32 text")
+        return 2

@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from blindpost_wire.names import is_username
-from e2ee.client import direct_chat_id, group_chat_id
+from e2ee.client import check_relay_urls, direct_chat_id, group_chat_id
+from e2ee.errors import UsageError
 from tui_client.cli.exits import ENV_PASSPHRASE, EXIT_USAGE, CliError
 
 _GROUP_RE: Final = re.compile(r"^[0-9a-f]{24}$")
@@ -20,6 +22,17 @@ _MESSAGE_RE: Final = re.compile(r"^[0-9a-f]{32}$")
 
 
 # -- argument checks ---------------------------------------------------------------------
+
+
+def _relay_urls(given: Sequence[str]) -> tuple[str, ...]:
+    """The relay URLs of ``init --relay URL [--relay URL ...]``, checked, in order, once each."""
+    for url in given:
+        if not re.match(r"^https?://[^/\s]+", url.strip()):
+            raise CliError(EXIT_USAGE, f"invalid relay URL {url!r}: use http(s)://host:port")
+    try:
+        return check_relay_urls(given)
+    except UsageError as exc:
+        raise CliError(EXIT_USAGE, f"invalid relay URLs: {exc}") from None
 
 
 def _username(value: str) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import re
 import sys
 from collections.abc import (
     Awaitable,
@@ -30,7 +29,6 @@ from e2ee.client import (
     GroupInfo,
     History,
     StoredMessage,
-    check_relay_urls,
 )
 from e2ee.client_errors import (
     IdentityHeld,
@@ -52,7 +50,16 @@ from tui_client.cli.account_cmds import (
     cmd_recover,
     cmd_recovery_key,
 )
-from tui_client.cli.checks import _group_id, _message_id, _split_words, _Target, _target, _username
+from tui_client.cli.checks import (
+    _group_id,
+    _message_id,
+    _relay_urls,
+    _split_words,
+    _Target,
+    _target,
+    _username,
+)
+from tui_client.cli.device_cmds import cmd_devices, cmd_link
 from tui_client.cli.events import _show_event
 from tui_client.cli.exits import (
     ENV_PASSPHRASE,
@@ -86,17 +93,6 @@ from tui_client.cli.session import (
 
 #: `receive` saves its position at least every this many printed messages.
 CHECKPOINT_EVERY: Final = 200
-
-
-def _relay_urls(given: Sequence[str]) -> tuple[str, ...]:
-    """The relay URLs of ``init --relay URL [--relay URL ...]``, checked, in order, once each."""
-    for url in given:
-        if not re.match(r"^https?://[^/\s]+", url.strip()):
-            raise CliError(EXIT_USAGE, f"invalid relay URL {url!r}: use http(s)://host:port")
-    try:
-        return check_relay_urls(given)
-    except UsageError as exc:
-        raise CliError(EXIT_USAGE, f"invalid relay URLs: {exc}") from None
 
 
 def _registration_refused(exc: RegistrationRefused, user: str, relay: str) -> str:
@@ -805,4 +801,6 @@ _COMMANDS: Final[dict[str, Callable[[_Settings, argparse.Namespace], Coroutine[A
     "recover": cmd_recover,
     "recovery-key": cmd_recovery_key,
     "backup": cmd_backup,
+    "link": cmd_link,
+    "devices": cmd_devices,
 }

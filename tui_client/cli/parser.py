@@ -227,6 +227,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("recovery-key", "make a new recovery key (the earlier one stops working)")
 
+    p = command(
+        "link",
+        "make this machine a new device of an existing account: prints 'code: CODE' and a QR "
+        "code, waits until a device of the account approves it ('devices add CODE')",
+    )
+    p.add_argument(
+        "--relay",
+        required=True,
+        action="append",
+        metavar="URL",
+        help="the account's relay base URL (http[s]://); repeat it for each node",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up when not approved within this long (nothing is registered) [300]",
+    )
+
+    p = command(
+        "devices",
+        "list this account's devices (id, name, added, last seen); add or remove one",
+    )
+    dsub = p.add_subparsers(dest="devices_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = False
+    dsub.add_parser("list", help="the account's devices (the default)", parents=[common])
+    d = dsub.add_parser(
+        "add", help="approve a new device that shows CODE ('blindpost link')", parents=[common]
+    )
+    d.add_argument("code", metavar="CODE", help="the code the new device printed")
+    d.add_argument("--name", metavar="NAME", help="a name for it (kept encrypted at the relay)")
+    d.add_argument(
+        "--with-history",
+        action="store_true",
+        help="also hand it this device's history (chats, contacts, trust, groups), encrypted",
+    )
+    d = dsub.add_parser(
+        "remove", help="remove a device: it reads nothing sent afterwards", parents=[common]
+    )
+    d.add_argument("device_id", type=int, metavar="ID")
+    d.add_argument("--force", action="store_true", help="allow removing this device itself")
+
     p = command("backup", "encrypted backups of this account (a passphrase is required)")
     bsub = p.add_subparsers(dest="backup_command", metavar="ACTION", parser_class=_Parser)
     bsub.required = True

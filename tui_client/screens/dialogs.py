@@ -49,6 +49,8 @@ __all__ = [
     "ContactInfoScreen",
     "GroupInfoScreen",
     "HelpScreen",
+    "LinkApproval",
+    "LinkDeviceScreen",
     "NewGroup",
     "NewGroupScreen",
     "PromptScreen",
@@ -225,6 +227,49 @@ class HelpScreen(ModalScreen[None]):
             )
 
     def action_close(self) -> None:
+        self.dismiss(None)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkApproval:
+    """What the link dialog returns: the new device's code and the name to give it."""
+
+    code: str
+    name: str
+
+
+class LinkDeviceScreen(ModalScreen[LinkApproval | None]):
+    """Approve a new device: type the code its ``blindpost link`` shows, and a name."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Link a new device", classes="dialog-title")
+            yield Label(
+                "On the new machine run: blindpost --data DIR link --relay URL\n"
+                "then type the code it shows. The device gets this account's keys.",
+                classes="dialog-hint",
+            )
+            yield Input(placeholder="code", id="link-code")
+            yield Input(placeholder="name for it (optional)", id="link-name", max_length=64)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Link", variant="primary", id="link-ok")
+                yield Button("Cancel", id="link-cancel")
+
+    @on(Input.Submitted, "#link-name")
+    @on(Input.Submitted, "#link-code")
+    @on(Button.Pressed, "#link-ok")
+    def _ok(self) -> None:
+        code = self.query_one("#link-code", Input).value.strip()
+        if not code:
+            self.query_one("#link-code", Input).focus()
+            return
+        name = self.query_one("#link-name", Input).value.strip()
+        self.dismiss(LinkApproval(code, name))
+
+    @on(Button.Pressed, "#link-cancel")
+    def action_cancel(self) -> None:
         self.dismiss(None)
 
 

@@ -74,6 +74,8 @@ from tui_client.screens.dialogs import (
     ContactInfoScreen,
     GroupInfoScreen,
     HelpScreen,
+    LinkApproval,
+    LinkDeviceScreen,
     NewGroup,
     NewGroupScreen,
     PromptScreen,
@@ -256,6 +258,7 @@ class MainScreen(Screen[None]):
         Binding("f1", "help", "Help", id="help"),
         Binding("f2", "info", "Info", id="info"),
         Binding("f3", "account", "Me", show=False, id="account"),
+        Binding("f4", "link_device", "Link device", show=False, id="link_device"),
         Binding("ctrl+o", "attach", "Attach", id="attach"),
         Binding("ctrl+f", "search", "Search", id="search"),
         Binding("ctrl+l", "focus_chats", "Chats", show=False, id="focus_chats"),
@@ -1201,6 +1204,28 @@ class MainScreen(Screen[None]):
             AccountCardScreen(
                 backend.username, backend.relay_url, backend.fingerprint, first_run=False
             )
+        )
+
+    def action_link_device(self) -> None:
+        """Approve a new device of this account: the code its ``blindpost link`` shows."""
+
+        def approve(answer: LinkApproval | None) -> None:
+            if answer is not None:
+                self._approve_device(answer)
+
+        self.app.push_screen(LinkDeviceScreen(), approve)
+
+    @work(group="link-device", exclusive=True)
+    async def _approve_device(self, answer: LinkApproval) -> None:
+        try:
+            device = await self.backend.approve_device(answer.code, answer.name)
+        except BackendError as exc:
+            self.post_message(ActionFailed(f"the device was not linked: {exc}"))
+            return
+        self.notify(
+            f"device {device} linked: it finishes setting itself up",
+            title="Blindpost",
+            markup=False,
         )
 
     def action_attach(self) -> None:
