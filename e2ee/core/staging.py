@@ -199,11 +199,20 @@ class StagedStore:
             return True
         return self._accept_changed
 
+    def _is_ours(self, address: Address, key: bytes) -> bool:
+        own = self.getIdentityKeyPair().getPublicKey().serialize()
+        return address.name == self._account.name and key == bytes(own)
+
     def saveIdentity(self, recepientId: str, identityKey: IdentityKey) -> None:
         address = self._address(recepientId)
         stored = self._identity(address)
         key = bytes(identityKey.serialize())
         if stored is not None and stored.identity_key == key:
+            return
+        if stored is None and self._is_ours(address, key):
+            # Another device of our own account (a linked device shares our identity
+            # key): nothing to compare or report, it is ours.
+            self._identities[address] = IdentityRecord(key, TrustLevel.VERIFIED, self._now_ms())
             return
         if stored is None:
             trust = TrustLevel.TOFU if self._trust_new else TrustLevel.UNTRUSTED
