@@ -34,8 +34,11 @@ __all__ = [
     "IdentityHeld",
     "InvalidBundle",
     "InvalidKey",
+    "InvalidLinkCode",
+    "InvalidLinkGrant",
     "InvalidMessage",
     "InvalidRecoveryKey",
+    "LinkNotApproved",
     "MediaCorrupt",
     "MissingKey",
     "NoSession",
@@ -82,6 +85,16 @@ class ClientClosed(UsageError):
 class InvalidRecoveryKey(UsageError):
     """The text is not a recovery key (wrong length or characters, or a typo caught by its
     checksum). Nothing was sent to the relay."""
+
+
+class InvalidLinkCode(UsageError):
+    """The text is not a device-link code (wrong length, characters or version). Nothing
+    was sent to the relay."""
+
+
+class LinkNotApproved(UsageError):
+    """No existing device approved the link code in time (or the relay dropped it as
+    expired). Nothing was registered and nothing was written: start over with a new code."""
 
 
 class NotRegistered(UsageError):
@@ -268,6 +281,11 @@ class MediaCorrupt(InvalidMessage):
 
 class InvalidBundle(PeerError):
     """A prekey bundle is malformed or its signed-prekey signature does not verify."""
+
+
+class InvalidLinkGrant(PeerError):
+    """A device-link grant does not decrypt, does not decode, or does not name this device's
+    auth key (tampered with, or meant for another code). Nothing was written."""
 
 
 class UntrustedIdentity(PeerError):

@@ -13,11 +13,13 @@ Where each part lives (every module opens with its invariants):
 * :mod:`e2ee.client.chats` -- deleting a chat's local history.
 * :mod:`e2ee.client.attachments` -- fetching attachments (file or memory).
 * :mod:`e2ee.client.connection` -- the relay connection (one backoff) and timers.
+* :mod:`e2ee.client.devices` -- linked devices: grants, ``client.devices``.
 * :mod:`e2ee.client.link` -- :class:`RelayLink` and the real :class:`TransportLink`.
 """
 
 from e2ee.client.context import ClientOptions
 from e2ee.client.datadir import DB_FILE, LOCK_FILE
+from e2ee.client.devices import DeviceRecord, Devices, LinkGrant, NewDeviceKeys
 from e2ee.client.facade import Client
 from e2ee.client.link import LinkFactory, RelayLink, TransportLink
 
@@ -42,7 +44,11 @@ __all__ = [
     "LOCK_FILE",
     "Client",
     "ClientOptions",
+    "DeviceRecord",
+    "Devices",
     "LinkFactory",
+    "LinkGrant",
+    "NewDeviceKeys",
     "RelayLink",
     "TransportLink",
 ]

@@ -30,7 +30,7 @@ from e2ee.client.datadir import (
     META_STRICT,
     META_USER,
     Opened,
-    auth_seed,
+    device_auth_seed,
     open_dir,
     read_relay_urls,
     relay_meta,
@@ -71,7 +71,7 @@ def client_context(
     """
     account = opened.account
     signer = DeviceSigner.from_seed(
-        auth_seed(account.identity_key_pair), account.name, account.device_id
+        device_auth_seed(opened.store, account), account.name, account.device_id
     )
     link = link_factory(signer, starting_at(opened.relay_urls, opened.relay_last))
     ctx = ClientContext(
@@ -208,7 +208,8 @@ async def finish_restore(
     account = await asyncio.to_thread(ctx.store.load_account)
     if account is None:
         raise UsageError("no account in this store")
-    signer = DeviceSigner.from_seed(auth_seed(account.identity_key_pair), account.name, old_device)
+    seed = await asyncio.to_thread(device_auth_seed, ctx.store, account)
+    signer = DeviceSigner.from_seed(seed, account.name, old_device)
     urls = await asyncio.to_thread(read_relay_urls, ctx.store)
     link = link_factory(signer, urls)
     try:

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Final
 
 import nacl.encoding
+import nacl.exceptions
 import nacl.hash
+import nacl.secret
 
 from e2ee.client_errors import StoreLocked
 from e2ee.core import ProtocolEngine
 from e2ee.core.fingerprint import compute_safety_number
-from e2ee.errors import E2EEError, StorageError, UsageError
+from e2ee.errors import E2EEError, StorageError, StoreCorrupt, UsageError
 from e2ee.history import History
 from e2ee.store import AccountRecord, Changes
 from e2ee.store.sealing import KdfLimits
@@ -38,6 +40,7 @@ __all__ = [
     "DB_FILE",
     "LOCK_FILE",
     "META_ACCOUNT_CREATED",
+    "META_AUTH_SEED",
     "META_READ_RECEIPTS",
     "META_RECOVERY_SET",
     "META_REGISTERED",
@@ -49,10 +52,12 @@ __all__ = [
     "Opened",
     "auth_seed",
     "close_opened",
+    "device_auth_seed",
     "lock_dir",
     "open_dir",
     "read_relay_urls",
     "relay_meta",
+    "seal_auth_seed",
     "starting_at",
 ]
 
@@ -73,6 +78,9 @@ META_REGISTERED: Final = "sdk.registered"
 META_ACCOUNT_CREATED: Final = "sdk.account_created"
 META_READ_RECEIPTS: Final = "sdk.read_receipts"
 META_STRICT: Final = "sdk.strict_trust"
+#: A linked device's own random relay auth seed, sealed (:func:`seal_auth_seed`); absent on
+#: an account's first device, whose seed derives from the identity key (:func:`auth_seed`).
+META_AUTH_SEED: Final = "sdk.auth_seed_sealed"
 #: "1" once the relay holds the verifier of a recovery key shown to the user.
 META_RECOVERY_SET: Final = "sdk.recovery_set"
 
@@ -224,4 +232,50 @@ def auth_seed(identity_key_pair: bytes) -> bytes:
         digest_size=32,
         encoder=nacl.encoding.RawEncoder,
     )
+    return seed
+
+
+def _auth_seed_box(identity_key_pair: bytes) -> nacl.secret.SecretBox:
+    key: bytes = nacl.hash.blake2b(
+        b"blindpost auth seed wrap v1",
+        key=hashlib.sha256(identity_key_pair).digest(),
+        person=b"bp-auth-wrap",
+        digest_size=nacl.secret.SecretBox.KEY_SIZE,
+        encoder=nacl.encoding.RawEncoder,
+    )
+    return nacl.secret.SecretBox(key)
+
+
+def seal_auth_seed(identity_key_pair: bytes, seed: bytes) -> str:
+    """A linked device's random auth seed, sealed for the settings table (base64).
+
+    Linked devices share the identity key pair, so a seed derived from it alone
+    (:func:`auth_seed`) would let any of them, removed or not, sign as another. A
+    linked device therefore draws its seed at random and keeps it here, encrypted
+    (XSalsa20-Poly1305) under a key derived from the identity key pair: reading it
+    takes the same secret (and, with a passphrase, the same unlock) as the identity
+    key itself, and the seed never leaves this device.
+    """
+    if len(seed) != 32:
+        raise UsageError("an auth seed is 32 bytes")
+    sealed = _auth_seed_box(identity_key_pair).encrypt(seed)
+    return nacl.encoding.Base64Encoder.encode(bytes(sealed)).decode("ascii")
+
+
+def device_auth_seed(store: SQLiteProtocolStore, account: AccountRecord) -> bytes:
+    """This device's relay auth seed: the sealed random one of a linked device, else the
+    one derived from the identity key pair (an account's first device, as before).
+
+    Raises:
+        StoreCorrupt: the sealed seed does not open.
+        StorageError: the store cannot be read.
+    """
+    sealed = store.get_meta(META_AUTH_SEED)
+    if not sealed:
+        return auth_seed(account.identity_key_pair)
+    try:
+        raw = nacl.encoding.Base64Encoder.decode(sealed.encode("ascii"))
+        seed: bytes = _auth_seed_box(account.identity_key_pair).decrypt(raw)
+    except (ValueError, nacl.exceptions.CryptoError) as exc:
+        raise StoreCorrupt("the sealed auth seed does not open") from exc
     return seed

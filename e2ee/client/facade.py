@@ -9,7 +9,8 @@ Invariants:
   connection: :mod:`e2ee.client.connection`; the data directory:
   :mod:`e2ee.client.datadir`; accounts: :mod:`e2ee.client.account`; trust:
   :mod:`e2ee.client.trust`; attachments: :mod:`e2ee.client.attachments`;
-  backups and the recovery key: :mod:`e2ee.client.recovery`, ``client.recovery``).
+  backups and the recovery key: :mod:`e2ee.client.recovery`, ``client.recovery``;
+  linked devices: :mod:`e2ee.client.devices`, ``client.devices``).
 * The event loop never blocks: every SQLite access and every crypto call runs in
   ``asyncio.to_thread``; large files are encrypted and decrypted chunk by chunk.
 * Time and randomness are parameters (``now_ms``, ``random_bytes``, ``jitter``).
@@ -51,6 +52,7 @@ from e2ee.client.datadir import (
     open_dir,
     relay_meta,
 )
+from e2ee.client.devices import Devices, LinkGrant, NewDeviceKeys, create_linked_dir
 from e2ee.client.groups import change_group, create_group
 from e2ee.client.inbox import Inbox
 from e2ee.client.link import LinkFactory, TransportLink, default_link_factory
@@ -104,6 +106,7 @@ class Client:
         self._link_factory = link_factory
         self._auth_key = auth_key
         self._recovery = Recovery(ctx, link_factory, auth_key)
+        self._devices = Devices(ctx)
         # Kept for programs and tests that reach for them (not public API).
         self._store = ctx.store
         self._engine = ctx.engine
@@ -307,6 +310,77 @@ class Client:
             random_bytes=random_bytes,
             jitter=jitter,
         )
+
+    @classmethod
+    async def link_device(
+        cls,
+        data_dir: str | os.PathLike[str],
+        grant: LinkGrant,
+        keys: NewDeviceKeys,
+        *,
+        passphrase: str | None = None,
+        link_factory: LinkFactory | None = None,
+        now_ms: Callable[[], int] = _system_ms,
+        options: ClientOptions | None = None,
+        kdf_limits: KdfLimits | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        jitter: Callable[[], float] = random.random,
+    ) -> Client:
+        """Set this machine up as a new device of an existing account, from its grant.
+
+        The grant comes from an existing device (:meth:`Devices.add`, or through the
+        provisioning channel); ``keys`` are the ones whose :attr:`NewDeviceKeys.auth_key`
+        that device registered. The new data directory holds the account's identity key
+        (safety numbers do not change) with this device's own registration id, signed
+        prekey, one-time prekeys and relay auth key; the prekeys are uploaded here.
+
+        Args:
+            data_dir: a directory without an account (created if missing).
+            grant: the grant.
+            keys: this device's keys, drawn before the grant was asked for.
+            passphrase, link_factory, now_ms, options, kdf_limits, random_bytes, jitter:
+                as :meth:`create`.
+
+        Returns:
+            The client, registered, not connected.
+
+        Raises:
+            InvalidLinkGrant: the grant names another auth key or does not load; nothing
+                was written.
+            UsageError: ``data_dir`` already holds an account.
+            AuthFailed: the relay does not know this device (it was removed since).
+            TransportError: the relay cannot be reached; the directory stays, and
+                :meth:`register` finishes the upload later.
+            StorageError: the database cannot be created.
+        """
+        folder = Path(data_dir)
+        opened = await asyncio.to_thread(
+            create_linked_dir,
+            folder,
+            grant,
+            keys,
+            passphrase=passphrase,
+            now_ms=now_ms,
+            kdf_limits=kdf_limits,
+        )
+        client = await cls._build(opened, link_factory, now_ms, options, random_bytes, jitter)
+        try:
+            await client.register()
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    @property
+    def devices(self) -> Devices:
+        """The devices of this account (:class:`~e2ee.client.devices.Devices`):
+        ``await client.devices.list()``, ``add(auth_key, name=...)``, ``remove(id)``.
+
+        Raises:
+            ClientClosed: the client was closed.
+        """
+        self._check_open()
+        return self._devices
 
     @property
     def recovery(self) -> Recovery:

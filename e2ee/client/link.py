@@ -25,6 +25,7 @@ from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import ConnectionLost, RelayRejected, UsernameTaken
 from e2ee.transport.failover import RelayNodes, node_failed
 from e2ee.transport.frames import Delivery, QueueEmpty
+from e2ee.transport.requests import DeviceInfo
 
 if TYPE_CHECKING:
     import aiohttp
@@ -65,6 +66,19 @@ class RelayLink(Protocol):
     async def reset_devices(self, device_id: int, auth_key: bytes) -> None:
         """Make the device (``device_id``, ``auth_key``) the user's only device
         (``POST /v1/devices/reset``, signed by this device)."""
+        ...
+
+    async def add_device(self, device_id: int, auth_key: bytes) -> None:
+        """Add a device of this user (``POST /v1/devices``, signed by this device);
+        ``RelayRejected`` ``device_exists``/``too_many_devices``, ``RateLimited``."""
+        ...
+
+    async def list_devices(self) -> tuple[DeviceInfo, ...]:
+        """This user's devices at the relay, sorted by id (``GET /v1/devices``)."""
+        ...
+
+    async def remove_device(self, device_id: int) -> None:
+        """Remove a device of this user (``DELETE /v1/devices/{id}``); ``NotFound``."""
         ...
 
     async def prekey_count(self) -> int:
@@ -220,6 +234,18 @@ class TransportLink:
     async def reset_devices(self, device_id: int, auth_key: bytes) -> None:
         """``POST /v1/devices/reset`` (see :meth:`RelayLink.reset_devices`)."""
         await self._nodes.call(lambda url: self._http(url).reset_devices(device_id, auth_key))
+
+    async def add_device(self, device_id: int, auth_key: bytes) -> None:
+        """``POST /v1/devices`` (see :meth:`RelayLink.add_device`)."""
+        await self._nodes.call(lambda url: self._http(url).add_device(device_id, auth_key))
+
+    async def list_devices(self) -> tuple[DeviceInfo, ...]:
+        """``GET /v1/devices`` (see :meth:`RelayLink.list_devices`)."""
+        return await self._nodes.call(lambda url: self._http(url).list_devices())
+
+    async def remove_device(self, device_id: int) -> None:
+        """``DELETE /v1/devices/{id}`` (see :meth:`RelayLink.remove_device`)."""
+        await self._nodes.call(lambda url: self._http(url).remove_device(device_id))
 
     async def prekey_count(self) -> int:
         """``GET /v1/keys/count``."""

@@ -343,11 +343,21 @@ class ProtocolEngine:
     def has_account(self) -> bool:
         return self._store.load_account() is not None
 
-    def create_account(self, name: str, device_id: int) -> AccountRecord:
+    def create_account(
+        self, name: str, device_id: int, *, identity_key_pair: bytes | None = None
+    ) -> AccountRecord:
         """Generate identity, registration id, a signed prekey and a prekey batch.
 
+        Args:
+            name: the account name.
+            device_id: this device's id.
+            identity_key_pair: the account's existing identity key pair (serialized), for a
+                linked device: it shares the identity (safety numbers do not change) but
+                gets its own registration id, signed prekey and one-time prekeys.
+
         Raises:
-            UsageError: an account already exists, or bad name/device id.
+            UsageError: an account already exists, bad name/device id, or an identity key
+                pair that does not parse.
         """
         if not _valid_address(name, device_id):
             raise UsageError(f"account needs a name and a device id in 1..{MAX_DEVICE_ID}")
@@ -355,7 +365,14 @@ class ProtocolEngine:
             if self._store.load_account() is not None:
                 raise UsageError("this store already holds an account")
             now = self._now_ms()
-            identity, registration_id = generate_identity()
+            if identity_key_pair is None:
+                identity, registration_id = generate_identity()
+            else:
+                try:
+                    identity = IdentityKeyPair(serialized=identity_key_pair)
+                except Exception as exc:  # python-axolotl/protobuf raise anything on bad bytes
+                    raise UsageError("not an identity key pair") from exc
+                registration_id = generate_registration_id()
             account = AccountRecord(
                 name=name,
                 device_id=device_id,
