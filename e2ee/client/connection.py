@@ -22,7 +22,6 @@ from e2ee.client.compose import expire_sync
 from e2ee.client.context import ClientContext
 from e2ee.client.inbox import Inbox
 from e2ee.client.outbox import Outbox
-from e2ee.client.sync import introduce
 from e2ee.errors import E2EEError, StorageError, TransportError
 from e2ee.events import ConnectionStateChanged
 from e2ee.transport.backoff import Backoff
@@ -110,10 +109,6 @@ class Connection:
             await asyncio.sleep(delay)
 
     async def _maintain_keys(self) -> None:
-        try:
-            await introduce(self._ctx, self._outbox)  # once per data directory
-        except E2EEError as exc:
-            _log.info("own devices not probed: %s", type(exc).__name__)
         while True:
             try:
                 count = await self._ctx.link.prekey_count()

@@ -40,7 +40,7 @@ from typing import Any, Final
 from e2ee import envelope, payload
 from e2ee.client.compose import compose_many, make_draft
 from e2ee.client.context import ClientContext
-from e2ee.client.sync import is_own_device_key, own_copy, own_devices
+from e2ee.client.sync import introduce, is_own_device_key, own_copy, own_devices
 from e2ee.client_errors import (
     ClientClosed,
     IdentityHeld,
@@ -115,6 +115,8 @@ class Outbox:
         self._marker: asyncio.Task[None] | None = None
         # Ciphertexts of queued entries encrypted ahead, by entry id (see _prepare).
         self._prepared: dict[str, list[envelope.Entry]] = {}
+        # Whether this device met our other devices (e2ee.client.sync.introduce).
+        self._introduced = False
 
     def __repr__(self) -> str:
         return f"Outbox({self._ctx.me})"
@@ -254,6 +256,9 @@ class Outbox:
                     self._flush_cond.notify_all()
 
     async def _flush_outbox(self) -> None:
+        if not self._introduced:
+            # Before anything is sent, so a new device's first message reaches our others.
+            self._introduced = await introduce(self._ctx, self)
         try:
             await self._send_pending()
         finally:

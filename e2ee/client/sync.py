@@ -169,29 +169,30 @@ def is_own_device_key(ctx: ClientContext, user: str, identity_key: bytes) -> boo
     return user != ctx.me.name or identity_key == ctx.engine.identity_key
 
 
-async def introduce(ctx: ClientContext, outbox: Outbox) -> None:
-    """Once per data directory, at a connect: meet our other devices, ask for their state.
+async def introduce(ctx: ClientContext, outbox: Outbox) -> bool:
+    """Once per data directory, before its first send: meet our other devices.
 
     A device looks for the account's other devices at the relay once (our own
     bundles); if there are any, it sessions with them and sends them a REQUEST,
     which also tells them of this device. Later devices introduce themselves
     the same way, and the relay's device-list check keeps the list current.
-    A connection problem leaves it for the next connect.
+
+    Returns:
+        False if the relay could not be asked (try again at the next pass).
     """
     if await asyncio.to_thread(ctx.locked, ctx.store.get_meta, META_OWN_DEVICES_PROBED):
-        return
+        return True
     try:
         await outbox.devices(ctx.me.name, refresh=True)
     except TransportError:
-        return  # tried again at the next connect
+        return False
     except E2EEError as exc:
         _log.info("own devices not probed: %s", type(exc).__name__)
-    queued = await asyncio.to_thread(queue_sync, ctx, sync_messages(SyncKind.REQUEST))
+    await asyncio.to_thread(queue_sync, ctx, sync_messages(SyncKind.REQUEST))
 
     def done() -> None:
         with ctx.wlock:
             ctx.store.commit(Changes(meta_put={META_OWN_DEVICES_PROBED: "1"}))
 
     await asyncio.to_thread(done)
-    if queued:
-        outbox.wake()
+    return True
