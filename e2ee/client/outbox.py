@@ -692,6 +692,8 @@ class Outbox:
                         raise IdentityHeld(user) from exc
                     entries.append(envelope.Entry(user, device, ct.kind, ct.body))
             recipients = [(e.user, e.device) for e in entries]
+            if not entries:
+                return []  # a sync entry whose last other device was just removed
             try:
                 await self._ctx.link.send(mid, recipients, envelope.build_pairwise(entries))
                 return recipients

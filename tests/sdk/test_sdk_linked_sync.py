@@ -263,3 +263,29 @@ def _timer(client: Client, user: str) -> int | None:
     chats = {c.id: c for c in client.history.chats()}
     chat = chats.get(f"dm:{user}")
     return None if chat is None else chat.timer_seconds
+
+
+async def test_after_removing_our_other_device_read_marks_and_sends_go_on(
+    make_client: MakeClient, wait_for: WaitFor, tmp_path: Path, fast_options: Any
+) -> None:
+    alice, bob = await make_client("alice"), await make_client("bob")
+    alice2 = await link(alice, tmp_path / "alice2", fast_options)
+    bob_events = bob.events()
+    async with alice, bob:
+        async with alice2:
+            await introduced(alice, alice2)
+        await alice.devices.remove(2)
+        mid = await bob.send_text("alice", "read me")
+        await until(lambda: alice.history.message(mid) is not None)
+        # Device 1 still holds a session with device 2: the READ sync meets the relay's
+        # answer that it is gone, drops the session and has nobody left to tell.
+        assert await alice.mark_read("dm:bob") == 1
+        assert await alice.flush(WAIT) == 0
+        assert alice._ctx.engine.session_devices("alice") == []
+        read = await next_event(
+            wait_for, bob_events, lambda e: isinstance(e, ReceiptUpdated) and e.status == "read"
+        )
+        assert read.message_id == mid
+        sent = await alice.send_text("bob", "after the removal")
+        got = await next_event(wait_for, bob_events, lambda e: isinstance(e, MessageReceived))
+        assert got.message.id == sent
