@@ -55,7 +55,10 @@ def test_sent_from_device_two_is_alices_on_device_one(cli: Cli, accounts: Any) -
     mid = cli("alice2", "send", "bob", "from my laptop").last_word
     (got,) = cli("bob", "receive", "--json").of_type("message")
     assert (got["id"], got["sender"]) == (mid, "alice")
-    cli("alice", "receive", "--timeout", "1")
+    shown = cli("alice", "receive", "--json").of_type("message")
+    assert [(m["id"], m["sender"], m["sender_device"], m["outgoing"]) for m in shown] == [
+        (mid, "alice", 2, True)
+    ]
     history = cli("alice", "history", "bob", "--json").records
     mine = [m for m in history if m["id"] == mid]
     assert [(m["sender"], m["outgoing"], m["text"]) for m in mine] == [
