@@ -8,8 +8,11 @@ outbox would send it: the payload to bob, a transcript to the other device.
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from e2ee import payload
 from e2ee.errors import InvalidMessage, UnsupportedPayload, UsageError
@@ -301,3 +304,54 @@ def test_transcript_and_sync_formats_are_checked_and_versioned() -> None:
     data = payload.pad(bytes((payload.PAYLOAD_VERSION,)) + pb.SerializeToString())
     with pytest.raises(InvalidMessage):
         payload.decode(data)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a1", "a2", "bob"]), st.text(min_size=1, max_size=8)),
+        max_size=12,
+    ),
+    st.randoms(use_true_random=False),
+)
+@settings(max_examples=60, deadline=None)
+def test_alices_devices_converge_on_one_history(
+    sends: list[tuple[str, str]], rnd: random.Random
+) -> None:
+    """Whatever alice sends from either device, and bob sends her, in any arrival order per
+    device pair that keeps each sender's order: both devices end with the same messages,
+    the same senders and the same directions."""
+    histories = {"a1": MemoryHistory(), "a2": MemoryHistory(), "bob": MemoryHistory()}
+    addresses = {"a1": ALICE1, "a2": ALICE2, "bob": BOB}
+    # Per (sender, receiver): payloads in the sender's order (one mailbox each, in order).
+    queues: dict[tuple[str, str], list[Payload]] = {}
+    for who, text in sends:
+        me = addresses[who]
+        body = send(
+            histories[who],
+            me,
+            Draft("bob" if who != "bob" else "alice", PayloadType.TEXT, text=text),
+        )
+        if who == "bob":
+            for device in ("a1", "a2"):
+                queues.setdefault((who, device), []).append(body)
+        else:
+            other = "a2" if who == "a1" else "a1"
+            queues.setdefault((who, "bob"), []).append(body)
+            queues.setdefault((who, other), []).append(transcript_for("dm:bob", body))
+    # Interleave the mailboxes at random, each one in order.
+    pending = {k: list(v) for k, v in queues.items()}
+    while pending:
+        key = rnd.choice(sorted(pending))
+        sender, receiver = key
+        me = "bob" if receiver == "bob" else "alice"
+        receive(histories[receiver], me, addresses[sender], pending[key].pop(0))
+        if not pending[key]:
+            del pending[key]
+
+    def seen(history: MemoryHistory) -> set[tuple[str, str, bool, str | None]]:
+        return {(m.id, m.sender, m.outgoing, m.text) for m in history.messages("dm:bob")}
+
+    assert seen(histories["a1"]) == seen(histories["a2"])
+    assert len(seen(histories["a1"])) == len(sends)
+    bob_view = {(m.id, m.sender, m.text) for m in histories["bob"].messages("dm:alice")}
+    assert bob_view == {(i, s, t) for i, s, _, t in seen(histories["a1"])}
