@@ -370,9 +370,10 @@ class Outbox:
                                 ct = ctx.engine.encrypt(Address(user, device), entry.payload or b"")
                                 sealed.append(envelope.Entry(user, device, ct.kind, ct.body))
                         copy = own_copy(entry) if mine else None
-                        for device in mine if copy is not None else ():
-                            ct = ctx.engine.encrypt(Address(ctx.me.name, device), copy or b"")
-                            sealed.append(envelope.Entry(ctx.me.name, device, ct.kind, ct.body))
+                        if copy is not None:
+                            for device in mine:
+                                ct = ctx.engine.encrypt(Address(ctx.me.name, device), copy)
+                                sealed.append(envelope.Entry(ctx.me.name, device, ct.kind, ct.body))
                         prepared[entry.id] = sealed
             except E2EEError:
                 return {}  # rolled back: the one-by-one path meets (and handles) it
@@ -485,7 +486,7 @@ class Outbox:
         else:
             prepared = self._prepared.pop(entry.id, None)
             recipients = await self.send_pairwise(
-                mid, json.loads(entry.targets), data, prepared=prepared, own=own_copy(entry)
+                mid, json.loads(entry.targets), data, prepared=prepared, transcribe=entry
             )
         # Receipts are the peers' business: our own devices are not recipients there.
         recipients = [r for r in recipients if r[0] != self._ctx.me.name]
@@ -659,25 +660,27 @@ class Outbox:
         data: bytes,
         *,
         prepared: list[envelope.Entry] | None = None,
-        own: bytes | None = None,
+        transcribe: OutboxRow | None = None,
     ) -> list[tuple[str, int]]:
         """Encrypt ``data`` for every device of ``users`` and send it as message ``mid``.
 
-        ``own``: what our own other devices get in the same message (a
-        transcript), if anything. Returns the (user, device) pairs it went to.
+        ``transcribe``: the outbox entry being sent, whose transcript our own
+        other devices get in the same message (if it has one and we have
+        another device). Returns the (user, device) pairs it went to.
         """
         me = self._ctx.me.name
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             entries: list[envelope.Entry] = prepared or []
-            mine = (
-                [] if prepared or own is None else await asyncio.to_thread(own_devices, self._ctx)
-            )
-            for device in mine:
-                assert own is not None
-                ct = await asyncio.to_thread(
-                    self._ctx.locked, self._ctx.engine.encrypt, Address(me, device), own
-                )
-                entries.append(envelope.Entry(me, device, ct.kind, ct.body))
+            mine = []
+            if transcribe is not None and not prepared:
+                mine = await asyncio.to_thread(own_devices, self._ctx)
+            own = own_copy(transcribe) if mine and transcribe is not None else None
+            if own is not None:
+                for device in mine:
+                    ct = await asyncio.to_thread(
+                        self._ctx.locked, self._ctx.engine.encrypt, Address(me, device), own
+                    )
+                    entries.append(envelope.Entry(me, device, ct.kind, ct.body))
             for user in users:
                 if user in self._ctx.held:
                     raise IdentityHeld(user)
@@ -701,7 +704,7 @@ class Outbox:
                 prepared = None
                 self._prepared.clear()  # encrypted for the old device lists
                 if not await self._fix_devices(exc):
-                    own = None
+                    transcribe = None
             except MailboxFull as exc:
                 # Not retried: a full mailbox stays full until its owner receives.
                 raise RecipientMailboxFull(exc.full) from exc
