@@ -6,8 +6,8 @@ Invariants:
   of our own name, never this device). Once we name ourselves in a send, the
   relay's device-list check names every other device of ours (409: a new one
   is missing, a removed one stale), so the list follows the relay's. A new
-  device meets the others itself: at its first connect it fetches our bundles
-  once and asks them for contacts and groups (a REQUEST sync message).
+  device meets the others itself: before its first send it fetches our
+  bundles once and asks them for contacts and groups (a REQUEST sync message).
 * Only a key equal to our own identity key is taken for one of our devices
   (linked devices share it); a device of our name with another key gets
   nothing from us.
@@ -27,11 +27,17 @@ from typing import TYPE_CHECKING, Final
 
 from e2ee import payload
 from e2ee.client.context import ClientContext
-from e2ee.errors import E2EEError, InvalidMessage, TransportError
+from e2ee.errors import E2EEError, InvalidMessage, TransportError, UsageError
 from e2ee.messaging.outcome import Outcome
 from e2ee.messaging.rows import ChatRow, GroupRow, OutboxRow, direct_chat_id, group_chat_id
-from e2ee.messaging.sync import contact_of, group_of, sync_entry, sync_messages, trust_changes
-from e2ee.messaging.sync import transcript_for as _transcript_for
+from e2ee.messaging.sync import (
+    contact_of,
+    group_of,
+    sync_entry,
+    sync_messages,
+    transcript_for,
+    trust_changes,
+)
 from e2ee.payload import TRANSCRIBED, SyncContact, SyncKind, SyncMessage
 from e2ee.store import Address, Changes, TrustLevel
 
@@ -53,7 +59,7 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-#: Set once this device looked for our other devices at the relay (its first connect).
+#: Set once this device looked for our other devices at the relay (before its first send).
 META_OWN_DEVICES_PROBED: Final = "own_devices_probed"
 _TRANSCRIBED_KINDS: Final = frozenset(kind.name.lower() for kind in TRANSCRIBED)
 
@@ -66,7 +72,9 @@ def own_devices(ctx: ClientContext) -> list[int]:
 def own_copy(entry: OutboxRow) -> bytes | None:
     """What our other devices get of a pairwise outbox entry: its transcript, or None.
 
-    Receipts, typing, session resets and sync entries are not transcribed.
+    Receipts, typing, session resets and sync entries are not transcribed. A
+    payload within a few bytes of ``MAX_PAYLOAD_BYTES`` has no room for the
+    transcript's wrapping: it goes to the recipients only (logged).
     """
     if entry.mode != "pairwise" or entry.kind not in _TRANSCRIBED_KINDS or not entry.payload:
         return None
@@ -76,7 +84,11 @@ def own_copy(entry: OutboxRow) -> bytes | None:
         return None
     if body.type not in TRANSCRIBED:
         return None
-    return payload.encode(_transcript_for(entry.chat_id, body))
+    try:
+        return payload.encode(transcript_for(entry.chat_id, body))
+    except UsageError:
+        _log.warning("message %s too large for a transcript to our other devices", entry.id)
+        return None
 
 
 def sync_outcome(ctx: ClientContext, out: Outcome, messages: Sequence[SyncMessage]) -> bool:

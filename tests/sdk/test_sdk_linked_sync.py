@@ -10,11 +10,15 @@ multi-device member works both ways; trust decisions follow.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from e2ee import payload
 from e2ee.client import Client, LinkGrant, NewDeviceKeys
+from e2ee.client.sync import own_copy
+from e2ee.errors import UsageError
 from e2ee.events import (
     Event,
     GroupChanged,
@@ -23,6 +27,8 @@ from e2ee.events import (
     MessageStored,
     ReceiptUpdated,
 )
+from e2ee.messaging.rows import OutboxRow
+from e2ee.payload import Payload, PayloadType
 from e2ee.store.sealing import KdfLimits
 
 MakeClient = Callable[..., Awaitable[Client]]
@@ -292,3 +298,35 @@ async def test_after_removing_our_other_device_read_marks_and_sends_go_on(
         sent = await alice.send_text("bob", "after the removal")
         got = await next_event(wait_for, bob_events, lambda e: isinstance(e, MessageReceived))
         assert got.message.id == sent
+
+
+def test_which_outbox_entries_our_devices_get_a_transcript_of() -> None:
+    def entry(kind: PayloadType, mode: str = "pairwise", **kw: Any) -> OutboxRow:
+        body = Payload(kind, os.urandom(16), 5, **kw)
+        return OutboxRow(
+            body.message_id.hex(),
+            1,
+            "dm:bob",
+            mode,
+            '["bob"]',
+            kind=kind.name.lower(),
+            payload=payload.encode(body),
+        )
+
+    text = entry(PayloadType.TEXT, text="hi")
+    copy = own_copy(text)
+    assert copy is not None
+    decoded = payload.decode(copy)
+    assert decoded.transcript is not None and decoded.transcript.to_user == "bob"
+    assert decoded.transcript.content == payload.decode(text.payload or b"")
+    assert own_copy(entry(PayloadType.TYPING, typing=True)) is None
+    assert own_copy(entry(PayloadType.SESSION_RESET)) is None
+    # A payload at the size limit has no room for the wrapping: recipients only.
+    size = payload.MAX_PAYLOAD_BYTES
+    while True:  # the longest text whose payload still fits
+        try:
+            huge = entry(PayloadType.TEXT, text="x" * size)
+            break
+        except UsageError:
+            size -= 1
+    assert own_copy(huge) is None
