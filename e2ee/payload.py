@@ -632,8 +632,8 @@ def _build_messages() -> dict[str, Any]:
     add(content, "group", 13, f.TYPE_MESSAGE, ref="GroupControl")
     add(content, "timer_seconds", 14, f.TYPE_UINT32)
     add(content, "expire_seconds", 15, f.TYPE_UINT32)
-    add(content, "transcript", 16, f.TYPE_MESSAGE, ref="Transcript")
-    add(content, "sync", 17, f.TYPE_MESSAGE, ref="SyncMessage")
+    add(content, "transcript", 17, f.TYPE_MESSAGE, ref="Transcript")
+    add(content, "sync", 18, f.TYPE_MESSAGE, ref="SyncMessage")
 
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(fdp.SerializeToString())
