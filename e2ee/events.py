@@ -53,6 +53,9 @@ class MessageReceived:
 class MessageStored:
     """One of our own messages was stored in history and queued for sending.
 
+    Also emitted when another of our devices sent a message (its transcript or
+    our own group message arrived): ``outgoing`` is True and ``status`` ``sent``.
+
     Emitted by every ``send_*`` call (and group changes) once the row is
     committed, before the relay accepted it (``status`` is ``pending``); the
     ``ReceiptUpdated`` events that follow move its status on.
@@ -74,6 +77,9 @@ class MessageChanged:
     ``quote_deleted``: the message it quotes was deleted for everyone, so its
     copy of the quoted text (``quote_text``) was cleared.
 
+    ``read``: another of our devices marked this incoming message read (its
+    ``read_at`` is set here too; no second read receipt is sent).
+
     ``message`` is the message as committed after the change (None only from
     producers older than this field); ``reaction`` is ``by``'s reaction after a
     ``reaction`` change (``""``: removed). A view applies them without reading
@@ -82,7 +88,7 @@ class MessageChanged:
 
     message_id: str
     chat_id: str
-    change: Literal["edited", "deleted", "reaction", "expired", "quote_deleted"]
+    change: Literal["edited", "deleted", "reaction", "expired", "quote_deleted", "read"]
     by: str
     message: StoredMessage | None = None
     reaction: str | None = None
@@ -120,6 +126,9 @@ class Typing:
 class GroupChanged:
     """A group was created or changed (by an admin, or a member leaving).
 
+    ``sync``: another of our devices told us the group's state (a linked
+    device learning the groups it is in).
+
     ``notice`` is the history row that records it in the group's chat (type
     ``group``: ``sender`` is who made the change, ``text`` what changed, e.g.
     ``renamed the group to 'climbers'``), committed with the change; None when
@@ -127,7 +136,7 @@ class GroupChanged:
     """
 
     group_id: str
-    action: Literal["create", "add", "remove", "leave", "rename"]
+    action: Literal["create", "add", "remove", "leave", "rename", "sync"]
     by: str
     name: str
     members: tuple[str, ...]

@@ -15,6 +15,12 @@ Invariants:
 * A :class:`Payload` that exists is valid: :meth:`Payload.__post_init__` checks
   the fields each type needs, so a decoded payload can be used without checks.
 * Attachment keys are secrets: they never appear in a repr.
+* TRANSCRIPT and SYNC payloads pass only between devices of one account
+  (linked devices): a transcript wraps what this device sent to others, a sync
+  message carries local state (read marks, contacts, trust, groups). Each
+  carries its own version (:data:`TRANSCRIPT_VERSION`, :data:`SYNC_VERSION`);
+  another one is :class:`UnsupportedPayload`. A transcript never wraps a
+  transcript or a sync message.
 
 The protobuf classes are built at import time from a descriptor made here, in a
 private descriptor pool (package ``blindpost.payload``), as in
@@ -37,6 +43,9 @@ __all__ = [
     "MESSAGE_ID_BYTES",
     "PAD_BUCKET",
     "PAYLOAD_VERSION",
+    "SYNC_VERSION",
+    "TRANSCRIBED",
+    "TRANSCRIPT_VERSION",
     "AttachmentPointer",
     "GroupAction",
     "GroupControl",
@@ -44,6 +53,12 @@ __all__ = [
     "PayloadType",
     "Quote",
     "ReceiptKind",
+    "SyncContact",
+    "SyncGroup",
+    "SyncIdentity",
+    "SyncKind",
+    "SyncMessage",
+    "Transcript",
     "UnsupportedPayload",
     "decode",
     "encode",
@@ -65,6 +80,13 @@ _MAX_U32: Final = 2**32 - 1
 _MAX_NAME: Final = 256
 _MAX_MEMBERS: Final = 1000
 _PAD_MARK: Final = 0x80
+#: The version a :class:`Transcript` is written with (and the only one read).
+TRANSCRIPT_VERSION: Final = 1
+#: The version a :class:`SyncMessage` is written with (and the only one read).
+SYNC_VERSION: Final = 1
+_MAX_SYNC_IDS: Final = 1000
+_MAX_SYNC_ITEMS: Final = 200
+_SYNC_TRUST: Final = frozenset({"tofu", "verified"})
 
 
 class PayloadType(enum.IntEnum):
@@ -80,6 +102,32 @@ class PayloadType(enum.IntEnum):
     ATTACHMENT = 8
     TIMER = 9
     SESSION_RESET = 10
+    TRANSCRIPT = 11
+    SYNC = 12
+
+
+#: What our other devices get a :class:`Transcript` of when this device sends it.
+TRANSCRIBED: Final = frozenset(
+    {
+        PayloadType.TEXT,
+        PayloadType.ATTACHMENT,
+        PayloadType.TIMER,
+        PayloadType.REACTION,
+        PayloadType.EDIT,
+        PayloadType.DELETE,
+        PayloadType.GROUP,
+    }
+)
+
+
+class SyncKind(enum.IntEnum):
+    """What a SYNC payload tells our other devices."""
+
+    READ = 1  #: these incoming messages were read (``message_ids``)
+    CONTACTS = 2  #: contacts: names, direct-chat timers, identity keys and trust
+    TRUST = 3  #: a trust decision (accept, verify) about the contacts listed
+    GROUPS = 4  #: the state of the groups listed
+    REQUEST = 5  #: a new device asks for CONTACTS and GROUPS
 
 
 class ReceiptKind(enum.IntEnum):
@@ -210,6 +258,159 @@ class GroupControl:
 
 
 @dataclass(frozen=True, slots=True)
+class SyncIdentity:
+    """One device's identity key as we trust it (the user's decision).
+
+    Attributes:
+        device: the contact's device id.
+        identity_key: its public identity key (33 bytes, public: shown in a repr).
+        trust: ``tofu`` (accepted) or ``verified`` (safety number compared).
+    """
+
+    device: int
+    identity_key: bytes
+    trust: str
+
+    def __post_init__(self) -> None:
+        _check_int(self.device, "sync.device", 255)
+        _check_bytes(self.identity_key, "sync.identity_key", 33, exact=True)
+        if self.trust not in _SYNC_TRUST:
+            raise UsageError("sync.trust: expected 'tofu' or 'verified'")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncContact:
+    """A contact as our devices share it.
+
+    Attributes:
+        user: the contact's user name.
+        timer_seconds: the direct chat's disappearing timer (0 = off).
+        identities: the identity keys we accepted, per device.
+    """
+
+    user: str
+    timer_seconds: int = 0
+    identities: tuple[SyncIdentity, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_str(self.user, "sync.user", _MAX_NAME)
+        if not self.user:
+            raise UsageError("sync.user: must not be empty")
+        _check_int(self.timer_seconds, "sync.timer_seconds", _MAX_U32)
+        if not isinstance(self.identities, tuple) or len(self.identities) > 255:
+            raise UsageError("sync.identities: expected a tuple of at most 255")
+        for identity in self.identities:
+            if not isinstance(identity, SyncIdentity):
+                raise UsageError("sync.identities: expected SyncIdentity values")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncGroup:
+    """A group we are a member of, as our devices share it.
+
+    Attributes mirror :class:`GroupControl`'s state, plus the group chat's timer.
+    """
+
+    group_id: str
+    name: str = ""
+    members: tuple[str, ...] = ()
+    admins: tuple[str, ...] = ()
+    revision: int = 0
+    timer_seconds: int = 0
+
+    def __post_init__(self) -> None:
+        _check_str(self.group_id, "sync.group_id", _MAX_NAME)
+        if not self.group_id:
+            raise UsageError("sync.group_id: must not be empty")
+        # The same checks as a group change's state.
+        GroupControl(
+            GroupAction.CREATE,
+            name=self.name,
+            members=self.members,
+            admins=self.admins,
+            revision=self.revision,
+        )
+        _check_int(self.timer_seconds, "sync.timer_seconds", _MAX_U32)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncMessage:
+    """Local state one of our devices tells the others (a SYNC payload).
+
+    Attributes:
+        kind: what it says.
+        message_ids: READ: the incoming messages read (16 bytes each).
+        contacts: CONTACTS, TRUST: the contacts concerned.
+        groups: GROUPS: the groups concerned.
+        version: :data:`SYNC_VERSION`.
+    """
+
+    kind: SyncKind
+    message_ids: tuple[bytes, ...] = ()
+    contacts: tuple[SyncContact, ...] = ()
+    groups: tuple[SyncGroup, ...] = ()
+    version: int = SYNC_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, SyncKind):
+            raise UsageError("sync.kind: expected a SyncKind")
+        if self.version != SYNC_VERSION:
+            raise UsageError(f"sync.version: this build writes {SYNC_VERSION}")
+        if not isinstance(self.message_ids, tuple) or len(self.message_ids) > _MAX_SYNC_IDS:
+            raise UsageError(f"sync.message_ids: expected a tuple of at most {_MAX_SYNC_IDS}")
+        for mid in self.message_ids:
+            _check_id(mid, "sync.message_ids")
+        for what, items, kind in (
+            ("contacts", self.contacts, SyncContact),
+            ("groups", self.groups, SyncGroup),
+        ):
+            if not isinstance(items, tuple) or len(items) > _MAX_SYNC_ITEMS:
+                raise UsageError(f"sync.{what}: expected a tuple of at most {_MAX_SYNC_ITEMS}")
+            if any(not isinstance(item, kind) for item in items):
+                raise UsageError(f"sync.{what}: expected {kind.__name__} values")
+        if self.kind is SyncKind.READ and not self.message_ids:
+            raise UsageError("a READ sync names the messages read")
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """What this device sent to others, as our other devices get it.
+
+    Attributes:
+        content: the payload as the recipients got it (its message id and
+            timestamp are the message's own).
+        to_user: the recipient of a direct message ("" for a group).
+        to_group: the group it went to ("" for a direct message); equal to
+            ``content.group_id``.
+        version: :data:`TRANSCRIPT_VERSION`.
+    """
+
+    content: Payload
+    to_user: str = ""
+    to_group: str = ""
+    version: int = TRANSCRIPT_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.content, Payload):
+            raise UsageError("transcript.content: expected a Payload")
+        if self.version != TRANSCRIPT_VERSION:
+            raise UsageError(f"transcript.version: this build writes {TRANSCRIPT_VERSION}")
+        if self.content.type not in TRANSCRIBED:
+            raise UsageError(f"a {self.content.type.name} payload is not transcribed")
+        _check_str(self.to_user, "transcript.to_user", _MAX_NAME)
+        _check_str(self.to_group, "transcript.to_group", _MAX_NAME)
+        if bool(self.to_user) == bool(self.to_group):
+            raise UsageError("a transcript names a user or a group, not both")
+        if self.to_group != self.content.group_id:
+            raise UsageError("transcript.to_group must be its content's group id")
+
+    @property
+    def chat_id(self) -> str:
+        """The chat it belongs to (``dm:<user>`` or ``group:<id>``)."""
+        return f"group:{self.to_group}" if self.to_group else f"dm:{self.to_user}"
+
+
+@dataclass(frozen=True, slots=True)
 class Payload:
     """One decrypted message of any kind.
 
@@ -232,6 +433,8 @@ class Payload:
         timer_seconds: the chat's new disappearing timer, 0 = off (TIMER only).
         expire_seconds: this message disappears this long after it is read
             (sent: after sending); 0 = never. Set from the chat's timer.
+        transcript: what we sent elsewhere (TRANSCRIPT only; own devices).
+        sync: local state of another of our devices (SYNC only).
     """
 
     type: PayloadType
@@ -249,6 +452,8 @@ class Payload:
     group: GroupControl | None = None
     timer_seconds: int = 0
     expire_seconds: int = 0
+    transcript: Transcript | None = None
+    sync: SyncMessage | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.type, PayloadType):
@@ -294,6 +499,17 @@ class Payload:
             raise UsageError("a GROUP payload, and only it, carries a group change")
         if kind is PayloadType.GROUP and not self.group_id:
             raise UsageError("a GROUP payload needs a group id")
+        if (kind is PayloadType.TRANSCRIPT) != (self.transcript is not None):
+            raise UsageError("a TRANSCRIPT payload, and only it, carries a transcript")
+        if self.transcript is not None:
+            if not isinstance(self.transcript, Transcript):
+                raise UsageError("transcript: expected a Transcript")
+            if self.transcript.content.message_id != self.message_id:
+                raise UsageError("a transcript carries its message's own id")
+        if (kind is PayloadType.SYNC) != (self.sync is not None):
+            raise UsageError("a SYNC payload, and only it, carries a sync message")
+        if self.sync is not None and not isinstance(self.sync, SyncMessage):
+            raise UsageError("sync: expected a SyncMessage")
 
     def __repr__(self) -> str:
         return (
@@ -369,6 +585,37 @@ def _build_messages() -> dict[str, Any]:
     add(group, "targets", 6, f.TYPE_STRING, rep)
     add(group, "distribution", 7, f.TYPE_BYTES)
 
+    identity = fdp.message_type.add(name="SyncIdentity")
+    add(identity, "device", 1, f.TYPE_UINT32)
+    add(identity, "identity_key", 2, f.TYPE_BYTES)
+    add(identity, "trust", 3, f.TYPE_STRING)
+
+    contact = fdp.message_type.add(name="SyncContact")
+    add(contact, "user", 1, f.TYPE_STRING)
+    add(contact, "timer_seconds", 2, f.TYPE_UINT32)
+    add(contact, "identities", 3, f.TYPE_MESSAGE, rep, ref="SyncIdentity")
+
+    sgroup = fdp.message_type.add(name="SyncGroup")
+    add(sgroup, "group_id", 1, f.TYPE_STRING)
+    add(sgroup, "name", 2, f.TYPE_STRING)
+    add(sgroup, "members", 3, f.TYPE_STRING, rep)
+    add(sgroup, "admins", 4, f.TYPE_STRING, rep)
+    add(sgroup, "revision", 5, f.TYPE_UINT64)
+    add(sgroup, "timer_seconds", 6, f.TYPE_UINT32)
+
+    sync = fdp.message_type.add(name="SyncMessage")
+    add(sync, "version", 1, f.TYPE_UINT32)
+    add(sync, "kind", 2, f.TYPE_UINT32)
+    add(sync, "message_ids", 3, f.TYPE_BYTES, rep)
+    add(sync, "contacts", 4, f.TYPE_MESSAGE, rep, ref="SyncContact")
+    add(sync, "groups", 5, f.TYPE_MESSAGE, rep, ref="SyncGroup")
+
+    transcript = fdp.message_type.add(name="Transcript")
+    add(transcript, "version", 1, f.TYPE_UINT32)
+    add(transcript, "to_user", 2, f.TYPE_STRING)
+    add(transcript, "to_group", 3, f.TYPE_STRING)
+    add(transcript, "content", 4, f.TYPE_MESSAGE, ref="Content")
+
     content = fdp.message_type.add(name="Content")
     add(content, "type", 1, f.TYPE_UINT32)
     add(content, "message_id", 2, f.TYPE_BYTES)
@@ -385,6 +632,8 @@ def _build_messages() -> dict[str, Any]:
     add(content, "group", 13, f.TYPE_MESSAGE, ref="GroupControl")
     add(content, "timer_seconds", 14, f.TYPE_UINT32)
     add(content, "expire_seconds", 15, f.TYPE_UINT32)
+    add(content, "transcript", 17, f.TYPE_MESSAGE, ref="Transcript")
+    add(content, "sync", 18, f.TYPE_MESSAGE, ref="SyncMessage")
 
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(fdp.SerializeToString())
@@ -392,7 +641,7 @@ def _build_messages() -> dict[str, Any]:
         name: message_factory.GetMessageClass(
             pool.FindMessageTypeByName(f"blindpost.payload.{name}")
         )
-        for name in ("Quote", "Attachment", "GroupControl", "Content")
+        for name in ("Quote", "Attachment", "GroupControl", "Transcript", "SyncMessage", "Content")
     }
 
 
@@ -405,8 +654,8 @@ def _set(message: Any, name: str, value: Any) -> None:
         setattr(message, name, value)
 
 
-def _to_proto(payload: Payload) -> Any:
-    msg = _PB["Content"]()
+def _to_proto(payload: Payload, msg: Any = None) -> Any:
+    msg = _PB["Content"]() if msg is None else msg
     msg.type = int(payload.type)
     msg.message_id = payload.message_id
     _set(msg, "sent_at_ms", payload.sent_at_ms)
@@ -442,7 +691,61 @@ def _to_proto(payload: Payload) -> Any:
         _set(pg, "distribution", g.distribution)
     _set(msg, "timer_seconds", payload.timer_seconds)
     _set(msg, "expire_seconds", payload.expire_seconds)
+    if payload.transcript is not None:
+        t, pt = payload.transcript, msg.transcript
+        pt.version = t.version
+        _set(pt, "to_user", t.to_user)
+        _set(pt, "to_group", t.to_group)
+        _to_proto(t.content, pt.content)
+    if payload.sync is not None:
+        _sync_to_proto(payload.sync, msg.sync)
     return msg
+
+
+def _sync_to_proto(sync: SyncMessage, ps: Any) -> None:
+    ps.version = sync.version
+    ps.kind = int(sync.kind)
+    ps.message_ids.extend(sync.message_ids)
+    for c in sync.contacts:
+        pc = ps.contacts.add()
+        pc.user = c.user
+        _set(pc, "timer_seconds", c.timer_seconds)
+        for i in c.identities:
+            pi = pc.identities.add()
+            pi.device = i.device
+            pi.identity_key = i.identity_key
+            pi.trust = i.trust
+    for g in sync.groups:
+        pg = ps.groups.add()
+        pg.group_id = g.group_id
+        _set(pg, "name", g.name)
+        pg.members.extend(g.members)
+        pg.admins.extend(g.admins)
+        _set(pg, "revision", g.revision)
+        _set(pg, "timer_seconds", g.timer_seconds)
+
+
+def _sync_from_proto(ps: Any) -> SyncMessage:
+    if ps.version != SYNC_VERSION:
+        raise UnsupportedPayload(ps.version)
+    return SyncMessage(
+        kind=_enum(SyncKind, ps.kind, "sync kind"),
+        message_ids=tuple(bytes(m) for m in ps.message_ids),
+        contacts=tuple(
+            SyncContact(
+                c.user,
+                c.timer_seconds,
+                tuple(SyncIdentity(i.device, bytes(i.identity_key), i.trust) for i in c.identities),
+            )
+            for c in ps.contacts
+        ),
+        groups=tuple(
+            SyncGroup(
+                g.group_id, g.name, tuple(g.members), tuple(g.admins), g.revision, g.timer_seconds
+            )
+            for g in ps.groups
+        ),
+    )
 
 
 def _enum(kind: type[enum.IntEnum], value: int, what: str) -> Any:
@@ -452,7 +755,7 @@ def _enum(kind: type[enum.IntEnum], value: int, what: str) -> Any:
         raise InvalidMessage(f"payload: unknown {what} {value}") from exc
 
 
-def _from_proto(msg: Any) -> Payload:
+def _from_proto(msg: Any, *, nested: bool = False) -> Payload:
     if not msg.HasField("type") or not msg.HasField("message_id"):
         raise InvalidMessage("payload: missing type or message id")
     quote = None
@@ -479,6 +782,17 @@ def _from_proto(msg: Any) -> Payload:
     receipt = None
     if msg.HasField("receipt"):
         receipt = _enum(ReceiptKind, msg.receipt, "receipt kind")
+    transcript = None
+    if msg.HasField("transcript"):
+        pt = msg.transcript
+        if nested:
+            raise InvalidMessage("payload: a transcript inside a transcript")
+        if pt.version != TRANSCRIPT_VERSION:
+            raise UnsupportedPayload(pt.version)
+        transcript = Transcript(
+            _from_proto(pt.content, nested=True), pt.to_user, pt.to_group, pt.version
+        )
+    sync = _sync_from_proto(msg.sync) if msg.HasField("sync") else None
     return Payload(
         type=_enum(PayloadType, msg.type, "payload type"),
         message_id=bytes(msg.message_id),
@@ -495,6 +809,8 @@ def _from_proto(msg: Any) -> Payload:
         group=group,
         timer_seconds=msg.timer_seconds,
         expire_seconds=msg.expire_seconds,
+        transcript=transcript,
+        sync=sync,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from e2ee import payload
 from e2ee.client.context import ClientContext
 from e2ee.client.datadir import META_READ_RECEIPTS
+from e2ee.client.sync import sync_outcome
 from e2ee.errors import E2EEError, StorageError, UsageError
 from e2ee.events import Event, MessageChanged
 from e2ee.messaging.chats import stored
@@ -26,7 +27,8 @@ from e2ee.messaging.compose import Draft, receipt_entry
 from e2ee.messaging.compose import compose as compose_rule
 from e2ee.messaging.outcome import Outcome
 from e2ee.messaging.rows import AttachmentRow, MessageRow, StoredMessage, as_row
-from e2ee.payload import PayloadType, Quote
+from e2ee.messaging.sync import sync_messages
+from e2ee.payload import PayloadType, Quote, SyncKind
 from e2ee.store import Changes
 
 __all__ = [
@@ -93,6 +95,9 @@ def compose_many(
 def mark_read_sync(ctx: ClientContext, chat_id: str) -> int:
     """Mark a chat's incoming messages read and queue read receipts (if enabled).
 
+    Our other devices are told (a READ sync message, in the same commit), so
+    they mark the same messages read and the peer gets one read receipt.
+
     Returns:
         How many messages were newly marked read.
 
@@ -104,14 +109,16 @@ def mark_read_sync(ctx: ClientContext, chat_id: str) -> int:
         send_receipts = ctx.store.get_meta(META_READ_RECEIPTS) != "0"
         view = ctx.view()
         out = Outcome()
-        marked = 0
+        read: list[bytes] = []
         for message_id, sender in ctx.history.unread(chat_id):
             message = view.get(MessageRow, message_id)
             if message is not None:
                 out.rows.append(dataclasses.replace(message, read_at=now))
-                marked += 1
+                read.append(bytes.fromhex(message_id))
             if send_receipts:
                 receipt_entry(view, out, sender, message_id, "read", now)
+        marked = len(read)
+        sync_outcome(ctx, out, sync_messages(SyncKind.READ, message_ids=read))
         if out.rows:
             ctx.commit_outcome(out)
         return marked

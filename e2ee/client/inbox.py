@@ -36,6 +36,7 @@ from typing import Final
 from e2ee import envelope, payload
 from e2ee.client.context import ClientContext
 from e2ee.client.outbox import Outbox
+from e2ee.client.sync import answer_request, apply_trust
 from e2ee.core import Ciphertext, PreKeyBundle
 from e2ee.errors import (
     DecryptBudgetExceeded,
@@ -51,6 +52,8 @@ from e2ee.events import BacklogDrained, Event, IdentityChanged
 from e2ee.messaging.accounting import undecryptable
 from e2ee.messaging.inbound import apply_payload
 from e2ee.messaging.outcome import (
+    AnswerSyncRequest,
+    ApplyTrust,
     FollowUp,
     ForgetSenders,
     Outcome,
@@ -216,6 +219,10 @@ class Inbox:
                 self._outbox.wake()
             elif isinstance(follow_up, WakeOutbox):
                 wake = True
+            elif isinstance(follow_up, AnswerSyncRequest) and await asyncio.to_thread(
+                answer_request, self._ctx
+            ):
+                self._outbox.wake()  # a new device of ours asked for our contacts and groups
         if wake:
             # Receipts for a burst of deliveries go out together, a moment later.
             self._outbox.wake_soon()
@@ -405,6 +412,8 @@ class Inbox:
             elif isinstance(follow_up, ForgetSenders):
                 for address in follow_up.senders:
                     ctx.engine.group_forget_sender(follow_up.group_id, address)
+            elif isinstance(follow_up, ApplyTrust) and apply_trust(ctx, follow_up.contact):
+                out.follow_ups.append(WakeOutbox())  # a held contact was released
         result.outcome = out
         result.events.extend(out.events)
         result.follow_ups.extend(out.follow_ups)

@@ -16,6 +16,12 @@ Invariants:
   stays queued, and so do the later entries of its chat (order is kept).
 * A message the relay refuses for good is marked ``failed`` in history and
   never retried; connection problems leave the entry queued.
+* What people see that we send (text, attachments, timers, reactions, edits,
+  deletes, group changes) also goes to our own other devices, in the same
+  relay message: a transcript for a pairwise entry, the same Sender Key
+  message for a group one (:mod:`e2ee.client.sync`). Sync entries (mode
+  ``sync``) go to our other devices only, and are done at once when there is
+  none.
 * Delivered receipts are sent for every incoming message above a watermark
   counter, which moves only after the relay accepted them (a crash in between
   sends some twice, which is harmless).
@@ -34,6 +40,7 @@ from typing import Any, Final
 from e2ee import envelope, payload
 from e2ee.client.compose import compose_many, make_draft
 from e2ee.client.context import ClientContext
+from e2ee.client.sync import introduce, is_own_device_key, own_copy, own_devices
 from e2ee.client_errors import (
     ClientClosed,
     IdentityHeld,
@@ -108,6 +115,8 @@ class Outbox:
         self._marker: asyncio.Task[None] | None = None
         # Ciphertexts of queued entries encrypted ahead, by entry id (see _prepare).
         self._prepared: dict[str, list[envelope.Entry]] = {}
+        # Whether this device met our other devices (e2ee.client.sync.introduce).
+        self._introduced = False
 
     def __repr__(self) -> str:
         return f"Outbox({self._ctx.me})"
@@ -247,6 +256,9 @@ class Outbox:
                     self._flush_cond.notify_all()
 
     async def _flush_outbox(self) -> None:
+        if not self._introduced:
+            # Before anything is sent, so a new device's first message reaches our others.
+            self._introduced = await introduce(self._ctx, self)
         try:
             await self._send_pending()
         finally:
@@ -278,7 +290,7 @@ class Outbox:
             if self._stale(entry):
                 await self._finish_entry(entry, "dropped")  # stale after an outage
                 continue
-            if entry.mode not in ("group", "receipt") and entry.id not in self._prepared:
+            if entry.mode not in ("group", "receipt", "sync") and entry.id not in self._prepared:
                 run = self._pairwise_run(entries[index:], blocked_chats)
                 self._prepared = await asyncio.to_thread(self._prepare, run)
             try:
@@ -315,7 +327,7 @@ class Outbox:
         """The pairwise entries at the head of ``entries`` (at most ``send_batch``)."""
         run: list[OutboxRow] = []
         for entry in entries[: self._ctx.options.send_batch]:
-            if entry.mode in ("group", "receipt") or entry.chat_id in blocked_chats:
+            if entry.mode in ("group", "receipt", "sync") or entry.chat_id in blocked_chats:
                 break
             if not self._stale(entry):
                 run.append(entry)
@@ -344,6 +356,7 @@ class Outbox:
         ctx = self._ctx
         prepared: dict[str, list[envelope.Entry]] = {}
         with ctx.wlock:
+            mine = own_devices(ctx)
             try:
                 with ctx.store.batch():
                     for entry in entries:
@@ -356,6 +369,11 @@ class Outbox:
                             for device in devices[user]:
                                 ct = ctx.engine.encrypt(Address(user, device), entry.payload or b"")
                                 sealed.append(envelope.Entry(user, device, ct.kind, ct.body))
+                        copy = own_copy(entry) if mine else None
+                        if copy is not None:
+                            for device in mine:
+                                ct = ctx.engine.encrypt(Address(ctx.me.name, device), copy)
+                                sealed.append(envelope.Entry(ctx.me.name, device, ct.kind, ct.body))
                         prepared[entry.id] = sealed
             except E2EEError:
                 return {}  # rolled back: the one-by-one path meets (and handles) it
@@ -463,11 +481,15 @@ class Outbox:
         chat_id = entry.chat_id
         if entry.mode == "group":
             recipients = await self._send_group(mid, chat_id[len("group:") :], data)
+        elif entry.mode == "sync":
+            recipients = await self._send_own(mid, data)
         else:
             prepared = self._prepared.pop(entry.id, None)
             recipients = await self.send_pairwise(
-                mid, json.loads(entry.targets), data, prepared=prepared
+                mid, json.loads(entry.targets), data, prepared=prepared, transcribe=entry
             )
+        # Receipts are the peers' business: our own devices are not recipients there.
+        recipients = [r for r in recipients if r[0] != self._ctx.me.name]
         marker = self._marker
         if marker is not None and marker.done():
             self._marker = None
@@ -577,7 +599,11 @@ class Outbox:
                 bundle = PreKeyBundle.from_json(data)
             except InvalidBundle:
                 continue
-            if bundle.device_id in devices:
+            if bundle.device_id in devices or Address(user, bundle.device_id) == self._ctx.me:
+                continue
+            if not is_own_device_key(self._ctx, user, bundle.identity_key):
+                # A device of our name must share our identity key (linked devices do).
+                _log.warning("device %d of our account has another identity key", bundle.device_id)
                 continue
             try:
                 await asyncio.to_thread(
@@ -609,7 +635,8 @@ class Outbox:
             self._ctx.held.add(user)
             self._ctx.emit(IdentityChanged(user, device, False, True))
 
-    async def _fix_devices(self, exc: MismatchedDevices) -> None:
+    async def _fix_devices(self, exc: MismatchedDevices) -> bool:
+        """Follow the relay's device lists; False if ours still lack a device it names."""
         for user in exc.unknown_users:
             raise UnknownRecipient(user)
 
@@ -619,8 +646,12 @@ class Outbox:
                 self._ctx.store.commit(Changes(sessions_delete=stale))
 
         await asyncio.to_thread(drop)
-        for user in exc.missing_devices:
-            await self.devices(user, refresh=True)
+        own_ok = True
+        for user, missing in exc.missing_devices.items():
+            found = await self.devices(user, refresh=True)
+            if user == self._ctx.me.name and not set(missing) <= set(found):
+                own_ok = False  # one we cannot take (another key): send without our devices
+        return own_ok
 
     async def send_pairwise(
         self,
@@ -629,9 +660,27 @@ class Outbox:
         data: bytes,
         *,
         prepared: list[envelope.Entry] | None = None,
+        transcribe: OutboxRow | None = None,
     ) -> list[tuple[str, int]]:
+        """Encrypt ``data`` for every device of ``users`` and send it as message ``mid``.
+
+        ``transcribe``: the outbox entry being sent, whose transcript our own
+        other devices get in the same message (if it has one and we have
+        another device). Returns the (user, device) pairs it went to.
+        """
+        me = self._ctx.me.name
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             entries: list[envelope.Entry] = prepared or []
+            mine = []
+            if transcribe is not None and not prepared:
+                mine = await asyncio.to_thread(own_devices, self._ctx)
+            own = own_copy(transcribe) if mine and transcribe is not None else None
+            if own is not None:
+                for device in mine:
+                    ct = await asyncio.to_thread(
+                        self._ctx.locked, self._ctx.engine.encrypt, Address(me, device), own
+                    )
+                    entries.append(envelope.Entry(me, device, ct.kind, ct.body))
             for user in users:
                 if user in self._ctx.held:
                     raise IdentityHeld(user)
@@ -646,13 +695,16 @@ class Outbox:
                         raise IdentityHeld(user) from exc
                     entries.append(envelope.Entry(user, device, ct.kind, ct.body))
             recipients = [(e.user, e.device) for e in entries]
+            if not entries:
+                return []  # a sync entry whose last other device was just removed
             try:
                 await self._ctx.link.send(mid, recipients, envelope.build_pairwise(entries))
                 return recipients
             except MismatchedDevices as exc:
                 prepared = None
                 self._prepared.clear()  # encrypted for the old device lists
-                await self._fix_devices(exc)
+                if not await self._fix_devices(exc):
+                    transcribe = None
             except MailboxFull as exc:
                 # Not retried: a full mailbox stays full until its owner receives.
                 raise RecipientMailboxFull(exc.full) from exc
@@ -667,8 +719,12 @@ class Outbox:
         others = sorted(u for u in members if u != self._ctx.me.name)
         if self._ctx.me.name not in members:
             raise NotAMember(gid)
+        with_own = True
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             recipients: list[tuple[str, int]] = []
+            if with_own:  # our other devices read our group messages too
+                mine = await asyncio.to_thread(own_devices, self._ctx)
+                recipients.extend((self._ctx.me.name, d) for d in mine)
             for user in others:
                 if user in self._ctx.held:
                     raise IdentityHeld(user)
@@ -681,7 +737,7 @@ class Outbox:
                 await self._ctx.link.send(mid, recipients, envelope.build_group(gid, body))
                 return recipients
             except MismatchedDevices as exc:
-                await self._fix_devices(exc)
+                with_own = await self._fix_devices(exc) and with_own
             except MailboxFull as exc:
                 raise RecipientMailboxFull(exc.full) from exc
             except RelayRejected as exc:
@@ -689,6 +745,12 @@ class Outbox:
                     raise
                 raise SendFailed(f"relay refused message: {exc.code}") from exc
         raise SendFailed("the group's device list kept changing")
+
+    async def _send_own(self, mid: bytes, data: bytes) -> list[tuple[str, int]]:
+        """A sync entry: to our other devices only; nothing to do without one."""
+        if not await asyncio.to_thread(own_devices, self._ctx):
+            return []
+        return await self.send_pairwise(mid, [self._ctx.me.name], data)
 
     async def _distribute_key(self, gid: str, recipients: Sequence[tuple[str, int]]) -> None:
         """Send our Sender Key (pairwise) to member devices that lack its current generation."""

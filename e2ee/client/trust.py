@@ -5,6 +5,8 @@ Invariants:
 * Nothing is encrypted to a key the user has not accepted (the outbox holds
   it); accepting records the keys (``tofu`` or ``verified``) under the write
   lock, and only then is the outbox woken.
+* A decision is told to our other devices (a TRUST sync message, committed
+  with it); they take it over for the keys they recorded too.
 * Accepting a *changed* key (one recorded ``untrusted``) restarts our
   counters to that contact with the new session, in the same call
   (:func:`e2ee.messaging.accounting.restart_counters`), so their new
@@ -14,10 +16,14 @@ Invariants:
 from __future__ import annotations
 
 from e2ee.client.context import ClientContext
+from e2ee.client.sync import contact, sync_outcome
 from e2ee.core.fingerprint import SafetyNumber, compute_safety_number
 from e2ee.errors import UsageError
 from e2ee.messaging.accounting import restart_counters
+from e2ee.messaging.outcome import Outcome
 from e2ee.messaging.rows import OutboxRow, direct_chat_id, from_columns
+from e2ee.messaging.sync import sync_messages
+from e2ee.payload import SyncKind
 from e2ee.store import TrustLevel
 
 __all__ = ["accept_identity", "contacts", "held_users", "safety_numbers"]
@@ -38,9 +44,13 @@ def accept_identity(ctx: ClientContext, user: str, *, verified: bool) -> None:
         changed = any(r.trust == TrustLevel.UNTRUSTED for r in known.values())
         for address, record in known.items():
             ctx.engine.set_trust(address, record.identity_key, level)
+        out = Outcome()
         if changed:
             queued = [from_columns(OutboxRow, e) for e in ctx.history.pending_outbox()]
-            ctx.commit_outcome(restart_counters(ctx.view(), direct_chat_id(user), queued))
+            out = restart_counters(ctx.view(), direct_chat_id(user), queued)
+        sync_outcome(ctx, out, sync_messages(SyncKind.TRUST, contacts=[contact(ctx, user)]))
+        if out.rows or out.counters or out.chats:
+            ctx.commit_outcome(out)
 
 
 def safety_numbers(ctx: ClientContext, user: str) -> list[tuple[int, SafetyNumber]]:

@@ -199,13 +199,40 @@ class StagedStore:
             return True
         return self._accept_changed
 
+    def _is_ours(self, address: Address, key: bytes) -> bool:
+        own = self.getIdentityKeyPair().getPublicKey().serialize()
+        return address.name == self._account.name and key == bytes(own)
+
+    def _sibling_trust(self, address: Address, key: bytes) -> str | None:
+        """The trust level of another device of the same user with this key, if decided."""
+        levels = {
+            record.trust
+            for other, record in self._base.identities(address.name).items()
+            if other != address and record.identity_key == key
+        }
+        levels.discard(TrustLevel.UNTRUSTED)
+        if not levels:
+            return None
+        return TrustLevel.VERIFIED if TrustLevel.VERIFIED in levels else TrustLevel.TOFU
+
     def saveIdentity(self, recepientId: str, identityKey: IdentityKey) -> None:
         address = self._address(recepientId)
         stored = self._identity(address)
         key = bytes(identityKey.serialize())
         if stored is not None and stored.identity_key == key:
             return
+        if stored is None and self._is_ours(address, key):
+            # Another device of our own account (a linked device shares our identity
+            # key): nothing to compare or report, it is ours.
+            self._identities[address] = IdentityRecord(key, TrustLevel.VERIFIED, self._now_ms())
+            return
         if stored is None:
+            sibling = self._sibling_trust(address, key)
+            if sibling is not None:
+                # A new device of a contact with a key we already decided about (their
+                # linked devices share it): the same decision, nothing new to report.
+                self._identities[address] = IdentityRecord(key, sibling, self._now_ms())
+                return
             trust = TrustLevel.TOFU if self._trust_new else TrustLevel.UNTRUSTED
         else:
             trust = TrustLevel.UNTRUSTED

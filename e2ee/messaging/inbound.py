@@ -13,6 +13,11 @@ Invariants:
   not once it was deleted. Deleting also clears the attachment's key and the
   deleted text from every message quoting it (``quote_text``), also from a
   reply that arrives later.
+* A payload from another of our own devices (linked devices) is what we sent
+  from there: a TRANSCRIPT of a direct message or group change, our own group
+  message (Sender Key), or a SYNC of local state (:mod:`e2ee.messaging.sync`).
+  It is stored as ours (``outgoing``, status ``sent``), gets no receipt and
+  counts toward no gap. TRANSCRIPT and SYNC from anyone else are refused.
 * Pure: reads through the view, returns an :class:`Outcome`; nothing is
   written before the caller commits it (with the session state that
   decrypted the payload, in one transaction).
@@ -27,7 +32,7 @@ from types import MappingProxyType
 from typing import Final, Literal
 
 from e2ee.errors import InvalidMessage
-from e2ee.events import MessageChanged, MessageReceived, ReceiptUpdated, Typing
+from e2ee.events import MessageChanged, MessageReceived, MessageStored, ReceiptUpdated, Typing
 from e2ee.messaging import keys
 from e2ee.messaging.accounting import count_inbound
 from e2ee.messaging.chats import stored, touch_chat
@@ -45,6 +50,7 @@ from e2ee.messaging.rows import (
     group_chat_id,
     status_at_least,
 )
+from e2ee.messaging.sync import apply_sync
 from e2ee.messaging.view import HistoryView
 from e2ee.payload import AttachmentPointer, Payload, PayloadType, ReceiptKind
 from e2ee.store.protocols import Address
@@ -66,6 +72,7 @@ class Inbound:
         now: unix ms, the time of arrival.
         pos: its place in the chat if it arrived late (see
             :func:`~e2ee.messaging.accounting.count_inbound`), else None.
+        own: it came from another of our devices (we sent it from there).
     """
 
     me: str
@@ -76,6 +83,7 @@ class Inbound:
     message_id: str
     now: int
     pos: int | None = None
+    own: bool = False
 
 
 Handler = Callable[[HistoryView, Inbound, Outcome], None]
@@ -117,19 +125,41 @@ def apply_payload(
         InvalidMessage: the payload breaks a rule (a group message from a
             non-member, a group change inside a group envelope).
     """
-    gid = body.group_id
-    chat_id = group_chat_id(gid) if gid else direct_chat_id(sender.name)
+    own = sender.name == me
     out = Outcome()
+    transcript = None
+    if body.type in (PayloadType.TRANSCRIPT, PayloadType.SYNC):
+        if not own or via_group:
+            raise InvalidMessage("transcripts and sync messages come only from our own devices")
+        if body.sync is not None:
+            return apply_sync(view, me, sender, body.sync, now)
+        assert body.transcript is not None
+        transcript, body = body.transcript, body.transcript.content
+    gid = body.group_id
+    if transcript is not None:
+        if transcript.to_user == me:
+            return out  # we never send to ourselves: nothing to store
+        chat_id = transcript.chat_id
+    elif gid:
+        chat_id = group_chat_id(gid)
+    elif own:
+        return out  # a direct payload between our devices (a session reset): nothing to store
+    else:
+        chat_id = direct_chat_id(sender.name)
     if gid and body.type is not PayloadType.GROUP:
         group = view.get(GroupRow, gid)
         if group is None or sender.name not in view.group_members(gid):
             if body.type is PayloadType.SESSION_RESET:
                 return out
             raise InvalidMessage("group message from someone who is not a member")
-    inbound = Inbound(me, sender, body, via_group, chat_id, body.message_id.hex(), now)
+    inbound = Inbound(me, sender, body, via_group, chat_id, body.message_id.hex(), now, own=own)
     if body.type in _STORED and view.get(MessageRow, inbound.message_id) is not None:
         # Stored already (the ratchet normally stops a duplicate before this): a
         # second copy changes nothing, the sender's counter included.
+        return out
+    if own:
+        # Our other device's counters are its own; they mean no gap here.
+        HANDLERS[body.type](view, inbound, out)
         return out
     place = count_inbound(
         view,
@@ -159,15 +189,15 @@ def _message(view: HistoryView, p: Inbound, out: Outcome) -> None:
         group_id=body.group_id or None,
         sender=p.sender.name,
         sender_device=p.sender.device_id,
-        outgoing=0,
+        outgoing=int(p.own),
         type=body.type.name.lower(),
         text=body.text or None,
         reply_to=body.quote.message_id.hex() if body.quote else None,
         quote_text=_quote_text(view, body),
         counter=body.counter,
         sent_at=body.sent_at_ms,
-        received_at=p.now,
-        status="received",
+        received_at=None if p.own else p.now,
+        status="sent" if p.own else "received",
         edited=0,
         deleted=0,
         expire_seconds=expire,
@@ -178,6 +208,10 @@ def _message(view: HistoryView, p: Inbound, out: Outcome) -> None:
     out.rows.append(message)
     if body.attachment is not None:
         out.rows.append(attachment_row(p.message_id, body.attachment))
+    if p.own:
+        # Sent by us from another device: kept as ours, no receipt (it is not incoming).
+        out.events.append(MessageStored(stored(message)))
+        return
     link_id = f"{p.chat_id}:{p.sender.name}"
     if view.get(UserChatRow, link_id) is None:
         out.rows.append(UserRow(p.sender.name, created_at=p.now))
@@ -200,6 +234,8 @@ def _quote_text(view: HistoryView, body: Payload) -> str | None:
 
 def _receipt(view: HistoryView, p: Inbound, out: Outcome) -> None:
     """RECEIPT: move our messages' per-device and overall status forward."""
+    if p.own:
+        return  # our devices read for each other through SYNC, not receipts
     status: Literal["delivered", "read"] = (
         "delivered" if p.body.receipt is ReceiptKind.DELIVERED else "read"
     )
@@ -245,6 +281,8 @@ def _receipt(view: HistoryView, p: Inbound, out: Outcome) -> None:
 
 def _typing(view: HistoryView, p: Inbound, out: Outcome) -> None:
     """TYPING: only an event."""
+    if p.own:
+        return
     out.events.append(Typing(p.chat_id, p.sender.name, p.sender.device_id, p.body.typing))
 
 
@@ -276,7 +314,7 @@ def _edit_or_delete(view: HistoryView, p: Inbound, out: Outcome) -> None:
     if (
         target is None
         or target.sender != p.sender.name
-        or target.outgoing
+        or bool(target.outgoing) != p.own
         or target.chat_id != p.chat_id
         or target.deleted
     ):
@@ -327,7 +365,7 @@ def _group(view: HistoryView, p: Inbound, out: Outcome) -> None:
             group_id=p.body.group_id,
             sender=p.sender.name,
             sender_device=p.sender.device_id,
-            outgoing=0,
+            outgoing=int(p.own),
             type="group",
             text=text,
             counter=p.body.counter,
@@ -354,6 +392,11 @@ def _session_reset(view: HistoryView, p: Inbound, out: Outcome) -> None:
     out.follow_ups.append(ResendSenderKey(gid, p.sender.name))
 
 
+def _unwrapped(view: HistoryView, p: Inbound, out: Outcome) -> None:
+    """TRANSCRIPT, SYNC: never reach a handler (:func:`apply_payload` unwraps them)."""
+    raise InvalidMessage(f"a {p.body.type.name} payload cannot be nested")
+
+
 #: The one place that says what each payload type does on arrival.
 HANDLERS: Final[Mapping[PayloadType, Handler]] = MappingProxyType(
     {
@@ -367,5 +410,7 @@ HANDLERS: Final[Mapping[PayloadType, Handler]] = MappingProxyType(
         PayloadType.DELETE: _edit_or_delete,
         PayloadType.GROUP: _group,
         PayloadType.SESSION_RESET: _session_reset,
+        PayloadType.TRANSCRIPT: _unwrapped,
+        PayloadType.SYNC: _unwrapped,
     }
 )

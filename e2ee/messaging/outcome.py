@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 from e2ee.events import Event
 from e2ee.messaging.rows import AppRow, ChatRow, CounterRow, Row, as_row
 from e2ee.messaging.view import HistoryView
+from e2ee.payload import SyncContact
 from e2ee.store.protocols import Address
 
 __all__ = [
+    "AnswerSyncRequest",
+    "ApplyTrust",
     "FollowUp",
     "ForgetSenders",
     "Outcome",
@@ -84,6 +87,24 @@ class ForgetSenders:
     senders: tuple[Address, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ApplyTrust:
+    """Take over our other device's trust decisions about ``contact``'s keys.
+
+    Carried out in the same transaction, with the identity records this device
+    holds (:func:`e2ee.messaging.sync.trust_changes` decides which).
+    """
+
+    contact: SyncContact
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerSyncRequest:
+    """Our new device ``device`` asked for our contacts and groups: send them."""
+
+    device: Address
+
+
 FollowUp = (
     ResetSession
     | RequestSenderKey
@@ -92,6 +113,8 @@ FollowUp = (
     | ProcessSenderKey
     | RotateGroupKey
     | ForgetSenders
+    | ApplyTrust
+    | AnswerSyncRequest
 )
 
 

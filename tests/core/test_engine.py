@@ -352,3 +352,39 @@ def test_reset_device_keeps_the_identity_with_new_keys_and_fresh_sessions() -> N
     bob.process_bundle("alice", PreKeyBundle.from_json(alice.local_bundle(first).to_json()))
     assert alice.decrypt(BOB, bob.encrypt(alice2, b"welcome back")).plaintext == b"welcome back"
     assert bob.decrypt(alice2, alice.encrypt(BOB, b"thanks")).plaintext == b"thanks"
+
+
+def test_a_contacts_new_device_with_the_same_key_keeps_the_decision() -> None:
+    # bob's second device shares his identity key (a linked device): alice's decision
+    # about the key (here, verified in strict mode) covers it at once.
+    alice = engine("alice", trust_on_first_use=False)
+    bob = engine("bob")
+    alice.process_bundle("bob", bob.local_bundle(1))
+    alice.set_trust(BOB, bob.identity_key, TrustLevel.VERIFIED)
+    account = bob.store.load_account()
+    assert account is not None
+    bob2 = ProtocolEngine(MemoryProtocolStore())
+    bob2.create_account("bob", 2, identity_key_pair=account.identity_key_pair)
+    alice.process_bundle("bob", bob2.local_bundle(1))
+    record = alice.identity(Address("bob", 2))
+    assert record is not None and record.trust == TrustLevel.VERIFIED
+    assert bob2.decrypt(ALICE, alice.encrypt(Address("bob", 2), b"x")).plaintext == b"x"
+    # A device of bob's name with another key is another identity: held in strict mode.
+    other = ProtocolEngine(MemoryProtocolStore())
+    other.create_account("bob", 3)
+    alice.process_bundle("bob", other.local_bundle(1))
+    with pytest.raises(UntrustedIdentity):
+        alice.encrypt(Address("bob", 3), b"x")
+
+
+def test_our_own_other_device_is_ours_without_a_decision() -> None:
+    alice = engine("alice", trust_on_first_use=False)
+    account = alice.store.load_account()
+    assert account is not None
+    alice2 = ProtocolEngine(MemoryProtocolStore(), trust_on_first_use=False)
+    alice2.create_account("alice", 2, identity_key_pair=account.identity_key_pair)
+    alice.process_bundle("alice", alice2.local_bundle(1))
+    record = alice.identity(Address("alice", 2))
+    assert record is not None and record.trust == TrustLevel.VERIFIED
+    decrypted = alice2.decrypt(ALICE, alice.encrypt(Address("alice", 2), b"x"))
+    assert decrypted.plaintext == b"x" and decrypted.identity_change is None

@@ -16,6 +16,7 @@ from e2ee.events import (
     IdentityChanged,
     MessageChanged,
     MessageReceived,
+    MessageStored,
     ReceiptUpdated,
 )
 from tui_client.cli.output import (
@@ -70,6 +71,8 @@ async def event_output(session: _Session, event: Event) -> EventOutput | None:
     """
     if isinstance(event, MessageReceived):
         return await message_output(session, event.message)
+    if isinstance(event, MessageStored) and _from_our_other_device(session, event.message):
+        return await message_output(session, event.message)
     if isinstance(event, ReceiptUpdated):
         ids = [event.message_id]
         while (more := session.take_ready()) is not None:
@@ -97,7 +100,12 @@ async def event_output(session: _Session, event: Event) -> EventOutput | None:
         return EventOutput(error_record(event), human_error(event))
     if isinstance(event, MessageChanged):
         return EventOutput(change_record(event), human_change(event))
-    return None  # typing, our own stored messages, backlog and connection states
+    return None  # typing, what this device stored itself, backlog and connection states
+
+
+def _from_our_other_device(session: _Session, message: StoredMessage) -> bool:
+    """A message we sent from another of our devices (it arrived as its transcript)."""
+    return message.outgoing and message.sender_device != session.client.device_id
 
 
 async def _show_event(session: _Session, event: Event) -> None:

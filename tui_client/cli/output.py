@@ -287,6 +287,8 @@ def human_group_event(event: GroupChanged) -> str:
         return f"{event.by} removed {targets} from group {name}"
     if event.action == "leave":
         return f"{event.by} left group {name}"
+    if event.action == "sync":
+        return f"another of our devices shared group {name} with {', '.join(event.members)}"
     return f"{event.by} renamed group {event.group_id} to {name}"
 
 
