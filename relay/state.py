@@ -129,6 +129,7 @@ class RelayState:
     recovery_limit: Limiter  # recovery attempts per username (relay.recovery)
     recovery_address_limit: Limiter  # recovery attempts per client address
     lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
+    sealed_token_limit: Limiter  # sealed sends per delivery token (relay.sealed)
     upload_limit: RateLimiter  # bytes per account; node-local like send_limit
     # Per account, all devices: cluster-wide with Redis (leased, so a WebSocket send rarely
     # waits for it); the in-flight bound is node-local, like the write queue it shares out.
