@@ -49,6 +49,7 @@ __all__ = [
     "encode",
     "pad",
     "unpad",
+    "with_access_key",
 ]
 
 #: The version byte this build writes and reads.
@@ -232,6 +233,8 @@ class Payload:
         timer_seconds: the chat's new disappearing timer, 0 = off (TIMER only).
         expire_seconds: this message disappears this long after it is read
             (sent: after sending); 0 = never. Set from the chat's timer.
+        access_key: the sender's access key (32 bytes) for sealed sender, or b""
+            (docs/protocol.md, "Sealed sender"); added by the SDK when it sends.
     """
 
     type: PayloadType
@@ -249,6 +252,7 @@ class Payload:
     group: GroupControl | None = None
     timer_seconds: int = 0
     expire_seconds: int = 0
+    access_key: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.type, PayloadType):
@@ -275,6 +279,8 @@ class Payload:
             raise UsageError("group: expected a GroupControl")
         _check_int(self.timer_seconds, "timer_seconds", _MAX_U32)
         _check_int(self.expire_seconds, "expire_seconds", _MAX_U32)
+        if not isinstance(self.access_key, bytes) or len(self.access_key) not in (0, 32):
+            raise UsageError("access_key: expected 0 or 32 bytes")
         self._check_type()
 
     def _check_type(self) -> None:
@@ -385,6 +391,7 @@ def _build_messages() -> dict[str, Any]:
     add(content, "group", 13, f.TYPE_MESSAGE, ref="GroupControl")
     add(content, "timer_seconds", 14, f.TYPE_UINT32)
     add(content, "expire_seconds", 15, f.TYPE_UINT32)
+    add(content, "access_key", 16, f.TYPE_BYTES)
 
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(fdp.SerializeToString())
@@ -442,6 +449,7 @@ def _to_proto(payload: Payload) -> Any:
         _set(pg, "distribution", g.distribution)
     _set(msg, "timer_seconds", payload.timer_seconds)
     _set(msg, "expire_seconds", payload.expire_seconds)
+    _set(msg, "access_key", payload.access_key)
     return msg
 
 
@@ -495,6 +503,7 @@ def _from_proto(msg: Any) -> Payload:
         group=group,
         timer_seconds=msg.timer_seconds,
         expire_seconds=msg.expire_seconds,
+        access_key=bytes(msg.access_key),
     )
 
 
@@ -563,6 +572,29 @@ def encode(payload: Payload) -> bytes:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise UsageError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     return data
+
+
+#: Content field 16 (access_key), length-delimited, 32 bytes: tag 0x82 0x01, length 0x20.
+_ACCESS_KEY_FIELD: Final = b"\x82\x01\x20"
+
+
+def with_access_key(data: bytes, access_key: bytes) -> bytes:
+    """An encoded payload with ``access_key`` (field 16) added, without decoding it.
+
+    Protobuf reads a field that appears twice as its last value, so appending the field to the
+    serialized Content is the same as setting it; only the padding is redone. Cheap enough for
+    every message the SDK sends.
+
+    Raises:
+        UsageError: not 32 bytes, or the result would exceed :data:`MAX_PAYLOAD_BYTES`.
+        InvalidMessage: ``data`` is not a padded payload.
+    """
+    if len(access_key) != 32:
+        raise UsageError("an access key is 32 bytes")
+    out = pad(unpad(data) + _ACCESS_KEY_FIELD + access_key)
+    if len(out) > MAX_PAYLOAD_BYTES:
+        raise UsageError(f"payload of {len(out)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return out
 
 
 def decode(data: bytes) -> Payload:

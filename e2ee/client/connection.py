@@ -117,6 +117,8 @@ class Connection:
                 )
                 if upload is not None:
                     await self._ctx.link.upload_keys(upload.to_json())
+                # After the keys: a certificate names the identity key the relay holds.
+                await self._outbox.sealing.refresh()
             except TransportError as exc:
                 _log.info("key maintenance postponed: %s", type(exc).__name__)
             await asyncio.sleep(self._ctx.options.maintenance_interval)

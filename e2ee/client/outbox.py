@@ -34,6 +34,7 @@ from typing import Any, Final
 from e2ee import envelope, payload
 from e2ee.client.compose import compose_many, make_draft
 from e2ee.client.context import ClientContext
+from e2ee.client.sealing import Sealing
 from e2ee.client_errors import (
     ClientClosed,
     IdentityHeld,
@@ -108,6 +109,7 @@ class Outbox:
         self._marker: asyncio.Task[None] | None = None
         # Ciphertexts of queued entries encrypted ahead, by entry id (see _prepare).
         self._prepared: dict[str, list[envelope.Entry]] = {}
+        self.sealing = Sealing(ctx)  # sealed sender: what leaves and what arrives
 
     def __repr__(self) -> str:
         return f"Outbox({self._ctx.me})"
@@ -352,9 +354,10 @@ class Outbox:
                         if any(u in ctx.held or not d for u, d in devices.items()):
                             break
                         sealed: list[envelope.Entry] = []
+                        data = self.sealing.stamp(entry.payload or b"", entry.kind)
                         for user in users:
                             for device in devices[user]:
-                                ct = ctx.engine.encrypt(Address(user, device), entry.payload or b"")
+                                ct = ctx.engine.encrypt(Address(user, device), data)
                                 sealed.append(envelope.Entry(user, device, ct.kind, ct.body))
                         prepared[entry.id] = sealed
             except E2EEError:
@@ -466,7 +469,7 @@ class Outbox:
         else:
             prepared = self._prepared.pop(entry.id, None)
             recipients = await self.send_pairwise(
-                mid, json.loads(entry.targets), data, prepared=prepared
+                mid, json.loads(entry.targets), data, prepared=prepared, kind=entry.kind
             )
         marker = self._marker
         if marker is not None and marker.done():
@@ -629,7 +632,14 @@ class Outbox:
         data: bytes,
         *,
         prepared: list[envelope.Entry] | None = None,
+        kind: str = "receipt",
     ) -> list[tuple[str, int]]:
+        """Encrypt ``data`` (a payload of ``kind``) for every device of ``users`` and send it.
+
+        ``kind`` decides whether the payload carries our access key (sealing.Sealing.stamp):
+        not for receipts and session resets, which also go to strangers.
+        """
+        data = self.sealing.stamp(data, kind)
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             entries: list[envelope.Entry] = prepared or []
             for user in users:
@@ -647,7 +657,7 @@ class Outbox:
                     entries.append(envelope.Entry(user, device, ct.kind, ct.body))
             recipients = [(e.user, e.device) for e in entries]
             try:
-                await self._ctx.link.send(mid, recipients, envelope.build_pairwise(entries))
+                await self.sealing.send(mid, recipients, envelope.build_pairwise(entries))
                 return recipients
             except MismatchedDevices as exc:
                 prepared = None
@@ -678,7 +688,7 @@ class Outbox:
                 self._ctx.locked, self._ctx.engine.group_encrypt, gid, data
             )
             try:
-                await self._ctx.link.send(mid, recipients, envelope.build_group(gid, body))
+                await self.sealing.send(mid, recipients, envelope.build_group(gid, body))
                 return recipients
             except MismatchedDevices as exc:
                 await self._fix_devices(exc)
@@ -719,7 +729,7 @@ class Outbox:
             group_id=gid,
             group=control,
         )
-        sent = await self.send_pairwise(body.message_id, users, payload.encode(body))
+        sent = await self.send_pairwise(body.message_id, users, payload.encode(body), kind="group")
 
         def mark() -> None:
             with self._ctx.wlock:

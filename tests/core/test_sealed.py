@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import nacl.bindings as sodium
 import nacl.signing
@@ -25,6 +26,7 @@ from blindpost_wire.sealed import (
     verifier_matches,
 )
 from e2ee import envelope
+from e2ee.core import Ciphertext
 from e2ee.core.sealed import (
     RelayKey,
     RelayKeyPins,
@@ -42,6 +44,7 @@ from e2ee.errors import (
     InvalidMessage,
     RelayKeyRejected,
     UnpinnedRelayKey,
+    UsageError,
 )
 
 RELAY_SEED = bytes([0x01]) * 32
@@ -225,3 +228,100 @@ def test_relay_refusal_of_a_token_is_a_typed_transport_error() -> None:
     err = error_from_response(401, {"error": "delivery_token_refused"})
     assert isinstance(err, DeliveryTokenRefused) and isinstance(err, AuthFailed)
     assert type(error_from_response(401, {"error": "auth_invalid"})) is AuthFailed
+
+
+# -- the engine: opening and binding ---------------------------------------------------------
+
+
+def _engines() -> tuple[Any, Any, Any]:
+    from e2ee.core import PreKeyBundle, ProtocolEngine
+    from e2ee.store import MemoryProtocolStore
+
+    alice = ProtocolEngine(MemoryProtocolStore())
+    alice.create_account("alice", 1)
+    bob = ProtocolEngine(MemoryProtocolStore())
+    bob.create_account("bob", 1)
+    carol = ProtocolEngine(MemoryProtocolStore())
+    carol.create_account("carol", 1)
+    bundle = PreKeyBundle.from_json(bob.local_bundle(prekey_id=1).to_json())
+    alice.process_bundle("bob", bundle)
+    return alice, bob, carol
+
+
+def _cert_for(user: str, identity_key: bytes) -> bytes:
+    body = certificate_body(user, 1, identity_key, EXPIRES_MS, 1)
+    return body + nacl.signing.SigningKey(RELAY_SEED).sign(CERT_CONTEXT + body).signature
+
+
+def test_a_setup_binds_to_the_certificate_or_is_refused() -> None:
+    from e2ee.errors import CertificateMismatch
+    from e2ee.store import Address
+
+    alice, bob, carol = _engines()
+    ct = alice.encrypt(Address("bob", 1), b"\x01hello")
+    assert ct.kind == "prekey"
+    inner = envelope.build_pairwise([envelope.Entry("bob", 1, ct.kind, ct.body)])
+    sealed = seal(
+        [SealedRecipient("bob", 1, bob.identity_key)],
+        SealedContent(_cert_for("alice", alice.identity_key), inner),
+        ephemeral_private=EPHEMERAL,
+        content_key=CONTENT_KEY,
+    )
+    opened = bob.open_sealed(sealed)
+    assert opened.envelope == inner and opened.certificate is not None
+    cert = verify_certificate(opened.certificate, pins(), 0)
+    entry = envelope.parse(opened.envelope).entry_for("bob", 1)  # type: ignore[union-attr]
+    # A certificate for another user (carol's name, carol's key) around alice's setup.
+    impostor = verify_certificate(_cert_for("carol", carol.identity_key), pins(), 0)
+    with pytest.raises(CertificateMismatch):
+        bob.bind_certificate(impostor, "prekey", entry.body)
+    sender = bob.bind_certificate(cert, "prekey", entry.body)
+    assert sender == Address("alice", 1)
+    assert bob.decrypt(sender, Ciphertext(entry.kind, entry.body)).plaintext == b"\x01hello"
+    # A later message binds to the identity now recorded for alice, and to nothing else.
+    reply = bob.encrypt(Address("alice", 1), b"\x01hi")
+    alice.decrypt(Address("bob", 1), reply)
+    later = alice.encrypt(Address("bob", 1), b"\x01again")
+    assert later.kind == "message"
+    assert bob.bind_certificate(cert, "message", later.body) == Address("alice", 1)
+    eve_cert = verify_certificate(_cert_for("eve", alice.identity_key), pins(), 0)
+    with pytest.raises(CertificateMismatch):
+        bob.bind_certificate(eve_cert, "message", later.body)  # nothing recorded for eve
+
+
+def test_a_sealed_envelope_for_another_device_does_not_open() -> None:
+    _alice, bob, carol = _engines()
+    sealed = seal(
+        [SealedRecipient("bob", 1, bob.identity_key)],
+        SealedContent(None, b"\x01x"),
+        ephemeral_private=EPHEMERAL,
+        content_key=CONTENT_KEY,
+    )
+    with pytest.raises(InvalidMessage):
+        carol.open_sealed(sealed)
+    # Addressed to bob.1 but sealed to carol's key: bob cannot open it.
+    wrong_key = seal(
+        [SealedRecipient("bob", 1, carol.identity_key)],
+        SealedContent(None, b"\x01x"),
+        ephemeral_private=EPHEMERAL,
+        content_key=CONTENT_KEY,
+    )
+    with pytest.raises(InvalidMessage):
+        bob.open_sealed(wrong_key)
+
+
+def test_access_key_is_added_to_an_encoded_payload_without_decoding_it() -> None:
+    from e2ee import payload
+
+    body = payload.Payload(
+        type=payload.PayloadType.TEXT, message_id=bytes(16), sent_at_ms=5, text="hi"
+    )
+    data = payload.encode(body)
+    stamped = payload.with_access_key(data, ACCESS_KEY)
+    assert len(stamped) % payload.PAD_BUCKET == 0
+    decoded = payload.decode(stamped)
+    assert decoded.access_key == ACCESS_KEY and decoded.text == "hi"
+    assert payload.decode(payload.encode(decoded)) == decoded  # field 16 round-trips
+    assert ACCESS_KEY.hex() not in repr(decoded)
+    with pytest.raises(UsageError):
+        payload.with_access_key(data, b"short")
