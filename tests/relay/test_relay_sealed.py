@@ -211,3 +211,27 @@ def test_certificate_timing_settings_are_checked(changes: dict[str, float], expe
 
     with pytest.raises(ConfigError, match=expect):
         RelayConfig(**changes)  # type: ignore[arg-type]
+
+
+async def test_sealed_sender_responses_match_the_openapi_document(client: RelayClient) -> None:
+    from test_relay_openapi import check
+
+    bob = await client.new_device("bob")
+    check(await client.request(bob, "POST", "/v1/certificate"), "/v1/certificate", "post")  # 404
+    await upload_identity(client, bob, identity())
+    check(await client.request(bob, "POST", "/v1/certificate"), "/v1/certificate", "post")
+    check(await client.request(bob, "GET", "/v1/sender-keys"), "/v1/sender-keys", "get")
+    token = delivery_token(os.urandom(32))
+    verifier = {"verifier": b64(token_verifier(token))}
+    check(await client.request(bob, "PUT", "/v1/access", json_body=verifier), "/v1/access", "put")
+    for tokens in ({bob.user: token}, {bob.user: bytes(16)}):
+        frame = encode_send(Envelope(new_mid(), (bob.addr,), b"x"))
+        r = await client.request(
+            None,
+            "PUT",
+            "/v1/messages/sealed",
+            data=frame,
+            content_type=SEND_TYPE,
+            headers={DELIVERY_TOKEN_HEADER: token_header(tokens)},
+        )
+        check(r, "/v1/messages/sealed", "put")
