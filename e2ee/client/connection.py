@@ -72,6 +72,7 @@ class Connection:
                 maintenance = asyncio.create_task(self._maintain_keys())
                 try:
                     if self._receive:
+                        await self._outbox.sealing.ensure_pins()
                         await self._inbox.receive()
                     else:
                         # Send-only: nothing is taken from the mailbox; sends go over

@@ -28,8 +28,9 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from blindpost_wire.frames import WireError
 from blindpost_wire.names import is_sealed_sender
-from blindpost_wire.sealed import CertificateFields, token_verifier
+from blindpost_wire.sealed import CertificateFields, parse_certificate, token_verifier
 from e2ee import payload
 from e2ee.core.sealed import (
     ACCESS_KEY_LENGTH,
@@ -137,25 +138,42 @@ class Sealing:
         value = self._meta(_META_PEER + user)
         return bytes.fromhex(value) if value else None
 
-    def certificate(self) -> bytes | None:
-        """Our certificate, if it is valid for a while yet."""
+    def _stored_certificate(self) -> tuple[bytes, int] | None:
+        """Our stored certificate and its expiry, if it names this device (a restored backup
+        carries the old device's, which must not be used)."""
         cert, expires = self._meta(_META_CERT), self._meta(_META_CERT_EXPIRES)
-        if not cert or not expires or int(expires) - self._ctx.now_ms() < _USABLE_MS:
+        if not cert or not expires:
             return None
-        return bytes.fromhex(cert)
+        data = bytes.fromhex(cert)
+        try:
+            fields = parse_certificate(data)
+        except WireError:
+            return None
+        if (fields.user, fields.device) != tuple(self._ctx.me):
+            return None
+        return data, int(expires)
+
+    def certificate(self) -> bytes | None:
+        """Our certificate, if it names this device and is valid for a while yet."""
+        stored = self._stored_certificate()
+        if stored is None or stored[1] - self._ctx.now_ms() < _USABLE_MS:
+            return None
+        return stored[0]
 
     # -- with the relay -------------------------------------------------------------------
 
-    async def refresh(self) -> None:
-        """Make our access key (once) and register its verifier, pin the relay's keys, and
-        renew our certificate when it runs short. Transport failures are left for the next
-        run (messages go authenticated meanwhile).
+    async def ensure_pins(self) -> None:
+        """Pin the relay's keys if nothing is pinned yet (before the first deliveries are
+        read, so a short-lived client does not defer every sealed message it meets)."""
+        if self.pins().keys:
+            return
+        try:
+            await self._pin()
+        except TransportError as exc:
+            _log.info("relay keys not pinned yet: %s", type(exc).__name__)
 
-        Raises:
-            TransportError: the relay could not be asked (nothing changed for that step).
-        """
-        ctx = self._ctx
-        announced = await ctx.link.execute(sender_keys())
+    async def _pin(self) -> RelayKeyPins:
+        announced = await self._ctx.link.execute(sender_keys())
         pins, refused = self.pins().update(
             RelayKey(k.key_id, k.public_key, k.endorsement) for k in announced
         )
@@ -166,6 +184,18 @@ class Sealing:
         doc = json.dumps({str(k): v.hex() for k, v in sorted(pins.keys.items())})
         if doc != self._meta(_META_PINS):
             await asyncio.to_thread(self._put, {_META_PINS: doc})
+        return pins
+
+    async def refresh(self) -> None:
+        """Make our access key (once) and register its verifier, pin the relay's keys, and
+        renew our certificate when it runs short. Transport failures are left for the next
+        run (messages go authenticated meanwhile).
+
+        Raises:
+            TransportError: the relay could not be asked (nothing changed for that step).
+        """
+        ctx = self._ctx
+        pins = await self._pin()
         if not self.enabled:
             return  # we still read sealed messages; we only send none
         key = self.access_key()
@@ -176,8 +206,8 @@ class Sealing:
         if self._meta(_META_REGISTERED) != verifier.hex():
             await ctx.link.execute(set_access(verifier))
             await asyncio.to_thread(self._put, {_META_REGISTERED: verifier.hex()})
-        expires = self._meta(_META_CERT_EXPIRES)
-        if expires is None or int(expires) - ctx.now_ms() < _RENEW_MS:
+        stored = self._stored_certificate()
+        if stored is None or stored[1] - ctx.now_ms() < _RENEW_MS:
             issued = await ctx.link.execute(issue_certificate())
             try:
                 verify_certificate(issued.certificate, pins, ctx.now_ms())
