@@ -336,11 +336,13 @@ class Sealing:
             InvalidCertificate: (and its leaves) the certificate is refused, or it names
                 someone other than the sender the relay delivered it as.
         """
+        anonymous = is_sealed_sender(sender.name, sender.device_id)
         if not is_sealed(body):
+            if anonymous:  # a clear envelope from nobody: nothing can vouch for a sender
+                raise InvalidMessage("a message without a sender and without a seal")
             return Opened(sender, body, None)
         ctx = self._ctx
         content = ctx.engine.open_sealed(body)
-        anonymous = is_sealed_sender(sender.name, sender.device_id)
         if content.certificate is None:
             if anonymous:
                 raise InvalidMessage("a sealed message without a sender certificate")

@@ -8,6 +8,7 @@ receiver takes the sender from the verified certificate, never from the relay.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -230,3 +231,42 @@ async def test_a_refused_token_falls_back_to_an_authenticated_send(
         await alice.send_text("bob", "sealed again")
         await received(b_events, wait_for, "sealed again")
         assert '"PUT /v1/messages/sealed HTTP/1.1" 200' in relay.log_text()[mark:]
+
+
+async def test_unverifiable_sealed_messages_are_reported_without_a_sender(
+    make_client: MakeClient, wait_for: WaitFor, relay: Relay
+) -> None:
+    """Anyone holding bob's token can put bytes in his mailbox without a name: a clear
+    envelope, or a sealed one that does not open, is reported with no sender, and nothing is
+    recorded under the relay's pseudonym (no chat, no repair sent to it)."""
+    import aiohttp
+
+    from blindpost_wire.sealed import DELIVERY_TOKEN_HEADER, token_header
+    from e2ee import envelope
+    from e2ee.core.sealed import delivery_token
+    from e2ee.transport.frames import encode_send
+
+    bob = await make_client("bob")
+    b_events = bob.events()
+    async with bob:
+        await until(lambda: ready(bob) and bob._outbox.sealing.access_key() is not None)
+        token = delivery_token(bob._outbox.sealing.access_key() or b"")
+        clear = envelope.build_pairwise([envelope.Entry("bob", 1, "message", b"\x33junk")])
+        bodies = [clear, b"\x02" + bytes(80)]
+        async with aiohttp.ClientSession() as http:
+            for body in bodies:
+                frame = encode_send(os.urandom(16), [("bob", 1)], body)
+                async with http.put(
+                    relay.url + "/v1/messages/sealed",
+                    data=frame,
+                    headers={
+                        "Content-Type": "application/vnd.blindpost.send",
+                        DELIVERY_TOKEN_HEADER: token_header({"bob": token}),
+                    },
+                ) as resp:
+                    assert resp.status == 200, await resp.text()
+        for _ in bodies:
+            problem = await wait_for(b_events, lambda e: isinstance(e, DecryptionProblem), WAIT)
+            assert (problem.user, problem.device, problem.repair) == ("", 0, "none")
+            assert problem.notice is None
+        assert [c for c in bob.history.chats() if "~" in c.id] == []
