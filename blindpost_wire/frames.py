@@ -24,7 +24,12 @@ import struct
 from collections.abc import Callable, Hashable, Iterable
 from typing import Final, TypeVar
 
-from blindpost_wire.names import MAX_DEVICE_ID, MIN_DEVICE_ID, USERNAME_BYTES_RE
+from blindpost_wire.names import (
+    MAX_DEVICE_ID,
+    MIN_DEVICE_ID,
+    USERNAME_BYTES_RE,
+    is_sealed_sender,
+)
 
 __all__ = [
     "DELIVER_HEAD_LEN",
@@ -230,8 +235,14 @@ def decode_deliver(frame: bytes) -> tuple[int, bytes, str, int, int, bytes]:
     n = frame[pos]
     if pos + 1 + n + 1 > end:
         raise WireError("truncated deliver frame")
-    user = _name(bytes(frame[pos + 1 : pos + 1 + n]), "sender user")
+    raw = bytes(frame[pos + 1 : pos + 1 + n])
     device = frame[pos + 1 + n]
-    if not MIN_DEVICE_ID <= device <= MAX_DEVICE_ID:
-        raise WireError(f"sender device must be an integer {MIN_DEVICE_ID}..{MAX_DEVICE_ID}")
+    if raw[:1] == b"~":  # a sealed message: the relay does not know its sender
+        user = raw.decode("ascii", "replace")
+        if not is_sealed_sender(user, device):
+            raise WireError("bad sealed sender pseudonym", "invalid_username")
+    else:
+        user = _name(raw, "sender user")
+        if not MIN_DEVICE_ID <= device <= MAX_DEVICE_ID:
+            raise WireError(f"sender device must be an integer {MIN_DEVICE_ID}..{MAX_DEVICE_ID}")
     return seq, bytes(mid), user, device, stored_at, bytes(frame[pos + 2 + n :])

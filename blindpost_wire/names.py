@@ -16,11 +16,15 @@ __all__ = [
     "MAX_DEVICE_ID",
     "MIN_DEVICE_ID",
     "RESERVED_USERNAMES",
+    "SEALED_DEVICE_ID",
+    "SEALED_SENDER_RE",
     "USERNAME_BYTES_RE",
     "USERNAME_PATTERN",
     "USERNAME_RE",
     "is_device_id",
+    "is_sealed_sender",
     "is_username",
+    "sealed_sender_name",
 ]
 
 #: A username: 3 to 32 characters of lowercase ASCII letters, digits and ``_``.
@@ -35,6 +39,27 @@ RESERVED_USERNAMES: Final = frozenset({"count"})
 MIN_DEVICE_ID: Final = 1
 #: The largest device id (one byte in the binary frames, high bit clear).
 MAX_DEVICE_ID: Final = 127
+
+
+#: The sender the relay stores and delivers for a sealed message (it does not know the real
+#: one): ``~`` and 16 hex digits, never a username, with device id 0, never a device.
+SEALED_SENDER_RE: Final = re.compile(r"~[0-9a-f]{16}")
+SEALED_DEVICE_ID: Final = 0
+
+
+def sealed_sender_name(digest: bytes) -> str:
+    """The pseudonym a sealed message is stored under, from a digest of its tokens' verifiers
+    (the first 8 bytes are used)."""
+    return "~" + digest[:8].hex()
+
+
+def is_sealed_sender(user: object, device: object) -> bool:
+    """Tell whether (``user``, ``device``) is a sealed message's pseudonymous sender."""
+    return (
+        isinstance(user, str)
+        and SEALED_SENDER_RE.fullmatch(user) is not None
+        and device == SEALED_DEVICE_ID
+    )
 
 
 def is_username(value: object) -> bool:

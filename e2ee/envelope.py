@@ -15,8 +15,10 @@ Invariants:
 * :func:`parse` accepts exactly what :func:`build_pairwise` / :func:`build_group`
   produce: every failure is :class:`~e2ee.errors.InvalidMessage`; a later
   version is :class:`UnsupportedEnvelope`.
-* Nothing here is secret: ciphertext kinds, recipient names and the group id
-  travel in clear to the relay anyway (see docs/wire-format.md).
+* Nothing here is secret from the recipients, but the group id and the ciphertext
+  kinds are from the relay: the SDK puts this envelope inside a sealed one
+  (``e2ee.core.sealed``, envelope version 2) whenever it can; only senders without
+  sealed sender (or without a session yet) send it in clear (docs/wire-format.md).
 """
 
 from __future__ import annotations

@@ -25,14 +25,17 @@ from __future__ import annotations
 __all__ = [
     "AttachmentTooLarge",
     "BackupCorrupt",
+    "CertificateMismatch",
     "ChatDeleted",
     "ClientClosed",
     "DecryptBudgetExceeded",
     "DuplicateMessage",
     "E2EEError",
+    "ExpiredCertificate",
     "FingerprintVersionMismatch",
     "IdentityHeld",
     "InvalidBundle",
+    "InvalidCertificate",
     "InvalidKey",
     "InvalidLinkCode",
     "InvalidLinkGrant",
@@ -47,6 +50,7 @@ __all__ = [
     "NotRegistered",
     "PeerError",
     "RecipientMailboxFull",
+    "RelayKeyRejected",
     "SendFailed",
     "SenderKeyJumpTooLarge",
     "StillAMember",
@@ -56,6 +60,7 @@ __all__ = [
     "TransportError",
     "UnknownChat",
     "UnknownRecipient",
+    "UnpinnedRelayKey",
     "UnsupportedEnvelope",
     "UnsupportedPayload",
     "UntrustedIdentity",
@@ -263,7 +268,7 @@ class UnsupportedEnvelope(InvalidMessage):
     """The envelope was written by a newer version of the format."""
 
     def __init__(self, version: int) -> None:
-        super().__init__(f"envelope version {version} is not supported (this build reads 1)")
+        super().__init__(f"envelope version {version} is not supported (this build reads 1 and 2)")
         self.version = version
 
 
@@ -277,6 +282,50 @@ class UnsupportedPayload(InvalidMessage):
 
 class MediaCorrupt(InvalidMessage):
     """An encrypted file is tampered with, truncated, or does not match its digest."""
+
+
+class InvalidCertificate(InvalidMessage):
+    """A sealed message's sender certificate is malformed or its signature does not verify.
+
+    Nothing was decrypted or stored. The leaves say why: expired, signed by a relay key we
+    never pinned, or naming someone other than the session it carries.
+    """
+
+
+class ExpiredCertificate(InvalidCertificate):
+    """The sender certificate expired before the message was opened."""
+
+    def __init__(self, user: str, expires_ms: int) -> None:
+        super().__init__(f"sender certificate of {user} expired at {expires_ms}")
+        self.user = user
+        self.expires_ms = expires_ms
+
+
+class UnpinnedRelayKey(InvalidCertificate):
+    """The certificate is signed by a relay key that is not among our pinned keys."""
+
+    def __init__(self, key_id: int) -> None:
+        super().__init__(f"sender certificate signed by unpinned relay key {key_id}")
+        self.key_id = key_id
+
+
+class CertificateMismatch(InvalidCertificate):
+    """The certificate names another sender than the one the message claims or was delivered
+    as, or another identity key than the one its session uses."""
+
+    def __init__(self, user: str, reason: str) -> None:
+        super().__init__(f"sender certificate of {user}: {reason}")
+        self.user = user
+        self.reason = reason
+
+
+class RelayKeyRejected(PeerError):
+    """The relay announced a certificate key that no pinned key endorses (or that replaces a
+    pinned key under the same id); it is not pinned and certificates under it are refused."""
+
+    def __init__(self, key_id: int) -> None:
+        super().__init__(f"relay key {key_id} is not endorsed by a pinned key")
+        self.key_id = key_id
 
 
 class InvalidBundle(PeerError):

@@ -64,6 +64,7 @@ __all__ = [
     "encode",
     "pad",
     "unpad",
+    "with_access_key",
 ]
 
 #: The version byte this build writes and reads.
@@ -435,6 +436,8 @@ class Payload:
             (sent: after sending); 0 = never. Set from the chat's timer.
         transcript: what we sent elsewhere (TRANSCRIPT only; own devices).
         sync: local state of another of our devices (SYNC only).
+        access_key: the sender's access key (32 bytes) for sealed sender, or b""
+            (docs/protocol.md, "Sealed sender"); added by the SDK when it sends.
     """
 
     type: PayloadType
@@ -454,6 +457,7 @@ class Payload:
     expire_seconds: int = 0
     transcript: Transcript | None = None
     sync: SyncMessage | None = None
+    access_key: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.type, PayloadType):
@@ -480,6 +484,8 @@ class Payload:
             raise UsageError("group: expected a GroupControl")
         _check_int(self.timer_seconds, "timer_seconds", _MAX_U32)
         _check_int(self.expire_seconds, "expire_seconds", _MAX_U32)
+        if not isinstance(self.access_key, bytes) or len(self.access_key) not in (0, 32):
+            raise UsageError("access_key: expected 0 or 32 bytes")
         self._check_type()
 
     def _check_type(self) -> None:
@@ -634,6 +640,7 @@ def _build_messages() -> dict[str, Any]:
     add(content, "expire_seconds", 15, f.TYPE_UINT32)
     add(content, "transcript", 17, f.TYPE_MESSAGE, ref="Transcript")
     add(content, "sync", 18, f.TYPE_MESSAGE, ref="SyncMessage")
+    add(content, "access_key", 16, f.TYPE_BYTES)
 
     pool = descriptor_pool.DescriptorPool()
     pool.AddSerializedFile(fdp.SerializeToString())
@@ -699,6 +706,7 @@ def _to_proto(payload: Payload, msg: Any = None) -> Any:
         _to_proto(t.content, pt.content)
     if payload.sync is not None:
         _sync_to_proto(payload.sync, msg.sync)
+    _set(msg, "access_key", payload.access_key)
     return msg
 
 
@@ -811,6 +819,7 @@ def _from_proto(msg: Any, *, nested: bool = False) -> Payload:
         expire_seconds=msg.expire_seconds,
         transcript=transcript,
         sync=sync,
+        access_key=bytes(msg.access_key),
     )
 
 
@@ -879,6 +888,29 @@ def encode(payload: Payload) -> bytes:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise UsageError(f"payload of {len(data)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     return data
+
+
+#: Content field 16 (access_key), length-delimited, 32 bytes: tag 0x82 0x01, length 0x20.
+_ACCESS_KEY_FIELD: Final = b"\x82\x01\x20"
+
+
+def with_access_key(data: bytes, access_key: bytes) -> bytes:
+    """An encoded payload with ``access_key`` (field 16) added, without decoding it.
+
+    Protobuf reads a field that appears twice as its last value, so appending the field to the
+    serialized Content is the same as setting it; only the padding is redone. Cheap enough for
+    every message the SDK sends.
+
+    Raises:
+        UsageError: not 32 bytes, or the result would exceed :data:`MAX_PAYLOAD_BYTES`.
+        InvalidMessage: ``data`` is not a padded payload.
+    """
+    if len(access_key) != 32:
+        raise UsageError("an access key is 32 bytes")
+    out = pad(unpad(data) + _ACCESS_KEY_FIELD + access_key)
+    if len(out) > MAX_PAYLOAD_BYTES:
+        raise UsageError(f"payload of {len(out)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    return out
 
 
 def decode(data: bytes) -> Payload:

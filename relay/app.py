@@ -6,7 +6,8 @@
 #   registration route verifies against the key it is registering), except
 #   ``GET /v1/registration``, which only tells the mode and issues a stateless challenge, and
 #   the new device's two provisioning routes (relay.provisioning: rate-limited per address,
-#   small, few and short-lived).
+#   small, few and short-lived), and ``PUT /v1/messages/sealed``, which carries a delivery
+#   token per recipient instead (relay.sealed).
 # * Nothing here logs or echoes a message body or key material.
 """The aiohttp application: ``create_app(config)`` and the HTTP handlers."""
 
@@ -59,7 +60,8 @@ from relay.replay import (
     load_replay_secret,
     make_replay_guard,
 )
-from relay.sending import charge_lookups, check_recipient_users
+from relay.sealed import issue_certificate, send_sealed, sender_keys, set_access
+from relay.sending import BINARY_SEND_TYPE, charge_lookups, check_recipient_users, receipt_json
 from relay.state import CONFIG_KEY, STATE_KEY, BlobHealth, Clock, RelayState
 from relay.store.base import Address, RelayStore
 from relay.wire import (
@@ -94,13 +96,6 @@ if TYPE_CHECKING:
     from relay.nodes.link import NodeLink
 
 log = logging.getLogger("relay.app")
-
-BINARY_SEND_TYPE = "application/vnd.blindpost.send"
-
-
-def receipt_json(message_id: bytes, recipients: int, stored_at: int) -> dict[str, Any]:
-    """The 200 body of a send (also the payload of a WebSocket send_result)."""
-    return {"id": b64e(message_id), "recipients": recipients, "stored_at": stored_at}
 
 
 async def _fallback(request: web.Request) -> web.StreamResponse:
@@ -631,6 +626,9 @@ def create_app(
             "provisioning_poll", config.provisioning_poll_rate, config.provisioning_poll_burst
         ),
         lookup_limit=limiter("lookup", config.lookup_rate, config.lookup_burst),
+        sealed_token_limit=limiter(
+            "sealed_token", config.sealed_token_rate, config.sealed_token_burst
+        ),
         upload_limit=RateLimiter(config.upload_bytes_rate, config.upload_bytes_burst),
         account_send_limit=limiters.frame_limiter(
             "account_send", config.account_send_rate, config.account_send_burst
@@ -729,6 +727,10 @@ def create_app(
         ("GET", "/v1/keys/{username}", fetch_keys),
         ("GET", "/v1/keys/{username}/{device_id}", fetch_keys),
         ("PUT", "/v1/messages", send_message),
+        ("PUT", "/v1/messages/sealed", send_sealed),
+        ("GET", "/v1/sender-keys", sender_keys),
+        ("POST", "/v1/certificate", issue_certificate),
+        ("PUT", "/v1/access", set_access),
         ("GET", "/v1/messages", read_messages),
         ("POST", "/v1/messages/ack", ack_messages),
         ("POST", "/v1/blobs", upload_blob),

@@ -200,6 +200,14 @@ SETTING_HELP: dict[str, str] = {
     "lookup_rate": "per account: users per second that a send may report as unknown or"
     " with a device mismatch (409), and key fetches of unknown users (404) -> 429",
     "lookup_burst": "per account: burst of such lookups",
+    "sealed_token_rate": "sealed sends per second per delivery token (each recipient user's"
+    " token is charged) -> 429",
+    "sealed_token_burst": "sealed send burst per delivery token",
+    "sender_cert_ttl_seconds": "lifetime of a sender certificate (POST /v1/certificate)",
+    "sender_key_rotation_seconds": "age at which the certificate signing key is replaced by a"
+    " new one it endorses",
+    "sender_key_overlap_seconds": "how long a replaced certificate key is still announced (at"
+    " least sender_cert_ttl_seconds, so certificates it signed stay verifiable)",
     "write_batch_max": "max write operations committed in one transaction",
     "write_batch_interval_ms": "while writes keep arriving, start a new transaction at most this"
     " often (a write after an idle period commits at once; 0 = commit as fast as possible)",
@@ -342,6 +350,11 @@ class RelayConfig:
     ban_refresh_seconds: float = 5.0
     lookup_rate: float = 0.5
     lookup_burst: float = 100.0
+    sealed_token_rate: float = 5.0
+    sealed_token_burst: float = 200.0
+    sender_cert_ttl_seconds: float = 86400.0
+    sender_key_rotation_seconds: float = 30 * 86400.0
+    sender_key_overlap_seconds: float = 2 * 86400.0
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
     wal_checkpoint_commits: int = 512
@@ -397,9 +410,21 @@ class RelayConfig:
             "mailbox_stranger_max_messages",
             "mailbox_stranger_max_bytes",
             "account_max_bytes",
+            "sender_cert_ttl_seconds",
+            "sender_key_rotation_seconds",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (got {getattr(self, name)})")
+        if self.sender_key_overlap_seconds < self.sender_cert_ttl_seconds:
+            raise ConfigError(
+                "sender_key_overlap_seconds must be at least sender_cert_ttl_seconds (got"
+                f" {self.sender_key_overlap_seconds} < {self.sender_cert_ttl_seconds})"
+            )
+        if self.sender_key_rotation_seconds <= self.sender_key_overlap_seconds:
+            raise ConfigError(
+                "sender_key_rotation_seconds must exceed sender_key_overlap_seconds (got"
+                f" {self.sender_key_rotation_seconds} <= {self.sender_key_overlap_seconds})"
+            )
         if self.replay_guard not in REPLAY_GUARDS:
             raise ConfigError(
                 f"replay_guard must be one of {', '.join(REPLAY_GUARDS)}"

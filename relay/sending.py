@@ -4,11 +4,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from relay.errors import BadRequest, MismatchedDevices
 from relay.state import RelayState
 from relay.store.base import Address, Envelope
+from relay.wire import b64e
 
-__all__ = ["charge_lookups", "check_recipient_users"]
+__all__ = ["BINARY_SEND_TYPE", "charge_lookups", "check_recipient_users", "receipt_json"]
+
+BINARY_SEND_TYPE = "application/vnd.blindpost.send"
+
+
+def receipt_json(message_id: bytes, recipients: int, stored_at: int) -> dict[str, Any]:
+    """The 200 body of a send (also the payload of a WebSocket send_result)."""
+    return {"id": b64e(message_id), "recipients": recipients, "stored_at": stored_at}
 
 
 def check_recipient_users(env: Envelope, max_users: int) -> None:

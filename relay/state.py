@@ -131,6 +131,7 @@ class RelayState:
     provisioning_limit: Limiter  # provisioning slots opened per client address
     provisioning_poll_limit: Limiter  # provisioning polls per client address
     lookup_limit: Limiter  # unknown-user and device-mismatch answers, per account
+    sealed_token_limit: Limiter  # sealed sends per delivery token (relay.sealed)
     upload_limit: RateLimiter  # bytes per account; node-local like send_limit
     # Per account, all devices: cluster-wide with Redis (leased, so a WebSocket send rarely
     # waits for it); the in-flight bound is node-local, like the write queue it shares out.

@@ -48,6 +48,7 @@ LOOSE_LIMITS = {
     "lookup_burst": "100000",
     "upload_bytes_burst": "100000000000",
     "account_send_burst": "100000000",
+    "sealed_token_burst": "100000",
 }
 #: Loose limits and no background timers (WebSocket heartbeats, the expiry sweeper).
 QUIET = {

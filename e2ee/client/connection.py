@@ -72,6 +72,7 @@ class Connection:
                 maintenance = asyncio.create_task(self._maintain_keys())
                 try:
                     if self._receive:
+                        await self._outbox.sealing.ensure_pins()
                         await self._inbox.receive()
                     else:
                         # Send-only: nothing is taken from the mailbox; sends go over
@@ -117,6 +118,8 @@ class Connection:
                 )
                 if upload is not None:
                     await self._ctx.link.upload_keys(upload.to_json())
+                # After the keys: a certificate names the identity key the relay holds.
+                await self._outbox.sealing.refresh()
             except TransportError as exc:
                 _log.info("key maintenance postponed: %s", type(exc).__name__)
             await asyncio.sleep(self._ctx.options.maintenance_interval)

@@ -56,6 +56,9 @@ class ClientOptions:
         send_batch: at most this many sends share one store transaction: composes
             queued together, queued entries encrypted ahead together, and entries
             marked sent together (1: one each).
+        sealed_sender: seal what we send (docs/protocol.md, "Sealed sender"): the
+            relay then sees no sender for messages to contacts that shared their access
+            key, and no group id in any message. False sends version 1 envelopes.
     """
 
     backoff_base: float = 0.5
@@ -65,6 +68,7 @@ class ClientOptions:
     reset_interval_ms: int = 60_000
     ack_delay: float = 0.02
     send_batch: int = 100
+    sealed_sender: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_base <= self.backoff_max:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from blindpost_wire.names import is_sealed_sender
 from e2ee import envelope, payload
 from e2ee.client.context import ClientContext
 from e2ee.client.outbox import Outbox
@@ -43,12 +44,14 @@ from e2ee.errors import (
     DuplicateMessage,
     E2EEError,
     InvalidBundle,
+    InvalidCertificate,
     InvalidMessage,
     StorageError,
     TransportError,
+    UnpinnedRelayKey,
     UntrustedIdentity,
 )
-from e2ee.events import BacklogDrained, Event, IdentityChanged
+from e2ee.events import BacklogDrained, DecryptionProblem, Event, IdentityChanged
 from e2ee.messaging.accounting import undecryptable
 from e2ee.messaging.inbound import apply_payload
 from e2ee.messaging.outcome import (
@@ -75,6 +78,8 @@ _log = logging.getLogger(__name__)
 #: At most this many deliveries share one store transaction (one fsync). The
 #: write lock is held meanwhile, so this also bounds how long a send waits.
 _INBOX_BATCH: Final = 200
+#: A message under a relay key not pinned yet is tried again this long after (ms).
+_UNPINNED_RETRY_MS: Final = 500
 
 
 #: A batch's follow-ups, and its deferred deliveries with their retry delay (ms).
@@ -202,6 +207,8 @@ class Inbox:
         self._inflight = task
         follow_ups, deferred = await asyncio.shield(task)
         loop = asyncio.get_running_loop()
+        if self._outbox.sealing.refresh_due:
+            self._outbox.sealing.refresh_soon()
         for delivery, retry_after_ms in deferred:
             # Back into this connection's queue once the sender's budget has refilled;
             # if the connection ends first, the relay delivers it again (never acked).
@@ -296,7 +303,35 @@ class Inbox:
         result = _Inbound()
         with ctx.wlock:
             try:
-                env = envelope.parse(delivery.body)
+                opened = self._outbox.sealing.open(sender, delivery.body)
+            except UnpinnedRelayKey as exc:
+                if self._outbox.sealing.may_pin_later(exc.key_id):
+                    # A relay key we have not fetched yet: kept, tried again after a refresh.
+                    return _Inbound(retry_after_ms=_UNPINNED_RETRY_MS)
+                return self._unattributed(delivery, exc)
+            except InvalidCertificate as exc:
+                # A certificate we refuse: no sender we can vouch for. Reported and
+                # acknowledged, attributed to no chat.
+                return self._unattributed(delivery, exc)
+            except E2EEError as exc:
+                if is_sealed_sender(delivery.sender, delivery.device):
+                    return self._unattributed(delivery, exc)
+                # The outer layer does not open, but the relay vouches for the sender (an
+                # authenticated send): reported and repaired as any unreadable message.
+                return self._problem(sender, delivery.body, delivery, exc)
+            if opened is None:
+                return _Inbound()  # our own copy of a message we sealed
+            sender, body, cert = opened.sender, opened.envelope, opened.certificate
+            try:
+                env = envelope.parse(body)
+                if cert is not None:
+                    # The certificate's identity key must be the one the session uses.
+                    if isinstance(env, envelope.GroupEnvelope):
+                        ctx.engine.bind_certificate(cert, "group", env.body)
+                    else:
+                        mine = env.entry_for(ctx.me.name, ctx.me.device_id)
+                        if mine is not None:
+                            ctx.engine.bind_certificate(cert, mine.kind, mine.body)
                 if isinstance(env, envelope.GroupEnvelope):
                     gid = env.group_id
                     ctx.engine.group_decrypt(
@@ -326,25 +361,44 @@ class Inbox:
                             ctx.held.add(sender.name)
             except DuplicateMessage:
                 return _Inbound()  # already stored: acknowledge, show nothing twice
+            except InvalidCertificate as exc:
+                return self._unattributed(delivery, exc)
             except StorageError:
                 raise
             except DecryptBudgetExceeded as exc:
                 if exc.retry_after_ms is None:  # more than a whole budget: never readable
-                    return self._problem(sender, delivery, exc)
+                    return self._problem(sender, body, delivery, exc)
                 # Possibly genuine; nothing was stored. Not acknowledged: tried again later.
                 return _Inbound(retry_after_ms=exc.retry_after_ms)
             except E2EEError as exc:
                 # Reported (and repaired if possible), then acknowledged: a message
                 # that can never be read must not block the mailbox.
-                return self._problem(sender, delivery, exc)
+                return self._problem(sender, body, delivery, exc)
             if result.outcome is not None:
                 ctx.stage(result.outcome)  # committed with the decrypt
         return result
 
-    def _problem(self, sender: Address, delivery: Delivery, exc: E2EEError) -> _Inbound:
+    def _unattributed(self, delivery: Delivery, exc: E2EEError) -> _Inbound:
+        """A sealed delivery refused before any sender could be vouched for (a forged or
+        expired certificate, one from an unpinned key, one naming another sender than the
+        relay did, or an outer layer that does not open): an event, no chat row, no repair."""
+        _log.warning("sealed message refused: %s", type(exc).__name__)
+        relay_named = not is_sealed_sender(delivery.sender, delivery.device)
+        event = DecryptionProblem(
+            delivery.sender if relay_named else "",
+            delivery.device if relay_named else 0,
+            type(exc).__name__,
+            "a sealed message whose sender could not be verified was dropped",
+            "none",
+        )
+        return _Inbound(events=[event])
+
+    def _problem(
+        self, sender: Address, body: bytes, delivery: Delivery, exc: E2EEError
+    ) -> _Inbound:
         group_id: str | None = None
         with contextlib.suppress(InvalidMessage):
-            env = envelope.parse(delivery.body)
+            env = envelope.parse(body)
             if isinstance(env, envelope.GroupEnvelope):
                 group_id = env.group_id
         ctx = self._ctx
@@ -393,6 +447,8 @@ class Inbox:
         body = payload.decode(data)
         if envelope_group is not None and body.group_id != envelope_group:
             raise InvalidMessage("group message names another group inside")
+        if body.access_key:
+            self._outbox.sealing.learn(sender.name, body.access_key)
         out = apply_payload(
             ctx.view(),
             ctx.me.name,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from e2ee.errors import TransportError
 from e2ee.media import Progress
@@ -25,7 +25,9 @@ from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import ConnectionLost, RelayRejected, UsernameTaken
 from e2ee.transport.failover import RelayNodes, node_failed
 from e2ee.transport.frames import Delivery, QueueEmpty
-from e2ee.transport.requests import DeviceInfo, ProvisionInfo, ProvisionOpened
+from e2ee.transport.requests import DeviceInfo, ProvisionInfo, ProvisionOpened, Request
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     import aiohttp
@@ -130,6 +132,11 @@ class RelayLink(Protocol):
 
     async def ack(self, ids: Sequence[bytes]) -> None:
         """Acknowledge deliveries (the relay deletes them from our mailbox)."""
+        ...
+
+    async def execute(self, req: Request[T]) -> T:
+        """Perform one pure request (:mod:`e2ee.transport.sealed_requests`) over HTTP at the
+        next working node; for the requests without a method of their own here."""
         ...
 
     async def upload_blob(self, path: Path, digest: bytes, progress: Progress | None) -> str:
@@ -356,6 +363,10 @@ class TransportLink:
             await self._http(url).send(message_id, recipients, body)
 
         await self._nodes.call(put)
+
+    async def execute(self, req: Request[T]) -> T:
+        """See :meth:`RelayLink.execute`."""
+        return await self._nodes.call(lambda url: self._http(url).execute(req))
 
     async def ack(self, ids: Sequence[bytes]) -> None:
         """Acknowledge over the WebSocket and wait until the relay committed it.

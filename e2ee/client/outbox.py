@@ -40,6 +40,7 @@ from typing import Any, Final
 from e2ee import envelope, payload
 from e2ee.client.compose import compose_many, make_draft
 from e2ee.client.context import ClientContext
+from e2ee.client.sealing import Sealing
 from e2ee.client.sync import introduce, is_own_device_key, own_copy, own_devices
 from e2ee.client_errors import (
     ClientClosed,
@@ -117,6 +118,7 @@ class Outbox:
         self._prepared: dict[str, list[envelope.Entry]] = {}
         # Whether this device met our other devices (e2ee.client.sync.introduce).
         self._introduced = False
+        self.sealing = Sealing(ctx)  # sealed sender: what leaves and what arrives
 
     def __repr__(self) -> str:
         return f"Outbox({self._ctx.me})"
@@ -365,9 +367,10 @@ class Outbox:
                         if any(u in ctx.held or not d for u, d in devices.items()):
                             break
                         sealed: list[envelope.Entry] = []
+                        data = self.sealing.stamp(entry.payload or b"", entry.kind)
                         for user in users:
                             for device in devices[user]:
-                                ct = ctx.engine.encrypt(Address(user, device), entry.payload or b"")
+                                ct = ctx.engine.encrypt(Address(user, device), data)
                                 sealed.append(envelope.Entry(user, device, ct.kind, ct.body))
                         copy = own_copy(entry) if mine else None
                         if copy is not None:
@@ -486,7 +489,12 @@ class Outbox:
         else:
             prepared = self._prepared.pop(entry.id, None)
             recipients = await self.send_pairwise(
-                mid, json.loads(entry.targets), data, prepared=prepared, transcribe=entry
+                mid,
+                json.loads(entry.targets),
+                data,
+                prepared=prepared,
+                transcribe=entry,
+                kind=entry.kind,
             )
         # Receipts are the peers' business: our own devices are not recipients there.
         recipients = [r for r in recipients if r[0] != self._ctx.me.name]
@@ -661,14 +669,19 @@ class Outbox:
         *,
         prepared: list[envelope.Entry] | None = None,
         transcribe: OutboxRow | None = None,
+        kind: str = "receipt",
     ) -> list[tuple[str, int]]:
-        """Encrypt ``data`` for every device of ``users`` and send it as message ``mid``.
+        """Encrypt ``data`` (a payload of ``kind``) for every device of ``users`` and send it
+        as message ``mid``.
 
         ``transcribe``: the outbox entry being sent, whose transcript our own
         other devices get in the same message (if it has one and we have
-        another device). Returns the (user, device) pairs it went to.
+        another device). ``kind`` decides whether the payload carries our access key
+        (sealing.Sealing.stamp): not for receipts and session resets, which also go to
+        strangers. Returns the (user, device) pairs it went to.
         """
         me = self._ctx.me.name
+        data = self.sealing.stamp(data, kind)
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             entries: list[envelope.Entry] = prepared or []
             mine = []
@@ -698,7 +711,7 @@ class Outbox:
             if not entries:
                 return []  # a sync entry whose last other device was just removed
             try:
-                await self._ctx.link.send(mid, recipients, envelope.build_pairwise(entries))
+                await self.sealing.send(mid, recipients, envelope.build_pairwise(entries))
                 return recipients
             except MismatchedDevices as exc:
                 prepared = None
@@ -734,7 +747,7 @@ class Outbox:
                 self._ctx.locked, self._ctx.engine.group_encrypt, gid, data
             )
             try:
-                await self._ctx.link.send(mid, recipients, envelope.build_group(gid, body))
+                await self.sealing.send(mid, recipients, envelope.build_group(gid, body))
                 return recipients
             except MismatchedDevices as exc:
                 with_own = await self._fix_devices(exc) and with_own
@@ -781,7 +794,7 @@ class Outbox:
             group_id=gid,
             group=control,
         )
-        sent = await self.send_pairwise(body.message_id, users, payload.encode(body))
+        sent = await self.send_pairwise(body.message_id, users, payload.encode(body), kind="group")
 
         def mark() -> None:
             with self._ctx.wlock:

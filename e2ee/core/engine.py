@@ -52,7 +52,8 @@ from axolotl.untrustedidentityexception import UntrustedIdentityException
 from google.protobuf.message import DecodeError
 from nacl.exceptions import CryptoError
 
-from e2ee.core import wire
+from blindpost_wire.sealed import CertificateFields
+from e2ee.core import sealed, wire
 from e2ee.core.budget import (
     ALLOWANCE_GROUP,
     ALLOWANCE_MESSAGE,
@@ -79,8 +80,10 @@ from e2ee.core.keys import (
     generate_signed_prekey,
 )
 from e2ee.core.locks import KeyedLocks
+from e2ee.core.sealed import SealedContent
 from e2ee.core.staging import IdentityChange, SessionCache, StagedStore
 from e2ee.errors import (
+    CertificateMismatch,
     DecryptBudgetExceeded,
     DuplicateMessage,
     E2EEError,
@@ -456,6 +459,53 @@ class ProtocolEngine:
         """This account's serialized identity public key (33 bytes)."""
         pair = IdentityKeyPair(serialized=self._account().identity_key_pair)
         return bytes(pair.getPublicKey().serialize())
+
+    # -- sealed sender (docs/protocol.md, "Sealed sender") ----------------------------------
+
+    def open_sealed(self, data: bytes) -> SealedContent:
+        """Open the outer layer of a sealed envelope addressed to this device.
+
+        Raises:
+            InvalidMessage: malformed, not addressed to this device, or not authentic.
+        """
+        account = self._account()
+        pair = IdentityKeyPair(serialized=account.identity_key_pair)
+        return sealed.open_sealed(
+            data,
+            user=account.name,
+            device=account.device_id,
+            identity_private=bytes(pair.getPrivateKey().serialize()),
+            identity_key=bytes(pair.getPublicKey().serialize()),
+        )
+
+    def bind_certificate(
+        self, cert: CertificateFields, kind: Literal["prekey", "message", "group"], body: bytes
+    ) -> Address:
+        """The sender address a verified certificate vouches for, once the identity key in it
+        is the one the inner message's session uses.
+
+        For a session setup (``prekey``) that is the identity key the setup carries; for a
+        later 1:1 or Sender Key message, the identity recorded for the certificate's address.
+        So a setup from alice is decrypted under alice's address or not at all, whoever the
+        relay says delivered it.
+
+        Raises:
+            CertificateMismatch: another identity key, or none recorded for that address.
+            InvalidMessage: the setup message is malformed.
+        """
+        address = Address(cert.user, cert.device)
+        if kind == "prekey":
+            carried: bytes | None = bytes(
+                wire.parse_prekey_message(body).getIdentityKey().serialize()
+            )
+        else:
+            record = self._store.load_identity(address)
+            carried = None if record is None else record.identity_key
+        if carried is None:
+            raise CertificateMismatch(cert.user, "no identity key recorded for this sender")
+        if carried != cert.identity_key:
+            raise CertificateMismatch(cert.user, "the session uses another identity key")
+        return address
 
     def _current_signed(self) -> SignedPreKey:
         current = self._store.get_meta(_META_CURRENT_SIGNED)

@@ -29,6 +29,7 @@ __all__ = [
     "ConnectionClosed",
     "ConnectionFailed",
     "ConnectionLost",
+    "DeliveryTokenRefused",
     "DeviceRemoved",
     "Forbidden",
     "InvalidRequest",
@@ -158,6 +159,13 @@ class AuthFailed(RelayRejected):
     def stale(self) -> bool:
         """True when the timestamp was outside the relay's window (check the clock)."""
         return self.code == "auth_stale"
+
+
+class DeliveryTokenRefused(AuthFailed):
+    """401 ``delivery_token_refused``: a sealed send named a recipient without a valid
+    delivery token (none given, a wrong or old one, or a recipient that accepts no sealed
+    messages). One answer for all of them, so a send cannot probe which. Nothing was stored;
+    the SDK sends the message again unsealed and forgets the recipient's access key."""
 
 
 class NotFound(RelayRejected):
@@ -345,6 +353,8 @@ def error_from_response(
     if status == 400:
         return InvalidRequest(status, code, detail)
     if status == 401:
+        if code == "delivery_token_refused":
+            return DeliveryTokenRefused(status, code, detail)
         return AuthFailed(status, code, detail)
     if status == 403:
         return _FORBIDDEN.get(code, Forbidden)(status, code, detail)

@@ -24,7 +24,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-from blindpost_wire.names import MAX_DEVICE_ID, RESERVED_USERNAMES
+from blindpost_wire.names import (
+    MAX_DEVICE_ID,
+    RESERVED_USERNAMES,
+    SEALED_DEVICE_ID,
+    is_sealed_sender,
+)
 from blindpost_wire.registration import MAX_POW_DIFFICULTY, REGISTRATION_MODES
 from e2ee.errors import UsageError
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
@@ -857,11 +862,15 @@ def _delivery(item: object) -> Delivery:
     if not isinstance(item, dict) or not isinstance(item.get("sender"), dict):
         raise MalformedResponse("malformed mailbox entry")
     sender = item["sender"]
+    if is_sealed_sender(sender.get("user"), sender.get("device")):  # the relay knows no sender
+        user, device = str(sender["user"]), SEALED_DEVICE_ID
+    else:
+        user, device = _user_field(sender, "user"), _int_field(sender, "device", 1, MAX_DEVICE_ID)
     return Delivery(
         seq=_int_field(item, "seq"),
         id=b64d(item.get("id"), "id", MESSAGE_ID_LEN, error=MalformedResponse),
-        sender=_user_field(sender, "user"),
-        device=_int_field(sender, "device", 1, MAX_DEVICE_ID),
+        sender=user,
+        device=device,
         stored_at=_int_field(item, "stored_at"),
         body=b64d(item.get("body"), "body", error=MalformedResponse),
     )

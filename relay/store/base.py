@@ -26,6 +26,7 @@ __all__ = [
     "ProvisionTake",
     "RelayStore",
     "SendReceipt",
+    "SenderKeyRow",
     "SignedPrekey",
     "StoreLimits",
     "StoreStats",
@@ -97,6 +98,21 @@ class DeviceInfo:
     has_keys: bool
     name: bytes | None = None  # opaque to the relay (the SDK encrypts it)
     last_seen: int | None = None  # coarse: see RelayStore.touch_device
+
+
+@dataclass(frozen=True, slots=True)
+class SenderKeyRow:
+    """One of the relay's sender-certificate signing keys (relay.sealed): the Ed25519 seed,
+    when it was made, and the previous key's signature over its public key (None for the
+    first). Every node of a relay signs with the same rows."""
+
+    key_id: int
+    seed: bytes
+    created_ms: int
+    endorsement: bytes | None
+
+    def __repr__(self) -> str:
+        return f"SenderKeyRow(key_id={self.key_id}, created_ms={self.created_ms})"
 
 
 class Envelope(NamedTuple):
@@ -364,6 +380,24 @@ class RelayStore(Protocol):
 
     async def auth_key(self, addr: Address) -> bytes | None:
         """Return the device's Ed25519 public auth key, or None if it is not registered."""
+
+    async def identity_key(self, addr: Address) -> bytes | None:
+        """The identity key the device uploaded with its prekeys, or None (no such device, or
+        no keys uploaded yet)."""
+
+    async def sender_keys(self) -> list[SenderKeyRow]:
+        """Every stored sender-certificate key, by key id."""
+
+    async def add_sender_key(self, row: SenderKeyRow) -> bool:
+        """Store a new sender-certificate key; False (nothing changed) when a key with that id
+        exists already (another node made it first: read :meth:`sender_keys` again)."""
+
+    async def set_access_verifier(self, user: str, verifier: bytes | None) -> bool:
+        """Store (or replace, or with None remove) the verifier of ``user``'s delivery token
+        (blindpost_wire.sealed.token_verifier); False when the user does not exist."""
+
+    async def access_verifiers(self, users: Sequence[str]) -> dict[str, bytes]:
+        """The stored delivery-token verifiers of those ``users`` that have one."""
 
     async def upload_keys(self, addr: Address, upload: KeyUpload) -> int:
         """Store prekeys for a device and return its one-time prekey count.

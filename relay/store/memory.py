@@ -38,6 +38,7 @@ from relay.store.base import (
     ProvisionFill,
     ProvisionSlot,
     ProvisionTake,
+    SenderKeyRow,
     SendReceipt,
     SignedPrekey,
     StoredMessage,
@@ -101,6 +102,8 @@ class MemoryRelayStore:
         self._recovery: dict[str, bytes] = {}  # user -> recovery verifier
         # slot id -> [slot, token hash, grant]
         self._provisions: dict[bytes, tuple[ProvisionSlot, bytes, bytes | None]] = {}
+        self._access: dict[str, bytes] = {}  # user -> delivery-token verifier
+        self._sender_keys: dict[int, SenderKeyRow] = {}
         self._blob_owners: dict[str, dict[str, int]] = {}  # blob id -> {user: size}
         self._sent_bytes: dict[str, int] = {}  # user -> pending bodies it sent
         self._held_bytes: dict[str, int] = {}  # user -> blobs it holds
@@ -201,6 +204,41 @@ class MemoryRelayStore:
         """See ``RelayStore.recovery_verifier``."""
         self._check_open()
         return self._recovery.get(user)
+
+    async def identity_key(self, addr: Address) -> bytes | None:
+        """See ``RelayStore.identity_key``."""
+        self._check_open()
+        dev = self._users.get(addr.user, {}).get(addr.device)
+        return None if dev is None else dev.identity_key
+
+    async def sender_keys(self) -> list[SenderKeyRow]:
+        """See ``RelayStore.sender_keys``."""
+        self._check_open()
+        return [self._sender_keys[k] for k in sorted(self._sender_keys)]
+
+    async def add_sender_key(self, row: SenderKeyRow) -> bool:
+        """See ``RelayStore.add_sender_key``."""
+        self._check_open()
+        if row.key_id in self._sender_keys:
+            return False
+        self._sender_keys[row.key_id] = row
+        return True
+
+    async def set_access_verifier(self, user: str, verifier: bytes | None) -> bool:
+        """See ``RelayStore.set_access_verifier``."""
+        self._check_open()
+        if user not in self._users:
+            return False
+        if verifier is None:
+            self._access.pop(user, None)
+        else:
+            self._access[user] = bytes(verifier)
+        return True
+
+    async def access_verifiers(self, users: Sequence[str]) -> dict[str, bytes]:
+        """See ``RelayStore.access_verifiers``."""
+        self._check_open()
+        return {u: self._access[u] for u in users if u in self._access}
 
     async def open_provision(
         self, slot: ProvisionSlot, token_hash: bytes, now_ms: int, max_live: int
@@ -415,8 +453,9 @@ class MemoryRelayStore:
         if self._usage(user) + size > lim.account_max_bytes:
             raise AccountQuotaExceeded(lim.account_max_bytes)
         self._sent_bytes[user] = self._sent_bytes.get(user, 0) + size
+        sealed = user not in self._users  # a sealed send's pseudonym (relay.sealed)
         for addr, _ in targets:
-            if addr.user != user:
+            if addr.user != user and not sealed:
                 self._wrote_to.add((user, addr.user))
         msg = _Message(env.message_id, sender, now_ms, len(targets), env.body, dkey)
         self._messages[env.message_id] = msg

@@ -415,6 +415,21 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE devices ADD COLUMN name bytea, ADD COLUMN seen_ms bigint;
         """,
     ),
+    (
+        8,
+        """
+        -- Sealed sender (relay.sealed): the certificate signing keys every node shares, and a
+        -- hash of each user's current delivery token (never the token or its key).
+        CREATE TABLE sender_keys(
+            key_id bigint PRIMARY KEY,
+            seed bytea NOT NULL,
+            created_ms bigint NOT NULL,
+            endorsement bytea);
+        CREATE TABLE access(
+            username text PRIMARY KEY,
+            verifier bytea NOT NULL);
+        """,
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

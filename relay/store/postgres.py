@@ -55,6 +55,7 @@ from relay.store.base import (
     ProvisionFill,
     ProvisionSlot,
     ProvisionTake,
+    SenderKeyRow,
     SendReceipt,
     SignedPrekey,
     StoredMessage,
@@ -532,7 +533,8 @@ class PostgresRelayStore:
                     share = shares.setdefault((dev_pk, user), [0, 0])
                     share[0] += 1
                     share[1] += size
-                    if (user, addr.user) not in wrote:
+                    # A sealed send's pseudonym (relay.sealed) never answers: no rows for it.
+                    if (user, addr.user) not in wrote and not user.startswith("~"):
                         wrote.add((user, addr.user))
                         new_wrote.append((user, addr.user))
                 seq = last_seq[dev_pk] + 1
@@ -897,6 +899,74 @@ class PostgresRelayStore:
             return removed
 
         self._queued -= await self._transaction("remove device", tx)
+
+    async def identity_key(self, addr: Address) -> bytes | None:
+        """See ``RelayStore.identity_key``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read identity key"):
+            key = await pool.fetchval(
+                "SELECT d.identity_key FROM devices d JOIN users u ON u.pk = d.user_pk "
+                "WHERE u.username = $1 AND d.device_id = $2",
+                addr.user,
+                addr.device,
+            )
+        return None if key is None else bytes(key)
+
+    async def sender_keys(self) -> list[SenderKeyRow]:
+        """See ``RelayStore.sender_keys``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read sender keys"):
+            rows = await pool.fetch(
+                "SELECT key_id, seed, created_ms, endorsement FROM sender_keys ORDER BY key_id"
+            )
+        return [
+            SenderKeyRow(int(r[0]), bytes(r[1]), int(r[2]), None if r[3] is None else bytes(r[3]))
+            for r in rows
+        ]
+
+    async def add_sender_key(self, row: SenderKeyRow) -> bool:
+        """See ``RelayStore.add_sender_key``."""
+        pool = self._pool_or_fail()
+        with storage_errors("add sender key"):
+            done = await pool.fetchval(
+                "INSERT INTO sender_keys(key_id, seed, created_ms, endorsement) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (key_id) DO NOTHING RETURNING key_id",
+                row.key_id,
+                row.seed,
+                row.created_ms,
+                row.endorsement,
+            )
+        return done is not None
+
+    async def set_access_verifier(self, user: str, verifier: bytes | None) -> bool:
+        """See ``RelayStore.set_access_verifier``."""
+
+        async def tx(conn: asyncpg.Connection) -> bool:
+            if await conn.fetchval("SELECT 1 FROM users WHERE username = $1", user) is None:
+                return False
+            if verifier is None:
+                await conn.execute("DELETE FROM access WHERE username = $1", user)
+            else:
+                await conn.execute(
+                    "INSERT INTO access(username, verifier) VALUES ($1, $2) "
+                    "ON CONFLICT (username) DO UPDATE SET verifier = EXCLUDED.verifier",
+                    user,
+                    verifier,
+                )
+            return True
+
+        result: bool = await self._transaction("set access verifier", tx)
+        return result
+
+    async def access_verifiers(self, users: Sequence[str]) -> dict[str, bytes]:
+        """See ``RelayStore.access_verifiers``."""
+        pool = self._pool_or_fail()
+        with storage_errors("read access verifiers"):
+            rows = await pool.fetch(
+                "SELECT username, verifier FROM access WHERE username = ANY($1::text[])",
+                list(dict.fromkeys(users)),
+            )
+        return {str(r[0]): bytes(r[1]) for r in rows}
 
     async def auth_key(self, addr: Address) -> bytes | None:
         """See ``RelayStore.auth_key``."""

@@ -67,6 +67,7 @@ from relay.store.base import (
     ProvisionFill,
     ProvisionSlot,
     ProvisionTake,
+    SenderKeyRow,
     SendReceipt,
     SignedPrekey,
     StoredMessage,
@@ -183,6 +184,13 @@ CREATE TABLE IF NOT EXISTS provisions(
     slot_id BLOB PRIMARY KEY, token_hash BLOB NOT NULL, auth_key BLOB NOT NULL,
     expires_ms INTEGER NOT NULL, grant_ct BLOB) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS provisions_expires ON provisions(expires_ms);
+-- Sender-certificate signing keys (relay.sealed); every node of the relay signs with these.
+CREATE TABLE IF NOT EXISTS sender_keys(
+    key_id INTEGER PRIMARY KEY, seed BLOB NOT NULL, created_ms INTEGER NOT NULL,
+    endorsement BLOB);
+-- A hash of each user's current delivery token (sealed sender), never the token or its key.
+CREATE TABLE IF NOT EXISTS access(username TEXT PRIMARY KEY, verifier BLOB NOT NULL)
+    WITHOUT ROWID;
 -- Invite codes by SHA-256 (the codes themselves are never stored); single-use.
 CREATE TABLE IF NOT EXISTS invites(
     code_hash BLOB PRIMARY KEY, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
@@ -657,13 +665,14 @@ class _WriterState:
         size = len(env.body)
         lim = self.limits
         user = sender.user
+        # None only for a sealed send's pseudonym (relay.sealed): no account, so a stranger
+        # to every recipient, and it writes no "answered" rows.
         me = self.user(user)
-        assert me is not None  # the sender authenticated: its user exists
         check_sender_share(
             user,
             targets,
             lambda dev_pk: self.sender_share(dev_pk, user),
-            lambda peer: self.answered(peer, me),
+            lambda peer: me is not None and self.answered(peer, me),
             size,
             lim,
         )
@@ -672,9 +681,9 @@ class _WriterState:
         )
         self.charge_account(user, size)
         self.batch_sent[user] = self.batch_sent.get(user, 0) + size
-        mine = self.wrote_to(me)
+        mine = self.wrote_to(me) if me is not None else None
         for addr, _ in targets:
-            if addr.user != user:
+            if mine is not None and me is not None and addr.user != user:
                 peer = self.user(addr.user)
                 if peer is not None and peer.pk not in mine:
                     mine.add(peer.pk)
@@ -1399,6 +1408,60 @@ class SqliteRelayStore:
 
         return await self._read(q)
 
+    async def identity_key(self, addr: Address) -> bytes | None:
+        """See ``RelayStore.identity_key``."""
+
+        def q(conn: sqlite3.Connection) -> bytes | None:
+            found = conn.execute(
+                "SELECT d.identity_key FROM devices d JOIN users u ON u.pk = d.user_pk "
+                "WHERE u.username=? AND d.device_id=?",
+                (addr.user, addr.device),
+            ).fetchone()
+            return None if found is None or found[0] is None else bytes(found[0])
+
+        return await self._read(q)
+
+    async def sender_keys(self) -> list[SenderKeyRow]:
+        """See ``RelayStore.sender_keys``."""
+
+        def q(conn: sqlite3.Connection) -> list[SenderKeyRow]:
+            return [
+                SenderKeyRow(int(k), bytes(s), int(c), None if e is None else bytes(e))
+                for k, s, c, e in conn.execute(
+                    "SELECT key_id, seed, created_ms, endorsement FROM sender_keys ORDER BY key_id"
+                )
+            ]
+
+        return await self._read(q)
+
+    async def add_sender_key(self, row: SenderKeyRow) -> bool:
+        """See ``RelayStore.add_sender_key``."""
+        assert self._state is not None
+        return await self._submit(_add_sender_key, self._state.conn, row)
+
+    async def set_access_verifier(self, user: str, verifier: bytes | None) -> bool:
+        """See ``RelayStore.set_access_verifier``."""
+        assert self._state is not None
+        return await self._submit(_set_access, self._state.conn, user, verifier)
+
+    async def access_verifiers(self, users: Sequence[str]) -> dict[str, bytes]:
+        """See ``RelayStore.access_verifiers``."""
+        wanted = list(dict.fromkeys(users))
+
+        def q(conn: sqlite3.Connection) -> dict[str, bytes]:
+            out: dict[str, bytes] = {}
+            for start in range(0, len(wanted), _MAX_VARS):
+                part = wanted[start : start + _MAX_VARS]
+                marks = ",".join("?" * len(part))
+                for name, verifier in conn.execute(
+                    f"SELECT username, verifier FROM access WHERE username IN ({marks})",  # noqa: S608
+                    part,
+                ):
+                    out[str(name)] = bytes(verifier)
+            return out
+
+        return await self._read(q)
+
     async def open_provision(
         self, slot: ProvisionSlot, token_hash: bytes, now_ms: int, max_live: int
     ) -> bool:
@@ -1721,6 +1784,28 @@ def _set_recovery(conn: sqlite3.Connection, user: str, verifier: bytes) -> bool:
         "ON CONFLICT(username) DO UPDATE SET verifier=excluded.verifier",
         (user, verifier),
     )
+    return True
+
+
+def _add_sender_key(conn: sqlite3.Connection, row: SenderKeyRow) -> bool:
+    cur = conn.execute(
+        "INSERT OR IGNORE INTO sender_keys(key_id, seed, created_ms, endorsement) VALUES (?,?,?,?)",
+        (row.key_id, row.seed, row.created_ms, row.endorsement),
+    )
+    return cur.rowcount == 1
+
+
+def _set_access(conn: sqlite3.Connection, user: str, verifier: bytes | None) -> bool:
+    if conn.execute("SELECT 1 FROM users WHERE username=?", (user,)).fetchone() is None:
+        return False
+    if verifier is None:
+        conn.execute("DELETE FROM access WHERE username=?", (user,))
+    else:
+        conn.execute(
+            "INSERT INTO access(username, verifier) VALUES (?,?) "
+            "ON CONFLICT(username) DO UPDATE SET verifier=excluded.verifier",
+            (user, verifier),
+        )
     return True
 
 

@@ -765,3 +765,38 @@ async def test_an_accounts_send_budget_is_shared_by_its_devices_on_every_node(
     assert [m.body for m in got if m.sender.user == alice.user] == [b"hi %d" % i for i in range(5)]
     for sock in (ws, bob_ws):
         await sock.close()
+
+
+async def test_sealed_sender_keys_and_token_budgets_are_shared_by_every_node(
+    start_nodes: NodeFactory, redis_prefix: str, session: aiohttp.ClientSession
+) -> None:
+    """Both nodes sign certificates with the one key in PostgreSQL (the first node to need
+    one makes it), and one delivery token's sealed-send budget is spent across both nodes."""
+    from blindpost_wire.sealed import DELIVERY_TOKEN_HEADER, token_header, token_verifier
+
+    burst = 4
+    n0, n1 = start_nodes(2, redis_prefix, sealed_token_rate="0.001", sealed_token_burst=str(burst))
+    c0, c1 = RelayClient(n0.url, session), RelayClient(n1.url, session)
+    bob = await c0.new_device("bob")
+    token = os.urandom(16)
+    r = await c0.request(
+        bob, "PUT", "/v1/access", json_body={"verifier": b64(token_verifier(token))}
+    )
+    assert r.status == 200
+    keys = [(await c.request(bob, "GET", "/v1/sender-keys")).json()["keys"] for c in (c0, c1)]
+    assert keys[0] == keys[1] and len(keys[0]) == 1
+
+    async def sealed(client: RelayClient) -> int:
+        frame = encode_send(Envelope(new_mid(), (bob.addr,), b"sealed"))
+        reply = await client.request(
+            None,
+            "PUT",
+            "/v1/messages/sealed",
+            data=frame,
+            content_type="application/vnd.blindpost.send",
+            headers={DELIVERY_TOKEN_HEADER: token_header({bob.user: token})},
+        )
+        return reply.status
+
+    statuses = [await sealed(c) for c in (c0, c1, c0, c1, c0, c1)]
+    assert statuses.count(200) == burst and statuses.count(429) == 6 - burst

@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from relay_testclient import Device, RelayClient
 from store_backends import BACKENDS, Backend
 
+from blindpost_wire.names import SEALED_DEVICE_ID, sealed_sender_name
 from relay.app import create_app, sweep_once
 from relay.config import RelayConfig
 from relay.errors import (
@@ -28,7 +29,16 @@ from relay.errors import (
     SenderShareExceeded,
 )
 from relay.state import STATE_KEY, Clock
-from relay.store.base import Address, Delivery, Envelope, RelayStore, StoreLimits
+from relay.store.base import (
+    Address,
+    Delivery,
+    Envelope,
+    KeyUpload,
+    RelayStore,
+    SenderKeyRow,
+    SignedPrekey,
+    StoreLimits,
+)
 from relay.store.sqlite import SqliteRelayStore
 
 DAY = 86_400_000
@@ -753,6 +763,35 @@ async def test_device_name_and_last_seen_are_kept(backend: Backend, tmp_path: Pa
         await s.close()
 
 
+async def test_sender_keys_and_access_verifiers_survive_restarts(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Sealed sender's rows: the first writer of a key id wins (nodes racing agree); access
+    verifiers are replaced and removed; both survive a restart."""
+    s = await backend.open(tmp_path)
+    try:
+        await s.create_account(A, b"a" * 32, 0)
+        await s.create_account(B, b"b" * 32, 0)
+        assert await s.sender_keys() == []
+        assert await s.add_sender_key(SenderKeyRow(1, b"s" * 32, 10, None)) is True
+        assert await s.add_sender_key(SenderKeyRow(1, b"t" * 32, 11, None)) is False
+        assert await s.add_sender_key(SenderKeyRow(2, b"u" * 32, 12, b"e" * 64)) is True
+        assert await s.set_access_verifier("alice", b"1" * 32) is True
+        assert await s.set_access_verifier("alice", b"2" * 32) is True
+        assert await s.set_access_verifier("bob", b"3" * 32) is True
+        assert await s.set_access_verifier("bob", None) is True
+        assert await s.set_access_verifier("nobody", b"1" * 32) is False
+        s = await backend.restart(s, tmp_path)
+        assert await s.sender_keys() == [
+            SenderKeyRow(1, b"s" * 32, 10, None),
+            SenderKeyRow(2, b"u" * 32, 12, b"e" * 64),
+        ]
+        assert await s.access_verifiers(["alice", "bob", "nobody"]) == {"alice": b"2" * 32}
+        assert "s" * 32 not in repr(await s.sender_keys())
+    finally:
+        await s.close()
+
+
 async def test_sqlite_database_from_before_device_names_gets_the_columns(tmp_path: Path) -> None:
     s = SqliteRelayStore(tmp_path / "relay.sqlite3")
     await s.open()
@@ -771,3 +810,28 @@ async def test_sqlite_database_from_before_device_names_gets_the_columns(tmp_pat
         assert [(d.device_id, d.name) for d in listed] == [(1, None), (2, b"n")]
     finally:
         await s.close()
+
+
+async def test_identity_key_is_the_uploaded_one(store: RelayStore) -> None:
+    assert await store.identity_key(A) is None
+    ident = b"\x05" + b"i" * 32
+    spk = SignedPrekey(1, b"\x05" + b"p" * 32, b"s" * 64)
+    await store.upload_keys(A, KeyUpload(ident, 7, spk, ()))
+    assert await store.identity_key(A) == ident
+    assert await store.identity_key(Address("alice", 2)) is None
+
+
+async def test_a_sealed_send_is_stored_under_its_pseudonym_as_a_stranger(
+    store: RelayStore,
+) -> None:
+    """A sealed message's row names no account: the pseudonym, device 0; it is held to the
+    stranger share and writes no "answered" relation."""
+    sealed = Address(sealed_sender_name(b"\x07" * 32), SEALED_DEVICE_ID)
+    e = env(b"sealed")
+    receipt = await store.submit_send(sealed, e, 5)
+    assert receipt.recipients == 1
+    assert await store.submit_send(sealed, e, 6) == receipt  # a retry is a duplicate
+    (msg,) = await store.fetch_mailbox(B, 0, 10, 1 << 20)
+    assert msg.sender == sealed and msg.body == b"sealed"
+    await store.ack(B, [e.message_id])
+    assert await store.mailbox_count(B) == 0

@@ -1,0 +1,364 @@
+"""Sealed sender in the client: our access key, the pinned relay keys, our certificate, the
+contacts' access keys; sealing what we send and opening what arrives.
+
+Invariants:
+
+* Everything sealed sender keeps lives in the store's meta table (encrypted at rest with the
+  rest of the store): our access key (``sealed:access_key``), the verifier the relay last
+  accepted for it, the pinned relay keys, our current certificate and its expiry, and one
+  access key per contact (``sealed:peer:<user>``). A contact's key is learnt only from a
+  payload that decrypted under that contact's session, in the transaction that stores it.
+* Sealing is best effort and never loses a message. Every message goes in a sealed envelope
+  (with our certificate when we hold one) as soon as we know the identity key of every
+  recipient device; only without one (no session yet) does it go in a version 1 envelope.
+  It goes without our name only when we hold a certificate and every recipient user's
+  access key and our own other devices are not among the recipients; otherwise the
+  authenticated way, still sealed inside (the group id stays hidden). A token the relay
+  refuses is forgotten and the same message is sent authenticated at once.
+* Our access key reaches only users we write to ourselves (the payloads we compose, and the
+  group's Sender Key distributions), never through receipts or session resets, which we also
+  send to strangers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from blindpost_wire.frames import WireError
+from blindpost_wire.names import is_sealed_sender
+from blindpost_wire.sealed import CertificateFields, parse_certificate, token_verifier
+from e2ee import payload
+from e2ee.core.sealed import (
+    ACCESS_KEY_LENGTH,
+    RelayKey,
+    RelayKeyPins,
+    SealedContent,
+    SealedRecipient,
+    delivery_token,
+    is_sealed,
+    seal,
+    verify_certificate,
+)
+from e2ee.errors import CertificateMismatch, E2EEError, InvalidMessage, TransportError
+from e2ee.store import Address, Changes
+from e2ee.transport.errors import DeliveryTokenRefused
+from e2ee.transport.sealed_requests import (
+    issue_certificate,
+    send_sealed,
+    sender_keys,
+    set_access,
+)
+
+if TYPE_CHECKING:
+    from e2ee.client.context import ClientContext
+
+__all__ = ["Opened", "Sealing"]
+
+_log = logging.getLogger("e2ee.client.sealing")
+
+_META_ACCESS = "sealed:access_key"
+_META_REGISTERED = "sealed:registered"
+_META_PINS = "sealed:pins"
+_META_CERT = "sealed:cert"
+_META_CERT_EXPIRES = "sealed:cert_expires"
+_META_PEER = "sealed:peer:"
+#: A certificate with less than this left is renewed at the next maintenance run...
+_RENEW_MS = 6 * 3600 * 1000
+#: ...and one with less than this left is not put on a message (it could expire in flight).
+_USABLE_MS = 5 * 60 * 1000
+#: Messages under a relay key newer than every pinned one are deferred (not acknowledged),
+#: with a refresh started, for at most this long after the key was first met; then refused.
+_PIN_WAIT_MS = 30_000
+#: Payload kinds that never carry our access key: we send them to strangers too.
+_NO_ACCESS_KEY = frozenset({"receipt", "session_reset"})
+
+
+class Opened:
+    """A delivery after its sealed layer: who sent it, the version 1 envelope, and the
+    verified certificate (None when the relay vouched for the sender)."""
+
+    __slots__ = ("certificate", "envelope", "sender")
+
+    def __init__(
+        self, sender: Address, envelope: bytes, certificate: CertificateFields | None
+    ) -> None:
+        self.sender = sender
+        self.envelope = envelope
+        self.certificate = certificate
+
+    def __repr__(self) -> str:
+        return f"Opened(sender={self.sender}, sealed={self.certificate is not None})"
+
+
+class Sealing:
+    """Sealed sender for one open client (see the module's invariants)."""
+
+    def __init__(self, ctx: ClientContext) -> None:
+        self._ctx = ctx
+        #: Set when a message names a relay key we may not have fetched yet.
+        self.refresh_due = False
+        self._waits: dict[int, int] = {}  # relay key id -> when a message first named it (ms)
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Sealing({self._ctx.me}, enabled={self.enabled})"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether we seal what we send (``ClientOptions.sealed_sender``)."""
+        return self._ctx.options.sealed_sender
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _meta(self, key: str) -> str | None:
+        return self._ctx.store.get_meta(key)
+
+    def _put(self, values: Mapping[str, str]) -> None:
+        with self._ctx.wlock:
+            self._ctx.store.commit(Changes(meta_put=dict(values)))
+
+    def access_key(self) -> bytes | None:
+        """Our access key, or None before the first :meth:`refresh`."""
+        value = self._meta(_META_ACCESS)
+        return None if value is None else bytes.fromhex(value)
+
+    def pins(self) -> RelayKeyPins:
+        """The relay certificate keys we trust."""
+        value = self._meta(_META_PINS)
+        if not value:
+            return RelayKeyPins()
+        return RelayKeyPins({int(k): bytes.fromhex(v) for k, v in json.loads(value).items()})
+
+    def peer_key(self, user: str) -> bytes | None:
+        """The access key ``user`` shared with us, or None."""
+        value = self._meta(_META_PEER + user)
+        return bytes.fromhex(value) if value else None
+
+    def _stored_certificate(self) -> tuple[bytes, int] | None:
+        """Our stored certificate and its expiry, if it names this device (a restored backup
+        carries the old device's, which must not be used)."""
+        cert, expires = self._meta(_META_CERT), self._meta(_META_CERT_EXPIRES)
+        if not cert or not expires:
+            return None
+        data = bytes.fromhex(cert)
+        try:
+            fields = parse_certificate(data)
+        except WireError:
+            return None
+        if (fields.user, fields.device) != tuple(self._ctx.me):
+            return None
+        return data, int(expires)
+
+    def certificate(self) -> bytes | None:
+        """Our certificate, if it names this device and is valid for a while yet."""
+        stored = self._stored_certificate()
+        if stored is None or stored[1] - self._ctx.now_ms() < _USABLE_MS:
+            return None
+        return stored[0]
+
+    # -- with the relay -------------------------------------------------------------------
+
+    async def ensure_pins(self) -> None:
+        """Pin the relay's keys if nothing is pinned yet (before the first deliveries are
+        read, so a short-lived client does not defer every sealed message it meets)."""
+        if self.pins().keys:
+            return
+        try:
+            await self._pin()
+        except TransportError as exc:
+            _log.info("relay keys not pinned yet: %s", type(exc).__name__)
+
+    async def _pin(self) -> RelayKeyPins:
+        announced = await self._ctx.link.execute(sender_keys())
+        pins, refused = self.pins().update(
+            RelayKey(k.key_id, k.public_key, k.endorsement) for k in announced
+        )
+        if refused:
+            _log.warning(
+                "relay certificate keys not pinned (no pinned key endorses them): %s", refused
+            )
+        doc = json.dumps({str(k): v.hex() for k, v in sorted(pins.keys.items())})
+        if doc != self._meta(_META_PINS):
+            await asyncio.to_thread(self._put, {_META_PINS: doc})
+        return pins
+
+    async def refresh(self) -> None:
+        """Make our access key (once) and register its verifier, pin the relay's keys, and
+        renew our certificate when it runs short. Transport failures are left for the next
+        run (messages go authenticated meanwhile).
+
+        Raises:
+            TransportError: the relay could not be asked (nothing changed for that step).
+        """
+        ctx = self._ctx
+        pins = await self._pin()
+        if not self.enabled:
+            return  # we still read sealed messages; we only send none
+        key = self.access_key()
+        if key is None:
+            key = ctx.random_bytes(ACCESS_KEY_LENGTH)
+            await asyncio.to_thread(self._put, {_META_ACCESS: key.hex()})
+        verifier = token_verifier(delivery_token(key))
+        if self._meta(_META_REGISTERED) != verifier.hex():
+            await ctx.link.execute(set_access(verifier))
+            await asyncio.to_thread(self._put, {_META_REGISTERED: verifier.hex()})
+        stored = self._stored_certificate()
+        if stored is None or stored[1] - ctx.now_ms() < _RENEW_MS:
+            issued = await ctx.link.execute(issue_certificate())
+            try:
+                verify_certificate(issued.certificate, pins, ctx.now_ms())
+            except E2EEError as exc:
+                _log.warning("the relay issued a certificate we refuse: %s", type(exc).__name__)
+                return
+            await asyncio.to_thread(
+                self._put,
+                {_META_CERT: issued.certificate.hex(), _META_CERT_EXPIRES: str(issued.expires_ms)},
+            )
+
+    async def rotate_access_key(self) -> None:
+        """Replace our access key: every token a contact holds stops working at once (their
+        next message to us is refused sealed and goes with their name); contacts learn the
+        new key from our next message to them.
+
+        Raises:
+            TransportError: the relay could not be told (the old key stays).
+        """
+        key = self._ctx.random_bytes(ACCESS_KEY_LENGTH)
+        verifier = token_verifier(delivery_token(key))
+        await self._ctx.link.execute(set_access(verifier))
+        await asyncio.to_thread(
+            self._put, {_META_ACCESS: key.hex(), _META_REGISTERED: verifier.hex()}
+        )
+
+    def refresh_soon(self) -> None:
+        """Run :meth:`refresh` in the background (once at a time), for a message that named
+        a relay key we have not pinned yet."""
+        self.refresh_due = False
+        if self._refreshing is not None and not self._refreshing.done():
+            return
+
+        async def run() -> None:
+            try:
+                await self.refresh()
+            except TransportError as exc:
+                _log.info("sealed sender refresh postponed: %s", type(exc).__name__)
+
+        self._refreshing = asyncio.create_task(run())
+
+    def may_pin_later(self, key_id: int) -> bool:
+        """Whether a message under unpinned relay key ``key_id`` is worth keeping for a while:
+        the key is newer than every pinned one (a rotation we have not fetched, or nothing
+        pinned yet), and it was first met less than ``_PIN_WAIT_MS`` ago."""
+        pinned = self.pins().keys
+        if pinned and key_id <= max(pinned):
+            return False
+        now = self._ctx.now_ms()
+        if len(self._waits) >= 1000:  # forged key ids: bounded memory
+            self._waits.clear()
+        first = self._waits.setdefault(key_id, now)
+        if now - first >= _PIN_WAIT_MS:
+            return False
+        self.refresh_due = True
+        return True
+
+    # -- sending --------------------------------------------------------------------------
+
+    def stamp(self, data: bytes, kind: str) -> bytes:
+        """``data`` (an encoded payload of ``kind``) with our access key, when it may carry it."""
+        key = self.access_key() if self.enabled else None
+        if key is None or kind in _NO_ACCESS_KEY:
+            return data
+        return payload.with_access_key(data, key)
+
+    def _wrap(
+        self, recipients: Sequence[tuple[str, int]], inner: bytes
+    ) -> tuple[bytes, dict[str, bytes] | None]:
+        """The body to send and, when it may go without our name, the tokens (blocking)."""
+        ctx = self._ctx
+        users = {u for u, _ in recipients}
+        keys = {u: self.peer_key(u) for u in users if u != ctx.me.name}
+        sealed_to = []
+        for user, device in recipients:
+            record = ctx.engine.identity(Address(user, device))
+            if record is None:
+                return inner, None  # cannot seal to it: the version 1 envelope, in clear
+            sealed_to.append(SealedRecipient(user, device, record.identity_key))
+        cert = self.certificate()
+        body = seal(
+            sealed_to,
+            SealedContent(cert, inner),
+            ephemeral_private=ctx.random_bytes(32),
+            content_key=ctx.random_bytes(32),
+        )
+        if cert is None or ctx.me.name in users or not all(keys.values()):
+            # No certificate; or our own other devices are listed (the relay would see which
+            # device sends); or someone never shared an access key (a stranger): the
+            # authenticated way, still sealed inside.
+            return body, None
+        return body, {user: delivery_token(key) for user, key in keys.items() if key}
+
+    async def send(self, mid: bytes, recipients: Sequence[tuple[str, int]], inner: bytes) -> None:
+        """Send a version 1 envelope (``inner``) to ``recipients``: sealed when we can.
+
+        Raises:
+            TransportError: as :meth:`RelayLink.send` (``MismatchedDevices`` and the rest).
+        """
+        if not self.enabled:
+            await self._ctx.link.send(mid, recipients, inner)
+            return
+        body, tokens = await asyncio.to_thread(self._ctx.locked, self._wrap, recipients, inner)
+        if tokens is not None:
+            try:
+                await self._ctx.link.execute(send_sealed(mid, recipients, body, tokens))
+                return
+            except DeliveryTokenRefused:
+                # A contact rotated its key or stopped accepting sealed mail: forget the
+                # keys, send this one with our name (still sealed inside).
+                await asyncio.to_thread(self._put, {_META_PEER + user: "" for user in tokens})
+        await self._ctx.link.send(mid, recipients, body)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def open(self, sender: Address, body: bytes) -> Opened | None:
+        """Take the sealed layer off a delivery (inside the receive transaction).
+
+        Returns:
+            The sender and the version 1 envelope; None for our own copy of a message we
+            sent (acknowledge it, nothing to show). A version 1 body comes back unchanged.
+
+        Raises:
+            InvalidMessage: not addressed to us, not authentic, or sealed without a
+                certificate and without a sender the relay vouches for.
+            InvalidCertificate: (and its leaves) the certificate is refused, or it names
+                someone other than the sender the relay delivered it as.
+        """
+        anonymous = is_sealed_sender(sender.name, sender.device_id)
+        if not is_sealed(body):
+            if anonymous:  # a clear envelope from nobody: nothing can vouch for a sender
+                raise InvalidMessage("a message without a sender and without a seal")
+            return Opened(sender, body, None)
+        ctx = self._ctx
+        content = ctx.engine.open_sealed(body)
+        if content.certificate is None:
+            if anonymous:
+                raise InvalidMessage("a sealed message without a sender certificate")
+            return Opened(sender, content.envelope, None)
+        cert = verify_certificate(content.certificate, self.pins(), ctx.now_ms())
+        claimed = Address(cert.user, cert.device)
+        if not anonymous and claimed != sender:
+            raise CertificateMismatch(cert.user, f"delivered as coming from {sender.name}")
+        if claimed == ctx.me:
+            return None
+        return Opened(claimed, content.envelope, cert)
+
+    def learn(self, user: str, key: bytes) -> None:
+        """Remember ``user``'s access key (inside the receive transaction: the caller is in
+        the store's batch, so it commits with the message that carried it)."""
+        if len(key) != ACCESS_KEY_LENGTH or user == self._ctx.me.name:
+            return
+        if self.peer_key(user) != key:
+            self._ctx.store.commit(Changes(meta_put={_META_PEER + user: key.hex()}))
