@@ -56,6 +56,9 @@ class ClientOptions:
         send_batch: at most this many sends share one store transaction: composes
             queued together, queued entries encrypted ahead together, and entries
             marked sent together (1: one each).
+        send_pipeline: at most this many queued 1:1 messages are on the relay connection
+            waiting for its answer at once, each after the previous one (1: one at a
+            time, each after the relay's answer to the previous).
     """
 
     backoff_base: float = 0.5
@@ -65,12 +68,15 @@ class ClientOptions:
     reset_interval_ms: int = 60_000
     ack_delay: float = 0.02
     send_batch: int = 100
+    send_pipeline: int = 32
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_base <= self.backoff_max:
             raise UsageError("ClientOptions needs 0 < backoff_base <= backoff_max")
         if self.send_batch < 1:
             raise UsageError("ClientOptions needs send_batch >= 1")
+        if self.send_pipeline < 1:
+            raise UsageError("ClientOptions needs send_pipeline >= 1")
 
 
 class ClientContext:

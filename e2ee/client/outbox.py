@@ -4,8 +4,13 @@ Invariants:
 
 * Every outgoing message was committed to the ``outbox`` table (with its
   history row) before this module sees it; entries are sent in composition
-  order, one at a time, under the same message id on every retry, so the relay
-  stores each once.
+  order under the same message id on every retry, so the relay stores each once.
+* The relay stores them in that order: 1:1 entries encrypted ahead are
+  pipelined (``send_pipeline`` unanswered at most), each naming the one before
+  it (SEND_AFTER), so the relay stores none behind one it refused; the refused
+  one and those behind it are then sent one at a time, in order
+  (:meth:`Outbox._settle`). Everything else goes one at a time, after every
+  pipelined send was answered.
 * An entry's "sent" state is committed only after the relay accepted it,
   several entries per transaction (:meth:`Outbox._mark_sent`); a caller
   waiting for "sent" is told after that commit. A crash (or failed commit) in
@@ -24,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -265,41 +271,41 @@ class Outbox:
         entries = [from_columns(OutboxRow, found) for found in pending]
         blocked_chats: dict[str, str] = {}  # chat id -> the held user
         receipts: dict[tuple[str, str], list[OutboxRow]] = {}
-        for index, entry in enumerate(entries):
-            if self._ctx.closing or not self._ctx.connected.is_set():
-                return
-            if entry.mode == "receipt":
-                receipts.setdefault((json.loads(entry.targets)[0], entry.kind), []).append(entry)
-                continue
-            if entry.chat_id in blocked_chats:
-                held = blocked_chats[entry.chat_id]
-                self.fail_waiter(entry.id, IdentityHeld(held, entry.id))
-                continue
-            if self._stale(entry):
-                await self._finish_entry(entry, "dropped")  # stale after an outage
-                continue
-            if entry.mode not in ("group", "receipt") and entry.id not in self._prepared:
-                run = self._pairwise_run(entries[index:], blocked_chats)
-                self._prepared = await asyncio.to_thread(self._prepare, run)
-            try:
-                await self._send_entry(entry)
-            except IdentityHeld as exc:
-                # Stays queued (and later ones of this chat, to keep order) until
-                # the key is accepted; a caller waiting for "sent" learns why.
-                blocked_chats[entry.chat_id] = exc.user
-                self.fail_waiter(entry.id, IdentityHeld(exc.user, entry.id))
-            except (TransportError, StorageError) as exc:
-                if not isinstance(exc, SendFailed):
-                    raise  # the connection or the disk: retried, the entry stays queued
-                # The relay refused it for good (a full mailbox, a 4xx): failed, never
-                # retried (SendFailed is a TransportError, so it is caught here first).
-                await self._finish_entry(entry, "failed")
-                self.fail_waiter(entry.id, _for_message(exc, entry.id))
-            except E2EEError as exc:
-                # UnknownRecipient, NotAMember, or a payload that cannot be built: the
-                # message is marked failed in history, never retried.
-                await self._finish_entry(entry, "failed")
-                self.fail_waiter(entry.id, _for_message(exc, entry.id))
+        window = self._ctx.options.send_pipeline
+        # Pipelined 1:1 sends awaiting the relay's answer, in outbox order (see _settle).
+        inflight: collections.deque[tuple[OutboxRow, asyncio.Task[list[tuple[str, int]]]]]
+        inflight = collections.deque()
+        try:
+            for index, entry in enumerate(entries):
+                if self._ctx.closing or not self._ctx.connected.is_set():
+                    return
+                if entry.mode == "receipt":
+                    key = (json.loads(entry.targets)[0], entry.kind)
+                    receipts.setdefault(key, []).append(entry)
+                    continue
+                if entry.chat_id in blocked_chats:
+                    held = blocked_chats[entry.chat_id]
+                    self.fail_waiter(entry.id, IdentityHeld(held, entry.id))
+                    continue
+                if self._stale(entry):
+                    await self._finish_entry(entry, "dropped")  # stale after an outage
+                    continue
+                pairwise = entry.mode not in ("group", "receipt")
+                if pairwise and entry.id not in self._prepared:
+                    run = self._pairwise_run(entries[index:], blocked_chats)
+                    self._prepared = await asyncio.to_thread(self._prepare, run)
+                if pairwise and window > 1 and entry.id in self._prepared:
+                    after = inflight[-1][0].id if inflight else None
+                    inflight.append((entry, self._start_send(entry, after)))
+                    if len(inflight) >= window:
+                        await self._settle(inflight, blocked_chats, keep=window - 1)
+                    continue
+                await self._settle(inflight, blocked_chats)  # in order: all before it first
+                await self._send_one(entry, blocked_chats)
+            await self._settle(inflight, blocked_chats)
+        finally:
+            for _, task in inflight:  # the pass stopped: still queued, sent again later
+                task.cancel()
         for (user, kind), batch in receipts.items():
             for start in range(0, len(batch), _RECEIPT_BATCH):
                 chunk = batch[start : start + _RECEIPT_BATCH]
@@ -308,6 +314,92 @@ class Outbox:
                 except (IdentityHeld, UnknownRecipient, SendFailed):
                     break
         await self._flush_delivered()
+
+    def _start_send(
+        self, entry: OutboxRow, after: str | None
+    ) -> asyncio.Task[list[tuple[str, int]]]:
+        """Send a prepared 1:1 entry without waiting for the answer (a pipelined send).
+
+        ``after`` is the entry sent just before it, still unanswered: the relay stores
+        this one only if that one is stored (a SEND_AFTER frame), so nothing overtakes
+        an entry the relay refused.
+        """
+        prepared = self._prepared.pop(entry.id)
+        recipients = [(e.user, e.device) for e in prepared]
+        body = envelope.build_pairwise(prepared)
+        # ``after`` only when there is one: a RelayLink of before pipelining still works
+        # for the first send in flight (and a later one it refuses goes one at a time).
+        extra = {} if after is None else {"after": bytes.fromhex(after)}
+
+        async def answered() -> list[tuple[str, int]]:
+            await self._ctx.link.send(bytes.fromhex(entry.id), recipients, body, **extra)
+            return recipients
+
+        return asyncio.create_task(answered())
+
+    async def _settle(
+        self,
+        inflight: collections.deque[tuple[OutboxRow, asyncio.Task[list[tuple[str, int]]]]],
+        blocked_chats: dict[str, str],
+        *,
+        keep: int = 0,
+    ) -> None:
+        """Take the relay's answers to pipelined sends, in order, until ``keep`` are left.
+
+        An accepted entry is marked sent (:meth:`_accept`). At the first one not accepted,
+        every later one in flight is answered first: each names the one before it
+        (``after``), so none of them was stored unless that one was, and those the relay
+        stored are accepted. The refused one and the later ones not stored then take the
+        one-at-a-time path, in order (:meth:`_send_one`), which sends each again under
+        its id (re-encrypted, with the device lists fixed, or held, or failed).
+
+        Raises:
+            TransportError, StorageError: the connection or the disk (from the
+                one-at-a-time path): the pass stops, the rest stays queued.
+        """
+        while len(inflight) > keep:
+            entry, task = inflight.popleft()
+            try:
+                recipients = await task
+            except Exception:  # noqa: BLE001 -- any refusal: the one-at-a-time path decides
+                again = [entry]
+                later = list(inflight)
+                inflight.clear()
+                answers = await asyncio.gather(*(t for _, t in later), return_exceptions=True)
+                for (other, _), answer in zip(later, answers, strict=True):
+                    if isinstance(answer, BaseException):
+                        again.append(other)
+                    else:
+                        self._accept(other, answer)
+                for other in again:
+                    await self._send_one(other, blocked_chats)
+                return
+            self._accept(entry, recipients)
+
+    async def _send_one(self, entry: OutboxRow, blocked_chats: dict[str, str]) -> None:
+        """Send one entry and wait for the relay's answer; settle what that means for it."""
+        if entry.chat_id in blocked_chats:
+            self.fail_waiter(entry.id, IdentityHeld(blocked_chats[entry.chat_id], entry.id))
+            return
+        try:
+            await self._send_entry(entry)
+        except IdentityHeld as exc:
+            # Stays queued (and later ones of this chat, to keep order) until
+            # the key is accepted; a caller waiting for "sent" learns why.
+            blocked_chats[entry.chat_id] = exc.user
+            self.fail_waiter(entry.id, IdentityHeld(exc.user, entry.id))
+        except (TransportError, StorageError) as exc:
+            if not isinstance(exc, SendFailed):
+                raise  # the connection or the disk: retried, the entry stays queued
+            # The relay refused it for good (a full mailbox, a 4xx): failed, never
+            # retried (SendFailed is a TransportError, so it is caught here first).
+            await self._finish_entry(entry, "failed")
+            self.fail_waiter(entry.id, _for_message(exc, entry.id))
+        except E2EEError as exc:
+            # UnknownRecipient, NotAMember, or a payload that cannot be built: the
+            # message is marked failed in history, never retried.
+            await self._finish_entry(entry, "failed")
+            self.fail_waiter(entry.id, _for_message(exc, entry.id))
 
     def _pairwise_run(
         self, entries: Sequence[OutboxRow], blocked_chats: Mapping[str, str]
@@ -468,6 +560,14 @@ class Outbox:
             recipients = await self.send_pairwise(
                 mid, json.loads(entry.targets), data, prepared=prepared
             )
+        self._accept(entry, recipients)
+
+    def _accept(self, entry: OutboxRow, recipients: list[tuple[str, int]]) -> None:
+        """The relay accepted ``entry``: its "sent" state is committed by :meth:`_mark_sent`.
+
+        Raises:
+            StorageError: the last "sent" commit failed (the pass stops; still queued).
+        """
         marker = self._marker
         if marker is not None and marker.done():
             self._marker = None
