@@ -438,17 +438,33 @@ class Outbox:
         with ctx.wlock:
             try:
                 with ctx.store.batch():
+                    # Which devices each entry goes to; then, per device, its messages
+                    # in outbox order, encrypted with one session load and one write
+                    # (engine.encrypt_many).
+                    known: dict[str, list[int]] = {}
+                    plan: list[tuple[OutboxRow, list[Address]]] = []
                     for entry in entries:
                         users: list[str] = json.loads(entry.targets)
-                        devices = {u: ctx.engine.session_devices(u) for u in users}
-                        if any(u in ctx.held or not d for u, d in devices.items()):
-                            break
-                        sealed: list[envelope.Entry] = []
                         for user in users:
-                            for device in devices[user]:
-                                ct = ctx.engine.encrypt(Address(user, device), entry.payload or b"")
-                                sealed.append(envelope.Entry(user, device, ct.kind, ct.body))
-                        prepared[entry.id] = sealed
+                            if user not in known:
+                                known[user] = ctx.engine.session_devices(user)
+                        if any(u in ctx.held or not known[u] for u in users):
+                            break
+                        plan.append((entry, [Address(u, d) for u in users for d in known[u]]))
+                    texts: dict[Address, list[bytes]] = {}
+                    for entry, addresses in plan:
+                        for address in addresses:
+                            texts.setdefault(address, []).append(entry.payload or b"")
+                    sealed = {
+                        address: iter(ctx.engine.encrypt_many(address, batch))
+                        for address, batch in texts.items()
+                    }
+                    for entry, addresses in plan:
+                        prepared[entry.id] = [
+                            envelope.Entry(a.name, a.device_id, ct.kind, ct.body)
+                            for a in addresses
+                            for ct in (next(sealed[a]),)
+                        ]
             except E2EEError:
                 return {}  # rolled back: the one-by-one path meets (and handles) it
         return prepared
