@@ -7,7 +7,9 @@ Invariants:
   (relay -> client: op, u64 seq, 16-byte id, u64 stored_at, u8 name length, name,
   u8 device, body) and ``0x02`` SEND (client -> relay, also the binary body of
   ``PUT /v1/messages``: op, 16-byte id, u16 count, count x (u8 length, name, u8 device),
-  body).
+  body) and ``0x03`` SEND_AFTER (the same, with the 16-byte id of the sender's previous
+  message right after the id: store this one only if that one is stored; a pipelining
+  sender's order guard, docs/relay-api.md section 4).
 * Decoders accept any bytes and either return fully validated values (names match
   :data:`~blindpost_wire.names.USERNAME_PATTERN`, device ids are in range, recipients are
   distinct) or raise :class:`WireError`; nothing else escapes (no ``struct.error``,
@@ -37,16 +39,19 @@ __all__ = [
     "MESSAGE_ID_LEN",
     "OP_DELIVER",
     "OP_SEND",
+    "OP_SEND_AFTER",
     "SEND_HEAD_LEN",
     "WireError",
     "decode_deliver",
     "decode_send",
+    "decode_send_frame",
     "encode_deliver",
     "encode_send",
 ]
 
 OP_DELIVER: Final = 0x01
 OP_SEND: Final = 0x02
+OP_SEND_AFTER: Final = 0x03
 #: Message ids are exactly this many bytes everywhere.
 MESSAGE_ID_LEN: Final = 16
 #: The u16 count field's ceiling; the relay's configured limit is usually lower.
@@ -55,6 +60,7 @@ _U64_MAX: Final = (1 << 64) - 1
 
 _DELIVER_HEAD = struct.Struct(">BQ16sQ")  # op, seq, id, stored_at
 _SEND_HEAD = struct.Struct(">B16sH")  # op, id, recipient count
+_SEND_AFTER_HEAD = struct.Struct(">B16s16sH")  # op, id, previous id, recipient count
 DELIVER_HEAD_LEN: Final = _DELIVER_HEAD.size
 SEND_HEAD_LEN: Final = _SEND_HEAD.size
 
@@ -95,29 +101,42 @@ def _name(raw: bytes, what: str) -> str:
     return name
 
 
-def encode_send(message_id: bytes, recipients: Iterable[tuple[str, int]], body: bytes) -> bytes:
-    """Encode a SEND frame (op 0x02); the inverse of :func:`decode_send`.
+def encode_send(
+    message_id: bytes,
+    recipients: Iterable[tuple[str, int]],
+    body: bytes,
+    *,
+    after: bytes | None = None,
+) -> bytes:
+    """Encode a SEND frame (op 0x02), or SEND_AFTER (op 0x03) with ``after``.
+
+    The inverse of :func:`decode_send_frame`.
 
     Args:
         message_id: exactly 16 bytes.
         recipients: (username, device id) pairs, already validated by the caller.
         body: the opaque ciphertext.
+        after: the id of the sender's previous message (16 bytes): the relay stores this
+            one only if that one is stored. None for a plain SEND.
 
     Returns:
         The frame bytes.
 
     Raises:
-        WireError: the id is not 16 bytes, more than 65535 recipients, or a name or device
+        WireError: an id is not 16 bytes, more than 65535 recipients, or a name or device
             id that does not fit its byte.
     """
-    if len(message_id) != MESSAGE_ID_LEN:
+    if len(message_id) != MESSAGE_ID_LEN or (after is not None and len(after) != MESSAGE_ID_LEN):
         raise WireError("a message id is exactly 16 bytes")
     parts = [b""]
     try:
         for user, device in recipients:
             name = user.encode("ascii")
             parts.append(bytes((len(name),)) + name + bytes((device,)))
-        parts[0] = _SEND_HEAD.pack(OP_SEND, message_id, len(parts) - 1)
+        if after is None:
+            parts[0] = _SEND_HEAD.pack(OP_SEND, message_id, len(parts) - 1)
+        else:
+            parts[0] = _SEND_AFTER_HEAD.pack(OP_SEND_AFTER, message_id, after, len(parts) - 1)
     except (struct.error, ValueError, TypeError, AttributeError) as exc:
         raise WireError(f"value does not fit the send frame: {exc}") from exc
     parts.append(body)
@@ -131,7 +150,7 @@ def decode_send(
     max_recipients: int = MAX_FRAME_RECIPIENTS,
     max_body: int | None = None,
 ) -> tuple[bytes, tuple[A, ...], bytes]:
-    """Decode and validate a SEND frame (op 0x02).
+    """Decode and validate a SEND frame (op 0x02 only; see :func:`decode_send_frame`).
 
     Args:
         frame: the frame bytes.
@@ -143,18 +162,56 @@ def decode_send(
         (message id, recipients in frame order, body).
 
     Raises:
+        WireError: as :func:`decode_send_frame`; also for a SEND_AFTER frame.
+    """
+    if frame[:1] != bytes((OP_SEND,)):
+        raise WireError("unknown frame op")
+    mid, _, recipients, body = decode_send_frame(
+        frame, address=address, max_recipients=max_recipients, max_body=max_body
+    )
+    return mid, recipients, body
+
+
+def decode_send_frame(
+    frame: bytes,
+    *,
+    address: Callable[[str, int], A],
+    max_recipients: int = MAX_FRAME_RECIPIENTS,
+    max_body: int | None = None,
+) -> tuple[bytes, bytes | None, tuple[A, ...], bytes]:
+    """Decode and validate a SEND (op 0x02) or SEND_AFTER (op 0x03) frame.
+
+    Args:
+        frame: the frame bytes.
+        address: builds one recipient from (username, device id), e.g. a NamedTuple class.
+        max_recipients: the largest recipient count accepted (1..65535).
+        max_body: the largest body accepted, or None for no limit.
+
+    Returns:
+        (message id, the previous message's id for SEND_AFTER or None, recipients in frame
+        order, body).
+
+    Raises:
         WireError: wrong op, truncated, 0 or too many recipients, a bad name
             (``invalid_username``) or device id, a duplicate recipient, or a body over
             ``max_body`` (``too_large``).
     """
-    if len(frame) < _SEND_HEAD.size:
-        raise WireError("truncated send frame")
-    op, mid, count = _SEND_HEAD.unpack_from(frame, 0)
-    if op != OP_SEND:
-        raise WireError("unknown frame op")
+    after: bytes | None = None
+    if frame[:1] == bytes((OP_SEND_AFTER,)):
+        if len(frame) < _SEND_AFTER_HEAD.size:
+            raise WireError("truncated send frame")
+        _, mid, raw_after, count = _SEND_AFTER_HEAD.unpack_from(frame, 0)
+        after = bytes(raw_after)
+        pos = _SEND_AFTER_HEAD.size
+    else:
+        if len(frame) < _SEND_HEAD.size:
+            raise WireError("truncated send frame")
+        op, mid, count = _SEND_HEAD.unpack_from(frame, 0)
+        if op != OP_SEND:
+            raise WireError("unknown frame op")
+        pos = _SEND_HEAD.size
     if not 1 <= count <= max_recipients:
         raise WireError(f"recipients must list 1..{max_recipients} devices")
-    pos = _SEND_HEAD.size
     end = len(frame)
     recipients: list[A] = []
     for _ in range(count):
@@ -173,7 +230,7 @@ def decode_send(
         raise WireError("message body too large", "too_large")
     if count > 1 and len(set(recipients)) != count:
         raise WireError("recipients contains duplicates")
-    return bytes(mid), tuple(recipients), bytes(frame[pos:])
+    return bytes(mid), after, tuple(recipients), bytes(frame[pos:])
 
 
 def encode_deliver(

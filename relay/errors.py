@@ -17,6 +17,7 @@ __all__ = [
     "MailboxFull",
     "MismatchedDevices",
     "NotFound",
+    "PredecessorMissing",
     "RateLimited",
     "RelayError",
     "SenderShareExceeded",
@@ -133,6 +134,19 @@ class MismatchedDevices(Conflict):
             {u: d for u, d in stale.items() if u in keep},
             truncated=True,
         )
+
+
+class PredecessorMissing(Conflict):
+    """A SEND_AFTER named a previous message of the sender that is not stored (409).
+
+    Nothing was stored: the sender pipelined this message behind one the relay refused (or
+    has not seen), and sends it again once that one is settled.
+    """
+
+    default_code = "predecessor_missing"
+
+    def __init__(self) -> None:
+        super().__init__("the previous message named by this send is not stored")
 
 
 class TooLarge(RelayError):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from blindpost_wire import frames as _frames
-from blindpost_wire.frames import MESSAGE_ID_LEN, OP_DELIVER, OP_SEND, WireError
+from blindpost_wire.frames import MESSAGE_ID_LEN, OP_DELIVER, OP_SEND, OP_SEND_AFTER, WireError
 from blindpost_wire.names import MAX_DEVICE_ID, RESERVED_USERNAMES, USERNAME_RE
 from relay.errors import BadRequest, TooLarge
 from relay.store.base import (
@@ -33,6 +33,7 @@ __all__ = [
     "MESSAGE_ID_LEN",
     "OP_DELIVER",
     "OP_SEND",
+    "OP_SEND_AFTER",
     "PUBLIC_KEY_LEN",
     "RESERVED_USERNAMES",
     "SIGNATURE_LEN",
@@ -253,24 +254,24 @@ def encode_send(env: Envelope) -> bytes:
         BadRequest: a field does not fit the frame layout.
     """
     try:
-        return _frames.encode_send(env.message_id, env.recipients, env.body)
+        return _frames.encode_send(env.message_id, env.recipients, env.body, after=env.after)
     except WireError as exc:
         raise _relay_error(exc) from exc
 
 
 def decode_send(frame: bytes, *, max_recipients: int, max_body: int) -> Envelope:
-    """Decode and validate a binary SEND frame (also the binary HTTP send body).
+    """Decode and validate a binary SEND or SEND_AFTER frame (also the binary HTTP send body).
 
     Raises:
         BadRequest: truncated or malformed frame. TooLarge: body over ``max_body``.
     """
     try:
-        mid, recipients, body = _frames.decode_send(
+        mid, after, recipients, body = _frames.decode_send_frame(
             frame, address=Address, max_recipients=max_recipients, max_body=max_body
         )
     except WireError as exc:
         raise _relay_error(exc) from exc
-    return Envelope(mid, recipients, body)
+    return Envelope(mid, recipients, body, after)
 
 
 def encode_deliver(msg: StoredMessage) -> bytes:

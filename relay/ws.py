@@ -35,7 +35,7 @@ from relay.hub import CLOSE_BANNED, CLOSE_GOING_AWAY, CLOSE_UNAUTHENTICATED, Con
 from relay.sending import charge_lookups, check_recipient_users
 from relay.state import STATE_KEY, RelayState
 from relay.store.base import Address, Envelope, SendReceipt
-from relay.wire import OP_SEND, b64e, decode_send, encode_deliver, parse_ack_ids
+from relay.wire import OP_SEND, OP_SEND_AFTER, b64e, decode_send, encode_deliver, parse_ack_ids
 
 __all__ = ["websocket_handler"]
 
@@ -261,7 +261,7 @@ def _on_binary(st: RelayState, conn: Connection, data: bytes) -> Coroutine[Any, 
         follows a 429 (``_REFUSED_PAUSE``).
     """
     cfg = st.config
-    if not data or data[0] != OP_SEND:
+    if not data or data[0] not in (OP_SEND, OP_SEND_AFTER):
         _error_frame(st, conn, BadRequest("unknown binary op", code="unknown_op"))
         return None
     mid = data[1:17] if len(data) >= 17 else None

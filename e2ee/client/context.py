@@ -59,6 +59,9 @@ class ClientOptions:
         sealed_sender: seal what we send (docs/protocol.md, "Sealed sender"): the
             relay then sees no sender for messages to contacts that shared their access
             key, and no group id in any message. False sends version 1 envelopes.
+        send_pipeline: at most this many queued 1:1 messages are on the relay connection
+            waiting for its answer at once, each after the previous one (1: one at a
+            time, each after the relay's answer to the previous).
     """
 
     backoff_base: float = 0.5
@@ -69,12 +72,15 @@ class ClientOptions:
     ack_delay: float = 0.02
     send_batch: int = 100
     sealed_sender: bool = True
+    send_pipeline: int = 32
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_base <= self.backoff_max:
             raise UsageError("ClientOptions needs 0 < backoff_base <= backoff_max")
         if self.send_batch < 1:
             raise UsageError("ClientOptions needs send_batch >= 1")
+        if self.send_pipeline < 1:
+            raise UsageError("ClientOptions needs send_pipeline >= 1")
 
 
 class ClientContext:

@@ -122,11 +122,19 @@ class RelayLink(Protocol):
         ...
 
     async def send(
-        self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
+        self,
+        message_id: bytes,
+        recipients: Sequence[tuple[str, int]],
+        body: bytes,
+        *,
+        after: bytes | None = None,
     ) -> None:
         """Send one body to the listed devices; returns once the relay committed it.
 
-        Works without :meth:`connect` too (a send-only client).
+        Works without :meth:`connect` too (a send-only client). With ``after`` (the id
+        of our previous message), the relay stores it only if that one is stored and
+        raises ``PredecessorMissing`` otherwise: the outbox's order guard when it has
+        several sends in flight.
         """
         ...
 
@@ -347,20 +355,27 @@ class TransportLink:
                 raise error
 
     async def send(
-        self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
+        self,
+        message_id: bytes,
+        recipients: Sequence[tuple[str, int]],
+        body: bytes,
+        *,
+        after: bytes | None = None,
     ) -> None:
         """Send over the WebSocket and wait for the relay's ``send_result``.
 
         Without a live connection (a send-only client), or when its node fails before
-        answering, ``PUT /v1/messages`` at the next node: the same id and body, which
-        the relay stores once.
+        answering, ``PUT /v1/messages`` at the next node: the same id, body and ``after``,
+        which the relay stores once.
         """
         conn = self._conn
-        if conn is not None and await self._on_socket(conn.send(message_id, recipients, body)):
+        if conn is not None and await self._on_socket(
+            conn.send(message_id, recipients, body, after=after)
+        ):
             return
 
         async def put(url: str) -> None:
-            await self._http(url).send(message_id, recipients, body)
+            await self._http(url).send(message_id, recipients, body, after=after)
 
         await self._nodes.call(put)
 

@@ -4,8 +4,13 @@ Invariants:
 
 * Every outgoing message was committed to the ``outbox`` table (with its
   history row) before this module sees it; entries are sent in composition
-  order, one at a time, under the same message id on every retry, so the relay
-  stores each once.
+  order under the same message id on every retry, so the relay stores each once.
+* The relay stores them in that order: 1:1 entries encrypted ahead are
+  pipelined (``send_pipeline`` unanswered at most), each naming the one before
+  it (SEND_AFTER), so the relay stores none behind one it refused; the refused
+  one and those behind it are then sent one at a time, in order
+  (:meth:`Outbox._settle`). Everything else goes one at a time, after every
+  pipelined send was answered.
 * An entry's "sent" state is committed only after the relay accepted it,
   several entries per transaction (:meth:`Outbox._mark_sent`); a caller
   waiting for "sent" is told after that commit. A crash (or failed commit) in
@@ -30,6 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -116,6 +122,8 @@ class Outbox:
         self._marker: asyncio.Task[None] | None = None
         # Ciphertexts of queued entries encrypted ahead, by entry id (see _prepare).
         self._prepared: dict[str, list[envelope.Entry]] = {}
+        # The bodies of prepared entries a pipelined send carries (see _prepare).
+        self._wrapped: dict[str, bytes] = {}
         # Whether this device met our other devices (e2ee.client.sync.introduce).
         self._introduced = False
         self.sealing = Sealing(ctx)  # sealed sender: what leaves and what arrives
@@ -268,6 +276,7 @@ class Outbox:
             # pass reads the outbox again and must not see them queued).
             marker, self._marker = self._marker, None
             self._prepared.clear()  # never sent: re-encrypted next time
+            self._wrapped.clear()
             try:
                 if marker is not None:
                     await marker
@@ -279,41 +288,41 @@ class Outbox:
         entries = [from_columns(OutboxRow, found) for found in pending]
         blocked_chats: dict[str, str] = {}  # chat id -> the held user
         receipts: dict[tuple[str, str], list[OutboxRow]] = {}
-        for index, entry in enumerate(entries):
-            if self._ctx.closing or not self._ctx.connected.is_set():
-                return
-            if entry.mode == "receipt":
-                receipts.setdefault((json.loads(entry.targets)[0], entry.kind), []).append(entry)
-                continue
-            if entry.chat_id in blocked_chats:
-                held = blocked_chats[entry.chat_id]
-                self.fail_waiter(entry.id, IdentityHeld(held, entry.id))
-                continue
-            if self._stale(entry):
-                await self._finish_entry(entry, "dropped")  # stale after an outage
-                continue
-            if entry.mode not in ("group", "receipt", "sync") and entry.id not in self._prepared:
-                run = self._pairwise_run(entries[index:], blocked_chats)
-                self._prepared = await asyncio.to_thread(self._prepare, run)
-            try:
-                await self._send_entry(entry)
-            except IdentityHeld as exc:
-                # Stays queued (and later ones of this chat, to keep order) until
-                # the key is accepted; a caller waiting for "sent" learns why.
-                blocked_chats[entry.chat_id] = exc.user
-                self.fail_waiter(entry.id, IdentityHeld(exc.user, entry.id))
-            except (TransportError, StorageError) as exc:
-                if not isinstance(exc, SendFailed):
-                    raise  # the connection or the disk: retried, the entry stays queued
-                # The relay refused it for good (a full mailbox, a 4xx): failed, never
-                # retried (SendFailed is a TransportError, so it is caught here first).
-                await self._finish_entry(entry, "failed")
-                self.fail_waiter(entry.id, _for_message(exc, entry.id))
-            except E2EEError as exc:
-                # UnknownRecipient, NotAMember, or a payload that cannot be built: the
-                # message is marked failed in history, never retried.
-                await self._finish_entry(entry, "failed")
-                self.fail_waiter(entry.id, _for_message(exc, entry.id))
+        window = self._ctx.options.send_pipeline
+        # Pipelined 1:1 sends awaiting the relay's answer, in outbox order (see _settle).
+        inflight: collections.deque[tuple[OutboxRow, asyncio.Task[list[tuple[str, int]]]]]
+        inflight = collections.deque()
+        try:
+            for index, entry in enumerate(entries):
+                if self._ctx.closing or not self._ctx.connected.is_set():
+                    return
+                if entry.mode == "receipt":
+                    key = (json.loads(entry.targets)[0], entry.kind)
+                    receipts.setdefault(key, []).append(entry)
+                    continue
+                if entry.chat_id in blocked_chats:
+                    held = blocked_chats[entry.chat_id]
+                    self.fail_waiter(entry.id, IdentityHeld(held, entry.id))
+                    continue
+                if self._stale(entry):
+                    await self._finish_entry(entry, "dropped")  # stale after an outage
+                    continue
+                pairwise = entry.mode not in ("group", "receipt", "sync")
+                if pairwise and entry.id not in self._prepared:
+                    run = self._pairwise_run(entries[index:], blocked_chats)
+                    self._prepared, self._wrapped = await asyncio.to_thread(self._prepare, run)
+                if pairwise and window > 1 and entry.id in self._wrapped:
+                    after = inflight[-1][0].id if inflight else None
+                    inflight.append((entry, self._start_send(entry, after)))
+                    if len(inflight) >= window:
+                        await self._settle(inflight, blocked_chats, keep=window - 1)
+                    continue
+                await self._settle(inflight, blocked_chats)  # in order: all before it first
+                await self._send_one(entry, blocked_chats)
+            await self._settle(inflight, blocked_chats)
+        finally:
+            for _, task in inflight:  # the pass stopped: still queued, sent again later
+                task.cancel()
         for (user, kind), batch in receipts.items():
             for start in range(0, len(batch), _RECEIPT_BATCH):
                 chunk = batch[start : start + _RECEIPT_BATCH]
@@ -322,6 +331,92 @@ class Outbox:
                 except (IdentityHeld, UnknownRecipient, SendFailed):
                     break
         await self._flush_delivered()
+
+    def _start_send(
+        self, entry: OutboxRow, after: str | None
+    ) -> asyncio.Task[list[tuple[str, int]]]:
+        """Send a prepared 1:1 entry without waiting for the answer (a pipelined send).
+
+        ``after`` is the entry sent just before it, still unanswered: the relay stores
+        this one only if that one is stored (a SEND_AFTER frame), so nothing overtakes
+        an entry the relay refused.
+        """
+        prepared = self._prepared.pop(entry.id)
+        recipients = [(e.user, e.device) for e in prepared]
+        body = self._wrapped.pop(entry.id)
+        # ``after`` only when there is one: a RelayLink of before pipelining still works
+        # for the first send in flight (and a later one it refuses goes one at a time).
+        extra = {} if after is None else {"after": bytes.fromhex(after)}
+
+        async def answered() -> list[tuple[str, int]]:
+            await self._ctx.link.send(bytes.fromhex(entry.id), recipients, body, **extra)
+            return recipients
+
+        return asyncio.create_task(answered())
+
+    async def _settle(
+        self,
+        inflight: collections.deque[tuple[OutboxRow, asyncio.Task[list[tuple[str, int]]]]],
+        blocked_chats: dict[str, str],
+        *,
+        keep: int = 0,
+    ) -> None:
+        """Take the relay's answers to pipelined sends, in order, until ``keep`` are left.
+
+        An accepted entry is marked sent (:meth:`_accept`). At the first one not accepted,
+        every later one in flight is answered first: each names the one before it
+        (``after``), so none of them was stored unless that one was, and those the relay
+        stored are accepted. The refused one and the later ones not stored then take the
+        one-at-a-time path, in order (:meth:`_send_one`), which sends each again under
+        its id (re-encrypted, with the device lists fixed, or held, or failed).
+
+        Raises:
+            TransportError, StorageError: the connection or the disk (from the
+                one-at-a-time path): the pass stops, the rest stays queued.
+        """
+        while len(inflight) > keep:
+            entry, task = inflight.popleft()
+            try:
+                recipients = await task
+            except Exception:  # noqa: BLE001 -- any refusal: the one-at-a-time path decides
+                again = [entry]
+                later = list(inflight)
+                inflight.clear()
+                answers = await asyncio.gather(*(t for _, t in later), return_exceptions=True)
+                for (other, _), answer in zip(later, answers, strict=True):
+                    if isinstance(answer, BaseException):
+                        again.append(other)
+                    else:
+                        self._accept(other, answer)
+                for other in again:
+                    await self._send_one(other, blocked_chats)
+                return
+            self._accept(entry, recipients)
+
+    async def _send_one(self, entry: OutboxRow, blocked_chats: dict[str, str]) -> None:
+        """Send one entry and wait for the relay's answer; settle what that means for it."""
+        if entry.chat_id in blocked_chats:
+            self.fail_waiter(entry.id, IdentityHeld(blocked_chats[entry.chat_id], entry.id))
+            return
+        try:
+            await self._send_entry(entry)
+        except IdentityHeld as exc:
+            # Stays queued (and later ones of this chat, to keep order) until
+            # the key is accepted; a caller waiting for "sent" learns why.
+            blocked_chats[entry.chat_id] = exc.user
+            self.fail_waiter(entry.id, IdentityHeld(exc.user, entry.id))
+        except (TransportError, StorageError) as exc:
+            if not isinstance(exc, SendFailed):
+                raise  # the connection or the disk: retried, the entry stays queued
+            # The relay refused it for good (a full mailbox, a 4xx): failed, never
+            # retried (SendFailed is a TransportError, so it is caught here first).
+            await self._finish_entry(entry, "failed")
+            self.fail_waiter(entry.id, _for_message(exc, entry.id))
+        except E2EEError as exc:
+            # UnknownRecipient, NotAMember, or a payload that cannot be built: the
+            # message is marked failed in history, never retried.
+            await self._finish_entry(entry, "failed")
+            self.fail_waiter(entry.id, _for_message(exc, entry.id))
 
     def _pairwise_run(
         self, entries: Sequence[OutboxRow], blocked_chats: Mapping[str, str]
@@ -340,7 +435,9 @@ class Outbox:
         age = self._ctx.now_ms() - (entry.created_at or 0)
         return entry.kind == "typing" and age > _TYPING_TTL_MS
 
-    def _prepare(self, entries: Sequence[OutboxRow]) -> dict[str, list[envelope.Entry]]:
+    def _prepare(
+        self, entries: Sequence[OutboxRow]
+    ) -> tuple[dict[str, list[envelope.Entry]], dict[str, bytes]]:
         """Encrypt queued pairwise entries ahead, in one store transaction (blocking).
 
         One transaction (one fsync) advances the sending chains for all of them,
@@ -353,34 +450,61 @@ class Outbox:
         encrypted again: the peer skips that message key.
 
         Returns:
-            entry id -> its ciphertexts, for a prefix of ``entries``.
+            entry id -> its ciphertexts, for a prefix of ``entries``; and entry id -> the
+            body a pipelined send of it carries (sealed with our certificate when sealing
+            is on), for those that go with our name.
         """
         ctx = self._ctx
         prepared: dict[str, list[envelope.Entry]] = {}
+        wrapped: dict[str, bytes] = {}
         with ctx.wlock:
             mine = own_devices(ctx)
             try:
                 with ctx.store.batch():
+                    # Which devices each entry goes to; then, per device, its messages
+                    # in outbox order, encrypted with one session load and one write
+                    # (engine.encrypt_many).
+                    known: dict[str, list[int]] = {}
+                    plan: list[tuple[OutboxRow, list[Address]]] = []
+                    texts: dict[Address, list[bytes]] = {}
                     for entry in entries:
                         users: list[str] = json.loads(entry.targets)
-                        devices = {u: ctx.engine.session_devices(u) for u in users}
-                        if any(u in ctx.held or not d for u, d in devices.items()):
-                            break
-                        sealed: list[envelope.Entry] = []
-                        data = self.sealing.stamp(entry.payload or b"", entry.kind)
                         for user in users:
-                            for device in devices[user]:
-                                ct = ctx.engine.encrypt(Address(user, device), data)
-                                sealed.append(envelope.Entry(user, device, ct.kind, ct.body))
+                            if user not in known:
+                                known[user] = ctx.engine.session_devices(user)
+                        if any(u in ctx.held or not known[u] for u in users):
+                            break
+                        targets = [Address(u, d) for u in users for d in known[u]]
                         copy = own_copy(entry) if mine else None
-                        if copy is not None:
-                            for device in mine:
-                                ct = ctx.engine.encrypt(Address(ctx.me.name, device), copy)
-                                sealed.append(envelope.Entry(ctx.me.name, device, ct.kind, ct.body))
-                        prepared[entry.id] = sealed
+                        if copy is not None:  # the transcript for our own other devices
+                            targets += [Address(ctx.me.name, d) for d in mine]
+                        plan.append((entry, targets))
+                        data = self.sealing.stamp(entry.payload or b"", entry.kind)
+                        for address in targets:
+                            text = copy if address.name == ctx.me.name and copy else data
+                            texts.setdefault(address, []).append(text)
+                    sealed = {
+                        address: iter(ctx.engine.encrypt_many(address, batch))
+                        for address, batch in texts.items()
+                    }
+                    for entry, addresses in plan:
+                        prepared[entry.id] = [
+                            envelope.Entry(a.name, a.device_id, ct.kind, ct.body)
+                            for a in addresses
+                            for ct in (next(sealed[a]),)
+                        ]
+                        # Pipelined sends go with our name (they name the message before
+                        # them): wrapped here, in this batch. One that may go without our
+                        # name is left to the one-at-a-time path, which seals it so.
+                        recipients = [(a.name, a.device_id) for a in addresses]
+                        body = self.sealing.authenticated_body(
+                            recipients, envelope.build_pairwise(prepared[entry.id])
+                        )
+                        if body is not None:
+                            wrapped[entry.id] = body
             except E2EEError:
-                return {}  # rolled back: the one-by-one path meets (and handles) it
-        return prepared
+                return {}, {}  # rolled back: the one-by-one path meets (and handles) it
+        return prepared, wrapped
 
     async def _flush_delivered(self) -> None:
         """Send delivered receipts for incoming messages above the watermark.
@@ -488,6 +612,7 @@ class Outbox:
             recipients = await self._send_own(mid, data)
         else:
             prepared = self._prepared.pop(entry.id, None)
+            self._wrapped.pop(entry.id, None)
             recipients = await self.send_pairwise(
                 mid,
                 json.loads(entry.targets),
@@ -496,6 +621,14 @@ class Outbox:
                 transcribe=entry,
                 kind=entry.kind,
             )
+        self._accept(entry, recipients)
+
+    def _accept(self, entry: OutboxRow, recipients: list[tuple[str, int]]) -> None:
+        """The relay accepted ``entry``: its "sent" state is committed by :meth:`_mark_sent`.
+
+        Raises:
+            StorageError: the last "sent" commit failed (the pass stops; still queued).
+        """
         # Receipts are the peers' business: our own devices are not recipients there.
         recipients = [r for r in recipients if r[0] != self._ctx.me.name]
         marker = self._marker
@@ -716,6 +849,7 @@ class Outbox:
             except MismatchedDevices as exc:
                 prepared = None
                 self._prepared.clear()  # encrypted for the old device lists
+                self._wrapped.clear()
                 if not await self._fix_devices(exc):
                     transcribe = None
             except MailboxFull as exc:

@@ -301,6 +301,22 @@ class Sealing:
             return body, None
         return body, {user: delivery_token(key) for user, key in keys.items() if key}
 
+    def authenticated_body(
+        self, recipients: Sequence[tuple[str, int]], inner: bytes
+    ) -> bytes | None:
+        """The body of a send of ``inner`` that goes with our name (blocking; the caller holds
+        the write lock): sealed when we can, ``inner`` itself with sealing off.
+
+        The outbox's pipelined sends go with our name (each names the message before it, so
+        the relay must know whose it is); a message that could go without our name returns
+        None and is sent one at a time by :meth:`send`, so pipelining never costs a contact
+        the hiding of its sender.
+        """
+        if not self.enabled:
+            return inner
+        body, tokens = self._wrap(recipients, inner)
+        return body if tokens is None else None
+
     async def send(self, mid: bytes, recipients: Sequence[tuple[str, int]], inner: bytes) -> None:
         """Send a version 1 envelope (``inner``) to ``recipients``: sealed when we can.
 

@@ -714,7 +714,20 @@ class ProtocolEngine:
             UntrustedIdentity: the peer's key changed and was not accepted yet.
             UsageError: ``plaintext`` is not bytes.
         """
-        if not isinstance(plaintext, bytes):
+        return self.encrypt_many(address, [plaintext])[0]
+
+    def encrypt_many(self, address: Address, plaintexts: Sequence[bytes]) -> list[Ciphertext]:
+        """Encrypt several messages for one device, in order; commit the sending chain once.
+
+        The same as :meth:`encrypt` for each in turn, but the session is loaded,
+        advanced on the copy and stored once: all of them or, on any error, none.
+
+        Raises:
+            NoSession: no session with ``address`` (fetch its bundle first).
+            UntrustedIdentity: the peer's key changed and was not accepted yet.
+            UsageError: a plaintext is not bytes.
+        """
+        if not all(isinstance(p, bytes) for p in plaintexts):
             raise UsageError("plaintext must be bytes")
         _check_target(address)
         with self._locks.hold(address):
@@ -726,12 +739,15 @@ class ProtocolEngine:
             with _axolotl_errors(address):
                 if not staged.containsSession(address.name, address.device_id):
                     raise NoSession(str(address))
-                message = cipher.encrypt(plaintext)
+                messages = [cipher.encrypt(p) for p in plaintexts]
             self._commit_sessions(staged)
-        kind: Literal["prekey", "message"] = (
-            "prekey" if message.getType() == CiphertextMessage.PREKEY_TYPE else "message"
-        )
-        return Ciphertext(kind, bytes(message.serialize()))
+        return [
+            Ciphertext(
+                "prekey" if m.getType() == CiphertextMessage.PREKEY_TYPE else "message",
+                bytes(m.serialize()),
+            )
+            for m in messages
+        ]
 
     def decrypt(
         self,

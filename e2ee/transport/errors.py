@@ -41,6 +41,7 @@ __all__ = [
     "MismatchedDevices",
     "NotConnected",
     "NotFound",
+    "PredecessorMissing",
     "RangeNotSatisfiable",
     "RateLimited",
     "RecoveryRefused",
@@ -217,6 +218,19 @@ class UsernameTaken(RelayRejected):
     """409 ``username_taken``: the name is registered (names are never reused)."""
 
 
+class PredecessorMissing(RelayRejected):
+    """409 ``predecessor_missing``: a SEND_AFTER's previous message is not stored.
+
+    Nothing was stored. The sender pipelined this message behind one the relay refused
+    (or had not stored yet); send it again, in order, once that one is settled.
+    """
+
+    @property
+    def retryable(self) -> bool:
+        """True: the same request succeeds once the previous message is stored."""
+        return True
+
+
 class MismatchedDevices(RelayRejected):
     """409 ``mismatched_devices``: the recipient list is not the users' current device set.
 
@@ -375,6 +389,8 @@ def error_from_response(
             missing_devices=_device_map(doc.get("missing_devices")),
             stale_devices=_device_map(doc.get("stale_devices")),
         )
+    if status == 409 and code == "predecessor_missing":
+        return PredecessorMissing(status, code, detail)
     if status == 409 and code == "username_taken":
         return UsernameTaken(status, code, detail)
     if status == 413:

@@ -282,13 +282,24 @@ def _check_body(body: bytes) -> bytes:
 # -- binary frames -----------------------------------------------------------------------
 
 
-def encode_send(message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes) -> bytes:
+def encode_send(
+    message_id: bytes,
+    recipients: Sequence[tuple[str, int]],
+    body: bytes,
+    *,
+    after: bytes | None = None,
+) -> bytes:
     """Encode a SEND frame (op 0x02), also the ``application/vnd.blindpost.send`` HTTP body.
+
+    With ``after``, a SEND_AFTER frame (op 0x03): the relay stores the message only if the
+    sender's message ``after`` is stored, and answers 409 ``predecessor_missing``
+    (:class:`~e2ee.transport.errors.PredecessorMissing`) otherwise.
 
     Args:
         message_id: 16 bytes chosen by the sender (reuse it on retries).
         recipients: distinct (username, device id) pairs.
         body: the opaque ciphertext.
+        after: the id of the sender's previous message (16 bytes), or None.
 
     Returns:
         The frame bytes.
@@ -297,10 +308,11 @@ def encode_send(message_id: bytes, recipients: Sequence[tuple[str, int]], body: 
         UsageError: bad id, recipients or body type.
     """
     mid = check_message_id(message_id)
+    previous = None if after is None else check_message_id(after)
     checked = check_recipients(recipients)
     payload = _check_body(body)
     try:
-        return _frames.encode_send(mid, checked, payload)
+        return _frames.encode_send(mid, checked, payload, after=previous)
     except WireError as exc:  # unreachable after the checks above; typed all the same
         raise UsageError(exc.message) from exc
 

@@ -472,6 +472,7 @@ class RelayClient:
         body: bytes,
         *,
         encoding: Literal["binary", "json"] = "binary",
+        after: bytes | None = None,
     ) -> SendReceipt:
         """Store one message for every listed recipient device (idempotent per id).
 
@@ -480,15 +481,18 @@ class RelayClient:
             recipients: (username, device id) pairs: every current device of each user.
             body: the ciphertext.
             encoding: wire encoding of the request body.
+            after: store it only if our message with this id is stored (binary only).
 
         Returns:
             The receipt (``stored_at``, recipient count).
 
         Raises:
             UsageError: bad arguments. MismatchedDevices, TooLarge, MailboxFull,
-            RateLimited, RelayRejected, ConnectionFailed (outcome unknown: retry).
+            RateLimited, PredecessorMissing, RelayRejected, ConnectionFailed (outcome
+            unknown: retry).
         """
-        return await self.execute(rq.send_message(message_id, recipients, body, encoding=encoding))
+        request = rq.send_message(message_id, recipients, body, encoding=encoding, after=after)
+        return await self.execute(request)
 
     async def fetch_messages(self, after: int = 0, limit: int = 100) -> MessagePage:
         """Read (without removing) up to ``limit`` mailbox messages with ``seq > after``.

@@ -817,6 +817,7 @@ def send_message(
     body: bytes,
     *,
     encoding: Literal["binary", "json"] = "binary",
+    after: bytes | None = None,
 ) -> Request[SendReceipt]:
     """``PUT /v1/messages``: store one message for a list of recipient devices.
 
@@ -828,17 +829,21 @@ def send_message(
             sending device), as (username, device id) pairs.
         body: the opaque ciphertext.
         encoding: ``"binary"`` (the SEND frame, compact) or ``"json"`` (base64 body).
+        after: store it only if the sender's message with this id is stored (a SEND_AFTER
+            frame; binary only).
 
     Returns:
         The request; result :class:`SendReceipt`. Errors: ``MismatchedDevices``,
-        ``TooLarge``, ``MailboxFull``, ``RateLimited``, ``RelayRejected`` 409
-        ``message_id_conflict``.
+        ``TooLarge``, ``MailboxFull``, ``RateLimited``, ``PredecessorMissing``,
+        ``RelayRejected`` 409 ``message_id_conflict``.
 
     Raises:
-        UsageError: bad id, recipients, body or encoding.
+        UsageError: bad id, recipients, body or encoding (``after`` with JSON).
     """
+    if after is not None and encoding != "binary":
+        raise UsageError("after needs the binary encoding")
     if encoding == "binary":
-        data = encode_send(message_id, recipients, body)
+        data = encode_send(message_id, recipients, body, after=after)
         content_type = CT_SEND
     elif encoding == "json":
         if not isinstance(body, bytes | bytearray):

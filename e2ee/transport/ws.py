@@ -342,16 +342,25 @@ class RelayConnection:
     # -- writing ---------------------------------------------------------------------------------
 
     async def send(
-        self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
+        self,
+        message_id: bytes,
+        recipients: Sequence[tuple[str, int]],
+        body: bytes,
+        *,
+        after: bytes | None = None,
     ) -> asyncio.Future[SendReceipt]:
         """Write a SEND frame; return a future resolved by the matching ``send_result``.
 
         Sends may be pipelined: await this for each message, then await the futures.
+        Pipelined sends whose order matters name the previous one in ``after`` (a
+        SEND_AFTER frame): the relay refuses one whose previous message is not stored
+        (``PredecessorMissing``), so none overtakes an earlier one it refused.
 
         Args:
             message_id: 16 bytes; the answer is matched by it.
             recipients: (username, device id) pairs (all current devices of each user).
             body: the ciphertext.
+            after: the id of our previous message, or None.
 
         Returns:
             A future that resolves to a :class:`SendReceipt`, or raises the typed error of a
@@ -362,7 +371,7 @@ class RelayConnection:
             UsageError: bad arguments. NotConnected: no open socket (nothing was written).
             ConnectionLost: the write failed.
         """
-        frame = encode_send(message_id, recipients, body)
+        frame = encode_send(message_id, recipients, body, after=after)
         ws = self._open_socket()
         fut: asyncio.Future[SendReceipt] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_swallow)

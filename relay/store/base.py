@@ -116,11 +116,18 @@ class SenderKeyRow:
 
 
 class Envelope(NamedTuple):
-    """A validated send request: 16-byte message id, recipient devices, opaque body."""
+    """A validated send request: 16-byte message id, recipient devices, opaque body.
+
+    ``after`` (SEND_AFTER frames): the id of the sender's previous message; the store keeps
+    this one only if that one is stored (or was delivered, within the dedupe window), and
+    refuses it with :class:`~relay.errors.PredecessorMissing` otherwise, so a pipelining
+    client's later messages never overtake an earlier one the relay refused.
+    """
 
     message_id: bytes
     recipients: tuple[Address, ...]
     body: bytes
+    after: bytes | None = None
 
     def __repr__(self) -> str:
         return (

@@ -22,6 +22,7 @@ from relay.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    PredecessorMissing,
     RelayError,
     StorageError,
 )
@@ -423,6 +424,13 @@ class MemoryRelayStore:
         if self._listener is not None:
             self._listener(deliveries)
 
+    def _stored_by(self, sender: Address, message_id: bytes) -> bool:
+        """Whether ``sender``'s message ``message_id`` is stored (queued, or delivered)."""
+        known = self._messages.get(message_id)
+        if known is not None:
+            return known.sender == sender
+        return self._rules.digest(sender, message_id) in self._delivered
+
     def _send(
         self, sender: Address, env: Envelope, now_ms: int
     ) -> tuple[SendReceipt, list[Delivery]]:
@@ -435,6 +443,8 @@ class MemoryRelayStore:
             if known.sender != sender:
                 raise Conflict("message id used by another sender", code="message_id_conflict")
             return SendReceipt(env.message_id, known.n_recipients, known.stored_ms), []
+        if env.after is not None and not self._stored_by(sender, env.after):
+            raise PredecessorMissing()
         targets = resolve_recipients(sender, env.recipients, self._users.get)
         size = len(env.body)
         lim = self._limits

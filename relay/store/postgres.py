@@ -39,6 +39,7 @@ from relay.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    PredecessorMissing,
     RelayError,
     StorageError,
 )
@@ -357,7 +358,11 @@ class PostgresRelayStore:
         while self._pending and len(self._inflight) < self._writers:
             ops = self._pending[: self._limits.write_batch_max]
             del self._pending[: len(ops)]
-            users = frozenset(_users_of(ops))
+            # Batches naming a common user (a recipient, an acking user, or a sender: so one
+            # sender's batches, and a SEND_AFTER's previous message, commit in order) wait
+            # for each other.
+            senders = {op.args[0].user for op in ops if op.kind == _SEND}
+            users = frozenset(_users_of(ops) | senders)
             waits = [b.done for b in self._inflight if b.users & users]
             batch = _Batch(ops, users, self._loop.create_future())
             self._inflight.append(batch)
@@ -439,13 +444,15 @@ class PostgresRelayStore:
         rules = self._rules
         assert rules is not None
         dkeys = [rules.digest(op.args[0], op.args[1].message_id) for op in sends]
+        # A SEND_AFTER's previous message is looked up with the batch's own ids.
+        afters = [(op.args[0], op.args[1].after) for op in sends if op.args[1].after is not None]
         delivered: dict[bytes, tuple[int, int]] = {}  # digest -> (expires, recipients)
         rows = await conn.fetch(
             _BATCH_READ,
             sorted(_users_of(ops)),
-            [op.args[1].message_id for op in sends],
+            [op.args[1].message_id for op in sends] + [after for _, after in afters],
             senders,
-            dkeys,
+            dkeys + [rules.digest(sender, after) for sender, after in afters],
         )
         for kind, name, dev_id, pk, seq_or_ms, count, size, mid, other in rows:
             if kind == 0:
@@ -490,6 +497,15 @@ class PostgresRelayStore:
                         (op.future, True, SendReceipt(env.message_id, prior[2], prior[3]))
                     )
                     continue
+                if env.after is not None:
+                    before = in_batch.get(env.after) or known.get(env.after)
+                    stored = (
+                        rules.digest(sender, env.after) in delivered
+                        if before is None
+                        else (before[0], before[1]) == (sender.user, sender.device)
+                    )
+                    if not stored:
+                        raise PredecessorMissing()
                 targets = resolve_recipients(sender, env.recipients, directory.get)
                 size = len(env.body)
                 user = sender.user

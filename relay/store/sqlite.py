@@ -50,6 +50,7 @@ from relay.errors import (
     Conflict,
     Forbidden,
     NotFound,
+    PredecessorMissing,
     RelayError,
     StorageError,
 )
@@ -649,6 +650,15 @@ class _WriterState:
 
     # -- messages ------------------------------------------------------------------------
 
+    def _stored_by(self, sender: Address, message_id: bytes) -> bool:
+        """Whether ``sender``'s message ``message_id`` is stored (queued, or delivered): read
+        from this batch's sends and what :meth:`begin_batch` loaded (it loads SEND_AFTER's
+        previous ids too)."""
+        row = self.batch_ids.get(message_id) or self.known.get(message_id)
+        if row is not None:
+            return row[0] == sender.user and int(row[1]) == sender.device
+        return self.rules.digest(sender, message_id) in self.known_delivered
+
     def send(self, sender: Address, env: Envelope, now_ms: int) -> SendReceipt:
         rules = self.rules
         dkey = rules.digest(sender, env.message_id)
@@ -661,6 +671,8 @@ class _WriterState:
             if row[0] != sender.user or int(row[1]) != sender.device:
                 raise Conflict("message id used by another sender", code="message_id_conflict")
             return SendReceipt(env.message_id, int(row[2]), int(row[3]))
+        if env.after is not None and not self._stored_by(sender, env.after):
+            raise PredecessorMissing()
         targets = resolve_recipients(sender, env.recipients, self._devices_of)
         size = len(env.body)
         lim = self.limits
@@ -1219,8 +1231,14 @@ class SqliteRelayStore:
         acks: list[_Op] = []
         try:
             st.conn.execute("BEGIN IMMEDIATE")
+            # A SEND_AFTER's previous message is looked up with the batch's own ids.
             st.begin_batch(
                 [(op.args[0], op.args[1].message_id) for op in batch if op.kind == _SEND]
+                + [
+                    (op.args[0], op.args[1].after)
+                    for op in batch
+                    if op.kind == _SEND and op.args[1].after is not None
+                ]
             )
             for op in batch:
                 if op.kind == _ACK:

@@ -192,6 +192,35 @@ def test_no_session_is_a_typed_error() -> None:
         bob.group_decrypt("g", ALICE, engine_group_message())
 
 
+def test_encrypt_many_is_encrypt_in_turn_committed_once() -> None:
+    """Several messages to one device: decryptable in order (and out of order) by the
+    peer, one session write for all of them; refused as a whole, nothing changes."""
+    alice, bob = connected()
+    store = alice._store
+    commits: list[Any] = []
+    commit = store.commit
+
+    def counted(changes: Any) -> None:
+        commits.append(changes)
+        commit(changes)
+
+    store.commit = counted  # type: ignore[method-assign]
+    sent = alice.encrypt_many(BOB, [b"one", b"two", b"three"])
+    assert len(commits) == 1 and set(commits[0].sessions_put) == {BOB}
+    assert [c.kind for c in sent] == ["message"] * 3
+    assert bob.decrypt(ALICE, sent[0]).plaintext == b"one"
+    assert bob.decrypt(ALICE, sent[2]).plaintext == b"three"  # a skipped key is kept
+    assert bob.decrypt(ALICE, sent[1]).plaintext == b"two"
+    assert bob.decrypt(ALICE, alice.encrypt(BOB, b"four")).plaintext == b"four"
+    before = snapshot(alice._store)
+    with pytest.raises(UsageError):
+        alice.encrypt_many(BOB, [b"ok", "not bytes"])  # type: ignore[list-item]
+    with pytest.raises(NoSession):
+        alice.encrypt_many(Address("carol", 1), [b"x"])
+    assert snapshot(alice._store) == before
+    assert alice.encrypt_many(BOB, []) == []
+
+
 def engine_group_message() -> bytes:
     sender = engine("carol")
     sender.group_distribution("g")

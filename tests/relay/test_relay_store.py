@@ -26,6 +26,7 @@ from relay.errors import (
     MailboxFull,
     MismatchedDevices,
     NotFound,
+    PredecessorMissing,
     SenderShareExceeded,
 )
 from relay.state import STATE_KEY, Clock
@@ -162,6 +163,54 @@ async def test_failed_send_changes_nothing_and_batch_neighbours_commit(
     assert all(r.recipients == 1 for r in results[:-1])  # type: ignore[union-attr]
     assert [d.message.seq for d in delivered] == sorted(d.message.seq for d in delivered)
     assert len(delivered) == 4 and await store.mailbox_count(B) == 4
+
+
+async def test_a_send_after_a_refused_one_is_refused_and_nothing_overtakes_it(
+    store: RelayStore,
+) -> None:
+    """SEND_AFTER (``Envelope.after``): stored only if the sender's previous message is
+    stored (queued, or delivered and remembered for dedupe). Pipelined behind one the store
+    refuses, in the same batch or a later one, the rest are refused and stored nothing; sent
+    again in order once the refused one is fixed, the mailbox holds the sending order."""
+    first = env()
+    await store.submit_send(A, first, 1)
+    refused = env(to=Address("bob", 2))  # bob has no device 2: mismatched devices
+    fixed = refused._replace(recipients=(B,))
+    behind = [env(), env(), env()]
+    chained = [
+        behind[0]._replace(after=refused.message_id),
+        behind[1]._replace(after=behind[0].message_id),
+        behind[2]._replace(after=behind[1].message_id),
+    ]
+    results = await asyncio.gather(
+        store.submit_send(A, refused, 2),
+        *(store.submit_send(A, e, 2) for e in chained),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], MismatchedDevices)
+    assert all(isinstance(r, PredecessorMissing) for r in results[1:])
+    assert await store.mailbox_count(B) == 1  # nothing behind the refused one was stored
+    # A later batch: still refused until the previous message is stored.
+    with pytest.raises(PredecessorMissing):
+        await store.submit_send(A, chained[0], 3)
+    # In order again: the fixed one, then the rest (each after the one before).
+    await store.submit_send(A, fixed, 4)
+    for e in chained:
+        await store.submit_send(A, e, 4)
+    box = await store.fetch_mailbox(B, 0, 100, 10**6)
+    want = [first, fixed, *behind]
+    assert [m.message_id for m in box] == [e.message_id for e in want]
+    # A delivered previous message still counts (its dedupe record); another sender's does not.
+    await store.ack(B, [m.message_id for m in box])
+    await store.submit_send(A, env()._replace(after=first.message_id), 5)
+    await store.create_account(Address("carol", 1), b"c" * 32, 0)
+    theirs = env()
+    await store.submit_send(Address("carol", 1), theirs, 5)
+    with pytest.raises(PredecessorMissing):
+        await store.submit_send(A, env()._replace(after=theirs.message_id), 6)
+    with pytest.raises(PredecessorMissing):
+        await store.submit_send(A, env()._replace(after=os.urandom(16)), 6)
+    assert await store.mailbox_count(B) == 2  # the one after ``first`` and carol's
 
 
 async def test_reopen_keeps_state_and_seq(backend: Backend, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from e2ee.transport.errors import (
     InvalidRequest,
     MismatchedDevices,
     NotFound,
+    PredecessorMissing,
     Replaced,
     UsernameTaken,
 )
@@ -217,6 +218,45 @@ async def test_mismatched_devices_http_and_websocket(
             async with asyncio.timeout(WAIT):
                 await fut
         assert exc2.value.missing_devices == {bob.username: (2,)}
+
+
+async def test_pipelined_sends_behind_a_refused_one_are_refused_and_keep_order(
+    pair: tuple[RelayClient, RelayClient],
+) -> None:
+    """SEND_AFTER on a real relay: pipelined behind a send the relay refuses (a stale
+    device list), each later one (naming the one before it) is refused too and stored
+    nothing; sent again in order, the mailbox holds them in sending order. Over HTTP too."""
+    alice, bob = pair
+    async with (
+        RelayConnection.from_client(alice) as a_conn,
+        RelayConnection.from_client(bob) as b_conn,
+    ):
+        await next_of(b_conn, QueueEmpty, skip=(Hint,))
+        await a_conn.wait_connected()
+        to_bob = [(bob.username, 1)]
+        first, refused, *rest = [os.urandom(16) for _ in range(6)]
+        chain = [first, refused, *rest]
+        futures = [await a_conn.send(first, to_bob, b"0")]
+        futures.append(await a_conn.send(refused, [(bob.username, 9)], b"1", after=first))
+        for before, mid in zip(chain[1:], rest, strict=False):
+            futures.append(await a_conn.send(mid, to_bob, b"n", after=before))
+        async with asyncio.timeout(WAIT):
+            answers = await asyncio.gather(*futures, return_exceptions=True)
+        assert not isinstance(answers[0], BaseException)
+        assert isinstance(answers[1], MismatchedDevices)
+        assert all(isinstance(a, PredecessorMissing) and a.retryable for a in answers[2:])
+        # Again, in order: the fixed one, then the rest, still pipelined.
+        futures = [await a_conn.send(refused, to_bob, b"1", after=first)]
+        for before, mid in zip(chain[1:], rest, strict=False):
+            futures.append(await a_conn.send(mid, to_bob, b"n", after=before))
+        async with asyncio.timeout(WAIT):
+            await asyncio.gather(*futures)
+        got = [await next_of(b_conn, Delivery) for _ in chain]
+        assert [d.id for d in got] == chain
+    # The HTTP send body is the same frame.
+    with pytest.raises(PredecessorMissing):
+        await alice.send(os.urandom(16), to_bob, b"x", after=os.urandom(16))
+    await alice.send(os.urandom(16), to_bob, b"x", after=rest[-1])
 
 
 async def test_http_mailbox_fetch_and_ack(pair: tuple[RelayClient, RelayClient]) -> None:

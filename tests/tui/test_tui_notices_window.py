@@ -107,14 +107,19 @@ class TamperingLink(TransportLink):
     corrupted: ClassVar[set[bytes]] = set()
 
     async def send(
-        self, message_id: bytes, recipients: Sequence[tuple[str, int]], body: bytes
+        self,
+        message_id: bytes,
+        recipients: Sequence[tuple[str, int]],
+        body: bytes,
+        *,
+        after: bytes | None = None,
     ) -> None:
         if TamperingLink.corrupt_next:
             TamperingLink.corrupt_next = False
             TamperingLink.corrupted.add(message_id)
         if message_id in TamperingLink.corrupted:
             body = body[:-1] + bytes([body[-1] ^ 0x40])
-        await super().send(message_id, recipients, body)
+        await super().send(message_id, recipients, body, after=after)
 
 
 async def test_a_message_altered_in_transit_shows_an_unreadable_message_notice(

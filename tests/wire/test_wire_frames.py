@@ -36,6 +36,26 @@ def test_send_round_trips(mid: bytes, recipients: list[tuple[str, int]], body: b
     assert frames.decode_send(frame, address=_pair) == (mid, tuple(recipients), body)
 
 
+@given(ids, st.one_of(st.none(), ids), recipient_lists, st.binary(max_size=300))
+def test_send_and_send_after_round_trip(
+    mid: bytes, after: bytes | None, recipients: list[tuple[str, int]], body: bytes
+) -> None:
+    frame = frames.encode_send(mid, recipients, body, after=after)
+    assert frame[0] == (frames.OP_SEND if after is None else frames.OP_SEND_AFTER)
+    decoded = frames.decode_send_frame(frame, address=_pair)
+    assert decoded == (mid, after, tuple(recipients), body)
+    if after is not None:  # the SEND-only decoder does not drop the condition silently
+        with pytest.raises(WireError):
+            frames.decode_send(frame, address=_pair)
+
+
+def test_known_send_after_bytes() -> None:
+    frame = frames.encode_send(b"\x11" * 16, [("bob", 2)], b"\xff", after=b"\x22" * 16)
+    assert frame == b"\x03" + b"\x11" * 16 + b"\x22" * 16 + b"\x00\x01" + b"\x03bob\x02\xff"
+    with pytest.raises(WireError):
+        frames.encode_send(b"\x11" * 16, [("bob", 2)], b"", after=b"\x22" * 15)
+
+
 @given(u64, ids, usernames, devices, u64, st.binary(max_size=300))
 def test_deliver_round_trips(
     seq: int, mid: bytes, user: str, device: int, stored_at: int, body: bytes
@@ -61,6 +81,8 @@ def test_known_deliver_bytes() -> None:
 def test_decoders_raise_only_wire_error(data: bytes) -> None:
     for decode in (
         lambda: frames.decode_send(data, address=_pair, max_recipients=10, max_body=50),
+        lambda: frames.decode_send_frame(data, address=_pair, max_recipients=10, max_body=50),
+        lambda: frames.decode_send_frame(b"\x03" + data, address=_pair),
         lambda: frames.decode_deliver(data),
     ):
         try:
