@@ -25,7 +25,8 @@ from e2ee.transport.backoff import Backoff
 from e2ee.transport.errors import ConnectionLost, RelayRejected, UsernameTaken
 from e2ee.transport.failover import RelayNodes, node_failed
 from e2ee.transport.frames import Delivery, QueueEmpty
-from e2ee.transport.requests import DeviceInfo, ProvisionInfo, ProvisionOpened, Request
+from e2ee.transport.provisioning_requests import ProvisionInfo, ProvisionOpened
+from e2ee.transport.requests import DeviceInfo, Request
 
 T = TypeVar("T")
 

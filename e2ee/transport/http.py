@@ -38,6 +38,7 @@ from yarl import URL
 
 from blindpost_wire.registration import solve_pow
 from e2ee.errors import StorageError, UsageError
+from e2ee.transport import provisioning_requests as prq
 from e2ee.transport import requests as rq
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
 from e2ee.transport.errors import (
@@ -401,22 +402,22 @@ class RelayClient:
 
     # -- provisioning (linking a device) --------------------------------------------------
 
-    async def open_provisioning(self, auth_key: bytes) -> rq.ProvisionOpened:
+    async def open_provisioning(self, auth_key: bytes) -> prq.ProvisionOpened:
         """Open a provisioning slot for a new device (unsigned; see
-        :func:`e2ee.transport.requests.open_provisioning`)."""
-        return await self.execute(rq.open_provisioning(auth_key))
+        :func:`e2ee.transport.provisioning_requests.open_provisioning`)."""
+        return await self.execute(prq.open_provisioning(auth_key))
 
-    async def read_provisioning(self, slot_id: str) -> rq.ProvisionInfo:
+    async def read_provisioning(self, slot_id: str) -> prq.ProvisionInfo:
         """Read a provisioning slot as an approver (signed; ``NotFound`` when gone)."""
-        return await self.execute(rq.read_provisioning(slot_id))
+        return await self.execute(prq.read_provisioning(slot_id))
 
     async def fill_provisioning(self, slot_id: str, grant: bytes) -> bool:
         """Put the encrypted grant into a slot (signed; once)."""
-        return await self.execute(rq.fill_provisioning(slot_id, grant))
+        return await self.execute(prq.fill_provisioning(slot_id, grant))
 
     async def take_provisioning(self, slot_id: str, token: bytes) -> bytes | None:
         """Poll a slot for its grant (unsigned; the grant once, then ``NotFound``)."""
-        return await self.execute(rq.take_provisioning(slot_id, token))
+        return await self.execute(prq.take_provisioning(slot_id, token))
 
     # -- prekeys --------------------------------------------------------------------------
 
