@@ -25,7 +25,6 @@ Invariants:
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +46,6 @@ from axolotl.nosessionexception import NoSessionException
 from axolotl.protocol.ciphertextmessage import CiphertextMessage
 from axolotl.sessionbuilder import SessionBuilder
 from axolotl.sessioncipher import SessionCipher
-from axolotl.state.signedprekeyrecord import SignedPreKeyRecord
 from axolotl.untrustedidentityexception import UntrustedIdentityException
 from google.protobuf.message import DecodeError
 from nacl.exceptions import CryptoError
@@ -68,18 +66,20 @@ from e2ee.core.budget import (
 )
 from e2ee.core.keys import (
     MAX_DEVICE_ID,
-    MAX_PREKEY_ID,
-    PREKEY_BATCH,
     KeyUpload,
-    OneTimePreKey,
     PreKeyBundle,
-    SignedPreKey,
     generate_identity,
-    generate_prekeys,
     generate_registration_id,
-    generate_signed_prekey,
 )
 from e2ee.core.locks import KeyedLocks
+from e2ee.core.prekeys import (
+    DAY_MS,
+    KeyPolicy,
+    current_signed,
+    fresh_keys,
+    plan_maintenance,
+    public_prekeys,
+)
 from e2ee.core.sealed import SealedContent
 from e2ee.core.staging import IdentityChange, SessionCache, StagedStore
 from e2ee.errors import (
@@ -103,7 +103,6 @@ from e2ee.store.protocols import (
     IdentityRecord,
     ProtocolStore,
     SenderKeyId,
-    SignedPreKeyRow,
     TrustLevel,
 )
 
@@ -118,14 +117,9 @@ __all__ = [
     "ProtocolEngine",
 ]
 
-DAY_MS = 86_400_000
-
 #: Rows the caller wants committed together with a decrypt: (table, row) pairs.
 AppRows = Sequence[tuple[str, Mapping[str, Any]]]
 
-_META_NEXT_PREKEY = "next_prekey_id"
-_META_NEXT_SIGNED = "next_signed_prekey_id"
-_META_CURRENT_SIGNED = "current_signed_prekey_id"
 #: Legacy replay records, one row per accepted setup / distribution (written
 #: before the per-peer lists below; still honoured, no longer written).
 _META_BASE_KEY = "seen_base_key:"
@@ -206,27 +200,6 @@ def _first_trial_units(state: Any, message: Any) -> int:
     if counter > AXOLOTL_MAX_JUMP:
         return DH_STEP
     return DH_STEP + (counter + 1) * DERIVATION
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPolicy:
-    """Schedules and sizes for account key maintenance (all configurable).
-
-    Attributes:
-        signed_prekey_rotation_ms: age after which a new signed prekey is made.
-        signed_prekey_grace_ms: how long a replaced signed prekey is kept, so
-            sessions set up from a bundle fetched before the rotation still work.
-        prekey_batch: one-time prekeys generated per batch.
-        prekey_low_water: replenish when the relay holds fewer than this.
-        max_local_prekeys: unused one-time prekeys kept locally at most; the
-            oldest are dropped beyond it.
-    """
-
-    signed_prekey_rotation_ms: int = 7 * DAY_MS
-    signed_prekey_grace_ms: int = 14 * DAY_MS
-    prekey_batch: int = PREKEY_BATCH
-    prekey_low_water: int = 25
-    max_local_prekeys: int = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,19 +356,8 @@ class ProtocolEngine:
                 identity_key_pair=bytes(identity.serialize()),
                 created_at_ms=now,
             )
-            signed = generate_signed_prekey(identity, 1, now)
-            prekeys = generate_prekeys(1, self.policy.prekey_batch)
             self._store.commit(
-                Changes(
-                    account=account,
-                    signed_prekeys_put={1: SignedPreKeyRow(1, bytes(signed.serialize()), now)},
-                    prekeys_put={p.getId(): bytes(p.serialize()) for p in prekeys},
-                    meta_put={
-                        _META_NEXT_SIGNED: "2",
-                        _META_CURRENT_SIGNED: "1",
-                        _META_NEXT_PREKEY: str(prekeys[-1].getId() % MAX_PREKEY_ID + 1),
-                    },
-                )
+                replace(fresh_keys(self._store, identity, self.policy, now), account=account)
             )
             self._account_cache = account
             return account
@@ -419,23 +381,8 @@ class ProtocolEngine:
             identity = IdentityKeyPair(serialized=old.identity_key_pair)
             now = self._now_ms()
             account = replace(old, device_id=device_id, registration_id=generate_registration_id())
-            signed_id = int(self._store.get_meta(_META_NEXT_SIGNED) or "1")
-            signed = generate_signed_prekey(identity, signed_id, now)
-            first = int(self._store.get_meta(_META_NEXT_PREKEY) or "1")
-            prekeys = generate_prekeys(first, self.policy.prekey_batch)
             self._store.commit(
-                Changes(
-                    account=account,
-                    signed_prekeys_put={
-                        signed_id: SignedPreKeyRow(signed_id, bytes(signed.serialize()), now)
-                    },
-                    prekeys_put={p.getId(): bytes(p.serialize()) for p in prekeys},
-                    meta_put={
-                        _META_NEXT_SIGNED: str(signed_id % MAX_PREKEY_ID + 1),
-                        _META_CURRENT_SIGNED: str(signed_id),
-                        _META_NEXT_PREKEY: str(prekeys[-1].getId() % MAX_PREKEY_ID + 1),
-                    },
-                )
+                replace(fresh_keys(self._store, identity, self.policy, now), account=account)
             )
             self._account_cache = account
             return account
@@ -507,31 +454,6 @@ class ProtocolEngine:
             raise CertificateMismatch(cert.user, "the session uses another identity key")
         return address
 
-    def _current_signed(self) -> SignedPreKey:
-        current = self._store.get_meta(_META_CURRENT_SIGNED)
-        row = self._store.load_signed_prekey(int(current)) if current else None
-        if row is None:
-            raise UsageError("no current signed prekey")
-        record = SignedPreKeyRecord(serialized=row.record)
-        return SignedPreKey(
-            record.getId(),
-            bytes(record.getKeyPair().getPublicKey().serialize()),
-            bytes(record.getSignature()),
-        )
-
-    def _public_prekeys(self, ids: Sequence[int]) -> list[OneTimePreKey]:
-        from axolotl.state.prekeyrecord import PreKeyRecord
-
-        keys = []
-        for pid in ids:
-            data = self._store.load_prekey(pid)
-            if data is not None:
-                record = PreKeyRecord(serialized=data)
-                keys.append(
-                    OneTimePreKey(pid, bytes(record.getKeyPair().getPublicKey().serialize()))
-                )
-        return keys
-
     def key_upload(self) -> KeyUpload:
         """Everything to publish on registration: identity, current signed prekey,
         and every one-time prekey held (upload at most 100 per request)."""
@@ -539,19 +461,19 @@ class ProtocolEngine:
         return KeyUpload(
             identity_key=self.identity_key,
             registration_id=account.registration_id,
-            signed_prekey=self._current_signed(),
-            one_time_prekeys=tuple(self._public_prekeys(self._store.prekey_ids())),
+            signed_prekey=current_signed(self._store),
+            one_time_prekeys=tuple(public_prekeys(self._store, self._store.prekey_ids())),
         )
 
     def local_bundle(self, prekey_id: int | None = None) -> PreKeyBundle:
         """This device's bundle as the relay would hand it out (for tests and tools)."""
         account = self._account()
-        otpk = self._public_prekeys([prekey_id]) if prekey_id is not None else []
+        otpk = public_prekeys(self._store, [prekey_id]) if prekey_id is not None else []
         return PreKeyBundle(
             device_id=account.device_id,
             registration_id=account.registration_id,
             identity_key=self.identity_key,
-            signed_prekey=self._current_signed(),
+            signed_prekey=current_signed(self._store),
             one_time_prekey=otpk[0] if otpk else None,
         )
 
@@ -569,61 +491,9 @@ class ProtocolEngine:
         with self._locks.hold("account"):
             account = self._account()
             identity = IdentityKeyPair(serialized=account.identity_key_pair)
-            now = self._now_ms()
-            policy = self.policy
-            changes = Changes()
-            new_signed: SignedPreKey | None = None
-            rows = self._store.signed_prekeys()
-            current_id = int(self._store.get_meta(_META_CURRENT_SIGNED) or "0")
-            current = next((r for r in rows if r.prekey_id == current_id), None)
-            if current is None or now - current.created_at_ms >= policy.signed_prekey_rotation_ms:
-                next_id = int(self._store.get_meta(_META_NEXT_SIGNED) or "1")
-                record = generate_signed_prekey(identity, next_id, now)
-                row = SignedPreKeyRow(next_id, bytes(record.serialize()), now)
-                changes = replace(
-                    changes,
-                    signed_prekeys_put={next_id: row},
-                    meta_put={
-                        _META_CURRENT_SIGNED: str(next_id),
-                        _META_NEXT_SIGNED: str(next_id % MAX_PREKEY_ID + 1),
-                    },
-                )
-                new_signed = SignedPreKey(
-                    next_id,
-                    bytes(record.getKeyPair().getPublicKey().serialize()),
-                    bytes(record.getSignature()),
-                )
-                rows = [*rows, row]
-            # A replaced key is dropped once its successor is older than the grace.
-            expired = frozenset(
-                older.prekey_id
-                for older, newer in itertools.pairwise(rows)
-                if now - newer.created_at_ms >= policy.signed_prekey_grace_ms
+            changes, new_signed, new_prekeys = plan_maintenance(
+                self._store, identity, self.policy, self._now_ms(), relay_prekey_count
             )
-            new_prekeys: list[OneTimePreKey] = []
-            if relay_prekey_count is not None and relay_prekey_count < policy.prekey_low_water:
-                first = int(self._store.get_meta(_META_NEXT_PREKEY) or "1")
-                batch = generate_prekeys(first, policy.prekey_batch)
-                held = self._store.prekey_ids()
-                overflow = len(held) + len(batch) - policy.max_local_prekeys
-                # Oldest in allocation order: ids at or after `first` were allocated
-                # before the last wrap-around, so they come first.
-                by_age = sorted(held, key=lambda pid: (pid < first, pid))
-                dropped = frozenset(by_age[: max(overflow, 0)])
-                changes = replace(
-                    changes,
-                    prekeys_put={p.getId(): bytes(p.serialize()) for p in batch},
-                    prekeys_delete=dropped,
-                    meta_put={
-                        **changes.meta_put,
-                        _META_NEXT_PREKEY: str(batch[-1].getId() % MAX_PREKEY_ID + 1),
-                    },
-                )
-                new_prekeys = [
-                    OneTimePreKey(p.getId(), bytes(p.getKeyPair().getPublicKey().serialize()))
-                    for p in batch
-                ]
-            changes = replace(changes, signed_prekeys_delete=expired)
             if changes.is_empty():
                 return None
             self._store.commit(changes)
