@@ -185,8 +185,10 @@ SETTING_HELP: dict[str, str] = {
     " with a device mismatch (409), and key fetches of unknown users (404) -> 429",
     "lookup_burst": "per account: burst of such lookups",
     "write_batch_max": "max write operations committed in one transaction",
-    "write_batch_interval_ms": "while writes keep arriving, start a new transaction at most this"
-    " often (a write after an idle period commits at once; 0 = commit as fast as possible)",
+    "write_batch_interval_ms": "while writes keep arriving, commit a transaction at most this"
+    " often after the previous one started; it takes every write that comes meanwhile, each"
+    " send still pushed at once with early_delivery (a write after an idle period commits at"
+    " once; 0 = commit as fast as possible)",
     "early_delivery": "1 = with store = sqlite and no redis_url, push an accepted message to an"
     " online recipient before its commit (the sender's 200 still waits for it; after a failed"
     " commit or a crash the recipient may get it again, with the same message id); 0 = push"
@@ -320,7 +322,7 @@ class RelayConfig:
     lookup_rate: float = 0.5
     lookup_burst: float = 100.0
     write_batch_max: int = 2000
-    write_batch_interval_ms: float = 0.0
+    write_batch_interval_ms: float = 5.0
     early_delivery: int = 1
     sqlite_pipelined_sync: int = 1
     wal_checkpoint_commits: int = 512

@@ -1063,6 +1063,10 @@ class SqliteRelayStore:
         self._state: _WriterState | None = None
         self._checkpointer: _Checkpointer | None = None
         self._syncer: _Syncer | None = None
+        # Acks submitted while a transaction is open (``_submit``), applied by it before COMMIT.
+        self._side_lock = threading.Lock()
+        self._side_acks: list[_Op] = []
+        self._open = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: DeliveryListener | None = None
         self._early: EarlyDeliveryListener | None = None
@@ -1209,8 +1213,28 @@ class SqliteRelayStore:
         if self.health.damaged is not None:
             raise StorageError("storage is damaged; writes are refused")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Op(fn, args, fut, kind))
+        op = _Op(fn, args, fut, kind)
+        if kind == _ACK:
+            # An ack joins the open transaction without waking the writer (it is applied just
+            # before COMMIT) when that transaction already took every earlier write, so acks
+            # keep their order after sends; otherwise it goes through the queue.
+            with self._side_lock:
+                if self._open and self._queue.empty():
+                    self._side_acks.append(op)
+                    return fut
+        self._queue.put(op)
         return fut
+
+    def _side_enter(self) -> None:
+        with self._side_lock:
+            self._open = True
+
+    def _side_leave(self) -> list[_Op]:
+        """Close the open transaction to side acks; return those it took."""
+        with self._side_lock:
+            self._open = False
+            acks, self._side_acks = self._side_acks, []
+        return acks
 
     def _run_writer(self) -> None:
         st = self._state
@@ -1314,6 +1338,8 @@ class SqliteRelayStore:
         pushed = 0  # deliveries already handed out early (a prefix of st.deliveries)
         start_seq = st.seq
         committed = False
+        if more:
+            self._side_enter()
         try:
             st.conn.execute("BEGIN IMMEDIATE")
             while True:
@@ -1348,6 +1374,10 @@ class SqliteRelayStore:
                 chunk = [nxt]
                 stop = self._take_more(chunk, max_batch - len(taken) - 1)
                 taken.extend(chunk)
+            if more:
+                side = self._side_leave()
+                acks.extend(side)
+                taken.extend(side)
             st.flush()
             if acks:  # all of the transaction's acks in one statement, after its sends
                 counts = st.ack_many([(op.args[0], op.args[1]) for op in acks])
@@ -1361,6 +1391,8 @@ class SqliteRelayStore:
             st.committed_ops += len(taken)
             committed = True
         except Exception as exc:
+            if more:
+                taken.extend(self._side_leave())
             self._rollback(st)
             kind = _error_class(exc)
             if kind is not None:
