@@ -4,7 +4,7 @@
 #   after the transaction's log frames were fsync'd: by COMMIT itself (synchronous=FULL), or,
 #   with ``pipelined_sync``, by the sync thread's fdatasync of the log after COMMIT returned.
 # * Early delivery: an accepted send's deliveries go to the early listener while its
-#   transaction is still open, with seqs at most ``_EARLY_SEQS`` above the committed mark; a
+#   transaction is still open, with seqs at most ``_EARLY_SEQS`` above the durable mark; a
 #   store opened after an unclean close starts that far above it, so no seq is ever reused.
 #   Every transaction's outcome reaches the loop in commit order, with the seq it settles.
 # * The writer's in-memory caches (directory, mailbox quotas, sequence counters) are exact while
@@ -107,7 +107,7 @@ _CHECKPOINT_PASSES = 4
 _CHECKPOINT_CLOSE_FRAMES = 64
 _PROBE_MIN_BYTES = 64 * 1024
 # Early delivery: a transaction hands out seqs before its COMMIT only up to this far above the
-# last committed mark, and a store opened after a crash (no clean close) starts this far above
+# last durable mark, and a store opened after a crash (no clean close) starts this far above
 # it, so a seq once shown uncommitted is never given to another message.
 _EARLY_SEQS = 1 << 20
 _BUSY_TIMEOUT_MS = 10000
@@ -351,7 +351,10 @@ class _WriterState:
         self.truncate_log = False  # a sweep asks the writer to empty the log when idle
         row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
         self.seq = int(row[0]) if row else 0
-        self.committed_seq = self.seq  # the seq mark of the last COMMIT
+        # The seq mark of the last COMMIT known durable (set after its sync): early seqs stay
+        # within _EARLY_SEQS of it, so the skip after a crash covers them even when the crash
+        # was a power loss that took unsynced commits with it.
+        self.durable_seq = self.seq
         self.seq_dirty = False
         row = conn.execute("SELECT max(pk) FROM messages").fetchone()
         self.next_msg_pk = int(row[0] or 0) + 1
@@ -1315,7 +1318,7 @@ class SqliteRelayStore:
 
         Early delivery: with an early listener set, each chunk's accepted sends are handed to it
         as soon as they are staged, before COMMIT; their senders' results still wait for it.
-        Only seqs at most ``_EARLY_SEQS`` above the last committed mark go early, so the gap a
+        Only seqs at most ``_EARLY_SEQS`` above the last durable mark go early, so the gap a
         restart after a crash leaves (``_open_seq``) covers every seq ever shown uncommitted.
 
         Args:
@@ -1334,7 +1337,7 @@ class SqliteRelayStore:
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
         acks: list[_Op] = []
         early = self._early is not None
-        early_limit = st.committed_seq + _EARLY_SEQS
+        early_limit = st.durable_seq + _EARLY_SEQS
         pushed = 0  # deliveries already handed out early (a prefix of st.deliveries)
         start_seq = st.seq
         committed = False
@@ -1386,7 +1389,6 @@ class SqliteRelayStore:
                 st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
                 st.seq_dirty = False
             st.conn.execute("COMMIT")
-            st.committed_seq = st.seq
             st.commits += 1
             st.committed_ops += len(taken)
             committed = True
@@ -1432,8 +1434,12 @@ class SqliteRelayStore:
             if error is not None:
                 failure = StorageError("storage failure")
                 results = [(fut, False, failure) for fut, _, _ in results]
-            elif committed and hwm is not None:
-                hwm.note(settled)
+            elif committed:
+                st = self._state
+                if st is not None and settled > st.durable_seq:
+                    st.durable_seq = settled  # one int, read by the writer thread
+                if hwm is not None:
+                    hwm.note(settled)
             self._post(self._complete, results, deliveries, settled)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
@@ -1779,7 +1785,7 @@ def _skip_shown_seqs(conn: sqlite3.Connection) -> None:
     """Start above every seq a process that did not close cleanly may have shown.
 
     Early delivery pushes a message before its transaction commits, with seqs at most
-    ``_EARLY_SEQS`` above the committed mark; after a crash those seqs were seen by
+    ``_EARLY_SEQS`` above the durable mark; after a crash those seqs were seen by
     recipients but are not in the file. Moving the mark up by that much (once, durably, before
     the writer starts) keeps seqs increasing for every recipient across the crash. A clean
     close sets ``seq_clean``, so a normal restart keeps seqs dense; a file from before early
