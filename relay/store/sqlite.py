@@ -110,6 +110,10 @@ _PROBE_MIN_BYTES = 64 * 1024
 # last durable mark, and a store opened after a crash (no clean close) starts this far above
 # it, so a seq once shown uncommitted is never given to another message.
 _EARLY_SEQS = 1 << 20
+# A send to more devices than this is pushed after its commit, as before early delivery: its
+# sender is answered first (the group fan-out target is about that answer), and pushing a
+# large fan-out early would only compete with its own commit for the loop and the GIL.
+_EARLY_MAX_FANOUT = 64
 _BUSY_TIMEOUT_MS = 10000
 _TRUNCATE_WAIT_MS = 50
 
@@ -343,6 +347,8 @@ class _WriterState:
         self.account: dict[str, int] = {}
         self.batch_sent: dict[str, int] = {}  # bytes of this batch's sends not yet flushed
         self.deliveries: list[Delivery] = []
+        # (start, end) in ``deliveries`` of sends to more than _EARLY_MAX_FANOUT devices
+        self.fanouts: list[tuple[int, int]] = []
         self.pending_msgs: list[tuple[Any, ...]] = []
         self.pending_mailbox: list[tuple[int, int, int, int]] = []
         self.batch_ids: dict[bytes, tuple[str, int, int, int]] = {}
@@ -391,6 +397,7 @@ class _WriterState:
         self.account.clear()
         self.batch_sent = {}
         self.deliveries.clear()
+        self.fanouts.clear()
         conn = self.conn
         self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
@@ -700,6 +707,9 @@ class _WriterState:
         self.next_msg_pk = msg_pk + 1
         rows = self.pending_mailbox
         seq = self.seq
+        if len(targets) > _EARLY_MAX_FANOUT:
+            start = len(self.deliveries)
+            self.fanouts.append((start, start + len(targets)))
         for addr, dev_pk in targets:
             seq += 1
             rows.append((dev_pk, seq, msg_pk, size))
@@ -1360,10 +1370,7 @@ class SqliteRelayStore:
                     except RelayError as exc:
                         results.append((op.future, False, exc))
                 if early and len(st.deliveries) > pushed:
-                    staged = st.deliveries[pushed:]
-                    pushed = len(st.deliveries)
-                    # Past the limit (a huge transaction) they wait for COMMIT, like before.
-                    self._post(self._deliver_early, staged, staged[-1].message.seq <= early_limit)
+                    pushed = self._stage_early(st, pushed, early_limit)
                 if stop or len(taken) >= max_batch:
                     break
                 wait = deadline - time.monotonic()
@@ -1412,6 +1419,7 @@ class SqliteRelayStore:
                 results = [(taken[0].future, False, StorageError("storage failure"))]
         deliveries = st.deliveries
         st.deliveries = []
+        st.fanouts.clear()
         # Seqs up to st.seq are settled now: committed, or failed and never to be committed.
         outcome = (results, deliveries, max(st.seq, start_seq), committed)
         if self._syncer is not None:
@@ -1441,6 +1449,26 @@ class SqliteRelayStore:
                 if hwm is not None:
                     hwm.note(settled)
             self._post(self._complete, results, deliveries, settled)
+
+    def _stage_early(self, st: _WriterState, pushed: int, early_limit: int) -> int:
+        """Hand the deliveries staged since ``pushed`` to the early listener, in order: large
+        fan-outs and seqs past ``early_limit`` (a huge transaction) marked to wait for their
+        commit. Returns the new ``pushed``."""
+        end = len(st.deliveries)
+        start = pushed
+        for lo, hi in st.fanouts:
+            if hi <= start:
+                continue
+            if lo > start:
+                self._post_early(st.deliveries[start:lo], early_limit, True)
+            self._post_early(st.deliveries[max(lo, start) : hi], early_limit, False)
+            start = hi
+        if start < end:
+            self._post_early(st.deliveries[start:end], early_limit, True)
+        return end
+
+    def _post_early(self, staged: list[Delivery], early_limit: int, push: bool) -> None:
+        self._post(self._deliver_early, staged, push and staged[-1].message.seq <= early_limit)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
@@ -1491,11 +1519,9 @@ class SqliteRelayStore:
         # The futures' callbacks (send results) were queued first; the fan-out follows them, so
         # a sender is answered before a large group message is pushed. Batches keep commit
         # order because the loop runs callbacks first in, first out.
-        if self._early is not None:
-            # Most of these went out early; the rest (sockets that were held, seqs past the
-            # early limit) must go before the next transaction's early pushes, already queued.
-            self._deliver(deliveries, settled)
-        elif deliveries and self._listener is not None:
+        # With early delivery most went out already; sockets that wait for these (``hold``)
+        # get no early push from later transactions until ``settled`` has moved past them.
+        if (deliveries and self._listener is not None) or self._early is not None:
             assert self._loop is not None
             self._loop.call_soon(self._deliver, deliveries, settled)
 

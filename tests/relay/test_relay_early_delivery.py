@@ -231,3 +231,54 @@ async def test_a_failed_commit_after_the_push_is_a_503_and_the_resend_comes_agai
     assert await drain_until_empty(last) == []
     await last.close()
     assert "Traceback" not in relay.log_text()
+
+
+async def test_a_large_fan_out_waits_for_its_commit_and_later_pushes_keep_seq_order(
+    relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A message to more than 64 devices is pushed after its commit (its sender is answered
+    first, as before early delivery); a 1:1 message sent right after it, in the same open
+    transaction, to one of those devices does not overtake it: each socket still gets its
+    frames in increasing seq."""
+    data = tmp_path / "fanout"
+    setup = relay_factory(None, data)  # 66 registrations, committed without pacing
+    client = RelayClient(setup.url, session)
+    alice = await client.new_device("alice")
+    crowd = [await client.new_device("crowd") for _ in range(65)]
+    setup.stop()
+    relay = relay_factory({"write_batch_interval_ms": HELD_MS}, data)
+    client = RelayClient(relay.url, session)
+    assert (await client.send(alice, [crowd[0]], b"start")).status == 200  # starts the interval
+    sockets = [await client.ws(dev, heartbeat=None) for dev in crowd]
+    for ws in sockets:
+        await drain_until_empty(ws)
+    alice_ws = await _open(client, alice)
+    log: list[Any] = []
+    readers = [
+        asyncio.ensure_future(_frames(alice_ws, "alice", log)),
+        asyncio.ensure_future(_frames(sockets[0], "first", log)),
+    ]
+    try:
+        group, direct = new_mid(), new_mid()
+        everyone = tuple(dev.addr for dev in crowd)
+        await alice_ws.send_bytes(encode_send(Envelope(group, everyone, b"to all")))
+        await alice_ws.send_bytes(encode_send(Envelope(direct, (crowd[0].addr,), b"to one")))
+        await _until(log, _delivered("first", direct))
+        order = [
+            (name, f.message_id if isinstance(f, StoredMessage) else f.get("id")) for name, f in log
+        ]
+        # The group message came first, after alice's answer for it (its commit).
+        assert order.index(("alice", b64(group))) < order.index(("first", group)), order
+        assert order.index(("first", group)) < order.index(("first", direct)), order
+        seqs = [f.seq for name, f in log if name == "first"]
+        assert seqs == sorted(seqs) and len(seqs) == 2, seqs
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    for ws in sockets[1:]:  # everyone else got the group message too
+        got = await next_frame(ws, CEILING)
+        assert isinstance(got, StoredMessage) and got.message_id == group
+        await ws.close()
+    await sockets[0].close()
+    await alice_ws.close()
