@@ -278,6 +278,16 @@ async def traffic_ejabberd(args: argparse.Namespace, rate: float) -> dict[str, A
     return summarize("ejabberd", rate, args.duration, results, cpu1 - cpu0)
 
 
+# relay_load's options for the relay it starts: one process on SQLite (its --store, --nodes,
+# --redis-url and --postgres-dsn defaults).
+_ONE_SQLITE_RELAY: dict[str, Any] = {
+    "store": "sqlite",
+    "nodes": 1,
+    "redis_url": None,
+    "postgres_dsn": None,
+}
+
+
 async def traffic_relay(args: argparse.Namespace, rate: float) -> dict[str, Any]:
     ns = argparse.Namespace(
         url=None,
@@ -292,6 +302,7 @@ async def traffic_relay(args: argparse.Namespace, rate: float) -> dict[str, Any]
         workers=args.workers,
         body_bytes=args.body_bytes,
         no_ack=False,
+        **_ONE_SQLITE_RELAY,
     )
     with quiet(not args.verbose):
         out = await rl.traffic_scenario(ns, "latency")
@@ -433,6 +444,7 @@ async def idle_relay(args: argparse.Namespace) -> float:
         settle=args.settle,
         connect_timeout=600,
         frame_auth=False,
+        **_ONE_SQLITE_RELAY,
     )
     with quiet(not args.verbose):
         out = await rl.idle_scenario(ns)

@@ -63,7 +63,7 @@ from relay.replay import (
 from relay.sealed import issue_certificate, send_sealed, sender_keys, set_access
 from relay.sending import BINARY_SEND_TYPE, charge_lookups, check_recipient_users, receipt_json
 from relay.state import CONFIG_KEY, STATE_KEY, BlobHealth, Clock, RelayState
-from relay.store.base import Address, RelayStore
+from relay.store.base import Address, RelayStore, SupportsEarlyDelivery
 from relay.wire import (
     AUTH_KEY_LEN,
     RESERVED_USERNAMES,
@@ -672,6 +672,11 @@ def create_app(
             state.spawn(_ban_refresher(state))
         gc_before = _tune_gc()
         state.store.set_delivery_listener(state.hub.deliver)
+        early = state.store if isinstance(state.store, SupportsEarlyDelivery) else None
+        if early is not None and config.early_delivery and not config.redis_url:
+            # Pushed once checked, in parallel with the commit (docs/delivery.md). Relay nodes
+            # push only what their store committed (relay.nodes.link).
+            early.set_early_delivery_listener(state.hub)
         link: NodeLink | None = None
         if config.redis_url:
             # Imported here, not at the top: only a relay with redis_url pays for loading redis.
@@ -695,6 +700,8 @@ def create_app(
             link.stop_pushing()
         await state.store.close()  # its last commits still reach the link's listener
         state.store.set_delivery_listener(None)
+        if early is not None:
+            early.set_early_delivery_listener(None)
         await state.blobs.close()
         if isinstance(guard, ManagedReplayGuard):
             await guard.close()

@@ -34,6 +34,7 @@ def store_limits(config: RelayConfig) -> StoreLimits:
         write_batch_max=config.write_batch_max,
         write_batch_interval_ms=config.write_batch_interval_ms,
         checkpoint_commits=config.wal_checkpoint_commits,
+        pipelined_sync=bool(config.sqlite_pipelined_sync),
     )
 
 

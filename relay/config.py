@@ -209,8 +209,17 @@ SETTING_HELP: dict[str, str] = {
     "sender_key_overlap_seconds": "how long a replaced certificate key is still announced (at"
     " least sender_cert_ttl_seconds, so certificates it signed stay verifiable)",
     "write_batch_max": "max write operations committed in one transaction",
-    "write_batch_interval_ms": "while writes keep arriving, start a new transaction at most this"
-    " often (a write after an idle period commits at once; 0 = commit as fast as possible)",
+    "write_batch_interval_ms": "while writes keep arriving, commit a transaction at most this"
+    " often after the previous one started; it takes every write that comes meanwhile, each"
+    " send still pushed at once with early_delivery (a write after an idle period commits at"
+    " once; 0 = commit as fast as possible)",
+    "early_delivery": "1 = with store = sqlite and no redis_url, push an accepted message to an"
+    " online recipient before its commit (the sender's 200 still waits for it; after a failed"
+    " commit or a crash the recipient may get it again, with the same message id); 0 = push"
+    " only after the commit",
+    "sqlite_pipelined_sync": "1 = a commit writes the SQLite log and a sync thread fsyncs it"
+    " before the writes are answered (the writer goes on meanwhile; one fsync covers every commit"
+    " made during the previous one); 0 = every commit fsyncs before the writer goes on",
     "wal_checkpoint_commits": "every this many commits a background thread checkpoints the"
     " SQLite write-ahead log (the writer never waits for the copy); smaller keeps the log file"
     " smaller, larger does fewer copies",
@@ -356,7 +365,9 @@ class RelayConfig:
     sender_key_rotation_seconds: float = 30 * 86400.0
     sender_key_overlap_seconds: float = 2 * 86400.0
     write_batch_max: int = 2000
-    write_batch_interval_ms: float = 0.0
+    write_batch_interval_ms: float = 5.0
+    early_delivery: int = 1
+    sqlite_pipelined_sync: int = 1
     wal_checkpoint_commits: int = 512
     startup_check_seconds: float = 60.0
     nonce_cache_max: int = 1_000_000
@@ -457,6 +468,12 @@ class RelayConfig:
             raise ConfigError(
                 "redis_presence_ttl_seconds must exceed redis_heartbeat_seconds (got"
                 f" {self.redis_presence_ttl_seconds} <= {self.redis_heartbeat_seconds})"
+            )
+        if self.early_delivery not in (0, 1):
+            raise ConfigError(f"early_delivery must be 0 or 1 (got {self.early_delivery})")
+        if self.sqlite_pipelined_sync not in (0, 1):
+            raise ConfigError(
+                f"sqlite_pipelined_sync must be 0 or 1 (got {self.sqlite_pipelined_sync})"
             )
         if self.reuse_port not in (0, 1):
             raise ConfigError(f"reuse_port must be 0 or 1 (got {self.reuse_port})")

@@ -8,6 +8,10 @@
 #   nothing, and there is no per-connection task or queue.
 # * A connection receives DELIVER frames in strictly increasing seq: pushes are skipped while
 #   it drains its backlog (they are in the store) and any seq <= last sent is dropped.
+# * Early delivery (``staged``, SQLite): an accepted send is pushed before its commit, in seq
+#   order. A socket that went live while a transaction was open may lack seqs staged before
+#   that (the drain read only committed ones), so it gets no early push until every seq staged
+#   up to then is settled (``hold``); the committed batch then pushes what it missed, in order.
 """Registry of live WebSocket connections and the live-delivery fan-out."""
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class Connection:
         "addr",
         "closing",
         "drain",
+        "hold",
         "inflight_acks",
         "inflight_sends",
         "last_rx",
@@ -99,6 +104,7 @@ class Connection:
         self.closing = False
         self.last_seq = 0
         self.pending_max = 0
+        self.hold = 0  # no early push until every seq up to this is settled (Hub.staged)
         self.over_since = 0.0
         self.last_rx = 0.0
         self.pinged = False
@@ -126,6 +132,9 @@ class Hub:
         self._hard_cap = max_outbound_bytes * HARD_CAP_FACTOR
         self._grace = grace
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The highest seq handed to ``staged`` and the highest settled (committed or failed).
+        self.staged_seq = 0
+        self.settled_seq = 0
         # Relay nodes hook (relay.nodes.link): told when a connection stops being its device's
         # registered one, to release the device's presence. None on a single node.
         self.detach_listener: Callable[[Connection], None] | None = None
@@ -240,6 +249,57 @@ class Hub:
             if self.write_raw(conn, frames[0] if len(frames) == 1 else b"".join(frames)):
                 delivered += len(frames)
         self._metrics.delivered += delivered
+
+    def staged(self, deliveries: Sequence[Delivery], push: bool = True) -> None:
+        """Push accepted messages before their commit (``EarlyDeliveryListener``).
+
+        Only to live sockets, in increasing seq; the committed batch (``deliver``) follows and
+        skips what went out here (its seqs are not above ``last_seq`` any more). A socket that
+        went live while a transaction was open, or that has a message held back (``push``
+        False: it goes out after its commit), gets nothing early until those are settled
+        (``hold``): the committed batches then push what it missed, in order.
+        """
+        if not deliveries:
+            return
+        conns = self._conns
+        settled = self.settled_seq
+        out: dict[Connection, list[bytes]] = {}
+        for d in deliveries:
+            conn = conns.get(d.recipient)
+            if conn is None or not conn.live:
+                continue
+            seq = d.message.seq
+            if seq <= conn.last_seq:
+                continue
+            if not push or conn.hold > settled:
+                conn.hold = seq  # and everything after it waits for its commit
+                continue
+            conn.last_seq = seq
+            frame = frame_bytes(OPCODE_BINARY, encode_deliver(d.message))
+            frames = out.get(conn)
+            if frames is None:
+                out[conn] = [frame]
+            else:
+                frames.append(frame)
+        last = deliveries[-1].message.seq
+        if last > self.staged_seq:
+            self.staged_seq = last
+        delivered = 0
+        for conn, frames in out.items():
+            if self.write_raw(conn, frames[0] if len(frames) == 1 else b"".join(frames)):
+                delivered += len(frames)
+        self._metrics.delivered += delivered
+
+    def settled(self, seq: int) -> None:
+        """Every seq up to ``seq`` is committed or failed (``EarlyDeliveryListener``)."""
+        if seq > self.settled_seq:
+            self.settled_seq = seq
+
+    def went_live(self, conn: Connection) -> None:
+        """``conn`` drained its backlog: from now on it is pushed to (early once settled)."""
+        conn.live = True
+        if self.staged_seq > self.settled_seq:
+            conn.hold = self.staged_seq
 
     def kick(self, conn: Connection, code: int, reason: str) -> None:
         """Close a connection with ``code`` in the background and unregister it."""

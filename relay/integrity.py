@@ -42,6 +42,10 @@ log = logging.getLogger("relay.integrity")
 DB_NAME = "relay.sqlite3"
 HWM_NAME = "relay.hwm"
 _HWM_PREFIX = "blindpost-relay acknowledged-seq "
+# The mark is rewritten at most this often (seconds): each write is an fsync that also commits
+# file metadata, which at hundreds of commits a second cost more CPU than the commits' own
+# syncs (docs/performance-relay.md, issue 16).
+HWM_MIN_INTERVAL = 0.05
 _QUICK_CHECK_ERRORS = 20  # quick_check stops after this many problems
 
 
@@ -105,7 +109,7 @@ def write_high_water(path: Path, seq: int, *, only_up: bool = True) -> int:
 
 class HighWaterMark:
     """Keeps the mark file up to date from a background thread (one fsync per update, updates
-    coalesced), so no write transaction waits for it.
+    coalesced, at most one per ``HWM_MIN_INTERVAL``), so no write transaction waits for it.
 
     Args:
         path: the mark file.
@@ -116,6 +120,7 @@ class HighWaterMark:
         self._latest = 0
         self._written = 0
         self._wake = threading.Event()
+        self._stop = threading.Event()  # ends the pause between two writes at once
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="relay-hwm", daemon=True)
 
@@ -134,6 +139,7 @@ class HighWaterMark:
     def close(self) -> None:
         """Write the last value and stop the thread."""
         self._stopping = True
+        self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -146,6 +152,7 @@ class HighWaterMark:
             if latest > self._written:
                 try:
                     self._written = write_high_water(self._path, latest)
+                    self._stop.wait(HWM_MIN_INTERVAL)
                 except OSError as exc:
                     log.error("cannot update %s: %s", self._path, exc)
                     time.sleep(1)

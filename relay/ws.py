@@ -237,7 +237,7 @@ async def _drain(st: RelayState, conn: Connection) -> None:
             # No await between this check and ``live = True``: a commit that the read above
             # missed has already raised pending_max, so we loop; a later one is pushed live.
             if not msgs and conn.pending_max <= conn.last_seq:
-                conn.live = True
+                st.hub.went_live(conn)
                 st.hub.write_text(conn, _EMPTY_FRAME)
                 return
     except (ConnectionError, RuntimeError):

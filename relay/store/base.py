@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 __all__ = [
     "Address",
     "Delivery",
     "DeviceBundle",
     "DeviceInfo",
+    "EarlyDeliveryListener",
     "Envelope",
     "Invite",
     "KeyUpload",
@@ -31,6 +32,7 @@ __all__ = [
     "StoreLimits",
     "StoreStats",
     "StoredMessage",
+    "SupportsEarlyDelivery",
     "SweepReport",
 ]
 
@@ -245,6 +247,12 @@ class StoreLimits:
     write-ahead log into the database file, so the writer never pauses for that copy and its
     fsync; the writer then only copies the few pages committed meanwhile, and the log starts
     over (docs/performance-relay-journal.md, fifth session).
+
+    ``pipelined_sync`` (SQLite): COMMIT only writes the log (``synchronous=NORMAL``) and a sync
+    thread makes it durable (``fdatasync`` of the log) before the transaction's writers are
+    answered, so the writer stages the next transaction while the last one is being synced,
+    and one sync covers every commit made while the previous one ran. False: every COMMIT
+    syncs itself (``synchronous=FULL``) and the writer waits for it.
     """
 
     max_devices_per_user: int = 127
@@ -262,6 +270,7 @@ class StoreLimits:
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
     checkpoint_commits: int = 512
+    pipelined_sync: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +285,39 @@ class StoreStats:
 
 
 DeliveryListener = Callable[[Sequence[Delivery]], None]
+
+
+class EarlyDeliveryListener(Protocol):
+    """Told of accepted sends before their commit (a store that supports it: SQLite).
+
+    ``staged`` gets a chunk's deliveries once every check of their sends passed and their seqs
+    are assigned, while the transaction that stores them is still open; their senders are
+    answered only after COMMIT, and the committed batch still goes to the ``DeliveryListener``
+    afterwards. A staged delivery may never be committed (the commit fails, or the process
+    dies): its sender then gets an error, or no answer, and sends it again with the same
+    message id, so the recipient sees that message twice and drops the copy by its id. Seqs
+    are never reused, not even after a crash (the store skips past every seq it may have
+    shown). ``settled(seq)`` follows each transaction: every seq up to ``seq`` is now
+    committed or never will be.
+    """
+
+    def staged(self, deliveries: Sequence[Delivery], push: bool = True) -> None:
+        """Accepted, not yet committed deliveries, in increasing seq (called on the loop).
+
+        With ``push`` False they must not be shown before their commit (the committed batch
+        brings them), and nothing later may overtake them.
+        """
+
+    def settled(self, seq: int) -> None:
+        """Every seq up to ``seq`` is committed or failed (called on the loop)."""
+
+
+@runtime_checkable
+class SupportsEarlyDelivery(Protocol):
+    """A store that can tell of accepted sends before their commit (SQLite)."""
+
+    def set_early_delivery_listener(self, listener: EarlyDeliveryListener | None) -> None:
+        """Register the early listener; None pushes only after COMMIT."""
 
 
 class RelayStore(Protocol):

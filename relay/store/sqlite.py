@@ -1,7 +1,12 @@
 # Invariants:
 # * One writer thread owns the only write connection. Concurrent write requests are queued and
 #   committed together in one transaction (group commit); each caller's future resolves only
-#   after COMMIT returned with synchronous=FULL in WAL mode, i.e. after fsync.
+#   after the transaction's log frames were fsync'd: by COMMIT itself (synchronous=FULL), or,
+#   with ``pipelined_sync``, by the sync thread's fdatasync of the log after COMMIT returned.
+# * Early delivery: an accepted send's deliveries go to the early listener while its
+#   transaction is still open, with seqs at most ``_EARLY_SEQS`` above the durable mark; a
+#   store opened after an unclean close starts that far above it, so no seq is ever reused.
+#   Every transaction's outcome reaches the loop in commit order, with the seq it settles.
 # * The writer's in-memory caches (directory, mailbox quotas, sequence counters) are exact while
 #   no other connection writes; each batch starts, under the write lock, by checking
 #   ``PRAGMA data_version`` and reloading them if another writer (another process sharing the
@@ -34,6 +39,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -61,6 +67,7 @@ from relay.store.base import (
     DeliveryListener,
     DeviceBundle,
     DeviceInfo,
+    EarlyDeliveryListener,
     Envelope,
     Invite,
     KeyUpload,
@@ -105,6 +112,14 @@ _CHECKPOINT_SECONDS = 2.0
 _CHECKPOINT_PASSES = 4
 _CHECKPOINT_CLOSE_FRAMES = 64
 _PROBE_MIN_BYTES = 64 * 1024
+# Early delivery: a transaction hands out seqs before its COMMIT only up to this far above the
+# last durable mark, and a store opened after a crash (no clean close) starts this far above
+# it, so a seq once shown uncommitted is never given to another message.
+_EARLY_SEQS = 1 << 20
+# A send to more devices than this is pushed after its commit, as before early delivery: its
+# sender is answered first (the group fan-out target is about that answer), and pushing a
+# large fan-out early would only compete with its own commit for the loop and the GIL.
+_EARLY_MAX_FANOUT = 64
 _BUSY_TIMEOUT_MS = 10000
 _TRUNCATE_WAIT_MS = 50
 
@@ -351,6 +366,8 @@ class _WriterState:
         self.account: dict[str, int] = {}
         self.batch_sent: dict[str, int] = {}  # bytes of this batch's sends not yet flushed
         self.deliveries: list[Delivery] = []
+        # (start, end) in ``deliveries`` of sends to more than _EARLY_MAX_FANOUT devices
+        self.fanouts: list[tuple[int, int]] = []
         self.pending_msgs: list[tuple[Any, ...]] = []
         self.pending_mailbox: list[tuple[int, int, int, int]] = []
         self.batch_ids: dict[bytes, tuple[str, int, int, int]] = {}
@@ -359,6 +376,10 @@ class _WriterState:
         self.truncate_log = False  # a sweep asks the writer to empty the log when idle
         row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
         self.seq = int(row[0]) if row else 0
+        # The seq mark of the last COMMIT known durable (set after its sync): early seqs stay
+        # within _EARLY_SEQS of it, so the skip after a crash covers them even when the crash
+        # was a power loss that took unsynced commits with it.
+        self.durable_seq = self.seq
         self.seq_dirty = False
         row = conn.execute("SELECT max(pk) FROM messages").fetchone()
         self.next_msg_pk = int(row[0] or 0) + 1
@@ -395,6 +416,7 @@ class _WriterState:
         self.account.clear()
         self.batch_sent = {}
         self.deliveries.clear()
+        self.fanouts.clear()
         conn = self.conn
         self.queued = int(conn.execute("SELECT count(*) FROM mailbox").fetchone()[0])
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
@@ -719,6 +741,9 @@ class _WriterState:
         self.next_msg_pk = msg_pk + 1
         rows = self.pending_mailbox
         seq = self.seq
+        if len(targets) > _EARLY_MAX_FANOUT:
+            start = len(self.deliveries)
+            self.fanouts.append((start, start + len(targets)))
         for addr, dev_pk in targets:
             seq += 1
             rows.append((dev_pk, seq, msg_pk, size))
@@ -996,6 +1021,63 @@ class _Checkpointer:
             last_frames = frames
 
 
+class _Syncer:
+    """Makes committed transactions durable on its own thread (``pipelined_sync``).
+
+    The write connection commits with ``synchronous=NORMAL``: COMMIT appends the transaction's
+    frames to the write-ahead log and returns; this thread then runs ``fdatasync`` on the log
+    and only after it returns hands each transaction's results on (``done``), in commit order.
+    A sync covers every frame written before it started, so all commits that came while the
+    previous sync ran share the next one. SQLite itself still syncs the log before every
+    checkpoint and whenever the log starts over (its header), so the log it recovers after a
+    power loss holds at least every transaction answered here.
+    """
+
+    def __init__(self, log_path: Path, done: Callable[[list[Any], OSError | None], None]) -> None:
+        self._path = log_path
+        self._done = done
+        self._items: list[Any] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="relay-sync", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any) -> None:
+        """Queue one transaction's outcome; it is passed to ``done`` after the next sync."""
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Sync and hand on what is queued, then stop the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._stopping:
+                    self._cond.wait()
+                items, self._items = self._items, []
+            if not items:
+                return
+            error: OSError | None = None
+            try:
+                fd = os.open(self._path, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                error = exc
+            try:
+                self._done(items, error)
+            except Exception:
+                log.exception("sync hand-off failed")
+
+
 class SqliteRelayStore:
     """``RelayStore`` on SQLite (WAL, synchronous=FULL) with group commit.
 
@@ -1027,8 +1109,14 @@ class SqliteRelayStore:
         self._thread: threading.Thread | None = None
         self._state: _WriterState | None = None
         self._checkpointer: _Checkpointer | None = None
+        self._syncer: _Syncer | None = None
+        # Acks submitted while a transaction is open (``_submit``), applied by it before COMMIT.
+        self._side_lock = threading.Lock()
+        self._side_acks: list[_Op] = []
+        self._open = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: DeliveryListener | None = None
+        self._early: EarlyDeliveryListener | None = None
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._reader_conns: list[sqlite3.Connection] = []
@@ -1046,6 +1134,11 @@ class SqliteRelayStore:
     def set_delivery_listener(self, listener: DeliveryListener | None) -> None:
         """Register the live-delivery callback (see ``RelayStore``)."""
         self._listener = listener
+
+    def set_early_delivery_listener(self, listener: EarlyDeliveryListener | None) -> None:
+        """Register the listener of staged, not yet committed, deliveries (see
+        ``EarlyDeliveryListener``); None pushes only after COMMIT."""
+        self._early = listener
 
     async def open(self) -> None:
         """Create the schema and start the writer thread.
@@ -1076,6 +1169,7 @@ class SqliteRelayStore:
             elif int(row[0]) < SCHEMA_VERSION:
                 conn.execute("UPDATE meta SET v=? WHERE k='schema_version'", (SCHEMA_VERSION,))
             conn.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('seq', 0)")
+            _skip_shown_seqs(conn)
             _use_incremental_vacuum(conn)
             conn.execute(
                 "INSERT OR IGNORE INTO dedupe_secret(id, secret) VALUES (1, ?)", (new_secret(),)
@@ -1084,6 +1178,11 @@ class SqliteRelayStore:
             rules = DedupeRules(secret, self._limits.dedupe_window_ms)
             self._state = _WriterState(conn, self._limits, rules)
             self._checkpointer = _Checkpointer(self._path)
+            if self._limits.pipelined_sync:
+                # Only this connection's commits; the checkpointer keeps FULL (it syncs the log
+                # before each copy and the database file after it either way).
+                conn.execute("PRAGMA synchronous=NORMAL")
+                self._syncer = _Syncer(Path(f"{self._path}-wal"), self._synced)
             if self._hwm is not None:
                 self._hwm.start(self._state.seq)
         except sqlite3.Error as exc:
@@ -1100,6 +1199,8 @@ class SqliteRelayStore:
         if self._thread is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        if self._syncer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._syncer.close)
         if self._checkpointer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._checkpointer.close)
         if self._hwm is not None:
@@ -1112,6 +1213,8 @@ class SqliteRelayStore:
             self._reader_conns.clear()
         if self._state is not None:
             try:
+                # Every writer is done: no seq above the mark was shown (see _skip_shown_seqs).
+                self._state.conn.execute("UPDATE meta SET v=1 WHERE k='seq_clean'")
                 self._state.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error:
                 log.warning("checkpoint at close failed")
@@ -1158,8 +1261,28 @@ class SqliteRelayStore:
         if self.health.damaged is not None:
             raise StorageError("storage is damaged; writes are refused")
         fut: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Op(fn, args, fut, kind))
+        op = _Op(fn, args, fut, kind)
+        if kind == _ACK:
+            # An ack joins the open transaction without waking the writer (it is applied just
+            # before COMMIT) when that transaction already took every earlier write, so acks
+            # keep their order after sends; otherwise it goes through the queue.
+            with self._side_lock:
+                if self._open and self._queue.empty():
+                    self._side_acks.append(op)
+                    return fut
+        self._queue.put(op)
         return fut
+
+    def _side_enter(self) -> None:
+        with self._side_lock:
+            self._open = True
+
+    def _side_leave(self) -> list[_Op]:
+        """Close the open transaction to side acks; return those it took."""
+        with self._side_lock:
+            self._open = False
+            acks, self._side_acks = self._side_acks, []
+        return acks
 
     def _run_writer(self) -> None:
         st = self._state
@@ -1167,7 +1290,6 @@ class SqliteRelayStore:
         assert st is not None and checkpointer is not None
         every = self._limits.checkpoint_commits
         requested = False
-        max_batch = self._limits.write_batch_max
         interval = self._limits.write_batch_interval_ms / 1000
         last_start = -interval
         stop = False
@@ -1175,24 +1297,15 @@ class SqliteRelayStore:
             first = self._queue.get()
             if first is None:
                 break
-            # Commit pacing: while writes keep arriving, transactions start at most once per
-            # interval, so their fixed cost (fsync, one page per table and index touched) is
-            # shared by more operations. After an idle interval the first write goes at once.
-            wait = last_start + interval - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            last_start = time.monotonic()
-            batch = [first]
-            while len(batch) < max_batch:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._run_batch(st, batch)
+            # Commit pacing: while writes keep arriving, a transaction commits at most once per
+            # interval after the previous one started, so its fixed cost (fsync, one page per
+            # table and index touched) is shared by more operations; until then it stays open
+            # and takes each write as it comes (a send is checked and pushed at once). After an
+            # idle interval the first write commits at once.
+            now = time.monotonic()
+            deadline = max(last_start + interval, now)
+            last_start = now
+            stop = self._run_transaction(st, [first], deadline)
             # Between transactions (the batch's results are already on their way): finish a
             # background checkpoint, or ask for one.
             if st.truncate_log and self._queue.empty():
@@ -1221,37 +1334,104 @@ class SqliteRelayStore:
                 requested = True
                 checkpointer.request()
 
-    def _run_batch(self, st: _WriterState, batch: list[_Op]) -> None:
-        # Every SQLite step releases the GIL, and winning it back from a busy event loop can
-        # take a whole switch interval; so a batch costs a handful of statements, not a few per
-        # message: BEGIN, one step for the other-writer check and the dedupe lookup, one
-        # multi-row INSERT per table, one DELETE for all acks together (dropped bodies follow
-        # inside SQLite, by a trigger), the seq mark, and COMMIT.
+    def _take_more(self, batch: list[_Op], room: int) -> bool:
+        """Append queued operations to ``batch`` without waiting, at most ``room``; return
+        True when the stop sentinel was met."""
+        while room > 0:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if nxt is None:
+                return True
+            batch.append(nxt)
+            room -= 1
+        return False
+
+    def _run_transaction(
+        self, st: _WriterState, first: list[_Op], deadline: float, *, more: bool = True
+    ) -> bool:
+        """Run one write transaction: stage what is queued, keep taking writes until
+        ``deadline`` (or ``write_batch_max`` operations), then COMMIT and answer them all.
+
+        Every SQLite step releases the GIL, and winning it back from a busy event loop can take a
+        whole switch interval; so a chunk of operations costs a handful of statements, not a few
+        per message: per chunk taken from the queue one step for the other-writer check and the
+        dedupe lookup; at the end one multi-row INSERT per table (earlier only when another
+        operation needs the rows), one DELETE for all the transaction's acks (dropped bodies
+        follow inside SQLite, by a trigger), the seq mark and COMMIT.
+
+        Early delivery: with an early listener set, each chunk's accepted sends are handed to it
+        as soon as they are staged, before COMMIT; their senders' results still wait for it.
+        Only seqs at most ``_EARLY_SEQS`` above the last durable mark go early, so the gap a
+        restart after a crash leaves (``_open_seq``) covers every seq ever shown uncommitted.
+
+        Args:
+            st: the writer's state.
+            first: the operations to start with.
+            deadline: monotonic time until which more writes are taken into the transaction.
+            more: False runs exactly ``first`` (the one-by-one retry of a failed batch).
+
+        Returns:
+            True when the stop sentinel was taken from the queue.
+        """
+        max_batch = self._limits.write_batch_max if more else len(first)
+        stop = self._take_more(first, max_batch - len(first))
+        taken = list(first)
+        chunk = first
         results: list[tuple[asyncio.Future[Any], bool, Any]] = []
         acks: list[_Op] = []
+        early = self._early is not None
+        early_limit = st.durable_seq + _EARLY_SEQS
+        pushed = 0  # deliveries already handed out early (a prefix of st.deliveries)
+        start_seq = st.seq
+        committed = False
+        if more:
+            self._side_enter()
         try:
             st.conn.execute("BEGIN IMMEDIATE")
-            # A SEND_AFTER's previous message is looked up with the batch's own ids.
-            st.begin_batch(
-                [(op.args[0], op.args[1].message_id) for op in batch if op.kind == _SEND]
-                + [
+            while True:
+                sends = [(op.args[0], op.args[1].message_id) for op in chunk if op.kind == _SEND]
+                # A SEND_AFTER's previous message is looked up with the chunk's own ids (one
+                # staged earlier in this transaction is in batch_ids, or already flushed).
+                sends += [
                     (op.args[0], op.args[1].after)
-                    for op in batch
+                    for op in chunk
                     if op.kind == _SEND and op.args[1].after is not None
                 ]
-            )
-            for op in batch:
-                if op.kind == _ACK:
-                    acks.append(op)
-                    continue
-                if op.kind != _SEND:
-                    st.flush()
+                if sends:
+                    st.begin_batch(sends)
+                for op in chunk:
+                    if op.kind == _ACK:
+                        acks.append(op)
+                        continue
+                    if op.kind != _SEND:
+                        st.flush()
+                    try:
+                        results.append((op.future, True, op.fn(*op.args)))
+                    except RelayError as exc:
+                        results.append((op.future, False, exc))
+                if early and len(st.deliveries) > pushed:
+                    pushed = self._stage_early(st, pushed, early_limit)
+                if stop or len(taken) >= max_batch:
+                    break
+                wait = deadline - time.monotonic()
                 try:
-                    results.append((op.future, True, op.fn(*op.args)))
-                except RelayError as exc:
-                    results.append((op.future, False, exc))
+                    nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                chunk = [nxt]
+                stop = self._take_more(chunk, max_batch - len(taken) - 1)
+                taken.extend(chunk)
+            if more:
+                side = self._side_leave()
+                acks.extend(side)
+                taken.extend(side)
             st.flush()
-            if acks:
+            if acks:  # all of the transaction's acks in one statement, after its sends
                 counts = st.ack_many([(op.args[0], op.args[1]) for op in acks])
                 results.extend((op.future, True, n) for op, n in zip(acks, counts, strict=True))
             if st.seq_dirty:
@@ -1259,31 +1439,83 @@ class SqliteRelayStore:
                 st.seq_dirty = False
             st.conn.execute("COMMIT")
             st.commits += 1
-            st.committed_ops += len(batch)
-            if self._hwm is not None:
-                self._hwm.note(st.seq)
+            st.committed_ops += len(taken)
+            committed = True
         except Exception as exc:
+            if more:
+                taken.extend(self._side_leave())
             self._rollback(st)
             kind = _error_class(exc)
             if kind is not None:
                 # The file or the disk failed, not one operation: retrying each would fail the
                 # same way (and log as many times). Every operation of the batch fails.
-                self._note_failure(kind, exc, f"write batch of {len(batch)} operations")
+                self._note_failure(kind, exc, f"write batch of {len(taken)} operations")
                 err = StorageError("storage is damaged" if kind == "corrupt" else "storage failure")
-                results = [(op.future, False, err) for op in batch]
+                results = [(op.future, False, err) for op in taken]
             else:
-                log.exception("write batch of %d failed; retrying one by one", len(batch))
-                if len(batch) > 1:
-                    for op in batch:
-                        self._run_batch(st, [op])
-                    return
-                results = [(batch[0].future, False, StorageError("storage failure"))]
-
+                log.exception("write batch of %d failed; retrying one by one", len(taken))
+                if len(taken) > 1:
+                    for op in taken:
+                        self._run_transaction(st, [op], 0.0, more=False)
+                    return stop
+                results = [(taken[0].future, False, StorageError("storage failure"))]
         deliveries = st.deliveries
         st.deliveries = []
+        st.fanouts.clear()
+        # Seqs up to st.seq are settled now: committed, or failed and never to be committed.
+        outcome = (results, deliveries, max(st.seq, start_seq), committed)
+        if self._syncer is not None:
+            self._syncer.submit(outcome)  # in commit order, behind the transactions before
+        else:
+            self._synced([outcome], None)
+        return stop
+
+    def _synced(self, outcomes: list[Any], error: OSError | None) -> None:
+        """Transactions are durable (or their sync failed): answer them, in commit order.
+
+        Called by the sync thread, or by the writer when it committed with a sync of its own.
+        A failed sync answers every write of those transactions with a storage failure (their
+        rows may be visible and may be lost: a sender retries, a recipient acks again).
+        """
+        if error is not None:
+            self._note_failure("io", error, f"log sync of {len(outcomes)} transactions")
+        hwm = self._hwm
+        for results, deliveries, settled, committed in outcomes:
+            if error is not None:
+                failure = StorageError("storage failure")
+                results = [(fut, False, failure) for fut, _, _ in results]
+            elif committed:
+                st = self._state
+                if st is not None and settled > st.durable_seq:
+                    st.durable_seq = settled  # one int, read by the writer thread
+                if hwm is not None:
+                    hwm.note(settled)
+            self._post(self._complete, results, deliveries, settled)
+
+    def _stage_early(self, st: _WriterState, pushed: int, early_limit: int) -> int:
+        """Hand the deliveries staged since ``pushed`` to the early listener, in order: large
+        fan-outs and seqs past ``early_limit`` (a huge transaction) marked to wait for their
+        commit. Returns the new ``pushed``."""
+        end = len(st.deliveries)
+        start = pushed
+        for lo, hi in st.fanouts:
+            if hi <= start:
+                continue
+            if lo > start:
+                self._post_early(st.deliveries[start:lo], early_limit, True)
+            self._post_early(st.deliveries[max(lo, start) : hi], early_limit, False)
+            start = hi
+        if start < end:
+            self._post_early(st.deliveries[start:end], early_limit, True)
+        return end
+
+    def _post_early(self, staged: list[Delivery], early_limit: int, push: bool) -> None:
+        self._post(self._deliver_early, staged, push and staged[-1].message.seq <= early_limit)
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._complete, results, deliveries)
+            self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:
             log.warning("event loop closed before results were delivered")
 
@@ -1314,7 +1546,10 @@ class SqliteRelayStore:
             self.health.write_error = reason
 
     def _complete(
-        self, results: list[tuple[asyncio.Future[Any], bool, Any]], deliveries: list[Delivery]
+        self,
+        results: list[tuple[asyncio.Future[Any], bool, Any]],
+        deliveries: list[Delivery],
+        settled: int,
     ) -> None:
         for fut, ok, value in results:
             if fut.done():
@@ -1326,18 +1561,31 @@ class SqliteRelayStore:
         # The futures' callbacks (send results) were queued first; the fan-out follows them, so
         # a sender is answered before a large group message is pushed. Batches keep commit
         # order because the loop runs callbacks first in, first out.
-        if deliveries and self._listener is not None:
+        # With early delivery most went out already; sockets that wait for these (``hold``)
+        # get no early push from later transactions until ``settled`` has moved past them.
+        if (deliveries and self._listener is not None) or self._early is not None:
             assert self._loop is not None
-            self._loop.call_soon(self._deliver, deliveries)
+            self._loop.call_soon(self._deliver, deliveries, settled)
 
-    def _deliver(self, deliveries: list[Delivery]) -> None:
+    def _deliver(self, deliveries: list[Delivery], settled: int) -> None:
         listener = self._listener
-        if listener is None:
-            return
         try:
-            listener(deliveries)
+            if deliveries and listener is not None:
+                listener(deliveries)
+            early = self._early
+            if early is not None:
+                early.settled(settled)
         except Exception:
             log.exception("delivery listener failed")
+
+    def _deliver_early(self, deliveries: list[Delivery], push: bool) -> None:
+        early = self._early
+        if early is None:
+            return
+        try:
+            early.staged(deliveries, push)
+        except Exception:
+            log.exception("early delivery listener failed")
 
     # -- reader machinery ----------------------------------------------------------------
 
@@ -1703,6 +1951,31 @@ def _truncate_log(conn: sqlite3.Connection) -> bool:
         with contextlib.suppress(sqlite3.Error):
             conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
     return busy == 0
+
+
+def _skip_shown_seqs(conn: sqlite3.Connection) -> None:
+    """Start above every seq a process that did not close cleanly may have shown.
+
+    Early delivery pushes a message before its transaction commits, with seqs at most
+    ``_EARLY_SEQS`` above the durable mark; after a crash those seqs were seen by
+    recipients but are not in the file. Moving the mark up by that much (once, durably, before
+    the writer starts) keeps seqs increasing for every recipient across the crash. A clean
+    close sets ``seq_clean``, so a normal restart keeps seqs dense; a file from before early
+    delivery has no marker and nothing to skip.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT v FROM meta WHERE k='seq_clean'").fetchone()
+        if row is not None and int(row[0]) == 0:
+            conn.execute("UPDATE meta SET v = v + ? WHERE k='seq'", (_EARLY_SEQS,))
+        conn.execute(
+            "INSERT INTO meta(k, v) VALUES ('seq_clean', 0) ON CONFLICT(k) DO UPDATE SET v=0"
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _probe_write(conn: sqlite3.Connection, size: int) -> None:

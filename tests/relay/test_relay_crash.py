@@ -10,7 +10,12 @@ Definitions checked here, over every relay incarnation:
 * lost: acknowledged by the relay with 200, never delivered by the end;
 * duplicated: delivered again after the recipient's ack of it was confirmed (redelivery of
   an *unacknowledged* message after a reconnect is the protocol working as designed), or
-  the same id stored twice in one mailbox (two different ``seq`` for one id);
+  the same id stored twice in one mailbox: two different ``seq`` for one id from one relay
+  incarnation, or from two when the sender's 200 for it had come before the first was seen.
+  (The relay pushes a message to an online recipient before its commit: a copy pushed by an
+  incarnation killed before that commit was never stored, its sender got no 200 and resends
+  it with the same id, so the recipient sees it again with a new seq; the SDK drops the copy
+  by its id. docs/delivery.md);
 * out of order: a ``seq`` not above the previous one on the same connection, or a message
   seen for the first time with a ``seq`` below one already seen (it was committed earlier
   but held back);
@@ -64,6 +69,9 @@ class Mailbox:
     """What one recipient device has seen, across every connection."""
 
     seq_of: dict[bytes, int] = field(default_factory=dict)
+    # (id, relay incarnation) -> the seq it came with from that incarnation
+    seq_in: dict[tuple[bytes, int], int] = field(default_factory=dict)
+    first_in: dict[bytes, int] = field(default_factory=dict)  # id -> incarnation first seen
     last_first_seen: int = 0
     ack_confirmed: set[bytes] = field(default_factory=set)
     deliveries: int = 0
@@ -74,6 +82,7 @@ class Peer:
     dev: Device
     bodies: dict[bytes, tuple[str, bytes]] = field(default_factory=dict)  # mid -> (to, body)
     confirmed: set[bytes] = field(default_factory=set)
+    confirmed_in: dict[bytes, int] = field(default_factory=dict)  # id -> incarnation of its 200
     retry: list[bytes] = field(default_factory=list)
     mailbox: Mailbox = field(default_factory=Mailbox)
     counter: int = 0
@@ -90,6 +99,7 @@ class Chaos:
         self.by_user = {p.dev.user: p for p in peers}
         self.rng = rng
         self.url = ""
+        self.incarnation = 0  # which relay process is up (counts restarts)
         self.up = asyncio.Event()
         self.stop_sending = asyncio.Event()
         self.done = asyncio.Event()
@@ -103,7 +113,13 @@ class Chaos:
 
     # -- receiving ---------------------------------------------------------------------
 
-    def on_deliver(self, me: Peer, data: bytes, session_last: list[int]) -> bytes | None:
+    def confirm(self, me: Peer, mid: bytes, incarnation: int) -> None:
+        me.confirmed.add(mid)
+        me.confirmed_in.setdefault(mid, incarnation)
+
+    def on_deliver(
+        self, me: Peer, data: bytes, session_last: list[int], incarnation: int
+    ) -> bytes | None:
         msg = decode_deliver(data)
         box = me.mailbox
         box.deliveries += 1
@@ -119,6 +135,7 @@ class Chaos:
         if mid in box.ack_confirmed:
             self.violation(f"{me.dev.user}: {b64(mid)} delivered again after its ack committed")
         known = box.seq_of.get(mid)
+        here = box.seq_in.setdefault((mid, incarnation), seq)
         if known is None:
             if seq <= box.last_first_seen:
                 self.violation(
@@ -126,8 +143,17 @@ class Chaos:
                 )
             box.last_first_seen = max(box.last_first_seen, seq)
             box.seq_of[mid] = seq
+            box.first_in[mid] = incarnation
+        elif here != seq:
+            self.violation(f"{me.dev.user}: {b64(mid)} stored twice (seq {here} and {seq})")
         elif known != seq:
-            self.violation(f"{me.dev.user}: {b64(mid)} stored twice (seq {known} and {seq})")
+            # First seen from an earlier incarnation with another seq: legitimate only if that
+            # copy was pushed before a commit the crash prevented (no 200 had come by then).
+            first = box.first_in[mid]
+            answered = sender.confirmed_in.get(mid) if sender is not None else None
+            if answered is not None and answered <= first:
+                self.violation(f"{me.dev.user}: {b64(mid)} stored twice (seq {known} and {seq})")
+            self.stats["resent_after_early_push"] += 1
         else:
             self.stats["redelivered_unacked"] += 1
         return mid
@@ -139,6 +165,7 @@ class Chaos:
         while not self.done.is_set():
             await self.up.wait()
             client.base = self.url
+            incarnation = self.incarnation
             try:
                 ws = await client.ws(me.dev, heartbeat=None)
             except (aiohttp.ClientError, OSError):
@@ -146,12 +173,16 @@ class Chaos:
                 continue
             self.stats["connections"] += 1
             try:
-                await self.session(me, client, ws)
+                await self.session(me, client, ws, incarnation)
             finally:
                 await ws.close()
 
     async def session(
-        self, me: Peer, client: RelayClient, ws: aiohttp.ClientWebSocketResponse
+        self,
+        me: Peer,
+        client: RelayClient,
+        ws: aiohttp.ClientWebSocketResponse,
+        incarnation: int,
     ) -> None:
         inflight: dict[bytes, None] = {}
         window = asyncio.Semaphore(WINDOW)
@@ -165,7 +196,7 @@ class Chaos:
             while True:
                 msg = await ws.receive()
                 if msg.type == aiohttp.WSMsgType.BINARY:
-                    mid = self.on_deliver(me, msg.data, session_last)
+                    mid = self.on_deliver(me, msg.data, session_last, incarnation)
                     if mid is not None:
                         to_ack.append(mid)  # processed: only now may it be acknowledged
                 elif msg.type == aiohttp.WSMsgType.TEXT:
@@ -176,7 +207,7 @@ class Chaos:
                         inflight.pop(mid, None)
                         window.release()
                         if doc["status"] == 200:
-                            me.confirmed.add(mid)
+                            self.confirm(me, mid, incarnation)
                         else:
                             self.stats[f"send_result_{doc['status']}"] += 1
                             if doc["status"] >= 500:
@@ -218,7 +249,7 @@ class Chaos:
                 to_user, body = me.bodies[mid]
                 to_dev = self.by_user[to_user].dev
                 if me.counter % HTTP_EVERY == 0 and mid not in inflight:
-                    await self.send_http(me, client, to_dev, mid, body)
+                    await self.send_http(me, client, to_dev, mid, body, incarnation)
                 else:
                     await window.acquire()
                     inflight[mid] = None
@@ -243,7 +274,7 @@ class Chaos:
         return mid
 
     async def send_http(
-        self, me: Peer, client: RelayClient, to: Device, mid: bytes, body: bytes
+        self, me: Peer, client: RelayClient, to: Device, mid: bytes, body: bytes, incarnation: int
     ) -> None:
         try:
             reply = await client.send_binary(me.dev, [to], body, mid)
@@ -251,7 +282,7 @@ class Chaos:
             me.retry.append(mid)
             return
         if reply.status == 200:
-            me.confirmed.add(mid)
+            self.confirm(me, mid, incarnation)
             return
         self.stats[f"http_{reply.status}"] += 1
         if reply.status >= 500:
@@ -313,6 +344,7 @@ async def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
                 relays[-1].proc.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(relays[-1].proc.wait, 10)
                 chaos.up.clear()
+                chaos.incarnation += 1
                 kills += 1
                 relays.append(await asyncio.to_thread(relay_factory, None, data_dir))
                 chaos.url = relays[-1].url
