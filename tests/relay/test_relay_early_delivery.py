@@ -38,6 +38,9 @@ from relay.store.base import Envelope, StoredMessage
 from relay.wire import encode_send
 
 HELD_MS = "10000"  # a transaction that takes a write inside this interval stays open this long
+# The paced relays record no last-seen times: a device's first request in a period writes one
+# in the background, and that write would start a pacing window of its own before the test's.
+HELD = {"write_batch_interval_ms": HELD_MS, "device_seen_granularity_seconds": "0"}
 CEILING = 60.0
 DISK_LIMIT = 1024 * 1024  # RLIMIT_FSIZE of the relay process (test_relay_disk_full.py)
 
@@ -79,7 +82,7 @@ def _answered(name: str, kind: str, key: str, value: str) -> Callable[[Any], boo
 async def test_recipient_gets_it_before_the_commit_and_its_ack_rides_along(
     relay_factory: Callable[..., RelayProcess], session: aiohttp.ClientSession
 ) -> None:
-    relay = relay_factory({"write_batch_interval_ms": HELD_MS})
+    relay = relay_factory(HELD)
     client = RelayClient(relay.url, session)
     alice, bob = await client.new_device("alice"), await client.new_device("bob")
     # The first write after an idle interval commits at once; it starts the interval.
@@ -125,7 +128,7 @@ async def test_a_crash_before_the_commit_means_a_resend_with_a_higher_seq(
     m1 again (its ack was never stored) with its seq, and m2 again with a seq above every seq
     he saw before; once acknowledged, nothing is left and nothing comes again."""
     data = tmp_path / "crash"
-    relay = relay_factory({"write_batch_interval_ms": HELD_MS}, data)
+    relay = relay_factory(HELD, data)
     client = RelayClient(relay.url, session)
     alice, bob = await client.new_device("alice"), await client.new_device("bob")
     bob_ws = await _open(client, bob)
@@ -246,7 +249,7 @@ async def test_a_large_fan_out_waits_for_its_commit_and_later_pushes_keep_seq_or
     alice = await client.new_device("alice")
     crowd = [await client.new_device("crowd") for _ in range(65)]
     setup.stop()
-    relay = relay_factory({"write_batch_interval_ms": HELD_MS}, data)
+    relay = relay_factory(HELD, data)
     client = RelayClient(relay.url, session)
     assert (await client.send(alice, [crowd[0]], b"start")).status == 200  # starts the interval
     sockets = [await client.ws(dev, heartbeat=None) for dev in crowd]
