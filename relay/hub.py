@@ -239,11 +239,11 @@ class Hub:
             conn.last_seq = seq
             payload = message if isinstance(message, bytes) else encode_deliver(message)
             frame = frame_bytes(OPCODE_BINARY, payload)
-            frames = out.get(conn)
-            if frames is None:
-                out[conn] = [frame]
-            else:
-                frames.append(frame)
+            out.setdefault(conn, []).append(frame)
+        self._write_batches(out)
+
+    def _write_batches(self, out: dict[Connection, list[bytes]]) -> None:
+        # One transport.write per connection for all its frames of this batch.
         delivered = 0
         for conn, frames in out.items():
             if self.write_raw(conn, frames[0] if len(frames) == 1 else b"".join(frames)):
@@ -276,19 +276,11 @@ class Hub:
                 continue
             conn.last_seq = seq
             frame = frame_bytes(OPCODE_BINARY, encode_deliver(d.message))
-            frames = out.get(conn)
-            if frames is None:
-                out[conn] = [frame]
-            else:
-                frames.append(frame)
+            out.setdefault(conn, []).append(frame)
         last = deliveries[-1].message.seq
         if last > self.staged_seq:
             self.staged_seq = last
-        delivered = 0
-        for conn, frames in out.items():
-            if self.write_raw(conn, frames[0] if len(frames) == 1 else b"".join(frames)):
-                delivered += len(frames)
-        self._metrics.delivered += delivered
+        self._write_batches(out)
 
     def settled(self, seq: int) -> None:
         """Every seq up to ``seq`` is committed or failed (``EarlyDeliveryListener``)."""
