@@ -122,6 +122,14 @@ _EARLY_SEQS = 1 << 20
 _EARLY_MAX_FANOUT = 64
 _BUSY_TIMEOUT_MS = 10000
 _TRUNCATE_WAIT_MS = 50
+# The log is emptied after a sweep only once no write came for this long. A TRUNCATE checkpoint
+# holds the writer while it copies what is left of the log, syncs the database file and cuts the
+# log to zero bytes, after which every commit grows the file again (a costlier sync) until it
+# reaches its working size; run whenever the queue happened to be empty between two batches, it
+# did that once a minute under load, in the middle of the traffic (docs/performance-relay.md,
+# "Holding steady"). Under load the log is overwritten from its start after every checkpoint
+# anyway, so what it holds of deleted rows lasts about one log cycle.
+_TRUNCATE_IDLE_SECONDS = 1.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
@@ -1294,7 +1302,14 @@ class SqliteRelayStore:
         last_start = -interval
         stop = False
         while not stop:
-            first = self._queue.get()
+            if st.truncate_log:
+                try:
+                    first = self._queue.get(timeout=_TRUNCATE_IDLE_SECONDS)
+                except queue.Empty:  # idle: empty the log, then wait for work
+                    st.truncate_log = not _truncate_log(st.conn)
+                    continue
+            else:
+                first = self._queue.get()
             if first is None:
                 break
             # Commit pacing: while writes keep arriving, a transaction commits at most once per
@@ -1308,8 +1323,6 @@ class SqliteRelayStore:
             stop = self._run_transaction(st, [first], deadline)
             # Between transactions (the batch's results are already on their way): finish a
             # background checkpoint, or ask for one.
-            if st.truncate_log and self._queue.empty():
-                st.truncate_log = not _truncate_log(st.conn)
             since = st.commits - st.checkpointed_at
             # Also by time: when the machine is short of CPU, batches grow to write_batch_max
             # and commits become rare (1.3/s at 3,000 msg/s on a loaded 2-core box), and 512
@@ -1939,8 +1952,8 @@ class SqliteRelayStore:
 def _truncate_log(conn: sqlite3.Connection) -> bool:
     """Copy the write-ahead log into the database file and empty it, so page images of deleted
     rows do not stay in the log file while the relay is idle; return False when readers held it
-    back (tried again later). Called by the writer between transactions, with nothing queued:
-    it waits for readers at most ``_TRUNCATE_WAIT_MS``."""
+    back (tried again later). Called by the writer after ``_TRUNCATE_IDLE_SECONDS`` without a
+    write: it waits for readers at most ``_TRUNCATE_WAIT_MS``."""
     try:
         conn.execute(f"PRAGMA busy_timeout={_TRUNCATE_WAIT_MS}")
         busy = int(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
