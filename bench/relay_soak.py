@@ -209,6 +209,23 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         f" unanswered {sum(r['unanswered_sends'] for r in results)};"
         f" relay log tracebacks {log_tracebacks}; load average {os.getloadavg()}"
     )
+    everything = sorted(lat for lats in by_interval.values() for lat in lats)
+    overall = {
+        "p50_ms": pct(everything, 50) / 1000,
+        "p99_ms": pct(everything, 99) / 1000,
+        "max_ms": (everything[-1] / 1000) if everything else float("nan"),
+    }
+    # The tail target compares the p99 of the whole run with a 30-second run's; with
+    # --sample-seconds 30 the first interval is that run (a fresh relay, the same load).
+    print(
+        f"  whole window: p50 {overall['p50_ms']:.2f} ms, p99 {overall['p99_ms']:.2f} ms,"
+        f" max {overall['max_ms']:.1f} ms over {len(everything)} deliveries"
+    )
+    if rows and rows[0]["p99_ms"] > 0:
+        print(
+            f"  p99 whole window / first {interval:g} s: "
+            f"{overall['p99_ms'] / rows[0]['p99_ms']:.2f}x"
+        )
     if len(rows) >= 2:
         first, last = rows[0], rows[-1]
         ten = next((r for r in rows if r["minute"] >= 10), None)
@@ -227,6 +244,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         "title": title,
         "rows": rows,
         "statuses": statuses,
+        "overall": overall,
         "sent": sent,
         "delivered": delivered,
     }
