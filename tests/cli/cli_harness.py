@@ -166,3 +166,22 @@ def assert_one_line_error(result: Result, code: int) -> None:
     assert result.code == code, str(result)
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("blindpost: error: "), str(result)
+
+
+def read_link_code(proc: subprocess.Popen[str], *, as_json: bool) -> str:
+    """The code `link` prints before it waits (read line by line while it runs)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60.0
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if as_json:
+            record = json.loads(line)
+            if record.get("type") == "link_code":
+                return str(record["code"])
+        elif line.startswith("code: "):
+            return line.removeprefix("code: ").strip()
+    raise AssertionError(
+        f"link printed no code; stderr: {proc.stderr.read() if proc.stderr else ''}"
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_harness import Cli, Relay
+from cli_harness import Cli, Relay, read_link_code
 from daemon_harness import SocketDaemon, StdioDaemon, socket_path
 
 pytestmark = pytest.mark.timeout(240)
@@ -353,3 +353,61 @@ def test_shutdown_answers_a_request_still_waiting_for_the_relay(
     cli("ddave", "receive")
     got = cli("dbob", "receive", "--json").of_type("message")
     assert [m["text"] for m in got if m["id"] == pending["id"]] == ["queued at shutdown"]
+
+
+def test_devices_recovery_key_and_backup_methods(
+    cli: Cli, relay: Relay, accounts: Any, tmp_path: Path
+) -> None:
+    """The account commands added with linked devices and backups are methods too: a device
+    is linked, listed and removed through the daemon, a new recovery key and a backup are
+    made through it, with the CLI's records as results."""
+    pw = tmp_path / "pw"
+    pw.write_text("daemon backup passphrase\n")
+    cli("dfay", "--passphrase-file", str(pw), "init", "dfay", "--relay", relay.url)
+    daemon = StdioDaemon(cli, "dfay", "--passphrase-file", str(pw))
+    try:
+        (only,) = daemon.call("devices")
+        assert only["type"] == "device" and only["id"] == 1 and only["this_device"] is True
+        proc = cli.start("dfay-laptop", "link", "--relay", relay.url, "--timeout", "60")
+        code = read_link_code(proc, as_json=False)
+        added = daemon.call("devices", {"action": "add", "code": code, "name": "laptop"})
+        assert added == {
+            "type": "device_added",
+            "id": added["id"],
+            "name": "laptop",
+            "username": "dfay",
+            "history": False,
+        }
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, (out, err)
+        listed = {d["id"]: d for d in daemon.call("devices", {"action": "list"})}
+        assert set(listed) == {1, added["id"]} and listed[added["id"]]["name"] == "laptop"
+        ourselves = daemon.error("devices", {"action": "remove", "id": 1})
+        assert ourselves["code"] == -32602 and "this device" in ourselves["message"]
+        removed = daemon.call("devices", {"action": "remove", "id": added["id"]})
+        assert removed == {"type": "device_removed", "id": added["id"]}
+        assert [d["id"] for d in daemon.call("devices")] == [1]
+        assert daemon.error("devices", {"action": "rename"})["code"] == -32602
+
+        key = daemon.call("recovery-key")
+        assert key["type"] == "recovery_key" and key["username"] == "dfay"
+        assert len(key["recovery_key"]) > 20
+
+        out_file = tmp_path / "dfay.backup"
+        made = daemon.call("backup", {"action": "create", "out": str(out_file)})
+        assert made["type"] == "backup" and made["username"] == "dfay"
+        assert out_file.stat().st_size == made["size"] > 0
+        restore = daemon.error("backup", {"action": "restore", "out": str(out_file)})
+        assert restore["code"] == -32602 and "new data directory" in restore["message"]
+    finally:
+        daemon.close_stdin()
+        code_, err_ = daemon.wait()
+    assert code_ == 0, err_
+    no_passphrase = StdioDaemon(cli, "dbob")
+    try:
+        refused = no_passphrase.error("backup", {"action": "create", "out": str(tmp_path / "x")})
+        assert refused["data"]["error"] == "CliError" and "passphrase" in refused["message"]
+        assert not (tmp_path / "x").exists()
+    finally:
+        no_passphrase.close_stdin()
+        no_passphrase.wait()

@@ -8,43 +8,21 @@ registered.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import time
 from typing import Any
 
 import pytest
-from cli_harness import Cli, Relay
+from cli_harness import Cli, Relay, read_link_code
 
 pytestmark = pytest.mark.timeout(240)
 
 WAIT = 60.0
 
 
-def _read_code(proc: subprocess.Popen[str], *, as_json: bool) -> str:
-    """The code `link` prints before it waits (read line by line while it runs)."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if as_json:
-            record = json.loads(line)
-            if record.get("type") == "link_code":
-                return str(record["code"])
-        elif line.startswith("code: "):
-            return line.removeprefix("code: ").strip()
-    raise AssertionError(
-        f"link printed no code; stderr: {proc.stderr.read() if proc.stderr else ''}"
-    )
-
-
 def _link(
     cli: Cli, relay: Relay, name: str, approver: str, device_name: str, *extra: str
 ) -> dict[str, Any]:
     proc = cli.start(name, "link", "--relay", relay.url, "--timeout", str(WAIT))
-    code = _read_code(proc, as_json=False)
+    code = read_link_code(proc, as_json=False)
     approved = cli(approver, "--json", "devices", "add", code, "--name", device_name, *extra)
     (added,) = approved.records
     out, err = proc.communicate(timeout=WAIT)

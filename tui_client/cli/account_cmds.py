@@ -14,8 +14,10 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from e2ee.client import DB_FILE, Client
+from e2ee.client.backup import BackupInfo
 from e2ee.client_errors import InvalidRecoveryKey, RateLimited, RecoveryRefused
 from e2ee.errors import TransportError, WrongPassphrase
 from tui_client.cli.checks import _username
@@ -136,12 +138,29 @@ async def cmd_recover(settings: _Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def recovery_key_record(user: str, key: str) -> dict[str, Any]:
+    """The `recovery-key` record (the CLI's --json line, the daemon's result)."""
+    return {"type": "recovery_key", "username": user, "recovery_key": key}
+
+
+def backup_record(info: BackupInfo) -> dict[str, Any]:
+    """The record of a backup written (the CLI's --json line, the daemon's result)."""
+    return {
+        "type": "backup",
+        "path": str(info.path),
+        "username": info.username,
+        "size": info.size,
+        "media": info.media_files,
+        "skipped": False,
+    }
+
+
 async def cmd_recovery_key(settings: _Settings, args: argparse.Namespace) -> int:
     async with _account(settings, connect=False) as session:
         client = session.client
         key = await asyncio.wait_for(client.recovery.new_key(), settings.network_timeout)
         user = client.username
-    record = {"type": "recovery_key", "username": user, "recovery_key": key}
+    record = recovery_key_record(user, key)
     lines = ["the earlier recovery key no longer works", *_recovery_key_lines(key, user)]
     settings.out.emit(record, "\n".join(lines))
     return EXIT_OK
@@ -192,14 +211,7 @@ async def _backup_create(settings: _Settings, args: argparse.Namespace) -> int:
         info = await client.recovery.backup(out, passphrase, with_media=args.with_media)
     finally:
         await client.close()
-    record = {
-        "type": "backup",
-        "path": str(info.path),
-        "username": info.username,
-        "size": info.size,
-        "media": info.media_files,
-        "skipped": False,
-    }
+    record = backup_record(info)
     media = f", {info.media_files} files" if args.with_media else ""
     settings.out.emit(
         record, f"backup of {info.username} written to {info.path} ({info.size} bytes{media})"

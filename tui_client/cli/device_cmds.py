@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from typing import Any
 
-from e2ee.client import DB_FILE, Client, PendingLink
+from e2ee.client import DB_FILE, Client, DeviceRecord, LinkGrant, PendingLink
 from e2ee.client_errors import InvalidLinkGrant, LinkNotApproved, RateLimited
 from e2ee.errors import TransportError
 from tui_client.cli.checks import _relay_urls
@@ -117,6 +118,42 @@ async def cmd_link(settings: _Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def device_added_record(grant: LinkGrant) -> dict[str, Any]:
+    """The `devices add` record (the CLI's --json line, the daemon's result)."""
+    return {
+        "type": "device_added",
+        "id": grant.device_id,
+        "name": grant.device_name,
+        "username": grant.username,
+        "history": bool(grant.history_blob),
+    }
+
+
+def device_record(d: DeviceRecord) -> dict[str, Any]:
+    """One `devices` record (the CLI's --json line, an item of the daemon's result)."""
+    return {
+        "type": "device",
+        "id": d.device_id,
+        "name": d.name,
+        "added": d.created_at,
+        "last_seen": d.last_seen,
+        "this_device": d.this_device,
+    }
+
+
+def check_removal(client: Client, device_id: int, force: bool) -> None:
+    """Refuse to remove this device itself unless forced (it would be logged out).
+
+    Raises:
+        CliError: (2) ``device_id`` is this device and ``force`` is False.
+    """
+    if device_id == client.device_id and not force:
+        raise CliError(
+            EXIT_USAGE,
+            "that is this device: it would be logged out (add --force to do it anyway)",
+        )
+
+
 async def cmd_devices(settings: _Settings, args: argparse.Namespace) -> int:
     action = getattr(args, "devices_command", None) or "list"
     async with _account(settings, connect=False) as session:
@@ -126,13 +163,7 @@ async def cmd_devices(settings: _Settings, args: argparse.Namespace) -> int:
             grant = await devices.approve(
                 args.code, name=args.name or "", with_history=args.with_history
             )
-            record = {
-                "type": "device_added",
-                "id": grant.device_id,
-                "name": grant.device_name,
-                "username": grant.username,
-                "history": bool(grant.history_blob),
-            }
+            record = device_added_record(grant)
             named = f" ({grant.device_name})" if grant.device_name else ""
             settings.out.emit(
                 record,
@@ -141,11 +172,7 @@ async def cmd_devices(settings: _Settings, args: argparse.Namespace) -> int:
             )
             return EXIT_OK
         if action == "remove":
-            if args.device_id == session.client.device_id and not args.force:
-                raise CliError(
-                    EXIT_USAGE,
-                    "that is this device: it would be logged out (add --force to do it anyway)",
-                )
+            check_removal(session.client, args.device_id, args.force)
             await asyncio.wait_for(devices.remove(args.device_id), settings.network_timeout)
             settings.out.emit(
                 {"type": "device_removed", "id": args.device_id},
@@ -156,14 +183,7 @@ async def cmd_devices(settings: _Settings, args: argparse.Namespace) -> int:
             raise CliError(EXIT_ERROR, f"unknown devices action {action!r}")
         listed = await asyncio.wait_for(devices.list(), settings.network_timeout)
     for d in listed:
-        record = {
-            "type": "device",
-            "id": d.device_id,
-            "name": d.name,
-            "added": d.created_at,
-            "last_seen": d.last_seen,
-            "this_device": d.this_device,
-        }
+        record = device_record(d)
         this = "  (this device)" if d.this_device else ""
         human = (
             f"{d.device_id:>3}  {d.name or '-':<20}  added {format_time(d.created_at)}  "

@@ -1,6 +1,8 @@
 # Invariants:
 # * One method per CLI command, under the CLI's name, with the CLI's checks (tui_client.cli's
-#   argument validators, history/search pages) and the CLI's --json records as results.
+#   argument validators, history/search pages) and the CLI's --json records as results. Not
+#   methods: the commands that make or replace the account directory the daemon holds open
+#   (init, recover, link, backup restore), receive (events are notifications) and daemon.
 # * Params are named; every handler reads its params and calls Params.done(), so an unknown
 #   or mistyped param is -32602 before anything happens.
 # * SDK waits go through the session's bounded() (--network-timeout), as the CLI's do.
@@ -16,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from e2ee.client_errors import IdentityHeld
 from tui_client import cli
-from tui_client.cli import EXIT_HELD, EXIT_NOT_FOUND, CliError
+from tui_client.cli import EXIT_HELD, EXIT_NOT_FOUND, CliError, account_cmds, device_cmds
 from tui_client.cli import checks as cli_checks
 from tui_client.cli import commands as cli_commands
 from tui_client.cli import session as cli_session
@@ -309,3 +311,58 @@ async def _contacts(daemon: Daemon, connection: Connection, params: Params) -> A
         }
         for user, levels in sorted(contacts.items())
     ]
+
+
+@method("devices")
+async def _devices(daemon: Daemon, connection: Connection, params: Params) -> Any:
+    action = params.text("action") or "list"
+    session = daemon.session
+    devices = session.client.devices
+    if action == "list":
+        params.done()
+        listed = await session.bounded(devices.list(), "the relay's device list")
+        return [device_cmds.device_record(d) for d in listed]
+    if action == "add":
+        code = params.required_text("code")
+        name = params.text("name") or ""
+        with_history = params.flag("with_history")
+        params.done()
+        # Not bounded by --network-timeout: with the history it is a transfer (as in the CLI).
+        grant = await devices.approve(code, name=name, with_history=with_history)
+        return device_cmds.device_added_record(grant)
+    if action == "remove":
+        device_id = params.integer("id", -1)
+        force = params.flag("force")
+        params.done()
+        if device_id < 1:
+            raise RpcError(INVALID_PARAMS, "'id' must be a device id (a positive integer)")
+        device_cmds.check_removal(session.client, device_id, force)
+        await session.bounded(devices.remove(device_id), "the relay to remove the device")
+        return {"type": "device_removed", "id": device_id}
+    raise RpcError(INVALID_PARAMS, "'action' must be list, add or remove")
+
+
+@method("recovery-key")
+async def _recovery_key(daemon: Daemon, connection: Connection, params: Params) -> Any:
+    params.done()
+    client = daemon.session.client
+    key = await daemon.session.bounded(client.recovery.new_key(), "the relay to set the key")
+    return account_cmds.recovery_key_record(client.username, key)
+
+
+@method("backup")
+async def _backup(daemon: Daemon, connection: Connection, params: Params) -> Any:
+    action = params.required_text("action")
+    if action == "restore":
+        raise RpcError(
+            INVALID_PARAMS,
+            "a backup is restored into a new data directory: run 'blindpost backup restore' there",
+        )
+    if action != "create":
+        raise RpcError(INVALID_PARAMS, "'action' must be create")
+    out = Path(params.required_text("out"))
+    with_media = params.flag("with_media")
+    params.done()
+    passphrase = account_cmds._backup_passphrase(daemon.session.settings)
+    info = await daemon.session.client.recovery.backup(out, passphrase, with_media=with_media)
+    return account_cmds.backup_record(info)
