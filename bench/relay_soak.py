@@ -250,7 +250,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-async def sweep_cost(records: int, chunks: Sequence[int] = (5000, 1000)) -> None:
+async def sweep_cost(records: int, chunks: Sequence[int] = (1000, 250)) -> None:
     """Time the SQLite store's sweep call by call on a dedupe table of ``records`` records
     spread over 11 buckets (the steady state at a constant rate), one bucket due."""
     import sqlite3
