@@ -14,7 +14,9 @@ Invariants:
   It goes without our name only when we hold a certificate and every recipient user's
   access key and our own other devices are not among the recipients; otherwise the
   authenticated way, still sealed inside (the group id stays hidden). A token the relay
-  refuses is forgotten and the same message is sent authenticated at once.
+  refuses is forgotten and the same message is sent authenticated at once. The outbox asks
+  :meth:`Sealing.hideable` to send our other devices' copies apart, so that a message to
+  contacts does not go with our name for their sake (e2ee.client.sync).
 * Our access key reaches only users we write to ourselves (the payloads we compose, and the
   group's Sender Key distributions), never through receipts or session resets, which we also
   send to strangers.
@@ -300,6 +302,22 @@ class Sealing:
             # authenticated way, still sealed inside.
             return body, None
         return body, {user: delivery_token(key) for user, key in keys.items() if key}
+
+    def hideable(self, recipients: Sequence[tuple[str, int]]) -> bool:
+        """Whether a send to ``recipients`` would go without our name (blocking): sealing on,
+        a usable certificate, an access key of every recipient user and the identity key of
+        every recipient device, and none of our own devices among them.
+
+        The outbox asks this to send our own other devices' copy of a message as a message
+        of its own, so the peers' part can go without our name.
+        """
+        ctx = self._ctx
+        users = {u for u, _ in recipients}
+        if not self.enabled or not users or ctx.me.name in users or self.certificate() is None:
+            return False
+        if not all(self.peer_key(u) for u in users):
+            return False
+        return all(ctx.engine.identity(Address(u, d)) is not None for u, d in recipients)
 
     def authenticated_body(
         self, recipients: Sequence[tuple[str, int]], inner: bytes
