@@ -1,5 +1,6 @@
 """Sealed sender in the client: our access key, the pinned relay keys, our certificate, the
-contacts' access keys; sealing what we send and opening what arrives.
+contacts' access keys; sealing what we send and opening what arrives; the settings a user
+changes (:class:`SealedSender`, ``client.sealed``).
 
 Invariants:
 
@@ -17,6 +18,10 @@ Invariants:
   refuses is forgotten and the same message is sent authenticated at once. The outbox asks
   :meth:`Sealing.hideable` to send our other devices' copies apart, so that a message to
   contacts does not go with our name for their sake (e2ee.client.sync).
+* The relay holds our token verifier exactly while we accept sealed messages
+  (``sealed:refuse`` unset): the choice and a new access key are committed first and the
+  relay told after, so a failed request is repeated at the next :meth:`Sealing.refresh`.
+  While we refuse, our payloads carry no access key.
 * Our access key reaches only users we write to ourselves (the payloads we compose, and the
   group's Sender Key distributions), never through receipts or session resets, which we also
   send to strangers.
@@ -58,7 +63,7 @@ from e2ee.transport.sealed_requests import (
 if TYPE_CHECKING:
     from e2ee.client.context import ClientContext
 
-__all__ = ["Opened", "Sealing"]
+__all__ = ["Opened", "SealedSender", "Sealing"]
 
 _log = logging.getLogger("e2ee.client.sealing")
 
@@ -68,6 +73,7 @@ _META_PINS = "sealed:pins"
 _META_CERT = "sealed:cert"
 _META_CERT_EXPIRES = "sealed:cert_expires"
 _META_PEER = "sealed:peer:"
+_META_REFUSE = "sealed:refuse"  # "1": we accept no sealed message (the relay holds no verifier)
 #: A certificate with less than this left is renewed at the next maintenance run...
 _RENEW_MS = 6 * 3600 * 1000
 #: ...and one with less than this left is not put on a message (it could expire in flight).
@@ -198,16 +204,9 @@ class Sealing:
         """
         ctx = self._ctx
         pins = await self._pin()
+        await self._sync_access()
         if not self.enabled:
             return  # we still read sealed messages; we only send none
-        key = self.access_key()
-        if key is None:
-            key = ctx.random_bytes(ACCESS_KEY_LENGTH)
-            await asyncio.to_thread(self._put, {_META_ACCESS: key.hex()})
-        verifier = token_verifier(delivery_token(key))
-        if self._meta(_META_REGISTERED) != verifier.hex():
-            await ctx.link.execute(set_access(verifier))
-            await asyncio.to_thread(self._put, {_META_REGISTERED: verifier.hex()})
         stored = self._stored_certificate()
         if stored is None or stored[1] - ctx.now_ms() < _RENEW_MS:
             issued = await ctx.link.execute(issue_certificate())
@@ -221,20 +220,66 @@ class Sealing:
                 {_META_CERT: issued.certificate.hex(), _META_CERT_EXPIRES: str(issued.expires_ms)},
             )
 
+    @property
+    def accepting(self) -> bool:
+        """Whether contacts may send to us without their name (:meth:`set_accepting`)."""
+        return self._meta(_META_REFUSE) != "1"
+
+    async def _sync_access(self) -> None:
+        """Bring the relay's verifier in line with what we chose: our current access key's
+        while we accept sealed messages (made on first use; only with sealing on), none
+        while we refuse them. What we chose is committed before the relay is asked, so a
+        failed request is repeated by the next :meth:`refresh`.
+
+        Raises:
+            TransportError: the relay could not be told (the next refresh tries again).
+        """
+        ctx = self._ctx
+        registered = self._meta(_META_REGISTERED)
+        if not self.accepting:
+            if registered != "":  # a verifier, or never told
+                await ctx.link.execute(set_access(None))
+                await asyncio.to_thread(self._put, {_META_REGISTERED: ""})
+            return
+        if not self.enabled:
+            return
+        key = self.access_key()
+        if key is None:
+            key = ctx.random_bytes(ACCESS_KEY_LENGTH)
+            await asyncio.to_thread(self._put, {_META_ACCESS: key.hex()})
+        verifier = token_verifier(delivery_token(key))
+        if registered != verifier.hex():
+            await ctx.link.execute(set_access(verifier))
+            await asyncio.to_thread(self._put, {_META_REGISTERED: verifier.hex()})
+
     async def rotate_access_key(self) -> None:
         """Replace our access key: every token a contact holds stops working at once (their
         next message to us is refused sealed and goes with their name); contacts learn the
         new key from our next message to them.
 
         Raises:
-            TransportError: the relay could not be told (the old key stays).
+            TransportError: the relay could not be told (it is told at the next refresh;
+                until then the old key's tokens still work there).
         """
         key = self._ctx.random_bytes(ACCESS_KEY_LENGTH)
-        verifier = token_verifier(delivery_token(key))
-        await self._ctx.link.execute(set_access(verifier))
-        await asyncio.to_thread(
-            self._put, {_META_ACCESS: key.hex(), _META_REGISTERED: verifier.hex()}
-        )
+        await asyncio.to_thread(self._put, {_META_ACCESS: key.hex()})
+        await self._sync_access()
+
+    async def set_accepting(self, accept: bool) -> None:
+        """Accept sealed messages from contacts (the default), or refuse them from everyone.
+
+        Refusing removes our verifier from the relay, which then refuses every sealed send
+        to us: contacts' messages come with their name again, and our messages stop
+        carrying our access key. Accepting again registers the current key's verifier.
+        Strangers never hold our access key (it travels only in what we send), so the
+        relay refuses their sealed sends either way.
+
+        Raises:
+            TransportError: the relay could not be told (the choice is kept and the relay
+                is told at the next refresh).
+        """
+        await asyncio.to_thread(self._put, {_META_REFUSE: "" if accept else "1"})
+        await self._sync_access()
 
     def refresh_soon(self) -> None:
         """Run :meth:`refresh` in the background (once at a time), for a message that named
@@ -271,7 +316,7 @@ class Sealing:
 
     def stamp(self, data: bytes, kind: str) -> bytes:
         """``data`` (an encoded payload of ``kind``) with our access key, when it may carry it."""
-        key = self.access_key() if self.enabled else None
+        key = self.access_key() if self.enabled and self.accepting else None
         if key is None or kind in _NO_ACCESS_KEY:
             return data
         return payload.with_access_key(data, key)
@@ -396,3 +441,61 @@ class Sealing:
             return
         if self.peer_key(user) != key:
             self._ctx.store.commit(Changes(meta_put={_META_PEER + user: key.hex()}))
+
+
+class SealedSender:
+    """Sealed sender settings of one open account (``client.sealed``).
+
+    Contacts that wrote to each other send without their name by default: each message we
+    compose carries our access key, from which a contact derives the delivery token the
+    relay asks for (docs/protocol.md, "Sealed sender"). Strangers never get the key, so
+    the relay refuses their sealed sends: they come with their name.
+    """
+
+    def __init__(self, sealing: Sealing) -> None:
+        self._sealing = sealing
+
+    def __repr__(self) -> str:
+        return f"SealedSender(sending={self.sending}, accepting={self.accepting})"
+
+    @property
+    def sending(self) -> bool:
+        """Whether we seal what we send (``ClientOptions.sealed_sender``)."""
+        return self._sealing.enabled
+
+    @property
+    def accepting(self) -> bool:
+        """Whether contacts may send to us without their name (the default: True)."""
+        return self._sealing.accepting
+
+    async def refuse(self) -> None:
+        """Refuse sealed messages from everyone: the relay holds no verifier for us, so each
+        contact's next sealed send is refused and goes with their name; our messages stop
+        carrying our access key. Kept across restarts.
+
+        Raises:
+            TransportError: the relay could not be told now (it is told at the next key
+                maintenance after connecting; the choice is kept).
+        """
+        await self._sealing.set_accepting(False)
+
+    async def accept(self) -> None:
+        """Accept sealed messages from contacts again (undoes :meth:`refuse`).
+
+        Raises:
+            TransportError: as :meth:`refuse`.
+        """
+        await self._sealing.set_accepting(True)
+
+    async def rotate_access_key(self) -> None:
+        """Replace our access key: the tokens every contact holds stop working at once (so
+        does a token that leaked). A contact learns the new key from our next message to
+        them; until then their messages to us go with their name. We do not send every
+        contact a message at once: a burst right after the rotation would show the relay
+        our contact list.
+
+        Raises:
+            TransportError: the relay could not be told now (it is told at the next key
+                maintenance; until then the old tokens still work).
+        """
+        await self._sealing.rotate_access_key()
