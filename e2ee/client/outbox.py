@@ -486,6 +486,7 @@ class Outbox:
                             break
                         targets = [Address(u, d) for u in users for d in known[u]]
                         copy = own_copy(entry) if mine else None
+                        copy = None if copy is None else self.sealing.stamp_own(copy)
                         if copy is not None:  # the transcript for our own other devices
                             targets += [Address(ctx.me.name, d) for d in mine]
                         plan.append((entry, targets))
@@ -838,6 +839,7 @@ class Outbox:
                 mine = await asyncio.to_thread(own_devices, self._ctx)
             own = own_copy(transcribe) if mine and transcribe is not None else None
             if own is not None:
+                own = self.sealing.stamp_own(own)
                 for device in mine:
                     ct = await asyncio.to_thread(
                         self._ctx.locked, self._ctx.engine.encrypt, Address(me, device), own

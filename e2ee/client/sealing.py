@@ -18,6 +18,10 @@ Invariants:
   refuses is forgotten and the same message is sent authenticated at once. The outbox asks
   :meth:`Sealing.hideable` to send our other devices' copies apart, so that a message to
   contacts does not go with our name for their sake (e2ee.client.sync).
+* One access key per account, the same on each of its devices (the relay keeps one
+  verifier per account): derived from the identity key pair and a rotation epoch
+  (``sealed:access_epoch``); a device takes a later epoch's key only from a payload of our
+  own other device (:meth:`Sealing.learn`), and stamps its key on its copies to them.
 * The relay holds our token verifier exactly while we accept sealed messages
   (``sealed:refuse`` unset): the choice and a new access key are committed first and the
   relay told after, so a failed request is repeated at the next :meth:`Sealing.refresh`.
@@ -45,12 +49,20 @@ from e2ee.core.sealed import (
     RelayKeyPins,
     SealedContent,
     SealedRecipient,
+    account_access_key,
     delivery_token,
     is_sealed,
     seal,
     verify_certificate,
 )
-from e2ee.errors import CertificateMismatch, E2EEError, InvalidMessage, TransportError
+from e2ee.errors import (
+    CertificateMismatch,
+    E2EEError,
+    InvalidMessage,
+    StorageError,
+    TransportError,
+    UsageError,
+)
 from e2ee.store import Address, Changes
 from e2ee.transport.errors import DeliveryTokenRefused
 from e2ee.transport.sealed_requests import (
@@ -73,6 +85,7 @@ _META_PINS = "sealed:pins"
 _META_CERT = "sealed:cert"
 _META_CERT_EXPIRES = "sealed:cert_expires"
 _META_PEER = "sealed:peer:"
+_META_EPOCH = "sealed:access_epoch"  # the rotation epoch of our access key
 _META_REFUSE = "sealed:refuse"  # "1": we accept no sealed message (the relay holds no verifier)
 #: A certificate with less than this left is renewed at the next maintenance run...
 _RENEW_MS = 6 * 3600 * 1000
@@ -81,6 +94,10 @@ _USABLE_MS = 5 * 60 * 1000
 #: Messages under a relay key newer than every pinned one are deferred (not acknowledged),
 #: with a refresh started, for at most this long after the key was first met; then refused.
 _PIN_WAIT_MS = 30_000
+#: How many rotations ahead of ours a key from our own other device may be (one message of
+#: theirs per rotation is enough to keep up; a device offline through more rotations than
+#: this keeps its key until it rotates itself).
+_EPOCH_LOOKAHEAD = 64
 #: Payload kinds that never carry our access key: we send them to strangers too.
 _NO_ACCESS_KEY = frozenset({"receipt", "session_reset"})
 
@@ -145,6 +162,17 @@ class Sealing:
         """The access key ``user`` shared with us, or None."""
         value = self._meta(_META_PEER + user)
         return bytes.fromhex(value) if value else None
+
+    def _epoch(self) -> int | None:
+        value = self._meta(_META_EPOCH)
+        return int(value) if value else None
+
+    def _derive(self, epoch: int) -> bytes:
+        """Our access key of ``epoch`` (blocking: reads our identity key pair)."""
+        account = self._ctx.store.load_account()
+        if account is None:
+            raise StorageError("the account is gone from the store")
+        return account_access_key(account.identity_key_pair, epoch)
 
     def _stored_certificate(self) -> tuple[bytes, int] | None:
         """Our stored certificate and its expiry, if it names this device (a restored backup
@@ -244,25 +272,29 @@ class Sealing:
         if not self.enabled:
             return
         key = self.access_key()
-        if key is None:
-            key = ctx.random_bytes(ACCESS_KEY_LENGTH)
-            await asyncio.to_thread(self._put, {_META_ACCESS: key.hex()})
+        if key is None or self._epoch() is None:
+            # First run, or a key made when each device drew its own: the account's epoch 0
+            # key, the same on every device of the account.
+            key = await asyncio.to_thread(self._derive, 0)
+            await asyncio.to_thread(self._put, {_META_ACCESS: key.hex(), _META_EPOCH: "0"})
         verifier = token_verifier(delivery_token(key))
         if registered != verifier.hex():
             await ctx.link.execute(set_access(verifier))
             await asyncio.to_thread(self._put, {_META_REGISTERED: verifier.hex()})
 
     async def rotate_access_key(self) -> None:
-        """Replace our access key: every token a contact holds stops working at once (their
-        next message to us is refused sealed and goes with their name); contacts learn the
-        new key from our next message to them.
+        """Replace our access key by the next epoch's: every token a contact holds stops
+        working at once (their next message to us is refused sealed and goes with their
+        name); contacts learn the new key from our next message to them, our other devices
+        from our next copy to them (:meth:`learn`).
 
         Raises:
             TransportError: the relay could not be told (it is told at the next refresh;
                 until then the old key's tokens still work there).
         """
-        key = self._ctx.random_bytes(ACCESS_KEY_LENGTH)
-        await asyncio.to_thread(self._put, {_META_ACCESS: key.hex()})
+        epoch = (self._epoch() or 0) + 1
+        key = await asyncio.to_thread(self._derive, epoch)
+        await asyncio.to_thread(self._put, {_META_ACCESS: key.hex(), _META_EPOCH: str(epoch)})
         await self._sync_access()
 
     async def set_accepting(self, accept: bool) -> None:
@@ -437,10 +469,40 @@ class Sealing:
     def learn(self, user: str, key: bytes) -> None:
         """Remember ``user``'s access key (inside the receive transaction: the caller is in
         the store's batch, so it commits with the message that carried it)."""
-        if len(key) != ACCESS_KEY_LENGTH or user == self._ctx.me.name:
+        if len(key) != ACCESS_KEY_LENGTH:
+            return
+        if user == self._ctx.me.name:
+            self._take_rotation(key)
             return
         if self.peer_key(user) != key:
             self._ctx.store.commit(Changes(meta_put={_META_PEER + user: key.hex()}))
+
+    def _take_rotation(self, key: bytes) -> None:
+        """Take ``key``, from a payload of our own other device, if it is our access key of a
+        later epoch than ours (inside the receive transaction). The relay already holds its
+        verifier (that device registered it); our next refresh registers it again, which
+        changes nothing there."""
+        epoch = self._epoch()
+        if key == self.access_key():
+            return
+        account = self._ctx.store.load_account()
+        if account is None:
+            return
+        start = -1 if epoch is None else epoch
+        for ahead in range(start + 1, start + 1 + _EPOCH_LOOKAHEAD):
+            if account_access_key(account.identity_key_pair, ahead) == key:
+                self._ctx.store.commit(
+                    Changes(meta_put={_META_ACCESS: key.hex(), _META_EPOCH: str(ahead)})
+                )
+                return
+
+    def stamp_own(self, data: bytes) -> bytes:
+        """A copy for our own other devices (an encoded payload) with our access key, so that
+        they follow a rotation made here; unchanged when it would not fit."""
+        try:
+            return self.stamp(data, "transcript")
+        except UsageError:
+            return data
 
 
 class SealedSender:
@@ -471,7 +533,9 @@ class SealedSender:
     async def refuse(self) -> None:
         """Refuse sealed messages from everyone: the relay holds no verifier for us, so each
         contact's next sealed send is refused and goes with their name; our messages stop
-        carrying our access key. Kept across restarts.
+        carrying our access key. Kept across restarts, on this device: make the same choice
+        on the account's other devices (one that accepts registers the verifier again when
+        its key changes).
 
         Raises:
             TransportError: the relay could not be told now (it is told at the next key

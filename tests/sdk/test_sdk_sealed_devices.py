@@ -231,11 +231,6 @@ async def test_a_send_cut_between_its_two_parts_goes_again_without_a_duplicate(
     await alice2.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each device of an account makes its own access key and the relay keeps one "
-    "verifier per account (docs/threat-model.md, 'a recipient with linked devices')",
-)
 async def test_a_contact_writes_unnamed_to_an_account_on_two_devices(
     make_client: MakeClient, wait_for: WaitFor, relay: Relay, tmp_path: Path, fast_options: Any
 ) -> None:
@@ -243,6 +238,33 @@ async def test_a_contact_writes_unnamed_to_an_account_on_two_devices(
     for client in (alice, alice2):
         await client.close()
     mid = await bob.send_text("alice", "to both of alice's devices")
+    senders = {s for m, s, _ in queued(relay) if m == bytes.fromhex(mid)}
+    await bob.close()
+    assert senders and all(is_sealed_sender(s, 0) for s in senders), senders
+
+
+async def test_a_rotation_on_one_device_reaches_the_other(
+    make_client: MakeClient, wait_for: WaitFor, relay: Relay, tmp_path: Path, fast_options: Any
+) -> None:
+    """alice rotates her access key on one device: her next message gives bob the new key and
+    her other device its copy, carrying the key too, so bob's messages to her go unnamed."""
+    alice, alice2, (bob,) = await contacts(make_client, wait_for, tmp_path, fast_options, "bob")
+    old = alice._outbox.sealing.access_key()
+    assert old == alice2._outbox.sealing.access_key()  # one key for the account
+    await alice.sealed.rotate_access_key()
+    assert alice._outbox.sealing.access_key() != old
+    a2_events, b_events = alice2.events(), bob.events()
+    sent = await alice.send_text("bob", "my new key rides along")
+    await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+    await wait_for(a2_events, lambda e: isinstance(e, MessageStored) and e.message.id == sent, WAIT)
+    assert alice2._outbox.sealing.access_key() == alice._outbox.sealing.access_key()
+    # alice2 refreshes (it registers the same verifier again) and writes to bob too.
+    await alice2._outbox.sealing.refresh()
+    await alice2.send_text("bob", "from the laptop")
+    await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
+    for client in (alice, alice2):
+        await client.close()
+    mid = await bob.send_text("alice", "unnamed to both devices")
     senders = {s for m, s, _ in queued(relay) if m == bytes.fromhex(mid)}
     await bob.close()
     assert senders and all(is_sealed_sender(s, 0) for s in senders), senders
