@@ -16,6 +16,7 @@ Where each part lives (every module opens with its invariants):
 * :mod:`e2ee.client.devices` -- linked devices: grants, ``client.devices``.
 * :mod:`e2ee.client.provisioning` -- the new device's side of linking (:class:`PendingLink`).
 * :mod:`e2ee.client.link` -- :class:`RelayLink` and the real :class:`TransportLink`.
+* :mod:`e2ee.client.sealing` -- sealed sender; its settings, ``client.sealed``.
 """
 
 from e2ee.client.context import ClientOptions
@@ -24,6 +25,7 @@ from e2ee.client.devices import DeviceRecord, Devices, LinkCode, LinkGrant, NewD
 from e2ee.client.facade import Client
 from e2ee.client.link import LinkFactory, RelayLink, TransportLink
 from e2ee.client.provisioning import PendingLink
+from e2ee.client.sealing import SealedSender
 
 # The value types and helpers of the facade's API, re-exported so programs on the facade (the TUI
 # and the CLI: an import-linter contract keeps them off e2ee.core/store/transport/history) name
@@ -54,5 +56,6 @@ __all__ = [
     "NewDeviceKeys",
     "PendingLink",
     "RelayLink",
+    "SealedSender",
     "TransportLink",
 ]

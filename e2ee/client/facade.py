@@ -59,6 +59,7 @@ from e2ee.client.link import LinkFactory, TransportLink, default_link_factory
 from e2ee.client.newdevice import link_client, restore_client
 from e2ee.client.outbox import Outbox
 from e2ee.client.recovery import Recovery
+from e2ee.client.sealing import SealedSender
 from e2ee.client.trust import accept_identity, contacts, held_users, safety_numbers
 from e2ee.client_errors import ClientClosed, NotRegistered
 from e2ee.core.fingerprint import SafetyNumber
@@ -107,6 +108,7 @@ class Client:
         self._link_factory = link_factory
         self._auth_key = auth_key
         self._recovery = Recovery(ctx, link_factory, auth_key)
+        self._sealed = SealedSender(self._outbox.sealing)
         self._devices = Devices(ctx)
         # Kept for programs and tests that reach for them (not public API).
         self._store = ctx.store
@@ -290,6 +292,17 @@ class Client:
         """
         self._check_open()
         return self._recovery
+
+    @property
+    def sealed(self) -> SealedSender:
+        """Sealed sender settings (:class:`~e2ee.client.sealing.SealedSender`):
+        ``accepting``, ``await client.sealed.refuse()``, ``accept()``, ``rotate_access_key()``.
+
+        Raises:
+            ClientClosed: the client was closed.
+        """
+        self._check_open()
+        return self._sealed
 
     async def __aenter__(self) -> Client:
         await self.start()

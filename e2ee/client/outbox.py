@@ -22,9 +22,13 @@ Invariants:
 * A message the relay refuses for good is marked ``failed`` in history and
   never retried; connection problems leave the entry queued.
 * What people see that we send (text, attachments, timers, reactions, edits,
-  deletes, group changes) also goes to our own other devices, in the same
-  relay message: a transcript for a pairwise entry, the same Sender Key
-  message for a group one (:mod:`e2ee.client.sync`). Sync entries (mode
+  deletes, group changes) also goes to our own other devices: a transcript for
+  a pairwise entry, the same Sender Key message for a group one
+  (:mod:`e2ee.client.sync`). It rides in the same relay message when that goes
+  with our name anyway; when the peers' part can go without our name, it goes
+  alone first and ours after it, under a derived id, and the entry is "sent"
+  only once both were accepted (a crash in between sends both again under the
+  same ids). Sync entries (mode
   ``sync``) go to our other devices only, and are done at once when there is
   none.
 * Delivered receipts are sent for every incoming message above a watermark
@@ -47,12 +51,18 @@ from e2ee import envelope, payload
 from e2ee.client.compose import compose_many, make_draft
 from e2ee.client.context import ClientContext
 from e2ee.client.sealing import Sealing
-from e2ee.client.sync import introduce, is_own_device_key, own_copy, own_devices
+from e2ee.client.send_errors import for_good, for_message, refused
+from e2ee.client.sync import (
+    introduce,
+    is_own_device_key,
+    own_copy,
+    own_devices,
+    own_message_id,
+)
 from e2ee.client_errors import (
     ClientClosed,
     IdentityHeld,
     NotAMember,
-    RecipientMailboxFull,
     SendFailed,
     UnknownRecipient,
 )
@@ -87,7 +97,7 @@ from e2ee.payload import (
 )
 from e2ee.store import Address, Changes, IdentityRecord, TrustLevel
 from e2ee.transport.auth import check_username
-from e2ee.transport.errors import MailboxFull, MismatchedDevices, NotFound, RelayRejected
+from e2ee.transport.errors import MismatchedDevices, NotFound, RelayRejected
 
 __all__ = ["Outbox"]
 
@@ -411,12 +421,12 @@ class Outbox:
             # The relay refused it for good (a full mailbox, a 4xx): failed, never
             # retried (SendFailed is a TransportError, so it is caught here first).
             await self._finish_entry(entry, "failed")
-            self.fail_waiter(entry.id, _for_message(exc, entry.id))
+            self.fail_waiter(entry.id, for_message(exc, entry.id))
         except E2EEError as exc:
             # UnknownRecipient, NotAMember, or a payload that cannot be built: the
             # message is marked failed in history, never retried.
             await self._finish_entry(entry, "failed")
-            self.fail_waiter(entry.id, _for_message(exc, entry.id))
+            self.fail_waiter(entry.id, for_message(exc, entry.id))
 
     def _pairwise_run(
         self, entries: Sequence[OutboxRow], blocked_chats: Mapping[str, str]
@@ -476,6 +486,7 @@ class Outbox:
                             break
                         targets = [Address(u, d) for u in users for d in known[u]]
                         copy = own_copy(entry) if mine else None
+                        copy = None if copy is None else self.sealing.stamp_own(copy)
                         if copy is not None:  # the transcript for our own other devices
                             targets += [Address(ctx.me.name, d) for d in mine]
                         plan.append((entry, targets))
@@ -497,6 +508,9 @@ class Outbox:
                         # them): wrapped here, in this batch. One that may go without our
                         # name is left to the one-at-a-time path, which seals it so.
                         recipients = [(a.name, a.device_id) for a in addresses]
+                        peers = [r for r in recipients if r[0] != ctx.me.name]
+                        if peers and len(peers) < len(recipients) and self.sealing.hideable(peers):
+                            continue  # two messages (send_pairwise): the peers' part unnamed
                         body = self.sealing.authenticated_body(
                             recipients, envelope.build_pairwise(prepared[entry.id])
                         )
@@ -807,14 +821,17 @@ class Outbox:
         """Encrypt ``data`` (a payload of ``kind``) for every device of ``users`` and send it
         as message ``mid``.
 
-        ``transcribe``: the outbox entry being sent, whose transcript our own
-        other devices get in the same message (if it has one and we have
-        another device). ``kind`` decides whether the payload carries our access key
-        (sealing.Sealing.stamp): not for receipts and session resets, which also go to
-        strangers. Returns the (user, device) pairs it went to.
+        ``transcribe``: the outbox entry being sent, whose transcript our own other
+        devices get (if it has one and we have another device): in the same relay
+        message when that goes with our name anyway, else as a message of its own after
+        the peers' part (:meth:`Sealing.hideable`, e2ee.client.sync). ``kind`` decides
+        whether the payload carries our access key (sealing.Sealing.stamp): not for
+        receipts and session resets, which also go to strangers. Returns the (user,
+        device) pairs it went to.
         """
         me = self._ctx.me.name
         data = self.sealing.stamp(data, kind)
+        peers_sent: list[tuple[str, int]] | None = None  # once the peers' part went alone
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             entries: list[envelope.Entry] = prepared or []
             mine = []
@@ -822,12 +839,15 @@ class Outbox:
                 mine = await asyncio.to_thread(own_devices, self._ctx)
             own = own_copy(transcribe) if mine and transcribe is not None else None
             if own is not None:
+                own = self.sealing.stamp_own(own)
                 for device in mine:
                     ct = await asyncio.to_thread(
                         self._ctx.locked, self._ctx.engine.encrypt, Address(me, device), own
                     )
                     entries.append(envelope.Entry(me, device, ct.kind, ct.body))
             for user in users:
+                if peers_sent is not None and user != me:
+                    continue  # the relay holds their part: only ours is left
                 if user in self._ctx.held:
                     raise IdentityHeld(user)
                 for device in [] if prepared else await self.devices(user):
@@ -840,10 +860,22 @@ class Outbox:
                         self._hold(user, device)
                         raise IdentityHeld(user) from exc
                     entries.append(envelope.Entry(user, device, ct.kind, ct.body))
-            recipients = [(e.user, e.device) for e in entries]
             if not entries:
-                return []  # a sync entry whose last other device was just removed
+                return peers_sent or []  # a sync entry whose last other device was just removed
+            peers = [e for e in entries if e.user != me]
             try:
+                if peers_sent is None and peers and len(peers) < len(entries):
+                    hidden = [(e.user, e.device) for e in peers]
+                    if await asyncio.to_thread(self._ctx.locked, self.sealing.hideable, hidden):
+                        # The peers' part without our name first; our other devices' part
+                        # on its own after it (e2ee.client.sync): only once the peers have it.
+                        await self.sealing.send(mid, hidden, envelope.build_pairwise(peers))
+                        peers_sent, entries = hidden, [e for e in entries if e.user == me]
+                recipients = [(e.user, e.device) for e in entries]
+                if peers_sent is not None:
+                    own_mid = own_message_id(mid)
+                    await self.sealing.send(own_mid, recipients, envelope.build_pairwise(entries))
+                    return peers_sent + recipients
                 await self.sealing.send(mid, recipients, envelope.build_pairwise(entries))
                 return recipients
             except MismatchedDevices as exc:
@@ -852,26 +884,29 @@ class Outbox:
                 self._wrapped.clear()
                 if not await self._fix_devices(exc):
                     transcribe = None
-            except MailboxFull as exc:
-                # Not retried: a full mailbox stays full until its owner receives.
-                raise RecipientMailboxFull(exc.full) from exc
             except RelayRejected as exc:
-                if exc.retryable:
-                    raise
-                raise SendFailed(f"relay refused message: {exc.code}") from exc
+                if peers_sent is not None and for_good(exc):
+                    # The peers have it: sent, though our other devices miss their copy.
+                    _log.warning("our devices' copy refused: %s", type(exc).__name__)
+                    return peers_sent
+                if refused(exc) is exc:
+                    raise  # retryable (429, 5xx): the entry stays queued
+                raise refused(exc) from exc
         raise SendFailed("the recipients' device list kept changing")
 
     async def _send_group(self, mid: bytes, gid: str, data: bytes) -> list[tuple[str, int]]:
+        me = self._ctx.me.name
         members = await asyncio.to_thread(self._ctx.history.group_members, gid)
-        others = sorted(u for u in members if u != self._ctx.me.name)
-        if self._ctx.me.name not in members:
+        others = sorted(u for u in members if u != me)
+        if me not in members:
             raise NotAMember(gid)
         with_own = True
+        peers_done = False  # the members' part went alone and was accepted
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             recipients: list[tuple[str, int]] = []
             if with_own:  # our other devices read our group messages too
-                mine = await asyncio.to_thread(own_devices, self._ctx)
-                recipients.extend((self._ctx.me.name, d) for d in mine)
+                devices = await asyncio.to_thread(own_devices, self._ctx)
+                recipients.extend((me, d) for d in devices)
             for user in others:
                 if user in self._ctx.held:
                     raise IdentityHeld(user)
@@ -880,17 +915,30 @@ class Outbox:
             body = await asyncio.to_thread(
                 self._ctx.locked, self._ctx.engine.group_encrypt, gid, data
             )
+            group = envelope.build_group(gid, body)
+            mine = [r for r in recipients if r[0] == me]
             try:
-                await self.sealing.send(mid, recipients, envelope.build_group(gid, body))
+                if not peers_done and mine and others:
+                    hidden = [r for r in recipients if r[0] != me]
+                    if await asyncio.to_thread(self._ctx.locked, self.sealing.hideable, hidden):
+                        # As in send_pairwise: the members' part without our name, then ours.
+                        await self.sealing.send(mid, hidden, group)
+                        peers_done = True
+                if peers_done:
+                    if mine:
+                        await self.sealing.send(own_message_id(mid), mine, group)
+                    return recipients
+                await self.sealing.send(mid, recipients, group)
                 return recipients
             except MismatchedDevices as exc:
                 with_own = await self._fix_devices(exc) and with_own
-            except MailboxFull as exc:
-                raise RecipientMailboxFull(exc.full) from exc
             except RelayRejected as exc:
-                if exc.retryable:
-                    raise
-                raise SendFailed(f"relay refused message: {exc.code}") from exc
+                if peers_done and for_good(exc):
+                    _log.warning("our devices' copy refused: %s", type(exc).__name__)
+                    return [r for r in recipients if r[0] != me]
+                if refused(exc) is exc:
+                    raise  # retryable (429, 5xx): the entry stays queued
+                raise refused(exc) from exc
         raise SendFailed("the group's device list kept changing")
 
     async def _send_own(self, mid: bytes, data: bytes) -> list[tuple[str, int]]:
@@ -935,14 +983,3 @@ class Outbox:
                 self._ctx.commit([], {keys.distributed(gid, u, d): generation for u, d in sent})
 
         await asyncio.to_thread(mark)
-
-
-def _for_message(exc: E2EEError, message_id: str) -> E2EEError:
-    """The error a caller waiting for ``message_id`` gets: the same, naming the message."""
-    if isinstance(exc, UnknownRecipient):
-        return UnknownRecipient(exc.user, message_id)
-    if isinstance(exc, RecipientMailboxFull):
-        return RecipientMailboxFull(exc.full, message_id)
-    if isinstance(exc, SendFailed):
-        return SendFailed(str(exc), message_id)
-    return exc

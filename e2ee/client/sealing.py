@@ -1,5 +1,6 @@
 """Sealed sender in the client: our access key, the pinned relay keys, our certificate, the
-contacts' access keys; sealing what we send and opening what arrives.
+contacts' access keys; sealing what we send and opening what arrives; the settings a user
+changes (:class:`SealedSender`, ``client.sealed``).
 
 Invariants:
 
@@ -14,7 +15,17 @@ Invariants:
   It goes without our name only when we hold a certificate and every recipient user's
   access key and our own other devices are not among the recipients; otherwise the
   authenticated way, still sealed inside (the group id stays hidden). A token the relay
-  refuses is forgotten and the same message is sent authenticated at once.
+  refuses is forgotten and the same message is sent authenticated at once. The outbox asks
+  :meth:`Sealing.hideable` to send our other devices' copies apart, so that a message to
+  contacts does not go with our name for their sake (e2ee.client.sync).
+* One access key per account, the same on each of its devices (the relay keeps one
+  verifier per account): derived from the identity key pair and a rotation epoch
+  (``sealed:access_epoch``); a device takes a later epoch's key only from a payload of our
+  own other device (:meth:`Sealing.learn`), and stamps its key on its copies to them.
+* The relay holds our token verifier exactly while we accept sealed messages
+  (``sealed:refuse`` unset): the choice and a new access key are committed first and the
+  relay told after, so a failed request is repeated at the next :meth:`Sealing.refresh`.
+  While we refuse, our payloads carry no access key.
 * Our access key reaches only users we write to ourselves (the payloads we compose, and the
   group's Sender Key distributions), never through receipts or session resets, which we also
   send to strangers.
@@ -38,12 +49,20 @@ from e2ee.core.sealed import (
     RelayKeyPins,
     SealedContent,
     SealedRecipient,
+    account_access_key,
     delivery_token,
     is_sealed,
     seal,
     verify_certificate,
 )
-from e2ee.errors import CertificateMismatch, E2EEError, InvalidMessage, TransportError
+from e2ee.errors import (
+    CertificateMismatch,
+    E2EEError,
+    InvalidMessage,
+    StorageError,
+    TransportError,
+    UsageError,
+)
 from e2ee.store import Address, Changes
 from e2ee.transport.errors import DeliveryTokenRefused
 from e2ee.transport.sealed_requests import (
@@ -56,7 +75,7 @@ from e2ee.transport.sealed_requests import (
 if TYPE_CHECKING:
     from e2ee.client.context import ClientContext
 
-__all__ = ["Opened", "Sealing"]
+__all__ = ["Opened", "SealedSender", "Sealing"]
 
 _log = logging.getLogger("e2ee.client.sealing")
 
@@ -66,6 +85,8 @@ _META_PINS = "sealed:pins"
 _META_CERT = "sealed:cert"
 _META_CERT_EXPIRES = "sealed:cert_expires"
 _META_PEER = "sealed:peer:"
+_META_EPOCH = "sealed:access_epoch"  # the rotation epoch of our access key
+_META_REFUSE = "sealed:refuse"  # "1": we accept no sealed message (the relay holds no verifier)
 #: A certificate with less than this left is renewed at the next maintenance run...
 _RENEW_MS = 6 * 3600 * 1000
 #: ...and one with less than this left is not put on a message (it could expire in flight).
@@ -73,6 +94,10 @@ _USABLE_MS = 5 * 60 * 1000
 #: Messages under a relay key newer than every pinned one are deferred (not acknowledged),
 #: with a refresh started, for at most this long after the key was first met; then refused.
 _PIN_WAIT_MS = 30_000
+#: How many rotations ahead of ours a key from our own other device may be (one message of
+#: theirs per rotation is enough to keep up; a device offline through more rotations than
+#: this keeps its key until it rotates itself).
+_EPOCH_LOOKAHEAD = 64
 #: Payload kinds that never carry our access key: we send them to strangers too.
 _NO_ACCESS_KEY = frozenset({"receipt", "session_reset"})
 
@@ -138,6 +163,17 @@ class Sealing:
         value = self._meta(_META_PEER + user)
         return bytes.fromhex(value) if value else None
 
+    def _epoch(self) -> int | None:
+        value = self._meta(_META_EPOCH)
+        return int(value) if value else None
+
+    def _derive(self, epoch: int) -> bytes:
+        """Our access key of ``epoch`` (blocking: reads our identity key pair)."""
+        account = self._ctx.store.load_account()
+        if account is None:
+            raise StorageError("the account is gone from the store")
+        return account_access_key(account.identity_key_pair, epoch)
+
     def _stored_certificate(self) -> tuple[bytes, int] | None:
         """Our stored certificate and its expiry, if it names this device (a restored backup
         carries the old device's, which must not be used)."""
@@ -196,16 +232,9 @@ class Sealing:
         """
         ctx = self._ctx
         pins = await self._pin()
+        await self._sync_access()
         if not self.enabled:
             return  # we still read sealed messages; we only send none
-        key = self.access_key()
-        if key is None:
-            key = ctx.random_bytes(ACCESS_KEY_LENGTH)
-            await asyncio.to_thread(self._put, {_META_ACCESS: key.hex()})
-        verifier = token_verifier(delivery_token(key))
-        if self._meta(_META_REGISTERED) != verifier.hex():
-            await ctx.link.execute(set_access(verifier))
-            await asyncio.to_thread(self._put, {_META_REGISTERED: verifier.hex()})
         stored = self._stored_certificate()
         if stored is None or stored[1] - ctx.now_ms() < _RENEW_MS:
             issued = await ctx.link.execute(issue_certificate())
@@ -219,20 +248,70 @@ class Sealing:
                 {_META_CERT: issued.certificate.hex(), _META_CERT_EXPIRES: str(issued.expires_ms)},
             )
 
-    async def rotate_access_key(self) -> None:
-        """Replace our access key: every token a contact holds stops working at once (their
-        next message to us is refused sealed and goes with their name); contacts learn the
-        new key from our next message to them.
+    @property
+    def accepting(self) -> bool:
+        """Whether contacts may send to us without their name (:meth:`set_accepting`)."""
+        return self._meta(_META_REFUSE) != "1"
+
+    async def _sync_access(self) -> None:
+        """Bring the relay's verifier in line with what we chose: our current access key's
+        while we accept sealed messages (made on first use; only with sealing on), none
+        while we refuse them. What we chose is committed before the relay is asked, so a
+        failed request is repeated by the next :meth:`refresh`.
 
         Raises:
-            TransportError: the relay could not be told (the old key stays).
+            TransportError: the relay could not be told (the next refresh tries again).
         """
-        key = self._ctx.random_bytes(ACCESS_KEY_LENGTH)
+        ctx = self._ctx
+        registered = self._meta(_META_REGISTERED)
+        if not self.accepting:
+            if registered != "":  # a verifier, or never told
+                await ctx.link.execute(set_access(None))
+                await asyncio.to_thread(self._put, {_META_REGISTERED: ""})
+            return
+        if not self.enabled:
+            return
+        key = self.access_key()
+        if key is None or self._epoch() is None:
+            # First run, or a key made when each device drew its own: the account's epoch 0
+            # key, the same on every device of the account.
+            key = await asyncio.to_thread(self._derive, 0)
+            await asyncio.to_thread(self._put, {_META_ACCESS: key.hex(), _META_EPOCH: "0"})
         verifier = token_verifier(delivery_token(key))
-        await self._ctx.link.execute(set_access(verifier))
-        await asyncio.to_thread(
-            self._put, {_META_ACCESS: key.hex(), _META_REGISTERED: verifier.hex()}
-        )
+        if registered != verifier.hex():
+            await ctx.link.execute(set_access(verifier))
+            await asyncio.to_thread(self._put, {_META_REGISTERED: verifier.hex()})
+
+    async def rotate_access_key(self) -> None:
+        """Replace our access key by the next epoch's: every token a contact holds stops
+        working at once (their next message to us is refused sealed and goes with their
+        name); contacts learn the new key from our next message to them, our other devices
+        from our next copy to them (:meth:`learn`).
+
+        Raises:
+            TransportError: the relay could not be told (it is told at the next refresh;
+                until then the old key's tokens still work there).
+        """
+        epoch = (self._epoch() or 0) + 1
+        key = await asyncio.to_thread(self._derive, epoch)
+        await asyncio.to_thread(self._put, {_META_ACCESS: key.hex(), _META_EPOCH: str(epoch)})
+        await self._sync_access()
+
+    async def set_accepting(self, accept: bool) -> None:
+        """Accept sealed messages from contacts (the default), or refuse them from everyone.
+
+        Refusing removes our verifier from the relay, which then refuses every sealed send
+        to us: contacts' messages come with their name again, and our messages stop
+        carrying our access key. Accepting again registers the current key's verifier.
+        Strangers never hold our access key (it travels only in what we send), so the
+        relay refuses their sealed sends either way.
+
+        Raises:
+            TransportError: the relay could not be told (the choice is kept and the relay
+                is told at the next refresh).
+        """
+        await asyncio.to_thread(self._put, {_META_REFUSE: "" if accept else "1"})
+        await self._sync_access()
 
     def refresh_soon(self) -> None:
         """Run :meth:`refresh` in the background (once at a time), for a message that named
@@ -269,7 +348,7 @@ class Sealing:
 
     def stamp(self, data: bytes, kind: str) -> bytes:
         """``data`` (an encoded payload of ``kind``) with our access key, when it may carry it."""
-        key = self.access_key() if self.enabled else None
+        key = self.access_key() if self.enabled and self.accepting else None
         if key is None or kind in _NO_ACCESS_KEY:
             return data
         return payload.with_access_key(data, key)
@@ -300,6 +379,22 @@ class Sealing:
             # authenticated way, still sealed inside.
             return body, None
         return body, {user: delivery_token(key) for user, key in keys.items() if key}
+
+    def hideable(self, recipients: Sequence[tuple[str, int]]) -> bool:
+        """Whether a send to ``recipients`` would go without our name (blocking): sealing on,
+        a usable certificate, an access key of every recipient user and the identity key of
+        every recipient device, and none of our own devices among them.
+
+        The outbox asks this to send our own other devices' copy of a message as a message
+        of its own, so the peers' part can go without our name.
+        """
+        ctx = self._ctx
+        users = {u for u, _ in recipients}
+        if not self.enabled or not users or ctx.me.name in users or self.certificate() is None:
+            return False
+        if not all(self.peer_key(u) for u in users):
+            return False
+        return all(ctx.engine.identity(Address(u, d)) is not None for u, d in recipients)
 
     def authenticated_body(
         self, recipients: Sequence[tuple[str, int]], inner: bytes
@@ -374,7 +469,97 @@ class Sealing:
     def learn(self, user: str, key: bytes) -> None:
         """Remember ``user``'s access key (inside the receive transaction: the caller is in
         the store's batch, so it commits with the message that carried it)."""
-        if len(key) != ACCESS_KEY_LENGTH or user == self._ctx.me.name:
+        if len(key) != ACCESS_KEY_LENGTH:
+            return
+        if user == self._ctx.me.name:
+            self._take_rotation(key)
             return
         if self.peer_key(user) != key:
             self._ctx.store.commit(Changes(meta_put={_META_PEER + user: key.hex()}))
+
+    def _take_rotation(self, key: bytes) -> None:
+        """Take ``key``, from a payload of our own other device, if it is our access key of a
+        later epoch than ours (inside the receive transaction). The relay already holds its
+        verifier (that device registered it); our next refresh registers it again, which
+        changes nothing there."""
+        epoch = self._epoch()
+        if key == self.access_key():
+            return
+        account = self._ctx.store.load_account()
+        if account is None:
+            return
+        start = -1 if epoch is None else epoch
+        for ahead in range(start + 1, start + 1 + _EPOCH_LOOKAHEAD):
+            if account_access_key(account.identity_key_pair, ahead) == key:
+                self._ctx.store.commit(
+                    Changes(meta_put={_META_ACCESS: key.hex(), _META_EPOCH: str(ahead)})
+                )
+                return
+
+    def stamp_own(self, data: bytes) -> bytes:
+        """A copy for our own other devices (an encoded payload) with our access key, so that
+        they follow a rotation made here; unchanged when it would not fit."""
+        try:
+            return self.stamp(data, "transcript")
+        except UsageError:
+            return data
+
+
+class SealedSender:
+    """Sealed sender settings of one open account (``client.sealed``).
+
+    Contacts that wrote to each other send without their name by default: each message we
+    compose carries our access key, from which a contact derives the delivery token the
+    relay asks for (docs/protocol.md, "Sealed sender"). Strangers never get the key, so
+    the relay refuses their sealed sends: they come with their name.
+    """
+
+    def __init__(self, sealing: Sealing) -> None:
+        self._sealing = sealing
+
+    def __repr__(self) -> str:
+        return f"SealedSender(sending={self.sending}, accepting={self.accepting})"
+
+    @property
+    def sending(self) -> bool:
+        """Whether we seal what we send (``ClientOptions.sealed_sender``)."""
+        return self._sealing.enabled
+
+    @property
+    def accepting(self) -> bool:
+        """Whether contacts may send to us without their name (the default: True)."""
+        return self._sealing.accepting
+
+    async def refuse(self) -> None:
+        """Refuse sealed messages from everyone: the relay holds no verifier for us, so each
+        contact's next sealed send is refused and goes with their name; our messages stop
+        carrying our access key. Kept across restarts, on this device: make the same choice
+        on the account's other devices (one that accepts registers the verifier again when
+        its key changes).
+
+        Raises:
+            TransportError: the relay could not be told now (it is told at the next key
+                maintenance after connecting; the choice is kept).
+        """
+        await self._sealing.set_accepting(False)
+
+    async def accept(self) -> None:
+        """Accept sealed messages from contacts again (undoes :meth:`refuse`).
+
+        Raises:
+            TransportError: as :meth:`refuse`.
+        """
+        await self._sealing.set_accepting(True)
+
+    async def rotate_access_key(self) -> None:
+        """Replace our access key: the tokens every contact holds stop working at once (so
+        does a token that leaked). A contact learns the new key from our next message to
+        them; until then their messages to us go with their name. We do not send every
+        contact a message at once: a burst right after the rotation would show the relay
+        our contact list.
+
+        Raises:
+            TransportError: the relay could not be told now (it is told at the next key
+                maintenance; until then the old tokens still work).
+        """
+        await self._sealing.rotate_access_key()

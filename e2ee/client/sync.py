@@ -14,6 +14,11 @@ Invariants:
 * Sync messages are outbox entries (mode ``sync``), committed with the local
   change they report, and queued only when we have another device: an
   account on one device pays nothing for linked devices.
+* When the peers' part of a message can go without our name (sealed sender), our other
+  devices' part (a transcript, a Sender Key message or distribution) goes as a message of
+  its own, under :func:`own_message_id` of the message's id, right after the peers' part
+  was accepted: a relay message naming our own devices goes with our name, and must not
+  carry the peers' part.
 * The rules (what a transcript or sync message is, what it changes) live in
   :mod:`e2ee.messaging.sync`; this module reads the store and commits.
 """
@@ -21,6 +26,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
@@ -53,6 +59,7 @@ __all__ = [
     "is_own_device_key",
     "own_copy",
     "own_devices",
+    "own_message_id",
     "queue_sync",
     "snapshot",
     "sync_outcome",
@@ -67,6 +74,14 @@ _TRANSCRIBED_KINDS: Final = frozenset(kind.name.lower() for kind in TRANSCRIBED)
 def own_devices(ctx: ClientContext) -> list[int]:
     """Our other devices we hold a session with (blocking)."""
     return [d for d in ctx.engine.session_devices(ctx.me.name) if d != ctx.me.device_id]
+
+
+def own_message_id(message_id: bytes) -> bytes:
+    """The relay message id of our own other devices' part of message ``message_id`` when it
+    travels on its own: fixed (a re-send after a crash is stored once), and not linkable to
+    the peers' part by the relay (a hash, not the id itself, which another sender's message
+    already uses)."""
+    return hashlib.sha256(b"blindpost own devices\x00" + message_id).digest()[:16]
 
 
 def own_copy(entry: OutboxRow) -> bytes | None:

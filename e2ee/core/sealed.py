@@ -57,6 +57,7 @@ __all__ = [
     "RelayKeyPins",
     "SealedContent",
     "SealedRecipient",
+    "account_access_key",
     "delivery_token",
     "is_sealed",
     "open_sealed",
@@ -74,9 +75,29 @@ _MAX_RECIPIENTS: Final = 4096
 _MAX_CERT: Final = 1024
 _WRAP_PERSON: Final = b"bp-seal-wrap-v1"
 _TOKEN_PERSON: Final = b"bp-deliv-tok-v1"
+_ACCESS_PERSON: Final = b"bp-access-key-v1"
 
 
 # -- delivery tokens -----------------------------------------------------------------------
+
+
+def account_access_key(identity_secret: bytes, epoch: int) -> bytes:
+    """Our access key of rotation ``epoch``: BLAKE2b-256 keyed by a hash of our identity key
+    pair's secret bytes, so every device of the account (they share the identity key) makes
+    the same one without talking, and nobody else can predict the next epoch's.
+
+    Raises:
+        UsageError: ``epoch`` out of range (0 to 2**32 - 1).
+    """
+    if not 0 <= epoch < 2**32:
+        raise UsageError("an access key epoch is 0 to 2**32 - 1")
+    return blake2b(
+        struct.pack(">I", epoch),
+        digest_size=ACCESS_KEY_LENGTH,
+        key=blake2b(identity_secret, digest_size=32, encoder=RawEncoder),
+        person=_ACCESS_PERSON,
+        encoder=RawEncoder,
+    )
 
 
 def delivery_token(access_key: bytes) -> bytes:

@@ -32,6 +32,7 @@ from e2ee.core.sealed import (
     RelayKeyPins,
     SealedContent,
     SealedRecipient,
+    account_access_key,
     delivery_token,
     is_sealed,
     open_sealed,
@@ -220,6 +221,22 @@ def test_tokens_and_verifiers() -> None:
             parse_token_header(bad, 10)
     with pytest.raises(WireError):
         parse_token_header(header, 1)
+
+
+def test_account_access_keys_are_per_identity_and_epoch() -> None:
+    """Every device of an account (one identity key pair) derives the same key for an epoch;
+    another epoch or another identity gives another key, which is BLAKE2b as documented."""
+    secret = b"\x07" * 70
+    key = account_access_key(secret, 0)
+    assert len(key) == 32 and key == account_access_key(secret, 0)
+    assert key != account_access_key(secret, 1) != account_access_key(b"\x08" * 70, 1)
+    mac_key = hashlib.blake2b(secret, digest_size=32).digest()
+    expected = hashlib.blake2b(
+        (1).to_bytes(4, "big"), digest_size=32, key=mac_key, person=b"bp-access-key-v1"
+    ).digest()
+    assert account_access_key(secret, 1) == expected
+    with pytest.raises(UsageError):
+        account_access_key(secret, -1)
 
 
 def test_relay_refusal_of_a_token_is_a_typed_transport_error() -> None:

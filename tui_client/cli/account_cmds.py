@@ -4,7 +4,8 @@
 #   (where other users of the machine could see it in the process list).
 # * `backup restore` writes nothing into --data unless the whole backup authenticated; a
 #   failed `recover` leaves no account files behind in a directory it created them in.
-"""Account recovery and encrypted backups: `recover`, `recovery-key`, `backup`."""
+"""Account recovery, encrypted backups and sealed sender settings: `recover`, `recovery-key`,
+`backup`, `sealed`."""
 
 from __future__ import annotations
 
@@ -163,6 +164,29 @@ async def cmd_recovery_key(settings: _Settings, args: argparse.Namespace) -> int
     record = recovery_key_record(user, key)
     lines = ["the earlier recovery key no longer works", *_recovery_key_lines(key, user)]
     settings.out.emit(record, "\n".join(lines))
+    return EXIT_OK
+
+
+async def cmd_sealed(settings: _Settings, args: argparse.Namespace) -> int:
+    action = getattr(args, "sealed_command", None) or "status"
+    async with _account(settings, connect=False) as session:
+        sealed = session.client.sealed
+        done = ""
+        if action == "refuse":
+            await asyncio.wait_for(sealed.refuse(), settings.network_timeout)
+            done = "sealed messages refused: contacts' messages now come with their name\n"
+        elif action == "accept":
+            await asyncio.wait_for(sealed.accept(), settings.network_timeout)
+            done = "sealed messages from contacts accepted\n"
+        elif action == "rotate":
+            await asyncio.wait_for(sealed.rotate_access_key(), settings.network_timeout)
+            done = "new access key: contacts get it with your next message to each\n"
+        record = {"type": "sealed", "sending": sealed.sending, "accepting": sealed.accepting}
+    human = (
+        f"{done}sending sealed: {'yes' if record['sending'] else 'no'}; "
+        f"accepting sealed from contacts: {'yes' if record['accepting'] else 'no'}"
+    )
+    settings.out.emit(record, human)
     return EXIT_OK
 
 

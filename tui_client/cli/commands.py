@@ -49,6 +49,7 @@ from tui_client.cli.account_cmds import (
     cmd_backup,
     cmd_recover,
     cmd_recovery_key,
+    cmd_sealed,
 )
 from tui_client.cli.checks import (
     _group_id,
@@ -800,6 +801,7 @@ _COMMANDS: Final[dict[str, Callable[[_Settings, argparse.Namespace], Coroutine[A
     "daemon": cmd_daemon,
     "recover": cmd_recover,
     "recovery-key": cmd_recovery_key,
+    "sealed": cmd_sealed,
     "backup": cmd_backup,
     "link": cmd_link,
     "devices": cmd_devices,

@@ -228,6 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     command("recovery-key", "make a new recovery key (the earlier one stops working)")
 
     p = command(
+        "sealed",
+        "sealed sender: show whether you send and accept messages without the sender's name; "
+        "refuse or accept them, or replace your access key",
+    )
+    ssub = p.add_subparsers(dest="sealed_command", metavar="ACTION", parser_class=_Parser)
+    ssub.required = False
+    ssub.add_parser("status", help="what is on (the default)", parents=[common])
+    ssub.add_parser(
+        "refuse", help="refuse sealed messages from everyone (they come named)", parents=[common]
+    )
+    ssub.add_parser("accept", help="accept sealed messages from contacts again", parents=[common])
+    ssub.add_parser(
+        "rotate",
+        help="replace your access key: every token contacts hold stops working",
+        parents=[common],
+    )
+
+    p = command(
         "link",
         "make this machine a new device of an existing account: prints 'code: CODE' and a QR "
         "code, waits until a device of the account approves it ('devices add CODE')",
