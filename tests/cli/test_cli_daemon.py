@@ -355,12 +355,13 @@ def test_shutdown_answers_a_request_still_waiting_for_the_relay(
     assert [m["text"] for m in got if m["id"] == pending["id"]] == ["queued at shutdown"]
 
 
-def test_devices_recovery_key_and_backup_methods(
+def test_devices_recovery_key_backup_and_sealed_methods(
     cli: Cli, relay: Relay, accounts: Any, tmp_path: Path
 ) -> None:
-    """The account commands added with linked devices and backups are methods too: a device
-    is linked, listed and removed through the daemon, a new recovery key and a backup are
-    made through it, with the CLI's records as results."""
+    """The account commands added with linked devices, backups and sealed sender are methods
+    too: a device is linked, listed and removed through the daemon, a new recovery key and a
+    backup are made through it, sealed messages are refused and accepted again, with the
+    CLI's records as results."""
     pw = tmp_path / "pw"
     pw.write_text("daemon backup passphrase\n")
     cli("dfay", "--passphrase-file", str(pw), "init", "dfay", "--relay", relay.url)
@@ -399,6 +400,13 @@ def test_devices_recovery_key_and_backup_methods(
         assert out_file.stat().st_size == made["size"] > 0
         restore = daemon.error("backup", {"action": "restore", "out": str(out_file)})
         assert restore["code"] == -32602 and "new data directory" in restore["message"]
+
+        assert daemon.call("sealed") == {"type": "sealed", "sending": True, "accepting": True}
+        refused = daemon.call("sealed", {"action": "refuse"})
+        assert refused == {"type": "sealed", "sending": True, "accepting": False}
+        assert daemon.call("sealed", {"action": "status"})["accepting"] is False
+        assert daemon.call("sealed", {"action": "accept"})["accepting"] is True
+        assert daemon.error("sealed", {"action": "off"})["code"] == -32602
     finally:
         daemon.close_stdin()
         code_, err_ = daemon.wait()

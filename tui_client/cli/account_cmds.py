@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from e2ee.client import DB_FILE, Client
+from e2ee.client import DB_FILE, Client, SealedSender
 from e2ee.client.backup import BackupInfo
 from e2ee.client_errors import InvalidRecoveryKey, RateLimited, RecoveryRefused
 from e2ee.errors import TransportError, WrongPassphrase
@@ -167,21 +167,32 @@ async def cmd_recovery_key(settings: _Settings, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
+#: `sealed` actions: what each one tells the user it did ("status" changes nothing).
+SEALED_ACTIONS = {
+    "status": "",
+    "refuse": "sealed messages refused: contacts' messages now come with their name\n",
+    "accept": "sealed messages from contacts accepted\n",
+    "rotate": "new access key: contacts get it with your next message to each\n",
+}
+
+
+async def apply_sealed(sealed: SealedSender, action: str, timeout: float) -> dict[str, Any]:
+    """Do a `sealed` action (one of ``SEALED_ACTIONS``); return the `sealed` record after it
+    (the CLI's --json line, the daemon's result)."""
+    if action == "refuse":
+        await asyncio.wait_for(sealed.refuse(), timeout)
+    elif action == "accept":
+        await asyncio.wait_for(sealed.accept(), timeout)
+    elif action == "rotate":
+        await asyncio.wait_for(sealed.rotate_access_key(), timeout)
+    return {"type": "sealed", "sending": sealed.sending, "accepting": sealed.accepting}
+
+
 async def cmd_sealed(settings: _Settings, args: argparse.Namespace) -> int:
     action = getattr(args, "sealed_command", None) or "status"
     async with _account(settings, connect=False) as session:
-        sealed = session.client.sealed
-        done = ""
-        if action == "refuse":
-            await asyncio.wait_for(sealed.refuse(), settings.network_timeout)
-            done = "sealed messages refused: contacts' messages now come with their name\n"
-        elif action == "accept":
-            await asyncio.wait_for(sealed.accept(), settings.network_timeout)
-            done = "sealed messages from contacts accepted\n"
-        elif action == "rotate":
-            await asyncio.wait_for(sealed.rotate_access_key(), settings.network_timeout)
-            done = "new access key: contacts get it with your next message to each\n"
-        record = {"type": "sealed", "sending": sealed.sending, "accepting": sealed.accepting}
+        record = await apply_sealed(session.client.sealed, action, settings.network_timeout)
+    done = SEALED_ACTIONS[action]
     human = (
         f"{done}sending sealed: {'yes' if record['sending'] else 'no'}; "
         f"accepting sealed from contacts: {'yes' if record['accepting'] else 'no'}"

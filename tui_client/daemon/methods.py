@@ -366,3 +366,15 @@ async def _backup(daemon: Daemon, connection: Connection, params: Params) -> Any
     passphrase = account_cmds._backup_passphrase(daemon.session.settings)
     info = await daemon.session.client.recovery.backup(out, passphrase, with_media=with_media)
     return account_cmds.backup_record(info)
+
+
+@method("sealed")
+async def _sealed(daemon: Daemon, connection: Connection, params: Params) -> Any:
+    action = params.text("action") or "status"
+    params.done()
+    if action not in account_cmds.SEALED_ACTIONS:
+        raise RpcError(INVALID_PARAMS, "'action' must be status, refuse, accept or rotate")
+    session = daemon.session
+    return await account_cmds.apply_sealed(
+        session.client.sealed, action, session.settings.network_timeout
+    )
