@@ -459,6 +459,7 @@ class Outbox:
         wrapped: dict[str, bytes] = {}
         with ctx.wlock:
             mine = own_devices(ctx)
+            sealing = self.sealing.batch()  # reads our certificate and the keys once
             try:
                 with ctx.store.batch():
                     # Which devices each entry goes to; then, per device, its messages
@@ -479,7 +480,7 @@ class Outbox:
                         if copy is not None:  # the transcript for our own other devices
                             targets += [Address(ctx.me.name, d) for d in mine]
                         plan.append((entry, targets))
-                        data = self.sealing.stamp(entry.payload or b"", entry.kind)
+                        data = sealing.stamp(entry.payload or b"", entry.kind)
                         for address in targets:
                             text = copy if address.name == ctx.me.name and copy else data
                             texts.setdefault(address, []).append(text)
@@ -497,7 +498,7 @@ class Outbox:
                         # them): wrapped here, in this batch. One that may go without our
                         # name is left to the one-at-a-time path, which seals it so.
                         recipients = [(a.name, a.device_id) for a in addresses]
-                        body = self.sealing.authenticated_body(
+                        body = sealing.authenticated_body(
                             recipients, envelope.build_pairwise(prepared[entry.id])
                         )
                         if body is not None:
