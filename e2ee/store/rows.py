@@ -33,6 +33,23 @@ INT64_MAX: Final = 2**63 - 1
 #: App table and column names: lower-case ASCII identifiers of at most 60 characters.
 APP_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,59}")
 _APP_VALUE_TYPES: Final = (type(None), int, float, str, bytes)
+#: Names that matched APP_NAME: a row's columns are checked on every commit, and the
+#: regular expression was a fifth of a sent message's validation cost. Bounded.
+_NAMES_OK: set[str] = set()
+_NAMES_OK_MAX: Final = 4096
+
+
+def _is_app_name(name: object) -> bool:
+    """Whether ``name`` is a ``str`` matching :data:`APP_NAME` (remembered once it did)."""
+    if type(name) is str and name in _NAMES_OK:
+        return True
+    if not isinstance(name, str) or not APP_NAME.fullmatch(name):
+        return False
+    if type(name) is str:
+        if len(_NAMES_OK) >= _NAMES_OK_MAX:
+            _NAMES_OK.clear()
+        _NAMES_OK.add(name)
+    return True
 
 
 def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -55,14 +72,14 @@ def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, An
     Raises:
         StorageError: the row cannot be stored exactly.
     """
-    if not isinstance(table, str) or not APP_NAME.fullmatch(table):
+    if not _is_app_name(table):
         raise StorageError("an app table name is a lower-case ASCII identifier")
     try:
         copy = dict(row.items())
     except Exception as exc:  # a caller's Mapping may raise anything; keep it typed
         raise StorageError(f"app row for {table!r} cannot be read") from exc
     for column, value in copy.items():
-        if not isinstance(column, str) or not APP_NAME.fullmatch(column):
+        if not _is_app_name(column):
             raise StorageError(f"app table {table!r}: a column name is a lower-case identifier")
         if type(value) not in _APP_VALUE_TYPES:
             raise StorageError(
