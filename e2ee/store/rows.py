@@ -33,10 +33,12 @@ INT64_MAX: Final = 2**63 - 1
 #: App table and column names: lower-case ASCII identifiers of at most 60 characters.
 APP_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,59}")
 _APP_VALUE_TYPES: Final = (type(None), int, float, str, bytes)
-#: Names that matched APP_NAME: a row's columns are checked on every commit, and the
-#: regular expression was a fifth of a sent message's validation cost. Bounded.
+#: Names, and rows' column tuples, that matched APP_NAME: every row of every commit is
+#: checked, and the regular expression per column was most of a history row's checking
+#: cost. Only exact ``str`` names are remembered; both sets are bounded.
 _NAMES_OK: set[str] = set()
-_NAMES_OK_MAX: Final = 4096
+_COLUMNS_OK: set[tuple[str, ...]] = set()
+_REMEMBERED_MAX: Final = 4096
 
 
 def _is_app_name(name: object) -> bool:
@@ -46,10 +48,22 @@ def _is_app_name(name: object) -> bool:
     if not isinstance(name, str) or not APP_NAME.fullmatch(name):
         return False
     if type(name) is str:
-        if len(_NAMES_OK) >= _NAMES_OK_MAX:
+        if len(_NAMES_OK) >= _REMEMBERED_MAX:
             _NAMES_OK.clear()
         _NAMES_OK.add(name)
     return True
+
+
+def _check_columns(table: str, columns: tuple[Any, ...]) -> None:
+    if columns in _COLUMNS_OK:
+        return
+    for column in columns:
+        if not _is_app_name(column):
+            raise StorageError(f"app table {table!r}: a column name is a lower-case identifier")
+    if all(type(column) is str for column in columns):
+        if len(_COLUMNS_OK) >= _REMEMBERED_MAX:
+            _COLUMNS_OK.clear()
+        _COLUMNS_OK.add(columns)
 
 
 def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -78,9 +92,8 @@ def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, An
         copy = dict(row.items())
     except Exception as exc:  # a caller's Mapping may raise anything; keep it typed
         raise StorageError(f"app row for {table!r} cannot be read") from exc
+    _check_columns(table, tuple(copy))
     for column, value in copy.items():
-        if not _is_app_name(column):
-            raise StorageError(f"app table {table!r}: a column name is a lower-case identifier")
         if type(value) not in _APP_VALUE_TYPES:
             raise StorageError(
                 f"app table {table!r}, column {column!r}: "
