@@ -20,7 +20,8 @@ Invariants:
 * The schema is created by :meth:`History.open`, idempotently, and recorded as
   ``history_schema_version`` in the store's meta. Tables are ``STRICT`` with
   typed columns (the store adds nothing to them as long as rows use these
-  columns); ``app_messages_fts`` indexes message text through triggers.
+  columns); ``app_messages_fts`` indexes message text through triggers (the
+  update trigger only when the text changed).
 * Expired (disappearing) messages are overwritten in place: text, quote and
   attachment keys are cleared (``secure_delete`` is on for the store), the FTS
   index drops them through the update trigger, and queries leave them out.
@@ -77,6 +78,15 @@ __all__ = [
 
 #: Version of the tables below; stored as the ``history_schema_version`` meta.
 HISTORY_SCHEMA_VERSION: Final = 2
+_FTS_UPDATE: Final = "app_messages_au"  # APP_TABLE_PREFIX + "messages_au"
+#: The full-text index follows a message's text (an edit, an expiry), not its other columns.
+_FTS_UPDATE_TRIGGER: Final = (
+    "CREATE TRIGGER app_messages_au AFTER UPDATE ON app_messages "
+    "WHEN old.text IS NOT new.text OR old.rowid IS NOT new.rowid BEGIN "
+    "INSERT INTO app_messages_fts (app_messages_fts, rowid, text) "
+    "VALUES ('delete', old.rowid, old.text); "
+    "INSERT INTO app_messages_fts (rowid, text) VALUES (new.rowid, new.text); END"
+)
 _META_VERSION: Final = "history_schema_version"
 
 _NOTICE_SQL: Final = "('gap', 'undecryptable')"
@@ -241,6 +251,18 @@ class History:
                 db.table(f"{APP_TABLE_PREFIX}messages").enable_fts(
                     ["text"], create_triggers=True, replace=True
                 )
+            found = conn.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?",
+                (_FTS_UPDATE,),
+            ).fetchone()
+            if found is None or found[0] != _FTS_UPDATE_TRIGGER:
+                # The update trigger sqlite-utils makes re-indexes the text on every
+                # update; a status change (every sent message, every receipt) then
+                # rewrote the index for nothing. Ours does it only when the text changed.
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(f"DROP TRIGGER IF EXISTS {_FTS_UPDATE}")
+                conn.execute(_FTS_UPDATE_TRIGGER)
+                conn.execute("COMMIT")
         except DB_ERRORS as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

@@ -54,9 +54,10 @@ def compose_many(
 
     The drafts are composed in their order, each reading what the earlier ones
     wrote (the same transaction), so outbox order and per-chat counters are as
-    if each had been committed alone. The chat and counter rows every draft
-    moves are written once, at the end (``ctx.pending``, as a receive batch
-    does). A draft the rules refuse (``UsageError``, ``NotAMember``) gets its
+    if each had been committed alone. Every row is written at the end, in one
+    commit (``ctx.pending``: the view reads them from there meanwhile; the chat
+    and counter rows every draft moves once each), so the rows of a table go
+    several per statement. A draft the rules refuse (``UsageError``, ``NotAMember``) gets its
     error and commits nothing; the others go on. Nothing is durable before the
     one ``COMMIT`` at the end; if it (or any write) fails, nothing of the batch
     stands and every draft gets the ``StorageError``.
@@ -81,7 +82,7 @@ def compose_many(
                     except E2EEError as exc:  # the rules refused it: nothing to commit
                         results.append(exc)
                         continue
-                    ctx.commit_outcome(composed.outcome)
+                    ctx.defer(composed.outcome)  # written at the end, with the others
                     results.append((composed.message_id, composed.stored))
                 if ctx.pending:
                     ctx.store.commit(Changes(app_rows=tuple(map(as_row, ctx.pending.values()))))

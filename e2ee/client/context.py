@@ -203,6 +203,21 @@ class ClientContext:
             self.store.commit(Changes(app_rows=tuple(as_row(r) for r in out.rows)))
         self.stage(out)
 
+    def defer(self, out: Outcome) -> None:
+        """Keep all of an outcome's rows for the end of the batch (:meth:`stage` keeps only
+        its chats and counters).
+
+        For a batch whose rules read back what earlier ones wrote only through the view
+        (``StoreView.get`` sees these rows first): composing does. The batch then writes
+        every row in its one commit at the end, several per statement.
+        """
+        pending = self.pending
+        if pending is None:
+            raise RuntimeError("defer() outside a batch")
+        for row in out.rows:
+            pending[row.TABLE, row.id] = row
+        self.stage(out)
+
     def stage(self, out: Outcome) -> None:
         """Keep an outcome's counters and chat rows for the end of the receive batch.
 

@@ -469,6 +469,7 @@ class Outbox:
         wrapped: dict[str, bytes] = {}
         with ctx.wlock:
             mine = own_devices(ctx)
+            sealing = self.sealing.batch()  # reads our certificate and the keys once
             try:
                 with ctx.store.batch():
                     # Which devices each entry goes to; then, per device, its messages
@@ -490,7 +491,7 @@ class Outbox:
                         if copy is not None:  # the transcript for our own other devices
                             targets += [Address(ctx.me.name, d) for d in mine]
                         plan.append((entry, targets))
-                        data = self.sealing.stamp(entry.payload or b"", entry.kind)
+                        data = sealing.stamp(entry.payload or b"", entry.kind)
                         for address in targets:
                             text = copy if address.name == ctx.me.name and copy else data
                             texts.setdefault(address, []).append(text)
@@ -509,9 +510,9 @@ class Outbox:
                         # name is left to the one-at-a-time path, which seals it so.
                         recipients = [(a.name, a.device_id) for a in addresses]
                         peers = [r for r in recipients if r[0] != ctx.me.name]
-                        if peers and len(peers) < len(recipients) and self.sealing.hideable(peers):
+                        if peers and len(peers) < len(recipients) and sealing.hideable(peers):
                             continue  # two messages (send_pairwise): the peers' part unnamed
-                        body = self.sealing.authenticated_body(
+                        body = sealing.authenticated_body(
                             recipients, envelope.build_pairwise(prepared[entry.id])
                         )
                         if body is not None:

@@ -75,7 +75,7 @@ from e2ee.transport.sealed_requests import (
 if TYPE_CHECKING:
     from e2ee.client.context import ClientContext
 
-__all__ = ["Opened", "SealedSender", "Sealing"]
+__all__ = ["Opened", "SealedSender", "Sealing", "SealingBatch"]
 
 _log = logging.getLogger("e2ee.client.sealing")
 
@@ -348,37 +348,13 @@ class Sealing:
 
     def stamp(self, data: bytes, kind: str) -> bytes:
         """``data`` (an encoded payload of ``kind``) with our access key, when it may carry it."""
-        key = self.access_key() if self.enabled and self.accepting else None
-        if key is None or kind in _NO_ACCESS_KEY:
-            return data
-        return payload.with_access_key(data, key)
+        return SealingBatch(self).stamp(data, kind)
 
     def _wrap(
         self, recipients: Sequence[tuple[str, int]], inner: bytes
     ) -> tuple[bytes, dict[str, bytes] | None]:
         """The body to send and, when it may go without our name, the tokens (blocking)."""
-        ctx = self._ctx
-        users = {u for u, _ in recipients}
-        keys = {u: self.peer_key(u) for u in users if u != ctx.me.name}
-        sealed_to = []
-        for user, device in recipients:
-            record = ctx.engine.identity(Address(user, device))
-            if record is None:
-                return inner, None  # cannot seal to it: the version 1 envelope, in clear
-            sealed_to.append(SealedRecipient(user, device, record.identity_key))
-        cert = self.certificate()
-        body = seal(
-            sealed_to,
-            SealedContent(cert, inner),
-            ephemeral_private=ctx.random_bytes(32),
-            content_key=ctx.random_bytes(32),
-        )
-        if cert is None or ctx.me.name in users or not all(keys.values()):
-            # No certificate; or our own other devices are listed (the relay would see which
-            # device sends); or someone never shared an access key (a stranger): the
-            # authenticated way, still sealed inside.
-            return body, None
-        return body, {user: delivery_token(key) for user, key in keys.items() if key}
+        return SealingBatch(self).wrap(recipients, inner)
 
     def hideable(self, recipients: Sequence[tuple[str, int]]) -> bool:
         """Whether a send to ``recipients`` would go without our name (blocking): sealing on,
@@ -388,13 +364,7 @@ class Sealing:
         The outbox asks this to send our own other devices' copy of a message as a message
         of its own, so the peers' part can go without our name.
         """
-        ctx = self._ctx
-        users = {u for u, _ in recipients}
-        if not self.enabled or not users or ctx.me.name in users or self.certificate() is None:
-            return False
-        if not all(self.peer_key(u) for u in users):
-            return False
-        return all(ctx.engine.identity(Address(u, d)) is not None for u, d in recipients)
+        return SealingBatch(self).hideable(recipients)
 
     def authenticated_body(
         self, recipients: Sequence[tuple[str, int]], inner: bytes
@@ -407,10 +377,13 @@ class Sealing:
         None and is sent one at a time by :meth:`send`, so pipelining never costs a contact
         the hiding of its sender.
         """
-        if not self.enabled:
-            return inner
-        body, tokens = self._wrap(recipients, inner)
-        return body if tokens is None else None
+        return SealingBatch(self).authenticated_body(recipients, inner)
+
+    def batch(self) -> SealingBatch:
+        """:meth:`stamp`, :meth:`hideable` and :meth:`authenticated_body` for the messages of
+        one store transaction (the outbox's encrypting batch; the caller holds the write lock
+        throughout, so nothing they read can change in between)."""
+        return SealingBatch(self)
 
     async def send(self, mid: bytes, recipients: Sequence[tuple[str, int]], inner: bytes) -> None:
         """Send a version 1 envelope (``inner``) to ``recipients``: sealed when we can.
@@ -563,3 +536,122 @@ class SealedSender:
                 maintenance; until then the old tokens still work).
         """
         await self._sealing.rotate_access_key()
+
+
+class SealingBatch:
+    """Sealing what we send, reading the store at most once per value (:meth:`Sealing.batch`).
+
+    Every value is read on first use and kept: our access key and certificate, the contacts'
+    access keys and the recipients' identity keys. One instance lives for one call, or for
+    one batch under the write lock; the cryptography stays per message (:func:`seal` with
+    a fresh ephemeral key and content key each time).
+    """
+
+    def __init__(self, sealing: Sealing) -> None:
+        self._sealing = sealing
+        self._ctx = sealing._ctx
+        self._access: bytes | None = None
+        self._access_read = False
+        self._cert: bytes | None = None
+        self._cert_read = False
+        self._accepting: bool | None = None
+        self._peers: dict[str, bytes | None] = {}
+        self._identities: dict[tuple[str, int], bytes | None] = {}
+
+    def _access_key(self) -> bytes | None:
+        if not self._access_read:
+            self._access, self._access_read = self._sealing.access_key(), True
+        return self._access
+
+    def _certificate(self) -> bytes | None:
+        if not self._cert_read:
+            self._cert, self._cert_read = self._sealing.certificate(), True
+        return self._cert
+
+    def _peer_key(self, user: str) -> bytes | None:
+        if user not in self._peers:
+            self._peers[user] = self._sealing.peer_key(user)
+        return self._peers[user]
+
+    def _identity(self, user: str, device: int) -> bytes | None:
+        address = (user, device)
+        if address not in self._identities:
+            record = self._ctx.engine.identity(Address(user, device))
+            self._identities[address] = None if record is None else record.identity_key
+        return self._identities[address]
+
+    def _is_accepting(self) -> bool:
+        if self._accepting is None:
+            self._accepting = self._sealing.accepting
+        return self._accepting
+
+    def stamp(self, data: bytes, kind: str) -> bytes:
+        """See :meth:`Sealing.stamp`."""
+        key = self._access_key() if self._sealing.enabled and self._is_accepting() else None
+        if key is None or kind in _NO_ACCESS_KEY:
+            return data
+        return payload.with_access_key(data, key)
+
+    def _tokens(self, users: set[str], cert: bytes | None) -> dict[str, bytes] | None:
+        """The delivery tokens when a message to ``users`` may go without our name."""
+        if cert is None or self._ctx.me.name in users:
+            return None
+        keys = {user: self._peer_key(user) for user in users}
+        if not all(keys.values()):
+            return None
+        return {user: delivery_token(key) for user, key in keys.items() if key}
+
+    def _seal(
+        self, recipients: Sequence[tuple[str, int]], inner: bytes, cert: bytes | None
+    ) -> bytes | None:
+        """``inner`` sealed to ``recipients``; None when an identity key is unknown."""
+        sealed_to = []
+        for user, device in recipients:
+            key = self._identity(user, device)
+            if key is None:
+                return None  # cannot seal to it
+            sealed_to.append(SealedRecipient(user, device, key))
+        return seal(
+            sealed_to,
+            SealedContent(cert, inner),
+            ephemeral_private=self._ctx.random_bytes(32),
+            content_key=self._ctx.random_bytes(32),
+        )
+
+    def wrap(
+        self, recipients: Sequence[tuple[str, int]], inner: bytes
+    ) -> tuple[bytes, dict[str, bytes] | None]:
+        """See :meth:`Sealing._wrap`."""
+        cert = self._certificate()
+        body = self._seal(recipients, inner, cert)
+        if body is None:
+            return inner, None  # the version 1 envelope, in clear
+        # No certificate; or our own other devices are listed (the relay would see which
+        # device sends); or someone never shared an access key (a stranger): the
+        # authenticated way (no tokens), still sealed inside.
+        return body, self._tokens({u for u, _ in recipients}, cert)
+
+    def hideable(self, recipients: Sequence[tuple[str, int]]) -> bool:
+        """See :meth:`Sealing.hideable`."""
+        users = {u for u, _ in recipients}
+        if not self._sealing.enabled or not users:
+            return False
+        if self._tokens(users, self._certificate()) is None:
+            return False  # no certificate, our own devices listed, or a stranger
+        return all(self._identity(u, d) is not None for u, d in recipients)
+
+    def authenticated_body(
+        self, recipients: Sequence[tuple[str, int]], inner: bytes
+    ) -> bytes | None:
+        """See :meth:`Sealing.authenticated_body`."""
+        if not self._sealing.enabled:
+            return inner
+        cert = self._certificate()
+        if self._tokens({u for u, _ in recipients}, cert) is not None:
+            # It may go without our name: that needs every identity key too, else it goes
+            # in clear with our name, as one at a time would send it.
+            if all(self._identity(u, d) is not None for u, d in recipients):
+                return None
+            return inner
+        body = self._seal(recipients, inner, cert)
+        return inner if body is None else body

@@ -498,12 +498,23 @@ ROW_TYPES: Final[dict[str, type[AppRow]]] = {
 _R = TypeVar("_R", bound=AppRow)
 
 
+#: Field names per row class (dataclasses.fields() builds them anew on every call).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(kind: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in fields(kind))
+    return names
+
+
 def as_row(value: AppRow) -> Row:
     """The (table, full row) pair the store commits."""
-    return value.TABLE, {f.name: getattr(value, f.name) for f in fields(value)}
+    return value.TABLE, {name: getattr(value, name) for name in _names(type(value))}
 
 
 def from_columns(kind: type[_R], found: Mapping[str, Any]) -> _R:
     """A typed row from a stored row (columns the class does not know are ignored)."""
-    values: dict[str, Any] = {f.name: found.get(f.name) for f in fields(kind)}
+    values: dict[str, Any] = {name: found.get(name) for name in _names(kind)}
     return kind(**values)

@@ -33,6 +33,37 @@ INT64_MAX: Final = 2**63 - 1
 #: App table and column names: lower-case ASCII identifiers of at most 60 characters.
 APP_NAME: Final = re.compile(r"[a-z_][a-z0-9_]{0,59}")
 _APP_VALUE_TYPES: Final = (type(None), int, float, str, bytes)
+#: Names, and rows' column tuples, that matched APP_NAME: every row of every commit is
+#: checked, and the regular expression per column was most of a history row's checking
+#: cost. Only exact ``str`` names are remembered; both sets are bounded.
+_NAMES_OK: set[str] = set()
+_COLUMNS_OK: set[tuple[str, ...]] = set()
+_REMEMBERED_MAX: Final = 4096
+
+
+def _is_app_name(name: object) -> bool:
+    """Whether ``name`` is a ``str`` matching :data:`APP_NAME` (remembered once it did)."""
+    if type(name) is str and name in _NAMES_OK:
+        return True
+    if not isinstance(name, str) or not APP_NAME.fullmatch(name):
+        return False
+    if type(name) is str:
+        if len(_NAMES_OK) >= _REMEMBERED_MAX:
+            _NAMES_OK.clear()
+        _NAMES_OK.add(name)
+    return True
+
+
+def _check_columns(table: str, columns: tuple[Any, ...]) -> None:
+    if columns in _COLUMNS_OK:
+        return
+    for column in columns:
+        if not _is_app_name(column):
+            raise StorageError(f"app table {table!r}: a column name is a lower-case identifier")
+    if all(type(column) is str for column in columns):
+        if len(_COLUMNS_OK) >= _REMEMBERED_MAX:
+            _COLUMNS_OK.clear()
+        _COLUMNS_OK.add(columns)
 
 
 def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -55,15 +86,14 @@ def check_app_row(table: str, row: Mapping[str, Any]) -> tuple[str, dict[str, An
     Raises:
         StorageError: the row cannot be stored exactly.
     """
-    if not isinstance(table, str) or not APP_NAME.fullmatch(table):
+    if not _is_app_name(table):
         raise StorageError("an app table name is a lower-case ASCII identifier")
     try:
         copy = dict(row.items())
     except Exception as exc:  # a caller's Mapping may raise anything; keep it typed
         raise StorageError(f"app row for {table!r} cannot be read") from exc
+    _check_columns(table, tuple(copy))
     for column, value in copy.items():
-        if not isinstance(column, str) or not APP_NAME.fullmatch(column):
-            raise StorageError(f"app table {table!r}: a column name is a lower-case identifier")
         if type(value) not in _APP_VALUE_TYPES:
             raise StorageError(
                 f"app table {table!r}, column {column!r}: "

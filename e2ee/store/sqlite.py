@@ -131,6 +131,10 @@ __all__ = [
 APP_TABLE_PREFIX: Final = "app_"
 
 _BUSY_TIMEOUT_S: Final = 5.0
+#: App rows per upsert statement, and bound parameters at most (SQLite's lowest
+#: SQLITE_MAX_VARIABLE_NUMBER default is 999).
+_ROWS_PER_STATEMENT: Final = 64
+_VARIABLES_PER_STATEMENT: Final = 999
 _MIN_SQLITE: Final = (3, 37, 0)
 # Lower-case ASCII only: SQLite compares table and column names case-insensitively
 # ("History" and "history" are one table), the in-memory twin does not.
@@ -682,8 +686,11 @@ class SQLiteProtocolStore:
                 self._check_schema_cookie(conn)
                 self._batch_checked = bool(self._batch.depth)
             altered = False
+            by_table: dict[str, list[dict[str, Any]]] = {}
             for table, row in app_rows:
-                altered = self._put_app_row(conn, table, row, touched) or altered
+                by_table.setdefault(table, []).append(row)
+            for table, rows in by_table.items():
+                altered = self._put_app_rows(conn, table, rows, touched) or altered
             if altered:
                 self._schema_cookie = _schema_cookie(conn)
         for table, row_id in sorted(changes.app_rows_delete):
@@ -872,14 +879,19 @@ class SQLiteProtocolStore:
             created_at_ms=created_at_ms,
         )
 
-    def _put_app_row(
+    def _put_app_rows(
         self,
         conn: sqlite3.Connection,
         table: str,
-        row: dict[str, Any],
+        rows: Sequence[dict[str, Any]],
         touched: dict[str, tuple[str, ...]],
     ) -> bool:
-        """Upsert one app row; True if a table or column had to be added."""
+        """Upsert one table's rows of a commit, in order; True if a table or column was added.
+
+        Several rows go in one statement (:func:`~e2ee.store.sqlite_sql.upsert_sql`); a row
+        whose id is already in the statement starts the next one, so a later row with the
+        same id still replaces the earlier one, as row by row.
+        """
         # sqlite-utils makes the table and its columns; upsert(alter=True) is not
         # used for two reasons. It types a new column from its first value, and
         # SQLite's type affinity then converts later values ("007" becomes 7 in an
@@ -896,14 +908,26 @@ class SQLiteProtocolStore:
         if created:
             self._db.table(name).create({"id": str}, pk="id", strict=True)
             columns = ("id",)
-        missing = tuple(c for c in row if c not in columns)
+        missing = tuple(dict.fromkeys(c for row in rows for c in row if c not in columns))
         for column in missing:
             self._db.table(name).add_column(column, "ANY")
         columns += missing
         touched[table] = columns
-        # Replace, not merge, as in the in-memory twin: columns the row leaves out
-        # are cleared.
-        conn.execute(_upsert_sql(name, columns), [row.get(c) for c in columns])
+        # Replace, not merge, as in the in-memory twin: columns a row leaves out are
+        # cleared.
+        per_statement = max(1, min(_ROWS_PER_STATEMENT, _VARIABLES_PER_STATEMENT // len(columns)))
+        chunk: list[dict[str, Any]] = []
+        ids: set[Any] = set()
+        for row in [*rows, None]:
+            if chunk and (row is None or row["id"] in ids or len(chunk) >= per_statement):
+                conn.execute(
+                    _upsert_sql(name, columns, len(chunk)),
+                    [r.get(c) for r in chunk for c in columns],
+                )
+                chunk, ids = [], set()
+            if row is not None:
+                chunk.append(row)
+                ids.add(row["id"])
         return created or bool(missing)
 
 

@@ -80,13 +80,19 @@ def schema_cookie(conn: sqlite3.Connection) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def upsert_sql(table: str, columns: tuple[str, ...]) -> str:
+def upsert_sql(table: str, columns: tuple[str, ...], rows: int = 1) -> str:
+    """``INSERT ... VALUES (...)`` of ``rows`` rows, each replacing the row with its id.
+
+    Several rows in one statement: SQLite calls a virtual table's savepoint at each
+    statement, and FTS5 then flushes its pending terms into a new index segment, so an
+    indexed table written row by row paid one segment per row.
+    """
     names = ", ".join(quote(c) for c in columns)
-    marks = ", ".join("?" for _ in columns)
+    marks = "(" + ", ".join("?" for _ in columns) + ")"
     updates = ", ".join(f"{quote(c)} = excluded.{quote(c)}" for c in columns if c != "id")
     action = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
     return (
-        f"INSERT INTO {quote(table)} ({names}) VALUES ({marks}) "  # noqa: S608  (checked names)
+        f"INSERT INTO {quote(table)} ({names}) VALUES {', '.join([marks] * rows)} "  # noqa: S608  (checked names)
         f'ON CONFLICT ("id") {action}'
     )
 

@@ -146,6 +146,42 @@ def test_search_is_literal_and_follows_edits_and_expiry(store: SQLiteProtocolSto
     h.close()
 
 
+def test_search_follows_status_changes_and_an_old_index_trigger_is_replaced(
+    store: SQLiteProtocolStore, tmp_path: Path
+) -> None:
+    """The index is rewritten only when the text changes; a file whose update trigger
+    re-indexed every update (before 2026-12-07) gets the new one when opened."""
+    h = History.open(store)
+    store.commit(Changes(app_rows=(_msg(1, "lunch at noon?"), _msg(2, "lunch again"))))
+    for status in ("delivered", "read"):
+        moved = h.updated("messages", f"{1:032x}", status=status)
+        assert moved is not None
+        store.commit(Changes(app_rows=(moved,)))
+    assert [m.counter for m in h.search("lunch")] == [2, 1]
+    assert h.message(f"{1:032x}").status == "read"  # type: ignore[union-attr]
+    h.close()
+    # The trigger sqlite-utils makes: every update deletes and re-inserts the text.
+    conn = sqlite3.connect(tmp_path / "db.sqlite")
+    conn.executescript(
+        "DROP TRIGGER app_messages_au; CREATE TRIGGER app_messages_au AFTER UPDATE ON "
+        "app_messages BEGIN INSERT INTO app_messages_fts (app_messages_fts, rowid, text) "
+        "VALUES('delete', old.rowid, old.text); INSERT INTO app_messages_fts (rowid, text) "
+        "VALUES (new.rowid, new.text); END;"
+    )
+    conn.close()
+    again = History.open(store)
+    conn = sqlite3.connect(tmp_path / "db.sqlite")
+    (trigger,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'app_messages_au'")
+    conn.close()
+    assert "WHEN old.text IS NOT new.text" in trigger[0]
+    edited = again.updated("messages", f"{2:032x}", text="brunch again", edited=1)
+    assert edited is not None
+    store.commit(Changes(app_rows=(edited,)))
+    assert [m.counter for m in again.search("lunch")] == [1]
+    assert [m.counter for m in again.search("brunch")] == [2]
+    again.close()
+
+
 def test_history_rows_commit_atomically_with_protocol_state(
     store: SQLiteProtocolStore,
 ) -> None:

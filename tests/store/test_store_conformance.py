@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
@@ -269,6 +270,30 @@ def test_app_rows_round_trip_and_are_replaced_in_order(store: ProtocolStore) -> 
     assert exact(store.load_app_row("messages", "m1")) == exact(last)
     assert store.load_app_row("messages", "m2") is None
     assert store.load_app_row("nothing", "m1") is None
+
+
+def test_many_app_rows_in_one_commit_land_as_if_written_one_by_one(store: ProtocolStore) -> None:
+    """Hundreds of rows of two tables, columns appearing midway, ids repeated near and far
+    (a later row replaces the earlier one and clears the columns it leaves out)."""
+    pick = random.Random(7)
+    rows: list[tuple[str, dict[str, object]]] = []
+    last: dict[str, dict[str, object]] = {}
+    for i in range(400):
+        rows.append(("outbox", {"id": f"o{i}", "seq": i}))
+        row: dict[str, object] = {"id": f"m{pick.randrange(120)}", "text": f"t{i}"}
+        if i >= 100:
+            row["status"] = "sent" if i % 2 else None
+        if i == 150:
+            row["late"] = b"\x01"
+        rows.append(("messages", row))
+        last[str(row["id"])] = row
+    commit(store, app_rows=tuple(rows))
+    for row_id, row in last.items():
+        found = store.load_app_row("messages", row_id)
+        assert found is not None
+        columns = ("id", "text", "status", "late")
+        assert [found.get(c) for c in columns] == [row.get(c) for c in columns], row_id
+    assert exact(store.load_app_row("outbox", "o399")) == exact({"id": "o399", "seq": 399})
 
 
 def test_app_rows_are_found_by_a_column_value(store: ProtocolStore) -> None:

@@ -118,6 +118,9 @@ class _Session:
         self._connected = asyncio.Event()
         self._fatal = asyncio.Event()
         self._fatal_reason = ""
+        # Tasks inside bounded() now, and those the fatal state cancelled (see bounded).
+        self._bounded: set[asyncio.Task[object]] = set()
+        self._fatal_cancelled: set[asyncio.Task[object]] = set()
         self._offline_reason = ""
         self._pump = asyncio.create_task(self._run_pump(client.events()))
         #: The highest history ``seq`` of a message printed (for ``receive``'s cursor).
@@ -137,9 +140,16 @@ class _Session:
                     self._offline_reason = event.reason
                     if event.retry_in is None or event.reason == AuthFailed.__name__:
                         self._fatal_reason = event.reason or "offline"
-                        self._fatal.set()
+                        self._set_fatal()
                 continue
             self.queue.put_nowait(event)
+
+    def _set_fatal(self) -> None:
+        """The connection ended for good: every bounded() wait stops now."""
+        self._fatal.set()
+        for task in self._bounded - self._fatal_cancelled:
+            self._fatal_cancelled.add(task)
+            task.cancel()
 
     def _fatal_error(self) -> CliError:
         reason = self._fatal_reason
@@ -210,6 +220,48 @@ class _Session:
         Raises:
             CliError: timeout (3) or a fatal connection state.
         """
+        current = asyncio.current_task()
+        if (
+            current is None
+            or activity is not None
+            or self._fatal.is_set()
+            or current in self._bounded
+        ):  # a transfer, already fatal, or nested in another wait: the general way
+            return await self._bounded_polling(work, what, activity)
+        # The common case (every daemon call) without a task or timer of its own beside
+        # the timeout: ``work`` runs in the caller's task, the fatal state cancels that
+        # task (_set_fatal) and the cancellation is taken back here and reported.
+        limit = self.settings.network_timeout
+        self._bounded.add(current)
+        try:
+            async with asyncio.timeout(limit) as deadline:
+                return await work
+        except TimeoutError:
+            if deadline.expired():
+                raise CliError(
+                    EXIT_UNREACHABLE, f"timed out after {limit:g} s waiting for {what}"
+                ) from None
+            raise
+        except asyncio.CancelledError:
+            if self._unwatch(current):
+                raise self._fatal_error() from None
+            raise
+        finally:
+            self._unwatch(current)
+
+    def _unwatch(self, task: asyncio.Task[object]) -> bool:
+        """Forget a bounded() task; True if the fatal state had cancelled it and that was
+        its only cancellation (which is taken back)."""
+        self._bounded.discard(task)
+        if task not in self._fatal_cancelled:
+            return False
+        self._fatal_cancelled.discard(task)
+        return task.uncancel() == 0
+
+    async def _bounded_polling(
+        self, work: Awaitable[T], what: str, activity: _Activity | None
+    ) -> T:
+        """:meth:`bounded` with a transfer's progress (or outside a task): polls."""
         task = asyncio.ensure_future(work)
         fatal = asyncio.ensure_future(self._fatal.wait())
         limit = self.settings.network_timeout
