@@ -890,9 +890,10 @@ class Outbox:
                     # The peers have it: sent, though our other devices miss their copy.
                     _log.warning("our devices' copy refused: %s", type(exc).__name__)
                     return peers_sent
-                if refused(exc) is exc:
+                typed = refused(exc)
+                if typed is exc:
                     raise  # retryable (429, 5xx): the entry stays queued
-                raise refused(exc) from exc
+                raise typed from exc
         raise SendFailed("the recipients' device list kept changing")
 
     async def _send_group(self, mid: bytes, gid: str, data: bytes) -> list[tuple[str, int]]:
@@ -937,9 +938,10 @@ class Outbox:
                 if peers_done and for_good(exc):
                     _log.warning("our devices' copy refused: %s", type(exc).__name__)
                     return [r for r in recipients if r[0] != me]
-                if refused(exc) is exc:
+                typed = refused(exc)
+                if typed is exc:
                     raise  # retryable (429, 5xx): the entry stays queued
-                raise refused(exc) from exc
+                raise typed from exc
         raise SendFailed("the group's device list kept changing")
 
     async def _send_own(self, mid: bytes, data: bytes) -> list[tuple[str, int]]:
