@@ -304,7 +304,7 @@ class RelayConfig:
     upload_bytes_burst: float = 200 * 1024 * 1024.0
     message_ttl_seconds: float = 30 * 86400.0
     blob_ttl_seconds: float = 30 * 86400.0
-    dedupe_window_seconds: float = 600.0
+    dedupe_window_seconds: float = 300.0
     sweep_interval_seconds: float = 60.0
     ws_max_frame_bytes: int = 1024 * 1024
     ws_max_outbound_bytes: int = 1024 * 1024

@@ -266,7 +266,7 @@ class StoreLimits:
     account_max_bytes: int = 1024 * 1024 * 1024
     message_ttl_ms: int = 30 * 86400 * 1000
     blob_ttl_ms: int = 30 * 86400 * 1000
-    dedupe_window_ms: int = 600 * 1000
+    dedupe_window_ms: int = 300 * 1000
     write_batch_max: int = 2000
     write_batch_interval_ms: float = 0.0
     checkpoint_commits: int = 512

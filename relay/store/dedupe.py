@@ -26,11 +26,12 @@ _PERSON = b"bp-relay-dedupe"
 # when it expires only to within a bucket, and the sweeper deletes a whole bucket at once.
 _BUCKETS_PER_WINDOW = 10
 _MIN_BUCKET_MS = 1000
-# Records one sweep call deletes at most. A whole bucket falls due at once (at 3,000 msg/s a
-# 60 s bucket is 180,000 records); deleted in one go, or in a few large transactions, they held
-# every write behind them: 5,000 records cost the writer about 40 ms per call, 1,000 about 8 ms
-# (docs/performance-relay.md, "Holding steady"). In small calls, with the relay's pauses in
-# between (relay.app.sweep_once), regular writes get the writer between them.
+# Records one sweep call deletes at most. A whole bucket falls due at once (at 3,000 msg/s the
+# default window's 30 s bucket is 90,000 records); deleted in one go, or in a few large
+# transactions, they held every write behind them: 5,000 records cost the writer about 40 ms
+# per call, 1,000 about 8 ms (docs/performance-relay.md, "Holding steady"). In small calls,
+# with the relay's pauses in between (relay.app.sweep_once), regular writes get the writer
+# between them.
 SWEEP_CHUNK = 1000
 
 
