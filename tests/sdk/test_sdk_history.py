@@ -227,6 +227,34 @@ def test_unread_rows_are_found_through_their_own_index(store: SQLiteProtocolStor
     h.close()
 
 
+def test_undelivered_skips_our_own_messages_through_its_index(
+    store: SQLiteProtocolStore,
+) -> None:
+    """A sending bot's history does not slow the delivered-receipt lookup after each pass:
+    incoming messages above the watermark come from a partial index, not a walk over every
+    message sent since the last one that arrived."""
+    h = History.open(store)
+    mine = [
+        ("messages", {**_msg(i, f"mine {i}")[1], "outgoing": 1, "sender": "me"})
+        for i in range(1, 2001)
+    ]
+    store.commit(Changes(app_rows=(_msg(2001, "in"), *mine, _msg(2002, "also in"))))
+    conn = h._connection()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)  # the SQL undelivered runs, values inlined
+    assert h.undelivered(0, 10) == [
+        (f"{2001:032x}", "bob", 2001),
+        (f"{2002:032x}", "bob", 2002),
+    ]
+    conn.set_trace_callback(None)
+    assert h.undelivered(2001, 10) == [(f"{2002:032x}", "bob", 2002)]
+    assert h.undelivered(2002, 10) == []
+    [sql] = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    plan = " ".join(str(r[3]) for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+    assert "app_messages_incoming" in plan, plan
+    h.close()
+
+
 def test_messages_since_a_seq_across_chats(store: SQLiteProtocolStore) -> None:
     h = History.open(store)
     store.commit(
