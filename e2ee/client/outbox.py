@@ -51,7 +51,7 @@ from e2ee import envelope, payload
 from e2ee.client.compose import compose_many, make_draft
 from e2ee.client.context import ClientContext
 from e2ee.client.sealing import Sealing
-from e2ee.client.send_errors import for_good, for_message, refused
+from e2ee.client.send_errors import for_good, for_message, raise_refused
 from e2ee.client.sync import (
     introduce,
     is_own_device_key,
@@ -887,13 +887,8 @@ class Outbox:
                     transcribe = None
             except RelayRejected as exc:
                 if peers_sent is not None and for_good(exc):
-                    # The peers have it: sent, though our other devices miss their copy.
-                    _log.warning("our devices' copy refused: %s", type(exc).__name__)
-                    return peers_sent
-                typed = refused(exc)
-                if typed is exc:
-                    raise  # retryable (429, 5xx): the entry stays queued
-                raise typed from exc
+                    return _own_copy_lost(exc, peers_sent)
+                raise_refused(exc)
         raise SendFailed("the recipients' device list kept changing")
 
     async def _send_group(self, mid: bytes, gid: str, data: bytes) -> list[tuple[str, int]]:
@@ -936,12 +931,8 @@ class Outbox:
                 with_own = await self._fix_devices(exc) and with_own
             except RelayRejected as exc:
                 if peers_done and for_good(exc):
-                    _log.warning("our devices' copy refused: %s", type(exc).__name__)
-                    return [r for r in recipients if r[0] != me]
-                typed = refused(exc)
-                if typed is exc:
-                    raise  # retryable (429, 5xx): the entry stays queued
-                raise typed from exc
+                    return _own_copy_lost(exc, [r for r in recipients if r[0] != me])
+                raise_refused(exc)
         raise SendFailed("the group's device list kept changing")
 
     async def _send_own(self, mid: bytes, data: bytes) -> list[tuple[str, int]]:
@@ -986,3 +977,10 @@ class Outbox:
                 self._ctx.commit([], {keys.distributed(gid, u, d): generation for u, d in sent})
 
         await asyncio.to_thread(mark)
+
+
+def _own_copy_lost(exc: RelayRejected, peers: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Our own devices' copy, sent after the peers' part, was refused for good: the message
+    counts as sent (the peers have it), though our other devices miss their copy."""
+    _log.warning("our devices' copy refused: %s", type(exc).__name__)
+    return peers

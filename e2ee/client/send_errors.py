@@ -11,11 +11,13 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from e2ee.client_errors import RecipientMailboxFull, SendFailed, UnknownRecipient
-from e2ee.errors import E2EEError, TransportError
+from e2ee.errors import E2EEError
 from e2ee.transport.errors import MailboxFull, RelayRejected
 
-__all__ = ["for_good", "for_message", "refused"]
+__all__ = ["for_good", "for_message", "raise_refused"]
 
 
 def for_good(exc: RelayRejected) -> bool:
@@ -23,15 +25,16 @@ def for_good(exc: RelayRejected) -> bool:
     return isinstance(exc, MailboxFull) or not exc.retryable
 
 
-def refused(exc: RelayRejected) -> TransportError:
-    """What a send refused by the relay raises: a full mailbox or a refusal for good, typed
-    for the caller; a retryable refusal (429, 5xx) as it is (the entry stays queued)."""
+def raise_refused(exc: RelayRejected) -> NoReturn:
+    """Raise what a send refused by the relay raises: a full mailbox or a refusal for good,
+    typed for the caller (from ``exc``); a retryable refusal (429, 5xx) as it is (the entry
+    stays queued)."""
     if isinstance(exc, MailboxFull):
         # Not retried: a full mailbox stays full until its owner receives.
-        return RecipientMailboxFull(exc.full)
+        raise RecipientMailboxFull(exc.full) from exc
     if exc.retryable:
-        return exc
-    return SendFailed(f"relay refused message: {exc.code}")
+        raise exc
+    raise SendFailed(f"relay refused message: {exc.code}") from exc
 
 
 def for_message(exc: E2EEError, message_id: str) -> E2EEError:

@@ -95,12 +95,12 @@ SCHEMA_VERSION = 2
 _SWEEP_CHUNK = 5000
 # Dedupe records one sweep call deletes at most (the other backends: dedupe.SWEEP_CHUNK). Here
 # a call runs inside the writer's transaction, so every send that arrives while it runs waits
-# for it, and once a minute a whole bucket falls due (180,000 records at 3,000 msg/s), deleted
-# over the next seconds. Smaller calls make that wait shorter: on a 1,980,000-record table
-# (`bench/relay_soak.py --sweep-cost 1980000`, each call its own transaction here) a call of
-# 1,000 took p50 4.5 ms, of 250 p50 2.6 ms, about 2 ms of it the commit that a running relay
-# shares with the batch (docs/performance-relay.md, "Holding steady"). With the sweeper's
-# pauses (relay.app) it still deletes about 20,000 records/s.
+# for it, and every bucket (a tenth of the window: 30 s by default) a whole bucket falls due
+# (90,000 records at 3,000 msg/s), deleted over the next seconds. Smaller calls make that wait
+# shorter: on a 1,980,000-record table (`bench/relay_soak.py --sweep-cost 1980000`, each call
+# its own transaction here) a call of 1,000 took p50 4.5 ms, of 250 p50 2.6 ms, about 2 ms of
+# it the commit that a running relay shares with the batch (docs/performance-relay.md, "Holding
+# steady"). With the sweeper's pauses (relay.app) it still deletes about 20,000 records/s.
 SWEEP_CHUNK = 250
 # The sweeper gives free pages back to the file system only beyond this share of the file
 # (free pages are reused by later writes anyway; under a steady load the file stays as it is),
