@@ -222,9 +222,13 @@ async def test_a_send_cut_between_its_two_parts_goes_again_without_a_duplicate(
             a2_events, lambda e: isinstance(e, MessageStored) and e.message.id == mid, WAIT
         )
         assert mine.message.text == "cut in two"
-        await alice.send_text("bob", "after the cut")
+        after = await alice.send_text("bob", "after the cut")
         got = await wait_for(b_events, lambda e: isinstance(e, MessageReceived), WAIT)
         assert got.message.text == "after the cut"
+        # alice's other device gets its copy as a message of its own, after bob's part.
+        await wait_for(
+            a2_events, lambda e: isinstance(e, MessageStored) and e.message.id == after, WAIT
+        )
     texts = [m.text for m in bob.history.messages(direct_chat_id("alice")) if not m.outgoing]
     assert texts == ["hi bob", "cut in two", "after the cut"]
     mine = [m.text for m in alice2.history.messages(direct_chat_id("bob")) if m.outgoing]
