@@ -17,7 +17,7 @@ from sdk_relay import Relay
 
 from e2ee.client import Client, ClientOptions
 from e2ee.errors import UsageError
-from e2ee.events import MessageReceived, ReceiptUpdated
+from e2ee.events import MessageReceived
 from e2ee.history import direct_chat_id
 from e2ee.store import Changes
 from e2ee.transport.errors import MismatchedDevices, PredecessorMissing
@@ -143,11 +143,26 @@ async def test_a_relay_that_dies_with_sends_in_flight_loses_and_duplicates_nothi
                 *(alice.send_text("bob", f"m{i:04d}", wait=False) for i in range(900))
             )
         )
+        # The relay dies as the 300th send leaves, with the pipeline running: that send and
+        # the ones in flight before it get no answer, whether the relay stored them or not.
+        killed = asyncio.Event()
+        link, send = alice._link, alice._link.send
+        issued = 0
+
+        async def killing(
+            mid: bytes, recipients: Sequence[tuple[str, int]], body: bytes, **kw: Any
+        ) -> None:
+            nonlocal issued
+            issued += 1
+            if issued == 300:
+                relay.proc.kill()
+                killed.set()
+            await send(mid, recipients, body, **kw)
+
+        link.send = killing  # type: ignore[method-assign]
         answers = Answers(alice)
-        a_events = alice.events()
         async with alice:
-            # Once the first is marked sent, the pipeline is running: kill the relay.
-            await wait_for(a_events, lambda e: isinstance(e, ReceiptUpdated), WAIT)
+            await asyncio.wait_for(killed.wait(), WAIT)
             await asyncio.to_thread(relay.restart, crash=True)
             assert await alice.flush(WAIT) == 0
         assert answers.refused, "the relay died after the pass had ended"
