@@ -155,10 +155,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def run_daemon(data: Path, sock: Path, calls: int, rate: float, window: int) -> Run:
+async def run_daemon(
+    data: Path, sock: Path, calls: int, rate: float, window: int, loop: str
+) -> Run:
     proc = await asyncio.create_subprocess_exec(
         str(BLINDPOST), "--data", str(data), "daemon", "--socket", str(sock),
-        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        "--event-loop", loop, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     assert proc.stderr is not None
     line = await asyncio.wait_for(proc.stderr.readline(), 60)
@@ -226,9 +228,19 @@ async def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each run")
     parser.add_argument("--window", type=int, default=64, help="calls in flight at most")
+    parser.add_argument(
+        "--daemon-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the daemon's --event-loop (auto: uvloop where installed)",
+    )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {load()}", flush=True)
+    print(
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {load()}, "
+        f"daemon --event-loop {args.daemon_loop}",
+        flush=True,
+    )
     root = Path(tempfile.mkdtemp(prefix="bp-daemon-bench-"))
     relay = RelayProcess(root / "relay", RELAY_SETTINGS).start()
     runs: list[tuple[Run, Run]] = []
@@ -244,7 +256,9 @@ async def main() -> None:
             sdk = await run_sdk(root / "bench_a", calls, rate, args.window)
             print(f"sdk    at {rate:,.0f}/s: {sdk.rate:,.0f}/s achieved [{load()}]", flush=True)
             sock = root / "d.sock"
-            daemon = await run_daemon(root / "bench_a", sock, calls, rate, args.window)
+            daemon = await run_daemon(
+                root / "bench_a", sock, calls, rate, args.window, args.daemon_loop
+            )
             print(f"daemon at {rate:,.0f}/s: {daemon.rate:,.0f}/s achieved [{load()}]", flush=True)
             runs.append((sdk, daemon))
     finally:

@@ -8,6 +8,7 @@ group made in the second is used by later ones), as in test_cli_direct.py.
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 from pathlib import Path
 from typing import Any
@@ -276,11 +277,13 @@ def test_too_many_clients_and_bad_options(
         ("--max-inflight", "0"),
         ("--max-clients", "0"),
         ("--tcp", "70000"),
+        ("--event-loop", "trio"),
     ]:
         result = cli("ddave", "daemon", option, value, ok=False)
         one_line_error(result, 2)
         assert option in result.stderr
-    daemon = SocketDaemon(cli, "ddave", "--tcp", "0", "--max-clients", "1")
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    daemon = SocketDaemon(cli, "ddave", "--tcp", "0", "--max-clients", "1", "--event-loop", loop)
     try:
         assert daemon.address is not None and daemon.address[1].startswith("127.0.0.1:")
         first = daemon.connect()
@@ -297,7 +300,8 @@ def test_too_many_clients_and_bad_options(
 
 
 def test_search_and_group_methods(cli: Cli, accounts: Any) -> None:
-    daemon = StdioDaemon(cli, "ddave")
+    # asyncio's own loop (the other tests run on the default, uvloop where installed).
+    daemon = StdioDaemon(cli, "ddave", "--event-loop", "asyncio")
     try:
         (group,) = daemon.call("group", {"action": "list"})
         gid = group["group"]

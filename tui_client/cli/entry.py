@@ -8,14 +8,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import sys
 from collections.abc import (
     Callable,
+    Coroutine,
     Sequence,
 )
 from pathlib import Path
+from typing import Any
 
 from e2ee.errors import E2EEError
 from tui_client.cli.checks import _read_passphrase
@@ -53,6 +56,27 @@ def _run_tui(data_dir: Path) -> int:
     return int(run(data_dir))
 
 
+def _loop_runner(setting: str) -> Callable[[Coroutine[Any, Any, int]], int]:
+    """``asyncio.run`` or ``uvloop.run``: the event loop a command runs on.
+
+    Only the daemon offers the choice (``--event-loop``, default ``auto``: uvloop where it
+    is installed); a one-shot command runs on asyncio's loop.
+
+    Raises:
+        CliError: ``uvloop`` asked for but not installed (2).
+    """
+    if setting == "asyncio":
+        return asyncio.run
+    if importlib.util.find_spec("uvloop") is None:
+        if setting == "uvloop":
+            raise CliError(EXIT_USAGE, "--event-loop uvloop, but uvloop is not installed")
+        return asyncio.run
+    import uvloop
+
+    logging.getLogger("blindpost.daemon").info("event loop: uvloop")
+    return uvloop.run
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``blindpost`` with ``argv`` (default: ``sys.argv[1:]``).
 
@@ -83,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             passphrase=_read_passphrase(args),
             network_timeout=args.network_timeout,
         )
-        return asyncio.run(_COMMANDS[args.command](settings, args))
+        run = _loop_runner(getattr(args, "event_loop", "asyncio"))
+        return run(_COMMANDS[args.command](settings, args))
     except KeyboardInterrupt:
         return _report(EXIT_INTERRUPTED, "interrupted")
     except BrokenPipeError:

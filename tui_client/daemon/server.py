@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_MAX_CLIENTS",
     "DEFAULT_MAX_INFLIGHT",
     "DEFAULT_MAX_LINE",
+    "EVENT_LOOPS",
     "Connection",
     "Daemon",
     "DaemonConfig",
@@ -76,6 +77,7 @@ log = logging.getLogger("blindpost.daemon")
 
 # -- limits (public: docs/cli.md, `blindpost daemon --help`) -----------------------------
 
+EVENT_LOOPS: Final = ("auto", "uvloop", "asyncio")
 DEFAULT_EVENT_BUFFER: Final = 10_000
 DEFAULT_MAX_LINE: Final = 1 << 20
 DEFAULT_MAX_INFLIGHT: Final = 256
@@ -135,6 +137,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--backup-out", type=Path, metavar="FILE", help="the scheduled backup's file"
+    )
+    parser.add_argument(
+        "--event-loop",
+        choices=EVENT_LOOPS,
+        default="auto",
+        help="auto runs on uvloop where it is installed (less CPU per call), else asyncio's "
+        "own loop; uvloop requires it [auto]",
     )
     parser.add_argument(
         "--event-buffer",
