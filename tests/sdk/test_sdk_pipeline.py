@@ -147,25 +147,24 @@ async def test_a_relay_that_dies_with_sends_in_flight_loses_and_duplicates_nothi
         # the ones in flight before it get no answer, whether the relay stored them or not.
         killed = asyncio.Event()
         link, send = alice._link, alice._link.send
-        issued = 0
+        issued: list[bytes] = []
 
         async def killing(
             mid: bytes, recipients: Sequence[tuple[str, int]], body: bytes, **kw: Any
         ) -> None:
-            nonlocal issued
-            issued += 1
-            if issued == 300:
+            issued.append(mid)
+            if len(issued) == 300:
                 relay.proc.kill()
                 killed.set()
             await send(mid, recipients, body, **kw)
 
         link.send = killing  # type: ignore[method-assign]
-        answers = Answers(alice)
         async with alice:
             await asyncio.wait_for(killed.wait(), WAIT)
             await asyncio.to_thread(relay.restart, crash=True)
             assert await alice.flush(WAIT) == 0
-        assert answers.refused, "the relay died after the pass had ended"
+        # At least the 300th went twice: unanswered before the kill, sent again after it.
+        assert issued.count(issued[299]) >= 2
         assert in_order(await mailbox("bob"), sent) == sent
         bob = await Client.open(tmp_path / "bob", options=fast_options)
         events = bob.events()
