@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from relay_harness import LOOSE_LIMITS, RelayProcess  # noqa: E402
 
+from blindpost_wire.loop import EVENT_LOOPS  # noqa: E402
 from e2ee.client import Client, ClientOptions  # noqa: E402
 
 BLINDPOST = Path(sys.executable).parent / "blindpost"
@@ -230,7 +231,7 @@ async def main() -> None:
     parser.add_argument("--window", type=int, default=64, help="calls in flight at most")
     parser.add_argument(
         "--daemon-loop",
-        choices=("auto", "uvloop", "asyncio"),
+        choices=EVENT_LOOPS,
         default="auto",
         help="the daemon's --event-loop (auto: uvloop where installed)",
     )

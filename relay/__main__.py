@@ -12,12 +12,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from blindpost_wire.loop import run as loop_run
 from relay import admin, admin_accounts
 from relay.admin import Registrar, run_group
 from relay.config import ENV_PREFIX, SETTING_HELP, ConfigError, RelayConfig
 from relay.errors import StorageError
 from relay.integrity import startup_check
-from relay.loop import run as loop_run
 from relay.server import serve
 
 __all__ = ["COMMAND_GROUPS", "build_parser", "main"]

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import tomllib
 from collections.abc import Mapping
@@ -13,9 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from blindpost_wire.loop import EVENT_LOOPS, unavailable
 from blindpost_wire.names import MAX_DEVICE_ID
 from blindpost_wire.registration import MAX_POW_DIFFICULTY, REGISTRATION_MODES
-from relay.loop import EVENT_LOOPS
 
 __all__ = [
     "BLOB_STORES",
@@ -445,7 +444,7 @@ class RelayConfig:
             raise ConfigError(
                 f"event_loop must be one of {', '.join(EVENT_LOOPS)} (got {self.event_loop!r})"
             )
-        if self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        if unavailable(self.event_loop):
             raise ConfigError("event_loop = uvloop, but uvloop is not installed")
         if not 1 <= self.listen_backlog <= LISTEN_BACKLOG_MAX:
             raise ConfigError(

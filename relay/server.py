@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from blindpost_wire.loop import running as running_loop
 from relay.app import create_app
 from relay.config import RelayConfig
 from relay.guard import HeaderTimeoutProtocol
@@ -87,7 +88,7 @@ async def serve(
     host, port = listener.sockets[0].getsockname()[:2]
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("event loop: %s", type(loop).__module__.split(".")[0])
+    log.info("event loop: %s", running_loop())
     log.info("blindpost-relay listening on http://%s:%d", host, port)
     if on_listening is not None:
         on_listening(host, port)

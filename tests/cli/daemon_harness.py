@@ -120,11 +120,11 @@ class Peer:
 
 
 class StdioDaemon(Peer):
-    """``blindpost --data DIR daemon`` speaking on its stdin/stdout."""
+    """``blindpost --data DIR [OPTIONS] daemon ARGS`` speaking on its stdin/stdout."""
 
-    def __init__(self, cli: Cli, name: str, *args: str) -> None:
+    def __init__(self, cli: Cli, name: str, *args: str, options: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [str(BLINDPOST), "--data", str(cli.data(name)), "daemon", *args],
+            [str(BLINDPOST), "--data", str(cli.data(name)), *options, "daemon", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -164,9 +164,9 @@ class StdioDaemon(Peer):
 class SocketDaemon:
     """``blindpost --data DIR daemon --socket PATH`` (or ``--tcp 0``) and its clients."""
 
-    def __init__(self, cli: Cli, name: str, *args: str) -> None:
+    def __init__(self, cli: Cli, name: str, *args: str, options: tuple[str, ...] = ()) -> None:
         self.proc = subprocess.Popen(
-            [str(BLINDPOST), "--data", str(cli.data(name)), "daemon", *args],
+            [str(BLINDPOST), "--data", str(cli.data(name)), *options, "daemon", *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -283,8 +283,12 @@ def test_too_many_clients_and_bad_options(
         one_line_error(result, 2)
         assert option in result.stderr
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
-    daemon = SocketDaemon(cli, "ddave", "--tcp", "0", "--max-clients", "1", "--event-loop", loop)
+    daemon = SocketDaemon(
+        cli, "ddave", "--tcp", "0", "--max-clients", "1", "--event-loop", loop, options=("-v",)
+    )
     try:
+        # The daemon says which loop it runs on, read from inside that loop.
+        assert any(f"event loop: {loop}" in line for line in daemon.stderr_lines)
         assert daemon.address is not None and daemon.address[1].startswith("127.0.0.1:")
         first = daemon.connect()
         groups = first.call("group", {"action": "list"})
@@ -301,7 +305,7 @@ def test_too_many_clients_and_bad_options(
 
 def test_search_and_group_methods(cli: Cli, accounts: Any) -> None:
     # asyncio's own loop (the other tests run on the default, uvloop where installed).
-    daemon = StdioDaemon(cli, "ddave", "--event-loop", "asyncio")
+    daemon = StdioDaemon(cli, "ddave", "--event-loop", "asyncio", options=("-v",))
     try:
         (group,) = daemon.call("group", {"action": "list"})
         gid = group["group"]
@@ -317,6 +321,7 @@ def test_search_and_group_methods(cli: Cli, accounts: Any) -> None:
         daemon.close_stdin()
         code, err = daemon.wait()
     assert code == 0, err
+    assert "event loop: asyncio" in err  # the option, not the default (uvloop where installed)
 
 
 def test_shutdown_answers_a_request_still_waiting_for_the_relay(

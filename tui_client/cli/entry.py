@@ -5,21 +5,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib
-import importlib.util
 import logging
 import os
 import sys
 from collections.abc import (
     Callable,
-    Coroutine,
     Sequence,
 )
 from pathlib import Path
-from typing import Any
 
+from blindpost_wire.loop import run as run_loop
+from blindpost_wire.loop import unavailable
 from e2ee.errors import E2EEError
 from tui_client.cli.checks import _read_passphrase
 from tui_client.cli.commands import _COMMANDS
@@ -56,27 +54,6 @@ def _run_tui(data_dir: Path) -> int:
     return int(run(data_dir))
 
 
-def _loop_runner(setting: str) -> Callable[[Coroutine[Any, Any, int]], int]:
-    """``asyncio.run`` or ``uvloop.run``: the event loop a command runs on.
-
-    Only the daemon offers the choice (``--event-loop``, default ``auto``: uvloop where it
-    is installed); a one-shot command runs on asyncio's loop.
-
-    Raises:
-        CliError: ``uvloop`` asked for but not installed (2).
-    """
-    if setting == "asyncio":
-        return asyncio.run
-    if importlib.util.find_spec("uvloop") is None:
-        if setting == "uvloop":
-            raise CliError(EXIT_USAGE, "--event-loop uvloop, but uvloop is not installed")
-        return asyncio.run
-    import uvloop
-
-    logging.getLogger("blindpost.daemon").info("event loop: uvloop")
-    return uvloop.run
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``blindpost`` with ``argv`` (default: ``sys.argv[1:]``).
 
@@ -107,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             passphrase=_read_passphrase(args),
             network_timeout=args.network_timeout,
         )
-        run = _loop_runner(getattr(args, "event_loop", "asyncio"))
-        return run(_COMMANDS[args.command](settings, args))
+        # Only the daemon chooses (--event-loop); one-shot commands run on asyncio's loop.
+        loop: str = getattr(args, "event_loop", "asyncio")
+        if unavailable(loop):
+            raise CliError(EXIT_USAGE, "--event-loop uvloop, but uvloop is not installed")
+        return run_loop(loop, _COMMANDS[args.command](settings, args))
     except KeyboardInterrupt:
         return _report(EXIT_INTERRUPTED, "interrupted")
     except BrokenPipeError:

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from blindpost_wire.loop import EVENT_LOOPS
+from blindpost_wire.loop import running as running_loop
 from e2ee.client import ClientOptions
 from e2ee.errors import E2EEError
 from tui_client import cli
@@ -64,7 +66,6 @@ __all__ = [
     "DEFAULT_MAX_CLIENTS",
     "DEFAULT_MAX_INFLIGHT",
     "DEFAULT_MAX_LINE",
-    "EVENT_LOOPS",
     "Connection",
     "Daemon",
     "DaemonConfig",
@@ -77,7 +78,6 @@ log = logging.getLogger("blindpost.daemon")
 
 # -- limits (public: docs/cli.md, `blindpost daemon --help`) -----------------------------
 
-EVENT_LOOPS: Final = ("auto", "uvloop", "asyncio")
 DEFAULT_EVENT_BUFFER: Final = 10_000
 DEFAULT_MAX_LINE: Final = 1 << 20
 DEFAULT_MAX_INFLIGHT: Final = 256
@@ -377,6 +377,7 @@ class Daemon:
             self.events.put(await cli.message_output(self.session, message))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        log.info("event loop: %s", running_loop())
         try:
             if self.config.stdio:
                 await self._open_stdio()
