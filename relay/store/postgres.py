@@ -140,7 +140,8 @@ SELECT 6, NULL, NULL, recipients, expires, NULL, NULL, key, NULL FROM dedupe
 WHERE key = ANY($4::bytea[])
 """
 # _BATCH_WRITE: the batch's new messages and mailbox rows, its acks (a message no mailbox
-# holds any more is replaced by its dedupe record: trigger messages_forget), and each touched
+# holds any more is replaced by its dedupe record, here rather than through an UPDATE and the
+# messages_forget trigger: one row version less per message), and each touched
 # device's seq and counters, in one statement. The sends' seqs and counter deltas were
 # computed from the locked rows; the acks' deltas come from the rows actually deleted. Acks
 # see the mailbox as it was before the batch's own sends (one statement, one snapshot), as on
@@ -158,10 +159,18 @@ del AS (
     DELETE FROM mailbox x USING unnest($15::bigint[], $16::bytea[]) AS r(d, mid)
     WHERE x.device_pk = r.d AND x.msg_id = r.mid
     RETURNING x.device_pk, x.msg_id, x.size),
+acked AS (
+    SELECT msg_id, count(*)::int AS n FROM del GROUP BY msg_id),
 gone AS (
+    DELETE FROM messages g USING acked a WHERE g.msg_id = a.msg_id AND g.holders <= a.n
+    RETURNING g.dedupe_key, g.dedupe_exp, g.n_recipients),
+rec AS (
+    INSERT INTO dedupe(key, expires, recipients)
+    SELECT dedupe_key, dedupe_exp, n_recipients FROM gone WHERE dedupe_key IS NOT NULL
+    ON CONFLICT (key) DO NOTHING),
+held AS (
     UPDATE messages g SET holders = g.holders - a.n
-    FROM (SELECT msg_id, count(*)::int AS n FROM del GROUP BY msg_id) a
-    WHERE g.msg_id = a.msg_id),
+    FROM acked a WHERE g.msg_id = a.msg_id AND g.holders > a.n),
 sd AS (
     SELECT * FROM unnest($11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[])
     AS v(pk, seq, c, b)),

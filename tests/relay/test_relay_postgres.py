@@ -24,6 +24,7 @@ from relay_harness import QUIET, start_relay
 from relay_testclient import Device, RelayClient, b64, new_username, next_frame
 from store_backends import pg_settings
 
+import relay.store.pg_common as pg_common
 from blindpost_wire.registration import solve_pow
 from relay.app import create_app, sweep_once
 from relay.config import RelayConfig
@@ -229,6 +230,51 @@ async def test_schema_4_tombstones_are_dropped_by_the_dedupe_migration(tmp_path:
             await store.close()
     finally:
         await conn.close()
+
+
+async def test_messages_queued_before_the_statement_triggers_are_counted_and_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 9 replaces the per-row triggers on ``messages`` by per-statement ones: a
+    message queued under schema 8 still counts for its sender's account, leaves with its last
+    holder (an ack, a removed device) and leaves its dedupe record."""
+    settings = pg_settings(tmp_path)
+    carol = Address("carol", 1)
+    group, solo = env(b"to both", (B, carol)), env(b"to bob")
+    # A relay of schema 8 creates the accounts and queues two messages.
+    monkeypatch.setattr(pg_common, "MIGRATIONS", MIGRATIONS[:8])
+    monkeypatch.setattr(pg_common, "SCHEMA_VERSION", 8)
+    old = PostgresRelayStore(settings)
+    await old.open()
+    for who in (A, B, carol):
+        await old.create_account(who, b"k" * 32, 0)
+    await old.submit_send(A, group, 1)
+    await old.submit_send(A, solo, 2)
+    await old.close()
+    monkeypatch.undo()
+    store = PostgresRelayStore(settings)
+    await store.open()
+    conn = await asyncpg.connect(settings.dsn)
+    try:
+        await conn.execute(f'SET search_path = "{settings.schema}"')
+        assert await conn.fetchval("SELECT max(version) FROM schema_migrations") == 9
+        per_row = await conn.fetch(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = 'messages'::regclass "
+            "AND NOT tgisinternal AND tgtype & 1 = 1"
+        )
+        assert [r[0] for r in per_row] == ["messages_account_bytes"]  # UPDATE OF body only
+        assert await store.account_usage("alice") == len(b"to both") + len(b"to bob")
+        assert await store.ack(B, [group.message_id, solo.message_id]) == 2
+        assert await store.account_usage("alice") == len(b"to both")  # carol holds it
+        await store.remove_device(carol)  # the last holder leaves: row gone, record kept
+        assert await store.account_usage("alice") == 0
+        assert await conn.fetchval("SELECT count(*) FROM messages") == 0
+        assert await conn.fetchval("SELECT count(*) FROM dedupe") == 2
+        assert (await store.submit_send(A, group, 3)).recipients == 2  # the record answers
+        assert await store.mailbox_count(B) == 0
+    finally:
+        await conn.close()
+        await store.close()
 
 
 async def test_nodes_starting_together_apply_each_migration_once(tmp_path: Path) -> None:
