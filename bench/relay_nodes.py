@@ -484,6 +484,7 @@ async def amain(args: argparse.Namespace) -> int:
             env["BLINDPOST_RELAY_POSTGRES_DSN"] = dsn
             env["BLINDPOST_RELAY_REDIS_URL"] = redis_url
             cluster = Cluster(workdir, env, started)
+            cluster.settings.update(kv.split("=", 1) for kv in args.relay_set)
             for i in range(args.nodes):
                 cluster.start(i)
             if args.failover:
@@ -600,7 +601,16 @@ def main(argv: list[str] | None = None) -> int:
         help="a server where a database may be created (and dropped at the end)",
     )
     p.add_argument("--redis-url", default="", help="default: our own redis-server")
+    p.add_argument(
+        "--relay-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra setting for every started node, e.g. postgres_write_connections=1",
+    )
     args = p.parse_args(argv)
+    if any("=" not in kv for kv in args.relay_set):
+        p.error("--relay-set takes KEY=VALUE")
     if args.nodes is None:
         args.nodes = 3 if args.failover else 2
     if args.nodes < (3 if args.failover else 2):

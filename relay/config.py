@@ -381,7 +381,7 @@ class RelayConfig:
     # and traceback that shows a config.
     postgres_dsn: str = field(default="", repr=False)
     postgres_pool_size: int = 10
-    postgres_write_connections: int = 2
+    postgres_write_connections: int = 1
     postgres_timeout_seconds: float = 10.0
     blob_store: str = "auto"
     redis_url: str = field(default="", repr=False)

@@ -247,7 +247,7 @@ class PostgresRelayStore:
         settings: PgSettings,
         limits: StoreLimits | None = None,
         *,
-        write_connections: int = 2,
+        write_connections: int = 1,
     ) -> None:
         if write_connections < 1 or write_connections >= settings.pool_size:
             raise ValueError("write_connections must be 1..pool_size-1")
