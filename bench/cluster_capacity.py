@@ -46,6 +46,7 @@ from e2ee.transport.auth import DeviceSigner  # noqa: E402
 from e2ee.transport.frames import decode_deliver, encode_ack, encode_send  # noqa: E402
 
 SETTINGS = [
+    "registration=open",
     "registration_burst=100000",
     "send_rate=1000000",
     "send_burst=1000000",

@@ -278,3 +278,21 @@ async def _down_status(
 ) -> dict[str, str] | None:
     status = await haproxy_status(session, stats)
     return status if status.get(node, "").startswith("DOWN") else None
+
+
+def test_the_capacity_bench_measures_the_recipe_as_it_is() -> None:
+    """bench/cluster_capacity.py, which produces the capacity figures of docs/self-hosting.md,
+    works on the recipe as it stands: a smoke-sized run delivers every message and prints every
+    figure. (It once failed unnoticed, after open registration stopped being the default.)"""
+    smoke = ["--pairs", "2", "--rate", "40", "--duration", "1", "--idle", "0"]
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cluster_capacity.py"), *smoke],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert re.search(r"delivered (\d+) of \1 ", out.stdout), out.stdout
+    for figure in ("relay nodes (all three)", "PostgreSQL primary", "PostgreSQL replica"):
+        assert re.search(re.escape(figure) + r"\s+\d+ us", out.stdout), out.stdout
+    assert re.search(r"redis-server\s+\d+ us", out.stdout), out.stdout
