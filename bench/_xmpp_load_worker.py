@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONNECT_TIMEOUT = 30.0
+LOGIN_ATTEMPTS = 3
 SEND_BURST = 200
 _STREAM_OPEN = (
     "<?xml version='1.0'?><stream:stream to='{domain}' xmlns='jabber:client'"
@@ -219,14 +220,22 @@ async def open_all(cfg: dict[str, Any], stats: Stats) -> list[XmppConn]:
     failed: Counter[str] = Counter()
 
     async def one(k: int, conn: XmppConn) -> None:
+        register = bool(cfg.get("register", True))
         async with sem:
-            try:
-                await asyncio.wait_for(
-                    conn.login(bool(cfg.get("register", True)), sources[k % len(sources)]),
-                    CONNECT_TIMEOUT,
-                )
-            except (ConnectionError, OSError, TimeoutError) as exc:
-                failed[f"{type(exc).__name__}: {exc}"[:80]] += 1
+            # A login that times out is tried again on a new connection (ejabberd under the
+            # previous round's load sometimes leaves one unanswered; registering again is a
+            # "conflict", which login accepts); only one failing every attempt counts.
+            for attempt in range(1, LOGIN_ATTEMPTS + 1):
+                try:
+                    await asyncio.wait_for(
+                        conn.login(register, sources[k % len(sources)]), CONNECT_TIMEOUT
+                    )
+                    return
+                except (ConnectionError, OSError, TimeoutError) as exc:
+                    await conn.close()
+                    conn.buf = b""
+                    if attempt == LOGIN_ATTEMPTS:
+                        failed[f"{type(exc).__name__}: {exc}"[:80]] += 1
 
     await asyncio.gather(*(one(k, c) for k, c in enumerate(conns)))
     emit(
