@@ -222,9 +222,10 @@ async def open_all(cfg: dict[str, Any], stats: Stats) -> list[XmppConn]:
     async def one(k: int, conn: XmppConn) -> None:
         register = bool(cfg.get("register", True))
         async with sem:
-            # A login that times out is tried again on a new connection (ejabberd under the
-            # previous round's load sometimes leaves one unanswered; registering again is a
-            # "conflict", which login accepts); only one failing every attempt counts.
+            # A login that fails (a timeout: ejabberd under the previous round's load sometimes
+            # leaves one unanswered; a dropped or refused connection) is tried again on a new
+            # connection, registering again being a "conflict", which login accepts; only one
+            # failing every attempt counts.
             for attempt in range(1, LOGIN_ATTEMPTS + 1):
                 try:
                     await asyncio.wait_for(
