@@ -73,7 +73,7 @@ from relay.wire import (
     decode_send,
     json_body,
     message_json,
-    parse_ack_ids,
+    parse_ack,
     parse_ascii_uint,
     parse_device_id,
     parse_json_send,
@@ -334,8 +334,8 @@ async def ack_messages(request: web.Request) -> web.Response:
     """``POST /v1/messages/ack``: acknowledge messages of the caller's own mailbox."""
     st = request.app[STATE_KEY]
     body, caller = await st.read_signed_body(request)
-    ids = parse_ack_ids(json_body(body))
-    return web.json_response({"acked": await st.store.ack(caller, ids)})
+    ids, settled = parse_ack(json_body(body))
+    return web.json_response({"acked": await st.store.ack(caller, ids, settled)})
 
 
 # -- blobs -------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ __all__ = [
     "encode_send",
     "json_body",
     "message_json",
-    "parse_ack_ids",
+    "parse_ack",
     "parse_ascii_uint",
     "parse_device_id",
     "parse_json_send",
@@ -302,17 +302,25 @@ def decode_deliver(frame: bytes) -> StoredMessage:
     return StoredMessage(seq, mid, Address(user, device), stored_at, body)
 
 
-def parse_ack_ids(doc: Any) -> list[bytes]:
-    """Validate ``{"ids": [b64, ...]}`` (1..1000 16-byte ids).
+def parse_ack(doc: Any) -> tuple[list[bytes], list[bytes]]:
+    """Validate ``{"ids": [b64, ...], "settled": [b64, ...]}``: the 16-byte ids of messages
+    to remove from the caller's mailbox, and of the caller's own sends it settles
+    (``RelayStore.ack``); each list at most 1000 long, either may be absent or empty, not both.
 
     Raises:
         BadRequest: malformed.
     """
     body = _obj(doc, "body")
-    ids = body.get("ids")
-    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_ACK_IDS:
-        raise BadRequest(f"ids must be a list of 1..{MAX_ACK_IDS} message ids")
-    return [b64d(i, "ids[]", MESSAGE_ID_LEN) for i in ids]
+    lists = []
+    for name in ("ids", "settled"):
+        items = body.get(name, [])
+        if not isinstance(items, list) or len(items) > MAX_ACK_IDS:
+            raise BadRequest(f"{name} must be a list of at most {MAX_ACK_IDS} message ids")
+        lists.append([b64d(i, f"{name}[]", MESSAGE_ID_LEN) for i in items])
+    ids, settled = lists
+    if not ids and not settled:
+        raise BadRequest("an ack names at least one message id (ids or settled)")
+    return ids, settled
 
 
 def message_json(msg: StoredMessage) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from relay.hub import CLOSE_BANNED, CLOSE_GOING_AWAY, CLOSE_UNAUTHENTICATED, Con
 from relay.sending import charge_lookups, check_recipient_users
 from relay.state import STATE_KEY, RelayState
 from relay.store.base import Address, Envelope, SendReceipt
-from relay.wire import OP_SEND, OP_SEND_AFTER, b64e, decode_send, encode_deliver, parse_ack_ids
+from relay.wire import OP_SEND, OP_SEND_AFTER, b64e, decode_send, encode_deliver, parse_ack
 
 __all__ = ["websocket_handler"]
 
@@ -395,7 +395,7 @@ async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
         ref = doc.get("ref")
         if ref is not None and (not isinstance(ref, str) or len(ref) > 64):
             raise BadRequest("ref must be a string of at most 64 characters")
-        ids = parse_ack_ids(doc)
+        ids, settled = parse_ack(doc)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         _error_frame(st, conn, BadRequest("frame is not valid JSON"))
         return
@@ -405,7 +405,7 @@ async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
     # Acks do not hold up the socket's reading (sends behind them keep flowing) unless too many
     # are already waiting for a commit: then this socket waits, which bounds its memory.
     try:
-        fut = st.store.submit_ack(conn.addr, ids)
+        fut = st.store.submit_ack(conn.addr, ids, settled)
     except RelayError as err:  # the store is closing
         _error_frame(st, conn, err)
         return

@@ -240,7 +240,9 @@ class StoreLimits:
     sender device, same id) is still answered as a duplicate. While the message is queued its
     row answers; once every recipient acknowledged it, a de-duplication record that names
     neither sender nor time (relay.store.dedupe) answers, until the window (rounded up to a
-    tenth of it) has passed. The default covers the SDK's retries (docs/storage.md).
+    tenth of it) has passed, or until the sender settles the message (``ack``'s ``settled``:
+    the SDK does once it recorded the send as done). The default covers the SDK's retries
+    (docs/storage.md).
 
     ``checkpoint_commits`` (SQLite): every that many commits (and at least every 2 s while
     commits happen, however few: relay.store.sqlite) a background thread copies the
@@ -485,10 +487,22 @@ class RelayStore(Protocol):
             MailboxFull, AccountQuotaExceeded, StorageError.
         """
 
-    async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
-        """Remove acknowledged messages from the device's own mailbox; return rows removed."""
+    async def ack(
+        self, addr: Address, message_ids: Sequence[bytes], settled: Sequence[bytes] = ()
+    ) -> int:
+        """Remove acknowledged messages from the device's own mailbox; return rows removed.
 
-    def submit_ack(self, addr: Address, message_ids: Sequence[bytes]) -> asyncio.Future[int]:
+        ``settled``: ids of the device's own earlier sends that it will never send again (it
+        saw their 200 and recorded them as sent): their de-duplication record goes now instead
+        of at the end of ``dedupe_window_ms``, and one still queued leaves none when its last
+        recipient acknowledges it. Ids the store does not know as this device's are ignored.
+        Best effort across relay nodes: a record written by a concurrent batch on another
+        node may stay until its window ends.
+        """
+
+    def submit_ack(
+        self, addr: Address, message_ids: Sequence[bytes], settled: Sequence[bytes] = ()
+    ) -> asyncio.Future[int]:
         """``ack`` as a future that resolves after commit (no task per ack on the hot path).
 
         Raises (through the future):

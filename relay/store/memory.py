@@ -80,6 +80,7 @@ class _Message:
     body: bytes
     dedupe_key: bytes
     holders: set[Address] = field(default_factory=set)
+    settled: bool = False  # its sender settled it: it leaves no dedupe record
 
 
 class MemoryRelayStore:
@@ -518,21 +519,32 @@ class MemoryRelayStore:
         else:
             self._sent_bytes.pop(user, None)
         del self._messages[msg.message_id]
-        expires = self._rules.expires(msg.stored_ms)
-        self._delivered.setdefault(msg.dedupe_key, (expires, msg.n_recipients))
+        if not msg.settled:
+            expires = self._rules.expires(msg.stored_ms)
+            self._delivered.setdefault(msg.dedupe_key, (expires, msg.n_recipients))
 
-    async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
+    def _settle(self, addr: Address, message_ids: Sequence[bytes]) -> None:
+        """``addr`` will not send these again: drop their records (``RelayStore.ack``)."""
+        for mid in message_ids:
+            key = self._rules.digest(addr, mid)
+            msg = self._messages.get(mid)
+            if msg is not None and msg.dedupe_key == key:
+                msg.settled = True
+            self._delivered.pop(key, None)
+
+    async def ack(
+        self, addr: Address, message_ids: Sequence[bytes], settled: Sequence[bytes] = ()
+    ) -> int:
         """See ``RelayStore.ack``."""
-        self._check_open()
-        dev = self._device(addr)
-        if dev is None:
-            return 0
-        return self._drop_entries(addr, dev, list(dict.fromkeys(message_ids)))
+        return await self.submit_ack(addr, message_ids, settled)
 
-    def submit_ack(self, addr: Address, message_ids: Sequence[bytes]) -> asyncio.Future[int]:
+    def submit_ack(
+        self, addr: Address, message_ids: Sequence[bytes], settled: Sequence[bytes] = ()
+    ) -> asyncio.Future[int]:
         """See ``RelayStore.submit_ack``."""
         self._check_open()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._settle(addr, settled)
         dev = self._device(addr)
         unique = list(dict.fromkeys(message_ids))
         fut.set_result(0 if dev is None else self._drop_entries(addr, dev, unique))

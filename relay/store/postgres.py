@@ -145,7 +145,10 @@ WHERE key = ANY($4::bytea[])
 # device's seq and counters, in one statement. The sends' seqs and counter deltas were
 # computed from the locked rows; the acks' deltas come from the rows actually deleted. Acks
 # see the mailbox as it was before the batch's own sends (one statement, one snapshot), as on
-# SQLite where a batch's acks run last.
+# SQLite where a batch's acks run last. Settled sends ($21 their dedupe keys, $22 their ids;
+# RelayStore.ack): a message acked in this batch leaves no record, another still queued is
+# marked to leave none (rows the acks touch are left to ``held``: one statement may change a
+# row once), and a record written earlier goes.
 _BATCH_WRITE = """
 WITH m AS (
     INSERT INTO messages(msg_id, sender, sender_device, stored_ms, n_recipients, holders, body,
@@ -166,11 +169,19 @@ gone AS (
     RETURNING g.dedupe_key, g.dedupe_exp, g.n_recipients),
 rec AS (
     INSERT INTO dedupe(key, expires, recipients)
-    SELECT dedupe_key, dedupe_exp, n_recipients FROM gone WHERE dedupe_key IS NOT NULL
+    SELECT dedupe_key, dedupe_exp, n_recipients FROM gone
+    WHERE dedupe_key IS NOT NULL AND dedupe_key <> ALL($21::bytea[])
     ON CONFLICT (key) DO NOTHING),
 held AS (
-    UPDATE messages g SET holders = g.holders - a.n
+    UPDATE messages g SET holders = g.holders - a.n, dedupe_key =
+        CASE WHEN g.dedupe_key = ANY($21::bytea[]) THEN NULL ELSE g.dedupe_key END
     FROM acked a WHERE g.msg_id = a.msg_id AND g.holders > a.n),
+unset AS (
+    UPDATE messages g SET dedupe_key = NULL
+    WHERE g.msg_id = ANY($22::bytea[]) AND g.dedupe_key = ANY($21::bytea[])
+    AND NOT EXISTS (SELECT 1 FROM acked a WHERE a.msg_id = g.msg_id)),
+fg AS (
+    DELETE FROM dedupe WHERE key = ANY($21::bytea[])),
 sd AS (
     SELECT * FROM unnest($11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[])
     AS v(pk, seq, c, b)),
@@ -579,14 +590,15 @@ class PostgresRelayStore:
             out.results.append((op.future, True, SendReceipt(env.message_id, len(targets), now_ms)))
         # An id acknowledged twice in one batch counts for the first request only.
         owner: dict[tuple[int, bytes], int] = {}
+        settled = {rules.digest(op.args[0], mid): mid for op in acks for mid in op.args[2]}
         for i, op in enumerate(acks):
-            addr, ids = op.args
+            addr, ids, _ = op.args
             acker = directory.get(addr.user, {}).get(addr.device)
             if acker is not None:
                 for mid in ids:
                     owner.setdefault((acker, mid), i)
         counts = [0] * len(acks)
-        if msgs or owner:
+        if msgs or owner or settled:
             pks = sorted(added)
             keys = list(owner)
             deleted = await conn.fetch(
@@ -611,6 +623,8 @@ class PostgresRelayStore:
                 [w[1] for w in new_wrote],
                 [m[6] for m in msgs],
                 [m[7] for m in msgs],
+                list(settled),
+                list(settled.values()),
             )
             for dev_pk, mid, _size in deleted:
                 counts[owner[(int(dev_pk), bytes(mid))]] += 1
@@ -1131,13 +1145,17 @@ class PostgresRelayStore:
         """See ``RelayStore.submit_send``."""
         return self._submit(_SEND, (sender, envelope, now_ms))
 
-    async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
+    async def ack(
+        self, addr: Address, message_ids: Sequence[bytes], settled: Sequence[bytes] = ()
+    ) -> int:
         """See ``RelayStore.ack``."""
-        return await self.submit_ack(addr, message_ids)
+        return await self.submit_ack(addr, message_ids, settled)
 
-    def submit_ack(self, addr: Address, message_ids: Sequence[bytes]) -> asyncio.Future[int]:
+    def submit_ack(
+        self, addr: Address, message_ids: Sequence[bytes], settled: Sequence[bytes] = ()
+    ) -> asyncio.Future[int]:
         """See ``RelayStore.submit_ack``."""
-        return self._submit(_ACK, (addr, tuple(dict.fromkeys(message_ids))))
+        return self._submit(_ACK, (addr, tuple(dict.fromkeys(message_ids)), tuple(settled)))
 
     async def fetch_mailbox(
         self, addr: Address, after_seq: int, limit: int, max_bytes: int

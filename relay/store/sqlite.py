@@ -91,7 +91,8 @@ __all__ = ["SCHEMA_VERSION", "SqliteRelayStore", "StorageHealth"]
 log = logging.getLogger("relay.store")
 
 # 2: dedupe records replace the body-less messages rows; incremental auto-vacuum.
-SCHEMA_VERSION = 2
+# 3: senders settle their sends (table ``settle`` and its trigger): the record goes at once.
+SCHEMA_VERSION = 3
 _SWEEP_CHUNK = 5000
 # Dedupe records one sweep call deletes at most (the other backends: dedupe.SWEEP_CHUNK). Here
 # a call runs inside the writer's transaction, so every send that arrives while it runs waits
@@ -245,6 +246,18 @@ BEGIN
     INSERT OR IGNORE INTO dedupe(key, expires, recipients)
     SELECT dkey, dexp, n_recipients FROM messages WHERE pk=OLD.msg_pk AND dkey IS NOT NULL;
     DELETE FROM messages WHERE pk=OLD.msg_pk;
+END;
+-- A sender settles its sends (it will never send them again; StoreLimits.dedupe_window_ms): an
+-- INSERT here of (dedupe key, message id) rows drops each one's dedupe record, or keeps the
+-- message still queued from leaving one, and stores nothing (RAISE(IGNORE) skips the row).
+-- One statement for all of a batch's settled ids, as for its acks (see _run_batch). The key
+-- is the sender's digest, so nobody settles another's message.
+CREATE TABLE IF NOT EXISTS settle(key BLOB NOT NULL, msg_id BLOB NOT NULL);
+CREATE TRIGGER IF NOT EXISTS settle_forget BEFORE INSERT ON settle
+BEGIN
+    UPDATE messages SET dkey=NULL WHERE msg_id=NEW.msg_id AND dkey=NEW.key;
+    DELETE FROM dedupe WHERE key=NEW.key;
+    SELECT RAISE(IGNORE);
 END;
 """
 
@@ -844,16 +857,26 @@ class _WriterState:
             for hexkey, expires, n in json.loads(done):
                 self.known_delivered[bytes.fromhex(hexkey)] = (expires, n)
 
-    def ack_many(self, requests: Sequence[tuple[Address, Sequence[bytes]]]) -> list[int]:
-        """Apply several devices' acks in one statement, a DELETE that returns the rows it
-        removed (the ``mailbox_forget`` trigger replaces each message no mailbox references any
-        more by its dedupe record); return rows removed per request.
+    def ack_many(
+        self, requests: Sequence[tuple[Address, Sequence[bytes], Sequence[bytes]]]
+    ) -> list[int]:
+        """Apply several devices' acks and settled sends (``RelayStore.ack``): one INSERT into
+        ``settle`` for all the settled ids (first, so a message acked and settled in one batch
+        leaves no record at all), then one DELETE that returns the mailbox rows it removed (the
+        ``mailbox_forget`` trigger replaces each message no mailbox references any more by its
+        dedupe record); return rows removed per request.
 
         An id acknowledged twice in one batch counts for the first request only.
         """
+        digest = self.rules.digest
+        settled = {
+            digest(addr, mid): mid for addr, _, mids in requests for mid in mids
+        }  # digest -> id
+        if settled:
+            self._insert_rows("INSERT INTO settle(key, msg_id) VALUES ", 2, list(settled.items()))
         counts = [0] * len(requests)
         owner: dict[tuple[int, bytes], int] = {}  # (device pk, message id) -> first request
-        for i, (addr, ids) in enumerate(requests):
+        for i, (addr, ids, _) in enumerate(requests):
             dev_pk = self.device_pk(addr)
             if dev_pk is not None:
                 for mid in ids:
@@ -881,8 +904,8 @@ class _WriterState:
         self.queued -= removed
         return counts
 
-    def ack(self, addr: Address, ids: Sequence[bytes]) -> int:
-        return self.ack_many([(addr, ids)])[0]
+    def ack(self, addr: Address, ids: Sequence[bytes], settled: Sequence[bytes] = ()) -> int:
+        return self.ack_many([(addr, ids, settled)])[0]
 
     # -- blobs and retention -------------------------------------------------------------
 
@@ -1454,7 +1477,7 @@ class SqliteRelayStore:
                 taken.extend(side)
             st.flush()
             if acks:  # all of the transaction's acks in one statement, after its sends
-                counts = st.ack_many([(op.args[0], op.args[1]) for op in acks])
+                counts = st.ack_many([op.args for op in acks])
                 results.extend((op.future, True, n) for op, n in zip(acks, counts, strict=True))
             if st.seq_dirty:
                 st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
@@ -1870,14 +1893,18 @@ class SqliteRelayStore:
         assert self._state is not None
         return self._submit(self._state.send, sender, envelope, now_ms, kind=_SEND)
 
-    async def ack(self, addr: Address, message_ids: Sequence[bytes]) -> int:
+    async def ack(
+        self, addr: Address, message_ids: Sequence[bytes], settled: Sequence[bytes] = ()
+    ) -> int:
         """See ``RelayStore.ack``."""
-        return await self.submit_ack(addr, message_ids)
+        return await self.submit_ack(addr, message_ids, settled)
 
-    def submit_ack(self, addr: Address, message_ids: Sequence[bytes]) -> asyncio.Future[int]:
+    def submit_ack(
+        self, addr: Address, message_ids: Sequence[bytes], settled: Sequence[bytes] = ()
+    ) -> asyncio.Future[int]:
         """See ``RelayStore.submit_ack``."""
         assert self._state is not None
-        return self._submit(self._state.ack, addr, tuple(message_ids), kind=_ACK)
+        return self._submit(self._state.ack, addr, tuple(message_ids), tuple(settled), kind=_ACK)
 
     async def fetch_mailbox(
         self, addr: Address, after_seq: int, limit: int, max_bytes: int

@@ -40,7 +40,7 @@ from relay.store.base import (
     SignedPrekey,
     StoreLimits,
 )
-from relay.store.sqlite import SqliteRelayStore
+from relay.store.sqlite import SCHEMA_VERSION, SqliteRelayStore
 
 DAY = 86_400_000
 A = Address("alice", 1)
@@ -107,6 +107,51 @@ async def test_a_delivered_message_dedupes_until_its_window_then_goes(store: Rel
     assert (await store.sweep(stored + DAY + bucket)).dedupe == 1
     late = await store.submit_send(A, e, stored + DAY + bucket + 1)  # window over: stored anew
     assert late.stored_at == stored + DAY + bucket + 1 and await store.mailbox_count(B) == 1
+
+
+async def test_a_settled_send_leaves_no_dedupe_record(store: RelayStore) -> None:
+    """Once its sender settles a send (it will never send it again), the relay keeps nothing
+    of it after delivery: settled after the last ack, the record goes; settled while queued,
+    retries still find the queued row but the last ack leaves no record; settled in the same
+    batch as the last ack, or while another recipient still holds it, none either. Nobody
+    settles another sender's message. A retry after settling is stored anew (what a record
+    would have prevented), so that is what each case checks."""
+    carol = Address("carol", 1)
+    await store.create_account(carol, b"c" * 32, 0)
+    after_ack, while_queued, same_batch, held, not_yours = (env() for _ in range(5))
+    held = Envelope(held.message_id, (B, carol), b"to two")
+    for i, e in enumerate((after_ack, while_queued, same_batch, held, not_yours)):
+        await store.submit_send(A, e, 10 + i)
+
+    assert await store.ack(B, [after_ack.message_id]) == 1
+    assert (await store.submit_send(A, after_ack, 20)).stored_at < 20  # the record answers
+    assert await store.ack(A, [], [after_ack.message_id]) == 0  # settled: the record goes
+
+    assert await store.ack(A, [], [while_queued.message_id]) == 0
+    assert (await store.submit_send(A, while_queued, 21)).stored_at == 11  # the row answers
+    assert await store.ack(B, [while_queued.message_id]) == 1
+
+    acked, settled = await asyncio.gather(
+        store.submit_ack(B, [same_batch.message_id]),
+        store.submit_ack(A, [], [same_batch.message_id]),
+    )
+    assert (acked, settled) == (1, 0)
+
+    both = await asyncio.gather(
+        store.submit_ack(B, [held.message_id]), store.submit_ack(A, [], [held.message_id])
+    )
+    assert both == [1, 0]
+    assert await store.ack(carol, [held.message_id]) == 1
+
+    assert await store.ack(B, [not_yours.message_id], [not_yours.message_id]) == 1
+    assert await store.ack(carol, [], [not_yours.message_id, os.urandom(16)]) == 0
+
+    assert await store.mailbox_count(B) == 0
+    # Only not_yours left a record; the sweep after every window counts what is left.
+    assert (await store.sweep(10 * DAY)).dedupe == 1
+    for e in (after_ack, while_queued, same_batch, held):
+        assert (await store.submit_send(A, e, 10 * DAY)).stored_at == 10 * DAY  # stored anew
+    assert await store.mailbox_count(B) == 4
 
 
 async def test_a_delivered_id_is_remembered_for_its_sender_only(store: RelayStore) -> None:
@@ -475,6 +520,7 @@ async def test_sqlite_schema_1_database_migrates(tmp_path: Path) -> None:
     with contextlib.closing(
         sqlite3.connect(path, isolation_level=None)
     ) as c:  # as schema 1 left it
+        c.execute("DROP TABLE settle")  # schema 3's (its trigger goes with it)
         c.execute("DROP TRIGGER mailbox_forget")
         c.execute("DROP TABLE dedupe")
         c.execute("DROP TABLE dedupe_secret")
@@ -500,7 +546,8 @@ async def test_sqlite_schema_1_database_migrates(tmp_path: Path) -> None:
     try:
         with contextlib.closing(sqlite3.connect(path)) as c:
             assert c.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
-            assert c.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0] == 2
+            version = c.execute("SELECT v FROM meta WHERE k='schema_version'").fetchone()[0]
+            assert version == SCHEMA_VERSION
             assert c.execute("SELECT count(*) FROM messages WHERE body IS NULL").fetchone()[0] == 0
         assert [m.body for m in await store.fetch_mailbox(B, 0, 10, 10**6)] == [b"queued"]
         assert await store.ack(B, [queued.message_id]) == 1

@@ -247,3 +247,49 @@ async def test_no_auth_frame_in_time_closes_4401(relay_factory, session) -> None
     msg = await ws.receive(timeout=5)
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4401
     await ws.close()
+
+
+async def test_a_sender_settles_its_sends_over_the_socket_and_over_http(
+    client: RelayClient,
+) -> None:
+    """A delivered send's retry is answered from its dedupe record until the sender settles
+    it (an ack frame's ``settled``, or the same field over HTTP); after that the relay has
+    forgotten it, so the same id is stored anew. Malformed settle lists get a 400."""
+    alice, bob = await client.new_device(), await client.new_device()
+    by_ws, by_http = new_mid(), new_mid()
+    for mid in (by_ws, by_http):
+        first = await client.send(alice, [bob], b"once", mid)
+        assert first.status == 200
+        assert (await client.ack(bob, [mid])).json() == {"acked": 1}
+        again = await client.send(alice, [bob], b"once", mid)
+        assert again.status == 200 and again.json()["recipients"] == 1
+        assert (await client.read(bob)).json()["messages"] == []  # the record answered
+
+    ws = await client.ws(alice)
+    await drain_until_empty(ws)
+    await ws.send_str(json.dumps({"type": "ack", "settled": [b64(by_ws)], "ref": "s1"}))
+    assert await next_frame(ws) == {"type": "acked", "ref": "s1", "count": 0}
+    r = await client.request(
+        alice, "POST", "/v1/messages/ack", json_body={"ids": [], "settled": [b64(by_http)]}
+    )
+    assert r.status == 200 and r.json() == {"acked": 0}
+    for mid in (by_ws, by_http):
+        assert (await client.send(alice, [bob], b"anew", mid)).status == 200
+    assert [m["body"] for m in (await client.read(bob)).json()["messages"]] == [
+        b64(b"anew"),
+        b64(b"anew"),
+    ]
+
+    bad = [
+        {"ids": [], "settled": []},
+        {"settled": [b64(new_mid()) for _ in range(1001)]},
+        {"settled": "AAAA"},
+        {"settled": [b64(b"short")]},
+    ]
+    for body in bad:
+        r = await client.request(alice, "POST", "/v1/messages/ack", json_body=body)
+        assert r.status == 400, body
+        await ws.send_str(json.dumps({"type": "ack", **body}))
+        frame = await next_frame(ws)
+        assert frame["type"] == "error" and frame["error"] == "invalid_request", (body, frame)
+    await ws.close()
