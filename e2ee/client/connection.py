@@ -7,7 +7,8 @@ Invariants:
   connect. The relay link itself never reconnects.
 * A connection that another connection of this device replaced, or a device
   the relay removed, is not retried: reconnecting would only fight over it.
-* After every (re)connect the outbox is woken and key maintenance runs; a
+* After every (re)connect the outbox is woken, acks (and sends to settle) left
+  from the last connection go out, and key maintenance runs; a
   storage error while receiving drops the connection without acknowledging
   anything, so the relay delivers the same messages again afterwards.
 """
@@ -69,6 +70,7 @@ class Connection:
                 self._ctx.connected.set()
                 self._ctx.emit(ConnectionStateChanged("connected"))
                 self._outbox.wake()
+                self._inbox.resume_acks()  # what the last connection could not send
                 maintenance = asyncio.create_task(self._maintain_keys())
                 try:
                     if self._receive:
@@ -150,7 +152,9 @@ async def stop_background(
     """Stop those tasks, finish the delivery in progress, flush acknowledgements, disconnect.
 
     Everything committed so far is acknowledged; a delivery cut off mid-way was not, and
-    comes back as a duplicate next time.
+    comes back as a duplicate next time. Sends waiting to be settled go with that last ack;
+    if it fails they are dropped with the client, which is harmless: their records expire
+    at the relay after its window (e2ee.client.settling).
     """
     for task in tasks:
         task.cancel()

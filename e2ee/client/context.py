@@ -28,6 +28,7 @@ from typing import ParamSpec, TypeVar
 
 from e2ee.client.datadir import META_REGISTERED, META_STRICT, Opened
 from e2ee.client.link import RelayLink
+from e2ee.client.settling import DEFAULT_SETTLE_BACKLOG, SettleQueue
 from e2ee.errors import UsageError
 from e2ee.events import ConnectionStateChanged, Event
 from e2ee.history import History
@@ -62,6 +63,11 @@ class ClientOptions:
         send_pipeline: at most this many queued 1:1 messages are on the relay connection
             waiting for its answer at once, each after the previous one (1: one at a
             time, each after the relay's answer to the previous).
+        settle_backlog: at most this many ids of our sends wait to be settled (the relay
+            told, on the next ack, that it may forget their retry records:
+            :mod:`e2ee.client.settling`); beyond it the oldest are dropped, whose records
+            then expire with the relay's window. 0 turns settling off (for a relay that
+            predates it: it refuses an ack that only settles).
     """
 
     backoff_base: float = 0.5
@@ -73,6 +79,7 @@ class ClientOptions:
     send_batch: int = 100
     sealed_sender: bool = True
     send_pipeline: int = 32
+    settle_backlog: int = DEFAULT_SETTLE_BACKLOG
 
     def __post_init__(self) -> None:
         if not 0 < self.backoff_base <= self.backoff_max:
@@ -81,6 +88,8 @@ class ClientOptions:
             raise UsageError("ClientOptions needs send_batch >= 1")
         if self.send_pipeline < 1:
             raise UsageError("ClientOptions needs send_pipeline >= 1")
+        if self.settle_backlog < 0:
+            raise UsageError("ClientOptions needs settle_backlog >= 0")
 
 
 class ClientContext:
@@ -123,6 +132,11 @@ class ClientContext:
         self.held: set[str] = set()
         self.connected = asyncio.Event()
         self.closing = False
+        #: Ids of our sends committed as done, for the relay to forget (e2ee.client.settling):
+        #: the outbox adds them, the inbox's ack runner sends them.
+        self.settled = SettleQueue(options.settle_backlog)
+        #: Set when an ack is waiting to go (a committed delivery, or ids to settle).
+        self.acks_due = asyncio.Event()
         self._subscribers: list[asyncio.Queue[Event]] = []
         # Inside a receive batch: counter and chat rows, written once at its end
         # instead of with every message (they change with every message).

@@ -22,6 +22,10 @@ Invariants:
   outcome with the session state in one transaction, and carries out its
   follow-ups (engine work of group changes inside that transaction; repairs
   and outbox wake-ups after it).
+* Acks also carry the ids of our own sends that the outbox queued to settle
+  (``ctx.settled``, only after their "sent" commit: :mod:`e2ee.client.settling`):
+  on the next ack, or on one of their own after ``ack_delay``. An ack that did
+  not reach the relay keeps both its deliveries and its ids to settle queued.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ from e2ee.messaging.outcome import (
 from e2ee.messaging.rows import Row, as_row, group_chat_id
 from e2ee.payload import PayloadType
 from e2ee.store import Address, Changes
-from e2ee.transport.frames import Delivery, QueueEmpty
+from e2ee.transport.frames import MAX_ACK_IDS, Delivery, QueueEmpty
 
 __all__ = ["Inbox"]
 
@@ -80,6 +84,8 @@ _log = logging.getLogger(__name__)
 _INBOX_BATCH: Final = 200
 #: A message under a relay key not pinned yet is tried again this long after (ms).
 _UNPINNED_RETRY_MS: Final = 500
+#: At most this many deliveries are acknowledged by one ack.
+_ACK_BATCH: Final = 500
 
 
 #: A batch's follow-ups, and its deferred deliveries with their retry delay (ms).
@@ -110,34 +116,54 @@ class Inbox:
         self._ctx = ctx
         self._outbox = outbox
         self._acks: list[bytes] = []
-        self._ack_wake = asyncio.Event()
         self._inflight: asyncio.Future[_BatchResult] | None = None
 
     def __repr__(self) -> str:
         return f"Inbox({self._ctx.me})"
 
     async def run_acks(self) -> None:
-        """Send queued acknowledgements in batches, until the client closes."""
+        """Send queued acknowledgements in batches, until the client closes.
+
+        Woken by committed deliveries and by sends to settle (``ctx.acks_due``, set by the
+        outbox): ids to settle ride on the next ack, or go on their own after the same
+        ``ack_delay`` when no delivery is waiting.
+        """
         while not self._ctx.closing:
-            await self._ack_wake.wait()
-            self._ack_wake.clear()
+            await self._ctx.acks_due.wait()
+            self._ctx.acks_due.clear()
             await asyncio.sleep(self._ctx.options.ack_delay)
-            # Unacknowledged messages are delivered again and seen as duplicates.
+            # Unacknowledged messages are delivered again and seen as duplicates; ids not
+            # settled stay queued for the next ack (or expire at the relay).
             with contextlib.suppress(TransportError):
                 await self.flush_acks()
 
+    def resume_acks(self) -> None:
+        """Wake the ack runner if anything waits (after a reconnect: what a lost
+        connection left is sent on the new one)."""
+        if self._acks or self._ctx.settled:
+            self._ctx.acks_due.set()
+
     async def flush_acks(self) -> None:
-        """Acknowledge every committed delivery now.
+        """Acknowledge every committed delivery, and settle every queued send, now.
+
+        Each ack carries at most ``_ACK_BATCH`` deliveries and ``MAX_ACK_IDS`` ids to
+        settle (:mod:`e2ee.client.settling`).
 
         Raises:
             TransportError: the relay did not take them (they stay queued).
         """
-        while self._acks:
-            batch, self._acks = self._acks[:500], self._acks[500:]
+        settled = self._ctx.settled
+        while self._acks or settled:
+            batch, self._acks = self._acks[:_ACK_BATCH], self._acks[_ACK_BATCH:]
+            forget = settled.take(MAX_ACK_IDS)
             try:
-                await self._ctx.link.ack(batch)
+                if forget:
+                    await self._ctx.link.ack(batch, settled=forget)
+                else:  # the plain ack of before: a RelayLink without ``settled`` takes it
+                    await self._ctx.link.ack(batch)
             except TransportError:
                 self._acks = batch + self._acks
+                settled.restore(forget)
                 raise
 
     async def finish(self) -> None:
@@ -215,7 +241,7 @@ class Inbox:
             loop.call_later(retry_after_ms / 1000, requeue, delivery)
         # Acks go out from run_acks in batches; processing never waits for the
         # relay to commit them.
-        self._ack_wake.set()
+        self._ctx.acks_due.set()
         wake = False
         for follow_up in follow_ups:
             if isinstance(follow_up, ResetSession):
@@ -255,7 +281,7 @@ class Inbox:
                 self._ctx.emit(event)
         if error is not None:
             if inbounds:
-                self._ack_wake.set()
+                self._ctx.acks_due.set()
             raise error
         return [f for inbound in inbounds for f in inbound.follow_ups], deferred
 

@@ -139,8 +139,14 @@ class RelayLink(Protocol):
         """
         ...
 
-    async def ack(self, ids: Sequence[bytes]) -> None:
-        """Acknowledge deliveries (the relay deletes them from our mailbox)."""
+    async def ack(self, ids: Sequence[bytes], *, settled: Sequence[bytes] = ()) -> None:
+        """Acknowledge deliveries (the relay deletes them from our mailbox).
+
+        ``settled``: ids of our own sends that the relay answered 200 and that we will never
+        send again, so the relay may forget their retry records now
+        (:mod:`e2ee.client.settling`); ``ids`` may then be empty. The client passes it only
+        when it has some, so a link written before settling still takes plain acks.
+        """
         ...
 
     async def execute(self, req: Request[T]) -> T:
@@ -384,20 +390,23 @@ class TransportLink:
         """See :meth:`RelayLink.execute`."""
         return await self._nodes.call(lambda url: self._http(url).execute(req))
 
-    async def ack(self, ids: Sequence[bytes]) -> None:
+    async def ack(self, ids: Sequence[bytes], *, settled: Sequence[bytes] = ()) -> None:
         """Acknowledge over the WebSocket and wait until the relay committed it.
 
         When the socket's node fails first, ``POST /v1/messages/ack`` at the next node
-        (acks are idempotent: a removed id stays removed).
+        (acks are idempotent: a removed id stays removed; settling a forgotten id does
+        nothing). Without a live connection, deliveries are not acknowledged
+        (``ConnectionLost``), but an ack that only settles goes over HTTP: a send-only
+        client settles its sends too.
         """
         conn = self._conn
-        if conn is None:
+        if conn is None and ids:
             raise ConnectionLost("not connected")
-        if await self._on_socket(conn.ack(ids)):
+        if conn is not None and await self._on_socket(conn.ack(ids, settled=settled)):
             return
 
         async def post(url: str) -> None:
-            await self._http(url).ack(ids)
+            await self._http(url).ack(ids, settled)
 
         await self._nodes.call(post)
 

@@ -34,6 +34,11 @@ Invariants:
 * Delivered receipts are sent for every incoming message above a watermark
   counter, which moves only after the relay accepted them (a crash in between
   sends some twice, which is harmless).
+* A relay message id is settled (the relay told on the next ack that it may
+  forget its retry record, :mod:`e2ee.client.settling`) only after the relay
+  accepted it under our name and the commit recording that send as done stood
+  (:meth:`Outbox._queue_settled`); never after a failed commit, whose entry is
+  sent again under the same id, and never for a message sent without our name.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from e2ee import envelope, payload
@@ -52,6 +57,7 @@ from e2ee.client.compose import compose_many, make_draft
 from e2ee.client.context import ClientContext
 from e2ee.client.sealing import Sealing
 from e2ee.client.send_errors import for_good, for_message, raise_refused
+from e2ee.client.settling import Accepted
 from e2ee.client.sync import (
     introduce,
     is_own_device_key,
@@ -126,9 +132,10 @@ class Outbox:
         # Composes waiting for the writer; it takes whatever queued while it was busy.
         self._drafts: list[tuple[Draft, asyncio.Future[tuple[str, StoredMessage | None]]]] = []
         self._writer: asyncio.Task[None] | None = None
-        # Entries the relay accepted whose "sent" state is not committed yet, and
-        # the task committing them (several per transaction).
-        self._accepted: list[tuple[OutboxRow, list[tuple[str, int]]]] = []
+        # Entries the relay accepted whose "sent" state is not committed yet (with the
+        # devices they went to and the ids to settle after that commit), and the task
+        # committing them (several per transaction).
+        self._accepted: list[tuple[OutboxRow, list[tuple[str, int]], tuple[bytes, ...]]] = []
         self._marker: asyncio.Task[None] | None = None
         # Ciphertexts of queued entries encrypted ahead, by entry id (see _prepare).
         self._prepared: dict[str, list[envelope.Entry]] = {}
@@ -300,7 +307,7 @@ class Outbox:
         receipts: dict[tuple[str, str], list[OutboxRow]] = {}
         window = self._ctx.options.send_pipeline
         # Pipelined 1:1 sends awaiting the relay's answer, in outbox order (see _settle).
-        inflight: collections.deque[tuple[OutboxRow, asyncio.Task[list[tuple[str, int]]]]]
+        inflight: collections.deque[tuple[OutboxRow, asyncio.Task[Accepted]]]
         inflight = collections.deque()
         try:
             for index, entry in enumerate(entries):
@@ -342,9 +349,7 @@ class Outbox:
                     break
         await self._flush_delivered()
 
-    def _start_send(
-        self, entry: OutboxRow, after: str | None
-    ) -> asyncio.Task[list[tuple[str, int]]]:
+    def _start_send(self, entry: OutboxRow, after: str | None) -> asyncio.Task[Accepted]:
         """Send a prepared 1:1 entry without waiting for the answer (a pipelined send).
 
         ``after`` is the entry sent just before it, still unanswered: the relay stores
@@ -358,15 +363,16 @@ class Outbox:
         # for the first send in flight (and a later one it refuses goes one at a time).
         extra = {} if after is None else {"after": bytes.fromhex(after)}
 
-        async def answered() -> list[tuple[str, int]]:
-            await self._ctx.link.send(bytes.fromhex(entry.id), recipients, body, **extra)
-            return recipients
+        async def answered() -> Accepted:
+            mid = bytes.fromhex(entry.id)
+            await self._ctx.link.send(mid, recipients, body, **extra)
+            return Accepted(tuple(recipients), (mid,))  # with our name (see _prepare)
 
         return asyncio.create_task(answered())
 
     async def _settle(
         self,
-        inflight: collections.deque[tuple[OutboxRow, asyncio.Task[list[tuple[str, int]]]]],
+        inflight: collections.deque[tuple[OutboxRow, asyncio.Task[Accepted]]],
         blocked_chats: dict[str, str],
         *,
         keep: int = 0,
@@ -387,7 +393,7 @@ class Outbox:
         while len(inflight) > keep:
             entry, task = inflight.popleft()
             try:
-                recipients = await task
+                accepted = await task
             except Exception:  # noqa: BLE001 -- any refusal: the one-at-a-time path decides
                 again = [entry]
                 later = list(inflight)
@@ -401,7 +407,7 @@ class Outbox:
                 for other in again:
                     await self._send_one(other, blocked_chats)
                 return
-            self._accept(entry, recipients)
+            self._accept(entry, accepted)
 
     async def _send_one(self, entry: OutboxRow, blocked_chats: dict[str, str]) -> None:
         """Send one entry and wait for the relay's answer; settle what that means for it."""
@@ -526,6 +532,8 @@ class Outbox:
 
         The watermark (a counter row) moves only after the relay accepted the
         receipts; a crash in between sends some receipts twice, which is harmless.
+        Each receipt goes under an id of its own, drawn afresh: once the watermark's
+        commit stood, those the relay took under our name are settled.
         """
         while not self._ctx.closing and self._ctx.connected.is_set():
             mark = await asyncio.to_thread(self._ctx.locked_counter, keys.DELIVERED_RECEIPTS)
@@ -536,13 +544,15 @@ class Outbox:
             for mid, sender, seq in pending:
                 by_sender.setdefault(sender, []).append((mid, seq))
             stop = pending[-1][2]
+            named: list[bytes] = []
             for sender, items in by_sender.items():
                 for start in range(0, len(items), _RECEIPT_BATCH):
                     chunk = items[start : start + _RECEIPT_BATCH]
                     try:
-                        await self._send_receipt_payload(
+                        sent = await self._send_receipt_payload(
                             sender, ReceiptKind.DELIVERED, [m for m, _ in chunk]
                         )
+                        named.extend(sent.named)
                     except (IdentityHeld, UnknownRecipient, SendFailed):
                         stop = min(stop, chunk[0][1] - 1)
                         break
@@ -561,12 +571,14 @@ class Outbox:
                     )
 
             await asyncio.to_thread(advance)
+            self._queue_settled(named)
             if len(pending) < 2000:
                 return
 
     async def _send_receipt_payload(
         self, user: str, kind: ReceiptKind, message_ids: Sequence[str]
-    ) -> None:
+    ) -> Accepted:
+        """Send a receipt message under a new id (a retry draws another)."""
         body = Payload(
             type=PayloadType.RECEIPT,
             message_id=self._ctx.random_bytes(16),
@@ -574,7 +586,7 @@ class Outbox:
             target_ids=tuple(bytes.fromhex(m) for m in message_ids),
             receipt=kind,
         )
-        await self.send_pairwise(body.message_id, [user], payload.encode(body))
+        return await self.send_pairwise(body.message_id, [user], payload.encode(body))
 
     def wake(self) -> None:
         """Look at the outbox now (something was queued, or the connection came up)."""
@@ -603,7 +615,7 @@ class Outbox:
 
     async def _send_receipts(self, user: str, kind: str, entries: list[OutboxRow]) -> None:
         receipt = ReceiptKind.DELIVERED if kind == "delivered" else ReceiptKind.READ
-        await self._send_receipt_payload(user, receipt, [e.ref or "" for e in entries])
+        sent = await self._send_receipt_payload(user, receipt, [e.ref or "" for e in entries])
 
         def done() -> None:
             with self._ctx.wlock:
@@ -616,19 +628,20 @@ class Outbox:
                 self._ctx.commit(rows, {})
 
         await asyncio.to_thread(done)
+        self._queue_settled(sent.named)
 
     async def _send_entry(self, entry: OutboxRow) -> None:
         mid = bytes.fromhex(entry.id)
         data = entry.payload or b""
         chat_id = entry.chat_id
         if entry.mode == "group":
-            recipients = await self._send_group(mid, chat_id[len("group:") :], data)
+            accepted = await self._send_group(mid, chat_id[len("group:") :], data)
         elif entry.mode == "sync":
-            recipients = await self._send_own(mid, data)
+            accepted = await self._send_own(mid, data)
         else:
             prepared = self._prepared.pop(entry.id, None)
             self._wrapped.pop(entry.id, None)
-            recipients = await self.send_pairwise(
+            accepted = await self.send_pairwise(
                 mid,
                 json.loads(entry.targets),
                 data,
@@ -636,21 +649,22 @@ class Outbox:
                 transcribe=entry,
                 kind=entry.kind,
             )
-        self._accept(entry, recipients)
+        self._accept(entry, accepted)
 
-    def _accept(self, entry: OutboxRow, recipients: list[tuple[str, int]]) -> None:
-        """The relay accepted ``entry``: its "sent" state is committed by :meth:`_mark_sent`.
+    def _accept(self, entry: OutboxRow, accepted: Accepted) -> None:
+        """The relay accepted ``entry``: its "sent" state is committed by :meth:`_mark_sent`
+        (and its ids settled after that commit).
 
         Raises:
             StorageError: the last "sent" commit failed (the pass stops; still queued).
         """
         # Receipts are the peers' business: our own devices are not recipients there.
-        recipients = [r for r in recipients if r[0] != self._ctx.me.name]
+        recipients = [r for r in accepted.recipients if r[0] != self._ctx.me.name]
         marker = self._marker
         if marker is not None and marker.done():
             self._marker = None
             marker.result()  # raises what stopped it (a StorageError): the pass stops
-        self._accepted.append((entry, recipients))
+        self._accepted.append((entry, recipients, accepted.named))
         if self._marker is None:
             self._marker = asyncio.create_task(self._mark_sent())
 
@@ -659,9 +673,10 @@ class Outbox:
 
         Runs beside the sending: the entries accepted while one transaction is
         being written share the next one (at most ``send_batch`` each). Only after
-        its commit is a waiting caller told and ``ReceiptUpdated("sent")`` emitted.
-        If the commit fails, the entries stay queued and are sent again under the
-        same ids (the relay stores each once), as after a crash right after the
+        its commit is a waiting caller told, ``ReceiptUpdated("sent")`` emitted and
+        the entries' ids settled. If the commit fails, the entries stay queued and
+        are sent again under the same ids (the relay stores each once, as it still
+        holds their records: none was settled), as after a crash right after the
         relay accepted them.
         """
         while self._accepted:
@@ -669,12 +684,14 @@ class Outbox:
             batch, self._accepted = self._accepted[:size], self._accepted[size:]
             try:
                 statuses = await asyncio.to_thread(
-                    self._commit_states, [(entry, "sent", sent_to) for entry, sent_to in batch]
+                    self._commit_states, [(entry, "sent", sent_to) for entry, sent_to, _ in batch]
                 )
             except StorageError:
                 self._accepted.clear()  # still queued in the store: sent again
                 raise
-            for (entry, _), status in zip(batch, statuses, strict=True):
+            # Committed: these ids are never sent again.
+            self._queue_settled(mid for _, _, named in batch for mid in named)
+            for (entry, _, _), status in zip(batch, statuses, strict=True):
                 waiter = self._sent_waiters.get(entry.id)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
@@ -682,6 +699,17 @@ class Outbox:
                     self._ctx.emit(
                         ReceiptUpdated(entry.id, entry.chat_id, "sent", message_status=status)
                     )
+
+    def _queue_settled(self, named: Iterable[bytes]) -> None:
+        """Queue relay ids for the next ack to settle (:mod:`e2ee.client.settling`).
+
+        Call only once the commit recording their sends as done stood (nothing sends
+        them again), and only with ids the relay stored under our name.
+        """
+        ids = list(named)
+        if ids and self._ctx.settled.limit:
+            self._ctx.settled.add(ids)
+            self._ctx.acks_due.set()  # the ack runner takes them (e2ee.client.inbox)
 
     async def _finish_entry(self, entry: OutboxRow, state: str) -> None:
         """Commit an entry's new state ("failed", "dropped") alone."""
@@ -818,7 +846,7 @@ class Outbox:
         prepared: list[envelope.Entry] | None = None,
         transcribe: OutboxRow | None = None,
         kind: str = "receipt",
-    ) -> list[tuple[str, int]]:
+    ) -> Accepted:
         """Encrypt ``data`` (a payload of ``kind``) for every device of ``users`` and send it
         as message ``mid``.
 
@@ -828,11 +856,11 @@ class Outbox:
         the peers' part (:meth:`Sealing.hideable`, e2ee.client.sync). ``kind`` decides
         whether the payload carries our access key (sealing.Sealing.stamp): not for
         receipts and session resets, which also go to strangers. Returns the (user,
-        device) pairs it went to.
+        device) pairs it went to, and which of its relay ids went with our name.
         """
         me = self._ctx.me.name
         data = self.sealing.stamp(data, kind)
-        peers_sent: list[tuple[str, int]] | None = None  # once the peers' part went alone
+        peers_sent: Accepted | None = None  # once the peers' part went alone
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             entries: list[envelope.Entry] = prepared or []
             mine = []
@@ -862,7 +890,8 @@ class Outbox:
                         raise IdentityHeld(user) from exc
                     entries.append(envelope.Entry(user, device, ct.kind, ct.body))
             if not entries:
-                return peers_sent or []  # a sync entry whose last other device was just removed
+                # A sync entry whose last other device was just removed.
+                return peers_sent if peers_sent is not None else Accepted()
             peers = [e for e in entries if e.user != me]
             try:
                 if peers_sent is None and peers and len(peers) < len(entries):
@@ -870,15 +899,18 @@ class Outbox:
                     if await asyncio.to_thread(self._ctx.locked, self.sealing.hideable, hidden):
                         # The peers' part without our name first; our other devices' part
                         # on its own after it (e2ee.client.sync): only once the peers have it.
-                        await self.sealing.send(mid, hidden, envelope.build_pairwise(peers))
-                        peers_sent, entries = hidden, [e for e in entries if e.user == me]
+                        named = await self.sealing.send(mid, hidden, envelope.build_pairwise(peers))
+                        peers_sent = _part(mid, hidden, named)
+                        entries = [e for e in entries if e.user == me]
                 recipients = [(e.user, e.device) for e in entries]
                 if peers_sent is not None:
                     own_mid = own_message_id(mid)
-                    await self.sealing.send(own_mid, recipients, envelope.build_pairwise(entries))
-                    return peers_sent + recipients
-                await self.sealing.send(mid, recipients, envelope.build_pairwise(entries))
-                return recipients
+                    named = await self.sealing.send(
+                        own_mid, recipients, envelope.build_pairwise(entries)
+                    )
+                    return peers_sent + _part(own_mid, recipients, named)
+                named = await self.sealing.send(mid, recipients, envelope.build_pairwise(entries))
+                return _part(mid, recipients, named)
             except MismatchedDevices as exc:
                 prepared = None
                 self._prepared.clear()  # encrypted for the old device lists
@@ -891,14 +923,14 @@ class Outbox:
                 raise_refused(exc)
         raise SendFailed("the recipients' device list kept changing")
 
-    async def _send_group(self, mid: bytes, gid: str, data: bytes) -> list[tuple[str, int]]:
+    async def _send_group(self, mid: bytes, gid: str, data: bytes) -> Accepted:
         me = self._ctx.me.name
         members = await asyncio.to_thread(self._ctx.history.group_members, gid)
         others = sorted(u for u in members if u != me)
         if me not in members:
             raise NotAMember(gid)
         with_own = True
-        peers_done = False  # the members' part went alone and was accepted
+        peers_done: Accepted | None = None  # the members' part went alone and was accepted
         for _attempt in range(_MAX_SEND_ATTEMPTS):
             recipients: list[tuple[str, int]] = []
             if with_own:  # our other devices read our group messages too
@@ -915,30 +947,34 @@ class Outbox:
             group = envelope.build_group(gid, body)
             mine = [r for r in recipients if r[0] == me]
             try:
-                if not peers_done and mine and others:
+                if peers_done is None and mine and others:
                     hidden = [r for r in recipients if r[0] != me]
                     if await asyncio.to_thread(self._ctx.locked, self.sealing.hideable, hidden):
                         # As in send_pairwise: the members' part without our name, then ours.
-                        await self.sealing.send(mid, hidden, group)
-                        peers_done = True
-                if peers_done:
+                        named = await self.sealing.send(mid, hidden, group)
+                        peers_done = _part(mid, hidden, named)
+                if peers_done is not None:
+                    own = Accepted()
                     if mine:
-                        await self.sealing.send(own_message_id(mid), mine, group)
-                    return recipients
-                await self.sealing.send(mid, recipients, group)
-                return recipients
+                        own_mid = own_message_id(mid)
+                        own = _part(own_mid, mine, await self.sealing.send(own_mid, mine, group))
+                    # This round's devices, as before; the ids of both parts.
+                    return Accepted(tuple(recipients), peers_done.named + own.named)
+                named = await self.sealing.send(mid, recipients, group)
+                return _part(mid, recipients, named)
             except MismatchedDevices as exc:
                 with_own = await self._fix_devices(exc) and with_own
             except RelayRejected as exc:
-                if peers_done and for_good(exc):
-                    return _own_copy_lost(exc, [r for r in recipients if r[0] != me])
+                if peers_done is not None and for_good(exc):
+                    peers = tuple(r for r in recipients if r[0] != me)
+                    return _own_copy_lost(exc, Accepted(peers, peers_done.named))
                 raise_refused(exc)
         raise SendFailed("the group's device list kept changing")
 
-    async def _send_own(self, mid: bytes, data: bytes) -> list[tuple[str, int]]:
+    async def _send_own(self, mid: bytes, data: bytes) -> Accepted:
         """A sync entry: to our other devices only; nothing to do without one."""
         if not await asyncio.to_thread(own_devices, self._ctx):
-            return []
+            return Accepted()
         return await self.send_pairwise(mid, [self._ctx.me.name], data)
 
     async def _distribute_key(self, gid: str, recipients: Sequence[tuple[str, int]]) -> None:
@@ -970,17 +1006,27 @@ class Outbox:
             group_id=gid,
             group=control,
         )
+        # Under an id of its own, drawn afresh: a retry (after a failed commit below) is a
+        # new message, so this id is settled once the commit stood.
         sent = await self.send_pairwise(body.message_id, users, payload.encode(body), kind="group")
 
         def mark() -> None:
             with self._ctx.wlock:
-                self._ctx.commit([], {keys.distributed(gid, u, d): generation for u, d in sent})
+                self._ctx.commit(
+                    [], {keys.distributed(gid, u, d): generation for u, d in sent.recipients}
+                )
 
         await asyncio.to_thread(mark)
+        self._queue_settled(sent.named)
 
 
-def _own_copy_lost(exc: RelayRejected, peers: list[tuple[str, int]]) -> list[tuple[str, int]]:
+def _own_copy_lost(exc: RelayRejected, peers: Accepted) -> Accepted:
     """Our own devices' copy, sent after the peers' part, was refused for good: the message
     counts as sent (the peers have it), though our other devices miss their copy."""
     _log.warning("our devices' copy refused: %s", type(exc).__name__)
     return peers
+
+
+def _part(mid: bytes, recipients: Sequence[tuple[str, int]], named: bool) -> Accepted:
+    """One relay message the relay accepted: ``named`` when it went with our name."""
+    return Accepted(tuple(recipients), (mid,) if named else ())

@@ -29,6 +29,8 @@ Invariants:
 * Our access key reaches only users we write to ourselves (the payloads we compose, and the
   group's Sender Key distributions), never through receipts or session resets, which we also
   send to strangers.
+* :meth:`Sealing.send` says whether a message went with our name: only those ids are
+  ever settled (e2ee.client.settling); settling one sent without it would name its sender.
 """
 
 from __future__ import annotations
@@ -385,25 +387,31 @@ class Sealing:
         throughout, so nothing they read can change in between)."""
         return SealingBatch(self)
 
-    async def send(self, mid: bytes, recipients: Sequence[tuple[str, int]], inner: bytes) -> None:
+    async def send(self, mid: bytes, recipients: Sequence[tuple[str, int]], inner: bytes) -> bool:
         """Send a version 1 envelope (``inner``) to ``recipients``: sealed when we can.
+
+        Returns:
+            True when the relay stored it under our name (an authenticated send, whose
+            retry record this device may settle: :mod:`e2ee.client.settling`); False when
+            it went without our name (its record is not ours to settle).
 
         Raises:
             TransportError: as :meth:`RelayLink.send` (``MismatchedDevices`` and the rest).
         """
         if not self.enabled:
             await self._ctx.link.send(mid, recipients, inner)
-            return
+            return True
         body, tokens = await asyncio.to_thread(self._ctx.locked, self._wrap, recipients, inner)
         if tokens is not None:
             try:
                 await self._ctx.link.execute(send_sealed(mid, recipients, body, tokens))
-                return
+                return False
             except DeliveryTokenRefused:
                 # A contact rotated its key or stopped accepting sealed mail: forget the
                 # keys, send this one with our name (still sealed inside).
                 await asyncio.to_thread(self._put, {_META_PEER + user: "" for user in tokens})
         await self._ctx.link.send(mid, recipients, body)
+        return True
 
     # -- receiving ------------------------------------------------------------------------
 

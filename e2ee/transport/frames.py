@@ -60,6 +60,7 @@ __all__ = [
     "ServerError",
     "ServerFrame",
     "UnknownControl",
+    "ack_fields",
     "b64d",
     "b64e",
     "check_message_id",
@@ -479,23 +480,54 @@ def decode_server_frame(data: str | bytes, *, binary: bool) -> ServerFrame:
     return decode_control(data)
 
 
-def encode_ack(ids: Iterable[bytes], ref: str | None = None) -> str:
-    """Encode a client ack frame ``{"type":"ack","ids":[...],"ref":...}``.
+def ack_fields(ids: Iterable[bytes], settled: Iterable[bytes] = ()) -> dict[str, list[str]]:
+    """The id lists of an acknowledgement (the ack frame and ``POST /v1/messages/ack``).
+
+    ``ids`` are deliveries to remove from this device's mailbox; ``settled`` are ids of this
+    device's own earlier sends that the relay answered 200 and that it will never send
+    again, so the relay may drop their de-duplication record at once. An empty list is
+    left out (the relay takes a missing list as an empty one).
 
     Args:
-        ids: 1..1000 message ids (16 bytes each).
-        ref: optional correlation string (<= 64 characters) echoed by the ``acked`` answer.
+        ids: 0..1000 message ids (16 bytes each).
+        settled: 0..1000 message ids (16 bytes each).
+
+    Returns:
+        ``{"ids": [b64...], "settled": [b64...]}`` without the empty ones.
+
+    Raises:
+        UsageError: both lists empty, one longer than 1000, or a bad id.
+    """
+    fields: dict[str, list[str]] = {}
+    for name, values in (("ids", ids), ("settled", settled)):
+        encoded = [b64e(check_message_id(i)) for i in values]
+        if len(encoded) > MAX_ACK_IDS:
+            raise UsageError(f"an ack carries at most {MAX_ACK_IDS} ids in {name}")
+        if encoded:
+            fields[name] = encoded
+    if not fields:
+        raise UsageError("an ack carries at least one message id (in ids or settled)")
+    return fields
+
+
+def encode_ack(ids: Iterable[bytes], ref: str | None = None, settled: Iterable[bytes] = ()) -> str:
+    """Encode a client ack frame ``{"type":"ack","ids":[...],"settled":[...],"ref":...}``.
+
+    Args:
+        ids: 0..1000 message ids (16 bytes each) to remove from this device's mailbox.
+        ref: optional correlation string (<= 64 characters) echoed by the ``acked`` answer
+            (whose count is of ``ids`` removed only).
+        settled: 0..1000 ids of this device's own sends the relay may forget
+            (:func:`ack_fields`); not both lists empty. Left out when empty, so an ack
+            without it is the frame of before.
 
     Returns:
         The JSON text.
 
     Raises:
-        UsageError: no ids, too many, a bad id, or a bad ref.
+        UsageError: no ids in either list, too many in one, a bad id, or a bad ref.
     """
-    checked = [b64e(check_message_id(i)) for i in ids]
-    if not 1 <= len(checked) <= MAX_ACK_IDS:
-        raise UsageError(f"an ack carries 1..{MAX_ACK_IDS} message ids")
-    doc: dict[str, Any] = {"type": "ack", "ids": checked}
+    doc: dict[str, Any] = {"type": "ack", **ack_fields(ids, settled)}
     if ref is not None:
         if not isinstance(ref, str) or not 1 <= len(ref) <= MAX_ACK_REF_LEN:
             raise UsageError(f"an ack ref is a string of 1..{MAX_ACK_REF_LEN} characters")

@@ -531,19 +531,23 @@ class RelayClient:
                 return
             after = page.last_seq
 
-    async def ack(self, ids: Sequence[bytes]) -> int:
-        """Remove messages from this device's mailbox (idempotent).
+    async def ack(self, ids: Sequence[bytes], settled: Sequence[bytes] = ()) -> int:
+        """Remove messages from this device's mailbox (idempotent), and let the relay forget
+        the retry records of this device's settled sends.
 
         Args:
-            ids: 1..1000 message ids.
+            ids: 0..1000 message ids.
+            settled: 0..1000 ids of this device's own sends that the relay answered 200 and
+                that will never be sent again (:func:`~e2ee.transport.requests.ack_messages`);
+                not both empty.
 
         Returns:
-            Mailbox rows removed by this call.
+            Mailbox rows removed by this call (of ``ids``).
 
         Raises:
             UsageError, AuthFailed, ConnectionFailed.
         """
-        return await self.execute(rq.ack_messages(ids))
+        return await self.execute(rq.ack_messages(ids, settled))
 
     # -- blobs ----------------------------------------------------------------------------
 

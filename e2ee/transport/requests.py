@@ -35,9 +35,9 @@ from e2ee.errors import UsageError
 from e2ee.transport.auth import DeviceSigner, check_device_id, check_username
 from e2ee.transport.errors import MalformedResponse, RelayRejected, error_from_response
 from e2ee.transport.frames import (
-    MAX_ACK_IDS,
     MESSAGE_ID_LEN,
     Delivery,
+    ack_fields,
     b64d,
     b64e,
     check_message_id,
@@ -755,26 +755,27 @@ def _acked(response: Response) -> int:
     return _int_field(_json_object(response), "acked")
 
 
-def ack_messages(ids: Iterable[bytes]) -> Request[int]:
-    """``POST /v1/messages/ack``: remove messages from the caller's mailbox (idempotent).
+def ack_messages(ids: Iterable[bytes], settled: Iterable[bytes] = ()) -> Request[int]:
+    """``POST /v1/messages/ack``: remove messages from the caller's mailbox (idempotent), and
+    let the relay forget the retry records of the caller's own settled sends.
 
     Args:
-        ids: 1..1000 message ids.
+        ids: 0..1000 message ids to remove from the caller's mailbox.
+        settled: 0..1000 ids of this device's own sends that the relay answered 200 and
+            that it will never send again (:func:`~e2ee.transport.frames.ack_fields`);
+            not both empty. An id the relay does not know is ignored.
 
     Returns:
-        The request; result the number of mailbox rows removed now.
+        The request; result the number of mailbox rows removed now (of ``ids`` only).
 
     Raises:
-        UsageError: no ids, too many, or a bad id.
+        UsageError: no ids in either list, too many in one, or a bad id.
     """
-    encoded = [b64e(check_message_id(i)) for i in ids]
-    if not 1 <= len(encoded) <= MAX_ACK_IDS:
-        raise UsageError(f"an ack carries 1..{MAX_ACK_IDS} message ids")
     return Request(
         "POST",
         "/v1/messages/ack",
         _acked,
-        body=_json_body({"ids": encoded}),
+        body=_json_body(ack_fields(ids, settled)),
         headers={"Content-Type": CT_JSON},
     )
 

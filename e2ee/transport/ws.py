@@ -385,27 +385,33 @@ class RelayConnection:
         self._check_still_open(ws, fut)
         return fut
 
-    async def ack(self, ids: Iterable[bytes], ref: str | None = None) -> asyncio.Future[int]:
+    async def ack(
+        self, ids: Iterable[bytes], ref: str | None = None, *, settled: Iterable[bytes] = ()
+    ) -> asyncio.Future[int]:
         """Write an ack frame; return a future resolved by the relay's ``acked`` answer.
 
         Args:
-            ids: 1..1000 message ids to remove from this device's mailbox.
+            ids: 0..1000 message ids to remove from this device's mailbox.
             ref: correlation string (generated when None); must be unique while pending.
+            settled: 0..1000 ids of this device's own sends that the relay answered 200 and
+                that will never be sent again: the relay may forget their retry records
+                (:func:`~e2ee.transport.frames.ack_fields`). Not both lists empty.
 
         Returns:
-            A future resolving to the number of mailbox rows removed (after commit), or
-            raising :class:`ConnectionLost`.
+            A future resolving to the number of mailbox rows removed (of ``ids``, after
+            commit), or raising :class:`ConnectionLost`.
 
         Raises:
             UsageError: bad ids or ref, or ``ref`` already pending. NotConnected: no socket.
             ConnectionLost: the write failed.
         """
         id_list = [check_message_id(i) for i in ids]
+        settled_list = [check_message_id(i) for i in settled]
         if ref is None:
             ref = f"a{next(self._refs)}"
         if ref in self._acks:
             raise UsageError("an ack with this ref is still pending")
-        text = encode_ack(id_list, ref)
+        text = encode_ack(id_list, ref, settled_list)
         ws = self._open_socket()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(_swallow)

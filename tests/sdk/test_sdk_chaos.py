@@ -43,10 +43,10 @@ async def test_every_message_once_and_in_order_through_chaos(
     def flaky(client: Client) -> None:
         original = client._link.ack
 
-        async def ack(ids: Any) -> None:
+        async def ack(ids: Any, **kw: Any) -> None:
             if rng.random() < 0.3:
                 raise ConnectionLost("ack lost")
-            await original(ids)
+            await original(ids, **kw)
 
         client._link.ack = ack  # type: ignore[method-assign]
 

@@ -171,7 +171,7 @@ async def test_crash_between_decrypt_and_ack_shows_nothing_twice(
         mid = await alice.send_text("bob", "exactly once")
     b_events = bob.events()
 
-    async def lost_ack(ids: Any) -> None:  # the process dies before the ack is sent
+    async def lost_ack(ids: Any, **kw: Any) -> None:  # the process dies before the ack is sent
         raise ConnectionLost("crash")
 
     bob._link.ack = lost_ack  # type: ignore[method-assign]

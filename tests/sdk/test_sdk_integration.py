@@ -67,7 +67,7 @@ async def test_recipient_offline_then_back_and_client_killed_before_ack(
     # Bob comes online, stores everything, but "dies" before any ack is sent.
     b_events = bob.events()
 
-    async def lost_ack(ids: Any) -> None:
+    async def lost_ack(ids: Any, **kw: Any) -> None:
         from e2ee.transport.errors import ConnectionLost
 
         raise ConnectionLost("killed")
@@ -223,7 +223,7 @@ from e2ee.client import Client, ClientOptions
 
 async def main():
     client = await Client.open(sys.argv[1], options=ClientOptions(ack_delay=0.2))
-    async def die(ids):
+    async def die(ids, **kw):
         os._exit(9)  # killed after the commit, before the ack leaves
     client._link.ack = die
     async with client:

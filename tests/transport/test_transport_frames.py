@@ -341,6 +341,30 @@ def test_control_round_trip(frame: Hint | QueueEmpty | Acked | ServerError | Sen
 def test_encode_ack() -> None:
     assert json.loads(encode_ack([MID], ref="r7")) == {"type": "ack", "ids": [MID_B64], "ref": "r7"}
     assert json.loads(encode_ack([MID])) == {"type": "ack", "ids": [MID_B64]}
+    # Nothing to settle: byte for byte the frame of before.
+    assert encode_ack([MID], "r7", ()) == f'{{"type":"ack","ids":["{MID_B64}"],"ref":"r7"}}'
+
+
+OTHER = bytes(range(16, 32))
+OTHER_B64 = "EBESExQVFhcYGRobHB0eHw=="
+
+
+def test_encode_ack_carries_settled_sends() -> None:
+    """Our own sends the relay may forget ride in ``settled``; ``ids`` may then be empty
+    (an empty list is left out)."""
+    assert json.loads(encode_ack([MID], "r1", [OTHER])) == {
+        "type": "ack",
+        "ids": [MID_B64],
+        "settled": [OTHER_B64],
+        "ref": "r1",
+    }
+    assert json.loads(encode_ack([], "r2", settled=[OTHER, MID])) == {
+        "type": "ack",
+        "settled": [OTHER_B64, MID_B64],
+        "ref": "r2",
+    }
+    full = encode_ack([MID] * 1000, settled=[OTHER] * 1000)  # 1000 of each is allowed
+    assert [len(v) for k, v in json.loads(full).items() if k != "type"] == [1000, 1000]
 
 
 @pytest.mark.parametrize(
@@ -350,6 +374,21 @@ def test_encode_ack() -> None:
 def test_encode_ack_rejects_bad_arguments(ids_: list[bytes], ref: str | None) -> None:
     with pytest.raises(UsageError):
         encode_ack(ids_, ref)
+
+
+@pytest.mark.parametrize(
+    ("ids_", "settled"),
+    [
+        ([], []),  # nothing at all
+        ([], [b"short"]),  # not 16 bytes
+        ([MID], ["not bytes"]),
+        ([], [MID] * 1001),  # over MAX_ACK_IDS
+        ([MID] * 1001, [MID]),
+    ],
+)
+def test_encode_ack_rejects_bad_settled_lists(ids_: list[bytes], settled: list[object]) -> None:
+    with pytest.raises(UsageError):
+        encode_ack(ids_, "r", settled)  # type: ignore[arg-type]
 
 
 def test_deliver_layout_offsets_match_spec_table() -> None:

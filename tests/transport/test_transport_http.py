@@ -122,6 +122,27 @@ async def test_timeout_is_relay_timeout(serve: Callable[..., Any]) -> None:
     release.set()
 
 
+async def test_ack_posts_the_sends_to_settle(serve: Callable[..., Any]) -> None:
+    """``RelayClient.ack`` puts ``settled`` in the signed body; an ack may settle only."""
+    import base64
+    import json
+
+    bodies: list[Any] = []
+
+    async def ack(request: web.Request) -> web.Response:
+        bodies.append(json.loads(await request.read()))
+        return web.json_response({"acked": len(bodies[-1].get("ids", []))})
+
+    url = await serve([("POST", "/v1/messages/ack", ack)])
+    mid, sent = b"\x01" * 16, b"\x02" * 16
+    async with client(url) as c:
+        assert await c.ack([mid], [sent]) == 1
+        assert await c.ack([], settled=[sent]) == 0
+        assert await c.ack([mid]) == 1
+    m, s = base64.b64encode(mid).decode(), base64.b64encode(sent).decode()
+    assert bodies == [{"ids": [m], "settled": [s]}, {"settled": [s]}, {"ids": [m]}]
+
+
 async def test_errors_carry_no_secrets(serve: Callable[..., Any]) -> None:
     async def reject(_request: web.Request) -> web.Response:
         return web.json_response({"error": "auth_invalid", "message": "nope"}, status=401)

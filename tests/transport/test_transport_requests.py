@@ -69,6 +69,21 @@ def test_auth_headers_sign_the_exact_body() -> None:
     assert "X-Blindpost-Content-SHA256" not in headers
 
 
+def test_ack_body_carries_settled_sends() -> None:
+    """``POST /v1/messages/ack`` takes the ack frame's lists: without settled sends its body
+    is the one of before; ``ids`` may be empty when some are settled; the answer counts
+    the removed deliveries only."""
+    other = bytes(range(16, 32))
+    other_b64 = base64.b64encode(other).decode()
+    assert rq.ack_messages([MID]).body == b'{"ids":["%s"]}' % MID_B64.encode()
+    req = rq.ack_messages([MID], [other])
+    assert (req.method, req.target) == ("POST", "/v1/messages/ack")
+    assert json.loads(req.body) == {"ids": [MID_B64], "settled": [other_b64]}
+    only = rq.ack_messages([], settled=[other] * 1000)
+    assert json.loads(only.body) == {"settled": [other_b64] * 1000}
+    assert only.handle(ok(200, {"acked": 0})) == 0
+
+
 def test_blob_upload_signs_the_declared_digest() -> None:
     signer = DeviceSigner.from_seed(bytes(32), "alice", 1)
     req = rq.upload_blob("cd" * 32)
@@ -324,6 +339,9 @@ def test_content_range() -> None:
         lambda: rq.fetch_messages(0, 0),
         lambda: rq.ack_messages([]),
         lambda: rq.ack_messages([MID] * 1001),
+        lambda: rq.ack_messages([], []),
+        lambda: rq.ack_messages([], [b"short"]),
+        lambda: rq.ack_messages([MID], [MID] * 1001),
         lambda: rq.send_message(MID, [], b""),
         lambda: rq.send_message(MID, [("bob", 1)], b"", encoding="xml"),  # type: ignore[arg-type]
         lambda: rq.upload_blob("AB" * 32),

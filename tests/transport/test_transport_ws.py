@@ -4,6 +4,7 @@ codes, send/ack correlation. Deterministic: randomness and sleep are injected.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -329,6 +330,42 @@ async def test_send_and_ack_correlation(fake: FakeRelay) -> None:
     kinds = [type(e).__name__ for e in events if not isinstance(e, ConnectionState)]
     assert kinds == ["Hint", "Delivery", "QueueEmpty", "SendResult", "SendResult", "Acked"]
     assert received == [MID, other]
+
+
+async def test_ack_frame_carries_settled_sends(fake: FakeRelay) -> None:
+    """``settled`` goes in the ack frame the relay reads; an ack may settle only, and the
+    ``acked`` answer to it resolves the caller's future as any ack's does."""
+    import json
+
+    frames: list[dict[str, Any]] = []
+
+    async def script(ws: web.WebSocketResponse, _r: web.Request) -> None:
+        await ws.send_str(encode_control(Hint(0)))
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                doc = json.loads(msg.data)
+                frames.append(doc)
+                await ws.send_str(encode_control(Acked(doc["ref"], len(doc.get("ids", [])))))
+
+    fake.scripts = [script]
+    other = os.urandom(16)
+    conn = conn_for(fake)
+    async with conn:
+        await conn.wait_connected()
+        async with asyncio.timeout(WAIT):
+            assert await (await conn.ack([MID], ref="both", settled=[other])) == 1
+            assert await (await conn.ack([], ref="only", settled=[other, MID])) == 0
+            assert await (await conn.ack([MID], ref="plain")) == 1
+        with pytest.raises(UsageError):
+            await conn.ack([], settled=[])
+        with pytest.raises(UsageError):
+            await conn.ack([], settled=[b"short"])
+    mid, oth = base64.b64encode(MID).decode(), base64.b64encode(other).decode()
+    assert frames == [
+        {"type": "ack", "ids": [mid], "settled": [oth], "ref": "both"},
+        {"type": "ack", "settled": [oth, mid], "ref": "only"},
+        {"type": "ack", "ids": [mid], "ref": "plain"},
+    ]
 
 
 async def test_pending_send_fails_when_the_socket_drops(fake: FakeRelay) -> None:
