@@ -94,14 +94,23 @@ class Conn:
     """One authenticated WebSocket of one load device."""
 
     def __init__(
-        self, signer: DeviceSigner, stats: Stats, ack: bool, frame_auth: bool = False
+        self,
+        signer: DeviceSigner,
+        stats: Stats,
+        ack: bool,
+        frame_auth: bool = False,
+        settle: bool = True,
     ) -> None:
         self.signer = signer
         self.frame_auth = frame_auth
         self.stats = stats
         self.ack = ack
+        self.settle = settle
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.to_ack: list[bytes] = []
+        # Ids (base64) of our sends answered 200, settled with the next ack frame as the SDK
+        # does (docs/relay-api.md): the relay then forgets their dedupe records.
+        self.to_settle: list[str] = []
         self.pending: dict[bytes, int] = {}
         self.reader: asyncio.Task[None] | None = None
         self.live = asyncio.Event()
@@ -173,6 +182,8 @@ class Conn:
             t_send = self.pending.pop(mid, None) if isinstance(mid, str) else None
             if status == 200:
                 st.accepted += 1
+                if self.settle and isinstance(mid, str):
+                    self.to_settle.append(mid)
                 if t_send is not None and st.in_window(t_send):
                     st.accepted_in_window += 1
         elif text == '{"type":"empty"}':
@@ -194,11 +205,17 @@ class Conn:
 
     async def flush_acks(self) -> None:
         ws = self.ws
-        if not self.to_ack or ws is None or ws.closed:
+        if not (self.to_ack or self.to_settle) or ws is None or ws.closed:
             return
         ids, self.to_ack = self.to_ack, []
-        for i in range(0, len(ids), 1000):
-            await ws.send_str(encode_ack(ids[i : i + 1000]))
+        settled, self.to_settle = self.to_settle, []
+        for i in range(0, max(len(ids), len(settled)), 1000):
+            if not settled:
+                await ws.send_str(encode_ack(ids[i : i + 1000]))
+                continue
+            doc = {"type": "ack", "ids": [b64e(m) for m in ids[i : i + 1000]]}
+            doc["settled"] = settled[i : i + 1000]
+            await ws.send_str(json.dumps(doc, separators=(",", ":")))
 
     async def close(self) -> None:
         if self.ws is not None and not self.ws.closed:
@@ -231,7 +248,13 @@ async def open_all(cfg: dict[str, Any], stats: Stats, ack: bool) -> list[Conn]:
             )
         )
     conns = [
-        Conn(device_signer(cfg["seed"], cfg["prefix"], i), stats, ack, bool(cfg.get("frame_auth")))
+        Conn(
+            device_signer(cfg["seed"], cfg["prefix"], i),
+            stats,
+            ack,
+            bool(cfg.get("frame_auth")),
+            bool(cfg.get("settle", True)),
+        )
         for i in range(first, stop)
     ]
     sem = asyncio.Semaphore(int(cfg.get("connect_concurrency", 200)))
@@ -263,7 +286,7 @@ async def ack_loop(conns: list[Conn], stop: asyncio.Event) -> None:
     while not stop.is_set():
         await asyncio.sleep(ACK_FLUSH_SECONDS)
         for c in conns:
-            if c.to_ack:
+            if c.to_ack or c.to_settle:
                 await c.flush_acks()
 
 
@@ -327,7 +350,7 @@ async def run(cfg: dict[str, Any]) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await acker
         for c in conns:
-            if c.to_ack:
+            if c.to_ack or c.to_settle:
                 with contextlib.suppress(Exception):
                     await c.flush_acks()
         ru1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -302,6 +302,7 @@ async def traffic_relay(args: argparse.Namespace, rate: float) -> dict[str, Any]
         workers=args.workers,
         body_bytes=args.body_bytes,
         no_ack=False,
+        no_settle=False,
         **_ONE_SQLITE_RELAY,
     )
     with quiet(not args.verbose):

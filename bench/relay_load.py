@@ -522,7 +522,9 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
     seed, prefix = secrets.token_hex(8), f"lt{secrets.token_hex(3)}_"
     with target_relay(args, {}) as relay:
         await register_devices(relay.url, seed, prefix, args.clients)
-        workers, _ = await start_traffic(args, relay.urls, seed, prefix, {"ack": not args.no_ack})
+        workers, _ = await start_traffic(
+            args, relay.urls, seed, prefix, {"ack": not args.no_ack, "settle": not args.no_settle}
+        )
         # The relay's CPU share is sampled over the measured window only.
         await asyncio.sleep(0.5 + args.warmup)
         cpu_w0 = relay.cpu_seconds()
@@ -933,6 +935,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--workers", type=int, default=2, help="load-generator processes")
         sp.add_argument("--body-bytes", type=int, default=200)
         sp.add_argument("--no-ack", action="store_true", help="receivers do not ack")
+        sp.add_argument(
+            "--no-settle",
+            action="store_true",
+            help="senders do not settle their accepted sends (the relay keeps their dedupe "
+            "records for dedupe_window_seconds, as before settling existed)",
+        )
 
     traffic_args(sub.add_parser("throughput", help=">= 10k durable msg/s, 1:1"), 11_000)
     traffic_args(sub.add_parser("latency", help="p99 send-to-deliver at 5k msg/s"), 5_000)

@@ -155,7 +155,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     with target_relay(args, {}) as relay:
         await register_devices(relay.url, seed, prefix, args.clients)
         workers, t0 = await start_traffic(
-            args, [relay.url], seed, prefix, {"ack": True, "sample_seconds": interval}
+            args,
+            [relay.url],
+            seed,
+            prefix,
+            {"ack": True, "settle": not args.no_settle, "sample_seconds": interval},
         )
         window0 = t0 / 1e9 + args.warmup
         await asyncio.sleep(max(0.0, window0 - time.monotonic()))
@@ -332,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=int, default=200, help="devices (each sends and receives)")
     p.add_argument("--workers", type=int, default=2, help="load-generator processes")
     p.add_argument("--body-bytes", type=int, default=200)
+    p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="senders do not settle their accepted sends (dedupe records stay for the window)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here (matplotlib)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary data dir and log")
