@@ -364,8 +364,7 @@ async def test_settled_sends_leave_no_retry_record_at_the_relay(
                 return retry_records(relay) == 0
 
             assert await eventually(forgotten)
-        else:
-            await asyncio.sleep(0.3)  # any ack still on its way
+        else:  # every message was acked (none queued), so each left its record
             assert retry_records(relay) >= 4  # the four messages, and receipts
 
 
