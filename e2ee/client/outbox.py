@@ -9,7 +9,7 @@ Invariants:
   pipelined (``send_pipeline`` unanswered at most), each naming the one before
   it (SEND_AFTER), so the relay stores none behind one it refused; the refused
   one and those behind it are then sent one at a time, in order
-  (:meth:`Outbox._settle`). Everything else goes one at a time, after every
+  (:meth:`Outbox._take_answers`). Everything else goes one at a time, after every
   pipelined send was answered.
 * An entry's "sent" state is committed only after the relay accepted it,
   several entries per transaction (:meth:`Outbox._mark_sent`); a caller
@@ -306,7 +306,7 @@ class Outbox:
         blocked_chats: dict[str, str] = {}  # chat id -> the held user
         receipts: dict[tuple[str, str], list[OutboxRow]] = {}
         window = self._ctx.options.send_pipeline
-        # Pipelined 1:1 sends awaiting the relay's answer, in outbox order (see _settle).
+        # Pipelined 1:1 sends awaiting the relay's answer, in outbox order (see _take_answers).
         inflight: collections.deque[tuple[OutboxRow, asyncio.Task[Accepted]]]
         inflight = collections.deque()
         try:
@@ -332,11 +332,11 @@ class Outbox:
                     after = inflight[-1][0].id if inflight else None
                     inflight.append((entry, self._start_send(entry, after)))
                     if len(inflight) >= window:
-                        await self._settle(inflight, blocked_chats, keep=window - 1)
+                        await self._take_answers(inflight, blocked_chats, keep=window - 1)
                     continue
-                await self._settle(inflight, blocked_chats)  # in order: all before it first
+                await self._take_answers(inflight, blocked_chats)  # in order: all before it first
                 await self._send_one(entry, blocked_chats)
-            await self._settle(inflight, blocked_chats)
+            await self._take_answers(inflight, blocked_chats)
         finally:
             for _, task in inflight:  # the pass stopped: still queued, sent again later
                 task.cancel()
@@ -370,7 +370,7 @@ class Outbox:
 
         return asyncio.create_task(answered())
 
-    async def _settle(
+    async def _take_answers(
         self,
         inflight: collections.deque[tuple[OutboxRow, asyncio.Task[Accepted]]],
         blocked_chats: dict[str, str],
