@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import hashlib
@@ -108,9 +109,9 @@ class Conn:
         self.settle = settle
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.to_ack: list[bytes] = []
-        # Ids (base64) of our sends answered 200, settled with the next ack frame as the SDK
-        # does (docs/relay-api.md): the relay then forgets their dedupe records.
-        self.to_settle: list[str] = []
+        # Ids of our sends answered 200, settled with the next ack frame as the SDK does
+        # (docs/relay-api.md): the relay then forgets their dedupe records.
+        self.to_settle: list[bytes] = []
         self.pending: dict[bytes, int] = {}
         self.reader: asyncio.Task[None] | None = None
         self.live = asyncio.Event()
@@ -183,7 +184,7 @@ class Conn:
             if status == 200:
                 st.accepted += 1
                 if self.settle and isinstance(mid, str):
-                    self.to_settle.append(mid)
+                    self.to_settle.append(base64.b64decode(mid))
                 if t_send is not None and st.in_window(t_send):
                     st.accepted_in_window += 1
         elif text == '{"type":"empty"}':
@@ -210,12 +211,7 @@ class Conn:
         ids, self.to_ack = self.to_ack, []
         settled, self.to_settle = self.to_settle, []
         for i in range(0, max(len(ids), len(settled)), 1000):
-            if not settled:
-                await ws.send_str(encode_ack(ids[i : i + 1000]))
-                continue
-            doc = {"type": "ack", "ids": [b64e(m) for m in ids[i : i + 1000]]}
-            doc["settled"] = settled[i : i + 1000]
-            await ws.send_str(json.dumps(doc, separators=(",", ":")))
+            await ws.send_str(encode_ack(ids[i : i + 1000], settled=settled[i : i + 1000]))
 
     async def close(self) -> None:
         if self.ws is not None and not self.ws.closed:

@@ -239,7 +239,7 @@ CREATE TABLE IF NOT EXISTS dedupe_secret(
 -- Once no mailbox row references a message, its row (sender, time, id, body) goes and only its
 -- dedupe record (digest and bucket computed at send time: dkey, dexp) stays. Inside SQLite,
 -- per deleted row: no statement of its own in the writer's batch (each statement costs the
--- writer a GIL hand-off; see _run_batch).
+-- writer a GIL hand-off; see _run_transaction).
 CREATE TRIGGER IF NOT EXISTS mailbox_forget AFTER DELETE ON mailbox
 WHEN NOT EXISTS (SELECT 1 FROM mailbox WHERE msg_pk=OLD.msg_pk)
 BEGIN
@@ -250,8 +250,8 @@ END;
 -- A sender settles its sends (it will never send them again; StoreLimits.dedupe_window_ms): an
 -- INSERT here of (dedupe key, message id) rows drops each one's dedupe record, or keeps the
 -- message still queued from leaving one, and stores nothing (RAISE(IGNORE) skips the row).
--- One statement for all of a batch's settled ids, as for its acks (see _run_batch). The key
--- is the sender's digest, so nobody settles another's message.
+-- One statement for all of a batch's settled ids, as for its acks (see _run_transaction).
+-- The key is the sender's digest, so nobody settles another's message.
 CREATE TABLE IF NOT EXISTS settle(key BLOB NOT NULL, msg_id BLOB NOT NULL);
 CREATE TRIGGER IF NOT EXISTS settle_forget BEFORE INSERT ON settle
 BEGIN
@@ -869,9 +869,7 @@ class _WriterState:
         An id acknowledged twice in one batch counts for the first request only.
         """
         digest = self.rules.digest
-        settled = {
-            digest(addr, mid): mid for addr, _, mids in requests for mid in mids
-        }  # digest -> id
+        settled = {digest(addr, mid): mid for addr, _, mids in requests for mid in mids}
         if settled:
             self._insert_rows("INSERT INTO settle(key, msg_id) VALUES ", 2, list(settled.items()))
         counts = [0] * len(requests)
