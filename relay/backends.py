@@ -35,6 +35,7 @@ def store_limits(config: RelayConfig) -> StoreLimits:
         write_batch_interval_ms=config.write_batch_interval_ms,
         checkpoint_commits=config.wal_checkpoint_commits,
         pipelined_sync=bool(config.sqlite_pipelined_sync),
+        loop_staging=bool(config.sqlite_loop_staging),
     )
 
 

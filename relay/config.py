@@ -219,6 +219,9 @@ SETTING_HELP: dict[str, str] = {
     "sqlite_pipelined_sync": "1 = a commit writes the SQLite log and a sync thread fsyncs it"
     " before the writes are answered (the writer goes on meanwhile; one fsync covers every commit"
     " made during the previous one); 0 = every commit fsyncs before the writer goes on",
+    "sqlite_loop_staging": "1 = while a write transaction is open, the event loop checks and"
+    " stages a send into it itself (and pushes it early) instead of handing it to the writer"
+    " thread and waiting for it; 0 = every send goes through the writer thread",
     "wal_checkpoint_commits": "every this many commits a background thread checkpoints the"
     " SQLite write-ahead log (the writer never waits for the copy); smaller keeps the log file"
     " smaller, larger does fewer copies",
@@ -367,6 +370,7 @@ class RelayConfig:
     write_batch_interval_ms: float = 5.0
     early_delivery: int = 1
     sqlite_pipelined_sync: int = 1
+    sqlite_loop_staging: int = 1
     wal_checkpoint_commits: int = 512
     startup_check_seconds: float = 60.0
     nonce_cache_max: int = 1_000_000
@@ -473,6 +477,10 @@ class RelayConfig:
         if self.sqlite_pipelined_sync not in (0, 1):
             raise ConfigError(
                 f"sqlite_pipelined_sync must be 0 or 1 (got {self.sqlite_pipelined_sync})"
+            )
+        if self.sqlite_loop_staging not in (0, 1):
+            raise ConfigError(
+                f"sqlite_loop_staging must be 0 or 1 (got {self.sqlite_loop_staging})"
             )
         if self.reuse_port not in (0, 1):
             raise ConfigError(f"reuse_port must be 0 or 1 (got {self.reuse_port})")

@@ -77,6 +77,10 @@ class Metrics:
             " in those commits; divided by the commits: the mean batch size.",
             "# TYPE blindpost_relay_store_committed_ops_total counter",
             f"blindpost_relay_store_committed_ops_total {stats.committed_ops}",
+            "# HELP blindpost_relay_store_loop_staged_total Sends the event loop staged into an"
+            " open write transaction itself (sqlite_loop_staging), not through the writer thread.",
+            "# TYPE blindpost_relay_store_loop_staged_total counter",
+            f"blindpost_relay_store_loop_staged_total {stats.loop_staged}",
             "# HELP blindpost_relay_blob_bytes Bytes of stored blobs.",
             "# TYPE blindpost_relay_blob_bytes gauge",
             f"blindpost_relay_blob_bytes {stats.blob_bytes}",

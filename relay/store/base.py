@@ -273,17 +273,21 @@ class StoreLimits:
     write_batch_interval_ms: float = 0.0
     checkpoint_commits: int = 512
     pipelined_sync: bool = True
+    loop_staging: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class StoreStats:
-    """Cheap counters for /metrics (``commits``/``committed_ops``: batching backends)."""
+    """Cheap counters for /metrics (``commits``/``committed_ops``: batching backends;
+    ``loop_staged``: sends the event loop staged into an open transaction itself, SQLite's
+    ``loop_staging``)."""
 
     queued: int
     accepted: int
     blob_bytes: int
     commits: int = 0
     committed_ops: int = 0
+    loop_staged: int = 0
 
 
 DeliveryListener = Callable[[Sequence[Delivery]], None]

@@ -16,6 +16,11 @@
 #   typed error (409, 507, ...) leaves the batch's transaction untouched. Sends defer their
 #   INSERTs to one executemany per table per batch; every other operation, and COMMIT, first
 #   flushes them, so no statement ever sees the batch without its earlier sends.
+# * Staging on the loop: while the writer waits for more writes to join its open transaction,
+#   the event loop may check and stage sends into it itself (``_stage_on_loop``), under the
+#   state lock, which the writer holds at every other time it uses its state and connection; the
+#   loop only tries the lock, never waits for it, and stages nothing while queued writes are
+#   still to be taken, so writes join a transaction in the order they were submitted.
 # * Reads use separate read-only connections on a small thread pool; WAL lets them run beside
 #   the writer and see every transaction committed before they start.
 # * Checkpoints never run inside a COMMIT: a checkpoint thread copies the log in the background
@@ -264,6 +269,7 @@ END;
 T = TypeVar("T")
 
 _OTHER, _SEND, _ACK = 0, 1, 2
+_NO_OP: Any = object()  # the writer's wait for more writes ended without one
 _MAX_VARS = 30000  # below SQLite's default SQLITE_MAX_VARIABLE_NUMBER (32766)
 
 _INSERT_MAILBOX = "INSERT INTO mailbox(device_pk, seq, msg_pk, size) VALUES "
@@ -377,6 +383,23 @@ class _Op:
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
     kind: int = 0  # _OTHER, _SEND (rows deferred to flush) or _ACK (run together at the end)
+    n: int = 0  # place in the write queue (1, 2, ...); 0 for an op that never went through it
+
+
+@dataclass(slots=True)
+class _Txn:
+    """The open write transaction: what it took and what its writers will be answered.
+
+    Shared by the writer thread and, while the writer waits for more writes, the event loop's
+    staging (``SqliteRelayStore._stage_on_loop``); both touch it only under the state lock.
+    """
+
+    early_limit: int  # seqs above this are not pushed before the commit
+    taken: list[_Op] = field(default_factory=list)
+    results: list[tuple[asyncio.Future[Any], bool, Any]] = field(default_factory=list)
+    acks: list[_Op] = field(default_factory=list)
+    pushed: int = 0  # deliveries already handed out early (a prefix of _WriterState.deliveries)
+    error: BaseException | None = None  # an unexpected failure while the loop staged
 
 
 class _WriterState:
@@ -417,6 +440,7 @@ class _WriterState:
         self.accepted = 0
         self.commits = 0
         self.committed_ops = 0
+        self.loop_staged = 0
         self.checkpointed_at = 0  # self.commits when the log was last fully checkpointed
         self.checkpointed_time = time.monotonic()  # and when
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
@@ -1152,6 +1176,14 @@ class SqliteRelayStore:
         self._side_lock = threading.Lock()
         self._side_acks: list[_Op] = []
         self._open = False
+        # Staging on the loop (``loop_staging``): the writer's state and connection are used by
+        # the writer thread, or by the loop while the writer waits for more writes with ``_txn``
+        # set; either holds ``_state_lock`` meanwhile (the loop never waits for it).
+        self._state_lock = threading.Lock()
+        self._txn: _Txn | None = None
+        self._loop_sends: list[_Op] = []  # sends submitted in this loop iteration
+        self._queued_n = 0  # ``n`` of the last op put in the queue (loop thread)
+        self._staged_n = 0  # ``n`` of the last queued op the writer took into a transaction
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: DeliveryListener | None = None
         self._early: EarlyDeliveryListener | None = None
@@ -1234,6 +1266,7 @@ class SqliteRelayStore:
         if self._closed:
             return
         self._closed = True
+        self._enqueue_loop_sends()
         if self._thread is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
@@ -1289,7 +1322,9 @@ class SqliteRelayStore:
         st = self._state
         if st is None:
             return StoreStats(0, 0, 0)
-        return StoreStats(st.queued, st.accepted, st.blob_bytes, st.commits, st.committed_ops)
+        return StoreStats(
+            st.queued, st.accepted, st.blob_bytes, st.commits, st.committed_ops, st.loop_staged
+        )
 
     # -- writer machinery ----------------------------------------------------------------
 
@@ -1300,6 +1335,13 @@ class SqliteRelayStore:
             raise StorageError("storage is damaged; writes are refused")
         fut: asyncio.Future[T] = self._loop.create_future()
         op = _Op(fn, args, fut, kind)
+        if kind == _SEND and self._limits.loop_staging:
+            # Staged at the end of this loop iteration, together with the other sends it
+            # brought (one dedupe lookup for all of them), into the open transaction if any.
+            self._loop_sends.append(op)
+            if len(self._loop_sends) == 1:
+                self._loop.call_soon(self._stage_on_loop)
+            return fut
         if kind == _ACK:
             # An ack joins the open transaction without waking the writer (it is applied just
             # before COMMIT) when that transaction already took every earlier write, so acks
@@ -1308,8 +1350,54 @@ class SqliteRelayStore:
                 if self._open and self._queue.empty():
                     self._side_acks.append(op)
                     return fut
-        self._queue.put(op)
+        self._enqueue_loop_sends()  # earlier sends stay ahead of this write
+        self._enqueue(op)
         return fut
+
+    def _enqueue(self, op: _Op) -> None:
+        self._queued_n += 1
+        op.n = self._queued_n
+        self._queue.put(op)
+
+    def _enqueue_loop_sends(self) -> None:
+        ops, self._loop_sends = self._loop_sends, []
+        for op in ops:
+            self._enqueue(op)
+
+    def _stage_on_loop(self) -> None:
+        """Stage this iteration's sends into the open transaction, on the loop: checked, given
+        their seqs and pushed early just as the writer would, with no hand-over to the writer
+        thread and back. When no transaction is open for it (the writer is committing, or has
+        queued writes to take first, or is idle), they go to the writer's queue instead."""
+        ops, self._loop_sends = self._loop_sends, []
+        if not ops:
+            return
+        txn = self._txn
+        lock = self._state_lock
+        if txn is not None and lock.acquire(blocking=False):
+            try:
+                # Queued writes first (a SEND_AFTER may follow its predecessor in the queue);
+                # then the transaction's size bound and its health.
+                if (
+                    self._txn is txn
+                    and txn.error is None
+                    and self._staged_n == self._queued_n
+                    and len(txn.taken) + len(ops) <= self._limits.write_batch_max
+                ):
+                    assert self._state is not None and self._loop is not None
+                    txn.taken.extend(ops)
+                    self._state.loop_staged += len(ops)
+                    try:
+                        self._stage_chunk(self._state, txn, ops, self._loop.call_soon)
+                    except Exception as exc:  # noqa: BLE001 - the writer handles it
+                        # The writer rolls the transaction back and retries its writes one
+                        # by one, as after a failure of its own.
+                        txn.error = exc
+                    return
+            finally:
+                lock.release()
+        for op in ops:
+            self._enqueue(op)
 
     def _side_enter(self) -> None:
         with self._side_lock:
@@ -1329,28 +1417,40 @@ class SqliteRelayStore:
         every = self._limits.checkpoint_commits
         requested = False
         interval = self._limits.write_batch_interval_ms / 1000
-        last_start = -interval
+        last_start = last_deadline = -interval
+        # With loop staging, a transaction that took writes is followed at once by the next
+        # one, open to the loop before any write comes, so the loop stages (and pushes) the
+        # next interval's sends itself, the first one too; an interval that brings no write
+        # ends that, and the writer waits for work again.
+        ahead = self._limits.loop_staging and interval > 0
+        took = False
         stop = False
         while not stop:
-            if st.truncate_log:
-                try:
-                    first = self._queue.get(timeout=_TRUNCATE_IDLE_SECONDS)
-                except queue.Empty:  # idle: empty the log, then wait for work
-                    st.truncate_log = not _truncate_log(st.conn)
-                    continue
-            else:
-                first = self._queue.get()
-            if first is None:
-                break
+            first: list[_Op] = []
+            if not (ahead and took):
+                if st.truncate_log:
+                    try:
+                        op = self._queue.get(timeout=_TRUNCATE_IDLE_SECONDS)
+                    except queue.Empty:  # idle: empty the log, then wait for work
+                        st.truncate_log = not _truncate_log(st.conn)
+                        continue
+                else:
+                    op = self._queue.get()
+                if op is None:
+                    break
+                first.append(op)
             # Commit pacing: while writes keep arriving, a transaction commits at most once per
             # interval after the previous one started, so its fixed cost (fsync, one page per
             # table and index touched) is shared by more operations; until then it stays open
             # and takes each write as it comes (a send is checked and pushed at once). After an
             # idle interval the first write commits at once.
+            # A transaction opened ahead commits one interval after the previous commit.
             now = time.monotonic()
-            deadline = max(last_start + interval, now)
-            last_start = now
-            stop = self._run_transaction(st, [first], deadline)
+            deadline = max((last_start if first else last_deadline) + interval, now)
+            last_start, last_deadline = now, deadline
+            stop, took = self._run_transaction(st, first, deadline)
+            if not took:
+                last_start = -interval  # nothing came: the next write finds the writer idle
             # Between transactions (the batch's results are already on their way): finish a
             # background checkpoint, or ask for one.
             since = st.commits - st.checkpointed_at
@@ -1393,7 +1493,7 @@ class SqliteRelayStore:
 
     def _run_transaction(
         self, st: _WriterState, first: list[_Op], deadline: float, *, more: bool = True
-    ) -> bool:
+    ) -> tuple[bool, bool]:
         """Run one write transaction: stage what is queued, keep taking writes until
         ``deadline`` (or ``write_batch_max`` operations), then COMMIT and answer them all.
 
@@ -1409,6 +1509,12 @@ class SqliteRelayStore:
         Only seqs at most ``_EARLY_SEQS`` above the last durable mark go early, so the gap a
         restart after a crash leaves (``_open_seq``) covers every seq ever shown uncommitted.
 
+        Staging on the loop (``loop_staging``): while this thread waits for more writes it
+        releases the state lock and opens the transaction (``_txn``) to ``_stage_on_loop``,
+        which stages the loop's sends into it the same way, so they need no hand-over to this
+        thread to be pushed; it takes the lock back before it goes on, so COMMIT never runs
+        while the loop stages.
+
         Args:
             st: the writer's state.
             first: the operations to start with.
@@ -1416,102 +1522,149 @@ class SqliteRelayStore:
             more: False runs exactly ``first`` (the one-by-one retry of a failed batch).
 
         Returns:
-            True when the stop sentinel was taken from the queue.
+            Whether the stop sentinel was taken from the queue, and whether the transaction
+            took any write (``first`` may be empty: a transaction opened ahead of the writes).
         """
         max_batch = self._limits.write_batch_max if more else len(first)
         stop = self._take_more(first, max_batch - len(first))
-        taken = list(first)
+        txn = _Txn(early_limit=st.durable_seq + _EARLY_SEQS)
+        txn.taken.extend(first)
         chunk = first
-        results: list[tuple[asyncio.Future[Any], bool, Any]] = []
-        acks: list[_Op] = []
-        early = self._early is not None
-        early_limit = st.durable_seq + _EARLY_SEQS
-        pushed = 0  # deliveries already handed out early (a prefix of st.deliveries)
         start_seq = st.seq
         committed = False
-        if more:
-            self._side_enter()
+        retry: list[_Op] = []
+        staging = more and self._limits.loop_staging
+        lock = self._state_lock
+        lock.acquire()
         try:
-            st.conn.execute("BEGIN IMMEDIATE")
-            while True:
-                sends = [(op.args[0], op.args[1].message_id) for op in chunk if op.kind == _SEND]
-                # A SEND_AFTER's previous message is looked up with the chunk's own ids (one
-                # staged earlier in this transaction is in batch_ids, or already flushed).
-                sends += [
-                    (op.args[0], op.args[1].after)
-                    for op in chunk
-                    if op.kind == _SEND and op.args[1].after is not None
-                ]
-                if sends:
-                    st.begin_batch(sends)
-                for op in chunk:
-                    if op.kind == _ACK:
-                        acks.append(op)
-                        continue
-                    if op.kind != _SEND:
-                        st.flush()
+            if more:
+                self._side_enter()
+            try:
+                st.conn.execute("BEGIN IMMEDIATE")
+                while True:
+                    if chunk:
+                        self._stage_chunk(st, txn, chunk, self._post)
+                        if more:
+                            self._staged_n = max(self._staged_n, chunk[-1].n)
+                    if stop or len(txn.taken) >= max_batch:
+                        break
+                    wait = deadline - time.monotonic()
                     try:
-                        results.append((op.future, True, op.fn(*op.args)))
-                    except RelayError as exc:
-                        results.append((op.future, False, exc))
-                if early and len(st.deliveries) > pushed:
-                    pushed = self._stage_early(st, pushed, early_limit)
-                if stop or len(taken) >= max_batch:
-                    break
-                wait = deadline - time.monotonic()
-                try:
-                    nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop = True
-                    break
-                chunk = [nxt]
-                stop = self._take_more(chunk, max_batch - len(taken) - 1)
-                taken.extend(chunk)
-            if more:
-                side = self._side_leave()
-                acks.extend(side)
-                taken.extend(side)
-            st.flush()
-            if acks:  # all of the transaction's acks in one statement, after its sends
-                counts = st.ack_many([op.args for op in acks])
-                results.extend((op.future, True, n) for op, n in zip(acks, counts, strict=True))
-            if st.seq_dirty:
-                st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
-                st.seq_dirty = False
-            st.conn.execute("COMMIT")
-            st.commits += 1
-            st.committed_ops += len(taken)
-            committed = True
-        except Exception as exc:
-            if more:
-                taken.extend(self._side_leave())
-            self._rollback(st)
-            kind = _error_class(exc)
-            if kind is not None:
-                # The file or the disk failed, not one operation: retrying each would fail the
-                # same way (and log as many times). Every operation of the batch fails.
-                self._note_failure(kind, exc, f"write batch of {len(taken)} operations")
-                err = StorageError("storage is damaged" if kind == "corrupt" else "storage failure")
-                results = [(op.future, False, err) for op in taken]
-            else:
-                log.exception("write batch of %d failed; retrying one by one", len(taken))
-                if len(taken) > 1:
-                    for op in taken:
-                        self._run_transaction(st, [op], 0.0, more=False)
-                    return stop
-                results = [(taken[0].future, False, StorageError("storage failure"))]
-        deliveries = st.deliveries
-        st.deliveries = []
-        st.fanouts.clear()
-        # Seqs up to st.seq are settled now: committed, or failed and never to be committed.
-        outcome = (results, deliveries, max(st.seq, start_seq), committed)
+                        if wait <= 0:
+                            nxt = self._queue.get_nowait()
+                        elif staging:
+                            # Open to the loop's staging while waiting (``_stage_on_loop``).
+                            self._txn = txn
+                            lock.release()
+                            try:
+                                nxt = self._queue.get(timeout=wait)
+                            finally:
+                                lock.acquire()
+                                self._txn = None
+                        else:
+                            nxt = self._queue.get(timeout=wait)
+                    except queue.Empty:
+                        nxt = _NO_OP
+                    if txn.error is not None:
+                        raise txn.error
+                    if nxt is _NO_OP:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    chunk = [nxt]
+                    stop = self._take_more(chunk, max_batch - len(txn.taken) - 1)
+                    txn.taken.extend(chunk)
+                if more:
+                    side = self._side_leave()
+                    txn.acks.extend(side)
+                    txn.taken.extend(side)
+                st.flush()
+                if txn.acks:  # all of the transaction's acks in one statement, after its sends
+                    counts = st.ack_many([op.args for op in txn.acks])
+                    txn.results.extend(
+                        (op.future, True, n) for op, n in zip(txn.acks, counts, strict=True)
+                    )
+                if st.seq_dirty:
+                    st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
+                    st.seq_dirty = False
+                st.conn.execute("COMMIT")
+                if txn.taken:
+                    st.commits += 1
+                    st.committed_ops += len(txn.taken)
+                committed = True
+            except Exception as exc:
+                if more:
+                    txn.taken.extend(self._side_leave())
+                self._rollback(st)
+                kind = _error_class(exc)
+                if kind is not None:
+                    # The file or the disk failed, not one operation: retrying each would fail
+                    # the same way (and log as many times). Every operation of the batch fails.
+                    self._note_failure(kind, exc, f"write batch of {len(txn.taken)} operations")
+                    err = StorageError(
+                        "storage is damaged" if kind == "corrupt" else "storage failure"
+                    )
+                    txn.results = [(op.future, False, err) for op in txn.taken]
+                elif len(txn.taken) > 1:
+                    log.exception("write batch of %d failed; retrying one by one", len(txn.taken))
+                    retry = txn.taken
+                else:
+                    log.exception("write batch of 1 failed")
+                    txn.results = [(txn.taken[0].future, False, StorageError("storage failure"))]
+            deliveries = st.deliveries
+            st.deliveries = []
+            st.fanouts.clear()
+            # Seqs up to st.seq are settled now: committed, or failed and never to be committed.
+            settled = max(st.seq, start_seq)
+        finally:
+            lock.release()
+        if retry:
+            for op in retry:
+                self._run_transaction(st, [op], 0.0, more=False)
+            return stop, True
+        if not txn.taken:
+            return stop, False  # it wrote nothing: nothing to sync or to answer
+        outcome = (txn.results, deliveries, settled, committed)
         if self._syncer is not None:
             self._syncer.submit(outcome)  # in commit order, behind the transactions before
         else:
             self._synced([outcome], None)
-        return stop
+        return stop, True
+
+    def _stage_chunk(
+        self,
+        st: _WriterState,
+        txn: _Txn,
+        chunk: list[_Op],
+        post: Callable[..., Any],
+    ) -> None:
+        """Run a chunk of the transaction's operations (sends checked and staged, acks set
+        aside for the end), then hand its accepted sends' deliveries to the early listener
+        through ``post`` (the writer's thread-safe hand-over, or the loop's own ``call_soon``:
+        either way under the state lock, so they reach the loop in seq order)."""
+        sends = [(op.args[0], op.args[1].message_id) for op in chunk if op.kind == _SEND]
+        # A SEND_AFTER's previous message is looked up with the chunk's own ids (one staged
+        # earlier in this transaction is in batch_ids, or already flushed).
+        sends += [
+            (op.args[0], op.args[1].after)
+            for op in chunk
+            if op.kind == _SEND and op.args[1].after is not None
+        ]
+        if sends:
+            st.begin_batch(sends)
+        for op in chunk:
+            if op.kind == _ACK:
+                txn.acks.append(op)
+                continue
+            if op.kind != _SEND:
+                st.flush()
+            try:
+                txn.results.append((op.future, True, op.fn(*op.args)))
+            except RelayError as exc:
+                txn.results.append((op.future, False, exc))
+        if self._early is not None and len(st.deliveries) > txn.pushed:
+            txn.pushed = self._stage_early(st, txn.pushed, txn.early_limit, post)
 
     def _synced(self, outcomes: list[Any], error: OSError | None) -> None:
         """Transactions are durable (or their sync failed): answer them, in commit order.
@@ -1535,7 +1688,9 @@ class SqliteRelayStore:
                     hwm.note(settled)
             self._post(self._complete, results, deliveries, settled)
 
-    def _stage_early(self, st: _WriterState, pushed: int, early_limit: int) -> int:
+    def _stage_early(
+        self, st: _WriterState, pushed: int, early_limit: int, post: Callable[..., Any]
+    ) -> int:
         """Hand the deliveries staged since ``pushed`` to the early listener, in order: large
         fan-outs and seqs past ``early_limit`` (a huge transaction) marked to wait for their
         commit. Returns the new ``pushed``."""
@@ -1545,15 +1700,17 @@ class SqliteRelayStore:
             if hi <= start:
                 continue
             if lo > start:
-                self._post_early(st.deliveries[start:lo], early_limit, True)
-            self._post_early(st.deliveries[max(lo, start) : hi], early_limit, False)
+                self._post_early(post, st.deliveries[start:lo], early_limit, True)
+            self._post_early(post, st.deliveries[max(lo, start) : hi], early_limit, False)
             start = hi
         if start < end:
-            self._post_early(st.deliveries[start:end], early_limit, True)
+            self._post_early(post, st.deliveries[start:end], early_limit, True)
         return end
 
-    def _post_early(self, staged: list[Delivery], early_limit: int, push: bool) -> None:
-        self._post(self._deliver_early, staged, push and staged[-1].message.seq <= early_limit)
+    def _post_early(
+        self, post: Callable[..., Any], staged: list[Delivery], early_limit: int, push: bool
+    ) -> None:
+        post(self._deliver_early, staged, push and staged[-1].message.seq <= early_limit)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None

@@ -8,7 +8,9 @@ import asyncio
 import gc
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,15 @@ B = Address("bob", 1)
 
 
 async def _store(
-    tmp_path: Path, interval_ms: float, checkpoint_commits: int = 512
+    tmp_path: Path, interval_ms: float, checkpoint_commits: int = 512, loop_staging: bool = True
 ) -> SqliteRelayStore:
     store = SqliteRelayStore(
         tmp_path / "db.sqlite3",
-        StoreLimits(write_batch_interval_ms=interval_ms, checkpoint_commits=checkpoint_commits),
+        StoreLimits(
+            write_batch_interval_ms=interval_ms,
+            checkpoint_commits=checkpoint_commits,
+            loop_staging=loop_staging,
+        ),
     )
     await store.open()
     await store.create_account(A, b"a" * 32, 0)
@@ -90,6 +96,141 @@ async def test_without_pacing_each_awaited_write_is_its_own_commit(tmp_path: Pat
             await store.submit_send(A, _env(), 0)
         assert store.stats().commits - before == 5
     finally:
+        await store.close()
+
+
+# -- staging on the loop -------------------------------------------------------------------
+
+
+class _Early:
+    """An early-delivery listener that records what it was handed, in order."""
+
+    def __init__(self) -> None:
+        self.staged_ids: list[bytes] = []
+        self.staged_seqs: list[int] = []
+
+    def staged(self, deliveries: Sequence[Delivery], push: bool = True) -> None:
+        self.staged_ids.extend(d.message.message_id for d in deliveries)
+        self.staged_seqs.extend(d.message.seq for d in deliveries)
+
+    def settled(self, seq: int) -> None:
+        pass
+
+
+async def _until(cond: Callable[[], bool], what: str, ceiling: float = 30.0) -> None:
+    deadline = time.monotonic() + ceiling
+    while not cond():
+        assert time.monotonic() < deadline, f"not seen within {ceiling} s: {what}"
+        await asyncio.sleep(0.01)
+
+
+def _chain(n: int) -> list[Envelope]:
+    """``n`` pipelined sends to B, each after the one before (SEND_AFTER)."""
+    envs: list[Envelope] = []
+    for _ in range(n):
+        envs.append(Envelope(os.urandom(16), (B,), b"ct", envs[-1].message_id if envs else None))
+    return envs
+
+
+@pytest.mark.parametrize("loop_staging", [True, False])
+async def test_sends_into_an_open_transaction_are_pushed_at_once_and_answered_after_it(
+    tmp_path: Path, loop_staging: bool
+) -> None:
+    # With loop staging the loop checks and stages them itself; without it the writer thread
+    # does; a user sees the same either way: pushed in order at once, answered at the commit.
+    store = await _store(tmp_path, interval_ms=3000, loop_staging=loop_staging)
+    early = _Early()
+    store.set_early_delivery_listener(early)
+    try:
+        await store.submit_send(A, _env(), 0)  # an idle writer commits at once; pacing starts
+        before = store.stats()
+        envs = _chain(10)
+        # Staged into a transaction opened by the writer for it, or opened ahead of it.
+        futs = [store.submit_send(A, envs[0], 0)]
+        await _until(lambda: len(early.staged_ids) == 2, "the first pushed")
+        if loop_staging:
+            await _until(lambda: store._txn is not None, "the transaction open to the loop")
+        for i, env in enumerate(envs[1:]):
+            futs.append(store.submit_send(A, env, 0))
+            if i % 3 == 2:
+                await asyncio.sleep(0)  # spread over several loop iterations
+        await _until(lambda: len(early.staged_ids) == 11, "all ten pushed")
+        assert not any(f.done() for f in futs)  # their transaction is still open
+        receipts = await asyncio.gather(*futs)
+        after = store.stats()
+        assert [r.recipients for r in receipts] == [1] * 10
+        assert early.staged_ids[1:] == [env.message_id for env in envs]
+        assert early.staged_seqs == sorted(early.staged_seqs)
+        assert after.commits - before.commits == 1
+        staged = after.loop_staged - before.loop_staged
+        assert staged in ((9, 10) if loop_staging else (0,))
+        stored = await store.fetch_mailbox(B, 0, 100, 1 << 20)
+        assert [m.message_id for m in stored][1:] == [env.message_id for env in envs]
+    finally:
+        await store.close()
+
+
+async def test_pipelined_sends_keep_their_order_while_transactions_come_and_go(
+    tmp_path: Path,
+) -> None:
+    # A 20 ms pacing interval and sends every 4 ms open and close transactions all the time,
+    # so some sends are staged by the loop and others queued for the writer (while it commits,
+    # or has queued writes still to take); a SEND_AFTER never overtakes its predecessor.
+    store = await _store(tmp_path, interval_ms=20)
+    senders = [Address(f"s{i}", 1) for i in range(4)]
+    try:
+        for s in senders:
+            await store.create_account(s, s.user.encode().ljust(32, b"k"), 0)
+        chains = {s: _chain(60) for s in senders}
+        futs: list[asyncio.Future[Any]] = []
+        for k in range(60):
+            for s in senders:
+                futs.append(store.submit_send(s, chains[s][k], 0))
+            if k % 7 == 0:  # other writes in the queue between the sends
+                futs.append(store.submit_ack(B, [os.urandom(16)]))
+                futs.append(asyncio.ensure_future(store.touch_device(senders[0], k)))
+            if k % 2:
+                await asyncio.sleep(0.004)
+        await asyncio.gather(*futs)  # no PredecessorMissing, no other error
+        stored = await store.fetch_mailbox(B, 0, 1000, 1 << 24)
+        for s in senders:
+            mine = [m.message_id for m in stored if m.sender == s]
+            assert mine == [env.message_id for env in chains[s]]
+        assert [m.seq for m in stored] == sorted(m.seq for m in stored)
+        assert store.stats().loop_staged > 0
+    finally:
+        await store.close()
+
+
+async def test_a_failure_while_the_loop_stages_is_retried_by_the_writer(tmp_path: Path) -> None:
+    # SQLite refuses the loop's dedupe lookup (an authorizer that denies reads of the dedupe
+    # table on the loop's thread only): the writer rolls the transaction back and runs each of
+    # its writes again by itself; every send is answered 200 and stored exactly once.
+    store = await _store(tmp_path, interval_ms=1000)
+    loop_thread = threading.get_ident()
+
+    def deny_on_loop(action: int, arg1: str | None, *_: Any) -> int:
+        on_loop = threading.get_ident() == loop_thread
+        if action == sqlite3.SQLITE_READ and arg1 == "dedupe" and on_loop:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    assert store._state is not None
+    conn = store._state.conn
+    try:
+        await store.submit_send(A, _env(), 0)
+        conn.set_authorizer(deny_on_loop)
+        envs = [_env() for _ in range(5)]
+        futs = [store.submit_send(A, envs[0], 0)]
+        await _until(lambda: store._txn is not None, "the transaction open to the loop")
+        futs += [store.submit_send(A, env, 0) for env in envs[1:]]  # the loop's try fails
+        receipts = await asyncio.wait_for(asyncio.gather(*futs), 60)
+        assert [r.recipients for r in receipts] == [1] * 5
+        assert store.stats().loop_staged >= 4
+        stored = await store.fetch_mailbox(B, 0, 100, 1 << 20)
+        assert [m.message_id for m in stored][1:] == [env.message_id for env in envs]
+    finally:
+        conn.set_authorizer(None)
         await store.close()
 
 
@@ -289,6 +430,19 @@ def test_commit_pacing_is_an_operator_setting(tmp_path: Path) -> None:
     assert store.limits.write_batch_interval_ms == 7.5
     with pytest.raises(ConfigError):
         RelayConfig.load(env={}, overrides={"write_batch_interval_ms": -1})
+
+
+def test_loop_staging_is_an_operator_setting(tmp_path: Path) -> None:
+    config = RelayConfig.load(
+        env={"BLINDPOST_RELAY_SQLITE_LOOP_STAGING": "0"}, overrides={"data_dir": tmp_path}
+    )
+    store = create_app(config)[STATE_KEY].store
+    assert isinstance(store, SqliteRelayStore)
+    assert store.limits.loop_staging is False
+    default = create_app(RelayConfig.load(env={}, overrides={"data_dir": tmp_path / "d"}))
+    assert default[STATE_KEY].store.limits.loop_staging is True
+    with pytest.raises(ConfigError):
+        RelayConfig.load(env={}, overrides={"sqlite_loop_staging": 2})
 
 
 # -- checkpoints beside the writer --------------------------------------------------------
