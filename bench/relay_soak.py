@@ -7,8 +7,10 @@
 # * Prints figures; never fails on them (a measurement, not a test).
 """Relay soak: a long constant-rate run that samples, once per interval, the relay's RSS, the
 size of its data directory (or PostgreSQL database), p99 send-to-deliver latency of the
-messages sent in that interval, and relay CPU per delivered message; prints a table, and a
-PNG plot when matplotlib is importable.
+messages sent in that interval, relay CPU per delivered message, the machine's steal and
+iowait, and (SQLite) the writer's own checkpoints (count, milliseconds) and its pauses longer
+than 20 ms (/metrics, blindpost_relay_store_writer_pause_seconds); prints a table, and a PNG
+plot when matplotlib is importable.
 
 Examples (the commands behind docs/performance-relay.md, "Holding steady")::
 
@@ -88,6 +90,28 @@ def machine_ticks() -> dict[str, int]:
     return {"total": sum(fields[:8]), "steal": fields[7], "iowait": fields[4]}
 
 
+_PAUSE = "blindpost_relay_store_writer_pause_seconds"
+
+
+def writer_pauses(metrics: str) -> dict[str, float]:
+    """From /metrics: the writer's checkpoints (count, seconds) and its pauses of either step
+    longer than 20 ms (SQLite only; zeros otherwise)."""
+    out = {"ckpt_n": 0.0, "ckpt_s": 0.0, "over_20ms": 0.0}
+    for line in metrics.splitlines():
+        if not line.startswith(_PAUSE):
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name == f'{_PAUSE}_count{{step="checkpoint"}}':
+            out["ckpt_n"] = float(value)
+        elif name == f'{_PAUSE}_sum{{step="checkpoint"}}':
+            out["ckpt_s"] = float(value)
+        elif name.endswith('le="+Inf"}'):
+            out["over_20ms"] += float(value)
+        elif name.endswith('le="0.02"}'):
+            out["over_20ms"] -= float(value)
+    return out
+
+
 async def sample(relay: Relay) -> dict[str, Any]:
     sizes = dir_bytes(relay.data_dir / "relay" if relay.data_dir else None)
     commits = await store_commits(relay.url)
@@ -102,6 +126,7 @@ async def sample(relay: Relay) -> dict[str, Any]:
         "pg_bytes": await pg_database_bytes(relay.postgres_dsn),
         "commits": commits[0],
         "ticks": machine_ticks(),
+        "pauses": writer_pauses(metrics),
         **sizes,
     }
 
@@ -110,7 +135,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     head = (
         f"{'min':>5} {'RSS MB':>7} {'data MB':>8} {'db MB':>7} {'wal MB':>7} {'p50 ms':>7}"
         f" {'p99 ms':>7} {'max ms':>8} {'us/msg':>7} {'accepted':>9} {'queued':>7}"
-        f" {'steal%':>6} {'iow%':>5}"
+        f" {'steal%':>6} {'iow%':>5} {'ckpt':>5} {'ckpt ms':>8} {'>20ms':>5}"
     )
     lines = [head]
     for r in rows:
@@ -118,7 +143,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['minute']:5.1f} {r['rss_mb']:7.1f} {r['data_mb']:8.1f} {r['db_mb']:7.1f}"
             f" {r['wal_mb']:7.1f} {r['p50_ms']:7.2f} {r['p99_ms']:7.2f} {r['max_ms']:8.1f}"
             f" {r['cpu_us_per_msg']:7.0f} {r['accepted']:9d} {r['queued']:7d}"
-            f" {r['steal_pct']:6.1f} {r['iowait_pct']:5.1f}"
+            f" {r['steal_pct']:6.1f} {r['iowait_pct']:5.1f} {r['ckpt_n']:5d}"
+            f" {r['ckpt_ms']:8.1f} {r['pauses_over_20ms']:5d}"
         )
     return "\n".join(lines)
 
@@ -215,6 +241,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 # Shares of the machine's CPU time in the interval (all CPUs).
                 "steal_pct": 100 * (b["ticks"]["steal"] - a["ticks"]["steal"]) / ticks,
                 "iowait_pct": 100 * (b["ticks"]["iowait"] - a["ticks"]["iowait"]) / ticks,
+                # The SQLite writer's own checkpoints in the interval (count, milliseconds)
+                # and its pauses (checkpoint or closing a transaction) longer than 20 ms.
+                "ckpt_n": int(b["pauses"]["ckpt_n"] - a["pauses"]["ckpt_n"]),
+                "ckpt_ms": 1000 * (b["pauses"]["ckpt_s"] - a["pauses"]["ckpt_s"]),
+                "pauses_over_20ms": int(b["pauses"]["over_20ms"] - a["pauses"]["over_20ms"]),
             }
         )
     title = (

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from relay.store.base import StoreStats
+from relay.store.base import PAUSE_BUCKETS, PauseStats, StoreStats
 
 __all__ = ["Metrics"]
 
@@ -109,4 +109,26 @@ class Metrics:
         ]
         for status, n in sorted(self.http_responses.items()):
             lines.append(f'blindpost_relay_http_responses_total{{status="{status}"}} {n}')
+        if stats.writer_pauses:
+            lines += _pause_lines(stats.writer_pauses)
         return "\n".join(lines) + "\n"
+
+
+def _pause_lines(pauses: tuple[PauseStats, ...]) -> list[str]:
+    """The writer-pause histogram (``StoreStats.writer_pauses``), one series per step."""
+    name = "blindpost_relay_store_writer_pause_seconds"
+    lines = [
+        f"# HELP {name} How long the SQLite writer held every write behind it, by step: its own"
+        " checkpoint between transactions, and a transaction's closing steps up to COMMIT.",
+        f"# TYPE {name} histogram",
+    ]
+    for p in pauses:
+        total = 0
+        for bound, n in zip(PAUSE_BUCKETS, p.counts, strict=False):
+            total += n
+            lines.append(f'{name}_bucket{{step="{p.step}",le="{bound}"}} {total}')
+        total += p.counts[-1]
+        lines.append(f'{name}_bucket{{step="{p.step}",le="+Inf"}} {total}')
+        lines.append(f'{name}_sum{{step="{p.step}"}} {p.seconds:.6f}')
+        lines.append(f'{name}_count{{step="{p.step}"}} {total}')
+    return lines

@@ -276,11 +276,26 @@ class StoreLimits:
     loop_staging: bool = True
 
 
+# Upper bounds (seconds) of the writer-pause histogram's buckets (``PauseStats``).
+PAUSE_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.02, 0.1, 0.5, 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PauseStats:
+    """How long one of the writer's steps held everything behind it, as a histogram:
+    ``counts[i]`` pauses of at most ``PAUSE_BUCKETS[i]`` seconds (and above the one before),
+    the last entry those longer than every bound; ``seconds`` their sum."""
+
+    step: str
+    counts: tuple[int, ...]
+    seconds: float
+
+
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     """Cheap counters for /metrics (``commits``/``committed_ops``: batching backends;
     ``loop_staged``: sends the event loop staged into an open transaction itself, SQLite's
-    ``loop_staging``)."""
+    ``loop_staging``; ``writer_pauses``: SQLite's writer, per step)."""
 
     queued: int
     accepted: int
@@ -288,6 +303,7 @@ class StoreStats:
     commits: int = 0
     committed_ops: int = 0
     loop_staged: int = 0
+    writer_pauses: tuple[PauseStats, ...] = ()
 
 
 DeliveryListener = Callable[[Sequence[Delivery]], None]

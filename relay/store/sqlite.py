@@ -40,6 +40,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hmac
 import json
@@ -67,6 +68,7 @@ from relay.errors import (
 )
 from relay.integrity import HighWaterMark
 from relay.store.base import (
+    PAUSE_BUCKETS,
     Address,
     Delivery,
     DeliveryListener,
@@ -77,6 +79,7 @@ from relay.store.base import (
     Invite,
     KeyUpload,
     OneTimePrekey,
+    PauseStats,
     ProvisionFill,
     ProvisionSlot,
     ProvisionTake,
@@ -402,6 +405,24 @@ class _Txn:
     error: BaseException | None = None  # an unexpected failure while the loop staged
 
 
+class _Pauses:
+    """A histogram of one writer step's durations (``PauseStats``), kept by the writer."""
+
+    __slots__ = ("counts", "seconds", "step")
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        self.counts = [0] * (len(PAUSE_BUCKETS) + 1)
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(PAUSE_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+    def snapshot(self) -> PauseStats:
+        return PauseStats(self.step, tuple(self.counts), self.seconds)
+
+
 class _WriterState:
     """Everything the writer thread owns: the connection and exact caches."""
 
@@ -441,6 +462,11 @@ class _WriterState:
         self.commits = 0
         self.committed_ops = 0
         self.loop_staged = 0
+        # What holds every write behind it: the writer's own checkpoint between transactions
+        # (its fsyncs), and a transaction's closing steps up to COMMIT's return (nothing is
+        # staged meanwhile). relay_soak.py prints them per interval.
+        self.checkpoint_pauses = _Pauses("checkpoint")
+        self.commit_pauses = _Pauses("commit")
         self.checkpointed_at = 0  # self.commits when the log was last fully checkpointed
         self.checkpointed_time = time.monotonic()  # and when
         self.blob_bytes = int(conn.execute("SELECT coalesce(sum(size),0) FROM blobs").fetchone()[0])
@@ -449,10 +475,12 @@ class _WriterState:
     def checkpoint(self) -> None:
         """Copy the rest of the write-ahead log into the database file (outside a transaction);
         the next transaction then starts the log over from its beginning."""
+        start = time.perf_counter()
         try:
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             log.warning("checkpoint failed: %s", type(exc).__name__)
+        self.checkpoint_pauses.add(time.perf_counter() - start)
         self.checkpointed_at = self.commits
         self.checkpointed_time = time.monotonic()
 
@@ -1323,7 +1351,13 @@ class SqliteRelayStore:
         if st is None:
             return StoreStats(0, 0, 0)
         return StoreStats(
-            st.queued, st.accepted, st.blob_bytes, st.commits, st.committed_ops, st.loop_staged
+            st.queued,
+            st.accepted,
+            st.blob_bytes,
+            st.commits,
+            st.committed_ops,
+            st.loop_staged,
+            (st.checkpoint_pauses.snapshot(), st.commit_pauses.snapshot()),
         )
 
     # -- writer machinery ----------------------------------------------------------------
@@ -1575,6 +1609,7 @@ class SqliteRelayStore:
                     chunk = [nxt]
                     stop = self._take_more(chunk, max_batch - len(txn.taken) - 1)
                     txn.taken.extend(chunk)
+                closing = time.perf_counter()
                 if more:
                     side = self._side_leave()
                     txn.acks.extend(side)
@@ -1590,6 +1625,7 @@ class SqliteRelayStore:
                     st.seq_dirty = False
                 st.conn.execute("COMMIT")
                 if txn.taken:
+                    st.commit_pauses.add(time.perf_counter() - closing)
                     st.commits += 1
                     st.committed_ops += len(txn.taken)
                 committed = True

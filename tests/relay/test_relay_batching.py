@@ -394,6 +394,7 @@ async def test_metrics_count_commits_and_the_operations_in_them(tmp_path: Path) 
         line.split()[0]: int(line.split()[1])
         for line in text.splitlines()
         if line.startswith("blindpost_relay_store_")
+        and not line.startswith("blindpost_relay_store_writer_pause")
     }
     assert values["blindpost_relay_store_commits_total"] >= 1
     assert values["blindpost_relay_store_committed_ops_total"] >= 5  # 2 accounts + 3 sends
@@ -401,6 +402,20 @@ async def test_metrics_count_commits_and_the_operations_in_them(tmp_path: Path) 
         values["blindpost_relay_store_committed_ops_total"]
         >= values["blindpost_relay_store_commits_total"]
     )
+    # Every commit's closing steps are in the writer-pause histogram, in cumulative buckets.
+    pause = "blindpost_relay_store_writer_pause_seconds"
+    series = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(pause)
+    }
+    commits = values["blindpost_relay_store_commits_total"]
+    assert series[f'{pause}_count{{step="commit"}}'] == commits
+    assert series[f'{pause}_bucket{{step="commit",le="+Inf"}}'] == commits
+    assert series[f'{pause}_sum{{step="commit"}}'] > 0
+    buckets = [v for k, v in series.items() if k.startswith(f'{pause}_bucket{{step="commit"')]
+    assert buckets == sorted(buckets)
+    assert f'{pause}_count{{step="checkpoint"}}' in series
 
 
 async def test_serving_tunes_the_collector_and_restores_it_after(tmp_path: Path) -> None:
