@@ -1654,6 +1654,8 @@ class SqliteRelayStore:
             # Seqs up to st.seq are settled now: committed, or failed and never to be committed.
             settled = max(st.seq, start_seq)
         finally:
+            if more:  # every queued write it took is answered now, whatever happened
+                self._staged_n = max(self._staged_n, max((op.n for op in txn.taken), default=0))
             lock.release()
         if retry:
             for op in retry:
