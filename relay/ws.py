@@ -247,8 +247,17 @@ async def _drain(st: RelayState, conn: Connection) -> None:
         await ws.close(code=1011, message=b"storage error")
 
 
-def _error_frame(st: RelayState, conn: Connection, err: RelayError) -> None:
-    doc = {"type": "error", "error": err.code, "message": err.message}
+def _error_frame(st: RelayState, conn: Connection, err: RelayError, ref: str | None = None) -> None:
+    """Tell the client a frame was refused: its code and HTTP status, and the ``ref`` of an
+    ack frame that carried one (so the client fails that ack at once)."""
+    doc: dict[str, Any] = {
+        "type": "error",
+        "error": err.code,
+        "message": err.message,
+        "status": err.status,
+    }
+    if ref is not None:
+        doc["ref"] = ref
     st.hub.write_text(conn, json.dumps(doc))
 
 
@@ -388,26 +397,28 @@ async def _answer_mismatch(
 
 
 async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
+    ref: str | None = None
     try:
         doc = json.loads(text)
         if not isinstance(doc, dict) or doc.get("type") != "ack":
             raise BadRequest('expected {"type":"ack","ids":[...]}', code="unknown_type")
-        ref = doc.get("ref")
-        if ref is not None and (not isinstance(ref, str) or len(ref) > 64):
+        given = doc.get("ref")
+        if given is not None and (not isinstance(given, str) or len(given) > 64):
             raise BadRequest("ref must be a string of at most 64 characters")
+        ref = given
         ids, settled = parse_ack(doc)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         _error_frame(st, conn, BadRequest("frame is not valid JSON"))
         return
     except RelayError as err:
-        _error_frame(st, conn, err)
+        _error_frame(st, conn, err, ref)
         return
     # Acks do not hold up the socket's reading (sends behind them keep flowing) unless too many
     # are already waiting for a commit: then this socket waits, which bounds its memory.
     try:
         fut = st.store.submit_ack(conn.addr, ids, settled)
     except RelayError as err:  # the store is closing
-        _error_frame(st, conn, err)
+        _error_frame(st, conn, err, ref)
         return
     conn.inflight_acks += 1
     fut.add_done_callback(partial(_ack_done, st, conn, ref))
@@ -422,9 +433,9 @@ def _ack_done(st: RelayState, conn: Connection, ref: str | None, fut: asyncio.Fu
         return
     exc = fut.exception()
     if isinstance(exc, RelayError):
-        _error_frame(st, conn, exc)
+        _error_frame(st, conn, exc, ref)
     elif exc is not None:
         log.error("ack failed with %s", type(exc).__name__)
-        _error_frame(st, conn, RelayError("internal error"))
+        _error_frame(st, conn, RelayError("internal error"), ref)
     elif ref is not None:
         st.hub.write_text(conn, json.dumps({"type": "acked", "ref": ref, "count": fut.result()}))

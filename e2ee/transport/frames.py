@@ -222,10 +222,24 @@ class Acked:
 
 @dataclass(frozen=True, slots=True)
 class ServerError:
-    """``{"type":"error",...}``: a frame we sent was malformed; the connection stays open."""
+    """``{"type":"error",...}``: a frame we sent was refused; the connection stays open.
+
+    ``status``: the HTTP status of the refusal (relays before it sent none); ``ref``: the ref
+    of the refused ack frame, when it carried one (relays before it sent none).
+    """
 
     error: str
     message: str
+    status: int | None = None
+    ref: str | None = None
+
+    def exception(self) -> RelayRejected:
+        """The typed error of this refusal, as for the same HTTP answer (400 without a
+        status)."""
+        return error_from_response(
+            400 if self.status is None else self.status,
+            {"error": self.error, "message": self.message},
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,7 +470,15 @@ def decode_control(text: str | bytes) -> ControlFrame:
         return Acked(ref, _field_int(doc, "count"))
     if kind == "error":
         code = _opt_str(doc, "error")
-        return ServerError("unknown" if code is None else code, _opt_str(doc, "message") or "")
+        refused = _opt_int(doc, "status")
+        if refused is not None and not 400 <= refused <= 599:
+            raise MalformedFrame("error frame status out of range")
+        return ServerError(
+            "unknown" if code is None else code,
+            _opt_str(doc, "message") or "",
+            refused,
+            _opt_str(doc, "ref"),
+        )
     return UnknownControl(kind)
 
 
@@ -563,6 +585,10 @@ def encode_control(frame: ControlFrame) -> str:
         doc = {"type": "acked", "ref": frame.ref, "count": frame.count}
     elif isinstance(frame, ServerError):
         doc = {"type": "error", "error": frame.error, "message": frame.message}
+        if frame.status is not None:
+            doc["status"] = frame.status
+        if frame.ref is not None:
+            doc["ref"] = frame.ref
     else:
         raise UsageError("unknown control frames cannot be encoded")
     return json.dumps(doc, separators=(",", ":"))

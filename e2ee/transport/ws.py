@@ -656,6 +656,9 @@ class RelayConnection:
                 fut.set_result(frame.count)
         elif isinstance(frame, ServerError):
             log.warning("relay rejected a frame: %s", frame.error)
+            fut = self._acks.pop(frame.ref, None) if frame.ref is not None else None
+            if fut is not None and not fut.done():
+                fut.set_exception(frame.exception())
         self._events.put_nowait(frame)
 
     def _resolve_send(self, result: SendResult) -> None:

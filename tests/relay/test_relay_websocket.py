@@ -289,7 +289,9 @@ async def test_a_sender_settles_its_sends_over_the_socket_and_over_http(
     for body in bad:
         r = await client.request(alice, "POST", "/v1/messages/ack", json_body=body)
         assert r.status == 400, body
-        await ws.send_str(json.dumps({"type": "ack", **body}))
+        await ws.send_str(json.dumps({"type": "ack", **body, "ref": "bad"}))
         frame = await next_frame(ws)
         assert frame["type"] == "error" and frame["error"] == "invalid_request", (body, frame)
+        # The refusal names the ack it refuses, so the client fails that ack at once.
+        assert frame["ref"] == "bad" and frame["status"] == 400, (body, frame)
     await ws.close()

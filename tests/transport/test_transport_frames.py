@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from blindpost_wire.names import MAX_DEVICE_ID
 from e2ee.errors import TransportError, UsageError
-from e2ee.transport.errors import MalformedFrame, MismatchedDevices, RateLimited
+from e2ee.transport.errors import (
+    InvalidRequest,
+    MalformedFrame,
+    MismatchedDevices,
+    RateLimited,
+    Unavailable,
+)
 from e2ee.transport.frames import (
     Acked,
     Delivery,
@@ -199,6 +205,15 @@ def test_control_known_answers() -> None:
     assert decode_control('{"type":"error","error":"bad_frame","message":"x"}') == ServerError(
         "bad_frame", "x"
     )
+    refused = decode_control(
+        '{"type":"error","error":"storage_unavailable","message":"m","status":503,"ref":"a7"}'
+    )
+    assert refused == ServerError("storage_unavailable", "m", 503, "a7")
+    assert isinstance(refused.exception(), Unavailable)
+    assert decode_control(encode_control(refused)) == refused
+    assert isinstance(ServerError("bad_frame", "x").exception(), InvalidRequest)
+    with pytest.raises(MalformedFrame):
+        decode_control('{"type":"error","error":"x","message":"m","status":200}')
     ok = decode_control(
         f'{{"type":"send_result","id":"{MID_B64}","status":200,"recipients":2,"stored_at":7}}'
     )

@@ -19,9 +19,11 @@ from e2ee.transport.errors import (
     AuthFailed,
     ConnectionLost,
     DeviceRemoved,
+    InvalidRequest,
     MailboxFull,
     NotConnected,
     Replaced,
+    Unavailable,
 )
 from e2ee.transport.frames import (
     Acked,
@@ -29,6 +31,7 @@ from e2ee.transport.frames import (
     Hint,
     QueueEmpty,
     SendResult,
+    ServerError,
     decode_send,
     encode_control,
     encode_deliver,
@@ -407,3 +410,38 @@ def test_repr_has_no_secrets() -> None:
     s = DeviceSigner.from_seed(b"\x07" * 32, "alice", 1)
     text = repr(RelayConnection("http://127.0.0.1:1", s))
     assert "alice" in text and (b"\x07" * 32).hex() not in text
+
+
+async def test_a_refused_ack_fails_its_future_at_once(fake: FakeRelay) -> None:
+    """The relay answers a refused ack frame with an error frame carrying the ack's ref (and
+    the HTTP status): the caller's future fails with that typed error, it does not wait for
+    the socket to drop; an error frame without a ref (an older relay) fails no ack."""
+    refused: dict[str, ServerError] = {
+        "full": ServerError("storage_unavailable", "storage failure", 503, "full"),
+        "old": ServerError("invalid_request", "ids must not be empty", 400, "old"),
+    }
+
+    async def script(ws: web.WebSocketResponse, _r: web.Request) -> None:
+        import json
+
+        await ws.send_str(encode_control(Hint(0)))
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                ref = json.loads(msg.data)["ref"]
+                if ref in refused:
+                    await ws.send_str(encode_control(ServerError("noise", "no ref here")))
+                    await ws.send_str(encode_control(refused[ref]))
+                else:
+                    await ws.send_str(encode_control(Acked(ref, 1)))
+
+    fake.scripts = [script]
+    conn = conn_for(fake)
+    async with conn:
+        await conn.wait_connected()
+        async with asyncio.timeout(WAIT):
+            with pytest.raises(Unavailable):
+                await (await conn.ack([MID], ref="full"))
+            with pytest.raises(InvalidRequest) as info:
+                await (await conn.ack([], ref="old", settled=[MID]))
+            assert info.value.code == "invalid_request"
+            assert await (await conn.ack([MID], ref="fine")) == 1  # the socket goes on
