@@ -1645,9 +1645,10 @@ class SqliteRelayStore:
                 elif len(txn.taken) > 1:
                     log.exception("write batch of %d failed; retrying one by one", len(txn.taken))
                     retry = txn.taken
-                else:
-                    log.exception("write batch of 1 failed")
-                    txn.results = [(txn.taken[0].future, False, StorageError("storage failure"))]
+                else:  # one write, or none (a transaction opened ahead of the writes)
+                    log.exception("write batch of %d failed", len(txn.taken))
+                    failure = StorageError("storage failure")
+                    txn.results = [(op.future, False, failure) for op in txn.taken]
             deliveries = st.deliveries
             st.deliveries = []
             st.fanouts.clear()

@@ -21,6 +21,7 @@ from relay_testclient import Device, RelayClient
 import relay.store.sqlite
 from relay.app import GC_THRESHOLDS, create_app
 from relay.config import ConfigError, RelayConfig
+from relay.errors import StorageError
 from relay.hub import OPCODE_BINARY, Connection, Hub
 from relay.metrics import Metrics
 from relay.state import STATE_KEY
@@ -231,6 +232,30 @@ async def test_a_failure_while_the_loop_stages_is_retried_by_the_writer(tmp_path
         assert [m.message_id for m in stored][1:] == [env.message_id for env in envs]
     finally:
         conn.set_authorizer(None)
+        await store.close()
+
+
+async def test_the_writer_outlives_another_process_holding_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another connection (an operator's tool, say) holds the write lock past the busy timeout:
+    # the send that waited for it fails with 503, so does the transaction the writer opens
+    # ahead of the next writes (it holds none), and once the lock is free sends are stored.
+    monkeypatch.setattr(relay.store.sqlite, "_BUSY_TIMEOUT_MS", 200)
+    store = await _store(tmp_path, interval_ms=50)
+    other = sqlite3.connect(tmp_path / "db.sqlite3", isolation_level=None)
+    try:
+        await asyncio.sleep(0.2)  # the writer is idle
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StorageError):
+            await asyncio.wait_for(store.submit_send(A, _env(), 0), 60)
+        await asyncio.sleep(0.3)  # the writer's next transaction fails to begin as well
+        other.execute("COMMIT")
+        receipt = await asyncio.wait_for(store.submit_send(A, _env(), 0), 60)
+        assert receipt.recipients == 1
+        assert await store.mailbox_count(B) == 1
+    finally:
+        other.close()
         await store.close()
 
 
