@@ -1207,6 +1207,8 @@ class SqliteRelayStore:
         # Staging on the loop (``loop_staging``): the writer's state and connection are used by
         # the writer thread, or by the loop while the writer waits for more writes with ``_txn``
         # set; either holds ``_state_lock`` meanwhile (the loop never waits for it).
+        # Without commit pacing no transaction ever waits for more writes, so none is open.
+        self._loop_staging = self._limits.loop_staging and self._limits.write_batch_interval_ms > 0
         self._state_lock = threading.Lock()
         self._txn: _Txn | None = None
         self._loop_sends: list[_Op] = []  # sends submitted in this loop iteration
@@ -1369,7 +1371,7 @@ class SqliteRelayStore:
             raise StorageError("storage is damaged; writes are refused")
         fut: asyncio.Future[T] = self._loop.create_future()
         op = _Op(fn, args, fut, kind)
-        if kind == _SEND and self._limits.loop_staging:
+        if kind == _SEND and self._loop_staging:
             # Staged at the end of this loop iteration, together with the other sends it
             # brought (one dedupe lookup for all of them), into the open transaction if any.
             self._loop_sends.append(op)
@@ -1456,7 +1458,7 @@ class SqliteRelayStore:
         # one, open to the loop before any write comes, so the loop stages (and pushes) the
         # next interval's sends itself, the first one too; an interval that brings no write
         # ends that, and the writer waits for work again.
-        ahead = self._limits.loop_staging and interval > 0
+        ahead = self._loop_staging
         took = False
         stop = False
         while not stop:
@@ -1567,7 +1569,7 @@ class SqliteRelayStore:
         start_seq = st.seq
         committed = False
         retry: list[_Op] = []
-        staging = more and self._limits.loop_staging
+        staging = more and self._loop_staging
         lock = self._state_lock
         lock.acquire()
         try:
