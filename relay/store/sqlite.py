@@ -16,11 +16,14 @@
 #   typed error (409, 507, ...) leaves the batch's transaction untouched. Sends defer their
 #   INSERTs to one executemany per table per batch; every other operation, and COMMIT, first
 #   flushes them, so no statement ever sees the batch without its earlier sends.
-# * Staging on the loop: while the writer waits for more writes to join its open transaction,
-#   the event loop may check and stage sends into it itself (``_stage_on_loop``), under the
-#   state lock, which the writer holds at every other time it uses its state and connection; the
-#   loop only tries the lock, never waits for it, and stages nothing while queued writes are
-#   still to be taken, so writes join a transaction in the order they were submitted.
+# * Staging on the loop: the event loop may check and stage sends itself (``_stage_on_loop``)
+#   into the transaction open to it: the writer's, while it waits for more writes, or the next
+#   one, while the previous one's closing statements and COMMIT run. It does so under the state
+#   lock (the writer holds it whenever it uses its in-memory state; the loop waits for it at
+#   most ``_LOOP_LOCK_WAIT``), with lookups on a read connection of its own and from the caches
+#   only (a miss hands the send to the writer), and stages nothing while queued writes are still
+#   to be taken, so writes join transactions in the order they were submitted. The writer's
+#   connection is the writer thread's alone.
 # * Reads use separate read-only connections on a small thread pool; WAL lets them run beside
 #   the writer and see every transaction committed before they start.
 # * Checkpoints never run inside a COMMIT: a checkpoint thread copies the log in the background
@@ -138,6 +141,9 @@ _EARLY_SEQS = 1 << 20
 # sender is answered first (the group fan-out target is about that answer), and pushing a
 # large fan-out early would only compete with its own commit for the loop and the GIL.
 _EARLY_MAX_FANOUT = 64
+# How long (seconds) the loop waits for the writer's state lock before it hands its sends to the
+# writer's queue instead.
+_LOOP_LOCK_WAIT = 0.001
 _BUSY_TIMEOUT_MS = 10000
 _TRUNCATE_WAIT_MS = 50
 # The log is emptied after a sweep only once no write came for this long. A TRUNCATE checkpoint
@@ -393,7 +399,7 @@ class _Op:
 class _Txn:
     """The open write transaction: what it took and what its writers will be answered.
 
-    Shared by the writer thread and, while the writer waits for more writes, the event loop's
+    Shared by the writer thread and, while it is open to the loop (``_txn``), the event loop's
     staging (``SqliteRelayStore._stage_on_loop``); both touch it only under the state lock.
     """
 
@@ -403,6 +409,38 @@ class _Txn:
     acks: list[_Op] = field(default_factory=list)
     pushed: int = 0  # deliveries already handed out early (a prefix of _WriterState.deliveries)
     error: BaseException | None = None  # an unexpected failure while the loop staged
+
+
+class _CacheMiss(Exception):
+    """A check staged on the loop (``_WriterState.cache_only``) needs a row that is not in the
+    writer's caches; the send goes to the writer, which reads it on its own connection."""
+
+
+class _StaleCaches(Exception):
+    """Another connection committed before the writer's transaction began, after the loop had
+    staged sends on the caches that commit may have made stale: the sends are checked again."""
+
+
+@dataclass(slots=True)
+class _Closing:
+    """What a transaction writes when it closes, taken from the writer's state
+    (``_WriterState.detach``) so the loop can stage the next transaction's sends meanwhile."""
+
+    msgs: list[tuple[Any, ...]]
+    mailbox: list[tuple[int, int, int, int]]
+    wrote: list[tuple[int, int]]
+    seq: int  # the seq mark: every seq up to it is settled by this transaction
+    seq_dirty: bool
+    deliveries: list[Delivery]
+
+
+@dataclass(slots=True)
+class _AckPlan:
+    """A transaction's acks resolved to mailbox keys (``_WriterState.ack_plan``)."""
+
+    settled: list[tuple[bytes, bytes]]  # (dedupe key, message id) of settled sends
+    owner: dict[tuple[int, bytes], int]  # (device pk, message id) -> first request
+    n: int  # requests
 
 
 class _Pauses:
@@ -445,6 +483,13 @@ class _WriterState:
         self.pending_msgs: list[tuple[Any, ...]] = []
         self.pending_mailbox: list[tuple[int, int, int, int]] = []
         self.batch_ids: dict[bytes, tuple[str, int, int, int]] = {}
+        # Sends of the open transaction already flushed to it, and of the transaction being
+        # committed: the loop's lookups (on a connection of its own, which sees only committed
+        # rows) find them here until the COMMIT that writes them has returned.
+        self.txn_ids: dict[bytes, tuple[str, int, int, int]] = {}
+        self.committing_ids: dict[bytes, tuple[str, int, int, int]] = {}
+        # Set while the loop stages: a check that would read SQLite raises _CacheMiss instead.
+        self.cache_only = False
         self.known: dict[bytes, tuple[str, int, int, int]] = {}
         self.known_delivered: dict[bytes, tuple[int, int]] = {}  # digest -> (expires, recipients)
         self.truncate_log = False  # a sweep asks the writer to empty the log when idle
@@ -492,6 +537,8 @@ class _WriterState:
         self.pending_mailbox = []
         self.pending_wrote = []
         self.batch_ids = {}
+        self.txn_ids = {}
+        self.committing_ids = {}
         self.users.clear()
         self.quota.clear()
         self.shares.clear()
@@ -513,6 +560,8 @@ class _WriterState:
         entry = self.users.get(username)
         if entry is not None:
             return entry
+        if self.cache_only:
+            raise _CacheMiss
         row = self.conn.execute("SELECT pk FROM users WHERE username=?", (username,)).fetchone()
         if row is None:
             return None
@@ -537,6 +586,8 @@ class _WriterState:
     def mailbox_usage(self, device_pk: int) -> list[int]:
         usage = self.quota.get(device_pk)
         if usage is None:
+            if self.cache_only:
+                raise _CacheMiss
             # One statement loads the mailbox's total and every sender's share of it.
             shares: dict[str, list[int]] = {}
             usage = [0, 0]
@@ -562,6 +613,8 @@ class _WriterState:
     def wrote_to(self, entry: _UserEntry) -> set[int]:
         peers = entry.wrote_to
         if peers is None:
+            if self.cache_only:
+                raise _CacheMiss
             peers = entry.wrote_to = {
                 int(r[0])
                 for r in self.conn.execute(
@@ -572,6 +625,8 @@ class _WriterState:
 
     def stored_bytes(self, user: str) -> int:
         """Exact bytes stored for ``user``, this batch's unflushed sends included."""
+        if self.cache_only:
+            raise _CacheMiss
         row = self.conn.execute(
             "SELECT sent + blobs FROM account_bytes WHERE username=?", (user,)
         ).fetchone()
@@ -758,10 +813,21 @@ class _WriterState:
         """Whether ``sender``'s message ``message_id`` is stored (queued, or delivered): read
         from this batch's sends and what :meth:`begin_batch` loaded (it loads SEND_AFTER's
         previous ids too)."""
-        row = self.batch_ids.get(message_id) or self.known.get(message_id)
+        row = self._row_of(message_id)
         if row is not None:
             return row[0] == sender.user and int(row[1]) == sender.device
         return self.rules.digest(sender, message_id) in self.known_delivered
+
+    def _row_of(self, message_id: bytes) -> tuple[str, int, int, int] | None:
+        """The stored (sender, device, recipients, stored_ms) of a queued message: this
+        transaction's (in memory until its COMMIT returned, for the loop's lookups), the one
+        being committed, or what :meth:`begin_batch` loaded."""
+        return (
+            self.batch_ids.get(message_id)
+            or self.txn_ids.get(message_id)
+            or self.committing_ids.get(message_id)
+            or self.known.get(message_id)
+        )
 
     def send(self, sender: Address, env: Envelope, now_ms: int) -> SendReceipt:
         rules = self.rules
@@ -770,7 +836,7 @@ class _WriterState:
         done = self.known_delivered.get(dkey)
         if done is not None:
             return rules.receipt(env.message_id, done[1], done[0])
-        row = self.batch_ids.get(env.message_id) or self.known.get(env.message_id)
+        row = self._row_of(env.message_id)
         if row is not None:
             if row[0] != sender.user or int(row[1]) != sender.device:
                 raise Conflict("message id used by another sender", code="message_id_conflict")
@@ -795,15 +861,21 @@ class _WriterState:
         check_quota(
             targets, self.mailbox_usage, size, lim.mailbox_max_messages, lim.mailbox_max_bytes
         )
+        # Every read that may miss the caches comes before the first change (cache_only).
+        new_peers: list[int] = []
+        if me is not None:
+            mine = self.wrote_to(me)
+            for addr, _ in targets:
+                if addr.user != user:
+                    peer = self.user(addr.user)
+                    if peer is not None and peer.pk not in mine and peer.pk not in new_peers:
+                        new_peers.append(peer.pk)
         self.charge_account(user, size)
         self.batch_sent[user] = self.batch_sent.get(user, 0) + size
-        mine = self.wrote_to(me) if me is not None else None
-        for addr, _ in targets:
-            if mine is not None and me is not None and addr.user != user:
-                peer = self.user(addr.user)
-                if peer is not None and peer.pk not in mine:
-                    mine.add(peer.pk)
-                    self.pending_wrote.append((me.pk, peer.pk))
+        if me is not None:
+            for peer_pk in new_peers:
+                mine.add(peer_pk)
+                self.pending_wrote.append((me.pk, peer_pk))
         msg_pk = self.next_msg_pk
         # Rows are written by flush() with one executemany per table for the whole batch.
         self.pending_msgs.append(
@@ -850,19 +922,64 @@ class _WriterState:
 
     def flush(self) -> None:
         """Write the rows of the sends deferred in this batch (before any other statement)."""
-        if self.pending_msgs:
-            self._insert_rows(_INSERT_MESSAGE, 9, self.pending_msgs)
-            self._insert_rows(_INSERT_MAILBOX, 4, self.pending_mailbox)
-        if self.pending_wrote:
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO wrote_to(user_pk, peer_pk) VALUES (?,?)",
-                self.pending_wrote,
-            )
+        self.write_rows(self.pending_msgs, self.pending_mailbox, self.pending_wrote)
         self.pending_msgs = []
         self.pending_mailbox = []
         self.pending_wrote = []
         self.batch_sent = {}
+        if self.batch_ids:
+            self.txn_ids.update(self.batch_ids)
+            self.batch_ids = {}
+
+    def write_rows(
+        self,
+        msgs: Sequence[tuple[Any, ...]],
+        mailbox: Sequence[tuple[int, int, int, int]],
+        wrote: Sequence[tuple[int, int]],
+    ) -> None:
+        """INSERT deferred sends' rows (SQL only: no cache is read or changed)."""
+        if msgs:
+            self._insert_rows(_INSERT_MESSAGE, 9, msgs)
+            self._insert_rows(_INSERT_MAILBOX, 4, mailbox)
+        if wrote:
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO wrote_to(user_pk, peer_pk) VALUES (?,?)", wrote
+            )
+
+    def detach(self) -> _Closing:
+        """Take what the open transaction has still to write, and start the next one's in
+        memory: its sends' ids stay findable (``committing_ids``) until ``committed``."""
+        closing = _Closing(
+            self.pending_msgs,
+            self.pending_mailbox,
+            self.pending_wrote,
+            self.seq,
+            self.seq_dirty,
+            self.deliveries,
+        )
+        self.txn_ids.update(self.batch_ids)
+        self.committing_ids, self.txn_ids = self.txn_ids, {}
         self.batch_ids = {}
+        self.pending_msgs = []
+        self.pending_mailbox = []
+        self.pending_wrote = []
+        self.batch_sent = {}
+        self.deliveries = []
+        self.fanouts = []
+        self.seq_dirty = False
+        return closing
+
+    def committed(self) -> None:
+        """The detached transaction's COMMIT returned: its rows are visible to every reader."""
+        self.committing_ids = {}
+
+    def foreign_commit(self) -> bool:
+        """Whether another connection committed since this one last looked (and note it)."""
+        version = self._data_version()
+        if version == self.data_version:
+            return False
+        self.data_version = version
+        return True
 
     def _insert_rows(self, prefix: str, ncols: int, rows: Sequence[tuple[Any, ...]]) -> None:
         """One multi-row INSERT (one SQLite step) per chunk of rows."""
@@ -873,7 +990,9 @@ class _WriterState:
             params = [v for row in part for v in row]
             self.conn.execute(prefix + ",".join([one] * len(part)), params)
 
-    def begin_batch(self, sends: Sequence[tuple[Address, bytes]]) -> None:
+    def begin_batch(
+        self, sends: Sequence[tuple[Address, bytes]], reader: sqlite3.Connection | None = None
+    ) -> None:
         """Start a batch inside its write transaction, in one step: drop the caches if another
         connection committed since this one last looked (``data_version`` changes only for
         others' commits), and load, for deduplicating the batch's (sender, message id) sends,
@@ -882,6 +1001,9 @@ class _WriterState:
 
         One statement, not two: every SQLite step releases the GIL, and winning it back from a
         busy event loop costs the writer more than the step itself.
+
+        With ``reader`` (the loop's own connection, which sees committed rows only) nothing but
+        the lookup runs; the uncommitted sends are found in memory (:meth:`_row_of`).
         """
         self.known = {}
         self.known_delivered = {}
@@ -893,15 +1015,20 @@ class _WriterState:
             keys = [digest(sender, mid) for sender, mid in part]
             marks = ",".join("?" * len(part))
             # The first chunk (the only one but for huge batches) also reads data_version.
-            version_sql = "(SELECT data_version FROM pragma_data_version)" if start == 0 else "0"
-            version, doc, done = self.conn.execute(
-                f"SELECT {version_sql}, (SELECT json_group_array(json_array(hex(msg_id), "  # noqa: S608
-                "sender, sender_device, n_recipients, stored_ms)) FROM messages "
-                f"WHERE msg_id IN ({marks})), (SELECT json_group_array(json_array(hex(key), "
-                f"expires, recipients)) FROM dedupe WHERE key IN ({marks}))",
-                ids + keys,
-            ).fetchone()
-            if start == 0 and int(version) != self.data_version:
+            first = start == 0 and reader is None
+            version_sql = "(SELECT data_version FROM pragma_data_version)" if first else "0"
+            version, doc, done = (
+                (reader or self.conn)
+                .execute(
+                    f"SELECT {version_sql}, (SELECT json_group_array(json_array(hex(msg_id), "  # noqa: S608
+                    "sender, sender_device, n_recipients, stored_ms)) FROM messages "
+                    f"WHERE msg_id IN ({marks})), (SELECT json_group_array(json_array(hex(key), "
+                    f"expires, recipients)) FROM dedupe WHERE key IN ({marks}))",
+                    ids + keys,
+                )
+                .fetchone()
+            )
+            if first and int(version) != self.data_version:
                 self.data_version = int(version)
                 self.reset_caches()
             for hexid, user, dev, n, stored in json.loads(doc):
@@ -919,40 +1046,61 @@ class _WriterState:
         dedupe record); return rows removed per request.
 
         An id acknowledged twice in one batch counts for the first request only.
+
+        In three steps, so that a closing transaction runs the SQL while the loop stages the
+        next one's sends: :meth:`ack_plan` (reads the caches), :meth:`ack_run` (SQL only),
+        :meth:`ack_apply` (quota caches).
         """
+        counts, removed = self.ack_run(self.ack_plan(requests))
+        self.ack_apply(removed)
+        return counts
+
+    def ack_plan(
+        self, requests: Sequence[tuple[Address, Sequence[bytes], Sequence[bytes]]]
+    ) -> _AckPlan:
         digest = self.rules.digest
         settled = {digest(addr, mid): mid for addr, _, mids in requests for mid in mids}
-        if settled:
-            self._insert_rows("INSERT INTO settle(key, msg_id) VALUES ", 2, list(settled.items()))
-        counts = [0] * len(requests)
-        owner: dict[tuple[int, bytes], int] = {}  # (device pk, message id) -> first request
+        owner: dict[tuple[int, bytes], int] = {}
         for i, (addr, ids, _) in enumerate(requests):
             dev_pk = self.device_pk(addr)
             if dev_pk is not None:
                 for mid in ids:
                     owner.setdefault((dev_pk, mid), i)
+        return _AckPlan(list(settled.items()), owner, len(requests))
+
+    def ack_run(self, plan: _AckPlan) -> tuple[list[int], list[tuple[int, int, str]]]:
+        """Run a plan's SQL; return rows removed per request and each removed row's (device
+        pk, size, sender)."""
+        if plan.settled:
+            self._insert_rows("INSERT INTO settle(key, msg_id) VALUES ", 2, plan.settled)
+        counts = [0] * plan.n
+        owner = plan.owner
         keys = list(owner)
-        removed = 0
+        removed: list[tuple[int, int, str]] = []
         for start in range(0, len(keys), _MAX_VARS // 2):
             part = keys[start : start + _MAX_VARS // 2]
             for dev_pk, size, mid, sender in self.conn.execute(
                 _ack_delete_sql(len(part)), [v for key in part for v in key]
             ).fetchall():
                 counts[owner[(dev_pk, bytes(mid))]] += 1
-                removed += 1
-                usage = self.quota.get(dev_pk)
-                if usage is not None:
-                    usage[0] -= 1
-                    usage[1] -= int(size)
-                    shares = self.shares[dev_pk]
-                    share = shares.get(sender)
-                    if share is not None:
-                        share[0] -= 1
-                        share[1] -= int(size)
-                        if share[0] <= 0:
-                            del shares[sender]
-        self.queued -= removed
-        return counts
+                removed.append((dev_pk, int(size), sender))
+        return counts, removed
+
+    def ack_apply(self, removed: Sequence[tuple[int, int, str]]) -> None:
+        """Take removed mailbox rows off the quota caches."""
+        for dev_pk, size, sender in removed:
+            usage = self.quota.get(dev_pk)
+            if usage is not None:
+                usage[0] -= 1
+                usage[1] -= size
+                shares = self.shares[dev_pk]
+                share = shares.get(sender)
+                if share is not None:
+                    share[0] -= 1
+                    share[1] -= size
+                    if share[0] <= 0:
+                        del shares[sender]
+        self.queued -= len(removed)
 
     def ack(self, addr: Address, ids: Sequence[bytes], settled: Sequence[bytes] = ()) -> int:
         return self.ack_many([(addr, ids, settled)])[0]
@@ -1211,6 +1359,7 @@ class SqliteRelayStore:
         self._loop_staging = self._limits.loop_staging and self._limits.write_batch_interval_ms > 0
         self._state_lock = threading.Lock()
         self._txn: _Txn | None = None
+        self._loop_reader: sqlite3.Connection | None = None  # the loop's lookups (its thread only)
         self._loop_sends: list[_Op] = []  # sends submitted in this loop iteration
         self._queued_n = 0  # ``n`` of the last op put in the queue (loop thread)
         self._staged_n = 0  # ``n`` of the last queued op the writer took into a transaction
@@ -1285,6 +1434,8 @@ class SqliteRelayStore:
                 self._syncer = _Syncer(Path(f"{self._path}-wal"), self._synced)
             if self._hwm is not None:
                 self._hwm.start(self._state.seq)
+            if self._loop_staging:
+                self._loop_reader = _connect(self._path, readonly=True, cache_kib=16384)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database: {exc}") from exc
         self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="relay-read")
@@ -1312,6 +1463,8 @@ class SqliteRelayStore:
             for conn in self._reader_conns:
                 conn.close()
             self._reader_conns.clear()
+        if self._loop_reader is not None:
+            self._loop_reader.close()
         if self._state is not None:
             try:
                 # Every writer is done: no seq above the mark was shown (see _skip_shown_seqs).
@@ -1401,16 +1554,21 @@ class SqliteRelayStore:
             self._enqueue(op)
 
     def _stage_on_loop(self) -> None:
-        """Stage this iteration's sends into the open transaction, on the loop: checked, given
-        their seqs and pushed early just as the writer would, with no hand-over to the writer
-        thread and back. When no transaction is open for it (the writer is committing, or has
-        queued writes to take first, or is idle), they go to the writer's queue instead."""
+        """Stage this iteration's sends into the transaction open to the loop, on the loop:
+        checked, given their seqs and pushed early just as the writer would, with no hand-over
+        to the writer thread and back. That transaction is the writer's open one while it waits
+        for more writes, or the next one while the writer commits the previous. When none is
+        open to the loop (the writer is idle, or stages queued writes, or has some still to
+        take), or a check needs a row the caches lack, the sends go to the writer's queue."""
         ops, self._loop_sends = self._loop_sends, []
         if not ops:
             return
         txn = self._txn
         lock = self._state_lock
-        if txn is not None and lock.acquire(blocking=False):
+        # The writer holds the lock only for short steps; waiting for it (which lets the writer
+        # have the GIL) is cheaper than the queue: a send queued makes the ones after it wait
+        # for the writer too, in submission order.
+        if txn is not None and lock.acquire(timeout=_LOOP_LOCK_WAIT):
             try:
                 # Queued writes first (a SEND_AFTER may follow its predecessor in the queue);
                 # then the transaction's size bound and its health.
@@ -1420,29 +1578,43 @@ class SqliteRelayStore:
                     and self._staged_n == self._queued_n
                     and len(txn.taken) + len(ops) <= self._limits.write_batch_max
                 ):
-                    assert self._state is not None and self._loop is not None
-                    txn.taken.extend(ops)
-                    self._state.loop_staged += len(ops)
-                    try:
-                        self._stage_chunk(self._state, txn, ops, self._loop.call_soon)
-                    except Exception as exc:  # noqa: BLE001 - the writer handles it
-                        # The writer rolls the transaction back and retries its writes one
-                        # by one, as after a failure of its own.
-                        txn.error = exc
-                    return
+                    ops = self._stage_loop_sends(txn, ops)
             finally:
                 lock.release()
         for op in ops:
             self._enqueue(op)
 
+    def _stage_loop_sends(self, txn: _Txn, ops: list[_Op]) -> list[_Op]:
+        """Stage ``ops`` into ``txn`` (the state lock held); return those left to the writer:
+        from the first whose check needed SQLite on, in order."""
+        st = self._state
+        assert st is not None and self._loop is not None and self._loop_reader is not None
+        txn.taken.extend(ops)
+        st.cache_only = True
+        try:
+            done = self._stage_chunk(st, txn, ops, self._loop.call_soon, self._loop_reader)
+        except Exception as exc:  # noqa: BLE001 - the writer handles it
+            # The writer rolls the transaction back and retries its writes one by one, as
+            # after a failure of its own.
+            txn.error = exc
+            return []
+        finally:
+            st.cache_only = False
+        st.loop_staged += done
+        rest = ops[done:]
+        if rest:
+            del txn.taken[len(txn.taken) - len(rest) :]
+        return rest
+
     def _side_enter(self) -> None:
         with self._side_lock:
             self._open = True
 
-    def _side_leave(self) -> list[_Op]:
-        """Close the open transaction to side acks; return those it took."""
+    def _side_take(self, keep_open: bool = False) -> list[_Op]:
+        """Take the acks that joined the open transaction; with ``keep_open`` later ones join
+        the next transaction (open to the loop while this one commits), else the queue."""
         with self._side_lock:
-            self._open = False
+            self._open = keep_open
             acks, self._side_acks = self._side_acks, []
         return acks
 
@@ -1455,15 +1627,14 @@ class SqliteRelayStore:
         interval = self._limits.write_batch_interval_ms / 1000
         last_start = last_deadline = -interval
         # With loop staging, a transaction that took writes is followed at once by the next
-        # one, open to the loop before any write comes, so the loop stages (and pushes) the
-        # next interval's sends itself, the first one too; an interval that brings no write
-        # ends that, and the writer waits for work again.
-        ahead = self._loop_staging
-        took = False
+        # one, open to the loop from the moment the previous one starts to commit, so the loop
+        # stages (and pushes) the next interval's sends itself, the first one too; an interval
+        # that brings no write ends that, and the writer waits for work again.
+        nxt: _Txn | None = None
         stop = False
         while not stop:
             first: list[_Op] = []
-            if not (ahead and took):
+            if nxt is None:
                 if st.truncate_log:
                     try:
                         op = self._queue.get(timeout=_TRUNCATE_IDLE_SECONDS)
@@ -1484,7 +1655,7 @@ class SqliteRelayStore:
             now = time.monotonic()
             deadline = max((last_start if first else last_deadline) + interval, now)
             last_start, last_deadline = now, deadline
-            stop, took = self._run_transaction(st, first, deadline)
+            stop, took, nxt = self._run_transaction(st, first, deadline, txn=nxt)
             if not took:
                 last_start = -interval  # nothing came: the next write finds the writer idle
             # Between transactions (the batch's results are already on their way): finish a
@@ -1528,8 +1699,14 @@ class SqliteRelayStore:
         return False
 
     def _run_transaction(
-        self, st: _WriterState, first: list[_Op], deadline: float, *, more: bool = True
-    ) -> tuple[bool, bool]:
+        self,
+        st: _WriterState,
+        first: list[_Op],
+        deadline: float,
+        *,
+        more: bool = True,
+        txn: _Txn | None = None,
+    ) -> tuple[bool, bool, _Txn | None]:
         """Run one write transaction: stage what is queued, keep taking writes until
         ``deadline`` (or ``write_batch_max`` operations), then COMMIT and answer them all.
 
@@ -1545,38 +1722,65 @@ class SqliteRelayStore:
         Only seqs at most ``_EARLY_SEQS`` above the last durable mark go early, so the gap a
         restart after a crash leaves (``_open_seq``) covers every seq ever shown uncommitted.
 
-        Staging on the loop (``loop_staging``): while this thread waits for more writes it
-        releases the state lock and opens the transaction (``_txn``) to ``_stage_on_loop``,
-        which stages the loop's sends into it the same way, so they need no hand-over to this
-        thread to be pushed; it takes the lock back before it goes on, so COMMIT never runs
-        while the loop stages.
+        Staging on the loop (``loop_staging``): the transaction is open to ``_stage_on_loop``
+        (``_txn``) whenever this thread does not hold the state lock: while it waits for more
+        writes, and, for the next transaction, while this one's closing statements and COMMIT
+        run (``_WriterState.detach`` took what they write; the loop's lookups run on a
+        connection of its own and find this transaction's ids in memory), so the loop never
+        waits for the writer to stage and push a send.
 
         Args:
             st: the writer's state.
             first: the operations to start with.
             deadline: monotonic time until which more writes are taken into the transaction.
             more: False runs exactly ``first`` (the one-by-one retry of a failed batch).
+            txn: the transaction the previous one opened to the loop, with what the loop staged.
 
         Returns:
-            Whether the stop sentinel was taken from the queue, and whether the transaction
-            took any write (``first`` may be empty: a transaction opened ahead of the writes).
+            Whether the stop sentinel was taken from the queue; whether the transaction took
+            any write (``first`` may be empty: a transaction opened ahead of the writes); the
+            next transaction, already open to the loop, if any.
         """
         max_batch = self._limits.write_batch_max if more else len(first)
-        stop = self._take_more(first, max_batch - len(first))
-        txn = _Txn(early_limit=st.durable_seq + _EARLY_SEQS)
-        txn.taken.extend(first)
+        if txn is None:
+            txn = _Txn(early_limit=st.durable_seq + _EARLY_SEQS)
         chunk = first
-        start_seq = st.seq
         committed = False
         retry: list[_Op] = []
         staging = more and self._loop_staging
+        nxt: _Txn | None = None
+        closing: _Closing | None = None
+        # BEGIN (and the other-writer check) before the state lock: every SQLite step releases
+        # the GIL, and the loop, running meanwhile, stages into ``txn`` rather than queue.
+        begun: BaseException | None = None
+        foreign = False
+        try:
+            st.conn.execute("BEGIN IMMEDIATE")
+            foreign = st.foreign_commit()
+        except Exception as exc:  # noqa: BLE001 - raised again below, under the lock
+            begun = exc
         lock = self._state_lock
         lock.acquire()
+        held = True
         try:
             if more:
                 self._side_enter()
+                if staging:
+                    self._txn = txn
+            stop = self._take_more(first, max_batch - len(first) - len(txn.taken))
+            loop_sends = any(op.kind == _SEND for op in txn.taken)
+            txn.taken.extend(first)
             try:
-                st.conn.execute("BEGIN IMMEDIATE")
+                if begun is not None:
+                    raise begun
+                if txn.error is not None:  # the loop's staging failed while the last committed
+                    raise txn.error
+                if foreign:
+                    if loop_sends:
+                        # The loop staged them before BEGIN, against caches another
+                        # connection's commit may have made stale: check them again.
+                        raise _StaleCaches
+                    st.reset_caches()
                 while True:
                     if chunk:
                         self._stage_chunk(st, txn, chunk, self._post)
@@ -1587,53 +1791,80 @@ class SqliteRelayStore:
                     wait = deadline - time.monotonic()
                     try:
                         if wait <= 0:
-                            nxt = self._queue.get_nowait()
+                            nxt_op = self._queue.get_nowait()
                         elif staging:
                             # Open to the loop's staging while waiting (``_stage_on_loop``).
-                            self._txn = txn
                             lock.release()
+                            held = False
                             try:
-                                nxt = self._queue.get(timeout=wait)
+                                nxt_op = self._queue.get(timeout=wait)
                             finally:
                                 lock.acquire()
-                                self._txn = None
+                                held = True
                         else:
-                            nxt = self._queue.get(timeout=wait)
+                            nxt_op = self._queue.get(timeout=wait)
                     except queue.Empty:
-                        nxt = _NO_OP
+                        nxt_op = _NO_OP
                     if txn.error is not None:
                         raise txn.error
-                    if nxt is _NO_OP:
+                    if nxt_op is _NO_OP:
                         break
-                    if nxt is None:
+                    if nxt_op is None:
                         stop = True
                         break
-                    chunk = [nxt]
+                    chunk = [nxt_op]
                     stop = self._take_more(chunk, max_batch - len(txn.taken) - 1)
                     txn.taken.extend(chunk)
-                closing = time.perf_counter()
+                started = time.perf_counter()
+                keep = staging and not stop
                 if more:
-                    side = self._side_leave()
+                    side = self._side_take(keep_open=keep)
+                    if keep and not txn.taken and not side:
+                        keep = False  # nothing came: the writer goes idle
+                        side = self._side_take()
                     txn.acks.extend(side)
                     txn.taken.extend(side)
-                st.flush()
-                if txn.acks:  # all of the transaction's acks in one statement, after its sends
-                    counts = st.ack_many([op.args for op in txn.acks])
-                    txn.results.extend(
-                        (op.future, True, n) for op, n in zip(txn.acks, counts, strict=True)
-                    )
-                if st.seq_dirty:
-                    st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (st.seq,))
-                    st.seq_dirty = False
+                if keep:
+                    nxt = _Txn(early_limit=st.durable_seq + _EARLY_SEQS)
+                    self._txn = nxt
+                elif more:
+                    self._txn = None
+                plan = st.ack_plan([op.args for op in txn.acks]) if txn.acks else None
+                closing = st.detach()
+                if keep:
+                    lock.release()  # the loop stages into ``nxt`` while this one commits
+                    held = False
+                st.write_rows(closing.msgs, closing.mailbox, closing.wrote)
+                counts, removed = st.ack_run(plan) if plan is not None else ([], [])
+                if closing.seq_dirty:
+                    st.conn.execute("UPDATE meta SET v=? WHERE k='seq'", (closing.seq,))
                 st.conn.execute("COMMIT")
+                if not held:
+                    lock.acquire()
+                    held = True
+                st.committed()
+                st.ack_apply(removed)
+                txn.results.extend(
+                    (op.future, True, n) for op, n in zip(txn.acks, counts, strict=True)
+                )
                 if txn.taken:
-                    st.commit_pauses.add(time.perf_counter() - closing)
+                    st.commit_pauses.add(time.perf_counter() - started)
                     st.commits += 1
                     st.committed_ops += len(txn.taken)
                 committed = True
             except Exception as exc:
+                if not held:
+                    lock.acquire()
+                    held = True
+                closing = None
                 if more:
-                    txn.taken.extend(self._side_leave())
+                    self._txn = None
+                    txn.taken.extend(self._side_take())
+                if nxt is not None:
+                    # What the loop staged into the next transaction was checked against this
+                    # one's effects: it goes the same way.
+                    txn.taken.extend(nxt.taken)
+                    nxt = None
                 self._rollback(st)
                 kind = _error_class(exc)
                 if kind is not None:
@@ -1644,34 +1875,39 @@ class SqliteRelayStore:
                         "storage is damaged" if kind == "corrupt" else "storage failure"
                     )
                     txn.results = [(op.future, False, err) for op in txn.taken]
-                elif len(txn.taken) > 1:
-                    log.exception("write batch of %d failed; retrying one by one", len(txn.taken))
+                elif len(txn.taken) > 1 or isinstance(exc, _StaleCaches):
+                    if isinstance(exc, _StaleCaches):
+                        log.info("another connection wrote: %d writes run again", len(txn.taken))
+                    else:
+                        log.exception(
+                            "write batch of %d failed; retrying one by one", len(txn.taken)
+                        )
                     retry = txn.taken
                 else:  # one write, or none (a transaction opened ahead of the writes)
                     log.exception("write batch of %d failed", len(txn.taken))
                     failure = StorageError("storage failure")
                     txn.results = [(op.future, False, failure) for op in txn.taken]
-            deliveries = st.deliveries
-            st.deliveries = []
-            st.fanouts.clear()
-            # Seqs up to st.seq are settled now: committed, or failed and never to be committed.
-            settled = max(st.seq, start_seq)
+            # Seqs up to the mark are settled now: committed, or failed and never to be
+            # committed (after a failure the next seqs start above every seq handed out).
+            settled = closing.seq if closing is not None else st.seq
+            deliveries = closing.deliveries if closing is not None else []
         finally:
             if more:  # every queued write it took is answered now, whatever happened
                 self._staged_n = max(self._staged_n, max((op.n for op in txn.taken), default=0))
-            lock.release()
+            if held:
+                lock.release()
         if retry:
             for op in retry:
                 self._run_transaction(st, [op], 0.0, more=False)
-            return stop, True
+            return stop, True, None
         if not txn.taken:
-            return stop, False  # it wrote nothing: nothing to sync or to answer
+            return stop, False, nxt  # it wrote nothing: nothing to sync or to answer
         outcome = (txn.results, deliveries, settled, committed)
         if self._syncer is not None:
             self._syncer.submit(outcome)  # in commit order, behind the transactions before
         else:
             self._synced([outcome], None)
-        return stop, True
+        return stop, True, nxt
 
     def _stage_chunk(
         self,
@@ -1679,11 +1915,16 @@ class SqliteRelayStore:
         txn: _Txn,
         chunk: list[_Op],
         post: Callable[..., Any],
-    ) -> None:
+        reader: sqlite3.Connection | None = None,
+    ) -> int:
         """Run a chunk of the transaction's operations (sends checked and staged, acks set
         aside for the end), then hand its accepted sends' deliveries to the early listener
         through ``post`` (the writer's thread-safe hand-over, or the loop's own ``call_soon``:
-        either way under the state lock, so they reach the loop in seq order)."""
+        either way under the state lock, so they reach the loop in seq order).
+
+        Returns how many were run: all, but on the loop (``reader``: its own connection for the
+        lookups) those from the first that needs a row the caches lack on are left undone.
+        """
         sends = [(op.args[0], op.args[1].message_id) for op in chunk if op.kind == _SEND]
         # A SEND_AFTER's previous message is looked up with the chunk's own ids (one staged
         # earlier in this transaction is in batch_ids, or already flushed).
@@ -1693,10 +1934,18 @@ class SqliteRelayStore:
             if op.kind == _SEND and op.args[1].after is not None
         ]
         if sends:
-            st.begin_batch(sends)
+            if reader is None:
+                st.begin_batch(sends)
+            else:
+                try:
+                    st.begin_batch(sends, reader)
+                except sqlite3.Error:
+                    return 0  # the writer looks them up on its own connection
+        done = 0
         for op in chunk:
             if op.kind == _ACK:
                 txn.acks.append(op)
+                done += 1
                 continue
             if op.kind != _SEND:
                 st.flush()
@@ -1704,8 +1953,12 @@ class SqliteRelayStore:
                 txn.results.append((op.future, True, op.fn(*op.args)))
             except RelayError as exc:
                 txn.results.append((op.future, False, exc))
+            except _CacheMiss:
+                break
+            done += 1
         if self._early is not None and len(st.deliveries) > txn.pushed:
             txn.pushed = self._stage_early(st, txn.pushed, txn.early_limit, post)
+        return done
 
     def _synced(self, outcomes: list[Any], error: OSError | None) -> None:
         """Transactions are durable (or their sync failed): answer them, in commit order.

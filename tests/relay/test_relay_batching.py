@@ -203,35 +203,138 @@ async def test_pipelined_sends_keep_their_order_while_transactions_come_and_go(
         await store.close()
 
 
-async def test_a_failure_while_the_loop_stages_is_retried_by_the_writer(tmp_path: Path) -> None:
-    # SQLite refuses the loop's dedupe lookup (an authorizer that denies reads of the dedupe
-    # table on the loop's thread only): the writer rolls the transaction back and runs each of
-    # its writes again by itself; every send is answered 200 and stored exactly once.
+async def test_a_lookup_the_loop_cannot_make_is_left_to_the_writer(tmp_path: Path) -> None:
+    # SQLite refuses the loop's dedupe lookup (an authorizer on the loop's own connection
+    # denies reads of the dedupe table): the loop hands the sends to the writer, which checks
+    # them itself; every send is answered 200 and stored exactly once, in order.
     store = await _store(tmp_path, interval_ms=1000)
-    loop_thread = threading.get_ident()
 
-    def deny_on_loop(action: int, arg1: str | None, *_: Any) -> int:
-        on_loop = threading.get_ident() == loop_thread
-        if action == sqlite3.SQLITE_READ and arg1 == "dedupe" and on_loop:
+    def deny(action: int, arg1: str | None, *_: Any) -> int:
+        if action == sqlite3.SQLITE_READ and arg1 == "dedupe":
             return sqlite3.SQLITE_DENY
         return sqlite3.SQLITE_OK
 
-    assert store._state is not None
-    conn = store._state.conn
+    reader = store._loop_reader
+    assert reader is not None
     try:
         await store.submit_send(A, _env(), 0)
-        conn.set_authorizer(deny_on_loop)
+        reader.set_authorizer(deny)
+        envs = [_env() for _ in range(5)]
+        futs = [store.submit_send(A, envs[0], 0)]
+        await _until(lambda: store._txn is not None, "the transaction open to the loop")
+        before = store.stats().loop_staged
+        futs += [store.submit_send(A, env, 0) for env in envs[1:]]  # the loop's lookup fails
+        receipts = await asyncio.wait_for(asyncio.gather(*futs), 60)
+        assert [r.recipients for r in receipts] == [1] * 5
+        assert store.stats().loop_staged == before
+        stored = await store.fetch_mailbox(B, 0, 100, 1 << 20)
+        assert [m.message_id for m in stored][1:] == [env.message_id for env in envs]
+    finally:
+        reader.set_authorizer(None)
+        await store.close()
+
+
+async def test_a_failure_while_the_loop_stages_is_retried_by_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A send's checks fail unexpectedly on the loop's thread only (the quota check raises
+    # there): the writer rolls the transaction back and runs each of its writes again by
+    # itself; every send is answered 200 and stored exactly once.
+    store = await _store(tmp_path, interval_ms=1000)
+    loop_thread = threading.get_ident()
+    real_check = relay.store.sqlite.check_quota
+
+    def check_quota(*args: Any) -> None:
+        if threading.get_ident() == loop_thread:
+            raise RuntimeError("unexpected")
+        real_check(*args)
+
+    try:
+        await store.submit_send(A, _env(), 0)
+        monkeypatch.setattr(relay.store.sqlite, "check_quota", check_quota)
         envs = [_env() for _ in range(5)]
         futs = [store.submit_send(A, envs[0], 0)]
         await _until(lambda: store._txn is not None, "the transaction open to the loop")
         futs += [store.submit_send(A, env, 0) for env in envs[1:]]  # the loop's try fails
         receipts = await asyncio.wait_for(asyncio.gather(*futs), 60)
         assert [r.recipients for r in receipts] == [1] * 5
-        assert store.stats().loop_staged >= 4
         stored = await store.fetch_mailbox(B, 0, 100, 1 << 20)
         assert [m.message_id for m in stored][1:] == [env.message_id for env in envs]
     finally:
-        conn.set_authorizer(None)
+        monkeypatch.undo()
+        await store.close()
+
+
+class _CommitGate:
+    """Holds the writer inside a transaction's closing statements: a temporary trigger on the
+    seq mark calls a function that, while armed, waits until released."""
+
+    def __init__(self, store: SqliteRelayStore) -> None:
+        assert store._state is not None
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        conn = store._state.conn  # the writer is idle: nothing else uses it now
+        conn.create_function("hold_commit", 0, self._hold)
+        conn.execute(
+            "CREATE TEMP TRIGGER hold_commit AFTER UPDATE ON main.meta "
+            "WHEN NEW.k = 'seq' BEGIN SELECT hold_commit(); END"
+        )
+
+    def _hold(self) -> int:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(60)
+        return 0
+
+
+async def test_sends_are_staged_and_pushed_while_the_writer_commits(tmp_path: Path) -> None:
+    # While the writer runs a transaction's closing statements (held up here), the next
+    # transaction is open to the loop: a send that arrives meanwhile is checked, staged and
+    # pushed at once, an ack joins it, and both are answered after their own commit. A send
+    # whose check needs a row the caches lack (a recipient not written to yet) goes to the
+    # writer, and so does the send after it, so seqs keep the order of submission.
+    store = await _store(tmp_path, interval_ms=50)
+    carol = Address("carol", 1)
+    await store.create_account(carol, b"c" * 32, 0)
+    early = _Early()
+    store.set_early_delivery_listener(early)
+    gate = _CommitGate(store)
+    try:
+        first = _env()
+        await store.submit_send(A, first, 0)
+        await asyncio.sleep(0.2)  # the writer is idle again
+        gate.armed = True
+        held = store.submit_send(A, _env(), 0)  # an idle writer commits at once: held there
+        await _until(gate.entered.is_set, "the writer inside its closing statements")
+        before = store.stats()
+        during = _env()
+        fut = store.submit_send(A, during, 0)
+        ack = store.submit_ack(B, [first.message_id])
+        await _until(lambda: during.message_id in early.staged_ids, "pushed during the commit")
+        assert not held.done() and not fut.done() and not ack.done()
+        assert store.stats().loop_staged == before.loop_staged + 1
+        to_carol, after = _env(carol), _env()
+        later = [store.submit_send(A, to_carol, 0), store.submit_send(A, after, 0)]
+        await asyncio.sleep(0.1)
+        assert to_carol.message_id not in early.staged_ids  # left to the writer...
+        assert after.message_id not in early.staged_ids  # ...and so is the send after it
+        gate.release.set()
+        await asyncio.wait_for(asyncio.gather(held, fut, ack, *later), 60)
+        assert ack.result() == 1
+        ids = early.staged_ids
+        assert ids.index(during.message_id) < ids.index(to_carol.message_id)
+        assert ids.index(to_carol.message_id) < ids.index(after.message_id)
+        assert early.staged_seqs == sorted(early.staged_seqs)
+        assert store.stats().loop_staged == before.loop_staged + 1
+        stored = await store.fetch_mailbox(B, 0, 100, 1 << 20)
+        assert [m.message_id for m in stored][1:] == [during.message_id, after.message_id]
+        assert [m.message_id for m in await store.fetch_mailbox(carol, 0, 100, 1 << 20)] == [
+            to_carol.message_id
+        ]
+    finally:
+        gate.release.set()
         await store.close()
 
 
