@@ -598,6 +598,9 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         "store_commits_per_s": (commits_w1[0] - commits_w0[0]) / d,
         "store_ops_per_commit": (commits_w1[1] - commits_w0[1])
         / max(1.0, commits_w1[0] - commits_w0[0]),
+        "store_loop_staged_pct": 100
+        * (commits_w1[2] - commits_w0[2])
+        / max(1.0, commits_w1[3] - commits_w0[3]),
     }
     print(
         f"== {name} ({out['store']}): {args.clients} clients, 1:1, {args.body_bytes}-byte bodies,"
@@ -629,7 +632,8 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         print(f"  PostgreSQL backends serving the relay: {pg_us:.0f} us CPU per accepted message")
     print(
         f"  store: {out['store_commits_per_s']:.0f} commits/s, {out['store_ops_per_commit']:.1f}"
-        " write operations (sends, acks) per commit (from /metrics; node 0's with --nodes N)"
+        " write operations (sends, acks) per commit, sends staged by the event loop"
+        f" {out['store_loop_staged_pct']:.0f}% (from /metrics; node 0's with --nodes N)"
     )
     if name == "throughput":
         key = "throughput_msgs_postgres" if out["store"] == "postgres" else "throughput_msgs"
@@ -769,12 +773,15 @@ def _metric(text: str, name: str) -> float:
     return 0.0
 
 
-async def store_commits(url: str) -> tuple[float, float]:
-    """(commits, operations committed) so far, from ``/metrics`` (zeros if not exported)."""
+async def store_commits(url: str) -> tuple[float, float, float, float]:
+    """(commits, operations committed, sends staged by the event loop, messages accepted) so
+    far, from ``/metrics`` (zeros if not exported)."""
     text = await fetch_text(url + "/metrics")
     return (
         _metric(text, "blindpost_relay_store_commits_total"),
         _metric(text, "blindpost_relay_store_committed_ops_total"),
+        _metric(text, "blindpost_relay_store_loop_staged_total"),
+        _metric(text, "blindpost_relay_messages_accepted_total"),
     )
 
 
