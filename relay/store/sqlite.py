@@ -1360,6 +1360,11 @@ class SqliteRelayStore:
         self._state_lock = threading.Lock()
         self._txn: _Txn | None = None
         self._loop_reader: sqlite3.Connection | None = None  # the loop's lookups (its thread only)
+        # Set by the writer while it waits for more writes (under the state lock): its own
+        # connection is idle then, inside the open transaction, so the loop uses it, with a warm
+        # page cache and no cache-only restriction (a read connection loses its page cache
+        # whenever another connection commits).
+        self._lend_conn = False
         self._loop_sends: list[_Op] = []  # sends submitted in this loop iteration
         self._queued_n = 0  # ``n`` of the last op put in the queue (loop thread)
         self._staged_n = 0  # ``n`` of the last queued op the writer took into a transaction
@@ -1590,9 +1595,11 @@ class SqliteRelayStore:
         st = self._state
         assert st is not None and self._loop is not None and self._loop_reader is not None
         txn.taken.extend(ops)
-        st.cache_only = True
+        lent = self._lend_conn
+        st.cache_only = not lent
         try:
-            done = self._stage_chunk(st, txn, ops, self._loop.call_soon, self._loop_reader)
+            reader = None if lent else self._loop_reader
+            done = self._stage_chunk(st, txn, ops, self._loop.call_soon, reader)
         except Exception as exc:  # noqa: BLE001 - the writer handles it
             # The writer rolls the transaction back and retries its writes one by one, as
             # after a failure of its own.
@@ -1794,6 +1801,7 @@ class SqliteRelayStore:
                             nxt_op = self._queue.get_nowait()
                         elif staging:
                             # Open to the loop's staging while waiting (``_stage_on_loop``).
+                            self._lend_conn = True
                             lock.release()
                             held = False
                             try:
@@ -1801,6 +1809,7 @@ class SqliteRelayStore:
                             finally:
                                 lock.acquire()
                                 held = True
+                                self._lend_conn = False
                         else:
                             nxt_op = self._queue.get(timeout=wait)
                     except queue.Empty:

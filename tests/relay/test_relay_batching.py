@@ -203,11 +203,39 @@ async def test_pipelined_sends_keep_their_order_while_transactions_come_and_go(
         await store.close()
 
 
+class _CommitGate:
+    """Holds the writer inside a transaction's closing statements: a temporary trigger on the
+    seq mark calls a function that, while armed, waits until released."""
+
+    def __init__(self, store: SqliteRelayStore) -> None:
+        assert store._state is not None
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        conn = store._state.conn  # the writer is idle: nothing else uses it now
+        conn.create_function("hold_commit", 0, self._hold)
+        conn.execute(
+            "CREATE TEMP TRIGGER hold_commit AFTER UPDATE ON main.meta "
+            "WHEN NEW.k = 'seq' BEGIN SELECT hold_commit(); END"
+        )
+
+    def _hold(self) -> int:
+        if self.armed:
+            self.armed = False
+            self.entered.set()
+            self.release.wait(60)
+        return 0
+
+
 async def test_a_lookup_the_loop_cannot_make_is_left_to_the_writer(tmp_path: Path) -> None:
-    # SQLite refuses the loop's dedupe lookup (an authorizer on the loop's own connection
-    # denies reads of the dedupe table): the loop hands the sends to the writer, which checks
-    # them itself; every send is answered 200 and stored exactly once, in order.
-    store = await _store(tmp_path, interval_ms=1000)
+    # While the writer commits, the loop looks sends up on a read connection of its own; when
+    # SQLite refuses that lookup (an authorizer denies reads of the dedupe table there) the
+    # loop hands the sends to the writer, which checks them itself once it has committed:
+    # every send is answered 200 and stored exactly once, in order.
+    store = await _store(tmp_path, interval_ms=50)
+    early = _Early()
+    store.set_early_delivery_listener(early)
+    gate = _CommitGate(store)
 
     def deny(action: int, arg1: str | None, *_: Any) -> int:
         if action == sqlite3.SQLITE_READ and arg1 == "dedupe":
@@ -218,18 +246,24 @@ async def test_a_lookup_the_loop_cannot_make_is_left_to_the_writer(tmp_path: Pat
     assert reader is not None
     try:
         await store.submit_send(A, _env(), 0)
+        await asyncio.sleep(0.2)  # the writer is idle again
         reader.set_authorizer(deny)
-        envs = [_env() for _ in range(5)]
-        futs = [store.submit_send(A, envs[0], 0)]
-        await _until(lambda: store._txn is not None, "the transaction open to the loop")
+        gate.armed = True
+        held = store.submit_send(A, _env(), 0)
+        await _until(gate.entered.is_set, "the writer inside its closing statements")
         before = store.stats().loop_staged
-        futs += [store.submit_send(A, env, 0) for env in envs[1:]]  # the loop's lookup fails
-        receipts = await asyncio.wait_for(asyncio.gather(*futs), 60)
-        assert [r.recipients for r in receipts] == [1] * 5
+        envs = [_env() for _ in range(5)]
+        futs = [store.submit_send(A, env, 0) for env in envs]  # the loop's lookup fails
+        await asyncio.sleep(0.1)
+        assert not set(early.staged_ids) & {env.message_id for env in envs}
+        gate.release.set()
+        receipts = await asyncio.wait_for(asyncio.gather(held, *futs), 60)
+        assert [r.recipients for r in receipts] == [1] * 6
         assert store.stats().loop_staged == before
         stored = await store.fetch_mailbox(B, 0, 100, 1 << 20)
-        assert [m.message_id for m in stored][1:] == [env.message_id for env in envs]
+        assert [m.message_id for m in stored][2:] == [env.message_id for env in envs]
     finally:
+        gate.release.set()
         reader.set_authorizer(None)
         await store.close()
 
@@ -263,30 +297,6 @@ async def test_a_failure_while_the_loop_stages_is_retried_by_the_writer(
     finally:
         monkeypatch.undo()
         await store.close()
-
-
-class _CommitGate:
-    """Holds the writer inside a transaction's closing statements: a temporary trigger on the
-    seq mark calls a function that, while armed, waits until released."""
-
-    def __init__(self, store: SqliteRelayStore) -> None:
-        assert store._state is not None
-        self.armed = False
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        conn = store._state.conn  # the writer is idle: nothing else uses it now
-        conn.create_function("hold_commit", 0, self._hold)
-        conn.execute(
-            "CREATE TEMP TRIGGER hold_commit AFTER UPDATE ON main.meta "
-            "WHEN NEW.k = 'seq' BEGIN SELECT hold_commit(); END"
-        )
-
-    def _hold(self) -> int:
-        if self.armed:
-            self.armed = False
-            self.entered.set()
-            self.release.wait(60)
-        return 0
 
 
 async def test_sends_are_staged_and_pushed_while_the_writer_commits(tmp_path: Path) -> None:
