@@ -348,6 +348,50 @@ async def test_sends_are_staged_and_pushed_while_the_writer_commits(tmp_path: Pa
         await store.close()
 
 
+async def test_sends_staged_before_another_process_commits_are_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop stages sends into the next transaction while the writer commits; if another
+    # process then commits before the writer's next BEGIN (simulated: the writer's check for
+    # such a commit reports one once), the sends were checked against caches that commit may
+    # have made stale: the writer runs each again itself. Each is answered 200 and stored once,
+    # in order.
+    store = await _store(tmp_path, interval_ms=50)
+    early = _Early()
+    store.set_early_delivery_listener(early)
+    gate = _CommitGate(store)
+    assert store._state is not None
+    state = store._state
+    real = state.foreign_commit
+    calls = {"n": 0}
+
+    def foreign_once() -> bool:
+        calls["n"] += 1
+        return real() or calls["n"] == 1
+
+    try:
+        await store.submit_send(A, _env(), 0)
+        await asyncio.sleep(0.2)  # the writer is idle again
+        gate.armed = True
+        held = store.submit_send(A, _env(), 0)
+        await _until(gate.entered.is_set, "the writer inside its closing statements")
+        envs = [_env() for _ in range(4)]
+        futs = [store.submit_send(A, env, 0) for env in envs]
+        await _until(lambda: envs[-1].message_id in early.staged_ids, "staged by the loop")
+        monkeypatch.setattr(state, "foreign_commit", foreign_once)
+        gate.release.set()
+        receipts = await asyncio.wait_for(asyncio.gather(held, *futs), 60)
+        assert calls["n"] >= 1
+        assert [r.recipients for r in receipts] == [1] * 5
+        stored = await store.fetch_mailbox(B, 0, 100, 1 << 20)
+        assert [m.message_id for m in stored][2:] == [env.message_id for env in envs]
+        assert len(stored) == 6
+    finally:
+        gate.release.set()
+        monkeypatch.undo()
+        await store.close()
+
+
 async def test_the_writer_outlives_another_process_holding_the_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
