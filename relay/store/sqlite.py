@@ -8,7 +8,7 @@
 #   store opened after an unclean close starts that far above it, so no seq is ever reused.
 #   Every transaction's outcome reaches the loop in commit order, with the seq it settles.
 # * The writer's in-memory caches (directory, mailbox quotas, sequence counters) are exact while
-#   no other connection writes; each batch starts, under the write lock, by checking
+#   no other connection writes; each transaction starts, under the write lock, by checking
 #   ``PRAGMA data_version`` and reloading them if another writer (another process sharing the
 #   file) committed since, so seqs stay increasing in commit order across writers. Any
 #   unexpected failure clears them too (they reload lazily).
@@ -922,7 +922,13 @@ class _WriterState:
 
     def flush(self) -> None:
         """Write the rows of the sends deferred in this batch (before any other statement)."""
-        self.write_rows(self.pending_msgs, self.pending_mailbox, self.pending_wrote)
+        self.write_rows(*self._take_pending())
+
+    def _take_pending(
+        self,
+    ) -> tuple[list[tuple[Any, ...]], list[tuple[int, int, int, int]], list[tuple[int, int]]]:
+        """Take the deferred sends' rows (to be written now); their ids move to ``txn_ids``."""
+        rows = (self.pending_msgs, self.pending_mailbox, self.pending_wrote)
         self.pending_msgs = []
         self.pending_mailbox = []
         self.pending_wrote = []
@@ -930,6 +936,7 @@ class _WriterState:
         if self.batch_ids:
             self.txn_ids.update(self.batch_ids)
             self.batch_ids = {}
+        return rows
 
     def write_rows(
         self,
@@ -949,21 +956,8 @@ class _WriterState:
     def detach(self) -> _Closing:
         """Take what the open transaction has still to write, and start the next one's in
         memory: its sends' ids stay findable (``committing_ids``) until ``committed``."""
-        closing = _Closing(
-            self.pending_msgs,
-            self.pending_mailbox,
-            self.pending_wrote,
-            self.seq,
-            self.seq_dirty,
-            self.deliveries,
-        )
-        self.txn_ids.update(self.batch_ids)
+        closing = _Closing(*self._take_pending(), self.seq, self.seq_dirty, self.deliveries)
         self.committing_ids, self.txn_ids = self.txn_ids, {}
-        self.batch_ids = {}
-        self.pending_msgs = []
-        self.pending_mailbox = []
-        self.pending_wrote = []
-        self.batch_sent = {}
         self.deliveries = []
         self.fanouts = []
         self.seq_dirty = False
@@ -993,17 +987,14 @@ class _WriterState:
     def begin_batch(
         self, sends: Sequence[tuple[Address, bytes]], reader: sqlite3.Connection | None = None
     ) -> None:
-        """Start a batch inside its write transaction, in one step: drop the caches if another
-        connection committed since this one last looked (``data_version`` changes only for
-        others' commits), and load, for deduplicating the batch's (sender, message id) sends,
-        the stored (sender, device, recipients, stored_at) of messages still queued and the
-        dedupe records (expires, recipients) of delivered ones.
+        """Load, in one step, for deduplicating a chunk's (sender, message id) sends, the stored
+        (sender, device, recipients, stored_at) of messages still queued and the dedupe records
+        (expires, recipients) of delivered ones. Whether another connection committed was
+        checked when the transaction began (:meth:`foreign_commit`); inside it none can.
 
-        One statement, not two: every SQLite step releases the GIL, and winning it back from a
-        busy event loop costs the writer more than the step itself.
-
-        With ``reader`` (the loop's own connection, which sees committed rows only) nothing but
-        the lookup runs; the uncommitted sends are found in memory (:meth:`_row_of`).
+        On the writer's connection (also when lent to the loop) the lookup sees the open
+        transaction's rows; on ``reader`` (the loop's own connection, while the writer commits)
+        only committed ones, and the uncommitted sends are found in memory (:meth:`_row_of`).
         """
         self.known = {}
         self.known_delivered = {}
@@ -1014,50 +1005,31 @@ class _WriterState:
             ids = [mid for _, mid in part]
             keys = [digest(sender, mid) for sender, mid in part]
             marks = ",".join("?" * len(part))
-            # The first chunk (the only one but for huge batches) also reads data_version.
-            first = start == 0 and reader is None
-            version_sql = "(SELECT data_version FROM pragma_data_version)" if first else "0"
-            version, doc, done = (
+            doc, done = (
                 (reader or self.conn)
                 .execute(
-                    f"SELECT {version_sql}, (SELECT json_group_array(json_array(hex(msg_id), "  # noqa: S608
-                    "sender, sender_device, n_recipients, stored_ms)) FROM messages "
+                    "SELECT (SELECT json_group_array(json_array(hex(msg_id), sender, "  # noqa: S608
+                    "sender_device, n_recipients, stored_ms)) FROM messages "
                     f"WHERE msg_id IN ({marks})), (SELECT json_group_array(json_array(hex(key), "
                     f"expires, recipients)) FROM dedupe WHERE key IN ({marks}))",
                     ids + keys,
                 )
                 .fetchone()
             )
-            if first and int(version) != self.data_version:
-                self.data_version = int(version)
-                self.reset_caches()
             for hexid, user, dev, n, stored in json.loads(doc):
                 self.known[bytes.fromhex(hexid)] = (user, dev, n, stored)
             for hexkey, expires, n in json.loads(done):
                 self.known_delivered[bytes.fromhex(hexkey)] = (expires, n)
 
-    def ack_many(
-        self, requests: Sequence[tuple[Address, Sequence[bytes], Sequence[bytes]]]
-    ) -> list[int]:
-        """Apply several devices' acks and settled sends (``RelayStore.ack``): one INSERT into
-        ``settle`` for all the settled ids (first, so a message acked and settled in one batch
-        leaves no record at all), then one DELETE that returns the mailbox rows it removed (the
-        ``mailbox_forget`` trigger replaces each message no mailbox references any more by its
-        dedupe record); return rows removed per request.
-
-        An id acknowledged twice in one batch counts for the first request only.
-
-        In three steps, so that a closing transaction runs the SQL while the loop stages the
-        next one's sends: :meth:`ack_plan` (reads the caches), :meth:`ack_run` (SQL only),
-        :meth:`ack_apply` (quota caches).
-        """
-        counts, removed = self.ack_run(self.ack_plan(requests))
-        self.ack_apply(removed)
-        return counts
-
     def ack_plan(
         self, requests: Sequence[tuple[Address, Sequence[bytes], Sequence[bytes]]]
     ) -> _AckPlan:
+        """Resolve several devices' acks and settled sends (``RelayStore.ack``) from the caches,
+        for :meth:`ack_run` (SQL only, so a closing transaction runs it while the loop stages
+        the next one's sends) and :meth:`ack_apply` (the quota caches, after COMMIT).
+
+        An id acknowledged twice in one batch counts for the first request only.
+        """
         digest = self.rules.digest
         settled = {digest(addr, mid): mid for addr, _, mids in requests for mid in mids}
         owner: dict[tuple[int, bytes], int] = {}
@@ -1069,8 +1041,11 @@ class _WriterState:
         return _AckPlan(list(settled.items()), owner, len(requests))
 
     def ack_run(self, plan: _AckPlan) -> tuple[list[int], list[tuple[int, int, str]]]:
-        """Run a plan's SQL; return rows removed per request and each removed row's (device
-        pk, size, sender)."""
+        """Run a plan's SQL: one INSERT into ``settle`` for all the settled ids (first, so a
+        message acked and settled in one batch leaves no record at all), then one DELETE that
+        returns the mailbox rows it removed (the ``mailbox_forget`` trigger replaces each
+        message no mailbox references any more by its dedupe record). Return rows removed per
+        request and each removed row's (device pk, size, sender)."""
         if plan.settled:
             self._insert_rows("INSERT INTO settle(key, msg_id) VALUES ", 2, plan.settled)
         counts = [0] * plan.n
@@ -1103,7 +1078,10 @@ class _WriterState:
         self.queued -= len(removed)
 
     def ack(self, addr: Address, ids: Sequence[bytes], settled: Sequence[bytes] = ()) -> int:
-        return self.ack_many([(addr, ids, settled)])[0]
+        """One device's ack (an ack op's function; a transaction runs its acks together)."""
+        counts, removed = self.ack_run(self.ack_plan([(addr, ids, settled)]))
+        self.ack_apply(removed)
+        return counts[0]
 
     # -- blobs and retention -------------------------------------------------------------
 
@@ -1352,9 +1330,9 @@ class SqliteRelayStore:
         self._side_lock = threading.Lock()
         self._side_acks: list[_Op] = []
         self._open = False
-        # Staging on the loop (``loop_staging``): the writer's state and connection are used by
-        # the writer thread, or by the loop while the writer waits for more writes with ``_txn``
-        # set; either holds ``_state_lock`` meanwhile (the loop never waits for it).
+        # Staging on the loop (``loop_staging``): the writer's in-memory state is used by the
+        # writer thread, or by the loop in the transaction open to it (``_txn``); either holds
+        # ``_state_lock`` meanwhile (the loop waits for it at most ``_LOOP_LOCK_WAIT``).
         # Without commit pacing no transaction ever waits for more writes, so none is open.
         self._loop_staging = self._limits.loop_staging and self._limits.write_batch_interval_ms > 0
         self._state_lock = threading.Lock()
@@ -1719,10 +1697,10 @@ class SqliteRelayStore:
 
         Every SQLite step releases the GIL, and winning it back from a busy event loop can take a
         whole switch interval; so a chunk of operations costs a handful of statements, not a few
-        per message: per chunk taken from the queue one step for the other-writer check and the
-        dedupe lookup; at the end one multi-row INSERT per table (earlier only when another
-        operation needs the rows), one DELETE for all the transaction's acks (dropped bodies
-        follow inside SQLite, by a trigger), the seq mark and COMMIT.
+        per message: at BEGIN one step for the other-writer check (``foreign_commit``); per
+        chunk one step for the dedupe lookup; at the end one multi-row INSERT per table (earlier
+        only when another operation needs the rows), one DELETE for all the transaction's acks
+        (dropped bodies follow inside SQLite, by a trigger), the seq mark and COMMIT.
 
         Early delivery: with an early listener set, each chunk's accepted sends are handed to it
         as soon as they are staged, before COMMIT; their senders' results still wait for it.
