@@ -46,7 +46,6 @@ import asyncio
 import bisect
 import contextlib
 import hmac
-import json
 import logging
 import os
 import queue
@@ -492,6 +491,8 @@ class _WriterState:
         self.cache_only = False
         self.known: dict[bytes, tuple[str, int, int, int]] = {}
         self.known_delivered: dict[bytes, tuple[int, int]] = {}  # digest -> (expires, recipients)
+        # The chunk's dedupe keys as begin_batch computed them: message id -> (sender, key).
+        self.keys_of: dict[bytes, tuple[Address, bytes]] = {}
         self.truncate_log = False  # a sweep asks the writer to empty the log when idle
         row = conn.execute("SELECT v FROM meta WHERE k='seq'").fetchone()
         self.seq = int(row[0]) if row else 0
@@ -816,7 +817,7 @@ class _WriterState:
         row = self._row_of(message_id)
         if row is not None:
             return row[0] == sender.user and int(row[1]) == sender.device
-        return self.rules.digest(sender, message_id) in self.known_delivered
+        return self._key_of(sender, message_id) in self.known_delivered
 
     def _row_of(self, message_id: bytes) -> tuple[str, int, int, int] | None:
         """The stored (sender, device, recipients, stored_ms) of a queued message: this
@@ -831,7 +832,7 @@ class _WriterState:
 
     def send(self, sender: Address, env: Envelope, now_ms: int) -> SendReceipt:
         rules = self.rules
-        dkey = rules.digest(sender, env.message_id)
+        dkey = self._key_of(sender, env.message_id)
         # The sender's own delivered message first: another sender may since have reused the id.
         done = self.known_delivered.get(dkey)
         if done is not None:
@@ -998,28 +999,38 @@ class _WriterState:
         """
         self.known = {}
         self.known_delivered = {}
+        self.keys_of = {}
         digest = self.rules.digest
         per = _MAX_VARS // 2
+        conn = reader or self.conn
         for start in range(0, max(len(sends), 1), per):
             part = sends[start : start + per]
             ids = [mid for _, mid in part]
-            keys = [digest(sender, mid) for sender, mid in part]
+            keys = []
+            for sender, mid in part:
+                key = digest(sender, mid)
+                keys.append(key)
+                self.keys_of[mid] = (sender, key)
             marks = ",".join("?" * len(part))
-            doc, done = (
-                (reader or self.conn)
-                .execute(
-                    "SELECT (SELECT json_group_array(json_array(hex(msg_id), sender, "  # noqa: S608
-                    "sender_device, n_recipients, stored_ms)) FROM messages "
-                    f"WHERE msg_id IN ({marks})), (SELECT json_group_array(json_array(hex(key), "
-                    f"expires, recipients)) FROM dedupe WHERE key IN ({marks}))",
-                    ids + keys,
-                )
-                .fetchone()
-            )
-            for hexid, user, dev, n, stored in json.loads(doc):
-                self.known[bytes.fromhex(hexid)] = (user, dev, n, stored)
-            for hexkey, expires, n in json.loads(done):
-                self.known_delivered[bytes.fromhex(hexkey)] = (expires, n)
+            # One statement, rows only for what exists (almost never): kind 0 a queued
+            # message by id, kind 1 a delivered one's dedupe record by key.
+            for kind, k, a, b, c, d in conn.execute(
+                "SELECT 0, msg_id, sender, sender_device, n_recipients, stored_ms "  # noqa: S608
+                f"FROM messages WHERE msg_id IN ({marks}) UNION ALL "
+                f"SELECT 1, key, expires, recipients, 0, 0 FROM dedupe WHERE key IN ({marks})",
+                ids + keys,
+            ):
+                if kind == 0:
+                    self.known[k] = (a, b, c, d)
+                else:
+                    self.known_delivered[k] = (a, b)
+
+    def _key_of(self, sender: Address, message_id: bytes) -> bytes:
+        """The dedupe key of ``sender``'s ``message_id``: begin_batch's, or computed."""
+        got = self.keys_of.get(message_id)
+        if got is not None and got[0] == sender:
+            return got[1]
+        return self.rules.digest(sender, message_id)
 
     def ack_plan(
         self, requests: Sequence[tuple[Address, Sequence[bytes], Sequence[bytes]]]
