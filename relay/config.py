@@ -131,6 +131,10 @@ SETTING_HELP: dict[str, str] = {
     " (or 8x at any time) -> close 4002",
     "ws_max_inflight_sends": "SEND frames a WebSocket may have awaiting their commit; beyond it the"
     " relay stops reading that socket until half are answered (back-pressure)",
+    "ws_direct_frames": "1 = a WebSocket's SEND and ack frames are taken as aiohttp's parser"
+    " produces them, without a task wake-up each (where the installed aiohttp allows it; other"
+    " frames, and frames that arrive while the socket's reading waits, go through aiohttp's"
+    " queue); 0 = every frame through aiohttp's queue",
     "ws_slow_grace_seconds": "how long a WebSocket may stay above ws_max_outbound_bytes",
     "ws_heartbeat_seconds": "ping interval (0 disables); no pong within half -> disconnect",
     "ws_idle_timeout_seconds": "nothing received for this long -> close 4004",
@@ -311,6 +315,7 @@ class RelayConfig:
     ws_max_frame_bytes: int = 1024 * 1024
     ws_max_outbound_bytes: int = 1024 * 1024
     ws_max_inflight_sends: int = 64
+    ws_direct_frames: int = 1
     ws_slow_grace_seconds: float = 2.0
     ws_heartbeat_seconds: float = 30.0
     ws_idle_timeout_seconds: float = 300.0
@@ -478,6 +483,8 @@ class RelayConfig:
             raise ConfigError(
                 f"sqlite_pipelined_sync must be 0 or 1 (got {self.sqlite_pipelined_sync})"
             )
+        if self.ws_direct_frames not in (0, 1):
+            raise ConfigError(f"ws_direct_frames must be 0 or 1 (got {self.ws_direct_frames})")
         if self.sqlite_loop_staging not in (0, 1):
             raise ConfigError(
                 f"sqlite_loop_staging must be 0 or 1 (got {self.sqlite_loop_staging})"

@@ -21,6 +21,7 @@ class Metrics:
     sends_in_flight: int = 0
     sends_in_flight_peak: int = 0
     ws_read_pauses: int = 0
+    ws_frames_direct: int = 0
     ws_sends_rate_limited: int = 0
     redis_wake_calls: int = 0
     redis_woken_devices: int = 0
@@ -64,6 +65,10 @@ class Metrics:
             " it had ws_max_inflight_sends sends waiting (back-pressure).",
             "# TYPE blindpost_relay_ws_read_pauses_total counter",
             f"blindpost_relay_ws_read_pauses_total {self.ws_read_pauses}",
+            "# HELP blindpost_relay_ws_frames_direct_total SEND and ack frames taken as the"
+            " parser produced them (ws_direct_frames), without a task wake-up each.",
+            "# TYPE blindpost_relay_ws_frames_direct_total counter",
+            f"blindpost_relay_ws_frames_direct_total {self.ws_frames_direct}",
             "# HELP blindpost_relay_ws_sends_rate_limited_total WebSocket sends answered 429"
             " (send_rate, account_send_rate, account_max_inflight_sends...); each pauses its"
             " socket's reading.",

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -148,6 +148,9 @@ class RelayState:
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     # Set while this relay is one of several nodes linked through Redis (redis_url).
     node: NodeLink | None = None
+    # relay.ws's handler of frames taken as they are parsed (ws_direct_frames): one for all
+    # sockets, built by the first.
+    frame_handler: Callable[[Any, Any], Any] | None = None
 
     def require_node_ready(self) -> None:
         """Refuse what needs Redis while a relay node cannot reach it.

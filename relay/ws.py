@@ -19,11 +19,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from blindpost_wire.auth import AUTH_FRAME_FIELDS
 from blindpost_wire.close import CLOSE_TRY_AGAIN_LATER
@@ -36,6 +36,7 @@ from relay.sending import charge_lookups, check_recipient_users
 from relay.state import STATE_KEY, RelayState
 from relay.store.base import Address, Envelope, SendReceipt
 from relay.wire import OP_SEND, OP_SEND_AFTER, b64e, decode_send, encode_deliver, parse_ack
+from relay.ws_frames import FastFramesResponse
 
 __all__ = ["websocket_handler"]
 
@@ -55,7 +56,7 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     protocol."""
     st = request.app[STATE_KEY]
     cfg = st.config
-    ws = web.WebSocketResponse(
+    ws = (FastFramesResponse if cfg.ws_direct_frames else web.WebSocketResponse)(
         heartbeat=None,  # heartbeat and idle timeout: the hub's single liveness sweep, so
         receive_timeout=None,  # there are no timer objects per idle socket
         max_msg_size=cfg.ws_max_frame_bytes,
@@ -129,9 +130,24 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
     del drain
     loop = asyncio.get_running_loop()
     max_inflight = cfg.ws_max_inflight_sends
+    frames = ws.frames if isinstance(ws, FastFramesResponse) else None
+    if frames is not None:
+        handler = st.frame_handler
+        if handler is None:  # one for all sockets: a socket holds no closure of its own
+            handler = st.frame_handler = partial(_frame_now, st, max_inflight, loop.time)
+        frames.owner = conn
+        frames.handle = handler
     try:
         while True:
+            if frames is not None:
+                frames.resume()  # data frames are taken in the parser's callback meanwhile
             msg = await ws.receive()
+            if msg.extra is _PAUSE:  # _frame_now took a frame, and reading waits for this
+                if msg.data is not None:
+                    await msg.data
+                if conn.inflight_sends >= max_inflight:
+                    await _wait_for_commits(st, conn)
+                continue
             conn.last_rx = loop.time()
             conn.pinged = False
             kind = msg.type
@@ -150,6 +166,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
             else:  # CLOSE, CLOSING, CLOSED, ERROR: aiohttp already answered with the close code
                 break
     finally:
+        if frames is not None:
+            for later in frames.close():
+                st.spawn(later)
         pending = conn.drain
         if pending is not None and not pending.done():
             pending.cancel()
@@ -159,6 +178,43 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
         conn.closing = True
         log.info("ws closed user=%s device=%d code=%s", addr.user, addr.device, ws.close_code)
     return ws
+
+
+# The ``extra`` of a pause marker, whose data the reading loop awaits before the next frame.
+_PAUSE: Any = object()
+
+
+def _frame_now(
+    st: RelayState, max_inflight: int, now: Callable[[], float], conn: Connection, msg: Any
+) -> Any:
+    """A frame as aiohttp's parser produced it, while the reading loop waits (relay.ws_frames).
+
+    Returns None when the frame was taken (a SEND queued or answered, an ack submitted); else
+    what the reading loop gets: the frame itself (anything but a SEND or an ack, or any frame
+    of a closing socket), or a pause marker carrying what it awaits before it reads on (a
+    Redis lease, the pause after a 429, the ack bound, or the commits of ``max_inflight``
+    sends). Frames behind it wait in aiohttp's queue, which pauses reading the socket when full.
+    """
+    if conn.closing:
+        return msg
+    kind = msg.type
+    if kind == WSMsgType.BINARY:
+        conn.last_rx = now()
+        conn.pinged = False
+        later = _on_binary(st, conn, msg.data)
+        if later is None and conn.inflight_sends < max_inflight:
+            st.metrics.ws_frames_direct += 1
+            return None
+    elif kind == WSMsgType.TEXT:
+        conn.last_rx = now()
+        conn.pinged = False
+        later = _on_text_now(st, conn, msg.data)
+        if later is None:
+            st.metrics.ws_frames_direct += 1
+            return None
+    else:
+        return msg
+    return WSMessage(WSMsgType.BINARY, later, _PAUSE)
 
 
 async def _wait_for_commits(st: RelayState, conn: Connection) -> None:
@@ -397,6 +453,14 @@ async def _answer_mismatch(
 
 
 async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
+    later = _on_text_now(st, conn, text)
+    if later is not None:
+        await later
+
+
+def _on_text_now(st: RelayState, conn: Connection, text: str) -> Coroutine[Any, Any, None] | None:
+    """Take an ack frame; returns what must be awaited before the socket is read on, if
+    anything (too many of its acks wait for a commit)."""
     ref: str | None = None
     try:
         doc = json.loads(text)
@@ -409,22 +473,27 @@ async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
         ids, settled = parse_ack(doc)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         _error_frame(st, conn, BadRequest("frame is not valid JSON"))
-        return
+        return None
     except RelayError as err:
         _error_frame(st, conn, err, ref)
-        return
+        return None
     # Acks do not hold up the socket's reading (sends behind them keep flowing) unless too many
     # are already waiting for a commit: then this socket waits, which bounds its memory.
     try:
         fut = st.store.submit_ack(conn.addr, ids, settled)
     except RelayError as err:  # the store is closing
         _error_frame(st, conn, err, ref)
-        return
+        return None
     conn.inflight_acks += 1
     fut.add_done_callback(partial(_ack_done, st, conn, ref))
     if conn.inflight_acks > _MAX_INFLIGHT_ACKS:
-        with contextlib.suppress(Exception):
-            await fut
+        return _quiet(fut)
+    return None
+
+
+async def _quiet(fut: Any) -> None:
+    with contextlib.suppress(Exception):
+        await fut
 
 
 def _ack_done(st: RelayState, conn: Connection, ref: str | None, fut: asyncio.Future[int]) -> None:

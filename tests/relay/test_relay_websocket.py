@@ -7,6 +7,7 @@ import itertools
 import json
 
 import aiohttp
+import pytest
 from relay_testclient import Device, RelayClient, b64, drain_until_empty, new_mid, next_frame
 
 from relay.store.base import Address, Envelope
@@ -295,3 +296,54 @@ async def test_a_sender_settles_its_sends_over_the_socket_and_over_http(
         # The refusal names the ack it refuses, so the client fails that ack at once.
         assert frame["ref"] == "bad" and frame["status"] == 400, (body, frame)
     await ws.close()
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+async def test_sends_and_acks_on_one_socket_are_taken_in_order(
+    relay_factory, session, direct: str
+) -> None:
+    """With or without the direct frame path (ws_direct_frames): a socket's pipelined sends are
+    answered in order, interleaved acks with refs are confirmed in order, a bad frame among
+    them is refused without disturbing the rest, and every acked message is gone."""
+    relay = relay_factory({"ws_direct_frames": direct, "send_burst": "1000"})
+    client = RelayClient(relay.url, session)
+    alice, bob = await client.new_device(), await client.new_device()
+    ws_a, ws_b = await client.ws(alice), await client.ws(bob)
+    await drain_until_empty(ws_a)
+    await drain_until_empty(ws_b)
+    n = 40
+    mids = [new_mid() for _ in range(n)]
+    for i, mid in enumerate(mids):
+        await ws_a.send_bytes(encode_send(Envelope(mid, (bob.addr,), b"o%d" % i)))
+        if i == n // 2:
+            await ws_a.send_bytes(b"\x07junk")
+    answers = [await next_frame(ws_a) for _ in range(n + 1)]
+    refused = [a for a in answers if a["type"] == "error"]
+    assert [r["error"] for r in refused] == ["unknown_op"]
+    assert [a["id"] for a in answers if a["type"] == "send_result"] == [b64(m) for m in mids]
+    got = []
+    for i in range(n):
+        msg = await next_frame(ws_b)
+        got.append(msg.message_id)
+        await ws_b.send_str(
+            json.dumps({"type": "ack", "ids": [b64(msg.message_id)], "ref": f"r{i}"})
+        )
+    assert got == mids
+    acked = [await next_frame(ws_b) for _ in range(n)]
+    assert acked == [{"type": "acked", "ref": f"r{i}", "count": 1} for i in range(n)]
+    async with session.get(relay.url + "/metrics") as resp:
+        text = await resp.text()
+    direct_frames = next(
+        float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("blindpost_relay_ws_frames_direct_total ")
+    )
+    if direct == "1":
+        assert direct_frames > 0  # the installed aiohttp gets the direct path
+    else:
+        assert direct_frames == 0
+    for ws in (ws_a, ws_b):
+        await ws.close()
+    again = await client.ws(bob)
+    assert await drain_until_empty(again) == []
+    await again.close()
