@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -307,8 +308,6 @@ async def test_send_and_ack_correlation(fake: FakeRelay) -> None:
                         )
                     )
             elif msg.type == WSMsgType.TEXT:
-                import json
-
                 doc = json.loads(msg.data)
                 await ws.send_str(encode_control(Acked(doc["ref"], len(doc["ids"]))))
                 await ws.close(code=4001)
@@ -338,8 +337,6 @@ async def test_send_and_ack_correlation(fake: FakeRelay) -> None:
 async def test_ack_frame_carries_settled_sends(fake: FakeRelay) -> None:
     """``settled`` goes in the ack frame the relay reads; an ack may settle only, and the
     ``acked`` answer to it resolves the caller's future as any ack's does."""
-    import json
-
     frames: list[dict[str, Any]] = []
 
     async def script(ws: web.WebSocketResponse, _r: web.Request) -> None:
@@ -422,8 +419,6 @@ async def test_a_refused_ack_fails_its_future_at_once(fake: FakeRelay) -> None:
     }
 
     async def script(ws: web.WebSocketResponse, _r: web.Request) -> None:
-        import json
-
         await ws.send_str(encode_control(Hint(0)))
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
