@@ -29,7 +29,7 @@ import hmac
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -941,11 +941,17 @@ class PostgresRelayStore:
 
     async def identity_key(self, addr: Address) -> bytes | None:
         """See ``RelayStore.identity_key``."""
+        return await self._device_key(addr, "identity_key", "read identity key")
+
+    async def _device_key(
+        self, addr: Address, column: Literal["identity_key", "auth_key"], what: str
+    ) -> bytes | None:
+        """A device's public key of one kind, or None (no such device, or none uploaded)."""
         pool = self._pool_or_fail()
-        with storage_errors("read identity key"):
+        with storage_errors(what):
             key = await pool.fetchval(
-                "SELECT d.identity_key FROM devices d JOIN users u ON u.pk = d.user_pk "
-                "WHERE u.username = $1 AND d.device_id = $2",
+                f"SELECT d.{column} FROM devices d JOIN users u "  # noqa: S608 - fixed names
+                "ON u.pk = d.user_pk WHERE u.username = $1 AND d.device_id = $2",
                 addr.user,
                 addr.device,
             )
@@ -1009,15 +1015,7 @@ class PostgresRelayStore:
 
     async def auth_key(self, addr: Address) -> bytes | None:
         """See ``RelayStore.auth_key``."""
-        pool = self._pool_or_fail()
-        with storage_errors("read auth key"):
-            key = await pool.fetchval(
-                "SELECT d.auth_key FROM devices d JOIN users u ON u.pk = d.user_pk "
-                "WHERE u.username = $1 AND d.device_id = $2",
-                addr.user,
-                addr.device,
-            )
-        return None if key is None else bytes(key)
+        return await self._device_key(addr, "auth_key", "read auth key")
 
     # -- keys ----------------------------------------------------------------------------
 
