@@ -113,19 +113,28 @@ class FastFramesResponse(web.WebSocketResponse):
 def _swap(ws: web.WebSocketResponse, proto: Any) -> FrameQueue | None:
     old_queue = getattr(ws, "_reader", None)
     old_parser = getattr(ws, "_parser", None)
+    # What aiohttp built its parser from; missing means another aiohttp (never a default: a
+    # max_msg_size of 0 would mean no frame size limit).
+    loop = getattr(ws, "_loop", None)
+    max_msg_size = getattr(ws, "_max_msg_size", None)
+    compress = getattr(ws, "_compress", None)
     if (
         _reader is None
         or type(old_queue) is not _reader.WebSocketDataQueue
         or old_parser is None
         or getattr(proto, "_payload_parser", None) is not old_parser
+        or loop is None
+        or not isinstance(max_msg_size, int)
+        or max_msg_size <= 0
+        or compress is None
     ):
         return None
-    queue = FrameQueue(proto, _QUEUE_LIMIT, loop=getattr(ws, "_loop", None))
+    queue = FrameQueue(proto, _QUEUE_LIMIT, loop=loop)
     try:
         parser = _reader.WebSocketReader(
             queue,
-            getattr(ws, "_max_msg_size", 0),
-            compress=False,
+            max_msg_size,
+            compress=bool(compress),
             decode_text=getattr(ws, "_decode_text", True),
         )
     except TypeError:  # another aiohttp's parser

@@ -116,3 +116,47 @@ async def test_closing_returns_what_queued_pause_markers_still_have_to_run() -> 
     assert len(pending) == 1  # the frame behind the marker was not taken: nothing to run
     await pending[0]
     assert ran == ["taken"]
+
+
+async def test_the_swap_needs_every_part_aiohttp_built_its_parser_from() -> None:
+    """Without one of them (another aiohttp) the socket keeps aiohttp's own parser: never a
+    guessed default, since a max_msg_size of 0 would lift the frame size limit."""
+    from types import SimpleNamespace
+
+    from aiohttp._websocket.reader import WebSocketDataQueue
+
+    from relay.ws_frames import _swap
+
+    def parts(**missing: Any) -> tuple[Any, Any]:
+        proto = _Protocol()
+        old_queue = WebSocketDataQueue(proto, 2**16, loop=asyncio.get_running_loop())
+        old_parser = WebSocketReader(old_queue, 2**20, compress=False, decode_text=True)
+        ws = SimpleNamespace(
+            _reader=old_queue,
+            _parser=old_parser,
+            _loop=asyncio.get_running_loop(),
+            _max_msg_size=2**20,
+            _compress=False,
+        )
+        for name, value in missing.items():
+            if value is None:
+                delattr(ws, name)
+            else:
+                setattr(ws, name, value)
+        proto._payload_parser = old_parser  # type: ignore[attr-defined]
+        return ws, proto
+
+    ws, proto = parts()
+    queue = _swap(ws, proto)
+    assert isinstance(queue, FrameQueue) and ws._reader is queue
+    assert proto._payload_parser is ws._parser  # type: ignore[attr-defined]
+    for missing in (
+        {"_max_msg_size": None},
+        {"_max_msg_size": 0},
+        {"_loop": None},
+        {"_compress": None},
+    ):
+        ws, proto = parts(**missing)
+        kept = ws._parser
+        assert _swap(ws, proto) is None, missing
+        assert proto._payload_parser is kept  # type: ignore[attr-defined]
