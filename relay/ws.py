@@ -158,7 +158,9 @@ async def websocket_handler(request: web.Request) -> web.StreamResponse:
                 if conn.inflight_sends >= max_inflight:
                     await _wait_for_commits(st, conn)
             elif kind == WSMsgType.TEXT:
-                await _on_text(st, conn, msg.data)
+                pending_acks = _on_text(st, conn, msg.data)
+                if pending_acks is not None:
+                    await pending_acks
             elif kind == WSMsgType.PING:
                 await ws.pong(msg.data)
             elif kind == WSMsgType.PONG:
@@ -195,25 +197,20 @@ def _frame_now(
     Redis lease, the pause after a 429, the ack bound, or the commits of ``max_inflight``
     sends). Frames behind it wait in aiohttp's queue, which pauses reading the socket when full.
     """
-    if conn.closing:
-        return msg
     kind = msg.type
-    if kind == WSMsgType.BINARY:
-        conn.last_rx = now()
-        conn.pinged = False
-        later = _on_binary(st, conn, msg.data)
-        if later is None and conn.inflight_sends < max_inflight:
-            st.metrics.ws_frames_direct += 1
-            return None
-    elif kind == WSMsgType.TEXT:
-        conn.last_rx = now()
-        conn.pinged = False
-        later = _on_text_now(st, conn, msg.data)
-        if later is None:
-            st.metrics.ws_frames_direct += 1
-            return None
-    else:
+    if conn.closing or (kind != WSMsgType.BINARY and kind != WSMsgType.TEXT):
         return msg
+    conn.last_rx = now()
+    conn.pinged = False
+    if kind == WSMsgType.BINARY:
+        later = _on_binary(st, conn, msg.data)
+        waits = later is not None or conn.inflight_sends >= max_inflight
+    else:
+        later = _on_text(st, conn, msg.data)
+        waits = later is not None
+    if not waits:
+        st.metrics.ws_frames_direct += 1
+        return None
     return WSMessage(WSMsgType.BINARY, later, _PAUSE)
 
 
@@ -452,13 +449,7 @@ async def _answer_mismatch(
         _send_result_error(st, conn, mid, err)
 
 
-async def _on_text(st: RelayState, conn: Connection, text: str) -> None:
-    later = _on_text_now(st, conn, text)
-    if later is not None:
-        await later
-
-
-def _on_text_now(st: RelayState, conn: Connection, text: str) -> Coroutine[Any, Any, None] | None:
+def _on_text(st: RelayState, conn: Connection, text: str) -> Coroutine[Any, Any, None] | None:
     """Take an ack frame; returns what must be awaited before the socket is read on, if
     anything (too many of its acks wait for a commit)."""
     ref: str | None = None

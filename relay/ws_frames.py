@@ -83,15 +83,11 @@ class FrameQueue(_Queue):  # type: ignore[misc]  # aiohttp's queue, typed Any: a
                 data = handle(self.owner, data)
             except Exception as exc:  # noqa: BLE001 - the socket is closed, not the relay
                 log.error("ws frame failed with %s", type(exc).__name__)
-                data = _failed(exc)
+                data = WSMessage(WSMsgType.ERROR, exc, None)
             if data is None:
                 return
             self.on = False
         super().feed_data(data, size)
-
-
-def _failed(exc: BaseException) -> Any:
-    return WSMessage(WSMsgType.ERROR, exc, None)
 
 
 class FastFramesResponse(web.WebSocketResponse):

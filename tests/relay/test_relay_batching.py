@@ -246,7 +246,7 @@ async def test_a_lookup_the_loop_cannot_make_is_left_to_the_writer(tmp_path: Pat
     assert reader is not None
     try:
         await store.submit_send(A, _env(), 0)
-        await asyncio.sleep(0.2)  # the writer is idle again
+        await _until(lambda: store._txn is None, "the writer idle again")
         reader.set_authorizer(deny)
         gate.armed = True
         held = store.submit_send(A, _env(), 0)
@@ -314,7 +314,7 @@ async def test_sends_are_staged_and_pushed_while_the_writer_commits(tmp_path: Pa
     try:
         first = _env()
         await store.submit_send(A, first, 0)
-        await asyncio.sleep(0.2)  # the writer is idle again
+        await _until(lambda: store._txn is None, "the writer idle again")
         gate.armed = True
         held = store.submit_send(A, _env(), 0)  # an idle writer commits at once: held there
         await _until(gate.entered.is_set, "the writer inside its closing statements")
@@ -371,7 +371,7 @@ async def test_sends_staged_before_another_process_commits_are_run_again(
 
     try:
         await store.submit_send(A, _env(), 0)
-        await asyncio.sleep(0.2)  # the writer is idle again
+        await _until(lambda: store._txn is None, "the writer idle again")
         gate.armed = True
         held = store.submit_send(A, _env(), 0)
         await _until(gate.entered.is_set, "the writer inside its closing statements")
