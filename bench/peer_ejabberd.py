@@ -1,7 +1,8 @@
 # Invariants:
 # * Both systems get the same load shape, from the same kind of load process (JSON-lines worker
 #   subprocesses, open-loop pacing, CLOCK_MONOTONIC timestamps in 200-byte bodies), and runs
-#   alternate system by system within each round, so a change in the machine's speed hits both.
+#   alternate system by system within each round, so a change in the machine's speed hits both
+#   (and the floor server's, with --floor).
 # * Everything it starts listens on 127.0.0.1 only, lives in a temporary directory, and is
 #   stopped (and the directory removed) when a run ends, also on error or Ctrl-C.
 # * ejabberd comes from the installed Debian package and is started directly with erl (no
@@ -17,6 +18,9 @@ The command behind the table in docs/performance-relay.md::
 
 Shorter runs: ``--only latency`` (2,000 and 5,000 msg/s), ``--only throughput``,
 ``--only drain``, ``--only idle``; ``--duration`` and ``--idle-connections`` scale them down.
+``--floor`` adds a third system to the traffic runs: ``bench/_floor_server.py``, which answers
+the relay's load with the relay's frames on the relay's stack (aiohttp on uvloop) and does
+none of its work (no storage, checks or acks): what any relay built on that stack pays.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import relay_load as rl  # noqa: E402
 from e2ee.transport.frames import encode_ack, encode_send  # noqa: E402
 
 XMPP_WORKER = ROOT / "bench" / "_xmpp_load_worker.py"
+FLOOR_SERVER = ROOT / "bench" / "_floor_server.py"
 DOMAIN = "bench.localhost"
 ERL_LIBS = Path("/usr/lib/x86_64-linux-gnu")
 START_TIMEOUT = 60.0
@@ -288,10 +293,51 @@ _ONE_SQLITE_RELAY: dict[str, Any] = {
 }
 
 
-async def traffic_relay(args: argparse.Namespace, rate: float) -> dict[str, Any]:
+@contextlib.contextmanager
+def floor_server() -> Iterator[tuple[str, int]]:
+    """Start ``bench/_floor_server.py`` on a free loopback port; yield its URL and pid."""
+    port = rl.free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(FLOOR_SERVER), "--port", str(port)],
+        cwd=ROOT,
+        preexec_fn=rl._raise_child_fd_limit,  # the relay's own file limit
+    )
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("the floor server exited")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the floor server did not start")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def traffic_floor(args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """The relay's load against the floor server: the stack's share of latency and CPU."""
+    with floor_server() as (url, pid):
+        return await traffic_relay(args, rate, url, pid, system="floor")
+
+
+async def traffic_relay(
+    args: argparse.Namespace,
+    rate: float,
+    url: str | None = None,
+    pid: int | None = None,
+    system: str = "relay",
+) -> dict[str, Any]:
     ns = argparse.Namespace(
-        url=None,
-        relay_pid=None,
+        url=url,
+        relay_pid=pid,
         keep=args.keep,
         relay_set=args.relay_set,
         rate=rate,
@@ -308,7 +354,7 @@ async def traffic_relay(args: argparse.Namespace, rate: float) -> dict[str, Any]
     with quiet(not args.verbose):
         out = await rl.traffic_scenario(ns, "latency")
     return {
-        "system": "relay",
+        "system": system,
         "offered": rate,
         "received_per_s": out["delivered_per_s"],
         "p50_ms": out["p50_ms"],
@@ -465,14 +511,18 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         [11000.0, 14000.0] if "throughput" in want else []
     )
     runs: dict[str, list[Any]] = {}
-    systems: list[tuple[str, Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = [
+    systems: list[tuple[str, Callable[..., Any], Callable[..., Any] | None, Any]] = [
         ("relay", traffic_relay, drain_relay, idle_relay),
         ("ejabberd", traffic_ejabberd, drain_ejabberd, idle_ejabberd),
     ]
+    if args.floor:
+        systems.append(("floor", traffic_floor, None, None))
     for rnd in range(args.rounds):
         order = systems if rnd % 2 == 0 else systems[::-1]  # alternate who goes first
         for rate in rates:
             for name, traffic, _, _ in order:
+                if name == "floor" and rate > 5000:
+                    continue  # the floor is a latency reference
                 r = await traffic(args, rate)
                 runs.setdefault(f"traffic:{name}:{rate:.0f}", []).append(r)
                 print(
@@ -484,6 +534,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 )
         if "drain" in want:
             for name, _, drain, _ in order:
+                if drain is None:
+                    continue
                 s = await drain(args)
                 runs.setdefault(f"drain:{name}", []).append(s)
                 print(
@@ -492,6 +544,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 )
         if "idle" in want:
             for name, _, _, idle in order:
+                if idle is None:
+                    continue
                 b = await idle(args)
                 runs.setdefault(f"idle:{name}", []).append(b)
                 print(
@@ -571,6 +625,33 @@ def print_table(args: argparse.Namespace, runs: dict[str, list[Any]]) -> None:
     print("| | relay | ejabberd | relay / ejabberd |\n|---|---|---|---|")
     for label, a_s, b_s, r_s in rows:
         print(f"| {label} | {a_s} | {b_s} | {r_s} |")
+    floor_rates = [r for r in (2000.0, 5000.0) if f"traffic:floor:{r:.0f}" in runs]
+    if floor_rates:
+        print(
+            "\nThe floor: the same load on the same stack with none of the relay's work"
+            " (bench/_floor_server.py)\n"
+        )
+        print("| | floor | ejabberd | floor / ejabberd |\n|---|---|---|---|")
+        for rate in floor_rates:
+            f50, f99 = t("floor", rate, "p50_ms"), t("floor", rate, "p99_ms")
+            b50, b99 = t("ejabberd", rate, "p50_ms"), t("ejabberd", rate, "p99_ms")
+            print(
+                f"| p50 / p99 at {rate:,.0f} msg/s | {f50:.2f} / {f99:.2f} ms"
+                f" | {b50:.2f} / {b99:.2f} ms | {f50 / b50:.1f}x / {f99 / b99:.1f}x |"
+            )
+        fc = [t("floor", r, "cpu_us_per_msg") for r in floor_rates]
+        bc = [t("ejabberd", r, "cpu_us_per_msg") for r in floor_rates]
+        print(
+            "| server CPU per message at "
+            + " / ".join(f"{r / 1000:.0f}k" for r in floor_rates)
+            + " | "
+            + " / ".join(f"{v:.0f}" for v in fc)
+            + " us | "
+            + " / ".join(f"{v:.0f}" for v in bc)
+            + " us | "
+            + " / ".join(f"{x / y:.2f}" for x, y in zip(fc, bc, strict=True))
+            + " |"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -588,6 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=5.0, help="idle: seconds before RSS is read")
     p.add_argument("--relay-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--keep", action="store_true", help="keep temporary directories and logs")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="latency runs also against bench/_floor_server.py: the relay's frames on its"
+        " stack (aiohttp, uvloop) with none of its work, the floor any relay on it pays",
+    )
     p.add_argument("--verbose", action="store_true", help="also print relay_load's own output")
     p.add_argument("--json", type=Path, help="also write every run's figures as JSON here")
     return p
