@@ -152,6 +152,29 @@ class Relay:
                 total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         return total
 
+    def threads(self) -> dict[str, float]:
+        """Per kind of thread, summed over the relay's processes: CPU seconds (user, system)
+        and context switches, the event loop's (each process's main thread) apart from the
+        rest (the store's writer, sync and mark threads, read pools)."""
+        out = dict.fromkeys(
+            ("loop_user", "loop_sys", "loop_cs", "other_user", "other_sys", "other_cs"), 0.0
+        )
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in self.processes():
+            with contextlib.suppress(OSError):
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    base = f"/proc/{pid}/task/{tid}"
+                    with contextlib.suppress(OSError):
+                        fields = Path(f"{base}/stat").read_text().rsplit(")", 1)[1].split()
+                        status = Path(f"{base}/status").read_text().splitlines()
+                        kind = "loop" if int(tid) == pid else "other"
+                        out[f"{kind}_user"] += int(fields[11]) / tick
+                        out[f"{kind}_sys"] += int(fields[12]) / tick
+                        out[f"{kind}_cs"] += sum(
+                            int(line.split()[1]) for line in status if "ctxt_switches" in line
+                        )
+        return out
+
     def tracebacks(self) -> int:
         if self.nodes:
             return sum(node.tracebacks() for node in self.nodes)
@@ -528,10 +551,12 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         # The relay's CPU share is sampled over the measured window only.
         await asyncio.sleep(0.5 + args.warmup)
         cpu_w0 = relay.cpu_seconds()
+        threads_w0 = relay.threads()
         pg_w0 = relay.postgres_cpu_seconds()
         commits_w0 = await store_commits(relay.url)
         await asyncio.sleep(args.duration)
         cpu_w1 = relay.cpu_seconds()
+        threads_w1 = relay.threads()
         pg_w1 = relay.postgres_cpu_seconds()
         commits_w1 = await store_commits(relay.url)
         total = args.warmup + args.duration + args.drain + 60
@@ -566,6 +591,8 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         if pg_w0 is not None and pg_w1 is not None
         else None
     )
+    accepted = max(1, agg["accepted_in_window"])
+    threads = {k: threads_w1[k] - threads_w0[k] for k in threads_w0}
     out = {
         "scenario": name,
         "store": "url" if args.url else args.store,
@@ -593,6 +620,11 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
             else None
         ),
         "postgres_cpu_us_per_msg": pg_us,
+        # Per kind of thread over the window: % of one core, and context switches a message.
+        "threads_pct": {k: 100 * v / d for k, v in threads.items() if not k.endswith("_cs")},
+        "context_switches_per_msg": {
+            k.removesuffix("_cs"): v / accepted for k, v in threads.items() if k.endswith("_cs")
+        },
         "loadavg_1min": os.getloadavg()[0],
         "relay_rss_mb_after": (rss / 1024) if rss else None,
         "store_commits_per_s": (commits_w1[0] - commits_w0[0]) / d,
@@ -627,6 +659,13 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
             f" ({out['relay_cpu_us_per_msg']:.0f} us per accepted message incl. its delivery"
             f" and ack); load workers {out['workers_cpu_pct']:.0f}%; machine load average"
             f" {out['loadavg_1min']:.1f}"
+        )
+    if out["relay_cpu_pct"] is not None:
+        tp, cs = out["threads_pct"], out["context_switches_per_msg"]
+        print(
+            f"  relay threads: event loop {tp['loop_user']:.1f}% user + {tp['loop_sys']:.1f}%"
+            f" system, other threads {tp['other_user']:.1f}% + {tp['other_sys']:.1f}%;"
+            f" context switches {cs['loop'] + cs['other']:.2f} a message (loop {cs['loop']:.2f})"
         )
     if pg_us is not None:
         print(f"  PostgreSQL backends serving the relay: {pg_us:.0f} us CPU per accepted message")
