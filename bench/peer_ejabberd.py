@@ -303,23 +303,10 @@ def floor_server() -> Iterator[tuple[str, int]]:
         preexec_fn=rl._raise_child_fd_limit,  # the relay's own file limit
     )
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("the floor server exited")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the floor server did not start")
-            time.sleep(0.05)
+        rl.wait_for_port(proc, port, START_TIMEOUT, "the floor server")
         yield f"http://127.0.0.1:{port}", proc.pid
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        rl.stop_process(proc, 10)
 
 
 async def traffic_floor(args: argparse.Namespace, rate: float) -> dict[str, Any]:

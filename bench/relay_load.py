@@ -252,30 +252,46 @@ def relay_process(
         )
     relay = Relay(f"http://127.0.0.1:{port}", proc.pid, proc, data_dir, log_path)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("relay exited:\n" + log_path.read_text())
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("relay did not start in 20 s")
-            time.sleep(0.05)
+        wait_for_port(proc, port, 20, "relay", log_path)
         yield relay
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop_process(proc)
         tb = relay.tracebacks()
         if tb:
             print(f"relay log has {tb} Traceback(s): see {log_path}")
             keep = True
         if not keep:
             shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def wait_for_port(
+    proc: subprocess.Popen[bytes], port: int, seconds: float, what: str, log: Path | None = None
+) -> None:
+    """Wait until ``proc`` accepts connections on 127.0.0.1:``port``.
+
+    Raises:
+        RuntimeError: it exited (with ``log``'s text, if given) or did not listen in time.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited" + (":\n" + log.read_text() if log else ""))
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start in {seconds:.0f} s")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; wait for the exit."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def _in_own_loop(coro: Any) -> Any:
