@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from blindpost_wire.frames import decode_send_frame, encode_deliver
 from blindpost_wire.loop import run
 from relay.hub import OPCODE_BINARY, OPCODE_TEXT, frame_bytes
+from relay.store.base import Address
 from relay.wire import b64e
 from relay.ws_frames import FastFramesResponse
-
-
-class _Addr(NamedTuple):
-    user: str
-    device: int
 
 
 class _Socket:
@@ -51,7 +47,7 @@ def build_app() -> web.Application:
             return None  # an ack: dropped
         if msg.type != WSMsgType.BINARY:
             return msg
-        mid, _after, recipients, body = decode_send_frame(msg.data, address=_Addr)
+        mid, _after, recipients, body = decode_send_frame(msg.data, address=Address)
         now_ms = int(time.time() * 1000)
         for r in recipients:
             peer = sockets.get(r.user)

@@ -562,11 +562,17 @@ def print_table(args: argparse.Namespace, runs: dict[str, list[Any]]) -> None:
                 t("ejabberd", rate, "received_per_s"),
                 "{:,.0f}",
             )
-    for rate in (2000.0, 5000.0):
-        if f"traffic:relay:{rate:.0f}" in runs:
-            a50, a99 = t("relay", rate, "p50_ms"), t("relay", rate, "p99_ms")
+
+    def vs_ejabberd(
+        name: str, rates: list[float], cpu_rates: list[float]
+    ) -> list[tuple[str, str, str, str]]:
+        """Latency rows at ``rates`` and one CPU row at ``cpu_rates``: ``name`` against
+        ejabberd."""
+        out = []
+        for rate in rates:
+            a50, a99 = t(name, rate, "p50_ms"), t(name, rate, "p99_ms")
             b50, b99 = t("ejabberd", rate, "p50_ms"), t("ejabberd", rate, "p99_ms")
-            rows.append(
+            out.append(
                 (
                     f"p50 / p99 at {rate:,.0f} msg/s",
                     f"{a50:.2f} / {a99:.2f} ms",
@@ -574,18 +580,31 @@ def print_table(args: argparse.Namespace, runs: dict[str, list[Any]]) -> None:
                     f"{a50 / b50:.1f}x / {a99 / b99:.1f}x",
                 )
             )
-    cpu_rates = [r for r in (2000.0, 5000.0, 11000.0) if f"traffic:relay:{r:.0f}" in runs]
-    if cpu_rates:
-        a = [t("relay", r, "cpu_us_per_msg") for r in cpu_rates]
-        b = [t("ejabberd", r, "cpu_us_per_msg") for r in cpu_rates]
-        rows.append(
-            (
-                "server CPU per message at " + " / ".join(f"{r / 1000:.0f}k" for r in cpu_rates),
-                " / ".join(f"{v:.0f}" for v in a) + " us",
-                " / ".join(f"{v:.0f}" for v in b) + " us",
-                " / ".join(f"{x / y:.2f}" for x, y in zip(a, b, strict=True)),
+        if cpu_rates:
+            a = [t(name, r, "cpu_us_per_msg") for r in cpu_rates]
+            b = [t("ejabberd", r, "cpu_us_per_msg") for r in cpu_rates]
+            out.append(
+                (
+                    "server CPU per message at "
+                    + " / ".join(f"{r / 1000:.0f}k" for r in cpu_rates),
+                    " / ".join(f"{v:.0f}" for v in a) + " us",
+                    " / ".join(f"{v:.0f}" for v in b) + " us",
+                    " / ".join(f"{x / y:.2f}" for x, y in zip(a, b, strict=True)),
+                )
             )
-        )
+        return out
+
+    def ran(name: str, rates: tuple[float, ...]) -> list[float]:
+        return [r for r in rates if f"traffic:{name}:{r:.0f}" in runs]
+
+    def print_rows(name: str, table: list[tuple[str, str, str, str]]) -> None:
+        print(f"| | {name} | ejabberd | {name} / ejabberd |\n|---|---|---|---|")
+        for label, a_s, b_s, r_s in table:
+            print(f"| {label} | {a_s} | {b_s} | {r_s} |")
+
+    rows += vs_ejabberd(
+        "relay", ran("relay", (2000.0, 5000.0)), ran("relay", (2000.0, 5000.0, 11000.0))
+    )
     if "drain:relay" in runs:
         a, b = med(runs["drain:relay"]), med(runs["drain:ejabberd"])
         rows.append(
@@ -609,36 +628,14 @@ def print_table(args: argparse.Namespace, runs: dict[str, list[Any]]) -> None:
         f" {args.body_bytes}-byte bodies, {args.warmup:.0f} s warm-up, {args.duration:.0f} s"
         f" window; load average now {os.getloadavg()[0]:.1f}\n"
     )
-    print("| | relay | ejabberd | relay / ejabberd |\n|---|---|---|---|")
-    for label, a_s, b_s, r_s in rows:
-        print(f"| {label} | {a_s} | {b_s} | {r_s} |")
-    floor_rates = [r for r in (2000.0, 5000.0) if f"traffic:floor:{r:.0f}" in runs]
+    print_rows("relay", rows)
+    floor_rates = ran("floor", (2000.0, 5000.0))
     if floor_rates:
         print(
             "\nThe floor: the same load on the same stack with none of the relay's work"
             " (bench/_floor_server.py)\n"
         )
-        print("| | floor | ejabberd | floor / ejabberd |\n|---|---|---|---|")
-        for rate in floor_rates:
-            f50, f99 = t("floor", rate, "p50_ms"), t("floor", rate, "p99_ms")
-            b50, b99 = t("ejabberd", rate, "p50_ms"), t("ejabberd", rate, "p99_ms")
-            print(
-                f"| p50 / p99 at {rate:,.0f} msg/s | {f50:.2f} / {f99:.2f} ms"
-                f" | {b50:.2f} / {b99:.2f} ms | {f50 / b50:.1f}x / {f99 / b99:.1f}x |"
-            )
-        fc = [t("floor", r, "cpu_us_per_msg") for r in floor_rates]
-        bc = [t("ejabberd", r, "cpu_us_per_msg") for r in floor_rates]
-        print(
-            "| server CPU per message at "
-            + " / ".join(f"{r / 1000:.0f}k" for r in floor_rates)
-            + " | "
-            + " / ".join(f"{v:.0f}" for v in fc)
-            + " us | "
-            + " / ".join(f"{v:.0f}" for v in bc)
-            + " us | "
-            + " / ".join(f"{x / y:.2f}" for x, y in zip(fc, bc, strict=True))
-            + " |"
-        )
+        print_rows("floor", vs_ejabberd("floor", floor_rates, floor_rates))
 
 
 def build_parser() -> argparse.ArgumentParser:

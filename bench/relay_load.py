@@ -602,12 +602,8 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         worker_cpu += r["cpu_seconds"]
     lat.sort()
     d = args.duration
-    pg_us = (
-        1e6 * (pg_w1 - pg_w0) / max(1, agg["accepted_in_window"])
-        if pg_w0 is not None and pg_w1 is not None
-        else None
-    )
-    accepted = max(1, agg["accepted_in_window"])
+    accepted = max(1, agg["accepted_in_window"])  # a divisor: never 0
+    pg_us = 1e6 * (pg_w1 - pg_w0) / accepted if pg_w0 is not None and pg_w1 is not None else None
     threads = {k: threads_w1[k] - threads_w0[k] for k in threads_w0}
     out = {
         "scenario": name,
@@ -631,9 +627,7 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         "relay_cpu_pct": (100 * (cpu_w1 - cpu_w0) / d) if cpu_w0 is not None else None,
         "workers_cpu_pct": 100 * worker_cpu / (args.warmup + d + args.drain),
         "relay_cpu_us_per_msg": (
-            1e6 * (cpu_w1 - cpu_w0) / max(1, agg["accepted_in_window"])
-            if cpu_w0 is not None
-            else None
+            1e6 * (cpu_w1 - cpu_w0) / accepted if cpu_w0 is not None else None
         ),
         "postgres_cpu_us_per_msg": pg_us,
         # Per kind of thread over the window: % of one core, and context switches a message.
