@@ -1258,10 +1258,16 @@ class _Syncer:
     previous sync ran share the next one. SQLite itself still syncs the log before every
     checkpoint and whenever the log starts over (its header), so the log it recovers after a
     power loss holds at least every transaction answered here.
+
+    The log stays open between syncs (an ``fdatasync`` on any descriptor of the file syncs
+    it): the writer's connection keeps the log file in place for as long as this thread runs,
+    and each ``open`` and ``close`` was one more time the thread gave up the GIL and had to
+    win it back from the event loop. After a failed sync the file is opened again.
     """
 
     def __init__(self, log_path: Path, done: Callable[[list[Any], OSError | None], None]) -> None:
         self._path = log_path
+        self._fd: int | None = None  # the log, open between syncs (this thread's only)
         self._done = done
         self._items: list[Any] = []
         self._cond = threading.Condition()
@@ -1281,6 +1287,13 @@ class _Syncer:
             self._stopping = True
             self._cond.notify()
         self._thread.join()
+        self._release()
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _run(self) -> None:
         while True:
@@ -1292,13 +1305,12 @@ class _Syncer:
                 return
             error: OSError | None = None
             try:
-                fd = os.open(self._path, os.O_RDONLY)
-                try:
-                    os.fdatasync(fd)
-                finally:
-                    os.close(fd)
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+                os.fdatasync(self._fd)
             except OSError as exc:
                 error = exc
+                self._release()  # the next sync opens the file again
             try:
                 self._done(items, error)
             except Exception:

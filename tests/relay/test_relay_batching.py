@@ -416,6 +416,51 @@ async def test_the_writer_outlives_another_process_holding_the_database(
         await store.close()
 
 
+async def test_a_failed_log_sync_fails_its_writes_and_the_next_sync_opens_the_log_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sync thread keeps the write-ahead log open between syncs. When an fdatasync fails
+    # (EIO: the disk lost writes), the writes it covered are answered with a storage failure,
+    # never a 200, the store reports it, and the next sync runs on a freshly opened log.
+    synced: list[int] = []
+    opened: list[int] = []
+    failing = threading.Event()
+    real_sync, real_open = os.fdatasync, os.open
+
+    def fdatasync(fd: int) -> None:
+        synced.append(fd)
+        if failing.is_set():
+            failing.clear()
+            raise OSError(5, "Input/output error")
+        real_sync(fd)
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, flags, *args, **kwargs)
+        if str(path).endswith("-wal"):
+            opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(relay.store.sqlite.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(relay.store.sqlite.os, "open", open_)
+    store = await _store(tmp_path, interval_ms=0)
+    try:
+        for _ in range(3):
+            await asyncio.wait_for(store.submit_send(A, _env(), 0), 60)
+        assert len(opened) == 1 and len(set(synced)) == 1  # one descriptor for every sync
+        failing.set()
+        with pytest.raises(StorageError):
+            await asyncio.wait_for(store.submit_send(A, _env(), 0), 60)
+        assert store.health.write_error is not None
+        receipt = await asyncio.wait_for(store.submit_send(A, _env(), 0), 60)
+        assert receipt.recipients == 1
+        assert len(opened) == 2 and synced[-1] == opened[-1]
+        # The failed write's row may be in the database (a sender retries with the same id and
+        # the dedupe answers it); every write answered 200 is.
+        assert await store.mailbox_count(B) >= 4
+    finally:
+        await store.close()
+
+
 # -- acks -----------------------------------------------------------------------------------
 
 
