@@ -83,6 +83,8 @@ class Stats:
     results: Counter[int] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
     latencies_us: list[int] = field(default_factory=list)
+    # send -> its 200 (the durable answer: the relay committed and synced the message)
+    answer_latencies_us: list[int] = field(default_factory=list)
     fanout: dict[int, list[int]] = field(default_factory=dict)  # t_send -> [count, max lat us]
     sample_ns: int = 0  # > 0: latencies also kept per interval of the window (bench/relay_soak)
     samples: dict[int, list[int]] = field(default_factory=dict)  # interval -> latencies us
@@ -187,6 +189,7 @@ class Conn:
                     self.to_settle.append(base64.b64decode(mid))
                 if t_send is not None and st.in_window(t_send):
                     st.accepted_in_window += 1
+                    st.answer_latencies_us.append((time.monotonic_ns() - t_send) // 1000)
         elif text == '{"type":"empty"}':
             self.live.set()
 
@@ -368,6 +371,7 @@ async def run(cfg: dict[str, Any]) -> None:
             "closes": dict(stats.closes),
             "unanswered_sends": lost_results,
             "latencies_us": stats.latencies_us,
+            "answer_latencies_us": stats.answer_latencies_us,
             "fanout": [[t, c, m] for t, (c, m) in stats.fanout.items()],
             "samples": {str(k): v for k, v in stats.samples.items()},
             "cpu_seconds": cpu,

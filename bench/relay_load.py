@@ -584,6 +584,7 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
     statuses: Counter[str] = Counter()
     closes: Counter[str] = Counter()
     lat: list[int] = []
+    answer_lat: list[int] = []
     worker_cpu = 0.0
     for r in results:
         for key in (
@@ -599,8 +600,10 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         statuses.update(r["results"])
         closes.update(r["closes"])
         lat.extend(r["latencies_us"])
+        answer_lat.extend(r.get("answer_latencies_us", ()))
         worker_cpu += r["cpu_seconds"]
     lat.sort()
+    answer_lat.sort()
     d = args.duration
     accepted = max(1, agg["accepted_in_window"])  # a divisor: never 0
     pg_us = 1e6 * (pg_w1 - pg_w0) / accepted if pg_w0 is not None and pg_w1 is not None else None
@@ -624,6 +627,9 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         "p50_ms": pct(lat, 50) / 1000,
         "p99_ms": pct(lat, 99) / 1000,
         "max_ms": (lat[-1] / 1000) if lat else float("nan"),
+        # send -> 200: the sender's wait for the durable commit (and its sync)
+        "answer_p50_ms": pct(answer_lat, 50) / 1000,
+        "answer_p99_ms": pct(answer_lat, 99) / 1000,
         "relay_cpu_pct": (100 * (cpu_w1 - cpu_w0) / d) if cpu_w0 is not None else None,
         "workers_cpu_pct": 100 * worker_cpu / (args.warmup + d + args.drain),
         "relay_cpu_us_per_msg": (
@@ -657,6 +663,10 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
     print(
         f"  send-to-deliver latency  p50 {out['p50_ms']:.2f} ms  p99 {out['p99_ms']:.2f} ms"
         f"  max {out['max_ms']:.2f} ms"
+    )
+    print(
+        f"  send-to-200 (durable answer)  p50 {out['answer_p50_ms']:.2f} ms"
+        f"  p99 {out['answer_p99_ms']:.2f} ms"
     )
     print(
         f"  send_result statuses {dict(statuses)}; unanswered sends {agg['unanswered_sends']};"
