@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.errors import StorageError
+from relay.threadnames import name_os_thread
 
 __all__ = [
     "DB_NAME",
@@ -145,6 +146,7 @@ class HighWaterMark:
             self._thread.join()
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             self._wake.wait()
             self._wake.clear()

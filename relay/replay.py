@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from relay.errors import RelayError, StorageError
+from relay.threadnames import name_os_thread
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
@@ -296,6 +297,7 @@ class SqliteReplayGuard:
         return None if self.failing is None else f"replay guard writes fail: {self.failing}"
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             first = self._queue.get()
             if first is None:

@@ -95,6 +95,7 @@ from relay.store.base import (
 )
 from relay.store.dedupe import DedupeRules, new_secret
 from relay.store.rules import check_quota, check_sender_share, resolve_recipients
+from relay.threadnames import name_os_thread
 
 __all__ = ["SCHEMA_VERSION", "SqliteRelayStore", "StorageHealth"]
 
@@ -1225,6 +1226,7 @@ class _Checkpointer:
         self._conn.close()
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             self._wake.wait()
             self._wake.clear()
@@ -1296,6 +1298,7 @@ class _Syncer:
                 os.close(fd)
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             with self._cond:
                 while not self._items and not self._stopping:
@@ -1444,7 +1447,9 @@ class SqliteRelayStore:
                 self._loop_reader = _connect(self._path, readonly=True, cache_kib=16384)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open database: {exc}") from exc
-        self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="relay-read")
+        self._readers = ThreadPoolExecutor(
+            self._read_threads, thread_name_prefix="relay-read", initializer=name_os_thread
+        )
         self._thread = threading.Thread(target=self._run_writer, name="relay-writer", daemon=True)
         self._thread.start()
 
@@ -1627,6 +1632,7 @@ class SqliteRelayStore:
         return acks
 
     def _run_writer(self) -> None:
+        name_os_thread()
         st = self._state
         checkpointer = self._checkpointer
         assert st is not None and checkpointer is not None
