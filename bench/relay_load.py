@@ -154,12 +154,16 @@ class Relay:
 
     def threads(self) -> dict[str, float]:
         """Per kind of thread, summed over the relay's processes: CPU seconds (user, system)
-        and context switches, the event loop's (each process's main thread) apart from the
-        rest (the store's writer, sync and mark threads, read pools)."""
-        out = dict.fromkeys(
-            ("loop_user", "loop_sys", "loop_cs", "other_user", "other_sys", "other_cs"), 0.0
-        )
+        and context switches. ``loop`` is each process's main thread (the event loop),
+        ``other`` every other thread; ``writer`` and ``sync`` (the SQLite writer and the log's
+        sync thread, by the names relay.threadnames gives the kernel) are part of ``other``."""
+        out = {
+            f"{kind}_{what}": 0.0
+            for kind in ("loop", "other", "writer", "sync")
+            for what in ("user", "sys", "cs")
+        }
         tick = os.sysconf("SC_CLK_TCK")
+        named = {"relay-writer": "writer", "relay-sync": "sync"}
         for pid in self.processes():
             with contextlib.suppress(OSError):
                 for tid in os.listdir(f"/proc/{pid}/task"):
@@ -167,12 +171,15 @@ class Relay:
                     with contextlib.suppress(OSError):
                         fields = Path(f"{base}/stat").read_text().rsplit(")", 1)[1].split()
                         status = Path(f"{base}/status").read_text().splitlines()
-                        kind = "loop" if int(tid) == pid else "other"
-                        out[f"{kind}_user"] += int(fields[11]) / tick
-                        out[f"{kind}_sys"] += int(fields[12]) / tick
-                        out[f"{kind}_cs"] += sum(
-                            int(line.split()[1]) for line in status if "ctxt_switches" in line
-                        )
+                        comm = Path(f"{base}/comm").read_text().strip()
+                        kinds = ["loop"] if int(tid) == pid else ["other"]
+                        if comm in named:
+                            kinds.append(named[comm])
+                        cs = sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+                        for kind in kinds:
+                            out[f"{kind}_user"] += int(fields[11]) / tick
+                            out[f"{kind}_sys"] += int(fields[12]) / tick
+                            out[f"{kind}_cs"] += cs
         return out
 
     def tracebacks(self) -> int:
@@ -684,8 +691,11 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         tp, cs = out["threads_pct"], out["context_switches_per_msg"]
         print(
             f"  relay threads: event loop {tp['loop_user']:.1f}% user + {tp['loop_sys']:.1f}%"
-            f" system, other threads {tp['other_user']:.1f}% + {tp['other_sys']:.1f}%;"
-            f" context switches {cs['loop'] + cs['other']:.2f} a message (loop {cs['loop']:.2f})"
+            f" system, other threads {tp['other_user']:.1f}% + {tp['other_sys']:.1f}% (SQLite"
+            f" writer {tp['writer_user']:.1f}% + {tp['writer_sys']:.1f}%, log sync"
+            f" {tp['sync_user']:.1f}% + {tp['sync_sys']:.1f}%); context switches"
+            f" {cs['loop'] + cs['other']:.2f} a message (loop {cs['loop']:.2f}, writer"
+            f" {cs['writer']:.2f}, sync {cs['sync']:.2f})"
         )
     if pg_us is not None:
         print(f"  PostgreSQL backends serving the relay: {pg_us:.0f} us CPU per accepted message")
