@@ -75,6 +75,7 @@ __all__ = [
     "ChatUpdated",
     "ConnectionChanged",
     "ContactInfo",
+    "DeviceView",
     "GroupInfo",
     "InviteNeeded",
     "KeyChanged",
@@ -247,6 +248,21 @@ class ContactInfo:
     trust: tuple[tuple[int, str], ...]
     safety_numbers: tuple[tuple[int, str], ...]
     qr: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One device of our account as the relay lists it.
+
+    ``name``: the name given when it was linked ("" for none); ``added_at`` and ``last_seen``
+    (the relay's coarse time of its last request, None before one) are unix ms.
+    """
+
+    device_id: int
+    name: str
+    added_at: int
+    last_seen: int | None
+    this_device: bool
 
 
 # -- updates (past tense: they describe what already happened) ----------------------------
@@ -436,6 +452,10 @@ class Backend(Protocol):
     async def queued_count(self) -> int: ...
 
     async def approve_device(self, code: str, name: str) -> int: ...
+
+    async def list_devices(self) -> list[DeviceView]: ...
+
+    async def remove_device(self, device_id: int) -> None: ...
 
     def is_connected(self) -> bool: ...
 
@@ -1030,6 +1050,32 @@ class Messenger:
         with _backend_errors():
             grant = await self._client.devices.approve(code, name=name)
         return grant.device_id
+
+    async def list_devices(self) -> list[DeviceView]:
+        """This account's devices at the relay, by id (this one marked).
+
+        Raises:
+            BackendError: the relay cannot be reached or refused.
+        """
+        with _backend_errors():
+            found = await self._client.devices.list()
+        return [
+            DeviceView(d.device_id, d.name, d.created_at, d.last_seen, d.this_device) for d in found
+        ]
+
+    async def remove_device(self, device_id: int) -> None:
+        """Remove another device of this account: the relay drops its keys and mailbox and
+        closes its connection, so it reads nothing sent from then on.
+
+        Raises:
+            BackendError: ``device_id`` is this device (it would log itself out; the CLI's
+                ``blindpost devices remove ID --force`` does that), no such device, or the
+                relay cannot be reached or refused.
+        """
+        if device_id == self._client.device_id:
+            raise BackendError("that is this device: remove it from another device of this account")
+        with _backend_errors():
+            await self._client.devices.remove(device_id)
 
     # -- trust --------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ KEY_ACTIONS: dict[str, tuple[str, str]] = {
     "info": ("f2", "contact or group info"),
     "account": ("f3", "your account card"),
     "link_device": ("f4", "link a new device: approve the code it shows"),
+    "devices": ("f5", "this account's devices: list them, remove one, link a new one"),
     "help": ("f1", "this help: every key"),
     "attach": ("ctrl+o", "attach a file"),
     "search": ("ctrl+f", "search the history"),

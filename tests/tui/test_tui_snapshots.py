@@ -139,3 +139,12 @@ def test_own_account_card_from_the_main_view(snap_compare: Any) -> None:
         await _settle(pilot)
 
     assert snap_compare(_app(), terminal_size=SIZE, run_before=run_before)
+
+
+def test_devices_dialog_lists_this_accounts_devices(snap_compare: Any) -> None:
+    async def run_before(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press("f5")
+        await _settle(pilot)
+
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=run_before)

@@ -21,6 +21,7 @@ from tui_client.adapter import (
     ChatSummary,
     ConnectionChanged,
     ContactInfo,
+    DeviceView,
     GroupInfo,
     MessageView,
     Progress,
@@ -319,3 +320,13 @@ class FakeBackend:
         if code == "bad":
             raise BackendError("a link code is base32 text")
         return 2
+
+    async def list_devices(self) -> list[DeviceView]:
+        return [
+            DeviceView(1, "desk", NOW_MS - 30 * DAY, NOW_MS - MINUTE, True),
+            DeviceView(2, "laptop", NOW_MS - 3 * DAY, NOW_MS - 2 * DAY, False),
+            DeviceView(3, "", NOW_MS - 60 * DAY, None, False),
+        ]
+
+    async def remove_device(self, device_id: int) -> None:
+        return None

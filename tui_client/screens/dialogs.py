@@ -1,8 +1,8 @@
-# Modal dialogs: prompts, reactions, new group, group info, contact info, file
-# picker and search.
+# Modal dialogs: prompts, reactions, new group, group info, contact info, this
+# account's devices, file picker and search.
 #
 # Invariants: a dialog returns what the user chose through ``dismiss``; the
-# dialogs that act on their own (group info, contact info, search) call the
+# dialogs that act on their own (group info, contact info, devices, search) call the
 # backend only in workers and show the result when the worker's message arrives.
 """Modal dialogs of the terminal client."""
 
@@ -35,6 +35,7 @@ from tui_client.adapter import (
     Backend,
     BackendError,
     ContactInfo,
+    DeviceView,
     GroupInfo,
     MessageView,
     SearchHit,
@@ -47,6 +48,7 @@ __all__ = [
     "AttachScreen",
     "ConfirmScreen",
     "ContactInfoScreen",
+    "DevicesScreen",
     "GroupInfoScreen",
     "HelpScreen",
     "LinkApproval",
@@ -519,6 +521,114 @@ class GroupInfoScreen(ModalScreen[str | None]):
         )
 
     @on(Button.Pressed, "#group-close")
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class DevicesScreen(ModalScreen[str | None]):
+    """This account's devices (when each was added and last seen); remove one, or go on to
+    link a new one.
+
+    Dismisses with ``"link"`` when the user asked to link a new device, else None.
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
+
+    def __init__(self, backend: Backend, now_ms: int = 0, tz: tzinfo | None = None) -> None:
+        super().__init__()
+        self._backend = backend
+        self._now_ms = now_ms
+        self._tz = tz or UTC
+        self._devices: dict[int, DeviceView] = {}
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Label("Devices of this account", classes="dialog-title")
+            yield OptionList(id="device-list")
+            yield Static("", id="device-status", classes="dialog-ok", markup=False)
+            with Horizontal(classes="dialog-buttons"):
+                yield Button("Remove selected", variant="error", id="device-remove-btn")
+                yield Button("Link a new device", id="device-link-btn")
+                yield Button("Close", id="device-close")
+
+    def on_mount(self) -> None:
+        self._load()
+
+    @work(group="devices", exclusive=True)
+    async def _load(self) -> None:
+        try:
+            devices = await self._backend.list_devices()
+        except BackendError as exc:
+            self.post_message(_Failed(f"cannot list the devices: {exc}"))
+            return
+        self.post_message(_Loaded(devices))
+
+    def describe(self, d: DeviceView) -> str:
+        """One row: id, name, when it was added and last seen, and which one this is."""
+        seen = short_time(d.last_seen, self._now_ms, self._tz) or "never"
+        added = short_time(d.added_at, self._now_ms, self._tz)
+        this = "  (this device)" if d.this_device else ""
+        return f"{d.device_id:>3}  {d.name or '(no name)'}  added {added}  seen {seen}{this}"
+
+    def on__loaded(self, message: _Loaded) -> None:
+        devices = message.value
+        if not isinstance(devices, list):
+            return
+        self._devices = {d.device_id: d for d in devices}
+        listed = self.query_one("#device-list", OptionList)
+        listed.set_options(Option(self.describe(d), id=str(d.device_id)) for d in devices)
+
+    def on__failed(self, message: _Failed) -> None:
+        status = self.query_one("#device-status", Static)
+        status.set_classes("dialog-error")
+        status.update(message.text)
+
+    def on__done(self, message: _Done) -> None:
+        status = self.query_one("#device-status", Static)
+        status.set_classes("dialog-ok")
+        status.update(message.text)
+
+    @on(Button.Pressed, "#device-remove-btn")
+    def _remove(self) -> None:
+        option = self.query_one("#device-list", OptionList).highlighted_option
+        device = self._devices.get(int(option.id)) if option is not None and option.id else None
+        if device is None:
+            return
+        if device.this_device:
+            self.post_message(
+                _Failed("that is this device: remove it from another device of this account")
+            )
+            return
+        named = f" ({device.name})" if device.name else ""
+
+        def answered(remove: bool | None) -> None:
+            if remove:
+                self._remove_device(device.device_id)
+
+        self.app.push_screen(
+            ConfirmScreen(
+                f"Remove device {device.device_id}{named}? It is logged out and reads nothing"
+                " sent from now on.",
+                "Remove device",
+            ),
+            answered,
+        )
+
+    @work(group="device-change", exclusive=True)
+    async def _remove_device(self, device_id: int) -> None:
+        try:
+            await self._backend.remove_device(device_id)
+        except BackendError as exc:
+            self.post_message(_Failed(f"device {device_id} was not removed: {exc}"))
+            return
+        self.post_message(_Done(f"removed device {device_id}"))
+        self._load()
+
+    @on(Button.Pressed, "#device-link-btn")
+    def _link(self) -> None:
+        self.dismiss("link")
+
+    @on(Button.Pressed, "#device-close")
     def action_close(self) -> None:
         self.dismiss(None)
 

@@ -72,6 +72,7 @@ from tui_client.screens.dialogs import (
     AttachScreen,
     ConfirmScreen,
     ContactInfoScreen,
+    DevicesScreen,
     GroupInfoScreen,
     HelpScreen,
     LinkApproval,
@@ -259,6 +260,7 @@ class MainScreen(Screen[None]):
         Binding("f2", "info", "Info", id="info"),
         Binding("f3", "account", "Me", show=False, id="account"),
         Binding("f4", "link_device", "Link device", show=False, id="link_device"),
+        Binding("f5", "devices", "Devices", show=False, id="devices"),
         Binding("ctrl+o", "attach", "Attach", id="attach"),
         Binding("ctrl+f", "search", "Search", id="search"),
         Binding("ctrl+l", "focus_chats", "Chats", show=False, id="focus_chats"),
@@ -1205,6 +1207,15 @@ class MainScreen(Screen[None]):
                 backend.username, backend.relay_url, backend.fingerprint, first_run=False
             )
         )
+
+    def action_devices(self) -> None:
+        """This account's devices: list them, remove one, or link a new one."""
+
+        def chosen(answer: str | None) -> None:
+            if answer == "link":
+                self.action_link_device()
+
+        self.app.push_screen(DevicesScreen(self.backend, self._clock(), self._tz), chosen)
 
     def action_link_device(self) -> None:
         """Approve a new device of this account: the code its ``blindpost link`` shows."""
