@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 from axolotl.axolotladdress import AxolotlAddress
 from axolotl.ecc.curve import Curve
@@ -31,14 +33,14 @@ from axolotl.util.keyhelper import KeyHelper
 PLAINTEXT = b"x" * 100
 
 
-def peer():
+def peer() -> tuple[Any, Any]:
     store = InMemoryAxolotlStore()
     signed = KeyHelper.generateSignedPreKey(store.getIdentityKeyPair(), 1)
     store.storeSignedPreKey(1, signed)
     return store, signed
 
 
-def bundle(store, signed, prekey_id):
+def bundle(store: Any, signed: Any, prekey_id: int) -> Any:
     pair = Curve.generateKeyPair()
     store.storePreKey(prekey_id, PreKeyRecord(prekey_id, pair))
     return PreKeyBundle(
@@ -53,7 +55,7 @@ def bundle(store, signed, prekey_id):
     )
 
 
-def setup(prekey_id=1):
+def setup(prekey_id: int = 1) -> tuple[Any, Any]:
     (a, _), (b, signed) = peer(), peer()
     SessionBuilder(a, a, a, a, "bob", 1).processPreKeyBundle(bundle(b, signed, prekey_id))
     ac, bc = SessionCipher(a, a, a, a, "bob", 1), SessionCipher(b, b, b, b, "alice", 1)
@@ -63,7 +65,9 @@ def setup(prekey_id=1):
     return ac, bc
 
 
-def per_message(fn, count, rounds=5, warmup_seconds=1.0):
+def per_message(
+    fn: Callable[[int], None], count: int, rounds: int = 5, warmup_seconds: float = 1.0
+) -> float:
     # The best of `rounds` rounds after a timed warm-up, as bench/core_bench.py measures e2ee.
     size = max(count // rounds, 1)
     deadline = time.perf_counter() + warmup_seconds
@@ -78,20 +82,20 @@ def per_message(fn, count, rounds=5, warmup_seconds=1.0):
     return best * 1e6
 
 
-def main():
+def main() -> None:
     count = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
     ac, bc = setup()
 
-    def same_chain(n):
+    def same_chain(n: int) -> None:
         for _ in range(n):
             bc.decryptMsg(WhisperMessage(serialized=ac.encrypt(PLAINTEXT).serialize()))
 
-    def ping_pong(n):
+    def ping_pong(n: int) -> None:
         for _ in range(n // 2):
             bc.decryptMsg(WhisperMessage(serialized=ac.encrypt(PLAINTEXT).serialize()))
             ac.decryptMsg(WhisperMessage(serialized=bc.encrypt(PLAINTEXT).serialize()))
 
-    def session_setup_us(n):
+    def session_setup_us(n: int) -> float:
         # Bundle -> first message decrypted -> reply decrypted; peers made beforehand.
         peers = []
         for _ in range(n):
@@ -104,7 +108,7 @@ def main():
             first = ac.encrypt(PLAINTEXT)
             bc.decryptPkmsg(PreKeyWhisperMessage(serialized=first.serialize()))
             ac.decryptMsg(WhisperMessage(serialized=bc.encrypt(PLAINTEXT).serialize()))
-        return (time.perf_counter() - start) / n * 1e6
+        return float((time.perf_counter() - start) / n * 1e6)
 
     name = SenderKeyName("g", AxolotlAddress("alice", 1))
     sa, sb = InMemorySenderKeyStore(), InMemorySenderKeyStore()
@@ -112,7 +116,7 @@ def main():
     GroupSessionBuilder(sb).process(name, SenderKeyDistributionMessage(serialized=dist.serialize()))
     ga, gb = GroupCipher(sa, name), GroupCipher(sb, name)
 
-    def group(n):
+    def group(n: int) -> None:
         for _ in range(n):
             gb.decrypt(ga.encrypt(PLAINTEXT))
 

@@ -77,7 +77,7 @@ def build_app() -> web.Application:
         frames = ws.frames
         if transport is None or frames is None:
             raise RuntimeError("this aiohttp has no direct frame path")
-        sock = _Socket(user, transport)  # type: ignore[arg-type]
+        sock = _Socket(user, transport)
         sockets[user] = sock
         frames.owner = sock
         frames.handle = on_frame

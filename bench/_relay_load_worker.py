@@ -114,7 +114,7 @@ class Conn:
         # Ids of our sends answered 200, settled with the next ack frame as the SDK does
         # (docs/relay-api.md): the relay then forgets their dedupe records.
         self.to_settle: list[bytes] = []
-        self.pending: dict[bytes, int] = {}
+        self.pending: dict[str, int] = {}  # base64 message id -> its send time (ns)
         self.reader: asyncio.Task[None] | None = None
         self.live = asyncio.Event()
 
@@ -227,7 +227,7 @@ class Conn:
 
 
 async def read_command() -> str:
-    line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    line: str = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     return line.strip()
 
 

@@ -255,7 +255,8 @@ async def run(args: argparse.Namespace) -> None:
     flood_answers: Counter[str] = Counter()
     flood_seconds = 0.0
     with relay_process(limits) as relay:
-        assert relay.pid is not None
+        relay_pid = relay.pid
+        assert relay_pid is not None
         for prefix in ("victim", "alice", "flood"):
             await register_devices(relay.url, seed, prefix, 1)
         await add_flood_devices(relay.url, seed, args.flood_devices)
@@ -267,13 +268,13 @@ async def run(args: argparse.Namespace) -> None:
             arrived: dict[bytes, float] = {}
             stop = asyncio.Event()
             loop_task = asyncio.create_task(victim_loop(victim_ws, arrived, stop))
-            peak = rss_kib(relay.pid)
+            peak = rss_kib(relay_pid)
             sampler_stop = asyncio.Event()
 
             async def sample() -> None:
                 nonlocal peak
                 while not sampler_stop.is_set():
-                    peak = max(peak, rss_kib(relay.pid))
+                    peak = max(peak, rss_kib(relay_pid))
                     await asyncio.sleep(0.2)
 
             async def phase(into: list[float], into_acc: list[float]) -> None:

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import aiohttp  # noqa: E402
 import relay_load as rl  # noqa: E402
+from _relay_load_worker import device_signer  # noqa: E402
 
 from e2ee.transport.frames import encode_ack, encode_send  # noqa: E402
 
@@ -389,8 +390,8 @@ async def drain_relay(args: argparse.Namespace) -> float:
     ) as relay:
         with quiet(True):
             await rl.register_devices(relay.url, seed, prefix, 2)
-        sender = rl.device_signer(seed, prefix, 0)
-        receiver = rl.device_signer(seed, prefix, 1)
+        sender = device_signer(seed, prefix, 0)
+        receiver = device_signer(seed, prefix, 1)
         pad = b"\x00" * (args.body_bytes - 8)
         async with aiohttp.ClientSession() as session:
             ws = await session.ws_connect(
@@ -463,7 +464,7 @@ async def idle_ejabberd(args: argparse.Namespace) -> float:
         await asyncio.gather(*(w.event(120) for w in workers))
         for w in workers:
             await w.finish()
-    return (after - before) * 1024 / n
+    return float((after - before) * 1024 / n)
 
 
 async def idle_relay(args: argparse.Namespace) -> float:

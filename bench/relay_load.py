@@ -637,10 +637,14 @@ async def traffic_scenario(args: argparse.Namespace, name: str) -> dict[str, Any
         # send -> 200: the sender's wait for the durable commit (and its sync)
         "answer_p50_ms": pct(answer_lat, 50) / 1000,
         "answer_p99_ms": pct(answer_lat, 99) / 1000,
-        "relay_cpu_pct": (100 * (cpu_w1 - cpu_w0) / d) if cpu_w0 is not None else None,
+        "relay_cpu_pct": (
+            (100 * (cpu_w1 - cpu_w0) / d) if cpu_w0 is not None and cpu_w1 is not None else None
+        ),
         "workers_cpu_pct": 100 * worker_cpu / (args.warmup + d + args.drain),
         "relay_cpu_us_per_msg": (
-            1e6 * (cpu_w1 - cpu_w0) / accepted if cpu_w0 is not None else None
+            1e6 * (cpu_w1 - cpu_w0) / accepted
+            if cpu_w0 is not None and cpu_w1 is not None
+            else None
         ),
         "postgres_cpu_us_per_msg": pg_us,
         # Per kind of thread over the window: % of one core, and context switches a message.
@@ -1043,7 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if args.store == "both" and not args.url:
-        runs = {}
+        runs: dict[str, Any] = {}
         for store in ("sqlite", "postgres"):
             runs[store] = await amain(argparse.Namespace(**{**vars(args), "store": store}))
         cpu = {k: v.get("relay_cpu_us_per_msg") for k, v in runs.items()}
@@ -1054,7 +1058,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
                 f" {cpu['sqlite']:.0f} us = {ratio:.2f}x (target <= 1.5x)"
                 f" -> {verdict(ratio <= 1.5)}"
             )
-            runs["cpu_ratio_postgres_to_sqlite"] = ratio  # type: ignore[assignment]
+            runs["cpu_ratio_postgres_to_sqlite"] = ratio
         return runs
     if args.scenario in ("throughput", "latency"):
         return await traffic_scenario(args, args.scenario)

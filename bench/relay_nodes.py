@@ -452,7 +452,8 @@ async def _recover(
 
 def table(rows: list[tuple[str, str, str, bool | None]]) -> None:
     """Print figure | measured | target | PASS/MISS rows."""
-    widths = [max(len(r[k]) for r in rows) for k in range(3)]
+    cells = [r[:3] for r in rows]
+    widths = [max(len(cell[k]) for cell in cells) for k in range(3)]
     for name, value, target, ok in rows:
         verdict = "" if ok is None else ("PASS" if ok else "MISS")
         print(f"  {name:<{widths[0]}}  {value:>{widths[1]}}  {target:<{widths[2]}}  {verdict}")

@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import relay_load  # noqa: E402
+from _relay_load_worker import raise_fd_limit  # noqa: E402
 from relay_load import (  # noqa: E402
     Relay,
     _metric,
@@ -165,7 +165,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> bool:
         ("data directory (MB)", "relay RSS (MB)", "p99 send-to-deliver (ms)", "relay CPU us/msg"),
         strict=True,
     ):
-        ax.plot(x, [r[key] for r in rows], marker="o")  # type: ignore[attr-defined]
+        ax.plot(x, [r[key] for r in rows], marker="o")
         ax.set_ylabel(label)
         ax.grid(True)
     axes[-1].set_xlabel("minutes into the measured window")
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep_cost:
         asyncio.run(sweep_cost(args.sweep_cost))
         return 0
-    relay_load.raise_fd_limit()
+    raise_fd_limit()
     out = asyncio.run(soak(args))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
