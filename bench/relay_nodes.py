@@ -44,7 +44,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,11 +54,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
+from relay_load import free_port, stop_process, wait_for_port  # noqa: E402
 
 from e2ee.transport.auth import DeviceSigner  # noqa: E402
 from e2ee.transport.frames import decode_deliver, encode_ack, encode_send  # noqa: E402
@@ -81,24 +82,6 @@ SETTINGS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start in 30 s")
-        time.sleep(0.05)
-
-
 @contextlib.contextmanager
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -106,13 +89,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
         yield started
     finally:
         for proc in started:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_process(proc)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -350,7 +327,7 @@ class Cluster:
             )
         self.started.append(proc)
         self.procs[i] = proc
-        wait_port(port, proc, f"relay node {i}")
+        wait_for_port(proc, port, 30, f"relay node {i}")
 
     def kill(self, i: int) -> None:
         self.procs[i].kill()
@@ -479,7 +456,7 @@ async def amain(args: argparse.Namespace) -> int:
                 server_args += ["--appendonly", "no", "--dir", str(workdir)]
                 proc = subprocess.Popen([binary, *server_args], stdout=subprocess.DEVNULL)
                 started.append(proc)
-                wait_port(port, proc, "redis-server")
+                wait_for_port(proc, port, 30, "redis-server")
                 redis_url = f"redis://127.0.0.1:{port}/0"
             env = {k: v for k, v in os.environ.items() if not k.startswith("BLINDPOST_RELAY_")}
             env["BLINDPOST_RELAY_POSTGRES_DSN"] = dsn
