@@ -7,6 +7,7 @@ and review the SVGs under ``tests/tui/__snapshots__``.
 from __future__ import annotations
 
 import io
+from collections.abc import Awaitable, Callable
 from datetime import UTC
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,17 @@ async def _settle(pilot: Any) -> None:
     await pilot.pause(0.1)
     await pilot.wait_for_scheduled_animations()
     await pilot.pause(0.1)
+
+
+def _after_key(key: str) -> Callable[[Any], Awaitable[None]]:
+    """What to do before the picture: let the main view settle, press ``key``, settle."""
+
+    async def run_before(pilot: Any) -> None:
+        await _settle(pilot)
+        await pilot.press(key)
+        await _settle(pilot)
+
+    return run_before
 
 
 async def _open(pilot: Any, chat_id: str) -> MainScreen:
@@ -93,12 +105,7 @@ def test_contact_info_with_safety_number_and_qr(snap_compare: Any) -> None:
 
 
 def test_new_group_dialog(snap_compare: Any) -> None:
-    async def run_before(pilot: Any) -> None:
-        await _settle(pilot)
-        await pilot.press("ctrl+g")
-        await _settle(pilot)
-
-    assert snap_compare(_app(), terminal_size=SIZE, run_before=run_before)
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=_after_key("ctrl+g"))
 
 
 def _sunset_png() -> bytes:
@@ -133,18 +140,8 @@ def test_conversation_with_an_image_preview_and_a_corrupt_image(snap_compare: An
 
 
 def test_own_account_card_from_the_main_view(snap_compare: Any) -> None:
-    async def run_before(pilot: Any) -> None:
-        await _settle(pilot)
-        await pilot.press("f3")
-        await _settle(pilot)
-
-    assert snap_compare(_app(), terminal_size=SIZE, run_before=run_before)
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=_after_key("f3"))
 
 
 def test_devices_dialog_lists_this_accounts_devices(snap_compare: Any) -> None:
-    async def run_before(pilot: Any) -> None:
-        await _settle(pilot)
-        await pilot.press("f5")
-        await _settle(pilot)
-
-    assert snap_compare(_app(), terminal_size=SIZE, run_before=run_before)
+    assert snap_compare(_app(), terminal_size=SIZE, run_before=_after_key("f5"))

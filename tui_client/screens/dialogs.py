@@ -402,13 +402,32 @@ class _Done(Message):
         self.text = text
 
 
-class GroupInfoScreen(ModalScreen[str | None]):
+class _StatusDialog(ModalScreen[str | None]):
+    """A dialog whose workers report to its status line (the ``Static`` with id ``STATUS``):
+    a failure in the error colour, a change done in the success colour."""
+
+    STATUS: ClassVar[str] = ""
+
+    def on__failed(self, message: _Failed) -> None:
+        self._status("dialog-error", message.text)
+
+    def on__done(self, message: _Done) -> None:
+        self._status("dialog-ok", message.text)
+
+    def _status(self, classes: str, text: str) -> None:
+        status = self.query_one(f"#{self.STATUS}", Static)
+        status.set_classes(classes)
+        status.update(text)
+
+
+class GroupInfoScreen(_StatusDialog):
     """Group info: rename, add or remove members, leave.
 
     Dismisses with ``"left"`` after leaving, else None.
     """
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
+    STATUS = "group-status"
 
     def __init__(self, backend: Backend, chat_id: str) -> None:
         super().__init__()
@@ -449,17 +468,6 @@ class GroupInfoScreen(ModalScreen[str | None]):
         members.set_options(
             Option(f"{m} (admin)" if m in info.admins else m, id=m) for m in info.members
         )
-
-    def on__failed(self, message: _Failed) -> None:
-        status = self.query_one("#group-status", Static)
-        status.set_classes("dialog-error")
-        status.update(message.text)
-
-    def on__done(self, message: _Done) -> None:
-        # Success reads in the success colour, not the error red.
-        status = self.query_one("#group-status", Static)
-        status.set_classes("dialog-ok")
-        status.update(message.text)
 
     @work(group="group-change")
     async def _change(self, what: str, value: str) -> None:
@@ -525,7 +533,7 @@ class GroupInfoScreen(ModalScreen[str | None]):
         self.dismiss(None)
 
 
-class DevicesScreen(ModalScreen[str | None]):
+class DevicesScreen(_StatusDialog):
     """This account's devices (when each was added and last seen); remove one, or go on to
     link a new one.
 
@@ -533,6 +541,7 @@ class DevicesScreen(ModalScreen[str | None]):
     """
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "close", "Close")]
+    STATUS = "device-status"
 
     def __init__(self, backend: Backend, now_ms: int = 0, tz: tzinfo | None = None) -> None:
         super().__init__()
@@ -577,16 +586,6 @@ class DevicesScreen(ModalScreen[str | None]):
         self._devices = {d.device_id: d for d in devices}
         listed = self.query_one("#device-list", OptionList)
         listed.set_options(Option(self.describe(d), id=str(d.device_id)) for d in devices)
-
-    def on__failed(self, message: _Failed) -> None:
-        status = self.query_one("#device-status", Static)
-        status.set_classes("dialog-error")
-        status.update(message.text)
-
-    def on__done(self, message: _Done) -> None:
-        status = self.query_one("#device-status", Static)
-        status.set_classes("dialog-ok")
-        status.update(message.text)
 
     @on(Button.Pressed, "#device-remove-btn")
     def _remove(self) -> None:
