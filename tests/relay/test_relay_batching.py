@@ -26,7 +26,13 @@ from relay.hub import OPCODE_BINARY, Connection, Hub
 from relay.metrics import Metrics
 from relay.state import STATE_KEY
 from relay.store.base import Address, Delivery, Envelope, StoredMessage, StoreLimits
-from relay.store.sqlite import SqliteRelayStore, _ack_delete_sql
+from relay.store.sqlite import (
+    _EXACT_ROWS,
+    SqliteRelayStore,
+    _ack_delete_sql,
+    _padded,
+    _row_chunks,
+)
 from relay.wire import decode_deliver
 
 A = Address("alice", 1)
@@ -506,6 +512,49 @@ async def test_acks_in_one_batch_remove_exactly_their_rows(tmp_path: Path) -> No
         assert [m.message_id for m in left] == [e.message_id for e in ones[15:]]
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("n", [5, 100, 900])
+async def test_a_transactions_rows_of_any_count_are_written_and_found_once_each(
+    tmp_path: Path, n: int
+) -> None:
+    # Batches above _EXACT_ROWS rows are written in power-of-two chunks and looked up with
+    # padded IN lists (bounded statement caches): every row goes in once, a resend of any of
+    # them is found, an ack of all removes them all, and settled ids are forgotten.
+    store = await _store(tmp_path, interval_ms=300)
+    try:
+        await store.submit_send(A, _env(), 0)  # the writer was idle: commits at once
+        envs = [_env() for _ in range(n)]
+        receipts = await asyncio.gather(*(store.submit_send(A, e, 0) for e in envs))
+        assert [r.recipients for r in receipts] == [1] * n
+        assert await store.mailbox_count(B) == n + 1
+        held = await store.fetch_mailbox(B, 0, n + 10, 1 << 30)
+        assert [m.message_id for m in held[1:]] == [e.message_id for e in envs]
+        again = await asyncio.gather(*(store.submit_send(A, e, 0) for e in envs))
+        assert [r.stored_at for r in again] == [r.stored_at for r in receipts]  # duplicates
+        assert await store.mailbox_count(B) == n + 1
+        assert await store.submit_ack(B, [e.message_id for e in envs]) == n
+        assert await store.mailbox_count(B) == 1
+        await store.submit_ack(A, [], settled=[e.message_id for e in envs])
+        await store.submit_send(A, envs[-1], 0)  # its record is gone: stored anew
+        assert await store.mailbox_count(B) == 2
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("most", [64, 2048])
+def test_statement_shapes_come_from_a_small_fixed_set(most: int) -> None:
+    shapes: set[int] = set()
+    for n in range(1, 5000):
+        sizes = _row_chunks(n, most)
+        assert sum(sizes) == n and all(0 < k <= most for k in sizes)
+        assert sizes[-1] <= _EXACT_ROWS or sizes[-1] & (sizes[-1] - 1) == 0
+        shapes.update(sizes)
+        padded = _padded(list(range(n)))
+        assert padded[:n] == list(range(n)) and set(padded[n:]) <= {n - 1}
+        shapes.add(len(padded))
+    # 1.._EXACT_ROWS, and the powers of two from 64 to 8192
+    assert len(shapes) <= _EXACT_ROWS + 8
 
 
 # -- pushes -----------------------------------------------------------------------------------
