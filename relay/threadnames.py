@@ -38,9 +38,10 @@ def _load_prctl() -> Callable[..., Any] | None:
 _prctl = _load_prctl()
 
 
-def name_os_thread(name: str | None = None) -> None:
-    """Give the calling thread ``name`` (default: its Python name) as its OS name."""
-    if _prctl is None or threading.current_thread() is threading.main_thread():
+def name_os_thread() -> None:
+    """Give the calling thread its Python name as its OS name."""
+    thread = threading.current_thread()
+    if _prctl is None or thread is threading.main_thread():
         return
-    label = (name or threading.current_thread().name).encode("ascii", "replace")[:_MAX_BYTES]
+    label = thread.name.encode("ascii", "replace")[:_MAX_BYTES]
     _prctl(_PR_SET_NAME, ctypes.c_char_p(label), 0, 0, 0)

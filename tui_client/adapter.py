@@ -67,6 +67,7 @@ from e2ee.qr import qr_terminal
 __all__ = [
     "DEFAULT_RELAY_URL",
     "PAGE_SIZE",
+    "REMOVE_THIS_DEVICE",
     "SEARCH_PAGE",
     "AttachmentInfo",
     "Backend",
@@ -248,6 +249,11 @@ class ContactInfo:
     trust: tuple[tuple[int, str], ...]
     safety_numbers: tuple[tuple[int, str], ...]
     qr: str
+
+
+#: Why this device is not removed from the app (it would log itself out; the CLI's
+#: ``blindpost devices remove ID --force`` does that).
+REMOVE_THIS_DEVICE = "that is this device: remove it from another device of this account"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1073,7 +1079,7 @@ class Messenger:
                 relay cannot be reached or refused.
         """
         if device_id == self._client.device_id:
-            raise BackendError("that is this device: remove it from another device of this account")
+            raise BackendError(REMOVE_THIS_DEVICE)
         with _backend_errors():
             await self._client.devices.remove(device_id)
 

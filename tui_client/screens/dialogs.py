@@ -31,6 +31,7 @@ from textual.widgets import (
 from textual.widgets.option_list import Option
 
 from tui_client.adapter import (
+    REMOVE_THIS_DEVICE,
     SEARCH_PAGE,
     Backend,
     BackendError,
@@ -594,9 +595,7 @@ class DevicesScreen(_StatusDialog):
         if device is None:
             return
         if device.this_device:
-            self.post_message(
-                _Failed("that is this device: remove it from another device of this account")
-            )
+            self.post_message(_Failed(REMOVE_THIS_DEVICE))
             return
         named = f" ({device.name})" if device.name else ""
 
